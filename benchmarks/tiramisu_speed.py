@@ -1,0 +1,223 @@
+"""Training-step speed and peak memory: project FC-DenseNet vs the torch.cat reference.
+
+    python benchmarks/tiramisu_speed.py                       # full table (slow on CPU: ~1 h)
+    python benchmarks/tiramisu_speed.py --nets 103 --sizes 224 384x480 --modes bf16 memeff --steps 3
+
+Every (net, size, implementation, mode) runs in a fresh subprocess so the peak memory of one does not hide
+in another's. Peak memory is the activation peak of the measured steps: on CPU the process' peak RSS
+(VmHWM, reset after warm-up via /proc/self/clear_refs) minus the RSS at that point; on CUDA
+max_memory_allocated minus memory_allocated at that point. Compilation is part of warm-up, not measured.
+
+Modes: fp32 (NCHW float32), bf16 (channels_last + bf16 autocast), compiled (bf16 + torch.compile),
+memeff (project net, memory_efficient=True, bf16 flags; compared with the reference under bf16),
+memeff-fp32 (same in fp32, compared with reference fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NETS = ("56", "67", "103")
+SIZES = {"224": (224, 224, 2), "384x480": (384, 480, 1)}  # name -> (H, W, batch)
+MODES = ("fp32", "bf16", "compiled", "memeff")
+EXTRA_MODES = ("memeff-fp32",)
+WARMUP = 2  # eager warm-up steps (allocator, oneDNN primitive caches)
+COMPILE_WARMUP = 3  # compiled warm-up steps (compilation, then recompilation-free steady state)
+IGNORE_INDEX = 11  # CamVid void label
+
+
+def _mode_flags(mode: str) -> tuple[bool, bool, bool, bool]:
+    """-> (channels_last_bf16, compiled, memory_efficient, implementation is the project net only)."""
+    return {
+        "fp32": (False, False, False, False),
+        "bf16": (True, False, False, False),
+        "compiled": (True, True, False, False),
+        "memeff": (True, False, True, True),
+        "memeff-fp32": (False, False, True, True),
+    }[mode]
+
+
+def _ref_mode(mode: str) -> str:
+    """Reference configuration a project mode is compared with."""
+    return {"memeff": "bf16", "memeff-fp32": "fp32"}.get(mode, mode)
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("VmRSS missing from /proc/self/status")
+
+
+def _hwm_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("VmHWM missing from /proc/self/status")
+
+
+def worker(net: str, impl: str, mode: str, size: str, steps: int, device: str) -> dict[str, float]:
+    """One configuration in this process; returns img/s and peak activation memory in MiB."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(HERE))
+    from reference_tiramisu import ref_fcdensenet
+
+    from bgremover.nets.tiramisu import TIRAMISU_CONFIGS, FCDenseNet
+
+    cl_bf16, compiled, mem_eff, _ = _mode_flags(mode)
+    name = f"fcdensenet{net}"
+    torch.manual_seed(0)
+    if impl == "ref":
+        model = ref_fcdensenet(name)
+    else:
+        model = FCDenseNet(**TIRAMISU_CONFIGS[name], memory_efficient=mem_eff)
+    h, w, batch = SIZES[size]
+    model = model.to(device).train()
+    x = torch.randn(batch, 3, h, w, device=device)
+    y = torch.randint(0, 12, (batch, h, w), device=device)
+    if cl_bf16:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    fwd = torch.compile(model) if compiled else model
+    dev_type = torch.device(device).type
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=cl_bf16):
+            logits = fwd(x)
+        loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
+        loss.backward()
+        opt.step()
+
+    def sync() -> None:
+        if dev_type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(COMPILE_WARMUP if compiled else WARMUP):
+        step()
+    sync()
+    if dev_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        base = _rss_kib() * 1024
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if dev_type == "cuda" else _hwm_kib() * 1024
+    return {"img_s": batch * steps / elapsed, "peak_mib": (peak - base) / 2**20, "step_s": elapsed / steps}
+
+
+def run_config(net: str, impl: str, mode: str, size: str, steps: int, device: str) -> dict[str, float] | None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", net, impl, mode, size,
+           "--steps", str(steps), "--device", device]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    print(f"  ! {net} {impl} {mode} {size} failed: {err}", file=sys.stderr)
+    return None
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nets", nargs="+", default=list(NETS), choices=NETS)
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES + EXTRA_MODES))
+    p.add_argument("--steps", type=int, default=3, help="measured training steps per configuration")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--worker", nargs=4, metavar=("NET", "IMPL", "MODE", "SIZE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.worker:
+        net, impl, mode, size = args.worker
+        print("RESULT " + json.dumps(worker(net, impl, mode, size, args.steps, args.device)), flush=True)
+        return 0
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
+            return 2
+
+    load0 = os.getloadavg()
+    t_start = time.time()
+    ref_cache: dict[tuple[str, str, str], dict[str, float] | None] = {}
+    rows = []
+    for net in args.nets:
+        for size in args.sizes:
+            best_ours = None
+            for mode in args.modes:
+                rmode = _ref_mode(mode)
+                key = (net, size, rmode)
+                if key not in ref_cache:
+                    ref_cache[key] = run_config(net, "ref", rmode, size, args.steps, args.device)
+                ref = ref_cache[key]
+                ours = run_config(net, "ours", mode, size, args.steps, args.device)
+                if ours is not None and (best_ours is None or ours["img_s"] > best_ours[1]["img_s"]):
+                    best_ours = (mode, ours)
+                row = (net, size, mode, rmode, ref, ours)
+                rows.append(row)
+                _print_row(row)
+            fp32_ref = ref_cache.get((net, size, "fp32"))
+            if best_ours is not None and fp32_ref is not None:
+                r = _ratio(best_ours[1]["img_s"], fp32_ref["img_s"])
+                print(f"  FC-DenseNet{net} {size}: best project config ({best_ours[0]}) = {_fmt(r, '.2f')}x "
+                      f"the plain fp32 reference", flush=True)
+    print()
+    print(f"device={args.device} threads={_threads()} steps={args.steps} "
+          f"loadavg before={load0[0]:.2f} after={os.getloadavg()[0]:.2f} wall={time.time() - t_start:.0f}s")
+    print(_HEADER)
+    for row in rows:
+        print(_line(row))
+    return 0
+
+
+_HEADER = (f"{'net':>6} {'size':>8} {'mode':>12} {'ref img/s':>10} {'ours img/s':>10} {'speedup':>8} "
+           f"{'ref MiB':>9} {'ours MiB':>9} {'mem ratio':>9}")
+
+
+def _line(row: tuple) -> str:
+    net, size, mode, rmode, ref, ours = row
+    ri, oi = (ref or {}).get("img_s"), (ours or {}).get("img_s")
+    rm, om = (ref or {}).get("peak_mib"), (ours or {}).get("peak_mib")
+    label = mode if mode == rmode else f"{mode}/{rmode}"
+    return (f"{net:>6} {size:>8} {label:>12} {_fmt(ri, '10.3f')} {_fmt(oi, '10.3f')} "
+            f"{_fmt(_ratio(oi, ri), '8.2f')} {_fmt(rm, '9.0f')} {_fmt(om, '9.0f')} {_fmt(_ratio(om, rm), '9.2f')}")
+
+
+def _print_row(row: tuple) -> None:
+    print("  .. " + _line(row), flush=True)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Turn a training checkpoint into ONE self-describing ONNX file that `bgremover.predict` can run without torch.
+
+    python -m bgremover.export ckpt=runs/x/checkpoints/best.ckpt [out=models/bgremover-camvid.onnx] [torchscript=true]
+    python -m bgremover.export --ckpt runs/x/checkpoints/best.ckpt --out model.onnx --torchscript
+
+The file carries everything the predictor needs (classes, normalization, size multiple, default foreground,
+provenance) as JSON under the ONNX metadata key `bgremover`. Before anything is written, the same inputs go
+through PyTorch and ONNX Runtime; the export is refused (no file left behind) when they disagree by more
+than `tol`. Exit codes: 0 written, 1 bad checkpoint / failed export or verification, 2 usage error.
+
+Exporter choice: torch 2.14's default `torch.onnx.export(dynamo=True)` needs `onnxscript`, which is not a
+dependency of this project and not installed; the TorchScript-based exporter (`dynamo=False`) ships inside
+torch, works offline, and expresses "any batch, any H, any W" with plain `dynamic_axes`, which is all a
+fully-convolutional segmentation net needs. It emits a DeprecationWarning we silence on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "bgremover-onnx"  # value of metadata["format"]; predict refuses anything else
+FORMAT_VERSION = 1  # bump when the metadata or I/O contract changes incompatibly
+METADATA_KEY = "bgremover"  # ONNX metadata_props key holding the JSON description
+INPUT_NAME = "image"  # N x 3 x H x W float32, (rgb/255 - mean)/std
+OUTPUT_NAME = "logits"  # N x K x H x W float32
+OPSET = 17  # supported by every onnxruntime >= 1.14 and by the TorchScript exporter
+TOLERANCE = 1e-4  # max |torch - onnxruntime| on logits before we refuse to write the file
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "models" / "bgremover-camvid.onnx"  # where predict looks
+# Verification shapes as multiples of size_multiple: (batch, h, w). Two different shapes, one with batch 2,
+# prove the dynamic axes really are dynamic rather than frozen at the tracing shape.
+VERIFY_SHAPES = ((1, 3, 4), (2, 2, 3))
+
+
+class ExportError(RuntimeError):
+    """A user-facing failure: bad checkpoint, failed export or failed verification (one line for the CLI)."""
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("bgremover")
+    except Exception:  # not installed (e.g. run from a source tree): provenance is best-effort
+        return "0+unknown"
+
+
+def _torch_load(path: Path) -> Any:
+    """Load with weights_only=True; fall back to full unpickling only for the known Lightning case, loudly.
+
+    Lightning checkpoints can hold `hyper_parameters` as omegaconf objects, which the safe unpickler refuses.
+    Falling back executes pickle code from the file, so we say so on stderr: only export checkpoints you trust.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_err:
+        first = str(safe_err).strip().splitlines()[0] if str(safe_err).strip() else type(safe_err).__name__
+        if "Weights only load failed" not in str(safe_err):
+            raise ExportError(f"cannot read checkpoint {path}: {first}") from safe_err
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ExportError(f"cannot read checkpoint {path}: {first}") from err
+        print(
+            f"warning: {path.name}: weights_only=True refused it ({first[:160]}); loaded with full unpickling "
+            "-- only do this with checkpoints you trust",
+            file=sys.stderr,
+        )
+        return ckpt
+
+
+def _net_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Keep the `net.` parameters of a LightningModule state dict, minus torch.compile's `_orig_mod.`."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        k = key.removeprefix("_orig_mod.")
+        if not k.startswith("net."):
+            continue  # loss weights, metric states, EMA copies...: not part of the deployed net
+        out[k.removeprefix("net.").removeprefix("_orig_mod.")] = value
+    return out
+
+
+def _read_test_miou(ckpt_path: Path) -> float | None:
+    summary = ckpt_path.resolve().parent.parent / "summary.json"
+    try:
+        value = json.loads(summary.read_text())["metrics"]["test/mIoU"]
+        return None if value is None else float(value)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no summary (run without test) or an unexpected one: the metric is optional provenance
+
+
+def load_checkpoint_net(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the trained net (eval mode, fp32, CPU) and its deployment metadata from a bgremover checkpoint."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ExportError(f"checkpoint not found: {path}")
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("bgremover"), dict):
+        raise ExportError(f"not a bgremover checkpoint (no 'bgremover' entry): {path}")
+    info = ckpt["bgremover"]
+    missing = [k for k in ("net_config", "classes", "mean", "std") if k not in info]
+    if missing:
+        raise ExportError(f"bgremover checkpoint {path} lacks {', '.join(missing)}")
+    state = _net_state_dict(ckpt.get("state_dict") or {})
+    if not state:
+        raise ExportError(f"checkpoint {path} has no 'net.' parameters in its state_dict")
+
+    net_config = dict(info["net_config"])
+    if "encoder_weights" in net_config:
+        # The checkpoint already holds every weight; asking smp for pretrained ones would try to download.
+        net_config["encoder_weights"] = None
+    try:
+        from hydra.utils import instantiate
+
+        net = instantiate(net_config)
+    except Exception as err:
+        raise ExportError(f"cannot build net {net_config.get('_target_')!r}: {err}") from err
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise ExportError(f"checkpoint weights do not fit {net_config.get('_target_')}: {detail}") from err
+    net = net.float().eval()
+
+    classes = [str(c) for c in info["classes"]]
+    meta = {
+        "classes": classes,
+        "mean": [float(v) for v in info["mean"]],
+        "std": [float(v) for v in info["std"]],
+        "size_multiple": int(info.get("size_multiple", 32)),
+        "default_foreground": [str(c) for c in info.get("default_foreground", [])],
+        "net": str(info.get("net_name") or str(net_config.get("_target_", "net")).rsplit(".", 1)[-1]),
+        "params": sum(p.numel() for p in net.parameters()),
+        "test_mIoU": _read_test_miou(path),
+        "ignore_index": info.get("ignore_index"),
+        "net_config": net_config,
+        "checkpoint": str(path),
+    }
+    if len(meta["mean"]) != 3 or len(meta["std"]) != 3:
+        raise ExportError(f"checkpoint {path}: mean/std must have 3 values (RGB)")
+    unknown = [c for c in meta["default_foreground"] if c not in classes]
+    if unknown:
+        raise ExportError(f"checkpoint {path}: default_foreground {unknown} not among classes {classes}")
+    return net, meta
+
+
+def onnx_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document stored under the `bgremover` ONNX metadata key (the predictor's whole contract)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "classes": list(meta["classes"]),
+        "mean": [float(v) for v in meta["mean"]],
+        "std": [float(v) for v in meta["std"]],
+        "size_multiple": int(meta.get("size_multiple", 32)),
+        "default_foreground": list(meta.get("default_foreground", [])),
+        "net": str(meta.get("net", "net")),
+        "params": int(meta.get("params", 0)),
+        "test_mIoU": meta.get("test_mIoU"),
+        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "bgremover_version": _package_version(),
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
+    }
+
+
+def _ort_forward(onnx_path: Path, x: np.ndarray) -> np.ndarray:
+    """Run the exported file exactly as the predictor will (CPU provider, full graph optimization)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    return sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+
+def _verify(net: nn.Module, onnx_path: Path, num_classes: int, multiple: int, tol: float) -> float:
+    """Max |torch - onnxruntime| over VERIFY_SHAPES; raises ExportError when above tol or shapes disagree."""
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for n, hm, wm in VERIFY_SHAPES:
+        x = torch.randn(n, 3, hm * multiple, wm * multiple, generator=gen)
+        with torch.inference_mode():
+            ref = net(x).float().numpy()
+        if ref.shape != (n, num_classes, x.shape[2], x.shape[3]):
+            raise ExportError(f"net output shape {ref.shape} != expected {(n, num_classes, *x.shape[2:])}")
+        got = _ort_forward(onnx_path, x.numpy())
+        if got.shape != ref.shape:
+            raise ExportError(f"onnxruntime output shape {got.shape} != PyTorch {ref.shape}")
+        diff = float(np.max(np.abs(got.astype(np.float64) - ref)))
+        if not np.isfinite(diff):
+            raise ExportError("onnxruntime output is not finite where PyTorch's is")
+        worst = max(worst, diff)
+        if diff > tol:
+            raise ExportError(
+                f"ONNX Runtime disagrees with PyTorch: max abs diff {diff:.3g} > {tol:g} at input "
+                f"{tuple(x.shape)}; refusing to write the model"
+            )
+    return worst
+
+
+def _temp_path(out: Path, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename; give the usual file mode
+    return Path(name)
+
+
+def export_onnx(
+    net: nn.Module,
+    meta: dict[str, Any],
+    out: str | os.PathLike,
+    *,
+    tol: float = TOLERANCE,
+    opset: int = OPSET,
+    torchscript: bool = False,
+) -> dict[str, Any]:
+    """Export `net` to `out` (+ `out.pt` TorchScript if asked), verified against PyTorch, written atomically.
+
+    Returns {"path", "max_abs_diff", "metadata", "torchscript"}. On any failure no file is left at `out`.
+    """
+    import onnx
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    net = net.float().eval()
+    num_classes = len(meta["classes"])
+    multiple = int(meta.get("size_multiple", 32))
+    metadata = onnx_metadata(meta)
+    tmp = _temp_path(out, ".onnx")
+    try:
+        dummy = torch.zeros(1, 3, 2 * multiple, 2 * multiple)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter(
+                "ignore"
+            )  # the exporter's own DeprecationWarning/TracerWarnings: see docstring
+            torch.onnx.export(
+                net,
+                (dummy,),
+                str(tmp),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={
+                    INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                    OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                },
+                opset_version=opset,
+            )
+        model = onnx.load(str(tmp))
+        del model.metadata_props[:]
+        entry = model.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+        model.doc_string = (
+            f"bgremover background remover ({metadata['net']}); see metadata key '{METADATA_KEY}'"
+        )
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp))
+        diff = _verify(net, tmp, num_classes, multiple, tol)
+        ts_path = None
+        if torchscript:
+            ts_path = out.with_suffix(".pt")
+            ts_tmp = _temp_path(out, ".pt")
+            try:
+                with warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore")
+                    traced = torch.jit.trace(net, dummy)
+                    torch.jit.save(traced, str(ts_tmp), _extra_files={"bgremover.json": json.dumps(metadata)})
+                os.replace(ts_tmp, ts_path)
+            finally:
+                ts_tmp.unlink(missing_ok=True)
+        os.replace(tmp, out)
+    except ExportError:
+        raise
+    except Exception as err:
+        raise ExportError(f"export failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": out, "max_abs_diff": diff, "metadata": metadata, "torchscript": ts_path}
+
+
+def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
+    """The `bgremover` metadata of an exported file (ExportError if absent)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    raise ExportError(f"not a bgremover model (no '{METADATA_KEY}' metadata): {onnx_path}")
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _normalize_argv(argv: list[str]) -> list[str]:
+    """Accept the Makefile's Hydra-like `key=value` words as well as `--key value` flags."""
+    out: list[str] = []
+    for arg in argv:
+        if not arg.startswith("-") and "=" in arg:
+            key, value = arg.split("=", 1)
+            out += [f"--{key.replace('_', '-')}", value]
+        else:
+            out.append(arg)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bgremover.export",
+        description="Export a bgremover training checkpoint to one verified, self-describing ONNX file.",
+    )
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by bgremover training")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output .onnx path (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--torchscript",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_bool,
+        help="also write a TorchScript .pt next to the .onnx",
+    )
+    p.add_argument("--tol", type=float, default=TOLERANCE, help="max abs logit diff torch vs onnxruntime")
+    p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(_normalize_argv(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        net, meta = load_checkpoint_net(args.ckpt)
+        result = export_onnx(
+            net, meta, args.out, tol=args.tol, opset=args.opset, torchscript=args.torchscript
+        )
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    md = result["metadata"]
+    miou = "n/a" if md["test_mIoU"] is None else f"{md['test_mIoU']:.4f}"
+    print(
+        f"wrote {result['path']} ({md['net']}, {md['params']:,} params, {len(md['classes'])} classes, "
+        f"test mIoU {miou}; torch vs onnxruntime max abs diff {result['max_abs_diff']:.2e})"
+    )
+    if result["torchscript"]:
+        print(f"wrote {result['torchscript']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""SegmentationModule: one LightningModule for every net — loss, optimizer/scheduler, mIoU metrics, image panels.
+
+The net is injected (Hydra builds it from `model.net`), so Tiramisu and DeepLab share all training code.
+Checkpoints describe themselves: `checkpoint["bgremover"]` holds the net's config, the class names and the
+normalization, so export and evaluation rebuild the net without Hydra or this module.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND, MEAN, STD, VOID, colorize
+
+CHECKPOINT_KEY = "bgremover"  # where a checkpoint keeps what inference needs
+STAGES = ("train", "val", "test")
+
+
+class SegmentationModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "epoch",
+        net_name: str = "net",
+        net_config: dict | None = None,
+        class_names: Sequence[str] = CLASSES,
+        ignore_index: int = VOID,
+        class_weights: Sequence[float] | None = None,
+        mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
+        size_multiple: int = 32,
+        default_foreground: Sequence[str] = DEFAULT_FOREGROUND,
+        channels_last: bool = True,
+        compile: bool = False,
+        log_images_every_n_epochs: int = 5,
+        num_log_images: int = 3,
+    ):
+        super().__init__()
+        # Only plain values go into hparams: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.num_classes = len(class_names)
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
+        if weight is not None:  # keep the weights on the module's device, out of the state dict
+            del self.criterion.weight
+            self.criterion.register_buffer("weight", weight, persistent=False)
+
+        def iou(average):
+            return MulticlassJaccardIndex(self.num_classes, average=average, ignore_index=ignore_index)
+
+        def acc():
+            return MulticlassAccuracy(self.num_classes, average="micro", ignore_index=ignore_index)
+
+        # Separate metric objects per stage: sharing one would mix validation and test confusion matrices.
+        # (Keys carry a suffix because a ModuleDict entry may not be called "train".)
+        self.miou = nn.ModuleDict({f"{s}_": iou("macro") for s in STAGES})
+        self.acc = nn.ModuleDict({f"{s}_": acc() for s in STAGES})
+        self.loss_mean = nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
+        self.test_class_iou = iou("none")
+        self.val_miou_best = MaxMetric()
+        self.history: list[dict[str, float]] = []  # per-epoch validation metrics, kept in checkpoints
+        self._panel: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.__dict__["_compiled_net"] = None  # bypasses nn.Module registration: state-dict keys stay "net.*"
+
+    # --- forward ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.hparams.compile and self._compiled_net is None:
+            self.__dict__["_compiled_net"] = torch.compile(self.net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self._compiled_net if self._compiled_net is not None and self.training else self.net
+        return net(x)
+
+    def on_fit_start(self) -> None:
+        self.configure_model()
+
+    # --- steps -----------------------------------------------------------------------------------------------
+    def _step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits.float(), y)
+        preds = logits.argmax(1)
+        self.loss_mean[stage + '_'].update(loss.detach())
+        self.miou[stage + '_'].update(preds, y)
+        self.acc[stage + '_'].update(preds, y)
+        train = stage == "train"
+        # Train loss per step (the curve people watch); val/test loss as epoch means.
+        self.log(f"{stage}/loss", loss.detach(), on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(x))
+        if stage == "test":
+            self.test_class_iou.update(preds, y)
+        if stage == "val" and batch_idx == 0:
+            k = self.hparams.num_log_images
+            self._panel = (x[:k].detach().float().cpu(), y[:k].cpu(), preds[:k].cpu())
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train", batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val", batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test", batch_idx)
+
+    # --- epoch ends ------------------------------------------------------------------------------------------
+    def _log_epoch(self, stage: str) -> dict[str, float]:
+        values = {
+            f"{stage}/mIoU": self.miou[stage + '_'].compute(),
+            f"{stage}/acc": self.acc[stage + '_'].compute(),
+        }
+        if stage == "train":
+            values["train/loss_epoch"] = self.loss_mean[stage + '_'].compute()
+        self.log_dict(values, prog_bar=stage != "train")
+        out = {k: float(v) for k, v in values.items()}
+        out[f"{stage}/loss"] = float(self.loss_mean[stage + '_'].compute())  # the logger's epoch value comes too late
+        for metric in (self.miou[stage + '_'], self.acc[stage + '_'], self.loss_mean[stage + '_']):
+            metric.reset()
+        return out
+
+    def on_train_start(self) -> None:
+        # The sanity check before training runs validation too; its numbers must not become the best.
+        self.val_miou_best.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_epoch("val")
+        if self.trainer.sanity_checking:
+            return
+        self.val_miou_best.update(torch.tensor(values["val/mIoU"]))
+        best = float(self.val_miou_best.compute())
+        self.log("val/mIoU_best", best, prog_bar=True)
+        self.history.append({"epoch": self.current_epoch, **values, "val/mIoU_best": best})
+        every = self.hparams.log_images_every_n_epochs
+        if every and self.current_epoch % every == 0:
+            self._log_panel()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+        per_class = self.test_class_iou.compute()
+        self.test_class_iou.reset()
+        self.log_dict({f"test/iou_{name}": float(v) for name, v in zip(self.hparams.class_names, per_class, strict=True)})
+
+    # --- images for the dashboard ----------------------------------------------------------------------------
+    def panel_images(self) -> list[np.ndarray]:
+        """input | ground truth | prediction, one H×3W RGB image per sample of the first validation batch."""
+        if self._panel is None:
+            return []
+        x, y, p = self._panel
+        mean = torch.tensor(self.hparams.mean).view(3, 1, 1)
+        std = torch.tensor(self.hparams.std).view(3, 1, 1)
+        rows = []
+        for xi, yi, pi in zip(x, y, p, strict=True):
+            rgb = ((xi * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            rows.append(np.concatenate([rgb, colorize(yi.numpy()), colorize(pi.numpy())], axis=1))
+        return rows
+
+    def _log_panel(self) -> None:
+        images = self.panel_images()
+        for logger in self.loggers:
+            if images and hasattr(logger, "log_image"):  # WandbLogger; CSV has no images
+                logger.log_image(
+                    key="val/examples",
+                    images=images,
+                    caption=["input | ground truth | prediction"] * len(images),
+                    step=self.global_step,
+                )
+
+    # --- optimisation ----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.net.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        factory = self.scheduler_factory
+        if isinstance(factory, functools.partial) and "total_iters" in factory.keywords and factory.keywords["total_iters"] is None:
+            # Convention: `total_iters: null` in a scheduler config means "the whole run", known only now.
+            steps = self.trainer.estimated_stepping_batches
+            if self.hparams.scheduler_interval == "epoch":
+                steps = self.trainer.max_epochs
+            factory = functools.partial(factory, total_iters=max(1, int(steps)))
+        scheduler = factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval, "frequency": 1},
+        }
+
+    # --- self-describing checkpoints -------------------------------------------------------------------------
+    def export_meta(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {
+            "net_config": hp.net_config,
+            "net_name": hp.net_name,
+            "classes": list(hp.class_names),
+            "mean": [float(v) for v in hp.mean],
+            "std": [float(v) for v in hp.std],
+            "size_multiple": int(hp.size_multiple),
+            "default_foreground": list(hp.default_foreground),
+            "ignore_index": int(hp.ignore_index),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.export_meta()
+        checkpoint["history"] = list(self.history)
+        # Strip a torch.compile wrapper's prefix so every checkpoint has plain "net.*" keys.
+        checkpoint["state_dict"] = {k.replace("._orig_mod", ""): v for k, v in checkpoint["state_dict"].items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = list(checkpoint.get("history", []))

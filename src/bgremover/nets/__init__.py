@@ -1,0 +1,103 @@
+"""Segmentation nets: our FC-DenseNet, smp's DeepLabs, and a name → builder registry for scripts and benchmarks.
+
+Hydra configs build nets through `_target_` (conf/model/*.yaml); the registry below serves code that wants a net
+by name without composing a config (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+
+from torch import nn
+
+from bgremover.nets.tiramisu import FCDenseNet, fcdensenet56, fcdensenet67, fcdensenet103
+
+HF_HOST = ("huggingface.co", 443)  # where smp fetches encoder weights from
+NETWORK_PROBE_TIMEOUT_S = 3.0  # how long we wait to learn there is no network, instead of smp's ~20 s hang
+
+
+def _smp(arch: str, encoder: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 11, **kw) -> nn.Module:
+        import segmentation_models_pytorch as smp
+
+        kw.setdefault("encoder_weights", None)
+        return getattr(smp, arch)(encoder_name=encoder, classes=num_classes, **kw)
+
+    return build
+
+
+NETS: dict[str, Callable[..., nn.Module]] = {
+    "tiramisu56": fcdensenet56,
+    "tiramisu67": fcdensenet67,
+    "tiramisu103": fcdensenet103,
+    "deeplabv3_resnet18": _smp("DeepLabV3", "resnet18"),
+    "deeplabv3plus_resnet18": _smp("DeepLabV3Plus", "resnet18"),
+    "deeplabv3plus_mobilenet_v2": _smp("DeepLabV3Plus", "mobilenet_v2"),
+}
+
+
+def build_net(name: str, **kwargs) -> nn.Module:
+    if name not in NETS:
+        raise KeyError(f"unknown net '{name}'; choose one of: {', '.join(NETS)}")
+    return NETS[name](**kwargs)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Raised before smp starts a download that cannot succeed here."""
+
+
+def ensure_pretrained_available(net_cfg: Mapping) -> None:
+    """Fail in seconds, with one sentence, when an smp config asks for encoder weights that cannot be had.
+
+    smp downloads weights from the Hugging Face hub; offline, that hangs for ~20 s and ends in a long traceback.
+    Weights already in the local hub cache are fine, so we look there first and only then probe the network.
+    """
+    weights = net_cfg.get("encoder_weights")
+    target = str(net_cfg.get("_target_", ""))
+    if not weights or not target.startswith("segmentation_models_pytorch"):
+        return
+    encoder = net_cfg.get("encoder_name", "resnet34")
+    from segmentation_models_pytorch.encoders import encoders
+
+    settings = encoders.get(encoder, {}).get("pretrained_settings", {}).get(weights)
+    if settings is None:
+        return  # smp itself raises a clear KeyError listing the valid choices
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(settings["repo_id"], "model.safetensors", revision=settings["revision"], local_files_only=True)
+        return
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            socket.create_connection(HF_HOST, timeout=NETWORK_PROBE_TIMEOUT_S).close()
+            return
+        except OSError:
+            pass
+    raise PretrainedWeightsUnavailable(
+        f"'{weights}' weights for encoder '{encoder}' are not in the local Hugging Face cache and "
+        f"{HF_HOST[0]} cannot be reached: run the same command once on a machine with internet "
+        f"(or copy its ~/.cache/huggingface/hub here, or point HF_HUB_CACHE at such a copy), "
+        f"or train from scratch with model.net.encoder_weights=null."
+    )
+
+
+__all__ = [
+    "FCDenseNet",
+    "NETS",
+    "PretrainedWeightsUnavailable",
+    "build_net",
+    "count_parameters",
+    "ensure_pretrained_available",
+    "fcdensenet56",
+    "fcdensenet67",
+    "fcdensenet103",
+]

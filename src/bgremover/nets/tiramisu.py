@@ -1,0 +1,435 @@
+"""FC-DenseNet ("The One Hundred Layers Tiramisu", Jégou et al. 2017) with buffer-backed dense blocks.
+
+A textbook dense block concatenates with ``torch.cat`` before every layer, so a block of L layers copies
+O(L^2) feature maps and keeps two O(L^2) activations (the concatenation and the BN-ReLU output) alive
+for backward. Here a block is one autograd Function that owns a single preallocated buffer: the block's
+input is copied in once, every layer reads the channel prefix ``buf[:, :c]`` and writes its new maps into
+``buf[:, c:c+g]``. Because every layer sees the same channels, BatchNorm batch statistics are computed
+once per channel (when the channel is written) instead of once per layer, and the layer's BN+ReLU becomes
+one per-channel affine map plus an in-place ReLU. Backward is written out by hand
+(``convolution_backward`` + closed-form BatchNorm backward), and the BN part of the input gradient that
+flows through the batch statistics is accumulated per channel and applied once, not once per layer.
+
+``memory_efficient=True`` keeps nothing per layer but the shared buffer (plus per-channel statistics and
+the tiny dropout masks); the BN-ReLU output is recomputed in backward from the saved statistics, so
+running statistics are updated exactly once per step (unlike ``torch.utils.checkpoint``, which re-runs BN).
+
+Dropout is channel-wise (``Dropout2d``) with p=0.2: the paper uses element-wise dropout, but dropping
+whole maps is the usual choice for conv features and its mask is N x g x 1 x 1, cheap to draw and to keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DROPOUT = 0.2  # paper's dropout probability for dense layers and transitions down
+FIRST_CONV_CHANNELS = 48  # filters of the stem 3x3 conv in all paper variants
+
+TIRAMISU_CONFIGS: dict[str, dict[str, Any]] = {
+    "fcdensenet56": {
+        "down_blocks": (4, 4, 4, 4, 4),
+        "up_blocks": (4, 4, 4, 4, 4),
+        "bottleneck_layers": 4,
+        "growth_rate": 12,
+    },
+    "fcdensenet67": {
+        "down_blocks": (5, 5, 5, 5, 5),
+        "up_blocks": (5, 5, 5, 5, 5),
+        "bottleneck_layers": 5,
+        "growth_rate": 16,
+    },
+    "fcdensenet103": {
+        "down_blocks": (4, 5, 7, 10, 12),
+        "up_blocks": (12, 10, 7, 5, 4),
+        "bottleneck_layers": 15,
+        "growth_rate": 16,
+    },
+}
+
+_STRIDE1 = [1, 1]
+_PAD1 = [1, 1]
+_NO_OUT_PAD = [0, 0]
+
+
+def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Biased per-channel variance and mean, accumulated in at least fp32 (bf16 sums would drift)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    return torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+
+
+def _as_channel(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+class _DenseBlockFn(torch.autograd.Function):
+    """Whole dense block as one autograd node; see the module docstring for the scheme.
+
+    ``tensors`` = block inputs (``n_inputs`` of them, concatenated along channels into the buffer), then
+    per layer: bn weight, bn bias, conv weight, conv bias, running mean, running var, dropout mask
+    (running stats only used in eval mode, mask may be None).
+    Returns the full buffer and the fp32 batch mean / biased variance of every channel (train mode).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, cfg: dict[str, Any], n_inputs: int, *tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        inputs, per_layer = tensors[:n_inputs], tensors[n_inputs:]
+        growth, n_layers, eps = cfg["growth"], cfg["n_layers"], cfg["eps"]
+        training, keep_act, dev_type = cfg["training"], not cfg["memory_efficient"], inputs[0].device.type
+        cdtype = cfg["dtype"]
+        x0 = inputs[0]
+        n, _, h, w = x0.shape
+        c0 = sum(t.shape[1] for t in inputs)
+        c_total = c0 + n_layers * growth
+        fmt = torch.channels_last if x0.is_contiguous(memory_format=torch.channels_last) and not x0.is_contiguous() else torch.contiguous_format
+        with torch.autocast(dev_type, enabled=False):
+            buf = torch.empty((n, c_total, h, w), dtype=cdtype, device=x0.device, memory_format=fmt)
+            off = 0
+            for t in inputs:
+                buf[:, off : off + t.shape[1]].copy_(t)
+                off += t.shape[1]
+            stat_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
+            mean = torch.zeros(c_total, dtype=stat_dtype, device=x0.device)
+            var = torch.ones(c_total, dtype=stat_dtype, device=x0.device)
+            if training:
+                var[:c0], mean[:c0] = _batch_stats(buf[:, :c0])
+            invstd = torch.rsqrt(var + eps)
+            saved_acts: list[Tensor] = []
+            for i in range(n_layers):
+                gamma, beta, weight, bias, r_mean, r_var, mask = per_layer[7 * i : 7 * i + 7]
+                c = c0 + i * growth
+                scale, shift = _affine(gamma, beta, mean[:c], invstd[:c], r_mean, r_var, eps, training)
+                act = torch.empty((n, c, h, w), dtype=cdtype, device=x0.device, memory_format=fmt)
+                torch.addcmul(_as_channel(shift), buf[:, :c], _as_channel(scale), out=act)
+                act.relu_()
+                y = torch.ops.aten.convolution(
+                    act, weight.to(cdtype), bias.to(cdtype), _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1
+                )
+                out = buf[:, c : c + growth]
+                if mask is not None:
+                    torch.mul(y, mask.to(cdtype), out=out)
+                else:
+                    out.copy_(y)
+                del y
+                if training and i + 1 < n_layers:  # the last layer's maps feed no BN inside this block
+                    v, m = _batch_stats(out)
+                    var[c : c + growth], mean[c : c + growth] = v, m
+                    invstd[c : c + growth] = torch.rsqrt(v + eps)
+                if keep_act:
+                    saved_acts.append(act)
+                del act
+        ctx.cfg = dict(cfg, c0=c0, split=[t.shape[1] for t in inputs])
+        ctx.n_inputs = n_inputs
+        ctx.param_needs_grad = [t is not None and t.requires_grad for t in per_layer]
+        ctx.save_for_backward(buf, mean, invstd, *per_layer, *saved_acts)
+        ctx.mark_non_differentiable(mean, var)
+        return buf, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_buf: Tensor, _g_mean: Any, _g_var: Any) -> tuple[Any, ...]:
+        cfg = ctx.cfg
+        growth, n_layers, eps, training, c0 = cfg["growth"], cfg["n_layers"], cfg["eps"], cfg["training"], cfg["c0"]
+        saved = ctx.saved_tensors
+        buf, mean, invstd = saved[:3]
+        per_layer = saved[3 : 3 + 7 * n_layers]
+        saved_acts = saved[3 + 7 * n_layers :]
+        cdtype = buf.dtype
+        n, c_total, h, w = buf.shape
+        count = n * h * w
+        param_grads: list[Tensor | None] = [None] * (7 * n_layers)
+        with torch.autocast(buf.device.type, enabled=False):
+            # A private, writable copy: earlier layers' gradients are accumulated into its prefix.
+            grad = torch.empty_like(buf)
+            grad.copy_(grad_buf)
+            # Per channel: sum over consumer layers of the gradient reaching the batch mean / variance.
+            g_shift = torch.zeros_like(mean)
+            g_slope = torch.zeros_like(mean)
+            for i in reversed(range(n_layers)):
+                gamma, beta, weight, bias, r_mean, r_var, mask = per_layer[7 * i : 7 * i + 7]
+                c = c0 + i * growth
+                x = buf[:, :c]
+                scale, shift = _affine(gamma, beta, mean[:c], invstd[:c], r_mean, r_var, eps, training)
+                if saved_acts:
+                    act = saved_acts[i]
+                else:
+                    act = torch.empty((n, c, h, w), dtype=cdtype, device=buf.device, memory_format=_fmt(buf))
+                    torch.addcmul(_as_channel(shift), x, _as_channel(scale), out=act)
+                    act.relu_()
+                g_y = grad[:, c : c + growth]
+                if mask is not None:
+                    g_y = g_y * mask.to(cdtype)
+                need = ctx.param_needs_grad[7 * i : 7 * i + 7]
+                g_act, g_w, g_b = torch.ops.aten.convolution_backward(
+                    g_y, act, weight.to(cdtype), [growth], _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
+                    [True, need[2], need[3]],
+                )
+                g_pre = torch.ops.aten.threshold_backward(g_act, act, 0)
+                del act, g_act
+                g_beta = g_pre.sum(dim=(0, 2, 3), dtype=mean.dtype)
+                g_x_sum = (g_pre * x).sum(dim=(0, 2, 3), dtype=mean.dtype)
+                centre = mean[:c] if training else r_mean.to(mean.dtype)
+                std_inv = invstd[:c] if training else torch.rsqrt(r_var.to(mean.dtype) + eps)
+                g_gamma = std_inv * (g_x_sum - centre * g_beta)
+                grad[:, :c].addcmul_(g_pre, _as_channel(scale))
+                del g_pre
+                if training:
+                    k = -scale / count
+                    g_shift[:c].add_(k * g_beta)
+                    g_slope[:c].add_(k * g_gamma)
+                    # Every consumer of the group written by layer i-1 (or of the block input) is done now.
+                    lo = c - growth if i > 0 else 0
+                    _apply_stat_grad(grad, buf, lo, c, g_shift, g_slope, mean, invstd)
+                param_grads[7 * i] = g_gamma.to(gamma.dtype) if need[0] else None
+                param_grads[7 * i + 1] = g_beta.to(beta.dtype) if need[1] else None
+                param_grads[7 * i + 2] = g_w.to(weight.dtype) if need[2] else None
+                param_grads[7 * i + 3] = g_b.to(bias.dtype) if need[3] else None
+        input_grads = []
+        off = 0
+        for k in cfg["split"]:
+            input_grads.append(grad[:, off : off + k])
+            off += k
+        return (None, None, *input_grads, *param_grads)
+
+
+def _fmt(t: Tensor) -> torch.memory_format:
+    if t.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def _affine(
+    gamma: Tensor, beta: Tensor, mean: Tensor, invstd: Tensor, r_mean: Tensor | None, r_var: Tensor | None,
+    eps: float, training: bool,
+) -> tuple[Tensor, Tensor]:
+    """BatchNorm folded to one per-channel ``scale * x + shift`` (batch stats in train, running in eval)."""
+    if not training:
+        mean = r_mean.to(mean.dtype)
+        invstd = torch.rsqrt(r_var.to(mean.dtype) + eps)
+    scale = gamma.to(mean.dtype) * invstd
+    return scale, beta.to(mean.dtype) - mean * scale
+
+
+def _apply_stat_grad(
+    grad: Tensor, buf: Tensor, lo: int, hi: int, g_shift: Tensor, g_slope: Tensor, mean: Tensor, invstd: Tensor
+) -> None:
+    """Add the gradient that reaches channels [lo, hi) through their batch mean and variance.
+
+    With xhat = (x - mean) * invstd, BN's input gradient has the per-layer term
+    ``-scale/M * (sum(g) + xhat * sum(g * xhat))``; summed over layers it is affine in x per channel.
+    """
+    slope = g_slope[lo:hi] * invstd[lo:hi]
+    offset = g_shift[lo:hi] - slope * mean[lo:hi]
+    part = grad[:, lo:hi]
+    part.addcmul_(buf[:, lo:hi], _as_channel(slope)).add_(_as_channel(offset))
+
+
+class DenseLayer(nn.Module):
+    """Parameters of BN -> ReLU -> 3x3 conv (growth maps) -> Dropout2d; the block runs the maths."""
+
+    def __init__(self, in_channels: int, growth_rate: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.conv = nn.Conv2d(in_channels, growth_rate, kernel_size=3, padding=1, bias=True)
+        self.dropout = dropout
+
+
+class DenseBlock(nn.Module):
+    """``n_layers`` dense layers; ``forward(*inputs)`` returns concat(inputs, all new maps)."""
+
+    def __init__(
+        self, in_channels: int, n_layers: int, growth_rate: int, dropout: float = DROPOUT,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.growth_rate = growth_rate
+        self.memory_efficient = memory_efficient
+        self.layers = nn.ModuleList(
+            DenseLayer(in_channels + i * growth_rate, growth_rate, dropout) for i in range(n_layers)
+        )
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels + len(self.layers) * self.growth_rate
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        if sum(t.shape[1] for t in inputs) != self.in_channels:
+            raise ValueError(f"DenseBlock expects {self.in_channels} input channels, got {[t.shape for t in inputs]}")
+        x0 = inputs[0]
+        dev_type = x0.device.type
+        if torch.is_autocast_enabled(dev_type):
+            cdtype = torch.get_autocast_dtype(dev_type)
+        else:
+            cdtype = x0.dtype
+            for t in inputs[1:]:
+                cdtype = torch.promote_types(cdtype, t.dtype)
+        n = x0.shape[0]
+        flat: list[Tensor | None] = []
+        for layer in self.layers:
+            bn = layer.norm
+            mask = None
+            if self.training and layer.dropout > 0:
+                keep = 1.0 - layer.dropout
+                mask = torch.empty((n, self.growth_rate, 1, 1), device=x0.device).bernoulli_(keep).div_(keep)
+            # Running stats are read only in eval; in train they are updated after the Function returns.
+            r_mean, r_var = (None, None) if self.training else (bn.running_mean, bn.running_var)
+            flat += [bn.weight, bn.bias, layer.conv.weight, layer.conv.bias, r_mean, r_var, mask]
+        eps = self.layers[0].norm.eps if len(self.layers) else 1e-5
+        cfg = {
+            "growth": self.growth_rate, "n_layers": len(self.layers), "eps": eps, "training": self.training,
+            "memory_efficient": self.memory_efficient, "dtype": cdtype,
+        }
+        buf, mean, var = _DenseBlockFn.apply(cfg, len(inputs), *inputs, *flat)
+        if self.training:
+            self._update_running_stats(mean, var, n * x0.shape[2] * x0.shape[3])
+        return buf
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """Same update as nn.BatchNorm2d in train mode, done once from the shared per-channel stats."""
+        unbiased = var * (count / max(count - 1, 1))
+        for i, layer in enumerate(self.layers):
+            bn = layer.norm
+            if not bn.track_running_stats or bn.running_mean is None:
+                continue
+            c = self.in_channels + i * self.growth_rate
+            bn.num_batches_tracked.add_(1)
+            factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.lerp_(mean[:c].to(bn.running_mean.dtype), factor)
+            bn.running_var.lerp_(unbiased[:c].to(bn.running_var.dtype), factor)
+
+
+class TransitionDown(nn.Module):
+    """BN -> ReLU -> 1x1 conv (same width) -> Dropout2d -> 2x2 max-pool."""
+
+    def __init__(self, channels: int, dropout: float = DROPOUT) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels)
+        self.conv = nn.Conv2d(channels, channels, kernel_size=1, bias=True)
+        self.drop = nn.Dropout2d(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(self.drop(self.conv(F.relu(self.norm(x), inplace=True))), 2)
+
+
+class TransitionUp(nn.Module):
+    """3x3 stride-2 transposed conv; output is cropped / zero-padded to the skip's spatial size."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(channels, channels, kernel_size=3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return match_size(self.conv(x), skip.shape[-2:])
+
+
+def match_size(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Crop (top-left anchored) or zero-pad the bottom/right so odd sizes after pooling still line up."""
+    h, w = size
+    x = x[..., :h, :w]
+    ph, pw = h - x.shape[-2], w - x.shape[-1]
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))
+    return x
+
+
+class FCDenseNet(nn.Module):
+    """FC-DenseNet: stem conv, dense blocks with transitions down, bottleneck, transitions up, 1x1 classifier."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 11,
+        down_blocks: Sequence[int] = (4, 4, 4, 4, 4),
+        up_blocks: Sequence[int] = (4, 4, 4, 4, 4),
+        bottleneck_layers: int = 4,
+        growth_rate: int = 12,
+        first_conv_channels: int = FIRST_CONV_CHANNELS,
+        dropout: float = DROPOUT,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(down_blocks) != len(up_blocks):
+            raise ValueError(f"down_blocks {tuple(down_blocks)} and up_blocks {tuple(up_blocks)} differ in length")
+        self.first_conv = nn.Conv2d(in_channels, first_conv_channels, kernel_size=3, padding=1, bias=True)
+        self.down_blocks = nn.ModuleList()
+        self.trans_down = nn.ModuleList()
+        skip_channels = []
+        c = first_conv_channels
+        for n_layers in down_blocks:
+            block = DenseBlock(c, n_layers, growth_rate, dropout, memory_efficient)
+            c = block.out_channels
+            skip_channels.append(c)
+            self.down_blocks.append(block)
+            self.trans_down.append(TransitionDown(c, dropout))
+        self.bottleneck = DenseBlock(c, bottleneck_layers, growth_rate, dropout, memory_efficient)
+        new_maps = bottleneck_layers * growth_rate  # only the bottleneck's new maps are upsampled
+        self.trans_up = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for n_layers, skip_c in zip(up_blocks, reversed(skip_channels), strict=True):
+            self.trans_up.append(TransitionUp(new_maps))
+            block = DenseBlock(new_maps + skip_c, n_layers, growth_rate, dropout, memory_efficient)
+            self.up_blocks.append(block)
+            new_maps = n_layers * growth_rate
+        self.final_conv = nn.Conv2d(block.out_channels, num_classes, kernel_size=1, bias=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """HeUniform weights and zero biases, as in the paper."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"FCDenseNet expects N x C x H x W input, got shape {tuple(x.shape)}")
+        out = self.first_conv(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.trans_down, strict=True):
+            out = block(out)
+            skips.append(out)
+            out = down(out)
+        out = self.bottleneck(out)
+        new = out[:, self.bottleneck.in_channels :]
+        for up, block in zip(self.trans_up, self.up_blocks, strict=True):
+            skip = skips.pop()
+            out = block(up(new, skip), skip)
+            new = out[:, block.in_channels :]
+        return self.final_conv(out)
+
+
+def _make(name: str, **kw: Any) -> FCDenseNet:
+    return FCDenseNet(**{**TIRAMISU_CONFIGS[name], **kw})
+
+
+def fcdensenet56(**kw: Any) -> FCDenseNet:
+    """FC-DenseNet56: 4 layers per block, growth 12 (about 1.4 M parameters for 11 classes)."""
+    return _make("fcdensenet56", **kw)
+
+
+def fcdensenet67(**kw: Any) -> FCDenseNet:
+    """FC-DenseNet67: 5 layers per block, growth 16 (about 3.5 M parameters)."""
+    return _make("fcdensenet67", **kw)
+
+
+def fcdensenet103(**kw: Any) -> FCDenseNet:
+    """FC-DenseNet103: down 4,5,7,10,12 / bottleneck 15 / up 12,10,7,5,4, growth 16 (about 9.3 M)."""
+    return _make("fcdensenet103", **kw)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "TIRAMISU_CONFIGS", "DenseBlock", "FCDenseNet", "count_parameters", "fcdensenet56", "fcdensenet67",
+    "fcdensenet103",
+]

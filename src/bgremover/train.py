@@ -1,0 +1,173 @@
+"""`python -m bgremover.train [overrides]` — fit a net on CamVid, test its best checkpoint, write summary.json.
+
+Examples:
+    python -m bgremover.train model=deeplabv3plus trainer.max_epochs=50
+    python -m bgremover.train experiment=tiramisu103_camvid trainer=gpu
+    python -m bgremover.train -m model=tiramisu56,deeplabv3plus seed=1,2
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bgremover import utils
+
+log = logging.getLogger("bgremover.train")
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # repo's conf/ (editable install)
+INFER_SHAPE = (1, 3, 384, 480)  # a padded 480×360 CamVid frame, the size the report quotes latency for
+INFER_REPEATS = 3  # timed forward passes after one warm-up; the median is reported
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Datamodule, model, callbacks, loggers and trainer from the config; nothing is run yet."""
+    from bgremover.nets import count_parameters, ensure_pretrained_available
+
+    ensure_pretrained_available(cfg.model.net)  # before instantiating: smp would hang on the download
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    weights = datamodule.class_weights()
+    model = hydra.utils.instantiate(
+        cfg.model,
+        class_weights=None if weights is None else weights.tolist(),
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+        _convert_="all",
+    )
+    # Set after construction: passed as an argument, Hydra would instantiate this `_target_` dict too.
+    model.hparams.net_config = OmegaConf.to_container(cfg.model.net, resolve=True)
+    callbacks = utils.instantiate_dict(cfg.get("callbacks"))
+    if "logger" in cfg and cfg.logger and "wandb" in cfg.logger:
+        mode = utils.wandb_mode()
+        os.environ["WANDB_MODE"] = mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+        if cfg.logger.wandb.group is None:
+            cfg.logger.wandb.group = utils.sweep_group(cfg)
+        cfg.logger.wandb.offline = mode == "offline"
+    loggers = utils.instantiate_dict(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    params = count_parameters(model.net)
+    for logger in loggers:  # the whole resolved config, so dashboards can filter and group by any value
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "model/params": params})
+    return {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks, "logger": loggers,
+            "trainer": trainer, "params": params}
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit, then test with the best checkpoint; returns (metric_dict, object_dict) and writes summary.json."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed, workers=True)
+    objects = build(cfg)
+    trainer, model, datamodule = objects["trainer"], objects["model"], objects["datamodule"]
+    start = time.time()
+    if cfg.get("train", True):
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    fit_seconds = time.time() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    best = _best_checkpoint(trainer)
+    if cfg.get("test", True):
+        # Test the best epoch, not the last: the number a user would ship.
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if model.val_miou_best.update_called:
+        metrics["val/mIoU_best"] = float(model.val_miou_best.compute())
+
+    summary = {
+        "status": "ok",
+        "run_dir": str(Path(cfg.paths.output_dir).resolve()),
+        "net": model.hparams.net_name,
+        "experiment": cfg.get("experiment_name"),
+        "group": utils.sweep_group(cfg),
+        "seed": cfg.seed,
+        "params": objects["params"],
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "wall_time_s": round(fit_seconds, 2),
+        "best_ckpt": best,
+        "last_ckpt": _last_checkpoint(trainer),
+        "metrics": dict(sorted(metrics.items())),
+        "history": utils.history_lists(model.history),
+        "infer_ms_480x360": measure_inference_ms(model.net) if cfg.get("measure_inference", True) else None,
+        "hardware": _hardware(),
+        "overrides": utils._overrides(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    utils.write_json_atomic(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, summary)
+    for logger in objects["logger"]:
+        if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+            logger.experiment.summary.update({"model/params": objects["params"], "wall_time_s": summary["wall_time_s"],
+                                              "infer_ms_480x360": summary["infer_ms_480x360"]})
+    log.info("summary: %s", Path(cfg.paths.output_dir) / utils.SUMMARY_NAME)
+    return metrics, objects
+
+
+def _best_checkpoint(trainer) -> str | None:
+    cb = getattr(trainer, "checkpoint_callback", None)
+    path = getattr(cb, "best_model_path", "") if cb else ""
+    return str(Path(path).resolve()) if path else None
+
+
+def _last_checkpoint(trainer) -> str | None:
+    cb = getattr(trainer, "checkpoint_callback", None)
+    path = getattr(cb, "last_model_path", "") if cb else ""
+    return str(Path(path).resolve()) if path else None
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} ×{torch.cuda.device_count()}"
+    return f"CPU ×{torch.get_num_threads()} threads"
+
+
+@torch.no_grad()
+def measure_inference_ms(net: torch.nn.Module) -> float:
+    """Median fp32 eval-mode forward time of one padded 480×360 frame on this machine's CPU."""
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    x = torch.randn(INFER_SHAPE, device=device).contiguous(memory_format=torch.channels_last)
+    net(x)
+    times = []
+    for _ in range(INFER_REPEATS):
+        t = time.perf_counter()
+        net(x)
+        times.append((time.perf_counter() - t) * 1000)
+    net.train(was_training)
+    return round(sorted(times)[len(times) // 2], 2)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.extras.get("print_config"):
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    if cfg.extras.get("enforce_tags") and not cfg.get("tags"):
+        print("error: extras.enforce_tags is set but no tags were given (tags=[...])", file=sys.stderr)
+        sys.exit(1)
+    multirun = HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+    try:
+        metrics, _ = utils.run_task(train, cfg)
+    except Exception as exc:
+        where = utils.log_file()
+        print(f"error: {utils.one_line(exc)}" + (f" (traceback in {where})" if where else ""), file=sys.stderr)
+        if multirun:
+            return math.nan  # keep the sweep going; SweepReport lists the failure at the end
+        sys.exit(1)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return None if value is None else float(value)
+
+
+if __name__ == "__main__":
+    main()

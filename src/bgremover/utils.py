@@ -1,0 +1,232 @@
+"""Glue shared by train/eval: W&B mode, callbacks/loggers from config, one-line errors, summary.json, sweep report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("bgremover")
+
+SUMMARY_NAME = "summary.json"  # per run; the comparison report and the exporter read it
+SWEEP_REPORT_NAME = "sweep_summary.json"  # per multirun; lists every job with its status
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors caused by what the user gave us: shown as one line, with no traceback."""
+    from bgremover.data.camvid import CamVidError
+    from bgremover.nets import PretrainedWeightsUnavailable
+
+    return (CamVidError, PretrainedWeightsUnavailable, FileNotFoundError, ValueError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's own message on one line, also when a DataLoader worker wrapped it in its traceback text."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # torch re-raises worker errors with the worker's traceback as message
+        text = text.rstrip().splitlines()[-1]
+        text = text.split(": ", 1)[1] if ": " in text else text
+    first = text.splitlines()[0] if text else ""
+    return f"{first}" if isinstance(exc, user_error_types()) else f"{type(exc).__name__}: {first}"
+
+
+# --- W&B -------------------------------------------------------------------------------------------------------
+def wandb_mode() -> str:
+    """online only when a key is at hand; otherwise offline, so no run ever prompts or waits for a login."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("online", "offline", "disabled", "dryrun", "run"):
+        return "offline" if mode == "dryrun" else ("online" if mode == "run" else mode)
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def finish_wandb() -> None:
+    """Close the W&B run; without this a Hydra multirun logs every job into the first job's run."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+# --- building from config --------------------------------------------------------------------------------------
+def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Every node with a `_target_` in a config group that holds several objects (callbacks, loggers)."""
+    import hydra
+
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(node, _convert_="all") for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def sweep_group(cfg: DictConfig) -> str:
+    """W&B group: the experiment's name, plus the sweep folder in a multirun so that each sweep is one group."""
+    from hydra.core.hydra_config import HydraConfig
+
+    base = cfg.get("experiment_name") or cfg.get("task_name", "train")
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if str(hc.mode) == "RunMode.MULTIRUN":
+            return f"{base}-{Path(hc.sweep.dir).name}"
+    return str(base)
+
+
+# --- summary.json ----------------------------------------------------------------------------------------------
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def history_lists(history: list[dict]) -> dict[str, list]:
+    """[{epoch, val/mIoU, ...}, ...] → {epoch: [...], val/mIoU: [...]} for plotting."""
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    return {k: [row.get(k) for row in history] for k in keys}
+
+
+# --- the task wrapper ------------------------------------------------------------------------------------------
+def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -> tuple[dict, dict]:
+    """Run train/eval; on failure write a `failed` summary.json, log the traceback to the run's log file and
+    re-raise; always close W&B. Multirun jobs never share a W&B run because of the finally."""
+    start = time.time()
+    out_dir = Path(cfg.paths.output_dir)
+    try:
+        return task(cfg)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        _log_to_files("".join(traceback.format_exception(exc)))
+        write_json_atomic(
+            out_dir / SUMMARY_NAME,
+            {
+                "status": "failed",
+                "error": one_line(exc),
+                "run_dir": str(out_dir),
+                "net": cfg.model.get("net_name") if "model" in cfg else None,
+                "seed": cfg.get("seed"),
+                "wall_time_s": round(time.time() - start, 2),
+                "overrides": _overrides(),
+                "config": OmegaConf.to_container(cfg, resolve=False),
+            },
+        )
+        raise
+    finally:
+        finish_wandb()
+
+
+def log_file() -> str | None:
+    """The run's log file (Hydra's job logging), where tracebacks go instead of the terminal."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return None
+
+
+def _log_to_files(text: str) -> None:
+    record = logging.LogRecord("bgremover", logging.ERROR, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def exit_on_error(main: Callable[[], Any]) -> Callable[[], Any]:
+    """Console entry: a user error is one line on stderr and exit code 1, never a bare traceback."""
+
+    def wrapped():
+        try:
+            return main()
+        except SystemExit:
+            raise
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapped
+
+
+# --- multirun report -------------------------------------------------------------------------------------------
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency; this keeps utils importable without it
+    _HydraCallback = object
+
+
+class SweepReport(_HydraCallback):
+    """Hydra callback: after a multirun, list every job with its status and exit 1 if any failed.
+
+    Failed jobs do not stop the sweep (train.main returns NaN for them in multirun mode), so the others'
+    results survive; this is where the failure is reported instead.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")), key=_job_number)
+        rows = []
+        for job in jobs:
+            summary_path = job / SUMMARY_NAME
+            if summary_path.is_file():
+                s = json.loads(summary_path.read_text())
+            else:
+                s = {"status": "failed", "error": "no summary.json (the job crashed before writing one)"}
+            metrics = s.get("metrics", {})
+            rows.append(
+                {
+                    "job": job.name,
+                    "status": s.get("status", "?"),
+                    "net": s.get("net"),
+                    "seed": s.get("seed"),
+                    "val/mIoU_best": metrics.get("val/mIoU_best"),
+                    "test/mIoU": metrics.get("test/mIoU"),
+                    "error": s.get("error"),
+                }
+            )
+        write_json_atomic(sweep_dir / SWEEP_REPORT_NAME, {"sweep_dir": str(sweep_dir), "jobs": rows})
+        failed = [r for r in rows if r["status"] != "ok"]
+        print(f"\nsweep {sweep_dir}: {len(rows) - len(failed)} of {len(rows)} jobs ok", file=sys.stderr)
+        for r in rows:
+            score = "" if r["test/mIoU"] is None else f" test/mIoU={r['test/mIoU']:.4f}"
+            print(f"  [{r['status']}] {r['job']}{score}" + (f": {r['error']}" if r["error"] else ""), file=sys.stderr)
+        if failed:
+            print(f"error: {len(failed)} sweep job(s) failed (see above); the others' results are kept", file=sys.stderr)
+            sys.exit(1)
+
+
+def _job_number(path: Path) -> tuple[int, str]:
+    head = path.name.split("_", 1)[0]
+    return (int(head), path.name) if head.isdigit() else (1 << 30, path.name)

@@ -1,0 +1,372 @@
+"""`bgremover.compare`: known summaries in, known numbers, charts, grid and W&B table out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bgremover import compare
+from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND, PALETTE
+
+REPO = Path(__file__).resolve().parents[1]
+TIRAMISU, DEEPLAB = "tiramisu103", "deeplabv3plus_resnet18"
+# (net, seed) -> (test mIoU, test acc); by hand: tiramisu 0.50/0.54 -> 52.0 ± 2.8, deeplab 0.60/0.66 -> 63.0 ± 4.2
+NUMBERS = {
+    (TIRAMISU, 1): (0.50, 0.80),
+    (TIRAMISU, 2): (0.54, 0.84),
+    (DEEPLAB, 1): (0.60, 0.85),
+    (DEEPLAB, 2): (0.66, 0.91),
+}
+FAILED_ERROR = "CUDA out of memory while allocating 2.00 GiB"
+
+
+def class_iou(net: str, seed: int, i: int) -> float:
+    """Per-class IoU: class i gets 0.05*i + 0.30 (+0.10 for deeplab), seeds differ by ±0.02."""
+    return 0.30 + 0.05 * i + (0.10 if net == DEEPLAB else 0.0) + (0.02 if seed == 2 else -0.02)
+
+
+def write_summary(where: Path, summary: dict) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "summary.json").write_text(json.dumps(summary))
+
+
+def ok_summary(
+    run_dir: Path, net: str, seed: int, ckpt: Path | None = None, data_root: Path | None = None
+) -> dict:
+    miou, acc = NUMBERS[(net, seed)]
+    metrics = {"test/mIoU": miou, "test/acc": acc, "val/mIoU_best": miou + 0.05, "test/loss": 0.7}
+    metrics |= {f"test/iou_{c}": class_iou(net, seed, i) for i, c in enumerate(CLASSES)}
+    return dict(
+        status="ok", run_dir=str(run_dir), net=net, experiment="compare_models", group="cmp_sweep", seed=seed,
+        params=9_321_000 if net == TIRAMISU else 12_300_000, epochs=3, wall_time_s=125.0 + seed,
+        best_ckpt=str(ckpt) if ckpt else None, metrics=metrics,
+        history={"epoch": [0, 1, 2], "val/mIoU": [0.1 * seed, 0.3, miou], "val/loss": [1, 0.8, 0.7],
+                 "train/loss": [1.2, 0.9, 0.8]},
+        infer_ms_480x360=35.2 if net == TIRAMISU else None,
+        config={"data": {"root": str(data_root) if data_root else "/nonexistent/camvid"}},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """A sweep of 2 nets × 2 seeds (nested at Hydra-like depths) plus one failed job."""
+    root = tmp_path / "sweep"
+    for job, (net, seed) in enumerate(NUMBERS):
+        d = root / str(job) / "run"
+        write_summary(d, ok_summary(d, net, seed))
+    d = root / "4"
+    failed = {"status": "failed", "error": FAILED_ERROR, "run_dir": str(d), "net": TIRAMISU, "seed": 3}
+    write_summary(d, failed | {"group": "cmp_sweep"})
+    return root
+
+
+def table_row(md: str, first_cell: str) -> list[str]:
+    """The cells of the first Markdown table row whose first cell is `first_cell`."""
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row for {first_cell!r} in:\n{md}")
+
+
+def assert_png(path: Path, min_w: int = 300, min_h: int = 200) -> tuple[int, int]:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()
+        assert im.width >= min_w and im.height >= min_h, im.size
+        return im.size
+
+
+def test_report_numbers_charts_and_failed_run(sweep: Path) -> None:
+    rep = compare.build_report([sweep], grid_images=0)
+    out = sweep / "report"
+    assert rep.path == out
+    md = (out / "report.md").read_text()
+
+    tira, deep = table_row(md, TIRAMISU), table_row(md, DEEPLAB)
+    assert tira[1:6] == ["2", "9.32", "52.0 ± 2.8", "82.0 ± 2.8", "57.0 ± 2.8"]
+    assert deep[1:6] == ["2", "12.30", "63.0 ± 4.2", "88.0 ± 4.2", "68.0 ± 4.2"]
+    assert tira[6] == "2m 06s"  # mean of 126 s and 127 s, rounded
+    assert tira[7] == "35.2" and deep[7] == "—"  # inference time only where measured
+    assert "FC-DenseNet103: 66.9 / 91.5 / 9.4 M" in tira[8] and deep[8] == "—"
+    assert md.index(f"| {DEEPLAB} |") < md.index(f"| {TIRAMISU} |")  # best mIoU first
+
+    # Per-class means: seeds ±0.02 cancel, so class i is 30 + 5i (+10 for deeplab).
+    class_rows = [line for line in md.splitlines() if line.startswith(f"| {TIRAMISU} |")]
+    tira_cls = [c.strip() for c in class_rows[1].strip("|").split("|")]  # second tiramisu row: class table
+    for i, c in enumerate(CLASSES):
+        assert tira_cls[1 + i] == f"{30 + 5 * i:.1f}", c
+    assert f"| Net | {' | '.join(CLASSES)} |" in md
+    deep_cls = [
+        c.strip()
+        for c in [r for r in md.splitlines() if r.startswith(f"| {DEEPLAB} |")][1].strip("|").split("|")
+    ]
+    assert deep_cls[1:] == [f"{40 + 5 * i:.1f}" for i in range(len(CLASSES))]
+    paper = table_row(md, "paper: FC-DenseNet103 (Jégou et al. 2017, Table 2)")
+    assert paper[1 + CLASSES.index("Sky")] == "93.0" and paper[1 + CLASSES.index("Bicyclist")] == "50.5"
+
+    # Per-run table: 4 ok runs; failed job listed with its error, not counted.
+    assert md.count("| 0/run |") == 1 and "| 3/run | deeplabv3plus_resnet18 | 2 | 66.0 | 71.0 | 3 |" in md
+    assert f"4 (net {TIRAMISU}, seed 3): {FAILED_ERROR}" in md
+    assert "5 runs found" in md and "4 ok, 1 failed" in md
+
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and "<td>52.0 ± 2.8</td>" in html and FAILED_ERROR in html
+    assert 'src="val_miou.png"' in html and 'src="class_iou.png"' in html
+    assert "grid skipped" in md  # --grid-images 0
+    assert_png(out / "val_miou.png")
+    assert_png(out / "class_iou.png")
+    assert not (out / "grid.png").exists()
+    assert "52.0 ± 2.8" in rep.main_md and "Per-class" not in rep.main_md
+
+
+def test_single_run_has_no_spread_and_no_history_skips_curve(tmp_path: Path) -> None:
+    d = tmp_path / "one" / "0"
+    s = ok_summary(d, DEEPLAB, 1)
+    s["history"] = {}
+    write_summary(d, s)
+    md = (compare.build_report([tmp_path / "one"], grid_images=0).path / "report.md").read_text()
+    assert table_row(md, DEEPLAB)[3] == "60.0 ± —"
+    assert "single run" in md
+    assert not (tmp_path / "one" / "report" / "val_miou.png").exists() and "val_miou.png" not in md
+
+
+def test_rerun_replaces_report_atomically(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compare.build_report([sweep], grid_images=0)
+    (sweep / "report" / "stale.txt").write_text("old")
+    compare.build_report([sweep], grid_images=0)
+    assert not (sweep / "report" / "stale.txt").exists()  # replaced, not merged
+
+    # A crash half-way leaves the previous report untouched and no temp folder behind.
+    before = (sweep / "report" / "report.md").read_text()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(compare, "plot_class_iou", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        compare.build_report([sweep], grid_images=0)
+    assert (sweep / "report" / "report.md").read_text() == before
+    assert sorted(p.name for p in sweep.iterdir() if p.name.startswith(".")) == []
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "-m", "bgremover.compare", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cli(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "elsewhere"
+    r = run_cli(str(sweep), "--out", str(out), "--grid-images", "0")
+    assert r.returncode == 0, r.stderr
+    assert "| tiramisu103 | 2 | 9.32 | 52.0 ± 2.8 |" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith(f"report: {out / 'report.md'}")
+    assert (out / "report.html").is_file() and not (sweep / "report").exists()
+
+    # Default sweep: the newest Hydra sweep (marked by multirun.yaml) under logs/multiruns of the cwd.
+    proj = tmp_path / "proj"
+    newest = proj / "logs" / "multiruns" / "2025-01-02" / "10-00-00"
+    newest.mkdir(parents=True)
+    (newest / "multirun.yaml").write_text("{}")
+    older = proj / "logs" / "multiruns" / "2025-01-01" / "09-00-00"
+    older.mkdir(parents=True)
+    (older / "multirun.yaml").write_text("{}")
+    os.utime(older, (1, 1))
+    write_summary(newest / "0", ok_summary(newest / "0", DEEPLAB, 2))
+    r = run_cli("--grid-images", "0", cwd=proj)
+    assert r.returncode == 0, r.stderr
+    assert "66.0 ± —" in r.stdout and (newest / "report" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("make", ["empty", "missing"])
+def test_cli_bad_input_one_error_line(tmp_path: Path, make: str) -> None:
+    target = tmp_path / "nothing"
+    if make == "empty":
+        target.mkdir()
+    r = run_cli(str(target))
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
+    assert not (target / "report").exists()
+
+
+def test_main_without_multiruns_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert compare.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "logs/multiruns" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ grid
+
+
+def fake_camvid(root: Path, n: int = 4, w: int = 64, h: int = 48) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "test").mkdir(parents=True)
+    (root / "testannot").mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "test" / f"img_{i}.png")
+        Image.fromarray(rng.integers(0, 12, (h, w), dtype=np.uint8), mode="L").save(
+            root / "testannot" / f"img_{i}.png"
+        )
+    return root
+
+
+def biased_conv(winner: str):
+    """A 1×1 conv that predicts `winner` everywhere (bias dominates), so predictions are known exactly."""
+    import torch
+
+    net = torch.nn.Conv2d(3, 11, 1)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.fill_(-10.0)
+        net.bias[CLASSES.index(winner)] = 10.0
+    return net
+
+
+META = {"mean": [0.4, 0.4, 0.4], "std": [0.3, 0.3, 0.3], "size_multiple": 32, "classes": list(CLASSES),
+        "default_foreground": list(DEFAULT_FOREGROUND), "ignore_index": 11}  # fmt: skip
+
+
+def grid_sweep(tmp_path: Path, ckpt_for) -> tuple[Path, Path]:
+    data = fake_camvid(tmp_path / "camvid")
+    root = tmp_path / "gsweep"
+    for job, (net, seed) in enumerate(NUMBERS):
+        d = root / str(job)
+        write_summary(d, ok_summary(d, net, seed, ckpt=ckpt_for(d, net), data_root=data))
+    return root, data
+
+
+def expected_grid_size(n_rows: int, n_nets: int, w: int = 64, h: int = 48) -> tuple[int, int]:
+    return compare.TILE_W * (2 + 2 * n_nets), compare.HEADER_H + n_rows * round(compare.TILE_W * h / w)
+
+
+@pytest.mark.slow
+def test_grid_layout_and_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loader stub: tiramisu "sees" only cars (all foreground), deeplab only sky (all background).
+    winners = {TIRAMISU: "Car", DEEPLAB: "Sky"}
+
+    def ckpt_for(d: Path, net: str) -> Path:
+        p = d / "checkpoints" / "best.ckpt"
+        p.parent.mkdir(parents=True)
+        p.write_text(net)
+        return p
+
+    monkeypatch.setattr(
+        compare, "_load_checkpoint", lambda p: (biased_conv(winners[Path(p).read_text()]), META)
+    )
+    root, _ = grid_sweep(tmp_path, ckpt_for)  # data root comes from the runs' config.data.root
+    monkeypatch.delenv("DATA_DIR", raising=False)
+    rep = compare.build_report([root], grid_images=3)
+    assert not [w for w in rep.warnings if "grid" in w], rep.warnings
+    grid = root / "report" / "grid.png"
+    size = assert_png(grid)
+    assert size == expected_grid_size(3, 2)
+    assert "grid.png" in (root / "report" / "report.md").read_text()
+
+    img = np.asarray(Image.open(grid).convert("RGB"))
+    th = round(compare.TILE_W * 48 / 64)
+    cy = compare.HEADER_H + th + th // 2  # middle of row 2
+
+    def cell(col: int) -> np.ndarray:
+        return img[cy - 5 : cy + 5, col * compare.TILE_W + 100 : col * compare.TILE_W + 110]
+
+    # Columns: input | gt | deeplab pred | tiramisu pred | deeplab cut-out | tiramisu cut-out (best net first).
+    assert (cell(2) == PALETTE[CLASSES.index("Sky")]).all()
+    assert (cell(3) == PALETTE[CLASSES.index("Car")]).all()
+    assert set(map(tuple, cell(4).reshape(-1, 3))) <= set(compare.CHECKER_RGB)  # all background: checkerboard
+    assert np.abs(cell(5).astype(int) - cell(0).astype(int)).max() <= 1  # all foreground: the input itself
+
+
+def test_grid_skipped_without_checkpoint_or_data(sweep: Path, tmp_path: Path) -> None:
+    rep = compare.build_report([sweep], grid_images=3)
+    assert any("no run has an existing best_ckpt" in w for w in rep.warnings)
+    assert "grid skipped" in (sweep / "report" / "report.md").read_text()
+
+    ck = tmp_path / "x.ckpt"
+    ck.write_text("x")
+    assert "no test images" in compare.make_grid(
+        compare.aggregate(
+            [compare.Run(tmp_path, {**ok_summary(tmp_path, DEEPLAB, 1), "best_ckpt": str(ck)})]
+        ),
+        tmp_path / "no_data",
+        3,
+        tmp_path / "g.png",
+    )
+
+
+def test_pick_images_is_deterministic_and_spread() -> None:
+    files = [Path(f"{i:03d}.png") for i in range(233)]
+    assert compare.pick_images(files, 3) == [files[0], files[116], files[232]]
+    assert compare.pick_images(files[:2], 3) == files[:2]
+    assert compare.pick_images(files, 0) == []
+
+
+@pytest.mark.slow
+def test_grid_with_real_checkpoint_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented checkpoint format through bgremover.export.load_checkpoint_net (no stub)."""
+    torch = pytest.importorskip("torch")
+    export = pytest.importorskip("bgremover.export", reason="bgremover.export not written yet")
+    assert hasattr(export, "load_checkpoint_net")
+
+    def ckpt_for(d: Path, net: str) -> Path:
+        conv = biased_conv("Pedestrian")
+        p = d / "checkpoints" / "epoch_002.ckpt"
+        p.parent.mkdir(parents=True)
+        torch.save(
+            {
+                "state_dict": {f"net.{k}": v for k, v in conv.state_dict().items()},
+                "bgremover": {
+                    "net_config": {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 11,
+                                   "kernel_size": 1},
+                    "net_name": "conv",
+                    **META,
+                },
+            },
+            p,
+        )  # fmt: skip
+        return p
+
+    root, data = grid_sweep(tmp_path, ckpt_for)
+    monkeypatch.setenv("DATA_DIR", "/nonexistent")  # --data-root wins over DATA_DIR
+    rep = compare.build_report([root], data_root=data, grid_images=2)
+    assert not [w for w in rep.warnings if "grid" in w], rep.warnings
+    assert assert_png(root / "report" / "grid.png") == expected_grid_size(2, 2)
+    img = np.asarray(Image.open(root / "report" / "grid.png").convert("RGB"))
+    y = compare.HEADER_H + 20
+    for col in (2, 3):  # both nets' prediction columns: Pedestrian everywhere
+        assert (
+            img[y, col * compare.TILE_W + 5 : col * compare.TILE_W + 200]
+            == PALETTE[CLASSES.index("Pedestrian")]
+        ).all()
+
+
+# ------------------------------------------------------------------------------------------- W&B
+
+
+@pytest.mark.slow
+def test_wandb_offline_logs_table(sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rep = compare.build_report([sweep], grid_images=0, use_wandb=True)
+    assert any(w.startswith("W&B: logged") and "cmp_sweep" in w for w in rep.warnings), rep.warnings
+    assert wandb.run is None  # finished
+
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    (table,) = (run_dir / "files" / "media" / "table" / "compare").glob("nets_*.table.json")
+    t = json.loads(table.read_text())
+    rows = {r[0]: dict(zip(t["columns"], r, strict=True)) for r in t["data"]}
+    assert rows[TIRAMISU]["test_mIoU_mean"] == pytest.approx(0.52)
+    assert rows[DEEPLAB]["test_mIoU_std"] == pytest.approx(0.0424264, abs=1e-6)
+    assert any((run_dir / "files" / "media" / "images" / "compare").glob("val_miou_*.png"))
+    assert b"compare/nets" in next(run_dir.glob("*.wandb")).read_bytes()

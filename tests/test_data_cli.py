@@ -1,0 +1,176 @@
+"""`python -m bgremover.data`: verifying is read-only and prints counts + classes; errors are one line, exit 1."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from bgremover.data.__main__ import main
+from bgremover.data.classes import CLASSES, PALETTE
+
+SPLIT_SIZES = {"train": 3, "val": 2, "test": 2}
+W, H = 32, 24
+
+
+def make_tree(root: Path) -> Path:
+    """A tiny CamVid folder: SPLIT_SIZES random RGB images and L labels that use all 12 values."""
+    rng = np.random.default_rng(1)
+    for split, n in SPLIT_SIZES.items():
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in range(n):
+            name = f"0001TP_{i:06d}.png"
+            Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(root / split / name)
+            label = ((np.arange(H * W).reshape(H, W) + i) % 12).astype(np.uint8)
+            Image.fromarray(label).save(root / f"{split}annot" / name)
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of every file and folder under root, root included: any write changes it."""
+    entries = [root, *root.rglob("*")]
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in entries}
+
+
+def split_counts(out: str) -> dict[str, int]:
+    return {s: int(n) for s, n in re.findall(r"^(train|val|test)\s+(\d+)$", out, re.M)}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bgremover.data", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
+def test_verify_existing_prints_counts_and_classes_and_writes_nothing(tmp_path: Path, capsys, deep) -> None:
+    root = make_tree(tmp_path / "CamVid")
+    before = snapshot(root)
+
+    assert main(["--root", str(root), "--no-download", *(["--deep"] if deep else [])]) == 0
+
+    out = capsys.readouterr().out
+    assert split_counts(out) == SPLIT_SIZES
+    for index, (name, colour) in enumerate(zip(CLASSES, PALETTE, strict=False)):
+        assert re.search(rf"^\s*{index}\s+{name}\s+\({colour[0]}, {colour[1]}, {colour[2]}\)$", out, re.M), (
+            name
+        )
+    assert re.search(r"^\s*11\s+void\s+\(0, 0, 0\)", out, re.M)
+    assert snapshot(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CamVid"]  # no temp or .partial folder beside it
+
+
+def test_root_defaults_to_data_dir_env(tmp_path: Path, monkeypatch, capsys) -> None:
+    root = make_tree(tmp_path / "elsewhere")
+    monkeypatch.setenv("DATA_DIR", str(root))
+
+    assert main(["--no-download"]) == 0
+    assert split_counts(capsys.readouterr().out) == SPLIT_SIZES
+
+
+def test_deep_check_catches_a_bad_label_value(tmp_path: Path, capsys) -> None:
+    root = make_tree(tmp_path / "CamVid")
+    bad = root / "valannot" / "0001TP_000001.png"
+    Image.fromarray(np.full((H, W), 200, np.uint8)).save(bad)
+
+    assert main(["--root", str(root)]) == 0  # the shallow check only pairs file names
+    capsys.readouterr()
+    assert main(["--root", str(root), "--deep"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0] and "200" in err[0]
+
+
+def test_incomplete_existing_dataset_is_an_error_not_a_download(tmp_path: Path, capsys) -> None:
+    root = make_tree(tmp_path / "CamVid")
+    for p in (root / "testannot").iterdir():
+        p.unlink()
+    (root / "testannot").rmdir()
+    before = snapshot(root)
+
+    assert main(["--root", str(root), "--url", "http://127.0.0.1:9/never-contacted.zip"]) == 1
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(root / "testannot") in err[0]
+    assert snapshot(root) == before
+
+
+def test_missing_dataset_with_no_download_is_one_error_line(tmp_path: Path) -> None:
+    root = tmp_path / "nowhere" / "CamVid"
+
+    result = run_cli("--root", str(root), "--no-download")
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no CamVid dataset at ") and "make data" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_bad_argument_exits_nonzero_without_traceback(tmp_path: Path) -> None:
+    result = run_cli("--retries", "many")
+    lines = result.stderr.strip().splitlines()
+    assert (
+        result.returncode == 1
+        and len(lines) == 1
+        and lines[0].startswith("error: ")
+        and "--retries" in lines[0]
+    )
+
+
+def test_stats_prints_yaml_ready_to_paste(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "CamVid")
+    before = snapshot(root)
+
+    # Own cache folder: the class-weight cache must not land in the dataset or the user's home.
+    result = run_cli("stats", "--root", str(root), env={"BGREMOVER_CACHE": str(tmp_path / "cache")})
+
+    assert result.returncode == 0, result.stderr
+    stats = yaml.safe_load(result.stdout)
+    pixels = np.concatenate(
+        [np.asarray(Image.open(p)).reshape(-1, 3) / 255.0 for p in sorted((root / "train").iterdir())]
+    )
+    assert stats["mean"] == pytest.approx(pixels.mean(0).tolist(), abs=1e-4)
+    assert stats["std"] == pytest.approx(pixels.std(0).tolist(), abs=1e-4)
+    weights = stats["class_weights"]
+    assert len(weights) == len(CLASSES) and all(w > 0 for w in weights)
+    assert sorted(weights)[len(weights) // 2] == pytest.approx(1.0, abs=1e-3)  # median class weighs 1
+    assert snapshot(root) == before
+
+
+def test_stats_on_missing_dataset_is_one_error_line(tmp_path: Path, capsys) -> None:
+    assert main(["stats", "--root", str(tmp_path / "absent")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no CamVid dataset at ")
+    assert not (tmp_path / "absent").exists()
+
+
+def _real_root() -> Path | None:
+    for var in ("CAMVID_ROOT", "DATA_DIR"):
+        value = os.environ.get(var)
+        if value and (Path(value) / "train").is_dir():
+            return Path(value)
+    return None
+
+
+@pytest.mark.skipif(_real_root() is None, reason="real CamVid not found via $CAMVID_ROOT or $DATA_DIR")
+def test_verify_real_camvid_counts(capsys) -> None:
+    root = _real_root()
+    before = snapshot(root)
+
+    assert main(["--root", str(root), "--no-download"]) == 0
+
+    assert split_counts(capsys.readouterr().out) == {"train": 367, "val": 101, "test": 233}
+    assert snapshot(root) == before

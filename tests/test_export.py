@@ -1,0 +1,213 @@
+"""Checkpoint -> verified ONNX: numerics against PyTorch, metadata round-trip, refusal, clean errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from bgremover import export
+from bgremover.export import ExportError, export_onnx, load_checkpoint_net, main, read_metadata
+
+CLASSES = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+           "Bicyclist"]  # fmt: skip
+MEAN, STD = [0.41, 0.43, 0.44], [0.30, 0.31, 0.30]
+CONV_CONFIG = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 11, "kernel_size": 3, "padding": 1}
+DEEPLAB_CONFIG = {
+    "_target_": "segmentation_models_pytorch.DeepLabV3Plus",
+    "encoder_name": "resnet18",
+    "encoder_weights": "imagenet",  # as a real config says; export must not try to download it
+    "encoder_depth": 3,
+    "decoder_channels": 16,
+    "classes": 11,
+}
+
+
+def bgremover_info(net_config: dict, net_name: str) -> dict:
+    return {
+        "net_config": net_config, "net_name": net_name, "classes": CLASSES, "mean": MEAN, "std": STD,
+        "size_multiple": 32, "default_foreground": ["Car", "Pedestrian", "Bicyclist"], "ignore_index": 11,
+    }  # fmt: skip
+
+
+def write_checkpoint(run_dir: Path, net: nn.Module, net_config: dict, net_name: str, *, compiled: bool = False,
+                     miou: float | None = None, extra: dict | None = None) -> Path:  # fmt: skip
+    """A Lightning-style checkpoint in the bgremover contract (plus summary.json when `miou` is given)."""
+    prefix = "net._orig_mod." if compiled else "net."
+    state = {prefix + k: v for k, v in net.state_dict().items()}
+    state["criterion.weight"] = torch.ones(11)  # non-net entries must be ignored
+    state["val_iou.confmat"] = torch.zeros(11, 11)
+    ckpt = {"epoch": 3, "global_step": 42, "state_dict": state, "bgremover": bgremover_info(net_config, net_name)}
+    ckpt.update(extra or {})
+    path = run_dir / "checkpoints" / "best.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    if miou is not None:
+        summary = {"net": net_name, "params": 0, "metrics": {"test/mIoU": miou, "test/acc": 0.9}}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def random_conv() -> nn.Conv2d:
+    torch.manual_seed(0)
+    return nn.Conv2d(3, 11, kernel_size=3, padding=1)
+
+
+def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(["logits"], {"image": x})[0]
+
+
+def test_conv_checkpoint_roundtrip(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "run", random_conv(), CONV_CONFIG, "conv", compiled=True)
+    net, meta = load_checkpoint_net(ckpt)
+    assert not net.training and next(net.parameters()).dtype == torch.float32
+    torch.testing.assert_close(net.weight, random_conv().weight)  # `net._orig_mod.` stripped, weights loaded
+    assert meta["test_mIoU"] is None and meta["params"] == 3 * 11 * 9 + 11
+
+    out = tmp_path / "models" / "conv.onnx"
+    result = export_onnx(net, meta, out)
+    assert out.is_file() and result["max_abs_diff"] <= 1e-4
+    x = np.random.default_rng(1).standard_normal((3, 3, 64, 160)).astype(np.float32)  # unseen batch/size
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ort_logits(out, x), ref, atol=1e-4, rtol=0)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["conv.onnx"]  # no temp files left
+
+
+@pytest.mark.slow
+def test_deeplab_checkpoint_export_and_metadata(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    net0 = smp.DeepLabV3Plus(**{k: v for k, v in DEEPLAB_CONFIG.items() if k != "_target_"} | {"encoder_weights": None})
+    with torch.no_grad():  # non-trivial batch-norm statistics, so eval-mode BN is really exercised
+        for m in net0.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    ckpt = write_checkpoint(tmp_path / "run", net0, DEEPLAB_CONFIG, "deeplabv3plus-tiny", miou=0.6125)
+    net, meta = load_checkpoint_net(ckpt)
+    out = tmp_path / "dl.onnx"
+    export_onnx(net, meta, out)
+
+    x = np.random.default_rng(2).standard_normal((2, 3, 96, 128)).astype(np.float32)
+    with torch.no_grad():
+        ref = net0.eval()(torch.from_numpy(x)).numpy()
+    got = ort_logits(out, x)
+    assert got.shape == (2, 11, 96, 128)
+    assert np.abs(got - ref).max() <= 1e-4
+
+    md = read_metadata(out)
+    assert md["format"] == "bgremover-onnx" and md["format_version"] == 1
+    assert md["classes"] == CLASSES and md["mean"] == MEAN and md["std"] == STD
+    assert md["size_multiple"] == 32 and md["default_foreground"] == ["Car", "Pedestrian", "Bicyclist"]
+    assert md["net"] == "deeplabv3plus-tiny" and md["params"] == sum(p.numel() for p in net0.parameters())
+    assert md["test_mIoU"] == pytest.approx(0.6125) and md["input"] == "image" and md["output"] == "logits"
+    stamp = dt.datetime.fromisoformat(md["exported_at"])
+    assert stamp.utcoffset() == dt.timedelta(0) and abs(dt.datetime.now(dt.timezone.utc) - stamp).total_seconds() < 600
+    assert isinstance(md["bgremover_version"], str) and md["bgremover_version"]
+
+    # The predictor consumes it: same normalization contract, full-size output.
+    from bgremover.predict import BackgroundRemover
+
+    remover = BackgroundRemover(out)
+    rgb = np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    assert remover.remove(rgb).size == (70, 50)
+    xr = ((rgb.astype(np.float32) / 255 - np.float32(MEAN)) / np.float32(STD)).transpose(2, 0, 1)[None]
+    xr = np.pad(xr, ((0, 0), (0, 0), (7, 7), (13, 13)), mode="reflect")  # 50->64, 70->96 as predict pads
+    with torch.no_grad():
+        ref = net0(torch.from_numpy(np.ascontiguousarray(xr))).numpy()[0, :, 7:57, 13:83]
+    np.testing.assert_allclose(remover.logits(rgb), ref, atol=1e-4, rtol=0)
+
+
+class ShapeBranchNet(nn.Module):
+    """Takes a Python branch on the batch size: tracing freezes it, so the ONNX graph differs at batch 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 11, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + 1.0 if x.shape[0] > 1 else y
+
+
+def _meta(net: nn.Module) -> dict:
+    return {"classes": CLASSES, "mean": MEAN, "std": STD, "size_multiple": 32, "default_foreground": ["Car"],
+            "net": "t", "params": sum(p.numel() for p in net.parameters()), "test_mIoU": None}  # fmt: skip
+
+
+def test_export_refused_when_onnx_differs_from_torch(tmp_path):
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match=r"max abs diff 1 > 0.0001.*refusing"):
+        export_onnx(ShapeBranchNet().eval(), _meta(ShapeBranchNet()), out)
+    assert list(tmp_path.iterdir()) == []  # neither the model nor a temp file
+
+
+def test_export_refused_on_small_numeric_drift(tmp_path, monkeypatch):
+    real = export._ort_forward
+    monkeypatch.setattr(export, "_ort_forward", lambda path, x: real(path, x) + 3e-4)
+    net = random_conv().eval()
+    with pytest.raises(ExportError, match="disagrees"):
+        export_onnx(net, _meta(net), tmp_path / "m.onnx", torchscript=True)
+    assert list(tmp_path.iterdir()) == []
+    # The same drift is accepted when the caller allows it.
+    assert export_onnx(net, _meta(net), tmp_path / "m.onnx", tol=1e-3)["max_abs_diff"] > 1e-4
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(ExportError, match="checkpoint not found"):
+        load_checkpoint_net(tmp_path / "nope.ckpt")
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": random_conv().state_dict()}, plain)
+    with pytest.raises(ExportError, match="not a bgremover checkpoint"):
+        load_checkpoint_net(plain)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(ExportError, match="cannot read checkpoint"):
+        load_checkpoint_net(garbage)
+    wrong = write_checkpoint(tmp_path / "w", random_conv(), CONV_CONFIG | {"kernel_size": 5, "padding": 2}, "c")
+    with pytest.raises(ExportError, match="do not fit torch.nn.Conv2d"):
+        load_checkpoint_net(wrong)
+    unknown = write_checkpoint(tmp_path / "u", random_conv(), {"_target_": "no.such.Net"}, "c")
+    with pytest.raises(ExportError, match="cannot build net 'no.such.Net'"):
+        load_checkpoint_net(unknown)
+
+
+def test_lightning_hparams_fall_back_from_weights_only(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    hparams = {"hyper_parameters": {"cfg": OmegaConf.create({"lr": 0.1})}}  # what save_hyperparameters stores
+    ckpt = write_checkpoint(tmp_path / "run", random_conv(), CONV_CONFIG, "conv", miou=0.5, extra=hparams)
+    net, meta = load_checkpoint_net(ckpt)
+    assert meta["test_mIoU"] == 0.5
+    assert "full unpickling" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_cli_key_value_and_torchscript(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "run", random_conv(), CONV_CONFIG, "conv", miou=0.25)
+    out = tmp_path / "out" / "model.onnx"
+    assert main([f"ckpt={ckpt}", f"out={out}", "torchscript=true"]) == 0
+    assert "wrote" in capsys.readouterr().out and read_metadata(out)["test_mIoU"] == 0.25
+    scripted = torch.jit.load(str(out.with_suffix(".pt")))
+    x = torch.randn(1, 3, 32, 64)
+    torch.testing.assert_close(scripted(x), random_conv()(x))
+    assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "b.onnx")]) == 0  # flag style works too
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main([f"ckpt={tmp_path / 'missing.ckpt'}", f"out={tmp_path / 'x.onnx'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpoint not found")
+    assert not (tmp_path / "x.onnx").exists()
+    with pytest.raises(SystemExit) as exc:
+        main([])  # ckpt is required
+    assert exc.value.code == 2

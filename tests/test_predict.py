@@ -1,0 +1,368 @@
+"""BackgroundRemover on hand-built ONNX models whose every output value is known in advance (no torch needed).
+
+The controllable model is a 1x1 convolution: bright red pixels -> Car, bright green -> Pedestrian, everything
+else -> Sky, each with a logit margin of >= 50 so softmax gives exactly 1.0 / 0.0 in float32 and the expected
+alpha is exactly 255 / 0. A 1x1 conv has no spatial mixing, so any padding/cropping/rotation mistake shows up
+as alpha in the wrong place.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from bgremover import predict
+from bgremover.predict import BackgroundRemover, ImageError, ModelError, UsageError
+
+CLASSES = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+           "Bicyclist"]  # fmt: skip
+RED, GREEN, BLUE, GRAY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
+
+
+def build_model(
+    path: Path,
+    *,
+    mean=(0.0, 0.0, 0.0),
+    std=(1.0, 1.0, 1.0),
+    size_multiple: int = 32,
+    default_foreground=("Car",),
+    metadata: dict | None | bool = True,
+) -> Path:
+    """A 1x1-conv 'segmentation net' in the bgremover ONNX format. `metadata=False` leaves it out entirely."""
+    k = len(CLASSES)
+    weight = np.zeros((k, 3, 1, 1), np.float32)
+    bias = np.full(k, -100.0, np.float32)
+    bias[CLASSES.index("Sky")] = 0.0
+    car, ped = CLASSES.index("Car"), CLASSES.index("Pedestrian")
+    weight[car, :, 0, 0], bias[car] = [100.0, -100.0, -100.0], -50.0  # normalized red=1 -> +50 over Sky
+    weight[ped, :, 0, 0], bias[ped] = [-100.0, 100.0, -100.0], -50.0  # normalized green=1 -> +50 over Sky
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "W", "B"], ["logits"])],
+        "controllable",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k, "H", "W"])],
+        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by any onnxruntime >= 1.14
+    if metadata is not False:
+        meta = {
+            "format": "bgremover-onnx", "format_version": 1, "classes": CLASSES, "mean": list(mean),
+            "std": list(std), "size_multiple": size_multiple, "default_foreground": list(default_foreground),
+            "net": "conv1x1", "params": int(weight.size + bias.size), "test_mIoU": None,
+            "exported_at": "2025-01-01T00:00:00+00:00", "bgremover_version": "test", "input": "image",
+            "output": "logits",
+        }  # fmt: skip
+        if isinstance(metadata, dict):
+            meta.update(metadata)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "bgremover", json.dumps(meta)
+    onnx.save(model, str(path))
+    return path
+
+
+def halves(h: int, w: int, left=RED, right=BLUE) -> np.ndarray:
+    """HxWx3 uint8: left half (floor) `left`, the rest `right`."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[:, : w // 2] = left
+    img[:, w // 2 :] = right
+    return img
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("model") / "ctl.onnx")
+
+
+@pytest.fixture(scope="session")
+def remover(model_path) -> BackgroundRemover:
+    return BackgroundRemover(model_path, threads=1)
+
+
+def alpha_of(img: Image.Image) -> np.ndarray:
+    assert img.mode == "RGBA"
+    return np.asarray(img)[:, :, 3]
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+@pytest.mark.parametrize("hw", [(37, 45), (32, 64), (1, 1), (5, 3), (90, 33)])
+def test_alpha_exact_and_full_size_at_any_size(remover, hw):
+    h, w = hw
+    out = remover.remove(halves(h, w))
+    assert out.size == (w, h)
+    expected = np.zeros((h, w), np.uint8)
+    expected[:, : w // 2] = 255  # red (Car) half is foreground, blue (Sky) half background
+    np.testing.assert_array_equal(alpha_of(out), expected)
+    np.testing.assert_array_equal(np.asarray(out)[:, :, :3], halves(h, w))  # colours untouched
+
+
+def test_large_image_is_inferred_downscaled_and_alpha_upsampled(model_path):
+    remover = BackgroundRemover(model_path, max_side=64)
+    seen = []
+    real_logits = remover.logits
+    remover.logits = lambda rgb: seen.append(rgb.shape) or real_logits(rgb)
+    out = remover.remove(halves(150, 300))
+    assert seen == [(32, 64, 3)]  # long side capped at max_side, aspect kept
+    assert out.size == (300, 150)
+    a = alpha_of(out)
+    assert (a[:, :140] == 255).all() and (a[:, 160:] == 0).all()  # away from the interpolated boundary band
+    band = a[:, 140:160]
+    assert band.min() == 0 and band.max() == 255 and ((band > 0) & (band < 255)).any()  # soft, bilinear
+
+
+def test_exif_orientation_is_honoured(remover, tmp_path):
+    src = Image.fromarray(halves(40, 80))  # 80 wide x 40 high, red on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": displayed 40 wide x 80 high, red on top
+    path = tmp_path / "rot.jpg"
+    src.save(path, quality=95, exif=exif)
+    out = remover.remove(path)
+    assert out.size == (40, 80)
+    a = alpha_of(out)
+    assert (a[:32] == 255).all() and (a[48:] == 0).all()
+
+
+def test_normalization_comes_from_metadata(tmp_path):
+    # With mean=std=0.5 black becomes (-1,-1,-1): Car and Pedestrian logits 100*(-1+1+1)-50 = +50 each, so
+    # P(Car)+P(Pedestrian) = 1 -> foreground; with mean 0 / std 1 black is (0,0,0): both -50 -> background.
+    black = np.zeros((8, 8, 3), np.uint8)
+    fg = ["Car", "Pedestrian"]
+    shifted = BackgroundRemover(build_model(tmp_path / "n.onnx", mean=(0.5,) * 3, std=(0.5,) * 3), classes=fg)
+    plain = BackgroundRemover(build_model(tmp_path / "p.onnx"), classes=fg)
+    assert (alpha_of(shifted.remove(black, classes=["Car"])) == 128).all()  # a 50/50 split, not normalization
+    assert (alpha_of(shifted.remove(black)) == 255).all()
+    assert (alpha_of(plain.remove(black)) == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ classes
+def test_class_selection_by_name_case_insensitive(model_path):
+    img = halves(10, 20, left=RED, right=GREEN)
+    a_ped = alpha_of(BackgroundRemover(model_path, classes=["pedestrian"]).remove(img))
+    assert (a_ped[:, :10] == 0).all() and (a_ped[:, 10:] == 255).all()
+    a_both = alpha_of(BackgroundRemover(model_path, classes=["CAR", "Pedestrian"]).remove(img))
+    assert (a_both == 255).all()
+    a_default = alpha_of(BackgroundRemover(model_path).remove(img))  # metadata default: Car only
+    assert (a_default[:, :10] == 255).all() and (a_default[:, 10:] == 0).all()
+    a_override = alpha_of(BackgroundRemover(model_path).remove(img, classes=["Pedestrian"]))
+    np.testing.assert_array_equal(a_override, a_ped)
+
+
+def test_unknown_class_lists_valid_names(model_path):
+    with pytest.raises(UsageError, match=r"unknown class name\(s\) Dog.*valid names: Sky, Building"):
+        BackgroundRemover(model_path, classes=["Car", "Dog"])
+
+
+# ------------------------------------------------------------------------------------------------ output modes
+def test_soft_alpha_and_threshold(remover):
+    # Red 128: Car logit = 100*128/255 - 50 = 0.196 against Sky's 0 -> P(Car) = sigmoid(0.196) ~ 0.549.
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[..., 0] = 128
+    p = 1 / (1 + np.exp(-(100 * np.float32(128 / 255) - 50)))
+    soft = alpha_of(remover.remove(img))
+    assert np.abs(soft.astype(int) - round(255 * p)).max() <= 1 and 130 < soft[0, 0] < 150
+    assert (alpha_of(remover.remove(img, threshold=0.5)) == 255).all()
+    assert (alpha_of(remover.remove(img, threshold=0.6)) == 0).all()
+    with pytest.raises(UsageError):
+        remover.remove(img, threshold=1.5)
+
+
+def test_mask_only_and_mask(remover):
+    img = halves(6, 10)
+    m = remover.remove(img, mask_only=True)
+    assert m.mode == "L" and m.size == (10, 6)
+    np.testing.assert_array_equal(np.asarray(m), alpha_of(remover.remove(img)))
+    np.testing.assert_array_equal(np.asarray(remover.mask(img)), np.asarray(m))
+
+
+def test_bg_color_composite(remover):
+    out = remover.remove(halves(6, 10), bg_color=(10, 20, 30))
+    assert out.mode == "RGB" and out.size == (10, 6)
+    arr = np.asarray(out)
+    assert (arr[:, :5] == RED).all() and (arr[:, 5:] == (10, 20, 30)).all()
+    assert (np.asarray(remover.remove(halves(6, 10), bg_color="#0a141e")) == arr).all()
+
+
+def test_bg_image_composite(remover, tmp_path):
+    bg = tmp_path / "bg.png"
+    Image.new("RGB", (7, 3), (0, 200, 0)).save(bg)  # other size and aspect: scaled to cover
+    out = remover.remove(halves(6, 10), bg_image=bg)
+    arr = np.asarray(out)
+    assert out.mode == "RGB" and (arr[:, :5] == RED).all() and (arr[:, 5:] == (0, 200, 0)).all()
+    with pytest.raises(UsageError):
+        remover.remove(halves(6, 10), bg_image=bg, bg_color=(1, 2, 3))
+
+
+def test_refine_keeps_flat_regions_and_range(remover):
+    img = halves(60, 80)
+    img[20:40, 10:30] = GRAY  # a background hole inside the red half
+    plain = alpha_of(remover.remove(img)).astype(int)
+    refined = alpha_of(remover.remove(img, refine=True)).astype(int)
+    assert refined.shape == plain.shape
+    # The guided filter follows the (sharp) colour edges of the guide: flat areas keep their values.
+    assert (refined[:, :15][:10] >= 250).all() and (refined[:, 50:] <= 5).all() and (refined[25:35, 15:25] <= 5).all()
+    assert np.abs(refined - plain).mean() < 10
+    flat = alpha_of(remover.remove(np.full((30, 30, 3), RED, np.uint8), refine=True))
+    assert (flat == 255).all()
+
+
+# ------------------------------------------------------------------------------------------------ input modes
+def _rgb_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    arr = np.asarray(img)
+    return arr[:, :, :3], arr[:, :, 3]
+
+
+def test_rgba_input_alpha_is_kept(remover):
+    arr = np.zeros((4, 6, 4), np.uint8)
+    arr[:, :3, :3], arr[:, 3:, :3] = RED, BLUE
+    arr[..., 3] = 255
+    arr[0, :, 3] = 100  # half-transparent first row
+    rgb, a = _rgb_alpha(remover.remove(Image.fromarray(arr, "RGBA")))
+    np.testing.assert_array_equal(rgb, arr[:, :, :3])
+    assert (a[0, :3] == 100).all() and (a[1:, :3] == 255).all() and (a[:, 3:] == 0).all()
+    np.testing.assert_array_equal(_rgb_alpha(remover.remove(arr))[1], a)  # same through an ndarray
+
+
+def test_palette_inputs_with_and_without_transparency(remover, tmp_path):
+    idx = np.array([[0, 1, 2, 1]], np.uint8).repeat(3, axis=0)
+    pal = Image.fromarray(idx, "P")
+    pal.putpalette([*RED, *RED, *BLUE] + [0] * 759)
+    rgb, a = _rgb_alpha(remover.remove(pal))
+    assert (a == np.array([255, 255, 0, 255])).all() and (rgb[:, 0] == RED).all()
+    path = tmp_path / "t.png"
+    pal.save(path, transparency=0)  # palette entry 0 fully transparent
+    _, a = _rgb_alpha(remover.remove(path))
+    assert (a == np.array([0, 255, 0, 255])).all()
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "1"])
+def test_gray_inputs(remover, mode):
+    gray = np.array([[0, 255, 128, 30]], np.uint8).repeat(2, axis=0)
+    img = Image.fromarray(gray, "L")
+    if mode == "LA":
+        img = Image.merge("LA", [img, Image.fromarray(np.full_like(gray, 77))])
+    elif mode == "1":
+        img = img.convert("1", dither=Image.Dither.NONE)
+        gray = np.where(gray >= 128, 255, 0).astype(np.uint8)
+    rgb, a = _rgb_alpha(remover.remove(img))
+    np.testing.assert_array_equal(rgb, np.repeat(gray[:, :, None], 3, axis=2))
+    assert (a == 0).all()  # gray is never red: background everywhere
+    if mode == "LA":
+        assert (remover.remove(img, bg_color=(0, 0, 0)).size == (4, 2))
+
+
+def test_cmyk_input(remover):
+    cmyk = Image.fromarray(np.array([[[0, 255, 255, 0], [255, 255, 0, 0]]], np.uint8), "CMYK")
+    rgb, a = _rgb_alpha(remover.remove(cmyk))
+    assert tuple(rgb[0, 0]) == RED and tuple(rgb[0, 1]) == BLUE
+    assert list(a[0]) == [255, 0]
+
+
+def test_16bit_png_is_scaled_to_8bit(remover, tmp_path):
+    values = np.array([[0, 65535, 32896, 257]], np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")  # really a 16-bit image on disk
+    rgb, a = _rgb_alpha(remover.remove(path))
+    assert list(rgb[0, :, 0]) == [0, 255, 128, 1] and (a == 0).all()
+    rgb16, _ = _rgb_alpha(remover.remove(np.stack([values * 0 + 65535, values * 0, values * 0], axis=2)))
+    assert (rgb16 == RED).all()  # 16-bit RGB array: 65535 -> 255
+
+
+def test_float_and_file_like_inputs(remover, model_path):
+    img = halves(4, 8).astype(np.float32) / 255.0
+    np.testing.assert_array_equal(alpha_of(remover.remove(img)), alpha_of(remover.remove(halves(4, 8))))
+    buf = io.BytesIO()
+    Image.fromarray(halves(4, 8)).save(buf, format="PNG")
+    buf.seek(0)
+    assert (alpha_of(remover.remove(buf))[:, :4] == 255).all()
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_bad_image_files(remover, tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # so halving cuts pixel data
+    good = io.BytesIO()
+    Image.fromarray(noise).save(good, format="PNG")
+    jpg = io.BytesIO()
+    Image.fromarray(noise).save(jpg, format="JPEG")
+    cases = {
+        "missing.png": None,
+        "empty.jpg": b"",
+        "text.jpg": b"this is not an image\n" * 10,
+        "trunc.png": good.getvalue()[: len(good.getvalue()) // 2],
+        "trunc.jpg": jpg.getvalue()[: len(jpg.getvalue()) // 2],
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        if data is not None:
+            path.write_bytes(data)
+        with pytest.raises(ImageError, match=name):
+            remover.remove(path)
+
+
+def test_pixel_limits(model_path, tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.fromarray(halves(50, 50)).save(path)
+    small_limit = BackgroundRemover(model_path, max_pixels=1000)
+    with pytest.raises(ImageError, match="exceeds the limit of 1,000"):
+        small_limit.remove(path)
+    with pytest.raises(ImageError, match="exceeds"):
+        small_limit.remove(halves(50, 50))
+    # Pillow's own bomb guard (2x MAX_IMAGE_PIXELS) raises DecompressionBombError: still one clean ImageError.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        BackgroundRemover(model_path).remove(path)
+
+
+def test_model_errors(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match="model file not found"):
+        BackgroundRemover(tmp_path / "nope.onnx")
+    monkeypatch.delenv(predict.MODEL_ENV, raising=False)
+    monkeypatch.setattr(predict, "DEFAULT_MODEL", tmp_path / "models" / "bgremover-camvid.onnx")
+    with pytest.raises(ModelError, match="no model found.*--model"):
+        BackgroundRemover()
+    with pytest.raises(ModelError, match="not a bgremover model"):
+        BackgroundRemover(build_model(tmp_path / "plain.onnx", metadata=False))
+    with pytest.raises(ModelError, match="not a bgremover model"):
+        BackgroundRemover(build_model(tmp_path / "other.onnx", metadata={"format": "something-else"}))
+    with pytest.raises(ModelError, match="upgrade bgremover"):
+        BackgroundRemover(build_model(tmp_path / "v9.onnx", metadata={"format_version": 9}))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not onnx at all")
+    with pytest.raises(ModelError, match="cannot load ONNX model"):
+        BackgroundRemover(garbage)
+
+
+def test_model_path_from_environment(model_path, monkeypatch):
+    monkeypatch.setenv(predict.MODEL_ENV, str(model_path))
+    assert BackgroundRemover().model_path == model_path
+
+
+def test_png_encoding_roundtrips(remover):
+    out = remover.remove(halves(9, 11))
+    back = Image.open(io.BytesIO(predict.encode_png(out)))
+    assert back.mode == "RGBA"
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(out))
+
+
+# ------------------------------------------------------------------------------------------------ isolation
+def test_predict_imports_no_torch_lightning_or_hydra(model_path):
+    code = (
+        "import sys, numpy as np\n"
+        "import bgremover.predict as p\n"
+        f"p.BackgroundRemover({str(model_path)!r}).remove(np.zeros((8, 8, 3), np.uint8))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'torch', 'lightning', 'pytorch_lightning', 'hydra', 'omegaconf', 'torchvision'})\n"
+        "print(','.join(bad))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "", f"bgremover.predict pulled in: {res.stdout.strip()}"

@@ -1,0 +1,197 @@
+"""bgremover-predict on good, bad and mixed inputs: exit codes, one-line messages, files written or not."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bgremover.predict import main
+
+# The controllable 1x1-conv model lives in test_predict.py; load it by path so this works whatever the
+# pytest import mode or package layout of tests/ is.
+_spec = importlib.util.spec_from_file_location("_bgr_test_predict", Path(__file__).with_name("test_predict.py"))
+_tp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tp)
+build_model, halves = _tp.build_model, _tp.halves
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(build_model(tmp_path_factory.mktemp("m") / "ctl.onnx"))
+
+
+def save_png(path: Path, h: int = 12, w: int = 20) -> Path:
+    Image.fromarray(halves(h, w)).save(path)
+    return path
+
+
+def make_bad_files(folder: Path) -> list[str]:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # incompressible
+    good = io.BytesIO()
+    Image.fromarray(noise).save(good, format="PNG")
+    jpg = io.BytesIO()
+    Image.fromarray(noise).save(jpg, format="JPEG")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("hello, I am a text file\n")
+    (folder / "cut.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (folder / "cut.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) // 2])
+    return ["empty.jpg", "notes.jpg", "cut.png", "cut.jpg"]
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error" in line]
+
+
+def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bgremover.predict", *args], input=stdin, capture_output=True, timeout=120
+    )
+
+
+def test_single_file_next_to_input(model, tmp_path, capsys):
+    src = save_png(tmp_path / "photo.png")
+    assert main([str(src), "--model", model]) == 0
+    out = Image.open(tmp_path / "photo.nobg.png")
+    assert out.mode == "RGBA" and out.size == (20, 12)
+    a = np.asarray(out)[:, :, 3]
+    assert (a[:, :10] == 255).all() and (a[:, 10:] == 0).all()
+    assert "photo.nobg.png" in capsys.readouterr().err
+
+
+def test_out_file_and_out_folder(model, tmp_path):
+    src = save_png(tmp_path / "a.png")
+    assert main([str(src), "--model", model, "--out", str(tmp_path / "res.png"), "--mask-only", "-q"]) == 0
+    assert Image.open(tmp_path / "res.png").mode == "L"
+    assert main([str(src), "--model", model, "--out", str(tmp_path / "outdir"), "--bg-color", "1,2,3", "-q"]) == 0
+    comp = Image.open(tmp_path / "outdir" / "a.nobg.png")
+    assert comp.mode == "RGB" and tuple(np.asarray(comp)[0, -1]) == (1, 2, 3)
+
+
+def test_folder_skip_and_overwrite(model, tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a.png", "b.jpg", "c.PNG"):
+        save_png(src / name)
+    (src / "readme.txt").write_text("not an image, and not an image extension: ignored")
+    assert main([str(src), "--model", model, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.nobg.png", "b.nobg.png", "c.nobg.png"]
+    assert "3 written, 0 skipped" in capsys.readouterr().err
+
+    (out / "a.nobg.png").write_bytes(b"sentinel")  # an existing output is kept without --overwrite
+    assert main([str(src), "--model", model, "--out", str(out)]) == 0
+    assert (out / "a.nobg.png").read_bytes() == b"sentinel"
+    assert "0 written, 3 skipped" in capsys.readouterr().err
+    assert main([str(src), "--model", model, "--out", str(out), "--overwrite", "-q"]) == 0
+    assert Image.open(out / "a.nobg.png").size == (20, 12)
+
+
+def test_folder_in_place_does_not_eat_its_own_outputs(model, tmp_path, capsys):
+    save_png(tmp_path / "x.png")
+    assert main([str(tmp_path), "--model", model]) == 0
+    assert main([str(tmp_path), "--model", model]) == 0  # second run: x.nobg.png is not an input
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.nobg.png", "x.png"]
+    assert "0 written, 1 skipped" in capsys.readouterr().err
+
+
+def test_mixed_folder_writes_good_reports_bad(model, tmp_path, capsys):
+    src, out = tmp_path / "mixed", tmp_path / "out"
+    src.mkdir()
+    save_png(src / "good1.png")
+    save_png(src / "good2.png")
+    bad = make_bad_files(src)
+    assert main([str(src), "--model", model, "--out", str(out), "-q"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["good1.nobg.png", "good2.nobg.png"]  # no partial/temp files
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == len(bad)
+    for name in bad:
+        assert sum(name in line for line in lines) == 1
+
+
+def test_same_stem_different_extensions_do_not_clash(model, tmp_path):
+    save_png(tmp_path / "photo.png")
+    Image.fromarray(halves(12, 20)).save(tmp_path / "photo.jpg")
+    save_png(tmp_path / "other.png")
+    assert main([str(tmp_path), "--model", model, "-q"]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".nobg.png"))
+    assert names == ["other.nobg.png", "photo_jpg.nobg.png", "photo_png.nobg.png"]
+
+
+def test_missing_inputs_and_empty_folder(model, tmp_path, capsys):
+    assert main([str(tmp_path / "nope.png"), "--model", model]) == 1
+    assert "nope.png: no such file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "--model", model]) == 1
+    assert "contains no images" in capsys.readouterr().err
+    good = save_png(tmp_path / "ok.png")  # one good + one missing: good written, exit 1
+    assert main([str(good), str(tmp_path / "gone.jpg"), "--model", model, "-q"]) == 1
+    assert (tmp_path / "ok.nobg.png").is_file()
+
+
+def test_usage_errors_exit_2(model, tmp_path, capsys):
+    src = save_png(tmp_path / "a.png")
+    assert main([str(src), "--model", model, "--classes", "Car,Unicorn"]) == 2
+    err = capsys.readouterr().err
+    assert "Unicorn" in err and "Pedestrian" in err and len(err.strip().splitlines()) == 1
+    for bad in ("300,0,0", "red", "1,2"):
+        assert main([str(src), "--model", model, "--bg-color", bad]) == 2
+        assert "bad colour" in capsys.readouterr().err
+    assert main([str(src), "--model", model, "--threshold", "2"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main([])  # argparse: no inputs
+    assert exc.value.code == 2
+    assert not (tmp_path / "a.nobg.png").exists()
+
+
+def test_model_errors_exit_1(tmp_path, capsys):
+    src = save_png(tmp_path / "a.png")
+    assert main([str(src), "--model", str(tmp_path / "missing.onnx")]) == 1
+    assert "model file not found" in capsys.readouterr().err
+    plain = build_model(tmp_path / "plain.onnx", metadata=False)
+    assert main([str(src), "--model", str(plain)]) == 1
+    assert "not a bgremover model" in capsys.readouterr().err
+    assert not (tmp_path / "a.nobg.png").exists()
+
+
+def test_pixel_limit(model, tmp_path, capsys):
+    src = save_png(tmp_path / "big.png", 50, 50)
+    assert main([str(src), "--model", model, "--max-pixels", "1000"]) == 1
+    assert "exceeds the limit" in capsys.readouterr().err
+    assert not (tmp_path / "big.nobg.png").exists()
+
+
+def test_stdin_to_stdout(model, tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(halves(12, 20)).save(buf, format="PNG")
+    res = run_cli("-", "--model", model, stdin=buf.getvalue())
+    assert res.returncode == 0, res.stderr
+    out = Image.open(io.BytesIO(res.stdout))
+    a = np.asarray(out)[:, :, 3]
+    assert out.size == (20, 12) and (a[:, :10] == 255).all() and (a[:, 10:] == 0).all()
+    res = run_cli("-", "--model", model, "--out", str(tmp_path / "s.png"), stdin=buf.getvalue())
+    assert res.returncode == 0 and Image.open(tmp_path / "s.png").mode == "RGBA" and res.stdout == b""
+
+
+def test_subprocess_errors_are_one_line_no_traceback(model, tmp_path):
+    text = tmp_path / "fake.jpg"
+    text.write_text("not a jpeg")
+    cases = [
+        ((str(text), "--model", model), 1),
+        ((str(tmp_path / "missing.png"), "--model", model), 1),
+        ((str(text), "--model", str(tmp_path / "none.onnx")), 1),
+        (("-", "--model", model), 1),  # empty stdin
+        ((str(text), "--model", model, "--bg-color", "x"), 2),
+    ]
+    for args, code in cases:
+        res = run_cli(*args, stdin=b"")
+        err = res.stderr.decode()
+        assert res.returncode == code, (args, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert sorted(os.listdir(tmp_path)) == ["fake.jpg"]  # nothing written, no temp leftovers
