@@ -18,7 +18,13 @@ from bgremover.export import ExportError, export_onnx, load_checkpoint_net, main
 CLASSES = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
            "Bicyclist"]  # fmt: skip
 MEAN, STD = [0.41, 0.43, 0.44], [0.30, 0.31, 0.30]
-CONV_CONFIG = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 11, "kernel_size": 3, "padding": 1}
+CONV_CONFIG = {
+    "_target_": "torch.nn.Conv2d",
+    "in_channels": 3,
+    "out_channels": 11,
+    "kernel_size": 3,
+    "padding": 1,
+}
 DEEPLAB_CONFIG = {
     "_target_": "segmentation_models_pytorch.DeepLabV3Plus",
     "encoder_name": "resnet18",
@@ -43,7 +49,12 @@ def write_checkpoint(run_dir: Path, net: nn.Module, net_config: dict, net_name: 
     state = {prefix + k: v for k, v in net.state_dict().items()}
     state["criterion.weight"] = torch.ones(11)  # non-net entries must be ignored
     state["val_iou.confmat"] = torch.zeros(11, 11)
-    ckpt = {"epoch": 3, "global_step": 42, "state_dict": state, "bgremover": bgremover_info(net_config, net_name)}
+    ckpt = {
+        "epoch": 3,
+        "global_step": 42,
+        "state_dict": state,
+        "bgremover": bgremover_info(net_config, net_name),
+    }
     ckpt.update(extra or {})
     path = run_dir / "checkpoints" / "best.ckpt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +97,9 @@ def test_deeplab_checkpoint_export_and_metadata(tmp_path):
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(0)
-    net0 = smp.DeepLabV3Plus(**{k: v for k, v in DEEPLAB_CONFIG.items() if k != "_target_"} | {"encoder_weights": None})
+    net0 = smp.DeepLabV3Plus(
+        **{k: v for k, v in DEEPLAB_CONFIG.items() if k != "_target_"} | {"encoder_weights": None}
+    )
     with torch.no_grad():  # non-trivial batch-norm statistics, so eval-mode BN is really exercised
         for m in net0.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -111,7 +124,10 @@ def test_deeplab_checkpoint_export_and_metadata(tmp_path):
     assert md["net"] == "deeplabv3plus-tiny" and md["params"] == sum(p.numel() for p in net0.parameters())
     assert md["test_mIoU"] == pytest.approx(0.6125) and md["input"] == "image" and md["output"] == "logits"
     stamp = dt.datetime.fromisoformat(md["exported_at"])
-    assert stamp.utcoffset() == dt.timedelta(0) and abs(dt.datetime.now(dt.timezone.utc) - stamp).total_seconds() < 600
+    assert (
+        stamp.utcoffset() == dt.timedelta(0)
+        and abs(dt.datetime.now(dt.timezone.utc) - stamp).total_seconds() < 600
+    )
     assert isinstance(md["bgremover_version"], str) and md["bgremover_version"]
 
     # The predictor consumes it: same normalization contract, full-size output.
@@ -173,7 +189,9 @@ def test_checkpoint_errors(tmp_path):
     garbage.write_text("not a checkpoint")
     with pytest.raises(ExportError, match="cannot read checkpoint"):
         load_checkpoint_net(garbage)
-    wrong = write_checkpoint(tmp_path / "w", random_conv(), CONV_CONFIG | {"kernel_size": 5, "padding": 2}, "c")
+    wrong = write_checkpoint(
+        tmp_path / "w", random_conv(), CONV_CONFIG | {"kernel_size": 5, "padding": 2}, "c"
+    )
     with pytest.raises(ExportError, match="do not fit torch.nn.Conv2d"):
         load_checkpoint_net(wrong)
     unknown = write_checkpoint(tmp_path / "u", random_conv(), {"_target_": "no.such.Net"}, "c")

@@ -208,7 +208,11 @@ def test_refine_keeps_flat_regions_and_range(remover):
     refined = alpha_of(remover.remove(img, refine=True)).astype(int)
     assert refined.shape == plain.shape
     # The guided filter follows the (sharp) colour edges of the guide: flat areas keep their values.
-    assert (refined[:, :15][:10] >= 250).all() and (refined[:, 50:] <= 5).all() and (refined[25:35, 15:25] <= 5).all()
+    assert (
+        (refined[:, :15][:10] >= 250).all()
+        and (refined[:, 50:] <= 5).all()
+        and (refined[25:35, 15:25] <= 5).all()
+    )
     assert np.abs(refined - plain).mean() < 10
     flat = alpha_of(remover.remove(np.full((30, 30, 3), RED, np.uint8), refine=True))
     assert (flat == 255).all()
@@ -256,7 +260,7 @@ def test_gray_inputs(remover, mode):
     np.testing.assert_array_equal(rgb, np.repeat(gray[:, :, None], 3, axis=2))
     assert (a == 0).all()  # gray is never red: background everywhere
     if mode == "LA":
-        assert (remover.remove(img, bg_color=(0, 0, 0)).size == (4, 2))
+        assert remover.remove(img, bg_color=(0, 0, 0)).size == (4, 2)
 
 
 def test_cmyk_input(remover):
@@ -270,7 +274,8 @@ def test_16bit_png_is_scaled_to_8bit(remover, tmp_path):
     values = np.array([[0, 65535, 32896, 257]], np.uint16)
     path = tmp_path / "g16.png"
     Image.fromarray(values).save(path)
-    assert Image.open(path).mode.startswith("I")  # really a 16-bit image on disk
+    with Image.open(path) as on_disk:
+        assert on_disk.mode.startswith("I")  # really a 16-bit image on disk
     rgb, a = _rgb_alpha(remover.remove(path))
     assert list(rgb[0, :, 0]) == [0, 255, 128, 1] and (a == 0).all()
     rgb16, _ = _rgb_alpha(remover.remove(np.stack([values * 0 + 65535, values * 0, values * 0], axis=2)))
@@ -288,7 +293,8 @@ def test_float_and_file_like_inputs(remover, model_path):
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_image_files(remover, tmp_path):
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # so halving cuts pixel data
+    # Incompressible content, so that cutting the file in half really cuts pixel data.
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     good = io.BytesIO()
     Image.fromarray(noise).save(good, format="PNG")
     jpg = io.BytesIO()
@@ -348,7 +354,7 @@ def test_model_path_from_environment(model_path, monkeypatch):
 
 def test_png_encoding_roundtrips(remover):
     out = remover.remove(halves(9, 11))
-    back = Image.open(io.BytesIO(predict.encode_png(out)))
+    back = Image.open(io.BytesIO(predict.encode_png(out)))  # in-memory: nothing to close
     assert back.mode == "RGBA"
     np.testing.assert_array_equal(np.asarray(back), np.asarray(out))
 

@@ -17,7 +17,9 @@ from bgremover.predict import main
 
 # The controllable 1x1-conv model lives in test_predict.py; load it by path so this works whatever the
 # pytest import mode or package layout of tests/ is.
-_spec = importlib.util.spec_from_file_location("_bgr_test_predict", Path(__file__).with_name("test_predict.py"))
+_spec = importlib.util.spec_from_file_location(
+    "_bgr_test_predict", Path(__file__).with_name("test_predict.py")
+)
 _tp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_tp)
 build_model, halves = _tp.build_model, _tp.halves
@@ -26,6 +28,12 @@ build_model, halves = _tp.build_model, _tp.halves
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     return str(build_model(tmp_path_factory.mktemp("m") / "ctl.onnx"))
+
+
+def read_png(src) -> Image.Image:
+    with Image.open(src) as img:
+        img.load()
+    return img
 
 
 def save_png(path: Path, h: int = 12, w: int = 20) -> Path:
@@ -59,7 +67,7 @@ def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProce
 def test_single_file_next_to_input(model, tmp_path, capsys):
     src = save_png(tmp_path / "photo.png")
     assert main([str(src), "--model", model]) == 0
-    out = Image.open(tmp_path / "photo.nobg.png")
+    out = read_png(tmp_path / "photo.nobg.png")
     assert out.mode == "RGBA" and out.size == (20, 12)
     a = np.asarray(out)[:, :, 3]
     assert (a[:, :10] == 255).all() and (a[:, 10:] == 0).all()
@@ -69,9 +77,12 @@ def test_single_file_next_to_input(model, tmp_path, capsys):
 def test_out_file_and_out_folder(model, tmp_path):
     src = save_png(tmp_path / "a.png")
     assert main([str(src), "--model", model, "--out", str(tmp_path / "res.png"), "--mask-only", "-q"]) == 0
-    assert Image.open(tmp_path / "res.png").mode == "L"
-    assert main([str(src), "--model", model, "--out", str(tmp_path / "outdir"), "--bg-color", "1,2,3", "-q"]) == 0
-    comp = Image.open(tmp_path / "outdir" / "a.nobg.png")
+    assert read_png(tmp_path / "res.png").mode == "L"
+    assert (
+        main([str(src), "--model", model, "--out", str(tmp_path / "outdir"), "--bg-color", "1,2,3", "-q"])
+        == 0
+    )
+    comp = read_png(tmp_path / "outdir" / "a.nobg.png")
     assert comp.mode == "RGB" and tuple(np.asarray(comp)[0, -1]) == (1, 2, 3)
 
 
@@ -90,7 +101,7 @@ def test_folder_skip_and_overwrite(model, tmp_path, capsys):
     assert (out / "a.nobg.png").read_bytes() == b"sentinel"
     assert "0 written, 3 skipped" in capsys.readouterr().err
     assert main([str(src), "--model", model, "--out", str(out), "--overwrite", "-q"]) == 0
-    assert Image.open(out / "a.nobg.png").size == (20, 12)
+    assert read_png(out / "a.nobg.png").size == (20, 12)
 
 
 def test_folder_in_place_does_not_eat_its_own_outputs(model, tmp_path, capsys):
@@ -108,7 +119,8 @@ def test_mixed_folder_writes_good_reports_bad(model, tmp_path, capsys):
     save_png(src / "good2.png")
     bad = make_bad_files(src)
     assert main([str(src), "--model", model, "--out", str(out), "-q"]) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["good1.nobg.png", "good2.nobg.png"]  # no partial/temp files
+    # Only the good outputs: no partial or temp files for the bad ones.
+    assert sorted(p.name for p in out.iterdir()) == ["good1.nobg.png", "good2.nobg.png"]
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == len(bad)
     for name in bad:
@@ -172,11 +184,11 @@ def test_stdin_to_stdout(model, tmp_path):
     Image.fromarray(halves(12, 20)).save(buf, format="PNG")
     res = run_cli("-", "--model", model, stdin=buf.getvalue())
     assert res.returncode == 0, res.stderr
-    out = Image.open(io.BytesIO(res.stdout))
+    out = read_png(io.BytesIO(res.stdout))
     a = np.asarray(out)[:, :, 3]
     assert out.size == (20, 12) and (a[:, :10] == 255).all() and (a[:, 10:] == 0).all()
     res = run_cli("-", "--model", model, "--out", str(tmp_path / "s.png"), stdin=buf.getvalue())
-    assert res.returncode == 0 and Image.open(tmp_path / "s.png").mode == "RGBA" and res.stdout == b""
+    assert res.returncode == 0 and read_png(tmp_path / "s.png").mode == "RGBA" and res.stdout == b""
 
 
 def test_subprocess_errors_are_one_line_no_traceback(model, tmp_path):

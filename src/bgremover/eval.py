@@ -71,8 +71,7 @@ def main(cfg: DictConfig) -> None:
     try:
         metrics, _ = utils.run_task(evaluate, cfg)
     except Exception as exc:
-        where = utils.log_file()
-        print(f"error: {utils.one_line(exc)}" + (f" (traceback in {where})" if where else ""), file=sys.stderr)
+        utils.print_error(exc)
         sys.exit(1)
     for key, value in sorted(metrics.items()):
         print(f"{key}: {value:.4f}")

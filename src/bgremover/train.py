@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_seconds = time.time() - start
+    history = list(model.history)  # before test: loading the best checkpoint brings back that epoch's history
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     best = _best_checkpoint(trainer)
@@ -97,7 +98,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "best_ckpt": best,
         "last_ckpt": _last_checkpoint(trainer),
         "metrics": dict(sorted(metrics.items())),
-        "history": utils.history_lists(model.history),
+        "history": utils.history_lists(history),
         "infer_ms_480x360": measure_inference_ms(model.net) if cfg.get("measure_inference", True) else None,
         "hardware": _hardware(),
         "overrides": utils._overrides(),
@@ -160,8 +161,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = utils.run_task(train, cfg)
     except Exception as exc:
-        where = utils.log_file()
-        print(f"error: {utils.one_line(exc)}" + (f" (traceback in {where})" if where else ""), file=sys.stderr)
+        utils.print_error(exc)
         if multirun:
             return math.nan  # keep the sweep going; SweepReport lists the failure at the end
         sys.exit(1)

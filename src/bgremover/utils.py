@@ -162,6 +162,12 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def print_error(exc: BaseException) -> None:
+    """One line on stderr; for an unexpected error, where its traceback was logged."""
+    where = None if isinstance(exc, user_error_types()) else log_file()
+    print(f"error: {one_line(exc)}" + (f" (traceback in {where})" if where else ""), file=sys.stderr)
+
+
 def exit_on_error(main: Callable[[], Any]) -> Callable[[], Any]:
     """Console entry: a user error is one line on stderr and exit code 1, never a bare traceback."""
 

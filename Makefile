@@ -1,0 +1,82 @@
+# bgremover — every target sets up .venv itself when it is missing or pyproject.toml changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# the install stamp is keyed on pyproject.toml, so editing dependencies reinstalls on the next make
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml 2>/dev/null | cut -d' ' -f1)
+# CamVid folder (read in place; never copied): make data DATA_DIR=../shared/CamVid
+DATA_DIR ?= data/CamVid
+export DATA_DIR
+# no W&B key here → runs are written offline into their run dir (wandb sync uploads them later)
+export WANDB_SILENT ?= true
+export PYTHONUNBUFFERED := 1
+# OpenMP threads sleep instead of spinning while they wait: with DataLoader workers (or anything else) on
+# the same 2 cores, spinning threads made small convolutions ~13x slower here (32 ms vs 2.5 ms measured)
+export OMP_WAIT_POLICY ?= PASSIVE
+
+EXP ?=
+ARGS ?=
+CKPT ?=
+IMG ?=
+MODEL ?=
+OUT ?=
+SWEEP ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast lint data train eval sweep compare export predict eval-cutout \
+        benchmark reproduce-default clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,sweep]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP) ## create .venv and install the package with dev and sweep extras
+
+test: $(STAMP) ## run the whole test suite (real-data tests use DATA_DIR; CI points it at ../shared/CamVid)
+	WANDB_MODE=offline $(BIN)/python -m pytest
+
+test-fast: $(STAMP) ## the test suite without tests marked slow
+	WANDB_MODE=offline $(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP) ## ruff over src, tests and benchmarks
+	$(BIN)/ruff check src tests benchmarks
+
+data: $(STAMP) ## verify CamVid at DATA_DIR (download it there when missing); read-only on an existing copy
+	$(BIN)/python -m bgremover.data --root "$(DATA_DIR)"
+
+train: $(STAMP) ## train: make train [EXP=tiramisu103_camvid] [ARGS="model=deeplabv3plus trainer.max_epochs=5"]
+	$(BIN)/python -m bgremover.train $(if $(EXP),experiment=$(EXP)) $(ARGS)
+
+eval: $(STAMP) ## test metrics of a checkpoint: make eval CKPT=logs/train/runs/.../checkpoints/last.ckpt
+	@test -n "$(CKPT)" || { echo "error: give a checkpoint: make eval CKPT=path/to.ckpt" >&2; exit 2; }
+	$(BIN)/python -m bgremover.eval ckpt_path="$(CKPT)" $(ARGS)
+
+sweep: $(STAMP) ## multirun sweep: make sweep EXP=compare_models [ARGS="trainer.max_epochs=2"]
+	@test -n "$(EXP)" || { echo "error: name a sweep experiment: make sweep EXP=compare_models" >&2; exit 2; }
+	$(BIN)/python -m bgremover.train -m experiment=$(EXP) $(ARGS)
+
+compare: $(STAMP) ## report over a sweep: make compare [SWEEP=logs/train/multiruns/...] (default: newest)
+	$(BIN)/python -m bgremover.compare $(SWEEP) $(ARGS)
+
+export: $(STAMP) ## checkpoint → self-describing ONNX: make export CKPT=path [OUT=model.onnx]
+	@test -n "$(CKPT)" || { echo "error: give a checkpoint: make export CKPT=path/to.ckpt [OUT=model.onnx]" >&2; exit 2; }
+	$(BIN)/python -m bgremover.export "$(CKPT)" $(if $(OUT),--out "$(OUT)") $(ARGS)
+
+predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [MODEL=x.onnx] [OUT=dir]
+	@test -n "$(IMG)" || { echo "error: give an image or folder: make predict IMG=photo.jpg" >&2; exit 2; }
+	$(BIN)/bgremover-predict "$(IMG)" $(if $(MODEL),--model "$(MODEL)") $(if $(OUT),--out "$(OUT)") $(ARGS)
+
+benchmark: $(STAMP) ## print the speed tables (train throughput, Tiramisu fast path, predictor latency)
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/tiramisu_speed.py
+	$(BIN)/python benchmarks/predict_latency.py
+
+clean: ## remove caches (keeps .venv, logs and data)
+	rm -rf .pytest_cache .ruff_cache src/*.egg-info
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +

@@ -1,0 +1,60 @@
+"""Shared fixtures: the real CamVid (skipped locally when absent, required in CI) and tiny synthetic copies."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Before torch loads: see the Makefile (spinning OpenMP threads are very slow on an oversubscribed CPU).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+
+
+def real_camvid_root() -> Path | None:
+    for candidate in (os.environ.get("CAMVID_ROOT"), os.environ.get("DATA_DIR"), REPO.parent / "shared" / "CamVid"):
+        if candidate and (Path(candidate) / "train").is_dir():
+            return Path(candidate).resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def camvid_root() -> Path:
+    """The real dataset. CI must have it (.ci/run points DATA_DIR at ../shared/CamVid), so there it never skips."""
+    root = real_camvid_root()
+    if root is None:
+        if os.environ.get("CI"):
+            pytest.fail("real CamVid not found in CI: set DATA_DIR (or CAMVID_ROOT) to ../shared/CamVid")
+        pytest.skip("real CamVid not found: set DATA_DIR=/path/to/CamVid to run this test")
+    return root
+
+
+def write_camvid(root: Path, counts: dict[str, int] | None = None, size: tuple[int, int] = (48, 64), seed: int = 0) -> Path:
+    """A CamVid-layout folder of random RGB images (H×W = size) and labels 0..11, `counts` pairs per split."""
+    rng = np.random.default_rng(seed)
+    for split, n in (counts or {"train": 4, "val": 2, "test": 2}).items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            name = f"{split}_{i:03d}.png"
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / split / name)
+            Image.fromarray(rng.integers(0, 12, size, dtype=np.uint8), mode="L").save(root / f"{split}annot" / name)
+    return root
+
+
+@pytest.fixture
+def tiny_camvid(tmp_path: Path) -> Path:
+    return write_camvid(tmp_path / "CamVid")
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch, tmp_path_factory):
+    # Never talk to W&B from tests, and keep its cache/config out of the home directory.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,0 +1,201 @@
+"""CamVidDataModule on the real dataset and on tiny synthetic copies, including every bad-data case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_camvid
+from PIL import Image
+
+from bgremover.data import CamVidDataModule
+from bgremover.data.camvid import CamVidError, median_frequency_weights, verify_root
+from bgremover.data.classes import CLASSES, MEAN, NUM_CLASSES, PALETTE, STD, VOID, colorize
+
+
+def make_dm(root: Path, **kw) -> CamVidDataModule:
+    kw = {"batch_size": 2, "num_workers": 0, "crop_size": (64, 64), "seed": 7, **kw}
+    return CamVidDataModule(root=str(root), **kw)
+
+
+# --- real data -------------------------------------------------------------------------------------------------
+def test_real_split_counts(camvid_root):
+    assert verify_root(camvid_root) == {"train": 367, "val": 101, "test": 233}
+
+
+def test_real_batches_have_right_shapes_dtypes_and_labels(camvid_root):
+    dm = make_dm(camvid_root, crop_size=(224, 224), hflip=0.5, scale_jitter=0.25, color_jitter=0.2)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
+    assert y.shape == (2, 224, 224) and y.dtype == torch.int64
+    assert 0 <= int(y.min()) and int(y.max()) <= VOID
+    # normalized with the train statistics: roughly zero-mean, unit-variance
+    assert -1.0 < float(x.mean()) < 1.0 and 0.5 < float(x.std()) < 1.5
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        x, y = next(iter(loader))
+        assert x.shape == (2, 3, 384, 480) and y.shape == (2, 384, 480)
+        # 360 rows of real frame, 24 rows of padding that must be void so they never count
+        assert bool((y[:, 360:, :] == VOID).all())
+        assert float((y[:, :360, :] != VOID).float().mean()) > 0.9
+        black = (-torch.tensor(MEAN) / torch.tensor(STD)).view(1, 3, 1, 1)  # padding is black, then normalized
+        assert torch.allclose(x[:, :, 360:, :], black.expand_as(x[:, :, 360:, :]), atol=1e-5)
+
+
+def test_real_same_seed_same_crops_other_seed_other_crops(camvid_root):
+    def first_batch(seed):
+        dm = make_dm(camvid_root, seed=seed, limit_images=8)
+        dm.setup("fit")
+        torch.manual_seed(0)
+        return next(iter(dm.train_dataloader()))
+
+    (x1, y1), (x2, y2), (x3, _) = first_batch(3), first_batch(3), first_batch(4)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+
+
+def test_real_worker_processes_are_reproducible(camvid_root):
+    def first_batch():
+        dm = make_dm(camvid_root, seed=11, limit_images=8, num_workers=1, persistent_workers=False)
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))
+
+    a, b = first_batch(), first_batch()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --- synthetic data --------------------------------------------------------------------------------------------
+def test_synthetic_labels_stay_in_range_after_augmentation(tmp_path):
+    root = write_camvid(tmp_path / "CamVid", size=(40, 52))
+    dm = make_dm(root, crop_size=(32, 32), scale_jitter=0.5, hflip=1.0, color_jitter=0.3, limit_images=None)
+    dm.setup("fit")
+    for _ in range(3):
+        for _x, y in dm.train_dataloader():
+            assert int(y.min()) >= 0 and int(y.max()) <= VOID
+            # nearest-neighbour only: no value that was not in the source label can appear
+            assert set(torch.unique(y).tolist()) <= set(range(VOID + 1))
+
+
+def test_masks_are_resized_with_nearest_neighbour(tmp_path):
+    """A label holding only 3 and 8 must still hold only 3 and 8 (or void padding) after scale jitter."""
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 2, "val": 1, "test": 1})
+    for lbl in (root / "trainannot").iterdir():
+        a = np.full((48, 64), 3, np.uint8)
+        a[:, 32:] = 8
+        Image.fromarray(a, mode="L").save(lbl)
+    dm = make_dm(root, crop_size=(40, 40), scale_jitter=0.6, hflip=0.0, batch_size=1)
+    dm.setup("fit")
+    seen = set()
+    for _ in range(5):
+        for _x, y in dm.train_dataloader():
+            seen |= set(torch.unique(y).tolist())
+    assert seen <= {3, 8, VOID} and {3, 8} <= seen
+
+
+def test_full_frame_training_pads_to_multiple(tmp_path):
+    root = write_camvid(tmp_path / "CamVid", size=(45, 70))
+    dm = make_dm(root, crop_size=None, pad_multiple=32)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape[-2:] == (64, 96) and bool((y[:, 45:, :] == VOID).all())
+
+
+def test_drop_last_for_training_only(tmp_path):
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 3, "val": 3, "test": 3})
+    dm = make_dm(root, batch_size=2, eval_batch_size=2)
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 1  # 3 images, batch 2: the lone last image is dropped
+    assert len(dm.val_dataloader()) == 2
+
+
+def test_median_frequency_weights_are_cached_and_balance(tmp_path):
+    root = tmp_path / "CamVid"
+    write_camvid(root, counts={"train": 2, "val": 1, "test": 1})
+    for lbl in (root / "trainannot").iterdir():  # class 0 three times as frequent as class 1, void ignored
+        a = np.zeros((48, 64), np.uint8)
+        a[:, 48:] = 1
+        a[:4] = VOID
+        Image.fromarray(a, mode="L").save(lbl)
+    cache = tmp_path / "cache"
+    w = median_frequency_weights(root, cache_dir=cache)
+    assert len(w) == NUM_CLASSES
+    assert w[0] == pytest.approx(2 / 3, abs=1e-3) and w[1] == pytest.approx(2.0, abs=1e-3)
+    assert all(v == 0 for v in w[2:])  # absent classes get no weight
+    assert len(list(cache.iterdir())) == 1
+    assert median_frequency_weights(root, cache_dir=cache) == w
+    dm = make_dm(root, class_weights="median_freq")
+    assert torch.allclose(dm.class_weights(), torch.tensor(median_frequency_weights(root)), atol=1e-6)
+    assert make_dm(root).class_weights() is None
+
+
+def test_classes_and_palette_in_one_place():
+    assert len(CLASSES) == NUM_CLASSES == 11 and VOID == 11
+    assert CLASSES[0] == "Sky" and CLASSES[9] == "Pedestrian" and CLASSES[10] == "Bicyclist"
+    assert len(PALETTE) == 12
+    rgb = colorize(np.array([[0, 11]]))
+    assert rgb.shape == (1, 2, 3) and tuple(rgb[0, 0]) == PALETTE[0] and tuple(rgb[0, 1]) == (0, 0, 0)
+
+
+# --- bad data: one clear message naming the file ---------------------------------------------------------------
+def _break(root: Path, case: str) -> str:
+    """Damage a synthetic dataset; returns a fragment the error message must contain."""
+    if case == "missing root":
+        return "dataset folder not found"
+    if case == "missing split":
+        (root / "valannot").rename(root / "valannot_gone")
+        return "valannot"
+    if case == "image without label":
+        (root / "trainannot" / "train_001.png").unlink()
+        return "train_001.png"
+    if case == "sizes differ":
+        Image.fromarray(np.zeros((10, 10), np.uint8), mode="L").save(root / "trainannot" / "train_000.png")
+        return "size mismatch"
+    if case == "label out of range":
+        Image.fromarray(np.full((48, 64), 40, np.uint8), mode="L").save(root / "trainannot" / "train_000.png")
+        return "contains 40"
+    if case == "truncated png":
+        path = root / "train" / "train_000.png"
+        path.write_bytes(path.read_bytes()[:200])
+        return "train_000.png"
+    if case == "not an image":
+        (root / "train" / "train_000.png").write_text("hello")
+        return "train_000.png"
+    if case == "empty split":
+        for p in (root / "test").iterdir():
+            p.unlink()
+        for p in (root / "testannot").iterdir():
+            p.unlink()
+        return "empty split"
+    raise AssertionError(case)
+
+
+CASES = ["missing root", "missing split", "image without label", "sizes differ", "label out of range",
+         "truncated png", "not an image", "empty split"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_data_gives_one_clear_error(tmp_path, case):
+    root = write_camvid(tmp_path / "CamVid")
+    fragment = _break(root, case)
+    if case == "missing root":
+        root = tmp_path / "nowhere"
+    with pytest.raises(CamVidError) as info:
+        verify_root(root, deep=True)
+    message = str(info.value)
+    assert fragment in message and "\n" not in message
+    if case not in ("missing root", "empty split", "missing split"):
+        assert "train" in message  # names the offending file's split folder
+
+
+def test_bad_file_fails_in_the_loader_too(tmp_path):
+    root = write_camvid(tmp_path / "CamVid")
+    _break(root, "label out of range")
+    dm = make_dm(root, batch_size=1)
+    dm.setup("fit")
+    dm.datasets["train"].pairs = dm.datasets["train"].pairs[:1]
+    with pytest.raises(CamVidError, match="trainannot/train_000.png contains 40"):
+        next(iter(dm.train_dataloader()))

@@ -1,0 +1,254 @@
+"""FC-DenseNet: paper parameter counts, shapes, exactness vs the torch.cat formulation, memory-efficient mode."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bgremover.nets.tiramisu import (
+    TIRAMISU_CONFIGS,
+    DenseBlock,
+    FCDenseNet,
+    count_parameters,
+    fcdensenet56,
+    fcdensenet67,
+    fcdensenet103,
+)
+
+_REF_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_tiramisu.py"
+_spec = importlib.util.spec_from_file_location("reference_tiramisu", _REF_PATH)
+ref = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("reference_tiramisu", ref)
+_spec.loader.exec_module(ref)
+
+# Tiny FC-DenseNet used where the paper-sized nets would make a test slow.
+TINY = {"down_blocks": (2, 3), "up_blocks": (3, 2), "bottleneck_layers": 2, "growth_rate": 4,
+        "first_conv_channels": 8}
+BLOCK_SHAPES = [(5, 1, 3), (6, 3, 4), (4, 5, 2)]  # (in_channels, layers, growth)
+
+
+def _randomise(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN affine params / running stats, so a wrong formula cannot hide behind 1s and 0s."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 - 1)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 2 - 1)
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            elif isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+
+
+def _fwd_bwd(model: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None):
+    x = x.clone().requires_grad_()
+    out = model(x)
+    w = weight if weight is not None else torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                                                      dtype=out.dtype)
+    (out * w).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}, w
+
+
+def _assert_same_run(a: nn.Module, b: nn.Module, x: torch.Tensor, atol: float = 1e-10) -> None:
+    out_a, gx_a, gp_a, w = _fwd_bwd(a, x)
+    out_b, gx_b, gp_b, _ = _fwd_bwd(b, x, w)
+    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=1e-9)
+    torch.testing.assert_close(gx_a, gx_b, atol=atol, rtol=1e-9)
+    assert gp_a.keys() == gp_b.keys()
+    for name in gp_a:
+        torch.testing.assert_close(gp_a[name], gp_b[name], atol=atol, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+    sa, sb = a.state_dict(), b.state_dict()
+    for name in sa:  # running statistics and num_batches_tracked
+        torch.testing.assert_close(sa[name].double(), sb[name].double(), atol=atol, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("factory", "millions"), [(fcdensenet56, 1.38), (fcdensenet67, 3.46), (fcdensenet103, 9.32)]
+)
+def test_parameter_counts_match_paper(factory, millions: float) -> None:
+    n = count_parameters(factory(num_classes=11))
+    assert abs(n / 1e6 - millions) <= 0.01 * millions, n
+
+
+def test_reference_has_same_parameters() -> None:
+    ours, theirs = fcdensenet103(), ref.ref_fcdensenet("fcdensenet103")
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_configs_registry() -> None:
+    assert set(TIRAMISU_CONFIGS) == {"fcdensenet56", "fcdensenet67", "fcdensenet103"}
+    assert TIRAMISU_CONFIGS["fcdensenet103"]["up_blocks"] == (12, 10, 7, 5, 4)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize(("cin", "layers", "growth"), BLOCK_SHAPES)
+def test_block_matches_cat_formulation_float64(cin: int, layers: int, growth: int, train: bool,
+                                               memory_efficient: bool) -> None:
+    ours = DenseBlock(cin, layers, growth, dropout=0.0, memory_efficient=memory_efficient).double()
+    _randomise(ours)
+    theirs = ref.RefDenseBlock(cin, layers, growth, dropout=0.0).double()
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(train)
+    theirs.train(train)
+    x = torch.randn(3, cin, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    _assert_same_run(ours, theirs, x)
+
+
+def test_block_takes_several_inputs_like_a_concat() -> None:
+    block = DenseBlock(7, 2, 3, dropout=0.0).double()
+    _randomise(block)
+    a = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    split = block(a, b)
+    cat_in = torch.cat([a, b], 1).detach().requires_grad_()
+    block2 = DenseBlock(7, 2, 3, dropout=0.0).double()
+    block2.load_state_dict(block.state_dict())
+    joined = block2(cat_in)
+    torch.testing.assert_close(split, joined)
+    split.sum().backward()
+    joined.sum().backward()
+    torch.testing.assert_close(torch.cat([a.grad, b.grad], 1), cat_in.grad)
+    with pytest.raises(ValueError, match="input channels"):
+        block(a)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_whole_net_matches_reference_float64(train: bool) -> None:
+    ours = FCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
+    _randomise(ours)
+    theirs = ref.RefFCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(train)
+    theirs.train(train)
+    x = torch.randn(2, 3, 16, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    _assert_same_run(ours, theirs, x)
+
+
+def test_memory_efficient_same_gradients_and_bn_stats_updated_once() -> None:
+    normal = FCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
+    _randomise(normal)
+    lean = FCDenseNet(num_classes=5, dropout=0.0, memory_efficient=True, **TINY).double()
+    lean.load_state_dict(normal.state_dict())
+    for m in (normal, lean):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.num_batches_tracked.zero_()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    _assert_same_run(normal, lean, x)  # includes running_mean / running_var equality
+    tracked = [bn.num_batches_tracked.item() for bn in lean.modules() if isinstance(bn, nn.BatchNorm2d)]
+    assert tracked and set(tracked) == {1}
+
+
+def test_memory_efficient_replays_the_same_dropout_mask() -> None:
+    normal = DenseBlock(6, 3, 4, dropout=0.5).double()
+    lean = DenseBlock(6, 3, 4, dropout=0.5, memory_efficient=True).double()
+    _randomise(normal)
+    lean.load_state_dict(normal.state_dict())
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    torch.manual_seed(7)
+    out_n, gx_n, gp_n, w = _fwd_bwd(normal, x)
+    torch.manual_seed(7)
+    out_l, gx_l, gp_l, _ = _fwd_bwd(lean, x, w)
+    assert (out_n[:, 6:] == 0).flatten(2).all(-1).any()  # some maps really were dropped
+    torch.testing.assert_close(out_n, out_l)
+    torch.testing.assert_close(gx_n, gx_l)
+    for name in gp_n:
+        torch.testing.assert_close(gp_n[name], gp_l[name])
+
+
+def test_dropout_is_channelwise_and_rescaled() -> None:
+    drop = DenseBlock(4, 1, 64, dropout=0.25).double().train()
+    plain = DenseBlock(4, 1, 64, dropout=0.0).double().train()
+    plain.load_state_dict(drop.state_dict())
+    x = torch.randn(8, 4, 6, 6, dtype=torch.float64)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        new, ref_new = drop(x)[:, 4:], plain(x)[:, 4:]
+    dropped = (new == 0).flatten(2).all(-1)  # N x 64: a dropped map is zero at every pixel
+    assert 0.15 < dropped.float().mean().item() < 0.35
+    kept = ~dropped
+    torch.testing.assert_close(new[kept], ref_new[kept] / 0.75)
+
+
+@pytest.mark.parametrize("factory", [fcdensenet56, fcdensenet67, fcdensenet103])
+def test_channels_last_bf16_forward_backward_every_size(factory) -> None:
+    net = factory().to(memory_format=torch.channels_last).train()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    assert out.shape == (2, 11, 32, 32) and out.dtype == torch.bfloat16
+    F.cross_entropy(out.float(), torch.randint(0, 11, (2, 32, 32))).backward()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads[:4])
+
+
+def test_bf16_autocast_close_to_fp32() -> None:
+    net = FCDenseNet(num_classes=5, **TINY).train()
+    _randomise(net)
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    out32 = net(x)
+    net_cl = net.to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = net_cl(x.contiguous(memory_format=torch.channels_last))
+    err = (out16.float() - out32).abs().max() / out32.abs().max()
+    assert err < 0.05, err
+
+
+def test_224_shape() -> None:
+    net = fcdensenet56(num_classes=11)
+    out = net(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 11, 224, 224)
+
+
+@pytest.mark.slow
+def test_384x480_shape_fcdensenet103_eval() -> None:
+    net = fcdensenet103(num_classes=11).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 384, 480))
+    assert out.shape == (1, 11, 384, 480)
+
+
+@pytest.mark.parametrize("size", [(33, 47), (50, 70), (17, 17)])
+def test_odd_sizes_do_not_crash(size: tuple[int, int]) -> None:
+    net = FCDenseNet(num_classes=3, **TINY)
+    out = net(torch.randn(1, 3, *size))
+    assert out.shape == (1, 3, *size)
+    out.sum().backward()
+
+
+def test_bad_input_rank_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        FCDenseNet(**TINY)(torch.randn(3, 32, 32))
+
+
+def test_he_uniform_init_bounds() -> None:
+    net = FCDenseNet(**TINY)
+    conv = net.down_blocks[0].layers[1].conv
+    bound = (6.0 / conv.weight[0].numel()) ** 0.5
+    assert conv.weight.abs().max() <= bound
+    assert conv.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(conv.bias) == 0
+
+
+@pytest.mark.slow
+def test_compiled_matches_eager_bf16() -> None:
+    net = FCDenseNet(num_classes=5, dropout=0.0, **TINY).to(memory_format=torch.channels_last).eval()
+    _randomise(net)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(net)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_out = net(x).float()
+        comp_out = compiled(x).float()
+    scale = eager_out.abs().max()
+    assert (comp_out - eager_out).abs().max() <= 0.03 * scale
