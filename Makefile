@@ -66,7 +66,7 @@ compare: $(STAMP) ## report over a sweep: make compare [SWEEP=logs/train/multiru
 
 export: $(STAMP) ## checkpoint → self-describing ONNX: make export CKPT=path [OUT=model.onnx]
 	@test -n "$(CKPT)" || { echo "error: give a checkpoint: make export CKPT=path/to.ckpt [OUT=model.onnx]" >&2; exit 2; }
-	$(BIN)/python -m bgremover.export "$(CKPT)" $(if $(OUT),--out "$(OUT)") $(ARGS)
+	$(BIN)/python -m bgremover.export --ckpt "$(CKPT)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
 predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [MODEL=x.onnx] [OUT=dir]
 	@test -n "$(IMG)" || { echo "error: give an image or folder: make predict IMG=photo.jpg" >&2; exit 2; }

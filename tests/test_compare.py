@@ -172,7 +172,7 @@ def test_cli(sweep: Path, tmp_path: Path) -> None:
     assert r.stdout.strip().splitlines()[-1].startswith(f"report: {out / 'report.md'}")
     assert (out / "report.html").is_file() and not (sweep / "report").exists()
 
-    # Default sweep: the newest Hydra sweep (marked by multirun.yaml) under logs/multiruns of the cwd.
+    # Default sweep: the newest Hydra sweep (marked by multirun.yaml) under logs/ of the cwd.
     proj = tmp_path / "proj"
     newest = proj / "logs" / "multiruns" / "2025-01-02" / "10-00-00"
     newest.mkdir(parents=True)
@@ -202,7 +202,7 @@ def test_main_without_multiruns_is_one_error(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     assert compare.main([]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "logs/multiruns" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error:") and "logs" in err and len(err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------ grid

@@ -31,7 +31,7 @@ from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND, colorize
 
 SUMMARY_NAME = "summary.json"  # what train.py writes into every run dir
 REPORT_DIRNAME = "report"  # default report folder inside the sweep dir
-MULTIRUNS_DIR = Path("logs/multiruns")  # where the default (newest) sweep is looked for
+MULTIRUNS_DIR = Path("logs")  # searched for the newest multirun.yaml (train sweeps: logs/train/multiruns/...)
 DEFAULT_GRID_IMAGES = 3  # test images (rows) in grid.png
 DEFAULT_WANDB_PROJECT = "bgremover"  # used when neither WANDB_PROJECT nor the runs' config names one
 TILE_W = 240  # width in px of one grid cell; the height follows the test images' aspect ratio
@@ -117,7 +117,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
 
 
 def newest_sweep(base: Path = MULTIRUNS_DIR) -> Path:
-    """The newest sweep under logs/multiruns: Hydra marks each sweep root with multirun.yaml, whatever the nesting."""
+    """The newest sweep under logs/: Hydra marks each sweep root with multirun.yaml, whatever the nesting."""
     if not base.is_dir():
         raise CompareError(f"no sweep given and {base}/ does not exist; pass a sweep dir")
     marked = [p.parent for p in base.rglob("multirun.yaml")]

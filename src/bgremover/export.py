@@ -1,6 +1,6 @@
 """Turn a training checkpoint into ONE self-describing ONNX file that `bgremover.predict` can run without torch.
 
-    python -m bgremover.export ckpt=runs/x/checkpoints/best.ckpt [out=models/bgremover-camvid.onnx] [torchscript=true]
+    python -m bgremover.export ckpt=runs/x/checkpoints/best.ckpt [out=model.onnx] [torchscript=true]
     python -m bgremover.export --ckpt runs/x/checkpoints/best.ckpt --out model.onnx --torchscript
 
 The file carries everything the predictor needs (classes, normalization, size multiple, default foreground,
@@ -37,7 +37,7 @@ INPUT_NAME = "image"  # N x 3 x H x W float32, (rgb/255 - mean)/std
 OUTPUT_NAME = "logits"  # N x K x H x W float32
 OPSET = 17  # supported by every onnxruntime >= 1.14 and by the TorchScript exporter
 TOLERANCE = 1e-4  # max |torch - onnxruntime| on logits before we refuse to write the file
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "models" / "bgremover-camvid.onnx"  # where predict looks
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "bgremover-camvid.onnx"  # where predict looks
 # Verification shapes as multiples of size_multiple: (batch, h, w). Two different shapes, one with batch 2,
 # prove the dynamic axes really are dynamic rather than frozen at the tracing shape.
 VERIFY_SHAPES = ((1, 3, 4), (2, 2, 3))
@@ -330,7 +330,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Export a bgremover training checkpoint to one verified, self-describing ONNX file.",
     )
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by bgremover training")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output .onnx path (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=None,
+                   help="output .onnx path (default: <run dir>/<net>.onnx beside the checkpoint's run; "
+                        f"the predictor's default model is {SHIPPED})")
     p.add_argument(
         "--torchscript",
         nargs="?",
@@ -344,12 +346,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_out(ckpt: Path, meta: dict) -> Path:
+    """Beside the run that made the checkpoint, never over the shipped model unless asked for by --out."""
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return run_dir / f"{meta.get('net_name') or 'model'}.onnx"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_normalize_argv(list(sys.argv[1:] if argv is None else argv)))
     try:
         net, meta = load_checkpoint_net(args.ckpt)
+        out = args.out or default_out(Path(args.ckpt), meta)
         result = export_onnx(
-            net, meta, args.out, tol=args.tol, opset=args.opset, torchscript=args.torchscript
+            net, meta, out, tol=args.tol, opset=args.opset, torchscript=args.torchscript
         )
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -55,11 +55,22 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         cfg.logger.wandb.offline = mode == "offline"
     loggers = utils.instantiate_dict(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    if cfg.get("ckpt_init"):  # a new stage from an earlier run's weights: epoch, optimizer and schedule start fresh
+        load_net_weights(model, cfg.ckpt_init)
     params = count_parameters(model.net)
     for logger in loggers:  # the whole resolved config, so dashboards can filter and group by any value
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "model/params": params})
     return {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks, "logger": loggers,
             "trainer": trainer, "params": params}
+
+
+def load_net_weights(model, ckpt_path: str) -> None:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_init checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    model.net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+    log.info("initialised the net from %s", path)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:

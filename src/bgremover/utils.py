@@ -32,6 +32,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def one_line(exc: BaseException) -> str:
     """The error's own message on one line, also when a DataLoader worker wrapped it in its traceback text."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        # Hydra wraps the real error as "Error in call to target X:\n<error>": say the error, name the target.
+        target = str(exc).splitlines()[0].split("'")[1::2][:1]
+        inner = one_line(exc.__cause__)
+        return f"{inner} (while building {target[0]})" if target else inner
     text = str(exc).strip()
     if "Original Traceback" in text:  # torch re-raises worker errors with the worker's traceback as message
         text = text.rstrip().splitlines()[-1]
@@ -217,6 +224,7 @@ class SweepReport(_HydraCallback):
                     "status": s.get("status", "?"),
                     "net": s.get("net"),
                     "seed": s.get("seed"),
+                    "overrides": _read_overrides(job),
                     "val/mIoU_best": metrics.get("val/mIoU_best"),
                     "test/mIoU": metrics.get("test/mIoU"),
                     "error": s.get("error"),
@@ -224,13 +232,27 @@ class SweepReport(_HydraCallback):
             )
         write_json_atomic(sweep_dir / SWEEP_REPORT_NAME, {"sweep_dir": str(sweep_dir), "jobs": rows})
         failed = [r for r in rows if r["status"] != "ok"]
+        # the keys whose values differ between jobs: what the sweep varies, shown per job below
+        swept = {o.split("=")[0] for r in rows for o in r["overrides"]
+                 if any(o not in other["overrides"] for other in rows)}
         print(f"\nsweep {sweep_dir}: {len(rows) - len(failed)} of {len(rows)} jobs ok", file=sys.stderr)
         for r in rows:
             score = "" if r["test/mIoU"] is None else f" test/mIoU={r['test/mIoU']:.4f}"
-            print(f"  [{r['status']}] {r['job']}{score}" + (f": {r['error']}" if r["error"] else ""), file=sys.stderr)
+            what = " ".join(o for o in r["overrides"] if o.split("=")[0] in swept) or r["job"]
+            line = f"  [{r['status']}] job {r['job']} ({what}){score}" + (f": {r['error']}" if r["error"] else "")
+            print(line, file=sys.stderr)
         if failed:
             print(f"error: {len(failed)} sweep job(s) failed (see above); the others' results are kept", file=sys.stderr)
             sys.exit(1)
+
+
+def _read_overrides(job: Path) -> list[str]:
+    import yaml
+
+    try:
+        return list(yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or [])
+    except (OSError, yaml.YAMLError):
+        return []
 
 
 def _job_number(path: Path) -> tuple[int, str]:

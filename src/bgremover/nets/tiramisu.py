@@ -51,6 +51,7 @@ TIRAMISU_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+_MIN_GAMMA = 1e-3  # below this |BN weight| the gamma gradient is summed directly (the identity divides by it)
 _STRIDE1 = [1, 1]
 _PAD1 = [1, 1]
 _NO_OUT_PAD = [0, 0]
@@ -86,7 +87,7 @@ class _DenseBlockFn(torch.autograd.Function):
         n, _, h, w = x0.shape
         c0 = sum(t.shape[1] for t in inputs)
         c_total = c0 + n_layers * growth
-        fmt = torch.channels_last if x0.is_contiguous(memory_format=torch.channels_last) and not x0.is_contiguous() else torch.contiguous_format
+        fmt = _fmt(x0)
         with torch.autocast(dev_type, enabled=False):
             buf = torch.empty((n, c_total, h, w), dtype=cdtype, device=x0.device, memory_format=fmt)
             off = 0
@@ -100,26 +101,27 @@ class _DenseBlockFn(torch.autograd.Function):
                 var[:c0], mean[:c0] = _batch_stats(buf[:, :c0])
             invstd = torch.rsqrt(var + eps)
             saved_acts: list[Tensor] = []
+            # Without saved activations one scratch area serves every layer (fewer fresh pages to fault in).
+            scratch = None if keep_act else _scratch(n, c_total - growth, h, w, cdtype, x0.device)
             for i in range(n_layers):
                 gamma, beta, weight, bias, r_mean, r_var, mask = per_layer[7 * i : 7 * i + 7]
                 c = c0 + i * growth
                 scale, shift = _affine(gamma, beta, mean[:c], invstd[:c], r_mean, r_var, eps, training)
-                act = torch.empty((n, c, h, w), dtype=cdtype, device=x0.device, memory_format=fmt)
+                act = _new_act(scratch, (n, c, h, w), fmt, cdtype, x0.device)
                 torch.addcmul(_as_channel(shift), buf[:, :c], _as_channel(scale), out=act)
                 act.relu_()
                 y = torch.ops.aten.convolution(
                     act, weight.to(cdtype), bias.to(cdtype), _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1
                 )
-                out = buf[:, c : c + growth]
                 if mask is not None:
-                    torch.mul(y, mask.to(cdtype), out=out)
-                else:
-                    out.copy_(y)
-                del y
+                    y.mul_(mask.to(cdtype))
                 if training and i + 1 < n_layers:  # the last layer's maps feed no BN inside this block
-                    v, m = _batch_stats(out)
+                    # Statistics of the dense conv output are cheaper than of the strided buffer slice.
+                    v, m = _batch_stats(y)
                     var[c : c + growth], mean[c : c + growth] = v, m
                     invstd[c : c + growth] = torch.rsqrt(v + eps)
+                buf[:, c : c + growth].copy_(y)
+                del y
                 if keep_act:
                     saved_acts.append(act)
                 del act
@@ -142,6 +144,10 @@ class _DenseBlockFn(torch.autograd.Function):
         cdtype = buf.dtype
         n, c_total, h, w = buf.shape
         count = n * h * w
+        fmt = _fmt(buf)
+        # bf16 weight gradients are too coarse for the W * dW identity (it divides by gamma).
+        exact_identity = cdtype in (torch.float32, torch.float64)
+        scratch = None if saved_acts else _scratch(n, c_total - growth, h, w, cdtype, buf.device)
         param_grads: list[Tensor | None] = [None] * (7 * n_layers)
         with torch.autocast(buf.device.type, enabled=False):
             # A private, writable copy: earlier layers' gradients are accumulated into its prefix.
@@ -158,24 +164,32 @@ class _DenseBlockFn(torch.autograd.Function):
                 if saved_acts:
                     act = saved_acts[i]
                 else:
-                    act = torch.empty((n, c, h, w), dtype=cdtype, device=buf.device, memory_format=_fmt(buf))
+                    act = _new_act(scratch, (n, c, h, w), fmt, cdtype, buf.device)
                     torch.addcmul(_as_channel(shift), x, _as_channel(scale), out=act)
                     act.relu_()
                 g_y = grad[:, c : c + growth]
                 if mask is not None:
                     g_y = g_y * mask.to(cdtype)
                 need = ctx.param_needs_grad[7 * i : 7 * i + 7]
-                g_act, g_w, g_b = torch.ops.aten.convolution_backward(
-                    g_y, act, weight.to(cdtype), [growth], _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
-                    [True, need[2], need[3]],
+                w_c = weight.to(cdtype)
+                g_pre, g_w, g_b = torch.ops.aten.convolution_backward(
+                    g_y, act, w_c, [growth], _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
+                    [True, True, need[3]],
                 )
-                g_pre = torch.ops.aten.threshold_backward(g_act, act, 0)
-                del act, g_act
+                torch.ops.aten.threshold_backward.grad_input(g_pre, act, 0, grad_input=g_pre)  # in place
                 g_beta = g_pre.sum(dim=(0, 2, 3), dtype=mean.dtype)
-                g_x_sum = (g_pre * x).sum(dim=(0, 2, 3), dtype=mean.dtype)
-                centre = mean[:c] if training else r_mean.to(mean.dtype)
-                std_inv = invstd[:c] if training else torch.rsqrt(r_var.to(mean.dtype) + eps)
-                g_gamma = std_inv * (g_x_sum - centre * g_beta)
+                gamma_s, beta_s = gamma.to(mean.dtype), beta.to(mean.dtype)
+                if exact_identity and bool(gamma_s.abs().min() >= _MIN_GAMMA):
+                    # Adjoint of the conv: sum_pixels(g_act * act) = sum_(out, kh, kw)(W * dW) per input
+                    # channel, and act = gamma * xhat + beta where g_pre != 0, so sum(g_pre * xhat) needs
+                    # no pass over the activations.
+                    g_act_act = (w_c.to(mean.dtype) * g_w.to(mean.dtype)).sum(dim=(0, 2, 3))
+                    g_gamma = (g_act_act - beta_s * g_beta) / gamma_s
+                else:
+                    centre = mean[:c] if training else r_mean.to(mean.dtype)
+                    std_inv = invstd[:c] if training else torch.rsqrt(r_var.to(mean.dtype) + eps)
+                    g_gamma = std_inv * ((g_pre * x).sum(dim=(0, 2, 3), dtype=mean.dtype) - centre * g_beta)
+                del act
                 grad[:, :c].addcmul_(g_pre, _as_channel(scale))
                 del g_pre
                 if training:
@@ -195,6 +209,22 @@ class _DenseBlockFn(torch.autograd.Function):
             input_grads.append(grad[:, off : off + k])
             off += k
         return (None, None, *input_grads, *param_grads)
+
+
+def _scratch(n: int, c: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(n * c * h * w, dtype=dtype, device=device)
+
+
+def _new_act(
+    scratch: Tensor | None, shape: tuple[int, int, int, int], fmt: torch.memory_format, dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """A dense (N, c, H, W) tensor in ``fmt``: fresh, or a view of the front of ``scratch``."""
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+    n, c, h, w = shape
+    flat = scratch[: n * c * h * w]
+    return flat.view(n, h, w, c).permute(0, 3, 1, 2) if fmt == torch.channels_last else flat.view(shape)
 
 
 def _fmt(t: Tensor) -> torch.memory_format:

@@ -1,0 +1,114 @@
+"""Training throughput (img/s) and peak memory per net, at 224² crops and full 384×480 frames, in one run.
+
+    python benchmarks/train_throughput.py                       # every registered net, both sizes
+    python benchmarks/train_throughput.py --nets tiramisu56 deeplabv3plus_mobilenet_v2 --sizes 224 --steps 4
+
+Each (net, size) runs in a fresh subprocess, so peak memory (RSS on CPU, max_memory_allocated on GPU) belongs
+to that configuration alone. A step is forward + cross-entropy + backward + optimizer step, with the flags the
+training configs use by default: channels_last and bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see Makefile: spinning OpenMP threads hurt on 2 cores
+
+SIZES = {"224": ((224, 224), 2), "384x480": ((384, 480), 1)}  # name → ((H, W), batch size)
+WARMUP = 1  # untimed steps (allocator and oneDNN kernel selection)
+
+
+def worker(net_name: str, size: str, steps: int, device: str, precision: str) -> dict:
+    import torch
+
+    from bgremover.nets import build_net, count_parameters
+
+    (h, w), batch = SIZES[size]
+    torch.manual_seed(0)
+    net = build_net(net_name).to(device).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.RMSprop(net.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 11, (batch, h, w), device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def step():
+        with torch.autocast(device_type=device, dtype=dtype, enabled=precision == "bf16"):
+            loss = torch.nn.functional.cross_entropy(net(x).float(), y, ignore_index=11)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(WARMUP):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is KiB on Linux; the baseline is what the process held before the first step
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return {"net": net_name, "size": size, "params_m": count_parameters(net) / 1e6,
+            "img_s": steps * batch / seconds, "peak_mb": peak_mb}
+
+
+def main() -> None:
+    from bgremover.nets import NETS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--worker", nargs=2, metavar=("NET", "SIZE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.steps, args.device, args.precision)))
+        return
+
+    print(f"device={args.device} precision={args.precision} channels_last steps={args.steps} "
+          f"threads={os.environ.get('OMP_NUM_THREADS', os.cpu_count())}")
+    print(f"{'net':<28} {'params':>8} " + " ".join(f"{s + ' img/s':>14} {s + ' MB':>12}" for s in args.sizes))
+    for name in args.nets:
+        cells = []
+        params = None
+        for size in args.sizes:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", name, size, "--steps", str(args.steps),
+                 "--device", args.device, "--precision", args.precision],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                err = (proc.stderr.strip().splitlines() or ["failed"])[-1][:40]
+                cells.append(f"{'failed':>14} {err:>12}")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            params = r["params_m"]
+            cells.append(f"{r['img_s']:>14.2f} {r['peak_mb']:>12.0f}")
+        print(f"{name:<28} {(f'{params:.2f}M' if params else '?'):>8} " + " ".join(cells), flush=True)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Every config composes: experiments (parametrised over the folder), nets, trainers, loggers, debug presets,
+the Optuna search and the SLURM launcher; and the composed objects are the ones the configs promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+from conftest import CONF_DIR, REPO
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def cfg_for(*overrides: str, name: str = "train", hydra_cfg: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def test_experiment_folder_is_complete():
+    wanted = {"tiramisu103_camvid", "tiramisu67_camvid", "tiramisu56_camvid", "deeplabv3_camvid",
+              "deeplabv3plus_camvid", "compare_models", "cpu_quick"}
+    assert wanted <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_says_what_it_is(name):
+    text = (REPO / "experiments" / f"{name}.yaml").read_text().splitlines()
+    assert text[0] == "# @package _global_" and text[1].startswith("# ") and len(text[1]) > 20
+    cfg = cfg_for(f"experiment={name}", hydra_cfg=True)
+    assert cfg.experiment_name == name
+    assert cfg.model._target_ == "bgremover.lit.SegmentationModule"
+    assert cfg.model.net._target_.split(".")[0] in ("bgremover", "segmentation_models_pytorch")
+    assert cfg.data._target_ == "bgremover.data.CamVidDataModule"
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+
+
+def test_compare_models_sweeps_nets_times_seeds():
+    cfg = cfg_for("experiment=compare_models", hydra_cfg=True)
+    params = cfg.hydra.sweeper.params
+    nets = params.model.split(",")
+    assert {"tiramisu103", "deeplabv3plus"} <= set(nets) and len(params.seed.split(",")) >= 2
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_builds_its_net(model):
+    cfg = cfg_for(f"model={model}")
+    net = hydra.utils.instantiate(cfg.model.net)
+    assert sum(p.numel() for p in net.parameters()) > 100_000
+    assert cfg.model.net_name.startswith(model)
+    assert cfg.model.optimizer._partial_ is True and cfg.model.scheduler._partial_ is True
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
+def test_trainer_configs(trainer):
+    cfg = cfg_for(f"trainer={trainer}")
+    assert cfg.trainer.precision == "bf16-mixed"
+    if trainer == "ddp":
+        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == -1 and cfg.trainer.num_nodes == 1
+
+
+@pytest.mark.parametrize("debug", ["fdr", "overfit", "limit"])
+def test_debug_presets(debug):
+    cfg = cfg_for(f"debug={debug}")
+    assert cfg.task_name == "debug"
+
+
+def test_defaults_order_and_run_dirs_with_microseconds():
+    import yaml
+
+    defaults = yaml.safe_load((Path(CONF_DIR) / "train.yaml").read_text())["defaults"]
+    names = [next(iter(d)) if isinstance(d, dict) else d for d in defaults]
+    assert names == ["_self_", "data", "model", "callbacks", "logger", "trainer", "paths", "extras", "hydra",
+                     "experiment", "hparams_search", "debug"]
+    from omegaconf import OmegaConf
+
+    hcfg = OmegaConf.to_container(cfg_for(hydra_cfg=True).hydra, resolve=False)
+    assert "%f" in hcfg["run"]["dir"] and "%f" in hcfg["sweep"]["dir"]
+    cfg = cfg_for()
+    assert cfg.optimized_metric == "val/mIoU_best"
+
+
+def test_optuna_search_composes():
+    cfg = cfg_for("hparams_search=optuna", hydra_cfg=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"model.optimizer.lr", "model.optimizer.weight_decay", "data.crop_size"}
+    assert cfg.optimized_metric == "val/mIoU_best"
+
+
+def test_slurm_launcher_composes():
+    cfg = cfg_for("hydra/launcher=slurm", "experiment=compare_models", "trainer=gpu", hydra_cfg=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
+
+
+def test_data_root_follows_data_dir(monkeypatch):
+    monkeypatch.setenv("DATA_DIR", "/some/where/CamVid")
+    assert cfg_for().data.root == "/some/where/CamVid"
+    monkeypatch.delenv("DATA_DIR")
+    assert cfg_for().data.root == "data/CamVid"

@@ -1,0 +1,69 @@
+"""Hydra multirun sweeps end to end: every job its own summary and offline W&B run; a failing job is reported
+and does not lose the others' results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from wandb_records import offline_run
+
+TINY = [
+    "data.num_workers=0", "data.batch_size=2", "data.eval_batch_size=1", "data.crop_size=[64,64]",
+    "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+    "trainer.max_epochs=1", "extras.print_config=false", "measure_inference=false", "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+def run_sweep(tmp_path: Path, camvid_root: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgremover.train", "-m", f"paths.log_dir={tmp_path}", f"data.root={camvid_root}",
+         *TINY, *overrides],
+        capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    root = tmp_path / "train" / "multiruns"
+    sweeps = list(root.iterdir()) if root.is_dir() else []
+    assert len(sweeps) == 1, proc.stderr[-2000:]
+    return proc, sweeps[0]
+
+
+@pytest.mark.slow
+def test_two_nets_two_seeds_give_four_summaries_and_four_wandb_runs(camvid_root, tmp_path):
+    proc, sweep = run_sweep(tmp_path, camvid_root, "model=tiramisu56,deeplabv3plus", "seed=1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(summaries) == 4
+    assert sorted((s["net"], s["seed"]) for s in summaries) == [
+        ("deeplabv3plus_resnet18", 1), ("deeplabv3plus_resnet18", 2), ("tiramisu56", 1), ("tiramisu56", 2)]
+    assert all(s["status"] == "ok" and 0 <= s["metrics"]["test/mIoU"] <= 1 for s in summaries)
+    job_dirs = {Path(s["run_dir"]) for s in summaries}
+    assert len(job_dirs) == 4  # no two jobs share a folder
+    runs = [offline_run(d / "wandb") for d in sorted(job_dirs)]
+    groups = {r["group"] for r in runs}
+    assert len(groups) == 1 and sweep.name in groups.pop()  # one W&B group per sweep
+    assert sorted(r["tags"][0] for r in runs) == sorted(s["net"] for s in summaries)
+    report = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [j["status"] for j in report["jobs"]] == ["ok"] * 4
+    assert "4 of 4 jobs ok" in proc.stderr
+
+
+@pytest.mark.slow
+def test_failing_job_is_reported_and_others_are_kept(camvid_root, tmp_path):
+    proc, sweep = run_sweep(tmp_path, camvid_root, "model=deeplabv3plus",
+                            "model.net.encoder_name=mobilenet_v2,no_such_encoder")
+    assert proc.returncode == 1
+    by_job = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert len(by_job) == 2
+    ok = [s for s in by_job.values() if s["status"] == "ok"]
+    failed = [s for s in by_job.values() if s["status"] == "failed"]
+    assert len(ok) == 1 and ok[0]["net"] == "deeplabv3plus_mobilenet_v2"
+    assert len(failed) == 1 and "no_such_encoder" in failed[0]["error"]
+    assert "1 of 2 jobs ok" in proc.stderr and "1 sweep job(s) failed" in proc.stderr
+    failed_job = next(name for name, s in by_job.items() if s["status"] == "failed")
+    assert f"[failed] job {failed_job} (model.net.encoder_name=no_such_encoder)" in proc.stderr
+    assert "Traceback" not in proc.stderr
