@@ -72,6 +72,15 @@ predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [
 	@test -n "$(IMG)" || { echo "error: give an image or folder: make predict IMG=photo.jpg" >&2; exit 2; }
 	$(BIN)/bgremover-predict "$(IMG)" $(if $(MODEL),--model "$(MODEL)") $(if $(OUT),--out "$(OUT)") $(ARGS)
 
+eval-cutout: $(STAMP) ## cut-out quality of a model on CamVid test: make eval-cutout [MODEL=x.onnx] [ARGS="--limit 20"]
+	$(BIN)/python -m bgremover.cutout_eval $(if $(MODEL),--model "$(MODEL)") $(ARGS)
+
+reproduce-default: $(STAMP) ## retrain the shipped model (fixed seed) and export it to logs/reproduce/ for comparison
+	$(BIN)/python -m bgremover.train experiment=cpu_default hydra.run.dir=logs/reproduce/cpu_default $(ARGS)
+	$(BIN)/python -m bgremover.export --ckpt "$$(python3 -c "import json;print(json.load(open('logs/reproduce/cpu_default/summary.json'))['best_ckpt'])")" \
+		--out logs/reproduce/bgremover-camvid.onnx
+	@echo "compare with the shipped model: make eval-cutout MODEL=logs/reproduce/bgremover-camvid.onnx"
+
 benchmark: $(STAMP) ## print the speed tables (train throughput, Tiramisu fast path, predictor latency)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/tiramisu_speed.py

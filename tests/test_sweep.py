@@ -15,7 +15,7 @@ from wandb_records import offline_run
 
 TINY = [
     "data.num_workers=0", "data.batch_size=2", "data.eval_batch_size=1", "data.crop_size=[64,64]",
-    "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+    "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
     "trainer.max_epochs=1", "extras.print_config=false", "measure_inference=false", "callbacks.progress_bar.refresh_rate=0",
 ]
 

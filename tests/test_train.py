@@ -37,9 +37,9 @@ SMALL_RUN = [
     "data.crop_size=[64,64]",
     "extras.print_config=false",
     "measure_inference=false",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
-    "+trainer.limit_test_batches=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=2",
 ]
 
 
@@ -138,7 +138,7 @@ def test_train_then_eval_reproduces_test_miou_and_resume_continues(camvid_root, 
 
     ecfg = compose_cfg(tmp_path / "eval", [f"data.root={camvid_root}", f"ckpt_path={summary['best_ckpt']}",
                                            "data.num_workers=0", "data.eval_batch_size=1",
-                                           "+trainer.limit_test_batches=2", "extras.print_config=false"],
+                                           "trainer.limit_test_batches=2", "extras.print_config=false"],
                        config_name="eval")
     emetrics, _ = evaluate(ecfg)
     assert emetrics["test/mIoU"] == metrics["test/mIoU"]  # exactly: same weights, same frames

@@ -146,7 +146,9 @@ class _DenseBlockFn(torch.autograd.Function):
         count = n * h * w
         fmt = _fmt(buf)
         # bf16 weight gradients are too coarse for the W * dW identity (it divides by gamma).
-        exact_identity = cdtype in (torch.float32, torch.float64)
+        # Under torch.compile the data-dependent gamma check would break the graph, and inductor fuses the
+        # direct product-sum anyway.
+        exact_identity = cdtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
         scratch = None if saved_acts else _scratch(n, c_total - growth, h, w, cdtype, buf.device)
         param_grads: list[Tensor | None] = [None] * (7 * n_layers)
         with torch.autocast(buf.device.type, enabled=False):

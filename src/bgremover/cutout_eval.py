@@ -1,0 +1,463 @@
+"""Cut-out quality of an exported bgremover ONNX model on CamVid: numbers for a results table.
+
+    python -m bgremover.cutout_eval [--model M] [--data-root D] [--split test|val|train] [--classes A,B]
+                                    [--threshold T] [--boundary-tol PX] [--limit N] [--threads N]
+                                    [--json PATH] [--quiet]
+
+Runs the predictor's own inference path (`BackgroundRemover.foreground_probability`, so what is measured is
+what users get) at each image's full resolution and reports, over the split:
+  - segmentation: mIoU of the argmax over the model's classes, global pixel accuracy and per-class IoU, from
+    one confusion matrix accumulated over all images. Void (label >= number of classes) is excluded; classes
+    absent from both ground truth and prediction over the whole set are left out of the mean (as torchmetrics'
+    MulticlassJaccardIndex does during training), so the figure can be checked against the metadata's test_mIoU.
+  - cut-out, for the foreground classes (the model's default unless --classes): foreground IoU (alpha >= 0.5,
+    pixels pooled over the set), boundary F-score (DAVIS, Perazzi et al. 2016: boundaries matched within
+    --boundary-tol px, F per image, mean over images where GT or prediction has a boundary) and MAE of the
+    soft alpha against the binary GT. With --threshold T the same three again for the hard mask P >= T.
+  - timing: mean ms per image of `foreground_probability` (decoding excluded, after one warm-up call).
+Exit codes: 0 ok; 1 no model / no data / unknown class / unreadable file; 2 bad option values.
+
+Like predict.py this module imports no torch, lightning or hydra (a test enforces it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from bgremover.data.classes import CLASSES  # torch-free constants module
+from bgremover.predict import (
+    BackgroundRemover,
+    BgRemoverError,
+    ImageError,
+    UsageError,
+    _first_line,
+    open_image,
+    to_rgba_arrays,
+    write_atomic,
+)
+
+PROG = "cutout-eval"  # name in messages (run as python -m bgremover.cutout_eval / make eval-cutout)
+DATA_ENV = "DATA_DIR"  # environment variable naming the CamVid folder, as for training
+DEFAULT_DATA_ROOT = "data/CamVid"  # relative to the working directory, like conf/data/camvid.yaml
+SPLITS = ("test", "val", "train")  # <root>/<split>/*.png with labels in <root>/<split>annot/
+ALPHA_CUT = 0.5  # soft alpha at or above which a pixel counts as foreground for IoU and boundaries
+BOUNDARY_TOL = 2  # px; boundary pixels this close (Euclidean) to the other mask's boundary count as matched
+FULL_RES_SIDE = 1 << 20  # predictor max_side for the evaluation: never downscale, measure at full resolution
+
+
+class EvalError(BgRemoverError):
+    """Missing or inconsistent data: reported as one line, exit 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metric functions (pure numpy, each tested on hand-made arrays)
+
+
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """num_classes^2 int64 counts, rows = ground truth, columns = prediction; gt outside 0..K-1 (void) ignored."""
+    gt = np.asarray(gt).ravel().astype(np.int64)
+    pred = np.asarray(pred).ravel().astype(np.int64)
+    keep = (gt >= 0) & (gt < num_classes)
+    idx = gt[keep] * num_classes + pred[keep]
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def class_iou(cm: np.ndarray) -> np.ndarray:
+    """Per-class IoU from a confusion matrix; NaN for classes absent from both ground truth and prediction."""
+    tp = np.diag(cm).astype(np.float64)
+    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+
+def mean_iou(cm: np.ndarray) -> tuple[float, int]:
+    """(mIoU over the classes present in GT or prediction, how many classes that is); NaN if none."""
+    iou = class_iou(cm)
+    present = ~np.isnan(iou)
+    return (float(iou[present].mean()) if present.any() else math.nan), int(present.sum())
+
+
+def pixel_accuracy(cm: np.ndarray) -> float:
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else math.nan
+
+
+def binary_counts(gt: np.ndarray, pred: np.ndarray, valid: np.ndarray | None = None) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) of two boolean masks over the valid pixels."""
+    gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
+    if valid is not None:
+        gt, pred = gt & valid, pred & valid
+    tp = int(np.count_nonzero(gt & pred))
+    return tp, int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(gt)) - tp
+
+
+def iou_from_counts(tp: int, fp: int, fn: int) -> float:
+    """tp / (tp + fp + fn); NaN when both masks are empty (nothing to get right or wrong)."""
+    union = tp + fp + fn
+    return tp / union if union else math.nan
+
+
+def boundary_map(mask: np.ndarray) -> np.ndarray:
+    """Inner boundary: mask pixels with a 4-neighbour outside the mask. The image frame is not an edge."""
+    m = np.asarray(mask, bool)
+    edge = np.zeros_like(m)
+    edge[:-1] |= m[:-1] & ~m[1:]
+    edge[1:] |= m[1:] & ~m[:-1]
+    edge[:, :-1] |= m[:, :-1] & ~m[:, 1:]
+    edge[:, 1:] |= m[:, 1:] & ~m[:, :-1]
+    return edge
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation by a disk of `radius` px (Euclidean), as an OR of shifted copies: no scipy needed."""
+    m = np.asarray(mask, bool)
+    if radius <= 0:
+        return m.copy()
+    h, w = m.shape
+    padded = np.pad(m, radius)
+    out = np.zeros_like(m)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy * dy + dx * dx <= radius * radius:
+                out |= padded[radius + dy : radius + dy + h, radius + dx : radius + dx + w]
+    return out
+
+
+def boundary_f(
+    gt: np.ndarray, pred: np.ndarray, tol: int = BOUNDARY_TOL, ignore: np.ndarray | None = None
+) -> tuple[float, float, float] | None:
+    """(precision, recall, F) of pred's boundary against gt's within `tol` px; None if neither has a boundary.
+
+    Predicted boundary pixels on `ignore` (void) pixels are not counted for precision (nobody knows where the
+    edge is there) but may still match ground-truth boundary pixels. One side without boundary gives F = 0,
+    with DAVIS's convention for the other terms (empty side's precision or recall = 1).
+    """
+    gt_b = boundary_map(gt)
+    pred_b = boundary_map(pred)
+    pred_counted = pred_b & ~ignore if ignore is not None else pred_b
+    n_gt, n_pred = int(gt_b.sum()), int(pred_counted.sum())
+    if n_gt == 0 and n_pred == 0:
+        return None
+    if n_pred == 0:
+        return 1.0, 0.0, 0.0
+    if n_gt == 0:
+        return 0.0, 1.0, 0.0
+    precision = float(np.count_nonzero(pred_counted & dilate(gt_b, tol))) / n_pred
+    recall = float(np.count_nonzero(gt_b & dilate(pred_b, tol))) / n_gt
+    f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return precision, recall, f
+
+
+def abs_error(alpha: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, int]:
+    """(sum of |alpha - gt| over valid pixels, number of valid pixels): pool these, then divide, for MAE."""
+    diff = np.abs(np.asarray(alpha, np.float64) - np.asarray(gt, np.float64))
+    if valid is not None:
+        diff = diff[valid]
+    return float(diff.sum()), int(diff.size)
+
+
+class CutoutStats:
+    """Accumulates foreground IoU, boundary F and MAE of one kind of alpha (soft or thresholded) over images."""
+
+    def __init__(self, tol: int = BOUNDARY_TOL) -> None:
+        self.tol = tol
+        self.tp = self.fp = self.fn = 0
+        self.abs_sum, self.count = 0.0, 0
+        self.boundary: list[tuple[float, float, float]] = []
+
+    def update(self, alpha: np.ndarray, gt_fg: np.ndarray, valid: np.ndarray) -> dict[str, float | None]:
+        """Add one image; returns its own numbers (None where undefined) for the per-image listing."""
+        pred_fg = alpha >= ALPHA_CUT
+        tp, fp, fn = binary_counts(gt_fg, pred_fg, valid)
+        self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
+        s, n = abs_error(alpha, gt_fg, valid)
+        self.abs_sum, self.count = self.abs_sum + s, self.count + n
+        bf = boundary_f(gt_fg, pred_fg, self.tol, ignore=~valid)
+        if bf is not None:
+            self.boundary.append(bf)
+        return {
+            "fg_iou": _num(iou_from_counts(tp, fp, fn)),
+            "boundary_f": None if bf is None else bf[2],
+            "mae": _num(s / n if n else math.nan),
+        }
+
+    def summary(self) -> dict[str, float | int | None]:
+        b = np.asarray(self.boundary, np.float64).reshape(-1, 3)
+        mean = b.mean(axis=0) if len(b) else np.full(3, math.nan)
+        return {
+            "fg_iou": _num(iou_from_counts(self.tp, self.fp, self.fn)),
+            "boundary_f": _num(mean[2]),
+            "boundary_precision": _num(mean[0]),
+            "boundary_recall": _num(mean[1]),
+            "boundary_images": len(b),
+            "mae": _num(self.abs_sum / self.count if self.count else math.nan),
+        }
+
+
+def _num(x: float) -> float | None:
+    """JSON has no NaN: undefined numbers become null."""
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and the evaluation loop
+
+
+def find_pairs(
+    root: str | os.PathLike, split: str = "test", limit: int | None = None
+) -> list[tuple[Path, Path]]:
+    """(image, label) paths of a CamVid-layout split, sorted by name; EvalError if anything is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalError(f"data root {root} not found (give --data-root or set {DATA_ENV})")
+    img_dir, ann_dir = root / split, root / f"{split}annot"
+    for d in (img_dir, ann_dir):
+        if not d.is_dir():
+            raise EvalError(f"{d} not found: not a CamVid folder (expected {split}/ and {split}annot/)")
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    if not images:
+        raise EvalError(f"no .png images in {img_dir}")
+    if limit is not None:
+        images = images[:limit]
+    missing = [p.name for p in images if not (ann_dir / p.name).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise EvalError(f"no label in {ann_dir} for {', '.join(missing[:3])}{more}")
+    return [(p, ann_dir / p.name) for p in images]
+
+
+def load_label(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            label = np.asarray(img)
+    except Exception as err:
+        raise EvalError(f"{path}: cannot read label ({_first_line(err)})") from err
+    if label.ndim != 2:
+        raise EvalError(f"{path}: label must be single-channel class indices, got shape {label.shape}")
+    return label
+
+
+class _RecordingRemover(BackgroundRemover):
+    """The product's predictor, keeping the last logits so the argmax needs no second inference."""
+
+    last_logits: np.ndarray | None = None
+
+    def logits(self, rgb: np.ndarray) -> np.ndarray:
+        self.last_logits = super().logits(rgb)
+        return self.last_logits
+
+
+def load_remover(
+    model: str | os.PathLike | None, classes: Sequence[str] | None = None, threads: int | None = None
+) -> _RecordingRemover:
+    remover = _RecordingRemover(model, classes=classes, threads=threads, max_side=FULL_RES_SIDE)
+    if [c.lower() for c in remover.classes] != [c.lower() for c in CLASSES]:
+        raise EvalError(
+            f"model classes {', '.join(remover.classes)} are not CamVid's ({', '.join(CLASSES)}): "
+            "its argmax cannot be scored against CamVid labels"
+        )
+    return remover
+
+
+def evaluate(
+    remover: _RecordingRemover,
+    pairs: Sequence[tuple[Path, Path]],
+    threshold: float | None = None,
+    tol: int = BOUNDARY_TOL,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run the predictor over (image, label) pairs and return every number of the report as a JSON-able dict."""
+    k = len(remover.classes)
+    cm = np.zeros((k, k), np.int64)
+    soft, hard = CutoutStats(tol), CutoutStats(tol) if threshold is not None else None
+    per_image: list[dict[str, Any]] = []
+    seconds = 0.0
+    bar = _progress(len(pairs)) if progress else None
+    for i, (img_path, lbl_path) in enumerate(pairs):
+        rgb = to_rgba_arrays(open_image(img_path, remover.max_pixels))[0]
+        label = load_label(lbl_path)
+        if label.shape != rgb.shape[:2]:
+            lh, lw = label.shape
+            raise EvalError(f"{lbl_path}: label is {lw}x{lh} but image is {rgb.shape[1]}x{rgb.shape[0]}")
+        if i == 0:
+            remover.foreground_probability(rgb)  # warm-up: onnxruntime allocates and tunes on the first run
+        start = time.perf_counter()
+        prob = remover.foreground_probability(rgb)
+        seconds += time.perf_counter() - start
+        pred = np.argmax(remover.last_logits, axis=0)
+        cm += confusion_matrix(label, pred, k)
+
+        valid = label < k
+        gt_fg = np.isin(label, remover.foreground) & valid
+        row: dict[str, Any] = {"image": img_path.name, **soft.update(prob, gt_fg, valid)}
+        if hard is not None:
+            hard_alpha = (prob >= threshold).astype(np.float32)
+            row["threshold"] = hard.update(hard_alpha, gt_fg, valid)
+        per_image.append(row)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    miou, counted = mean_iou(cm)
+    ious = class_iou(cm)
+    meta_miou = remover.meta.get("test_mIoU")
+    return {
+        "model": str(remover.model_path),
+        "net": remover.meta.get("net"),
+        "metadata_test_mIoU": meta_miou,
+        "n_images": len(pairs),
+        "classes": list(remover.classes),
+        "foreground": [remover.classes[i] for i in remover.foreground],
+        "mIoU": _num(miou),
+        "mIoU_classes": [c for c, v in zip(remover.classes, ious, strict=True) if not math.isnan(v)],
+        "mIoU_note": "void excluded; classes absent from both GT and prediction over the set are not averaged",
+        "pixel_accuracy": _num(pixel_accuracy(cm)),
+        "class_iou": {c: _num(v) for c, v in zip(remover.classes, ious, strict=True)},
+        "confusion_matrix": cm.tolist(),
+        "boundary_tol": tol,
+        "alpha_cut": ALPHA_CUT,
+        "cutout": soft.summary(),
+        "threshold": threshold,
+        "cutout_threshold": hard.summary() if hard is not None else None,
+        "ms_per_image": _num(1000.0 * seconds / len(pairs)) if pairs else None,
+        "per_image": per_image,
+    }
+
+
+def _progress(total: int):
+    if total < 2:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a nicety, not a requirement
+        return None
+    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report and CLI
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def format_report(r: dict[str, Any], data_root: str, split: str, threads: int | None) -> str:
+    meta = r.get("metadata_test_mIoU")
+    meta_note = f"; metadata test_mIoU {_fmt(meta)}" if meta is not None else ""
+    lines = [
+        f"model {r['model']} ({r.get('net') or 'unknown net'}) on {data_root} {split}: {r['n_images']} images, "
+        f"foreground {', '.join(r['foreground'])}",
+        "",
+        f"segmentation (argmax of {len(r['classes'])} classes, void excluded)",
+        f"  mIoU            {_fmt(r['mIoU'])}   over the {len(r['mIoU_classes'])} classes present in GT or "
+        f"prediction{meta_note}",
+        f"  pixel accuracy  {_fmt(r['pixel_accuracy'])}",
+        "  class IoU",
+    ]
+    lines += [f"    {c:<12}  {_fmt(v) if v is not None else 'absent'}" for c, v in r["class_iou"].items()]
+    lines.append("")
+    cols = [("soft", r["cutout"])]
+    if r["cutout_threshold"] is not None:
+        cols.append((f"threshold {r['threshold']:g}", r["cutout_threshold"]))
+    head = f"cut-out (alpha >= {r['alpha_cut']:g} for IoU/boundary)"
+    lines.append(f"{head:<36}" + "".join(f"{name:>16}" for name, _ in cols))
+    rows = [
+        ("foreground IoU", "fg_iou"),
+        (f"boundary F (tol {r['boundary_tol']} px)", "boundary_f"),
+        ("  precision", "boundary_precision"),
+        ("  recall", "boundary_recall"),
+        ("MAE of alpha", "mae"),
+    ]
+    for label, key in rows:
+        lines.append(f"  {label:<34}" + "".join(f"{_fmt(c[key]):>16}" for _, c in cols))
+    n_b = r["cutout"]["boundary_images"]
+    lines.append(f"  (boundary F averaged over {n_b} images where GT or prediction has a boundary)")
+    lines.append("")
+    lines.append(
+        f"predictor {_fmt(r['ms_per_image'], 1)} ms/image at full resolution "
+        f"(onnxruntime threads: {threads or 'default'}; decoding excluded, after one warm-up)"
+    )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Cut-out quality (mIoU, foreground IoU, boundary F, MAE) of a bgremover ONNX model on CamVid.",
+        epilog="Exit codes: 0 ok, 1 no model / no data / unknown class / unreadable file, 2 bad option value.",
+    )
+    p.add_argument(
+        "--model", "-m", help="ONNX model (default $BGREMOVER_MODEL or models/bgremover-camvid.onnx)"
+    )
+    p.add_argument("--data-root", help=f"CamVid folder (default ${DATA_ENV}, else {DEFAULT_DATA_ROOT})")
+    p.add_argument("--split", choices=SPLITS, default="test", help="which split to score (default test)")
+    p.add_argument("--classes", "-c", help="comma-separated foreground classes (default: the model's)")
+    p.add_argument("--threshold", "-t", type=float, help="also score the hard mask P(foreground) >= T")
+    tol_help = f"boundary match tolerance in px (default {BOUNDARY_TOL})"
+    p.add_argument("--boundary-tol", type=int, default=BOUNDARY_TOL, help=tol_help)
+    p.add_argument("--limit", type=int, help="evaluate only the first N images (sorted by name)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--json", help="also write every number (and per-image ones) to this JSON file")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)  # exits 2 with argparse's message on bad syntax
+
+    def fail(msg: str, code: int) -> int:
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return code
+
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        return fail(f"--threshold must be within 0..1, got {args.threshold}", 2)
+    if args.boundary_tol < 0:
+        return fail(f"--boundary-tol must be >= 0, got {args.boundary_tol}", 2)
+    if args.limit is not None and args.limit < 1:
+        return fail(f"--limit must be >= 1, got {args.limit}", 2)
+    if args.threads is not None and args.threads < 0:
+        return fail(f"--threads must be >= 0, got {args.threads}", 2)
+    if args.json is not None and Path(args.json).is_dir():
+        return fail(f"--json {args.json} is a directory", 2)
+
+    data_root = args.data_root or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT
+    try:
+        pairs = find_pairs(data_root, args.split, args.limit)
+        classes = args.classes.split(",") if args.classes is not None else None
+        remover = load_remover(args.model, classes, args.threads)
+        report = evaluate(remover, pairs, args.threshold, args.boundary_tol, progress=not args.quiet)
+        report.update(data_root=str(data_root), split=args.split)
+        print(format_report(report, str(data_root), args.split, args.threads))
+        if args.json is not None:
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic((json.dumps(report, indent=1) + "\n").encode(), path)
+            print(f"wrote {path}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ImageError, BgRemoverError) as e:  # unknown class, bad model, missing data, bad file
+        return fail(str(e), 1)
+    except OSError as e:  # e.g. the JSON's folder is not writable
+        return fail(_first_line(e), 1)
+    except Exception as e:  # a bug, not bad input: still one line, never a traceback
+        return fail(f"unexpected {type(e).__name__}: {_first_line(e)}", 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""bgremover.cutout_eval: metric functions on hand-made arrays, then end to end on synthetic CamVid folders scored
+with the controllable 1x1-conv model of test_predict.py (red -> Car, green -> Pedestrian, else Sky; black -> a
+50/50 Car/Pedestrian split when the model normalizes with mean = std = 0.5)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bgremover import cutout_eval as ce
+
+_spec = importlib.util.spec_from_file_location(
+    "_bgr_test_predict", Path(__file__).with_name("test_predict.py")
+)
+_tp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tp)
+build_model = _tp.build_model
+
+RED, GREEN, GRAY, BLACK = (255, 0, 0), (0, 255, 0), (128, 128, 128), (0, 0, 0)
+SKY, BUILDING, CAR, PED, VOID = 0, 1, 8, 9, 11
+H, W = 20, 30
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("m") / "ctl.onnx", metadata={"test_mIoU": 0.5})
+
+
+def write_pair(root: Path, split: str, name: str, rgb: np.ndarray, label: np.ndarray) -> None:
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(root / split / name)
+    Image.fromarray(label.astype(np.uint8), mode="L").save(root / f"{split}annot" / name)
+
+
+def scene() -> tuple[np.ndarray, np.ndarray]:
+    """Gray (Sky) 20x30 frame, a red 10x10 Car at rows/cols 5..14, a green 10x5 Pedestrian at rows 5..14, cols
+    20..24, and a void top row: the model predicts every labelled pixel right (600 px, 570 valid)."""
+    rgb = np.empty((H, W, 3), np.uint8)
+    rgb[:] = GRAY
+    rgb[5:15, 5:15] = RED
+    rgb[5:15, 20:25] = GREEN
+    label = np.full((H, W), SKY, np.uint8)
+    label[5:15, 5:15] = CAR
+    label[5:15, 20:25] = PED
+    label[0] = VOID
+    return rgb, label
+
+
+@pytest.fixture
+def camvid(tmp_path) -> Path:
+    """Two test images: a.png predicted perfectly; b.png the same picture with labelling the model disagrees
+    with: the Car's two left columns (20 px, red) labelled Building and a gray 2x5 patch (10 px) labelled Car."""
+    root = tmp_path / "CamVid"
+    rgb, label = scene()
+    write_pair(root, "test", "a.png", rgb, label)
+    label_b = label.copy()
+    label_b[5:15, 5:7] = BUILDING
+    label_b[16:18, 0:5] = CAR
+    write_pair(root, "test", "b.png", rgb, label_b)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ metric functions
+def test_confusion_and_iou_by_hand():
+    gt = np.array([[0, 0, 1], [1, 2, 11]])
+    pred = np.array([[0, 1, 1], [1, 0, 2]])  # the void pixel's prediction (2) must not count
+    cm = ce.confusion_matrix(gt, pred, 4)
+    expected = np.zeros((4, 4), int)
+    expected[0, 0], expected[0, 1], expected[1, 1], expected[2, 0] = 1, 1, 2, 1
+    np.testing.assert_array_equal(cm, expected)
+    iou = ce.class_iou(cm)
+    # class 0: tp 1, fp 1 (gt 2), fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; class 2: 0/1; class 3 absent -> NaN
+    np.testing.assert_allclose(iou[:3], [1 / 3, 2 / 3, 0.0])
+    assert np.isnan(iou[3])
+    miou, counted = ce.mean_iou(cm)
+    assert counted == 3 and miou == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    assert ce.pixel_accuracy(cm) == pytest.approx(3 / 5)
+
+
+def test_binary_counts_iou_and_mae_by_hand():
+    gt = np.array([1, 1, 1, 0, 0, 1], bool)
+    pred = np.array([1, 1, 0, 1, 0, 1], bool)
+    valid = np.array([1, 1, 1, 1, 1, 0], bool)  # the last pixel (a hit) is void
+    assert ce.binary_counts(gt, pred, valid) == (2, 1, 1)
+    assert ce.iou_from_counts(2, 1, 1) == pytest.approx(0.5)
+    assert np.isnan(ce.iou_from_counts(0, 0, 0))
+    alpha = np.array([1.0, 0.75, 0.0, 0.5, 0.25, 0.0])
+    s, n = ce.abs_error(alpha, gt, valid)
+    assert n == 5 and s == pytest.approx(0 + 0.25 + 1 + 0.5 + 0.25)
+
+
+def test_boundary_map_and_disk_dilation():
+    m = np.zeros((5, 5), bool)
+    m[1:4, 1:4] = True
+    ring = m.copy()
+    ring[2, 2] = False
+    np.testing.assert_array_equal(ce.boundary_map(m), ring)
+    assert not ce.boundary_map(np.ones((4, 4), bool)).any()  # the image frame is not an object edge
+    dot = np.zeros((7, 7), bool)
+    dot[3, 3] = True
+    d = ce.dilate(dot, 2)
+    assert d.sum() == 13  # Euclidean disk of radius 2: 1 + 4 + 4 (distance 2) + 4 diagonals (sqrt 2)
+    assert d[3, 1] and d[2, 2] and not d[2, 1]  # (1, 2) is sqrt(5) > 2 away
+
+
+def square(shift: int, s: int = 20, size: int = 60) -> np.ndarray:
+    m = np.zeros((size, size), bool)
+    m[20 : 20 + s, 20 + shift : 20 + s + shift] = True
+    return m
+
+
+@pytest.mark.parametrize("shift", [1, 2])
+def test_boundary_f_is_exact_within_tolerance(shift):
+    assert ce.boundary_f(square(0), square(shift), tol=2) == (1.0, 1.0, 1.0)
+
+
+def test_boundary_f_of_square_shifted_beyond_tolerance():
+    # Shift 5 with tol 2: of the GT ring's 4*19 = 76 pixels the top and bottom rows match from column +3 on
+    # (17 each) and the right column's 2 pixels next to each corner (4): 38 = exactly half; by symmetry the
+    # predicted ring's precision is half too.
+    p, r, f = ce.boundary_f(square(0), square(5), tol=2)
+    assert (p, r, f) == (0.5, 0.5, 0.5)
+    assert ce.boundary_f(square(0), square(5), tol=5) == (1.0, 1.0, 1.0)
+
+
+def test_boundary_f_edge_cases():
+    empty = np.zeros((60, 60), bool)
+    assert ce.boundary_f(empty, empty) is None
+    assert ce.boundary_f(square(0), empty) == (1.0, 0.0, 0.0)
+    assert ce.boundary_f(empty, square(0)) == (0.0, 1.0, 0.0)
+    # predicted edges on ignored (void) pixels do not cost precision
+    assert ce.boundary_f(empty, square(0), ignore=square(0)) is None
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_evaluate_by_hand(model, camvid):
+    remover = ce.load_remover(model, threads=1)
+    r = ce.evaluate(remover, ce.find_pairs(camvid, "test"))
+    assert r["n_images"] == 2 and r["foreground"] == ["Car"]
+    # Confusion over 1140 valid pixels. Sky: tp 420 + 410, fp 10 (the gray Car patch). Car: tp 100 + 80,
+    # fn 10, fp 20 (the red Building columns). Pedestrian 100/100. Building: tp 0, fn 20. 7 classes absent.
+    expected = {"Sky": 830 / 840, "Car": 180 / 210, "Pedestrian": 1.0, "Building": 0.0}
+    for name, iou in expected.items():
+        assert r["class_iou"][name] == pytest.approx(iou)
+    assert sorted(r["mIoU_classes"]) == sorted(expected)
+    assert r["class_iou"]["Road"] is None
+    assert r["mIoU"] == pytest.approx(sum(expected.values()) / 4)
+    assert r["pixel_accuracy"] == pytest.approx(1110 / 1140)
+    assert r["metadata_test_mIoU"] == 0.5
+
+    c = r["cutout"]
+    assert c["fg_iou"] == pytest.approx(180 / 210)
+    assert c["mae"] == pytest.approx(30 / 1140)  # the controllable model's alpha is exactly 0 or 1
+    # b.png: the predicted ring (36 px) lies within 2 px of the GT Car's (32 px), the GT patch's 10 edge pixels
+    # are unmatched: P 1, R 32/42, F 32/37; a.png is perfect.
+    assert c["boundary_images"] == 2
+    assert c["boundary_f"] == pytest.approx((1 + 32 / 37) / 2)
+    a, b = r["per_image"]
+    assert (a["image"], a["fg_iou"], a["boundary_f"]) == ("a.png", 1.0, 1.0)
+    assert a["mae"] == pytest.approx(0.0, abs=1e-6)
+    assert b["fg_iou"] == pytest.approx(80 / 110) and b["mae"] == pytest.approx(30 / 570)
+    assert r["cutout_threshold"] is None and r["ms_per_image"] > 0
+
+
+def test_perfect_prediction_scores_one(model, camvid):
+    pairs = ce.find_pairs(camvid, "test", limit=1)
+    assert [p[0].name for p in pairs] == ["a.png"]
+    r = ce.evaluate(ce.load_remover(model, classes=["car", "Pedestrian"], threads=1), pairs)
+    assert r["foreground"] == ["Car", "Pedestrian"]
+    assert r["mIoU"] == 1.0 and r["pixel_accuracy"] == 1.0 and len(r["mIoU_classes"]) == 3
+    assert r["cutout"]["fg_iou"] == 1.0 and r["cutout"]["boundary_f"] == 1.0
+    assert r["cutout"]["mae"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_threshold_scores_the_hard_mask(tmp_path):
+    # With mean = std = 0.5 black pixels get P(Car) = 0.5 exactly: foreground at the soft cut (>= 0.5),
+    # background under --threshold 0.6; the soft MAE charges them 0.5, the hard one 1 (or 0 at threshold 0.4).
+    model = build_model(tmp_path / "half.onnx", mean=(0.5,) * 3, std=(0.5,) * 3)
+    rgb, label = scene()
+    rgb[16:18, 0:10] = BLACK
+    label[16:18, 0:10] = CAR  # 20 px labelled Car: Car GT = 120 px, 570 valid px
+    write_pair(tmp_path / "cv", "val", "x.png", rgb, label)
+    pairs = ce.find_pairs(tmp_path / "cv", "val")
+    remover = ce.load_remover(model, threads=1)
+    high = ce.evaluate(remover, pairs, threshold=0.6)
+    assert high["cutout"]["fg_iou"] == pytest.approx(1.0)
+    assert high["cutout"]["mae"] == pytest.approx(10 / 570)
+    assert high["cutout_threshold"]["fg_iou"] == pytest.approx(100 / 120)
+    assert high["cutout_threshold"]["mae"] == pytest.approx(20 / 570)
+    assert high["cutout"]["boundary_f"] == 1.0
+    assert high["cutout_threshold"]["boundary_f"] < 0.95  # the black patch's edges are missed
+    low = ce.evaluate(remover, pairs, threshold=0.4)
+    assert low["cutout_threshold"]["mae"] == pytest.approx(0.0, abs=1e-6)
+    assert low["cutout_threshold"]["fg_iou"] == pytest.approx(1.0)
+
+
+def test_cli_writes_json_and_prints_table(model, camvid, tmp_path):
+    out = tmp_path / "res" / "cutout.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "bgremover.cutout_eval", "--model", str(model), "--data-root", str(camvid),
+         "--threshold", "0.5", "--threads", "1", "--json", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    for text in ("mIoU", "foreground IoU", "boundary F (tol 2 px)", "MAE", "threshold 0.5", "ms/image"):
+        assert text in res.stdout
+    assert f"{sum([830 / 840, 180 / 210, 1.0, 0.0]) / 4:.4f}" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["n_images"] == 2 and data["split"] == "test" and data["data_root"] == str(camvid)
+    assert data["cutout"]["fg_iou"] == pytest.approx(180 / 210)
+    for key, value in data["cutout"].items():  # ~0/1 alphas: thresholding at 0.5 changes nothing
+        assert data["cutout_threshold"][key] == pytest.approx(value, abs=1e-6), key
+    assert [p.name for p in out.parent.iterdir()] == ["cutout.json"]  # no temp file left behind
+
+
+def test_data_dir_env_is_the_default_root(model, camvid, monkeypatch, capsys):
+    monkeypatch.setenv("DATA_DIR", str(camvid))
+    assert ce.main(["--model", str(model), "--limit", "1", "--threads", "1", "--quiet"]) == 0
+    assert "1 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["--model", "{tmp}/missing.onnx"], 1, "model file not found"),
+        (["--data-root", "{tmp}/nowhere"], 1, "data root"),
+        (["--classes", "Car,Unicorn"], 1, "unknown class name(s) Unicorn"),
+        (["--split", "val"], 1, "valannot"),
+        (["--limit", "0"], 2, "--limit"),
+        (["--threshold", "1.5"], 2, "--threshold"),
+        (["--boundary-tol", "-1"], 2, "--boundary-tol"),
+        (["--limit", "many"], 2, "invalid int value"),
+    ],
+)
+def test_bad_inputs_give_one_error_line(model, camvid, tmp_path, capsys, args, code, text):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = ["--model", str(model), "--data-root", str(camvid), "--quiet"]
+    json_path = tmp_path / "r.json"
+    try:
+        rc = ce.main(base + args + ["--json", str(json_path)])
+    except SystemExit as e:  # argparse's own usage errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == code
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and text in lines[0], err
+    assert "Traceback" not in err and not json_path.exists()
+
+
+def test_missing_label_and_size_mismatch_are_errors(model, camvid, capsys):
+    (camvid / "testannot" / "b.png").unlink()
+    assert ce.main(["--model", str(model), "--data-root", str(camvid), "--quiet"]) == 1
+    assert "no label" in capsys.readouterr().err
+    Image.fromarray(np.zeros((5, 5), np.uint8), mode="L").save(camvid / "testannot" / "b.png")
+    assert ce.main(["--model", str(model), "--data-root", str(camvid), "--quiet"]) == 1
+    assert "label is 5x5 but image is 30x20" in capsys.readouterr().err
+
+
+def test_imports_no_torch_lightning_or_hydra():
+    code = (
+        "import sys\nimport bgremover.cutout_eval\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'torch', 'lightning', 'pytorch_lightning', 'hydra', 'omegaconf', 'torchvision'})))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ""
+
+
+# ------------------------------------------------------------------------------------------------ real CamVid
+def test_smoke_on_real_camvid(model, camvid_root, tmp_path):
+    out = tmp_path / "real.json"
+    rc = ce.main(["--model", str(model), "--data-root", str(camvid_root), "--limit", "2", "--threads", "1",
+                  "--threshold", "0.5", "--json", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["n_images"] == 2 and r["foreground"] == ["Car"]
+    for key in ("mIoU", "pixel_accuracy"):
+        assert 0.0 <= r[key] <= 1.0
+    for stats in (r["cutout"], r["cutout_threshold"]):
+        for key in ("fg_iou", "boundary_f", "boundary_precision", "boundary_recall", "mae"):
+            assert stats[key] is None or 0.0 <= stats[key] <= 1.0, key
+        assert stats["mae"] is not None
+    assert len(r["class_iou"]) == 11 and np.asarray(r["confusion_matrix"]).sum() > 0.5 * 2 * 480 * 360
