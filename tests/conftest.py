@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import bgremover.utils  # noqa: F401  (registers the config resolvers the compose API needs)
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
 

@@ -57,8 +57,10 @@ def test_every_model_builds_its_net(model):
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
 def test_trainer_configs(trainer):
+    from bgremover.utils import cpu_precision
+
     cfg = cfg_for(f"trainer={trainer}")
-    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.precision == (cpu_precision() if trainer == "cpu" else "bf16-mixed")
     if trainer == "ddp":
         assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == -1 and cfg.trainer.num_nodes == 1
 

@@ -241,14 +241,19 @@ def test_he_uniform_init_bounds() -> None:
     assert torch.count_nonzero(conv.bias) == 0
 
 
+# One level, one layer per block: inductor compile time on a 2-core CPU grows quickly with graph size.
+MINI = {"down_blocks": (1,), "up_blocks": (1,), "bottleneck_layers": 1, "growth_rate": 4, "first_conv_channels": 8}
+
+
 @pytest.mark.slow
 def test_compiled_matches_eager_bf16() -> None:
-    net = FCDenseNet(num_classes=5, dropout=0.0, **TINY).to(memory_format=torch.channels_last).eval()
+    net = FCDenseNet(num_classes=5, dropout=0.0, **MINI).to(memory_format=torch.channels_last).eval()
     _randomise(net)
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     compiled = torch.compile(net)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         eager_out = net(x).float()
         comp_out = compiled(x).float()
     scale = eager_out.abs().max()
+    assert scale > 0
     assert (comp_out - eager_out).abs().max() <= 0.03 * scale

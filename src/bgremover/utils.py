@@ -21,6 +21,28 @@ SUMMARY_NAME = "summary.json"  # per run; the comparison report and the exporter
 SWEEP_REPORT_NAME = "sweep_summary.json"  # per multirun; lists every job with its status
 
 
+# --- config resolvers ------------------------------------------------------------------------------------------
+def cpu_precision() -> str:
+    """Lightning precision for CPU training: bf16 autocast only where the CPU has native bf16.
+
+    On AVX-512-BF16 / AMX CPUs bf16-mixed trains FC-DenseNet ~3x faster than fp32; on CPUs without it (this
+    project's AVX2 EPYC) oneDNN emulates bf16 and single convolutions ran 10-50x slower than fp32 (measured).
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "32-true"
+    return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("cpu_precision"):
+        OmegaConf.register_new_resolver("cpu_precision", cpu_precision)
+
+
+register_resolvers()
+
+
 # --- errors ----------------------------------------------------------------------------------------------------
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors caused by what the user gave us: shown as one line, with no traceback."""

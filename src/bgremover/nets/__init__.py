@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
-from bgremover.nets.tiramisu import FCDenseNet, fcdensenet56, fcdensenet67, fcdensenet103
+from bgremover.nets.tiramisu import FCDenseNet, count_parameters, fcdensenet56, fcdensenet67, fcdensenet103
 
 HF_HOST = ("huggingface.co", 443)  # where smp fetches encoder weights from
 NETWORK_PROBE_TIMEOUT_S = 3.0  # how long we wait to learn there is no network, instead of smp's ~20 s hang
@@ -42,10 +42,6 @@ def build_net(name: str, **kwargs) -> nn.Module:
     if name not in NETS:
         raise KeyError(f"unknown net '{name}'; choose one of: {', '.join(NETS)}")
     return NETS[name](**kwargs)
-
-
-def count_parameters(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
 
 
 class PretrainedWeightsUnavailable(RuntimeError):

@@ -293,6 +293,10 @@ class DenseBlock(nn.Module):
     def forward(self, *inputs: Tensor) -> Tensor:
         if sum(t.shape[1] for t in inputs) != self.in_channels:
             raise ValueError(f"DenseBlock expects {self.in_channels} input channels, got {[t.shape for t in inputs]}")
+        if not self.training and (
+            torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or not torch.is_grad_enabled()
+        ):
+            return self._forward_inference(inputs)
         x0 = inputs[0]
         dev_type = x0.device.type
         if torch.is_autocast_enabled(dev_type):
@@ -321,6 +325,15 @@ class DenseBlock(nn.Module):
         if self.training:
             self._update_running_stats(mean, var, n * x0.shape[2] * x0.shape[3])
         return buf
+
+    def _forward_inference(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """Eval without autograd (inference, ONNX/TorchScript export): plain modules that any exporter can
+        trace. Without a backward pass to feed, the quadratic concatenation only costs copies."""
+        feats = list(inputs)
+        for layer in self.layers:
+            x = feats[0] if len(feats) == 1 else torch.cat(feats, 1)
+            feats.append(layer.conv(F.relu(layer.norm(x))))
+        return feats[0] if len(feats) == 1 else torch.cat(feats, 1)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
