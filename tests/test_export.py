@@ -229,3 +229,27 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([])  # ckpt is required
     assert exc.value.code == 2
+
+
+def test_tiny_tiramisu_checkpoint_exports_and_matches(tmp_path):
+    """Our FC-DenseNet trains through a custom autograd Function; inference and export take plain modules."""
+    from bgremover.nets import FCDenseNet
+
+    config = {"_target_": "bgremover.nets.FCDenseNet", "down_blocks": [2, 2], "up_blocks": [2, 2],
+              "bottleneck_layers": 2, "growth_rate": 8, "first_conv_channels": 16}
+    torch.manual_seed(0)
+    net = FCDenseNet(**{k: v for k, v in config.items() if k != "_target_"})
+    net.train()
+    torch.optim.SGD(net.parameters(), lr=0.1).zero_grad()
+    net(torch.randn(2, 3, 32, 32)).square().mean().backward()  # BN running stats move away from 0/1
+    ckpt = write_checkpoint(tmp_path / "run", net, config, "tiramisu_tiny", miou=0.42)
+    loaded, meta = load_checkpoint_net(ckpt)
+    out = tmp_path / "tiramisu.onnx"
+    result = export_onnx(loaded, meta, out)
+    assert result["max_abs_diff"] <= 1e-4
+    x = np.random.default_rng(2).standard_normal((2, 3, 64, 96)).astype(np.float32)
+    net.eval()
+    with torch.enable_grad():  # the training-path Function in eval mode: the reference the export must match
+        ref = net(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ort_logits(out, x), ref, atol=1e-4, rtol=0)
+    assert read_metadata(out)["net"] == "tiramisu_tiny" and read_metadata(out)["test_mIoU"] == 0.42

@@ -1,0 +1,75 @@
+"""The shipped default model: `make predict` works on a fresh clone, and the file is the model the README's
+table describes (its recorded test mIoU is what evaluating the ONNX file on CamVid test gives)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND, MEAN, STD
+from bgremover.predict import DEFAULT_MODEL, BackgroundRemover
+
+EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
+
+
+def test_shipped_model_and_examples_are_in_the_repo():
+    assert DEFAULT_MODEL.is_file() and DEFAULT_MODEL.stat().st_size < 25 * 2**20
+    assert len(EXAMPLES) >= 2
+    assert (REPO / "models" / "README.md").is_file()
+
+
+def test_shipped_metadata_is_complete():
+    meta = BackgroundRemover(DEFAULT_MODEL).meta
+    assert meta["format"] == "bgremover-onnx" and meta["format_version"] == 1
+    assert meta["classes"] == list(CLASSES)
+    assert meta["mean"] == pytest.approx(list(MEAN)) and meta["std"] == pytest.approx(list(STD))
+    assert meta["default_foreground"] == list(DEFAULT_FOREGROUND)
+    assert meta["size_multiple"] in (8, 16, 32) and meta["params"] > 1_000_000
+    assert 0.2 < meta["test_mIoU"] < 1.0  # a trained model, not an initialisation
+    assert meta["net"] and meta["exported_at"] and meta["bgremover_version"]
+
+
+def test_make_predict_on_an_example_writes_a_cutout(tmp_path):
+    """What a user types after cloning: the make target itself, on a shipped example image."""
+    image = tmp_path / EXAMPLES[0].name
+    shutil.copy(EXAMPLES[0], image)
+    out_dir = tmp_path / "out"
+    proc = subprocess.run(["make", "-s", "predict", f"IMG={image}", f"OUT={out_dir}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = out_dir / f"{image.stem}.nobg.png"
+    cutout = Image.open(out)
+    assert cutout.format == "PNG" and cutout.mode == "RGBA" and cutout.size == Image.open(image).size
+    alpha = np.asarray(cutout)[..., 3]
+    assert (alpha == 0).mean() > 0.3 and (alpha > 128).mean() > 0.01  # mostly background, some cars/people
+    # the transparent region follows the model's background classes
+    remover = BackgroundRemover(DEFAULT_MODEL)
+    classes = remover.logits(np.asarray(Image.open(image).convert("RGB"))).argmax(0)
+    fg_ids = [CLASSES.index(c) for c in DEFAULT_FOREGROUND]
+    is_fg = np.isin(classes, fg_ids)
+    assert (alpha[is_fg] > 128).mean() > 0.8 and (alpha[~is_fg] < 128).mean() > 0.95
+
+
+@pytest.mark.slow
+def test_shipped_model_reproduces_its_recorded_test_miou(camvid_root, tmp_path):
+    """All 233 test frames through the ONNX file. Tolerance 0.01: training tested frames padded with black
+    (then normalized) while the predictor pads by reflection, which changes a few bottom-row pixels only."""
+    report = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgremover.cutout_eval", "--model", str(DEFAULT_MODEL), "--data-root", str(camvid_root),
+         "--json", str(report), "--quiet"],
+        capture_output=True, text=True, timeout=1200, env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(report.read_text())
+    recorded = BackgroundRemover(DEFAULT_MODEL).meta["test_mIoU"]
+    assert result["n_images"] == 233
+    assert abs(result["mIoU"] - recorded) < 0.01, (result["mIoU"], recorded)
