@@ -207,3 +207,23 @@ def test_subprocess_errors_are_one_line_no_traceback(model, tmp_path):
         assert res.returncode == code, (args, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
     assert sorted(os.listdir(tmp_path)) == ["fake.jpg"]  # nothing written, no temp leftovers
+
+
+def test_input_in_read_only_folder_writes_to_cwd(tmp_path, monkeypatch):
+    """`make predict IMG=../shared/CamVid/test/x.png`: the dataset folder is read-only."""
+    ro = tmp_path / "ro"
+    if os.geteuid() == 0:
+        # root ignores permission bits; simulate a read-only folder through os.access instead
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    ro.mkdir()
+    src = ro / "frame.png"
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(src)
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    from bgremover.predict import _plan_outputs
+
+    assert _plan_outputs([src], None, several=False) == [work / "frame.nobg.png"]

@@ -568,7 +568,9 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool) -> l
             raise UsageError("stdout (-) can take exactly one image")
         return [None]
     if out is None:
-        return _disambiguate(items, [i.with_name(output_name(i)) for i in items])  # type: ignore[union-attr]
+        # Beside each input; an input in a read-only folder (a shared dataset, a mounted card) writes to the
+        # current directory instead, so the default command never fails for want of write access.
+        return _disambiguate(items, [_beside(i) for i in items])  # type: ignore[arg-type]
     target = Path(out)
     as_file = not several and not target.is_dir() and target.suffix.lower() == ".png"
     if as_file:
@@ -579,6 +581,11 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool) -> l
         raise UsageError(f"--out {target}: an output file must end in .png")
     names = [output_name(i) if i is not None else "stdin" + OUTPUT_SUFFIX for i in items]
     return _disambiguate(items, [target / n for n in names])
+
+
+def _beside(item: Path) -> Path:
+    folder = item.parent
+    return (folder if os.access(folder, os.W_OK) else Path.cwd()) / output_name(item)
 
 
 def _disambiguate(items: list[Path | None], dests: list[Path]) -> list[Path | None]:
