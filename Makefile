@@ -68,9 +68,9 @@ export: $(STAMP) ## checkpoint → self-describing ONNX: make export CKPT=path [
 	@test -n "$(CKPT)" || { echo "error: give a checkpoint: make export CKPT=path/to.ckpt [OUT=model.onnx]" >&2; exit 2; }
 	$(BIN)/python -m bgremover.export --ckpt "$(CKPT)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
-predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [MODEL=x.onnx] [OUT=dir]
+predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [MODEL=x.onnx] [OUT=dir, default outputs/]
 	@test -n "$(IMG)" || { echo "error: give an image or folder: make predict IMG=photo.jpg" >&2; exit 2; }
-	$(BIN)/bgremover-predict "$(IMG)" $(if $(MODEL),--model "$(MODEL)") $(if $(OUT),--out "$(OUT)") $(ARGS)
+	$(BIN)/bgremover-predict "$(IMG)" $(if $(MODEL),--model "$(MODEL)") --out "$(or $(OUT),outputs)" $(ARGS)
 
 eval-cutout: $(STAMP) ## cut-out quality of a model on CamVid test: make eval-cutout [MODEL=x.onnx] [ARGS="--limit 20"]
 	$(BIN)/python -m bgremover.cutout_eval $(if $(MODEL),--model "$(MODEL)") $(ARGS)
