@@ -84,10 +84,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_seconds = time.time() - start
-    history = list(model.history)  # before test: loading the best checkpoint brings back that epoch's history
+    # Read before testing: loading the best checkpoint for test brings back that epoch's history and callback
+    # state (whose last_model_path predates last.ckpt).
+    history = list(model.history)
+    last = _last_checkpoint(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    best = _best_checkpoint(trainer)
+    # train=false ckpt_path=X tests X: how to finish a run that was stopped before its test stage
+    best = _best_checkpoint(trainer) or (None if cfg.get("train", True) else cfg.get("ckpt_path"))
     if cfg.get("test", True):
         # Test the best epoch, not the last: the number a user would ship.
         trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
@@ -107,7 +111,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "global_step": trainer.global_step,
         "wall_time_s": round(fit_seconds, 2),
         "best_ckpt": best,
-        "last_ckpt": _last_checkpoint(trainer),
+        "last_ckpt": last,
         "metrics": dict(sorted(metrics.items())),
         "history": utils.history_lists(history),
         "infer_ms_480x360": measure_inference_ms(model.net) if cfg.get("measure_inference", True) else None,
