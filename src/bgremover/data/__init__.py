@@ -1,6 +1,15 @@
 """CamVid data: constants (cheap to import) and the datamodule (imported on first use, since it pulls in torch)."""
 
-from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND, MEAN, NUM_CLASSES, PALETTE, STD, VOID, colorize
+from bgremover.data.classes import (
+    CLASSES,
+    DEFAULT_FOREGROUND,
+    MEAN,
+    NUM_CLASSES,
+    PALETTE,
+    STD,
+    VOID,
+    colorize,
+)
 
 __all__ = [
     "CLASSES", "DEFAULT_FOREGROUND", "MEAN", "NUM_CLASSES", "PALETTE", "STD", "VOID", "colorize",
