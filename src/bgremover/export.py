@@ -349,7 +349,7 @@ def _parser() -> argparse.ArgumentParser:
 def default_out(ckpt: Path, meta: dict) -> Path:
     """Beside the run that made the checkpoint, never over the shipped model unless asked for by --out."""
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run_dir / f"{meta.get('net_name') or 'model'}.onnx"
+    return run_dir / f"{meta.get('net') or meta.get('net_name') or 'model'}.onnx"
 
 
 def main(argv: list[str] | None = None) -> int:
