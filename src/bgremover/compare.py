@@ -469,16 +469,14 @@ def _load_checkpoint(path: Path):
 
 
 def resolve_data_root(arg: str | Path | None, runs: list[Run]) -> Path | None:
-    """--data-root, else $DATA_DIR, else the data.root of the first run's resolved config."""
+    """--data-root, else $DATA_DIR, else the data.root of a run's resolved config — the first that exists
+    (the Makefile always exports a DATA_DIR, possibly the not-yet-downloaded default)."""
     if arg:
         return Path(arg)
-    if os.environ.get("DATA_DIR"):
-        return Path(os.environ["DATA_DIR"])
-    for r in runs:
-        root = ((r.summary.get("config") or {}).get("data") or {}).get("root")
-        if isinstance(root, str) and root:
-            return Path(root)
-    return None
+    candidates = [os.environ.get("DATA_DIR")]
+    candidates += [((r.summary.get("config") or {}).get("data") or {}).get("root") for r in runs]
+    roots = [Path(c) for c in candidates if isinstance(c, str) and c]
+    return next((r for r in roots if (r / "test").is_dir()), roots[0] if roots else None)
 
 
 def pick_images(files: list[Path], n: int) -> list[Path]:
