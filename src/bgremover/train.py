@@ -88,6 +88,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # state (whose last_model_path predates last.ckpt).
     history = list(model.history)
     last = _last_checkpoint(trainer)
+    epochs = trainer.current_epoch
+    if not cfg.get("train", True) and cfg.get("ckpt_path"):  # test-only: describe the checkpoint's training
+        saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
+        history, epochs, fit_seconds = list(saved.get("history", [])), int(saved.get("epoch", -1)) + 1, None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     # train=false ckpt_path=X tests X: how to finish a run that was stopped before its test stage
@@ -107,9 +111,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "group": utils.sweep_group(cfg),
         "seed": cfg.seed,
         "params": objects["params"],
-        "epochs": trainer.current_epoch,
+        "epochs": epochs,
         "global_step": trainer.global_step,
-        "wall_time_s": round(fit_seconds, 2),
+        "wall_time_s": None if fit_seconds is None else round(fit_seconds, 2),
         "best_ckpt": best,
         "last_ckpt": last,
         "metrics": dict(sorted(metrics.items())),
