@@ -232,9 +232,9 @@ def test_data_dir_env_is_the_default_root(model, camvid, monkeypatch, capsys):
     "args, code, text",
     [
         (["--model", "{tmp}/missing.onnx"], 1, "model file not found"),
-        (["--data-root", "{tmp}/nowhere"], 1, "data root"),
+        (["--data-root", "{tmp}/nowhere"], 1, "dataset folder not found"),
         (["--classes", "Car,Unicorn"], 1, "unknown class name(s) Unicorn"),
-        (["--split", "val"], 1, "valannot"),
+        (["--split", "val"], 1, "split folder missing"),
         (["--limit", "0"], 2, "--limit"),
         (["--threshold", "1.5"], 2, "--threshold"),
         (["--boundary-tol", "-1"], 2, "--boundary-tol"),

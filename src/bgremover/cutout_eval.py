@@ -218,23 +218,12 @@ def find_pairs(
     root: str | os.PathLike, split: str = "test", limit: int | None = None
 ) -> list[tuple[Path, Path]]:
     """(image, label) paths of a CamVid-layout split, sorted by name; EvalError if anything is missing."""
-    root = Path(root)
-    if not root.is_dir():
-        raise EvalError(f"data root {root} not found (give --data-root or set {DATA_ENV})")
-    img_dir, ann_dir = root / split, root / f"{split}annot"
-    for d in (img_dir, ann_dir):
-        if not d.is_dir():
-            raise EvalError(f"{d} not found: not a CamVid folder (expected {split}/ and {split}annot/)")
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file())
-    if not images:
-        raise EvalError(f"no .png images in {img_dir}")
-    if limit is not None:
-        images = images[:limit]
-    missing = [p.name for p in images if not (ann_dir / p.name).is_file()]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise EvalError(f"no label in {ann_dir} for {', '.join(missing[:3])}{more}")
-    return [(p, ann_dir / p.name) for p in images]
+    from bgremover.data.camvid import CamVidError, list_pairs  # numpy + Pillow only, like this module
+
+    try:
+        return list_pairs(root, split)[:limit]
+    except CamVidError as err:
+        raise EvalError(str(err)) from None
 
 
 def load_label(path: Path) -> np.ndarray:
