@@ -197,24 +197,6 @@ def print_error(exc: BaseException) -> None:
     print(f"error: {one_line(exc)}" + (f" (traceback in {where})" if where else ""), file=sys.stderr)
 
 
-def exit_on_error(main: Callable[[], Any]) -> Callable[[], Any]:
-    """Console entry: a user error is one line on stderr and exit code 1, never a bare traceback."""
-
-    def wrapped():
-        try:
-            return main()
-        except SystemExit:
-            raise
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-        except Exception as exc:
-            print(f"error: {one_line(exc)}", file=sys.stderr)
-            sys.exit(1)
-
-    return wrapped
-
-
 # --- multirun report -------------------------------------------------------------------------------------------
 try:
     from hydra.experimental.callback import Callback as _HydraCallback
