@@ -24,6 +24,11 @@ CHECKPOINT_KEY = "bgremover"  # where a checkpoint keeps what inference needs
 STAGES = ("train", "val", "test")
 
 
+def _key(stage: str) -> str:
+    """ModuleDict key of a stage's metric: an entry may not be called "train" (it would shadow Module.train)."""
+    return f"{stage}_"
+
+
 class SegmentationModule(pl.LightningModule):
     def __init__(
         self,
@@ -65,10 +70,9 @@ class SegmentationModule(pl.LightningModule):
             return MulticlassAccuracy(self.num_classes, average="micro", ignore_index=ignore_index)
 
         # Separate metric objects per stage: sharing one would mix validation and test confusion matrices.
-        # (Keys carry a suffix because a ModuleDict entry may not be called "train".)
-        self.miou = nn.ModuleDict({f"{s}_": iou("macro") for s in STAGES})
-        self.acc = nn.ModuleDict({f"{s}_": acc() for s in STAGES})
-        self.loss_mean = nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
+        self.miou = nn.ModuleDict({_key(s): iou("macro") for s in STAGES})
+        self.acc = nn.ModuleDict({_key(s): acc() for s in STAGES})
+        self.loss_mean = nn.ModuleDict({_key(s): MeanMetric() for s in STAGES})
         self.test_class_iou = iou("none")
         self.val_miou_best = MaxMetric()
         self.history: list[dict[str, float]] = []  # per-epoch validation metrics, kept in checkpoints
@@ -97,9 +101,9 @@ class SegmentationModule(pl.LightningModule):
         logits = self(x)
         loss = self.criterion(logits.float(), y)
         preds = logits.argmax(1)
-        self.loss_mean[stage + '_'].update(loss.detach())
-        self.miou[stage + '_'].update(preds, y)
-        self.acc[stage + '_'].update(preds, y)
+        self.loss_mean[_key(stage)].update(loss.detach())
+        self.miou[_key(stage)].update(preds, y)
+        self.acc[_key(stage)].update(preds, y)
         train = stage == "train"
         # Train loss per step (the curve people watch); val/test loss as epoch means.
         self.log(f"{stage}/loss", loss.detach(), on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(x))
@@ -122,15 +126,15 @@ class SegmentationModule(pl.LightningModule):
     # --- epoch ends ------------------------------------------------------------------------------------------
     def _log_epoch(self, stage: str) -> dict[str, float]:
         values = {
-            f"{stage}/mIoU": self.miou[stage + '_'].compute(),
-            f"{stage}/acc": self.acc[stage + '_'].compute(),
+            f"{stage}/mIoU": self.miou[_key(stage)].compute(),
+            f"{stage}/acc": self.acc[_key(stage)].compute(),
         }
         if stage == "train":
-            values["train/loss_epoch"] = self.loss_mean[stage + '_'].compute()
+            values["train/loss_epoch"] = self.loss_mean[_key(stage)].compute()
         self.log_dict(values, prog_bar=stage != "train")
         out = {k: float(v) for k, v in values.items()}
-        out[f"{stage}/loss"] = float(self.loss_mean[stage + '_'].compute())  # the logger's epoch value comes too late
-        for metric in (self.miou[stage + '_'], self.acc[stage + '_'], self.loss_mean[stage + '_']):
+        out[f"{stage}/loss"] = float(self.loss_mean[_key(stage)].compute())  # the logger's epoch value comes too late
+        for metric in (self.miou[_key(stage)], self.acc[_key(stage)], self.loss_mean[_key(stage)]):
             metric.reset()
         return out
 
