@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bgremover.nets import tiramisu
 from bgremover.nets.tiramisu import (
     TIRAMISU_CONFIGS,
     DenseBlock,
@@ -87,11 +88,21 @@ def test_configs_registry() -> None:
     assert TIRAMISU_CONFIGS["fcdensenet103"]["up_blocks"] == (12, 10, 7, 5, 4)
 
 
+@pytest.fixture(params=["onednn", "gemm"])
+def wgrad(request, monkeypatch) -> str:
+    """Run a test with each weight-gradient route of the dense layers: oneDNN's kernel, or the banded GEMM
+    (forced on small inputs, with 2-row bands so a block's image spans several bands and a partial one)."""
+    if request.param == "gemm":
+        monkeypatch.setattr(tiramisu, "_GEMM_WGRAD_MIN_PIXELS", 0)
+        monkeypatch.setattr(tiramisu, "_WGRAD_BAND_PIXELS", 12)
+    return request.param
+
+
 @pytest.mark.parametrize("memory_efficient", [False, True])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize(("cin", "layers", "growth"), BLOCK_SHAPES)
 def test_block_matches_cat_formulation_float64(cin: int, layers: int, growth: int, train: bool,
-                                               memory_efficient: bool) -> None:
+                                               memory_efficient: bool, wgrad: str) -> None:
     ours = DenseBlock(cin, layers, growth, dropout=0.0, memory_efficient=memory_efficient).double()
     _randomise(ours)
     theirs = ref.RefDenseBlock(cin, layers, growth, dropout=0.0).double()
@@ -100,6 +111,36 @@ def test_block_matches_cat_formulation_float64(cin: int, layers: int, growth: in
     theirs.train(train)
     x = torch.randn(3, cin, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     _assert_same_run(ours, theirs, x)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("n", "h", "w", "band"), [(2, 7, 5, 12), (1, 9, 11, 8192), (3, 4, 6, 1)])
+def test_gemm_weight_grad_matches_aten_float64(channels_last: bool, n: int, h: int, w: int, band: int,
+                                               monkeypatch) -> None:
+    monkeypatch.setattr(tiramisu, "_WGRAD_BAND_PIXELS", band)
+    gen = torch.Generator().manual_seed(5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    act = torch.randn(n, 6, h, w, dtype=torch.float64, generator=gen).contiguous(memory_format=fmt)
+    weight = torch.randn(4, 6, 3, 3, dtype=torch.float64, generator=gen)
+    # A channel slice of a wider gradient buffer, as the dense block passes it.
+    g_y = torch.randn(n, 9, h, w, dtype=torch.float64, generator=gen).contiguous(memory_format=fmt)[:, 3:7]
+    _, expected, _ = torch.ops.aten.convolution_backward(
+        g_y, act, weight, [4], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
+    got = tiramisu.conv3x3_weight_grad(g_y, act)
+    assert got.shape == (4, 6, 3, 3) and got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_gemm_weight_grad_bf16_accumulates_in_fp32() -> None:
+    gen = torch.Generator().manual_seed(6)
+    act = torch.randn(2, 8, 40, 40, generator=gen).contiguous(memory_format=torch.channels_last)
+    g_y = torch.randn(2, 4, 40, 40, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 8, 3, 3)
+    _, exact, _ = torch.ops.aten.convolution_backward(
+        g_y, act, weight, [4], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
+    got = tiramisu.conv3x3_weight_grad(g_y.bfloat16(), act.bfloat16())
+    assert got.dtype == torch.float32  # summed over 3,200 pixels: a bf16 accumulator would lose digits
+    torch.testing.assert_close(got, exact, atol=0.05 * exact.abs().max().item(), rtol=0.02)
 
 
 def test_block_takes_several_inputs_like_a_concat() -> None:
@@ -120,8 +161,9 @@ def test_block_takes_several_inputs_like_a_concat() -> None:
         block(a)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("train", [True, False])
-def test_whole_net_matches_reference_float64(train: bool) -> None:
+def test_whole_net_matches_reference_float64(train: bool, channels_last: bool, wgrad: str) -> None:
     ours = FCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
     _randomise(ours)
     theirs = ref.RefFCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
@@ -129,6 +171,9 @@ def test_whole_net_matches_reference_float64(train: bool) -> None:
     ours.train(train)
     theirs.train(train)
     x = torch.randn(2, 3, 16, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    if channels_last:
+        ours, theirs = ours.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     _assert_same_run(ours, theirs, x)
 
 
