@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bgremover.nets.tiramisu import TIRAMISU_CONFIGS, TransitionDown, TransitionUp
+from bgremover.nets.tiramisu import TIRAMISU_CONFIGS, match_size
 
 
 class RefDenseLayer(nn.Module):
@@ -45,6 +45,26 @@ class RefDenseBlock(nn.Module):
         for layer in self.layers:
             x = torch.cat([x, layer(x)], dim=1)
         return x
+
+
+class TransitionDown(nn.Module):
+    def __init__(self, channels: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels)
+        self.conv = nn.Conv2d(channels, channels, kernel_size=1, bias=True)
+        self.drop = nn.Dropout2d(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(self.drop(self.conv(F.relu(self.norm(x)))), 2)
+
+
+class TransitionUp(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(channels, channels, kernel_size=3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return match_size(self.conv(x), skip.shape[-2:])
 
 
 class RefFCDenseNet(nn.Module):

@@ -91,10 +91,12 @@ def test_configs_registry() -> None:
 @pytest.fixture(params=["onednn", "gemm"])
 def wgrad(request, monkeypatch) -> str:
     """Run a test with each weight-gradient route of the dense layers: oneDNN's kernel, or the banded GEMM
-    (forced on small inputs, with 2-row bands so a block's image spans several bands and a partial one)."""
+    (forced on small inputs, with 2-row bands so a block's image spans several bands and a partial one;
+    the batch-statistics pass gets 2-row bands too)."""
     if request.param == "gemm":
         monkeypatch.setattr(tiramisu, "_GEMM_WGRAD_MIN_PIXELS", 0)
         monkeypatch.setattr(tiramisu, "_WGRAD_BAND_PIXELS", 12)
+        monkeypatch.setattr(tiramisu, "_STATS_BAND_PIXELS", 12)
     return request.param
 
 
@@ -129,6 +131,22 @@ def test_gemm_weight_grad_matches_aten_float64(channels_last: bool, n: int, h: i
     got = tiramisu.conv3x3_weight_grad(g_y, act)
     assert got.shape == (4, 6, 3, 3) and got.dtype == torch.float64
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("band", [1, 10, 8192])
+def test_batch_stats_match_var_mean(channels_last: bool, band: int, monkeypatch) -> None:
+    monkeypatch.setattr(tiramisu, "_STATS_BAND_PIXELS", band)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(7)
+    buf = (torch.randn(3, 9, 5, 7, dtype=torch.float64, generator=gen) * 3 + 2).contiguous(memory_format=fmt)
+    x = buf[:, :6]  # a channel prefix of a wider buffer, as the dense block reads it
+    var, mean = tiramisu._batch_stats(x)
+    exp_var, exp_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, exp_mean, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(var, exp_var, atol=1e-12, rtol=1e-12)
+    var32, _ = tiramisu._batch_stats(x.float().bfloat16())
+    assert var32.dtype == torch.float32
 
 
 def test_gemm_weight_grad_bf16_accumulates_in_fp32() -> None:
