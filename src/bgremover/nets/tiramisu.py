@@ -259,38 +259,38 @@ def conv3x3_weight_grad(g_y: Tensor, act: Tensor) -> Tensor:
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     rows = max(1, min(h, _WGRAD_BAND_PIXELS // w))
     cl = not act.is_contiguous() and act.is_contiguous(memory_format=torch.channels_last)
-    g_w = torch.zeros((9 * g, c), dtype=acc_dtype, device=act.device)  # rows ordered (kh, kw, out map)
-    # Zero-padded g_y: tap (kh, kw) of output pixel p reads act at p + (kh-1, kw-1), so its im2col column
-    # for input pixel q is g_y at q - (kh-1, kw-1), a shifted window of the padded map.
+    g_w = torch.zeros((9 * g, c), dtype=acc_dtype, device=act.device)  # rows ordered (2-kh, 2-kw, out map)
+    # Tap (kh, kw) of output pixel p reads act at p + (kh-1, kw-1), so the im2col entry for input pixel q
+    # is g_y at q - (kh-1, kw-1): with g_y zero-padded by one, that is padded[q + (2-kh, 2-kw)], a window
+    # that one as_strided view of the padded map gives for all nine taps at once.
     if cl:
         padded = act.new_zeros((n, h + 2, w + 2, g))
         padded[:, 1 : h + 1, 1 : w + 1].copy_(g_y.permute(0, 2, 3, 1))
+        sb, sy, sx = padded.stride()[:3]
         cols = act.new_empty((rows, w, 3, 3, g))
         act_hwc = act.permute(0, 2, 3, 1)  # dense (n, h, w, c) view
     else:
         padded = act.new_zeros((n, g, h + 2, w + 2))
         padded[:, :, 1 : h + 1, 1 : w + 1].copy_(g_y)
+        sb, sc, sy = padded.stride()[:3]
         cols = act.new_empty((3, 3, g, rows, w))
     for b in range(n):
         for y0 in range(0, h, rows):
             r = min(rows, h - y0)
+            start = padded.storage_offset() + b * sb + y0 * sy
             if cl:
                 band = cols[:r]
-                for kh in range(3):
-                    for kw in range(3):
-                        band[:, :, kh, kw].copy_(padded[b, y0 + 2 - kh : y0 + 2 - kh + r, 2 - kw : 2 - kw + w])
+                band.copy_(padded.as_strided((r, w, 3, 3, g), (sy, sx, sy, sx, 1), start))
                 lhs, rhs = band.view(r * w, 9 * g).t(), act_hwc[b, y0 : y0 + r].reshape(r * w, c)
             else:
                 band = cols[..., :r, :]
-                for kh in range(3):
-                    for kw in range(3):
-                        band[kh, kw].copy_(padded[b, :, y0 + 2 - kh : y0 + 2 - kh + r, 2 - kw : 2 - kw + w])
+                band.copy_(padded.as_strided((3, 3, g, r, w), (sy, 1, sc, sy, 1), start))
                 lhs, rhs = band.reshape(9 * g, r * w), act[b, :, y0 : y0 + r].reshape(c, r * w).t()
             if dtype == acc_dtype:
                 g_w.addmm_(lhs, rhs)
             else:
                 g_w.add_(torch.mm(lhs, rhs))
-    return g_w.view(3, 3, g, c).permute(2, 3, 0, 1).contiguous()
+    return g_w.view(3, 3, g, c).flip(0, 1).permute(2, 3, 0, 1).contiguous()
 
 
 def _scratch(n: int, c: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
