@@ -10,6 +10,12 @@ one per-channel affine map plus an in-place ReLU. Backward is written out by han
 (``convolution_backward`` + closed-form BatchNorm backward), and the BN part of the input gradient that
 flows through the batch statistics is accumulated per channel and applied once, not once per layer.
 
+On CPU, three kernels that a plain implementation leaves to oneDNN and TensorIterator were the real cost
+(torch.profiler, FC-DenseNet103 training step) and are routed around: the dense convolutions' weight
+gradient is a banded GEMM over an im2col of the 16-map output gradient (``conv3x3_weight_grad``); the bias
+gradient is never requested from ``convolution_backward`` (it sends oneDNN down a path several times
+slower); batch statistics are a two-pass sum instead of ``var_mean``'s scalar Welford loop.
+
 ``memory_efficient=True`` keeps nothing per layer but the shared buffer (plus per-channel statistics and
 the tiny dropout masks); the BN-ReLU output is recomputed in backward from the saved statistics, so
 running statistics are updated exactly once per step (unlike ``torch.utils.checkpoint``, which re-runs BN).
@@ -20,6 +26,7 @@ whole maps is the usual choice for conv features and its mask is N x g x 1 x 1, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,7 +75,7 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     (measured 187 vs 29 ms at 2x192x224x224; 4x in NCHW).
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if torch.compiler.is_compiling():
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # GPUs' var_mean kernel is already fast
         return torch.var_mean(x.to(acc), dim=(0, 2, 3), unbiased=False)
     n, c, h, w = x.shape
     count = n * h * w
@@ -201,7 +208,7 @@ class _DenseBlockFn(torch.autograd.Function):
                 w_c = weight.to(cdtype)
                 # Asking oneDNN for the bias gradient as well makes its backward ~4x slower (measured: 459 vs
                 # 116 ms at 2x240x224x224, channels_last); a 16-channel sum costs next to nothing.
-                gemm_w = n * h * w >= _GEMM_WGRAD_MIN_PIXELS
+                gemm_w = buf.device.type == "cpu" and n * h * w >= _GEMM_WGRAD_MIN_PIXELS
                 g_pre, g_w, _ = torch.ops.aten.convolution_backward(
                     g_y, act, w_c, [growth], _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
                     [True, not gemm_w, False],
@@ -288,9 +295,22 @@ def conv3x3_weight_grad(g_y: Tensor, act: Tensor) -> Tensor:
                 lhs, rhs = band.reshape(9 * g, r * w), act[b, :, y0 : y0 + r].reshape(c, r * w).t()
             if dtype == acc_dtype:
                 g_w.addmm_(lhs, rhs)
-            else:
+            elif _native_low_precision_gemm(act.device):
                 g_w.add_(torch.mm(lhs, rhs))
+            else:  # an emulated bf16 GEMM is ~5x slower than casting the band and multiplying in fp32
+                g_w.addmm_(lhs.to(acc_dtype), rhs.to(acc_dtype))
     return g_w.view(3, 3, g, c).flip(0, 1).permute(2, 3, 0, 1).contiguous()
+
+
+@functools.cache
+def _native_low_precision_gemm(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively here (GPUs; CPUs with AVX-512-BF16/AMX via oneDNN)."""
+    if device.type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _scratch(n: int, c: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
