@@ -149,7 +149,9 @@ def test_batch_stats_match_var_mean(channels_last: bool, band: int, monkeypatch)
     assert var32.dtype == torch.float32
 
 
-def test_gemm_weight_grad_bf16_accumulates_in_fp32() -> None:
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_gemm_weight_grad_bf16_accumulates_in_fp32(native_bf16: bool, monkeypatch) -> None:
+    monkeypatch.setattr(tiramisu, "_native_low_precision_gemm", lambda device: native_bf16)
     gen = torch.Generator().manual_seed(6)
     act = torch.randn(2, 8, 40, 40, generator=gen).contiguous(memory_format=torch.channels_last)
     g_y = torch.randn(2, 4, 40, 40, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -254,18 +256,32 @@ def test_channels_last_bf16_forward_backward_every_size(factory) -> None:
     assert any(g.abs().sum() > 0 for g in grads[:4])
 
 
-def test_bf16_autocast_close_to_fp32() -> None:
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_autocast_close_to_fp32(native_bf16: bool, monkeypatch) -> None:
+    """Both bf16 routes: stock bf16 kernels, and bf16-rounded operands through fp32 kernels (CPUs without
+    bf16 units); outputs and gradients stay within bf16 error of fp32, and the output is bf16."""
+    monkeypatch.setattr(tiramisu, "_native_low_precision_gemm", lambda device: native_bf16)
     net = FCDenseNet(num_classes=5, **TINY).train()
     _randomise(net)
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(0)
     out32 = net(x)
+    out32.square().mean().backward()
+    grads32 = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
     net_cl = net.to(memory_format=torch.channels_last)
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out16 = net_cl(x.contiguous(memory_format=torch.channels_last))
+    assert out16.dtype == torch.bfloat16
     err = (out16.float() - out32).abs().max() / out32.abs().max()
     assert err < 0.05, err
+    out16.float().square().mean().backward()
+    # Per tensor, bf16 error is large where a gradient is nearly zero; judge the whole gradient vector.
+    g16 = torch.cat([p.grad.flatten() for _, p in net_cl.named_parameters()])
+    g32 = torch.cat([grads32[name].flatten() for name, _ in net_cl.named_parameters()])
+    rel = (g16 - g32).norm() / g32.norm()
+    assert rel < 0.05, rel
 
 
 def test_224_shape() -> None:

@@ -26,7 +26,6 @@ whole maps is the usual choice for conv features and its mask is N x g x 1 x 1, 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,7 +113,7 @@ class _DenseBlockFn(torch.autograd.Function):
         inputs, per_layer = tensors[:n_inputs], tensors[n_inputs:]
         growth, n_layers, eps = cfg["growth"], cfg["n_layers"], cfg["eps"]
         training, keep_act, dev_type = cfg["training"], not cfg["memory_efficient"], inputs[0].device.type
-        cdtype = cfg["dtype"]
+        cdtype, kdtype = cfg["dtype"], cfg["kernel_dtype"]
         x0 = inputs[0]
         n, _, h, w = x0.shape
         c0 = sum(t.shape[1] for t in inputs)
@@ -134,19 +133,20 @@ class _DenseBlockFn(torch.autograd.Function):
             invstd = torch.rsqrt(var + eps)
             saved_acts: list[Tensor] = []
             # Without saved activations one scratch area serves every layer (fewer fresh pages to fault in).
-            scratch = None if keep_act else _scratch(n, c_total - growth, h, w, cdtype, x0.device)
+            scratch = None if keep_act else _scratch(n, c_total - growth, h, w, kdtype, x0.device)
             for i in range(n_layers):
                 gamma, beta, weight, bias, r_mean, r_var, mask = per_layer[7 * i : 7 * i + 7]
                 c = c0 + i * growth
                 scale, shift = _affine(gamma, beta, mean[:c], invstd[:c], r_mean, r_var, eps, training)
-                act = _new_act(scratch, (n, c, h, w), fmt, cdtype, x0.device)
+                act = _new_act(scratch, (n, c, h, w), fmt, kdtype, x0.device)
                 torch.addcmul(_as_channel(shift), buf[:, :c], _as_channel(scale), out=act)
                 act.relu_()
                 y = torch.ops.aten.convolution(
-                    act, weight.to(cdtype), bias.to(cdtype), _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1
+                    act, _cast(weight, cdtype, kdtype), _cast(bias, cdtype, kdtype),
+                    _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
                 )
                 if mask is not None:
-                    y.mul_(mask.to(cdtype))
+                    y.mul_(mask.to(kdtype))
                 if training and i + 1 < n_layers:  # the last layer's maps feed no BN inside this block
                     # Statistics of the dense conv output are cheaper than of the strided buffer slice.
                     v, m = _batch_stats(y)
@@ -173,15 +173,15 @@ class _DenseBlockFn(torch.autograd.Function):
         buf, mean, invstd = saved[:3]
         per_layer = saved[3 : 3 + 7 * n_layers]
         saved_acts = saved[3 + 7 * n_layers :]
-        cdtype = buf.dtype
+        cdtype, kdtype = buf.dtype, cfg["kernel_dtype"]
         n, c_total, h, w = buf.shape
         count = n * h * w
         fmt = _fmt(buf)
         # bf16 weight gradients are too coarse for the W * dW identity (it divides by gamma).
         # Under torch.compile the data-dependent gamma check would break the graph, and inductor fuses the
         # direct product-sum anyway.
-        exact_identity = cdtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-        scratch = None if saved_acts else _scratch(n, c_total - growth, h, w, cdtype, buf.device)
+        exact_identity = kdtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+        scratch = None if saved_acts else _scratch(n, c_total - growth, h, w, kdtype, buf.device)
         param_grads: list[Tensor | None] = [None] * (7 * n_layers)
         with torch.autocast(buf.device.type, enabled=False):
             # A private, writable copy: earlier layers' gradients are accumulated into its prefix.
@@ -198,14 +198,16 @@ class _DenseBlockFn(torch.autograd.Function):
                 if saved_acts:
                     act = saved_acts[i]
                 else:
-                    act = _new_act(scratch, (n, c, h, w), fmt, cdtype, buf.device)
+                    act = _new_act(scratch, (n, c, h, w), fmt, kdtype, buf.device)
                     torch.addcmul(_as_channel(shift), x, _as_channel(scale), out=act)
                     act.relu_()
                 g_y = grad[:, c : c + growth]
                 if mask is not None:
-                    g_y = g_y * mask.to(cdtype)
+                    g_y = g_y * mask.to(kdtype)
+                elif kdtype != cdtype:
+                    g_y = g_y.to(kdtype)
                 need = ctx.param_needs_grad[7 * i : 7 * i + 7]
-                w_c = weight.to(cdtype)
+                w_c = _cast(weight, cdtype, kdtype)
                 # Asking oneDNN for the bias gradient as well makes its backward ~4x slower (measured: 459 vs
                 # 116 ms at 2x240x224x224, channels_last); a 16-channel sum costs next to nothing.
                 gemm_w = buf.device.type == "cpu" and n * h * w >= _GEMM_WGRAD_MIN_PIXELS
@@ -302,15 +304,38 @@ def conv3x3_weight_grad(g_y: Tensor, act: Tensor) -> Tensor:
     return g_w.view(3, 3, g, c).flip(0, 1).permute(2, 3, 0, 1).contiguous()
 
 
-@functools.cache
-def _native_low_precision_gemm(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively here (GPUs; CPUs with AVX-512-BF16/AMX via oneDNN)."""
-    if device.type != "cpu":
-        return True
+def _cast(t: Tensor, dtype: torch.dtype, kernel_dtype: torch.dtype) -> Tensor:
+    """``t`` rounded to the compute dtype (as autocast would), then held in the kernel dtype."""
+    return t.to(dtype).to(kernel_dtype)
+
+
+def kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype convolution kernels run in for a dense block computing in ``dtype``.
+
+    Where bf16/fp16 has no hardware support (CPUs without AVX-512-BF16/AMX), PyTorch falls back to a slow
+    reference convolution (``_slow_conv2d``, 10-50x slower than oneDNN's fp32 kernel). There the kernels
+    take the bf16-rounded operands in fp32: a product of two bf16 numbers is exact in fp32 and native bf16
+    kernels accumulate in fp32 too, so the result is what bf16 hardware computes, up to summation order.
+    Storage (the block buffer and its output) stays in ``dtype``.
+    """
+    if dtype in (torch.bfloat16, torch.float16) and not _native_low_precision_gemm(device):
+        return torch.float32
+    return dtype
+
+
+def _probe_cpu_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+_CPU_NATIVE_BF16 = _probe_cpu_native_bf16()  # probed once: a constant that torch.compile can trace through
+
+
+def _native_low_precision_gemm(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively here (GPUs; CPUs with AVX-512-BF16/AMX via oneDNN)."""
+    return device.type != "cpu" or _CPU_NATIVE_BF16
 
 
 def _scratch(n: int, c: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -371,18 +396,36 @@ class Conv2d(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self._conv_forward(x, self.weight, None)
-        return y if self.bias is None else y.add_(_as_channel(self.bias.to(y.dtype)))
+        return _emulated_autocast(x, lambda x_, w_: self._conv_forward(x_, w_, None), self.weight, self.bias)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
     """``nn.ConvTranspose2d`` that adds its bias after the convolution (see ``Conv2d``); no output_size."""
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        y = F.conv_transpose2d(
-            x, self.weight, None, self.stride, self.padding, self.output_padding, self.groups, self.dilation
-        )
-        return y if self.bias is None else y.add_(_as_channel(self.bias.to(y.dtype)))
+        def conv(x_: Tensor, w_: Tensor) -> Tensor:
+            return F.conv_transpose2d(
+                x_, w_, None, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+            )
+
+        return _emulated_autocast(x, conv, self.weight, self.bias)
+
+
+def _emulated_autocast(x: Tensor, conv: Any, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv(x, weight) + bias``; under a low-precision autocast on hardware without it, the operands are
+    rounded to that dtype and convolved by the fp32 kernel (see ``kernel_dtype``), the output rounded back."""
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type):
+        dtype = torch.get_autocast_dtype(dev_type)
+        kdtype = kernel_dtype(dtype, x.device)
+        if kdtype != dtype:
+            with torch.autocast(dev_type, enabled=False):
+                y = conv(_cast(x, dtype, kdtype), _cast(weight, dtype, kdtype))
+                if bias is not None:
+                    y = y.add_(_as_channel(_cast(bias, dtype, kdtype)))
+                return y.to(dtype)
+    y = conv(x, weight)
+    return y if bias is None else y.add_(_as_channel(bias.to(y.dtype)))
 
 
 class DenseLayer(nn.Module):
@@ -444,6 +487,7 @@ class DenseBlock(nn.Module):
         cfg = {
             "growth": self.growth_rate, "n_layers": len(self.layers), "eps": eps, "training": self.training,
             "memory_efficient": self.memory_efficient, "dtype": cdtype,
+            "kernel_dtype": kernel_dtype(cdtype, x0.device),
         }
         buf, mean, var = _DenseBlockFn.apply(cfg, len(inputs), *inputs, *flat)
         if self.training:
