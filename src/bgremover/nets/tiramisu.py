@@ -10,11 +10,13 @@ one per-channel affine map plus an in-place ReLU. Backward is written out by han
 (``convolution_backward`` + closed-form BatchNorm backward), and the BN part of the input gradient that
 flows through the batch statistics is accumulated per channel and applied once, not once per layer.
 
-On CPU, three kernels that a plain implementation leaves to oneDNN and TensorIterator were the real cost
-(torch.profiler, FC-DenseNet103 training step) and are routed around: the dense convolutions' weight
-gradient is a banded GEMM over an im2col of the 16-map output gradient (``conv3x3_weight_grad``); the bias
-gradient is never requested from ``convolution_backward`` (it sends oneDNN down a path several times
-slower); batch statistics are a two-pass sum instead of ``var_mean``'s scalar Welford loop.
+On CPU, four kernels that a plain implementation leaves to PyTorch were the real cost (torch.profiler,
+FC-DenseNet103 training step) and are routed around: the dense convolutions' weight gradient is a banded
+GEMM over an im2col of the 16-map output gradient (``conv3x3_weight_grad``); no convolution is asked for
+its bias gradient (that sends oneDNN down a path several times slower; ``Conv2d`` adds the bias after);
+batch statistics are a two-pass sum instead of ``var_mean``'s scalar Welford loop; and under bf16 autocast
+on a CPU without bf16 units the convolutions run bf16-rounded operands through fp32 kernels instead of
+PyTorch's slow bf16 fallback (``kernel_dtype``).
 
 ``memory_efficient=True`` keeps nothing per layer but the shared buffer (plus per-channel statistics and
 the tiny dropout masks); the BN-ReLU output is recomputed in backward from the saved statistics, so
@@ -392,7 +394,8 @@ class Conv2d(nn.Conv2d):
     Same parameters and maths; the point is the backward: when the bias gradient is requested from
     ``convolution_backward`` together with the others, oneDNN takes a path that is several times slower
     on CPU (measured 4x on a dense layer, 2x on the transition convs), while the bias gradient of a separate
-    add is one channel sum.
+    add is one channel sum. Under a bf16 autocast on a CPU without bf16 units it convolves in fp32 the way
+    the dense blocks do (``kernel_dtype``).
     """
 
     def forward(self, x: Tensor) -> Tensor:
