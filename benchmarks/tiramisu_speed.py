@@ -1,6 +1,6 @@
 """Training-step speed and peak memory: project FC-DenseNet vs the torch.cat reference.
 
-    python benchmarks/tiramisu_speed.py                       # full table (slow on CPU: ~1 h)
+    python benchmarks/tiramisu_speed.py                       # full table: several hours on a 2-core CPU
     python benchmarks/tiramisu_speed.py --nets 103 --sizes 224 384x480 --modes bf16 memeff --steps 3
     python benchmarks/tiramisu_speed.py --malloc tuned ...    # glibc keeps freed memory (see MALLOC_TUNED)
 
