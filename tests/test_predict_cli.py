@@ -104,6 +104,18 @@ def test_folder_skip_and_overwrite(model, tmp_path, capsys):
     assert read_png(out / "a.nobg.png").size == (20, 12)
 
 
+def test_named_file_is_always_rewritten(model, tmp_path, capsys):
+    """`make predict IMG=x.jpg MODEL=other.onnx` used to keep the old cut-out ("0 written, 1 skipped", exit 0)."""
+    save_png(tmp_path / "x.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.nobg.png").write_bytes(b"stale cut-out of another model")
+    assert main([str(tmp_path / "x.png"), "--model", model, "--out", str(out)]) == 0
+    assert read_png(out / "x.nobg.png").size == (20, 12)
+    err = capsys.readouterr().err
+    assert "skipped" not in err and "wrote" in err
+
+
 def test_folder_in_place_does_not_eat_its_own_outputs(model, tmp_path, capsys):
     save_png(tmp_path / "x.png")
     assert main([str(tmp_path), "--model", model]) == 0

@@ -82,6 +82,17 @@ class Run:
         return _num((self.summary.get("metrics") or {}).get(key))
 
     @property
+    def test_frames(self) -> tuple[int | None, int | None]:
+        """(frames the test numbers cover, frames in the split); older summaries know neither."""
+        split = self.summary.get("test_split") or {}
+        return split.get("frames"), split.get("of")
+
+    @property
+    def partial_test(self) -> bool:
+        frames, total = self.test_frames
+        return frames is not None and total is not None and frames != total
+
+    @property
     def error(self) -> str:
         err = self.summary.get("error") or f"status {self.summary.get('status')!r}"
         return " ".join(str(err).split())  # one line, whatever the summary held
@@ -236,7 +247,8 @@ def _rel(path: Path, roots: list[Path]) -> str:
 
 def main_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
     has_infer = any(s.infer_ms is not None for s in stats)
-    head = ["Net", "Runs", "Params (M)", "Test mIoU %", "Global acc %", "Best val mIoU %", "Train time"]
+    head = ["Net", "Runs", "Params (M)", "Test mIoU %", "Test frames", "Global acc %", "Best val mIoU %",
+            "Train time"]
     if has_infer:
         head.append("Infer ms / 480×360")
     head.append(f"Paper ({PAPER_CITE}): mIoU / acc / params")
@@ -247,6 +259,7 @@ def main_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
             str(len(s.runs)),
             DASH if s.params_m is None else f"{s.params_m / 1e6:.2f}",
             pct_pm(s.miou),
+            frames_cell(s.runs),
             pct_pm(s.acc),
             pct_pm(s.val_best),
             duration(s.wall_s),
@@ -257,6 +270,15 @@ def main_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
         row.append(f"{p['name']}: {p['miou']} / {p['acc']} / {p['params_m']} M" if p else DASH)
         rows.append(row)
     return head, rows
+
+
+def frames_cell(runs: list[Run]) -> str:
+    """'233', or '160 of 233 (partial)' when any run was tested on part of the split."""
+    counts = {r.test_frames for r in runs if r.test_frames[0] is not None}
+    if not counts:
+        return DASH
+    frames, total = min(counts, key=lambda c: c[0])
+    return f"{frames} of {total} (partial)" if total is not None and frames != total else str(frames)
 
 
 def class_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
@@ -408,7 +430,8 @@ def plot_val_miou(stats: list[NetStats], path: Path) -> bool:
         )
         n = len(curves[s.net])
         ax.plot(
-            ep, [statistics.fmean(by_epoch[x]) for x in ep], color=c, lw=2.2, label=f"{s.net} (mean of {n})"
+            ep, [statistics.fmean(by_epoch[x]) for x in ep], color=c, lw=2.2, label=f"{s.net} (mean of {n})",
+            marker="o", ms=4,  # a run of one or two validations is a point, not a line: markers keep it visible
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
@@ -752,6 +775,9 @@ def build_report(
     warnings: list[str] = []
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a report is for others to read too
     try:
         charts = {
             "val_miou": plot_val_miou(stats, tmp / "val_miou.png"),
@@ -769,6 +795,7 @@ def build_report(
 
         head, rows = main_table(stats)
         main_md = render_md([("table", head, rows)])
+        partial = [r for r in runs if r.ok and r.partial_test]
         blocks: list[Block] = [
             ("h", 1, f"Sweep report: {group}"),
             (
@@ -787,7 +814,9 @@ def build_report(
                     f"Paper columns and rows are the published numbers of {PAPER_CITE}, not ours: they come from "
                     "the paper's much longer training, so short runs land below them.",
                     "Failed runs are listed at the end and left out of every statistic.",
-                ],
+                ] + ([f"PARTIAL TEST SET: {len(partial)} run(s) were tested on fewer frames than the split holds "
+                      "(see 'Test frames'); their numbers are not comparable with full CamVid test results."]
+                     if partial else []),
             ),  # fmt: skip
             ("h", 2, "Nets (aggregated over seeds)"),
             ("table", head, rows),

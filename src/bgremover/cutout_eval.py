@@ -307,6 +307,7 @@ def evaluate(
         "model": str(remover.model_path),
         "net": remover.meta.get("net"),
         "metadata_test_mIoU": meta_miou,
+        "metadata_test_frames": remover.meta.get("test_frames"),
         "n_images": len(pairs),
         "classes": list(remover.classes),
         "foreground": [remover.classes[i] for i in remover.foreground],
@@ -346,7 +347,10 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 def format_report(r: dict[str, Any], data_root: str, split: str, threads: int | None) -> str:
     meta = r.get("metadata_test_mIoU")
+    frames = r.get("metadata_test_frames")
     meta_note = f"; metadata test_mIoU {_fmt(meta)}" if meta is not None else ""
+    if meta is not None and frames:
+        meta_note += f" on {frames} frames"
     lines = [
         f"model {r['model']} ({r.get('net') or 'unknown net'}) on {data_root} {split}: {r['n_images']} images, "
         f"foreground {', '.join(r['foreground'])}",

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from bgremover.errors import UserError
+
 FORMAT = "bgremover-onnx"  # value of metadata["format"]; predict refuses anything else
 FORMAT_VERSION = 1  # bump when the metadata or I/O contract changes incompatibly
 METADATA_KEY = "bgremover"  # ONNX metadata_props key holding the JSON description
@@ -43,7 +45,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "models" / "bgremover-camvid.onn
 VERIFY_SHAPES = ((1, 3, 4), (2, 2, 3))
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError):
     """A user-facing failure: bad checkpoint, failed export or failed verification (one line for the CLI)."""
 
 
@@ -56,82 +58,29 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def _torch_load(path: Path) -> Any:
-    """Load with weights_only=True; fall back to full unpickling only for the known Lightning case, loudly.
-
-    Lightning checkpoints can hold `hyper_parameters` as omegaconf objects, which the safe unpickler refuses.
-    Falling back executes pickle code from the file, so we say so on stderr: only export checkpoints you trust.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_err:
-        first = str(safe_err).strip().splitlines()[0] if str(safe_err).strip() else type(safe_err).__name__
-        if "Weights only load failed" not in str(safe_err):
-            raise ExportError(f"cannot read checkpoint {path}: {first}") from safe_err
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise ExportError(f"cannot read checkpoint {path}: {first}") from err
-        print(
-            f"warning: {path.name}: weights_only=True refused it ({first[:160]}); loaded with full unpickling "
-            "-- only do this with checkpoints you trust",
-            file=sys.stderr,
-        )
-        return ckpt
-
-
-def _net_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Keep the `net.` parameters of a LightningModule state dict, minus torch.compile's `_orig_mod.`."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        k = key.removeprefix("_orig_mod.")
-        if not k.startswith("net."):
-            continue  # loss weights, metric states, EMA copies...: not part of the deployed net
-        out[k.removeprefix("net.").removeprefix("_orig_mod.")] = value
-    return out
-
-
-def _read_test_miou(ckpt_path: Path) -> float | None:
+def _read_test_result(ckpt_path: Path) -> dict[str, Any]:
+    """The run's test mIoU and the frames it covers, from the summary.json beside the checkpoint's folder."""
     summary = ckpt_path.resolve().parent.parent / "summary.json"
     try:
-        value = json.loads(summary.read_text())["metrics"]["test/mIoU"]
-        return None if value is None else float(value)
+        s = json.loads(summary.read_text())
+        value = s["metrics"]["test/mIoU"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None  # no summary (run without test) or an unexpected one: the metric is optional provenance
+        return {}  # no summary (run without test) or an unexpected one: the metric is optional provenance
+    split = s.get("test_split") or {}
+    return {"test_mIoU": None if value is None else float(value), "test_frames": split.get("frames"),
+            "test_frames_of": split.get("of")}
 
 
 def load_checkpoint_net(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the trained net (eval mode, fp32, CPU) and its deployment metadata from a bgremover checkpoint."""
+    from bgremover import checkpoint
+
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise ExportError(f"checkpoint not found: {path}")
-    ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("bgremover"), dict):
-        raise ExportError(f"not a bgremover checkpoint (no 'bgremover' entry): {path}")
-    info = ckpt["bgremover"]
-    missing = [k for k in ("net_config", "classes", "mean", "std") if k not in info]
-    if missing:
-        raise ExportError(f"bgremover checkpoint {path} lacks {', '.join(missing)}")
-    state = _net_state_dict(ckpt.get("state_dict") or {})
-    if not state:
-        raise ExportError(f"checkpoint {path} has no 'net.' parameters in its state_dict")
-
+    try:
+        net, info, _ = checkpoint.load_net(path)
+    except UserError as err:
+        raise ExportError(str(err)) from None
     net_config = dict(info["net_config"])
-    if "encoder_weights" in net_config:
-        # The checkpoint already holds every weight; asking smp for pretrained ones would try to download.
-        net_config["encoder_weights"] = None
-    try:
-        from hydra.utils import instantiate
-
-        net = instantiate(net_config)
-    except Exception as err:
-        raise ExportError(f"cannot build net {net_config.get('_target_')!r}: {err}") from err
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:300]
-        raise ExportError(f"checkpoint weights do not fit {net_config.get('_target_')}: {detail}") from err
-    net = net.float().eval()
 
     classes = [str(c) for c in info["classes"]]
     meta = {
@@ -142,7 +91,7 @@ def load_checkpoint_net(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict[s
         "default_foreground": [str(c) for c in info.get("default_foreground", [])],
         "net": str(info.get("net_name") or str(net_config.get("_target_", "net")).rsplit(".", 1)[-1]),
         "params": sum(p.numel() for p in net.parameters()),
-        "test_mIoU": _read_test_miou(path),
+        **{"test_mIoU": None, **_read_test_result(path)},
         "ignore_index": info.get("ignore_index"),
         "net_config": net_config,
         "checkpoint": str(path),
@@ -168,6 +117,9 @@ def onnx_metadata(meta: dict[str, Any]) -> dict[str, Any]:
         "net": str(meta.get("net", "net")),
         "params": int(meta.get("params", 0)),
         "test_mIoU": meta.get("test_mIoU"),
+        # frames the test mIoU covers, of the split's total: a partial test set is never "CamVid test"
+        "test_frames": meta.get("test_frames"),
+        "test_frames_of": meta.get("test_frames_of"),
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "bgremover_version": _package_version(),
         "input": INPUT_NAME,
@@ -367,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     md = result["metadata"]
     miou = "n/a" if md["test_mIoU"] is None else f"{md['test_mIoU']:.4f}"
+    if md["test_mIoU"] is not None and md.get("test_frames"):
+        partial = md.get("test_frames_of") and md["test_frames"] != md["test_frames_of"]
+        miou += f" on {md['test_frames']}" + (f" of {md['test_frames_of']} frames (PARTIAL)" if partial else " frames")
     print(
         f"wrote {result['path']} ({md['net']}, {md['params']:,} params, {len(md['classes'])} classes, "
         f"test mIoU {miou}; torch vs onnxruntime max abs diff {result['max_abs_diff']:.2e})"

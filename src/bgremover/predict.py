@@ -11,6 +11,8 @@ CLI (`bgremover-predict` or `python -m bgremover.predict`):
                       [--max-side N] [--max-pixels N] [--overwrite] [--quiet]
     Writes <stem>.nobg.png next to each input (or into --out). `-` as input reads stdin; with no --out (or
     `--out -`) the PNG goes to stdout.
+    In a folder, images whose output exists are skipped (--overwrite replaces them); files named one by one are
+    always written.
     Exit codes: 0 all written (or skipped as existing); 1 some input failed (each reported on stderr, the
     good ones are still written) or the model cannot be loaded; 2 usage error (bad option value, unknown
     class name, conflicting options); 130 interrupted.
@@ -527,13 +529,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-pixels", type=int, default=MAX_PIXELS, help=f"refuse larger images ({MAX_PIXELS:,})"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="in folder runs, replace existing outputs (default: skip them); named files are always written")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-file messages")
     return p
 
 
-def _collect(inputs: Sequence[str], failures: list[str]) -> list[Path | None]:
-    """Expand folders; None stands for stdin. Missing paths and image-less folders go to `failures`."""
+def _collect(inputs: Sequence[str], failures: list[str], from_folders: set[Path] | None = None) -> list[Path | None]:
+    """Expand folders; None stands for stdin. Missing paths and image-less folders go to `failures`; files found
+    by expanding a folder are added to `from_folders` (only those may be skipped when their output exists)."""
     items: list[Path | None] = []
     for raw in inputs:
         if raw == "-":
@@ -547,6 +551,8 @@ def _collect(inputs: Sequence[str], failures: list[str]) -> list[Path | None]:
                     f"{path}: directory contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
                 )
             items.extend(found)
+            if from_folders is not None:
+                from_folders.update(p.resolve() for p in found)
         elif path.exists():
             items.append(path)
         else:
@@ -642,7 +648,8 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     several = len(args.inputs) > 1 or any(Path(i).is_dir() for i in args.inputs if i != "-")
     if "-" in args.inputs and several:
         return fail_usage("stdin (-) cannot be combined with other inputs")
-    items = _collect(args.inputs, failures)
+    from_folders: set[Path] = set()
+    items = _collect(args.inputs, failures, from_folders)
     if not items:  # nothing usable: report without paying for (or failing on) the model
         for line in failures:
             print(f"bgremover-predict: error: {line}", file=sys.stderr)
@@ -684,7 +691,9 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
             bar = None
     written = skipped = 0
     for src, dst in pairs:
-        if dst is not None and dst.exists() and not args.overwrite:
+        # Folder runs skip what an earlier run already wrote (resumable batch jobs); a file named on the command
+        # line is always written: its old cut-out may come from another model or other options.
+        if dst is not None and dst.exists() and not args.overwrite and src is not None and src.resolve() in from_folders:
             skipped += 1
         else:
             try:

@@ -1,8 +1,8 @@
 """`python -m bgremover.train [overrides]` — fit a net on CamVid, test its best checkpoint, write summary.json.
 
 Examples:
-    python -m bgremover.train model=deeplabv3plus trainer.max_epochs=50
-    python -m bgremover.train experiment=tiramisu103_camvid trainer=gpu
+    python -m bgremover.train                                   # the quick CPU recipe (minutes)
+    python -m bgremover.train experiment=tiramisu103_camvid     # the paper recipe (GPU)
     python -m bgremover.train -m model=tiramisu56,deeplabv3plus seed=1,2
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,13 +21,32 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bgremover import utils
+from bgremover import checkpoint, config, utils
+from bgremover.errors import UserError
 
 log = logging.getLogger("bgremover.train")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # repo's conf/ (editable install)
+CONFIG_DIR = config.CONFIG_DIR
 INFER_SHAPE = (1, 3, 384, 480)  # a padded 480×360 CamVid frame, the size the report quotes latency for
 INFER_REPEATS = 3  # timed forward passes after one warm-up; the median is reported
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training; last.ckpt holds the state to resume from."""
+
+    def __init__(self, signum: int, last_ckpt: str | None, epoch: int, step: int) -> None:
+        self.signum, self.last_ckpt, self.epoch, self.step = signum, last_ckpt, epoch, step
+        name = signal.Signals(signum).name
+        where = f"at epoch {epoch + 1}, step {step}"
+        if last_ckpt:
+            resume = f"resume with: make train ARGS=\"{' '.join(_resume_overrides())} ckpt_path={last_ckpt}\""
+            super().__init__(f"interrupted by {name} {where}; {resume}")
+        else:
+            super().__init__(f"interrupted by {name} {where}, before any checkpoint was written")
+
+
+def _resume_overrides() -> list[str]:
+    return [o for o in utils.overrides() if not o.startswith(("ckpt_path=", "hydra."))]
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -56,7 +76,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     loggers = utils.instantiate_dict(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     if cfg.get("ckpt_init"):  # a new stage from an earlier run's weights: epoch, optimizer and schedule start fresh
-        load_net_weights(model, cfg.ckpt_init)
+        loaded, skipped = checkpoint.init_from(model, cfg.ckpt_init)
+        log.info("initialised %d tensors of the net from %s (%d re-initialised: %s)", len(loaded), cfg.ckpt_init,
+                 len(skipped), ", ".join(skipped[:6]) + (" …" if len(skipped) > 6 else ""))
     params = count_parameters(model.net)
     for logger in loggers:  # the whole resolved config, so dashboards can filter and group by any value
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "model/params": params})
@@ -64,33 +86,37 @@ def build(cfg: DictConfig) -> dict[str, Any]:
             "trainer": trainer, "params": params}
 
 
-def load_net_weights(model, ckpt_path: str) -> None:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_init checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    model.net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
-    log.info("initialised the net from %s", path)
+def _fit(cfg: DictConfig, trainer, model, datamodule) -> None:
+    """trainer.fit, with Ctrl-C / SIGTERM turned into RunInterrupted (Lightning exits 1, or 0 for SIGTERM)."""
+    from pytorch_lightning.trainer.states import TrainerStatus
+
+    try:
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        signum = signal.SIGTERM if trainer.received_sigterm else signal.SIGINT
+        raise RunInterrupted(signum, _last_checkpoint(trainer), trainer.current_epoch, trainer.global_step) from exc
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit, then test with the best checkpoint; returns (metric_dict, object_dict) and writes summary.json."""
     import pytorch_lightning as pl
 
-    pl.seed_everything(cfg.seed, workers=True)
+    config.validate_train(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     objects = build(cfg)
     trainer, model, datamodule = objects["trainer"], objects["model"], objects["datamodule"]
     start = time.time()
     if cfg.get("train", True):
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        _fit(cfg, trainer, model, datamodule)
     fit_seconds = time.time() - start
-    # Read before testing: loading the best checkpoint for test brings back that epoch's history and callback
-    # state (whose last_model_path predates last.ckpt).
+    # Read before testing: loading the best checkpoint for test brings back that epoch's history.
     history = list(model.history)
     last = _last_checkpoint(trainer)
     epochs = trainer.current_epoch
-    if not cfg.get("train", True) and cfg.get("ckpt_path"):  # test-only: describe the checkpoint's training
-        saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
+    if not cfg.get("train", True):  # test-only: describe the checkpoint's training
+        saved = checkpoint.read(cfg.ckpt_path)
         history, epochs, fit_seconds = list(saved.get("history", [])), int(saved.get("epoch", -1)) + 1, None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -103,33 +129,51 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if model.val_miou_best.update_called:
         metrics["val/mIoU_best"] = float(model.val_miou_best.compute())
 
-    summary = {
-        "status": "ok",
-        "run_dir": str(Path(cfg.paths.output_dir).resolve()),
-        "net": model.hparams.net_name,
-        "experiment": cfg.get("experiment_name"),
-        "group": utils.sweep_group(cfg),
-        "seed": cfg.seed,
-        "params": objects["params"],
-        "epochs": epochs,
-        "global_step": trainer.global_step,
-        "wall_time_s": None if fit_seconds is None else round(fit_seconds, 2),
-        "best_ckpt": best,
-        "last_ckpt": last,
-        "metrics": dict(sorted(metrics.items())),
-        "history": utils.history_lists(history),
-        "infer_ms_480x360": measure_inference_ms(model.net) if cfg.get("measure_inference", True) else None,
-        "hardware": _hardware(),
-        "overrides": utils._overrides(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    utils.write_json_atomic(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, summary)
-    for logger in objects["logger"]:
-        if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
-            logger.experiment.summary.update({"model/params": objects["params"], "wall_time_s": summary["wall_time_s"],
-                                              "infer_ms_480x360": summary["infer_ms_480x360"]})
-    log.info("summary: %s", Path(cfg.paths.output_dir) / utils.SUMMARY_NAME)
+    if trainer.is_global_zero:  # one summary and one timing per run, not one per DDP process
+        summary = {
+            "status": "ok",
+            "run_dir": str(Path(cfg.paths.output_dir).resolve()),
+            "net": model.hparams.net_name,
+            "experiment": cfg.get("experiment_name"),
+            "group": utils.sweep_group(cfg),
+            "seed": cfg.seed,
+            "params": objects["params"],
+            "epochs": epochs,
+            "global_step": trainer.global_step,
+            "wall_time_s": None if fit_seconds is None else round(fit_seconds, 2),
+            "best_ckpt": best,
+            "last_ckpt": last,
+            "test_split": test_split_info(metrics, datamodule),
+            "metrics": dict(sorted(metrics.items())),
+            "history": utils.history_lists(history),
+            "infer_ms_480x360": measure_inference_ms(model.net) if cfg.get("measure_inference", True) else None,
+            "hardware": _hardware(),
+            "overrides": utils.overrides(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        utils.write_json_atomic(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, summary)
+        for logger in objects["logger"]:
+            if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+                logger.experiment.summary.update({"model/params": objects["params"],
+                                                  "wall_time_s": summary["wall_time_s"],
+                                                  "infer_ms_480x360": summary["infer_ms_480x360"],
+                                                  "test/complete": summary["test_split"]["complete"]})
+        log.info("summary: %s", Path(cfg.paths.output_dir) / utils.SUMMARY_NAME)
     return metrics, objects
+
+
+def test_split_info(metrics: dict[str, float], datamodule) -> dict[str, Any]:
+    """How many test frames the test numbers cover, of how many the split has: partial runs say so."""
+    frames = metrics.get("test/frames")
+    total = None
+    try:
+        from bgremover.data.camvid import list_pairs
+
+        total = len(list_pairs(datamodule.root, "test"))
+    except Exception:  # a datamodule without a CamVid-layout test split
+        pass
+    frames = None if frames is None else int(frames)
+    return {"frames": frames, "of": total, "complete": None if frames is None or total is None else frames == total}
 
 
 def _best_checkpoint(trainer) -> str | None:
@@ -139,9 +183,12 @@ def _best_checkpoint(trainer) -> str | None:
 
 
 def _last_checkpoint(trainer) -> str | None:
-    cb = getattr(trainer, "checkpoint_callback", None)
-    path = getattr(cb, "last_model_path", "") if cb else ""
-    return str(Path(path).resolve()) if path else None
+    from bgremover.lit.callbacks import LastCheckpoint
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, LastCheckpoint) and cb.path.exists():
+            return str(cb.path.absolute())  # the link itself, not its target: it moves with every epoch
+    return None
 
 
 def _hardware() -> str:
@@ -169,24 +216,31 @@ def measure_inference_ms(net: torch.nn.Module) -> float:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    if cfg.extras.get("print_config"):
+    multirun = utils.is_multirun()
+    utils.quiet_libraries(verbose=bool(cfg.get("verbose")) or not multirun)
+    if cfg.extras.get("print_config") and not multirun:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     if cfg.extras.get("enforce_tags") and not cfg.get("tags"):
         print("error: extras.enforce_tags is set but no tags were given (tags=[...])", file=sys.stderr)
         sys.exit(1)
-    multirun = HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
     try:
         metrics, _ = utils.run_task(train, cfg)
+    except RunInterrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
     except Exception as exc:
         utils.print_error(exc)
         if multirun:
+            utils.print_job_line(cfg)
             return math.nan  # keep the sweep going; SweepReport lists the failure at the end
         sys.exit(1)
+    if multirun:
+        utils.print_job_line(cfg)
     value = metrics.get(cfg.get("optimized_metric") or "")
     return None if value is None else float(value)
 
 
 if __name__ == "__main__":
     main()
+
+__all__ = ["RunInterrupted", "UserError", "build", "main", "train"]

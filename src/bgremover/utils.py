@@ -46,10 +46,9 @@ register_resolvers()
 # --- errors ----------------------------------------------------------------------------------------------------
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors caused by what the user gave us: shown as one line, with no traceback."""
-    from bgremover.data.camvid import CamVidError
-    from bgremover.nets import PretrainedWeightsUnavailable
+    from bgremover.errors import UserError
 
-    return (CamVidError, PretrainedWeightsUnavailable, FileNotFoundError, ValueError)
+    return (UserError, FileNotFoundError, ValueError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -67,6 +66,14 @@ def one_line(exc: BaseException) -> str:
         text = text.split(": ", 1)[1] if ": " in text else text
     first = text.splitlines()[0] if text else ""
     return f"{first}" if isinstance(exc, user_error_types()) else f"{type(exc).__name__}: {first}"
+
+
+def is_user_error(exc: BaseException) -> bool:
+    from hydra.errors import InstantiationException
+
+    if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        return is_user_error(exc.__cause__)
+    return isinstance(exc, user_error_types())
 
 
 # --- W&B -------------------------------------------------------------------------------------------------------
@@ -142,32 +149,60 @@ def history_lists(history: list[dict]) -> dict[str, list]:
 
 # --- the task wrapper ------------------------------------------------------------------------------------------
 def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -> tuple[dict, dict]:
-    """Run train/eval; on failure write a `failed` summary.json, log the traceback to the run's log file and
-    re-raise; always close W&B. Multirun jobs never share a W&B run because of the finally."""
+    """Run train/eval; on failure write a `failed` (or `interrupted`) summary.json, log the traceback to the
+    run's log file and re-raise; always close W&B. Multirun jobs never share a W&B run because of the finally.
+
+    A single run that failed on a user error before writing any checkpoint leaves no run folder behind: it
+    holds nothing but the config of a command that never ran.
+    """
     start = time.time()
     out_dir = Path(cfg.paths.output_dir)
     try:
         return task(cfg)
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
-        _log_to_files("".join(traceback.format_exception(exc)))
-        write_json_atomic(
-            out_dir / SUMMARY_NAME,
-            {
-                "status": "failed",
-                "error": one_line(exc),
-                "run_dir": str(out_dir),
-                "net": cfg.model.get("net_name") if "model" in cfg else None,
-                "seed": cfg.get("seed"),
-                "wall_time_s": round(time.time() - start, 2),
-                "overrides": _overrides(),
-                "config": OmegaConf.to_container(cfg, resolve=False),
-            },
-        )
+        interrupted = type(exc).__name__ == "RunInterrupted"
+        if not interrupted:
+            _log_to_files("".join(traceback.format_exception(exc)))
+        summary = {
+            "status": "interrupted" if interrupted else "failed",
+            "error": one_line(exc),
+            "run_dir": str(out_dir),
+            "net": cfg.model.get("net_name") if "model" in cfg else None,
+            "seed": cfg.get("seed"),
+            "wall_time_s": round(time.time() - start, 2),
+            "overrides": overrides(),
+            "config": OmegaConf.to_container(cfg, resolve=False),
+        }
+        if interrupted:
+            summary.update(last_ckpt=exc.last_ckpt, epoch=exc.epoch, global_step=exc.step)
+        if is_user_error(exc) and not is_multirun() and _holds_no_results(out_dir):
+            _remove_run_dir(out_dir)
+        else:
+            write_json_atomic(out_dir / SUMMARY_NAME, summary)
         raise
     finally:
         finish_wandb()
+
+
+_RUN_DIR_SCAFFOLD = {".hydra", SUMMARY_NAME, "wandb", "csv"}  # what a run folder holds before training starts
+
+
+def _holds_no_results(out_dir: Path) -> bool:
+    if not out_dir.is_dir():
+        return False
+    return all(p.name in _RUN_DIR_SCAFFOLD or p.suffix == ".log" for p in out_dir.iterdir())
+
+
+def _remove_run_dir(out_dir: Path) -> None:
+    import shutil
+
+    for handler in logging.getLogger().handlers:  # the log file lives inside: close it first
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == out_dir:
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def log_file() -> str | None:
@@ -185,10 +220,78 @@ def _log_to_files(text: str) -> None:
             handler.handle(record)
 
 
-def _overrides() -> list[str]:
+def overrides() -> list[str]:
+    """The command line's overrides of this job (a multirun job's own values)."""
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
+# Lightning's advertising and the warnings that say nothing a user of this project can act on.
+_NOISE = (
+    "💡 Tip",
+    "litlogger",
+    "litmodels",
+    "does not have many workers",
+    "The number of training batches",
+    "Checkpoint directory",
+    "is deprecated",
+    "LeafSpec",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in _NOISE)
+
+
+def quiet_libraries(verbose: bool = True) -> None:
+    """Silence Lightning's tips and known deprecation noise; with verbose=False (sweep jobs) also its info lines
+    (GPU available, model summary), so a sweep prints one line per job. Everything still reaches the log file."""
+    import warnings
+
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+    drop = _DropNoise()
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.addFilter(drop)
+        for handler in logger.handlers:
+            handler.addFilter(drop)
+        if not verbose:
+            logger.setLevel(logging.WARNING)
+    if not verbose:
+        logging.getLogger("bgremover").setLevel(logging.WARNING)
+
+
+def print_job_line(cfg: DictConfig) -> None:
+    """A sweep job's one line on stderr: its overrides, status and test mIoU with the frames it covers."""
+    from hydra.core.hydra_config import HydraConfig
+
+    num = HydraConfig.get().job.num if HydraConfig.initialized() else 0
+    path = Path(cfg.paths.output_dir) / SUMMARY_NAME
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, ValueError):
+        s = {"status": "failed", "error": "no summary.json"}
+    m = s.get("metrics") or {}
+    what = " ".join(overrides()) or "defaults"
+    line = f"[job {num}] {what}: {s.get('status')}"
+    if m.get("test/mIoU") is not None:
+        frames = (s.get("test_split") or {}).get("frames")
+        line += f" test/mIoU={m['test/mIoU']:.4f}" + (f" ({frames} frames)" if frames else "")
+    if s.get("wall_time_s") is not None:
+        line += f" in {s['wall_time_s']:.0f} s"
+    if s.get("error"):
+        line += f" — {s['error']}"
+    print(line, file=sys.stderr, flush=True)
 
 
 def print_error(exc: BaseException) -> None:

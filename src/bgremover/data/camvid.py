@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from bgremover.data.classes import MEAN, NUM_CLASSES, STD, VOID
+from bgremover.errors import UserError
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -24,7 +25,7 @@ DEFAULT_ROOT = "data/CamVid"  # used when neither data.root nor $DATA_DIR is giv
 CACHE_DIR = Path(os.environ.get("BGREMOVER_CACHE", Path.home() / ".cache" / "bgremover"))  # class-weight cache
 
 
-class CamVidError(Exception):
+class CamVidError(UserError):
     """Bad or missing data; the message is one line that names the file or folder at fault."""
 
 
@@ -41,7 +42,9 @@ def list_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
     img_dir, lbl_dir = root / split, root / f"{split}annot"
     for d in (img_dir, lbl_dir):
         if not d.is_dir():
-            raise CamVidError(f"split folder missing: {d}")
+            raise CamVidError(
+                f"split folder missing: {d} (run `make data` to download CamVid, or point DATA_DIR at a copy)"
+            )
     images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise CamVidError(f"empty split: no images in {img_dir}")
@@ -204,7 +207,10 @@ class CamVidDataset:
 
     def __init__(self, root: str | os.PathLike, split: str, transform=None, limit: int | None = None):
         self.root, self.split = Path(root), split
-        self.pairs = list_pairs(self.root, split)[: limit or None]
+        pairs = list_pairs(self.root, split)
+        if limit and limit < len(pairs):  # evenly spaced, so a subset still spans every video sequence
+            pairs = [pairs[i * len(pairs) // limit] for i in range(limit)]
+        self.pairs = pairs
         self.transform = transform
 
     def __len__(self) -> int:

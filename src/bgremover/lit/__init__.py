@@ -1,3 +1,4 @@
-from bgremover.lit.module import CHECKPOINT_KEY, SegmentationModule
+from bgremover.checkpoint import CHECKPOINT_KEY
+from bgremover.lit.module import SegmentationModule
 
 __all__ = ["CHECKPOINT_KEY", "SegmentationModule"]

@@ -15,12 +15,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from bgremover.checkpoint import CHECKPOINT_KEY
 from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND, MEAN, STD, VOID, colorize
 
-CHECKPOINT_KEY = "bgremover"  # where a checkpoint keeps what inference needs
 STAGES = ("train", "val", "test")
 
 
@@ -73,10 +73,13 @@ class SegmentationModule(pl.LightningModule):
         self.miou = nn.ModuleDict({_key(s): iou("macro") for s in STAGES})
         self.acc = nn.ModuleDict({_key(s): acc() for s in STAGES})
         self.loss_mean = nn.ModuleDict({_key(s): MeanMetric() for s in STAGES})
+        # frames each stage saw, summed over ranks: every test number is reported with its frame count
+        self.frames = nn.ModuleDict({_key(s): SumMetric() for s in STAGES})
         self.test_class_iou = iou("none")
         self.val_miou_best = MaxMetric()
         self.history: list[dict[str, float]] = []  # per-epoch validation metrics, kept in checkpoints
         self._panel: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._panel_epoch: int | None = None  # epoch of the last logged image panel
         self.__dict__["_compiled_net"] = None  # bypasses nn.Module registration: state-dict keys stay "net.*"
 
     # --- forward ---------------------------------------------------------------------------------------------
@@ -104,6 +107,7 @@ class SegmentationModule(pl.LightningModule):
         self.loss_mean[_key(stage)].update(loss.detach())
         self.miou[_key(stage)].update(preds, y)
         self.acc[_key(stage)].update(preds, y)
+        self.frames[_key(stage)].update(len(x))
         train = stage == "train"
         # Train loss per step (the curve people watch); val/test loss as epoch means.
         self.log(f"{stage}/loss", loss.detach(), on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(x))
@@ -134,27 +138,30 @@ class SegmentationModule(pl.LightningModule):
         self.log_dict(values, prog_bar=stage != "train")
         out = {k: float(v) for k, v in values.items()}
         out[f"{stage}/loss"] = float(self.loss_mean[_key(stage)].compute())  # the logger's epoch value comes too late
-        for metric in (self.miou[_key(stage)], self.acc[_key(stage)], self.loss_mean[_key(stage)]):
+        if stage != "train":
+            out[f"{stage}/frames"] = int(self.frames[_key(stage)].compute())
+            self.log(f"{stage}/frames", float(out[f"{stage}/frames"]))
+        for metric in (self.miou[_key(stage)], self.acc[_key(stage)], self.loss_mean[_key(stage)],
+                       self.frames[_key(stage)]):
             metric.reset()
         return out
-
-    def on_train_start(self) -> None:
-        # The sanity check before training runs validation too; its numbers must not become the best.
-        self.val_miou_best.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_epoch("val")
-        if self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:  # the check before training: its numbers must not become the best
             return
         self.val_miou_best.update(torch.tensor(values["val/mIoU"]))
         best = float(self.val_miou_best.compute())
         self.log("val/mIoU_best", best, prog_bar=True)
         self.history.append({"epoch": self.current_epoch, **values, "val/mIoU_best": best})
+        # At the first validation, then at the first one at least N epochs later: validation may itself run
+        # only every few epochs (check_val_every_n_epoch), so `epoch % N == 0` could never hold.
         every = self.hparams.log_images_every_n_epochs
-        if every and self.current_epoch % every == 0:
+        if every and (self._panel_epoch is None or self.current_epoch - self._panel_epoch >= every):
+            self._panel_epoch = self.current_epoch
             self._log_panel()
 
     def on_test_epoch_end(self) -> None:
@@ -223,8 +230,20 @@ class SegmentationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = self.export_meta()
         checkpoint["history"] = list(self.history)
+        # torchmetrics states are not in the state dict: keep the best so far, so a resumed run's best (what
+        # Optuna maximises) still covers the epochs before the resume
+        if self.val_miou_best.update_called:
+            checkpoint["val_miou_best"] = float(self.val_miou_best.compute())
+        checkpoint["panel_epoch"] = self._panel_epoch
         # Strip a torch.compile wrapper's prefix so every checkpoint has plain "net.*" keys.
         checkpoint["state_dict"] = {k.replace("._orig_mod", ""): v for k, v in checkpoint["state_dict"].items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history = list(checkpoint.get("history", []))
+        self._panel_epoch = checkpoint.get("panel_epoch")
+        best = checkpoint.get("val_miou_best")
+        if best is None:  # checkpoints written before val_miou_best was saved: the history has it
+            best = max((row["val/mIoU"] for row in self.history if "val/mIoU" in row), default=None)
+        self.val_miou_best.reset()
+        if best is not None:
+            self.val_miou_best.update(torch.tensor(float(best)))

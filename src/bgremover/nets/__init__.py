@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
+from bgremover.errors import UserError
+
 from bgremover.nets.tiramisu import FCDenseNet, count_parameters, fcdensenet56, fcdensenet67, fcdensenet103
 
 HF_HOST = ("huggingface.co", 443)  # where smp fetches encoder weights from
@@ -44,7 +46,7 @@ def build_net(name: str, **kwargs) -> nn.Module:
     return NETS[name](**kwargs)
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(UserError):
     """Raised before smp starts a download that cannot succeed here."""
 
 

@@ -1,0 +1,149 @@
+"""One way to read a training checkpoint, with one safety rule.
+
+Checkpoints are read with `torch.load(weights_only=True)` only — a checkpoint never runs code — and the net is
+rebuilt from `KNOWN_NETS`, a registry of classes this project trains, never from an arbitrary `_target_` found
+in the file. Train (resume, `ckpt_init`), eval, export and the comparison grid all come through here, so they
+agree on what a valid checkpoint is and fail with the same one-line messages.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bgremover.errors import UserError
+
+CHECKPOINT_KEY = "bgremover"  # where a checkpoint keeps what inference needs (written by SegmentationModule)
+REQUIRED_META = ("net_config", "classes", "mean", "std")
+
+
+def _fcdensenet(**kw: Any) -> nn.Module:
+    from bgremover.nets.tiramisu import FCDenseNet
+
+    return FCDenseNet(**kw)
+
+
+def _smp(arch: str):
+    def build(**kw: Any) -> nn.Module:
+        import segmentation_models_pytorch as smp
+
+        # the checkpoint holds every weight; asking smp for pretrained ones would try to download them
+        kw["encoder_weights"] = None
+        return getattr(smp, arch)(**kw)
+
+    return build
+
+
+# `_target_` strings that configs in conf/model (and older checkpoints) use → builders. Nothing else is built.
+KNOWN_NETS = {
+    "bgremover.nets.FCDenseNet": _fcdensenet,
+    "bgremover.nets.tiramisu.FCDenseNet": _fcdensenet,
+    "segmentation_models_pytorch.DeepLabV3": _smp("DeepLabV3"),
+    "segmentation_models_pytorch.DeepLabV3Plus": _smp("DeepLabV3Plus"),
+}
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint as a dict, loaded on CPU with weights_only=True; UserError names the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's own text may suggest weights_only=False: never pass that on
+        kind = "not a PyTorch checkpoint" if _looks_foreign(path) else "unreadable or unsafe checkpoint"
+        raise UserError(f"{kind}: {path} ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"not a training checkpoint (holds a {type(ckpt).__name__}, not a dict): {path}")
+    return ckpt
+
+
+def _looks_foreign(path: Path) -> bool:
+    """True unless the file starts like a torch.save archive (zip) or a legacy pickle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True
+    return not (head.startswith(b"PK") or head[:1] == b"\x80")
+
+
+def meta(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> dict[str, Any]:
+    """The self-description SegmentationModule writes into every checkpoint, checked for what inference needs."""
+    info = ckpt.get(CHECKPOINT_KEY)
+    if not isinstance(info, dict):
+        raise UserError(f"not a bgremover checkpoint (no '{CHECKPOINT_KEY}' entry): {path}")
+    missing = [k for k in REQUIRED_META if k not in info]
+    if missing:
+        raise UserError(f"bgremover checkpoint {path} lacks {', '.join(missing)}")
+    return info
+
+
+def build_net(net_config: dict[str, Any]) -> nn.Module:
+    """A fresh net from a `model.net` config, through the registry (the `_target_` must be a known class)."""
+    cfg = dict(net_config)
+    target = str(cfg.pop("_target_", ""))
+    builder = KNOWN_NETS.get(target)
+    if builder is None:
+        raise UserError(f"unknown net '{target}' in checkpoint; known: {', '.join(sorted(KNOWN_NETS))}")
+    try:
+        return builder(**cfg)
+    except TypeError as exc:
+        raise UserError(f"cannot build {target} from the checkpoint's config: {exc}") from None
+
+
+def net_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The net's weights from a LightningModule state dict (`net.` keys, torch.compile's `_orig_mod.` removed)."""
+    out = {}
+    for key, value in (ckpt.get("state_dict") or {}).items():
+        k = key.replace("_orig_mod.", "")
+        if k.startswith("net."):
+            out[k[len("net."):]] = value
+    return out
+
+
+def load_net(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """(net in eval mode, fp32, CPU; its checkpoint meta; the whole checkpoint) from a bgremover checkpoint."""
+    ckpt = read(path)
+    info = meta(ckpt, path)
+    state = net_state(ckpt)
+    if not state:
+        raise UserError(f"checkpoint {path} has no 'net.' weights in its state_dict")
+    net = build_net(info["net_config"])
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise UserError(f"checkpoint weights do not fit {info['net_config'].get('_target_')}: {detail}") from None
+    return net.float().eval(), info, ckpt
+
+
+def load_module(path: str | os.PathLike):
+    """SegmentationModule with the checkpoint's net, hyper-parameters, weights and history (CPU, eval mode)."""
+    from bgremover.lit import SegmentationModule
+
+    net, _, ckpt = load_net(path)
+    hparams = dict(ckpt.get("hyper_parameters", {}))
+    hparams.pop("compile", None)  # evaluation never compiles
+    module = SegmentationModule(net=net, optimizer=None, **hparams)
+    module.load_state_dict(ckpt["state_dict"], strict=False)  # metric states etc. are not in older files
+    module.on_load_checkpoint(ckpt)
+    return module.eval()
+
+
+def init_from(module: nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Copy into `module.net` every weight of the checkpoint's net whose name and shape fit; returns
+    (loaded, skipped) names. A new stage (fine-tuning, another class list) starts from these weights."""
+    ckpt = read(path)
+    meta(ckpt, path)
+    state = net_state(ckpt)
+    own = module.net.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fits:
+        raise UserError(f"no weight of {path} fits this net (is it the same architecture?)")
+    module.net.load_state_dict(fits, strict=False)
+    return sorted(fits), sorted(set(own) - set(fits))

@@ -1,0 +1,87 @@
+"""Where the Hydra configs live, and the checks a composed config must pass before anything is built.
+
+A bad value (`data.batch_size=-1`, a missing dataset) must fail in a second with one line naming the key, not
+after the imports, the dataset scan and the net are built, deep inside a DataLoader's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from bgremover.errors import UserError
+
+# The repository's conf/ (this file is src/bgremover/config.py); PROJECT_ROOT overrides it for other layouts.
+CONFIG_DIR = str(Path(os.environ.get("PROJECT_ROOT") or Path(__file__).resolve().parents[2]) / "conf")
+
+
+def _positive_int(value, key: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[str]) -> None:
+    _positive_int(data.get("batch_size"), "data.batch_size")
+    _positive_int(data.get("eval_batch_size"), "data.eval_batch_size", allow_none=True)
+    workers = data.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UserError(f"data.num_workers must be 0 or more, got {workers!r}")
+    crop = data.get("crop_size")
+    if crop is not None:
+        crop = list(crop)
+        if len(crop) != 2 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in crop):
+            raise UserError(f"data.crop_size must be [height, width] in pixels or null, got {crop!r}")
+        if size_multiple and any(c % size_multiple for c in crop):
+            raise UserError(f"data.crop_size {crop} must be multiples of {size_multiple} (the net's size multiple)")
+    for key in ("limit_images", "limit_eval_images"):
+        _positive_int(data.get(key), f"data.{key}", allow_none=True)
+    check_data_root(data.get("root"), splits)
+
+
+def check_data_root(root, splits: Iterable[str]) -> None:
+    """The dataset folder and the split folders this task reads exist (contents are checked when loaded)."""
+    from bgremover.data.camvid import resolve_root
+
+    path = resolve_root(root)
+    hint = "run `make data` to download CamVid there, or point DATA_DIR (or data.root) at a copy"
+    if not path.is_dir():
+        raise UserError(f"dataset folder not found: {path} ({hint})")
+    for split in splits:
+        if not (path / split).is_dir() or not (path / f"{split}annot").is_dir():
+            raise UserError(f"{path} has no '{split}' split ({split}/ and {split}annot/): {hint}")
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """Everything `python -m bgremover.train` can check without building anything."""
+    model = cfg.get("model") or {}
+    splits = [s for s, on in (("train", cfg.get("train", True)), ("val", cfg.get("train", True)),
+                              ("test", cfg.get("test", True))) if on]
+    if "root" in cfg.data:  # a CamVid-layout dataset; other datamodules check their own folders
+        _check_data(cfg.data, model.get("size_multiple"), splits)
+    trainer = cfg.get("trainer") or {}
+    epochs = trainer.get("max_epochs")
+    if epochs is not None and epochs != -1:
+        _positive_int(epochs, "trainer.max_epochs")
+    lr = ((model.get("optimizer") or {}).get("lr"))
+    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+        raise UserError(f"model.optimizer.lr must be a positive number, got {lr!r}")
+    for key in ("ckpt_path", "ckpt_init"):
+        value = cfg.get(key)
+        if value and not Path(value).is_file():
+            raise UserError(f"{key}: checkpoint not found: {value}")
+    if not cfg.get("train", True) and not cfg.get("ckpt_path"):
+        raise UserError("train=false needs ckpt_path=<checkpoint> to test")
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    if cfg.split not in ("test", "val"):
+        raise UserError(f"split must be 'test' or 'val', not '{cfg.split}'")
+    if not Path(cfg.ckpt_path).is_file():
+        raise UserError(f"checkpoint not found: {cfg.ckpt_path}")
+    if "root" in cfg.data:
+        _check_data(cfg.data, None, [cfg.split])

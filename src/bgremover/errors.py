@@ -1,0 +1,20 @@
+"""The one user-error type. Torch-free, so the predictor (onnxruntime + numpy + Pillow) can use it too.
+
+Anything a person can fix — a bad path, a wrong option, a broken file — raises `UserError` (or a subclass that
+only narrows where it came from). Entry points print it as one `error: ...` line and exit non-zero; anything
+else is a bug and keeps its traceback (in the run's log file).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """What the user gave us cannot be used; the message is one line that names the file or option at fault."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, whitespace squeezed, for a one-line report."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    first = " ".join(first.split())
+    return first if len(first) <= limit else first[: limit - 1] + "…"

@@ -1,0 +1,187 @@
+"""Lightning callbacks of a training run: the newest-epoch checkpoint, the up-front plan and time estimate, and a
+progress bar that shows the epoch total.
+
+Why not Lightning's `ModelCheckpoint(save_last=True)`: in pytorch-lightning 2.6 it writes `last.ckpt` only when it
+also writes a top-k checkpoint, so after the last improvement `last.ckpt` silently stops moving and a resume from
+it drops every later epoch. `LastCheckpoint` writes it at the end of every training epoch and when a run is
+interrupted (Ctrl-C, SIGTERM); when the epoch's state was just saved as the best checkpoint it links to that file
+instead of writing a second copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("bgremover.train")
+
+ESTIMATE_AFTER_STEPS = 10  # training steps timed (after the first, which warms up) before the estimate is printed
+
+
+class LastCheckpoint(Callback):
+    """`<dirpath>/last.ckpt` always holds the newest training state: every epoch, and the step a run was stopped at."""
+
+    def __init__(self, dirpath: str, filename: str = "last") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self._saved_step = -1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        self._save(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
+        # one process only: a collective save while other ranks are being torn down could hang
+        if interrupted and not trainer.fast_dev_run and trainer.world_size == 1 and trainer.global_step > 0:
+            self._save(trainer, link_allowed=False)
+
+    def _save(self, trainer: pl.Trainer, link_allowed: bool = True) -> None:
+        if trainer.global_step == self._saved_step:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        best = self._saved_as_best_now(trainer) if link_allowed else None
+        if best is not None:
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)
+                os.symlink(os.path.relpath(best, self.path.parent), tmp)
+                os.replace(tmp, self.path)
+            trainer.strategy.barrier()
+        else:
+            trainer.save_checkpoint(tmp)  # every rank calls it; rank zero writes
+            if trainer.is_global_zero:
+                os.replace(tmp, self.path)  # never a half-written last.ckpt
+            trainer.strategy.barrier()
+        self._saved_step = trainer.global_step
+
+    @staticmethod
+    def _saved_as_best_now(trainer: pl.Trainer) -> Path | None:
+        """The top-1 checkpoint file if ModelCheckpoint wrote it at this very step (same state as ours)."""
+        cb = trainer.checkpoint_callback
+        if cb is None or getattr(cb, "save_top_k", None) != 1:
+            return None
+        if getattr(cb, "_last_global_step_saved", None) != trainer.global_step or not cb.best_model_path:
+            return None
+        best = Path(cb.best_model_path)
+        return best if best.is_file() and best.parent == Path(cb.dirpath) else None
+
+
+class RunPlan(Callback):
+    """Says up front what the run will do, then how long it will take, measured on its own first steps."""
+
+    def __init__(self, estimate_after_steps: int = ESTIMATE_AFTER_STEPS) -> None:
+        self.estimate_after_steps = estimate_after_steps
+        self._t0: float | None = None
+        self._steps = 0
+        self._val_s = 0.0
+        self._val_t0: float | None = None
+        self._val_runs = 0
+        self._estimated = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.fast_dev_run:
+            log.info("plan: %s", describe_plan(trainer, pl_module))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        self._steps += 1
+        if self._steps == 1:  # the first step pays for allocations, compilation and worker start-up
+            self._t0 = time.perf_counter()
+            return
+        if self._estimated or self._steps - 1 < self.estimate_after_steps or self._t0 is None:
+            return
+        self._estimated = True
+        per_step = (time.perf_counter() - self._t0 - self._val_s) / (self._steps - 1)
+        if trainer.is_global_zero and not trainer.fast_dev_run:
+            log.info("estimate: %s", describe_estimate(trainer, per_step))
+
+    def on_validation_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        if not trainer.sanity_checking:
+            self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        if self._val_t0 is not None and not trainer.sanity_checking:
+            self._val_s += time.perf_counter() - self._val_t0
+            self._val_runs += 1
+            self._val_t0 = None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
+
+
+def _max_time_s(trainer: pl.Trainer) -> float | None:
+    for cb in trainer.callbacks:
+        if type(cb).__name__ == "Timer":
+            duration = getattr(cb, "_duration", None)
+            return float(duration) if duration else None
+    return None
+
+
+def planned_steps(trainer: pl.Trainer) -> tuple[int | None, int | None]:
+    """(epochs, optimizer steps per epoch) the run is set up for; None where unbounded or unknown."""
+    epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+    per_epoch = trainer.num_training_batches
+    if per_epoch == float("inf"):
+        per_epoch = None
+    elif per_epoch is not None:
+        per_epoch = max(1, int(per_epoch) // max(1, trainer.accumulate_grad_batches))
+    if trainer.max_steps not in (None, -1) and per_epoch:
+        limit = -(-trainer.max_steps // per_epoch)
+        epochs = limit if epochs is None else min(epochs, limit)
+    return epochs, per_epoch
+
+
+def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+    epochs, per_epoch = planned_steps(trainer)
+    hp = pl_module.hparams
+    dm = trainer.datamodule
+    batch = getattr(getattr(dm, "hparams", None), "batch_size", None)
+    crop = getattr(getattr(dm, "hparams", None), "crop_size", None)
+    params = sum(p.numel() for p in pl_module.net.parameters()) / 1e6
+    total = f"{epochs * per_epoch} steps" if epochs and per_epoch else "steps until stopped"
+    parts = [
+        f"{hp.get('net_name', 'net')} ({params:.2f} M params)",
+        f"{epochs or '∞'} epochs × {per_epoch or '?'} steps = {total}",
+        f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
+        f"validation every {trainer.check_val_every_n_epoch} epoch(s)",
+        f"{trainer.strategy.root_device.type} {trainer.precision}",
+    ]
+    max_time = _max_time_s(trainer)
+    if max_time:
+        parts.append(f"stops after {_duration(max_time)} at most (trainer.max_time)")
+    return ", ".join(parts)
+
+
+def describe_estimate(trainer: pl.Trainer, seconds_per_step: float) -> str:
+    epochs, per_epoch = planned_steps(trainer)
+    text = f"{seconds_per_step:.2f} s per training step"
+    if not (epochs and per_epoch):
+        return text
+    total = seconds_per_step * epochs * per_epoch
+    text += f" → about {_duration(total)} of training for {epochs} epochs (validation extra)"
+    max_time = _max_time_s(trainer)
+    if max_time and max_time < total:
+        text += f"; trainer.max_time stops it after {_duration(max_time)}, near epoch {int(max_time / total * epochs)}"
+    return text
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's bar, with `Epoch 3/100` instead of `Epoch 2`, so the run's length is always in view."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        epochs, _ = planned_steps(trainer)
+        self.train_progress_bar.set_description(
+            f"Epoch {trainer.current_epoch + 1}/{epochs}" if epochs else f"Epoch {trainer.current_epoch + 1}"
+        )
