@@ -15,7 +15,6 @@ from bgremover.data.camvid import (
     build_transforms,
     median_frequency_weights,
     resolve_root,
-    verify_root,
 )
 from bgremover.data.classes import CLASSES, MEAN, STD, VOID
 
@@ -42,6 +41,7 @@ class CamVidDataModule(pl.LightningDataModule):
         class_weights: str | None = None,
         download: bool = False,
         limit_images: int | None = None,
+        limit_eval_images: int | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -54,7 +54,7 @@ class CamVidDataModule(pl.LightningDataModule):
             from bgremover.data.download import download_camvid
 
             download_camvid(self.root)
-        verify_root(self.root)
+        # no whole-dataset check here: setup() checks each split it loads, so `eval` never needs the train split
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -73,7 +73,10 @@ class CamVidDataModule(pl.LightningDataModule):
                 mean=hp.mean,
                 std=hp.std,
             )
-            ds = CamVidDataset(self.root, split, transform, limit=hp.limit_images)
+            # limit_images trims only what the net learns from; val/test stay whole unless limit_eval_images says
+            # otherwise, and every test number is reported with its frame count (test/frames)
+            limit = hp.limit_images if train else hp.limit_eval_images
+            ds = CamVidDataset(self.root, split, transform, limit=limit)
             ds.reseed(hp.seed)  # covers num_workers=0; workers reseed themselves in _seed_worker
             self.datasets[split] = ds
 
