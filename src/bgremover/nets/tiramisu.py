@@ -22,6 +22,10 @@ PyTorch's slow bf16 fallback (``kernel_dtype``).
 the tiny dropout masks); the BN-ReLU output is recomputed in backward from the saved statistics, so
 running statistics are updated exactly once per step (unlike ``torch.utils.checkpoint``, which re-runs BN).
 
+Under DDP with ``sync_batchnorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``, as Lightning applies it) the
+batch statistics and their gradient sums are those of every rank's batch together (``_StatSync``), so ranks
+compute what one process computes on the combined batch; otherwise nothing is communicated.
+
 Dropout is channel-wise (``Dropout2d``) with p=0.2: the paper uses element-wise dropout, but dropping
 whole maps is the usual choice for conv features and its mask is N x g x 1 x 1, cheap to draw and to keep.
 """
@@ -32,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -97,6 +102,50 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return var.div_(count), mean
 
 
+class _StatSync:
+    """Batch statistics over the combined batch of every rank in ``group``, as ``nn.SyncBatchNorm`` has them.
+
+    The block creates one per training step only when it must sync (``DenseBlock._stat_sync``); without it the
+    block runs the single-process code with no collective at all. Forward: one all-gather per statistics
+    pass (the block input, then each layer's new maps). Backward: one all-reduce per channel group of the
+    per-channel gradient sums that the BatchNorm input gradient needs (SyncBatchNorm's sum_dy / sum_dy_xmu).
+    """
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.count = 0  # pixels per channel over all ranks; set by the first batch_stats()
+
+    def batch_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``_batch_stats`` of the union of every rank's ``x``."""
+        var, mean = _batch_stats(x)
+        n, c, h, w = x.shape
+        count = n * h * w
+        # Gather (count, mean, variance) rather than sum (count, sum, sum of squares): ranks' counts may differ,
+        # and E[x^2] - mean^2 cancels badly in fp32. float64 keeps counts exact and the combination stable.
+        local = torch.zeros(1 + 2 * c, dtype=torch.float64, device=x.device)
+        local[0] = count
+        if count:  # an empty rank still joins the collective, with nothing to add
+            local[1 : 1 + c], local[1 + c :] = mean, var
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, local, group=self.group)
+        table = torch.stack(parts)
+        counts, means, variances = table[:, :1], table[:, 1 : 1 + c], table[:, 1 + c :]
+        total = counts.sum()
+        g_mean = (counts * means).sum(0) / total
+        # Chan et al.: spread within each rank plus the spread of the rank means around the global mean.
+        g_var = (counts * (variances + (means - g_mean) ** 2)).sum(0) / total
+        if not self.count:
+            self.count = int(total)  # a host sync, as in nn.SyncBatchNorm; once per block and step
+        return g_var.to(var.dtype), g_mean.to(mean.dtype)
+
+    def all_reduce_(self, *sums: Tensor) -> None:
+        """Sum per-channel gradient sums over the ranks, in place, in one collective."""
+        flat = torch.cat(sums)
+        dist.all_reduce(flat, group=self.group)
+        for t, total in zip(sums, flat.split([t.numel() for t in sums]), strict=True):
+            t.copy_(total)
+
+
 def _as_channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
@@ -107,7 +156,8 @@ class _DenseBlockFn(torch.autograd.Function):
     ``tensors`` = block inputs (``n_inputs`` of them, concatenated along channels into the buffer), then
     per layer: bn weight, bn bias, conv weight, conv bias, running mean, running var, dropout mask
     (running stats only used in eval mode, mask may be None).
-    Returns the full buffer and the fp32 batch mean / biased variance of every channel (train mode).
+    Returns the full buffer and the fp32 batch mean / biased variance of every channel (train mode), those of
+    all ranks' batches together when ``cfg["sync"]`` is a ``_StatSync``.
     """
 
     @staticmethod
@@ -116,6 +166,8 @@ class _DenseBlockFn(torch.autograd.Function):
         growth, n_layers, eps = cfg["growth"], cfg["n_layers"], cfg["eps"]
         training, keep_act, dev_type = cfg["training"], not cfg["memory_efficient"], inputs[0].device.type
         cdtype, kdtype = cfg["dtype"], cfg["kernel_dtype"]
+        sync: _StatSync | None = cfg["sync"]
+        batch_stats = _batch_stats if sync is None else sync.batch_stats
         x0 = inputs[0]
         n, _, h, w = x0.shape
         c0 = sum(t.shape[1] for t in inputs)
@@ -131,7 +183,7 @@ class _DenseBlockFn(torch.autograd.Function):
             mean = torch.zeros(c_total, dtype=stat_dtype, device=x0.device)
             var = torch.ones(c_total, dtype=stat_dtype, device=x0.device)
             if training:
-                var[:c0], mean[:c0] = _batch_stats(buf[:, :c0])
+                var[:c0], mean[:c0] = batch_stats(buf[:, :c0])
             invstd = torch.rsqrt(var + eps)
             saved_acts: list[Tensor] = []
             # Without saved activations one scratch area serves every layer (fewer fresh pages to fault in).
@@ -151,7 +203,7 @@ class _DenseBlockFn(torch.autograd.Function):
                     y.mul_(mask.to(kdtype))
                 if training and i + 1 < n_layers:  # the last layer's maps feed no BN inside this block
                     # Statistics of the dense conv output are cheaper than of the strided buffer slice.
-                    v, m = _batch_stats(y)
+                    v, m = batch_stats(y)
                     var[c : c + growth], mean[c : c + growth] = v, m
                     invstd[c : c + growth] = torch.rsqrt(v + eps)
                 buf[:, c : c + growth].copy_(y)
@@ -177,7 +229,8 @@ class _DenseBlockFn(torch.autograd.Function):
         saved_acts = saved[3 + 7 * n_layers :]
         cdtype, kdtype = buf.dtype, cfg["kernel_dtype"]
         n, c_total, h, w = buf.shape
-        count = n * h * w
+        sync: _StatSync | None = cfg["sync"]
+        count = n * h * w if sync is None else sync.count  # the pixels the batch statistics were taken over
         fmt = _fmt(buf)
         # bf16 weight gradients are too coarse for the W * dW identity (it divides by gamma).
         # Under torch.compile the data-dependent gamma check would break the graph, and inductor fuses the
@@ -242,6 +295,10 @@ class _DenseBlockFn(torch.autograd.Function):
                     g_slope[:c].add_(k * g_gamma)
                     # Every consumer of the group written by layer i-1 (or of the block input) is done now.
                     lo = c - growth if i > 0 else 0
+                    if sync is not None:
+                        # The statistics came from every rank's pixels, so their gradient sums over every
+                        # rank's pixels too. g_beta / g_gamma themselves stay local: DDP averages them.
+                        sync.all_reduce_(g_shift[lo:c], g_slope[lo:c])
                     _apply_stat_grad(grad, buf, lo, c, g_shift, g_slope, mean, invstd)
                 param_grads[7 * i] = g_gamma.to(gamma.dtype) if need[0] else None
                 param_grads[7 * i + 1] = g_beta.to(beta.dtype) if need[1] else None
@@ -487,15 +544,31 @@ class DenseBlock(nn.Module):
             r_mean, r_var = (None, None) if self.training else (bn.running_mean, bn.running_var)
             flat += [bn.weight, bn.bias, layer.conv.weight, layer.conv.bias, r_mean, r_var, mask]
         eps = self.layers[0].norm.eps if len(self.layers) else 1e-5
+        sync = self._stat_sync() if self.training else None
         cfg = {
             "growth": self.growth_rate, "n_layers": len(self.layers), "eps": eps, "training": self.training,
             "memory_efficient": self.memory_efficient, "dtype": cdtype,
-            "kernel_dtype": kernel_dtype(cdtype, x0.device),
+            "kernel_dtype": kernel_dtype(cdtype, x0.device), "sync": sync,
         }
         buf, mean, var = _DenseBlockFn.apply(cfg, len(inputs), *inputs, *flat)
         if self.training:
-            self._update_running_stats(mean, var, n * x0.shape[2] * x0.shape[3])
+            self._update_running_stats(mean, var, n * x0.shape[2] * x0.shape[3] if sync is None else sync.count)
         return buf
+
+    def _stat_sync(self) -> _StatSync | None:
+        """How this training step syncs batch statistics across processes, or None (single-process code).
+
+        The switch is torch's own: ``nn.SyncBatchNorm.convert_sync_batchnorm`` (which Lightning's
+        ``sync_batchnorm=True`` applies before wrapping the model in DDP, and reverts after fitting) turns the
+        layers' norms into SyncBatchNorm, whose forward the block never calls. So the block syncs exactly when
+        a converted model's plain BatchNorms would: as in ``SyncBatchNorm.forward``, only with an initialised
+        process group of more than one rank, the norm's ``process_group`` or else the default group.
+        """
+        norm = self.layers[0].norm if len(self.layers) else None
+        if not isinstance(norm, nn.SyncBatchNorm) or not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = norm.process_group or dist.group.WORLD
+        return _StatSync(group) if dist.get_world_size(group) > 1 else None
 
     def _forward_inference(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """Eval without autograd (inference, ONNX/TorchScript export): plain modules that any exporter can

@@ -1,0 +1,214 @@
+"""DDP on CPU with gloo: two ranks must compute what one process computes on their combined data.
+
+One pair of ranks is spawned for the whole module (spawning costs seconds, the cases themselves do not): it
+runs every case below and saves what each rank saw; the tests compare that with the same case run here in
+one process, without a process group, on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from bgremover.nets.tiramisu import DenseBlock, FCDenseNet
+
+WORLD = 2
+BATCH = 5  # split 3 + 2: the ranks' pixel counts differ, so a plain average of per-rank stats would be wrong
+TINY = {"down_blocks": (2, 3), "up_blocks": (3, 2), "bottleneck_layers": 2, "growth_rate": 4,
+        "first_conv_channels": 8, "dropout": 0.0}  # dropout masks are per process: off, to compare exactly
+TOL = {"atol": 1e-10, "rtol": 1e-9}
+
+
+def _rows(rank: int, world: int, n: int = BATCH) -> slice:
+    """Rank's share of the global batch: contiguous, the first ranks one sample longer."""
+    sizes = [n // world + (r < n % world) for r in range(world)]
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _randomise(module: nn.Module) -> None:
+    """Non-trivial BN affine parameters, running stats and conv biases (seeded, so every process agrees)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 - 1)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 2 - 1)
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            elif isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+
+
+class _AllReduceBN(nn.BatchNorm2d):
+    """Synced BN for the transitions in the CPU test (nn.SyncBatchNorm refuses CPU tensors): plain autograd
+    through torch.distributed.nn's differentiable all_reduce of (count, sum, sum of squares) -- an independent
+    reference, not the dense blocks' code. Without a process group it is nn.BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not dist.is_initialized():
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        total = all_reduce(torch.cat([x.new_tensor([x.numel() / c]), x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))]))
+        n, mean = total[0], total[1 : c + 1] / total[0]
+        var = total[c + 1 :] / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return x * scale.view(1, -1, 1, 1) + (self.bias - mean * scale).view(1, -1, 1, 1)
+
+
+def _recording_stats(block: DenseBlock, record: dict) -> None:
+    """Keep the batch mean/var and pixel count the block hands to its running-statistics update."""
+    update = block._update_running_stats
+
+    def wrapped(mean, var, count):
+        record.update(mean=mean.clone(), var=var.clone(), count=count)
+        return update(mean, var, count)
+
+    block._update_running_stats = wrapped
+
+
+def _ddp_grads(module: nn.Module, world: int) -> dict[str, torch.Tensor]:
+    """Parameter gradients averaged over the ranks as DDP does, times the world size: the gradient of the sum
+    of the ranks' losses, which is what one process computes on the combined batch."""
+    grads = {}
+    for name, p in module.named_parameters():
+        if world > 1:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+        grads[name] = p.grad * world
+    return grads
+
+
+def block_case(rank: int, world: int, sync: bool = True, memory_efficient: bool = False,
+               channels_last: bool = False, rows: slice | None = None) -> dict:
+    """One training step of a two-input dense block (like the up path's) on this rank's rows, float64."""
+    torch.manual_seed(0)  # the conv weights: same in every process, whatever ran before
+    block = DenseBlock(6, 3, 4, dropout=0.0, memory_efficient=memory_efficient).double()
+    _randomise(block)
+    if sync:
+        nn.SyncBatchNorm.convert_sync_batchnorm(block)  # what Lightning's sync_batchnorm=True does
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(BATCH, c, 6, 7, generator=g, dtype=torch.float64) for c in (4, 2))
+    weight = torch.randn(BATCH, block.out_channels, 6, 7, generator=g, dtype=torch.float64)
+    rows = rows or _rows(rank, world)
+    a, b = a[rows].clone(), b[rows].clone()
+    if channels_last:
+        a, b = a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last)
+    a.requires_grad_()
+    b.requires_grad_()
+    stats: dict = {}
+    _recording_stats(block, stats)
+    out = block(a, b)
+    (out * weight[rows]).sum().backward()
+    return {"out": out.detach(), "grad_a": a.grad, "grad_b": b.grad, **stats,
+            "param_grads": _ddp_grads(block, world),
+            "state": {k: v.clone() for k, v in block.state_dict().items()}}
+
+
+def net_case(rank: int, world: int) -> dict:
+    """One training step of a tiny FC-DenseNet in float64.
+
+    Gradients are averaged by hand (``_ddp_grads``): DistributedDataParallel refuses CPU modules that hold nn.SyncBatchNorm
+    layers, and convert_sync_batchnorm is how the dense blocks are told to sync (as Lightning does on GPUs).
+    """
+    torch.manual_seed(0)
+    net = FCDenseNet(**TINY).double()
+    _randomise(net)
+    for down in net.trans_down:
+        ref = _AllReduceBN(down.norm.num_features).double()
+        ref.load_state_dict(down.norm.state_dict())
+        down.norm = ref
+    for m in list(net.modules()):
+        if isinstance(m, DenseBlock):
+            nn.SyncBatchNorm.convert_sync_batchnorm(m)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(BATCH, 3, 16, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(BATCH, 11, 16, 16, generator=g, dtype=torch.float64)
+    rows = _rows(rank, world)
+    x = x[rows].clone().requires_grad_()
+    out = net(x)
+    (out * weight[rows]).sum().backward()
+    return {"out": out.detach(), "grad_x": x.grad, "param_grads": _ddp_grads(net, world),
+            "state": {k: v.clone() for k, v in net.state_dict().items()}}
+
+
+CASES = {
+    "block": lambda r, w: block_case(r, w),
+    "block_memory_efficient_channels_last": lambda r, w: block_case(r, w, memory_efficient=True, channels_last=True),
+    "block_not_converted": lambda r, w: block_case(r, w, sync=False),
+    "net": net_case,
+}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)  # two ranks on a shared CPU
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {name: case(rank, world) for name, case in CASES.items()}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _close(actual, expected, what: str) -> None:
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _same_as_one_process(got: list[dict], ref: dict, batch_keys: tuple[str, ...]) -> None:
+    for key in batch_keys:  # per-sample tensors: the ranks' rows, in order, are the combined batch
+        _close(torch.cat([r[key] for r in got]), ref[key], key)
+    for r, rank_result in enumerate(got):
+        for name, grad in ref["param_grads"].items():
+            _close(rank_result["param_grads"][name], grad, f"rank {r} grad of {name}")
+        for name, value in ref["state"].items():  # running statistics and num_batches_tracked
+            _close(rank_result["state"][name].double(), value.double(), f"rank {r} {name}")
+
+
+@pytest.mark.parametrize("case", ["block", "block_memory_efficient_channels_last"])
+def test_synced_dense_block_matches_one_process_on_combined_batch(ranks, case: str) -> None:
+    ref = CASES[case](0, 1)
+    got = [r[case] for r in ranks]
+    _same_as_one_process(got, ref, ("out", "grad_a", "grad_b"))
+    for r, rank_result in enumerate(got):
+        _close(rank_result["mean"], ref["mean"], f"rank {r} batch mean")
+        _close(rank_result["var"], ref["var"], f"rank {r} batch variance")
+        assert rank_result["count"] == ref["count"] == BATCH * 6 * 7
+
+
+def test_unconverted_block_keeps_per_rank_statistics(ranks) -> None:
+    """Without convert_sync_batchnorm (sync_batchnorm off) every rank is one process on its own rows."""
+    combined = block_case(0, 1, sync=False)
+    for r, got in enumerate(r["block_not_converted"] for r in ranks):
+        alone = block_case(0, 1, sync=False, rows=_rows(r, WORLD))
+        _close(got["out"], alone["out"], f"rank {r} output")
+        _close(got["mean"], alone["mean"], f"rank {r} batch mean")
+        assert got["count"] == alone["count"] < combined["count"]
+
+
+def test_ddp_net_matches_one_process_on_combined_batch(ranks) -> None:
+    _same_as_one_process([r["net"] for r in ranks], net_case(0, 1), ("out", "grad_x"))
