@@ -1,0 +1,416 @@
+"""Cut-outs over HTTP, like rembg's `rembg s`: a Starlette app on uvicorn over one shared BackgroundRemover.
+
+    bgremover-serve [--model M] [--host 127.0.0.1] [--port 8000] [--threads N] [--max-bytes B]
+                    [--max-pixels P] [--queue Q]
+
+    POST /remove   image as multipart field `file` or as the raw body; query options `classes=Car,Road`,
+                   `threshold=0.5`, `refine=1`, `mask_only=1`, `bg_color=R,G,B` -> image/png
+    GET  /model    the model's metadata (classes, default foreground, net, test mIoU, ...) and the limits
+    GET  /health   {"status": "ok", ...}
+    GET  /         a page to drop a photo on and download its cut-out (static/, no build step)
+
+Errors are JSON `{"error": "..."}`: 400 unusable body (empty, not an image, truncated), 413 over --max-bytes
+or --max-pixels, 422 bad option (unknown class, threshold outside 0..1, ...), 503 more than --queue requests
+at once (answered at once, never queued further), 404/405 wrong route or method.
+
+Decoding, inference and PNG encoding run in a thread pool of --threads workers (default: one per core), so
+the event loop only moves bytes and keeps answering /health under load. onnxruntime's Run is thread-safe on
+one session, so the workers share one model; each run gets cores/workers intra-op threads so the workers
+never oversubscribe the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from bgremover.predict import (
+    MODEL_ENV,
+    BackgroundRemover,
+    BgRemoverError,
+    ImageError,
+    UsageError,
+    encode_png,
+    parse_color,
+)
+
+DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the service is an explicit choice (--host 0.0.0.0)
+DEFAULT_PORT = 8000
+MAX_BYTES = 20 * 1024 * 1024  # request body limit: a 20 MiB upload covers any camera JPEG
+# Decoded-pixel limit against decompression bombs (a few KiB of PNG can claim gigapixels). 25 Mpx admits a
+# 6000x4000 photo; at that size one request peaks around 1 GB (full-size float planes for alpha and refine).
+MAX_PIXELS = 25_000_000
+QUEUE = 16  # /remove requests at once (reading, waiting or running); the next one gets 503 immediately
+STATIC = Path(__file__).with_name("static")
+PAGES = {  # the only files served from static/ (no directory listing, no path traversal to worry about)
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/page.css": ("page.css", "text/css; charset=utf-8"),
+    "/static/page.js": ("page.js", "text/javascript; charset=utf-8"),
+}
+# The page may load nothing from elsewhere: this makes "no external resources" a browser-enforced fact.
+CSP = "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; object-src 'none'; base-uri 'none'"
+OPTIONS = ("classes", "threshold", "refine", "mask_only", "bg_color")
+TRUE = frozenset({"", "1", "true", "yes", "on"})  # `?mask_only` alone means true, as a flag would
+FALSE = frozenset({"0", "false", "no", "off"})
+
+log = logging.getLogger("bgremover.serve")
+
+
+class ApiError(Exception):
+    """A request the client must change: answered as {"error": message} with this HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def parse_options(query: Any, remover: BackgroundRemover) -> dict[str, Any]:
+    """Query parameters -> BackgroundRemover.remove keyword arguments; ApiError(422) on any bad value."""
+    unknown = sorted(set(query.keys()) - set(OPTIONS))
+    if unknown:
+        raise ApiError(422, f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+    for key in OPTIONS:
+        if key != "classes" and len(query.getlist(key)) > 1:
+            raise ApiError(422, f"{key} given more than once")
+    opts: dict[str, Any] = {}
+    if "classes" in query:  # classes=Car,Road and classes=Car&classes=Road mean the same
+        names = [n for value in query.getlist("classes") for n in value.split(",")]
+        try:
+            remover.resolve_classes(names)  # UsageError names the valid classes
+        except UsageError as err:
+            raise ApiError(422, f"classes: {err}") from err
+        opts["classes"] = names
+    if "threshold" in query:
+        raw = query["threshold"]
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not 0.0 <= value <= 1.0:  # also rejects nan and inf
+            raise ApiError(422, f"threshold must be a number within 0..1, got {raw!r}")
+        opts["threshold"] = value
+    for key in ("refine", "mask_only"):
+        if key in query:
+            raw = query[key].strip().lower()
+            if raw not in TRUE | FALSE:
+                raise ApiError(422, f"{key} must be one of 1/0, true/false, yes/no, on/off; got {query[key]!r}")
+            opts[key] = raw in TRUE
+    if "bg_color" in query:
+        try:
+            opts["bg_color"] = parse_color(query["bg_color"])
+        except UsageError as err:
+            raise ApiError(422, f"bg_color: {err}") from err
+        if opts.get("mask_only"):
+            raise ApiError(422, "choose either mask_only or bg_color, not both")
+    return opts
+
+
+def check_pixels(data: bytes, max_pixels: int) -> None:
+    """413 when the header claims more than max_pixels, before anything is decoded (decompression bombs)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                w, h = img.size
+    except Image.DecompressionBombError as err:
+        raise ApiError(413, f"image has too many pixels (possible decompression bomb): {err}") from err
+    except Exception:
+        return  # not an image at all: the full decode reports exactly what is wrong
+    if w * h > max_pixels:
+        raise ApiError(413, f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
+
+
+def download_name(filename: str | None, opts: dict[str, Any]) -> str:
+    stem = Path(filename or "image").stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "image"
+    return f"{stem}.{'mask' if opts.get('mask_only') else 'nobg'}.png"
+
+
+class Service:
+    """The state shared by all requests: the model, the worker pool and the count of admitted requests."""
+
+    def __init__(
+        self,
+        remover: BackgroundRemover,
+        workers: int,
+        max_bytes: int = MAX_BYTES,
+        max_pixels: int = MAX_PIXELS,
+        queue: int = QUEUE,
+        model_file: str | None = None,
+    ) -> None:
+        self.remover = remover
+        self.workers = workers
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.queue = queue
+        self.model_file = model_file if model_file is not None else Path(remover.model_path).name
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bgremover")
+        self.admitted = 0  # only touched on the event loop thread, so no lock is needed
+        self.served = 0
+
+    def cutout(self, data: bytes, opts: dict[str, Any]) -> tuple[bytes, float]:
+        """Decode, cut out and encode one image (runs on a worker thread): (PNG bytes, seconds)."""
+        start = time.perf_counter()
+        check_pixels(data, self.max_pixels)
+        try:
+            png = encode_png(self.remover.remove(io.BytesIO(data), **opts))
+        except ImageError as err:
+            # The predictor names in-memory input "<stdin>"; here it is simply the upload.
+            raise ApiError(400, str(err).removeprefix("<stdin>: ")) from err
+        except UsageError as err:
+            raise ApiError(422, str(err)) from err
+        return png, time.perf_counter() - start
+
+    async def read_image(self, request) -> tuple[bytes, str | None]:
+        """The uploaded bytes (multipart field `file`, or the raw body) within max_bytes, and the file name."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise ApiError(413, f"request body of {int(declared):,} bytes is over the limit of {self.max_bytes:,} (--max-bytes)")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: chunked uploads have no Content-Length
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise ApiError(413, f"request body is over the limit of {self.max_bytes:,} bytes (--max-bytes)")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "multipart/form-data":  # any other type (curl --data-binary says urlencoded) is the image
+            if not body:
+                raise ApiError(400, "empty request body: send an image as multipart field 'file' or as the raw body")
+            return body, None
+        return await self._multipart_file(request, body)
+
+    async def _multipart_file(self, request, body: bytes) -> tuple[bytes, str | None]:
+        from starlette.datastructures import UploadFile
+        from starlette.exceptions import HTTPException
+        from starlette.requests import Request
+
+        sent = False
+
+        async def replay() -> dict[str, Any]:  # hands the body we already read (and bounded) to the parser
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+        except HTTPException as err:
+            raise ApiError(400, f"malformed multipart upload: {err.detail}") from err
+        except Exception as err:
+            raise ApiError(400, f"malformed multipart upload: {err}") from err
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                fields = ", ".join(form.keys()) or "none"
+                raise ApiError(400, f"multipart upload has no file field 'file' (fields: {fields})")
+            data = await upload.read()
+            if not data:
+                raise ApiError(400, "the uploaded file is empty")
+            return data, upload.filename
+        finally:
+            await form.close()
+
+
+def json_error(status: int, message: str, headers: dict[str, str] | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(service: Service):
+    """The ASGI app. Tests build it around their own (e.g. slowed) remover and run it on a real uvicorn."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    remover = service.remover
+
+    async def remove(request):
+        if service.admitted >= service.queue:
+            return json_error(
+                503,
+                f"server busy: {service.admitted} requests already queued or running (limit {service.queue}, "
+                "--queue); retry shortly",
+                {"Retry-After": "1"},
+            )
+        service.admitted += 1
+        try:
+            # The body first, even when an option is bad: a client still uploading would otherwise see the
+            # connection close under it instead of reading our error.
+            data, filename = await service.read_image(request)
+            opts = parse_options(request.query_params, remover)
+            loop = asyncio.get_running_loop()
+            png, seconds = await loop.run_in_executor(service.pool, service.cutout, data, opts)
+        except ApiError as err:
+            return json_error(err.status, err.message)
+        except BgRemoverError as err:  # a model fault (e.g. wrong output shape): the server's problem
+            log.error("cut-out failed: %s", err)
+            return json_error(500, f"internal error: {err}")
+        finally:
+            service.admitted -= 1
+        service.served += 1
+        return Response(
+            png,
+            media_type="image/png",
+            headers={
+                "Content-Disposition": f'inline; filename="{download_name(filename, opts)}"',
+                "Server-Timing": f"cutout;dur={seconds * 1000:.1f}",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def model(request):
+        body = dict(remover.meta)
+        body["model_file"] = service.model_file
+        body["limits"] = {
+            "max_bytes": service.max_bytes,
+            "max_pixels": service.max_pixels,
+            "max_side": remover.max_side,
+            "queue": service.queue,
+            "workers": service.workers,
+        }
+        return JSONResponse(body)
+
+    async def health(request):
+        return JSONResponse(
+            {"status": "ok", "model": service.model_file, "busy": service.admitted, "served": service.served}
+        )
+
+    async def page(request):
+        name, media = PAGES[request.url.path]
+        try:
+            content = (STATIC / name).read_bytes()  # a few KiB from the page cache; re-read so edits show
+        except OSError:
+            return json_error(404, f"page file {name} is missing from the installation")
+        return Response(
+            content, media_type=media, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"}
+        )
+
+    async def http_error(request, exc: HTTPException):
+        messages = {404: f"not found: {request.url.path}", 405: f"method {request.method} not allowed here"}
+        return json_error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
+
+    async def server_error(request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return json_error(500, f"internal error: {type(exc).__name__}")
+
+    routes = [
+        Route("/remove", remove, methods=["POST"]),
+        Route("/model", model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        *[Route(path, page, methods=["GET"]) for path in PAGES],
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bgremover-serve",
+        description="Serve background removal over HTTP (POST /remove, GET /model, GET /health, page at /).",
+    )
+    p.add_argument("--model", "-m", help=f"ONNX model (default ${MODEL_ENV} or the shipped one)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind ({DEFAULT_HOST}; 0.0.0.0 = all)")
+    p.add_argument("--port", "-p", type=int, default=DEFAULT_PORT, help=f"TCP port ({DEFAULT_PORT}; 0 = any free)")
+    p.add_argument("--threads", type=int, help=f"inference worker threads (default: one per core, {cpu_count()})")
+    p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"request body limit ({MAX_BYTES:,})")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"decoded image limit ({MAX_PIXELS:,})")
+    p.add_argument("--queue", type=int, default=QUEUE, help=f"requests at once before 503 ({QUEUE})")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    prog = parser.prog
+
+    def usage(msg: str) -> int:
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+
+    if not 0 <= args.port <= 65535:
+        return usage(f"--port must be within 0..65535, got {args.port}")
+    for name in ("threads", "max_bytes", "max_pixels"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return usage(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.queue < 0:
+        return usage(f"--queue must be >= 0, got {args.queue}")
+    try:
+        import uvicorn
+    except ImportError as err:
+        print(f"{prog}: error: {err.name} is not installed: pip install 'bgremover' (starlette, uvicorn)", file=sys.stderr)
+        return 1
+    cores = cpu_count()
+    workers = args.threads or cores
+    try:
+        remover = BackgroundRemover(
+            args.model, threads=max(1, cores // workers), max_pixels=args.max_pixels
+        )
+    except BgRemoverError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    # Bind here, not in uvicorn: a taken port is then one clear line too, and --port 0 can report its choice.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as err:
+        sock.close()
+        print(f"{prog}: error: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    host, port = sock.getsockname()[:2]
+    service = Service(remover, workers, args.max_bytes, args.max_pixels, args.queue)
+    meta = remover.meta
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(
+        f"{prog}: {service.model_file} ({meta.get('net', '?')}, {len(remover.classes)} classes) on "
+        f"http://{shown}:{port}/ — {workers} worker thread(s), queue {args.queue}, "
+        f"max {args.max_bytes:,} bytes / {args.max_pixels:,} pixels",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(create_app(service), log_level=args.log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.pool.shutdown(wait=False, cancel_futures=True)
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

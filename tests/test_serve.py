@@ -1,0 +1,357 @@
+"""bgremover-serve through a real uvicorn on 127.0.0.1: cut-outs equal to the library's, every bad request a
+4xx JSON error with the server still serving, the queue limit answered 503 at once, and the CLI's exits."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from http.client import HTTPConnection
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("uvicorn", reason="bgremover-serve needs uvicorn and starlette (pip install -e .)")
+import uvicorn  # noqa: E402
+
+from bgremover.predict import BackgroundRemover, encode_png  # noqa: E402
+from bgremover.serve import Service, cpu_count, create_app  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "0001TP_008910.jpg"  # a real CamVid test frame, 480x360
+MAX_BYTES = 300_000  # small limits so over-limit bodies stay cheap to build and send
+MAX_PIXELS = 1_000_000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A live server and a tiny stdlib HTTP client (no client library: the tests see the wire as curl would)
+
+
+@contextlib.contextmanager
+def live_server(service: Service):
+    """uvicorn serving create_app(service) on a free 127.0.0.1 port in a thread; yields the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound before the thread starts: no race for the port
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+        service.pool.shutdown(wait=False, cancel_futures=True)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def wait_healthy(base: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} before answering /health")
+        with contextlib.suppress(OSError):
+            if request(base, "GET", "/health", timeout=2)[0] == 200:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{base}/health did not answer within {timeout} s")
+
+
+def request(base, method, path, body=None, headers=None, timeout=60.0, chunked=False):
+    """(status, headers dict with lower-case names, body bytes)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        if chunked:  # no Content-Length: the server must count the bytes as they arrive
+            conn.request(method, path, body=iter([body]), headers=headers or {}, encode_chunked=True)
+        else:
+            conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def multipart(data: bytes, filename: str = "photo.jpg", field: str = "file") -> tuple[bytes, dict[str, str]]:
+    boundary = "bgremover-test-boundary-7d1f"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def post_file(base, data, query="", **kw):
+    body, headers = multipart(data, **kw)
+    return request(base, "POST", "/remove" + query, body, headers)
+
+
+def post_raw(base, data, query="", **kw):
+    return request(base, "POST", "/remove" + query, data, {"Content-Type": "application/octet-stream"}, **kw)
+
+
+def png_image(data: bytes) -> Image.Image:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:80]
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+    return img
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid-looking PNG header claiming width x height (1-bit) with a few bytes of data: a decompression bomb."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def remover() -> BackgroundRemover:
+    return BackgroundRemover(max_pixels=MAX_PIXELS)  # the shipped model
+
+
+@pytest.fixture(scope="module")
+def server(remover):
+    service = Service(remover, workers=2, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=8)
+    with live_server(service) as base:
+        yield base
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Good requests
+
+
+def test_health_and_model(server, remover):
+    status, headers, body = request(server, "GET", "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, headers, body = request(server, "GET", "/model")
+    assert status == 200 and headers["content-type"] == "application/json"
+    meta = json.loads(body)
+    assert meta["classes"] == remover.classes and len(meta["classes"]) == 11
+    assert meta["default_foreground"] == ["Car", "Pedestrian", "Bicyclist"]
+    assert meta["net"] == remover.meta["net"] and meta["test_mIoU"] == pytest.approx(remover.meta["test_mIoU"])
+    assert meta["model_file"] == "bgremover-camvid.onnx"
+    assert meta["limits"] == {"max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS, "max_side": remover.max_side,
+                              "queue": 8, "workers": 2}
+
+
+@pytest.mark.parametrize(
+    "upload, query, opts",
+    [
+        ("multipart", "", {}),
+        ("raw", "?classes=Car,Road&refine=1", {"classes": ["Car", "Road"], "refine": True}),
+        ("multipart", "?classes=car&classes=pedestrian&threshold=0.4", {"classes": ["car", "pedestrian"], "threshold": 0.4}),
+        ("raw", "?mask_only", {"mask_only": True}),
+        ("multipart", "?bg_color=255,0,128&refine=false", {"bg_color": (255, 0, 128)}),
+    ],
+)
+def test_remove_equals_library(server, remover, upload, query, opts):
+    data = EXAMPLE.read_bytes()
+    post = post_file if upload == "multipart" else post_raw
+    status, headers, body = post(server, data, query)
+    assert status == 200, body[:300]
+    assert headers["content-type"] == "image/png"
+    expected = remover.remove(EXAMPLE, **opts)  # the library on the file itself
+    got = png_image(body)
+    assert got.size == (480, 360) and got.mode == expected.mode
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
+    assert body == encode_png(expected)  # byte for byte what bgremover-predict writes
+    if got.mode == "RGBA":  # a real cut-out: both kept and removed pixels
+        alpha = np.asarray(got)[:, :, 3]
+        assert (alpha >= 192).mean() > 0.05 and (alpha < 64).mean() > 0.5
+    name = "photo" if upload == "multipart" else "image"
+    assert f'filename="{name}.{"mask" if opts.get("mask_only") else "nobg"}.png"' in headers["content-disposition"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad requests: status, JSON error, and the server keeps serving
+
+
+def _noise_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _flat_png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (w, h), 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+JPEG = EXAMPLE.read_bytes()
+BAD = [  # (id, send, data, query, status, substring of the error)
+    ("empty-raw", post_raw, b"", "", 400, "empty request body"),
+    ("empty-file", post_file, b"", "", 400, "uploaded file is empty"),
+    ("no-file-field", lambda b, d, q: request(b, "POST", "/remove", *multipart(d, field="image")), JPEG, "", 400,
+     "no file field 'file'"),
+    ("not-an-image", post_file, b"hello, I am a text file\n" * 10, "", 400, "not a recognised image file"),
+    ("truncated-jpeg", post_raw, _noise_jpeg()[:9000], "", 400, "cannot decode image"),
+    ("truncated-png", post_file, _flat_png(300, 200)[:60], "", 400, "cannot decode image"),
+    ("over-bytes", post_raw, os.urandom(MAX_BYTES + 1), "", 413, "over the limit of 300,000"),
+    ("over-bytes-multipart", post_file, os.urandom(MAX_BYTES), "", 413, "--max-bytes"),
+    ("over-bytes-chunked", lambda b, d, q: post_raw(b, d, chunked=True), os.urandom(MAX_BYTES + 10), "", 413,
+     "--max-bytes"),
+    ("over-pixels", post_file, _flat_png(1250, 801), "", 413, "1250x801 = 1,001,250 pixels, over the limit"),
+    ("decompression-bomb", post_raw, png_bomb(100_000, 100_000), "", 413, "pixels"),
+    ("unknown-class", post_raw, JPEG, "?classes=Car,Dog", 422,
+     "unknown class name(s) Dog; valid names: Sky, Building, Pole, Road, Sidewalk, Tree, SignSymbol, Fence, Car, "
+     "Pedestrian, Bicyclist"),
+    ("no-class", post_raw, JPEG, "?classes=", 422, "no foreground class given"),
+    ("threshold-text", post_raw, JPEG, "?threshold=half", 422, "threshold must be a number within 0..1"),
+    ("threshold-range", post_file, JPEG, "?threshold=1.5", 422, "threshold must be a number within 0..1"),
+    ("threshold-nan", post_raw, JPEG, "?threshold=nan", 422, "threshold"),
+    ("bool-value", post_raw, JPEG, "?refine=maybe", 422, "refine must be one of"),
+    ("bad-colour", post_raw, JPEG, "?bg_color=300,0,0", 422, "bad colour '300,0,0'"),
+    ("mask-and-colour", post_raw, JPEG, "?mask_only=1&bg_color=0,0,0", 422, "either mask_only or bg_color"),
+    ("unknown-option", post_raw, JPEG, "?treshold=0.5", 422, "unknown parameter(s) treshold"),
+    ("twice", post_raw, JPEG, "?threshold=0.1&threshold=0.2", 422, "threshold given more than once"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_request_gets_json_error(server, case):
+    _, send, data, query, want_status, want_text = case
+    status, headers, body = send(server, data, query)
+    assert status == want_status, body[:300]
+    assert headers["content-type"] == "application/json"
+    error = json.loads(body)
+    assert list(error) == ["error"] and want_text in error["error"], error
+
+
+def test_wrong_route_and_method_are_json(server):
+    for method, path, want in (("GET", "/remove", 405), ("GET", "/nope", 404), ("POST", "/model", 405)):
+        status, headers, body = request(server, method, path)
+        assert status == want and headers["content-type"] == "application/json"
+        assert json.loads(body)["error"]
+
+
+def test_still_serving_after_bad_requests(server, remover):
+    for case in BAD:  # all of them again, back to back on one server
+        assert case[1](server, case[2], case[3])[0] == case[4]
+    status, _, body = request(server, "GET", "/health")
+    assert status == 200 and json.loads(body)["busy"] == 0  # every failed request released its queue slot
+    status, _, body = post_file(server, JPEG)
+    assert status == 200 and np.array_equal(np.asarray(png_image(body)), np.asarray(remover.remove(EXAMPLE)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Queue limit: a request beyond --queue gets 503 at once while the event loop keeps answering
+
+
+class GatedRemover:
+    """The real remover, held inside `remove` until the test opens the gate: a deterministic slow request."""
+
+    def __init__(self, inner: BackgroundRemover) -> None:
+        self.inner, self.entered, self.gate = inner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def remove(self, img, **opts):
+        self.entered.set()
+        assert self.gate.wait(30), "test never opened the gate"
+        return self.inner.remove(img, **opts)
+
+
+def test_queue_full_answers_503_at_once(remover):
+    gated = GatedRemover(remover)
+    service = Service(gated, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=1)
+    with live_server(service) as base:
+        first: dict = {}
+        worker = threading.Thread(target=lambda: first.update(r=post_file(base, JPEG)))
+        worker.start()
+        try:
+            assert gated.entered.wait(30), "first request never reached the model"
+            start = time.monotonic()
+            status, headers, body = post_file(base, JPEG)  # the queue (1) is full
+            assert status == 503 and time.monotonic() - start < 5
+            assert "server busy" in json.loads(body)["error"] and headers["retry-after"] == "1"
+            status, _, body = request(base, "GET", "/health", timeout=5)  # the event loop is not blocked
+            assert status == 200 and json.loads(body)["busy"] == 1
+        finally:
+            gated.gate.set()
+            worker.join(60)
+        assert first["r"][0] == 200 and png_image(first["r"][2]).size == (480, 360)
+        assert post_raw(base, JPEG)[0] == 200  # the slot is free again
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bgremover-serve command itself
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bgremover.serve", *args]
+
+
+def test_cli_serves_then_stops_on_sigint(tmp_path):
+    proc = subprocess.Popen(
+        serve_cmd("--port", "0", "--threads", "1", "--log-level", "warning"),
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        line = proc.stderr.readline()  # "bgremover-serve: ... on http://127.0.0.1:PORT/ ..."
+        match = re.search(r"http://(127\.0\.0\.1:\d+)/", line)
+        assert match, line
+        base = f"http://{match.group(1)}"
+        wait_healthy(base, proc=proc)
+        status, _, body = post_raw(base, JPEG, "?classes=Car&threshold=0.5")
+        assert status == 200
+        # Same options, same intra-op thread count as the server (all cores for one worker).
+        lib = BackgroundRemover(threads=cpu_count()).remove(EXAMPLE, classes=["Car"], threshold=0.5)
+        assert np.array_equal(np.asarray(png_image(body)), np.asarray(lib))
+        assert json.loads(request(base, "GET", "/model")[2])["limits"]["workers"] == 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(serve_cmd(*args), capture_output=True, text=True, timeout=60)
+
+
+def test_cli_model_load_failure_is_one_error_line(tmp_path):
+    missing = _run_cli("--model", str(tmp_path / "nope.onnx"), "--port", "0")
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("not an onnx file")
+    broken = _run_cli("--model", str(junk), "--port", "0")
+    for result, text in ((missing, "model file not found"), (broken, "cannot load ONNX model")):
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bgremover-serve: error:") and text in lines[0], result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_cli_usage_errors_and_busy_port():
+    bad = _run_cli("--queue", "-1")
+    assert bad.returncode == 2 and bad.stderr.strip() == "bgremover-serve: error: --queue must be >= 0, got -1"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = _run_cli("--port", str(taken.getsockname()[1]))
+    lines = busy.stderr.strip().splitlines()
+    assert busy.returncode == 1 and len(lines) == 1 and "cannot listen on 127.0.0.1:" in lines[0], busy.stderr
