@@ -25,7 +25,7 @@ SWEEP ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint data train eval sweep compare export predict eval-cutout \
-        benchmark reproduce-default clean
+        serve benchmark reproduce-default clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ export: $(STAMP) ## checkpoint → self-describing ONNX: make export CKPT=path [
 predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [MODEL=x.onnx] [OUT=dir, default outputs/]
 	@test -n "$(IMG)" || { echo "error: give an image or folder: make predict IMG=photo.jpg" >&2; exit 2; }
 	$(BIN)/bgremover-predict "$(IMG)" $(if $(MODEL),--model "$(MODEL)") --out "$(or $(OUT),outputs)" $(ARGS)
+
+serve: $(STAMP) ## cut-outs over HTTP + page on http://127.0.0.1:8000/: make serve [MODEL=x.onnx] [ARGS="--port 9000 --threads 2"]
+	$(BIN)/bgremover-serve $(if $(MODEL),--model "$(MODEL)") $(ARGS)
 
 eval-cutout: $(STAMP) ## cut-out quality of a model on CamVid test: make eval-cutout [MODEL=x.onnx] [ARGS="--limit 20"]
 	$(BIN)/python -m bgremover.cutout_eval $(if $(MODEL),--model "$(MODEL)") $(ARGS)

@@ -63,7 +63,7 @@ PAGES = {  # the only files served from static/ (no directory listing, no path t
     "/static/page.js": ("page.js", "text/javascript; charset=utf-8"),
 }
 # The page may load nothing from elsewhere: this makes "no external resources" a browser-enforced fact.
-CSP = "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; object-src 'none'; base-uri 'none'"
+CSP = "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' blob:; object-src 'none'; base-uri 'none'"
 OPTIONS = ("classes", "threshold", "refine", "mask_only", "bg_color")
 TRUE = frozenset({"", "1", "true", "yes", "on"})  # `?mask_only` alone means true, as a flag would
 FALSE = frozenset({"0", "false", "no", "off"})

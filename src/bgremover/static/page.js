@@ -160,7 +160,7 @@ async function loadModel() {
       box.append(label);
     }
     setClasses(model.default_foreground || []);
-    if (model.limits) $("drop-hint").textContent = `JPEG, PNG, WebP, BMP, TIFF · up to ${kb(model.limits.max_bytes)}`;
+    if (model.limits) $("drop-limit").textContent = `up to ${kb(model.limits.max_bytes)} · or paste with Ctrl+V`;
   } catch (err) {
     $("model-info").textContent = "model unavailable";
     showError(`Cannot read the model description (GET /model): ${err.message}`);
