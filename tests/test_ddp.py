@@ -2,20 +2,31 @@
 
 One pair of ranks is spawned for the whole module (spawning costs seconds, the cases themselves do not): it
 runs every case below and saves what each rank saw; the tests compare that with the same case run here in
-one process, without a process group, on the concatenated batch.
+one process, without a process group, on the concatenated batch. The last case is Lightning's own DDP
+(evaluation on a tiny synthetic CamVid), with the ranks started outside Lightning as torchrun or SLURM would.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import CONF_DIR, write_camvid
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
 from torch import nn
 
+from bgremover.data.classes import VOID
 from bgremover.nets.tiramisu import DenseBlock, FCDenseNet
 
 WORLD = 2
@@ -144,6 +155,34 @@ def net_case(rank: int, world: int) -> dict:
             "state": {k: v.clone() for k, v in net.state_dict().items()}}
 
 
+class _PixelsSeen(pl.Callback):
+    """The test pixels this rank's metrics counted, read before the module's epoch end syncs and resets them."""
+
+    pixels = 0
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.pixels = int(pl_module.test_class_iou.confmat.sum())
+
+
+def lightning_case(rank: int, world: int, spec: dict) -> dict:
+    """trainer.validate and trainer.test of a tiny FC-DenseNet with Lightning's DDP strategy on ``world`` ranks
+    (one process when world is 1): the history, logged metrics and test pixels that this rank ends up with."""
+    if world > 1:  # the ranks exist already: Lightning joins the process group instead of launching children
+        os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))
+    model = instantiate(spec["model"], _convert_="all")
+    model.load_state_dict(torch.load(spec["weights"], weights_only=True))
+    datamodule = instantiate(spec["data"], _convert_="all")
+    seen = _PixelsSeen()
+    trainer = instantiate(spec["trainer"], devices=world, strategy="ddp" if world > 1 else "auto", callbacks=[seen],
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    val = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    return {"history": list(model.history), "val": val, "test_pixels": seen.pixels,
+            "test": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+
+
 CASES = {
     "block": lambda r, w: block_case(r, w),
     "block_memory_efficient_channels_last": lambda r, w: block_case(r, w, memory_efficient=True, channels_last=True),
@@ -152,11 +191,13 @@ CASES = {
 }
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, spec: dict) -> None:
     torch.set_num_threads(1)  # two ranks on a shared CPU
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {name: case(rank, world) for name, case in CASES.items()}
+        results["lightning"] = lightning_case(rank, world, spec)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -169,9 +210,34 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
+def lightning_spec(tmp_path_factory) -> dict:
+    """Resolved data/model/trainer configs of a tiny FC-DenseNet run on a synthetic CamVid whose val and test
+    splits (3 frames) do not divide among 2 ranks, and the net's weights, shared by every process."""
+    tmp = tmp_path_factory.mktemp("lightning")
+    root = write_camvid(tmp / "CamVid", counts={"train": 2, "val": 3, "test": 3})
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "model=tiramisu56", "model.net.down_blocks=[2,2]", "model.net.up_blocks=[2,2]",
+            "model.net.bottleneck_layers=2", "model.net.growth_rate=8", "model.net.first_conv_channels=16",
+            f"data.root={root}", "data.num_workers=0", "data.eval_batch_size=1", "trainer=cpu",
+            "trainer.precision=32-true", f"paths.output_dir={tmp}",
+        ])
+    GlobalHydra.instance().clear()
+    spec = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "trainer")}
+    spec["model"].update(mean=spec["data"]["mean"], std=spec["data"]["std"])
+    torch.manual_seed(0)
+    spec["weights"] = str(tmp / "weights.pt")
+    torch.save(instantiate(spec["model"], _convert_="all").state_dict(), spec["weights"])
+    labels = [np.asarray(Image.open(p)) for p in sorted((root / "testannot").glob("*.png"))]
+    spec["test_pixels"] = int(sum((lab != VOID).sum() for lab in labels))
+    return spec
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, lightning_spec) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(out), lightning_spec), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -212,3 +278,49 @@ def test_unconverted_block_keeps_per_rank_statistics(ranks) -> None:
 
 def test_ddp_net_matches_one_process_on_combined_batch(ranks) -> None:
     _same_as_one_process([r["net"] for r in ranks], net_case(0, 1), ("out", "grad_x"))
+
+
+def test_lightning_ddp_tests_every_frame_once_and_logs_one_process_metrics(ranks, lightning_spec) -> None:
+    one = lightning_case(0, 1, lightning_spec)
+    got = [r["lightning"] for r in ranks]
+    # Every test frame on exactly one rank: no frame repeated to pad the ranks to equal length.
+    assert sum(r["test_pixels"] for r in got) == lightning_spec["test_pixels"] == one["test_pixels"]
+    for r, rank_result in enumerate(got):
+        assert rank_result["test"]["test/frames"] == 3
+        assert rank_result["test"].keys() == one["test"].keys()
+        for key, value in one["test"].items():  # confusion-matrix metrics exactly, the loss up to summation order
+            assert rank_result["test"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), f"rank {r} {key}"
+        for key, value in one["val"].items():
+            assert rank_result["val"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), f"rank {r} {key}"
+
+
+def test_lightning_ddp_history_is_the_one_process_history(ranks, lightning_spec) -> None:
+    one = lightning_case(0, 1, lightning_spec)["history"]
+    for r, rank_result in enumerate(ranks):
+        history = rank_result["lightning"]["history"]
+        assert len(history) == len(one) == 1
+        assert history[0].keys() == one[0].keys()
+        for key, value in one[0].items():
+            assert history[0][key] == pytest.approx(value, rel=1e-6, abs=1e-7), f"rank {r} {key}"
+
+
+def test_eval_loaders_give_each_rank_its_frames_without_repeats(tmp_path) -> None:
+    """The datamodule's own val/test sampler under DDP (no process group needed: the ranks are simulated)."""
+    from types import SimpleNamespace
+
+    from bgremover.data import CamVidDataModule
+    from bgremover.data.camvid import CamVidError
+
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 1, "val": 5, "test": 5})
+    dm = CamVidDataModule(root=str(root), num_workers=0, eval_batch_size=2)
+    for loader in (dm.val_dataloader, dm.test_dataloader):
+        per_rank = []
+        for rank in range(3):
+            dm.trainer = SimpleNamespace(world_size=3, global_rank=rank)
+            per_rank.append([int(i) for batch in loader().batch_sampler for i in batch])
+        assert per_rank == [[0, 3], [1, 4], [2]]  # 5 frames over 3 ranks: nothing padded, nothing repeated
+    dm.trainer = SimpleNamespace(world_size=6, global_rank=0)
+    with pytest.raises(CamVidError, match="5 frames, fewer than the 6 DDP processes"):
+        dm.test_dataloader()
+    dm.trainer = None
+    assert list(dm.test_dataloader().sampler) == [0, 1, 2, 3, 4]

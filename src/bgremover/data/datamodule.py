@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from bgremover.data.camvid import (
     CamVidDataset,
@@ -95,10 +95,12 @@ class CamVidDataModule(pl.LightningDataModule):
         hp = self.hparams
         workers = hp.num_workers
         batch = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
+        sampler = None if train else self._eval_sampler(split)
         return DataLoader(
             self.datasets[split],
             batch_size=batch,
             shuffle=train,
+            sampler=sampler,
             # DeepLab's ASPP pooling BatchNorm cannot train on a batch of one; a short last batch can be that.
             drop_last=train,
             num_workers=workers,
@@ -107,6 +109,26 @@ class CamVidDataModule(pl.LightningDataModule):
             worker_init_fn=_seed_worker if workers > 0 else None,
             generator=torch.Generator().manual_seed(hp.seed) if train else None,
         )
+
+    def _eval_sampler(self, split: str) -> Sampler | None:
+        """Under DDP, every val/test frame on exactly one rank; None in a single process.
+
+        Lightning's default DistributedSampler pads the ranks to equal length with repeated frames, which would
+        then count twice in the epoch's mIoU. Unpadded, a rank may run one batch fewer than another: fine in
+        evaluation, where metrics sync once at the epoch's end (DDP syncs buffers only at the first batch, and
+        each rank gets at least one frame).
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+        dataset = self.datasets[split]
+        if len(dataset) < trainer.world_size:  # a rank without a single batch would stall the others
+            raise CamVidError(f"the {split} split has {len(dataset)} frames, fewer than the {trainer.world_size} "
+                              "DDP processes: evaluate on fewer devices")
+        return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                            shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -104,13 +104,13 @@ class SegmentationModule(pl.LightningModule):
         logits = self(x)
         loss = self.criterion(logits.float(), y)
         preds = logits.argmax(1)
-        self.loss_mean[_key(stage)].update(loss.detach())
+        # frame-weighted, as Lightning's epoch mean of a logged loss is
+        self.loss_mean[_key(stage)].update(loss.detach(), weight=len(x))
         self.miou[_key(stage)].update(preds, y)
         self.acc[_key(stage)].update(preds, y)
         self.frames[_key(stage)].update(len(x))
-        train = stage == "train"
-        # Train loss per step (the curve people watch); val/test loss as epoch means.
-        self.log(f"{stage}/loss", loss.detach(), on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(x))
+        if stage == "train":  # per step, this rank's: the curve people watch; every epoch mean is from loss_mean
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
         if stage == "test":
             self.test_class_iou.update(preds, y)
         if stage == "val" and batch_idx == 0:
@@ -133,14 +133,17 @@ class SegmentationModule(pl.LightningModule):
             f"{stage}/mIoU": self.miou[_key(stage)].compute(),
             f"{stage}/acc": self.acc[_key(stage)].compute(),
         }
-        if stage == "train":
-            values["train/loss_epoch"] = self.loss_mean[_key(stage)].compute()
-        self.log_dict(values, prog_bar=stage != "train")
+        # val/test loss from the metric, not self.log(on_epoch=True, sync_dist=True): Lightning averages the ranks'
+        # frame counts as integers, so with unequal counts per rank (unpadded val/test) its epoch mean is wrong.
+        values[f"{stage}/loss_epoch" if stage == "train" else f"{stage}/loss"] = self.loss_mean[_key(stage)].compute()
+        # torchmetrics' compute() already reduced these over the ranks; sync_dist=True on them and on the values
+        # below averages equal numbers (no change) and tells Lightning they are global (no DDP warning).
+        self.log_dict(values, prog_bar=stage != "train", sync_dist=True)
         out = {k: float(v) for k, v in values.items()}
         out[f"{stage}/loss"] = float(self.loss_mean[_key(stage)].compute())  # the logger's epoch value comes too late
         if stage != "train":
             out[f"{stage}/frames"] = int(self.frames[_key(stage)].compute())
-            self.log(f"{stage}/frames", float(out[f"{stage}/frames"]))
+            self.log(f"{stage}/frames", float(out[f"{stage}/frames"]), sync_dist=True)
         for metric in (self.miou[_key(stage)], self.acc[_key(stage)], self.loss_mean[_key(stage)],
                        self.frames[_key(stage)]):
             metric.reset()
@@ -155,7 +158,7 @@ class SegmentationModule(pl.LightningModule):
             return
         self.val_miou_best.update(torch.tensor(values["val/mIoU"]))
         best = float(self.val_miou_best.compute())
-        self.log("val/mIoU_best", best, prog_bar=True)
+        self.log("val/mIoU_best", best, prog_bar=True, sync_dist=True)
         self.history.append({"epoch": self.current_epoch, **values, "val/mIoU_best": best})
         # At the first validation, then at the first one at least N epochs later: validation may itself run
         # only every few epochs (check_val_every_n_epoch), so `epoch % N == 0` could never hold.
@@ -168,7 +171,8 @@ class SegmentationModule(pl.LightningModule):
         self._log_epoch("test")
         per_class = self.test_class_iou.compute()
         self.test_class_iou.reset()
-        self.log_dict({f"test/iou_{name}": float(v) for name, v in zip(self.hparams.class_names, per_class, strict=True)})
+        self.log_dict({f"test/iou_{name}": float(v) for name, v in zip(self.hparams.class_names, per_class, strict=True)},
+                      sync_dist=True)
 
     # --- images for the dashboard ----------------------------------------------------------------------------
     def panel_images(self) -> list[np.ndarray]:
