@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import logging
 import os
 import re
@@ -37,7 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from bgremover.predict import (
     MODEL_ENV,
@@ -124,10 +130,8 @@ def parse_options(query: Any, remover: BackgroundRemover) -> dict[str, Any]:
 def check_pixels(data: bytes, max_pixels: int) -> None:
     """413 when the header claims more than max_pixels, before anything is decoded (decompression bombs)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:  # reads the header only
-                w, h = img.size
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            w, h = img.size
     except Image.DecompressionBombError as err:
         raise ApiError(413, f"image has too many pixels (possible decompression bomb): {err}") from err
     except Exception:
@@ -197,10 +201,6 @@ class Service:
         return await self._multipart_file(request, body)
 
     async def _multipart_file(self, request, body: bytes) -> tuple[bytes, str | None]:
-        from starlette.datastructures import UploadFile
-        from starlette.exceptions import HTTPException
-        from starlette.requests import Request
-
         sent = False
 
         async def replay() -> dict[str, Any]:  # hands the body we already read (and bounded) to the parser
@@ -229,19 +229,15 @@ class Service:
             await form.close()
 
 
-def json_error(status: int, message: str, headers: dict[str, str] | None = None):
-    from starlette.responses import JSONResponse
-
+def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(service: Service):
+def create_app(service: Service) -> Starlette:
     """The ASGI app. Tests build it around their own (e.g. slowed) remover and run it on a real uvicorn."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
+    # --max-pixels decides, so PIL's "possible bomb" warning is noise. Set once for the process: a
+    # catch_warnings() per request would race between the worker threads (the filter list is global).
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     remover = service.remover
 
     async def remove(request):
@@ -366,17 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return usage(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.queue < 0:
         return usage(f"--queue must be >= 0, got {args.queue}")
-    try:
-        import uvicorn
-    except ImportError as err:
-        print(f"{prog}: error: {err.name} is not installed: pip install 'bgremover' (starlette, uvicorn)", file=sys.stderr)
-        return 1
     cores = cpu_count()
     workers = args.threads or cores
     try:
-        remover = BackgroundRemover(
-            args.model, threads=max(1, cores // workers), max_pixels=args.max_pixels
-        )
+        remover = BackgroundRemover(args.model, threads=max(1, cores // workers), max_pixels=args.max_pixels)
     except BgRemoverError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
