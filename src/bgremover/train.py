@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bgremover import checkpoint, config, utils
+from bgremover import config, utils
 from bgremover.errors import UserError
+
+# torch, Lightning and the nets are imported inside the functions: a bad config is refused before paying for them
 
 log = logging.getLogger("bgremover.train")
 
@@ -51,6 +52,7 @@ def _resume_overrides() -> list[str]:
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Datamodule, model, callbacks, loggers and trainer from the config; nothing is run yet."""
+    from bgremover import checkpoint
     from bgremover.nets import count_parameters, ensure_pretrained_available
 
     ensure_pretrained_available(cfg.model.net)  # before instantiating: smp would hang on the download
@@ -101,9 +103,13 @@ def _fit(cfg: DictConfig, trainer, model, datamodule) -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit, then test with the best checkpoint; returns (metric_dict, object_dict) and writes summary.json."""
+    config.validate_train(cfg)
+    if cfg.extras.get("print_config") and not utils.is_multirun():
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     import pytorch_lightning as pl
 
-    config.validate_train(cfg)
+    from bgremover import checkpoint
+
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     objects = build(cfg)
     trainer, model, datamodule = objects["trainer"], objects["model"], objects["datamodule"]
@@ -177,8 +183,10 @@ def test_split_info(metrics: dict[str, float], datamodule) -> dict[str, Any]:
 
 
 def _best_checkpoint(trainer) -> str | None:
-    cb = getattr(trainer, "checkpoint_callback", None)
-    path = getattr(cb, "best_model_path", "") if cb else ""
+    from bgremover.lit.callbacks import best_checkpoint_callback
+
+    cb = best_checkpoint_callback(trainer)
+    path = cb.best_model_path if cb else ""
     return str(Path(path).resolve()) if path else None
 
 
@@ -192,14 +200,24 @@ def _last_checkpoint(trainer) -> str | None:
 
 
 def _hardware() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} ×{torch.cuda.device_count()}"
     return f"CPU ×{torch.get_num_threads()} threads"
 
 
-@torch.no_grad()
-def measure_inference_ms(net: torch.nn.Module) -> float:
+def measure_inference_ms(net) -> float:
     """Median fp32 eval-mode forward time of one padded 480×360 frame on this machine's CPU."""
+    import torch
+
+    with torch.no_grad():
+        return _time_forward(net)
+
+
+def _time_forward(net) -> float:
+    import torch
+
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
@@ -214,15 +232,40 @@ def measure_inference_ms(net: torch.nn.Module) -> float:
     return round(sorted(times)[len(times) // 2], 2)
 
 
+def ddp_relaunch_conflict(cfg: DictConfig) -> str | None:
+    """Why this sweep (-m) job cannot run its trainer config, or None.
+
+    Lightning's DDP launcher starts ranks 1..N-1 by re-running this process's command line; under -m that line
+    is the whole sweep, so each extra rank would start a sweep of its own (seen: a second sweep folder, a rank
+    that outlives its job, exit status 0). Ranks that the cluster starts itself (SLURM tasks, torchrun) are
+    not re-launched. The trainer is built to ask Lightning which launcher it would use; nothing runs.
+    """
+    from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+
+    try:
+        trainer = hydra.utils.instantiate(cfg.trainer, logger=False, _convert_="all")
+    except Exception:  # a trainer that cannot be built is the run's own error to report
+        return None
+    launcher = trainer.strategy.launcher
+    if not (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1
+            and not launcher.cluster_environment.creates_processes_externally):
+        return None
+    n = launcher.num_processes
+    return (f"trainer.strategy={cfg.trainer.get('strategy', 'auto')} on {n} devices re-runs this command for "
+            f"each extra process, which under -m re-runs the whole sweep: run the jobs one at a time without -m, "
+            f"or let SLURM start the processes (hydra/launcher=slurm hydra.launcher.tasks_per_node={n})")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     multirun = utils.is_multirun()
     utils.quiet_libraries(verbose=bool(cfg.get("verbose")) or not multirun)
-    if cfg.extras.get("print_config") and not multirun:
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     if cfg.extras.get("enforce_tags") and not cfg.get("tags"):
         print("error: extras.enforce_tags is set but no tags were given (tags=[...])", file=sys.stderr)
         sys.exit(1)
+    if multirun and (conflict := ddp_relaunch_conflict(cfg)):  # refused at the first job, before any rank starts
+        print(f"error: {conflict}", file=sys.stderr)
+        sys.exit(2)
     try:
         metrics, _ = utils.run_task(train, cfg)
     except RunInterrupted as exc:

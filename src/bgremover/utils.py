@@ -243,6 +243,9 @@ _NOISE = (
     "Checkpoint directory",
     "is deprecated",
     "LeafSpec",
+    "`weights_only` was not set",
+    "to estimate number of stepping batches",
+    "is not supported by the model summary",
 )
 
 
@@ -260,13 +263,16 @@ def quiet_libraries(verbose: bool = True) -> None:
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
     drop = _DropNoise()
+    # on the handlers: a logger's own filter does not see records that its child loggers pass up
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(drop)
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
-        logger.addFilter(drop)
         for handler in logger.handlers:
             handler.addFilter(drop)
         if not verbose:
             logger.setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" on first use
     if not verbose:
         logging.getLogger("bgremover").setLevel(logging.WARNING)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("bgremover.train")
@@ -25,8 +25,12 @@ log = logging.getLogger("bgremover.train")
 ESTIMATE_AFTER_STEPS = 10  # training steps timed (after the first, which warms up) before the estimate is printed
 
 
-class LastCheckpoint(Callback):
-    """`<dirpath>/last.ckpt` always holds the newest training state: every epoch, and the step a run was stopped at."""
+class LastCheckpoint(Checkpoint):
+    """`<dirpath>/last.ckpt` always holds the newest training state: every epoch, and the step a run was stopped at.
+
+    A `Checkpoint` subclass so that Lightning runs its epoch-end hook after ModelCheckpoint's (checkpoint callbacks
+    go last, in list order): the best file of this epoch already exists and can be linked to.
+    """
 
     def __init__(self, dirpath: str, filename: str = "last") -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
@@ -65,13 +69,17 @@ class LastCheckpoint(Callback):
     @staticmethod
     def _saved_as_best_now(trainer: pl.Trainer) -> Path | None:
         """The top-1 checkpoint file if ModelCheckpoint wrote it at this very step (same state as ours)."""
-        cb = trainer.checkpoint_callback
-        if cb is None or getattr(cb, "save_top_k", None) != 1:
+        cb = best_checkpoint_callback(trainer)
+        if cb is None or cb.save_top_k != 1:
             return None
         if getattr(cb, "_last_global_step_saved", None) != trainer.global_step or not cb.best_model_path:
             return None
         best = Path(cb.best_model_path)
         return best if best.is_file() and best.parent == Path(cb.dirpath) else None
+
+
+def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
 
 
 class RunPlan(Callback):

@@ -1,0 +1,250 @@
+"""Runs a user can trust: last.ckpt is the newest epoch, resume keeps the best, partial test sets say so, an
+interrupted run exits non-zero, bad configs fail at once, panels appear however often validation runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import REPO, write_camvid
+from test_train import TINY_TIRAMISU, compose_cfg
+
+from bgremover.lit.callbacks import LastCheckpoint, RunPlan, describe_estimate, describe_plan
+from bgremover.train import train
+
+TINY_RUN = [
+    *TINY_TIRAMISU,
+    "data.num_workers=0",
+    "data.batch_size=2",
+    "data.eval_batch_size=1",
+    "data.crop_size=[32,32]",
+    "extras.print_config=false",
+    "measure_inference=false",
+    "logger=csv",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.max_time=null",
+]
+
+
+@pytest.fixture
+def small_camvid(tmp_path: Path) -> Path:
+    return write_camvid(tmp_path / "CamVid", {"train": 4, "val": 2, "test": 3}, size=(32, 64))
+
+
+# --- last.ckpt -------------------------------------------------------------------------------------------------
+class _Scored(pl.LightningModule):
+    """Logs a made-up validation score per epoch, so the test decides which epoch is best."""
+
+    def __init__(self, scores: list[float]):
+        super().__init__()
+        self.scores = scores
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, _):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, _):
+        pass
+
+    def on_validation_epoch_end(self):
+        self.log("score", self.scores[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(2, 2)), batch_size=2)
+
+
+def _fit_scored(tmp_path: Path, scores: list[float]) -> Path:
+    ckpt_dir = tmp_path / "checkpoints"
+    callbacks = [
+        pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="epoch_{epoch:03d}", monitor="score", mode="max",
+                                     save_top_k=1, auto_insert_metric_name=False),
+        LastCheckpoint(dirpath=str(ckpt_dir)),
+    ]
+    trainer = pl.Trainer(max_epochs=len(scores), callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(_Scored(scores))
+    return ckpt_dir
+
+
+def test_last_ckpt_is_the_newest_epoch_after_the_best_one(tmp_path):
+    ckpt_dir = _fit_scored(tmp_path, [0.9, 0.5, 0.4])  # best at the first epoch, then worse
+    last = ckpt_dir / "last.ckpt"
+    assert not last.is_symlink()
+    assert torch.load(last, weights_only=True)["epoch"] == 2  # Lightning 2.6's save_last kept epoch 0 here
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+
+
+def test_last_ckpt_links_to_the_best_file_when_they_are_the_same_state(tmp_path):
+    ckpt_dir = _fit_scored(tmp_path, [0.1, 0.2, 0.3])  # every epoch a new best
+    last = ckpt_dir / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == "epoch_002.ckpt"  # no duplicate copy on disk
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch_002.ckpt", "last.ckpt"]
+
+
+# --- resume ------------------------------------------------------------------------------------------------------
+def test_resumed_module_keeps_the_best_validation_score():
+    from bgremover.lit import SegmentationModule
+    from bgremover.nets import FCDenseNet
+
+    def module():
+        net = FCDenseNet(down_blocks=(1,), up_blocks=(1,), bottleneck_layers=1, growth_rate=4, first_conv_channels=8)
+        return SegmentationModule(net=net, optimizer=None)
+
+    first = module()
+    first.val_miou_best.update(torch.tensor(0.7))
+    first.history = [{"epoch": 0, "val/mIoU": 0.7}]
+    ckpt: dict = {"state_dict": {}}
+    first.on_save_checkpoint(ckpt)
+
+    resumed = module()
+    resumed.on_load_checkpoint(ckpt)
+    resumed.on_train_start()  # used to reset the best, so after a resume it covered only the new epochs
+    resumed.val_miou_best.update(torch.tensor(0.5))
+    assert float(resumed.val_miou_best.compute()) == pytest.approx(0.7)
+    assert resumed.history == [{"epoch": 0, "val/mIoU": 0.7}]
+
+
+def test_resume_from_last_ckpt_continues_history_and_best(small_camvid, tmp_path):
+    cfg = compose_cfg(tmp_path / "a", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=2"])
+    train(cfg)
+    s1 = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert Path(s1["last_ckpt"]).name == "last.ckpt"
+    assert torch.load(s1["last_ckpt"], weights_only=True)["epoch"] == 1
+
+    cfg = compose_cfg(tmp_path / "b", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=4",
+                                       f"ckpt_path={s1['last_ckpt']}"])
+    train(cfg)
+    s2 = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s2["history"]["epoch"] == [0, 1, 2, 3]
+    assert s2["history"]["val/mIoU"][:2] == s1["history"]["val/mIoU"]
+    assert s2["metrics"]["val/mIoU_best"] == pytest.approx(max(s2["history"]["val/mIoU"]))
+    assert s2["history"]["val/mIoU_best"] == [max(s2["history"]["val/mIoU"][: i + 1]) for i in range(4)]
+
+
+# --- honest test numbers ------------------------------------------------------------------------------------------
+def test_limit_images_trims_only_training_and_frames_are_reported(small_camvid, tmp_path):
+    cfg = compose_cfg(tmp_path / "a", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
+                                       "data.limit_images=2"])
+    metrics, objects = train(cfg)
+    assert len(objects["datamodule"].datasets["train"]) == 2
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["test_split"] == {"frames": 3, "of": 3, "complete": True}
+    assert metrics["test/frames"] == 3
+
+    cfg = compose_cfg(tmp_path / "b", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
+                                       "data.limit_eval_images=2"])
+    train(cfg)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["test_split"] == {"frames": 2, "of": 3, "complete": False}
+
+    from bgremover import compare
+
+    report = compare.build_report([tmp_path / "a", tmp_path / "b"], out=tmp_path / "report", grid_images=0)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "2 of 3 (partial)" in report.main_md and "PARTIAL TEST SET" in markdown
+    assert (tmp_path / "report").stat().st_mode & 0o055 == 0o055  # readable by others, not 0700
+
+
+# --- interrupted runs --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_writes_last_ckpt_marks_summary_and_exits_non_zero(small_camvid, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1000",
+         f"hydra.run.dir={run_dir}", "callbacks.progress_bar.refresh_rate=0"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert last.exists(), proc.communicate()[1][-2000:]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "SIGTERM" in errors[0] and f"ckpt_path={last}" in errors[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["last_ckpt"] == str(last)
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == summary["global_step"] > 0
+
+
+# --- errors arrive early ------------------------------------------------------------------------------------------
+def _run(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "WANDB_MODE": "offline", **(env or {})})
+
+
+def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small_camvid, tmp_path):
+    start = time.time()
+    proc = _run("bgremover.train", f"data.root={small_camvid}", "data.batch_size=-1", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: data.batch_size must be a positive integer, got -1"
+    assert proc.stdout.count("\n") < 5  # no config dump, no model summary
+    assert time.time() - start < 30
+    assert not list((tmp_path / "train" / "runs").glob("*"))
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    proc = _run("bgremover.train", f"paths.log_dir={tmp_path}", env={"DATA_DIR": str(tmp_path / "empty")})
+    assert proc.returncode == 1 and "make data" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_eval_reads_only_the_split_it_evaluates_and_never_suggests_unsafe_loading(small_camvid, tmp_path):
+    proc = _run("bgremover.eval", "ckpt_path=README.md", f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: not a PyTorch checkpoint: README.md")
+    assert "weights_only" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    import shutil
+
+    shutil.rmtree(small_camvid / "train")  # eval never needs the train split
+    shutil.rmtree(small_camvid / "trainannot")
+    proc = _run("bgremover.eval", "ckpt_path=README.md", f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")
+    assert "train" not in proc.stderr
+
+
+def test_unknown_model_lists_only_real_choices():
+    proc = _run("bgremover.train", "model=tiramisu999")
+    assert proc.returncode != 0 and "tiramisu103" in proc.stderr and "recipe" not in proc.stderr
+
+
+# --- what a long run says up front -------------------------------------------------------------------------------
+def test_run_plan_and_estimate_describe_the_run(small_camvid, tmp_path, caplog):
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=7",
+                                 "trainer.max_time=00:02:00:00"])
+    _, objects = train(cfg)
+    trainer, model = objects["trainer"], objects["model"]
+    plan = describe_plan(trainer, model)
+    assert "7 epochs × 2 steps = 14 steps" in plan and "batch 2 of 32×32 crops" in plan and "2 h 00 min" in plan
+    estimate = describe_estimate(trainer, 600.0)  # 10 min a step: 140 min > the 2 h cap
+    assert "about 2 h 20 min" in estimate and "stops it after 2 h 00 min" in estimate
+    assert any(isinstance(cb, RunPlan) for cb in trainer.callbacks)
+
+
+# --- image panels -------------------------------------------------------------------------------------------------
+def test_panels_appear_when_validation_runs_every_few_epochs(small_camvid, tmp_path, monkeypatch):
+    from bgremover.lit import SegmentationModule
+
+    epochs: list[int] = []
+    monkeypatch.setattr(SegmentationModule, "_log_panel", lambda self: epochs.append(self.current_epoch))
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=6",
+                                 "trainer.check_val_every_n_epoch=2", "model.log_images_every_n_epochs=4"])
+    train(cfg)
+    assert epochs == [1, 5]  # validations at epochs 1, 3, 5; `epoch % 4 == 0` never held there
