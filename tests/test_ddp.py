@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import CONF_DIR, write_camvid
+from conftest import CONF_DIR, REPO, write_camvid
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -280,8 +283,13 @@ def test_ddp_net_matches_one_process_on_combined_batch(ranks) -> None:
     _same_as_one_process([r["net"] for r in ranks], net_case(0, 1), ("out", "grad_x"))
 
 
-def test_lightning_ddp_tests_every_frame_once_and_logs_one_process_metrics(ranks, lightning_spec) -> None:
-    one = lightning_case(0, 1, lightning_spec)
+@pytest.fixture(scope="module")
+def one_process(lightning_spec) -> dict:
+    return lightning_case(0, 1, lightning_spec)
+
+
+def test_lightning_ddp_tests_every_frame_once_and_logs_one_process_metrics(ranks, lightning_spec, one_process) -> None:
+    one = one_process
     got = [r["lightning"] for r in ranks]
     # Every test frame on exactly one rank: no frame repeated to pad the ranks to equal length.
     assert sum(r["test_pixels"] for r in got) == lightning_spec["test_pixels"] == one["test_pixels"]
@@ -294,8 +302,8 @@ def test_lightning_ddp_tests_every_frame_once_and_logs_one_process_metrics(ranks
             assert rank_result["val"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), f"rank {r} {key}"
 
 
-def test_lightning_ddp_history_is_the_one_process_history(ranks, lightning_spec) -> None:
-    one = lightning_case(0, 1, lightning_spec)["history"]
+def test_lightning_ddp_history_is_the_one_process_history(ranks, one_process) -> None:
+    one = one_process["history"]
     for r, rank_result in enumerate(ranks):
         history = rank_result["lightning"]["history"]
         assert len(history) == len(one) == 1
@@ -324,3 +332,42 @@ def test_eval_loaders_give_each_rank_its_frames_without_repeats(tmp_path) -> Non
         dm.test_dataloader()
     dm.trainer = None
     assert list(dm.test_dataloader().sampler) == [0, 1, 2, 3, 4]
+
+
+def _trainer_cfg(tmp_path: Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def test_relaunch_check_tells_subprocess_ddp_from_what_can_run_in_a_sweep(tmp_path, monkeypatch) -> None:
+    from bgremover.train import ddp_relaunch_conflict
+
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+    message = ddp_relaunch_conflict(_trainer_cfg(tmp_path, [*ddp, "trainer.devices=2"]))
+    assert message and "-m" in message and "tasks_per_node=2" in message
+    assert ddp_relaunch_conflict(_trainer_cfg(tmp_path, [*ddp, "trainer.devices=1"])) is None
+    assert ddp_relaunch_conflict(_trainer_cfg(tmp_path, [*ddp, "trainer.devices=2", "trainer.strategy=ddp_spawn"])) is None
+    # ranks started by the cluster (torchrun, SLURM tasks) are not re-launched by Lightning
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert ddp_relaunch_conflict(_trainer_cfg(tmp_path, [*ddp, "trainer.devices=2"])) is None
+
+
+def test_sweep_with_subprocess_ddp_is_refused_in_seconds(tiny_camvid, tmp_path) -> None:
+    """`make sweep ... ARGS="trainer=ddp"` on two CPU processes: before the check, rank 1 re-ran the whole sweep."""
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgremover.train", "-m", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.precision=32-true", "trainer.sync_batchnorm=false", f"data.root={tiny_camvid}", "logger=csv",
+         f"paths.log_dir={tmp_path}", "seed=1,2"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    elapsed = time.time() - start
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and "under -m" in errors[0] and "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("summary.json"))  # no job ran
+    assert len(list(tmp_path.glob("*/multiruns/*"))) == 1  # and no rank started a sweep of its own
+    assert elapsed < 60
