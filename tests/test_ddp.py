@@ -134,8 +134,9 @@ def block_case(rank: int, world: int, sync: bool = True, memory_efficient: bool 
 def net_case(rank: int, world: int) -> dict:
     """One training step of a tiny FC-DenseNet in float64.
 
-    Gradients are averaged by hand (``_ddp_grads``): DistributedDataParallel refuses CPU modules that hold nn.SyncBatchNorm
-    layers, and convert_sync_batchnorm is how the dense blocks are told to sync (as Lightning does on GPUs).
+    Gradients are averaged by hand (``_ddp_grads``): DistributedDataParallel refuses CPU modules that hold
+    nn.SyncBatchNorm layers, and convert_sync_batchnorm is how the dense blocks are told to sync (as Lightning
+    does on GPUs).
     """
     torch.manual_seed(0)
     net = FCDenseNet(**TINY).double()
