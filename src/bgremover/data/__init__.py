@@ -13,7 +13,7 @@ from bgremover.data.classes import (
 
 __all__ = [
     "CLASSES", "DEFAULT_FOREGROUND", "MEAN", "NUM_CLASSES", "PALETTE", "STD", "VOID", "colorize",
-    "CamVidDataModule", "CamVidDataset", "CamVidError", "verify_root",
+    "CamVidDataModule", "CamVidDataset", "CamVidError", "ResidentCamVidDataModule", "verify_root",
 ]
 
 
@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from bgremover.data.datamodule import CamVidDataModule
 
         return CamVidDataModule
+    if name == "ResidentCamVidDataModule":
+        from bgremover.data.resident import ResidentCamVidDataModule
+
+        return ResidentCamVidDataModule
     if name in ("CamVidDataset", "CamVidError", "verify_root"):
         from bgremover.data import camvid
 

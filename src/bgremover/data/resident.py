@@ -1,0 +1,324 @@
+"""ResidentCamVidDataModule: CamVid decoded once, kept on the training device, augmented there in whole batches.
+
+airbench's recipe for a GPU that never waits on a CPU: the 367 train frames (190 MB as uint8) live in GPU memory,
+and each batch is cut out of them by a few batched tensor ops — gather, one `grid_sample` that does the random
+scale, crop and flip of every sample at once (bilinear for images, nearest for labels, void outside the frame),
+brightness/contrast, normalisation. No DataLoader, no worker, no host-device copy in the training loop. Decoding
+happens once per file list: the arrays are cached as .npz under $BGREMOVER_CACHE (~/.cache/bgremover).
+
+Val/test are the full frames padded bottom/right to `pad_multiple` (image 0 before normalisation, label void),
+exactly what CamVidDataModule feeds, so metrics are comparable. Under DDP every rank takes its shard of one
+shared permutation (train) or of the frame list (val/test: no duplicates, so metrics stay exact).
+The albumentations DataLoader (CamVidDataModule, conf/data/camvid.yaml) stays the CPU path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bgremover.data.camvid import CamVidDataset, CamVidError, read_pair
+from bgremover.data.classes import MEAN, STD, VOID
+from bgremover.data.datamodule import CamVidDataModule
+
+CACHE_VERSION = 1  # bump when the cached array layout changes
+COLOR_JITTER_P = 0.5  # albumentations RandomBrightnessContrast's default probability, kept for parity
+
+
+def cache_dir() -> Path:
+    """Read at call time (not import time) so $BGREMOVER_CACHE set later, e.g. by a test, is honoured."""
+    return Path(os.environ.get("BGREMOVER_CACHE", Path.home() / ".cache" / "bgremover"))
+
+
+def decode_split(root: str | os.PathLike, split: str, limit: int | None = None, workers: int = 4,
+                 cache: bool = True) -> dict[str, np.ndarray]:
+    """One split as arrays: images N×H×W×3 uint8, labels N×H×W uint8, sizes N×2 (each frame's true H, W).
+
+    Frames of different sizes are padded bottom/right to the largest (image 0, label void); `sizes` keeps the
+    real extent, so the augmentation never samples the padding as if it were image. Cached by the file list.
+    """
+    pairs = CamVidDataset(root, split, limit=limit).pairs  # the same frames CamVidDataModule would use
+    listing = [(i.name, i.stat().st_size, lb.name, lb.stat().st_size) for i, lb in pairs]
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, split, listing]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"camvid_resident_{split}_{key}.npz"
+    if cache and path.is_file():
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in ("images", "labels", "sizes")}
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache file is decoded again and rewritten
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
+        decoded = list(pool.map(lambda p: read_pair(*p), pairs))
+    h = max(img.shape[0] for img, _ in decoded)
+    w = max(img.shape[1] for img, _ in decoded)
+    images = np.zeros((len(decoded), h, w, 3), np.uint8)
+    labels = np.full((len(decoded), h, w), VOID, np.uint8)
+    sizes = np.zeros((len(decoded), 2), np.int64)
+    for k, (img, lbl) in enumerate(decoded):
+        images[k, : img.shape[0], : img.shape[1]] = img
+        labels[k, : lbl.shape[0], : lbl.shape[1]] = lbl
+        sizes[k] = img.shape[:2]
+    arrays = {"images": images, "labels": labels, "sizes": sizes}
+    if cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # np.savez keeps a .npz suffix
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs decoding again next time
+    return arrays
+
+
+def augment(images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, crop: Sequence[int],
+            scale: torch.Tensor, offset: torch.Tensor, flip: torch.Tensor, alpha: torch.Tensor,
+            beta: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random scale-crop + flip + brightness/contrast + normalisation of a batch, all as batched tensor ops.
+
+    images B×H×W×3 uint8, labels B×H×W uint8, sizes B×2 (true H, W inside the padded H×W). Per sample: `scale`
+    resizes the frame, `offset` ∈ [0,1]² places the crop (0: top/left, 1: bottom/right; a frame smaller than
+    the crop sits inside it, void around), `flip` mirrors the crop, x ↦ clamp(alpha·x + 255·beta, 0, 255).
+    Returns x B×3×h×w float32 normalised, y B×h×w int64.
+    """
+    b, ht, wt = labels.shape
+    h, w = crop
+    dev = images.device
+    # Output pixel j of the crop samples the scaled frame at ox + j + 0.5, i.e. the source at (ox + j + 0.5)/s.
+    # In grid_sample's normalised coordinates (align_corners=False) that is affine in affine_grid's u ∈ (-1, 1).
+    sh, sw = sizes[:, 0].to(scale.dtype) * scale, sizes[:, 1].to(scale.dtype) * scale
+    oy, ox = offset[:, 0] * (sh - h), offset[:, 1] * (sw - w)
+    theta = torch.zeros(b, 2, 3, device=dev, dtype=torch.float32)
+    sign = 1.0 - 2.0 * flip.to(torch.float32)
+    theta[:, 0, 0] = sign * w / (scale * wt)
+    theta[:, 0, 2] = (2 * ox + w) / (scale * wt) - 1
+    theta[:, 1, 1] = h / (scale * ht)
+    theta[:, 1, 2] = (2 * oy + h) / (scale * ht) - 1
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    # Outside the frame: image 0 and label void, as PadIfNeeded fills. Border sampling inside it, so the frame's
+    # edge pixels are not blended with that fill (cv2.resize, which the CPU path uses, replicates the border).
+    px = ((grid[..., 0] + 1) * wt - 1) / 2  # source pixel coordinates (pixel k spans k-0.5 .. k+0.5)
+    py = ((grid[..., 1] + 1) * ht - 1) / 2
+    fh = sizes[:, 0].view(-1, 1, 1).to(px.dtype)
+    fw = sizes[:, 1].view(-1, 1, 1).to(px.dtype)
+    inside = (px >= -0.5) & (px <= fw - 0.5) & (py >= -0.5) & (py <= fh - 0.5)
+    x = images.permute(0, 3, 1, 2).float()
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = x * inside.unsqueeze(1)
+    y = F.grid_sample(labels.unsqueeze(1).float(), grid, mode="nearest", padding_mode="border",
+                      align_corners=False)
+    y = torch.where(inside, y.squeeze(1).round(), float(VOID)).long()
+    x = (x * alpha.view(-1, 1, 1, 1) + 255.0 * beta.view(-1, 1, 1, 1)).clamp_(0, 255)
+    x = (x / 255.0 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    return x, y
+
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class ResidentTrainLoader:
+    """Iterable of augmented batches; each `iter()` is one epoch of `len()` batches (last partial one dropped)."""
+
+    def __init__(self, dm: ResidentCamVidDataModule, tensors: dict[str, torch.Tensor]):
+        self.dm, self.t = dm, tensors
+        self._epochs_started = 0  # epoch counter when no trainer is attached
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.dm.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def __len__(self) -> int:
+        _, world = self._rank_world()
+        return (len(self.t["labels"]) * self.dm.hparams.epoch_repeats // world) // self.dm.hparams.batch_size
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """This rank's frame indices for `epoch`: its stride of one permutation shared by every rank. Drawn on
+        the device: a host-to-device copy from pageable memory would wait for the GPU's queue to drain."""
+        rank, world = self._rank_world()
+        labels = self.t["labels"]
+        g = torch.Generator(device=labels.device).manual_seed(_seed(self.dm.hparams.seed, epoch))
+        perm = torch.cat([torch.randperm(len(labels), generator=g, device=labels.device)
+                          for _ in range(self.dm.hparams.epoch_repeats)])
+        return perm[rank::world][: len(perm) // world]
+
+    def __iter__(self):
+        hp, t = self.dm.hparams, self.t
+        rank, _ = self._rank_world()
+        epoch = self.dm.trainer.current_epoch if self.dm.trainer is not None else self._epochs_started
+        self._epochs_started += 1
+        order, dev = self.epoch_order(epoch), t["labels"].device
+        # Augmentation draws come from a generator on the device too: no copy, no sync per batch.
+        ga = torch.Generator(device=dev).manual_seed(_seed(hp.seed, epoch, rank, 1))
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=ga, device=dev)
+
+        lo, hi = self.dm.scale_bounds()
+        crop, bs, cj = self.dm.train_crop(), hp.batch_size, hp.color_jitter
+        for k in range(len(self)):
+            idx = order[k * bs:(k + 1) * bs]
+            scale = lo + (hi - lo) * rand(bs)
+            offset = rand(bs, 2)
+            flip = rand(bs) < hp.hflip
+            jitter = rand(bs) < (COLOR_JITTER_P if cj > 0 else 0.0)
+            alpha = torch.where(jitter, 1 + cj * (2 * rand(bs) - 1), 1.0)
+            beta = torch.where(jitter, cj * (2 * rand(bs) - 1), 0.0)
+            x, y = augment(t["images"][idx], t["labels"][idx], t["sizes"][idx], crop, scale, offset, flip,
+                           alpha, beta, t["mean"], t["std"])
+            if hp.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y
+
+
+class ResidentEvalLoader:
+    """Full frames in file order, padded as CamVidDataModule pads them; each rank its stride of the frames."""
+
+    def __init__(self, dm: ResidentCamVidDataModule, tensors: dict[str, torch.Tensor]):
+        self.dm, self.t = dm, tensors
+
+    def _indices(self) -> torch.Tensor:
+        trainer = self.dm.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return torch.arange(len(self.t["labels"]), device=self.t["labels"].device)[rank::world]
+
+    def __len__(self) -> int:
+        bs = self.dm.hparams.eval_batch_size or self.dm.hparams.batch_size
+        return -(-len(self._indices()) // bs)
+
+    def __iter__(self):
+        t = self.t
+        bs = self.dm.hparams.eval_batch_size or self.dm.hparams.batch_size
+        idx = self._indices()
+        for k in range(0, len(idx), bs):
+            i = idx[k:k + bs]
+            x = t["images"][i].permute(0, 3, 1, 2).float()
+            x = (x / 255.0 - t["mean"].view(1, 3, 1, 1)) / t["std"].view(1, 3, 1, 1)
+            yield x, t["labels"][i].long()
+
+
+class ResidentCamVidDataModule(CamVidDataModule):
+    """CamVidDataModule's splits held as device tensors (conf/data/camvid_resident.yaml); same keys, plus:
+
+    scale_range: [lo, hi] random scale per sample (uniform), overriding scale_jitter's [1-j, 1+j]
+    epoch_repeats: passes over the train set per epoch (fewer epoch ends and validations per image seen)
+    channels_last: train batches in channels_last memory format (what the nets train in)
+    cache: keep the decoded arrays in $BGREMOVER_CACHE so later runs skip decoding
+    device: where the tensors live without a trainer (with one: the trainer's root device)
+    num_workers: threads that decode the PNGs once (no DataLoader workers exist here)
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        crop_size: Sequence[int] | None = (224, 224),
+        hflip: float = 0.5,
+        scale_jitter: float = 0.0,
+        color_jitter: float = 0.0,
+        pad_multiple: int = 32,
+        mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
+        class_weights: str | None = None,
+        download: bool = False,
+        limit_images: int | None = None,
+        limit_eval_images: int | None = None,
+        seed: int = 0,
+        scale_range: Sequence[float] | None = None,
+        epoch_repeats: int = 1,
+        channels_last: bool = True,
+        cache: bool = True,
+        device: str = "cpu",
+    ):
+        super().__init__(
+            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            pin_memory=pin_memory, persistent_workers=persistent_workers, crop_size=crop_size, hflip=hflip,
+            scale_jitter=scale_jitter, color_jitter=color_jitter, pad_multiple=pad_multiple, mean=mean, std=std,
+            class_weights=class_weights, download=download, limit_images=limit_images,
+            limit_eval_images=limit_eval_images, seed=seed,
+        )
+        if scale_range is not None and not (len(scale_range) == 2 and 0 < scale_range[0] <= scale_range[1]):
+            raise CamVidError(f"data.scale_range must be [lo, hi] with 0 < lo <= hi, not {scale_range}")
+        if epoch_repeats < 1:
+            raise CamVidError(f"data.epoch_repeats must be >= 1, not {epoch_repeats}")
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+
+    def scale_bounds(self) -> tuple[float, float]:
+        hp = self.hparams
+        if hp.scale_range is not None:
+            return float(hp.scale_range[0]), float(hp.scale_range[1])
+        return 1.0 - hp.scale_jitter, 1.0 + hp.scale_jitter
+
+    def train_crop(self) -> tuple[int, int]:
+        """The crop size, or the padded full frame when crop_size is null (as CamVidDataModule pads it)."""
+        if self.hparams.crop_size:
+            return int(self.hparams.crop_size[0]), int(self.hparams.crop_size[1])
+        _, h, w = self.tensors["train"]["labels"].shape
+        m = max(1, self.hparams.pad_multiple or 1)
+        return -(-h // m) * m, -(-w // m) * m
+
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device(self.hparams.device)
+
+    def _arrays(self, split: str) -> dict[str, np.ndarray]:
+        hp = self.hparams
+        # as CamVidDataModule: limit_images trims the train split only, limit_eval_images val/test
+        limit = hp.limit_images if split == "train" else hp.limit_eval_images
+        return decode_split(self.root, split, limit, hp.num_workers, hp.cache)
+
+    def prepare_data(self) -> None:
+        super().prepare_data()
+        if self.hparams.cache:  # local rank 0 fills the cache; setup() on every rank then only loads it
+            for split in ("train", "val"):
+                self._arrays(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        device = self._device()
+        for split in wanted.get(stage, ("train", "val", "test")):
+            if split in self.tensors and self.tensors[split]["labels"].device == device:
+                continue
+            a = self._arrays(split)
+            t = {k: torch.from_numpy(v).to(device) for k, v in a.items()}
+            if split != "train":  # full frames padded bottom/right to pad_multiple, as build_transforms pads
+                m = max(1, self.hparams.pad_multiple or 1)
+                _, h, w = t["labels"].shape
+                ph, pw = -(-h // m) * m - h, -(-w // m) * m - w
+                t["images"] = F.pad(t["images"], (0, 0, 0, pw, 0, ph), value=0)
+                t["labels"] = F.pad(t["labels"], (0, pw, 0, ph), value=VOID)
+            t["mean"] = torch.tensor(self.hparams.mean, dtype=torch.float32, device=device)
+            t["std"] = torch.tensor(self.hparams.std, dtype=torch.float32, device=device)
+            self.tensors[split] = t
+
+    def _split(self, split: str) -> dict[str, torch.Tensor]:
+        if split not in self.tensors:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return self.tensors[split]
+
+    def train_dataloader(self) -> ResidentTrainLoader:
+        loader = ResidentTrainLoader(self, self._split("train"))
+        if len(loader) == 0:
+            raise CamVidError(f"data.batch_size={self.hparams.batch_size} is larger than the "
+                              f"{len(self.tensors['train']['labels'])} training frames per device")
+        return loader
+
+    def val_dataloader(self) -> ResidentEvalLoader:
+        return ResidentEvalLoader(self, self._split("val"))
+
+    def test_dataloader(self) -> ResidentEvalLoader:
+        return ResidentEvalLoader(self, self._split("test"))
+
+    def predict_dataloader(self) -> ResidentEvalLoader:
+        return self.test_dataloader()

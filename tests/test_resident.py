@@ -1,0 +1,304 @@
+"""The device-resident CamVid pipeline: decode cache, batched scale-crop/flip/colour against hand computations,
+void fill, determinism, DDP shards, full-frame val/test equal to the DataLoader path, and training through Hydra;
+plus the speed-run schedule and time-to-mIoU callback it is used with."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONF_DIR, write_camvid
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+from PIL import Image
+
+from bgremover.data import CamVidDataModule, ResidentCamVidDataModule
+from bgremover.data.camvid import read_pair
+from bgremover.data.classes import MEAN, STD, VOID
+from bgremover.data.resident import augment, decode_split
+from bgremover.lit.speedrun import WarmupCosineLR
+
+MEAN_T, STD_T = torch.tensor(MEAN), torch.tensor(STD)
+TINY_TIRAMISU = ["model=tiramisu56", "model.net.down_blocks=[2,2]", "model.net.up_blocks=[2,2]",
+                 "model.net.bottleneck_layers=2", "model.net.growth_rate=8", "model.net.first_conv_channels=16"]
+
+
+def _norm(raw: torch.Tensor) -> torch.Tensor:
+    """H×W×3 uint8 → 3×H×W normalised, the way both pipelines normalise."""
+    return (raw.permute(2, 0, 1).float() / 255.0 - MEAN_T.view(3, 1, 1)) / STD_T.view(3, 1, 1)
+
+
+def _one(images, labels, crop, scale=1.0, offset=(0.0, 0.0), flip=False, alpha=1.0, beta=0.0, sizes=None):
+    """augment() on a batch of one with the given draws."""
+    b = len(labels)
+    sizes = sizes if sizes is not None else torch.tensor([labels.shape[1:]] * b)
+    return augment(images, labels, sizes, crop, torch.full((b,), float(scale)), torch.tensor([offset] * b),
+                   torch.tensor([flip] * b), torch.full((b,), float(alpha)), torch.full((b,), float(beta)),
+                   MEAN_T, STD_T)
+
+
+def _frame(h=12, w=16, seed=0, values=None):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randint(0, 256, (1, h, w, 3), generator=g, dtype=torch.uint8)
+    vals = torch.tensor(values if values is not None else list(range(12)), dtype=torch.uint8)
+    lbl = vals[torch.randint(0, len(vals), (1, h, w), generator=g)]
+    return img, lbl
+
+
+# --- decode + cache --------------------------------------------------------------------------------------------
+def test_decode_split_matches_files_and_is_cached(tiny_camvid, monkeypatch):
+    a = decode_split(tiny_camvid, "train")
+    assert a["images"].shape == (4, 48, 64, 3) and a["images"].dtype == np.uint8
+    assert a["labels"].shape == (4, 48, 64) and a["labels"].dtype == np.uint8
+    assert a["sizes"].tolist() == [[48, 64]] * 4
+    img, lbl = read_pair(tiny_camvid / "train" / "train_002.png", tiny_camvid / "trainannot" / "train_002.png")
+    assert np.array_equal(a["images"][2], img) and np.array_equal(a["labels"][2], lbl)
+    cached = list(Path(__import__("os").environ["BGREMOVER_CACHE"]).glob("camvid_resident_train_*.npz"))
+    assert len(cached) == 1
+    assert len(decode_split(tiny_camvid, "train", limit=2, cache=False)["labels"]) == 2
+
+    def no_decoding(*_):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr("bgremover.data.resident.read_pair", no_decoding)
+    again = decode_split(tiny_camvid, "train")
+    assert all(np.array_equal(a[k], again[k]) for k in a)
+
+
+def test_frames_of_different_sizes_are_padded_with_void(tmp_path):
+    root = write_camvid(tmp_path / "CamVid", {"train": 2})
+    Image.fromarray(np.full((40, 70, 3), 9, np.uint8)).save(root / "train" / "train_big.png")
+    Image.fromarray(np.full((40, 70), 3, np.uint8), mode="L").save(root / "trainannot" / "train_big.png")
+    a = decode_split(root, "train", cache=False)
+    assert a["images"].shape == (3, 48, 70, 3)
+    assert a["sizes"].tolist() == [[48, 64], [48, 64], [40, 70]]
+    assert (a["labels"][0][:, 64:] == VOID).all() and (a["images"][0][:, 64:] == 0).all()
+    assert (a["labels"][2][40:] == VOID).all() and (a["labels"][2][:40] == 3).all()
+
+
+# --- augment() against hand computations ----------------------------------------------------------------------
+@pytest.mark.parametrize("flip", [False, True])
+def test_unscaled_crop_is_a_slice(flip):
+    img, lbl = _frame(12, 16)
+    oy, ox, h, w = 3, 5, 6, 8
+    x, y = _one(img, lbl, (h, w), offset=(oy / (12 - h), ox / (16 - w)), flip=flip)
+    want_x, want_y = _norm(img[0])[:, oy:oy + h, ox:ox + w], lbl[0, oy:oy + h, ox:ox + w].long()
+    if flip:
+        want_x, want_y = want_x.flip(-1), want_y.flip(-1)
+    assert x.shape == (1, 3, h, w) and x.dtype == torch.float32 and y.dtype == torch.int64
+    torch.testing.assert_close(x[0], want_x, atol=1e-4, rtol=0)
+    assert torch.equal(y[0], want_y)
+
+
+def test_scale_two_is_cv2_bilinear_and_nearest_labels():
+    import cv2
+
+    img, lbl = _frame(10, 12, seed=1)
+    x, y = _one(img, lbl, (20, 24), scale=2.0)
+    up = cv2.resize(img[0].numpy(), (24, 20), interpolation=cv2.INTER_LINEAR)  # cv2 rounds to uint8
+    raw = x[0] * STD_T.view(3, 1, 1) + MEAN_T.view(3, 1, 1)
+    assert (raw.permute(1, 2, 0) * 255 - torch.from_numpy(up).float()).abs().max() <= 1.0
+    assert torch.equal(y[0], lbl[0].long().repeat_interleave(2, 0).repeat_interleave(2, 1))  # pixel j ← j // 2
+
+
+@pytest.mark.parametrize(("offset", "rows"), [(0.0, slice(0, 6)), (1.0, slice(14, 20))])
+def test_frame_smaller_than_crop_sits_inside_void(offset, rows):
+    img, lbl = _frame(12, 16, seed=2, values=[1, 4])
+    x, y = _one(img, lbl, (20, 20), scale=0.5, offset=(offset, offset))  # a 6×8 frame in a 20×20 crop
+    cols = slice(0, 8) if offset == 0 else slice(12, 20)
+    inside = torch.zeros(20, 20, dtype=torch.bool)
+    inside[rows, cols] = True
+    assert (y[0][~inside] == VOID).all()
+    assert set(y[0][inside].unique().tolist()) <= {1, 4}
+    fill = (-MEAN_T / STD_T).view(3, 1)  # raw 0 after normalisation, as PadIfNeeded's fill=0
+    torch.testing.assert_close(x[0][:, ~inside], fill.expand(3, int((~inside).sum())))
+
+
+def test_random_draws_keep_labels_in_the_source_set():
+    img, lbl = _frame(24, 32, seed=3, values=[0, 3, 7])
+    g = torch.Generator().manual_seed(0)
+    b = 16
+    imgs, lbls = img.expand(b, -1, -1, -1), lbl.expand(b, -1, -1)
+    x, y = augment(imgs, lbls, torch.tensor([[24, 32]] * b), (20, 20), 0.5 + 1.5 * torch.rand(b, generator=g),
+                   torch.rand(b, 2, generator=g), torch.rand(b, generator=g) < 0.5, torch.ones(b), torch.zeros(b),
+                   MEAN_T, STD_T)
+    assert set(y.unique().tolist()) <= {0, 3, 7, VOID}
+    assert (y != VOID).float().mean() > 0.5
+    assert torch.isfinite(x).all()
+
+
+def test_brightness_contrast_is_albumentations_formula():
+    img, lbl = _frame(8, 8, seed=4)
+    x, _ = _one(img, lbl, (8, 8), alpha=1.2, beta=-0.1)
+    raw = (x[0] * STD_T.view(3, 1, 1) + MEAN_T.view(3, 1, 1)) * 255
+    want = (img[0].permute(2, 0, 1).float() * 1.2 - 25.5).clamp(0, 255)
+    torch.testing.assert_close(raw, want, atol=1e-3, rtol=0)
+
+
+# --- the datamodule -------------------------------------------------------------------------------------------
+def _dm(root, **kw):
+    args = {"root": str(root), "batch_size": 2, "eval_batch_size": 2, "crop_size": (32, 32), "num_workers": 1,
+            "scale_range": (0.5, 2.0), "color_jitter": 0.2, "seed": 3}
+    dm = ResidentCamVidDataModule(**{**args, **kw})
+    dm.setup("fit")
+    return dm
+
+
+def test_batches_shapes_dtypes_and_determinism(tiny_camvid):
+    a, b = _dm(tiny_camvid), _dm(tiny_camvid)
+    loader = a.train_dataloader()
+    assert len(loader) == 2  # 4 frames, batch 2
+    first = list(loader)
+    assert len(first) == 2
+    x, y = first[0]
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert y.shape == (2, 32, 32) and y.dtype == torch.int64
+    for (xa, ya), (xb, yb) in zip(first, b.train_dataloader(), strict=True):  # same seed, same epoch
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    second = list(loader)  # the next epoch draws anew
+    assert not torch.equal(first[0][0], second[0][0])
+    other = _dm(tiny_camvid, seed=4).train_dataloader()
+    assert not torch.equal(first[0][0], next(iter(other))[0])
+
+
+def test_ddp_ranks_take_disjoint_shards(tiny_camvid):
+    dm = _dm(tiny_camvid, epoch_repeats=3, batch_size=1)
+    orders = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=5)
+        loader = dm.train_dataloader()
+        assert len(loader) == 6  # 4 frames × 3 repeats / 2 ranks
+        orders.append(loader.epoch_order(5))
+    dm.trainer = None
+    whole = ResidentCamVidDataModule(root=str(tiny_camvid), batch_size=1, epoch_repeats=3, seed=3, num_workers=1)
+    whole.setup("fit")
+    full = whole.train_dataloader().epoch_order(5)
+    assert torch.equal(torch.stack(orders, 1).flatten(), full)  # interleaved strides of one permutation
+    assert sorted(full.tolist()) == sorted(list(range(4)) * 3)
+
+
+def test_val_and_test_equal_the_dataloader_path(tiny_camvid):
+    kw = {"root": str(tiny_camvid), "batch_size": 2, "eval_batch_size": 2, "num_workers": 0}
+    resident, plain = ResidentCamVidDataModule(**kw), CamVidDataModule(**kw)
+    for stage, getter in (("validate", "val_dataloader"), ("test", "test_dataloader")):
+        resident.setup(stage)
+        plain.setup(stage)
+        pairs = list(zip(getattr(resident, getter)(), getattr(plain, getter)(), strict=True))
+        assert pairs
+        for (xr, yr), (xp, yp) in pairs:
+            assert xr.shape == xp.shape == (2, 3, 64, 64)  # 48×64 padded to multiples of 32
+            torch.testing.assert_close(xr, xp, atol=1e-5, rtol=0)
+            assert torch.equal(yr, yp)
+
+
+def test_bad_settings_are_one_line_errors(tiny_camvid):
+    from bgremover.data.camvid import CamVidError
+
+    with pytest.raises(CamVidError, match="scale_range"):
+        ResidentCamVidDataModule(root=str(tiny_camvid), scale_range=(2.0, 1.0))
+    with pytest.raises(CamVidError, match="larger than"):
+        _dm(tiny_camvid, batch_size=8).train_dataloader()
+
+
+def test_real_frames(camvid_root):
+    dm = _dm(camvid_root, limit_images=2, limit_eval_images=2, crop_size=(224, 224), batch_size=2)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 224, 224) and y.shape == (2, 224, 224)
+    source = set(np.unique(decode_split(camvid_root, "train", limit=2)["labels"]).tolist())
+    assert set(y.unique().tolist()) <= source | {VOID}
+    plain = CamVidDataModule(root=str(camvid_root), eval_batch_size=2, num_workers=0, limit_eval_images=2)
+    plain.setup("validate")
+    (xr, yr), (xp, yp) = next(iter(dm.val_dataloader())), next(iter(plain.val_dataloader()))
+    assert xr.shape == (2, 3, 384, 480)
+    torch.testing.assert_close(xr, xp, atol=1e-5, rtol=0)
+    assert torch.equal(yr, yp)
+
+
+# --- training through Hydra -----------------------------------------------------------------------------------
+def compose_cfg(tmp_path: Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = cfg.paths.log_dir = cfg.hydra.runtime.output_dir = str(tmp_path)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+SMALL = ["data=camvid_resident", "data.batch_size=2", "data.eval_batch_size=2", "data.crop_size=[32,32]",
+         "data.num_workers=1", "extras.print_config=false", "measure_inference=false", "logger=csv"]
+
+
+def test_fast_dev_run_with_resident_data(tiny_camvid, tmp_path):
+    from bgremover.train import train
+
+    cfg = compose_cfg(tmp_path, [*TINY_TIRAMISU, *SMALL, f"data.root={tiny_camvid}", "debug=fdr"])
+    metrics, objects = train(cfg)
+    assert type(objects["datamodule"]).__name__ == "ResidentCamVidDataModule"
+    assert objects["trainer"].global_step == 1
+    assert 0.0 <= metrics["test/mIoU"] <= 1.0 and math.isfinite(metrics["train/loss"])
+
+
+def test_speedrun_budget_anneals_stops_with_a_last_validation(tiny_camvid, tmp_path):
+    """A 4 s budget: the run stops on time (max_epochs would take far longer), lr ends at 0, the stopping epoch
+    is validated although validation is set for every 1000th epoch, and time-to-mIoU lands in the metrics."""
+    from bgremover.train import train
+
+    cfg = compose_cfg(tmp_path, [
+        *TINY_TIRAMISU, *SMALL, f"data.root={tiny_camvid}", "trainer.max_epochs=100000",
+        "trainer.check_val_every_n_epoch=1000", "trainer.num_sanity_val_steps=0", "trainer.max_time=00:00:01:00",
+        "model.optimizer._target_=torch.optim.AdamW", "~model.scheduler.gamma",
+        "model.scheduler._target_=bgremover.lit.speedrun.WarmupCosineLR", "+model.scheduler.total_iters=null",
+        "model.scheduler_interval=step", "callbacks.early_stopping=null", "callbacks.last_checkpoint=null",
+        "+callbacks.time_to_miou._target_=bgremover.lit.speedrun.TimeToMIoU",
+        "+callbacks.time_to_miou.thresholds=[0.0,1.01]", "+callbacks.time_to_miou.budget_s=4",
+    ])
+    metrics, objects = train(cfg)
+    trainer = objects["trainer"]
+    assert 2 < trainer.current_epoch < 100000
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.budget_progress == 1.0 and trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)
+    history = objects["model"].history
+    assert len(history) == 1 and history[0]["epoch"] == trainer.current_epoch - 1  # the epoch it stopped in
+    assert 0.0 <= metrics["time_to/0.000"] <= metrics["time/fit_s"] < 60
+    assert "time_to/1.010" not in metrics
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert any(r.get("time_to/0.000") for r in rows)
+
+
+def test_speedrun_experiments_compose():
+    for name, budget in (("speedrun_tiramisu103", 570), ("speedrun_deeplabv3plus", 270)):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[f"experiment={name}"])
+        assert cfg.data._target_ == "bgremover.data.ResidentCamVidDataModule"
+        assert cfg.model.scheduler._target_ == "bgremover.lit.speedrun.WarmupCosineLR"
+        assert set(cfg.model.scheduler) == {"_target_", "_partial_", "total_iters", "warmup", "final_ratio"}
+        assert cfg.callbacks.time_to_miou.budget_s == budget and cfg.trainer.precision == "bf16-mixed"
+        assert cfg.callbacks.last_checkpoint is None and cfg.callbacks.early_stopping is None
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = WarmupCosineLR(opt, total_iters=100, warmup=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert 0 < lrs[0] < 0.2 and lrs[9] == pytest.approx(1.0)  # linear warm-up over 10 steps, never 0
+    assert lrs[55] == pytest.approx(0.5, abs=1e-9)  # half-way through the cosine
+    assert lrs[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+    sched2 = WarmupCosineLR(opt, total_iters=1000, warmup=0.0, final_ratio=0.1)
+    sched2.budget_progress = 0.5  # a time budget half spent outruns 0 of 1000 steps
+    sched2.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.55)
