@@ -21,6 +21,7 @@ from bgremover.lit.callbacks import LastCheckpoint, RunPlan, describe_estimate, 
 from bgremover.train import train
 
 TINY_RUN = [
+    "~experiment",  # the base config, not the default quick recipe
     *TINY_TIRAMISU,
     "data.num_workers=0",
     "data.batch_size=2",

@@ -22,7 +22,7 @@ TINY = [
 
 def run_sweep(tmp_path: Path, camvid_root: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
     proc = subprocess.run(
-        [sys.executable, "-m", "bgremover.train", "-m", f"paths.log_dir={tmp_path}", f"data.root={camvid_root}",
+        [sys.executable, "-m", "bgremover.train", "-m", "~experiment", f"paths.log_dir={tmp_path}", f"data.root={camvid_root}",
          *TINY, *overrides],
         capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
     )
@@ -39,7 +39,7 @@ def test_two_nets_two_seeds_give_four_summaries_and_four_wandb_runs(camvid_root,
     summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
     assert len(summaries) == 4
     assert sorted((s["net"], s["seed"]) for s in summaries) == [
-        ("deeplabv3plus_resnet18", 1), ("deeplabv3plus_resnet18", 2), ("tiramisu56", 1), ("tiramisu56", 2)]
+        ("deeplabv3plus_mobilenet_v2", 1), ("deeplabv3plus_mobilenet_v2", 2), ("tiramisu56", 1), ("tiramisu56", 2)]
     assert all(s["status"] == "ok" and 0 <= s["metrics"]["test/mIoU"] <= 1 for s in summaries)
     job_dirs = {Path(s["run_dir"]) for s in summaries}
     assert len(job_dirs) == 4  # no two jobs share a folder
@@ -50,6 +50,15 @@ def test_two_nets_two_seeds_give_four_summaries_and_four_wandb_runs(camvid_root,
     report = json.loads((sweep / "sweep_summary.json").read_text())
     assert [j["status"] for j in report["jobs"]] == ["ok"] * 4
     assert "4 of 4 jobs ok" in proc.stderr
+    # readable output: one line per job (no progress bars, model summaries or config dumps), no tips
+    job_lines = [line for line in proc.stderr.splitlines() if line.startswith("[job ")]
+    assert len(job_lines) == 4 and all(": ok test/mIoU=" in line for line in job_lines)
+    printed = (proc.stdout + proc.stderr).splitlines()
+    assert len(printed) < 40, "\n".join(printed[:80])
+    assert not any("Tip" in line or "Epoch" in line for line in printed)
+    # no duplicate checkpoints: one epoch, so last.ckpt is a link to the best file
+    for job in job_dirs:
+        assert (job / "checkpoints" / "last.ckpt").is_symlink()
 
 
 @pytest.mark.slow

@@ -44,7 +44,12 @@ SMALL_RUN = [
 
 
 def compose_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train"):
-    """A run config as `python -m bgremover.train` would build it, writing into tmp_path."""
+    """A run config as `python -m bgremover.train` would build it, writing into tmp_path.
+
+    Without an `experiment=` override the base config is used (`~experiment`), not the default quick recipe:
+    a test states every setting it depends on."""
+    if config_name == "train" and not any(o.startswith(("experiment=", "~experiment")) for o in overrides):
+        overrides = ["~experiment", *overrides]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)

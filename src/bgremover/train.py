@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bgremover import config, utils
 from bgremover.errors import UserError
@@ -104,8 +104,14 @@ def _fit(cfg: DictConfig, trainer, model, datamodule) -> None:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit, then test with the best checkpoint; returns (metric_dict, object_dict) and writes summary.json."""
     config.validate_train(cfg)
-    if cfg.extras.get("print_config") and not utils.is_multirun():
+    quiet = utils.is_multirun() and not cfg.get("verbose")
+    if cfg.extras.get("print_config") and not quiet:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    if quiet:  # a sweep job: its one line comes at the end (print_job_line); the details are in its log file
+        with open_dict(cfg):
+            cfg.trainer.enable_model_summary = False
+            if "progress_bar" in (cfg.get("callbacks") or {}):
+                cfg.callbacks.progress_bar.refresh_rate = 0
     import pytorch_lightning as pl
 
     from bgremover import checkpoint
@@ -130,7 +136,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     best = _best_checkpoint(trainer) or (None if cfg.get("train", True) else cfg.get("ckpt_path"))
     if cfg.get("test", True):
         # Test the best epoch, not the last: the number a user would ship.
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=not quiet)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if model.val_miou_best.update_called:
         metrics["val/mIoU_best"] = float(model.val_miou_best.compute())

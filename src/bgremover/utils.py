@@ -260,6 +260,8 @@ def quiet_libraries(verbose: bool = True) -> None:
     (GPU available, model summary), so a sweep prints one line per job. Everything still reaches the log file."""
     import warnings
 
+    import pytorch_lightning  # noqa: F401  (its import sets its logger to INFO: import first, then quieten)
+
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
     drop = _DropNoise()
