@@ -60,3 +60,20 @@ def _offline_wandb(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+_WATCHED = ("logs", "outputs", "wandb", "lightning_logs", "multirun")  # what a run could write into the checkout
+
+
+def _listing(root: Path) -> set[str]:
+    return {str(p.relative_to(REPO)) for p in root.rglob("*")} if root.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _repo_stays_clean():
+    """Tests write into tmp folders only: a test that leaves files in the checkout's logs/ (or outputs/, wandb/)
+    fails the session, instead of filling a developer's run listing with test runs."""
+    before = {name: _listing(REPO / name) for name in _WATCHED}
+    yield
+    new = sorted(p for name in _WATCHED for p in _listing(REPO / name) - before[name])
+    assert not new, f"tests wrote into the repository: {new[:5]}"

@@ -204,6 +204,16 @@ def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small
     assert not list((tmp_path / "train" / "runs").glob("*"))
 
 
+def test_cpu_ddp_with_sync_batchnorm_is_refused_before_building(small_camvid, tmp_path):
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer=ddp", "trainer.accelerator=cpu",
+                                 "trainer.devices=2"])
+    with pytest.raises(UserError, match="sync_batchnorm=false"):
+        config.validate_train(cfg)
+
+
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     proc = _run("bgremover.train", f"paths.log_dir={tmp_path}", env={"DATA_DIR": str(tmp_path / "empty")})
     assert proc.returncode == 1 and "make data" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

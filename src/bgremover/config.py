@@ -67,6 +67,10 @@ def validate_train(cfg: DictConfig) -> None:
     epochs = trainer.get("max_epochs")
     if epochs is not None and epochs != -1:
         _positive_int(epochs, "trainer.max_epochs")
+    if trainer.get("sync_batchnorm") and trainer.get("accelerator") == "cpu" and "ddp" in str(trainer.get("strategy")):
+        # torch's DistributedDataParallel refuses SyncBatchNorm modules on CPU, after everything was built
+        raise UserError("trainer.sync_batchnorm=true needs GPUs (torch's DDP refuses SyncBatchNorm on CPU): "
+                        "add trainer.sync_batchnorm=false for CPU processes")
     lr = ((model.get("optimizer") or {}).get("lr"))
     if lr is not None and not (isinstance(lr, int | float) and lr > 0):
         raise UserError(f"model.optimizer.lr must be a positive number, got {lr!r}")
