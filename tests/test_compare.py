@@ -92,11 +92,12 @@ def test_report_numbers_charts_and_failed_run(sweep: Path) -> None:
     md = (out / "report.md").read_text()
 
     tira, deep = table_row(md, TIRAMISU), table_row(md, DEEPLAB)
-    assert tira[1:6] == ["2", "9.32", "52.0 ± 2.8", "82.0 ± 2.8", "57.0 ± 2.8"]
-    assert deep[1:6] == ["2", "12.30", "63.0 ± 4.2", "88.0 ± 4.2", "68.0 ± 4.2"]
-    assert tira[6] == "2m 06s"  # mean of 126 s and 127 s, rounded
-    assert tira[7] == "35.2" and deep[7] == "—"  # inference time only where measured
-    assert "FC-DenseNet103: 66.9 / 91.5 / 9.4 M" in tira[8] and deep[8] == "—"
+    # these summaries predate test frame counts: "—" in the Test frames column
+    assert tira[1:7] == ["2", "9.32", "52.0 ± 2.8", "—", "82.0 ± 2.8", "57.0 ± 2.8"]
+    assert deep[1:7] == ["2", "12.30", "63.0 ± 4.2", "—", "88.0 ± 4.2", "68.0 ± 4.2"]
+    assert tira[7] == "2m 06s"  # mean of 126 s and 127 s, rounded
+    assert tira[8] == "35.2" and deep[8] == "—"  # inference time only where measured
+    assert "FC-DenseNet103: 66.9 / 91.5 / 9.4 M" in tira[9] and deep[9] == "—"
     assert md.index(f"| {DEEPLAB} |") < md.index(f"| {TIRAMISU} |")  # best mIoU first
 
     # Per-class means: seeds ±0.02 cancel, so class i is 30 + 5i (+10 for deeplab).
@@ -313,21 +314,27 @@ def test_pick_images_is_deterministic_and_spread() -> None:
 
 @pytest.mark.slow
 def test_grid_with_real_checkpoint_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The documented checkpoint format through bgremover.export.load_checkpoint_net (no stub)."""
+    """The documented checkpoint format through the one checkpoint loader (no stub): a registered net class."""
     torch = pytest.importorskip("torch")
     export = pytest.importorskip("bgremover.export", reason="bgremover.export not written yet")
     assert hasattr(export, "load_checkpoint_net")
 
+    from bgremover.nets import FCDenseNet
+
+    tiny = {"down_blocks": [1], "up_blocks": [1], "bottleneck_layers": 1, "growth_rate": 4, "first_conv_channels": 8}
+
     def ckpt_for(d: Path, net: str) -> Path:
-        conv = biased_conv("Pedestrian")
+        model = FCDenseNet(**tiny)
+        with torch.no_grad():  # the classifier's bias decides: Pedestrian everywhere
+            model.final_conv.weight.zero_()
+            model.final_conv.bias.copy_(biased_conv("Pedestrian").bias)
         p = d / "checkpoints" / "epoch_002.ckpt"
         p.parent.mkdir(parents=True)
         torch.save(
             {
-                "state_dict": {f"net.{k}": v for k, v in conv.state_dict().items()},
+                "state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
                 "bgremover": {
-                    "net_config": {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 11,
-                                   "kernel_size": 1},
+                    "net_config": {"_target_": "bgremover.nets.FCDenseNet", **tiny},
                     "net_name": "conv",
                     **META,
                 },

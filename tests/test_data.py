@@ -39,11 +39,11 @@ def test_real_batches_have_right_shapes_dtypes_and_labels(camvid_root):
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
         x, y = next(iter(loader))
         assert x.shape == (2, 3, 384, 480) and y.shape == (2, 384, 480)
-        # 360 rows of real frame, 24 rows of padding that must be void so they never count
-        assert bool((y[:, 360:, :] == VOID).all())
-        assert float((y[:, :360, :] != VOID).float().mean()) > 0.9
-        black = (-torch.tensor(MEAN) / torch.tensor(STD)).view(1, 3, 1, 1)  # padding is black, then normalized
-        assert torch.allclose(x[:, :, 360:, :], black.expand_as(x[:, :, 360:, :]), atol=1e-5)
+        # 360 rows of real frame between 12 rows of padding above and below (the one padding rule: centred),
+        # void so they never count; the image border is the frame reflected, not black
+        assert bool((y[:, :12, :] == VOID).all()) and bool((y[:, 372:, :] == VOID).all())
+        assert float((y[:, 12:372, :] != VOID).float().mean()) > 0.9
+        assert torch.equal(x[:, :, 11, :], x[:, :, 13, :]) and torch.equal(x[:, :, 372, :], x[:, :, 370, :])
 
 
 def test_real_same_seed_same_crops_other_seed_other_crops(camvid_root):
@@ -101,7 +101,10 @@ def test_full_frame_training_pads_to_multiple(tmp_path):
     dm = make_dm(root, crop_size=None, pad_multiple=32)
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
-    assert x.shape[-2:] == (64, 96) and bool((y[:, 45:, :] == VOID).all())
+    # 45 → 64 rows: 9 void rows above, 10 below; 70 → 96 columns: 13 left, 13 right
+    assert x.shape[-2:] == (64, 96)
+    assert bool((y[:, :9, :] == VOID).all()) and bool((y[:, 54:, :] == VOID).all())
+    assert bool((y[:, :, :13] == VOID).all()) and bool((y[:, :, 83:] == VOID).all())
 
 
 def test_drop_last_for_training_only(tmp_path):

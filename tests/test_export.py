@@ -18,12 +18,14 @@ from bgremover.export import ExportError, export_onnx, load_checkpoint_net, main
 CLASSES = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
            "Bicyclist"]  # fmt: skip
 MEAN, STD = [0.41, 0.43, 0.44], [0.30, 0.31, 0.30]
-CONV_CONFIG = {
-    "_target_": "torch.nn.Conv2d",
-    "in_channels": 3,
-    "out_channels": 11,
-    "kernel_size": 3,
-    "padding": 1,
+# The smallest net the checkpoint registry builds (nets come from known classes only, never any `_target_`)
+TINY_CONFIG = {
+    "_target_": "bgremover.nets.FCDenseNet",
+    "down_blocks": [1],
+    "up_blocks": [1],
+    "bottleneck_layers": 1,
+    "growth_rate": 4,
+    "first_conv_channels": 8,
 }
 DEEPLAB_CONFIG = {
     "_target_": "segmentation_models_pytorch.DeepLabV3Plus",
@@ -65,9 +67,12 @@ def write_checkpoint(run_dir: Path, net: nn.Module, net_config: dict, net_name: 
     return path
 
 
-def random_conv() -> nn.Conv2d:
+def tiny_net() -> nn.Module:
+    """The same seeded tiny FC-DenseNet every call, in eval mode."""
+    from bgremover.nets import FCDenseNet
+
     torch.manual_seed(0)
-    return nn.Conv2d(3, 11, kernel_size=3, padding=1)
+    return FCDenseNet(**{k: v for k, v in TINY_CONFIG.items() if k != "_target_"}).eval()
 
 
 def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -75,12 +80,13 @@ def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(["logits"], {"image": x})[0]
 
 
-def test_conv_checkpoint_roundtrip(tmp_path):
-    ckpt = write_checkpoint(tmp_path / "run", random_conv(), CONV_CONFIG, "conv", compiled=True)
+def test_tiny_checkpoint_roundtrip(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", compiled=True)
     net, meta = load_checkpoint_net(ckpt)
     assert not net.training and next(net.parameters()).dtype == torch.float32
-    torch.testing.assert_close(net.weight, random_conv().weight)  # `net._orig_mod.` stripped, weights loaded
-    assert meta["test_mIoU"] is None and meta["params"] == 3 * 11 * 9 + 11
+    for key, value in tiny_net().state_dict().items():  # `net._orig_mod.` stripped, weights loaded
+        torch.testing.assert_close(net.state_dict()[key], value)
+    assert meta["test_mIoU"] is None and meta["params"] == sum(p.numel() for p in tiny_net().parameters())
 
     out = tmp_path / "models" / "conv.onnx"
     result = export_onnx(net, meta, out)
@@ -170,7 +176,7 @@ def test_export_refused_when_onnx_differs_from_torch(tmp_path):
 def test_export_refused_on_small_numeric_drift(tmp_path, monkeypatch):
     real = export._ort_forward
     monkeypatch.setattr(export, "_ort_forward", lambda path, x: real(path, x) + 3e-4)
-    net = random_conv().eval()
+    net = tiny_net()
     with pytest.raises(ExportError, match="disagrees"):
         export_onnx(net, _meta(net), tmp_path / "m.onnx", torchscript=True)
     assert list(tmp_path.iterdir()) == []
@@ -182,42 +188,45 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ExportError, match="checkpoint not found"):
         load_checkpoint_net(tmp_path / "nope.ckpt")
     plain = tmp_path / "plain.ckpt"
-    torch.save({"state_dict": random_conv().state_dict()}, plain)
+    torch.save({"state_dict": tiny_net().state_dict()}, plain)
     with pytest.raises(ExportError, match="not a bgremover checkpoint"):
         load_checkpoint_net(plain)
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_text("not a checkpoint")
-    with pytest.raises(ExportError, match="cannot read checkpoint"):
+    with pytest.raises(ExportError, match="not a PyTorch checkpoint"):
         load_checkpoint_net(garbage)
-    wrong = write_checkpoint(
-        tmp_path / "w", random_conv(), CONV_CONFIG | {"kernel_size": 5, "padding": 2}, "c"
-    )
-    with pytest.raises(ExportError, match="do not fit torch.nn.Conv2d"):
+    wrong = write_checkpoint(tmp_path / "w", tiny_net(), TINY_CONFIG | {"growth_rate": 6}, "c")
+    with pytest.raises(ExportError, match="do not fit bgremover.nets.FCDenseNet"):
         load_checkpoint_net(wrong)
-    unknown = write_checkpoint(tmp_path / "u", random_conv(), {"_target_": "no.such.Net"}, "c")
-    with pytest.raises(ExportError, match="cannot build net 'no.such.Net'"):
+    unknown = write_checkpoint(tmp_path / "u", tiny_net(), {"_target_": "no.such.Net"}, "c")
+    with pytest.raises(ExportError, match="unknown net 'no.such.Net'"):
         load_checkpoint_net(unknown)
 
 
-def test_lightning_hparams_fall_back_from_weights_only(tmp_path, capsys):
+def test_checkpoint_needing_full_unpickling_is_refused_in_one_line(tmp_path, capsys):
+    """Objects that only full unpickling can rebuild (here omegaconf's) are refused, never unpickled: reading a
+    checkpoint must not run code from it. bgremover's own checkpoints hold plain values only."""
     from omegaconf import OmegaConf
 
-    hparams = {"hyper_parameters": {"cfg": OmegaConf.create({"lr": 0.1})}}  # what save_hyperparameters stores
-    ckpt = write_checkpoint(tmp_path / "run", random_conv(), CONV_CONFIG, "conv", miou=0.5, extra=hparams)
-    net, meta = load_checkpoint_net(ckpt)
-    assert meta["test_mIoU"] == 0.5
-    assert "full unpickling" in capsys.readouterr().err
+    hparams = {"hyper_parameters": {"cfg": OmegaConf.create({"lr": 0.1})}}
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", miou=0.5, extra=hparams)
+    with pytest.raises(ExportError, match="unreadable or unsafe checkpoint") as info:
+        load_checkpoint_net(ckpt)
+    assert "weights_only" not in str(info.value)
+    assert main([f"ckpt={ckpt}", f"out={tmp_path / 'x.onnx'}"]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_cli_key_value_and_torchscript(tmp_path, capsys):
-    ckpt = write_checkpoint(tmp_path / "run", random_conv(), CONV_CONFIG, "conv", miou=0.25)
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", miou=0.25)
     out = tmp_path / "out" / "model.onnx"
     assert main([f"ckpt={ckpt}", f"out={out}", "torchscript=true"]) == 0
     assert "wrote" in capsys.readouterr().out and read_metadata(out)["test_mIoU"] == 0.25
     scripted = torch.jit.load(str(out.with_suffix(".pt")))
     x = torch.randn(1, 3, 32, 64)
-    torch.testing.assert_close(scripted(x), random_conv()(x))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), tiny_net()(x))
     assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "b.onnx")]) == 0  # flag style works too
 
 

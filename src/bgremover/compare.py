@@ -528,23 +528,21 @@ def _predict(net, meta: dict[str, Any], rgb, device: str):
     """(HxW class ids, HxW foreground probability) for one HxWx3 uint8 image."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(meta["std"], dtype=torch.float32).view(1, 3, 1, 1)
     # np.array copies: torch warns about (and must not write into) a read-only PIL buffer
-    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0
+    from bgremover.padding import crop, pad_image
+
+    padded, box = pad_image(np.asarray(rgb, dtype=np.uint8), int(meta.get("size_multiple") or 1))
+    x = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)[None].float() / 255.0
     x = (x - mean) / std
-    h, w = x.shape[-2:]
-    m = int(meta.get("size_multiple") or 1)
-    ph, pw = (-h) % m, (-w) % m
-    if ph or pw:  # replicate, not reflect: reflect fails on images smaller than the pad
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    h, w = box[2], box[3]
     with torch.no_grad():
         logits = net(x.to(device))
         if isinstance(logits, dict):
             logits = logits["out"]
-        logits = logits[..., :h, :w].float().cpu()
+        logits = crop(logits.float().cpu(), box)
     classes = list(meta.get("classes") or CLASSES)
     fg_names = meta.get("default_foreground") or DEFAULT_FOREGROUND
     fg = [classes.index(c) for c in fg_names if c in classes]

@@ -37,6 +37,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bgremover.padding import crop, pad_image
+
 MODEL_ENV = "BGREMOVER_MODEL"  # environment variable naming the default model file
 DEFAULT_MODEL = (
     Path(__file__).resolve().parents[2] / "models" / "bgremover-camvid.onnx"
@@ -203,11 +205,6 @@ def _load_any(src: ImageInput, max_pixels: int) -> tuple[np.ndarray, np.ndarray 
 
 # ----------------------------------------------------------------------------------------------------------
 # Numeric helpers (numpy only)
-
-
-def _pad_amounts(size: int, multiple: int) -> tuple[int, int]:
-    total = (-size) % multiple
-    return total // 2, total - total // 2
 
 
 def _box_mean(x: np.ndarray, r: int) -> np.ndarray:
@@ -395,19 +392,13 @@ class BackgroundRemover:
     # -- inference -------------------------------------------------------------------------------------
     def logits(self, rgb: np.ndarray) -> np.ndarray:
         """K x h x w logits for an RGB uint8 image at its own size (padded to the size multiple, then cropped)."""
-        h, w = rgb.shape[:2]
         x = (rgb.astype(np.float32) * np.float32(1 / 255) - self.mean) / self.std
-        top, bottom = _pad_amounts(h, self.size_multiple)
-        left, right = _pad_amounts(w, self.size_multiple)
-        # Reflection keeps image statistics at the border (zeros would look like a black frame to the net);
-        # numpy cannot reflect more than the image is wide, so tiny images fall back to edge replication.
-        mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "edge"
-        x = np.pad(x, ((top, bottom), (left, right), (0, 0)), mode=mode)
+        x, box = pad_image(x, self.size_multiple)  # the project's one padding rule (bgremover.padding)
         x = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
         out = self.session.run([self.output_name], {self.input_name: x})[0]
         if out.ndim != 4 or out.shape[1] != len(self.classes):
             raise ModelError(f"model returned shape {out.shape}, expected 1x{len(self.classes)}xHxW")
-        return out[0, :, top : top + h, left : left + w]
+        return crop(out[0], box)
 
     def foreground_probability(self, rgb: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray:
         """Soft alpha in 0..1 (float32 HxW at the image's full size): summed softmax of the foreground classes."""

@@ -160,7 +160,8 @@ def build_transforms(
     std: Sequence[float] = STD,
 ):
     """Albumentations pipelines. Train: [scale jitter] → random crop → flip → [brightness/contrast].
-    Eval: the full frame padded bottom/right to `pad_multiple` with void labels, so padding never counts."""
+    Eval: the full frame padded to `pad_multiple` by the one padding rule (`PadFrame`), void labels in the
+    border so padding never counts."""
     import albumentations as A
     import cv2
     from albumentations.pytorch import ToTensorV2
@@ -185,21 +186,27 @@ def build_transforms(
             ops.append(A.HorizontalFlip(p=hflip))
         if color_jitter > 0:
             ops.append(A.RandomBrightnessContrast(brightness_limit=color_jitter, contrast_limit=color_jitter, p=0.5))
-    if pad_multiple and pad_multiple > 1 and (not train or not crop_size):
-        ops.append(
-            A.PadIfNeeded(
-                min_height=None,
-                min_width=None,
-                pad_height_divisor=pad_multiple,
-                pad_width_divisor=pad_multiple,
-                position="top_left",
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=VOID,
-            )
-        )
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
-    return A.Compose(ops, mask_interpolation=cv2.INTER_NEAREST)
+    pipeline = A.Compose(ops, mask_interpolation=cv2.INTER_NEAREST)
+    if pad_multiple and pad_multiple > 1 and (not train or not crop_size):
+        return PadFrame(pad_multiple, pipeline)
+    return pipeline
+
+
+class PadFrame:
+    """Whole frames: the project's one padding rule (bgremover.padding: centred reflection, void labels), then
+    `inner` (normalisation, to tensor). Same call signature as an albumentations pipeline."""
+
+    def __init__(self, multiple: int, inner) -> None:
+        self.multiple, self.inner = multiple, inner
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> dict:
+        from bgremover.padding import pad_image, pad_label
+
+        return self.inner(image=pad_image(image, self.multiple)[0], mask=pad_label(mask, self.multiple, VOID))
+
+    def set_random_seed(self, seed: int) -> None:
+        self.inner.set_random_seed(seed)
 
 
 class CamVidDataset:

@@ -101,7 +101,11 @@ class SegmentationModule(pl.LightningModule):
     # --- steps -----------------------------------------------------------------------------------------------
     def _step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        if stage == "test":  # the published number: fp32 whatever the training precision, as export and eval run
+            with torch.autocast(x.device.type, enabled=False):
+                logits = self(x.float())
+        else:
+            logits = self(x)
         loss = self.criterion(logits.float(), y)
         preds = logits.argmax(1)
         # frame-weighted, as Lightning's epoch mean of a logged loss is

@@ -1,0 +1,79 @@
+"""The one checkpoint loader: weights_only=True always, nets only from the registry, one-line errors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from bgremover import checkpoint
+from bgremover.errors import UserError
+
+TINY = {"down_blocks": [1], "up_blocks": [1], "bottleneck_layers": 1, "growth_rate": 4, "first_conv_channels": 8}
+
+
+def _save(path: Path, net_config: dict, state: dict) -> Path:
+    torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()},
+                "bgremover": {"net_config": net_config, "classes": ["a", "b"], "mean": [0, 0, 0], "std": [1, 1, 1]}},
+               path)
+    return path
+
+
+def test_registered_net_round_trips(tmp_path):
+    from bgremover.nets import FCDenseNet
+
+    net = FCDenseNet(num_classes=2, **TINY)
+    path = _save(tmp_path / "ok.ckpt", {"_target_": "bgremover.nets.FCDenseNet", "num_classes": 2, **TINY},
+                 net.state_dict())
+    loaded, meta, _ = checkpoint.load_net(path)
+    assert isinstance(loaded, FCDenseNet) and not loaded.training and meta["classes"] == ["a", "b"]
+    for (k, a), b in zip(net.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_a_target_outside_the_registry_is_never_built(tmp_path):
+    conv = torch.nn.Conv2d(3, 2, 1)
+    path = _save(tmp_path / "odd.ckpt", {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 2,
+                                         "kernel_size": 1}, conv.state_dict())
+    with pytest.raises(UserError, match="unknown net 'torch.nn.Conv2d'"):
+        checkpoint.load_net(path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (Path("/tmp/bgremover-pwned").touch, ())
+
+
+def test_a_pickle_that_runs_code_is_refused_not_run(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"x": _Evil()}, path, pickle_module=pickle)
+    Path("/tmp/bgremover-pwned").unlink(missing_ok=True)
+    with pytest.raises(UserError) as info:
+        checkpoint.read(path)
+    assert not Path("/tmp/bgremover-pwned").exists()
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"# README\n", b"", b"PK\x03\x04 truncated zip"])
+def test_not_a_checkpoint_is_one_line(tmp_path, content):
+    path = tmp_path / "file.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as info:
+        checkpoint.read(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message and "weights_only" not in message
+
+
+def test_init_from_copies_what_fits_and_reports_the_rest(tmp_path):
+    from bgremover.lit import SegmentationModule
+    from bgremover.nets import FCDenseNet
+
+    source = FCDenseNet(num_classes=11, **TINY)
+    path = _save(tmp_path / "src.ckpt", {"_target_": "bgremover.nets.FCDenseNet", **TINY}, source.state_dict())
+    target = SegmentationModule(net=FCDenseNet(num_classes=2, **TINY), optimizer=None, class_names=["bg", "fg"])
+    loaded, skipped = checkpoint.init_from(target, path)
+    assert skipped == ["final_conv.bias", "final_conv.weight"]  # the classifier: 2 classes, not 11
+    assert torch.equal(target.net.first_conv.weight, source.first_conv.weight)
+    assert "first_conv.weight" in loaded
