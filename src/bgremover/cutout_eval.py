@@ -217,11 +217,12 @@ def _num(x: float) -> float | None:
 def find_pairs(
     root: str | os.PathLike, split: str = "test", limit: int | None = None
 ) -> list[tuple[Path, Path]]:
-    """(image, label) paths of a CamVid-layout split, sorted by name; EvalError if anything is missing."""
-    from bgremover.data.camvid import CamVidError, list_pairs  # numpy + Pillow only, like this module
+    """(image, label) paths of a CamVid-layout split, sorted by name (`limit`: evenly spaced, the frames the test
+    stage takes with data.limit_eval_images); EvalError if anything is missing."""
+    from bgremover.data.camvid import CamVidError, list_pairs, select  # numpy + Pillow only, like this module
 
     try:
-        return list_pairs(root, split)[:limit]
+        return select(list_pairs(root, split), limit)
     except CamVidError as err:
         raise EvalError(str(err)) from None
 
@@ -402,7 +403,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", "-t", type=float, help="also score the hard mask P(foreground) >= T")
     tol_help = f"boundary match tolerance in px (default {BOUNDARY_TOL})"
     p.add_argument("--boundary-tol", type=int, default=BOUNDARY_TOL, help=tol_help)
-    p.add_argument("--limit", type=int, help="evaluate only the first N images (sorted by name)")
+    p.add_argument("--limit", type=int, help="evaluate N evenly spaced images (the test stage's data.limit_eval_images frames)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--json", help="also write every number (and per-image ones) to this JSON file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

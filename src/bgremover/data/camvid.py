@@ -61,6 +61,14 @@ def list_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def select(pairs: list, limit: int | None) -> list:
+    """`limit` evenly spaced items (all when None): a subset still spans every video sequence. The training
+    data, the test stage and `make eval-cutout --limit` pick the same frames this way."""
+    if not limit or limit >= len(pairs):
+        return list(pairs)
+    return [pairs[i * len(pairs) // limit] for i in range(limit)]
+
+
 def read_pair(img_path: Path, lbl_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Decode one pair to (H×W×3 uint8 RGB, H×W uint8 label), checking what a bad file would break later."""
     image = _read(img_path, "RGB")
@@ -214,10 +222,7 @@ class CamVidDataset:
 
     def __init__(self, root: str | os.PathLike, split: str, transform=None, limit: int | None = None):
         self.root, self.split = Path(root), split
-        pairs = list_pairs(self.root, split)
-        if limit and limit < len(pairs):  # evenly spaced, so a subset still spans every video sequence
-            pairs = [pairs[i * len(pairs) // limit] for i in range(limit)]
-        self.pairs = pairs
+        self.pairs = select(list_pairs(self.root, split), limit)
         self.transform = transform
 
     def __len__(self) -> int:
