@@ -331,8 +331,10 @@ def test_pixel_limits(model_path, tmp_path, monkeypatch):
 def test_model_errors(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="model file not found"):
         BackgroundRemover(tmp_path / "nope.onnx")
+    from bgremover import remover as library
+
     monkeypatch.delenv(predict.MODEL_ENV, raising=False)
-    monkeypatch.setattr(predict, "DEFAULT_MODEL", tmp_path / "models" / "bgremover-camvid.onnx")
+    monkeypatch.setattr(library, "DEFAULT_MODEL", tmp_path / "models" / "bgremover-camvid.onnx")
     with pytest.raises(ModelError, match="no model found.*--model"):
         BackgroundRemover()
     with pytest.raises(ModelError, match="not a bgremover model"):

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from bgremover.data.classes import CLASSES  # torch-free constants module
-from bgremover.predict import (
+from bgremover.remover import (
     BackgroundRemover,
     BgRemoverError,
     ImageError,

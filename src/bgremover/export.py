@@ -31,12 +31,8 @@ import torch
 from torch import nn
 
 from bgremover.errors import UserError
+from bgremover.model_format import FORMAT, FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAME  # noqa: F401  (re-exported)
 
-FORMAT = "bgremover-onnx"  # value of metadata["format"]; predict refuses anything else
-FORMAT_VERSION = 1  # bump when the metadata or I/O contract changes incompatibly
-METADATA_KEY = "bgremover"  # ONNX metadata_props key holding the JSON description
-INPUT_NAME = "image"  # N x 3 x H x W float32, (rgb/255 - mean)/std
-OUTPUT_NAME = "logits"  # N x K x H x W float32
 OPSET = 17  # supported by every onnxruntime >= 1.14 and by the TorchScript exporter
 TOLERANCE = 1e-4  # max |torch - onnxruntime| on logits before we refuse to write the file
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "bgremover-camvid.onnx"  # where predict looks
@@ -106,25 +102,10 @@ def load_checkpoint_net(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict[s
 
 def onnx_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     """The JSON document stored under the `bgremover` ONNX metadata key (the predictor's whole contract)."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "classes": list(meta["classes"]),
-        "mean": [float(v) for v in meta["mean"]],
-        "std": [float(v) for v in meta["std"]],
-        "size_multiple": int(meta.get("size_multiple", 32)),
-        "default_foreground": list(meta.get("default_foreground", [])),
-        "net": str(meta.get("net", "net")),
-        "params": int(meta.get("params", 0)),
-        "test_mIoU": meta.get("test_mIoU"),
-        # frames the test mIoU covers, of the split's total: a partial test set is never "CamVid test"
-        "test_frames": meta.get("test_frames"),
-        "test_frames_of": meta.get("test_frames_of"),
-        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "bgremover_version": _package_version(),
-        "input": INPUT_NAME,
-        "output": OUTPUT_NAME,
-    }
+    from bgremover import model_format
+
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return model_format.document(meta, exported_at=now, version=_package_version())
 
 
 def _ort_forward(onnx_path: Path, x: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bgremover.predict import (
+from bgremover.remover import (
     MODEL_ENV,
     BackgroundRemover,
     BgRemoverError,

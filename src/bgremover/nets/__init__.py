@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from torch import nn
 
 from bgremover.errors import UserError
-
 from bgremover.nets.tiramisu import FCDenseNet, count_parameters, fcdensenet56, fcdensenet67, fcdensenet103
 
 HF_HOST = ("huggingface.co", 443)  # where smp fetches encoder weights from

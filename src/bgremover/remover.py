@@ -1,0 +1,444 @@
+"""BackgroundRemover: background removal with an exported bgremover ONNX model (the library behind
+`bgremover-predict`, `bgremover-serve` and `make eval-cutout`).
+
+    from bgremover.remover import BackgroundRemover     # also importable from bgremover.predict
+    cutout = BackgroundRemover().remove("street.jpg")           # RGBA, transparent background
+    mask = BackgroundRemover(classes=["Car"]).mask("street.jpg")  # L-mode alpha
+
+Stdlib, numpy, Pillow and onnxruntime only: this module must never import torch, lightning, hydra or a bgremover
+module that does — it is what people install to cut out images, and a test enforces it. One BackgroundRemover
+keeps no per-call state, so threads may share it (the service does).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from bgremover import model_format
+from bgremover.errors import UserError
+from bgremover.padding import crop, pad_image
+
+MODEL_ENV = "BGREMOVER_MODEL"  # environment variable naming the default model file
+DEFAULT_MODEL = (
+    Path(__file__).resolve().parents[2] / "models" / "bgremover-camvid.onnx"
+)  # shipped by the repo
+MAX_SIDE = 1024  # longer image side above which inference runs on a downscaled copy (alpha upsampled back)
+MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs); PIL itself refuses above ~179 Mpx
+# zlib level for the output PNGs, measured with benchmarks/predict_latency.py on a CamVid photo's RGBA cut-out:
+# 480x360 encodes in ~31-43 ms at level 1 vs ~125-138 ms at Pillow's default 6 (files +15%); 1920x1080 in
+# ~175-245 ms vs ~600-1000 ms (+31%). For a small net on a GPU the default level would cost more than the
+# inference itself; cut-outs are usually re-edited anyway, so speed wins over a few hundred KiB.
+PNG_COMPRESS_LEVEL = 1
+OUTPUT_SUFFIX = ".nobg.png"  # <stem>.nobg.png; also how a folder run recognises (and skips) earlier outputs
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".tga",
+    }
+)
+REFINE_EPS = 1e-3  # guided-filter regularizer: smaller follows image edges more closely (and noise too)
+
+ImageInput = Image.Image | np.ndarray | str | os.PathLike | IO[bytes]
+
+
+class BgRemoverError(UserError):
+    """Base of every error this module reports as one line."""
+
+
+class ModelError(BgRemoverError):
+    """The model file is missing, unreadable or not a bgremover model."""
+
+
+class ImageError(BgRemoverError):
+    """An input image cannot be used (unreadable, truncated, too large, ...)."""
+
+
+class UsageError(BgRemoverError):
+    """A bad option value (unknown class, bad colour, ...)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image decoding: any Pillow mode -> (RGB uint8 HxWx3, alpha uint8 HxW or None)
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] or type(err).__name__
+
+
+def open_image(src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image, EXIF-rotated, or raise ImageError with one clear line."""
+    name = "<stdin>" if not isinstance(src, (str, os.PathLike)) else str(src)
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.exists():
+            raise ImageError(f"{name}: no such file")
+        if path.is_dir():
+            raise ImageError(f"{name}: is a directory")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below decides; PIL's warning would only be noise (its hard error stays).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(src) as opened:
+                w, h = opened.size
+                if w * h > max_pixels:
+                    raise ImageError(
+                        f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+                        "(raise --max-pixels if you trust this file)"
+                    )
+                opened.load()  # decode now so truncated files fail here, not halfway through the pipeline
+                img = ImageOps.exif_transpose(opened)  # a decoded copy: usable after the file is closed
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(
+            f"{name}: too many pixels, possible decompression bomb ({_first_line(err)})"
+        ) from err
+    except UnidentifiedImageError as err:
+        raise ImageError(f"{name}: not a recognised image file") from err
+    except Exception as err:  # truncated data, corrupt chunks, broken EXIF...: all "cannot decode"
+        raise ImageError(f"{name}: cannot decode image ({_first_line(err)})") from err
+    return img
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale pixel data to uint8: 16-bit by /257 (65535 -> 255), floats as 0..1 (or 0..255 if above 1)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.nan_to_num(arr.astype(np.float32))
+        if arr.size and float(arr.max()) > 1.0:
+            arr = arr / 255.0  # float data already on a 0..255 scale (e.g. PIL "F" images)
+        return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if arr.dtype == np.uint16 or arr.dtype == np.dtype(">u2"):
+        return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    # Wider ints (PIL mode "I"): 8-bit data stays, anything larger is assumed to be 16-bit.
+    top = 255 if arr.size == 0 or int(arr.max()) <= 255 else 65535
+    arr = np.clip(arr.astype(np.int64), 0, top)
+    return ((arr * 255 + top // 2) // top).astype(np.uint8)
+
+
+def to_rgba_arrays(img: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(RGB uint8 HxWx3, alpha uint8 HxW or None when the image is opaque by construction)."""
+    if isinstance(img, np.ndarray):
+        arr = _to_uint8(np.asarray(img))
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or min(arr.shape[:2]) == 0:
+            raise ImageError(f"array of shape {np.asarray(img).shape} is not an HxW, HxWx3 or HxWx4 image")
+        if arr.shape[2] in (1, 2):
+            rgb = np.repeat(arr[:, :, :1], 3, axis=2)
+        else:
+            rgb = arr[:, :, :3]
+        alpha = arr[:, :, -1] if arr.shape[2] in (2, 4) else None
+        return np.ascontiguousarray(rgb), None if alpha is None else np.ascontiguousarray(alpha)
+
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        gray = _to_uint8(np.asarray(img))
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)), None
+    has_alpha = "A" in img.getbands() or "a" in img.getbands()
+    if not has_alpha and mode in ("P", "PA", "L", "LA", "RGB", "1"):
+        has_alpha = "transparency" in img.info  # palette or tRNS transparency
+    if has_alpha:
+        rgba = np.asarray(img.convert("RGBA"))
+        return np.ascontiguousarray(rgba[:, :, :3]), np.ascontiguousarray(rgba[:, :, 3])
+    rgb = img if mode == "RGB" else img.convert("RGB")  # CMYK, YCbCr, L, 1, P, LAB, HSV ...
+    return np.asarray(rgb), None
+
+
+def _load_any(src: ImageInput, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    if isinstance(src, np.ndarray):
+        if src.ndim >= 2 and src.shape[0] * src.shape[1] > max_pixels:
+            raise ImageError(
+                f"array of {src.shape[0]}x{src.shape[1]} pixels exceeds the limit of {max_pixels:,}"
+            )
+        return to_rgba_arrays(src)
+    if isinstance(src, Image.Image):
+        if src.width * src.height > max_pixels:
+            raise ImageError(f"image of {src.width}x{src.height} pixels exceeds the limit of {max_pixels:,}")
+        try:
+            return to_rgba_arrays(ImageOps.exif_transpose(src))
+        except (OSError, ValueError) as err:
+            raise ImageError(f"cannot convert image: {_first_line(err)}") from err
+    return to_rgba_arrays(open_image(src, max_pixels))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Numeric helpers (numpy only)
+
+
+def _box_mean(x: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 window, clipped at the borders (divides by the in-image count), via summed areas."""
+    h, w = x.shape
+    c = np.zeros((h + 1, w + 1), dtype=np.float64)
+    np.cumsum(np.cumsum(x, axis=0, dtype=np.float64), axis=1, out=c[1:, 1:])
+    y0 = np.clip(np.arange(h) - r, 0, h)
+    y1 = np.clip(np.arange(h) + r + 1, 0, h)
+    x0 = np.clip(np.arange(w) - r, 0, w)
+    x1 = np.clip(np.arange(w) + r + 1, 0, w)
+    s = c[y1][:, x1] - c[y0][:, x1] - c[y1][:, x0] + c[y0][:, x0]
+    area = np.outer(y1 - y0, x1 - x0)
+    return (s / area).astype(np.float32)
+
+
+def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float = REFINE_EPS) -> np.ndarray:
+    """He et al.'s guided filter with a grayscale guide: smooths `src` while snapping it to edges in `guide`."""
+    mean_i = _box_mean(guide, radius)
+    mean_p = _box_mean(src, radius)
+    cov_ip = _box_mean(guide * src, radius) - mean_i * mean_p
+    var_i = _box_mean(guide * guide, radius) - mean_i * mean_i
+    a = cov_ip / (var_i + eps)
+    b = mean_p - a * mean_i
+    return _box_mean(a, radius) * guide + _box_mean(b, radius)
+
+
+def _resize_plane(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a float32 HxW plane to (width, height) with Pillow's 32-bit float mode."""
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(x, dtype=np.float32), mode="F").resize(
+            size, Image.Resampling.BILINEAR
+        ),
+        dtype=np.float32,
+    )
+
+
+def encode_png(img: Image.Image, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def write_atomic(data: bytes, path: str | os.PathLike) -> None:
+    """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """'R,G,B' (0..255) or '#rrggbb' -> (r, g, b); UsageError otherwise."""
+    t = text.strip()
+    try:
+        if t.startswith("#") and len(t) == 7:
+            vals = [int(t[i : i + 2], 16) for i in (1, 3, 5)]
+        else:
+            vals = [int(v) for v in t.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 3 or not all(0 <= v <= 255 for v in vals):
+        raise UsageError(f"bad colour {text!r}: expected R,G,B with values 0..255 (or #rrggbb)")
+    return vals[0], vals[1], vals[2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The predictor
+
+
+def default_model_path() -> Path:
+    env = os.environ.get(MODEL_ENV)
+    return Path(env) if env else DEFAULT_MODEL
+
+
+class BackgroundRemover:
+    """Cuts foreground classes (by default the model's, e.g. Car/Pedestrian/Bicyclist) out of images."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        classes: Sequence[str] | None = None,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        max_side: int = MAX_SIDE,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        if max_side < 1 or max_pixels < 1:
+            raise UsageError("max_side and max_pixels must be positive")
+        if threads is not None and threads < 0:
+            raise UsageError("threads must be >= 0 (0 = onnxruntime's default)")
+        self.max_side = int(max_side)
+        self.max_pixels = int(max_pixels)
+        self.model_path = Path(model_path) if model_path is not None else default_model_path()
+        self.session = self._open_session(self.model_path, providers, threads)
+        self.meta = self._read_metadata(self.session, self.model_path)
+        self.classes: list[str] = list(self.meta["classes"])
+        self.mean = np.asarray(self.meta["mean"], dtype=np.float32)
+        self.std = np.asarray(self.meta["std"], dtype=np.float32)
+        self.size_multiple = int(self.meta["size_multiple"])
+        self.input_name = str(self.meta.get("input", "image"))
+        self.output_name = str(self.meta.get("output", "logits"))
+        self.foreground = self.resolve_classes(
+            classes if classes is not None else self.meta["default_foreground"]
+        )
+
+    # -- model loading ---------------------------------------------------------------------------------
+    @staticmethod
+    def _open_session(path: Path, providers: Sequence[str] | None, threads: int | None):
+        import onnxruntime as ort
+
+        if not path.is_file():
+            if path == DEFAULT_MODEL and not os.environ.get(MODEL_ENV):
+                raise ModelError(
+                    f"no model found at {path}: train and export one (make export CKPT=...), "
+                    f"or pass --model / set {MODEL_ENV}"
+                )
+            raise ModelError(f"model file not found: {path}")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.log_severity_level = 3  # ORT's warnings (e.g. unused initializers) are not the user's business
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            return ort.InferenceSession(str(path), opts, providers=list(providers))
+        except Exception as err:
+            raise ModelError(f"cannot load ONNX model {path}: {_first_line(err)}") from err
+
+    def _read_metadata(self, session, path: Path) -> dict[str, Any]:
+        try:
+            meta = model_format.parse(session.get_modelmeta().custom_metadata_map.get(model_format.METADATA_KEY))
+        except model_format.FormatError as err:
+            raise ModelError(f"{err}: {path}") from None
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        if meta.get("input", "image") not in inputs or meta.get("output", "logits") not in outputs:
+            raise ModelError(f"{path}: model inputs {inputs} / outputs {outputs} do not match its metadata")
+        return meta
+
+    def resolve_classes(self, names: Sequence[str] | str) -> list[int]:
+        """Class names (case-insensitive) -> channel indices; UsageError listing valid names otherwise."""
+        if isinstance(names, str):
+            names = [n for n in names.split(",")]
+        lookup = {c.lower(): i for i, c in enumerate(self.classes)}
+        wanted = [n.strip() for n in names if n.strip()]
+        unknown = [n for n in wanted if n.lower() not in lookup]
+        if unknown or not wanted:
+            what = f"unknown class name(s) {', '.join(unknown)}" if unknown else "no foreground class given"
+            raise UsageError(f"{what}; valid names: {', '.join(self.classes)}")
+        return sorted({lookup[n.lower()] for n in wanted})
+
+    # -- inference -------------------------------------------------------------------------------------
+    def logits(self, rgb: np.ndarray) -> np.ndarray:
+        """K x h x w logits for an RGB uint8 image at its own size (padded to the size multiple, then cropped)."""
+        x = (rgb.astype(np.float32) * np.float32(1 / 255) - self.mean) / self.std
+        x, box = pad_image(x, self.size_multiple)  # the project's one padding rule (bgremover.padding)
+        x = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+        out = self.session.run([self.output_name], {self.input_name: x})[0]
+        if out.ndim != 4 or out.shape[1] != len(self.classes):
+            raise ModelError(f"model returned shape {out.shape}, expected 1x{len(self.classes)}xHxW")
+        return crop(out[0], box)
+
+    def foreground_probability(self, rgb: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray:
+        """Soft alpha in 0..1 (float32 HxW at the image's full size): summed softmax of the foreground classes."""
+        fg = self.foreground if classes is None else self.resolve_classes(classes)
+        h, w = rgb.shape[:2]
+        scale = min(1.0, self.max_side / max(h, w))
+        small = rgb
+        if scale < 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+        z = self.logits(small).astype(np.float32)
+        z -= z.max(axis=0, keepdims=True)  # stable softmax
+        np.exp(z, out=z)
+        prob = z[fg].sum(axis=0) / z.sum(axis=0)
+        if scale < 1.0:
+            # Upsampling the summed probability equals summing upsampled per-class probabilities (bilinear is
+            # linear) at 1/K of the memory, which matters at tens of megapixels.
+            prob = _resize_plane(prob, (w, h))
+        return np.clip(prob, 0.0, 1.0)
+
+    def alpha(
+        self,
+        img: ImageInput,
+        classes: Sequence[str] | None = None,
+        threshold: float | None = None,
+        refine: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(RGB uint8, alpha uint8 HxW, input alpha or None) for any supported input."""
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise UsageError(f"threshold must be within 0..1, got {threshold}")
+        rgb, in_alpha = _load_any(img, self.max_pixels)
+        prob = self.foreground_probability(rgb, classes)
+        if refine:
+            guide = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
+            radius = max(2, round(min(rgb.shape[:2]) / 90))  # ~4 px at 360 lines: about one object edge band
+            prob = np.clip(guided_filter(guide, prob, radius), 0.0, 1.0)
+        if threshold is not None:
+            prob = (prob >= threshold).astype(np.float32)
+        alpha = (prob * 255.0 + 0.5).astype(np.uint8)
+        if in_alpha is not None:
+            alpha = np.minimum(alpha, in_alpha)  # never reveal what the input had already made transparent
+        return rgb, alpha, in_alpha
+
+    def mask(self, img: ImageInput, **opts: Any) -> Image.Image:
+        """L-mode alpha mask (255 = foreground) at the input's full, EXIF-corrected size."""
+        return self.remove(img, mask_only=True, **opts)
+
+    def remove(
+        self,
+        img: ImageInput,
+        *,
+        classes: Sequence[str] | None = None,
+        threshold: float | None = None,
+        refine: bool = False,
+        mask_only: bool = False,
+        bg_color: tuple[int, int, int] | str | None = None,
+        bg_image: ImageInput | None = None,
+    ) -> Image.Image:
+        """Cut-out at the input's full size: RGBA (default), L mask (`mask_only`) or RGB over a background."""
+        if sum([mask_only, bg_color is not None, bg_image is not None]) > 1:
+            raise UsageError("choose at most one of mask_only, bg_color, bg_image")
+        if isinstance(bg_color, str):
+            bg_color = parse_color(bg_color)
+        rgb, alpha, _ = self.alpha(img, classes=classes, threshold=threshold, refine=refine)
+        if mask_only:
+            return Image.fromarray(alpha, mode="L")
+        if bg_color is None and bg_image is None:
+            return Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA")
+        h, w = alpha.shape
+        if bg_image is not None:
+            bg_rgb, _ = _load_any(bg_image, self.max_pixels)
+            # Cover the whole frame without distortion: scale to fill, centre-crop the overflow.
+            bg = np.asarray(
+                ImageOps.fit(Image.fromarray(bg_rgb), (w, h), Image.Resampling.BILINEAR), np.float32
+            )
+        else:
+            bg = np.broadcast_to(np.asarray(bg_color, np.float32), (h, w, 3))
+        a = alpha.astype(np.float32)[:, :, None] / 255.0
+        out = rgb.astype(np.float32) * a + bg * (1.0 - a)
+        return Image.fromarray((out + 0.5).astype(np.uint8), mode="RGB")
