@@ -12,7 +12,7 @@ from PIL import Image
 
 from bgremover.data import CamVidDataModule
 from bgremover.data.camvid import CamVidError, median_frequency_weights, verify_root
-from bgremover.data.classes import CLASSES, MEAN, NUM_CLASSES, PALETTE, STD, VOID, colorize
+from bgremover.data.classes import CLASSES, NUM_CLASSES, PALETTE, VOID, colorize
 
 
 def make_dm(root: Path, **kw) -> CamVidDataModule:
