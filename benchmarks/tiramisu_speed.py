@@ -12,8 +12,11 @@ max_memory_allocated minus memory_allocated at that point. Compilation is part o
 Modes: fp32 (NCHW float32), cl (channels_last float32), bf16 (channels_last + bf16 autocast), compiled
 (bf16 + torch.compile), compiled-fp32 (cl + torch.compile), memeff / memeff-cl / memeff-fp32 (project net
 with memory_efficient=True under the bf16 / cl / fp32 flags, compared with the reference under those flags).
-On CPUs without native bf16 (AVX2 only) bf16 convolutions are 10-50x slower than fp32: expect bf16 rows
-to take minutes per step there.
+On CPUs without native bf16 (AVX2 only) the reference's bf16 convolutions are 10-50x slower than fp32:
+expect its bf16 rows to take minutes per step there. The first lines say which CPU this is (model, whether it
+has AVX-512-BF16 / AMX-BF16 units) and which bf16 route the project net takes: ``native`` (bf16 oneDNN
+kernels) or ``emulated`` (bf16-rounded operands through fp32 kernels, the route for CPUs without bf16 units).
+``--bf16-route emulated`` forces the latter on a bf16-capable CPU, to time the AVX2 route's code there.
 """
 
 from __future__ import annotations
@@ -72,7 +75,22 @@ def _hwm_kib() -> int:
     raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
-def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, device: str) -> dict[str, float]:
+def cpu_kind() -> str:
+    """One line: CPU model, its bf16 units, and the bf16 route the project net takes on it."""
+    from bgremover.nets import tiramisu
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["none (bf16 emulated)"]
+    route = "native" if tiramisu._CPU_NATIVE_BF16 else "emulated"
+    return (f"cpu: {model}, {os.cpu_count()} cpus, avx2={'avx2' in flags}, bf16 units: {' '.join(units)}; "
+            f"project net's CPU bf16 route: {route} (oneDNN bf16 supported: {tiramisu._CPU_NATIVE_BF16})")
+
+
+def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, device: str,
+           bf16_route: str = "auto") -> dict[str, float]:
     """One configuration in this process; returns img/s and peak activation memory in MiB."""
     import torch
     import torch.nn.functional as F
@@ -80,7 +98,11 @@ def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, d
     sys.path.insert(0, str(HERE))
     from reference_tiramisu import ref_fcdensenet
 
+    from bgremover.nets import tiramisu
     from bgremover.nets.tiramisu import TIRAMISU_CONFIGS, FCDenseNet
+
+    if bf16_route == "emulated":  # the route of CPUs without bf16 units (the reference has no such switch)
+        tiramisu._CPU_NATIVE_BF16 = False
 
     channels_last, bf16, compiled, mem_eff = MODE_FLAGS[mode]
     name = f"fcdensenet{net}"
@@ -136,7 +158,8 @@ def run_config(
     net: str, impl: str, mode: str, size: str, args: argparse.Namespace
 ) -> dict[str, float] | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", net, impl, mode, size,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           "--bf16-route", args.bf16_route]
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared 2-core CPU
     if args.malloc == "tuned":
@@ -168,13 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--malloc", choices=("default", "tuned"), default="default",
                    help="glibc allocator: default, or tuned (no mmap, no trim) so freed activations are reused")
+    p.add_argument("--bf16-route", choices=("auto", "emulated"), default="auto",
+                   help="project net's bf16 route on CPU: auto (native where the CPU has bf16 units) or emulated")
     p.add_argument("--worker", nargs=4, metavar=("NET", "IMPL", "MODE", "SIZE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be >= 1")
     if args.worker:
         net, impl, mode, size = args.worker
-        result = worker(net, impl, mode, size, args.steps, args.warmup, args.device)
+        result = worker(net, impl, mode, size, args.steps, args.warmup, args.device, args.bf16_route)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     if args.device.startswith("cuda"):
@@ -184,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
             return 2
 
+    kind = cpu_kind()
+    if args.bf16_route == "emulated":
+        kind = kind.replace("route: native", "route: emulated (forced by --bf16-route)")
+    print(kind, flush=True)
     load0 = os.getloadavg()
     t_start = time.time()
     ref_cache: dict[tuple[str, str, str], dict[str, float] | None] = {}
@@ -209,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  FC-DenseNet{net} {size}: best project config ({best_ours[0]}) = {_fmt(r, '.2f')}x "
                       f"the plain fp32 reference", flush=True)
     print()
+    print(kind)
     print(f"device={args.device} threads={_threads()} steps={args.steps} (median) warmup={args.warmup} "
-          f"malloc={args.malloc} loadavg before={load0[0]:.2f} after={os.getloadavg()[0]:.2f} "
+          f"malloc={args.malloc} bf16-route={args.bf16_route} loadavg before={load0[0]:.2f} after={os.getloadavg()[0]:.2f} "
           f"wall={time.time() - t_start:.0f}s")
     print(_HEADER)
     for row in rows:
