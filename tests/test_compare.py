@@ -152,7 +152,7 @@ def test_rerun_replaces_report_atomically(sweep: Path, monkeypatch: pytest.Monke
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(compare, "plot_class_iou", boom)
+    monkeypatch.setattr(compare.plots, "plot_class_iou", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         compare.build_report([sweep], grid_images=0)
     assert (sweep / "report" / "report.md").read_text() == before
@@ -263,7 +263,7 @@ def test_grid_layout_and_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         return p
 
     monkeypatch.setattr(
-        compare, "_load_checkpoint", lambda p: (biased_conv(winners[Path(p).read_text()]), META)
+        compare.grid, "_load_checkpoint", lambda p: (biased_conv(winners[Path(p).read_text()]), META)
     )
     root, _ = grid_sweep(tmp_path, ckpt_for)  # data root comes from the runs' config.data.root
     monkeypatch.delenv("DATA_DIR", raising=False)

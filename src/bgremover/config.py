@@ -14,6 +14,9 @@ from omegaconf import DictConfig
 
 from bgremover.errors import UserError
 
+SUMMARY_NAME = "summary.json"  # per run: train.py writes it; the report, the exporter and sweeps read it
+SWEEP_REPORT_NAME = "sweep_summary.json"  # per multirun: every job with its status
+
 # The repository's conf/ (this file is src/bgremover/config.py); PROJECT_ROOT overrides it for other layouts.
 CONFIG_DIR = str(Path(os.environ.get("PROJECT_ROOT") or Path(__file__).resolve().parents[2]) / "conf")
 

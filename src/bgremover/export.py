@@ -56,7 +56,9 @@ def _package_version() -> str:
 
 def _read_test_result(ckpt_path: Path) -> dict[str, Any]:
     """The run's test mIoU and the frames it covers, from the summary.json beside the checkpoint's folder."""
-    summary = ckpt_path.resolve().parent.parent / "summary.json"
+    from bgremover.config import SUMMARY_NAME
+
+    summary = ckpt_path.resolve().parent.parent / SUMMARY_NAME
     try:
         s = json.loads(summary.read_text())
         value = s["metrics"]["test/mIoU"]

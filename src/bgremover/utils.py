@@ -15,10 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("bgremover")
+from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME  # noqa: F401  (one definition; re-exported)
 
-SUMMARY_NAME = "summary.json"  # per run; the comparison report and the exporter read it
-SWEEP_REPORT_NAME = "sweep_summary.json"  # per multirun; lists every job with its status
+log = logging.getLogger("bgremover")
 
 
 # --- config resolvers ------------------------------------------------------------------------------------------

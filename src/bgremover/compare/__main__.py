@@ -1,0 +1,5 @@
+import sys
+
+from bgremover.compare.report import main
+
+sys.exit(main())

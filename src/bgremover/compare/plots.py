@@ -1,0 +1,115 @@
+"""Charts of a sweep: val mIoU per epoch and per-class IoU, one colour per net (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bgremover.compare.runs import (
+    CLASSES,
+    NET_COLOURS,
+    PAPER,
+    PAPER_CITE,
+    PAPER_CLASS_IOU_103,
+    NetStats,
+    _num,
+)
+
+
+def _mpl():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on training boxes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colours(stats: list[NetStats]) -> dict[str, Any]:
+    cmap = _mpl().get_cmap(NET_COLOURS)
+    return {s.net: cmap(i % cmap.N) for i, s in enumerate(stats)}
+
+
+def plot_val_miou(stats: list[NetStats], path: Path) -> bool:
+    """val/mIoU per epoch: thin line per run, bold mean per net with its min–max band. False if no history."""
+    curves: dict[str, list[tuple[list[float], list[float]]]] = {}
+    for s in stats:
+        for r in s.runs:
+            h = r.summary.get("history") or {}
+            ys = h.get("val/mIoU") or []
+            xs = h.get("epoch") or list(range(len(ys)))
+            pts = [(float(x), 100 * v) for x, y in zip(xs, ys, strict=False) if (v := _num(y)) is not None]
+            if pts:
+                curves.setdefault(s.net, []).append(([p[0] for p in pts], [p[1] for p in pts]))
+    if not curves:
+        return False
+    plt = _mpl()
+    from matplotlib.ticker import MaxNLocator
+
+    colours = _colours(stats)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
+    for s in stats:
+        if s.net not in curves:
+            continue
+        c = colours[s.net]
+        by_epoch: dict[float, list[float]] = {}
+        for xs, ys in curves[s.net]:
+            ax.plot(xs, ys, color=c, lw=0.8, alpha=0.35)
+            for x, y in zip(xs, ys, strict=True):
+                by_epoch.setdefault(x, []).append(y)
+        ep = sorted(by_epoch)
+        ax.fill_between(
+            ep, [min(by_epoch[x]) for x in ep], [max(by_epoch[x]) for x in ep], color=c, alpha=0.15
+        )
+        n = len(curves[s.net])
+        ax.plot(
+            ep, [statistics.fmean(by_epoch[x]) for x in ep], color=c, lw=2.2, label=f"{s.net} (mean of {n})",
+            marker="o", ms=4,  # a run of one or two validations is a point, not a line: markers keep it visible
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title("Validation mIoU per epoch — thin: single runs, bold: mean, band: min–max over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_class_iou(stats: list[NetStats], path: Path) -> bool:
+    """Per-class test IoU, nets side by side (mean over seeds, error bar = sample std). False if no numbers."""
+    have = [s for s in stats if any(st.mean is not None for st in s.class_iou.values())]
+    if not have:
+        return False
+    plt = _mpl()
+    colours = _colours(stats)
+    fig, ax = plt.subplots(
+        figsize=(max(10, 1.1 * len(CLASSES) + 0.4 * len(have) * len(CLASSES) / 4), 5.5), dpi=100
+    )
+    width = 0.8 / len(have)
+    xs = range(len(CLASSES))
+    for i, s in enumerate(have):
+        means = [100 * (s.class_iou[c].mean or 0.0) for c in CLASSES]
+        errs = [100 * (s.class_iou[c].std or 0.0) for c in CLASSES]
+        pos = [x - 0.4 + width * (i + 0.5) for x in xs]
+        ax.bar(pos, means, width, yerr=errs, capsize=2, color=colours[s.net], label=s.net)
+    if any(s.paper and s.paper["name"] == PAPER["103"]["name"] for s in have):
+        ax.scatter(list(xs), [PAPER_CLASS_IOU_103[c] for c in CLASSES], marker="_", s=600, color="black",
+                   linewidths=2, zorder=3, label=f"paper FC-DenseNet103 ({PAPER_CITE})")  # fmt: skip
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(CLASSES, rotation=30, ha="right")
+    ax.set_ylabel("test IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Per-class test IoU (mean over seeds; error bars: sample std)")
+    ax.grid(axis="y", alpha=0.3)
+    # Below the axes: inside, it would hide the tall bars or the paper's markers.
+    ax.legend(
+        fontsize=9, ncol=min(4, len(have) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -1,0 +1,218 @@
+"""Turn a sweep's training runs (one `summary.json` each) into a report folder a person would rather look at.
+
+`python -m bgremover.compare [PATH ...] [--out DIR] [--wandb] [--data-root DIR] [--grid-images N]`
+
+The report (`<sweep>/report/` by default) holds `report.md`, the same content as a self-contained
+`report.html`, and PNG charts: `val_miou.png` (learning curves), `class_iou.png` (per-class IoU bars) and
+`grid.png` (the same CamVid test images through every net, with the background-remover cut-outs).
+Failed runs are listed and left out of the statistics. The folder is built under a temporary name and
+renamed into place, so a crash never leaves a half report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from bgremover.compare import grid, plots
+from bgremover.compare.render import (
+    DASH,
+    Block,
+    _rel,
+    class_table,
+    main_table,
+    render_html,
+    render_md,
+    run_table,
+)
+from bgremover.compare.runs import (
+    DEFAULT_GRID_IMAGES,
+    MULTIRUNS_DIR,
+    PAPER_CITE,
+    REPORT_DIRNAME,
+    CompareError,
+    NetStats,
+    Run,
+    aggregate,
+    find_runs,
+    newest_sweep,
+)
+from bgremover.compare.wandb_log import log_wandb
+from bgremover.config import SUMMARY_NAME
+from bgremover.data.classes import DEFAULT_FOREGROUND
+
+
+@dataclass
+class Report:
+    path: Path
+    main_md: str  # the main table in Markdown, for stdout
+    warnings: list[str]
+    stats: list[NetStats]
+    runs: list[Run]
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished tmp folder to `out`, replacing an older report; the old one is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_report(
+    paths: list[Path],
+    out: Path | None = None,
+    data_root: str | Path | None = None,
+    grid_images: int = DEFAULT_GRID_IMAGES,
+    use_wandb: bool = False,
+) -> Report:
+    """Collect the summaries under `paths`, write the report folder, optionally log it to W&B."""
+    paths = [Path(p) for p in paths]
+    runs = find_runs(paths)
+    if not runs:
+        raise CompareError(f"no {SUMMARY_NAME} found under {', '.join(map(str, paths))}")
+    sweep = paths[0] if paths[0].is_dir() else paths[0].parent
+    out = Path(out) if out else sweep / REPORT_DIRNAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats = aggregate(runs)
+    failed = [r for r in runs if not r.ok]
+    groups = Counter(str(r.summary["group"]) for r in runs if r.summary.get("group"))
+    group = groups.most_common(1)[0][0] if groups else sweep.name
+    warnings: list[str] = []
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a report is for others to read too
+    try:
+        charts = {
+            "val_miou": plots.plot_val_miou(stats, tmp / "val_miou.png"),
+            "class_iou": plots.plot_class_iou(stats, tmp / "class_iou.png"),
+        }
+        try:
+            skipped = grid.make_grid(stats, grid.resolve_data_root(data_root, runs), grid_images, tmp / "grid.png")
+        except (
+            Exception
+        ) as e:  # the grid is a bonus: a bad checkpoint or image must not cost the whole report
+            skipped = f"grid skipped: {type(e).__name__}: {e}"
+            (tmp / "grid.png").unlink(missing_ok=True)
+        if skipped:
+            warnings.append(skipped)
+
+        head, rows = main_table(stats)
+        main_md = render_md([("table", head, rows)])
+        partial = [r for r in runs if r.ok and r.partial_test]
+        blocks: list[Block] = [
+            ("h", 1, f"Sweep report: {group}"),
+            (
+                "p",
+                f"{len(runs)} runs found under {', '.join(str(p) for p in paths)}: {len(runs) - len(failed)} ok, "
+                f"{len(failed)} failed. Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+            ),  # fmt: skip
+            ("h", 2, "How to read this"),
+            (
+                "ul",
+                [
+                    "Numbers are percentages on the CamVid test split; X ± Y is the mean ± sample std (ddof=1) over "
+                    "a net's seeds. '± —' means a single run: its spread is unknown, not zero.",
+                    "mIoU = mean over the 11 classes of intersection over union; global acc = share of non-void "
+                    "pixels labelled right. Nets are sorted by test mIoU, best first.",
+                    f"Paper columns and rows are the published numbers of {PAPER_CITE}, not ours: they come from "
+                    "the paper's much longer training, so short runs land below them.",
+                    "Failed runs are listed at the end and left out of every statistic.",
+                ] + ([f"PARTIAL TEST SET: {len(partial)} run(s) were tested on fewer frames than the split holds "
+                      "(see 'Test frames'); their numbers are not comparable with full CamVid test results."]
+                     if partial else []),
+            ),  # fmt: skip
+            ("h", 2, "Nets (aggregated over seeds)"),
+            ("table", head, rows),
+            ("h", 2, "Per-class test IoU % (mean over seeds)"),
+            ("table", *class_table(stats)),
+        ]
+        if charts["val_miou"]:
+            blocks += [("h", 2, "Validation mIoU per epoch"),
+                       ("p", "Thin lines: single runs; bold: the net's mean; band: min–max over its seeds."),
+                       ("img", "val mIoU per epoch", "val_miou.png")]  # fmt: skip
+        if charts["class_iou"]:
+            blocks += [("h", 2, "Per-class IoU"), ("img", "per-class IoU", "class_iou.png")]
+        blocks.append(("h", 2, "Qualitative grid"))
+        if (tmp / "grid.png").is_file():
+            fg = ", ".join(DEFAULT_FOREGROUND)
+            blocks += [("p", f"Rows: the same CamVid test images. Columns: input | ground truth | each net's "
+                             f"prediction | each net's cut-out (keeps {fg}; the checkerboard is the transparent "
+                             "background). Each net is shown by its best seed's best checkpoint."),
+                       ("img", "qualitative grid", "grid.png")]  # fmt: skip
+        for w in warnings:
+            blocks.append(("p", w))
+        blocks += [("h", 2, "Runs"), ("table", *run_table(runs, paths)), ("h", 2, "Failed runs")]
+        if failed:
+            blocks.append(("ul", [f"{_rel(r.dir, paths)} (net {r.net}, seed {DASH if r.seed is None else r.seed}): "
+                                  f"{r.error}" for r in failed]))  # fmt: skip
+        else:
+            blocks.append(("p", "None."))
+
+        (tmp / "report.md").write_text(render_md(blocks), encoding="utf-8")
+        (tmp / "report.html").write_text(render_html(blocks, f"Sweep report: {group}"), encoding="utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    report = Report(out, main_md, warnings, stats, runs)
+    active = "wandb" in sys.modules and getattr(sys.modules["wandb"], "run", None) is not None
+    if use_wandb or active:
+        try:
+            warnings.append(log_wandb(out, stats, runs, group))
+        except Exception as e:  # the report on disk is the product; W&B is a copy of it
+            warnings.append(f"W&B logging failed: {type(e).__name__}: {e}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bgremover.compare", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        help=f"sweep dirs or summary.json files (default: newest under {MULTIRUNS_DIR}/)",
+    )
+    ap.add_argument("--out", type=Path, default=None, help="report folder (default: <first sweep>/report)")
+    ap.add_argument(
+        "--wandb", action="store_true", help="also log the tables and charts to W&B (job_type compare)"
+    )
+    ap.add_argument(
+        "--data-root",
+        default=None,
+        help="CamVid root for the grid (default: $DATA_DIR, then the runs' data.root)",
+    )
+    ap.add_argument(
+        "--grid-images", type=int, default=DEFAULT_GRID_IMAGES, help="test images in grid.png; 0 skips it"
+    )
+    args = ap.parse_args(argv)
+    if args.grid_images < 0:
+        ap.error("--grid-images must be >= 0")
+    try:
+        paths = args.paths or [newest_sweep()]
+        report = build_report(paths, args.out, args.data_root, args.grid_images, args.wandb)
+    except (CompareError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.main_md, end="")
+    for w in report.warnings:
+        print(w)
+    print(f"report: {report.path / 'report.md'} (html: {report.path / 'report.html'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Sweep results in memory: every run's summary.json (`Run`), and per-net statistics over seeds (`NetStats`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bgremover.config import SUMMARY_NAME
+from bgremover.data.classes import CLASSES
+from bgremover.errors import UserError
+
+REPORT_DIRNAME = "report"  # default report folder inside the sweep dir
+MULTIRUNS_DIR = Path("logs")  # searched for the newest multirun.yaml (train sweeps: logs/train/multiruns/...)
+DEFAULT_GRID_IMAGES = 3  # test images (rows) in grid.png
+DEFAULT_WANDB_PROJECT = "bgremover"  # used when neither WANDB_PROJECT nor the runs' config names one
+TILE_W = 240  # width in px of one grid cell; the height follows the test images' aspect ratio
+HEADER_H = 24  # px of the grid's column-title band
+CHECKER_PX = 12  # side of one checkerboard square behind cut-outs
+CHECKER_RGB = ((255, 255, 255), (204, 204, 204))  # the usual "transparent" look of image editors
+NET_COLOURS = "tab10"  # matplotlib colour map: one colour per net, the same in every chart
+
+# Jégou et al. 2017, "The One Hundred Layers Tiramisu", Table 2 (CamVid test, 11 classes).
+PAPER_CITE = "Jégou et al. 2017, Table 2"
+PAPER: dict[str, dict[str, float | str]] = {
+    "56": {"name": "FC-DenseNet56", "miou": 58.9, "acc": 88.9, "params_m": 1.5},
+    "67": {"name": "FC-DenseNet67", "miou": 65.8, "acc": 90.8, "params_m": 3.5},
+    "103": {"name": "FC-DenseNet103", "miou": 66.9, "acc": 91.5, "params_m": 9.4},
+}
+PAPER_CLASS_IOU_103: dict[str, float] = {
+    "Building": 83.0, "Tree": 77.3, "Sky": 93.0, "Car": 77.3, "SignSymbol": 43.9, "Road": 94.5,
+    "Pedestrian": 59.6, "Fence": 37.1, "Pole": 37.8, "Sidewalk": 82.2, "Bicyclist": 50.5,
+}  # fmt: skip
+_TIRAMISU_RE = re.compile(r"(?:tiramisu|fc[-_]?densenet|densenet)[-_]?(56|67|103)\b", re.IGNORECASE)
+
+
+class CompareError(UserError):
+    """A problem the user can fix (bad path, nothing to compare): reported as one line, exit 1."""
+
+
+@dataclass
+class Run:
+    dir: Path  # where its summary.json lies (trusted over the summary's own run_dir: sweeps get moved)
+    summary: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.summary.get("status") == "ok"
+
+    @property
+    def net(self) -> str:
+        return str(self.summary.get("net") or "?")
+
+    @property
+    def seed(self) -> Any:
+        return self.summary.get("seed")
+
+    def metric(self, key: str) -> float | None:
+        return _num((self.summary.get("metrics") or {}).get(key))
+
+    @property
+    def test_frames(self) -> tuple[int | None, int | None]:
+        """(frames the test numbers cover, frames in the split); older summaries know neither."""
+        split = self.summary.get("test_split") or {}
+        return split.get("frames"), split.get("of")
+
+    @property
+    def partial_test(self) -> bool:
+        frames, total = self.test_frames
+        return frames is not None and total is not None and frames != total
+
+    @property
+    def error(self) -> str:
+        err = self.summary.get("error") or f"status {self.summary.get('status')!r}"
+        return " ".join(str(err).split())  # one line, whatever the summary held
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for missing/null/NaN (a diverged run must not poison a mean)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Every summary.json under the given sweep dirs (any depth) or given directly; unreadable ones count as failed."""
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for root in paths:
+        if not root.exists():
+            raise CompareError(f"no such file or directory: {root}")
+        files = [root] if root.is_file() else sorted(root.rglob(SUMMARY_NAME))
+        for f in files:
+            if f.resolve() in seen:
+                continue
+            seen.add(f.resolve())
+            try:
+                summary = json.loads(f.read_text())
+                if not isinstance(summary, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
+                summary = {"status": "failed", "error": f"unreadable {SUMMARY_NAME}: {e}"}
+            runs.append(Run(f.parent, summary))
+    return runs
+
+
+def newest_sweep(base: Path = MULTIRUNS_DIR) -> Path:
+    """The newest sweep under logs/: Hydra marks each sweep root with multirun.yaml, whatever the nesting."""
+    if not base.is_dir():
+        raise CompareError(f"no sweep given and {base}/ does not exist; pass a sweep dir")
+    marked = [p.parent for p in base.rglob("multirun.yaml")]
+    candidates = marked or [p for p in base.iterdir() if p.is_dir()]
+    if not candidates:
+        raise CompareError(f"no sweep given and {base}/ holds no sweep folder")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+@dataclass
+class Stat:
+    mean: float | None
+    std: float | None  # sample std (ddof=1); None when fewer than two values
+    n: int
+
+
+def mean_std(values: list[float | None]) -> Stat:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return Stat(None, None, 0)
+    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
+
+
+@dataclass
+class NetStats:
+    net: str
+    runs: list[Run]
+    params_m: float | None
+    miou: Stat
+    acc: Stat
+    val_best: Stat
+    class_iou: dict[str, Stat]
+    wall_s: float | None
+    infer_ms: float | None
+    paper: dict[str, float | str] | None = field(default=None)
+
+    @property
+    def best_run(self) -> Run:
+        return max(self.runs, key=lambda r: r.metric("test/mIoU") or -1.0)
+
+
+def paper_entry(net: str) -> tuple[str, dict[str, float | str]] | None:
+    """('103', paper numbers) for Tiramisu/FC-DenseNet nets of the paper's three depths, else None."""
+    m = _TIRAMISU_RE.search(net)
+    return (m.group(1), PAPER[m.group(1)]) if m else None
+
+
+def aggregate(runs: list[Run]) -> list[NetStats]:
+    """One NetStats per net over its successful runs, best test mIoU first."""
+    by_net: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.ok:
+            by_net.setdefault(r.net, []).append(r)
+    out = []
+    for net, rs in by_net.items():
+        rs.sort(key=lambda r: (str(r.seed), str(r.dir)))
+        pe = paper_entry(net)
+        out.append(
+            NetStats(
+                net=net,
+                runs=rs,
+                params_m=mean_std([_num(r.summary.get("params")) for r in rs]).mean,
+                miou=mean_std([r.metric("test/mIoU") for r in rs]),
+                acc=mean_std([r.metric("test/acc") for r in rs]),
+                val_best=mean_std([r.metric("val/mIoU_best") for r in rs]),
+                class_iou={c: mean_std([r.metric(f"test/iou_{c}") for r in rs]) for c in CLASSES},
+                wall_s=mean_std([_num(r.summary.get("wall_time_s")) for r in rs]).mean,
+                infer_ms=mean_std([_num(r.summary.get("infer_ms_480x360")) for r in rs]).mean,
+                paper=pe[1] if pe else None,
+            )
+        )
+    out.sort(key=lambda s: (-(s.miou.mean if s.miou.mean is not None else -1.0), s.net))
+    return out
