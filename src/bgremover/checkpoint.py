@@ -1,8 +1,8 @@
 """One way to read a training checkpoint, with one safety rule.
 
 Checkpoints are read with `torch.load(weights_only=True)` only — a checkpoint never runs code — and the net is
-rebuilt from `KNOWN_NETS`, a registry of classes this project trains, never from an arbitrary `_target_` found
-in the file. Train (resume, `ckpt_init`), eval, export and the comparison grid all come through here, so they
+rebuilt through `bgremover.nets.BY_TARGET`, the registry of classes this project trains, never from an arbitrary
+`_target_` found in the file. Train (resume, `ckpt_init`), eval, export and the comparison grid all come through here, so they
 agree on what a valid checkpoint is and fail with the same one-line messages.
 """
 
@@ -19,32 +19,6 @@ from bgremover.errors import UserError
 
 CHECKPOINT_KEY = "bgremover"  # where a checkpoint keeps what inference needs (written by SegmentationModule)
 REQUIRED_META = ("net_config", "classes", "mean", "std")
-
-
-def _fcdensenet(**kw: Any) -> nn.Module:
-    from bgremover.nets.tiramisu import FCDenseNet
-
-    return FCDenseNet(**kw)
-
-
-def _smp(arch: str):
-    def build(**kw: Any) -> nn.Module:
-        import segmentation_models_pytorch as smp
-
-        # the checkpoint holds every weight; asking smp for pretrained ones would try to download them
-        kw["encoder_weights"] = None
-        return getattr(smp, arch)(**kw)
-
-    return build
-
-
-# `_target_` strings that configs in conf/model (and older checkpoints) use → builders. Nothing else is built.
-KNOWN_NETS = {
-    "bgremover.nets.FCDenseNet": _fcdensenet,
-    "bgremover.nets.tiramisu.FCDenseNet": _fcdensenet,
-    "segmentation_models_pytorch.DeepLabV3": _smp("DeepLabV3"),
-    "segmentation_models_pytorch.DeepLabV3Plus": _smp("DeepLabV3Plus"),
-}
 
 
 def read(path: str | os.PathLike) -> dict[str, Any]:
@@ -85,11 +59,15 @@ def meta(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> dict[s
 
 def build_net(net_config: dict[str, Any]) -> nn.Module:
     """A fresh net from a `model.net` config, through the registry (the `_target_` must be a known class)."""
+    from bgremover.nets import BY_TARGET
+
     cfg = dict(net_config)
     target = str(cfg.pop("_target_", ""))
-    builder = KNOWN_NETS.get(target)
+    builder = BY_TARGET.get(target)
     if builder is None:
-        raise UserError(f"unknown net '{target}' in checkpoint; known: {', '.join(sorted(KNOWN_NETS))}")
+        raise UserError(f"unknown net '{target}' in checkpoint; known: {', '.join(sorted(BY_TARGET))}")
+    if "encoder_weights" in cfg:  # the checkpoint holds every weight: asking smp for pretrained ones would download
+        cfg["encoder_weights"] = None
     try:
         return builder(**cfg)
     except TypeError as exc:

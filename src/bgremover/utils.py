@@ -34,9 +34,20 @@ def cpu_precision() -> str:
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
+def tiramisu(variant: str, key: str):
+    """`${tiramisu:fcdensenet103,down_blocks}`: the paper's architecture, defined once in
+    bgremover.nets.tiramisu.TIRAMISU_CONFIGS; conf/model/tiramisu*.yaml read it from there."""
+    from bgremover.nets.tiramisu import TIRAMISU_CONFIGS
+
+    value = TIRAMISU_CONFIGS[variant][key]
+    return list(value) if isinstance(value, tuple) else value
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("cpu_precision"):
         OmegaConf.register_new_resolver("cpu_precision", cpu_precision)
+    if not OmegaConf.has_resolver("tiramisu"):
+        OmegaConf.register_new_resolver("tiramisu", tiramisu)
 
 
 register_resolvers()

@@ -1,7 +1,9 @@
-"""Segmentation nets: our FC-DenseNet, smp's DeepLabs, and a name → builder registry for scripts and benchmarks.
+"""Segmentation nets: our FC-DenseNet, smp's DeepLabs, and the two registries that name them.
 
-Hydra configs build nets through `_target_` (conf/model/*.yaml); the registry below serves code that wants a net
-by name without composing a config (benchmarks, tests).
+Training builds nets through Hydra's `_target_` (conf/model/*.yaml). Everything else goes through a registry:
+`NETS` (name → builder) for code that wants a net by name (benchmarks, tests), and `BY_TARGET` (the `_target_`
+strings of conf/model → builder) for rebuilding a net from a checkpoint's config: only these classes are ever
+built from a file (bgremover.checkpoint).
 """
 
 from __future__ import annotations
@@ -36,6 +38,23 @@ NETS: dict[str, Callable[..., nn.Module]] = {
     "deeplabv3_resnet18": _smp("DeepLabV3", "resnet18"),
     "deeplabv3plus_resnet18": _smp("DeepLabV3Plus", "resnet18"),
     "deeplabv3plus_mobilenet_v2": _smp("DeepLabV3Plus", "mobilenet_v2"),
+}
+
+
+def _smp_class(arch: str) -> Callable[..., nn.Module]:
+    def build(**kw) -> nn.Module:
+        import segmentation_models_pytorch as smp
+
+        return getattr(smp, arch)(**kw)
+
+    return build
+
+
+BY_TARGET: dict[str, Callable[..., nn.Module]] = {
+    "bgremover.nets.FCDenseNet": FCDenseNet,
+    "bgremover.nets.tiramisu.FCDenseNet": FCDenseNet,
+    "segmentation_models_pytorch.DeepLabV3": _smp_class("DeepLabV3"),
+    "segmentation_models_pytorch.DeepLabV3Plus": _smp_class("DeepLabV3Plus"),
 }
 
 
@@ -89,6 +108,7 @@ def ensure_pretrained_available(net_cfg: Mapping) -> None:
 
 __all__ = [
     "FCDenseNet",
+    "BY_TARGET",
     "NETS",
     "PretrainedWeightsUnavailable",
     "build_net",
