@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CONF_DIR, write_camvid
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -132,6 +133,32 @@ def test_random_draws_keep_labels_in_the_source_set():
     assert set(y.unique().tolist()) <= {0, 3, 7, VOID}
     assert (y != VOID).float().mean() > 0.5
     assert torch.isfinite(x).all()
+
+
+def test_random_draws_keep_image_and_label_aligned():
+    """Each label painted in its own colour: wherever a label pixel's 3×3 neighbourhood agrees (no boundary to
+    blur across), the augmented image must show that label's colour — under random scale, offset and flip."""
+    from bgremover.data.classes import PALETTE
+
+    g = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 11, (1, 6, 8), generator=g, dtype=torch.uint8)
+    lbl = blocks.repeat_interleave(6, 1).repeat_interleave(6, 2)  # 36×48 of 6×6 patches
+    img = torch.tensor(PALETTE, dtype=torch.uint8)[lbl.long()]
+    b = 12
+    x, y = augment(img.expand(b, -1, -1, -1), lbl.expand(b, -1, -1), torch.tensor([[36, 48]] * b), (30, 30),
+                   0.5 + 1.5 * torch.rand(b, generator=g), torch.rand(b, 2, generator=g),
+                   torch.rand(b, generator=g) < 0.5, torch.ones(b), torch.zeros(b), MEAN_T, STD_T)
+    raw = ((x * STD_T.view(1, 3, 1, 1) + MEAN_T.view(1, 3, 1, 1)) * 255).permute(0, 2, 3, 1)
+    same = torch.ones_like(y, dtype=torch.bool)
+    pad = F.pad(y.float().unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
+    for dy in range(3):
+        for dx in range(3):
+            same &= pad[:, dy:dy + 30, dx:dx + 30] == y
+    check = same & (y != VOID)
+    check[:, [0, -1]] = check[:, :, [0, -1]] = False  # the crop's edge: its neighbours outside the crop are unknown
+    assert check.sum() > 1000
+    colours = torch.tensor(PALETTE, dtype=torch.float32)[y[check]]
+    assert (raw[check] - colours).abs().max() < 1.0
 
 
 def test_brightness_contrast_is_albumentations_formula():
