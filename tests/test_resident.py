@@ -260,7 +260,8 @@ def compose_cfg(tmp_path: Path, overrides: list[str]):
     return cfg
 
 
-SMALL = ["data=camvid_resident", "data.batch_size=2", "data.eval_batch_size=2", "data.crop_size=[32,32]",
+# `~experiment`: the base config, not the default quick recipe, so the test states what it depends on
+SMALL = ["~experiment", "data=camvid_resident", "data.batch_size=2", "data.eval_batch_size=2", "data.crop_size=[32,32]",
          "data.num_workers=1", "extras.print_config=false", "measure_inference=false", "logger=csv"]
 
 

@@ -6,8 +6,8 @@ scale, crop and flip of every sample at once (bilinear for images, nearest for l
 brightness/contrast, normalisation. No DataLoader, no worker, no host-device copy in the training loop. Decoding
 happens once per file list: the arrays are cached as .npz under $BGREMOVER_CACHE (~/.cache/bgremover).
 
-Val/test are the full frames padded bottom/right to `pad_multiple` (image 0 before normalisation, label void),
-exactly what CamVidDataModule feeds, so metrics are comparable. Under DDP every rank takes its shard of one
+Val/test are the full frames padded to `pad_multiple` by the project's one rule (bgremover.padding: centred
+reflection, void labels), exactly what CamVidDataModule feeds, so metrics are comparable. Under DDP every rank takes its shard of one
 shared permutation (train) or of the frame list (val/test: no duplicates, so metrics stay exact).
 The albumentations DataLoader (CamVidDataModule, conf/data/camvid.yaml) stays the CPU path.
 """
@@ -278,6 +278,21 @@ class ResidentCamVidDataModule(CamVidDataModule):
         limit = hp.limit_images if split == "train" else hp.limit_eval_images
         return decode_split(self.root, split, limit, hp.num_workers, hp.cache)
 
+    def _pad_whole_frames(self, split: str, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Val/test frames padded by the project's one rule (bgremover.padding: centred reflection, void labels),
+        exactly as CamVidDataModule pads them, so both paths score the same."""
+        from bgremover.padding import pad_image, pad_label
+
+        m = max(1, self.hparams.pad_multiple or 1)
+        images, labels = [], []
+        for k, (h, w) in enumerate(a["sizes"].tolist()):
+            images.append(pad_image(a["images"][k, :h, :w], m)[0])
+            labels.append(pad_label(a["labels"][k, :h, :w], m, VOID))
+        if len({i.shape for i in images}) > 1:
+            raise CamVidError(f"the {split} frames differ in size: the resident pipeline batches one size "
+                              f"(use data=camvid with eval_batch_size=1)")
+        return {"images": np.stack(images), "labels": np.stack(labels), "sizes": a["sizes"]}
+
     def prepare_data(self) -> None:
         super().prepare_data()
         if self.hparams.cache:  # local rank 0 fills the cache; setup() on every rank then only loads it
@@ -291,13 +306,9 @@ class ResidentCamVidDataModule(CamVidDataModule):
             if split in self.tensors and self.tensors[split]["labels"].device == device:
                 continue
             a = self._arrays(split)
+            if split != "train":
+                a = self._pad_whole_frames(split, a)
             t = {k: torch.from_numpy(v).to(device) for k, v in a.items()}
-            if split != "train":  # full frames padded bottom/right to pad_multiple, as build_transforms pads
-                m = max(1, self.hparams.pad_multiple or 1)
-                _, h, w = t["labels"].shape
-                ph, pw = -(-h // m) * m - h, -(-w // m) * m - w
-                t["images"] = F.pad(t["images"], (0, 0, 0, pw, 0, ph), value=0)
-                t["labels"] = F.pad(t["labels"], (0, pw, 0, ph), value=VOID)
             t["mean"] = torch.tensor(self.hparams.mean, dtype=torch.float32, device=device)
             t["std"] = torch.tensor(self.hparams.std, dtype=torch.float32, device=device)
             self.tensors[split] = t
