@@ -18,3 +18,13 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     first = text.splitlines()[0] if text else type(exc).__name__
     first = " ".join(first.split())
     return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
+def report(error: BaseException | str, prog: str | None = None, code: int = 1) -> int:
+    """The one place a command line prints an error: one `[prog: ]error: ...` line on stderr; returns `code`
+    (the exit status to give back), so callers write `return report(err)`."""
+    import sys
+
+    message = error if isinstance(error, str) else one_line(error)
+    print(f"{prog}: error: {message}" if prog else f"error: {message}", file=sys.stderr, flush=True)
+    return code

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bgremover.errors import UserError
+from bgremover.errors import UserError, report
 from bgremover.model_format import FORMAT, FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAME  # noqa: F401  (re-exported)
 
 OPSET = 17  # supported by every onnxruntime >= 1.14 and by the TorchScript exporter
@@ -296,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             net, meta, out, tol=args.tol, opset=args.opset, torchscript=args.torchscript
         )
     except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return report(err)
     except KeyboardInterrupt:
         return 130
     md = result["metadata"]

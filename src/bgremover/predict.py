@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from bgremover.errors import report
 from bgremover.remover import (  # noqa: F401  (re-exported: the library's names, importable from here as before)
     DEFAULT_MODEL,
     IMAGE_EXTENSIONS,
@@ -169,14 +170,16 @@ def _disambiguate(items: list[Path | None], dests: list[Path]) -> list[Path | No
     return out
 
 
+PROG = "bgremover-predict"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # exits 2 with argparse's usage message on bad syntax
     err = sys.stderr
 
     def fail_usage(msg: str) -> int:
-        print(f"bgremover-predict: error: {msg}", file=err)
-        return 2
+        return report(msg, PROG, code=2)
 
     try:
         return _run(args, fail_usage)
@@ -186,11 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         return fail_usage(str(e))
     except BgRemoverError as e:
-        print(f"bgremover-predict: error: {e}", file=err)
-        return 1
+        return report(e, PROG)
     except Exception as e:  # a bug, not bad input: still one line, never a traceback
-        print(f"bgremover-predict: unexpected error: {type(e).__name__}: {_first_line(e)}", file=err)
-        return 1
+        return report(f"unexpected {type(e).__name__}: {_first_line(e)}", PROG)
 
 
 def _run(args: argparse.Namespace, fail_usage) -> int:
@@ -212,7 +213,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     items = _collect(args.inputs, failures, from_folders)
     if not items:  # nothing usable: report without paying for (or failing on) the model
         for line in failures:
-            print(f"bgremover-predict: error: {line}", file=sys.stderr)
+            report(line, PROG)
         return 1
     outputs = _plan_outputs(items, args.out, several)
 
@@ -276,7 +277,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     if bar is not None:
         bar.close()
     for line in failures:
-        print(f"bgremover-predict: error: {line}", file=sys.stderr)
+        report(line, PROG)
     if not args.quiet and (several or skipped):
         print(
             f"{written} written, {skipped} skipped (exist; --overwrite to replace), {len(failures)} failed",

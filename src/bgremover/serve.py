@@ -45,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bgremover.errors import report
 from bgremover.remover import (
     MODEL_ENV,
     BackgroundRemover,
@@ -351,8 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = parser.prog
 
     def usage(msg: str) -> int:
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 2
+        return report(msg, prog, code=2)
 
     if not 0 <= args.port <= 65535:
         return usage(f"--port must be within 0..65535, got {args.port}")
@@ -367,8 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         remover = BackgroundRemover(args.model, threads=max(1, cores // workers), max_pixels=args.max_pixels)
     except BgRemoverError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
+        return report(err, prog)
     # Bind here, not in uvicorn: a taken port is then one clear line too, and --port 0 can report its choice.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -377,8 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock.bind((args.host, args.port))
     except OSError as err:
         sock.close()
-        print(f"{prog}: error: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
-        return 1
+        return report(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}", prog)
     host, port = sock.getsockname()[:2]
     service = Service(remover, workers, args.max_bytes, args.max_pixels, args.queue)
     meta = remover.meta

@@ -315,7 +315,9 @@ def print_job_line(cfg: DictConfig) -> None:
 def print_error(exc: BaseException) -> None:
     """One line on stderr; for an unexpected error, where its traceback was logged."""
     where = None if isinstance(exc, user_error_types()) else log_file()
-    print(f"error: {one_line(exc)}" + (f" (traceback in {where})" if where else ""), file=sys.stderr)
+    from bgremover.errors import report
+
+    report(one_line(exc) + (f" (traceback in {where})" if where else ""))
 
 
 # --- multirun report -------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from bgremover import errors
 from bgremover.compare import grid, plots
 from bgremover.compare.render import (
     DASH,
@@ -205,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = args.paths or [newest_sweep()]
         report = build_report(paths, args.out, args.data_root, args.grid_images, args.wandb)
     except (CompareError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return errors.report(e)
     print(report.main_md, end="")
     for w in report.warnings:
         print(w)

