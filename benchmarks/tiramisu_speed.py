@@ -32,7 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NETS = ("56", "67", "103")
-SIZES = {"224": (224, 224, 2), "384x480": (384, 480, 1)}  # name -> (H, W, batch)
+SIZES = {"224": (224, 224, 2), "384x480": (384, 480, 1)}  # name -> (H, W, batch on a CPU)
+GPU_BATCH = {"224": 32, "384x480": 8}  # --device cuda: the batches a GPU trains with (speed-runs: 32 crops)
 MODES = ("fp32", "cl", "bf16", "compiled", "compiled-fp32", "memeff", "memeff-cl", "memeff-fp32")
 WARMUP = 2  # eager warm-up steps (allocator, oneDNN primitive caches)
 COMPILE_WARMUP = 3  # compiled warm-up steps (compilation, then recompilation-free steady state)
@@ -90,7 +91,7 @@ def cpu_kind() -> str:
 
 
 def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, device: str,
-           bf16_route: str = "auto") -> dict[str, float]:
+           bf16_route: str = "auto", batch: int | None = None) -> dict[str, float]:
     """One configuration in this process; returns img/s and peak activation memory in MiB."""
     import torch
     import torch.nn.functional as F
@@ -111,7 +112,8 @@ def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, d
         model = ref_fcdensenet(name)
     else:
         model = FCDenseNet(**TIRAMISU_CONFIGS[name], memory_efficient=mem_eff)
-    h, w, batch = SIZES[size]
+    h, w, cpu_batch = SIZES[size]
+    batch = batch or (GPU_BATCH[size] if device.startswith("cuda") else cpu_batch)
     model = model.to(device).train()
     x = torch.randn(batch, 3, h, w, device=device)
     y = torch.randint(0, 12, (batch, h, w), device=device)
@@ -159,7 +161,7 @@ def run_config(
 ) -> dict[str, float] | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", net, impl, mode, size,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-           "--bf16-route", args.bf16_route]
+           "--bf16-route", args.bf16_route] + (["--batch", str(args.batch)] if args.batch else [])
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared 2-core CPU
     if args.malloc == "tuned":
@@ -189,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="measured training steps per configuration")
     p.add_argument("--warmup", type=int, default=WARMUP, help="unmeasured eager steps before measuring")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"batch size for every size (default: {SIZES['224'][2]}/{SIZES['384x480'][2]} on CPU, "
+                        f"{GPU_BATCH['224']}/{GPU_BATCH['384x480']} on CUDA for 224/384x480)")
     p.add_argument("--malloc", choices=("default", "tuned"), default="default",
                    help="glibc allocator: default, or tuned (no mmap, no trim) so freed activations are reused")
     p.add_argument("--bf16-route", choices=("auto", "emulated"), default="auto",
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps and --warmup must be >= 1")
     if args.worker:
         net, impl, mode, size = args.worker
-        result = worker(net, impl, mode, size, args.steps, args.warmup, args.device, args.bf16_route)
+        result = worker(net, impl, mode, size, args.steps, args.warmup, args.device, args.bf16_route, args.batch)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     if args.device.startswith("cuda"):
@@ -239,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"the plain fp32 reference", flush=True)
     print()
     print(kind)
-    print(f"device={args.device} threads={_threads()} steps={args.steps} (median) warmup={args.warmup} "
+    batches = {k: args.batch or (GPU_BATCH[k] if args.device.startswith("cuda") else v[2]) for k, v in SIZES.items()}
+    print(f"device={args.device} batch={batches} threads={_threads()} steps={args.steps} (median) warmup={args.warmup} "
           f"malloc={args.malloc} bf16-route={args.bf16_route} loadavg before={load0[0]:.2f} after={os.getloadavg()[0]:.2f} "
           f"wall={time.time() - t_start:.0f}s")
     print(_HEADER)
