@@ -39,7 +39,8 @@ def test_every_experiment_composes_and_says_what_it_is(name):
     assert cfg.experiment_name == name
     assert cfg.model._target_ == "bgremover.lit.SegmentationModule"
     assert cfg.model.net._target_.split(".")[0] in ("bgremover", "segmentation_models_pytorch")
-    assert cfg.data._target_ in ("bgremover.data.CamVidDataModule", "bgremover.data.ResidentCamVidDataModule")
+    assert cfg.data._target_ in ("bgremover.data.CamVidDataModule", "bgremover.data.ResidentCamVidDataModule",
+                                 "bgremover.data.FolderDataModule")
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
 
 

@@ -43,6 +43,13 @@ def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[st
             raise UserError(f"data.crop_size {crop} must be multiples of {size_multiple} (the net's size multiple)")
     for key in ("limit_images", "limit_eval_images"):
         _positive_int(data.get(key), f"data.{key}", allow_none=True)
+    if str(data.get("_target_", "")).endswith("FolderDataModule"):  # data=folder: every file decoded and checked
+        from bgremover.data.folder import check_config
+
+        if not data.get("root"):
+            raise UserError("data.root is not set: data=folder data.root=path/to/your/folder")
+        check_config(data, list(splits))
+        return
     check_data_root(data.get("root"), splits)
 
 

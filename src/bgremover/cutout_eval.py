@@ -1,8 +1,13 @@
-"""Cut-out quality of an exported bgremover ONNX model on CamVid: numbers for a results table.
+"""Cut-out quality of an exported bgremover ONNX model on CamVid or your own image/mask folder: numbers for a
+results table.
 
     python -m bgremover.cutout_eval [--model M] [--data-root D] [--split test|val|train] [--classes A,B]
                                     [--threshold T] [--boundary-tol PX] [--limit N] [--threads N]
-                                    [--json PATH] [--quiet]
+                                    [--max-side N] [--split-file S] [--void-value V] [--json PATH] [--quiet]
+
+--data-root may be a data=folder folder (images/ + masks/, or train|val|test/{images,masks}): its masks are read
+with the training's rule (bgremover.data.folder), and a folder without fixed splits needs the run's
+--split-file (split.json, which also gives the void value) to know its held-out images.
 
 Runs the predictor's own inference path (`BackgroundRemover.foreground_probability`, so what is measured is
 what users get) at each image's full resolution and reports, over the split:
@@ -35,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bgremover import errors
 from bgremover.cutout_metrics import (  # noqa: F401  (re-exported: the metric functions lived here first)
     ALPHA_CUT,
     BOUNDARY_TOL,
@@ -120,6 +126,40 @@ def find_pairs(
         raise EvalError(str(err)) from None
 
 
+def is_folder(root: str | os.PathLike) -> bool:
+    """A data=folder layout rather than CamVid's."""
+    return (Path(root) / "images").is_dir() or (Path(root) / "train" / "images").is_dir()
+
+
+def find_folder_pairs(
+    root: str | os.PathLike, split: str = "test", limit: int | None = None,
+    split_file: str | os.PathLike | None = None, void_value: int | None = None,
+) -> tuple[list[tuple[Path, Path]], Any, list[str]]:
+    """(pairs of the split, a mask → label reader with the training's rule, the class names) of an image/mask
+    folder; the held-out images of a pooled folder come from the run's split.json."""
+    from bgremover.data import folder as fd  # numpy + Pillow only, like this module
+    from bgremover.data.camvid import select
+
+    try:
+        if split_file is not None and void_value is None:
+            void_value = fd.read_split(split_file).get("void_value")
+        found = fd.scan(root, void_value)
+        if not found.fixed and split_file is None:
+            raise EvalError(f"{root} has no fixed train/val/test folders: give the training run's "
+                            "--split-file <run>/split.json to score its held-out images")
+        chosen = fd.splits(found, split_file=None if found.fixed else split_file)
+    except fd.FolderDataError as err:
+        raise EvalError(str(err)) from None
+
+    def read_label(path: Path) -> np.ndarray:
+        try:
+            return fd.read_mask(path, found.labels)
+        except fd.FolderDataError as err:
+            raise EvalError(str(err)) from None
+
+    return select(chosen[split], limit), read_label, list(found.labels.classes)
+
+
 def load_label(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
@@ -143,13 +183,17 @@ class _RecordingRemover(BackgroundRemover):
 
 
 def load_remover(
-    model: str | os.PathLike | None, classes: Sequence[str] | None = None, threads: int | None = None
+    model: str | os.PathLike | None, classes: Sequence[str] | None = None, threads: int | None = None,
+    expected: Sequence[str] | None = None, max_side: int = FULL_RES_SIDE,
 ) -> _RecordingRemover:
-    remover = _RecordingRemover(model, classes=classes, threads=threads, max_side=FULL_RES_SIDE)
-    if [c.lower() for c in remover.classes] != [c.lower() for c in CLASSES]:
+    """The predictor for `model`, refused unless its classes are the dataset's (`expected`, default CamVid's)."""
+    remover = _RecordingRemover(model, classes=classes, threads=threads, max_side=max_side)
+    want = list(CLASSES if expected is None else expected)
+    if [c.lower() for c in remover.classes] != [c.lower() for c in want]:
+        whose = "CamVid's" if expected is None else "the dataset's"
         raise EvalError(
-            f"model classes {', '.join(remover.classes)} are not CamVid's ({', '.join(CLASSES)}): "
-            "its argmax cannot be scored against CamVid labels"
+            f"model classes {', '.join(remover.classes)} are not {whose} ({', '.join(want)}): "
+            "its argmax cannot be scored against these labels"
         )
     return remover
 
@@ -160,6 +204,7 @@ def evaluate(
     threshold: float | None = None,
     tol: int = BOUNDARY_TOL,
     progress: bool = False,
+    read_label=load_label,
 ) -> dict[str, Any]:
     """Run the predictor over (image, label) pairs and return every number of the report as a JSON-able dict."""
     k = len(remover.classes)
@@ -170,7 +215,7 @@ def evaluate(
     bar = _progress(len(pairs)) if progress else None
     for i, (img_path, lbl_path) in enumerate(pairs):
         rgb = to_rgba_arrays(open_image(img_path, remover.max_pixels))[0]
-        label = load_label(lbl_path)
+        label = read_label(lbl_path)
         if label.shape != rgb.shape[:2]:
             lh, lw = label.shape
             raise EvalError(f"{lbl_path}: label is {lw}x{lh} but image is {rgb.shape[1]}x{rgb.shape[0]}")
@@ -284,13 +329,20 @@ def format_report(r: dict[str, Any], data_root: str, split: str, threads: int | 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Cut-out quality (mIoU, foreground IoU, boundary F, MAE) of a bgremover ONNX model on CamVid.",
+        description="Cut-out quality (mIoU, foreground IoU, boundary F, MAE) of a bgremover ONNX model on CamVid "
+                    "or an image/mask folder.",
         epilog="Exit codes: 0 ok, 1 no model / no data / unknown class / unreadable file, 2 bad option value.",
     )
     p.add_argument(
         "--model", "-m", help="ONNX model (default $BGREMOVER_MODEL or models/bgremover-camvid.onnx)"
     )
-    p.add_argument("--data-root", help=f"CamVid folder (default ${DATA_ENV}, else {DEFAULT_DATA_ROOT})")
+    p.add_argument("--data-root", help=f"CamVid folder (default ${DATA_ENV}, else {DEFAULT_DATA_ROOT}) or an "
+                                       "image/mask folder (data=folder's layouts)")
+    p.add_argument("--split-file", help="image/mask folder without fixed splits: the training run's split.json")
+    p.add_argument("--void-value", type=int, help="image/mask folder: the mask value meaning unknown (default: "
+                                                  "the split file's, else none)")
+    p.add_argument("--max-side", type=int, help="infer at most at this long side, like predict --max-side (default: "
+                                                "full resolution); e.g. the training's data.image_size")
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to score (default test)")
     p.add_argument("--classes", "-c", help="comma-separated foreground classes (default: the model's)")
     p.add_argument("--threshold", "-t", type=float, help="also score the hard mask P(foreground) >= T")
@@ -307,8 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # exits 2 with argparse's message on bad syntax
 
     def fail(msg: str, code: int) -> int:
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return code
+        return errors.report(msg, PROG, code)
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         return fail(f"--threshold must be within 0..1, got {args.threshold}", 2)
@@ -320,13 +371,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"--threads must be >= 0, got {args.threads}", 2)
     if args.json is not None and Path(args.json).is_dir():
         return fail(f"--json {args.json} is a directory", 2)
+    if args.max_side is not None and args.max_side < 1:
+        return fail(f"--max-side must be >= 1, got {args.max_side}", 2)
 
     data_root = args.data_root or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT
     try:
-        pairs = find_pairs(data_root, args.split, args.limit)
+        read_label, expected = load_label, None
+        if is_folder(data_root):
+            pairs, read_label, expected = find_folder_pairs(data_root, args.split, args.limit, args.split_file,
+                                                            args.void_value)
+        else:
+            pairs = find_pairs(data_root, args.split, args.limit)
         classes = args.classes.split(",") if args.classes is not None else None
-        remover = load_remover(args.model, classes, args.threads)
-        report = evaluate(remover, pairs, args.threshold, args.boundary_tol, progress=not args.quiet)
+        remover = load_remover(args.model, classes, args.threads, expected, args.max_side or FULL_RES_SIDE)
+        report = evaluate(remover, pairs, args.threshold, args.boundary_tol, progress=not args.quiet,
+                          read_label=read_label)
         report.update(data_root=str(data_root), split=args.split)
         print(format_report(report, str(data_root), args.split, args.threads))
         if args.json is not None:

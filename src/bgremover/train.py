@@ -57,6 +57,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
     ensure_pretrained_available(cfg.model.net)  # before instantiating: smp would hang on the download
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    if hasattr(datamodule, "label_info"):  # a dataset with its own class list (data=folder): the net follows it
+        _use_labels(cfg, datamodule.label_info())
     weights = datamodule.class_weights()
     model = hydra.utils.instantiate(
         cfg.model,
@@ -86,6 +88,17 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "model/params": params})
     return {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks, "logger": loggers,
             "trainer": trainer, "params": params}
+
+
+def _use_labels(cfg: DictConfig, info: dict[str, Any]) -> None:
+    """The data's classes, void index and default foreground into cfg.model (so summary.json and the checkpoint
+    say them too), and the net's output count: `classes` (smp) or `num_classes` (FC-DenseNet)."""
+    with open_dict(cfg):
+        cfg.model.class_names = list(info["class_names"])
+        cfg.model.ignore_index = int(info["ignore_index"])
+        cfg.model.default_foreground = list(info["default_foreground"])
+        key = "num_classes" if "num_classes" in cfg.model.net else "classes"
+        cfg.model.net[key] = len(info["class_names"])
 
 
 def _fit(cfg: DictConfig, trainer, model, datamodule) -> None:
@@ -177,11 +190,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def test_split_info(metrics: dict[str, float], datamodule) -> dict[str, Any]:
     """How many test frames the test numbers cover, of how many the split has: partial runs say so."""
     frames = metrics.get("test/frames")
-    total = None
+    total = datamodule.split_size("test") if hasattr(datamodule, "split_size") else None
     try:
         from bgremover.data.camvid import list_pairs
 
-        total = len(list_pairs(datamodule.root, "test"))
+        total = total if total is not None else len(list_pairs(datamodule.root, "test"))
     except Exception:  # a datamodule without a CamVid-layout test split
         pass
     frames = None if frames is None else int(frames)

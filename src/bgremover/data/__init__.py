@@ -13,7 +13,8 @@ from bgremover.data.classes import (
 
 __all__ = [
     "CLASSES", "DEFAULT_FOREGROUND", "MEAN", "NUM_CLASSES", "PALETTE", "STD", "VOID", "colorize",
-    "CamVidDataModule", "CamVidDataset", "CamVidError", "ResidentCamVidDataModule", "verify_root",
+    "CamVidDataModule", "CamVidDataset", "CamVidError", "FolderDataModule", "ResidentCamVidDataModule",
+    "verify_root",
 ]
 
 
@@ -23,6 +24,10 @@ def __getattr__(name: str):
         from bgremover.data.datamodule import CamVidDataModule
 
         return CamVidDataModule
+    if name == "FolderDataModule":
+        from bgremover.data.folder_datamodule import FolderDataModule
+
+        return FolderDataModule
     if name == "ResidentCamVidDataModule":
         from bgremover.data.resident import ResidentCamVidDataModule
 

@@ -166,10 +166,11 @@ def build_transforms(
     pad_multiple: int = 32,
     mean: Sequence[float] = MEAN,
     std: Sequence[float] = STD,
+    void: int = VOID,
 ):
     """Albumentations pipelines. Train: [scale jitter] → random crop → flip → [brightness/contrast].
     Eval: the full frame padded to `pad_multiple` by the one padding rule (`PadFrame`), void labels in the
-    border so padding never counts."""
+    border so padding never counts. `void`: the label value of padding (another class list's, e.g. data=folder)."""
     import albumentations as A
     import cv2
     from albumentations.pytorch import ToTensorV2
@@ -188,7 +189,7 @@ def build_transforms(
         if crop_size:
             h, w = crop_size
             # Scaling down can leave the frame smaller than the crop: pad with void first.
-            ops.append(A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=VOID))
+            ops.append(A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=void))
             ops.append(A.RandomCrop(height=h, width=w))
         if hflip > 0:
             ops.append(A.HorizontalFlip(p=hflip))
@@ -197,7 +198,7 @@ def build_transforms(
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
     pipeline = A.Compose(ops, mask_interpolation=cv2.INTER_NEAREST)
     if pad_multiple and pad_multiple > 1 and (not train or not crop_size):
-        return PadFrame(pad_multiple, pipeline)
+        return PadFrame(pad_multiple, pipeline, void)
     return pipeline
 
 
@@ -205,13 +206,13 @@ class PadFrame:
     """Whole frames: the project's one padding rule (bgremover.padding: centred reflection, void labels), then
     `inner` (normalisation, to tensor). Same call signature as an albumentations pipeline."""
 
-    def __init__(self, multiple: int, inner) -> None:
-        self.multiple, self.inner = multiple, inner
+    def __init__(self, multiple: int, inner, void: int = VOID) -> None:
+        self.multiple, self.inner, self.void = multiple, inner, void
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> dict:
         from bgremover.padding import pad_image, pad_label
 
-        return self.inner(image=pad_image(image, self.multiple)[0], mask=pad_label(mask, self.multiple, VOID))
+        return self.inner(image=pad_image(image, self.multiple)[0], mask=pad_label(mask, self.multiple, self.void))
 
     def set_random_seed(self, seed: int) -> None:
         self.inner.set_random_seed(seed)

@@ -129,11 +129,13 @@ def _duration(seconds: float) -> str:
 
 
 def _max_time_s(trainer: pl.Trainer) -> float | None:
+    """The earliest time limit: trainer.max_time (Lightning's Timer) or a callback's time budget (`budget_s`)."""
+    limits = []
     for cb in trainer.callbacks:
-        if type(cb).__name__ == "Timer":
-            duration = getattr(cb, "_duration", None)
-            return float(duration) if duration else None
-    return None
+        duration = getattr(cb, "_duration", None) if type(cb).__name__ == "Timer" else getattr(cb, "budget_s", None)
+        if duration:
+            limits.append(float(duration))
+    return min(limits, default=None)
 
 
 def planned_steps(trainer: pl.Trainer) -> tuple[int | None, int | None]:
@@ -167,7 +169,7 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
     ]
     max_time = _max_time_s(trainer)
     if max_time:
-        parts.append(f"stops after {_duration(max_time)} at most (trainer.max_time)")
+        parts.append(f"stops after {_duration(max_time)} at most (trainer.max_time or time budget)")
     return ", ".join(parts)
 
 
@@ -180,7 +182,7 @@ def describe_estimate(trainer: pl.Trainer, seconds_per_step: float) -> str:
     text += f" → about {_duration(total)} of training for {epochs} epochs (validation extra)"
     max_time = _max_time_s(trainer)
     if max_time and max_time < total:
-        text += f"; trainer.max_time stops it after {_duration(max_time)}, near epoch {int(max_time / total * epochs)}"
+        text += f"; the time limit stops it after {_duration(max_time)}, near epoch {int(max_time / total * epochs)}"
     return text
 
 

@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from bgremover.checkpoint import CHECKPOINT_KEY
 from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND, MEAN, STD, VOID, colorize
+from bgremover.lit.cutout import CutoutMetric
 
 STAGES = ("train", "val", "test")
 
@@ -76,6 +77,9 @@ class SegmentationModule(pl.LightningModule):
         # frames each stage saw, summed over ranks: every test number is reported with its frame count
         self.frames = nn.ModuleDict({_key(s): SumMetric() for s in STAGES})
         self.test_class_iou = iou("none")
+        # foreground IoU, boundary F and alpha MAE of P(default foreground): what a cut-out is judged by
+        fg = [list(class_names).index(c) for c in default_foreground if c in class_names]
+        self.cutout = nn.ModuleDict({_key(s): CutoutMetric(fg, ignore_index) for s in ("val", "test")}) if fg else None
         self.val_miou_best = MaxMetric()
         self.history: list[dict[str, float]] = []  # per-epoch validation metrics, kept in checkpoints
         self._panel: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -117,6 +121,8 @@ class SegmentationModule(pl.LightningModule):
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
         if stage == "test":
             self.test_class_iou.update(preds, y)
+        if stage != "train" and self.cutout is not None:
+            self.cutout[_key(stage)].update(logits, y)
         if stage == "val" and batch_idx == 0:
             k = self.hparams.num_log_images
             self._panel = (x[:k].detach().float().cpu(), y[:k].cpu(), preds[:k].cpu())
@@ -140,6 +146,9 @@ class SegmentationModule(pl.LightningModule):
         # val/test loss from the metric, not self.log(on_epoch=True, sync_dist=True): Lightning averages the ranks'
         # frame counts as integers, so with unequal counts per rank (unpadded val/test) its epoch mean is wrong.
         values[f"{stage}/loss_epoch" if stage == "train" else f"{stage}/loss"] = self.loss_mean[_key(stage)].compute()
+        if stage != "train" and self.cutout is not None:
+            values.update({f"{stage}/{k}": v for k, v in self.cutout[_key(stage)].compute().items()})
+            self.cutout[_key(stage)].reset()
         # torchmetrics' compute() already reduced these over the ranks; sync_dist=True on them and on the values
         # below averages equal numbers (no change) and tells Lightning they are global (no DDP warning).
         self.log_dict(values, prog_bar=stage != "train", sync_dist=True)

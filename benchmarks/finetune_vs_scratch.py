@@ -1,0 +1,94 @@
+"""Fine-tuning from the shipped CamVid net vs training from scratch, same folder, same recipe, same time budget.
+
+    python benchmarks/finetune_vs_scratch.py --data data/cars [--budget 1200] [--out logs/finetune_vs_scratch]
+
+Runs `python -m bgremover.train_remover DATA` (experiments/remover.yaml: DeepLabV3+/MobileNetV2, AdamW + warm-up/
+cosine annealed to 0 at the budget) twice, one after the other: as it is (`ckpt_init` = models/bgremover-camvid.pt,
+classifier re-initialised) and with `ckpt_init=null`. Each arm's output goes to <out>/<arm>.log; the table at the
+end has both arms' held-out test numbers side by side, the training steps each got and the load average around
+each arm (the CPU may be shared: the steps column shows how much compute each arm really had). The fine-tune arm
+is exactly what `make remover DATA=...` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ARMS = {"finetune": [], "scratch": ["ckpt_init=null"]}
+
+
+def cpu_kind() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line for line in info.splitlines() if line.startswith("flags"))
+        isa = "AVX-512-BF16" if "avx512_bf16" in flags else ("AVX-512" if "avx512f" in flags else "AVX2")
+        return f"{name}, {os.cpu_count()} cores, {isa}"
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def run_arm(name: str, data: Path, out: Path, budget: int, extra: list[str]) -> dict:
+    run = out / name
+    cmd = [sys.executable, "-m", "bgremover.train_remover", str(data), "--run-dir", str(run),
+           f"remover_budget_s={budget}", *ARMS[name], *extra]
+    before, start = load(), time.time()
+    with open(out / f"{name}.log", "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    wall, after = time.time() - start, load()
+    if rc != 0:
+        raise SystemExit(f"error: the {name} arm failed (exit {rc}); see {out / f'{name}.log'}")
+    s = json.loads((run / "summary.json").read_text())
+    m = s["metrics"]
+    fg = [v for v in s["history"].get("val/fg_iou", []) if v == v]
+    return {"arm": name, "steps": s["global_step"], "epochs": s["epochs"], "fit_s": s["wall_time_s"], "wall_s": wall,
+            "val_fg_best": max(fg) if fg else float("nan"), "fg_iou": m.get("test/fg_iou"),
+            "boundary_f": m.get("test/boundary_f"), "alpha_mae": m.get("test/alpha_mae"), "miou": m.get("test/mIoU"),
+            "frames": s["test_split"]["frames"], "load_before": before, "load_after": after}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True, help="image/mask folder (e.g. from bgremover.data.make_folder)")
+    p.add_argument("--budget", type=int, default=1200, help="seconds of training per arm (default 1200)")
+    p.add_argument("--out", type=Path, default=Path("logs/finetune_vs_scratch"))
+    p.add_argument("--arms", default="finetune,scratch")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both arms")
+    args = p.parse_intermixed_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{cpu_kind()}; torch threads: default; budget {args.budget} s per arm; data {args.data}", flush=True)
+    rows = []
+    for name in args.arms.split(","):
+        rows.append(run_arm(name, args.data.resolve(), args.out.resolve(), args.budget, args.overrides))
+        r = rows[-1]
+        print(f"{name}: done in {r['wall_s']:.0f} s (load {r['load_before']} → {r['load_after']})", flush=True)
+    print(f"\nheld-out test ({rows[0]['frames']} images), {args.budget} s of training each:")
+    print("| init | steps (epochs) | fit s | best val fg IoU | test fg IoU | boundary F (2 px) | alpha MAE | mIoU "
+          "| load avg before → after |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        init = "CamVid net (models/bgremover-camvid.pt)" if r["arm"] == "finetune" else "scratch"
+        print(f"| {init} | {r['steps']} ({r['epochs']}) | {r['fit_s']:.0f} | {r['val_fg_best']:.4f} | "
+              f"{r['fg_iou']:.4f} | {r['boundary_f']:.4f} | {r['alpha_mae']:.4f} | {r['miou']:.4f} | "
+              f"{r['load_before']} → {r['load_after']} |")
+    if len(rows) == 2:
+        a, b = rows
+        print(f"\nfg IoU {a['arm']} − {b['arm']}: {a['fg_iou'] - b['fg_iou']:+.4f}; boundary F: "
+              f"{a['boundary_f'] - b['boundary_f']:+.4f}; alpha MAE: {a['alpha_mae'] - b['alpha_mae']:+.4f}")
+    (args.out / "result.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Your own images and masks → checked (image, label) pairs, the class list and the splits. numpy + Pillow only.
+
+Layouts (pairs are matched by file stem: `images/cat.jpg` ↔ `masks/cat.png`):
+
+    DIR/images/*  DIR/masks/*                 one pool: a seeded split (data.split_fractions) is drawn, written
+                                              to the run folder (split.json) and reusable (data.split_file=...)
+    DIR/{train,val,test}/{images,masks}/*     fixed splits, used as they are
+    DIR/classes.txt                           optional: one class name per line, index = line number (from 0);
+                                              masks then hold class indices. Without it the data is binary:
+                                              background / foreground, mask values > 127 foreground (or 0/1 masks)
+
+Images: JPEG, PNG or WebP of any size (EXIF orientation applied, as the predictor does); masks: 8-bit
+single-channel (L or P) of the same size, or RGB for binary masks. `void_value` marks "unknown" pixels,
+excluded from loss and metrics. Every fault — an image without mask, a mask of another size, an unreadable file,
+a label beyond the class list, an empty folder — is a FolderDataError whose one line names the file; `scan`
+finds them all before training starts (config.validate_train calls it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from bgremover.errors import UserError
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MASK_SUFFIXES = (".png", ".webp", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")  # JPEG only sensible for binary
+BINARY_CLASSES = ("background", "foreground")
+CLASSES_FILE = "classes.txt"
+SPLIT_FILE = "split.json"  # written into the run folder
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test of a pooled folder
+
+
+class FolderDataError(UserError):
+    """Bad or missing data in an image/mask folder; one line naming the file."""
+
+
+@dataclass(frozen=True)
+class Labels:
+    """How a mask file becomes a label map: class names, binary or indexed, which value is void."""
+
+    classes: tuple[str, ...]
+    binary: bool
+    void_value: int | None = None
+
+    @property
+    def void_index(self) -> int:  # the label value ignored by loss and metrics (and used for padding)
+        return len(self.classes)
+
+    def foreground(self, names: Sequence[str] | None = None) -> list[str]:
+        """The default foreground: the named classes, else every class but the first (line 0 = background)."""
+        if not names:
+            return list(self.classes[1:])
+        lookup = {c.lower(): c for c in self.classes}
+        unknown = [n for n in names if n.lower() not in lookup]
+        if unknown:
+            raise FolderDataError(f"data.foreground {unknown} not among the classes {list(self.classes)}")
+        return [lookup[n.lower()] for n in names]
+
+    def to_label(self, mask: np.ndarray, path: Path) -> np.ndarray:
+        """H×W uint8 label in 0..K-1, void = K; FolderDataError naming `path` for values beyond the class list."""
+        void = (mask == self.void_value) if self.void_value is not None else None
+        if self.binary:
+            top = int((mask[~void] if void is not None else mask).max(initial=0))
+            fg = mask == 1 if top <= 1 else mask > 127  # 0/1 masks, else 0/255 (anti-aliased edges too)
+            if void is not None:
+                fg &= ~void
+            label = fg.astype(np.uint8)
+        else:
+            bad = mask >= len(self.classes)
+            if void is not None:
+                bad &= ~void
+            if bad.any():
+                raise FolderDataError(
+                    f"label beyond the class list: {path} contains {int(mask[bad].max())}, but {CLASSES_FILE} "
+                    f"lists {len(self.classes)} classes (0-{len(self.classes) - 1})"
+                    + ("" if self.void_value is not None else "; set data.void_value for an 'unknown' value"))
+            label = mask.astype(np.uint8)
+        if void is not None:
+            label[void] = self.void_index
+        return label
+
+
+def read_labels(root: Path, void_value: int | None = None) -> Labels:
+    """Binary unless DIR/classes.txt lists the classes (at least 2, unique, one per line)."""
+    if void_value is not None and not (isinstance(void_value, int) and 0 <= void_value <= 255):
+        raise FolderDataError(f"data.void_value must be a mask value 0-255 or null, got {void_value!r}")
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        if void_value is not None and void_value in (0, 1, 255):
+            raise FolderDataError(f"data.void_value={void_value} is a binary mask's own value: use e.g. 128")
+        return Labels(BINARY_CLASSES, binary=True, void_value=void_value)
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise FolderDataError(f"unreadable class list: {path} ({type(e).__name__})") from None
+    if len(names) < 2:
+        raise FolderDataError(f"{path} lists {len(names)} class(es): a segmentation needs at least 2 (line 0 = background)")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise FolderDataError(f"{path} lists {dupes[0]!r} twice")
+    if void_value is not None and void_value < len(names):
+        raise FolderDataError(f"data.void_value={void_value} is the index of class {names[void_value]!r} in {path}")
+    return Labels(tuple(names), binary=False, void_value=void_value)
+
+
+def layout(root: str | os.PathLike) -> dict[str, tuple[Path, Path]] | tuple[Path, Path]:
+    """{split: (images dir, masks dir)} for fixed splits, or (images dir, masks dir) for one pool."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FolderDataError(f"dataset folder not found: {root}")
+    fixed = [s for s in SPLITS if (root / s).is_dir()]
+    if fixed:
+        out = {}
+        for split in SPLITS:
+            for sub in ("images", "masks"):
+                if not (root / split / sub).is_dir():
+                    raise FolderDataError(f"split folder missing: {root / split / sub} (fixed splits need "
+                                          f"train/, val/ and test/, each with images/ and masks/)")
+            out[split] = (root / split / "images", root / split / "masks")
+        return out
+    for sub in ("images", "masks"):
+        if not (root / sub).is_dir():
+            raise FolderDataError(f"folder missing: {root / sub} (expected {root}/images and {root}/masks, "
+                                  f"or {root}/{{train,val,test}}/{{images,masks}})")
+    return root / "images", root / "masks"
+
+
+def _files(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.is_dir():  # .DS_Store, editor swap files, sub-folders
+            continue
+        if p.suffix.lower() not in suffixes:
+            raise FolderDataError(f"not a supported {what} file: {p} (use {', '.join(suffixes)})")
+        if p.stem in out:
+            raise FolderDataError(f"two {what}s named {p.stem!r}: {out[p.stem]} and {p}")
+        out[p.stem] = p
+    return out
+
+
+def match(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs sorted by stem; every image needs a mask and every mask an image."""
+    images = _files(images_dir, IMAGE_SUFFIXES, "image")
+    masks = _files(masks_dir, MASK_SUFFIXES, "mask")
+    if not images:
+        raise FolderDataError(f"empty folder: no images in {images_dir}")
+    for stem, img in images.items():
+        if stem not in masks:
+            raise FolderDataError(f"image has no mask: {img} (expected {masks_dir}/{stem}.png)")
+    orphans = sorted(set(masks) - set(images))
+    if orphans:
+        raise FolderDataError(f"mask has no image: {masks[orphans[0]]} ({len(orphans)} such mask(s) in {masks_dir})")
+    return [(images[s], masks[s]) for s in sorted(images)]
+
+
+def read_image(path: Path, draft_side: int | None = None) -> np.ndarray:
+    """H×W×3 uint8 RGB, EXIF orientation applied; `draft_side` lets JPEG decode at a reduced scale (fast)."""
+    try:
+        with Image.open(path) as im:
+            if draft_side and im.format == "JPEG":
+                im.draft("RGB", (draft_side, draft_side))  # keeps at least this size; the caller resizes exactly
+            im.load()  # a full decode: truncated files fail here, not in a DataLoader worker
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise FolderDataError(f"unreadable or truncated image: {path} ({type(e).__name__})") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise FolderDataError(f"unreadable image: {path} ({type(e).__name__})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def read_mask(path: Path, labels: Labels) -> np.ndarray:
+    """The mask file as an H×W label map (0..K-1, void K)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("1", "L", "P"):
+                raw = np.asarray(im.convert("L") if mode == "1" else im)
+            elif labels.binary and mode in ("RGB", "RGBA", "LA"):
+                raw = np.asarray(im.convert("L"))  # a black/white mask saved in colour
+            else:
+                need = "8-bit single-channel (L or P)" + ("" if labels.binary else " class indices")
+                raise FolderDataError(f"mask is {mode}, not {need}: {path}")
+    except FolderDataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise FolderDataError(f"unreadable or truncated mask: {path} ({type(e).__name__})") from None
+    if mode == "1":
+        raw = (raw > 0).astype(np.uint8)
+    return labels.to_label(raw, path)
+
+
+def read_pair(img: Path, mask: Path, labels: Labels, draft_side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    label = read_mask(mask, labels)
+    if draft_side is None:
+        image = read_image(img)
+        if image.shape[:2] != label.shape:
+            raise FolderDataError(f"size mismatch: {img} is {image.shape[1]}x{image.shape[0]} "
+                                  f"but its mask {mask} is {label.shape[1]}x{label.shape[0]}")
+        return image, label
+    return read_image(img, draft_side), label  # sizes were checked by scan(); the caller resizes both
+
+
+def resized_shape(h: int, w: int, long_side: int | None) -> tuple[int, int]:
+    """(h, w) with the long side scaled to `long_side` (aspect kept); unchanged when None."""
+    if not long_side:
+        return h, w
+    s = long_side / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def resize_pair(image: np.ndarray, label: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Image (area-averaged down, bilinear up) and label (nearest) to shape (h, w)."""
+    h, w = shape
+    if image.shape[:2] != (h, w):
+        down = image.shape[0] > h
+        image = np.asarray(Image.fromarray(image).resize(
+            (w, h), Image.Resampling.BOX if down else Image.Resampling.BILINEAR))
+    if label.shape != (h, w):
+        label = np.asarray(Image.fromarray(label).resize((w, h), Image.Resampling.NEAREST))
+    return image, label
+
+
+# --- the whole folder, checked once ------------------------------------------------------------------------------
+
+@dataclass
+class Folder:
+    root: Path
+    labels: Labels
+    pairs: dict[str, list[tuple[Path, Path]]]  # split → pairs (fixed layout), or {"all": pairs}
+    sizes: dict[str, tuple[int, int]]  # image stem → (h, w) as stored (EXIF applied)
+
+    @property
+    def fixed(self) -> bool:
+        return "all" not in self.pairs
+
+
+_SCANNED: dict[tuple, Folder] = {}  # one decode of every file per process, however often the config is checked
+
+
+def _fingerprint(root: Path) -> tuple:
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
+    """Every pair of the folder decoded and checked (sizes, mask values, truncation); FolderDataError on the first fault."""
+    where = layout(root)
+    root = Path(root).expanduser().resolve()
+    labels = read_labels(root, void_value)
+    key = (str(root), void_value, _fingerprint(root))
+    if key in _SCANNED:
+        return _SCANNED[key]
+    pairs = {s: match(*dirs) for s, dirs in where.items()} if isinstance(where, dict) else {"all": match(*where)}
+    sizes = {}
+    for split_pairs in pairs.values():
+        for img, mask in split_pairs:
+            image, label = read_pair(img, mask, labels)
+            sizes[img.stem] = image.shape[:2]
+    _SCANNED[key] = folder = Folder(root, labels, pairs, sizes)
+    return folder
+
+
+def draw_split(stems: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
+    """A seeded split of the pool: at least one stem in val and test, the rest (≥ 1) in train."""
+    fr = [float(f) for f in fractions]
+    if len(fr) != 3 or any(f < 0 for f in fr) or sum(fr) <= 0 or fr[0] <= 0:
+        raise FolderDataError(f"data.split_fractions must be three non-negative train/val/test shares with train > 0, got {list(fractions)}")
+    n = len(stems)
+    if n < 3:
+        raise FolderDataError(f"{n} image/mask pair(s): a train/val/test split needs at least 3")
+    total = sum(fr)
+    n_val = max(1, round(n * fr[1] / total))
+    n_test = max(1, round(n * fr[2] / total))
+    if n - n_val - n_test < 1:
+        n_val, n_test = 1, 1
+    order = np.random.default_rng(seed).permutation(n)
+    chosen = [sorted(stems)[i] for i in order]
+    return {"val": sorted(chosen[:n_val]), "test": sorted(chosen[n_val:n_val + n_test]),
+            "train": sorted(chosen[n_val + n_test:])}
+
+
+def read_split(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+        if not all(isinstance(split.get(s), list) for s in SPLITS):
+            raise ValueError
+    except (OSError, ValueError, AttributeError):
+        raise FolderDataError(f"not a split file (JSON with train/val/test lists of file stems): {path}") from None
+    return split
+
+
+def splits(folder: Folder, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+           split_file: str | os.PathLike | None = None) -> dict[str, list[tuple[Path, Path]]]:
+    """{train, val, test: pairs}: the fixed splits, the pairs named by `split_file`, or a seeded draw."""
+    if folder.fixed:
+        if split_file:
+            raise FolderDataError(f"{folder.root} has fixed train/val/test folders: drop data.split_file")
+        return folder.pairs
+    pool = {img.stem: (img, mask) for img, mask in folder.pairs["all"]}
+    if split_file:
+        chosen = read_split(split_file)
+        for s in SPLITS:
+            missing = [stem for stem in chosen[s] if stem not in pool]
+            if missing:
+                raise FolderDataError(f"{split_file} names {missing[0]!r} ({s}), which is not in "
+                                      f"{folder.root}/images")
+    else:
+        chosen = draw_split(list(pool), fractions, seed)
+    out = {s: [pool[stem] for stem in chosen[s]] for s in SPLITS}
+    for s in SPLITS:
+        if not out[s]:
+            raise FolderDataError(f"the {s} split of {split_file or folder.root} is empty")
+    return out
+
+
+def split_document(folder: Folder, chosen: dict[str, list[tuple[Path, Path]]], fractions, seed) -> dict:
+    """What split.json holds: the stems per split and how they were drawn (and the labels, for eval-cutout)."""
+    return {"root": str(folder.root), "seed": seed, "fractions": list(fractions) if not folder.fixed else None,
+            "fixed": folder.fixed, "classes": list(folder.labels.classes), "void_value": folder.labels.void_value,
+            **{s: [img.stem for img, _ in chosen[s]] for s in SPLITS}}
+
+
+def write_split(path: str | os.PathLike, document: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(document, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def class_pixel_weights(pairs, labels: Labels) -> list[float]:
+    """Median-frequency weights (as CamVid's data.class_weights=median_freq) over the train labels."""
+    k = len(labels.classes)
+    class_px, image_px = np.zeros(k), np.zeros(k)
+    for _, mask in pairs:
+        label = read_mask(mask, labels)
+        counts = np.bincount(label.ravel(), minlength=k + 1)[:k]
+        class_px += counts
+        image_px += np.where(counts > 0, counts.sum(), 0)
+    freq = np.divide(class_px, image_px, out=np.zeros(k), where=image_px > 0)
+    present = freq > 0
+    weights = np.zeros(k)
+    weights[present] = np.median(freq[present]) / freq[present]
+    return [round(float(w), 4) for w in weights]
+
+
+def check_config(data, splits_needed: Sequence[str] = SPLITS) -> Folder:
+    """The checks config.validate_train runs for data=folder: the whole folder, the split, the sizes."""
+    folder = scan(data.get("root") or "", data.get("void_value"))
+    chosen = splits(folder, data.get("split_fractions") or DEFAULT_FRACTIONS, int(data.get("seed") or 0),
+                    data.get("split_file"))
+    folder.labels.foreground(data.get("foreground"))
+    side = data.get("image_size")
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
+        raise FolderDataError(f"data.image_size must be a long side in pixels (>= 8) or null, got {side!r}")
+    if data.get("crop_size") is None and "train" in splits_needed:
+        shapes = {resized_shape(*folder.sizes[img.stem], side) for img, _ in chosen["train"]}
+        if len(shapes) > 1:
+            raise FolderDataError(f"data.crop_size=null trains on whole images, which then must share one size; "
+                                  f"{len(shapes)} sizes found: set data.crop_size=[H,W]")
+    return folder

@@ -1,0 +1,298 @@
+"""data=folder: your own image/mask folder — layouts, labels, splits, early one-line errors, training with the
+cut-out metrics, export/predict/eval-cutout on the result, fine-tuning from the CamVid net, `make remover`."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from omegaconf import OmegaConf
+from PIL import Image
+from test_train import compose_cfg
+
+from bgremover import config
+from bgremover.data import folder as fd
+
+SHIPPED_PT = REPO / "models" / "bgremover-camvid.pt"
+SHIPPED_ONNX = REPO / "models" / "bgremover-camvid.onnx"
+FAST = ["model=deeplabv3plus", "data.num_workers=0", "data.batch_size=2", "data.crop_size=[32,32]",
+        "data.image_size=48", "extras.print_config=false", "measure_inference=false", "logger=csv"]
+
+
+def square_pair(rng, h: int, w: int, value: int = 255, void: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy image with a bright rectangle, and its mask (`value` inside, 0 outside, `void` on its border)."""
+    img = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = value
+    img[mask > 0] += 120
+    if void is not None:
+        mask[h // 4, :] = void
+    return img, mask
+
+
+def write_folder(root: Path, n: int = 6, size: tuple[int, int] = (40, 56), seed: int = 0, split: str | None = None,
+                 value: int = 255) -> Path:
+    """`n` pairs in root/images + root/masks (or root/<split>/...): JPEG images, PNG masks."""
+    rng = np.random.default_rng(seed)
+    base = root / split if split else root
+    (base / "images").mkdir(parents=True, exist_ok=True)
+    (base / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img, mask = square_pair(rng, *size, value=value)
+        Image.fromarray(img).save(base / "images" / f"{split or 'im'}{i}.jpg", quality=95)
+        Image.fromarray(mask).save(base / "masks" / f"{split or 'im'}{i}.png")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return write_folder(tmp_path / "data")
+
+
+# --- labels ------------------------------------------------------------------------------------------------------
+def test_binary_masks_255_01_antialiased_and_void(tmp_path):
+    labels = fd.Labels(fd.BINARY_CLASSES, binary=True, void_value=128)
+    p = tmp_path / "m.png"
+    assert fd.Labels(fd.BINARY_CLASSES, True).to_label(np.array([[0, 255, 200, 100]], np.uint8), p).tolist() == [[0, 1, 1, 0]]
+    assert fd.Labels(fd.BINARY_CLASSES, True).to_label(np.array([[0, 1, 1, 0]], np.uint8), p).tolist() == [[0, 1, 1, 0]]
+    # a 0/1 mask with void pixels is still a 0/1 mask: the void value does not make it look like 0/255
+    assert labels.to_label(np.array([[0, 1, 128, 0]], np.uint8), p).tolist() == [[0, 1, 2, 0]]
+    assert labels.to_label(np.array([[0, 255, 128, 0]], np.uint8), p).tolist() == [[0, 1, 2, 0]]
+
+
+def test_classes_txt_indexed_masks_and_foreground(tmp_path):
+    write_folder(tmp_path / "d", value=2)
+    (tmp_path / "d" / "classes.txt").write_text("background\ncat\ndog\n")
+    f = fd.scan(tmp_path / "d")
+    assert f.labels.classes == ("background", "cat", "dog") and not f.labels.binary
+    assert f.labels.foreground() == ["cat", "dog"] and f.labels.foreground(["DOG"]) == ["dog"]
+    label = fd.read_mask(f.pairs["all"][0][1], f.labels)
+    assert set(np.unique(label)) == {0, 2}
+
+
+# --- splits ------------------------------------------------------------------------------------------------------
+def test_seeded_split_is_reproducible_disjoint_and_reusable(tmp_path):
+    write_folder(tmp_path / "d", n=20)
+    f = fd.scan(tmp_path / "d")
+    a, b = fd.splits(f, seed=3), fd.splits(f, seed=3)
+    stems = {s: [i.stem for i, _ in a[s]] for s in fd.SPLITS}
+    assert stems == {s: [i.stem for i, _ in b[s]] for s in fd.SPLITS}
+    assert [len(stems[s]) for s in fd.SPLITS] == [16, 2, 2]
+    assert len(set().union(*stems.values())) == 20
+    assert {i.stem for i, _ in fd.splits(f, seed=4)["test"]} != set(stems["test"])  # the seed matters
+    path = tmp_path / "split.json"
+    fd.write_split(path, fd.split_document(f, a, fd.DEFAULT_FRACTIONS, 3))
+    reused = fd.splits(f, seed=99, split_file=path)  # the file wins over the seed
+    assert {s: [i.stem for i, _ in reused[s]] for s in fd.SPLITS} == stems
+
+
+def test_fixed_splits_are_used_as_they_are(tmp_path):
+    for split, n in (("train", 4), ("val", 2), ("test", 3)):
+        write_folder(tmp_path / "d", n=n, split=split)
+    f = fd.scan(tmp_path / "d")
+    chosen = fd.splits(f, seed=0)
+    assert f.fixed and [len(chosen[s]) for s in fd.SPLITS] == [4, 2, 3]
+    assert all(img.parent.parent.name == s for s in fd.SPLITS for img, _ in chosen[s])
+
+
+# --- every bad pair: one line naming the file, before anything is built ---------------------------------------------
+def _bad(tmp_path, case: str) -> tuple[Path, str]:
+    root = write_folder(tmp_path / "bad", n=4)
+    masks, images = root / "masks", root / "images"
+    if case == "no_mask":
+        (masks / "im2.png").unlink()
+        return root, "image has no mask: " + str(images / "im2.jpg")
+    if case == "no_image":
+        (images / "im1.jpg").unlink()
+        return root, "mask has no image: " + str(masks / "im1.png")
+    if case == "size":
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(masks / "im3.png")
+        return root, f"size mismatch: {images / 'im3.jpg'} is 56x40 but its mask {masks / 'im3.png'} is 40x40"
+    if case == "truncated":
+        data = (images / "im0.jpg").read_bytes()
+        (images / "im0.jpg").write_bytes(data[: len(data) // 2])
+        return root, f"unreadable or truncated image: {images / 'im0.jpg'}"
+    if case == "not_image":
+        (masks / "im1.png").write_text("hello")
+        return root, f"unreadable or truncated mask: {masks / 'im1.png'}"
+    if case == "beyond_classes":
+        (root / "classes.txt").write_text("background\nthing\n")
+        return root, f"label beyond the class list: {masks / 'im0.png'} contains 255"
+    if case == "empty":
+        for p in [*images.iterdir(), *masks.iterdir()]:
+            p.unlink()
+        return root, f"empty folder: no images in {images}"
+    if case == "layout":
+        return tmp_path / "nowhere", "dataset folder not found"
+    raise AssertionError(case)
+
+
+BAD_CASES = ["no_mask", "no_image", "size", "truncated", "not_image", "beyond_classes", "empty", "layout"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_folder_fails_config_check_naming_the_file(tmp_path, case):
+    root, expected = _bad(tmp_path, case)
+    cfg = compose_cfg(tmp_path / "run", ["data=folder", f"data.root={root}", *FAST])
+    with pytest.raises(fd.FolderDataError) as err:
+        config.validate_train(cfg)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_folder_cli_one_error_line_no_run_left(tmp_path):
+    root, expected = _bad(tmp_path, "size")
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train", "data=folder", f"data.root={root}",
+                           f"paths.log_dir={tmp_path / 'logs'}", *FAST],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and errors == [f"error: {expected}"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not any((tmp_path / "logs" / "train" / "runs").iterdir())  # no run left
+
+
+# --- training, export, predict, eval-cutout -----------------------------------------------------------------------
+def test_binary_training_logs_cutout_metrics_exports_and_predicts(folder, tmp_path):
+    from bgremover.train import train
+
+    run = tmp_path / "run"
+    cfg = compose_cfg(run, ["data=folder", f"data.root={folder}", *FAST, "trainer.max_epochs=2",
+                            "data.void_value=128"])
+    metrics, objects = train(cfg)
+    model = objects["model"]
+    assert model.hparams.class_names == ["background", "foreground"] and model.hparams.ignore_index == 2
+    assert model.net.segmentation_head[0].out_channels == 2
+    for stage in ("val", "test"):
+        assert 0.0 <= metrics[f"{stage}/fg_iou"] <= 1.0 and 0.0 <= metrics[f"{stage}/alpha_mae"] <= 1.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_split"] == {"frames": 1, "of": 1, "complete": True}
+    assert len(summary["history"]["val/fg_iou"]) == 2  # per epoch, in summary.json (and the loggers)
+    csv = (run / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert all(k in csv for k in ("val/fg_iou", "val/boundary_f", "val/alpha_mae", "test/fg_iou"))
+    split = json.loads((run / "split.json").read_text())
+    assert [len(split[s]) for s in fd.SPLITS] == [4, 1, 1] and split["void_value"] == 128
+
+    from bgremover.export import export_onnx, load_checkpoint_net, read_metadata
+    from bgremover.remover import BackgroundRemover
+
+    net, meta = load_checkpoint_net(summary["best_ckpt"])
+    out = export_onnx(net, meta, tmp_path / "remover.onnx")["path"]
+    md = read_metadata(out)
+    assert md["classes"] == ["background", "foreground"] and md["default_foreground"] == ["foreground"]
+    rgb = np.asarray(Image.open(next((folder / "images").iterdir())))
+    alpha = np.asarray(BackgroundRemover(out).mask(rgb))
+    assert alpha.shape == rgb.shape[:2] and alpha.dtype == np.uint8
+
+    from bgremover import cutout_eval as ce
+
+    js = tmp_path / "eval.json"
+    assert ce.main(["--model", str(out), "--data-root", str(folder), "--split-file", str(run / "split.json"),
+                    "--json", str(js), "--quiet"]) == 0
+    r = json.loads(js.read_text())
+    assert r["n_images"] == 1 and r["foreground"] == ["foreground"] and r["per_image"][0]["image"] == split["test"][0] + ".jpg"
+
+
+def test_eval_cutout_folder_needs_the_split_and_matching_classes(folder, tmp_path, capsys):
+    from bgremover import cutout_eval as ce
+
+    assert ce.main(["--model", str(SHIPPED_ONNX), "--data-root", str(folder), "--quiet"]) == 1
+    assert "--split-file" in capsys.readouterr().err
+    for split, n in (("train", 2), ("val", 1), ("test", 2)):
+        write_folder(tmp_path / "fixed", n=n, split=split)
+    assert ce.main(["--model", str(SHIPPED_ONNX), "--data-root", str(tmp_path / "fixed"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "are not the dataset's (background, foreground)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_perfect_prediction_scores_one(tmp_path):
+    """CutoutMetric (training) agrees with CutoutStats (eval-cutout) and is exact on known answers."""
+    from bgremover.cutout_metrics import CutoutStats
+    from bgremover.lit.cutout import CutoutMetric
+
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.integers(0, 3, (2, 20, 24))).long()  # 0 bg, 1 fg, 2 void
+    logits = torch.randn(2, 2, 20, 24)
+    metric = CutoutMetric([1], ignore_index=2)
+    metric.update(logits, target)
+    got = {k: float(v) for k, v in metric.compute().items()}
+    stats = CutoutStats()
+    prob = logits.softmax(1)[:, 1].numpy()
+    for a, t in zip(prob, target.numpy(), strict=True):
+        stats.update(a, t == 1, t != 2)
+    ref = stats.summary()
+    assert got["fg_iou"] == pytest.approx(ref["fg_iou"]) and got["alpha_mae"] == pytest.approx(ref["mae"])
+    assert got["boundary_f"] == pytest.approx(ref["boundary_f"])
+    perfect = CutoutMetric([1], ignore_index=2)
+    perfect.update(torch.where(target == 1, 1.0, -1.0).unsqueeze(1) * torch.tensor([-50.0, 50.0]).view(1, 2, 1, 1), target)
+    assert {k: float(v) for k, v in perfect.compute().items()} == pytest.approx(
+        {"fg_iou": 1.0, "boundary_f": 1.0, "alpha_mae": 0.0}, abs=1e-6)
+
+
+# --- fine-tuning from the shipped CamVid net ----------------------------------------------------------------------
+def test_shipped_weights_match_the_onnx_model_on_a_real_frame():
+    """models/bgremover-camvid.pt was recovered from the ONNX file (tools/recover_camvid_weights.py): same net."""
+    import onnxruntime as ort
+
+    from bgremover import checkpoint
+    from bgremover.padding import pad_image
+
+    net, info, _ = checkpoint.load_net(SHIPPED_PT)
+    rgb = np.asarray(Image.open(REPO / "examples" / "0001TP_009180.jpg").convert("RGB"))
+    x = (rgb / 255.0 - np.asarray(info["mean"])) / np.asarray(info["std"])
+    x = np.ascontiguousarray(pad_image(x.astype(np.float32), 32)[0].transpose(2, 0, 1)[None])
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(SHIPPED_ONNX), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert np.abs(ref - got).max() < 0.05  # float16 storage
+    assert (ref.argmax(1) == got.argmax(1)).mean() > 0.995
+
+
+def test_ckpt_init_from_camvid_net_reinitialises_only_the_classifier(folder, tmp_path):
+    from bgremover import checkpoint
+    from bgremover.train import build
+
+    cfg = compose_cfg(tmp_path, ["data=folder", f"data.root={folder}", *FAST, f"ckpt_init={SHIPPED_PT}"])
+    config.validate_train(cfg)
+    model = build(cfg)["model"]
+    shipped, _, _ = checkpoint.load_net(SHIPPED_PT)
+    own, ref = model.net.state_dict(), shipped.state_dict()
+    head = {"segmentation_head.0.weight", "segmentation_head.0.bias"}
+    assert own["segmentation_head.0.weight"].shape[0] == 2
+    assert all(torch.equal(own[k], ref[k]) for k in own if k not in head)
+    assert all(own[k].shape != ref[k].shape for k in head)
+
+
+def test_experiment_remover_composes_with_budget_and_camvid_init(folder, tmp_path):
+    cfg = compose_cfg(tmp_path, ["experiment=remover", f"data.root={folder}"])
+    assert cfg.data._target_.endswith("FolderDataModule")
+    assert Path(cfg.ckpt_init).resolve() == SHIPPED_PT
+    assert cfg.callbacks.time_budget.budget_s == cfg.remover_budget_s == 1200
+    assert cfg.callbacks.model_checkpoint.monitor == "val/fg_iou"
+    OmegaConf.to_container(cfg, resolve=True)  # everything resolves
+
+
+@pytest.mark.slow
+def test_make_remover_trains_exports_and_prints_how_to_use_it(folder, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train_remover", str(folder), "--run-dir", str(run),
+                           *FAST, "trainer.max_epochs=1", "remover_budget_s=600"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "remover.onnx").is_file() and (run / "split.json").is_file()
+    out = proc.stdout
+    assert f"make predict IMG=photo.jpg MODEL={run / 'remover.onnx'}" in out
+    assert "foreground IoU" in out and "boundary F" in out and "held-out test set (1 images" in out
+    assert "plan: deeplabv3plus_mobilenet_v2" in proc.stdout + proc.stderr  # the run says what it will do
+    fg = float(out.split("foreground IoU ")[1].split(",")[0])
+    assert 0.0 <= fg <= 1.0 and not math.isnan(fg)
+
+
+def test_make_remover_bad_folder_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train_remover", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: dataset folder not found: {tmp_path / 'missing'}"
