@@ -22,10 +22,12 @@ IMG ?=
 MODEL ?=
 OUT ?=
 SWEEP ?=
+# your image/mask folder for `make remover`
+DATA ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint data train eval sweep compare export predict eval-cutout \
-        serve benchmark reproduce-default clean
+        remover serve benchmark reproduce-default clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -75,8 +77,12 @@ predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [
 serve: $(STAMP) ## cut-outs over HTTP + page on http://127.0.0.1:8000/: make serve [MODEL=x.onnx] [ARGS="--port 9000 --threads 2"]
 	$(BIN)/bgremover-serve $(if $(MODEL),--model "$(MODEL)") $(ARGS)
 
-eval-cutout: $(STAMP) ## cut-out quality of a model on CamVid test: make eval-cutout [MODEL=x.onnx] [ARGS="--limit 20"]
+eval-cutout: $(STAMP) ## cut-out quality on CamVid test or a folder: make eval-cutout [MODEL=x.onnx] [ARGS="--limit 20" | "--data-root DIR --split-file RUN/split.json"]
 	$(BIN)/python -m bgremover.cutout_eval $(if $(MODEL),--model "$(MODEL)") $(ARGS)
+
+remover: $(STAMP) ## your own remover from an image/mask folder: make remover DATA=path [EXP=remover] [ARGS="remover_budget_s=600"]
+	@test -n "$(DATA)" || { echo "error: give your image/mask folder: make remover DATA=path/to/folder" >&2; exit 2; }
+	$(BIN)/python -m bgremover.train_remover "$(DATA)" --exp "$(or $(EXP),remover)" $(ARGS)
 
 reproduce-default: $(STAMP) ## retrain the shipped model (fixed seed) and export it to logs/reproduce/ for comparison
 	$(BIN)/python -m bgremover.train experiment=cpu_default hydra.run.dir=logs/reproduce/cpu_default $(ARGS)
