@@ -452,15 +452,28 @@ def _mixed_cpu(t: Tensor, dtype: torch.dtype) -> bool:
     return t.device.type == "cpu" and t.dtype != dtype and not torch.compiler.is_compiling()
 
 
-def _row_bands(x: Tensor, band_pixels: int) -> tuple[Tensor, list[tuple[int, int, int]]]:
-    """An fp32 scratch for one band of rows of ``x`` (N, C, H, W) in its memory order, and the bands."""
-    n, c, h, w = x.shape
-    rows = max(1, min(h, band_pixels // w))
-    if x.stride(1) == 1:  # channels innermost: keep the scratch in the same order so copies stay sequential
-        scratch = torch.empty((rows, w, c), dtype=torch.float32, device=x.device).permute(2, 0, 1)
+def _row_bands(band_pixels: int, *ts: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, ...]]]:
+    """Matching bands of rows of same-shape (N, C, H, W) tensors, as (C, rows, W) views, and one fp32 scratch
+    per tensor for a band, in the first tensor's memory order.
+
+    In channels_last the images' rows are evenly spaced, so bands run across images (fewer, fuller bands at
+    low resolution); otherwise they stay within one image.
+    """
+    n, c, h, w = ts[0].shape
+    if n > 1 and all(t.stride(0) == h * t.stride(2) for t in ts):
+        views = [[t.as_strided((c, n * h, w), (t.stride(1), t.stride(2), t.stride(3)), t.storage_offset())]
+                 for t in ts]
     else:
-        scratch = torch.empty((c, rows, w), dtype=torch.float32, device=x.device)
-    return scratch, [(b, y0, min(h, y0 + rows)) for b in range(n) for y0 in range(0, h, rows)]
+        views = [[t[b] for b in range(n)] for t in ts]
+    total = views[0][0].shape[1]
+    rows = max(1, min(total, band_pixels // w))
+    if ts[0].stride(1) == 1:  # channels innermost: keep the scratch in the same order so copies stay sequential
+        scratch = [torch.empty((rows, w, c), dtype=torch.float32, device=t.device).permute(2, 0, 1) for t in ts]
+    else:
+        scratch = [torch.empty((c, rows, w), dtype=torch.float32, device=t.device) for t in ts]
+    bands = [tuple(v[:, y0 : y0 + rows] for v in group) for group in zip(*views, strict=True)
+             for y0 in range(0, total, rows)]
+    return scratch, bands
 
 
 def _bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
@@ -478,13 +491,12 @@ def _bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
         out.copy_(x)
         torch.addcmul(sh, out, sc, out=out)
         return out.relu_()
-    tmp, bands = _row_bands(x, _MIXED_BAND_PIXELS)
+    (tmp, _), bands = _row_bands(_MIXED_BAND_PIXELS, x, out)
     sc, sh = sc[0], sh[0]
-    for b, y0, y1 in bands:
-        t = tmp[:, : y1 - y0]
-        t.copy_(x[b, :, y0:y1])
-        torch.addcmul(sh, t, sc, out=t)
-        out[b, :, y0:y1].copy_(t.relu_())
+    for x_band, out_band in bands:
+        t = tmp[:, : x_band.shape[1]]
+        torch.addcmul(sh, t.copy_(x_band), sc, out=t)
+        out_band.copy_(t.relu_())
     return out
 
 
@@ -504,16 +516,16 @@ def _apply_stat_grad(
         return
     # bf16 buffer on CPU: the terms in fp32, band by band through scratch (see _bn_relu); the gradient is fp32
     # (bf16 emulated) or bf16 (native), where it is rounded once after the sum (the offset cancels slope * x).
-    tmp, bands = _row_bands(src, _MIXED_BAND_PIXELS)
-    acc, _ = _row_bands(src, _MIXED_BAND_PIXELS) if part.dtype != slope.dtype else (None, None)
+    (tmp, acc), bands = _row_bands(_MIXED_BAND_PIXELS, src, part)
     sl, off = _as_channel(slope)[0], _as_channel(offset)[0]
-    for b, y0, y1 in bands:
-        t = tmp[:, : y1 - y0]
-        torch.addcmul(off, t.copy_(src[b, :, y0:y1]), sl, out=t)
-        if acc is None:
-            part[b, :, y0:y1].add_(t)
+    for src_band, part_band in bands:
+        r = src_band.shape[1]
+        t = tmp[:, :r]
+        torch.addcmul(off, t.copy_(src_band), sl, out=t)
+        if part.dtype == t.dtype:
+            part_band.add_(t)
         else:
-            part[b, :, y0:y1].copy_(acc[:, : y1 - y0].copy_(part[b, :, y0:y1]).add_(t))
+            part_band.copy_(acc[:, :r].copy_(part_band).add_(t))
 
 
 class Conv2d(nn.Conv2d):
