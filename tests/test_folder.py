@@ -77,6 +77,19 @@ def test_classes_txt_indexed_masks_and_foreground(tmp_path):
     assert set(np.unique(label)) == {0, 2}
 
 
+def test_classes_txt_gives_the_net_its_outputs_and_foreground(tmp_path):
+    from bgremover.train import build
+
+    write_folder(tmp_path / "d", value=2)
+    (tmp_path / "d" / "classes.txt").write_text("background\ncat\ndog\n")
+    cfg = compose_cfg(tmp_path / "run", ["data=folder", f"data.root={tmp_path / 'd'}", *FAST, "data.foreground=[dog]"])
+    config.validate_train(cfg)
+    model = build(cfg)["model"]
+    assert model.net.segmentation_head[0].out_channels == 3 and model.hparams.ignore_index == 3
+    assert model.hparams.default_foreground == ["dog"] and model.cutout["val_"].foreground == [2]
+    assert model.export_meta()["classes"] == ["background", "cat", "dog"]
+
+
 # --- splits ------------------------------------------------------------------------------------------------------
 def test_seeded_split_is_reproducible_disjoint_and_reusable(tmp_path):
     write_folder(tmp_path / "d", n=20)
