@@ -16,7 +16,12 @@ GEMM over an im2col of the 16-map output gradient (``conv3x3_weight_grad``); no 
 its bias gradient (that sends oneDNN down a path several times slower; ``Conv2d`` adds the bias after);
 batch statistics are a two-pass sum instead of ``var_mean``'s scalar Welford loop; and under bf16 autocast
 on a CPU without bf16 units the convolutions run bf16-rounded operands through fp32 kernels instead of
-PyTorch's slow bf16 fallback (``kernel_dtype``).
+PyTorch's slow bf16 fallback (``kernel_dtype``). On CPUs with bf16 units the convolutions run in bf16 (oneDNN);
+there, and on the emulated route, what cost most was elementwise maths mixing bf16 storage with fp32
+per-channel BatchNorm terms, which PyTorch's CPU loops run scalar, 10-50x slower than a conversion plus a
+same-dtype loop (``_mixed_cpu``): the BN-ReLU goes through an fp32 scratch band by band (``_bn_relu``), the BN
+parameter-gradient sums come from PyTorch's fused BN backward on a dense copy, and the gradient buffer is held
+in the kernel dtype.
 
 ``memory_efficient=True`` keeps nothing per layer but the shared buffer (plus per-channel statistics and
 the tiny dropout masks); the BN-ReLU output is recomputed in backward from the saved statistics, so
