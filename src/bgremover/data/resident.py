@@ -7,9 +7,10 @@ brightness/contrast, normalisation. No DataLoader, no worker, no host-device cop
 happens once per file list: the arrays are cached as .npz under $BGREMOVER_CACHE (~/.cache/bgremover).
 
 Val/test are the full frames padded to `pad_multiple` by the project's one rule (bgremover.padding: centred
-reflection, void labels), exactly what CamVidDataModule feeds, so metrics are comparable. Under DDP every rank takes its shard of one
-shared permutation (train) or of the frame list (val/test: no duplicates, so metrics stay exact).
-The albumentations DataLoader (CamVidDataModule, conf/data/camvid.yaml) stays the CPU path.
+reflection, void labels), exactly what CamVidDataModule feeds, so metrics are comparable. Under DDP every rank
+takes its stride of one shared permutation (train) or of the frame list (val/test: no duplicates, so metrics
+stay exact). Training on full frames (crop_size null) places each frame in a void-padded canvas instead of the
+CPU path's reflection padding. The albumentations DataLoader (CamVidDataModule, data=camvid) stays the CPU path.
 """
 
 from __future__ import annotations
