@@ -3,6 +3,7 @@
     python benchmarks/tiramisu_speed.py                       # full table: several hours on a 2-core CPU
     python benchmarks/tiramisu_speed.py --nets 103 --sizes 224 384x480 --modes bf16 memeff --steps 3
     python benchmarks/tiramisu_speed.py --malloc tuned ...    # glibc keeps freed memory (see MALLOC_TUNED)
+    python benchmarks/tiramisu_speed.py --rounds 3 ...        # ref/ours alternate 3 times: medians (loaded CPU)
 
 Img/s is from the median measured step. Every (net, size, implementation, mode) runs in a fresh subprocess so the peak memory of one does not hide
 in another's. Peak memory is the activation peak of the measured steps: on CPU the process' peak RSS
@@ -175,6 +176,12 @@ def run_config(
     return None
 
 
+def _median(results: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Per-figure median of the rounds that ran."""
+    ok = [r for r in results if r is not None]
+    return {k: statistics.median(r[k] for r in ok) for k in ok[0]} if ok else None
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -190,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--steps", type=int, default=3, help="measured training steps per configuration")
     p.add_argument("--warmup", type=int, default=WARMUP, help="unmeasured eager steps before measuring")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run reference and ours alternately this many times per mode and report medians "
+                        "(on a shared, loaded CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch", type=int, default=None,
                    help=f"batch size for every size (default: {SIZES['224'][2]}/{SIZES['384x480'][2]} on CPU, "
@@ -200,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="project net's bf16 route on CPU: auto (native where the CPU has bf16 units) or emulated")
     p.add_argument("--worker", nargs=4, metavar=("NET", "IMPL", "MODE", "SIZE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
-        p.error("--steps and --warmup must be >= 1")
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        p.error("--steps, --warmup and --rounds must be >= 1")
     if args.worker:
         net, impl, mode, size = args.worker
         result = worker(net, impl, mode, size, args.steps, args.warmup, args.device, args.bf16_route, args.batch)
@@ -228,10 +238,18 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes:
                 rmode = _ref_mode(mode)
                 key = (net, size, rmode)
-                if key not in ref_cache:
+                if args.rounds > 1:  # reference and ours alternate, so a change in the CPU's load hits both
+                    pairs = [(run_config(net, "ref", rmode, size, args), run_config(net, "ours", mode, size, args))
+                             for _ in range(args.rounds)]
+                    ref_cache[key] = _median([r for r, _ in pairs])
+                    ours = _median([o for _, o in pairs])
+                    ratios = [_ratio((o or {}).get("img_s"), (r or {}).get("img_s")) for r, o in pairs]
+                    print(f"  .. rounds' speed ratios {mode}: {' '.join(_fmt(x, '.2f') for x in ratios)}")
+                elif key not in ref_cache:
                     ref_cache[key] = run_config(net, "ref", rmode, size, args)
                 ref = ref_cache[key]
-                ours = run_config(net, "ours", mode, size, args)
+                if args.rounds == 1:
+                    ours = run_config(net, "ours", mode, size, args)
                 if ours is not None and (best_ours is None or ours["img_s"] > best_ours[1]["img_s"]):
                     best_ours = (mode, ours)
                 row = (net, size, mode, rmode, ref, ours)
@@ -246,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print(kind)
     batches = {k: args.batch or (GPU_BATCH[k] if args.device.startswith("cuda") else v[2]) for k, v in SIZES.items()}
     print(f"device={args.device} batch={batches} threads={_threads()} steps={args.steps} (median) warmup={args.warmup} "
-          f"malloc={args.malloc} bf16-route={args.bf16_route} loadavg before={load0[0]:.2f} after={os.getloadavg()[0]:.2f} "
+          f"rounds={args.rounds} malloc={args.malloc} bf16-route={args.bf16_route} loadavg before={load0[0]:.2f} after={os.getloadavg()[0]:.2f} "
           f"wall={time.time() - t_start:.0f}s")
     print(_HEADER)
     for row in rows:
