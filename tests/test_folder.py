@@ -309,3 +309,34 @@ def test_make_remover_bad_folder_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bgremover.train_remover", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: dataset folder not found: {tmp_path / 'missing'}"
+
+
+# --- the worked example's builder ---------------------------------------------------------------------------------
+def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, capsys):
+    from bgremover.data.make_folder import main
+
+    root = tmp_path / "CamVid"
+    rng = np.random.default_rng(0)
+    for split in fd.SPLITS:
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        label = np.zeros((96, 128), np.uint8)
+        label[30:60, 40:90] = 8  # a whole car
+        label[10:40, 110:128] = 8  # a car cut off by the right border
+        label[0:5, 0:5] = 11  # void
+        Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(root / split / "f.png")
+        Image.fromarray(label).save(root / f"{split}annot" / "f.png")
+    out = tmp_path / "cars"
+    assert main([str(out), "--data-root", str(root), "--min-side", "16", "--size", "32"]) == 0
+    for split in fd.SPLITS:
+        masks = sorted((out / split / "masks").iterdir())
+        assert [m.name for m in masks] == ["f_0.png"]  # only the whole car
+        m = np.asarray(Image.open(masks[0]))
+        assert m.shape == (32, 32) and set(np.unique(m)) == {0, 255}
+        assert Image.open(out / split / "images" / "f_0.jpg").size == (32, 32)
+    f = fd.scan(out)  # what it writes is a valid data=folder folder with fixed splits
+    assert f.fixed and f.labels.binary
+    assert main([str(out), "--data-root", str(root)]) == 1 and "exists" in capsys.readouterr().err
+    both = tmp_path / "cars2"
+    assert main([str(both), "--data-root", str(root), "--min-side", "16", "--size", "32", "--keep-truncated"]) == 0
+    assert len(list((both / "test" / "masks").iterdir())) == 2
