@@ -225,7 +225,7 @@ def test_two_epoch_gpu_fit_loss_falls(fit, request):
 
 def test_gpu_checkpoint_exports_and_predicts_on_cpu(resident_fit, camvid_root, tmp_path):
     _, _, objects = resident_fit
-    from bgremover.train import _best_checkpoint
+    from bgremover.lit.summary import best_checkpoint as _best_checkpoint
 
     ckpt = _best_checkpoint(objects["trainer"])
     assert ckpt and Path(ckpt).is_file()

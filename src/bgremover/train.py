@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,6 @@ from bgremover.errors import UserError
 log = logging.getLogger("bgremover.train")
 
 CONFIG_DIR = config.CONFIG_DIR
-INFER_SHAPE = (1, 3, 384, 480)  # a padded 480×360 CamVid frame, the size the report quotes latency for
-INFER_REPEATS = 3  # timed forward passes after one warm-up; the median is reported
 
 
 class RunInterrupted(Exception):
@@ -69,7 +66,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     )
     # Set after construction: passed as an argument, Hydra would instantiate this `_target_` dict too.
     model.hparams.net_config = OmegaConf.to_container(cfg.model.net, resolve=True)
-    callbacks = utils.instantiate_dict(cfg.get("callbacks"))
+    from bgremover.lit.summary import RunSummary
+
+    summary = RunSummary()  # not a config node: every run writes its summary.json
+    callbacks = [*utils.instantiate_dict(cfg.get("callbacks")), summary]
     if "logger" in cfg and cfg.logger and "wandb" in cfg.logger:
         mode = utils.wandb_mode()
         os.environ["WANDB_MODE"] = mode
@@ -87,7 +87,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:  # the whole resolved config, so dashboards can filter and group by any value
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "model/params": params})
     return {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks, "logger": loggers,
-            "trainer": trainer, "params": params}
+            "trainer": trainer, "params": params, "summary": summary}
 
 
 def _use_labels(cfg: DictConfig, info: dict[str, Any]) -> None:
@@ -111,11 +111,13 @@ def _fit(cfg: DictConfig, trainer, model, datamodule) -> None:
         if trainer.state.status != TrainerStatus.INTERRUPTED:
             raise
         signum = signal.SIGTERM if trainer.received_sigterm else signal.SIGINT
-        raise RunInterrupted(signum, _last_checkpoint(trainer), trainer.current_epoch, trainer.global_step) from exc
+        from bgremover.lit.summary import last_checkpoint
+
+        raise RunInterrupted(signum, last_checkpoint(trainer), trainer.current_epoch, trainer.global_step) from exc
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit, then test with the best checkpoint; returns (metric_dict, object_dict) and writes summary.json."""
+    """Fit, then test with the best checkpoint; returns (metric_dict, object_dict). RunSummary writes summary.json."""
     config.validate_train(cfg)
     quiet = utils.is_multirun() and not cfg.get("verbose")
     if cfg.extras.get("print_config") and not quiet:
@@ -131,59 +133,29 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     objects = build(cfg)
-    trainer, model, datamodule = objects["trainer"], objects["model"], objects["datamodule"]
-    start = time.time()
+    trainer, model, datamodule, summary = (objects[k] for k in ("trainer", "model", "datamodule", "summary"))
     if cfg.get("train", True):
         _fit(cfg, trainer, model, datamodule)
-    fit_seconds = time.time() - start
-    # Read before testing: loading the best checkpoint for test brings back that epoch's history.
-    history = list(model.history)
-    last = _last_checkpoint(trainer)
-    epochs = trainer.current_epoch
-    if not cfg.get("train", True):  # test-only: describe the checkpoint's training
-        saved = checkpoint.read(cfg.ckpt_path)
-        history, epochs, fit_seconds = list(saved.get("history", [])), int(saved.get("epoch", -1)) + 1, None
+    else:  # train=false ckpt_path=X tests X: how to finish a run that was stopped before its test stage
+        summary.from_checkpoint(checkpoint.read(cfg.ckpt_path), str(Path(cfg.ckpt_path).resolve()))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-
-    # train=false ckpt_path=X tests X: how to finish a run that was stopped before its test stage
-    best = _best_checkpoint(trainer) or (None if cfg.get("train", True) else cfg.get("ckpt_path"))
-    if cfg.get("test", True):
-        # Test the best epoch, not the last: the number a user would ship.
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=not quiet)
+    if cfg.get("test", True):  # the best epoch, not the last: the number a user would ship
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=summary.best_ckpt, weights_only=True,
+                     verbose=not quiet)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if model.val_miou_best.update_called:
         metrics["val/mIoU_best"] = float(model.val_miou_best.compute())
-
-    if trainer.is_global_zero:  # one summary and one timing per run, not one per DDP process
-        summary = {
-            "status": "ok",
-            "run_dir": str(Path(cfg.paths.output_dir).resolve()),
-            "net": model.hparams.net_name,
-            "experiment": cfg.get("experiment_name"),
-            "group": utils.sweep_group(cfg),
-            "seed": cfg.seed,
-            "params": objects["params"],
-            "epochs": epochs,
-            "global_step": trainer.global_step,
-            "wall_time_s": None if fit_seconds is None else round(fit_seconds, 2),
-            "best_ckpt": best,
-            "last_ckpt": last,
-            "test_split": test_split_info(metrics, datamodule),
-            "metrics": dict(sorted(metrics.items())),
-            "history": utils.history_lists(history),
-            "infer_ms_480x360": measure_inference_ms(model.net) if cfg.get("measure_inference", True) else None,
-            "hardware": _hardware(),
-            "overrides": utils.overrides(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        }
-        utils.write_json_atomic(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, summary)
-        for logger in objects["logger"]:
-            if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
-                logger.experiment.summary.update({"model/params": objects["params"],
-                                                  "wall_time_s": summary["wall_time_s"],
-                                                  "infer_ms_480x360": summary["infer_ms_480x360"],
-                                                  "test/complete": summary["test_split"]["complete"]})
-        log.info("summary: %s", Path(cfg.paths.output_dir) / utils.SUMMARY_NAME)
+    summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics, {
+        "run_dir": str(Path(cfg.paths.output_dir).resolve()),
+        "net": model.hparams.net_name,
+        "experiment": cfg.get("experiment_name"),
+        "group": utils.sweep_group(cfg),
+        "seed": cfg.seed,
+        "params": objects["params"],
+        "test_split": test_split_info(metrics, datamodule),
+        "overrides": utils.overrides(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }, measure_inference=cfg.get("measure_inference", True))
     return metrics, objects
 
 
@@ -199,56 +171,6 @@ def test_split_info(metrics: dict[str, float], datamodule) -> dict[str, Any]:
         pass
     frames = None if frames is None else int(frames)
     return {"frames": frames, "of": total, "complete": None if frames is None or total is None else frames == total}
-
-
-def _best_checkpoint(trainer) -> str | None:
-    from bgremover.lit.callbacks import best_checkpoint_callback
-
-    cb = best_checkpoint_callback(trainer)
-    path = cb.best_model_path if cb else ""
-    return str(Path(path).resolve()) if path else None
-
-
-def _last_checkpoint(trainer) -> str | None:
-    from bgremover.lit.callbacks import LastCheckpoint
-
-    for cb in trainer.callbacks:
-        if isinstance(cb, LastCheckpoint) and cb.path.exists():
-            return str(cb.path.absolute())  # the link itself, not its target: it moves with every epoch
-    return None
-
-
-def _hardware() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} ×{torch.cuda.device_count()}"
-    return f"CPU ×{torch.get_num_threads()} threads"
-
-
-def measure_inference_ms(net) -> float:
-    """Median fp32 eval-mode forward time of one padded 480×360 frame on this machine's CPU."""
-    import torch
-
-    with torch.no_grad():
-        return _time_forward(net)
-
-
-def _time_forward(net) -> float:
-    import torch
-
-    device = next(net.parameters()).device
-    was_training = net.training
-    net.eval()
-    x = torch.randn(INFER_SHAPE, device=device).contiguous(memory_format=torch.channels_last)
-    net(x)
-    times = []
-    for _ in range(INFER_REPEATS):
-        t = time.perf_counter()
-        net(x)
-        times.append((time.perf_counter() - t) * 1000)
-    net.train(was_training)
-    return round(sorted(times)[len(times) // 2], 2)
 
 
 def ddp_relaunch_conflict(cfg: DictConfig) -> str | None:
