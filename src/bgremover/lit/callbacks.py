@@ -186,8 +186,23 @@ def describe_estimate(trainer: pl.Trainer, seconds_per_step: float) -> str:
     return text
 
 
+GPU_REFRESH_STEPS = 20  # a bar update reads the loss off the GPU (a host sync): not every step there
+
+
 class EpochProgressBar(TQDMProgressBar):
-    """Lightning's bar, with `Epoch 3/100` instead of `Epoch 2`, so the run's length is always in view."""
+    """Lightning's bar, with `Epoch 3/100` instead of `Epoch 2`, so the run's length is always in view.
+
+    `refresh_rate=None` picks it from the device: every step on a CPU (a step can take seconds), every
+    GPU_REFRESH_STEPS on an accelerator (each update is a host sync that stalls the GPU's queue)."""
+
+    def __init__(self, refresh_rate: int | None = None, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=1 if refresh_rate is None else refresh_rate, **kwargs)
+        self._auto = refresh_rate is None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._auto and trainer.strategy.root_device.type != "cpu":
+            self._refresh_rate = GPU_REFRESH_STEPS
+        super().setup(trainer, pl_module, stage)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
