@@ -7,6 +7,7 @@ after the imports, the dataset scan and the net are built, deep inside a DataLoa
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,8 +18,28 @@ from bgremover.errors import UserError
 SUMMARY_NAME = "summary.json"  # per run: train.py writes it; the report, the exporter and sweeps read it
 SWEEP_REPORT_NAME = "sweep_summary.json"  # per multirun: every job with its status
 
-# The repository's conf/ (this file is src/bgremover/config.py); PROJECT_ROOT overrides it for other layouts.
-CONFIG_DIR = str(Path(os.environ.get("PROJECT_ROOT") or Path(__file__).resolve().parents[2]) / "conf")
+
+def find_config_dir() -> Path:
+    """$PROJECT_ROOT/conf, else the checkout's conf/ (editable install: any working directory), else the copy
+    `pip install .` puts in <prefix>/share/bgremover/conf."""
+    if os.environ.get("PROJECT_ROOT"):
+        return Path(os.environ["PROJECT_ROOT"]) / "conf"
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    if (checkout / "train.yaml").is_file():
+        return checkout
+    return Path(sys.prefix) / "share" / "bgremover" / "conf"
+
+
+CONFIG_DIR = str(find_config_dir())
+
+
+def require_config_dir() -> None:
+    """One line instead of Hydra's "Primary config directory not found" when no configs can be found."""
+    if not (Path(CONFIG_DIR) / "train.yaml").is_file():
+        from bgremover.errors import report
+
+        sys.exit(report(f"no configs at {CONFIG_DIR}: run from a bgremover checkout (pip install -e .) or set "
+                        "PROJECT_ROOT to one"))
 
 
 def _positive_int(value, key: str, allow_none: bool = False) -> None:

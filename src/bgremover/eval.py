@@ -46,8 +46,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
 
 
+def main() -> None:
+    """`python -m bgremover.eval`: Hydra's command line over conf/eval.yaml."""
+    config.require_config_dir()
+    _main()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     utils.quiet_libraries()
     try:
         metrics, _ = utils.run_task(evaluate, cfg)

@@ -197,8 +197,14 @@ def ddp_relaunch_conflict(cfg: DictConfig) -> str | None:
             f"or let SLURM start the processes (hydra/launcher=slurm hydra.launcher.tasks_per_node={n})")
 
 
+def main() -> float | None:
+    """`bgremover-train` / `python -m bgremover.train`: Hydra's command line over conf/train.yaml."""
+    config.require_config_dir()
+    return _main()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _main(cfg: DictConfig) -> float | None:
     multirun = utils.is_multirun()
     utils.quiet_libraries(verbose=bool(cfg.get("verbose")) or not multirun)
     if cfg.extras.get("enforce_tags") and not cfg.get("tags"):

@@ -1,0 +1,78 @@
+"""`pip install .` (not editable) into a fresh environment: the predictor finds the shipped model and the
+training entry points find their configs, from any working directory."""
+
+from __future__ import annotations
+
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+EXAMPLE = REPO / "examples" / "0001TP_009180.jpg"
+
+
+@pytest.fixture(scope="module")
+def fresh_env(tmp_path_factory) -> Path:
+    """A new venv with the wheel of this checkout installed (no editable link). Its dependencies come from the
+    project's venv through a .pth line (so no download); bgremover itself only from the wheel."""
+    tmp = tmp_path_factory.mktemp("install")
+    wheels = tmp / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(REPO)], check=True, capture_output=True, timeout=300)
+    env = tmp / "env"
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, capture_output=True, timeout=300)
+    py = env / "bin" / "python"
+    (wheel,) = wheels.glob("bgremover-*.whl")
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return env
+
+
+def _run(env: Path, *args: str, cwd: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("PROJECT_ROOT", "BGREMOVER_MODEL", "PYTHONPATH")}
+    return subprocess.run([str(env / "bin" / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**clean, **(extra_env or {})})
+
+
+@pytest.mark.slow
+def test_installed_predict_finds_the_shipped_model(fresh_env, tmp_path):
+    where = _run(fresh_env, "python", "-c", "import bgremover.remover as r; print(r.__file__, r.DEFAULT_MODEL)",
+                 cwd=tmp_path).stdout.split()
+    assert str(REPO) not in where[0] and where[1].startswith(str(fresh_env))  # the wheel, not the checkout
+    proc = _run(fresh_env, "bgremover-predict", str(EXAMPLE), "--out", str(tmp_path / "cut.png"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cut.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_installed_predict_without_a_model_says_where_to_put_one(fresh_env, tmp_path):
+    models = fresh_env / "share" / "bgremover" / "models"
+    hidden = models.with_name("models.hidden")
+    models.rename(hidden)
+    try:
+        proc = _run(fresh_env, "bgremover-predict", str(EXAMPLE), "--out", str(tmp_path / "x.png"), cwd=tmp_path)
+    finally:
+        hidden.rename(models)
+    errors = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(errors) == 1
+    assert str(models / "bgremover-camvid.onnx") in errors[0] and "--model" in errors[0]
+
+
+@pytest.mark.slow
+def test_installed_train_finds_its_configs_from_any_directory(fresh_env, tmp_path):
+    proc = _run(fresh_env, "bgremover-train", "--cfg", "job", "experiment=tiramisu103_camvid", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "experiment_name: tiramisu103_camvid" in proc.stdout and "FCDenseNet" in proc.stdout
+    installed = sorted(p.relative_to(fresh_env / "share" / "bgremover" / "conf")
+                       for p in (fresh_env / "share" / "bgremover" / "conf").rglob("*.yaml"))
+    in_checkout = sorted([p.relative_to(REPO / "conf") for p in (REPO / "conf").rglob("*.yaml")
+                          if "experiment" not in p.parts]
+                         + [Path("experiment") / p.name for p in (REPO / "experiments").glob("*.yaml")])
+    assert installed == in_checkout  # pyproject's data-files list every config folder
