@@ -115,6 +115,24 @@ def test_fixed_splits_are_used_as_they_are(tmp_path):
     assert all(img.parent.parent.name == s for s in fd.SPLITS for img, _ in chosen[s])
 
 
+def test_same_file_name_in_two_splits_keeps_each_its_size(tmp_path):
+    from bgremover.data.folder_datamodule import FolderDataModule
+
+    rng = np.random.default_rng(0)
+    for split, size in (("train", (40, 56)), ("val", (40, 56)), ("test", (32, 32))):
+        for sub in ("images", "masks"):
+            (tmp_path / "d" / split / sub).mkdir(parents=True)
+        for name in ("a", "b"):
+            img, mask = square_pair(rng, *size)
+            Image.fromarray(img).save(tmp_path / "d" / split / "images" / f"{name}.png")
+            Image.fromarray(mask).save(tmp_path / "d" / split / "masks" / f"{name}.png")
+    dm = FolderDataModule(str(tmp_path / "d"), image_size=None, num_workers=0, split_out=None)
+    dm.setup()
+    assert dm.datasets["train"].shapes == [(40, 56)] * 2 and dm.datasets["test"].shapes == [(32, 32)] * 2
+    x, y = dm.datasets["test"][0]
+    assert tuple(x.shape) == (3, 32, 32) and tuple(y.shape) == (32, 32)
+
+
 # --- every bad pair: one line naming the file, before anything is built ---------------------------------------------
 def _bad(tmp_path, case: str) -> tuple[Path, str]:
     root = write_folder(tmp_path / "bad", n=4)

@@ -245,7 +245,7 @@ class Folder:
     root: Path
     labels: Labels
     pairs: dict[str, list[tuple[Path, Path]]]  # split → pairs (fixed layout), or {"all": pairs}
-    sizes: dict[str, tuple[int, int]]  # image stem → (h, w) as stored (EXIF applied)
+    sizes: dict[Path, tuple[int, int]]  # image path → (h, w) as stored (EXIF applied)
 
     @property
     def fixed(self) -> bool:
@@ -272,7 +272,7 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
     for split_pairs in pairs.values():
         for img, mask in split_pairs:
             image, label = read_pair(img, mask, labels)
-            sizes[img.stem] = image.shape[:2]
+            sizes[img] = image.shape[:2]
     _SCANNED[key] = folder = Folder(root, labels, pairs, sizes)
     return folder
 
@@ -372,7 +372,7 @@ def check_config(data, splits_needed: Sequence[str] = SPLITS) -> Folder:
     if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
         raise FolderDataError(f"data.image_size must be a long side in pixels (>= 8) or null, got {side!r}")
     if data.get("crop_size") is None and "train" in splits_needed:
-        shapes = {resized_shape(*folder.sizes[img.stem], side) for img, _ in chosen["train"]}
+        shapes = {resized_shape(*folder.sizes[img], side) for img, _ in chosen["train"]}
         if len(shapes) > 1:
             raise FolderDataError(f"data.crop_size=null trains on whole images, which then must share one size; "
                                   f"{len(shapes)} sizes found: set data.crop_size=[H,W]")

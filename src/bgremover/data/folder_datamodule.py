@@ -28,7 +28,7 @@ class FolderDataset:
 
     def __init__(self, pairs, labels: fd.Labels, sizes: dict, long_side: int | None, transform=None):
         self.pairs, self.labels, self.long_side, self.transform = list(pairs), labels, long_side, transform
-        self.shapes = [fd.resized_shape(*sizes[img.stem], long_side) for img, _ in self.pairs]
+        self.shapes = [fd.resized_shape(*sizes[img], long_side) for img, _ in self.pairs]
 
     def __len__(self) -> int:
         return len(self.pairs)
