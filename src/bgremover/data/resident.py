@@ -21,13 +21,14 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bgremover.data.camvid import CamVidDataset, CamVidError, read_pair
-from bgremover.data.classes import MEAN, STD, VOID
+from bgremover.data.classes import VOID
 from bgremover.data.datamodule import CamVidDataModule
 
 CACHE_VERSION = 1  # bump when the cached array layout changes
@@ -218,37 +219,15 @@ class ResidentCamVidDataModule(CamVidDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
-        batch_size: int = 4,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        crop_size: Sequence[int] | None = (224, 224),
-        hflip: float = 0.5,
-        scale_jitter: float = 0.0,
-        color_jitter: float = 0.0,
-        pad_multiple: int = 32,
-        mean: Sequence[float] = MEAN,
-        std: Sequence[float] = STD,
-        class_weights: str | None = None,
-        download: bool = False,
-        limit_images: int | None = None,
-        limit_eval_images: int | None = None,
-        seed: int = 0,
+        *,
         scale_range: Sequence[float] | None = None,
         epoch_repeats: int = 1,
         channels_last: bool = True,
         cache: bool = True,
         device: str = "cpu",
+        **camvid_options: Any,  # CamVidDataModule's keys, with its defaults
     ):
-        super().__init__(
-            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-            pin_memory=pin_memory, persistent_workers=persistent_workers, crop_size=crop_size, hflip=hflip,
-            scale_jitter=scale_jitter, color_jitter=color_jitter, pad_multiple=pad_multiple, mean=mean, std=std,
-            class_weights=class_weights, download=download, limit_images=limit_images,
-            limit_eval_images=limit_eval_images, seed=seed,
-        )
+        super().__init__(**camvid_options)  # save_hyperparameters there records this class's keys too
         if scale_range is not None and not (len(scale_range) == 2 and 0 < scale_range[0] <= scale_range[1]):
             raise CamVidError(f"data.scale_range must be [lo, hi] with 0 < lo <= hi, not {scale_range}")
         if epoch_repeats < 1:
