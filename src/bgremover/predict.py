@@ -30,6 +30,7 @@ from bgremover.errors import report
 from bgremover.remover import (  # noqa: F401  (re-exported: the library's names, importable from here as before)
     DEFAULT_MODEL,
     IMAGE_EXTENSIONS,
+    INT8_SUFFIX,
     MAX_PIXELS,
     MAX_SIDE,
     MODEL_ENV,
@@ -75,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         "inputs", nargs="+", metavar="IMG|DIR", help="image files, folders of images, or - for stdin"
     )
     p.add_argument("--out", "-o", help="output folder, or output file for a single input (- = stdout)")
-    p.add_argument("--model", "-m", help=f"ONNX model (default ${MODEL_ENV} or {DEFAULT_MODEL})")
+    p.add_argument("--model", "-m", help=f"ONNX model (default ${MODEL_ENV}, else {DEFAULT_MODEL} or, when made from "
+                   f"it, its int8 copy {DEFAULT_MODEL.stem}{INT8_SUFFIX})")
     p.add_argument("--classes", "-c", help="comma-separated foreground classes (default: the model's)")
     p.add_argument("--threshold", "-t", type=float, help="hard mask: alpha = 255 where P(foreground) >= T")
     p.add_argument("--refine", action="store_true", help="snap the mask to image edges (guided filter)")

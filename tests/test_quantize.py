@@ -1,0 +1,163 @@
+"""`python -m bgremover.quantize`: a hand-built two-conv net on a synthetic CamVid-layout scene is calibrated,
+quantized, scored against its float self and written only when the accuracy gate passes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from bgremover import quantize as qz
+from bgremover.data.classes import CLASSES
+from bgremover.remover import BackgroundRemover, file_sha256, int8_path
+
+H, W = 40, 60
+GRAY, RED, GREEN = (128, 128, 128), (255, 0, 0), (0, 255, 0)
+SKY, CAR, PED = CLASSES.index("Sky"), CLASSES.index("Car"), CLASSES.index("Pedestrian")
+
+
+def build_net(path: Path) -> Path:
+    """image -> 3x3 stride-2 Conv (+/- copies of RGB) -> Relu -> 3x3 depthwise Conv (identity) -> 1x1 Conv
+    (class logits) -> 2x bilinear Resize. Red is Car, green Pedestrian, anything grayish Sky (margins of 50
+    logits, so int8 keeps every decision)."""
+    k = len(CLASSES)
+    w1 = np.zeros((6, 3, 3, 3), np.float32)
+    for c in range(3):
+        w1[c, c, 1, 1], w1[3 + c, c, 1, 1] = 1.0, -1.0
+    wd = np.zeros((6, 1, 3, 3), np.float32)
+    wd[:, 0, 1, 1] = 1.0
+    w2 = np.zeros((k, 6, 1, 1), np.float32)
+    b2 = np.full(k, -100.0, np.float32)
+    b2[SKY] = 0.0
+    w2[CAR, :3, 0, 0], b2[CAR] = [100.0, -100.0, -100.0], -50.0
+    w2[PED, :3, 0, 0], b2[PED] = [-100.0, 100.0, -100.0], -50.0
+    nodes = [
+        helper.make_node("Conv", ["image", "W1", "B1"], ["h"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "WD"], ["d"], pads=[1, 1, 1, 1], group=6),
+        helper.make_node("Conv", ["d", "W2", "B2"], ["z"]),
+        helper.make_node("Resize", ["z", "", "scales"], ["logits"], mode="linear"),
+    ]
+    graph = helper.make_graph(
+        nodes, "two-conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k, "H2", "W2"])],
+        initializer=[numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(np.zeros(6, np.float32), "B1"),
+                     numpy_helper.from_array(wd, "WD"), numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(b2, "B2"),
+                     numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {
+        "format": "bgremover-onnx", "format_version": 1, "classes": CLASSES, "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0], "size_multiple": 32, "default_foreground": ["Car", "Pedestrian"],
+        "net": "two-conv", "params": 200, "test_mIoU": 0.9, "exported_at": "2025-01-01T00:00:00+00:00",
+        "bgremover_version": "test", "input": "image", "output": "logits",
+    }  # fmt: skip
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "bgremover", json.dumps(meta)
+    onnx.save(model, str(path))
+    return path
+
+
+def scene(shift: int) -> tuple[np.ndarray, np.ndarray]:
+    rgb = np.empty((H, W, 3), np.uint8)
+    rgb[:] = GRAY
+    label = np.full((H, W), SKY, np.uint8)
+    rgb[8:24, 6 + shift : 26 + shift], label[8:24, 6 + shift : 26 + shift] = RED, CAR
+    rgb[10:30, 40:48], label[10:30, 40:48] = GREEN, PED
+    return rgb, label
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    root = tmp_path / "CamVid"
+    for split, n in (("train", 4), ("test", 3)):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in range(n):
+            rgb, label = scene(2 * i)
+            Image.fromarray(rgb).save(root / split / f"{split}_{i}.png")
+            Image.fromarray(label, mode="L").save(root / f"{split}annot" / f"{split}_{i}.png")
+    return root
+
+
+def test_quantize_writes_a_gated_int8_copy(tmp_path, data):
+    model = build_net(tmp_path / "net.onnx")
+    out = int8_path(model)
+    proc = subprocess.run([sys.executable, "-m", "bgremover.quantize", "--model", str(model), "--data-root", str(data),
+                           "--calib-frames", "3", "--threads", "1", "--quiet"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.is_file() and f"wrote {out}" in proc.stdout
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    q = onnx.load(str(out))
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("QuantizeLinear") >= 2 and ops.count("DequantizeLinear") >= 4  # activations and weights
+    producer = next(n for n in q.graph.node if "logits" in n.output)
+    assert producer.op_type == "Resize"  # the full-resolution logits stay float: fed by a DequantizeLinear
+    assert next(n for n in q.graph.node if producer.input[0] in n.output).op_type == "DequantizeLinear"
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    convs = [n for n in q.graph.node if n.op_type == "Conv"]
+    stem = convs[0]
+    assert stem.input[0] == "image" and inits[stem.input[1]].dtype == np.float32  # the stem stays float
+    weight_q = {n.output[0]: inits[n.input[0]] for n in q.graph.node
+                if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4}  # fmt: skip
+    depthwise, pointwise = (weight_q[c.input[1]] for c in convs[1:])
+    assert depthwise.dtype == np.int8 and int(np.abs(depthwise).max()) == 127  # 8 bits: never a saturating GEMM
+    assert pointwise.dtype == np.int8 and int(np.abs(pointwise).max()) == 64  # 7 bits: AVX2's 16-bit pairs can't saturate
+
+    int8 = BackgroundRemover(out, threads=1)
+    rec = int8.meta["quantization"]
+    assert rec["source_sha256"] == file_sha256(model) and rec["source"] == "net.onnx"
+    assert rec["calibration"] == {"split": "train", "frames": 3} and rec["float_nodes"] == [producer.name, stem.name]
+    assert rec["seven_bit_weights"] == 1
+    assert rec["eval"]["frames"] == 3 and rec["eval"]["float"]["mIoU"] == pytest.approx(rec["eval"]["int8"]["mIoU"])
+    assert int8.meta["net"] == "two-conv" and int8.meta["test_mIoU"] == 0.9  # the float model's document kept
+
+    rgb, label = scene(1)
+    ref = BackgroundRemover(model, threads=1)
+    a, b = ref.foreground_probability(rgb), int8.foreground_probability(rgb)
+    assert np.abs(a - b).max() < 0.05 and np.array_equal(a >= 0.5, b >= 0.5)
+    assert np.array_equal(ref.logits(rgb).argmax(0), int8.logits(rgb).argmax(0))
+
+
+def test_gate_failure_writes_nothing(tmp_path, data, monkeypatch):
+    model = build_net(tmp_path / "net.onnx")
+    out = tmp_path / "q" / "net.int8.onnx"
+    monkeypatch.setattr(qz, "MAX_MIOU_CHANGE", -1.0)  # nothing can pass: the refusal path
+    code = qz.main(["--model", str(model), "--out", str(out), "--data-root", str(data), "--calib-frames", "2",
+                    "--threads", "1", "--quiet"])  # fmt: skip
+    assert code == 1 and not out.exists() and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--calib-frames", "0"], 2, "--calib-frames must be >= 1"),
+        (["--eval-limit", "0"], 2, "--eval-limit must be >= 1"),
+        (["--threads", "-1"], 2, "--threads must be >= 0"),
+        (["--model", "nope.onnx"], 1, "model file not found: nope.onnx"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path, args, code, message, capsys):
+    assert qz.main(args) == code
+    err = capsys.readouterr().err
+    assert err.startswith("quantize: error: ") and message in err and err.count("\n") == 1
+
+
+def test_refuses_to_overwrite_the_float_model_or_run_without_data(tmp_path, data, capsys):
+    model = build_net(tmp_path / "net.onnx")
+    before = model.read_bytes()
+    assert qz.main(["--model", str(model), "--out", str(model), "--data-root", str(data)]) == 1
+    assert "would overwrite the float model" in capsys.readouterr().err and model.read_bytes() == before
+    assert qz.main(["--model", str(model), "--data-root", str(tmp_path / "none")]) == 1
+    assert "dataset folder not found" in capsys.readouterr().err and not int8_path(model).exists()
