@@ -161,3 +161,10 @@ def test_refuses_to_overwrite_the_float_model_or_run_without_data(tmp_path, data
     assert "would overwrite the float model" in capsys.readouterr().err and model.read_bytes() == before
     assert qz.main(["--model", str(model), "--data-root", str(tmp_path / "none")]) == 1
     assert "dataset folder not found" in capsys.readouterr().err and not int8_path(model).exists()
+
+
+def test_quantize_imports_no_torch():
+    code = ("import sys, bgremover.quantize, onnxruntime.quantization; "
+            "print(sorted(m for m in ('torch', 'lightning', 'pytorch_lightning', 'hydra') if m in sys.modules))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]

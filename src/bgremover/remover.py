@@ -7,7 +7,9 @@
 
 Stdlib, numpy, Pillow and onnxruntime only: this module must never import torch, lightning, hydra or a bgremover
 module that does — it is what people install to cut out images, and a test enforces it. One BackgroundRemover
-keeps no per-call state, so threads may share it (the service does).
+keeps no per-call state, so threads may share it (the service does). With no model named it loads the shipped
+model's int8 copy (`python -m bgremover.quantize`) while that copy was made from the float file beside it.
+Over 400 lines on purpose: decoding, the predictor and PNG encoding are the one module a user imports.
 """
 
 from __future__ import annotations
