@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -13,7 +14,6 @@ from torch import nn
 
 from bgremover.nets import tiramisu
 from bgremover.nets.tiramisu import (
-    TIRAMISU_CONFIGS,
     DenseBlock,
     FCDenseNet,
     count_parameters,
@@ -70,22 +70,24 @@ def _assert_same_run(a: nn.Module, b: nn.Module, x: torch.Tensor, atol: float = 
         torch.testing.assert_close(sa[name].double(), sb[name].double(), atol=atol, rtol=1e-9)
 
 
-@pytest.mark.parametrize(
-    ("factory", "millions"), [(fcdensenet56, 1.38), (fcdensenet67, 3.46), (fcdensenet103, 9.32)]
-)
-def test_parameter_counts_match_paper(factory, millions: float) -> None:
+# Jégou et al. 2017, Table 2: 1.5 M, 3.5 M, 9.4 M (rounded to 0.1 M); ours, built from the paper's Table 1
+# (blocks, growth rates, 48 stem filters): 1.38, 3.46, 9.32 M. Known difference: FC-DenseNet56 sits 8 % under the
+# paper's 1.5 M (67 and 103 are within 1.2 %); we found no reading of Table 1 that gives 1.5 M. Hence a 10 %
+# tolerance against the paper, and exact pins of our own counts so an architecture change is deliberate.
+PAPER_MILLIONS = {fcdensenet56: 1.5, fcdensenet67: 3.5, fcdensenet103: 9.4}
+OUR_COUNTS = {fcdensenet56: 1_376_795, fcdensenet67: 3_463_243, fcdensenet103: 9_322_091}
+
+
+@pytest.mark.parametrize("factory", [fcdensenet56, fcdensenet67, fcdensenet103])
+def test_parameter_counts_against_the_paper(factory) -> None:
     n = count_parameters(factory(num_classes=11))
-    assert abs(n / 1e6 - millions) <= 0.01 * millions, n
+    assert abs(n / 1e6 - PAPER_MILLIONS[factory]) <= 0.10 * PAPER_MILLIONS[factory], n
+    assert n == OUR_COUNTS[factory]  # a change of architecture must be deliberate
 
 
 def test_reference_has_same_parameters() -> None:
     ours, theirs = fcdensenet103(), ref.ref_fcdensenet("fcdensenet103")
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
-
-
-def test_configs_registry() -> None:
-    assert set(TIRAMISU_CONFIGS) == {"fcdensenet56", "fcdensenet67", "fcdensenet103"}
-    assert TIRAMISU_CONFIGS["fcdensenet103"]["up_blocks"] == (12, 10, 7, 5, 4)
 
 
 @pytest.fixture(params=["onednn", "gemm"])
@@ -441,3 +443,40 @@ def test_compiled_matches_eager_bf16() -> None:
     scale = eager_out.abs().max()
     assert scale > 0
     assert (comp_out - eager_out).abs().max() <= 0.03 * scale
+
+
+def test_small_gamma_fallback_matches_reference_float64(wgrad: str) -> None:
+    """BN weights below _MIN_GAMMA (0, and tiny of both signs) take the direct gamma-gradient sum instead of the
+    conv-adjoint identity that divides by gamma: exact against the reference in float64, on both routes."""
+    ours = FCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
+    _randomise(ours)
+    with torch.no_grad():
+        for block in (m for m in ours.modules() if isinstance(m, tiramisu.DenseBlock)):
+            for layer in block.layers:
+                layer.norm.weight[::3] = 0.0
+                layer.norm.weight[1::3] = -tiramisu._MIN_GAMMA / 10
+    theirs = ref.RefFCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 16, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    _assert_same_run(ours.train(), theirs.train(), x)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager() -> None:
+    """torch.compile over the training path (the custom autograd Function, batch statistics, running-stat
+    updates), as SegmentationModule(compile=True) uses it: loss, gradients and running stats equal eager."""
+    eager = FCDenseNet(num_classes=5, dropout=0.0, **MINI).to(memory_format=torch.channels_last).train()
+    _randomise(eager)
+    compiled_net = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_net)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (2, 16, 16))
+    for net, fn in ((eager, eager), (compiled_net, compiled)):
+        loss = nn.functional.cross_entropy(fn(x), y)
+        loss.backward()
+        net.loss = loss.detach()
+    torch.testing.assert_close(compiled_net.loss, eager.loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled_net.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+    for (name, a), b in zip(eager.state_dict().items(), compiled_net.state_dict().values(), strict=True):
+        torch.testing.assert_close(b.double(), a.double(), atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
