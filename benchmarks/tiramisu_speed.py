@@ -79,16 +79,16 @@ def _hwm_kib() -> int:
 
 def cpu_kind() -> str:
     """One line: CPU model, its bf16 units, and the bf16 route the project net takes on it."""
-    from bgremover.nets import tiramisu
+    from bgremover.nets import dense_block
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                  "unknown")
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     units = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["none (bf16 emulated)"]
-    route = "native" if tiramisu._CPU_NATIVE_BF16 else "emulated"
+    route = "native" if dense_block._CPU_NATIVE_BF16 else "emulated"
     return (f"cpu: {model}, {os.cpu_count()} cpus, avx2={'avx2' in flags}, bf16 units: {' '.join(units)}; "
-            f"project net's CPU bf16 route: {route} (oneDNN bf16 supported: {tiramisu._CPU_NATIVE_BF16})")
+            f"project net's CPU bf16 route: {route} (oneDNN bf16 supported: {dense_block._CPU_NATIVE_BF16})")
 
 
 def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, device: str,
@@ -100,11 +100,11 @@ def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, d
     sys.path.insert(0, str(HERE))
     from reference_tiramisu import ref_fcdensenet
 
-    from bgremover.nets import tiramisu
+    from bgremover.nets import dense_block
     from bgremover.nets.tiramisu import TIRAMISU_CONFIGS, FCDenseNet
 
     if bf16_route == "emulated":  # the route of CPUs without bf16 units (the reference has no such switch)
-        tiramisu._CPU_NATIVE_BF16 = False
+        dense_block._CPU_NATIVE_BF16 = False
 
     channels_last, bf16, compiled, mem_eff = MODE_FLAGS[mode]
     name = f"fcdensenet{net}"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bgremover.nets import tiramisu
+from bgremover.nets import dense_block
 from bgremover.nets.tiramisu import (
     DenseBlock,
     FCDenseNet,
@@ -96,9 +96,9 @@ def wgrad(request, monkeypatch) -> str:
     (forced on small inputs, with 2-row bands so a block's image spans several bands and a partial one;
     the batch-statistics pass gets 2-row bands too)."""
     if request.param == "gemm":
-        monkeypatch.setattr(tiramisu, "_GEMM_WGRAD_MIN_PIXELS", 0)
-        monkeypatch.setattr(tiramisu, "_WGRAD_BAND_PIXELS", 12)
-        monkeypatch.setattr(tiramisu, "_STATS_BAND_PIXELS", 12)
+        monkeypatch.setattr(dense_block, "_GEMM_WGRAD_MIN_PIXELS", 0)
+        monkeypatch.setattr(dense_block, "_WGRAD_BAND_PIXELS", 12)
+        monkeypatch.setattr(dense_block, "_STATS_BAND_PIXELS", 12)
     return request.param
 
 
@@ -121,7 +121,7 @@ def test_block_matches_cat_formulation_float64(cin: int, layers: int, growth: in
 @pytest.mark.parametrize(("n", "h", "w", "band"), [(2, 7, 5, 12), (1, 9, 11, 8192), (3, 4, 6, 1)])
 def test_gemm_weight_grad_matches_aten_float64(channels_last: bool, n: int, h: int, w: int, band: int,
                                                monkeypatch) -> None:
-    monkeypatch.setattr(tiramisu, "_WGRAD_BAND_PIXELS", band)
+    monkeypatch.setattr(dense_block, "_WGRAD_BAND_PIXELS", band)
     gen = torch.Generator().manual_seed(5)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     act = torch.randn(n, 6, h, w, dtype=torch.float64, generator=gen).contiguous(memory_format=fmt)
@@ -130,7 +130,7 @@ def test_gemm_weight_grad_matches_aten_float64(channels_last: bool, n: int, h: i
     g_y = torch.randn(n, 9, h, w, dtype=torch.float64, generator=gen).contiguous(memory_format=fmt)[:, 3:7]
     _, expected, _ = torch.ops.aten.convolution_backward(
         g_y, act, weight, [4], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
-    got = tiramisu.conv3x3_weight_grad(g_y, act)
+    got = dense_block.conv3x3_weight_grad(g_y, act)
     assert got.shape == (4, 6, 3, 3) and got.dtype == torch.float64
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
 
@@ -138,29 +138,29 @@ def test_gemm_weight_grad_matches_aten_float64(channels_last: bool, n: int, h: i
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("band", [1, 10, 8192])
 def test_batch_stats_match_var_mean(channels_last: bool, band: int, monkeypatch) -> None:
-    monkeypatch.setattr(tiramisu, "_STATS_BAND_PIXELS", band)
+    monkeypatch.setattr(dense_block, "_STATS_BAND_PIXELS", band)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(7)
     buf = (torch.randn(3, 9, 5, 7, dtype=torch.float64, generator=gen) * 3 + 2).contiguous(memory_format=fmt)
     x = buf[:, :6]  # a channel prefix of a wider buffer, as the dense block reads it
-    var, mean = tiramisu._batch_stats(x)
+    var, mean = dense_block._batch_stats(x)
     exp_var, exp_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(mean, exp_mean, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(var, exp_var, atol=1e-12, rtol=1e-12)
-    var32, _ = tiramisu._batch_stats(x.float().bfloat16())
+    var32, _ = dense_block._batch_stats(x.float().bfloat16())
     assert var32.dtype == torch.float32
 
 
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_gemm_weight_grad_bf16_accumulates_in_fp32(native_bf16: bool, monkeypatch) -> None:
-    monkeypatch.setattr(tiramisu, "_native_low_precision_gemm", lambda device: native_bf16)
+    monkeypatch.setattr(dense_block, "_native_low_precision_gemm", lambda device: native_bf16)
     gen = torch.Generator().manual_seed(6)
     act = torch.randn(2, 8, 40, 40, generator=gen).contiguous(memory_format=torch.channels_last)
     g_y = torch.randn(2, 4, 40, 40, generator=gen).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(4, 8, 3, 3)
     _, exact, _ = torch.ops.aten.convolution_backward(
         g_y, act, weight, [4], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
-    got = tiramisu.conv3x3_weight_grad(g_y.bfloat16(), act.bfloat16())
+    got = dense_block.conv3x3_weight_grad(g_y.bfloat16(), act.bfloat16())
     assert got.dtype == torch.float32  # summed over 3,200 pixels: a bf16 accumulator would lose digits
     torch.testing.assert_close(got, exact, atol=0.05 * exact.abs().max().item(), rtol=0.02)
 
@@ -262,7 +262,7 @@ def test_channels_last_bf16_forward_backward_every_size(factory) -> None:
 def test_bf16_autocast_close_to_fp32(native_bf16: bool, monkeypatch) -> None:
     """Both bf16 routes: stock bf16 kernels, and bf16-rounded operands through fp32 kernels (CPUs without
     bf16 units); outputs and gradients stay within bf16 error of fp32, and the output is bf16."""
-    monkeypatch.setattr(tiramisu, "_native_low_precision_gemm", lambda device: native_bf16)
+    monkeypatch.setattr(dense_block, "_native_low_precision_gemm", lambda device: native_bf16)
     net = FCDenseNet(num_classes=5, **TINY).train()
     _randomise(net)
     x = torch.randn(2, 3, 32, 32)
@@ -291,19 +291,19 @@ def bf16_route(request, monkeypatch) -> str:
     """Run a test on each CPU bf16 route, whatever this CPU has: native (bf16 kernels, as on CPUs with
     AVX-512-BF16/AMX; elsewhere PyTorch's slow fallback does the arithmetic) or emulated (bf16-rounded operands
     through fp32 kernels, the route of AVX2-only CPUs). The route follows the probe flag."""
-    monkeypatch.setattr(tiramisu, "_CPU_NATIVE_BF16", request.param == "native")
+    monkeypatch.setattr(dense_block, "_CPU_NATIVE_BF16", request.param == "native")
     return request.param
 
 
 def test_bf16_route_follows_the_cpu_probe(bf16_route: str) -> None:
     cpu = torch.device("cpu")
     expected = torch.bfloat16 if bf16_route == "native" else torch.float32
-    assert tiramisu.kernel_dtype(torch.bfloat16, cpu) == expected
-    assert tiramisu.kernel_dtype(torch.float32, cpu) == torch.float32
+    assert dense_block.kernel_dtype(torch.bfloat16, cpu) == expected
+    assert dense_block.kernel_dtype(torch.float32, cpu) == torch.float32
 
 
 def test_cpu_probe_is_onednn_bf16_support() -> None:
-    assert tiramisu._probe_cpu_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert dense_block._probe_cpu_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
@@ -354,7 +354,7 @@ def test_bn_relu_every_dtype_pair(x_dtype: torch.dtype, out_dtype: torch.dtype, 
                                   monkeypatch) -> None:
     """fp32 maths whatever the storage (fp32 route, emulated bf16, native bf16), one rounding at the end; small
     bands so an image spans several and a partial one."""
-    monkeypatch.setattr(tiramisu, "_MIXED_BAND_PIXELS", 14)
+    monkeypatch.setattr(dense_block, "_MIXED_BAND_PIXELS", 14)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(8)
     buf = (torch.randn(2, 9, 5, 6, generator=gen) + 32).to(x_dtype).contiguous(memory_format=fmt)
@@ -362,7 +362,7 @@ def test_bn_relu_every_dtype_pair(x_dtype: torch.dtype, out_dtype: torch.dtype, 
     scale, shift = torch.rand(7, generator=gen) + 0.5, torch.randn(7, generator=gen)
     shift -= 32 * scale  # the BN shift cancels most of scale * x
     out = torch.empty(2, 7, 5, 6, dtype=out_dtype).contiguous(memory_format=fmt)
-    got = tiramisu._bn_relu(x, scale, shift, out)
+    got = dense_block._bn_relu(x, scale, shift, out)
     assert got is out
     exact = (x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)).relu()
     tol = 2.0**-8 if out_dtype == torch.bfloat16 else 1e-6
@@ -373,7 +373,7 @@ def test_bn_relu_every_dtype_pair(x_dtype: torch.dtype, out_dtype: torch.dtype, 
 def test_stat_grad_on_bf16_buffer_rounds_once(grad_dtype: torch.dtype, monkeypatch) -> None:
     """The batch-statistics gradient term on a bf16 buffer, added to an fp32 (emulated) or bf16 (native)
     gradient: fp32 maths (the offset cancels slope * x), a single rounding."""
-    monkeypatch.setattr(tiramisu, "_MIXED_BAND_PIXELS", 14)
+    monkeypatch.setattr(dense_block, "_MIXED_BAND_PIXELS", 14)
     gen = torch.Generator().manual_seed(9)
     buf = (torch.randn(2, 9, 5, 6, generator=gen) + 32).bfloat16().contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 9, 5, 6, generator=gen).to(grad_dtype).contiguous(memory_format=torch.channels_last)
@@ -381,7 +381,7 @@ def test_stat_grad_on_bf16_buffer_rounds_once(grad_dtype: torch.dtype, monkeypat
     invstd = torch.rand(9, generator=gen) + 0.5
     g_shift, g_slope = torch.randn(9, generator=gen), torch.randn(9, generator=gen)
     before = grad.double()
-    tiramisu._apply_stat_grad(grad, buf, 2, 7, g_shift, g_slope, mean, invstd)
+    dense_block._apply_stat_grad(grad, buf, 2, 7, g_shift, g_slope, mean, invstd)
     slope = (g_slope * invstd).double().view(1, -1, 1, 1)
     exact = before.clone()
     exact[:, 2:7] += slope[:, 2:7] * (buf[:, 2:7].double() - mean[2:7].double().view(1, -1, 1, 1))
@@ -451,10 +451,10 @@ def test_small_gamma_fallback_matches_reference_float64(wgrad: str) -> None:
     ours = FCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
     _randomise(ours)
     with torch.no_grad():
-        for block in (m for m in ours.modules() if isinstance(m, tiramisu.DenseBlock)):
+        for block in (m for m in ours.modules() if isinstance(m, dense_block.DenseBlock)):
             for layer in block.layers:
                 layer.norm.weight[::3] = 0.0
-                layer.norm.weight[1::3] = -tiramisu._MIN_GAMMA / 10
+                layer.norm.weight[1::3] = -dense_block._MIN_GAMMA / 10
     theirs = ref.RefFCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 16, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
