@@ -8,8 +8,8 @@ the frame edge; `--keep-truncated` keeps those too), a square crop around it (th
 frame) is resized to `--size`² and written as OUT/<split>/images/<frame>_<n>.jpg with its mask
 OUT/<split>/masks/<frame>_<n>.png (255 = any pixel of the classes, 0 = the rest; CamVid's void pixels become
 `--void-value`, default 0 = background). CamVid's own train/val/test split is kept, so the held-out crops come
-from frames, and mostly sequences, the net never saw: consecutive CamVid frames show the same cars, and a
-random split of the crops would put near-copies of test crops in train.
+from frames the net never saw (the later part of the 0001TP video and the Seq05VD video): consecutive CamVid
+frames show the same cars, and a random split of the crops would put near-copies of test crops in train.
 
 With the defaults: 176 train, 11 val, 76 test crops of cars (337, 28, 119 with --keep-truncated). The folder is built under a temporary name and
 renamed into place; an existing OUT is never touched. CamVid (Brostow, Fauqueur, Cipolla) is CC BY-NC 4.0, so
