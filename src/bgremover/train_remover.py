@@ -22,7 +22,8 @@ from pathlib import Path
 from bgremover.config import CONFIG_DIR, SUMMARY_NAME
 from bgremover.errors import UserError
 
-PROJECT_ROOT = Path(CONFIG_DIR).parent  # relative paths of the configs (ckpt_init, logs/) are relative to this
+# where the configs and models/ are (a checkout, or pip's share/bgremover): the recipe's ckpt_init is found from here
+PROJECT_ROOT = Path(CONFIG_DIR).parent
 MODEL_NAME = "remover.onnx"
 
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bgremover.train_remover", description=__doc__.splitlines()[0])
     p.add_argument("data", help="your folder: images/ + masks/, or train|val|test/{images,masks}")
     p.add_argument("--exp", default="remover", help="experiment (experiments/<exp>.yaml, default remover)")
-    p.add_argument("--run-dir", help="run folder (default logs/remover/runs/<date>_<time>)")
+    p.add_argument("--run-dir", help="run folder (default ./logs/remover/runs/<date>_<time>)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. remover_budget_s=600 ckpt_init=null")
     args = p.parse_intermixed_args(argv)  # options may come after the overrides
     data = Path(args.data).expanduser()
@@ -81,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     data = data.resolve()
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-    run = Path(args.run_dir or PROJECT_ROOT / "logs" / "remover" / "runs" / stamp).resolve()
+    run = Path(args.run_dir or Path("logs") / "remover" / "runs" / stamp).resolve()
     cmd = [sys.executable, "-m", "bgremover.train", f"experiment={args.exp}", f"data.root={data}",
            f"hydra.run.dir={run}", "task_name=remover", *args.overrides]
     env = {**os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
     print(f"remover: training {args.exp} on {data} → {run}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=env, cwd=env["PROJECT_ROOT"])
+    proc = subprocess.Popen(cmd, env=env)
     try:
         rc = proc.wait()
     except KeyboardInterrupt:  # the training got the Ctrl-C too: it saves last.ckpt and says how to resume
