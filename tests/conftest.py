@@ -10,6 +10,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 from PIL import Image
 
 import bgremover.utils  # noqa: F401  (registers the config resolvers the compose API needs)
@@ -23,6 +27,43 @@ def real_camvid_root() -> Path | None:
         if candidate and (Path(candidate) / "train").is_dir():
             return Path(candidate).resolve()
     return None
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train"):
+    """A run config as `python -m bgremover.train` would build it, writing into tmp_path.
+
+    Without an `experiment=` override the base config is used (`~experiment`), not the default quick recipe:
+    a test states every setting it depends on."""
+    if config_name == "train" and not any(o.startswith(("experiment=", "~experiment")) for o in overrides):
+        overrides = ["~experiment", *overrides]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.log_dir = str(tmp_path)
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def randomise_bn(module, seed: int = 0) -> None:
+    """Non-trivial BN affine params / running stats and conv biases (seeded, so every process agrees): a wrong
+    formula cannot hide behind 1s and 0s."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 - 1)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 2 - 1)
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            elif isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import CONF_DIR, REPO, write_camvid
+from conftest import CONF_DIR, REPO, randomise_bn, write_camvid
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -46,18 +46,6 @@ def _rows(rank: int, world: int, n: int = BATCH) -> slice:
     return slice(start, start + sizes[rank])
 
 
-def _randomise(module: nn.Module) -> None:
-    """Non-trivial BN affine parameters, running stats and conv biases (seeded, so every process agrees)."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 - 1)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 2 - 1)
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            elif isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
 
 
 class _AllReduceBN(nn.BatchNorm2d):
@@ -110,7 +98,7 @@ def block_case(rank: int, world: int, sync: bool = True, memory_efficient: bool 
     """One training step of a two-input dense block (like the up path's) on this rank's rows, float64."""
     torch.manual_seed(0)  # the conv weights: same in every process, whatever ran before
     block = DenseBlock(6, 3, 4, dropout=0.0, memory_efficient=memory_efficient).double()
-    _randomise(block)
+    randomise_bn(block)
     if sync:
         nn.SyncBatchNorm.convert_sync_batchnorm(block)  # what Lightning's sync_batchnorm=True does
     g = torch.Generator().manual_seed(1)
@@ -140,7 +128,7 @@ def net_case(rank: int, world: int) -> dict:
     """
     torch.manual_seed(0)
     net = FCDenseNet(**TINY).double()
-    _randomise(net)
+    randomise_bn(net)
     for down in net.trans_down:
         ref = _AllReduceBN(down.norm.num_features).double()
         ref.load_state_dict(down.norm.state_dict())

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, REPO
-from test_tiramisu import TINY, _randomise, ref
+from conftest import REPO, compose_cfg, randomise_bn
+from test_tiramisu import TINY, ref
 
 from bgremover.nets.tiramisu import TIRAMISU_CONFIGS, FCDenseNet
 
@@ -63,7 +63,7 @@ def _pair(cfg: dict, memory_efficient: bool, dtype: torch.dtype, channels_last: 
     """(ours, reference) with the same random weights and BN state, dropout off, on the GPU."""
     torch.manual_seed(seed)
     ours = FCDenseNet(num_classes=11, dropout=0.0, memory_efficient=memory_efficient, **cfg)
-    _randomise(ours, seed) if exact else _well_conditioned(ours, seed)
+    randomise_bn(ours, seed) if exact else _well_conditioned(ours, seed)
     theirs = ref.RefFCDenseNet(num_classes=11, dropout=0.0, **cfg)
     theirs.load_state_dict(ours.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -165,22 +165,6 @@ def test_compiled_training_step_matches_eager():
 
 
 # --- a real fit on the GPU, then export and predict on a CPU-only process ----------------------------------------
-def _compose(tmp_path: Path, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = cfg.paths.log_dir = cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
-
-
 def _fit(data: str, camvid_root: Path, out: Path):
     """2 epochs of FC-DenseNet56 with trainer=gpu (bf16) on all 367 train frames (22 steps of 16 224² crops per
     epoch: enough steps that the epoch means compare learning, not noise); val on 16 frames.
@@ -189,7 +173,7 @@ def _fit(data: str, camvid_root: Path, out: Path):
 
     size = ["data.limit_images=96", "data.crop_size=[96,96]", "data.batch_size=8", "data.limit_eval_images=2",
             "trainer.accelerator=cpu"] if ON_CPU else []
-    cfg = _compose(out, [
+    cfg = compose_cfg(out, [
         # AdamW: RMSprop's first steps (the paper recipe) overshoot, so two short epochs might not show the fall
         "~experiment", "model=tiramisu56", "model.optimizer._target_=torch.optim.AdamW", "trainer=gpu", f"data={data}", f"data.root={camvid_root}",
         "data.batch_size=16", "data.eval_batch_size=4", "data.crop_size=[224,224]", "data.num_workers=6",

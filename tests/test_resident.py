@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONF_DIR, write_camvid
+from conftest import CONF_DIR, compose_cfg, write_camvid
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from PIL import Image
 
 from bgremover.data import CamVidDataModule, ResidentCamVidDataModule
@@ -249,17 +247,6 @@ def test_real_frames(camvid_root):
 
 
 # --- training through Hydra -----------------------------------------------------------------------------------
-def compose_cfg(tmp_path: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = cfg.paths.log_dir = cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
-
-
 # `~experiment`: the base config, not the default quick recipe, so the test states what it depends on
 SMALL = ["~experiment", "data=camvid_resident", "data.batch_size=2", "data.eval_batch_size=2", "data.crop_size=[32,32]",
          "data.num_workers=1", "extras.print_config=false", "measure_inference=false", "logger=csv"]

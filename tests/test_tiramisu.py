@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomise_bn
 from torch import nn
 
 from bgremover.nets import dense_block
@@ -34,18 +35,6 @@ TINY = {"down_blocks": (2, 3), "up_blocks": (3, 2), "bottleneck_layers": 2, "gro
 BLOCK_SHAPES = [(5, 1, 3), (6, 3, 4), (4, 5, 2)]  # (in_channels, layers, growth)
 
 
-def _randomise(module: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN affine params / running stats, so a wrong formula cannot hide behind 1s and 0s."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 - 1)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 2 - 1)
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            elif isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
 
 
 def _fwd_bwd(model: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None):
@@ -108,7 +97,7 @@ def wgrad(request, monkeypatch) -> str:
 def test_block_matches_cat_formulation_float64(cin: int, layers: int, growth: int, train: bool,
                                                memory_efficient: bool, wgrad: str) -> None:
     ours = DenseBlock(cin, layers, growth, dropout=0.0, memory_efficient=memory_efficient).double()
-    _randomise(ours)
+    randomise_bn(ours)
     theirs = ref.RefDenseBlock(cin, layers, growth, dropout=0.0).double()
     theirs.load_state_dict(ours.state_dict())
     ours.train(train)
@@ -167,7 +156,7 @@ def test_gemm_weight_grad_bf16_accumulates_in_fp32(native_bf16: bool, monkeypatc
 
 def test_block_takes_several_inputs_like_a_concat() -> None:
     block = DenseBlock(7, 2, 3, dropout=0.0).double()
-    _randomise(block)
+    randomise_bn(block)
     a = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     split = block(a, b)
@@ -187,7 +176,7 @@ def test_block_takes_several_inputs_like_a_concat() -> None:
 @pytest.mark.parametrize("train", [True, False])
 def test_whole_net_matches_reference_float64(train: bool, channels_last: bool, wgrad: str) -> None:
     ours = FCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
-    _randomise(ours)
+    randomise_bn(ours)
     theirs = ref.RefFCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
     theirs.load_state_dict(ours.state_dict())
     ours.train(train)
@@ -201,7 +190,7 @@ def test_whole_net_matches_reference_float64(train: bool, channels_last: bool, w
 
 def test_memory_efficient_same_gradients_and_bn_stats_updated_once() -> None:
     normal = FCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
-    _randomise(normal)
+    randomise_bn(normal)
     lean = FCDenseNet(num_classes=5, dropout=0.0, memory_efficient=True, **TINY).double()
     lean.load_state_dict(normal.state_dict())
     for m in (normal, lean):
@@ -217,7 +206,7 @@ def test_memory_efficient_same_gradients_and_bn_stats_updated_once() -> None:
 def test_memory_efficient_replays_the_same_dropout_mask() -> None:
     normal = DenseBlock(6, 3, 4, dropout=0.5).double()
     lean = DenseBlock(6, 3, 4, dropout=0.5, memory_efficient=True).double()
-    _randomise(normal)
+    randomise_bn(normal)
     lean.load_state_dict(normal.state_dict())
     x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
     torch.manual_seed(7)
@@ -264,7 +253,7 @@ def test_bf16_autocast_close_to_fp32(native_bf16: bool, monkeypatch) -> None:
     bf16 units); outputs and gradients stay within bf16 error of fp32, and the output is bf16."""
     monkeypatch.setattr(dense_block, "_native_low_precision_gemm", lambda device: native_bf16)
     net = FCDenseNet(num_classes=5, **TINY).train()
-    _randomise(net)
+    randomise_bn(net)
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(0)
     out32 = net(x)
@@ -314,7 +303,7 @@ def test_block_bf16_routes_close_to_float64(bf16_route: str, train: bool, memory
     in bf16) would cancel badly: measured, a bf16 BN-ReLU gives an input-gradient error of 0.048 here, the
     fp32 maths 0.006-0.013, PyTorch's own autocast reference block 0.009."""
     block = DenseBlock(24, 4, 8, dropout=0.0, memory_efficient=memory_efficient)
-    _randomise(block)
+    randomise_bn(block)
     exact = DenseBlock(24, 4, 8, dropout=0.0).double()
     exact.load_state_dict(block.state_dict())
     block.train(train)
@@ -434,7 +423,7 @@ MINI = {"down_blocks": (1,), "up_blocks": (1,), "bottleneck_layers": 1, "growth_
 @pytest.mark.slow
 def test_compiled_matches_eager_bf16() -> None:
     net = FCDenseNet(num_classes=5, dropout=0.0, **MINI).to(memory_format=torch.channels_last).eval()
-    _randomise(net)
+    randomise_bn(net)
     x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     compiled = torch.compile(net)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -449,7 +438,7 @@ def test_small_gamma_fallback_matches_reference_float64(wgrad: str) -> None:
     """BN weights below _MIN_GAMMA (0, and tiny of both signs) take the direct gamma-gradient sum instead of the
     conv-adjoint identity that divides by gamma: exact against the reference in float64, on both routes."""
     ours = FCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
-    _randomise(ours)
+    randomise_bn(ours)
     with torch.no_grad():
         for block in (m for m in ours.modules() if isinstance(m, dense_block.DenseBlock)):
             for layer in block.layers:
@@ -466,7 +455,7 @@ def test_compiled_training_step_matches_eager() -> None:
     """torch.compile over the training path (the custom autograd Function, batch statistics, running-stat
     updates), as SegmentationModule(compile=True) uses it: loss, gradients and running stats equal eager."""
     eager = FCDenseNet(num_classes=5, dropout=0.0, **MINI).to(memory_format=torch.channels_last).train()
-    _randomise(eager)
+    randomise_bn(eager)
     compiled_net = copy.deepcopy(eager)
     compiled = torch.compile(compiled_net)
     x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)

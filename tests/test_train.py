@@ -11,11 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, REPO
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from conftest import CONF_DIR, REPO, compose_cfg  # noqa: F401  (compose_cfg: other test files import it from here)
 from wandb_records import offline_run
 
 from bgremover.train import train
@@ -41,25 +37,6 @@ SMALL_RUN = [
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=2",
 ]
-
-
-def compose_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train"):
-    """A run config as `python -m bgremover.train` would build it, writing into tmp_path.
-
-    Without an `experiment=` override the base config is used (`~experiment`), not the default quick recipe:
-    a test states every setting it depends on."""
-    if config_name == "train" and not any(o.startswith(("experiment=", "~experiment")) for o in overrides):
-        overrides = ["~experiment", *overrides]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.paths.log_dir = str(tmp_path)
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 @pytest.mark.slow
