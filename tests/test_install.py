@@ -76,3 +76,8 @@ def test_installed_train_finds_its_configs_from_any_directory(fresh_env, tmp_pat
                           if "experiment" not in p.parts]
                          + [Path("experiment") / p.name for p in (REPO / "experiments").glob("*.yaml")])
     assert installed == in_checkout  # pyproject's data-files list every config folder
+    # the remover recipe's fine-tuning start point resolves to the installed copy of the shipped weights
+    proc = _run(fresh_env, "bgremover-train", "--cfg", "job", "--resolve", "experiment=remover", "data.root=x",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"ckpt_init: {fresh_env / 'share' / 'bgremover' / 'models' / 'bgremover-camvid.pt'}" in proc.stdout

@@ -43,9 +43,19 @@ def tiramisu(variant: str, key: str):
     return list(value) if isinstance(value, tuple) else value
 
 
+def shipped_model(name: str) -> str:
+    """`${shipped_model:bgremover-camvid.pt}`: a file of the shipped models, in the checkout or where
+    `pip install .` put them (<prefix>/share/bgremover/models), whatever the working directory."""
+    from bgremover.remover import _shipped_models
+
+    return str(_shipped_models() / name)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("cpu_precision"):
         OmegaConf.register_new_resolver("cpu_precision", cpu_precision)
+    if not OmegaConf.has_resolver("shipped_model"):
+        OmegaConf.register_new_resolver("shipped_model", shipped_model)
     if not OmegaConf.has_resolver("tiramisu"):
         OmegaConf.register_new_resolver("tiramisu", tiramisu)
 
