@@ -358,3 +358,20 @@ def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, caps
     both = tmp_path / "cars2"
     assert main([str(both), "--data-root", str(root), "--min-side", "16", "--size", "32", "--keep-truncated"]) == 0
     assert len(list((both / "test" / "masks").iterdir())) == 2
+
+
+def test_ddp_evaluation_counts_every_folder_frame_once(tmp_path):
+    """Under DDP the test split is spread over the ranks without repeats (Lightning's default sampler pads)."""
+    from types import SimpleNamespace
+
+    from bgremover.data.folder_datamodule import FolderDataModule
+
+    write_folder(tmp_path / "d", n=10)
+    dm = FolderDataModule(str(tmp_path / "d"), image_size=None, num_workers=0, split_out=None, eval_batch_size=1)
+    dm.setup("test")
+    n = len(dm.datasets["test"])
+    seen = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        seen += list(dm.test_dataloader().sampler)
+    assert sorted(seen) == list(range(n))

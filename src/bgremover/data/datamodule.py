@@ -111,24 +111,7 @@ class CamVidDataModule(pl.LightningDataModule):
         )
 
     def _eval_sampler(self, split: str) -> Sampler | None:
-        """Under DDP, every val/test frame on exactly one rank; None in a single process.
-
-        Lightning's default DistributedSampler pads the ranks to equal length with repeated frames, which would
-        then count twice in the epoch's mIoU. Unpadded, a rank may run one batch fewer than another: fine in
-        evaluation, where metrics sync once at the epoch's end (DDP syncs buffers only at the first batch, and
-        each rank gets at least one frame).
-        """
-        trainer = self.trainer
-        if trainer is None or trainer.world_size <= 1:
-            return None
-        from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-
-        dataset = self.datasets[split]
-        if len(dataset) < trainer.world_size:  # a rank without a single batch would stall the others
-            raise CamVidError(f"the {split} split has {len(dataset)} frames, fewer than the {trainer.world_size} "
-                              "DDP processes: evaluate on fewer devices")
-        return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                            shuffle=False)
+        return eval_sampler(self.trainer, self.datasets[split], split)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -143,3 +126,20 @@ class CamVidDataModule(pl.LightningDataModule):
         return self._loader("test", False)
 
 
+def eval_sampler(trainer, dataset, split: str) -> Sampler | None:
+    """Under DDP, every val/test frame on exactly one rank; None in a single process (any datamodule's loaders).
+
+    Lightning's default DistributedSampler pads the ranks to equal length with repeated frames, which would
+    then count twice in the epoch's mIoU. Unpadded, a rank may run one batch fewer than another: fine in
+    evaluation, where metrics sync once at the epoch's end (DDP syncs buffers only at the first batch, and
+    each rank gets at least one frame).
+    """
+    if trainer is None or trainer.world_size <= 1:
+        return None
+    from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+    if len(dataset) < trainer.world_size:  # a rank without a single batch would stall the others
+        raise CamVidError(f"the {split} split has {len(dataset)} frames, fewer than the {trainer.world_size} "
+                          "DDP processes: evaluate on fewer devices")
+    return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                        shuffle=False)

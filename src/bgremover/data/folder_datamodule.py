@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from bgremover.data import folder as fd
 from bgremover.data.camvid import _seed_worker, build_transforms, select
 from bgremover.data.classes import MEAN, STD
+from bgremover.data.datamodule import eval_sampler
 
 log = logging.getLogger("bgremover.train")
 
@@ -127,7 +128,10 @@ class FolderDataModule(pl.LightningDataModule):
         if not train and batch > 1 and len({tuple(-(-s // hp.pad_multiple) for s in shape) for shape in ds.shapes}) > 1:
             log.info("%s images differ in size: evaluated one at a time", split)  # whole images cannot be stacked
             batch = 1
-        return DataLoader(ds, batch_size=batch, shuffle=train, drop_last=train and len(ds) > hp.batch_size,
+        # under DDP, val/test frames each on one rank, once (CamVidDataModule's rule)
+        sampler = None if train else eval_sampler(self.trainer, ds, split)
+        return DataLoader(ds, batch_size=batch, shuffle=train, sampler=sampler,
+                          drop_last=train and len(ds) > hp.batch_size,
                           num_workers=hp.num_workers, pin_memory=hp.pin_memory,
                           persistent_workers=bool(hp.persistent_workers and hp.num_workers > 0),
                           worker_init_fn=_seed_worker if hp.num_workers > 0 else None,
