@@ -366,8 +366,9 @@ def test_ddp_evaluation_counts_every_folder_frame_once(tmp_path):
 
     from bgremover.data.folder_datamodule import FolderDataModule
 
-    write_folder(tmp_path / "d", n=10)
+    write_folder(tmp_path / "d", n=30)
     dm = FolderDataModule(str(tmp_path / "d"), image_size=None, num_workers=0, split_out=None, eval_batch_size=1)
+    assert len(dm.split_pairs["test"]) >= 3
     dm.setup("test")
     n = len(dm.datasets["test"])
     seen = []
