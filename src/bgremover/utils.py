@@ -281,23 +281,25 @@ def quiet_libraries(verbose: bool = True) -> None:
     (GPU available, model summary), so a sweep prints one line per job. Everything still reaches the log file."""
     import warnings
 
-    import pytorch_lightning  # noqa: F401  (its import sets its logger to INFO: import first, then quieten)
-
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+    # Filters on the handlers, not levels on the loggers: a logger's own filter does not see what its children
+    # pass up, importing Lightning resets its logger to INFO (and costs seconds this early), and a level would
+    # keep the lines out of the run's log file too.
     drop = _DropNoise()
-    # on the handlers: a logger's own filter does not see records that its child loggers pass up
     for handler in logging.getLogger().handlers:
         handler.addFilter(drop)
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        for handler in logger.handlers:
-            handler.addFilter(drop)
-        if not verbose:
-            logger.setLevel(logging.WARNING)
+        if not verbose and not isinstance(handler, logging.FileHandler):  # the terminal only
+            handler.addFilter(_QuietInfo())
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" on first use
-    if not verbose:
-        logging.getLogger("bgremover").setLevel(logging.WARNING)
+
+
+class _QuietInfo(logging.Filter):
+    """Below WARNING, nothing from Lightning or bgremover on the terminal of a sweep job (its log file keeps all)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(
+            ("pytorch_lightning", "lightning_fabric", "lightning", "bgremover"))
 
 
 def print_job_line(cfg: DictConfig) -> None:
