@@ -15,24 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bgremover.utils import cpu_kind
+
 ARMS = {"finetune": [], "scratch": ["ckpt_init=null"]}
 
-
-def cpu_kind() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line for line in info.splitlines() if line.startswith("flags"))
-        isa = "AVX-512-BF16" if "avx512_bf16" in flags else ("AVX-512" if "avx512f" in flags else "AVX2")
-        return f"{name}, {os.cpu_count()} cores, {isa}"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def load() -> str:

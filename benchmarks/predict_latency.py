@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from PIL import Image  # noqa: E402
 
 from bgremover import remover as lib  # noqa: E402
 from bgremover.padding import crop  # noqa: E402
+from bgremover.utils import cpu_kind  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # A real photo, because PNG cost depends on content; a synthetic scene stands in where CamVid is absent.
@@ -178,19 +178,6 @@ def load_average() -> str:
     except OSError:
         return "n/a"
 
-
-def cpu_kind() -> str:
-    name, flags = platform.processor() or "cpu", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{name}, {os.cpu_count()} logical CPUs, {isa}{' + BF16' if 'avx512_bf16' in flags else ''}"
 
 
 def stage_profile(remover: lib.BackgroundRemover, data: bytes, reps: int) -> list[tuple[str, list[float]]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -25,21 +24,11 @@ import time
 from http.client import HTTPConnection
 from pathlib import Path
 
+from bgremover.utils import cpu_kind
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "0001TP_008910.jpg"  # a real CamVid test frame, 480x360 JPEG
 
-
-def cpu_kind() -> str:
-    model, flags = platform.processor() or "?", ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        model = found.group(1).strip() if found else model
-        cpu_flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or [None, ""])[1].split())
-        flags = "avx512_bf16" if "avx512_bf16" in cpu_flags else ("avx2" if "avx2" in cpu_flags else "no avx2")
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical cores, {flags}"
 
 
 def start_server(args, threads: int) -> tuple[subprocess.Popen, str]:

@@ -78,17 +78,12 @@ def _hwm_kib() -> int:
 
 
 def cpu_kind() -> str:
-    """One line: CPU model, its bf16 units, and the bf16 route the project net takes on it."""
+    """One line: the CPU (bgremover.utils.cpu_kind) and the bf16 route the project net takes on it."""
     from bgremover.nets import dense_block
+    from bgremover.utils import cpu_kind as cpu
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 "unknown")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    units = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["none (bf16 emulated)"]
     route = "native" if dense_block._CPU_NATIVE_BF16 else "emulated"
-    return (f"cpu: {model}, {os.cpu_count()} cpus, avx2={'avx2' in flags}, bf16 units: {' '.join(units)}; "
-            f"project net's CPU bf16 route: {route} (oneDNN bf16 supported: {dense_block._CPU_NATIVE_BF16})")
+    return f"cpu: {cpu()}; project net's CPU bf16 route: {route} (oneDNN bf16 supported: {dense_block._CPU_NATIVE_BF16})"
 
 
 def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, device: str,

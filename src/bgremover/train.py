@@ -162,13 +162,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def test_split_info(metrics: dict[str, float], datamodule) -> dict[str, Any]:
     """How many test frames the test numbers cover, of how many the split has: partial runs say so."""
     frames = metrics.get("test/frames")
-    total = datamodule.split_size("test") if hasattr(datamodule, "split_size") else None
-    try:
-        from bgremover.data.camvid import list_pairs
-
-        total = total if total is not None else len(list_pairs(datamodule.root, "test"))
-    except Exception:  # a datamodule without a CamVid-layout test split
-        pass
+    total = datamodule.split_size("test") if hasattr(datamodule, "split_size") else None  # every datamodule here has it
     frames = None if frames is None else int(frames)
     return {"frames": frames, "of": total, "complete": None if frames is None or total is None else frames == total}
 

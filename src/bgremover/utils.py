@@ -20,6 +20,28 @@ from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME  # noqa: F401  (one
 log = logging.getLogger("bgremover")
 
 
+# --- the CPU ---------------------------------------------------------------------------------------------------
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, instruction-set flags) of this machine's CPU, from /proc/cpuinfo (empty where absent)."""
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux: no flags, so no native-bf16 claim
+        pass
+    return fields.get("model name") or platform.processor() or "unknown CPU", set(fields.get("flags", "").split())
+
+
+def cpu_kind() -> str:
+    """One line for benchmark output: model, logical CPUs and the instruction sets speed claims depend on."""
+    name, flags = cpu_info()
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, {os.cpu_count()} logical CPUs, {' '.join(isa) or 'no AVX2'}"
+
+
 # --- config resolvers ------------------------------------------------------------------------------------------
 def cpu_precision() -> str:
     """Lightning precision for CPU training: bf16 autocast only where the CPU has native bf16.
@@ -28,10 +50,7 @@ def cpu_precision() -> str:
     DeepLabV3+/MobileNetV2 1.1-1.4x (README, "CPUs with bf16 units"). On CPUs without bf16 units oneDNN emulates
     bf16 and single convolutions ran 10-50x slower than fp32, so fp32 it is there.
     """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "32-true"
+    flags = cpu_info()[1]
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 

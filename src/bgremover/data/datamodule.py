@@ -13,6 +13,7 @@ from bgremover.data.camvid import (
     CamVidError,
     _seed_worker,
     build_transforms,
+    list_pairs,
     median_frequency_weights,
     resolve_root,
 )
@@ -79,6 +80,10 @@ class CamVidDataModule(pl.LightningDataModule):
             ds = CamVidDataset(self.root, split, transform, limit=limit)
             ds.reseed(hp.seed)  # covers num_workers=0; workers reseed themselves in _seed_worker
             self.datasets[split] = ds
+
+    def split_size(self, split: str) -> int:
+        """Frames in the whole split on disk (not limited): what a test number's frame count is out of."""
+        return len(list_pairs(self.root, split))
 
     def class_weights(self) -> torch.Tensor | None:
         """Loss weights per class, or None for plain cross-entropy (`data.class_weights: median_freq`)."""

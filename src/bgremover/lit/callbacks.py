@@ -128,14 +128,16 @@ def _duration(seconds: float) -> str:
     return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
 
 
-def _max_time_s(trainer: pl.Trainer) -> float | None:
-    """The earliest time limit: trainer.max_time (Lightning's Timer) or a callback's time budget (`budget_s`)."""
+def _time_limit(trainer: pl.Trainer) -> tuple[float, str] | None:
+    """(seconds, what sets it) of the earliest time limit: trainer.max_time (Lightning's Timer) or a callback's
+    time budget (`budget_s`, e.g. the remover's and the speed-runs' TimeToMIoU)."""
     limits = []
     for cb in trainer.callbacks:
-        duration = getattr(cb, "_duration", None) if type(cb).__name__ == "Timer" else getattr(cb, "budget_s", None)
-        if duration:
-            limits.append(float(duration))
-    return min(limits, default=None)
+        if type(cb).__name__ == "Timer":
+            limits.append((getattr(cb, "_duration", None), "trainer.max_time"))
+        else:
+            limits.append((getattr(cb, "budget_s", None), f"{type(cb).__name__}'s time budget"))
+    return min(((float(s), what) for s, what in limits if s), default=None)
 
 
 def planned_steps(trainer: pl.Trainer) -> tuple[int | None, int | None]:
@@ -167,9 +169,9 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         f"validation every {trainer.check_val_every_n_epoch} epoch(s)",
         f"{trainer.strategy.root_device.type} {trainer.precision}",
     ]
-    max_time = _max_time_s(trainer)
-    if max_time:
-        parts.append(f"stops after {_duration(max_time)} at most (trainer.max_time or time budget)")
+    limit = _time_limit(trainer)
+    if limit:
+        parts.append(f"stops after {_duration(limit[0])} at most ({limit[1]})")
     return ", ".join(parts)
 
 
@@ -180,9 +182,9 @@ def describe_estimate(trainer: pl.Trainer, seconds_per_step: float) -> str:
         return text
     total = seconds_per_step * epochs * per_epoch
     text += f" → about {_duration(total)} of training for {epochs} epochs (validation extra)"
-    max_time = _max_time_s(trainer)
-    if max_time and max_time < total:
-        text += f"; the time limit stops it after {_duration(max_time)}, near epoch {int(max_time / total * epochs)}"
+    limit = _time_limit(trainer)
+    if limit and limit[0] < total:
+        text += f"; {limit[1]} stops it after {_duration(limit[0])}, near epoch {int(limit[0] / total * epochs)}"
     return text
 
 

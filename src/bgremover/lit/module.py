@@ -146,17 +146,19 @@ class SegmentationModule(pl.LightningModule):
         # val/test loss from the metric, not self.log(on_epoch=True, sync_dist=True): Lightning averages the ranks'
         # frame counts as integers, so with unequal counts per rank (unpadded val/test) its epoch mean is wrong.
         values[f"{stage}/loss_epoch" if stage == "train" else f"{stage}/loss"] = self.loss_mean[_key(stage)].compute()
+        if stage != "train":
+            values[f"{stage}/frames"] = self.frames[_key(stage)].compute().float()
         if stage != "train" and self.cutout is not None:
             values.update({f"{stage}/{k}": v for k, v in self.cutout[_key(stage)].compute().items()})
             self.cutout[_key(stage)].reset()
         # torchmetrics' compute() already reduced these over the ranks; sync_dist=True on them and on the values
         # below averages equal numbers (no change) and tells Lightning they are global (no DDP warning).
         self.log_dict(values, prog_bar=stage != "train", sync_dist=True)
-        out = {k: float(v) for k, v in values.items()}
-        out[f"{stage}/loss"] = float(self.loss_mean[_key(stage)].compute())  # the logger's epoch value comes too late
-        if stage != "train":
-            out[f"{stage}/frames"] = int(self.frames[_key(stage)].compute())
-            self.log(f"{stage}/frames", float(out[f"{stage}/frames"]), sync_dist=True)
+        out = {k: float(v) for k, v in values.items()}  # the logger's epoch values come too late for the history
+        if stage == "train":
+            out["train/loss"] = out["train/loss_epoch"]
+        else:
+            out[f"{stage}/frames"] = int(out[f"{stage}/frames"])
         for metric in (self.miou[_key(stage)], self.acc[_key(stage)], self.loss_mean[_key(stage)],
                        self.frames[_key(stage)]):
             metric.reset()
