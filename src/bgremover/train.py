@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bgremover import config, utils
-from bgremover.errors import UserError
+from bgremover.errors import UserError, report
 
 # torch, Lightning and the nets are imported inside the functions: a bad config is refused before paying for them
 
@@ -202,16 +202,13 @@ def _main(cfg: DictConfig) -> float | None:
     multirun = utils.is_multirun()
     utils.quiet_libraries(verbose=bool(cfg.get("verbose")) or not multirun)
     if cfg.extras.get("enforce_tags") and not cfg.get("tags"):
-        print("error: extras.enforce_tags is set but no tags were given (tags=[...])", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(report("extras.enforce_tags is set but no tags were given (tags=[...])"))
     if multirun and (conflict := ddp_relaunch_conflict(cfg)):  # refused at the first job, before any rank starts
-        print(f"error: {conflict}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report(conflict, code=2))
     try:
         metrics, _ = utils.run_task(train, cfg)
     except RunInterrupted as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(128 + exc.signum)
+        sys.exit(report(str(exc), code=128 + exc.signum))
     except Exception as exc:
         utils.print_error(exc)
         if multirun:

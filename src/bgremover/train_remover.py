@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bgremover import errors
 from bgremover.config import CONFIG_DIR, SUMMARY_NAME
 from bgremover.errors import UserError
 
@@ -27,19 +28,14 @@ PROJECT_ROOT = Path(CONFIG_DIR).parent
 MODEL_NAME = "remover.onnx"
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s:02d} s" if m else f"{s} s"
-
-
 def _fmt(value) -> str:
     return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
 def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: float) -> str:
     """What the user needs after training: the held-out numbers, where the model is and how to use it."""
+    from bgremover.lit.callbacks import _duration  # the run plan's format
+
     m = summary.get("metrics", {})
     cfg = summary.get("config", {})
     split = summary.get("test_split") or {}
@@ -60,7 +56,8 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
         f"torch vs onnxruntime max abs diff {max_abs_diff:.1e})",
         f"{where}: foreground IoU {_fmt(m.get('test/fg_iou'))}, boundary F {_fmt(m.get('test/boundary_f'))} "
         f"(2 px), alpha MAE {_fmt(m.get('test/alpha_mae'))}, mIoU {_fmt(m.get('test/mIoU'))}",
-        f"training: {_duration(summary.get('wall_time_s'))}, {summary.get('epochs')} epochs "
+        f"training: {'?' if summary.get('wall_time_s') is None else _duration(summary['wall_time_s'])}, "
+        f"{summary.get('epochs')} epochs "
         f"({summary.get('global_step')} steps), best val foreground IoU "
         f"{_fmt(max(fg) if fg else None)}; run folder {run}",
         f"use it:   make predict IMG=photo.jpg MODEL={onnx_path}{predict_args}",
@@ -78,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)  # options may come after the overrides
     data = Path(args.data).expanduser()
     if not data.is_dir():
-        print(f"error: dataset folder not found: {data}", file=sys.stderr)
-        return 1
+        return errors.report(f"dataset folder not found: {data}")
     data = data.resolve()
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     run = Path(args.run_dir or Path("logs") / "remover" / "runs" / stamp).resolve()
@@ -104,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         net, meta = load_checkpoint_net(best)
         result = export_onnx(net, meta, run / MODEL_NAME)
     except (UserError, OSError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        return errors.report(e)
     print(report(run, data, result["path"], summary, result["max_abs_diff"]))
     return 0
 

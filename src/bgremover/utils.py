@@ -401,8 +401,9 @@ class SweepReport(_HydraCallback):
             line = f"  [{r['status']}] job {r['job']} ({what}){score}" + (f": {r['error']}" if r["error"] else "")
             print(line, file=sys.stderr)
         if failed:
-            print(f"error: {len(failed)} sweep job(s) failed (see above); the others' results are kept", file=sys.stderr)
-            sys.exit(1)
+            from bgremover.errors import report
+
+            sys.exit(report(f"{len(failed)} sweep job(s) failed (see above); the others' results are kept"))
 
 
 def _read_overrides(job: Path) -> list[str]:

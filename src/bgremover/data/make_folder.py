@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bgremover.data.camvid import CamVidError, list_pairs, resolve_root
+from bgremover.data.camvid import list_pairs, resolve_root
 from bgremover.data.classes import CLASSES, VOID
-from bgremover.errors import UserError
+from bgremover.errors import UserError, report
 
 SPLITS = ("train", "val", "test")
 
@@ -124,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(tmp, args.out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    except (UserError, CamVidError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except UserError as e:  # CamVidError is one
+        return report(e)
     print(f"wrote {args.out}: " + ", ".join(f"{counts[s]} {s}" for s in SPLITS) + f" crops of {'/'.join(classes)}"
           f" ({args.size}x{args.size}); train a remover on it: make remover DATA={args.out}")
     return 0
