@@ -122,6 +122,22 @@ def compute_mean_std(root: str | os.PathLike) -> tuple[list[float], list[float]]
     return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
 
 
+def median_frequency(labels, num_classes: int) -> list[float]:
+    """Median-frequency balancing (Eigen & Fergus 2015, as SegNet uses it) over label maps:
+    weight_c = median(freq) / freq_c, freq_c = pixels of c / pixels of the images that contain c. Values
+    >= num_classes (void) are not counted; a class that never occurs gets 0."""
+    class_pixels, image_pixels = np.zeros(num_classes), np.zeros(num_classes)
+    for label in labels:
+        counts = np.bincount(label.ravel(), minlength=num_classes + 1)[:num_classes]
+        class_pixels += counts
+        image_pixels += np.where(counts > 0, counts.sum(), 0)
+    freq = np.divide(class_pixels, image_pixels, out=np.zeros(num_classes), where=image_pixels > 0)
+    present = freq > 0
+    weights = np.zeros(num_classes)
+    weights[present] = np.median(freq[present]) / freq[present]
+    return [round(float(w), 4) for w in weights]
+
+
 def median_frequency_weights(root: str | os.PathLike, cache_dir: str | os.PathLike | None = CACHE_DIR) -> list[float]:
     """Eigen & Fergus median-frequency weights over the train labels, void excluded.
 
@@ -135,17 +151,7 @@ def median_frequency_weights(root: str | os.PathLike, cache_dir: str | os.PathLi
     cache = Path(cache_dir) / f"camvid_median_freq_{key}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         return json.loads(cache.read_text())["weights"]
-    class_pixels = np.zeros(NUM_CLASSES)
-    image_pixels = np.zeros(NUM_CLASSES)
-    for _, lbl in pairs:
-        counts = np.bincount(_read(lbl, None).ravel(), minlength=VOID + 1)[:NUM_CLASSES]
-        class_pixels += counts
-        image_pixels += np.where(counts > 0, counts.sum(), 0)
-    freq = np.divide(class_pixels, image_pixels, out=np.zeros(NUM_CLASSES), where=image_pixels > 0)
-    present = freq > 0
-    weights = np.zeros(NUM_CLASSES)
-    weights[present] = np.median(freq[present]) / freq[present]
-    result = [round(float(w), 4) for w in weights]
+    result = median_frequency((_read(lbl, None) for _, lbl in pairs), NUM_CLASSES)
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

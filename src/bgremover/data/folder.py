@@ -348,18 +348,9 @@ def write_split(path: str | os.PathLike, document: dict) -> None:
 
 def class_pixel_weights(pairs, labels: Labels) -> list[float]:
     """Median-frequency weights (as CamVid's data.class_weights=median_freq) over the train labels."""
-    k = len(labels.classes)
-    class_px, image_px = np.zeros(k), np.zeros(k)
-    for _, mask in pairs:
-        label = read_mask(mask, labels)
-        counts = np.bincount(label.ravel(), minlength=k + 1)[:k]
-        class_px += counts
-        image_px += np.where(counts > 0, counts.sum(), 0)
-    freq = np.divide(class_px, image_px, out=np.zeros(k), where=image_px > 0)
-    present = freq > 0
-    weights = np.zeros(k)
-    weights[present] = np.median(freq[present]) / freq[present]
-    return [round(float(w), 4) for w in weights]
+    from bgremover.data.camvid import median_frequency
+
+    return median_frequency((read_mask(mask, labels) for _, mask in pairs), len(labels.classes))
 
 
 def check_config(data, splits_needed: Sequence[str] = SPLITS) -> Folder:
