@@ -215,9 +215,23 @@ def test_binary_training_logs_cutout_metrics_exports_and_predicts(folder, tmp_pa
     out = export_onnx(net, meta, tmp_path / "remover.onnx")["path"]
     md = read_metadata(out)
     assert md["classes"] == ["background", "foreground"] and md["default_foreground"] == ["foreground"]
+    # the model says the scale it was trained at (data.image_size=48), and the predictor infers there by default
+    assert md["image_size"] == 48 and BackgroundRemover(out).max_side == 48
+    assert BackgroundRemover(out, max_side=500).max_side == 500
     rgb = np.asarray(Image.open(next((folder / "images").iterdir())))
+    assert max(rgb.shape[:2]) > 48  # so the downscaled inference (and eval-cutout's rescaling below) is exercised
     alpha = np.asarray(BackgroundRemover(out).mask(rgb))
     assert alpha.shape == rgb.shape[:2] and alpha.dtype == np.uint8
+
+    # `eval` without data.image_size scores the checkpoint at its training scale: the test stage's number
+    from bgremover.eval import evaluate
+
+    ecfg = compose_cfg(tmp_path / "eval", ["data=folder", f"data.root={folder}", "data.num_workers=0",
+                                           "data.void_value=128", f"data.split_file={run / 'split.json'}",
+                                           f"ckpt_path={summary['best_ckpt']}"], config_name="eval")
+    emetrics, _ = evaluate(ecfg)
+    assert ecfg.data.image_size == 48
+    assert emetrics["test/fg_iou"] == pytest.approx(metrics["test/fg_iou"], abs=1e-6)
 
     from bgremover import cutout_eval as ce
 
@@ -358,6 +372,49 @@ def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, caps
     both = tmp_path / "cars2"
     assert main([str(both), "--data-root", str(root), "--min-side", "16", "--size", "32", "--keep-truncated"]) == 0
     assert len(list((both / "test" / "masks").iterdir())) == 2
+
+
+def test_make_folder_composites_subjects_onto_subject_free_windows(tmp_path, capsys):
+    """--composite: each whole subject pasted per_subject times onto windows without the class, same split only."""
+    import cv2
+
+    from bgremover.data.make_folder import main
+
+    root = tmp_path / "CamVid"
+    rng = np.random.default_rng(1)
+    for split in fd.SPLITS:
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for f in ("a", "b"):
+            label = np.full((96, 128), 1, np.uint8)  # building
+            label[10:40, 10:50] = 8  # a whole car, painted pure red in the photo
+            image = rng.integers(0, 100, (96, 128, 3), dtype=np.uint8)  # never red
+            image[10:40, 10:50] = (255, 0, 0)
+            Image.fromarray(image).save(root / split / f"{f}.png")
+            Image.fromarray(label).save(root / f"{split}annot" / f"{f}.png")
+    out = tmp_path / "comp"
+    assert main([str(out), "--data-root", str(root), "--composite", "--min-side", "16", "--size", "64",
+                 "--per-subject", "3"]) == 0
+    assert "6 train, 6 val, 6 test composites of Car" in capsys.readouterr().out
+    for split in fd.SPLITS:
+        names = sorted(p.stem for p in (out / split / "images").iterdir())
+        assert names == sorted(f"{f}_1_{j}" for f in "ab" for j in range(3))
+        for name in names:
+            img = np.asarray(Image.open(out / split / "images" / f"{name}.jpg")).astype(int)
+            mask = np.asarray(Image.open(out / split / "masks" / f"{name}.png"))
+            assert img.shape == (64, 64, 3) and set(np.unique(mask)) == {0, 255}
+            ys, xs = np.nonzero(mask)
+            long_side = max(np.ptp(ys), np.ptp(xs)) + 1
+            assert 0.5 * 64 - 2 <= long_side <= 0.9 * 64 + 2  # the subject's scale range
+            red = (img[..., 0] > 180) & (img[..., 1] < 90) & (img[..., 2] < 90)
+            inner = mask == 255
+            assert red[inner].mean() > 0.9  # the subject is where the mask says
+            # and nowhere else: the background windows hold no car (allow the one-pixel soft edge)
+            near = cv2.dilate(mask, np.ones((5, 5), np.uint8)) > 0
+            assert not red[~near].any()
+    assert fd.scan(out).fixed
+    assert main([str(tmp_path / "x"), "--data-root", str(root), "--composite", "--per-subject", "0"]) == 1
+    assert "--per-subject >= 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_ddp_evaluation_counts_every_folder_frame_once(tmp_path):

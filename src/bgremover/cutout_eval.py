@@ -184,10 +184,13 @@ class _RecordingRemover(BackgroundRemover):
 
 def load_remover(
     model: str | os.PathLike | None, classes: Sequence[str] | None = None, threads: int | None = None,
-    expected: Sequence[str] | None = None, max_side: int = FULL_RES_SIDE,
+    expected: Sequence[str] | None = None, max_side: int | None = None,
 ) -> _RecordingRemover:
-    """The predictor for `model`, refused unless its classes are the dataset's (`expected`, default CamVid's)."""
-    remover = _RecordingRemover(model, classes=classes, threads=threads, max_side=max_side)
+    """The predictor for `model`, refused unless its classes are the dataset's (`expected`, default CamVid's).
+    max_side None: the scale the model was trained at (a folder-trained remover's image_size), else full resolution."""
+    remover = _RecordingRemover(model, classes=classes, threads=threads, max_side=max_side or FULL_RES_SIDE)
+    if max_side is None and remover.meta.get("image_size"):
+        remover.max_side = int(remover.meta["image_size"])  # what predict does with this model
     want = list(CLASSES if expected is None else expected)
     if [c.lower() for c in remover.classes] != [c.lower() for c in want]:
         whose = "CamVid's" if expected is None else "the dataset's"
@@ -196,6 +199,17 @@ def load_remover(
             "its argmax cannot be scored against these labels"
         )
     return remover
+
+
+def _at_size(logits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """K x h x w logits of a downscaled inference (max_side) bilinearly resized to the label's H x W, as the
+    predictor resizes its alpha; unchanged when they already match."""
+    import cv2
+
+    if logits.shape[1:] == tuple(shape):
+        return logits
+    hwk = cv2.resize(np.ascontiguousarray(logits.transpose(1, 2, 0)), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return hwk.reshape(shape[0], shape[1], -1).transpose(2, 0, 1)
 
 
 def evaluate(
@@ -224,7 +238,7 @@ def evaluate(
         start = time.perf_counter()
         prob = remover.foreground_probability(rgb)
         seconds += time.perf_counter() - start
-        pred = np.argmax(remover.last_logits, axis=0)
+        pred = np.argmax(_at_size(remover.last_logits, label.shape), axis=0)
         cm += confusion_matrix(label, pred, k)
 
         valid = label < k
@@ -342,7 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--void-value", type=int, help="image/mask folder: the mask value meaning unknown (default: "
                                                   "the split file's, else none)")
     p.add_argument("--max-side", type=int, help="infer at most at this long side, like predict --max-side (default: "
-                                                "full resolution); e.g. the training's data.image_size")
+                                                "the size the model was trained at, else full resolution)")
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to score (default test)")
     p.add_argument("--classes", "-c", help="comma-separated foreground classes (default: the model's)")
     p.add_argument("--threshold", "-t", type=float, help="also score the hard mask P(foreground) >= T")
@@ -383,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             pairs = find_pairs(data_root, args.split, args.limit)
         classes = args.classes.split(",") if args.classes is not None else None
-        remover = load_remover(args.model, classes, args.threads, expected, args.max_side or FULL_RES_SIDE)
+        remover = load_remover(args.model, classes, args.threads, expected, args.max_side)
         report = evaluate(remover, pairs, args.threshold, args.boundary_tol, progress=not args.quiet,
                           read_label=read_label)
         report.update(data_root=str(data_root), split=args.split)

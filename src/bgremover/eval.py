@@ -30,6 +30,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     config.validate_eval(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = load_module(cfg.ckpt_path)
+    _training_scale(cfg, model.hparams.get("image_size"))
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     loggers = utils.instantiate_dict(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[], _convert_="all")
@@ -44,6 +45,20 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
          "net": model.hparams.net_name, "config": OmegaConf.to_container(cfg, resolve=True)},
     )
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+def _training_scale(cfg: DictConfig, image_size: int | None) -> None:
+    """Evaluate a folder-trained checkpoint at the scale it was trained and tested at (its `image_size`),
+    unless the command line sets data.image_size itself."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if image_size is None or "image_size" not in cfg.data:
+        return
+    given = HydraConfig.initialized() and any(
+        o.lstrip("+").startswith("data.image_size=") for o in HydraConfig.get().overrides.task)
+    if not given and cfg.data.image_size != image_size:
+        log.info("data.image_size=%d: the scale the checkpoint was trained at", image_size)
+        cfg.data.image_size = int(image_size)
 
 
 def main() -> None:

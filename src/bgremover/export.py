@@ -87,6 +87,7 @@ def load_checkpoint_net(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict[s
         "std": [float(v) for v in info["std"]],
         "size_multiple": int(info.get("size_multiple", 32)),
         "default_foreground": [str(c) for c in info.get("default_foreground", [])],
+        "image_size": info.get("image_size"),
         "net": str(info.get("net_name") or str(net_config.get("_target_", "net")).rsplit(".", 1)[-1]),
         "params": sum(p.numel() for p in net.parameters()),
         **{"test_mIoU": None, **_read_test_result(path)},

@@ -30,6 +30,9 @@ def document(meta: dict[str, Any], exported_at: str, version: str) -> dict[str, 
         "std": [float(v) for v in meta["std"]],
         "size_multiple": int(meta.get("size_multiple", 32)),
         "default_foreground": [str(c) for c in meta.get("default_foreground", [])],
+        # long side (px) the net was trained at (an image/mask folder's data.image_size); the predictor scales
+        # larger images down to it by default. None: trained on images at their own size (CamVid)
+        "image_size": None if meta.get("image_size") is None else int(meta["image_size"]),
         "net": str(meta.get("net", "net")),
         "params": int(meta.get("params", 0)),
         "test_mIoU": meta.get("test_mIoU"),
@@ -58,7 +61,8 @@ def parse(raw: str | None) -> dict[str, Any]:
                           f"v{FORMAT_VERSION}: upgrade bgremover")
     try:
         ok = (len(meta["classes"]) >= 2 and len(meta["mean"]) == 3 and len(meta["std"]) == 3
-              and all(float(s) > 0 for s in meta["std"]) and int(meta["size_multiple"]) >= 1)
+              and all(float(s) > 0 for s in meta["std"]) and int(meta["size_multiple"]) >= 1
+              and (meta.get("image_size") is None or int(meta["image_size"]) >= 1))
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:

@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--bg-image", help="composite over this image (scaled to cover)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument(
-        "--max-side", type=int, default=MAX_SIDE, help=f"infer at most at this long side ({MAX_SIDE})"
+        "--max-side", type=int,
+        help=f"infer at most at this long side (default: the size the model was trained at, else {MAX_SIDE})"
     )
     p.add_argument(
         "--max-pixels", type=int, default=MAX_PIXELS, help=f"refuse larger images ({MAX_PIXELS:,})"

@@ -332,14 +332,13 @@ class BackgroundRemover:
         classes: Sequence[str] | None = None,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
-        max_side: int = MAX_SIDE,
+        max_side: int | None = None,
         max_pixels: int = MAX_PIXELS,
     ) -> None:
-        if max_side < 1 or max_pixels < 1:
+        if (max_side is not None and max_side < 1) or max_pixels < 1:
             raise UsageError("max_side and max_pixels must be positive")
         if threads is not None and threads < 0:
             raise UsageError("threads must be >= 0 (0 = onnxruntime's default)")
-        self.max_side = int(max_side)
         self.max_pixels = int(max_pixels)
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         self.session = self.meta = None
@@ -348,6 +347,8 @@ class BackgroundRemover:
         if self.session is None:
             self.session = self._open_session(self.model_path, providers, threads)
             self.meta = self._read_metadata(self.session, self.model_path)
+        # None: the scale the net was trained at (a folder-trained remover's image_size), at most MAX_SIDE
+        self.max_side = int(max_side) if max_side is not None else min(MAX_SIDE, int(self.meta.get("image_size") or MAX_SIDE))
         self.classes: list[str] = list(self.meta["classes"])
         self.mean = np.asarray(self.meta["mean"], dtype=np.float32)
         self.std = np.asarray(self.meta["std"], dtype=np.float32)

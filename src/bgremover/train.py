@@ -97,6 +97,7 @@ def _use_labels(cfg: DictConfig, info: dict[str, Any]) -> None:
         cfg.model.class_names = list(info["class_names"])
         cfg.model.ignore_index = int(info["ignore_index"])
         cfg.model.default_foreground = list(info["default_foreground"])
+        cfg.model.image_size = info.get("image_size")  # the exported model infers at this scale by default
         key = "num_classes" if "num_classes" in cfg.model.net else "classes"
         cfg.model.net[key] = len(info["class_names"])
 

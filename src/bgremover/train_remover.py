@@ -49,8 +49,8 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
     where = f"held-out test set ({frames} images{size})" if frames else f"held-out test set{size}"
     split_file = run / "split.json"
     pooled = split_file.is_file() and not json.loads(split_file.read_text()).get("fixed")
-    eval_args = f"--data-root {data}" + (f" --split-file {split_file}" if pooled else "") + (f" --max-side {side}" if side else "")
-    predict_args = f' ARGS="--max-side {side}"' if side else ""
+    # the model infers at its training scale (`image_size` in its metadata): no --max-side needed
+    eval_args = f"--data-root {data}" + (f" --split-file {split_file}" if pooled else "")
     lines = [
         f"remover: {onnx_path} ({summary.get('net')}, classes {', '.join(classes)}; keeps {', '.join(keep)}; "
         f"torch vs onnxruntime max abs diff {max_abs_diff:.1e})",
@@ -60,7 +60,7 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
         f"{summary.get('epochs')} epochs "
         f"({summary.get('global_step')} steps), best val foreground IoU "
         f"{_fmt(max(fg) if fg else None)}; run folder {run}",
-        f"use it:   make predict IMG=photo.jpg MODEL={onnx_path}{predict_args}",
+        f"use it:   make predict IMG=photo.jpg MODEL={onnx_path}",
         f"score it: make eval-cutout MODEL={onnx_path} ARGS=\"{eval_args}\"",
     ]
     return "\n".join(lines)

@@ -85,7 +85,8 @@ class FolderDataModule(pl.LightningDataModule):
     def label_info(self) -> dict:
         """What the model must be built with: train.build writes these into cfg.model before instantiating it."""
         return {"class_names": list(self.classes), "ignore_index": self.ignore_index,
-                "default_foreground": self.labels.foreground(self.hparams.foreground)}
+                "default_foreground": self.labels.foreground(self.hparams.foreground),
+                "image_size": self.hparams.image_size}
 
     def split_size(self, split: str) -> int:
         return len(self.split_pairs[split])

@@ -46,6 +46,7 @@ class SegmentationModule(pl.LightningModule):
         std: Sequence[float] = STD,
         size_multiple: int = 32,
         default_foreground: Sequence[str] = DEFAULT_FOREGROUND,
+        image_size: int | None = None,
         channels_last: bool = True,
         compile: bool = False,
         log_images_every_n_epochs: int = 5,
@@ -244,6 +245,8 @@ class SegmentationModule(pl.LightningModule):
             "size_multiple": int(hp.size_multiple),
             "default_foreground": list(hp.default_foreground),
             "ignore_index": int(hp.ignore_index),
+            # long side (px) the images were scaled to for training and test; None = used at their own size
+            "image_size": None if hp.get("image_size") is None else int(hp.image_size),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
