@@ -250,6 +250,18 @@ def test_run_plan_and_estimate_describe_the_run(small_camvid, tmp_path, caplog):
     assert any(isinstance(cb, RunPlan) for cb in trainer.callbacks)
 
 
+def test_progress_bar_counts_to_the_epoch_a_time_budget_reaches():
+    from bgremover.lit.callbacks import epoch_label
+
+    assert epoch_label(2, 100) == "Epoch 3/100"
+    assert epoch_label(0, 1000, 1200.0, 0.0) == "Epoch 1/1000 (stops after 20 min 00 s at most)"
+    # 3 epochs in 150 s: 1050 s left hold 21 more, so the 24th epoch is running when the time runs out
+    assert epoch_label(3, 1000, 1200.0, 150.0) == "Epoch 4/~24 (17 min 30 s of 20 min 00 s left)"
+    assert epoch_label(3, 5, 1200.0, 150.0) == "Epoch 4/5 (17 min 30 s of 20 min 00 s left)"  # epochs end it first
+    # resumed at epoch 10: the pace is this process's (2 epochs in 100 s), not 12 epochs in 100 s
+    assert epoch_label(12, 1000, 1200.0, 100.0, first=10) == "Epoch 13/~34 (18 min 20 s of 20 min 00 s left)"
+
+
 # --- image panels -------------------------------------------------------------------------------------------------
 def test_panels_appear_when_validation_runs_every_few_epochs(small_camvid, tmp_path, monkeypatch):
     from bgremover.lit import SegmentationModule

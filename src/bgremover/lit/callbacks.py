@@ -11,6 +11,7 @@ instead of writing a second copy.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -188,6 +189,25 @@ def describe_estimate(trainer: pl.Trainer, seconds_per_step: float) -> str:
     return text
 
 
+def epoch_label(epoch: int, epochs: int | None, limit_s: float | None = None, elapsed_s: float = 0.0,
+                first: int = 0) -> str:
+    """The bar's `Epoch 3/100` (epoch is 0-based). Under a time limit that ends the run first (the remover's
+    1000 epochs in 20 min), the last is the epoch the time reaches at this process's pace so far (`Epoch 3/~24`,
+    from `first`, the epoch it started or resumed at), with the time left."""
+    k = epoch + 1
+    total = f"/{epochs}" if epochs else ""
+    if not limit_s:
+        return f"Epoch {k}{total}"
+    left = max(0.0, limit_s - elapsed_s)
+    if epoch == first or elapsed_s <= 0:
+        return f"Epoch {k}{total} (stops after {_duration(limit_s)} at most)"
+    # the epoch running when the time runs out: this one and the ones after it that start before then
+    last = epoch + max(1, math.ceil(left / (elapsed_s / (epoch - first)))) - 1
+    if epochs is None or last < epochs - 1:
+        total = f"/~{last + 1}"
+    return f"Epoch {k}{total} ({_duration(left)} of {_duration(limit_s)} left)"
+
+
 GPU_REFRESH_STEPS = 20  # a bar update reads the loss off the GPU (a host sync): not every step there
 
 
@@ -200,15 +220,24 @@ class EpochProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int | None = None, **kwargs: Any) -> None:
         super().__init__(refresh_rate=1 if refresh_rate is None else refresh_rate, **kwargs)
         self._auto = refresh_rate is None
+        self._t0: float | None = None  # when training started in this process
+        self._first_epoch: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._auto and trainer.strategy.root_device.type != "cpu":
             self._refresh_rate = GPU_REFRESH_STEPS
         super().setup(trainer, pl_module, stage)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._t0 = time.perf_counter()
+
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         epochs, _ = planned_steps(trainer)
+        limit = _time_limit(trainer)
+        if self._first_epoch is None:  # a resumed run's earlier epochs took no time in this process
+            self._first_epoch = trainer.current_epoch
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
         self.train_progress_bar.set_description(
-            f"Epoch {trainer.current_epoch + 1}/{epochs}" if epochs else f"Epoch {trainer.current_epoch + 1}"
-        )
+            epoch_label(trainer.current_epoch, epochs, limit and limit[0], elapsed, self._first_epoch))
