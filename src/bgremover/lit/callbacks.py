@@ -182,11 +182,12 @@ def describe_estimate(trainer: pl.Trainer, seconds_per_step: float) -> str:
     if not (epochs and per_epoch):
         return text
     total = seconds_per_step * epochs * per_epoch
-    text += f" → about {_duration(total)} of training for {epochs} epochs (validation extra)"
     limit = _time_limit(trainer)
-    if limit and limit[0] < total:
-        text += f"; {limit[1]} stops it after {_duration(limit[0])}, near epoch {int(limit[0] / total * epochs)}"
-    return text
+    if limit and limit[0] < total:  # the time limit is the run's real length: say it first
+        return (f"{text} → {limit[1]} stops it after {_duration(limit[0])}, near epoch "
+                f"{max(1, int(limit[0] / total * epochs))} of {epochs} (all {epochs} would take about "
+                f"{_duration(total)}, validation extra)")
+    return f"{text} → about {_duration(total)} of training for {epochs} epochs (validation extra)"
 
 
 def epoch_label(epoch: int, epochs: int | None, limit_s: float | None = None, elapsed_s: float = 0.0,
