@@ -27,7 +27,7 @@ DATA ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint data train eval sweep compare export predict eval-cutout \
-        remover serve benchmark reproduce-default clean
+        remover example-data serve benchmark reproduce-default clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -83,6 +83,10 @@ eval-cutout: $(STAMP) ## cut-out quality on CamVid test or a folder: make eval-c
 remover: $(STAMP) ## your own remover from an image/mask folder: make remover DATA=path [EXP=remover] [ARGS="remover_budget_s=600"]
 	@test -n "$(DATA)" || { echo "error: give your image/mask folder: make remover DATA=path/to/folder" >&2; exit 2; }
 	$(BIN)/python -m bgremover.train_remover "$(DATA)" --exp "$(or $(EXP),remover)" $(ARGS)
+
+example-data: $(STAMP) ## worked-example folders for `make remover` from CamVid: data/cars-composite (pasted cars) and data/cars (cars in place)
+	@test -e data/cars-composite || $(BIN)/python -m bgremover.data.make_folder data/cars-composite --composite
+	@test -e data/cars || $(BIN)/python -m bgremover.data.make_folder data/cars
 
 reproduce-default: $(STAMP) ## retrain the shipped model (fixed seed) and export it to logs/reproduce/ for comparison
 	$(BIN)/python -m bgremover.train experiment=cpu_default hydra.run.dir=logs/reproduce/cpu_default $(ARGS)
