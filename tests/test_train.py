@@ -174,3 +174,16 @@ def test_pretrained_check_itself_takes_seconds(monkeypatch, tmp_path):
                                      "encoder_name": "resnet34", "encoder_weights": "imagenet"})
     assert time.time() - start < 5
     ensure_pretrained_available({"_target_": "segmentation_models_pytorch.DeepLabV3Plus", "encoder_weights": None})
+
+
+def test_soft_dice_loss_scores_the_foreground_overlap_and_skips_void():
+    import torch
+
+    from bgremover.lit.module import soft_dice_loss
+
+    target = torch.tensor([[[0, 1], [1, 2]]])  # background, foreground ×2, void (2)
+    sure = torch.tensor([[[[9.0, -9.0], [-9.0, -9.0]], [[-9.0, 9.0], [9.0, 9.0]]]])  # 2 classes, void pixel says fg
+    assert soft_dice_loss(sure, target, [1], ignore_index=2).item() < 1e-3  # the void pixel's answer is not counted
+    assert soft_dice_loss(-sure, target, [1], ignore_index=2).item() > 0.6  # every answer wrong
+    half = torch.zeros(1, 2, 2, 2)  # P = 0.5 everywhere: Dice = (2·1 + 1) / (1.5 + 2 + 1)
+    assert soft_dice_loss(half, target, [1], ignore_index=2).item() == pytest.approx(1 - 3 / 4.5)

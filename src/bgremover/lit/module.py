@@ -30,6 +30,16 @@ def _key(stage: str) -> str:
     return f"{stage}_"
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, fg: Sequence[int], ignore_index: int) -> torch.Tensor:
+    """1 - soft Dice of P(foreground classes) against their pixels, pooled over the batch, void left out.
+    Cross-entropy alone weighs every pixel alike; this term weighs the overlap a cut-out is judged by (fg IoU)."""
+    prob = logits.float().softmax(1)[:, list(fg)].sum(1)
+    valid = (target != ignore_index).float()
+    truth = torch.isin(target, torch.as_tensor(list(fg), device=target.device)).float() * valid
+    prob = prob * valid
+    return 1 - (2 * (prob * truth).sum() + 1) / (prob.sum() + truth.sum() + 1)
+
+
 class SegmentationModule(pl.LightningModule):
     def __init__(
         self,
@@ -47,6 +57,7 @@ class SegmentationModule(pl.LightningModule):
         size_multiple: int = 32,
         default_foreground: Sequence[str] = DEFAULT_FOREGROUND,
         image_size: int | None = None,
+        dice_weight: float = 0.0,
         channels_last: bool = True,
         compile: bool = False,
         log_images_every_n_epochs: int = 5,
@@ -80,6 +91,7 @@ class SegmentationModule(pl.LightningModule):
         self.test_class_iou = iou("none")
         # foreground IoU, boundary F and alpha MAE of P(default foreground): what a cut-out is judged by
         fg = [list(class_names).index(c) for c in default_foreground if c in class_names]
+        self.fg_index = fg
         self.cutout = nn.ModuleDict({_key(s): CutoutMetric(fg, ignore_index) for s in ("val", "test")}) if fg else None
         self.val_miou_best = MaxMetric()
         self.history: list[dict[str, float]] = []  # per-epoch validation metrics, kept in checkpoints
@@ -112,6 +124,8 @@ class SegmentationModule(pl.LightningModule):
         else:
             logits = self(x)
         loss = self.criterion(logits.float(), y)
+        if self.hparams.dice_weight and self.fg_index:
+            loss = loss + self.hparams.dice_weight * soft_dice_loss(logits, y, self.fg_index, self.hparams.ignore_index)
         preds = logits.argmax(1)
         # frame-weighted, as Lightning's epoch mean of a logged loss is
         self.loss_mean[_key(stage)].update(loss.detach(), weight=len(x))
