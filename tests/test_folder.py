@@ -331,10 +331,37 @@ def test_make_remover_trains_exports_and_prints_how_to_use_it(folder, tmp_path):
     assert (run / "remover.onnx").is_file() and (run / "split.json").is_file()
     out = proc.stdout
     assert f"make predict IMG=photo.jpg MODEL={run / 'remover.onnx'}" in out
+    assert "--max-side" not in out  # the model carries its training scale
     assert "foreground IoU" in out and "boundary F" in out and "held-out test set (1 images" in out
     assert "plan: deeplabv3plus_mobilenet_v2" in proc.stdout + proc.stderr  # the run says what it will do
     fg = float(out.split("foreground IoU ")[1].split(",")[0])
     assert 0.0 <= fg <= 1.0 and not math.isnan(fg)
+
+
+def test_sigterm_to_make_remover_stops_its_training_too(folder, tmp_path):
+    """A scheduler's SIGTERM reaches train_remover only: the training it started must save, say how to resume and
+    end with it (it ran on, orphaned, before)."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "bgremover.train_remover", str(folder), "--run-dir", str(run),
+                             *FAST, "trainer.max_epochs=1000", "callbacks.progress_bar.refresh_rate=0"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert last.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)  # to train_remover alone, not its process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert [line for line in err.splitlines() if line.startswith("error:")][0].count(f"ckpt_path={last}") == 1
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run}"], capture_output=True, text=True).stdout
+    assert not left.strip()  # no orphaned training
 
 
 def test_make_remover_bad_folder_one_line(tmp_path):

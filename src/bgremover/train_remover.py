@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
     print(f"remover: training {args.exp} on {data} → {run}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=env)
+    # SIGTERM (a job scheduler, `kill`) reaches only this process: pass it on, so the training saves last.ckpt,
+    # says how to resume and ends, instead of running on as an orphan
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
     try:
         rc = proc.wait()
     except KeyboardInterrupt:  # the training got the Ctrl-C too: it saves last.ckpt and says how to resume
