@@ -37,6 +37,16 @@ def test_shipped_metadata_is_complete():
     assert meta["net"] and meta["exported_at"] and meta["bgremover_version"]
 
 
+def test_shipped_example_cutouts_are_what_the_default_predictor_makes():
+    """examples/*.nobg.png show today's default model (the int8 copy), not an older or the float one."""
+    remover = BackgroundRemover()
+    for jpg in EXAMPLES:
+        shipped = np.asarray(Image.open(jpg.with_suffix(".nobg.png")))
+        assert shipped.shape[2] == 4
+        alpha = np.asarray(remover.mask(np.asarray(Image.open(jpg).convert("RGB"))), np.int16)
+        assert np.abs(shipped[..., 3].astype(np.int16) - alpha).max() <= 1, jpg.name
+
+
 def test_make_predict_on_an_example_writes_a_cutout(tmp_path):
     """What a user types after cloning: the make target itself, on a shipped example image."""
     image = tmp_path / EXAMPLES[0].name
