@@ -371,20 +371,26 @@ def test_make_remover_bad_folder_one_line(tmp_path):
 
 
 # --- the worked example's builder ---------------------------------------------------------------------------------
-def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, capsys):
-    from bgremover.data.make_folder import main
-
-    root = tmp_path / "CamVid"
-    rng = np.random.default_rng(0)
+def fake_camvid(root: Path, frames: dict) -> Path:
+    """A CamVid-layout folder: every split holds the frames {name: (make_photo(), label)}."""
     for split in fd.SPLITS:
         (root / split).mkdir(parents=True)
         (root / f"{split}annot").mkdir()
-        label = np.zeros((96, 128), np.uint8)
-        label[30:60, 40:90] = 8  # a whole car
-        label[10:40, 110:128] = 8  # a car cut off by the right border
-        label[0:5, 0:5] = 11  # void
-        Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(root / split / "f.png")
-        Image.fromarray(label).save(root / f"{split}annot" / "f.png")
+        for name, (make_photo, label) in frames.items():
+            Image.fromarray(make_photo()).save(root / split / f"{name}.png")
+            Image.fromarray(label).save(root / f"{split}annot" / f"{name}.png")
+    return root
+
+
+def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, capsys):
+    from bgremover.data.make_folder import main
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((96, 128), np.uint8)
+    label[30:60, 40:90] = 8  # a whole car
+    label[10:40, 110:128] = 8  # a car cut off by the right border
+    label[0:5, 0:5] = 11  # void
+    root = fake_camvid(tmp_path / "CamVid", {"f": (lambda: rng.integers(0, 256, (96, 128, 3), dtype=np.uint8), label)})
     out = tmp_path / "cars"
     assert main([str(out), "--data-root", str(root), "--min-side", "16", "--size", "32"]) == 0
     for split in fd.SPLITS:
@@ -407,18 +413,16 @@ def test_make_folder_composites_subjects_onto_subject_free_windows(tmp_path, cap
 
     from bgremover.data.make_folder import main
 
-    root = tmp_path / "CamVid"
     rng = np.random.default_rng(1)
-    for split in fd.SPLITS:
-        (root / split).mkdir(parents=True)
-        (root / f"{split}annot").mkdir()
-        for f in ("a", "b"):
-            label = np.full((96, 128), 1, np.uint8)  # building
-            label[10:40, 10:50] = 8  # a whole car, painted pure red in the photo
-            image = rng.integers(0, 100, (96, 128, 3), dtype=np.uint8)  # never red
-            image[10:40, 10:50] = (255, 0, 0)
-            Image.fromarray(image).save(root / split / f"{f}.png")
-            Image.fromarray(label).save(root / f"{split}annot" / f"{f}.png")
+    label = np.full((96, 128), 1, np.uint8)  # building
+    label[10:40, 10:50] = 8  # a whole car, painted pure red in the photo
+
+    def photo():
+        image = rng.integers(0, 100, (96, 128, 3), dtype=np.uint8)  # never red
+        image[10:40, 10:50] = (255, 0, 0)
+        return image
+
+    root = fake_camvid(tmp_path / "CamVid", {"a": (photo, label), "b": (photo, label)})
     out = tmp_path / "comp"
     assert main([str(out), "--data-root", str(root), "--composite", "--min-side", "16", "--size", "64",
                  "--per-subject", "3"]) == 0
