@@ -1,6 +1,6 @@
 """Fine-tuning from the shipped CamVid net vs training from scratch, same folder, same recipe, same time budget.
 
-    python benchmarks/finetune_vs_scratch.py --data data/cars [--budget 1200] [--out logs/finetune_vs_scratch]
+    python benchmarks/finetune_vs_scratch.py --data data/cars-composite [--budget 1800] [--out logs/finetune_vs_scratch]
 
 Runs `python -m bgremover.train_remover DATA` (experiments/remover.yaml: DeepLabV3+/MobileNetV2, AdamW + warm-up/
 cosine annealed to 0 at the budget) twice, one after the other: as it is (`ckpt_init` = models/bgremover-camvid.pt,
@@ -52,7 +52,7 @@ def run_arm(name: str, data: Path, out: Path, budget: int, extra: list[str]) -> 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="image/mask folder (e.g. from bgremover.data.make_folder)")
-    p.add_argument("--budget", type=int, default=1200, help="seconds of training per arm (default 1200)")
+    p.add_argument("--budget", type=int, default=1800, help="seconds of training per arm (default 1800, the remover recipe's)")
     p.add_argument("--out", type=Path, default=Path("logs/finetune_vs_scratch"))
     p.add_argument("--arms", default="finetune,scratch")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both arms")

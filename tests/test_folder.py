@@ -316,7 +316,7 @@ def test_experiment_remover_composes_with_budget_and_camvid_init(folder, tmp_pat
     cfg = compose_cfg(tmp_path, ["experiment=remover", f"data.root={folder}"])
     assert cfg.data._target_.endswith("FolderDataModule")
     assert Path(cfg.ckpt_init).resolve() == SHIPPED_PT
-    assert cfg.callbacks.time_budget.budget_s == cfg.remover_budget_s == 1200
+    assert cfg.callbacks.time_budget.budget_s == cfg.remover_budget_s == 1800
     assert cfg.callbacks.model_checkpoint.monitor == "val/fg_iou"
     OmegaConf.to_container(cfg, resolve=True)  # everything resolves
 

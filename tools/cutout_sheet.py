@@ -1,4 +1,5 @@
-"""A picture of a remover at work for the docs: rows of input | true mask | cut-out over a checkerboard.
+"""A picture of a remover at work for the docs: one column per image, rows input / true mask / cut-out (over a
+checkerboard).
 
     python tools/cutout_sheet.py MODEL FOLDER OUT.jpg [--split test] [--n 6] [--side 192]
 
@@ -36,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     picks = [images[round(i * (len(images) - 1) / max(1, args.n - 1))] for i in range(args.n)]
     remover = BackgroundRemover(args.model)
     s = args.side
-    sheet = Image.new("RGB", (3 * s, len(picks) * s), "white")
-    for row, path in enumerate(picks):
+    sheet = Image.new("RGB", (len(picks) * s, 3 * s), "white")
+    for col, path in enumerate(picks):
         image = Image.open(path).convert("RGB")
         truth = Image.open(args.folder / args.split / "masks" / f"{path.stem}.png").convert("L")
         cut = checkerboard(*image.size)
         cut.paste(image, mask=remover.mask(image))
-        for col, im in enumerate((image, truth.convert("RGB"), cut)):
+        for row, im in enumerate((image, truth.convert("RGB"), cut)):
             sheet.paste(im.resize((s, s), Image.Resampling.BILINEAR), (col * s, row * s))
     sheet.save(args.out, quality=85)
     print(f"wrote {args.out}: {len(picks)} {args.split} images of {args.folder}")
