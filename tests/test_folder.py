@@ -239,6 +239,7 @@ def test_binary_training_logs_cutout_metrics_exports_and_predicts(folder, tmp_pa
     assert ce.main(["--model", str(out), "--data-root", str(folder), "--split-file", str(run / "split.json"),
                     "--json", str(js), "--quiet"]) == 0
     r = json.loads(js.read_text())
+    assert r["max_side"] == 48  # scored as predict runs the model: at its training scale
     assert r["n_images"] == 1 and r["foreground"] == ["foreground"] and r["per_image"][0]["image"] == split["test"][0] + ".jpg"
 
 

@@ -10,7 +10,8 @@ with the training's rule (bgremover.data.folder), and a folder without fixed spl
 --split-file (split.json, which also gives the void value) to know its held-out images.
 
 Runs the predictor's own inference path (`BackgroundRemover.foreground_probability`, so what is measured is
-what users get) at each image's full resolution and reports, over the split:
+what users get) at each image's full resolution — or, for a model that records the scale it was trained at
+(a folder-trained remover), at that scale, as predict runs it — and reports, over the split, at full resolution:
   - segmentation: mIoU of the argmax over the model's classes, global pixel accuracy and per-class IoU, from
     one confusion matrix accumulated over all images. Void (label >= number of classes) is excluded; classes
     absent from both ground truth and prediction over the whole set are left out of the mean (as torchmetrics'
@@ -276,6 +277,7 @@ def evaluate(
         "threshold": threshold,
         "cutout_threshold": hard.summary() if hard is not None else None,
         "ms_per_image": _num(1000.0 * seconds / len(pairs)) if pairs else None,
+        "max_side": remover.max_side if remover.max_side < FULL_RES_SIDE else None,
         "per_image": per_image,
     }
 
@@ -334,8 +336,9 @@ def format_report(r: dict[str, Any], data_root: str, split: str, threads: int | 
     lines.append(f"  (boundary F averaged over {n_b} images where GT or prediction has a boundary)")
     lines.append("")
     lines.append(
-        f"predictor {_fmt(r['ms_per_image'], 1)} ms/image at full resolution "
-        f"(onnxruntime threads: {threads or 'default'}; decoding excluded, after one warm-up)"
+        f"predictor {_fmt(r['ms_per_image'], 1)} ms/image "
+        + (f"inferred at <= {r['max_side']} px long side " if r.get("max_side") else "at full resolution ")
+        + f"(onnxruntime threads: {threads or 'default'}; decoding excluded, after one warm-up)"
     )
     return "\n".join(lines)
 
