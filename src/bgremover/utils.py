@@ -46,7 +46,7 @@ def cpu_kind() -> str:
 def cpu_precision() -> str:
     """Lightning precision for CPU training: bf16 autocast only where the CPU has native bf16.
 
-    Measured on a 2-core AVX-512-BF16 EPYC: bf16-mixed trains FC-DenseNet103 1.7x faster than fp32 channels_last,
+    Measured on a 2-core AVX-512-BF16 EPYC: bf16-mixed trains FC-DenseNet103 1.6-1.7x faster than fp32 channels_last,
     DeepLabV3+/MobileNetV2 1.1-1.4x (README, "CPUs with bf16 units"). On CPUs without bf16 units oneDNN emulates
     bf16 and single convolutions ran 10-50x slower than fp32, so fp32 it is there.
     """
