@@ -430,7 +430,7 @@ def test_make_folder_composites_subjects_onto_subject_free_windows(tmp_path, cap
     assert "6 train, 6 val, 6 test composites of Car" in capsys.readouterr().out
     for split in fd.SPLITS:
         names = sorted(p.stem for p in (out / split / "images").iterdir())
-        assert names == sorted(f"{f}_1_{j}" for f in "ab" for j in range(3))
+        assert names == sorted(f"{f}_0_{j}" for f in "ab" for j in range(3))
         for name in names:
             img = np.asarray(Image.open(out / split / "images" / f"{name}.jpg")).astype(int)
             mask = np.asarray(Image.open(out / split / "masks" / f"{name}.png"))

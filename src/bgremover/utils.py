@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import netrc
@@ -26,12 +27,10 @@ def cpu_info() -> tuple[str, set[str]]:
     import platform
 
     fields: dict[str, str] = {}
-    try:
+    with contextlib.suppress(OSError):  # not Linux: no flags, so no native-bf16 claim
         for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first processor's block is enough
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
-    except OSError:  # not Linux: no flags, so no native-bf16 claim
-        pass
     return fields.get("model name") or platform.processor() or "unknown CPU", set(fields.get("flags", "").split())
 
 

@@ -20,8 +20,10 @@ out along its label, is pasted `--per-subject` times at a random scale (long sid
 flip onto a random `--size`² window of a frame of the same split that holds none of the classes, with a
 one-pixel soft edge; the mask is where the subject covers at least half a pixel. Subjects and backgrounds of the
 test split come only from test frames, so both are unseen in training. Composites are easier than photos (the
-subject's light need not match the background's): the README gives the numbers on both kinds. CamVid (Brostow, Fauqueur, Cipolla) is CC BY-NC 4.0, so
-are the crops: research and personal use.
+subject's light need not match the background's): the README gives the numbers on both kinds.
+
+CamVid (Brostow, Fauqueur, Cipolla) is CC BY-NC 4.0, and so are the crops and composites: research and personal
+use.
 """
 
 from __future__ import annotations
@@ -42,18 +44,21 @@ from bgremover.errors import UserError, report
 SPLITS = ("train", "val", "test")
 
 
-def subject_boxes(label: np.ndarray, ids: list[int], min_side: int, whole: bool = True) -> list[tuple[int, int, int, int]]:
-    """(x, y, w, h) of each 8-connected region of the classes whose long side is at least min_side px (and, with
-    `whole`, that does not touch the frame's border)."""
+def subjects(label: np.ndarray, ids: list[int], min_side: int, whole: bool = True) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+    """Each 8-connected region of the classes whose long side is at least min_side px (and, with `whole`, that does
+    not touch the frame's border): its box (x, y, w, h) and the region's own pixels within the box (bool)."""
     import cv2
 
     mask = np.isin(label, ids).astype(np.uint8)
-    _, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     h, w = label.shape
-    boxes = [tuple(int(v) for v in s[:4]) for s in stats[1:] if max(s[2], s[3]) >= min_side]
-    if whole:
-        boxes = [(x, y, bw, bh) for x, y, bw, bh in boxes if x > 0 and y > 0 and x + bw < w and y + bh < h]
-    return boxes
+    found = []
+    for k in range(1, n):
+        x, y, bw, bh = (int(v) for v in stats[k, :4])
+        if max(bw, bh) < min_side or (whole and not (x > 0 and y > 0 and x + bw < w and y + bh < h)):
+            continue
+        found.append(((x, y, bw, bh), comp[y:y + bh, x:x + bw] == k))
+    return found
 
 
 def square_crop(box: tuple[int, int, int, int], margin: float, frame_h: int, frame_w: int) -> tuple[int, int, int]:
@@ -106,8 +111,6 @@ def paste(bg: Image.Image, subject: Image.Image, alpha: Image.Image, rng: np.ran
 
 def build_composites(root: Path, out: Path, classes: list[str], min_side: int, size: int, per_subject: int,
                      seed: int) -> dict[str, int]:
-    import cv2
-
     ids = [CLASSES.index(c) for c in classes]
     counts = {}
     for s_i, split in enumerate(SPLITS):
@@ -124,19 +127,11 @@ def build_composites(root: Path, out: Path, classes: list[str], min_side: int, s
             raise UserError(f"no {split} frame has a window free of {'/'.join(classes)} to paste onto")
         n = 0
         for img_path, lbl_path in pairs:
-            label = np.asarray(Image.open(lbl_path))
-            mask = np.isin(label, ids).astype(np.uint8)
-            n_comp, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-            image = None
-            for k in range(1, n_comp):
-                x, y, bw, bh = (int(v) for v in stats[k, :4])
-                whole = x > 0 and y > 0 and x + bw < label.shape[1] and y + bh < label.shape[0]
-                if max(bw, bh) < min_side or not whole:
-                    continue
-                if image is None:
-                    image = Image.open(img_path).convert("RGB")
+            found = subjects(np.asarray(Image.open(lbl_path)), ids, min_side)
+            image = Image.open(img_path).convert("RGB") if found else None
+            for k, ((x, y, bw, bh), region) in enumerate(found):
                 subject = image.crop((x, y, x + bw, y + bh))
-                alpha = Image.fromarray(np.where(comp[y:y + bh, x:x + bw] == k, 255, 0).astype(np.uint8))
+                alpha = Image.fromarray(np.where(region, 255, 0).astype(np.uint8))
                 for j in range(per_subject):
                     bg_path, (top, left, side) = backgrounds[int(rng.integers(len(backgrounds)))]
                     bg = Image.open(bg_path).convert("RGB").crop((left, top, left + side, top + side))
@@ -165,7 +160,7 @@ def build(root: Path, out: Path, classes: list[str], min_side: int, size: int, m
         n = 0
         for img_path, lbl_path in list_pairs(root, split):
             label = np.asarray(Image.open(lbl_path))
-            boxes = subject_boxes(label, ids, min_side, whole)
+            boxes = [box for box, _ in subjects(label, ids, min_side, whole)]
             if not boxes:
                 continue
             image = Image.open(img_path).convert("RGB")

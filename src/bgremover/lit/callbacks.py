@@ -193,7 +193,7 @@ def describe_estimate(trainer: pl.Trainer, seconds_per_step: float) -> str:
 def epoch_label(epoch: int, epochs: int | None, limit_s: float | None = None, elapsed_s: float = 0.0,
                 first: int = 0) -> str:
     """The bar's `Epoch 3/100` (epoch is 0-based). Under a time limit that ends the run first (the remover's
-    1000 epochs in 20 min), the last is the epoch the time reaches at this process's pace so far (`Epoch 3/~24`,
+    1000 epochs in 30 min), the last is the epoch the time reaches at this process's pace so far (`Epoch 3/~24`,
     from `first`, the epoch it started or resumed at), with the time left."""
     k = epoch + 1
     total = f"/{epochs}" if epochs else ""
@@ -221,7 +221,7 @@ class EpochProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int | None = None, **kwargs: Any) -> None:
         super().__init__(refresh_rate=1 if refresh_rate is None else refresh_rate, **kwargs)
         self._auto = refresh_rate is None
-        self._t0: float | None = None  # when training started in this process
+        self._t0: float | None = None  # when this process's fit started, and at which epoch (resumed runs)
         self._first_epoch: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -231,14 +231,12 @@ class EpochProgressBar(TQDMProgressBar):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._t0 = time.perf_counter()
+        self._t0, self._first_epoch = time.perf_counter(), trainer.current_epoch  # a resumed fit starts later
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         epochs, _ = planned_steps(trainer)
         limit = _time_limit(trainer)
-        if self._first_epoch is None:  # a resumed run's earlier epochs took no time in this process
-            self._first_epoch = trainer.current_epoch
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
         self.train_progress_bar.set_description(
-            epoch_label(trainer.current_epoch, epochs, limit and limit[0], elapsed, self._first_epoch))
+            epoch_label(trainer.current_epoch, epochs, limit and limit[0], elapsed, self._first_epoch or 0))
