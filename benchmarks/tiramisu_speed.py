@@ -8,7 +8,9 @@
 Img/s is from the median measured step. Every (net, size, implementation, mode) runs in a fresh subprocess so the peak memory of one does not hide
 in another's. Peak memory is the activation peak of the measured steps: on CPU the process' peak RSS
 (VmHWM, reset after warm-up via /proc/self/clear_refs) minus the RSS at that point; on CUDA
-max_memory_allocated minus memory_allocated at that point. Compilation is part of warm-up, not measured.
+max_memory_allocated minus memory_allocated at that point. The project net's dense blocks keep their training
+memory between steps on CPU (bgremover.nets.workspace); it is given back before that point, so the measured
+steps allocate it again and their peak counts it. Compilation is part of warm-up, not measured.
 
 Modes: fp32 (NCHW float32), cl (channels_last float32), bf16 (channels_last + bf16 autocast), compiled
 (bf16 + torch.compile), compiled-fp32 (cl + torch.compile), memeff / memeff-cl / memeff-fp32 (project net
@@ -135,6 +137,9 @@ def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, d
     for _ in range(COMPILE_WARMUP if compiled else warmup):
         step()
     sync()
+    for module in model.modules():  # the project's dense blocks keep training memory between steps (CPU):
+        if hasattr(module, "workspace"):  # give it back, so the measured steps' peak counts it again
+            module.workspace.clear()
     if dev_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

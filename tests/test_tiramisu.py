@@ -91,11 +91,32 @@ def wgrad(request, monkeypatch) -> str:
     return request.param
 
 
+@pytest.fixture(params=["whole", "per-channel", "uneven"])
+def chunks(request, monkeypatch) -> str:
+    """Run a test with a layer's input gradient computed whole, or in channel chunks (_channel_chunks; on CPU
+    for tensors over _CHUNK_BYTES): one channel per chunk, or chunks of 2-3 channels with a short last one."""
+    sizes = {"whole": dense_block._CHUNK_BYTES, "per-channel": 1, "uneven": 2600}
+    monkeypatch.setattr(dense_block, "_CHUNK_BYTES", sizes[request.param])
+    return request.param
+
+
+def test_channel_chunks_cover_every_channel_once(monkeypatch) -> None:
+    t = torch.empty(2, 10, 4, 4)  # 128 bytes per channel
+    monkeypatch.setattr(dense_block, "_CHUNK_BYTES", 300)
+    assert dense_block._channel_chunks(t) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    monkeypatch.setattr(dense_block, "_CHUNK_BYTES", 500)
+    assert dense_block._channel_chunks(t) == [(0, 4), (4, 8), (8, 10)]
+    monkeypatch.setattr(dense_block, "_CHUNK_BYTES", 1)
+    assert dense_block._channel_chunks(t[:, :3]) == [(0, 1), (1, 2), (2, 3)]
+    monkeypatch.setattr(dense_block, "_CHUNK_BYTES", 10**9)
+    assert dense_block._channel_chunks(t) == [(0, 10)]
+
+
 @pytest.mark.parametrize("memory_efficient", [False, True])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize(("cin", "layers", "growth"), BLOCK_SHAPES)
 def test_block_matches_cat_formulation_float64(cin: int, layers: int, growth: int, train: bool,
-                                               memory_efficient: bool, wgrad: str) -> None:
+                                               memory_efficient: bool, wgrad: str, chunks: str) -> None:
     ours = DenseBlock(cin, layers, growth, dropout=0.0, memory_efficient=memory_efficient).double()
     randomise_bn(ours)
     theirs = ref.RefDenseBlock(cin, layers, growth, dropout=0.0).double()
@@ -295,13 +316,18 @@ def test_cpu_probe_is_onednn_bf16_support() -> None:
     assert dense_block._probe_cpu_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1500])
 @pytest.mark.parametrize("memory_efficient", [False, True])
 @pytest.mark.parametrize("train", [True, False])
-def test_block_bf16_routes_close_to_float64(bf16_route: str, train: bool, memory_efficient: bool) -> None:
+def test_block_bf16_routes_close_to_float64(bf16_route: str, train: bool, memory_efficient: bool,
+                                            chunk_bytes: int | None, monkeypatch) -> None:
     """Each bf16 route of a dense block against float64 on the same bf16-representable input. The input's
     mean (32) is large against its spread (1), so BN maths done in bf16 (a bf16 scale and shift, or centring
     in bf16) would cancel badly: measured, a bf16 BN-ReLU gives an input-gradient error of 0.048 here, the
-    fp32 maths 0.006-0.013, PyTorch's own autocast reference block 0.009."""
+    fp32 maths 0.006-0.013, PyTorch's own autocast reference block 0.009. ``chunk_bytes=1500``: every layer's
+    input gradient one channel at a time (1,440 bytes per bf16 channel here)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(dense_block, "_CHUNK_BYTES", chunk_bytes)
     block = DenseBlock(24, 4, 8, dropout=0.0, memory_efficient=memory_efficient)
     randomise_bn(block)
     exact = DenseBlock(24, 4, 8, dropout=0.0).double()

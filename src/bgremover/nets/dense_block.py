@@ -29,6 +29,12 @@ same-dtype loop (``_mixed_cpu``): the BN-ReLU goes through an fp32 scratch band 
 parameter-gradient sums come from PyTorch's fused BN backward on a dense copy, and the gradient buffer is held
 in the kernel dtype.
 
+On CPU, a block's large tensors (its buffer, saved activations, gradient buffer and scratch) come from a
+``Workspace`` that reuses the previous training step's memory once nothing holds it, and a layer's input
+gradient is computed and consumed in channel chunks under 24 MiB: glibc maps blocks over 32 MiB afresh on
+every allocation, and faulting their pages in is slow (measured: a 2x240x224x224 bf16 input gradient takes
+29 ms in fresh pages, 19 ms in reused ones; ``bgremover.nets.workspace``).
+
 ``memory_efficient=True`` keeps nothing per layer but the shared buffer (plus per-channel statistics and
 the tiny dropout masks); the BN-ReLU output is recomputed in backward from the saved statistics, so
 running statistics are updated exactly once per step (unlike ``torch.utils.checkpoint``, which re-runs BN).
@@ -50,6 +56,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bgremover.nets.workspace import Workspace
+
 DROPOUT = 0.2  # paper's dropout probability for dense layers and transitions down
 
 _MIN_GAMMA = 1e-3  # below this |BN weight| the gamma gradient is summed directly (the identity divides by it)
@@ -60,6 +68,7 @@ _GEMM_WGRAD_MIN_PIXELS = 1024  # below this many N*H*W pixels oneDNN's weight gr
 _WGRAD_BAND_PIXELS = 8192  # pixels per GEMM band in conv3x3_weight_grad: the im2col block stays in cache
 _STATS_BAND_PIXELS = 8192  # pixels per band of the variance pass in _batch_stats
 _MIXED_BAND_PIXELS = 8192  # pixels per band where bf16 storage meets fp32 per-channel maths on CPU (_bn_relu)
+_CHUNK_BYTES = 24 * 2**20  # CPU input-gradient chunks stay under glibc's 32 MiB ceiling for heap (not mmap) blocks
 
 
 def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,6 +165,7 @@ class _DenseBlockFn(torch.autograd.Function):
         training, keep_act, dev_type = cfg["training"], not cfg["memory_efficient"], inputs[0].device.type
         cdtype, kdtype = cfg["dtype"], cfg["kernel_dtype"]
         sync: _StatSync | None = cfg["sync"]
+        ws: Workspace = cfg["workspace"]
         batch_stats = _batch_stats if sync is None else sync.batch_stats
         x0 = inputs[0]
         n, _, h, w = x0.shape
@@ -163,7 +173,7 @@ class _DenseBlockFn(torch.autograd.Function):
         c_total = c0 + n_layers * growth
         fmt = _fmt(x0)
         with torch.autocast(dev_type, enabled=False):
-            buf = torch.empty((n, c_total, h, w), dtype=cdtype, device=x0.device, memory_format=fmt)
+            buf = ws.empty("buf", (n, c_total, h, w), cdtype, x0.device, fmt)
             off = 0
             for t in inputs:
                 buf[:, off : off + t.shape[1]].copy_(t)
@@ -176,12 +186,16 @@ class _DenseBlockFn(torch.autograd.Function):
             invstd = torch.rsqrt(var + eps)
             saved_acts: list[Tensor] = []
             # Without saved activations one scratch area serves every layer (fewer fresh pages to fault in).
-            scratch = None if keep_act else _scratch(n, c_total - growth, h, w, kdtype, x0.device)
+            scratch = None if keep_act else ws.empty("scratch", (n * (c_total - growth) * h * w,), kdtype, x0.device)
             for i in range(n_layers):
                 gamma, beta, weight, bias, r_mean, r_var, mask = per_layer[7 * i : 7 * i + 7]
                 c = c0 + i * growth
                 scale, shift = _affine(gamma, beta, mean[:c], invstd[:c], r_mean, r_var, eps, training)
-                act = _bn_relu(buf[:, :c], scale, shift, _new_act(scratch, (n, c, h, w), fmt, kdtype, x0.device))
+                if scratch is None:  # kept for backward: its own slot
+                    act = ws.empty(f"act{i}", (n, c, h, w), kdtype, x0.device, fmt)
+                else:
+                    act = _new_act(scratch, (n, c, h, w), fmt, kdtype, x0.device)
+                act = _bn_relu(buf[:, :c], scale, shift, act)
                 y = torch.ops.aten.convolution(
                     act, _cast(weight, cdtype, kdtype), _cast(bias, cdtype, kdtype),
                     _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
@@ -217,25 +231,27 @@ class _DenseBlockFn(torch.autograd.Function):
         cdtype, kdtype = buf.dtype, cfg["kernel_dtype"]
         n, c_total, h, w = buf.shape
         sync: _StatSync | None = cfg["sync"]
+        ws: Workspace = cfg["workspace"]
         count = n * h * w if sync is None else sync.count  # the pixels the batch statistics were taken over
         fmt = _fmt(buf)
         # bf16 weight gradients are too coarse for the W * dW identity (it divides by gamma).
         # Under torch.compile the data-dependent gamma check would break the graph, and inductor fuses the
         # direct product-sum anyway.
         exact_identity = kdtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-        scratch = None if saved_acts else _scratch(n, c_total - growth, h, w, kdtype, buf.device)
+        scratch = None if saved_acts else ws.empty("scratch", (n * (c_total - growth) * h * w,), kdtype, buf.device)
         # Native bf16 on CPU: BatchNorm's parameter-gradient sums come from PyTorch's fused kernel, which is fast
-        # on a dense tensor only (6 vs 238 ms at 2x240x224x224), so each layer's input is copied to a dense
-        # scratch: the recomputed activation's, whose last use comes before (memory-efficient), or its own.
+        # on a dense tensor only (6 vs 238 ms at 2x240x224x224), so each layer's input is copied, chunk by
+        # chunk, to a dense scratch.
         native_low = buf.device.type == "cpu" and kdtype == cdtype and _mixed_cpu(buf, mean.dtype)
         x_scratch = None
-        if native_low:
-            x_scratch = scratch if scratch is not None else _scratch(n, c_total - growth, h, w, cdtype, buf.device)
+        if native_low:  # sized for the largest channel chunk of any layer's input (_channel_chunks)
+            widest = max(hi - lo for i in range(n_layers) for lo, hi in _channel_chunks(buf[:, : c0 + i * growth]))
+            x_scratch = ws.empty("x_scratch", (n * widest * h * w,), cdtype, buf.device)
         param_grads: list[Tensor | None] = [None] * (7 * n_layers)
         with torch.autocast(buf.device.type, enabled=False):
             # A private, writable copy: earlier layers' gradients are accumulated into its prefix. It is held in
             # the kernel dtype, the dtype of every layer's input gradient: same-dtype accumulation (_mixed_cpu).
-            grad = torch.empty_like(buf, dtype=kdtype)
+            grad = ws.empty("grad", buf.shape, kdtype, buf.device, fmt)
             grad.copy_(grad_buf)
             # Per channel: sum over consumer layers of the gradient reaching the batch mean / variance.
             g_shift = torch.zeros_like(mean)
@@ -259,37 +275,60 @@ class _DenseBlockFn(torch.autograd.Function):
                 # Asking oneDNN for the bias gradient as well makes its backward ~4x slower (measured: 459 vs
                 # 116 ms at 2x240x224x224, channels_last); a 16-channel sum costs next to nothing.
                 gemm_w = buf.device.type == "cpu" and n * h * w >= _GEMM_WGRAD_MIN_PIXELS
-                g_pre, g_w, _ = torch.ops.aten.convolution_backward(
-                    g_y, act, w_c, [growth], _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
-                    [True, not gemm_w, False],
-                )
+                chunks = _channel_chunks(act)
+                g_pre = None
+                if len(chunks) == 1:
+                    g_pre, g_w, _ = torch.ops.aten.convolution_backward(
+                        g_y, act, w_c, [growth], _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
+                        [True, not gemm_w, False],
+                    )
                 if gemm_w:
                     g_w = conv3x3_weight_grad(g_y, act)
-                torch.ops.aten.threshold_backward.grad_input(g_pre, act, 0, grad_input=g_pre)  # in place
+                elif g_pre is None:
+                    g_w = torch.ops.aten.convolution_backward(
+                        g_y, act, w_c, [growth], _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
+                        [False, True, False],
+                    )[1]
+                # The input gradient of a stride-1 3x3 conv is the conv of g_y with the flipped, transposed
+                # kernel: a chunk of input channels is a chunk of that kernel's output maps.
+                w_t = None if g_pre is not None else w_c.flip(2, 3).transpose(0, 1).contiguous()
                 gamma_s, beta_s = gamma.to(mean.dtype), beta.to(mean.dtype)
                 centre = mean[:c] if training else r_mean.to(mean.dtype)
                 std_inv = invstd[:c] if training else torch.rsqrt(r_var.to(mean.dtype) + eps)
-                if native_low:
-                    # sum(g_pre) and sum(g_pre * xhat), accumulated in fp32 by one fused pass; the input gradient
-                    # is added in bf16 with a bf16-rounded scale (a mixed-dtype loop is 50x slower, measured).
-                    x_dense = _new_act(x_scratch, (n, c, h, w), fmt, cdtype, buf.device).copy_(x)
-                    _, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
-                        g_pre, x_dense, gamma_s, None, None, centre, std_inv, True, eps, [False, True, True]
-                    )
-                    grad[:, :c].addcmul_(g_pre, _as_channel(scale.to(g_pre.dtype)))
-                elif exact_identity and bool(gamma_s.abs().min() >= _MIN_GAMMA):
-                    g_beta = g_pre.sum(dim=(0, 2, 3), dtype=mean.dtype)
+                identity = not native_low and exact_identity and bool(gamma_s.abs().min() >= _MIN_GAMMA)
+                g_beta = torch.empty_like(mean[:c])
+                g_gamma = torch.empty_like(g_beta)
+                g_scale = scale.to(kdtype) if native_low else scale
+                for lo, hi in chunks:
+                    if w_t is not None:
+                        g_pre = torch.ops.aten.convolution(
+                            g_y, w_t[lo:hi], None, _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1
+                        )
+                    a_c = act[:, lo:hi]
+                    torch.ops.aten.threshold_backward.grad_input(g_pre, a_c, 0, grad_input=g_pre)  # in place
+                    if native_low:
+                        # sum(g_pre) and sum(g_pre * xhat), accumulated in fp32 by one fused pass over dense
+                        # tensors; the input gradient is added in bf16 with a bf16-rounded scale (a mixed-dtype
+                        # loop is 50x slower, measured).
+                        x_dense = _new_act(x_scratch, (n, hi - lo, h, w), fmt, cdtype, buf.device).copy_(x[:, lo:hi])
+                        _, g_gamma[lo:hi], g_beta[lo:hi] = torch.ops.aten.native_batch_norm_backward(
+                            g_pre, x_dense, gamma_s[lo:hi], None, None, centre[lo:hi], std_inv[lo:hi], True, eps,
+                            [False, True, True],
+                        )
+                    else:
+                        torch.sum(g_pre, dim=(0, 2, 3), dtype=mean.dtype, out=g_beta[lo:hi])
+                        if not identity:
+                            g_xc = (g_pre * x[:, lo:hi]).sum(dim=(0, 2, 3), dtype=mean.dtype)
+                            g_gamma[lo:hi] = std_inv[lo:hi] * (g_xc - centre[lo:hi] * g_beta[lo:hi])
+                    grad[:, lo:hi].addcmul_(g_pre, _as_channel(g_scale[lo:hi]))
+                    del g_pre
+                if identity:
                     # Adjoint of the conv: sum_pixels(g_act * act) = sum_(out, kh, kw)(W * dW) per input
                     # channel, and act = gamma * xhat + beta where g_pre != 0, so sum(g_pre * xhat) needs
                     # no pass over the activations.
                     g_act_act = (w_c.to(mean.dtype) * g_w.to(mean.dtype)).sum(dim=(0, 2, 3))
                     g_gamma = (g_act_act - beta_s * g_beta) / gamma_s
-                    grad[:, :c].addcmul_(g_pre, _as_channel(scale))
-                else:
-                    g_beta = g_pre.sum(dim=(0, 2, 3), dtype=mean.dtype)
-                    g_gamma = std_inv * ((g_pre * x).sum(dim=(0, 2, 3), dtype=mean.dtype) - centre * g_beta)
-                    grad[:, :c].addcmul_(g_pre, _as_channel(scale))
-                del act, g_pre
+                del act
                 if training:
                     k = -scale / count
                     g_shift[:c].add_(k * g_beta)
@@ -364,6 +403,19 @@ def conv3x3_weight_grad(g_y: Tensor, act: Tensor) -> Tensor:
     return g_w.view(3, 3, g, c).flip(0, 1).permute(2, 3, 0, 1).contiguous()
 
 
+def _channel_chunks(t: Tensor) -> list[tuple[int, int]]:
+    """Channel ranges [lo, hi) of an (N, C, H, W) tensor such that a tensor of one range's shape stays under
+    ``_CHUNK_BYTES``: on CPU, a layer's input gradient is computed and consumed one range at a time, so that
+    glibc serves it from the heap instead of mapping (and the kernel zeroing) fresh pages every layer and step
+    (see ``bgremover.nets.workspace``). One range elsewhere, and for tensors already that small."""
+    n, c, h, w = t.shape
+    nbytes = n * c * h * w * t.element_size()
+    parts = 1 if t.device.type != "cpu" or torch.compiler.is_compiling() else -(-nbytes // _CHUNK_BYTES)
+    parts = max(1, min(parts, c))
+    step = -(-c // parts)
+    return [(lo, min(c, lo + step)) for lo in range(0, c, step)]
+
+
 def _cast(t: Tensor, dtype: torch.dtype, kernel_dtype: torch.dtype) -> Tensor:
     """``t`` rounded to the compute dtype (as autocast would), then held in the kernel dtype."""
     return t.to(dtype).to(kernel_dtype)
@@ -396,10 +448,6 @@ _CPU_NATIVE_BF16 = _probe_cpu_native_bf16()  # probed once: a constant that torc
 def _native_low_precision_gemm(device: torch.device) -> bool:
     """Whether bf16 matrix products run natively here (GPUs; CPUs with AVX-512-BF16/AMX via oneDNN)."""
     return device.type != "cpu" or _CPU_NATIVE_BF16
-
-
-def _scratch(n: int, c: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.empty(n * c * h * w, dtype=dtype, device=device)
 
 
 def _new_act(
@@ -580,6 +628,7 @@ class DenseBlock(nn.Module):
         self.in_channels = in_channels
         self.growth_rate = growth_rate
         self.memory_efficient = memory_efficient
+        self.workspace = Workspace()  # training-step memory reused across steps on CPU (bgremover.nets.workspace)
         self.layers = nn.ModuleList(
             DenseLayer(in_channels + i * growth_rate, growth_rate, dropout) for i in range(n_layers)
         )
@@ -619,12 +668,17 @@ class DenseBlock(nn.Module):
         cfg = {
             "growth": self.growth_rate, "n_layers": len(self.layers), "eps": eps, "training": self.training,
             "memory_efficient": self.memory_efficient, "dtype": cdtype,
-            "kernel_dtype": kernel_dtype(cdtype, x0.device), "sync": sync,
+            "kernel_dtype": kernel_dtype(cdtype, x0.device), "sync": sync, "workspace": self.workspace,
         }
         buf, mean, var = _DenseBlockFn.apply(cfg, len(inputs), *inputs, *flat)
         if self.training:
             self._update_running_stats(mean, var, n * x0.shape[2] * x0.shape[3] if sync is None else sync.count)
         return buf
+
+    def train(self, mode: bool = True) -> DenseBlock:
+        if not mode:  # evaluation allocates nothing by name: give the training steps' memory back
+            self.workspace.clear()
+        return super().train(mode)
 
     def _stat_sync(self) -> _StatSync | None:
         """How this training step syncs batch statistics across processes, or None (single-process code).

@@ -1,0 +1,100 @@
+"""The dense block's reusable training memory (bgremover.nets.workspace): reuse only when free, same results."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomise_bn
+
+from bgremover.nets.tiramisu import DenseBlock
+from bgremover.nets.workspace import Workspace
+
+_REF_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_tiramisu.py"
+_spec = importlib.util.spec_from_file_location("reference_tiramisu", _REF_PATH)
+ref = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("reference_tiramisu", ref)
+_spec.loader.exec_module(ref)
+
+CPU = torch.device("cpu")
+
+
+def test_a_free_slot_is_reused_and_a_held_one_is_not() -> None:
+    ws = Workspace()
+    a = ws.empty("x", (2, 3, 4, 5), torch.float32, CPU)
+    ptr = a.data_ptr()
+    a.fill_(7.0)
+    b = ws.empty("x", (2, 3, 4, 5), torch.float32, CPU)  # `a` still alive: new memory, `a` untouched
+    assert b.data_ptr() != ptr
+    b.fill_(1.0)
+    assert torch.equal(a, torch.full_like(a, 7.0))
+    del a, b
+    c = ws.empty("x", (2, 3, 4, 5), torch.float32, CPU)  # free again: the slot's memory, reused from now on
+    ptr = c.data_ptr()
+    del c
+    assert ws.empty("x", (2, 3, 4, 5), torch.float32, CPU).data_ptr() == ptr
+    view = ws.empty("x", (2, 3, 4, 5), torch.float32, CPU)[:, 1]  # a view still holds the storage
+    assert ws.empty("x", (2, 3, 4, 5), torch.float32, CPU).data_ptr() != ptr
+    assert ws.nbytes() == 2 * 3 * 4 * 5 * 4
+    del view
+
+
+def test_reuse_takes_the_same_memory_and_grows_when_needed() -> None:
+    ws = Workspace()
+    ptr = ws.empty("x", (4, 8), torch.float32, CPU).data_ptr()
+    assert ws.empty("x", (8, 4), torch.float32, CPU).data_ptr() == ptr
+    assert ws.empty("x", (16, 4), torch.bfloat16, CPU).data_ptr() == ptr  # same bytes, another dtype
+    assert ws.empty("x", (8, 8), torch.float32, CPU).data_ptr() != ptr  # larger: new storage
+    assert ws.nbytes() == 8 * 8 * 4
+
+
+def test_channels_last_strides_and_clear() -> None:
+    ws = Workspace()
+    t = ws.empty("x", (2, 5, 3, 4), torch.bfloat16, CPU, torch.channels_last)
+    assert t.shape == (2, 5, 3, 4) and t.dtype == torch.bfloat16
+    assert t.stride() == torch.empty(2, 5, 3, 4, memory_format=torch.channels_last).stride()
+    ws.clear()
+    assert ws.nbytes() == 0
+
+
+def test_block_reuses_its_buffer_across_training_steps_and_frees_it_for_eval() -> None:
+    block = DenseBlock(4, 3, 2, dropout=0.0)
+    x = torch.randn(2, 4, 6, 5)
+    out = block(x)
+    ptr = out.data_ptr()
+    out.sum().backward()
+    del out
+    out = block(x)
+    assert out.data_ptr() == ptr  # the second step wrote into the first step's buffer
+    assert block.workspace.nbytes() > 0
+    held = out  # an output still held: the next step must not write into it
+    before = held.detach().clone()
+    out2 = block(x * 2)
+    assert out2.data_ptr() != held.data_ptr() and torch.equal(held.detach(), before)
+    block.eval()
+    assert block.workspace.nbytes() == 0
+    copied = copy.deepcopy(block.train())
+    assert copied.workspace is not block.workspace
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_two_forwards_before_one_backward_match_the_reference(memory_efficient: bool) -> None:
+    """Reuse must never change a result: the first forward's buffers are still in use by its graph when the
+    second runs (as with a loss over two passes), and both backwards equal the torch.cat block's."""
+    ours = DenseBlock(5, 3, 4, dropout=0.0, memory_efficient=memory_efficient).double()
+    randomise_bn(ours)
+    theirs = ref.RefDenseBlock(5, 3, 4, dropout=0.0).double()
+    theirs.load_state_dict(ours.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    x1, x2 = (torch.randn(2, 5, 6, 7, dtype=torch.float64, generator=gen) for _ in range(2))
+    for model in (ours, theirs):
+        for _ in range(2):  # the second step runs on reused memory
+            model.zero_grad()
+            loss = (model(x1) * 3).sum() + model(x2).square().sum()
+            loss.backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
