@@ -159,6 +159,14 @@ def test_batch_stats_match_var_mean(channels_last: bool, band: int, monkeypatch)
     torch.testing.assert_close(var, exp_var, atol=1e-12, rtol=1e-12)
     var32, _ = dense_block._batch_stats(x.float().bfloat16())
     assert var32.dtype == torch.float32
+    # bf16 storage, dense and as a channel slice of a wider buffer (converted band by band): fp32 sums
+    buf16 = buf.bfloat16()
+    for x16 in (buf16[:, :6], buf16[:, :6].contiguous(memory_format=fmt)):
+        var16, mean16 = dense_block._batch_stats(x16)
+        exp_var, exp_mean = torch.var_mean(x16.double(), dim=(0, 2, 3), unbiased=False)
+        assert var16.dtype == mean16.dtype == torch.float32
+        torch.testing.assert_close(mean16.double(), exp_mean, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(var16.double(), exp_var, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("native_bf16", [False, True])
@@ -369,7 +377,7 @@ def test_bn_relu_every_dtype_pair(x_dtype: torch.dtype, out_dtype: torch.dtype, 
                                   monkeypatch) -> None:
     """fp32 maths whatever the storage (fp32 route, emulated bf16, native bf16), one rounding at the end; small
     bands so an image spans several and a partial one."""
-    monkeypatch.setattr(dense_block, "_MIXED_BAND_PIXELS", 14)
+    monkeypatch.setattr(dense_block, "_MIXED_BAND_ELEMS", 14 * 7)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(8)
     buf = (torch.randn(2, 9, 5, 6, generator=gen) + 32).to(x_dtype).contiguous(memory_format=fmt)
@@ -388,7 +396,7 @@ def test_bn_relu_every_dtype_pair(x_dtype: torch.dtype, out_dtype: torch.dtype, 
 def test_stat_grad_on_bf16_buffer_rounds_once(grad_dtype: torch.dtype, monkeypatch) -> None:
     """The batch-statistics gradient term on a bf16 buffer, added to an fp32 (emulated) or bf16 (native)
     gradient: fp32 maths (the offset cancels slope * x), a single rounding."""
-    monkeypatch.setattr(dense_block, "_MIXED_BAND_PIXELS", 14)
+    monkeypatch.setattr(dense_block, "_MIXED_BAND_ELEMS", 14 * 7)
     gen = torch.Generator().manual_seed(9)
     buf = (torch.randn(2, 9, 5, 6, generator=gen) + 32).bfloat16().contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 9, 5, 6, generator=gen).to(grad_dtype).contiguous(memory_format=torch.channels_last)
