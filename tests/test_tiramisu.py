@@ -86,6 +86,7 @@ def wgrad(request, monkeypatch) -> str:
     the batch-statistics pass gets 2-row bands too)."""
     if request.param == "gemm":
         monkeypatch.setattr(dense_block, "_GEMM_WGRAD_MIN_PIXELS", 0)
+        monkeypatch.setattr(dense_block, "_GEMM_WGRAD_MIN_BF16_VALUES", 0)
         monkeypatch.setattr(dense_block, "_WGRAD_BAND_PIXELS", 12)
         monkeypatch.setattr(dense_block, "_STATS_BAND_PIXELS", 12)
     return request.param
@@ -328,7 +329,7 @@ def test_cpu_probe_is_onednn_bf16_support() -> None:
 @pytest.mark.parametrize("memory_efficient", [False, True])
 @pytest.mark.parametrize("train", [True, False])
 def test_block_bf16_routes_close_to_float64(bf16_route: str, train: bool, memory_efficient: bool,
-                                            chunk_bytes: int | None, monkeypatch) -> None:
+                                            chunk_bytes: int | None, wgrad: str, monkeypatch) -> None:
     """Each bf16 route of a dense block against float64 on the same bf16-representable input. The input's
     mean (32) is large against its spread (1), so BN maths done in bf16 (a bf16 scale and shift, or centring
     in bf16) would cancel badly: measured, a bf16 BN-ReLU gives an input-gradient error of 0.048 here, the
