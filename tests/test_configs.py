@@ -124,3 +124,27 @@ def test_data_root_follows_data_dir(monkeypatch):
     assert cfg_for().data.root == "/some/where/CamVid"
     monkeypatch.delenv("DATA_DIR")
     assert cfg_for().data.root == "data/CamVid"
+
+
+@pytest.mark.parametrize(("module", "override", "expected"), [
+    ("bgremover.train", "model.nope=3", "Could not override 'model.nope'. To append to your config use +model.nope=3"),
+    ("bgremover.train", "model=nope", "Could not find 'model/nope'; options: deeplabv3, deeplabv3plus, tiramisu103"),
+    ("bgremover.train", "trainer.max_epochs=[", "bad override 'trainer.max_epochs=['"),
+    ("bgremover.eval", "data.nope=1", "Could not override 'data.nope'"),
+])
+def test_hydra_errors_are_one_line_with_exit_status_2(module: str, override: str, expected: str) -> None:
+    """A mistyped override is refused before anything is built, as one `error:` line (Hydra prints several),
+    with argparse's usage status; HYDRA_FULL_ERROR=1 still shows Hydra's own report."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run([sys.executable, "-m", module, override], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
+    assert expected in proc.stderr
+    full = subprocess.run([sys.executable, "-m", module, override], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**env, "HYDRA_FULL_ERROR": "1"})
+    assert full.returncode == 1 and "Traceback" in full.stderr

@@ -6,6 +6,7 @@ after the imports, the dataset scan and the net are built, deep inside a DataLoa
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterable
@@ -40,6 +41,62 @@ def require_config_dir() -> None:
 
         sys.exit(report(f"no configs at {CONFIG_DIR}: run from a bgremover checkout (pip install -e .) or set "
                         "PROJECT_ROOT to one"))
+
+
+def hydra_command_line() -> None:
+    """What a Hydra entry point (train, eval) does first: refuse a missing config directory, and have Hydra's own
+    errors (an unknown key or option in an override, bad override syntax) print as one `error:` line with exit
+    status 2, as argparse does, instead of Hydra's several lines and its HYDRA_FULL_ERROR hint.
+    ``HYDRA_FULL_ERROR=1`` still gives Hydra's full report."""
+    require_config_dir()
+    from hydra._internal import utils as hydra_utils  # Hydra reports through this module-level function
+    from hydra.errors import CompactHydraException
+
+    original = getattr(hydra_utils, "run_and_report", None)
+    if original is None or getattr(original, "one_line", False):
+        return
+
+    def run_and_report(func):
+        try:
+            return func()
+        except CompactHydraException as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            from bgremover.errors import report
+
+            sys.exit(report(_hydra_message(exc), code=2))
+        except Exception as exc:  # anything else: Hydra's own report
+            return original(functools.partial(_reraise, exc))
+
+    run_and_report.one_line = True
+    hydra_utils.run_and_report = run_and_report
+
+
+def _reraise(exc: BaseException):
+    raise exc
+
+
+def _hydra_message(exc: BaseException) -> str:
+    """Hydra's multi-line message as one line: its sentences, the cause's first line, and any list of options."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    options: list[str] = []
+    if any(line.startswith("Available options") for line in lines):
+        at = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        options = lines[at + 1 :]
+        lines = lines[:at]
+        options = options[: next((i for i, o in enumerate(options) if o.endswith(":")), len(options))]
+    text = " ".join(lines) or type(exc).__name__
+    override = getattr(exc, "override", None)  # OverrideParseException: name what was typed
+    if isinstance(override, str) and override and override not in text:
+        text = f"bad override {override!r}: {text}"
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        first = " ".join(str(cause).strip().splitlines()[0].split())
+        if first not in text:
+            text += f" ({first})"
+    if options:
+        text += f"; options: {', '.join(options)}"
+    return text
 
 
 def _positive_int(value, key: str, allow_none: bool = False) -> None:

@@ -63,7 +63,7 @@ def _training_scale(cfg: DictConfig, image_size: int | None) -> None:
 
 def main() -> None:
     """`python -m bgremover.eval`: Hydra's command line over conf/eval.yaml."""
-    config.require_config_dir()
+    config.hydra_command_line()
     _main()
 
 

@@ -194,7 +194,7 @@ def ddp_relaunch_conflict(cfg: DictConfig) -> str | None:
 
 def main() -> float | None:
     """`bgremover-train` / `python -m bgremover.train`: Hydra's command line over conf/train.yaml."""
-    config.require_config_dir()
+    config.hydra_command_line()
     return _main()
 
 
