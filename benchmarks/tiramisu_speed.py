@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from bgremover.utils import KEEP_MEMORY_ENV
+
 HERE = Path(__file__).resolve().parent
 NETS = ("56", "67", "103")
 SIZES = {"224": (224, 224, 2), "384x480": (384, 480, 1)}  # name -> (H, W, batch on a CPU)
@@ -44,7 +46,7 @@ IGNORE_INDEX = 11  # CamVid void label
 # glibc settings that keep freed memory in the heap instead of returning every large block to the kernel:
 # without them each step page-faults its big activations in afresh, which is most of what the torch.cat
 # reference's copying costs on CPU (a GPU's caching allocator never pays this).
-MALLOC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+MALLOC_TUNED = KEEP_MEMORY_ENV  # what `make train` and `make remover` run CPU training with
 
 
 # mode -> (channels_last, bf16 autocast, torch.compile, memory_efficient [project net only])

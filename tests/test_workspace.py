@@ -98,3 +98,66 @@ def test_two_forwards_before_one_backward_match_the_reference(memory_efficient: 
             loss.backward()
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+
+
+_FAULTS = """
+import resource, torch
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 96, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(96, 96, 3, padding=1),
+                          torch.nn.ReLU(), torch.nn.Conv2d(96, 2, 1))
+x = torch.randn(2, 3, 224, 224)  # 37 MiB activations: over glibc's 32 MiB mmap ceiling
+def faults_of_a_step():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    net(x).square().mean().backward()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_step(), faults_of_a_step()
+print(min(faults_of_a_step() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="glibc/Linux allocator behaviour")
+def test_keep_memory_env_stops_refaulting_large_tensors() -> None:
+    """What `make train` / `make remover` run training with: after warm-up a training step of a small conv net on
+    2x96x224x224 activations faults in no new pages (glibc's default: ~179,000 4-KiB pages every step)."""
+    import os
+    import subprocess
+
+    from bgremover.utils import KEEP_MEMORY_ENV
+
+    def faults(extra: dict[str, str]) -> int:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | extra
+        out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, env=env, check=True)
+        return int(out.stdout.split()[-1])
+
+    assert faults({}) > 20_000  # fewer only where huge pages back the mappings
+    assert faults(KEEP_MEMORY_ENV) < 1000
+
+
+def test_make_train_and_remover_training_keep_memory(monkeypatch, tmp_path) -> None:
+    import subprocess
+
+    from bgremover import train_remover
+    from bgremover.utils import KEEP_MEMORY_ENV
+
+    make = subprocess.run(["make", "-n", "train", "sweep", "reproduce-default", "EXP=x"], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    trains = [line for line in make.splitlines() if "-m bgremover.train" in line]
+    assert len(trains) == 3
+    assert all(f"{k}={v}" in line for line in trains for k, v in KEEP_MEMORY_ENV.items())
+
+    seen: list[dict] = []
+
+    class FakeTraining:  # records the environment the training process would get, then "fails"
+        def __init__(self, cmd, env):
+            seen.append(env)
+
+        def wait(self):
+            return 3
+
+    monkeypatch.setattr(train_remover.subprocess, "Popen", FakeTraining)
+    (tmp_path / "images").mkdir()
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "7")  # a caller's own setting wins
+    assert train_remover.main([str(tmp_path), "--run-dir", str(tmp_path / "run")]) == 3
+    assert seen[0]["MALLOC_MMAP_MAX_"] == "7"
+    assert seen[0]["MALLOC_TRIM_THRESHOLD_"] == KEEP_MEMORY_ENV["MALLOC_TRIM_THRESHOLD_"]

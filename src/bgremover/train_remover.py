@@ -23,6 +23,7 @@ from pathlib import Path
 from bgremover import errors
 from bgremover.config import CONFIG_DIR, SUMMARY_NAME
 from bgremover.errors import UserError
+from bgremover.utils import KEEP_MEMORY_ENV
 
 # where the configs and models/ are (a checkout, or pip's share/bgremover): the recipe's ckpt_init is found from here
 PROJECT_ROOT = Path(CONFIG_DIR).parent
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run_dir or Path("logs") / "remover" / "runs" / stamp).resolve()
     cmd = [sys.executable, "-m", "bgremover.train", f"experiment={args.exp}", f"data.root={data}",
            f"hydra.run.dir={run}", "task_name=remover", *args.overrides]
-    env = {**os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
+    # the training process keeps freed memory for reuse (utils.KEEP_MEMORY_ENV) unless the caller set those itself
+    env = {**KEEP_MEMORY_ENV, **os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
     print(f"remover: training {args.exp} on {data} → {run}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=env)
     # SIGTERM (a job scheduler, `kill`) reaches only this process: pass it on, so the training saves last.ckpt,

@@ -41,6 +41,13 @@ def cpu_kind() -> str:
     return f"{name}, {os.cpu_count()} logical CPUs, {' '.join(isa) or 'no AVX2'}"
 
 
+# glibc settings for a CPU training process, read when it starts: keep freed memory in the heap for reuse instead of
+# mapping every block over 32 MiB afresh (the kernel zeroing each page) and returning it on free, every step.
+# Measured on the 2-core AVX-512-BF16 EPYC (README, "Flags to use"): DeepLabV3+/MobileNetV2 fp32 at batch 8, 224²
+# trains 1.21x faster. A GPU's caching allocator does the same. The process keeps its peak heap until it exits.
+KEEP_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
 # --- config resolvers ------------------------------------------------------------------------------------------
 def cpu_precision() -> str:
     """Lightning precision for CPU training: bf16 autocast only where the CPU has native bf16.
