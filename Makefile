@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 # the same 2 cores, spinning threads made small convolutions ~13x slower here (32 ms vs 2.5 ms measured)
 export OMP_WAIT_POLICY ?= PASSIVE
 # training processes keep freed memory for reuse instead of page-faulting every block over 32 MiB in afresh each
-# step (bgremover.utils.KEEP_MEMORY_ENV, same values; 1.21x DeepLabV3+/MobileNetV2 fp32 training speed measured)
+# step (bgremover.utils.KEEP_MEMORY_ENV, same values; 1.19x DeepLabV3+/MobileNetV2 fp32 training speed measured)
 KEEP_MEMORY := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
 
 EXP ?=
