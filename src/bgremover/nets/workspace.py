@@ -12,7 +12,10 @@ A slot is reused only when nothing but the workspace holds its storage: the prev
 tensors and gradients are gone. Otherwise (two forwards before one backward, a caller still holding an
 output) the slot gets new memory and the old storage lives on with its users, so reuse never changes a
 result. The memory stays resident between steps, as in a caching allocator; ``clear()`` gives it back, and
-the block clears its workspace when it leaves training mode.
+the block clears its workspace when it leaves training mode. A slot holds its memory after its tensor's last
+use, so a block gives the workspace the tensors that are alive at the step's peak anyway (its buffer and saved
+activations) and, only in 16 bits, its gradient buffer: kept until the next step, fp32 gradient buffers put 18 %
+on the peak of FC-DenseNet103 at 2x224x224 (970 vs 1148 MiB, ``--bf16-route emulated``).
 """
 
 from __future__ import annotations
