@@ -202,10 +202,11 @@ def test_block_takes_several_inputs_like_a_concat() -> None:
         block(a)
 
 
+@pytest.mark.parametrize("dense_blocks", ["fused", "plain"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("train", [True, False])
-def test_whole_net_matches_reference_float64(train: bool, channels_last: bool, wgrad: str) -> None:
-    ours = FCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
+def test_whole_net_matches_reference_float64(train: bool, channels_last: bool, wgrad: str, dense_blocks: str) -> None:
+    ours = FCDenseNet(num_classes=5, dropout=0.0, dense_blocks=dense_blocks, **TINY).double()
     randomise_bn(ours)
     theirs = ref.RefFCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
     theirs.load_state_dict(ours.state_dict())
@@ -216,6 +217,15 @@ def test_whole_net_matches_reference_float64(train: bool, channels_last: bool, w
         ours, theirs = ours.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     _assert_same_run(ours, theirs, x)
+
+
+def test_dense_blocks_choice_is_checked() -> None:
+    with pytest.raises(ValueError, match="dense_blocks must be one of fused, plain, got 'cat'"):
+        FCDenseNet(num_classes=5, dense_blocks="cat", **TINY)
+    with pytest.raises(ValueError, match="memory_efficient needs the fused dense block"):
+        FCDenseNet(num_classes=5, dense_blocks="plain", memory_efficient=True, **TINY)
+    fused, plain = FCDenseNet(num_classes=5, **TINY), FCDenseNet(num_classes=5, dense_blocks="plain", **TINY)
+    plain.load_state_dict(fused.state_dict())  # same parameters: checkpoints move between the two
 
 
 def test_memory_efficient_same_gradients_and_bn_stats_updated_once() -> None:
@@ -250,14 +260,15 @@ def test_memory_efficient_replays_the_same_dropout_mask() -> None:
         torch.testing.assert_close(gp_n[name], gp_l[name])
 
 
-def test_dropout_is_channelwise_and_rescaled() -> None:
-    drop = DenseBlock(4, 1, 64, dropout=0.25).double().train()
-    plain = DenseBlock(4, 1, 64, dropout=0.0).double().train()
-    plain.load_state_dict(drop.state_dict())
+@pytest.mark.parametrize("plain_block", [False, True])
+def test_dropout_is_channelwise_and_rescaled(plain_block: bool) -> None:
+    drop = DenseBlock(4, 1, 64, dropout=0.25, plain=plain_block).double().train()
+    no_drop = DenseBlock(4, 1, 64, dropout=0.0).double().train()
+    no_drop.load_state_dict(drop.state_dict())
     x = torch.randn(8, 4, 6, 6, dtype=torch.float64)
     torch.manual_seed(0)
     with torch.no_grad():
-        new, ref_new = drop(x)[:, 4:], plain(x)[:, 4:]
+        new, ref_new = drop(x)[:, 4:], no_drop(x)[:, 4:]
     dropped = (new == 0).flatten(2).all(-1)  # N x 64: a dropped map is zero at every pixel
     assert 0.15 < dropped.float().mean().item() < 0.35
     kept = ~dropped

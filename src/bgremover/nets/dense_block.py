@@ -653,12 +653,16 @@ class DenseBlock(nn.Module):
 
     def __init__(
         self, in_channels: int, n_layers: int, growth_rate: int, dropout: float = DROPOUT,
-        memory_efficient: bool = False,
+        memory_efficient: bool = False, plain: bool = False,
     ) -> None:
         super().__init__()
+        if plain and memory_efficient:
+            raise ValueError("memory_efficient needs the fused dense block (dense_blocks=fused), not the plain one")
         self.in_channels = in_channels
         self.growth_rate = growth_rate
         self.memory_efficient = memory_efficient
+        # plain: the textbook torch.cat layers in training too (same parameters), for torch.compile to fuse
+        self.plain = plain
         self.workspace = Workspace()  # training-step memory reused across steps on CPU (bgremover.nets.workspace)
         self.layers = nn.ModuleList(
             DenseLayer(in_channels + i * growth_rate, growth_rate, dropout) for i in range(n_layers)
@@ -671,10 +675,10 @@ class DenseBlock(nn.Module):
     def forward(self, *inputs: Tensor) -> Tensor:
         if sum(t.shape[1] for t in inputs) != self.in_channels:
             raise ValueError(f"DenseBlock expects {self.in_channels} input channels, got {[t.shape for t in inputs]}")
-        if not self.training and (
+        if self.plain or (not self.training and (
             torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or not torch.is_grad_enabled()
-        ):
-            return self._forward_inference(inputs)
+        )):
+            return self._forward_plain(inputs)
         x0 = inputs[0]
         dev_type = x0.device.type
         if torch.is_autocast_enabled(dev_type):
@@ -726,13 +730,17 @@ class DenseBlock(nn.Module):
         group = norm.process_group or dist.group.WORLD
         return _StatSync(group) if dist.get_world_size(group) > 1 else None
 
-    def _forward_inference(self, inputs: tuple[Tensor, ...]) -> Tensor:
-        """Eval without autograd (inference, ONNX/TorchScript export): plain modules that any exporter can
-        trace. Without a backward pass to feed, the quadratic concatenation only costs copies."""
+    def _forward_plain(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """The textbook block on plain modules: eval without autograd (inference, ONNX/TorchScript export: any
+        exporter can trace it; without a backward pass the quadratic concatenation only costs copies), and
+        training with ``plain=True`` (each layer's BatchNorm takes its own batch statistics and running update)."""
         feats = list(inputs)
         for layer in self.layers:
             x = feats[0] if len(feats) == 1 else torch.cat(feats, 1)
-            feats.append(layer.conv(F.relu(layer.norm(x))))
+            y = layer.conv(F.relu(layer.norm(x)))
+            if self.training and layer.dropout > 0:
+                y = F.dropout2d(y, layer.dropout, training=True)
+            feats.append(y)
         return feats[0] if len(feats) == 1 else torch.cat(feats, 1)
 
     @torch.no_grad()

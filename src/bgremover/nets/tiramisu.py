@@ -7,6 +7,8 @@ classifier. Only the new maps of an up-path block go up (the paper's trick again
 The dense blocks are `bgremover.nets.dense_block.DenseBlock`: the same maths as a textbook block (each layer
 BN → ReLU → 3x3 conv → dropout on the concatenation of everything before it), run as one autograd Function over
 one buffer so that building a block costs linear, not quadratic, copying and memory. That file says how and why.
+``dense_blocks="plain"`` trains the textbook block instead (same parameters), the candidate for ``torch.compile``
+on GPUs.
 
 Dropout is channel-wise (``Dropout2d``) with p=0.2: the paper uses element-wise dropout, but dropping whole
 maps is the usual choice for conv features and its mask is N x g x 1 x 1, cheap to draw and to keep.
@@ -23,6 +25,9 @@ from torch import Tensor, nn
 from bgremover.nets.dense_block import DROPOUT, Conv2d, ConvTranspose2d, DenseBlock  # noqa: F401 (re-exported)
 
 FIRST_CONV_CHANNELS = 48  # filters of the stem 3x3 conv in all paper variants
+# fused: each block one autograd Function over one buffer (dense_block.py; the default); plain: the textbook
+# torch.cat layers in training too, same parameters and checkpoints, for torch.compile to fuse on a GPU
+DENSE_BLOCKS = ("fused", "plain")
 
 TIRAMISU_CONFIGS: dict[str, dict[str, Any]] = {
     "fcdensenet56": {
@@ -94,28 +99,32 @@ class FCDenseNet(nn.Module):
         first_conv_channels: int = FIRST_CONV_CHANNELS,
         dropout: float = DROPOUT,
         memory_efficient: bool = False,
+        dense_blocks: str = "fused",
     ) -> None:
         super().__init__()
         if len(down_blocks) != len(up_blocks):
             raise ValueError(f"down_blocks {tuple(down_blocks)} and up_blocks {tuple(up_blocks)} differ in length")
+        if dense_blocks not in DENSE_BLOCKS:
+            raise ValueError(f"dense_blocks must be one of {', '.join(DENSE_BLOCKS)}, got {dense_blocks!r}")
+        block_kw = {"memory_efficient": memory_efficient, "plain": dense_blocks == "plain"}
         self.first_conv = Conv2d(in_channels, first_conv_channels, kernel_size=3, padding=1, bias=True)
         self.down_blocks = nn.ModuleList()
         self.trans_down = nn.ModuleList()
         skip_channels = []
         c = first_conv_channels
         for n_layers in down_blocks:
-            block = DenseBlock(c, n_layers, growth_rate, dropout, memory_efficient)
+            block = DenseBlock(c, n_layers, growth_rate, dropout, **block_kw)
             c = block.out_channels
             skip_channels.append(c)
             self.down_blocks.append(block)
             self.trans_down.append(TransitionDown(c, dropout))
-        self.bottleneck = DenseBlock(c, bottleneck_layers, growth_rate, dropout, memory_efficient)
+        self.bottleneck = DenseBlock(c, bottleneck_layers, growth_rate, dropout, **block_kw)
         new_maps = bottleneck_layers * growth_rate  # only the bottleneck's new maps are upsampled
         self.trans_up = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
         for n_layers, skip_c in zip(up_blocks, reversed(skip_channels), strict=True):
             self.trans_up.append(TransitionUp(new_maps))
-            block = DenseBlock(new_maps + skip_c, n_layers, growth_rate, dropout, memory_efficient)
+            block = DenseBlock(new_maps + skip_c, n_layers, growth_rate, dropout, **block_kw)
             self.up_blocks.append(block)
             new_maps = n_layers * growth_rate
         self.final_conv = Conv2d(block.out_channels, num_classes, kernel_size=1, bias=True)
