@@ -2,7 +2,7 @@
 
     python benchmarks/tiramisu_speed.py                       # full table: several hours on a 2-core CPU
     python benchmarks/tiramisu_speed.py --nets 103 --sizes 224 384x480 --modes bf16 memeff --steps 3
-    python benchmarks/tiramisu_speed.py --malloc tuned ...    # glibc keeps freed memory (see MALLOC_TUNED)
+    python benchmarks/tiramisu_speed.py --malloc tuned ...    # glibc keeps freed memory (bgremover.utils.KEEP_MEMORY_ENV)
     python benchmarks/tiramisu_speed.py --rounds 3 ...        # ref/ours alternate 3 times: medians (loaded CPU)
 
 Img/s is from the median measured step. Every (net, size, implementation, mode) runs in a fresh subprocess so the peak memory of one does not hide
@@ -43,10 +43,6 @@ MODES = ("fp32", "cl", "bf16", "compiled", "compiled-fp32", "memeff", "memeff-cl
 WARMUP = 2  # eager warm-up steps (allocator, oneDNN primitive caches)
 COMPILE_WARMUP = 3  # compiled warm-up steps (compilation, then recompilation-free steady state)
 IGNORE_INDEX = 11  # CamVid void label
-# glibc settings that keep freed memory in the heap instead of returning every large block to the kernel:
-# without them each step page-faults its big activations in afresh, which is most of what the torch.cat
-# reference's copying costs on CPU (a GPU's caching allocator never pays this).
-MALLOC_TUNED = KEEP_MEMORY_ENV  # what `make train` and `make remover` run CPU training with
 
 
 # mode -> (channels_last, bf16 autocast, torch.compile, memory_efficient [project net only])
@@ -168,7 +164,7 @@ def run_config(
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared 2-core CPU
     if args.malloc == "tuned":
-        env.update(MALLOC_TUNED)
+        env.update(KEEP_MEMORY_ENV)  # what `make train` runs CPU training with
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):

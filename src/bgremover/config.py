@@ -80,11 +80,11 @@ def _hydra_message(exc: BaseException) -> str:
     """Hydra's multi-line message as one line: its sentences, the cause's first line, and any list of options."""
     lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
     options: list[str] = []
-    if any(line.startswith("Available options") for line in lines):
-        at = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+    at = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
+    if at is not None:  # the options run until the next "...:" heading (Hydra's config search path)
         options = lines[at + 1 :]
-        lines = lines[:at]
         options = options[: next((i for i, o in enumerate(options) if o.endswith(":")), len(options))]
+        lines = lines[:at]
     text = " ".join(lines) or type(exc).__name__
     override = getattr(exc, "override", None)  # OverrideParseException: name what was typed
     if isinstance(override, str) and override and override not in text:

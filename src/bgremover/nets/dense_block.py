@@ -210,7 +210,7 @@ class _DenseBlockFn(torch.autograd.Function):
                 if scratch is None:  # kept for backward: its own slot
                     act = ws.empty(f"act{i}", (n, c, h, w), kdtype, x0.device, fmt)
                 else:
-                    act = _new_act(scratch, (n, c, h, w), fmt, kdtype, x0.device)
+                    act = _front_view(scratch, (n, c, h, w), fmt)
                 act = _bn_relu(buf[:, :c], scale, shift, act)
                 y = torch.ops.aten.convolution(
                     act, _cast(weight, cdtype, kdtype), _cast(bias, cdtype, kdtype),
@@ -286,7 +286,7 @@ class _DenseBlockFn(torch.autograd.Function):
                 if saved_acts:
                     act = saved_acts[i]
                 else:
-                    act = _bn_relu(x, scale, shift, _new_act(scratch, (n, c, h, w), fmt, kdtype, buf.device))
+                    act = _bn_relu(x, scale, shift, _front_view(scratch, (n, c, h, w), fmt))
                 g_y = grad[:, c : c + growth]
                 if mask is not None:
                     g_y = g_y * mask.to(g_y.dtype)
@@ -320,7 +320,7 @@ class _DenseBlockFn(torch.autograd.Function):
                 gamma_s, beta_s = gamma.to(mean.dtype), beta.to(mean.dtype)
                 centre = mean[:c] if training else r_mean.to(mean.dtype)
                 std_inv = invstd[:c] if training else torch.rsqrt(r_var.to(mean.dtype) + eps)
-                identity = not native_low and exact_identity and bool(gamma_s.abs().min() >= _MIN_GAMMA)
+                identity = exact_identity and bool(gamma_s.abs().min() >= _MIN_GAMMA)  # never native bf16: not fp32
                 g_beta = torch.empty_like(mean[:c])
                 g_gamma = torch.empty_like(g_beta)
                 g_scale = scale.to(kdtype) if native_low else scale
@@ -335,7 +335,7 @@ class _DenseBlockFn(torch.autograd.Function):
                         # sum(g_pre) and sum(g_pre * xhat), accumulated in fp32 by one fused pass over dense
                         # tensors; the input gradient is added in bf16 with a bf16-rounded scale (a mixed-dtype
                         # loop is 50x slower, measured).
-                        x_dense = _new_act(x_scratch, (n, hi - lo, h, w), fmt, cdtype, buf.device).copy_(x[:, lo:hi])
+                        x_dense = _front_view(x_scratch, (n, hi - lo, h, w), fmt).copy_(x[:, lo:hi])
                         _, g_gamma[lo:hi], g_beta[lo:hi] = torch.ops.aten.native_batch_norm_backward(
                             g_pre, x_dense, gamma_s[lo:hi], None, None, centre[lo:hi], std_inv[lo:hi], True, eps,
                             [False, True, True],
@@ -479,13 +479,8 @@ def _flat(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(numel, dtype=dtype, device=device)
 
 
-def _new_act(
-    scratch: Tensor | None, shape: tuple[int, int, int, int], fmt: torch.memory_format, dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    """A dense (N, c, H, W) tensor in ``fmt``: fresh, or a view of the front of ``scratch``."""
-    if scratch is None:
-        return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+def _front_view(scratch: Tensor, shape: tuple[int, int, int, int], fmt: torch.memory_format) -> Tensor:
+    """A dense (N, c, H, W) tensor in ``fmt`` over the front of a flat ``scratch``."""
     n, c, h, w = shape
     flat = scratch[: n * c * h * w]
     return flat.view(n, h, w, c).permute(0, 3, 1, 2) if fmt == torch.channels_last else flat.view(shape)

@@ -5,8 +5,8 @@ size allocated afresh each step is page-faulted in afresh each step, and the ker
 An FC-DenseNet103 block buffer at 2 x 256 x 224 x 224 in bf16 is 51 MiB; its saved activations, its gradient
 buffer and the convolutions' input gradients are of the same order. On a 2-core EPYC with AVX-512-BF16 that
 faulting cost 13 % of an FC-DenseNet103 bf16 training step (1.69 vs 1.47 s at 2x224x224, measured against a run
-whose allocator keeps freed memory, as ``benchmarks/tiramisu_speed.py --malloc tuned`` does). A GPU's caching allocator never pays it; this is the same idea
-for the few tensors a block allocates by name.
+whose allocator keeps freed memory, as ``benchmarks/tiramisu_speed.py --malloc tuned`` does). A GPU's caching
+allocator never pays it; this is the same idea for the few tensors a block allocates by name.
 
 A slot is reused only when nothing but the workspace holds its storage: the previous step's outputs, saved
 tensors and gradients are gone. Otherwise (two forwards before one backward, a caller still holding an
@@ -25,10 +25,12 @@ import math
 import torch
 from torch import Tensor
 
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private; a torch without it never reuses
+
 
 def _use_count(storage: torch.UntypedStorage) -> int:
     """Tensors and storage objects holding ``storage`` (1: only the workspace's own reference)."""
-    return torch._C._storage_Use_Count(storage._cdata)
+    return 2 if _STORAGE_USE_COUNT is None else _STORAGE_USE_COUNT(storage._cdata)
 
 
 class Workspace:
