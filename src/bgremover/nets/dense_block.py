@@ -56,6 +56,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bgremover.nets import cpu_kernels
 from bgremover.nets.workspace import Workspace
 
 DROPOUT = 0.2  # paper's dropout probability for dense layers and transitions down
@@ -85,6 +86,8 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if x.device.type != "cpu" or torch.compiler.is_compiling():  # GPUs' var_mean kernel is already fast
         return torch.var_mean(x.to(acc), dim=(0, 2, 3), unbiased=False)
+    if x.dtype == torch.bfloat16 and (stats := cpu_kernels.channel_stats(x)) is not None:
+        return stats
     n, c, h, w = x.shape
     count = n * h * w
     rows = max(1, min(h, _STATS_BAND_PIXELS // w))
@@ -216,15 +219,19 @@ class _DenseBlockFn(torch.autograd.Function):
                     act, _cast(weight, cdtype, kdtype), _cast(bias, cdtype, kdtype),
                     _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
                 )
-                if mask is not None:
+                new = buf[:, c : c + growth]
+                # Dropout, rounding and the strided store in one pass (cpu_kernels); PyTorch's ops take the
+                # statistics of the dense conv output, cheaper for them than of the strided buffer slice.
+                fused = cpu_kernels.scale_maps(y, mask, new) is not None
+                if not fused and mask is not None:
                     y.mul_(mask.to(kdtype))
                 if training and i + 1 < n_layers:  # the last layer's maps feed no BN inside this block
-                    # Statistics of the dense conv output are cheaper than of the strided buffer slice.
-                    v, m = batch_stats(y)
+                    v, m = batch_stats(new if fused else y)
                     var[c : c + growth], mean[c : c + growth] = v, m
                     invstd[c : c + growth] = torch.rsqrt(v + eps)
-                buf[:, c : c + growth].copy_(y)
-                del y
+                if not fused:
+                    new.copy_(y)
+                del y, new
                 if keep_act:
                     saved_acts.append(act)
                 del act
@@ -259,10 +266,7 @@ class _DenseBlockFn(torch.autograd.Function):
         # on a dense tensor only (6 vs 238 ms at 2x240x224x224), so each layer's input is copied, chunk by
         # chunk, to a dense scratch.
         native_low = buf.device.type == "cpu" and kdtype == cdtype and _mixed_cpu(buf, mean.dtype)
-        x_scratch = None
-        if native_low:  # sized for the largest channel chunk of any layer's input (_channel_chunks)
-            widest = max(hi - lo for i in range(n_layers) for lo, hi in _channel_chunks(buf[:, : c0 + i * growth]))
-            x_scratch = _flat(n * widest * h * w, cdtype, buf.device)
+        x_scratch = None  # made when first needed: the fused kernel (cpu_kernels) needs no copy
         param_grads: list[Tensor | None] = [None] * (7 * n_layers)
         with torch.autocast(buf.device.type, enabled=False):
             # A private, writable copy: earlier layers' gradients are accumulated into its prefix. It is held in
@@ -288,10 +292,16 @@ class _DenseBlockFn(torch.autograd.Function):
                 else:
                     act = _bn_relu(x, scale, shift, _front_view(scratch, (n, c, h, w), fmt))
                 g_y = grad[:, c : c + growth]
-                if mask is not None:
-                    g_y = g_y * mask.to(g_y.dtype)
                 need = ctx.param_needs_grad[7 * i : 7 * i + 7]
-                g_b = g_y.sum(dim=(0, 2, 3), dtype=mean.dtype) if need[3] else None
+                g_b = None
+                if native_low:  # dropout, a dense copy for the conv and the bias gradient in one pass (cpu_kernels)
+                    dense = torch.empty((n, growth, h, w), dtype=kdtype, device=buf.device, memory_format=fmt)
+                    g_b = cpu_kernels.scale_maps(g_y, mask, dense, sums=True)
+                    g_y = g_y if g_b is None else dense
+                if g_b is None:
+                    if mask is not None:
+                        g_y = g_y * mask.to(g_y.dtype)
+                    g_b = g_y.sum(dim=(0, 2, 3), dtype=mean.dtype) if need[3] else None
                 g_y = _cast(g_y, cdtype, kdtype)  # the conv's operand: rounded to the compute dtype
                 w_c = _cast(weight, cdtype, kdtype)
                 # Asking oneDNN for the bias gradient as well makes its backward ~4x slower (measured: 459 vs
@@ -329,9 +339,19 @@ class _DenseBlockFn(torch.autograd.Function):
                         g_pre = torch.ops.aten.convolution(
                             g_y, w_t[lo:hi], None, _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1
                         )
+                    if native_low and (sums := cpu_kernels.bn_relu_backward(
+                        g_pre, x[:, lo:hi], grad[:, lo:hi], scale[lo:hi], shift[lo:hi], centre[lo:hi], std_inv[lo:hi]
+                    )) is not None:  # all of the branch below in one pass, with the scale in fp32
+                        g_beta[lo:hi], g_gamma[lo:hi] = sums
+                        del g_pre
+                        continue
                     a_c = act[:, lo:hi]
                     torch.ops.aten.threshold_backward.grad_input(g_pre, a_c, 0, grad_input=g_pre)  # in place
                     if native_low:
+                        if x_scratch is None:  # sized for the widest channel chunk of any layer's input
+                            widest = max(b - a for k in range(n_layers)
+                                         for a, b in _channel_chunks(buf[:, : c0 + k * growth]))
+                            x_scratch = _flat(n * widest * h * w, cdtype, buf.device)
                         # sum(g_pre) and sum(g_pre * xhat), accumulated in fp32 by one fused pass over dense
                         # tensors; the input gradient is added in bf16 with a bf16-rounded scale (a mixed-dtype
                         # loop is 50x slower, measured).
@@ -549,6 +569,8 @@ def _bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
     if not _mixed_cpu(x, scale.dtype):
         torch.addcmul(sh, x, sc, out=out)
         return out.relu_()
+    if cpu_kernels.bn_relu(x, scale, shift, out) is not None:  # one pass, channels_last bf16 (cpu_kernels.c)
+        return out
     if out.dtype == scale.dtype:
         out.copy_(x)
         torch.addcmul(sh, out, sc, out=out)
@@ -575,6 +597,8 @@ def _apply_stat_grad(
     part, src = grad[:, lo:hi], buf[:, lo:hi]
     if not _mixed_cpu(src, slope.dtype):
         part.addcmul_(src, _as_channel(slope)).add_(_as_channel(offset))
+        return
+    if cpu_kernels.stat_grad(part, src, slope, offset) is not None:  # bf16 gradient, one pass (cpu_kernels.c)
         return
     # bf16 buffer on CPU: the terms in fp32, band by band through scratch (see _bn_relu); the gradient is fp32
     # (bf16 emulated) or bf16 (native), where it is rounded once after the sum (the offset cancels slope * x).
