@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from conftest import randomise_bn
 from torch import nn
 
-from bgremover.nets import dense_block
+from bgremover.nets import cpu_kernels, dense_block
 from bgremover.nets.tiramisu import (
     DenseBlock,
     FCDenseNet,
@@ -101,6 +102,27 @@ def chunks(request, monkeypatch) -> str:
     return request.param
 
 
+@pytest.fixture(params=["fused", "torch"])
+def kernels(request, monkeypatch) -> dict[str, int] | None:
+    """Run a test with the fused C kernels for bf16 BN-ReLU maths on CPU (bgremover.nets.cpu_kernels), and with
+    the PyTorch ops they replace (BGREMOVER_CPU_KERNELS=0). Fused: how many kernel calls ran, by name; else None."""
+    if request.param == "torch":
+        monkeypatch.setenv(cpu_kernels.ENV, "0")
+        return None
+    calls: dict[str, int] = {}
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler: the fused kernels cannot be built")
+    monkeypatch.setenv(cpu_kernels.ENV, "1")
+    for name in ("bn_relu", "channel_stats", "bn_relu_backward", "stat_grad", "scale_maps"):
+        def spy(*args, _f=getattr(cpu_kernels, name), _name=name, **kw):
+            out = _f(*args, **kw)
+            if out is not None:
+                calls[_name] = calls.get(_name, 0) + 1
+            return out
+        monkeypatch.setattr(cpu_kernels, name, spy)
+    return calls
+
+
 def test_channel_chunks_cover_every_channel_once(monkeypatch) -> None:
     t = torch.empty(2, 10, 4, 4)  # 128 bytes per channel
     monkeypatch.setattr(dense_block, "_CHUNK_BYTES", 300)
@@ -148,7 +170,7 @@ def test_gemm_weight_grad_matches_aten_float64(channels_last: bool, n: int, h: i
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("band", [1, 10, 8192])
-def test_batch_stats_match_var_mean(channels_last: bool, band: int, monkeypatch) -> None:
+def test_batch_stats_match_var_mean(channels_last: bool, band: int, kernels: dict | None, monkeypatch) -> None:
     monkeypatch.setattr(dense_block, "_STATS_BAND_PIXELS", band)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(7)
@@ -340,7 +362,8 @@ def test_cpu_probe_is_onednn_bf16_support() -> None:
 @pytest.mark.parametrize("memory_efficient", [False, True])
 @pytest.mark.parametrize("train", [True, False])
 def test_block_bf16_routes_close_to_float64(bf16_route: str, train: bool, memory_efficient: bool,
-                                            chunk_bytes: int | None, wgrad: str, monkeypatch) -> None:
+                                            chunk_bytes: int | None, wgrad: str, kernels: dict | None,
+                                            monkeypatch) -> None:
     """Each bf16 route of a dense block against float64 on the same bf16-representable input. The input's
     mean (32) is large against its spread (1), so BN maths done in bf16 (a bf16 scale and shift, or centring
     in bf16) would cancel badly: measured, a bf16 BN-ReLU gives an input-gradient error of 0.048 here, the
@@ -375,6 +398,11 @@ def test_block_bf16_routes_close_to_float64(bf16_route: str, train: bool, memory
     assert rel(out.float(), out64.detach()) < 0.005
     assert rel(x16.grad, x64.grad) < 0.025
     assert rel(g, g64) < 0.05
+    if kernels is not None:  # the fused run really took the kernels
+        expected = {"bn_relu", "scale_maps"} | ({"channel_stats"} if train else set())
+        if bf16_route == "native":
+            expected |= {"bn_relu_backward"} | ({"stat_grad"} if train else set())
+        assert expected <= kernels.keys()
     if train:
         stats = zip(block.layers, exact.layers, strict=True)
         for ours, ref_layer in stats:
@@ -386,7 +414,7 @@ def test_block_bf16_routes_close_to_float64(bf16_route: str, train: bool, memory
                                                       (torch.bfloat16, torch.float32),
                                                       (torch.bfloat16, torch.bfloat16)])
 def test_bn_relu_every_dtype_pair(x_dtype: torch.dtype, out_dtype: torch.dtype, channels_last: bool,
-                                  monkeypatch) -> None:
+                                  kernels: dict | None, monkeypatch) -> None:
     """fp32 maths whatever the storage (fp32 route, emulated bf16, native bf16), one rounding at the end; small
     bands so an image spans several and a partial one."""
     monkeypatch.setattr(dense_block, "_MIXED_BAND_ELEMS", 14 * 7)
@@ -405,7 +433,7 @@ def test_bn_relu_every_dtype_pair(x_dtype: torch.dtype, out_dtype: torch.dtype, 
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
-def test_stat_grad_on_bf16_buffer_rounds_once(grad_dtype: torch.dtype, monkeypatch) -> None:
+def test_stat_grad_on_bf16_buffer_rounds_once(grad_dtype: torch.dtype, kernels: dict | None, monkeypatch) -> None:
     """The batch-statistics gradient term on a bf16 buffer, added to an fp32 (emulated) or bf16 (native)
     gradient: fp32 maths (the offset cancels slope * x), a single rounding."""
     monkeypatch.setattr(dense_block, "_MIXED_BAND_ELEMS", 14 * 7)
@@ -424,6 +452,35 @@ def test_stat_grad_on_bf16_buffer_rounds_once(grad_dtype: torch.dtype, monkeypat
     tol = 2.0**-8 if grad_dtype == torch.bfloat16 else 1e-5
     assert ((grad.double() - exact).abs() <= tol * exact.abs() + 1e-4).all()
     assert torch.equal(grad.double()[:, :2], before[:, :2]) and torch.equal(grad.double()[:, 7:], before[:, 7:])
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the fused kernels cannot be built")
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_bf16_training_step_same_with_and_without_fused_kernels(bf16_route: str, memory_efficient: bool,
+                                                                monkeypatch) -> None:
+    """A bf16 training step with dropout (the same masks: same seed) through the fused kernels and through the
+    PyTorch ops: same outputs, input and parameter gradients and running statistics, up to bf16 rounding."""
+    torch.manual_seed(0)
+    base = DenseBlock(12, 3, 6, dropout=0.4, memory_efficient=memory_efficient)
+    randomise_bn(base)
+    x = (torch.randn(3, 12, 9, 10) + 4).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(3, 30, 9, 10)
+    runs = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv(cpu_kernels.ENV, fused)
+        block = copy.deepcopy(base).to(memory_format=torch.channels_last).train()
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(xg)
+        (out.float() * weight).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in block.parameters()])
+        runs.append((out.float(), xg.grad, grads, block.layers[-1].norm.running_var.clone()))
+    out_err, *rest = [((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(*runs, strict=True)]
+    assert out_err < 0.005  # the fused backward's fp32 BN scale differs from the PyTorch ops' bf16 one: 1-2 %
+    assert max(rest) < 0.03
+    assert (runs[0][0] == 0).any()  # dropout dropped maps in both runs, the same ones
+    assert torch.equal(runs[0][0][:, 12:] == 0, runs[1][0][:, 12:] == 0)
 
 
 def test_224_shape() -> None:

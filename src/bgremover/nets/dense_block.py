@@ -204,6 +204,7 @@ class _DenseBlockFn(torch.autograd.Function):
                 var[:c0], mean[:c0] = batch_stats(buf[:, :c0])
             invstd = torch.rsqrt(var + eps)
             saved_acts: list[Tensor] = []
+            kernel_weights: list[Tensor] = []  # kept with the activations: backward needs them cast the same way
             # Without saved activations one scratch area serves every layer (fewer fresh pages to fault in).
             scratch = None if keep_act else _flat(n * (c_total - growth) * h * w, kdtype, x0.device)
             for i in range(n_layers):
@@ -215,8 +216,9 @@ class _DenseBlockFn(torch.autograd.Function):
                 else:
                     act = _front_view(scratch, (n, c, h, w), fmt)
                 act = _bn_relu(buf[:, :c], scale, shift, act)
+                w_k = _cast(weight, cdtype, kdtype)
                 y = torch.ops.aten.convolution(
-                    act, _cast(weight, cdtype, kdtype), _cast(bias, cdtype, kdtype),
+                    act, w_k, _cast(bias, cdtype, kdtype),
                     _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
                 )
                 new = buf[:, c : c + growth]
@@ -234,11 +236,12 @@ class _DenseBlockFn(torch.autograd.Function):
                 del y, new
                 if keep_act:
                     saved_acts.append(act)
-                del act
+                    kernel_weights.append(w_k)
+                del act, w_k
         ctx.cfg = dict(cfg, c0=c0, split=[t.shape[1] for t in inputs])
         ctx.n_inputs = n_inputs
         ctx.param_needs_grad = [t is not None and t.requires_grad for t in per_layer]
-        ctx.save_for_backward(buf, mean, invstd, *per_layer, *saved_acts)
+        ctx.save_for_backward(buf, mean, invstd, *per_layer, *saved_acts, *kernel_weights)
         ctx.mark_non_differentiable(mean, var)
         return buf, mean, var
 
@@ -250,7 +253,8 @@ class _DenseBlockFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         buf, mean, invstd = saved[:3]
         per_layer = saved[3 : 3 + 7 * n_layers]
-        saved_acts = saved[3 + 7 * n_layers :]
+        kept = saved[3 + 7 * n_layers :]  # per layer activation, then kernel-dtype weight (or nothing: memory_efficient)
+        saved_acts, kernel_weights = kept[: len(kept) // 2], kept[len(kept) // 2 :]
         cdtype, kdtype = buf.dtype, cfg["kernel_dtype"]
         n, c_total, h, w = buf.shape
         sync: _StatSync | None = cfg["sync"]
@@ -303,7 +307,7 @@ class _DenseBlockFn(torch.autograd.Function):
                         g_y = g_y * mask.to(g_y.dtype)
                     g_b = g_y.sum(dim=(0, 2, 3), dtype=mean.dtype) if need[3] else None
                 g_y = _cast(g_y, cdtype, kdtype)  # the conv's operand: rounded to the compute dtype
-                w_c = _cast(weight, cdtype, kdtype)
+                w_c = kernel_weights[i] if kernel_weights else _cast(weight, cdtype, kdtype)
                 # Asking oneDNN for the bias gradient as well makes its backward ~4x slower (measured: 459 vs
                 # 116 ms at 2x240x224x224, channels_last); a 16-channel sum costs next to nothing.
                 gemm_w = buf.device.type == "cpu" and (
