@@ -81,3 +81,14 @@ def test_installed_train_finds_its_configs_from_any_directory(fresh_env, tmp_pat
                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"ckpt_init: {fresh_env / 'share' / 'bgremover' / 'models' / 'bgremover-camvid.pt'}" in proc.stdout
+
+
+@pytest.mark.skipif(not __import__("shutil").which("cc"), reason="no C compiler: the kernels cannot be built")
+def test_installed_package_builds_its_cpu_kernels(fresh_env, tmp_path):
+    """The wheel carries cpu_kernels.c (package data): the installed dense block builds and loads it."""
+    code = ("import warnings; warnings.simplefilter('error'); from bgremover.nets import cpu_kernels as k; "
+            "print(k.SOURCE.is_file(), k.library() is not None)")
+    proc = _run(fresh_env, "python", "-c", code, cwd=tmp_path, extra_env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"]
+    assert list((tmp_path / "bgremover").glob("cpu_kernels-*.so"))

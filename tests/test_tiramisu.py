@@ -114,13 +114,18 @@ def kernels(request, monkeypatch) -> dict[str, int] | None:
         pytest.skip("no C compiler: the fused kernels cannot be built")
     monkeypatch.setenv(cpu_kernels.ENV, "1")
     for name in ("bn_relu", "channel_stats", "bn_relu_backward", "stat_grad", "scale_maps"):
-        def spy(*args, _f=getattr(cpu_kernels, name), _name=name, **kw):
-            out = _f(*args, **kw)
-            if out is not None:
-                calls[_name] = calls.get(_name, 0) + 1
-            return out
-        monkeypatch.setattr(cpu_kernels, name, spy)
+        monkeypatch.setattr(cpu_kernels, name, _counting(getattr(cpu_kernels, name), name, calls))
     return calls
+
+
+def _counting(fn, name: str, calls: dict[str, int]):
+    def spy(*args, **kw):
+        out = fn(*args, **kw)
+        if out is not None:  # the kernel ran (None: it declined and the PyTorch ops ran)
+            calls[name] = calls.get(name, 0) + 1
+        return out
+
+    return spy
 
 
 def test_channel_chunks_cover_every_channel_once(monkeypatch) -> None:
