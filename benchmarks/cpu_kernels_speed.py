@@ -54,7 +54,7 @@ def main() -> None:
     print(f"cpu: {cpu_kind()}; threads={torch.get_num_threads()}")
     if cpu_kernels.library() is None:
         raise SystemExit("error: the fused kernels are not available here (no C compiler, or turned off)")
-    print(f"{'layer':>18} | {'BN-ReLU ms':>19} {'x':>5} | {'statistics ms':>19} {'x':>5} | {'backward ms':>19} {'x':>5}")
+    print(f"{'layer':>14} | {'BN-ReLU ms':>19} {'x':>5} | {'statistics ms':>19} {'x':>5} | {'backward ms':>19} {'x':>5}")
     for c, total, side in SHAPES:
         print(f"{args.batch}x{c:>3}/{total:>3}x{side:>3}² | " + " | ".join(layer_row(args.batch, c, total, side,
                                                                                   args.repeat)))
