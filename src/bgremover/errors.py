@@ -12,10 +12,11 @@ class UserError(Exception):
     """What the user gave us cannot be used; the message is one line that names the file or option at fault."""
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an error's message, whitespace squeezed, for a one-line report."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error's message (or of a text), whitespace squeezed and cut at ``limit``: the one
+    shortening every one-line report uses (``report``; ``bgremover.utils.error_summary`` for runs)."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ("" if isinstance(error, str) else type(error).__name__)
     first = " ".join(first.split())
     return first if len(first) <= limit else first[: limit - 1] + "…"
 

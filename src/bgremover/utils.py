@@ -98,21 +98,25 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (UserError, FileNotFoundError, ValueError)
 
 
-def one_line(exc: BaseException) -> str:
-    """The error's own message on one line, also when a DataLoader worker wrapped it in its traceback text."""
+def error_summary(exc: BaseException) -> str:
+    """What went wrong in a run, on one line: the error's own message also when Hydra's instantiation wrapper or
+    a DataLoader worker's traceback text wraps it, prefixed by its type unless it is a user error; shortened by
+    ``errors.one_line``."""
     from hydra.errors import InstantiationException
+
+    from bgremover.errors import one_line
 
     if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
         # Hydra wraps the real error as "Error in call to target X:\n<error>": say the error, name the target.
         target = str(exc).splitlines()[0].split("'")[1::2][:1]
-        inner = one_line(exc.__cause__)
+        inner = error_summary(exc.__cause__)
         return f"{inner} (while building {target[0]})" if target else inner
     text = str(exc).strip()
     if "Original Traceback" in text:  # torch re-raises worker errors with the worker's traceback as message
         text = text.rstrip().splitlines()[-1]
         text = text.split(": ", 1)[1] if ": " in text else text
-    first = text.splitlines()[0] if text else ""
-    return f"{first}" if isinstance(exc, user_error_types()) else f"{type(exc).__name__}: {first}"
+    first = one_line(text)
+    return first if isinstance(exc, user_error_types()) else f"{type(exc).__name__}: {first}"
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -214,7 +218,7 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
             _log_to_files("".join(traceback.format_exception(exc)))
         summary = {
             "status": "interrupted" if interrupted else "failed",
-            "error": one_line(exc),
+            "error": error_summary(exc),
             "run_dir": str(out_dir),
             "net": cfg.model.get("net_name") if "model" in cfg else None,
             "seed": cfg.get("seed"),
@@ -356,7 +360,7 @@ def print_error(exc: BaseException) -> None:
     where = None if isinstance(exc, user_error_types()) else log_file()
     from bgremover.errors import report
 
-    report(one_line(exc) + (f" (traceback in {where})" if where else ""))
+    report(error_summary(exc) + (f" (traceback in {where})" if where else ""))
 
 
 # --- multirun report -------------------------------------------------------------------------------------------

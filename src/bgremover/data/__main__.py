@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from bgremover.data import download
-from bgremover.errors import UserError, report
+from bgremover.errors import UserError, one_line, report
 
 ROOT_ENV = "DATA_DIR"  # environment variable naming the dataset folder when --root is not given
 
@@ -117,17 +117,13 @@ def cmd_stats(args: argparse.Namespace, root: Path) -> None:
     print(f"class_weights: [{', '.join(f'{v:.4f}' for v in weights)}]")
 
 
-def _one_line(message: object) -> str:
-    return " ".join(str(message).splitlines())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = resolve_root(args.root)
     try:
         (cmd_stats if args.command == "stats" else cmd_verify)(args, root)
     except UserError as e:
-        return report(_one_line(e))
+        return report(e)
     except BrokenPipeError:
         # stdout went to a closed pipe (`| head`): nothing left to say; silence the flush at exit too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -136,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return report("interrupted (a partial download is kept and resumes next run)")
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        return report(f"{where}{_one_line(e.strerror or e)}")
+        return report(f"{where}{one_line(e.strerror or e)}")
     return 0
 
 

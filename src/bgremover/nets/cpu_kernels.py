@@ -130,7 +130,8 @@ def _fits(*ts: Tensor) -> list[int] | None:
 
 
 def _f32(v: Tensor) -> Tensor:
-    return v.detach().to(torch.float32).contiguous()
+    """A per-channel vector as the C code reads it (fp32, contiguous); most already are (no new dispatch)."""
+    return v if v.dtype == torch.float32 and v.is_contiguous() else v.detach().to(torch.float32).contiguous()
 
 
 def _pixels(t: Tensor) -> int:

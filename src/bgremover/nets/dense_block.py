@@ -340,7 +340,6 @@ class _DenseBlockFn(torch.autograd.Function):
                 identity = exact_identity and bool(gamma_s.abs().min() >= _MIN_GAMMA)  # never native bf16: not fp32
                 g_beta = torch.empty_like(mean[:c])
                 g_gamma = torch.empty_like(g_beta)
-                g_scale = scale.to(kdtype) if native_low else scale
                 for lo, hi in chunks:
                     if w_t is not None:
                         g_pre = torch.ops.aten.convolution(
@@ -349,7 +348,10 @@ class _DenseBlockFn(torch.autograd.Function):
                     if native_low and (sums := cpu_kernels.bn_relu_backward(
                         g_pre, x[:, lo:hi], grad[:, lo:hi], scale[lo:hi], shift[lo:hi], centre[lo:hi], std_inv[lo:hi]
                     )) is not None:  # all of the branch below in one pass, with the scale in fp32
-                        g_beta[lo:hi], g_gamma[lo:hi] = sums
+                        if hi - lo == c:
+                            g_beta, g_gamma = sums
+                        else:
+                            g_beta[lo:hi], g_gamma[lo:hi] = sums
                         del g_pre
                         continue
                     a_c = act[:, lo:hi]
@@ -372,7 +374,8 @@ class _DenseBlockFn(torch.autograd.Function):
                         if not identity:
                             g_xc = (g_pre * x[:, lo:hi]).sum(dim=(0, 2, 3), dtype=mean.dtype)
                             g_gamma[lo:hi] = std_inv[lo:hi] * (g_xc - centre[lo:hi] * g_beta[lo:hi])
-                    grad[:, lo:hi].addcmul_(g_pre, _as_channel(g_scale[lo:hi]))
+                    g_scale = scale[lo:hi].to(kdtype) if native_low else scale[lo:hi]
+                    grad[:, lo:hi].addcmul_(g_pre, _as_channel(g_scale))
                     del g_pre
                 if identity:
                     # Adjoint of the conv: sum_pixels(g_act * act) = sum_(out, kh, kw)(W * dW) per input
