@@ -12,13 +12,13 @@ class UserError(Exception):
     """What the user gave us cannot be used; the message is one line that names the file or option at fault."""
 
 
-def one_line(error: BaseException | str, limit: int = 300) -> str:
-    """The first line of an error's message (or of a text), whitespace squeezed and cut at ``limit``: the one
-    shortening every one-line report uses (``report``; ``bgremover.utils.error_summary`` for runs)."""
+def one_line(error: BaseException | str, limit: int | None = 300) -> str:
+    """The first line of an error's message (or of a text), whitespace squeezed and cut at ``limit`` (None: whole):
+    the one shortening every one-line report uses (``report``; ``bgremover.utils.error_summary`` for runs)."""
     text = str(error).strip()
     first = text.splitlines()[0] if text else ("" if isinstance(error, str) else type(error).__name__)
     first = " ".join(first.split())
-    return first if len(first) <= limit else first[: limit - 1] + "…"
+    return first if limit is None or len(first) <= limit else first[: limit - 1] + "…"
 
 
 def report(error: BaseException | str, prog: str | None = None, code: int = 1) -> int:

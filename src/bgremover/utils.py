@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME  # noqa: F401  (one definition; re-exported)
+from bgremover.errors import one_line
 
 log = logging.getLogger("bgremover")
 
@@ -99,12 +100,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def error_summary(exc: BaseException) -> str:
-    """What went wrong in a run, on one line: the error's own message also when Hydra's instantiation wrapper or
-    a DataLoader worker's traceback text wraps it, prefixed by its type unless it is a user error; shortened by
-    ``errors.one_line``."""
+    """What went wrong in a run, on one line, whole: the error's own message also when Hydra's instantiation wrapper
+    or a DataLoader worker's traceback wraps it, prefixed by its type unless it is a user error."""
     from hydra.errors import InstantiationException
-
-    from bgremover.errors import one_line
 
     if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
         # Hydra wraps the real error as "Error in call to target X:\n<error>": say the error, name the target.
@@ -115,7 +113,7 @@ def error_summary(exc: BaseException) -> str:
     if "Original Traceback" in text:  # torch re-raises worker errors with the worker's traceback as message
         text = text.rstrip().splitlines()[-1]
         text = text.split(": ", 1)[1] if ": " in text else text
-    first = one_line(text)
+    first = one_line(text, limit=None)
     return first if isinstance(exc, user_error_types()) else f"{type(exc).__name__}: {first}"
 
 
