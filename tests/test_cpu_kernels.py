@@ -188,6 +188,19 @@ def test_no_working_compiler_warns_once_and_falls_back(cc, tmp_path, monkeypatch
     assert not list(tmp_path.rglob("*.so"))
 
 
+def test_a_hanging_compiler_times_out_into_the_fallback(tmp_path, monkeypatch) -> None:
+    slow = tmp_path / "slowcc"
+    slow.write_text("#!/bin/sh\nsleep 30\n")
+    slow.chmod(0o755)
+    monkeypatch.setenv("CC", str(slow))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "BUILD_TIMEOUT_S", 0.5)
+    x = torch.randn(1, 3, 4, 4).bfloat16().contiguous(memory_format=CL)
+    with pytest.warns(RuntimeWarning, match="timed out"):
+        assert cpu_kernels.channel_stats(x) is None
+
+
 def test_fp32_and_gpu_work_never_builds_anything(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cpu_kernels, "_state", {})

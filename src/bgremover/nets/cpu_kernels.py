@@ -34,6 +34,7 @@ from torch import Tensor
 ENV = "BGREMOVER_CPU_KERNELS"  # "0": never use these kernels (the dense block's PyTorch ops run instead)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+BUILD_TIMEOUT_S = 120  # a compiler that hangs must not hang training: past this, the PyTorch ops run
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _N = ctypes.c_int
@@ -57,7 +58,8 @@ def _build(compiler: str) -> Path:
     """The shared library for this source, compiler, flags and CPU; compiled now if not built before."""
     from bgremover.utils import cpu_info
 
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True,
+                             timeout=BUILD_TIMEOUT_S).stdout
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), version.encode(), " ".join(CFLAGS).encode(),
                  " ".join(sorted(cpu_info()[1])).encode()):
@@ -69,7 +71,8 @@ def _build(compiler: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
         try:
-            subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True)
+            subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True,
+                           timeout=BUILD_TIMEOUT_S)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -92,7 +95,7 @@ def library() -> ctypes.CDLL | None:
                 for fn, args in _SIGNATURES.items():
                     getattr(lib, fn).argtypes = args
                 _state["lib"] = lib
-            except (OSError, subprocess.CalledProcessError) as e:
+            except (OSError, subprocess.SubprocessError) as e:
                 detail = " ".join((getattr(e, "stderr", "") or str(e)).split())[:300]
                 warnings.warn(f"bgremover: fused CPU kernels unavailable ({detail}); the dense blocks use PyTorch "
                               f"ops instead (slower under bf16 on CPU). {ENV}=0 turns them off without this warning",
