@@ -190,7 +190,7 @@ def test_no_working_compiler_warns_once_and_falls_back(cc, tmp_path, monkeypatch
 
 def test_a_hanging_compiler_times_out_into_the_fallback(tmp_path, monkeypatch) -> None:
     slow = tmp_path / "slowcc"
-    slow.write_text("#!/bin/sh\nsleep 30\n")
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")  # exec: the timeout kills the sleeper itself
     slow.chmod(0o755)
     monkeypatch.setenv("CC", str(slow))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
