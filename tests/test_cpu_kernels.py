@@ -21,10 +21,11 @@ def _kernels_on(monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV, "1")
 
 
-def _slice(n: int, c: int, h: int, w: int, total: int, gen: torch.Generator, offset: float = 32.0) -> torch.Tensor:
-    """Channels [1, 1 + c) of a channels_last bf16 buffer of ``total`` channels: a strided, pixel-major view whose
+def _slice(n: int, c: int, h: int, w: int, total: int, gen: torch.Generator, dtype: torch.dtype = torch.bfloat16,
+           offset: float = 32.0) -> torch.Tensor:
+    """Channels [1, 1 + c) of a channels_last buffer of ``total`` channels: a strided, pixel-major view whose
     values sit far from zero (BN maths that centred in bf16 would cancel badly)."""
-    buf = (torch.randn(n, total, h, w, generator=gen) + offset).bfloat16().contiguous(memory_format=CL)
+    buf = (torch.randn(n, total, h, w, generator=gen) + offset).to(dtype).contiguous(memory_format=CL)
     return buf[:, 1 : 1 + c]
 
 
@@ -36,33 +37,43 @@ def _ch(v: torch.Tensor) -> torch.Tensor:
     return v.double().view(1, -1, 1, 1)
 
 
-def _within_ulps(got: torch.Tensor, exact: torch.Tensor, ulps: float = 1.0, floor: float = 1e-6) -> bool:
-    return bool(((got.double() - exact).abs() <= ulps * ULP * exact.abs() + floor).all())
+def _ulp(dtype: torch.dtype) -> float:
+    return ULP if dtype == torch.bfloat16 else 2.0**-22  # fp32: a few ulps of fp32 maths
+
+
+def _within_ulps(got: torch.Tensor, exact: torch.Tensor, floor: float = 1e-6) -> bool:
+    return bool(((got.double() - exact).abs() <= _ulp(got.dtype) * exact.abs() + floor).all())
 
 
 SHAPES = [(2, 7, 5, 6, 9), (1, 33, 3, 17, 40), (3, 1, 4, 4, 3), (2, 16, 9, 11, 17)]  # n, c, h, w, buffer channels (> c)
+BF16, FP32 = torch.bfloat16, torch.float32
+# (x, out) of the forward, (g, x, grad) of the backward: native bf16, emulated bf16 (bf16 buffer, fp32 kernels),
+# fp32 training; the kernels compile every combination, these are the ones the dense block uses
+FWD_DTYPES = [(BF16, BF16), (BF16, FP32), (FP32, FP32)]
+BWD_DTYPES = [(BF16, BF16, BF16), (FP32, BF16, FP32), (FP32, FP32, FP32)]
 
 
 @needs_cc
 @pytest.mark.parametrize(("n", "c", "h", "w", "total"), SHAPES)
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_bn_relu_is_fp32_maths_rounded_once(n, c, h, w, total, out_dtype) -> None:
+@pytest.mark.parametrize(("x_dtype", "out_dtype"), FWD_DTYPES)
+def test_bn_relu_is_fp32_maths_rounded_once(n, c, h, w, total, x_dtype, out_dtype) -> None:
     gen = torch.Generator().manual_seed(1)
-    x = _slice(n, c, h, w, total, gen)
+    x = _slice(n, c, h, w, total, gen, x_dtype)
     scale = torch.rand(c, generator=gen) + 0.5
     shift = torch.randn(c, generator=gen) - 32 * scale  # BN's shift cancels most of scale * x
     out = _dense(n, c, h, w, out_dtype)
     assert cpu_kernels.bn_relu(x, scale, shift, out) is out
     exact = (x.double() * _ch(scale) + _ch(shift)).relu()
     assert (exact == 0).any() and (exact > 0).any()  # both sides of the ReLU are exercised
-    assert _within_ulps(out, exact, 1.0 if out_dtype == torch.bfloat16 else 2**-15)
+    assert _within_ulps(out, exact, floor=1e-5)
 
 
 @needs_cc
 @pytest.mark.parametrize(("n", "c", "h", "w", "total"), SHAPES)
-def test_channel_stats_match_float64(n, c, h, w, total) -> None:
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+def test_channel_stats_match_float64(n, c, h, w, total, dtype) -> None:
     gen = torch.Generator().manual_seed(2)
-    x = _slice(n, c, h, w, total, gen)
+    x = _slice(n, c, h, w, total, gen, dtype)
     var, mean = cpu_kernels.channel_stats(x)
     exp_var, exp_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
     assert var.dtype == mean.dtype == torch.float32
@@ -83,15 +94,16 @@ def test_channel_stats_keep_fp32_accuracy_over_many_pixels() -> None:
 
 @needs_cc
 @pytest.mark.parametrize(("n", "c", "h", "w", "total"), SHAPES)
-def test_bn_relu_backward_matches_float64(n, c, h, w, total) -> None:
+@pytest.mark.parametrize(("g_dtype", "x_dtype", "grad_dtype"), BWD_DTYPES)
+def test_bn_relu_backward_matches_float64(n, c, h, w, total, g_dtype, x_dtype, grad_dtype) -> None:
     gen = torch.Generator().manual_seed(4)
-    x = _slice(n, c, h, w, total, gen)
+    x = _slice(n, c, h, w, total, gen, x_dtype)
     scale = torch.rand(c, generator=gen) + 0.5
     shift = torch.randn(c, generator=gen) - 32 * scale
     mean = x.double().mean(dim=(0, 2, 3)).float()
     invstd = torch.rand(c, generator=gen) + 0.5
-    g = torch.randn(n, c, h, w, generator=gen).bfloat16().contiguous(memory_format=CL)
-    grad_buf = torch.randn(n, total, h, w, generator=gen).bfloat16().contiguous(memory_format=CL)
+    g = torch.randn(n, c, h, w, generator=gen).to(g_dtype).contiguous(memory_format=CL)
+    grad_buf = torch.randn(n, total, h, w, generator=gen).to(grad_dtype).contiguous(memory_format=CL)
     before = grad_buf.double()
     sum_g, sum_gxhat = cpu_kernels.bn_relu_backward(g, x, grad_buf[:, 1 : 1 + c], scale, shift, mean, invstd)
     live = (x.double() * _ch(scale) + _ch(shift)) > 0  # the forward's ReLU mask
@@ -107,10 +119,11 @@ def test_bn_relu_backward_matches_float64(n, c, h, w, total) -> None:
 
 @needs_cc
 @pytest.mark.parametrize(("n", "c", "h", "w", "total"), SHAPES)
-def test_stat_grad_adds_the_affine_term_rounding_once(n, c, h, w, total) -> None:
+@pytest.mark.parametrize(("grad_dtype", "x_dtype"), [(BF16, BF16), (FP32, BF16), (FP32, FP32)])
+def test_stat_grad_adds_the_affine_term_rounding_once(n, c, h, w, total, grad_dtype, x_dtype) -> None:
     gen = torch.Generator().manual_seed(5)
-    x = _slice(n, c, h, w, total, gen)
-    grad = torch.randn(n, c, h, w, generator=gen).bfloat16().contiguous(memory_format=CL)
+    x = _slice(n, c, h, w, total, gen, x_dtype)
+    grad = torch.randn(n, c, h, w, generator=gen).to(grad_dtype).contiguous(memory_format=CL)
     slope = torch.randn(c, generator=gen)
     offset = -32 * slope + torch.randn(c, generator=gen)  # the offset cancels slope * x, as in the block
     before = grad.double()
@@ -119,20 +132,20 @@ def test_stat_grad_adds_the_affine_term_rounding_once(n, c, h, w, total) -> None
 
 
 @needs_cc
-@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("src_dtype", "dst_dtype"), [(BF16, BF16), (FP32, BF16), (FP32, FP32)])
 @pytest.mark.parametrize("with_mask", [True, False])
-def test_scale_maps_applies_the_per_image_mask_and_sums(src_dtype, with_mask) -> None:
+def test_scale_maps_applies_the_per_image_mask_and_sums(src_dtype, dst_dtype, with_mask) -> None:
     gen = torch.Generator().manual_seed(6)
     n, c, h, w = 3, 5, 4, 7
     src = torch.randn(n, c, h, w, generator=gen).to(src_dtype).contiguous(memory_format=CL)
     mask = (torch.rand(n, c, 1, 1, generator=gen) > 0.3).float() / 0.7 if with_mask else None
-    buf = torch.zeros(n, 9, h, w, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    buf = torch.zeros(n, 9, h, w, dtype=dst_dtype).contiguous(memory_format=CL)
     out = buf[:, 2 : 2 + c]  # the block buffer's strided slice, as the forward writes new maps
     assert cpu_kernels.scale_maps(src, mask, out) is out
-    exact = src.double() * (mask.double() if with_mask else 1.0)
-    assert torch.equal(out.double(), exact.bfloat16().double())  # one rounding of the fp32 product
+    exact = (src.float() * (mask if with_mask else 1.0)).to(dst_dtype)  # one rounding of the fp32 product
+    assert torch.equal(out, exact)
     assert torch.equal(buf[:, :2].double(), torch.zeros(n, 2, h, w, dtype=torch.float64))
-    sums = cpu_kernels.scale_maps(src, mask, _dense(n, c, h, w), sums=True)
+    sums = cpu_kernels.scale_maps(src, mask, _dense(n, c, h, w, dst_dtype), sums=True)
     torch.testing.assert_close(sums.double(), out.double().sum(dim=(0, 2, 3)), rtol=1e-6, atol=1e-5)
 
 
@@ -146,9 +159,9 @@ def test_layouts_the_kernels_cannot_read_fall_back() -> None:
     rows = cl[:, :, :3]  # a band of rows: images no longer evenly spaced
     assert cpu_kernels.bn_relu(rows, scale, shift, _dense(2, 4, 3, 3)) is None
     assert cpu_kernels.channel_stats(rows) is None
-    fp32 = cl.float()  # fp32 activations are PyTorch's job
-    assert cpu_kernels.bn_relu(fp32, scale, shift, torch.empty_like(fp32)) is None
-    assert cpu_kernels.channel_stats(cl.float()) is None
+    f64 = cl.double()  # float64 (the exactness tests' dtype) stays with PyTorch
+    assert cpu_kernels.bn_relu(f64, scale, shift, torch.empty_like(f64)) is None
+    assert cpu_kernels.channel_stats(f64) is None
     assert cpu_kernels.bn_relu(cl, scale, shift, _dense(2, 4, 6, 2)) is None  # shapes differ
     assert cpu_kernels.bn_relu(cl, scale, shift, _dense(2, 4, 6, 3)) is not None  # and the same call that fits
 
@@ -201,9 +214,9 @@ def test_a_hanging_compiler_times_out_into_the_fallback(tmp_path, monkeypatch) -
         assert cpu_kernels.channel_stats(x) is None
 
 
-def test_fp32_and_gpu_work_never_builds_anything(tmp_path, monkeypatch) -> None:
+def test_work_the_kernels_cannot_take_never_builds_anything(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cpu_kernels, "_state", {})
-    x = torch.randn(1, 3, 4, 4).contiguous(memory_format=CL)
-    assert cpu_kernels.channel_stats(x) is None
+    assert cpu_kernels.channel_stats(torch.randn(1, 3, 4, 4).double().contiguous(memory_format=CL)) is None
+    assert cpu_kernels.channel_stats(torch.randn(1, 3, 4, 4).bfloat16()) is None  # NCHW
     assert cpu_kernels._state == {} and not tmp_path.joinpath("bgremover").exists()

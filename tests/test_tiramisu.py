@@ -459,6 +459,35 @@ def test_stat_grad_on_bf16_buffer_rounds_once(grad_dtype: torch.dtype, kernels: 
     assert torch.equal(grad.double()[:, :2], before[:, :2]) and torch.equal(grad.double()[:, 7:], before[:, 7:])
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_block_fp32_channels_last_close_to_float64(train: bool, memory_efficient: bool, kernels: dict | None,
+                                                   chunks: str) -> None:
+    """fp32 channels_last (the CPU default without bf16 units), with the fused kernels and with PyTorch's ops:
+    outputs and gradients within fp32 error of float64."""
+    block = DenseBlock(10, 3, 5, dropout=0.0, memory_efficient=memory_efficient)
+    randomise_bn(block)
+    exact = DenseBlock(10, 3, 5, dropout=0.0).double()
+    exact.load_state_dict(block.state_dict())
+    block.train(train).to(memory_format=torch.channels_last)
+    exact.train(train)
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 10, 9, 7, generator=gen) + 3).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(2, 25, 9, 7, generator=gen)
+    x64 = x.double().requires_grad_()
+    (exact(x64) * weight.double()).sum().backward()
+    x32 = x.clone().requires_grad_()
+    out = block(x32)
+    (out * weight).sum().backward()
+    torch.testing.assert_close(out.double(), exact(x.double()).detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    for p32, p64 in zip(block.parameters(), exact.parameters(), strict=True):
+        torch.testing.assert_close(p32.grad.double(), p64.grad, rtol=1e-4, atol=1e-4)
+    if kernels is not None:
+        expected = {"bn_relu", "scale_maps", "bn_relu_backward"} | ({"channel_stats", "stat_grad"} if train else set())
+        assert expected <= kernels.keys()
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the fused kernels cannot be built")
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_bf16_training_step_same_with_and_without_fused_kernels(bf16_route: str, memory_efficient: bool,

@@ -1,18 +1,18 @@
-"""Fused bf16 BatchNorm-ReLU kernels for the dense block on CPU: ``cpu_kernels.c``, built on first use, via ctypes.
+"""Fused BatchNorm-ReLU kernels for the dense block on CPU: ``cpu_kernels.c``, built on first use, via ctypes.
 
-Why: with bf16 units a CPU runs the dense block's convolutions at its peak, and what was left of a training step
-was PyTorch's elementwise passes around them (BN-ReLU forward and backward, batch statistics): each a trip
-through memory, and each a mixed bf16/fp32 loop that PyTorch only runs fast through fp32 scratch copies. The C
-file does each in one pass over bf16 channels-last data (see its header).
+Why: a CPU runs the dense block's convolutions near its peak (bf16 with bf16 units, fp32 otherwise), and what was
+left of a training step was PyTorch's elementwise passes around them (BN-ReLU forward and backward, batch
+statistics, dropout): each a trip through memory, and for bf16 data a mixed bf16/fp32 loop that PyTorch only runs
+fast through fp32 scratch copies. The C file does each in one pass over channels-last data (see its header).
 
-Why C through ctypes and not a PyTorch C++ extension: the source compiles in under a second with the system's
+Why C through ctypes and not a PyTorch C++ extension: the source compiles in about a second with the system's
 ``cc`` (a C++ extension takes a minute against PyTorch's headers) and has no ABI to match. It is built with
 ``-march=native`` into ``$XDG_CACHE_HOME/bgremover`` (default ``~/.cache/bgremover``) under a name that hashes the
 source, the compiler, the flags and this CPU's instruction sets, so a home directory shared by different CPUs
 keeps one build each. Without a C compiler, if the build fails (one warning), or with ``BGREMOVER_CPU_KERNELS=0``
 every function here returns None and the dense block runs its PyTorch ops instead: same maths, slower.
 
-Each function takes tensors, checks they fit (CPU, bf16, "pixel-major": channels innermost, pixels evenly
+Each function takes tensors, checks they fit (CPU, bf16 or fp32, "pixel-major": channels innermost, pixels evenly
 spaced — a channels_last tensor or a channel slice of one), and returns None when they do not.
 """
 
@@ -38,12 +38,12 @@ BUILD_TIMEOUT_S = 120  # a compiler that hangs must not hang training: past this
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _N = ctypes.c_int
-_SIGNATURES = {  # C argument types, in the order of cpu_kernels.c; the last is always the thread count
+_SIGNATURES = {  # C argument types, in the order of cpu_kernels.c; `types` (_N) after the tensors, thread count last
     "bn_relu_fwd": (_P, _I, _P, _I, _N, _I, _I, _P, _P, _N),
-    "channel_stats": (_P, _I, _I, _I, _P, _P, _N),
-    "bn_relu_bwd": (_P, _I, _P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _N),
-    "stat_grad": (_P, _I, _P, _I, _I, _I, _P, _P, _N),
-    "scale_maps": (_P, _I, _N, _P, _I, _P, _I, _I, _I, _P, _N),
+    "channel_stats": (_P, _I, _N, _I, _I, _P, _P, _N),
+    "bn_relu_bwd": (_P, _I, _P, _I, _P, _I, _N, _I, _I, _P, _P, _P, _P, _P, _P, _N),
+    "stat_grad": (_P, _I, _P, _I, _N, _I, _I, _P, _P, _N),
+    "scale_maps": (_P, _I, _P, _I, _P, _I, _N, _I, _I, _P, _N),
 }
 
 _lock = threading.Lock()
@@ -116,20 +116,22 @@ def _pixel_stride(t: Tensor) -> int | None:
     return ps
 
 
-def _fits(*ts: Tensor) -> list[int] | None:
-    """Pixel strides of same-shape CPU tensors, the first bf16, or None if any does not fit the kernels (checked
-    before the library is loaded: nothing is built for a GPU or fp32 run)."""
-    if torch.compiler.is_compiling() or ts[0].dtype != torch.bfloat16:
+def _fits(*ts: Tensor) -> tuple[list[int], int] | None:
+    """Pixel strides of same-shape bf16 or fp32 CPU tensors, and their dtypes as the C code's ``types`` bits (bit k:
+    the k-th is fp32), or None if any does not fit the kernels (checked before the library is loaded: nothing is
+    built for a GPU or float64 run)."""
+    if torch.compiler.is_compiling():
         return None
-    strides = []
-    for t in ts:
+    strides, types = [], 0
+    for k, t in enumerate(ts):
         if t.device.type != "cpu" or t.shape != ts[0].shape or t.dtype not in (torch.bfloat16, torch.float32):
             return None
         ps = _pixel_stride(t)
         if ps is None:
             return None
         strides.append(ps)
-    return strides if library() is not None else None
+        types |= int(t.dtype == torch.float32) << k
+    return (strides, types) if library() is not None else None
 
 
 def _f32(v: Tensor) -> Tensor:
@@ -142,24 +144,26 @@ def _pixels(t: Tensor) -> int:
 
 
 def bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor | None:
-    """``out = relu(x * scale + shift)`` per channel, x bf16, out bf16 or fp32; None where the kernels do not fit."""
-    strides = _fits(x, out)
-    if strides is None:
+    """``out = relu(x * scale + shift)`` per channel (x, out bf16 or fp32); None where the kernels do not fit."""
+    fit = _fits(x, out)
+    if fit is None:
         return None
+    (xs, os_), types = fit
     scale, shift = _f32(scale), _f32(shift)
-    library().bn_relu_fwd(x.data_ptr(), strides[0], out.data_ptr(), strides[1], int(out.dtype == torch.float32),
-                          _pixels(x), x.shape[1], scale.data_ptr(), shift.data_ptr(), torch.get_num_threads())
+    library().bn_relu_fwd(x.data_ptr(), xs, out.data_ptr(), os_, types, _pixels(x), x.shape[1], scale.data_ptr(),
+                          shift.data_ptr(), torch.get_num_threads())
     return out
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Biased per-channel (variance, mean) of bf16 ``x`` in fp32, accumulated in fp64; None where it does not fit."""
-    strides = _fits(x)
-    if strides is None:
+    """Biased per-channel (variance, mean) of ``x`` in fp32, accumulated in fp64; None where it does not fit."""
+    fit = _fits(x)
+    if fit is None:
         return None
+    (xs,), types = fit
     mean = torch.empty(x.shape[1], dtype=torch.float32)
     var = torch.empty_like(mean)
-    library().channel_stats(x.data_ptr(), strides[0], _pixels(x), x.shape[1], mean.data_ptr(), var.data_ptr(),
+    library().channel_stats(x.data_ptr(), xs, types, _pixels(x), x.shape[1], mean.data_ptr(), var.data_ptr(),
                             torch.get_num_threads())
     return var, mean
 
@@ -167,48 +171,46 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor] | None:
 def bn_relu_backward(
     g: Tensor, x: Tensor, grad: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor
 ) -> tuple[Tensor, Tensor] | None:
-    """BN-ReLU backward of one layer's input channels ``x``, all bf16, given the gradient ``g`` at the ReLU's output:
-    with ``gm = g * (x * scale + shift > 0)`` (the forward's mask, as ``bn_relu`` computes it), adds ``gm * scale`` to
+    """BN-ReLU backward of one layer's input channels ``x``, given the gradient ``g`` at the ReLU's output: with
+    ``gm = g * (x * scale + shift > 0)`` (the forward's mask, as ``bn_relu`` computes it), adds ``gm * scale`` to
     ``grad`` in place and returns (sum(gm), sum(gm * xhat)) per channel in fp32; None where it does not fit."""
-    strides = _fits(g, x, grad)
-    if strides is None or any(t.dtype != torch.bfloat16 for t in (g, x, grad)):
+    fit = _fits(g, x, grad)
+    if fit is None:
         return None
+    (gs, xs, grs), types = fit
     scale, shift, mean, invstd = _f32(scale), _f32(shift), _f32(mean), _f32(invstd)
     sum_g = torch.empty(x.shape[1], dtype=torch.float32)
     sum_gxhat = torch.empty_like(sum_g)
     library().bn_relu_bwd(
-        g.data_ptr(), strides[0], x.data_ptr(), strides[1], grad.data_ptr(), strides[2], _pixels(x), x.shape[1],
-        scale.data_ptr(), shift.data_ptr(), mean.data_ptr(), invstd.data_ptr(), sum_g.data_ptr(), sum_gxhat.data_ptr(),
+        g.data_ptr(), gs, x.data_ptr(), xs, grad.data_ptr(), grs, types, _pixels(x), x.shape[1], scale.data_ptr(),
+        shift.data_ptr(), mean.data_ptr(), invstd.data_ptr(), sum_g.data_ptr(), sum_gxhat.data_ptr(),
         torch.get_num_threads(),
     )
     return sum_g, sum_gxhat
 
 
 def stat_grad(grad: Tensor, x: Tensor, slope: Tensor, offset: Tensor) -> Tensor | None:
-    """``grad += x * slope + offset`` per channel, grad and x bf16, rounded once; None where it does not fit."""
-    strides = _fits(x, grad)
-    if strides is None or grad.dtype != torch.bfloat16:
+    """``grad += x * slope + offset`` per channel, rounded once; None where it does not fit."""
+    fit = _fits(grad, x)
+    if fit is None:
         return None
+    (grs, xs), types = fit
     slope, offset = _f32(slope), _f32(offset)
-    library().stat_grad(grad.data_ptr(), strides[1], x.data_ptr(), strides[0], _pixels(x), x.shape[1],
-                        slope.data_ptr(), offset.data_ptr(), torch.get_num_threads())
+    library().stat_grad(grad.data_ptr(), grs, x.data_ptr(), xs, types, _pixels(x), x.shape[1], slope.data_ptr(),
+                        offset.data_ptr(), torch.get_num_threads())
     return grad
 
 
 def scale_maps(src: Tensor, mask: Tensor | None, out: Tensor, sums: bool = False) -> Tensor | None:
-    """``out = src * mask`` (an (N, C, 1, 1) dropout mask; None: a copy), src bf16 or fp32, out bf16, one
-    rounding; returns ``out``, or with ``sums`` the per-channel fp32 sums of ``out``; None where it does not fit."""
-    if src.dtype == torch.float32:  # _fits wants a bf16 first tensor: check the pair the other way round
-        strides = _fits(out, src)
-        strides = strides and strides[::-1]
-    else:
-        strides = _fits(src, out)
-    if strides is None or out.dtype != torch.bfloat16:
+    """``out = src * mask`` (an (N, C, 1, 1) dropout mask; None: a copy), one rounding; returns ``out``, or with
+    ``sums`` the per-channel fp32 sums of ``out``; None where it does not fit."""
+    fit = _fits(src, out)
+    if fit is None:
         return None
+    (ss, ds), types = fit
     n, c, h, w = src.shape
     m = None if mask is None else _f32(mask.expand(n, c, 1, 1))
     total = torch.empty(c, dtype=torch.float32) if sums else None
-    library().scale_maps(src.data_ptr(), strides[0], int(src.dtype == torch.float32), None if m is None else
-                         m.data_ptr(), h * w, out.data_ptr(), strides[1], _pixels(src), c,
-                         None if total is None else total.data_ptr(), torch.get_num_threads())
+    library().scale_maps(src.data_ptr(), ss, None if m is None else m.data_ptr(), h * w, out.data_ptr(), ds, types,
+                         _pixels(src), c, None if total is None else total.data_ptr(), torch.get_num_threads())
     return total if sums else out

@@ -89,7 +89,7 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if x.device.type != "cpu" or torch.compiler.is_compiling():  # GPUs' var_mean kernel is already fast
         return torch.var_mean(x.to(acc), dim=(0, 2, 3), unbiased=False)
-    if x.dtype == torch.bfloat16 and (stats := cpu_kernels.channel_stats(x)) is not None:
+    if (stats := cpu_kernels.channel_stats(x)) is not None:  # bf16 / fp32 channels_last, one kernel
         return stats
     n, c, h, w = x.shape
     count = n * h * w
@@ -274,6 +274,8 @@ class _DenseBlockFn(torch.autograd.Function):
         # chunk, to a dense scratch.
         native_low = buf.device.type == "cpu" and kdtype == cdtype and _mixed_cpu(buf, mean.dtype)
         x_scratch = None  # made when first needed: the fused kernel (cpu_kernels) needs no copy
+        # The fused CPU kernels take bf16 and fp32 data (each call still checks the layout and may decline).
+        kernels = buf.device.type == "cpu" and kdtype in (torch.bfloat16, torch.float32)
         param_grads: list[Tensor | None] = [None] * (7 * n_layers)
         with torch.autocast(buf.device.type, enabled=False):
             # A private, writable copy: earlier layers' gradients are accumulated into its prefix. It is held in
@@ -301,7 +303,7 @@ class _DenseBlockFn(torch.autograd.Function):
                 g_y = grad[:, c : c + growth]
                 need = ctx.param_needs_grad[7 * i : 7 * i + 7]
                 g_b = None
-                if native_low:  # dropout, a dense copy for the conv and the bias gradient in one pass (cpu_kernels)
+                if kernels:  # dropout, a dense copy for the conv and the bias gradient in one pass (cpu_kernels)
                     dense = torch.empty((n, growth, h, w), dtype=kdtype, device=buf.device, memory_format=fmt)
                     g_b = cpu_kernels.scale_maps(g_y, mask, dense, sums=True)
                     g_y = g_y if g_b is None else dense
@@ -340,18 +342,20 @@ class _DenseBlockFn(torch.autograd.Function):
                 identity = exact_identity and bool(gamma_s.abs().min() >= _MIN_GAMMA)  # never native bf16: not fp32
                 g_beta = torch.empty_like(mean[:c])
                 g_gamma = torch.empty_like(g_beta)
+                fused = 0  # chunks the kernel did (it sums g * xhat itself: no identity needed)
                 for lo, hi in chunks:
                     if w_t is not None:
                         g_pre = torch.ops.aten.convolution(
                             g_y, w_t[lo:hi], None, _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1
                         )
-                    if native_low and (sums := cpu_kernels.bn_relu_backward(
+                    if kernels and (sums := cpu_kernels.bn_relu_backward(
                         g_pre, x[:, lo:hi], grad[:, lo:hi], scale[lo:hi], shift[lo:hi], centre[lo:hi], std_inv[lo:hi]
                     )) is not None:  # all of the branch below in one pass, with the scale in fp32
                         if hi - lo == c:
                             g_beta, g_gamma = sums
                         else:
                             g_beta[lo:hi], g_gamma[lo:hi] = sums
+                        fused += 1
                         del g_pre
                         continue
                     a_c = act[:, lo:hi]
@@ -377,7 +381,7 @@ class _DenseBlockFn(torch.autograd.Function):
                     g_scale = scale[lo:hi].to(kdtype) if native_low else scale[lo:hi]
                     grad[:, lo:hi].addcmul_(g_pre, _as_channel(g_scale))
                     del g_pre
-                if identity:
+                if identity and fused < len(chunks):
                     # Adjoint of the conv: sum_pixels(g_act * act) = sum_(out, kh, kw)(W * dW) per input
                     # channel, and act = gamma * xhat + beta where g_pre != 0, so sum(g_pre * xhat) needs
                     # no pass over the activations.
@@ -575,12 +579,12 @@ def _bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
     converted first and transformed in place; bf16 activations (native bf16) go through an fp32 scratch one
     cache-sized band of rows at a time.
     """
+    if cpu_kernels.bn_relu(x, scale, shift, out) is not None:  # one pass, channels_last (cpu_kernels.c)
+        return out
     sc, sh = _as_channel(scale), _as_channel(shift)
     if not _mixed_cpu(x, scale.dtype):
         torch.addcmul(sh, x, sc, out=out)
         return out.relu_()
-    if cpu_kernels.bn_relu(x, scale, shift, out) is not None:  # one pass, channels_last bf16 (cpu_kernels.c)
-        return out
     if out.dtype == scale.dtype:
         out.copy_(x)
         torch.addcmul(sh, out, sc, out=out)
@@ -605,10 +609,10 @@ def _apply_stat_grad(
     slope = g_slope[lo:hi] * invstd[lo:hi]
     offset = g_shift[lo:hi] - slope * mean[lo:hi]
     part, src = grad[:, lo:hi], buf[:, lo:hi]
+    if cpu_kernels.stat_grad(part, src, slope, offset) is not None:  # one pass, channels_last (cpu_kernels.c)
+        return
     if not _mixed_cpu(src, slope.dtype):
         part.addcmul_(src, _as_channel(slope)).add_(_as_channel(offset))
-        return
-    if cpu_kernels.stat_grad(part, src, slope, offset) is not None:  # bf16 gradient, one pass (cpu_kernels.c)
         return
     # bf16 buffer on CPU: the terms in fp32, band by band through scratch (see _bn_relu); the gradient is fp32
     # (bf16 emulated) or bf16 (native), where it is rounded once after the sum (the offset cancels slope * x).
