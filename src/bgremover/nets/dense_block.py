@@ -27,10 +27,10 @@ there, and on the emulated route, what cost most was elementwise maths mixing bf
 per-channel BatchNorm terms, which PyTorch's CPU loops run scalar, 10-50x slower than a conversion plus a
 same-dtype loop (``_mixed_cpu``): the BN-ReLU goes through an fp32 scratch band by band (``_bn_relu``), the BN
 parameter-gradient sums come from PyTorch's fused BN backward on a dense copy, and the gradient buffer is held
-in the kernel dtype. Where a C compiler is at hand those passes over bf16 channels_last data run as fused kernels
-instead (``bgremover.nets.cpu_kernels``: BN-ReLU, its backward with the BN sums and the input-gradient update,
-batch statistics, the statistics-gradient term, dropout with the store of a layer's new maps — one pass each);
-the PyTorch ops stay as the fallback and for other layouts.
+in the kernel dtype. Where a C compiler is at hand those passes over channels_last data (bf16 or fp32) run as fused
+kernels instead (``bgremover.nets.cpu_kernels``: BN-ReLU, its backward with the BN sums and the input-gradient
+update, batch statistics, the statistics-gradient term, dropout with the store of a layer's new maps — one pass
+each); the PyTorch ops stay as the fallback and for other layouts and float64.
 
 On CPU, a block's buffer, saved activations and (in 16 bits) gradient buffer come from a ``Workspace`` that
 reuses the previous training step's memory once nothing holds it, and a layer's input gradient is computed and
