@@ -88,6 +88,16 @@ static void split(i64 P, int t, int nt, i64 *lo, i64 *hi) {
         for (i64 p = lo; p < hi; p++) { __VA_ARGS__ }                                          \
     }
 
+/* The exported functions pick the instance for their tensors' types (bit k of `types`: the k-th tensor is fp32;
+ * an instance's letters name its tensors in argument order). */
+#define SWITCH2(fn, types, ...)                                  \
+    switch (types) {                                             \
+    case 0: fn##_BB(__VA_ARGS__); break;                         \
+    case 1: fn##_FB(__VA_ARGS__); break;                         \
+    case 2: fn##_BF(__VA_ARGS__); break;                         \
+    default: fn##_FF(__VA_ARGS__);                               \
+    }
+
 /* out = relu(x * scale + shift) per channel. */
 #define BN_RELU_FWD(X, O)                                                                                         \
     static void bn_relu_fwd_##X##O(const T_##X *x, i64 xs, T_##O *out, i64 os, i64 P, i64 C, const float *scale, \
@@ -102,12 +112,7 @@ BN_RELU_FWD(F, F)
 
 void bn_relu_fwd(const void *x, i64 xs, void *out, i64 os, int types, i64 P, i64 C, const float *scale,
                  const float *shift, int nt) {
-    switch (types) { /* bit 0: x, bit 1: out */
-    case 0: bn_relu_fwd_BB(x, xs, out, os, P, C, scale, shift, nt); break;
-    case 1: bn_relu_fwd_FB(x, xs, out, os, P, C, scale, shift, nt); break;
-    case 2: bn_relu_fwd_BF(x, xs, out, os, P, C, scale, shift, nt); break;
-    default: bn_relu_fwd_FF(x, xs, out, os, P, C, scale, shift, nt);
-    }
+    SWITCH2(bn_relu_fwd, types, x, xs, out, os, P, C, scale, shift, nt)
 }
 
 /* Biased per-channel variance and mean over all pixels: a sum, then a sum of squared deviations. */
@@ -140,7 +145,7 @@ void channel_stats(const void *x, i64 xs, int types, i64 P, i64 C, float *mean, 
  * grad += gm * scale (the direct part of BN's input gradient; the part through the batch statistics is
  * accumulated per channel by the caller and added once by stat_grad), rounded once. */
 #define BN_RELU_BWD(G, X, D)                                                                                      \
-    static void bn_relu_bwd_##G##X##D(const T_##G *g, i64 gs, const T_##X *x, i64 xs, T_##D *grad, i64 grs, i64 P, \
+    static void bn_relu_bwd_##D##_##G##X(const T_##G *g, i64 gs, const T_##X *x, i64 xs, T_##D *grad, i64 grs, i64 P, \
                                       i64 C, const float *scale, const float *shift, const float *mean,           \
                                       double *total, int nt) {                                                    \
         PIXEL_SUMS(2, total, {                                                                                    \
@@ -169,18 +174,11 @@ void bn_relu_bwd(const void *g, i64 gs, const void *x, i64 xs, void *grad, i64 g
                  const float *scale, const float *shift, const float *mean, const float *invstd, float *sum_g,
                  float *sum_gxhat, int nt) {
     double *total = calloc((size_t)(2 * C), sizeof(double));
-#define BWD_ARGS g, gs, x, xs, grad, grs, P, C, scale, shift, mean, total, nt
-    switch (types) { /* bit 0: g, bit 1: x, bit 2: grad */
-    case 0: bn_relu_bwd_BBB(BWD_ARGS); break;
-    case 1: bn_relu_bwd_FBB(BWD_ARGS); break;
-    case 2: bn_relu_bwd_BFB(BWD_ARGS); break;
-    case 3: bn_relu_bwd_FFB(BWD_ARGS); break;
-    case 4: bn_relu_bwd_BBF(BWD_ARGS); break;
-    case 5: bn_relu_bwd_FBF(BWD_ARGS); break;
-    case 6: bn_relu_bwd_BFF(BWD_ARGS); break;
-    default: bn_relu_bwd_FFF(BWD_ARGS);
+    if (types & 4) { /* grad fp32: the same switch over (g, x) as the two-tensor kernels, with an F suffix */
+        SWITCH2(bn_relu_bwd_F, types & 3, g, gs, x, xs, grad, grs, P, C, scale, shift, mean, total, nt)
+    } else {
+        SWITCH2(bn_relu_bwd_B, types & 3, g, gs, x, xs, grad, grs, P, C, scale, shift, mean, total, nt)
     }
-#undef BWD_ARGS
     for (i64 c = 0; c < C; c++) {
         sum_g[c] = (float)total[c];
         sum_gxhat[c] = (float)(total[C + c] * invstd[c]);
@@ -202,12 +200,7 @@ STAT_GRAD(F, F)
 
 void stat_grad(void *grad, i64 grs, const void *x, i64 xs, int types, i64 P, i64 C, const float *slope,
                const float *offset, int nt) {
-    switch (types) { /* bit 0: grad, bit 1: x */
-    case 0: stat_grad_BB(grad, grs, x, xs, P, C, slope, offset, nt); break;
-    case 1: stat_grad_FB(grad, grs, x, xs, P, C, slope, offset, nt); break;
-    case 2: stat_grad_BF(grad, grs, x, xs, P, C, slope, offset, nt); break;
-    default: stat_grad_FF(grad, grs, x, xs, P, C, slope, offset, nt);
-    }
+    SWITCH2(stat_grad, types, grad, grs, x, xs, P, C, slope, offset, nt)
 }
 
 /* dst = src * mask[image, channel] (mask NULL: a copy), rounded once; with sums != NULL also sums[c] = sum over
@@ -237,12 +230,7 @@ void scale_maps(const void *src, i64 ss, const float *mask, i64 hw, void *dst, i
     float *ones = malloc(sizeof(float) * C);
     for (i64 c = 0; c < C; c++) ones[c] = 1.0f;
     double *t = sums ? total : NULL;
-    switch (types) { /* bit 0: src, bit 1: dst */
-    case 0: scale_maps_BB(src, ss, mask, ones, hw, dst, ds, P, C, t, nt); break;
-    case 1: scale_maps_FB(src, ss, mask, ones, hw, dst, ds, P, C, t, nt); break;
-    case 2: scale_maps_BF(src, ss, mask, ones, hw, dst, ds, P, C, t, nt); break;
-    default: scale_maps_FF(src, ss, mask, ones, hw, dst, ds, P, C, t, nt);
-    }
+    SWITCH2(scale_maps, types, src, ss, mask, ones, hw, dst, ds, P, C, t, nt)
     if (sums)
         for (i64 c = 0; c < C; c++) sums[c] = (float)total[c];
     free(ones);

@@ -143,16 +143,22 @@ def _pixels(t: Tensor) -> int:
     return t.shape[0] * t.shape[2] * t.shape[3]
 
 
+def _two_tensor(fn: str, a: Tensor, b: Tensor, u: Tensor, v: Tensor) -> bool:
+    """Run an elementwise kernel over tensors ``a`` and ``b`` with per-channel vectors ``u`` and ``v`` (the C
+    functions bn_relu_fwd and stat_grad share this signature); False where the tensors do not fit."""
+    fit = _fits(a, b)
+    if fit is None:
+        return False
+    (sa, sb), types = fit
+    u, v = _f32(u), _f32(v)
+    getattr(library(), fn)(a.data_ptr(), sa, b.data_ptr(), sb, types, _pixels(a), a.shape[1], u.data_ptr(),
+                           v.data_ptr(), torch.get_num_threads())
+    return True
+
+
 def bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor | None:
     """``out = relu(x * scale + shift)`` per channel (x, out bf16 or fp32); None where the kernels do not fit."""
-    fit = _fits(x, out)
-    if fit is None:
-        return None
-    (xs, os_), types = fit
-    scale, shift = _f32(scale), _f32(shift)
-    library().bn_relu_fwd(x.data_ptr(), xs, out.data_ptr(), os_, types, _pixels(x), x.shape[1], scale.data_ptr(),
-                          shift.data_ptr(), torch.get_num_threads())
-    return out
+    return out if _two_tensor("bn_relu_fwd", x, out, scale, shift) else None
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -191,14 +197,7 @@ def bn_relu_backward(
 
 def stat_grad(grad: Tensor, x: Tensor, slope: Tensor, offset: Tensor) -> Tensor | None:
     """``grad += x * slope + offset`` per channel, rounded once; None where it does not fit."""
-    fit = _fits(grad, x)
-    if fit is None:
-        return None
-    (grs, xs), types = fit
-    slope, offset = _f32(slope), _f32(offset)
-    library().stat_grad(grad.data_ptr(), grs, x.data_ptr(), xs, types, _pixels(x), x.shape[1], slope.data_ptr(),
-                        offset.data_ptr(), torch.get_num_threads())
-    return grad
+    return grad if _two_tensor("stat_grad", grad, x, slope, offset) else None
 
 
 def scale_maps(src: Tensor, mask: Tensor | None, out: Tensor, sums: bool = False) -> Tensor | None:
