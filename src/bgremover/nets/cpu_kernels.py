@@ -96,9 +96,10 @@ def library() -> ctypes.CDLL | None:
                     getattr(lib, fn).argtypes = args
                 _state["lib"] = lib
             except (OSError, subprocess.SubprocessError) as e:
-                detail = " ".join((getattr(e, "stderr", "") or str(e)).split())[:300]
+                stderr = getattr(e, "stderr", None)  # the compiler's own words, when it ran and failed
+                detail = " ".join((stderr if isinstance(stderr, str) and stderr.strip() else str(e)).split())[:300]
                 warnings.warn(f"bgremover: fused CPU kernels unavailable ({detail}); the dense blocks use PyTorch "
-                              f"ops instead (slower under bf16 on CPU). {ENV}=0 turns them off without this warning",
+                              f"ops instead (slower on CPU). {ENV}=0 turns them off without this warning",
                               RuntimeWarning, stacklevel=3)
     return _state["lib"]
 
