@@ -201,6 +201,18 @@ def test_no_working_compiler_warns_once_and_falls_back(cc, tmp_path, monkeypatch
     assert not list(tmp_path.rglob("*.so"))
 
 
+def test_the_compilers_error_is_quoted_in_the_warning(tmp_path, monkeypatch) -> None:
+    broken = tmp_path / "brokencc"
+    broken.write_text("#!/bin/sh\necho 'cc1: error: unrecognized option' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    x = torch.randn(1, 3, 4, 4).bfloat16().contiguous(memory_format=CL)
+    with pytest.warns(RuntimeWarning, match="cc1: error: unrecognized option"):
+        assert cpu_kernels.channel_stats(x) is None
+
+
 def test_a_hanging_compiler_times_out_into_the_fallback(tmp_path, monkeypatch) -> None:
     slow = tmp_path / "slowcc"
     slow.write_text("#!/bin/sh\nexec sleep 30\n")  # exec: the timeout kills the sleeper itself
