@@ -78,12 +78,15 @@ def _hwm_kib() -> int:
 
 
 def cpu_kind() -> str:
-    """One line: the CPU (bgremover.utils.cpu_kind) and the bf16 route the project net takes on it."""
-    from bgremover.nets import dense_block
+    """One line: the CPU (bgremover.utils.cpu_kind), the bf16 route the project net takes on it, and whether its
+    fused CPU kernels (bgremover.nets.cpu_kernels) are in use."""
+    from bgremover.nets import cpu_kernels, dense_block
     from bgremover.utils import cpu_kind as cpu
 
     route = "native" if dense_block._CPU_NATIVE_BF16 else "emulated"
-    return f"cpu: {cpu()}; project net's CPU bf16 route: {route} (oneDNN bf16 supported: {dense_block._CPU_NATIVE_BF16})"
+    fused = "on" if cpu_kernels.library() is not None else "off"
+    return (f"cpu: {cpu()}; project net's CPU bf16 route: {route} (oneDNN bf16 supported: "
+            f"{dense_block._CPU_NATIVE_BF16}); fused CPU kernels: {fused}")
 
 
 def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, device: str,
