@@ -403,3 +403,12 @@ def test_cli_reports_download_failure_in_one_line(serve, tmp_path: Path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: archive ") and "corrupt" in err[-1]
     assert not dest.exists() and len(state.requests) == 1
+
+
+def test_cli_long_error_keeps_its_advice(tmp_path: Path, capsys) -> None:
+    """A message past 300 characters (deep paths) is reported whole: its advice sits at the end."""
+    root = tmp_path / ("deep" * 30) / ("er" * 40) / "CamVid"
+    assert main(["verify", "--root", str(root), "--no-download"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert len(line) > 300 and line.startswith("error: no CamVid dataset at ")
+    assert line.endswith("or point --root / $DATA_DIR at an existing copy")

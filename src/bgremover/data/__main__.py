@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     root = resolve_root(args.root)
     try:
         (cmd_stats if args.command == "stats" else cmd_verify)(args, root)
-    except UserError as e:
-        return report(e)
+    except UserError as e:  # whole: download errors end with what to do (delete the archive, point --root ...)
+        return report(one_line(e, limit=None))
     except BrokenPipeError:
         # stdout went to a closed pipe (`| head`): nothing left to say; silence the flush at exit too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
