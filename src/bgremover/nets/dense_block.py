@@ -274,8 +274,8 @@ class _DenseBlockFn(torch.autograd.Function):
         # chunk, to a dense scratch.
         native_low = buf.device.type == "cpu" and kdtype == cdtype and _mixed_cpu(buf, mean.dtype)
         x_scratch = None  # made when first needed: the fused kernel (cpu_kernels) needs no copy
-        # The fused CPU kernels take bf16 and fp32 data (each call still checks the layout and may decline).
-        kernels = buf.device.type == "cpu" and kdtype in (torch.bfloat16, torch.float32)
+        # The fused CPU kernels take bf16 and fp32 channels_last data (each call still checks and may decline).
+        kernels = buf.device.type == "cpu" and kdtype in (torch.bfloat16, torch.float32) and fmt == torch.channels_last
         param_grads: list[Tensor | None] = [None] * (7 * n_layers)
         with torch.autocast(buf.device.type, enabled=False):
             # A private, writable copy: earlier layers' gradients are accumulated into its prefix. It is held in
@@ -339,10 +339,9 @@ class _DenseBlockFn(torch.autograd.Function):
                 gamma_s, beta_s = gamma.to(mean.dtype), beta.to(mean.dtype)
                 centre = mean[:c] if training else r_mean.to(mean.dtype)
                 std_inv = invstd[:c] if training else torch.rsqrt(r_var.to(mean.dtype) + eps)
-                identity = exact_identity and bool(gamma_s.abs().min() >= _MIN_GAMMA)  # never native bf16: not fp32
+                identity = None  # whether sum(g_pre * xhat) comes from the W * dW identity; decided where needed
                 g_beta = torch.empty_like(mean[:c])
                 g_gamma = torch.empty_like(g_beta)
-                fused = 0  # chunks the kernel did (it sums g * xhat itself: no identity needed)
                 for lo, hi in chunks:
                     if w_t is not None:
                         g_pre = torch.ops.aten.convolution(
@@ -355,7 +354,6 @@ class _DenseBlockFn(torch.autograd.Function):
                             g_beta, g_gamma = sums
                         else:
                             g_beta[lo:hi], g_gamma[lo:hi] = sums
-                        fused += 1
                         del g_pre
                         continue
                     a_c = act[:, lo:hi]
@@ -375,13 +373,15 @@ class _DenseBlockFn(torch.autograd.Function):
                         )
                     else:
                         torch.sum(g_pre, dim=(0, 2, 3), dtype=mean.dtype, out=g_beta[lo:hi])
+                        if identity is None:  # a host sync: only on this route (never native bf16: not fp32)
+                            identity = exact_identity and bool(gamma_s.abs().min() >= _MIN_GAMMA)
                         if not identity:
                             g_xc = (g_pre * x[:, lo:hi]).sum(dim=(0, 2, 3), dtype=mean.dtype)
                             g_gamma[lo:hi] = std_inv[lo:hi] * (g_xc - centre[lo:hi] * g_beta[lo:hi])
                     g_scale = scale[lo:hi].to(kdtype) if native_low else scale[lo:hi]
                     grad[:, lo:hi].addcmul_(g_pre, _as_channel(g_scale))
                     del g_pre
-                if identity and fused < len(chunks):
+                if identity:  # set only where some chunk took the PyTorch route (the kernel sums g * xhat itself)
                     # Adjoint of the conv: sum_pixels(g_act * act) = sum_(out, kh, kw)(W * dW) per input
                     # channel, and act = gamma * xhat + beta where g_pre != 0, so sum(g_pre * xhat) needs
                     # no pass over the activations.
