@@ -187,6 +187,15 @@ def test_build_is_cached_by_content_and_loaded_again(tmp_path, monkeypatch) -> N
     assert list((tmp_path / "bgremover").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
 
 
+@needs_cc
+def test_cc_with_arguments_is_split_as_make_does(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CC", "env cc")  # a wrapper before the compiler, like "ccache gcc"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert cpu_kernels.library() is not None
+    assert list((tmp_path / "bgremover").glob("cpu_kernels-*.so"))
+
+
 @pytest.mark.parametrize("cc", ["false", "no-such-compiler-here"])
 def test_no_working_compiler_warns_once_and_falls_back(cc, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CC", cc)

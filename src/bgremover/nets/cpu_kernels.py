@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -54,11 +55,11 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bgremover"
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: list[str]) -> Path:
     """The shared library for this source, compiler, flags and CPU; compiled now if not built before."""
     from bgremover.utils import cpu_info
 
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True,
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True,
                              timeout=BUILD_TIMEOUT_S).stdout
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), version.encode(), " ".join(CFLAGS).encode(),
@@ -71,7 +72,7 @@ def _build(compiler: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
         try:
-            subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True,
+            subprocess.run([*compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True,
                            timeout=BUILD_TIMEOUT_S)
             os.replace(tmp, path)
         finally:
@@ -86,11 +87,11 @@ def library() -> ctypes.CDLL | None:
     with _lock:
         if "lib" not in _state:
             _state["lib"] = None
-            name = os.environ.get("CC", "cc")
-            compiler = shutil.which(name)
+            cc = os.environ.get("CC", "cc")
+            compiler = shlex.split(cc)  # as make reads $CC: "ccache gcc" and "gcc -m64" work too
             try:
-                if compiler is None:
-                    raise OSError(f"no C compiler {name!r} on PATH")
+                if not compiler or shutil.which(compiler[0]) is None:
+                    raise OSError(f"no C compiler {cc!r} on PATH")
                 lib = ctypes.CDLL(str(_build(compiler)))
                 for fn, args in _SIGNATURES.items():
                     getattr(lib, fn).argtypes = args
