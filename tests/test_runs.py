@@ -137,6 +137,17 @@ def test_resume_from_last_ckpt_continues_history_and_best(small_camvid, tmp_path
     assert s2["history"]["val/mIoU_best"] == [max(s2["history"]["val/mIoU"][: i + 1]) for i in range(4)]
 
 
+
+def test_train_without_a_test_split_and_test_false_finishes(tmp_path):
+    """A train+val-only copy (what a GPU machine is given) with test=false: the run ends with its summary and
+    says no test numbers, instead of failing on the missing test folder after training (seen on the H100)."""
+    root = write_camvid(tmp_path / "CamVid", {"train": 4, "val": 2})
+    cfg = compose_cfg(tmp_path / "a", [*TINY_RUN, f"data.root={root}", "trainer.max_epochs=1", "test=false"])
+    metrics, _ = train(cfg)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["status"] == "ok" and "val/mIoU" in metrics
+    assert summary["test_split"] == {"frames": None, "of": None, "complete": None}
+
 # --- honest test numbers ------------------------------------------------------------------------------------------
 def test_limit_images_trims_only_training_and_frames_are_reported(small_camvid, tmp_path):
     cfg = compose_cfg(tmp_path / "a", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",

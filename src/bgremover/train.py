@@ -163,9 +163,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def test_split_info(metrics: dict[str, float], datamodule) -> dict[str, Any]:
     """How many test frames the test numbers cover, of how many the split has: partial runs say so."""
     frames = metrics.get("test/frames")
+    if frames is None:  # no test ran (test=false): the split need not exist, e.g. a train+val copy on a GPU machine
+        return {"frames": None, "of": None, "complete": None}
     total = datamodule.split_size("test") if hasattr(datamodule, "split_size") else None  # every datamodule here has it
-    frames = None if frames is None else int(frames)
-    return {"frames": frames, "of": total, "complete": None if frames is None or total is None else frames == total}
+    frames = int(frames)
+    return {"frames": frames, "of": total, "complete": None if total is None else frames == total}
 
 
 def ddp_relaunch_conflict(cfg: DictConfig) -> str | None:
