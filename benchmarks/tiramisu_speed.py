@@ -110,7 +110,8 @@ def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, d
     if impl == "ref":
         model = ref_fcdensenet(name)
     else:
-        model = FCDenseNet(**TIRAMISU_CONFIGS[name], memory_efficient=mem_eff)
+        # the hand-written blocks on any device ("auto" would train the textbook layers on a GPU)
+        model = FCDenseNet(**TIRAMISU_CONFIGS[name], memory_efficient=mem_eff, dense_blocks="fused")
     h, w, cpu_batch = SIZES[size]
     batch = batch or (GPU_BATCH[size] if device.startswith("cuda") else cpu_batch)
     model = model.to(device).train()

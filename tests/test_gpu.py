@@ -62,7 +62,8 @@ def _pair(cfg: dict, memory_efficient: bool, dtype: torch.dtype, channels_last: 
           exact: bool = True):
     """(ours, reference) with the same random weights and BN state, dropout off, on the GPU."""
     torch.manual_seed(seed)
-    ours = FCDenseNet(num_classes=11, dropout=0.0, memory_efficient=memory_efficient, **cfg)
+    # the hand-written (fused) blocks: on a GPU "auto" would train the textbook layers instead
+    ours = FCDenseNet(num_classes=11, dropout=0.0, memory_efficient=memory_efficient, dense_blocks="fused", **cfg)
     randomise_bn(ours, seed) if exact else _well_conditioned(ours, seed)
     theirs = ref.RefFCDenseNet(num_classes=11, dropout=0.0, **cfg)
     theirs.load_state_dict(ours.state_dict())
@@ -134,15 +135,17 @@ def test_fp32_and_bf16_on_cuda_match_a_float64_reference(memory_efficient, chann
             assert eo <= 2 * ro + 1e-3 and ex <= 2 * rx + 1e-2 and ew <= 2 * rw + 1e-2
 
 
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize("dense_blocks", ["auto", "fused"])
+def test_compiled_training_step_matches_eager(dense_blocks):
     """SegmentationModule(compile=True): training_step runs the torch.compile'd net, with eager's loss and
-    gradients (fp32, TF32 off: a tight comparison; bf16 rounding would blur a real difference)."""
+    gradients (fp32, TF32 off: a tight comparison; bf16 rounding would blur a real difference). auto is what a
+    GPU trains (the textbook layers), fused the hand-written blocks under compile."""
     from torch._dynamo.utils import counters
 
     from bgremover.lit import SegmentationModule
 
     torch.manual_seed(0)
-    net = FCDenseNet(num_classes=11, dropout=0.0, **TINY)
+    net = FCDenseNet(num_classes=11, dropout=0.0, dense_blocks=dense_blocks, **TINY)
     _well_conditioned(net, 0)
     opt = functools.partial(torch.optim.AdamW, lr=1e-3)
     eager = SegmentationModule(net=copy.deepcopy(net), optimizer=opt, compile=False).to(DEV)

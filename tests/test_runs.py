@@ -148,6 +148,34 @@ def test_train_without_a_test_split_and_test_false_finishes(tmp_path):
     assert summary["status"] == "ok" and "val/mIoU" in metrics
     assert summary["test_split"] == {"frames": None, "of": None, "complete": None}
 
+
+def test_eval_attaches_test_numbers_to_a_run_trained_without_them(small_camvid, tmp_path):
+    """`make eval` of a test=false run's checkpoint writes the test metrics into that run's summary.json (what
+    `make compare` and the exporter read); a run's own test numbers are never replaced."""
+    from bgremover.eval import evaluate
+    from bgremover.export import _read_test_result
+
+    cfg = compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false"])
+    train(cfg)
+    summary_path = tmp_path / "run" / "summary.json"
+    before = json.loads(summary_path.read_text())
+    assert "test/mIoU" not in before["metrics"] and _read_test_result(Path(before["best_ckpt"])) == {}
+
+    metrics, _ = evaluate(compose_cfg(tmp_path / "eval", [f"data.root={small_camvid}", "data.num_workers=0",
+                                                          f"ckpt_path={before['best_ckpt']}"], config_name="eval"))
+    after = json.loads(summary_path.read_text())
+    assert after["metrics"]["test/mIoU"] == pytest.approx(metrics["test/mIoU"])
+    assert after["metrics"]["val/mIoU_best"] == before["metrics"]["val/mIoU_best"]  # the rest is kept
+    assert after["test_split"] == {"frames": 3, "of": 3, "complete": True}
+    assert Path(after["test_from"]["eval"]).is_file() and after["test_from"]["ckpt"] == before["best_ckpt"]
+    assert _read_test_result(Path(before["best_ckpt"]))["test_mIoU"] == pytest.approx(metrics["test/mIoU"])
+
+    # a second evaluation (here of the val split as test, on 2 frames) leaves the attached numbers alone
+    evaluate(compose_cfg(tmp_path / "eval2", [f"data.root={small_camvid}", "data.num_workers=0",
+                                               "data.limit_eval_images=2", f"ckpt_path={before['best_ckpt']}"],
+                         config_name="eval"))
+    assert json.loads(summary_path.read_text()) == after
+
 # --- honest test numbers ------------------------------------------------------------------------------------------
 def test_limit_images_trims_only_training_and_frames_are_reported(small_camvid, tmp_path):
     cfg = compose_cfg(tmp_path / "a", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",

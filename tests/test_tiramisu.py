@@ -247,12 +247,33 @@ def test_whole_net_matches_reference_float64(train: bool, channels_last: bool, w
 
 
 def test_dense_blocks_choice_is_checked() -> None:
-    with pytest.raises(ValueError, match="dense_blocks must be one of fused, plain, got 'cat'"):
+    with pytest.raises(ValueError, match="dense_blocks must be one of auto, fused, plain, got 'cat'"):
         FCDenseNet(num_classes=5, dense_blocks="cat", **TINY)
     with pytest.raises(ValueError, match="memory_efficient needs the fused dense block"):
         FCDenseNet(num_classes=5, dense_blocks="plain", memory_efficient=True, **TINY)
     fused, plain = FCDenseNet(num_classes=5, **TINY), FCDenseNet(num_classes=5, dense_blocks="plain", **TINY)
     plain.load_state_dict(fused.state_dict())  # same parameters: checkpoints move between the two
+
+
+@pytest.mark.parametrize("dense_blocks", ["auto", "fused", "plain"])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_dense_blocks_auto_is_fused_on_cpu_and_plain_elsewhere(dense_blocks: str, memory_efficient: bool) -> None:
+    """auto: the fused Function on CPU (where it is faster), the textbook layers on a GPU (faster there, measured
+    on an H100), the fused one wherever memory_efficient is asked for. The route actually run on CPU is checked."""
+    if dense_blocks == "plain" and memory_efficient:
+        return  # refused at construction (test above)
+    net = FCDenseNet(num_classes=5, dense_blocks=dense_blocks, memory_efficient=memory_efficient, **TINY)
+    fused_everywhere = dense_blocks == "fused" or (dense_blocks == "auto" and memory_efficient)
+    for block in net.down_blocks:
+        assert block.uses_plain(torch.device("cpu")) is (dense_blocks == "plain")
+        assert block.uses_plain(torch.device("cuda")) is (not fused_everywhere)
+    ran = []
+    for block in net.modules():
+        if isinstance(block, DenseBlock):
+            plain_forward = block._forward_plain
+            block._forward_plain = lambda inputs, f=plain_forward: (ran.append("plain"), f(inputs))[1]
+    net.train()(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert bool(ran) is (dense_blocks == "plain")
 
 
 def test_memory_efficient_same_gradients_and_bn_stats_updated_once() -> None:

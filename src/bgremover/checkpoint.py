@@ -21,6 +21,15 @@ CHECKPOINT_KEY = "bgremover"  # where a checkpoint keeps what inference needs (w
 REQUIRED_META = ("net_config", "classes", "mean", "std")
 
 
+def run_summary(path: str | os.PathLike) -> Path | None:
+    """The summary.json of the run a checkpoint belongs to: beside it (a copied-out best.ckpt) or one folder up
+    (run/checkpoints/epoch_N.ckpt); None for a checkpoint outside any run."""
+    from bgremover.config import SUMMARY_NAME
+
+    ckpt = Path(path).resolve()
+    return next((d / SUMMARY_NAME for d in (ckpt.parent, ckpt.parent.parent) if (d / SUMMARY_NAME).is_file()), None)
+
+
 def read(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint as a dict, loaded on CPU with weights_only=True; UserError names the file otherwise."""
     path = Path(path)

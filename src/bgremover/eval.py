@@ -5,6 +5,7 @@ The checkpoint describes its own net (checkpoint["bgremover"]["net_config"]), so
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -39,12 +40,39 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     else:
         results = trainer.test(model=model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    eval_json = Path(cfg.paths.output_dir) / "eval.json"
     utils.write_json_atomic(
-        Path(cfg.paths.output_dir) / "eval.json",
+        eval_json,
         {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split, "metrics": metrics,
          "net": model.hparams.net_name, "config": OmegaConf.to_container(cfg, resolve=True)},
     )
+    if cfg.split == "test" and cfg.get("attach_to_run", True):
+        attach_to_run(Path(cfg.ckpt_path), metrics, datamodule, eval_json)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: Path) -> Path | None:
+    """Test numbers for a run that has none: a run trained with test=false (on a GPU machine given train+val
+    only, say) gets this evaluation's test metrics in its summary.json, so `make compare` reports them beside
+    its training figures. The run is the folder of the checkpoint or the one above it (run/checkpoints/x.ckpt).
+    Numbers a run already has (its own test stage, or an earlier attach) are never replaced."""
+    summary_path = checkpoint.run_summary(ckpt)
+    if summary_path is None or "test/frames" not in metrics:
+        return None
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):  # a broken summary is the run's own problem; the eval itself succeeded
+        log.warning("test numbers not attached: %s is unreadable", summary_path)
+        return None
+    if (summary.get("test_split") or {}).get("frames") is not None:
+        return None
+    frames, total = int(metrics["test/frames"]), datamodule.split_size("test")
+    summary["metrics"] = {**(summary.get("metrics") or {}), **metrics}
+    summary["test_split"] = {"frames": frames, "of": total, "complete": frames == total}
+    summary["test_from"] = {"eval": str(eval_json.resolve()), "ckpt": str(ckpt.resolve())}
+    utils.write_json_atomic(summary_path, summary)
+    log.info("test numbers attached to the run: %s", summary_path)
+    return summary_path
 
 
 def _training_scale(cfg: DictConfig, image_size: int | None) -> None:

@@ -56,13 +56,13 @@ def _package_version() -> str:
 
 def _read_test_result(ckpt_path: Path) -> dict[str, Any]:
     """The run's test mIoU and the frames it covers, from the summary.json beside the checkpoint's folder."""
-    from bgremover.config import SUMMARY_NAME
+    from bgremover import checkpoint
 
-    summary = ckpt_path.resolve().parent.parent / SUMMARY_NAME
+    summary = checkpoint.run_summary(ckpt_path)
     try:
-        s = json.loads(summary.read_text())
+        s = json.loads(summary.read_text())  # AttributeError: no summary
         value = s["metrics"]["test/mIoU"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
         return {}  # no summary (run without test) or an unexpected one: the metric is optional provenance
     split = s.get("test_split") or {}
     return {"test_mIoU": None if value is None else float(value), "test_frames": split.get("frames"),

@@ -686,7 +686,7 @@ class DenseBlock(nn.Module):
 
     def __init__(
         self, in_channels: int, n_layers: int, growth_rate: int, dropout: float = DROPOUT,
-        memory_efficient: bool = False, plain: bool = False,
+        memory_efficient: bool = False, plain: bool | None = None,
     ) -> None:
         super().__init__()
         if plain and memory_efficient:
@@ -694,7 +694,9 @@ class DenseBlock(nn.Module):
         self.in_channels = in_channels
         self.growth_rate = growth_rate
         self.memory_efficient = memory_efficient
-        # plain: the textbook torch.cat layers in training too (same parameters), for torch.compile to fuse
+        # plain: the textbook torch.cat layers in training too (same parameters), for torch.compile to fuse.
+        # None: chosen per call by device: fused on CPU, plain elsewhere (faster on an H100: tiramisu.py), fused
+        # for memory_efficient (only it recomputes)
         self.plain = plain
         self.workspace = Workspace()  # training-step memory reused across steps on CPU (bgremover.nets.workspace)
         self.layers = nn.ModuleList(
@@ -705,10 +707,16 @@ class DenseBlock(nn.Module):
     def out_channels(self) -> int:
         return self.in_channels + len(self.layers) * self.growth_rate
 
+    def uses_plain(self, device: torch.device) -> bool:
+        """Whether training on ``device`` runs the textbook layers instead of the fused Function."""
+        if self.plain is not None:
+            return self.plain
+        return device.type != "cpu" and not self.memory_efficient
+
     def forward(self, *inputs: Tensor) -> Tensor:
         if sum(t.shape[1] for t in inputs) != self.in_channels:
             raise ValueError(f"DenseBlock expects {self.in_channels} input channels, got {[t.shape for t in inputs]}")
-        if self.plain or (not self.training and (
+        if self.uses_plain(inputs[0].device) or (not self.training and (
             torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or not torch.is_grad_enabled()
         )):
             return self._forward_plain(inputs)
