@@ -288,6 +288,20 @@ def test_grid_layout_and_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert np.abs(cell(5).astype(int) - cell(0).astype(int)).max() <= 1  # all foreground: the input itself
 
 
+def test_best_checkpoint_found_in_a_moved_run(tmp_path: Path) -> None:
+    """A run copied elsewhere (off a GPU machine, a moved sweep) keeps its checkpoint at the same place inside its
+    folder: the report's grid finds it there; a path outside the old run folder is not guessed at."""
+    old, new = tmp_path / "gpu-box" / "run", tmp_path / "here" / "run"
+    ckpt = new / "checkpoints" / "epoch_049.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_text("x")
+    run = compare.Run(new, ok_summary(old, DEEPLAB, 1, ckpt=old / "checkpoints" / "epoch_049.ckpt"))
+    assert run.best_ckpt == ckpt
+    assert compare.Run(new, ok_summary(old, DEEPLAB, 1, ckpt=tmp_path / "elsewhere.ckpt")).best_ckpt is None
+    assert compare.Run(new, ok_summary(old, DEEPLAB, 1, ckpt=old / "checkpoints" / "gone.ckpt")).best_ckpt is None
+    assert compare.Run(new, ok_summary(old, DEEPLAB, 1)).best_ckpt is None
+
+
 def test_grid_skipped_without_checkpoint_or_data(sweep: Path, tmp_path: Path) -> None:
     rep = compare.build_report([sweep], grid_images=3)
     assert any("no run has an existing best_ckpt" in w for w in rep.warnings)

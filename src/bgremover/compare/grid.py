@@ -99,9 +99,7 @@ def make_grid(stats: list[NetStats], data_root: Path | None, n_images: int, path
         return "grid skipped: --grid-images 0"
     picks: list[tuple[NetStats, Run]] = []
     for s in stats:
-        with_ckpt = [
-            r for r in s.runs if r.summary.get("best_ckpt") and Path(r.summary["best_ckpt"]).is_file()
-        ]
+        with_ckpt = [r for r in s.runs if r.best_ckpt is not None]
         if with_ckpt:
             picks.append((s, max(with_ckpt, key=lambda r: r.metric("test/mIoU") or -1.0)))
     if not picks:
@@ -128,7 +126,7 @@ def make_grid(stats: list[NetStats], data_root: Path | None, n_images: int, path
     nets, errors = [], []
     for s, r in picks:
         try:
-            net, meta = _load_checkpoint(Path(r.summary["best_ckpt"]))
+            net, meta = _load_checkpoint(r.best_ckpt)
             nets.append((s.net, net.to(device).eval(), meta))
         except Exception as e:  # one broken checkpoint must not cost the others their column
             errors.append(f"{s.net}: {type(e).__name__}: {e}")

@@ -59,6 +59,22 @@ class Run:
     def seed(self) -> Any:
         return self.summary.get("seed")
 
+    @property
+    def best_ckpt(self) -> Path | None:
+        """The run's best checkpoint: where its summary says, else at the same place inside the folder the run
+        lies in now (a sweep moved, a run copied off a GPU machine), else None."""
+        given = self.summary.get("best_ckpt")
+        if not given:
+            return None
+        path = Path(given)
+        if path.is_file():
+            return path
+        try:
+            moved = self.dir / path.relative_to(str(self.summary.get("run_dir") or ""))
+        except ValueError:  # not inside the run's old folder: nothing to re-root
+            return None
+        return moved if moved.is_file() else None
+
     def metric(self, key: str) -> float | None:
         return _num((self.summary.get("metrics") or {}).get(key))
 
