@@ -29,7 +29,7 @@ SWEEP ?=
 DATA ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint data train eval sweep compare export predict eval-cutout \
+.PHONY: help install test test-fast lint data train eval sweep compare export predict ship eval-cutout \
         remover example-data serve benchmark reproduce-default clean
 
 help: ## list the targets
@@ -79,6 +79,10 @@ predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [
 
 serve: $(STAMP) ## cut-outs over HTTP + page on http://127.0.0.1:8000/: make serve [MODEL=x.onnx] [ARGS="--port 9000 --threads 2"]
 	$(BIN)/bgremover-serve $(if $(MODEL),--model "$(MODEL)") $(ARGS)
+
+ship: $(STAMP) ## a checkpoint becomes models/bgremover-camvid.* if it beats them: make ship CKPT=path [ARGS="--force"]
+	@test -n "$(CKPT)" || { echo "error: give a checkpoint: make ship CKPT=path/to.ckpt" >&2; exit 2; }
+	$(BIN)/python -m bgremover.ship --ckpt "$(CKPT)" $(ARGS)
 
 eval-cutout: $(STAMP) ## cut-out quality on CamVid test or a folder: make eval-cutout [MODEL=x.onnx] [ARGS="--limit 20" | "--data-root DIR --split-file RUN/split.json"]
 	$(BIN)/python -m bgremover.cutout_eval $(if $(MODEL),--model "$(MODEL)") $(ARGS)

@@ -109,6 +109,25 @@ def load_net(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], dict[s
     return net.float().eval(), info, ckpt
 
 
+def save_weights(path: str | os.PathLike, out: str | os.PathLike, half: bool = True) -> Path:
+    """A weights-only copy of a checkpoint, what `ckpt_init=` and `make export` read like any checkpoint: the
+    net's tensors (float16 unless ``half=False``: half the size, and fine-tuning starts from them anyway) and the
+    self-description, without optimizer state or history. Written atomically."""
+    ckpt = read(path)
+    info = meta(ckpt, path)
+    state = {f"net.{k}": (v.half() if half and v.is_floating_point() else v) for k, v in net_state(ckpt).items()}
+    if not state:
+        raise UserError(f"checkpoint {path} has no 'net.' weights in its state_dict")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"state_dict": state, CHECKPOINT_KEY: info}, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def load_module(path: str | os.PathLike):
     """SegmentationModule with the checkpoint's net, hyper-parameters, weights and history (CPU, eval mode)."""
     from bgremover.lit import SegmentationModule

@@ -1,0 +1,152 @@
+"""`make ship CKPT=...`: a trained checkpoint becomes the shipped background remover, if it beats the shipped one.
+
+    python -m bgremover.ship --ckpt RUN/checkpoints/epoch_N.ckpt [--models-dir models] [--data-root DIR] [--force]
+
+Builds the three files of the shipped set in a scratch folder inside the models folder: the float ONNX model
+(`bgremover.export`: the reference), its int8 copy (`bgremover.quantize`, with its accuracy gate: the
+predictor's default) and the weights-only float16 checkpoint that `ckpt_init=` and `make remover` fine-tune
+from. Then it scores the shipped float model on the same CamVid test frames (`cutout_eval`, the code of
+`make eval-cutout`) and moves the new files over `bgremover-camvid{.onnx,.int8.onnx,.pt}` only if the candidate
+is better on both test mIoU and cut-out IoU (`--force` skips that comparison, not the int8 gate). Otherwise
+nothing in the models folder changes. It prints the rows models/README.md needs.
+
+Exit codes: 0 shipped, 1 not better or failed (nothing changed), 2 bad option value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bgremover import errors
+from bgremover.errors import UserError
+
+PROG = "ship"
+STEM = "bgremover-camvid"  # the shipped set: <stem>.onnx (float reference), <stem>.int8.onnx, <stem>.pt
+
+
+class ShipError(UserError):
+    """The candidate is not shipped (worse than the shipped model, or a step failed): nothing was changed."""
+
+
+def _score(model: Path, pairs, threads: int | None, progress: bool) -> dict[str, Any]:
+    from bgremover import cutout_eval
+    from bgremover.quantize import _scores
+
+    return _scores(cutout_eval.evaluate(cutout_eval.load_remover(model, threads=threads), pairs, progress=progress))
+
+
+def _row(name: str, s: dict[str, Any]) -> str:
+    return (f"| {name} | {100 * s['mIoU']:.2f} | {s['fg_iou']:.4f} | {s['boundary_f']:.4f} | {s['mae']:.4f} | "
+            f"{s['ms_per_image']:.0f} |")
+
+
+def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, eval_limit: int | None = None,
+         threads: int | None = None, progress: bool = False, log=print) -> dict[str, Any]:
+    """Build, compare, and (if better, or forced) install the shipped set; returns the scores. ShipError when
+    the candidate is not installed."""
+    from bgremover import checkpoint, cutout_eval, export, quantize
+
+    names = {kind: models_dir / f"{STEM}{suffix}" for kind, suffix in
+             (("float", ".onnx"), ("int8", ".int8.onnx"), ("weights", ".pt"))}  # fmt: skip
+    pairs = cutout_eval.find_pairs(data_root, "test", eval_limit)  # data and checkpoint are checked before
+    net, meta = export.load_checkpoint_net(ckpt)  # anything is written
+    models_dir.mkdir(parents=True, exist_ok=True)
+    scratch = models_dir / f".ship-{os.getpid()}"  # same filesystem: the final moves are renames
+    scratch.mkdir()
+    try:
+        new = {kind: scratch / path.name for kind, path in names.items()}
+        export.export_onnx(net, meta, new["float"])
+        log(f"exported {meta.get('net') or meta.get('net_name')} to ONNX; quantizing and scoring it "
+            f"on {len(pairs)} test frames")
+        record = quantize.quantize(new["float"], new["int8"], data_root, eval_limit=eval_limit, threads=threads,
+                                   progress=progress, log=log)  # fmt: skip
+        scores = {"candidate": record["eval"]["float"], "candidate int8": record["eval"]["int8"]}
+        if names["float"].is_file():
+            scores["shipped"] = _score(names["float"], pairs, threads, progress)
+        log(f"| CamVid test, {len(pairs)} frames | mIoU | cut-out IoU | boundary F (2 px) | alpha MAE | ms / image |")
+        log("|---|---|---|---|---|---|")
+        for name, s in scores.items():
+            log(_row(name, s))
+        old = scores.get("shipped")
+        better = old is None or (scores["candidate"]["mIoU"] > old["mIoU"]
+                                 and scores["candidate"]["fg_iou"] > old["fg_iou"])  # fmt: skip
+        if not better and not force:
+            raise ShipError(
+                f"{ckpt} does not beat the shipped model on {len(pairs)} test frames (mIoU "
+                f"{100 * scores['candidate']['mIoU']:.2f} vs {100 * old['mIoU']:.2f}, cut-out IoU "
+                f"{scores['candidate']['fg_iou']:.4f} vs {old['fg_iou']:.4f}): nothing changed (--force ships it anyway)"
+            )
+        checkpoint.save_weights(ckpt, new["weights"])
+        _install(new, names, scratch)
+        for kind in ("weights", "int8", "float"):
+            log(f"wrote {names[kind]} ({names[kind].stat().st_size / 1e6:.1f} MB)")
+        return scores
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _install(new: dict[str, Path], names: dict[str, Path], scratch: Path) -> None:
+    """Rename the new files over the shipped ones; if anything stops it half-way (an error, Ctrl-C), the old
+    set is put back, so the folder always holds one consistent set."""
+    placed, backups = [], {}
+    try:
+        for kind in ("weights", "int8", "float"):
+            if names[kind].exists():
+                backups[kind] = scratch / f"old-{names[kind].name}"
+                os.replace(names[kind], backups[kind])
+            os.replace(new[kind], names[kind])
+            placed.append(kind)
+    except BaseException:
+        for kind in placed:
+            names[kind].unlink(missing_ok=True)
+        for kind, backup in backups.items():
+            os.replace(backup, names[kind])
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    from bgremover import cutout_eval
+    from bgremover.remover import _shipped_models
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
+                                epilog="Exit codes: 0 shipped, 1 not better or failed (nothing changed), 2 bad option value.")
+    p.add_argument("--ckpt", required=True, help="the trained checkpoint (a run's best epoch)")
+    p.add_argument("--models-dir", default=str(_shipped_models()), help="where the shipped set lies (default: models/)")
+    p.add_argument("--data-root", help=f"CamVid folder (default ${cutout_eval.DATA_ENV}, else {cutout_eval.DEFAULT_DATA_ROOT})")
+    p.add_argument("--force", action="store_true", help="ship even if it does not beat the shipped model")
+    p.add_argument("--eval-limit", type=int, help="score N evenly spaced test frames instead of all (trials only)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for the evaluation (default: all cores)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from bgremover import cutout_eval
+
+    args = _parser().parse_args(argv)
+    for name, low in (("eval_limit", 1), ("threads", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            return errors.report(f"--{name.replace('_', '-')} must be >= {low}, got {value}", PROG, 2)
+    data_root = Path(args.data_root or os.environ.get(cutout_eval.DATA_ENV) or cutout_eval.DEFAULT_DATA_ROOT)
+    try:
+        ship(Path(args.ckpt), Path(args.models_dir), data_root, force=args.force, eval_limit=args.eval_limit,
+             threads=args.threads, progress=not args.quiet)  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted: nothing changed", file=sys.stderr)
+        return 130
+    except UserError as e:
+        return errors.report(e, PROG, 1)
+    except Exception as e:  # a bug or an onnxruntime failure: still one line, and the models are untouched
+        return errors.report(f"unexpected {type(e).__name__}: {errors.one_line(e)} (nothing changed)", PROG, 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""`python -m bgremover.ship`: a checkpoint becomes the shipped set (float ONNX, int8 copy, float16 weights) only
+when it beats the shipped model on the same test frames; otherwise, or if installing stops half-way, the models
+folder keeps its old set. The candidate is a tiny FC-DenseNet trained here for a few seconds on synthetic scenes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_export import MEAN, STD, TINY_CONFIG, tiny_net, write_checkpoint
+from test_quantize import build_net, scene
+
+from bgremover import checkpoint, ship
+from bgremover.data.classes import CLASSES
+from bgremover.remover import BackgroundRemover, file_sha256
+
+NAMES = ("bgremover-camvid.onnx", "bgremover-camvid.int8.onnx", "bgremover-camvid.pt")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ship") / "CamVid"
+    for split, n in (("train", 4), ("test", 3)):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in range(n):
+            rgb, label = scene(2 * i + (split == "test"))
+            Image.fromarray(rgb).save(root / split / f"{split}_{i}.png")
+            Image.fromarray(label, mode="L").save(root / f"{split}annot" / f"{split}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    """A checkpoint of the tiny FC-DenseNet fitted to the train scenes (inputs prepared as the predictor does:
+    normalized, reflect-padded to the size multiple, padding labelled void)."""
+    net = tiny_net().train()
+    xs, ys = [], []
+    for f in sorted((data / "train").iterdir()):
+        rgb = np.asarray(Image.open(f), np.float32) / 255
+        x = (torch.from_numpy(rgb).permute(2, 0, 1) - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+        y = torch.from_numpy(np.array(Image.open(data / "trainannot" / f.name))).long()
+        xs.append(F.pad(x[None], (0, 64 - x.shape[2], 0, 64 - x.shape[1]), mode="reflect")[0])
+        ys.append(F.pad(y, (0, 64 - y.shape[1], 0, 64 - y.shape[0]), value=11))
+    x, y = torch.stack(xs), torch.stack(ys)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y, ignore_index=11).backward()
+        opt.step()
+    return write_checkpoint(tmp_path_factory.mktemp("run"), net.eval(), TINY_CONFIG, "tiny")
+
+
+def run_ship(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bgremover.ship", *args, "--threads", "1", "--quiet"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def listing(folder: Path) -> dict[str, str]:
+    return {p.name: file_sha256(p) for p in sorted(folder.iterdir())}
+
+
+def test_ship_installs_a_working_set_where_none_was(trained, data, tmp_path):
+    models = tmp_path / "models"
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in models.iterdir()) == sorted(NAMES)  # no scratch folder, no temp files
+    assert "| CamVid test, 3 frames | mIoU |" in proc.stdout and "| candidate | 100.00 |" in proc.stdout
+    assert "| shipped |" not in proc.stdout
+
+    float_model, int8_model, weights = (models / n for n in NAMES)
+    remover = BackgroundRemover(int8_model, threads=1)
+    assert remover.meta["quantization"]["source_sha256"] == file_sha256(float_model)  # the default path takes it
+    assert remover.meta["net"] == "tiny"
+    rgb, label = scene(3)
+    pred = BackgroundRemover(float_model, threads=1).logits(rgb).argmax(0)
+    assert (pred == label).mean() > 0.95  # the trained net, exported
+
+    net, info, ckpt = checkpoint.load_net(weights)  # what ckpt_init= and make export read
+    assert info["net_name"] == "tiny" and set(ckpt) == {"state_dict", "bgremover"}
+    assert all(v.dtype == torch.float16 for v in ckpt["state_dict"].values() if v.is_floating_point())
+    source, _, _ = checkpoint.load_net(trained)
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[k], v.half().float() if v.is_floating_point() else v)
+
+
+def test_ship_refuses_a_model_that_does_not_beat_the_shipped_one(trained, data, tmp_path):
+    """The same checkpoint again ties with itself (100 % on these scenes): not better, so refused; --force
+    installs it all the same."""
+    models = tmp_path / "models"
+    assert run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data)).returncode == 0
+    before = listing(models)
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("ship: error:") and "does not beat the shipped model" in lines[-1]
+    assert "mIoU 100.00 vs 100.00" in lines[-1] and "| shipped | 100.00 |" in proc.stdout
+    assert listing(models) == before  # nothing changed, nothing left behind
+
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data), "--force")
+    assert proc.returncode == 0 and sorted(p.name for p in models.iterdir()) == sorted(NAMES)
+
+
+def test_ship_replaces_a_worse_shipped_set(trained, data, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    bad = build_net(models / "bgremover-camvid.onnx")
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(bad))  # swap the Car and Sky logits: a model that gets the scenes wrong
+    w2 = next(t for t in graph.graph.initializer if t.name == "W2")
+    arr = numpy_helper.to_array(w2).copy()
+    car, sky = CLASSES.index("Car"), CLASSES.index("Sky")
+    arr[[car, sky]] = arr[[sky, car]]
+    w2.CopyFrom(numpy_helper.from_array(arr, "W2"))
+    onnx.save(graph, str(bad))
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in models.iterdir()) == sorted(NAMES)
+    assert BackgroundRemover(models / NAMES[0], threads=1).meta["net"] == "tiny"
+
+
+def test_an_install_stopped_half_way_puts_the_old_set_back(tmp_path, monkeypatch):
+    names = {k: tmp_path / "models" / n for k, n in zip(("float", "int8", "weights"), NAMES, strict=True)}
+    new = {k: tmp_path / "scratch" / n for k, n in zip(("float", "int8", "weights"), NAMES, strict=True)}
+    for d in ("models", "scratch"):
+        (tmp_path / d).mkdir()
+    for k in names:
+        names[k].write_text(f"old {k}")
+        new[k].write_text(f"new {k}")
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 4:  # weights and int8 moved already; stopped while installing the float model
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(ship.os, "replace", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ship._install(new, names, tmp_path / "scratch")
+    monkeypatch.setattr(ship.os, "replace", real)
+    assert {k: p.read_text() for k, p in names.items()} == {k: f"old {k}" for k in names}
+
+
+def test_ship_usage_errors_are_one_line(tmp_path, data):
+    proc = run_ship("--ckpt", str(tmp_path / "missing.ckpt"), "--models-dir", str(tmp_path / "m"), "--data-root", str(data))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "checkpoint not found" in proc.stderr
+    assert not (tmp_path / "m").exists()
+    proc = run_ship("--ckpt", "x.ckpt", "--eval-limit", "0")
+    assert proc.returncode == 2 and "--eval-limit must be >= 1" in proc.stderr
+    proc = run_ship("--ckpt", "x.ckpt", "--data-root", str(tmp_path / "nodata"), "--models-dir", str(tmp_path / "m2"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and not (tmp_path / "m2").exists()
