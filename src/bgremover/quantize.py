@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -113,6 +114,16 @@ def _gemm_conv_weights(model, exclude: Sequence[str]) -> list[str]:
     return names
 
 
+class _PerTensorNotice(logging.Filter):
+    """onnxruntime warns once per rank-1 weight (FC-DenseNet's BatchNormalization scales: BN comes before its conv
+    there, so it is not folded) that per-channel does not apply, and quantizes it per tensor, which is right for
+    a vector: hundreds of lines that say nothing, dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("is out-of-range for weight" in message and message.endswith("with rank 1"))
+
+
 def quantize(
     model_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -151,13 +162,18 @@ def quantize(
         stem = _stem_conv(graph, float_remover.input_name)
         keep_float += [stem.name] if stem is not None else []
         seven_bit = _gemm_conv_weights(graph, exclude=keep_float)
-        quantize_static(
-            str(pre), str(q), _CalibrationFrames(float_remover, [img for img, _ in train]),
-            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            per_channel=True, reduce_range=False, calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=keep_float,
-            extra_options={"TensorQuantOverrides": {w: [{"axis": 0, "reduce_range": True}] for w in seven_bit}},
-        )  # fmt: skip
+        notice = _PerTensorNotice()
+        logging.getLogger().addFilter(notice)  # onnxruntime.quantization logs through the root logger
+        try:
+            quantize_static(
+                str(pre), str(q), _CalibrationFrames(float_remover, [img for img, _ in train]),
+                quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                per_channel=True, reduce_range=False, calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=keep_float,
+                extra_options={"TensorQuantOverrides": {w: [{"axis": 0, "reduce_range": True}] for w in seven_bit}},
+            )  # fmt: skip
+        finally:
+            logging.getLogger().removeFilter(notice)
         log(f"calibrated on {len(train)} train frames and quantized in {time.perf_counter() - t0:.0f}s")
 
         int8_remover = cutout_eval.load_remover(q, threads=threads)
