@@ -288,6 +288,18 @@ def test_grid_layout_and_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert np.abs(cell(5).astype(int) - cell(0).astype(int)).max() <= 1  # all foreground: the input itself
 
 
+def test_report_title_names_the_sweep_or_the_folder(tmp_path: Path) -> None:
+    """A sweep's report is titled by its group; separate runs (several groups) gathered in one folder by the folder."""
+    for job, (net, seed) in enumerate(NUMBERS):
+        write_summary(tmp_path / "one" / str(job), ok_summary(tmp_path / "one" / str(job), net, seed))
+        d = tmp_path / "runs" / str(job)
+        write_summary(d, {**ok_summary(d, net, seed), "group": f"speedrun_{net}"})
+    one = (compare.build_report([tmp_path / "one"], grid_images=0).path / "report.md").read_text()
+    assert one.startswith("# Sweep report: cmp_sweep\n")
+    md = (compare.build_report([tmp_path / "runs"], grid_images=0).path / "report.md").read_text()
+    assert md.startswith("# Report: runs (2 groups)\n")
+
+
 def test_best_checkpoint_found_in_a_moved_run(tmp_path: Path) -> None:
     """A run copied elsewhere (off a GPU machine, a moved sweep) keeps its checkpoint at the same place inside its
     folder: the report's grid finds it there; a path outside the old run folder is not guessed at."""

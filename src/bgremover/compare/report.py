@@ -88,7 +88,9 @@ def build_report(
     stats = aggregate(runs)
     failed = [r for r in runs if not r.ok]
     groups = Counter(str(r.summary["group"]) for r in runs if r.summary.get("group"))
-    group = groups.most_common(1)[0][0] if groups else sweep.name
+    group = groups.most_common(1)[0][0] if groups else sweep.name  # W&B's group for the compare run
+    # one sweep: its group names it; runs of several groups (separate runs gathered in a folder): the folder does
+    title = f"Sweep report: {group}" if len(groups) <= 1 else f"Report: {sweep.name} ({len(groups)} groups)"
     warnings: list[str] = []
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -114,7 +116,7 @@ def build_report(
         main_md = render_md([("table", head, rows)])
         partial = [r for r in runs if r.ok and r.partial_test]
         blocks: list[Block] = [
-            ("h", 1, f"Sweep report: {group}"),
+            ("h", 1, title),
             (
                 "p",
                 f"{len(runs)} runs found under {', '.join(str(p) for p in paths)}: {len(runs) - len(failed)} ok, "
@@ -163,7 +165,7 @@ def build_report(
             blocks.append(("p", "None."))
 
         (tmp / "report.md").write_text(render_md(blocks), encoding="utf-8")
-        (tmp / "report.html").write_text(render_html(blocks, f"Sweep report: {group}"), encoding="utf-8")
+        (tmp / "report.html").write_text(render_html(blocks, title), encoding="utf-8")
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
