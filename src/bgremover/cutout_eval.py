@@ -380,16 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         return fail(f"--threshold must be within 0..1, got {args.threshold}", 2)
-    if args.boundary_tol < 0:
-        return fail(f"--boundary-tol must be >= 0, got {args.boundary_tol}", 2)
-    if args.limit is not None and args.limit < 1:
-        return fail(f"--limit must be >= 1, got {args.limit}", 2)
-    if args.threads is not None and args.threads < 0:
-        return fail(f"--threads must be >= 0, got {args.threads}", 2)
+    if (code := errors.below_minimum(args, {"boundary_tol": 0, "limit": 1, "threads": 0, "max_side": 1}, PROG)) is not None:
+        return code
     if args.json is not None and Path(args.json).is_dir():
         return fail(f"--json {args.json} is a directory", 2)
-    if args.max_side is not None and args.max_side < 1:
-        return fail(f"--max-side must be >= 1, got {args.max_side}", 2)
 
     data_root = args.data_root or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT
     try:

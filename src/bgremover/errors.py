@@ -29,3 +29,13 @@ def report(error: BaseException | str, prog: str | None = None, code: int = 1) -
     message = error if isinstance(error, str) else one_line(error)
     print(f"{prog}: error: {message}" if prog else f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def below_minimum(args, minimums: dict[str, int], prog: str | None = None) -> int | None:
+    """Lower bounds of numeric command-line options (`args` from argparse; None = not given): the first one
+    below its minimum is reported as one line and its exit status (2, a usage error) returned; None when all fit."""
+    for name, low in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            return report(f"--{name.replace('_', '-')} must be >= {low}, got {value}", prog, 2)
+    return None

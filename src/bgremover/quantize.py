@@ -236,10 +236,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name, low in (("calib_frames", 1), ("eval_limit", 1), ("threads", 0)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            return errors.report(f"--{name.replace('_', '-')} must be >= {low}, got {value}", PROG, 2)
+    if (code := errors.below_minimum(args, {"calib_frames": 1, "eval_limit": 1, "threads": 0}, PROG)) is not None:
+        return code
     model = Path(args.model) if args.model else default_model_path()
     out = Path(args.out) if args.out else int8_path(model)
     data_root = args.data_root or os.environ.get(cutout_eval.DATA_ENV) or cutout_eval.DEFAULT_DATA_ROOT

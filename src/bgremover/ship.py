@@ -130,10 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bgremover import cutout_eval
 
     args = _parser().parse_args(argv)
-    for name, low in (("eval_limit", 1), ("threads", 0)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            return errors.report(f"--{name.replace('_', '-')} must be >= {low}, got {value}", PROG, 2)
+    if (code := errors.below_minimum(args, {"eval_limit": 1, "threads": 0}, PROG)) is not None:
+        return code
     data_root = Path(args.data_root or os.environ.get(cutout_eval.DATA_ENV) or cutout_eval.DEFAULT_DATA_ROOT)
     try:
         ship(Path(args.ckpt), Path(args.models_dir), data_root, force=args.force, eval_limit=args.eval_limit,
