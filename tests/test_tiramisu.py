@@ -276,6 +276,22 @@ def test_dense_blocks_auto_is_fused_on_cpu_and_plain_elsewhere(dense_blocks: str
     assert bool(ran) is (dense_blocks == "plain")
 
 
+@pytest.mark.parametrize("cls", ["Conv2d", "ConvTranspose2d"])
+def test_conv_bias_after_the_convolution_only_on_cpu(cls: str, monkeypatch) -> None:
+    """The bias-after-conv and emulated-bf16 workarounds are CPU-only: elsewhere (a GPU; here the meta device)
+    the bias goes into the convolution as in nn.Conv2d, so the textbook net a GPU trains is the reference's."""
+    conv = getattr(dense_block, cls)(6, 4, kernel_size=2, stride=2, bias=True)
+    fn = "conv2d" if cls == "Conv2d" else "conv_transpose2d"
+    biases, real = [], getattr(F, fn)
+    monkeypatch.setattr(F, fn, lambda x, w, b=None, *a, **k: (biases.append(b is not None), real(x, w, b, *a, **k))[1])
+    x = torch.randn(2, 6, 8, 8)
+    y_cpu = conv(x)
+    y_meta = copy.deepcopy(conv).to_empty(device="meta")(x.to("meta"))
+    assert biases == [False, True] and y_meta.shape == y_cpu.shape
+    expected = getattr(torch.nn, cls).forward(conv, x)  # nn's own forward: the bias inside the conv
+    torch.testing.assert_close(y_cpu, expected)
+
+
 def test_memory_efficient_same_gradients_and_bn_stats_updated_once() -> None:
     normal = FCDenseNet(num_classes=5, dropout=0.0, **TINY).double()
     randomise_bn(normal)

@@ -635,17 +635,22 @@ class Conv2d(nn.Conv2d):
     ``convolution_backward`` together with the others, oneDNN takes a path that is several times slower
     on CPU (measured 4x on a dense layer, 2x on the transition convs), while the bias gradient of a separate
     add is one channel sum. Under a bf16 autocast on a CPU without bf16 units it convolves in fp32 the way
-    the dense blocks do (``kernel_dtype``).
+    the dense blocks do (``kernel_dtype``). Both are CPU workarounds: on other devices it is ``nn.Conv2d``
+    itself (cuDNN adds the bias inside the convolution), so the textbook net a GPU trains is the reference's.
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
         return _emulated_autocast(x, lambda x_, w_: self._conv_forward(x_, w_, None), self.weight, self.bias)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` that adds its bias after the convolution (see ``Conv2d``); no output_size."""
+    """``nn.ConvTranspose2d`` that adds its bias after the convolution on CPU (see ``Conv2d``); no output_size."""
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        if x.device.type != "cpu":
+            return super().forward(x)
         def conv(x_: Tensor, w_: Tensor) -> Tensor:
             return F.conv_transpose2d(
                 x_, w_, None, self.stride, self.padding, self.output_padding, self.groups, self.dilation
