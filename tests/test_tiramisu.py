@@ -276,6 +276,49 @@ def test_dense_blocks_auto_is_fused_on_cpu_and_plain_elsewhere(dense_blocks: str
     assert bool(ran) is (dense_blocks == "plain")
 
 
+def _count_plain(net: nn.Module) -> list[str]:
+    """Records each dense block's call of the textbook route."""
+    ran: list[str] = []
+    for block in net.modules():
+        if isinstance(block, DenseBlock):
+            f = block._forward_plain
+            block._forward_plain = lambda inputs, f=f: (ran.append("plain"), f(inputs))[1]
+    return ran
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_cpu_inference_runs_the_fused_block_and_equals_the_textbook_one(channels_last: bool, mode: str) -> None:
+    """Eval without autograd on CPU (make eval, Lightning's test loop under inference_mode) takes the fused
+    Function — equal to the textbook layers in float64 — and keeps no memory in the blocks' workspaces."""
+    fused = FCDenseNet(num_classes=5, dense_blocks="fused", **TINY).double()
+    randomise_bn(fused)
+    plain = FCDenseNet(num_classes=5, dense_blocks="plain", **TINY).double()
+    plain.load_state_dict(fused.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 16, 20, dtype=torch.float64).contiguous(memory_format=fmt)
+    ran = _count_plain(fused)
+    with getattr(torch, mode)():
+        out = fused.eval()(x)
+        expected = plain.eval()(x)
+    assert ran == [] and ((out - expected).norm() / expected.norm()).item() < 1e-12
+    assert all(b.workspace.nbytes() == 0 for b in fused.modules() if isinstance(b, DenseBlock))
+    fused.train()(x).sum().backward()  # training afterwards is unaffected (no inference tensors kept)
+
+
+def test_inference_off_the_cpu_or_traced_takes_the_textbook_layers() -> None:
+    net = FCDenseNet(num_classes=5, dense_blocks="fused", **TINY).eval()
+    blocks = sum(isinstance(m, DenseBlock) for m in net.modules())
+    meta = copy.deepcopy(net).to_empty(device="meta")  # the meta device stands for a GPU
+    ran = _count_plain(meta)
+    with torch.no_grad():
+        meta(torch.randn(1, 3, 16, 16, device="meta"))
+    assert len(ran) == blocks
+    ran = _count_plain(net)
+    torch.jit.trace(net, torch.randn(1, 3, 16, 16))  # what the exporters see
+    assert len(ran) >= blocks
+
+
 @pytest.mark.parametrize("cls", ["Conv2d", "ConvTranspose2d"])
 def test_conv_bias_after_the_convolution_only_on_cpu(cls: str, monkeypatch) -> None:
     """The bias-after-conv and emulated-bf16 workarounds are CPU-only: elsewhere (a GPU; here the meta device)
