@@ -101,9 +101,10 @@ reproduce-default: $(STAMP) ## retrain the shipped model (fixed seed) and export
 		--out logs/reproduce/bgremover-camvid.onnx
 	@echo "compare with the shipped model: make eval-cutout MODEL=logs/reproduce/bgremover-camvid.onnx"
 
-benchmark: $(STAMP) ## print the speed tables (train throughput, Tiramisu fast path, predictor latency)
+benchmark: $(STAMP) ## print the speed tables (train throughput, Tiramisu fast path training and inference, predictor latency)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/tiramisu_speed.py
+	$(BIN)/python benchmarks/tiramisu_infer.py
 	$(BIN)/python benchmarks/predict_latency.py
 
 clean: ## remove caches (keeps .venv, logs and data)

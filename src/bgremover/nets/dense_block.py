@@ -39,11 +39,10 @@ every allocation, and faulting their pages in is slow (measured: a 2x240x224x224
 29 ms in fresh pages, 19 ms in reused ones; ``bgremover.nets.workspace``).
 
 Inference on CPU (eval mode, no autograd: `make eval`, the compare report's grid, measured latency) runs the
-same Function with nothing kept for backward: FC-DenseNet103 (GPU-trained weights) on one 384x480 frame, on
-the 2-core AVX-512-BF16 EPYC, took 1319-1374 vs 2325-2337 ms in fp32 and 720-750 vs 1093-1127 ms under bf16
-autocast against the textbook layers, at a lower peak (591-600 vs 711-807 MiB; bf16 264-281 vs 333-372),
-medians of 5 in two rounds. Exporters, tracing, compiled inference and inference on other devices take the
-textbook layers.
+same Function with nothing kept for backward: `python benchmarks/tiramisu_infer.py --ckpt <the GPU-trained
+FC-DenseNet103>` on the 2-core AVX-512-BF16 EPYC, one 384x480 frame: fp32 1460 vs 2383 ms for the textbook
+layers (1.63x), bf16 818 vs 1252 ms (1.53x), peak 538 vs 780 MiB and 285 vs 398 MiB (two earlier rounds: 1.70-1.76x
+and 1.46-1.57x). Exporters, tracing, compiled inference and inference on other devices take the textbook layers.
 
 ``memory_efficient=True`` keeps nothing per layer but the shared buffer (plus per-channel statistics and
 the tiny dropout masks); the BN-ReLU output is recomputed in backward from the saved statistics, so
@@ -730,7 +729,7 @@ class DenseBlock(nn.Module):
             raise ValueError(f"DenseBlock expects {self.in_channels} input channels, got {[t.shape for t in inputs]}")
         x0 = inputs[0]
         grad = torch.is_grad_enabled()
-        # Inference on CPU takes the fused Function too (1.5-1.8x faster: module docstring). Exporters, tracing
+        # Inference on CPU takes the fused Function too (~1.5-1.8x faster: module docstring). Exporters, tracing
         # and compiled inference get the textbook layers, which any of them can follow; so does inference
         # elsewhere, where the fused block was never measured to win.
         if self.uses_plain(x0.device) or (not self.training and (
