@@ -62,7 +62,7 @@ def test_every_model_builds_its_net(model):
         from bgremover.nets import NETS
 
         assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in NETS[model]().parameters())
-        assert not net.bottleneck.plain  # the fused block by default
+        assert net.bottleneck.plain is None  # auto: fused on CPU, textbook layers on a GPU
         plain = hydra.utils.instantiate(cfg_for(f"model={model}", "model.net.dense_blocks=plain").model.net)
         assert plain.bottleneck.plain and all(not b.memory_efficient for b in plain.up_blocks)
 

@@ -137,7 +137,6 @@ def test_resume_from_last_ckpt_continues_history_and_best(small_camvid, tmp_path
     assert s2["history"]["val/mIoU_best"] == [max(s2["history"]["val/mIoU"][: i + 1]) for i in range(4)]
 
 
-
 def test_train_without_a_test_split_and_test_false_finishes(tmp_path):
     """A train+val-only copy (what a GPU machine is given) with test=false: the run ends with its summary and
     says no test numbers, instead of failing on the missing test folder after training (seen on the H100)."""
@@ -170,11 +169,12 @@ def test_eval_attaches_test_numbers_to_a_run_trained_without_them(small_camvid, 
     assert Path(after["test_from"]["eval"]).is_file() and after["test_from"]["ckpt"] == before["best_ckpt"]
     assert _read_test_result(Path(before["best_ckpt"]))["test_mIoU"] == pytest.approx(metrics["test/mIoU"])
 
-    # a second evaluation (here of the val split as test, on 2 frames) leaves the attached numbers alone
+    # a second evaluation (of 2 test frames only) leaves the attached numbers alone
     evaluate(compose_cfg(tmp_path / "eval2", [f"data.root={small_camvid}", "data.num_workers=0",
                                                "data.limit_eval_images=2", f"ckpt_path={before['best_ckpt']}"],
                          config_name="eval"))
     assert json.loads(summary_path.read_text()) == after
+
 
 # --- honest test numbers ------------------------------------------------------------------------------------------
 def test_limit_images_trims_only_training_and_frames_are_reported(small_camvid, tmp_path):

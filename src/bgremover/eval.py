@@ -66,9 +66,10 @@ def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: 
         return None
     if (summary.get("test_split") or {}).get("frames") is not None:
         return None
-    frames, total = int(metrics["test/frames"]), datamodule.split_size("test")
+    from bgremover.train import test_split_info  # what a run's own test stage records
+
     summary["metrics"] = {**(summary.get("metrics") or {}), **metrics}
-    summary["test_split"] = {"frames": frames, "of": total, "complete": frames == total}
+    summary["test_split"] = test_split_info(metrics, datamodule)
     summary["test_from"] = {"eval": str(eval_json.resolve()), "ckpt": str(ckpt.resolve())}
     utils.write_json_atomic(summary_path, summary)
     log.info("test numbers attached to the run: %s", summary_path)

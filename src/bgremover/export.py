@@ -55,14 +55,16 @@ def _package_version() -> str:
 
 
 def _read_test_result(ckpt_path: Path) -> dict[str, Any]:
-    """The run's test mIoU and the frames it covers, from the summary.json beside the checkpoint's folder."""
+    """The run's test mIoU and the frames it covers, from its summary.json (``checkpoint.run_summary``)."""
     from bgremover import checkpoint
 
     summary = checkpoint.run_summary(ckpt_path)
+    if summary is None:
+        return {}
     try:
-        s = json.loads(summary.read_text())  # AttributeError: no summary
+        s = json.loads(summary.read_text())
         value = s["metrics"]["test/mIoU"]
-    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return {}  # no summary (run without test) or an unexpected one: the metric is optional provenance
     split = s.get("test_split") or {}
     return {"test_mIoU": None if value is None else float(value), "test_frames": split.get("frames"),
