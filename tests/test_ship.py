@@ -18,7 +18,6 @@ from test_export import MEAN, STD, TINY_CONFIG, tiny_net, write_checkpoint
 from test_quantize import build_net, scene
 
 from bgremover import checkpoint, ship
-from bgremover.data.classes import CLASSES
 from bgremover.remover import BackgroundRemover, file_sha256
 
 NAMES = ("bgremover-camvid.onnx", "bgremover-camvid.int8.onnx", "bgremover-camvid.pt")
@@ -37,10 +36,9 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory) -> Path:
-    """A checkpoint of the tiny FC-DenseNet fitted to the train scenes (inputs prepared as the predictor does:
-    normalized, reflect-padded to the size multiple, padding labelled void)."""
+def fit(data: Path, run: Path, steps: int) -> Path:
+    """A checkpoint of the tiny FC-DenseNet fitted to the train scenes for `steps` Adam steps (inputs prepared as
+    the predictor does: normalized, reflect-padded to the size multiple, padding labelled void)."""
     net = tiny_net().train()
     xs, ys = [], []
     for f in sorted((data / "train").iterdir()):
@@ -52,11 +50,16 @@ def trained(data, tmp_path_factory) -> Path:
     x, y = torch.stack(xs), torch.stack(ys)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     torch.manual_seed(0)
-    for _ in range(150):
+    for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(net(x), y, ignore_index=11).backward()
         opt.step()
-    return write_checkpoint(tmp_path_factory.mktemp("run"), net.eval(), TINY_CONFIG, "tiny")
+    return write_checkpoint(run, net.eval(), TINY_CONFIG, "tiny")
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    return fit(data, tmp_path_factory.mktemp("run"), 150)  # 100 % on the test scenes
 
 
 def run_ship(*args: str) -> subprocess.CompletedProcess:
@@ -110,21 +113,31 @@ def test_ship_refuses_a_model_that_does_not_beat_the_shipped_one(trained, data, 
     assert proc.returncode == 0 and sorted(p.name for p in models.iterdir()) == sorted(NAMES)
 
 
-def test_ship_replaces_a_worse_shipped_set(trained, data, tmp_path):
+def test_ship_replaces_a_worse_model_of_the_same_net(trained, data, tmp_path):
+    models = tmp_path / "models"
+    barely = fit(data, tmp_path / "barely", 2)
+    assert run_ship("--ckpt", str(barely), "--models-dir", str(models), "--data-root", str(data)).returncode == 0
+    before = listing(models)
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shipped = next(line for line in proc.stdout.splitlines() if line.startswith("| shipped |"))
+    assert float(shipped.split("|")[2]) < 100.0 and "| candidate | 100.00 |" in proc.stdout
+    after = listing(models)
+    assert sorted(after) == sorted(NAMES) and all(after[n] != before[n] for n in NAMES)
+
+
+def test_ship_refuses_another_net_without_force(trained, data, tmp_path):
+    """make remover fine-tunes the shipped net from its .pt: a checkpoint of another net (here the shipped file is
+    a hand-built two-conv model, worse on these scenes) is refused before anything is built; --force ships it."""
     models = tmp_path / "models"
     models.mkdir()
-    bad = build_net(models / "bgremover-camvid.onnx")
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(bad))  # swap the Car and Sky logits: a model that gets the scenes wrong
-    w2 = next(t for t in graph.graph.initializer if t.name == "W2")
-    arr = numpy_helper.to_array(w2).copy()
-    car, sky = CLASSES.index("Car"), CLASSES.index("Sky")
-    arr[[car, sky]] = arr[[sky, car]]
-    w2.CopyFrom(numpy_helper.from_array(arr, "W2"))
-    onnx.save(graph, str(bad))
+    build_net(models / "bgremover-camvid.onnx")
+    before = listing(models)
     proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "is a tiny, the shipped model a two-conv" in proc.stderr and "--force" in proc.stderr
+    assert proc.stdout == "" and listing(models) == before
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data), "--force")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in models.iterdir()) == sorted(NAMES)
     assert BackgroundRemover(models / NAMES[0], threads=1).meta["net"] == "tiny"

@@ -7,8 +7,10 @@ Builds the three files of the shipped set in a scratch folder inside the models 
 predictor's default) and the weights-only float16 checkpoint that `ckpt_init=` and `make remover` fine-tune
 from. Then it scores the shipped float model on the same CamVid test frames (`cutout_eval`, the code of
 `make eval-cutout`) and moves the new files over `bgremover-camvid{.onnx,.int8.onnx,.pt}` only if the candidate
-is better on both test mIoU and cut-out IoU (`--force` skips that comparison, not the int8 gate). Otherwise
-nothing in the models folder changes. It prints the rows models/README.md needs.
+is better on both test mIoU and cut-out IoU (`--force` skips that comparison, not the int8 gate). A checkpoint
+of another net than the shipped one needs `--force` too: `make remover` fine-tunes the shipped net from the .pt,
+and its recipe names that net. Otherwise nothing in the models folder changes. It prints the rows
+models/README.md needs.
 
 Exit codes: 0 shipped, 1 not better or failed (nothing changed), 2 bad option value.
 """
@@ -51,11 +53,20 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
     """Build, compare, and (if better, or forced) install the shipped set; returns the scores. ShipError when
     the candidate is not installed."""
     from bgremover import checkpoint, cutout_eval, export, quantize
+    from bgremover.remover import int8_path
 
-    names = {kind: models_dir / f"{STEM}{suffix}" for kind, suffix in
-             (("float", ".onnx"), ("int8", ".int8.onnx"), ("weights", ".pt"))}  # fmt: skip
+    float_model = models_dir / f"{STEM}.onnx"
+    names = {"float": float_model, "int8": int8_path(float_model), "weights": models_dir / f"{STEM}.pt"}
     pairs = cutout_eval.find_pairs(data_root, "test", eval_limit)  # data and checkpoint are checked before
     net, meta = export.load_checkpoint_net(ckpt)  # anything is written
+    shipped_net = export.read_metadata(float_model).get("net") if float_model.is_file() else None
+    if shipped_net not in (None, meta["net"]) and not force:
+        # the .pt is what `make remover` fine-tunes: its recipe names the shipped net, and a checkpoint of
+        # another net would only fit it in a few tensors, silently
+        raise ShipError(
+            f"{ckpt} is a {meta['net']}, the shipped model a {shipped_net}: experiments/remover.yaml fine-tunes "
+            f"{shipped_net} from {names['weights'].name}, so change its model.net too, then ship with --force"
+        )
     models_dir.mkdir(parents=True, exist_ok=True)
     scratch = models_dir / f".ship-{os.getpid()}"  # same filesystem: the final moves are renames
     scratch.mkdir()
