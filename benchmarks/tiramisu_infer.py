@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(*args.worker, args.ckpt, args.net, tuple(args.size), args.reps)))
         return 0
+    if args.ckpt and not Path(args.ckpt).is_file():
+        print(f"error: checkpoint not found: {args.ckpt}", file=sys.stderr)
+        return 2
+    if args.reps < 1:
+        print(f"error: --reps must be >= 1, got {args.reps}", file=sys.stderr)
+        return 2
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     flags = open("/proc/cpuinfo").read()
     print(f"CPU: {os.cpu_count()} logical, avx512_bf16={'avx512_bf16' in flags}, amx_bf16={'amx_bf16' in flags}; "
