@@ -95,9 +95,10 @@ example-data: $(STAMP) ## worked-example folders for `make remover` from CamVid:
 	@test -e data/cars-composite || $(BIN)/python -m bgremover.data.make_folder data/cars-composite --composite
 	@test -e data/cars || $(BIN)/python -m bgremover.data.make_folder data/cars
 
-reproduce-default: $(STAMP) ## retrain the shipped model (fixed seed) and export it to logs/reproduce/ for comparison
-	$(KEEP_MEMORY) $(BIN)/python -m bgremover.train experiment=cpu_default hydra.run.dir=logs/reproduce/cpu_default $(ARGS)
-	$(BIN)/python -m bgremover.export --ckpt "$$(python3 -c "import json;print(json.load(open('logs/reproduce/cpu_default/summary.json'))['best_ckpt'])")" \
+reproduce-default: $(STAMP) ## retrain the shipped model (its GPU speed-run recipe) and export it to logs/reproduce/ for comparison
+	@$(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { echo "error: the shipped model's recipe (experiments/speedrun_remover.yaml) trains on a GPU and this machine has none; on a CPU: make train EXP=cpu_default (the earlier CPU-trained remover, 87 min, 39.7 test mIoU)" >&2; exit 2; }
+	$(KEEP_MEMORY) $(BIN)/python -m bgremover.train experiment=speedrun_remover hydra.run.dir=logs/reproduce/speedrun_remover $(ARGS)
+	$(BIN)/python -m bgremover.export --ckpt "$$(python3 -c "import json;print(json.load(open('logs/reproduce/speedrun_remover/summary.json'))['best_ckpt'])")" \
 		--out logs/reproduce/bgremover-camvid.onnx
 	@echo "compare with the shipped model: make eval-cutout MODEL=logs/reproduce/bgremover-camvid.onnx"
 

@@ -281,7 +281,8 @@ def test_perfect_prediction_scores_one(tmp_path):
 
 # --- fine-tuning from the shipped CamVid net ----------------------------------------------------------------------
 def test_shipped_weights_match_the_onnx_model_on_a_real_frame():
-    """models/bgremover-camvid.pt was recovered from the ONNX file (tools/recover_camvid_weights.py): same net."""
+    """models/bgremover-camvid.pt is what `make ship` saved from the checkpoint the ONNX file was exported from:
+    the same net (conv weights stored as float16)."""
     import onnxruntime as ort
 
     from bgremover import checkpoint

@@ -290,7 +290,7 @@ def test_speedrun_budget_anneals_stops_with_a_last_validation(tiny_camvid, tmp_p
 
 
 def test_speedrun_experiments_compose():
-    for name, budget in (("speedrun_tiramisu103", 570), ("speedrun_deeplabv3plus", 270)):
+    for name, budget in (("speedrun_tiramisu103", 570), ("speedrun_deeplabv3plus", 270), ("speedrun_remover", 270)):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="train", overrides=[f"experiment={name}"])
@@ -299,6 +299,8 @@ def test_speedrun_experiments_compose():
         assert set(cfg.model.scheduler) == {"_target_", "_partial_", "total_iters", "warmup", "final_ratio"}
         assert cfg.callbacks.time_to_miou.budget_s == budget and cfg.trainer.precision == "bf16-mixed"
         assert cfg.callbacks.last_checkpoint is None and cfg.callbacks.early_stopping is None
+        if name == "speedrun_remover":  # the shipped remover's recipe: the DeepLab speed-run, the shipped encoder
+            assert cfg.model.net.encoder_name == "mobilenet_v2" and cfg.experiment_name == name
 
 
 def test_warmup_cosine_schedule():

@@ -90,10 +90,13 @@ def test_ship_installs_a_working_set_where_none_was(trained, data, tmp_path):
 
     net, info, ckpt = checkpoint.load_net(weights)  # what ckpt_init= and make export read
     assert info["net_name"] == "tiny" and set(ckpt) == {"state_dict", "bgremover"}
-    assert all(v.dtype == torch.float16 for v in ckpt["state_dict"].values() if v.is_floating_point())
+    floats = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
+    assert all(v.dtype == (torch.float16 if v.dim() > 1 else torch.float32) for v in floats)  # BN statistics fp32
+    assert any(v.dim() == 1 for v in floats) and any(v.dim() > 1 for v in floats)
     source, _, _ = checkpoint.load_net(trained)
     for k, v in source.state_dict().items():
-        torch.testing.assert_close(net.state_dict()[k], v.half().float() if v.is_floating_point() else v)
+        rounded = v.half().float() if v.is_floating_point() and v.dim() > 1 else v
+        torch.testing.assert_close(net.state_dict()[k], rounded, rtol=0, atol=0)
 
 
 def test_ship_refuses_a_model_that_does_not_beat_the_shipped_one(trained, data, tmp_path):
@@ -174,3 +177,27 @@ def test_ship_usage_errors_are_one_line(tmp_path, data):
     assert proc.returncode == 2 and "--eval-limit must be >= 1" in proc.stderr
     proc = run_ship("--ckpt", "x.ckpt", "--data-root", str(tmp_path / "nodata"), "--models-dir", str(tmp_path / "m2"))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and not (tmp_path / "m2").exists()
+
+
+def test_ship_redoes_the_example_cutouts_with_the_new_default_model(trained, data, tmp_path):
+    """tests/test_shipped.py holds examples/*.nobg.png to what the default (int8) predictor makes: shipping a
+    model redoes them, and a stale cut-out is replaced."""
+    models, examples = tmp_path / "models", tmp_path / "examples"
+    examples.mkdir()
+    rgb, _ = scene(3)
+    Image.fromarray(rgb).save(examples / "street.jpg", quality=95)
+    Image.new("RGBA", (8, 8)).save(examples / "street.nobg.png")  # an older model's cut-out
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data),
+                    "--examples", str(examples))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "redid 1 example cut-outs" in proc.stdout
+    assert sorted(p.name for p in examples.iterdir()) == ["street.jpg", "street.nobg.png"]  # no temp files
+    cut = np.asarray(Image.open(examples / "street.nobg.png"))
+    expected = BackgroundRemover(models / NAMES[1], threads=1).mask(examples / "street.jpg")
+    assert cut.shape == (*rgb.shape[:2], 4)
+    assert np.abs(cut[..., 3].astype(int) - np.asarray(expected, int)).max() <= 1
+    assert 0 < (cut[..., 3] > 127).mean() < 1  # a real cut-out: some foreground, some background
+
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data),
+                    "--examples", str(tmp_path / "nowhere"))  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip() == f"ship: error: --examples {tmp_path / 'nowhere'}: no such folder"

@@ -115,7 +115,10 @@ def save_weights(path: str | os.PathLike, out: str | os.PathLike, half: bool = T
     self-description, without optimizer state or history. Written atomically."""
     ckpt = read(path)
     info = meta(ckpt, path)
-    state = {f"net.{k}": (v.half() if half and v.is_floating_point() else v) for k, v in net_state(ckpt).items()}
+    # 1-D tensors (BatchNorm scales, shifts and running statistics, biases) stay float32: a few KB, and float16
+    # would move the logits most through them (a running variance near 0 loses its digits)
+    state = {f"net.{k}": (v.half() if half and v.is_floating_point() and v.dim() > 1 else v)
+             for k, v in net_state(ckpt).items()}
     if not state:
         raise UserError(f"checkpoint {path} has no 'net.' weights in its state_dict")
     out = Path(out)

@@ -9,8 +9,9 @@ from. Then it scores the shipped float model on the same CamVid test frames (`cu
 `make eval-cutout`) and moves the new files over `bgremover-camvid{.onnx,.int8.onnx,.pt}` only if the candidate
 is better on both test mIoU and cut-out IoU (`--force` skips that comparison, not the int8 gate). A checkpoint
 of another net than the shipped one needs `--force` too: `make remover` fine-tunes the shipped net from the .pt,
-and its recipe names that net. Otherwise nothing in the models folder changes. It prints the rows
-models/README.md needs.
+and its recipe names that net. Otherwise nothing in the models folder changes. Once installed, the example
+cut-outs (`examples/*.nobg.png` for the default models folder, or `--examples DIR`) are redone with the new
+default (int8) model, so they show what `make predict` now makes. It prints the rows models/README.md needs.
 
 Exit codes: 0 shipped, 1 not better or failed (nothing changed), 2 bad option value.
 """
@@ -49,7 +50,8 @@ def _row(name: str, s: dict[str, Any]) -> str:
 
 
 def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, eval_limit: int | None = None,
-         threads: int | None = None, progress: bool = False, log=print) -> dict[str, Any]:
+         threads: int | None = None, progress: bool = False, examples: Path | None = None,
+         log=print) -> dict[str, Any]:
     """Build, compare, and (if better, or forced) install the shipped set; returns the scores. ShipError when
     the candidate is not installed."""
     from bgremover import checkpoint, cutout_eval, export, quantize
@@ -97,9 +99,23 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
         _install(new, names, scratch)
         for kind in ("weights", "int8", "float"):
             log(f"wrote {names[kind]} ({names[kind].stat().st_size / 1e6:.1f} MB)")
+        if examples is not None:
+            _redo_examples(examples, names["int8"], threads, log)
         return scores
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _redo_examples(folder: Path, model: Path, threads: int | None, log) -> None:
+    """<stem>.nobg.png beside each example photo, made by `model` (the int8 copy: what `make predict` loads by
+    default; tests/test_shipped.py checks that the shipped cut-outs are its output)."""
+    from bgremover.remover import OUTPUT_SUFFIX, BackgroundRemover, encode_png, write_atomic
+
+    photos = sorted(p for p in folder.glob("*.jpg") if p.is_file())
+    remover = BackgroundRemover(model, threads=threads)
+    for photo in photos:
+        write_atomic(encode_png(remover.remove(photo)), photo.with_name(photo.stem + OUTPUT_SUFFIX))
+    log(f"redid {len(photos)} example cut-outs in {folder}")
 
 
 def _install(new: dict[str, Path], names: dict[str, Path], scratch: Path) -> None:
@@ -130,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="the trained checkpoint (a run's best epoch)")
     p.add_argument("--models-dir", default=str(_shipped_models()), help="where the shipped set lies (default: models/)")
     p.add_argument("--data-root", help=f"CamVid folder (default ${cutout_eval.DATA_ENV}, else {cutout_eval.DEFAULT_DATA_ROOT})")
+    p.add_argument("--examples", help="folder whose *.jpg get new <stem>.nobg.png cut-outs once shipped "
+                   "(default: examples/ of the checkout when --models-dir is the default)")
     p.add_argument("--force", action="store_true", help="ship even if it does not beat the shipped model")
     p.add_argument("--eval-limit", type=int, help="score N evenly spaced test frames instead of all (trials only)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for the evaluation (default: all cores)")
@@ -143,10 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if (code := errors.below_minimum(args, {"eval_limit": 1, "threads": 0}, PROG)) is not None:
         return code
+    from bgremover.remover import _shipped_models
+
     data_root = Path(args.data_root or os.environ.get(cutout_eval.DATA_ENV) or cutout_eval.DEFAULT_DATA_ROOT)
+    models_dir = Path(args.models_dir)
+    examples = Path(args.examples) if args.examples else None
+    if examples is None and models_dir.resolve() == _shipped_models().resolve():
+        examples = models_dir.parent / "examples" if (models_dir.parent / "examples").is_dir() else None
+    elif examples is not None and not examples.is_dir():
+        return errors.report(f"--examples {examples}: no such folder", PROG, 2)
     try:
-        ship(Path(args.ckpt), Path(args.models_dir), data_root, force=args.force, eval_limit=args.eval_limit,
-             threads=args.threads, progress=not args.quiet)  # fmt: skip
+        ship(Path(args.ckpt), models_dir, data_root, force=args.force, eval_limit=args.eval_limit,
+             threads=args.threads, progress=not args.quiet, examples=examples)  # fmt: skip
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted: nothing changed", file=sys.stderr)
         return 130
