@@ -154,17 +154,20 @@ def test_eval_attaches_test_numbers_to_a_run_trained_without_them(small_camvid, 
     from bgremover.eval import evaluate
     from bgremover.export import _read_test_result
 
-    cfg = compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false"])
+    cfg = compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false",
+                                         "measure_inference=false"])  # fmt: skip
     train(cfg)
     summary_path = tmp_path / "run" / "summary.json"
     before = json.loads(summary_path.read_text())
     assert "test/mIoU" not in before["metrics"] and _read_test_result(Path(before["best_ckpt"])) == {}
+    assert before["infer_ms_480x360"] is None  # a GPU run's setting: its CPU inference is timed by the eval
 
     metrics, _ = evaluate(compose_cfg(tmp_path / "eval", [f"data.root={small_camvid}", "data.num_workers=0",
                                                           f"ckpt_path={before['best_ckpt']}"], config_name="eval"))
     after = json.loads(summary_path.read_text())
     assert after["metrics"]["test/mIoU"] == pytest.approx(metrics["test/mIoU"])
     assert after["metrics"]["val/mIoU_best"] == before["metrics"]["val/mIoU_best"]  # the rest is kept
+    assert 0 < after["infer_ms_480x360"] < 60_000
     assert after["test_split"] == {"frames": 3, "of": 3, "complete": True}
     assert Path(after["test_from"]["eval"]).is_file() and after["test_from"]["ckpt"] == before["best_ckpt"]
     assert _read_test_result(Path(before["best_ckpt"]))["test_mIoU"] == pytest.approx(metrics["test/mIoU"])

@@ -47,15 +47,16 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
          "net": model.hparams.net_name, "config": OmegaConf.to_container(cfg, resolve=True)},
     )
     if cfg.split == "test" and cfg.get("attach_to_run", True):
-        attach_to_run(Path(cfg.ckpt_path), metrics, datamodule, eval_json)
+        attach_to_run(Path(cfg.ckpt_path), metrics, datamodule, eval_json, net=model.net)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
 
 
-def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: Path) -> Path | None:
+def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: Path, net=None) -> Path | None:
     """Test numbers for a run that has none: a run trained with test=false (on a GPU machine given train+val
     only, say) gets this evaluation's test metrics in its summary.json, so `make compare` reports them beside
     its training figures. The run is the folder of the checkpoint or the one above it (run/checkpoints/x.ckpt).
-    Numbers a run already has (its own test stage, or an earlier attach) are never replaced."""
+    Numbers a run already has (its own test stage, or an earlier attach) are never replaced. A run that did not
+    time its CPU inference (`measure_inference=false`, as on a GPU machine) gets it measured here too, with `net`."""
     summary_path = checkpoint.run_summary(ckpt)
     if summary_path is None or "test/frames" not in metrics:
         return None
@@ -71,6 +72,10 @@ def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: 
     summary["metrics"] = {**(summary.get("metrics") or {}), **metrics}
     summary["test_split"] = test_split_info(metrics, datamodule)
     summary["test_from"] = {"eval": str(eval_json.resolve()), "ckpt": str(ckpt.resolve())}
+    if summary.get("infer_ms_480x360") is None and net is not None:
+        from bgremover.lit.summary import measure_inference_ms
+
+        summary["infer_ms_480x360"] = measure_inference_ms(net)  # this machine's CPU, like a run's own
     utils.write_json_atomic(summary_path, summary)
     log.info("test numbers attached to the run: %s", summary_path)
     return summary_path
