@@ -84,3 +84,16 @@ def test_shipped_model_reproduces_its_recorded_test_miou(camvid_root, tmp_path):
     recorded = BackgroundRemover(DEFAULT_MODEL).meta["test_mIoU"]
     assert result["n_images"] == 233
     assert abs(result["mIoU"] - recorded) < 0.01, (result["mIoU"], recorded)
+
+
+@pytest.mark.skipif(bool(__import__("torch").cuda.is_available()), reason="with a GPU it would retrain the model")
+def test_reproduce_default_without_a_gpu_says_so_and_trains_nothing(tmp_path):
+    """The shipped model's recipe is a GPU speed-run: on a CPU-only machine `make reproduce-default` stops at once
+    with one error line naming the recipe and the CPU alternative, and writes nothing."""
+    before = sorted((REPO / "logs").glob("reproduce*")) if (REPO / "logs").is_dir() else []
+    proc = subprocess.run(["make", "-s", "reproduce-default"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "speedrun_remover.yaml" in errors[0] and "EXP=cpu_default" in errors[0]
+    assert "Traceback" not in proc.stderr and not proc.stdout.strip()
+    assert (sorted((REPO / "logs").glob("reproduce*")) if (REPO / "logs").is_dir() else []) == before
