@@ -216,6 +216,13 @@ def test_cli_writes_json_and_prints_table(model, camvid, tmp_path):
     assert f"{sum([830 / 840, 180 / 210, 1.0, 0.0]) / 4:.4f}" in res.stdout
     data = json.loads(out.read_text())
     assert data["n_images"] == 2 and data["split"] == "test" and data["data_root"] == str(camvid)
+    # without --quiet, stderr to a file (not a terminal) gets no progress bar either
+    res = subprocess.run(
+        [sys.executable, "-m", "bgremover.cutout_eval", "--model", str(model), "--data-root", str(camvid),
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0 and "img/s" not in res.stderr and "it/s" not in res.stderr, res.stderr[-500:]
     assert data["cutout"]["fg_iou"] == pytest.approx(180 / 210)
     for key, value in data["cutout"].items():  # ~0/1 alphas: thresholding at 0.5 changes nothing
         assert data["cutout_threshold"][key] == pytest.approx(value, abs=1e-6), key

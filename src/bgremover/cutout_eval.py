@@ -283,7 +283,8 @@ def evaluate(
 
 
 def _progress(total: int):
-    if total < 2:
+    # only on a terminal: in a log file (make ship > ship.log, CI) every update would be another line of noise
+    if total < 2 or not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm
