@@ -201,3 +201,21 @@ def test_ship_redoes_the_example_cutouts_with_the_new_default_model(trained, dat
     proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data),
                     "--examples", str(tmp_path / "nowhere"))  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.strip() == f"ship: error: --examples {tmp_path / 'nowhere'}: no such folder"
+
+
+def test_the_default_models_folder_redoes_the_examples_beside_it(trained, data, tmp_path, monkeypatch, capsys):
+    """With no --examples, shipping into the checkout's models/ redoes the checkout's examples/ (the folder beside
+    it), which is what tests/test_shipped.py holds the cut-outs to; any other models folder leaves photos alone."""
+    from bgremover import remover
+
+    checkout = tmp_path / "checkout"
+    (checkout / "examples").mkdir(parents=True)
+    rgb, _ = scene(3)
+    Image.fromarray(rgb).save(checkout / "examples" / "street.jpg", quality=95)
+    monkeypatch.setattr(remover, "_shipped_models", lambda: checkout / "models")
+    args = ["--ckpt", str(trained), "--data-root", str(data), "--threads", "1", "--quiet"]
+    assert ship.main([*args, "--models-dir", str(tmp_path / "elsewhere")]) == 0
+    assert not (checkout / "examples" / "street.nobg.png").exists()
+    assert ship.main([*args, "--models-dir", str(checkout / "models")]) == 0
+    assert "redid 1 example cut-outs" in capsys.readouterr().out
+    assert (checkout / "examples" / "street.nobg.png").is_file()
