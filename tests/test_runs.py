@@ -314,3 +314,40 @@ def test_panels_appear_when_validation_runs_every_few_epochs(small_camvid, tmp_p
                                  "trainer.check_val_every_n_epoch=2", "model.log_images_every_n_epochs=4"])
     train(cfg)
     assert epochs == [1, 5]  # validations at epochs 1, 3, 5; `epoch % 4 == 0` never held there
+
+
+# --- weight averaging (callbacks=ema) ------------------------------------------------------------------------------
+def _net_tensors(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.startswith("net.") and v.is_floating_point()}
+
+
+def test_callbacks_ema_checkpoints_the_average_and_resumes_from_the_raw_weights(small_camvid, tmp_path):
+    """callbacks=ema: each checkpoint's state_dict (what test, eval, export and ship read) is the moving average
+    and the raw weights travel in current_model_state; the fitted module holds the average; decay 0 makes the
+    average the raw weights; a resumed run goes on and keeps averaging."""
+    from bgremover import checkpoint
+
+    ema = [*TINY_RUN, f"data.root={small_camvid}", "callbacks=ema"]
+    _, objects = train(compose_cfg(tmp_path / "a", [*ema, "trainer.max_epochs=2", "callbacks.ema.decay=0.5"]))
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    ckpt = torch.load(s["last_ckpt"], weights_only=False)
+    avg, raw = _net_tensors(ckpt["state_dict"]), _net_tensors(ckpt["current_model_state"])
+    assert avg.keys() == raw.keys() and len(avg) > 10
+    assert sum(not torch.equal(avg[k], raw[k]) for k in avg) > len(avg) // 2  # averaged, not copied
+    best = torch.load(s["best_ckpt"], weights_only=False)
+    best_avg = _net_tensors(best["state_dict"])
+    assert any(not torch.equal(best_avg[k], v) for k, v in _net_tensors(best["current_model_state"]).items())
+    fitted = {f"net.{k}": v for k, v in objects["model"].net.state_dict().items()}
+    assert all(torch.equal(fitted[k], best_avg[k]) for k in best_avg)  # the test stage ran the best average
+    net, _, _ = checkpoint.load_net(s["best_ckpt"])  # export / ship / ckpt_init read the average
+    assert all(torch.equal(net.state_dict()[k[4:]], v) for k, v in best_avg.items())
+
+    _, _ = train(compose_cfg(tmp_path / "b", [*ema, "trainer.max_epochs=3", "callbacks.ema.decay=0.5",
+                                              f"ckpt_path={s['last_ckpt']}"]))  # fmt: skip
+    s2 = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s2["history"]["epoch"] == [0, 1, 2] and s2["status"] == "ok"
+
+    train(compose_cfg(tmp_path / "c", [*ema, "trainer.max_epochs=1", "callbacks.ema.decay=0.0"]))
+    last = torch.load(json.loads((tmp_path / "c" / "summary.json").read_text())["last_ckpt"], weights_only=False)
+    avg, raw = _net_tensors(last["state_dict"]), _net_tensors(last["current_model_state"])
+    assert all(torch.equal(avg[k], raw[k]) for k in avg)  # decay 0: the average is the last step's weights

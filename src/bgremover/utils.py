@@ -295,6 +295,7 @@ _NOISE = (
     "`weights_only` was not set",
     "to estimate number of stepping batches",
     "is not supported by the model summary",
+    "WeightAveraging doesn't support sharding",  # callbacks=ema: configure_model shards nothing here
 )
 
 

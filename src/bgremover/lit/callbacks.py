@@ -1,5 +1,5 @@
-"""Lightning callbacks of a training run: the newest-epoch checkpoint, the up-front plan and time estimate, and a
-progress bar that shows the epoch total.
+"""Lightning callbacks of a training run: the newest-epoch checkpoint, the up-front plan and time estimate, a
+progress bar that shows the epoch total, and a weight average that is tested as it is saved.
 
 Why not Lightning's `ModelCheckpoint(save_last=True)`: in pytorch-lightning 2.6 it writes `last.ckpt` only when it
 also writes a top-k checkpoint, so after the last improvement `last.ckpt` silently stops moving and a resume from
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, Checkpoint, EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("bgremover.train")
@@ -240,3 +241,29 @@ class EpochProgressBar(TQDMProgressBar):
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
         self.train_progress_bar.set_description(
             epoch_label(trainer.current_epoch, epochs, limit and limit[0], elapsed, self._first_epoch or 0))
+
+
+class EMAWeights(EMAWeightAveraging):
+    """Lightning's moving average of the weights (`callbacks=ema`), scored as it is saved.
+
+    Lightning's callback keeps its average model after the fit, and when `trainer.test(ckpt_path="best")` then
+    loads the best checkpoint it puts that checkpoint's *raw* weights (`current_model_state`) back into the
+    module: the test stage would score weights that no checkpoint's state_dict, `make eval`, export or `make
+    ship` uses. Outside fitting this callback leaves the loaded state_dict (the average) alone and swaps nothing.
+    """
+
+    @staticmethod
+    def _fitting(trainer: pl.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._fitting(trainer):
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fitting(trainer):
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fitting(trainer):
+            super().on_validation_epoch_end(trainer, pl_module)
