@@ -298,6 +298,10 @@ def test_report_title_names_the_sweep_or_the_folder(tmp_path: Path) -> None:
     assert one.startswith("# Sweep report: cmp_sweep\n")
     md = (compare.build_report([tmp_path / "runs"], grid_images=0).path / "report.md").read_text()
     assert md.startswith("# Report: runs (2 groups)\n")
+    named = sorted((tmp_path / "runs").glob("*/summary.json"))  # runs named one by one: the nets compared
+    md = (compare.build_report(named, out=tmp_path / "rep", grid_images=0).path / "report.md").read_text()
+    nets = sorted({net for net, _ in NUMBERS})
+    assert len(nets) == 2 and md.startswith(f"# Report: {nets[0]} vs {nets[1]} (2 groups)\n")
 
 
 def test_best_checkpoint_found_in_a_moved_run(tmp_path: Path) -> None:

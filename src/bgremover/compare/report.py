@@ -89,8 +89,14 @@ def build_report(
     failed = [r for r in runs if not r.ok]
     groups = Counter(str(r.summary["group"]) for r in runs if r.summary.get("group"))
     group = groups.most_common(1)[0][0] if groups else sweep.name  # W&B's group for the compare run
-    # one sweep: its group names it; runs of several groups (separate runs gathered in a folder): the folder does
-    title = f"Sweep report: {group}" if len(groups) <= 1 else f"Report: {sweep.name} ({len(groups)} groups)"
+    # one sweep: its group names it; runs of several groups gathered in one folder: the folder does; runs named
+    # one by one (summary.json files, several folders): the nets compared
+    if len(groups) <= 1:
+        title = f"Sweep report: {group}"
+    elif len(paths) == 1 and paths[0].is_dir():
+        title = f"Report: {sweep.name} ({len(groups)} groups)"
+    else:
+        title = f"Report: {' vs '.join(sorted({r.net for r in runs}))} ({len(groups)} groups)"
     warnings: list[str] = []
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
