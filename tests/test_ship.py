@@ -187,11 +187,14 @@ def test_ship_redoes_the_example_cutouts_with_the_new_default_model(trained, dat
     rgb, _ = scene(3)
     Image.fromarray(rgb).save(examples / "street.jpg", quality=95)
     Image.new("RGBA", (8, 8)).save(examples / "street.nobg.png")  # an older model's cut-out
+    (examples / "broken.jpg").write_bytes(b"not a jpeg")  # warned about; the model is shipped all the same
     proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data),
                     "--examples", str(examples))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "redid 1 example cut-outs" in proc.stdout
-    assert sorted(p.name for p in examples.iterdir()) == ["street.jpg", "street.nobg.png"]  # no temp files
+    assert "ship: warning: example broken.jpg not redone:" in proc.stderr
+    assert sorted(p.name for p in models.iterdir()) == sorted(NAMES)
+    assert sorted(p.name for p in examples.iterdir()) == ["broken.jpg", "street.jpg", "street.nobg.png"]  # no temp files
     cut = np.asarray(Image.open(examples / "street.nobg.png"))
     expected = BackgroundRemover(models / NAMES[1], threads=1).mask(examples / "street.jpg")
     assert cut.shape == (*rgb.shape[:2], 4)

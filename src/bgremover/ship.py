@@ -113,9 +113,14 @@ def _redo_examples(folder: Path, model: Path, threads: int | None, log) -> None:
 
     photos = sorted(p for p in folder.glob("*.jpg") if p.is_file())
     remover = BackgroundRemover(model, threads=threads)
+    done = 0
     for photo in photos:
-        write_atomic(encode_png(remover.remove(photo)), photo.with_name(photo.stem + OUTPUT_SUFFIX))
-    log(f"redid {len(photos)} example cut-outs in {folder}")
+        try:
+            write_atomic(encode_png(remover.remove(photo)), photo.with_name(photo.stem + OUTPUT_SUFFIX))
+            done += 1
+        except (UserError, OSError) as e:  # the model is installed by now: say so, never "nothing changed"
+            print(f"{PROG}: warning: example {photo.name} not redone: {errors.one_line(e)}", file=sys.stderr)
+    log(f"redid {done} example cut-outs in {folder}")
 
 
 def _install(new: dict[str, Path], names: dict[str, Path], scratch: Path) -> None:
