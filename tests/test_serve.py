@@ -256,6 +256,22 @@ def test_still_serving_after_bad_requests(server, remover):
     assert status == 200 and np.array_equal(np.asarray(png_image(body)), np.asarray(remover.remove(EXAMPLE)))
 
 
+CLOSE = {"Content-Type": "application/octet-stream", "Connection": "close"}  # what urllib sends
+
+
+def test_a_big_refused_body_still_gets_its_json_error(remover):
+    """A client that sends its whole body before reading the answer and asks the server to close the connection
+    after it (urllib: `Connection: close`, no `Expect: 100-continue`) reads the 413 of an upload far over
+    --max-bytes, declared or chunked, instead of a connection reset (seen with urllib on a 30 MB upload)."""
+    big = os.urandom(100 * MAX_BYTES)  # 30 MB: far more than loopback socket buffers take in before the answer
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+    with live_server(service) as base:
+        for chunked in (False, True):
+            status, _, body = request(base, "POST", "/remove", big, CLOSE, chunked=chunked)
+            assert status == 413 and "--max-bytes" in json.loads(body)["error"], (chunked, body[:200])
+        assert post_raw(base, JPEG)[0] == 200
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Queue limit: a request beyond --queue gets 503 at once while the event loop keeps answering
 
@@ -288,6 +304,8 @@ def test_queue_full_answers_503_at_once(remover):
             status, headers, body = post_file(base, JPEG)  # the queue (1) is full
             assert status == 503 and time.monotonic() - start < 5
             assert "server busy" in json.loads(body)["error"] and headers["retry-after"] == "1"
+            status, _, body = request(base, "POST", "/remove", os.urandom(100 * MAX_BYTES), CLOSE)  # answered, not reset
+            assert status == 503 and "server busy" in json.loads(body)["error"]
             status, _, body = request(base, "GET", "/health", timeout=5)  # the event loop is not blocked
             assert status == 200 and json.loads(body)["busy"] == 1
         finally:

@@ -41,7 +41,7 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -63,6 +63,9 @@ MAX_BYTES = 20 * 1024 * 1024  # request body limit: a 20 MiB upload covers any c
 # 6000x4000 photo; at that size one request peaks around 1 GB (full-size float planes for alpha and refine).
 MAX_PIXELS = 25_000_000
 QUEUE = 16  # /remove requests at once (reading, waiting or running); the next one gets 503 immediately
+# A refused upload (413, 503) is read and dropped up to this many bytes before the answer: a client that sends its
+# whole body first and asked for `Connection: close` (urllib) otherwise gets a connection reset, not the error.
+DRAIN_BYTES = 64 * 1024 * 1024
 STATIC = Path(__file__).with_name("static")
 PAGES = {  # the only files served from static/ (no directory listing, no path traversal to worry about)
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -186,11 +189,18 @@ class Service:
         """The uploaded bytes (multipart field `file`, or the raw body) within max_bytes, and the file name."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await drain(request)
             raise ApiError(413, f"request body of {int(declared):,} bytes is over the limit of {self.max_bytes:,} (--max-bytes)")
-        chunks, size = [], 0
-        async for chunk in request.stream():  # counted as it arrives: chunked uploads have no Content-Length
+        chunks, size, more = [], 0, True
+        while more:  # counted as it arrives: chunked uploads have no Content-Length
+            message = await request.receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnect()
+            chunk, more = message.get("body", b""), message.get("more_body", False)
             size += len(chunk)
             if size > self.max_bytes:
+                if more:
+                    await drain(request)
                 raise ApiError(413, f"request body is over the limit of {self.max_bytes:,} bytes (--max-bytes)")
             chunks.append(chunk)
         body = b"".join(chunks)
@@ -230,6 +240,22 @@ class Service:
             await form.close()
 
 
+async def drain(request, limit: int = DRAIN_BYTES) -> None:
+    """Read and drop what is left of a refused request's body, at most `limit` bytes, so that the error is what
+    the client reads. A client that sent `Expect: 100-continue` (curl, for large bodies) is waiting for the answer
+    and sends no body after it: nothing to read."""
+    if request.headers.get("expect", "").lower() == "100-continue":
+        return
+    size = 0
+    while size <= limit:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            return
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -243,6 +269,7 @@ def create_app(service: Service) -> Starlette:
 
     async def remove(request):
         if service.admitted >= service.queue:
+            await drain(request)
             return json_error(
                 503,
                 f"server busy: {service.admitted} requests already queued or running (limit {service.queue}, "
