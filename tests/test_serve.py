@@ -269,6 +269,9 @@ def test_a_big_refused_body_still_gets_its_json_error(remover):
         for chunked in (False, True):
             status, _, body = request(base, "POST", "/remove", big, CLOSE, chunked=chunked)
             assert status == 413 and "--max-bytes" in json.loads(body)["error"], (chunked, body[:200])
+        # chunked with `Expect: 100-continue`: reading the body sent the 100, so the client is uploading it all
+        status, _, body = request(base, "POST", "/remove", big, {**CLOSE, "Expect": "100-continue"}, chunked=True)
+        assert status == 413 and "--max-bytes" in json.loads(body)["error"], body[:200]
         assert post_raw(base, JPEG)[0] == 200
 
 

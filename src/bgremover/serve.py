@@ -199,8 +199,8 @@ class Service:
             chunk, more = message.get("body", b""), message.get("more_body", False)
             size += len(chunk)
             if size > self.max_bytes:
-                if more:
-                    await drain(request)
+                if more:  # the body was asked for (a 100 Continue went out): the client is sending all of it
+                    await drain(request, asked=True)
                 raise ApiError(413, f"request body is over the limit of {self.max_bytes:,} bytes (--max-bytes)")
             chunks.append(chunk)
         body = b"".join(chunks)
@@ -240,11 +240,11 @@ class Service:
             await form.close()
 
 
-async def drain(request, limit: int = DRAIN_BYTES) -> None:
+async def drain(request, asked: bool = False, limit: int = DRAIN_BYTES) -> None:
     """Read and drop what is left of a refused request's body, at most `limit` bytes, so that the error is what
-    the client reads. A client that sent `Expect: 100-continue` (curl, for large bodies) is waiting for the answer
-    and sends no body after it: nothing to read."""
-    if request.headers.get("expect", "").lower() == "100-continue":
+    the client reads. A client that sent `Expect: 100-continue` (curl, for large bodies) and was not yet asked for
+    the body (`asked`: the server's first read sends the 100) waits for the answer instead: nothing to read."""
+    if not asked and request.headers.get("expect", "").lower() == "100-continue":
         return
     size = 0
     while size <= limit:
