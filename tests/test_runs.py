@@ -292,6 +292,17 @@ def test_run_plan_and_estimate_describe_the_run(small_camvid, tmp_path, caplog):
     assert any(isinstance(cb, RunPlan) for cb in trainer.callbacks)
 
 
+def test_run_plan_counts_the_steps_max_steps_allows(small_camvid, tmp_path):
+    # 7 epochs × 2 steps, but max_steps=11 ends the run in its 6th epoch: 11 steps, not 12 or 14
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=7",
+                                 "+trainer.max_steps=11"])
+    _, objects = train(cfg)
+    trainer, model = objects["trainer"], objects["model"]
+    assert trainer.global_step == 11
+    assert "6 epochs × 2 steps = 11 steps" in describe_plan(trainer, model)
+    assert "about 1 h 50 min of training for 6 epochs" in describe_estimate(trainer, 600.0)
+
+
 def test_progress_bar_counts_to_the_epoch_a_time_budget_reaches():
     from bgremover.lit.callbacks import epoch_label
 

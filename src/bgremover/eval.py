@@ -20,17 +20,12 @@ log = logging.getLogger("bgremover.eval")
 CONFIG_DIR = config.CONFIG_DIR
 
 
-def load_module(ckpt_path: str | Path):
-    """SegmentationModule with the checkpoint's net, hyper-parameters and weights (CPU, eval mode)."""
-    return checkpoint.load_module(ckpt_path)
-
-
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     import pytorch_lightning as pl
 
     config.validate_eval(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = load_module(cfg.ckpt_path)
+    model = checkpoint.load_module(cfg.ckpt_path)
     _training_scale(cfg, model.hparams.get("image_size"))
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     loggers = utils.instantiate_dict(cfg.get("logger"))

@@ -162,14 +162,24 @@ def planned_steps(trainer: pl.Trainer) -> tuple[int | None, int | None]:
     return epochs, per_epoch
 
 
+def planned_total(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps the run is set up for: epochs × steps, or trainer.max_steps where that comes first."""
+    epochs, per_epoch = planned_steps(trainer)
+    if not (epochs and per_epoch):
+        return None
+    total = epochs * per_epoch
+    return min(total, trainer.max_steps) if trainer.max_steps not in (None, -1) else total
+
+
 def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
     epochs, per_epoch = planned_steps(trainer)
+    steps = planned_total(trainer)
     hp = pl_module.hparams
     dm = trainer.datamodule
     batch = getattr(getattr(dm, "hparams", None), "batch_size", None)
     crop = getattr(getattr(dm, "hparams", None), "crop_size", None)
     params = sum(p.numel() for p in pl_module.net.parameters()) / 1e6
-    total = f"{epochs * per_epoch} steps" if epochs and per_epoch else "steps until stopped"
+    total = f"{steps} steps" if steps else "steps until stopped"
     parts = [
         f"{hp.get('net_name', 'net')} ({params:.2f} M params)",
         f"{epochs or '∞'} epochs × {per_epoch or '?'} steps = {total}",
@@ -184,11 +194,12 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
 
 
 def describe_estimate(trainer: pl.Trainer, seconds_per_step: float) -> str:
-    epochs, per_epoch = planned_steps(trainer)
+    epochs, _ = planned_steps(trainer)
+    steps = planned_total(trainer)
     text = f"{seconds_per_step:.2f} s per training step"
-    if not (epochs and per_epoch):
+    if not steps:
         return text
-    total = seconds_per_step * epochs * per_epoch
+    total = seconds_per_step * steps
     limit = _time_limit(trainer)
     if limit and limit[0] < total:  # the time limit is the run's real length: say it first
         return (f"{text} → {limit[1]} stops it after {_duration(limit[0])}, near epoch "
