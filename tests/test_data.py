@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +203,27 @@ def test_bad_file_fails_in_the_loader_too(tmp_path):
     dm.datasets["train"].pairs = dm.datasets["train"].pairs[:1]
     with pytest.raises(CamVidError, match="trainannot/train_000.png contains 40"):
         next(iter(dm.train_dataloader()))
+
+
+# --- data.train_split: a final model trains on train+val ------------------------------------------------------------
+def test_train_split_train_plus_val_learns_from_both_and_warns(tmp_path):
+    root = write_camvid(tmp_path / "CamVid", {"train": 4, "val": 3, "test": 2})
+    with pytest.warns(UserWarning, match="val/mIoU .* is not held out"):
+        dm = CamVidDataModule(root=str(root), batch_size=1, num_workers=0, train_split="train+val")
+    dm.setup("fit")
+    names = [img.parent.name for img, _ in dm.datasets["train"].pairs]
+    assert names == ["train"] * 4 + ["val"] * 3  # every frame of both, in split order
+    assert len(dm.datasets["val"]) == 3 and len(dm.train_dataloader()) == 7
+    plain = CamVidDataModule(root=str(root), batch_size=1, num_workers=0)
+    plain.setup("fit")
+    assert len(plain.datasets["train"]) == 4
+
+
+@pytest.mark.parametrize("value, said", [("train+test", "would train on the test split"),
+                                         ("test", "would train on the test split"),
+                                         ("train+vall", "must be train or train+val"),
+                                         ("train+train", "must be train or train+val")])
+def test_train_split_never_the_test_split_nor_a_typo(tmp_path, value, said):
+    root = write_camvid(tmp_path / "CamVid")
+    with pytest.raises(CamVidError, match=re.escape(said)):
+        CamVidDataModule(root=str(root), train_split=value)

@@ -319,3 +319,16 @@ def test_warmup_cosine_schedule():
     sched2.budget_progress = 0.5  # a time budget half spent outruns 0 of 1000 steps
     sched2.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.55)
+
+
+def test_train_split_train_plus_val_is_resident_too(tmp_path):
+    root = write_camvid(tmp_path / "CamVid", {"train": 4, "val": 2, "test": 2})
+    with pytest.warns(UserWarning, match="not held out"):
+        dm = _dm(root, train_split="train+val", cache=False)
+    assert dm.tensors["train"]["labels"].shape[0] == 6 and dm.tensors["val"]["labels"].shape[0] == 2
+    # the resident train tensors hold train's frames, then val's, as the files say
+    files = sorted((root / "trainannot").iterdir()) + sorted((root / "valannot").iterdir())
+    for k, lbl in enumerate(files):
+        truth = np.array(Image.open(lbl))
+        h, w = truth.shape
+        assert np.array_equal(dm.tensors["train"]["labels"][k, :h, :w].cpu().numpy(), truth)

@@ -273,6 +273,26 @@ def test_eval_reads_only_the_split_it_evaluates_and_never_suggests_unsafe_loadin
     assert "train" not in proc.stderr
 
 
+def test_train_split_with_test_fails_in_one_line_before_any_run_folder(small_camvid, tmp_path):
+    proc = _run("bgremover.train", f"data.root={small_camvid}", "data.train_split=train+test", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: data.train_split=train+test would train on the test split: "
+                                   "its numbers would mean nothing")
+    assert not list((tmp_path / "train" / "runs").glob("*"))
+
+
+def test_train_plus_val_run_learns_from_both_and_says_so(small_camvid, tmp_path):
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
+                                 "data.train_split=train+val"])
+    _, objects = train(cfg)
+    trainer = objects["trainer"]
+    train_frames = len(trainer.datamodule.datasets["train"])
+    assert train_frames == len(list((small_camvid / "train").iterdir())) + len(list((small_camvid / "val").iterdir()))
+    assert trainer.global_step == train_frames // 2  # batch 2, drop_last
+    summary = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
+    assert summary["config"]["data"]["train_split"] == "train+val"
+
+
 def test_unknown_model_lists_only_real_choices():
     proc = _run("bgremover.train", "model=tiramisu999")
     assert proc.returncode != 0 and "tiramisu103" in proc.stderr and "recipe" not in proc.stderr

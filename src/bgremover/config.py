@@ -150,6 +150,11 @@ def validate_train(cfg: DictConfig) -> None:
     splits = [s for s, on in (("train", cfg.get("train", True)), ("val", cfg.get("train", True)),
                               ("test", cfg.get("test", True))) if on]
     if "root" in cfg.data:  # a CamVid-layout dataset; other datamodules check their own folders
+        if "train_split" in cfg.data and cfg.get("train", True):
+            from bgremover.data.camvid import train_splits
+
+            parts = train_splits(cfg.data.train_split)
+            splits = [*parts, *(s for s in splits if s not in parts and s != "train")]
         _check_data(cfg.data, model.get("size_multiple"), splits)
     trainer = cfg.get("trainer") or {}
     epochs = trainer.get("max_epochs")

@@ -61,6 +61,17 @@ def list_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def train_splits(name: str) -> tuple[str, ...]:
+    """The splits a train set is made of: "train", or joined with "+" ("train+val", as CamVid papers' final
+    models train). The test split is never one of them: test numbers are of frames the net has not seen."""
+    parts = tuple(str(name).split("+"))
+    if not all(parts) or len(set(parts)) != len(parts) or any(p not in SPLITS for p in parts):
+        raise CamVidError(f"data.train_split must be train or train+val, not {name!r}")
+    if "test" in parts:
+        raise CamVidError(f"data.train_split={name} would train on the test split: its numbers would mean nothing")
+    return parts
+
+
 def select(pairs: list, limit: int | None) -> list:
     """`limit` evenly spaced items (all when None): a subset still spans every video sequence. The training
     data, the test stage and `make eval-cutout --limit` pick the same frames this way."""
@@ -225,11 +236,13 @@ class PadFrame:
 
 
 class CamVidDataset:
-    """One split as (image float32 3×H×W normalized, label int64 H×W) pairs; `transform` is an A.Compose."""
+    """One split as (image float32 3×H×W normalized, label int64 H×W) pairs; `transform` is an A.Compose.
+    `split` may join splits with "+" (see train_splits): their frames in that order."""
 
     def __init__(self, root: str | os.PathLike, split: str, transform=None, limit: int | None = None):
         self.root, self.split = Path(root), split
-        self.pairs = select(list_pairs(self.root, split), limit)
+        parts = train_splits(split) if "+" in split else (split,)
+        self.pairs = select([pair for part in parts for pair in list_pairs(self.root, part)], limit)
         self.transform = transform
 
     def __len__(self) -> int:

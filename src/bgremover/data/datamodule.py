@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from bgremover.data.camvid import (
@@ -16,6 +17,7 @@ from bgremover.data.camvid import (
     list_pairs,
     median_frequency_weights,
     resolve_root,
+    train_splits,
 )
 from bgremover.data.classes import CLASSES, MEAN, STD, VOID
 
@@ -44,10 +46,14 @@ class CamVidDataModule(pl.LightningDataModule):
         limit_images: int | None = None,
         limit_eval_images: int | None = None,
         seed: int = 0,
+        train_split: str = "train",
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.root = resolve_root(root)
+        if "val" in train_splits(train_split):  # a bad value fails here, before any decoding
+            rank_zero_warn(f"data.train_split={train_split}: the net trains on the val frames, so val/mIoU (and the "
+                           "checkpoint it picks) is not held out; the test split is")
         self.datasets: dict[str, CamVidDataset] = {}
 
     def prepare_data(self) -> None:
@@ -77,7 +83,7 @@ class CamVidDataModule(pl.LightningDataModule):
             # limit_images trims only what the net learns from; val/test stay whole unless limit_eval_images says
             # otherwise, and every test number is reported with its frame count (test/frames)
             limit = hp.limit_images if train else hp.limit_eval_images
-            ds = CamVidDataset(self.root, split, transform, limit=limit)
+            ds = CamVidDataset(self.root, hp.train_split if train else split, transform, limit=limit)
             ds.reseed(hp.seed)  # covers num_workers=0; workers reseed themselves in _seed_worker
             self.datasets[split] = ds
 

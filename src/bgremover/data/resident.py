@@ -256,7 +256,7 @@ class ResidentCamVidDataModule(CamVidDataModule):
         hp = self.hparams
         # as CamVidDataModule: limit_images trims the train split only, limit_eval_images val/test
         limit = hp.limit_images if split == "train" else hp.limit_eval_images
-        return decode_split(self.root, split, limit, hp.num_workers, hp.cache)
+        return decode_split(self.root, hp.train_split if split == "train" else split, limit, hp.num_workers, hp.cache)
 
     def _pad_whole_frames(self, split: str, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Val/test frames padded by the project's one rule (bgremover.padding: centred reflection, void labels),
