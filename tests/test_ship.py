@@ -177,6 +177,13 @@ def test_ship_usage_errors_are_one_line(tmp_path, data):
     assert proc.returncode == 2 and "--eval-limit must be >= 1" in proc.stderr
     proc = run_ship("--ckpt", "x.ckpt", "--data-root", str(tmp_path / "nodata"), "--models-dir", str(tmp_path / "m2"))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and not (tmp_path / "m2").exists()
+    assert "checkpoint not found: x.ckpt" in proc.stderr  # what the command names comes first, then the data
+
+
+def test_ship_with_a_good_checkpoint_and_no_data_names_the_data(trained, tmp_path):
+    proc = run_ship("--ckpt", str(trained), "--data-root", str(tmp_path / "nodata"), "--models-dir", str(tmp_path / "m"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and not (tmp_path / "m").exists()
+    assert str(tmp_path / "nodata") in proc.stderr
 
 
 def test_ship_redoes_the_example_cutouts_with_the_new_default_model(trained, data, tmp_path):

@@ -59,8 +59,10 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
 
     float_model = models_dir / f"{STEM}.onnx"
     names = {"float": float_model, "int8": int8_path(float_model), "weights": models_dir / f"{STEM}.pt"}
-    pairs = cutout_eval.find_pairs(data_root, "test", eval_limit)  # data and checkpoint are checked before
-    net, meta = export.load_checkpoint_net(ckpt)  # anything is written
+    # checkpoint, then data, are checked before anything is written; the checkpoint first, as `make ship CKPT=`
+    # names it and the data folder is a default the user may not have thought about yet
+    net, meta = export.load_checkpoint_net(ckpt)
+    pairs = cutout_eval.find_pairs(data_root, "test", eval_limit)
     shipped_net = export.read_metadata(float_model).get("net") if float_model.is_file() else None
     if shipped_net not in (None, meta["net"]) and not force:
         # the .pt is what `make remover` fine-tunes: its recipe names the shipped net, and a checkpoint of
