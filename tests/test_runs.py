@@ -315,7 +315,7 @@ def test_run_plan_and_estimate_describe_the_run(small_camvid, tmp_path, caplog):
 def test_run_plan_counts_the_steps_max_steps_allows(small_camvid, tmp_path):
     # 7 epochs × 2 steps, but max_steps=11 ends the run in its 6th epoch: 11 steps, not 12 or 14
     cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=7",
-                                 "+trainer.max_steps=11"])
+                                 "trainer.max_steps=11"])
     _, objects = train(cfg)
     trainer, model = objects["trainer"], objects["model"]
     assert trainer.global_step == 11
