@@ -289,6 +289,26 @@ def test_speedrun_budget_anneals_stops_with_a_last_validation(tiny_camvid, tmp_p
     assert any(r.get("time_to/0.000") for r in rows)
 
 
+def test_speedrun_recipe_without_validation_still_writes_a_checkpoint(tiny_camvid, tmp_path):
+    """The speed-run recipe with validation off (as the CPU probes ran it) ended with no checkpoint at all: its
+    ModelCheckpoint watches val/mIoU. Now checkpoints/last.ckpt holds the final state, and summary.json says so."""
+    import json
+
+    from bgremover.train import train
+
+    tiny = [o for o in TINY_TIRAMISU if not o.startswith("model=")]
+    cfg = compose_cfg(tmp_path, [
+        "experiment=speedrun_tiramisu103", *tiny, *SMALL[1:], f"data.root={tiny_camvid}", "trainer.accelerator=cpu",
+        "trainer.precision=32", "trainer.benchmark=false", "speedrun_budget_s=null", "trainer.max_epochs=2",
+        "trainer.limit_val_batches=0", "test=false",
+    ])
+    train(cfg)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["best_ckpt"] is None and summary["last_ckpt"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert torch.load(summary["last_ckpt"], weights_only=True)["global_step"] == summary["global_step"] > 0
+
+
 def test_speedrun_experiments_compose():
     for name, budget in (("speedrun_tiramisu103", 570), ("speedrun_deeplabv3plus", 270), ("speedrun_remover", 270)):
         GlobalHydra.instance().clear()
@@ -298,7 +318,7 @@ def test_speedrun_experiments_compose():
         assert cfg.model.scheduler._target_ == "bgremover.lit.speedrun.WarmupCosineLR"
         assert set(cfg.model.scheduler) == {"_target_", "_partial_", "total_iters", "warmup", "final_ratio"}
         assert cfg.callbacks.time_to_miou.budget_s == budget and cfg.trainer.precision == "bf16-mixed"
-        assert cfg.callbacks.last_checkpoint is None and cfg.callbacks.early_stopping is None
+        assert cfg.callbacks.last_checkpoint.every_epoch is False and cfg.callbacks.early_stopping is None
         if name == "speedrun_remover":  # the shipped remover's recipe: the DeepLab speed-run, the shipped encoder
             assert cfg.model.net.encoder_name == "mobilenet_v2" and cfg.experiment_name == name
 

@@ -97,6 +97,40 @@ def test_last_ckpt_links_to_the_best_file_when_they_are_the_same_state(tmp_path)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch_002.ckpt", "last.ckpt"]
 
 
+def test_last_ckpt_at_the_end_only_is_written_without_validation(tmp_path):
+    """every_epoch=False (the speed-runs): no write per epoch, one at the end, and with validation off
+    (limit_val_batches=0) that is the run's only checkpoint; before, such a run wrote none at all."""
+    ckpt_dir = tmp_path / "checkpoints"
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(sorted(p.name for p in ckpt_dir.glob("*.ckpt")))
+
+    callbacks = [
+        Watch(),
+        pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="epoch_{epoch:03d}", monitor="score", mode="max",
+                                     save_top_k=1, auto_insert_metric_name=False),
+        LastCheckpoint(dirpath=str(ckpt_dir), every_epoch=False),
+    ]
+    trainer = pl.Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(_Scored([0.1, 0.2, 0.3]))
+    assert seen == [[], [], []]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt"]
+    state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (3, 6)  # saved after the loop: epoch counts the 3 done
+
+
+def test_last_ckpt_holds_the_step_max_steps_stopped_at(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    trainer = pl.Trainer(max_epochs=5, max_steps=3, callbacks=[LastCheckpoint(dirpath=str(ckpt_dir))], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(_Scored([0.1] * 5))
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 3  # mid-epoch (2 steps each)
+
+
 # --- resume ------------------------------------------------------------------------------------------------------
 def test_resumed_module_keeps_the_best_validation_score():
     from bgremover.lit import SegmentationModule

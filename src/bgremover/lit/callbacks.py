@@ -40,14 +40,21 @@ class LastCheckpoint(Checkpoint):
     go last, in list order): the best file of this epoch already exists and can be linked to.
     """
 
-    def __init__(self, dirpath: str, filename: str = "last") -> None:
+    def __init__(self, dirpath: str, filename: str = "last", every_epoch: bool = True) -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
+        # False: only the state training ends with (speed-runs: a write per epoch costs seconds of their budget)
+        self.every_epoch = every_epoch
         self._saved_step = -1
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run:
-            return
-        self._save(trainer)
+        if self.every_epoch and not (trainer.sanity_checking or trainer.fast_dev_run):
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the state training ended with, also when it stopped inside an epoch (max_steps, a time budget) or never
+        # validated (limit_val_batches=0: ModelCheckpoint, monitoring val/mIoU, then writes nothing)
+        if not trainer.fast_dev_run and trainer.global_step > 0:
+            self._save(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
