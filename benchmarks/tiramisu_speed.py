@@ -4,13 +4,16 @@
     python benchmarks/tiramisu_speed.py --nets 103 --sizes 224 384x480 --modes bf16 memeff --steps 3
     python benchmarks/tiramisu_speed.py --malloc tuned ...    # glibc keeps freed memory (bgremover.utils.KEEP_MEMORY_ENV)
     python benchmarks/tiramisu_speed.py --rounds 3 ...        # ref/ours alternate 3 times: medians (loaded CPU)
+    python benchmarks/tiramisu_speed.py --device cuda --modes compiled --cell-timeout 200   # a cell over 200 s: "-"
 
 Img/s is from the median measured step. Every (net, size, implementation, mode) runs in a fresh subprocess so the peak memory of one does not hide
 in another's. Peak memory is the activation peak of the measured steps: on CPU the process' peak RSS
 (VmHWM, reset after warm-up via /proc/self/clear_refs) minus the RSS at that point; on CUDA
 max_memory_allocated minus memory_allocated at that point. The project net's dense blocks keep their training
 memory between steps on CPU (bgremover.nets.workspace); it is given back before that point, so the measured
-steps allocate it again and their peak counts it. Compilation is part of warm-up, not measured.
+steps allocate it again and their peak counts it. Compilation is part of warm-up, not measured; the first
+warm-up step's time (compilation included, for the compiled modes) is printed on each cell's progress line.
+Each cell starts with a line saying so: a run killed from outside still shows which cell it was in.
 
 Modes: fp32 (NCHW float32), cl (channels_last float32), bf16 (channels_last + bf16 autocast), compiled
 (bf16 + torch.compile), compiled-fp32 (cl + torch.compile), memeff / memeff-cl / memeff-fp32 (project net
@@ -136,7 +139,11 @@ def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, d
         if dev_type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(COMPILE_WARMUP if compiled else warmup):
+    t0 = time.perf_counter()
+    step()  # compiles, for the compiled modes
+    sync()
+    first_s = time.perf_counter() - t0
+    for _ in range((COMPILE_WARMUP if compiled else warmup) - 1):
         step()
     sync()
     for module in model.modules():  # the project's dense blocks keep training memory between steps (CPU):
@@ -156,7 +163,7 @@ def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, d
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if dev_type == "cuda" else _hwm_kib() * 1024
     step_s = statistics.median(times)  # a shared CPU has stray slow steps; the median ignores them
-    return {"img_s": batch / step_s, "peak_mib": (peak - base) / 2**20, "step_s": step_s}
+    return {"img_s": batch / step_s, "peak_mib": (peak - base) / 2**20, "step_s": step_s, "first_step_s": first_s}
 
 
 def run_config(
@@ -169,12 +176,22 @@ def run_config(
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared 2-core CPU
     if args.malloc == "tuned":
         env.update(KEEP_MEMORY_ENV)  # what `make train` runs CPU training with
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cell = f"{net} {impl} {mode} {size}"
+    print(f"  .. {cell}: started", flush=True)
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.cell_timeout)
+    except subprocess.TimeoutExpired:  # the child is killed; the table shows "-" for this cell
+        print(f"  ! {cell}: over --cell-timeout {args.cell_timeout:g} s, skipped", file=sys.stderr, flush=True)
+        return None
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            result = json.loads(line[len("RESULT "):])
+            print(f"  .. {cell}: {time.time() - t0:.0f} s in all, first step {result['first_step_s']:.1f} s, "
+                  f"then {result['step_s'] * 1000:.0f} ms per step", flush=True)
+            return result
     err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    print(f"  ! {net} {impl} {mode} {size} failed: {err}", file=sys.stderr)
+    print(f"  ! {cell} failed: {err}", file=sys.stderr, flush=True)
     return None
 
 
@@ -210,10 +227,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="glibc allocator: default, or tuned (no mmap, no trim) so freed activations are reused")
     p.add_argument("--bf16-route", choices=("auto", "emulated"), default="auto",
                    help="project net's bf16 route on CPU: auto (native where the CPU has bf16 units) or emulated")
+    p.add_argument("--cell-timeout", type=float, default=None,
+                   help="seconds one cell (a configuration's subprocess) may take; one over it shows as '-' "
+                        "(a compile that outlasts a time-limited GPU call then costs only its cell)")
     p.add_argument("--worker", nargs=4, metavar=("NET", "IMPL", "MODE", "SIZE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         p.error("--steps, --warmup and --rounds must be >= 1")
+    if args.cell_timeout is not None and args.cell_timeout <= 0:
+        p.error("--cell-timeout must be > 0 seconds")
     if args.worker:
         net, impl, mode, size = args.worker
         result = worker(net, impl, mode, size, args.steps, args.warmup, args.device, args.bf16_route, args.batch)

@@ -686,3 +686,18 @@ def test_compiled_training_step_matches_eager() -> None:
         torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
     for (name, a), b in zip(eager.state_dict().items(), compiled_net.state_dict().values(), strict=True):
         torch.testing.assert_close(b.double(), a.double(), atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_speed_benchmark_skips_a_cell_over_its_time_limit():
+    """A time-limited GPU call lost a whole compiled-mode run (no output at all) to one slow compile: now a cell
+    over --cell-timeout is killed and shown as "-", the table still prints, and each cell says when it starts."""
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "tiramisu_speed.py"
+    proc = subprocess.run([sys.executable, str(bench), "--nets", "56", "--sizes", "224", "--modes", "fp32",
+                           "--steps", "1", "--warmup", "1", "--cell-timeout", "0.2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "  .. 56 ref fp32 224: started" in proc.stdout and "  .. 56 ours fp32 224: started" in proc.stdout
+    assert proc.stderr.count("over --cell-timeout 0.2 s, skipped") == 2
+    assert proc.stdout.rstrip().splitlines()[-1].split() == ["56", "224", "fp32", "-", "-", "-", "-", "-", "-"]
