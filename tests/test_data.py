@@ -136,6 +136,23 @@ def test_median_frequency_weights_are_cached_and_balance(tmp_path):
     assert make_dm(root).class_weights() is None
 
 
+def test_median_frequency_weights_count_every_split_the_net_trains_on(tmp_path):
+    """With data.train_split=train+val the weights came from the train labels alone."""
+    root = tmp_path / "CamVid"
+    write_camvid(root, counts={"train": 1, "val": 1, "test": 1})
+    for split, edge in (("train", 48), ("val", 16)):  # train: class 0 is 3/4 of the pixels; val: 1/4
+        for lbl in (root / f"{split}annot").iterdir():
+            a = np.zeros((48, 64), np.uint8)
+            a[:, edge:] = 1
+            Image.fromarray(a, mode="L").save(lbl)
+    cache = tmp_path / "cache"
+    assert median_frequency_weights(root, cache_dir=cache)[:2] == pytest.approx([2 / 3, 2.0], abs=1e-3)
+    assert median_frequency_weights(root, cache_dir=cache, split="train+val")[:2] == pytest.approx([1.0, 1.0], abs=1e-3)
+    assert len(list(cache.iterdir())) == 2  # one cache entry each
+    dm = make_dm(root, class_weights="median_freq", train_split="train+val")
+    assert dm.class_weights()[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-3)
+
+
 def test_classes_and_palette_in_one_place():
     assert len(CLASSES) == NUM_CLASSES == 11 and VOID == 11
     assert CLASSES[0] == "Sky" and CLASSES[9] == "Pedestrian" and CLASSES[10] == "Bicyclist"

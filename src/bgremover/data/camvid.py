@@ -149,15 +149,17 @@ def median_frequency(labels, num_classes: int) -> list[float]:
     return [round(float(w), 4) for w in weights]
 
 
-def median_frequency_weights(root: str | os.PathLike, cache_dir: str | os.PathLike | None = CACHE_DIR) -> list[float]:
-    """Eigen & Fergus median-frequency weights over the train labels, void excluded.
+def median_frequency_weights(root: str | os.PathLike, cache_dir: str | os.PathLike | None = CACHE_DIR,
+                             split: str = "train") -> list[float]:
+    """Eigen & Fergus median-frequency weights over the labels the net trains on (`split`: train or train+val),
+    void excluded.
 
     freq(c) = pixels of c / pixels of the images where c appears; weight(c) = median(freq) / freq(c).
     Cached by the list of label files and their sizes, since reading 367 PNGs costs seconds at every start.
     """
-    pairs = list_pairs(root, "train")
+    pairs = [pair for part in train_splits(split) for pair in list_pairs(root, part)]
     key = hashlib.sha1(
-        json.dumps([(p.name, p.stat().st_size) for _, p in pairs]).encode()
+        json.dumps([(p.parent.name, p.name, p.stat().st_size) for _, p in pairs]).encode()
     ).hexdigest()[:16]
     cache = Path(cache_dir) / f"camvid_median_freq_{key}.json" if cache_dir else None
     if cache is not None and cache.is_file():

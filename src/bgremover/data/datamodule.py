@@ -98,7 +98,8 @@ class CamVidDataModule(pl.LightningDataModule):
             return None
         if mode != "median_freq":
             raise CamVidError(f"unknown data.class_weights '{mode}' (use null or median_freq)")
-        return torch.tensor(median_frequency_weights(self.root), dtype=torch.float32)
+        # over what the net trains on: with train+val, val's labels count too
+        return torch.tensor(median_frequency_weights(self.root, split=self.hparams.train_split), dtype=torch.float32)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
