@@ -15,6 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import REPO, write_camvid
+from omegaconf import open_dict
 from test_train import TINY_TIRAMISU, compose_cfg
 
 from bgremover.lit.callbacks import LastCheckpoint, RunPlan, describe_estimate, describe_plan
@@ -313,6 +314,41 @@ def test_train_split_with_test_fails_in_one_line_before_any_run_folder(small_cam
     assert proc.stderr.strip() == ("error: data.train_split=train+test would train on the test split: "
                                    "its numbers would mean nothing")
     assert not list((tmp_path / "train" / "runs").glob("*"))
+
+
+def test_output_dir_override_is_refused_in_one_line_and_nothing_is_deleted(small_camvid, tmp_path):
+    """paths.output_dir=X split a run (checkpoints in X, its log and config in Hydra's folder), and a user error
+    then removed X as an "empty run folder" when it held only .log files: a user's own folder."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.log").write_text("keep me")
+    for module in ("bgremover.train", "bgremover.eval"):
+        proc = _run(module, f"data.root={small_camvid}", f"paths.output_dir={mine}", "data.batch_size=-1",
+                    "ckpt_path=README.md", f"paths.log_dir={tmp_path / 'logs'}")
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert proc.stderr.strip() == ("error: paths.output_dir follows Hydra's run folder: set hydra.run.dir=<folder> "
+                                       "instead (a sweep: hydra.sweep.dir=<folder>)")
+        assert (mine / "notes.log").read_text() == "keep me"
+    assert not [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]  # Hydra's own run folders are removed
+
+
+def test_a_user_error_never_removes_a_folder_hydra_did_not_make(tmp_path):
+    from bgremover import utils
+    from bgremover.errors import UserError
+
+    cfg = compose_cfg(tmp_path / "hydra_run", [*TINY_RUN])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.log").write_text("keep me")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(mine)
+
+    def fails(_):
+        raise UserError("bad input")
+
+    with pytest.raises(UserError):
+        utils.run_task(fails, cfg)
+    assert (mine / "notes.log").read_text() == "keep me"
 
 
 def test_train_plus_val_run_learns_from_both_and_says_so(small_camvid, tmp_path):

@@ -144,8 +144,20 @@ def check_data_root(root, splits: Iterable[str]) -> None:
             raise UserError(f"{path} has no '{split}' split ({split}/ and {split}annot/): {hint}")
 
 
+def _check_output_dir() -> None:
+    """paths.output_dir is Hydra's run folder (${hydra:runtime.output_dir}); set on its own, it split a run in two:
+    checkpoints and summary there, the run's log and config in the folder Hydra made."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and any(o.lstrip("+").startswith("paths.output_dir=")
+                                         for o in HydraConfig.get().overrides.task):
+        raise UserError("paths.output_dir follows Hydra's run folder: set hydra.run.dir=<folder> instead "
+                        "(a sweep: hydra.sweep.dir=<folder>)")
+
+
 def validate_train(cfg: DictConfig) -> None:
     """Everything `python -m bgremover.train` can check without building anything."""
+    _check_output_dir()
     model = cfg.get("model") or {}
     splits = [s for s, on in (("train", cfg.get("train", True)), ("val", cfg.get("train", True)),
                               ("test", cfg.get("test", True))) if on]
@@ -176,6 +188,7 @@ def validate_train(cfg: DictConfig) -> None:
 
 
 def validate_eval(cfg: DictConfig) -> None:
+    _check_output_dir()
     if cfg.split not in ("test", "val"):
         raise UserError(f"split must be 'test' or 'val', not '{cfg.split}'")
     if not Path(cfg.ckpt_path).is_file():

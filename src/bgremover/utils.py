@@ -226,8 +226,9 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
         }
         if interrupted:
             summary.update(last_ckpt=exc.last_ckpt, epoch=exc.epoch, global_step=exc.step)
-        if is_user_error(exc) and not is_multirun() and _holds_no_results(out_dir):
-            _remove_run_dir(out_dir)
+        empty = _empty_run_dir() if is_user_error(exc) and not is_multirun() else None
+        if empty is not None:
+            _remove_run_dir(empty)
         else:
             write_json_atomic(out_dir / SUMMARY_NAME, summary)
         raise
@@ -238,10 +239,14 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
 _RUN_DIR_SCAFFOLD = {".hydra", SUMMARY_NAME, "wandb", "csv"}  # what a run folder holds before training starts
 
 
-def _holds_no_results(out_dir: Path) -> bool:
-    if not out_dir.is_dir():
-        return False
-    return all(p.name in _RUN_DIR_SCAFFOLD or p.suffix == ".log" for p in out_dir.iterdir())
+def _empty_run_dir() -> Path | None:
+    """The folder Hydra made for this run if it holds nothing yet (never a user's own paths.output_dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    if out_dir is None or not out_dir.is_dir():
+        return None
+    return out_dir if all(p.name in _RUN_DIR_SCAFFOLD or p.suffix == ".log" for p in out_dir.iterdir()) else None
 
 
 def _remove_run_dir(out_dir: Path) -> None:
@@ -284,17 +289,9 @@ def is_multirun() -> bool:
 
 # Lightning's advertising and the warnings that say nothing a user of this project can act on.
 _NOISE = (
-    "💡 Tip",
-    "litlogger",
-    "litmodels",
-    "does not have many workers",
-    "The number of training batches",
-    "Checkpoint directory",
-    "is deprecated",
-    "LeafSpec",
-    "`weights_only` was not set",
-    "to estimate number of stepping batches",
-    "is not supported by the model summary",
+    "💡 Tip", "litlogger", "litmodels", "does not have many workers", "The number of training batches",
+    "Checkpoint directory", "is deprecated", "LeafSpec", "`weights_only` was not set",
+    "to estimate number of stepping batches", "is not supported by the model summary",
     "WeightAveraging doesn't support sharding",  # callbacks=ema: configure_model shards nothing here
 )
 
