@@ -418,6 +418,24 @@ def test_panels_appear_when_validation_runs_every_few_epochs(small_camvid, tmp_p
 
 
 # --- weight averaging (callbacks=ema) ------------------------------------------------------------------------------
+def test_ema_decay_too_slow_for_the_run_is_called_out(tmp_path, caplog):
+    from bgremover.lit.callbacks import EMAWeights
+
+    def fit(decay: float) -> list[str]:
+        caplog.clear()
+        trainer = pl.Trainer(max_epochs=3, callbacks=[EMAWeights(decay=decay)], logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                             default_root_dir=tmp_path)
+        with caplog.at_level("WARNING", logger="bgremover.train"):
+            trainer.fit(_Scored([0.1, 0.2, 0.3]))
+        return [r.getMessage() for r in caplog.records if "callbacks.ema.decay" in r.getMessage()]
+
+    # 3 epochs × 2 steps = 6 steps, against an average over ~1000
+    assert fit(0.999) == ["callbacks.ema.decay=0.999 averages over ~1000 steps, and this run plans 6: the average "
+                          "keeps much of the early weights; for this length use callbacks.ema.decay=0.1667"]
+    assert fit(0.5) == []  # ~2 steps: fine for 6
+
+
 def _net_tensors(state: dict) -> dict:
     return {k: v for k, v in state.items() if k.startswith("net.") and v.is_floating_point()}
 

@@ -276,6 +276,19 @@ class EMAWeights(EMAWeightAveraging):
     ship` uses. Outside fitting this callback leaves the loaded state_dict (the average) alone and swaps nothing.
     """
 
+    def __init__(self, decay: float = 0.999, **kwargs: Any) -> None:
+        super().__init__(decay=decay, **kwargs)
+        self.decay = decay
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the average spans ~1/(1-decay) steps: a run only a few spans long ends with an average that still holds
+        # much of its early, barely trained weights (and is what every checkpoint, test and export then use)
+        total, span = planned_total(trainer), 1.0 / (1.0 - self.decay)
+        if total is not None and total < 3 * span and trainer.is_global_zero:
+            log.warning("callbacks.ema.decay=%g averages over ~%d steps, and this run plans %d: the average keeps "
+                        "much of the early weights; for this length use callbacks.ema.decay=%.4f",
+                        self.decay, round(span), total, 1.0 - 5.0 / total)
+
     @staticmethod
     def _fitting(trainer: pl.Trainer) -> bool:
         return trainer.state.fn == TrainerFn.FITTING
