@@ -133,6 +133,58 @@ def test_last_ckpt_holds_the_step_max_steps_stopped_at(tmp_path):
 
 
 # --- resume ------------------------------------------------------------------------------------------------------
+def test_resumed_run_counts_its_training_time_from_the_start(small_camvid, tmp_path):
+    """summary.json's wall_time_s (the report's "Train time") of a resumed run counted only the time since the
+    resume: 3 epochs, then 1 more from last.ckpt, was reported as 1 epoch's time."""
+    run1, run2 = tmp_path / "run1", tmp_path / "run2"
+    train(compose_cfg(run1, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=3", "test=false"]))
+    s1 = json.loads((run1 / "summary.json").read_text())
+    spent = torch.load(s1["last_ckpt"], weights_only=True)["callbacks"]["RunSummary"]["fit_s"]
+    assert 0 < spent <= s1["wall_time_s"]
+    t0 = time.time()
+    train(compose_cfg(run2, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=4", "test=false",
+                             f"ckpt_path={s1['last_ckpt']}"]))
+    own = time.time() - t0
+    s2 = json.loads((run2 / "summary.json").read_text())
+    assert s2["epochs"] == 4
+    assert spent < s2["wall_time_s"] < spent + own
+    from bgremover.lit.summary import RunSummary  # train=false ckpt_path=X: the time recorded in X
+
+    tested = RunSummary()
+    tested.from_checkpoint(torch.load(s1["last_ckpt"], weights_only=True), s1["last_ckpt"])
+    assert tested.fit_seconds == spent
+
+
+def test_speedrun_budget_and_clock_go_on_across_a_resume(monkeypatch):
+    """A time-budgeted speed-run resumed from a checkpoint restarted its budget (a full new one, the lr back up
+    its schedule) and its time-to-mIoU clock at zero."""
+    from bgremover.lit import speedrun
+
+    now = [1000.0]
+    monkeypatch.setattr(speedrun.time, "perf_counter", lambda: now[0])
+
+    class Trainer:
+        world_size, lr_scheduler_configs, should_stop, is_global_zero = 1, [], False, True
+
+    first = speedrun.TimeToMIoU(budget_s=100)
+    first.on_fit_start(None, None)
+    now[0] += 5  # set-up before the first step
+    first.on_train_start(None, None)
+    now[0] += 60
+    state = first.state_dict()
+    assert state["fit_s"] == 65 and state["train_s"] == 60
+
+    resumed = speedrun.TimeToMIoU(budget_s=100)
+    resumed.load_state_dict(state)
+    now[0] = 5000.0
+    resumed.on_fit_start(None, None)
+    now[0] += 2
+    resumed.on_train_start(None, None)
+    now[0] += 10
+    assert resumed.elapsed() == 77 and resumed.train_elapsed() == 70
+    assert resumed._progress(Trainer()) == pytest.approx(0.7)  # 30 s of the budget left, not 100
+
+
 def test_resumed_module_keeps_the_best_validation_score():
     from bgremover.lit import SegmentationModule
     from bgremover.nets import FCDenseNet

@@ -67,6 +67,9 @@ class TimeToMIoU(Callback):
         self.fit_s: float | None = None
         self._t0: float | None = None
         self._train_t0: float | None = None
+        # seconds of fit / of training before the checkpoint this run resumed from: the budget and the
+        # time-to-mIoU clock go on from there (as Lightning's trainer.max_time does), not from zero
+        self._resumed = {"fit_s": 0.0, "train_s": 0.0}
         self._steps = 0
 
     @staticmethod
@@ -74,7 +77,12 @@ class TimeToMIoU(Callback):
         return f"time_to/{threshold:.3f}"
 
     def elapsed(self) -> float:
-        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+        """Seconds since the fit started, a resumed run's earlier fit included."""
+        return self._resumed["fit_s"] + (0.0 if self._t0 is None else time.perf_counter() - self._t0)
+
+    def train_elapsed(self) -> float:
+        """Seconds of training (what the budget counts), a resumed run's earlier training included."""
+        return self._resumed["train_s"] + (0.0 if self._train_t0 is None else time.perf_counter() - self._train_t0)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
@@ -84,7 +92,7 @@ class TimeToMIoU(Callback):
 
     def _progress(self, trainer: pl.Trainer) -> float | None:
         """Elapsed fraction of the budget, the same on every rank (rank zero's clock); None between syncs."""
-        progress = (time.perf_counter() - self._train_t0) / self.budget_s
+        progress = self.train_elapsed() / self.budget_s
         if trainer.world_size > 1:
             if self._steps % SYNC_EVERY_STEPS:
                 return None
@@ -152,7 +160,8 @@ class TimeToMIoU(Callback):
         return "; ".join(parts)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reached": dict(self.reached)}
+        return {"reached": dict(self.reached), "fit_s": self.elapsed(), "train_s": self.train_elapsed()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reached = dict(state_dict.get("reached", {}))
+        self._resumed = {k: float(state_dict.get(k) or 0.0) for k in ("fit_s", "train_s")}

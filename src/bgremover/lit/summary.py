@@ -38,13 +38,24 @@ class RunSummary(Callback):
         self.best_ckpt: str | None = None
         self.last_ckpt: str | None = None
         self._t0: float | None = None
+        self._resumed_s = 0.0  # fit seconds spent before the checkpoint this run resumed from
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.time()
 
+    def _fit_s(self) -> float:
+        return self._resumed_s + (0.0 if self._t0 is None else time.time() - self._t0)
+
+    # In every checkpoint: a resumed run's wall_time_s counts its training from the start, not from the resume.
+    def state_dict(self) -> dict[str, Any]:
+        return {"fit_s": self._fit_s()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed_s = float(state_dict.get("fit_s") or 0.0)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # read now: testing the best checkpoint afterwards brings back that epoch's history
-        self.fit_seconds = None if self._t0 is None else time.time() - self._t0
+        self.fit_seconds = None if self._t0 is None else self._fit_s()
         self.history = list(getattr(pl_module, "history", []))
         self.epochs = trainer.current_epoch
         self.best_ckpt = best_checkpoint(trainer)
@@ -55,6 +66,7 @@ class RunSummary(Callback):
         self.history = list(ckpt.get("history", []))
         self.epochs = int(ckpt.get("epoch", -1)) + 1
         self.best_ckpt = path
+        self.fit_seconds = ((ckpt.get("callbacks") or {}).get(type(self).__qualname__) or {}).get("fit_s")
 
     @rank_zero_only
     def write(self, path: Path, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float],
