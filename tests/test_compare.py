@@ -414,3 +414,38 @@ def test_wandb_offline_logs_table(sweep: Path, tmp_path: Path, monkeypatch: pyte
             break
         time.sleep(0.2)
     assert b"compare/nets" in log.read_bytes()
+
+
+def test_runs_of_one_net_with_different_recipes_are_not_averaged_as_seeds(tmp_path: Path) -> None:
+    """Two FC-DenseNet103 speed-runs of 170 s and 450 s were one row, "mean ± std over seeds" of both."""
+    root = tmp_path / "runs"
+    base = {"model": {"optimizer": {"lr": 0.002}}, "speedrun_budget_s": 170, "paths": {"output_dir": "x"}}
+    for name, seed, miou, cfg in (
+        ("a", 1, 0.30, base),
+        ("b", 2, 0.34, base | {"paths": {"output_dir": "y"}}),  # another seed, another folder: the same recipe
+        ("c", 1, 0.46, base | {"speedrun_budget_s": 450}),
+    ):
+        s = ok_summary(root / name, TIRAMISU, 1) | {"seed": seed, "config": cfg}
+        s["metrics"] = s["metrics"] | {"test/mIoU": miou}
+        write_summary(root / name, s)
+    stats = compare.aggregate(compare.find_runs([root]))
+    assert [(s.net, len(s.runs), round(s.miou.mean * 100, 1)) for s in stats] == [
+        ("tiramisu103 (speedrun_budget_s=450)", 1, 46.0),
+        ("tiramisu103 (speedrun_budget_s=170)", 2, 32.0),
+    ]
+    assert all(s.paper is not None for s in stats)  # still the paper's FC-DenseNet103 row
+    md = (compare.build_report([root], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
+    assert "| tiramisu103 (speedrun_budget_s=170) | 2 |" in md
+
+
+def test_recipe_labels_are_the_overrides_that_differ(tmp_path: Path) -> None:
+    """Labels name what the user typed (not the settings derived from it), seeds and logging left out."""
+    root = tmp_path / "runs"
+    for name, seed, budget in (("a", 1, 170), ("b", 2, 170), ("c", 1, 450)):
+        s = ok_summary(root / name, TIRAMISU, 1) | {"seed": seed}
+        s["config"] = {"speedrun_budget_s": budget, "callbacks": {"time_to_miou": {"budget_s": budget}}}
+        s["overrides"] = ["experiment=speedrun_tiramisu103", f"speedrun_budget_s={budget}", f"seed={seed}",
+                          f"hydra.run.dir=/tmp/{name}", "logger=csv"]
+        write_summary(root / name, s)
+    assert sorted((s.net, len(s.runs)) for s in compare.aggregate(compare.find_runs([root]))) == [
+        ("tiramisu103 (speedrun_budget_s=170)", 2), ("tiramisu103 (speedrun_budget_s=450)", 1)]

@@ -134,6 +134,8 @@ def build_report(
                 [
                     "Numbers are percentages on the CamVid test split; X ± Y is the mean ± sample std (ddof=1) over "
                     "a net's seeds. '± —' means a single run: its spread is unknown, not zero.",
+                    "Runs are averaged only when their configs differ in the seed alone (and where they ran and "
+                    "logged); a net trained with several recipes gets a row each, named by the settings that differ.",
                     "mIoU = mean over the 11 classes of intersection over union; global acc = share of non-void "
                     "pixels labelled right. Nets are sorted by test mIoU, best first.",
                     f"Paper columns and rows are the published numbers of {PAPER_CITE}, not ours: they come from "

@@ -151,7 +151,7 @@ def mean_std(values: list[float | None]) -> Stat:
 
 @dataclass
 class NetStats:
-    net: str
+    net: str  # the net, and where it was trained with several recipes the settings that tell them apart
     runs: list[Run]
     params_m: float | None
     miou: Stat
@@ -173,19 +173,74 @@ def paper_entry(net: str) -> tuple[str, dict[str, float | str]] | None:
     return (m.group(1), PAPER[m.group(1)]) if m else None
 
 
-def aggregate(runs: list[Run]) -> list[NetStats]:
-    """One NetStats per net over its successful runs, best test mIoU first."""
-    by_net: dict[str, list[Run]] = {}
+# Config keys in which runs of one recipe may differ: the seed, where a run lives and logs, what it does after
+# training. Any other difference (lr, budget, crop, epochs, devices...) makes another recipe.
+NOT_RECIPE = ("seed", "paths", "hydra", "logger", "extras", "tags", "task_name", "ckpt_path", "train", "test",
+              "measure_inference", "verbose", "data.root", "data.num_workers", "data.cache", "data.download",
+              "trainer.enable_progress_bar", "callbacks.progress_bar")
+LABEL_KEYS = 3  # differing settings named in a group's label, at most
+
+
+def recipe(run: Run) -> dict[str, str]:
+    """The run's resolved config as dotted keys → values, without NOT_RECIPE (empty for old summaries)."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            if _is_recipe_key(prefix[:-1]):
+                flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
+
+    walk(run.summary.get("config") or {}, "")
+    return flat
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """The successful runs by net and recipe: only runs that differ in NOT_RECIPE alone (seeds) are averaged.
+    A net trained with several recipes gets one group each, labelled with the settings that tell them apart."""
+    by_net: dict[str, dict[str, list[Run]]] = {}
     for r in runs:
         if r.ok:
-            by_net.setdefault(r.net, []).append(r)
+            by_net.setdefault(r.net, {}).setdefault(json.dumps(recipe(r), sort_keys=True), []).append(r)
+    out: dict[str, list[Run]] = {}
+    for net, recipes in by_net.items():
+        if len(recipes) == 1:
+            out[net] = next(iter(recipes.values()))
+            continue
+        for label, rs in zip(_labels(list(recipes.values())), recipes.values(), strict=True):
+            out[f"{net} ({label})"] = rs
+    return out
+
+
+def _is_recipe_key(key: str) -> bool:
+    return not any(key == n or key.startswith(n + ".") for n in NOT_RECIPE)
+
+
+def _labels(groups: list[list[Run]]) -> list[str]:
+    """What tells a net's recipes apart: the command-line overrides they do not share (what their users typed),
+    else the resolved settings that differ (same command, say, on another version of the code)."""
+    typed = [[o for o in (g[0].summary.get("overrides") or []) if _is_recipe_key(o.lstrip("+~").split("=")[0])]
+             for g in groups]
+    labels = [[o for o in t if not all(o in u for u in typed)] for t in typed]
+    if all(labels) and len({tuple(lab) for lab in labels}) == len(labels):
+        return [", ".join(lab[:LABEL_KEYS]) + (", …" if len(lab) > LABEL_KEYS else "") for lab in labels]
+    flats = [recipe(g[0]) for g in groups]
+    keys = sorted(k for k in set().union(*flats) if len({f.get(k) for f in flats}) > 1)
+    return [", ".join(f"{k}={json.loads(f[k]) if k in f else '-'}" for k in keys[:LABEL_KEYS])
+            + (", …" if len(keys) > LABEL_KEYS else "") for f in flats]
+
+
+def aggregate(runs: list[Run]) -> list[NetStats]:
+    """One NetStats per net and recipe (group_runs) over its successful runs, best test mIoU first."""
     out = []
-    for net, rs in by_net.items():
+    for label, rs in group_runs(runs).items():
         rs.sort(key=lambda r: (str(r.seed), str(r.dir)))
-        pe = paper_entry(net)
+        pe = paper_entry(rs[0].net)
         out.append(
             NetStats(
-                net=net,
+                net=label,
                 runs=rs,
                 params_m=mean_std([_num(r.summary.get("params")) for r in rs]).mean,
                 miou=mean_std([r.metric("test/mIoU") for r in rs]),
