@@ -449,3 +449,14 @@ def test_recipe_labels_are_the_overrides_that_differ(tmp_path: Path) -> None:
         write_summary(root / name, s)
     assert sorted((s.net, len(s.runs)) for s in compare.aggregate(compare.find_runs([root]))) == [
         ("tiramisu103 (speedrun_budget_s=170)", 2), ("tiramisu103 (speedrun_budget_s=450)", 1)]
+
+
+def test_val_of_a_train_plus_val_run_is_marked_as_trained_on(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    for name, split in (("a", "train"), ("b", "train+val")):
+        s = ok_summary(root / name, TIRAMISU if name == "a" else DEEPLAB, 1)
+        s["config"] = {"data": {"train_split": split}}
+        write_summary(root / name, s)
+    md = (compare.build_report([root], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
+    assert table_row(md, DEEPLAB)[6] == "65.0 ± — (val trained on)"
+    assert table_row(md, TIRAMISU)[6] == "55.0 ± —"

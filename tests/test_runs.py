@@ -522,3 +522,17 @@ def test_callbacks_ema_checkpoints_the_average_and_resumes_from_the_raw_weights(
     last = torch.load(json.loads((tmp_path / "c" / "summary.json").read_text())["last_ckpt"], weights_only=False)
     avg, raw = _net_tensors(last["state_dict"]), _net_tensors(last["current_model_state"])
     assert all(torch.equal(avg[k], raw[k]) for k in avg)  # decay 0: the average is the last step's weights
+
+
+def test_speedrun_times_say_when_val_is_trained_on():
+    from types import SimpleNamespace
+
+    from bgremover.lit.speedrun import TimeToMIoU
+
+    cb = TimeToMIoU(thresholds=[0.5])
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(hparams=SimpleNamespace(train_split="train+val")))
+    cb.on_fit_start(trainer, None)
+    assert cb.describe() == ("val/mIoU >= 0.500: not reached (val is in the training data: not a held-out score)")
+    trainer.datamodule.hparams.train_split = "train"
+    cb.on_fit_start(trainer, None)
+    assert cb.describe() == "val/mIoU >= 0.500: not reached"

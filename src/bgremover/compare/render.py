@@ -59,7 +59,7 @@ def main_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
             pct_pm(s.miou),
             frames_cell(s.runs),
             pct_pm(s.acc),
-            pct_pm(s.val_best),
+            pct_pm(s.val_best) + (" (val trained on)" if any(r.trained_on_val for r in s.runs) else ""),
             duration(s.wall_s),
         ]
         if has_infer:

@@ -85,6 +85,12 @@ class Run:
         return split.get("frames"), split.get("of")
 
     @property
+    def trained_on_val(self) -> bool:
+        """data.train_split=train+val: its val mIoU is no held-out score."""
+        data = (self.summary.get("config") or {}).get("data") or {}
+        return "val" in str(data.get("train_split") or "").split("+")
+
+    @property
     def partial_test(self) -> bool:
         frames, total = self.test_frames
         return frames is not None and total is not None and frames != total
