@@ -121,6 +121,11 @@ def test_last_ckpt_at_the_end_only_is_written_without_validation(tmp_path):
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt"]
     state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert (state["epoch"], state["global_step"]) == (3, 6)  # saved after the loop: epoch counts the 3 done
+    from bgremover.lit.summary import RunSummary  # train=false ckpt_path=X reads the epochs X was trained for
+
+    tested = RunSummary()
+    tested.from_checkpoint(state, str(ckpt_dir / "last.ckpt"))
+    assert tested.epochs == 3  # not "epoch" + 1 = 4
 
 
 def test_last_ckpt_holds_the_step_max_steps_stopped_at(tmp_path):

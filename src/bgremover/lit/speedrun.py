@@ -87,7 +87,7 @@ class TimeToMIoU(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
-        split = getattr(getattr(trainer.datamodule, "hparams", None), "train_split", "train")
+        split = getattr(getattr(getattr(trainer, "datamodule", None), "hparams", None), "train_split", "train")
         self._val_trained = "val" in str(split).split("+")  # data.train_split=train+val
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -64,7 +64,10 @@ class RunSummary(Callback):
     def from_checkpoint(self, ckpt: dict[str, Any], path: str) -> None:
         """A test-only run (train=false ckpt_path=X) describes the training recorded in X."""
         self.history = list(ckpt.get("history", []))
-        self.epochs = int(ckpt.get("epoch", -1)) + 1
+        # epochs trained: Lightning's loop counter says it for a checkpoint written at an epoch's end (its "epoch"
+        # is that epoch's index) and at the end of training (its "epoch" already counts the last one) alike
+        progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current")
+        self.epochs = int(progress["processed"]) if progress else int(ckpt.get("epoch", -1)) + 1
         self.best_ckpt = path
         self.fit_seconds = ((ckpt.get("callbacks") or {}).get(type(self).__qualname__) or {}).get("fit_s")
 
