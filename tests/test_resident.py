@@ -284,6 +284,7 @@ def test_speedrun_budget_anneals_stops_with_a_last_validation(tiny_camvid, tmp_p
     history = objects["model"].history
     assert len(history) == 1 and history[0]["epoch"] == trainer.current_epoch - 1  # the epoch it stopped in
     assert 0.0 <= metrics["time_to/0.000"] <= metrics["time/fit_s"] < 60
+    assert 0.0 < metrics["time/first_step_s"] < metrics["time/fit_s"]  # the warm-up step, timed on its own
     assert "time_to/1.010" not in metrics
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     assert any(r.get("time_to/0.000") for r in rows)
