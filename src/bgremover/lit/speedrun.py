@@ -124,7 +124,7 @@ class TimeToMIoU(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         self._steps += 1
         if self._steps == 1 and self._train_t0 is not None:
-            # The first step carries one-time costs inside the budget (on the H100: 14-45 s, cuDNN autotuning the
+            # The first step carries one-time costs inside the budget (on the H100: 14-46 s, cuDNN autotuning the
             # net's convolution shapes, kernel loading): timed on its own, so a run says what its budget paid for.
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize()  # once: the step's kernels, not just their launch
