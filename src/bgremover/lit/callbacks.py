@@ -287,7 +287,7 @@ class EMAWeights(EMAWeightAveraging):
         if total is not None and total < 3 * span and trainer.is_global_zero:
             log.warning("callbacks.ema.decay=%g averages over ~%d steps, and this run plans %d: the average keeps "
                         "much of the early weights; for this length use callbacks.ema.decay=%.4f",
-                        self.decay, round(span), total, 1.0 - 5.0 / total)
+                        self.decay, round(span), total, max(0.0, 1.0 - 5.0 / total))
 
     @staticmethod
     def _fitting(trainer: pl.Trainer) -> bool:
