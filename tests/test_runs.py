@@ -541,3 +541,31 @@ def test_speedrun_times_say_when_val_is_trained_on():
     trainer.datamodule.hparams.train_split = "train"
     cb.on_fit_start(trainer, None)
     assert cb.describe() == "val/mIoU >= 0.500: not reached"
+
+
+def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_path, monkeypatch):
+    """A resumed run was a new, unrelated W&B run. Now the checkpoint records its W&B run; offline (here) the
+    resumed run is a new one whose config names the old (wandb sync keeps only the last of two offline runs with
+    one id), online the same run goes on (id + resume="allow")."""
+    from wandb_records import offline_run
+
+    from bgremover import train as train_mod
+    from bgremover.utils import finish_wandb
+
+    run1, run2 = tmp_path / "run1", tmp_path / "run2"
+    wandb_run = [*TINY_RUN[:-3], "logger=wandb", "trainer.check_val_every_n_epoch=1", "trainer.max_time=null"]
+    train(compose_cfg(run1, [*wandb_run, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false"]))
+    finish_wandb()
+    first = offline_run(run1 / "wandb")
+    last = run1 / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["wandb_run_id"] == first["id"]
+
+    resume = [*wandb_run, f"data.root={small_camvid}", "trainer.max_epochs=2", "test=false", f"ckpt_path={last}"]
+    train(compose_cfg(run2, resume))
+    finish_wandb()
+    second = offline_run(run2 / "wandb")
+    assert second["id"] != first["id"] and second["config"]["resumed_from_wandb_run"] == first["id"]
+
+    cfg = compose_cfg(tmp_path / "online", resume)
+    assert train_mod._resume_wandb(cfg, "online") == first["id"]
+    assert (cfg.logger.wandb.id, cfg.logger.wandb.resume) == (first["id"], "allow")

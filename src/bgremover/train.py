@@ -70,6 +70,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
     summary = RunSummary()  # not a config node: every run writes its summary.json
     callbacks = [*utils.instantiate_dict(cfg.get("callbacks")), summary]
+    resumed_from = None
     if "logger" in cfg and cfg.logger and "wandb" in cfg.logger:
         mode = utils.wandb_mode()
         os.environ["WANDB_MODE"] = mode
@@ -77,6 +78,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         if cfg.logger.wandb.group is None:
             cfg.logger.wandb.group = utils.sweep_group(cfg)
         cfg.logger.wandb.offline = mode == "offline"
+        resumed_from = _resume_wandb(cfg, mode)
     loggers = utils.instantiate_dict(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     if cfg.get("ckpt_init"):  # a new stage from an earlier run's weights: epoch, optimizer and schedule start fresh
@@ -84,10 +86,27 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         log.info("initialised %d tensors of the net from %s (%d re-initialised: %s)", len(loaded), cfg.ckpt_init,
                  len(skipped), ", ".join(skipped[:6]) + (" …" if len(skipped) > 6 else ""))
     params = count_parameters(model.net)
+    extra = {"resumed_from_wandb_run": resumed_from} if resumed_from else {}
     for logger in loggers:  # the whole resolved config, so dashboards can filter and group by any value
-        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "model/params": params})
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "model/params": params, **extra})
     return {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks, "logger": loggers,
             "trainer": trainer, "params": params, "summary": summary}
+
+
+def _resume_wandb(cfg: DictConfig, mode: str) -> str | None:
+    """A run resumed from a checkpoint (`ckpt_path=`) and the W&B run that checkpoint was logged to. Online it
+    continues that run (same id, resume="allow": one run whose curves go on); offline it starts a new one, since
+    `wandb sync` of two offline runs with one id keeps only the last (wandb/wandb#3841); the new run's config
+    names the old one (`resumed_from_wandb_run`). Returns the old run's id, or None."""
+    if not cfg.get("ckpt_path") or cfg.logger.wandb.get("id"):
+        return None
+    from bgremover import checkpoint
+
+    previous = checkpoint.read(cfg.ckpt_path).get("wandb_run_id")
+    if previous and mode == "online":
+        with open_dict(cfg):
+            cfg.logger.wandb.id, cfg.logger.wandb.resume = previous, "allow"
+    return previous
 
 
 def _use_labels(cfg: DictConfig, info: dict[str, Any]) -> None:

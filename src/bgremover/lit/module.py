@@ -271,6 +271,10 @@ class SegmentationModule(pl.LightningModule):
         if self.val_miou_best.update_called:
             checkpoint["val_miou_best"] = float(self.val_miou_best.compute())
         checkpoint["panel_epoch"] = self._panel_epoch
+        # the W&B run this training logs to: a resume from this file continues it (train.py, online)
+        wandb = [lg for lg in (self._trainer.loggers if self._trainer else []) if type(lg).__name__ == "WandbLogger"]
+        if wandb:
+            checkpoint["wandb_run_id"] = wandb[0].version
         # Strip a torch.compile wrapper's prefix so every checkpoint has plain "net.*" keys.
         checkpoint["state_dict"] = {k.replace("._orig_mod", ""): v for k, v in checkpoint["state_dict"].items()}
 
