@@ -120,12 +120,15 @@ def test_last_ckpt_at_the_end_only_is_written_without_validation(tmp_path):
     assert seen == [[], [], []]
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt"]
     state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
-    assert (state["epoch"], state["global_step"]) == (3, 6)  # saved after the loop: epoch counts the 3 done
+    assert (state["epoch"], state["global_step"]) == (2, 6)  # at the last epoch's end, as every_epoch saves it
     from bgremover.lit.summary import RunSummary  # train=false ckpt_path=X reads the epochs X was trained for
 
     tested = RunSummary()
     tested.from_checkpoint(state, str(ckpt_dir / "last.ckpt"))
-    assert tested.epochs == 3  # not "epoch" + 1 = 4
+    assert tested.epochs == 3
+    # one written at on_train_end (a stop inside an epoch) has "epoch" counting the finished one: the loop says 3
+    tested.from_checkpoint({**state, "epoch": 3}, "x.ckpt")
+    assert tested.epochs == 3
 
 
 def test_last_ckpt_holds_the_step_max_steps_stopped_at(tmp_path):
@@ -569,3 +572,19 @@ def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_pa
     cfg = compose_cfg(tmp_path / "online", resume)
     assert train_mod._resume_wandb(cfg, "online") == first["id"]
     assert (cfg.logger.wandb.id, cfg.logger.wandb.resume) == (first["id"], "allow")
+
+
+def test_last_ckpt_at_the_end_keeps_the_raw_weights_beside_the_ema_average(tmp_path):
+    """every_epoch=False saved at on_train_end, after callbacks=ema had copied the average over the raw weights:
+    the checkpoint's current_model_state (what a resume trains on) was the average too."""
+    from bgremover.lit.callbacks import EMAWeights
+
+    ckpt_dir = tmp_path / "checkpoints"
+    trainer = pl.Trainer(max_epochs=3, callbacks=[EMAWeights(decay=0.5), LastCheckpoint(str(ckpt_dir), every_epoch=False)],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(_Scored([0.1, 0.2, 0.3]))
+    state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 6
+    raw, avg = state["current_model_state"]["layer.weight"], state["state_dict"]["layer.weight"]
+    assert not torch.equal(raw, avg)

@@ -47,12 +47,16 @@ class LastCheckpoint(Checkpoint):
         self._saved_step = -1
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_epoch and not (trainer.sanity_checking or trainer.fast_dev_run):
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        # every_epoch=False: the epoch training stops after — saved here rather than at on_train_end, where
+        # callbacks=ema has already copied the average over the raw weights a resume needs
+        if self.every_epoch or _stops_after_this_epoch(trainer):
             self._save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the state training ended with, also when it stopped inside an epoch (max_steps, a time budget) or never
-        # validated (limit_val_batches=0: ModelCheckpoint, monitoring val/mIoU, then writes nothing)
+        # whatever the epoch end did not catch: the state training ended with (a stop inside an epoch). With
+        # validation off (limit_val_batches=0), ModelCheckpoint, monitoring val/mIoU, writes nothing: this is it
         if not trainer.fast_dev_run and trainer.global_step > 0:
             self._save(trainer)
 
@@ -91,6 +95,13 @@ class LastCheckpoint(Checkpoint):
             return None
         best = Path(cb.best_model_path)
         return best if best.is_file() and best.parent == Path(cb.dirpath) else None
+
+
+def _stops_after_this_epoch(trainer: pl.Trainer) -> bool:
+    """At an epoch's end: whether the fit loop ends here (a stop request, max_epochs or max_steps reached)."""
+    epochs, steps = trainer.max_epochs, trainer.max_steps
+    return bool(trainer.should_stop or (epochs not in (None, -1) and trainer.current_epoch + 1 >= epochs)
+                or (steps not in (None, -1) and trainer.global_step >= steps))
 
 
 def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
