@@ -27,6 +27,8 @@ OUT ?=
 SWEEP ?=
 # your image/mask folder for `make remover`
 DATA ?=
+# where `make example-data` writes its two worked-example folders
+EXAMPLES ?= data
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint data train eval sweep compare export predict ship eval-cutout \
@@ -91,9 +93,11 @@ remover: $(STAMP) ## your own remover from an image/mask folder: make remover DA
 	@test -n "$(DATA)" || { echo "error: give your image/mask folder: make remover DATA=path/to/folder" >&2; exit 2; }
 	$(BIN)/python -m bgremover.train_remover "$(DATA)" --exp "$(or $(EXP),remover)" $(ARGS)
 
-example-data: $(STAMP) ## worked-example folders for `make remover` from CamVid: data/cars-composite (pasted cars) and data/cars (cars in place)
-	@test -e data/cars-composite || $(BIN)/python -m bgremover.data.make_folder data/cars-composite --composite
-	@test -e data/cars || $(BIN)/python -m bgremover.data.make_folder data/cars
+example-data: $(STAMP) ## worked-example folders for `make remover` from CamVid: data/cars-composite (pasted cars) and data/cars (cars in place) [EXAMPLES=dir]
+	@if test -e "$(EXAMPLES)/cars-composite"; then echo "$(EXAMPLES)/cars-composite exists: kept (remove it to rebuild)"; \
+	else $(BIN)/python -m bgremover.data.make_folder "$(EXAMPLES)/cars-composite" --composite; fi
+	@if test -e "$(EXAMPLES)/cars"; then echo "$(EXAMPLES)/cars exists: kept (remove it to rebuild)"; \
+	else $(BIN)/python -m bgremover.data.make_folder "$(EXAMPLES)/cars"; fi
 
 reproduce-default: $(STAMP) ## retrain the shipped model (its GPU speed-run recipe) and export it to logs/reproduce/ for comparison
 	@$(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { echo "error: the shipped model's recipe (experiments/speedrun_remover.yaml) trains on a GPU and this machine has none; on a CPU: make train EXP=cpu_default (the earlier CPU-trained remover, 87 min, 39.7 test mIoU)" >&2; exit 2; }

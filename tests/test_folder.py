@@ -466,3 +466,27 @@ def test_ddp_evaluation_counts_every_folder_frame_once(tmp_path):
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         seen += list(dm.test_dataloader().sampler)
     assert sorted(seen) == list(range(n))
+
+
+def test_make_example_data_builds_both_folders_once(camvid_root, tmp_path):
+    """The make target itself (it had no test): two image/mask folders from the real CamVid, and a second call
+    keeps them, saying so, instead of rebuilding or failing."""
+    import subprocess
+
+    from conftest import REPO
+
+    out = tmp_path / "examples"
+    cmd = ["make", "-s", "example-data", f"EXAMPLES={out}", f"DATA_DIR={camvid_root}"]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for name in ("cars-composite", "cars"):
+        for split in ("train", "val", "test"):
+            images = sorted((out / name / split / "images").iterdir())
+            masks = sorted((out / name / split / "masks").iterdir())
+            assert images and [p.stem for p in images] == [p.stem for p in masks], (name, split)
+    stamp = (out / "cars" / "SOURCE.txt").stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    assert again.stdout.splitlines() == [f"{out}/cars-composite exists: kept (remove it to rebuild)",
+                                         f"{out}/cars exists: kept (remove it to rebuild)"]
+    assert (out / "cars" / "SOURCE.txt").stat().st_mtime_ns == stamp
