@@ -588,3 +588,31 @@ def test_last_ckpt_at_the_end_keeps_the_raw_weights_beside_the_ema_average(tmp_p
     assert state["global_step"] == 6
     raw, avg = state["current_model_state"]["layer.weight"], state["state_dict"]["layer.weight"]
     assert not torch.equal(raw, avg)
+
+
+def test_run_plan_of_a_resumed_run_counts_what_is_left(small_camvid, tmp_path, caplog):
+    """A resumed run's plan announced the whole run again (all epochs, all steps, the whole time limit)."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.callbacks import Timer
+
+    from bgremover.lit.callbacks import _time_limit
+    from bgremover.lit.speedrun import TimeToMIoU
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=3"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=4", f"ckpt_path={last}"]))
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    assert "resumes at epoch 4 (step 6): 1 of 4 epochs × 2 steps = 2 steps left" in plan
+    estimate = describe_estimate(objects["trainer"], 600.0, (3, 6))  # 2 steps left at 10 min each
+    assert "about 20 min 00 s of training for the 1 epoch left" in estimate
+
+    # the time limits: what a resumed run has left of them (both clocks go on across a resume)
+    timer = Timer(duration="00:00:10:00")
+    timer.load_state_dict({"time_elapsed": {"train": 125.0}})
+    budget = TimeToMIoU(budget_s=300)
+    budget.load_state_dict({"train_s": 290.0})
+    assert _time_limit(SimpleNamespace(callbacks=[timer])) == (475.0, "trainer.max_time")
+    assert _time_limit(SimpleNamespace(callbacks=[timer, budget])) == (10.0, "TimeToMIoU's time budget")

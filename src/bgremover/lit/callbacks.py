@@ -119,10 +119,12 @@ class RunPlan(Callback):
         self._val_t0: float | None = None
         self._val_runs = 0
         self._estimated = False
+        self._start = (0, 0)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = (trainer.current_epoch, trainer.global_step)  # (0, 0), or where a resumed run goes on
         if trainer.is_global_zero and not trainer.fast_dev_run:
-            log.info("plan: %s", describe_plan(trainer, pl_module))
+            log.info("plan: %s", describe_plan(trainer, pl_module, self._start))
 
     def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         self._steps += 1
@@ -134,7 +136,7 @@ class RunPlan(Callback):
         self._estimated = True
         per_step = (time.perf_counter() - self._t0 - self._val_s) / (self._steps - 1)
         if trainer.is_global_zero and not trainer.fast_dev_run:
-            log.info("estimate: %s", describe_estimate(trainer, per_step))
+            log.info("estimate: %s", describe_estimate(trainer, per_step, self._start))
 
     def on_validation_start(self, trainer: pl.Trainer, *_: Any) -> None:
         if not trainer.sanity_checking:
@@ -156,14 +158,18 @@ def _duration(seconds: float) -> str:
 
 def _time_limit(trainer: pl.Trainer) -> tuple[float, str] | None:
     """(seconds, what sets it) of the earliest time limit: trainer.max_time (Lightning's Timer) or a callback's
-    time budget (`budget_s`, e.g. the remover's and the speed-runs' TimeToMIoU)."""
+    time budget (`budget_s`, e.g. the remover's and the speed-runs' TimeToMIoU) — what is left of it when this
+    process started training: both clocks go on across a resume."""
     limits = []
     for cb in trainer.callbacks:
         if type(cb).__name__ == "Timer":
-            limits.append((getattr(cb, "_duration", None), "trainer.max_time"))
+            total, spent, what = getattr(cb, "_duration", None), getattr(cb, "_offset", 0.0), "trainer.max_time"
         else:
-            limits.append((getattr(cb, "budget_s", None), f"{type(cb).__name__}'s time budget"))
-    return min(((float(s), what) for s, what in limits if s), default=None)
+            total, spent, what = (getattr(cb, "budget_s", None), getattr(cb, "spent_before_s", 0.0),
+                                  f"{type(cb).__name__}'s time budget")
+        if total:
+            limits.append((max(0.0, float(total) - float(spent or 0.0)), what))
+    return min(limits, default=None)
 
 
 def planned_steps(trainer: pl.Trainer) -> tuple[int | None, int | None]:
@@ -189,7 +195,8 @@ def planned_total(trainer: pl.Trainer) -> int | None:
     return min(total, trainer.max_steps) if trainer.max_steps not in (None, -1) else total
 
 
-def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tuple[int, int] = (0, 0)) -> str:
+    """The run in one line; `start` (epoch, step) where a resumed run goes on: it counts what is left."""
     epochs, per_epoch = planned_steps(trainer)
     steps = planned_total(trainer)
     hp = pl_module.hparams
@@ -200,30 +207,35 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
     total = f"{steps} steps" if steps else "steps until stopped"
     parts = [
         f"{hp.get('net_name', 'net')} ({params:.2f} M params)",
-        f"{epochs or '∞'} epochs × {per_epoch or '?'} steps = {total}",
+        f"{epochs or '∞'} epochs × {per_epoch or '?'} steps = {total}" if not start[1] else
+        f"resumes at epoch {start[0] + 1} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
+        f"epochs × {per_epoch or '?'} steps = " + (f"{steps - start[1]} steps left" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
         f"validation every {trainer.check_val_every_n_epoch} epoch(s)",
         f"{trainer.strategy.root_device.type} {trainer.precision}",
     ]
     limit = _time_limit(trainer)
     if limit:
-        parts.append(f"stops after {_duration(limit[0])} at most ({limit[1]})")
+        parts.append(f"stops after {_duration(limit[0])} {'more ' if start[1] else ''}at most ({limit[1]})")
     return ", ".join(parts)
 
 
-def describe_estimate(trainer: pl.Trainer, seconds_per_step: float) -> str:
+def describe_estimate(trainer: pl.Trainer, seconds_per_step: float, start: tuple[int, int] = (0, 0)) -> str:
+    """How long the run (or what is left of a resumed one, from `start`) will take at `seconds_per_step`."""
     epochs, _ = planned_steps(trainer)
     steps = planned_total(trainer)
     text = f"{seconds_per_step:.2f} s per training step"
     if not steps:
         return text
-    total = seconds_per_step * steps
+    left_epochs = epochs - start[0]
+    total = seconds_per_step * max(0, steps - start[1])
+    which = f"the {left_epochs} epoch{'' if left_epochs == 1 else 's'} left" if start[1] else f"{epochs} epochs"
     limit = _time_limit(trainer)
     if limit and limit[0] < total:  # the time limit is the run's real length: say it first
         return (f"{text} → {limit[1]} stops it after {_duration(limit[0])}, near epoch "
-                f"{max(1, int(limit[0] / total * epochs))} of {epochs} (all {epochs} would take about "
-                f"{_duration(total)}, validation extra)")
-    return f"{text} → about {_duration(total)} of training for {epochs} epochs (validation extra)"
+                f"{start[0] + max(1, int(limit[0] / total * left_epochs))} of {epochs} (all of {which} would "
+                f"take about {_duration(total)}, validation extra)")
+    return f"{text} → about {_duration(total)} of training for {which} (validation extra)"
 
 
 def epoch_label(epoch: int, epochs: int | None, limit_s: float | None = None, elapsed_s: float = 0.0,

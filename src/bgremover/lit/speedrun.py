@@ -82,6 +82,11 @@ class TimeToMIoU(Callback):
         """Seconds since the fit started, a resumed run's earlier fit included."""
         return self._resumed["fit_s"] + (0.0 if self._t0 is None else time.perf_counter() - self._t0)
 
+    @property
+    def spent_before_s(self) -> float:
+        """Training seconds of the budget spent before the checkpoint this run resumed from."""
+        return self._resumed["train_s"]
+
     def train_elapsed(self) -> float:
         """Seconds of training (what the budget counts), a resumed run's earlier training included."""
         return self._resumed["train_s"] + (0.0 if self._train_t0 is None else time.perf_counter() - self._train_t0)
