@@ -72,9 +72,12 @@ def plot_val_miou(stats: list[NetStats], path: Path) -> bool:
     ax.set_ylabel("val mIoU (%)")
     ax.set_title("Validation mIoU per epoch — thin: single runs, bold: mean, band: min–max over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    if max(len(s.net) for s in stats) > 40:  # long recipe labels would cover the curves: below the axes instead
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=9, frameon=False)
+    else:
+        ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -106,10 +109,11 @@ def plot_class_iou(stats: list[NetStats], path: Path) -> bool:
     ax.set_title("Per-class test IoU (mean over seeds; error bars: sample std)")
     ax.grid(axis="y", alpha=0.3)
     # Below the axes: inside, it would hide the tall bars or the paper's markers.
-    ax.legend(
-        fontsize=9, ncol=min(4, len(have) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False
-    )
+    # as many columns as the longest label leaves room for (a net with several recipes has a long one)
+    longest = max(len(s.net) for s in have) + 4
+    ncol = max(1, min(4, len(have) + 1, int(fig.get_figwidth() * 13 // longest)))
+    ax.legend(fontsize=9, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the legend below the axes is part of the picture
     plt.close(fig)
     return True
