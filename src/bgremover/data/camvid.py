@@ -72,6 +72,12 @@ def train_splits(name: str) -> tuple[str, ...]:
     return parts
 
 
+def split_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
+    """(image, label) paths of a split, or of splits joined with "+" (see train_splits), in that order."""
+    parts = train_splits(split) if "+" in split else (split,)
+    return [pair for part in parts for pair in list_pairs(root, part)]
+
+
 def select(pairs: list, limit: int | None) -> list:
     """`limit` evenly spaced items (all when None): a subset still spans every video sequence. The training
     data, the test stage and `make eval-cutout --limit` pick the same frames this way."""
@@ -157,7 +163,7 @@ def median_frequency_weights(root: str | os.PathLike, cache_dir: str | os.PathLi
     freq(c) = pixels of c / pixels of the images where c appears; weight(c) = median(freq) / freq(c).
     Cached by the list of label files and their sizes, since reading 367 PNGs costs seconds at every start.
     """
-    pairs = [pair for part in train_splits(split) for pair in list_pairs(root, part)]
+    pairs = split_pairs(root, split)
     key = hashlib.sha1(
         json.dumps([(p.parent.name, p.name, p.stat().st_size) for _, p in pairs]).encode()
     ).hexdigest()[:16]
@@ -243,8 +249,7 @@ class CamVidDataset:
 
     def __init__(self, root: str | os.PathLike, split: str, transform=None, limit: int | None = None):
         self.root, self.split = Path(root), split
-        parts = train_splits(split) if "+" in split else (split,)
-        self.pairs = select([pair for part in parts for pair in list_pairs(self.root, part)], limit)
+        self.pairs = select(split_pairs(self.root, split), limit)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -93,8 +93,7 @@ class TimeToMIoU(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
-        split = getattr(getattr(getattr(trainer, "datamodule", None), "hparams", None), "train_split", "train")
-        self._val_trained = "val" in str(split).split("+")  # data.train_split=train+val
+        self._val_trained = bool(getattr(getattr(trainer, "datamodule", None), "trains_on_val", False))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_t0 = time.perf_counter()  # the budget counts from here, like trainer.max_time
