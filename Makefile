@@ -30,6 +30,14 @@ DATA ?=
 # where `make example-data` writes its two worked-example folders
 EXAMPLES ?= data
 
+# `make train lr=0.1` would set a make variable nobody reads and run the default: refuse what no target reads
+# (Hydra overrides go in ARGS="..."), in one line, before anything runs
+KNOWN_VARS := EXP ARGS CKPT IMG MODEL OUT SWEEP DATA DATA_DIR EXAMPLES PYTHON KEEP_MEMORY WANDB_SILENT OMP_WAIT_POLICY
+UNKNOWN_VARS := $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(filter-out $(KNOWN_VARS),$(v)))))
+ifneq ($(UNKNOWN_VARS),)
+$(error unknown make variable(s) $(UNKNOWN_VARS): Hydra overrides go in ARGS, e.g. make train ARGS="$(firstword $(UNKNOWN_VARS))=...")
+endif
+
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint data train eval sweep compare export predict ship eval-cutout \
         remover example-data serve benchmark reproduce-default clean

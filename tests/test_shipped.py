@@ -97,3 +97,17 @@ def test_reproduce_default_without_a_gpu_says_so_and_trains_nothing(tmp_path):
     assert len(errors) == 1 and "speedrun_remover.yaml" in errors[0] and "EXP=cpu_default" in errors[0]
     assert "Traceback" not in proc.stderr and not proc.stdout.strip()
     assert (sorted((REPO / "logs").glob("reproduce*")) if (REPO / "logs").is_dir() else []) == before
+
+
+def test_make_refuses_a_variable_no_target_reads():
+    """README rows said `make train EXP=speedrun_tiramisu103 speedrun_budget_s=450`: make took the budget as a make
+    variable nobody reads and ran the recipe's default 570 s. Now one line says where Hydra overrides go."""
+    proc = subprocess.run(["make", "-s", "train", "EXP=speedrun_tiramisu103", "speedrun_budget_s=450"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.endswith("*** unknown make variable(s) speedrun_budget_s: Hydra overrides go in ARGS, e.g. make "
+                         'train ARGS="speedrun_budget_s=...".  Stop.')
+    ok = subprocess.run(["make", "-n", "train", "EXP=speedrun_tiramisu103", "ARGS=speedrun_budget_s=450"], cwd=REPO,
+                        capture_output=True, text=True, timeout=60, check=True)
+    assert "experiment=speedrun_tiramisu103 speedrun_budget_s=450" in ok.stdout
