@@ -9,7 +9,7 @@ BN → ReLU → 3x3 conv → dropout on the concatenation of everything before i
 one buffer so that building a block costs linear, not quadratic, copying and memory. That file says how and why.
 ``dense_blocks="plain"`` trains the textbook block instead (same parameters); ``"auto"`` (the default) takes the
 fused block on CPU and the plain one on a GPU, where it measured faster (H100, bf16, batch 32 at 224²: 186 vs
-156 img/s, README "Measured on an H100"), and where ``torch.compile`` can fuse it.
+156 img/s, docs/gpu_measurements.md), and where ``torch.compile`` can fuse it.
 
 Dropout is channel-wise (``Dropout2d``) with p=0.2: the paper uses element-wise dropout, but dropping whole
 maps is the usual choice for conv features and its mask is N x g x 1 x 1, cheap to draw and to keep.
