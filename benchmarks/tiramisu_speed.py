@@ -15,6 +15,9 @@ steps allocate it again and their peak counts it. Compilation is part of warm-up
 warm-up step's time (compilation included, for the compiled modes) is printed on each cell's progress line.
 Each cell starts with a line saying so: a run killed from outside still shows which cell it was in.
 
+"ours" is the project net with its hand-written (fused) dense blocks; in the compiled modes off the CPU it is the
+net as ``trainer=gpu model.compile=true`` trains it (``dense_blocks=auto``: its textbook layers; see project_blocks).
+
 Modes: fp32 (NCHW float32), cl (channels_last float32), bf16 (channels_last + bf16 autocast), compiled
 (bf16 + torch.compile), compiled-fp32 (cl + torch.compile), memeff / memeff-cl / memeff-fp32 (project net
 with memory_efficient=True under the bf16 / cl / fp32 flags, compared with the reference under those flags).
@@ -92,6 +95,16 @@ def cpu_kind() -> str:
             f"{dense_block._CPU_NATIVE_BF16}); fused CPU kernels: {fused}")
 
 
+def project_blocks(mode: str, device: str) -> str:
+    """The project net's dense blocks in a cell: the hand-written (fused) ones, except compiled off the CPU.
+
+    torch.compile recompiles the fused blocks for every layer width until dynamo's limit and then runs them eagerly
+    (seen on an H100), so a compiled cell of them on a GPU spends minutes measuring the eager blocks. There "ours"
+    is what ``trainer=gpu model.compile=true`` trains: ``dense_blocks=auto``, the textbook layers of the project net.
+    """
+    return "auto" if MODE_FLAGS[mode][2] and not device.startswith("cpu") else "fused"
+
+
 def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, device: str,
            bf16_route: str = "auto", batch: int | None = None) -> dict[str, float]:
     """One configuration in this process; returns img/s and peak activation memory in MiB."""
@@ -113,8 +126,8 @@ def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, d
     if impl == "ref":
         model = ref_fcdensenet(name)
     else:
-        # the hand-written blocks on any device ("auto" would train the textbook layers on a GPU)
-        model = FCDenseNet(**TIRAMISU_CONFIGS[name], memory_efficient=mem_eff, dense_blocks="fused")
+        blocks = project_blocks(mode, device)
+        model = FCDenseNet(**TIRAMISU_CONFIGS[name], memory_efficient=mem_eff, dense_blocks=blocks)
     h, w, cpu_batch = SIZES[size]
     batch = batch or (GPU_BATCH[size] if device.startswith("cuda") else cpu_batch)
     model = model.to(device).train()

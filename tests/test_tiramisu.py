@@ -701,3 +701,25 @@ def test_speed_benchmark_skips_a_cell_over_its_time_limit():
     assert "  .. 56 ref fp32 224: started" in proc.stdout and "  .. 56 ours fp32 224: started" in proc.stdout
     assert proc.stderr.count("over --cell-timeout 0.2 s, skipped") == 2
     assert proc.stdout.rstrip().splitlines()[-1].split() == ["56", "224", "fp32", "-", "-", "-", "-", "-", "-"]
+
+
+def test_speed_benchmark_compiles_on_a_gpu_what_trainer_gpu_compiles():
+    """On an H100 a compiled cell of the fused blocks recompiled per layer width and then ran eagerly: minutes of
+    device time measuring nothing new. Off the CPU, compiled cells now build the project net as `trainer=gpu
+    model.compile=true` does (dense_blocks=auto: textbook layers there); every other cell keeps the fused blocks."""
+    from bgremover.nets.dense_block import DenseBlock
+    from bgremover.nets.tiramisu import FCDenseNet
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tiramisu_speed.py"
+    spec = importlib.util.spec_from_file_location("tiramisu_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.project_blocks("compiled", "cuda") == bench.project_blocks("compiled-fp32", "cuda:0") == "auto"
+    for mode in ("bf16", "cl", "memeff", "fp32"):
+        assert bench.project_blocks(mode, "cuda") == "fused"
+    for mode in bench.MODES:
+        assert bench.project_blocks(mode, "cpu") == "fused"
+    # "auto" is the textbook layers on a GPU and the fused ones on a CPU, as the docstring says
+    net = FCDenseNet(down_blocks=(1,), up_blocks=(1,), bottleneck_layers=1, dense_blocks="auto")
+    blocks = [m for m in net.modules() if isinstance(m, DenseBlock)]
+    assert blocks and all(b.uses_plain(torch.device("cuda")) and not b.uses_plain(torch.device("cpu")) for b in blocks)
