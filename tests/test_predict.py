@@ -191,6 +191,31 @@ def test_bg_color_composite(remover):
     assert (np.asarray(remover.remove(halves(6, 10), bg_color="#0a141e")) == arr).all()
 
 
+def test_bg_color_with_opacity(remover):
+    """rembg's `-bgc R G B A`: the cut-out over a colour of opacity A (RGBA out); A=255 is the opaque RGB
+    composite, A=0 no background at all (the plain cut-out), as rembg's default 0 0 0 0 is."""
+    img = halves(6, 10)
+    out = remover.remove(img, bg_color=(10, 20, 30, 128))
+    arr = np.asarray(out)
+    assert out.mode == "RGBA" and out.size == (10, 6)
+    assert (arr[:, :5] == (*RED, 255)).all() and (arr[:, 5:] == (10, 20, 30, 128)).all()
+    assert (np.asarray(remover.remove(img, bg_color="#0a141e80")) == arr).all()
+    opaque = remover.remove(img, bg_color=(10, 20, 30, 255))
+    assert opaque.mode == "RGB" and (np.asarray(opaque) == np.asarray(remover.remove(img, bg_color=(10, 20, 30)))).all()
+    assert (np.asarray(remover.remove(img, bg_color=(10, 20, 30, 0))) == np.asarray(remover.remove(img))).all()
+    # a soft edge (alpha ~0.55 over a half-opaque colour): the "over" operator, alpha and colour
+    soft = np.zeros((4, 4, 3), np.uint8)
+    soft[..., 0] = 128
+    cut = np.asarray(remover.remove(soft)).astype(np.float64)
+    a, b = cut[..., 3:] / 255, (1 - cut[..., 3:] / 255) * (100 / 255)
+    want_rgb = (cut[..., :3] * a + np.array([0.0, 200.0, 0.0]) * b) / (a + b)
+    got = np.asarray(remover.remove(soft, bg_color=(0, 200, 0, 100))).astype(np.float64)
+    assert np.abs(got[..., 3:] - 255 * (a + b)).max() <= 1 and np.abs(got[..., :3] - want_rgb).max() <= 1
+    for bad in ((1, 2, 3, 256), (1, 2), "1,2,3,4,5"):
+        with pytest.raises(UsageError):
+            remover.remove(img, bg_color=bad)
+
+
 def test_bg_image_composite(remover, tmp_path):
     bg = tmp_path / "bg.png"
     Image.new("RGB", (7, 3), (0, 200, 0)).save(bg)  # other size and aspect: scaled to cover

@@ -239,3 +239,53 @@ def test_input_in_read_only_folder_writes_to_cwd(tmp_path, monkeypatch):
     from bgremover.predict import _plan_outputs
 
     assert _plan_outputs([src], None, several=False) == [work / "frame.nobg.png"]
+
+
+def test_rembg_commands_i_and_p(model, tmp_path, capsys):
+    """rembg's habits: `i INPUT OUTPUT`, `p IN_DIR OUT_DIR`, -om, -bgc R G B A and -a give what the plain form
+    gives (before, `bgremover-predict i a.png b.png` failed on a file named "i")."""
+    src = save_png(tmp_path / "a.png")
+    assert main([str(src), "--model", model, "--out", str(tmp_path / "plain.png"), "-q"]) == 0
+    assert main(["i", "--model", model, str(src), str(tmp_path / "i.png"), "-q"]) == 0
+    assert (tmp_path / "i.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
+    assert main(["i", "-m", model, "-om", str(src), str(tmp_path / "mask.png")]) == 0
+    assert read_png(tmp_path / "mask.png").mode == "L"
+    assert main(["i", "-m", model, "-bgc", "0", "0", "255", "255", "-a", str(src), str(tmp_path / "blue.png")]) == 0
+    blue = read_png(tmp_path / "blue.png")
+    assert blue.mode == "RGB" and tuple(np.asarray(blue)[0, -1]) == (0, 0, 255)
+    assert main([str(src), "-m", model, "-bgc", "0", "0", "255", "64", "-o", str(tmp_path / "t.png")]) == 0
+    assert tuple(np.asarray(read_png(tmp_path / "t.png"))[0, -1]) == (0, 0, 255, 64)
+    assert main(["i", "-m", model, str(src)]) == 0  # no OUTPUT: beside the input, as the plain form
+    assert read_png(tmp_path / "a.nobg.png").mode == "RGBA"
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("x.png", "y.png"):
+        save_png(folder / name)
+    assert main(["p", "-m", model, "-q", str(folder), str(tmp_path / "out" / "new")]) == 0
+    assert sorted(os.listdir(tmp_path / "out" / "new")) == ["x.nobg.png", "y.nobg.png"]
+    assert sorted(os.listdir(folder)) == ["x.png", "y.png"]
+    capsys.readouterr()
+
+    # each form refuses the other's input in one line, exit 2, writing nothing
+    before = sorted(os.listdir(tmp_path))
+    assert main(["i", "-m", model, str(folder), str(tmp_path / "z.png")]) == 2
+    assert "use `p INPUT_DIR OUTPUT_DIR`" in capsys.readouterr().err
+    assert main(["p", "-m", model, str(src), str(tmp_path / "zdir")]) == 2
+    assert "use `i INPUT OUTPUT`" in capsys.readouterr().err
+    assert main(["p", "-m", model, str(folder), str(src)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_rembg_i_reads_stdin_and_s_is_the_server(model, tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(halves(12, 20)).save(buf, format="PNG")
+    res = run_cli("i", "-m", model, stdin=buf.getvalue())  # no INPUT, stdin not a terminal: stdin to stdout
+    assert res.returncode == 0, res.stderr
+    assert read_png(io.BytesIO(res.stdout)).size == (20, 12)
+    res = run_cli("s", "--help")
+    assert res.returncode == 0 and b"usage: bgremover-predict s" in res.stdout and b"--max-bytes" in res.stdout
+    res = run_cli("s", "-m", model, "--port", "70000")
+    assert res.returncode == 2 and res.stderr.decode().strip() == "bgremover-predict s: error: --port must be " \
+        "within 0..65535, got 70000"

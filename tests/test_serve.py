@@ -164,6 +164,10 @@ def test_health_and_model(server, remover):
         ("multipart", "?classes=car&classes=pedestrian&threshold=0.4", {"classes": ["car", "pedestrian"], "threshold": 0.4}),
         ("raw", "?mask_only", {"mask_only": True}),
         ("multipart", "?bg_color=255,0,128&refine=false", {"bg_color": (255, 0, 128)}),
+        ("multipart", "?bg_color=255,0,128,100", {"bg_color": (255, 0, 128, 100)}),
+        # rembg's server names: om (only mask), a (alpha matting: here the guided-filter refine), bgc R,G,B,A
+        ("raw", "?om=1", {"mask_only": True}),
+        ("multipart", "?bgc=0,0,255,128&a=true", {"bg_color": (0, 0, 255, 128), "refine": True}),
     ],
 )
 def test_remove_equals_library(server, remover, upload, query, opts):
@@ -177,11 +181,20 @@ def test_remove_equals_library(server, remover, upload, query, opts):
     assert got.size == (480, 360) and got.mode == expected.mode
     assert np.array_equal(np.asarray(got), np.asarray(expected))
     assert body == encode_png(expected)  # byte for byte what bgremover-predict writes
-    if got.mode == "RGBA":  # a real cut-out: both kept and removed pixels
+    if got.mode == "RGBA" and "bg_color" not in opts:  # a real cut-out: both kept and removed pixels
         alpha = np.asarray(got)[:, :, 3]
         assert (alpha >= 192).mean() > 0.05 and (alpha < 64).mean() > 0.5
     name = "photo" if upload == "multipart" else "image"
     assert f'filename="{name}.{"mask" if opts.get("mask_only") else "nobg"}.png"' in headers["content-disposition"]
+
+
+def test_rembg_path_answers_as_remove(server, remover):
+    """`curl -F file=@photo.jpg 'http://host/api/remove?om=true'`, as rembg's server is called, works unchanged."""
+    status, headers, body = request(server, "POST", "/api/remove?om=true", *multipart(EXAMPLE.read_bytes()))
+    assert status == 200 and headers["content-type"] == "image/png", body[:300]
+    assert body == encode_png(remover.remove(EXAMPLE, mask_only=True))
+    status, _, body = request(server, "POST", "/api/remove?om=1&mask_only=1", *multipart(EXAMPLE.read_bytes()))
+    assert status == 422 and "mask_only given more than once" in json.loads(body)["error"]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """`bgremover-predict` (or `python -m bgremover.predict`): cut the background out of images, rembg-style.
 
     bgremover-predict IMG [IMG ...] | DIR [--out DIR|FILE] [--model PATH] [--classes A,B] [--threshold T]
-                      [--refine] [--mask-only] [--bg-color R,G,B] [--bg-image P] [--threads N]
+                      [--refine] [--mask-only] [--bg-color R,G,B[,A]] [--bg-image P] [--threads N]
                       [--max-side N] [--max-pixels N] [--overwrite] [--quiet]
+    bgremover-predict i [options] INPUT [OUTPUT] | p [options] INPUT_DIR OUTPUT_DIR | s [serve options]
+    The second line is rembg's form (`rembg i/p/s`), with its -om (--only-mask), -bgc R G B A (--bgcolor) and
+    -a (--alpha-matting: here the guided-filter --refine); `s` runs bgremover-serve.
     Writes <stem>.nobg.png next to each input (or into --out). `-` as input reads stdin; with no --out (or
     `--out -`) the PNG goes to stdout.
     In a folder, images whose output exists are skipped (--overwrite replaces them); files named one by one are
@@ -66,24 +69,45 @@ def _is_image_file(path: Path) -> bool:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+# rembg's commands: `i INPUT [OUTPUT]` one file, `p INPUT_DIR OUTPUT_DIR` a folder, `s` the HTTP server
+REMBG_COMMANDS = {"i": "one image: INPUT [OUTPUT] (- = stdin/stdout)", "p": "a folder: INPUT_DIR OUTPUT_DIR",
+                  "s": "the HTTP service and page (bgremover-serve's options)"}
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="bgremover-predict",
+        prog="bgremover-predict" + (f" {command}" if command else ""),
         description="Remove the background (everything but the chosen classes) from images.",
-        epilog="Exit codes: 0 ok, 1 some input failed or the model cannot be loaded, 2 usage error.",
+        epilog="rembg's commands work too: " + "; ".join(f"`{k}` {v}" for k, v in REMBG_COMMANDS.items())
+        + ". Exit codes: 0 ok, 1 some input failed or the model cannot be loaded, 2 usage error.",
     )
-    p.add_argument(
-        "inputs", nargs="+", metavar="IMG|DIR", help="image files, folders of images, or - for stdin"
-    )
-    p.add_argument("--out", "-o", help="output folder, or output file for a single input (- = stdout)")
+    if command == "i":
+        p.add_argument("input", nargs="?", metavar="INPUT", help="an image file, or - for stdin (the default when "
+                       "stdin is not a terminal)")
+        p.add_argument("out", nargs="?", metavar="OUTPUT", help=f"the PNG to write, or - for stdout (default: "
+                       f"<stem>{OUTPUT_SUFFIX} beside the input; stdout for stdin)")
+    elif command == "p":
+        p.add_argument("input", metavar="INPUT_DIR", help="a folder of images")
+        p.add_argument("out", metavar="OUTPUT_DIR", help=f"the folder to write <stem>{OUTPUT_SUFFIX} files into "
+                       "(made if missing)")
+    else:
+        p.add_argument(
+            "inputs", nargs="+", metavar="IMG|DIR", help="image files, folders of images, or - for stdin"
+        )
+        p.add_argument("--out", "-o", help="output folder, or output file for a single input (- = stdout)")
     p.add_argument("--model", "-m", help=f"ONNX model (default ${MODEL_ENV}, else {DEFAULT_MODEL} or, when made from "
                    f"it, its int8 copy {DEFAULT_MODEL.stem}{INT8_SUFFIX})")
     p.add_argument("--classes", "-c", help="comma-separated foreground classes (default: the model's)")
     p.add_argument("--threshold", "-t", type=float, help="hard mask: alpha = 255 where P(foreground) >= T")
-    p.add_argument("--refine", action="store_true", help="snap the mask to image edges (guided filter)")
+    p.add_argument("--refine", "-a", "--alpha-matting", action="store_true",
+                   help="snap the mask to image edges (guided filter; what rembg's -a is for)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--mask-only", action="store_true", help="write the L-mode mask instead of a cut-out")
-    group.add_argument("--bg-color", help="composite over this colour: R,G,B (0..255) or #rrggbb")
+    group.add_argument("--mask-only", "-om", "--only-mask", action="store_true",
+                       help="write the L-mode mask instead of a cut-out")
+    group.add_argument("--bg-color", help="composite over this colour: R,G,B or R,G,B,A (0..255; A = its "
+                       "opacity) or #rrggbb[aa]")
+    group.add_argument("-bgc", "--bgcolor", nargs=4, type=int, metavar=("R", "G", "B", "A"),
+                       help="rembg's form of --bg-color: -bgc 255 255 255 255 = opaque white, A=0 = none")
     group.add_argument("--bg-image", help="composite over this image (scaled to cover)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument(
@@ -177,14 +201,21 @@ PROG = "bgremover-predict"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)  # exits 2 with argparse's usage message on bad syntax
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in REMBG_COMMANDS else None  # a file named i/p/s: write ./i
+    if command == "s":
+        from bgremover.serve import main as serve
+
+        return serve(argv[1:], prog=f"{PROG} s")
+    args = _parser(command).parse_args(argv[1:] if command else argv)  # bad syntax: argparse's usage, exit 2
     err = sys.stderr
 
     def fail_usage(msg: str) -> int:
         return report(msg, PROG, code=2)
 
     try:
+        if command is not None:
+            args = _from_rembg_form(command, args)
         return _run(args, fail_usage)
     except KeyboardInterrupt:
         print("bgremover-predict: interrupted", file=err)
@@ -197,6 +228,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(f"unexpected {type(e).__name__}: {_first_line(e)}", PROG)
 
 
+def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespace:
+    """`i`/`p`'s positional INPUT and OUTPUT as the plain form's inputs and --out (checked there)."""
+    if command == "i":
+        if args.input is None:
+            if sys.stdin.isatty():
+                raise UsageError("i needs an INPUT image (or - with an image on stdin)")
+            args.input = "-"
+        if args.input != "-" and Path(args.input).is_dir():
+            raise UsageError(f"i takes one image, {args.input} is a folder: use `p INPUT_DIR OUTPUT_DIR`")
+        if args.out is None and args.input == "-":
+            args.out = "-"
+    elif not Path(args.input).is_dir():
+        raise UsageError(f"p takes a folder, {args.input} is not one: use `i INPUT OUTPUT` for one image")
+    elif Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"p: {args.out} exists and is not a folder")
+    args.inputs = [args.input]
+    return args
+
+
 def _run(args: argparse.Namespace, fail_usage) -> int:
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         return fail_usage(f"--threshold must be within 0..1, got {args.threshold}")
@@ -205,6 +255,8 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
         if value is not None and value < (0 if name == "threads" else 1):
             return fail_usage(f"--{name.replace('_', '-')} must be positive, got {value}")
     bg_color = parse_color(args.bg_color) if args.bg_color is not None else None
+    if args.bgcolor is not None:
+        bg_color = parse_color(",".join(map(str, args.bgcolor)))
     if args.bg_image is not None and not Path(args.bg_image).is_file():
         return fail_usage(f"--bg-image {args.bg_image}: no such file")
 

@@ -284,19 +284,21 @@ def write_atomic(data: bytes, path: str | os.PathLike) -> None:
         raise
 
 
-def parse_color(text: str) -> tuple[int, int, int]:
-    """'R,G,B' (0..255) or '#rrggbb' -> (r, g, b); UsageError otherwise."""
+def parse_color(text: str) -> tuple[int, ...]:
+    """'R,G,B' or 'R,G,B,A' (0..255), '#rrggbb' or '#rrggbbaa' -> 3 or 4 ints; UsageError otherwise.
+
+    A is the background's opacity (rembg's `-bgc R G B A`): 255 opaque, 0 none at all (the plain cut-out)."""
     t = text.strip()
     try:
-        if t.startswith("#") and len(t) == 7:
-            vals = [int(t[i : i + 2], 16) for i in (1, 3, 5)]
+        if t.startswith("#") and len(t) in (7, 9):
+            vals = [int(t[i : i + 2], 16) for i in range(1, len(t), 2)]
         else:
             vals = [int(v) for v in t.split(",")]
     except ValueError:
         vals = []
-    if len(vals) != 3 or not all(0 <= v <= 255 for v in vals):
-        raise UsageError(f"bad colour {text!r}: expected R,G,B with values 0..255 (or #rrggbb)")
-    return vals[0], vals[1], vals[2]
+    if len(vals) not in (3, 4) or not all(0 <= v <= 255 for v in vals):
+        raise UsageError(f"bad colour {text!r}: expected R,G,B or R,G,B,A with values 0..255 (or #rrggbb[aa])")
+    return tuple(vals)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -512,14 +514,19 @@ class BackgroundRemover:
         threshold: float | None = None,
         refine: bool = False,
         mask_only: bool = False,
-        bg_color: tuple[int, int, int] | str | None = None,
+        bg_color: Sequence[int] | str | None = None,
         bg_image: ImageInput | None = None,
     ) -> Image.Image:
-        """Cut-out at the input's full size: RGBA (default), L mask (`mask_only`) or RGB over a background."""
+        """Cut-out at the input's full size: RGBA (default), L mask (`mask_only`) or RGB over a background.
+
+        `bg_color` (R, G, B) is opaque; (R, G, B, A) puts the cut-out over that colour at opacity A (RGBA out;
+        A=255 is the opaque RGB composite, A=0 the plain cut-out)."""
         if sum([mask_only, bg_color is not None, bg_image is not None]) > 1:
             raise UsageError("choose at most one of mask_only, bg_color, bg_image")
-        if isinstance(bg_color, str):
-            bg_color = parse_color(bg_color)
+        if bg_color is not None:
+            bg_color = parse_color(bg_color if isinstance(bg_color, str) else ",".join(str(int(v)) for v in bg_color))
+            if len(bg_color) == 4 and bg_color[3] in (0, 255):
+                bg_color = bg_color[:3] if bg_color[3] == 255 else None
         rgb, alpha, _ = self.alpha(img, classes=classes, threshold=threshold, refine=refine)
         if mask_only:
             return Image.fromarray(alpha, mode="L")
@@ -535,7 +542,12 @@ class BackgroundRemover:
                 ImageOps.fit(Image.fromarray(bg_rgb), (w, h), Image.Resampling.BILINEAR), np.float32
             )
         else:
-            bg = np.broadcast_to(np.asarray(bg_color, np.float32), (h, w, 3))
+            bg = np.broadcast_to(np.asarray(bg_color[:3], np.float32), (h, w, 3))
         a = alpha.astype(np.float32)[:, :, None] / 255.0
+        if bg_color is not None and len(bg_color) == 4:  # over a translucent colour: "over" with both alphas
+            b = (1.0 - a) * (bg_color[3] / 255.0)
+            out_a = a + b
+            out = (rgb.astype(np.float32) * a + bg * b) / np.maximum(out_a, 1e-6)
+            return Image.fromarray(np.dstack([out + 0.5, out_a[:, :, 0] * 255.0 + 0.5]).astype(np.uint8), mode="RGBA")
         out = rgb.astype(np.float32) * a + bg * (1.0 - a)
         return Image.fromarray((out + 0.5).astype(np.uint8), mode="RGB")

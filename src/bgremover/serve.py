@@ -1,10 +1,12 @@
 """Cut-outs over HTTP, like rembg's `rembg s`: a Starlette app on uvicorn over one shared BackgroundRemover.
+(Past 400 lines on purpose: the routes, the request checks they share and the command line read as one unit.)
 
     bgremover-serve [--model M] [--host 127.0.0.1] [--port 8000] [--threads N] [--max-bytes B]
-                    [--max-pixels P] [--queue Q]
+                    [--max-pixels P] [--queue Q]          (also: bgremover-predict s ..., as `rembg s`)
 
     POST /remove   image as multipart field `file` or as the raw body; query options `classes=Car,Road`,
-                   `threshold=0.5`, `refine=1`, `mask_only=1`, `bg_color=R,G,B` -> image/png
+                   `threshold=0.5`, `refine=1`, `mask_only=1`, `bg_color=R,G,B[,A]` -> image/png
+                   (rembg's path /api/remove and names om, a, bgc work too)
     GET  /model    the model's metadata (classes, default foreground, net, test mIoU, ...) and the limits
     GET  /health   {"status": "ok", ...}
     GET  /         a page to drop a photo on and download its cut-out (static/, no build step)
@@ -39,7 +41,7 @@ from typing import Any
 import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
+from starlette.datastructures import QueryParams, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -75,6 +77,7 @@ PAGES = {  # the only files served from static/ (no directory listing, no path t
 # The page may load nothing from elsewhere: this makes "no external resources" a browser-enforced fact.
 CSP = "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' blob:; object-src 'none'; base-uri 'none'"
 OPTIONS = ("classes", "threshold", "refine", "mask_only", "bg_color")
+REMBG_NAMES = {"om": "mask_only", "a": "refine", "bgc": "bg_color"}  # rembg's server's names for the same options
 TRUE = frozenset({"", "1", "true", "yes", "on"})  # `?mask_only` alone means true, as a flag would
 FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -92,6 +95,7 @@ class ApiError(Exception):
 
 def parse_options(query: Any, remover: BackgroundRemover) -> dict[str, Any]:
     """Query parameters -> BackgroundRemover.remove keyword arguments; ApiError(422) on any bad value."""
+    query = QueryParams([(REMBG_NAMES.get(k, k), v) for k, v in query.multi_items()])
     unknown = sorted(set(query.keys()) - set(OPTIONS))
     if unknown:
         raise ApiError(422, f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
@@ -339,6 +343,7 @@ def create_app(service: Service) -> Starlette:
 
     routes = [
         Route("/remove", remove, methods=["POST"]),
+        Route("/api/remove", remove, methods=["POST"]),  # rembg's path
         Route("/model", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         *[Route(path, page, methods=["GET"]) for path in PAGES],
@@ -357,15 +362,15 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "bgremover-serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="bgremover-serve",
+        prog=prog,
         description="Serve background removal over HTTP (POST /remove, GET /model, GET /health, page at /).",
     )
     p.add_argument("--model", "-m", help=f"ONNX model (default ${MODEL_ENV} or the shipped one)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind ({DEFAULT_HOST}; 0.0.0.0 = all)")
     p.add_argument("--port", "-p", type=int, default=DEFAULT_PORT, help=f"TCP port ({DEFAULT_PORT}; 0 = any free)")
-    p.add_argument("--threads", type=int, help=f"inference worker threads (default: one per core, {cpu_count()})")
+    p.add_argument("--threads", "-t", type=int, help=f"inference worker threads (default: one per core, {cpu_count()})")
     p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"request body limit ({MAX_BYTES:,})")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"decoded image limit ({MAX_PIXELS:,})")
     p.add_argument("--queue", type=int, default=QUEUE, help=f"requests at once before 503 ({QUEUE})")
@@ -373,8 +378,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+def main(argv: Sequence[str] | None = None, prog: str = "bgremover-serve") -> int:
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     prog = parser.prog
 
