@@ -460,3 +460,27 @@ def test_val_of_a_train_plus_val_run_is_marked_as_trained_on(tmp_path: Path) -> 
     md = (compare.build_report([root], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
     assert table_row(md, DEEPLAB)[6] == "65.0 ± — (val trained on)"
     assert table_row(md, TIRAMISU)[6] == "55.0 ± —"
+
+
+def test_seeds_of_a_real_sweep_are_averaged(tmp_path: Path) -> None:
+    """A real sweep's jobs each resolve their checkpoint dirpath, default_root_dir and data.seed to their own
+    folder and seed: `make compare` made every job a row of its own ("10.8 ± —", labels of checkpoint paths).
+    Configs composed as `python -m bgremover.train -m` resolves them; only a changed setting splits a net."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf, open_dict
+
+    root = tmp_path / "sweep"
+    jobs = [(0, "deeplabv3plus", 1, []), (1, "deeplabv3plus", 2, []), (2, "tiramisu56", 1, []),
+            (3, "tiramisu56", 2, []), (4, "deeplabv3plus", 1, ["model.optimizer.lr=0.01"])]
+    for num, model, seed, extra in jobs:
+        out = root / str(num)
+        cfg = compose_cfg(out, ["experiment=compare_models", f"model={model}", f"seed={seed}", "logger=csv", *extra])
+        with open_dict(cfg):
+            del cfg["hydra"]
+        net = TIRAMISU if model == "tiramisu56" else DEEPLAB
+        s = ok_summary(out, net, seed) | {"config": OmegaConf.to_container(cfg, resolve=True),
+                                          "overrides": [f"model={model}", f"seed={seed}", *extra]}
+        assert s["config"]["callbacks"]["model_checkpoint"]["dirpath"] == f"{out}/checkpoints"  # what differed
+        write_summary(out, s)
+    stats = {s.net: len(s.runs) for s in compare.aggregate(compare.find_runs([root]))}
+    assert stats == {TIRAMISU: 2, f"{DEEPLAB} (model.optimizer.lr=0.01)": 1, f"{DEEPLAB} (model.optimizer.lr=0.001)": 2}

@@ -49,6 +49,10 @@ def test_two_nets_two_seeds_give_four_summaries_and_four_wandb_runs(camvid_root,
     assert sorted(r["tags"][0] for r in runs) == sorted(s["net"] for s in summaries)
     report = json.loads((sweep / "sweep_summary.json").read_text())
     assert [j["status"] for j in report["jobs"]] == ["ok"] * 4
+    from bgremover import compare  # make compare: one row per net, its two seeds averaged
+
+    assert {s.net: len(s.runs) for s in compare.aggregate(compare.find_runs([sweep]))} == {
+        "deeplabv3plus_mobilenet_v2": 2, "tiramisu56": 2}
     assert "4 of 4 jobs ok" in proc.stderr
     # readable output: one line per job (no progress bars, model summaries or config dumps), no tips
     job_lines = [line for line in proc.stderr.splitlines() if line.startswith("[job ")]

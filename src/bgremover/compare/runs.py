@@ -183,23 +183,28 @@ def paper_entry(net: str) -> tuple[str, dict[str, float | str]] | None:
 # training. Any other difference (lr, budget, crop, epochs, devices...) makes another recipe.
 NOT_RECIPE = ("seed", "paths", "hydra", "logger", "extras", "tags", "task_name", "ckpt_path", "train", "test",
               "measure_inference", "verbose", "data.root", "data.num_workers", "data.cache", "data.download",
-              "trainer.enable_progress_bar", "callbacks.progress_bar")
+              "data.seed", "trainer.enable_progress_bar", "callbacks.progress_bar")
+# and every setting whose value lies in the run's own folder (checkpoint dirpath, default_root_dir, a split file):
+# where a run wrote, not how it trained — each job of a sweep has its own
 LABEL_KEYS = 3  # differing settings named in a group's label, at most
 
 
 def recipe(run: Run) -> dict[str, str]:
-    """The run's resolved config as dotted keys → values, without NOT_RECIPE (empty for old summaries)."""
+    """The run's resolved config as dotted keys → values, without NOT_RECIPE and paths in the run's own folder
+    (empty for old summaries)."""
     flat: dict[str, str] = {}
+    config = run.summary.get("config") or {}
+    own = str((config.get("paths") or {}).get("output_dir") or "").rstrip("/")
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, dict) and node:
             for k, v in node.items():
                 walk(v, f"{prefix}{k}.")
-        else:
-            if _is_recipe_key(prefix[:-1]):
-                flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
+        elif _is_recipe_key(prefix[:-1]) and not (own and isinstance(node, str)
+                                                   and (node == own or node.startswith(own + "/"))):
+            flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
 
-    walk(run.summary.get("config") or {}, "")
+    walk(config, "")
     return flat
 
 
