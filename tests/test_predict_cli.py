@@ -241,6 +241,22 @@ def test_input_in_read_only_folder_writes_to_cwd(tmp_path, monkeypatch):
     assert _plan_outputs([src], None, several=False) == [work / "frame.nobg.png"]
 
 
+def test_the_read_only_fallback_says_where_the_files_went(model, tmp_path, monkeypatch, capsys):
+    """A folder run from a read-only folder reported "0 written, 1 skipped" against an unrelated file of the
+    same name in the current folder, never saying that it wrote (or looked) there."""
+    ro, work = tmp_path / "ro", tmp_path / "work"
+    ro.mkdir()
+    work.mkdir()
+    save_png(ro / "frame.png")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    monkeypatch.chdir(work)
+    assert main([str(ro), "-m", model]) == 0
+    err = capsys.readouterr().err
+    assert f"{ro}: not writable, so the cut-outs go to the current folder {work}" in err
+    assert os.listdir(work) == ["frame.nobg.png"]
+
+
 def test_rembg_commands_i_and_p(model, tmp_path, capsys):
     """rembg's habits: `i INPUT OUTPUT`, `p IN_DIR OUT_DIR`, -om, -bgc R G B A and -a give what the plain form
     gives (before, `bgremover-predict i a.png b.png` failed on a file named "i")."""
@@ -257,6 +273,8 @@ def test_rembg_commands_i_and_p(model, tmp_path, capsys):
     assert tuple(np.asarray(read_png(tmp_path / "t.png"))[0, -1]) == (0, 0, 255, 64)
     assert main(["i", "-m", model, str(src)]) == 0  # no OUTPUT: beside the input, as the plain form
     assert read_png(tmp_path / "a.nobg.png").mode == "RGBA"
+    assert main([str(src), "-m", model, "-om"]) == 0  # the plain form too (-om was read as `--out m`)
+    assert read_png(tmp_path / "a.nobg.png").mode == "L" and not (tmp_path / "m").exists()
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -289,3 +307,26 @@ def test_rembg_i_reads_stdin_and_s_is_the_server(model, tmp_path):
     res = run_cli("s", "-m", model, "--port", "70000")
     assert res.returncode == 2 and res.stderr.decode().strip() == "bgremover-predict s: error: --port must be " \
         "within 0..65535, got 70000"
+
+
+def test_output_over_an_input_is_refused(model, tmp_path, capsys):
+    """`bgremover-predict same.png -o same.png` replaced the photo by its cut-out (exit 0), through a link too."""
+    src = save_png(tmp_path / "same.png")
+    original = src.read_bytes()
+    (tmp_path / "link.png").symlink_to(src)
+    for argv in ([str(src), "-o", str(src)], [str(tmp_path / "link.png"), "-o", str(src)],
+                 [str(src), "-o", str(tmp_path / "link.png")], ["i", str(src), str(src)]):
+        assert main([*argv, "-m", model]) == 2, argv
+        err = capsys.readouterr().err
+        assert "is an input image: its cut-out would replace it" in err and len(err.strip().splitlines()) == 1
+    assert src.read_bytes() == original and sorted(os.listdir(tmp_path)) == ["link.png", "same.png"]
+
+
+def test_an_image_name_as_out_for_several_inputs_is_refused(model, tmp_path, capsys):
+    """`a.jpg b.png -o two.png` made a folder named two.png holding both cut-outs."""
+    a, b = save_png(tmp_path / "a.png"), save_png(tmp_path / "b.png")
+    assert main([str(a), str(b), "-m", model, "-o", str(tmp_path / "two.png")]) == 2
+    assert "names one image, but several are written: name a folder" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png"]
+    assert main([str(a), str(b), "-m", model, "-o", str(tmp_path / "two"), "-q"]) == 0  # a folder name is fine
+    assert sorted(os.listdir(tmp_path / "two")) == ["a.nobg.png", "b.nobg.png"]

@@ -171,6 +171,8 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool) -> l
         return [target]
     if target.exists() and not target.is_dir():
         raise UsageError(f"--out {target} exists and is not a folder")
+    if several and not target.exists() and target.suffix.lower() in IMAGE_EXTENSIONS:
+        raise UsageError(f"--out {target} names one image, but several are written: name a folder")
     if not several and target.suffix and not target.is_dir():
         raise UsageError(f"--out {target}: an output file must end in .png")
     names = [output_name(i) if i is not None else "stdin" + OUTPUT_SUFFIX for i in items]
@@ -271,6 +273,15 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
             report(line, PROG)
         return 1
     outputs = _plan_outputs(items, args.out, several)
+    moved = sorted({str(i.parent) for i, o in zip(items, outputs, strict=True)
+                    if args.out is None and i is not None and o is not None and o.parent != i.parent})
+    if moved and not args.quiet:  # the read-only fallback of _beside: say where the files went
+        print(f"{', '.join(moved)}: not writable, so the cut-outs go to the current folder {Path.cwd()}",
+              file=sys.stderr)
+    sources = {i.resolve() for i in items if i is not None}
+    for dst in outputs:  # a cut-out written over its own photo (`a.png -o a.png`, or through a link) destroys it
+        if dst is not None and dst.resolve() in sources:
+            return fail_usage(f"{dst} is an input image: its cut-out would replace it; choose another output")
 
     remover = BackgroundRemover(
         args.model,
