@@ -151,3 +151,16 @@ def test_hydra_errors_are_one_line_with_exit_status_2(module: str, override: str
     full = subprocess.run([sys.executable, "-m", module, override], capture_output=True, text=True, timeout=120,
                           cwd=REPO, env={**env, "HYDRA_FULL_ERROR": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr
+
+
+def test_eval_refuses_a_model_override_in_one_line() -> None:
+    """eval.yaml's unused `model: tiramisu103` took `model=...` silently (and put FC-DenseNet103 into every
+    eval.json); without it Hydra would suggest `+model=...`, ignored just the same."""
+    import subprocess
+    import sys
+
+    for override in ("model=deeplabv3plus", "+model=deeplabv3plus", "model.net.dropout=0.5"):
+        proc = subprocess.run([sys.executable, "-m", "bgremover.eval", "ckpt_path=x.ckpt", override],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert proc.returncode == 2 and proc.stderr == (
+            f"error: {override}: eval builds the net its checkpoint describes; drop the model override\n")

@@ -243,9 +243,11 @@ def test_train_without_a_test_split_and_test_false_finishes(tmp_path):
     assert summary["test_split"] == {"frames": None, "of": None, "complete": None}
 
 
-def test_eval_attaches_test_numbers_to_a_run_trained_without_them(small_camvid, tmp_path):
+def test_eval_attaches_test_numbers_to_a_run_trained_without_them(small_camvid, tmp_path, caplog):
     """`make eval` of a test=false run's checkpoint writes the test metrics into that run's summary.json (what
-    `make compare` and the exporter read); a run's own test numbers are never replaced."""
+    `make compare` and the exporter read). Numbers over a partial test set are replaced by numbers over more frames
+    (before, a first partial eval stuck for good and a later full one was dropped without a word); fewer or
+    as many frames never replace, and say so."""
     from bgremover.eval import evaluate
     from bgremover.export import _read_test_result
 
@@ -257,8 +259,15 @@ def test_eval_attaches_test_numbers_to_a_run_trained_without_them(small_camvid, 
     assert "test/mIoU" not in before["metrics"] and _read_test_result(Path(before["best_ckpt"])) == {}
     assert before["infer_ms_480x360"] is None  # a GPU run's setting: its CPU inference is timed by the eval
 
-    metrics, _ = evaluate(compose_cfg(tmp_path / "eval", [f"data.root={small_camvid}", "data.num_workers=0",
-                                                          f"ckpt_path={before['best_ckpt']}"], config_name="eval"))
+    def evaluate_in(name: str, *extra: str) -> dict:
+        return evaluate(compose_cfg(tmp_path / name, [f"data.root={small_camvid}", "data.num_workers=0", *extra,
+                                                      f"ckpt_path={before['best_ckpt']}"], config_name="eval"))[0]
+
+    evaluate_in("eval1", "data.limit_eval_images=2")  # a partial look first
+    partial = json.loads(summary_path.read_text())
+    assert partial["test_split"] == {"frames": 2, "of": 3, "complete": False}
+
+    metrics = evaluate_in("eval2")
     after = json.loads(summary_path.read_text())
     assert after["metrics"]["test/mIoU"] == pytest.approx(metrics["test/mIoU"])
     assert after["metrics"]["val/mIoU_best"] == before["metrics"]["val/mIoU_best"]  # the rest is kept
@@ -267,11 +276,38 @@ def test_eval_attaches_test_numbers_to_a_run_trained_without_them(small_camvid, 
     assert Path(after["test_from"]["eval"]).is_file() and after["test_from"]["ckpt"] == before["best_ckpt"]
     assert _read_test_result(Path(before["best_ckpt"]))["test_mIoU"] == pytest.approx(metrics["test/mIoU"])
 
-    # a second evaluation (of 2 test frames only) leaves the attached numbers alone
-    evaluate(compose_cfg(tmp_path / "eval2", [f"data.root={small_camvid}", "data.num_workers=0",
-                                               "data.limit_eval_images=2", f"ckpt_path={before['best_ckpt']}"],
-                         config_name="eval"))
-    assert json.loads(summary_path.read_text()) == after
+    # a later evaluation of 2 frames, or of all 3 again, leaves the attached numbers alone, with a line saying so
+    for name, extra in (("eval3", ["data.limit_eval_images=2"]), ("eval4", [])):
+        caplog.clear()
+        evaluate_in(name, *extra)
+        assert json.loads(summary_path.read_text()) == after
+        assert any("test numbers not attached" in r.getMessage() and "already has them over 3 of 3" in r.getMessage()
+                   for r in caplog.records), caplog.text
+
+
+def test_eval_json_names_the_checkpoints_net_and_a_partial_split(small_camvid, tmp_path, capsys):
+    """eval.json said `"net": "net"` for a weights-only .pt (models/bgremover-camvid.pt) and kept eval.yaml's
+    default FC-DenseNet103 under config.model for every checkpoint; a partial test set was not marked at all."""
+    from bgremover import checkpoint
+    from bgremover.eval import evaluate
+
+    run = compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
+                                         "test=false", "measure_inference=false"])
+    train(run)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    best = summary["best_ckpt"]
+    weights = checkpoint.save_weights(best, tmp_path / "weights.pt")
+    evaluate(compose_cfg(tmp_path / "ev", [f"data.root={small_camvid}", "data.num_workers=0",
+                                           "data.limit_eval_images=2", f"ckpt_path={weights}"], config_name="eval"))
+    record = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert record["net"] == summary["net"] == record["config"]["model"]["net_name"] != "net"
+    assert record["config"]["model"]["net"] == summary["config"]["model"]["net"]  # the checkpoint's, not eval.yaml's
+    assert record["frames"] == {"frames": 2, "of": 3, "complete": False}
+
+    proc = _run("bgremover.eval", f"ckpt_path={weights}", f"data.root={small_camvid}", "data.num_workers=0",
+                "data.limit_eval_images=2", f"paths.log_dir={tmp_path / 'logs'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test/frames: 2 of 3 (PARTIAL: these numbers are not the split's)" in proc.stdout
 
 
 # --- honest test numbers ------------------------------------------------------------------------------------------

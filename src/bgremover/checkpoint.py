@@ -135,9 +135,16 @@ def load_module(path: str | os.PathLike):
     """SegmentationModule with the checkpoint's net, hyper-parameters, weights and history (CPU, eval mode)."""
     from bgremover.lit import SegmentationModule
 
-    net, _, ckpt = load_net(path)
+    net, info, ckpt = load_net(path)
     hparams = dict(ckpt.get("hyper_parameters", {}))
     hparams.pop("compile", None)  # evaluation never compiles
+    # a weights-only copy (save_weights: models/*.pt) has no hyper-parameters: its self-description has them
+    for key, name in (("net_name", "net_name"), ("net_config", "net_config"), ("class_names", "classes"),
+                      ("mean", "mean"), ("std", "std"), ("size_multiple", "size_multiple"),
+                      ("default_foreground", "default_foreground"), ("ignore_index", "ignore_index"),
+                      ("image_size", "image_size")):
+        if key not in hparams and info.get(name) is not None:
+            hparams[key] = info[name]
     module = SegmentationModule(net=net, optimizer=None, **hparams)
     module.load_state_dict(ckpt["state_dict"], strict=False)  # metric states etc. are not in older files
     module.on_load_checkpoint(ckpt)

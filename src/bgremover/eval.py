@@ -35,22 +35,28 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     else:
         results = trainer.test(model=model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    from bgremover.train import test_split_info
+
+    frames = test_split_info(metrics, datamodule, cfg.split)
     eval_json = Path(cfg.paths.output_dir) / "eval.json"
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    config_dict["model"] = {"net_name": model.hparams.net_name, "net": model.hparams.net_config}  # the checkpoint's
     utils.write_json_atomic(
         eval_json,
         {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split, "metrics": metrics,
-         "net": model.hparams.net_name, "config": OmegaConf.to_container(cfg, resolve=True)},
+         "frames": frames, "net": model.hparams.net_name, "config": config_dict},
     )
     if cfg.split == "test" and cfg.get("attach_to_run", True):
         attach_to_run(Path(cfg.ckpt_path), metrics, datamodule, eval_json, net=model.net)
-    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "frames": frames}
 
 
 def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: Path, net=None) -> Path | None:
     """Test numbers for a run that has none: a run trained with test=false (on a GPU machine given train+val
     only, say) gets this evaluation's test metrics in its summary.json, so `make compare` reports them beside
     its training figures. The run is the folder of the checkpoint or the one above it (run/checkpoints/x.ckpt).
-    Numbers a run already has (its own test stage, or an earlier attach) are never replaced. A run that did not
+    Numbers a run already has (its own test stage, or an earlier attach) are replaced only by numbers over more
+    test frames (a partial test set, then the whole one); either way a line says what happened. A run that did not
     time its CPU inference (`measure_inference=false`, as on a GPU machine) gets it measured here too, with `net`."""
     summary_path = checkpoint.run_summary(ckpt)
     if summary_path is None or "test/frames" not in metrics:
@@ -60,12 +66,19 @@ def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: 
     except (OSError, ValueError):  # a broken summary is the run's own problem; the eval itself succeeded
         log.warning("test numbers not attached: %s is unreadable", summary_path)
         return None
-    if (summary.get("test_split") or {}).get("frames") is not None:
-        return None
     from bgremover.train import test_split_info  # what a run's own test stage records
 
+    new = test_split_info(metrics, datamodule)
+    old = summary.get("test_split") or {}
+    if old.get("frames") is not None:
+        if new["frames"] <= old["frames"]:
+            log.warning("test numbers not attached: %s already has them over %d of %s test frames (this eval: %d)",
+                        summary_path, old["frames"], old.get("of"), new["frames"])
+            return None
+        log.info("test numbers over %d of %s frames replace the run's over %d", new["frames"], new["of"], old["frames"])
+        summary["metrics"] = {k: v for k, v in (summary.get("metrics") or {}).items() if not k.startswith("test/")}
     summary["metrics"] = {**(summary.get("metrics") or {}), **metrics}
-    summary["test_split"] = test_split_info(metrics, datamodule)
+    summary["test_split"] = new
     summary["test_from"] = {"eval": str(eval_json.resolve()), "ckpt": str(ckpt.resolve())}
     if summary.get("infer_ms_480x360") is None and net is not None:
         from bgremover.lit.summary import measure_inference_ms
@@ -93,6 +106,11 @@ def _training_scale(cfg: DictConfig, image_size: int | None) -> None:
 def main() -> None:
     """`python -m bgremover.eval`: Hydra's command line over conf/eval.yaml."""
     config.hydra_command_line()
+    model = [a for a in sys.argv[1:] if a.lstrip("+~").split("=")[0].split(".")[0] == "model"]
+    if model:  # Hydra would suggest `+model=...`, which would be ignored as silently as model= once was
+        from bgremover.errors import report
+
+        sys.exit(report(f"{model[0]}: eval builds the net its checkpoint describes; drop the model override", code=2))
     _main()
 
 
@@ -100,12 +118,19 @@ def main() -> None:
 def _main(cfg: DictConfig) -> None:
     utils.quiet_libraries()
     try:
-        metrics, _ = utils.run_task(evaluate, cfg)
+        metrics, objects = utils.run_task(evaluate, cfg)
     except Exception as exc:
         utils.print_error(exc)
         sys.exit(1)
+    frames = objects["frames"]
     for key, value in sorted(metrics.items()):
-        print(f"{key}: {int(value)}" if key.endswith("/frames") else f"{key}: {value:.4f}")
+        if not key.endswith("/frames"):
+            print(f"{key}: {value:.4f}")
+        elif frames["of"] is None:
+            print(f"{key}: {int(value)}")
+        else:  # a partial split (limit_test_batches, data.limit_eval_images) is not the split's score: say so
+            print(f"{key}: {int(value)} of {frames['of']}" + ("" if frames["complete"] else
+                                                            " (PARTIAL: these numbers are not the split's)"))
 
 
 if __name__ == "__main__":

@@ -179,12 +179,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
-def test_split_info(metrics: dict[str, float], datamodule) -> dict[str, Any]:
-    """How many test frames the test numbers cover, of how many the split has: partial runs say so."""
-    frames = metrics.get("test/frames")
+def test_split_info(metrics: dict[str, float], datamodule, split: str = "test") -> dict[str, Any]:
+    """How many frames of `split` the numbers cover, of how many the split has: partial runs say so."""
+    frames = metrics.get(f"{split}/frames")
     if frames is None:  # no test ran (test=false): the split need not exist, e.g. a train+val copy on a GPU machine
         return {"frames": None, "of": None, "complete": None}
-    total = datamodule.split_size("test") if hasattr(datamodule, "split_size") else None  # every datamodule here has it
+    total = datamodule.split_size(split) if hasattr(datamodule, "split_size") else None  # every datamodule here has it
     frames = int(frames)
     return {"frames": frames, "of": total, "complete": None if total is None else frames == total}
 
