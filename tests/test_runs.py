@@ -626,6 +626,21 @@ def test_last_ckpt_at_the_end_keeps_the_raw_weights_beside_the_ema_average(tmp_p
     assert not torch.equal(raw, avg)
 
 
+def test_run_plan_of_a_run_resumed_from_a_validation_end_checkpoint(small_camvid, tmp_path, caplog):
+    """last.ckpt linked to the best file, which ModelCheckpoint writes at the end of the epoch's validation:
+    Lightning still counts that epoch as running when training starts, and the plan said "resumes at epoch 1
+    (step 2): 3 of 3 epochs × 2 steps = 4 steps left" (3 × 2 is not 4) where epoch 2 of 3 was next."""
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.check_val_every_n_epoch=2"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert last.is_symlink()  # the only validation, in the last epoch: its best file is the last one
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=4", f"ckpt_path={last}"]))
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    assert "resumes at epoch 3 (step 4): 2 of 4 epochs × 2 steps = 4 steps left" in plan
+    assert objects["trainer"].global_step == 8 and objects["trainer"].current_epoch == 4
+
+
 def test_run_plan_of_a_resumed_run_counts_what_is_left(small_camvid, tmp_path, caplog):
     """A resumed run's plan announced the whole run again (all epochs, all steps, the whole time limit)."""
     from types import SimpleNamespace

@@ -122,7 +122,7 @@ class RunPlan(Callback):
         self._start = (0, 0)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = (trainer.current_epoch, trainer.global_step)  # (0, 0), or where a resumed run goes on
+        self._start = (start_epoch(trainer), trainer.global_step)  # (0, 0), or where a resumed run goes on
         if trainer.is_global_zero and not trainer.fast_dev_run:
             log.info("plan: %s", describe_plan(trainer, pl_module, self._start))
 
@@ -184,6 +184,17 @@ def planned_steps(trainer: pl.Trainer) -> tuple[int | None, int | None]:
         limit = -(-trainer.max_steps // per_epoch)
         epochs = limit if epochs is None else min(epochs, limit)
     return epochs, per_epoch
+
+
+def start_epoch(trainer: pl.Trainer) -> int:
+    """The epoch training starts (or resumes) with. A checkpoint ModelCheckpoint wrote after an epoch's
+    validation (a last.ckpt linked to the best file) still counts that epoch as running when training starts;
+    Lightning moves on only afterwards. Its steps tell: all of that epoch's steps are done."""
+    epoch = trainer.current_epoch
+    _, per_epoch = planned_steps(trainer)
+    if per_epoch and trainer.global_step >= (epoch + 1) * per_epoch:
+        epoch = trainer.global_step // per_epoch
+    return epoch
 
 
 def planned_total(trainer: pl.Trainer) -> int | None:
@@ -279,7 +290,7 @@ class EpochProgressBar(TQDMProgressBar):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._t0, self._first_epoch = time.perf_counter(), trainer.current_epoch  # a resumed fit starts later
+        self._t0, self._first_epoch = time.perf_counter(), start_epoch(trainer)  # a resumed fit starts later
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
