@@ -361,6 +361,21 @@ def test_sigterm_writes_last_ckpt_marks_summary_and_exits_non_zero(small_camvid,
     assert saved["global_step"] == summary["global_step"] > 0
 
 
+def test_resume_hint_keeps_the_data_location(monkeypatch):
+    """`DATA_DIR=../shared/CamVid make train`, interrupted: the printed resume command left DATA_DIR out and
+    failed as printed (dataset folder not found: data/CamVid)."""
+    from bgremover import utils
+    from bgremover.train import RunInterrupted
+
+    monkeypatch.setattr(utils, "overrides", lambda: ["model=tiramisu56", "hydra.run.dir=x"])
+    monkeypatch.setenv("DATA_DIR", "/data/Cam Vid")
+    assert str(RunInterrupted(signal.SIGTERM, "/r/last.ckpt", 3, 40)).endswith(
+        "resume with: DATA_DIR='/data/Cam Vid' make train ARGS=\"model=tiramisu56 ckpt_path=/r/last.ckpt\"")
+    monkeypatch.setattr(utils, "overrides", lambda: ["data.root=/d"])  # typed: it is in the overrides already
+    assert str(RunInterrupted(signal.SIGTERM, "/r/last.ckpt", 3, 40)).endswith(
+        "resume with: make train ARGS=\"data.root=/d ckpt_path=/r/last.ckpt\"")
+
+
 # --- errors arrive early ------------------------------------------------------------------------------------------
 def _run(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -37,7 +38,11 @@ class RunInterrupted(Exception):
         name = signal.Signals(signum).name
         where = f"at epoch {epoch + 1}, step {step}"
         if last_ckpt:
-            resume = f"resume with: make train ARGS=\"{' '.join(_resume_overrides())} ckpt_path={last_ckpt}\""
+            typed = _resume_overrides()
+            # the data location from the environment (`DATA_DIR=... make train`) is not among the overrides
+            env = "" if not os.environ.get("DATA_DIR") or any(o.startswith("data.root=") for o in typed) else \
+                f"DATA_DIR={shlex.quote(os.environ['DATA_DIR'])} "
+            resume = f"resume with: {env}make train ARGS=\"{' '.join(typed)} ckpt_path={last_ckpt}\""
             super().__init__(f"interrupted by {name} {where}; {resume}")
         else:
             super().__init__(f"interrupted by {name} {where}, before any checkpoint was written")
