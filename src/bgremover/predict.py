@@ -204,7 +204,7 @@ PROG = "bgremover-predict"
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in REMBG_COMMANDS else None  # a file named i/p/s: write ./i
+    command = argv[0] if argv and argv[0] in REMBG_COMMANDS else None  # a file named i, p or s: give it as ./i
     if command == "s":
         from bgremover.serve import main as serve
 
