@@ -361,6 +361,19 @@ def test_sigterm_writes_last_ckpt_marks_summary_and_exits_non_zero(small_camvid,
     assert saved["global_step"] == summary["global_step"] > 0
 
 
+def test_a_run_resumed_mid_epoch_shows_its_epoch_on_the_bar(small_camvid, tmp_path):
+    """Resumed inside an epoch, Lightning skips on_train_epoch_start: the bar read `Training: 26/?`."""
+    from bgremover.lit.callbacks import EpochProgressBar
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=3"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_steps=3"]))  # 2 steps an epoch: stops inside epoch 2
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_steps=4", f"ckpt_path={last}"]))
+    assert objects["trainer"].global_step == 4
+    (bar,) = [c for c in objects["trainer"].callbacks if isinstance(c, EpochProgressBar)]
+    assert bar.train_progress_bar.desc.startswith("Epoch 2/2"), bar.train_progress_bar.desc  # max_steps: 2 epochs
+
+
 def test_resume_hint_keeps_the_data_location(monkeypatch):
     """`DATA_DIR=../shared/CamVid make train`, interrupted: the printed resume command left DATA_DIR out and
     failed as printed (dataset folder not found: data/CamVid)."""

@@ -291,6 +291,9 @@ class EpochProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._t0, self._first_epoch = time.perf_counter(), start_epoch(trainer)  # a resumed fit starts later
+        loop = trainer.fit_loop  # resumed inside an epoch Lightning skips on_train_epoch_start: the bar would read
+        if getattr(loop, "restarted_mid_epoch", False) or getattr(loop, "restarted_on_epoch_end", False):
+            self.on_train_epoch_start(trainer, pl_module)  # "Training: 26/?", with no epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
