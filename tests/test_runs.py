@@ -359,6 +359,8 @@ def test_sigterm_writes_last_ckpt_marks_summary_and_exits_non_zero(small_camvid,
     assert summary["status"] == "interrupted" and summary["last_ckpt"] == str(last)
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == summary["global_step"] > 0
+    # its wall_time_s is the training time the resume goes on from (it was the process time: setup included)
+    assert 0 <= summary["wall_time_s"] - saved["callbacks"]["RunSummary"]["fit_s"] < 1.0
 
 
 def test_a_run_resumed_mid_epoch_shows_its_epoch_on_the_bar(small_camvid, tmp_path):

@@ -136,9 +136,12 @@ def _fit(cfg: DictConfig, trainer, model, datamodule) -> None:
         if trainer.state.status != TrainerStatus.INTERRUPTED:
             raise
         signum = signal.SIGTERM if trainer.received_sigterm else signal.SIGINT
-        from bgremover.lit.summary import last_checkpoint
+        from bgremover.lit.summary import RunSummary, last_checkpoint
 
-        raise RunInterrupted(signum, last_checkpoint(trainer), trainer.current_epoch, trainer.global_step) from exc
+        stop = RunInterrupted(signum, last_checkpoint(trainer), trainer.current_epoch, trainer.global_step)
+        # the summary's wall_time_s: training time, counted as the resume will count on (not the process time)
+        stop.fit_s = next((c._fit_s() for c in trainer.callbacks if isinstance(c, RunSummary)), None)
+        raise stop from exc
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:

@@ -226,6 +226,8 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
         }
         if interrupted:
             summary.update(last_ckpt=exc.last_ckpt, epoch=exc.epoch, global_step=exc.step)
+            if getattr(exc, "fit_s", None) is not None:  # training time, as a finished run's (resumes included)
+                summary["wall_time_s"] = round(exc.fit_s, 2)
         empty = _empty_run_dir() if is_user_error(exc) and not is_multirun() else None
         if empty is not None:
             _remove_run_dir(empty)
