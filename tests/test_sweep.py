@@ -80,3 +80,19 @@ def test_failing_job_is_reported_and_others_are_kept(camvid_root, tmp_path):
     failed_job = next(name for name, s in by_job.items() if s["status"] == "failed")
     assert f"[failed] job {failed_job} (model.net.encoder_name=no_such_encoder)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_failing_optuna_trials_do_not_end_the_sweep_with_a_traceback(camvid_root, tmp_path):
+    """A failed job returned nan, which the Optuna sweeper cannot record: the first failure ended the whole
+    sweep with two chained tracebacks. Now each failure is a failed trial and the sweep goes on; when every
+    trial failed, one error line says so."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgremover.train", "-m", "experiment=cpu_quick", "hparams_search=optuna",
+         "hydra.sweeper.n_trials=2", "data.batch_size=0", f"data.root={camvid_root}", "logger=csv",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("[job ")]) == 2  # both trials ran
+    assert proc.stderr.rstrip().endswith(
+        "error: no Optuna trial finished: every job failed (the [job] lines above say why)")

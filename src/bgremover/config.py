@@ -66,6 +66,10 @@ def hydra_command_line() -> None:
 
             sys.exit(report(_hydra_message(exc), code=2))
         except Exception as exc:  # anything else: Hydra's own report
+            if isinstance(exc, ValueError) and str(exc) == "No trials are completed yet.":  # Optuna's best_trial
+                from bgremover.errors import report
+
+                sys.exit(report("no Optuna trial finished: every job failed (the [job] lines above say why)"))
             return original(functools.partial(_reraise, exc))
 
     run_and_report.one_line = True

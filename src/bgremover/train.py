@@ -9,7 +9,6 @@ Examples:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shlex
 import signal
@@ -243,7 +242,9 @@ def _main(cfg: DictConfig) -> float | None:
         utils.print_error(exc)
         if multirun:
             utils.print_job_line(cfg)
-            return math.nan  # keep the sweep going; SweepReport lists the failure at the end
+            # keep the sweep going (SweepReport lists the failure at the end). None, not nan: Optuna's sweeper
+            # records a job without a number as a failed trial, while nan made it raise and end the whole sweep
+            return None
         sys.exit(1)
     if multirun:
         utils.print_job_line(cfg)
