@@ -416,6 +416,21 @@ def test_wandb_offline_logs_table(sweep: Path, tmp_path: Path, monkeypatch: pyte
     assert b"compare/nets" in log.read_bytes()
 
 
+@pytest.mark.slow
+def test_wandb_offline_run_lies_beside_the_report(sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m bgremover.compare --wandb` wrote its offline run into the current folder's wandb/."""
+    pytest.importorskip("wandb")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    compare.build_report([sweep], out=tmp_path / "rep" / "report", grid_images=0, use_wandb=True)
+    assert len(list((tmp_path / "rep" / "wandb").glob("offline-run-*"))) == 1
+    assert not (elsewhere / "wandb").exists() and not (tmp_path / "rep" / "report" / "wandb").exists()
+
+
 def test_runs_of_one_net_with_different_recipes_are_not_averaged_as_seeds(tmp_path: Path) -> None:
     """Two FC-DenseNet103 speed-runs of 170 s and 450 s were one row, "mean ± std over seeds" of both."""
     root = tmp_path / "runs"

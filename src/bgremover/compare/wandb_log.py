@@ -56,6 +56,9 @@ def log_wandb(report: Path, stats: list[NetStats], runs: list[Run], group: str) 
             job_type="compare",
             name=f"compare-{group}",
             mode=mode,
+            # beside the report, as each job's run is beside its summary (not in whatever folder this ran from);
+            # not inside it: a new report replaces that folder, and an offline run not yet synced with it
+            dir=None if os.environ.get("WANDB_DIR") else str(report.parent),
             settings=wandb.Settings(silent=True),
         )
     else:
