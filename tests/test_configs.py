@@ -164,3 +164,25 @@ def test_eval_refuses_a_model_override_in_one_line() -> None:
                               capture_output=True, text=True, timeout=120, cwd=REPO)
         assert proc.returncode == 2 and proc.stderr == (
             f"error: {override}: eval builds the net its checkpoint describes; drop the model override\n")
+
+
+def test_recipes_refuse_what_they_cannot_run_without(tmp_path, monkeypatch) -> None:
+    """`EXP=tiramisu103_camvid_finetune` without ckpt_init trained from random weights (its `ckpt_init: ???` did not
+    override the base null), and a GPU recipe on a machine without one failed after the build in Lightning's words
+    ("No supported gpu backend found!"), leaving a run folder. Both are refused before anything is built."""
+    import pytest
+    import torch
+    from conftest import compose_cfg
+
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the first rule is tried here
+    cfg = compose_cfg(tmp_path, ["experiment=tiramisu103_camvid_finetune", "~data.root"])
+    with pytest.raises(UserError, match=r"tiramisu103_camvid_finetune needs ckpt_init=\.\.\.: stage 1's best weights"):
+        config.validate_train(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = compose_cfg(tmp_path, ["experiment=tiramisu103_camvid", "~data.root"])
+    with pytest.raises(UserError, match=r'tiramisu103_camvid trains on a GPU .* add ARGS="trainer=cpu"'):
+        config.validate_train(cfg)
+    config.validate_train(compose_cfg(tmp_path, ["experiment=tiramisu103_camvid", "~data.root", "trainer=cpu"]))

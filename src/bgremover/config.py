@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bgremover.errors import UserError
 
@@ -189,6 +189,18 @@ def validate_train(cfg: DictConfig) -> None:
             raise UserError(f"{key}: checkpoint not found: {value}")
     if not cfg.get("train", True) and not cfg.get("ckpt_path"):
         raise UserError("train=false needs ckpt_path=<checkpoint> to test")
+    # settings a recipe cannot run without (`requires: {key: what to give}`): a `???` in an experiment file does
+    # not override the base config's null, so the fine-tune stage trained from random weights without a word
+    for key, what in (cfg.get("requires") or {}).items():
+        if OmegaConf.select(cfg, key) is None:
+            raise UserError(f"{cfg.get('experiment_name') or 'this recipe'} needs {key}=...: {what}")
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator"))
+    if accelerator in ("gpu", "cuda") and cfg.get("train", True):
+        import torch
+
+        if not torch.cuda.is_available():  # Lightning says "No supported gpu backend found!" after the build
+            raise UserError(f"{cfg.get('experiment_name') or 'this run'} trains on a GPU (trainer.accelerator="
+                            f"{accelerator}) and this machine has none: add ARGS=\"trainer=cpu\" to run it here")
 
 
 def validate_eval(cfg: DictConfig) -> None:

@@ -183,7 +183,7 @@ def paper_entry(net: str) -> tuple[str, dict[str, float | str]] | None:
 # training. Any other difference (lr, budget, crop, epochs, devices...) makes another recipe.
 NOT_RECIPE = ("seed", "paths", "hydra", "logger", "extras", "tags", "task_name", "ckpt_path", "train", "test",
               "measure_inference", "verbose", "data.root", "data.num_workers", "data.cache", "data.download",
-              "data.seed", "trainer.enable_progress_bar", "callbacks.progress_bar")
+              "data.seed", "trainer.enable_progress_bar", "trainer.enable_model_summary", "callbacks.progress_bar")
 # and every setting whose value lies in the run's own folder (checkpoint dirpath, default_root_dir, a split file):
 # where a run wrote, not how it trained — each job of a sweep has its own
 LABEL_KEYS = 3  # differing settings named in a group's label, at most
