@@ -256,7 +256,7 @@ def evaluate(
 
     miou, counted = mean_iou(cm)
     ious = class_iou(cm)
-    meta_miou = remover.meta.get("test_mIoU")
+    meta_miou = remover.test_miou  # the file's own (an int8 copy's from its quantization record)
     return {
         "model": str(remover.model_path),
         "net": remover.meta.get("net"),
@@ -352,7 +352,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 no model / no data / unknown class / unreadable file, 2 bad option value.",
     )
     p.add_argument(
-        "--model", "-m", help="ONNX model (default $BGREMOVER_MODEL or models/bgremover-camvid.onnx)"
+        "--model", "-m", help="ONNX model (default $BGREMOVER_MODEL, else models/bgremover-camvid.int8.onnx when "
+        "made from the float file beside it, else models/bgremover-camvid.onnx: what bgremover-predict uses)"
     )
     p.add_argument("--data-root", help=f"CamVid folder (default ${DATA_ENV}, else {DEFAULT_DATA_ROOT}) or an "
                                        "image/mask folder (data=folder's layouts)")

@@ -389,6 +389,13 @@ class BackgroundRemover:
             return
         self.model_path, self.session, self.meta = path, session, meta
 
+    @property
+    def test_miou(self) -> float | None:
+        """This file's own test mIoU: an int8 copy's from its quantization record (its metadata's test_mIoU is the
+        float model's, which the copy inherits)."""
+        own = (((self.meta or {}).get("quantization") or {}).get("eval") or {}).get("int8", {}).get("mIoU")
+        return own if own is not None else (self.meta or {}).get("test_mIoU")
+
     @staticmethod
     def _open_session(path: Path, providers: Sequence[str] | None, threads: int | None):
         import onnxruntime as ort
