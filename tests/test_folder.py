@@ -67,6 +67,16 @@ def test_binary_masks_255_01_antialiased_and_void(tmp_path):
     assert labels.to_label(np.array([[0, 255, 128, 0]], np.uint8), p).tolist() == [[0, 1, 2, 0]]
 
 
+def test_class_index_masks_without_classes_txt_are_refused(tmp_path):
+    """Masks of class indices (0/2) read as binary are all background: a remover trained on them shipped with
+    foreground IoU 0.000 and no word of why."""
+    write_folder(tmp_path / "d", value=2)
+    with pytest.raises(fd.FolderDataError, match="no mask in .* has foreground: .* need a classes.txt beside images/"):
+        fd.scan(tmp_path / "d")
+    write_folder(tmp_path / "ok", value=1)  # 0/1 masks are binary masks with foreground
+    assert fd.scan(tmp_path / "ok").labels.binary
+
+
 def test_classes_txt_indexed_masks_and_foreground(tmp_path):
     write_folder(tmp_path / "d", value=2)
     (tmp_path / "d" / "classes.txt").write_text("background\ncat\ndog\n")

@@ -269,10 +269,15 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
         return _SCANNED[key]
     pairs = {s: match(*dirs) for s, dirs in where.items()} if isinstance(where, dict) else {"all": match(*where)}
     sizes = {}
+    foreground = False
     for split_pairs in pairs.values():
         for img, mask in split_pairs:
             image, label = read_pair(img, mask, labels)
             sizes[img] = image.shape[:2]
+            foreground = foreground or bool((label == 1).any())
+    if labels.binary and not foreground:  # masks of class indices (0/2...) read as binary: all background
+        raise FolderDataError(f"no mask in {root} has foreground: binary masks mark it with values > 127 (or 1 in "
+                              "0/1 masks); masks holding class indices need a classes.txt beside images/")
     _SCANNED[key] = folder = Folder(root, labels, pairs, sizes)
     return folder
 
