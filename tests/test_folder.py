@@ -500,3 +500,16 @@ def test_make_example_data_builds_both_folders_once(camvid_root, tmp_path):
     assert again.stdout.splitlines() == [f"{out}/cars-composite exists: kept (remove it to rebuild)",
                                          f"{out}/cars exists: kept (remove it to rebuild)"]
     assert (out / "cars" / "SOURCE.txt").stat().st_mtime_ns == stamp
+
+
+def test_a_time_budget_ends_the_first_epoch_too(tmp_path):
+    """The base trainer's min_epochs=1 made Lightning ignore the budget's stop inside the first epoch: a 2 s budget
+    ran 8.3 s, a whole epoch (on a large folder, the first epoch is the whole run)."""
+    from bgremover.train import train
+
+    folder = write_folder(tmp_path / "data", n=12)
+    cfg = compose_cfg(tmp_path / "run", ["experiment=remover", f"data.root={folder}", *FAST,
+                                         "remover_budget_s=0.001", "test=false"])
+    _, objects = train(cfg)
+    per_epoch = objects["trainer"].num_training_batches
+    assert per_epoch >= 3 and objects["trainer"].global_step == 1
