@@ -376,6 +376,17 @@ def test_a_run_resumed_mid_epoch_shows_its_epoch_on_the_bar(small_camvid, tmp_pa
     assert bar.train_progress_bar.desc.startswith("Epoch 2/2"), bar.train_progress_bar.desc  # max_steps: 2 epochs
 
 
+def test_a_setting_of_another_data_choice_is_named_in_one_line(small_camvid, tmp_path):
+    """`EXP=speedrun_remover ARGS="trainer=cpu data=camvid"`: the recipe's resident-data settings reached
+    CamVidDataModule as `TypeError: ... unexpected keyword argument 'scale_range'` (with a traceback in the log)."""
+    proc = _run("bgremover.train", "experiment=speedrun_remover", "trainer=cpu", "data=camvid",
+                f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: scale_range is not a setting of bgremover.data.datamodule.CamVidDataModule: "
+                                   "the recipe or an override sets it for another choice of that config group")
+    assert not (tmp_path / "train").exists() or not any((tmp_path / "train" / "runs").iterdir())
+
+
 def test_resume_hint_keeps_the_data_location(monkeypatch):
     """`DATA_DIR=../shared/CamVid make train`, interrupted: the printed resume command left DATA_DIR out and
     failed as printed (dataset folder not found: data/CamVid)."""

@@ -1,4 +1,5 @@
-"""Glue shared by train/eval: W&B mode, callbacks/loggers from config, one-line errors, summary.json, sweep report."""
+"""Glue shared by train/eval: W&B mode, callbacks/loggers from config, one-line errors, summary.json, sweep report.
+(Past 400 lines: a dozen small, separate helpers that train, eval and the sweep report share, none over ~50 lines.)"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import netrc
 import os
+import re
 import sys
 import time
 import traceback
@@ -107,6 +109,9 @@ def error_summary(exc: BaseException) -> str:
     if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
         # Hydra wraps the real error as "Error in call to target X:\n<error>": say the error, name the target.
         target = str(exc).splitlines()[0].split("'")[1::2][:1]
+        if target and (key := _unknown_setting(exc.__cause__)):  # e.g. a speed-run's data settings with data=camvid
+            return (f"{key} is not a setting of {target[0]}: the recipe or an override sets it for another choice "
+                    "of that config group")
         inner = error_summary(exc.__cause__)
         return f"{inner} (while building {target[0]})" if target else inner
     text = str(exc).strip()
@@ -117,11 +122,17 @@ def error_summary(exc: BaseException) -> str:
     return first if isinstance(exc, user_error_types()) else f"{type(exc).__name__}: {first}"
 
 
+def _unknown_setting(exc: BaseException) -> str | None:
+    """The keyword a class was built with but does not take (a config key of another choice), else None."""
+    m = re.search(r"got an unexpected keyword argument '(\w+)'", str(exc)) if isinstance(exc, TypeError) else None
+    return m.group(1) if m else None
+
+
 def is_user_error(exc: BaseException) -> bool:
     from hydra.errors import InstantiationException
 
     if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
-        return is_user_error(exc.__cause__)
+        return _unknown_setting(exc.__cause__) is not None or is_user_error(exc.__cause__)
     return isinstance(exc, user_error_types())
 
 
