@@ -387,6 +387,17 @@ def test_a_setting_of_another_data_choice_is_named_in_one_line(small_camvid, tmp
     assert not (tmp_path / "train").exists() or not any((tmp_path / "train" / "runs").iterdir())
 
 
+def test_a_run_that_never_validates_says_so(small_camvid, tmp_path, caplog):
+    """Validation every 2 epochs, 1 epoch trained: no best checkpoint, the test stage scored the last weights, and
+    nothing said so."""
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=1"]
+    with caplog.at_level("INFO", logger="bgremover"):
+        train(compose_cfg(tmp_path / "a", [*base, "trainer.check_val_every_n_epoch=2"]))
+        train(compose_cfg(tmp_path / "b", base))
+    warned = [r for r in caplog.records if "it never validates" in r.getMessage()]
+    assert len(warned) == 1 and "every 2 epochs and this run trains 1" in warned[0].getMessage()
+
+
 def test_resume_hint_keeps_the_data_location(monkeypatch):
     """`DATA_DIR=../shared/CamVid make train`, interrupted: the printed resume command left DATA_DIR out and
     failed as printed (dataset folder not found: data/CamVid)."""

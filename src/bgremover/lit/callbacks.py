@@ -125,6 +125,11 @@ class RunPlan(Callback):
         self._start = (start_epoch(trainer), trainer.global_step)  # (0, 0), or where a resumed run goes on
         if trainer.is_global_zero and not trainer.fast_dev_run:
             log.info("plan: %s", describe_plan(trainer, pl_module, self._start))
+            epochs, _ = planned_steps(trainer)
+            every = trainer.check_val_every_n_epoch
+            if epochs and every and trainer.limit_val_batches and epochs < every:
+                log.warning("validation runs every %d epochs and this run trains %d: it never validates, so there "
+                            "is no best checkpoint and the test stage scores the last weights", every, epochs)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         self._steps += 1
