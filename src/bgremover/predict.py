@@ -239,12 +239,8 @@ def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespa
             args.input = "-"
         if args.input != "-" and Path(args.input).is_dir():
             raise UsageError(f"i takes one image, {args.input} is a folder: use `p INPUT_DIR OUTPUT_DIR`")
-        if args.out is None and args.input == "-":
-            args.out = "-"
-    elif not Path(args.input).is_dir():
+    elif not Path(args.input).is_dir():  # the rest (an OUTPUT that is a file, stdin to stdout) as the plain form
         raise UsageError(f"p takes a folder, {args.input} is not one: use `i INPUT OUTPUT` for one image")
-    elif Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"p: {args.out} exists and is not a folder")
     args.inputs = [args.input]
     return args
 
@@ -256,9 +252,8 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "threads" else 1):
             return fail_usage(f"--{name.replace('_', '-')} must be positive, got {value}")
-    bg_color = parse_color(args.bg_color) if args.bg_color is not None else None
-    if args.bgcolor is not None:
-        bg_color = parse_color(",".join(map(str, args.bgcolor)))
+    given = args.bg_color if args.bg_color is not None else args.bgcolor  # --bg-color R,G,B[,A] or -bgc R G B A
+    bg_color = parse_color(given) if given is not None else None
     if args.bg_image is not None and not Path(args.bg_image).is_file():
         return fail_usage(f"--bg-image {args.bg_image}: no such file")
 

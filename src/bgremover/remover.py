@@ -284,20 +284,21 @@ def write_atomic(data: bytes, path: str | os.PathLike) -> None:
         raise
 
 
-def parse_color(text: str) -> tuple[int, ...]:
-    """'R,G,B' or 'R,G,B,A' (0..255), '#rrggbb' or '#rrggbbaa' -> 3 or 4 ints; UsageError otherwise.
-
-    A is the background's opacity (rembg's `-bgc R G B A`): 255 opaque, 0 none at all (the plain cut-out)."""
-    t = text.strip()
+def parse_color(value: str | Sequence[int]) -> tuple[int, ...]:
+    """'R,G,B' or 'R,G,B,A' (0..255), '#rrggbb' or '#rrggbbaa', or those numbers -> 3 or 4 ints; UsageError
+    otherwise. A is the background's opacity (rembg's `-bgc R G B A`): 255 opaque, 0 none at all (the plain cut-out)."""
+    text = value.strip() if isinstance(value, str) else None
     try:
-        if t.startswith("#") and len(t) in (7, 9):
-            vals = [int(t[i : i + 2], 16) for i in range(1, len(t), 2)]
+        if text is None:
+            vals = [int(v) for v in value]
+        elif text.startswith("#") and len(text) in (7, 9):
+            vals = [int(text[i : i + 2], 16) for i in range(1, len(text), 2)]
         else:
-            vals = [int(v) for v in t.split(",")]
-    except ValueError:
+            vals = [int(v) for v in text.split(",")]
+    except (TypeError, ValueError):
         vals = []
     if len(vals) not in (3, 4) or not all(0 <= v <= 255 for v in vals):
-        raise UsageError(f"bad colour {text!r}: expected R,G,B or R,G,B,A with values 0..255 (or #rrggbb[aa])")
+        raise UsageError(f"bad colour {value!r}: expected R,G,B or R,G,B,A with values 0..255 (or #rrggbb[aa])")
     return tuple(vals)
 
 
@@ -531,7 +532,7 @@ class BackgroundRemover:
         if sum([mask_only, bg_color is not None, bg_image is not None]) > 1:
             raise UsageError("choose at most one of mask_only, bg_color, bg_image")
         if bg_color is not None:
-            bg_color = parse_color(bg_color if isinstance(bg_color, str) else ",".join(str(int(v)) for v in bg_color))
+            bg_color = parse_color(bg_color)
             if len(bg_color) == 4 and bg_color[3] in (0, 255):
                 bg_color = bg_color[:3] if bg_color[3] == 255 else None
         rgb, alpha, _ = self.alpha(img, classes=classes, threshold=threshold, refine=refine)
