@@ -154,8 +154,13 @@ class ResidentTrainLoader:
     def __iter__(self):
         hp, t = self.dm.hparams, self.t
         rank, _ = self._rank_world()
-        epoch = self.dm.trainer.current_epoch if self.dm.trainer is not None else self._epochs_started
+        trainer = self.dm.trainer
+        epoch = trainer.current_epoch if trainer is not None else self._epochs_started
         self._epochs_started += 1
+        if trainer is not None and getattr(trainer, "overfit_batches", 0):
+            # Lightning turns a DataLoader's shuffling off for overfit_batches; this loader replays its first
+            # epoch (order and augmentation draws), so the overfitted batches are the same every epoch
+            epoch = 0
         order, dev = self.epoch_order(epoch), t["labels"].device
         # Augmentation draws come from a generator on the device too: no copy, no sync per batch.
         ga = torch.Generator(device=dev).manual_seed(_seed(hp.seed, epoch, rank, 1))
