@@ -18,6 +18,7 @@ from bgremover.nets import cpu_kernels, dense_block
 from bgremover.nets.tiramisu import (
     DenseBlock,
     FCDenseNet,
+    TransitionDown,
     count_parameters,
     fcdensenet56,
     fcdensenet67,
@@ -209,6 +210,63 @@ def test_gemm_weight_grad_bf16_accumulates_in_fp32(native_bf16: bool, monkeypatc
     got = dense_block.conv3x3_weight_grad(g_y.bfloat16(), act.bfloat16())
     assert got.dtype == torch.float32  # summed over 3,200 pixels: a bf16 accumulator would lose digits
     torch.testing.assert_close(got, exact, atol=0.05 * exact.abs().max().item(), rtol=0.02)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the fused kernels cannot be built")
+def test_banded_input_gradient_equals_the_convolution_route(monkeypatch) -> None:
+    """Native bf16, wide layers: each band of a layer's input gradient comes from the weight gradient's im2col
+    (one more GEMM) and goes through the fused BN-ReLU backward at once. Same gradients as the route that
+    convolves the whole input gradient first; the bands are checked to have run (uneven: 5-row bands of 12)."""
+    monkeypatch.setattr(dense_block, "_CPU_NATIVE_BF16", True)
+    monkeypatch.setenv(cpu_kernels.ENV, "1")
+    banded = []
+    real = dense_block.conv3x3_weight_grad
+    monkeypatch.setattr(dense_block, "conv3x3_weight_grad",
+                        lambda g_y, act, *a: banded.append(bool(a)) or real(g_y, act, *a))
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(2, 20, 12, 10, generator=gen) + 3).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(2, 44, 12, 10, generator=gen)
+    block = DenseBlock(20, 3, 8, dropout=0.0).to(memory_format=torch.channels_last)
+    randomise_bn(block)
+    grads = {}
+    for route, threshold in (("banded", 0), ("convolution", 10**12)):
+        monkeypatch.setattr(dense_block, "_GEMM_WGRAD_MIN_BF16_VALUES", threshold)
+        monkeypatch.setattr(dense_block, "_WGRAD_BAND_PIXELS", 50)
+        block.zero_grad()
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(xr)
+        (out.float() * weight).sum().backward()
+        grads[route] = [xr.grad, *(p.grad for p in block.parameters())]
+    assert banded == [True] * 3  # the banded route ran for every layer, the convolution route never called it
+    for a, b in zip(grads["banded"], grads["convolution"], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_transition_down_pools_before_its_bias_and_dropout(dtype: torch.dtype) -> None:
+    """The transition runs max-pool before the conv bias and Dropout2d (a quarter of the pixels): the textbook
+    order's numbers, forward and backward, with dropout on (same seed, same mask): exactly in float64, where a
+    per-channel constant and a factor >= 0 commute with a max; in bf16 up to the rounding of the bias add (after
+    the conv's rounding here, inside the conv there), which can move a near-tie's gradient to its neighbour."""
+    td = TransitionDown(6, dropout=0.5).to(dtype).train()
+    nn.init.normal_(td.conv.bias)
+    x = torch.randn(3, 6, 8, 10, generator=torch.Generator().manual_seed(4)).to(dtype)
+    outs = []
+    for textbook in (True, False):
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(0)
+        y = (F.max_pool2d(td.drop(F.conv2d(F.relu(td.norm(xr)), td.conv.weight, td.conv.bias)), 2) if textbook
+             else td(xr))
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
+        outs.append((y.detach(), xr.grad, td.conv.weight.grad.clone(), td.conv.bias.grad.clone()))
+        td.zero_grad()
+    assert (outs[0][0] == 0).any() and (outs[0][0] != 0).any()  # the mask dropped some maps, kept others
+    for a, b in zip(*outs, strict=True):
+        if dtype == torch.float64:
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+        else:
+            assert ((b.double() - a.double()).norm() / a.double().norm()).item() < 0.03
 
 
 def test_block_takes_several_inputs_like_a_concat() -> None:

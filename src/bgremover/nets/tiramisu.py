@@ -54,7 +54,14 @@ TIRAMISU_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 class TransitionDown(nn.Module):
-    """BN -> ReLU -> 1x1 conv (same width) -> Dropout2d -> 2x2 max-pool."""
+    """BN -> ReLU -> 1x1 conv (same width) -> Dropout2d -> 2x2 max-pool.
+
+    Run as BN -> ReLU -> 1x1 conv without its bias -> max-pool -> + bias -> Dropout2d: the same maths, since a
+    per-channel constant and a per-channel factor >= 0 (Dropout2d's mask) commute with a max (in float64 the same
+    numbers; in bf16 the bias is added after the conv's rounding instead of before). Both then touch a quarter of
+    the pixels: the first transition of FC-DenseNet103 trains ~1.3x faster on CPU (bf16, batch 2 at 224²:
+    66 vs 84 ms, forward and backward; docs/fast_tiramisu.md).
+    """
 
     def __init__(self, channels: int, dropout: float = DROPOUT) -> None:
         super().__init__()
@@ -63,7 +70,8 @@ class TransitionDown(nn.Module):
         self.drop = nn.Dropout2d(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.max_pool2d(self.drop(self.conv(F.relu(self.norm(x), inplace=True))), 2)
+        y = F.max_pool2d(self.conv(F.relu(self.norm(x), inplace=True), bias=False), 2)
+        return self.drop(y.add_(self.conv.bias.to(y.dtype).view(1, -1, 1, 1)))
 
 
 class TransitionUp(nn.Module):
