@@ -212,37 +212,6 @@ def test_gemm_weight_grad_bf16_accumulates_in_fp32(native_bf16: bool, monkeypatc
     torch.testing.assert_close(got, exact, atol=0.05 * exact.abs().max().item(), rtol=0.02)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the fused kernels cannot be built")
-def test_banded_input_gradient_equals_the_convolution_route(monkeypatch) -> None:
-    """Native bf16, wide layers: each band of a layer's input gradient comes from the weight gradient's im2col
-    (one more GEMM) and goes through the fused BN-ReLU backward at once. Same gradients as the route that
-    convolves the whole input gradient first; the bands are checked to have run (uneven: 5-row bands of 12)."""
-    monkeypatch.setattr(dense_block, "_CPU_NATIVE_BF16", True)
-    monkeypatch.setenv(cpu_kernels.ENV, "1")
-    banded = []
-    real = dense_block.conv3x3_weight_grad
-    monkeypatch.setattr(dense_block, "conv3x3_weight_grad",
-                        lambda g_y, act, *a: banded.append(bool(a)) or real(g_y, act, *a))
-    gen = torch.Generator().manual_seed(8)
-    x = (torch.randn(2, 20, 12, 10, generator=gen) + 3).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(2, 44, 12, 10, generator=gen)
-    block = DenseBlock(20, 3, 8, dropout=0.0).to(memory_format=torch.channels_last)
-    randomise_bn(block)
-    grads = {}
-    for route, threshold in (("banded", 0), ("convolution", 10**12)):
-        monkeypatch.setattr(dense_block, "_GEMM_WGRAD_MIN_BF16_VALUES", threshold)
-        monkeypatch.setattr(dense_block, "_WGRAD_BAND_PIXELS", 50)
-        block.zero_grad()
-        xr = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = block(xr)
-        (out.float() * weight).sum().backward()
-        grads[route] = [xr.grad, *(p.grad for p in block.parameters())]
-    assert banded == [True] * 3  # the banded route ran for every layer, the convolution route never called it
-    for a, b in zip(grads["banded"], grads["convolution"], strict=True):
-        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_transition_down_pools_before_its_bias_and_dropout(dtype: torch.dtype) -> None:
     """The transition runs max-pool before the conv bias and Dropout2d (a quarter of the pixels): the textbook

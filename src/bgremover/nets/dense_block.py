@@ -309,12 +309,10 @@ class _DenseBlockFn(torch.autograd.Function):
                 g_y = grad[:, c : c + growth]
                 need = ctx.param_needs_grad[7 * i : 7 * i + 7]
                 g_b = None
-                fused = False  # whether the fused CPU kernels serve this layer
                 if kernels:  # dropout, a dense copy for the conv and the bias gradient in one pass (cpu_kernels)
                     dense = torch.empty((n, growth, h, w), dtype=kdtype, device=buf.device, memory_format=fmt)
                     g_b = cpu_kernels.scale_maps(g_y, mask, dense, sums=True)
-                    fused = g_b is not None
-                    g_y = dense if fused else g_y
+                    g_y = g_y if g_b is None else dense
                 if g_b is None:
                     if mask is not None:
                         g_y = g_y * mask.to(g_y.dtype)
@@ -327,26 +325,14 @@ class _DenseBlockFn(torch.autograd.Function):
                     n * h * w >= _GEMM_WGRAD_MIN_PIXELS if kdtype in (torch.float32, torch.float64)
                     else n * c * h * w >= _GEMM_WGRAD_MIN_BF16_VALUES
                 )
-                gamma_s, beta_s = gamma.to(mean.dtype), beta.to(mean.dtype)
-                centre = mean[:c] if training else r_mean.to(mean.dtype)
-                std_inv = invstd[:c] if training else torch.rsqrt(r_var.to(mean.dtype) + eps)
-                g_beta = torch.zeros_like(mean[:c])
-                g_gamma = torch.zeros_like(g_beta)
-                # Native bf16, wide layers at full resolution: the input gradient comes band by band from the
-                # weight gradient's im2col and goes through the BN-ReLU backward while still in cache, instead of
-                # a convolution writing it to memory and the kernel reading it back (measured per layer, batch 2:
-                # 67 vs 80 ms at 240 channels of 224², 51 vs 55 at 192).
-                chunks = [] if fused and gemm_w and kdtype == torch.bfloat16 else _channel_chunks(act)
+                chunks = _channel_chunks(act)
                 g_pre = None
                 if len(chunks) == 1:
                     g_pre, g_w, _ = torch.ops.aten.convolution_backward(
                         g_y, act, w_c, [growth], _STRIDE1, _PAD1, _STRIDE1, False, _NO_OUT_PAD, 1,
                         [True, not gemm_w, False],
                     )
-                if not chunks:
-                    g_w = conv3x3_weight_grad(g_y, act, w_c, _bn_relu_bands(
-                        x, grad[:, :c], scale, shift, centre, std_inv, g_beta, g_gamma))
-                elif gemm_w:
+                if gemm_w:
                     g_w = conv3x3_weight_grad(g_y, act)
                 elif g_pre is None:
                     g_w = torch.ops.aten.convolution_backward(
@@ -355,8 +341,13 @@ class _DenseBlockFn(torch.autograd.Function):
                     )[1]
                 # The input gradient of a stride-1 3x3 conv is the conv of g_y with the flipped, transposed
                 # kernel: a chunk of input channels is a chunk of that kernel's output maps.
-                w_t = None if g_pre is not None or not chunks else w_c.flip(2, 3).transpose(0, 1).contiguous()
+                w_t = None if g_pre is not None else w_c.flip(2, 3).transpose(0, 1).contiguous()
+                gamma_s, beta_s = gamma.to(mean.dtype), beta.to(mean.dtype)
+                centre = mean[:c] if training else r_mean.to(mean.dtype)
+                std_inv = invstd[:c] if training else torch.rsqrt(r_var.to(mean.dtype) + eps)
                 identity = None  # whether sum(g_pre * xhat) comes from the W * dW identity; decided where needed
+                g_beta = torch.empty_like(mean[:c])
+                g_gamma = torch.empty_like(g_beta)
                 for lo, hi in chunks:
                     if w_t is not None:
                         g_pre = torch.ops.aten.convolution(
@@ -426,9 +417,7 @@ class _DenseBlockFn(torch.autograd.Function):
         return (None, None, *input_grads, *param_grads)
 
 
-def conv3x3_weight_grad(
-    g_y: Tensor, act: Tensor, weight: Tensor | None = None, on_band: Any = None
-) -> Tensor:
+def conv3x3_weight_grad(g_y: Tensor, act: Tensor) -> Tensor:
     """Weight gradient of a stride-1, padding-1 3x3 convolution with few output maps, as banded GEMMs.
 
     oneDNN's weight-gradient kernel is the slowest part of a dense layer on CPU (2-3x the forward conv for
@@ -436,10 +425,6 @@ def conv3x3_weight_grad(
     gradient is small (9g values per pixel), so ``dW = im2col(g_y)^T @ act`` is one well-shaped GEMM per
     band of rows (M = 9g, N = c, K = pixels in the band), reading ``act`` in place in either layout.
     Bands keep the im2col block in cache; each band's product is accumulated in at least fp32.
-
-    With the conv's ``weight`` (``act``'s dtype, channels_last ``act``), each band's input gradient is the same
-    im2col block times the flipped kernel, one more GEMM (M = pixels, N = c, K = 9g); it is handed to
-    ``on_band(image, y0, g_pre)`` as a (1, c, rows, W) channels_last tensor, valid only during the call.
     """
     n, c, h, w = act.shape
     g = g_y.shape[1]
@@ -451,12 +436,6 @@ def conv3x3_weight_grad(
     # Tap (kh, kw) of output pixel p reads act at p + (kh-1, kw-1), so the im2col entry for input pixel q
     # is g_y at q - (kh-1, kw-1): with g_y zero-padded by one, that is padded[q + (2-kh, 2-kw)], a window
     # that one as_strided view of the padded map gives for all nine taps at once.
-    if weight is not None:
-        if not cl or weight.dtype != dtype:
-            raise ValueError("conv3x3_weight_grad computes input gradients for channels_last, same-dtype operands only")
-        # rows ordered as the im2col's, (2-kh, 2-kw, out map): the flipped kernel, as the weight gradient's rows
-        w_rows = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(9 * g, c)
-        pre = act.new_empty((rows * w, c))
     if cl:
         padded = act.new_zeros((n, h + 2, w + 2, g))
         padded[:, 1 : h + 1, 1 : w + 1].copy_(g_y.permute(0, 2, 3, 1))
@@ -476,9 +455,6 @@ def conv3x3_weight_grad(
                 band = cols[:r]
                 band.copy_(padded.as_strided((r, w, 3, 3, g), (sy, sx, sy, sx, 1), start))
                 lhs, rhs = band.view(r * w, 9 * g).t(), act_hwc[b, y0 : y0 + r].reshape(r * w, c)
-                if weight is not None:
-                    g_pre = torch.mm(lhs.t(), w_rows, out=pre[: r * w])
-                    on_band(b, y0, g_pre.view(1, r, w, c).permute(0, 3, 1, 2))
             else:
                 band = cols[..., :r, :]
                 band.copy_(padded.as_strided((3, 3, g, r, w), (sy, 1, sc, sy, 1), start))
@@ -490,26 +466,6 @@ def conv3x3_weight_grad(
             else:  # an emulated bf16 GEMM is ~5x slower than casting the band and multiplying in fp32
                 g_w.addmm_(lhs.to(acc_dtype), rhs.to(acc_dtype))
     return g_w.view(3, 3, g, c).flip(0, 1).permute(2, 3, 0, 1).contiguous()
-
-
-def _bn_relu_bands(
-    x: Tensor, grad: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor, g_beta: Tensor,
-    g_gamma: Tensor,
-) -> Any:
-    """``on_band`` for ``conv3x3_weight_grad``: the BN-ReLU backward (``cpu_kernels.bn_relu_backward``) of one
-    band of a layer's input gradient, its rows of ``grad`` updated and its BN sums added to ``g_beta``, ``g_gamma``."""
-
-    def on_band(image: int, y0: int, g_band: Tensor) -> None:
-        rows = slice(y0, y0 + g_band.shape[2])
-        sums = cpu_kernels.bn_relu_backward(
-            g_band, x[image : image + 1, :, rows], grad[image : image + 1, :, rows], scale, shift, mean, invstd
-        )
-        if sums is None:  # the caller checked that the kernels take these tensors; a band of them fits too
-            raise RuntimeError("fused CPU kernel declined a band of a dense layer's input gradient")
-        g_beta.add_(sums[0])
-        g_gamma.add_(sums[1])
-
-    return on_band
 
 
 def _channel_chunks(t: Tensor) -> list[tuple[int, int]]:
