@@ -466,6 +466,21 @@ def test_recipe_labels_are_the_overrides_that_differ(tmp_path: Path) -> None:
         ("tiramisu103 (speedrun_budget_s=170)", 2), ("tiramisu103 (speedrun_budget_s=450)", 1)]
 
 
+def test_search_trials_are_labelled_with_short_numbers(tmp_path: Path) -> None:
+    """An Optuna sweep's trials differ in sampled floats: labels carry 4 significant digits, not 17 — unless
+    that would give two trials one label."""
+    root = tmp_path / "runs"
+    for name, lr in (("0", "0.00035090148857968553"), ("1", "0.0012345678912"), ("2", "0.00035090148857961111")):
+        s = ok_summary(root / name, TIRAMISU, 1)
+        s["config"] = {"model": {"optimizer": {"lr": float(lr)}}}
+        s["overrides"] = [f"model.optimizer.lr={lr}"]
+        write_summary(root / name, s)
+    labels = sorted(s.net for s in compare.aggregate(compare.find_runs([root / "0", root / "1"])))
+    assert labels == ["tiramisu103 (model.optimizer.lr=0.0003509)", "tiramisu103 (model.optimizer.lr=0.001235)"]
+    labels = sorted(s.net for s in compare.aggregate(compare.find_runs([root])))  # 0 and 2 round alike: as typed
+    assert "tiramisu103 (model.optimizer.lr=0.00035090148857968553)" in labels and len(set(labels)) == 3
+
+
 def test_val_of_a_train_plus_val_run_is_marked_as_trained_on(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     for name, split in (("a", "train"), ("b", "train+val")):

@@ -236,11 +236,25 @@ def _labels(groups: list[list[Run]]) -> list[str]:
              for g in groups]
     labels = [[o for o in t if not all(o in u for u in typed)] for t in typed]
     if all(labels) and len({tuple(lab) for lab in labels}) == len(labels):
+        short = [[_short_number(o) for o in lab] for lab in labels]  # Optuna's lr=0.00035090148857968553
+        if len({tuple(lab) for lab in short}) == len(short):  # unless rounding would merge two recipes' labels
+            labels = short
         return [", ".join(lab[:LABEL_KEYS]) + (", …" if len(lab) > LABEL_KEYS else "") for lab in labels]
     flats = [recipe(g[0]) for g in groups]
     keys = sorted(k for k in set().union(*flats) if len({f.get(k) for f in flats}) > 1)
     return [", ".join(f"{k}={json.loads(f[k]) if k in f else '-'}" for k in keys[:LABEL_KEYS])
             + (", …" if len(keys) > LABEL_KEYS else "") for f in flats]
+
+
+def _short_number(override: str) -> str:
+    """``key=value`` with a long number (as a search samples it) cut to 4 significant digits; anything else as is."""
+    key, sep, value = override.partition("=")
+    if not sep or len(value) <= 8:
+        return override
+    try:
+        return f"{key}={float(value):.4g}"
+    except ValueError:
+        return override
 
 
 def aggregate(runs: list[Run]) -> list[NetStats]:
