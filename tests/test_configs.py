@@ -92,6 +92,22 @@ def test_debug_presets(debug):
     assert cfg.task_name == "debug"
 
 
+@pytest.mark.parametrize("experiment", ["cpu_quick", "deeplabv3plus_camvid", "remover", "speedrun_remover",
+                                        "speedrun_deeplabv3plus", "speedrun_tiramisu103"])
+def test_adamw_recipes_step_every_parameter_in_one_kernel(experiment):
+    """AdamW's default on a CPU is a Python loop over the parameters (80 ms a step for DeepLabV3+/ResNet-18 on
+    the 2-core EPYC, 13 ms fused): every AdamW recipe asks for the fused kernel, which CPUs and GPUs both have."""
+    import torch
+    from hydra.utils import instantiate
+
+    cfg = cfg_for(f"experiment={experiment}")
+    assert cfg.model.optimizer._target_ == "torch.optim.AdamW"
+    opt = instantiate(cfg.model.optimizer)(params=[torch.nn.Parameter(torch.zeros(3))])
+    assert opt.defaults["fused"] is True
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()  # the fused CPU kernel runs here
+
+
 @pytest.mark.parametrize("data", ["camvid", "camvid_resident"])
 def test_overfit_preset_feeds_the_same_batches_every_epoch(data, tiny_camvid):
     """debug=overfit exists to learn a few batches by heart: random crops would hand it new pixels every epoch
