@@ -481,6 +481,18 @@ def test_search_trials_are_labelled_with_short_numbers(tmp_path: Path) -> None:
     assert "tiramisu103 (model.optimizer.lr=0.00035090148857968553)" in labels and len(set(labels)) == 3
 
 
+def test_runs_of_several_sweeps_are_named_with_their_sweep(tmp_path: Path) -> None:
+    """Two sweeps compared together each have a job "0": the Runs table names the sweep too (it showed "0" twice)."""
+    roots = []
+    for sweep, seed in (("sweep_a", 1), ("sweep_b", 2)):
+        write_summary(tmp_path / sweep / "0", ok_summary(tmp_path / sweep / "0", TIRAMISU, seed))
+        roots.append(tmp_path / sweep)
+    md = (compare.build_report(roots, out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
+    assert table_row(md, "sweep_a/0")[1] == TIRAMISU and table_row(md, "sweep_b/0")[1] == TIRAMISU
+    md = (compare.build_report(roots[:1], out=tmp_path / "one", grid_images=0).path / "report.md").read_text()
+    assert table_row(md, "0")[1] == TIRAMISU  # one folder compared: names relative to it, as before
+
+
 def test_val_of_a_train_plus_val_run_is_marked_as_trained_on(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     for name, split in (("a", "train"), ("b", "train+val")):

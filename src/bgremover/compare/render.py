@@ -33,13 +33,17 @@ def duration(seconds: float | None) -> str:
 
 
 def _rel(path: Path, roots: list[Path]) -> str:
+    """A run's folder as the Runs table names it: relative to the folder it was found under, and with several
+    folders compared, that folder's name first (two sweeps' job "0" are different runs)."""
     for root in roots:
         base = root if root.is_dir() else root.parent
         try:
             rel = path.resolve().relative_to(base.resolve())
-            return str(rel) if str(rel) != "." else base.name
         except ValueError:
             continue
+        if str(rel) == ".":
+            return base.name
+        return f"{base.name}/{rel}" if len(roots) > 1 else str(rel)
     return str(path)
 
 
