@@ -249,7 +249,7 @@ def _labels(groups: list[list[Run]]) -> list[str]:
 def _short_number(override: str) -> str:
     """``key=value`` with a long number (as a search samples it) cut to 4 significant digits; anything else as is."""
     key, sep, value = override.partition("=")
-    if not sep or len(value) <= 8:
+    if not sep or len(value) <= 8 or value.lstrip("-").isdigit():  # a step count stays exact
         return override
     try:
         return f"{key}={float(value):.4g}"

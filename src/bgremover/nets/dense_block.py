@@ -642,7 +642,8 @@ class Conv2d(nn.Conv2d):
     on CPU (measured 4x on a dense layer, 2x on the transition convs), while the bias gradient of a separate
     add is one channel sum. Under a bf16 autocast on a CPU without bf16 units it convolves in fp32 the way
     the dense blocks do (``kernel_dtype``). Both are CPU workarounds: on other devices it is ``nn.Conv2d``
-    itself (cuDNN adds the bias inside the convolution), so the textbook net a GPU trains is the reference's.
+    itself (cuDNN adds the bias inside the convolution), so a GPU convolves as the reference does (the transitions
+    down add their bias after pooling everywhere: tiramisu.TransitionDown).
     """
 
     def forward(self, x: Tensor, bias: bool = True) -> Tensor:
