@@ -493,6 +493,26 @@ def test_runs_of_several_sweeps_are_named_with_their_sweep(tmp_path: Path) -> No
     assert table_row(md, "0")[1] == TIRAMISU  # one folder compared: names relative to it, as before
 
 
+def test_report_says_which_trial_an_optuna_search_picked(tmp_path: Path) -> None:
+    """The report ranks by test mIoU; an Optuna study picks by its objective (val/mIoU_best). Where a compared
+    sweep holds the study's optimization_results.yaml, a "Search" paragraph names the pick and its run."""
+    sweep = tmp_path / "sweep"
+    for job, lr, seed in (("0", "0.00035090148857968553", 1), ("1", "0.0012345678912", 2)):
+        s = ok_summary(sweep / job, TIRAMISU, seed)
+        s["config"] = {"model": {"optimizer": {"lr": float(lr)}}, "optimized_metric": "val/mIoU_best"}
+        s["overrides"] = [f"model.optimizer.lr={lr}", f"seed={seed}"]
+        write_summary(sweep / job, s)
+    (sweep / "optimization_results.yaml").write_text(
+        "name: optuna\nbest_params:\n  model.optimizer.lr: 0.0012345678912\nbest_value: 0.6712\n")
+    md = (compare.build_report([sweep], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
+    assert "## Search" in md
+    assert ("The Optuna study in sweep picked model.optimizer.lr=0.001235 (val/mIoU_best = 0.6712): run 1 "
+            f"({TIRAMISU}): test mIoU") in md
+    (sweep / "optimization_results.yaml").write_text("name: optuna\nsolutions: []\n")  # multi-objective: no pick
+    md = (compare.build_report([sweep], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
+    assert "## Search" not in md
+
+
 def test_val_of_a_train_plus_val_run_is_marked_as_trained_on(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     for name, split in (("a", "train"), ("b", "train+val")):

@@ -236,7 +236,7 @@ def _labels(groups: list[list[Run]]) -> list[str]:
              for g in groups]
     labels = [[o for o in t if not all(o in u for u in typed)] for t in typed]
     if all(labels) and len({tuple(lab) for lab in labels}) == len(labels):
-        short = [[_short_number(o) for o in lab] for lab in labels]  # Optuna's lr=0.00035090148857968553
+        short = [[short_number(o) for o in lab] for lab in labels]  # Optuna's lr=0.00035090148857968553
         if len({tuple(lab) for lab in short}) == len(short):  # unless rounding would merge two recipes' labels
             labels = short
         return [", ".join(lab[:LABEL_KEYS]) + (", …" if len(lab) > LABEL_KEYS else "") for lab in labels]
@@ -246,7 +246,7 @@ def _labels(groups: list[list[Run]]) -> list[str]:
             + (", …" if len(keys) > LABEL_KEYS else "") for f in flats]
 
 
-def _short_number(override: str) -> str:
+def short_number(override: str) -> str:
     """``key=value`` with a long number (as a search samples it) cut to 4 significant digits; anything else as is."""
     key, sep, value = override.partition("=")
     if not sep or len(value) <= 8 or value.lstrip("-").isdigit():  # a step count stays exact
@@ -255,6 +255,55 @@ def _short_number(override: str) -> str:
         return f"{key}={float(value):.4g}"
     except ValueError:
         return override
+
+
+def search_picks(paths: list[Path], runs: list[Run]) -> list[tuple[Path, dict[str, Any], float, Run | None]]:
+    """Per compared folder that an Optuna sweep wrote (its ``optimization_results.yaml``, single objective): the
+    folder, the trial's parameters, its objective value and the run that trained them (None if not found).
+    The report sorts nets by test mIoU; the search chose by its objective (val/mIoU_best), so it says which."""
+    import yaml
+
+    picks = []
+    for path in paths:
+        results = path / "optimization_results.yaml"
+        if not results.is_file():
+            continue
+        try:
+            found = yaml.safe_load(results.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        params, value = found.get("best_params"), found.get("best_value")
+        if not isinstance(params, dict) or not isinstance(value, int | float):
+            continue  # a multi-objective study lists a Pareto front instead: no single pick
+        chosen = [r for r in runs if r.ok and is_inside(r.dir, path) and all(
+            _same_value(_override(r, k), v) for k, v in params.items())]
+        picks.append((path, params, float(value), chosen[0] if len(chosen) == 1 else None))
+    return picks
+
+
+def is_inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _override(run: Run, key: str) -> str | None:
+    for o in run.summary.get("overrides") or []:
+        k, sep, v = o.lstrip("+~").partition("=")
+        if sep and k == key:
+            return v
+    return None
+
+
+def _same_value(typed: str | None, value: Any) -> bool:
+    if typed is None:
+        return False
+    try:
+        return float(typed) == float(value)
+    except (TypeError, ValueError):
+        return typed == str(value)
 
 
 def aggregate(runs: list[Run]) -> list[NetStats]:
