@@ -330,3 +330,24 @@ def test_an_image_name_as_out_for_several_inputs_is_refused(model, tmp_path, cap
     assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png"]
     assert main([str(a), str(b), "-m", model, "-o", str(tmp_path / "two"), "-q"]) == 0  # a folder name is fine
     assert sorted(os.listdir(tmp_path / "two")) == ["a.nobg.png", "b.nobg.png"]
+
+
+def test_options_between_the_positionals(model, tmp_path, capsys):
+    """`i IMG -om OUT.png` failed with "unrecognized arguments: OUT.png" (exit 2) although rembg takes options
+    anywhere, and only `i IMG OUT.png -om` worked; `p` and the plain form had the same limit."""
+    src = save_png(tmp_path / "a.png")
+    assert main(["i", str(src), "-om", str(tmp_path / "mask.png"), "-m", model]) == 0
+    assert read_png(tmp_path / "mask.png").mode == "L"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save_png(folder / "x.png")
+    assert main(["p", str(folder), "-q", "-m", model, str(tmp_path / "out")]) == 0
+    assert os.listdir(tmp_path / "out") == ["x.nobg.png"]
+    b = save_png(tmp_path / "b.png")
+    assert main([str(src), "-q", str(b), "-m", model, "-o", str(tmp_path / "two")]) == 0
+    assert sorted(os.listdir(tmp_path / "two")) == ["a.nobg.png", "b.nobg.png"]
+    buf = io.BytesIO()
+    Image.fromarray(halves(12, 20)).save(buf, format="PNG")
+    res = run_cli("i", "-", "-om", "-", "-m", model, stdin=buf.getvalue())  # stdin to stdout, option between
+    assert res.returncode == 0, res.stderr
+    assert read_png(io.BytesIO(res.stdout)).mode == "L"

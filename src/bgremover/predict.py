@@ -209,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bgremover.serve import main as serve
 
         return serve(argv[1:], prog=f"{PROG} s")
-    args = _parser(command).parse_args(argv[1:] if command else argv)  # bad syntax: argparse's usage, exit 2
+    # Intermixed: options may come between the positionals (`i IN -om OUT`), as rembg (click) allows; plain
+    # parse_args stops filling positionals at the first option and rejects OUT. Bad syntax: argparse's usage, exit 2.
+    args = _parser(command).parse_intermixed_args(argv[1:] if command else argv)
     err = sys.stderr
 
     def fail_usage(msg: str) -> int:
