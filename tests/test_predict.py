@@ -316,6 +316,23 @@ def test_float_and_file_like_inputs(remover, model_path):
     assert (alpha_of(remover.remove(buf))[:, :4] == 255).all()
 
 
+def test_bytes_inputs_and_unsupported_types(remover):
+    """remove(open(p, "rb").read()) raised "<stdin>: cannot decode image (embedded null byte)" (PIL took the bytes
+    for a file name), and None or 5 gave "'NoneType' object has no attribute 'read'"."""
+    buf = io.BytesIO()
+    Image.fromarray(halves(4, 8)).save(buf, format="PNG")
+    data = buf.getvalue()
+    expected = alpha_of(remover.remove(halves(4, 8)))
+    for given in (data, bytearray(data), memoryview(data)):
+        np.testing.assert_array_equal(alpha_of(remover.remove(given)), expected)
+    with pytest.raises(ImageError, match=r"^<bytes>: not a recognised image file"):
+        remover.remove(b"not an image")
+    for bad in (None, 5):
+        with pytest.raises(ImageError, match=rf"unsupported image input of type {type(bad).__name__}: expected a "
+                           "path, bytes"):
+            remover.remove(bad)
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_image_files(remover, tmp_path):
     # Incompressible content, so that cutting the file in half really cuts pixel data.

@@ -72,7 +72,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 REFINE_EPS = 1e-3  # guided-filter regularizer: smaller follows image edges more closely (and noise too)
 
-ImageInput = Image.Image | np.ndarray | str | os.PathLike | IO[bytes]
+ImageInput = Image.Image | np.ndarray | str | os.PathLike | IO[bytes] | bytes | bytearray | memoryview
 
 
 class BgRemoverError(UserError):
@@ -100,9 +100,23 @@ def _first_line(err: BaseException) -> str:
     return text[:200] or type(err).__name__
 
 
-def open_image(src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image, EXIF-rotated, or raise ImageError with one clear line."""
-    name = "<stdin>" if not isinstance(src, (str, os.PathLike)) else str(src)
+def open_image(
+    src: str | os.PathLike | IO[bytes] | bytes | bytearray | memoryview, max_pixels: int = MAX_PIXELS
+) -> Image.Image:
+    """Open and fully decode an image (a path, a binary file object, or an encoded file's bytes), EXIF-rotated,
+    or raise ImageError with one clear line."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        # A file's contents, as rembg's remove() takes them: Image.open would read bytes as a file *name*.
+        name, src = "<bytes>", io.BytesIO(src)
+    elif isinstance(src, (str, os.PathLike)):
+        name = str(src)
+    elif callable(getattr(src, "read", None)):
+        name = "<stdin>"
+    else:  # None, a number...: say so instead of PIL's "'NoneType' object has no attribute 'read'"
+        raise ImageError(
+            f"unsupported image input of type {type(src).__name__}: expected a path, bytes, a binary file "
+            "object, a PIL image or a numpy array"
+        )
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.exists():
