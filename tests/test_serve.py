@@ -200,6 +200,30 @@ def test_rembg_path_answers_as_remove(server, remover):
     assert status == 422 and "mask_only given more than once" in json.loads(body)["error"]
 
 
+def test_rembg_form_fields_are_options(server, remover):
+    """rembg's clients send their options as multipart form fields (`curl -F file=@photo.jpg -F om=true`): they
+    were ignored (a full cut-out where a mask was asked for, 200). Now they are options like the query's; an
+    option of rembg's that we lack (`model`) is refused, not ignored; the same option both ways is a repeat."""
+    boundary = "bgremover-test-boundary-fields"
+
+    def form(**fields: str) -> tuple[bytes, dict[str, str]]:
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                 for k, v in fields.items()]
+        upload = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="photo.jpg"\r\n'
+                  "Content-Type: image/jpeg\r\n\r\n").encode() + EXAMPLE.read_bytes() + b"\r\n"
+        return b"".join([*parts, upload, f"--{boundary}--\r\n".encode()]), {
+            "Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+    status, _, body = request(server, "POST", "/api/remove", *form(om="true"))
+    assert status == 200 and body == encode_png(remover.remove(EXAMPLE, mask_only=True))
+    status, _, body = request(server, "POST", "/api/remove", *form(bgc="255,255,255,255"))
+    assert status == 200 and body == encode_png(remover.remove(EXAMPLE, bg_color=(255, 255, 255, 255)))
+    status, _, body = request(server, "POST", "/api/remove", *form(model="u2net"))
+    assert status == 422 and "unknown parameter(s) model" in json.loads(body)["error"]
+    status, _, body = request(server, "POST", "/api/remove?om=1", *form(om="true"))
+    assert status == 422 and "mask_only given more than once" in json.loads(body)["error"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad requests: status, JSON error, and the server keeps serving
 
@@ -334,6 +358,50 @@ def test_queue_full_answers_503_at_once(remover):
         assert post_raw(base, JPEG)[0] == 200  # the slot is free again
 
 
+def _stalled_upload(base: str) -> socket.socket:
+    """A client that announces a 100 kB body, sends 2 bytes and then nothing."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(b"POST /remove HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                 b"Content-Length: 100000\r\n\r\nab")
+    return sock
+
+
+def test_a_stalled_upload_is_refused_and_frees_its_slot(remover, monkeypatch):
+    """Uploads that stop sending held their --queue slots for good: two stalled sockets locked out every client
+    of a --queue 2 server (503 for 70 s and counting, measured). A body idle for BODY_IDLE_S now gets 408."""
+    from bgremover import serve
+
+    monkeypatch.setattr(serve, "BODY_IDLE_S", 1.0)
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=2)
+    with live_server(service) as base:
+        stalled = [_stalled_upload(base) for _ in range(2)]
+        try:
+            time.sleep(0.3)
+            assert post_raw(base, JPEG)[0] == 503  # both slots held by the stalled uploads
+            time.sleep(1.5)
+            for sock in stalled:
+                answer = sock.recv(4096).decode()
+                assert answer.startswith("HTTP/1.1 408") and "request body stalled" in answer, answer
+            assert post_raw(base, JPEG)[0] == 200  # the slots are free again
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def test_a_client_hanging_up_mid_upload_is_no_error(remover, caplog):
+    """A client that disconnects mid-upload logged two ERROR tracebacks (ClientDisconnect fell to the catch-all)."""
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=2)
+    with live_server(service) as base, caplog.at_level("INFO", logger="bgremover.serve"):
+        _stalled_upload(base).close()
+        time.sleep(0.5)
+        status, _, body = request(base, "GET", "/health", timeout=5)
+        assert status == 200 and json.loads(body)["busy"] == 0
+    errors = [r for r in caplog.records if r.name.startswith("bgremover") and r.levelname == "ERROR"]
+    assert not errors, [r.getMessage() for r in errors]
+    assert any("client disconnected" in r.getMessage() for r in caplog.records)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The bgremover-serve command itself
 
@@ -384,8 +452,9 @@ def test_cli_model_load_failure_is_one_error_line(tmp_path):
 
 
 def test_cli_usage_errors_and_busy_port():
-    bad = _run_cli("--queue", "-1")
-    assert bad.returncode == 2 and bad.stderr.strip() == "bgremover-serve: error: --queue must be >= 0, got -1"
+    for queue in ("-1", "0"):  # 0 started, then answered every request 503
+        bad = _run_cli("--queue", queue)
+        assert bad.returncode == 2 and bad.stderr.strip() == f"bgremover-serve: error: --queue must be >= 1, got {queue}"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

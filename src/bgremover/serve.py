@@ -4,16 +4,17 @@
     bgremover-serve [--model M] [--host 127.0.0.1] [--port 8000] [--threads N] [--max-bytes B]
                     [--max-pixels P] [--queue Q]          (also: bgremover-predict s ..., as `rembg s`)
 
-    POST /remove   image as multipart field `file` or as the raw body; query options `classes=Car,Road`,
-                   `threshold=0.5`, `refine=1`, `mask_only=1`, `bg_color=R,G,B[,A]` -> image/png
-                   (rembg's path /api/remove and names om, a, bgc work too)
+    POST /remove   image as multipart field `file` or as the raw body; options `classes=Car,Road`,
+                   `threshold=0.5`, `refine=1`, `mask_only=1`, `bg_color=R,G,B[,A]` in the query or as form
+                   fields -> image/png (rembg's path /api/remove and names om, a, bgc work too)
     GET  /model    the model's metadata (classes, default foreground, net, test mIoU, ...) and the limits
     GET  /health   {"status": "ok", ...}
     GET  /         a page to drop a photo on and download its cut-out (static/, no build step)
 
-Errors are JSON `{"error": "..."}`: 400 unusable body (empty, not an image, truncated), 413 over --max-bytes
-or --max-pixels, 422 bad option (unknown class, threshold outside 0..1, ...), 503 more than --queue requests
-at once (answered at once, never queued further), 404/405 wrong route or method.
+Errors are JSON `{"error": "..."}`: 400 unusable body (empty, not an image, truncated), 408 a body that stalls
+for BODY_IDLE_S, 413 over --max-bytes or --max-pixels, 422 bad or unknown option (unknown class, threshold
+outside 0..1, rembg's `model=...`, ...), 503 more than --queue requests at once (answered at once, never queued
+further), 404/405 wrong route or method.
 
 Decoding, inference and PNG encoding run in a thread pool of --threads workers (default: one per core), so
 the event loop only moves bytes and keeps answering /health under load. onnxruntime's Run is thread-safe on
@@ -77,6 +78,7 @@ PAGES = {  # the only files served from static/ (no directory listing, no path t
 # The page may load nothing from elsewhere: this makes "no external resources" a browser-enforced fact.
 CSP = "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' blob:; object-src 'none'; base-uri 'none'"
 OPTIONS = ("classes", "threshold", "refine", "mask_only", "bg_color")
+BODY_IDLE_S = 30.0  # a request body that sends nothing for this long is refused (408): it would hold a --queue slot
 REMBG_NAMES = {"om": "mask_only", "a": "refine", "bgc": "bg_color"}  # rembg's server's names for the same options
 TRUE = frozenset({"", "1", "true", "yes", "on"})  # `?mask_only` alone means true, as a flag would
 FALSE = frozenset({"0", "false", "no", "off"})
@@ -189,15 +191,19 @@ class Service:
             raise ApiError(422, str(err)) from err
         return png, time.perf_counter() - start
 
-    async def read_image(self, request) -> tuple[bytes, str | None]:
-        """The uploaded bytes (multipart field `file`, or the raw body) within max_bytes, and the file name."""
+    async def read_image(self, request) -> tuple[bytes, str | None, list[tuple[str, str]]]:
+        """The uploaded bytes (multipart field `file`, or the raw body) within max_bytes, the file name, and the
+        multipart upload's other fields (rembg's clients send their options as form fields)."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await drain(request)
             raise ApiError(413, f"request body of {int(declared):,} bytes is over the limit of {self.max_bytes:,} (--max-bytes)")
         chunks, size, more = [], 0, True
         while more:  # counted as it arrives: chunked uploads have no Content-Length
-            message = await request.receive()
+            try:
+                message = await asyncio.wait_for(request.receive(), BODY_IDLE_S)
+            except TimeoutError:
+                raise ApiError(408, f"request body stalled: nothing received for {BODY_IDLE_S:g} s") from None
             if message["type"] != "http.request":
                 raise ClientDisconnect()
             chunk, more = message.get("body", b""), message.get("more_body", False)
@@ -212,10 +218,10 @@ class Service:
         if ctype != "multipart/form-data":  # any other type (curl --data-binary says urlencoded) is the image
             if not body:
                 raise ApiError(400, "empty request body: send an image as multipart field 'file' or as the raw body")
-            return body, None
+            return body, None, []
         return await self._multipart_file(request, body)
 
-    async def _multipart_file(self, request, body: bytes) -> tuple[bytes, str | None]:
+    async def _multipart_file(self, request, body: bytes) -> tuple[bytes, str | None, list[tuple[str, str]]]:
         sent = False
 
         async def replay() -> dict[str, Any]:  # hands the body we already read (and bounded) to the parser
@@ -239,7 +245,11 @@ class Service:
             data = await upload.read()
             if not data:
                 raise ApiError(400, "the uploaded file is empty")
-            return data, upload.filename
+            fields = [(k, v) for k, v in form.multi_items() if k != "file" and isinstance(v, str)]
+            extra_files = sorted({k for k, v in form.multi_items() if k != "file" and not isinstance(v, str)})
+            if extra_files:
+                raise ApiError(422, f"unexpected file field(s) {', '.join(extra_files)}: send one image as 'file'")
+            return data, upload.filename, fields
         finally:
             await form.close()
 
@@ -284,12 +294,17 @@ def create_app(service: Service) -> Starlette:
         try:
             # The body first, even when an option is bad: a client still uploading would otherwise see the
             # connection close under it instead of reading our error.
-            data, filename = await service.read_image(request)
-            opts = parse_options(request.query_params, remover)
+            data, filename, fields = await service.read_image(request)
+            # Options come as query parameters or, as rembg's clients send them, as form fields: one list, so
+            # an option given both ways is "given more than once" and an unknown field is refused like a query's.
+            opts = parse_options(QueryParams([*request.query_params.multi_items(), *fields]), remover)
             loop = asyncio.get_running_loop()
             png, seconds = await loop.run_in_executor(service.pool, service.cutout, data, opts)
         except ApiError as err:
             return json_error(err.status, err.message)
+        except ClientDisconnect:  # the client hung up mid-upload: nobody to answer, nothing to log as an error
+            log.info("client disconnected during the upload")
+            return Response(status_code=400)
         except BgRemoverError as err:  # a model fault (e.g. wrong output shape): the server's problem
             log.error("cut-out failed: %s", err)
             return json_error(500, f"internal error: {err}")
@@ -394,8 +409,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "bgremover-serve") -> in
         value = getattr(args, name)
         if value is not None and value < 1:
             return usage(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.queue < 0:
-        return usage(f"--queue must be >= 0, got {args.queue}")
+    if args.queue < 1:  # 0 would refuse every request with 503
+        return usage(f"--queue must be >= 1, got {args.queue}")
     cores = cpu_count()
     workers = args.threads or cores
     try:
