@@ -351,3 +351,35 @@ def test_options_between_the_positionals(model, tmp_path, capsys):
     res = run_cli("i", "-", "-om", "-", "-m", model, stdin=buf.getvalue())  # stdin to stdout, option between
     assert res.returncode == 0, res.stderr
     assert read_png(io.BytesIO(res.stdout)).mode == "L"
+
+
+def test_an_output_folder_that_cannot_be_made_or_written_is_one_line_up_front(model, tmp_path, monkeypatch, capsys):
+    """--out into a read-only folder ran inference on every image, then failed each one blaming the input and
+    naming a hidden temp file ("0 written, 0 skipped, 21 failed"); a missing folder below a read-only one gave
+    "unexpected PermissionError". Now: one line naming the folder, exit 1, before the model runs."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("x.png", "y.png"):
+        save_png(folder / name)
+    src = save_png(tmp_path / "a.png")
+    infer = []
+    monkeypatch.setattr("bgremover.predict.BackgroundRemover.remove", lambda *a, **k: infer.append(a))
+    (tmp_path / "file").write_text("a regular file, so no folder can be made below it\n")
+    below = tmp_path / "file" / "sub"
+    for argv in ([str(folder), "--out", str(below)], ["p", str(folder), str(below)], [str(src), "-o", str(below) + "/"],
+                 ["i", str(src), str(below / "a.png")]):
+        assert main([*argv, "-m", model]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [f"bgremover-predict: error: cannot create the output folder {below}: "
+                                            "Not a directory"], argv
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+    real_access = os.access  # root ignores permission bits: make the folder read-only through os.access as well
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    for argv in ([str(folder), "--out", str(ro)], ["i", str(src), str(ro / "a.png")]):
+        assert main([*argv, "-m", model]) == 1, argv
+        assert capsys.readouterr().err.strip().splitlines() == [f"bgremover-predict: error: output folder {ro} is "
+                                                                "not writable"], argv
+    assert infer == [] and os.listdir(ro) == [] and sorted(os.listdir(folder)) == ["x.png", "y.png"]

@@ -11,8 +11,9 @@
     In a folder, images whose output exists are skipped (--overwrite replaces them); files named one by one are
     always written.
     Exit codes: 0 all written (or skipped as existing); 1 some input failed (each reported on stderr, the
-    good ones are still written) or the model cannot be loaded; 2 usage error (bad option value, unknown
-    class name, conflicting options); 130 interrupted.
+    good ones are still written), the model cannot be loaded, or the output folder cannot be made or written
+    (checked before any image is processed); 2 usage error (bad option value, unknown class name, conflicting
+    options); 130 interrupted.
 
 The library (BackgroundRemover, image decoding) is `bgremover.remover`, re-exported here. Like it, this module
 never imports torch: a test enforces it.
@@ -294,8 +295,15 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
         except ImageError as e:
             return fail_usage(f"--bg-image {e}")
     if outputs and outputs[0] is not None:
-        for dest in {o.parent for o in outputs if o is not None}:
-            dest.mkdir(parents=True, exist_ok=True)
+        # Made and checked before any inference: a folder we cannot write would otherwise fail every image
+        # after its inference, each blamed on the input and naming a hidden temp file.
+        for dest in sorted({o.parent for o in outputs if o is not None}):
+            try:
+                dest.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                return report(f"cannot create the output folder {dest}: {e.strerror or _first_line(e)}", PROG)
+            if not os.access(dest, os.W_OK | os.X_OK):
+                return report(f"output folder {dest} is not writable", PROG)
 
     opts = dict(
         threshold=args.threshold,
