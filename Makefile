@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# the install stamp is keyed on pyproject.toml, so editing dependencies reinstalls on the next make
+# the install stamp is keyed on pyproject.toml's contents, so editing dependencies reinstalls on the next make; the
+# stamp has no prerequisite: a fresh clone's (or a touched) pyproject.toml is newer than the stamp without changing,
+# and an mtime rule reinstalled then (needing a package index, and repointing a shared .venv's editable install)
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml 2>/dev/null | cut -d' ' -f1)
 # CamVid folder (read in place; never copied): make data DATA_DIR=../shared/CamVid
 DATA_DIR ?= data/CamVid
@@ -45,7 +47,7 @@ endif
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,sweep]'

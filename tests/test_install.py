@@ -92,3 +92,31 @@ def test_installed_package_builds_its_cpu_kernels(fresh_env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "True"]
     assert list((tmp_path / "bgremover").glob("cpu_kernels-*.so"))
+
+
+def test_make_reinstalls_only_when_pyproject_changes(tmp_path):
+    """The install stamp is keyed on pyproject.toml's contents: a fresh clone's (or a touched) pyproject.toml is
+    newer than the stamp without changing, and the old mtime rule reinstalled then (`make predict` needing a
+    package index, and a shared .venv's editable install repointed at the clone). `make -n` shows the plan."""
+    import shutil
+
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").symlink_to(sys.executable)
+
+    def plan() -> str:
+        return subprocess.run(["make", "-n", "install"], cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout
+
+    assert "pip install" in plan()  # no stamp yet: a fresh .venv gets the package
+    cksum = subprocess.run(["cksum", "pyproject.toml"], cwd=tmp_path, capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    stamp = tmp_path / ".venv" / f".installed-{cksum}"
+    stamp.touch()
+    later = stamp.stat().st_mtime + 10
+    os.utime(tmp_path / "pyproject.toml", (later, later))  # newer than the stamp, same contents
+    assert "pip install" not in plan()
+    with (tmp_path / "pyproject.toml").open("a") as f:
+        f.write("\n# a changed dependency list\n")
+    assert "pip install" in plan()  # changed contents: reinstall
