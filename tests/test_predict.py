@@ -333,6 +333,28 @@ def test_bytes_inputs_and_unsupported_types(remover):
             remover.remove(bad)
 
 
+def test_rgb_colour_profile_is_kept(remover, tmp_path):
+    """A JPEG with an embedded ICC profile gave a cut-out without it (outputs are rebuilt from arrays), so a wide-gamut
+    photo's unchanged RGB values were then read as sRGB. RGB(A) outputs keep an RGB profile; masks and profiles
+    that do not describe the RGB values (CMYK, gray) get none."""
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(halves(8, 16)).save(path, quality=95, icc_profile=icc)
+    with Image.open(path) as opened:
+        pil = opened.copy()
+    for given in (path, path.read_bytes(), pil):
+        assert remover.remove(given).info.get("icc_profile") == icc
+        assert remover.remove(given, bg_color="0,0,255").info.get("icc_profile") == icc
+        assert "icc_profile" not in remover.mask(given).info
+    with Image.open(io.BytesIO(predict.encode_png(remover.remove(path)))) as png:
+        assert png.info.get("icc_profile") == icc
+    gray = Image.fromarray(halves(8, 16)).convert("L")
+    gray.info["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # not RGB
+    assert "icc_profile" not in remover.remove(gray).info
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_image_files(remover, tmp_path):
     # Incompressible content, so that cutting the file in half really cuts pixel data.

@@ -383,3 +383,19 @@ def test_an_output_folder_that_cannot_be_made_or_written_is_one_line_up_front(mo
         assert capsys.readouterr().err.strip().splitlines() == [f"bgremover-predict: error: output folder {ro} is "
                                                                 "not writable"], argv
     assert infer == [] and os.listdir(ro) == [] and sorted(os.listdir(folder)) == ["x.png", "y.png"]
+
+
+def test_cutouts_keep_the_inputs_colour_profile(model, tmp_path):
+    """A JPEG with an embedded ICC profile gave a cut-out PNG without one: its unchanged RGB values were then read
+    as sRGB. Colour outputs keep the profile; a mask (L) needs none."""
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    src = tmp_path / "photo.jpg"
+    Image.fromarray(halves(12, 20)).save(src, quality=95, icc_profile=icc)
+    assert main([str(src), "-m", model, "-q"]) == 0
+    assert read_png(tmp_path / "photo.nobg.png").info.get("icc_profile") == icc
+    assert main(["i", str(src), str(tmp_path / "white.png"), "-bgc", "255", "255", "255", "255", "-m", model]) == 0
+    assert read_png(tmp_path / "white.png").info.get("icc_profile") == icc
+    assert main(["i", str(src), str(tmp_path / "mask.png"), "-om", "-m", model]) == 0
+    assert "icc_profile" not in read_png(tmp_path / "mask.png").info

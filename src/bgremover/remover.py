@@ -199,21 +199,42 @@ def to_rgba_arrays(img: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.asarray(rgb), None
 
 
+def _rgb_profile(img: Image.Image) -> bytes | None:
+    """The image's embedded ICC profile when it describes RGB data (its header's colour space is 'RGB '), else None.
+
+    Cut-outs pass the RGB values through unchanged, so an RGB profile still describes them and must travel with
+    the output (a Display P3 or Adobe RGB photo would otherwise be shown as sRGB: dull or shifted colours). A
+    CMYK or gray profile does not describe the RGB we convert such inputs to, so it is dropped."""
+    icc = img.info.get("icc_profile")
+    return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
+
+
+def _check_threshold(threshold: float | None) -> None:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"threshold must be within 0..1, got {threshold}")
+
+
 def _load_any(src: ImageInput, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    return _load_with_profile(src, max_pixels)[:2]
+
+
+def _load_with_profile(src: ImageInput, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None, bytes | None]:
+    """(RGB, alpha or None, the input's RGB ICC profile or None) for any supported input."""
     if isinstance(src, np.ndarray):
         if src.ndim >= 2 and src.shape[0] * src.shape[1] > max_pixels:
             raise ImageError(
                 f"array of {src.shape[0]}x{src.shape[1]} pixels exceeds the limit of {max_pixels:,}"
             )
-        return to_rgba_arrays(src)
+        return (*to_rgba_arrays(src), None)
     if isinstance(src, Image.Image):
         if src.width * src.height > max_pixels:
             raise ImageError(f"image of {src.width}x{src.height} pixels exceeds the limit of {max_pixels:,}")
         try:
-            return to_rgba_arrays(ImageOps.exif_transpose(src))
+            return (*to_rgba_arrays(ImageOps.exif_transpose(src)), _rgb_profile(src))
         except (OSError, ValueError) as err:
             raise ImageError(f"cannot convert image: {_first_line(err)}") from err
-    return to_rgba_arrays(open_image(src, max_pixels))
+    img = open_image(src, max_pixels)
+    return (*to_rgba_arrays(img), _rgb_profile(img))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +299,9 @@ def encode_png(
 ) -> bytes:
     """PNG bytes; compress_type is zlib's strategy (-1: Pillow's default)."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=compress_level, compress_type=compress_type)
+    # The input's colour profile that remove() keeps on the image, written as the PNG's iCCP chunk.
+    img.save(buf, format="PNG", compress_level=compress_level, compress_type=compress_type,
+             icc_profile=img.info.get("icc_profile"))
     return buf.getvalue()
 
 
@@ -509,9 +532,15 @@ class BackgroundRemover:
         refine: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(RGB uint8, alpha uint8 HxW, input alpha or None) for any supported input."""
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise UsageError(f"threshold must be within 0..1, got {threshold}")
+        _check_threshold(threshold)  # before decoding: a bad option costs nothing
         rgb, in_alpha = _load_any(img, self.max_pixels)
+        return rgb, self._alpha_of(rgb, in_alpha, classes, threshold, refine), in_alpha
+
+    def _alpha_of(
+        self, rgb: np.ndarray, in_alpha: np.ndarray | None, classes: Sequence[str] | None, threshold: float | None,
+        refine: bool,
+    ) -> np.ndarray:
+        """alpha()'s mask from decoded arrays (remove() decodes itself, to keep the input's colour profile)."""
         prob = self.foreground_probability(rgb, classes)
         if refine:
             guide = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
@@ -522,7 +551,7 @@ class BackgroundRemover:
         alpha = (prob * 255.0 + 0.5).astype(np.uint8)
         if in_alpha is not None:
             alpha = np.minimum(alpha, in_alpha)  # never reveal what the input had already made transparent
-        return rgb, alpha, in_alpha
+        return alpha
 
     def mask(self, img: ImageInput, **opts: Any) -> Image.Image:
         """L-mode alpha mask (255 = foreground) at the input's full, EXIF-corrected size."""
@@ -549,9 +578,20 @@ class BackgroundRemover:
             bg_color = parse_color(bg_color)
             if len(bg_color) == 4 and bg_color[3] in (0, 255):
                 bg_color = bg_color[:3] if bg_color[3] == 255 else None
-        rgb, alpha, _ = self.alpha(img, classes=classes, threshold=threshold, refine=refine)
+        _check_threshold(threshold)
+        rgb, in_alpha, icc = _load_with_profile(img, self.max_pixels)
+        alpha = self._alpha_of(rgb, in_alpha, classes, threshold, refine)
         if mask_only:
             return Image.fromarray(alpha, mode="L")
+        out = self._colour_output(rgb, alpha, bg_color, bg_image)
+        if icc is not None:  # the RGB values are the input's, so its profile still describes them (encode_png writes it)
+            out.info["icc_profile"] = icc
+        return out
+
+    def _colour_output(
+        self, rgb: np.ndarray, alpha: np.ndarray, bg_color: tuple[int, ...] | None, bg_image: ImageInput | None
+    ) -> Image.Image:
+        """The RGBA cut-out, or RGB(A) over bg_color / bg_image (see remove)."""
         if bg_color is None and bg_image is None:
             cutout = Image.fromarray(rgb)  # putalpha interleaves in C: 5x cheaper than np.dstack + fromarray
             cutout.putalpha(Image.fromarray(alpha))
