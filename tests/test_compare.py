@@ -500,14 +500,20 @@ def test_report_says_which_trial_an_optuna_search_picked(tmp_path: Path) -> None
     for job, lr, seed in (("0", "0.00035090148857968553", 1), ("1", "0.0012345678912", 2)):
         s = ok_summary(sweep / job, TIRAMISU, seed)
         s["config"] = {"model": {"optimizer": {"lr": float(lr)}}, "optimized_metric": "val/mIoU_best"}
-        s["overrides"] = [f"model.optimizer.lr={lr}", f"seed={seed}"]
+        s["overrides"] = [f"model.optimizer.lr={lr}", "data.crop_size=[224,224]", f"seed={seed}"]
         write_summary(sweep / job, s)
-    (sweep / "optimization_results.yaml").write_text(
-        "name: optuna\nbest_params:\n  model.optimizer.lr: 0.0012345678912\nbest_value: 0.6712\n")
+    (sweep / "optimization_results.yaml").write_text(  # as hydra-optuna-sweeper 1.2 writes it (a choice as text)
+        "name: optuna\nbest_params:\n  model.optimizer.lr: 0.0012345678912\n  data.crop_size: '[224,224]'\n"
+        "best_value: 0.6712\n")
     md = (compare.build_report([sweep], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
     assert "## Search" in md
-    assert ("The Optuna study in sweep picked model.optimizer.lr=0.001235 (val/mIoU_best = 0.6712): run 1 "
-            f"({TIRAMISU}): test mIoU") in md
+    assert ("The Optuna study in sweep picked model.optimizer.lr=0.001235, data.crop_size=[224,224] "
+            f"(val/mIoU_best = 0.6712): run 1 ({TIRAMISU}): test mIoU") in md
+    (sweep / "optimization_results.yaml").write_text(  # the list itself, written with spaces: the same pick
+        "name: optuna\nbest_params:\n  model.optimizer.lr: 0.0012345678912\n  data.crop_size: [224, 224]\n"
+        "best_value: 0.6712\n")
+    md = (compare.build_report([sweep], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
+    assert f"(val/mIoU_best = 0.6712): run 1 ({TIRAMISU})" in md
     (sweep / "optimization_results.yaml").write_text("name: optuna\nsolutions: []\n")  # multi-objective: no pick
     md = (compare.build_report([sweep], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
     assert "## Search" not in md

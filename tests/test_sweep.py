@@ -96,3 +96,29 @@ def test_failing_optuna_trials_do_not_end_the_sweep_with_a_traceback(camvid_root
     assert len([line for line in proc.stderr.splitlines() if line.startswith("[job ")]) == 2  # both trials ran
     assert proc.stderr.rstrip().endswith(
         "error: no Optuna trial finished: every job failed (the [job] lines above say why)")
+
+
+@pytest.mark.slow
+def test_an_optuna_sweeps_report_names_the_picked_trial(camvid_root, tmp_path):
+    """A real two-trial Optuna search (one step each) and `python -m bgremover.compare` on it: the report's
+    "Search" paragraph names the trial the study wrote to optimization_results.yaml, found among the runs."""
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgremover.train", "-m", "experiment=cpu_quick", "hparams_search=optuna",
+         "hydra.sweeper.n_trials=2", f"data.root={camvid_root}", "logger=csv", f"hydra.sweep.dir={sweep}",
+         *TINY, "trainer.check_val_every_n_epoch=1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_params"]
+    picked = [job for job in ("0", "1") if all(
+        any(o.startswith(f"{k}=") and yaml.safe_load(o.split("=", 1)[1]) == yaml.safe_load(str(v))
+            for o in json.loads((sweep / job / "summary.json").read_text())["overrides"]) for k, v in best.items())]
+    assert len(picked) == 1
+    report = subprocess.run([sys.executable, "-m", "bgremover.compare", str(sweep), "--grid-images", "0"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert report.returncode == 0, report.stderr[-2000:]
+    md = (sweep / "report" / "report.md").read_text()
+    assert "## Search" in md and f"): run {picked[0]} (deeplabv3plus" in md, md[md.find("## Search"):][:600]

@@ -298,12 +298,21 @@ def _override(run: Run, key: str) -> str | None:
 
 
 def _same_value(typed: str | None, value: Any) -> bool:
+    """Whether an override's text and a study's parameter are one value: the sweeper records a choice of lists
+    as the text '[224,224]', and another version might keep the list itself or write it with spaces."""
+    import yaml
+
     if typed is None:
         return False
-    try:
-        return float(typed) == float(value)
-    except (TypeError, ValueError):
-        return typed == str(value)
+
+    def parsed(v: Any) -> Any:
+        try:
+            v = yaml.safe_load(v) if isinstance(v, str) else v
+        except yaml.YAMLError:
+            return v
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    return parsed(typed) == parsed(value)
 
 
 def aggregate(runs: list[Run]) -> list[NetStats]:
