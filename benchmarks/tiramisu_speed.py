@@ -3,6 +3,7 @@
     python benchmarks/tiramisu_speed.py                       # full table: several hours on a 2-core CPU
     python benchmarks/tiramisu_speed.py --nets 103 --sizes 224 384x480 --modes bf16 memeff --steps 3
     python benchmarks/tiramisu_speed.py --malloc tuned ...    # glibc keeps freed memory (bgremover.utils.KEEP_MEMORY_ENV)
+    python benchmarks/tiramisu_speed.py --malloc exact ...    # peak memory = live tensors (speeds not comparable)
     python benchmarks/tiramisu_speed.py --rounds 3 ...        # ref/ours alternate 3 times: medians (loaded CPU)
     python benchmarks/tiramisu_speed.py --device cuda --modes compiled --cell-timeout 200   # a cell over 200 s: "-"
 
@@ -40,6 +41,11 @@ import time
 from pathlib import Path
 
 from bgremover.utils import KEEP_MEMORY_ENV
+
+# glibc maps every block of 64 KiB or more on its own and returns it when freed: the process' RSS follows its live
+# memory, so a peak is the tensors' (measured: FC-DenseNet103's bf16 step 841.5-841.8 MiB over four runs, where
+# the default allocator gave 478-654 MiB for the same four)
+EXACT_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 HERE = Path(__file__).resolve().parent
 NETS = ("56", "67", "103")
@@ -189,6 +195,8 @@ def run_config(
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared 2-core CPU
     if args.malloc == "tuned":
         env.update(KEEP_MEMORY_ENV)  # what `make train` runs CPU training with
+    elif args.malloc == "exact":
+        env.update(EXACT_MEMORY_ENV)
     cell = f"{net} {impl} {mode} {size}"
     print(f"  .. {cell}: started", flush=True)
     t0 = time.time()
@@ -236,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None,
                    help=f"batch size for every size (default: {SIZES['224'][2]}/{SIZES['384x480'][2]} on CPU, "
                         f"{GPU_BATCH['224']}/{GPU_BATCH['384x480']} on CUDA for 224/384x480)")
-    p.add_argument("--malloc", choices=("default", "tuned"), default="default",
-                   help="glibc allocator: default, or tuned (no mmap, no trim) so freed activations are reused")
+    p.add_argument("--malloc", choices=("default", "tuned", "exact"), default="default",
+                   help="glibc allocator: default; tuned (no mmap, no trim) so freed activations are reused; exact "
+                        "(every block >= 64 KiB mapped and unmapped) so peak RSS is the live tensors' peak, which "
+                        "with the default moves by 50-90 MiB with allocation order alone (speeds: slower, and "
+                        "not comparable)")
     p.add_argument("--bf16-route", choices=("auto", "emulated"), default="auto",
                    help="project net's bf16 route on CPU: auto (native where the CPU has bf16 units) or emulated")
     p.add_argument("--cell-timeout", type=float, default=None,
