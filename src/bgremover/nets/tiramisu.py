@@ -71,7 +71,8 @@ class TransitionDown(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.max_pool2d(self.conv(F.relu(self.norm(x), inplace=True), bias=False), 2)
-        return self.drop(y.add_(self.conv.bias.to(y.dtype).view(1, -1, 1, 1)))
+        # out of place: a backend whose max-pool saved its output for backward would refuse an in-place add
+        return self.drop(y + self.conv.bias.to(y.dtype).view(1, -1, 1, 1))
 
 
 class TransitionUp(nn.Module):
