@@ -209,16 +209,7 @@ def _rgb_profile(img: Image.Image) -> bytes | None:
     return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
 
 
-def _check_threshold(threshold: float | None) -> None:
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"threshold must be within 0..1, got {threshold}")
-
-
-def _load_any(src: ImageInput, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
-    return _load_with_profile(src, max_pixels)[:2]
-
-
-def _load_with_profile(src: ImageInput, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None, bytes | None]:
+def _load_any(src: ImageInput, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None, bytes | None]:
     """(RGB, alpha or None, the input's RGB ICC profile or None) for any supported input."""
     if isinstance(src, np.ndarray):
         if src.ndim >= 2 and src.shape[0] * src.shape[1] > max_pixels:
@@ -532,15 +523,15 @@ class BackgroundRemover:
         refine: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(RGB uint8, alpha uint8 HxW, input alpha or None) for any supported input."""
-        _check_threshold(threshold)  # before decoding: a bad option costs nothing
-        rgb, in_alpha = _load_any(img, self.max_pixels)
-        return rgb, self._alpha_of(rgb, in_alpha, classes, threshold, refine), in_alpha
+        return self._arrays(img, classes, threshold, refine)[:3]
 
-    def _alpha_of(
-        self, rgb: np.ndarray, in_alpha: np.ndarray | None, classes: Sequence[str] | None, threshold: float | None,
-        refine: bool,
-    ) -> np.ndarray:
-        """alpha()'s mask from decoded arrays (remove() decodes itself, to keep the input's colour profile)."""
+    def _arrays(
+        self, img: ImageInput, classes: Sequence[str] | None, threshold: float | None, refine: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bytes | None]:
+        """alpha()'s arrays and the input's RGB colour profile (remove() keeps it on its output)."""
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise UsageError(f"threshold must be within 0..1, got {threshold}")
+        rgb, in_alpha, icc = _load_any(img, self.max_pixels)
         prob = self.foreground_probability(rgb, classes)
         if refine:
             guide = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
@@ -551,7 +542,7 @@ class BackgroundRemover:
         alpha = (prob * 255.0 + 0.5).astype(np.uint8)
         if in_alpha is not None:
             alpha = np.minimum(alpha, in_alpha)  # never reveal what the input had already made transparent
-        return alpha
+        return rgb, alpha, in_alpha, icc
 
     def mask(self, img: ImageInput, **opts: Any) -> Image.Image:
         """L-mode alpha mask (255 = foreground) at the input's full, EXIF-corrected size."""
@@ -578,9 +569,7 @@ class BackgroundRemover:
             bg_color = parse_color(bg_color)
             if len(bg_color) == 4 and bg_color[3] in (0, 255):
                 bg_color = bg_color[:3] if bg_color[3] == 255 else None
-        _check_threshold(threshold)
-        rgb, in_alpha, icc = _load_with_profile(img, self.max_pixels)
-        alpha = self._alpha_of(rgb, in_alpha, classes, threshold, refine)
+        rgb, alpha, _, icc = self._arrays(img, classes, threshold, refine)
         if mask_only:
             return Image.fromarray(alpha, mode="L")
         out = self._colour_output(rgb, alpha, bg_color, bg_image)
@@ -598,7 +587,7 @@ class BackgroundRemover:
             return cutout
         h, w = alpha.shape
         if bg_image is not None:
-            bg_rgb, _ = _load_any(bg_image, self.max_pixels)
+            bg_rgb = _load_any(bg_image, self.max_pixels)[0]
             # Cover the whole frame without distortion: scale to fill, centre-crop the overflow.
             bg = np.asarray(
                 ImageOps.fit(Image.fromarray(bg_rgb), (w, h), Image.Resampling.BILINEAR), np.float32
