@@ -454,7 +454,7 @@ def test_cli_model_load_failure_is_one_error_line(tmp_path):
 def test_cli_usage_errors_and_busy_port():
     for queue in ("-1", "0"):  # 0 started, then answered every request 503
         bad = _run_cli("--queue", queue)
-        assert bad.returncode == 2 and bad.stderr.strip() == f"bgremover-serve: error: --queue must be >= 1, got {queue}"
+        assert bad.returncode == 2 and bad.stderr.strip() == f"bgremover-serve: error: --queue must be positive, got {queue}"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -405,12 +405,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "bgremover-serve") -> in
 
     if not 0 <= args.port <= 65535:
         return usage(f"--port must be within 0..65535, got {args.port}")
-    for name in ("threads", "max_bytes", "max_pixels"):
+    for name in ("threads", "max_bytes", "max_pixels", "queue"):  # --queue 0 would refuse every request with 503
         value = getattr(args, name)
         if value is not None and value < 1:
             return usage(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.queue < 1:  # 0 would refuse every request with 503
-        return usage(f"--queue must be >= 1, got {args.queue}")
     cores = cpu_count()
     workers = args.threads or cores
     try:

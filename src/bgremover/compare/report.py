@@ -44,7 +44,6 @@ from bgremover.compare.runs import (
     Run,
     aggregate,
     find_runs,
-    is_inside,
     newest_sweep,
     search_picks,
     short_number,
@@ -169,16 +168,16 @@ def build_report(
                        ("img", "qualitative grid", "grid.png")]  # fmt: skip
         for w in warnings:
             blocks.append(("p", w))
+        searches = []
         for folder, params, value, pick in search_picks(paths, runs):
             chosen = ", ".join(short_number(f"{k}={v}") for k, v in params.items())
+            metric = ((pick.summary.get("config") or {}).get("optimized_metric") if pick else None) or "its objective"
             ran = (f"run {_rel(pick.dir, paths)} ({pick.net}): test mIoU {pct(pick.metric('test/mIoU'))} %"
                    if pick is not None else "its run was not found among the compared runs")
-            metric = next((str(r.summary["config"]["optimized_metric"]) for r in runs
-                           if is_inside(r.dir, folder) and "optimized_metric" in (r.summary.get("config") or {})),
-                          "its objective")
-            blocks += [("h", 2, "Search"),
-                       ("p", f"The Optuna study in {folder.name} picked {chosen} ({metric} = {value:.4g}): {ran}. "
-                             "The tables above rank by test mIoU, which the search never saw.")]  # fmt: skip
+            searches.append(("p", f"The Optuna study in {folder.name} picked {chosen} ({metric} = {value:.4g}): "
+                                  f"{ran}. The tables above rank by test mIoU, which the search never saw."))
+        if searches:
+            blocks += [("h", 2, "Search"), *searches]
         blocks += [("h", 2, "Runs"), ("table", *run_table(runs, paths)), ("h", 2, "Failed runs")]
         if failed:
             blocks.append(("ul", [f"{_rel(r.dir, paths)} (net {r.net}, seed {DASH if r.seed is None else r.seed}): "

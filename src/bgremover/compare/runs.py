@@ -275,13 +275,13 @@ def search_picks(paths: list[Path], runs: list[Run]) -> list[tuple[Path, dict[st
         params, value = found.get("best_params"), found.get("best_value")
         if not isinstance(params, dict) or not isinstance(value, int | float):
             continue  # a multi-objective study lists a Pareto front instead: no single pick
-        chosen = [r for r in runs if r.ok and is_inside(r.dir, path) and all(
+        chosen = [r for r in runs if r.ok and _is_inside(r.dir, path) and all(
             _same_value(_override(r, k), v) for k, v in params.items())]
         picks.append((path, params, float(value), chosen[0] if len(chosen) == 1 else None))
     return picks
 
 
-def is_inside(child: Path, parent: Path) -> bool:
+def _is_inside(child: Path, parent: Path) -> bool:
     try:
         child.resolve().relative_to(parent.resolve())
         return True
