@@ -429,6 +429,29 @@ def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small
     assert not list((tmp_path / "train" / "runs").glob("*"))
 
 
+def test_a_group_set_to_null_is_switched_off_not_a_traceback(small_camvid, tmp_path):
+    """`logger=null` (the lightning-hydra-template way to switch a group off) crashed in Hydra with a bare
+    ValueError traceback ("Config group override must be a string or a list"); it now means `~logger`. A key that
+    is not a config group keeps null as its value, and eval without a checkpoint says so in one line (it said
+    "TypeError: expected str ... not NoneType" and left a run folder)."""
+    from bgremover.config import _drop_group
+
+    assert [_drop_group(a) for a in ("logger=null", "callbacks=None", "tta=null", "ckpt_path=null", "logger=csv",
+                                     "nosuchgroup=null", "data.root=null")] == [
+        "~logger", "~callbacks", "~tta", "ckpt_path=null", "logger=csv", "nosuchgroup=null", "data.root=null"]
+    proc = _run("bgremover.train", f"data.root={small_camvid}", "logger=null", "data.batch_size=-1",
+                f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "error: data.batch_size must be a positive integer, got -1"  # composed fine
+    for ckpt in ("null", str(tmp_path / "missing.ckpt")):
+        proc = _run("bgremover.eval", "tta=null", f"ckpt_path={ckpt}", f"data.root={small_camvid}",
+                    f"paths.log_dir={tmp_path}")
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+        assert proc.stderr.startswith("error: no checkpoint given: make eval CKPT=" if ckpt == "null"
+                                      else "error: checkpoint not found"), proc.stderr
+    assert not list(tmp_path.glob("*/runs/*"))
+
+
 def test_cpu_ddp_with_sync_batchnorm_is_refused_before_building(small_camvid, tmp_path):
     from bgremover import config
     from bgremover.errors import UserError

@@ -49,6 +49,7 @@ def hydra_command_line() -> None:
     status 2, as argparse does, instead of Hydra's several lines and its HYDRA_FULL_ERROR hint.
     ``HYDRA_FULL_ERROR=1`` still gives Hydra's full report."""
     require_config_dir()
+    sys.argv[1:] = [_drop_group(a) for a in sys.argv[1:]]
     from hydra._internal import utils as hydra_utils  # Hydra reports through this module-level function
     from hydra.errors import CompactHydraException
 
@@ -74,6 +75,16 @@ def hydra_command_line() -> None:
 
     run_and_report.one_line = True
     hydra_utils.run_and_report = run_and_report
+
+
+def _drop_group(arg: str) -> str:
+    """`logger=null` (how the lightning-hydra-template's configs switch a group off) as Hydra's `~logger`: Hydra
+    itself only takes the delete form on the command line and answered `logger=null` with a bare ValueError
+    traceback. Only for names of config groups: `ckpt_path=null` stays a value."""
+    key, sep, value = arg.partition("=")
+    if sep and value in ("null", "None") and key.isidentifier() and (Path(CONFIG_DIR) / key).is_dir():
+        return f"~{key}"
+    return arg
 
 
 def _reraise(exc: BaseException):
@@ -207,6 +218,8 @@ def validate_eval(cfg: DictConfig) -> None:
     _check_output_dir()
     if cfg.split not in ("test", "val"):
         raise UserError(f"split must be 'test' or 'val', not '{cfg.split}'")
+    if not cfg.ckpt_path:
+        raise UserError("no checkpoint given: make eval CKPT=path/to/checkpoint.ckpt (python -m bgremover.eval ckpt_path=...)")
     if not Path(cfg.ckpt_path).is_file():
         raise UserError(f"checkpoint not found: {cfg.ckpt_path}")
     if "root" in cfg.data:
