@@ -27,6 +27,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = checkpoint.load_module(cfg.ckpt_path)
     _training_scale(cfg, model.hparams.get("image_size"))
+    model.tta = hydra.utils.instantiate(cfg.tta) if cfg.get("tta") else None
+    if model.tta:
+        log.info("test-time augmentation: %d passes per frame (scales %s, flip %s); these numbers are not the "
+                 "single-pass ones a run reports", model.tta.passes, model.tta.scales, model.tta.flip)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     loggers = utils.instantiate_dict(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[], _convert_="all")
@@ -44,9 +48,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     utils.write_json_atomic(
         eval_json,
         {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split, "metrics": metrics,
-         "frames": frames, "net": model.hparams.net_name, "config": config_dict},
+         "frames": frames, "net": model.hparams.net_name, "tta": model.tta.describe() if model.tta else None,
+         "config": config_dict},
     )
-    if cfg.split == "test" and cfg.get("attach_to_run", True):
+    if model.tta and cfg.split == "test" and cfg.get("attach_to_run", True):
+        log.info("test numbers not attached to the run: they are test-time-augmented (eval.json has them)")
+    elif cfg.split == "test" and cfg.get("attach_to_run", True):
         attach_to_run(Path(cfg.ckpt_path), metrics, datamodule, eval_json, net=model.net)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "frames": frames}
 
@@ -131,6 +138,9 @@ def _main(cfg: DictConfig) -> None:
         else:  # a partial split (limit_test_batches, data.limit_eval_images) is not the split's score: say so
             print(f"{key}: {int(value)} of {frames['of']}" + ("" if frames["complete"] else
                                                             " (PARTIAL: these numbers are not the split's)"))
+    if objects["model"].tta:
+        tta = objects["model"].tta
+        print(f"test-time augmentation: {tta.passes} passes per frame (scales {tta.scales}, flip {tta.flip})")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ class SegmentationModule(pl.LightningModule):
         self._panel: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._panel_epoch: int | None = None  # epoch of the last logged image panel
         self.__dict__["_compiled_net"] = None  # bypasses nn.Module registration: state-dict keys stay "net.*"
+        self.tta = None  # bgremover.lit.tta.TTA for val/test, set by `make eval ARGS="tta=..."` only
 
     # --- forward ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -120,7 +121,9 @@ class SegmentationModule(pl.LightningModule):
         x, y = batch
         if stage == "test":  # the published number: fp32 whatever the training precision, as export and eval run
             with torch.autocast(x.device.type, enabled=False):
-                logits = self(x.float())
+                logits = self.tta(self, x.float(), self.hparams.size_multiple) if self.tta else self(x.float())
+        elif stage == "val" and self.tta:
+            logits = self.tta(self, x, self.hparams.size_multiple)
         else:
             logits = self(x)
         loss = self.criterion(logits.float(), y)
