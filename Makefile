@@ -70,7 +70,7 @@ data: $(STAMP) ## verify CamVid at DATA_DIR (download it there when missing); re
 train: $(STAMP) ## train: make train [EXP=tiramisu103_camvid] [ARGS="model=deeplabv3plus trainer.max_epochs=5"]
 	$(KEEP_MEMORY) $(BIN)/python -m bgremover.train $(if $(EXP),experiment=$(EXP)) $(ARGS)
 
-eval: $(STAMP) ## test metrics of a checkpoint: make eval CKPT=logs/train/runs/.../checkpoints/last.ckpt
+eval: $(STAMP) ## test metrics of a checkpoint: make eval CKPT=logs/train/runs/.../checkpoints/last.ckpt [ARGS="tta=flip"]
 	@test -n "$(CKPT)" || { echo "error: give a checkpoint: make eval CKPT=path/to.ckpt" >&2; exit 2; }
 	$(BIN)/python -m bgremover.eval ckpt_path="$(CKPT)" $(ARGS)
 
