@@ -159,6 +159,30 @@ def test_rerun_replaces_report_atomically(sweep: Path, monkeypatch: pytest.Monke
     assert sorted(p.name for p in sweep.iterdir() if p.name.startswith(".")) == []
 
 
+def test_out_never_replaces_a_folder_that_is_not_an_earlier_report(sweep: Path, tmp_path: Path) -> None:
+    """`--out DIR` renamed any existing folder aside and deleted it: a folder of notes, the sweep itself (its runs
+    and checkpoints) or a file. Only an earlier report (report.md, no runs inside) is replaced; the rest is refused
+    before anything is written, and left as it was."""
+    notes = tmp_path / "victim"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("precious")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    summaries = sorted(sweep.rglob("summary.json"))
+    for out, message in ((notes, "not an earlier report"), (sweep, "holds the run"), (sweep.parent, "holds the run"),
+                         (afile, "is a file")):
+        with pytest.raises(compare.CompareError, match=message):
+            compare.build_report([sweep], out=out, grid_images=0)
+    assert (notes / "notes.txt").read_text() == "precious" and afile.read_text() == "x"
+    assert sorted(sweep.rglob("summary.json")) == summaries and len(summaries) == 5
+    assert not list(tmp_path.glob(".*old*"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    compare.build_report([sweep], out=empty, grid_images=0)  # an empty folder, and then its own report, are fine
+    compare.build_report([sweep], out=empty, grid_images=0)
+    assert (empty / "report.md").is_file()
+
+
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPLBACKEND": "Agg"}
     return subprocess.run([sys.executable, "-m", "bgremover.compare", *args], capture_output=True, text=True,

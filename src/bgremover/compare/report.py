@@ -73,6 +73,21 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_out(out: Path, runs: list[Run]) -> None:
+    """`--out` may be new, empty, or an earlier report (it is replaced whole): never a folder of other files, a run,
+    or a folder holding the runs being reported on (it was renamed aside and deleted, runs and all)."""
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out} is a file, not a report folder")
+    resolved = out.resolve()
+    for run in runs:
+        if resolved == run.dir.resolve() or resolved in run.dir.resolve().parents:
+            raise CompareError(f"--out {out} holds the run {run.dir} it would report on: choose another folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "report.md").is_file() or any(out.rglob(SUMMARY_NAME)):
+            raise CompareError(f"--out {out} is a folder that is not an earlier report (no report.md, or runs in "
+                               "it): its files would be replaced; choose a new or empty folder")
+
+
 def build_report(
     paths: list[Path],
     out: Path | None = None,
@@ -87,6 +102,7 @@ def build_report(
         raise CompareError(f"no {SUMMARY_NAME} found under {', '.join(map(str, paths))}")
     sweep = paths[0] if paths[0].is_dir() else paths[0].parent
     out = Path(out) if out else sweep / REPORT_DIRNAME
+    _check_out(out, runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats = aggregate(runs)
     failed = [r for r in runs if not r.ok]
