@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,6 +276,16 @@ def test_eval_attaches_test_numbers_to_a_run_trained_without_them(small_camvid, 
     assert after["test_split"] == {"frames": 3, "of": 3, "complete": True}
     assert Path(after["test_from"]["eval"]).is_file() and after["test_from"]["ckpt"] == before["best_ckpt"]
     assert _read_test_result(Path(before["best_ckpt"]))["test_mIoU"] == pytest.approx(metrics["test/mIoU"])
+
+    # another checkpoint of the run (not the best, whose numbers the run reports) is never attached: its numbers
+    # would have been credited to the best checkpoint in the summary, `make compare` and the exported ONNX
+    other = Path(before["best_ckpt"]).with_name("other.ckpt")
+    shutil.copyfile(before["best_ckpt"], other)
+    caplog.clear()
+    evaluate(compose_cfg(tmp_path / "eval_other", [f"data.root={small_camvid}", "data.num_workers=0",
+                                                   f"ckpt_path={other}"], config_name="eval"))
+    assert json.loads(summary_path.read_text()) == after
+    assert any("is not the run's best checkpoint" in r.getMessage() for r in caplog.records), caplog.text
 
     # a later evaluation of 2 frames, or of all 3 again, leaves the attached numbers alone, with a line saying so
     for name, extra in (("eval3", ["data.limit_eval_images=2"]), ("eval4", [])):

@@ -73,6 +73,13 @@ def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: 
     except (OSError, ValueError):  # a broken summary is the run's own problem; the eval itself succeeded
         log.warning("test numbers not attached: %s is unreadable", summary_path)
         return None
+    best = summary.get("best_ckpt")
+    # the run's test numbers are its best checkpoint's (its test stage, export and compare say so): another
+    # checkpoint's would be credited to the best one. By name: a run trained elsewhere has other absolute paths.
+    if best and Path(best).name not in (ckpt.name, ckpt.resolve().name):
+        log.warning("test numbers not attached: %s is not the run's best checkpoint (%s), whose numbers the run "
+                    "reports", ckpt.name, Path(best).name)
+        return None
     from bgremover.train import test_split_info  # what a run's own test stage records
 
     new = test_split_info(metrics, datamodule)
