@@ -109,12 +109,13 @@ example-data: $(STAMP) ## worked-example folders for `make remover` from CamVid:
 	@if test -e "$(EXAMPLES)/cars"; then echo "$(EXAMPLES)/cars exists: kept (remove it to rebuild)"; \
 	else $(BIN)/python -m bgremover.data.make_folder "$(EXAMPLES)/cars"; fi
 
-reproduce-default: $(STAMP) ## retrain the shipped model (its GPU speed-run recipe) and export it to logs/reproduce/ for comparison
+reproduce-default: $(STAMP) ## retrain the shipped model (its GPU speed-run recipe) and export it to logs/reproduce/<time>/ for comparison
 	@$(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { echo "error: the shipped model's recipe (experiments/speedrun_remover.yaml) trains on a GPU and this machine has none; on a CPU: make train EXP=cpu_default (the earlier CPU-trained remover, 87 min, 39.7 test mIoU)" >&2; exit 2; }
-	$(KEEP_MEMORY) $(BIN)/python -m bgremover.train experiment=speedrun_remover hydra.run.dir=logs/reproduce/speedrun_remover $(ARGS)
-	$(BIN)/python -m bgremover.export --ckpt "$$(python3 -c "import json;print(json.load(open('logs/reproduce/speedrun_remover/summary.json'))['best_ckpt'])")" \
-		--out logs/reproduce/bgremover-camvid.onnx
-	@echo "compare with the shipped model: make eval-cutout MODEL=logs/reproduce/bgremover-camvid.onnx"
+	@run=logs/reproduce/$$(date +%Y-%m-%d_%H-%M-%S); set -e; \
+	$(KEEP_MEMORY) $(BIN)/python -m bgremover.train experiment=speedrun_remover hydra.run.dir=$$run $(ARGS); \
+	$(BIN)/python -m bgremover.export --ckpt "$$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['best_ckpt'])" $$run/summary.json)" \
+		--out $$run/bgremover-camvid.onnx; \
+	echo "compare with the shipped model: make eval-cutout MODEL=$$run/bgremover-camvid.onnx"
 
 benchmark: $(STAMP) ## print the speed tables (train throughput, Tiramisu fast path training and inference, predictor latency)
 	$(BIN)/python benchmarks/train_throughput.py

@@ -461,6 +461,31 @@ def test_a_group_set_to_null_is_switched_off_not_a_traceback(small_camvid, tmp_p
     assert not list(tmp_path.glob("*/runs/*"))
 
 
+def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_camvid, tmp_path):
+    """`hydra.run.dir=<an earlier run>` overwrote its config, log, summary and last.ckpt (`make reproduce-default`
+    used one fixed folder, so a second run clobbered the first). Refused in one line before Hydra writes anything;
+    resuming that run in place (ckpt_path inside it) and a new folder are fine."""
+    from bgremover.config import _taken_run_dir
+
+    old = tmp_path / "old_run"
+    (old / ".hydra").mkdir(parents=True)
+    (old / "checkpoints").mkdir()
+    files = {old / "summary.json": '{"status": "ok"}', old / ".hydra" / "config.yaml": "seed: 1\n",
+             old / "checkpoints" / "last.ckpt": "weights"}
+    for path, text in files.items():
+        path.write_text(text)
+    for module in ("bgremover.train", "bgremover.eval"):
+        proc = _run(module, f"hydra.run.dir={old}", f"data.root={small_camvid}", f"ckpt_path={tmp_path / 'x.ckpt'}")
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: hydra.run.dir={old} already holds a run"), \
+            proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert {p: p.read_text() for p in files} == files and sorted(p.name for p in old.iterdir()) == [
+        ".hydra", "checkpoints", "summary.json"]
+    assert _taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"]) is None  # resume
+    assert _taken_run_dir([f"hydra.run.dir={tmp_path / 'new'}"]) is None
+    assert _taken_run_dir(["-m", f"hydra.run.dir={old}"]) is None  # a sweep's folders are hydra.sweep.dir's
+
+
 def test_cpu_ddp_with_sync_batchnorm_is_refused_before_building(small_camvid, tmp_path):
     from bgremover import config
     from bgremover.errors import UserError

@@ -50,6 +50,10 @@ def hydra_command_line() -> None:
     ``HYDRA_FULL_ERROR=1`` still gives Hydra's full report."""
     require_config_dir()
     sys.argv[1:] = [_drop_group(a) for a in sys.argv[1:]]
+    if taken := _taken_run_dir(sys.argv[1:]):
+        from bgremover.errors import report
+
+        sys.exit(report(taken, code=2))
     from hydra._internal import utils as hydra_utils  # Hydra reports through this module-level function
     from hydra.errors import CompactHydraException
 
@@ -85,6 +89,23 @@ def _drop_group(arg: str) -> str:
     if sep and value in ("null", "None") and key.isidentifier() and (Path(CONFIG_DIR) / key).is_dir():
         return f"~{key}"
     return arg
+
+
+def _taken_run_dir(args: list[str]) -> str | None:
+    """`hydra.run.dir=X` where X already holds a run (or an evaluation): Hydra would overwrite its .hydra config
+    and log, training its summary and last.ckpt, leaving the old best checkpoint beside the new run's. Refused
+    before Hydra writes anything, unless the command resumes that run in place (ckpt_path inside X)."""
+    if any(a in ("-m", "--multirun") for a in args):
+        return None
+    given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("~"))
+    run_dir = given.get("hydra.run.dir")
+    if not run_dir or not any((Path(run_dir) / name).is_file() for name in (SUMMARY_NAME, "eval.json")):
+        return None
+    ckpt = given.get("ckpt_path")
+    if ckpt and Path(run_dir).resolve() in Path(ckpt).resolve().parents:
+        return None
+    return (f"hydra.run.dir={run_dir} already holds a run: its config, log and results would be overwritten; "
+            "choose a new folder (or resume it in place with ckpt_path=<that run>/checkpoints/last.ckpt)")
 
 
 def _reraise(exc: BaseException):
