@@ -240,6 +240,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+def test_bad_out_and_opset_are_refused_before_anything_is_read(tmp_path, capsys):
+    """--out in a file's place, an existing folder or /proc, and an opset the nets cannot export, each failed only
+    after the whole export (a traceback for the first and the last, and 600 lines of graph for --opset 3 or 9)."""
+    afile = tmp_path / "a.jpg"
+    afile.write_text("x")
+    missing = tmp_path / "missing.ckpt"  # the checks come first: the checkpoint is never read
+    for extra, message in (([f"--out={afile}/x.onnx"], "is a file, not a folder"), ([f"--out={tmp_path}"], "is a folder"),
+                           (["--out=/proc/x.onnx"], "cannot write in /proc"), (["--opset=9"], "opsets 11 to 20"),
+                           (["--opset=21"], "opsets 11 to 20")):
+        assert main([f"--ckpt={missing}", *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
+
+
 def test_tiny_tiramisu_checkpoint_exports_and_matches(tmp_path):
     """Our FC-DenseNet trains through a custom autograd Function; inference and export take plain modules."""
     from bgremover.nets import FCDenseNet
@@ -256,6 +271,7 @@ def test_tiny_tiramisu_checkpoint_exports_and_matches(tmp_path):
     out = tmp_path / "tiramisu.onnx"
     result = export_onnx(loaded, meta, out)
     assert result["max_abs_diff"] <= 1e-4
+    assert export_onnx(loaded, meta, tmp_path / "opset11.onnx", opset=11)["max_abs_diff"] <= 1e-4  # --opset's floor
     x = np.random.default_rng(2).standard_normal((2, 3, 64, 96)).astype(np.float32)
     net.eval()
     with torch.enable_grad():  # the training-path Function in eval mode: the reference the export must match

@@ -178,6 +178,10 @@ def test_ship_usage_errors_are_one_line(tmp_path, data):
     proc = run_ship("--ckpt", "x.ckpt", "--data-root", str(tmp_path / "nodata"), "--models-dir", str(tmp_path / "m2"))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and not (tmp_path / "m2").exists()
     assert "checkpoint not found: x.ckpt" in proc.stderr  # what the command names comes first, then the data
+    afile = tmp_path / "afile"
+    afile.write_text("x")  # it exported and scored first, then said "unexpected FileExistsError"
+    proc = run_ship("--ckpt", "x.ckpt", "--models-dir", str(afile))
+    assert proc.returncode == 1 and proc.stderr.strip() == f"ship: error: --models-dir {afile} is a file, not a folder"
 
 
 def test_ship_with_a_good_checkpoint_and_no_data_names_the_data(trained, tmp_path):

@@ -39,3 +39,30 @@ def below_minimum(args, minimums: dict[str, int], prog: str | None = None) -> in
         if value is not None and value < low:
             return report(f"--{name.replace('_', '-')} must be >= {low}, got {value}", prog, 2)
     return None
+
+
+def check_writable(path, option: str, folder: bool = False) -> None:
+    """Before any work (an export, a calibration, a 233-frame evaluation): `path` — a file to write, or with
+    ``folder=True`` a folder to create or fill — can be written. Not a folder where a file is wanted (or the
+    reverse), below no file, and its nearest existing folder takes a new file (tried, not guessed: root passes any
+    permission check, and /proc refuses files anyway). Raises UserError naming `option`."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"{option} {p} is a file, not a folder")
+    if not folder and p.is_dir():
+        raise UserError(f"{option} {p} is a folder: give a file name in it")
+    existing = p if folder else p.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {p}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bgremover-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{option} {p}: cannot write in {existing} ({e.strerror or type(e).__name__})") from None

@@ -30,10 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from bgremover.errors import UserError, report
+from bgremover.errors import UserError, check_writable, report
 from bgremover.model_format import FORMAT, FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAME  # noqa: F401  (re-exported)
 
 OPSET = 17  # supported by every onnxruntime >= 1.14 and by the TorchScript exporter
+# The opsets --opset takes: from the first with align_corners bilinear resizing (DeepLab's decoder; below it the
+# exporter printed its whole ~600-line graph before refusing) to the TorchScript exporter's newest.
+MIN_OPSET, MAX_OPSET = 11, 20
 TOLERANCE = 1e-4  # max |torch - onnxruntime| on logits before we refuse to write the file
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "bgremover-camvid.onnx"  # where predict looks
 # Verification shapes as multiples of size_multiple: (batch, h, w). Two different shapes, one with batch 2,
@@ -293,12 +296,17 @@ def default_out(ckpt: Path, meta: dict) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_normalize_argv(list(sys.argv[1:] if argv is None else argv)))
     try:
+        if args.out:  # before the checkpoint is read and the net exported
+            check_writable(args.out, "--out")
+        if not MIN_OPSET <= args.opset <= MAX_OPSET:
+            raise ExportError(f"--opset {args.opset}: the nets export with opsets {MIN_OPSET} to {MAX_OPSET}")
         net, meta = load_checkpoint_net(args.ckpt)
         out = args.out or default_out(Path(args.ckpt), meta)
+        check_writable(out, "--out")
         result = export_onnx(
             net, meta, out, tol=args.tol, opset=args.opset, torchscript=args.torchscript
         )
-    except ExportError as err:
+    except UserError as err:
         return report(err)
     except KeyboardInterrupt:
         return 130

@@ -244,12 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not model.is_file():
             raise ModelError(f"model file not found: {model}")
+        errors.check_writable(out, "--out")  # before the calibration and two scorings, not after
         record = quantize(model, out, data_root, args.calib_frames, args.eval_limit, args.threads,
                           progress=not args.quiet)  # fmt: skip
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except BgRemoverError as e:
+    except errors.UserError as e:
         return errors.report(e, PROG, 1)
     except Exception as e:  # a bug or an onnxruntime failure: still one line, never a traceback
         return errors.report(f"unexpected {type(e).__name__}: {errors.one_line(e)}", PROG, 1)

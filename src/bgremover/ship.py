@@ -178,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif examples is not None and not examples.is_dir():
         return errors.report(f"--examples {examples}: no such folder", PROG, 2)
     try:
+        errors.check_writable(models_dir, "--models-dir", folder=True)  # before the export and the scoring
         ship(Path(args.ckpt), models_dir, data_root, force=args.force, eval_limit=args.eval_limit,
              threads=args.threads, progress=not args.quiet, examples=examples)  # fmt: skip
     except KeyboardInterrupt:
