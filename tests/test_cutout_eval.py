@@ -216,6 +216,7 @@ def test_cli_writes_json_and_prints_table(model, camvid, tmp_path):
     assert f"{sum([830 / 840, 180 / 210, 1.0, 0.0]) / 4:.4f}" in res.stdout
     data = json.loads(out.read_text())
     assert data["n_images"] == 2 and data["split"] == "test" and data["data_root"] == str(camvid)
+    assert data["split_frames"] == {"frames": 2, "of": 2, "complete": True}
     # without --quiet, stderr to a file (not a terminal) gets no progress bar either
     res = subprocess.run(
         [sys.executable, "-m", "bgremover.cutout_eval", "--model", str(model), "--data-root", str(camvid),
@@ -232,7 +233,10 @@ def test_cli_writes_json_and_prints_table(model, camvid, tmp_path):
 def test_data_dir_env_is_the_default_root(model, camvid, monkeypatch, capsys):
     monkeypatch.setenv("DATA_DIR", str(camvid))
     assert ce.main(["--model", str(model), "--limit", "1", "--threads", "1", "--quiet"]) == 0
-    assert "1 images" in capsys.readouterr().out
+    # a --limit subset is flagged as eval and export flag a partial test set (it said "1 images" and no more)
+    assert "1 images of 2 (PARTIAL: these numbers are not the split's)" in capsys.readouterr().out
+    assert ce.main(["--model", str(model), "--threads", "1", "--quiet"]) == 0
+    assert "2 images, foreground" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -246,6 +250,8 @@ def test_data_dir_env_is_the_default_root(model, camvid, monkeypatch, capsys):
         (["--threshold", "1.5"], 2, "--threshold"),
         (["--boundary-tol", "-1"], 2, "--boundary-tol"),
         (["--limit", "many"], 2, "invalid int value"),
+        (["--void-value", "300"], 2, "are for an image/mask folder, not CamVid"),  # ignored before
+        (["--split-file", "{tmp}/split.json"], 2, "are for an image/mask folder, not CamVid"),
     ],
 )
 def test_bad_inputs_give_one_error_line(model, camvid, tmp_path, capsys, args, code, text):
