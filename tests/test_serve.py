@@ -222,6 +222,13 @@ def test_rembg_form_fields_are_options(server, remover):
     assert status == 422 and "unknown parameter(s) model" in json.loads(body)["error"]
     status, _, body = request(server, "POST", "/api/remove?om=1", *form(om="true"))
     assert status == 422 and "mask_only given more than once" in json.loads(body)["error"]
+    # two files: the last one was cut out without a word (`curl -F file=@a -F file=@b`)
+    one, headers = form()
+    end = f"--{boundary}--\r\n".encode()
+    twice = one[: -len(end)] * 2 + end
+    assert twice.count(b'name="file"') == 2
+    status, _, body = request(server, "POST", "/api/remove", twice, headers)
+    assert status == 422 and "file given more than once" in json.loads(body)["error"]
 
 
 # ----------------------------------------------------------------------------------------------------------

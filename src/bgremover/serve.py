@@ -238,6 +238,8 @@ class Service:
         except Exception as err:
             raise ApiError(400, f"malformed multipart upload: {err}") from err
         try:
+            if len(form.getlist("file")) > 1:  # form.get took the last one without a word
+                raise ApiError(422, "file given more than once: send one image per request")
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 fields = ", ".join(form.keys()) or "none"
