@@ -3,6 +3,7 @@ interrupted run exits non-zero, bad configs fail at once, panels appear however 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -484,6 +485,32 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
     assert _taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"]) is None  # resume
     assert _taken_run_dir([f"hydra.run.dir={tmp_path / 'new'}"]) is None
     assert _taken_run_dir(["-m", f"hydra.run.dir={old}"]) is None  # a sweep's folders are hydra.sweep.dir's
+
+
+def test_resuming_with_more_epochs_stretches_a_run_length_schedule(small_camvid, tmp_path):
+    """A run resumed with a larger trainer.max_epochs got the first run's PolynomialLR back (total_iters = its
+    steps), so every added step trained at lr 0 and nothing changed. The schedule now spans the new run: the
+    resumed steps train (lr > 0 and the weights move) and the lr reaches 0 at the new end."""
+    import torch
+
+    from bgremover import checkpoint
+
+    deeplab = ["~experiment", "model=deeplabv3plus", "data.num_workers=0", "data.batch_size=2", "data.crop_size=[32,32]",
+               "data.eval_batch_size=1", "extras.print_config=false", "measure_inference=false", "logger=csv",
+               "trainer.max_time=null", "test=false", f"data.root={small_camvid}"]
+    train(compose_cfg(tmp_path / "run1", [*deeplab, "trainer.max_epochs=2"]))
+    last = tmp_path / "run1" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=False)
+    assert first["lr_schedulers"][0]["total_iters"] == 4 and first["lr_schedulers"][0]["_last_lr"][0] == 0.0
+    _, objects = train(compose_cfg(tmp_path / "run2", [*deeplab, "trainer.max_epochs=4", f"ckpt_path={last}"]))
+    rows = list(csv.DictReader(next((tmp_path / "run2").rglob("metrics.csv")).open()))
+    lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    assert lrs and all(lr > 0 for lr in lrs), lrs  # was [0.0, 0.0]
+    scheduler = objects["trainer"].lr_scheduler_configs[0].scheduler
+    assert scheduler.total_iters == 8 and scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    moved = checkpoint.net_state(checkpoint.read(tmp_path / "run2" / "checkpoints" / "last.ckpt"))
+    before = checkpoint.net_state(first)
+    assert any(not torch.equal(moved[k], before[k]) for k in before if before[k].is_floating_point())
 
 
 def test_cpu_ddp_with_sync_batchnorm_is_refused_before_building(small_camvid, tmp_path):

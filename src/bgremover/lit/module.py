@@ -8,6 +8,7 @@ normalization, so export and evaluation rebuild the net without Hydra or this mo
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND, MEAN, STD, VOID,
 from bgremover.lit.cutout import CutoutMetric
 
 STAGES = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 def _key(stage: str) -> str:
@@ -238,17 +240,49 @@ class SegmentationModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         factory = self.scheduler_factory
-        if isinstance(factory, functools.partial) and "total_iters" in factory.keywords and factory.keywords["total_iters"] is None:
-            # Convention: `total_iters: null` in a scheduler config means "the whole run", known only now.
-            steps = self.trainer.estimated_stepping_batches
-            if self.hparams.scheduler_interval == "epoch":
-                steps = self.trainer.max_epochs
-            factory = functools.partial(factory, total_iters=max(1, int(steps)))
+        if self._schedule_spans_the_run():
+            factory = functools.partial(factory, total_iters=self._run_length())
         scheduler = factory(optimizer=optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval, "frequency": 1},
         }
+
+    def _schedule_spans_the_run(self) -> bool:
+        """Convention: `total_iters: null` in a scheduler config means "the whole run", known only at fit time."""
+        factory = self.scheduler_factory
+        return isinstance(factory, functools.partial) and "total_iters" in factory.keywords \
+            and factory.keywords["total_iters"] is None
+
+    def _run_length(self) -> int:
+        steps = self.trainer.max_epochs if self.hparams.scheduler_interval == "epoch" \
+            else self.trainer.estimated_stepping_batches
+        return max(1, int(steps))
+
+    def on_train_start(self) -> None:
+        """A resumed run of another length (trainer.max_epochs raised, say): the checkpoint's scheduler brings the
+        first run's total_iters back, so the added epochs trained past its end — at lr 0 for the poly and cosine
+        recipes. A schedule that spans the run is stretched to the new length from the step it is at."""
+        schedulers = self.lr_schedulers() if self.trainer.ckpt_path and self.scheduler_factory else None
+        if schedulers is None or not self._schedule_spans_the_run():
+            return
+        scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
+        total, old = self._run_length(), getattr(scheduler, "total_iters", None)
+        from bgremover.lit.speedrun import WarmupCosineLR  # its get_lr is closed-form by construction
+
+        closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+        if closed_form is None and isinstance(scheduler, WarmupCosineLR):
+            closed_form = scheduler.get_lr
+        if old in (None, total) or closed_form is None:  # a recursive schedule cannot be re-placed: left as it is
+            return
+        scheduler.total_iters = total
+        lrs = closed_form()
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)
+        if self.trainer.is_global_zero:
+            log.info("resumed with another run length: the learning-rate schedule planned for %d %ss now spans %d "
+                     "(lr %.3g at %d)", old, self.hparams.scheduler_interval, total, lrs[0], scheduler.last_epoch)
 
     # --- self-describing checkpoints -------------------------------------------------------------------------
     def export_meta(self) -> dict[str, Any]:
