@@ -185,10 +185,7 @@ class SegmentationModule(pl.LightningModule):
         return out
 
     def on_train_epoch_end(self) -> None:
-        # a resume from the last checkpoint of a finished epoch ends that epoch again with no batch seen: its
-        # metrics would be logged as 0 and NaN over the real ones
-        if self.miou[_key("train")].update_called:
-            self._log_epoch("train")
+        self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_epoch("val")
