@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help=f"sweep dirs or summary.json files (default: newest under {MULTIRUNS_DIR}/)",
     )
-    ap.add_argument("--out", type=Path, default=None, help="report folder (default: <first sweep>/report)")
+    ap.add_argument("--out", type=Path, default=None, help="report folder (default: <first sweep>/report); an existing one must be empty or an earlier report")
     ap.add_argument(
         "--wandb", action="store_true", help="also log the tables and charts to W&B (job_type compare)"
     )
