@@ -1,5 +1,6 @@
 """Cut-out quality of an exported bgremover ONNX model on CamVid or your own image/mask folder: numbers for a
 results table.
+(Past 400 lines: one command over two dataset layouts with its report; the metrics live in cutout_metrics.py.)
 
     python -m bgremover.cutout_eval [--model M] [--data-root D] [--split test|val|train] [--classes A,B]
                                     [--threshold T] [--boundary-tol PX] [--limit N] [--threads N]
@@ -22,7 +23,6 @@ what users get) at each image's full resolution — or, for a model that records
     soft alpha against the binary GT. With --threshold T the same three again for the hard mask P >= T.
   - timing: mean ms per image of `foreground_probability` (decoding excluded, after one warm-up call).
 Exit codes: 0 ok; 1 no model / no data / unknown class / unreadable file; 2 bad option values.
-(Past 400 lines: one command over two dataset layouts with its report; the metrics live in cutout_metrics.py.)
 
 Like predict.py this module imports no torch, lightning or hydra (a test enforces it).
 """
