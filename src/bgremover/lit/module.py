@@ -263,9 +263,9 @@ class SegmentationModule(pl.LightningModule):
         """A resumed run of another length (trainer.max_epochs raised, say): the checkpoint's scheduler brings the
         first run's total_iters back, so the added epochs trained past its end — at lr 0 for the poly and cosine
         recipes. A schedule that spans the run is stretched to the new length from the step it is at."""
-        schedulers = self.lr_schedulers() if self.trainer.ckpt_path and self.scheduler_factory else None
-        if schedulers is None or not self._schedule_spans_the_run():
+        if not self._schedule_spans_the_run() or self._trainer is None or not self.trainer.ckpt_path:
             return
+        schedulers = self.lr_schedulers()
         scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
         total, old = self._run_length(), getattr(scheduler, "total_iters", None)
         from bgremover.lit.speedrun import WarmupCosineLR  # its get_lr is closed-form by construction
