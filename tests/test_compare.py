@@ -117,7 +117,12 @@ def test_report_numbers_charts_and_failed_run(sweep: Path) -> None:
     # Per-run table: 4 ok runs; failed job listed with its error, not counted.
     assert md.count("| 0/run |") == 1 and "| 3/run | deeplabv3plus_resnet18 | 2 | 66.0 | 71.0 | 3 |" in md
     assert f"4 (net {TIRAMISU}, seed 3): {FAILED_ERROR}" in md
-    assert "5 runs found" in md and "4 ok, 1 failed" in md
+    assert "5 runs found" in md and "4 ok, 1 failed." in md
+    # an interrupted run (Ctrl-C, SIGTERM: resumable) is counted as such, not as a failure
+    write_summary(sweep / "5", {"status": "interrupted", "error": "interrupted by SIGTERM at epoch 3, step 12",
+                                "run_dir": str(sweep / "5"), "net": TIRAMISU, "seed": 4})
+    md = compare.build_report([sweep], grid_images=0).path.joinpath("report.md").read_text()
+    assert "6 runs found" in md and "4 ok, 1 failed, 1 interrupted." in md and "## Failed or interrupted runs" in md
 
     html = (out / "report.html").read_text()
     assert "<table>" in html and "<td>52.0 ± 2.8</td>" in html and FAILED_ERROR in html

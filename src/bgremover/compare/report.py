@@ -73,6 +73,12 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _stopped(runs: list[Run]) -> str:
+    """'2 failed' or '1 failed, 1 interrupted' (Ctrl-C or SIGTERM: resumable, not a crash)."""
+    interrupted = sum(r.summary.get("status") == "interrupted" for r in runs)
+    return f"{len(runs) - interrupted} failed" + (f", {interrupted} interrupted" if interrupted else "")
+
+
 def _check_out(out: Path, runs: list[Run]) -> None:
     """`--out` may be new, empty, or an earlier report (it is replaced whole): never a folder of other files, a run,
     or a folder holding the runs being reported on (it was renamed aside and deleted, runs and all)."""
@@ -145,7 +151,7 @@ def build_report(
             (
                 "p",
                 f"{len(runs)} runs found under {', '.join(str(p) for p in paths)}: {len(runs) - len(failed)} ok, "
-                f"{len(failed)} failed. Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+                f"{_stopped(failed)}. Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.",
             ),  # fmt: skip
             ("h", 2, "How to read this"),
             (
@@ -159,7 +165,7 @@ def build_report(
                     "pixels labelled right. Nets are sorted by test mIoU, best first.",
                     f"Paper columns and rows are the published numbers of {PAPER_CITE}, not ours: they come from "
                     "the paper's much longer training, so short runs land below them.",
-                    "Failed runs are listed at the end and left out of every statistic.",
+                    "Failed and interrupted runs are listed at the end and left out of every statistic.",
                 ] + ([f"PARTIAL TEST SET: {len(partial)} run(s) were tested on fewer frames than the split holds "
                       "(see 'Test frames'); their numbers are not comparable with full CamVid test results."]
                      if partial else []),
@@ -194,7 +200,7 @@ def build_report(
                                   f"{ran}. The tables above rank by test mIoU, which the search never saw."))
         if searches:
             blocks += [("h", 2, "Search"), *searches]
-        blocks += [("h", 2, "Runs"), ("table", *run_table(runs, paths)), ("h", 2, "Failed runs")]
+        blocks += [("h", 2, "Runs"), ("table", *run_table(runs, paths)), ("h", 2, "Failed or interrupted runs")]
         if failed:
             blocks.append(("ul", [f"{_rel(r.dir, paths)} (net {r.net}, seed {DASH if r.seed is None else r.seed}): "
                                   f"{r.error}" for r in failed]))  # fmt: skip
