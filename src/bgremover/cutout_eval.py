@@ -400,13 +400,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"--split-file and --void-value are for an image/mask folder, not CamVid ({data_root})", 2)
     try:
         read_label, expected = load_label, None
+        # the whole split once, then the --limit subset of it (the split's size flags a partial score below)
         if is_folder(data_root):
-            pairs, read_label, expected = find_folder_pairs(data_root, args.split, args.limit, args.split_file,
+            every, read_label, expected = find_folder_pairs(data_root, args.split, None, args.split_file,
                                                             args.void_value)
-            whole = len(find_folder_pairs(data_root, args.split, None, args.split_file, args.void_value)[0])
         else:
-            pairs = find_pairs(data_root, args.split, args.limit)
-            whole = len(find_pairs(data_root, args.split))
+            every = find_pairs(data_root, args.split)
+        from bgremover.data.camvid import select
+
+        pairs, whole = select(every, args.limit), len(every)
         classes = args.classes.split(",") if args.classes is not None else None
         remover = load_remover(args.model, classes, args.threads, expected, args.max_side)
         report = evaluate(remover, pairs, args.threshold, args.boundary_tol, progress=not args.quiet,

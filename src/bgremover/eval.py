@@ -51,10 +51,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
          "frames": frames, "net": model.hparams.net_name, "tta": model.tta.describe() if model.tta else None,
          "config": config_dict},
     )
-    if model.tta and cfg.split == "test" and cfg.get("attach_to_run", True):
-        log.info("test numbers not attached to the run: they are test-time-augmented (eval.json has them)")
-    elif cfg.split == "test" and cfg.get("attach_to_run", True):
-        attach_to_run(Path(cfg.ckpt_path), metrics, datamodule, eval_json, net=model.net)
+    if cfg.split == "test" and cfg.get("attach_to_run", True):
+        if model.tta:
+            log.info("test numbers not attached to the run: they are test-time-augmented (eval.json has them)")
+        else:
+            attach_to_run(Path(cfg.ckpt_path), metrics, datamodule, eval_json, net=model.net)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "frames": frames}
 
 

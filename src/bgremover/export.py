@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"--opset {args.opset}: the nets export with opsets {MIN_OPSET} to {MAX_OPSET}")
         net, meta = load_checkpoint_net(args.ckpt)
         out = args.out or default_out(Path(args.ckpt), meta)
-        check_writable(out, "--out")
+        if not args.out:  # the default, beside the run: known only from the checkpoint
+            check_writable(out, "--out")
         result = export_onnx(
             net, meta, out, tol=args.tol, opset=args.opset, torchscript=args.torchscript
         )

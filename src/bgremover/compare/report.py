@@ -82,8 +82,7 @@ def _stopped(runs: list[Run]) -> str:
 def _check_out(out: Path, runs: list[Run]) -> None:
     """`--out` may be new, empty, or an earlier report (it is replaced whole): never a folder of other files, a run,
     or a folder holding the runs being reported on (it was renamed aside and deleted, runs and all)."""
-    if out.exists() and not out.is_dir():
-        raise CompareError(f"--out {out} is a file, not a report folder")
+    errors.check_writable(out, "--out", folder=True)  # a file in its place, or a folder we cannot write in
     resolved = out.resolve()
     for run in runs:
         if resolved == run.dir.resolve() or resolved in run.dir.resolve().parents:
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = args.paths or [newest_sweep()]
         report = build_report(paths, args.out, args.data_root, args.grid_images, args.wandb)
-    except (CompareError, OSError) as e:
+    except (errors.UserError, OSError) as e:
         return errors.report(e)
     print(report.main_md, end="")
     for w in report.warnings:
