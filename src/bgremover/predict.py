@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bgremover.errors import report
+from bgremover.errors import UserError, check_writable, report
 from bgremover.remover import (  # noqa: F401  (re-exported: the library's names, importable from here as before)
     DEFAULT_MODEL,
     IMAGE_EXTENSIONS,
@@ -302,8 +302,10 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
                 dest.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 return report(f"cannot create the output folder {dest}: {e.strerror or _first_line(e)}", PROG)
-            if not os.access(dest, os.W_OK | os.X_OK):
-                return report(f"output folder {dest} is not writable", PROG)
+            try:  # tried with a probe file, not os.access: root passes that check, and /proc refuses files anyway
+                check_writable(dest, "output folder", folder=True)
+            except UserError as e:
+                return report(e, PROG)
 
     opts = dict(
         threshold=args.threshold,
