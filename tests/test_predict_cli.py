@@ -203,6 +203,24 @@ def test_stdin_to_stdout(model, tmp_path):
     assert res.returncode == 0 and read_png(tmp_path / "s.png").mode == "RGBA" and res.stdout == b""
 
 
+def test_damaged_exif_is_one_warning_line_and_the_cutout_is_written(model, tmp_path):
+    """A JPEG whose EXIF block is cut short printed PIL's warning twice, each as Python's file:line header plus
+    the source line `warnings.warn(str(msg))`. Now one line naming the file; the pixels are cut out as usual."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation, then a long description: cut short, the block no longer parses
+    exif[0x010E] = "x" * 40
+    src = tmp_path / "photo.jpg"
+    Image.fromarray(halves(12, 20)).save(src, quality=95, exif=exif.tobytes()[:-30])
+    res = run_cli(str(src), "-m", model)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.decode().splitlines() == [
+        f"bgremover-predict: warning: {src}: damaged metadata (Truncated File Read): the pixels decoded fine, "
+        "an EXIF rotation may be missing",
+        f"wrote {tmp_path / 'photo.nobg.png'}",
+    ]
+    assert read_png(tmp_path / "photo.nobg.png").size == (20, 12)
+
+
 def test_subprocess_errors_are_one_line_no_traceback(model, tmp_path):
     text = tmp_path / "fake.jpg"
     text.write_text("not a jpeg")

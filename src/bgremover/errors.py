@@ -31,6 +31,20 @@ def report(error: BaseException | str, prog: str | None = None, code: int = 1) -
     return code
 
 
+def one_line_warnings(prog: str | None = None) -> None:
+    """Show Python warnings as one `[prog: ]warning: ...` line each, not Python's file:line header plus the
+    warning's source line: what a command-line user reads is the message (a stale int8 model, a damaged EXIF
+    block). Which warnings show, and how often, stays Python's filters' decision."""
+    import sys
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = one_line(message, None)
+        print(f"{prog}: warning: {text}" if prog else f"warning: {text}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
 def below_minimum(args, minimums: dict[str, int], prog: str | None = None) -> int | None:
     """Lower bounds of numeric command-line options (`args` from argparse; None = not given): the first one
     below its minimum is reported as one line and its exit status (2, a usage error) returned; None when all fit."""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bgremover.errors import UserError, check_writable, report
+from bgremover.errors import UserError, check_writable, one_line_warnings, report
 from bgremover.remover import (  # noqa: F401  (re-exported: the library's names, importable from here as before)
     DEFAULT_MODEL,
     IMAGE_EXTENSIONS,
@@ -214,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # parse_args stops filling positionals at the first option and rejects OUT. Bad syntax: argparse's usage, exit 2.
     args = _parser(command).parse_intermixed_args(argv[1:] if command else argv)
     err = sys.stderr
+    one_line_warnings(PROG)
 
     def fail_usage(msg: str) -> int:
         return report(msg, PROG, code=2)

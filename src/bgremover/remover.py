@@ -126,7 +126,8 @@ def open_image(
         if path.stat().st_size == 0:
             raise ImageError(f"{name}: empty file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as trouble:
+            warnings.simplefilter("always")  # PIL's own metadata warnings: kept, reported below as one line
             # Our own max_pixels check below decides; PIL's warning would only be noise (its hard error stays).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(src) as opened:
@@ -148,6 +149,16 @@ def open_image(
         raise ImageError(f"{name}: not a recognised image file") from err
     except Exception as err:  # truncated data, corrupt chunks, broken EXIF...: all "cannot decode"
         raise ImageError(f"{name}: cannot decode image ({_first_line(err)})") from err
+    for caught in trouble:
+        if not issubclass(caught.category, UserWarning):  # not about the file (a deprecation...): as it came
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+    damaged = [c for c in trouble if issubclass(c.category, UserWarning)]
+    if damaged:  # PIL warns once per damaged block (EXIF cut short: "Truncated File Read"), naming its own code
+        warnings.warn(
+            f"{name}: damaged metadata ({_first_line(damaged[0].message)}): the pixels decoded fine, an EXIF "
+            "rotation may be missing",
+            stacklevel=2,
+        )
     return img
 
 

@@ -48,7 +48,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bgremover.errors import report
+from bgremover.errors import one_line_warnings, report
 from bgremover.remover import (
     MODEL_ENV,
     BackgroundRemover,
@@ -401,6 +401,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "bgremover-serve") -> in
     parser = _parser(prog)
     args = parser.parse_args(argv)
     prog = parser.prog
+    one_line_warnings(prog)
 
     def usage(msg: str) -> int:
         return report(msg, prog, code=2)
