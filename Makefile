@@ -31,10 +31,14 @@ SWEEP ?=
 DATA ?=
 # where `make example-data` writes its two worked-example folders
 EXAMPLES ?= data
+# pytest-xdist processes for `make test` (0: one process). Two on two cores: most test time is single-threaded
+# (interpreter start-up and imports of the many CLI subprocesses), 636 s -> 452 s measured on an AVX2 2-core VM
+TEST_JOBS ?= 2
 
 # `make train lr=0.1` would set a make variable nobody reads and run the default: refuse what no target reads
 # (Hydra overrides go in ARGS="..."), in one line, before anything runs
-KNOWN_VARS := EXP ARGS CKPT IMG MODEL OUT SWEEP DATA DATA_DIR EXAMPLES PYTHON KEEP_MEMORY WANDB_SILENT OMP_WAIT_POLICY
+KNOWN_VARS := EXP ARGS CKPT IMG MODEL OUT SWEEP DATA DATA_DIR EXAMPLES TEST_JOBS PYTHON KEEP_MEMORY WANDB_SILENT \
+              OMP_WAIT_POLICY
 UNKNOWN_VARS := $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(filter-out $(KNOWN_VARS),$(v)))))
 ifneq ($(UNKNOWN_VARS),)
 $(error unknown make variable(s) $(UNKNOWN_VARS): Hydra overrides go in ARGS, e.g. make train ARGS="$(firstword $(UNKNOWN_VARS))=...")
@@ -56,10 +60,10 @@ $(STAMP):
 install: $(STAMP) ## create .venv and install the package with dev and sweep extras
 
 test: $(STAMP) ## run the whole test suite (real-data tests use DATA_DIR; CI points it at ../shared/CamVid)
-	WANDB_MODE=offline $(BIN)/python -m pytest
+	WANDB_MODE=offline $(BIN)/python -m pytest -n $(TEST_JOBS) --dist worksteal
 
 test-fast: $(STAMP) ## the test suite without tests marked slow
-	WANDB_MODE=offline $(BIN)/python -m pytest -m "not slow"
+	WANDB_MODE=offline $(BIN)/python -m pytest -n $(TEST_JOBS) --dist worksteal -m "not slow"
 
 lint: $(STAMP) ## ruff over src, tests and benchmarks
 	$(BIN)/ruff check src tests benchmarks
