@@ -231,3 +231,27 @@ def test_recipes_refuse_what_they_cannot_run_without(tmp_path, monkeypatch) -> N
     with pytest.raises(UserError, match=r'tiramisu103_camvid trains on a GPU .* add ARGS="trainer=cpu"'):
         config.validate_train(cfg)
     config.validate_train(compose_cfg(tmp_path, ["experiment=tiramisu103_camvid", "~data.root", "trainer=cpu"]))
+
+
+@pytest.mark.parametrize("override", ["speedrun_budget_s=-5", "speedrun_budget_s=0", "speedrun_budget_s=abc",
+                                      "callbacks.time_to_miou.budget_s=-1"])
+def test_a_time_budget_that_never_ends_a_run_is_refused(tmp_path, override):
+    """`remover_budget_s=-5` (or 0) was taken: the budget never ended training, which ran all its 1000 epochs (9 h
+    on the README's example folder) while the plan said "stops after 0 s"; `=abc` failed after the config dump in
+    TimeToMIoU's constructor. Each is one line before anything is built; null still means no budget."""
+    from conftest import compose_cfg
+
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    key, value = override.split("=")
+    base = ["experiment=speedrun_deeplabv3plus", "~data.root", "trainer=cpu"]
+    with pytest.raises(UserError) as info:
+        config.validate_train(compose_cfg(tmp_path, [*base, override]))
+    shown = "'abc'" if value == "abc" else value
+    assert str(info.value) == f"{key} must be a positive number of seconds (or null: no time budget), got {shown}"
+    config.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s=null"]))
+    config.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s=12.5"]))
+    remover = compose_cfg(tmp_path, ["experiment=remover", "remover_budget_s=-5"])
+    with pytest.raises(UserError, match=r"^remover_budget_s must be a positive number of seconds"):
+        config.validate_train(remover)

@@ -195,6 +195,13 @@ def validate_train(cfg: DictConfig) -> None:
     """Everything `python -m bgremover.train` can check without building anything."""
     _check_output_dir()
     model = cfg.get("model") or {}
+    # a time budget ends training (TimeToMIoU): 0 or less never ended it (the run went on for all its epochs)
+    budgets = [(k, cfg.get(k)) for k in ("speedrun_budget_s", "remover_budget_s") if k in cfg]
+    budgets += [(f"callbacks.{name}.budget_s", cb.get("budget_s")) for name, cb in (cfg.get("callbacks") or {}).items()
+                if isinstance(cb, DictConfig) and "budget_s" in cb]
+    for key, value in budgets:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+            raise UserError(f"{key} must be a positive number of seconds (or null: no time budget), got {value!r}")
     splits = [s for s, on in (("train", cfg.get("train", True)), ("val", cfg.get("train", True)),
                               ("test", cfg.get("test", True))) if on]
     if "root" in cfg.data:  # a CamVid-layout dataset; other datamodules check their own folders
