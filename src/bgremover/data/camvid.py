@@ -271,8 +271,15 @@ class CamVidDataset:
 
 
 def _seed_worker(worker_id: int) -> None:
+    """A DataLoader worker's start (both datamodules): its own augmentation seed, and SIGTERM left to the main
+    process. `timeout`, Slurm's scancel and `kill -- -PGID` signal the whole process group: a worker killed by it
+    failed the run ("DataLoader worker ... exited unexpectedly") before the main process could checkpoint and say
+    how to resume. The main process ends its workers itself; their watchdog ends them if it dies."""
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     info = torch.utils.data.get_worker_info()
     # torch gives every worker a distinct, reproducible initial seed derived from the loader's generator.
     info.dataset.reseed(torch.initial_seed())
