@@ -182,7 +182,10 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool) -> l
 
 def _beside(item: Path) -> Path:
     folder = item.parent
-    return (folder if os.access(folder, os.W_OK) else Path.cwd()) / output_name(item)
+    # Read-only by its mode bits too: root passes os.access anyway, and wrote cut-outs into a 555 dataset folder
+    # (CI and this project's machines run as root beside ../shared/CamVid).
+    read_only = not os.access(folder, os.W_OK) or not folder.stat().st_mode & 0o222
+    return (Path.cwd() if read_only else folder) / output_name(item)
 
 
 def _disambiguate(items: list[Path | None], dests: list[Path]) -> list[Path | None]:
@@ -275,7 +278,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     moved = sorted({str(i.parent) for i, o in zip(items, outputs, strict=True)
                     if args.out is None and i is not None and o is not None and o.parent != i.parent})
     if moved and not args.quiet:  # the read-only fallback of _beside: say where the files went
-        print(f"{', '.join(moved)}: not writable, so the cut-outs go to the current folder {Path.cwd()}",
+        print(f"{', '.join(moved)}: read-only, so the cut-outs go to the current folder {Path.cwd()}",
               file=sys.stderr)
     sources = {i.resolve() for i in items if i is not None}
     for dst in outputs:  # a cut-out written over its own photo (`a.png -o a.png`, or through a link) destroys it
