@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_train import compose_cfg
 
-from bgremover import config
+from bgremover import config, cutout_eval
 from bgremover.data import folder as fd
 
 SHIPPED_PT = REPO / "models" / "bgremover-camvid.pt"
@@ -348,6 +349,19 @@ def test_make_remover_trains_exports_and_prints_how_to_use_it(folder, tmp_path):
     assert "plan: deeplabv3plus_mobilenet_v2" in proc.stdout + proc.stderr  # the run says what it will do
     fg = float(out.split("foreground IoU ")[1].split(",")[0])
     assert 0.0 <= fg <= 1.0 and not math.isnan(fg)
+    # The printed numbers are the printed `score it` command's: they were the test stage's, at the training scale
+    # (48 px here, the images are 56 px wide), and the command, scoring at full resolution, disagreed.
+    score = next(line for line in out.splitlines() if line.startswith("score it: make eval-cutout MODEL="))
+    model, args = score.split("MODEL=")[1].split(" ARGS=")
+    assert cutout_eval.main(["--model", model, *shlex.split(args.strip('"')), "--json", str(tmp_path / "e.json"),
+                             "--quiet"]) == 0
+    scored = json.loads((tmp_path / "e.json").read_text())
+    printed = next(line for line in out.splitlines() if line.startswith("held-out test set"))
+    from bgremover.train_remover import _fmt
+
+    c = scored["cutout"]
+    assert printed.endswith(f"foreground IoU {_fmt(c['fg_iou'])}, boundary F {_fmt(c['boundary_f'])} (2 px), alpha MAE "
+                            f"{_fmt(c['mae'])}, mIoU {_fmt(scored['mIoU'])}"), (printed, c, scored["mIoU"])
 
 
 def test_sigterm_to_make_remover_stops_its_training_too(folder, tmp_path):

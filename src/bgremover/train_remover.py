@@ -3,10 +3,11 @@
     python -m bgremover.train_remover DATA [--exp remover] [--run-dir DIR] [hydra overrides ...]
 
 Trains `experiments/<exp>.yaml` (default: DeepLabV3+/MobileNetV2 fine-tuned from the shipped CamVid net for a
-20-minute budget) on DATA with `python -m bgremover.train` — its plan, time estimate and progress bar show as
-it runs, and its config checks refuse a bad folder before training — then exports the best epoch to
-`<run>/remover.onnx` and prints the held-out numbers and the commands that use the model. Exit status: the
-training's when it failed (its `error:` line says why), 1 when the export failed, else 0.
+30-minute budget, `remover_budget_s`) on DATA with `python -m bgremover.train` — its plan, time estimate and
+progress bar show as it runs, and its config checks refuse a bad folder before training — then exports the best
+epoch to `<run>/remover.onnx`, scores it on the held-out images as `make eval-cutout` does, and prints those
+numbers and the commands that use the model. Exit status: the training's when it failed (its `error:` line says
+why), 1 when the export or the scoring failed, else 0.
 """
 
 from __future__ import annotations
@@ -34,30 +35,47 @@ def _fmt(value) -> str:
     return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
-def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: float) -> str:
+def _split_file(run: Path) -> Path | None:
+    """The run's split.json when the folder's held-out images were drawn (pooled), None for fixed splits."""
+    path = run / "split.json"
+    return path if path.is_file() and not json.loads(path.read_text()).get("fixed") else None
+
+
+def score_held_out(run: Path, data: Path, onnx_path: Path) -> dict | None:
+    """The exported model on the held-out images, scored as the printed `make eval-cutout` command scores it
+    (full resolution, through the predictor). The test stage's own numbers are at the training scale
+    (data.image_size) and differ from these on larger images: printing those beside this command misled."""
+    from bgremover import cutout_eval as ce
+
+    pairs, read_label, classes = ce.find_folder_pairs(data, "test", None, _split_file(run))
+    if not pairs:
+        return None
+    return ce.evaluate(ce.load_remover(onnx_path, expected=classes), pairs, read_label=read_label)
+
+
+def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: float, held: dict | None) -> str:
     """What the user needs after training: the held-out numbers, where the model is and how to use it."""
     from bgremover.lit.callbacks import _duration  # the run plan's format
 
-    m = summary.get("metrics", {})
     cfg = summary.get("config", {})
-    split = summary.get("test_split") or {}
-    side = (cfg.get("data") or {}).get("image_size")
     history = summary.get("history") or {}
     fg = [v for v in history.get("val/fg_iou", []) if v is not None and v == v]
     classes = (cfg.get("model") or {}).get("class_names") or []
     keep = (cfg.get("model") or {}).get("default_foreground") or []
-    frames = split.get("frames")
-    size = f" at {side} px long side" if side else ""
-    where = f"held-out test set ({frames} images{size})" if frames else f"held-out test set{size}"
-    split_file = run / "split.json"
-    pooled = split_file.is_file() and not json.loads(split_file.read_text()).get("fixed")
+    split_file = _split_file(run)
     # the model infers at its training scale (`image_size` in its metadata): no --max-side needed
-    eval_args = f"--data-root {data}" + (f" --split-file {split_file}" if pooled else "")
+    eval_args = f"--data-root {data}" + (f" --split-file {split_file}" if split_file else "")
+    if held is None:
+        scores = "held-out test set: no images (nothing to score)"
+    else:
+        c = held["cutout"]
+        scores = (f"held-out test set ({held['n_images']} images, full resolution as `score it` below): foreground "
+                  f"IoU {_fmt(c['fg_iou'])}, boundary F {_fmt(c['boundary_f'])} ({held['boundary_tol']} px), "
+                  f"alpha MAE {_fmt(c['mae'])}, mIoU {_fmt(held['mIoU'])}")
     lines = [
         f"remover: {onnx_path} ({summary.get('net')}, classes {', '.join(classes)}; keeps {', '.join(keep)}; "
         f"torch vs onnxruntime max abs diff {max_abs_diff:.1e})",
-        f"{where}: foreground IoU {_fmt(m.get('test/fg_iou'))}, boundary F {_fmt(m.get('test/boundary_f'))} "
-        f"(2 px), alpha MAE {_fmt(m.get('test/alpha_mae'))}, mIoU {_fmt(m.get('test/mIoU'))}",
+        scores,
         f"training: {'?' if summary.get('wall_time_s') is None else _duration(summary['wall_time_s'])}, "
         f"{summary.get('epochs')} epochs "
         f"({summary.get('global_step')} steps), best val foreground IoU "
@@ -105,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
         net, meta = load_checkpoint_net(best)
         result = export_onnx(net, meta, run / MODEL_NAME)
+        held = score_held_out(run, data, result["path"])
     except (UserError, OSError, ValueError) as e:
         return errors.report(e)
-    print(report(run, data, result["path"], summary, result["max_abs_diff"]))
+    print(report(run, data, result["path"], summary, result["max_abs_diff"], held))
     return 0
 
 
