@@ -250,7 +250,8 @@ def test_data_dir_env_is_the_default_root(model, camvid, monkeypatch, capsys):
         (["--threshold", "1.5"], 2, "--threshold"),
         (["--boundary-tol", "-1"], 2, "--boundary-tol"),
         (["--limit", "many"], 2, "invalid int value"),
-        (["--void-value", "300"], 2, "are for an image/mask folder, not CamVid"),  # ignored before
+        (["--void-value", "7"], 2, "are for an image/mask folder, not CamVid"),  # ignored before
+        (["--void-value", "300"], 2, "--void-value must be a mask value 0-255, got 300"),  # named data.void_value, exit 1
         (["--split-file", "{tmp}/split.json"], 2, "are for an image/mask folder, not CamVid"),
     ],
 )
@@ -267,6 +268,21 @@ def test_bad_inputs_give_one_error_line(model, camvid, tmp_path, capsys, args, c
     lines = [line for line in err.splitlines() if "error" in line]
     assert len(lines) == 1 and text in lines[0], err
     assert "Traceback" not in err and not json_path.exists()
+
+
+def test_an_unwritable_json_path_is_refused_before_the_evaluation(model, camvid, tmp_path, capsys, monkeypatch):
+    """`--json photo.jpg/x.json` or `--json /proc/x.json` printed the whole report, then failed on the write
+    (naming a hidden temp file): on 233 frames, minutes lost. Now one line, exit 2, before any inference."""
+    (tmp_path / "photo.jpg").write_bytes(b"not a folder")
+    ran = []
+    monkeypatch.setattr(ce, "evaluate", lambda *a, **k: ran.append(a))
+    for target, text in ((tmp_path / "photo.jpg" / "x.json", f"{tmp_path / 'photo.jpg'} is a file, not a folder"),
+                         (Path("/proc/x.json"), "--json /proc/x.json: cannot write in /proc"),
+                         (tmp_path, f"--json {tmp_path} is a folder")):
+        assert ce.main(["--model", str(model), "--data-root", str(camvid), "--quiet", "--json", str(target)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and text in lines[0], lines
+    assert ran == [] and not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob(".*tmp"))
 
 
 def test_missing_label_and_size_mismatch_are_errors(model, camvid, capsys):

@@ -391,8 +391,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"--threshold must be within 0..1, got {args.threshold}", 2)
     if (code := errors.below_minimum(args, {"boundary_tol": 0, "limit": 1, "threads": 0, "max_side": 1}, PROG)) is not None:
         return code
-    if args.json is not None and Path(args.json).is_dir():
-        return fail(f"--json {args.json} is a directory", 2)
+    if args.void_value is not None and not 0 <= args.void_value <= 255:
+        return fail(f"--void-value must be a mask value 0-255, got {args.void_value}", 2)
+    if args.json is not None:
+        try:  # before the evaluation: 233 frames of work were lost to an unwritable --json path
+            errors.check_writable(args.json, "--json")
+        except errors.UserError as e:
+            return fail(str(e), 2)
 
     data_root = args.data_root or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT
     if (args.split_file or args.void_value is not None) and not is_folder(data_root):
