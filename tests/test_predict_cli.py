@@ -221,6 +221,21 @@ def test_damaged_exif_is_one_warning_line_and_the_cutout_is_written(model, tmp_p
     assert read_png(tmp_path / "photo.nobg.png").size == (20, 12)
 
 
+def test_a_folder_where_the_cutout_goes_is_a_failure_not_a_skip(model, tmp_path, capsys):
+    """A folder named like the output (photo.nobg.png/) failed after inference blaming the input and naming a
+    hidden temp file; in a folder run it was counted "skipped (exist)" with exit 0."""
+    src = save_png(tmp_path / "photo.png")
+    save_png(tmp_path / "other.png")
+    (tmp_path / "photo.nobg.png").mkdir()
+    in_the_way = f"bgremover-predict: error: {tmp_path / 'photo.nobg.png'} is a folder: the cut-out of"
+    assert main([str(src), "-m", model]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"{in_the_way} {src} cannot be written there"]
+    assert main([str(tmp_path), "-m", model, "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(in_the_way), err
+    assert (tmp_path / "other.nobg.png").is_file() and not list((tmp_path / "photo.nobg.png").iterdir())
+
+
 def test_subprocess_errors_are_one_line_no_traceback(model, tmp_path):
     text = tmp_path / "fake.jpg"
     text.write_text("not a jpeg")

@@ -331,7 +331,9 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     for src, dst in pairs:
         # Folder runs skip what an earlier run already wrote (resumable batch jobs); a file named on the command
         # line is always written: its old cut-out may come from another model or other options.
-        if dst is not None and dst.exists() and not args.overwrite and src is not None and src.resolve() in from_folders:
+        if dst is not None and dst.is_dir():  # not an earlier cut-out to skip, nor one to replace: a failure
+            failures.append(f"{dst} is a folder: the cut-out of {src} cannot be written there")
+        elif dst is not None and dst.exists() and not args.overwrite and src is not None and src.resolve() in from_folders:
             skipped += 1
         else:
             try:
