@@ -236,6 +236,25 @@ def test_a_folder_where_the_cutout_goes_is_a_failure_not_a_skip(model, tmp_path,
     assert (tmp_path / "other.nobg.png").is_file() and not list((tmp_path / "photo.nobg.png").iterdir())
 
 
+def test_a_folder_with_case_twins_and_macos_junk_is_cut_out_whole(model, tmp_path, capsys):
+    """photo.jpg + photo.JPG both became photo_jpg.nobg.png: the whole folder was refused ("several inputs would
+    write the same output file; use separate --out folders", naming none, advice that cannot help); macOS's
+    ._photo.jpg (AppleDouble metadata) failed as "not a recognised image file"."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("photo.jpg", "photo.JPG", "other.png"):
+        save_png(folder / name)
+    (folder / "._photo.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    assert main(["p", str(folder), str(tmp_path / "out"), "-m", model, "-q"]) == 0, capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "out")) == ["other.nobg.png", "photo_JPG.nobg.png", "photo_jpg.nobg.png"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = save_png(tmp_path / "a" / "x.png"), save_png(tmp_path / "b" / "x.png")
+    assert main([str(a), str(b), "--out", str(tmp_path / "both"), "-m", model]) == 2
+    assert capsys.readouterr().err.strip() == (f"bgremover-predict: error: {a} and {b} would both write "
+                                               f"{tmp_path / 'both' / 'x.nobg.png'}: use separate --out folders")
+
+
 def test_subprocess_errors_are_one_line_no_traceback(model, tmp_path):
     text = tmp_path / "fake.jpg"
     text.write_text("not a jpeg")

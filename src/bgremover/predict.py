@@ -134,7 +134,8 @@ def _collect(inputs: Sequence[str], failures: list[str], from_folders: set[Path]
             continue
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if _is_image_file(p))
+            # hidden files skipped, as the training's folder reader does (macOS's ._photo.jpg is no image)
+            found = sorted(p for p in path.iterdir() if _is_image_file(p) and not p.name.startswith("."))
             if not found:
                 failures.append(
                     f"{path}: directory contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -193,13 +194,22 @@ def _disambiguate(items: list[Path | None], dests: list[Path]) -> list[Path | No
     count: dict[Path, int] = {}
     for d in dests:
         count[d] = count.get(d, 0) + 1
-    out: list[Path | None] = []
-    for item, dest in zip(items, dests, strict=True):
-        if count[dest] > 1 and item is not None:
-            dest = dest.with_name(f"{item.stem}_{item.suffix.lstrip('.').lower()}{OUTPUT_SUFFIX}")
-        out.append(dest)
-    if len(set(out)) != len(out):  # e.g. a/x.png and b/x.png into one --out folder
-        raise UsageError("several inputs would write the same output file; use separate --out folders")
+    def renamed(item: Path, dest: Path, lower: bool) -> Path:
+        suffix = item.suffix.lstrip(".")
+        return dest.with_name(f"{item.stem}_{suffix.lower() if lower else suffix}{OUTPUT_SUFFIX}")
+
+    out: list[Path | None] = [renamed(i, d, True) if count[d] > 1 and i is not None else d
+                              for i, d in zip(items, dests, strict=True)]
+    lowered = [o for o in out if o is not None]
+    for n, (item, dest) in enumerate(zip(items, dests, strict=True)):  # photo.jpg + photo.JPG: keep the case
+        if item is not None and count[dest] > 1 and lowered.count(out[n]) > 1:
+            out[n] = renamed(item, dest, False)
+    by_dest: dict[Path, Path | None] = {}
+    for item, planned, dest in zip(items, dests, out, strict=True):  # e.g. a/x.png and b/x.png into one folder
+        if dest is not None and dest in by_dest:
+            raise UsageError(f"{by_dest[dest]} and {item} would both write {planned}: use separate --out folders")
+        if dest is not None:
+            by_dest[dest] = item
     return out
 
 
