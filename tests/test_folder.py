@@ -384,10 +384,25 @@ def test_sigterm_to_make_remover_stops_its_training_too(folder, tmp_path):
     proc.send_signal(signal.SIGTERM)  # to train_remover alone, not its process group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert [line for line in err.splitlines() if line.startswith("error:")][0].count(f"ckpt_path={last}") == 1
-    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.count(f"ckpt_path={last}") == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
     left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run}"], capture_output=True, text=True).stdout
     assert not left.strip()  # no orphaned training
+    # The hint was `make train ARGS="experiment=remover data.root=... task_name=remover ..."`: a new run folder, no
+    # export, no scores. Now make remover's own command, resuming in this run folder (run here as what make runs).
+    hint = line.split("resume with: ")[1]
+    assert hint.startswith(f'make remover DATA={folder} EXP=remover ARGS="--run-dir {run} '), hint
+    epochs = torch.load(last, weights_only=True)["epoch"] + 2  # one more epoch than the interrupted one
+    args = shlex.split(hint.split("ARGS=")[1])[0].replace("trainer.max_epochs=1000", f"trainer.max_epochs={epochs}")
+    done = subprocess.run([sys.executable, "-m", "bgremover.train_remover", str(folder), "--exp", "remover",
+                           *shlex.split(args)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["status"] == "ok" and resumed["global_step"] > summary["global_step"]
+    assert (run / "remover.onnx").is_file() and "held-out test set (1 images" in done.stdout
 
 
 def test_make_remover_bad_folder_one_line(tmp_path):

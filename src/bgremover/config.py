@@ -20,6 +20,11 @@ SUMMARY_NAME = "summary.json"  # per run: train.py writes it; the report, the ex
 SWEEP_REPORT_NAME = "sweep_summary.json"  # per multirun: every job with its status
 
 
+# A wrapper that starts a training (train_remover) sets it to the command that resumes the run in place, with
+# "{ckpt_path}" where the checkpoint goes: `make train ARGS=...` would start a new run and skip the wrapper's work.
+RESUME_ENV = "BGREMOVER_RESUME_COMMAND"
+
+
 def find_config_dir() -> Path:
     """$PROJECT_ROOT/conf, else the checkout's conf/ (editable install: any working directory), else the copy
     `pip install .` puts in <prefix>/share/bgremover/conf."""

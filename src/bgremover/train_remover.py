@@ -16,13 +16,14 @@ import argparse
 import datetime as dt
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from bgremover import errors
-from bgremover.config import CONFIG_DIR, SUMMARY_NAME
+from bgremover.config import CONFIG_DIR, RESUME_ENV, SUMMARY_NAME
 from bgremover.errors import UserError
 from bgremover.utils import KEEP_MEMORY_ENV
 
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
            f"hydra.run.dir={run}", "task_name=remover", *args.overrides]
     # the training process keeps freed memory for reuse (utils.KEEP_MEMORY_ENV) unless the caller set those itself
     env = {**KEEP_MEMORY_ENV, **os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
+    # interrupted, the training says how to go on: this command, in this run folder (then export and scores)
+    kept = [o for o in args.overrides if not o.startswith("ckpt_path=")]
+    env[RESUME_ENV] = (f"make remover DATA={shlex.quote(str(data))} EXP={args.exp} "
+                       f"ARGS=\"--run-dir {run} {' '.join([*kept, 'ckpt_path={ckpt_path}'])}\"")
     print(f"remover: training {args.exp} on {data} → {run}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=env)
     # SIGTERM (a job scheduler, `kill`) reaches only this process: pass it on, so the training saves last.ckpt,
