@@ -255,6 +255,21 @@ def test_a_folder_with_case_twins_and_macos_junk_is_cut_out_whole(model, tmp_pat
                                                f"{tmp_path / 'both' / 'x.nobg.png'}: use separate --out folders")
 
 
+def test_rembg_matting_settings_are_accepted_and_empty_stdin_is_named(model, tmp_path):
+    """`rembg i -a -ae 15 in out` failed with "argument --refine/-a/--alpha-matting: ignored explicit argument 'e'";
+    an empty stdin was "<stdin>: not a recognised image file", and `i` with nothing piped never said what it wants."""
+    src = save_png(tmp_path / "a.png")
+    res = run_cli("i", "-a", "-ae", "15", "-af", "240", "-ab", "10", str(src), str(tmp_path / "out.png"), "-m", model)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.decode().splitlines()[0] == ("bgremover-predict: warning: -ae/-af/-ab (rembg's alpha-matting "
+                                                   "settings) ignored: -a here refines the mask with a guided filter")
+    assert read_png(tmp_path / "out.png").mode == "RGBA"
+    for argv in (["-"], ["i"], ["i", "-", "-"]):
+        res = run_cli(*argv, "-m", model, stdin=b"")
+        assert res.returncode == 1 and res.stderr.decode().strip() == (
+            "bgremover-predict: error: <stdin>: no data (give an INPUT image, or pipe one in)"), (argv, res.stderr)
+
+
 def test_subprocess_errors_are_one_line_no_traceback(model, tmp_path):
     text = tmp_path / "fake.jpg"
     text.write_text("not a jpeg")

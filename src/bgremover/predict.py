@@ -102,6 +102,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threshold", "-t", type=float, help="hard mask: alpha = 255 where P(foreground) >= T")
     p.add_argument("--refine", "-a", "--alpha-matting", action="store_true",
                    help="snap the mask to image edges (guided filter; what rembg's -a is for)")
+    for short, name in (("-ae", "erode-size"), ("-af", "foreground-threshold"), ("-ab", "background-threshold")):
+        p.add_argument(short, f"--alpha-matting-{name}", type=int, metavar="N",
+                       help="rembg's alpha-matting setting: accepted and ignored (our -a is a guided filter)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--mask-only", "-om", "--only-mask", action="store_true",
                        help="write the L-mode mask instead of a cut-out")
@@ -269,6 +272,11 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "threads" else 1):
             return fail_usage(f"--{name.replace('_', '-')} must be positive, got {value}")
+    matting = [f for f, v in (("-ae", args.alpha_matting_erode_size), ("-af", args.alpha_matting_foreground_threshold),
+                              ("-ab", args.alpha_matting_background_threshold)) if v is not None]
+    if matting:  # rembg commands carry them along with -a: they run here, with one line saying what they mean
+        print(f"{PROG}: warning: {'/'.join(matting)} (rembg's alpha-matting settings) ignored: -a here refines the "
+              "mask with a guided filter", file=sys.stderr)
     given = args.bg_color if args.bg_color is not None else args.bgcolor  # --bg-color R,G,B[,A] or -bgc R G B A
     bg_color = parse_color(given) if given is not None else None
     if args.bg_image is not None and not Path(args.bg_image).is_file():
@@ -347,7 +355,11 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
             skipped += 1
         else:
             try:
-                source = src if src is not None else io.BytesIO(sys.stdin.buffer.read())
+                if src is None:
+                    piped = sys.stdin.buffer.read()
+                    if not piped:  # was "not a recognised image file"; `i` without INPUT lands here from scripts
+                        raise ImageError("<stdin>: no data (give an INPUT image, or pipe one in)")
+                source = src if src is not None else io.BytesIO(piped)
                 data = encode_png(remover.remove(source, **opts))
                 if dst is None:
                     sys.stdout.buffer.write(data)
