@@ -244,3 +244,19 @@ def test_train_split_never_the_test_split_nor_a_typo(tmp_path, value, said):
     root = write_camvid(tmp_path / "CamVid")
     with pytest.raises(CamVidError, match=re.escape(said)):
         CamVidDataModule(root=str(root), train_split=value)
+
+
+def test_decoded_arrays_are_writable_so_torch_never_warns(tmp_path):
+    """Pillow's array views are read-only: every training run's first batch printed torch's "The given NumPy array
+    is not writable ... undefined behavior" (albumentations' ToTensorV2 on a mask passed through unchanged)."""
+    from bgremover.data import folder as fd
+    from bgremover.data.camvid import _read
+
+    Image.new("RGB", (6, 4), (1, 2, 3)).save(tmp_path / "i.png")
+    Image.new("L", (6, 4), 255).save(tmp_path / "m.png")
+    assert _read(tmp_path / "i.png", "RGB").flags.writeable and _read(tmp_path / "m.png", None).flags.writeable
+    labels = fd.Labels(fd.BINARY_CLASSES, binary=True)
+    image, label = fd.read_pair(tmp_path / "i.png", tmp_path / "m.png", labels)
+    assert image.flags.writeable and label.flags.writeable
+    image, label = fd.resize_pair(image, label, (2, 3))
+    assert image.flags.writeable and label.flags.writeable

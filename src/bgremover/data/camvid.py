@@ -109,7 +109,9 @@ def _read(path: Path, mode: str | None) -> np.ndarray:
             im.load()  # forces a full decode so truncated files fail here, not deep in a worker
             if mode is not None and im.mode != mode:
                 im = im.convert(mode)
-            return np.asarray(im)
+            # a writable copy: Pillow's array view is read-only, and torch.from_numpy (albumentations' ToTensorV2)
+            # warned "The given NumPy array is not writable" in every run's first batch
+            return np.array(im)
     except (OSError, ValueError, SyntaxError) as e:
         raise CamVidError(f"unreadable or truncated image: {path} ({e})") from None
 

@@ -169,7 +169,7 @@ def read_image(path: Path, draft_side: int | None = None) -> np.ndarray:
                 im.draft("RGB", (draft_side, draft_side))  # keeps at least this size; the caller resizes exactly
             im.load()  # a full decode: truncated files fail here, not in a DataLoader worker
             im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # writable: see camvid._read
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FolderDataError(f"unreadable or truncated image: {path} ({type(e).__name__})") from None
 
@@ -192,9 +192,9 @@ def read_mask(path: Path, labels: Labels) -> np.ndarray:
             im.load()
             mode = im.mode
             if mode in ("1", "L", "P"):
-                raw = np.asarray(im.convert("L") if mode == "1" else im)
+                raw = np.array(im.convert("L") if mode == "1" else im)
             elif labels.binary and mode in ("RGB", "RGBA", "LA"):
-                raw = np.asarray(im.convert("L"))  # a black/white mask saved in colour
+                raw = np.array(im.convert("L"))  # a black/white mask saved in colour
             else:
                 need = "8-bit single-channel (L or P)" + ("" if labels.binary else " class indices")
                 raise FolderDataError(f"mask is {mode}, not {need}: {path}")
@@ -231,10 +231,10 @@ def resize_pair(image: np.ndarray, label: np.ndarray, shape: tuple[int, int]) ->
     h, w = shape
     if image.shape[:2] != (h, w):
         down = image.shape[0] > h
-        image = np.asarray(Image.fromarray(image).resize(
+        image = np.array(Image.fromarray(image).resize(
             (w, h), Image.Resampling.BOX if down else Image.Resampling.BILINEAR))
     if label.shape != (h, w):
-        label = np.asarray(Image.fromarray(label).resize((w, h), Image.Resampling.NEAREST))
+        label = np.array(Image.fromarray(label).resize((w, h), Image.Resampling.NEAREST))
     return image, label
 
 
