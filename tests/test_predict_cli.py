@@ -245,6 +245,7 @@ def test_a_folder_with_case_twins_and_macos_junk_is_cut_out_whole(model, tmp_pat
     for name in ("photo.jpg", "photo.JPG", "other.png"):
         save_png(folder / name)
     (folder / "._photo.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (folder / "alias.png").symlink_to(folder / "other.png")  # cut out once, under the file's own name
     assert main(["p", str(folder), str(tmp_path / "out"), "-m", model, "-q"]) == 0, capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "out")) == ["other.nobg.png", "photo_JPG.nobg.png", "photo_jpg.nobg.png"]
     (tmp_path / "a").mkdir()

@@ -150,13 +150,16 @@ def _collect(inputs: Sequence[str], failures: list[str], from_folders: set[Path]
             items.append(path)
         else:
             failures.append(f"{path}: no such file or directory")
-    seen: set[Path] = set()
+    seen: dict[Path, int] = {}
     unique: list[Path | None] = []
-    for item in items:  # the same file named twice (or via its folder) is processed once
+    for item in items:  # the same file named twice (or via its folder, or a link to it) is processed once
         key = item.resolve() if item is not None else None
         if key is None or key not in seen:
+            if key is not None:
+                seen[key] = len(unique)
             unique.append(item)
-            seen.add(key)
+        elif unique[seen[key]].is_symlink() and not item.is_symlink():  # the file's own name, not a link's
+            unique[seen[key]] = item
     return unique
 
 
