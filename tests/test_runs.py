@@ -234,6 +234,30 @@ def test_resume_from_last_ckpt_continues_history_and_best(small_camvid, tmp_path
     assert s2["history"]["val/mIoU_best"] == [max(s2["history"]["val/mIoU"][: i + 1]) for i in range(4)]
 
 
+def test_a_resume_into_a_new_folder_keeps_the_earlier_best_epoch(small_camvid, tmp_path):
+    """Lightning reloads the best score only in the same checkpoint folder: resumed into a new run folder (the
+    README's way), the first epoch after the resume became "best" however bad, and was tested and exported. The
+    earlier best is now copied in and ranked: a later epoch must beat it; the earlier run's files stay."""
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2"]))
+    s1 = json.loads((tmp_path / "a" / "summary.json").read_text())
+    before = sorted(os.listdir(tmp_path / "a" / "checkpoints"))
+    state = torch.load(s1["last_ckpt"], weights_only=True)
+    (key,) = [k for k in state["callbacks"] if k.startswith(("BestCheckpoint", "ModelCheckpoint"))]
+    for run, score in (("b", 2.0), ("c", -1.0)):  # an earlier best no epoch can beat, then one every epoch beats
+        state["callbacks"][key]["best_model_score"] = torch.tensor(score)
+        torch.save(state, tmp_path / f"from_{run}.ckpt")
+        train(compose_cfg(tmp_path / run, [*base, "trainer.max_epochs=3", f"ckpt_path={tmp_path / f'from_{run}.ckpt'}"]))
+        s2 = json.loads((tmp_path / run / "summary.json").read_text())
+        best = Path(s2["best_ckpt"])
+        assert best.parent == tmp_path / run / "checkpoints"
+        if score > 1:  # the earlier run's best, copied into this run
+            assert best.name == Path(s1["best_ckpt"]).name and best.read_bytes() == Path(s1["best_ckpt"]).read_bytes()
+        else:  # the new epoch, and the copy it replaced is gone
+            assert best.name == "epoch_002.ckpt" and not (best.parent / Path(s1["best_ckpt"]).name).exists()
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == before
+
+
 def test_train_without_a_test_split_and_test_false_finishes(tmp_path):
     """A train+val-only copy (what a GPU machine is given) with test=false: the run ends with its summary and
     says no test numbers, instead of failing on the missing test folder after training (seen on the H100)."""

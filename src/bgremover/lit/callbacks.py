@@ -1,5 +1,5 @@
-"""Lightning callbacks of a training run: the newest-epoch checkpoint, the up-front plan and time estimate, a
-progress bar that shows the epoch total, and a weight average that is tested as it is saved.
+"""Lightning callbacks of a training run: the best and the newest-epoch checkpoints, the up-front plan and time
+estimate, a progress bar that shows the epoch total, and a weight average that is tested as it is saved.
 
 Why not Lightning's `ModelCheckpoint(save_last=True)`: in pytorch-lightning 2.6 it writes `last.ckpt` only when it
 also writes a top-k checkpoint, so after the last improvement `last.ckpt` silently stops moving and a resume from
@@ -106,6 +106,35 @@ def _stops_after_this_epoch(trainer: pl.Trainer) -> bool:
 
 def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, keeping the best epoch across a resume into a new run folder.
+
+    Lightning restores the best score only when the checkpoint folder is unchanged; `make train ARGS="ckpt_path=
+    <old run>/checkpoints/last.ckpt"` writes a new folder, so the first epoch after the resume became "best" however
+    bad, and the run tested and exported it. Here the old best file is copied into the new folder and ranked as
+    before: a later epoch must beat it, and replacing it deletes the copy, never the earlier run's file."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old_dir, old_best = state_dict.get("dirpath", self.dirpath), state_dict.get("best_model_path") or ""
+        score = state_dict.get("best_model_score")
+        if self.dirpath == old_dir or score is None or not Path(old_best).is_file():
+            super().load_state_dict(state_dict)
+            return
+        import shutil
+
+        from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+        copy = os.path.join(self.dirpath, os.path.basename(old_best))
+        if rank_zero_only.rank == 0 and not os.path.exists(copy):
+            os.makedirs(self.dirpath, exist_ok=True)
+            shutil.copy2(old_best, copy)
+        self.best_model_path = self.kth_best_model_path = copy
+        self.best_model_score = self.kth_value = score
+        self.best_k_models = {copy: score}
+        log.info("resumed into a new folder: the best checkpoint so far, %s (%s %.4f), copied to %s",
+                 old_best, self.monitor, float(score), copy)
 
 
 class RunPlan(Callback):
