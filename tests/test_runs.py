@@ -508,6 +508,22 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
     assert _taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"]) is None  # resume
     assert _taken_run_dir([f"hydra.run.dir={tmp_path / 'new'}"]) is None
     assert _taken_run_dir(["-m", f"hydra.run.dir={old}"]) is None  # a sweep's folders are hydra.sweep.dir's
+    # an evaluation into the training's folder replaced its .hydra config with eval's (ckpt_path inside: exempt)
+    assert _taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"], resumes=False).startswith(
+        f"hydra.run.dir={old} already holds a run")
+    proc = _run("bgremover.eval", f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt",
+                f"data.root={small_camvid}")
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: hydra.run.dir={old} already holds a run"), \
+        proc.stderr[-2000:]
+    assert {p: p.read_text() for p in files} == files
+    # a sweep into an earlier sweep's folder: job 0 overwrote the earlier job 0, the earlier jobs joined the report
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "summary.json").write_text('{"status": "ok"}')
+    assert _taken_run_dir(["-m", f"hydra.sweep.dir={sweep}", "seed=1,2"]) == (
+        f"hydra.sweep.dir={sweep} already holds a sweep: its jobs' results would be overwritten and counted into "
+        "this one; choose a new folder")
+    assert _taken_run_dir(["-m", f"hydra.sweep.dir={tmp_path / 'fresh'}", "seed=1,2"]) is None
 
 
 def test_resuming_with_more_epochs_stretches_a_run_length_schedule(small_camvid, tmp_path):

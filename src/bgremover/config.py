@@ -48,14 +48,14 @@ def require_config_dir() -> None:
                         "PROJECT_ROOT to one"))
 
 
-def hydra_command_line() -> None:
+def hydra_command_line(resumes: bool = True) -> None:
     """What a Hydra entry point (train, eval) does first: refuse a missing config directory, and have Hydra's own
     errors (an unknown key or option in an override, bad override syntax) print as one `error:` line with exit
     status 2, as argparse does, instead of Hydra's several lines and its HYDRA_FULL_ERROR hint.
     ``HYDRA_FULL_ERROR=1`` still gives Hydra's full report."""
     require_config_dir()
     sys.argv[1:] = [_drop_group(a) for a in sys.argv[1:]]
-    if taken := _taken_run_dir(sys.argv[1:]):
+    if taken := _taken_run_dir(sys.argv[1:], resumes):
         from bgremover.errors import report
 
         sys.exit(report(taken, code=2))
@@ -96,18 +96,26 @@ def _drop_group(arg: str) -> str:
     return arg
 
 
-def _taken_run_dir(args: list[str]) -> str | None:
+def _taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     """`hydra.run.dir=X` where X already holds a run (or an evaluation): Hydra would overwrite its .hydra config
     and log, training its summary and last.ckpt, leaving the old best checkpoint beside the new run's. Refused
-    before Hydra writes anything, unless the command resumes that run in place (ckpt_path inside X)."""
-    if any(a in ("-m", "--multirun") for a in args):
-        return None
+    before Hydra writes anything, unless the command resumes that run in place (ckpt_path inside X; `resumes`:
+    a training — an evaluation never resumes, and replaced the training's .hydra record). A sweep
+    (`-m hydra.sweep.dir=X`) into a folder holding an earlier sweep's jobs: job N overwrote the earlier job N's
+    results and the earlier jobs were counted into the new sweep's report."""
     given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("~"))
+    if any(a in ("-m", "--multirun") for a in args):
+        sweep_dir = given.get("hydra.sweep.dir")
+        if sweep_dir and Path(sweep_dir).is_dir() and (
+                (Path(sweep_dir) / SWEEP_REPORT_NAME).is_file() or any(Path(sweep_dir).glob(f"*/{SUMMARY_NAME}"))):
+            return (f"hydra.sweep.dir={sweep_dir} already holds a sweep: its jobs' results would be overwritten "
+                    "and counted into this one; choose a new folder")
+        return None
     run_dir = given.get("hydra.run.dir")
     if not run_dir or not any((Path(run_dir) / name).is_file() for name in (SUMMARY_NAME, "eval.json")):
         return None
     ckpt = given.get("ckpt_path")
-    if ckpt and Path(run_dir).resolve() in Path(ckpt).resolve().parents:
+    if resumes and ckpt and Path(run_dir).resolve() in Path(ckpt).resolve().parents:
         return None
     return (f"hydra.run.dir={run_dir} already holds a run: its config, log and results would be overwritten; "
             "choose a new folder (or resume it in place with ckpt_path=<that run>/checkpoints/last.ckpt)")
