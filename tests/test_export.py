@@ -230,6 +230,23 @@ def test_cli_key_value_and_torchscript(tmp_path, capsys):
     assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "b.onnx")]) == 0  # flag style works too
 
 
+def test_only_the_runs_best_checkpoint_carries_its_test_miou(tmp_path):
+    """The run's test numbers are its best checkpoint's: exporting another checkpoint of the run (a resumed run's
+    last.ckpt, an earlier epoch) stamped them into that model too (eval's attach step already refused this)."""
+    import shutil
+
+    best = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", miou=0.25)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({**summary, "best_ckpt": "/elsewhere/checkpoints/best.ckpt"}))
+    other = best.with_name("last.ckpt")
+    shutil.copy(best, other)
+    link = best.with_name("link.ckpt")
+    link.symlink_to(best.name)
+    assert load_checkpoint_net(best)[1]["test_mIoU"] == 0.25  # by name: a run trained on another machine
+    assert load_checkpoint_net(link)[1]["test_mIoU"] == 0.25  # last.ckpt as a link to the best file
+    assert load_checkpoint_net(other)[1]["test_mIoU"] is None
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main([f"ckpt={tmp_path / 'missing.ckpt'}", f"out={tmp_path / 'x.onnx'}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
