@@ -325,6 +325,7 @@ def test_eval_json_names_the_checkpoints_net_and_a_partial_split(small_camvid, t
     """eval.json said `"net": "net"` for a weights-only .pt (models/bgremover-camvid.pt) and kept eval.yaml's
     default FC-DenseNet103 under config.model for every checkpoint; a partial test set was not marked at all."""
     from bgremover import checkpoint
+    from bgremover.errors import UserError
     from bgremover.eval import evaluate
 
     run = compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
@@ -339,6 +340,11 @@ def test_eval_json_names_the_checkpoints_net_and_a_partial_split(small_camvid, t
     assert record["net"] == summary["net"] == record["config"]["model"]["net_name"] != "net"
     assert record["config"]["model"]["net"] == summary["config"]["model"]["net"]  # the checkpoint's, not eval.yaml's
     assert record["frames"] == {"frames": 2, "of": 3, "complete": False}
+    # no frame at all: it exited 0, printed nothing and wrote an eval.json of empty metrics
+    with pytest.raises(UserError, match=r"^no test frames were evaluated \(trainer.limit_test_batches=0"):
+        evaluate(compose_cfg(tmp_path / "none", [f"data.root={small_camvid}", "data.num_workers=0", f"ckpt_path={weights}",
+                                                 "trainer.limit_test_batches=0"], config_name="eval"))
+    assert not (tmp_path / "none" / "eval.json").exists()
 
     proc = _run("bgremover.eval", f"ckpt_path={weights}", f"data.root={small_camvid}", "data.num_workers=0",
                 "data.limit_eval_images=2", f"paths.log_dir={tmp_path / 'logs'}")

@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from bgremover import checkpoint, config, utils
+from bgremover.errors import UserError
 
 log = logging.getLogger("bgremover.eval")
 CONFIG_DIR = config.CONFIG_DIR
@@ -42,6 +43,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     from bgremover.train import test_split_info
 
     frames = test_split_info(metrics, datamodule, cfg.split)
+    if not metrics or not frames.get("frames"):  # exited 0 with no number and an eval.json of empty metrics
+        raise UserError(f"no {cfg.split} frames were evaluated (trainer.limit_{cfg.split}_batches=0, or "
+                        "data.limit_eval_images too small?): there is nothing to report")
     eval_json = Path(cfg.paths.output_dir) / "eval.json"
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     config_dict["model"] = {"net_name": model.hparams.net_name, "net": model.hparams.net_config}  # the checkpoint's
