@@ -255,3 +255,17 @@ def test_a_time_budget_that_never_ends_a_run_is_refused(tmp_path, override):
     remover = compose_cfg(tmp_path, ["experiment=remover", "remover_budget_s=-5"])
     with pytest.raises(UserError, match=r"^remover_budget_s must be a positive number of seconds"):
         config.validate_train(remover)
+
+
+def test_a_seed_that_is_not_an_integer_is_named(tmp_path):
+    """`seed=abc` failed as "invalid literal for int() with base 10: 'abc'", naming no setting."""
+    from conftest import compose_cfg
+
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    for name, check in (("train", config.validate_train), ("eval", config.validate_eval)):
+        for value, shown in (("abc", "'abc'"), ("1.5", "1.5"), ("true", "True")):
+            with pytest.raises(UserError) as info:
+                check(compose_cfg(tmp_path, [f"seed={value}", "~data.root"], config_name=name))
+            assert str(info.value) == f"seed must be an integer, got {shown}", name

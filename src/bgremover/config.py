@@ -204,9 +204,16 @@ def _check_output_dir() -> None:
                         "(a sweep: hydra.sweep.dir=<folder>)")
 
 
+def _check_seed(cfg: DictConfig) -> None:
+    seed = cfg.get("seed")  # Lightning's int() said "invalid literal for int() with base 10: 'abc'", naming nothing
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UserError(f"seed must be an integer, got {seed!r}")
+
+
 def validate_train(cfg: DictConfig) -> None:
     """Everything `python -m bgremover.train` can check without building anything."""
     _check_output_dir()
+    _check_seed(cfg)
     model = cfg.get("model") or {}
     # a time budget ends training (TimeToMIoU): 0 or less never ended it (the run went on for all its epochs)
     budgets = [(k, cfg.get(k)) for k in ("speedrun_budget_s", "remover_budget_s") if k in cfg]
@@ -257,6 +264,7 @@ def validate_train(cfg: DictConfig) -> None:
 
 def validate_eval(cfg: DictConfig) -> None:
     _check_output_dir()
+    _check_seed(cfg)
     if cfg.split not in ("test", "val"):
         raise UserError(f"split must be 'test' or 'val', not '{cfg.split}'")
     if not cfg.ckpt_path:
