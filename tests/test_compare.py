@@ -219,6 +219,22 @@ def test_cli(sweep: Path, tmp_path: Path) -> None:
     assert "66.0 ± —" in r.stdout and (newest / "report" / "report.md").is_file()
 
 
+def test_the_newest_sweep_may_be_an_optuna_one(tmp_path: Path) -> None:
+    """Optuna sweeps write no multirun.yaml: `make compare` without SWEEP reported an older grid sweep instead."""
+    from bgremover.compare.runs import newest_sweep
+
+    grid, optuna = tmp_path / "2025-01-01" / "09-00-00", tmp_path / "2025-01-02" / "10-00-00"
+    for folder, marker in ((grid, "multirun.yaml"), (optuna, "optimization_results.yaml")):
+        (folder / "0").mkdir(parents=True)
+        (folder / marker).write_text("{}\n")
+    os.utime(grid, (1, 1))
+    assert newest_sweep(tmp_path) == optuna
+    (optuna / "optimization_results.yaml").unlink()
+    (optuna / "sweep_summary.json").write_text("{}\n")  # the SweepReport's, at every sweep's end
+    os.utime(optuna, None)
+    assert newest_sweep(tmp_path) == optuna
+
+
 @pytest.mark.parametrize("make", ["empty", "missing"])
 def test_cli_bad_input_one_error_line(tmp_path: Path, make: str) -> None:
     target = tmp_path / "nothing"

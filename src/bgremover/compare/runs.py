@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bgremover.config import SUMMARY_NAME
+from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME
 from bgremover.data.classes import CLASSES
 from bgremover.errors import UserError
 
@@ -130,11 +130,16 @@ def find_runs(paths: list[Path]) -> list[Run]:
     return runs
 
 
+# What marks a sweep's root folder, whatever the nesting: Hydra's basic sweeper writes multirun.yaml, the Optuna
+# sweeper only optimization_results.yaml, and every sweep of this project gets the SweepReport's file at its end.
+SWEEP_MARKERS = ("multirun.yaml", "optimization_results.yaml", SWEEP_REPORT_NAME)
+
+
 def newest_sweep(base: Path = MULTIRUNS_DIR) -> Path:
-    """The newest sweep under logs/: Hydra marks each sweep root with multirun.yaml, whatever the nesting."""
+    """The newest sweep under logs/ (an Optuna sweep too: it has no multirun.yaml, and an older grid was taken)."""
     if not base.is_dir():
         raise CompareError(f"no sweep given and {base}/ does not exist; pass a sweep dir")
-    marked = [p.parent for p in base.rglob("multirun.yaml")]
+    marked = list({p.parent for name in SWEEP_MARKERS for p in base.rglob(name)})
     candidates = marked or [p for p in base.iterdir() if p.is_dir()]
     if not candidates:
         raise CompareError(f"no sweep given and {base}/ holds no sweep folder")
