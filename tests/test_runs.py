@@ -258,6 +258,25 @@ def test_a_resume_into_a_new_folder_keeps_the_earlier_best_epoch(small_camvid, t
     assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == before
 
 
+def test_a_resume_with_another_net_is_one_line_before_the_build(small_camvid, tmp_path):
+    """`ckpt_path=<a DeepLab run's last.ckpt> model=tiramisu56` failed after the build as "RuntimeError: Error(s) in
+    loading state_dict for SegmentationModule" and left a failed run folder; now one line naming both nets."""
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=1"]
+    train(compose_cfg(tmp_path / "a", base))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    net = json.loads((tmp_path / "a" / "summary.json").read_text())["net"]
+    config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}"]))  # the same net: fine
+    deeplab = ["~experiment", "model=deeplabv3plus", "model.net.encoder_weights=null", f"data.root={small_camvid}"]
+    with pytest.raises(UserError) as info:
+        config.validate_train(compose_cfg(tmp_path / "c", [*deeplab, f"ckpt_path={last}"]))
+    assert str(info.value).startswith(f"ckpt_path {last} holds a {net}, and this run builds a "
+                                      "deeplabv3plus_mobilenet_v2: resume with the run's own settings")
+    config.validate_train(compose_cfg(tmp_path / "d", [*deeplab, f"ckpt_init={last}"]))  # weights to start from
+
+
 def test_train_without_a_test_split_and_test_false_finishes(tmp_path):
     """A train+val-only copy (what a GPU machine is given) with test=false: the run ends with its summary and
     says no test numbers, instead of failing on the missing test folder after training (seen on the H100)."""

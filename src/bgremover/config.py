@@ -246,6 +246,14 @@ def validate_train(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if value and not Path(value).is_file():
             raise UserError(f"{key}: checkpoint not found: {value}")
+    if cfg.get("ckpt_path") and model.get("net_name"):  # a resume needs the net it saved (ckpt_init adapts)
+        from bgremover import checkpoint
+
+        saved = checkpoint.meta(checkpoint.read(cfg.ckpt_path), cfg.ckpt_path).get("net_name")
+        if saved and saved != model.net_name:  # was "RuntimeError: Error(s) in loading state_dict" after the build
+            raise UserError(f"ckpt_path {cfg.ckpt_path} holds a {saved}, and this run builds a {model.net_name}: "
+                            "resume with the run's own settings (its .hydra/overrides.yaml), or start from its "
+                            "weights with ckpt_init=")
     if not cfg.get("train", True) and not cfg.get("ckpt_path"):
         raise UserError("train=false needs ckpt_path=<checkpoint> to test")
     # settings a recipe cannot run without (`requires: {key: what to give}`): a `???` in an experiment file does
