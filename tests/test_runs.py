@@ -163,6 +163,11 @@ def test_resumed_run_counts_its_training_time_from_the_start(small_camvid, tmp_p
     tested = RunSummary()
     tested.from_checkpoint(torch.load(s1["last_ckpt"], weights_only=True), s1["last_ckpt"])
     assert tested.fit_seconds == spent
+    # and its steps: a test-only run's summary said global_step 0 (its own trainer's, which never stepped)
+    train(compose_cfg(tmp_path / "run3", [*TINY_RUN, f"data.root={small_camvid}", "train=false",
+                                          f"ckpt_path={s1['last_ckpt']}"]))
+    s3 = json.loads((tmp_path / "run3" / "summary.json").read_text())
+    assert (s3["epochs"], s3["global_step"]) == (3, s1["global_step"]) and s1["global_step"] > 0
 
 
 def test_speedrun_budget_and_clock_go_on_across_a_resume(monkeypatch):

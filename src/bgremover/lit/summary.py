@@ -37,6 +37,7 @@ class RunSummary(Callback):
         self.epochs: int | None = None
         self.best_ckpt: str | None = None
         self.last_ckpt: str | None = None
+        self.global_step: int | None = None  # set for a test-only run: the checkpoint's (else the trainer's)
         self._t0: float | None = None
         self._resumed_s = 0.0  # fit seconds spent before the checkpoint this run resumed from
 
@@ -70,6 +71,7 @@ class RunSummary(Callback):
         self.epochs = int(progress["processed"]) if progress else int(ckpt.get("epoch", -1)) + 1
         self.best_ckpt = path
         self.fit_seconds = ((ckpt.get("callbacks") or {}).get(type(self).__qualname__) or {}).get("fit_s")
+        self.global_step = int(ckpt.get("global_step", 0))  # the trainer of a test-only run never stepped
 
     @rank_zero_only
     def write(self, path: Path, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float],
@@ -78,7 +80,7 @@ class RunSummary(Callback):
             "status": "ok",
             **extra,
             "epochs": self.epochs,
-            "global_step": trainer.global_step,
+            "global_step": trainer.global_step if self.global_step is None else self.global_step,
             "wall_time_s": None if self.fit_seconds is None else round(self.fit_seconds, 2),
             "best_ckpt": self.best_ckpt,
             "last_ckpt": self.last_ckpt,
