@@ -174,6 +174,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if model.val_miou_best.update_called:
         metrics["val/mIoU_best"] = float(model.val_miou_best.compute())
+    split = test_split_info(metrics, datamodule)
+    if split["complete"] is False:  # Lightning's table showed test/frames 4.0 and nothing else
+        log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (data.limit_eval_images "
+                    "or trainer.limit_test_batches)", split["frames"], split["of"])
     summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics, {
         "run_dir": str(Path(cfg.paths.output_dir).resolve()),
         "net": model.hparams.net_name,
@@ -181,7 +185,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "group": utils.sweep_group(cfg),
         "seed": cfg.seed,
         "params": objects["params"],
-        "test_split": test_split_info(metrics, datamodule),
+        "test_split": split,
         "overrides": utils.overrides(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }, measure_inference=cfg.get("measure_inference", True))

@@ -355,8 +355,11 @@ def print_job_line(cfg: DictConfig) -> None:
     what = " ".join(overrides()) or "defaults"
     line = f"[job {num}] {what}: {s.get('status')}"
     if m.get("test/mIoU") is not None:
-        frames = (s.get("test_split") or {}).get("frames")
-        line += f" test/mIoU={m['test/mIoU']:.4f}" + (f" ({frames} frames)" if frames else "")
+        split = s.get("test_split") or {}
+        frames, of = split.get("frames"), split.get("of")
+        # a partial test set is not the split's score: flagged as eval flags it ("(4 frames)" looked whole)
+        count = f"{frames} of {of} frames, PARTIAL" if split.get("complete") is False else f"{frames} frames"
+        line += f" test/mIoU={m['test/mIoU']:.4f}" + (f" ({count})" if frames else "")
     if s.get("wall_time_s") is not None:
         line += f" in {s['wall_time_s']:.0f} s"
     if s.get("error"):
