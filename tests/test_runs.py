@@ -282,6 +282,25 @@ def test_a_resume_with_another_net_is_one_line_before_the_build(small_camvid, tm
     config.validate_train(compose_cfg(tmp_path / "d", [*deeplab, f"ckpt_init={last}"]))  # weights to start from
 
 
+def test_a_resume_in_place_keeps_the_csv_logs_earlier_rows(small_camvid, tmp_path):
+    """Lightning's CSV writer deleted csv/metrics.csv when it started: resumed in its own folder, a run's CSV
+    history began at the resume (11 rows became 5 in the audit). The earlier rows stay; new ones are appended."""
+    import csv
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "logger=csv"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2", "test=false"]))
+    path = tmp_path / "a" / "csv" / "metrics.csv"
+    before = list(csv.DictReader(path.open()))
+    assert sorted({r["epoch"] for r in before if r.get("val/mIoU")}) == ["0", "1"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"]))
+    after = list(csv.DictReader(path.open()))
+    assert sorted({r["epoch"] for r in after if r.get("val/mIoU")}) == ["0", "1", "2"]
+    assert [{k: v for k, v in r.items() if k in before[0]} for r in after[: len(before)]] == before  # kept as written
+    assert any(r.get("test/mIoU") for r in after)  # the test stage's new column, header widened
+    assert sum(line.startswith("epoch,") for line in path.read_text().splitlines()) == 1  # one header
+    assert not list(path.parent.glob("*.kept"))
+
+
 def test_train_without_a_test_split_and_test_false_finishes(tmp_path):
     """A train+val-only copy (what a GPU machine is given) with test=false: the run ends with its summary and
     says no test numbers, instead of failing on the missing test folder after training (seen on the H100)."""
