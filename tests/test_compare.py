@@ -334,6 +334,19 @@ def test_grid_layout_and_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert np.abs(cell(5).astype(int) - cell(0).astype(int)).max() <= 1  # all foreground: the input itself
 
 
+def test_runs_of_one_seed_are_flagged_as_repeats(tmp_path: Path) -> None:
+    """Two runs of one net with the same seed (a rerun, or a resume that trained nothing more) were averaged as if
+    they were two seeds, "± 0.0" read as a seed spread."""
+    for job, seed in enumerate((1, 1, 2)):
+        write_summary(tmp_path / "s" / str(job), ok_summary(tmp_path / "s" / str(job), TIRAMISU, seed))
+    md = (compare.build_report([tmp_path / "s"], grid_images=0).path / "report.md").read_text()
+    assert (f"- REPEATED SEEDS: {TIRAMISU} (3 runs, seeds 1, 1, 2): runs of one seed are repeats of one training, "
+            "not different seeds, so the ± over them is not a seed spread.") in md
+    one_each = (compare.build_report([tmp_path / "s" / "0", tmp_path / "s" / "2"], out=tmp_path / "r2",
+                                     grid_images=0).path / "report.md").read_text()
+    assert "REPEATED SEEDS" not in one_each
+
+
 def test_report_title_names_the_sweep_or_the_folder(tmp_path: Path) -> None:
     """A sweep's report is titled by its group; separate runs (several groups) gathered in one folder by the folder."""
     for job, (net, seed) in enumerate(NUMBERS):

@@ -145,6 +145,9 @@ def build_report(
         head, rows = main_table(stats)
         main_md = render_md([("table", head, rows)])
         partial = [r for r in runs if r.ok and r.partial_test]
+        # the same seed twice in a row (a rerun, a resume that trained nothing more): repeats, not seeds
+        repeated = [f"{st.net} ({len(st.runs)} runs, seeds {', '.join(str(r.seed) for r in st.runs)})" for st in stats
+                    if len({str(r.seed) for r in st.runs}) < len(st.runs)]
         blocks: list[Block] = [
             ("h", 1, title),
             (
@@ -167,7 +170,9 @@ def build_report(
                     "Failed and interrupted runs are listed at the end and left out of every statistic.",
                 ] + ([f"PARTIAL TEST SET: {len(partial)} run(s) were tested on fewer frames than the split holds "
                       "(see 'Test frames'); their numbers are not comparable with full CamVid test results."]
-                     if partial else []),
+                     if partial else [])
+                  + ([f"REPEATED SEEDS: {'; '.join(repeated)}: runs of one seed are repeats of one training, "
+                      "not different seeds, so the ± over them is not a seed spread."] if repeated else []),
             ),  # fmt: skip
             ("h", 2, "Nets (aggregated over seeds)"),
             ("table", head, rows),
