@@ -273,7 +273,13 @@ def test_a_resume_with_another_net_is_one_line_before_the_build(small_camvid, tm
     train(compose_cfg(tmp_path / "a", base))
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     net = json.loads((tmp_path / "a" / "summary.json").read_text())["net"]
-    config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}"]))  # the same net: fine
+    config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", "trainer.max_epochs=2"]))  # fine
+    # the same net with nothing left to train: it ran nothing, wrote an "ok" run, and compare took it for a seed
+    for limit in ("trainer.max_epochs=1", "trainer.max_steps=2"):
+        with pytest.raises(UserError) as info:
+            config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", limit]))
+        assert str(info.value).startswith(f"ckpt_path {last} has trained 1 epochs (") and \
+            "nothing is left to train; raise them to go on, or test it with train=false" in str(info.value)
     deeplab = ["~experiment", "model=deeplabv3plus", "model.net.encoder_weights=null", f"data.root={small_camvid}"]
     with pytest.raises(UserError) as info:
         config.validate_train(compose_cfg(tmp_path / "c", [*deeplab, f"ckpt_path={last}"]))

@@ -246,14 +246,8 @@ def validate_train(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if value and not Path(value).is_file():
             raise UserError(f"{key}: checkpoint not found: {value}")
-    if cfg.get("ckpt_path") and model.get("net_name"):  # a resume needs the net it saved (ckpt_init adapts)
-        from bgremover import checkpoint
-
-        saved = checkpoint.meta(checkpoint.read(cfg.ckpt_path), cfg.ckpt_path).get("net_name")
-        if saved and saved != model.net_name:  # was "RuntimeError: Error(s) in loading state_dict" after the build
-            raise UserError(f"ckpt_path {cfg.ckpt_path} holds a {saved}, and this run builds a {model.net_name}: "
-                            "resume with the run's own settings (its .hydra/overrides.yaml), or start from its "
-                            "weights with ckpt_init=")
+    if cfg.get("ckpt_path") and cfg.get("train", True):
+        _check_resume(cfg, model)
     if not cfg.get("train", True) and not cfg.get("ckpt_path"):
         raise UserError("train=false needs ckpt_path=<checkpoint> to test")
     # settings a recipe cannot run without (`requires: {key: what to give}`): a `???` in an experiment file does
@@ -268,6 +262,30 @@ def validate_train(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():  # Lightning says "No supported gpu backend found!" after the build
             raise UserError(f"{cfg.get('experiment_name') or 'this run'} trains on a GPU (trainer.accelerator="
                             f"{accelerator}) and this machine has none: add ARGS=\"trainer=cpu\" to run it here")
+
+
+def _check_resume(cfg: DictConfig, model) -> None:
+    """A resume needs the net its checkpoint saved (ckpt_init is the one that adapts), and something left to train:
+    a checkpoint already at trainer.max_epochs (or max_steps) trained nothing, yet wrote an "ok" run that compare
+    then averaged with the original as if it were another seed."""
+    from bgremover import checkpoint
+
+    ckpt = checkpoint.read(cfg.ckpt_path)
+    saved = checkpoint.meta(ckpt, cfg.ckpt_path).get("net_name")
+    if saved and model.get("net_name") and saved != model.net_name:  # was a state_dict RuntimeError after the build
+        raise UserError(f"ckpt_path {cfg.ckpt_path} holds a {saved}, and this run builds a {model.net_name}: "
+                        "resume with the run's own settings (its .hydra/overrides.yaml), or start from its "
+                        "weights with ckpt_init=")
+    trainer = cfg.get("trainer") or {}
+    progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}
+    epochs, steps = progress.get("processed"), ckpt.get("global_step")
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    done = (isinstance(epochs, int) and isinstance(max_epochs, int) and max_epochs > 0 and epochs >= max_epochs) \
+        or (isinstance(steps, int) and isinstance(max_steps, int) and 0 < max_steps <= steps)
+    if done:
+        raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {epochs} epochs ({steps} steps): with "
+                        f"trainer.max_epochs={max_epochs} and trainer.max_steps={max_steps} nothing is left to "
+                        "train; raise them to go on, or test it with train=false")
 
 
 def validate_eval(cfg: DictConfig) -> None:
