@@ -334,6 +334,20 @@ def test_grid_layout_and_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert np.abs(cell(5).astype(int) - cell(0).astype(int)).max() <= 1  # all foreground: the input itself
 
 
+def test_a_row_over_different_test_subsets_says_so() -> None:
+    """Runs tested on 4 and on 6 frames were averaged into one row reading "4 of 233 (partial)"."""
+    from bgremover.compare.render import frames_cell
+    from bgremover.compare.runs import Run
+
+    def run(frames, of=233):
+        return Run(Path("r"), {"status": "ok", "test_split": {"frames": frames, "of": of}})
+
+    assert frames_cell([run(233), run(233)]) == "233"
+    assert frames_cell([run(4), run(4)]) == "4 of 233 (partial)"
+    assert frames_cell([run(6), run(4)]) == "4–6 of 233 (partial, mixed)"
+    assert frames_cell([run(233), run(4)]) == "4–233 of 233 (partial, mixed)"
+
+
 def test_runs_of_one_seed_are_flagged_as_repeats(tmp_path: Path) -> None:
     """Two runs of one net with the same seed (a rerun, or a resume that trained nothing more) were averaged as if
     they were two seeds, "± 0.0" read as a seed spread."""

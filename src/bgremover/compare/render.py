@@ -75,11 +75,15 @@ def main_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
 
 
 def frames_cell(runs: list[Run]) -> str:
-    """'233', or '160 of 233 (partial)' when any run was tested on part of the split."""
+    """'233', or '160 of 233 (partial)' when any run was tested on part of the split; '4–6 of 233 (partial,
+    mixed)' when the averaged runs were tested on different subsets (the smallest count alone hid that)."""
     counts = {r.test_frames for r in runs if r.test_frames[0] is not None}
     if not counts:
         return DASH
     frames, total = min(counts, key=lambda c: c[0])
+    most = max(c[0] for c in counts)
+    if most != frames:
+        return f"{frames}–{most}" + (f" of {total}" if total is not None else "") + " (partial, mixed)"
     return f"{frames} of {total} (partial)" if total is not None and frames != total else str(frames)
 
 
