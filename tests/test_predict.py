@@ -438,3 +438,54 @@ def test_predict_imports_no_torch_lightning_or_hydra(model_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "", f"bgremover.predict pulled in: {res.stdout.strip()}"
+
+
+def _damaged_exif_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010E] = "x" * 40
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((12, 20, 3), np.uint8)).save(buf, format="JPEG", exif=exif.tobytes()[:-30])
+    return buf.getvalue()
+
+
+def test_open_image_from_threads_leaves_pythons_warnings_as_they_were():
+    """The server decodes in worker threads: recording PIL's warnings per image (warnings.catch_warnings swaps
+    process-wide state) interleaved between threads and could leave the process recording every later warning
+    into a finished request's list, its filters set to "always" (1 run in 3 in the review's reproduction)."""
+    import threading
+    import warnings
+
+    from bgremover.remover import open_image
+
+    damaged, plain = _damaged_exif_jpeg(), io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(plain, format="PNG")
+    before = (list(warnings.filters), warnings.showwarning, warnings._showwarnmsg_impl)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the damaged file's own warning, 4 x 100 times
+
+        def work():
+            for i in range(100):
+                open_image(damaged if i % 2 else plain.getvalue())
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        inside = (list(warnings.filters)[1:], warnings.showwarning, warnings._showwarnmsg_impl)
+    assert inside == before and (list(warnings.filters), warnings.showwarning, warnings._showwarnmsg_impl) == before
+
+
+def test_damaged_metadata_under_an_error_filter_is_an_image_error():
+    """With warnings as errors (-W error), the re-issued metadata warning escaped as a bare UserWarning."""
+    import warnings
+
+    from bgremover.remover import ImageError, open_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError, match=r"^<bytes>: cannot decode image \(<bytes>: damaged metadata"):
+            open_image(_damaged_exif_jpeg())
+    with pytest.warns(UserWarning, match=r"^<bytes>: damaged metadata \(Truncated File Read\)"):
+        assert open_image(_damaged_exif_jpeg()).size == (20, 12)

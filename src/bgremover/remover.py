@@ -19,6 +19,7 @@ import io
 import os
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,19 +127,19 @@ def open_image(
         if path.stat().st_size == 0:
             raise ImageError(f"{name}: empty file")
     try:
-        with warnings.catch_warnings(record=True) as trouble:
-            warnings.simplefilter("always")  # PIL's own metadata warnings: kept, reported below as one line
-            # Our own max_pixels check below decides; PIL's warning would only be noise (its hard error stays).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(src) as opened:
-                w, h = opened.size
-                if w * h > max_pixels:
-                    raise ImageError(
-                        f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-                        "(raise --max-pixels if you trust this file)"
-                    )
-                opened.load()  # decode now so truncated files fail here, not halfway through the pipeline
-                img = ImageOps.exif_transpose(opened)  # a decoded copy: usable after the file is closed
+        opened, trouble = _recording(lambda: Image.open(src))  # JPEG's EXIF is parsed here, warnings and all
+        with opened:
+            w, h = opened.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+                    "(raise --max-pixels if you trust this file)"
+                )
+            opened.load()  # decode now so truncated files fail here, not halfway through the pipeline
+            # a decoded copy: usable after the file is closed
+            img, later = _recording(lambda: ImageOps.exif_transpose(opened))
+        # inside the try: under an error filter (-W error) a damaged file is an ImageError, not a traceback
+        _report_metadata(name, trouble + later)
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -149,17 +150,33 @@ def open_image(
         raise ImageError(f"{name}: not a recognised image file") from err
     except Exception as err:  # truncated data, corrupt chunks, broken EXIF...: all "cannot decode"
         raise ImageError(f"{name}: cannot decode image ({_first_line(err)})") from err
-    for caught in trouble:
-        if not issubclass(caught.category, UserWarning):  # not about the file (a deprecation...): as it came
-            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
-    damaged = [c for c in trouble if issubclass(c.category, UserWarning)]
-    if damaged:  # PIL warns once per damaged block (EXIF cut short: "Truncated File Read"), naming its own code
-        warnings.warn(
-            f"{name}: damaged metadata ({_first_line(damaged[0].message)}): the pixels decoded fine, an EXIF "
-            "rotation may be missing",
-            stacklevel=2,
-        )
     return img
+
+
+# warnings.catch_warnings swaps process-wide state (filters, the show function) on entry and back on exit: two
+# server threads interleaving left the process recording every later warning into a finished request's list
+_RECORDING = threading.Lock()
+
+
+def _recording(call):
+    """(call(), the warnings it raised), recorded instead of shown; PIL's DecompressionBombWarning dropped (our
+    max_pixels check decides; its hard error stays). Only the cheap header parse and EXIF rotation run under it."""
+    with _RECORDING, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return call(), list(caught)
+
+
+def _report_metadata(name: str, caught: list) -> None:
+    """PIL's warnings about a file's metadata (EXIF cut short: "Truncated File Read", twice, naming PIL's own
+    source line) as one warning naming the file; any other warning as it came."""
+    for w in caught:
+        if not issubclass(w.category, UserWarning):
+            warnings.warn(w.message, stacklevel=3)
+    damaged = [w for w in caught if issubclass(w.category, UserWarning)]
+    if damaged:
+        warnings.warn(f"{name}: damaged metadata ({_first_line(damaged[0].message)}): the pixels decoded fine, an "
+                      "EXIF rotation may be missing", stacklevel=3)
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
