@@ -542,3 +542,26 @@ def test_a_time_budget_ends_the_first_epoch_too(tmp_path):
     _, objects = train(cfg)
     per_epoch = objects["trainer"].num_training_batches
     assert per_epoch >= 3 and objects["trainer"].global_step == 1
+
+
+def test_make_remover_scores_a_fixed_split_folder_with_its_void_value(tmp_path):
+    """A fixed train/val/test folder whose class-index masks hold the void value (data.void_value=255): make
+    remover trained and exported, then its scoring failed ("label beyond the class list ... contains 255") and it
+    exited 1 without its report: the run's split.json, which records the void value, was read for pooled
+    folders only."""
+    from bgremover import train_remover
+
+    root = tmp_path / "data"
+    for split in ("train", "val", "test"):
+        write_folder(root, n=2, split=split, value=2)
+    for mask in root.glob("*/masks/*.png"):
+        m = np.array(Image.open(mask))
+        m[0, :] = 255
+        Image.fromarray(m).save(mask)
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    found = fd.scan(root, 255)
+    run = tmp_path / "run"
+    fd.write_split(run / "split.json", fd.split_document(found, fd.splits(found), None, 0))
+    pairs, read_label, classes = cutout_eval.find_folder_pairs(root, "test", None, train_remover._split_file(run))
+    assert classes == ["background", "cat", "dog"] and len(pairs) == 2
+    assert set(np.unique(read_label(pairs[0][1]))) == {0, 2, 3}  # 255 read as void (index 3), not an error

@@ -37,9 +37,10 @@ def _fmt(value) -> str:
 
 
 def _split_file(run: Path) -> Path | None:
-    """The run's split.json when the folder's held-out images were drawn (pooled), None for fixed splits."""
+    """The run's split.json: the held-out images of a pooled folder, and the void value of any (a fixed-split
+    folder's masks holding it failed the scoring as "label beyond the class list" without it)."""
     path = run / "split.json"
-    return path if path.is_file() and not json.loads(path.read_text()).get("fixed") else None
+    return path if path.is_file() else None
 
 
 def score_held_out(run: Path, data: Path, onnx_path: Path) -> dict | None:
