@@ -168,6 +168,7 @@ def test_resumed_run_counts_its_training_time_from_the_start(small_camvid, tmp_p
                                           f"ckpt_path={s1['last_ckpt']}"]))
     s3 = json.loads((tmp_path / "run3" / "summary.json").read_text())
     assert (s3["epochs"], s3["global_step"]) == (3, s1["global_step"]) and s1["global_step"] > 0
+    assert not (tmp_path / "run3" / "checkpoints").exists()  # testing copies no earlier best into its folder
 
 
 def test_speedrun_budget_and_clock_go_on_across_a_resume(monkeypatch):

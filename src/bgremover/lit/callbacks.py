@@ -116,10 +116,16 @@ class BestCheckpoint(ModelCheckpoint):
     bad, and the run tested and exported it. Here the old best file is copied into the new folder and ranked as
     before: a later epoch must beat it, and replacing it deletes the copy, never the earlier run's file."""
 
+    _fitting = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._fitting = stage == "fit"  # before the restore: a test-only run (train=false) copies nothing
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old_dir, old_best = state_dict.get("dirpath", self.dirpath), state_dict.get("best_model_path") or ""
         score = state_dict.get("best_model_score")
-        if self.dirpath == old_dir or score is None or not Path(old_best).is_file():
+        if not self._fitting or self.dirpath == old_dir or score is None or not Path(old_best).is_file():
             super().load_state_dict(state_dict)
             return
         import shutil
