@@ -245,6 +245,15 @@ def test_only_the_runs_best_checkpoint_carries_its_test_miou(tmp_path):
     assert load_checkpoint_net(best)[1]["test_mIoU"] == 0.25  # by name: a run trained on another machine
     assert load_checkpoint_net(link)[1]["test_mIoU"] == 0.25  # last.ckpt as a link to the best file
     assert load_checkpoint_net(other)[1]["test_mIoU"] is None
+    # the copied-out <run>/best.ckpt beside summary.json (how GPU runs come back; models/README's make ship CKPT=)
+    shutil.copy(best, tmp_path / "run" / "best.ckpt")
+    assert load_checkpoint_net(tmp_path / "run" / "best.ckpt")[1]["test_mIoU"] == 0.25
+    # where the best file exists, the same training state under another name counts, another state does not
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({**summary, "best_ckpt": str(best)}))
+    assert load_checkpoint_net(other)[1]["test_mIoU"] == 0.25  # a copy of the best state
+    state = torch.load(best, weights_only=True)
+    torch.save({**state, "global_step": 99}, other)  # a later state of the run
+    assert load_checkpoint_net(other)[1]["test_mIoU"] is None
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -355,7 +355,8 @@ def test_eval_attaches_test_numbers_to_a_run_trained_without_them(small_camvid, 
     # another checkpoint of the run (not the best, whose numbers the run reports) is never attached: its numbers
     # would have been credited to the best checkpoint in the summary, `make compare` and the exported ONNX
     other = Path(before["best_ckpt"]).with_name("other.ckpt")
-    shutil.copyfile(before["best_ckpt"], other)
+    state = torch.load(before["best_ckpt"], weights_only=True)
+    torch.save({**state, "global_step": state["global_step"] + 1}, other)  # a later state (a copy of the best is it)
     caplog.clear()
     evaluate(compose_cfg(tmp_path / "eval_other", [f"data.root={small_camvid}", "data.num_workers=0",
                                                    f"ckpt_path={other}"], config_name="eval"))
@@ -627,7 +628,6 @@ def test_eval_reads_only_the_split_it_evaluates_and_never_suggests_unsafe_loadin
     proc = _run("bgremover.eval", "ckpt_path=README.md", f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")
     assert proc.returncode == 1 and proc.stderr.startswith("error: not a PyTorch checkpoint: README.md")
     assert "weights_only" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    import shutil
 
     shutil.rmtree(small_camvid / "train")  # eval never needs the train split
     shutil.rmtree(small_camvid / "trainannot")

@@ -30,6 +30,27 @@ def run_summary(path: str | os.PathLike) -> Path | None:
     return next((d / SUMMARY_NAME for d in (ckpt.parent, ckpt.parent.parent) if (d / SUMMARY_NAME).is_file()), None)
 
 
+def is_runs_best(path: str | os.PathLike, summary: dict[str, Any]) -> bool:
+    """Whether checkpoint `path` is its run's best one, whose numbers the run's test stage reported (export,
+    eval's attach step and compare credit them to it). The same file by name (runs move between machines), the
+    copied-out `<run>/best.ckpt` beside summary.json, or the same training state (epoch and step) as the best
+    file where that still exists. No best recorded: the run tested what it had."""
+    best = summary.get("best_ckpt")
+    if not best:
+        return True
+    p, b = Path(path), Path(best)
+    if b.name in (p.name, p.resolve().name) or (p.name == "best.ckpt" and (p.parent / "summary.json").is_file()):
+        return True
+    if not b.is_file():
+        return False
+    try:
+        state = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in (p, b)]
+    except Exception:  # unreadable: not provably the best
+        return False
+    ids = [(c.get("epoch"), c.get("global_step")) if isinstance(c, dict) else None for c in state]
+    return ids[0] is not None and ids[0] == ids[1]
+
+
 def read(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint as a dict, loaded on CPU with weights_only=True; UserError names the file otherwise."""
     path = Path(path)

@@ -80,8 +80,8 @@ def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: 
         return None
     best = summary.get("best_ckpt")
     # the run's test numbers are its best checkpoint's (its test stage, export and compare say so): another
-    # checkpoint's would be credited to the best one. By name: a run trained elsewhere has other absolute paths.
-    if best and Path(best).name not in (ckpt.name, ckpt.resolve().name):
+    # checkpoint's would be credited to the best one
+    if not checkpoint.is_runs_best(ckpt, summary):
         log.warning("test numbers not attached: %s is not the run's best checkpoint (%s), whose numbers the run "
                     "reports", ckpt.name, Path(best).name)
         return None

@@ -69,10 +69,9 @@ def _read_test_result(ckpt_path: Path) -> dict[str, Any]:
         value = s["metrics"]["test/mIoU"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}  # no summary (run without test) or an unexpected one: the metric is optional provenance
-    best = s.get("best_ckpt")
-    # the run's test numbers are its best checkpoint's (eval.attach_to_run's rule): another checkpoint of the run
-    # (a resumed run's last.ckpt, an earlier epoch) was stamped with them. By name: runs move between machines.
-    if best and Path(best).name not in (ckpt_path.name, ckpt_path.resolve().name):
+    # the run's test numbers are its best checkpoint's: another checkpoint of the run (a resumed run's last.ckpt,
+    # an earlier epoch) was stamped with them
+    if not checkpoint.is_runs_best(ckpt_path, s):
         return {}
     split = s.get("test_split") or {}
     return {"test_mIoU": None if value is None else float(value), "test_frames": split.get("frames"),
