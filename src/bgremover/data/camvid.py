@@ -273,15 +273,16 @@ class CamVidDataset:
 
 
 def _seed_worker(worker_id: int) -> None:
-    """A DataLoader worker's start (both datamodules): its own augmentation seed, and SIGTERM left to the main
-    process. `timeout`, Slurm's scancel and `kill -- -PGID` signal the whole process group: a worker killed by it
+    """A DataLoader worker's start (both datamodules): its own augmentation seed, and a process group of its own.
+    `timeout`, Slurm's scancel and `kill -- -PGID` signal the training's whole group: a worker killed by that
     failed the run ("DataLoader worker ... exited unexpectedly") before the main process could checkpoint and say
-    how to resume. The main process ends its workers itself; their watchdog ends them if it dies."""
-    import signal
+    how to resume. Out of the group, a worker still ends as torch ends it (its shutdown, then its SIGTERM, which
+    ignoring the signal would have defeated for a hung worker) and by its watchdog if the main process dies."""
+    import os
 
     import torch
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.setpgid(0, 0)
     info = torch.utils.data.get_worker_info()
     # torch gives every worker a distinct, reproducible initial seed derived from the loader's generator.
     info.dataset.reseed(torch.initial_seed())
