@@ -305,7 +305,16 @@ def test_a_resume_in_place_keeps_the_csv_logs_earlier_rows(small_camvid, tmp_pat
     assert [{k: v for k, v in r.items() if k in before[0]} for r in after[: len(before)]] == before  # kept as written
     assert any(r.get("test/mIoU") for r in after)  # the test stage's new column, header widened
     assert sum(line.startswith("epoch,") for line in path.read_text().splitlines()) == 1  # one header
-    assert not list(path.parent.glob("*.kept"))
+    # rows past the checkpoint's step (an older checkpoint resumed, a hard kill after the last save) are trained
+    # again: they are dropped, not kept twice
+    from bgremover.lit.csv_log import _rows_before
+
+    path.write_text("epoch,step,train/loss\n0,1,0.9\n0,3,0.8\n1,5,0.7\n1,7,0.6\n")
+    torch.save({"global_step": 5}, tmp_path / "at5.ckpt")
+    assert _rows_before(str(path), str(tmp_path / "at5.ckpt")) == (
+        ["epoch", "step", "train/loss"], [{"epoch": "0", "step": "1", "train/loss": "0.9"},
+                                          {"epoch": "0", "step": "3", "train/loss": "0.8"},
+                                          {"epoch": "1", "step": "5", "train/loss": "0.7"}])
 
 
 def test_train_without_a_test_split_and_test_false_finishes(tmp_path):
