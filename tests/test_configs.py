@@ -252,6 +252,7 @@ def test_a_time_budget_that_never_ends_a_run_is_refused(tmp_path, override):
     assert str(info.value) == f"{key} must be a positive number of seconds (or null: no time budget), got {shown}"
     config.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s=null"]))
     config.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s=12.5"]))
+    config.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s='90'"]))  # ${oc.env:BUDGET} is text
     remover = compose_cfg(tmp_path, ["experiment=remover", "remover_budget_s=-5"])
     with pytest.raises(UserError, match=r"^remover_budget_s must be a positive number of seconds"):
         config.validate_train(remover)
@@ -269,3 +270,4 @@ def test_a_seed_that_is_not_an_integer_is_named(tmp_path):
             with pytest.raises(UserError) as info:
                 check(compose_cfg(tmp_path, [f"seed={value}", "~data.root"], config_name=name))
             assert str(info.value) == f"seed must be an integer, got {shown}", name
+        config._check_seed(compose_cfg(tmp_path, ["+job_id='7'", "seed=${job_id}"], config_name=name))  # text: fine
