@@ -359,6 +359,15 @@ def test_runs_of_one_seed_are_flagged_as_repeats(tmp_path: Path) -> None:
     one_each = (compare.build_report([tmp_path / "s" / "0", tmp_path / "s" / "2"], out=tmp_path / "r2",
                                      grid_images=0).path / "report.md").read_text()
     assert "REPEATED SEEDS" not in one_each
+    from bgremover.compare.report import _repeats
+    from bgremover.compare.runs import Run
+
+    def run(seed, data_seed=0):
+        return Run(Path("r"), {"status": "ok", "seed": seed, "config": {"data": {"seed": data_seed}}})
+
+    assert _repeats([run(1), run(1)]) and not _repeats([run(1), run(2)])
+    assert not _repeats([run(1, 0), run(1, 1)])  # other splits of the data: two trainings
+    assert not _repeats([run(None), run(None)])  # no seed recorded: nothing to say
 
 
 def test_report_title_names_the_sweep_or_the_folder(tmp_path: Path) -> None:

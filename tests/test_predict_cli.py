@@ -253,7 +253,7 @@ def test_a_folder_with_case_twins_and_macos_junk_is_cut_out_whole(model, tmp_pat
     a, b = save_png(tmp_path / "a" / "x.png"), save_png(tmp_path / "b" / "x.png")
     assert main([str(a), str(b), "--out", str(tmp_path / "both"), "-m", model]) == 2
     assert capsys.readouterr().err.strip() == (f"bgremover-predict: error: {a} and {b} would both write "
-                                               f"{tmp_path / 'both' / 'x.nobg.png'}: use separate --out folders")
+                                               f"{tmp_path / 'both' / 'x_png.nobg.png'}: use separate --out folders")
 
 
 def test_rembg_matting_settings_are_accepted_and_empty_stdin_is_named(model, tmp_path):

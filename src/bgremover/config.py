@@ -296,7 +296,7 @@ def _check_resume(cfg: DictConfig, model) -> None:
     done = (isinstance(epochs, int) and isinstance(max_epochs, int) and max_epochs > 0 and epochs >= max_epochs) \
         or (isinstance(steps, int) and isinstance(max_steps, int) and 0 < max_steps <= steps)
     if done:
-        raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {epochs} epochs ({steps} steps): with "
+        raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {'?' if epochs is None else epochs} epochs ({steps} steps): with "
                         f"trainer.max_epochs={max_epochs} and trainer.max_steps={max_steps} nothing is left to "
                         "train; raise them to go on, or test it with train=false")
 

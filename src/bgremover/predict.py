@@ -211,9 +211,9 @@ def _disambiguate(items: list[Path | None], dests: list[Path]) -> list[Path | No
         if item is not None and count[dest] > 1 and lowered.count(out[n]) > 1:
             out[n] = renamed(item, dest, False)
     by_dest: dict[Path, Path | None] = {}
-    for item, planned, dest in zip(items, dests, out, strict=True):  # e.g. a/x.png and b/x.png into one folder
+    for item, dest in zip(items, out, strict=True):  # e.g. a/x.png and b/x.png into one --out folder
         if dest is not None and dest in by_dest:
-            raise UsageError(f"{by_dest[dest]} and {item} would both write {planned}: use separate --out folders")
+            raise UsageError(f"{by_dest[dest]} and {item} would both write {dest}: use separate --out folders")
         if dest is not None:
             by_dest[dest] = item
     return out

@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     # the training process keeps freed memory for reuse (utils.KEEP_MEMORY_ENV) unless the caller set those itself
     env = {**KEEP_MEMORY_ENV, **os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
     # interrupted, the training says how to go on: this command, in this run folder (then export and scores)
-    kept = [o for o in args.overrides if not o.startswith("ckpt_path=")]
-    env[RESUME_ENV] = (f"make remover DATA={shlex.quote(str(data))} EXP={args.exp} "
-                       f"ARGS=\"--run-dir {run} {' '.join([*kept, 'ckpt_path={ckpt_path}'])}\"")
+    kept = [shlex.quote(o) for o in args.overrides if not o.startswith("ckpt_path=")]
+    env[RESUME_ENV] = (f"make remover DATA={shlex.quote(str(data))} EXP={shlex.quote(args.exp)} "
+                       f"ARGS=\"--run-dir {shlex.quote(str(run))} {' '.join([*kept, 'ckpt_path={ckpt_path}'])}\"")
     print(f"remover: training {args.exp} on {data} → {run}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=env)
     # SIGTERM (a job scheduler, `kill`) reaches only this process: pass it on, so the training saves last.ckpt,

@@ -93,6 +93,13 @@ def _check_out(out: Path, runs: list[Run]) -> None:
                                "it): its files would be replaced; choose a new or empty folder")
 
 
+def _repeats(runs: list) -> bool:
+    """Two runs of one recipe with the same seeds (the run's, and the data's split seed): one training twice.
+    Runs that record no seed say nothing either way."""
+    keys = [(r.seed, ((r.summary.get("config") or {}).get("data") or {}).get("seed")) for r in runs if r.seed is not None]
+    return len(set(map(str, keys))) < len(keys)
+
+
 def build_report(
     paths: list[Path],
     out: Path | None = None,
@@ -145,9 +152,9 @@ def build_report(
         head, rows = main_table(stats)
         main_md = render_md([("table", head, rows)])
         partial = [r for r in runs if r.ok and r.partial_test]
-        # the same seed twice in a row (a rerun, a resume that trained nothing more): repeats, not seeds
+        # the same seeds twice in a row (a rerun, a resume that trained nothing more): repeats, not seeds
         repeated = [f"{st.net} ({len(st.runs)} runs, seeds {', '.join(str(r.seed) for r in st.runs)})" for st in stats
-                    if len({str(r.seed) for r in st.runs}) < len(st.runs)]
+                    if _repeats(st.runs)]
         blocks: list[Block] = [
             ("h", 1, title),
             (
