@@ -27,7 +27,7 @@ pytest.importorskip("uvicorn", reason="bgremover-serve needs uvicorn and starlet
 import uvicorn  # noqa: E402
 
 from bgremover.predict import BackgroundRemover, encode_png  # noqa: E402
-from bgremover.serve import Service, cpu_count, create_app  # noqa: E402
+from bgremover.serve import Service, cpu_count, create_app, server_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "0001TP_008910.jpg"  # a real CamVid test frame, 480x360
@@ -45,7 +45,7 @@ def live_server(service: Service):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the thread starts: no race for the port
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="off"))
+    server = uvicorn.Server(server_config(create_app(service), "warning", lifespan="off"))  # as bgremover-serve
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -363,6 +363,39 @@ def test_queue_full_answers_503_at_once(remover):
             worker.join(60)
         assert first["r"][0] == 200 and png_image(first["r"][2]).size == (480, 360)
         assert post_raw(base, JPEG)[0] == 200  # the slot is free again
+
+
+def test_a_request_in_flight_when_the_server_stops_still_gets_its_cutout(remover):
+    """SIGTERM (docker stop) or Ctrl-C with a cut-out in progress: after uvicorn's graceful timeout of 5 s the
+    request was cancelled and its client got a 500 (a 48 MP photo takes ~8 s here). Requests in flight now get
+    serve.GRACEFUL_S to finish; the server stops accepting new ones at once."""
+    gated = GatedRemover(remover)
+    service = Service(gated, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=2)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(server_config(create_app(service), "warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    got: dict = {}
+    try:
+        wait_healthy(base)
+        client = threading.Thread(target=lambda: got.update(r=post_file(base, JPEG)))
+        client.start()
+        assert gated.entered.wait(30), "the request never reached the model"
+        server.should_exit = True  # what uvicorn's SIGTERM / SIGINT handler does
+        time.sleep(6.0)  # past the old 5 s
+        gated.gate.set()
+        client.join(60)
+        thread.join(30)
+    finally:
+        gated.gate.set()
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+        service.pool.shutdown(wait=False, cancel_futures=True)
+    assert got["r"][0] == 200 and png_image(got["r"][2]).size == (480, 360)
+    assert not thread.is_alive()
 
 
 def _stalled_upload(base: str) -> socket.socket:
