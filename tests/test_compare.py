@@ -348,6 +348,17 @@ def test_a_row_over_different_test_subsets_says_so() -> None:
     assert frames_cell([run(233), run(4)]) == "4–233 of 233 (partial, mixed)"
 
 
+def test_a_folder_of_unfinished_runs_says_there_is_nothing_to_compare(tmp_path: Path) -> None:
+    """Only an interrupted run: the report's Nets table was empty, headers alone, with nothing saying why."""
+    write_summary(tmp_path / "s" / "0", {"status": "interrupted", "error": "interrupted by SIGTERM at epoch 1, step 4",
+                                         "net": TIRAMISU, "seed": 1, "run_dir": str(tmp_path / "s" / "0")})
+    report = compare.build_report([tmp_path / "s"], grid_images=0)
+    md = (report.path / "report.md").read_text()
+    assert "No run finished: nothing to compare" in md and "| Net |" not in md
+    assert "## Failed or interrupted runs" in md and "interrupted by SIGTERM" in md
+    assert report.main_md.strip().startswith("No run finished")
+
+
 def test_runs_of_one_seed_are_flagged_as_repeats(tmp_path: Path) -> None:
     """Two runs of one net with the same seed (a rerun, or a resume that trained nothing more) were averaged as if
     they were two seeds, "± 0.0" read as a seed spread."""

@@ -93,6 +93,9 @@ def _check_out(out: Path, runs: list[Run]) -> None:
                                "it): its files would be replaced; choose a new or empty folder")
 
 
+NONE_FINISHED = "No run finished: nothing to compare (the failed or interrupted runs are listed at the end)."
+
+
 def _repeats(runs: list) -> bool:
     """Two runs of one recipe with the same seeds (the run's, and the data's split seed): one training twice.
     Runs that record no seed say nothing either way."""
@@ -150,7 +153,7 @@ def build_report(
             warnings.append(skipped)
 
         head, rows = main_table(stats)
-        main_md = render_md([("table", head, rows)])
+        main_md = render_md([("table", head, rows)] if stats else [("p", NONE_FINISHED)])
         partial = [r for r in runs if r.ok and r.partial_test]
         # the same seeds twice in a row (a rerun, a resume that trained nothing more): repeats, not seeds
         repeated = [f"{st.net} ({len(st.runs)} runs, seeds {', '.join(str(r.seed) for r in st.runs)})" for st in stats
@@ -182,10 +185,10 @@ def build_report(
                       "not different seeds, so the ± over them is not a seed spread."] if repeated else []),
             ),  # fmt: skip
             ("h", 2, "Nets (aggregated over seeds)"),
-            ("table", head, rows),
-            ("h", 2, "Per-class test IoU % (mean over seeds)"),
-            ("table", *class_table(stats)),
+            ("table", head, rows) if stats else ("p", NONE_FINISHED),
         ]
+        if stats:
+            blocks += [("h", 2, "Per-class test IoU % (mean over seeds)"), ("table", *class_table(stats))]
         if charts["val_miou"]:
             blocks += [("h", 2, "Validation mIoU per epoch"),
                        ("p", "Thin lines: single runs; bold: the net's mean; band: min–max over its seeds."),
@@ -211,7 +214,9 @@ def build_report(
                                   f"{ran}. The tables above rank by test mIoU, which the search never saw."))
         if searches:
             blocks += [("h", 2, "Search"), *searches]
-        blocks += [("h", 2, "Runs"), ("table", *run_table(runs, paths)), ("h", 2, "Failed or interrupted runs")]
+        if stats:
+            blocks += [("h", 2, "Runs"), ("table", *run_table(runs, paths))]
+        blocks.append(("h", 2, "Failed or interrupted runs"))
         if failed:
             blocks.append(("ul", [f"{_rel(r.dir, paths)} (net {r.net}, seed {DASH if r.seed is None else r.seed}): "
                                   f"{r.error}" for r in failed]))  # fmt: skip
