@@ -271,6 +271,16 @@ def test_rembg_matting_settings_are_accepted_and_empty_stdin_is_named(model, tmp
             "bgremover-predict: error: <stdin>: no data (give an INPUT image, or pipe one in)"), (argv, res.stderr)
 
 
+def test_main_called_from_a_program_leaves_its_warnings_as_they_were(model, tmp_path, capsys):
+    """main() switched the whole process's warnings.showwarning to its one-line form for good (review)."""
+    import warnings
+
+    before = warnings.showwarning
+    src = save_png(tmp_path / "a.png")
+    assert main([str(src), "-m", model, "-q"]) == 0
+    assert warnings.showwarning is before
+
+
 def test_subprocess_errors_are_one_line_no_traceback(model, tmp_path):
     text = tmp_path / "fake.jpg"
     text.write_text("not a jpeg")

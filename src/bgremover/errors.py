@@ -7,6 +7,8 @@ else is a bug and keeps its traceback (in the run's log file).
 
 from __future__ import annotations
 
+import contextlib
+
 
 class UserError(Exception):
     """What the user gave us cannot be used; the message is one line that names the file or option at fault."""
@@ -31,10 +33,12 @@ def report(error: BaseException | str, prog: str | None = None, code: int = 1) -
     return code
 
 
-def one_line_warnings(prog: str | None = None) -> None:
-    """Show Python warnings as one `[prog: ]warning: ...` line each, not Python's file:line header plus the
-    warning's source line: what a command-line user reads is the message (a stale int8 model, a damaged EXIF
-    block). Which warnings show, and how often, stays Python's filters' decision."""
+@contextlib.contextmanager
+def one_line_warnings(prog: str | None = None):
+    """While a command runs: Python warnings as one `[prog: ]warning: ...` line each, not Python's file:line
+    header plus the warning's source line — what a command-line user reads is the message (a stale int8 model, a
+    damaged EXIF block). Which warnings show, and how often, stays Python's filters' decision. Restored after, so
+    calling a command's main() from a program leaves its warnings as they were."""
     import sys
     import warnings
 
@@ -42,7 +46,11 @@ def one_line_warnings(prog: str | None = None) -> None:
         text = one_line(message, None)
         print(f"{prog}: warning: {text}" if prog else f"warning: {text}", file=file or sys.stderr, flush=True)
 
-    warnings.showwarning = show
+    previous, warnings.showwarning = warnings.showwarning, show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def below_minimum(args, minimums: dict[str, int], prog: str | None = None) -> int | None:

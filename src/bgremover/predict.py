@@ -233,7 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # parse_args stops filling positionals at the first option and rejects OUT. Bad syntax: argparse's usage, exit 2.
     args = _parser(command).parse_intermixed_args(argv[1:] if command else argv)
     err = sys.stderr
-    one_line_warnings(PROG)
 
     def fail_usage(msg: str) -> int:
         return report(msg, PROG, code=2)
@@ -241,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command is not None:
             args = _from_rembg_form(command, args)
-        return _run(args, fail_usage)
+        with one_line_warnings(PROG):
+            return _run(args, fail_usage)
     except KeyboardInterrupt:
         print("bgremover-predict: interrupted", file=err)
         return 130

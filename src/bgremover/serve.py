@@ -410,9 +410,11 @@ def server_config(app, log_level: str = "info", **kwargs) -> uvicorn.Config:
 def main(argv: Sequence[str] | None = None, prog: str = "bgremover-serve") -> int:
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    prog = parser.prog
-    one_line_warnings(prog)
+    with one_line_warnings(parser.prog):
+        return _serve(args, parser.prog)
 
+
+def _serve(args: argparse.Namespace, prog: str) -> int:
     def usage(msg: str) -> int:
         return report(msg, prog, code=2)
 
