@@ -30,6 +30,14 @@ def run_summary(path: str | os.PathLike) -> Path | None:
     return next((d / SUMMARY_NAME for d in (ckpt.parent, ckpt.parent.parent) if (d / SUMMARY_NAME).is_file()), None)
 
 
+def epochs_trained(ckpt: dict[str, Any]) -> int:
+    """Epochs a training checkpoint holds. Lightning's loop counter says it for a checkpoint written at an epoch's
+    end (its "epoch" is that epoch's index) and at the end of training (its "epoch" already counts the last one)
+    alike; an older file without loop state: its "epoch" + 1."""
+    progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current")
+    return int(progress["processed"]) if progress else int(ckpt.get("epoch", -1)) + 1
+
+
 def is_runs_best(path: str | os.PathLike, summary: dict[str, Any]) -> bool:
     """Whether checkpoint `path` is its run's best one, whose numbers the run's test stage reported (export,
     eval's attach step and compare credit them to it). The same file by name (runs move between machines), the
@@ -38,8 +46,10 @@ def is_runs_best(path: str | os.PathLike, summary: dict[str, Any]) -> bool:
     best = summary.get("best_ckpt")
     if not best:
         return True
+    from bgremover.config import SUMMARY_NAME
+
     p, b = Path(path), Path(best)
-    if b.name in (p.name, p.resolve().name) or (p.name == "best.ckpt" and (p.parent / "summary.json").is_file()):
+    if b.name in (p.name, p.resolve().name) or (p.name == "best.ckpt" and (p.parent / SUMMARY_NAME).is_file()):
         return True
     if not b.is_file():
         return False

@@ -6,6 +6,7 @@ after the imports, the dataset scan and the net are built, deep inside a DataLoa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -215,10 +216,8 @@ def _number(value):
     anything else unchanged."""
     if isinstance(value, str):
         for kind in (int, float):
-            try:
+            with contextlib.suppress(ValueError):
                 return kind(value.strip())
-            except ValueError:
-                pass
     return value
 
 
@@ -290,13 +289,12 @@ def _check_resume(cfg: DictConfig, model) -> None:
                         "resume with the run's own settings (its .hydra/overrides.yaml), or start from its "
                         "weights with ckpt_init=")
     trainer = cfg.get("trainer") or {}
-    progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}
-    epochs, steps = progress.get("processed"), ckpt.get("global_step")
+    epochs, steps = checkpoint.epochs_trained(ckpt), ckpt.get("global_step")
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
-    done = (isinstance(epochs, int) and isinstance(max_epochs, int) and max_epochs > 0 and epochs >= max_epochs) \
+    done = (isinstance(max_epochs, int) and 0 < max_epochs <= epochs) \
         or (isinstance(steps, int) and isinstance(max_steps, int) and 0 < max_steps <= steps)
     if done:
-        raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {'?' if epochs is None else epochs} epochs ({steps} steps): with "
+        raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {epochs} epochs ({steps} steps): with "
                         f"trainer.max_epochs={max_epochs} and trainer.max_steps={max_steps} nothing is left to "
                         "train; raise them to go on, or test it with train=false")
 

@@ -25,6 +25,8 @@ import argparse
 import io
 import os
 import sys
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -197,19 +199,16 @@ def _beside(item: Path) -> Path:
 
 def _disambiguate(items: list[Path | None], dests: list[Path]) -> list[Path | None]:
     """photo.jpg and photo.png would both become photo.nobg.png: give such clashes photo_jpg.nobg.png etc."""
-    count: dict[Path, int] = {}
-    for d in dests:
-        count[d] = count.get(d, 0) + 1
     def renamed(item: Path, dest: Path, lower: bool) -> Path:
         suffix = item.suffix.lstrip(".")
         return dest.with_name(f"{item.stem}_{suffix.lower() if lower else suffix}{OUTPUT_SUFFIX}")
 
+    count = Counter(dests)
     out: list[Path | None] = [renamed(i, d, True) if count[d] > 1 and i is not None else d
                               for i, d in zip(items, dests, strict=True)]
-    lowered = [o for o in out if o is not None]
-    for n, (item, dest) in enumerate(zip(items, dests, strict=True)):  # photo.jpg + photo.JPG: keep the case
-        if item is not None and count[dest] > 1 and lowered.count(out[n]) > 1:
-            out[n] = renamed(item, dest, False)
+    lowered = Counter(out)  # photo.jpg + photo.JPG still clash in lower case: those keep theirs
+    out = [renamed(i, d, False) if i is not None and count[d] > 1 and lowered[o] > 1 else o
+           for i, d, o in zip(items, dests, out, strict=True)]
     by_dest: dict[Path, Path | None] = {}
     for item, dest in zip(items, out, strict=True):  # e.g. a/x.png and b/x.png into one --out folder
         if dest is not None and dest in by_dest:
@@ -278,8 +277,8 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     matting = [f for f, v in (("-ae", args.alpha_matting_erode_size), ("-af", args.alpha_matting_foreground_threshold),
                               ("-ab", args.alpha_matting_background_threshold)) if v is not None]
     if matting:  # rembg commands carry them along with -a: they run here, with one line saying what they mean
-        print(f"{PROG}: warning: {'/'.join(matting)} (rembg's alpha-matting settings) ignored: -a here refines the "
-              "mask with a guided filter", file=sys.stderr)
+        warnings.warn(f"{'/'.join(matting)} (rembg's alpha-matting settings) ignored: -a here refines the mask with "
+                      "a guided filter", stacklevel=2)
     given = args.bg_color if args.bg_color is not None else args.bgcolor  # --bg-color R,G,B[,A] or -bgc R G B A
     bg_color = parse_color(given) if given is not None else None
     if args.bg_image is not None and not Path(args.bg_image).is_file():
@@ -358,11 +357,11 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
             skipped += 1
         else:
             try:
+                source = src
                 if src is None:
-                    piped = sys.stdin.buffer.read()
-                    if not piped:  # was "not a recognised image file"; `i` without INPUT lands here from scripts
+                    source = io.BytesIO(sys.stdin.buffer.read())
+                    if not source.getbuffer().nbytes:  # was "not a recognised image file" (`i` from a script)
                         raise ImageError("<stdin>: no data (give an INPUT image, or pipe one in)")
-                source = src if src is not None else io.BytesIO(piped)
                 data = encode_png(remover.remove(source, **opts))
                 if dst is None:
                     sys.stdout.buffer.write(data)

@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
 from bgremover import utils
+from bgremover.checkpoint import epochs_trained
 from bgremover.lit.callbacks import LastCheckpoint, best_checkpoint_callback
 
 log = logging.getLogger("bgremover.train")
@@ -65,10 +66,7 @@ class RunSummary(Callback):
     def from_checkpoint(self, ckpt: dict[str, Any], path: str) -> None:
         """A test-only run (train=false ckpt_path=X) describes the training recorded in X."""
         self.history = list(ckpt.get("history", []))
-        # epochs trained: Lightning's loop counter says it for a checkpoint written at an epoch's end (its "epoch"
-        # is that epoch's index) and at the end of training (its "epoch" already counts the last one) alike
-        progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current")
-        self.epochs = int(progress["processed"]) if progress else int(ckpt.get("epoch", -1)) + 1
+        self.epochs = epochs_trained(ckpt)
         self.best_ckpt = path
         self.fit_seconds = ((ckpt.get("callbacks") or {}).get(type(self).__qualname__) or {}).get("fit_s")
         self.global_step = int(ckpt.get("global_step", 0))  # the trainer of a test-only run never stepped
