@@ -289,6 +289,36 @@ def test_a_resume_with_another_net_is_one_line_before_the_build(small_camvid, tm
     config.validate_train(compose_cfg(tmp_path / "d", [*deeplab, f"ckpt_init={last}"]))  # weights to start from
 
 
+def test_a_resume_whose_clock_is_spent_is_refused_up_front(small_camvid, tmp_path):
+    """trainer.max_time and a callback's budget_s go on across a resume: with the clock already spent, the resumed
+    run trained nothing, tested, and wrote an "ok" run. Refused up front now; a malformed max_time, which
+    Lightning refused only while building the Trainer, is one line naming the setting."""
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=1"]
+    train(compose_cfg(tmp_path / "a", base))
+    state = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    state["callbacks"]["Timer"] = {"time_elapsed": {"train": 90.0, "validate": 3.0}}
+    state["callbacks"]["TimeToMIoU"] = {"reached": {}, "fit_s": 70.0, "train_s": 61.0}
+    ckpt = tmp_path / "spent.ckpt"
+    torch.save(state, ckpt)
+    more = [*base, "trainer.max_epochs=3", f"ckpt_path={ckpt}"]
+    budget = ["+callbacks.clock._target_=bgremover.lit.speedrun.TimeToMIoU"]
+    config.validate_train(compose_cfg(tmp_path / "b", [*more, "trainer.max_time=00:00:01:31"]))  # 1 s left
+    config.validate_train(compose_cfg(tmp_path / "b", [*more, *budget, "+callbacks.clock.budget_s=62"]))
+    for extra, key, allowed in ((["trainer.max_time=00:00:01:30"], "trainer.max_time", 90),
+                                (["trainer.max_time={minutes: 1}"], "trainer.max_time", 60),
+                                ([*budget, "+callbacks.clock.budget_s=60"], "callbacks.clock.budget_s", 60)):
+        with pytest.raises(UserError) as info:
+            config.validate_train(compose_cfg(tmp_path / "b", [*more, *extra]))
+        assert str(info.value).startswith(f"ckpt_path {ckpt} has trained ") and \
+            f", and {key} allows {allowed} s in all: nothing is left to train" in str(info.value)
+    for bad in ("10min", "00:00:00:00"):
+        with pytest.raises(UserError, match=r"^trainer\.max_time must be "):
+            config.validate_train(compose_cfg(tmp_path / "c", [*base, f"trainer.max_time={bad}"]))
+
+
 def test_a_resume_in_place_keeps_the_csv_logs_earlier_rows(small_camvid, tmp_path):
     """Lightning's CSV writer deleted csv/metrics.csv when it started: resumed in its own folder, a run's CSV
     history began at the resume (11 rows became 5 in the audit). The earlier rows stay; new ones are appended."""

@@ -247,6 +247,7 @@ def validate_train(cfg: DictConfig) -> None:
     epochs = trainer.get("max_epochs")
     if epochs is not None and epochs != -1:
         _positive_int(epochs, "trainer.max_epochs")
+    max_time_s(cfg)  # Lightning refused a bad one only while building the Trainer, after the config was printed
     if trainer.get("sync_batchnorm") and trainer.get("accelerator") == "cpu" and "ddp" in str(trainer.get("strategy")):
         # torch's DistributedDataParallel refuses SyncBatchNorm modules on CPU, after everything was built
         raise UserError("trainer.sync_batchnorm=true needs GPUs (torch's DDP refuses SyncBatchNorm on CPU): "
@@ -297,6 +298,36 @@ def _check_resume(cfg: DictConfig, model) -> None:
         raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {epochs} epochs ({steps} steps): with "
                         f"trainer.max_epochs={max_epochs} and trainer.max_steps={max_steps} nothing is left to "
                         "train; raise them to go on, or test it with train=false")
+    # the clocks go on across a resume (Lightning's Timer, TimeToMIoU's budget): a spent one stopped the resumed
+    # run at once, which then tested and wrote an "ok" run like the case above
+    states = ckpt.get("callbacks") or {}
+    clocks = [("trainer.max_time", max_time_s(cfg), (states.get("Timer") or {}).get("time_elapsed", {}).get("train"))]
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        if isinstance(cb, DictConfig) and cb.get("budget_s") is not None:
+            spent = [s.get("train_s") for k, s in states.items() if k.split("{")[0] == cb._target_.rsplit(".", 1)[-1]]
+            clocks.append((f"callbacks.{name}.budget_s", float(_number(cb.budget_s)), (spent or [None])[0]))
+    for key, limit, spent in clocks:
+        if limit is not None and isinstance(spent, int | float) and spent >= limit:
+            raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {spent:.0f} s, and {key} allows {limit:.0f} s "
+                            "in all: nothing is left to train; raise it to go on, or test it with train=false")
+
+
+def max_time_s(cfg: DictConfig) -> float | None:
+    """trainer.max_time in seconds (None: no limit), read as Lightning reads it (DD:HH:MM:SS, or a dict of
+    timedelta's arguments); a form it refuses is a UserError naming the setting."""
+    value = (cfg.get("trainer") or {}).get("max_time")
+    if value is None:
+        return None
+    from pytorch_lightning.callbacks import Timer
+
+    try:
+        seconds = Timer(OmegaConf.to_container(value) if isinstance(value, DictConfig) else value)._duration
+    except Exception as exc:  # MisconfigurationException, or TypeError from timedelta(**dict)
+        raise UserError(f"trainer.max_time must be DD:HH:MM:SS (e.g. 00:00:10:00) or {{minutes: 10}}, got "
+                        f"{value!r}") from exc
+    if not seconds or seconds <= 0:
+        raise UserError(f"trainer.max_time must be a positive duration, got {value!r}")
+    return seconds
 
 
 def validate_eval(cfg: DictConfig) -> None:
