@@ -43,6 +43,10 @@ UNKNOWN_VARS := $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(o
 ifneq ($(UNKNOWN_VARS),)
 $(error unknown make variable(s) $(UNKNOWN_VARS): Hydra overrides go in ARGS, e.g. make train ARGS="$(firstword $(UNKNOWN_VARS))=...")
 endif
+# pytest-xdist printed its whole usage block for TEST_JOBS=x: one line instead (a count, or xdist's auto/logical)
+ifeq ($(shell [[ '$(TEST_JOBS)' =~ ^([0-9]+|auto|logical)$$ ]] && echo ok),)
+$(error TEST_JOBS must be a number of test processes (0: one process) or auto, got '$(TEST_JOBS)')
+endif
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint data train eval sweep compare export predict ship eval-cutout \

@@ -111,3 +111,15 @@ def test_make_refuses_a_variable_no_target_reads():
     ok = subprocess.run(["make", "-n", "train", "EXP=speedrun_tiramisu103", "ARGS=speedrun_budget_s=450"], cwd=REPO,
                         capture_output=True, text=True, timeout=60, check=True)
     assert "experiment=speedrun_tiramisu103 speedrun_budget_s=450" in ok.stdout
+
+
+def test_make_test_with_a_bad_test_jobs_says_so_in_one_line():
+    """`make test TEST_JOBS=x` ended in pytest-xdist's whole usage block (exit 4); now one line naming the setting."""
+    proc = subprocess.run(["make", "-s", "test", "TEST_JOBS=x"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.endswith("*** TEST_JOBS must be a number of test processes (0: one process) or auto, got 'x'.  Stop.")
+    for jobs in ("0", "3", "auto"):
+        ok = subprocess.run(["make", "-n", "test", f"TEST_JOBS={jobs}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, check=True)
+        assert f"pytest -n {jobs} --dist worksteal" in ok.stdout
