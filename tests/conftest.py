@@ -95,6 +95,12 @@ def tiny_camvid(tmp_path: Path) -> Path:
     return write_camvid(tmp_path / "CamVid")
 
 
+@pytest.fixture
+def small_camvid(tmp_path: Path) -> Path:
+    """A 4/2/3-frame CamVid of 32×64 frames: enough for a run end to end in seconds."""
+    return write_camvid(tmp_path / "CamVid", {"train": 4, "val": 2, "test": 3}, size=(32, 64))
+
+
 @pytest.fixture(autouse=True)
 def _offline_wandb(monkeypatch, tmp_path_factory):
     # Never talk to W&B from tests, and keep its cache/config out of the home directory.

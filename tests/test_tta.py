@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_runs import TINY_RUN, small_camvid  # noqa: F401  (fixture)
+from test_runs import TINY_RUN
 from test_train import compose_cfg
 
 from bgremover.errors import UserError
@@ -61,7 +61,7 @@ def test_bad_scales_are_a_user_error(scales):
         TTA(scales=scales)
 
 
-def test_eval_with_tta_records_it_and_leaves_the_runs_numbers_alone(small_camvid, tmp_path, capsys):  # noqa: F811
+def test_eval_with_tta_records_it_and_leaves_the_runs_numbers_alone(small_camvid, tmp_path, capsys):
     from bgremover.eval import evaluate
 
     run = compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -15,6 +16,7 @@ from wandb.proto import wandb_internal_pb2 as pb
 BLOCK = 32 * 1024
 HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+FLUSH_WAIT_S = 60  # how long offline_run waits for wandb-core to finish writing a run's file
 
 
 def records(path: Path):
@@ -47,6 +49,11 @@ def offline_run(run_dir: Path) -> dict:
     """{'history': [{key: value}], 'group', 'tags', 'project', 'config': {...}} of the one offline run below run_dir."""
     files = sorted(Path(run_dir).rglob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"expected one offline W&B run under {run_dir}, found {files}"
+    # wandb.finish() can return before wandb-core has written the file: on a loaded machine it was still its 7-byte
+    # header then, and complete 2 s later. The run is whole once its `exit` record is there.
+    deadline = time.monotonic() + FLUSH_WAIT_S
+    while not any(r.WhichOneof("record_type") == "exit" for r in records(files[0])) and time.monotonic() < deadline:
+        time.sleep(0.2)
     out: dict = {"history": [], "config": {}, "summary": {}}
     for r in records(files[0]):
         kind = r.WhichOneof("record_type")

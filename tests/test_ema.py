@@ -1,0 +1,87 @@
+"""callbacks=ema: the checkpoints hold the weight average for testing and export, and the raw weights to resume
+from; an EMA decay too slow for the run is called out."""
+
+from __future__ import annotations
+
+import json
+
+import pytorch_lightning as pl
+import torch
+from test_runs import TINY_RUN, _Scored
+from test_train import compose_cfg
+
+from bgremover.lit.callbacks import LastCheckpoint
+from bgremover.train import train
+
+
+def test_ema_decay_too_slow_for_the_run_is_called_out(tmp_path, caplog):
+    from bgremover.lit.callbacks import EMAWeights
+
+    def fit(decay: float) -> list[str]:
+        caplog.clear()
+        trainer = pl.Trainer(max_epochs=3, callbacks=[EMAWeights(decay=decay)], logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                             default_root_dir=tmp_path)
+        with caplog.at_level("WARNING", logger="bgremover.train"):
+            trainer.fit(_Scored([0.1, 0.2, 0.3]))
+        return [r.getMessage() for r in caplog.records if "callbacks.ema.decay" in r.getMessage()]
+
+    # 3 epochs × 2 steps = 6 steps, against an average over ~1000
+    assert fit(0.999) == ["callbacks.ema.decay=0.999 averages over ~1000 steps, and this run plans 6: the average "
+                          "keeps much of the early weights; for this length use callbacks.ema.decay=0.1667"]
+    assert fit(0.5) == []  # ~2 steps: fine for 6
+
+
+
+def _net_tensors(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.startswith("net.") and v.is_floating_point()}
+
+
+
+def test_callbacks_ema_checkpoints_the_average_and_resumes_from_the_raw_weights(small_camvid, tmp_path):
+    """callbacks=ema: each checkpoint's state_dict (what test, eval, export and ship read) is the moving average
+    and the raw weights travel in current_model_state; the fitted module holds the average; decay 0 makes the
+    average the raw weights; a resumed run goes on and keeps averaging."""
+    from bgremover import checkpoint
+
+    ema = [*TINY_RUN, f"data.root={small_camvid}", "callbacks=ema"]
+    _, objects = train(compose_cfg(tmp_path / "a", [*ema, "trainer.max_epochs=2", "callbacks.ema.decay=0.5"]))
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    ckpt = torch.load(s["last_ckpt"], weights_only=False)
+    avg, raw = _net_tensors(ckpt["state_dict"]), _net_tensors(ckpt["current_model_state"])
+    assert avg.keys() == raw.keys() and len(avg) > 10
+    assert sum(not torch.equal(avg[k], raw[k]) for k in avg) > len(avg) // 2  # averaged, not copied
+    best = torch.load(s["best_ckpt"], weights_only=False)
+    best_avg = _net_tensors(best["state_dict"])
+    assert any(not torch.equal(best_avg[k], v) for k, v in _net_tensors(best["current_model_state"]).items())
+    fitted = {f"net.{k}": v for k, v in objects["model"].net.state_dict().items()}
+    assert all(torch.equal(fitted[k], best_avg[k]) for k in best_avg)  # the test stage ran the best average
+    net, _, _ = checkpoint.load_net(s["best_ckpt"])  # export / ship / ckpt_init read the average
+    assert all(torch.equal(net.state_dict()[k[4:]], v) for k, v in best_avg.items())
+
+    _, _ = train(compose_cfg(tmp_path / "b", [*ema, "trainer.max_epochs=3", "callbacks.ema.decay=0.5",
+                                              f"ckpt_path={s['last_ckpt']}"]))  # fmt: skip
+    s2 = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s2["history"]["epoch"] == [0, 1, 2] and s2["status"] == "ok"
+
+    train(compose_cfg(tmp_path / "c", [*ema, "trainer.max_epochs=1", "callbacks.ema.decay=0.0"]))
+    last = torch.load(json.loads((tmp_path / "c" / "summary.json").read_text())["last_ckpt"], weights_only=False)
+    avg, raw = _net_tensors(last["state_dict"]), _net_tensors(last["current_model_state"])
+    assert all(torch.equal(avg[k], raw[k]) for k in avg)  # decay 0: the average is the last step's weights
+
+
+
+def test_last_ckpt_at_the_end_keeps_the_raw_weights_beside_the_ema_average(tmp_path):
+    """every_epoch=False saved at on_train_end, after callbacks=ema had copied the average over the raw weights:
+    the checkpoint's current_model_state (what a resume trains on) was the average too."""
+    from bgremover.lit.callbacks import EMAWeights
+
+    ckpt_dir = tmp_path / "checkpoints"
+    trainer = pl.Trainer(max_epochs=3, callbacks=[EMAWeights(decay=0.5), LastCheckpoint(str(ckpt_dir), every_epoch=False)],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(_Scored([0.1, 0.2, 0.3]))
+    state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 6
+    raw, avg = state["current_model_state"]["layer.weight"], state["state_dict"]["layer.weight"]
+    assert not torch.equal(raw, avg)

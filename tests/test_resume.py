@@ -1,0 +1,361 @@
+"""Resuming a run: the clocks, the best epoch, the history, the CSV and W&B logs and the run plan go on from the
+checkpoint; a resume that cannot go on (another net, nothing left to train) is one line before anything is built."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_runs import TINY_RUN
+from test_train import compose_cfg
+
+from bgremover.lit.callbacks import describe_estimate
+from bgremover.train import train
+
+
+def test_resumed_run_counts_its_training_time_from_the_start(small_camvid, tmp_path):
+    """summary.json's wall_time_s (the report's "Train time") of a resumed run counted only the time since the
+    resume: 3 epochs, then 1 more from last.ckpt, was reported as 1 epoch's time."""
+    run1, run2 = tmp_path / "run1", tmp_path / "run2"
+    train(compose_cfg(run1, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=3", "test=false"]))
+    s1 = json.loads((run1 / "summary.json").read_text())
+    spent = torch.load(s1["last_ckpt"], weights_only=True)["callbacks"]["RunSummary"]["fit_s"]
+    assert 0 < spent <= s1["wall_time_s"]
+    t0 = time.time()
+    train(compose_cfg(run2, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=4", "test=false",
+                             f"ckpt_path={s1['last_ckpt']}"]))
+    own = time.time() - t0
+    s2 = json.loads((run2 / "summary.json").read_text())
+    assert s2["epochs"] == 4
+    assert spent < s2["wall_time_s"] < spent + own
+    from bgremover.lit.summary import RunSummary  # train=false ckpt_path=X: the time recorded in X
+
+    tested = RunSummary()
+    tested.from_checkpoint(torch.load(s1["last_ckpt"], weights_only=True), s1["last_ckpt"])
+    assert tested.fit_seconds == spent
+    # and its steps: a test-only run's summary said global_step 0 (its own trainer's, which never stepped)
+    train(compose_cfg(tmp_path / "run3", [*TINY_RUN, f"data.root={small_camvid}", "train=false",
+                                          f"ckpt_path={s1['last_ckpt']}"]))
+    s3 = json.loads((tmp_path / "run3" / "summary.json").read_text())
+    assert (s3["epochs"], s3["global_step"]) == (3, s1["global_step"]) and s1["global_step"] > 0
+    assert not (tmp_path / "run3" / "checkpoints").exists()  # testing copies no earlier best into its folder
+
+
+
+def test_speedrun_budget_and_clock_go_on_across_a_resume(monkeypatch):
+    """A time-budgeted speed-run resumed from a checkpoint restarted its budget (a full new one, the lr back up
+    its schedule) and its time-to-mIoU clock at zero."""
+    from bgremover.lit import speedrun
+
+    now = [1000.0]
+    monkeypatch.setattr(speedrun.time, "perf_counter", lambda: now[0])
+
+    class Trainer:
+        world_size, lr_scheduler_configs, should_stop, is_global_zero = 1, [], False, True
+
+    first = speedrun.TimeToMIoU(budget_s=100)
+    first.on_fit_start(None, None)
+    now[0] += 5  # set-up before the first step
+    first.on_train_start(None, None)
+    now[0] += 60
+    state = first.state_dict()
+    assert state["fit_s"] == 65 and state["train_s"] == 60
+
+    resumed = speedrun.TimeToMIoU(budget_s=100)
+    resumed.load_state_dict(state)
+    now[0] = 5000.0
+    resumed.on_fit_start(None, None)
+    now[0] += 2
+    resumed.on_train_start(None, None)
+    now[0] += 10
+    assert resumed.elapsed() == 77 and resumed.train_elapsed() == 70
+    assert resumed._progress(Trainer()) == pytest.approx(0.7)  # 30 s of the budget left, not 100
+
+
+
+def test_resumed_module_keeps_the_best_validation_score():
+    from bgremover.lit import SegmentationModule
+    from bgremover.nets import FCDenseNet
+
+    def module():
+        net = FCDenseNet(down_blocks=(1,), up_blocks=(1,), bottleneck_layers=1, growth_rate=4, first_conv_channels=8)
+        return SegmentationModule(net=net, optimizer=None)
+
+    first = module()
+    first.val_miou_best.update(torch.tensor(0.7))
+    first.history = [{"epoch": 0, "val/mIoU": 0.7}]
+    ckpt: dict = {"state_dict": {}}
+    first.on_save_checkpoint(ckpt)
+
+    resumed = module()
+    resumed.on_load_checkpoint(ckpt)
+    resumed.on_train_start()  # used to reset the best, so after a resume it covered only the new epochs
+    resumed.val_miou_best.update(torch.tensor(0.5))
+    assert float(resumed.val_miou_best.compute()) == pytest.approx(0.7)
+    assert resumed.history == [{"epoch": 0, "val/mIoU": 0.7}]
+
+
+
+def test_resume_from_last_ckpt_continues_history_and_best(small_camvid, tmp_path):
+    cfg = compose_cfg(tmp_path / "a", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=2"])
+    train(cfg)
+    s1 = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert Path(s1["last_ckpt"]).name == "last.ckpt"
+    assert torch.load(s1["last_ckpt"], weights_only=True)["epoch"] == 1
+
+    cfg = compose_cfg(tmp_path / "b", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=4",
+                                       f"ckpt_path={s1['last_ckpt']}"])
+    train(cfg)
+    s2 = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s2["history"]["epoch"] == [0, 1, 2, 3]
+    assert s2["history"]["val/mIoU"][:2] == s1["history"]["val/mIoU"]
+    assert s2["metrics"]["val/mIoU_best"] == pytest.approx(max(s2["history"]["val/mIoU"]))
+    assert s2["history"]["val/mIoU_best"] == [max(s2["history"]["val/mIoU"][: i + 1]) for i in range(4)]
+
+
+
+def test_a_resume_into_a_new_folder_keeps_the_earlier_best_epoch(small_camvid, tmp_path):
+    """Lightning reloads the best score only in the same checkpoint folder: resumed into a new run folder (the
+    README's way), the first epoch after the resume became "best" however bad, and was tested and exported. The
+    earlier best is now copied in and ranked: a later epoch must beat it; the earlier run's files stay."""
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2"]))
+    s1 = json.loads((tmp_path / "a" / "summary.json").read_text())
+    before = sorted(os.listdir(tmp_path / "a" / "checkpoints"))
+    state = torch.load(s1["last_ckpt"], weights_only=True)
+    (key,) = [k for k in state["callbacks"] if k.startswith(("BestCheckpoint", "ModelCheckpoint"))]
+    for run, score in (("b", 2.0), ("c", -1.0)):  # an earlier best no epoch can beat, then one every epoch beats
+        state["callbacks"][key]["best_model_score"] = torch.tensor(score)
+        torch.save(state, tmp_path / f"from_{run}.ckpt")
+        train(compose_cfg(tmp_path / run, [*base, "trainer.max_epochs=3", f"ckpt_path={tmp_path / f'from_{run}.ckpt'}"]))
+        s2 = json.loads((tmp_path / run / "summary.json").read_text())
+        best = Path(s2["best_ckpt"])
+        assert best.parent == tmp_path / run / "checkpoints"
+        if score > 1:  # the earlier run's best, copied into this run
+            assert best.name == Path(s1["best_ckpt"]).name and best.read_bytes() == Path(s1["best_ckpt"]).read_bytes()
+        else:  # the new epoch, and the copy it replaced is gone
+            assert best.name == "epoch_002.ckpt" and not (best.parent / Path(s1["best_ckpt"]).name).exists()
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == before
+
+
+
+def test_a_resume_with_another_net_is_one_line_before_the_build(small_camvid, tmp_path):
+    """`ckpt_path=<a DeepLab run's last.ckpt> model=tiramisu56` failed after the build as "RuntimeError: Error(s) in
+    loading state_dict for SegmentationModule" and left a failed run folder; now one line naming both nets."""
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=1"]
+    train(compose_cfg(tmp_path / "a", base))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    net = json.loads((tmp_path / "a" / "summary.json").read_text())["net"]
+    config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", "trainer.max_epochs=2"]))  # fine
+    # the same net with nothing left to train: it ran nothing, wrote an "ok" run, and compare took it for a seed
+    for limit in ("trainer.max_epochs=1", "trainer.max_steps=2"):
+        with pytest.raises(UserError) as info:
+            config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", limit]))
+        assert str(info.value).startswith(f"ckpt_path {last} has trained 1 epochs (") and \
+            "nothing is left to train; raise them to go on, or test it with train=false" in str(info.value)
+    deeplab = ["~experiment", "model=deeplabv3plus", "model.net.encoder_weights=null", f"data.root={small_camvid}"]
+    with pytest.raises(UserError) as info:
+        config.validate_train(compose_cfg(tmp_path / "c", [*deeplab, f"ckpt_path={last}"]))
+    assert str(info.value).startswith(f"ckpt_path {last} holds a {net}, and this run builds a "
+                                      "deeplabv3plus_mobilenet_v2: resume with the run's own settings")
+    config.validate_train(compose_cfg(tmp_path / "d", [*deeplab, f"ckpt_init={last}"]))  # weights to start from
+
+
+
+def test_a_resume_whose_clock_is_spent_is_refused_up_front(small_camvid, tmp_path):
+    """trainer.max_time and a callback's budget_s go on across a resume: with the clock already spent, the resumed
+    run trained nothing, tested, and wrote an "ok" run. Refused up front now; a malformed max_time, which
+    Lightning refused only while building the Trainer, is one line naming the setting."""
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=1"]
+    train(compose_cfg(tmp_path / "a", base))
+    state = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    state["callbacks"]["Timer"] = {"time_elapsed": {"train": 90.0, "validate": 3.0}}
+    state["callbacks"]["TimeToMIoU"] = {"reached": {}, "fit_s": 70.0, "train_s": 61.0}
+    ckpt = tmp_path / "spent.ckpt"
+    torch.save(state, ckpt)
+    more = [*base, "trainer.max_epochs=3", f"ckpt_path={ckpt}"]
+    budget = ["+callbacks.clock._target_=bgremover.lit.speedrun.TimeToMIoU"]
+    config.validate_train(compose_cfg(tmp_path / "b", [*more, "trainer.max_time=00:00:01:31"]))  # 1 s left
+    config.validate_train(compose_cfg(tmp_path / "b", [*more, *budget, "+callbacks.clock.budget_s=62"]))
+    for extra, key, allowed in ((["trainer.max_time=00:00:01:30"], "trainer.max_time", 90),
+                                (["trainer.max_time={minutes: 1}"], "trainer.max_time", 60),
+                                ([*budget, "+callbacks.clock.budget_s=60"], "callbacks.clock.budget_s", 60)):
+        with pytest.raises(UserError) as info:
+            config.validate_train(compose_cfg(tmp_path / "b", [*more, *extra]))
+        assert str(info.value).startswith(f"ckpt_path {ckpt} has trained ") and \
+            f", and {key} allows {allowed} s in all: nothing is left to train" in str(info.value)
+    for bad in ("10min", "00:00:00:00"):
+        with pytest.raises(UserError, match=r"^trainer\.max_time must be "):
+            config.validate_train(compose_cfg(tmp_path / "c", [*base, f"trainer.max_time={bad}"]))
+
+
+
+def test_a_resume_in_place_keeps_the_csv_logs_earlier_rows(small_camvid, tmp_path):
+    """Lightning's CSV writer deleted csv/metrics.csv when it started: resumed in its own folder, a run's CSV
+    history began at the resume (11 rows became 5 in the audit). The earlier rows stay; new ones are appended."""
+    import csv
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "logger=csv"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2", "test=false"]))
+    path = tmp_path / "a" / "csv" / "metrics.csv"
+    before = list(csv.DictReader(path.open()))
+    assert sorted({r["epoch"] for r in before if r.get("val/mIoU")}) == ["0", "1"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"]))
+    after = list(csv.DictReader(path.open()))
+    assert sorted({r["epoch"] for r in after if r.get("val/mIoU")}) == ["0", "1", "2"]
+    assert [{k: v for k, v in r.items() if k in before[0]} for r in after[: len(before)]] == before  # kept as written
+    assert any(r.get("test/mIoU") for r in after)  # the test stage's new column, header widened
+    assert sum(line.startswith("epoch,") for line in path.read_text().splitlines()) == 1  # one header
+    # rows past the checkpoint's step (an older checkpoint resumed, a hard kill after the last save) are trained
+    # again: they are dropped, not kept twice
+    from bgremover.lit.csv_log import _rows_before
+
+    path.write_text("epoch,step,train/loss\n0,1,0.9\n0,3,0.8\n1,5,0.7\n1,7,0.6\n")
+    torch.save({"global_step": 5}, tmp_path / "at5.ckpt")
+    assert _rows_before(str(path), str(tmp_path / "at5.ckpt")) == (
+        ["epoch", "step", "train/loss"], [{"epoch": "0", "step": "1", "train/loss": "0.9"},
+                                          {"epoch": "0", "step": "3", "train/loss": "0.8"},
+                                          {"epoch": "1", "step": "5", "train/loss": "0.7"}])
+
+
+
+def test_a_run_resumed_mid_epoch_shows_its_epoch_on_the_bar(small_camvid, tmp_path):
+    """Resumed inside an epoch, Lightning skips on_train_epoch_start: the bar read `Training: 26/?`."""
+    from bgremover.lit.callbacks import EpochProgressBar
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=3"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_steps=3"]))  # 2 steps an epoch: stops inside epoch 2
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_steps=4", f"ckpt_path={last}"]))
+    assert objects["trainer"].global_step == 4
+    (bar,) = [c for c in objects["trainer"].callbacks if isinstance(c, EpochProgressBar)]
+    assert bar.train_progress_bar.desc.startswith("Epoch 2/2"), bar.train_progress_bar.desc  # max_steps: 2 epochs
+
+
+
+def test_resume_hint_keeps_the_data_location(monkeypatch):
+    """`DATA_DIR=../shared/CamVid make train`, interrupted: the printed resume command left DATA_DIR out and
+    failed as printed (dataset folder not found: data/CamVid)."""
+    from bgremover import utils
+    from bgremover.train import RunInterrupted
+
+    monkeypatch.setattr(utils, "overrides", lambda: ["model=tiramisu56", "hydra.run.dir=x"])
+    monkeypatch.setenv("DATA_DIR", "/data/Cam Vid")
+    assert str(RunInterrupted(signal.SIGTERM, "/r/last.ckpt", 3, 40)).endswith(
+        "resume with: DATA_DIR='/data/Cam Vid' make train ARGS=\"model=tiramisu56 ckpt_path=/r/last.ckpt\"")
+    monkeypatch.setattr(utils, "overrides", lambda: ["data.root=/d"])  # typed: it is in the overrides already
+    assert str(RunInterrupted(signal.SIGTERM, "/r/last.ckpt", 3, 40)).endswith(
+        "resume with: make train ARGS=\"data.root=/d ckpt_path=/r/last.ckpt\"")
+
+
+
+def test_resuming_with_more_epochs_stretches_a_run_length_schedule(small_camvid, tmp_path):
+    """A run resumed with a larger trainer.max_epochs got the first run's PolynomialLR back (total_iters = its
+    steps), so every added step trained at lr 0 and nothing changed. The schedule now spans the new run: the
+    resumed steps train (lr > 0 and the weights move) and the lr reaches 0 at the new end."""
+    import torch
+
+    from bgremover import checkpoint
+
+    deeplab = ["~experiment", "model=deeplabv3plus", "data.num_workers=0", "data.batch_size=2", "data.crop_size=[32,32]",
+               "data.eval_batch_size=1", "extras.print_config=false", "measure_inference=false", "logger=csv",
+               "trainer.max_time=null", "test=false", f"data.root={small_camvid}"]
+    train(compose_cfg(tmp_path / "run1", [*deeplab, "trainer.max_epochs=2"]))
+    last = tmp_path / "run1" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=False)
+    assert first["lr_schedulers"][0]["total_iters"] == 4 and first["lr_schedulers"][0]["_last_lr"][0] == 0.0
+    _, objects = train(compose_cfg(tmp_path / "run2", [*deeplab, "trainer.max_epochs=4", f"ckpt_path={last}"]))
+    rows = list(csv.DictReader(next((tmp_path / "run2").rglob("metrics.csv")).open()))
+    lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    assert lrs and all(lr > 0 for lr in lrs), lrs  # was [0.0, 0.0]
+    scheduler = objects["trainer"].lr_scheduler_configs[0].scheduler
+    assert scheduler.total_iters == 8 and scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    moved = checkpoint.net_state(checkpoint.read(tmp_path / "run2" / "checkpoints" / "last.ckpt"))
+    before = checkpoint.net_state(first)
+    assert any(not torch.equal(moved[k], before[k]) for k in before if before[k].is_floating_point())
+
+
+
+def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_path, monkeypatch):
+    """A resumed run was a new, unrelated W&B run. Now the checkpoint records its W&B run; offline (here) the
+    resumed run is a new one whose config names the old (wandb sync keeps only the last of two offline runs with
+    one id), online the same run goes on (id + resume="allow")."""
+    from wandb_records import offline_run
+
+    from bgremover import train as train_mod
+    from bgremover.utils import finish_wandb
+
+    run1, run2 = tmp_path / "run1", tmp_path / "run2"
+    wandb_run = [*TINY_RUN[:-3], "logger=wandb", "trainer.check_val_every_n_epoch=1", "trainer.max_time=null"]
+    train(compose_cfg(run1, [*wandb_run, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false"]))
+    finish_wandb()
+    first = offline_run(run1 / "wandb")
+    last = run1 / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["wandb_run_id"] == first["id"]
+
+    resume = [*wandb_run, f"data.root={small_camvid}", "trainer.max_epochs=2", "test=false", f"ckpt_path={last}"]
+    train(compose_cfg(run2, resume))
+    finish_wandb()
+    second = offline_run(run2 / "wandb")
+    assert second["id"] != first["id"] and second["config"]["resumed_from_wandb_run"] == first["id"]
+
+    cfg = compose_cfg(tmp_path / "online", resume)
+    assert train_mod._resume_wandb(cfg, "online") == first["id"]
+    assert (cfg.logger.wandb.id, cfg.logger.wandb.resume) == (first["id"], "allow")
+
+
+
+def test_run_plan_of_a_run_resumed_from_a_validation_end_checkpoint(small_camvid, tmp_path, caplog):
+    """last.ckpt linked to the best file, which ModelCheckpoint writes at the end of the epoch's validation:
+    Lightning still counts that epoch as running when training starts, and the plan said "resumes at epoch 1
+    (step 2): 3 of 3 epochs × 2 steps = 4 steps left" (3 × 2 is not 4) where epoch 2 of 3 was next."""
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.check_val_every_n_epoch=2"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert last.is_symlink()  # the only validation, in the last epoch: its best file is the last one
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=4", f"ckpt_path={last}"]))
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    assert "resumes at epoch 3 (step 4): 2 of 4 epochs × 2 steps = 4 steps left" in plan
+    assert objects["trainer"].global_step == 8 and objects["trainer"].current_epoch == 4
+
+
+
+def test_run_plan_of_a_resumed_run_counts_what_is_left(small_camvid, tmp_path, caplog):
+    """A resumed run's plan announced the whole run again (all epochs, all steps, the whole time limit)."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.callbacks import Timer
+
+    from bgremover.lit.callbacks import _time_limit
+    from bgremover.lit.speedrun import TimeToMIoU
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=3"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=4", f"ckpt_path={last}"]))
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    assert "resumes at epoch 4 (step 6): 1 of 4 epochs × 2 steps = 2 steps left" in plan
+    estimate = describe_estimate(objects["trainer"], 600.0, (3, 6))  # 2 steps left at 10 min each
+    assert "about 20 min 00 s of training for the 1 epoch left" in estimate
+
+    # the time limits: what a resumed run has left of them (both clocks go on across a resume)
+    timer = Timer(duration="00:00:10:00")
+    timer.load_state_dict({"time_elapsed": {"train": 125.0}})
+    budget = TimeToMIoU(budget_s=300)
+    budget.load_state_dict({"train_s": 290.0})
+    assert _time_limit(SimpleNamespace(callbacks=[timer])) == (475.0, "trainer.max_time")
+    assert _time_limit(SimpleNamespace(callbacks=[timer, budget])) == (10.0, "TimeToMIoU's time budget")

@@ -1,0 +1,175 @@
+"""Bad settings and misplaced runs fail at once, in one line, before a run folder is made; nothing a user made
+is ever removed or overwritten."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+from omegaconf import open_dict
+from test_runs import TINY_RUN, _run
+from test_train import compose_cfg
+
+
+def test_a_setting_of_another_data_choice_is_named_in_one_line(small_camvid, tmp_path):
+    """`EXP=speedrun_remover ARGS="trainer=cpu data=camvid"`: the recipe's resident-data settings reached
+    CamVidDataModule as `TypeError: ... unexpected keyword argument 'scale_range'` (with a traceback in the log)."""
+    proc = _run("bgremover.train", "experiment=speedrun_remover", "trainer=cpu", "data=camvid",
+                f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: scale_range is not a setting of bgremover.data.datamodule.CamVidDataModule: "
+                                   "the recipe or an override sets it for another choice of that config group")
+    assert not (tmp_path / "train").exists() or not any((tmp_path / "train" / "runs").iterdir())
+
+
+
+def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small_camvid, tmp_path):
+    start = time.time()
+    proc = _run("bgremover.train", f"data.root={small_camvid}", "data.batch_size=-1", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: data.batch_size must be a positive integer, got -1"
+    assert proc.stdout.count("\n") < 5  # no config dump, no model summary
+    assert time.time() - start < 30
+    assert not list((tmp_path / "train" / "runs").glob("*"))
+
+
+
+def test_a_group_set_to_null_is_switched_off_not_a_traceback(small_camvid, tmp_path):
+    """`logger=null` (the lightning-hydra-template way to switch a group off) crashed in Hydra with a bare
+    ValueError traceback ("Config group override must be a string or a list"); it now means `~logger`. A key that
+    is not a config group keeps null as its value, and eval without a checkpoint says so in one line (it said
+    "TypeError: expected str ... not NoneType" and left a run folder)."""
+    from bgremover.config import _drop_group
+
+    assert [_drop_group(a) for a in ("logger=null", "callbacks=None", "tta=null", "ckpt_path=null", "logger=csv",
+                                     "nosuchgroup=null", "data.root=null")] == [
+        "~logger", "~callbacks", "~tta", "ckpt_path=null", "logger=csv", "nosuchgroup=null", "data.root=null"]
+    # one process for both: train and eval share the command-line path (config.hydra_command_line)
+    proc = _run("bgremover.eval", "tta=null", "logger=null", "ckpt_path=null", f"data.root={small_camvid}",
+                f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: no checkpoint given: make eval CKPT="), proc.stderr
+    assert not list(tmp_path.glob("*/runs/*"))
+
+
+
+def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_camvid, tmp_path):
+    """`hydra.run.dir=<an earlier run>` overwrote its config, log, summary and last.ckpt (`make reproduce-default`
+    used one fixed folder, so a second run clobbered the first). Refused in one line before Hydra writes anything;
+    resuming that run in place (ckpt_path inside it) and a new folder are fine."""
+    from bgremover.config import _taken_run_dir
+
+    old = tmp_path / "old_run"
+    (old / ".hydra").mkdir(parents=True)
+    (old / "checkpoints").mkdir()
+    files = {old / "summary.json": '{"status": "ok"}', old / ".hydra" / "config.yaml": "seed: 1\n",
+             old / "checkpoints" / "last.ckpt": "weights"}
+    for path, text in files.items():
+        path.write_text(text)
+    proc = _run("bgremover.train", f"hydra.run.dir={old}", f"data.root={small_camvid}", f"ckpt_path={tmp_path / 'x.ckpt'}")
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: hydra.run.dir={old} already holds a run"), \
+        proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert {p: p.read_text() for p in files} == files and sorted(p.name for p in old.iterdir()) == [
+        ".hydra", "checkpoints", "summary.json"]
+    assert _taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"]) is None  # resume
+    assert _taken_run_dir([f"hydra.run.dir={tmp_path / 'new'}"]) is None
+    assert _taken_run_dir(["-m", f"hydra.run.dir={old}"]) is None  # a sweep's folders are hydra.sweep.dir's
+    # an evaluation into the training's folder replaced its .hydra config with eval's (ckpt_path inside: exempt)
+    assert _taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"], resumes=False).startswith(
+        f"hydra.run.dir={old} already holds a run")
+    proc = _run("bgremover.eval", f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt",
+                f"data.root={small_camvid}")
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: hydra.run.dir={old} already holds a run"), \
+        proc.stderr[-2000:]
+    assert {p: p.read_text() for p in files} == files
+    # a sweep into an earlier sweep's folder: job 0 overwrote the earlier job 0, the earlier jobs joined the report
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "summary.json").write_text('{"status": "ok"}')
+    assert _taken_run_dir(["-m", f"hydra.sweep.dir={sweep}", "seed=1,2"]) == (
+        f"hydra.sweep.dir={sweep} already holds a sweep: its jobs' results would be overwritten and counted into "
+        "this one; choose a new folder")
+    assert _taken_run_dir(["-m", f"hydra.sweep.dir={tmp_path / 'fresh'}", "seed=1,2"]) is None
+
+
+
+def test_cpu_ddp_with_sync_batchnorm_is_refused_before_building(small_camvid, tmp_path):
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer=ddp", "trainer.accelerator=cpu",
+                                 "trainer.devices=2"])
+    with pytest.raises(UserError, match="sync_batchnorm=false"):
+        config.validate_train(cfg)
+
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    proc = _run("bgremover.train", f"paths.log_dir={tmp_path}", env={"DATA_DIR": str(tmp_path / "empty")})
+    assert proc.returncode == 1 and "make data" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+
+def test_eval_reads_only_the_split_it_evaluates_and_never_suggests_unsafe_loading(small_camvid, tmp_path):
+    proc = _run("bgremover.eval", "ckpt_path=README.md", f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: not a PyTorch checkpoint: README.md")
+    assert "weights_only" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+    shutil.rmtree(small_camvid / "train")  # eval never needs the train split
+    shutil.rmtree(small_camvid / "trainannot")
+    proc = _run("bgremover.eval", "ckpt_path=README.md", f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")
+    assert "train" not in proc.stderr
+
+
+
+def test_train_split_with_test_fails_in_one_line_before_any_run_folder(small_camvid, tmp_path):
+    proc = _run("bgremover.train", f"data.root={small_camvid}", "data.train_split=train+test", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: data.train_split=train+test would train on the test split: "
+                                   "its numbers would mean nothing")
+    assert not list((tmp_path / "train" / "runs").glob("*"))
+
+
+
+def test_output_dir_override_is_refused_in_one_line_and_nothing_is_deleted(small_camvid, tmp_path):
+    """paths.output_dir=X split a run (checkpoints in X, its log and config in Hydra's folder), and a user error
+    then removed X as an "empty run folder" when it held only .log files: a user's own folder."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.log").write_text("keep me")
+    for module in ("bgremover.train", "bgremover.eval"):
+        proc = _run(module, f"data.root={small_camvid}", f"paths.output_dir={mine}", "data.batch_size=-1",
+                    "ckpt_path=README.md", f"paths.log_dir={tmp_path / 'logs'}")
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert proc.stderr.strip() == ("error: paths.output_dir follows Hydra's run folder: set hydra.run.dir=<folder> "
+                                       "instead (a sweep: hydra.sweep.dir=<folder>)")
+        assert (mine / "notes.log").read_text() == "keep me"
+    assert not [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]  # Hydra's own run folders are removed
+
+
+
+def test_a_user_error_never_removes_a_folder_hydra_did_not_make(tmp_path):
+    from bgremover import utils
+    from bgremover.errors import UserError
+
+    cfg = compose_cfg(tmp_path / "hydra_run", [*TINY_RUN])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.log").write_text("keep me")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(mine)
+
+    def fails(_):
+        raise UserError("bad input")
+
+    with pytest.raises(UserError):
+        utils.run_task(fails, cfg)
+    assert (mine / "notes.log").read_text() == "keep me"
+
+
+
+def test_unknown_model_lists_only_real_choices():
+    proc = _run("bgremover.train", "model=tiramisu999")
+    assert proc.returncode != 0 and "tiramisu103" in proc.stderr and "recipe" not in proc.stderr
