@@ -190,9 +190,9 @@ def load_remover(
 ) -> _RecordingRemover:
     """The predictor for `model`, refused unless its classes are the dataset's (`expected`, default CamVid's).
     max_side None: the scale the model was trained at (a folder-trained remover's image_size), else full resolution."""
-    remover = _RecordingRemover(model, classes=classes, threads=threads, max_side=max_side or FULL_RES_SIDE)
-    if max_side is None and remover.meta.get("image_size"):
-        remover.max_side = int(remover.meta["image_size"])  # what predict does with this model
+    remover = _RecordingRemover(model, classes=classes, threads=threads, max_side=max_side)
+    if max_side is None and not remover.upscale:  # else at the scale it was trained at, as predict runs it
+        remover.max_side = FULL_RES_SIDE
     want = list(CLASSES if expected is None else expected)
     if [c.lower() for c in remover.classes] != [c.lower() for c in want]:
         whose = "CamVid's" if expected is None else "the dataset's"
@@ -279,6 +279,7 @@ def evaluate(
         "cutout_threshold": hard.summary() if hard is not None else None,
         "ms_per_image": _num(1000.0 * seconds / len(pairs)) if pairs else None,
         "max_side": remover.max_side if remover.max_side < FULL_RES_SIDE else None,
+        "trained_scale": remover.upscale,  # every image inferred at max_side, smaller ones scaled up too
         "per_image": per_image,
     }
 
@@ -345,7 +346,8 @@ def format_report(r: dict[str, Any], data_root: str, split: str, threads: int | 
     lines.append("")
     lines.append(
         f"predictor {_fmt(r['ms_per_image'], 1)} ms/image "
-        + (f"inferred at <= {r['max_side']} px long side " if r.get("max_side") else "at full resolution ")
+        + (f"inferred at {r['max_side']} px long side (the scale it was trained at) " if r.get("trained_scale")
+           else f"inferred at <= {r['max_side']} px long side " if r.get("max_side") else "at full resolution ")
         + f"(onnxruntime threads: {threads or 'default'}; decoding excluded, after one warm-up)"
     )
     return "\n".join(lines)

@@ -118,7 +118,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument(
         "--max-side", type=int,
-        help=f"infer at most at this long side (default: the size the model was trained at, else {MAX_SIDE})"
+        help=f"infer at most at this long side (default: the long side the model was trained at, which smaller "
+             f"images are scaled up to as well; else at most {MAX_SIDE})"
     )
     p.add_argument(
         "--max-pixels", type=int, default=MAX_PIXELS, help=f"refuse larger images ({MAX_PIXELS:,})"
