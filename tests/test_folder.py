@@ -254,6 +254,41 @@ def test_binary_training_logs_cutout_metrics_exports_and_predicts(folder, tmp_pa
     assert r["n_images"] == 1 and r["foreground"] == ["foreground"] and r["per_image"][0]["image"] == split["test"][0] + ".jpg"
 
 
+def test_a_resumed_or_evaluated_run_keeps_its_split_when_the_folder_grew(tmp_path, caplog):
+    """The split was drawn again on a resume (and in eval): after 10 more pairs, held-out images moved into
+    training and trained-on ones were scored as held out. The checkpoint's run's split.json is used now, unless
+    data.split_file names another."""
+    from bgremover.eval import evaluate
+    from bgremover.train import train
+
+    data = write_folder(tmp_path / "data", n=8)
+    run = tmp_path / "run"
+    base = ["data=folder", f"data.root={data}", *FAST, "test=false"]
+    train(compose_cfg(run, [*base, "trainer.max_epochs=1"]))
+    first = json.loads((run / "split.json").read_text())
+    write_folder(tmp_path / "more", n=10, seed=1)
+    for sub in ("images", "masks"):
+        for p in (tmp_path / "more" / sub).iterdir():
+            p.rename(data / sub / f"new_{p.name}")
+    assert fd.draw_split([p.stem for p in (data / "images").iterdir()], fd.DEFAULT_FRACTIONS, 0)["test"] != first["test"]
+    last = run / "checkpoints" / "last.ckpt"
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        train(compose_cfg(tmp_path / "resumed", [*base, "trainer.max_epochs=2", f"ckpt_path={last}"]))
+    again = json.loads((tmp_path / "resumed" / "split.json").read_text())
+    assert {s: again[s] for s in fd.SPLITS} == {s: first[s] for s in fd.SPLITS}
+    assert f"data.split_file={run / 'split.json'}: the split of the checkpoint's run" in caplog.text
+    ecfg = compose_cfg(tmp_path / "eval", ["data=folder", f"data.root={data}", "data.num_workers=0",
+                                           f"ckpt_path={last}"], config_name="eval")
+    _, objects = evaluate(ecfg)
+    assert [img.stem for img, _ in objects["datamodule"].split_pairs["test"]] == first["test"]
+    named = tmp_path / "mine.json"  # a split the user names still wins
+    named.write_text(json.dumps({**first, "test": first["val"], "val": first["test"]}))
+    ecfg = compose_cfg(tmp_path / "eval2", ["data=folder", f"data.root={data}", "data.num_workers=0",
+                                            f"ckpt_path={last}", f"data.split_file={named}"], config_name="eval")
+    _, objects = evaluate(ecfg)
+    assert [img.stem for img, _ in objects["datamodule"].split_pairs["test"]] == first["val"]
+
+
 def test_eval_cutout_folder_needs_the_split_and_matching_classes(folder, tmp_path, capsys):
     from bgremover import cutout_eval as ce
 

@@ -26,8 +26,13 @@ def run_summary(path: str | os.PathLike) -> Path | None:
     (run/checkpoints/epoch_N.ckpt); None for a checkpoint outside any run."""
     from bgremover.config import SUMMARY_NAME
 
+    return run_file(path, SUMMARY_NAME)
+
+
+def run_file(path: str | os.PathLike, name: str) -> Path | None:
+    """The file `name` (summary.json, split.json) of the run a checkpoint belongs to, found the same way."""
     ckpt = Path(path).resolve()
-    return next((d / SUMMARY_NAME for d in (ckpt.parent, ckpt.parent.parent) if (d / SUMMARY_NAME).is_file()), None)
+    return next((d / name for d in (ckpt.parent, ckpt.parent.parent) if (d / name).is_file()), None)
 
 
 def epochs_trained(ckpt: dict[str, Any]) -> int:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bgremover.errors import UserError
 
@@ -275,6 +275,26 @@ def validate_train(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():  # Lightning says "No supported gpu backend found!" after the build
             raise UserError(f"{cfg.get('experiment_name') or 'this run'} trains on a GPU (trainer.accelerator="
                             f"{accelerator}) and this machine has none: add ARGS=\"trainer=cpu\" to run it here")
+
+
+def adopt_run_split(cfg: DictConfig, ckpt_path) -> None:
+    """A folder run resumed or evaluated from a checkpoint uses the split its run drew (the run's split.json)
+    unless data.split_file names one: drawn again, a folder that had gained images moved held-out images into
+    training and scored trained-on ones as held out."""
+    data = cfg.get("data") or {}
+    if "split_out" not in data or data.get("split_file") or not ckpt_path or not Path(str(ckpt_path)).is_file():
+        return
+    from bgremover import checkpoint
+    from bgremover.data import folder as fd
+
+    path = checkpoint.run_file(ckpt_path, fd.SPLIT_FILE)
+    if path is None or fd.read_split(path).get("fixed"):
+        return
+    import logging
+
+    logging.getLogger("bgremover.train").info("data.split_file=%s: the split of the checkpoint's run", path)
+    with open_dict(cfg):
+        cfg.data.split_file = str(path)
 
 
 def _check_resume(cfg: DictConfig, model) -> None:

@@ -24,6 +24,7 @@ CONFIG_DIR = config.CONFIG_DIR
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     import pytorch_lightning as pl
 
+    config.adopt_run_split(cfg, cfg.get("ckpt_path"))
     config.validate_eval(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = checkpoint.load_module(cfg.ckpt_path)

@@ -147,6 +147,7 @@ def _fit(cfg: DictConfig, trainer, model, datamodule) -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit, then test with the best checkpoint; returns (metric_dict, object_dict). RunSummary writes summary.json."""
+    config.adopt_run_split(cfg, cfg.get("ckpt_path"))  # a resumed (or train=false) folder run keeps its split
     config.validate_train(cfg)
     quiet = utils.is_multirun() and not cfg.get("verbose")
     if cfg.extras.get("print_config") and not quiet:
