@@ -78,6 +78,73 @@ def test_class_index_masks_without_classes_txt_are_refused(tmp_path):
     assert fd.scan(tmp_path / "ok").labels.binary
 
 
+def _rewrite_masks(root: Path, how) -> list[np.ndarray]:
+    """Each 0/255 mask of root/masks saved again as how(image RGB, mask) -> PIL image; returns the true masks."""
+    truth = []
+    for mask_path in sorted((root / "masks").iterdir()):
+        mask = np.asarray(Image.open(mask_path))
+        rgb = np.asarray(Image.open(root / "images" / f"{mask_path.stem}.jpg").convert("RGB"))
+        how(rgb, mask).save(mask_path)
+        truth.append(mask > 127)
+    return truth
+
+
+@pytest.mark.parametrize("kind", ["cutout", "black_alpha", "gray_palette_inverted", "voc_palette", "la_cutout"])
+def test_masks_are_read_as_they_look(tmp_path, kind):
+    """A rembg cut-out as the mask gave labels from its colours (IoU 0.002 with its alpha); a palette mask whose
+    index 0 is white came out inverted; a black image with the mask in its alpha was refused as having no
+    foreground. Alpha with transparency is the mask; a gray palette is read as it looks, a coloured one (VOC's)
+    as 0/1 indices."""
+    def save(rgb, mask):
+        fg = mask > 127
+        if kind == "cutout":
+            return Image.fromarray(np.dstack([rgb, mask]), "RGBA")
+        if kind == "black_alpha":
+            return Image.fromarray(np.dstack([np.zeros_like(rgb), mask]), "RGBA")
+        if kind == "la_cutout":
+            return Image.fromarray(np.dstack([rgb[..., 0], mask]), "LA")
+        im = Image.fromarray((~fg).astype(np.uint8) if kind == "gray_palette_inverted" else fg.astype(np.uint8), "P")
+        im.putpalette([255, 255, 255, 0, 0, 0] if kind == "gray_palette_inverted" else [0, 0, 0, 128, 0, 0])
+        return im
+
+    root = write_folder(tmp_path / "d", n=4)
+    truth = _rewrite_masks(root, save)
+    folder = fd.scan(root)
+    got = [fd.read_mask(m, folder.labels) == 1 for _, m in folder.pairs["all"]]
+    assert all((g == t).all() for g, t in zip(got, truth, strict=True))
+
+
+def test_the_zero_one_rule_is_one_for_the_whole_folder(tmp_path):
+    """Per mask, 0/1/2 masks (class indices without classes.txt) lost their 1s while 0/1 masks beside them kept
+    theirs: half the folder trained as all background. One rule per folder: such a folder is refused."""
+    root = write_folder(tmp_path / "d", n=4, value=1)
+    mask_path = sorted((root / "masks").iterdir())[0]
+    mask = np.asarray(Image.open(mask_path)).copy()
+    mask[:3] = 2
+    Image.fromarray(mask).save(mask_path)
+    with pytest.raises(fd.FolderDataError, match="no mask in .* has foreground"):
+        fd.scan(root)
+    root = write_folder(tmp_path / "ok", n=4, value=1)
+    folder = fd.scan(root)
+    assert folder.labels.zero_one and all((fd.read_mask(m, folder.labels) == 1).any() for _, m in folder.pairs["all"])
+
+
+def test_16bit_images_train_as_they_look(tmp_path):
+    """convert("RGB") clipped 16-bit PNGs to white: a remover trained on them learnt nothing (val IoU 0.000)
+    while predict, decoding them right, scored 0.375. Training decodes images as the predictor does now."""
+    from bgremover.remover import to_rgba_arrays
+
+    root = write_folder(tmp_path / "d", n=3)
+    for p in sorted((root / "images").iterdir()):
+        gray = np.asarray(Image.open(p).convert("L")).astype(np.uint16) * 257
+        Image.fromarray(gray).save(p.with_suffix(".png"))  # a 16-bit grayscale PNG ("I;16")
+        p.unlink()
+        image = fd.read_image(p.with_suffix(".png"))
+        assert Image.open(p.with_suffix(".png")).mode.startswith("I")
+        np.testing.assert_array_equal(image, to_rgba_arrays(Image.open(p.with_suffix(".png")))[0])
+        assert 60 < image.mean() < 200 and image.flags.writeable
+
+
 def test_classes_txt_indexed_masks_and_foreground(tmp_path):
     write_folder(tmp_path / "d", value=2)
     (tmp_path / "d" / "classes.txt").write_text("background\ncat\ndog\n")

@@ -9,8 +9,10 @@ Layouts (pairs are matched by file stem: `images/cat.jpg` ↔ `masks/cat.png`):
                                               masks then hold class indices. Without it the data is binary:
                                               background / foreground, mask values > 127 foreground (or 0/1 masks)
 
-Images: JPEG, PNG or WebP of any size (EXIF orientation applied, as the predictor does); masks: 8-bit
-single-channel (L or P) of the same size, or RGB for binary masks. `void_value` marks "unknown" pixels,
+Images: JPEG, PNG or WebP of any size and kind (16-bit too), decoded as the predictor decodes them (EXIF
+orientation applied); masks: 8-bit single-channel (L or P) of the same size, or for binary data also RGB, or a
+cut-out whose alpha channel is the mask (RGBA or LA with transparency). A binary palette mask is read as it looks
+when its palette is gray (white = foreground), as class indices (0/1) when it is coloured (VOC's palette). `void_value` marks "unknown" pixels,
 excluded from loss and metrics. Every fault — an image without mask, a mask of another size, an unreadable file,
 a label beyond the class list, an empty folder — is a FolderDataError whose one line names the file; `scan`
 finds them all before training starts (config.validate_train calls it).
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,9 @@ class Labels:
     classes: tuple[str, ...]
     binary: bool
     void_value: int | None = None
+    # binary data: True when every mask of the folder holds only 0/1 (then 1 is foreground), False for 0/255 masks
+    # (> 127 foreground); one rule for the whole folder (scan decides it): per mask, a 0/1/2 mask lost its 1s
+    zero_one: bool | None = None
 
     @property
     def void_index(self) -> int:  # the label value ignored by loss and metrics (and used for padding)
@@ -68,8 +73,10 @@ class Labels:
         """H×W uint8 label in 0..K-1, void = K; FolderDataError naming `path` for values beyond the class list."""
         void = (mask == self.void_value) if self.void_value is not None else None
         if self.binary:
-            top = int((mask[~void] if void is not None else mask).max(initial=0))
-            fg = mask == 1 if top <= 1 else mask > 127  # 0/1 masks, else 0/255 (anti-aliased edges too)
+            zero_one = self.zero_one
+            if zero_one is None:  # a mask read outside a scanned folder
+                zero_one = int((mask[~void] if void is not None else mask).max(initial=0)) <= 1
+            fg = mask == 1 if zero_one else mask > 127  # 0/1 masks, else 0/255 (anti-aliased edges too)
             if void is not None:
                 fg &= ~void
             label = fg.astype(np.uint8)
@@ -163,13 +170,16 @@ def match(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
 
 def read_image(path: Path, draft_side: int | None = None) -> np.ndarray:
     """H×W×3 uint8 RGB, EXIF orientation applied; `draft_side` lets JPEG decode at a reduced scale (fast)."""
+    # the predictor's decoding: convert("RGB") clipped 16-bit images to white
+    from bgremover.remover import to_rgba_arrays
+
     try:
         with Image.open(path) as im:
             if draft_side and im.format == "JPEG":
                 im.draft("RGB", (draft_side, draft_side))  # keeps at least this size; the caller resizes exactly
             im.load()  # a full decode: truncated files fail here, not in a DataLoader worker
             im = ImageOps.exif_transpose(im)
-            return np.array(im.convert("RGB"))  # writable: see camvid._read
+            return np.array(to_rgba_arrays(im)[0])  # a writable copy: see camvid._read
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FolderDataError(f"unreadable or truncated image: {path} ({type(e).__name__})") from None
 
@@ -187,14 +197,33 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def read_mask(path: Path, labels: Labels) -> np.ndarray:
     """The mask file as an H×W label map (0..K-1, void K)."""
+    return labels.to_label(mask_values(path, labels), path)
+
+
+def _gray_palette(im: Image.Image, raw: np.ndarray) -> bool:
+    palette = im.getpalette()
+    if not palette:
+        return False
+    rgb = np.asarray(palette + [0] * (768 - len(palette)), np.int32).reshape(-1, 3)[np.unique(raw)]
+    return bool((rgb == rgb[:, :1]).all())
+
+
+def mask_values(path: Path, labels: Labels) -> np.ndarray:
+    """The H×W uint8 values a mask file holds (before the binary rule or the class check)."""
     try:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            if mode in ("1", "L", "P"):
+            if mode in ("1", "L"):
                 raw = np.array(im.convert("L") if mode == "1" else im)
+            elif mode == "P":
+                raw = np.array(im)  # class indices, unless a binary mask's gray palette says how it looks
+                if labels.binary and _gray_palette(im, raw):
+                    raw = np.array(im.convert("L"))  # read as indices, a white-on-black mask was inverted
             elif labels.binary and mode in ("RGB", "RGBA", "LA"):
-                raw = np.array(im.convert("L"))  # a black/white mask saved in colour
+                alpha = np.array(im.getchannel("A")) if mode in ("RGBA", "LA") else None
+                # a cut-out (rembg's output) is its alpha; its colours were read as the mask (IoU 0.002)
+                raw = alpha if alpha is not None and alpha.min() < 255 else np.array(im.convert("L"))
             else:
                 need = "8-bit single-channel (L or P)" + ("" if labels.binary else " class indices")
                 raise FolderDataError(f"mask is {mode}, not {need}: {path}")
@@ -204,16 +233,20 @@ def read_mask(path: Path, labels: Labels) -> np.ndarray:
         raise FolderDataError(f"unreadable or truncated mask: {path} ({type(e).__name__})") from None
     if mode == "1":
         raw = (raw > 0).astype(np.uint8)
-    return labels.to_label(raw, path)
+    return raw
+
+
+def _same_size(img: Path, image: np.ndarray, mask: Path, label: np.ndarray) -> None:
+    if image.shape[:2] != label.shape:
+        raise FolderDataError(f"size mismatch: {img} is {image.shape[1]}x{image.shape[0]} "
+                              f"but its mask {mask} is {label.shape[1]}x{label.shape[0]}")
 
 
 def read_pair(img: Path, mask: Path, labels: Labels, draft_side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     label = read_mask(mask, labels)
     if draft_side is None:
         image = read_image(img)
-        if image.shape[:2] != label.shape:
-            raise FolderDataError(f"size mismatch: {img} is {image.shape[1]}x{image.shape[0]} "
-                                  f"but its mask {mask} is {label.shape[1]}x{label.shape[0]}")
+        _same_size(img, image, mask, label)
         return image, label
     return read_image(img, draft_side), label  # sizes were checked by scan(); the caller resizes both
 
@@ -269,12 +302,23 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
         return _SCANNED[key]
     pairs = {s: match(*dirs) for s, dirs in where.items()} if isinstance(where, dict) else {"all": match(*where)}
     sizes = {}
-    foreground = False
+    zero_one, fg = True, {True: False, False: False}  # all masks 0/1 so far; foreground under either rule
     for split_pairs in pairs.values():
         for img, mask in split_pairs:
-            image, label = read_pair(img, mask, labels)
+            raw = mask_values(mask, labels)
+            image = read_image(img)
+            _same_size(img, image, mask, raw)
             sizes[img] = image.shape[:2]
-            foreground = foreground or bool((label == 1).any())
+            if labels.binary:
+                values = raw[raw != labels.void_value] if labels.void_value is not None else raw
+                zero_one = zero_one and int(values.max(initial=0)) <= 1
+                fg[True] = fg[True] or bool((values == 1).any())
+                fg[False] = fg[False] or bool((values > 127).any())
+            else:
+                labels.to_label(raw, mask)  # a value beyond the class list: one line naming the file
+    foreground = fg[zero_one]
+    if labels.binary:
+        labels = replace(labels, zero_one=zero_one)
     if labels.binary and not foreground:  # masks of class indices (0/2...) read as binary: all background
         raise FolderDataError(f"no mask in {root} has foreground: binary masks mark it with values > 127 (or 1 in "
                               "0/1 masks); masks holding class indices need a classes.txt beside images/")
