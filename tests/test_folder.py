@@ -240,10 +240,22 @@ def _bad(tmp_path, case: str) -> tuple[Path, str]:
         return root, f"empty folder: no images in {images}"
     if case == "layout":
         return tmp_path / "nowhere", "dataset folder not found"
+    if case == "file":  # was "dataset folder not found" for a path that exists
+        return images / "im0.jpg", f"not a folder: {images / 'im0.jpg'} (a dataset folder holds images/ and masks/"
+    if case == "three":  # split 1/1/1: training then failed mid-run inside BatchNorm ("Expected more than 1 value")
+        (images / "im3.jpg").unlink()
+        (masks / "im3.png").unlink()
+        return root, "3 image/mask pair(s): a train/val/test split needs at least 4 (2 to train on, 1 to validate"
+    if case == "one_train":
+        fixed = tmp_path / "fixed"
+        for split, n in (("train", 1), ("val", 1), ("test", 1)):
+            write_folder(fixed, n=n, split=split)
+        return fixed, f"the train split of {fixed} holds 1 image/mask pair: training needs at least 2 (BatchNorm"
     raise AssertionError(case)
 
 
-BAD_CASES = ["no_mask", "no_image", "size", "truncated", "not_image", "beyond_classes", "empty", "layout"]
+BAD_CASES = ["no_mask", "no_image", "size", "truncated", "not_image", "beyond_classes", "empty", "layout", "file",
+             "three", "one_train"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -427,6 +439,32 @@ def test_ckpt_init_from_camvid_net_reinitialises_only_the_classifier(folder, tmp
     assert all(own[k].shape != ref[k].shape for k in head)
 
 
+def test_ctrl_c_while_make_remover_exports_says_how_to_finish(folder, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the training, while the model was exported or scored, was a bare traceback with no word of
+    the finished training; now one line with the commands that finish it (export, then score), exit 130."""
+    from bgremover import export, train_remover
+
+    run = tmp_path / "a run"
+    (run / "checkpoints").mkdir(parents=True)
+    best = run / "checkpoints" / "epoch_003.ckpt"
+    best.write_bytes(b"")
+    (run / "summary.json").write_text(json.dumps({"status": "ok", "best_ckpt": str(best)}))
+
+    class Done:
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: Done())
+    monkeypatch.setattr(export, "load_checkpoint_net", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert train_remover.main([str(folder), "--run-dir", str(run)]) == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()[1:]
+    q = shlex.quote
+    assert line == (f"error: interrupted after training finished; finish with: make export CKPT={q(str(best))} "
+                    f"OUT={q(str(run / 'remover.onnx'))} && make eval-cutout MODEL={q(str(run / 'remover.onnx'))} "
+                    f"ARGS=\"--data-root {q(str(folder))} --split-file {q(str(run / 'split.json'))}\"")
+    assert not (run / "remover.onnx").exists()
+
+
 def test_experiment_remover_composes_with_budget_and_camvid_init(folder, tmp_path):
     cfg = compose_cfg(tmp_path, ["experiment=remover", f"data.root={folder}"])
     assert cfg.data._target_.endswith("FolderDataModule")
@@ -438,14 +476,14 @@ def test_experiment_remover_composes_with_budget_and_camvid_init(folder, tmp_pat
 
 @pytest.mark.slow
 def test_make_remover_trains_exports_and_prints_how_to_use_it(folder, tmp_path):
-    run = tmp_path / "run"
+    run = tmp_path / "my run"  # the printed commands quote their paths: unquoted, `score it` broke on the space
     proc = subprocess.run([sys.executable, "-m", "bgremover.train_remover", str(folder), "--run-dir", str(run),
                            *FAST, "trainer.max_epochs=1", "remover_budget_s=600"],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "remover.onnx").is_file() and (run / "split.json").is_file()
     out = proc.stdout
-    assert f"make predict IMG=photo.jpg MODEL={run / 'remover.onnx'}" in out
+    assert f"make predict IMG=photo.jpg MODEL={shlex.quote(str(run / 'remover.onnx'))}" in out
     assert "--max-side" not in out  # the model carries its training scale
     assert "foreground IoU" in out and "boundary F" in out and "held-out test set (1 images" in out
     assert "plan: deeplabv3plus_mobilenet_v2" in proc.stdout + proc.stderr  # the run says what it will do
@@ -455,8 +493,8 @@ def test_make_remover_trains_exports_and_prints_how_to_use_it(folder, tmp_path):
     # (48 px here, the images are 56 px wide), and the command, scoring at full resolution, disagreed.
     score = next(line for line in out.splitlines() if line.startswith("score it: make eval-cutout MODEL="))
     model, args = score.split("MODEL=")[1].split(" ARGS=")
-    assert cutout_eval.main(["--model", model, *shlex.split(args.strip('"')), "--json", str(tmp_path / "e.json"),
-                             "--quiet"]) == 0
+    assert cutout_eval.main(["--model", *shlex.split(model), *shlex.split(args.strip('"')), "--json",
+                             str(tmp_path / "e.json"), "--quiet"]) == 0
     scored = json.loads((tmp_path / "e.json").read_text())
     printed = next(line for line in out.splitlines() if line.startswith("held-out test set"))
     from bgremover.train_remover import _fmt

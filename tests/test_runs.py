@@ -288,6 +288,45 @@ def test_sigterm_writes_last_ckpt_marks_summary_and_exits_non_zero(small_camvid,
     assert 0 <= summary["wall_time_s"] - saved["callbacks"]["RunSummary"]["fit_s"] < 1.0
 
 
+def test_ctrl_c_while_starting_or_testing_says_what_was_kept(small_camvid, tmp_path, monkeypatch):
+    """Ctrl-C while a run started was a bare KeyboardInterrupt traceback (its half-made run folder stayed); in the
+    test stage, Lightning's exit 1 with no word of the finished training. Now one RunInterrupted each: nothing was
+    trained, or which checkpoint to test and how (make remover's own finishing command where it set one)."""
+    from bgremover import train as train_mod
+    from bgremover.config import FINISH_ENV
+    from bgremover.lit.module import SegmentationModule
+    from bgremover.train import RunInterrupted
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1"]
+    real_build = train_mod.build
+    monkeypatch.setattr(train_mod, "build", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(RunInterrupted, match=r"^interrupted by SIGINT before training started: nothing was trained$"):
+        train(compose_cfg(tmp_path / "a", base))
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"")
+    real_train = train_mod._train
+    monkeypatch.setattr(train_mod, "_train", lambda cfg, objects: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(RunInterrupted) as info:  # a resume stopped as it starts: its checkpoint still resumes it
+        train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={ckpt}"]))
+    monkeypatch.setattr(train_mod, "_train", real_train)
+    assert str(info.value).startswith("interrupted by SIGINT before training started; resume with: make train ARGS=")
+    assert str(info.value).endswith(f" ckpt_path={ckpt}\"")
+    monkeypatch.setattr(train_mod, "build", real_build)
+
+    monkeypatch.setattr(SegmentationModule, "test_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    for finish in (None, "finish {best_ckpt} here"):
+        if finish:
+            monkeypatch.setenv(FINISH_ENV, finish)
+        run = tmp_path / f"c{bool(finish)}"
+        with pytest.raises(RunInterrupted) as info:
+            train(compose_cfg(run, base))
+        best = info.value.best_ckpt
+        assert Path(best).parent == run / "checkpoints" and Path(best).is_file()
+        then = f"finish {best} here" if finish else f"make eval CKPT={best}"
+        assert str(info.value) == (f"interrupted by SIGINT in the test stage, after training finished; its best "
+                                   f"checkpoint is {best}: finish with: {then}")
+
+
 def test_a_run_that_never_validates_says_so(small_camvid, tmp_path, caplog):
     """Validation every 2 epochs, 1 epoch trained: no best checkpoint, the test stage scored the last weights, and
     nothing said so."""

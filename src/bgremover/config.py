@@ -24,6 +24,9 @@ SWEEP_REPORT_NAME = "sweep_summary.json"  # per multirun: every job with its sta
 # A wrapper that starts a training (train_remover) sets it to the command that resumes the run in place, with
 # "{ckpt_path}" where the checkpoint goes: `make train ARGS=...` would start a new run and skip the wrapper's work.
 RESUME_ENV = "BGREMOVER_RESUME_COMMAND"
+# ...and to the command that finishes a run whose training is done (interrupted in its test stage), with
+# "{best_ckpt}" where the best checkpoint goes: make remover's export and scoring
+FINISH_ENV = "BGREMOVER_FINISH_COMMAND"
 
 
 def find_config_dir() -> Path:

@@ -30,12 +30,22 @@ CONFIG_DIR = config.CONFIG_DIR
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C or SIGTERM stopped training; last.ckpt holds the state to resume from."""
+    """Ctrl-C or SIGTERM stopped the run: in training (last.ckpt holds the state to resume from), before it started
+    (`best_ckpt` "" and nothing saved), or in the test stage after it (`best_ckpt`: what is left to test)."""
 
-    def __init__(self, signum: int, last_ckpt: str | None, epoch: int, step: int) -> None:
+    def __init__(self, signum: int, last_ckpt: str | None, epoch: int, step: int, best_ckpt: str | None = None) -> None:
         self.signum, self.last_ckpt, self.epoch, self.step = signum, last_ckpt, epoch, step
+        self.best_ckpt = best_ckpt
         name = signal.Signals(signum).name
-        where = f"at epoch {epoch + 1}, step {step}"
+        where = "before training started" if best_ckpt == "" else f"at epoch {epoch + 1}, step {step}"
+        if best_ckpt == "" and not last_ckpt:
+            super().__init__(f"interrupted by {name} {where}: nothing was trained")
+            return
+        if best_ckpt:
+            finish = os.environ.get(config.FINISH_ENV) or "make eval CKPT={best_ckpt}"
+            super().__init__(f"interrupted by {name} in the test stage, after training finished; its best checkpoint "
+                             f"is {best_ckpt}: finish with: {finish.replace('{best_ckpt}', shlex.quote(best_ckpt))}")
+            return
         if last_ckpt:
             typed = _resume_overrides()
             # the data location from the environment (`DATA_DIR=... make train`) is not among the overrides
@@ -47,6 +57,23 @@ class RunInterrupted(Exception):
             super().__init__(f"interrupted by {name} {where}; {resume}")
         else:
             super().__init__(f"interrupted by {name} {where}, before any checkpoint was written")
+
+
+def _interrupted_outside_fit(cfg: DictConfig, exc: BaseException, objects: dict[str, Any]) -> BaseException:
+    """Ctrl-C while the run starts (a bare KeyboardInterrupt traceback) or in its test stage (Lightning's exit 1,
+    with nothing said): a RunInterrupted saying what was kept and how to go on. Other exits pass through."""
+    from pytorch_lightning.trainer.states import TrainerStatus
+
+    trainer = objects.get("trainer")
+    if isinstance(exc, RunInterrupted) or (isinstance(exc, SystemExit) and (
+            trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED)):
+        return exc
+    signum = signal.SIGTERM if trainer is not None and trainer.received_sigterm else signal.SIGINT
+    if trainer is None or trainer.state.fn is None or trainer.state.fn.value != "test":
+        resumed = str(cfg.ckpt_path) if cfg.get("ckpt_path") and cfg.get("train", True) else None
+        return RunInterrupted(signum, resumed, 0, 0, best_ckpt="")  # its resume checkpoint is still the one to use
+    return RunInterrupted(signum, None, trainer.current_epoch, trainer.global_step,
+                          best_ckpt=objects["summary"].best_ckpt or str(cfg.get("ckpt_path") or ""))
 
 
 def _resume_overrides() -> list[str]:
@@ -147,6 +174,17 @@ def _fit(cfg: DictConfig, trainer, model, datamodule) -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit, then test with the best checkpoint; returns (metric_dict, object_dict). RunSummary writes summary.json."""
+    objects: dict[str, Any] = {}
+    try:
+        return _train(cfg, objects)
+    except (KeyboardInterrupt, SystemExit) as exc:  # outside fit: while starting, or in the test stage
+        stop = _interrupted_outside_fit(cfg, exc, objects)
+        if stop is exc:
+            raise
+        raise stop from exc
+
+
+def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     config.adopt_run_split(cfg, cfg.get("ckpt_path"))  # a resumed (or train=false) folder run keeps its split
     config.validate_train(cfg)
     quiet = utils.is_multirun() and not cfg.get("verbose")
@@ -162,7 +200,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     from bgremover import checkpoint
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    objects = build(cfg)
+    objects.update(build(cfg))  # the caller's dict: an interrupt in the test stage reads the trainer from it
     trainer, model, datamodule, summary = (objects[k] for k in ("trainer", "model", "datamodule", "summary"))
     if cfg.get("train", True):
         _fit(cfg, trainer, model, datamodule)

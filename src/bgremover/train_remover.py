@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from bgremover import errors
-from bgremover.config import CONFIG_DIR, RESUME_ENV, SUMMARY_NAME
+from bgremover.config import CONFIG_DIR, FINISH_ENV, RESUME_ENV, SUMMARY_NAME
 from bgremover.errors import UserError
 from bgremover.utils import KEEP_MEMORY_ENV
 
@@ -64,9 +64,6 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
     fg = [v for v in history.get("val/fg_iou", []) if v is not None and v == v]
     classes = (cfg.get("model") or {}).get("class_names") or []
     keep = (cfg.get("model") or {}).get("default_foreground") or []
-    split_file = _split_file(run)
-    # the model infers at its training scale (`image_size` in its metadata): no --max-side needed
-    eval_args = f"--data-root {data}" + (f" --split-file {split_file}" if split_file else "")
     if held is None:
         scores = "held-out test set: no images (nothing to score)"
     else:
@@ -82,10 +79,25 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
         f"{summary.get('epochs')} epochs "
         f"({summary.get('global_step')} steps), best val foreground IoU "
         f"{_fmt(max(fg) if fg else None)}; run folder {run}",
-        f"use it:   make predict IMG=photo.jpg MODEL={onnx_path}",
-        f"score it: make eval-cutout MODEL={onnx_path} ARGS=\"{eval_args}\"",
+        f"use it:   make predict IMG=photo.jpg MODEL={shlex.quote(str(onnx_path))}",
+        f"score it: {score_command(run, data, onnx_path)}",
     ]
     return "\n".join(lines)
+
+
+def score_command(run: Path, data: Path, onnx_path: Path) -> str:
+    """`make eval-cutout` on the run's held-out images; paths quoted (a folder with a space broke it)."""
+    split_file = _split_file(run) or run / "split.json"  # written as training starts
+    # the model infers at its training scale (`image_size` in its metadata): no --max-side needed
+    args = f"--data-root {shlex.quote(str(data))} --split-file {shlex.quote(str(split_file))}"
+    return f"make eval-cutout MODEL={shlex.quote(str(onnx_path))} ARGS=\"{args}\""
+
+
+def finish_command(run: Path, data: Path, best_ckpt: str = "{best_ckpt}") -> str:
+    """What is left after the training of a run: its export, then its scoring."""
+    ckpt = best_ckpt if best_ckpt == "{best_ckpt}" else shlex.quote(best_ckpt)
+    return (f"make export CKPT={ckpt} OUT={shlex.quote(str(run / MODEL_NAME))} && "
+            f"{score_command(run, data, run / MODEL_NAME)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. remover_budget_s=600 ckpt_init=null")
     args = p.parse_intermixed_args(argv)  # options may come after the overrides
     data = Path(args.data).expanduser()
+    if data.exists() and not data.is_dir():
+        return errors.report(f"not a folder: {data} (a dataset folder holds images/ and masks/, or train/, val/ "
+                             "and test/ with those two inside)")
     if not data.is_dir():
         return errors.report(f"dataset folder not found: {data}")
     data = data.resolve()
@@ -109,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = [shlex.quote(o) for o in args.overrides if not o.startswith("ckpt_path=")]
     env[RESUME_ENV] = (f"make remover DATA={shlex.quote(str(data))} EXP={shlex.quote(args.exp)} "
                        f"ARGS=\"--run-dir {shlex.quote(str(run))} {' '.join([*kept, 'ckpt_path={ckpt_path}'])}\"")
+    env[FINISH_ENV] = finish_command(run, data)  # interrupted in its test stage: the training is done
     print(f"remover: training {args.exp} on {data} → {run}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=env)
     # SIGTERM (a job scheduler, `kill`) reaches only this process: pass it on, so the training saves last.ckpt,
@@ -120,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = proc.wait()
     if rc != 0:
         return rc
+    best = None
     try:
         summary = json.loads((run / SUMMARY_NAME).read_text())
         best = summary.get("best_ckpt") or summary.get("last_ckpt")
@@ -128,10 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         from bgremover.export import export_onnx, load_checkpoint_net
 
         net, meta = load_checkpoint_net(best)
-        result = export_onnx(net, meta, run / MODEL_NAME)
+        result = export_onnx(net, meta, run / MODEL_NAME)  # written whole or not at all
         held = score_held_out(run, data, result["path"])
     except (UserError, OSError, ValueError) as e:
         return errors.report(e)
+    except KeyboardInterrupt:  # was a bare traceback, with nothing said of the finished training
+        return errors.report(f"interrupted after training finished; finish with: {finish_command(run, data, best)}"
+                             if best else "interrupted before the run's summary was read", code=130)
     print(report(run, data, result["path"], summary, result["max_abs_diff"], held))
     return 0
 

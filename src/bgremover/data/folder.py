@@ -38,6 +38,7 @@ BINARY_CLASSES = ("background", "foreground")
 CLASSES_FILE = "classes.txt"
 SPLIT_FILE = "split.json"  # written into the run folder
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test of a pooled folder
+MIN_TRAIN = 2  # training pairs at least: BatchNorm cannot train on a batch of one (a 3-pair folder failed mid-run)
 
 
 class FolderDataError(UserError):
@@ -121,6 +122,9 @@ def read_labels(root: Path, void_value: int | None = None) -> Labels:
 def layout(root: str | os.PathLike) -> dict[str, tuple[Path, Path]] | tuple[Path, Path]:
     """{split: (images dir, masks dir)} for fixed splits, or (images dir, masks dir) for one pool."""
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise FolderDataError(f"not a folder: {root} (a dataset folder holds images/ and masks/, or "
+                              "train/, val/ and test/ with those two inside)")
     if not root.is_dir():
         raise FolderDataError(f"dataset folder not found: {root}")
     fixed = [s for s in SPLITS if (root / s).is_dir()]
@@ -332,12 +336,13 @@ def draw_split(stems: Sequence[str], fractions: Sequence[float], seed: int) -> d
     if len(fr) != 3 or any(f < 0 for f in fr) or sum(fr) <= 0 or fr[0] <= 0:
         raise FolderDataError(f"data.split_fractions must be three non-negative train/val/test shares with train > 0, got {list(fractions)}")
     n = len(stems)
-    if n < 3:
-        raise FolderDataError(f"{n} image/mask pair(s): a train/val/test split needs at least 3")
+    if n < MIN_TRAIN + 2:
+        raise FolderDataError(f"{n} image/mask pair(s): a train/val/test split needs at least {MIN_TRAIN + 2} "
+                              f"({MIN_TRAIN} to train on, 1 to validate, 1 to test)")
     total = sum(fr)
     n_val = max(1, round(n * fr[1] / total))
     n_test = max(1, round(n * fr[2] / total))
-    if n - n_val - n_test < 1:
+    if n - n_val - n_test < MIN_TRAIN:
         n_val, n_test = 1, 1
     order = np.random.default_rng(seed).permutation(n)
     chosen = [sorted(stems)[i] for i in order]
@@ -408,6 +413,10 @@ def check_config(data, splits_needed: Sequence[str] = SPLITS) -> Folder:
     chosen = splits(folder, data.get("split_fractions") or DEFAULT_FRACTIONS, int(data.get("seed") or 0),
                     data.get("split_file"))
     folder.labels.foreground(data.get("foreground"))
+    if "train" in splits_needed and len(chosen["train"]) < MIN_TRAIN:
+        raise FolderDataError(f"the train split of {data.get('split_file') or folder.root} holds "
+                              f"{len(chosen['train'])} image/mask pair: training needs at least {MIN_TRAIN} "
+                              "(BatchNorm cannot train on one image)")
     side = data.get("image_size")
     if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
         raise FolderDataError(f"data.image_size must be a long side in pixels (>= 8) or null, got {side!r}")
