@@ -327,6 +327,20 @@ def test_ctrl_c_while_starting_or_testing_says_what_was_kept(small_camvid, tmp_p
                                    f"checkpoint is {best}: finish with: {then}")
 
 
+def test_max_time_ends_the_first_epoch_too(tmp_path, monkeypatch):
+    """The base trainer's min_epochs=1 made Lightning run the whole first epoch whatever trainer.max_time said:
+    the plan said "stops after 25 s at most" and the run took 235 s (a FC-DenseNet103 epoch on a CPU: 36 min)."""
+    from bgremover.lit.module import SegmentationModule
+
+    data = write_camvid(tmp_path / "CamVid", {"train": 10, "val": 2, "test": 2}, size=(32, 64))
+    step = SegmentationModule.training_step
+    monkeypatch.setattr(SegmentationModule, "training_step", lambda *a, **k: time.sleep(0.6) or step(*a, **k))
+    _, objects = train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={data}", "test=false",
+                                                       "trainer.max_time=00:00:00:01"]))
+    trainer = objects["trainer"]
+    assert trainer.num_training_batches == 5 and 1 <= trainer.global_step < 5
+
+
 def test_a_run_that_never_validates_says_so(small_camvid, tmp_path, caplog):
     """Validation every 2 epochs, 1 epoch trained: no best checkpoint, the test stage scored the last weights, and
     nothing said so."""
