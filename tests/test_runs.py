@@ -381,7 +381,7 @@ def test_run_plan_and_estimate_describe_the_run(small_camvid, tmp_path, caplog):
     # clock from it, and "2 h 00 min" became "1 h 59 min" whenever the fit took over 30 s on a loaded CPU)
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
     assert "7 epochs × 2 steps = 14 steps" in plan and "batch 2 of 32×32 crops" in plan
-    assert "stops after 2 h 00 min at most (trainer.max_time)" in plan
+    assert "stops after 2 h 00 min of training (trainer.max_time)" in plan
     for cb in trainer.callbacks:  # the estimate from a fresh run's clocks
         if type(cb).__name__ == "Timer":
             cb._offset = 0.0
@@ -405,7 +405,7 @@ def test_progress_bar_counts_to_the_epoch_a_time_budget_reaches():
     from bgremover.lit.callbacks import epoch_label
 
     assert epoch_label(2, 100) == "Epoch 3/100"
-    assert epoch_label(0, 1000, 1200.0, 0.0) == "Epoch 1/1000 (stops after 20 min 00 s at most)"
+    assert epoch_label(0, 1000, 1200.0, 0.0) == "Epoch 1/1000 (stops after 20 min 00 s)"
     # 3 epochs in 150 s: 1050 s left hold 21 more, so the 24th epoch is running when the time runs out
     assert epoch_label(3, 1000, 1200.0, 150.0) == "Epoch 4/~24 (17 min 30 s of 20 min 00 s left)"
     assert epoch_label(3, 5, 1200.0, 150.0) == "Epoch 4/5 (17 min 30 s of 20 min 00 s left)"  # epochs end it first

@@ -267,7 +267,8 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tup
     ]
     limit = _time_limit(trainer)
     if limit:
-        parts.append(f"stops after {_duration(limit[0])} {'more ' if start[1] else ''}at most ({limit[1]})")
+        # the step in flight ends first (seconds on a CPU), and a budget validates once more: not "at most"
+        parts.append(f"stops after {_duration(limit[0])} {'more ' if start[1] else ''}of training ({limit[1]})")
     return ", ".join(parts)
 
 
@@ -300,7 +301,7 @@ def epoch_label(epoch: int, epochs: int | None, limit_s: float | None = None, el
         return f"Epoch {k}{total}"
     left = max(0.0, limit_s - elapsed_s)
     if epoch == first or elapsed_s <= 0:
-        return f"Epoch {k}{total} (stops after {_duration(limit_s)} at most)"
+        return f"Epoch {k}{total} (stops after {_duration(limit_s)})"
     # the epoch running when the time runs out: this one and the ones after it that start before then
     last = epoch + max(1, math.ceil(left / (elapsed_s / (epoch - first)))) - 1
     if epochs is None or last < epochs - 1:
