@@ -341,6 +341,21 @@ def test_max_time_ends_the_first_epoch_too(tmp_path, monkeypatch):
     assert trainer.num_training_batches == 5 and 1 <= trainer.global_step < 5
 
 
+def test_eval_on_val_reports_only_what_it_measured(small_camvid, tmp_path):
+    """`make eval ARGS="split=val"` printed val/mIoU_best = the training's best (carried in the checkpoint) beside
+    this evaluation's val/mIoU, and wrote it to eval.json."""
+    from bgremover.eval import evaluate
+
+    train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false"]))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    state["val_miou_best"] = 0.99
+    torch.save(state, tmp_path / "x.ckpt")
+    metrics, _ = evaluate(compose_cfg(tmp_path / "eval", [f"data.root={small_camvid}", "data.num_workers=0",
+                                                          f"ckpt_path={tmp_path / 'x.ckpt'}", "split=val"],
+                                      config_name="eval"))
+    assert metrics.get("val/mIoU_best", metrics["val/mIoU"]) == metrics["val/mIoU"] < 0.99
+
+
 def test_a_run_that_never_validates_says_so(small_camvid, tmp_path, caplog):
     """Validation every 2 epochs, 1 epoch trained: no best checkpoint, the test stage scored the last weights, and
     nothing said so."""

@@ -28,6 +28,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     config.validate_eval(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = checkpoint.load_module(cfg.ckpt_path)
+    model.val_miou_best.reset()  # split=val reported the training's best beside this evaluation's, as its own
     _training_scale(cfg, model.hparams.get("image_size"))
     model.tta = hydra.utils.instantiate(cfg.tta) if cfg.get("tta") else None
     if model.tta:
