@@ -24,6 +24,21 @@ def test_a_setting_of_another_data_choice_is_named_in_one_line(small_camvid, tmp
 
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.crop_size=224", "data.crop_size must be [height, width] in pixels or null, got 224"),
+    ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch must be a positive integer, got 0"),
+])
+def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid, tmp_path, override, message):
+    """Both failed after the datamodule, the net and the W&B run were built ("TypeError: 'int' object is not
+    iterable", "ZeroDivisionError: integer modulo by zero"), leaving a failed run folder."""
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        config.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", override]))
+    assert str(info.value) == message
+
+
 def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small_camvid, tmp_path):
     start = time.time()
     proc = _run("bgremover.train", f"data.root={small_camvid}", "data.batch_size=-1", f"paths.log_dir={tmp_path}")

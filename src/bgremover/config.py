@@ -167,6 +167,8 @@ def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[st
         raise UserError(f"data.num_workers must be 0 or more, got {workers!r}")
     crop = data.get("crop_size")
     if crop is not None:
+        if isinstance(crop, str) or not isinstance(crop, Iterable):  # 224 was "'int' object is not iterable"
+            raise UserError(f"data.crop_size must be [height, width] in pixels or null, got {crop!r}")
         crop = list(crop)
         if len(crop) != 2 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in crop):
             raise UserError(f"data.crop_size must be [height, width] in pixels or null, got {crop!r}")
@@ -251,6 +253,8 @@ def validate_train(cfg: DictConfig) -> None:
     if epochs is not None and epochs != -1:
         _positive_int(epochs, "trainer.max_epochs")
     max_time_s(cfg)  # Lightning refused a bad one only while building the Trainer, after the config was printed
+    # 0 was "ZeroDivisionError: integer modulo by zero" after everything was built
+    _positive_int(trainer.get("check_val_every_n_epoch"), "trainer.check_val_every_n_epoch", allow_none=True)
     if trainer.get("sync_batchnorm") and trainer.get("accelerator") == "cpu" and "ddp" in str(trainer.get("strategy")):
         # torch's DistributedDataParallel refuses SyncBatchNorm modules on CPU, after everything was built
         raise UserError("trainer.sync_batchnorm=true needs GPUs (torch's DDP refuses SyncBatchNorm on CPU): "
