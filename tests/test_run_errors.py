@@ -7,6 +7,7 @@ import shutil
 import time
 
 import pytest
+import torch
 from omegaconf import open_dict
 from test_runs import TINY_RUN, _run
 from test_train import compose_cfg
@@ -37,6 +38,15 @@ def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid,
     with pytest.raises(UserError) as info:
         config.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", override]))
     assert str(info.value) == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_trainer_ddp_on_a_cpu_machine_names_what_asked_for_the_gpu(small_camvid, tmp_path):
+    """`trainer=ddp` was blamed on the default recipe ("cpu_quick trains on a GPU"), and the fix offered dropped DDP."""
+    proc = _run("bgremover.train", "trainer=ddp", f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: trainer=ddp trains on a GPU (trainer.accelerator=gpu) and this machine has none: for DDP over CPU "
+        "processes add trainer.accelerator=cpu trainer.devices=2 trainer.sync_batchnorm=false")
 
 
 def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small_camvid, tmp_path):

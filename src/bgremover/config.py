@@ -280,8 +280,19 @@ def validate_train(cfg: DictConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():  # Lightning says "No supported gpu backend found!" after the build
-            raise UserError(f"{cfg.get('experiment_name') or 'this run'} trains on a GPU (trainer.accelerator="
-                            f"{accelerator}) and this machine has none: add ARGS=\"trainer=cpu\" to run it here")
+            raise UserError(_no_gpu_message(cfg, accelerator))
+
+
+def _no_gpu_message(cfg: DictConfig, accelerator: str) -> str:
+    """Names what asked for the GPU: `trainer=ddp` typed on a CPU machine was blamed on the default recipe."""
+    from hydra.core.hydra_config import HydraConfig
+
+    chosen = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
+    typed = HydraConfig.initialized() and any(o.startswith("trainer=") for o in HydraConfig.get().overrides.task)
+    who = f"trainer={chosen}" if typed or not cfg.get("experiment_name") else cfg.experiment_name
+    fix = ('for DDP over CPU processes add trainer.accelerator=cpu trainer.devices=2 trainer.sync_batchnorm=false'
+           if chosen == "ddp" else 'add ARGS="trainer=cpu" to run it here')
+    return f"{who} trains on a GPU (trainer.accelerator={accelerator}) and this machine has none: {fix}"
 
 
 def adopt_run_split(cfg: DictConfig, ckpt_path) -> None:
