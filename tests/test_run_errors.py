@@ -49,6 +49,17 @@ def test_trainer_ddp_on_a_cpu_machine_names_what_asked_for_the_gpu(small_camvid,
         "processes add trainer.accelerator=cpu trainer.devices=2 trainer.sync_batchnorm=false")
 
 
+def test_an_optimized_metric_no_run_logs_is_named(small_camvid, tmp_path):
+    """A misspelt optimized_metric: every Optuna job said "ok", then the sweep ended in "Return value must be
+    float-castable. Got 'None'" / "every job failed"; a single run said nothing at all."""
+    proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
+                "optimized_metric=val/miou", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("warning: optimized_metric")]
+    assert line.startswith("warning: optimized_metric=val/miou is not among this run's metrics (") \
+        and "val/mIoU, val/mIoU_best" in line and line.endswith("): a sweep gets no number from it")
+
+
 def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small_camvid, tmp_path):
     start = time.time()
     proc = _run("bgremover.train", f"data.root={small_camvid}", "data.batch_size=-1", f"paths.log_dir={tmp_path}")
