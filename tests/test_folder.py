@@ -242,6 +242,13 @@ def _bad(tmp_path, case: str) -> tuple[Path, str]:
         return tmp_path / "nowhere", "dataset folder not found"
     if case == "file":  # was "dataset folder not found" for a path that exists
         return images / "im0.jpg", f"not a folder: {images / 'im0.jpg'} (a dataset folder holds images/ and masks/"
+    if case == "nested":  # its pairs were skipped without a word
+        (images / "sub").mkdir()
+        (images / "im3.jpg").rename(images / "sub" / "im3.jpg")
+        return root, f"a folder inside {images}: {images / 'sub'} (images sit directly in images/; sub-folders"
+    if case == "both_layouts":  # the pooled pairs were ignored
+        write_folder(root, n=1, split="train")
+        return root, f"{root} holds both layouts: images/ and masks/, and train/; keep one"
     if case == "three":  # split 1/1/1: training then failed mid-run inside BatchNorm ("Expected more than 1 value")
         (images / "im3.jpg").unlink()
         (masks / "im3.png").unlink()
@@ -255,7 +262,7 @@ def _bad(tmp_path, case: str) -> tuple[Path, str]:
 
 
 BAD_CASES = ["no_mask", "no_image", "size", "truncated", "not_image", "beyond_classes", "empty", "layout", "file",
-             "three", "one_train"]
+             "three", "one_train", "nested", "both_layouts"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

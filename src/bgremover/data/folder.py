@@ -128,6 +128,9 @@ def layout(root: str | os.PathLike) -> dict[str, tuple[Path, Path]] | tuple[Path
     if not root.is_dir():
         raise FolderDataError(f"dataset folder not found: {root}")
     fixed = [s for s in SPLITS if (root / s).is_dir()]
+    if fixed and any((root / sub).is_dir() for sub in ("images", "masks")):  # the pool was ignored without a word
+        raise FolderDataError(f"{root} holds both layouts: images/ and masks/, and {fixed[0]}/; keep one (the "
+                              "pool, or train/, val/ and test/)")
     if fixed:
         out = {}
         for split in SPLITS:
@@ -147,8 +150,11 @@ def layout(root: str | os.PathLike) -> dict[str, tuple[Path, Path]] | tuple[Path
 def _files(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.is_dir():  # .DS_Store, editor swap files, sub-folders
+        if p.name.startswith("."):  # .DS_Store, editor swap files, .ipynb_checkpoints
             continue
+        if p.is_dir():  # skipped without a word, its pairs were left out of training (35 of 40 trained)
+            raise FolderDataError(f"a folder inside {folder}: {p} ({what}s sit directly in {folder.name}/; "
+                                  "sub-folders are not read: move their files up)")
         if p.suffix.lower() not in suffixes:
             raise FolderDataError(f"not a supported {what} file: {p} (use {', '.join(suffixes)})")
         if p.stem in out:
