@@ -356,6 +356,20 @@ def test_eval_on_val_reports_only_what_it_measured(small_camvid, tmp_path):
     assert metrics.get("val/mIoU_best", metrics["val/mIoU"]) == metrics["val/mIoU"] < 0.99
 
 
+def test_a_class_absent_from_the_test_frames_has_no_iou_not_zero(small_camvid, tmp_path):
+    """On a partial test set a class can be absent from labels and predictions alike: its IoU printed 0.0000 and
+    the per-class row averaged below the mIoU, which (rightly) leaves such a class out."""
+    from bgremover.train import build
+
+    model = build(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}"]))["model"]
+    metric, k = model.test_class_iou, model.num_classes
+    metric.update(torch.tensor([[0, 1, 1, 2]]), torch.tensor([[0, 1, 2, 2]]))  # classes 3.. never seen
+    iou = metric.compute()
+    assert iou[:3].tolist() == pytest.approx([1.0, 0.5, 0.5]) and torch.isnan(iou[3:]).all() and len(iou) == k
+    assert float(iou[~torch.isnan(iou)].mean()) == pytest.approx(float(model.miou["test_"].to(iou).update(
+        torch.tensor([[0, 1, 1, 2]]), torch.tensor([[0, 1, 2, 2]])) or model.miou["test_"].compute()))
+
+
 def test_a_run_that_never_validates_says_so(small_camvid, tmp_path, caplog):
     """Validation every 2 epochs, 1 epoch trained: no best checkpoint, the test stage scored the last weights, and
     nothing said so."""

@@ -90,7 +90,10 @@ class SegmentationModule(pl.LightningModule):
         self.loss_mean = nn.ModuleDict({_key(s): MeanMetric() for s in STAGES})
         # frames each stage saw, summed over ranks: every test number is reported with its frame count
         self.frames = nn.ModuleDict({_key(s): SumMetric() for s in STAGES})
-        self.test_class_iou = iou("none")
+        # a class absent from both labels and predictions (a partial test set) has no IoU: NaN, not the 0 that
+        # printed "test/iou_Fence: 0.0000" while mIoU ("macro") rightly left it out
+        self.test_class_iou = MulticlassJaccardIndex(self.num_classes, average="none", ignore_index=ignore_index,
+                                                     zero_division=float("nan"))
         # foreground IoU, boundary F and alpha MAE of P(default foreground): what a cut-out is judged by
         fg = [list(class_names).index(c) for c in default_foreground if c in class_names]
         self.fg_index = fg
