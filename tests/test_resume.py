@@ -222,12 +222,13 @@ def test_a_resume_in_place_keeps_the_csv_logs_earlier_rows(small_camvid, tmp_pat
     # again: they are dropped, not kept twice
     from bgremover.lit.csv_log import _rows_before
 
-    path.write_text("epoch,step,train/loss\n0,1,0.9\n0,3,0.8\n1,5,0.7\n1,7,0.6\n")
+    path.write_text("epoch,step,train/loss,test/mIoU\n0,1,0.9,\n0,3,0.8,\n1,5,0.7,\n1,5,,0.47\n1,7,0.6,\n")
     torch.save({"global_step": 5}, tmp_path / "at5.ckpt")
+    # and the earlier test stage's row (at the checkpoint's step): it stayed beside the new one, stale
     assert _rows_before(str(path), str(tmp_path / "at5.ckpt")) == (
-        ["epoch", "step", "train/loss"], [{"epoch": "0", "step": "1", "train/loss": "0.9"},
-                                          {"epoch": "0", "step": "3", "train/loss": "0.8"},
-                                          {"epoch": "1", "step": "5", "train/loss": "0.7"}])
+        ["epoch", "step", "train/loss", "test/mIoU"], [{"epoch": "0", "step": "1", "train/loss": "0.9", "test/mIoU": ""},
+                                                       {"epoch": "0", "step": "3", "train/loss": "0.8", "test/mIoU": ""},
+                                                       {"epoch": "1", "step": "5", "train/loss": "0.7", "test/mIoU": ""}])
 
 
 

@@ -57,4 +57,7 @@ def _rows_before(path: str, ckpt_path: str) -> tuple[list[str], list[dict]] | No
             header = list(reader.fieldnames or [])
     except Exception:  # an unreadable checkpoint fails the resume itself, with its own message
         return None
-    return header, [r for r in rows if not r.get("step") or float(r["step"]) <= step]
+    # the earlier test stage's row goes too: logged at the checkpoint's step it stayed beside the new one, and
+    # went stale when the best epoch changed
+    return header, [r for r in rows if (not r.get("step") or float(r["step"]) <= step)
+                    and not any(k.startswith("test/") and v for k, v in r.items())]
