@@ -41,7 +41,7 @@ KNOWN_VARS := EXP ARGS CKPT IMG MODEL OUT SWEEP DATA DATA_DIR EXAMPLES TEST_JOBS
               OMP_WAIT_POLICY
 UNKNOWN_VARS := $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(filter-out $(KNOWN_VARS),$(v)))))
 ifneq ($(UNKNOWN_VARS),)
-$(error unknown make variable(s) $(UNKNOWN_VARS): Hydra overrides go in ARGS, e.g. make train ARGS="$(firstword $(UNKNOWN_VARS))=...")
+$(error unknown make variable(s) $(UNKNOWN_VARS): Hydra overrides go in ARGS, e.g. make $(or $(firstword $(MAKECMDGOALS)),train) ARGS="$(firstword $(UNKNOWN_VARS))=...")
 endif
 # pytest-xdist printed its whole usage block for TEST_JOBS=x: one line instead (a count, or xdist's auto/logical)
 ifeq ($(shell [[ '$(TEST_JOBS)' =~ ^([0-9]+|auto|logical)$$ ]] && echo ok),)

@@ -492,7 +492,7 @@ def test_make_remover_trains_exports_and_prints_how_to_use_it(folder, tmp_path):
     out = proc.stdout
     assert f"make predict IMG=photo.jpg MODEL={shlex.quote(str(run / 'remover.onnx'))}" in out
     assert "--max-side" not in out  # the model carries its training scale
-    assert "foreground IoU" in out and "boundary F" in out and "held-out test set (1 images" in out
+    assert "foreground IoU" in out and "boundary F" in out and "held-out test set (1 image," in out and "1 epoch (" in out
     assert "plan: deeplabv3plus_mobilenet_v2" in proc.stdout + proc.stderr  # the run says what it will do
     fg = float(out.split("foreground IoU ")[1].split(",")[0])
     assert 0.0 <= fg <= 1.0 and not math.isnan(fg)
@@ -549,7 +549,7 @@ def test_sigterm_to_make_remover_stops_its_training_too(folder, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["status"] == "ok" and resumed["global_step"] > summary["global_step"]
-    assert (run / "remover.onnx").is_file() and "held-out test set (1 images" in done.stdout
+    assert (run / "remover.onnx").is_file() and "held-out test set (1 image," in done.stdout
 
 
 def test_make_remover_bad_folder_one_line(tmp_path):

@@ -108,6 +108,9 @@ def test_make_refuses_a_variable_no_target_reads():
     (line,) = proc.stderr.strip().splitlines()
     assert line.endswith("*** unknown make variable(s) speedrun_budget_s: Hydra overrides go in ARGS, e.g. make "
                          'train ARGS="speedrun_budget_s=...".  Stop.')
+    proc = subprocess.run(["make", "-s", "remover", "DATA=x", "remover_budget_s=60"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)  # the advice named `make train` whatever the target
+    assert proc.returncode == 2 and 'e.g. make remover ARGS="remover_budget_s=..."' in proc.stderr
     ok = subprocess.run(["make", "-n", "train", "EXP=speedrun_tiramisu103", "ARGS=speedrun_budget_s=450"], cwd=REPO,
                         capture_output=True, text=True, timeout=60, check=True)
     assert "experiment=speedrun_tiramisu103 speedrun_budget_s=450" in ok.stdout

@@ -317,7 +317,7 @@ def format_report(r: dict[str, Any], data_root: str, split: str, threads: int | 
         meta_note += f" on {frames} frames"
     lines = [
         f"model {r['model']} ({r.get('net') or 'unknown net'}) on {data_root} {split}: {r['n_images']} images"
-        + _partial(r.get("split_frames")) + f", foreground {', '.join(r['foreground'])}",
+        + _partial(r.get("split_frames")) + f", foreground classes: {', '.join(r['foreground'])}",
         "",
         f"segmentation (argmax of {len(r['classes'])} classes, void excluded)",
         f"  mIoU            {_fmt(r['mIoU'])}   over the {len(r['mIoU_classes'])} classes present in GT or "

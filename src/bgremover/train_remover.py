@@ -68,7 +68,8 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
         scores = "held-out test set: no images (nothing to score)"
     else:
         c = held["cutout"]
-        scores = (f"held-out test set ({held['n_images']} images, full resolution as `score it` below): foreground "
+        n = held["n_images"]
+        scores = (f"held-out test set ({n} image{'' if n == 1 else 's'}, as `score it` below scores it): foreground "
                   f"IoU {_fmt(c['fg_iou'])}, boundary F {_fmt(c['boundary_f'])} ({held['boundary_tol']} px), "
                   f"alpha MAE {_fmt(c['mae'])}, mIoU {_fmt(held['mIoU'])}")
     lines = [
@@ -76,7 +77,7 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
         f"torch vs onnxruntime max abs diff {max_abs_diff:.1e})",
         scores,
         f"training: {'?' if summary.get('wall_time_s') is None else _duration(summary['wall_time_s'])}, "
-        f"{summary.get('epochs')} epochs "
+        f"{summary.get('epochs')} epoch{'' if summary.get('epochs') == 1 else 's'} "
         f"({summary.get('global_step')} steps), best val foreground IoU "
         f"{_fmt(max(fg) if fg else None)}; run folder {run}",
         f"use it:   make predict IMG=photo.jpg MODEL={shlex.quote(str(onnx_path))}",
