@@ -15,7 +15,8 @@ cut-out whose alpha channel is the mask (RGBA or LA with transparency). A binary
 when its palette is gray (white = foreground), as class indices (0/1) when it is coloured (VOC's palette). `void_value` marks "unknown" pixels,
 excluded from loss and metrics. Every fault — an image without mask, a mask of another size, an unreadable file,
 a label beyond the class list, an empty folder — is a FolderDataError whose one line names the file; `scan`
-finds them all before training starts (config.validate_train calls it).
+finds them all before training starts (config.validate_train calls it). Over 400 lines on purpose: reading,
+checking and splitting a user's folder is one job, and its rules (mask kinds, the 0/1 rule, splits) sit together.
 """
 
 from __future__ import annotations
