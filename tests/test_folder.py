@@ -114,6 +114,14 @@ def test_masks_are_read_as_they_look(tmp_path, kind):
     assert all((g == t).all() for g, t in zip(got, truth, strict=True))
 
 
+def test_cut_outs_predict_wrote_beside_the_images_are_not_pairs(tmp_path):
+    """`bgremover-predict i images/im0.jpg` writes images/im0.nobg.png; the folder then failed as "image has no
+    mask: .../im0.nobg.png". Predict's own outputs are skipped, as predict skips them."""
+    root = write_folder(tmp_path / "d", n=4)
+    Image.new("RGBA", (56, 40)).save(root / "images" / "im0.nobg.png")
+    assert [img.name for img, _ in fd.scan(root).pairs["all"]] == ["im0.jpg", "im1.jpg", "im2.jpg", "im3.jpg"]
+
+
 def test_the_zero_one_rule_is_one_for_the_whole_folder(tmp_path):
     """Per mask, 0/1/2 masks (class indices without classes.txt) lost their 1s while 0/1 masks beside them kept
     theirs: half the folder trained as all background. One rule per folder: such a folder is refused."""

@@ -330,7 +330,7 @@ def test_the_read_only_fallback_says_where_the_files_went(model, tmp_path, monke
     assert os.listdir(work) == ["frame.nobg.png"] and os.listdir(ro) == ["frame.png"]
 
 
-def test_rembg_commands_i_and_p(model, tmp_path, capsys):
+def test_rembg_commands_i_and_p(model, tmp_path, capsys, monkeypatch):
     """rembg's habits: `i INPUT OUTPUT`, `p IN_DIR OUT_DIR`, -om, -bgc R G B A and -a give what the plain form
     gives (before, `bgremover-predict i a.png b.png` failed on a file named "i")."""
     src = save_png(tmp_path / "a.png")
@@ -344,7 +344,12 @@ def test_rembg_commands_i_and_p(model, tmp_path, capsys):
     assert blue.mode == "RGB" and tuple(np.asarray(blue)[0, -1]) == (0, 0, 255)
     assert main([str(src), "-m", model, "-bgc", "0", "0", "255", "64", "-o", str(tmp_path / "t.png")]) == 0
     assert tuple(np.asarray(read_png(tmp_path / "t.png"))[0, -1]) == (0, 0, 255, 64)
-    assert main(["i", "-m", model, str(src)]) == 0  # no OUTPUT: beside the input, as the plain form
+    res = run_cli("i", "-m", model, str(src))  # no OUTPUT, stdout redirected: the PNG goes there, as rembg's
+    assert res.returncode == 0 and read_png(io.BytesIO(res.stdout)).mode == "RGBA", res.stderr
+    assert not (tmp_path / "a.nobg.png").exists()  # `i a.png > b.png` left b.png empty and wrote a.nobg.png
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["i", "-m", model, str(src)]) == 0  # no OUTPUT, on a terminal: beside the input, as the plain form
+    monkeypatch.undo()
     assert read_png(tmp_path / "a.nobg.png").mode == "RGBA"
     assert main([str(src), "-m", model, "-om"]) == 0  # the plain form too (-om was read as `--out m`)
     assert read_png(tmp_path / "a.nobg.png").mode == "L" and not (tmp_path / "m").exists()

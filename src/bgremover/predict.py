@@ -87,8 +87,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     if command == "i":
         p.add_argument("input", nargs="?", metavar="INPUT", help="an image file, or - for stdin (the default when "
                        "stdin is not a terminal)")
-        p.add_argument("out", nargs="?", metavar="OUTPUT", help=f"the PNG to write, or - for stdout (default: "
-                       f"<stem>{OUTPUT_SUFFIX} beside the input; stdout for stdin)")
+        p.add_argument("out", nargs="?", metavar="OUTPUT", help=f"the PNG to write, or - for stdout (default, as "
+                       f"rembg: stdout when it is redirected or piped, else <stem>{OUTPUT_SUFFIX} beside the input)")
     elif command == "p":
         p.add_argument("input", metavar="INPUT_DIR", help="a folder of images")
         p.add_argument("out", metavar="OUTPUT_DIR", help=f"the folder to write <stem>{OUTPUT_SUFFIX} files into "
@@ -262,6 +262,8 @@ def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespa
             args.input = "-"
         if args.input != "-" and Path(args.input).is_dir():
             raise UsageError(f"i takes one image, {args.input} is a folder: use `p INPUT_DIR OUTPUT_DIR`")
+        if args.out is None and not sys.stdout.isatty():  # rembg's `i a.jpg > b.png`: b.png was left empty
+            args.out = "-"
     elif not Path(args.input).is_dir():  # the rest (an OUTPUT that is a file, stdin to stdout) as the plain form
         raise UsageError(f"p takes a folder, {args.input} is not one: use `i INPUT OUTPUT` for one image")
     args.inputs = [args.input]

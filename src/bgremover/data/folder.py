@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bgremover.errors import UserError
+from bgremover.remover import OUTPUT_SUFFIX, to_rgba_arrays  # the predictor's decoding and output names
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -151,8 +152,8 @@ def layout(root: str | os.PathLike) -> dict[str, tuple[Path, Path]] | tuple[Path
 def _files(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):  # .DS_Store, editor swap files, .ipynb_checkpoints
-            continue
+        if p.name.startswith(".") or p.name.endswith(OUTPUT_SUFFIX):  # .DS_Store, swap files; cut-outs predict
+            continue  # wrote beside their images (`bgremover-predict i images/x.jpg`): "image has no mask"
         if p.is_dir():  # skipped without a word, its pairs were left out of training (35 of 40 trained)
             raise FolderDataError(f"a folder inside {folder}: {p} ({what}s sit directly in {folder.name}/; "
                                   "sub-folders are not read: move their files up)")
@@ -181,16 +182,14 @@ def match(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
 
 def read_image(path: Path, draft_side: int | None = None) -> np.ndarray:
     """H×W×3 uint8 RGB, EXIF orientation applied; `draft_side` lets JPEG decode at a reduced scale (fast)."""
-    # the predictor's decoding: convert("RGB") clipped 16-bit images to white
-    from bgremover.remover import to_rgba_arrays
-
     try:
         with Image.open(path) as im:
             if draft_side and im.format == "JPEG":
                 im.draft("RGB", (draft_side, draft_side))  # keeps at least this size; the caller resizes exactly
             im.load()  # a full decode: truncated files fail here, not in a DataLoader worker
             im = ImageOps.exif_transpose(im)
-            return np.array(to_rgba_arrays(im)[0])  # a writable copy: see camvid._read
+            # the predictor's decoding (convert("RGB") clipped 16-bit images to white); a writable copy (camvid._read)
+            return np.array(to_rgba_arrays(im)[0])
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FolderDataError(f"unreadable or truncated image: {path} ({type(e).__name__})") from None
 
