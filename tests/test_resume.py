@@ -202,6 +202,22 @@ def test_a_resume_whose_clock_is_spent_is_refused_up_front(small_camvid, tmp_pat
 
 
 
+def test_a_resume_records_the_optimizer_it_trains_with(small_camvid, tmp_path, caplog):
+    """Lightning restores the optimizer and its schedule: `ckpt_path=... model.optimizer.lr=1e-3` trained on at the
+    checkpoint's 1e-5 without a word, while summary.json, W&B and compare's labels said 1e-3."""
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=1", "model.optimizer.lr=0.01"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with caplog.at_level("WARNING", logger="bgremover.train"):
+        _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=2", "model.optimizer.lr=0.5",
+                                                        f"ckpt_path={last}"]))
+    assert objects["trainer"].optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.01)  # what trained
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["config"]["model"]["optimizer"]["lr"] == pytest.approx(0.01)  # what is recorded
+    (warned,) = [r.getMessage() for r in caplog.records if "a resume goes on with" in r.getMessage()]
+    assert "model.optimizer.lr=0.01 (not this command's 0.5)" in warned and f"ckpt_init={last}" in warned
+
+
 def test_a_resume_in_place_keeps_the_csv_logs_earlier_rows(small_camvid, tmp_path):
     """Lightning's CSV writer deleted csv/metrics.csv when it started: resumed in its own folder, a run's CSV
     history began at the resume (11 rows became 5 in the audit). The earlier rows stay; new ones are appended."""

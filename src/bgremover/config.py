@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -348,6 +349,35 @@ def _check_resume(cfg: DictConfig, model) -> None:
         if limit is not None and isinstance(spent, int | float) and spent >= limit:
             raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {spent:.0f} s, and {key} allows {limit:.0f} s "
                             "in all: nothing is left to train; raise it to go on, or test it with train=false")
+
+
+def adopt_resumed_optimizer(cfg: DictConfig) -> None:
+    """A resume restores the optimizer and its schedule from the checkpoint (Lightning), so a changed
+    model.optimizer.lr or weight_decay never applied, yet the run recorded it (summary.json, W&B, compare's labels).
+    Say so, and record the values that train."""
+    opt = (cfg.get("model") or {}).get("optimizer")
+    if not (cfg.get("ckpt_path") and cfg.get("train", True) and isinstance(opt, DictConfig)):
+        return
+    from bgremover import checkpoint
+
+    groups = [g for s in checkpoint.read(cfg.ckpt_path).get("optimizer_states") or [] for g in s.get("param_groups", [])]
+    if not groups:
+        return
+    saved = {"lr": groups[0].get("initial_lr", groups[0].get("lr")), "weight_decay": groups[0].get("weight_decay")}
+    changed = {k: v for k, v in saved.items() if isinstance(v, int | float) and opt.get(k) is not None
+               and not math.isclose(float(opt.get(k)), float(v), rel_tol=1e-6)}
+    if not changed:
+        return
+    import logging
+
+    logging.getLogger("bgremover.train").warning(
+        "a resume goes on with the checkpoint's optimizer: %s (not this command's %s); to train with new values "
+        "start a new run from its weights with ckpt_init=%s",
+        ", ".join(f"model.optimizer.{k}={v:g}" for k, v in changed.items()),
+        ", ".join(f"{opt.get(k)}" for k in changed), cfg.ckpt_path)
+    with open_dict(cfg):
+        for k, v in changed.items():
+            cfg.model.optimizer[k] = float(v)
 
 
 def max_time_s(cfg: DictConfig) -> float | None:

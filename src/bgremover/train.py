@@ -187,6 +187,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     config.adopt_run_split(cfg, cfg.get("ckpt_path"))  # a resumed (or train=false) folder run keeps its split
     config.validate_train(cfg)
+    config.adopt_resumed_optimizer(cfg)  # what a resume trains with is what the run records
     quiet = utils.is_multirun() and not cfg.get("verbose")
     if cfg.extras.get("print_config") and not quiet:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
