@@ -59,6 +59,10 @@ def test_two_nets_two_seeds_give_four_summaries_and_four_wandb_runs(camvid_root,
     assert len(job_lines) == 4 and all(": ok test/mIoU=" in line for line in job_lines)
     # 1 test frame (limit_test_batches=1): flagged as eval flags it; the line said "(1 frames)"
     assert all(line.split(" in ")[0].endswith("(1 of 233 frames, PARTIAL)") for line in job_lines), job_lines
+    # and so are the sweep's closing lines and its sweep_summary.json (they said `test/mIoU=0.0186`, nothing more)
+    closing = [line for line in proc.stderr.splitlines() if line.startswith("  [ok] job ")]
+    assert len(closing) == 4 and all(line.endswith("(1 of 233 frames, PARTIAL)") for line in closing), closing
+    assert all(j["test_split"] == {"frames": 1, "of": 233, "complete": False} for j in report["jobs"])
     printed = (proc.stdout + proc.stderr).splitlines()
     assert len(printed) < 40, "\n".join(printed[:80])
     assert not any("Tip" in line or "Epoch" in line for line in printed)

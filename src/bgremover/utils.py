@@ -344,6 +344,16 @@ class _QuietInfo(logging.Filter):
             ("pytorch_lightning", "lightning_fabric", "lightning", "bgremover"))
 
 
+def frames_note(split: dict | None) -> str:
+    """` (233 frames)`, or ` (4 of 233 frames, PARTIAL)`: a partial test set is not the split's score, and is
+    flagged wherever its number is shown ("(4 frames)" looked whole); "" when unknown."""
+    split = split or {}
+    frames, of = split.get("frames"), split.get("of")
+    if not frames:
+        return ""
+    return f" ({frames} of {of} frames, PARTIAL)" if split.get("complete") is False else f" ({frames} frames)"
+
+
 def print_job_line(cfg: DictConfig) -> None:
     """A sweep job's one line on stderr: its overrides, status and test mIoU with the frames it covers."""
     from hydra.core.hydra_config import HydraConfig
@@ -358,11 +368,7 @@ def print_job_line(cfg: DictConfig) -> None:
     what = " ".join(overrides()) or "defaults"
     line = f"[job {num}] {what}: {s.get('status')}"
     if m.get("test/mIoU") is not None:
-        split = s.get("test_split") or {}
-        frames, of = split.get("frames"), split.get("of")
-        # a partial test set is not the split's score: flagged as eval flags it ("(4 frames)" looked whole)
-        count = f"{frames} of {of} frames, PARTIAL" if split.get("complete") is False else f"{frames} frames"
-        line += f" test/mIoU={m['test/mIoU']:.4f}" + (f" ({count})" if frames else "")
+        line += f" test/mIoU={m['test/mIoU']:.4f}" + frames_note(s.get("test_split"))
     if s.get("wall_time_s") is not None:
         line += f" in {s['wall_time_s']:.0f} s"
     if s.get("error"):
@@ -412,6 +418,7 @@ class SweepReport(_HydraCallback):
                     "overrides": _read_overrides(job),
                     "val/mIoU_best": metrics.get("val/mIoU_best"),
                     "test/mIoU": metrics.get("test/mIoU"),
+                    "test_split": s.get("test_split"),  # frames the number covers: a partial set says so
                     "error": s.get("error"),
                 }
             )
@@ -422,7 +429,7 @@ class SweepReport(_HydraCallback):
                  if any(o not in other["overrides"] for other in rows)}
         print(f"\nsweep {sweep_dir}: {len(rows) - len(failed)} of {len(rows)} jobs ok", file=sys.stderr)
         for r in rows:
-            score = "" if r["test/mIoU"] is None else f" test/mIoU={r['test/mIoU']:.4f}"
+            score = "" if r["test/mIoU"] is None else f" test/mIoU={r['test/mIoU']:.4f}" + frames_note(r["test_split"])
             what = " ".join(o for o in r["overrides"] if o.split("=")[0] in swept) or r["job"]
             line = f"  [{r['status']}] job {r['job']} ({what}){score}" + (f": {r['error']}" if r["error"] else "")
             print(line, file=sys.stderr)
