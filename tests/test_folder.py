@@ -480,6 +480,20 @@ def test_ctrl_c_while_make_remover_exports_says_how_to_finish(folder, tmp_path, 
     assert not (run / "remover.onnx").exists()
 
 
+def test_make_remover_into_a_taken_run_dir_names_its_own_option(folder, tmp_path, capsys):
+    """`--run-dir <an earlier run>` was refused by the training as `hydra.run.dir=... already holds a run`, an
+    option the user never typed, after make remover said it was training."""
+    from bgremover import train_remover
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    assert train_remover.main([str(folder), "--run-dir", str(run)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: --run-dir {run} already holds a run: its config, log and results would be overwritten; "
+                    "choose a new folder (or resume it in place with ckpt_path=<that run>/checkpoints/last.ckpt)")
+
+
 def test_experiment_remover_composes_with_budget_and_camvid_init(folder, tmp_path):
     cfg = compose_cfg(tmp_path, ["experiment=remover", f"data.root={folder}"])
     assert cfg.data._target_.endswith("FolderDataModule")

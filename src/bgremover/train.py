@@ -116,8 +116,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     if cfg.get("ckpt_init"):  # a new stage from an earlier run's weights: epoch, optimizer and schedule start fresh
         loaded, skipped = checkpoint.init_from(model, cfg.ckpt_init)
-        log.info("initialised %d tensors of the net from %s (%d re-initialised: %s)", len(loaded), cfg.ckpt_init,
-                 len(skipped), ", ".join(skipped[:6]) + (" …" if len(skipped) > 6 else ""))
+        fresh = (f"{len(skipped)} re-initialised: " + ", ".join(skipped[:6]) + (" …" if len(skipped) > 6 else "")
+                 if skipped else "none re-initialised")
+        log.info("initialised %d tensors of the net from %s (%s)", len(loaded), cfg.ckpt_init, fresh)
     params = count_parameters(model.net)
     extra = {"resumed_from_wandb_run": resumed_from} if resumed_from else {}
     for logger in loggers:  # the whole resolved config, so dashboards can filter and group by any value
