@@ -102,6 +102,10 @@ def test_wandb_offline_run_and_summary_agree(camvid_root, tmp_path):
     assert summary["metrics"]["test/mIoU"] == pytest.approx(metrics["test/mIoU"])
     assert any("test/mIoU" in h for h in run["history"])
     assert any(k.startswith("val/examples/") for h in run["history"] for k in h)  # the image panel
+    # ...at its epoch's own step: it was logged one step later, beside the next epoch's numbers
+    val_steps = [h["trainer/global_step"] for h in run["history"] if "val/mIoU" in h]
+    panel_steps = [h["trainer/global_step"] for h in run["history"] if any(k.startswith("val/examples") for k in h)]
+    assert panel_steps == val_steps, (panel_steps, val_steps)
     assert run["project"] == "bgremover" and run["tags"] == ["unit"] and run["group"] == "train"
     assert run["config"]["model"]["net_name"] == "tiramisu56" and run["config"]["model/params"] == summary["params"]
     for key in ("net", "params", "epochs", "wall_time_s", "best_ckpt", "config"):

@@ -234,7 +234,8 @@ class SegmentationModule(pl.LightningModule):
                     key="val/examples",
                     images=images,
                     caption=["input | ground truth | prediction"] * len(images),
-                    step=self.global_step,
+                    # the step Lightning logs this epoch's val numbers at (global_step was one past it)
+                    step=getattr(self.trainer.fit_loop.epoch_loop, "_batches_that_stepped", self.global_step),
                 )
 
     # --- optimisation ----------------------------------------------------------------------------------------
