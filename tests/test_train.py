@@ -107,6 +107,7 @@ def test_wandb_offline_run_and_summary_agree(camvid_root, tmp_path):
     panel_steps = [h["trainer/global_step"] for h in run["history"] if any(k.startswith("val/examples") for k in h)]
     assert panel_steps == val_steps, (panel_steps, val_steps)
     assert run["project"] == "bgremover" and run["tags"] == ["unit"] and run["group"] == "train"
+    assert run["name"] == "tiramisu56-seed42"  # was empty: W&B's random names for every job of a sweep
     assert run["config"]["model"]["net_name"] == "tiramisu56" and run["config"]["model/params"] == summary["params"]
     for key in ("net", "params", "epochs", "wall_time_s", "best_ckpt", "config"):
         assert summary[key] not in (None, "", {})

@@ -60,7 +60,8 @@ def offline_run(run_dir: Path) -> dict:
         if kind == "history":
             out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
         elif kind == "run":
-            out.update(group=r.run.run_group, tags=list(r.run.tags), project=r.run.project, id=r.run.run_id)
+            out.update(group=r.run.run_group, tags=list(r.run.tags), project=r.run.project, id=r.run.run_id,
+                       name=r.run.display_name)
         elif kind == "config":
             for i in r.config.update:
                 out["config"][i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
