@@ -135,8 +135,11 @@ class SegmentationModule(pl.LightningModule):
         if self.hparams.dice_weight and self.fg_index:
             loss = loss + self.hparams.dice_weight * soft_dice_loss(logits, y, self.fg_index, self.hparams.ignore_index)
         preds = logits.argmax(1)
-        # frame-weighted, as Lightning's epoch mean of a logged loss is
-        self.loss_mean[_key(stage)].update(loss.detach(), weight=len(x))
+        # weighted by labelled pixels: the loss is their mean in this batch, so the epoch's is their mean over the
+        # split however frames are batched (frame-weighted, test/loss moved with the eval batch size)
+        labelled = (y != self.hparams.ignore_index).sum()
+        # an all-void batch: a NaN loss with weight 0, which adds nothing (an `if` would sync a GPU every step)
+        self.loss_mean[_key(stage)].update(torch.nan_to_num(loss.detach()), weight=labelled)
         self.miou[_key(stage)].update(preds, y)
         self.acc[_key(stage)].update(preds, y)
         self.frames[_key(stage)].update(len(x))
