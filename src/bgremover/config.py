@@ -211,6 +211,27 @@ def _check_output_dir() -> None:
                         "(a sweep: hydra.sweep.dir=<folder>)")
 
 
+def _check_settings(key: str, node) -> None:
+    """Every setting of a `_partial_` node (the optimizer, the scheduler) is an argument its class takes."""
+    if not isinstance(node, DictConfig) or not node.get("_target_"):
+        return
+    import inspect
+
+    from hydra.utils import get_class
+
+    try:
+        params = inspect.signature(get_class(node._target_)).parameters
+    except Exception:  # an unknown class: Hydra's own error names it when it is built
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in node if not str(k).startswith("_") and k not in params]
+    if unknown:
+        takes = ", ".join(n for n, p in params.items() if n not in ("self", "params", "optimizer")
+                          and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+        raise UserError(f"{key}.{unknown[0]} is not a setting of {node._target_} (it takes: {takes})")
+
+
 def _check_seed(cfg: DictConfig) -> None:
     seed = cfg.get("seed")  # Lightning's int() said "invalid literal for int() with base 10: 'abc'", naming nothing
     if seed is not None and (isinstance(seed, bool) or not isinstance(_number(seed), int)):
@@ -260,6 +281,8 @@ def validate_train(cfg: DictConfig) -> None:
         # torch's DistributedDataParallel refuses SyncBatchNorm modules on CPU, after everything was built
         raise UserError("trainer.sync_batchnorm=true needs GPUs (torch's DDP refuses SyncBatchNorm on CPU): "
                         "add trainer.sync_batchnorm=false for CPU processes")
+    for key in ("optimizer", "scheduler"):  # a misspelt setting failed at fit time, after the W&B run started
+        _check_settings(f"model.{key}", model.get(key))
     lr = ((model.get("optimizer") or {}).get("lr"))
     if lr is not None and not (isinstance(lr, int | float) and lr > 0):
         raise UserError(f"model.optimizer.lr must be a positive number, got {lr!r}")
