@@ -346,6 +346,18 @@ def test_a_row_over_different_test_subsets_says_so() -> None:
     assert frames_cell([run(4), run(4)]) == "4 of 233 (partial)"
     assert frames_cell([run(6), run(4)]) == "4–6 of 233 (partial, mixed)"
     assert frames_cell([run(233), run(4)]) == "4–233 of 233 (partial, mixed)"
+    # the Runs and Per-class tables said "2.0" with no word of the 4 frames
+    from bgremover import compare
+    from bgremover.compare.render import class_table, run_table
+
+    def scored(frames):
+        return Run(Path(f"r{frames}"), {"status": "ok", "net": "n", "seed": frames, "test_split": {
+            "frames": frames, "of": 233, "complete": frames == 233}, "metrics": {"test/mIoU": 0.02, "test/iou_Sky": 0.1}})
+
+    _, rows = run_table([scored(4), scored(233)], [Path(".")])
+    assert sorted(r[3] for r in rows) == ["2.0", "2.0 — test frames 4 of 233 (partial)"]
+    _, rows = class_table(compare.aggregate([scored(4)]))
+    assert rows[0][0] == "n — test frames 4 of 233 (partial)"
 
 
 def test_a_folder_of_unfinished_runs_says_there_is_nothing_to_compare(tmp_path: Path) -> None:
