@@ -360,6 +360,17 @@ def test_a_row_over_different_test_subsets_says_so() -> None:
     assert rows[0][0] == "n — test frames 4 of 233 (partial)"
 
 
+def test_a_sweep_that_ran_no_job_says_so(tmp_path: Path) -> None:
+    """A sweep that failed while composing (`model=deeplabv3plus,deeplabv4`) leaves only multirun.yaml; compare
+    said just "no summary.json found"."""
+    from bgremover import compare
+    from bgremover.compare.report import CompareError
+
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    with pytest.raises(CompareError, match="the sweep there stopped before any job ran"):
+        compare.build_report([tmp_path], out=tmp_path / "report", grid_images=0)
+
+
 def test_a_folder_of_unfinished_runs_says_there_is_nothing_to_compare(tmp_path: Path) -> None:
     """Only an interrupted run: the report's Nets table was empty, headers alone, with nothing saying why."""
     write_summary(tmp_path / "s" / "0", {"status": "interrupted", "error": "interrupted by SIGTERM at epoch 1, step 4",

@@ -114,7 +114,9 @@ def build_report(
     paths = [Path(p) for p in paths]
     runs = find_runs(paths)
     if not runs:
-        raise CompareError(f"no {SUMMARY_NAME} found under {', '.join(map(str, paths))}")
+        started = [p for p in paths if (p / "multirun.yaml").is_file()]  # Hydra wrote it, then no job ran
+        raise CompareError(f"no {SUMMARY_NAME} found under {', '.join(map(str, paths))}" + (
+            ": the sweep there stopped before any job ran (its command's error line says why)" if started else ""))
     sweep = paths[0] if paths[0].is_dir() else paths[0].parent
     out = Path(out) if out else sweep / REPORT_DIRNAME
     _check_out(out, runs)
