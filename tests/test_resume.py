@@ -218,6 +218,22 @@ def test_a_resume_records_the_optimizer_it_trains_with(small_camvid, tmp_path, c
     assert "model.optimizer.lr=0.01 (not this command's 0.5)" in warned and f"ckpt_init={last}" in warned
 
 
+def test_the_resume_hint_is_not_followed_by_lightnings_mid_epoch_warning():
+    """Following the printed resume hint (a mid-epoch last.ckpt) showed Lightning's raw "unreliable results"
+    warning right after it; the rest of that epoch only draws a fresh shuffle, and the plan says where it resumes."""
+    import warnings
+
+    from bgremover.utils import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
+                      "resumable. This can cause unreliable results if further training is done.", stacklevel=1)
+        warnings.warn("another warning", stacklevel=1)
+    assert [str(w.message) for w in seen] == ["another warning"]
+
+
 def test_a_resume_in_place_keeps_the_csv_logs_earlier_rows(small_camvid, tmp_path):
     """Lightning's CSV writer deleted csv/metrics.csv when it started: resumed in its own folder, a run's CSV
     history began at the resume (11 rows became 5 in the audit). The earlier rows stay; new ones are appended."""
