@@ -592,7 +592,7 @@ def fake_camvid(root: Path, frames: dict) -> Path:
     return root
 
 
-def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, capsys):
+def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, capsys, monkeypatch):
     from bgremover.data.make_folder import main
 
     rng = np.random.default_rng(0)
@@ -615,6 +615,15 @@ def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, caps
     both = tmp_path / "cars2"
     assert main([str(both), "--data-root", str(root), "--min-side", "16", "--size", "32", "--keep-truncated"]) == 0
     assert len(list((both / "test" / "masks").iterdir())) == 2
+    # Ctrl-C while it writes: one line and 130 (was a bare traceback), and no folder, whole or half
+    from bgremover.data import make_folder
+
+    capsys.readouterr()
+    real = make_folder.build
+    monkeypatch.setattr(make_folder, "build", lambda *a, **k: real(*a, **k) and (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main([str(tmp_path / "cars3"), "--data-root", str(root), "--min-side", "16", "--size", "32"]) == 130
+    assert capsys.readouterr().err.strip() == f"error: interrupted: {tmp_path / 'cars3'} was not written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CamVid", "cars", "cars2"]
 
 
 def test_make_folder_composites_subjects_onto_subject_free_windows(tmp_path, capsys):

@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     except UserError as e:  # CamVidError is one
         return report(e)
+    except KeyboardInterrupt:  # was a bare traceback; the half-built folder is already gone (finally above)
+        return report(f"interrupted: {args.out} was not written", code=130)
     kind = "composites" if args.composite else "crops"
     print(f"wrote {args.out}: " + ", ".join(f"{counts[s]} {s}" for s in SPLITS) + f" {kind} of {'/'.join(classes)}"
           f" ({args.size}x{args.size}); train a remover on it: make remover DATA={args.out}")
