@@ -108,6 +108,9 @@ def test_wandb_offline_run_and_summary_agree(camvid_root, tmp_path):
     assert panel_steps == val_steps, (panel_steps, val_steps)
     assert run["project"] == "bgremover" and run["tags"] == ["unit"] and run["group"] == "train"
     assert run["name"] == "tiramisu56-seed42"  # was empty: W&B's random names for every job of a sweep
+    # the summary says how many frames the test numbers cover, of how many (it had test/frames alone)
+    assert run["summary"]["test/frames_of"] == summary["test_split"]["of"]
+    assert run["summary"]["test/partial"] is (summary["test_split"]["complete"] is False)
     assert run["config"]["model"]["net_name"] == "tiramisu56" and run["config"]["model/params"] == summary["params"]
     for key in ("net", "params", "epochs", "wall_time_s", "best_ckpt", "config"):
         assert summary[key] not in (None, "", {})

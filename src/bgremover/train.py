@@ -219,6 +219,12 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     if split["complete"] is False:  # Lightning's table showed test/frames 4.0 and nothing else
         log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (data.limit_eval_images "
                     "or trainer.limit_test_batches)", split["frames"], split["of"])
+    if split.get("frames"):  # the dashboard's summary had test/frames=12 and nothing saying "of 233"
+        for logger in trainer.loggers:
+            run_summary = getattr(getattr(logger, "experiment", None), "summary", None) \
+                if type(logger).__name__ == "WandbLogger" else None
+            if run_summary is not None:
+                run_summary.update({"test/frames_of": split["of"], "test/partial": split["complete"] is False})
     summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics, {
         "run_dir": str(Path(cfg.paths.output_dir).resolve()),
         "net": model.hparams.net_name,
