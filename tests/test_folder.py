@@ -460,16 +460,18 @@ def test_ctrl_c_while_make_remover_exports_says_how_to_finish(folder, tmp_path, 
     from bgremover import export, train_remover
 
     run = tmp_path / "a run"
-    (run / "checkpoints").mkdir(parents=True)
     best = run / "checkpoints" / "epoch_003.ckpt"
-    best.write_bytes(b"")
-    (run / "summary.json").write_text(json.dumps({"status": "ok", "best_ckpt": str(best)}))
 
-    class Done:
+    class Done:  # the training, finished: its run folder and summary
+        def __init__(self, *args, **kwargs):
+            best.parent.mkdir(parents=True)
+            best.write_bytes(b"")
+            (run / "summary.json").write_text(json.dumps({"status": "ok", "best_ckpt": str(best)}))
+
         def wait(self):
             return 0
 
-    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: Done())
+    monkeypatch.setattr(subprocess, "Popen", Done)
     monkeypatch.setattr(export, "load_checkpoint_net", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert train_remover.main([str(folder), "--run-dir", str(run)]) == 130
     (line,) = capsys.readouterr().err.strip().splitlines()[1:]

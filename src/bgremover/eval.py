@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bgremover import checkpoint, config, utils
+from bgremover import checkpoint, config, resume, utils
 from bgremover.errors import UserError
 
 log = logging.getLogger("bgremover.eval")
@@ -24,7 +24,7 @@ CONFIG_DIR = config.CONFIG_DIR
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     import pytorch_lightning as pl
 
-    config.adopt_run_split(cfg, cfg.get("ckpt_path"))
+    resume.adopt_split(cfg, cfg.get("ckpt_path"))
     config.validate_eval(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = checkpoint.load_module(cfg.ckpt_path)

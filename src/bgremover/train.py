@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bgremover import config, utils
+from bgremover import config, resume, utils
 from bgremover.errors import UserError, report
 
 # torch, Lightning and the nets are imported inside the functions: a bad config is refused before paying for them
@@ -186,9 +186,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    config.adopt_run_split(cfg, cfg.get("ckpt_path"))  # a resumed (or train=false) folder run keeps its split
+    resume.adopt_split(cfg, cfg.get("ckpt_path"))  # a resumed (or train=false) folder run keeps its split
     config.validate_train(cfg)
-    config.adopt_resumed_optimizer(cfg)  # what a resume trains with is what the run records
+    resume.adopt_optimizer(cfg)  # what a resume trains with is what the run records
     quiet = utils.is_multirun() and not cfg.get("verbose")
     if cfg.extras.get("print_config") and not quiet:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
