@@ -522,6 +522,7 @@ def test_wandb_offline_logs_table(sweep: Path, tmp_path: Path, monkeypatch: pyte
     rows = {r[0]: dict(zip(t["columns"], r, strict=True)) for r in t["data"]}
     assert rows[TIRAMISU]["test_mIoU_mean"] == pytest.approx(0.52)
     assert rows[DEEPLAB]["test_mIoU_std"] == pytest.approx(0.0424264, abs=1e-6)
+    assert rows[TIRAMISU]["test_frames"] == "—"  # these summaries predate test_split; frames_cell is tested above
     assert any((run_dir / "files" / "media" / "images" / "compare").glob("val_miou_*.png"))
     # wandb's writer process may still be flushing the run log after finish() returns: give it a moment
     log = next(run_dir.glob("*.wandb"))
@@ -630,6 +631,10 @@ def test_report_says_which_trial_an_optuna_search_picked(tmp_path: Path) -> None
         "best_value: 0.6712\n")
     md = (compare.build_report([sweep], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
     assert f"(val/mIoU_best = 0.6712): run 1 ({TIRAMISU})" in md
+    s["test_split"] = {"frames": 4, "of": 233, "complete": False}  # the picked run, tested on 4 frames: said so
+    write_summary(sweep / "1", s)
+    md = (compare.build_report([sweep], out=tmp_path / "report2", grid_images=0).path / "report.md").read_text()
+    assert f"run 1 ({TIRAMISU}): test mIoU " in md and " % — test frames 4 of 233 (partial). The tables" in md
     (sweep / "optimization_results.yaml").write_text("name: optuna\nsolutions: []\n")  # multi-objective: no pick
     md = (compare.build_report([sweep], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
     assert "## Search" not in md

@@ -29,6 +29,7 @@ from bgremover.compare.render import (
     _rel,
     class_table,
     main_table,
+    partial_note,
     pct,
     render_html,
     render_md,
@@ -211,7 +212,7 @@ def build_report(
             chosen = ", ".join(short_number(f"{k}={v}") for k, v in params.items())
             metric = ((pick.summary.get("config") or {}).get("optimized_metric") if pick else None) or "its objective"
             ran = (f"run {_rel(pick.dir, paths)} ({pick.net}): test mIoU {pct(pick.metric('test/mIoU'))} %"
-                   if pick is not None else "its run was not found among the compared runs")
+                   + partial_note([pick]) if pick is not None else "its run was not found among the compared runs")
             searches.append(("p", f"The Optuna study in {folder.name} picked {chosen} ({metric} = {value:.4g}): "
                                   f"{ran}. The tables above rank by test mIoU, which the search never saw."))
         if searches:

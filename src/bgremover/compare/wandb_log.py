@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bgremover.compare.render import frames_cell
 from bgremover.compare.runs import CLASSES, DEFAULT_WANDB_PROJECT, NetStats, Run
 
 
@@ -64,18 +65,19 @@ def log_wandb(report: Path, stats: list[NetStats], runs: list[Run], group: str) 
     else:
         run = wandb.run
     try:
+        # test_frames: "4 of 233 (partial)" where the numbers cover part of the split (the tables said nothing)
         cols = ["net", "runs", "params_M", "test_mIoU_mean", "test_mIoU_std", "test_acc_mean", "test_acc_std",
-                *(f"iou_{c}" for c in CLASSES), "wall_time_s", "infer_ms_480x360"]  # fmt: skip
+                "test_frames", *(f"iou_{c}" for c in CLASSES), "wall_time_s", "infer_ms_480x360"]  # fmt: skip
         data = []
         for s in stats:
             pm = None if s.params_m is None else s.params_m / 1e6
             ious = [s.class_iou[c].mean for c in CLASSES]
-            data.append([s.net, len(s.runs), pm, s.miou.mean, s.miou.std, s.acc.mean, s.acc.std, *ious,
-                         s.wall_s, s.infer_ms])  # fmt: skip
-        run_cols = ["run_dir", "net", "seed", "status", "test_mIoU", "error"]
+            data.append([s.net, len(s.runs), pm, s.miou.mean, s.miou.std, s.acc.mean, s.acc.std,
+                         frames_cell(s.runs), *ious, s.wall_s, s.infer_ms])  # fmt: skip
+        run_cols = ["run_dir", "net", "seed", "status", "test_mIoU", "test_frames", "error"]
         run_data = [
             [str(r.dir), r.net, None if r.seed is None else str(r.seed), "ok" if r.ok else "failed",
-             r.metric("test/mIoU"), "" if r.ok else r.error]
+             r.metric("test/mIoU"), frames_cell([r]), "" if r.ok else r.error]
             for r in runs
         ]  # fmt: skip
         payload: dict[str, Any] = {
