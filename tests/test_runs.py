@@ -386,6 +386,20 @@ def test_test_loss_does_not_depend_on_the_eval_batch_size(tmp_path):
     assert losses == pytest.approx([losses[0]] * 3, rel=1e-5), losses
 
 
+def test_a_test_only_run_records_the_config_that_trained_its_checkpoint(small_camvid, tmp_path):
+    """`train=false ckpt_path=X` recorded only its own command's config (the default lr, max_epochs, no ckpt_init),
+    which compare then grouped and labelled it by. X's run's config is recorded too, and compare reads that."""
+    from bgremover.compare.runs import Run, recipe
+
+    base = [*TINY_RUN, f"data.root={small_camvid}"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=1", "model.optimizer.lr=0.0123", "test=false"]))
+    train(compose_cfg(tmp_path / "b", [*base, "train=false", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"]))
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert b["config"]["model"]["optimizer"]["lr"] != 0.0123  # this command's
+    assert b["trained_config"]["model"]["optimizer"]["lr"] == 0.0123 and b["trained_config"]["trainer"]["max_epochs"] == 1
+    assert recipe(Run(tmp_path / "b", b))["model.optimizer.lr"] == "0.0123"
+
+
 def test_a_run_that_never_validates_says_so(small_camvid, tmp_path, caplog):
     """Validation every 2 epochs, 1 epoch trained: no best checkpoint, the test stage scored the last weights, and
     nothing said so."""

@@ -8,6 +8,7 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -235,8 +236,25 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
         "test_split": split,
         "overrides": utils.overrides(),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        **_trained_config(cfg),
     }, measure_inference=cfg.get("measure_inference", True))
     return metrics, objects
+
+
+def _trained_config(cfg: DictConfig) -> dict[str, Any]:
+    """train=false tests a checkpoint trained by another command: its run's config (lr, epochs, ckpt_init) as
+    `trained_config`, which compare groups and labels by. `config` alone described this test-only command."""
+    if cfg.get("train", True) or not cfg.get("ckpt_path"):
+        return {}
+    from bgremover import checkpoint
+
+    path = checkpoint.run_summary(cfg.ckpt_path)
+    try:
+        trained = json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        trained = {}
+    found = trained.get("trained_config") or trained.get("config")
+    return {"trained_config": found} if isinstance(found, dict) else {}
 
 
 def test_split_info(metrics: dict[str, float], datamodule, split: str = "test") -> dict[str, Any]:

@@ -198,7 +198,7 @@ def recipe(run: Run) -> dict[str, str]:
     """The run's resolved config as dotted keys → values, without NOT_RECIPE and paths in the run's own folder
     (empty for old summaries)."""
     flat: dict[str, str] = {}
-    config = run.summary.get("config") or {}
+    config = run.summary.get("trained_config") or run.summary.get("config") or {}  # a train=false run: its ckpt's
     own = str((config.get("paths") or {}).get("output_dir") or "").rstrip("/")
 
     def walk(node: Any, prefix: str) -> None:
