@@ -400,6 +400,22 @@ def test_a_test_only_run_records_the_config_that_trained_its_checkpoint(small_ca
     assert recipe(Run(tmp_path / "b", b))["model.optimizer.lr"] == "0.0123"
 
 
+def test_a_partial_val_split_is_flagged_like_a_partial_test_set(small_camvid, tmp_path, caplog):
+    """trainer.limit_val_batches: the best val mIoU (and the epoch it picks) came from part of the val split, and
+    neither the run nor compare said so ("Best val mIoU %" over 4 of 101 frames in the audit)."""
+    from bgremover import compare
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false"]
+    with caplog.at_level("WARNING", logger="bgremover.train"):
+        train(compose_cfg(tmp_path / "a", [*base, "trainer.limit_val_batches=1"]))
+    train(compose_cfg(tmp_path / "b", base))
+    a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in "ab")
+    assert a["val_split"] == {"frames": 1, "of": 2, "complete": False} and b["val_split"]["complete"] is True
+    assert "val numbers (and the best epoch they pick) over 1 of 2 frames: PARTIAL" in caplog.text
+    report = compare.build_report([tmp_path / "a"], out=tmp_path / "report", grid_images=0)
+    assert "(partial val split)" in report.main_md
+
+
 def test_a_run_that_never_validates_says_so(small_camvid, tmp_path, caplog):
     """Validation every 2 epochs, 1 epoch trained: no best checkpoint, the test stage scored the last weights, and
     nothing said so."""

@@ -220,6 +220,11 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     if split["complete"] is False:  # Lightning's table showed test/frames 4.0 and nothing else
         log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (data.limit_eval_images "
                     "or trainer.limit_test_batches)", split["frames"], split["of"])
+    # the best epoch is picked by val numbers: over part of the split (limit_val_batches) they said nothing of it
+    val_split = test_split_info(metrics, datamodule, "val") if cfg.get("train", True) else test_split_info({}, None)
+    if val_split["complete"] is False:
+        log.warning("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (trainer."
+                    "limit_val_batches or data.limit_eval_images)", val_split["frames"], val_split["of"])
     if split.get("frames"):  # the dashboard's summary had test/frames=12 and nothing saying "of 233"
         for logger in trainer.loggers:
             run_summary = getattr(getattr(logger, "experiment", None), "summary", None) \
@@ -234,6 +239,7 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
         "seed": cfg.seed,
         "params": objects["params"],
         "test_split": split,
+        "val_split": val_split,
         "overrides": utils.overrides(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         **_trained_config(cfg),

@@ -63,7 +63,8 @@ def main_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
             pct_pm(s.miou),
             frames_cell(s.runs),
             pct_pm(s.acc),
-            pct_pm(s.val_best) + (" (val trained on)" if any(r.trained_on_val for r in s.runs) else ""),
+            pct_pm(s.val_best) + (" (val trained on)" if any(r.trained_on_val for r in s.runs) else "")
+            + (" (partial val split)" if any(r.val_partial for r in s.runs) else ""),
             duration(s.wall_s),
         ]
         if has_infer:

@@ -85,6 +85,11 @@ class Run:
         return split.get("frames"), split.get("of")
 
     @property
+    def val_partial(self) -> bool:
+        """Its val numbers (best val mIoU) cover part of the val split (trainer.limit_val_batches)."""
+        return (self.summary.get("val_split") or {}).get("complete") is False
+
+    @property
     def trained_on_val(self) -> bool:
         """data.train_split=train+val: its val mIoU is no held-out score."""
         data = (self.summary.get("config") or {}).get("data") or {}
