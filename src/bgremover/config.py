@@ -233,11 +233,11 @@ def _check_settings(key: str, node) -> None:
 
 def _check_seed(cfg: DictConfig) -> None:
     seed = cfg.get("seed")  # Lightning's int() said "invalid literal for int() with base 10: 'abc'", naming nothing
-    if seed is not None and (isinstance(seed, bool) or not isinstance(_number(seed), int)):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(as_number(seed), int)):
         raise UserError(f"seed must be an integer, got {seed!r}")
 
 
-def _number(value):
+def as_number(value):
     """A number, or a string holding one (`seed=${oc.env:SLURM_ARRAY_TASK_ID}` resolves to text) as int or float;
     anything else unchanged."""
     if isinstance(value, str):
@@ -257,7 +257,7 @@ def validate_train(cfg: DictConfig) -> None:
     budgets += [(f"callbacks.{name}.budget_s", cb.get("budget_s")) for name, cb in (cfg.get("callbacks") or {}).items()
                 if isinstance(cb, DictConfig) and "budget_s" in cb]
     for key, value in budgets:
-        number = _number(value)
+        number = as_number(value)
         if value is not None and (isinstance(value, bool) or not isinstance(number, int | float) or not number > 0):
             raise UserError(f"{key} must be a positive number of seconds (or null: no time budget), got {value!r}")
     splits = [s for s, on in (("train", cfg.get("train", True)), ("val", cfg.get("train", True)),

@@ -66,7 +66,7 @@ def check(cfg: DictConfig, model) -> None:
     for name, cb in (cfg.get("callbacks") or {}).items():
         if isinstance(cb, DictConfig) and cb.get("budget_s") is not None:
             spent = [s.get("train_s") for k, s in states.items() if k.split("{")[0] == cb._target_.rsplit(".", 1)[-1]]
-            clocks.append((f"callbacks.{name}.budget_s", float(config._number(cb.budget_s)), (spent or [None])[0]))
+            clocks.append((f"callbacks.{name}.budget_s", float(config.as_number(cb.budget_s)), (spent or [None])[0]))
     for key, limit, spent in clocks:
         if limit is not None and isinstance(spent, int | float) and spent >= limit:
             raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {spent:.0f} s, and {key} allows {limit:.0f} s "
