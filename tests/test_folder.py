@@ -580,6 +580,11 @@ def test_make_remover_bad_folder_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bgremover.train_remover", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: dataset folder not found: {tmp_path / 'missing'}"
+    # a folder without images/ and masks/: the layout's one line, before "remover: training ..." was printed
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train_remover", str(tmp_path / "empty")],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(f"error: folder missing: {tmp_path / 'empty' / 'images'}")
 
 
 # --- the worked example's builder ---------------------------------------------------------------------------------

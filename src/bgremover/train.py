@@ -31,18 +31,19 @@ CONFIG_DIR = config.CONFIG_DIR
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C or SIGTERM stopped the run: in training (last.ckpt holds the state to resume from), before it started
-    (`best_ckpt` "" and nothing saved), or in the test stage after it (`best_ckpt`: what is left to test)."""
+    """Ctrl-C or SIGTERM stopped the run at `stage`: "fit" (last.ckpt holds the state to resume from), "start"
+    (nothing trained yet; a resume's own checkpoint still resumes it) or "test" (`best_ckpt` is left to test)."""
 
-    def __init__(self, signum: int, last_ckpt: str | None, epoch: int, step: int, best_ckpt: str | None = None) -> None:
+    def __init__(self, signum: int, last_ckpt: str | None, epoch: int, step: int, stage: str = "fit",
+                 best_ckpt: str | None = None) -> None:
         self.signum, self.last_ckpt, self.epoch, self.step = signum, last_ckpt, epoch, step
-        self.best_ckpt = best_ckpt
+        self.stage, self.best_ckpt = stage, best_ckpt
         name = signal.Signals(signum).name
-        where = "before training started" if best_ckpt == "" else f"at epoch {epoch + 1}, step {step}"
-        if best_ckpt == "" and not last_ckpt:
+        where = "before training started" if stage == "start" else f"at epoch {epoch + 1}, step {step}"
+        if stage == "start" and not last_ckpt:
             super().__init__(f"interrupted by {name} {where}: nothing was trained")
             return
-        if best_ckpt:
+        if stage == "test":
             finish = os.environ.get(config.FINISH_ENV) or "make eval CKPT={best_ckpt}"
             super().__init__(f"interrupted by {name} in the test stage, after training finished; its best checkpoint "
                              f"is {best_ckpt}: finish with: {finish.replace('{best_ckpt}', shlex.quote(best_ckpt))}")
@@ -72,8 +73,8 @@ def _interrupted_outside_fit(cfg: DictConfig, exc: BaseException, objects: dict[
     signum = signal.SIGTERM if trainer is not None and trainer.received_sigterm else signal.SIGINT
     if trainer is None or trainer.state.fn is None or trainer.state.fn.value != "test":
         resumed = str(cfg.ckpt_path) if cfg.get("ckpt_path") and cfg.get("train", True) else None
-        return RunInterrupted(signum, resumed, 0, 0, best_ckpt="")  # its resume checkpoint is still the one to use
-    return RunInterrupted(signum, None, trainer.current_epoch, trainer.global_step,
+        return RunInterrupted(signum, resumed, 0, 0, stage="start")  # a resume's checkpoint still resumes it
+    return RunInterrupted(signum, None, trainer.current_epoch, trainer.global_step, stage="test",
                           best_ckpt=objects["summary"].best_ckpt or str(cfg.get("ckpt_path") or ""))
 
 
@@ -221,7 +222,7 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
         log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (data.limit_eval_images "
                     "or trainer.limit_test_batches)", split["frames"], split["of"])
     # the best epoch is picked by val numbers: over part of the split (limit_val_batches) they said nothing of it
-    val_split = test_split_info(metrics, datamodule, "val") if cfg.get("train", True) else test_split_info({}, None)
+    val_split = test_split_info(metrics, datamodule, "val")  # train=false validated nothing: all None
     if val_split["complete"] is False:
         log.warning("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (trainer."
                     "limit_val_batches or data.limit_eval_images)", val_split["frames"], val_split["of"])

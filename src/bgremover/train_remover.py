@@ -109,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. remover_budget_s=600 ckpt_init=null")
     args = p.parse_intermixed_args(argv)  # options may come after the overrides
     data = Path(args.data).expanduser()
-    if data.exists() and not data.is_dir():
-        return errors.report(f"not a folder: {data} (a dataset folder holds images/ and masks/, or train/, val/ "
-                             "and test/ with those two inside)")
-    if not data.is_dir():
-        return errors.report(f"dataset folder not found: {data}")
+    from bgremover.data.folder import FolderDataError, layout
+
+    try:
+        layout(data)  # a file, a missing folder, a wrong layout: one line before anything starts
+    except FolderDataError as e:
+        return errors.report(e)
     data = data.resolve()
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     run = Path(args.run_dir or Path("logs") / "remover" / "runs" / stamp).resolve()

@@ -237,11 +237,11 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
         }
         if interrupted:
             summary.update(last_ckpt=exc.last_ckpt, epoch=exc.epoch, global_step=exc.step)
-            if exc.best_ckpt:  # stopped in the test stage: the training is done
+            if exc.stage == "test":  # the training is done
                 summary["best_ckpt"] = exc.best_ckpt
             if getattr(exc, "fit_s", None) is not None:  # training time, as a finished run's (resumes included)
                 summary["wall_time_s"] = round(exc.fit_s, 2)
-        nothing = is_user_error(exc) or (interrupted and exc.best_ckpt == "" and not exc.last_ckpt)
+        nothing = is_user_error(exc) or (interrupted and exc.stage == "start" and not exc.last_ckpt)
         empty = _empty_run_dir() if nothing and not is_multirun() else None
         if empty is not None:
             _remove_run_dir(empty)

@@ -312,7 +312,7 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
         return _SCANNED[key]
     pairs = {s: match(*dirs) for s, dirs in where.items()} if isinstance(where, dict) else {"all": match(*where)}
     sizes = {}
-    zero_one, fg = True, {True: False, False: False}  # all masks 0/1 so far; foreground under either rule
+    zero_one, fg_one, fg_high = True, False, False  # all masks 0/1 so far; foreground under either rule
     for split_pairs in pairs.values():
         for img, mask in split_pairs:
             raw = mask_values(mask, labels)
@@ -322,11 +322,11 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
             if labels.binary:
                 values = raw[raw != labels.void_value] if labels.void_value is not None else raw
                 zero_one = zero_one and int(values.max(initial=0)) <= 1
-                fg[True] = fg[True] or bool((values == 1).any())
-                fg[False] = fg[False] or bool((values > 127).any())
+                fg_one = fg_one or bool((values == 1).any())
+                fg_high = fg_high or bool((values > 127).any())
             else:
                 labels.to_label(raw, mask)  # a value beyond the class list: one line naming the file
-    foreground = fg[zero_one]
+    foreground = fg_one if zero_one else fg_high
     if labels.binary:
         labels = replace(labels, zero_one=zero_one)
     if labels.binary and not foreground:  # masks of class indices (0/2...) read as binary: all background
