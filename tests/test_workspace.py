@@ -156,6 +156,7 @@ def test_make_train_and_remover_training_keep_memory(monkeypatch, tmp_path) -> N
 
     monkeypatch.setattr(train_remover.subprocess, "Popen", FakeTraining)
     (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()  # the layout is checked before the training starts
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "7")  # a caller's own setting wins
     assert train_remover.main([str(tmp_path), "--run-dir", str(tmp_path / "run")]) == 3
