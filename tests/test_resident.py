@@ -290,10 +290,15 @@ def test_speedrun_budget_anneals_stops_with_a_last_validation(tiny_camvid, tmp_p
     assert any(r.get("time_to/0.000") for r in rows)
 
 
-def test_speedrun_recipe_without_validation_still_writes_a_checkpoint(tiny_camvid, tmp_path):
+def test_speedrun_recipe_without_validation_still_writes_a_checkpoint(tiny_camvid, tmp_path, caplog, recwarn):
     """The speed-run recipe with validation off (as the CPU probes ran it) ended with no checkpoint at all: its
-    ModelCheckpoint watches val/mIoU. Now checkpoints/last.ckpt holds the final state, and summary.json says so."""
+    ModelCheckpoint watches val/mIoU. Now checkpoints/last.ckpt holds the final state, and summary.json says so.
+    The run says it does not validate: its plan said "validation every 5 epoch(s)", Lightning warned each epoch
+    that val/mIoU was missing, and time-to-mIoU listed every threshold as "not reached" (the H100 run on train+val)."""
     import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="bgremover.train")
 
     from bgremover.train import train
 
@@ -308,6 +313,10 @@ def test_speedrun_recipe_without_validation_still_writes_a_checkpoint(tiny_camvi
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["best_ckpt"] is None and summary["last_ckpt"] == str(tmp_path / "checkpoints" / "last.ckpt")
     assert torch.load(summary["last_ckpt"], weights_only=True)["global_step"] == summary["global_step"] > 0
+    text = caplog.text
+    assert "no validation (trainer.limit_val_batches=0)" in text and "validation every" not in text
+    assert "no time to val/mIoU" in text and "not reached" not in text
+    assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)]
 
 
 def test_speedrun_experiments_compose():

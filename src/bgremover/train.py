@@ -330,8 +330,8 @@ def _main(cfg: DictConfig) -> float | None:
     value = metrics.get(name or "")
     if name and value is None:  # an Optuna sweep then failed as "Return value must be float-castable. Got 'None'"
         logged = ", ".join(sorted(k for k in metrics if k.startswith(("val/", "test/")) and "iou_" not in k))
-        print(f"warning: optimized_metric={name} is not among this run's metrics ({logged}): a sweep gets no number "
-              "from it", file=sys.stderr, flush=True)
+        print(f"warning: optimized_metric={name} is not among this run's metrics ({logged or 'none'}): a sweep "
+              "gets no number from it", file=sys.stderr, flush=True)
     return None if value is None else float(value)
 
 

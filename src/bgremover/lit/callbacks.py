@@ -104,6 +104,11 @@ def _stops_after_this_epoch(trainer: pl.Trainer) -> bool:
                 or (steps not in (None, -1) and trainer.global_step >= steps))
 
 
+def validates(trainer: pl.Trainer) -> bool:
+    """False when validation is off (trainer.limit_val_batches=0: a run on train+val, or a fixed schedule)."""
+    return trainer.limit_val_batches != 0
+
+
 def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
 
@@ -121,6 +126,12 @@ class BestCheckpoint(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._fitting = stage == "fit"  # before the restore: a test-only run (train=false) copies nothing
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Validation off: Lightning moves the save to the train epoch's end and warns every epoch that val/mIoU is
+        # missing. There is no best to keep then; LastCheckpoint writes the run's checkpoint.
+        if validates(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old_dir, old_best = state_dict.get("dirpath", self.dirpath), state_dict.get("best_model_path") or ""
@@ -262,7 +273,8 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tup
         f"resumes at epoch {start[0] + 1} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
         f"epochs × {per_epoch or '?'} steps = " + (f"{steps - start[1]} steps left" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
-        f"validation every {trainer.check_val_every_n_epoch} epoch(s)",
+        f"validation every {trainer.check_val_every_n_epoch} epoch(s)" if validates(trainer) else
+        "no validation (trainer.limit_val_batches=0)",
         f"{trainer.strategy.root_device.type} {trainer.precision}",
     ]
     limit = _time_limit(trainer)

@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
+from bgremover.lit.callbacks import validates
+
 log = logging.getLogger("bgremover.train")
 
 SYNC_EVERY_STEPS = 10  # under DDP, rank zero's clock is broadcast this often (a collective costs a host sync)
@@ -72,6 +74,7 @@ class TimeToMIoU(Callback):
         self._resumed = {"fit_s": 0.0, "train_s": 0.0}
         self._steps = 0
         self._val_trained = False
+        self._validates = True
         self.first_step_s: float | None = None  # this process's first training step, warm-up included
 
     @staticmethod
@@ -94,6 +97,7 @@ class TimeToMIoU(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
         self._val_trained = bool(getattr(getattr(trainer, "datamodule", None), "trains_on_val", False))
+        self._validates = validates(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_t0 = time.perf_counter()  # the budget counts from here, like trainer.max_time
@@ -122,8 +126,8 @@ class TimeToMIoU(Callback):
             # Lightning validates on a stop only in an epoch that validates anyway: make this one such an epoch.
             trainer.check_val_every_n_epoch = 1
             if trainer.is_global_zero:
-                log.info("speedrun: time budget of %.0f s spent at step %d; last validation, then stop",
-                         self.budget_s, trainer.global_step)
+                log.info("speedrun: time budget of %.0f s spent at step %d; %s", self.budget_s,
+                         trainer.global_step, "last validation, then stop" if self._validates else "stop")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         self._steps += 1
@@ -171,6 +175,8 @@ class TimeToMIoU(Callback):
             log.info("speedrun: test mIoU %.4f after %s of training; %s", float(value), fit, self.describe())
 
     def describe(self) -> str:
+        if not self._validates and not self.reached:
+            return f"no validation (trainer.limit_val_batches=0): no time to {self.metric}"
         parts = []
         for t in self.thresholds:
             r = self.reached.get(self.key(t))
