@@ -230,6 +230,18 @@ def test_cli_key_value_and_torchscript(tmp_path, capsys):
     assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "b.onnx")]) == 0  # flag style works too
 
 
+def test_cli_line_flags_a_partial_test_set_as_every_report_does(tmp_path, capsys):
+    """The exporter's closing line wrote "on 4 of 233 frames (PARTIAL)", its own wording; now utils.frames_note's,
+    the one sweeps, eval and compare use."""
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", miou=0.25)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for split, note in (({"frames": 4, "of": 233, "complete": False}, "test mIoU 0.2500 (4 of 233 frames, PARTIAL);"),
+                        ({"frames": 233, "of": 233, "complete": True}, "test mIoU 0.2500 (233 frames);")):
+        (tmp_path / "run" / "summary.json").write_text(json.dumps({**summary, "test_split": split}))
+        assert main([f"ckpt={ckpt}", f"out={tmp_path / 'm.onnx'}"]) == 0
+        assert note in capsys.readouterr().out
+
+
 def test_only_the_runs_best_checkpoint_carries_its_test_miou(tmp_path):
     """The run's test numbers are its best checkpoint's: exporting another checkpoint of the run (a resumed run's
     last.ckpt, an earlier epoch) stamped them into that model too (eval's attach step already refused this)."""

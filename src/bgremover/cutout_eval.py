@@ -306,7 +306,7 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 def _partial(frames: dict | None) -> str:
     if not frames or frames["complete"]:
         return ""
-    return f" of {frames['of']} (PARTIAL: these numbers are not the split's)"
+    return f" of {frames['of']} ({errors.PARTIAL})"
 
 
 def format_report(r: dict[str, Any], data_root: str, split: str, threads: int | None) -> str:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import contextlib
 
+# the flag beside any number computed over part of a split (limit_test_batches, data.limit_eval_images, --limit);
+# here because this module is the one every entry point imports, the torch-free predictor side included
+PARTIAL = "PARTIAL: these numbers are not the split's"
+
 
 class UserError(Exception):
     """What the user gave us cannot be used; the message is one line that names the file or option at fault."""

@@ -150,8 +150,7 @@ def _main(cfg: DictConfig) -> None:
         elif frames["of"] is None:
             print(f"{key}: {int(value)}")
         else:  # a partial split (limit_test_batches, data.limit_eval_images) is not the split's score: say so
-            print(f"{key}: {int(value)} of {frames['of']}" + ("" if frames["complete"] else
-                                                            " (PARTIAL: these numbers are not the split's)"))
+            print(f"{key}: {int(value)} of {frames['of']}" + ("" if frames["complete"] else f" ({utils.PARTIAL})"))
     if objects["model"].tta:
         tta = objects["model"].tta
         print(f"test-time augmentation: {tta.passes} passes per frame (scales {tta.scales}, flip {tta.flip})")

@@ -317,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     md = result["metadata"]
     miou = "n/a" if md["test_mIoU"] is None else f"{md['test_mIoU']:.4f}"
-    if md["test_mIoU"] is not None and md.get("test_frames"):
-        partial = md.get("test_frames_of") and md["test_frames"] != md["test_frames_of"]
-        miou += f" on {md['test_frames']}" + (f" of {md['test_frames_of']} frames (PARTIAL)" if partial else " frames")
+    if md["test_mIoU"] is not None:
+        from bgremover.utils import frames_note
+
+        of = md.get("test_frames_of")
+        miou += frames_note({"frames": md.get("test_frames"), "of": of,
+                             "complete": None if of is None else md.get("test_frames") == of})
     print(
         f"wrote {result['path']} ({md['net']}, {md['params']:,} params, {len(md['classes'])} classes, "
         f"test mIoU {miou}; torch vs onnxruntime max abs diff {result['max_abs_diff']:.2e})"

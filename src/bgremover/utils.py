@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME  # noqa: F401  (one definition; re-exported)
-from bgremover.errors import one_line
+from bgremover.errors import PARTIAL, one_line  # noqa: F401  (PARTIAL re-exported)
 
 log = logging.getLogger("bgremover")
 
