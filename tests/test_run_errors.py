@@ -95,7 +95,7 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
     """`hydra.run.dir=<an earlier run>` overwrote its config, log, summary and last.ckpt (`make reproduce-default`
     used one fixed folder, so a second run clobbered the first). Refused in one line before Hydra writes anything;
     resuming that run in place (ckpt_path inside it) and a new folder are fine."""
-    from bgremover.config import _taken_run_dir
+    from bgremover.config import taken_run_dir
 
     old = tmp_path / "old_run"
     (old / ".hydra").mkdir(parents=True)
@@ -110,11 +110,11 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
     assert len(proc.stderr.strip().splitlines()) == 1
     assert {p: p.read_text() for p in files} == files and sorted(p.name for p in old.iterdir()) == [
         ".hydra", "checkpoints", "summary.json"]
-    assert _taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"]) is None  # resume
-    assert _taken_run_dir([f"hydra.run.dir={tmp_path / 'new'}"]) is None
-    assert _taken_run_dir(["-m", f"hydra.run.dir={old}"]) is None  # a sweep's folders are hydra.sweep.dir's
+    assert taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"]) is None  # resume
+    assert taken_run_dir([f"hydra.run.dir={tmp_path / 'new'}"]) is None
+    assert taken_run_dir(["-m", f"hydra.run.dir={old}"]) is None  # a sweep's folders are hydra.sweep.dir's
     # an evaluation into the training's folder replaced its .hydra config with eval's (ckpt_path inside: exempt)
-    assert _taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"], resumes=False).startswith(
+    assert taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"], resumes=False).startswith(
         f"hydra.run.dir={old} already holds a run")
     proc = _run("bgremover.eval", f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt",
                 f"data.root={small_camvid}")
@@ -125,10 +125,10 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
     sweep = tmp_path / "sweep"
     (sweep / "0").mkdir(parents=True)
     (sweep / "0" / "summary.json").write_text('{"status": "ok"}')
-    assert _taken_run_dir(["-m", f"hydra.sweep.dir={sweep}", "seed=1,2"]) == (
+    assert taken_run_dir(["-m", f"hydra.sweep.dir={sweep}", "seed=1,2"]) == (
         f"hydra.sweep.dir={sweep} already holds a sweep: its jobs' results would be overwritten and counted into "
         "this one; choose a new folder")
-    assert _taken_run_dir(["-m", f"hydra.sweep.dir={tmp_path / 'fresh'}", "seed=1,2"]) is None
+    assert taken_run_dir(["-m", f"hydra.sweep.dir={tmp_path / 'fresh'}", "seed=1,2"]) is None
 
 
 

@@ -59,7 +59,7 @@ def hydra_command_line(resumes: bool = True) -> None:
     ``HYDRA_FULL_ERROR=1`` still gives Hydra's full report."""
     require_config_dir()
     sys.argv[1:] = [_drop_group(a) for a in sys.argv[1:]]
-    if taken := _taken_run_dir(sys.argv[1:], resumes):
+    if taken := taken_run_dir(sys.argv[1:], resumes):
         from bgremover.errors import report
 
         sys.exit(report(taken, code=2))
@@ -100,7 +100,7 @@ def _drop_group(arg: str) -> str:
     return arg
 
 
-def _taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
+def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     """`hydra.run.dir=X` where X already holds a run (or an evaluation): Hydra would overwrite its .hydra config
     and log, training its summary and last.ckpt, leaving the old best checkpoint beside the new run's. Refused
     before Hydra writes anything, unless the command resumes that run in place (ckpt_path inside X; `resumes`:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from bgremover import errors
-from bgremover.config import CONFIG_DIR, FINISH_ENV, RESUME_ENV, SUMMARY_NAME, _taken_run_dir
+from bgremover.config import CONFIG_DIR, FINISH_ENV, RESUME_ENV, SUMMARY_NAME, taken_run_dir
 from bgremover.errors import UserError
 from bgremover.utils import KEEP_MEMORY_ENV
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     data = data.resolve()
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     run = Path(args.run_dir or Path("logs") / "remover" / "runs" / stamp).resolve()
-    if taken := _taken_run_dir([f"hydra.run.dir={run}", *args.overrides]):  # it named hydra.run.dir=, not --run-dir
+    if taken := taken_run_dir([f"hydra.run.dir={run}", *args.overrides]):  # it named hydra.run.dir=, not --run-dir
         return errors.report(taken.replace(f"hydra.run.dir={run}", f"--run-dir {run}"))
     cmd = [sys.executable, "-m", "bgremover.train", f"experiment={args.exp}", f"data.root={data}",
            f"hydra.run.dir={run}", "task_name=remover", *args.overrides]
