@@ -106,7 +106,7 @@ def _stops_after_this_epoch(trainer: pl.Trainer) -> bool:
 
 def validates(trainer: pl.Trainer) -> bool:
     """False when validation is off (trainer.limit_val_batches=0: a run on train+val, or a fixed schedule)."""
-    return trainer.limit_val_batches != 0
+    return getattr(trainer, "limit_val_batches", 1.0) != 0  # getattr: as on_fit_start reads the datamodule
 
 
 def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
