@@ -8,9 +8,8 @@ predictor's default) and the weights-only float16 checkpoint that `ckpt_init=` a
 from. Then it scores the shipped float model on the same CamVid test frames (`cutout_eval`, the code of
 `make eval-cutout`) and moves the new files over `bgremover-camvid{.onnx,.int8.onnx,.pt}` only if the candidate
 is better on test mIoU and cut-out IoU and no worse on boundary F and alpha MAE (`--force` skips that comparison,
-not the int8 gate). A checkpoint
-of another net than the shipped one needs `--force` too: `make remover` fine-tunes the shipped net from the .pt,
-and its recipe names that net. Otherwise nothing in the models folder changes. Once installed, the example
+not the int8 gate). A checkpoint of another net than the shipped one needs `--force` too: `make remover`
+fine-tunes the shipped net from the .pt, and its recipe names that net. Otherwise nothing in the models folder changes. Once installed, the example
 cut-outs (`examples/*.nobg.png` for the default models folder, or `--examples DIR`) are redone with the new
 default (int8) model, so they show what `make predict` now makes. It prints the rows models/README.md needs.
 
