@@ -411,10 +411,13 @@ def test_pixel_limits(model_path, tmp_path, monkeypatch):
         small_limit.remove(path)
     with pytest.raises(ImageError, match="exceeds"):
         small_limit.remove(halves(50, 50))
-    # Pillow's own bomb guard (2x MAX_IMAGE_PIXELS) raises DecompressionBombError: still one clean ImageError.
+    # Pillow's own ceiling (an error past 2x MAX_IMAGE_PIXELS, ~179 Mpx) stopped files --max-pixels allowed
+    # (`--max-pixels 300000000` on a 200 Mpx PNG: "possible decompression bomb"): ours decides, PIL's is restored.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(ImageError, match="decompression bomb"):
-        BackgroundRemover(model_path).remove(path)
+    assert BackgroundRemover(model_path, max_pixels=2500).remove(path).size == (50, 50)
+    with pytest.raises(ImageError, match="exceeds the limit of 2,499 .*raise --max-pixels"):
+        BackgroundRemover(model_path, max_pixels=2499).remove(path)
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 
 def test_model_errors(tmp_path, monkeypatch):

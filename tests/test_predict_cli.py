@@ -374,6 +374,38 @@ def test_rembg_commands_i_and_p(model, tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def test_rembg_output_names_and_misplaced_commands(model, tmp_path, capsys, monkeypatch):
+    """Found by a rembg user's audit: `-q i in.jpg out.png` read i and out.png as inputs and wrote in.nobg.png;
+    `i a.png new` made a folder `new`; `i a.png b.jpg` blamed a `--out` never typed; `i a.png ""` wrote into the
+    current folder; a bad -bgc printed argparse's 7-line usage before its error."""
+    monkeypatch.chdir(tmp_path)
+    src = save_png(tmp_path / "a.png")
+    before = sorted(os.listdir(tmp_path))
+    for argv in (["-q", "i", "-m", model, str(src), "out.png"], ["--threads", "1", "s", "--port", "8768"],
+                 ["-m", model, "-om", "p", str(tmp_path), str(tmp_path / "pp")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        cmd = next(a for a in argv if a in ("i", "p", "s"))
+        assert err == f"bgremover-predict: error: {cmd} is rembg's command: put it first (bgremover-predict {cmd} " \
+                      "[options] ...)"
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+    assert main(["i", "-m", model, "-q", str(src), "new"]) == 0  # rembg writes that very name
+    assert (tmp_path / "new").is_file() and read_png(tmp_path / "new").mode == "RGBA"
+    assert main(["i", "-m", model, str(src), "b.jpg"]) == 2
+    assert "OUTPUT b.jpg: a cut-out is a PNG" in capsys.readouterr().err and not (tmp_path / "b.jpg").exists()
+    assert main(["i", "-m", model, str(src), ""]) == 2 and not (tmp_path / "a.nobg.png").exists()
+    assert "the output is empty" in capsys.readouterr().err
+    res = run_cli("i", "-m", model, str(src), "c.png", "-bgc", "1", "2", "3")
+    err = res.stderr.decode()
+    assert res.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("bgremover-predict i: error:") and "(see --help)" in err
+    assert main(["i", "-m", model, "--threads", "-1", str(src), "d.png"]) == 2
+    assert "--threads must be >= 0 (0 = the default), got -1" in capsys.readouterr().err
+    assert main(["i", "-m", str(tmp_path), str(src), "d.png"]) == 1  # said "model file not found" of a folder
+    assert f"model {tmp_path} is a folder, not an ONNX file" in capsys.readouterr().err
+
+
 def test_rembg_i_reads_stdin_and_s_is_the_server(model, tmp_path):
     buf = io.BytesIO()
     Image.fromarray(halves(12, 20)).save(buf, format="PNG")

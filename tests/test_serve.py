@@ -274,6 +274,9 @@ BAD = [  # (id, send, data, query, status, substring of the error)
     ("mask-and-colour", post_raw, JPEG, "?mask_only=1&bg_color=0,0,0", 422, "either mask_only or bg_color"),
     ("unknown-option", post_raw, JPEG, "?treshold=0.5", 422, "unknown parameter(s) treshold"),
     ("twice", post_raw, JPEG, "?threshold=0.1&threshold=0.2", 422, "threshold given more than once"),
+    # rembg's fetch-by-URL: was "empty request body" (400) or "unknown parameter(s) url"
+    ("url-no-body", post_raw, b"", "?url=http://example.com/x.jpg", 422, "url= is not supported"),
+    ("url-with-file", post_file, JPEG, "?url=http://example.com/x.jpg", 422, "url= is not supported"),
 ]
 
 
@@ -292,6 +295,8 @@ def test_wrong_route_and_method_are_json(server):
         status, headers, body = request(server, method, path)
         assert status == want and headers["content-type"] == "application/json"
         assert json.loads(body)["error"]
+    status, _, body = request(server, "GET", "/api/remove?url=http://example.com/x.jpg")  # rembg's GET form
+    assert status == 405 and "url= is not supported" in json.loads(body)["error"]
 
 
 def test_still_serving_after_bad_requests(server, remover):
@@ -495,6 +500,9 @@ def test_cli_usage_errors_and_busy_port():
     for queue in ("-1", "0"):  # 0 started, then answered every request 503
         bad = _run_cli("--queue", queue)
         assert bad.returncode == 2 and bad.stderr.strip() == f"bgremover-serve: error: --queue must be positive, got {queue}"
+    # --threads 0 is the default here as in bgremover-predict (serve refused it, predict took it)
+    bad = _run_cli("--threads", "-1")
+    assert bad.returncode == 2 and bad.stderr.strip() == "bgremover-serve: error: --threads must be >= 0 (0 = the default), got -1"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -16,7 +16,8 @@
     options); 130 interrupted.
 
 The library (BackgroundRemover, image decoding) is `bgremover.remover`, re-exported here. Like it, this module
-never imports torch: a test enforces it.
+never imports torch: a test enforces it. Just over 400 lines on purpose: the plain and the rembg command forms
+share every option and output rule, and splitting them would put one command line in two files.
 """
 
 from __future__ import annotations
@@ -77,8 +78,13 @@ REMBG_COMMANDS = {"i": "one image: INPUT [OUTPUT] (- = stdin/stdout)", "p": "a f
                   "s": "the HTTP service and page (bgremover-serve's options)"}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one `error:` line and exit 2, not argparse's usage block before it
+        sys.exit(report(f"{message} (see --help)", self.prog, code=2))
+
+
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bgremover-predict" + (f" {command}" if command else ""),
         description="Remove the background (everything but the chosen classes) from images.",
         epilog="rembg's commands work too: " + "; ".join(f"`{k}` {v}" for k, v in REMBG_COMMANDS.items())
@@ -172,6 +178,8 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool) -> l
         if several or len(items) != 1:
             raise UsageError("stdout (-) can take exactly one image")
         return [None]
+    if out == "":  # Path("") is the current folder: an empty OUTPUT wrote there
+        raise UsageError("the output is empty: name a file or folder (- for stdout)")
     if out is None:
         # Beside each input; an input in a read-only folder (a shared dataset, a mounted card) writes to the
         # current directory instead, so the default command never fails for want of write access.
@@ -225,6 +233,9 @@ PROG = "bgremover-predict"
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in REMBG_COMMANDS else None  # a file named i, p or s: give it as ./i
+    misplaced = next((a for a in argv if a in REMBG_COMMANDS and not Path(a).exists()), None)
+    if command is None and misplaced:  # `-q i in.jpg out.png` read i and out.png as inputs and wrote in.nobg.png
+        return report(f"{misplaced} is rembg's command: put it first ({PROG} {misplaced} [options] ...)", PROG, code=2)
     if command == "s":
         from bgremover.serve import main as serve
 
@@ -264,6 +275,13 @@ def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespa
             raise UsageError(f"i takes one image, {args.input} is a folder: use `p INPUT_DIR OUTPUT_DIR`")
         if args.out is None and not sys.stdout.isatty():  # rembg's `i a.jpg > b.png`: b.png was left empty
             args.out = "-"
+        elif args.out not in (None, "-") and not Path(args.out).is_dir():
+            # OUTPUT is the file to write, as in rembg: `i a.jpg new` made a folder `new` with a.nobg.png inside
+            out = Path(args.out)
+            if out.suffix.lower() not in ("", ".png"):
+                raise UsageError(f"OUTPUT {args.out}: a cut-out is a PNG (its transparency needs one): end the "
+                                 "name in .png")
+            args.out_file = out
     elif not Path(args.input).is_dir():  # the rest (an OUTPUT that is a file, stdin to stdout) as the plain form
         raise UsageError(f"p takes a folder, {args.input} is not one: use `i INPUT OUTPUT` for one image")
     args.inputs = [args.input]
@@ -273,9 +291,11 @@ def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespa
 def _run(args: argparse.Namespace, fail_usage) -> int:
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         return fail_usage(f"--threshold must be within 0..1, got {args.threshold}")
-    for name in ("threads", "max_side", "max_pixels"):
+    if args.threads is not None and args.threads < 0:  # 0: onnxruntime's default (all cores), as bgremover-serve
+        return fail_usage(f"--threads must be >= 0 (0 = the default), got {args.threads}")
+    for name in ("max_side", "max_pixels"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "threads" else 1):
+        if value is not None and value < 1:
             return fail_usage(f"--{name.replace('_', '-')} must be positive, got {value}")
     matting = [f for f, v in (("-ae", args.alpha_matting_erode_size), ("-af", args.alpha_matting_foreground_threshold),
                               ("-ab", args.alpha_matting_background_threshold)) if v is not None]
@@ -297,7 +317,8 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
         for line in failures:
             report(line, PROG)
         return 1
-    outputs = _plan_outputs(items, args.out, several)
+    out_file = getattr(args, "out_file", None)  # `i INPUT OUTPUT`: that very name
+    outputs = [out_file] if out_file is not None and len(items) == 1 else _plan_outputs(items, args.out, several)
     moved = sorted({str(i.parent) for i, o in zip(items, outputs, strict=True)
                     if args.out is None and i is not None and o is not None and o.parent != i.parent})
     if moved and not args.quiet:  # the read-only fallback of _beside: say where the files went

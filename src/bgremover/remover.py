@@ -127,7 +127,7 @@ def open_image(
         if path.stat().st_size == 0:
             raise ImageError(f"{name}: empty file")
     try:
-        opened, trouble = _recording(lambda: Image.open(src))  # JPEG's EXIF is parsed here, warnings and all
+        opened, trouble = _recording(lambda: _open_unbounded(src))  # JPEG's EXIF is parsed here, warnings and all
         with opened:
             w, h = opened.size
             if w * h > max_pixels:
@@ -165,6 +165,17 @@ def _recording(call):
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return call(), list(caught)
+
+
+def _open_unbounded(src) -> Image.Image:
+    """Image.open without PIL's own pixel ceiling (an error past ~179 Mpx, whatever --max-pixels allowed): the
+    max_pixels check right after it decides, naming the option. Called under _RECORDING's lock, so no other open
+    of ours sees the limit lifted."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return Image.open(src)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _report_metadata(name: str, caught: list) -> None:
@@ -466,7 +477,8 @@ class BackgroundRemover:
                     f"no model found at {path}: train and export one (make export CKPT=...), "
                     f"or pass --model / set {MODEL_ENV}"
                 )
-            raise ModelError(f"model file not found: {path}")
+            raise ModelError(f"model {path} is a folder, not an ONNX file" if path.is_dir()
+                             else f"model file not found: {path}")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

@@ -95,10 +95,15 @@ class ApiError(Exception):
         self.message = message
 
 
+URL_UNSUPPORTED = "url= is not supported: this server fetches nothing; POST the image (multipart field 'file' or the raw body)"
+
+
 def parse_options(query: Any, remover: BackgroundRemover) -> dict[str, Any]:
     """Query parameters -> BackgroundRemover.remove keyword arguments; ApiError(422) on any bad value."""
     query = QueryParams([(REMBG_NAMES.get(k, k), v) for k, v in query.multi_items()])
     unknown = sorted(set(query.keys()) - set(OPTIONS))
+    if "url" in unknown:  # rembg's fetch-by-URL: said as such, not as "unknown parameter" or "empty body"
+        raise ApiError(422, URL_UNSUPPORTED)
     if unknown:
         raise ApiError(422, f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
     for key in OPTIONS:
@@ -217,6 +222,8 @@ class Service:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "multipart/form-data":  # any other type (curl --data-binary says urlencoded) is the image
             if not body:
+                if "url" in request.query_params:
+                    raise ApiError(422, URL_UNSUPPORTED)
                 raise ApiError(400, "empty request body: send an image as multipart field 'file' or as the raw body")
             return body, None, []
         return await self._multipart_file(request, body)
@@ -353,7 +360,8 @@ def create_app(service: Service) -> Starlette:
         )
 
     async def http_error(request, exc: HTTPException):
-        messages = {404: f"not found: {request.url.path}", 405: f"method {request.method} not allowed here"}
+        messages = {404: f"not found: {request.url.path}", 405: f"method {request.method} not allowed here"
+                    + (f" ({URL_UNSUPPORTED})" if "url" in request.query_params else "")}
         return json_error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
 
     async def server_error(request, exc: Exception):
@@ -420,7 +428,9 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
 
     if not 0 <= args.port <= 65535:
         return usage(f"--port must be within 0..65535, got {args.port}")
-    for name in ("threads", "max_bytes", "max_pixels", "queue"):  # --queue 0 would refuse every request with 503
+    if args.threads is not None and args.threads < 0:  # 0: the default, as bgremover-predict reads it
+        return usage(f"--threads must be >= 0 (0 = the default), got {args.threads}")
+    for name in ("max_bytes", "max_pixels", "queue"):  # --queue 0 would refuse every request with 503
         value = getattr(args, name)
         if value is not None and value < 1:
             return usage(f"--{name.replace('_', '-')} must be positive, got {value}")
