@@ -92,6 +92,18 @@ def test_debug_presets(debug):
     assert cfg.task_name == "debug"
 
 
+@pytest.mark.parametrize("experiment", ["speedrun_remover", "speedrun_deeplabv3plus", "speedrun_tiramisu103",
+                                        "tiramisu103_camvid", "tiramisu103_camvid_finetune", "tiramisu56_camvid"])
+def test_gpu_recipes_with_trainer_cpu_take_the_cpus_precision(experiment):
+    """A GPU recipe's error says `add ARGS="trainer=cpu"`; four of them pinned bf16-mixed after the trainer group, so
+    that ran emulated bf16 on an AVX2-only CPU (slow), against the README's "trainer=cpu resolves precision from
+    the CPU flags". The GPU trainer group gives them bf16; on a CPU, the CPU's own choice."""
+    from bgremover.utils import cpu_precision
+
+    assert cfg_for(f"experiment={experiment}").trainer.precision == "bf16-mixed"
+    assert cfg_for(f"experiment={experiment}", "trainer=cpu").trainer.precision == cpu_precision()
+
+
 @pytest.mark.parametrize("experiment", ["cpu_quick", "deeplabv3plus_camvid", "remover", "speedrun_remover",
                                         "speedrun_deeplabv3plus", "speedrun_tiramisu103"])
 def test_adamw_recipes_step_every_parameter_in_one_kernel(experiment):
