@@ -319,6 +319,24 @@ def test_speedrun_recipe_without_validation_still_writes_a_checkpoint(tiny_camvi
     assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)]
 
 
+def test_validation_off_turns_early_stopping_off_and_the_run_finishes(tiny_camvid, tmp_path, recwarn):
+    """A recipe validating every epoch, run with limit_val_batches=0 (compare_models, the paper recipes on a CPU):
+    Lightning's EarlyStopping raised "metric val/mIoU which is not available" after the first epoch, and the run
+    left no checkpoint. Now early stopping is off with one warning, and the run trains its epochs."""
+    import json
+
+    from bgremover.train import train
+
+    cfg = compose_cfg(tmp_path, [*TINY_TIRAMISU, *SMALL, f"data.root={tiny_camvid}", "trainer.max_epochs=2",
+                                 "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=0", "test=false"])
+    assert cfg.callbacks.early_stopping is not None
+    train(cfg)
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["status"] == "ok" and summary["epochs"] == 2 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert [str(w.message) for w in recwarn if "early stopping" in str(w.message)] == [
+        "trainer.limit_val_batches=0: early stopping (on val/mIoU) is off too, there is no validation to watch"]
+
+
 def test_speedrun_experiments_compose():
     for name, budget in (("speedrun_tiramisu103", 570), ("speedrun_deeplabv3plus", 270), ("speedrun_remover", 270)):
         GlobalHydra.instance().clear()

@@ -105,6 +105,15 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
     summary = RunSummary()  # not a config node: every run writes its summary.json
     callbacks = [*utils.instantiate_dict(cfg.get("callbacks")), summary]
+    if cfg.trainer.get("limit_val_batches", 1.0) == 0:  # validation off: nothing for early stopping to watch
+        from pytorch_lightning.callbacks import EarlyStopping
+        from pytorch_lightning.utilities import rank_zero_warn
+
+        if stopping := [c for c in callbacks if isinstance(c, EarlyStopping)]:
+            # Lightning raised after the first epoch instead ("metric val/mIoU which is not available"), no checkpoint
+            rank_zero_warn(f"trainer.limit_val_batches=0: early stopping (on {stopping[0].monitor}) is off too, "
+                           "there is no validation to watch")
+            callbacks = [c for c in callbacks if c not in stopping]
     resumed_from = None
     if "logger" in cfg and cfg.logger and "wandb" in cfg.logger:
         mode = utils.wandb_mode()
