@@ -59,6 +59,10 @@ def test_an_optimized_metric_no_run_logs_is_named(small_camvid, tmp_path):
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("warning: optimized_metric")]
     assert line.startswith("warning: optimized_metric=val/miou is not among this run's metrics (") \
         and "val/mIoU, val/mIoU_best" in line and line.endswith("): a sweep gets no number from it")
+    # validation off: val/mIoU_best is missing for that reason, and a single run feeds no sweep (audit: noise)
+    proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
+                "trainer.limit_val_batches=0", "test=false", "logger=csv", f"hydra.run.dir={tmp_path / 'noval'}")
+    assert proc.returncode == 0 and "optimized_metric" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small_camvid, tmp_path):

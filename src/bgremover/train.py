@@ -337,7 +337,10 @@ def _main(cfg: DictConfig) -> float | None:
         utils.print_job_line(cfg)
     name = cfg.get("optimized_metric")
     value = metrics.get(name or "")
-    if name and value is None:  # an Optuna sweep then failed as "Return value must be float-castable. Got 'None'"
+    # a misspelt name: an Optuna sweep then failed as "Return value must be float-castable. Got 'None'". Not said
+    # of a single run with validation off: its val metric is missing for that reason, and no sweep reads it.
+    validated = any(k.startswith("val/") for k in metrics)
+    if name and value is None and (multirun or validated):
         logged = ", ".join(sorted(k for k in metrics if k.startswith(("val/", "test/")) and "iou_" not in k))
         print(f"warning: optimized_metric={name} is not among this run's metrics ({logged or 'none'}): a sweep "
               "gets no number from it", file=sys.stderr, flush=True)
