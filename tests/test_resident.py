@@ -262,7 +262,7 @@ def test_fast_dev_run_with_resident_data(tiny_camvid, tmp_path):
     assert 0.0 <= metrics["test/mIoU"] <= 1.0 and math.isfinite(metrics["train/loss"])
 
 
-def test_speedrun_budget_anneals_stops_with_a_last_validation(tiny_camvid, tmp_path):
+def test_speedrun_budget_anneals_stops_with_a_last_validation(tiny_camvid, tmp_path, caplog):
     """A 4 s budget: the run stops on time (max_epochs would take far longer), lr ends at 0, the stopping epoch
     is validated although validation is set for every 1000th epoch, and time-to-mIoU lands in the metrics."""
     from bgremover.train import train
@@ -276,9 +276,15 @@ def test_speedrun_budget_anneals_stops_with_a_last_validation(tiny_camvid, tmp_p
         "+callbacks.time_to_miou._target_=bgremover.lit.speedrun.TimeToMIoU",
         "+callbacks.time_to_miou.thresholds=[0.0,1.01]", "+callbacks.time_to_miou.budget_s=4",
     ])
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO, logger="bgremover.train")
     metrics, objects = train(cfg)
     trainer = objects["trainer"]
     assert 2 < trainer.current_epoch < 100000
+    # its test line carries the frame count as every test number does (audit: "test mIoU 0.0222 after 23.3 s")
+    assert re.search(r"speedrun: test mIoU \d\.\d{4} \(\d+ frames\) after", caplog.text), caplog.text[-1500:]
     sched = trainer.lr_scheduler_configs[0].scheduler
     assert sched.budget_progress == 1.0 and trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)
     history = objects["model"].history

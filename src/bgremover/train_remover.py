@@ -58,6 +58,7 @@ def score_held_out(run: Path, data: Path, onnx_path: Path) -> dict | None:
 def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: float, held: dict | None) -> str:
     """What the user needs after training: the held-out numbers, where the model is and how to use it."""
     from bgremover.lit.callbacks import _duration  # the run plan's format
+    from bgremover.utils import frames_note
 
     cfg = summary.get("config", {})
     history = summary.get("history") or {}
@@ -79,7 +80,7 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
         f"training: {'?' if summary.get('wall_time_s') is None else _duration(summary['wall_time_s'])}, "
         f"{summary.get('epochs')} epoch{'' if summary.get('epochs') == 1 else 's'} "
         f"({summary.get('global_step')} steps), best val foreground IoU "
-        f"{_fmt(max(fg) if fg else None)}; run folder {run}",
+        f"{_fmt(max(fg) if fg else None)}{frames_note(summary.get('val_split')) if fg else ''}; run folder {run}",
         f"use it:   make predict IMG=photo.jpg MODEL={shlex.quote(str(onnx_path))}",
         f"score it: {score_command(run, data, onnx_path)}",
     ]
