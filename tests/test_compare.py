@@ -626,6 +626,11 @@ def test_report_says_which_trial_an_optuna_search_picked(tmp_path: Path) -> None
     assert "## Search" in md
     assert ("The Optuna study in sweep picked model.optimizer.lr=0.001235, data.crop_size=[224,224] "
             f"(val/mIoU_best = 0.6712): run 1 ({TIRAMISU}): test mIoU") in md
+    s = json.loads((sweep / "1" / "summary.json").read_text())
+    write_summary(sweep / "1", {**s, "val_split": {"frames": 4, "of": 101, "complete": False}})
+    md = (compare.build_report([sweep], out=tmp_path / "reportv", grid_images=0).path / "report.md").read_text()
+    assert "(val/mIoU_best = 0.6712 (partial val split)): run 1" in md  # the picked value is a val number
+    write_summary(sweep / "1", s)
     (sweep / "optimization_results.yaml").write_text(  # the list itself, written with spaces: the same pick
         "name: optuna\nbest_params:\n  model.optimizer.lr: 0.0012345678912\n  data.crop_size: [224, 224]\n"
         "best_value: 0.6712\n")
@@ -649,6 +654,10 @@ def test_val_of_a_train_plus_val_run_is_marked_as_trained_on(tmp_path: Path) -> 
     md = (compare.build_report([root], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
     assert table_row(md, DEEPLAB)[6] == "65.0 ± — (val trained on)"
     assert table_row(md, TIRAMISU)[6] == "55.0 ± —"
+    # the Runs table's val column too (it showed the trained-on number bare, audit)
+    runs = [line for line in md.split("## Runs")[1].splitlines() if line.startswith("| ")][1:]
+    val = {cells[1]: cells[4] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in runs)}
+    assert val == {DEEPLAB: "65.0 (val trained on)", TIRAMISU: "55.0"}, md
 
 
 def test_seeds_of_a_real_sweep_are_averaged(tmp_path: Path) -> None:

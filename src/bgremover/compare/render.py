@@ -63,8 +63,7 @@ def main_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
             pct_pm(s.miou),
             frames_cell(s.runs),
             pct_pm(s.acc),
-            pct_pm(s.val_best) + (" (val trained on)" if any(r.trained_on_val for r in s.runs) else "")
-            + (" (partial val split)" if any(r.val_partial for r in s.runs) else ""),
+            pct_pm(s.val_best) + val_note(s.runs),
             duration(s.wall_s),
         ]
         if has_infer:
@@ -86,6 +85,13 @@ def frames_cell(runs: list[Run]) -> str:
     if most != frames:
         return f"{frames}–{most}" + (f" of {total}" if total is not None else "") + " (partial, mixed)"
     return f"{frames} of {total} (partial)" if total is not None and frames != total else str(frames)
+
+
+def val_note(runs: list[Run]) -> str:
+    """' (val trained on)' and/or ' (partial val split)' beside a val number of these runs, else ''. Every val
+    number carries it (the Runs table and the Search paragraph showed theirs bare)."""
+    return ((" (val trained on)" if any(r.trained_on_val for r in runs) else "")
+            + (" (partial val split)" if any(r.val_partial for r in runs) else ""))
 
 
 def partial_note(runs: list[Run]) -> str:
@@ -115,7 +121,7 @@ def run_table(runs: list[Run], roots: list[Path]) -> tuple[list[str], list[list[
             r.net,
             DASH if r.seed is None else str(r.seed),
             pct(r.metric("test/mIoU")) + partial_note([r]),
-            pct(r.metric("val/mIoU_best")),
+            pct(r.metric("val/mIoU_best")) + (val_note([r]) if r.metric("val/mIoU_best") is not None else ""),
             DASH if r.summary.get("epochs") is None else str(r.summary["epochs"]),
             duration(_num(r.summary.get("wall_time_s"))),
         ]

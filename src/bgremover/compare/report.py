@@ -34,6 +34,7 @@ from bgremover.compare.render import (
     render_html,
     render_md,
     run_table,
+    val_note,
 )
 from bgremover.compare.runs import (
     DEFAULT_GRID_IMAGES,
@@ -213,7 +214,8 @@ def build_report(
             metric = ((pick.summary.get("config") or {}).get("optimized_metric") if pick else None) or "its objective"
             ran = (f"run {_rel(pick.dir, paths)} ({pick.net}): test mIoU {pct(pick.metric('test/mIoU'))} %"
                    + partial_note([pick]) if pick is not None else "its run was not found among the compared runs")
-            searches.append(("p", f"The Optuna study in {folder.name} picked {chosen} ({metric} = {value:.4g}): "
+            on_val = val_note([pick]) if pick is not None and str(metric).startswith("val/") else ""
+            searches.append(("p", f"The Optuna study in {folder.name} picked {chosen} ({metric} = {value:.4g}{on_val}): "
                                   f"{ran}. The tables above rank by test mIoU, which the search never saw."))
         if searches:
             blocks += [("h", 2, "Search"), *searches]
