@@ -389,6 +389,8 @@ def test_rembg_output_names_and_misplaced_commands(model, tmp_path, capsys, monk
         assert err == f"bgremover-predict: error: {cmd} is rembg's command: put it first (bgremover-predict {cmd} " \
                       "[options] ...)"
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
+    assert main([str(src), "-m", model, "-q", "--out", "p"]) == 0  # an option's value named p is no command
+    assert os.listdir(tmp_path / "p") == ["a.nobg.png"]
 
     assert main(["i", "-m", model, "-q", str(src), "new"]) == 0  # rembg writes that very name
     assert (tmp_path / "new").is_file() and read_png(tmp_path / "new").mode == "RGBA"

@@ -230,10 +230,25 @@ def _disambiguate(items: list[Path | None], dests: list[Path]) -> list[Path | No
 PROG = "bgremover-predict"
 
 
+def _positionals(argv: list[str]) -> list[str]:
+    """The plain form's positional arguments: option values skipped (`--out i` names a folder, not a command)."""
+    takes = {o: (1 if a.nargs is None else a.nargs) for a in _parser()._actions for o in a.option_strings
+             if a.nargs != 0}
+    out, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+        elif arg in takes:
+            skip = takes[arg] if isinstance(takes[arg], int) else 1
+        elif arg == "-" or not arg.startswith("-"):
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in REMBG_COMMANDS else None  # a file named i, p or s: give it as ./i
-    misplaced = next((a for a in argv if a in REMBG_COMMANDS and not Path(a).exists()), None)
+    misplaced = next((a for a in _positionals(argv) if a in REMBG_COMMANDS and not Path(a).exists()), None)
     if command is None and misplaced:  # `-q i in.jpg out.png` read i and out.png as inputs and wrote in.nobg.png
         return report(f"{misplaced} is rembg's command: put it first ({PROG} {misplaced} [options] ...)", PROG, code=2)
     if command == "s":
