@@ -16,7 +16,7 @@
     options); 130 interrupted.
 
 The library (BackgroundRemover, image decoding) is `bgremover.remover`, re-exported here. Like it, this module
-never imports torch: a test enforces it. Just over 400 lines on purpose: the plain and the rembg command forms
+never imports torch: a test enforces it. Over 400 lines on purpose: the plain and the rembg command forms
 share every option and output rule, and splitting them would put one command line in two files.
 """
 
