@@ -42,9 +42,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     else:
         results = trainer.test(model=model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    from bgremover.train import test_split_info
-
-    frames = test_split_info(metrics, datamodule, cfg.split)
+    frames = utils.test_split_info(metrics, datamodule, cfg.split)
     if not metrics or not frames.get("frames"):  # exited 0 with no number and an eval.json of empty metrics
         raise UserError(f"no {cfg.split} frames were evaluated (trainer.limit_{cfg.split}_batches=0, or "
                         "data.limit_eval_images too small?): there is nothing to report")
@@ -87,9 +85,7 @@ def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: 
         log.warning("test numbers not attached: %s is not the run's best checkpoint (%s), whose numbers the run "
                     "reports", ckpt.name, Path(best).name)
         return None
-    from bgremover.train import test_split_info  # what a run's own test stage records
-
-    new = test_split_info(metrics, datamodule)
+    new = utils.test_split_info(metrics, datamodule)  # what a run's own test stage records
     old = summary.get("test_split") or {}
     if old.get("frames") is not None:
         if new["frames"] <= old["frames"]:

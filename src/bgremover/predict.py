@@ -248,8 +248,9 @@ def _positionals(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in REMBG_COMMANDS else None  # a file named i, p or s: give it as ./i
-    misplaced = next((a for a in _positionals(argv) if a in REMBG_COMMANDS and not Path(a).exists()), None)
-    if command is None and misplaced:  # `-q i in.jpg out.png` read i and out.png as inputs and wrote in.nobg.png
+    misplaced = None if command else next((a for a in _positionals(argv) if a in REMBG_COMMANDS
+                                           and not Path(a).exists()), None)
+    if misplaced:  # `-q i in.jpg out.png` read i and out.png as inputs and wrote in.nobg.png
         return report(f"{misplaced} is rembg's command: put it first ({PROG} {misplaced} [options] ...)", PROG, code=2)
     if command == "s":
         from bgremover.serve import main as serve

@@ -226,12 +226,12 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if model.val_miou_best.update_called:
         metrics["val/mIoU_best"] = float(model.val_miou_best.compute())
-    split = test_split_info(metrics, datamodule)
+    split = utils.test_split_info(metrics, datamodule)
     if split["complete"] is False:  # Lightning's table showed test/frames 4.0 and nothing else
         log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (data.limit_eval_images "
                     "or trainer.limit_test_batches)", split["frames"], split["of"])
     # the best epoch is picked by val numbers: over part of the split (limit_val_batches) they said nothing of it
-    val_split = test_split_info(metrics, datamodule, "val")  # train=false validated nothing: all None
+    val_split = utils.test_split_info(metrics, datamodule, "val")  # train=false validated nothing: all None
     if val_split["complete"] is False:
         log.warning("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (trainer."
                     "limit_val_batches or data.limit_eval_images)", val_split["frames"], val_split["of"])
@@ -271,16 +271,6 @@ def _trained_config(cfg: DictConfig) -> dict[str, Any]:
         trained = {}
     found = trained.get("trained_config") or trained.get("config")
     return {"trained_config": found} if isinstance(found, dict) else {}
-
-
-def test_split_info(metrics: dict[str, float], datamodule, split: str = "test") -> dict[str, Any]:
-    """How many frames of `split` the numbers cover, of how many the split has: partial runs say so."""
-    frames = metrics.get(f"{split}/frames")
-    if frames is None:  # no test ran (test=false): the split need not exist, e.g. a train+val copy on a GPU machine
-        return {"frames": None, "of": None, "complete": None}
-    total = datamodule.split_size(split) if hasattr(datamodule, "split_size") else None  # every datamodule here has it
-    frames = int(frames)
-    return {"frames": frames, "of": total, "complete": None if total is None else frames == total}
 
 
 def ddp_relaunch_conflict(cfg: DictConfig) -> str | None:

@@ -347,6 +347,16 @@ class _QuietInfo(logging.Filter):
             ("pytorch_lightning", "lightning_fabric", "lightning", "bgremover"))
 
 
+def test_split_info(metrics: dict[str, float], datamodule, split: str = "test") -> dict[str, Any]:
+    """How many frames of `split` the numbers cover, of how many the split has: partial runs say so."""
+    frames = metrics.get(f"{split}/frames")
+    if frames is None:  # no test ran (test=false): the split need not exist, e.g. a train+val copy on a GPU machine
+        return {"frames": None, "of": None, "complete": None}
+    total = datamodule.split_size(split) if hasattr(datamodule, "split_size") else None  # every datamodule here has it
+    frames = int(frames)
+    return {"frames": frames, "of": total, "complete": None if total is None else frames == total}
+
+
 def frames_note(split: dict | None) -> str:
     """` (233 frames)`, or ` (4 of 233 frames, PARTIAL)`: a partial test set is not the split's score, and is
     flagged wherever its number is shown ("(4 frames)" looked whole); "" when unknown."""

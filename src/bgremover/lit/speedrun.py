@@ -171,11 +171,11 @@ class TimeToMIoU(Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get("test/mIoU")
         if value is not None and trainer.is_global_zero:
-            from bgremover.train import test_split_info
-            from bgremover.utils import frames_note
+            from bgremover.utils import frames_note, test_split_info
 
             fit = f"{self.fit_s:.1f} s" if self.fit_s is not None else "unknown"
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k == "test/frames"}
+            counted = trainer.callback_metrics.get("test/frames")
+            metrics = {} if counted is None else {"test/frames": float(counted)}
             frames = frames_note(test_split_info(metrics, trainer.datamodule))  # " (4 of 233 frames, PARTIAL)"
             log.info("speedrun: test mIoU %.4f%s after %s of training; %s", float(value), frames, fit,
                      self.describe())
