@@ -512,6 +512,9 @@ def test_wandb_offline_logs_table(sweep: Path, tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # wandb keeps its settings (the run dir among them) in a process-wide singleton: after a test file that ran a
+    # W&B run earlier in this process (test_resume), this one wrote into the repository's ./wandb
+    wandb.teardown()
     rep = compare.build_report([sweep], grid_images=0, use_wandb=True)
     assert any(w.startswith("W&B: logged") and "cmp_sweep" in w for w in rep.warnings), rep.warnings
     assert wandb.run is None  # finished

@@ -114,6 +114,8 @@ def test_resume_from_last_ckpt_continues_history_and_best(small_camvid, tmp_path
     train(cfg)
     s2 = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert s2["history"]["epoch"] == [0, 1, 2, 3]
+    # a max_time stop inside an epoch validates it, and the resumed run validates it again: the step tells them apart
+    assert s2["history"]["step"] == [2, 4, 6, 8]
     assert s2["history"]["val/mIoU"][:2] == s1["history"]["val/mIoU"]
     assert s2["metrics"]["val/mIoU_best"] == pytest.approx(max(s2["history"]["val/mIoU"]))
     assert s2["history"]["val/mIoU_best"] == [max(s2["history"]["val/mIoU"][: i + 1]) for i in range(4)]

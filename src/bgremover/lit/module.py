@@ -200,7 +200,8 @@ class SegmentationModule(pl.LightningModule):
         self.val_miou_best.update(torch.tensor(values["val/mIoU"]))
         best = float(self.val_miou_best.compute())
         self.log("val/mIoU_best", best, prog_bar=True, sync_dist=True)
-        self.history.append({"epoch": self.current_epoch, **values, "val/mIoU_best": best})
+        # the step too: a run stopped inside an epoch by max_time validates that epoch, and again when resumed
+        self.history.append({"epoch": self.current_epoch, "step": self.global_step, **values, "val/mIoU_best": best})
         # At the first validation, then at the first one at least N epochs later: validation may itself run
         # only every few epochs (check_val_every_n_epoch), so `epoch % N == 0` could never hold.
         every = self.hparams.log_images_every_n_epochs
