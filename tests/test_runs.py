@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
 import torch
 from conftest import REPO, write_camvid
 from test_train import TINY_TIRAMISU, compose_cfg
@@ -83,6 +84,35 @@ def test_last_ckpt_is_the_newest_epoch_after_the_best_one(tmp_path):
     assert not last.is_symlink()
     assert torch.load(last, weights_only=True)["epoch"] == 2  # Lightning 2.6's save_last kept epoch 0 here
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+
+
+def test_a_run_resumed_in_place_keeps_a_loadable_last_ckpt_while_it_trains(tmp_path):
+    """A speed-run (last.ckpt written only at the end) resumed in place from last.ckpt → epoch_001.ckpt: the first
+    new best deleted epoch_001.ckpt, and a hard kill before the end left last.ckpt dangling, nothing to resume."""
+    ckpt_dir = tmp_path / "checkpoints"
+
+    class Killed(Callback):  # a hard kill: the run ends without LastCheckpoint writing anything
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 3:  # after epoch 2 and its validation
+                raise RuntimeError("killed")
+
+    def fit(scores, epochs, ckpt_path=None, *extra):
+        callbacks = [
+            pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="epoch_{epoch:03d}", monitor="score", mode="max",
+                                         save_top_k=1, auto_insert_metric_name=False),
+            LastCheckpoint(dirpath=str(ckpt_dir), every_epoch=False), *extra,
+        ]
+        trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+        trainer.fit(_Scored(scores), ckpt_path=ckpt_path)
+
+    fit([0.1, 0.2, 0.3, 0.4], 2)
+    last = ckpt_dir / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == "epoch_001.ckpt"
+    with pytest.raises(RuntimeError, match="killed"):
+        fit([0.1, 0.2, 0.3, 0.4], 4, str(last), Killed())
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch_002.ckpt", "last.ckpt"]  # epoch 2: the new best
+    assert torch.load(last, weights_only=True)["epoch"] == 1  # still the state the resume began from
 
 
 def test_last_ckpt_links_to_the_best_file_when_they_are_the_same_state(tmp_path):

@@ -46,6 +46,22 @@ class LastCheckpoint(Checkpoint):
         self.every_epoch = every_epoch
         self._saved_step = -1
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed in place finds last.ckpt as a link to the best file, which ModelCheckpoint deletes at the
+        # first new best: until this run writes its own last.ckpt (with every_epoch=False, at the end) a hard kill
+        # left a dangling link and no state to resume from. A hard link to the same file survives that deletion.
+        if trainer.is_global_zero and self.path.is_symlink() and self.path.resolve().is_file():
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(self.path.resolve(), tmp)
+            except OSError:  # a file system without hard links: a copy
+                import shutil
+
+                shutil.copyfile(self.path.resolve(), tmp)
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier()
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
