@@ -214,3 +214,19 @@ def test_a_user_error_never_removes_a_folder_hydra_did_not_make(tmp_path):
 def test_unknown_model_lists_only_real_choices():
     proc = _run("bgremover.train", "model=tiramisu999")
     assert proc.returncode != 0 and "tiramisu103" in proc.stderr and "recipe" not in proc.stderr
+
+
+def test_a_refused_resume_in_place_leaves_the_run_as_it_was(small_camvid, tmp_path):
+    """A resume in place refused before training (here a bad value; also a spent budget or another net) replaced
+    the finished run's summary.json with a `failed` stub and its .hydra record with the refused command, and
+    appended a traceback to its log: `make compare` then listed the run as failed."""
+    run = tmp_path / "run"
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=1", f"hydra.run.dir={run}"]
+    assert _run("bgremover.train", *base).returncode == 0
+    record = {p: p.read_bytes() for p in (run / "summary.json", *sorted((run / ".hydra").glob("*.yaml")),
+                                          *run.glob("*.log"))}
+    assert b'"status": "ok"' in record[run / "summary.json"] and len(record) >= 4
+    proc = _run("bgremover.train", *base, f"ckpt_path={run}/checkpoints/last.ckpt", "data.batch_size=-1")
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: data.batch_size")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in record} == record

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 import torch
 from conftest import REPO, write_camvid
+from pytorch_lightning.callbacks import Callback
 from test_train import TINY_TIRAMISU, compose_cfg
 
 from bgremover.lit.callbacks import LastCheckpoint, RunPlan, describe_estimate, describe_plan

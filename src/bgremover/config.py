@@ -63,6 +63,8 @@ def hydra_command_line(resumes: bool = True) -> None:
         from bgremover.errors import report
 
         sys.exit(report(taken, code=2))
+    if resumes:
+        keep_run_record(sys.argv[1:])
     from hydra._internal import utils as hydra_utils  # Hydra reports through this module-level function
     from hydra.errors import CompactHydraException
 
@@ -123,6 +125,51 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
         return None
     return (f"hydra.run.dir={run_dir} already holds a run: its config, log and results would be overwritten; "
             "choose a new folder (or resume it in place with ckpt_path=<that run>/checkpoints/last.ckpt)")
+
+
+# A resume in place: the run's record as it was before Hydra and the run rewrote it, put back by
+# restore_run_record when the resume is refused before training (a spent budget, another net, a bad value)
+_KEPT_RECORD: dict[Path, bytes | int] = {}
+
+
+def keep_run_record(args: list[str]) -> None:
+    """Before Hydra writes into a run folder that a command resumes in place (ckpt_path inside hydra.run.dir):
+    its summary.json and .hydra files as they are, and how long its logs are."""
+    given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("~"))
+    run_dir, ckpt = given.get("hydra.run.dir"), given.get("ckpt_path")
+    if not (run_dir and ckpt and (Path(run_dir) / SUMMARY_NAME).is_file()
+            and Path(run_dir).resolve() in Path(ckpt).resolve().parents):
+        return
+    run = Path(run_dir)
+    for path in (run / SUMMARY_NAME, *(run / ".hydra").glob("*.yaml")):
+        _KEPT_RECORD[path] = path.read_bytes()
+    for path in run.glob("*.log"):
+        _KEPT_RECORD[path] = path.stat().st_size
+    _KEPT_RECORD[run / "checkpoints"] = _listing(run / "checkpoints")
+
+
+def _listing(folder: Path) -> bytes:
+    """Names, sizes and times of a folder's files: whether a run wrote checkpoints since."""
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
+    return repr([(p.name, p.lstat().st_size, p.lstat().st_mtime_ns) for p in files]).encode()
+
+
+def restore_run_record() -> bool:
+    """Put a refused in-place resume's run folder back as it was (its summary, config and logs): the refusal
+    replaced a finished run's summary with a `failed` stub and its .hydra record with the refused command."""
+    checkpoints = next((p for p in _KEPT_RECORD if p.name == "checkpoints"), None)
+    if checkpoints is None or _listing(checkpoints) != _KEPT_RECORD[checkpoints]:
+        return False  # nothing kept, or the resume trained: its record is the run's now
+    from bgremover.utils import write_bytes_atomic
+
+    for path, kept in _KEPT_RECORD.items():
+        if path == checkpoints:
+            continue
+        if isinstance(kept, bytes):
+            write_bytes_atomic(path, kept)
+        elif path.is_file() and path.stat().st_size > kept:
+            os.truncate(path, kept)
+    return True
 
 
 def _reraise(exc: BaseException):

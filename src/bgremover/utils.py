@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from bgremover import config
 from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME  # noqa: F401  (one definition; re-exported)
 from bgremover.errors import PARTIAL, one_line  # noqa: F401  (PARTIAL re-exported)
 
@@ -185,9 +186,13 @@ def sweep_group(cfg: DictConfig) -> str:
 
 # --- summary.json ----------------------------------------------------------------------------------------------
 def write_json_atomic(path: Path, data: dict) -> None:
+    write_bytes_atomic(path, json.dumps(data, indent=2, default=_json_default).encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -245,6 +250,8 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
         empty = _empty_run_dir() if nothing and not is_multirun() else None
         if empty is not None:
             _remove_run_dir(empty)
+        elif nothing and not is_multirun() and config.restore_run_record():
+            pass  # a refused resume in place: the run's own record stays as it was
         else:
             write_json_atomic(out_dir / SUMMARY_NAME, summary)
         raise
