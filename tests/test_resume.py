@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from test_runs import TINY_RUN
 from test_train import compose_cfg
@@ -366,6 +367,31 @@ def test_run_plan_of_a_run_resumed_from_a_validation_end_checkpoint(small_camvid
     assert "resumes at epoch 3 (step 4): 2 of 4 epochs × 2 steps = 4 steps left" in plan
     assert objects["trainer"].global_step == 8 and objects["trainer"].current_epoch == 4
 
+
+
+class StopAtStep(pl.Callback):
+    """Stops training after `step` optimizer steps, as trainer.max_time does (inside an epoch)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_run_plan_of_a_run_stopped_inside_an_epoch_counts_whole_epochs_left(small_camvid, tmp_path, caplog):
+    """Stopped one step into epoch 1 (2 steps an epoch), Lightning counts epoch 1 as done and resumes at epoch 2:
+    the plan said "2 of 4 epochs × 2 steps = 5 steps left" (the planned 8 minus step 3), and the run took 4."""
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=4", "+callbacks.stop._target_=test_resume.StopAtStep",
+                                       "+callbacks.stop.step=3"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=4", f"ckpt_path={last}"]))
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    assert "resumes at epoch 3 (step 3): 2 of 4 epochs × 2 steps = 4 steps left" in plan
+    assert objects["trainer"].global_step == 3 + 4
 
 
 def test_run_plan_of_a_resumed_run_counts_what_is_left(small_camvid, tmp_path, caplog):

@@ -273,6 +273,19 @@ def planned_total(trainer: pl.Trainer) -> int | None:
     return min(total, trainer.max_steps) if trainer.max_steps not in (None, -1) else total
 
 
+def steps_left(trainer: pl.Trainer, start: tuple[int, int]) -> int | None:
+    """Optimizer steps a run resumed at `start` (epoch, step) will take: whole epochs from its start epoch, since
+    Lightning counts an epoch stopped inside (trainer.max_time, a signal) as done and resumes at the next one; so
+    the total is not the planned steps minus the step reached (a plan said 397 × 6 = 2387)."""
+    epochs, per_epoch = planned_steps(trainer)
+    if not (epochs and per_epoch):
+        return None
+    left = (epochs - start[0]) * per_epoch
+    if trainer.max_steps not in (None, -1):
+        left = min(left, trainer.max_steps - start[1])
+    return max(0, left)
+
+
 def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tuple[int, int] = (0, 0)) -> str:
     """The run in one line; `start` (epoch, step) where a resumed run goes on: it counts what is left."""
     epochs, per_epoch = planned_steps(trainer)
@@ -287,7 +300,7 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tup
         f"{hp.get('net_name', 'net')} ({params:.2f} M params)",
         f"{epochs or '∞'} epochs × {per_epoch or '?'} steps = {total}" if not start[1] else
         f"resumes at epoch {start[0] + 1} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
-        f"epochs × {per_epoch or '?'} steps = " + (f"{steps - start[1]} steps left" if steps else total),
+        f"epochs × {per_epoch or '?'} steps = " + (f"{steps_left(trainer, start)} steps left" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
         f"validation every {trainer.check_val_every_n_epoch} epoch(s)" if validates(trainer) else
         "no validation (trainer.limit_val_batches=0)",
@@ -308,7 +321,7 @@ def describe_estimate(trainer: pl.Trainer, seconds_per_step: float, start: tuple
     if not steps:
         return text
     left_epochs = epochs - start[0]
-    total = seconds_per_step * max(0, steps - start[1])
+    total = seconds_per_step * steps_left(trainer, start)
     which = f"the {left_epochs} epoch{'' if left_epochs == 1 else 's'} left" if start[1] else f"{epochs} epochs"
     limit = _time_limit(trainer)
     if limit and limit[0] < total:  # the time limit is the run's real length: say it first
