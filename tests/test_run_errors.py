@@ -50,6 +50,16 @@ def test_trainer_ddp_on_a_cpu_machine_names_what_asked_for_the_gpu(small_camvid,
         "processes add trainer.accelerator=cpu trainer.devices=2 trainer.sync_batchnorm=false")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_recipe_on_a_cpu_machine_offers_the_fix_as_the_command_was_typed(small_camvid, tmp_path):
+    """`python -m bgremover.train experiment=speedrun_remover` was told to `add ARGS="trainer=cpu"`: make's syntax."""
+    message = "error: speedrun_remover trains on a GPU (trainer.accelerator=gpu) and this machine has none: add {} to run it here"
+    for makelevel, fix in (("", "trainer=cpu"), ("1", 'ARGS="trainer=cpu"')):
+        proc = _run("bgremover.train", "experiment=speedrun_remover", f"data.root={small_camvid}",
+                    f"paths.log_dir={tmp_path}", env={"MAKELEVEL": makelevel})
+        assert proc.returncode == 1 and proc.stderr.strip() == message.format(fix)
+
+
 def test_an_optimized_metric_no_run_logs_is_named(small_camvid, tmp_path):
     """A misspelt optimized_metric: every Optuna job said "ok", then the sweep ended in "Return value must be
     float-castable. Got 'None'" / "every job failed"; a single run said nothing at all."""

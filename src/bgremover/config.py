@@ -362,8 +362,10 @@ def _no_gpu_message(cfg: DictConfig, accelerator: str) -> str:
     chosen = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
     typed = HydraConfig.initialized() and any(o.startswith("trainer=") for o in HydraConfig.get().overrides.task)
     who = f"trainer={chosen}" if typed or not cfg.get("experiment_name") else cfg.experiment_name
+    # the override as the command was typed: make passes it in ARGS (make sets MAKELEVEL for what it runs)
+    cpu = 'ARGS="trainer=cpu"' if os.environ.get("MAKELEVEL") else "trainer=cpu"
     fix = ('for DDP over CPU processes add trainer.accelerator=cpu trainer.devices=2 trainer.sync_batchnorm=false'
-           if chosen == "ddp" else 'add ARGS="trainer=cpu" to run it here')
+           if chosen == "ddp" else f"add {cpu} to run it here")
     return f"{who} trains on a GPU (trainer.accelerator={accelerator}) and this machine has none: {fix}"
 
 
