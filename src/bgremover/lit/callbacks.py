@@ -6,6 +6,9 @@ also writes a top-k checkpoint, so after the last improvement `last.ckpt` silent
 it drops every later epoch. `LastCheckpoint` writes it at the end of every training epoch and when a run is
 interrupted (Ctrl-C, SIGTERM); when the epoch's state was just saved as the best checkpoint it links to that file
 instead of writing a second copy.
+
+(Past 400 lines: the checkpoint, plan and progress-bar callbacks share one step and epoch arithmetic —
+planned_steps, start_epoch, steps_left — and split apart, each half would import the other's.)
 """
 
 from __future__ import annotations
