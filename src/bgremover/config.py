@@ -2,6 +2,9 @@
 
 A bad value (`data.batch_size=-1`, a missing dataset) must fail in a second with one line naming the key, not
 after the imports, the dataset scan and the net are built, deep inside a DataLoader's traceback.
+
+(Past 400 lines: the command-line guards — a taken run folder, a resume in place kept and put back — and the
+composed config's checks are one concern: what must hold before anything is built.)
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -102,6 +106,17 @@ def _drop_group(arg: str) -> str:
     return arg
 
 
+def _given(args: list[str]) -> dict[str, str]:
+    """key=value overrides of a command line (`+key=value` as key)."""
+    return dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("~"))
+
+
+def _resumed_in_place(given: dict[str, str]) -> Path | None:
+    """hydra.run.dir when the command's ckpt_path lies inside it: a resume of that run in its own folder."""
+    run_dir, ckpt = given.get("hydra.run.dir"), given.get("ckpt_path")
+    return Path(run_dir) if run_dir and ckpt and Path(run_dir).resolve() in Path(ckpt).resolve().parents else None
+
+
 def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     """`hydra.run.dir=X` where X already holds a run (or an evaluation): Hydra would overwrite its .hydra config
     and log, training its summary and last.ckpt, leaving the old best checkpoint beside the new run's. Refused
@@ -109,7 +124,7 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     a training — an evaluation never resumes, and replaced the training's .hydra record). A sweep
     (`-m hydra.sweep.dir=X`) into a folder holding an earlier sweep's jobs: job N overwrote the earlier job N's
     results and the earlier jobs were counted into the new sweep's report."""
-    given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("~"))
+    given = _given(args)
     if any(a in ("-m", "--multirun") for a in args):
         sweep_dir = given.get("hydra.sweep.dir")
         if sweep_dir and Path(sweep_dir).is_dir() and (
@@ -120,55 +135,49 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     run_dir = given.get("hydra.run.dir")
     if not run_dir or not any((Path(run_dir) / name).is_file() for name in (SUMMARY_NAME, "eval.json")):
         return None
-    ckpt = given.get("ckpt_path")
-    if resumes and ckpt and Path(run_dir).resolve() in Path(ckpt).resolve().parents:
+    if resumes and _resumed_in_place(given):
         return None
     return (f"hydra.run.dir={run_dir} already holds a run: its config, log and results would be overwritten; "
             "choose a new folder (or resume it in place with ckpt_path=<that run>/checkpoints/last.ckpt)")
 
 
-# A resume in place: the run's record as it was before Hydra and the run rewrote it, put back by
+# A resume in place: the run's record as it was before Hydra and the run rewrote it (files: their bytes; logs:
+# their length; the checkpoints folder: its listing, to tell whether the resume trained), put back by
 # restore_run_record when the resume is refused before training (a spent budget, another net, a bad value)
-_KEPT_RECORD: dict[Path, bytes | int] = {}
+_KEPT: dict[str, Any] = {}
 
 
 def keep_run_record(args: list[str]) -> None:
-    """Before Hydra writes into a run folder that a command resumes in place (ckpt_path inside hydra.run.dir):
-    its summary.json and .hydra files as they are, and how long its logs are."""
-    given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("~"))
-    run_dir, ckpt = given.get("hydra.run.dir"), given.get("ckpt_path")
-    if not (run_dir and ckpt and (Path(run_dir) / SUMMARY_NAME).is_file()
-            and Path(run_dir).resolve() in Path(ckpt).resolve().parents):
+    """Before Hydra writes into a run folder that a command resumes in place: its summary.json and .hydra files
+    as they are, and how long its logs are."""
+    run = _resumed_in_place(_given(args))
+    if run is None or not (run / SUMMARY_NAME).is_file():
         return
-    run = Path(run_dir)
-    for path in (run / SUMMARY_NAME, *(run / ".hydra").glob("*.yaml")):
-        _KEPT_RECORD[path] = path.read_bytes()
-    for path in run.glob("*.log"):
-        _KEPT_RECORD[path] = path.stat().st_size
-    _KEPT_RECORD[run / "checkpoints"] = _listing(run / "checkpoints")
+    _KEPT.update(
+        files={p: p.read_bytes() for p in (run / SUMMARY_NAME, *(run / ".hydra").glob("*.yaml"))},
+        logs={p: p.stat().st_size for p in run.glob("*.log")},
+        checkpoints=(run / "checkpoints", _listing(run / "checkpoints")),
+    )
 
 
-def _listing(folder: Path) -> bytes:
+def _listing(folder: Path) -> list[tuple[str, int, int]]:
     """Names, sizes and times of a folder's files: whether a run wrote checkpoints since."""
-    files = sorted(folder.iterdir()) if folder.is_dir() else []
-    return repr([(p.name, p.lstat().st_size, p.lstat().st_mtime_ns) for p in files]).encode()
+    return [(p.name, p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(folder.iterdir())] \
+        if folder.is_dir() else []
 
 
 def restore_run_record() -> bool:
     """Put a refused in-place resume's run folder back as it was (its summary, config and logs): the refusal
     replaced a finished run's summary with a `failed` stub and its .hydra record with the refused command."""
-    checkpoints = next((p for p in _KEPT_RECORD if p.name == "checkpoints"), None)
-    if checkpoints is None or _listing(checkpoints) != _KEPT_RECORD[checkpoints]:
+    if not _KEPT or _listing(_KEPT["checkpoints"][0]) != _KEPT["checkpoints"][1]:
         return False  # nothing kept, or the resume trained: its record is the run's now
     from bgremover.utils import write_bytes_atomic
 
-    for path, kept in _KEPT_RECORD.items():
-        if path == checkpoints:
-            continue
-        if isinstance(kept, bytes):
-            write_bytes_atomic(path, kept)
-        elif path.is_file() and path.stat().st_size > kept:
-            os.truncate(path, kept)
+    for path, data in _KEPT["files"].items():
+        write_bytes_atomic(path, data)
+    for path, size in _KEPT["logs"].items():
+        if path.is_file() and path.stat().st_size > size:
+            os.truncate(path, size)  # the refusal's traceback, appended
     return True
 
 

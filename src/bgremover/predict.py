@@ -55,6 +55,7 @@ from bgremover.remover import (  # noqa: F401  (re-exported: the library's names
     guided_filter,
     open_image,
     parse_color,
+    threads_problem,
     to_rgba_arrays,
     write_atomic,
 )
@@ -307,8 +308,8 @@ def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespa
 def _run(args: argparse.Namespace, fail_usage) -> int:
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         return fail_usage(f"--threshold must be within 0..1, got {args.threshold}")
-    if args.threads is not None and args.threads < 0:  # 0: onnxruntime's default (all cores), as bgremover-serve
-        return fail_usage(f"--threads must be >= 0 (0 = the default), got {args.threads}")
+    if problem := threads_problem(args.threads):
+        return fail_usage(f"--{problem}")
     for name in ("max_side", "max_pixels"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -167,6 +167,12 @@ def _recording(call):
         return call(), list(caught)
 
 
+def threads_problem(threads: int | None) -> str | None:
+    """What is wrong with a thread count (the library's, bgremover-predict's and bgremover-serve's rule), or None:
+    0 means onnxruntime's default (all cores)."""
+    return None if threads is None or threads >= 0 else f"threads must be >= 0 (0 = the default), got {threads}"
+
+
 def _open_unbounded(src) -> Image.Image:
     """Image.open without PIL's own pixel ceiling (an error past ~179 Mpx, whatever --max-pixels allowed): the
     max_pixels check right after it decides, naming the option. Called under _RECORDING's lock, so no other open
@@ -407,8 +413,8 @@ class BackgroundRemover:
     ) -> None:
         if (max_side is not None and max_side < 1) or max_pixels < 1:
             raise UsageError("max_side and max_pixels must be positive")
-        if threads is not None and threads < 0:
-            raise UsageError("threads must be >= 0 (0 = onnxruntime's default)")
+        if problem := threads_problem(threads):
+            raise UsageError(problem)
         self.max_pixels = int(max_pixels)
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         self.session = self.meta = None

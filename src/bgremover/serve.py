@@ -57,6 +57,7 @@ from bgremover.remover import (
     UsageError,
     encode_png,
     parse_color,
+    threads_problem,
 )
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the service is an explicit choice (--host 0.0.0.0)
@@ -428,8 +429,8 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
 
     if not 0 <= args.port <= 65535:
         return usage(f"--port must be within 0..65535, got {args.port}")
-    if args.threads is not None and args.threads < 0:  # 0: the default, as bgremover-predict reads it
-        return usage(f"--threads must be >= 0 (0 = the default), got {args.threads}")
+    if problem := threads_problem(args.threads):
+        return usage(f"--{problem}")
     for name in ("max_bytes", "max_pixels", "queue"):  # --queue 0 would refuse every request with 503
         value = getattr(args, name)
         if value is not None and value < 1:
