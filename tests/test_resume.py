@@ -277,7 +277,7 @@ def test_a_run_resumed_mid_epoch_shows_its_epoch_on_the_bar(small_camvid, tmp_pa
     _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_steps=4", f"ckpt_path={last}"]))
     assert objects["trainer"].global_step == 4
     (bar,) = [c for c in objects["trainer"].callbacks if isinstance(c, EpochProgressBar)]
-    assert bar.train_progress_bar.desc.startswith("Epoch 2/2"), bar.train_progress_bar.desc  # max_steps: 2 epochs
+    assert bar.train_progress_bar.desc.startswith("Epoch 1/1"), bar.train_progress_bar.desc  # max_steps: 2 epochs
 
 
 
@@ -291,6 +291,8 @@ def test_resume_hint_keeps_the_data_location(monkeypatch):
     monkeypatch.setenv("DATA_DIR", "/data/Cam Vid")
     assert str(RunInterrupted(signal.SIGTERM, "/r/last.ckpt", 3, 40)).endswith(
         "resume with: DATA_DIR='/data/Cam Vid' make train ARGS=\"model=tiramisu56 ckpt_path=/r/last.ckpt\"")
+    # the epoch as Lightning, the checkpoint names and summary.json's history number it (from 0)
+    assert str(RunInterrupted(signal.SIGTERM, "/r/last.ckpt", 3, 40)).startswith("interrupted by SIGTERM at epoch 3, step 40;")
     monkeypatch.setattr(utils, "overrides", lambda: ["data.root=/d"])  # typed: it is in the overrides already
     assert str(RunInterrupted(signal.SIGTERM, "/r/last.ckpt", 3, 40)).endswith(
         "resume with: make train ARGS=\"data.root=/d ckpt_path=/r/last.ckpt\"")
@@ -356,7 +358,8 @@ def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_pa
 def test_run_plan_of_a_run_resumed_from_a_validation_end_checkpoint(small_camvid, tmp_path, caplog):
     """last.ckpt linked to the best file, which ModelCheckpoint writes at the end of the epoch's validation:
     Lightning still counts that epoch as running when training starts, and the plan said "resumes at epoch 1
-    (step 2): 3 of 3 epochs × 2 steps = 4 steps left" (3 × 2 is not 4) where epoch 2 of 3 was next."""
+    (step 2): 3 of 3 epochs × 2 steps = 4 steps left" (3 × 2 is not 4) where epoch 2 was next (epochs
+    numbered from 0, as Lightning numbers them)."""
     base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.check_val_every_n_epoch=2"]
     train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2"]))
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
@@ -364,7 +367,7 @@ def test_run_plan_of_a_run_resumed_from_a_validation_end_checkpoint(small_camvid
     with caplog.at_level("INFO", logger="bgremover.train"):
         _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=4", f"ckpt_path={last}"]))
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
-    assert "resumes at epoch 3 (step 4): 2 of 4 epochs × 2 steps = 4 steps left" in plan
+    assert "resumes at epoch 2 (step 4): 2 of 4 epochs × 2 steps = 4 steps left" in plan
     assert objects["trainer"].global_step == 8 and objects["trainer"].current_epoch == 4
 
 
@@ -390,7 +393,7 @@ def test_run_plan_of_a_run_stopped_inside_an_epoch_counts_whole_epochs_left(smal
     with caplog.at_level("INFO", logger="bgremover.train"):
         _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=4", f"ckpt_path={last}"]))
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
-    assert "resumes at epoch 3 (step 3): 2 of 4 epochs × 2 steps = 4 steps left" in plan
+    assert "resumes at epoch 2 (step 3): 2 of 4 epochs × 2 steps = 4 steps left" in plan
     assert objects["trainer"].global_step == 3 + 4
 
 
@@ -409,7 +412,7 @@ def test_run_plan_of_a_resumed_run_counts_what_is_left(small_camvid, tmp_path, c
     with caplog.at_level("INFO", logger="bgremover.train"):
         _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=4", f"ckpt_path={last}"]))
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
-    assert "resumes at epoch 4 (step 6): 1 of 4 epochs × 2 steps = 2 steps left" in plan
+    assert "resumes at epoch 3 (step 6): 1 of 4 epochs × 2 steps = 2 steps left" in plan
     estimate = describe_estimate(objects["trainer"], 600.0, (3, 6))  # 2 steps left at 10 min each
     assert "about 20 min 00 s of training for the 1 epoch left" in estimate
 

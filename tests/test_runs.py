@@ -493,6 +493,7 @@ def test_run_plan_and_estimate_describe_the_run(small_camvid, tmp_path, caplog):
             cb._offset = 0.0
     estimate = describe_estimate(trainer, 600.0)  # 10 min a step: 140 min > the 2 h cap
     assert "about 2 h 20 min" in estimate and "trainer.max_time stops it after 2 h 00 min" in estimate
+    assert "after about 6 of the 7 epochs" in estimate  # a count (epoch numbers start at 0)
     assert any(isinstance(cb, RunPlan) for cb in trainer.callbacks)
 
 
@@ -510,13 +511,14 @@ def test_run_plan_counts_the_steps_max_steps_allows(small_camvid, tmp_path):
 def test_progress_bar_counts_to_the_epoch_a_time_budget_reaches():
     from bgremover.lit.callbacks import epoch_label
 
-    assert epoch_label(2, 100) == "Epoch 3/100"
-    assert epoch_label(0, 1000, 1200.0, 0.0) == "Epoch 1/1000 (stops after 20 min 00 s)"
-    # 3 epochs in 150 s: 1050 s left hold 21 more, so the 24th epoch is running when the time runs out
-    assert epoch_label(3, 1000, 1200.0, 150.0) == "Epoch 4/~24 (17 min 30 s of 20 min 00 s left)"
-    assert epoch_label(3, 5, 1200.0, 150.0) == "Epoch 4/5 (17 min 30 s of 20 min 00 s left)"  # epochs end it first
+    # Lightning's numbering, from 0 (checkpoint names, history, W&B), over the last epoch's number
+    assert epoch_label(2, 100) == "Epoch 2/99"
+    assert epoch_label(0, 1000, 1200.0, 0.0) == "Epoch 0/999 (stops after 20 min 00 s)"
+    # 3 epochs in 150 s: 1050 s left hold 21 more, so epoch 23 is running when the time runs out
+    assert epoch_label(3, 1000, 1200.0, 150.0) == "Epoch 3/~23 (17 min 30 s of 20 min 00 s left)"
+    assert epoch_label(3, 5, 1200.0, 150.0) == "Epoch 3/4 (17 min 30 s of 20 min 00 s left)"  # epochs end it first
     # resumed at epoch 10: the pace is this process's (2 epochs in 100 s), not 12 epochs in 100 s
-    assert epoch_label(12, 1000, 1200.0, 100.0, first=10) == "Epoch 13/~34 (18 min 20 s of 20 min 00 s left)"
+    assert epoch_label(12, 1000, 1200.0, 100.0, first=10) == "Epoch 12/~33 (18 min 20 s of 20 min 00 s left)"
 
 
 # --- image panels -------------------------------------------------------------------------------------------------

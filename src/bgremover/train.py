@@ -39,7 +39,7 @@ class RunInterrupted(Exception):
         self.signum, self.last_ckpt, self.epoch, self.step = signum, last_ckpt, epoch, step
         self.stage, self.best_ckpt = stage, best_ckpt
         name = signal.Signals(signum).name
-        where = "before training started" if stage == "start" else f"at epoch {epoch + 1}, step {step}"
+        where = "before training started" if stage == "start" else f"at epoch {epoch}, step {step}"
         if stage == "start" and not last_ckpt:
             super().__init__(f"interrupted by {name} {where}: nothing was trained")
             return

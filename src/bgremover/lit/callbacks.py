@@ -302,7 +302,7 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tup
     parts = [
         f"{hp.get('net_name', 'net')} ({params:.2f} M params)",
         f"{epochs or '∞'} epochs × {per_epoch or '?'} steps = {total}" if not start[1] else
-        f"resumes at epoch {start[0] + 1} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
+        f"resumes at epoch {start[0]} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
         f"epochs × {per_epoch or '?'} steps = " + (f"{steps_left(trainer, start)} steps left" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
         f"validation every {trainer.check_val_every_n_epoch} epoch(s)" if validates(trainer) else
@@ -328,36 +328,36 @@ def describe_estimate(trainer: pl.Trainer, seconds_per_step: float, start: tuple
     which = f"the {left_epochs} epoch{'' if left_epochs == 1 else 's'} left" if start[1] else f"{epochs} epochs"
     limit = _time_limit(trainer)
     if limit and limit[0] < total:  # the time limit is the run's real length: say it first
-        return (f"{text} → {limit[1]} stops it after {_duration(limit[0])}, near epoch "
-                f"{start[0] + max(1, int(limit[0] / total * left_epochs))} of {epochs} (all of {which} would "
-                f"take about {_duration(total)}, validation extra)")
+        return (f"{text} → {limit[1]} stops it after {_duration(limit[0])}, after about "
+                f"{start[0] + max(1, int(limit[0] / total * left_epochs))} of the {epochs} epochs (all of {which} "
+                f"would take about {_duration(total)}, validation extra)")
     return f"{text} → about {_duration(total)} of training for {which} (validation extra)"
 
 
 def epoch_label(epoch: int, epochs: int | None, limit_s: float | None = None, elapsed_s: float = 0.0,
                 first: int = 0) -> str:
-    """The bar's `Epoch 3/100` (epoch is 0-based). Under a time limit that ends the run first (the remover's
-    1000 epochs in 30 min), the last is the epoch the time reaches at this process's pace so far (`Epoch 3/~24`,
-    from `first`, the epoch it started or resumed at), with the time left."""
-    k = epoch + 1
-    total = f"/{epochs}" if epochs else ""
+    """The bar's `Epoch 2/99`: Lightning's numbering (from 0, as checkpoint names, summary.json's history, W&B's
+    `epoch` and every log line number epochs), over the last epoch's number. Under a time limit that ends the run
+    first (the remover's 1000 epochs in 30 min), the last is the epoch the time reaches at this process's pace so
+    far (`Epoch 3/~23`, from `first`, the epoch it started or resumed at), with the time left."""
+    total = f"/{epochs - 1}" if epochs else ""
     if not limit_s:
-        return f"Epoch {k}{total}"
+        return f"Epoch {epoch}{total}"
     left = max(0.0, limit_s - elapsed_s)
     if epoch == first or elapsed_s <= 0:
-        return f"Epoch {k}{total} (stops after {_duration(limit_s)})"
+        return f"Epoch {epoch}{total} (stops after {_duration(limit_s)})"
     # the epoch running when the time runs out: this one and the ones after it that start before then
     last = epoch + max(1, math.ceil(left / (elapsed_s / (epoch - first)))) - 1
     if epochs is None or last < epochs - 1:
-        total = f"/~{last + 1}"
-    return f"Epoch {k}{total} ({_duration(left)} of {_duration(limit_s)} left)"
+        total = f"/~{last}"
+    return f"Epoch {epoch}{total} ({_duration(left)} of {_duration(limit_s)} left)"
 
 
 GPU_REFRESH_STEPS = 20  # a bar update reads the loss off the GPU (a host sync): not every step there
 
 
 class EpochProgressBar(TQDMProgressBar):
-    """Lightning's bar, with `Epoch 3/100` instead of `Epoch 2`, so the run's length is always in view.
+    """Lightning's bar, with `Epoch 2/99` instead of `Epoch 2`, so the run's length is always in view.
 
     `refresh_rate=None` picks it from the device: every step on a CPU (a step can take seconds), every
     GPU_REFRESH_STEPS on an accelerator (each update is a host sync that stalls the GPU's queue)."""
