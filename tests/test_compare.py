@@ -573,6 +573,23 @@ def test_runs_of_one_net_with_different_recipes_are_not_averaged_as_seeds(tmp_pa
     assert "| tiramisu103 (speedrun_budget_s=170) | 2 |" in md
 
 
+def test_paper_numbers_stand_only_beside_the_papers_net(tmp_path: Path) -> None:
+    """A shrunk FC-DenseNet103 (growth 4, a quick try) kept the name tiramisu103, and the report set the paper's
+    66.9 mIoU and its per-class row beside it as if it were the net the paper measured."""
+    root = tmp_path / "runs"
+    paper_net = {"down_blocks": [4, 5, 7, 10, 12], "up_blocks": [12, 10, 7, 5, 4], "bottleneck_layers": 15,
+                 "growth_rate": 16, "first_conv_channels": 48, "dropout": 0.0}
+    for name, net in (("paper", paper_net), ("shrunk", paper_net | {"growth_rate": 4}),
+                      ("shallow", paper_net | {"down_blocks": [2, 2, 2, 2, 2]})):
+        s = ok_summary(root / name, TIRAMISU, 1) | {"config": {"model": {"net": net}}}
+        write_summary(root / name, s)
+    stats = compare.aggregate(compare.find_runs([root]))
+    assert sorted(s.runs[0].dir.name for s in stats if s.paper is not None) == ["paper"]
+    assert len(stats) == 3
+    md = (compare.build_report([root], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
+    assert md.count("66.9") == 1  # the paper's net's row only
+
+
 def test_recipe_labels_are_the_overrides_that_differ(tmp_path: Path) -> None:
     """Labels name what the user typed (not the settings derived from it), seeds and logging left out."""
     root = tmp_path / "runs"

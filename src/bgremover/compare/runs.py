@@ -183,10 +183,24 @@ class NetStats:
         return max(self.runs, key=lambda r: r.metric("test/mIoU") or -1.0)
 
 
-def paper_entry(net: str) -> tuple[str, dict[str, float | str]] | None:
-    """('103', paper numbers) for Tiramisu/FC-DenseNet nets of the paper's three depths, else None."""
+def paper_entry(net: str, net_config: dict[str, Any] | None = None) -> tuple[str, dict[str, float | str]] | None:
+    """('103', paper numbers) for Tiramisu/FC-DenseNet nets of the paper's three depths, else None. `net_config`
+    (the run's model.net) must then build the paper's layers: a run that shrank an FC-DenseNet103
+    (model.net.growth_rate=4, a test's or a quick try's) keeps its name but is not the net the paper measured."""
     m = _TIRAMISU_RE.search(net)
-    return (m.group(1), PAPER[m.group(1)]) if m else None
+    if not m:
+        return None
+    if net_config:
+        from bgremover.nets.tiramisu import TIRAMISU_CONFIGS  # torch: only where a Tiramisu run is compared
+
+        paper_net = {**TIRAMISU_CONFIGS[f"fcdensenet{m.group(1)}"], "first_conv_channels": 48}
+        if any(k in net_config and list(_as_tuple(net_config[k])) != list(_as_tuple(v)) for k, v in paper_net.items()):
+            return None
+    return m.group(1), PAPER[m.group(1)]
+
+
+def _as_tuple(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, list | tuple) else (v,)
 
 
 # Config keys in which runs of one recipe may differ: the seed, where a run lives and logs, what it does after
@@ -330,7 +344,8 @@ def aggregate(runs: list[Run]) -> list[NetStats]:
     out = []
     for label, rs in group_runs(runs).items():
         rs.sort(key=lambda r: (str(r.seed), str(r.dir)))
-        pe = paper_entry(rs[0].net)
+        config = rs[0].summary.get("trained_config") or rs[0].summary.get("config") or {}
+        pe = paper_entry(rs[0].net, (config.get("model") or {}).get("net"))
         out.append(
             NetStats(
                 net=label,
