@@ -263,6 +263,13 @@ def test_eval_json_names_the_checkpoints_net_and_a_partial_split(small_camvid, t
     assert "test/frames: 2 of 3 (PARTIAL: these numbers are not the split's)" in proc.stdout
 
 
+def test_eval_prints_small_numbers_readably():
+    """eval printed a class IoU of 1.7e-05 as 0.0000, which reads as exactly zero."""
+    from bgremover.eval import number
+
+    assert [number(v) for v in (0.5583, 0.0, 1.7e-05, -3e-4, 1.0)] == ["0.5583", "0.0000", "1.7e-05", "-0.0003", "1.0000"]
+
+
 def test_limit_images_trims_only_training_and_frames_are_reported(small_camvid, tmp_path):
     cfg = compose_cfg(tmp_path / "a", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
                                        "data.limit_images=2"])

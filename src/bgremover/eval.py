@@ -131,6 +131,12 @@ def main() -> None:
     _main()
 
 
+def number(value: float) -> str:
+    """Four decimals, as Lightning's table shows them; a value below 0.001 (a loss, a class IoU after a few steps) in
+    three significant figures, which four decimals printed as 0.0000."""
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 or value != value else f"{value:.3g}"
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _main(cfg: DictConfig) -> None:
     utils.quiet_libraries()
@@ -142,7 +148,7 @@ def _main(cfg: DictConfig) -> None:
     frames = objects["frames"]
     for key, value in sorted(metrics.items()):
         if not key.endswith("/frames"):
-            print(f"{key}: {value:.4f}")
+            print(f"{key}: {number(value)}")
         elif frames["of"] is None:
             print(f"{key}: {int(value)}")
         else:  # a partial split (limit_test_batches, data.limit_eval_images) is not the split's score: say so
