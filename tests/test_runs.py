@@ -325,6 +325,26 @@ def test_sigterm_writes_last_ckpt_marks_summary_and_exits_non_zero(small_camvid,
     assert 0 <= summary["wall_time_s"] - saved["callbacks"]["RunSummary"]["fit_s"] < 1.0
 
 
+def test_ctrl_c_inside_the_first_imports_is_an_interrupt_not_a_failure(small_camvid, tmp_path, monkeypatch):
+    """Ctrl-C in a run's first seconds lands inside `import torch` (reached from the settings check): the handler
+    then imported Lightning, which re-imported the half-loaded torch and raised an unrelated error ("partially
+    initialized module 'torch'", "Trying to override a python impl") that the run recorded as its failure, exit 1,
+    and its folder stayed. Here the interrupted import is a module that can no longer be imported."""
+    import sys
+
+    from bgremover import config
+    from bgremover.train import RunInterrupted
+
+    def interrupted_import(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config, "validate_train", interrupted_import)
+    monkeypatch.setitem(sys.modules, "pytorch_lightning.trainer.states", None)  # importing it raises
+    run = tmp_path / "a"
+    with pytest.raises(RunInterrupted, match=r"^interrupted by SIGINT before training started: nothing was trained$"):
+        train(compose_cfg(run, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1"]))
+
+
 def test_ctrl_c_while_starting_or_testing_says_what_was_kept(small_camvid, tmp_path, monkeypatch):
     """Ctrl-C while a run started was a bare KeyboardInterrupt traceback (its half-made run folder stayed); in the
     test stage, Lightning's exit 1 with no word of the finished training. Now one RunInterrupted each: nothing was

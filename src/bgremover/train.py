@@ -64,18 +64,22 @@ class RunInterrupted(Exception):
 def _interrupted_outside_fit(cfg: DictConfig, exc: BaseException, objects: dict[str, Any]) -> BaseException:
     """Ctrl-C while the run starts (a bare KeyboardInterrupt traceback) or in its test stage (Lightning's exit 1,
     with nothing said): a RunInterrupted saying what was kept and how to go on. Other exits pass through."""
-    from pytorch_lightning.trainer.states import TrainerStatus
-
     trainer = objects.get("trainer")
-    if isinstance(exc, RunInterrupted) or (isinstance(exc, SystemExit) and (
-            trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED)):
+    if isinstance(exc, RunInterrupted) or (isinstance(exc, SystemExit) and trainer is None):
         return exc
-    signum = signal.SIGTERM if trainer is not None and trainer.received_sigterm else signal.SIGINT
-    if trainer is None or trainer.state.fn is None or trainer.state.fn.value != "test":
-        resumed = str(cfg.ckpt_path) if cfg.get("ckpt_path") and cfg.get("train", True) else None
-        return RunInterrupted(signum, resumed, 0, 0, stage="start")  # a resume's checkpoint still resumes it
-    return RunInterrupted(signum, None, trainer.current_epoch, trainer.global_step, stage="test",
-                          best_ckpt=objects["summary"].best_ckpt or str(cfg.get("ckpt_path") or ""))
+    signum = signal.SIGINT
+    if trainer is not None:  # Lightning is whole (without a trainer nothing is imported here: a Ctrl-C inside
+        # `import torch` leaves it half-loaded, and importing Lightning raised an unrelated error as the run's failure)
+        from pytorch_lightning.trainer.states import TrainerStatus
+
+        if isinstance(exc, SystemExit) and trainer.state.status != TrainerStatus.INTERRUPTED:
+            return exc
+        signum = signal.SIGTERM if trainer.received_sigterm else signal.SIGINT
+        if trainer.state.fn is not None and trainer.state.fn.value == "test":
+            return RunInterrupted(signum, None, trainer.current_epoch, trainer.global_step, stage="test",
+                                  best_ckpt=objects["summary"].best_ckpt or str(cfg.get("ckpt_path") or ""))
+    resumed = str(cfg.ckpt_path) if cfg.get("ckpt_path") and cfg.get("train", True) else None
+    return RunInterrupted(signum, resumed, 0, 0, stage="start")  # a resume's checkpoint still resumes it
 
 
 def _resume_overrides() -> list[str]:
