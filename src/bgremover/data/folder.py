@@ -313,6 +313,7 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
     pairs = {s: match(*dirs) for s, dirs in where.items()} if isinstance(where, dict) else {"all": match(*where)}
     sizes = {}
     zero_one, fg_one, fg_high = True, False, False  # all masks 0/1 so far; foreground under either rule
+    first_01, first_high = None, None  # a mask whose foreground is 1 (max 1), a mask with values > 127
     for split_pairs in pairs.values():
         for img, mask in split_pairs:
             raw = mask_values(mask, labels)
@@ -321,12 +322,19 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
             sizes[img] = image.shape[:2]
             if labels.binary:
                 values = raw[raw != labels.void_value] if labels.void_value is not None else raw
-                zero_one = zero_one and int(values.max(initial=0)) <= 1
+                top = int(values.max(initial=0))
+                zero_one = zero_one and top <= 1
                 fg_one = fg_one or bool((values == 1).any())
-                fg_high = fg_high or bool((values > 127).any())
+                fg_high = fg_high or top > 127
+                first_01 = first_01 or (mask if top == 1 else None)
+                first_high = first_high or (mask if top > 127 else None)
             else:
                 labels.to_label(raw, mask)  # a value beyond the class list: one line naming the file
     foreground = fg_one if zero_one else fg_high
+    if labels.binary and first_01 and first_high:  # the folder's 0/255 rule would read this mask as all background
+        raise FolderDataError(f"{first_01} is a 0/1 mask (foreground 1) and {first_high} a 0/255 one (foreground > "
+                              "127): a folder's masks follow one rule, or the 0/1 masks train as all background; "
+                              "save them all as 0/255 (or all as 0/1)")
     if labels.binary:
         labels = replace(labels, zero_one=zero_one)
     if labels.binary and not foreground:  # masks of class indices (0/2...) read as binary: all background
