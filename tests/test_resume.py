@@ -397,6 +397,35 @@ def test_run_plan_of_a_run_stopped_inside_an_epoch_counts_whole_epochs_left(smal
     assert objects["trainer"].global_step == 3 + 4
 
 
+class CtrlCAtStep(pl.Callback):
+    """Ctrl-C after `step` optimizer steps: Lightning's handler stops the fit inside the epoch, as a terminal's would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_run_plan_of_a_run_interrupted_inside_an_epoch_counts_the_steps_left(small_camvid, tmp_path, caplog):
+    """Ctrl-C one step into epoch 1 (2 steps an epoch): its last.ckpt resumes inside that epoch (unlike a
+    max_time stop), with one step of it left; the plan said "3 of 4 epochs × 2 steps = 6 steps left" and the run
+    took 5 (make remover: 106 said, 105 trained)."""
+    from bgremover.train import RunInterrupted
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=4"]
+    with pytest.raises(RunInterrupted):
+        train(compose_cfg(tmp_path / "a", [*base, "+callbacks.stop._target_=test_resume.CtrlCAtStep",
+                                           "+callbacks.stop.step=3"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        _, objects = train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}"]))
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    left = objects["trainer"].global_step - 3
+    assert left == 5 and f"= {left} steps left" in plan, plan
+
+
 def test_run_plan_of_a_resumed_run_counts_what_is_left(small_camvid, tmp_path, caplog):
     """A resumed run's plan announced the whole run again (all epochs, all steps, the whole time limit)."""
     from types import SimpleNamespace

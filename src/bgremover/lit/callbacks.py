@@ -184,10 +184,11 @@ class RunPlan(Callback):
         self._val_t0: float | None = None
         self._val_runs = 0
         self._estimated = False
-        self._start = (0, 0)
+        self._start: tuple[int, ...] = (0, 0)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = (start_epoch(trainer), trainer.global_step)  # (0, 0), or where a resumed run goes on
+        # (0, 0, 0), or where a resumed run goes on: epoch, step, steps already done of that epoch
+        self._start = (start_epoch(trainer), trainer.global_step, steps_into_epoch(trainer))
         if trainer.is_global_zero and not trainer.fast_dev_run:
             log.info("plan: %s", describe_plan(trainer, pl_module, self._start))
             epochs, _ = planned_steps(trainer)
@@ -267,6 +268,18 @@ def start_epoch(trainer: pl.Trainer) -> int:
     return epoch
 
 
+def steps_into_epoch(trainer: pl.Trainer) -> int:
+    """Optimizer steps a resumed fit has already done of the epoch it goes on inside: a Ctrl-C's last.ckpt is
+    written mid-epoch and Lightning skips those batches; 0 where it starts its epoch afresh (a max_time stop)."""
+    loop = trainer.fit_loop
+    if not getattr(loop, "restarted_mid_epoch", False) or start_epoch(trainer) != trainer.current_epoch:
+        return 0  # (a validation-end checkpoint: its epoch is done, see start_epoch)
+    epoch_loop = loop.epoch_loop  # as its reset() will count them: a checkpoint written at a batch's end (the
+    # interrupt's) holds that batch as processed, not yet completed
+    done = epoch_loop.batch_progress.current.completed + int(getattr(epoch_loop, "restarted_on_train_batch_end", False))
+    return int(done) // max(1, trainer.accumulate_grad_batches)
+
+
 def planned_total(trainer: pl.Trainer) -> int | None:
     """Optimizer steps the run is set up for: epochs × steps, or trainer.max_steps where that comes first."""
     epochs, per_epoch = planned_steps(trainer)
@@ -276,20 +289,21 @@ def planned_total(trainer: pl.Trainer) -> int | None:
     return min(total, trainer.max_steps) if trainer.max_steps not in (None, -1) else total
 
 
-def steps_left(trainer: pl.Trainer, start: tuple[int, int]) -> int | None:
-    """Optimizer steps a run resumed at `start` (epoch, step) will take: whole epochs from its start epoch, since
-    Lightning counts an epoch stopped inside (trainer.max_time, a signal) as done and resumes at the next one; so
-    the total is not the planned steps minus the step reached (a plan said 397 × 6 = 2387)."""
+def steps_left(trainer: pl.Trainer, start: tuple[int, ...]) -> int | None:
+    """Optimizer steps a run resumed at `start` (epoch, step[, steps already done of that epoch]) will take: whole
+    epochs from its start epoch, since Lightning counts an epoch stopped by trainer.max_time as done and resumes at
+    the next one (so not the planned steps minus the step reached: a plan said 397 × 6 = 2387), less what a
+    mid-epoch checkpoint (Ctrl-C) did of its epoch (steps_into_epoch)."""
     epochs, per_epoch = planned_steps(trainer)
     if not (epochs and per_epoch):
         return None
-    left = (epochs - start[0]) * per_epoch
+    left = (epochs - start[0]) * per_epoch - (start[2] if len(start) > 2 else 0)
     if trainer.max_steps not in (None, -1):
         left = min(left, trainer.max_steps - start[1])
     return max(0, left)
 
 
-def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tuple[int, int] = (0, 0)) -> str:
+def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tuple[int, ...] = (0, 0)) -> str:
     """The run in one line; `start` (epoch, step) where a resumed run goes on: it counts what is left."""
     epochs, per_epoch = planned_steps(trainer)
     steps = planned_total(trainer)
@@ -316,7 +330,7 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tup
     return ", ".join(parts)
 
 
-def describe_estimate(trainer: pl.Trainer, seconds_per_step: float, start: tuple[int, int] = (0, 0)) -> str:
+def describe_estimate(trainer: pl.Trainer, seconds_per_step: float, start: tuple[int, ...] = (0, 0)) -> str:
     """How long the run (or what is left of a resumed one, from `start`) will take at `seconds_per_step`."""
     epochs, _ = planned_steps(trainer)
     steps = planned_total(trainer)
