@@ -395,7 +395,8 @@ def test_rembg_output_names_and_misplaced_commands(model, tmp_path, capsys, monk
     assert main(["i", "-m", model, "-q", str(src), "new"]) == 0  # rembg writes that very name
     assert (tmp_path / "new").is_file() and read_png(tmp_path / "new").mode == "RGBA"
     assert main(["i", "-m", model, str(src), "b.jpg"]) == 2
-    assert "OUTPUT b.jpg: a cut-out is a PNG" in capsys.readouterr().err and not (tmp_path / "b.jpg").exists()
+    assert "b.jpg: a cut-out with transparency is a PNG; a JPEG needs an opaque background" in \
+        capsys.readouterr().err and not (tmp_path / "b.jpg").exists()
     assert main(["i", "-m", model, str(src), ""]) == 2 and not (tmp_path / "a.nobg.png").exists()
     assert "the output is empty" in capsys.readouterr().err
     res = run_cli("i", "-m", model, str(src), "c.png", "-bgc", "1", "2", "3")
@@ -509,3 +510,27 @@ def test_cutouts_keep_the_inputs_colour_profile(model, tmp_path):
     assert read_png(tmp_path / "white.png").info.get("icc_profile") == icc
     assert main(["i", str(src), str(tmp_path / "mask.png"), "-om", "-m", model]) == 0
     assert "icc_profile" not in read_png(tmp_path / "mask.png").info
+
+
+def test_an_opaque_output_may_be_a_jpeg(model, tmp_path, capsys):
+    """`i photo.jpg out.jpg -bgc 255 255 255 255` (a product photo on white) was refused ("end the name in .png"),
+    though such a cut-out has no transparency to lose; rembg writes PNG bytes under the .jpg name."""
+    src = save_png(tmp_path / "a.png", 24, 32)
+    assert main(["i", "-q", "-m", model, str(src), str(tmp_path / "w.jpg"), "-bgc", "255", "255", "255", "255"]) == 0
+    white = Image.open(tmp_path / "w.jpg")
+    assert white.format == "JPEG" and white.mode == "RGB" and white.size == (32, 24)
+    on_png = Image.open(io.BytesIO(run_cli("i", "-m", model, str(src), "-", "-bgc", "255", "255", "255", "255").stdout))
+    diff = np.abs(np.asarray(white, np.int16) - np.asarray(on_png.convert("RGB"), np.int16))
+    assert diff.mean() < 4, diff.mean()  # the same composite, JPEG-compressed
+    assert main([str(src), "-q", "-m", model, "--out", str(tmp_path / "m.jpeg"), "-om"]) == 0
+    assert Image.open(tmp_path / "m.jpeg").format == "JPEG" and Image.open(tmp_path / "m.jpeg").mode == "L"
+    assert main([str(src), "-q", "-m", model, "--out", str(tmp_path / "k.jpg"), "--bg-color", "#000000"]) == 0
+    assert Image.open(tmp_path / "k.jpg").format == "JPEG"
+    capsys.readouterr()
+    # a half-transparent background, or a plain cut-out, keeps its transparency: a PNG, nothing written
+    for argv in (["i", "-m", model, str(src), str(tmp_path / "h.jpg"), "-bgc", "255", "255", "255", "128"],
+                 [str(src), "-m", model, "--out", str(tmp_path / "h.jpg")]):
+        assert main(argv) == 2
+        assert "h.jpg: a cut-out with transparency is a PNG" in capsys.readouterr().err
+    assert main(["i", "-m", model, str(src), str(tmp_path / "h.webp"), "-bgc", "255", "255", "255", "255"]) == 2
+    assert not list(tmp_path.glob("h.*"))

@@ -38,6 +38,7 @@ from bgremover.remover import (  # noqa: F401  (re-exported: the library's names
     DEFAULT_MODEL,
     IMAGE_EXTENSIONS,
     INT8_SUFFIX,
+    JPEG_SUFFIXES,
     MAX_PIXELS,
     MAX_SIDE,
     MODEL_ENV,
@@ -51,6 +52,7 @@ from bgremover.remover import (  # noqa: F401  (re-exported: the library's names
     _first_line,
     _load_any,
     default_model_path,
+    encode_image,
     encode_png,
     guided_filter,
     open_image,
@@ -94,7 +96,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     if command == "i":
         p.add_argument("input", nargs="?", metavar="INPUT", help="an image file, or - for stdin (the default when "
                        "stdin is not a terminal)")
-        p.add_argument("out", nargs="?", metavar="OUTPUT", help=f"the PNG to write, or - for stdout (default, as "
+        p.add_argument("out", nargs="?", metavar="OUTPUT", help=f"the PNG (or, opaque, JPEG) to write, or - for stdout (default, as "
                        f"rembg: stdout when it is redirected or piped, else <stem>{OUTPUT_SUFFIX} beside the input)")
     elif command == "p":
         p.add_argument("input", metavar="INPUT_DIR", help="a folder of images")
@@ -186,7 +188,7 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool) -> l
         # current directory instead, so the default command never fails for want of write access.
         return _disambiguate(items, [_beside(i) for i in items])  # type: ignore[arg-type]
     target = Path(out)
-    as_file = not several and not target.is_dir() and target.suffix.lower() == ".png"
+    as_file = not several and not target.is_dir() and target.suffix.lower() in (".png", *JPEG_SUFFIXES)
     if as_file:
         return [target]
     if target.exists() and not target.is_dir():
@@ -194,7 +196,7 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool) -> l
     if several and not target.exists() and target.suffix.lower() in IMAGE_EXTENSIONS:
         raise UsageError(f"--out {target} names one image, but several are written: name a folder")
     if not several and target.suffix and not target.is_dir():
-        raise UsageError(f"--out {target}: an output file must end in .png")
+        raise UsageError(f"--out {target}: an output file must end in .png (or .jpg, for an opaque one)")
     names = [output_name(i) if i is not None else "stdin" + OUTPUT_SUFFIX for i in items]
     return _disambiguate(items, [target / n for n in names])
 
@@ -295,9 +297,9 @@ def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespa
         elif args.out not in (None, "-") and not Path(args.out).is_dir():
             # OUTPUT is the file to write, as in rembg: `i a.jpg new` made a folder `new` with a.nobg.png inside
             out = Path(args.out)
-            if out.suffix.lower() not in ("", ".png"):
+            if out.suffix.lower() not in ("", ".png", *JPEG_SUFFIXES):
                 raise UsageError(f"OUTPUT {args.out}: a cut-out is a PNG (its transparency needs one): end the "
-                                 "name in .png")
+                                 "name in .png (or .jpg, for an opaque one)")
             args.out_file = out
     elif not Path(args.input).is_dir():  # the rest (an OUTPUT that is a file, stdin to stdout) as the plain form
         raise UsageError(f"p takes a folder, {args.input} is not one: use `i INPUT OUTPUT` for one image")
@@ -341,6 +343,12 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     if moved and not args.quiet:  # the read-only fallback of _beside: say where the files went
         print(f"{', '.join(moved)}: read-only, so the cut-outs go to the current folder {Path.cwd()}",
               file=sys.stderr)
+    opaque = args.mask_only or args.bg_image is not None or (bg_color is not None and bg_color[3:] in ((), (255,)))
+    jpeg = next((o for o in outputs if o is not None and o.suffix.lower() in JPEG_SUFFIXES), None)
+    if jpeg is not None and not opaque:  # a JPEG has no transparency: the cut-out's would be lost (rembg wrote a
+        # PNG under the .jpg name)
+        return fail_usage(f"{jpeg}: a cut-out with transparency is a PNG; a JPEG needs an opaque background "
+                          "(-bgc R G B 255, --bg-image) or --mask-only")
     sources = {i.resolve() for i in items if i is not None}
     for dst in outputs:  # a cut-out written over its own photo (`a.png -o a.png`, or through a link) destroys it
         if dst is not None and dst.resolve() in sources:
@@ -403,7 +411,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
                     source = io.BytesIO(sys.stdin.buffer.read())
                     if not source.getbuffer().nbytes:  # was "not a recognised image file" (`i` from a script)
                         raise ImageError("<stdin>: no data (give an INPUT image, or pipe one in)")
-                data = encode_png(remover.remove(source, **opts))
+                data = encode_image(remover.remove(source, **opts), dst.suffix if dst is not None else ".png")
                 if dst is None:
                     sys.stdout.buffer.write(data)
                     sys.stdout.buffer.flush()

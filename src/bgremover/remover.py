@@ -341,6 +341,20 @@ def encode_png(
     return buf.getvalue()
 
 
+JPEG_SUFFIXES = (".jpg", ".jpeg")  # an output with no transparency (an opaque background, a mask) may be a JPEG
+JPEG_QUALITY = 95
+
+
+def encode_image(img: Image.Image, suffix: str = ".png") -> bytes:
+    """PNG bytes (encode_png), or JPEG ones for a .jpg/.jpeg name: the caller checked that `img` is opaque."""
+    if suffix.lower() not in JPEG_SUFFIXES:
+        return encode_png(img)
+    buf = io.BytesIO()
+    img.convert("L" if img.mode == "L" else "RGB").save(buf, format="JPEG", quality=JPEG_QUALITY,
+                                                        icc_profile=img.info.get("icc_profile"))
+    return buf.getvalue()
+
+
 def write_atomic(data: bytes, path: str | os.PathLike) -> None:
     """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
     path = Path(path)
