@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -401,6 +402,42 @@ def test_a_request_in_flight_when_the_server_stops_still_gets_its_cutout(remover
         service.pool.shutdown(wait=False, cancel_futures=True)
     assert got["r"][0] == 200 and png_image(got["r"][2]).size == (480, 360)
     assert not thread.is_alive()
+
+
+def test_a_forced_stop_answers_the_request_in_flight_with_a_json_503(remover, caplog):
+    """A second Ctrl-C (uvicorn's force quit) with a cut-out in progress: its client got uvicorn's plain-text 500
+    and the log two CancelledError tracebacks (the request's and the lifespan task's). Now a JSON 503 to retry
+    on, no traceback, and the count for the server's last line."""
+    gated = GatedRemover(remover)
+    service = Service(gated, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=2)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(server_config(create_app(service), "info"))  # the CLI's config, lifespan included
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    got: dict = {}
+    with caplog.at_level(logging.INFO):
+        thread.start()
+        try:
+            wait_healthy(base)
+            client = threading.Thread(target=lambda: got.update(r=post_file(base, JPEG)))
+            client.start()
+            assert gated.entered.wait(30), "the request never reached the model"
+            server.should_exit = True  # the first Ctrl-C
+            time.sleep(0.5)
+            server.force_exit = True  # the second
+            thread.join(30)
+            client.join(30)
+        finally:
+            gated.gate.set()
+            server.should_exit = server.force_exit = True
+            thread.join(15)
+            sock.close()
+            service.pool.shutdown(wait=False, cancel_futures=True)
+    status, headers, body = got["r"]
+    assert status == 503 and json.loads(body) == {"error": "the server was stopped before this cut-out finished; retry"}
+    assert service.cancelled == 1 and not thread.is_alive()
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()], caplog.text
 
 
 def _stalled_upload(base: str) -> socket.socket:

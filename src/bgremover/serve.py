@@ -183,6 +183,7 @@ class Service:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bgremover")
         self.admitted = 0  # only touched on the event loop thread, so no lock is needed
         self.served = 0
+        self.cancelled = 0  # cut-outs a forced stop (a second Ctrl-C) cut short
 
     def cutout(self, data: bytes, opts: dict[str, Any]) -> tuple[bytes, float]:
         """Decode, cut out and encode one image (runs on a worker thread): (PNG bytes, seconds)."""
@@ -318,6 +319,9 @@ def create_app(service: Service) -> Starlette:
         except BgRemoverError as err:  # a model fault (e.g. wrong output shape): the server's problem
             log.error("cut-out failed: %s", err)
             return json_error(500, f"internal error: {err}")
+        except asyncio.CancelledError:  # a forced stop: the client gets a JSON 503 it can retry on, not uvicorn's
+            service.cancelled += 1  # plain 500 and a logged traceback
+            return json_error(503, "the server was stopped before this cut-out finished; retry", {"Retry-After": "1"})
         finally:
             service.admitted -= 1
         service.served += 1
@@ -413,6 +417,9 @@ GRACEFUL_S = 30
 
 
 def server_config(app, log_level: str = "info", **kwargs) -> uvicorn.Config:
+    # lifespan off: the app has no startup or shutdown work, and on a forced stop uvicorn logged the lifespan
+    # task's cancellation as an error traceback
+    kwargs.setdefault("lifespan", "off")
     return uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_S, **kwargs)
 
 
@@ -465,7 +472,8 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C is how a person stops the server: exit 0, no traceback (tested)
-        pass
+        if service.cancelled:  # a second Ctrl-C does not wait for the cut-outs in progress
+            print(f"{prog}: forced to stop: {service.cancelled} cut-out(s) in progress answered 503", file=sys.stderr)
     finally:
         service.pool.shutdown(wait=False, cancel_futures=True)
         sock.close()
