@@ -233,6 +233,10 @@ def test_the_newest_sweep_may_be_an_optuna_one(tmp_path: Path) -> None:
     (optuna / "sweep_summary.json").write_text("{}\n")  # the SweepReport's, at every sweep's end
     os.utime(optuna, None)
     assert newest_sweep(tmp_path) == optuna
+    # a report written into the older sweep later made it the newest (the folder's time moved)
+    os.utime(grid / "multirun.yaml", (1, 1))
+    (grid / "report").mkdir()
+    assert newest_sweep(tmp_path) == optuna
 
 
 @pytest.mark.parametrize("make", ["empty", "missing"])

@@ -144,11 +144,17 @@ def newest_sweep(base: Path = MULTIRUNS_DIR) -> Path:
     """The newest sweep under logs/ (an Optuna sweep too: it has no multirun.yaml, and an older grid was taken)."""
     if not base.is_dir():
         raise CompareError(f"no sweep given and {base}/ does not exist; pass a sweep dir")
-    marked = list({p.parent for name in SWEEP_MARKERS for p in base.rglob(name)})
-    candidates = marked or [p for p in base.iterdir() if p.is_dir()]
-    if not candidates:
+    # when a sweep ran is when its marker files were written: the folder's own time moves with every report,
+    # W&B run or temporary folder written into it later (a report over an older sweep made it the "newest")
+    ran: dict[Path, float] = {}
+    for name in SWEEP_MARKERS:
+        for p in base.rglob(name):
+            ran[p.parent] = max(ran.get(p.parent, 0.0), p.stat().st_mtime)
+    if not ran:
+        ran = {p: p.stat().st_mtime for p in base.iterdir() if p.is_dir()}
+    if not ran:
         raise CompareError(f"no sweep given and {base}/ holds no sweep folder")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    return max(ran, key=ran.__getitem__)
 
 
 @dataclass
