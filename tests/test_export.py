@@ -184,6 +184,21 @@ def test_export_refused_on_small_numeric_drift(tmp_path, monkeypatch):
     assert export_onnx(net, _meta(net), tmp_path / "m.onnx", tol=1e-3)["max_abs_diff"] > 1e-4
 
 
+def test_large_logits_are_compared_relative_to_their_size(tmp_path, monkeypatch):
+    """A short run's net put out logits of 1.1e7 and the export was refused over a diff of 16 (1e-6 of them,
+    float32 rounding). The tolerance is also 1e-5 of the largest |logit|; a real disagreement still fails."""
+    real = export._ort_forward
+    net = tiny_net()
+    with torch.no_grad():
+        net.final_conv.weight.mul_(1e6)
+    monkeypatch.setattr(export, "_ort_forward", lambda path, x: real(path, x) * (1 + 2e-6))
+    assert export_onnx(net, _meta(net), tmp_path / "big.onnx", torchscript=True)["max_abs_diff"] > 1e-4
+    monkeypatch.setattr(export, "_ort_forward", lambda path, x: real(path, x) * 1.01)
+    with pytest.raises(ExportError, match=r"> 1e-05 × the largest \|logit\|"):
+        export_onnx(net, _meta(net), tmp_path / "bad.onnx", torchscript=True)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(ExportError, match="checkpoint not found"):
         load_checkpoint_net(tmp_path / "nope.ckpt")

@@ -38,6 +38,7 @@ OPSET = 17  # supported by every onnxruntime >= 1.14 and by the TorchScript expo
 # exporter printed its whole ~600-line graph before refusing) to the TorchScript exporter's newest.
 MIN_OPSET, MAX_OPSET = 11, 20
 TOLERANCE = 1e-4  # max |torch - onnxruntime| on logits before we refuse to write the file
+REL_TOLERANCE = 1e-5  # or this share of the largest |logit| when larger (~100 float32 roundings)
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "bgremover-camvid.onnx"  # where predict looks
 # Verification shapes as multiples of size_multiple: (batch, h, w). Two different shapes, one with batch 2,
 # prove the dynamic axes really are dynamic rather than frozen at the tracing shape.
@@ -131,7 +132,8 @@ def _ort_forward(onnx_path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def _verify(net: nn.Module, onnx_path: Path, num_classes: int, multiple: int, tol: float) -> float:
-    """Max |torch - onnxruntime| over VERIFY_SHAPES; raises ExportError when above tol or shapes disagree."""
+    """Max |torch - onnxruntime| over VERIFY_SHAPES; raises ExportError when above tol (or above
+    REL_TOLERANCE of the largest |logit|, when that is more) or shapes disagree."""
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
     for n, hm, wm in VERIFY_SHAPES:
@@ -147,9 +149,14 @@ def _verify(net: nn.Module, onnx_path: Path, num_classes: int, multiple: int, to
         if not np.isfinite(diff):
             raise ExportError("onnxruntime output is not finite where PyTorch's is")
         worst = max(worst, diff)
-        if diff > tol:
+        # or float32 rounding of large logits: a short run's reached 1.1e7, where a diff of 16 is 1e-6 of them,
+        # and the export was refused as a disagreement
+        largest = float(np.max(np.abs(ref)))
+        if diff > max(tol, REL_TOLERANCE * largest):
+            allowed = f"{tol:g}" if tol >= REL_TOLERANCE * largest else \
+                f"{REL_TOLERANCE:g} × the largest |logit| {largest:.3g}"
             raise ExportError(
-                f"ONNX Runtime disagrees with PyTorch: max abs diff {diff:.3g} > {tol:g} at input "
+                f"ONNX Runtime disagrees with PyTorch: max abs diff {diff:.3g} > {allowed} at input "
                 f"{tuple(x.shape)}; refusing to write the model"
             )
     return worst
@@ -286,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_bool,
         help="also write a TorchScript .pt next to the .onnx",
     )
-    p.add_argument("--tol", type=float, default=TOLERANCE, help="max abs logit diff torch vs onnxruntime")
+    p.add_argument("--tol", type=float, default=TOLERANCE, help="max abs logit diff torch vs onnxruntime (or 1e-5 of the largest |logit|, when more)")
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
     return p
 
