@@ -140,9 +140,19 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
     (sweep / "0").mkdir(parents=True)
     (sweep / "0" / "summary.json").write_text('{"status": "ok"}')
     assert taken_run_dir(["-m", f"hydra.sweep.dir={sweep}", "seed=1,2"]) == (
-        f"hydra.sweep.dir={sweep} already holds a sweep: its jobs' results would be overwritten and counted into "
-        "this one; choose a new folder")
+        f"hydra.sweep.dir={sweep} already holds a sweep or run (0/summary.json): its results would be overwritten "
+        "or counted into this one; choose a new folder")
     assert taken_run_dir(["-m", f"hydra.sweep.dir={tmp_path / 'fresh'}", "seed=1,2"]) is None
+    # nested in a job of that sweep (it became a run "0/0" of it), or the folder above every sweep (all of them
+    # went into one report): both were accepted
+    assert taken_run_dir(["-m", f"hydra.sweep.dir={sweep / '0'}", "seed=1,2"]).startswith(
+        f"hydra.sweep.dir={sweep / '0'} already holds a sweep or run (summary.json)")
+    assert taken_run_dir(["-m", f"hydra.sweep.dir={sweep / '0' / 'x'}", "seed=1,2"]).startswith(
+        f"hydra.sweep.dir={sweep / '0' / 'x'} lies inside the run or sweep {sweep / '0'}")
+    (tmp_path / "multiruns" / "2026-01-01_10-00-00").mkdir(parents=True)
+    (tmp_path / "multiruns" / "2026-01-01_10-00-00" / "multirun.yaml").write_text("{}\n")
+    assert "already holds a sweep or run (2026-01-01_10-00-00/multirun.yaml)" in taken_run_dir(
+        ["-m", f"hydra.sweep.dir={tmp_path / 'multiruns'}", "seed=1,2"])
 
 
 

@@ -117,6 +117,9 @@ def _resumed_in_place(given: dict[str, str]) -> Path | None:
     return Path(run_dir) if run_dir and ckpt and Path(run_dir).resolve() in Path(ckpt).resolve().parents else None
 
 
+_RECORDS = (SUMMARY_NAME, "eval.json", SWEEP_REPORT_NAME, "multirun.yaml")  # what marks a run's or a sweep's folder
+
+
 def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     """`hydra.run.dir=X` where X already holds a run (or an evaluation): Hydra would overwrite its .hydra config
     and log, training its summary and last.ckpt, leaving the old best checkpoint beside the new run's. Refused
@@ -127,10 +130,19 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     given = _given(args)
     if any(a in ("-m", "--multirun") for a in args):
         sweep_dir = given.get("hydra.sweep.dir")
-        if sweep_dir and Path(sweep_dir).is_dir() and (
-                (Path(sweep_dir) / SWEEP_REPORT_NAME).is_file() or any(Path(sweep_dir).glob(f"*/{SUMMARY_NAME}"))):
-            return (f"hydra.sweep.dir={sweep_dir} already holds a sweep: its jobs' results would be overwritten "
-                    "and counted into this one; choose a new folder")
+        if not sweep_dir:
+            return None
+        where = Path(sweep_dir).resolve()
+        # inside a run or a sweep's job (a new sweep nested in job 0 became a run "0/0" of that sweep), or above
+        # earlier sweeps (logs/train/multiruns itself: every sweep under it went into one report)
+        owner = next((p for p in where.parents if any((p / n).is_file() for n in _RECORDS)), None)
+        if owner is not None:
+            return (f"hydra.sweep.dir={sweep_dir} lies inside the run or sweep {owner}: its jobs would be counted "
+                    "into that one; choose a new folder")
+        held = next((p for n in _RECORDS for p in where.rglob(n)), None) if where.is_dir() else None
+        if held is not None:
+            return (f"hydra.sweep.dir={sweep_dir} already holds a sweep or run ({held.relative_to(where)}): its "
+                    "results would be overwritten or counted into this one; choose a new folder")
         return None
     run_dir = given.get("hydra.run.dir")
     if not run_dir or not any((Path(run_dir) / name).is_file() for name in (SUMMARY_NAME, "eval.json")):
