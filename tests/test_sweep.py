@@ -88,6 +88,20 @@ def test_failing_job_is_reported_and_others_are_kept(camvid_root, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_sweep_refused_before_its_first_job_leaves_no_folder(camvid_root, tmp_path):
+    """`model=tiramisu65,tiramisu56`: one error line, but the sweep's folder stayed with only multirun.yaml, and
+    `make compare` (the newest sweep) then refused it: "the sweep there stopped before any job ran"."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgremover.train", "-m", "experiment=compare_models", "model=tiramisu65,tiramisu56",
+         f"data.root={camvid_root}", f"paths.log_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: In 'train': Could not find 'model/tiramisu65'; options: deeplabv3, deeplabv3plus, tiramisu103, "
+        "tiramisu56, tiramisu67"), proc.stderr[-2000:]
+    assert list((tmp_path / "train" / "multiruns").iterdir()) == []
+
+
 def test_failing_optuna_trials_do_not_end_the_sweep_with_a_traceback(camvid_root, tmp_path):
     """A failed job returned nan, which the Optuna sweeper cannot record: the first failure ended the whole
     sweep with two chained tracebacks. Now each failure is a failed trial and the sweep goes on; when every

@@ -84,6 +84,7 @@ def hydra_command_line(resumes: bool = True) -> None:
                 raise
             from bgremover.errors import report
 
+            drop_unstarted_sweep()
             sys.exit(report(_hydra_message(exc), code=2))
         except Exception as exc:  # anything else: Hydra's own report
             if isinstance(exc, ValueError) and str(exc) == "No trials are completed yet.":  # Optuna's best_trial
@@ -94,6 +95,19 @@ def hydra_command_line(resumes: bool = True) -> None:
 
     run_and_report.one_line = True
     hydra_utils.run_and_report = run_and_report
+
+
+NEW_SWEEP_DIR: Path | None = None  # the folder this command's sweep made (utils.SweepReport.on_multirun_start)
+
+
+def drop_unstarted_sweep() -> None:
+    """A sweep refused before its first job (`model=tiramisu65,tiramisu56`: no such model) left its folder with
+    only multirun.yaml, which `make compare` then took for the newest sweep and refused; such a folder goes."""
+    if NEW_SWEEP_DIR is not None and NEW_SWEEP_DIR.is_dir() and \
+            {p.name for p in NEW_SWEEP_DIR.iterdir()} <= {"multirun.yaml"}:
+        import shutil
+
+        shutil.rmtree(NEW_SWEEP_DIR, ignore_errors=True)
 
 
 def _drop_group(arg: str) -> str:

@@ -418,6 +418,13 @@ class SweepReport(_HydraCallback):
     results survive; this is where the failure is reported instead.
     """
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.exists():  # made by this sweep: config.drop_unstarted_sweep may remove it again
+            from bgremover import config as settings  # (`config` is the argument here)
+
+            settings.NEW_SWEEP_DIR = sweep_dir
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")), key=_job_number)
