@@ -329,6 +329,25 @@ def as_number(value):
     return value
 
 
+def _check_search_objective(cfg: DictConfig, trainer) -> None:
+    """An Optuna trial reads its objective from validation (optimized_metric: val/...): a run that never validates
+    trained and tested in full for every trial, each job said "ok", and the study ended with no trial finished."""
+    from hydra.core.hydra_config import HydraConfig
+
+    metric = str(cfg.get("optimized_metric") or "")
+    sweeper = str(HydraConfig.get().sweeper.get("_target_") or "") if HydraConfig.initialized() else ""
+    if "optuna" not in sweeper.lower() or not metric.startswith("val/"):
+        return
+    epochs, every = trainer.get("max_epochs"), trainer.get("check_val_every_n_epoch") or 1
+    why = "trainer.limit_val_batches=0" if trainer.get("limit_val_batches") == 0 else \
+        f"trainer.max_epochs={epochs} < trainer.check_val_every_n_epoch={every}" \
+        if isinstance(epochs, int) and 0 < epochs < every else None
+    if why:
+        raise UserError(f"optimized_metric={metric} (the Optuna objective) comes from validation, and this run never "
+                        f"validates ({why}): every trial would train for nothing; validate (e.g. "
+                        f"trainer.check_val_every_n_epoch={epochs if isinstance(epochs, int) and epochs > 0 else 1})")
+
+
 def validate_train(cfg: DictConfig) -> None:
     """Everything `python -m bgremover.train` can check without building anything."""
     _check_output_dir()
@@ -358,6 +377,7 @@ def validate_train(cfg: DictConfig) -> None:
     max_time_s(cfg)  # Lightning refused a bad one only while building the Trainer, after the config was printed
     # 0 was "ZeroDivisionError: integer modulo by zero" after everything was built
     _positive_int(trainer.get("check_val_every_n_epoch"), "trainer.check_val_every_n_epoch", allow_none=True)
+    _check_search_objective(cfg, trainer)
     if trainer.get("sync_batchnorm") and trainer.get("accelerator") == "cpu" and "ddp" in str(trainer.get("strategy")):
         # torch's DistributedDataParallel refuses SyncBatchNorm modules on CPU, after everything was built
         raise UserError("trainer.sync_batchnorm=true needs GPUs (torch's DDP refuses SyncBatchNorm on CPU): "
