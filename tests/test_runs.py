@@ -384,6 +384,37 @@ def test_ctrl_c_while_starting_or_testing_says_what_was_kept(small_camvid, tmp_p
                                    f"checkpoint is {best}: finish with: {then}")
 
 
+def test_a_run_stopped_in_its_test_stage_is_finished_by_the_eval_it_names(small_camvid, tmp_path, monkeypatch):
+    """The interrupt said "finish with: make eval CKPT=<best>", but that eval left summary.json "interrupted" (a stub
+    without history, epochs or val numbers, last_ckpt null though last.ckpt existed), and `make compare` never
+    counted the run. Now the run keeps its whole record and the eval that attaches its test numbers finishes it."""
+    from bgremover import compare, utils
+    from bgremover.eval import evaluate
+    from bgremover.lit.module import SegmentationModule
+    from bgremover.train import RunInterrupted
+    from bgremover.train import train as task
+
+    real_test_step = SegmentationModule.test_step
+    monkeypatch.setattr(SegmentationModule, "test_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    run = tmp_path / "run"
+    with pytest.raises(RunInterrupted) as info:
+        utils.run_task(task, compose_cfg(run, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=2"]))
+    monkeypatch.setattr(SegmentationModule, "test_step", real_test_step)
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["status"], s["stage"], s["epochs"], s["history"]["epoch"]) == ("interrupted", "test", 2, [0, 1])
+    assert s["best_ckpt"] == info.value.best_ckpt and Path(s["last_ckpt"]).is_file()
+    assert s["metrics"]["val/mIoU_best"] > 0 and "test/mIoU" not in s["metrics"] and s["config"]["seed"] == s["seed"]
+    assert not compare.aggregate(compare.find_runs([run]))  # not counted yet
+
+    evaluate(compose_cfg(tmp_path / "ev", [f"data.root={small_camvid}", "data.num_workers=0",
+                                           f"ckpt_path={info.value.best_ckpt}"], config_name="eval"))
+    done = json.loads((run / "summary.json").read_text())
+    assert done["status"] == "ok" and not {"error", "stage"} & done.keys()
+    assert done["test_split"]["complete"] and done["metrics"]["test/mIoU"] >= 0 and done["history"] == s["history"]
+    (stats,) = compare.aggregate(compare.find_runs([run]))
+    assert stats.miou.mean == done["metrics"]["test/mIoU"]
+
+
 def test_max_time_ends_the_first_epoch_too(tmp_path, monkeypatch):
     """The base trainer's min_epochs=1 made Lightning run the whole first epoch whatever trainer.max_time said:
     the plan said "stops after 25 s at most" and the run took 235 s (a FC-DenseNet103 epoch on a CPU: 36 min)."""

@@ -96,6 +96,11 @@ def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: 
         summary["metrics"] = {k: v for k, v in (summary.get("metrics") or {}).items() if not k.startswith("test/")}
     summary["metrics"] = {**(summary.get("metrics") or {}), **metrics}
     summary["test_split"] = new
+    if summary.get("status") == "interrupted" and summary.get("stage") == "test":  # the run's "finish with" command
+        summary["status"] = "ok"
+        for key in ("error", "stage", "epoch"):
+            summary.pop(key, None)
+        log.info("the run stopped in its test stage is finished: %s", summary_path)
     summary["test_from"] = {"eval": str(eval_json.resolve()), "ckpt": str(ckpt.resolve())}
     if summary.get("infer_ms_480x360") is None and net is not None:
         from bgremover.lit.summary import measure_inference_ms

@@ -197,6 +197,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         stop = _interrupted_outside_fit(cfg, exc, objects)
         if stop is exc:
             raise
+        if stop.stage == "test":
+            stop.record = _untested_record(cfg, objects)
         raise stop from exc
 
 
@@ -224,6 +226,7 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     else:  # train=false ckpt_path=X tests X: how to finish a run that was stopped before its test stage
         summary.from_checkpoint(checkpoint.read(cfg.ckpt_path), str(Path(cfg.ckpt_path).resolve()))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    objects["fit_metrics"] = dict(metrics)  # an interrupted test stage records the run with these
     if cfg.get("test", True):  # the best epoch, not the last: the number a user would ship
         trainer.test(model=model, datamodule=datamodule, ckpt_path=summary.best_ckpt, weights_only=True,
                      verbose=not quiet)
@@ -245,9 +248,16 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
                 if type(logger).__name__ == "WandbLogger" else None
             if run_summary is not None:
                 run_summary.update({"test/frames_of": split["of"], "test/partial": split["complete"] is False})
-    summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics, {
+    summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics,
+                  _run_record(cfg, objects, split, val_split), measure_inference=cfg.get("measure_inference", True))
+    return metrics, objects
+
+
+def _run_record(cfg: DictConfig, objects: dict[str, Any], split: dict, val_split: dict) -> dict[str, Any]:
+    """What summary.json says of the run beside its metrics and training record."""
+    return {
         "run_dir": str(Path(cfg.paths.output_dir).resolve()),
-        "net": model.hparams.net_name,
+        "net": objects["model"].hparams.net_name,
         "experiment": cfg.get("experiment_name"),
         "group": utils.sweep_group(cfg),
         "seed": cfg.seed,
@@ -257,8 +267,24 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
         "overrides": utils.overrides(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         **_trained_config(cfg),
-    }, measure_inference=cfg.get("measure_inference", True))
-    return metrics, objects
+    }
+
+
+def _untested_record(cfg: DictConfig, objects: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary.json of a run stopped in its test stage, training done: its whole record, so that the `make
+    eval` that finishes it (eval.attach_to_run) leaves a run like any other (it was a stub: no history, epochs or
+    val numbers, and `make compare` never counted it)."""
+    try:
+        model, datamodule = objects["model"], objects["datamodule"]
+        metrics = dict(objects.get("fit_metrics") or {})
+        if model.val_miou_best.update_called:
+            metrics["val/mIoU_best"] = float(model.val_miou_best.compute())
+        split, val_split = (utils.test_split_info(metrics, datamodule, s) for s in ("test", "val"))
+        return objects["summary"].record(objects["trainer"], model, metrics, _run_record(cfg, objects, split, val_split),
+                                         measure_inference=False)  # eval measures it when it attaches
+    except Exception:  # never instead of the interrupt: the stub record then
+        log.debug("no full record of the interrupted run", exc_info=True)
+        return None
 
 
 def _trained_config(cfg: DictConfig) -> dict[str, Any]:

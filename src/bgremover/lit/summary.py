@@ -74,7 +74,19 @@ class RunSummary(Callback):
     @rank_zero_only
     def write(self, path: Path, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float],
               extra: dict[str, Any], measure_inference: bool = True) -> dict[str, Any]:
-        summary = {
+        summary = self.record(trainer, pl_module, metrics, extra, measure_inference)
+        utils.write_json_atomic(path, summary)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment.summary.update({k: summary.get(k) for k in
+                                                  ("params", "wall_time_s", "infer_ms_480x360")})
+        log.info("summary: %s", path)
+        return summary
+
+    def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float],
+               extra: dict[str, Any], measure_inference: bool = True) -> dict[str, Any]:
+        """The summary.json of a run that finished (or was stopped in its test stage: train.py marks that)."""
+        return {
             "status": "ok",
             **extra,
             "epochs": self.epochs,
@@ -87,13 +99,6 @@ class RunSummary(Callback):
             "infer_ms_480x360": measure_inference_ms(pl_module.net) if measure_inference else None,
             "hardware": hardware(),
         }
-        utils.write_json_atomic(path, summary)
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                logger.experiment.summary.update({k: summary.get(k) for k in
-                                                  ("params", "wall_time_s", "infer_ms_480x360")})
-        log.info("summary: %s", path)
-        return summary
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str | None:
