@@ -649,17 +649,17 @@ def test_report_says_which_trial_an_optuna_search_picked(tmp_path: Path) -> None
     md = (compare.build_report([sweep], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
     assert "## Search" in md
     assert ("The Optuna study in sweep picked model.optimizer.lr=0.001235, data.crop_size=[224,224] "
-            f"(val/mIoU_best = 0.6712): run 1 ({TIRAMISU}): test mIoU") in md
+            f"(val/mIoU_best = 67.1 %): run 1 ({TIRAMISU}): test mIoU") in md
     s = json.loads((sweep / "1" / "summary.json").read_text())
     write_summary(sweep / "1", {**s, "val_split": {"frames": 4, "of": 101, "complete": False}})
     md = (compare.build_report([sweep], out=tmp_path / "reportv", grid_images=0).path / "report.md").read_text()
-    assert "(val/mIoU_best = 0.6712 (partial val split)): run 1" in md  # the picked value is a val number
+    assert "(val/mIoU_best = 67.1 % (partial val split)): run 1" in md  # the picked value is a val number
     write_summary(sweep / "1", s)
     (sweep / "optimization_results.yaml").write_text(  # the list itself, written with spaces: the same pick
         "name: optuna\nbest_params:\n  model.optimizer.lr: 0.0012345678912\n  data.crop_size: [224, 224]\n"
         "best_value: 0.6712\n")
     md = (compare.build_report([sweep], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
-    assert f"(val/mIoU_best = 0.6712): run 1 ({TIRAMISU})" in md
+    assert f"(val/mIoU_best = 67.1 %): run 1 ({TIRAMISU})" in md
     s["test_split"] = {"frames": 4, "of": 233, "complete": False}  # the picked run, tested on 4 frames: said so
     write_summary(sweep / "1", s)
     md = (compare.build_report([sweep], out=tmp_path / "report2", grid_images=0).path / "report.md").read_text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -215,7 +216,9 @@ def build_report(
             ran = (f"run {_rel(pick.dir, paths)} ({pick.net}): test mIoU {pct(pick.metric('test/mIoU'))} %"
                    + partial_note([pick]) if pick is not None else "its run was not found among the compared runs")
             on_val = val_note([pick]) if pick is not None and str(metric).startswith("val/") else ""
-            searches.append(("p", f"The Optuna study in {folder.name} picked {chosen} ({metric} = {value:.4g}{on_val}): "
+            # a fraction such as mIoU in the percent every table uses (it read 0.002745 beside 0.3 in the tables)
+            shown = f"{pct(value)} %" if re.search(r"iou|acc", str(metric), re.IGNORECASE) else f"{value:.4g}"
+            searches.append(("p", f"The Optuna study in {folder.name} picked {chosen} ({metric} = {shown}{on_val}): "
                                   f"{ran}. The tables above rank by test mIoU, which the search never saw."))
         if searches:
             blocks += [("h", 2, "Search"), *searches]
