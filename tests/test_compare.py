@@ -212,7 +212,7 @@ def test_cli(sweep: Path, tmp_path: Path) -> None:
     older = proj / "logs" / "multiruns" / "2025-01-01" / "09-00-00"
     older.mkdir(parents=True)
     (older / "multirun.yaml").write_text("{}")
-    os.utime(older, (1, 1))
+    os.utime(older / "multirun.yaml", (1, 1))  # when a sweep ran: its marker's time
     write_summary(newest / "0", ok_summary(newest / "0", DEEPLAB, 2))
     r = run_cli("--grid-images", "0", cwd=proj)
     assert r.returncode == 0, r.stderr
