@@ -77,3 +77,18 @@ def test_init_from_copies_what_fits_and_reports_the_rest(tmp_path):
     assert skipped == ["final_conv.bias", "final_conv.weight"]  # the classifier: 2 classes, not 11
     assert torch.equal(target.net.first_conv.weight, source.first_conv.weight)
     assert "first_conv.weight" in loaded
+
+
+def test_a_folder_given_as_a_checkpoint_is_named_as_such(tmp_path):
+    """`make eval CKPT=<a run folder>` said "checkpoint not found" of a folder that is there."""
+    from omegaconf import OmegaConf
+
+    from bgremover.config import validate_eval
+
+    with pytest.raises(UserError, match=rf"^{tmp_path} is a folder, not a checkpoint: name a .ckpt or .pt file in it"):
+        checkpoint.read(tmp_path)
+    with pytest.raises(UserError, match=r"^checkpoint not found: "):
+        checkpoint.read(tmp_path / "nope.ckpt")
+    cfg = OmegaConf.create({"split": "test", "ckpt_path": str(tmp_path), "data": {}})
+    with pytest.raises(UserError, match=r"is a folder, not a checkpoint"):
+        validate_eval(cfg)

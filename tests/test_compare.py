@@ -575,6 +575,20 @@ def test_runs_of_one_net_with_different_recipes_are_not_averaged_as_seeds(tmp_pa
     assert all(s.paper is not None for s in stats)  # still the paper's FC-DenseNet103 row
     md = (compare.build_report([root], out=tmp_path / "report", grid_images=0).path / "report.md").read_text()
     assert "| tiramisu103 (speedrun_budget_s=170) | 2 |" in md
+    # the per-run table names each run by its row's label: by net alone the 170 s and 450 s runs read alike
+    runs_table = md[md.index("## Runs"):]
+    assert "| a | tiramisu103 (speedrun_budget_s=170) | 1 |" in runs_table
+    assert "| c | tiramisu103 (speedrun_budget_s=450) | 1 |" in runs_table
+
+
+def test_ctrl_c_during_compare_is_one_line(sweep: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C while the report was built printed a KeyboardInterrupt traceback."""
+    from bgremover.compare import report
+
+    monkeypatch.setattr(report, "build_report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert report.main([str(sweep), "--out", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err == "error: interrupted: no report written\n"
+    assert not (tmp_path / "r").exists()
 
 
 def test_paper_numbers_stand_only_beside_the_papers_net(tmp_path: Path) -> None:

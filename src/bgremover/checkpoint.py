@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bgremover.errors import UserError
+from bgremover.errors import UserError, checkpoint_problem
 
 CHECKPOINT_KEY = "bgremover"  # where a checkpoint keeps what inference needs (written by SegmentationModule)
 REQUIRED_META = ("net_config", "classes", "mean", "std")
@@ -69,8 +69,8 @@ def is_runs_best(path: str | os.PathLike, summary: dict[str, Any]) -> bool:
 def read(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint as a dict, loaded on CPU with weights_only=True; UserError names the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+    if problem := checkpoint_problem(path):
+        raise UserError(problem)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's own text may suggest weights_only=False: never pass that on

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bgremover.errors import UserError
+from bgremover.errors import UserError, checkpoint_problem
 
 SUMMARY_NAME = "summary.json"  # per run: train.py writes it; the report, the exporter and sweeps read it
 SWEEP_REPORT_NAME = "sweep_summary.json"  # per multirun: every job with its status
@@ -389,8 +389,8 @@ def validate_train(cfg: DictConfig) -> None:
         raise UserError(f"model.optimizer.lr must be a positive number, got {lr!r}")
     for key in ("ckpt_path", "ckpt_init"):
         value = cfg.get(key)
-        if value and not Path(value).is_file():
-            raise UserError(f"{key}: checkpoint not found: {value}")
+        if value and (problem := checkpoint_problem(value)):
+            raise UserError(f"{key}: {problem}")
     if cfg.get("ckpt_path") and cfg.get("train", True):
         from bgremover import resume
 
@@ -449,7 +449,7 @@ def validate_eval(cfg: DictConfig) -> None:
         raise UserError(f"split must be 'test' or 'val', not '{cfg.split}'")
     if not cfg.ckpt_path:
         raise UserError("no checkpoint given: make eval CKPT=path/to/checkpoint.ckpt (python -m bgremover.eval ckpt_path=...)")
-    if not Path(cfg.ckpt_path).is_file():
-        raise UserError(f"checkpoint not found: {cfg.ckpt_path}")
+    if problem := checkpoint_problem(cfg.ckpt_path):
+        raise UserError(problem)
     if "root" in cfg.data:
         _check_data(cfg.data, None, [cfg.split])

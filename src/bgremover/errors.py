@@ -27,6 +27,15 @@ def one_line(error: BaseException | str, limit: int | None = 300) -> str:
     return first if limit is None or len(first) <= limit else first[: limit - 1] + "…"
 
 
+def checkpoint_problem(path) -> str | None:
+    """What is wrong with a checkpoint path before it is read, in one phrase; None when it names a file."""
+    from pathlib import Path
+
+    if Path(path).is_dir():  # was "checkpoint not found" of a run folder that is there
+        return f"{path} is a folder, not a checkpoint: name a .ckpt or .pt file in it (e.g. its checkpoints/last.ckpt)"
+    return None if Path(path).is_file() else f"checkpoint not found: {path}"
+
+
 def report(error: BaseException | str, prog: str | None = None, code: int = 1) -> int:
     """The one place a command line prints an error: one `[prog: ]error: ...` line on stderr; returns `code`
     (the exit status to give back), so callers write `return report(err)`."""

@@ -5,7 +5,17 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from bgremover.compare.runs import CLASSES, PAPER, PAPER_CITE, PAPER_CLASS_IOU_103, NetStats, Run, Stat, _num
+from bgremover.compare.runs import (
+    CLASSES,
+    PAPER,
+    PAPER_CITE,
+    PAPER_CLASS_IOU_103,
+    NetStats,
+    Run,
+    Stat,
+    _num,
+    group_runs,
+)
 
 DASH = "—"
 
@@ -114,11 +124,14 @@ def class_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
 
 def run_table(runs: list[Run], roots: list[Path]) -> tuple[list[str], list[list[str]]]:
     head = ["Run dir", "Net", "Seed", "Test mIoU %", "Best val mIoU %", "Epochs", "Wall time"]
-    ok = sorted((r for r in runs if r.ok), key=lambda r: (r.net, str(r.seed), str(r.dir)))
+    # each run under its row's label above (net and the settings that set its recipe apart): by net alone, runs of
+    # lr 0.001 and 0.003 read alike
+    label = {id(r): name for name, rs in group_runs(runs).items() for r in rs}
+    ok = sorted((r for r in runs if r.ok), key=lambda r: (label.get(id(r), r.net), str(r.seed), str(r.dir)))
     rows = [
         [
             _rel(r.dir, roots),
-            r.net,
+            label.get(id(r), r.net),
             DASH if r.seed is None else str(r.seed),
             pct(r.metric("test/mIoU")) + partial_note([r]),
             pct(r.metric("val/mIoU_best")) + (val_note([r]) if r.metric("val/mIoU_best") is not None else ""),

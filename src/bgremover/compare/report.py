@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         report = build_report(paths, args.out, args.data_root, args.grid_images, args.wandb)
     except (errors.UserError, OSError) as e:
         return errors.report(e)
+    except KeyboardInterrupt:  # a traceback before; the report is written whole or not at all (build_report)
+        return errors.report("interrupted: no report written", code=130)
     print(report.main_md, end="")
     for w in report.warnings:
         print(w)
