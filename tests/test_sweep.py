@@ -102,16 +102,20 @@ def test_a_sweep_refused_before_its_first_job_leaves_no_folder(camvid_root, tmp_
     assert list((tmp_path / "train" / "multiruns").iterdir()) == []
 
 
+def run_cpu_quick_optuna(camvid_root: Path, sweep: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """An Optuna sweep of the cpu_quick recipe into `sweep` (its overrides make it fail fast)."""
+    return subprocess.run(
+        [sys.executable, "-m", "bgremover.train", "-m", "experiment=cpu_quick", "hparams_search=optuna", *overrides,
+         f"data.root={camvid_root}", "logger=csv", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+
+
 def test_failing_optuna_trials_do_not_end_the_sweep_with_a_traceback(camvid_root, tmp_path):
     """A failed job returned nan, which the Optuna sweeper cannot record: the first failure ended the whole
     sweep with two chained tracebacks. Now each failure is a failed trial and the sweep goes on; when every
     trial failed, one error line says so."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bgremover.train", "-m", "experiment=cpu_quick", "hparams_search=optuna",
-         "hydra.sweeper.n_trials=2", "data.batch_size=0", f"data.root={camvid_root}", "logger=csv",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
-    )
+    proc = run_cpu_quick_optuna(camvid_root, tmp_path / "sweep", "hydra.sweeper.n_trials=2", "data.batch_size=0")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len([line for line in proc.stderr.splitlines() if line.startswith("[job ")]) == 2  # both trials ran
     assert proc.stderr.rstrip().endswith(
@@ -122,12 +126,7 @@ def test_an_optuna_trial_that_would_never_validate_is_refused_before_training(ca
     """cpu_quick validates every 2 epochs; with trainer.max_epochs=1 every trial trained and tested in full, its
     job line said "ok", and the study then ended with "no Optuna trial finished: every job failed"."""
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bgremover.train", "-m", "experiment=cpu_quick", "hparams_search=optuna",
-         "hydra.sweeper.n_trials=1", "trainer.max_epochs=1", f"data.root={camvid_root}", "logger=csv",
-         f"hydra.sweep.dir={sweep}"],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
-    )
+    proc = run_cpu_quick_optuna(camvid_root, sweep, "hydra.sweeper.n_trials=1", "trainer.max_epochs=1")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (job,) = [line for line in proc.stderr.splitlines() if line.startswith("[job ")]
     assert ": failed in " in job and "optimized_metric=val/mIoU_best (the Optuna objective) comes from validation, " \
