@@ -46,6 +46,8 @@ def test_two_nets_two_seeds_give_four_summaries_and_four_wandb_runs(camvid_root,
     runs = [offline_run(d / "wandb") for d in sorted(job_dirs)]
     groups = {r["group"] for r in runs}
     assert len(groups) == 1 and sweep.name in groups.pop()  # one W&B group per sweep
+    # each job its own name (jobs differing in an lr alone, or Optuna's trials, shared one): the job's number
+    assert sorted(r["name"].rsplit("-", 1)[1] for r in runs) == [f"job{Path(d).name}" for d in sorted(job_dirs)]
     assert sorted(r["tags"][0] for r in runs) == sorted(s["net"] for s in summaries)
     report = json.loads((sweep / "sweep_summary.json").read_text())
     assert [j["status"] for j in report["jobs"]] == ["ok"] * 4

@@ -125,6 +125,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         os.environ.setdefault("WANDB_SILENT", "true")
         if cfg.logger.wandb.group is None:
             cfg.logger.wandb.group = utils.sweep_group(cfg)
+        if utils.is_multirun() and cfg.logger.wandb.get("name"):  # jobs that differ in lr alone (or Optuna's
+            # trials) had one name: the job's number, as its folder, tells them apart on the dashboard
+            from hydra.core.hydra_config import HydraConfig
+
+            cfg.logger.wandb.name = f"{cfg.logger.wandb.name}-job{HydraConfig.get().job.num}"
         cfg.logger.wandb.offline = mode == "offline"
         resumed_from = _resume_wandb(cfg, mode)
     loggers = utils.instantiate_dict(cfg.get("logger"))
