@@ -338,6 +338,25 @@ def test_grid_layout_and_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert np.abs(cell(5).astype(int) - cell(0).astype(int)).max() <= 1  # all foreground: the input itself
 
 
+def test_grid_titles_wrap_instead_of_being_cut() -> None:
+    """Cut to one line, every column of a sweep's grid read "deeplabv3plus_mobilenet_v2 (model…": the setting
+    that told them apart and "prediction"/"cut-out" were lost."""
+    from PIL import ImageDraw
+
+    from bgremover.compare.grid import _font, _wrap
+
+    font, draw = _font(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def fits(text: str) -> bool:
+        return draw.textlength(text, font=font) <= compare.TILE_W - 8
+
+    title = "deeplabv3plus_mobilenet_v2 (model.optimizer.lr=0.001, data.crop_size=[224,224]) prediction"
+    lines = _wrap(title, fits)
+    assert len(lines) > 1 and all(fits(line) for line in lines), lines
+    assert "".join(lines).replace(" ", "") == title.replace(" ", "") and lines[-1].endswith("prediction")
+    assert _wrap("input", fits) == ["input"]
+
+
 def test_a_row_over_different_test_subsets_says_so() -> None:
     """Runs tested on 4 and on 6 frames were averaged into one row reading "4 of 233 (partial)"."""
     from bgremover.compare.render import frames_cell

@@ -16,6 +16,24 @@ from bgremover.compare.runs import (
 )
 from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND, colorize
 
+LINE_H = 15  # px between title lines
+
+
+def _wrap(text: str, fits) -> list[str]:
+    """`text` in lines that fit (by `fits`), broken at spaces, and inside a word too long for one line."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        line = f"{lines[-1]} {word}" if lines else word
+        if lines and fits(line):
+            lines[-1] = line
+            continue
+        while len(word) > 1 and not fits(word):
+            cut = next(n for n in range(len(word) - 1, 0, -1) if fits(word[:n]) or n == 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines
+
 
 def _load_checkpoint(path: Path):
     """(net in eval mode, meta) via the export module; imported lazily because it pulls in torch."""
@@ -142,12 +160,16 @@ def make_grid(stats: list[NetStats], data_root: Path | None, n_images: int, path
         *(f"{n} prediction" for n, _, _ in nets),
         *(f"{n} cut-out" for n, _, _ in nets),
     ]
-    canvas = Image.new("RGB", (TILE_W * len(titles), HEADER_H + tile_h * len(images)), "white")
-    draw, font = ImageDraw.Draw(canvas), _font()
-    for col, t in enumerate(titles):
-        while len(t) > 3 and draw.textlength(t, font=font) > TILE_W - 8:
-            t = t[:-2] + "…"
-        draw.text((col * TILE_W + 4, 5), t, fill="black", font=font)
+    font = _font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # whole titles, wrapped: cut to one line, every column of a sweep read "deeplabv3plus_mobilenet_v2 (model…"
+    lines = [_wrap(t, lambda text: measure.textlength(text, font=font) <= TILE_W - 8) for t in titles]
+    header = HEADER_H + (max(map(len, lines)) - 1) * LINE_H
+    canvas = Image.new("RGB", (TILE_W * len(titles), header + tile_h * len(images)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, wrapped in enumerate(lines):
+        for i, line in enumerate(wrapped):
+            draw.text((col * TILE_W + 4, 5 + i * LINE_H), line, fill="black", font=font)
 
     def tile(arr, resample) -> Image.Image:
         return Image.fromarray(arr).resize((TILE_W, tile_h), resample)
@@ -167,6 +189,6 @@ def make_grid(stats: list[NetStats], data_root: Path | None, n_images: int, path
         for col, im in enumerate(
             [tile(img, Image.Resampling.BILINEAR), tile(gt, Image.Resampling.NEAREST), *preds, *cuts]
         ):
-            canvas.paste(im, (col * TILE_W, HEADER_H + row * tile_h))
+            canvas.paste(im, (col * TILE_W, header + row * tile_h))
     canvas.save(path)
     return ("grid: some checkpoints failed to load: " + "; ".join(errors)) if errors else None
