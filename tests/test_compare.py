@@ -338,6 +338,22 @@ def test_grid_layout_and_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert np.abs(cell(5).astype(int) - cell(0).astype(int)).max() <= 1  # all foreground: the input itself
 
 
+def test_a_single_validation_is_plotted_on_whole_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One validated epoch: matplotlib's default range around it put ticks at -0.04 … 0.04 on the epoch axis."""
+    from matplotlib.figure import Figure
+
+    from bgremover.compare import plots
+
+    s = ok_summary(tmp_path / "r", TIRAMISU, 1)
+    s["history"] = {"epoch": [0], "val/mIoU": [0.3]}
+    write_summary(tmp_path / "r", s)
+    seen = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(fig.axes[0].get_xlim()) or real(fig, *a, **k))
+    assert plots.plot_val_miou(compare.aggregate(compare.find_runs([tmp_path / "r"])), tmp_path / "v.png")
+    assert seen == [(-1.0, 1.0)]
+
+
 def test_grid_titles_wrap_instead_of_being_cut() -> None:
     """Cut to one line, every column of a sweep's grid read "deeplabv3plus_mobilenet_v2 (model…": the setting
     that told them apart and "prediction"/"cut-out" were lost."""
@@ -538,6 +554,8 @@ def test_wandb_offline_logs_table(sweep: Path, tmp_path: Path, monkeypatch: pyte
     # wandb keeps its settings (the run dir among them) in a process-wide singleton: after a test file that ran a
     # W&B run earlier in this process (test_resume), this one wrote into the repository's ./wandb
     wandb.teardown()
+    write_summary(sweep / "5", {"status": "interrupted", "error": "interrupted by SIGTERM at epoch 3, step 12",
+                                "run_dir": str(sweep / "5"), "net": TIRAMISU, "seed": 4})
     rep = compare.build_report([sweep], grid_images=0, use_wandb=True)
     assert any(w.startswith("W&B: logged") and "cmp_sweep" in w for w in rep.warnings), rep.warnings
     assert wandb.run is None  # finished
@@ -549,6 +567,10 @@ def test_wandb_offline_logs_table(sweep: Path, tmp_path: Path, monkeypatch: pyte
     assert rows[TIRAMISU]["test_mIoU_mean"] == pytest.approx(0.52)
     assert rows[DEEPLAB]["test_mIoU_std"] == pytest.approx(0.0424264, abs=1e-6)
     assert rows[TIRAMISU]["test_frames"] == "—"  # these summaries predate test_split; frames_cell is tested above
+    (runs_table,) = (run_dir / "files" / "media" / "table" / "compare").glob("runs_*.table.json")
+    t = json.loads(runs_table.read_text())
+    statuses = sorted(dict(zip(t["columns"], r, strict=True))["status"] for r in t["data"])
+    assert statuses == ["failed", "interrupted", "ok", "ok", "ok", "ok"], statuses  # interrupted read "failed"
     assert any((run_dir / "files" / "media" / "images" / "compare").glob("val_miou_*.png"))
     # wandb's writer process may still be flushing the run log after finish() returns: give it a moment
     log = next(run_dir.glob("*.wandb"))

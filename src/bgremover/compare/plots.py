@@ -68,6 +68,10 @@ def plot_val_miou(stats: list[NetStats], path: Path) -> bool:
             marker="o", ms=4,  # a run of one or two validations is a point, not a line: markers keep it visible
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    epochs = {x for runs in curves.values() for xs, _ in runs for x in xs}
+    if len(epochs) == 1:  # one validation: matplotlib's ±0.05 around it gave ticks of -0.04 … 0.04
+        (only,) = epochs
+        ax.set_xlim(only - 1, only + 1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("val mIoU (%)")
     ax.set_title("Validation mIoU per epoch — thin: single runs, bold: mean, band: min–max over seeds")

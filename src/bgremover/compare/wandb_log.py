@@ -76,7 +76,7 @@ def log_wandb(report: Path, stats: list[NetStats], runs: list[Run], group: str) 
                          frames_cell(s.runs), *ious, s.wall_s, s.infer_ms])  # fmt: skip
         run_cols = ["run_dir", "net", "seed", "status", "test_mIoU", "test_frames", "error"]
         run_data = [
-            [str(r.dir), r.net, None if r.seed is None else str(r.seed), "ok" if r.ok else "failed",
+            [str(r.dir), r.net, None if r.seed is None else str(r.seed), "ok" if r.ok else str(r.summary.get("status") or "failed"),
              r.metric("test/mIoU"), frames_cell([r]), "" if r.ok else r.error]
             for r in runs
         ]  # fmt: skip
