@@ -555,6 +555,18 @@ def test_run_plan_and_estimate_describe_the_run(small_camvid, tmp_path, caplog):
     assert any(isinstance(cb, RunPlan) for cb in trainer.callbacks)
 
 
+def test_run_plan_and_frame_counts_say_one_as_one(small_camvid, tmp_path, caplog):
+    """A one-epoch, one-step run's plan said "1 epochs × 1 steps = 1 steps"; a one-frame split "(1 frames)"."""
+    from bgremover.utils import frames_note
+
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        train(compose_cfg(tmp_path / "a", [*TINY_RUN, f"data.root={small_camvid}", "test=false",
+                                           "trainer.max_epochs=1", "trainer.limit_train_batches=1"]))
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    assert "1 epoch × 1 step = 1 step," in plan, plan
+    assert frames_note({"frames": 1, "of": 1, "complete": True}) == " (1 frame)"
+
+
 def test_run_plan_counts_the_steps_max_steps_allows(small_camvid, tmp_path):
     # 7 epochs × 2 steps, but max_steps=11 ends the run in its 6th epoch: 11 steps, not 12 or 14
     cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=7",

@@ -372,7 +372,8 @@ def frames_note(split: dict | None) -> str:
     frames, of = split.get("frames"), split.get("of")
     if not frames:
         return ""
-    return f" ({frames} of {of} frames, PARTIAL)" if split.get("complete") is False else f" ({frames} frames)"
+    return f" ({frames} of {of} frames, PARTIAL)" if split.get("complete") is False else \
+        f" ({frames} frame{'' if frames == 1 else 's'})"
 
 
 def print_job_line(cfg: DictConfig) -> None:

@@ -312,10 +312,11 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tup
     batch = getattr(getattr(dm, "hparams", None), "batch_size", None)
     crop = getattr(getattr(dm, "hparams", None), "crop_size", None)
     params = sum(p.numel() for p in pl_module.net.parameters()) / 1e6
-    total = f"{steps} steps" if steps else "steps until stopped"
+    total = f"{steps} step{'' if steps == 1 else 's'}" if steps else "steps until stopped"
     parts = [
         f"{hp.get('net_name', 'net')} ({params:.2f} M params)",
-        f"{epochs or '∞'} epochs × {per_epoch or '?'} steps = {total}" if not start[1] else
+        f"{epochs or '∞'} epoch{'' if epochs == 1 else 's'} × {per_epoch or '?'} step{'' if per_epoch == 1 else 's'} "
+        f"= {total}" if not start[1] else
         f"resumes at epoch {start[0]} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
         f"epochs × {per_epoch or '?'} steps = " + (f"{steps_left(trainer, start)} steps left" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
