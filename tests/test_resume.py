@@ -163,7 +163,7 @@ def test_a_resume_with_another_net_is_one_line_before_the_build(small_camvid, tm
     for limit in ("trainer.max_epochs=1", "trainer.max_steps=2"):
         with pytest.raises(UserError) as info:
             config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", limit]))
-        assert str(info.value).startswith(f"ckpt_path {last} has trained 1 epochs (") and \
+        assert str(info.value).startswith(f"ckpt_path {last} has trained 1 epoch (") and \
             "nothing is left to train; raise them to go on, or test it with train=false" in str(info.value)
     deeplab = ["~experiment", "model=deeplabv3plus", "model.net.encoder_weights=null", f"data.root={small_camvid}"]
     with pytest.raises(UserError) as info:

@@ -56,7 +56,8 @@ def check(cfg: DictConfig, model) -> None:
     done = (isinstance(max_epochs, int) and 0 < max_epochs <= epochs) \
         or (isinstance(steps, int) and isinstance(max_steps, int) and 0 < max_steps <= steps)
     if done:
-        raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {epochs} epochs ({steps} steps): with "
+        raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {epochs} epoch{'' if epochs == 1 else 's'} "
+                        f"({steps} step{'' if steps == 1 else 's'}): with "
                         f"trainer.max_epochs={max_epochs} and trainer.max_steps={max_steps} nothing is left to "
                         "train; raise them to go on, or test it with train=false")
     # the clocks go on across a resume (Lightning's Timer, TimeToMIoU's budget): a spent one stopped the resumed
