@@ -151,8 +151,13 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
         f"hydra.sweep.dir={sweep / '0' / 'x'} lies inside the run or sweep {sweep / '0'}")
     (tmp_path / "multiruns" / "2026-01-01_10-00-00").mkdir(parents=True)
     (tmp_path / "multiruns" / "2026-01-01_10-00-00" / "multirun.yaml").write_text("{}\n")
+    (tmp_path / "multiruns" / "2026-01-01_10-00-00" / "0").mkdir()  # a sweep that ran a job
     assert "already holds a sweep or run (2026-01-01_10-00-00/multirun.yaml)" in taken_run_dir(
         ["-m", f"hydra.sweep.dir={tmp_path / 'multiruns'}", "seed=1,2"])
+    # a lone multirun.yaml: a sweep refused at its start, nothing to overwrite (its retry was refused as taken)
+    (tmp_path / "refused").mkdir()
+    (tmp_path / "refused" / "multirun.yaml").write_text("{}\n")
+    assert taken_run_dir(["-m", f"hydra.sweep.dir={tmp_path / 'refused'}", "seed=1,2"]) is None
 
 
 

@@ -102,6 +102,14 @@ def test_a_sweep_refused_before_its_first_job_leaves_no_folder(camvid_root, tmp_
         "error: In 'train': Could not find 'model/tiramisu65'; options: deeplabv3, deeplabv3plus, tiramisu103, "
         "tiramisu56, tiramisu67"), proc.stderr[-2000:]
     assert list((tmp_path / "train" / "multiruns").iterdir()) == []
+    mine = tmp_path / "mine"  # a folder the user made: it stays, emptied, and the corrected retry may use it
+    mine.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgremover.train", "-m", "experiment=compare_models", "model=tiramisu65",
+         f"data.root={camvid_root}", f"hydra.sweep.dir={mine}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 2 and "Could not find 'model/tiramisu65'" in proc.stderr and list(mine.iterdir()) == []
 
 
 def run_cpu_quick_optuna(camvid_root: Path, sweep: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -97,17 +97,21 @@ def hydra_command_line(resumes: bool = True) -> None:
     hydra_utils.run_and_report = run_and_report
 
 
-NEW_SWEEP_DIR: Path | None = None  # the folder this command's sweep made (utils.SweepReport.on_multirun_start)
+# this command's sweep folder, and whether the sweep made it (utils.SweepReport.on_multirun_start)
+SWEEP_DIR: tuple[Path, bool] | None = None
 
 
 def drop_unstarted_sweep() -> None:
     """A sweep refused before its first job (`model=tiramisu65,tiramisu56`: no such model) left its folder with
-    only multirun.yaml, which `make compare` then took for the newest sweep and refused; such a folder goes."""
-    if NEW_SWEEP_DIR is not None and NEW_SWEEP_DIR.is_dir() and \
-            {p.name for p in NEW_SWEEP_DIR.iterdir()} <= {"multirun.yaml"}:
-        import shutil
-
-        shutil.rmtree(NEW_SWEEP_DIR, ignore_errors=True)
+    only multirun.yaml, which `make compare` then took for the newest sweep and refused: the file goes, and the
+    folder too when the sweep made it."""
+    if SWEEP_DIR is None:
+        return
+    folder, made = SWEEP_DIR
+    if folder.is_dir() and [p.name for p in folder.iterdir()] == ["multirun.yaml"]:
+        (folder / "multirun.yaml").unlink(missing_ok=True)
+        if made:
+            folder.rmdir()
 
 
 def _drop_group(arg: str) -> str:
@@ -134,6 +138,11 @@ def _resumed_in_place(given: dict[str, str]) -> Path | None:
 _RECORDS = (SUMMARY_NAME, "eval.json", SWEEP_REPORT_NAME, "multirun.yaml")  # what marks a run's or a sweep's folder
 
 
+def _is_record(path: Path) -> bool:
+    """A multirun.yaml alone is a sweep that never started a job (refused at its start): nothing to overwrite."""
+    return path.name != "multirun.yaml" or any(p.name != "multirun.yaml" for p in path.parent.iterdir())
+
+
 def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     """`hydra.run.dir=X` where X already holds a run (or an evaluation): Hydra would overwrite its .hydra config
     and log, training its summary and last.ckpt, leaving the old best checkpoint beside the new run's. Refused
@@ -149,11 +158,12 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
         where = Path(sweep_dir).resolve()
         # inside a run or a sweep's job (a new sweep nested in job 0 became a run "0/0" of that sweep), or above
         # earlier sweeps (logs/train/multiruns itself: every sweep under it went into one report)
-        owner = next((p for p in where.parents if any((p / n).is_file() for n in _RECORDS)), None)
+        owner = next((p for p in where.parents if any((p / n).is_file() and _is_record(p / n) for n in _RECORDS)),
+                     None)
         if owner is not None:
             return (f"hydra.sweep.dir={sweep_dir} lies inside the run or sweep {owner}: its jobs would be counted "
                     "into that one; choose a new folder")
-        held = next((p for n in _RECORDS for p in where.rglob(n)), None) if where.is_dir() else None
+        held = next((p for n in _RECORDS for p in where.rglob(n) if _is_record(p)), None) if where.is_dir() else None
         if held is not None:
             return (f"hydra.sweep.dir={sweep_dir} already holds a sweep or run ({held.relative_to(where)}): its "
                     "results would be overwritten or counted into this one; choose a new folder")

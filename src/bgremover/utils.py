@@ -421,11 +421,10 @@ class SweepReport(_HydraCallback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.exists():  # made by this sweep: config.drop_unstarted_sweep may remove it again
-            from bgremover import config as settings  # (`config` is the argument here)
+        from bgremover import config as settings  # (`config` is the argument here)
 
-            settings.NEW_SWEEP_DIR = sweep_dir
+        sweep_dir = Path(config.hydra.sweep.dir)  # config.drop_unstarted_sweep may remove what the sweep adds
+        settings.SWEEP_DIR = (sweep_dir, not sweep_dir.exists())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
