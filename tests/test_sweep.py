@@ -105,7 +105,7 @@ def test_a_sweep_refused_before_its_first_job_leaves_no_folder(camvid_root, tmp_
     mine = tmp_path / "mine"  # a folder the user made: it stays, emptied, and the corrected retry may use it
     mine.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "bgremover.train", "-m", "experiment=compare_models", "model=tiramisu65",
+        [sys.executable, "-m", "bgremover.train", "-m", "experiment=compare_models", "model=tiramisu65,tiramisu56",
          f"data.root={camvid_root}", f"hydra.sweep.dir={mine}"],
         capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
     )
