@@ -318,7 +318,8 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tup
         f"{epochs or '∞'} epoch{'' if epochs == 1 else 's'} × {per_epoch or '?'} step{'' if per_epoch == 1 else 's'} "
         f"= {total}" if not start[1] else
         f"resumes at epoch {start[0]} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
-        f"epochs × {per_epoch or '?'} steps = " + (f"{steps_left(trainer, start)} steps left" if steps else total),
+        f"epochs × {per_epoch or '?'} steps " + (f"− {start[2]} done " if len(start) > 2 and start[2] else "")
+        + "= " + (f"{steps_left(trainer, start)} steps left" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
         f"validation every {trainer.check_val_every_n_epoch} epoch(s)" if validates(trainer) else
         "no validation (trainer.limit_val_batches=0)",
