@@ -319,8 +319,9 @@ def create_app(service: Service) -> Starlette:
         except BgRemoverError as err:  # a model fault (e.g. wrong output shape): the server's problem
             log.error("cut-out failed: %s", err)
             return json_error(500, f"internal error: {err}")
-        except asyncio.CancelledError:  # a forced stop: the client gets a JSON 503 it can retry on, not uvicorn's
-            service.cancelled += 1  # plain 500 and a logged traceback
+        except asyncio.CancelledError:  # a stop that cannot wait (a second Ctrl-C, the grace period's end; nothing
+            # else cancels a request here): a JSON 503 to retry on, not uvicorn's plain 500 and a logged traceback
+            service.cancelled += 1
             return json_error(503, "the server was stopped before this cut-out finished; retry", {"Retry-After": "1"})
         finally:
             service.admitted -= 1
@@ -472,8 +473,9 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C is how a person stops the server: exit 0, no traceback (tested)
-        if service.cancelled:  # a second Ctrl-C does not wait for the cut-outs in progress
-            print(f"{prog}: forced to stop: {service.cancelled} cut-out(s) in progress answered 503", file=sys.stderr)
+        if service.cancelled:  # a second Ctrl-C, or the grace period's end, cut them short
+            print(f"{prog}: stopped with {service.cancelled} cut-out(s) in progress, answered 503 (a second Ctrl-C, "
+                  f"or past the {GRACEFUL_S:g} s grace period)", file=sys.stderr)
     finally:
         service.pool.shutdown(wait=False, cancel_futures=True)
         sock.close()
