@@ -168,7 +168,7 @@ def _meta(net: nn.Module) -> dict:
 
 def test_export_refused_when_onnx_differs_from_torch(tmp_path):
     out = tmp_path / "bad.onnx"
-    with pytest.raises(ExportError, match=r"max abs diff 1 > 0.0001.*refusing"):
+    with pytest.raises(ExportError, match=r"max abs diff 1 > 0.0001 \(--tol 0.0001\).*refusing"):
         export_onnx(ShapeBranchNet().eval(), _meta(ShapeBranchNet()), out)
     assert list(tmp_path.iterdir()) == []  # neither the model nor a temp file
 
@@ -186,7 +186,8 @@ def test_export_refused_on_small_numeric_drift(tmp_path, monkeypatch):
 
 def test_large_logits_are_compared_relative_to_their_size(tmp_path, monkeypatch):
     """A short run's net put out logits of 1.1e7 and the export was refused over a diff of 16 (1e-6 of them,
-    float32 rounding). The tolerance is also 1e-5 of the largest |logit|; a real disagreement still fails."""
+    float32 rounding). The check allows tol × 0.1 × the largest |logit| when that is more than tol; a real
+    disagreement still fails, and a smaller --tol still tightens it."""
     real = export._ort_forward
     net = tiny_net()
     with torch.no_grad():
@@ -194,9 +195,12 @@ def test_large_logits_are_compared_relative_to_their_size(tmp_path, monkeypatch)
     monkeypatch.setattr(export, "_ort_forward", lambda path, x: real(path, x) * (1 + 2e-6))
     assert export_onnx(net, _meta(net), tmp_path / "big.onnx", torchscript=True)["max_abs_diff"] > 1e-4
     monkeypatch.setattr(export, "_ort_forward", lambda path, x: real(path, x) * 1.01)
-    with pytest.raises(ExportError, match=r"> 1e-05 × the largest \|logit\|"):
+    with pytest.raises(ExportError, match=r"\(--tol 0.0001 × 0.1 × the largest \|logit\| "):
         export_onnx(net, _meta(net), tmp_path / "bad.onnx", torchscript=True)
     assert not (tmp_path / "bad.onnx").exists()
+    monkeypatch.setattr(export, "_ort_forward", lambda path, x: real(path, x) * (1 + 2e-6))
+    with pytest.raises(ExportError, match="disagrees"):  # --tol 1e-9: stricter than float32 rounding allows
+        export_onnx(net, _meta(net), tmp_path / "strict.onnx", torchscript=True, tol=1e-9)
 
 
 def test_checkpoint_errors(tmp_path):
