@@ -351,7 +351,7 @@ def test_a_single_validation_is_plotted_on_whole_epochs(tmp_path: Path, monkeypa
     real = Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(fig.axes[0].get_xlim()) or real(fig, *a, **k))
     assert plots.plot_val_miou(compare.aggregate(compare.find_runs([tmp_path / "r"])), tmp_path / "v.png")
-    assert seen == [(-1.0, 1.0)]
+    assert seen == [(-0.5, 0.5)]
 
 
 def test_grid_titles_wrap_instead_of_being_cut() -> None:

@@ -413,6 +413,12 @@ def test_a_run_stopped_in_its_test_stage_is_finished_by_the_eval_it_names(small_
     assert done["test_split"]["complete"] and done["metrics"]["test/mIoU"] >= 0 and done["history"] == s["history"]
     (stats,) = compare.aggregate(compare.find_runs([run]))
     assert stats.miou.mean == done["metrics"]["test/mIoU"]
+    # a stub without the training record (had the record failed to build) is not passed off as a finished run
+    stub = {k: s[k] for k in ("status", "error", "stage", "best_ckpt", "run_dir", "net", "seed")}
+    (run / "summary.json").write_text(json.dumps(stub))
+    evaluate(compose_cfg(tmp_path / "ev2", [f"data.root={small_camvid}", "data.num_workers=0",
+                                            f"ckpt_path={info.value.best_ckpt}"], config_name="eval"))
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
 
 
 def test_max_time_ends_the_first_epoch_too(tmp_path, monkeypatch):

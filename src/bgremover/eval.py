@@ -96,7 +96,8 @@ def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: 
         summary["metrics"] = {k: v for k, v in (summary.get("metrics") or {}).items() if not k.startswith("test/")}
     summary["metrics"] = {**(summary.get("metrics") or {}), **metrics}
     summary["test_split"] = new
-    if summary.get("status") == "interrupted" and summary.get("stage") == "test":  # the run's "finish with" command
+    # the run's "finish with" command; a stub without its training record (epochs, history) stays interrupted
+    if summary.get("status") == "interrupted" and summary.get("stage") == "test" and summary.get("epochs") is not None:
         summary["status"] = "ok"
         for key in ("error", "stage", "epoch"):
             summary.pop(key, None)

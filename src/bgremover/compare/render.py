@@ -14,7 +14,7 @@ from bgremover.compare.runs import (
     Run,
     Stat,
     _num,
-    group_runs,
+    run_labels,
 )
 
 DASH = "—"
@@ -126,7 +126,7 @@ def run_table(runs: list[Run], roots: list[Path]) -> tuple[list[str], list[list[
     head = ["Run dir", "Net", "Seed", "Test mIoU %", "Best val mIoU %", "Epochs", "Wall time"]
     # each run under its row's label above (net and the settings that set its recipe apart): by net alone, runs of
     # lr 0.001 and 0.003 read alike
-    label = {id(r): name for name, rs in group_runs(runs).items() for r in rs}
+    label = run_labels(runs)
     ok = sorted((r for r in runs if r.ok), key=lambda r: (label.get(id(r), r.net), str(r.seed), str(r.dir)))
     rows = [
         [

@@ -238,6 +238,11 @@ def recipe(run: Run) -> dict[str, str]:
     return flat
 
 
+def run_labels(runs: list[Run]) -> dict[int, str]:
+    """id(run) -> the label of its row (net, and the settings that set its recipe apart), for every ok run."""
+    return {id(r): name for name, rs in group_runs(runs).items() for r in rs}
+
+
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     """The successful runs by net and recipe: only runs that differ in NOT_RECIPE alone (seeds) are averaged.
     A net trained with several recipes gets one group each, labelled with the settings that tell them apart."""

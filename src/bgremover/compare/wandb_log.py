@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bgremover.compare.render import frames_cell
-from bgremover.compare.runs import CLASSES, DEFAULT_WANDB_PROJECT, NetStats, Run
+from bgremover.compare.runs import CLASSES, DEFAULT_WANDB_PROJECT, NetStats, Run, run_labels
 
 
 def _wandb_project(runs: list[Run]) -> str:
@@ -75,8 +75,10 @@ def log_wandb(report: Path, stats: list[NetStats], runs: list[Run], group: str) 
             data.append([s.net, len(s.runs), pm, s.miou.mean, s.miou.std, s.acc.mean, s.acc.std,
                          frames_cell(s.runs), *ious, s.wall_s, s.infer_ms])  # fmt: skip
         run_cols = ["run_dir", "net", "seed", "status", "test_mIoU", "test_frames", "error"]
+        label = run_labels(runs)  # as the report's per-run table names them
         run_data = [
-            [str(r.dir), r.net, None if r.seed is None else str(r.seed), "ok" if r.ok else str(r.summary.get("status") or "failed"),
+            [str(r.dir), label.get(id(r), r.net), None if r.seed is None else str(r.seed),
+             "ok" if r.ok else str(r.summary.get("status") or "failed"),
              r.metric("test/mIoU"), frames_cell([r]), "" if r.ok else r.error]
             for r in runs
         ]  # fmt: skip
