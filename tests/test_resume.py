@@ -442,7 +442,7 @@ def test_run_plan_of_a_resumed_run_counts_what_is_left(small_camvid, tmp_path, c
         _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=4", f"ckpt_path={last}"]))
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
     assert "resumes at epoch 3 (step 6): 1 of 4 epochs × 2 steps = 2 steps left" in plan
-    estimate = describe_estimate(objects["trainer"], 600.0, (3, 6))  # 2 steps left at 10 min each
+    estimate = describe_estimate(objects["trainer"], 600.0, (3, 6, 0))  # 2 steps left at 10 min each
     assert "about 20 min 00 s of training for the 1 epoch left" in estimate
 
     # the time limits: what a resumed run has left of them (both clocks go on across a resume)

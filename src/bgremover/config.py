@@ -349,13 +349,15 @@ def _check_search_objective(cfg: DictConfig, trainer) -> None:
     if "optuna" not in sweeper.lower() or not metric.startswith("val/"):
         return
     epochs, every = trainer.get("max_epochs"), trainer.get("check_val_every_n_epoch") or 1
-    why = "trainer.limit_val_batches=0" if trainer.get("limit_val_batches") == 0 else \
-        f"trainer.max_epochs={epochs} < trainer.check_val_every_n_epoch={every}" \
-        if isinstance(epochs, int) and 0 < epochs < every else None
-    if why:
-        raise UserError(f"optimized_metric={metric} (the Optuna objective) comes from validation, and this run never "
-                        f"validates ({why}): every trial would train for nothing; validate (e.g. "
-                        f"trainer.check_val_every_n_epoch={epochs if isinstance(epochs, int) and epochs > 0 else 1})")
+    if trainer.get("limit_val_batches") == 0:
+        why, fix = "trainer.limit_val_batches=0", "drop trainer.limit_val_batches=0"
+    elif isinstance(epochs, int) and 0 < epochs < every:
+        why = f"trainer.max_epochs={epochs} < trainer.check_val_every_n_epoch={every}"
+        fix = f"add trainer.check_val_every_n_epoch={epochs}"
+    else:
+        return
+    raise UserError(f"optimized_metric={metric} (the Optuna objective) comes from validation, and this run never "
+                    f"validates ({why}): every trial would train for nothing; {fix}")
 
 
 def validate_train(cfg: DictConfig) -> None:

@@ -43,6 +43,7 @@ from bgremover.remover import (  # noqa: F401  (re-exported: the library's names
     MAX_SIDE,
     MODEL_ENV,
     OUTPUT_SUFFIX,
+    OUTPUT_SUFFIXES,
     PNG_COMPRESS_LEVEL,
     BackgroundRemover,
     BgRemoverError,
@@ -188,7 +189,7 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool) -> l
         # current directory instead, so the default command never fails for want of write access.
         return _disambiguate(items, [_beside(i) for i in items])  # type: ignore[arg-type]
     target = Path(out)
-    as_file = not several and not target.is_dir() and target.suffix.lower() in (".png", *JPEG_SUFFIXES)
+    as_file = not several and not target.is_dir() and target.suffix.lower() in OUTPUT_SUFFIXES
     if as_file:
         return [target]
     if target.exists() and not target.is_dir():
@@ -297,7 +298,7 @@ def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespa
         elif args.out not in (None, "-") and not Path(args.out).is_dir():
             # OUTPUT is the file to write, as in rembg: `i a.jpg new` made a folder `new` with a.nobg.png inside
             out = Path(args.out)
-            if out.suffix.lower() not in ("", ".png", *JPEG_SUFFIXES):
+            if out.suffix and out.suffix.lower() not in OUTPUT_SUFFIXES:
                 raise UsageError(f"OUTPUT {args.out}: a cut-out is a PNG (its transparency needs one): end the "
                                  "name in .png (or .jpg, for an opaque one)")
             args.out_file = out

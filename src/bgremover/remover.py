@@ -342,6 +342,7 @@ def encode_png(
 
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")  # an output with no transparency (an opaque background, a mask) may be a JPEG
+OUTPUT_SUFFIXES = (".png", *JPEG_SUFFIXES)  # what a named output file may end in
 JPEG_QUALITY = 95
 
 

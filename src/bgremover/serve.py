@@ -183,7 +183,7 @@ class Service:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bgremover")
         self.admitted = 0  # only touched on the event loop thread, so no lock is needed
         self.served = 0
-        self.cancelled = 0  # cut-outs a forced stop (a second Ctrl-C) cut short
+        self.cancelled = 0  # cut-outs a stop cut short (a second Ctrl-C, or the grace period's end)
 
     def cutout(self, data: bytes, opts: dict[str, Any]) -> tuple[bytes, float]:
         """Decode, cut out and encode one image (runs on a worker thread): (PNG bytes, seconds)."""

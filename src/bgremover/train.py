@@ -236,8 +236,7 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
         trainer.test(model=model, datamodule=datamodule, ckpt_path=summary.best_ckpt, weights_only=True,
                      verbose=not quiet)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    if model.val_miou_best.update_called:
-        metrics["val/mIoU_best"] = float(model.val_miou_best.compute())
+    _add_best_val(metrics, model)
     split = utils.test_split_info(metrics, datamodule)
     if split["complete"] is False:  # Lightning's table showed test/frames 4.0 and nothing else
         log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (data.limit_eval_images "
@@ -256,6 +255,13 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics,
                   _run_record(cfg, objects, split, val_split), measure_inference=cfg.get("measure_inference", True))
     return metrics, objects
+
+
+def _add_best_val(metrics: dict[str, float], model) -> dict[str, float]:
+    """val/mIoU_best over the whole run, resumes included (the Optuna objective), into `metrics`."""
+    if model.val_miou_best.update_called:
+        metrics["val/mIoU_best"] = float(model.val_miou_best.compute())
+    return metrics
 
 
 def _run_record(cfg: DictConfig, objects: dict[str, Any], split: dict, val_split: dict) -> dict[str, Any]:
@@ -281,9 +287,7 @@ def _untested_record(cfg: DictConfig, objects: dict[str, Any]) -> dict[str, Any]
     val numbers, and `make compare` never counted it)."""
     try:
         model, datamodule = objects["model"], objects["datamodule"]
-        metrics = dict(objects.get("fit_metrics") or {})
-        if model.val_miou_best.update_called:
-            metrics["val/mIoU_best"] = float(model.val_miou_best.compute())
+        metrics = _add_best_val(dict(objects.get("fit_metrics") or {}), model)
         split, val_split = (utils.test_split_info(metrics, datamodule, s) for s in ("test", "val"))
         return objects["summary"].record(objects["trainer"], model, metrics, _run_record(cfg, objects, split, val_split),
                                          measure_inference=False)  # eval measures it when it attaches

@@ -244,7 +244,7 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
             summary.update(last_ckpt=exc.last_ckpt, epoch=exc.epoch, global_step=exc.step, stage=exc.stage)
             if exc.stage == "test":  # the training is done: its whole record (train.py), less the test numbers
                 summary = {**summary, **(getattr(exc, "record", None) or {}), "status": "interrupted",
-                           "error": summary["error"], "stage": "test", "best_ckpt": exc.best_ckpt}
+                           "best_ckpt": exc.best_ckpt}
             if getattr(exc, "fit_s", None) is not None:  # training time, as a finished run's (resumes included)
                 summary["wall_time_s"] = round(exc.fit_s, 2)
         nothing = is_user_error(exc) or (interrupted and exc.stage == "start" and not exc.last_ckpt)

@@ -184,10 +184,9 @@ class RunPlan(Callback):
         self._val_t0: float | None = None
         self._val_runs = 0
         self._estimated = False
-        self._start: tuple[int, ...] = (0, 0)
+        self._start = NO_START
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # (0, 0, 0), or where a resumed run goes on: epoch, step, steps already done of that epoch
         self._start = (start_epoch(trainer), trainer.global_step, steps_into_epoch(trainer))
         if trainer.is_global_zero and not trainer.fast_dev_run:
             log.info("plan: %s", describe_plan(trainer, pl_module, self._start))
@@ -289,22 +288,27 @@ def planned_total(trainer: pl.Trainer) -> int | None:
     return min(total, trainer.max_steps) if trainer.max_steps not in (None, -1) else total
 
 
-def steps_left(trainer: pl.Trainer, start: tuple[int, ...]) -> int | None:
-    """Optimizer steps a run resumed at `start` (epoch, step[, steps already done of that epoch]) will take: whole
-    epochs from its start epoch, since Lightning counts an epoch stopped by trainer.max_time as done and resumes at
-    the next one (so not the planned steps minus the step reached: a plan said 397 × 6 = 2387), less what a
-    mid-epoch checkpoint (Ctrl-C) did of its epoch (steps_into_epoch)."""
+# Where a run starts training: (epoch, global step, optimizer steps already done of that epoch); a resumed run's
+# is later, and the plan and estimate count what is left from it
+Start = tuple[int, int, int]
+NO_START: Start = (0, 0, 0)
+
+
+def steps_left(trainer: pl.Trainer, start: Start) -> int | None:
+    """Optimizer steps a run resumed at `start` will take: whole epochs from its start epoch, since Lightning
+    counts an epoch stopped by trainer.max_time as done and resumes at the next one (so not the planned steps minus
+    the step reached: a plan said 397 × 6 = 2387), less what a mid-epoch checkpoint (Ctrl-C) did of its epoch."""
     epochs, per_epoch = planned_steps(trainer)
     if not (epochs and per_epoch):
         return None
-    left = (epochs - start[0]) * per_epoch - (start[2] if len(start) > 2 else 0)
+    left = (epochs - start[0]) * per_epoch - start[2]
     if trainer.max_steps not in (None, -1):
         left = min(left, trainer.max_steps - start[1])
     return max(0, left)
 
 
-def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tuple[int, ...] = (0, 0)) -> str:
-    """The run in one line; `start` (epoch, step) where a resumed run goes on: it counts what is left."""
+def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: Start = NO_START) -> str:
+    """The run in one line; from `start` where a resumed run goes on: it counts what is left."""
     epochs, per_epoch = planned_steps(trainer)
     steps = planned_total(trainer)
     hp = pl_module.hparams
@@ -318,7 +322,7 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tup
         f"{epochs or '∞'} epoch{'' if epochs == 1 else 's'} × {per_epoch or '?'} step{'' if per_epoch == 1 else 's'} "
         f"= {total}" if not start[1] else
         f"resumes at epoch {start[0]} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
-        f"epochs × {per_epoch or '?'} steps " + (f"− {start[2]} done " if len(start) > 2 and start[2] else "")
+        f"epochs × {per_epoch or '?'} steps " + (f"− {start[2]} done " if start[2] else "")
         + "= " + (f"{steps_left(trainer, start)} steps left" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
         f"validation every {trainer.check_val_every_n_epoch} epoch(s)" if validates(trainer) else
@@ -332,7 +336,7 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: tup
     return ", ".join(parts)
 
 
-def describe_estimate(trainer: pl.Trainer, seconds_per_step: float, start: tuple[int, ...] = (0, 0)) -> str:
+def describe_estimate(trainer: pl.Trainer, seconds_per_step: float, start: Start = NO_START) -> str:
     """How long the run (or what is left of a resumed one, from `start`) will take at `seconds_per_step`."""
     epochs, _ = planned_steps(trainer)
     steps = planned_total(trainer)
