@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -596,7 +597,7 @@ def test_wandb_offline_run_lies_beside_the_report(sweep: Path, tmp_path: Path, m
     assert not (elsewhere / "wandb").exists() and not (tmp_path / "rep" / "report" / "wandb").exists()
 
 
-def test_runs_of_one_net_with_different_recipes_are_not_averaged_as_seeds(tmp_path: Path) -> None:
+def test_runs_of_one_net_with_different_recipes_are_not_averaged_as_seeds(tmp_path: Path, monkeypatch) -> None:
     """Two FC-DenseNet103 speed-runs of 170 s and 450 s were one row, "mean ± std over seeds" of both."""
     root = tmp_path / "runs"
     base = {"model": {"optimizer": {"lr": 0.002}}, "speedrun_budget_s": 170, "paths": {"output_dir": "x"}}
@@ -620,6 +621,28 @@ def test_runs_of_one_net_with_different_recipes_are_not_averaged_as_seeds(tmp_pa
     runs_table = md[md.index("## Runs"):]
     assert "| a | tiramisu103 (speedrun_budget_s=170) | 1 |" in runs_table
     assert "| c | tiramisu103 (speedrun_budget_s=450) | 1 |" in runs_table
+
+    # and W&B's runs table as the report's (it said "tiramisu103" for both, unchecked until now); a stand-in
+    # wandb module records what would be logged
+    logged: dict = {}
+
+    class Table:
+        def __init__(self, columns, data):
+            self.rows = [dict(zip(columns, r, strict=True)) for r in data]
+
+    class Run:
+        id, dir, summary = "stub", "", {}
+
+        def log(self, payload):
+            logged.update(payload)
+
+    stub = types.SimpleNamespace(run=None, Table=Table, Image=lambda path: path, Settings=lambda **k: k,
+                                 init=lambda **k: Run(), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", stub)
+    compare.build_report([root], out=tmp_path / "report2", grid_images=0, use_wandb=True)
+    labels = {Path(r["run_dir"]).name: r["net"] for r in logged["compare/runs"].rows}
+    assert labels == {"a": "tiramisu103 (speedrun_budget_s=170)", "b": "tiramisu103 (speedrun_budget_s=170)",
+                      "c": "tiramisu103 (speedrun_budget_s=450)"}
 
 
 def test_ctrl_c_during_compare_is_one_line(sweep: Path, tmp_path: Path, monkeypatch, capsys) -> None:

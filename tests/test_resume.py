@@ -329,7 +329,8 @@ def test_resuming_with_more_epochs_stretches_a_run_length_schedule(small_camvid,
 def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_path, monkeypatch):
     """A resumed run was a new, unrelated W&B run. Now the checkpoint records its W&B run; offline (here) the
     resumed run is a new one whose config names the old (wandb sync keeps only the last of two offline runs with
-    one id), online the same run goes on (id + resume="allow")."""
+    one id), online the same run goes on (id + resume="allow"). Both keep the run's name: a sweep job's
+    "-job3" was dropped by a resume from outside the sweep (the name came from the config again)."""
     from wandb_records import offline_run
 
     from bgremover import train as train_mod
@@ -337,21 +338,28 @@ def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_pa
 
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
     wandb_run = [*TINY_RUN[:-3], "logger=wandb", "trainer.check_val_every_n_epoch=1", "trainer.max_time=null"]
-    train(compose_cfg(run1, [*wandb_run, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false"]))
+    train(compose_cfg(run1, [*wandb_run, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false",
+                             "logger.wandb.name=tiny-seed7-job3"]))  # as a sweep's job 3 names itself
     finish_wandb()
     first = offline_run(run1 / "wandb")
     last = run1 / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["wandb_run_id"] == first["id"]
+    assert first["name"] == "tiny-seed7-job3"
 
     resume = [*wandb_run, f"data.root={small_camvid}", "trainer.max_epochs=2", "test=false", f"ckpt_path={last}"]
     train(compose_cfg(run2, resume))
     finish_wandb()
     second = offline_run(run2 / "wandb")
     assert second["id"] != first["id"] and second["config"]["resumed_from_wandb_run"] == first["id"]
+    assert second["name"] == "tiny-seed7-job3"  # was the config's "<net>-seed<S>"
 
     cfg = compose_cfg(tmp_path / "online", resume)
     assert train_mod._resume_wandb(cfg, "online") == first["id"]
-    assert (cfg.logger.wandb.id, cfg.logger.wandb.resume) == (first["id"], "allow")
+    assert (cfg.logger.wandb.id, cfg.logger.wandb.resume, cfg.logger.wandb.name) == (first["id"], "allow",
+                                                                                     "tiny-seed7-job3")
+    named = compose_cfg(tmp_path / "named", [*resume, "logger.wandb.name=second-try"])
+    train_mod._resume_wandb(named, "online")
+    assert named.logger.wandb.name == "second-try"  # a name the command line gives is kept
 
 
 

@@ -291,13 +291,23 @@ def check_data_root(root, splits: Iterable[str]) -> None:
             raise UserError(f"{path} has no '{split}' split ({split}/ and {split}annot/): {hint}")
 
 
+def overrides() -> list[str]:
+    """The command line's overrides of this job (a multirun job's own values); none outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def given(key: str) -> bool:
+    """Whether the command line sets `key` (`key=`, `+key=`, `++key=`, a group's `trainer=`): the user's choice,
+    which the adjustments a run makes by itself leave alone."""
+    return any(o.lstrip("+").split("=", 1)[0] == key for o in overrides())
+
+
 def _check_output_dir() -> None:
     """paths.output_dir is Hydra's run folder (${hydra:runtime.output_dir}); set on its own, it split a run in two:
     checkpoints and summary there, the run's log and config in the folder Hydra made."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized() and any(o.lstrip("+").startswith("paths.output_dir=")
-                                         for o in HydraConfig.get().overrides.task):
+    if given("paths.output_dir"):
         raise UserError("paths.output_dir follows Hydra's run folder: set hydra.run.dir=<folder> instead "
                         "(a sweep: hydra.sweep.dir=<folder>)")
 
@@ -427,7 +437,7 @@ def _no_gpu_message(cfg: DictConfig, accelerator: str) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     chosen = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
-    typed = HydraConfig.initialized() and any(o.startswith("trainer=") for o in HydraConfig.get().overrides.task)
+    typed = given("trainer")
     who = f"trainer={chosen}" if typed or not cfg.get("experiment_name") else cfg.experiment_name
     # the override as the command was typed: make passes it in ARGS (make sets MAKELEVEL for what it runs)
     cpu = 'ARGS="trainer=cpu"' if os.environ.get("MAKELEVEL") else "trainer=cpu"

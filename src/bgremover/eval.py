@@ -115,13 +115,9 @@ def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: 
 def _training_scale(cfg: DictConfig, image_size: int | None) -> None:
     """Evaluate a folder-trained checkpoint at the scale it was trained and tested at (its `image_size`),
     unless the command line sets data.image_size itself."""
-    from hydra.core.hydra_config import HydraConfig
-
     if image_size is None or "image_size" not in cfg.data:
         return
-    given = HydraConfig.initialized() and any(
-        o.lstrip("+").startswith("data.image_size=") for o in HydraConfig.get().overrides.task)
-    if not given and cfg.data.image_size != image_size:
+    if not config.given("data.image_size") and cfg.data.image_size != image_size:
         log.info("data.image_size=%d: the scale the checkpoint was trained at", image_size)
         cfg.data.image_size = int(image_size)
 

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bgremover import config
-from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME  # noqa: F401  (one definition; re-exported)
+from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME, overrides  # noqa: F401  (one definition; re-exported)
 from bgremover.errors import PARTIAL, one_line  # noqa: F401  (PARTIAL re-exported)
 
 log = logging.getLogger("bgremover")
@@ -296,13 +296,6 @@ def _log_to_files(text: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
-
-
-def overrides() -> list[str]:
-    """The command line's overrides of this job (a multirun job's own values)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def is_multirun() -> bool:

@@ -320,6 +320,10 @@ class SegmentationModule(pl.LightningModule):
         wandb = [lg for lg in (self._trainer.loggers if self._trainer else []) if type(lg).__name__ == "WandbLogger"]
         if wandb:
             checkpoint["wandb_run_id"] = wandb[0].version
+            # and its name: a sweep job's "-job3" (train.py) is lost when the job is resumed outside its sweep
+            name = getattr(wandb[0].experiment, "name", None)
+            if isinstance(name, str) and name:  # not a rank > 0's dummy experiment
+                checkpoint["wandb_run_name"] = name
         # Strip a torch.compile wrapper's prefix so every checkpoint has plain "net.*" keys.
         checkpoint["state_dict"] = {k.replace("._orig_mod", ""): v for k, v in checkpoint["state_dict"].items()}
 
