@@ -68,6 +68,12 @@ def test_two_nets_two_seeds_give_four_summaries_and_four_wandb_runs(camvid_root,
     printed = (proc.stdout + proc.stderr).splitlines()
     assert len(printed) < 40, "\n".join(printed[:80])
     assert not any("Tip" in line or "Epoch" in line for line in printed)
+    # wandb's "The anonymous setting has no effect" (Lightning passes anonymous=None) was one more line per job
+    assert not any("anonymous" in line for line in printed), printed
+    # each job line names what sets the job apart, not every override the command line gave all four
+    assert sorted(line.split(":")[0] for line in job_lines) == [
+        "[job 0] model=tiramisu56 seed=1", "[job 1] model=tiramisu56 seed=2",
+        "[job 2] model=deeplabv3plus seed=1", "[job 3] model=deeplabv3plus seed=2"], job_lines
     # no duplicate checkpoints: one epoch, so last.ckpt is a link to the best file
     for job in job_dirs:
         assert (job / "checkpoints" / "last.ckpt").is_symlink()
@@ -158,6 +164,12 @@ def test_an_optuna_sweeps_report_names_the_picked_trial(camvid_root, tmp_path):
         capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # quiet: Optuna's "A new study created in memory" line is gone, the sampled numbers are cut to 4 digits
+    assert "A new study" not in proc.stderr, proc.stderr[-3000:]
+    job_lines = [line for line in proc.stderr.splitlines() if line.startswith("[job ")]
+    assert len(job_lines) == 2 and all(line.split(":")[0].count("=") == 2 for line in job_lines), job_lines
+    lrs = [w.split("=")[1] for line in job_lines for w in line.split(":")[0].split() if w.startswith("model.optimizer.lr=")]
+    assert len(lrs) == 2 and all(len(lr.replace("e-0", "").lstrip("0.")) <= 4 for lr in lrs), job_lines
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_params"]
     picked = [job for job in ("0", "1") if all(
         any(o.startswith(f"{k}=") and yaml.safe_load(o.split("=", 1)[1]) == yaml.safe_load(str(v))

@@ -35,7 +35,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("test-time augmentation: %d passes per frame (scales %s, flip %s); these numbers are not the "
                  "single-pass ones a run reports", model.tta.passes, model.tta.scales, model.tta.flip)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    loggers = utils.instantiate_dict(cfg.get("logger"))
+    loggers = utils.instantiate_loggers(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[], _convert_="all")
     if cfg.split == "val":
         results = trainer.validate(model=model, datamodule=datamodule)

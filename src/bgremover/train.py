@@ -132,7 +132,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
             cfg.logger.wandb.name = f"{cfg.logger.wandb.name}-job{HydraConfig.get().job.num}"
         cfg.logger.wandb.offline = mode == "offline"
         resumed_from = _resume_wandb(cfg, mode)
-    loggers = utils.instantiate_dict(cfg.get("logger"))
+    loggers = utils.instantiate_loggers(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     if cfg.get("ckpt_init"):  # a new stage from an earlier run's weights: epoch, optimizer and schedule start fresh
         loaded, skipped = checkpoint.init_from(model, cfg.ckpt_init)

@@ -172,6 +172,17 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(node, _convert_="all") for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
+def instantiate_loggers(cfg: DictConfig | None) -> list[Any]:
+    """The config's loggers. Lightning's WandbLogger hands wandb.init `anonymous=None` whatever it is given, and
+    wandb printed "The anonymous setting has no effect" on every run (and in a sweep's one-line-per-job output)."""
+    loggers = instantiate_dict(cfg)
+    for logger in loggers:
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
+    return loggers
+
+
 def sweep_group(cfg: DictConfig) -> str:
     """W&B group: the experiment's name, plus the sweep folder in a multirun so that each sweep is one group."""
     from hydra.core.hydra_config import HydraConfig
@@ -380,7 +391,7 @@ def print_job_line(cfg: DictConfig) -> None:
     except (OSError, ValueError):
         s = {"status": "failed", "error": "no summary.json"}
     m = s.get("metrics") or {}
-    what = " ".join(overrides()) or "defaults"
+    what = " ".join(job_overrides()) or "defaults"
     line = f"[job {num}] {what}: {s.get('status')}"
     if m.get("test/mIoU") is not None:
         line += f" test/mIoU={m['test/mIoU']:.4f}" + frames_note(s.get("test_split"))
@@ -389,6 +400,25 @@ def print_job_line(cfg: DictConfig) -> None:
     if s.get("error"):
         line += f" — {s['error']}"
     print(line, file=sys.stderr, flush=True)
+
+
+def job_overrides() -> list[str]:
+    """What sets this sweep job apart: its overrides less those the command line gave every job as typed
+    (`data.root=…`), a searched number cut to 4 significant digits. The line repeated all of them, with Optuna's
+    lr=0.00024156772025296256."""
+    import yaml
+
+    from bgremover.compare.runs import short_number
+
+    def parsed(override: str) -> tuple[str, Any]:
+        key, _, value = override.partition("=")
+        try:
+            return key.lstrip("+~"), yaml.safe_load(value)  # Hydra writes the job's `false` back as False
+        except yaml.YAMLError:
+            return key.lstrip("+~"), value
+
+    typed = [parsed(a) for a in sys.argv[1:] if "=" in a or a.startswith("~")]  # Hydra's `~key` is `~key=null`
+    return [short_number(o) for o in overrides() if parsed(o) not in typed]
 
 
 def print_error(exc: BaseException) -> None:
@@ -418,8 +448,14 @@ class SweepReport(_HydraCallback):
 
         sweep_dir = Path(config.hydra.sweep.dir)  # config.drop_unstarted_sweep may remove what the sweep adds
         settings.SWEEP_DIR = (sweep_dir, not sweep_dir.exists())
+        if not config.get("verbose") and "optuna" in str(config.hydra.sweeper.get("_target_")).lower():
+            import optuna  # its INFO line "A new study created in memory…" broke the one line per job
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from bgremover.compare.runs import short_number
+
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")), key=_job_number)
         rows = []
@@ -451,7 +487,7 @@ class SweepReport(_HydraCallback):
         print(f"\nsweep {sweep_dir}: {len(rows) - len(failed)} of {len(rows)} jobs ok", file=sys.stderr)
         for r in rows:
             score = "" if r["test/mIoU"] is None else f" test/mIoU={r['test/mIoU']:.4f}" + frames_note(r["test_split"])
-            what = " ".join(o for o in r["overrides"] if o.split("=")[0] in swept) or r["job"]
+            what = " ".join(short_number(o) for o in r["overrides"] if o.split("=")[0] in swept) or r["job"]
             line = f"  [{r['status']}] job {r['job']} ({what}){score}" + (f": {r['error']}" if r["error"] else "")
             print(line, file=sys.stderr)
         if failed:
