@@ -517,3 +517,12 @@ def test_damaged_metadata_under_an_error_filter_is_an_image_error():
             open_image(_damaged_exif_jpeg())
     with pytest.warns(UserWarning, match=r"^<bytes>: damaged metadata \(Truncated File Read\)"):
         assert open_image(_damaged_exif_jpeg()).size == (20, 12)
+
+
+def test_an_animated_image_says_only_its_first_frame_is_cut_out(tmp_path):
+    """An animated GIF was cut out from its first frame without a word (a user audit)."""
+    frames = [Image.new("RGB", (40, 30), (i * 80, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match=r"anim.gif: 3 frames, only the first is cut out"):
+        img = predict.open_image(tmp_path / "anim.gif")
+    assert img.size == (40, 30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -352,7 +353,9 @@ def test_rembg_commands_i_and_p(model, tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     assert read_png(tmp_path / "a.nobg.png").mode == "RGBA"
     assert main([str(src), "-m", model, "-om"]) == 0  # the plain form too (-om was read as `--out m`)
-    assert read_png(tmp_path / "a.nobg.png").mode == "L" and not (tmp_path / "m").exists()
+    # a mask is <stem>.mask.png, as the service names it: the cut-out beside it stays
+    assert read_png(tmp_path / "a.mask.png").mode == "L" and not (tmp_path / "m").exists()
+    assert read_png(tmp_path / "a.nobg.png").mode == "RGBA"
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -534,3 +537,101 @@ def test_an_opaque_output_may_be_a_jpeg(model, tmp_path, capsys):
         assert "h.jpg: a cut-out with transparency is a PNG" in capsys.readouterr().err
     assert main(["i", "-m", model, str(src), str(tmp_path / "h.webp"), "-bgc", "255", "255", "255", "255"]) == 2
     assert not list(tmp_path.glob("h.*"))
+
+
+def test_a_mask_run_over_a_folder_of_cut_outs_writes_masks(model, tmp_path, capsys):
+    """A user audit: `p in out` then `p in out -om` printed "0 written, 2 skipped" and left the cut-outs: masks and
+    cut-outs had one name. Now <stem>.mask.png beside <stem>.nobg.png, and neither is read back as an input."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for name in ("x.png", "y.png"):
+        save_png(folder / name)
+    assert main(["p", "-m", model, "-q", str(folder), str(out)]) == 0
+    assert main(["p", "-m", model, str(folder), str(out), "-om"]) == 0
+    assert "2 written, 0 skipped" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["x.mask.png", "x.nobg.png", "y.mask.png", "y.nobg.png"]
+    assert {read_png(out / n).mode for n in ("x.mask.png", "y.mask.png")} == {"L"}
+    assert main(["p", "-m", model, "-q", str(out), str(tmp_path / "again")]) == 1  # outputs are not inputs
+    assert "contains no images" in capsys.readouterr().err
+
+
+def test_folders_are_read_with_their_sub_folders_mirrored(model, tmp_path, capsys):
+    """rembg's `p` reads sub-folders; here `p photos out` said "contains no images" for photos/2024/a.jpg and
+    skipped a sub-folder beside loose files without a word. Now they are read, and --out mirrors them (two
+    a.png in two sub-folders do not clash); hidden folders stay out."""
+    photos = tmp_path / "photos"
+    for sub in ("2024", "2025/summer", ".thumbs"):
+        (photos / sub).mkdir(parents=True)
+    save_png(photos / "top.png")
+    save_png(photos / "2024" / "a.png")
+    save_png(photos / "2025" / "summer" / "a.png")
+    save_png(photos / ".thumbs" / "t.png")
+    out = tmp_path / "out"
+    assert main(["p", "-m", model, "-q", str(photos), str(out)]) == 0
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == ["2024/a.nobg.png", "2025/summer/a.nobg.png", "top.nobg.png"]
+    only_sub = tmp_path / "only_sub"
+    (only_sub / "day1").mkdir(parents=True)
+    save_png(only_sub / "day1" / "b.png")
+    assert main(["-m", model, "-q", str(only_sub)]) == 0  # beside each input, as the plain form writes
+    assert (only_sub / "day1" / "b.nobg.png").is_file()
+
+
+def test_an_output_ending_in_a_slash_is_a_folder(model, tmp_path, capsys):
+    """`i a.png new/` wrote a PNG file named `new`; `-o results.v2/` was refused as a file without .png."""
+    src = save_png(tmp_path / "a.png")
+    assert main(["i", "-m", model, "-q", str(src), str(tmp_path / "new") + "/"]) == 0
+    assert (tmp_path / "new").is_dir() and os.listdir(tmp_path / "new") == ["a.nobg.png"]
+    assert main([str(src), "-m", model, "-q", "-o", str(tmp_path / "results.v2") + "/"]) == 0
+    assert os.listdir(tmp_path / "results.v2") == ["a.nobg.png"]
+
+
+def test_stdin_to_a_terminal_is_refused(model, tmp_path, capsys, monkeypatch):
+    """`cat a.jpg | bgremover-predict i` with stdout on a terminal dumped the PNG's bytes onto it, exit 0."""
+    src = save_png(tmp_path / "a.png")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(src.read_bytes())))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["i", "-m", model]) == 2
+    assert "stdout is a terminal: redirect it (> out.png) or name the output file" in capsys.readouterr().err
+    assert main(["-", "-m", model]) == 2
+
+
+def test_a_missing_p_folder_says_so(model, tmp_path, capsys):
+    """`p /nonexist out` said "p takes a folder, /nonexist is not one: use `i INPUT OUTPUT`"; `p dir new.png`
+    blamed an --out never typed."""
+    assert main(["p", "-m", model, str(tmp_path / "nonexist"), str(tmp_path / "out")]) == 2
+    assert f"p INPUT_DIR {tmp_path / 'nonexist'}: no such folder" in capsys.readouterr().err
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save_png(folder / "x.png")
+    save_png(folder / "y.png")
+    assert main(["p", "-m", model, str(folder), str(tmp_path / "new.png")]) == 2
+    assert "OUTPUT_DIR " in capsys.readouterr().err
+
+
+def test_writing_through_links_devices_and_keeping_permissions(model, tmp_path, capsys):
+    """A user audit: `i a.jpg /dev/null` replaced the device with a regular PNG file (as root), an output that is a
+    link became a file (its target untouched), and a replaced 0600 output came back 0644."""
+    src = save_png(tmp_path / "a.png")
+    target = tmp_path / "real.png"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    assert main(["i", "-m", model, "-q", str(src), str(link)]) == 0
+    assert link.is_symlink() and read_png(target).mode == "RGBA"
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    import threading
+
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    assert main(["i", "-m", model, "-q", str(src), str(fifo)]) == 0
+    reader.join(10)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and read_png(io.BytesIO(got[0])).mode == "RGBA"
+    private = tmp_path / "private.png"
+    private.write_bytes(b"old")
+    private.chmod(0o600)
+    assert main(["i", "-m", model, "-q", str(src), str(private)]) == 0
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and read_png(private).mode == "RGBA"

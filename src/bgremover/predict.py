@@ -6,10 +6,10 @@
     bgremover-predict i [options] INPUT [OUTPUT] | p [options] INPUT_DIR OUTPUT_DIR | s [serve options]
     The second line is rembg's form (`rembg i/p/s`), with its -om (--only-mask), -bgc R G B A (--bgcolor) and
     -a (--alpha-matting: here the guided-filter --refine); `s` runs bgremover-serve.
-    Writes <stem>.nobg.png next to each input (or into --out). `-` as input reads stdin; with no --out (or
-    `--out -`) the PNG goes to stdout.
-    In a folder, images whose output exists are skipped (--overwrite replaces them); files named one by one are
-    always written.
+    Writes <stem>.nobg.png (a mask: <stem>.mask.png) next to each input (or into --out; a name ending in / is a
+    folder). `-` as input reads stdin; with no --out (or `--out -`) the PNG goes to stdout, never to a terminal.
+    A folder is read with its sub-folders (mirrored in --out); images whose output exists are skipped
+    (--overwrite replaces them); files named one by one are always written.
     Exit codes: 0 all written (or skipped as existing); 1 some input failed (each reported on stderr, the
     good ones are still written), the model cannot be loaded, or the output folder cannot be made or written
     (checked before any image is processed); 2 usage error (bad option value, unknown class name, conflicting
@@ -39,12 +39,14 @@ from bgremover.remover import (  # noqa: F401  (re-exported: the library's names
     IMAGE_EXTENSIONS,
     INT8_SUFFIX,
     JPEG_SUFFIXES,
+    MASK_SUFFIX,
     MAX_PIXELS,
     MAX_SIDE,
     MODEL_ENV,
     OUTPUT_SUFFIX,
     OUTPUT_SUFFIXES,
     PNG_COMPRESS_LEVEL,
+    PREDICTED_SUFFIXES,
     BackgroundRemover,
     BgRemoverError,
     ImageError,
@@ -57,6 +59,7 @@ from bgremover.remover import (  # noqa: F401  (re-exported: the library's names
     encode_png,
     guided_filter,
     open_image,
+    output_suffix,
     parse_color,
     threads_problem,
     to_rgba_arrays,
@@ -67,14 +70,30 @@ from bgremover.remover import (  # noqa: F401  (re-exported: the library's names
 # CLI
 
 
-def output_name(src: Path) -> str:
-    return src.stem + OUTPUT_SUFFIX
+def output_name(src: Path, mask_only: bool = False) -> str:
+    return src.stem + output_suffix(mask_only)
 
 
 def _is_image_file(path: Path) -> bool:
     return (
-        path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.endswith(OUTPUT_SUFFIX)
+        path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.endswith(PREDICTED_SUFFIXES)
     )
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """The images in a folder and its sub-folders, as rembg's `p` reads them (only the top level was read, and a
+    folder of dated sub-folders had "no images"); hidden files and folders skipped (macOS's ._photo.jpg is no
+    image), links to folders not followed (no loops)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(p for name in files if not name.startswith(".") and _is_image_file(p := Path(root) / name))
+    return sorted(found)
+
+
+def _is_folder_name(out: str) -> bool:
+    """`OUTPUT/` names a folder, made if missing: Path() drops the slash, and `i a.jpg new/` wrote a file `new`."""
+    return out.endswith(("/", os.sep))
 
 
 # rembg's commands: `i INPUT [OUTPUT]` one file, `p INPUT_DIR OUTPUT_DIR` a folder, `s` the HTTP server
@@ -97,17 +116,19 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     if command == "i":
         p.add_argument("input", nargs="?", metavar="INPUT", help="an image file, or - for stdin (the default when "
                        "stdin is not a terminal)")
-        p.add_argument("out", nargs="?", metavar="OUTPUT", help=f"the PNG (or, opaque, JPEG) to write, or - for stdout (default, as "
-                       f"rembg: stdout when it is redirected or piped, else <stem>{OUTPUT_SUFFIX} beside the input)")
+        p.add_argument("out", nargs="?", metavar="OUTPUT", help=f"the PNG (or, opaque, JPEG) to write, a folder "
+                       f"(ending in /) to write <stem>{OUTPUT_SUFFIX} into, or - for stdout (default, as rembg: stdout "
+                       f"when it is redirected or piped, else <stem>{OUTPUT_SUFFIX} beside the input)")
     elif command == "p":
-        p.add_argument("input", metavar="INPUT_DIR", help="a folder of images")
-        p.add_argument("out", metavar="OUTPUT_DIR", help=f"the folder to write <stem>{OUTPUT_SUFFIX} files into "
-                       "(made if missing)")
+        p.add_argument("input", metavar="INPUT_DIR", help="a folder of images (its sub-folders too)")
+        p.add_argument("out", metavar="OUTPUT_DIR", help=f"the folder to write <stem>{OUTPUT_SUFFIX} files into, "
+                       f"sub-folders mirrored ({MASK_SUFFIX} with -om; made if missing)")
     else:
         p.add_argument(
             "inputs", nargs="+", metavar="IMG|DIR", help="image files, folders of images, or - for stdin"
         )
-        p.add_argument("--out", "-o", help="output folder, or output file for a single input (- = stdout)")
+        p.add_argument("--out", "-o", help="output folder (sub-folders of an input folder mirrored; made if missing), "
+                       "or output file for a single input (- = stdout)")
     p.add_argument("--model", "-m", help=f"ONNX model (default ${MODEL_ENV}, else {DEFAULT_MODEL} or, when made from "
                    f"it, its int8 copy {DEFAULT_MODEL.stem}{INT8_SUFFIX})")
     p.add_argument("--classes", "-c", help="comma-separated foreground classes (default: the model's)")
@@ -140,9 +161,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def _collect(inputs: Sequence[str], failures: list[str], from_folders: set[Path] | None = None) -> list[Path | None]:
+def _collect(inputs: Sequence[str], failures: list[str], from_folders: dict[Path, Path] | None = None
+             ) -> list[Path | None]:
     """Expand folders; None stands for stdin. Missing paths and image-less folders go to `failures`; files found
-    by expanding a folder are added to `from_folders` (only those may be skipped when their output exists)."""
+    by expanding a folder are added to `from_folders` with their sub-folder in it (only those may be skipped when
+    their output exists; an --out folder mirrors the sub-folders)."""
     items: list[Path | None] = []
     for raw in inputs:
         if raw == "-":
@@ -150,15 +173,15 @@ def _collect(inputs: Sequence[str], failures: list[str], from_folders: set[Path]
             continue
         path = Path(raw)
         if path.is_dir():
-            # hidden files skipped, as the training's folder reader does (macOS's ._photo.jpg is no image)
-            found = sorted(p for p in path.iterdir() if _is_image_file(p) and not p.name.startswith("."))
+            found = _folder_images(path)
             if not found:
                 failures.append(
-                    f"{path}: directory contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                    f"{path}: directory contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
+                    "its sub-folders neither"
                 )
             items.extend(found)
             if from_folders is not None:
-                from_folders.update(p.resolve() for p in found)
+                from_folders.update((p.resolve(), p.parent.relative_to(path)) for p in found)
         elif path.exists():
             items.append(path)
         else:
@@ -176,45 +199,54 @@ def _collect(inputs: Sequence[str], failures: list[str], from_folders: set[Path]
     return unique
 
 
-def _plan_outputs(items: list[Path | None], out: str | None, several: bool) -> list[Path | None]:
-    """Destination per item (None = stdout). Raises UsageError on impossible combinations."""
+def _plan_outputs(items: list[Path | None], out: str | None, several: bool, mask_only: bool = False,
+                  sub: dict[Path, Path] | None = None, option: str = "--out") -> list[Path | None]:
+    """Destination per item (None = stdout): <stem>.nobg.png, or <stem>.mask.png for masks, beside the input or in
+    the `out` folder (in the input's sub-folder there: `sub`, from _collect). UsageError on impossible combinations;
+    `option` is how the command line named the output (--out, or the rembg form's OUTPUT_DIR)."""
+    suffix = output_suffix(mask_only)
     if out == "-" or (out is None and any(i is None for i in items)):
         if several or len(items) != 1:
             raise UsageError("stdout (-) can take exactly one image")
+        if sys.stdout.isatty():  # rembg's `cat a.jpg | rembg i` dumped 256 KB of PNG bytes onto the terminal
+            raise UsageError("stdout is a terminal: redirect it (> out.png) or name the output file")
         return [None]
     if out == "":  # Path("") is the current folder: an empty OUTPUT wrote there
         raise UsageError("the output is empty: name a file or folder (- for stdout)")
     if out is None:
         # Beside each input; an input in a read-only folder (a shared dataset, a mounted card) writes to the
         # current directory instead, so the default command never fails for want of write access.
-        return _disambiguate(items, [_beside(i) for i in items])  # type: ignore[arg-type]
-    target = Path(out)
-    as_file = not several and not target.is_dir() and target.suffix.lower() in OUTPUT_SUFFIXES
+        return _disambiguate(items, [_beside(i, suffix) for i in items], suffix)  # type: ignore[arg-type]
+    target, folder = Path(out), _is_folder_name(out)
+    as_file = not several and not folder and not target.is_dir() and target.suffix.lower() in OUTPUT_SUFFIXES
     if as_file:
         return [target]
     if target.exists() and not target.is_dir():
-        raise UsageError(f"--out {target} exists and is not a folder")
-    if several and not target.exists() and target.suffix.lower() in IMAGE_EXTENSIONS:
-        raise UsageError(f"--out {target} names one image, but several are written: name a folder")
-    if not several and target.suffix and not target.is_dir():
-        raise UsageError(f"--out {target}: an output file must end in .png (or .jpg, for an opaque one)")
-    names = [output_name(i) if i is not None else "stdin" + OUTPUT_SUFFIX for i in items]
-    return _disambiguate(items, [target / n for n in names])
+        raise UsageError(f"{option} {target} exists and is not a folder")
+    if several and not folder and not target.exists() and target.suffix.lower() in IMAGE_EXTENSIONS:
+        raise UsageError(f"{option} {target} names one image, but several are written: name a folder")
+    if not several and not folder and target.suffix and not target.is_dir():
+        raise UsageError(f"{option} {target}: an output file must end in .png (or .jpg, for an opaque one); a "
+                         f"folder, in /")
+    sub = sub or {}
+    dests = [target / sub.get(i.resolve(), Path()) / output_name(i, mask_only) if i is not None
+             else target / ("stdin" + suffix) for i in items]
+    return _disambiguate(items, dests, suffix)
 
 
-def _beside(item: Path) -> Path:
+def _beside(item: Path, suffix: str) -> Path:
     folder = item.parent
     # Read-only by its mode bits too: root passes os.access anyway, and wrote cut-outs into a 555 dataset folder
     # (CI and this project's machines run as root beside ../shared/CamVid).
     read_only = not os.access(folder, os.W_OK) or not folder.stat().st_mode & 0o222
-    return (Path.cwd() if read_only else folder) / output_name(item)
+    return (Path.cwd() if read_only else folder) / (item.stem + suffix)
 
 
-def _disambiguate(items: list[Path | None], dests: list[Path]) -> list[Path | None]:
+def _disambiguate(items: list[Path | None], dests: list[Path], suffix: str) -> list[Path | None]:
     """photo.jpg and photo.png would both become photo.nobg.png: give such clashes photo_jpg.nobg.png etc."""
     def renamed(item: Path, dest: Path, lower: bool) -> Path:
-        suffix = item.suffix.lstrip(".")
-        return dest.with_name(f"{item.stem}_{suffix.lower() if lower else suffix}{OUTPUT_SUFFIX}")
+        ext = item.suffix.lstrip(".")
+        return dest.with_name(f"{item.stem}_{ext.lower() if lower else ext}{suffix}")
 
     count = Counter(dests)
     out: list[Path | None] = [renamed(i, d, True) if count[d] > 1 and i is not None else d
@@ -295,16 +327,19 @@ def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespa
             raise UsageError(f"i takes one image, {args.input} is a folder: use `p INPUT_DIR OUTPUT_DIR`")
         if args.out is None and not sys.stdout.isatty():  # rembg's `i a.jpg > b.png`: b.png was left empty
             args.out = "-"
-        elif args.out not in (None, "-") and not Path(args.out).is_dir():
+        elif args.out not in (None, "-") and not Path(args.out).is_dir() and not _is_folder_name(args.out):
             # OUTPUT is the file to write, as in rembg: `i a.jpg new` made a folder `new` with a.nobg.png inside
             out = Path(args.out)
             if out.suffix and out.suffix.lower() not in OUTPUT_SUFFIXES:
                 raise UsageError(f"OUTPUT {args.out}: a cut-out is a PNG (its transparency needs one): end the "
                                  "name in .png (or .jpg, for an opaque one)")
             args.out_file = out
+    elif not Path(args.input).exists():
+        raise UsageError(f"p INPUT_DIR {args.input}: no such folder")
     elif not Path(args.input).is_dir():  # the rest (an OUTPUT that is a file, stdin to stdout) as the plain form
         raise UsageError(f"p takes a folder, {args.input} is not one: use `i INPUT OUTPUT` for one image")
     args.inputs = [args.input]
+    args.out_option = "OUTPUT_DIR" if command == "p" else "OUTPUT"
     return args
 
 
@@ -331,14 +366,15 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     several = len(args.inputs) > 1 or any(Path(i).is_dir() for i in args.inputs if i != "-")
     if "-" in args.inputs and several:
         return fail_usage("stdin (-) cannot be combined with other inputs")
-    from_folders: set[Path] = set()
+    from_folders: dict[Path, Path] = {}
     items = _collect(args.inputs, failures, from_folders)
     if not items:  # nothing usable: report without paying for (or failing on) the model
         for line in failures:
             report(line, PROG)
         return 1
     out_file = getattr(args, "out_file", None)  # `i INPUT OUTPUT`: that very name
-    outputs = [out_file] if out_file is not None and len(items) == 1 else _plan_outputs(items, args.out, several)
+    outputs = [out_file] if out_file is not None and len(items) == 1 else _plan_outputs(
+        items, args.out, several, args.mask_only, from_folders, getattr(args, "out_option", "--out"))
     moved = sorted({str(i.parent) for i, o in zip(items, outputs, strict=True)
                     if args.out is None and i is not None and o is not None and o.parent != i.parent})
     if moved and not args.quiet:  # the read-only fallback of _beside: say where the files went

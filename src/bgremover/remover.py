@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -53,7 +54,16 @@ PNG_COMPRESS_LEVEL = 1
 # cut-outs 7 % (480x360) to 19 % (1920x1080) smaller files at the same or slightly lower encode time (benchmarks/
 # predict_latency.py). After PNG's row filters photos leave few long matches worth searching for; runs remain.
 PNG_COMPRESS_TYPE = 3
-OUTPUT_SUFFIX = ".nobg.png"  # <stem>.nobg.png; also how a folder run recognises (and skips) earlier outputs
+OUTPUT_SUFFIX = ".nobg.png"  # <stem>.nobg.png: a cut-out or a composite
+MASK_SUFFIX = ".mask.png"  # <stem>.mask.png: a mask (--mask-only; the service names its downloads alike)
+# how a folder run (and the training's folder reader) recognises earlier outputs: never inputs, skipped if made
+PREDICTED_SUFFIXES = (OUTPUT_SUFFIX, MASK_SUFFIX)
+
+
+def output_suffix(mask_only: bool = False) -> str:
+    """A mask and a cut-out of one photo get different names: with one name, a mask run over a folder of earlier
+    cut-outs skipped every photo as done."""
+    return MASK_SUFFIX if mask_only else OUTPUT_SUFFIX
 IMAGE_EXTENSIONS = frozenset(
     {
         ".png",
@@ -136,6 +146,9 @@ def open_image(
                     "(raise --max-pixels if you trust this file)"
                 )
             opened.load()  # decode now so truncated files fail here, not halfway through the pipeline
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1:  # an animated GIF/WebP or multi-page TIFF: rembg too takes the first, without a word
+                warnings.warn(f"{name}: {frames} frames, only the first is cut out", stacklevel=2)
             # a decoded copy: usable after the file is closed
             img, later = _recording(lambda: ImageOps.exif_transpose(opened))
         # inside the try: under an error filter (-W error) a damaged file is an ImageError, not a traceback
@@ -357,15 +370,29 @@ def encode_image(img: Image.Image, suffix: str = ".png") -> bytes:
 
 
 def write_atomic(data: bytes, path: str | os.PathLike) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
-    path = Path(path)
+    """Write to a temp file beside `path`, then rename: readers never see a half-written file. Through a link the
+    link's target is replaced and the link stays; a device or pipe (/dev/stdout, a FIFO) is written to as it is (the
+    rename replaced /dev/null with a PNG, as root); an existing file keeps its permissions."""
+    path = Path(os.path.realpath(path))
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        with open(path, "wb") as fh:  # a stream: nothing to rename over
+            fh.write(data)
+        return
+    if st is not None:
+        mode = stat.S_IMODE(st.st_mode)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
+        os.chmod(tmp, mode)  # mkstemp's 0600 would survive the rename
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

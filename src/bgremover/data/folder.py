@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bgremover.errors import UserError
-from bgremover.remover import OUTPUT_SUFFIX, to_rgba_arrays  # the predictor's decoding and output names
+from bgremover.remover import PREDICTED_SUFFIXES, to_rgba_arrays  # the predictor's decoding and output names
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -152,7 +152,7 @@ def layout(root: str | os.PathLike) -> dict[str, tuple[Path, Path]] | tuple[Path
 def _files(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name.endswith(OUTPUT_SUFFIX):  # .DS_Store, swap files; cut-outs predict
+        if p.name.startswith(".") or p.name.endswith(PREDICTED_SUFFIXES):  # .DS_Store, swap files; cut-outs predict
             continue  # wrote beside their images (`bgremover-predict i images/x.jpg`): "image has no mask"
         if p.is_dir():  # skipped without a word, its pairs were left out of training (35 of 40 trained)
             raise FolderDataError(f"a folder inside {folder}: {p} ({what}s sit directly in {folder.name}/; "
