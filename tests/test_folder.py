@@ -279,7 +279,7 @@ def _bad(tmp_path, case: str) -> tuple[Path, str]:
     if case == "three":  # split 1/1/1: training then failed mid-run inside BatchNorm ("Expected more than 1 value")
         (images / "im3.jpg").unlink()
         (masks / "im3.png").unlink()
-        return root, "3 image/mask pair(s): a train/val/test split needs at least 4 (2 to train on, 1 to validate"
+        return root, "3 image/mask pairs: a train/val/test split needs at least 4 (2 to train on, 1 to validate"
     if case == "one_train":
         fixed = tmp_path / "fixed"
         for split, n in (("train", 1), ("val", 1), ("test", 1)):

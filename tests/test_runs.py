@@ -570,6 +570,7 @@ def test_run_plan_and_frame_counts_say_one_as_one(small_camvid, tmp_path, caplog
                                            "trainer.max_epochs=1", "trainer.limit_train_batches=1"]))
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
     assert "1 epoch × 1 step = 1 step," in plan, plan
+    assert "validation every 1 epoch," in plan, plan  # was "every 1 epoch(s)"
     assert frames_note({"frames": 1, "of": 1, "complete": True}) == " (1 frame)"
 
 

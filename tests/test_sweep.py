@@ -90,7 +90,7 @@ def test_failing_job_is_reported_and_others_are_kept(camvid_root, tmp_path):
     failed = [s for s in by_job.values() if s["status"] == "failed"]
     assert len(ok) == 1 and ok[0]["net"] == "deeplabv3plus_mobilenet_v2"
     assert len(failed) == 1 and "no_such_encoder" in failed[0]["error"]
-    assert "1 of 2 jobs ok" in proc.stderr and "1 sweep job(s) failed" in proc.stderr
+    assert "1 of 2 jobs ok" in proc.stderr and "1 sweep job failed (see above)" in proc.stderr
     failed_job = next(name for name, s in by_job.items() if s["status"] == "failed")
     assert f"[failed] job {failed_job} (model.net.encoder_name=no_such_encoder)" in proc.stderr
     assert "Traceback" not in proc.stderr

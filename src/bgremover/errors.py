@@ -18,6 +18,11 @@ class UserError(Exception):
     """What the user gave us cannot be used; the message is one line that names the file or option at fault."""
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 epoch`, `3 epochs` (`plural` where an s is wrong): every message says a number of things this way."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def one_line(error: BaseException | str, limit: int | None = 300) -> str:
     """The first line of an error's message (or of a text), whitespace squeezed and cut at ``limit`` (None: whole):
     the one shortening every one-line report uses (``report``; ``bgremover.utils.error_summary`` for runs)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from bgremover import config
-from bgremover.errors import UserError
+from bgremover.errors import UserError, count
 
 log = logging.getLogger("bgremover.train")
 
@@ -56,8 +56,8 @@ def check(cfg: DictConfig, model) -> None:
     done = (isinstance(max_epochs, int) and 0 < max_epochs <= epochs) \
         or (isinstance(steps, int) and isinstance(max_steps, int) and 0 < max_steps <= steps)
     if done:
-        raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {epochs} epoch{'' if epochs == 1 else 's'} "
-                        f"({steps} step{'' if steps == 1 else 's'}): with "
+        raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {count(epochs, 'epoch')} "
+                        f"({count(steps, 'step')}): with "
                         f"trainer.max_epochs={max_epochs} and trainer.max_steps={max_steps} nothing is left to "
                         "train; raise them to go on, or test it with train=false")
     # the clocks go on across a resume (Lightning's Timer, TimeToMIoU's budget): a spent one stopped the resumed

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bgremover import errors
 from bgremover.config import CONFIG_DIR, FINISH_ENV, RESUME_ENV, SUMMARY_NAME, taken_run_dir
-from bgremover.errors import UserError
+from bgremover.errors import UserError, count
 from bgremover.utils import KEEP_MEMORY_ENV
 
 # where the configs and models/ are (a checkout, or pip's share/bgremover): the recipe's ckpt_init is found from here
@@ -70,7 +70,7 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
     else:
         c = held["cutout"]
         n = held["n_images"]
-        scores = (f"held-out test set ({n} image{'' if n == 1 else 's'}, as `score it` below scores it): foreground "
+        scores = (f"held-out test set ({count(n, 'image')}, as `score it` below scores it): foreground "
                   f"IoU {_fmt(c['fg_iou'])}, boundary F {_fmt(c['boundary_f'])} ({held['boundary_tol']} px), "
                   f"alpha MAE {_fmt(c['mae'])}, mIoU {_fmt(held['mIoU'])}")
     lines = [
@@ -78,7 +78,7 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
         f"torch vs onnxruntime max abs diff {max_abs_diff:.1e})",
         scores,
         f"training: {'?' if summary.get('wall_time_s') is None else _duration(summary['wall_time_s'])}, "
-        f"{summary.get('epochs')} epoch{'' if summary.get('epochs') == 1 else 's'} "
+        f"{count(summary.get('epochs'), 'epoch')} "
         f"({summary.get('global_step')} steps), best val foreground IoU "
         f"{_fmt(max(fg) if fg else None)}{frames_note(summary.get('val_split')) if fg else ''}; run folder {run}",
         f"use it:   make predict IMG=photo.jpg MODEL={shlex.quote(str(onnx_path))}",

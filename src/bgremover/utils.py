@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bgremover import config
 from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME, overrides  # noqa: F401  (one definition; re-exported)
-from bgremover.errors import PARTIAL, one_line  # noqa: F401  (PARTIAL re-exported)
+from bgremover.errors import PARTIAL, count, one_line  # noqa: F401  (PARTIAL re-exported)
 
 log = logging.getLogger("bgremover")
 
@@ -377,7 +377,7 @@ def frames_note(split: dict | None) -> str:
     if not frames:
         return ""
     return f" ({frames} of {of} frames, PARTIAL)" if split.get("complete") is False else \
-        f" ({frames} frame{'' if frames == 1 else 's'})"
+        f" ({count(frames, 'frame')})"
 
 
 def print_job_line(cfg: DictConfig) -> None:
@@ -493,7 +493,7 @@ class SweepReport(_HydraCallback):
         if failed:
             from bgremover.errors import report
 
-            sys.exit(report(f"{len(failed)} sweep job(s) failed (see above); the others' results are kept"))
+            sys.exit(report(f"{count(len(failed), 'sweep job')} failed (see above); the others' results are kept"))
 
 
 def _read_overrides(job: Path) -> list[str]:

@@ -183,7 +183,7 @@ def build_report(
                     f"Paper columns and rows are the published numbers of {PAPER_CITE}, not ours: they come from "
                     "the paper's much longer training, so short runs land below them.",
                     "Failed and interrupted runs are listed at the end and left out of every statistic.",
-                ] + ([f"PARTIAL TEST SET: {len(partial)} run(s) were tested on fewer frames than the split holds "
+                ] + ([f"PARTIAL TEST SET: {errors.count(len(partial), 'run')} {'was' if len(partial) == 1 else 'were'} tested on fewer frames than the split holds "
                       "(see 'Test frames'); their numbers are not comparable with full CamVid test results."]
                      if partial else [])
                   + ([f"REPEATED SEEDS: {'; '.join(repeated)}: runs of one seed are repeats of one training, "

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from bgremover.data.classes import MEAN, NUM_CLASSES, STD, VOID
-from bgremover.errors import UserError
+from bgremover.errors import UserError, count
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -57,7 +57,7 @@ def list_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
         pairs.append((img, lbl))
     if labels:
         orphan = sorted(labels.values())[0]
-        raise CamVidError(f"label has no image: {orphan} ({len(labels)} such label(s) in {lbl_dir})")
+        raise CamVidError(f"label has no image: {orphan} ({count(len(labels), 'such label')} in {lbl_dir})")
     return pairs
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from bgremover.errors import UserError
+from bgremover.errors import UserError, count
 from bgremover.remover import PREDICTED_SUFFIXES, to_rgba_arrays  # the predictor's decoding and output names
 
 SPLITS = ("train", "val", "test")
@@ -176,7 +176,7 @@ def match(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
             raise FolderDataError(f"image has no mask: {img} (expected {masks_dir}/{stem}.png)")
     orphans = sorted(set(masks) - set(images))
     if orphans:
-        raise FolderDataError(f"mask has no image: {masks[orphans[0]]} ({len(orphans)} such mask(s) in {masks_dir})")
+        raise FolderDataError(f"mask has no image: {masks[orphans[0]]} ({count(len(orphans), 'such mask')} in {masks_dir})")
     return [(images[s], masks[s]) for s in sorted(images)]
 
 
@@ -351,7 +351,7 @@ def draw_split(stems: Sequence[str], fractions: Sequence[float], seed: int) -> d
         raise FolderDataError(f"data.split_fractions must be three non-negative train/val/test shares with train > 0, got {list(fractions)}")
     n = len(stems)
     if n < MIN_TRAIN + 2:
-        raise FolderDataError(f"{n} image/mask pair(s): a train/val/test split needs at least {MIN_TRAIN + 2} "
+        raise FolderDataError(f"{count(n, 'image/mask pair')}: a train/val/test split needs at least {MIN_TRAIN + 2} "
                               f"({MIN_TRAIN} to train on, 1 to validate, 1 to test)")
     total = sum(fr)
     n_val = max(1, round(n * fr[1] / total))

@@ -39,7 +39,7 @@ from PIL import Image
 
 from bgremover.data.camvid import list_pairs, resolve_root
 from bgremover.data.classes import CLASSES, VOID
-from bgremover.errors import UserError, report
+from bgremover.errors import UserError, count, report
 
 SPLITS = ("train", "val", "test")
 
@@ -144,7 +144,7 @@ def build_composites(root: Path, out: Path, classes: list[str], min_side: int, s
     (out / "SOURCE.txt").write_text(
         f"Built by `python -m bgremover.data.make_folder --composite` from CamVid ({root}): every region of "
         f"{', '.join(classes)} with a long side >= {min_side} px not touching the frame border, cut out along its "
-        f"label and pasted {per_subject} time(s) (long side 50-90 %, random place and flip, seed {seed}) onto "
+        f"label and pasted {count(per_subject, 'time')} (long side 50-90 %, random place and flip, seed {seed}) onto "
         f"{size}x{size} windows of frames of the same split free of those classes. Masks: 255 = subject, 0 = the "
         "rest. CamVid: Brostow, Fauqueur and Cipolla, CC BY-NC 4.0 (research and personal use).\n")
     return counts

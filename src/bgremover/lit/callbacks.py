@@ -31,6 +31,8 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from bgremover.errors import count
+
 log = logging.getLogger("bgremover.train")
 
 ESTIMATE_AFTER_STEPS = 10  # training steps timed (after the first, which warms up) before the estimate is printed
@@ -316,16 +318,16 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: Sta
     batch = getattr(getattr(dm, "hparams", None), "batch_size", None)
     crop = getattr(getattr(dm, "hparams", None), "crop_size", None)
     params = sum(p.numel() for p in pl_module.net.parameters()) / 1e6
-    total = f"{steps} step{'' if steps == 1 else 's'}" if steps else "steps until stopped"
+    total = count(steps, "step") if steps else "steps until stopped"
     parts = [
         f"{hp.get('net_name', 'net')} ({params:.2f} M params)",
-        f"{epochs or '∞'} epoch{'' if epochs == 1 else 's'} × {per_epoch or '?'} step{'' if per_epoch == 1 else 's'} "
+        f"{count(epochs, 'epoch') if epochs else '∞ epochs'} × {count(per_epoch, 'step') if per_epoch else '? steps'} "
         f"= {total}" if not start[1] else
         f"resumes at epoch {start[0]} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
         f"epochs × {per_epoch or '?'} steps " + (f"− {start[2]} done " if start[2] else "")
         + "= " + (f"{steps_left(trainer, start)} steps left" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
-        f"validation every {trainer.check_val_every_n_epoch} epoch(s)" if validates(trainer) else
+        f"validation every {count(trainer.check_val_every_n_epoch, 'epoch')}" if validates(trainer) else
         "no validation (trainer.limit_val_batches=0)",
         f"{trainer.strategy.root_device.type} {trainer.precision}",
     ]
@@ -345,7 +347,7 @@ def describe_estimate(trainer: pl.Trainer, seconds_per_step: float, start: Start
         return text
     left_epochs = epochs - start[0]
     total = seconds_per_step * steps_left(trainer, start)
-    which = f"the {left_epochs} epoch{'' if left_epochs == 1 else 's'} left" if start[1] else f"{epochs} epochs"
+    which = f"the {count(left_epochs, 'epoch')} left" if start[1] else count(epochs, "epoch")
     limit = _time_limit(trainer)
     if limit and limit[0] < total:  # the time limit is the run's real length: say it first
         return (f"{text} → {limit[1]} stops it after {_duration(limit[0])}, after about "
