@@ -19,6 +19,7 @@ import time
 import zlib
 from http.client import HTTPConnection
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ pytest.importorskip("uvicorn", reason="bgremover-serve needs uvicorn and starlet
 import uvicorn  # noqa: E402
 
 from bgremover.predict import BackgroundRemover, encode_png  # noqa: E402
-from bgremover.serve import Service, cpu_count, create_app, server_config  # noqa: E402
+from bgremover.serve import Service, _parser, cpu_count, create_app, server_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "0001TP_008910.jpg"  # a real CamVid test frame, 480x360
@@ -41,12 +42,12 @@ MAX_PIXELS = 1_000_000
 
 
 @contextlib.contextmanager
-def live_server(service: Service):
-    """uvicorn serving create_app(service) on a free 127.0.0.1 port in a thread; yields the base URL."""
+def live_server(service: Service, cors: tuple[str, ...] = ()):
+    """uvicorn serving create_app(service, cors) on a free 127.0.0.1 port in a thread; yields the base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the thread starts: no race for the port
     port = sock.getsockname()[1]
-    server = uvicorn.Server(server_config(create_app(service), "warning", lifespan="off"))  # as bgremover-serve
+    server = uvicorn.Server(server_config(create_app(service, cors), "warning", lifespan="off"))  # as bgremover-serve
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -88,10 +89,16 @@ def request(base, method, path, body=None, headers=None, timeout=60.0, chunked=F
         conn.close()
 
 
-def multipart(data: bytes, filename: str = "photo.jpg", field: str = "file") -> tuple[bytes, dict[str, str]]:
+def multipart(data: bytes, filename: str | None = "photo.jpg", field: str = "file",
+              fields: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
+    """The upload as `field` (with no filename= when None, as `curl -F "file=<photo.jpg"` sends it), after the
+    form fields `fields` (rembg's clients send options so)."""
     boundary = "bgremover-test-boundary-7d1f"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in (fields or {}).items()]
+    named = f'; filename="{filename}"' if filename is not None else ""
+    body = b"".join(parts) + (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"{named}\r\n'
         f"Content-Type: application/octet-stream\r\n\r\n"
     ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
@@ -230,6 +237,131 @@ def test_rembg_form_fields_are_options(server, remover):
     assert twice.count(b'name="file"') == 2
     status, _, body = request(server, "POST", "/api/remove", twice, headers)
     assert status == 422 and "file given more than once" in json.loads(body)["error"]
+
+
+def _png_of(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("image, style", [("jpeg", "curl"), ("jpeg", "aiohttp"), ("png", "curl")])
+def test_a_file_part_without_filename_is_the_image(server, remover, image, style):
+    """`curl -F "file=<photo.jpg"` (no filename=, no Content-Type) and aiohttp's FormData of raw bytes (no filename=)
+    were refused with "multipart upload has no file field 'file' (fields: file)"; rembg's server takes them.
+    Starlette hands such a part over as text: the image's bytes come back exactly."""
+    data = JPEG if image == "jpeg" else _png_of(JPEG)
+    body, headers = multipart(data, filename=None)
+    if style == "curl":
+        body = body.replace(b"Content-Type: application/octet-stream\r\n", b"", 1)
+    assert b"filename=" not in body
+    status, headers, got = request(server, "POST", "/api/remove", body, headers)
+    assert status == 200, got[:300]
+    assert got == encode_png(remover.remove(io.BytesIO(data)))
+    assert 'filename="image.nobg.png"' in headers["content-disposition"]
+
+
+def test_a_big_file_part_without_filename_is_the_image(remover):
+    """Starlette keeps a part without filename= in memory and refused one over 1 MiB ("Part exceeded maximum
+    size"): a camera JPEG is bigger. Such a part may now be as big as --max-bytes allows."""
+    noise = np.random.default_rng(1).integers(0, 256, (600, 800, 3), dtype=np.uint8)  # ~1.4 MB as PNG
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")
+    data = buf.getvalue()
+    assert len(data) > 1024 * 1024
+    service = Service(remover, workers=1, max_bytes=4_000_000, max_pixels=MAX_PIXELS)
+    with live_server(service) as base:
+        status, _, got = request(base, "POST", "/remove", *multipart(data, filename=None))
+    assert status == 200, got[:300]
+    assert got == encode_png(remover.remove(io.BytesIO(data)))
+
+
+def test_rembg_alpha_matting_parameters_are_checked_and_ignored(remover, caplog):
+    """rembg's clients send af/ab/ae with `a`; they were refused (422 unknown parameter) while bgremover-predict
+    takes -af/-ab/-ae and says it ignores them. Now checked as rembg checks them (integers; af, ab up to 255),
+    ignored, named in each answer's X-Ignored-Parameters and logged once."""
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+    refined = encode_png(remover.remove(EXAMPLE, refine=True))
+    with live_server(service) as base, caplog.at_level("WARNING", logger="bgremover.serve"):
+        status, headers, body = request(base, "POST", "/api/remove?a=1&af=240&ab=10&ae=10", *multipart(JPEG))
+        assert status == 200 and body == refined, body[:300]
+        assert headers["x-ignored-parameters"] == "af, ab, ae"
+        status, headers, body = request(  # as form fields, as rembg's clients send them
+            base, "POST", "/api/remove", *multipart(JPEG, fields={"a": "true", "af": "255", "ae": "0"}))
+        assert status == 200 and body == refined and headers["x-ignored-parameters"] == "af, ae"
+        status, headers, body = post_file(base, JPEG, "?a=1")
+        assert status == 200 and "x-ignored-parameters" not in headers
+        for query, message in (
+            ("?af=abc", "af (rembg's alpha matting, ignored here) must be an integer within 0..255, got 'abc'"),
+            ("?ab=256", "ab (rembg's alpha matting, ignored here) must be an integer within 0..255, got '256'"),
+            ("?ae=-1", "ae (rembg's alpha matting, ignored here) must be an integer >= 0, got '-1'"),
+            ("?ae=1.5", "ae (rembg's alpha matting, ignored here) must be an integer >= 0, got '1.5'"),
+            ("?af=1&af=2", "af given more than once"),
+        ):
+            status, _, body = post_file(base, JPEG, query)
+            assert status == 422 and json.loads(body) == {"error": message}, (query, body)
+    said = [r.getMessage() for r in caplog.records if "alpha-matting" in r.getMessage()]
+    assert said == ["af/ab/ae (rembg's alpha-matting settings) ignored: a here refines the mask with a guided "
+                    "filter (said once; each answer names them in X-Ignored-Parameters)"], said
+
+
+def _saved_name(disposition: str) -> str:
+    """The name a browser saves: RFC 6266's filename*=UTF-8'' value where there is one."""
+    match = re.search(r"filename\*=UTF-8''([^;\s]+)", disposition)
+    assert match, disposition
+    return unquote(match.group(1), errors="strict")
+
+
+def test_download_name_keeps_the_uploads_unicode_name(server):
+    """`uni ñame é.png` came back as `uni_ame.nobg.png` (an ASCII filename= alone). filename= stays, for old
+    clients; filename*= carries the real name, without the folders a client sent or control characters."""
+    for sent, fallback, saved in (("uni ñame é.png", "uni_ame.nobg.png", "uni ñame é.nobg.png"),
+                                  ("../../etc/évil.jpg", "vil.nobg.png", "évil.nobg.png"),
+                                  ("日本.jpg", "image.nobg.png", "日本.nobg.png")):
+        status, headers, body = post_file(server, JPEG, filename=sent)
+        assert status == 200, body[:300]
+        disposition = headers["content-disposition"]
+        assert disposition.isascii() and disposition.startswith(f'inline; filename="{fallback}"; ')
+        assert _saved_name(disposition) == saved
+    status, headers, _ = post_file(server, JPEG, "?om=1", filename="photo.jpg")
+    assert headers["content-disposition"] == "inline; filename=\"photo.mask.png\"; filename*=UTF-8''photo.mask.png"
+    # what no browser sends, but curl's `-F "file=@x;filename=..."` can: a Windows path, control characters
+    from bgremover.serve import content_disposition
+
+    for sent, saved in (("C:\\Users\\me\\été.jpg", "été.nobg.png"), ("a\x00b\x1b\x7fc.jpg", "abc.nobg.png"),
+                        (".hidden.jpg", "hidden.nobg.png"), ("", "image.nobg.png")):
+        assert _saved_name(content_disposition(sent, {})) == saved
+
+
+PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "content-type"}
+
+
+def test_cors_is_off_unless_asked(server, remover):
+    """rembg's server allows any origin; here a browser app on another origin got 405 for its preflight, with no
+    way to allow it. --cors ORIGINS (create_app's cors) now allows those origins; off by default."""
+    status, headers, body = request(server, "OPTIONS", "/api/remove", headers=PREFLIGHT)
+    assert status == 405 and "access-control-allow-origin" not in headers
+    status, headers, _ = request(server, "POST", "/remove", JPEG, {"Origin": "https://app.example",
+                                                                   "Content-Type": "application/octet-stream"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+    with live_server(service, cors=("https://app.example",)) as base:
+        status, headers, _ = request(base, "OPTIONS", "/api/remove", headers=PREFLIGHT)
+        assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in headers["access-control-allow-methods"]
+        assert "content-type" in headers["access-control-allow-headers"]
+        other = {**PREFLIGHT, "Origin": "https://other.example"}
+        status, headers, _ = request(base, "OPTIONS", "/api/remove", headers=other)
+        assert status == 400 and "access-control-allow-origin" not in headers
+        sent = {"Origin": "https://app.example", "Content-Type": "application/octet-stream"}
+        status, headers, body = request(base, "POST", "/api/remove?af=240", JPEG, sent)
+        assert status == 200 and body == encode_png(remover.remove(EXAMPLE))
+        assert headers["access-control-allow-origin"] == "https://app.example"
+        exposed = headers["access-control-expose-headers"].lower()  # what the app's script may read
+        assert "content-disposition" in exposed and "x-ignored-parameters" in exposed
+        status, headers, body = request(base, "POST", "/api/remove?threshold=2", JPEG, sent)  # errors too
+        assert status == 422 and headers["access-control-allow-origin"] == "https://app.example"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -494,7 +626,7 @@ def serve_cmd(*args: str) -> list[str]:
 
 def test_cli_serves_then_stops_on_sigint(tmp_path):
     proc = subprocess.Popen(
-        serve_cmd("--port", "0", "--threads", "1", "--log-level", "warning"),
+        serve_cmd("--port", "0", "--threads", "1", "--log-level", "warning", "--cors", "*"),
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )
     try:
@@ -509,6 +641,8 @@ def test_cli_serves_then_stops_on_sigint(tmp_path):
         lib = BackgroundRemover(threads=cpu_count()).remove(EXAMPLE, classes=["Car"], threshold=0.5)
         assert np.array_equal(np.asarray(png_image(body)), np.asarray(lib))
         assert json.loads(request(base, "GET", "/model")[2])["limits"]["workers"] == 1
+        status, headers, _ = request(base, "OPTIONS", "/api/remove", headers=PREFLIGHT)  # --cors "*": any origin
+        assert status == 200 and headers["access-control-allow-origin"] == "*"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
     finally:
@@ -546,3 +680,28 @@ def test_cli_usage_errors_and_busy_port():
         busy = _run_cli("--port", str(taken.getsockname()[1]))
     lines = busy.stderr.strip().splitlines()
     assert busy.returncode == 1 and len(lines) == 1 and "cannot listen on 127.0.0.1:" in lines[0], busy.stderr
+
+
+def test_cli_bad_option_is_one_error_line():
+    """`--port abc` printed argparse's usage block before the error; bgremover-predict prints one `error:` line for
+    the same mistake, and now so does bgremover-serve, also as `bgremover-predict s`."""
+    predict_s = [sys.executable, "-m", "bgremover.predict", "s"]
+    for cmd, prog in ((serve_cmd(), "bgremover-serve"), (predict_s, "bgremover-predict s")):
+        for args, error in ((["--port", "abc"], "argument --port/-p: invalid int value: 'abc'"),
+                            (["--cors", "http://app.example/"], "argument --cors: an origin is "
+                             "scheme://host[:port], no path, or *; got 'http://app.example/'"),
+                            (["-l", "loud"], "argument --log-level/-l/--log_level: invalid choice: 'loud'")):
+            bad = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
+            assert bad.returncode == 2 and bad.stdout == "", (args, bad.stderr)
+            line = bad.stderr.strip()
+            assert "\n" not in line and line.startswith(f"{prog}: error: {error}"), line
+            assert line.endswith("(see --help)"), line
+
+
+def test_cli_takes_rembgs_option_spellings():
+    """rembg s's -l/--log_level, beside --log-level; --cors's origins, comma-separated."""
+    for args in (["-l", "debug"], ["--log_level", "debug"], ["--log-level", "debug"]):
+        assert _parser().parse_args(args).log_level == "debug"
+    assert _parser().parse_args([]).cors is None
+    cors = _parser().parse_args(["--cors", "https://a.example, http://localhost:3000"]).cors
+    assert cors == ["https://a.example", "http://localhost:3000"]

@@ -7,6 +7,7 @@ else is a bug and keeps its traceback (in the run's log file).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 
 # the flag beside any number computed over part of a split (limit_test_batches, data.limit_eval_images, --limit);
@@ -49,6 +50,16 @@ def report(error: BaseException | str, prog: str | None = None, code: int = 1) -
     message = error if isinstance(error, str) else one_line(error)
     print(f"{prog}: error: {message}" if prog else f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a bad option (`--port abc`) as one `prog: error: ...` line and exit 2, not its usage block
+    before it: what bgremover-predict and bgremover-serve (also as `bgremover-predict s`) both print."""
+
+    def error(self, message: str):
+        import sys
+
+        sys.exit(report(f"{message} (see --help)", self.prog, code=2))
 
 
 @contextlib.contextmanager

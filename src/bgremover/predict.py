@@ -33,7 +33,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bgremover.errors import UserError, check_writable, one_line_warnings, report
+from bgremover.errors import OneLineParser, UserError, check_writable, one_line_warnings, report
 from bgremover.remover import (  # noqa: F401  (re-exported: the library's names, importable from here as before)
     DEFAULT_MODEL,
     IMAGE_EXTENSIONS,
@@ -101,13 +101,8 @@ REMBG_COMMANDS = {"i": "one image: INPUT [OUTPUT] (- = stdin/stdout)", "p": "a f
                   "s": "the HTTP service and page (bgremover-serve's options)"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one `error:` line and exit 2, not argparse's usage block before it
-        sys.exit(report(f"{message} (see --help)", self.prog, code=2))
-
-
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="bgremover-predict" + (f" {command}" if command else ""),
         description="Remove the background (everything but the chosen classes) from images.",
         epilog="rembg's commands work too: " + "; ".join(f"`{k}` {v}" for k, v in REMBG_COMMANDS.items())
@@ -293,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve(argv[1:], prog=f"{PROG} s")
     # Intermixed: options may come between the positionals (`i IN -om OUT`), as rembg (click) allows; plain
-    # parse_args stops filling positionals at the first option and rejects OUT. Bad syntax: argparse's usage, exit 2.
+    # parse_args stops filling positionals at the first option and rejects OUT. Bad syntax: one error line, exit 2.
     args = _parser(command).parse_intermixed_args(argv[1:] if command else argv)
     err = sys.stderr
 

@@ -2,11 +2,12 @@
 (Past 400 lines on purpose: the routes, the request checks they share and the command line read as one unit.)
 
     bgremover-serve [--model M] [--host 127.0.0.1] [--port 8000] [--threads N] [--max-bytes B]
-                    [--max-pixels P] [--queue Q]          (also: bgremover-predict s ..., as `rembg s`)
+                    [--max-pixels P] [--queue Q] [--cors ORIGINS]   (also: bgremover-predict s ..., as `rembg s`)
 
     POST /remove   image as multipart field `file` or as the raw body; options `classes=Car,Road`,
                    `threshold=0.5`, `refine=1`, `mask_only=1`, `bg_color=R,G,B[,A]` in the query or as form
-                   fields -> image/png (rembg's path /api/remove and names om, a, bgc work too)
+                   fields -> image/png (rembg's path /api/remove and names om, a, bgc work too; its
+                   alpha-matting af, ab, ae are checked and ignored, as bgremover-predict does)
     GET  /model    the model's metadata (classes, default foreground, net, test mIoU, ...) and the limits
     GET  /health   {"status": "ok", ...}
     GET  /         a page to drop a photo on and download its cut-out (static/, no build step)
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import io
 import logging
 import os
@@ -38,17 +40,20 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.datastructures import QueryParams, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bgremover.errors import one_line_warnings, report
+from bgremover.errors import OneLineParser, one_line_warnings, report
 from bgremover.remover import (
     MODEL_ENV,
     BackgroundRemover,
@@ -81,6 +86,11 @@ CSP = "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' blob:;
 OPTIONS = ("classes", "threshold", "refine", "mask_only", "bg_color")
 BODY_IDLE_S = 30.0  # a request body that sends nothing for this long is refused (408): it would hold a --queue slot
 REMBG_NAMES = {"om": "mask_only", "a": "refine", "bgc": "bg_color"}  # rembg's server's names for the same options
+# rembg's alpha-matting settings, which its clients send along with `a`: checked as rembg checks them (integer,
+# at most this; None = no maximum) so a typo is still a 422, then ignored as bgremover-predict's -af/-ab/-ae are
+# (`a` here is a guided filter, which has no such settings); the answer names them in IGNORED_HEADER.
+MATTING = {"af": 255, "ab": 255, "ae": None}
+IGNORED_HEADER = "X-Ignored-Parameters"
 TRUE = frozenset({"", "1", "true", "yes", "on"})  # `?mask_only` alone means true, as a flag would
 FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -102,14 +112,23 @@ URL_UNSUPPORTED = "url= is not supported: this server fetches nothing; POST the 
 def parse_options(query: Any, remover: BackgroundRemover) -> dict[str, Any]:
     """Query parameters -> BackgroundRemover.remove keyword arguments; ApiError(422) on any bad value."""
     query = QueryParams([(REMBG_NAMES.get(k, k), v) for k, v in query.multi_items()])
-    unknown = sorted(set(query.keys()) - set(OPTIONS))
+    unknown = sorted(set(query.keys()) - set(OPTIONS) - set(MATTING))
     if "url" in unknown:  # rembg's fetch-by-URL: said as such, not as "unknown parameter" or "empty body"
         raise ApiError(422, URL_UNSUPPORTED)
     if unknown:
         raise ApiError(422, f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
-    for key in OPTIONS:
+    for key in (*OPTIONS, *MATTING):
         if key != "classes" and len(query.getlist(key)) > 1:
             raise ApiError(422, f"{key} given more than once")
+    for key, top in MATTING.items():
+        if key in query:
+            try:
+                value = int(query[key])
+            except ValueError:
+                value = -1
+            if value < 0 or (top is not None and value > top):
+                raise ApiError(422, f"{key} (rembg's alpha matting, ignored here) must be an integer "
+                               f"{f'within 0..{top}' if top is not None else '>= 0'}, got {query[key]!r}")
     opts: dict[str, Any] = {}
     if "classes" in query:  # classes=Car,Road and classes=Car&classes=Road mean the same
         names = [n for value in query.getlist("classes") for n in value.split(",")]
@@ -156,10 +175,35 @@ def check_pixels(data: bytes, max_pixels: int) -> None:
         raise ApiError(413, f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
 
 
-def download_name(filename: str | None, opts: dict[str, Any]) -> str:
-    stem = Path(filename or "image").stem
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "image"
-    return f"{stem}.{'mask' if opts.get('mask_only') else 'nobg'}.png"
+def content_disposition(filename: str | None, opts: dict[str, Any]) -> str:
+    """The answer's file name, as an ASCII `filename=` for old clients and RFC 5987's `filename*=UTF-8''...` that
+    browsers prefer, so `uni ñame é.png` is saved as `uni ñame é.nobg.png`, not `uni_ame.nobg.png`. The folders a
+    client may send (C:\\photos\\a.jpg), control characters and leading dots (a hidden file) are dropped."""
+    base = re.sub(r"[\x00-\x1f\x7f-\x9f]+", "", re.split(r"[/\\]", filename or "")[-1])
+    stem = Path(base).stem.strip(" .")[:100] or "image"
+    suffix = f".{'mask' if opts.get('mask_only') else 'nobg'}.png"
+    fallback = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "image"
+    return f"inline; filename=\"{fallback}{suffix}\"; filename*=UTF-8''{quote(stem + suffix, safe='')}"
+
+
+def part_bytes(text: str, content_type: str) -> bytes:
+    """The bytes of a part sent without `filename=` (`curl -F "file=<photo.jpg"`, aiohttp's FormData of bytes),
+    which Starlette gives as text: decoded in the request's charset (UTF-8 unless named) or, where that fails, as
+    latin-1, one character per byte. Neither loses a byte. An image is never valid UTF-8 (PNG's and JPEG's first
+    byte is not), so it is the latin-1 case; the one ambiguity (text of characters up to U+00FF) is no image."""
+    named = re.search(r"charset=\"?([\w.:-]+)", content_type, re.IGNORECASE)
+    try:
+        charset = codecs.lookup(named.group(1) if named else "utf-8").name
+    except LookupError:  # Starlette decodes an unknown charset as latin-1
+        charset = "latin-1"
+    try:
+        raw = text.encode("latin-1")
+        raw.decode(charset)
+    except UnicodeEncodeError:  # a character past U+00FF: the charset's decoding made it
+        return text.encode(charset)
+    except UnicodeDecodeError:  # not valid in the charset: Starlette's latin-1 fallback, so `raw` is the part
+        return raw
+    return text.encode(charset)
 
 
 class Service:
@@ -184,6 +228,7 @@ class Service:
         self.admitted = 0  # only touched on the event loop thread, so no lock is needed
         self.served = 0
         self.cancelled = 0  # cut-outs a stop cut short (a second Ctrl-C, or the grace period's end)
+        self.matting_logged = False  # rembg's clients send af/ab/ae with every request: logged once, not each time
 
     def cutout(self, data: bytes, opts: dict[str, Any]) -> tuple[bytes, float]:
         """Decode, cut out and encode one image (runs on a worker thread): (PNG bytes, seconds)."""
@@ -240,8 +285,9 @@ class Service:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+        try:  # a part without filename= is text to Starlette, held whole: up to the body's limit, not its 1 MiB
+            form = await Request(request.scope, replay).form(max_files=4, max_fields=16,
+                                                             max_part_size=self.max_bytes)
         except HTTPException as err:
             raise ApiError(400, f"malformed multipart upload: {err.detail}") from err
         except Exception as err:
@@ -250,17 +296,20 @@ class Service:
             if len(form.getlist("file")) > 1:  # form.get took the last one without a word
                 raise ApiError(422, "file given more than once: send one image per request")
             upload = form.get("file")
-            if not isinstance(upload, UploadFile):
+            if isinstance(upload, str):  # sent without filename=, as rembg's `file: bytes = File()` takes it too
+                data, filename = part_bytes(upload, request.headers.get("content-type", "")), None
+            elif isinstance(upload, UploadFile):
+                data, filename = await upload.read(), upload.filename
+            else:
                 fields = ", ".join(form.keys()) or "none"
                 raise ApiError(400, f"multipart upload has no file field 'file' (fields: {fields})")
-            data = await upload.read()
             if not data:
                 raise ApiError(400, "the uploaded file is empty")
             fields = [(k, v) for k, v in form.multi_items() if k != "file" and isinstance(v, str)]
             extra_files = sorted({k for k, v in form.multi_items() if k != "file" and not isinstance(v, str)})
             if extra_files:
                 raise ApiError(422, f"unexpected file field(s) {', '.join(extra_files)}: send one image as 'file'")
-            return data, upload.filename, fields
+            return data, filename, fields
         finally:
             await form.close()
 
@@ -285,8 +334,9 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(service: Service) -> Starlette:
-    """The ASGI app. Tests build it around their own (e.g. slowed) remover and run it on a real uvicorn."""
+def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
+    """The ASGI app. Tests build it around their own (e.g. slowed) remover and run it on a real uvicorn. `cors`:
+    the origins whose pages may call it from a browser (--cors; "*" = any)."""
     # --max-pixels decides, so PIL's "possible bomb" warning is noise. Set once for the process: a
     # catch_warnings() per request would race between the worker threads (the filter list is global).
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -308,7 +358,13 @@ def create_app(service: Service) -> Starlette:
             data, filename, fields = await service.read_image(request)
             # Options come as query parameters or, as rembg's clients send them, as form fields: one list, so
             # an option given both ways is "given more than once" and an unknown field is refused like a query's.
-            opts = parse_options(QueryParams([*request.query_params.multi_items(), *fields]), remover)
+            query = QueryParams([*request.query_params.multi_items(), *fields])
+            opts = parse_options(query, remover)
+            ignored = [key for key in MATTING if key in query]
+            if ignored and not service.matting_logged:
+                service.matting_logged = True
+                log.warning("%s (rembg's alpha-matting settings) ignored: a here refines the mask with a guided "
+                            "filter (said once; each answer names them in %s)", "/".join(ignored), IGNORED_HEADER)
             loop = asyncio.get_running_loop()
             png, seconds = await loop.run_in_executor(service.pool, service.cutout, data, opts)
         except ApiError as err:
@@ -330,9 +386,10 @@ def create_app(service: Service) -> Starlette:
             png,
             media_type="image/png",
             headers={
-                "Content-Disposition": f'inline; filename="{download_name(filename, opts)}"',
+                "Content-Disposition": content_disposition(filename, opts),
                 "Server-Timing": f"cutout;dur={seconds * 1000:.1f}",
                 "Cache-Control": "no-store",
+                **({IGNORED_HEADER: ", ".join(ignored)} if ignored else {}),
             },
         )
 
@@ -381,7 +438,13 @@ def create_app(service: Service) -> Starlette:
         Route("/health", health, methods=["GET"]),
         *[Route(path, page, methods=["GET"]) for path in PAGES],
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    # Off unless --cors names origins: the page is same-origin and the service binds loopback by default. Exposed
+    # headers: a page on another origin reads only those (the download name, the ignored rembg parameters).
+    exposed = ["Content-Disposition", IGNORED_HEADER]
+    middleware = [Middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST"],
+                             allow_headers=["*"], expose_headers=exposed)] if cors else []
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,8 +458,17 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def cors_origins(value: str) -> list[str]:
+    """--cors's value: origins as a browser sends them (scheme://host[:port], no path) or *."""
+    origins = [o.strip() for o in value.split(",") if o.strip()]
+    bad = next((o for o in origins if o != "*" and not re.fullmatch(r"[A-Za-z][\w+.-]*://[^/\s]+", o)), None)
+    if bad is not None or not origins:  # "http://host/" never matches: a browser's Origin has no slash
+        raise argparse.ArgumentTypeError(f"an origin is scheme://host[:port], no path, or *; got {bad or value!r}")
+    return origins
+
+
 def _parser(prog: str = "bgremover-serve") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=prog,
         description="Serve background removal over HTTP (POST /remove, GET /model, GET /health, page at /).",
     )
@@ -407,7 +479,12 @@ def _parser(prog: str = "bgremover-serve") -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"request body limit ({MAX_BYTES:,})")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"decoded image limit ({MAX_PIXELS:,})")
     p.add_argument("--queue", type=int, default=QUEUE, help=f"requests at once before 503 ({QUEUE})")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--cors", type=cors_origins, metavar="ORIGINS",
+                   help="let pages from these origins call the API from a browser (comma-separated, * = any; "
+                        "default none: the page at / needs none; rembg's server allows any)")
+    levels = ["critical", "error", "warning", "info", "debug", "trace"]
+    p.add_argument("--log-level", "-l", "--log_level", default="info", choices=levels, metavar="LEVEL",
+                   help=f"uvicorn's: {', '.join(levels)} (info); -l/--log_level as in rembg s")
     return p
 
 
@@ -465,11 +542,12 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     print(
         f"{prog}: {service.model_file} ({meta.get('net', '?')}, {len(remover.classes)} classes) on "
         f"http://{shown}:{port}/ — {workers} worker thread(s), queue {args.queue}, "
-        f"max {args.max_bytes:,} bytes / {args.max_pixels:,} pixels",
+        f"max {args.max_bytes:,} bytes / {args.max_pixels:,} pixels"
+        + (f", CORS for {','.join(args.cors)}" if args.cors else ""),
         file=sys.stderr,
         flush=True,
     )
-    config = server_config(create_app(service), args.log_level)
+    config = server_config(create_app(service, args.cors or ()), args.log_level)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C is how a person stops the server: exit 0, no traceback (tested)
