@@ -61,6 +61,7 @@ from bgremover.remover import (
     ImageError,
     UsageError,
     encode_png,
+    output_suffix,
     parse_color,
     threads_problem,
 )
@@ -181,7 +182,7 @@ def content_disposition(filename: str | None, opts: dict[str, Any]) -> str:
     client may send (C:\\photos\\a.jpg), control characters and leading dots (a hidden file) are dropped."""
     base = re.sub(r"[\x00-\x1f\x7f-\x9f]+", "", re.split(r"[/\\]", filename or "")[-1])
     stem = Path(base).stem.strip(" .")[:100] or "image"
-    suffix = f".{'mask' if opts.get('mask_only') else 'nobg'}.png"
+    suffix = output_suffix(bool(opts.get("mask_only")))  # as bgremover-predict names its files
     fallback = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "image"
     return f"inline; filename=\"{fallback}{suffix}\"; filename*=UTF-8''{quote(stem + suffix, safe='')}"
 
