@@ -643,8 +643,12 @@ def test_cli_serves_then_stops_on_sigint(tmp_path):
         assert json.loads(request(base, "GET", "/model")[2])["limits"]["workers"] == 1
         status, headers, _ = request(base, "OPTIONS", "/api/remove", headers=PREFLIGHT)  # --cors "*": any origin
         assert status == 200 and headers["access-control-allow-origin"] == "*"
+        assert post_raw(base, JPEG, "?a=1&af=240")[0] == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
+        # the service's own warning as `bgremover-serve: ...`, as its other lines (Python printed it bare)
+        rest = proc.stderr.read().splitlines()
+        assert any(x.startswith("bgremover-serve: af (rembg's alpha-matting") for x in rest), rest
     finally:
         if proc.poll() is None:
             proc.kill()

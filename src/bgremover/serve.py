@@ -53,7 +53,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bgremover.errors import OneLineParser, one_line_warnings, report
+from bgremover.errors import OneLineParser, count, one_line_warnings, report
 from bgremover.remover import (
     MODEL_ENV,
     BackgroundRemover,
@@ -509,6 +509,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "bgremover-serve") -> in
         return _serve(args, parser.prog)
 
 
+def _log_to_stderr(prog: str, level: str) -> None:
+    """The service's own lines (an upload cut short, rembg's ignored settings, a failed cut-out) on stderr as
+    `bgremover-serve: ...` at --log-level, as uvicorn's are: without a handler, Python printed the warnings bare and
+    dropped the info lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if level == "trace" else level.upper())
+    log.propagate = False
+
+
 def _serve(args: argparse.Namespace, prog: str) -> int:
     def usage(msg: str) -> int:
         return report(msg, prog, code=2)
@@ -538,11 +549,12 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
         return report(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}", prog)
     host, port = sock.getsockname()[:2]
     service = Service(remover, workers, args.max_bytes, args.max_pixels, args.queue)
+    _log_to_stderr(prog, args.log_level)
     meta = remover.meta
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(
         f"{prog}: {service.model_file} ({meta.get('net', '?')}, {len(remover.classes)} classes) on "
-        f"http://{shown}:{port}/ — {workers} worker thread(s), queue {args.queue}, "
+        f"http://{shown}:{port}/ — {count(workers, 'worker thread')}, queue {args.queue}, "
         f"max {args.max_bytes:,} bytes / {args.max_pixels:,} pixels"
         + (f", CORS for {','.join(args.cors)}" if args.cors else ""),
         file=sys.stderr,
@@ -553,8 +565,8 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C is how a person stops the server: exit 0, no traceback (tested)
         if service.cancelled:  # a second Ctrl-C, or the grace period's end, cut them short
-            print(f"{prog}: stopped with {service.cancelled} cut-out(s) in progress, answered 503 (a second Ctrl-C, "
-                  f"or past the {GRACEFUL_S:g} s grace period)", file=sys.stderr)
+            print(f"{prog}: stopped with {count(service.cancelled, 'cut-out')} in progress, answered 503 (a second "
+                  f"Ctrl-C, or past the {GRACEFUL_S:g} s grace period)", file=sys.stderr)
     finally:
         service.pool.shutdown(wait=False, cancel_futures=True)
         sock.close()
