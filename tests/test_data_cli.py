@@ -122,10 +122,10 @@ def test_missing_dataset_with_no_download_is_one_error_line(tmp_path: Path) -> N
 def test_bad_argument_exits_nonzero_without_traceback(tmp_path: Path) -> None:
     result = run_cli("--retries", "many")
     lines = result.stderr.strip().splitlines()
-    assert (
-        result.returncode == 1
+    assert (  # a usage error: exit 2 and the command's name, as every command here (errors.OneLineParser)
+        result.returncode == 2
         and len(lines) == 1
-        and lines[0].startswith("error: ")
+        and lines[0].startswith("python -m bgremover.data: error: ")
         and "--retries" in lines[0]
     )
 

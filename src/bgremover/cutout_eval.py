@@ -354,7 +354,7 @@ def format_report(r: dict[str, Any], data_root: str, split: str, threads: int | 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = errors.OneLineParser(
         prog=PROG,
         description="Cut-out quality (mIoU, foreground IoU, boundary F, MAE) of a bgremover ONNX model on CamVid "
                     "or an image/mask folder.",

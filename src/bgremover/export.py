@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bgremover.errors import UserError, check_writable, report
+from bgremover.errors import OneLineParser, UserError, check_writable, report
 from bgremover.model_format import FORMAT, FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAME  # noqa: F401  (re-exported)
 
 OPSET = 17  # supported by every onnxruntime >= 1.14 and by the TorchScript exporter
@@ -278,7 +278,7 @@ def _normalize_argv(argv: list[str]) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m bgremover.export",
         description="Export a bgremover training checkpoint to one verified, self-describing ONNX file.",
     )

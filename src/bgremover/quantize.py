@@ -219,7 +219,7 @@ def quantize(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = errors.OneLineParser(
         prog=PROG,
         description="Write an int8 copy of a bgremover ONNX model if it keeps the float model's CamVid accuracy.",
         epilog="Exit codes: 0 written, 1 accuracy gate failed or data/model unusable, 2 bad option value.",

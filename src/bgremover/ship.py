@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bgremover import errors
-from bgremover.errors import UserError
+from bgremover.errors import OneLineParser, UserError
 
 PROG = "ship"
 STEM = "bgremover-camvid"  # the shipped set: <stem>.onnx (float reference), <stem>.int8.onnx, <stem>.pt
@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     from bgremover import cutout_eval
     from bgremover.remover import _shipped_models
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
                                 epilog="Exit codes: 0 shipped, 1 not better or failed (nothing changed), 2 bad option value.")
     p.add_argument("--ckpt", required=True, help="the trained checkpoint (a run's best epoch)")
     p.add_argument("--models-dir", default=str(_shipped_models()), help="where the shipped set lies (default: models/)")

@@ -12,7 +12,6 @@ why), 1 when the export or the scoring failed, else 0.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from bgremover import errors
 from bgremover.config import CONFIG_DIR, FINISH_ENV, RESUME_ENV, SUMMARY_NAME, taken_run_dir
-from bgremover.errors import UserError, count
+from bgremover.errors import OneLineParser, UserError, count
 from bgremover.utils import KEEP_MEMORY_ENV
 
 # where the configs and models/ are (a checkout, or pip's share/bgremover): the recipe's ckpt_init is found from here
@@ -103,7 +102,7 @@ def finish_command(run: Path, data: Path, best_ckpt: str = "{best_ckpt}") -> str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bgremover.train_remover", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m bgremover.train_remover", description=__doc__.splitlines()[0])
     p.add_argument("data", help="your folder: images/ + masks/, or train|val|test/{images,masks}")
     p.add_argument("--exp", default="remover", help="experiment (experiments/<exp>.yaml, default remover)")
     p.add_argument("--run-dir", help="run folder (default ./logs/remover/runs/<date>_<time>)")

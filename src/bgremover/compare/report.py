@@ -11,7 +11,6 @@ renamed into place, so a crash never leaves a half report.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -249,7 +248,7 @@ def build_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bgremover.compare", description=__doc__.splitlines()[0])
+    ap = errors.OneLineParser(prog="python -m bgremover.compare", description=__doc__.splitlines()[0])
     ap.add_argument(
         "paths",
         nargs="*",

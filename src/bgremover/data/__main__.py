@@ -2,7 +2,8 @@
 
 verify (default): if the dataset folder exists, check it read-only and print split counts and the class table;
 if it does not, download it (unless --no-download). stats: print train mean/std and median-frequency class
-weights as YAML lines for conf/data/camvid.yaml. Every failure is one `error: ...` line on stderr, exit 1.
+weights as YAML lines for conf/data/camvid.yaml. Every failure is one `error: ...` line on stderr, exit 1 (a bad
+option: exit 2, as every command here).
 """
 
 from __future__ import annotations
@@ -13,18 +14,13 @@ import sys
 from pathlib import Path
 
 from bgremover.data import download
-from bgremover.errors import UserError, one_line, report
+from bgremover.errors import OneLineParser, UserError, one_line, report
 
 ROOT_ENV = "DATA_DIR"  # environment variable naming the dataset folder when --root is not given
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one `error:` line and exit 1, like every other failure of this tool
-        sys.exit(report(f"{message} (see --help)"))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m bgremover.data",
         description="Verify CamVid (downloading it when absent) or print its train-split statistics.",
     )

@@ -28,7 +28,6 @@ use.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -39,7 +38,7 @@ from PIL import Image
 
 from bgremover.data.camvid import list_pairs, resolve_root
 from bgremover.data.classes import CLASSES, VOID
-from bgremover.errors import UserError, count, report
+from bgremover.errors import OneLineParser, UserError, count, report
 
 SPLITS = ("train", "val", "test")
 
@@ -184,7 +183,7 @@ def build(root: Path, out: Path, classes: list[str], min_side: int, size: int, m
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bgremover.data.make_folder", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m bgremover.data.make_folder", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="folder to create (must not exist)")
     p.add_argument("--data-root", help="CamVid folder (default $DATA_DIR, else data/CamVid)")
     p.add_argument("--classes", default="Car", help=f"comma list of the foreground classes ({', '.join(CLASSES)})")
