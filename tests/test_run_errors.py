@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,9 @@ def test_a_setting_of_another_data_choice_is_named_in_one_line(small_camvid, tmp
 @pytest.mark.parametrize("override, message", [
     ("data.crop_size=224", "data.crop_size must be [height, width] in pixels or null, got 224"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch must be a positive integer, got 0"),
+    # a user audit, as the README said it: "stack expects each tensor to be equal size" at the first batch
+    ("data.crop_size=null data.scale_jitter=0.25", "data.crop_size=null (full frames) with data.scale_jitter=0.25 "
+     "gives frames of different sizes, which a batch of 2 cannot stack: add data.scale_jitter=0, or keep a crop size"),
     ("+model.optimizer.lrr=0.1", "model.optimizer.lrr is not a setting of torch.optim.RMSprop (it takes: lr, alpha, eps, weight_decay, "),
 ])
 def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid, tmp_path, override, message):
@@ -37,7 +41,7 @@ def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid,
     from bgremover.errors import UserError
 
     with pytest.raises(UserError) as info:
-        config.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", override]))
+        config.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", *override.split()]))
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
@@ -255,3 +259,29 @@ def test_a_refused_resume_in_place_leaves_the_run_as_it_was(small_camvid, tmp_pa
     assert proc.returncode != 0 and proc.stderr.strip().startswith("error: data.batch_size")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert {p: p.read_bytes() for p in record} == record
+
+
+def test_early_errors_import_neither_torch_nor_lightning(small_camvid, tmp_path):
+    """"Errors arrive first" took 16 s for a missing checkpoint (a user audit): checking trainer.max_time imported
+    Lightning (~10 s on 2 cores) and the optimizer's settings torch, before the checkpoint was looked at. The
+    checks up to the checkpoint's now run on the config alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from bgremover import config\n"
+        "from bgremover.errors import UserError\n"
+        f"with initialize_config_dir(config_dir={str(Path(__file__).parent.parent / 'conf')!r}, version_base='1.3'):\n"
+        f"    cfg = compose('train', overrides=['data.root={small_camvid}', 'trainer.max_time=00:00:10:00',\n"
+        "                                      'ckpt_path=/nonexistent/last.ckpt'])\n"
+        "try:\n"
+        "    config.validate_train(cfg)\n"
+        "except UserError as e:\n"
+        "    print(e)\n"
+        "print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parent.parent)
+    assert out.stdout.splitlines() == ["ckpt_path: checkpoint not found: /nonexistent/last.ckpt", "[]"], out.stderr

@@ -266,6 +266,12 @@ def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[st
             raise UserError(f"data.crop_size must be [height, width] in pixels or null, got {crop!r}")
         if size_multiple and any(c % size_multiple for c in crop):
             raise UserError(f"data.crop_size {crop} must be multiples of {size_multiple} (the net's size multiple)")
+    elif (data.get("scale_jitter") or 0) > 0 and (data.get("batch_size") or 1) > 1:
+        # each frame rescaled by its own factor and nothing cutting it back: "stack expects each tensor to be equal
+        # size" at the first batch, after everything was built
+        raise UserError(f"data.crop_size=null (full frames) with data.scale_jitter={data.scale_jitter} gives frames "
+                        f"of different sizes, which a batch of {data.batch_size} cannot stack: add "
+                        "data.scale_jitter=0, or keep a crop size")
     for key in ("limit_images", "limit_eval_images"):
         _positive_int(data.get(key), f"data.{key}", allow_none=True)
     if str(data.get("_target_", "")).endswith("FolderDataModule"):  # data=folder: every file decoded and checked
@@ -404,15 +410,15 @@ def validate_train(cfg: DictConfig) -> None:
         # torch's DistributedDataParallel refuses SyncBatchNorm modules on CPU, after everything was built
         raise UserError("trainer.sync_batchnorm=true needs GPUs (torch's DDP refuses SyncBatchNorm on CPU): "
                         "add trainer.sync_batchnorm=false for CPU processes")
-    for key in ("optimizer", "scheduler"):  # a misspelt setting failed at fit time, after the W&B run started
-        _check_settings(f"model.{key}", model.get(key))
-    lr = ((model.get("optimizer") or {}).get("lr"))
-    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
-        raise UserError(f"model.optimizer.lr must be a positive number, got {lr!r}")
-    for key in ("ckpt_path", "ckpt_init"):
+    for key in ("ckpt_path", "ckpt_init"):  # before the settings' check, which imports torch (seconds)
         value = cfg.get(key)
         if value and (problem := checkpoint_problem(value)):
             raise UserError(f"{key}: {problem}")
+    lr = ((model.get("optimizer") or {}).get("lr"))
+    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+        raise UserError(f"model.optimizer.lr must be a positive number, got {lr!r}")
+    for key in ("optimizer", "scheduler"):  # a misspelt setting failed at fit time, after the W&B run started
+        _check_settings(f"model.{key}", model.get(key))
     if cfg.get("ckpt_path") and cfg.get("train", True):
         from bgremover import resume
 
@@ -452,11 +458,19 @@ def max_time_s(cfg: DictConfig) -> float | None:
     value = (cfg.get("trainer") or {}).get("max_time")
     if value is None:
         return None
-    from pytorch_lightning.callbacks import Timer
+    import datetime
+    import re
 
+    # Lightning's Timer's own rule, not Lightning: importing it (~10 s on 2 cores) made every check after this one
+    # (a missing checkpoint, sync_batchnorm on CPU) take seconds where it should take none
     try:
-        seconds = Timer(OmegaConf.to_container(value) if isinstance(value, DictConfig) else value)._duration
-    except Exception as exc:  # MisconfigurationException, or TypeError from timedelta(**dict)
+        if isinstance(value, DictConfig):
+            seconds = datetime.timedelta(**OmegaConf.to_container(value)).total_seconds()
+        else:
+            match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", str(value).strip())
+            days, hours, minutes, secs = (int(g) for g in match.groups())  # type: ignore[union-attr]
+            seconds = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=secs).total_seconds()
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:  # no match, or timedelta(**bad dict)
         raise UserError(f"trainer.max_time must be DD:HH:MM:SS (e.g. 00:00:10:00) or {{minutes: 10}}, got "
                         f"{value!r}") from exc
     if not seconds or seconds <= 0:
