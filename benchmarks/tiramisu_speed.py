@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nets", nargs="+", default=list(NETS), choices=NETS)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=[*MODES, "auto"],
+                   help="auto: what trainer=cpu trains with on this CPU (bf16 where it has bf16 units, else cl)")
     p.add_argument("--steps", type=int, default=3, help="measured training steps per configuration")
     p.add_argument("--warmup", type=int, default=WARMUP, help="unmeasured eager steps before measuring")
     p.add_argument("--rounds", type=int, default=1,
@@ -256,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(a compile that outlasts a time-limited GPU call then costs only its cell)")
     p.add_argument("--worker", nargs=4, metavar=("NET", "IMPL", "MODE", "SIZE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if "auto" in args.modes:
+        from bgremover.utils import cpu_precision
+
+        picked = "bf16" if cpu_precision().startswith("bf16") else "cl"
+        args.modes = list(dict.fromkeys(picked if m == "auto" else m for m in args.modes))
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         p.error("--steps, --warmup and --rounds must be >= 1")
     if args.cell_timeout is not None and args.cell_timeout <= 0:

@@ -5,7 +5,8 @@
 
 Each (net, size) runs in a fresh subprocess, so peak memory (RSS on CPU, max_memory_allocated on GPU) belongs
 to that configuration alone. A step is forward + cross-entropy + backward + optimizer step, with the flags the
-training configs use by default: channels_last and bf16 autocast.
+training configs use by default: channels_last and bf16 autocast where the machine has bf16 units (a GPU, an
+AVX-512-BF16 or AMX CPU), fp32 elsewhere (`--precision` overrides).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see Makefile: spinning OpenMP threads hurt on 2 cores
 
-SIZES = {"224": ((224, 224), 2), "384x480": ((384, 480), 1)}  # name → ((H, W), batch size)
+# name → ((H, W), batch size); 2 at full frames too: DeepLab's image-pooling branch has a BatchNorm over one value
+# per channel at batch 1, which training refuses ("Expected more than 1 value per channel")
+SIZES = {"224": ((224, 224), 2), "384x480": ((384, 480), 2)}
 WARMUP = 1  # untimed steps (allocator and oneDNN kernel selection)
 
 
@@ -72,9 +75,15 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto: what training uses here, bf16 on a GPU or a CPU with bf16 units, else fp32 (emulated "
+                         "bf16 on an AVX2-only CPU is many times slower)")
     ap.add_argument("--worker", nargs=2, metavar=("NET", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.precision == "auto":
+        from bgremover.utils import cpu_precision
+
+        args.precision = "bf16" if args.device != "cpu" or cpu_precision().startswith("bf16") else "fp32"
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps, args.device, args.precision)))
         return

@@ -283,3 +283,14 @@ def test_a_seed_that_is_not_an_integer_is_named(tmp_path):
                 check(compose_cfg(tmp_path, [f"seed={value}", "~data.root"], config_name=name))
             assert str(info.value) == f"seed must be an integer, got {shown}", name
         config._check_seed(compose_cfg(tmp_path, ["+job_id='7'", "seed=${job_id}"], config_name=name))  # text: fine
+
+
+def test_the_readmes_last_checkpoint_setting_is_settable_on_the_default_callbacks():
+    """README names `callbacks.last_checkpoint.every_epoch=false`; on the default callbacks it was "Key
+    'every_epoch' is not in struct" (only the speed-run recipes had the key)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["callbacks.last_checkpoint.every_epoch=false"])
+    node = cfg.callbacks.last_checkpoint
+    assert node.every_epoch is False
+    assert hydra.utils.get_class(node._target_)(dirpath="x", every_epoch=node.every_epoch).every_epoch is False

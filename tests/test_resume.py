@@ -16,7 +16,7 @@ import torch
 from test_runs import TINY_RUN
 from test_train import compose_cfg
 
-from bgremover.lit.callbacks import describe_estimate
+from bgremover.lit.callbacks import describe_estimate, describe_plan
 from bgremover.train import train
 
 
@@ -452,6 +452,11 @@ def test_run_plan_of_a_resumed_run_counts_what_is_left(small_camvid, tmp_path, c
     assert "resumes at epoch 3 (step 6): 1 of 4 epochs × 2 steps = 2 steps left" in plan
     estimate = describe_estimate(objects["trainer"], 600.0, (3, 6, 0))  # 2 steps left at 10 min each
     assert "about 20 min 00 s of training for the 1 epoch left" in estimate
+    # trainer.max_steps ending it first: "2 of 4 epochs × 2 steps = 1 steps left" did not add up (a user audit)
+    trainer = objects["trainer"]
+    trainer.fit_loop.epoch_loop.max_steps = 7
+    plan = describe_plan(trainer, objects["model"], (2, 6, 0))
+    assert "resumes at epoch 2 (step 6): 2 of 4 epochs × 2 steps = 1 step left (trainer.max_steps=7)" in plan, plan
 
     # the time limits: what a resumed run has left of them (both clocks go on across a resume)
     timer = Timer(duration="00:00:10:00")

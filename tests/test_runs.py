@@ -581,7 +581,7 @@ def test_run_plan_counts_the_steps_max_steps_allows(small_camvid, tmp_path):
     _, objects = train(cfg)
     trainer, model = objects["trainer"], objects["model"]
     assert trainer.global_step == 11
-    assert "6 epochs × 2 steps = 11 steps" in describe_plan(trainer, model)
+    assert "6 epochs × 2 steps = 11 steps (trainer.max_steps=11)" in describe_plan(trainer, model)  # 6 × 2 ≠ 11
     assert "about 1 h 50 min of training for 6 epochs" in describe_estimate(trainer, 600.0)
 
 

@@ -318,14 +318,18 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: Sta
     batch = getattr(getattr(dm, "hparams", None), "batch_size", None)
     crop = getattr(getattr(dm, "hparams", None), "crop_size", None)
     params = sum(p.numel() for p in pl_module.net.parameters()) / 1e6
-    total = count(steps, "step") if steps else "steps until stopped"
+    # where trainer.max_steps ends the run first, say so: "2 of 2 epochs × 4 steps − 3 done = 2 steps left" did not add up
+    capped = trainer.max_steps not in (None, -1) and epochs and per_epoch and \
+        (epochs - start[0]) * per_epoch - start[2] > trainer.max_steps - start[1]
+    cap = f" (trainer.max_steps={trainer.max_steps})" if capped else ""
+    total = count(steps, "step") + cap if steps else "steps until stopped"
     parts = [
         f"{hp.get('net_name', 'net')} ({params:.2f} M params)",
         f"{count(epochs, 'epoch') if epochs else '∞ epochs'} × {count(per_epoch, 'step') if per_epoch else '? steps'} "
         f"= {total}" if not start[1] else
         f"resumes at epoch {start[0]} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
         f"epochs × {per_epoch or '?'} steps " + (f"− {start[2]} done " if start[2] else "")
-        + "= " + (f"{steps_left(trainer, start)} steps left" if steps else total),
+        + "= " + (f"{count(steps_left(trainer, start), 'step')} left{cap}" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
         f"validation every {count(trainer.check_val_every_n_epoch, 'epoch')}" if validates(trainer) else
         "no validation (trainer.limit_val_batches=0)",
