@@ -127,7 +127,7 @@ reproduce-default: $(STAMP) ## retrain the shipped model (its GPU speed-run reci
 
 # the Tiramisu cell is the one trainer=cpu trains on this CPU (FC-DenseNet103 at 224²); the whole table (all nets,
 # sizes and modes, compiled ones included) takes hours on 2 cores: python benchmarks/tiramisu_speed.py
-benchmark: $(STAMP) ## print the speed figures (train throughput, FC-DenseNet103 fast path vs reference, inference, predictor latency; ~20 min on 2 cores)
+benchmark: $(STAMP) ## print the speed figures (train throughput, FC-DenseNet103 fast path vs reference, inference, predictor latency; about 12 min on 2 cores)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/tiramisu_speed.py --nets 103 --sizes 224 --modes auto
 	$(BIN)/python benchmarks/tiramisu_infer.py
