@@ -327,7 +327,7 @@ def test_the_read_only_fallback_says_where_the_files_went(model, tmp_path, monke
     monkeypatch.chdir(work)
     assert main([str(ro), "-m", model]) == 0
     err = capsys.readouterr().err
-    assert f"{ro}: read-only, so the cut-outs go to the current folder {work}" in err
+    assert f"{ro}: read-only, so the outputs go to the current folder {work}" in err
     assert os.listdir(work) == ["frame.nobg.png"] and os.listdir(ro) == ["frame.png"]
 
 
@@ -625,7 +625,7 @@ def test_writing_through_links_devices_and_keeping_permissions(model, tmp_path, 
     import threading
 
     got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)  # never hangs the run
     reader.start()
     assert main(["i", "-m", model, "-q", str(src), str(fifo)]) == 0
     reader.join(10)
@@ -635,3 +635,76 @@ def test_writing_through_links_devices_and_keeping_permissions(model, tmp_path, 
     private.chmod(0o600)
     assert main(["i", "-m", model, "-q", str(src), str(private)]) == 0
     assert stat.S_IMODE(private.stat().st_mode) == 0o600 and read_png(private).mode == "RGBA"
+
+
+def test_devices_and_pipes_as_outputs_in_both_forms(model, tmp_path, capsys):
+    """A review: `i a.jpg /dev/stdout | wc -c` wrote nothing (the link resolved to "pipe:[…]", then a temp file
+    there), `/dev/fd/1` was refused as "cannot write in /dev/fd" (the folder probe), and the plain form refused
+    `--out <a FIFO>` as "exists and is not a folder" where the rembg form took it."""
+    import threading
+
+    src = save_png(tmp_path / "a.png")
+    for argv in (lambda out: ["i", "-m", model, "-q", str(src), out], lambda out: [str(src), "-m", model, "-q", "-o", out]):
+        r, w = os.pipe()  # a small PNG fits the pipe's buffer: read once the writer is closed
+        assert main(argv(f"/dev/fd/{w}")) == 0, capsys.readouterr().err
+        os.close(w)
+        with os.fdopen(r, "rb") as pipe:
+            assert read_png(io.BytesIO(pipe.read())).mode == "RGBA"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert main([str(src), "-m", model, "-q", "--out", str(fifo)]) == 0, capsys.readouterr().err
+    reader.join(10)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and read_png(io.BytesIO(got[0])).mode == "RGBA"
+    dangling = tmp_path / "dangling.png"
+    dangling.symlink_to(tmp_path / "nowhere" / "x.png")
+    assert main(["i", "-m", model, "-q", str(src), str(dangling)]) == 1
+    err = capsys.readouterr().err
+    assert f"{dangling} links to " in err and ".tmp" not in err  # (the line is cut at 300 characters)
+
+
+def test_sub_folders_are_mirrored_from_the_copy_kept(model, tmp_path, capsys, monkeypatch):
+    """A review: a link in a sub-folder to a top-level photo put its cut-out in out/sub/; `in in/sub` put
+    in/sub/b.png's in out/; and a read-only tree without --out flattened into the current folder, two p.jpg in
+    two sub-folders refused as a clash of names nobody chose."""
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    save_png(src / "a.png")
+    save_png(src / "sub" / "b.png")
+    (src / "sub" / "link.png").symlink_to(src / "a.png")
+    assert main([str(src), "-m", model, "-q", "-o", str(tmp_path / "out")]) == 0
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png")) == [
+        "a.nobg.png", "sub/b.nobg.png"]
+    assert main([str(src), str(src / "sub"), "-m", model, "-q", "-o", str(tmp_path / "out2")]) == 0
+    assert sorted(str(p.relative_to(tmp_path / "out2")) for p in (tmp_path / "out2").rglob("*.png")) == [
+        "a.nobg.png", "sub/b.nobg.png"]
+    ro, work = tmp_path / "ro", tmp_path / "work"
+    for sub in ("x", "y"):
+        (ro / sub).mkdir(parents=True)
+        save_png(ro / sub / "p.png")
+        (ro / sub).chmod(0o555)
+    ro.chmod(0o555)
+    work.mkdir()
+    monkeypatch.chdir(work)
+    try:
+        assert main([str(ro), "-m", model, "-q"]) == 0, capsys.readouterr().err
+    finally:
+        for d in (ro, ro / "x", ro / "y"):
+            d.chmod(0o755)
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*.png")) == ["x/p.nobg.png", "y/p.nobg.png"]
+
+
+def test_a_camera_jpeg_with_a_second_picture_is_no_animation(tmp_path):
+    """Pillow opens a JPEG carrying MPF data (a gain map, a depth map) as a 2-frame MPO: it was warned about as
+    "2 frames, only the first is cut out" (a review)."""
+    import warnings
+
+    from bgremover.remover import open_image
+
+    a, b = (Image.fromarray(halves(12, 20)) for _ in range(2))
+    a.save(tmp_path / "mpo.jpg", format="MPO", save_all=True, append_images=[b])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_image(tmp_path / "mpo.jpg").size == (20, 12)

@@ -285,3 +285,13 @@ def test_early_errors_import_neither_torch_nor_lightning(small_camvid, tmp_path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parent.parent)
     assert out.stdout.splitlines() == ["ckpt_path: checkpoint not found: /nonexistent/last.ckpt", "[]"], out.stderr
+
+
+def test_full_frames_with_scale_jitter_stay_allowed_where_the_data_crops_them_back(small_camvid, tmp_path):
+    """The refusal above is for the albumentations pipelines; the resident datamodule crops every scaled frame back
+    to the frame's size, and was refused too (a review)."""
+    from bgremover import config
+
+    cfg = compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "data=camvid_resident",
+                                         "data.crop_size=null", "data.scale_jitter=0.25", "data.device=cpu"])
+    config.validate_train(cfg)

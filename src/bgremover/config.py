@@ -266,9 +266,10 @@ def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[st
             raise UserError(f"data.crop_size must be [height, width] in pixels or null, got {crop!r}")
         if size_multiple and any(c % size_multiple for c in crop):
             raise UserError(f"data.crop_size {crop} must be multiples of {size_multiple} (the net's size multiple)")
-    elif (data.get("scale_jitter") or 0) > 0 and (data.get("batch_size") or 1) > 1:
-        # each frame rescaled by its own factor and nothing cutting it back: "stack expects each tensor to be equal
-        # size" at the first batch, after everything was built
+    elif (data.get("scale_jitter") or 0) > 0 and (data.get("batch_size") or 1) > 1 \
+            and "Resident" not in str(data.get("_target_", "")):  # that one crops every frame back to the frame size
+        # albumentations: each frame rescaled by its own factor and nothing cutting it back: "stack expects each
+        # tensor to be equal size" at the first batch, after everything was built
         raise UserError(f"data.crop_size=null (full frames) with data.scale_jitter={data.scale_jitter} gives frames "
                         f"of different sizes, which a batch of {data.batch_size} cannot stack: add "
                         "data.scale_jitter=0, or keep a crop size")

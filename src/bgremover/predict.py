@@ -58,6 +58,7 @@ from bgremover.remover import (  # noqa: F401  (re-exported: the library's names
     encode_image,
     encode_png,
     guided_filter,
+    is_stream,
     open_image,
     output_suffix,
     parse_color,
@@ -112,7 +113,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("input", nargs="?", metavar="INPUT", help="an image file, or - for stdin (the default when "
                        "stdin is not a terminal)")
         p.add_argument("out", nargs="?", metavar="OUTPUT", help=f"the PNG (or, opaque, JPEG) to write, a folder "
-                       f"(ending in /) to write <stem>{OUTPUT_SUFFIX} into, or - for stdout (default, as rembg: stdout "
+                       f"(ending in /) to write <stem>{OUTPUT_SUFFIX} (a mask: <stem>{MASK_SUFFIX}) into, or - for stdout (default, as rembg: stdout "
                        f"when it is redirected or piped, else <stem>{OUTPUT_SUFFIX} beside the input)")
     elif command == "p":
         p.add_argument("input", metavar="INPUT_DIR", help="a folder of images (its sub-folders too)")
@@ -162,6 +163,7 @@ def _collect(inputs: Sequence[str], failures: list[str], from_folders: dict[Path
     by expanding a folder are added to `from_folders` with their sub-folder in it (only those may be skipped when
     their output exists; an --out folder mirrors the sub-folders)."""
     items: list[Path | None] = []
+    origin: dict[Path, Path] = {}  # a file found in a folder -> its sub-folder there (the first folder that has it)
     for raw in inputs:
         if raw == "-":
             items.append(None)
@@ -172,11 +174,11 @@ def _collect(inputs: Sequence[str], failures: list[str], from_folders: dict[Path
             if not found:
                 failures.append(
                     f"{path}: directory contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
-                    "its sub-folders neither"
+                    "its sub-folders neither (hidden ones and links to folders are not read)"
                 )
             items.extend(found)
-            if from_folders is not None:
-                from_folders.update((p.resolve(), p.parent.relative_to(path)) for p in found)
+            for p in found:
+                origin.setdefault(p, p.parent.relative_to(path))
         elif path.exists():
             items.append(path)
         else:
@@ -191,6 +193,8 @@ def _collect(inputs: Sequence[str], failures: list[str], from_folders: dict[Path
             unique.append(item)
         elif unique[seen[key]].is_symlink() and not item.is_symlink():  # the file's own name, not a link's
             unique[seen[key]] = item
+    if from_folders is not None:  # the copy kept says where it sits (a link's sub-folder is not the file's)
+        from_folders.update((i.resolve(), origin[i]) for i in unique if i is not None and i in origin)
     return unique
 
 
@@ -208,12 +212,17 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool, mask
         return [None]
     if out == "":  # Path("") is the current folder: an empty OUTPUT wrote there
         raise UsageError("the output is empty: name a file or folder (- for stdout)")
+    sub = sub or {}
     if out is None:
         # Beside each input; an input in a read-only folder (a shared dataset, a mounted card) writes to the
-        # current directory instead, so the default command never fails for want of write access.
-        return _disambiguate(items, [_beside(i, suffix) for i in items], suffix)  # type: ignore[arg-type]
+        # current directory instead (in its sub-folder there), so the default command never fails for want of
+        # write access.
+        return _disambiguate(items, [_beside(i, suffix, sub.get(i.resolve(), Path())) for i in items],  # type: ignore[union-attr]
+                             suffix)
     target, folder = Path(out), _is_folder_name(out)
-    as_file = not several and not folder and not target.is_dir() and target.suffix.lower() in OUTPUT_SUFFIXES
+    # a named file, or a device or pipe (`--out /dev/stdout`, as the rembg form takes it)
+    as_file = not several and not folder and not target.is_dir() and (
+        target.suffix.lower() in OUTPUT_SUFFIXES or is_stream(target))
     if as_file:
         return [target]
     if target.exists() and not target.is_dir():
@@ -223,18 +232,17 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool, mask
     if not several and not folder and target.suffix and not target.is_dir():
         raise UsageError(f"{option} {target}: an output file must end in .png (or .jpg, for an opaque one); a "
                          f"folder, in /")
-    sub = sub or {}
     dests = [target / sub.get(i.resolve(), Path()) / output_name(i, mask_only) if i is not None
              else target / ("stdin" + suffix) for i in items]
     return _disambiguate(items, dests, suffix)
 
 
-def _beside(item: Path, suffix: str) -> Path:
+def _beside(item: Path, suffix: str, sub: Path) -> Path:
     folder = item.parent
     # Read-only by its mode bits too: root passes os.access anyway, and wrote cut-outs into a 555 dataset folder
     # (CI and this project's machines run as root beside ../shared/CamVid).
     read_only = not os.access(folder, os.W_OK) or not folder.stat().st_mode & 0o222
-    return (Path.cwd() if read_only else folder) / (item.stem + suffix)
+    return (Path.cwd() / sub if read_only else folder) / (item.stem + suffix)
 
 
 def _disambiguate(items: list[Path | None], dests: list[Path], suffix: str) -> list[Path | None]:
@@ -373,7 +381,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     moved = sorted({str(i.parent) for i, o in zip(items, outputs, strict=True)
                     if args.out is None and i is not None and o is not None and o.parent != i.parent})
     if moved and not args.quiet:  # the read-only fallback of _beside: say where the files went
-        print(f"{', '.join(moved)}: read-only, so the cut-outs go to the current folder {Path.cwd()}",
+        print(f"{', '.join(moved)}: read-only, so the outputs go to the current folder {Path.cwd()}",
               file=sys.stderr)
     opaque = args.mask_only or args.bg_image is not None or (bg_color is not None and bg_color[3:] in ((), (255,)))
     jpeg = next((o for o in outputs if o is not None and o.suffix.lower() in JPEG_SUFFIXES), None)
@@ -402,7 +410,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     if outputs and outputs[0] is not None:
         # Made and checked before any inference: a folder we cannot write would otherwise fail every image
         # after its inference, each blamed on the input and naming a hidden temp file.
-        for dest in sorted({o.parent for o in outputs if o is not None}):
+        for dest in sorted({o.parent for o in outputs if o is not None and not is_stream(o)}):
             try:
                 dest.mkdir(parents=True, exist_ok=True)
             except OSError as e:

@@ -147,7 +147,9 @@ def open_image(
                 )
             opened.load()  # decode now so truncated files fail here, not halfway through the pipeline
             frames = getattr(opened, "n_frames", 1)
-            if frames > 1:  # an animated GIF/WebP or multi-page TIFF: rembg too takes the first, without a word
+            # an animated GIF/WebP/PNG or a multi-page TIFF: rembg too takes the first, without a word; not a camera
+            # JPEG carrying a second picture (MPF: a gain map, a depth map), which Pillow opens as 2-frame MPO
+            if frames > 1 and opened.format != "MPO":
                 warnings.warn(f"{name}: {frames} frames, only the first is cut out", stacklevel=2)
             # a decoded copy: usable after the file is closed
             img, later = _recording(lambda: ImageOps.exif_transpose(opened))
@@ -369,19 +371,30 @@ def encode_image(img: Image.Image, suffix: str = ".png") -> bytes:
     return buf.getvalue()
 
 
+def is_stream(path: str | os.PathLike) -> bool:
+    """An existing device, pipe or socket (/dev/null, /dev/stdout, a FIFO): written to as it is, never replaced."""
+    try:
+        mode = os.stat(path).st_mode  # through links
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
 def write_atomic(data: bytes, path: str | os.PathLike) -> None:
     """Write to a temp file beside `path`, then rename: readers never see a half-written file. Through a link the
     link's target is replaced and the link stays; a device or pipe (/dev/stdout, a FIFO) is written to as it is (the
     rename replaced /dev/null with a PNG, as root); an existing file keeps its permissions."""
-    path = Path(os.path.realpath(path))
+    if is_stream(path):  # opened as named: /dev/stdout resolves to a "pipe:[…]" that no folder holds
+        with open(path, "wb") as fh:  # a stream: nothing to rename over
+            fh.write(data)
+        return
+    named, path = path, Path(os.path.realpath(path))
+    if not path.parent.is_dir():  # a dangling link: say so, not "no such file" naming our temp file
+        raise FileNotFoundError(f"{named} links to {path}, whose folder does not exist")
     try:
         st = path.stat()
     except FileNotFoundError:
         st = None
-    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-        with open(path, "wb") as fh:  # a stream: nothing to rename over
-            fh.write(data)
-        return
     if st is not None:
         mode = stat.S_IMODE(st.st_mode)
     else:

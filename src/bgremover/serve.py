@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import io
 import logging
 import os
@@ -117,7 +116,9 @@ def parse_options(query: Any, remover: BackgroundRemover) -> dict[str, Any]:
     if "url" in unknown:  # rembg's fetch-by-URL: said as such, not as "unknown parameter" or "empty body"
         raise ApiError(422, URL_UNSUPPORTED)
     if unknown:
-        raise ApiError(422, f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+        raise ApiError(422, f"unknown {'parameter' if len(unknown) == 1 else 'parameters'} {', '.join(unknown)}; valid: "
+                            f"{', '.join(OPTIONS)} (rembg's {', '.join(REMBG_NAMES)} for some; its {', '.join(MATTING)} "
+                            "accepted and ignored)")
     for key in (*OPTIONS, *MATTING):
         if key != "classes" and len(query.getlist(key)) > 1:
             raise ApiError(422, f"{key} given more than once")
@@ -187,24 +188,36 @@ def content_disposition(filename: str | None, opts: dict[str, Any]) -> str:
     return f"inline; filename=\"{fallback}{suffix}\"; filename*=UTF-8''{quote(stem + suffix, safe='')}"
 
 
-def part_bytes(text: str, content_type: str) -> bytes:
-    """The bytes of a part sent without `filename=` (`curl -F "file=<photo.jpg"`, aiohttp's FormData of bytes),
-    which Starlette gives as text: decoded in the request's charset (UTF-8 unless named) or, where that fails, as
-    latin-1, one character per byte. Neither loses a byte. An image is never valid UTF-8 (PNG's and JPEG's first
-    byte is not), so it is the latin-1 case; the one ambiguity (text of characters up to U+00FF) is no image."""
-    named = re.search(r"charset=\"?([\w.:-]+)", content_type, re.IGNORECASE)
-    try:
-        charset = codecs.lookup(named.group(1) if named else "utf-8").name
-    except LookupError:  # Starlette decodes an unknown charset as latin-1
-        charset = "latin-1"
-    try:
-        raw = text.encode("latin-1")
-        raw.decode(charset)
-    except UnicodeEncodeError:  # a character past U+00FF: the charset's decoding made it
-        return text.encode(charset)
-    except UnicodeDecodeError:  # not valid in the charset: Starlette's latin-1 fallback, so `raw` is the part
-        return raw
-    return text.encode(charset)
+def part_bytes(body: bytes, content_type: str, name: str = "file") -> bytes:
+    """The bytes of the multipart part `name` as sent, for a part without `filename=` (`curl -F "file=<photo.jpg"`,
+    aiohttp's FormData of bytes), which Starlette hands over as text. Read from the body itself: the text cannot be
+    turned back into the bytes (Starlette decodes a part as UTF-8 where that succeeds, else as latin-1, and a BMP
+    whose pixels happen to be valid UTF-8 came back changed)."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    boundary = parse_options_header(content_type)[1].get(b"boundary", b"")
+    parts: list[tuple[bytes, bytearray]] = []
+    header: dict[str, bytearray] = {}
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header.setdefault("field", bytearray()).extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header.setdefault("value", bytearray()).extend(data[start:end])
+
+    def on_header_end() -> None:
+        if bytes(header.get("field", b"")).lower() == b"content-disposition":
+            parts.append((parse_options_header(bytes(header.get("value", b"")))[1].get(b"name", b""), bytearray()))
+        header.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1][1].extend(data[start:end])
+
+    parser = MultipartParser(boundary, {"on_header_field": on_header_field, "on_header_value": on_header_value,
+                                        "on_header_end": on_header_end, "on_part_data": on_part_data})
+    parser.write(body)
+    parser.finalize()
+    return next((bytes(data) for key, data in parts if key == name.encode()), b"")
 
 
 class Service:
@@ -298,7 +311,7 @@ class Service:
                 raise ApiError(422, "file given more than once: send one image per request")
             upload = form.get("file")
             if isinstance(upload, str):  # sent without filename=, as rembg's `file: bytes = File()` takes it too
-                data, filename = part_bytes(upload, request.headers.get("content-type", "")), None
+                data, filename = part_bytes(body, request.headers.get("content-type", "")), None
             elif isinstance(upload, UploadFile):
                 data, filename = await upload.read(), upload.filename
             else:
@@ -364,7 +377,7 @@ def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
             ignored = [key for key in MATTING if key in query]
             if ignored and not service.matting_logged:
                 service.matting_logged = True
-                log.warning("%s (rembg's alpha-matting settings) ignored: a here refines the mask with a guided "
+                log.warning("%s (rembg's alpha-matting settings) ignored: `a` here refines the mask with a guided "
                             "filter (said once; each answer names them in %s)", "/".join(ignored), IGNORED_HEADER)
             loop = asyncio.get_running_loop()
             png, seconds = await loop.run_in_executor(service.pool, service.cutout, data, opts)
