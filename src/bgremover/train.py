@@ -153,7 +153,7 @@ def _resume_wandb(cfg: DictConfig, mode: str) -> str | None:
     `wandb sync` of two offline runs with one id keeps only the last (wandb/wandb#3841); the new run's config
     names the old one (`resumed_from_wandb_run`). Either way it keeps the old run's name (a sweep job's
     `<net>-seed1-job3` was renamed `<net>-seed1` by a resume from outside the sweep) unless the command line
-    names it. Returns the old run's id, or None."""
+    names it or the resume is itself a sweep's job. Returns the old run's id, or None."""
     if not cfg.get("ckpt_path") or cfg.logger.wandb.get("id"):
         return None
     from bgremover import checkpoint
@@ -161,8 +161,8 @@ def _resume_wandb(cfg: DictConfig, mode: str) -> str | None:
     ckpt = checkpoint.read(cfg.ckpt_path)
     previous, name = ckpt.get("wandb_run_id"), ckpt.get("wandb_run_name")
     with open_dict(cfg):
-        if name and not config.given("logger.wandb.name"):
-            cfg.logger.wandb.name = name
+        if name and not config.given("logger.wandb.name") and not utils.is_multirun():  # a sweep's jobs keep
+            cfg.logger.wandb.name = name  # their own -jobN: several may resume one checkpoint
         if previous and mode == "online":
             cfg.logger.wandb.id, cfg.logger.wandb.resume = previous, "allow"
     return previous
