@@ -360,6 +360,18 @@ def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_pa
     named = compose_cfg(tmp_path / "named", [*resume, "logger.wandb.name=second-try"])
     train_mod._resume_wandb(named, "online")
     assert named.logger.wandb.name == "second-try"  # a name the command line gives is kept
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    job = compose_cfg(tmp_path / "job", resume)  # a sweep's job resuming it: keeps its own name (a review)
+    OmegaConf.set_readonly(job.hydra, False)
+    with open_dict(job):
+        job.hydra.mode = RunMode.MULTIRUN
+        job.logger.wandb.name = "tiny-seed7-job5"
+    HydraConfig().set_config(job)
+    train_mod._resume_wandb(job, "online")
+    assert job.logger.wandb.name == "tiny-seed7-job5"
 
 
 
