@@ -477,3 +477,21 @@ def test_run_plan_of_a_resumed_run_counts_what_is_left(small_camvid, tmp_path, c
     budget.load_state_dict({"train_s": 290.0})
     assert _time_limit(SimpleNamespace(callbacks=[timer])) == (475.0, "trainer.max_time")
     assert _time_limit(SimpleNamespace(callbacks=[timer, budget])) == (10.0, "TimeToMIoU's time budget")
+
+
+def test_a_resume_with_max_steps_from_an_epoch_end_checkpoint(small_camvid, tmp_path):
+    """A user audit: `trainer.max_steps=4`, then resumed with `trainer.max_steps=8`, ended with "Early stopping
+    conditioned on metric val/mIoU which is not available" (Lightning replays the train-epoch-end hooks of a
+    max_steps resume, and early stopping checked there with validation every epoch), and with validation less
+    often it logged an epoch of NaN train numbers. Now it trains on, and its history holds no NaN."""
+    import math
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.check_val_every_n_epoch=1",
+            "trainer.max_epochs=null"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_steps=4"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_steps=8", f"ckpt_path={last}"]))
+    assert objects["trainer"].global_step == 8
+    rows = list(csv.DictReader(next((tmp_path / "b").rglob("metrics.csv")).open()))
+    train_rows = [r for r in rows if r.get("train/mIoU")]
+    assert train_rows and not any(math.isnan(float(r["train/mIoU"])) for r in train_rows), train_rows

@@ -191,7 +191,10 @@ class SegmentationModule(pl.LightningModule):
         return out
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
+        # A resume with trainer.max_steps from an epoch-end checkpoint: Lightning replays this hook with no batch
+        # trained, and NaN train numbers went to the logs as one more epoch (a user audit)
+        if self.miou[_key("train")].update_called:
+            self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_epoch("val")
