@@ -784,3 +784,29 @@ def test_seeds_of_a_real_sweep_are_averaged(tmp_path: Path) -> None:
         write_summary(out, s)
     stats = {s.net: len(s.runs) for s in compare.aggregate(compare.find_runs([root]))}
     assert stats == {TIRAMISU: 2, f"{DEEPLAB} (model.optimizer.lr=0.01)": 1, f"{DEEPLAB} (model.optimizer.lr=0.001)": 2}
+
+
+def test_recipes_told_apart_only_by_their_fourth_setting_stay_two_rows(tmp_path: Path) -> None:
+    """A user audit: a sweep over lr compared beside a run whose other settings differed: both lr groups were
+    labelled by the first 3 differing settings alike, one replaced the other, and the report dropped 2 of 5 runs."""
+    root = tmp_path / "runs"
+    common = ["trainer.max_steps=2", "data.limit_eval_images=2", "trainer.check_val_every_n_epoch=1"]
+    for name, seed, overrides in (("a", 1, [*common, "model.optimizer.lr=0.001"]),
+                                  ("b", 2, [*common, "model.optimizer.lr=0.001"]),
+                                  ("c", 1, [*common, "model.optimizer.lr=0.002"]),
+                                  ("d", 2, [*common, "model.optimizer.lr=0.002"]),
+                                  ("e", 1, ["trainer.max_steps=3"])):
+        config: dict = {}
+        for o in overrides:  # the resolved config says what the overrides set
+            key, value = o.split("=")
+            node = config
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = float(value) if "." in value else int(value)
+        s = ok_summary(root / name, TIRAMISU, seed) | {"overrides": overrides, "config": config}
+        write_summary(root / name, s)
+    stats = compare.aggregate(compare.find_runs([root]))
+    assert sorted(len(s.runs) for s in stats) == [1, 2, 2], [(s.net, len(s.runs)) for s in stats]  # all 5 runs
+    assert len({s.net for s in stats}) == 3
+    assert any("model.optimizer.lr=0.001" in s.net for s in stats)

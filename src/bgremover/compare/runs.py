@@ -216,7 +216,7 @@ NOT_RECIPE = ("seed", "paths", "hydra", "logger", "extras", "tags", "task_name",
               "data.seed", "trainer.enable_progress_bar", "trainer.enable_model_summary", "callbacks.progress_bar")
 # and every setting whose value lies in the run's own folder (checkpoint dirpath, default_root_dir, a split file):
 # where a run wrote, not how it trained — each job of a sweep has its own
-LABEL_KEYS = 3  # differing settings named in a group's label, at most
+LABEL_KEYS = 3  # differing settings named in a group's label (more only where needed to keep labels apart)
 
 
 def recipe(run: Run) -> dict[str, str]:
@@ -256,7 +256,10 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
             out[net] = next(iter(recipes.values()))
             continue
         for label, rs in zip(_labels(list(recipes.values())), recipes.values(), strict=True):
-            out[f"{net} ({label})"] = rs
+            name = f"{net} ({label})"
+            while name in out:  # never one group over another, whatever the labels say
+                name += "'"
+            out[name] = rs
     return out
 
 
@@ -274,11 +277,22 @@ def _labels(groups: list[list[Run]]) -> list[str]:
         short = [[short_number(o) for o in lab] for lab in labels]  # Optuna's lr=0.00035090148857968553
         if len({tuple(lab) for lab in short}) == len(short):  # unless rounding would merge two recipes' labels
             labels = short
-        return [", ".join(lab[:LABEL_KEYS]) + (", …" if len(lab) > LABEL_KEYS else "") for lab in labels]
+        return _cut(labels)
     flats = [recipe(g[0]) for g in groups]
     keys = sorted(k for k in set().union(*flats) if len({f.get(k) for f in flats}) > 1)
-    return [", ".join(f"{k}={json.loads(f[k]) if k in f else '-'}" for k in keys[:LABEL_KEYS])
-            + (", …" if len(keys) > LABEL_KEYS else "") for f in flats]
+    return _cut([[f"{k}={json.loads(f[k]) if k in f else '-'}" for k in keys] for f in flats])
+
+
+def _cut(labels: list[list[str]]) -> list[str]:
+    """Each label's first LABEL_KEYS settings, or as many more as keep the labels apart: cut to 3, two recipes
+    that differed in their 4th (a sweep's lr, beside a run whose other settings differed) read alike, and one
+    group replaced the other in the report (a user audit)."""
+    longest = max((len(lab) for lab in labels), default=0)
+    for n in range(LABEL_KEYS, longest + 1):
+        out = [", ".join(lab[:n]) + (", …" if len(lab) > n else "") for lab in labels]
+        if len(set(out)) == len(out):
+            return out
+    return [", ".join(lab) for lab in labels]
 
 
 def short_number(override: str) -> str:
