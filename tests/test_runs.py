@@ -626,3 +626,12 @@ def test_speedrun_times_say_when_val_is_trained_on(small_camvid):
         assert cb.describe() == "val/mIoU >= 0.500: not reached (val is in the training data: not a held-out score)"
         cb.on_fit_start(SimpleNamespace(datamodule=dm_type(root=small_camvid), limit_val_batches=1.0), None)
         assert cb.describe() == "val/mIoU >= 0.500: not reached"
+
+
+def test_a_run_without_a_logger(small_camvid, tmp_path):
+    """`logger=null` (or `~logger`) ended every run with "Cannot use LearningRateMonitor callback with Trainer that
+    has no logger" after the build (a user audit); summary.json still records the run."""
+    _, objects = train(compose_cfg(tmp_path, [*(o for o in TINY_RUN if o != "logger=csv"), f"data.root={small_camvid}", "~logger",
+                                              "trainer.max_epochs=1", "test=false"]))
+    assert objects["trainer"].global_step == 2 and not objects["logger"]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"

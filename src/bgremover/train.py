@@ -133,6 +133,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         cfg.logger.wandb.offline = mode == "offline"
         resumed_from = _resume_wandb(cfg, mode)
     loggers = utils.instantiate_loggers(cfg.get("logger"))
+    if not loggers:  # logger=null: Lightning's LearningRateMonitor refuses a Trainer without a logger, after the build
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     if cfg.get("ckpt_init"):  # a new stage from an earlier run's weights: epoch, optimizer and schedule start fresh
         loaded, skipped = checkpoint.init_from(model, cfg.ckpt_init)
