@@ -635,3 +635,15 @@ def test_a_run_without_a_logger(small_camvid, tmp_path):
                                               "trainer.max_epochs=1", "test=false"]))
     assert objects["trainer"].global_step == 2 and not objects["logger"]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"
+
+
+def test_run_plan_counts_steps_with_gradient_accumulation(small_camvid, tmp_path, caplog):
+    """4 batches an epoch accumulated by 3 are 2 optimizer steps (the last one partial), and the plan said 1: "2
+    epochs × 1 step = 2 steps" for a run of 4 (a user audit)."""
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        _, objects = train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "data.batch_size=1",
+                                                  "+trainer.accumulate_grad_batches=3", "trainer.max_epochs=2",
+                                                  "test=false"]))
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    assert objects["trainer"].global_step == 4
+    assert "2 epochs × 2 steps = 4 steps" in plan, plan

@@ -251,7 +251,8 @@ def planned_steps(trainer: pl.Trainer) -> tuple[int | None, int | None]:
     if per_epoch == float("inf"):
         per_epoch = None
     elif per_epoch is not None:
-        per_epoch = max(1, int(per_epoch) // max(1, trainer.accumulate_grad_batches))
+        # an epoch's last, partial accumulation steps too (Lightning's estimated_stepping_batches rounds up)
+        per_epoch = max(1, -(-int(per_epoch) // max(1, trainer.accumulate_grad_batches)))
     if trainer.max_steps not in (None, -1) and per_epoch:
         limit = -(-trainer.max_steps // per_epoch)
         epochs = limit if epochs is None else min(epochs, limit)
