@@ -29,6 +29,11 @@ def test_a_setting_of_another_data_choice_is_named_in_one_line(small_camvid, tmp
 @pytest.mark.parametrize("override, message", [
     ("data.crop_size=224", "data.crop_size must be [height, width] in pixels or null, got 224"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch must be a positive integer, got 0"),
+    ("trainer.max_steps=0", "trainer.max_steps must be a positive integer, got 0"),
+    ("trainer.max_steps=abc", "trainer.max_steps must be a positive integer, got 'abc'"),
+    ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be a positive integer, got 0"),
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains nothing: to test a checkpoint, use "
+                                      "train=false ckpt_path=<checkpoint>"),
     # a user audit, as the README said it: "stack expects each tensor to be equal size" at the first batch
     ("data.crop_size=null data.scale_jitter=0.25", "data.crop_size=null (full frames) with data.scale_jitter=0.25 "
      "gives frames of different sizes, which a batch of 2 cannot stack: add data.scale_jitter=0, or keep a crop size"),

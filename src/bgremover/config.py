@@ -415,6 +415,15 @@ def validate_train(cfg: DictConfig) -> None:
     if epochs is not None and epochs != -1:
         _positive_int(epochs, "trainer.max_epochs")
     max_time_s(cfg)  # Lightning refused a bad one only while building the Trainer, after the config was printed
+    # each failed after the build, leaving a failed run folder ("'<' not supported between instances of 'str' and
+    # 'int'", "division by zero"), or trained nothing and wrote an "ok" run that compare counted (a user audit)
+    steps = trainer.get("max_steps")
+    if steps is not None and steps != -1:
+        _positive_int(steps, "trainer.max_steps")
+    _positive_int(trainer.get("accumulate_grad_batches"), "trainer.accumulate_grad_batches", allow_none=True)
+    if cfg.get("train", True) and trainer.get("limit_train_batches") in (0, 0.0):
+        raise UserError("trainer.limit_train_batches=0 trains nothing: to test a checkpoint, use train=false "
+                        "ckpt_path=<checkpoint> (or make eval CKPT=<checkpoint>)")
     # 0 was "ZeroDivisionError: integer modulo by zero" after everything was built
     _positive_int(trainer.get("check_val_every_n_epoch"), "trainer.check_val_every_n_epoch", allow_none=True)
     _check_search_objective(cfg, trainer)
