@@ -294,3 +294,14 @@ def test_the_readmes_last_checkpoint_setting_is_settable_on_the_default_callback
     node = cfg.callbacks.last_checkpoint
     assert node.every_epoch is False
     assert hydra.utils.get_class(node._target_)(dirpath="x", every_epoch=node.every_epoch).every_epoch is False
+
+
+def test_a_named_wandb_group_is_the_runs_group(tmp_path):
+    """`logger.wandb.group=mine`: the W&B run was in "mine", summary.json said the experiment's name, and
+    `compare --wandb` logged the comparison into that other group (a user audit)."""
+    from conftest import compose_cfg
+
+    from bgremover import utils
+
+    assert utils.sweep_group(compose_cfg(tmp_path, ["logger=wandb", "logger.wandb.group=mine"])) == "mine"
+    assert utils.sweep_group(compose_cfg(tmp_path, ["experiment=cpu_quick", "logger=wandb"])) == "cpu_quick"

@@ -184,8 +184,14 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Any]:
 
 
 def sweep_group(cfg: DictConfig) -> str:
-    """W&B group: the experiment's name, plus the sweep folder in a multirun so that each sweep is one group."""
+    """W&B group: the one logger.wandb.group names, else the experiment's name, plus the sweep folder in a multirun
+    so that each sweep is one group. summary.json records it too, and `compare --wandb` logs beside it (a group
+    set on the command line was recorded as the experiment's, and the comparison landed in another group)."""
     from hydra.core.hydra_config import HydraConfig
+
+    named = OmegaConf.select(cfg, "logger.wandb.group")
+    if named:
+        return str(named)
 
     base = cfg.get("experiment_name") or cfg.get("task_name", "train")
     if HydraConfig.initialized():
