@@ -30,6 +30,7 @@ def test_a_setting_of_another_data_choice_is_named_in_one_line(small_camvid, tmp
     ("data.crop_size=224", "data.crop_size must be [height, width] in pixels or null, got 224"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch must be a positive integer, got 0"),
     ("trainer.max_steps=0", "trainer.max_steps must be a positive integer, got 0"),
+    ("ckpt_path=last", "ckpt_path=last: give the checkpoint's path (a run's last one: <run>/checkpoints/last.ckpt)"),
     ("trainer.max_steps=abc", "trainer.max_steps must be a positive integer, got 'abc'"),
     ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be a positive integer, got 0"),
     ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains nothing: to test a checkpoint, use "
@@ -163,6 +164,10 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
     (tmp_path / "multiruns" / "2026-01-01_10-00-00" / "0").mkdir()  # a sweep that ran a job
     assert "already holds a sweep or run (2026-01-01_10-00-00/multirun.yaml)" in taken_run_dir(
         ["-m", f"hydra.sweep.dir={tmp_path / 'multiruns'}", "seed=1,2"])
+    # a single run at a sweep's root: accepted, and the sweep's report then counted it among its jobs (a user audit)
+    root = tmp_path / "multiruns" / "2026-01-01_10-00-00"
+    assert taken_run_dir([f"hydra.run.dir={root}"]) == (
+        f"hydra.run.dir={root} holds a sweep: a run there would be counted among its jobs; choose a new folder")
     # a lone multirun.yaml: a sweep refused at its start, nothing to overwrite (its retry was refused as taken)
     (tmp_path / "refused").mkdir()
     (tmp_path / "refused" / "multirun.yaml").write_text("{}\n")

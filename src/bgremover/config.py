@@ -180,6 +180,11 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
                     "results would be overwritten or counted into this one; choose a new folder")
         return None
     run_dir = given.get("hydra.run.dir")
+    if run_dir and any(_is_record(Path(run_dir) / n) for n in (SWEEP_REPORT_NAME, "multirun.yaml")
+                       if (Path(run_dir) / n).is_file()):
+        # a single run at a sweep's root: the sweep's report then counted it among its jobs (a user audit)
+        return (f"hydra.run.dir={run_dir} holds a sweep: a run there would be counted among its jobs; choose a new "
+                "folder")
     if not run_dir or not any((Path(run_dir) / name).is_file() for name in (SUMMARY_NAME, "eval.json")):
         return None
     if resumes and _resumed_in_place(given):
@@ -433,6 +438,9 @@ def validate_train(cfg: DictConfig) -> None:
                         "add trainer.sync_batchnorm=false for CPU processes")
     for key in ("ckpt_path", "ckpt_init"):  # before the settings' check, which imports torch (seconds)
         value = cfg.get(key)
+        if value in ("last", "best", "hpc", "registry"):  # Lightning's shorthands: "checkpoint not found: last"
+            raise UserError(f"{key}={value}: give the checkpoint's path (a run's last one: <run>/checkpoints/"
+                            "last.ckpt); Lightning's shorthands do not name a run here")
         if value and (problem := checkpoint_problem(value)):
             raise UserError(f"{key}: {problem}")
     lr = ((model.get("optimizer") or {}).get("lr"))

@@ -329,7 +329,7 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: Sta
         f"{count(epochs, 'epoch') if epochs else '∞ epochs'} × {count(per_epoch, 'step') if per_epoch else '? steps'} "
         f"= {total}" if not start[1] else
         f"resumes at epoch {start[0]} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
-        f"epochs × {per_epoch or '?'} steps " + (f"− {start[2]} done " if start[2] else "")
+        f"epochs × {count(per_epoch, 'step') if per_epoch else '? steps'} " + (f"− {start[2]} done " if start[2] else "")
         + "= " + (f"{count(steps_left(trainer, start), 'step')} left{cap}" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
         f"validation every {count(trainer.check_val_every_n_epoch, 'epoch')}" if validates(trainer) else
