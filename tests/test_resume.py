@@ -326,7 +326,7 @@ def test_resuming_with_more_epochs_stretches_a_run_length_schedule(small_camvid,
 
 
 
-def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_path, monkeypatch):
+def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_path, monkeypatch, caplog):
     """A resumed run was a new, unrelated W&B run. Now the checkpoint records its W&B run; offline (here) the
     resumed run is a new one whose config names the old (wandb sync keeps only the last of two offline runs with
     one id), online the same run goes on (id + resume="allow"). Both keep the run's name: a sweep job's
@@ -348,7 +348,11 @@ def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_pa
 
     resume = [*wandb_run, f"data.root={small_camvid}", "trainer.max_epochs=2", "test=false", f"ckpt_path={last}"]
     train(compose_cfg(run2, resume))
-    finish_wandb()
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        finish_wandb()
+    # how to upload it, as W&B's own line would say were it not silenced (a user audit)
+    (offline_dir,) = (run2 / "wandb").glob("offline-run-*")
+    assert f"W&B: offline run, upload it with `wandb sync {offline_dir}`" in caplog.text
     second = offline_run(run2 / "wandb")
     assert second["id"] != first["id"] and second["config"]["resumed_from_wandb_run"] == first["id"]
     assert second["name"] == "tiny-seed7-job3"  # was the config's "<net>-seed<S>"

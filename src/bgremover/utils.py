@@ -154,12 +154,17 @@ def wandb_mode() -> str:
 
 
 def finish_wandb() -> None:
-    """Close the W&B run; without this a Hydra multirun logs every job into the first job's run."""
+    """Close the W&B run; without this a Hydra multirun logs every job into the first job's run. An offline run says
+    how to upload it: WANDB_SILENT (set so a run prints nothing of W&B's) also hid W&B's own `wandb sync` line."""
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
+            run = wandb.run
+            offline, where = bool(getattr(run, "offline", False)), Path(run.dir).parent if run.dir else None
             wandb.finish()
+            if offline and where is not None:
+                logging.getLogger("bgremover.train").info("W&B: offline run, upload it with `wandb sync %s`", where)
 
 
 # --- building from config --------------------------------------------------------------------------------------
