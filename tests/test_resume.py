@@ -499,3 +499,21 @@ def test_a_resume_with_max_steps_from_an_epoch_end_checkpoint(small_camvid, tmp_
     rows = list(csv.DictReader(next((tmp_path / "b").rglob("metrics.csv")).open()))
     train_rows = [r for r in rows if r.get("train/mIoU")]
     assert train_rows and not any(math.isnan(float(r["train/mIoU"])) for r in train_rows), train_rows
+
+
+def test_a_validation_cut_short_by_an_interrupt_is_named(caplog):
+    """Ctrl-C in a validation, then the resume: Lightning finishes that validation over the frames it had left, and
+    the run picked its best epoch from an 8-of-10-frame score without a word (a user audit)."""
+    from bgremover.train import _cut_validations
+
+    whole = {"frames": 10, "of": 10, "complete": True}
+    history = [{"epoch": 0, "val/mIoU": 0.5, "val/frames": 8}, {"epoch": 1, "val/mIoU": 0.4, "val/frames": 10},
+               {"epoch": 2, "val/mIoU": 0.45, "val/frames": 10}]
+    with caplog.at_level("WARNING", logger="bgremover.train"):
+        got = _cut_validations(history, whole)
+    assert got == {"frames": 10, "of": 10, "complete": False, "cut_epochs": [0]}
+    assert "val of epoch 0 covered 8 of 10 frames (a validation interrupted and resumed): the best epoch is one of " \
+           "them, so it was picked by a PARTIAL score" in caplog.text
+    history[0]["val/mIoU"] = 0.3  # not the best: named, the run's val numbers stand
+    assert _cut_validations(history, whole) == {**whole, "cut_epochs": [0]}
+    assert _cut_validations([{"epoch": 0, "val/mIoU": 0.5, "val/frames": 10}], whole) == whole

@@ -253,6 +253,7 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     if val_split["complete"] is False:
         log.warning("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (trainer."
                     "limit_val_batches or data.limit_eval_images)", val_split["frames"], val_split["of"])
+    val_split = _cut_validations(model.history, val_split)
     if split.get("frames"):  # the dashboard's summary had test/frames=12 and nothing saying "of 233"
         for logger in trainer.loggers:
             run_summary = getattr(getattr(logger, "experiment", None), "summary", None) \
@@ -262,6 +263,27 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics,
                   _run_record(cfg, objects, split, val_split), measure_inference=cfg.get("measure_inference", True))
     return metrics, objects
+
+
+def _cut_validations(history: list[dict], val_split: dict) -> dict:
+    """A validation interrupted (Ctrl-C) and resumed finishes over the frames it had left: Lightning restores its
+    place, not the metric states of the frames before. Such epochs are named (`cut_epochs`), and where the best
+    epoch is one of them the run's val numbers are PARTIAL: it was picked by a score over part of the split (a
+    user audit: val/frames 8, 10, 10 and the 8-frame epoch picked, without a word)."""
+    of = val_split.get("of")
+    if not of or val_split.get("complete") is False:  # unknown, or partial throughout (already said)
+        return val_split
+    cut = [h for h in history if h.get("val/frames") is not None and h["val/frames"] < of]
+    if not cut:
+        return val_split
+    scored = [h for h in history if h.get("val/mIoU") is not None]
+    best = max(scored, key=lambda h: h["val/mIoU"]) if scored else None
+    picked = best is not None and any(h is best for h in cut)
+    log.warning("val of epoch%s %s covered %s of %d frames (a validation interrupted and resumed)%s",
+                "s" if len(cut) > 1 else "", ", ".join(str(h["epoch"]) for h in cut),
+                "/".join(str(h["val/frames"]) for h in cut), of,
+                ": the best epoch is one of them, so it was picked by a PARTIAL score" if picked else "")
+    return {**val_split, "cut_epochs": [h["epoch"] for h in cut], **({"complete": False} if picked else {})}
 
 
 def _add_best_val(metrics: dict[str, float], model) -> dict[str, float]:
