@@ -4,6 +4,8 @@ Examples:
     python -m bgremover.train                                   # the quick CPU recipe (minutes)
     python -m bgremover.train experiment=tiramisu103_camvid     # the paper recipe (GPU)
     python -m bgremover.train -m model=tiramisu56,deeplabv3plus seed=1,2
+
+(Near 400 lines: building the run, its W&B resume, fit/test and the run's record read as one sequence.)
 """
 
 from __future__ import annotations
