@@ -31,6 +31,19 @@ def test_ema_decay_too_slow_for_the_run_is_called_out(tmp_path, caplog):
                           "keeps much of the early weights; for this length use callbacks.ema.decay=0.1667"]
     assert fit(0.5) == []  # ~2 steps: fine for 6
 
+    def fit_steps(steps: int) -> list[str]:
+        caplog.clear()
+        trainer = pl.Trainer(max_steps=steps, callbacks=[EMAWeights(decay=0.999)], logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             num_sanity_val_steps=0, default_root_dir=tmp_path)
+        with caplog.at_level("WARNING", logger="bgremover.train"):
+            trainer.fit(_Scored([0.1, 0.2, 0.3]))
+        return [r.getMessage() for r in caplog.records if "callbacks.ema.decay" in r.getMessage()]
+
+    # 4 steps: it said "use callbacks.ema.decay=0.0000" (a user audit)
+    assert fit_steps(4) == ["callbacks.ema.decay=0.999 averages over ~1000 steps, and this run plans 4: the average "
+                            "keeps much of the early weights; for this length train without callbacks=ema"]
+
 
 
 def _net_tensors(state: dict) -> dict:

@@ -434,9 +434,10 @@ class EMAWeights(EMAWeightAveraging):
         # much of its early, barely trained weights (and is what every checkpoint, test and export then use)
         total, span = planned_total(trainer), 1.0 / (1.0 - self.decay)
         if total is not None and total < 3 * span and trainer.is_global_zero:
+            # a run of 5 steps or fewer has nothing to average: the formula said "use decay=0.0000"
+            fix = f"use callbacks.ema.decay={1.0 - 5.0 / total:.4f}" if total > 5 else "train without callbacks=ema"
             log.warning("callbacks.ema.decay=%g averages over ~%d steps, and this run plans %d: the average keeps "
-                        "much of the early weights; for this length use callbacks.ema.decay=%.4f",
-                        self.decay, round(span), total, max(0.0, 1.0 - 5.0 / total))
+                        "much of the early weights; for this length %s", self.decay, round(span), total, fix)
 
     @staticmethod
     def _fitting(trainer: pl.Trainer) -> bool:
