@@ -647,3 +647,12 @@ def test_run_plan_counts_steps_with_gradient_accumulation(small_camvid, tmp_path
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
     assert objects["trainer"].global_step == 4
     assert "2 epochs × 2 steps = 4 steps" in plan, plan
+
+
+def test_the_precision_recorded_is_the_one_that_trains(small_camvid, tmp_path):
+    """`trainer.precision=16-mixed` on a CPU trains bf16-mixed (Lightning converts it), while summary.json and W&B
+    recorded "16-mixed" (a user audit)."""
+    _, objects = train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.precision=16-mixed",
+                                              "trainer.max_epochs=1", "trainer.limit_train_batches=1", "test=false"]))
+    assert str(objects["trainer"].precision) == "bf16-mixed"
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["trainer"]["precision"] == "bf16-mixed"

@@ -138,6 +138,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if not loggers:  # logger=null: Lightning's LearningRateMonitor refuses a Trainer without a logger, after the build
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    if "16" in str(cfg.trainer.get("precision")) and str(trainer.precision) != str(cfg.trainer.precision):
+        with open_dict(cfg):  # 16-mixed on a CPU trains bf16-mixed (Lightning says so): record what trains
+            cfg.trainer.precision = str(trainer.precision)
     if cfg.get("ckpt_init"):  # a new stage from an earlier run's weights: epoch, optimizer and schedule start fresh
         loaded, skipped = checkpoint.init_from(model, cfg.ckpt_init)
         fresh = (f"{len(skipped)} re-initialised: " + ", ".join(skipped[:6]) + (" …" if len(skipped) > 6 else "")
