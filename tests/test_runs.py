@@ -656,3 +656,12 @@ def test_the_precision_recorded_is_the_one_that_trains(small_camvid, tmp_path):
                                               "trainer.max_epochs=1", "trainer.limit_train_batches=1", "test=false"]))
     assert str(objects["trainer"].precision) == "bf16-mixed"
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_a_double_precision_run(small_camvid, tmp_path):
+    """`trainer.precision=64-true` failed at its first step: "expected scalar type Float but found Double" (the
+    logits cast to fp32 against the fp64 class weights; a user audit)."""
+    _, objects = train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.precision=64-true",
+                                              "data.class_weights=median_freq", "trainer.max_epochs=1",
+                                              "trainer.limit_train_batches=1", "test=false"]))
+    assert objects["trainer"].global_step == 1

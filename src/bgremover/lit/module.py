@@ -131,7 +131,9 @@ class SegmentationModule(pl.LightningModule):
             logits = self.tta(self, x, self.hparams.size_multiple)
         else:
             logits = self(x)
-        loss = self.criterion(logits.float(), y)
+        # half-precision logits to fp32 for the loss; not fp64 ones (precision=64-true): the class-weight buffer is
+        # fp64 there too, and the cast failed as "expected scalar type Float but found Double"
+        loss = self.criterion(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, y)
         if self.hparams.dice_weight and self.fg_index:
             loss = loss + self.hparams.dice_weight * soft_dice_loss(logits, y, self.fg_index, self.hparams.ignore_index)
         preds = logits.argmax(1)
