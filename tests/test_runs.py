@@ -665,3 +665,12 @@ def test_a_double_precision_run(small_camvid, tmp_path):
                                               "data.class_weights=median_freq", "trainer.max_epochs=1",
                                               "trainer.limit_train_batches=1", "test=false"]))
     assert objects["trainer"].global_step == 1
+
+
+def test_without_the_projects_callbacks_no_checkpoint_passes_for_the_best(small_camvid, tmp_path):
+    """`callbacks=none`: Lightning's own ModelCheckpoint keeps the newest epoch, and summary.json recorded it as
+    `best_ckpt`, which test, compare and export then treat as the best (a user audit). It is the last one."""
+    train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "callbacks=none", "trainer.max_epochs=2",
+                                 "test=false"]))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_ckpt"] is None and summary["last_ckpt"] and Path(summary["last_ckpt"]).is_file()

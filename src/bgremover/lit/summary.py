@@ -102,8 +102,10 @@ class RunSummary(Callback):
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The best epoch's file: a ModelCheckpoint that watches a metric. Lightning's own (callbacks=none) keeps the
+    newest epoch, which was recorded, tested and exported as the best (a user audit): that is last_checkpoint's."""
     cb = best_checkpoint_callback(trainer)
-    path = cb.best_model_path if cb else ""
+    path = cb.best_model_path if cb is not None and cb.monitor else ""
     return str(Path(path).resolve()) if path else None
 
 
@@ -111,6 +113,11 @@ def last_checkpoint(trainer: pl.Trainer) -> str | None:
     for cb in trainer.callbacks:
         if isinstance(cb, LastCheckpoint) and cb.path.exists():
             return str(cb.path.absolute())  # the link itself, not its target: it moves with every epoch
+    cb = best_checkpoint_callback(trainer)  # Lightning's default one (no metric): the newest epoch's file
+    if cb is not None and not cb.monitor and cb.last_model_path:
+        return str(Path(cb.last_model_path).resolve())
+    if cb is not None and not cb.monitor and cb.best_model_path:
+        return str(Path(cb.best_model_path).resolve())
     return None
 
 
