@@ -33,6 +33,8 @@ def test_a_setting_of_another_data_choice_is_named_in_one_line(small_camvid, tmp
     ("ckpt_path=last", "ckpt_path=last: give the checkpoint's path (a run's last one: <run>/checkpoints/last.ckpt)"),
     ("trainer.max_steps=abc", "trainer.max_steps must be a positive integer, got 'abc'"),
     ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be a positive integer, got 0"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be a non-negative number (0 or null: no "
+                                     "clipping), got -1"),
     ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains nothing: to test a checkpoint, use "
                                       "train=false ckpt_path=<checkpoint>"),
     # a user audit, as the README said it: "stack expects each tensor to be equal size" at the first batch

@@ -426,6 +426,9 @@ def validate_train(cfg: DictConfig) -> None:
     if steps is not None and steps != -1:
         _positive_int(steps, "trainer.max_steps")
     _positive_int(trainer.get("accumulate_grad_batches"), "trainer.accumulate_grad_batches", allow_none=True)
+    clip = trainer.get("gradient_clip_val")  # Lightning takes a negative one as "no clipping", without a word
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0):
+        raise UserError(f"trainer.gradient_clip_val must be a non-negative number (0 or null: no clipping), got {clip!r}")
     if cfg.get("train", True) and trainer.get("limit_train_batches") in (0, 0.0):
         raise UserError("trainer.limit_train_batches=0 trains nothing: to test a checkpoint, use train=false "
                         "ckpt_path=<checkpoint> (or make eval CKPT=<checkpoint>)")
