@@ -526,3 +526,13 @@ def test_an_animated_image_says_only_its_first_frame_is_cut_out(tmp_path):
     with pytest.warns(UserWarning, match=r"anim.gif: 3 frames, only the first is cut out"):
         img = predict.open_image(tmp_path / "anim.gif")
     assert img.size == (40, 30)
+
+
+def test_writing_into_a_missing_folder_names_the_output_not_a_temp_file(tmp_path):
+    """write_atomic into a folder that is not there said "No such file or directory: .../.a.png.x1y2.tmp" (its temp
+    file); through a dangling link it names the link and its target (test_predict_cli)."""
+    from bgremover.remover import write_atomic
+
+    with pytest.raises(FileNotFoundError, match=r"a\.png: its folder does not exist$"):
+        write_atomic(b"x", tmp_path / "missing" / "a.png")
+    assert not (tmp_path / "missing").exists()

@@ -389,8 +389,9 @@ def write_atomic(data: bytes, path: str | os.PathLike) -> None:
             fh.write(data)
         return
     named, path = path, Path(os.path.realpath(path))
-    if not path.parent.is_dir():  # a dangling link: say so, not "no such file" naming our temp file
-        raise FileNotFoundError(f"{named} links to {path}, whose folder does not exist")
+    if not path.parent.is_dir():  # say so, not "no such file" naming our temp file
+        raise FileNotFoundError(f"{named} links to {path}, whose folder does not exist" if Path(named) != path
+                                else f"{named}: its folder does not exist")
     try:
         st = path.stat()
     except FileNotFoundError:

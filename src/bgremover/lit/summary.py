@@ -114,11 +114,8 @@ def last_checkpoint(trainer: pl.Trainer) -> str | None:
         if isinstance(cb, LastCheckpoint) and cb.path.exists():
             return str(cb.path.absolute())  # the link itself, not its target: it moves with every epoch
     cb = best_checkpoint_callback(trainer)  # Lightning's default one (no metric): the newest epoch's file
-    if cb is not None and not cb.monitor and cb.last_model_path:
-        return str(Path(cb.last_model_path).resolve())
-    if cb is not None and not cb.monitor and cb.best_model_path:
-        return str(Path(cb.best_model_path).resolve())
-    return None
+    path = (cb.last_model_path or cb.best_model_path) if cb is not None and not cb.monitor else ""
+    return str(Path(path).resolve()) if path else None
 
 
 def hardware() -> str:
