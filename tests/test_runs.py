@@ -511,15 +511,16 @@ def test_a_partial_val_split_is_flagged_like_a_partial_test_set(small_camvid, tm
     assert "(partial val split)" in report.main_md
 
 
-def test_a_run_that_never_validates_says_so(small_camvid, tmp_path, caplog):
-    """Validation every 2 epochs, 1 epoch trained: no best checkpoint, the test stage scored the last weights, and
-    nothing said so."""
+def test_a_run_shorter_than_its_validation_interval_still_validates_and_says_when(small_camvid, tmp_path, caplog):
+    """Validation every 2 epochs, 1 epoch trained: there was no best checkpoint and the test stage scored the last
+    weights (then a warning said so). Now the run validates where it ends, and its plan says it will."""
     base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=1"]
     with caplog.at_level("INFO", logger="bgremover"):
-        train(compose_cfg(tmp_path / "a", [*base, "trainer.check_val_every_n_epoch=2"]))
-        train(compose_cfg(tmp_path / "b", base))
-    warned = [r for r in caplog.records if "it never validates" in r.getMessage()]
-    assert len(warned) == 1 and "every 2 epochs and this run trains 1" in warned[0].getMessage()
+        _, objects = train(compose_cfg(tmp_path / "a", [*base, "trainer.check_val_every_n_epoch=2"]))
+    assert [h["epoch"] for h in objects["model"].history] == [0]
+    assert objects["summary"].best_ckpt and Path(objects["summary"].best_ckpt).is_file()
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
+    assert "validation every 2 epochs and at the end" in plan, plan
 
 
 # --- helpers and training on train+val ---------------------------------------------------------------------------
@@ -674,3 +675,17 @@ def test_without_the_projects_callbacks_no_checkpoint_passes_for_the_best(small_
                                  "test=false"]))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["best_ckpt"] is None and summary["last_ckpt"] and Path(summary["last_ckpt"]).is_file()
+
+
+@pytest.mark.parametrize("limits", [
+    ["trainer.max_epochs=5", "trainer.max_steps=3", "trainer.check_val_every_n_epoch=1"],  # stops inside epoch 2
+    ["trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2"],  # the last epoch is not a validating one
+])
+def test_the_weights_a_run_ends_with_are_validated(small_camvid, tmp_path, limits):
+    """A user audit: a run that max_steps stopped inside an epoch, or whose last epoch was not a validating one,
+    never scored its last weights: the best checkpoint (what test, compare and export use) was picked among older
+    ones, whatever the last steps had learned. Now the run validates once more where it ends."""
+    _, objects = train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "test=false", *limits]))
+    trainer, history = objects["trainer"], objects["model"].history
+    assert history and history[-1]["step"] == trainer.global_step, (history, trainer.global_step)
+    assert [h["step"] for h in history] == sorted({h["step"] for h in history})  # no validation twice

@@ -125,6 +125,14 @@ def _stops_after_this_epoch(trainer: pl.Trainer) -> bool:
                 or (steps not in (None, -1) and trainer.global_step >= steps))
 
 
+def _ends_after_this_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """After a training batch: whether the fit loop ends here (a stop request, max_steps, the last epoch's end)."""
+    epochs, steps = trainer.max_epochs, trainer.max_steps
+    last_batch = batch_idx + 1 >= trainer.num_training_batches
+    return bool(trainer.should_stop or (steps not in (None, -1) and trainer.global_step >= steps)
+                or (last_batch and epochs not in (None, -1) and trainer.current_epoch + 1 >= epochs))
+
+
 def validates(trainer: pl.Trainer) -> bool:
     """False when validation is off (trainer.limit_val_batches=0: a run on train+val, or a fixed schedule)."""
     return getattr(trainer, "limit_val_batches", 1.0) != 0  # getattr: as on_fit_start reads the datamodule
@@ -135,14 +143,29 @@ def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, keeping the best epoch across a resume into a new run folder.
+    """Lightning's ModelCheckpoint, keeping the best epoch across a resume into a new run folder, and scoring the
+    weights a run ends with.
 
     Lightning restores the best score only when the checkpoint folder is unchanged; `make train ARGS="ckpt_path=
     <old run>/checkpoints/last.ckpt"` writes a new folder, so the first epoch after the resume became "best" however
     bad, and the run tested and exported it. Here the old best file is copied into the new folder and ranked as
-    before: a later epoch must beat it, and replacing it deletes the copy, never the earlier run's file."""
+    before: a later epoch must beat it, and replacing it deletes the copy, never the earlier run's file.
+
+    Lightning validates only at the end of an epoch that validates anyway: a run that trainer.max_steps or
+    trainer.max_time stopped inside an epoch, or whose last epoch was not one of every check_val_every_n_epoch,
+    never scored its last weights, and the best was picked among older ones. The step a run ends at validates."""
 
     _fitting = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        # A checkpoint callback runs after the others (Lightning orders them last), so after Timer's stop request.
+        if trainer.sanity_checking or trainer.fast_dev_run or not trainer.enable_validation:
+            return
+        if _ends_after_this_step(trainer, args[-1] if args else kwargs["batch_idx"]):
+            # Lightning's fit loop validates on a stop request, in an epoch that validates (its own rule)
+            trainer.check_val_every_n_epoch = 1
+            trainer.should_stop = True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -192,11 +215,6 @@ class RunPlan(Callback):
         self._start = (start_epoch(trainer), trainer.global_step, steps_into_epoch(trainer))
         if trainer.is_global_zero and not trainer.fast_dev_run:
             log.info("plan: %s", describe_plan(trainer, pl_module, self._start))
-            epochs, _ = planned_steps(trainer)
-            every = trainer.check_val_every_n_epoch
-            if epochs and every and trainer.limit_val_batches and epochs < every:
-                log.warning("validation runs every %d epochs and this run trains %d: it never validates, so there "
-                            "is no best checkpoint and the test stage scores the last weights", every, epochs)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         self._steps += 1
@@ -332,7 +350,8 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: Sta
         f"epochs × {count(per_epoch, 'step') if per_epoch else '? steps'} " + (f"− {start[2]} done " if start[2] else "")
         + "= " + (f"{count(steps_left(trainer, start), 'step')} left{cap}" if steps else total),
         f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
-        f"validation every {count(trainer.check_val_every_n_epoch, 'epoch')}" if validates(trainer) else
+        f"validation every {count(trainer.check_val_every_n_epoch, 'epoch')}"
+        + (" and at the end" if (trainer.check_val_every_n_epoch or 1) > 1 else "") if validates(trainer) else
         "no validation (trainer.limit_val_batches=0)",
         f"{trainer.strategy.root_device.type} {trainer.precision}",
     ]
