@@ -517,3 +517,10 @@ def test_a_validation_cut_short_by_an_interrupt_is_named(caplog):
     history[0]["val/mIoU"] = 0.3  # not the best: named, the run's val numbers stand
     assert _cut_validations(history, whole) == {**whole, "cut_epochs": [0]}
     assert _cut_validations([{"epoch": 0, "val/mIoU": 0.5, "val/frames": 10}], whole) == whole
+    # a sweep job's one line says it, in place of the warning (quiet sweeps printed it beside every job line)
+    from bgremover.utils import val_note
+
+    assert val_note({"frames": 10, "of": 10, "complete": False, "cut_epochs": [0]}) == \
+        ", best epoch by val (a validation cut short, PARTIAL)"
+    assert val_note({"frames": 4, "of": 10, "complete": False}) == ", best epoch by val (4 of 10 frames, PARTIAL)"
+    assert val_note(whole) == val_note(None) == ""

@@ -59,12 +59,18 @@ def test_two_nets_two_seeds_give_four_summaries_and_four_wandb_runs(camvid_root,
     # readable output: one line per job (no progress bars, model summaries or config dumps), no tips
     job_lines = [line for line in proc.stderr.splitlines() if line.startswith("[job ")]
     assert len(job_lines) == 4 and all(": ok test/mIoU=" in line for line in job_lines)
-    # 1 test frame (limit_test_batches=1): flagged as eval flags it; the line said "(1 frames)"
-    assert all(line.split(" in ")[0].endswith("(1 of 233 frames, PARTIAL)") for line in job_lines), job_lines
+    # 1 test frame (limit_test_batches=1): flagged as eval flags it; the line said "(1 frames)"; and the val frame
+    # that picked the tested epoch (limit_val_batches=1), said in the line instead of two warnings beside it
+    partial = "(1 of 233 frames, PARTIAL), best epoch by val (1 of 101 frames, PARTIAL)"
+    assert all(line.split(" in ")[0].endswith(partial) for line in job_lines), job_lines
+    assert "PARTIAL (trainer.limit_val_batches" not in proc.stderr and "not the test split's" not in proc.stderr
     # and so are the sweep's closing lines and its sweep_summary.json (they said `test/mIoU=0.0186`, nothing more)
     closing = [line for line in proc.stderr.splitlines() if line.startswith("  [ok] job ")]
-    assert len(closing) == 4 and all(line.endswith("(1 of 233 frames, PARTIAL)") for line in closing), closing
+    assert len(closing) == 4 and all(line.endswith(partial) for line in closing), closing
     assert all(j["test_split"] == {"frames": 1, "of": 233, "complete": False} for j in report["jobs"])
+    assert all(j["val_split"]["complete"] is False and j["val_split"]["frames"] == 1 for j in report["jobs"])
+    logged = (Path(summaries[0]["run_dir"]) / "train.log").read_text()  # the job's log file keeps the warnings
+    assert "PARTIAL, not the test split's score" in logged and "PARTIAL (trainer.limit_val_batches" in logged
     printed = (proc.stdout + proc.stderr).splitlines()
     assert len(printed) < 40, "\n".join(printed[:80])
     assert not any("Tip" in line or "Epoch" in line for line in printed)

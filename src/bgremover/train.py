@@ -252,12 +252,13 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     split = utils.test_split_info(metrics, datamodule)
     if split["complete"] is False:  # Lightning's table showed test/frames 4.0 and nothing else
         log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (data.limit_eval_images "
-                    "or trainer.limit_test_batches)", split["frames"], split["of"])
+                    "or trainer.limit_test_batches)", split["frames"], split["of"], extra=utils.IN_JOB_LINE)
     # the best epoch is picked by val numbers: over part of the split (limit_val_batches) they said nothing of it
     val_split = utils.test_split_info(metrics, datamodule, "val")  # train=false validated nothing: all None
     if val_split["complete"] is False:
         log.warning("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (trainer."
-                    "limit_val_batches or data.limit_eval_images)", val_split["frames"], val_split["of"])
+                    "limit_val_batches or data.limit_eval_images)", val_split["frames"], val_split["of"],
+                    extra=utils.IN_JOB_LINE)
     val_split = _cut_validations(model.history, val_split)
     if split.get("frames"):  # the dashboard's summary had test/frames=12 and nothing saying "of 233"
         for logger in trainer.loggers:
@@ -287,7 +288,8 @@ def _cut_validations(history: list[dict], val_split: dict) -> dict:
     log.warning("val of epoch%s %s covered %s of %d frames (a validation interrupted and resumed)%s",
                 "s" if len(cut) > 1 else "", ", ".join(str(h["epoch"]) for h in cut),
                 "/".join(str(h["val/frames"]) for h in cut), of,
-                ": the best epoch is one of them, so it was picked by a PARTIAL score" if picked else "")
+                ": the best epoch is one of them, so it was picked by a PARTIAL score" if picked else "",
+                extra=utils.IN_JOB_LINE if picked else None)
     return {**val_split, "cut_epochs": [h["epoch"] for h in cut], **({"complete": False} if picked else {})}
 
 

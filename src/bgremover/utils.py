@@ -363,11 +363,17 @@ def quiet_libraries(verbose: bool = True) -> None:
 
 
 class _QuietInfo(logging.Filter):
-    """Below WARNING, nothing from Lightning or bgremover on the terminal of a sweep job (its log file keeps all)."""
+    """Below WARNING, nothing from Lightning or bgremover on the terminal of a sweep job (its log file keeps all),
+    nor a warning its job line carries (`extra=IN_JOB_LINE`: the PARTIAL test and val numbers)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "in_job_line", False):
+            return False
         return record.levelno >= logging.WARNING or not record.name.startswith(
             ("pytorch_lightning", "lightning_fabric", "lightning", "bgremover"))
+
+
+IN_JOB_LINE = {"in_job_line": True}  # `log.warning(..., extra=IN_JOB_LINE)`: a sweep job's one line says it
 
 
 def test_split_info(metrics: dict[str, float], datamodule, split: str = "test") -> dict[str, Any]:
@@ -391,6 +397,16 @@ def frames_note(split: dict | None) -> str:
         f" ({count(frames, 'frame')})"
 
 
+def val_note(split: dict | None) -> str:
+    """`, best epoch by val (4 of 101 frames, PARTIAL)` where the val numbers that picked the tested epoch cover
+    part of the split (or a validation cut short picked it); "" otherwise."""
+    split = split or {}
+    if split.get("complete") is not False:
+        return ""
+    return ", best epoch by val" + (frames_note(split) if split.get("frames") and split["frames"] < split.get("of", 0)
+                                    else " (a validation cut short, PARTIAL)")
+
+
 def print_job_line(cfg: DictConfig) -> None:
     """A sweep job's one line on stderr: its overrides, status and test mIoU with the frames it covers."""
     from hydra.core.hydra_config import HydraConfig
@@ -405,7 +421,7 @@ def print_job_line(cfg: DictConfig) -> None:
     what = " ".join(job_overrides()) or "defaults"
     line = f"[job {num}] {what}: {s.get('status')}"
     if m.get("test/mIoU") is not None:
-        line += f" test/mIoU={m['test/mIoU']:.4f}" + frames_note(s.get("test_split"))
+        line += f" test/mIoU={m['test/mIoU']:.4f}" + frames_note(s.get("test_split")) + val_note(s.get("val_split"))
     if s.get("wall_time_s") is not None:
         line += f" in {s['wall_time_s']:.0f} s"
     if s.get("error"):
@@ -487,6 +503,7 @@ class SweepReport(_HydraCallback):
                     "val/mIoU_best": metrics.get("val/mIoU_best"),
                     "test/mIoU": metrics.get("test/mIoU"),
                     "test_split": s.get("test_split"),  # frames the number covers: a partial set says so
+                    "val_split": s.get("val_split"),  # and those of the val numbers that picked the tested epoch
                     "error": s.get("error"),
                 }
             )
@@ -497,7 +514,8 @@ class SweepReport(_HydraCallback):
                  if any(o not in other["overrides"] for other in rows)}
         print(f"\nsweep {sweep_dir}: {len(rows) - len(failed)} of {len(rows)} jobs ok", file=sys.stderr)
         for r in rows:
-            score = "" if r["test/mIoU"] is None else f" test/mIoU={r['test/mIoU']:.4f}" + frames_note(r["test_split"])
+            score = "" if r["test/mIoU"] is None else \
+                f" test/mIoU={r['test/mIoU']:.4f}" + frames_note(r["test_split"]) + val_note(r["val_split"])
             what = " ".join(short_number(o) for o in r["overrides"] if o.split("=")[0] in swept) or r["job"]
             line = f"  [{r['status']}] job {r['job']} ({what}){score}" + (f": {r['error']}" if r["error"] else "")
             print(line, file=sys.stderr)
