@@ -719,3 +719,23 @@ def test_cli_takes_rembgs_option_spellings():
     assert _parser().parse_args([]).cors is None
     cors = _parser().parse_args(["--cors", "https://a.example, http://localhost:3000"]).cors
     assert cors == ["https://a.example", "http://localhost:3000"]
+
+
+def test_an_unexpected_failure_is_a_json_500_a_browser_app_can_read(remover, caplog):
+    """A cut-out failing in an unforeseen way (onnxruntime's own error, out of memory) went past the route to
+    Starlette's outermost handler, outside the CORS middleware: the 500 carried no Access-Control-Allow-Origin,
+    so a page on an allowed origin saw only an opaque network error. Now the route answers it, logged once."""
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+
+    def broken(data, opts):
+        raise RuntimeError("onnxruntime: bad allocation")
+
+    service.cutout = broken
+    sent = {"Origin": "https://app.example", "Content-Type": "application/octet-stream"}
+    with caplog.at_level("ERROR", logger="bgremover.serve"), live_server(service, cors=("https://app.example",)) as base:
+        status, headers, body = request(base, "POST", "/api/remove", JPEG, sent)
+        assert status == 500 and headers["access-control-allow-origin"] == "https://app.example"
+        assert json.loads(body) == {"error": "internal error: RuntimeError"}
+        assert request(base, "GET", "/health")[0] == 200  # still serving, nothing left admitted
+        assert json.loads(request(base, "GET", "/health")[2])["busy"] == 0
+    assert "onnxruntime: bad allocation" in caplog.text  # the cause, for whoever runs the server

@@ -52,7 +52,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bgremover.errors import OneLineParser, count, one_line_warnings, report
+from bgremover.errors import OneLineParser, count, one_line, one_line_warnings, report
 from bgremover.remover import (
     MODEL_ENV,
     BackgroundRemover,
@@ -389,6 +389,10 @@ def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
         except BgRemoverError as err:  # a model fault (e.g. wrong output shape): the server's problem
             log.error("cut-out failed: %s", err)
             return json_error(500, f"internal error: {err}")
+        except Exception as err:  # unforeseen (onnxruntime's own errors, memory): answered here, inside the CORS
+            # middleware, so a page on an allowed origin can read it (Starlette's last-resort handler sits outside)
+            log.error("cut-out failed: %s", one_line(err), exc_info=err)
+            return json_error(500, f"internal error: {type(err).__name__}")
         except asyncio.CancelledError:  # a stop that cannot wait (a second Ctrl-C, the grace period's end; nothing
             # else cancels a request here): a JSON 503 to retry on, not uvicorn's plain 500 and a logged traceback
             service.cancelled += 1
