@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -29,7 +30,7 @@ pytest.importorskip("uvicorn", reason="bgremover-serve needs uvicorn and starlet
 import uvicorn  # noqa: E402
 
 from bgremover.predict import BackgroundRemover, encode_png  # noqa: E402
-from bgremover.serve import Service, _parser, cpu_count, create_app, server_config  # noqa: E402
+from bgremover.serve import Service, _parser, cors_origins, cpu_count, create_app, server_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "0001TP_008910.jpg"  # a real CamVid test frame, 480x360
@@ -719,6 +720,10 @@ def test_cli_takes_rembgs_option_spellings():
     assert _parser().parse_args([]).cors is None
     cors = _parser().parse_args(["--cors", "https://a.example, http://localhost:3000"]).cors
     assert cors == ["https://a.example", "http://localhost:3000"]
+    # a page opened from a file sends `Origin: null`: refused by name (any sandboxed frame can claim it), and the
+    # message says what works instead (it said "an origin is scheme://host[:port]" as if null were a typo)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"file:// pages .* --cors '\*' allows every origin"):
+        cors_origins("null")
 
 
 def test_an_unexpected_failure_is_a_json_500_a_browser_app_can_read(remover, caplog):

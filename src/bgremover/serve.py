@@ -480,6 +480,9 @@ def cors_origins(value: str) -> list[str]:
     """--cors's value: origins as a browser sends them (scheme://host[:port], no path) or *."""
     origins = [o.strip() for o in value.split(",") if o.strip()]
     bad = next((o for o in origins if o != "*" and not re.fullmatch(r"[A-Za-z][\w+.-]*://[^/\s]+", o)), None)
+    if bad == "null":  # what a file:// page or a sandboxed frame sends: any page can claim it, so not by name
+        raise argparse.ArgumentTypeError("'null' (the origin of file:// pages and sandboxed frames) cannot be "
+                                         "allowed by name, any page can claim it; --cors '*' allows every origin")
     if bad is not None or not origins:  # "http://host/" never matches: a browser's Origin has no slash
         raise argparse.ArgumentTypeError(f"an origin is scheme://host[:port], no path, or *; got {bad or value!r}")
     return origins
