@@ -19,6 +19,9 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # training processes keep freed memory for reuse instead of page-faulting every block over 32 MiB in afresh each
 # step (bgremover.utils.KEEP_MEMORY_ENV, same values; 1.19x DeepLabV3+/MobileNetV2 fp32 training speed measured)
 KEEP_MEMORY := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
+# `make speedruns`: the README's GPU results, one sweep job each (a failed job keeps the others and their report)
+SPEEDRUNS := experiment=speedrun_tiramisu103,speedrun_deeplabv3plus,speedrun_remover
+comma := ,
 
 EXP ?=
 ARGS ?=
@@ -50,7 +53,7 @@ endif
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint data train eval sweep compare export predict ship eval-cutout \
-        remover example-data serve benchmark reproduce-default clean
+        remover example-data serve benchmark reproduce-default speedruns clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -117,13 +120,22 @@ example-data: $(STAMP) ## worked-example folders for `make remover` from CamVid:
 	@if test -e "$(EXAMPLES)/cars"; then echo "$(EXAMPLES)/cars exists: kept (remove it to rebuild)"; \
 	else $(BIN)/python -m bgremover.data.make_folder "$(EXAMPLES)/cars"; fi
 
+# $(call need_gpu,why): one error line and exit 2 on a machine without CUDA, before anything is written
+need_gpu = @$(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { echo "error: $(1)" >&2; exit 2; }
+
 reproduce-default: $(STAMP) ## retrain the shipped model (its GPU speed-run recipe) and export it to logs/reproduce/<time>/ for comparison
-	@$(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { echo "error: the shipped model's recipe (experiments/speedrun_remover.yaml) trains on a GPU and this machine has none; on a CPU: make train EXP=cpu_default (the earlier CPU-trained remover, 87 min, 39.7 test mIoU)" >&2; exit 2; }
+	$(call need_gpu,the shipped model's recipe (experiments/speedrun_remover.yaml) trains on a GPU and this machine has none; on a CPU: make train EXP=cpu_default (the earlier CPU-trained remover$(comma) 87 min$(comma) 39.7 test mIoU))
 	@run=logs/reproduce/$$(date +%Y-%m-%d_%H-%M-%S); set -e; \
 	$(KEEP_MEMORY) $(BIN)/python -m bgremover.train experiment=speedrun_remover hydra.run.dir=$$run $(ARGS); \
 	$(BIN)/python -m bgremover.export --ckpt "$$(python3 -c "import json,sys;s=json.load(open(sys.argv[1]));print(s['best_ckpt'] or s['last_ckpt'])" $$run/summary.json)" \
 		--out $$run/bgremover-camvid.onnx; \
 	echo "compare with the shipped model: make eval-cutout MODEL=$$run/bgremover-camvid.onnx"
+
+speedruns: $(STAMP) ## the GPU results in one command: the FC-DenseNet103, DeepLabV3+ and remover speed-runs as one sweep into logs/speedruns/<time>/, then its report (one GPU, ~25 min)
+	$(call need_gpu,the speed-runs train on a GPU (experiments/speedrun_*.yaml) and this machine has none)
+	@sweep=logs/speedruns/$$(date +%Y-%m-%d_%H-%M-%S); status=0; \
+	$(KEEP_MEMORY) $(BIN)/python -m bgremover.train -m $(SPEEDRUNS) hydra.sweep.dir=$$sweep $(ARGS) || status=$$?; \
+	test -d $$sweep || exit $$status; $(BIN)/python -m bgremover.compare $$sweep || exit $$?; exit $$status
 
 # the Tiramisu cell is the one trainer=cpu trains on this CPU (FC-DenseNet103 at 224²); the whole table (all nets,
 # sizes and modes, compiled ones included) takes hours on 2 cores: python benchmarks/tiramisu_speed.py

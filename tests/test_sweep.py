@@ -186,3 +186,24 @@ def test_an_optuna_sweeps_report_names_the_picked_trial(camvid_root, tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     md = (sweep / "report" / "report.md").read_text()
     assert "## Search" in md and f"): run {picked[0]} (deeplabv3plus" in md, md[md.find("## Search"):][:600]
+
+
+@pytest.mark.slow
+def test_the_speedrun_sweep_runs_and_its_job_lines_show_what_differs(camvid_root, tmp_path):
+    """`make speedruns` sweeps the speed-run experiments: every job failed at once with "AttributeError: 'NoneType'
+    object has no attribute 'refresh_rate'" (a quiet sweep job turned off a progress bar the speed-runs set to null),
+    and each job line repeated `trainer.max_time=00\\:00\\:01\\:00`, typed once for all, as Hydra escapes it."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgremover.train", "-m", "experiment=speedrun_deeplabv3plus,speedrun_remover",
+         "trainer=cpu", f"hydra.sweep.dir={sweep}", f"data.root={camvid_root}", "++speedrun_budget_s=2",
+         "trainer.max_time=00:00:01:00", "data.batch_size=2", "data.crop_size=[64,64]", "data.limit_eval_images=1",
+         "logger=csv", "measure_inference=false"],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_lines = [line for line in proc.stderr.splitlines() if line.startswith("[job ")]
+    assert [line.split(":")[0] for line in job_lines] == [
+        "[job 0] experiment=speedrun_deeplabv3plus", "[job 1] experiment=speedrun_remover"], job_lines
+    nets = sorted(json.loads(p.read_text())["net"] for p in sweep.glob("*/summary.json"))
+    assert nets == ["deeplabv3plus_mobilenet_v2", "deeplabv3plus_resnet18"]

@@ -137,10 +137,10 @@ def test_make_train_and_remover_training_keep_memory(monkeypatch, tmp_path) -> N
     from bgremover import train_remover
     from bgremover.utils import KEEP_MEMORY_ENV
 
-    make = subprocess.run(["make", "-n", "train", "sweep", "reproduce-default", "EXP=x"], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    make = subprocess.run(["make", "-n", "train", "sweep", "reproduce-default", "speedruns", "EXP=x"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True).stdout
     trains = [line for line in make.splitlines() if "-m bgremover.train" in line]
-    assert len(trains) == 3
+    assert len(trains) == 4
     assert all(f"{k}={v}" in line for line in trains for k, v in KEEP_MEMORY_ENV.items())
 
     seen: list[dict] = []

@@ -229,7 +229,7 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     if quiet:  # a sweep job: its one line comes at the end (print_job_line); the details are in its log file
         with open_dict(cfg):
             cfg.trainer.enable_model_summary = False
-            if "progress_bar" in (cfg.get("callbacks") or {}):
+            if (cfg.get("callbacks") or {}).get("progress_bar"):  # the speed-runs set it to null
                 cfg.callbacks.progress_bar.refresh_rate = 0
     import pytorch_lightning as pl
 

@@ -444,8 +444,12 @@ def job_overrides() -> list[str]:
         except yaml.YAMLError:
             return key.lstrip("+~"), value
 
+    def unescaped(override: str) -> str:  # a job's overrides come back escaped: trainer.max_time=00\:00\:05\:00
+        key, sep, value = override.partition("=")
+        return key + sep + re.sub(r"\\(.)", r"\1", value)
+
     typed = [parsed(a) for a in sys.argv[1:] if "=" in a or a.startswith("~")]  # Hydra's `~key` is `~key=null`
-    return [short_number(o) for o in overrides() if parsed(o) not in typed]
+    return [short_number(unescaped(o)) for o in overrides() if parsed(unescaped(o)) not in typed]
 
 
 def print_error(exc: BaseException) -> None:
