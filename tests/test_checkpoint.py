@@ -41,6 +41,24 @@ def test_a_target_outside_the_registry_is_never_built(tmp_path):
         checkpoint.load_net(path)
 
 
+def test_a_checkpoint_lacking_what_inference_needs_is_named(tmp_path):
+    """Without its normalisation the net would run on unnormalised pixels and cut out garbage, without a word."""
+    from bgremover.nets import FCDenseNet
+
+    net = FCDenseNet(num_classes=2, **TINY)
+    path = _save(tmp_path / "old.ckpt", {"_target_": "bgremover.nets.FCDenseNet", "num_classes": 2, **TINY},
+                 net.state_dict())
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["bgremover"]["mean"], ckpt["bgremover"]["std"]
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match=f"^bgremover checkpoint {path} lacks mean, std$"):
+        checkpoint.load_net(path)
+    del ckpt["bgremover"]
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="^not a bgremover checkpoint \\(no 'bgremover' entry\\): "):
+        checkpoint.load_net(path)
+
+
 class _Evil:
     def __reduce__(self):
         return (Path("/tmp/bgremover-pwned").touch, ())

@@ -501,8 +501,9 @@ def test_pick_images_is_deterministic_and_spread() -> None:
 @pytest.mark.slow
 def test_grid_with_real_checkpoint_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The documented checkpoint format through the one checkpoint loader (no stub): a registered net class."""
-    torch = pytest.importorskip("torch")
-    export = pytest.importorskip("bgremover.export", reason="bgremover.export not written yet")
+    import torch
+
+    from bgremover import export
     assert hasattr(export, "load_checkpoint_net")
 
     from bgremover.nets import FCDenseNet

@@ -264,8 +264,28 @@ def test_refine_keeps_flat_regions_and_range(remover):
         and (refined[25:35, 15:25] <= 5).all()
     )
     assert np.abs(refined - plain).mean() < 10
+    assert (refined != plain).any()  # and it did something: the alpha near the colour edges moved
     flat = alpha_of(remover.remove(np.full((30, 30, 3), RED, np.uint8), refine=True))
     assert (flat == 255).all()
+
+
+def test_guided_filter_is_he_et_als_by_hand():
+    """The filter against its definition (He et al. 2010), each window mean taken over the window itself, clipped
+    at the borders: a wrong eps or window would still leave flat regions flat (the test above)."""
+    from bgremover.remover import guided_filter
+
+    rng = np.random.default_rng(0)
+    guide, src = rng.random((9, 11), dtype=np.float32), rng.random((9, 11), dtype=np.float32)
+    r, eps = 2, 1e-2
+
+    def mean(x: np.ndarray) -> np.ndarray:
+        return np.array([[x[max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].mean() for j in range(x.shape[1])]
+                         for i in range(x.shape[0])])
+
+    mean_i, mean_p = mean(guide), mean(src)
+    a = (mean(guide * src) - mean_i * mean_p) / (mean(guide * guide) - mean_i**2 + eps)
+    b = mean_p - a * mean_i
+    np.testing.assert_allclose(guided_filter(guide, src, r, eps), mean(a) * guide + mean(b), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ input modes

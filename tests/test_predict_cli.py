@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bgremover.predict import main
+from bgremover.predict import BackgroundRemover, main
 
 # The controllable 1x1-conv model lives in test_predict.py; load it by path so this works whatever the
 # pytest import mode or package layout of tests/ is.
@@ -265,7 +265,10 @@ def test_rembg_matting_settings_are_accepted_and_empty_stdin_is_named(model, tmp
     assert res.returncode == 0, res.stderr
     assert res.stderr.decode().splitlines()[0] == ("bgremover-predict: warning: -ae/-af/-ab (rembg's alpha-matting "
                                                    "settings) ignored: -a here refines the mask with a guided filter")
-    assert read_png(tmp_path / "out.png").mode == "RGBA"
+    out = np.asarray(read_png(tmp_path / "out.png"))
+    remover = BackgroundRemover(model)  # -a is the guided-filter refinement (the output said RGBA, nothing more)
+    assert np.array_equal(out, np.asarray(remover.remove(halves(12, 20), refine=True)))
+    assert not np.array_equal(out, np.asarray(remover.remove(halves(12, 20))))
     for argv in (["-"], ["i"], ["i", "-", "-"]):
         res = run_cli(*argv, "-m", model, stdin=b"")
         assert res.returncode == 1 and res.stderr.decode().strip() == (

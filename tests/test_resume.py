@@ -160,11 +160,15 @@ def test_a_resume_with_another_net_is_one_line_before_the_build(small_camvid, tm
     net = json.loads((tmp_path / "a" / "summary.json").read_text())["net"]
     config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", "trainer.max_epochs=2"]))  # fine
     # the same net with nothing left to train: it ran nothing, wrote an "ok" run, and compare took it for a seed
-    for limit in ("trainer.max_epochs=1", "trainer.max_steps=2"):
+    # (the steps' case with epochs left: with trainer.max_epochs=1 still in it, the epochs alone refused it)
+    for limits in (["trainer.max_epochs=1"], ["trainer.max_epochs=5", "trainer.max_steps=2"]):
         with pytest.raises(UserError) as info:
-            config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", limit]))
-        assert str(info.value).startswith(f"ckpt_path {last} has trained 1 epoch (") and \
+            config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", *limits]))
+        assert str(info.value).startswith(f"ckpt_path {last} has trained 1 epoch (2 steps): with "
+                                          f"trainer.max_epochs={limits[0][-1]} and trainer.max_steps=") and \
             "nothing is left to train; raise them to go on, or test it with train=false" in str(info.value)
+    config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", "trainer.max_epochs=5",
+                                                       "trainer.max_steps=3"]))  # one step left: it goes on
     deeplab = ["~experiment", "model=deeplabv3plus", "model.net.encoder_weights=null", f"data.root={small_camvid}"]
     with pytest.raises(UserError) as info:
         config.validate_train(compose_cfg(tmp_path / "c", [*deeplab, f"ckpt_path={last}"]))

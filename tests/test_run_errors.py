@@ -307,3 +307,4 @@ def test_full_frames_with_scale_jitter_stay_allowed_where_the_data_crops_them_ba
     cfg = compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "data=camvid_resident",
                                          "data.crop_size=null", "data.scale_jitter=0.25", "data.device=cpu"])
     config.validate_train(cfg)
+    assert cfg.data.crop_size is None and cfg.data.scale_jitter == 0.25  # allowed as given, not dropped

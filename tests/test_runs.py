@@ -689,3 +689,19 @@ def test_the_weights_a_run_ends_with_are_validated(small_camvid, tmp_path, limit
     trainer, history = objects["trainer"], objects["model"].history
     assert history and history[-1]["step"] == trainer.global_step, (history, trainer.global_step)
     assert [h["step"] for h in history] == sorted({h["step"] for h in history})  # no validation twice
+
+
+def test_a_max_time_stop_inside_an_epoch_that_does_not_validate_scores_its_weights(tmp_path, monkeypatch):
+    """trainer.max_time's stop inside an epoch validated only where that epoch validated anyway: with validation
+    every 2 epochs, a run stopped in its first scored nothing, so it had no best checkpoint to test or export."""
+    from bgremover.lit.module import SegmentationModule
+
+    data = write_camvid(tmp_path / "CamVid", {"train": 10, "val": 2, "test": 2}, size=(32, 64))
+    step = SegmentationModule.training_step
+    monkeypatch.setattr(SegmentationModule, "training_step", lambda *a, **k: time.sleep(0.6) or step(*a, **k))
+    _, objects = train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={data}", "test=false",
+                                                       "trainer.check_val_every_n_epoch=2",
+                                                       "trainer.max_time=00:00:00:01"]))
+    trainer, history = objects["trainer"], objects["model"].history
+    assert 1 <= trainer.global_step < 5 and [h["step"] for h in history] == [trainer.global_step], history
+    assert objects["summary"].best_ckpt and Path(objects["summary"].best_ckpt).is_file()

@@ -50,6 +50,9 @@ def test_every_model_runs_fast_dev_run_on_real_crops(model, camvid_root, tmp_pat
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["net"].startswith(model)
     assert summary["params"] == sum(p.numel() for p in objects["model"].net.parameters())
+    # the numbers recorded are the ones the test stage measured, over the frames it says
+    assert summary["metrics"]["test/mIoU"] == pytest.approx(metrics["test/mIoU"])
+    assert summary["test_split"]["frames"] == metrics["test/frames"] > 0
 
 
 def test_real_learning_overfits_a_few_crops(camvid_root, tmp_path):

@@ -125,12 +125,24 @@ def _stops_after_this_epoch(trainer: pl.Trainer) -> bool:
                 or (steps not in (None, -1) and trainer.global_step >= steps))
 
 
-def _ends_after_this_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+def _ends_after_this_step(trainer: pl.Trainer, last_batch: bool) -> bool:
     """After a training batch: whether the fit loop ends here (a stop request, max_steps, the last epoch's end)."""
     epochs, steps = trainer.max_epochs, trainer.max_steps
-    last_batch = batch_idx + 1 >= trainer.num_training_batches
     return bool(trainer.should_stop or (steps not in (None, -1) and trainer.global_step >= steps)
                 or (last_batch and epochs not in (None, -1) and trainer.current_epoch + 1 >= epochs))
+
+
+def _validates_here(trainer: pl.Trainer, batch_idx: int, last_batch: bool) -> bool:
+    """Whether Lightning validates after this training batch by its own rules (its _should_check_val_fx): in an
+    epoch that validates, at the epoch's end, on a stop request, or every val_check_interval batches."""
+    every = trainer.check_val_every_n_epoch
+    if every is not None and (trainer.current_epoch + 1) % every:
+        return False
+    if last_batch or trainer.should_stop:
+        return True
+    interval = trainer.val_check_batch  # batches between validations; counted over the run when every is None
+    done = batch_idx if every is not None else trainer.fit_loop.epoch_loop.total_batch_idx
+    return isinstance(interval, int) and (done + 1) % interval == 0
 
 
 def validates(trainer: pl.Trainer) -> bool:
@@ -162,10 +174,13 @@ class BestCheckpoint(ModelCheckpoint):
         # A checkpoint callback runs after the others (Lightning orders them last), so after Timer's stop request.
         if trainer.sanity_checking or trainer.fast_dev_run or not trainer.enable_validation:
             return
-        if _ends_after_this_step(trainer, args[-1] if args else kwargs["batch_idx"]):
-            # Lightning's fit loop validates on a stop request, in an epoch that validates (its own rule)
-            trainer.check_val_every_n_epoch = 1
-            trainer.should_stop = True
+        batch_idx = args[-1] if args else kwargs["batch_idx"]
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
+        if not _ends_after_this_step(trainer, last_batch) or _validates_here(trainer, batch_idx, last_batch):
+            return
+        trainer.check_val_every_n_epoch = 1  # Lightning validates only in an epoch that validates,
+        if not last_batch:
+            trainer.should_stop = True  # and inside an epoch only on a stop request
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
