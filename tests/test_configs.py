@@ -240,7 +240,11 @@ def test_recipes_refuse_what_they_cannot_run_without(tmp_path, monkeypatch) -> N
         config.validate_train(cfg)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = compose_cfg(tmp_path, ["experiment=tiramisu103_camvid", "~data.root"])
-    with pytest.raises(UserError, match=r'tiramisu103_camvid trains on a GPU .* add ARGS="trainer=cpu"'):
+    monkeypatch.setenv("MAKELEVEL", "1")  # under make: the override goes in ARGS (this passed only under make test)
+    with pytest.raises(UserError, match=r'tiramisu103_camvid trains on a GPU .* add ARGS="trainer=cpu" to run it'):
+        config.validate_train(cfg)
+    monkeypatch.delenv("MAKELEVEL")  # typed to python -m bgremover.train
+    with pytest.raises(UserError, match=r"tiramisu103_camvid trains on a GPU .*: add trainer=cpu to run it here$"):
         config.validate_train(cfg)
     config.validate_train(compose_cfg(tmp_path, ["experiment=tiramisu103_camvid", "~data.root", "trainer=cpu"]))
 
@@ -301,7 +305,7 @@ def test_a_named_wandb_group_is_the_runs_group(tmp_path):
     `compare --wandb` logged the comparison into that other group (a user audit)."""
     from conftest import compose_cfg
 
-    from bgremover import utils
+    from bgremover import sweep
 
-    assert utils.sweep_group(compose_cfg(tmp_path, ["logger=wandb", "logger.wandb.group=mine"])) == "mine"
-    assert utils.sweep_group(compose_cfg(tmp_path, ["experiment=cpu_quick", "logger=wandb"])) == "cpu_quick"
+    assert sweep.sweep_group(compose_cfg(tmp_path, ["logger=wandb", "logger.wandb.group=mine"])) == "mine"
+    assert sweep.sweep_group(compose_cfg(tmp_path, ["experiment=cpu_quick", "logger=wandb"])) == "cpu_quick"

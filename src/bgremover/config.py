@@ -97,7 +97,7 @@ def hydra_command_line(resumes: bool = True) -> None:
     hydra_utils.run_and_report = run_and_report
 
 
-# this command's sweep folder, and whether the sweep made it (utils.SweepReport.on_multirun_start)
+# this command's sweep folder, and whether the sweep made it (sweep.SweepReport.on_multirun_start)
 SWEEP_DIR: tuple[Path, bool] | None = None
 
 

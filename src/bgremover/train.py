@@ -22,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bgremover import config, resume, utils
+from bgremover import config, resume, sweep, utils
 from bgremover.errors import UserError, report
 
 # torch, Lightning and the nets are imported inside the functions: a bad config is refused before paying for them
@@ -126,7 +126,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_SILENT", "true")
         if cfg.logger.wandb.group is None:
-            cfg.logger.wandb.group = utils.sweep_group(cfg)
+            cfg.logger.wandb.group = sweep.sweep_group(cfg)
         if utils.is_multirun() and cfg.logger.wandb.get("name"):  # jobs that differ in lr alone (or Optuna's
             # trials) had one name: the job's number, as its folder, tells them apart on the dashboard
             from hydra.core.hydra_config import HydraConfig
@@ -306,7 +306,7 @@ def _run_record(cfg: DictConfig, objects: dict[str, Any], split: dict, val_split
         "run_dir": str(Path(cfg.paths.output_dir).resolve()),
         "net": objects["model"].hparams.net_name,
         "experiment": cfg.get("experiment_name"),
-        "group": utils.sweep_group(cfg),
+        "group": sweep.sweep_group(cfg),
         "seed": cfg.seed,
         "params": objects["params"],
         "test_split": split,
@@ -393,13 +393,13 @@ def _main(cfg: DictConfig) -> float | None:
     except Exception as exc:
         utils.print_error(exc)
         if multirun:
-            utils.print_job_line(cfg)
+            sweep.print_job_line(cfg)
             # keep the sweep going (SweepReport lists the failure at the end). None, not nan: Optuna's sweeper
             # records a job without a number as a failed trial, while nan made it raise and end the whole sweep
             return None
         sys.exit(1)
     if multirun:
-        utils.print_job_line(cfg)
+        sweep.print_job_line(cfg)
     name = cfg.get("optimized_metric")
     value = metrics.get(name or "")
     # a misspelt name: an Optuna sweep then failed as "Return value must be float-castable. Got 'None'". Not said
