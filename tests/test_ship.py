@@ -159,26 +159,57 @@ def test_ship_refuses_another_net_without_force(trained, data, tmp_path):
 
 
 def test_an_install_stopped_half_way_puts_the_old_set_back(tmp_path, monkeypatch):
-    names = {k: tmp_path / "models" / n for k, n in zip(("float", "int8", "weights"), NAMES, strict=True)}
-    new = {k: tmp_path / "scratch" / n for k, n in zip(("float", "int8", "weights"), NAMES, strict=True)}
-    for d in ("models", "scratch"):
+    names = [tmp_path / "models" / n for n in NAMES] + [tmp_path / "examples" / "a.nobg.png"]
+    new = [tmp_path / "scratch" / n for n in NAMES] + [tmp_path / "examples" / ".a.nobg.png.new"]
+    for d in ("models", "examples", "scratch"):
         (tmp_path / d).mkdir()
-    for k in names:
-        names[k].write_text(f"old {k}")
-        new[k].write_text(f"new {k}")
+    for old_file, new_file in zip(names, new, strict=True):
+        old_file.write_text(f"old {old_file.name}")
+        new_file.write_text(f"new {old_file.name}")
     real, calls = os.replace, []
 
     def flaky(src, dst):
         calls.append(dst)
-        if len(calls) == 4:  # weights and int8 moved already; stopped while installing the float model
+        if len(calls) == 6:  # three moved in already; stopped while installing the fourth of five
             raise KeyboardInterrupt
         real(src, dst)
 
     monkeypatch.setattr(ship.os, "replace", flaky)
     with pytest.raises(KeyboardInterrupt):
-        ship._install(new, names, tmp_path / "scratch")
+        ship._install(list(zip(new, names, strict=True)))
     monkeypatch.setattr(ship.os, "replace", real)
-    assert {k: p.read_text() for k, p in names.items()} == {k: f"old {k}" for k in names}
+    assert [p.read_text() for p in names] == [f"old {p.name}" for p in names]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(NAMES)  # no backup left
+    assert [p.name for p in (tmp_path / "examples").iterdir()] == ["a.nobg.png"]  # nor the new one
+
+
+def test_ctrl_c_while_the_examples_are_redone_changes_nothing(trained, data, tmp_path, monkeypatch, capsys):
+    """The example cut-outs were redone after the models were installed: a Ctrl-C there printed "ship:
+    interrupted: nothing changed" over three new model files and the old cut-outs (an audit). They are made first
+    now, installed with the models as one set, so the line is true."""
+    from bgremover import remover
+
+    models, examples = tmp_path / "models", tmp_path / "examples"
+    examples.mkdir()
+    for i in range(3):
+        Image.fromarray(scene(i)[0]).save(examples / f"street{i}.jpg", quality=95)
+    args = ["--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data), "--examples",
+            str(examples), "--threads", "1", "--quiet", "--force"]
+    assert ship.main(args) == 0
+    before = {p: p.read_bytes() for folder in (models, examples) for p in folder.iterdir()}
+    real, calls = remover.BackgroundRemover.remove, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second example
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(remover.BackgroundRemover, "remove", interrupted)
+    capsys.readouterr()
+    assert ship.main(args) == 130
+    assert capsys.readouterr().err.strip() == "ship: interrupted: nothing changed"
+    assert {p: p.read_bytes() for folder in (models, examples) for p in folder.iterdir()} == before  # no temp files
 
 
 def test_ship_usage_errors_are_one_line(tmp_path, data):
@@ -214,7 +245,7 @@ def test_ship_redoes_the_example_cutouts_with_the_new_default_model(trained, dat
     proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data),
                     "--examples", str(examples))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "redid 1 example cut-outs" in proc.stdout
+    assert "redid 1 example cut-out in" in proc.stdout
     assert "ship: warning: example broken.jpg not redone:" in proc.stderr
     assert sorted(p.name for p in models.iterdir()) == sorted(NAMES)
     assert sorted(p.name for p in examples.iterdir()) == ["broken.jpg", "street.jpg", "street.nobg.png"]  # no temp files
@@ -243,5 +274,5 @@ def test_the_default_models_folder_redoes_the_examples_beside_it(trained, data, 
     assert ship.main([*args, "--models-dir", str(tmp_path / "elsewhere")]) == 0
     assert not (checkout / "examples" / "street.nobg.png").exists()
     assert ship.main([*args, "--models-dir", str(checkout / "models")]) == 0
-    assert "redid 1 example cut-outs" in capsys.readouterr().out
+    assert "redid 1 example cut-out in" in capsys.readouterr().out
     assert (checkout / "examples" / "street.nobg.png").is_file()

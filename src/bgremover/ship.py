@@ -9,9 +9,10 @@ from. Then it scores the shipped float model on the same CamVid test frames (`cu
 `make eval-cutout`) and moves the new files over `bgremover-camvid{.onnx,.int8.onnx,.pt}` only if the candidate
 is better on test mIoU and cut-out IoU and no worse on boundary F and alpha MAE (`--force` skips that comparison,
 not the int8 gate). A checkpoint of another net than the shipped one needs `--force` too: `make remover`
-fine-tunes the shipped net from the .pt, and its recipe names that net. Otherwise nothing in the models folder changes. Once installed, the example
-cut-outs (`examples/*.nobg.png` for the default models folder, or `--examples DIR`) are redone with the new
-default (int8) model, so they show what `make predict` now makes. It prints the rows models/README.md needs.
+fine-tunes the shipped net from the .pt, and its recipe names that net. Otherwise nothing in the models folder changes.
+The example cut-outs (`examples/*.nobg.png` for the default models folder, or `--examples DIR`) are redone with
+the new default (int8) model, so they show what `make predict` now makes, and installed with the models as one
+set: an error or Ctrl-C before the last rename puts every old file back. It prints the rows models/README.md needs.
 
 Exit codes: 0 shipped, 1 not better or failed (nothing changed), 2 bad option value.
 """
@@ -90,6 +91,7 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
     models_dir.mkdir(parents=True, exist_ok=True)
     scratch = models_dir / f".ship-{os.getpid()}"  # same filesystem: the final moves are renames
     scratch.mkdir()
+    cutouts: list[tuple[Path, Path]] = []  # the example cut-outs made, with their places
     try:
         new = {kind: scratch / path.name for kind, path in names.items()}
         export.export_onnx(net, meta, new["float"])
@@ -110,50 +112,63 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
             raise ShipError(f"{ckpt} does not beat the shipped model on {len(pairs)} test frames ("
                             f"{', '.join(lost)}): nothing changed (--force ships it anyway)")
         checkpoint.save_weights(ckpt, new["weights"])
-        _install(new, names, scratch)
+        # before anything is installed (it was after: a Ctrl-C there left new models and old cut-outs, and the
+        # line "interrupted: nothing changed")
+        if examples is not None:
+            _example_cutouts(examples, new["int8"], threads, cutouts)
+        _install([*((new[kind], names[kind]) for kind in ("weights", "int8", "float")), *cutouts])
         for kind in ("weights", "int8", "float"):
             log(f"wrote {names[kind]} ({names[kind].stat().st_size / 1e6:.1f} MB)")
         if examples is not None:
-            _redo_examples(examples, names["int8"], threads, log)
+            log(f"redid {errors.count(len(cutouts), 'example cut-out')} in {examples}")
         return scores
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        for made, _ in cutouts:  # what an error or interrupt left of the new cut-outs (none once installed)
+            made.unlink(missing_ok=True)
 
 
-def _redo_examples(folder: Path, model: Path, threads: int | None, log) -> None:
-    """<stem>.nobg.png beside each example photo, made by `model` (the int8 copy: what `make predict` loads by
-    default; tests/test_shipped.py checks that the shipped cut-outs are its output)."""
+def _example_cutouts(folder: Path, model: Path, threads: int | None, made: list[tuple[Path, Path]]) -> None:
+    """Into `made`, (new file, its place): <stem>.nobg.png for each example photo, made by `model` (the int8 copy: what
+    `make predict` loads by default; tests/test_shipped.py checks that the shipped cut-outs are its output),
+    written beside it under a hidden name until _install renames it (the same folder: a rename, never a copy)."""
     from bgremover.remover import OUTPUT_SUFFIX, BackgroundRemover, encode_png, write_atomic
 
     photos = sorted(p for p in folder.glob("*.jpg") if p.is_file())
     remover = BackgroundRemover(model, threads=threads)
-    done = 0
     for photo in photos:
+        final = photo.with_name(photo.stem + OUTPUT_SUFFIX)
+        new = final.with_name(f".{final.name}.ship-{os.getpid()}")
         try:
-            write_atomic(encode_png(remover.remove(photo)), photo.with_name(photo.stem + OUTPUT_SUFFIX))
-            done += 1
-        except (UserError, OSError) as e:  # the model is installed by now: say so, never "nothing changed"
+            png = encode_png(remover.remove(photo))
+        except (UserError, OSError) as e:  # a photo that cannot be read keeps whatever it had
             print(f"{PROG}: warning: example {photo.name} not redone: {errors.one_line(e)}", file=sys.stderr)
-    log(f"redid {done} example cut-outs in {folder}")
+            continue
+        made.append((new, final))
+        write_atomic(png, new)
 
 
-def _install(new: dict[str, Path], names: dict[str, Path], scratch: Path) -> None:
-    """Rename the new files over the shipped ones; if anything stops it half-way (an error, Ctrl-C), the old
-    set is put back, so the folder always holds one consistent set."""
-    placed, backups = [], {}
+def _install(moves: list[tuple[Path, Path]]) -> None:
+    """Rename each new file over its place; if anything stops it half-way (an error, Ctrl-C), every old file is
+    put back and the new ones removed, so the models and example folders always hold one consistent set. An old
+    file waits beside its place under a hidden name (the same folder: renames only) until all are in."""
+    placed, backups = [], []
     try:
-        for kind in ("weights", "int8", "float"):
-            if names[kind].exists():
-                backups[kind] = scratch / f"old-{names[kind].name}"
-                os.replace(names[kind], backups[kind])
-            os.replace(new[kind], names[kind])
-            placed.append(kind)
+        for new, final in moves:
+            if final.exists():
+                backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, backup)
+                backups.append((backup, final))
+            os.replace(new, final)
+            placed.append(final)
     except BaseException:
-        for kind in placed:
-            names[kind].unlink(missing_ok=True)
-        for kind, backup in backups.items():
-            os.replace(backup, names[kind])
+        for new, final in moves:
+            (final if final in placed else new).unlink(missing_ok=True)
+        for backup, final in backups:
+            os.replace(backup, final)
         raise
+    for backup, _ in backups:
+        backup.unlink(missing_ok=True)
 
 
 def _parser() -> argparse.ArgumentParser:
