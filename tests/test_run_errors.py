@@ -3,12 +3,16 @@ is ever removed or overwritten."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from omegaconf import open_dict
 from test_runs import TINY_RUN, _run
 from test_train import compose_cfg
@@ -140,8 +144,9 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
     assert taken_run_dir([f"hydra.run.dir={tmp_path / 'new'}"]) is None
     assert taken_run_dir(["-m", f"hydra.run.dir={old}"]) is None  # a sweep's folders are hydra.sweep.dir's
     # an evaluation into the training's folder replaced its .hydra config with eval's (ckpt_path inside: exempt)
-    assert taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"], resumes=False).startswith(
-        f"hydra.run.dir={old} already holds a run")
+    assert taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"], resumes=False) == (
+        f"hydra.run.dir={old} already holds a run: its config, log and results would be overwritten; choose a new "
+        "folder")  # without train's "(or resume it in place with ckpt_path=...)": an evaluation never resumes
     proc = _run("bgremover.eval", f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt",
                 f"data.root={small_camvid}")
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: hydra.run.dir={old} already holds a run"), \
@@ -308,3 +313,23 @@ def test_full_frames_with_scale_jitter_stay_allowed_where_the_data_crops_them_ba
                                          "data.crop_size=null", "data.scale_jitter=0.25", "data.device=cpu"])
     config.validate_train(cfg)
     assert cfg.data.crop_size is None and cfg.data.scale_jitter == 0.25  # allowed as given, not dropped
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "error: no checkpoint given: make eval CKPT=path/to/checkpoint.ckpt (python -m bgremover.eval ckpt_path=...)"),
+    (["ckpt_path=/nonexistent/last.ckpt"], "error: ckpt_path: checkpoint not found: /nonexistent/last.ckpt"),
+])
+def test_eval_without_a_checkpoint_is_one_line_before_torch_and_leaves_no_run(tmp_path, args, message):
+    """`python -m bgremover.eval` with no ckpt_path said "error: MissingMandatoryValue: ... (traceback in
+    .../eval.log)" and left that run folder; a missing checkpoint took ~10 s to say so (torch imported first)."""
+    code = ("import runpy, sys\n"
+            "try:\n"
+            "    runpy.run_module('bgremover.eval', run_name='__main__')\n"
+            "finally:\n"
+            "    print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code, *args, f"hydra.run.dir={tmp_path / 'run'}",
+                           f"data.root={tmp_path / 'nodata'}"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 1 and proc.stderr.strip() == message, proc.stderr
+    assert proc.stdout.strip() == "[]"  # nothing of torch imported before the answer
+    assert not (tmp_path / "run").exists()

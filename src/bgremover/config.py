@@ -190,7 +190,8 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     if resumes and _resumed_in_place(given):
         return None
     return (f"hydra.run.dir={run_dir} already holds a run: its config, log and results would be overwritten; "
-            "choose a new folder (or resume it in place with ckpt_path=<that run>/checkpoints/last.ckpt)")
+            "choose a new folder" + (" (or resume it in place with ckpt_path=<that run>/checkpoints/last.ckpt)"
+                                     if resumes else ""))  # an evaluation never resumes
 
 
 # A resume in place: the run's record as it was before Hydra and the run rewrote it (files: their bytes; logs:
@@ -505,13 +506,17 @@ def max_time_s(cfg: DictConfig) -> float | None:
 
 
 def validate_eval(cfg: DictConfig) -> None:
+    """Everything `python -m bgremover.eval` can check before torch is imported (seconds) and its run folder kept."""
     _check_output_dir()
     _check_seed(cfg)
     if cfg.split not in ("test", "val"):
         raise UserError(f"split must be 'test' or 'val', not '{cfg.split}'")
-    if not cfg.ckpt_path:
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:  # eval.yaml's `???`: reading it raised
         raise UserError("no checkpoint given: make eval CKPT=path/to/checkpoint.ckpt (python -m bgremover.eval ckpt_path=...)")
     if problem := checkpoint_problem(cfg.ckpt_path):
-        raise UserError(problem)
+        raise UserError(f"ckpt_path: {problem}")
+    from bgremover import resume
+
+    resume.adopt_split(cfg, cfg.ckpt_path)  # a folder run's own split, before its data is checked
     if "root" in cfg.data:
         _check_data(cfg.data, None, [cfg.split])

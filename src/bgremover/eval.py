@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bgremover import checkpoint, config, resume, utils
+from bgremover import config, utils
 from bgremover.errors import UserError
 
 log = logging.getLogger("bgremover.eval")
@@ -22,10 +22,11 @@ CONFIG_DIR = config.CONFIG_DIR
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    config.validate_eval(cfg)  # before torch is imported: a missing checkpoint is one line at once
     import pytorch_lightning as pl
 
-    resume.adopt_split(cfg, cfg.get("ckpt_path"))
-    config.validate_eval(cfg)
+    from bgremover import checkpoint
+
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = checkpoint.load_module(cfg.ckpt_path)
     model.val_miou_best.reset()  # split=val reported the training's best beside this evaluation's, as its own
@@ -70,6 +71,8 @@ def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: 
     Numbers a run already has (its own test stage, or an earlier attach) are replaced only by numbers over more
     test frames (a partial test set, then the whole one); either way a line says what happened. A run that did not
     time its CPU inference (`measure_inference=false`, as on a GPU machine) gets it measured here too, with `net`."""
+    from bgremover import checkpoint
+
     summary_path = checkpoint.run_summary(ckpt)
     if summary_path is None or "test/frames" not in metrics:
         return None
