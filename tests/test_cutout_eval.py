@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from bgremover import cutout_eval as ce
+from bgremover.errors import PARTIAL
 
 _spec = importlib.util.spec_from_file_location(
     "_bgr_test_predict", Path(__file__).with_name("test_predict.py")
@@ -320,3 +321,24 @@ def test_smoke_on_real_camvid(model, camvid_root, tmp_path):
             assert stats[key] is None or 0.0 <= stats[key] <= 1.0, key
         assert stats["mae"] is not None
     assert len(r["class_iou"]) == 11 and np.asarray(r["confusion_matrix"]).sum() > 0.5 * 2 * 480 * 360
+
+
+@pytest.mark.parametrize(("eval_record", "note"), [
+    ({"frames": 12}, "metadata test_mIoU 0.6000 on 12 frames"),  # a record from before `of` was kept
+    ({"frames": 12, "of": 233}, f"metadata test_mIoU 0.6000 on 12 of 233 frames ({PARTIAL})"),
+])
+def test_an_int8_copys_own_score_comes_with_its_own_frame_count(camvid, tmp_path, eval_record, note):
+    """An int8 copy scored on `quantize --eval-limit 12` frames was reported as "metadata test_mIoU 0.0668 on 3
+    frames": its own mIoU beside the float model's frame count (an audit)."""
+    quantized = build_model(tmp_path / "q.onnx", metadata={
+        "test_mIoU": 0.5, "test_frames": 3, "test_frames_of": 3,
+        "quantization": {"eval": {"split": "test", **eval_record, "int8": {"mIoU": 0.6}}}})
+    remover = ce.load_remover(quantized, threads=1)
+    assert remover.test_miou == 0.6 and remover.test_frames == (12, eval_record.get("of"))
+    r = ce.evaluate(remover, ce.find_pairs(camvid, "test"))
+    assert (r["metadata_test_mIoU"], r["metadata_test_frames"]) == (0.6, 12)
+    assert note in ce.format_report(r, str(camvid), "test", 1)
+    plain = ce.load_remover(build_model(tmp_path / "f.onnx", metadata={"test_mIoU": 0.5, "test_frames": 3,
+                                                                        "test_frames_of": 3}), threads=1)
+    assert plain.test_frames == (3, 3) and "metadata test_mIoU 0.5000 on 3 frames" in ce.format_report(
+        ce.evaluate(plain, ce.find_pairs(camvid, "test")), str(camvid), "test", 1)

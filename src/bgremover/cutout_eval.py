@@ -262,7 +262,8 @@ def evaluate(
         "model": str(remover.model_path),
         "net": remover.meta.get("net"),
         "metadata_test_mIoU": meta_miou,
-        "metadata_test_frames": remover.meta.get("test_frames"),
+        "metadata_test_frames": remover.test_frames[0],
+        "metadata_test_frames_of": remover.test_frames[1],
         "n_images": len(pairs),
         "classes": list(remover.classes),
         "foreground": [remover.classes[i] for i in remover.foreground],
@@ -314,7 +315,8 @@ def format_report(r: dict[str, Any], data_root: str, split: str, threads: int | 
     frames = r.get("metadata_test_frames")
     meta_note = f"; metadata test_mIoU {_fmt(meta)}" if meta is not None else ""
     if meta is not None and frames:
-        meta_note += f" on {frames} frames"
+        of = r.get("metadata_test_frames_of")
+        meta_note += f" on {frames} of {of} frames ({errors.PARTIAL})" if of and frames < of else f" on {frames} frames"
     lines = [
         f"model {r['model']} ({r.get('net') or 'unknown net'}) on {data_root} {split}: {r['n_images']} images"
         + _partial(r.get("split_frames")) + f", foreground classes: {', '.join(r['foreground'])}",

@@ -526,8 +526,21 @@ class BackgroundRemover:
     def test_miou(self) -> float | None:
         """This file's own test mIoU: an int8 copy's from its quantization record (its metadata's test_mIoU is the
         float model's, which the copy inherits)."""
-        own = (((self.meta or {}).get("quantization") or {}).get("eval") or {}).get("int8", {}).get("mIoU")
+        own = self._quantization_eval().get("int8", {}).get("mIoU")
         return own if own is not None else (self.meta or {}).get("test_mIoU")
+
+    @property
+    def test_frames(self) -> tuple[int | None, int | None]:
+        """(frames, of the split's) behind `test_miou`: an int8 copy's scoring may have covered fewer frames than
+        the float model's test stage (`quantize --eval-limit`), and was reported with the float model's count."""
+        own = self._quantization_eval()
+        if own.get("int8", {}).get("mIoU") is not None:
+            return own.get("frames"), own.get("of")
+        meta = self.meta or {}
+        return meta.get("test_frames"), meta.get("test_frames_of")
+
+    def _quantization_eval(self) -> dict:
+        return (((self.meta or {}).get("quantization") or {}).get("eval")) or {}
 
     @staticmethod
     def _open_session(path: Path, providers: Sequence[str] | None, threads: int | None):
