@@ -36,3 +36,26 @@ def test_every_command_line_reports_a_bad_option_in_one_line():
     compare, cutout_eval, train_remover, make_folder): each builds its parser from errors.OneLineParser now."""
     plain = [p.name for p in SOURCES if re.search(r"\bargparse\.ArgumentParser\(", p.read_text())]
     assert plain == [], plain
+
+
+def test_every_command_names_itself_as_it_is_run():
+    """Usage lines and messages said `ship: error:`, `quantize:`, `cutout-eval:` (make's target is eval-cutout)
+    beside `python -m bgremover.export:` (an audit): each command's prog is how it is run, an installed script
+    (bgremover-predict, with its rembg command) or `python -m` and its module."""
+    import tomllib
+
+    scripts = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])
+    wrong = []
+    for path in SOURCES:
+        text = path.read_text()
+        constant = re.search(r'^PROG = "([^"]+)"', text, re.M)
+        for found in re.finditer(r'OneLineParser\(\s*prog=(?:"([^"]+)"|(PROG)\b|(prog)\b)', text):
+            literal, named, passed = found.groups()
+            if passed:  # a parser built for the caller's prog (serve's, shared with `bgremover-predict s`)
+                continue
+            prog = literal or (constant.group(1) if named and constant else "?")
+            module = ".".join(path.relative_to(REPO / "src").with_suffix("").parts).removesuffix(".__main__")
+            package = module.rpartition(".")[0] if (path.parent / "__main__.py").is_file() else module
+            if prog.split()[0] not in scripts and prog not in (f"python -m {module}", f"python -m {package}"):
+                wrong.append(f"{path.relative_to(REPO)}: {prog}")
+    assert not wrong, wrong

@@ -151,7 +151,7 @@ def test_gate_failure_writes_nothing(tmp_path, data, monkeypatch):
 def test_bad_options_are_one_line_errors(tmp_path, args, code, message, capsys):
     assert qz.main(args) == code
     err = capsys.readouterr().err
-    assert err.startswith("quantize: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("python -m bgremover.quantize: error: ") and message in err and err.count("\n") == 1
 
 
 def test_an_unwritable_out_is_refused_before_calibrating(tmp_path, capsys):
@@ -162,7 +162,7 @@ def test_an_unwritable_out_is_refused_before_calibrating(tmp_path, capsys):
     for out, message in ((f"{afile}/x.onnx", "is a file, not a folder"), (str(tmp_path), "is a folder")):
         assert qz.main(["--model", str(model), "--out", out, "--data-root", str(tmp_path / "none"), "-q"]) == 1
         err = capsys.readouterr().err
-        assert err.startswith("quantize: error: --out") and message in err and err.count("\n") == 1, err
+        assert err.startswith("python -m bgremover.quantize: error: --out") and message in err and err.count("\n") == 1, err
 
 
 def test_refuses_to_overwrite_the_float_model_or_run_without_data(tmp_path, data, capsys):

@@ -108,7 +108,7 @@ def test_ship_refuses_a_model_that_does_not_beat_the_shipped_one(trained, data, 
     proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("ship: error:") and "does not beat the shipped model" in lines[-1]
+    assert lines[-1].startswith("python -m bgremover.ship: error:") and "does not beat the shipped model" in lines[-1]
     assert "mIoU 100.00 vs 100.00" in lines[-1] and "| shipped | 100.00 |" in proc.stdout
     assert listing(models) == before  # nothing changed, nothing left behind
 
@@ -208,7 +208,7 @@ def test_ctrl_c_while_the_examples_are_redone_changes_nothing(trained, data, tmp
     monkeypatch.setattr(remover.BackgroundRemover, "remove", interrupted)
     capsys.readouterr()
     assert ship.main(args) == 130
-    assert capsys.readouterr().err.strip() == "ship: interrupted: nothing changed"
+    assert capsys.readouterr().err.strip() == "python -m bgremover.ship: interrupted: nothing changed"
     assert {p: p.read_bytes() for folder in (models, examples) for p in folder.iterdir()} == before  # no temp files
 
 
@@ -224,7 +224,7 @@ def test_ship_usage_errors_are_one_line(tmp_path, data):
     afile = tmp_path / "afile"
     afile.write_text("x")  # it exported and scored first, then said "unexpected FileExistsError"
     proc = run_ship("--ckpt", "x.ckpt", "--models-dir", str(afile))
-    assert proc.returncode == 1 and proc.stderr.strip() == f"ship: error: --models-dir {afile} is a file, not a folder"
+    assert proc.returncode == 1 and proc.stderr.strip() == f"python -m bgremover.ship: error: --models-dir {afile} is a file, not a folder"
 
 
 def test_ship_with_a_good_checkpoint_and_no_data_names_the_data(trained, tmp_path):
@@ -246,7 +246,7 @@ def test_ship_redoes_the_example_cutouts_with_the_new_default_model(trained, dat
                     "--examples", str(examples))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "redid 1 example cut-out in" in proc.stdout
-    assert "ship: warning: example broken.jpg not redone:" in proc.stderr
+    assert "python -m bgremover.ship: warning: example broken.jpg not redone:" in proc.stderr
     assert sorted(p.name for p in models.iterdir()) == sorted(NAMES)
     assert sorted(p.name for p in examples.iterdir()) == ["broken.jpg", "street.jpg", "street.nobg.png"]  # no temp files
     cut = np.asarray(Image.open(examples / "street.nobg.png"))
@@ -257,7 +257,7 @@ def test_ship_redoes_the_example_cutouts_with_the_new_default_model(trained, dat
 
     proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data),
                     "--examples", str(tmp_path / "nowhere"))  # fmt: skip
-    assert proc.returncode == 2 and proc.stderr.strip() == f"ship: error: --examples {tmp_path / 'nowhere'}: no such folder"
+    assert proc.returncode == 2 and proc.stderr.strip() == f"python -m bgremover.ship: error: --examples {tmp_path / 'nowhere'}: no such folder"
 
 
 def test_the_default_models_folder_redoes_the_examples_beside_it(trained, data, tmp_path, monkeypatch, capsys):

@@ -67,7 +67,7 @@ from bgremover.remover import (
     write_atomic,
 )
 
-PROG = "cutout-eval"  # name in messages (run as python -m bgremover.cutout_eval / make eval-cutout)
+PROG = "python -m bgremover.cutout_eval"  # the command as run, in its usage line and messages (also make eval-cutout)
 DATA_ENV = "DATA_DIR"  # environment variable naming the CamVid folder, as for training
 DEFAULT_DATA_ROOT = "data/CamVid"  # relative to the working directory, like conf/data/camvid.yaml
 SPLITS = ("test", "val", "train")  # <root>/<split>/*.png with labels in <root>/<split>annot/

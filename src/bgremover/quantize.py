@@ -57,7 +57,7 @@ from bgremover.remover import (
     to_rgba_arrays,
 )
 
-PROG = "quantize"
+PROG = "python -m bgremover.quantize"  # the command as run, in its usage line and messages
 CALIB_FRAMES = 50  # evenly spaced CamVid train frames for min/max calibration (~1 min on 2 cores)
 MAX_MIOU_CHANGE = 0.005  # |int8 - float| test mIoU (0.5 points) allowed, or the copy is not written
 MAX_FG_IOU_CHANGE = 0.01  # |int8 - float| cut-out (foreground) IoU allowed

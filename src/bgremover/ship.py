@@ -30,7 +30,7 @@ from typing import Any
 from bgremover import errors
 from bgremover.errors import OneLineParser, UserError
 
-PROG = "ship"
+PROG = "python -m bgremover.ship"  # the command as run, in its usage line and messages (also make ship)
 STEM = "bgremover-camvid"  # the shipped set: <stem>.onnx (float reference), <stem>.int8.onnx, <stem>.pt
 
 
