@@ -309,3 +309,21 @@ def test_a_named_wandb_group_is_the_runs_group(tmp_path):
 
     assert sweep.sweep_group(compose_cfg(tmp_path, ["logger=wandb", "logger.wandb.group=mine"])) == "mine"
     assert sweep.sweep_group(compose_cfg(tmp_path, ["experiment=cpu_quick", "logger=wandb"])) == "cpu_quick"
+
+
+def test_eval_help_lists_the_groups_eval_reads_and_their_options(tmp_path):
+    """`python -m bgremover.eval --help` listed every group of conf/, model= and experiment= among them, which eval
+    refuses (an audit). Its own list must name each option conf/ has (ddp aside: an evaluation is one process)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "-m", "bgremover.eval", "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO).stdout
+    listed = dict(line.split(": ", 1) for line in out.split("== Groups eval reads (group=option) ==\n")[1]
+                  .split("\n\n")[0].splitlines())
+    on_disk = {group: ", ".join(sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml") if p.stem != "ddp"))
+               for group in ("data", "logger", "trainer", "tta")}
+    assert listed == on_disk
+    assert "experiment:" not in out and "model:" not in out and "ckpt_path: ???" in out
