@@ -335,3 +335,15 @@ def test_tiny_tiramisu_checkpoint_exports_and_matches(tmp_path):
         ref = net(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(ort_logits(out, x), ref, atol=1e-4, rtol=0)
     assert read_metadata(out)["net"] == "tiramisu_tiny" and read_metadata(out)["test_mIoU"] == 0.42
+
+
+def test_a_failed_export_leaves_no_folders_behind(tmp_path, capsys):
+    """`--out a/n1/n2/x.onnx` made a/n1/n2 before the export, and a refused export left the empty folders."""
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep.txt").write_text("x")
+    assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "a" / "n1" / "n2" / "x.onnx"), "--tol", "1e-12"]) == 1
+    assert "disagrees" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["keep.txt"]  # a folder that was there stays
+    assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "a" / "n1" / "x.onnx")]) == 0  # success keeps its own
+    assert (tmp_path / "a" / "n1" / "x.onnx").is_file()

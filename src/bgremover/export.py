@@ -17,7 +17,9 @@ fully-convolutional segmentation net needs. It emits a DeprecationWarning we sil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import math
 import json
 import os
 import sys
@@ -33,6 +35,7 @@ from torch import nn
 from bgremover.errors import OneLineParser, UserError, check_writable, report
 from bgremover.model_format import FORMAT, FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAME  # noqa: F401  (re-exported)
 
+PROG = "python -m bgremover.export"
 OPSET = 17  # supported by every onnxruntime >= 1.14 and by the TorchScript exporter
 # The opsets --opset takes: from the first with align_corners bilinear resizing (DeepLab's decoder; below it the
 # exporter printed its whole ~600-line graph before refusing) to the TorchScript exporter's newest.
@@ -183,12 +186,25 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export `net` to `out` (+ `out.pt` TorchScript if asked), verified against PyTorch, written atomically.
 
-    Returns {"path", "max_abs_diff", "metadata", "torchscript"}. On any failure no file is left at `out`.
+    Returns {"path", "max_abs_diff", "metadata", "torchscript"}. On any failure (Ctrl-C too) no file is left at
+    `out`, an existing one is kept, and the folders made for it are removed again.
     """
+    out = Path(out)
+    missing = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _export_onnx(net, meta, out, tol=tol, opset=opset, torchscript=torchscript)
+    except BaseException:
+        for folder in missing:  # a failed export left /tmp/a/n1/n2 behind; rmdir keeps anything written since
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _export_onnx(net: nn.Module, meta: dict[str, Any], out: Path, *, tol: float, opset: int,
+                 torchscript: bool) -> dict[str, Any]:
     import onnx
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     net = net.float().eval()
     num_classes = len(meta["classes"])
     multiple = int(meta.get("size_multiple", 32))
