@@ -290,11 +290,13 @@ def test_only_the_runs_best_checkpoint_carries_its_test_miou(tmp_path):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main([f"ckpt={tmp_path / 'missing.ckpt'}", f"out={tmp_path / 'x.onnx'}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: checkpoint not found")
+    # the prefix its argparse errors carry (it printed a bare "error: ...")
+    assert len(err) == 1 and err[0].startswith("python -m bgremover.export: error: checkpoint not found")
     assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(SystemExit) as exc:
         main([])  # ckpt is required
     assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("python -m bgremover.export: error: the following arguments")
 
 
 def test_bad_out_and_opset_are_refused_before_anything_is_read(tmp_path, capsys):
@@ -347,3 +349,20 @@ def test_a_failed_export_leaves_no_folders_behind(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["keep.txt"]  # a folder that was there stays
     assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "a" / "n1" / "x.onnx")]) == 0  # success keeps its own
     assert (tmp_path / "a" / "n1" / "x.onnx").is_file()
+
+
+def test_ctrl_c_says_so_and_keeps_the_old_model(tmp_path, monkeypatch, capsys):
+    """Ctrl-C exited 130 without a word (quantize and ship each print a line)."""
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny")
+    old = tmp_path / "m.onnx"
+    old.write_bytes(b"the old model")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_verify", interrupt)  # after the ONNX temp file is written
+    for out in (old, tmp_path / "new" / "m.onnx"):
+        assert main(["--ckpt", str(ckpt), "--out", str(out), "--torchscript"]) == 130
+        assert capsys.readouterr().err == "python -m bgremover.export: interrupted: nothing written\n"
+        assert old.read_bytes() == b"the old model"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "run"]  # no temp file, no new folder

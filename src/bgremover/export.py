@@ -295,7 +295,7 @@ def _normalize_argv(argv: list[str]) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(
-        prog="python -m bgremover.export",
+        prog=PROG,
         description="Export a bgremover training checkpoint to one verified, self-describing ONNX file.",
     )
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by bgremover training")
@@ -337,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             net, meta, out, tol=args.tol, opset=args.opset, torchscript=args.torchscript
         )
     except UserError as err:
-        return report(err)
-    except KeyboardInterrupt:
+        return report(err, PROG)  # the prefix argparse's errors carry
+    except KeyboardInterrupt:  # export_onnx removed its temp files and folders; an earlier --out is untouched
+        print(f"{PROG}: interrupted: nothing written", file=sys.stderr)
         return 130
     md = result["metadata"]
     miou = "n/a" if md["test_mIoU"] is None else f"{md['test_mIoU']:.4f}"
