@@ -306,12 +306,31 @@ def test_bad_out_and_opset_are_refused_before_anything_is_read(tmp_path, capsys)
     afile.write_text("x")
     missing = tmp_path / "missing.ckpt"  # the checks come first: the checkpoint is never read
     for extra, message in (([f"--out={afile}/x.onnx"], "is a file, not a folder"), ([f"--out={tmp_path}"], "is a folder"),
-                           (["--out=/proc/x.onnx"], "cannot write in /proc"), (["--opset=9"], "opsets 11 to 20"),
-                           (["--opset=21"], "opsets 11 to 20")):
+                           (["--out=/proc/x.onnx"], "cannot write in /proc")):
         assert main([f"--ckpt={missing}", *extra]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--opset", "5"], "argument --opset: the nets export with opsets 11 to 20, got '5'"),
+    (["--opset=21"], "argument --opset: the nets export with opsets 11 to 20, got '21'"),
+    (["opset=9"], "argument --opset: the nets export with opsets 11 to 20, got '9'"),
+    (["--tol", "-1"], "argument --tol: expected a finite number > 0, got '-1'"),
+    (["--tol", "nan"], "argument --tol: expected a finite number > 0, got 'nan'"),
+    (["tol=inf"], "argument --tol: expected a finite number > 0, got 'inf'"),
+    (["--tol", "0"], "argument --tol: expected a finite number > 0, got '0'"),
+])
+def test_bad_tol_and_opset_are_usage_errors(tmp_path, capsys, args, message):
+    """--opset 5 exited 1 though usage errors exit 2; --tol -1 refused every export with a false "ONNX Runtime
+    disagrees ... > -0.844", and --tol nan turned the verification off without a word."""
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny")
+    with pytest.raises(SystemExit) as exc:
+        main(["--ckpt", str(ckpt), "--out", str(tmp_path / "x.onnx"), *args])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"python -m bgremover.export: error: {message} (see --help)\n"
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_tiny_tiramisu_checkpoint_exports_and_matches(tmp_path):

@@ -281,6 +281,26 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _tol(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):  # -1 refused every export with a false "disagrees"; nan none
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _opset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not MIN_OPSET <= value <= MAX_OPSET:  # a usage error (exit 2), found before any work
+        raise argparse.ArgumentTypeError(f"the nets export with opsets {MIN_OPSET} to {MAX_OPSET}, got {text!r}")
+    return value
+
+
 def _normalize_argv(argv: list[str]) -> list[str]:
     """Accept the Makefile's Hydra-like `key=value` words as well as `--key value` flags."""
     out: list[str] = []
@@ -310,9 +330,9 @@ def _parser() -> argparse.ArgumentParser:
         type=_bool,
         help="also write a TorchScript .pt next to the .onnx",
     )
-    p.add_argument("--tol", type=float, default=TOLERANCE,
+    p.add_argument("--tol", type=_tol, default=TOLERANCE,
                    help="max abs logit diff torch vs onnxruntime (or this × 0.1 × the largest |logit|, when more)")
-    p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
+    p.add_argument("--opset", type=_opset, default=OPSET, help=f"ONNX opset version ({MIN_OPSET} to {MAX_OPSET})")
     return p
 
 
@@ -327,8 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out:  # before the checkpoint is read and the net exported
             check_writable(args.out, "--out")
-        if not MIN_OPSET <= args.opset <= MAX_OPSET:
-            raise ExportError(f"--opset {args.opset}: the nets export with opsets {MIN_OPSET} to {MAX_OPSET}")
         net, meta = load_checkpoint_net(args.ckpt)
         out = args.out or default_out(Path(args.ckpt), meta)
         if not args.out:  # the default, beside the run: known only from the checkpoint
