@@ -385,3 +385,18 @@ def test_ctrl_c_says_so_and_keeps_the_old_model(tmp_path, monkeypatch, capsys):
         assert capsys.readouterr().err == "python -m bgremover.export: interrupted: nothing written\n"
         assert old.read_bytes() == b"the old model"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "run"]  # no temp file, no new folder
+
+
+def test_paths_with_equals_signs(tmp_path, capsys):
+    """Lightning names checkpoints `epoch=N-step=M.ckpt`: `--ckpt <that>` said "argument --ckpt: expected one
+    argument", as every word with `=` was taken for a `key=value` option, a flag's value too."""
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny")
+    named = ckpt.rename(ckpt.with_name("epoch=3-step=10.ckpt"))
+    outs = tmp_path / "out=dir"
+    for args in (["--ckpt", str(named), "--out", str(outs / "a=1.onnx")], [f"ckpt={named}", f"out={outs / 'b=2.onnx'}"],
+                 ["--ck", str(named), "--out", str(outs / "c.onnx"), "--tol", "1e-3"]):
+        assert main(args) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in outs.iterdir()) == ["a=1.onnx", "b=2.onnx", "c.onnx"]
+    with pytest.raises(SystemExit) as exc:  # a stray `x=y` word naming none of the options is still refused
+        main(["--ckpt", str(named), "epoch=3"])
+    assert exc.value.code == 2 and "unrecognized arguments: epoch=3" in capsys.readouterr().err

@@ -301,12 +301,20 @@ def _opset(text: str) -> int:
     return value
 
 
+KEYS = ("ckpt", "out", "torchscript", "tol", "opset")  # the options a `key=value` word may name
+VALUE_FLAGS = ("--ckpt", "--out", "--tol", "--opset")  # those whose next word is their value
+
+
 def _normalize_argv(argv: list[str]) -> list[str]:
-    """Accept the Makefile's Hydra-like `key=value` words as well as `--key value` flags."""
+    """Accept the Makefile's Hydra-like `key=value` words as well as `--key value` flags. Only a word naming one
+    of our options, and not a flag's value: paths hold `=` too (Lightning's `epoch=3-step=10.ckpt`), and
+    `--ckpt <that>` became `--ckpt --epoch 3-step=10.ckpt`."""
     out: list[str] = []
-    for arg in argv:
-        if not arg.startswith("-") and "=" in arg:
-            key, value = arg.split("=", 1)
+    for i, arg in enumerate(argv):
+        key, eq, value = arg.partition("=")
+        prev = argv[i - 1] if i else ""  # argparse takes any unique prefix of a flag: --ck for --ckpt
+        after_flag = len(prev) > 2 and "=" not in prev and any(f.startswith(prev) for f in VALUE_FLAGS)
+        if eq and key.replace("_", "-") in KEYS and not after_flag:
             out += [f"--{key.replace('_', '-')}", value]
         else:
             out.append(arg)
