@@ -400,3 +400,35 @@ def test_paths_with_equals_signs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # a stray `x=y` word naming none of the options is still refused
         main(["--ckpt", str(named), "epoch=3"])
     assert exc.value.code == 2 and "unrecognized arguments: epoch=3" in capsys.readouterr().err
+
+
+def test_outputs_never_replace_the_checkpoint_or_a_users_file(tmp_path, monkeypatch, capsys):
+    """`--ckpt X/m.pt --out X/m.onnx --torchscript` wrote the TorchScript file over its own checkpoint (X.pt is
+    the shipped weights' name too), and `--out` equal to `--ckpt` replaced the checkpoint with ONNX."""
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny")
+    d = tmp_path / "d"
+    d.mkdir()
+    pt = d / "m.pt"
+    pt.write_bytes(ckpt.read_bytes())
+    (d / "link.ckpt").symlink_to(pt)
+    (d / "notes.pt").write_text("a user's file")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    real_load = export.load_checkpoint_net
+    monkeypatch.setattr(export, "load_checkpoint_net", lambda path: pytest.fail("checkpoint read before refusing"))
+    for args, message in (
+        ([pt, d / "m.onnx", "--torchscript"], f"--torchscript writes {pt}, which would overwrite the checkpoint"),
+        ([d / "link.ckpt", d / "m.onnx", "--torchscript"], f"--torchscript writes {pt}, which would overwrite the checkpoint"),
+        ([pt, d / "notes.onnx", "--torchscript"], f"--torchscript writes {d / 'notes.pt'}, which exists and is not a TorchScript file"),
+        ([pt, d / ".." / "d" / "m.pt"], f"--out {d / '..' / 'd' / 'm.pt'} would overwrite the checkpoint"),
+        ([d / "link.ckpt", pt], f"--out {pt} would overwrite the checkpoint"),
+        ([ckpt, d / "x.pt", "--torchscript"], f"--torchscript writes {d / 'x.pt'}, the --out file itself"),
+    ):
+        assert main(["--ckpt", str(args[0]), "--out", str(args[1]), *args[2:]]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m bgremover.export: error: {message}") and err.count("\n") == 1, err
+        assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing replaced, nothing added
+    monkeypatch.setattr(export, "load_checkpoint_net", real_load)
+    # an earlier TorchScript export is replaced as before
+    assert main(["--ckpt", str(ckpt), "--out", str(d / "ts.onnx"), "--torchscript"]) == 0
+    assert main(["--ckpt", str(ckpt), "--out", str(d / "ts.onnx"), "--torchscript"]) == 0
+    assert (d / "ts.pt").is_file()

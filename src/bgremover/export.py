@@ -241,7 +241,7 @@ def _export_onnx(net: nn.Module, meta: dict[str, Any], out: Path, *, tol: float,
         diff = _verify(net, tmp, num_classes, multiple, tol)
         ts_path = None
         if torchscript:
-            ts_path = out.with_suffix(".pt")
+            ts_path = torchscript_path(out)
             ts_tmp = _temp_path(out, ".pt")
             try:
                 with warnings.catch_warnings(), torch.no_grad():
@@ -344,6 +344,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def torchscript_path(out: Path) -> Path:
+    return out.with_suffix(".pt")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))  # hard links too
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save's zip holds a code/ folder; torch.save's (a checkpoint, the shipped .pt weights) does not."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def check_outputs(ckpt: Path, out: Path, torchscript: bool) -> None:
+    """Before any work: the files to write can be written, neither is the checkpoint being read, and the
+    TorchScript file (named after --out: `--out X.onnx` writes X.pt, the name of a checkpoint or of the shipped
+    weights) replaces only an earlier TorchScript file, never some other file of the user's."""
+    check_writable(out, "--out")
+    if _same_file(out, ckpt):
+        raise ExportError(f"--out {out} would overwrite the checkpoint")
+    if not torchscript:
+        return
+    ts = torchscript_path(out)
+    check_writable(ts, "--torchscript")
+    if _same_file(ts, ckpt):
+        raise ExportError(f"--torchscript writes {ts}, which would overwrite the checkpoint: give --out another name")
+    if _same_file(ts, out):
+        raise ExportError(f"--torchscript writes {ts}, the --out file itself: give --out an .onnx name")
+    if ts.exists() and not _is_torchscript(ts):
+        raise ExportError(f"--torchscript writes {ts}, which exists and is not a TorchScript file: not replacing it "
+                          "(move it, or give --out another name)")
+
+
 def default_out(ckpt: Path, meta: dict) -> Path:
     """Beside the run that made the checkpoint, never over the shipped model unless asked for by --out."""
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
@@ -354,11 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_normalize_argv(list(sys.argv[1:] if argv is None else argv)))
     try:
         if args.out:  # before the checkpoint is read and the net exported
-            check_writable(args.out, "--out")
+            check_outputs(Path(args.ckpt), Path(args.out), args.torchscript)
         net, meta = load_checkpoint_net(args.ckpt)
         out = args.out or default_out(Path(args.ckpt), meta)
         if not args.out:  # the default, beside the run: known only from the checkpoint
-            check_writable(out, "--out")
+            check_outputs(Path(args.ckpt), out, args.torchscript)
         result = export_onnx(
             net, meta, out, tol=args.tol, opset=args.opset, torchscript=args.torchscript
         )
