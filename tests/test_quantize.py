@@ -121,6 +121,7 @@ def test_quantize_writes_a_gated_int8_copy(tmp_path, data):
     assert rec["calibration"] == {"split": "train", "frames": 3} and rec["float_nodes"] == [producer.name, stem.name]
     assert rec["seven_bit_weights"] == 1
     assert rec["eval"]["frames"] == 3 and rec["eval"]["float"]["mIoU"] == pytest.approx(rec["eval"]["int8"]["mIoU"])
+    assert rec["eval"]["of"] == 3 and proc.stdout.rstrip().endswith(" (3 frames)")  # the whole split: no PARTIAL
     assert int8.meta["net"] == "two-conv" and int8.meta["test_mIoU"] == 0.9  # the float model's document kept
 
     rgb, label = scene(1)
@@ -179,3 +180,39 @@ def test_quantize_imports_no_torch():
             "print(sorted(m for m in ('torch', 'lightning', 'pytorch_lightning', 'hydra') if m in sys.modules))")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+
+
+def test_a_folder_as_model_is_named_a_folder(tmp_path, capsys):
+    """It said "model file not found" of a folder that is there."""
+    assert qz.main(["--model", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"quantize: error: model {tmp_path} is a folder, not an ONNX file\n"
+
+
+def test_an_int8_copy_is_not_quantized_again(tmp_path, data, monkeypatch, capsys):
+    """Re-quantizing an int8 copy (also the default while $BGREMOVER_MODEL names one) printed 61 onnxruntime
+    warnings, then an error naming a temp file. Its metadata's quantization record says what it is."""
+    model = build_net(tmp_path / "net.int8.onnx")
+    m = onnx.load(str(model))
+    doc = json.loads(m.metadata_props[0].value)
+    m.metadata_props[0].value = json.dumps({**doc, "quantization": {"source": "net.onnx"}})
+    onnx.save(m, str(model))
+    message = f"quantize: error: model {model} is already an int8 copy (of net.onnx): give the float model as --model\n"
+    assert qz.main(["--model", str(model), "--data-root", str(data), "--calib-frames", "2", "-q"]) == 1
+    assert capsys.readouterr().err == message
+    monkeypatch.setenv("BGREMOVER_MODEL", str(model))
+    assert qz.main(["--data-root", str(data), "--calib-frames", "2", "-q"]) == 1
+    assert capsys.readouterr().err == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CamVid", "net.int8.onnx"]  # nothing written
+
+
+def test_an_eval_limit_is_recorded_and_flagged_partial(tmp_path, data, capsys):
+    """--eval-limit 2 stored "frames": 2 without the split's size and printed "on 2 test frames": a score over
+    part of the split read as the split's. Now as eval prints it: "(2 of 3 frames, PARTIAL)"."""
+    model = build_net(tmp_path / "net.onnx")
+    assert qz.main(["--model", str(model), "--data-root", str(data), "--calib-frames", "2", "--eval-limit", "2",
+                    "--threads", "1", "-q"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert [line.endswith("ms/image on test (2 of 3 frames, PARTIAL)") for line in out[1:3]] == [True, True], out
+    assert out[3].startswith(f"wrote {int8_path(model)}") and out[3].endswith(" (2 of 3 frames, PARTIAL)")
+    rec = BackgroundRemover(int8_path(model), threads=1).meta["quantization"]
+    assert rec["eval"]["split"] == "test" and rec["eval"]["frames"] == 2 and rec["eval"]["of"] == 3

@@ -145,8 +145,17 @@ def quantize(
     if out.resolve() == model_path.resolve():
         raise QuantizeError(f"--out {out} would overwrite the float model")
     float_remover = cutout_eval.load_remover(model_path, threads=threads)
+    if isinstance(done := float_remover.meta.get("quantization"), dict):  # ($BGREMOVER_MODEL at the int8 copy)
+        # quantizing it again printed 61 onnxruntime warnings, then failed naming a temp file
+        raise QuantizeError(f"model {model_path} is already an int8 copy (of {done.get('source') or 'a float model'}): "
+                            "give the float model as --model")
+    from bgremover.data.camvid import select
+    from bgremover.utils import frames_note
+
     train = cutout_eval.find_pairs(data_root, "train", calib_frames)
-    test = cutout_eval.find_pairs(data_root, "test", eval_limit)
+    every = cutout_eval.find_pairs(data_root, "test")
+    test = select(every, eval_limit)  # the split's size kept: a --eval-limit score is flagged PARTIAL
+    note = frames_note({"frames": len(test), "of": len(every), "complete": len(test) == len(every)})
 
     with tempfile.TemporaryDirectory(prefix="bgremover-quantize-") as tmp:
         pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
@@ -182,7 +191,7 @@ def quantize(
             scores[name] = _scores(cutout_eval.evaluate(remover, test, progress=progress))
             log(f"{name:>5}: test mIoU {100 * scores[name]['mIoU']:.2f}, cut-out IoU {scores[name]['fg_iou']:.4f}, "
                 f"boundary F {scores[name]['boundary_f']:.4f}, alpha MAE {scores[name]['mae']:.4f}, "
-                f"{scores[name]['ms_per_image']:.0f} ms/image on {len(test)} test frames")  # fmt: skip
+                f"{scores[name]['ms_per_image']:.0f} ms/image on test{note}")  # fmt: skip
         d_miou = scores["int8"]["mIoU"] - scores["float"]["mIoU"]
         d_fg = scores["int8"]["fg_iou"] - scores["float"]["fg_iou"]
         if abs(d_miou) > MAX_MIOU_CHANGE or abs(d_fg) > MAX_FG_IOU_CHANGE:
@@ -200,7 +209,7 @@ def quantize(
             "source": model_path.name,
             "source_sha256": file_sha256(model_path),
             "onnxruntime": onnxruntime.__version__,
-            "eval": {"split": "test", "frames": len(test), **scores},
+            "eval": {"split": "test", "frames": len(test), "of": len(every), **scores},  # records before: no "of"
             "gate": {"max_mIoU_change": MAX_MIOU_CHANGE, "max_fg_iou_change": MAX_FG_IOU_CHANGE},
         }  # fmt: skip
         quantized = onnx.load(str(q))
@@ -242,8 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else int8_path(model)
     data_root = args.data_root or os.environ.get(cutout_eval.DATA_ENV) or cutout_eval.DEFAULT_DATA_ROOT
     try:
-        if not model.is_file():
-            raise ModelError(f"model file not found: {model}")
+        if not model.is_file():  # remover's and cutout_eval's words
+            raise ModelError(f"model {model} is a folder, not an ONNX file" if model.is_dir()
+                             else f"model file not found: {model}")
         errors.check_writable(out, "--out")  # before the calibration and two scorings, not after
         record = quantize(model, out, data_root, args.calib_frames, args.eval_limit, args.threads,
                           progress=not args.quiet)  # fmt: skip
@@ -254,9 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return errors.report(e, PROG, 1)
     except Exception as e:  # a bug or an onnxruntime failure: still one line, never a traceback
         return errors.report(f"unexpected {type(e).__name__}: {errors.one_line(e)}", PROG, 1)
+    from bgremover.utils import frames_note
+
     ev = record["eval"]
+    note = frames_note({"frames": ev["frames"], "of": ev["of"], "complete": ev["frames"] == ev["of"]})
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): test mIoU {100 * ev['int8']['mIoU']:.2f} vs "
-          f"{100 * ev['float']['mIoU']:.2f} float, cut-out IoU {ev['int8']['fg_iou']:.4f} vs {ev['float']['fg_iou']:.4f}")
+          f"{100 * ev['float']['mIoU']:.2f} float, cut-out IoU {ev['int8']['fg_iou']:.4f} vs {ev['float']['fg_iou']:.4f}"
+          f"{note}")
     return 0
 
 
