@@ -6,7 +6,8 @@
 The file carries everything the predictor needs (classes, normalization, size multiple, default foreground,
 provenance) as JSON under the ONNX metadata key `bgremover`. Before anything is written, the same inputs go
 through PyTorch and ONNX Runtime; the export is refused (no file left behind) when they disagree by more
-than `tol`. Exit codes: 0 written, 1 bad checkpoint / failed export or verification, 2 usage error.
+than `tol`. Exit codes: 0 written, 1 bad checkpoint / failed export or verification, 2 usage error, 130
+interrupted (nothing written).
 
 Exporter choice: torch 2.14's default `torch.onnx.export(dynamo=True)` needs `onnxscript`, which is not a
 dependency of this project and not installed; the TorchScript-based exporter (`dynamo=False`) ships inside
@@ -19,8 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import math
 import json
+import math
 import os
 import sys
 import tempfile

@@ -25,7 +25,8 @@ only if the test mIoU stays within 0.5 points and the cut-out (foreground) IoU w
 in either direction. Otherwise exit 1 and nothing is written. The copy's metadata is the float model's plus
 `quantization`: the scheme, the calibration, both evaluations and the float file's sha256 (the predictor uses the
 shipped copy only while it matches the float file beside it).
-Exit codes: 0 written; 1 gate failed, data or model missing or unusable; 2 bad option values.
+Exit codes: 0 written; 1 gate failed, data or model missing or unusable (an int8 copy included); 2 bad option
+values; 130 interrupted.
 
 Imports onnxruntime's quantization tools and onnx, never torch.
 """
