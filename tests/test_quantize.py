@@ -185,7 +185,7 @@ def test_quantize_imports_no_torch():
 def test_a_folder_as_model_is_named_a_folder(tmp_path, capsys):
     """It said "model file not found" of a folder that is there."""
     assert qz.main(["--model", str(tmp_path)]) == 1
-    assert capsys.readouterr().err == f"quantize: error: model {tmp_path} is a folder, not an ONNX file\n"
+    assert capsys.readouterr().err == f"python -m bgremover.quantize: error: model {tmp_path} is a folder, not an ONNX file\n"
 
 
 def test_an_int8_copy_is_not_quantized_again(tmp_path, data, monkeypatch, capsys):
@@ -196,7 +196,7 @@ def test_an_int8_copy_is_not_quantized_again(tmp_path, data, monkeypatch, capsys
     doc = json.loads(m.metadata_props[0].value)
     m.metadata_props[0].value = json.dumps({**doc, "quantization": {"source": "net.onnx"}})
     onnx.save(m, str(model))
-    message = f"quantize: error: model {model} is already an int8 copy (of net.onnx): give the float model as --model\n"
+    message = f"python -m bgremover.quantize: error: model {model} is already an int8 copy (of net.onnx): give the float model as --model\n"
     assert qz.main(["--model", str(model), "--data-root", str(data), "--calib-frames", "2", "-q"]) == 1
     assert capsys.readouterr().err == message
     monkeypatch.setenv("BGREMOVER_MODEL", str(model))
