@@ -432,3 +432,25 @@ def test_outputs_never_replace_the_checkpoint_or_a_users_file(tmp_path, monkeypa
     assert main(["--ckpt", str(ckpt), "--out", str(d / "ts.onnx"), "--torchscript"]) == 0
     assert main(["--ckpt", str(ckpt), "--out", str(d / "ts.onnx"), "--torchscript"]) == 0
     assert (d / "ts.pt").is_file()
+
+
+def test_outputs_are_written_through_links_and_keep_their_mode(tmp_path, capsys):
+    """Five writers made temp files and renamed them five ways (an audit): `export --out link.onnx` replaced the
+    link with a file, where cut-outs and reports were written through it. One way now (bgremover.files)."""
+    import os
+
+    from bgremover import checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", miou=0.25)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "model.onnx").write_bytes(b"old")
+    os.chmod(store / "model.onnx", 0o640)
+    (tmp_path / "model.onnx").symlink_to(store / "model.onnx")
+    assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "model.onnx")]) == 0
+    assert (tmp_path / "model.onnx").is_symlink() and read_metadata(store / "model.onnx")["test_mIoU"] == 0.25
+    assert (store / "model.onnx").stat().st_mode & 0o777 == 0o640
+    (tmp_path / "w.pt").symlink_to(store / "w.pt")  # a link to a file still to be made: made there
+    checkpoint.save_weights(ckpt, tmp_path / "w.pt")
+    assert (tmp_path / "w.pt").is_symlink() and checkpoint.load_net(store / "w.pt")[1]["net_name"] == "tiny"
+    assert sorted(p.name for p in store.iterdir()) == ["model.onnx", "w.pt"]  # no temp files left

@@ -157,14 +157,11 @@ def save_weights(path: str | os.PathLike, out: str | os.PathLike, half: bool = T
              for k, v in net_state(ckpt).items()}
     if not state:
         raise UserError(f"checkpoint {path} has no 'net.' weights in its state_dict")
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    from bgremover.files import replacing
+
+    with replacing(out) as tmp:
         torch.save({"state_dict": state, CHECKPOINT_KEY: info}, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(out)
 
 
 def load_module(path: str | os.PathLike):

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from bgremover.errors import OneLineParser, UserError, check_writable, report
+from bgremover.files import replacing
 from bgremover.model_format import FORMAT, FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAME  # noqa: F401  (re-exported)
 
 PROG = "python -m bgremover.export"
@@ -167,15 +167,6 @@ def _verify(net: nn.Module, onnx_path: Path, num_classes: int, multiple: int, to
     return worst
 
 
-def _temp_path(out: Path, suffix: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename; give the usual file mode
-    return Path(name)
-
-
 def export_onnx(
     net: nn.Module,
     meta: dict[str, Any],
@@ -204,62 +195,55 @@ def export_onnx(
 
 def _export_onnx(net: nn.Module, meta: dict[str, Any], out: Path, *, tol: float, opset: int,
                  torchscript: bool) -> dict[str, Any]:
-    import onnx
-
-    net = net.float().eval()
-    num_classes = len(meta["classes"])
-    multiple = int(meta.get("size_multiple", 32))
-    metadata = onnx_metadata(meta)
-    tmp = _temp_path(out, ".onnx")
+    net, metadata = net.float().eval(), onnx_metadata(meta)
     try:
-        dummy = torch.zeros(1, 3, 2 * multiple, 2 * multiple)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter(
-                "ignore"
-            )  # the exporter's own DeprecationWarning/TracerWarnings: see docstring
-            torch.onnx.export(
-                net,
-                (dummy,),
-                str(tmp),
-                dynamo=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={
-                    INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                    OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                },
-                opset_version=opset,
-            )
-        model = onnx.load(str(tmp))
-        del model.metadata_props[:]
-        entry = model.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
-        model.doc_string = (
-            f"bgremover background remover ({metadata['net']}); see metadata key '{METADATA_KEY}'"
-        )
-        onnx.checker.check_model(model)
-        onnx.save(model, str(tmp))
-        diff = _verify(net, tmp, num_classes, multiple, tol)
-        ts_path = None
-        if torchscript:
-            ts_path = torchscript_path(out)
-            ts_tmp = _temp_path(out, ".pt")
-            try:
-                with warnings.catch_warnings(), torch.no_grad():
-                    warnings.simplefilter("ignore")
-                    traced = torch.jit.trace(net, dummy)
-                    torch.jit.save(traced, str(ts_tmp), _extra_files={"bgremover.json": json.dumps(metadata)})
-                os.replace(ts_tmp, ts_path)
-            finally:
-                ts_tmp.unlink(missing_ok=True)
-        os.replace(tmp, out)
+        with replacing(out) as tmp:  # renamed over `out` once written and verified
+            diff, ts_path = _write_onnx(net, metadata, tmp, out, tol=tol, opset=opset, torchscript=torchscript)
     except ExportError:
         raise
     except Exception as err:
         raise ExportError(f"export failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"path": out, "max_abs_diff": diff, "metadata": metadata, "torchscript": ts_path}
+
+
+def _write_onnx(net: nn.Module, metadata: dict[str, Any], tmp: Path, out: Path, *, tol: float, opset: int,
+                torchscript: bool) -> tuple[float, Path | None]:
+    """The model into `tmp`, verified against PyTorch; the TorchScript copy beside `out` if asked."""
+    import onnx
+
+    num_classes, multiple = len(metadata["classes"]), int(metadata.get("size_multiple", 32))
+    dummy = torch.zeros(1, 3, 2 * multiple, 2 * multiple)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's own DeprecationWarning/TracerWarnings: see docstring
+        torch.onnx.export(
+            net,
+            (dummy,),
+            str(tmp),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={
+                INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+            },
+            opset_version=opset,
+        )
+    model = onnx.load(str(tmp))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    model.doc_string = f"bgremover background remover ({metadata['net']}); see metadata key '{METADATA_KEY}'"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp))
+    diff = _verify(net, tmp, num_classes, multiple, tol)
+    ts_path = None
+    if torchscript:
+        ts_path = torchscript_path(out)
+        with replacing(ts_path) as ts_tmp, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(net, dummy)
+            torch.jit.save(traced, str(ts_tmp), _extra_files={"bgremover.json": json.dumps(metadata)})
+    return diff, ts_path
 
 
 def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from bgremover import cutout_eval, errors, model_format
+from bgremover.files import replacing
 from bgremover.remover import (
     BackgroundRemover,
     BgRemoverError,
@@ -219,12 +220,8 @@ def quantize(
         doc["quantization"] = record
         props[model_format.METADATA_KEY].value = json.dumps(doc)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
+        with replacing(out) as tmp_out:
             onnx.save(quantized, str(tmp_out))
-            os.replace(tmp_out, out)
-        finally:
-            tmp_out.unlink(missing_ok=True)
     return record
 
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import stat
 import sys
-import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
@@ -31,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bgremover import model_format
 from bgremover.errors import UserError
+from bgremover.files import is_stream, write_atomic  # noqa: F401  (re-exported: predict, ship, cutout_eval)
 from bgremover.padding import crop, pad_image
 
 MODEL_ENV = "BGREMOVER_MODEL"  # environment variable naming the default model file
@@ -369,48 +368,6 @@ def encode_image(img: Image.Image, suffix: str = ".png") -> bytes:
     img.convert("L" if img.mode == "L" else "RGB").save(buf, format="JPEG", quality=JPEG_QUALITY,
                                                         icc_profile=img.info.get("icc_profile"))
     return buf.getvalue()
-
-
-def is_stream(path: str | os.PathLike) -> bool:
-    """An existing device, pipe or socket (/dev/null, /dev/stdout, a FIFO): written to as it is, never replaced."""
-    try:
-        mode = os.stat(path).st_mode  # through links
-    except OSError:
-        return False
-    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
-
-
-def write_atomic(data: bytes, path: str | os.PathLike) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see a half-written file. Through a link the
-    link's target is replaced and the link stays; a device or pipe (/dev/stdout, a FIFO) is written to as it is (the
-    rename replaced /dev/null with a PNG, as root); an existing file keeps its permissions."""
-    if is_stream(path):  # opened as named: /dev/stdout resolves to a "pipe:[…]" that no folder holds
-        with open(path, "wb") as fh:  # a stream: nothing to rename over
-            fh.write(data)
-        return
-    named, path = path, Path(os.path.realpath(path))
-    if not path.parent.is_dir():  # say so, not "no such file" naming our temp file
-        raise FileNotFoundError(f"{named} links to {path}, whose folder does not exist" if Path(named) != path
-                                else f"{named}: its folder does not exist")
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        mode = stat.S_IMODE(st.st_mode)
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)  # mkstemp's 0600 would survive the rename
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse_color(value: str | Sequence[int]) -> tuple[int, ...]:

@@ -194,10 +194,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
+    from bgremover.files import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(data, path)
 
 
 def _json_default(value: Any) -> Any:

@@ -1,0 +1,58 @@
+"""Writing a file so that no reader ever sees half of it: the one way every output is written (models,
+checkpoints, summaries, reports, cut-outs). Standard library only: the predictor imports it without torch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """An existing device, pipe or socket (/dev/null, /dev/stdout, a FIFO): written to as it is, never replaced."""
+    try:
+        mode = os.stat(path).st_mode  # through links
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp file beside `path` for the block to write (by name: torch.save, onnx.save), renamed over `path`
+    when the block ends, removed if it raises (Ctrl-C included). Through a link the link's target is replaced
+    and the link stays (five writers did this five ways: some replaced the link with a file); an existing file
+    keeps its permissions, a new one gets the umask's (mkstemp's 0600 would survive the rename)."""
+    named, path = path, Path(os.path.realpath(path))
+    if not path.parent.is_dir():  # say so, not "no such file" naming our temp file
+        raise FileNotFoundError(f"{named} links to {path}, whose folder does not exist" if Path(named) != path
+                                else f"{named}: its folder does not exist")
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(data: bytes, path: str | os.PathLike) -> None:
+    """`data` into `path` through `replacing`; a device or pipe (/dev/stdout, a FIFO) is written to as it is (the
+    rename replaced /dev/null with a PNG, as root)."""
+    if is_stream(path):  # opened as named: /dev/stdout resolves to a "pipe:[…]" that no folder holds
+        with open(path, "wb") as fh:  # a stream: nothing to rename over
+            fh.write(data)
+        return
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
