@@ -171,6 +171,11 @@ def test_refuses_to_overwrite_the_float_model_or_run_without_data(tmp_path, data
     before = model.read_bytes()
     assert qz.main(["--model", str(model), "--out", str(model), "--data-root", str(data)]) == 1
     assert "would overwrite the float model" in capsys.readouterr().err and model.read_bytes() == before
+    import os
+
+    os.link(model, tmp_path / "same.onnx")  # a hard link is the same file (its path differs)
+    assert qz.main(["--model", str(model), "--out", str(tmp_path / "same.onnx"), "--data-root", str(data)]) == 1
+    assert "would overwrite the float model" in capsys.readouterr().err and model.read_bytes() == before
     assert qz.main(["--model", str(model), "--data-root", str(tmp_path / "none")]) == 1
     assert "dataset folder not found" in capsys.readouterr().err and not int8_path(model).exists()
 

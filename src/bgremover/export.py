@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from bgremover.errors import OneLineParser, UserError, check_writable, report
-from bgremover.files import replacing
+from bgremover.files import replacing, same_file
 from bgremover.model_format import FORMAT, FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAME  # noqa: F401  (re-exported)
 
 PROG = "python -m bgremover.export"
@@ -333,10 +333,6 @@ def torchscript_path(out: Path) -> Path:
     return out.with_suffix(".pt")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))  # hard links too
-
-
 def _is_torchscript(path: Path) -> bool:
     """torch.jit.save's zip holds a code/ folder; torch.save's (a checkpoint, the shipped .pt weights) does not."""
     import zipfile
@@ -353,15 +349,15 @@ def check_outputs(ckpt: Path, out: Path, torchscript: bool) -> None:
     TorchScript file (named after --out: `--out X.onnx` writes X.pt, the name of a checkpoint or of the shipped
     weights) replaces only an earlier TorchScript file, never some other file of the user's."""
     check_writable(out, "--out")
-    if _same_file(out, ckpt):
+    if same_file(out, ckpt):
         raise ExportError(f"--out {out} would overwrite the checkpoint")
     if not torchscript:
         return
     ts = torchscript_path(out)
     check_writable(ts, "--torchscript")
-    if _same_file(ts, ckpt):
+    if same_file(ts, ckpt):
         raise ExportError(f"--torchscript writes {ts}, which would overwrite the checkpoint: give --out another name")
-    if _same_file(ts, out):
+    if same_file(ts, out):
         raise ExportError(f"--torchscript writes {ts}, the --out file itself: give --out an .onnx name")
     if ts.exists() and not _is_torchscript(ts):
         raise ExportError(f"--torchscript writes {ts}, which exists and is not a TorchScript file: not replacing it "

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from bgremover import cutout_eval, errors, model_format
-from bgremover.files import replacing
+from bgremover.files import replacing, same_file
 from bgremover.remover import (
     BackgroundRemover,
     BgRemoverError,
@@ -144,7 +144,7 @@ def quantize(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model_path, out = Path(model_path), Path(out)
-    if out.resolve() == model_path.resolve():
+    if same_file(out, model_path):  # a hard link too
         raise QuantizeError(f"--out {out} would overwrite the float model")
     float_remover = cutout_eval.load_remover(model_path, threads=threads)
     if isinstance(done := float_remover.meta.get("quantization"), dict):  # ($BGREMOVER_MODEL at the int8 copy)
