@@ -454,3 +454,20 @@ def test_outputs_are_written_through_links_and_keep_their_mode(tmp_path, capsys)
     checkpoint.save_weights(ckpt, tmp_path / "w.pt")
     assert (tmp_path / "w.pt").is_symlink() and checkpoint.load_net(store / "w.pt")[1]["net_name"] == "tiny"
     assert sorted(p.name for p in store.iterdir()) == ["model.onnx", "w.pt"]  # no temp files left
+
+
+def test_a_bad_option_is_answered_before_torch_loads():
+    """export imported torch at its top: a bad option waited seconds for it, and a Ctrl-C while it loaded printed
+    a traceback before main() could say "interrupted"."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            "sys.argv = ['export', '--ckpt', 'x.ckpt', '--tol', '-1']\n"
+            "try:\n"
+            "    runpy.run_module('bgremover.export', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert "argument --tol: expected a finite number > 0, got '-1'" in proc.stderr

@@ -26,11 +26,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:  # torch loads inside the functions that use it: a bad option, or a Ctrl-C while it loads
+    from torch import nn  # (seconds), is then one line, not a traceback printed before main() could run
 
 from bgremover.errors import OneLineParser, UserError, check_writable, report
 from bgremover.files import replacing, same_file
@@ -138,6 +139,8 @@ def _ort_forward(onnx_path: Path, x: np.ndarray) -> np.ndarray:
 def _verify(net: nn.Module, onnx_path: Path, num_classes: int, multiple: int, tol: float) -> float:
     """Max |torch - onnxruntime| over VERIFY_SHAPES; raises ExportError above max(tol, tol × REL_TOLERANCE ×
     the largest |logit|), or when shapes disagree."""
+    import torch
+
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
     for n, hm, wm in VERIFY_SHAPES:
@@ -210,6 +213,7 @@ def _write_onnx(net: nn.Module, metadata: dict[str, Any], tmp: Path, out: Path, 
                 torchscript: bool) -> tuple[float, Path | None]:
     """The model into `tmp`, verified against PyTorch; the TorchScript copy beside `out` if asked."""
     import onnx
+    import torch
 
     num_classes, multiple = len(metadata["classes"]), int(metadata.get("size_multiple", 32))
     dummy = torch.zeros(1, 3, 2 * multiple, 2 * multiple)
