@@ -333,3 +333,18 @@ def test_eval_without_a_checkpoint_is_one_line_before_torch_and_leaves_no_run(tm
     assert proc.returncode == 1 and proc.stderr.strip() == message, proc.stderr
     assert proc.stdout.strip() == "[]"  # nothing of torch imported before the answer
     assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_run_leaves_no_empty_folders_in_a_fresh_checkout(tmp_path):
+    """A typo in a fresh checkout's first `make train` / `make eval` left logs/train/runs/ (or logs/eval/runs/)
+    behind, empty: the run folder went, the folders Hydra made above it stayed. Folders that hold runs stay."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "src")}
+    for args in (["bgremover.train", "data.batch_size=-1"], ["bgremover.eval"]):
+        proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env=env)
+        assert proc.returncode != 0 and proc.stderr.startswith("error: "), proc.stderr
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+    (tmp_path / "logs" / "train" / "runs" / "earlier").mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "bgremover.train", "data.batch_size=-1"], capture_output=True,
+                   timeout=120, cwd=tmp_path, env=env)
+    assert [p.name for p in (tmp_path / "logs" / "train" / "runs").iterdir()] == ["earlier"]

@@ -285,6 +285,16 @@ def _remove_run_dir(out_dir: Path) -> None:
             handler.close()
             logging.getLogger().removeHandler(handler)
     shutil.rmtree(out_dir, ignore_errors=True)
+    # and the folders Hydra made above it (logs/train/runs/ of a fresh checkout, where a typo left them empty),
+    # up to the first that holds anything; only inside the current folder
+    cwd = Path.cwd().resolve()
+    for parent in out_dir.resolve().parents:
+        if parent == cwd or cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (another run), or not ours to remove
+            break
 
 
 def log_file() -> str | None:
