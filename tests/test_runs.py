@@ -680,6 +680,8 @@ def test_without_the_projects_callbacks_no_checkpoint_passes_for_the_best(small_
 @pytest.mark.parametrize("limits", [
     ["trainer.max_epochs=5", "trainer.max_steps=3", "trainer.check_val_every_n_epoch=1"],  # stops inside epoch 2
     ["trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2"],  # the last epoch is not a validating one
+    # validation after every batch (val_check_interval): Lightning scores the last step itself, once
+    ["trainer.max_epochs=5", "trainer.max_steps=3", "trainer.check_val_every_n_epoch=1", "+trainer.val_check_interval=0.5"],
 ])
 def test_the_weights_a_run_ends_with_are_validated(small_camvid, tmp_path, limits):
     """A user audit: a run that max_steps stopped inside an epoch, or whose last epoch was not a validating one,
