@@ -166,6 +166,8 @@ def _break(root: Path, case: str) -> str:
     """Damage a synthetic dataset; returns a fragment the error message must contain."""
     if case == "missing root":
         return "dataset folder not found"
+    if case == "root is a file":  # it said "dataset folder not found" of a path that is there
+        return "not a folder: "
     if case == "missing split":
         (root / "valannot").rename(root / "valannot_gone")
         return "valannot"
@@ -194,7 +196,7 @@ def _break(root: Path, case: str) -> str:
     raise AssertionError(case)
 
 
-CASES = ["missing root", "missing split", "image without label", "sizes differ", "label out of range",
+CASES = ["missing root", "root is a file", "missing split", "image without label", "sizes differ", "label out of range",
          "truncated png", "not an image", "empty split"]
 
 
@@ -204,11 +206,13 @@ def test_bad_data_gives_one_clear_error(tmp_path, case):
     fragment = _break(root, case)
     if case == "missing root":
         root = tmp_path / "nowhere"
+    if case == "root is a file":
+        root = root / "train" / "train_000.png"
     with pytest.raises(CamVidError) as info:
         verify_root(root, deep=True)
     message = str(info.value)
     assert fragment in message and "\n" not in message
-    if case not in ("missing root", "empty split", "missing split"):
+    if case not in ("missing root", "root is a file", "empty split", "missing split"):
         assert "train" in message  # names the offending file's split folder
 
 

@@ -348,3 +348,14 @@ def test_a_refused_run_leaves_no_empty_folders_in_a_fresh_checkout(tmp_path):
     subprocess.run([sys.executable, "-m", "bgremover.train", "data.batch_size=-1"], capture_output=True,
                    timeout=120, cwd=tmp_path, env=env)
     assert [p.name for p in (tmp_path / "logs" / "train" / "runs").iterdir()] == ["earlier"]
+
+
+def test_a_file_given_as_the_dataset_folder_is_called_a_file(small_camvid, tmp_path):
+    """`data.root=README.md` said "dataset folder not found: README.md" of a path that is there."""
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    readme = REPO / "README.md"
+    with pytest.raises(UserError) as info:
+        config.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={readme}"]))
+    assert str(info.value) == f"data.root {readme} is a file, not a folder: point it (or DATA_DIR) at the CamVid folder"

@@ -308,6 +308,8 @@ def check_data_root(root, splits: Iterable[str]) -> None:
 
     path = resolve_root(root)
     hint = "run `make data` to download CamVid there, or point DATA_DIR (or data.root) at a copy"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"data.root {path} is a file, not a folder: point it (or DATA_DIR) at the CamVid folder")
     if not path.is_dir():
         raise UserError(f"dataset folder not found: {path} ({hint})")
     for split in splits:

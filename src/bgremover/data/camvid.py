@@ -37,6 +37,8 @@ def resolve_root(root: str | os.PathLike | None = None) -> Path:
 def list_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
     """(image, label) paths of one split, sorted by file name; raises CamVidError on any layout fault."""
     root = Path(root)
+    if root.exists() and not root.is_dir():  # "not found" sent people looking for a path that was there
+        raise CamVidError(f"not a folder: {root} (the dataset folder holds train/, trainannot/, val/, ...)")
     if not root.is_dir():
         raise CamVidError(f"dataset folder not found: {root} (run `make data` or set DATA_DIR)")
     img_dir, lbl_dir = root / split, root / f"{split}annot"
