@@ -247,7 +247,7 @@ def test_cli_bad_input_one_error_line(tmp_path: Path, make: str) -> None:
         target.mkdir()
     r = run_cli(str(target))
     assert r.returncode == 1
-    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("python -m bgremover.compare: error:"), r.stderr
     assert not (target / "report").exists()
 
 
@@ -255,7 +255,7 @@ def test_main_without_multiruns_is_one_error(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     assert compare.main([]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "logs" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("python -m bgremover.compare: error:") and "logs" in err and len(err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------ grid
@@ -652,7 +652,7 @@ def test_ctrl_c_during_compare_is_one_line(sweep: Path, tmp_path: Path, monkeypa
 
     monkeypatch.setattr(report, "build_report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert report.main([str(sweep), "--out", str(tmp_path / "r")]) == 130
-    assert capsys.readouterr().err == "error: interrupted: no report written\n"
+    assert capsys.readouterr().err == "python -m bgremover.compare: error: interrupted: no report written\n"
     assert not (tmp_path / "r").exists()
 
 

@@ -89,7 +89,7 @@ def test_deep_check_catches_a_bad_label_value(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["--root", str(root), "--deep"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0] and "200" in err[0]
+    assert len(err) == 1 and err[0].startswith("python -m bgremover.data: error: ") and str(bad) in err[0] and "200" in err[0]
 
 
 def test_incomplete_existing_dataset_is_an_error_not_a_download(tmp_path: Path, capsys) -> None:
@@ -102,7 +102,7 @@ def test_incomplete_existing_dataset_is_an_error_not_a_download(tmp_path: Path, 
     assert main(["--root", str(root), "--url", "http://127.0.0.1:9/never-contacted.zip"]) == 1
 
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and str(root / "testannot") in err[0]
+    assert len(err) == 1 and err[0].startswith("python -m bgremover.data: error: ") and str(root / "testannot") in err[0]
     assert snapshot(root) == before
 
 
@@ -114,7 +114,7 @@ def test_missing_dataset_with_no_download_is_one_error_line(tmp_path: Path) -> N
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: no CamVid dataset at ") and "make data" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("python -m bgremover.data: error: no CamVid dataset at ") and "make data" in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "nowhere").exists()
 
@@ -153,7 +153,7 @@ def test_stats_prints_yaml_ready_to_paste(tmp_path: Path) -> None:
 def test_stats_on_missing_dataset_is_one_error_line(tmp_path: Path, capsys) -> None:
     assert main(["stats", "--root", str(tmp_path / "absent")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no CamVid dataset at ")
+    assert len(err) == 1 and err[0].startswith("python -m bgremover.data: error: no CamVid dataset at ")
     assert not (tmp_path / "absent").exists()
 
 

@@ -401,7 +401,7 @@ def test_cli_reports_download_failure_in_one_line(serve, tmp_path: Path, monkeyp
     assert main(["--root", str(dest), "--url", url, "--quiet", "--retries", "0"]) == 1
 
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: archive ") and "corrupt" in err[-1]
+    assert err[-1].startswith("python -m bgremover.data: error: archive ") and "corrupt" in err[-1]
     assert not dest.exists() and len(state.requests) == 1
 
 
@@ -410,5 +410,5 @@ def test_cli_long_error_keeps_its_advice(tmp_path: Path, capsys) -> None:
     root = tmp_path / ("deep" * 30) / ("er" * 40) / "CamVid"
     assert main(["verify", "--root", str(root), "--no-download"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert len(line) > 300 and line.startswith("error: no CamVid dataset at ")
+    assert len(line) > 300 and line.startswith("python -m bgremover.data: error: no CamVid dataset at ")
     assert line.endswith("or point --root / $DATA_DIR at an existing copy")

@@ -649,7 +649,7 @@ def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, caps
     real = make_folder.build
     monkeypatch.setattr(make_folder, "build", lambda *a, **k: real(*a, **k) and (_ for _ in ()).throw(KeyboardInterrupt()))
     assert main([str(tmp_path / "cars3"), "--data-root", str(root), "--min-side", "16", "--size", "32"]) == 130
-    assert capsys.readouterr().err.strip() == f"error: interrupted: {tmp_path / 'cars3'} was not written"
+    assert capsys.readouterr().err.strip() == f"python -m bgremover.data.make_folder: error: interrupted: {tmp_path / 'cars3'} was not written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CamVid", "cars", "cars2"]
 
 

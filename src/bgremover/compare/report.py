@@ -54,6 +54,8 @@ from bgremover.compare.wandb_log import log_wandb
 from bgremover.config import SUMMARY_NAME
 from bgremover.data.classes import DEFAULT_FOREGROUND
 
+PROG = "python -m bgremover.compare"  # the command as run: its usage line and every error line
+
 
 @dataclass
 class Report:
@@ -62,6 +64,7 @@ class Report:
     warnings: list[str]
     stats: list[NetStats]
     runs: list[Run]
+
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -248,7 +251,7 @@ def build_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = errors.OneLineParser(prog="python -m bgremover.compare", description=__doc__.splitlines()[0])
+    ap = errors.OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument(
         "paths",
         nargs="*",
@@ -274,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = args.paths or [newest_sweep()]
         report = build_report(paths, args.out, args.data_root, args.grid_images, args.wandb)
     except (errors.UserError, OSError) as e:
-        return errors.report(e)
+        return errors.report(e, PROG)  # the prefix its option errors carry
     except KeyboardInterrupt:  # a traceback before; the report is written whole or not at all (build_report)
-        return errors.report("interrupted: no report written", code=130)
+        return errors.report("interrupted: no report written", PROG, 130)
     print(report.main_md, end="")
     for w in report.warnings:
         print(w)

@@ -16,12 +16,13 @@ from pathlib import Path
 from bgremover.data import download
 from bgremover.errors import OneLineParser, UserError, one_line, report
 
+PROG = "python -m bgremover.data"  # the command as run (make data): its usage line and every error line
 ROOT_ENV = "DATA_DIR"  # environment variable naming the dataset folder when --root is not given
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="python -m bgremover.data",
+        prog=PROG,
         description="Verify CamVid (downloading it when absent) or print its train-split statistics.",
     )
     parser.add_argument(
@@ -119,16 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (cmd_stats if args.command == "stats" else cmd_verify)(args, root)
     except UserError as e:  # whole: download errors end with what to do (delete the archive, point --root ...)
-        return report(one_line(e, limit=None))
+        return report(one_line(e, limit=None), PROG)
     except BrokenPipeError:
         # stdout went to a closed pipe (`| head`): nothing left to say; silence the flush at exit too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
-        return report("interrupted (a partial download is kept and resumes next run)")
+        return report("interrupted (a partial download is kept and resumes next run)", PROG)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        return report(f"{where}{one_line(e.strerror or e)}")
+        return report(f"{where}{one_line(e.strerror or e)}", PROG)
     return 0
 
 

@@ -40,7 +40,9 @@ from bgremover.data.camvid import list_pairs, resolve_root
 from bgremover.data.classes import CLASSES, VOID
 from bgremover.errors import OneLineParser, UserError, count, report
 
+PROG = "python -m bgremover.data.make_folder"  # the command as run: its usage line and every error line
 SPLITS = ("train", "val", "test")
+
 
 
 def subjects(label: np.ndarray, ids: list[int], min_side: int, whole: bool = True) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
@@ -183,7 +185,7 @@ def build(root: Path, out: Path, classes: list[str], min_side: int, size: int, m
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m bgremover.data.make_folder", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="folder to create (must not exist)")
     p.add_argument("--data-root", help="CamVid folder (default $DATA_DIR, else data/CamVid)")
     p.add_argument("--classes", default="Car", help=f"comma list of the foreground classes ({', '.join(CLASSES)})")
@@ -223,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except UserError as e:  # CamVidError is one
-        return report(e)
+        return report(e, PROG)
     except KeyboardInterrupt:  # was a bare traceback; the half-built folder is already gone (finally above)
-        return report(f"interrupted: {args.out} was not written", code=130)
+        return report(f"interrupted: {args.out} was not written", PROG, 130)
     kind = "composites" if args.composite else "crops"
     print(f"wrote {args.out}: " + ", ".join(f"{counts[s]} {s}" for s in SPLITS) + f" {kind} of {'/'.join(classes)}"
           f" ({args.size}x{args.size}); train a remover on it: make remover DATA={args.out}")
