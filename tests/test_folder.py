@@ -651,6 +651,11 @@ def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, caps
     assert main([str(tmp_path / "cars3"), "--data-root", str(root), "--min-side", "16", "--size", "32"]) == 130
     assert capsys.readouterr().err.strip() == f"python -m bgremover.data.make_folder: error: interrupted: {tmp_path / 'cars3'} was not written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CamVid", "cars", "cars2"]
+    # an output it cannot write (under a file here; a full disk, a read-only folder): was a traceback
+    (tmp_path / "afile").write_text("x")
+    assert main([str(tmp_path / "afile" / "sub"), "--data-root", str(root), "--min-side", "16", "--size", "32"]) == 1
+    assert capsys.readouterr().err.strip() == (f"python -m bgremover.data.make_folder: error: cannot write "
+                                               f"{tmp_path / 'afile' / 'sub'}: Not a directory")
 
 
 def test_make_folder_composites_subjects_onto_subject_free_windows(tmp_path, capsys):
@@ -770,3 +775,29 @@ def test_make_remover_scores_a_fixed_split_folder_with_its_void_value(tmp_path):
     pairs, read_label, classes = cutout_eval.find_folder_pairs(root, "test", None, train_remover._split_file(run))
     assert classes == ["background", "cat", "dog"] and len(pairs) == 2
     assert set(np.unique(read_label(pairs[0][1]))) == {0, 2, 3}  # 255 read as void (index 3), not an error
+
+
+@pytest.mark.parametrize("name", ["poolé", "pool,v2", "pool=v2", "it's [x]"])
+def test_make_remover_takes_any_folder_name(tmp_path, monkeypatch, name):
+    """`make remover DATA=/data/poolé` (or pool,v2 / pool=v2) was refused in Hydra's words ("LexerNoViableAlt
+    Exception", "Ambiguous value ... add --multirun"): the folder went into `data.root=` unquoted (an audit)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from bgremover import train_remover
+
+    data, run = tmp_path / name, tmp_path / f"run {name}"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    seen: list[list[str]] = []
+
+    class FakeTraining:  # records the command the training process would get
+        def __init__(self, cmd, env):
+            seen.append(cmd)
+
+        def wait(self):
+            return 3
+
+    monkeypatch.setattr(train_remover.subprocess, "Popen", FakeTraining)
+    assert train_remover.main([str(data), "--run-dir", str(run)]) == 3
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(seen[0][3:])}
+    assert parsed["data.root"] == str(data.resolve()) and parsed["hydra.run.dir"] == str(run.resolve())

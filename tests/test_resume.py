@@ -528,3 +528,18 @@ def test_a_validation_cut_short_by_an_interrupt_is_named(caplog):
         ", best epoch by val (a validation cut short, PARTIAL)"
     assert val_note({"frames": 4, "of": 10, "complete": False}) == ", best epoch by val (4 of 10 frames, PARTIAL)"
     assert val_note(whole) == val_note(None) == ""
+
+
+def test_the_removers_resume_hint_quotes_a_checkpoint_path_with_a_space(monkeypatch):
+    """`make remover ... --run-dir "runs/a b"`, interrupted: the printed command put `ckpt_path=runs/a b/...`
+    unquoted into ARGS, so the shell split it and the resume was refused (an audit)."""
+    import shlex
+
+    from bgremover import config
+    from bgremover.train import RunInterrupted
+
+    monkeypatch.setenv(config.RESUME_ENV, "make remover DATA=/d EXP=remover ARGS=\"--run-dir '/r/a b' "
+                                          "ckpt_path={ckpt_path}\"")
+    hint = str(RunInterrupted(signal.SIGINT, "/r/a b/checkpoints/last.ckpt", 1, 4)).split("resume with: ")[1]
+    args = shlex.split(shlex.split(hint)[-1].removeprefix("ARGS="))  # as make hands ARGS to the shell
+    assert args == ["--run-dir", "/r/a b", "ckpt_path=/r/a b/checkpoints/last.ckpt"], hint

@@ -324,6 +324,12 @@ def overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def quoted(value: object) -> str:
+    """A value for a Hydra override built from a path: quoted, so `,` (a sweep), `=`, brackets and non-ASCII
+    letters in a folder's name are taken as they are (`data.root=/data/poolé` was a grammar error)."""
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
 def given(key: str) -> bool:
     """Whether the command line sets `key` (`key=`, `+key=`, `++key=`, a group's `trainer=`): the user's choice,
     which the adjustments a run makes by itself leave alone."""

@@ -57,7 +57,8 @@ class RunInterrupted(Exception):
                 f"DATA_DIR={shlex.quote(os.environ['DATA_DIR'])} "
             resume = f"resume with: {env}make train ARGS=\"{' '.join(typed)} ckpt_path={last_ckpt}\""
             if os.environ.get(config.RESUME_ENV):  # started by a wrapper (make remover): its own command resumes in place
-                resume = "resume with: " + os.environ[config.RESUME_ENV].replace("{ckpt_path}", str(last_ckpt))
+                resume = "resume with: " + os.environ[config.RESUME_ENV].replace("{ckpt_path}",
+                                                                                   shlex.quote(str(last_ckpt)))
             super().__init__(f"interrupted by {name} {where}; {resume}")
         else:
             super().__init__(f"interrupted by {name} {where}, before any checkpoint was written")

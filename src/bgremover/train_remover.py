@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from bgremover import errors
-from bgremover.config import CONFIG_DIR, FINISH_ENV, RESUME_ENV, SUMMARY_NAME, taken_run_dir
+from bgremover.config import CONFIG_DIR, FINISH_ENV, RESUME_ENV, SUMMARY_NAME, quoted, taken_run_dir
 from bgremover.errors import OneLineParser, UserError, count
 from bgremover.utils import KEEP_MEMORY_ENV
 
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run_dir or Path("logs") / "remover" / "runs" / stamp).resolve()
     if taken := taken_run_dir([f"hydra.run.dir={run}", *args.overrides]):  # it named hydra.run.dir=, not --run-dir
         return errors.report(taken.replace(f"hydra.run.dir={run}", f"--run-dir {run}"))
-    cmd = [sys.executable, "-m", "bgremover.train", f"experiment={args.exp}", f"data.root={data}",
-           f"hydra.run.dir={run}", "task_name=remover", *args.overrides]
+    cmd = [sys.executable, "-m", "bgremover.train", f"experiment={args.exp}", f"data.root={quoted(data)}",
+           f"hydra.run.dir={quoted(run)}", "task_name=remover", *args.overrides]
     # the training process keeps freed memory for reuse (utils.KEEP_MEMORY_ENV) unless the caller set those itself
     env = {**KEEP_MEMORY_ENV, **os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
     # interrupted, the training says how to go on: this command, in this run folder (then export and scores)

@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return report(e, PROG)
     except KeyboardInterrupt:  # was a bare traceback; the half-built folder is already gone (finally above)
         return report(f"interrupted: {args.out} was not written", PROG, 130)
+    except OSError as e:  # an output under a file, a full disk, a read-only folder: was a traceback
+        return report(f"cannot write {args.out}: {e.strerror or e}", PROG)  # (its temp folder's name said nothing)
     kind = "composites" if args.composite else "crops"
     print(f"wrote {args.out}: " + ", ".join(f"{counts[s]} {s}" for s in SPLITS) + f" {kind} of {'/'.join(classes)}"
           f" ({args.size}x{args.size}); train a remover on it: make remover DATA={args.out}")
