@@ -142,6 +142,11 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
         ".hydra", "checkpoints", "summary.json"]
     assert taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"]) is None  # resume
     assert taken_run_dir([f"hydra.run.dir={tmp_path / 'new'}"]) is None
+    # as make remover passes it (quoted for Hydra, config.quoted): the same run, refused and resumed alike
+    from bgremover.config import quoted
+
+    assert taken_run_dir([f"hydra.run.dir={quoted(old)}"]).startswith(f"hydra.run.dir={old} already holds a run")
+    assert taken_run_dir([f"hydra.run.dir={quoted(old)}", f"ckpt_path={old}/checkpoints/last.ckpt"]) is None
     assert taken_run_dir(["-m", f"hydra.run.dir={old}"]) is None  # a sweep's folders are hydra.sweep.dir's
     # an evaluation into the training's folder replaced its .hydra config with eval's (ckpt_path inside: exempt)
     assert taken_run_dir([f"hydra.run.dir={old}", f"ckpt_path={old}/checkpoints/last.ckpt"], resumes=False) == (

@@ -125,8 +125,15 @@ def _drop_group(arg: str) -> str:
 
 
 def _given(args: list[str]) -> dict[str, str]:
-    """key=value overrides of a command line (`+key=value` as key)."""
-    return dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("~"))
+    """key=value overrides of a command line (`+key=value` as key), a quoted value (`quoted`) as Hydra reads it."""
+    pairs = (a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("~"))
+    return {key: _unquoted(value) for key, value in pairs}
+
+
+def _unquoted(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1].replace("\\" + value[0], value[0])
+    return value
 
 
 def _resumed_in_place(given: dict[str, str]) -> Path | None:

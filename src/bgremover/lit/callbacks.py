@@ -72,7 +72,7 @@ class LastCheckpoint(Checkpoint):
             return
         # every_epoch=False: the epoch training stops after — saved here rather than at on_train_end, where
         # callbacks=ema has already copied the average over the raw weights a resume needs
-        if self.every_epoch or _stops_after_this_epoch(trainer):
+        if self.every_epoch or _ends_after_this_step(trainer, last_batch=True):
             self._save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -118,15 +118,9 @@ class LastCheckpoint(Checkpoint):
         return best if best.is_file() and best.parent == Path(cb.dirpath) else None
 
 
-def _stops_after_this_epoch(trainer: pl.Trainer) -> bool:
-    """At an epoch's end: whether the fit loop ends here (a stop request, max_epochs or max_steps reached)."""
-    epochs, steps = trainer.max_epochs, trainer.max_steps
-    return bool(trainer.should_stop or (epochs not in (None, -1) and trainer.current_epoch + 1 >= epochs)
-                or (steps not in (None, -1) and trainer.global_step >= steps))
-
-
 def _ends_after_this_step(trainer: pl.Trainer, last_batch: bool) -> bool:
-    """After a training batch: whether the fit loop ends here (a stop request, max_steps, the last epoch's end)."""
+    """After a training batch (or, with last_batch, at an epoch's end): whether the fit loop ends here (a stop
+    request, max_steps reached, the last epoch's last batch)."""
     epochs, steps = trainer.max_epochs, trainer.max_steps
     return bool(trainer.should_stop or (steps not in (None, -1) and trainer.global_step >= steps)
                 or (last_batch and epochs not in (None, -1) and trainer.current_epoch + 1 >= epochs))
