@@ -131,7 +131,7 @@ def test_the_zero_one_rule_is_one_for_the_whole_folder(tmp_path):
     mask = np.asarray(Image.open(mask_path)).copy()
     mask[:3] = 2
     Image.fromarray(mask).save(mask_path)
-    with pytest.raises(fd.FolderDataError, match="no mask in .* has foreground"):
+    with pytest.raises(fd.FolderDataError, match=r"im0.png holds values 0-2, neither a 0/1 mask nor a 0/255 one"):
         fd.scan(root)
     root = write_folder(tmp_path / "ok", n=4, value=1)
     folder = fd.scan(root)
@@ -154,6 +154,80 @@ def test_a_folder_mixing_zero_one_and_zero_255_masks_is_refused(tmp_path):
     Image.fromarray(np.zeros_like(mask)).save(sorted((root / "masks").iterdir())[1])
     folder = fd.scan(root)
     assert not folder.labels.zero_one and len(folder.pairs["all"]) == 6
+
+
+def test_a_zero_one_jpeg_mask_in_a_zero_255_folder_is_refused(tmp_path):
+    """A 0/1 mask saved as JPEG holds 0-3 (compression): in a 0/255 folder it trained as all background without a
+    word (an own-data audit); it is refused, named, with the way out."""
+    root = write_folder(tmp_path / "d", n=4)
+    (root / "masks" / "im2.png").unlink()
+    yy, xx = np.mgrid[:40, :56]
+    disc = ((yy - 20) ** 2 + (xx - 28) ** 2 < 150).astype(np.uint8)
+    Image.fromarray(disc).save(root / "masks" / "im2.jpg", quality=95)
+    top = int(np.asarray(Image.open(root / "masks" / "im2.jpg")).max())
+    assert 1 < top <= 127  # what JPEG does to a 0/1 mask
+    with pytest.raises(fd.FolderDataError, match=rf"im2.jpg holds values 0-{top}, .* would train as all background: "
+                                                 r"save 0/1 masks as PNG"):
+        fd.scan(root)
+
+
+def _voc_mask(mask: np.ndarray, index: int = 15) -> Image.Image:
+    """A VOC-style mask: class `index` (15 = person) inside, 255 on its border, VOC's coloured palette."""
+    fg = mask > 127
+    edge = fg & ~np.pad(fg, 1)[2:, 1:-1] | fg & ~np.pad(fg, 1)[:-2, 1:-1]  # the object's top and bottom rows
+    out = np.where(fg, index, 0).astype(np.uint8)
+    out[edge] = 255
+    im = Image.fromarray(out, "P")
+    palette = [0, 0, 0] * 256
+    palette[3 * index: 3 * index + 3] = [192, 128, 128]
+    palette[765:768] = [224, 224, 192]
+    im.putpalette(palette)
+    return im
+
+
+def test_voc_palette_masks_read_objects_as_foreground(tmp_path):
+    """VOC masks (class indices in a coloured palette, 255 on object borders) without classes.txt: the borders'
+    255 chose the 0/255 rule, so the objects (index 15) read as background and only their borders as foreground;
+    and data.void_value=255, VOC's own meaning, was refused (an own-data audit). Every index but 0 is foreground;
+    void_value=255 makes the borders void."""
+    root = write_folder(tmp_path / "d", n=4)
+    truth = []
+    for path in sorted((root / "masks").iterdir()):
+        mask = np.asarray(Image.open(path))
+        truth.append(mask > 127)
+        _voc_mask(mask).save(path)
+    folder = fd.scan(root)
+    for (_, m), fg in zip(folder.pairs["all"], truth, strict=True):
+        assert ((fd.read_mask(m, folder.labels) == 1) == fg).all()  # borders included: they are the object's
+    voided = fd.scan(root, void_value=255)
+    for (_, m), fg in zip(voided.pairs["all"], truth, strict=True):
+        label = fd.read_mask(m, voided.labels)
+        border = np.asarray(Image.open(m)) == 255
+        assert border.any() and (label[border] == 2).all() and (label[~border] == fg[~border]).all()
+
+
+def test_void_value_255_takes_the_foreground_of_0_255_masks_and_is_refused_there(tmp_path):
+    """Allowed for VOC's borders, void_value=255 would make a 0/255 mask's foreground void (its soft edges left as
+    the only foreground); 0/1 masks with 255 as unknown keep it."""
+    root = write_folder(tmp_path / "d", n=4)
+    with pytest.raises(fd.FolderDataError, match=r"data.void_value=255 is the foreground of 0/255 masks: no mask in "
+                                                 r".* has foreground left; mark unknown pixels with another value"):
+        fd.scan(root, void_value=255)
+    path = sorted((root / "masks").iterdir())[1]
+    soft = np.asarray(Image.open(path)).copy()
+    soft[np.nonzero(soft == 255)[0][0], np.nonzero(soft == 255)[1][0]] = 200  # a soft edge: the only foreground left
+    Image.fromarray(soft).save(path)
+    with pytest.raises(fd.FolderDataError, match=r"data.void_value=255 is the foreground of 0/255 masks such as "
+                                                 r".*im1.png: mark unknown pixels with another value"):
+        fd.scan(root, void_value=255)
+    root = write_folder(tmp_path / "ok", n=4, value=1)
+    path = sorted((root / "masks").iterdir())[0]
+    mask = np.asarray(Image.open(path)).copy()
+    mask[0] = 255
+    Image.fromarray(mask).save(path)
+    folder = fd.scan(root, void_value=255)
+    label = fd.read_mask(path, folder.labels)
+    assert folder.labels.zero_one and (label[0] == 2).all() and (label[1:] == mask[1:]).all()
 
 
 def test_16bit_images_train_as_they_look(tmp_path):

@@ -12,7 +12,8 @@ Layouts (pairs are matched by file stem: `images/cat.jpg` ↔ `masks/cat.png`):
 Images: JPEG, PNG or WebP of any size and kind (16-bit too), decoded as the predictor decodes them (EXIF
 orientation applied); masks: 8-bit single-channel (L or P) of the same size, or for binary data also RGB, or a
 cut-out whose alpha channel is the mask (RGBA or LA with transparency). A binary palette mask is read as it looks
-when its palette is gray (white = foreground), as class indices (0/1) when it is coloured (VOC's palette). `void_value` marks "unknown" pixels,
+when its palette is gray (white = foreground), as class indices when it is coloured (VOC's palette: every class but
+index 0 is foreground; its 255 borders too, unless data.void_value=255). `void_value` marks "unknown" pixels,
 excluded from loss and metrics. Every fault — an image without mask, a mask of another size, an unreadable file,
 a label beyond the class list, an empty folder — is a FolderDataError whose one line names the file; `scan`
 finds them all before training starts (config.validate_train calls it). Over 400 lines on purpose: reading,
@@ -72,14 +73,16 @@ class Labels:
             raise FolderDataError(f"data.foreground {unknown} not among the classes {list(self.classes)}")
         return [lookup[n.lower()] for n in names]
 
-    def to_label(self, mask: np.ndarray, path: Path) -> np.ndarray:
-        """H×W uint8 label in 0..K-1, void = K; FolderDataError naming `path` for values beyond the class list."""
+    def to_label(self, mask: np.ndarray, path: Path, indexed: bool = False) -> np.ndarray:
+        """H×W uint8 label in 0..K-1, void = K; FolderDataError naming `path` for values beyond the class list.
+        `indexed`: a binary mask of class indices (a coloured palette), whose every index but 0 is foreground."""
         void = (mask == self.void_value) if self.void_value is not None else None
         if self.binary:
             zero_one = self.zero_one
             if zero_one is None:  # a mask read outside a scanned folder
                 zero_one = int((mask[~void] if void is not None else mask).max(initial=0)) <= 1
-            fg = mask == 1 if zero_one else mask > 127  # 0/1 masks, else 0/255 (anti-aliased edges too)
+            # VOC's object indices (1-20) were read by the 0/255 rule its 255 borders chose: objects as background
+            fg = mask != 0 if indexed else mask == 1 if zero_one else mask > 127  # 0/1, else 0/255 (soft edges)
             if void is not None:
                 fg &= ~void
             label = fg.astype(np.uint8)
@@ -104,7 +107,7 @@ def read_labels(root: Path, void_value: int | None = None) -> Labels:
         raise FolderDataError(f"data.void_value must be a mask value 0-255 or null, got {void_value!r}")
     path = root / CLASSES_FILE
     if not path.is_file():
-        if void_value is not None and void_value in (0, 1, 255):
+        if void_value is not None and void_value in (0, 1):  # 255: VOC's borders (scan refuses it for 0/255 masks)
             raise FolderDataError(f"data.void_value={void_value} is a binary mask's own value: use e.g. 128")
         return Labels(BINARY_CLASSES, binary=True, void_value=void_value)
     try:
@@ -207,7 +210,8 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def read_mask(path: Path, labels: Labels) -> np.ndarray:
     """The mask file as an H×W label map (0..K-1, void K)."""
-    return labels.to_label(mask_values(path, labels), path)
+    raw, indexed = mask_values(path, labels)
+    return labels.to_label(raw, path, indexed)
 
 
 def _gray_palette(im: Image.Image, raw: np.ndarray) -> bool:
@@ -218,8 +222,10 @@ def _gray_palette(im: Image.Image, raw: np.ndarray) -> bool:
     return bool((rgb == rgb[:, :1]).all())
 
 
-def mask_values(path: Path, labels: Labels) -> np.ndarray:
-    """The H×W uint8 values a mask file holds (before the binary rule or the class check)."""
+def mask_values(path: Path, labels: Labels) -> tuple[np.ndarray, bool]:
+    """The H×W uint8 values a mask file holds (before the binary rule or the class check), and whether a binary
+    mask holds class indices (a coloured palette) rather than gray levels."""
+    indexed = False
     try:
         with Image.open(path) as im:
             im.load()
@@ -230,6 +236,8 @@ def mask_values(path: Path, labels: Labels) -> np.ndarray:
                 raw = np.array(im)  # class indices, unless a binary mask's gray palette says how it looks
                 if labels.binary and _gray_palette(im, raw):
                     raw = np.array(im.convert("L"))  # read as indices, a white-on-black mask was inverted
+                else:
+                    indexed = labels.binary
             elif labels.binary and mode in ("RGB", "RGBA", "LA"):
                 alpha = np.array(im.getchannel("A")) if mode in ("RGBA", "LA") else None
                 # a cut-out (rembg's output) is its alpha; its colours were read as the mask (IoU 0.002)
@@ -243,7 +251,7 @@ def mask_values(path: Path, labels: Labels) -> np.ndarray:
         raise FolderDataError(f"unreadable or truncated mask: {path} ({type(e).__name__})") from None
     if mode == "1":
         raw = (raw > 0).astype(np.uint8)
-    return raw
+    return raw, indexed
 
 
 def _same_size(img: Path, image: np.ndarray, mask: Path, label: np.ndarray) -> None:
@@ -312,34 +320,50 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
         return _SCANNED[key]
     pairs = {s: match(*dirs) for s, dirs in where.items()} if isinstance(where, dict) else {"all": match(*where)}
     sizes = {}
-    zero_one, fg_one, fg_high = True, False, False  # all masks 0/1 so far; foreground under either rule
-    first_01, first_high = None, None  # a mask whose foreground is 1 (max 1), a mask with values > 127
+    zero_one, fg_one, fg_high, fg_indexed = True, False, False, False  # gray masks all 0/1 so far; foreground seen
+    first_01, first_high, first_low = None, None, None  # gray masks: max 1, max > 127, max 2-127 (top_low)
     for split_pairs in pairs.values():
         for img, mask in split_pairs:
-            raw = mask_values(mask, labels)
+            raw, indexed = mask_values(mask, labels)
             image = read_image(img)
             _same_size(img, image, mask, raw)
             sizes[img] = image.shape[:2]
-            if labels.binary:
-                values = raw[raw != labels.void_value] if labels.void_value is not None else raw
-                top = int(values.max(initial=0))
-                zero_one = zero_one and top <= 1
-                fg_one = fg_one or bool((values == 1).any())
-                fg_high = fg_high or top > 127
-                first_01 = first_01 or (mask if top == 1 else None)
-                first_high = first_high or (mask if top > 127 else None)
-            else:
+            if not labels.binary:
                 labels.to_label(raw, mask)  # a value beyond the class list: one line naming the file
-    foreground = fg_one if zero_one else fg_high
+                continue
+            values = raw[raw != labels.void_value] if labels.void_value is not None else raw
+            if indexed:  # class indices: their foreground is any index but 0, whatever the gray masks' rule
+                fg_indexed = fg_indexed or bool(values.any())
+                continue
+            top = int(values.max(initial=0))
+            if labels.void_value == 255 and top > 1:  # the void would take a 0/255 mask's foreground, edges left
+                raise FolderDataError(f"data.void_value=255 is the foreground of 0/255 masks such as {mask}: mark "
+                                      "unknown pixels with another value (e.g. 128)")
+            zero_one = zero_one and top <= 1
+            fg_one = fg_one or bool((values == 1).any())
+            fg_high = fg_high or top > 127
+            first_01 = first_01 or (mask if top == 1 else None)
+            first_high = first_high or (mask if top > 127 else None)
+            if first_low is None and 1 < top <= 127:
+                first_low, top_low = mask, top
+    foreground = fg_indexed or (fg_one if zero_one else fg_high)
     if labels.binary and first_01 and first_high:  # the folder's 0/255 rule would read this mask as all background
         raise FolderDataError(f"{first_01} is a 0/1 mask (foreground 1) and {first_high} a 0/255 one (foreground > "
                               "127): a folder's masks follow one rule, or the 0/1 masks train as all background; "
                               "save them all as 0/255 (or all as 0/1)")
+    if labels.binary and first_low and (fg_high or fg_one or fg_indexed):  # all background by either rule
+        raise FolderDataError(f"{first_low} holds values 0-{top_low}, neither a 0/1 mask nor a 0/255 one (foreground "
+                              "> 127), and would train as all background: save 0/1 masks as PNG (JPEG adds 2s and "
+                              "3s), draw foreground white, or list class indices in a classes.txt beside images/")
     if labels.binary:
         labels = replace(labels, zero_one=zero_one)
+    if labels.binary and not foreground and labels.void_value == 255:
+        raise FolderDataError(f"data.void_value=255 is the foreground of 0/255 masks: no mask in {root} has "
+                              "foreground left; mark unknown pixels with another value (e.g. 128)")
     if labels.binary and not foreground:  # masks of class indices (0/2...) read as binary: all background
         raise FolderDataError(f"no mask in {root} has foreground: binary masks mark it with values > 127 (or 1 in "
-                              "0/1 masks); masks holding class indices need a classes.txt beside images/")
+                              "0/1 masks, saved as PNG); masks holding class indices need a classes.txt beside "
+                              "images/")
     _SCANNED[key] = folder = Folder(root, labels, pairs, sizes)
     return folder
 
