@@ -375,6 +375,17 @@ def test_bad_folder_fails_config_check_naming_the_file(tmp_path, case):
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+def test_limit_images_below_two_train_pairs_is_refused_up_front(folder, tmp_path):
+    """data.limit_images=1 passed the two-pair minimum (counted before the limit) and the run then failed in
+    BatchNorm at its first step ("Expected more than 1 value per channel"), an own-data audit found."""
+    cfg = compose_cfg(tmp_path / "run", ["data=folder", f"data.root={folder}", *FAST, "data.limit_images=1"])
+    with pytest.raises(fd.FolderDataError, match=r"^the train split of .* holds 1 image/mask pair with "
+                                                 r"data.limit_images=1: training needs at least 2 \(BatchNorm"):
+        config.validate_train(cfg)
+    config.validate_train(compose_cfg(tmp_path / "run2", ["data=folder", f"data.root={folder}", *FAST,
+                                                          "data.limit_images=2"]))
+
+
 def test_bad_folder_cli_one_error_line_no_run_left(tmp_path):
     root, expected = _bad(tmp_path, "size")
     proc = subprocess.run([sys.executable, "-m", "bgremover.train", "data=folder", f"data.root={root}",

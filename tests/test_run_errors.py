@@ -102,6 +102,18 @@ def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small
 
 
 
+def test_a_run_that_trains_no_step_fails_instead_of_testing_an_untrained_net(small_camvid, tmp_path):
+    """data.limit_images=1 with data.batch_size=2: Lightning's "No training batches" went by as an info line, and
+    the run then tested its untrained net and ended "ok" with those numbers (global_step 0, no checkpoint)."""
+    proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "data.limit_images=1",
+                "trainer.max_epochs=1", "data.limit_eval_images=1", f"paths.log_dir={tmp_path}")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and errors == [
+        "error: training took no step: the train split fills no batch of data.batch_size=2 (a short last batch is "
+        "dropped) with data.limit_images=1; lower data.batch_size"], proc.stderr[-2000:]
+    assert "test/mIoU" not in proc.stdout and not list((tmp_path / "train" / "runs").glob("*"))
+
+
 def test_a_group_set_to_null_is_switched_off_not_a_traceback(small_camvid, tmp_path):
     """`logger=null` (the lightning-hydra-template way to switch a group off) crashed in Hydra with a bare
     ValueError traceback ("Config group override must be a string or a list"); it now means `~logger`. A key that

@@ -204,6 +204,11 @@ def _fit(cfg: DictConfig, trainer, model, datamodule) -> None:
         # the summary's wall_time_s: training time, counted as the resume will count on (not the process time)
         stop.fit_s = next((c._fit_s() for c in trainer.callbacks if isinstance(c, RunSummary)), None)
         raise stop from exc
+    if trainer.global_step == 0 and not cfg.get("ckpt_path"):  # Lightning's "No training batches" is an info line
+        limit = cfg.data.get("limit_images")  # and the test stage then scored an untrained net as the run's result
+        raise UserError(f"training took no step: the train split fills no batch of data.batch_size="
+                        f"{cfg.data.batch_size} (a short last batch is dropped)"
+                        + (f" with data.limit_images={limit}" if limit else "") + "; lower data.batch_size")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:

@@ -451,10 +451,12 @@ def check_config(data, splits_needed: Sequence[str] = SPLITS) -> Folder:
     chosen = splits(folder, data.get("split_fractions") or DEFAULT_FRACTIONS, int(data.get("seed") or 0),
                     data.get("split_file"))
     folder.labels.foreground(data.get("foreground"))
-    if "train" in splits_needed and len(chosen["train"]) < MIN_TRAIN:
+    limit = data.get("limit_images")  # what trains: the split, trimmed to the limit
+    n_train = min(len(chosen["train"]), limit or len(chosen["train"]))
+    if "train" in splits_needed and n_train < MIN_TRAIN:
         raise FolderDataError(f"the train split of {data.get('split_file') or folder.root} holds "
-                              f"{len(chosen['train'])} image/mask pair: training needs at least {MIN_TRAIN} "
-                              "(BatchNorm cannot train on one image)")
+                              f"{count(n_train, 'image/mask pair')}{f' with data.limit_images={limit}' if limit else ''}"
+                              f": training needs at least {MIN_TRAIN} (BatchNorm cannot train on one image)")
     side = data.get("image_size")
     if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
         raise FolderDataError(f"data.image_size must be a long side in pixels (>= 8) or null, got {side!r}")
