@@ -586,6 +586,60 @@ def test_ctrl_c_while_make_remover_exports_says_how_to_finish(folder, tmp_path, 
     assert not (run / "remover.onnx").exists()
 
 
+@pytest.mark.parametrize("child_rc", [254, 0])
+def test_ctrl_c_just_after_the_training_finished_says_how_to_finish(folder, tmp_path, monkeypatch, capsys, child_rc):
+    """A Ctrl-C landing just after the training wrote its "ok" summary: the training exited 254 without a word
+    and make remover passed that on, silently, with no remover.onnx (an own-data audit); or the training ended
+    normally and the export went on though the user had pressed Ctrl-C. Now the finish line, exit 130."""
+    from bgremover import train_remover
+
+    run = tmp_path / "run"
+    best = run / "checkpoints" / "epoch_002.ckpt"
+
+    class Finished:  # the training: done, then the Ctrl-C reaches both processes while make remover waits
+        def __init__(self, *args, **kwargs):
+            best.parent.mkdir(parents=True)
+            best.write_bytes(b"")
+            (run / "summary.json").write_text(json.dumps({"status": "ok", "best_ckpt": str(best)}))
+            self.waited = 0
+
+        def wait(self):
+            self.waited += 1
+            if self.waited == 1:
+                raise KeyboardInterrupt
+            return child_rc
+
+    monkeypatch.setattr(subprocess, "Popen", Finished)
+    assert train_remover.main([str(folder), "--run-dir", str(run)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"remover: checking {folder.resolve()}, then training remover → {run}"
+    assert err[1:] == [f"error: interrupted after training finished; finish with: "
+                       f"{train_remover.finish_command(run, folder.resolve(), str(best))}"]
+    assert not (run / "remover.onnx").exists()
+
+
+def test_eval_cutout_on_a_fixed_folder_reads_the_split_file_it_is_given(tmp_path):
+    """`--split-file` with a fixed train/val/test folder was read for its void value and otherwise ignored (an
+    own-data audit): a pooled folder's split scored the wrong images without a word, and images added to test/
+    since the training were scored with it. Now it keeps the trained test set, and a foreign split is refused."""
+    root = tmp_path / "fixed"
+    for split, n in (("train", 3), ("val", 2), ("test", 3)):
+        write_folder(root, n=n, split=split)
+    trained = {"fixed": True, "void_value": None, "train": ["train0", "train1", "train2"], "val": ["val0", "val1"],
+               "test": ["test0", "test2"]}  # test1 was added after the training
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps(trained))
+    pairs, _, _ = cutout_eval.find_folder_pairs(root, "test", None, split_file)
+    assert [img.name for img, _ in pairs] == ["test0.jpg", "test2.jpg"]
+    split_file.write_text(json.dumps({**trained, "fixed": False}))
+    with pytest.raises(cutout_eval.EvalError, match=r"split.json splits a pooled folder, but .*fixed has fixed "
+                                                    r"train/val/test folders: drop --split-file"):
+        cutout_eval.find_folder_pairs(root, "test", None, split_file)
+    split_file.write_text(json.dumps({**trained, "test": ["test0", "test7"]}))
+    with pytest.raises(cutout_eval.EvalError, match=r"names 'test7' \(test\), which is not in .*fixed/test/images"):
+        cutout_eval.find_folder_pairs(root, "test", None, split_file)
+
+
 def test_make_remover_into_a_taken_run_dir_names_its_own_option(folder, tmp_path, capsys):
     """`--run-dir <an earlier run>` was refused by the training as `hydra.run.dir=... already holds a run`, an
     option the user never typed, after make remover said it was training."""

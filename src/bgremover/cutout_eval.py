@@ -150,6 +150,8 @@ def find_folder_pairs(
             raise EvalError(f"{root} has no fixed train/val/test folders: give the training run's "
                             "--split-file <run>/split.json to score its held-out images")
         chosen = fd.splits(found, split_file=None if found.fixed else split_file)
+        if found.fixed and split_file is not None:  # it was read for its void value and otherwise ignored
+            chosen[split] = _as_trained(chosen[split], fd.read_split(split_file), split_file, root, split)
     except fd.FolderDataError as err:
         raise EvalError(str(err)) from None
 
@@ -160,6 +162,19 @@ def find_folder_pairs(
             raise EvalError(str(err)) from None
 
     return select(chosen[split], limit), read_label, list(found.labels.classes)
+
+
+def _as_trained(pairs: list, recorded: dict, split_file, root, split: str) -> list:
+    """A fixed-split folder's `split` pairs as the training run recorded them (images added since stay out), or
+    EvalError for a split file that is not this folder's."""
+    if not recorded.get("fixed"):
+        raise EvalError(f"{split_file} splits a pooled folder, but {root} has fixed train/val/test folders: drop "
+                        "--split-file, or give the split.json of a run trained on this folder")
+    by_stem = {img.stem: (img, mask) for img, mask in pairs}
+    missing = [stem for stem in recorded[split] if stem not in by_stem]
+    if missing:
+        raise EvalError(f"{split_file} names {missing[0]!r} ({split}), which is not in {Path(root) / split / 'images'}")
+    return [by_stem[stem] for stem in sorted(recorded[split])]
 
 
 def load_label(path: Path) -> np.ndarray:
@@ -368,7 +383,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-root", help=f"CamVid folder (default ${DATA_ENV}, else {DEFAULT_DATA_ROOT}) or an "
                                        "image/mask folder (data=folder's layouts)")
-    p.add_argument("--split-file", help="image/mask folder without fixed splits: the training run's split.json")
+    p.add_argument("--split-file", help="image/mask folder: the training run's split.json (needed without fixed "
+                                        "splits; with them, it keeps images added since the training out)")
     p.add_argument("--void-value", type=int, help="image/mask folder: the mask value meaning unknown (default: "
                                                   "the split file's, else none)")
     p.add_argument("--max-side", type=int, help="infer at most at this long side, like predict --max-side (default: "

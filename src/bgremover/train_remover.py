@@ -42,6 +42,16 @@ def _split_file(run: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def _finished(run: Path) -> str | None:
+    """The best checkpoint of a run whose training finished (summary.json "ok"), else None."""
+    try:
+        summary = json.loads((run / SUMMARY_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(summary, dict) and summary.get("status") == "ok"
+    return (summary.get("best_ckpt") or summary.get("last_ckpt")) if ok else None
+
+
 def score_held_out(run: Path, data: Path, onnx_path: Path) -> dict | None:
     """The exported model on the held-out images, scored as the printed `make eval-cutout` command scores it
     (full resolution, through the predictor). The test stage's own numbers are at the training scale
@@ -129,15 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     env[RESUME_ENV] = (f"make remover DATA={shlex.quote(str(data))} EXP={shlex.quote(args.exp)} "
                        f"ARGS=\"--run-dir {shlex.quote(str(run))} {' '.join([*kept, 'ckpt_path={ckpt_path}'])}\"")
     env[FINISH_ENV] = finish_command(run, data)  # interrupted in its test stage: the training is done
-    print(f"remover: training {args.exp} on {data} → {run}", file=sys.stderr, flush=True)
+    # said first, while the training's config checks decode the folder (a bad file is their error line)
+    print(f"remover: checking {data}, then training {args.exp} → {run}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=env)
     # SIGTERM (a job scheduler, `kill`) reaches only this process: pass it on, so the training saves last.ckpt,
     # says how to resume and ends, instead of running on as an orphan
     signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    interrupted = False
     try:
         rc = proc.wait()
     except KeyboardInterrupt:  # the training got the Ctrl-C too: it saves last.ckpt and says how to resume
-        rc = proc.wait()
+        interrupted, rc = True, proc.wait()
+    if interrupted:  # a Ctrl-C just after the training finished: it exited (254) without a word, as did this
+        if best := _finished(run):
+            return errors.report(f"interrupted after training finished; finish with: "
+                                 f"{finish_command(run, data, best)}", code=130)
+        return rc or 130
     if rc != 0:
         return rc
     best = None
