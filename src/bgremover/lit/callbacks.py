@@ -128,15 +128,18 @@ def _ends_after_this_step(trainer: pl.Trainer, last_batch: bool) -> bool:
 
 def _validates_here(trainer: pl.Trainer, batch_idx: int, last_batch: bool) -> bool:
     """Whether Lightning validates after this training batch by its own rules (its _should_check_val_fx): in an
-    epoch that validates, at the epoch's end, on a stop request, or every val_check_interval batches."""
+    epoch that validates, on a stop request, or every val_check_interval batches (the epoch's end is one only when
+    the interval divides the epoch: val_check_interval=0.5 of 5 batches validates after 2 and 4, not 5)."""
     every = trainer.check_val_every_n_epoch
     if every is not None and (trainer.current_epoch + 1) % every:
         return False
-    if last_batch or trainer.should_stop:
+    if trainer.should_stop:
         return True
     interval = trainer.val_check_batch  # batches between validations; counted over the run when every is None
+    if not isinstance(interval, int):  # inf: a loader without a length, validated at its end
+        return last_batch
     done = batch_idx if every is not None else trainer.fit_loop.epoch_loop.total_batch_idx
-    return isinstance(interval, int) and (done + 1) % interval == 0
+    return (done + 1) % interval == 0
 
 
 def validates(trainer: pl.Trainer) -> bool:
@@ -173,8 +176,8 @@ class BestCheckpoint(ModelCheckpoint):
         if not _ends_after_this_step(trainer, last_batch) or _validates_here(trainer, batch_idx, last_batch):
             return
         trainer.check_val_every_n_epoch = 1  # Lightning validates only in an epoch that validates,
-        if not last_batch:
-            trainer.should_stop = True  # and inside an epoch only on a stop request
+        if not _validates_here(trainer, batch_idx, last_batch):
+            trainer.should_stop = True  # and off its val_check_interval only on a stop request (the run ends here)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
