@@ -940,3 +940,8 @@ def test_make_remover_takes_any_folder_name(tmp_path, monkeypatch, name):
     assert train_remover.main([str(data), "--run-dir", str(run)]) == 3
     parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(seen[0][3:])}
     assert parsed["data.root"] == str(data.resolve()) and parsed["hydra.run.dir"] == str(run.resolve())
+    # its resume line (the shell drops the quotes) names the run's last.ckpt: a grammar error in that folder too
+    last = run.resolve() / "checkpoints" / "last.ckpt"
+    assert train_remover.main([str(data), "--run-dir", str(run), f"ckpt_path={last}"]) == 3
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(seen[1][3:])}
+    assert parsed["ckpt_path"] == str(last)
