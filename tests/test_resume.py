@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -300,6 +301,26 @@ def test_resume_hint_keeps_the_data_location(monkeypatch):
     monkeypatch.setattr(utils, "overrides", lambda: ["data.root=/d"])  # typed: it is in the overrides already
     assert str(RunInterrupted(signal.SIGTERM, "/r/last.ckpt", 3, 40)).endswith(
         "resume with: make train ARGS=\"data.root=/d ckpt_path=/r/last.ckpt\"")
+
+
+
+def test_the_printed_resume_command_works_for_any_run_folder(monkeypatch):
+    """A run under "/runs/my run,é": the printed `make train ARGS="... ckpt_path=..."` split the path at its space
+    in make's recipe, and Hydra refused the é and the comma. Run through both shells as make runs it, the command
+    gives Hydra the checkpoint's path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from bgremover import utils
+    from bgremover.config import path_override
+    from bgremover.train import RunInterrupted
+
+    monkeypatch.setattr(utils, "overrides", lambda: ["model=tiramisu56"])
+    last = "/runs/my run,é/checkpoints/last.ckpt"
+    command = str(RunInterrupted(signal.SIGTERM, last, 3, 40)).split("resume with: ")[1]
+    (args,) = [w.removeprefix("ARGS=") for w in shlex.split(command) if w.startswith("ARGS=")]  # the user's shell
+    argv = [path_override(a) for a in shlex.split(args)]  # make's recipe shell, then bgremover.train's command line
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv)}
+    assert parsed == {"model": "tiramisu56", "ckpt_path": last}
 
 
 

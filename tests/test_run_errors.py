@@ -114,6 +114,30 @@ def test_a_run_that_trains_no_step_fails_instead_of_testing_an_untrained_net(sma
     assert "test/mIoU" not in proc.stdout and not list((tmp_path / "train" / "runs").glob("*"))
 
 
+def test_paths_hydra_would_refuse_are_taken_as_typed(tmp_path):
+    """`ckpt_path=<run>/checkpoints/epoch=3-step=10.ckpt` (Lightning's names), a run folder named runé or run,v2
+    (a resume line printed by the project), `data.root=~/CamVid`: each was Hydra's grammar error
+    (LexerNoViableAltException, "Ambiguous value ... add --multirun") instead of the run. A sweep over paths stays."""
+    from bgremover.config import path_override
+
+    both = tmp_path / "a,b"
+    both.mkdir()
+    assert [path_override(a) for a in ("ckpt_path=/r/runé/x.ckpt", "ckpt_path=/r/epoch=3-step=10.ckpt",
+                                       "+ckpt_init=/r/a(1)/x.pt", "hydra.run.dir=/r/run,v2", "data.root=~/CamVid",
+                                       "data.root=/plain", "ckpt_path=null", "data.root='/d/é'", "model=fcdensenet56",
+                                       "hydra.run.dir=${paths.log_dir}/x")] == [
+        "ckpt_path='/r/runé/x.ckpt'", "ckpt_path='/r/epoch=3-step=10.ckpt'", "+ckpt_init='/r/a(1)/x.pt'",
+        "hydra.run.dir='/r/run,v2'", f"data.root='{Path.home() / 'CamVid'}'", "data.root=/plain", "ckpt_path=null",
+        "data.root='/d/é'", "model=fcdensenet56", "hydra.run.dir=${paths.log_dir}/x"]
+    assert path_override("ckpt_path=a.ckpt,b.ckpt", multirun=True) == "ckpt_path=a.ckpt,b.ckpt"  # a sweep
+    assert path_override(f"data.root={both}", multirun=True) == f"data.root='{both}'"  # one folder that exists
+    ckpt = tmp_path / "runé,v2" / "epoch=3-step=10.ckpt"
+    proc = _run("bgremover.eval", f"ckpt_path={ckpt}")
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: ckpt_path: checkpoint not found: {ckpt}"
+    proc = _run("bgremover.train", "data.root=~/nowhere", env={"HOME": str(tmp_path)})
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: dataset folder not found: {tmp_path / 'nowhere'} ")
+
+
 def test_a_group_set_to_null_is_switched_off_not_a_traceback(small_camvid, tmp_path):
     """`logger=null` (the lightning-hydra-template way to switch a group off) crashed in Hydra with a bare
     ValueError traceback ("Config group override must be a string or a list"); it now means `~logger`. A key that

@@ -62,7 +62,8 @@ def hydra_command_line(resumes: bool = True) -> None:
     status 2, as argparse does, instead of Hydra's several lines and its HYDRA_FULL_ERROR hint.
     ``HYDRA_FULL_ERROR=1`` still gives Hydra's full report."""
     require_config_dir()
-    sys.argv[1:] = [_drop_group(a) for a in sys.argv[1:]]
+    multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+    sys.argv[1:] = [path_override(_drop_group(a), multirun) for a in sys.argv[1:]]
     if taken := taken_run_dir(sys.argv[1:], resumes):
         from bgremover.errors import report
 
@@ -122,6 +123,31 @@ def _drop_group(arg: str) -> str:
     if sep and value in ("null", "None") and key.isidentifier() and (Path(CONFIG_DIR) / key).is_dir():
         return f"~{key}"
     return arg
+
+
+# overrides whose value is a file or folder: typed (or printed in a resume line) as the shell gives them
+PATH_KEYS = frozenset({"ckpt_path", "ckpt_init", "data.root", "data.split_file", "hydra.run.dir", "hydra.sweep.dir",
+                       "paths.log_dir", "paths.root_dir"})
+
+
+def path_override(arg: str, multirun: bool = False) -> str:
+    """`ckpt_path=/runs/poolé/epoch=3-step=10.ckpt`, `data.root=~/CamVid`, `ckpt_path=/runs/v1,v2/last.ckpt`: a path
+    Hydra's grammar refuses (non-ASCII letters, `=` as in Lightning's checkpoint names, `~`, brackets) or splits
+    (`,`: a sweep) quoted for Hydra, `~` expanded as the shell expands a word; each was a grammar error ("add
+    --multirun" for the comma). In a multirun, `ckpt_path=a.ckpt,b.ckpt` (the whole is no path) stays a sweep."""
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+") not in PATH_KEYS or not value or value[0] in "'\"":
+        return arg
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = os.path.expanduser(value)
+    try:
+        sweep = OverridesParser.create().parse_override(arg).is_sweep_override()
+    except Exception:  # noqa: BLE001 — Hydra's grammar errors: quoted, the path is read as typed
+        sweep = None
+    if path == value and (sweep is False or (sweep and multirun and not Path(value).exists())):
+        return arg  # Hydra reads it as typed, or it is a sweep
+    return f"{key}={quoted(path)}"
 
 
 def _given(args: list[str]) -> dict[str, str]:

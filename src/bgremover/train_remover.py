@@ -22,7 +22,15 @@ import sys
 from pathlib import Path
 
 from bgremover import errors
-from bgremover.config import CONFIG_DIR, FINISH_ENV, RESUME_ENV, SUMMARY_NAME, quoted, taken_run_dir
+from bgremover.config import (
+    CONFIG_DIR,
+    FINISH_ENV,
+    RESUME_ENV,
+    SUMMARY_NAME,
+    path_override,
+    quoted,
+    taken_run_dir,
+)
 from bgremover.errors import OneLineParser, UserError, count
 from bgremover.utils import KEEP_MEMORY_ENV
 
@@ -50,16 +58,6 @@ def _finished(run: Path) -> str | None:
         return None
     ok = isinstance(summary, dict) and summary.get("status") == "ok"
     return (summary.get("best_ckpt") or summary.get("last_ckpt")) if ok else None
-
-
-def _hydra_ckpt_path(override: str) -> str:
-    """`ckpt_path=<the run>/checkpoints/last.ckpt`, as the resume line gives it (the shell drops its quotes), quoted
-    for Hydra like hydra.run.dir: a run folder named poolé, pool,v2 or in a checkout under "a (copy)" was a Hydra
-    grammar error on resume."""
-    key, eq, value = override.partition("=")
-    if key.lstrip("+") != "ckpt_path" or not value or value[0] in "'\"" or value == "null":
-        return override
-    return f"{key}={quoted(value)}"
 
 
 def score_held_out(run: Path, data: Path, onnx_path: Path) -> dict | None:
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if taken := taken_run_dir([f"hydra.run.dir={run}", *args.overrides]):  # it named hydra.run.dir=, not --run-dir
         return errors.report(taken.replace(f"hydra.run.dir={run}", f"--run-dir {run}"))
     cmd = [sys.executable, "-m", "bgremover.train", f"experiment={args.exp}", f"data.root={quoted(data)}",
-           f"hydra.run.dir={quoted(run)}", "task_name=remover", *map(_hydra_ckpt_path, args.overrides)]
+           f"hydra.run.dir={quoted(run)}", "task_name=remover", *map(path_override, args.overrides)]
     # the training process keeps freed memory for reuse (utils.KEEP_MEMORY_ENV) unless the caller set those itself
     env = {**KEEP_MEMORY_ENV, **os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
     # interrupted, the training says how to go on: this command, in this run folder (then export and scores)
