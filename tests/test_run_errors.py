@@ -389,6 +389,15 @@ def test_a_refused_run_leaves_no_empty_folders_in_a_fresh_checkout(tmp_path):
     subprocess.run([sys.executable, "-m", "bgremover.train", "data.batch_size=-1"], capture_output=True,
                    timeout=120, cwd=tmp_path, env=env)
     assert [p.name for p in (tmp_path / "logs" / "train" / "runs").iterdir()] == ["earlier"]
+    # folders the user made stay, empty as they were (a review: `mine/` went with a refused run below it)
+    for mine in ("mine/sub", "own", "logdir"):
+        (tmp_path / mine).mkdir(parents=True)
+    for arg in ("hydra.run.dir=mine/sub/run1", f"hydra.run.dir={tmp_path / 'own'}", "paths.log_dir=logdir"):
+        proc = subprocess.run([sys.executable, "-m", "bgremover.train", "data.batch_size=-1", arg],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: data.batch_size"), proc.stderr
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "logs" not in p.parts) == [
+        "logdir", "mine", "mine/sub", "own"]
 
 
 def test_a_file_given_as_the_dataset_folder_is_called_a_file(small_camvid, tmp_path):

@@ -56,7 +56,7 @@ def require_config_dir() -> None:
                         "PROJECT_ROOT to one"))
 
 
-def hydra_command_line(resumes: bool = True) -> None:
+def hydra_command_line(resumes: bool = True, task: str = "train") -> None:
     """What a Hydra entry point (train, eval) does first: refuse a missing config directory, and have Hydra's own
     errors (an unknown key or option in an override, bad override syntax) print as one `error:` line with exit
     status 2, as argparse does, instead of Hydra's several lines and its HYDRA_FULL_ERROR hint.
@@ -70,6 +70,7 @@ def hydra_command_line(resumes: bool = True) -> None:
         sys.exit(report(taken, code=2))
     if resumes:
         keep_run_record(sys.argv[1:])
+    _note_absent_folders(sys.argv[1:], task)
     from hydra._internal import utils as hydra_utils  # Hydra reports through this module-level function
     from hydra.errors import CompactHydraException
 
@@ -96,6 +97,32 @@ def hydra_command_line(resumes: bool = True) -> None:
 
     run_and_report.one_line = True
     hydra_utils.run_and_report = run_and_report
+
+
+# folders where this command's run folder goes that did not exist when it started: what Hydra made for it, all a
+# refused run may remove (an empty `mine/sub` above `hydra.run.dir=mine/sub/run1` was removed with the run)
+ABSENT_AT_START: set[Path] = set()
+RUN_DIR_GIVEN = False  # hydra.run.dir on the command line (else a fresh timestamped folder)
+
+
+def _note_absent_folders(args: list[str], task: str) -> None:
+    global RUN_DIR_GIVEN
+    given = _given(args)
+    RUN_DIR_GIVEN = "hydra.run.dir" in given
+    root = Path(given.get("paths.root_dir") or os.environ.get("PROJECT_ROOT") or ".")
+    runs = Path(given.get("paths.log_dir") or root / "logs") / given.get("task_name", task) / "runs"
+    for folder in (runs / "_", Path(given.get("hydra.run.dir") or runs) / "_"):  # "_": the run folder's place
+        if "${" in str(folder):  # an interpolation: not known before Hydra resolves it, so never removed
+            continue
+        for parent in folder.expanduser().resolve().parents:
+            if parent.exists():
+                break
+            ABSENT_AT_START.add(parent)
+
+
+def made_by_this_command(folder: Path) -> bool:
+    """Whether `folder` did not exist when the command started (a timestamped default run folder never did)."""
+    return folder.resolve() in ABSENT_AT_START or not RUN_DIR_GIVEN
 
 
 # this command's sweep folder, and whether the sweep made it (sweep.SweepReport.on_multirun_start)

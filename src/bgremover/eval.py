@@ -127,7 +127,7 @@ def _training_scale(cfg: DictConfig, image_size: int | None) -> None:
 
 def main() -> None:
     """`python -m bgremover.eval`: Hydra's command line over conf/eval.yaml."""
-    config.hydra_command_line(resumes=False)  # an evaluation never resumes a run in place
+    config.hydra_command_line(resumes=False, task="eval")  # an evaluation never resumes a run in place
     model = [a for a in sys.argv[1:] if a.lstrip("+~").split("=")[0].split(".")[0] == "model"]
     if model:  # Hydra would suggest `+model=...`, which would be ignored as silently as model= once was
         from bgremover.errors import report

@@ -284,16 +284,19 @@ def _remove_run_dir(out_dir: Path) -> None:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == out_dir:
             handler.close()
             logging.getLogger().removeHandler(handler)
+    if not config.made_by_this_command(out_dir):  # an empty folder of the user's, given as hydra.run.dir: emptied
+        for entry in out_dir.iterdir():  # of what this run wrote (it held only that: _empty_run_dir), kept
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        return
     shutil.rmtree(out_dir, ignore_errors=True)
     # and the folders Hydra made above it (logs/train/runs/ of a fresh checkout, where a typo left them empty),
-    # up to the first that holds anything; only inside the current folder
-    cwd = Path.cwd().resolve()
+    # up to the first that holds anything or was there before the command
     for parent in out_dir.resolve().parents:
-        if parent == cwd or cwd not in parent.parents:
+        if parent not in config.ABSENT_AT_START:
             break
         try:
             parent.rmdir()
-        except OSError:  # not empty (another run), or not ours to remove
+        except OSError:  # not empty (another run started meanwhile)
             break
 
 
