@@ -171,17 +171,28 @@ def test_a_zero_one_jpeg_mask_in_a_zero_255_folder_is_refused(tmp_path):
         fd.scan(root)
 
 
-def _voc_mask(mask: np.ndarray, index: int = 15) -> Image.Image:
+def _voc_palette() -> list[int]:
+    """PASCAL VOC's colour map (bit-interleaved class index: person 15 = 192,128,128, car 7 = 128,128,128)."""
+    out = []
+    for i in range(256):
+        r = g = b = 0
+        for j in range(8):
+            r |= ((i >> 3 * j) & 1) << (7 - j)
+            g |= ((i >> 3 * j + 1) & 1) << (7 - j)
+            b |= ((i >> 3 * j + 2) & 1) << (7 - j)
+        out += [r, g, b]
+    return out
+
+
+def _voc_mask(mask: np.ndarray, index: int = 15, border: bool = True) -> Image.Image:
     """A VOC-style mask: class `index` (15 = person) inside, 255 on its border, VOC's coloured palette."""
     fg = mask > 127
     edge = fg & ~np.pad(fg, 1)[2:, 1:-1] | fg & ~np.pad(fg, 1)[:-2, 1:-1]  # the object's top and bottom rows
     out = np.where(fg, index, 0).astype(np.uint8)
-    out[edge] = 255
+    if border:
+        out[edge] = 255
     im = Image.fromarray(out, "P")
-    palette = [0, 0, 0] * 256
-    palette[3 * index: 3 * index + 3] = [192, 128, 128]
-    palette[765:768] = [224, 224, 192]
-    im.putpalette(palette)
+    im.putpalette(_voc_palette())
     return im
 
 
@@ -204,6 +215,27 @@ def test_voc_palette_masks_read_objects_as_foreground(tmp_path):
         label = fd.read_mask(m, voided.labels)
         border = np.asarray(Image.open(m)) == 255
         assert border.any() and (label[border] == 2).all() and (label[~border] == fg[~border]).all()
+
+
+def test_voc_car_only_masks_and_gray_saved_indices(tmp_path):
+    """VOC's car (index 7) is gray in its palette (128,128,128): a folder whose masks hold only cars, no border,
+    was read as gray levels, and data.void_value=255 refused it as 0/255 masks (a review). VOC indices saved as
+    gray levels ({0, 15, 255}) trained with only their borders as foreground: refused, named."""
+    root = write_folder(tmp_path / "cars", n=4)
+    truth = []
+    for path in sorted((root / "masks").iterdir()):
+        mask = np.asarray(Image.open(path))
+        truth.append(mask > 127)
+        _voc_mask(mask, index=7, border=False).save(path)
+    folder = fd.scan(root, void_value=255)
+    assert all(((fd.read_mask(m, folder.labels) == 1) == fg).all()
+               for (_, m), fg in zip(folder.pairs["all"], truth, strict=True))
+    root = write_folder(tmp_path / "gray", n=4)
+    path = sorted((root / "masks").iterdir())[1]
+    Image.fromarray(np.asarray(_voc_mask(np.asarray(Image.open(path))))).save(path)  # indices as an L image
+    assert Image.open(path).mode == "L"
+    with pytest.raises(fd.FolderDataError, match=r"im1.png holds 0, 15, 255: class indices saved as gray levels"):
+        fd.scan(root)
 
 
 def test_void_value_255_takes_the_foreground_of_0_255_masks_and_is_refused_there(tmp_path):

@@ -214,12 +214,23 @@ def read_mask(path: Path, labels: Labels) -> np.ndarray:
     return labels.to_label(raw, path, indexed)
 
 
-def _gray_palette(im: Image.Image, raw: np.ndarray) -> bool:
+def _gray_palette(im: Image.Image) -> bool:
+    """A palette of grays only (a black/white mask saved as P). The whole palette, not the entries used: VOC's
+    coloured palette has grays too (car = 128,128,128), and its car-only masks were read as gray levels."""
     palette = im.getpalette()
     if not palette:
         return False
-    rgb = np.asarray(palette + [0] * (768 - len(palette)), np.int32).reshape(-1, 3)[np.unique(raw)]
+    rgb = np.asarray(palette[: len(palette) // 3 * 3], np.int32).reshape(-1, 3)
     return bool((rgb == rgb[:, :1]).all())
+
+
+def _class_indices(values: np.ndarray) -> bool:
+    """Gray levels that are class indices with VOC's 255 borders ({0, 15, 255}): small values, mostly not 255."""
+    counts = np.bincount(values.ravel(), minlength=256)
+    present = np.flatnonzero(counts)
+    low = present[(present >= 2) & (present <= 30)]
+    return bool(low.size) and bool((present <= 30).sum() + (counts[255] > 0) == present.size) \
+        and counts[low].sum() > counts[255]
 
 
 def mask_values(path: Path, labels: Labels) -> tuple[np.ndarray, bool]:
@@ -234,7 +245,7 @@ def mask_values(path: Path, labels: Labels) -> tuple[np.ndarray, bool]:
                 raw = np.array(im.convert("L") if mode == "1" else im)
             elif mode == "P":
                 raw = np.array(im)  # class indices, unless a binary mask's gray palette says how it looks
-                if labels.binary and _gray_palette(im, raw):
+                if labels.binary and _gray_palette(im):
                     raw = np.array(im.convert("L"))  # read as indices, a white-on-black mask was inverted
                 else:
                     indexed = labels.binary
@@ -336,6 +347,10 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
                 fg_indexed = fg_indexed or bool(values.any())
                 continue
             top = int(values.max(initial=0))
+            if top == 255 and _class_indices(values):  # the 0/255 rule would make its borders the foreground
+                raise FolderDataError(f"{mask} holds {', '.join(map(str, np.unique(values)[:6]))}: class indices "
+                                      "saved as gray levels (foreground > 127 would be its 255s alone); save them with "
+                                      "their palette, or list the classes in a classes.txt beside images/")
             if labels.void_value == 255 and top > 1:  # the void would take a 0/255 mask's foreground, edges left
                 raise FolderDataError(f"data.void_value=255 is the foreground of 0/255 masks such as {mask}: mark "
                                       "unknown pixels with another value (e.g. 128)")
