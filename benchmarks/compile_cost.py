@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="steps timed after the first")
     args = p.parse_args(argv)
+    if args.size < 32 or args.size % 32 or args.batch < 1 or args.batch * (args.size // 32) ** 2 < 2:
+        p.error("--size must be a multiple of 32 and --batch >= 1, with batch x (size/32)² >= 2 (the bottleneck's "
+                "BatchNorm needs two values per channel: --size 64 at --batch 1)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
+        return 2
 
     sys.path.insert(0, str(HERE))
     from reference_tiramisu import RefDenseBlock, RefDenseLayer, ref_fcdensenet
