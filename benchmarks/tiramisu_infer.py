@@ -36,9 +36,11 @@ def worker(route: str, precision: str, ckpt: str | None, net_name: str, size: tu
 
     net = checkpoint.load_net(ckpt)[0] if ckpt else FCDenseNet(num_classes=11, **TIRAMISU_CONFIGS[net_name])
     net = net.eval().to(memory_format=torch.channels_last)
-    for m in net.modules():
-        if isinstance(m, DenseBlock):
-            m.plain = route == "textbook"
+    blocks = [m for m in net.modules() if isinstance(m, DenseBlock)]
+    if not blocks:  # both routes would time the same net: a "speed-up" of noise
+        raise SystemExit(f"error: {ckpt} is not an FC-DenseNet (no dense blocks to compare)")
+    for m in blocks:
+        m.plain = route == "textbook"
     x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         net(x)
@@ -71,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --reps must be >= 1, got {args.reps}", file=sys.stderr)
         return 2
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    flags = open("/proc/cpuinfo").read()
-    print(f"CPU: {os.cpu_count()} logical, avx512_bf16={'avx512_bf16' in flags}, amx_bf16={'amx_bf16' in flags}; "
+    from bgremover.utils import cpu_kind
+
+    print(f"CPU: {cpu_kind()}; "
           f"{args.ckpt or args.net}, 1x3x{args.size[0]}x{args.size[1]}, channels_last, median of {args.reps}")
     print(f"{'precision':<10}{'textbook ms':>12}{'fused ms':>10}{'speed-up':>10}{'textbook MiB':>14}{'fused MiB':>11}")
     for precision in PRECISIONS:
