@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda where available, else cpu (with a note)")
     p.add_argument("--net", default="tiramisu103", help="tiny, or a name from bgremover.nets.NETS")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--crop", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", nargs="+", default=["synthetic", "resident", "dataloader"],
                    choices=["synthetic", "resident", "dataloader"])
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        p.error("--steps and --batch must be >= 1, --warmup >= 0")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu":
+            print(f"note: no CUDA device, running on the CPU: {args.net} at batch {args.batch} can take hours here "
+                  "(a dry run in seconds: --net tiny --batch 2 --crop 64 64 --steps 2 --limit 8 --workers 1)", file=sys.stderr, flush=True)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
         return 2
