@@ -105,7 +105,8 @@ def run_load(args, threads: int, body: bytes) -> dict:
             proc.kill()
     lat = sorted(r[0] for r in results)
     errors = [r[2] for r in results if not r[1]]
-    q = statistics.quantiles(lat, n=20, method="inclusive")  # q[9] = p50, q[18] = p95
+    # q[9] = p50, q[18] = p95; quantiles needs two points (--clients 1 --requests 1 has one)
+    q = statistics.quantiles(lat, n=20, method="inclusive") if len(lat) > 1 else lat * 19
     return {"threads": threads, "n": len(results), "wall": wall, "rps": len(results) / wall,
             "p50": q[9] * 1000, "p95": q[18] * 1000, "errors": len(errors),
             "kinds": sorted({str(e) for e in errors})}
@@ -124,8 +125,13 @@ def main() -> int:
     args = p.parse_args()
     if args.clients < 1 or args.requests < 1:
         p.error("--clients and --requests must be positive")
+    try:
+        settings = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        p.error(f"--threads wants a comma list of integers, e.g. 2,1 (got {args.threads!r})")
+    if not Path(args.image).is_file():
+        p.error(f"--image not found: {args.image}")
     body = Path(args.image).read_bytes()
-    settings = [int(t) for t in args.threads.split(",")]
     load0 = os.getloadavg()
     print(f"CPU: {cpu_kind()}; load average before: {' '.join(f'{x:.2f}' for x in load0)}")
     print(f"{args.clients} clients x {args.requests} requests, POST /remove{'?' + args.query if args.query else ''}"
