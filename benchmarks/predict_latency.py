@@ -219,6 +219,14 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=15, help="timed repetitions per cell (median reported)")
     p.add_argument("--max-side", type=int, default=lib.MAX_SIDE)
     args = p.parse_args()
+    if args.reps < 1 or args.threads < 1 or args.max_side < 32:
+        p.error("--reps and --threads must be >= 1, --max-side >= 32")
+    for flag, path in (("--model", args.model), ("--int8", args.int8), ("--ckpt", args.ckpt)):
+        if path and not Path(path).is_file():
+            p.error(f"{flag} not found: {path}")
+    if args.net and not (REPO / "conf" / "model" / f"{args.net}.yaml").is_file():
+        names = sorted(f.stem for f in (REPO / "conf" / "model").glob("*.yaml"))
+        p.error(f"--net {args.net}: no conf/model/{args.net}.yaml; choose one of: {', '.join(names)}")
 
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_kind()}; load average {load_average()}")
