@@ -57,10 +57,17 @@ def main() -> int:
     p.add_argument("--arms", default="finetune,scratch")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both arms")
     args = p.parse_intermixed_args()
+    arms = args.arms.split(",")
+    if not arms or any(a not in ARMS for a in arms):
+        p.error(f"--arms: a comma list of {', '.join(ARMS)} (got {args.arms!r})")
+    # train_remover refuses a run folder that already holds a run: find out now, not after the first arm's budget
+    taken = [str(args.out / a) for a in arms if (args.out / a).exists()]
+    if taken:
+        p.error(f"{', '.join(taken)} already exist(s) from an earlier run: pass a new --out")
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{cpu_kind()}; torch threads: default; budget {args.budget} s per arm; data {args.data}", flush=True)
     rows = []
-    for name in args.arms.split(","):
+    for name in arms:
         rows.append(run_arm(name, args.data.resolve(), args.out.resolve(), args.budget, args.overrides))
         r = rows[-1]
         print(f"{name}: done in {r['wall_s']:.0f} s (load {r['load_before']} → {r['load_after']})", flush=True)
