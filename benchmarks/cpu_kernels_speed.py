@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
+    if args.batch < 1 or args.repeat < 1:
+        p.error("--batch and --repeat must be >= 1")
     print(f"cpu: {cpu_kind()}; threads={torch.get_num_threads()}")
     if cpu_kernels.library() is None:
         raise SystemExit("error: the fused kernels are not available here (no C compiler, or turned off)")
