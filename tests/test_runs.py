@@ -685,6 +685,8 @@ def test_without_the_projects_callbacks_no_checkpoint_passes_for_the_best(small_
     # an interval that does not divide the epoch (4 batches): Lightning validates after batch 3, not at the end
     ["trainer.max_epochs=1", "data.batch_size=1", "+trainer.val_check_interval=0.75"],
     ["trainer.max_epochs=1", "data.batch_size=1", "trainer.check_val_every_n_epoch=null", "+trainer.val_check_interval=3"],
+    # a time interval (an hour): whether Lightning validates there is not known ahead; the end is scored
+    ["trainer.max_epochs=1", "trainer.check_val_every_n_epoch=null", "+trainer.val_check_interval=00:01:00:00"],
 ])
 def test_the_weights_a_run_ends_with_are_validated(small_camvid, tmp_path, limits):
     """A user audit: a run that max_steps stopped inside an epoch, or whose last epoch was not a validating one,

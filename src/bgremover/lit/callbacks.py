@@ -135,6 +135,8 @@ def _validates_here(trainer: pl.Trainer, batch_idx: int, last_batch: bool) -> bo
         return False
     if trainer.should_stop:
         return True
+    if getattr(trainer, "_val_check_time_interval", None) is not None:  # by wall-clock time: not known ahead,
+        return False  # so the end is validated on a stop request (once: Lightning checks that first)
     interval = trainer.val_check_batch  # batches between validations; counted over the run when every is None
     if not isinstance(interval, int):  # inf: a loader without a length, validated at its end
         return last_batch
