@@ -130,6 +130,15 @@ def test_paths_hydra_would_refuse_are_taken_as_typed(tmp_path):
         "hydra.run.dir='/r/run,v2'", f"data.root='{Path.home() / 'CamVid'}'", "data.root=/plain", "ckpt_path=null",
         "data.root='/d/é'", "model=fcdensenet56", "hydra.run.dir=${paths.log_dir}/x"]
     assert path_override("ckpt_path=a.ckpt,b.ckpt", multirun=True) == "ckpt_path=a.ckpt,b.ckpt"  # a sweep
+    # quoted values Hydra reads back as they were, and so does the run-folder check (a review: a trailing
+    # backslash was Hydra's "token recognition error")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from bgremover.config import _unquoted, quoted
+
+    for value in ("/d/x\\", "/d/it's", "/d/a\\'b", "/d/a\\b", "/d/\\\\", "/d/poolé,v2"):
+        assert OverridesParser.create().parse_override(f"data.root={quoted(value)}").value() == value
+        assert _unquoted(quoted(value)) == value
     assert path_override(f"data.root={both}", multirun=True) == f"data.root='{both}'"  # one folder that exists
     ckpt = tmp_path / "runé,v2" / "epoch=3-step=10.ckpt"
     proc = _run("bgremover.eval", f"ckpt_path={ckpt}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -184,8 +185,9 @@ def _given(args: list[str]) -> dict[str, str]:
 
 
 def _unquoted(value: str) -> str:
+    """A quoted override value as Hydra reads it: backslashes before a quote or the end halved (`quoted`'s inverse)."""
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1].replace("\\" + value[0], value[0])
+        return re.sub(r"(\\*)(" + value[0] + "|$)", lambda m: m[1][: len(m[1]) // 2] + m[2], value[1:-1])
     return value
 
 
@@ -387,7 +389,8 @@ def overrides() -> list[str]:
 def quoted(value: object) -> str:
     """A value for a Hydra override built from a path: quoted, so `,` (a sweep), `=`, brackets and non-ASCII
     letters in a folder's name are taken as they are (`data.root=/data/poolé` was a grammar error)."""
-    return "'" + str(value).replace("'", "\\'") + "'"
+    # Hydra's escapes in a quoted value: a backslash run before a quote or the end doubled, each quote escaped
+    return "'" + re.sub(r"(\\+)(?='|$)", lambda m: m[1] * 2, str(value)).replace("'", "\\'") + "'"
 
 
 def given(key: str) -> bool:
