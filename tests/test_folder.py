@@ -262,6 +262,72 @@ def test_void_value_255_takes_the_foreground_of_0_255_masks_and_is_refused_there
     assert folder.labels.zero_one and (label[0] == 2).all() and (label[1:] == mask[1:]).all()
 
 
+def test_soft_edged_0_255_masks_stay_binary_and_gray_saved_indices_up_to_20_are_refused(tmp_path):
+    """The gray-saved-indices rule ({0, 15, 255}) must not take a 0/255 mask whose few soft-edge pixels are small
+    values (it would refuse a good folder), and must reach every VOC index (20 = tvmonitor: 0/20/255 masks trained
+    with only their borders as foreground)."""
+    root = write_folder(tmp_path / "soft", n=4)
+    path = sorted((root / "masks").iterdir())[2]
+    mask = np.asarray(Image.open(path)).copy()
+    edge = np.argwhere(mask == 255)[:3]
+    mask[edge[:, 0], edge[:, 1] - 1] = 20  # three soft-edge pixels just left of the object
+    Image.fromarray(mask).save(path)
+    folder = fd.scan(root)
+    assert ((fd.read_mask(path, folder.labels) == 1) == (mask > 127)).all()
+    root = write_folder(tmp_path / "tv", n=4)
+    path = sorted((root / "masks").iterdir())[0]
+    Image.fromarray(np.asarray(_voc_mask(np.asarray(Image.open(path)), index=20))).save(path)  # as an L image
+    with pytest.raises(fd.FolderDataError, match=r"im0.png holds 0, 20, 255: class indices saved as gray levels"):
+        fd.scan(root)
+
+
+def test_a_mask_drawn_in_mid_gray_127_in_a_0_255_folder_is_refused(tmp_path):
+    """A mask whose foreground is 127 (one step below the 0/255 rule's > 127) reads as all background: refused,
+    named, like any 2-127 mask beside 0/255 ones."""
+    root = write_folder(tmp_path / "d", n=4)
+    path = sorted((root / "masks").iterdir())[3]
+    Image.fromarray(np.asarray(Image.open(path)) // 2).save(path)  # 0/127
+    with pytest.raises(fd.FolderDataError, match=r"im3.png holds values 0-127, neither a 0/1 mask nor a 0/255 one"):
+        fd.scan(root)
+
+
+def test_void_value_255_names_a_0_255_mask_whose_soft_edges_are_below_128(tmp_path):
+    """void_value=255 on 0/255 masks whose anti-aliased edges are low (1-127) must name the mask it empties, as it
+    does for edges above 127, not fall through to a folder-wide message."""
+    root = write_folder(tmp_path / "d", n=4)
+    path = sorted((root / "masks").iterdir())[1]
+    soft = np.asarray(Image.open(path)).copy()
+    soft[np.nonzero(soft == 255)[0][0], np.nonzero(soft == 255)[1][0]] = 100
+    Image.fromarray(soft).save(path)
+    with pytest.raises(fd.FolderDataError, match=r"data.void_value=255 is the foreground of 0/255 masks such as "
+                                                 r".*im1.png: mark unknown pixels with another value"):
+        fd.scan(root, void_value=255)
+
+
+def test_a_low_valued_gray_mask_beside_voc_palette_masks_is_refused(tmp_path):
+    """VOC palette masks have foreground by their own rule; a gray mask beside them holding a class index (0/5,
+    its palette lost on a re-save) would train as all background. It is refused, named, as it is beside 0/255 or
+    0/1 masks."""
+    root = write_folder(tmp_path / "d", n=4)
+    for path in sorted((root / "masks").iterdir()):
+        _voc_mask(np.asarray(Image.open(path))).save(path)
+    path = root / "masks" / "im2.png"
+    Image.fromarray(np.where(np.asarray(Image.open(path)) == 15, 5, 0).astype(np.uint8)).save(path)  # L, 0/5
+    with pytest.raises(fd.FolderDataError, match=r"im2.png holds values 0-5, neither a 0/1 mask nor a 0/255 one"):
+        fd.scan(root)
+
+
+def test_voc_palette_masks_whose_objects_are_all_void_have_no_foreground(tmp_path):
+    """With data.void_value=255, a VOC palette mask holding only background and 255 (void) has no foreground: a
+    folder of such masks is refused, not trained as all background because its raw values were non-zero."""
+    root = write_folder(tmp_path / "d", n=4)
+    for path in sorted((root / "masks").iterdir()):
+        _voc_mask(np.asarray(Image.open(path)), index=255).save(path)
+    with pytest.raises(fd.FolderDataError, match=r"no mask in .* has foreground"):
+        fd.scan(root, void_value=255)
+    assert fd.scan(root).pairs["all"]  # without the void value the 255s are objects (foreground)
+
+
 def test_16bit_images_train_as_they_look(tmp_path):
     """convert("RGB") clipped 16-bit PNGs to white: a remover trained on them learnt nothing (val IoU 0.000)
     while predict, decoding them right, scored 0.375. Training decodes images as the predictor does now."""
