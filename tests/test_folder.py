@@ -716,6 +716,44 @@ def test_ctrl_c_just_after_the_training_finished_says_how_to_finish(folder, tmp_
     assert not (run / "remover.onnx").exists()
 
 
+@pytest.mark.parametrize("summary", [{"status": "interrupted", "best_ckpt": "B"}, {"status": "ok", "last_ckpt": "L"},
+                                     None])
+def test_ctrl_c_during_the_training_passes_on_its_exit_unless_it_finished(folder, tmp_path, monkeypatch, capsys,
+                                                                           summary):
+    """A Ctrl-C that stopped the training itself (summary "interrupted": it printed its own resume line) must not
+    be taken for a finished training and told to export; a finished run without a best checkpoint (validation
+    off) finishes from last_ckpt; and a training that exited 0 without any summary is still an interruption (130),
+    never make remover's success."""
+    from bgremover import train_remover
+
+    run = tmp_path / "run"
+
+    class Stopped:
+        def __init__(self, *args, **kwargs):
+            if summary is not None:
+                run.mkdir(parents=True)
+                (run / "summary.json").write_text(json.dumps({k: str(run / v) if k.endswith("ckpt") else v
+                                                              for k, v in summary.items()}))
+            self.waited = 0
+
+        def wait(self):
+            self.waited += 1
+            if self.waited == 1:
+                raise KeyboardInterrupt
+            return 254 if summary and summary["status"] == "interrupted" else 0
+
+    monkeypatch.setattr(subprocess, "Popen", Stopped)
+    rc = train_remover.main([str(folder), "--run-dir", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()[1:]
+    if summary is None:
+        assert rc == 130 and err == []
+    elif summary["status"] == "interrupted":
+        assert rc == 254 and err == []  # the training's own resume line is what the user reads
+    else:
+        assert rc == 130 and err == [f"error: interrupted after training finished; finish with: "
+                                     f"{train_remover.finish_command(run, folder.resolve(), str(run / 'L'))}"]
+
+
 def test_eval_cutout_on_a_fixed_folder_reads_the_split_file_it_is_given(tmp_path):
     """`--split-file` with a fixed train/val/test folder was read for its void value and otherwise ignored (an
     own-data audit): a pooled folder's split scored the wrong images without a word, and images added to test/
@@ -735,6 +773,18 @@ def test_eval_cutout_on_a_fixed_folder_reads_the_split_file_it_is_given(tmp_path
         cutout_eval.find_folder_pairs(root, "test", None, split_file)
     split_file.write_text(json.dumps({**trained, "test": ["test0", "test7"]}))
     with pytest.raises(cutout_eval.EvalError, match=r"names 'test7' \(test\), which is not in .*fixed/test/images"):
+        cutout_eval.find_folder_pairs(root, "test", None, split_file)
+
+
+def test_eval_cutout_on_a_fixed_folder_refuses_a_split_file_that_does_not_say_fixed(tmp_path):
+    """A split file without "fixed": true (a pooled run's, or one written by hand) is no record of this fixed
+    folder's training: refused, not used to pick the test images."""
+    root = tmp_path / "fixed"
+    for split, n in (("train", 3), ("val", 2), ("test", 3)):
+        write_folder(root, n=n, split=split)
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"train": ["train0"], "val": ["val0"], "test": ["test1"]}))
+    with pytest.raises(cutout_eval.EvalError, match=r"split.json splits a pooled folder, but .*fixed has fixed"):
         cutout_eval.find_folder_pairs(root, "test", None, split_file)
 
 
