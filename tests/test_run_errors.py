@@ -409,6 +409,25 @@ def test_a_refused_run_leaves_no_empty_folders_in_a_fresh_checkout(tmp_path):
         "logdir", "mine", "mine/sub", "own"]
 
 
+def test_a_refused_run_with_its_own_task_name_leaves_no_empty_folders(tmp_path):
+    """`task_name=mine` puts the run under logs/mine/runs/: a refused run there must remove what Hydra made
+    (logs/mine/runs/ was noted by the default task's name, logs/train/runs, and stayed behind, empty)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train", "data.batch_size=-1", "task_name=mine"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: data.batch_size"), proc.stderr
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+
+
+def test_a_value_quoted_on_the_command_line_is_left_to_hydra():
+    """A value the user quoted is Hydra syntax already: `data.root='/d/a','/d/b'` without --multirun stays as
+    typed (Hydra's own "add --multirun"), not quoted again into one folder named with quotes and a comma."""
+    from bgremover.config import path_override
+
+    for arg in ("data.root='/d/a','/d/b'", 'ckpt_path="/r/epoch=3-step=10.ckpt"', "data.root='/d/é'"):
+        assert path_override(arg) == arg
+
+
 def test_a_file_given_as_the_dataset_folder_is_called_a_file(small_camvid, tmp_path):
     """`data.root=README.md` said "dataset folder not found: README.md" of a path that is there."""
     from bgremover import config
