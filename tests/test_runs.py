@@ -685,6 +685,11 @@ def test_without_the_projects_callbacks_no_checkpoint_passes_for_the_best(small_
     # an interval that does not divide the epoch (4 batches): Lightning validates after batch 3, not at the end
     ["trainer.max_epochs=1", "data.batch_size=1", "+trainer.val_check_interval=0.75"],
     ["trainer.max_epochs=1", "data.batch_size=1", "trainer.check_val_every_n_epoch=null", "+trainer.val_check_interval=3"],
+    # the same interval counted over the run (4-batch epochs): validations after batches 3, 6, 9 and 12, where it
+    # ends; stopped at batch 7 (the 3rd of epoch 2, not a validation of the run's count) the end is scored
+    ["trainer.max_epochs=3", "data.batch_size=1", "trainer.check_val_every_n_epoch=null", "+trainer.val_check_interval=3"],
+    ["trainer.max_epochs=5", "trainer.max_steps=7", "data.batch_size=1", "trainer.check_val_every_n_epoch=null",
+     "+trainer.val_check_interval=3"],
     # a time interval (an hour): whether Lightning validates there is not known ahead; the end is scored
     ["trainer.max_epochs=1", "trainer.check_val_every_n_epoch=null", "+trainer.val_check_interval=00:01:00:00"],
 ])
@@ -696,6 +701,19 @@ def test_the_weights_a_run_ends_with_are_validated(small_camvid, tmp_path, limit
     trainer, history = objects["trainer"], objects["model"].history
     assert history and history[-1]["step"] == trainer.global_step, (history, trainer.global_step)
     assert [h["step"] for h in history] == sorted({h["step"] for h in history})  # no validation twice
+
+
+def test_a_loader_without_a_length_is_validated_at_its_end_only():
+    """val_check_batch is inf for a train loader without a length: Lightning validates at its end, so the end is
+    not forced (a second validation) and a step inside it is no validation."""
+    from types import SimpleNamespace
+
+    from bgremover.lit.callbacks import _validates_here
+
+    for every in (1, None):
+        trainer = SimpleNamespace(check_val_every_n_epoch=every, current_epoch=0, should_stop=False,
+                                  val_check_batch=float("inf"))
+        assert [_validates_here(trainer, i, last) for i, last in ((4, False), (5, True))] == [False, True]
 
 
 def test_a_max_time_stop_inside_an_epoch_that_does_not_validate_scores_its_weights(tmp_path, monkeypatch):
