@@ -323,8 +323,8 @@ def test_voc_palette_masks_whose_objects_are_all_void_have_no_foreground(tmp_pat
     root = write_folder(tmp_path / "d", n=4)
     for path in sorted((root / "masks").iterdir()):
         _voc_mask(np.asarray(Image.open(path)), index=255).save(path)
-    with pytest.raises(fd.FolderDataError, match=r"no mask in .* has foreground"):
-        fd.scan(root, void_value=255)
+    with pytest.raises(fd.FolderDataError, match=r"^no mask in .* has foreground: binary masks mark it"):
+        fd.scan(root, void_value=255)  # not "the foreground of 0/255 masks": it has none
     assert fd.scan(root).pairs["all"]  # without the void value the 255s are objects (foreground)
 
 
@@ -1088,8 +1088,10 @@ def test_make_remover_takes_any_folder_name(tmp_path, monkeypatch, name):
     assert train_remover.main([str(data), "--run-dir", str(run)]) == 3
     parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(seen[0][3:])}
     assert parsed["data.root"] == str(data.resolve()) and parsed["hydra.run.dir"] == str(run.resolve())
-    # its resume line (the shell drops the quotes) names the run's last.ckpt: a grammar error in that folder too
+    # its resume line (the shell drops the quotes) names the run's last.ckpt: a grammar error in that folder too,
+    # until the training's command line quoted it (config.hydra_command_line, as for any path typed to train)
     last = run.resolve() / "checkpoints" / "last.ckpt"
     assert train_remover.main([str(data), "--run-dir", str(run), f"ckpt_path={last}"]) == 3
-    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(seen[1][3:])}
+    argv = [config.path_override(a) for a in seen[1][3:]]
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv)}
     assert parsed["ckpt_path"] == str(last)

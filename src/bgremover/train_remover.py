@@ -27,7 +27,6 @@ from bgremover.config import (
     FINISH_ENV,
     RESUME_ENV,
     SUMMARY_NAME,
-    path_override,
     quoted,
     taken_run_dir,
 )
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if taken := taken_run_dir([f"hydra.run.dir={run}", *args.overrides]):  # it named hydra.run.dir=, not --run-dir
         return errors.report(taken.replace(f"hydra.run.dir={run}", f"--run-dir {run}"))
     cmd = [sys.executable, "-m", "bgremover.train", f"experiment={args.exp}", f"data.root={quoted(data)}",
-           f"hydra.run.dir={quoted(run)}", "task_name=remover", *map(path_override, args.overrides)]
+           f"hydra.run.dir={quoted(run)}", "task_name=remover", *args.overrides]
     # the training process keeps freed memory for reuse (utils.KEEP_MEMORY_ENV) unless the caller set those itself
     env = {**KEEP_MEMORY_ENV, **os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
     # interrupted, the training says how to go on: this command, in this run folder (then export and scores)

@@ -229,8 +229,8 @@ def _class_indices(values: np.ndarray) -> bool:
     counts = np.bincount(values.ravel(), minlength=256)
     present = np.flatnonzero(counts)
     low = present[(present >= 2) & (present <= 30)]
-    return bool(low.size) and bool((present <= 30).sum() + (counts[255] > 0) == present.size) \
-        and counts[low].sum() > counts[255]
+    only_small = bool(np.all((present <= 30) | (present == 255)))
+    return only_small and low.size > 0 and counts[low].sum() > counts[255]
 
 
 def mask_values(path: Path, labels: Labels) -> tuple[np.ndarray, bool]:
@@ -332,6 +332,7 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
     pairs = {s: match(*dirs) for s, dirs in where.items()} if isinstance(where, dict) else {"all": match(*where)}
     sizes = {}
     zero_one, fg_one, fg_high, fg_indexed = True, False, False, False  # gray masks all 0/1 so far; foreground seen
+    gray = False  # a gray-level mask seen (not a palette's class indices)
     first_01, first_high, first_low = None, None, None  # gray masks: max 1, max > 127, max 2-127 (top_low)
     for split_pairs in pairs.values():
         for img, mask in split_pairs:
@@ -346,7 +347,7 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
             if indexed:  # class indices: their foreground is any index but 0, whatever the gray masks' rule
                 fg_indexed = fg_indexed or bool(values.any())
                 continue
-            top = int(values.max(initial=0))
+            gray, top = True, int(values.max(initial=0))
             if top == 255 and _class_indices(values):  # the 0/255 rule would make its borders the foreground
                 raise FolderDataError(f"{mask} holds {', '.join(map(str, np.unique(values)[:6]))}: class indices "
                                       "saved as gray levels (foreground > 127 would be its 255s alone); save them with "
@@ -372,7 +373,7 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
                               "3s), draw foreground white, or list class indices in a classes.txt beside images/")
     if labels.binary:
         labels = replace(labels, zero_one=zero_one)
-    if labels.binary and not foreground and labels.void_value == 255:
+    if labels.binary and not foreground and labels.void_value == 255 and gray:
         raise FolderDataError(f"data.void_value=255 is the foreground of 0/255 masks: no mask in {root} has "
                               "foreground left; mark unknown pixels with another value (e.g. 128)")
     if labels.binary and not foreground:  # masks of class indices (0/2...) read as binary: all background
