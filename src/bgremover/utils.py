@@ -57,9 +57,11 @@ def cpu_precision() -> str:
     """Lightning precision for CPU training: bf16 autocast only where the CPU has native bf16.
 
     Measured on a 2-core AVX-512-BF16 EPYC: bf16-mixed trains FC-DenseNet103 1.7x faster than fp32 channels_last
-    (1.502 vs 0.865 img/s, both with the fused kernels), DeepLabV3+/MobileNetV2 1.1-1.4x (docs/fast_tiramisu.md,
-    "CPUs with bf16 units"). On CPUs without bf16 units oneDNN emulates bf16 and single convolutions ran 10-50x
-    slower than fp32, so fp32 it is there.
+    (1.502 vs 0.865 img/s, both with the fused kernels; docs/fast_tiramisu.md, "CPUs with bf16 units").
+    DeepLabV3+/MobileNetV2 gains nothing reliable (session 22, same CPU kind, batch 8 at 224², AdamW, three
+    alternations: fp32 9.9-10.3 img/s, bf16 8.5-11.6), so the DeepLab CPU recipes (cpu_quick, cpu_default,
+    remover) pin fp32. On CPUs without bf16 units oneDNN emulates bf16 and single convolutions ran 10-50x slower
+    than fp32, so fp32 it is there.
     """
     flags = cpu_info()[1]
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
