@@ -286,6 +286,21 @@ def test_an_unwritable_json_path_is_refused_before_the_evaluation(model, camvid,
     assert ran == [] and not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob(".*tmp"))
 
 
+def test_a_json_path_naming_the_model_is_refused(model, camvid, tmp_path, capsys, monkeypatch):
+    """`--json model.onnx` wrote the report over the model being scored (exit 0): one line, exit 2, nothing run."""
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(model.read_bytes())
+    ran = []
+    monkeypatch.setattr(ce, "evaluate", lambda *a, **k: ran.append(a))
+    link = tmp_path / "link.json"
+    link.symlink_to(copy)
+    for target in (copy, link):
+        assert ce.main(["--model", str(copy), "--data-root", str(camvid), "--quiet", "--json", str(target)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "would overwrite the model" in lines[0], lines
+    assert ran == [] and copy.read_bytes() == model.read_bytes()
+
+
 def test_missing_label_and_size_mismatch_are_errors(model, camvid, capsys):
     (camvid / "testannot" / "b.png").unlink()
     assert ce.main(["--model", str(model), "--data-root", str(camvid), "--quiet"]) == 1

@@ -436,6 +436,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         pairs, whole = select(every, args.limit), len(every)
         classes = args.classes.split(",") if args.classes is not None else None
         remover = load_remover(args.model, classes, args.threads, expected, args.max_side)
+        if args.json is not None:  # the report was renamed over the model (or the run's split.json) it read
+            from bgremover.files import same_file
+
+            for path, what in ((remover.model_path, "the model"), (args.split_file, "the split file")):
+                if path is not None and same_file(args.json, path):
+                    return fail(f"--json {args.json} would overwrite {what} being evaluated: give another name", 2)
         report = evaluate(remover, pairs, args.threshold, args.boundary_tol, progress=not args.quiet,
                           read_label=read_label)
         # as `make eval` and the exporter record a test set: a --limit subset is not the split's score
