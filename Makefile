@@ -90,7 +90,7 @@ sweep: $(STAMP) ## multirun sweep: make sweep EXP=compare_models [ARGS="trainer.
 	$(KEEP_MEMORY) $(BIN)/python -m bgremover.train -m experiment=$(EXP) $(ARGS)
 
 compare: $(STAMP) ## report over a sweep: make compare [SWEEP=logs/train/multiruns/...] (default: newest)
-	$(BIN)/python -m bgremover.compare $(SWEEP) $(ARGS)
+	$(BIN)/python -m bgremover.compare $(if $(SWEEP),"$(SWEEP)") $(ARGS)
 
 export: $(STAMP) ## checkpoint → self-describing ONNX: make export CKPT=path [OUT=model.onnx]
 	@test -n "$(CKPT)" || { echo "error: give a checkpoint: make export CKPT=path/to.ckpt [OUT=model.onnx]" >&2; exit 2; }

@@ -811,3 +811,34 @@ def test_recipes_told_apart_only_by_their_fourth_setting_stay_two_rows(tmp_path:
     assert sorted(len(s.runs) for s in stats) == [1, 2, 2], [(s.net, len(s.runs)) for s in stats]  # all 5 runs
     assert len({s.net for s in stats}) == 3
     assert any("model.optimizer.lr=0.001" in s.net for s in stats)
+
+
+def test_out_with_a_report_md_among_other_files_is_refused(sweep: Path, tmp_path: Path) -> None:
+    """A folder of one's own that happens to hold a report.md (notes, a thesis) was taken for an earlier report and
+    replaced whole, its other files deleted (a user audit)."""
+    mine = tmp_path / "docs"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own report")
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="not an earlier report"):
+        compare.build_report([sweep], out=mine, grid_images=0)
+    assert (mine / "thesis.tex").read_text() == "precious" and (mine / "report.md").read_text() == "my own report"
+
+
+def test_a_killed_job_without_summary_is_listed_as_failed(sweep: Path) -> None:
+    """A sweep job killed by SIGKILL (the out-of-memory killer) leaves .hydra/ and train.log but no summary.json:
+    the report said "0 failed" and "None" under failed runs, as if the sweep had fewer jobs."""
+    job = sweep / "5"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: MULTIRUN\n  job:\n    name: train\n    num: 5\n")
+    (job / ".hydra" / "overrides.yaml").write_text("- seed=7\n")
+    (job / "train.log").write_text("")
+    evaluation = sweep / "6"  # an evaluation's folder is no training run
+    (evaluation / ".hydra").mkdir(parents=True)
+    (evaluation / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: eval\n")
+    (evaluation / ".hydra" / "overrides.yaml").write_text("[]\n")
+    rep = compare.build_report([sweep], grid_images=0)
+    md = (rep.path / "report.md").read_text()
+    assert "6 runs found" in md and "4 ok, 2 failed" in md
+    assert "5 (net ?, seed —): no summary.json: the run was killed" in md
+    assert "6 (net" not in md

@@ -93,11 +93,22 @@ def _check_out(out: Path, runs: list[Run]) -> None:
         if resolved == run.dir.resolve() or resolved in run.dir.resolve().parents:
             raise CompareError(f"--out {out} holds the run {run.dir} it would report on: choose another folder")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / "report.md").is_file() or any(out.rglob(SUMMARY_NAME)):
-            raise CompareError(f"--out {out} is a folder that is not an earlier report (no report.md, or runs in "
-                               "it): its files would be replaced; choose a new or empty folder")
+        if not _is_our_report(out / "report.md") or any(out.rglob(SUMMARY_NAME)):
+            raise CompareError(f"--out {out} is a folder that is not an earlier report (no report.md written by this "
+                               "command, or runs in it): its files would be replaced; choose a new or empty folder")
 
 
+def _is_our_report(path: Path) -> bool:
+    """A report.md this command wrote (its title line): a folder of one's own that holds a report.md of its own
+    among other files was taken for an earlier report and replaced whole, the other files deleted (a user audit)."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return f.readline().startswith(REPORT_TITLES)
+    except OSError:
+        return False
+
+
+REPORT_TITLES = ("# Sweep report: ", "# Report: ")  # the first line of every report.md (build_report's titles)
 NONE_FINISHED = "No run finished: nothing to compare (the failed or interrupted runs are listed at the end)."
 
 

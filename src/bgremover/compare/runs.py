@@ -132,7 +132,33 @@ def find_runs(paths: list[Path]) -> list[Run]:
             except (OSError, ValueError) as e:
                 summary = {"status": "failed", "error": f"unreadable {SUMMARY_NAME}: {e}"}
             runs.append(Run(f.parent, summary))
+        if root.is_dir():
+            runs += _unfinished(root, seen)
     return runs
+
+
+def _unfinished(root: Path, seen: set[Path]) -> list[Run]:
+    """Training runs (sweep jobs) under `root` that left no summary.json: killed (SIGKILL, the out-of-memory
+    killer, a lost machine) or still running. They were missing from the report, which said "0 failed"."""
+    import yaml
+
+    out = []
+    for hydra_dir in sorted(root.rglob(".hydra")):
+        run_dir = hydra_dir.parent
+        if (run_dir / SUMMARY_NAME).resolve() in seen or (run_dir / SUMMARY_NAME).exists():
+            continue
+        try:
+            job = ((yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) or {}).get("hydra") or {}).get("job") or {}
+            overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if job.get("name") != "train":  # an evaluation's folder (eval.json) is no run
+            continue
+        seen.add((run_dir / SUMMARY_NAME).resolve())
+        out.append(Run(run_dir, {"status": "failed", "overrides": list(overrides), "error": (
+            f"no {SUMMARY_NAME}: the run was killed before it finished (SIGKILL, out of memory) or is still "
+            f"running; its log: {run_dir / 'train.log'}")}))
+    return out
 
 
 # What marks a sweep's root folder, whatever the nesting: Hydra's basic sweeper writes multirun.yaml, the Optuna
