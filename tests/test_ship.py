@@ -141,6 +141,22 @@ def test_ship_replaces_a_worse_model_of_the_same_net(trained, data, tmp_path):
     assert sorted(after) == sorted(NAMES) and all(after[n] != before[n] for n in NAMES)
 
 
+def test_a_partial_score_ships_nothing_without_force(trained, data, tmp_path):
+    """--eval-limit 2 of 3 test frames installed the candidate where none was (no --force, no word that nothing was
+    compared), and its table said "CamVid test, 2 frames": a trial's score now says PARTIAL and ships nothing."""
+    models = tmp_path / "models"
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data), "--eval-limit", "2")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "scored on 2 of 3 test frames (PARTIAL)" in proc.stderr and "--force" in proc.stderr
+    assert "| CamVid test, 2 of 3 frames (PARTIAL) | mIoU |" in proc.stdout
+    assert "no shipped model in" in proc.stdout
+    assert not models.exists() or list(models.iterdir()) == []
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data), "--eval-limit", "2",
+                    "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in models.iterdir()) == sorted(NAMES)
+
+
 def test_ship_refuses_another_net_without_force(trained, data, tmp_path):
     """make remover fine-tunes the shipped net from its .pt: a checkpoint of another net (here the shipped file is
     a hand-built two-conv model, worse on these scenes) is refused before anything is built; --force ships it."""

@@ -80,6 +80,10 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
     # names it and the data folder is a default the user may not have thought about yet
     net, meta = export.load_checkpoint_net(ckpt)
     pairs = cutout_eval.find_pairs(data_root, "test", eval_limit)
+    whole = len(cutout_eval.find_pairs(data_root, "test"))
+    # --eval-limit is for trials: a score over part of the test split ships nothing unless forced (it did, and
+    # models/README's rows said "CamVid test, 4 frames" beside a full-split history)
+    frames = f"{len(pairs)} test frames" if len(pairs) == whole else f"{len(pairs)} of {whole} test frames (PARTIAL)"
     shipped_net = export.read_metadata(float_model).get("net") if float_model.is_file() else None
     if shipped_net not in (None, meta["net"]) and not force:
         # the .pt is what `make remover` fine-tunes: its recipe names the shipped net, and a checkpoint of
@@ -96,21 +100,27 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
         new = {kind: scratch / path.name for kind, path in names.items()}
         export.export_onnx(net, meta, new["float"])
         log(f"exported {meta.get('net') or meta.get('net_name')} to ONNX; quantizing and scoring it "
-            f"on {len(pairs)} test frames")
+            f"on {frames}")
         record = quantize.quantize(new["float"], new["int8"], data_root, eval_limit=eval_limit, threads=threads,
                                    progress=progress, log=log)  # fmt: skip
         scores = {"candidate": record["eval"]["float"], "candidate int8": record["eval"]["int8"]}
         if names["float"].is_file():
             scores["shipped"] = _score(names["float"], pairs, threads, progress)
-        log(f"| CamVid test, {len(pairs)} frames | mIoU | cut-out IoU | boundary F (2 px) | alpha MAE | ms / image |")
+        if "shipped" not in scores:
+            log(f"no shipped model in {models_dir}: nothing to compare with")
+        log(f"| CamVid test, {frames.replace('test frames', 'frames')} | mIoU | cut-out IoU | boundary F (2 px) | "
+            "alpha MAE | ms / image |")
         log("|---|---|---|---|---|---|")
         for name, s in scores.items():
             log(_row(name, s))
         old = scores.get("shipped")
         lost = [] if old is None else losses(scores["candidate"], old)
         if lost and not force:
-            raise ShipError(f"{ckpt} does not beat the shipped model on {len(pairs)} test frames ("
+            raise ShipError(f"{ckpt} does not beat the shipped model on {frames} ("
                             f"{', '.join(lost)}): nothing changed (--force ships it anyway)")
+        if len(pairs) < whole and not force:
+            raise ShipError(f"scored on {frames} (--eval-limit {eval_limit}): nothing changed; a model ships on the "
+                            f"whole test split (drop --eval-limit; --force ships it anyway)")
         checkpoint.save_weights(ckpt, new["weights"])
         # before anything is installed (it was after: a Ctrl-C there left new models and old cut-outs, and the
         # line "interrupted: nothing changed")
@@ -183,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", help="folder whose *.jpg get new <stem>.nobg.png cut-outs once shipped "
                    "(default: examples/ of the checkout when --models-dir is the default)")
     p.add_argument("--force", action="store_true", help="ship even if it does not beat the shipped model")
-    p.add_argument("--eval-limit", type=int, help="score N evenly spaced test frames instead of all (trials only)")
+    p.add_argument("--eval-limit", type=int,
+                   help="score N evenly spaced test frames instead of all: a trial, which installs nothing without --force")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for the evaluation (default: all cores)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return p
