@@ -374,7 +374,9 @@ def test_ctrl_c_says_so_and_keeps_the_old_model(tmp_path, monkeypatch, capsys):
     """Ctrl-C exited 130 without a word (quantize and ship each print a line)."""
     ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny")
     old = tmp_path / "m.onnx"
-    old.write_bytes(b"the old model")
+    assert main(["--ckpt", str(ckpt), "--out", str(old), "--tol", "1"]) == 0  # an earlier model (only one replaced)
+    capsys.readouterr()
+    before = old.read_bytes()
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -383,7 +385,7 @@ def test_ctrl_c_says_so_and_keeps_the_old_model(tmp_path, monkeypatch, capsys):
     for out in (old, tmp_path / "new" / "m.onnx"):
         assert main(["--ckpt", str(ckpt), "--out", str(out), "--torchscript"]) == 130
         assert capsys.readouterr().err == "python -m bgremover.export: interrupted: nothing written\n"
-        assert old.read_bytes() == b"the old model"
+        assert old.read_bytes() == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "run"]  # no temp file, no new folder
 
 
@@ -404,7 +406,8 @@ def test_paths_with_equals_signs(tmp_path, capsys):
 
 def test_outputs_never_replace_the_checkpoint_or_a_users_file(tmp_path, monkeypatch, capsys):
     """`--ckpt X/m.pt --out X/m.onnx --torchscript` wrote the TorchScript file over its own checkpoint (X.pt is
-    the shipped weights' name too), and `--out` equal to `--ckpt` replaced the checkpoint with ONNX."""
+    the shipped weights' name too), and `--out` equal to `--ckpt` replaced the checkpoint with ONNX; --out replaces
+    only an earlier ONNX model."""
     ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny")
     d = tmp_path / "d"
     d.mkdir()
@@ -422,6 +425,10 @@ def test_outputs_never_replace_the_checkpoint_or_a_users_file(tmp_path, monkeypa
         ([pt, d / ".." / "d" / "m.pt"], f"--out {d / '..' / 'd' / 'm.pt'} would overwrite the checkpoint"),
         ([d / "link.ckpt", pt], f"--out {pt} would overwrite the checkpoint"),
         ([ckpt, d / "x.pt", "--torchscript"], f"--torchscript writes {d / 'x.pt'}, the --out file itself"),
+        # a user audit: a mistyped --out replaced a text file (or other weights) with a model, and `--out new/`
+        # wrote a file named "new"
+        ([ckpt, d / "notes.pt"], f"--out {d / 'notes.pt'} exists and is not an ONNX model: not replacing it"),
+        ([ckpt, f"{d / 'new'}/"], f"--out {d / 'new'}/ names a folder: give a file name in it"),
     ):
         assert main(["--ckpt", str(args[0]), "--out", str(args[1]), *args[2:]]) == 1
         err = capsys.readouterr().err
@@ -444,7 +451,8 @@ def test_outputs_are_written_through_links_and_keep_their_mode(tmp_path, capsys)
     ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", miou=0.25)
     store = tmp_path / "store"
     store.mkdir()
-    (store / "model.onnx").write_bytes(b"old")
+    assert main(["--ckpt", str(ckpt), "--out", str(store / "model.onnx")]) == 0  # an earlier model, replaced below
+    capsys.readouterr()
     os.chmod(store / "model.onnx", 0o640)
     (tmp_path / "model.onnx").symlink_to(store / "model.onnx")
     assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "model.onnx")]) == 0

@@ -96,12 +96,15 @@ def check_writable(path, option: str, folder: bool = False) -> None:
     """Before any work (an export, a calibration, a 233-frame evaluation): `path` — a file to write, or with
     ``folder=True`` a folder to create or fill — can be written. Not a folder where a file is wanted (or the
     reverse), below no file, and its nearest existing folder takes a new file (tried, not guessed: root passes any
-    permission check, and /proc refuses files anyway). Raises UserError naming `option`."""
+    permission check, and /proc refuses files anyway). Give `path` as typed: a file name ending in "/" names a
+    folder. Raises UserError naming `option`."""
     import os
     import tempfile
     from pathlib import Path
 
     p = Path(path)
+    if not folder and str(path).endswith(("/", os.sep)):  # Path() drops the slash: `--out new/` wrote a file "new"
+        raise UserError(f"{option} {path} names a folder: give a file name in it")
     if folder and p.exists() and not p.is_dir():
         raise UserError(f"{option} {p} is a file, not a folder")
     if not folder and p.is_dir():

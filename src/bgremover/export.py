@@ -348,13 +348,28 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def check_outputs(ckpt: Path, out: Path, torchscript: bool) -> None:
-    """Before any work: the files to write can be written, neither is the checkpoint being read, and the
-    TorchScript file (named after --out: `--out X.onnx` writes X.pt, the name of a checkpoint or of the shipped
-    weights) replaces only an earlier TorchScript file, never some other file of the user's."""
-    check_writable(out, "--out")
+def _is_onnx(path: Path) -> bool:
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+        return True
+    except Exception:  # onnx raises protobuf's DecodeError, ValueError, OSError... for what is not a model
+        return False
+
+
+def check_outputs(ckpt: Path, out: str | Path, torchscript: bool) -> None:
+    """Before any work: the files to write can be written, neither is the checkpoint being read, --out replaces
+    only an earlier ONNX model and the TorchScript file (named after --out: `--out X.onnx` writes X.pt, the name
+    of a checkpoint or of the shipped weights) only an earlier TorchScript file, never some other file of the
+    user's (a mistyped --out replaced a text file, or other weights, with a model)."""
+    check_writable(out, "--out")  # as typed: `--out new/` names a folder
+    out = Path(out)
     if same_file(out, ckpt):
         raise ExportError(f"--out {out} would overwrite the checkpoint")
+    if out.is_file() and not _is_onnx(out):
+        raise ExportError(f"--out {out} exists and is not an ONNX model: not replacing it (move it, or give "
+                          "another name)")
     if not torchscript:
         return
     ts = torchscript_path(out)
@@ -378,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_normalize_argv(list(sys.argv[1:] if argv is None else argv)))
     try:
         if args.out:  # before the checkpoint is read and the net exported
-            check_outputs(Path(args.ckpt), Path(args.out), args.torchscript)
+            check_outputs(Path(args.ckpt), args.out, args.torchscript)
         net, meta = load_checkpoint_net(args.ckpt)
         out = args.out or default_out(Path(args.ckpt), meta)
         if not args.out:  # the default, beside the run: known only from the checkpoint

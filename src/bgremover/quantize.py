@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not model.is_file():  # remover's and cutout_eval's words
             raise ModelError(f"model {model} is a folder, not an ONNX file" if model.is_dir()
                              else f"model file not found: {model}")
-        errors.check_writable(out, "--out")  # before the calibration and two scorings, not after
+        errors.check_writable(args.out or out, "--out")  # before the calibration and two scorings, not after
         record = quantize(model, out, data_root, args.calib_frames, args.eval_limit, args.threads,
                           progress=not args.quiet)  # fmt: skip
     except KeyboardInterrupt:
