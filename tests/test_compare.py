@@ -240,6 +240,18 @@ def test_the_newest_sweep_may_be_an_optuna_one(tmp_path: Path) -> None:
     assert newest_sweep(tmp_path) == optuna
 
 
+def test_no_sweep_under_logs_is_said_not_replaced_by_the_newest_folder(tmp_path: Path) -> None:
+    """With no sweep under logs/, `make compare` took the newest folder of any kind: logs/eval ("no summary.json
+    found under logs/eval", a folder the user never named) or logs/train, every run ever trained (a user audit)."""
+    from bgremover.compare.runs import newest_sweep
+
+    (tmp_path / "train" / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "train" / "runs" / "r1" / "summary.json").write_text("{}\n")
+    (tmp_path / "eval" / "runs" / "e1").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no sweep folder"):
+        newest_sweep(tmp_path)
+
+
 @pytest.mark.parametrize("make", ["empty", "missing"])
 def test_cli_bad_input_one_error_line(tmp_path: Path, make: str) -> None:
     target = tmp_path / "nothing"

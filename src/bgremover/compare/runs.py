@@ -176,10 +176,9 @@ def newest_sweep(base: Path = MULTIRUNS_DIR) -> Path:
     for name in SWEEP_MARKERS:
         for p in base.rglob(name):
             ran[p.parent] = max(ran.get(p.parent, 0.0), p.stat().st_mtime)
-    if not ran:
-        ran = {p: p.stat().st_mtime for p in base.iterdir() if p.is_dir()}
-    if not ran:
-        raise CompareError(f"no sweep given and {base}/ holds no sweep folder")
+    if not ran:  # it took the newest folder of any kind instead: logs/eval, or logs/train with every run ever made
+        raise CompareError(f"no sweep given and {base}/ holds no sweep folder (none has a "
+                           f"{' or '.join(SWEEP_MARKERS)}); pass a sweep dir or run folders")
     return max(ran, key=ran.__getitem__)
 
 
