@@ -825,6 +825,20 @@ def test_recipes_told_apart_only_by_their_fourth_setting_stay_two_rows(tmp_path:
     assert any("model.optimizer.lr=0.001" in s.net for s in stats)
 
 
+def test_a_figure_fewer_runs_have_says_so_beside_the_runs_count(sweep: Path) -> None:
+    """A run trained with test=false (no test numbers) was averaged out of the test columns without a word: the
+    row said "Runs 2" and "52.0 ± —", the legend's sign for a single run (a user audit)."""
+    d = sweep / "1" / "run"  # FC-DenseNet103's second seed, now untested
+    summary = json.loads((d / "summary.json").read_text())
+    summary["metrics"] = {k: v for k, v in summary["metrics"].items() if not k.startswith("test/")}
+    (d / "summary.json").write_text(json.dumps(summary))
+    md = (compare.build_report([sweep], grid_images=0).path / "report.md").read_text()
+    tira = table_row(md, TIRAMISU)
+    assert tira[1] == "2" and tira[3] == "50.0 ± — (1 of 2 runs)" and tira[5] == "80.0 ± — (1 of 2 runs)"
+    assert tira[6] == "57.0 ± 2.8"  # both runs have their val figure
+    assert table_row(md, DEEPLAB)[3] == "63.0 ± 4.2"
+
+
 def test_out_with_a_report_md_among_other_files_is_refused(sweep: Path, tmp_path: Path) -> None:
     """A folder of one's own that happens to hold a report.md (notes, a thesis) was taken for an earlier report and
     replaced whole, its other files deleted (a user audit)."""

@@ -24,11 +24,14 @@ def pct(x: float | None) -> str:
     return DASH if x is None else f"{100 * x:.1f}"
 
 
-def pct_pm(s: Stat) -> str:
-    """'52.0 ± 2.8' (percent); '± —' marks a single run, whose spread is unknown, not zero."""
+def pct_pm(s: Stat, of: int | None = None) -> str:
+    """'52.0 ± 2.8' (percent); '± —' marks a single run, whose spread is unknown, not zero. With `of` (the row's
+    runs), a figure that fewer of them have says '(1 of 2 runs)': a run tested with test=false, or whose number is
+    missing, was averaged out of that cell without a word while the Runs column counted it (a user audit)."""
     if s.mean is None:
         return DASH
-    return f"{100 * s.mean:.1f} ± {DASH if s.std is None else f'{100 * s.std:.1f}'}"
+    cell = f"{100 * s.mean:.1f} ± {DASH if s.std is None else f'{100 * s.std:.1f}'}"
+    return cell if of is None or s.n >= of else f"{cell} ({s.n} of {of} runs)"
 
 
 def duration(seconds: float | None) -> str:
@@ -70,10 +73,10 @@ def main_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
             s.net,
             str(len(s.runs)),
             DASH if s.params_m is None else f"{s.params_m / 1e6:.2f}",
-            pct_pm(s.miou),
+            pct_pm(s.miou, len(s.runs)),
             frames_cell(s.runs),
-            pct_pm(s.acc),
-            pct_pm(s.val_best) + val_note(s.runs),
+            pct_pm(s.acc, len(s.runs)),
+            pct_pm(s.val_best, len(s.runs)) + val_note(s.runs),
             duration(s.wall_s),
         ]
         if has_infer:
