@@ -188,7 +188,9 @@ def build_report(
                 "ul",
                 [
                     "Numbers are percentages on the CamVid test split; X ± Y is the mean ± sample std (ddof=1) over "
-                    "a net's seeds. '± —' means a single run: its spread is unknown, not zero.",
+                    "a net's seeds. '± —' means a single run: its spread is unknown, not zero; '(1 of 2 runs)' "
+                    "that only some of the row's runs have the figure (a run trained with test=false has no test "
+                    "numbers).",
                     "Runs are averaged only when their configs differ in the seed alone (and where they ran and "
                     "logged); a net trained with several recipes gets a row each, named by the settings that differ.",
                     "mIoU = mean over the 11 classes of intersection over union; global acc = share of non-void "
