@@ -229,9 +229,13 @@ def test_checkpoint_needing_full_unpickling_is_refused_in_one_line(tmp_path, cap
 
     hparams = {"hyper_parameters": {"cfg": OmegaConf.create({"lr": 0.1})}}
     ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", miou=0.5, extra=hparams)
-    with pytest.raises(ExportError, match="unreadable or unsafe checkpoint") as info:
+    with pytest.raises(ExportError, match="unsafe checkpoint") as info:
         load_checkpoint_net(ckpt)
     assert "weights_only" not in str(info.value)
+    cut = tmp_path / "cut.ckpt"  # a cut-off copy is damaged, not unsafe
+    cut.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(ExportError, match=r"unreadable checkpoint \(truncated or damaged\)"):
+        load_checkpoint_net(cut)
     assert main([f"ckpt={ckpt}", f"out={tmp_path / 'x.onnx'}"]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
 

@@ -1095,3 +1095,15 @@ def test_make_remover_takes_any_folder_name(tmp_path, monkeypatch, name):
     argv = [config.path_override(a) for a in seen[1][3:]]
     parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv)}
     assert parsed["ckpt_path"] == str(last)
+
+
+def test_a_split_file_that_is_not_there_is_said_so(tmp_path):
+    """`eval-cutout --split-file <missing>` (and a folder) said "not a split file (JSON with train/val/test
+    lists ...)" of a path that does not exist (a user audit)."""
+    with pytest.raises(fd.FolderDataError, match="split file not found: .*nothere.json"):
+        fd.read_split(tmp_path / "nothere.json")
+    with pytest.raises(fd.FolderDataError, match="is a folder"):
+        fd.read_split(tmp_path)
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(fd.FolderDataError, match="not a split file"):
+        fd.read_split(tmp_path / "bad.json")

@@ -74,7 +74,14 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's own text may suggest weights_only=False: never pass that on
-        kind = "not a PyTorch checkpoint" if _looks_foreign(path) else "unreadable or unsafe checkpoint"
+        import pickle
+
+        if _looks_foreign(path):
+            kind = "not a PyTorch checkpoint"
+        elif isinstance(exc, pickle.UnpicklingError):  # weights_only refused an object: never unpickled here
+            kind = "unsafe checkpoint (holds objects that only full unpickling, which can run code, would rebuild)"
+        else:  # a cut-off copy or download read "unreadable or unsafe": it is the former
+            kind = "unreadable checkpoint (truncated or damaged)"
         raise UserError(f"{kind}: {path} ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"not a training checkpoint (holds a {type(ckpt).__name__}, not a dict): {path}")

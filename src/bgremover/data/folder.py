@@ -406,6 +406,8 @@ def draw_split(stems: Sequence[str], fractions: Sequence[float], seed: int) -> d
 
 def read_split(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if not path.is_file():  # it said "not a split file (JSON with ...)" of a path that does not exist
+        raise FolderDataError(f"split file {path} is a folder" if path.is_dir() else f"split file not found: {path}")
     try:
         split = json.loads(path.read_text())
         if not all(isinstance(split.get(s), list) for s in SPLITS):
