@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from bgremover import compare
@@ -837,6 +838,27 @@ def test_a_figure_fewer_runs_have_says_so_beside_the_runs_count(sweep: Path) -> 
     assert tira[1] == "2" and tira[3] == "50.0 ± — (1 of 2 runs)" and tira[5] == "80.0 ± — (1 of 2 runs)"
     assert tira[6] == "57.0 ± 2.8"  # both runs have their val figure
     assert table_row(md, DEEPLAB)[3] == "63.0 ± 4.2"
+
+
+def test_a_grid_sweep_stopped_before_some_jobs_says_how_many_never_started(sweep: Path) -> None:
+    """A sweep stopped by SIGTERM during a job left fewer job folders than it planned; the report said "2 runs found:
+    1 ok, 1 interrupted" and nothing of the job that never ran (a user audit)."""
+    def write_multirun(target: str, task: list[str], params: dict | None = None) -> None:
+        (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+            "sweeper": {"_target_": target, "max_batch_size": None, "params": params},
+            "overrides": {"task": task}}}))
+
+    basic = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+    write_multirun(basic, ["trainer=cpu", "seed=1,2", "data.crop_size=[64,64],[50,50],[32,32]"])  # 6 planned, 5 found
+    md = (compare.build_report([sweep], grid_images=0).path / "report.md").read_text()
+    assert f"Sweep {sweep} planned 6 jobs: 1 never started" in md
+    write_multirun(basic, ["seed=3"], {"model": "a,b,c", "seed": "1,2"})  # the sweeper's params, the command line last
+    md = (compare.build_report([sweep], grid_images=0).path / "report.md").read_text()
+    assert f"Sweep {sweep} planned 3 jobs" not in md and "never started" not in md  # 3 planned, 5 found
+    write_multirun(basic, ["seed=1,2,3"], {"model": "a,b"})
+    assert "planned 6 jobs: 1 never started" in (compare.build_report([sweep], grid_images=0).path / "report.md").read_text()
+    write_multirun("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", ["seed=1,2,3,4,5,6,7"])
+    assert "never started" not in (compare.build_report([sweep], grid_images=0).path / "report.md").read_text()
 
 
 def test_out_with_a_report_md_among_other_files_is_refused(sweep: Path, tmp_path: Path) -> None:

@@ -143,6 +143,26 @@ class SweepReport(Callback):
             sys.exit(report(f"{count(len(failed), 'sweep job')} failed (see above); the others' results are kept"))
 
 
+def planned_jobs(sweep_dir: Path) -> int | None:
+    """How many jobs a grid sweep (Hydra's basic sweeper) planned, from the multirun.yaml Hydra writes at its start:
+    a sweep stopped part-way (SIGTERM, a lost machine) left fewer job folders, and nothing said so. The count is the
+    sweeper's own (its params, then the command line's overrides, expanded as it expands them). None for another
+    sweeper (Optuna's trials are drawn as it goes) or a file that cannot be read."""
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        cfg = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
+        sweeper = cfg.hydra.sweeper
+        if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return None
+        params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+        parsed = OverridesParser.create().parse_overrides(params + list(cfg.hydra.overrides.task))
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    except Exception:  # Hydra's private API or a hand-edited file: the count is a note, never an error
+        return None
+
+
 def _read_overrides(job: Path) -> list[str]:
     import yaml
 

@@ -98,6 +98,20 @@ def _check_out(out: Path, runs: list[Run]) -> None:
                                "command, or runs in it): its files would be replaced; choose a new or empty folder")
 
 
+def _never_started(paths: list[Path], runs: list[Run]) -> str:
+    """' Sweep X planned 3 jobs: 1 never started.' for each grid sweep that was stopped before all its jobs ran."""
+    from bgremover.sweep import planned_jobs
+
+    notes = []
+    for p in paths:
+        if p.is_dir() and (planned := planned_jobs(p)) is not None:
+            found = sum(1 for r in runs if p.resolve() in r.dir.resolve().parents)
+            if found < planned:
+                notes.append(f" Sweep {p} planned {planned} jobs: {planned - found} never started (it was stopped "
+                             "before them).")
+    return "".join(notes)
+
+
 def _is_our_report(path: Path) -> bool:
     """A report.md this command wrote (its title line): a folder of one's own that holds a report.md of its own
     among other files was taken for an earlier report and replaced whole, the other files deleted (a user audit)."""
@@ -181,7 +195,7 @@ def build_report(
             (
                 "p",
                 f"{len(runs)} runs found under {', '.join(str(p) for p in paths)}: {len(runs) - len(failed)} ok, "
-                f"{_stopped(failed)}. Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+                f"{_stopped(failed)}.{_never_started(paths, runs)} Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.",
             ),  # fmt: skip
             ("h", 2, "How to read this"),
             (
