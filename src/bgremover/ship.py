@@ -72,6 +72,7 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
     """Build, compare, and (if better, or forced) install the shipped set; returns the scores. ShipError when
     the candidate is not installed."""
     from bgremover import checkpoint, cutout_eval, export, quantize
+    from bgremover.data.camvid import select
     from bgremover.remover import int8_path
 
     float_model = models_dir / f"{STEM}.onnx"
@@ -79,11 +80,12 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
     # checkpoint, then data, are checked before anything is written; the checkpoint first, as `make ship CKPT=`
     # names it and the data folder is a default the user may not have thought about yet
     net, meta = export.load_checkpoint_net(ckpt)
-    pairs = cutout_eval.find_pairs(data_root, "test", eval_limit)
-    whole = len(cutout_eval.find_pairs(data_root, "test"))
+    every = cutout_eval.find_pairs(data_root, "test")
+    pairs = select(every, eval_limit)
     # --eval-limit is for trials: a score over part of the test split ships nothing unless forced (it did, and
     # models/README's rows said "CamVid test, 4 frames" beside a full-split history)
-    frames = f"{len(pairs)} test frames" if len(pairs) == whole else f"{len(pairs)} of {whole} test frames (PARTIAL)"
+    partial = len(pairs) < len(every)
+    span, flag = (f"{len(pairs)} of {len(every)}", " (PARTIAL)") if partial else (str(len(pairs)), "")
     shipped_net = export.read_metadata(float_model).get("net") if float_model.is_file() else None
     if shipped_net not in (None, meta["net"]) and not force:
         # the .pt is what `make remover` fine-tunes: its recipe names the shipped net, and a checkpoint of
@@ -100,7 +102,7 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
         new = {kind: scratch / path.name for kind, path in names.items()}
         export.export_onnx(net, meta, new["float"])
         log(f"exported {meta.get('net') or meta.get('net_name')} to ONNX; quantizing and scoring it "
-            f"on {frames}")
+            f"on {span} test frames{flag}")
         record = quantize.quantize(new["float"], new["int8"], data_root, eval_limit=eval_limit, threads=threads,
                                    progress=progress, log=log)  # fmt: skip
         scores = {"candidate": record["eval"]["float"], "candidate int8": record["eval"]["int8"]}
@@ -108,19 +110,18 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
             scores["shipped"] = _score(names["float"], pairs, threads, progress)
         if "shipped" not in scores:
             log(f"no shipped model in {models_dir}: nothing to compare with")
-        log(f"| CamVid test, {frames.replace('test frames', 'frames')} | mIoU | cut-out IoU | boundary F (2 px) | "
-            "alpha MAE | ms / image |")
+        log(f"| CamVid test, {span} frames{flag} | mIoU | cut-out IoU | boundary F (2 px) | alpha MAE | ms / image |")
         log("|---|---|---|---|---|---|")
         for name, s in scores.items():
             log(_row(name, s))
         old = scores.get("shipped")
         lost = [] if old is None else losses(scores["candidate"], old)
         if lost and not force:
-            raise ShipError(f"{ckpt} does not beat the shipped model on {frames} ("
+            raise ShipError(f"{ckpt} does not beat the shipped model on {span} test frames{flag} ("
                             f"{', '.join(lost)}): nothing changed (--force ships it anyway)")
-        if len(pairs) < whole and not force:
-            raise ShipError(f"scored on {frames} (--eval-limit {eval_limit}): nothing changed; a model ships on the "
-                            f"whole test split (drop --eval-limit; --force ships it anyway)")
+        if partial and not force:
+            raise ShipError(f"scored on {span} test frames{flag} (--eval-limit {eval_limit}): nothing changed; a "
+                            "model ships on the whole test split (drop --eval-limit; --force ships it anyway)")
         checkpoint.save_weights(ckpt, new["weights"])
         # before anything is installed (it was after: a Ctrl-C there left new models and old cut-outs, and the
         # line "interrupted: nothing changed")

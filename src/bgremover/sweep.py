@@ -117,7 +117,7 @@ class SweepReport(Callback):
                     "status": s.get("status", "?"),
                     "net": s.get("net"),
                     "seed": s.get("seed"),
-                    "overrides": _read_overrides(job),
+                    "overrides": read_overrides(job),
                     "val/mIoU_best": metrics.get("val/mIoU_best"),
                     "test/mIoU": metrics.get("test/mIoU"),
                     "test_split": s.get("test_split"),  # frames the number covers: a partial set says so
@@ -163,7 +163,8 @@ def planned_jobs(sweep_dir: Path) -> int | None:
         return None
 
 
-def _read_overrides(job: Path) -> list[str]:
+def read_overrides(job: Path) -> list[str]:
+    """A job folder's overrides (its .hydra/overrides.yaml), [] when unreadable."""
     import yaml
 
     try:

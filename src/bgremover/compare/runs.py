@@ -142,6 +142,8 @@ def _unfinished(root: Path, seen: set[Path]) -> list[Run]:
     killer, a lost machine) or still running. They were missing from the report, which said "0 failed"."""
     import yaml
 
+    from bgremover.sweep import read_overrides
+
     out = []
     for hydra_dir in sorted(root.rglob(".hydra")):
         run_dir = hydra_dir.parent
@@ -149,13 +151,12 @@ def _unfinished(root: Path, seen: set[Path]) -> list[Run]:
             continue
         try:
             job = ((yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) or {}).get("hydra") or {}).get("job") or {}
-            overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
         except (OSError, yaml.YAMLError, AttributeError):
             continue
         if job.get("name") != "train":  # an evaluation's folder (eval.json) is no run
             continue
         seen.add((run_dir / SUMMARY_NAME).resolve())
-        out.append(Run(run_dir, {"status": "failed", "overrides": list(overrides), "error": (
+        out.append(Run(run_dir, {"status": "failed", "overrides": read_overrides(run_dir), "error": (
             f"no {SUMMARY_NAME}: the run was killed before it finished (SIGKILL, out of memory) or is still "
             f"running; its log: {run_dir / 'train.log'}")}))
     return out
