@@ -435,6 +435,21 @@ def test_a_folder_of_unfinished_runs_says_there_is_nothing_to_compare(tmp_path: 
     assert report.main_md.strip().startswith("No run finished")
 
 
+@pytest.mark.parametrize("field,value", [("metrics", "0.5"), ("test_split", "233"), ("config", ["data"]),
+                                         ("history", [0.1, 0.2])])
+def test_a_hand_edited_summary_is_a_failed_run_not_a_traceback(tmp_path: Path, field: str, value) -> None:
+    """A summary.json whose nested record was edited into a string or a list stopped the report on
+    "AttributeError: 'str' object has no attribute 'get'"; it is a failed run naming the field, the others reported."""
+    for job, net in enumerate((TIRAMISU, DEEPLAB)):
+        d = tmp_path / "s" / str(job)
+        write_summary(d, ok_summary(d, net, 1) | ({field: value} if job == 0 else {}))
+    report = compare.build_report([tmp_path / "s"], grid_images=0)
+    md = (report.path / "report.md").read_text()
+    assert "2 runs found" in md and "1 ok, 1 failed" in md
+    assert f"unreadable summary.json: '{field}' is a" in md and "not an object" in md
+    assert "| deeplabv3plus_resnet18 | 1 | 12.30 | 60.0 ± — |" in md
+
+
 def test_runs_of_one_seed_are_flagged_as_repeats(tmp_path: Path) -> None:
     """Two runs of one net with the same seed (a rerun, or a resume that trained nothing more) were averaged as if
     they were two seeds, "± 0.0" read as a seed spread."""

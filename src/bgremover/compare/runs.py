@@ -129,12 +129,26 @@ def find_runs(paths: list[Path]) -> list[Run]:
                 summary = json.loads(f.read_text())
                 if not isinstance(summary, dict):
                     raise ValueError("not a JSON object")
+                _check_shape(summary)
             except (OSError, ValueError) as e:
                 summary = {"status": "failed", "error": f"unreadable {SUMMARY_NAME}: {e}"}
             runs.append(Run(f.parent, summary))
         if root.is_dir():
             runs += _unfinished(root, seen)
     return runs
+
+
+_OBJECT_FIELDS = ("metrics", "test_split", "val_split", "config", "trained_config", "history")
+
+
+def _check_shape(summary: dict[str, Any]) -> None:
+    """The summary's nested records are objects (or absent): one edited by hand into a string or a list made the
+    report stop on a traceback (a user audit); such a run is listed as failed, saying which field is wrong."""
+    for key in _OBJECT_FIELDS:
+        value = summary.get(key)
+        if value is not None and not isinstance(value, dict):
+            kind = {str: "a string", list: "an array", bool: "a boolean"}.get(type(value), "a number")
+            raise ValueError(f"{key!r} is {kind}, not an object")
 
 
 def _unfinished(root: Path, seen: set[Path]) -> list[Run]:
