@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +194,13 @@ def test_large_logits_are_compared_relative_to_their_size(tmp_path, monkeypatch)
     with torch.no_grad():
         net.final_conv.weight.mul_(1e6)
     monkeypatch.setattr(export, "_ort_forward", lambda path, x: real(path, x) * (1 + 2e-6))
-    assert export_onnx(net, _meta(net), tmp_path / "big.onnx", torchscript=True)["max_abs_diff"] > 1e-4
+    result = export_onnx(net, _meta(net), tmp_path / "big.onnx", torchscript=True)
+    assert result["max_abs_diff"] > 1e-4
+    # The line printed says on what scale: "max abs diff 2.3e+01" alone read as a broken export.
+    top = float(net(torch.randn(1, 3, 64, 64)).abs().max())
+    assert result["max_abs_logit"] > 1e5 and 0.1 < result["max_abs_logit"] / top < 10
+    assert export.agreement(result) == (f"torch vs onnxruntime max abs diff {result['max_abs_diff']:.2e} on logits "
+                                        f"up to {result['max_abs_logit']:.3g}")
     monkeypatch.setattr(export, "_ort_forward", lambda path, x: real(path, x) * 1.01)
     with pytest.raises(ExportError, match=r"\(--tol 0.0001 × 0.1 × the largest \|logit\| "):
         export_onnx(net, _meta(net), tmp_path / "bad.onnx", torchscript=True)
@@ -245,7 +252,9 @@ def test_cli_key_value_and_torchscript(tmp_path, capsys):
     ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", miou=0.25)
     out = tmp_path / "out" / "model.onnx"
     assert main([f"ckpt={ckpt}", f"out={out}", "torchscript=true"]) == 0
-    assert "wrote" in capsys.readouterr().out and read_metadata(out)["test_mIoU"] == 0.25
+    line = capsys.readouterr().out
+    assert line.startswith(f"wrote {out} (") and read_metadata(out)["test_mIoU"] == 0.25
+    assert re.search(r"torch vs onnxruntime max abs diff \S+ on logits up to \S+\)$", line, re.M), line
     scripted = torch.jit.load(str(out.with_suffix(".pt")))
     x = torch.randn(1, 3, 32, 64)
     with torch.no_grad():

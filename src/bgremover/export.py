@@ -136,13 +136,13 @@ def _ort_forward(onnx_path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
 
-def _verify(net: nn.Module, onnx_path: Path, num_classes: int, multiple: int, tol: float) -> float:
-    """Max |torch - onnxruntime| over VERIFY_SHAPES; raises ExportError above max(tol, tol × REL_TOLERANCE ×
-    the largest |logit|), or when shapes disagree."""
+def _verify(net: nn.Module, onnx_path: Path, num_classes: int, multiple: int, tol: float) -> tuple[float, float]:
+    """(max |torch - onnxruntime|, max |logit|) over VERIFY_SHAPES; raises ExportError above max(tol, tol ×
+    REL_TOLERANCE × the largest |logit|), or when shapes disagree."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    worst = 0.0
+    worst = top = 0.0
     for n, hm, wm in VERIFY_SHAPES:
         x = torch.randn(n, 3, hm * multiple, wm * multiple, generator=gen)
         with torch.inference_mode():
@@ -160,6 +160,7 @@ def _verify(net: nn.Module, onnx_path: Path, num_classes: int, multiple: int, to
         # logit that cancels out of terms of 1e7 keeps their rounding): a short run's logits reached 1.1e7, a diff
         # of 16 was refused as a disagreement. A smaller --tol tightens both terms.
         largest = float(np.max(np.abs(ref)))
+        top = max(top, largest)
         allowed = max(tol, tol * REL_TOLERANCE * largest)
         if diff > allowed:
             why = f"--tol {tol:g}" if allowed == tol else f"--tol {tol:g} × {REL_TOLERANCE:g} × the largest |logit| {largest:.3g}"
@@ -167,7 +168,7 @@ def _verify(net: nn.Module, onnx_path: Path, num_classes: int, multiple: int, to
                 f"ONNX Runtime disagrees with PyTorch: max abs diff {diff:.3g} > {allowed:.3g} ({why}) at input "
                 f"{tuple(x.shape)}; refusing to write the model"
             )
-    return worst
+    return worst, top
 
 
 def export_onnx(
@@ -181,7 +182,7 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export `net` to `out` (+ `out.pt` TorchScript if asked), verified against PyTorch, written atomically.
 
-    Returns {"path", "max_abs_diff", "metadata", "torchscript"}. On any failure (Ctrl-C too) no file is left at
+    Returns {"path", "max_abs_diff", "max_abs_logit", "metadata", "torchscript"}. On any failure (Ctrl-C too) no file is left at
     `out`, an existing one is kept, and the folders made for it are removed again.
     """
     out = Path(out)
@@ -201,16 +202,23 @@ def _export_onnx(net: nn.Module, meta: dict[str, Any], out: Path, *, tol: float,
     net, metadata = net.float().eval(), onnx_metadata(meta)
     try:
         with replacing(out) as tmp:  # renamed over `out` once written and verified
-            diff, ts_path = _write_onnx(net, metadata, tmp, out, tol=tol, opset=opset, torchscript=torchscript)
+            (diff, top), ts_path = _write_onnx(net, metadata, tmp, out, tol=tol, opset=opset, torchscript=torchscript)
     except ExportError:
         raise
     except Exception as err:
         raise ExportError(f"export failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
-    return {"path": out, "max_abs_diff": diff, "metadata": metadata, "torchscript": ts_path}
+    return {"path": out, "max_abs_diff": diff, "max_abs_logit": top, "metadata": metadata, "torchscript": ts_path}
+
+
+def agreement(result: dict[str, Any]) -> str:
+    """How closely onnxruntime matched PyTorch, with the logits' scale: "max abs diff 1.97e+05" alone read as a
+    broken export when a 2-second net's logits reached 6.7e11 (a user audit; the check itself is relative)."""
+    return (f"torch vs onnxruntime max abs diff {result['max_abs_diff']:.2e} "
+            f"on logits up to {result['max_abs_logit']:.3g}")
 
 
 def _write_onnx(net: nn.Module, metadata: dict[str, Any], tmp: Path, out: Path, *, tol: float, opset: int,
-                torchscript: bool) -> tuple[float, Path | None]:
+                torchscript: bool) -> tuple[tuple[float, float], Path | None]:
     """The model into `tmp`, verified against PyTorch; the TorchScript copy beside `out` if asked."""
     import onnx
     import torch
@@ -416,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                              "complete": None if of is None else md.get("test_frames") == of})
     print(
         f"wrote {result['path']} ({md['net']}, {md['params']:,} params, {len(md['classes'])} classes, "
-        f"test mIoU {miou}; torch vs onnxruntime max abs diff {result['max_abs_diff']:.2e})"
+        f"test mIoU {miou}; {agreement(result)})"
     )
     if result["torchscript"]:
         print(f"wrote {result['torchscript']}")

@@ -71,7 +71,7 @@ def score_held_out(run: Path, data: Path, onnx_path: Path) -> dict | None:
     return ce.evaluate(ce.load_remover(onnx_path, expected=classes), pairs, read_label=read_label)
 
 
-def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: float, held: dict | None) -> str:
+def report(run: Path, data: Path, onnx_path: Path, summary: dict, agreement: str, held: dict | None) -> str:
     """What the user needs after training: the held-out numbers, where the model is and how to use it."""
     from bgremover.lit.callbacks import _duration  # the run plan's format
     from bgremover.utils import frames_note
@@ -91,7 +91,7 @@ def report(run: Path, data: Path, onnx_path: Path, summary: dict, max_abs_diff: 
                   f"alpha MAE {_fmt(c['mae'])}, mIoU {_fmt(held['mIoU'])}")
     lines = [
         f"remover: {onnx_path} ({summary.get('net')}, classes {', '.join(classes)}; keeps {', '.join(keep)}; "
-        f"torch vs onnxruntime max abs diff {max_abs_diff:.1e})",
+        f"{agreement})",
         scores,
         f"training: {'?' if summary.get('wall_time_s') is None else _duration(summary['wall_time_s'])}, "
         f"{count(summary.get('epochs'), 'epoch')} "
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         best = summary.get("best_ckpt") or summary.get("last_ckpt")
         if not best:
             raise UserError(f"the run wrote no checkpoint: {run / SUMMARY_NAME}")
-        from bgremover.export import export_onnx, load_checkpoint_net
+        from bgremover.export import agreement, export_onnx, load_checkpoint_net
 
         net, meta = load_checkpoint_net(best)
         result = export_onnx(net, meta, run / MODEL_NAME)  # written whole or not at all
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # was a bare traceback, with nothing said of the finished training
         return errors.report(f"interrupted after training finished; finish with: {finish_command(run, data, best)}"
                              if best else "interrupted before the run's summary was read", code=130)
-    print(report(run, data, result["path"], summary, result["max_abs_diff"], held))
+    print(report(run, data, result["path"], summary, agreement(result), held))
     return 0
 
 
