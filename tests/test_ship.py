@@ -5,6 +5,7 @@ folder keeps its old set. The candidate is a tiny FC-DenseNet trained here for a
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,43 @@ def test_an_install_stopped_half_way_puts_the_old_set_back(tmp_path, monkeypatch
     assert [p.read_text() for p in names] == [f"old {p.name}" for p in names]
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(NAMES)  # no backup left
     assert [p.name for p in (tmp_path / "examples").iterdir()] == ["a.nobg.png"]  # nor the new one
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("at", [1, 2, 6])  # the first backup, the first new file in, the last rename
+def test_a_signal_landing_just_after_a_rename_still_puts_the_old_set_back(tmp_path, monkeypatch, signum, at):
+    """A real Ctrl-C arriving between a rename and its bookkeeping (Python raises it at the next statement) left
+    the old file under its hidden backup name and no file in its place. Signals are held during the renames now,
+    the set is put back, and the signal then acts as usual (KeyboardInterrupt; here a SIGTERM handler's exit)."""
+    names = [tmp_path / "models" / n for n in NAMES]
+    new = [tmp_path / "scratch" / n for n in NAMES]
+    for d in ("models", "scratch"):
+        (tmp_path / d).mkdir()
+    for old_file, new_file in zip(names, new, strict=True):
+        old_file.write_text(f"old {old_file.name}")
+        new_file.write_text(f"new {old_file.name}")
+    real, calls = os.replace, []
+
+    def signalled(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == at:
+            os.kill(os.getpid(), signum)  # delivered to Python's handler before the next statement
+
+    def terminated(signum, frame):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(ship.os, "replace", signalled)
+    before = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else SystemExit):
+            ship._install(list(zip(new, names, strict=True)))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    monkeypatch.setattr(ship.os, "replace", real)
+    assert [p.read_text() for p in names] == [f"old {p.name}" for p in names]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(NAMES)  # no backup left behind
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ctrl_c_while_the_examples_are_redone_changes_nothing(trained, data, tmp_path, monkeypatch, capsys):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +64,24 @@ def write_atomic(data: bytes, path: str | os.PathLike) -> None:
         return
     with replacing(path) as tmp:
         tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[list[int]]:
+    """Hold Ctrl-C and SIGTERM while a few renames that belong together run: the list yielded collects those that
+    came, for the caller to check between renames (and stop where its bookkeeping is whole); on leaving, the usual
+    handlers are back and each held signal is delivered to them. Python raises KeyboardInterrupt between any two
+    statements, and SIGTERM's default ends the process outright, so without this a rename could land unrecorded."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield []
+        return
+    came: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in kinds}
+    try:
+        yield came
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in dict.fromkeys(came):
+            signal.raise_signal(s)

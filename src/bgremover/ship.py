@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bgremover import errors
+from bgremover import errors, files
 from bgremover.errors import OneLineParser, UserError
 
 PROG = "python -m bgremover.ship"  # the command as run, in its usage line and messages (also make ship)
@@ -160,24 +160,30 @@ def _example_cutouts(folder: Path, model: Path, threads: int | None, made: list[
 
 
 def _install(moves: list[tuple[Path, Path]]) -> None:
-    """Rename each new file over its place; if anything stops it half-way (an error, Ctrl-C), every old file is
-    put back and the new ones removed, so the models and example folders always hold one consistent set. An old
-    file waits beside its place under a hidden name (the same folder: renames only) until all are in."""
+    """Rename each new file over its place; if anything stops it half-way (an error, Ctrl-C, SIGTERM), every old
+    file is put back and the new ones removed, so the models and example folders always hold one consistent set. An
+    old file waits beside its place under a hidden name (the same folder: renames only) until all are in. Signals
+    are held and checked between renames: a Ctrl-C landing between a rename and its record lost the old file."""
     placed, backups = [], []
-    try:
-        for new, final in moves:
-            if final.exists():
-                backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-                os.replace(final, backup)
-                backups.append((backup, final))
-            os.replace(new, final)
-            placed.append(final)
-    except BaseException:
-        for new, final in moves:
-            (final if final in placed else new).unlink(missing_ok=True)
-        for backup, final in backups:
-            os.replace(backup, final)
-        raise
+    with files.signals_held() as came:
+        try:
+            for new, final in moves:
+                if came:
+                    raise KeyboardInterrupt
+                if final.exists():
+                    backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+                    os.replace(final, backup)
+                    backups.append((backup, final))
+                os.replace(new, final)
+                placed.append(final)
+            if came:  # even after the last rename: "interrupted: nothing changed" stays true
+                raise KeyboardInterrupt
+        except BaseException:
+            for new, final in moves:
+                (final if final in placed else new).unlink(missing_ok=True)
+            for backup, final in backups:
+                os.replace(backup, final)
+            raise
     for backup, _ in backups:
         backup.unlink(missing_ok=True)
 
