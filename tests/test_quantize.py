@@ -122,10 +122,11 @@ def test_quantize_writes_a_gated_int8_copy(tmp_path, data):
     assert rec["seven_bit_weights"] == 1
     assert rec["eval"]["frames"] == 3 and rec["eval"]["float"]["mIoU"] == pytest.approx(rec["eval"]["int8"]["mIoU"])
     assert rec["eval"]["of"] == 3 and proc.stdout.rstrip().endswith(" (3 frames)")  # the whole split: no PARTIAL
-    # mIoU in points says so (it stood as "56.51" beside a cut-out IoU of 0.7123 in the same line)
+    # IoU in points, each saying so (mIoU stood as "56.51" beside a cut-out IoU of 0.7123 in the same line)
     ev = rec["eval"]
     assert (f"test mIoU {100 * ev['int8']['mIoU']:.2f} % vs {100 * ev['float']['mIoU']:.2f} % float, cut-out IoU "
-            f"{ev['int8']['fg_iou']:.4f}") in proc.stdout
+            f"{100 * ev['int8']['fg_iou']:.2f} % vs {100 * ev['float']['fg_iou']:.2f} %") in proc.stdout
+    assert f"cut-out IoU {100 * ev['int8']['fg_iou']:.2f} %, boundary F {100 * ev['int8']['boundary_f']:.2f} %" in proc.stdout
     assert int8.meta["net"] == "two-conv" and int8.meta["test_mIoU"] == 0.9  # the float model's document kept
 
     rgb, label = scene(1)

@@ -77,7 +77,9 @@ def test_ship_installs_a_working_set_where_none_was(trained, data, tmp_path):
     proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in models.iterdir()) == sorted(NAMES)  # no scratch folder, no temp files
-    assert "| CamVid test, 3 frames | mIoU |" in proc.stdout and "| candidate | 100.00 |" in proc.stdout
+    assert "| CamVid test, 3 frames | mIoU % | cut-out IoU % | boundary F % (2 px) | alpha MAE |" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| candidate |")).split("|")
+    assert row[2:4] == [" 100.00 ", " 100.00 "] and 90 < float(row[4]) <= 100 and float(row[5]) < 0.05  # points, MAE
     assert "| shipped |" not in proc.stdout
     assert "out-of-range" not in proc.stderr  # onnxruntime's per-tensor notices for the BN scales are dropped
 
@@ -122,11 +124,11 @@ def test_a_tie_on_the_class_map_with_worse_edges_is_not_better():
     0.02 points and cut-out IoU by 0.019 and was installed, though its boundary F and alpha MAE were worse."""
     candidate = {"mIoU": 0.5663, "fg_iou": 0.7330, "boundary_f": 0.5125, "mae": 0.0201}
     shipped = {"mIoU": 0.5661, "fg_iou": 0.7144, "boundary_f": 0.5325, "mae": 0.0196}
-    assert ship.losses(candidate, shipped) == ["boundary F 0.5125 vs 0.5325", "alpha MAE 0.0201 vs 0.0196"]
-    assert ship.losses(shipped, candidate) == ["mIoU 56.61 vs 56.63", "cut-out IoU 0.7144 vs 0.7330"]
+    assert ship.losses(candidate, shipped) == ["boundary F 51.25 vs 53.25", "alpha MAE 0.0201 vs 0.0196"]
+    assert ship.losses(shipped, candidate) == ["mIoU 56.61 vs 56.63", "cut-out IoU 71.44 vs 73.30"]
     better = {**candidate, "boundary_f": 0.5325, "mae": 0.0196}  # equal edges are enough
     assert ship.losses(better, shipped) == []
-    assert ship.losses(shipped, shipped) == ["mIoU 56.61 vs 56.61", "cut-out IoU 0.7144 vs 0.7144"]
+    assert ship.losses(shipped, shipped) == ["mIoU 56.61 vs 56.61", "cut-out IoU 71.44 vs 71.44"]
 
 
 def test_ship_replaces_a_worse_model_of_the_same_net(trained, data, tmp_path):
@@ -149,7 +151,7 @@ def test_a_partial_score_ships_nothing_without_force(trained, data, tmp_path):
     proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data), "--eval-limit", "2")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert "scored on 2 of 3 test frames (PARTIAL)" in proc.stderr and "--force" in proc.stderr
-    assert "| CamVid test, 2 of 3 frames (PARTIAL) | mIoU |" in proc.stdout
+    assert "| CamVid test, 2 of 3 frames (PARTIAL) | mIoU % |" in proc.stdout
     assert "no shipped model in" in proc.stdout
     assert not models.exists() or list(models.iterdir()) == []
     proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data), "--eval-limit", "2",

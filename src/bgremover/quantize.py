@@ -191,15 +191,15 @@ def quantize(
         scores = {}
         for name, remover in (("float", float_remover), ("int8", int8_remover)):
             scores[name] = _scores(cutout_eval.evaluate(remover, test, progress=progress))
-            log(f"{name:>5}: test mIoU {100 * scores[name]['mIoU']:.2f} %, cut-out IoU {scores[name]['fg_iou']:.4f}, "
-                f"boundary F {scores[name]['boundary_f']:.4f}, alpha MAE {scores[name]['mae']:.4f}, "
+            log(f"{name:>5}: test mIoU {100 * scores[name]['mIoU']:.2f} %, cut-out IoU {100 * scores[name]['fg_iou']:.2f} "
+                f"%, boundary F {100 * scores[name]['boundary_f']:.2f} %, alpha MAE {scores[name]['mae']:.4f}, "
                 f"{scores[name]['ms_per_image']:.0f} ms/image on test{note}")  # fmt: skip
         d_miou = scores["int8"]["mIoU"] - scores["float"]["mIoU"]
         d_fg = scores["int8"]["fg_iou"] - scores["float"]["fg_iou"]
         if abs(d_miou) > MAX_MIOU_CHANGE or abs(d_fg) > MAX_FG_IOU_CHANGE:
             raise QuantizeError(
                 f"int8 model changes test mIoU by {100 * d_miou:+.2f} points (limit ±{100 * MAX_MIOU_CHANGE:.1f}) and "
-                f"cut-out IoU by {d_fg:+.4f} (limit ±{MAX_FG_IOU_CHANGE}): not written"
+                f"cut-out IoU by {100 * d_fg:+.2f} points (limit ±{100 * MAX_FG_IOU_CHANGE:.1f}): not written"
             )
 
         record = {
@@ -267,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev = record["eval"]
     note = frames_note({"frames": ev["frames"], "of": ev["of"], "complete": ev["frames"] == ev["of"]})
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): test mIoU {100 * ev['int8']['mIoU']:.2f} % vs "
-          f"{100 * ev['float']['mIoU']:.2f} % float, cut-out IoU {ev['int8']['fg_iou']:.4f} vs {ev['float']['fg_iou']:.4f}"
+          f"{100 * ev['float']['mIoU']:.2f} % float, cut-out IoU {100 * ev['int8']['fg_iou']:.2f} % vs "
+          f"{100 * ev['float']['fg_iou']:.2f} %"
           f"{note}")
     return 0
 
