@@ -1,4 +1,6 @@
 """Training-step speed and peak memory: project FC-DenseNet vs the torch.cat reference.
+(Over 400 lines on purpose: the table's parent, the worker it re-runs this file as, and --parallel's turn-taking
+between them are one protocol, read together.)
 
     python benchmarks/tiramisu_speed.py                       # full table: several hours on a 2-core CPU
     python benchmarks/tiramisu_speed.py --nets 103 --sizes 224 384x480 --modes bf16 memeff --steps 3
@@ -6,6 +8,7 @@
     python benchmarks/tiramisu_speed.py --malloc exact ...    # peak memory = live tensors (speeds not comparable)
     python benchmarks/tiramisu_speed.py --rounds 3 ...        # ref/ours alternate 3 times: medians (loaded CPU)
     python benchmarks/tiramisu_speed.py --device cuda --modes compiled --cell-timeout 200   # a cell over 200 s: "-"
+    python benchmarks/tiramisu_speed.py --device cuda --nets 67 103 --modes compiled --parallel 4   # compile together
 
 Img/s is from the median measured step. Every (net, size, implementation, mode) runs in a fresh subprocess so the peak memory of one does not hide
 in another's. Peak memory is the activation peak of the measured steps: on CPU the process' peak RSS
@@ -15,6 +18,12 @@ memory between steps on CPU (bgremover.nets.workspace); it is given back before 
 steps allocate it again and their peak counts it. Compilation is part of warm-up, not measured; the first
 warm-up step's time (compilation included, for the compiled modes) is printed on each cell's progress line.
 Each cell starts with a line saying so: a run killed from outside still shows which cell it was in.
+
+``--parallel K`` starts K cells at once: they warm up (compile) side by side, and once every started cell has
+warmed up (or failed, or passed --cell-timeout) they measure one at a time, the others waiting on a lock, so no
+measured step shares the device. For the compiled cells on a GPU: FC-DenseNet103's compile took over 250 s on
+one CPU core of a 16-core host, and one device call cannot hold four of them in turn (the timings are the same
+as in turn; only the warm-ups overlap, and the memory of every waiting cell stays held, so choose K to fit).
 
 "ours" is the project net with its hand-written (fused) dense blocks; in the compiled modes off the CPU it is the
 net as ``trainer=gpu model.compile=true`` trains it (``dense_blocks=auto``: its textbook layers; see project_blocks).
@@ -32,11 +41,13 @@ kernels) or ``emulated`` (bf16-rounded operands through fp32 kernels, the route 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +65,8 @@ GPU_BATCH = {"224": 32, "384x480": 8}  # --device cuda: the batches a GPU trains
 MODES = ("fp32", "cl", "bf16", "compiled", "compiled-fp32", "memeff", "memeff-cl", "memeff-fp32")
 WARMUP = 2  # eager warm-up steps (allocator, oneDNN primitive caches)
 COMPILE_WARMUP = 3  # compiled warm-up steps (compilation, then recompilation-free steady state)
+_TURN = None  # --parallel: this worker's measuring lock, once it holds it
+SYNC_ENV = "TIRAMISU_SPEED_SYNC"  # --parallel: "<folder>:<cell id>", where a worker says it is warm and waits its turn
 IGNORE_INDEX = 11  # CamVid void label
 
 
@@ -168,6 +181,7 @@ def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, d
     for module in model.modules():  # the project's dense blocks keep training memory between steps (CPU):
         if hasattr(module, "workspace"):  # give it back, so the measured steps' peak counts it again
             module.workspace.clear()
+    _wait_turn()
     if dev_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -185,9 +199,22 @@ def worker(net: str, impl: str, mode: str, size: str, steps: int, warmup: int, d
     return {"img_s": batch / step_s, "peak_mib": (peak - base) / 2**20, "step_s": step_s, "first_step_s": first_s}
 
 
-def run_config(
-    net: str, impl: str, mode: str, size: str, args: argparse.Namespace
-) -> dict[str, float] | None:
+def _wait_turn() -> None:
+    """--parallel: say this cell is warm, wait until the parent says every cell is, then hold the measuring lock
+    until the process ends (its measured steps run alone)."""
+    sync = os.environ.get(SYNC_ENV)
+    if not sync:
+        return
+    folder, cell = sync.rsplit(":", 1)
+    Path(folder, f"ready-{cell}").touch()
+    while not Path(folder, "go").exists():
+        time.sleep(0.2)
+    global _TURN  # the lock is held while its file is open: a local would be closed (and the lock freed) on return
+    _TURN = open(Path(folder, "measure.lock"), "w")  # noqa: SIM115 - held until exit, released by the OS
+    fcntl.flock(_TURN, fcntl.LOCK_EX)
+
+
+def _worker_cmd(net: str, impl: str, mode: str, size: str, args: argparse.Namespace) -> tuple[list[str], dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", net, impl, mode, size,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
            "--bf16-route", args.bf16_route] + (["--batch", str(args.batch)] if args.batch else [])
@@ -197,6 +224,63 @@ def run_config(
         env.update(KEEP_MEMORY_ENV)  # what `make train` runs CPU training with
     elif args.malloc == "exact":
         env.update(EXACT_MEMORY_ENV)
+    return cmd, env
+
+
+def _result(cell: str, stdout: str, stderr: str, seconds: float) -> dict[str, float] | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            print(f"  .. {cell}: {seconds:.0f} s in all, first step {result['first_step_s']:.1f} s, "
+                  f"then {result['step_s'] * 1000:.0f} ms per step", flush=True)
+            return result
+    err = (stderr.strip().splitlines() or ["no output"])[-1]
+    print(f"  ! {cell} failed: {err}", file=sys.stderr, flush=True)
+    return None
+
+
+def run_together(cells: list[tuple[str, str, str, str]], args: argparse.Namespace) -> dict[tuple, dict | None]:
+    """--parallel: the cells K at a time, warming up side by side and measuring in turn (see the docstring)."""
+    results: dict[tuple, dict | None] = {}
+    for start in range(0, len(cells), args.parallel):
+        batch = cells[start:start + args.parallel]
+        with tempfile.TemporaryDirectory(prefix="tiramisu_speed_") as folder:
+            procs, t0 = [], time.time()
+            for i, cell in enumerate(batch):
+                cmd, env = _worker_cmd(*cell, args)
+                env[SYNC_ENV] = f"{folder}:{i}"
+                out, err = Path(folder, f"{i}.out").open("w+"), Path(folder, f"{i}.err").open("w+")
+                print(f"  .. {' '.join(cell)}: started (with {len(batch) - 1} more)", flush=True)
+                procs.append((cell, subprocess.Popen(cmd, stdout=out, stderr=err, env=env), out, err))
+            go, ended = Path(folder, "go"), {}
+            while any(p.poll() is None for _, p, _, _ in procs):
+                ended |= {i: time.time() for i, (_, p, _, _) in enumerate(procs) if p.poll() is not None and i not in ended}
+                waiting = [i for i, (_, p, _, _) in enumerate(procs)
+                           if p.poll() is None and not Path(folder, f"ready-{i}").exists()]
+                over = args.cell_timeout is not None and time.time() - t0 > args.cell_timeout
+                for i in waiting if over else []:  # still warming up past the limit: its cell shows "-"
+                    procs[i][1].kill()
+                    print(f"  ! {' '.join(procs[i][0])}: over --cell-timeout {args.cell_timeout:g} s, skipped",
+                          file=sys.stderr, flush=True)
+                if not waiting or over:
+                    if not go.exists():
+                        print(f"  .. {len(batch)} cells warm or stopped after {time.time() - t0:.0f} s: measuring in "
+                              "turn", flush=True)
+                    go.touch()
+                time.sleep(0.5)
+            for i, (cell, _, out, err) in enumerate(procs):
+                out.seek(0), err.seek(0)
+                results[cell] = _result(" ".join(cell), out.read(), err.read(), ended.get(i, time.time()) - t0)
+                out.close(), err.close()
+    return results
+
+
+def run_config(
+    net: str, impl: str, mode: str, size: str, args: argparse.Namespace
+) -> dict[str, float] | None:
+    if (net, impl, mode, size) in args.done:  # measured by run_together
+        return args.done[(net, impl, mode, size)]
+    cmd, env = _worker_cmd(net, impl, mode, size, args)
     cell = f"{net} {impl} {mode} {size}"
     print(f"  .. {cell}: started", flush=True)
     t0 = time.time()
@@ -205,15 +289,7 @@ def run_config(
     except subprocess.TimeoutExpired:  # the child is killed; the table shows "-" for this cell
         print(f"  ! {cell}: over --cell-timeout {args.cell_timeout:g} s, skipped", file=sys.stderr, flush=True)
         return None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-            print(f"  .. {cell}: {time.time() - t0:.0f} s in all, first step {result['first_step_s']:.1f} s, "
-                  f"then {result['step_s'] * 1000:.0f} ms per step", flush=True)
-            return result
-    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    print(f"  ! {cell} failed: {err}", file=sys.stderr, flush=True)
-    return None
+    return _result(cell, proc.stdout, proc.stderr, time.time() - t0)
 
 
 def _median(results: list[dict[str, float] | None]) -> dict[str, float] | None:
@@ -255,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cell-timeout", type=float, default=None,
                    help="seconds one cell (a configuration's subprocess) may take; one over it shows as '-' "
                         "(a compile that outlasts a time-limited GPU call then costs only its cell)")
+    p.add_argument("--parallel", type=int, default=1, metavar="K",
+                   help="start K cells at once: they warm up (compile) together and measure in turn")
     p.add_argument("--worker", nargs=4, metavar=("NET", "IMPL", "MODE", "SIZE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if "auto" in args.modes:
@@ -266,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps, --warmup and --rounds must be >= 1")
     if args.cell_timeout is not None and args.cell_timeout <= 0:
         p.error("--cell-timeout must be > 0 seconds")
+    if args.parallel < 1 or (args.parallel > 1 and args.rounds > 1):
+        p.error("--parallel must be >= 1, and --rounds 1 with it (rounds alternate cells in turn)")
+    args.done = {}
     if args.worker:
         net, impl, mode, size = args.worker
         result = worker(net, impl, mode, size, args.steps, args.warmup, args.device, args.bf16_route, args.batch)
@@ -286,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     ref_cache: dict[tuple[str, str, str], dict[str, float] | None] = {}
     rows = []
+    if args.parallel > 1:
+        cells = [(net, impl, m, size) for net in args.nets for size in args.sizes for mode in args.modes
+                 for impl, m in (("ref", _ref_mode(mode)), ("ours", mode))]
+        args.done = run_together(list(dict.fromkeys(cells)), args)
     for net in args.nets:
         for size in args.sizes:
             best_ours = None
@@ -318,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     print(kind)
     batches = {k: args.batch or (GPU_BATCH[k] if args.device.startswith("cuda") else v[2]) for k, v in SIZES.items()}
     print(f"device={args.device} batch={batches} threads={_threads()} steps={args.steps} (median) warmup={args.warmup} "
-          f"rounds={args.rounds} malloc={args.malloc} bf16-route={args.bf16_route} loadavg before={load0[0]:.2f} after={os.getloadavg()[0]:.2f} "
+          f"rounds={args.rounds} parallel={args.parallel} malloc={args.malloc} bf16-route={args.bf16_route} loadavg before={load0[0]:.2f} after={os.getloadavg()[0]:.2f} "
           f"wall={time.time() - t_start:.0f}s")
     print(_HEADER)
     for row in rows:
