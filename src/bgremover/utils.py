@@ -155,16 +155,18 @@ def wandb_mode() -> str:
     return "offline"
 
 
-def finish_wandb() -> None:
-    """Close the W&B run; without this a Hydra multirun logs every job into the first job's run. An offline run says
-    how to upload it: WANDB_SILENT (set so a run prints nothing of W&B's) also hid W&B's own `wandb sync` line."""
+def finish_wandb(exit_code: int = 0) -> None:
+    """Close the W&B run; without this a Hydra multirun logs every job into the first job's run. `exit_code`: a
+    failed or interrupted run's (W&B showed it "finished", a success, while summary.json said "failed"). An offline
+    run says how to upload it: WANDB_SILENT (set so a run prints nothing of W&B's) also hid W&B's own `wandb sync`
+    line."""
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
             run = wandb.run
             offline, where = bool(getattr(run, "offline", False)), Path(run.dir).parent if run.dir else None
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
             if offline and where is not None:
                 logging.getLogger("bgremover.train").info("W&B: offline run, upload it with `wandb sync %s`", where)
 
@@ -228,9 +230,11 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
     """
     start = time.time()
     out_dir = Path(cfg.paths.output_dir)
+    exit_code = 0
     try:
         return task(cfg)
     except BaseException as exc:
+        exit_code = _exit_code(exc)
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         interrupted = type(exc).__name__ == "RunInterrupted"
@@ -263,7 +267,18 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
             write_json_atomic(out_dir / SUMMARY_NAME, summary)
         raise
     finally:
-        finish_wandb()
+        finish_wandb(exit_code)
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit status the command ends with: 128 + the signal for Ctrl-C / SIGTERM, else 1."""
+    if type(exc).__name__ == "RunInterrupted":
+        return 128 + int(exc.signum)
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return 1
 
 
 _RUN_DIR_SCAFFOLD = {".hydra", SUMMARY_NAME, "wandb", "csv"}  # what a run folder holds before training starts

@@ -1,0 +1,39 @@
+"""What a run's W&B record says when the run does not end well, and the W&B run of an evaluation."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from test_runs import TINY_RUN, _run
+from test_train import compose_cfg
+from wandb_records import offline_run, records
+
+
+def _exit_code(run_dir) -> int:
+    (path,) = run_dir.rglob("offline-run-*/run-*.wandb")
+    offline_run(run_dir)  # waits for the exit record
+    return next(r.exit.exit_code for r in records(path) if r.WhichOneof("record_type") == "exit")
+
+
+@pytest.mark.parametrize("stop, code", [("crash", 1), ("sigterm", 143)])
+def test_a_failed_or_interrupted_run_is_not_marked_successful_in_wandb(small_camvid, tmp_path, monkeypatch, stop,
+                                                                       code):
+    """The W&B run of a crashed or interrupted training ended with exit code 0, which W&B shows as "finished" (a
+    success) while the run's summary.json said "failed" / "interrupted"."""
+    from bgremover import train as train_mod
+    from bgremover import utils
+
+    def fit(cfg, trainer, model, datamodule):
+        if stop == "crash":
+            raise RuntimeError("boom")
+        raise train_mod.RunInterrupted(signal.SIGTERM, None, 0, 0)
+
+    monkeypatch.setattr(train_mod, "_fit", fit)
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "logger=wandb"])
+    with pytest.raises((RuntimeError, train_mod.RunInterrupted)):
+        utils.run_task(train_mod.train, cfg)
+    assert _exit_code(tmp_path) == code
