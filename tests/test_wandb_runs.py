@@ -37,3 +37,12 @@ def test_a_failed_or_interrupted_run_is_not_marked_successful_in_wandb(small_cam
     with pytest.raises((RuntimeError, train_mod.RunInterrupted)):
         utils.run_task(train_mod.train, cfg)
     assert _exit_code(tmp_path) == code
+
+
+def test_a_refused_run_does_not_say_to_upload_the_wandb_run_it_removed(small_camvid, tmp_path):
+    """A run that trained no step is refused and its folder removed, wandb/ included; the log still said
+    "W&B: offline run, upload it with `wandb sync <that folder>/wandb/offline-run-…`"."""
+    proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "data.limit_images=1", "logger=wandb",
+                "trainer.max_epochs=1", "data.limit_eval_images=1", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1 and not list((tmp_path / "train" / "runs").glob("*"))
+    assert "wandb sync" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]

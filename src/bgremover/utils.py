@@ -155,11 +155,11 @@ def wandb_mode() -> str:
     return "offline"
 
 
-def finish_wandb(exit_code: int = 0) -> None:
+def finish_wandb(exit_code: int = 0, announce: bool = True) -> None:
     """Close the W&B run; without this a Hydra multirun logs every job into the first job's run. `exit_code`: a
     failed or interrupted run's (W&B showed it "finished", a success, while summary.json said "failed"). An offline
-    run says how to upload it: WANDB_SILENT (set so a run prints nothing of W&B's) also hid W&B's own `wandb sync`
-    line."""
+    run says how to upload it (unless `announce` is off: its folder is about to go): WANDB_SILENT (set so a run
+    prints nothing of W&B's) also hid W&B's own `wandb sync` line."""
     if "wandb" in sys.modules:
         import wandb
 
@@ -167,7 +167,7 @@ def finish_wandb(exit_code: int = 0) -> None:
             run = wandb.run
             offline, where = bool(getattr(run, "offline", False)), Path(run.dir).parent if run.dir else None
             wandb.finish(exit_code=exit_code)
-            if offline and where is not None:
+            if offline and where is not None and announce:
                 logging.getLogger("bgremover.train").info("W&B: offline run, upload it with `wandb sync %s`", where)
 
 
@@ -260,6 +260,7 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
         nothing = is_user_error(exc) or (interrupted and exc.stage == "start" and not exc.last_ckpt)
         empty = _empty_run_dir() if nothing and not is_multirun() else None
         if empty is not None:
+            finish_wandb(exit_code, announce=False)  # its offline run goes with the folder: no `wandb sync` line
             _remove_run_dir(empty)
         elif nothing and not is_multirun() and config.restore_run_record():
             pass  # a refused resume in place: the run's own record stays as it was
