@@ -46,3 +46,27 @@ def test_a_refused_run_does_not_say_to_upload_the_wandb_run_it_removed(small_cam
                 "trainer.max_epochs=1", "data.limit_eval_images=1", f"paths.log_dir={tmp_path}")
     assert proc.returncode == 1 and not list((tmp_path / "train" / "runs").glob("*"))
     assert "wandb sync" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
+
+
+def test_eval_logged_to_wandb_goes_offline_by_itself_as_an_eval_run_with_its_config(small_camvid, tmp_path):
+    """`python -m bgremover.eval ... logger=wandb` without a W&B key stopped on "UsageError: No API key configured"
+    (train goes offline by itself, as the README says of every run); and its run was of job type "train", with no
+    config (not even the checkpoint it evaluated)."""
+    run = tmp_path / "run"
+    train_proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
+                      f"hydra.run.dir={run}")
+    assert train_proc.returncode == 0, train_proc.stderr[-2000:]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run([sys.executable, "-m", "bgremover.eval", f"ckpt_path={ckpt}", f"data.root={small_camvid}",
+                           "logger=wandb", f"hydra.run.dir={tmp_path / 'eval'}", "attach_to_run=false"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, stdin=subprocess.DEVNULL,
+                          env={**env, "HOME": str(tmp_path), "NETRC": str(tmp_path / "no-netrc")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wandb:" not in proc.stdout + proc.stderr  # W&B's own summary block: silenced, as in train
+    logged = offline_run(tmp_path / "eval" / "wandb")
+    (path,) = (tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb")
+    job_type = next(r.run.job_type for r in records(path) if r.WhichOneof("record_type") == "run")
+    assert job_type == "eval"
+    assert logged["config"]["ckpt_path"] == str(ckpt) and logged["config"]["split"] == "test"
+    assert logged["summary"]["test/mIoU"] is not None

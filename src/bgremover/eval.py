@@ -36,7 +36,18 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("test-time augmentation: %d passes per frame (scales %s, flip %s); these numbers are not the "
                  "single-pass ones a run reports", model.tta.passes, model.tta.scales, model.tta.flip)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    config_dict["model"] = {"net_name": model.hparams.net_name, "net": model.hparams.net_config}  # the checkpoint's
+    if utils.prepare_wandb(cfg):  # offline by itself without a key, as a training run
+        from bgremover import sweep
+
+        if not config.given("logger.wandb.job_type"):  # the logger's default, "train", mixed evals into training runs
+            cfg.logger.wandb.job_type = "eval"
+        if cfg.logger.wandb.group is None:
+            cfg.logger.wandb.group = sweep.sweep_group(cfg)
     loggers = utils.instantiate_loggers(cfg.get("logger"))
+    for logger in loggers:  # which checkpoint, split and data: the run said nothing of what it evaluated
+        logger.log_hyperparams(config_dict)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[], _convert_="all")
     if cfg.split == "val":
         results = trainer.validate(model=model, datamodule=datamodule)
@@ -48,8 +59,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise UserError(f"no {cfg.split} frames were evaluated (trainer.limit_{cfg.split}_batches=0, or "
                         "data.limit_eval_images too small?): there is nothing to report")
     eval_json = Path(cfg.paths.output_dir) / "eval.json"
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    config_dict["model"] = {"net_name": model.hparams.net_name, "net": model.hparams.net_config}  # the checkpoint's
     utils.write_json_atomic(
         eval_json,
         {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split, "metrics": metrics,

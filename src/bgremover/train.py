@@ -122,10 +122,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
                            "there is no validation to watch")
             callbacks = [c for c in callbacks if c not in stopping]
     resumed_from = None
-    if "logger" in cfg and cfg.logger and "wandb" in cfg.logger:
-        mode = utils.wandb_mode()
-        os.environ["WANDB_MODE"] = mode
-        os.environ.setdefault("WANDB_SILENT", "true")
+    if mode := utils.prepare_wandb(cfg):
         if cfg.logger.wandb.group is None:
             cfg.logger.wandb.group = sweep.sweep_group(cfg)
         if utils.is_multirun() and cfg.logger.wandb.get("name"):  # jobs that differ in lr alone (or Optuna's
@@ -133,7 +130,6 @@ def build(cfg: DictConfig) -> dict[str, Any]:
             from hydra.core.hydra_config import HydraConfig
 
             cfg.logger.wandb.name = f"{cfg.logger.wandb.name}-job{HydraConfig.get().job.num}"
-        cfg.logger.wandb.offline = mode == "offline"
         resumed_from = _resume_wandb(cfg, mode)
     loggers = utils.instantiate_loggers(cfg.get("logger"))
     if not loggers:  # logger=null: Lightning's LearningRateMonitor refuses a Trainer without a logger, after the build

@@ -155,6 +155,18 @@ def wandb_mode() -> str:
     return "offline"
 
 
+def prepare_wandb(cfg: DictConfig) -> str | None:
+    """The W&B mode for a config with a wandb logger (None without one), set where wandb and the logger read it:
+    train and eval alike (eval with logger=wandb stopped on "No API key configured" without a key)."""
+    if not ("logger" in cfg and cfg.logger and "wandb" in cfg.logger):
+        return None
+    mode = wandb_mode()
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    cfg.logger.wandb.offline = mode == "offline"
+    return mode
+
+
 def finish_wandb(exit_code: int = 0, announce: bool = True) -> None:
     """Close the W&B run; without this a Hydra multirun logs every job into the first job's run. `exit_code`: a
     failed or interrupted run's (W&B showed it "finished", a success, while summary.json said "failed"). An offline
