@@ -359,7 +359,7 @@ def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_pa
     from wandb_records import offline_run
 
     from bgremover import train as train_mod
-    from bgremover.utils import finish_wandb
+    from bgremover.task import finish_wandb
 
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
     wandb_run = [*TINY_RUN[:-3], "logger=wandb", "trainer.check_val_every_n_epoch=1", "trainer.max_time=null"]

@@ -288,8 +288,8 @@ def test_output_dir_override_is_refused_in_one_line_and_nothing_is_deleted(small
 
 
 def test_a_user_error_never_removes_a_folder_hydra_did_not_make(tmp_path):
-    from bgremover import utils
     from bgremover.errors import UserError
+    from bgremover.task import run_task
 
     cfg = compose_cfg(tmp_path / "hydra_run", [*TINY_RUN])
     mine = tmp_path / "mine"
@@ -302,7 +302,7 @@ def test_a_user_error_never_removes_a_folder_hydra_did_not_make(tmp_path):
         raise UserError("bad input")
 
     with pytest.raises(UserError):
-        utils.run_task(fails, cfg)
+        run_task(fails, cfg)
     assert (mine / "notes.log").read_text() == "keep me"
 
 

@@ -388,9 +388,10 @@ def test_a_run_stopped_in_its_test_stage_is_finished_by_the_eval_it_names(small_
     """The interrupt said "finish with: make eval CKPT=<best>", but that eval left summary.json "interrupted" (a stub
     without history, epochs or val numbers, last_ckpt null though last.ckpt existed), and `make compare` never
     counted the run. Now the run keeps its whole record and the eval that attaches its test numbers finishes it."""
-    from bgremover import compare, utils
+    from bgremover import compare
     from bgremover.eval import evaluate
     from bgremover.lit.module import SegmentationModule
+    from bgremover.task import run_task
     from bgremover.train import RunInterrupted
     from bgremover.train import train as task
 
@@ -398,7 +399,7 @@ def test_a_run_stopped_in_its_test_stage_is_finished_by_the_eval_it_names(small_
     monkeypatch.setattr(SegmentationModule, "test_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     run = tmp_path / "run"
     with pytest.raises(RunInterrupted) as info:
-        utils.run_task(task, compose_cfg(run, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=2"]))
+        run_task(task, compose_cfg(run, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=2"]))
     monkeypatch.setattr(SegmentationModule, "test_step", real_test_step)
     s = json.loads((run / "summary.json").read_text())
     assert (s["status"], s["stage"], s["epochs"], s["history"]["epoch"]) == ("interrupted", "test", 2, [0, 1])

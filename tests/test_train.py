@@ -93,7 +93,7 @@ def test_wandb_offline_run_and_summary_agree(camvid_root, tmp_path):
     cfg = compose_cfg(tmp_path, [*TINY_TIRAMISU, f"data.root={camvid_root}", *SMALL_RUN, "trainer.max_epochs=3",
                                  "logger=wandb", "model.log_images_every_n_epochs=1", "tags=[unit]"])
     metrics, _ = train(cfg)
-    from bgremover.utils import finish_wandb
+    from bgremover.task import finish_wandb
 
     finish_wandb()
     run = offline_run(tmp_path / "wandb")

@@ -25,7 +25,7 @@ def test_a_failed_or_interrupted_run_is_not_marked_successful_in_wandb(small_cam
     """The W&B run of a crashed or interrupted training ended with exit code 0, which W&B shows as "finished" (a
     success) while the run's summary.json said "failed" / "interrupted"."""
     from bgremover import train as train_mod
-    from bgremover import utils
+    from bgremover.task import run_task
 
     def fit(cfg, trainer, model, datamodule):
         if stop == "crash":
@@ -35,7 +35,7 @@ def test_a_failed_or_interrupted_run_is_not_marked_successful_in_wandb(small_cam
     monkeypatch.setattr(train_mod, "_fit", fit)
     cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "logger=wandb"])
     with pytest.raises((RuntimeError, train_mod.RunInterrupted)):
-        utils.run_task(train_mod.train, cfg)
+        run_task(train_mod.train, cfg)
     assert _exit_code(tmp_path) == code
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bgremover import config, utils
+from bgremover import config, task, utils
 from bgremover.errors import UserError
 
 log = logging.getLogger("bgremover.eval")
@@ -38,7 +38,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     config_dict["model"] = {"net_name": model.hparams.net_name, "net": model.hparams.net_config}  # the checkpoint's
-    if utils.prepare_wandb(cfg):  # offline by itself without a key, as a training run
+    if task.prepare_wandb(cfg):  # offline by itself without a key, as a training run
         from bgremover import sweep
 
         if not config.given("logger.wandb.job_type"):  # the logger's default, "train", mixed evals into training runs
@@ -155,7 +155,7 @@ def number(value: float) -> str:
 def _main(cfg: DictConfig) -> None:
     utils.quiet_libraries()
     try:
-        metrics, objects = utils.run_task(evaluate, cfg)
+        metrics, objects = task.run_task(evaluate, cfg)
     except Exception as exc:
         utils.print_error(exc)
         sys.exit(1)

@@ -22,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bgremover import config, resume, sweep, utils
+from bgremover import config, resume, sweep, task, utils
 from bgremover.errors import UserError, report
 
 # torch, Lightning and the nets are imported inside the functions: a bad config is refused before paying for them
@@ -122,7 +122,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
                            "there is no validation to watch")
             callbacks = [c for c in callbacks if c not in stopping]
     resumed_from = None
-    if mode := utils.prepare_wandb(cfg):
+    if mode := task.prepare_wandb(cfg):
         if cfg.logger.wandb.group is None:
             cfg.logger.wandb.group = sweep.sweep_group(cfg)
         if utils.is_multirun() and cfg.logger.wandb.get("name"):  # jobs that differ in lr alone (or Optuna's
@@ -389,7 +389,7 @@ def _main(cfg: DictConfig) -> float | None:
     if multirun and (conflict := ddp_relaunch_conflict(cfg)):  # refused at the first job, before any rank starts
         sys.exit(report(conflict, code=2))
     try:
-        metrics, _ = utils.run_task(train, cfg)
+        metrics, _ = task.run_task(train, cfg)
     except RunInterrupted as exc:
         sys.exit(report(str(exc), code=128 + exc.signum))
     except Exception as exc:

@@ -1,24 +1,18 @@
-"""Glue shared by train/eval: W&B mode, callbacks/loggers from config, one-line errors, summary.json, the run's
-logging. A sweep's job lines and report: bgremover.sweep."""
+"""Glue shared by train/eval: callbacks/loggers from config, one-line errors, summary.json, the run's
+logging. The task wrapper and W&B: bgremover.task. A sweep's job lines and report: bgremover.sweep."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import netrc
 import os
 import re
-import sys
-import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bgremover import config
 from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME, overrides  # noqa: F401  (one definition; re-exported)
 from bgremover.errors import PARTIAL, count, one_line  # noqa: F401  (PARTIAL re-exported)
 
@@ -139,50 +133,6 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, user_error_types())
 
 
-# --- W&B -------------------------------------------------------------------------------------------------------
-def wandb_mode() -> str:
-    """online only when a key is at hand; otherwise offline, so no run ever prompts or waits for a login."""
-    mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if mode in ("online", "offline", "disabled", "dryrun", "run"):
-        return "offline" if mode == "dryrun" else ("online" if mode == "run" else mode)
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
-    except (OSError, netrc.NetrcParseError):
-        pass
-    return "offline"
-
-
-def prepare_wandb(cfg: DictConfig) -> str | None:
-    """The W&B mode for a config with a wandb logger (None without one), set where wandb and the logger read it:
-    train and eval alike (eval with logger=wandb stopped on "No API key configured" without a key)."""
-    if not ("logger" in cfg and cfg.logger and "wandb" in cfg.logger):
-        return None
-    mode = wandb_mode()
-    os.environ["WANDB_MODE"] = mode
-    os.environ.setdefault("WANDB_SILENT", "true")
-    cfg.logger.wandb.offline = mode == "offline"
-    return mode
-
-
-def finish_wandb(exit_code: int = 0, announce: bool = True) -> None:
-    """Close the W&B run; without this a Hydra multirun logs every job into the first job's run. `exit_code`: a
-    failed or interrupted run's (W&B showed it "finished", a success, while summary.json said "failed"). An offline
-    run says how to upload it (unless `announce` is off: its folder is about to go): WANDB_SILENT (set so a run
-    prints nothing of W&B's) also hid W&B's own `wandb sync` line."""
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            run = wandb.run
-            offline, where = bool(getattr(run, "offline", False)), Path(run.dir).parent if run.dir else None
-            wandb.finish(exit_code=exit_code)
-            if offline and where is not None and announce:
-                logging.getLogger("bgremover.train").info("W&B: offline run, upload it with `wandb sync %s`", where)
-
-
 # --- building from config --------------------------------------------------------------------------------------
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     """Every node with a `_target_` in a config group that holds several objects (callbacks, loggers)."""
@@ -230,104 +180,6 @@ def history_lists(history: list[dict]) -> dict[str, list]:
     for row in history:
         keys += [k for k in row if k not in keys]
     return {k: [row.get(k) for row in history] for k in keys}
-
-
-# --- the task wrapper ------------------------------------------------------------------------------------------
-def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -> tuple[dict, dict]:
-    """Run train/eval; on failure write a `failed` (or `interrupted`) summary.json, log the traceback to the
-    run's log file and re-raise; always close W&B. Multirun jobs never share a W&B run because of the finally.
-
-    A single run that failed on a user error before writing any checkpoint leaves no run folder behind: it
-    holds nothing but the config of a command that never ran.
-    """
-    start = time.time()
-    out_dir = Path(cfg.paths.output_dir)
-    exit_code = 0
-    try:
-        return task(cfg)
-    except BaseException as exc:
-        exit_code = _exit_code(exc)
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
-            raise
-        interrupted = type(exc).__name__ == "RunInterrupted"
-        if not interrupted:
-            _log_to_files("".join(traceback.format_exception(exc)))
-        summary = {
-            "status": "interrupted" if interrupted else "failed",
-            "error": error_summary(exc),
-            "run_dir": str(out_dir),
-            "net": cfg.model.get("net_name") if "model" in cfg else None,
-            "seed": cfg.get("seed"),
-            "wall_time_s": round(time.time() - start, 2),
-            "overrides": overrides(),
-            "config": OmegaConf.to_container(cfg, resolve=False),
-        }
-        if interrupted:
-            summary.update(last_ckpt=exc.last_ckpt, epoch=exc.epoch, global_step=exc.step, stage=exc.stage)
-            if exc.stage == "test":  # the training is done: its whole record (train.py), less the test numbers
-                summary = {**summary, **(getattr(exc, "record", None) or {}), "status": "interrupted",
-                           "best_ckpt": exc.best_ckpt}
-            if getattr(exc, "fit_s", None) is not None:  # training time, as a finished run's (resumes included)
-                summary["wall_time_s"] = round(exc.fit_s, 2)
-        nothing = is_user_error(exc) or (interrupted and exc.stage == "start" and not exc.last_ckpt)
-        empty = _empty_run_dir() if nothing and not is_multirun() else None
-        if empty is not None:
-            finish_wandb(exit_code, announce=False)  # its offline run goes with the folder: no `wandb sync` line
-            _remove_run_dir(empty)
-        elif nothing and not is_multirun() and config.restore_run_record():
-            pass  # a refused resume in place: the run's own record stays as it was
-        else:
-            write_json_atomic(out_dir / SUMMARY_NAME, summary)
-        raise
-    finally:
-        finish_wandb(exit_code)
-
-
-def _exit_code(exc: BaseException) -> int:
-    """The exit status the command ends with: 128 + the signal for Ctrl-C / SIGTERM, else 1."""
-    if type(exc).__name__ == "RunInterrupted":
-        return 128 + int(exc.signum)
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    return 1
-
-
-_RUN_DIR_SCAFFOLD = {".hydra", SUMMARY_NAME, "wandb", "csv"}  # what a run folder holds before training starts
-
-
-def _empty_run_dir() -> Path | None:
-    """The folder Hydra made for this run if it holds nothing yet (never a user's own paths.output_dir)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-    if out_dir is None or not out_dir.is_dir():
-        return None
-    return out_dir if all(p.name in _RUN_DIR_SCAFFOLD or p.suffix == ".log" for p in out_dir.iterdir()) else None
-
-
-def _remove_run_dir(out_dir: Path) -> None:
-    import shutil
-
-    for handler in logging.getLogger().handlers:  # the log file lives inside: close it first
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == out_dir:
-            handler.close()
-            logging.getLogger().removeHandler(handler)
-    if not config.made_by_this_command(out_dir):  # an empty folder of the user's, given as hydra.run.dir: emptied
-        for entry in out_dir.iterdir():  # of what this run wrote (it held only that: _empty_run_dir), kept
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        return
-    shutil.rmtree(out_dir, ignore_errors=True)
-    # and the folders Hydra made above it (logs/train/runs/ of a fresh checkout, where a typo left them empty),
-    # up to the first that holds anything or was there before the command
-    for parent in out_dir.resolve().parents:
-        if parent not in config.ABSENT_AT_START:
-            break
-        try:
-            parent.rmdir()
-        except OSError:  # not empty (another run started meanwhile)
-            break
 
 
 def log_file() -> str | None:
