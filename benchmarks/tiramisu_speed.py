@@ -252,7 +252,7 @@ def run_together(cells: list[tuple[str, str, str, str]], args: argparse.Namespac
                 out, err = Path(folder, f"{i}.out").open("w+"), Path(folder, f"{i}.err").open("w+")
                 print(f"  .. {' '.join(cell)}: started (with {len(batch) - 1} more)", flush=True)
                 procs.append((cell, subprocess.Popen(cmd, stdout=out, stderr=err, env=env), out, err))
-            go, ended = Path(folder, "go"), {}
+            go, ended, killed = Path(folder, "go"), {}, set()
             while any(p.poll() is None for _, p, _, _ in procs):
                 ended |= {i: time.time() for i, (_, p, _, _) in enumerate(procs) if p.poll() is not None and i not in ended}
                 waiting = [i for i, (_, p, _, _) in enumerate(procs)
@@ -260,6 +260,7 @@ def run_together(cells: list[tuple[str, str, str, str]], args: argparse.Namespac
                 over = args.cell_timeout is not None and time.time() - t0 > args.cell_timeout
                 for i in waiting if over else []:  # still warming up past the limit: its cell shows "-"
                     procs[i][1].kill()
+                    killed.add(i)
                     print(f"  ! {' '.join(procs[i][0])}: over --cell-timeout {args.cell_timeout:g} s, skipped",
                           file=sys.stderr, flush=True)
                 if not waiting or over:
@@ -270,7 +271,8 @@ def run_together(cells: list[tuple[str, str, str, str]], args: argparse.Namespac
                 time.sleep(0.5)
             for i, (cell, _, out, err) in enumerate(procs):
                 out.seek(0), err.seek(0)
-                results[cell] = _result(" ".join(cell), out.read(), err.read(), ended.get(i, time.time()) - t0)
+                results[cell] = None if i in killed else _result(" ".join(cell), out.read(), err.read(),
+                                                                  ended.get(i, time.time()) - t0)
                 out.close(), err.close()
     return results
 
