@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shlex
 import signal
@@ -349,6 +350,18 @@ def test_resuming_with_more_epochs_stretches_a_run_length_schedule(small_camvid,
     before = checkpoint.net_state(first)
     assert any(not torch.equal(moved[k], before[k]) for k in before if before[k].is_floating_point())
 
+
+
+def test_the_stretched_schedule_is_said_in_words(small_camvid, tmp_path, caplog):
+    """The line said "planned for 1 steps" (a "%ss" plural); it counts as every other message does."""
+    deeplab = ["~experiment", "model=deeplabv3plus", "data.num_workers=0", "data.batch_size=4", "data.crop_size=[32,32]",
+               "data.eval_batch_size=1", "extras.print_config=false", "measure_inference=false", "logger=csv",
+               "trainer.max_time=null", "test=false", f"data.root={small_camvid}"]
+    train(compose_cfg(tmp_path / "run1", [*deeplab, "trainer.max_epochs=1"]))  # 4 frames, batch 4: one step
+    last = tmp_path / "run1" / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.INFO):
+        train(compose_cfg(tmp_path / "run2", [*deeplab, "trainer.max_epochs=2", f"ckpt_path={last}"]))
+    assert "the learning-rate schedule planned for 1 step now spans 2 " in caplog.text, caplog.text[-2000:]
 
 
 def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_path, monkeypatch, caplog):

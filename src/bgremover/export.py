@@ -5,14 +5,12 @@
 
 The file carries everything the predictor needs (classes, normalization, size multiple, default foreground,
 provenance) as JSON under the ONNX metadata key `bgremover`. Before anything is written, the same inputs go
-through PyTorch and ONNX Runtime; the export is refused (no file left behind) when they disagree by more
-than `tol`. Exit codes: 0 written, 1 bad checkpoint / failed export or verification, 2 usage error, 130
-interrupted (nothing written).
+through PyTorch and ONNX Runtime; the export is refused (no file left behind) when they disagree by more than
+`tol`. Exit codes: 0 written, 1 bad checkpoint / failed export or verification, 2 usage error, 130 interrupted.
 
-Exporter choice: torch 2.14's default `torch.onnx.export(dynamo=True)` needs `onnxscript`, which is not a
-dependency of this project and not installed; the TorchScript-based exporter (`dynamo=False`) ships inside
-torch, works offline, and expresses "any batch, any H, any W" with plain `dynamic_axes`, which is all a
-fully-convolutional segmentation net needs. It emits a DeprecationWarning we silence on purpose.
+Exporter: the TorchScript-based one (`dynamo=False`): torch 2.14's default needs `onnxscript`, no dependency
+here; it ships inside torch and says "any batch, any H, any W" with `dynamic_axes`, all a fully-convolutional
+net needs. Its DeprecationWarning is silenced on purpose.
 """
 
 from __future__ import annotations
@@ -182,8 +180,9 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export `net` to `out` (+ `out.pt` TorchScript if asked), verified against PyTorch, written atomically.
 
-    Returns {"path", "max_abs_diff", "max_abs_logit", "metadata", "torchscript"}. On any failure (Ctrl-C too) no file is left at
-    `out`, an existing one is kept, and the folders made for it are removed again.
+    Returns {"path", "max_abs_diff", "max_abs_logit", "agreement" (both in words), "metadata", "torchscript"}.
+    On any failure (Ctrl-C too) no file is left at `out`, an existing one is kept, and the folders made for it
+    are removed again.
     """
     out = Path(out)
     missing = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
@@ -207,14 +206,10 @@ def _export_onnx(net: nn.Module, meta: dict[str, Any], out: Path, *, tol: float,
         raise
     except Exception as err:
         raise ExportError(f"export failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
-    return {"path": out, "max_abs_diff": diff, "max_abs_logit": top, "metadata": metadata, "torchscript": ts_path}
-
-
-def agreement(result: dict[str, Any]) -> str:
-    """How closely onnxruntime matched PyTorch, with the logits' scale: "max abs diff 1.97e+05" alone read as a
-    broken export when a 2-second net's logits reached 6.7e11 (a user audit; the check itself is relative)."""
-    return (f"torch vs onnxruntime max abs diff {result['max_abs_diff']:.2e} "
-            f"on logits up to {result['max_abs_logit']:.3g}")
+    # with the scale: "max abs diff 1.97e+05" alone read as broken (a 2-second net's logits reached 6.7e11)
+    agreement = f"torch vs onnxruntime max abs diff {diff:.2e} on logits up to {top:.3g}"
+    return {"path": out, "max_abs_diff": diff, "max_abs_logit": top, "agreement": agreement, "metadata": metadata,
+            "torchscript": ts_path}
 
 
 def _write_onnx(net: nn.Module, metadata: dict[str, Any], tmp: Path, out: Path, *, tol: float, opset: int,
@@ -424,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                              "complete": None if of is None else md.get("test_frames") == of})
     print(
         f"wrote {result['path']} ({md['net']}, {md['params']:,} params, {len(md['classes'])} classes, "
-        f"test mIoU {miou}; {agreement(result)})"
+        f"test mIoU {miou}; {result['agreement']})"
     )
     if result["torchscript"]:
         print(f"wrote {result['torchscript']}")

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         best = summary.get("best_ckpt") or summary.get("last_ckpt")
         if not best:
             raise UserError(f"the run wrote no checkpoint: {run / SUMMARY_NAME}")
-        from bgremover.export import agreement, export_onnx, load_checkpoint_net
+        from bgremover.export import export_onnx, load_checkpoint_net
 
         net, meta = load_checkpoint_net(best)
         result = export_onnx(net, meta, run / MODEL_NAME)  # written whole or not at all
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # was a bare traceback, with nothing said of the finished training
         return errors.report(f"interrupted after training finished; finish with: {finish_command(run, data, best)}"
                              if best else "interrupted before the run's summary was read", code=130)
-    print(report(run, data, result["path"], summary, agreement(result), held))
+    print(report(run, data, result["path"], summary, result["agreement"], held))
     return 0
 
 

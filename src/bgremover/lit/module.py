@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from bgremover.checkpoint import CHECKPOINT_KEY
 from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND, MEAN, STD, VOID, colorize
+from bgremover.errors import count
 from bgremover.lit.cutout import CutoutMetric
 
 STAGES = ("train", "val", "test")
@@ -294,8 +295,8 @@ class SegmentationModule(pl.LightningModule):
             group["lr"] = lr
         scheduler._last_lr = list(lrs)
         if self.trainer.is_global_zero:
-            log.info("resumed with another run length: the learning-rate schedule planned for %d %ss now spans %d "
-                     "(lr %.3g at %d)", old, self.hparams.scheduler_interval, total, lrs[0], scheduler.last_epoch)
+            log.info("resumed with another run length: the learning-rate schedule planned for %s now spans %d "
+                     "(lr %.3g at %d)", count(old, self.hparams.scheduler_interval), total, lrs[0], scheduler.last_epoch)
 
     # --- self-describing checkpoints -------------------------------------------------------------------------
     def export_meta(self) -> dict[str, Any]:
