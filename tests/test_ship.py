@@ -177,14 +177,20 @@ def test_ship_refuses_another_net_without_force(trained, data, tmp_path):
     assert BackgroundRemover(models / NAMES[0], threads=1).meta["net"] == "tiny"
 
 
-def test_an_install_stopped_half_way_puts_the_old_set_back(tmp_path, monkeypatch):
-    names = [tmp_path / "models" / n for n in NAMES] + [tmp_path / "examples" / "a.nobg.png"]
-    new = [tmp_path / "scratch" / n for n in NAMES] + [tmp_path / "examples" / ".a.nobg.png.new"]
-    for d in ("models", "examples", "scratch"):
-        (tmp_path / d).mkdir()
+def old_and_new_sets(tmp_path, examples: bool = True) -> tuple[list, list]:
+    """An installed set (models, an example cut-out) reading "old <name>", and its replacement reading "new <name>"."""
+    names = [tmp_path / "models" / n for n in NAMES] + [tmp_path / "examples" / "a.nobg.png"] * examples
+    new = [tmp_path / "scratch" / n for n in NAMES] + [tmp_path / "examples" / ".a.nobg.png.new"] * examples
+    for folder in {f.parent for f in names + new}:
+        folder.mkdir()
     for old_file, new_file in zip(names, new, strict=True):
         old_file.write_text(f"old {old_file.name}")
         new_file.write_text(f"new {old_file.name}")
+    return names, new
+
+
+def test_an_install_stopped_half_way_puts_the_old_set_back(tmp_path, monkeypatch):
+    names, new = old_and_new_sets(tmp_path)
     real, calls = os.replace, []
 
     def flaky(src, dst):
@@ -208,13 +214,7 @@ def test_a_signal_landing_just_after_a_rename_still_puts_the_old_set_back(tmp_pa
     """A real Ctrl-C arriving between a rename and its bookkeeping (Python raises it at the next statement) left
     the old file under its hidden backup name and no file in its place. Signals are held during the renames now,
     the set is put back, and the signal then acts as usual (KeyboardInterrupt; here a SIGTERM handler's exit)."""
-    names = [tmp_path / "models" / n for n in NAMES]
-    new = [tmp_path / "scratch" / n for n in NAMES]
-    for d in ("models", "scratch"):
-        (tmp_path / d).mkdir()
-    for old_file, new_file in zip(names, new, strict=True):
-        old_file.write_text(f"old {old_file.name}")
-        new_file.write_text(f"new {old_file.name}")
+    names, new = old_and_new_sets(tmp_path, examples=False)
     real, calls = os.replace, []
 
     def signalled(src, dst):
