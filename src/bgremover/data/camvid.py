@@ -204,6 +204,9 @@ def build_transforms(
     import cv2
     from albumentations.pytorch import ToTensorV2
 
+    # cv2.INTER_NEAREST takes source pixel floor(j / s), half a pixel off the pixel centres INTER_LINEAR samples
+    # the image at: labels landed ~0.46 px down-right of their image content. _EXACT samples at those centres.
+    nearest = cv2.INTER_NEAREST_EXACT
     ops: list = []
     if train:
         if scale_jitter > 0:
@@ -211,7 +214,7 @@ def build_transforms(
                 A.RandomScale(
                     scale_limit=scale_jitter,
                     interpolation=cv2.INTER_LINEAR,
-                    mask_interpolation=cv2.INTER_NEAREST,
+                    mask_interpolation=nearest,
                     p=1.0,
                 )
             )
@@ -225,7 +228,7 @@ def build_transforms(
         if color_jitter > 0:
             ops.append(A.RandomBrightnessContrast(brightness_limit=color_jitter, contrast_limit=color_jitter, p=0.5))
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
-    pipeline = A.Compose(ops, mask_interpolation=cv2.INTER_NEAREST)
+    pipeline = A.Compose(ops, mask_interpolation=nearest)  # Compose's value overrides each transform's
     if pad_multiple and pad_multiple > 1 and (not train or not crop_size):
         return PadFrame(pad_multiple, pipeline, void)
     return pipeline
