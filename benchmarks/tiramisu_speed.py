@@ -280,8 +280,9 @@ def run_together(cells: list[tuple[str, str, str, str]], args: argparse.Namespac
 def run_config(
     net: str, impl: str, mode: str, size: str, args: argparse.Namespace
 ) -> dict[str, float] | None:
-    if (net, impl, mode, size) in args.done:  # measured by run_together
-        return args.done[(net, impl, mode, size)]
+    done = getattr(args, "done", {})  # measured by run_together
+    if (net, impl, mode, size) in done:
+        return done[(net, impl, mode, size)]
     cmd, env = _worker_cmd(net, impl, mode, size, args)
     cell = f"{net} {impl} {mode} {size}"
     print(f"  .. {cell}: started", flush=True)
