@@ -1,9 +1,10 @@
 """Cut-out metrics on numpy masks, shared by `make eval-cutout` (cutout_eval) and training (lit/cutout.py).
 
 Foreground IoU (pixels pooled over a set), boundary F-score (DAVIS, Perazzi et al. 2016: boundaries matched within
-a pixel tolerance, F per image, mean over images that have a boundary) and the MAE of the soft alpha
-P(foreground) against the binary ground truth. numpy only: the predictor-side evaluation imports no torch, and
-training computes exactly the same numbers.
+a pixel tolerance, F per image, mean over images that have a boundary; edges are looked for inside the box of
+labelled pixels, so the void border the test stage pads frames with lies outside the frame, like the frame's own
+edge) and the MAE of the soft alpha P(foreground) against the binary ground truth. numpy only: the
+predictor-side evaluation imports no torch, and training computes exactly the same numbers.
 """
 
 from __future__ import annotations
@@ -90,6 +91,14 @@ def abs_error(alpha: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None
     return float(diff.sum()), int(diff.size)
 
 
+def labelled_box(valid: np.ndarray) -> tuple[slice, slice] | None:
+    """(rows, columns) slices of the smallest box holding every valid pixel; None when none is valid."""
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    if not len(rows):
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
 class CutoutStats:
     """Accumulates foreground IoU, boundary F and MAE of one kind of alpha (soft or thresholded) over images."""
 
@@ -106,7 +115,12 @@ class CutoutStats:
         self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
         s, n = abs_error(alpha, gt_fg, valid)
         self.abs_sum, self.count = self.abs_sum + s, self.count + n
-        bf = boundary_f(gt_fg, pred_fg, self.tol, ignore=~valid)
+        # Boundaries inside the box of labelled pixels: a border band with no label at all is outside the frame.
+        # The test stage scores frames padded to the size multiple with void labels; without this crop, a
+        # foreground object touching the frame's edge had a ground-truth edge there (its neighbour, the padding, is
+        # not foreground) that eval-cutout, at the frame's own size, does not have: the two disagreed.
+        box = labelled_box(valid)
+        bf = None if box is None else boundary_f(gt_fg[box], pred_fg[box], self.tol, ignore=~valid[box])
         if bf is not None:
             self.boundary.append(bf)
         return {
