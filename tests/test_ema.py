@@ -98,3 +98,39 @@ def test_last_ckpt_at_the_end_keeps_the_raw_weights_beside_the_ema_average(tmp_p
     assert state["global_step"] == 6
     raw, avg = state["current_model_state"]["layer.weight"], state["state_dict"]["layer.weight"]
     assert not torch.equal(raw, avg)
+
+
+def test_an_interrupt_inside_validation_saves_the_average_and_the_raw_weights_in_their_places(tmp_path):
+    """Ctrl-C or SIGTERM while validating (the module then holds the average, the AveragedModel the raw weights):
+    last.ckpt had them swapped, so a resume trained on from the average and eval read the raw weights."""
+    from bgremover.lit.callbacks import EMAWeights
+
+    raw: list[torch.Tensor] = []
+
+    class Stopped(_Scored):
+        def on_train_batch_end(self, *_):
+            raw.append(self.layer.weight.detach().clone())
+
+        def validation_step(self, batch, _):
+            if self.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    ema = EMAWeights(decay=0.5)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[ema, LastCheckpoint(str(tmp_path / "checkpoints"))], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=tmp_path)
+    torch.manual_seed(0)
+    model = Stopped([0.1, 0.2, 0.3])
+    try:
+        trainer.fit(model)
+    except SystemExit:  # Lightning's exit after a handled Ctrl-C
+        pass
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 4
+    expected = raw[0]
+    for w in raw[1:]:  # the first update copies, then avg = 0.5 avg + 0.5 w
+        expected = 0.5 * expected + 0.5 * w
+    assert torch.allclose(state["current_model_state"]["layer.weight"], raw[-1])
+    assert torch.allclose(state["state_dict"]["layer.weight"], expected)
+    assert not torch.equal(raw[-1], expected)
+    assert torch.equal(model.layer.weight.detach(), raw[-1])  # the module is left with the raw weights

@@ -480,10 +480,23 @@ class EMAWeights(EMAWeightAveraging):
         if self._fitting(trainer):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
+    # True from a validation's start to its end: the module holds the average, the AveragedModel the raw weights
+    _swapped = False
+
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fitting(trainer):
             super().on_validation_epoch_start(trainer, pl_module)
+            self._swapped = self._average_model is not None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fitting(trainer):
             super().on_validation_epoch_end(trainer, pl_module)
+            self._swapped = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Ctrl-C or SIGTERM inside a validation skips the swap back: LastCheckpoint's interrupt save (a checkpoint
+        # callback, so it runs after this one) wrote the raw weights as the average and the average as the
+        # weights a resume trains on
+        if self._swapped:
+            self._swap_models(pl_module)
+            self._swapped = False
