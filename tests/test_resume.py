@@ -577,3 +577,40 @@ def test_the_removers_resume_hint_quotes_a_checkpoint_path_with_a_space(monkeypa
     hint = str(RunInterrupted(signal.SIGINT, "/r/a b/checkpoints/last.ckpt", 1, 4)).split("resume with: ")[1]
     args = shlex.split(shlex.split(hint)[-1].removeprefix("ARGS="))  # as make hands ARGS to the shell
     assert args == ["--run-dir", "/r/a b", "ckpt_path=/r/a b/checkpoints/last.ckpt"], hint
+
+
+class _ClockTrainer:
+    """What TimeToMIoU reads of a trainer, validation off (trainer.limit_val_batches=0)."""
+    world_size, lr_scheduler_configs, should_stop, is_global_zero, global_step, current_epoch = 1, [], False, True, 1, 0
+    limit_val_batches, datamodule, loggers = 0, None, []
+
+    def __init__(self):
+        self.callback_metrics = {}
+
+
+def _first_step(clock, now, seconds):
+    from types import SimpleNamespace
+
+    import torch
+
+    trainer = _ClockTrainer()
+    clock.on_fit_start(trainer, None)
+    clock.on_train_start(trainer, None)
+    now[0] += seconds
+    clock.on_train_batch_end(trainer, SimpleNamespace(device=torch.device("cpu")))
+    return trainer
+
+
+def test_a_speedrun_without_validation_records_its_training_and_warm_up_time(monkeypatch):
+    """time/fit_s and time/first_step_s reached the loggers and summary.json only from a validation: a speed-run
+    with validation off (the README's train+val row) recorded neither, only "training took" in its log."""
+    from bgremover.lit import speedrun
+
+    now = [1000.0]
+    monkeypatch.setattr(speedrun.time, "perf_counter", lambda: now[0])
+    clock = speedrun.TimeToMIoU(budget_s=100)
+    trainer = _first_step(clock, now, 7.0)
+    now[0] += 50
+    clock.on_train_end(trainer, None)
+    assert {k: float(v) for k, v in trainer.callback_metrics.items()} == {"time/fit_s": 57.0, "time/first_step_s": 7.0}
+

@@ -154,9 +154,12 @@ class TimeToMIoU(Callback):
                 if trainer.is_global_zero:
                     log.info("speedrun: %s %.4f >= %.3f after %.1f s (epoch %d, step %d)", self.metric, value, t,
                              now, trainer.current_epoch, trainer.global_step)
+        self._publish(trainer, now)
+
+    def _publish(self, trainer: pl.Trainer, fit_s: float) -> None:
         # self.log is closed by now: straight to the loggers, and into callback_metrics (a live dict) so that
         # summary.json's metrics carry the times too
-        values = {"time/fit_s": now, **{k: r["seconds"] for k, r in self.reached.items()}}
+        values = {"time/fit_s": fit_s, **{k: r["seconds"] for k, r in self.reached.items()}}
         if self.first_step_s is not None:
             values["time/first_step_s"] = self.first_step_s
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
@@ -165,6 +168,9 @@ class TimeToMIoU(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_s = self.elapsed()
+        # again at the end: a run with validation off (trainer.limit_val_batches=0) published no time at all, and
+        # summary.json's time/fit_s is then the training time the log line says, the last validation included
+        self._publish(trainer, self.fit_s)
         if trainer.is_global_zero:
             log.info("speedrun: training took %.1f s; %s", self.fit_s, self.describe())
 
