@@ -614,3 +614,21 @@ def test_a_speedrun_without_validation_records_its_training_and_warm_up_time(mon
     clock.on_train_end(trainer, None)
     assert {k: float(v) for k, v in trainer.callback_metrics.items()} == {"time/fit_s": 57.0, "time/first_step_s": 7.0}
 
+
+def test_a_resumed_speedrun_counts_every_starts_warm_up(monkeypatch):
+    """Each start of a split run (call A, then call B resuming last.ckpt) pays the first step's warm-up inside the
+    budget (the H100 split run: 35.6 s, then 17.8 s); the resumed run's time/first_step_s, which summary.json
+    keeps for the whole run, held only the last start's."""
+    from bgremover.lit import speedrun
+
+    now = [1000.0]
+    monkeypatch.setattr(speedrun.time, "perf_counter", lambda: now[0])
+    first = speedrun.TimeToMIoU(budget_s=100)
+    _first_step(first, now, 35.0)
+    now[0] += 20
+    resumed = speedrun.TimeToMIoU(budget_s=100)
+    resumed.load_state_dict(first.state_dict())
+    trainer = _first_step(resumed, now, 18.0)
+    resumed.on_train_end(trainer, None)
+    assert float(trainer.callback_metrics["time/first_step_s"]) == 53.0
+    assert float(trainer.callback_metrics["time/fit_s"]) == 73.0

@@ -71,11 +71,14 @@ class TimeToMIoU(Callback):
         self._train_t0: float | None = None
         # seconds of fit / of training before the checkpoint this run resumed from: the budget and the
         # time-to-mIoU clock go on from there (as Lightning's trainer.max_time does), not from zero
-        self._resumed = {"fit_s": 0.0, "train_s": 0.0}
+        # and the first steps' warm-up each earlier start paid inside the budget (a split run pays it again)
+        self._resumed = {"fit_s": 0.0, "train_s": 0.0, "first_steps_s": 0.0}
         self._steps = 0
         self._val_trained = False
         self._validates = True
-        self.first_step_s: float | None = None  # this process's first training step, warm-up included
+        # the first training step's seconds, warm-up included: this process's, plus every earlier start's of a
+        # resumed run (each paid it inside the budget; summary.json describes the whole run)
+        self.first_step_s: float | None = None
 
     @staticmethod
     def key(threshold: float) -> str:
@@ -136,10 +139,13 @@ class TimeToMIoU(Callback):
             # net's convolution shapes, kernel loading): timed on its own, so a run says what its budget paid for.
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize()  # once: the step's kernels, not just their launch
-            self.first_step_s = time.perf_counter() - self._train_t0
+            this = time.perf_counter() - self._train_t0
+            earlier = self._resumed["first_steps_s"]
+            self.first_step_s = earlier + this
             if trainer.is_global_zero:
-                log.info("speedrun: the first training step took %.1f s (one-time warm-up, inside the budget)",
-                         self.first_step_s)
+                log.info("speedrun: the first training step took %.1f s (%s, inside the budget)", this,
+                         f"warm-up again: {self.first_step_s:.1f} s over this run's starts" if earlier
+                         else "one-time warm-up")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not on_validation_epoch_end: callbacks run that hook before the module's, which logs val/mIoU.
@@ -198,8 +204,9 @@ class TimeToMIoU(Callback):
         return "; ".join(parts) + (" (val is in the training data: not a held-out score)" if self._val_trained else "")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reached": dict(self.reached), "fit_s": self.elapsed(), "train_s": self.train_elapsed()}
+        return {"reached": dict(self.reached), "fit_s": self.elapsed(), "train_s": self.train_elapsed(),
+                "first_steps_s": self._resumed["first_steps_s"] if self.first_step_s is None else self.first_step_s}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reached = dict(state_dict.get("reached", {}))
-        self._resumed = {k: float(state_dict.get(k) or 0.0) for k in ("fit_s", "train_s")}
+        self._resumed = {k: float(state_dict.get(k) or 0.0) for k in ("fit_s", "train_s", "first_steps_s")}
