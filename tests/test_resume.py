@@ -352,6 +352,33 @@ def test_resuming_with_more_epochs_stretches_a_run_length_schedule(small_camvid,
 
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resumed_run_draws_new_batches_not_its_first_epochs_again(small_camvid, tmp_path, monkeypatch, workers):
+    """The train loader's generator and the augmentations were seeded with `seed` whenever a loader was made, so a
+    resumed run (a GPU session's split run, a `make remover` resume) trained its first epochs' batches again, crop
+    for crop. A loader made at epoch k > 0 now draws from a seed of its own; a fresh run is as it was."""
+    from bgremover.lit.module import SegmentationModule
+
+    seen: list[tuple[int, float]] = []
+    real = SegmentationModule.training_step
+
+    def recording(self, batch, batch_idx):
+        seen.append((self.current_epoch, round(float(batch[0].double().sum()), 3)))
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(SegmentationModule, "training_step", recording)
+    deeplab = ["~experiment", "model=deeplabv3plus", f"data.num_workers={workers}", "data.batch_size=2",
+               "data.crop_size=[32,32]", "data.eval_batch_size=1", "extras.print_config=false", "measure_inference=false",
+               "logger=csv", "trainer.max_time=null", "test=false", f"data.root={small_camvid}"]
+    train(compose_cfg(tmp_path / "run1", [*deeplab, "trainer.max_epochs=2"]))
+    last = tmp_path / "run1" / "checkpoints" / "last.ckpt"
+    train(compose_cfg(tmp_path / "run2", [*deeplab, "trainer.max_epochs=4", f"ckpt_path={last}"]))
+    by_epoch = {e: [x for ep, x in seen if ep == e] for e in range(4)}
+    assert all(len(batches) == 2 for batches in by_epoch.values()), seen  # 4 frames, batch 2
+    assert by_epoch[2] != by_epoch[0] and by_epoch[3] != by_epoch[1], seen  # were equal, batch for batch
+    assert len({x for _, x in seen}) == len(seen)  # no batch drawn twice
+
+
 def test_the_stretched_schedule_is_said_in_words(small_camvid, tmp_path, caplog):
     """The line said "planned for 1 steps" (a "%ss" plural); it counts as every other message does."""
     deeplab = ["~experiment", "model=deeplabv3plus", "data.num_workers=0", "data.batch_size=4", "data.crop_size=[32,32]",

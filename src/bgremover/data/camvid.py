@@ -277,6 +277,11 @@ class CamVidDataset:
             self.transform.set_random_seed(seed % 2**32)
 
 
+def seed_of(*parts: int) -> int:
+    """One 63-bit seed from several numbers (run seed, epoch, rank...), the same in every process."""
+    return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
 def _seed_worker(worker_id: int) -> None:
     """A DataLoader worker's start (both datamodules): its own augmentation seed, and a process group of its own.
     `timeout`, Slurm's scancel and `kill -- -PGID` signal the training's whole group: a worker killed by that

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from bgremover.data.camvid import (
     CamVidDataset,
@@ -17,9 +17,50 @@ from bgremover.data.camvid import (
     list_pairs,
     median_frequency_weights,
     resolve_root,
+    seed_of,
     train_splits,
 )
 from bgremover.data.classes import CLASSES, MEAN, STD, VOID
+
+
+class ResumableShuffle(RandomSampler):
+    """The train loaders' shuffling: a RandomSampler drawing from `seed` and on across epochs, as before, until it is
+    iterated at an epoch other than the next one: a resume. A resumed run's loader, seeded with `seed` alone, drew
+    its first epochs' order again, and its augmentations too, crop for crop (an audit); from a resume's epoch it
+    draws from a seed of that epoch, the augmentations (num_workers=0) and the workers' seeds (drawn from this
+    generator as they start) included. The epoch is read when iterating: Lightning builds the loader before the
+    checkpoint's epoch is restored, and its workers start before it calls a sampler's set_epoch. Lightning's DDP
+    swaps a RandomSampler (this one too) for a DistributedSampler, which follows the epoch by itself."""
+
+    def __init__(self, data_source, seed: int, epoch_of: Callable[[], int | None]):
+        super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
+        self.seed, self.epoch_of, self._next_epoch = seed, epoch_of, 0
+
+    def __iter__(self):
+        epoch = self.epoch_of()
+        if epoch is not None and epoch != self._next_epoch:
+            fresh = seed_of(self.seed, epoch)
+            self.generator.manual_seed(fresh)
+            if hasattr(self.data_source, "reseed"):
+                self.data_source.reseed(fresh)
+        self._next_epoch = (self._next_epoch if epoch is None else epoch) + 1
+        return super().__iter__()
+
+
+def current_epoch(dm: pl.LightningDataModule) -> Callable[[], int | None]:
+    """The epoch of the trainer `dm` is attached to when called (None without one). A resume's loader is first
+    iterated while the optimizers are set up (`estimated_stepping_batches`), after Lightning has read the checkpoint
+    and before it restores the loops (current_epoch still 0); the checkpoint it holds says the epoch then."""
+    from bgremover.checkpoint import epochs_trained
+
+    def epoch() -> int | None:
+        trainer = dm.trainer
+        if trainer is None:
+            return None
+        loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
+        return max(trainer.current_epoch, epochs_trained(loaded) if loaded else 0)
+
+    return epoch
 
 
 class CamVidDataModule(pl.LightningDataModule):
@@ -112,11 +153,10 @@ class CamVidDataModule(pl.LightningDataModule):
         hp = self.hparams
         workers = hp.num_workers
         batch = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
-        sampler = None if train else self._eval_sampler(split)
+        sampler = ResumableShuffle(self.datasets[split], hp.seed, current_epoch(self)) if train else self._eval_sampler(split)
         return DataLoader(
             self.datasets[split],
             batch_size=batch,
-            shuffle=train,
             sampler=sampler,
             # DeepLab's ASPP pooling BatchNorm cannot train on a batch of one; a short last batch can be that.
             drop_last=train,
@@ -124,7 +164,7 @@ class CamVidDataModule(pl.LightningDataModule):
             pin_memory=hp.pin_memory,
             persistent_workers=bool(hp.persistent_workers and workers > 0),
             worker_init_fn=_seed_worker if workers > 0 else None,
-            generator=torch.Generator().manual_seed(hp.seed) if train else None,
+            generator=sampler.generator if train else None,  # the workers' seeds: as the order, per epoch
         )
 
     def _eval_sampler(self, split: str) -> Sampler | None:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from bgremover.data import folder as fd
 from bgremover.data.camvid import _seed_worker, build_transforms, select
 from bgremover.data.classes import MEAN, STD
-from bgremover.data.datamodule import eval_sampler
+from bgremover.data.datamodule import ResumableShuffle, current_epoch, eval_sampler
 
 log = logging.getLogger("bgremover.train")
 
@@ -130,13 +130,13 @@ class FolderDataModule(pl.LightningDataModule):
             log.info("%s images differ in size: evaluated one at a time", split)  # whole images cannot be stacked
             batch = 1
         # under DDP, val/test frames each on one rank, once (CamVidDataModule's rule)
-        sampler = None if train else eval_sampler(self.trainer, ds, split)
-        return DataLoader(ds, batch_size=batch, shuffle=train, sampler=sampler,
+        sampler = ResumableShuffle(ds, hp.seed, current_epoch(self)) if train else eval_sampler(self.trainer, ds, split)
+        return DataLoader(ds, batch_size=batch, sampler=sampler,
                           drop_last=train and len(ds) > hp.batch_size,
                           num_workers=hp.num_workers, pin_memory=hp.pin_memory,
                           persistent_workers=bool(hp.persistent_workers and hp.num_workers > 0),
                           worker_init_fn=_seed_worker if hp.num_workers > 0 else None,
-                          generator=torch.Generator().manual_seed(hp.seed) if train else None)
+                          generator=sampler.generator if train else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

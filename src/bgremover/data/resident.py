@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bgremover.data.camvid import CamVidDataset, CamVidError, read_pair
+from bgremover.data.camvid import CamVidDataset, CamVidError, read_pair, seed_of
 from bgremover.data.classes import VOID
 from bgremover.data.datamodule import CamVidDataModule
 
@@ -122,10 +122,6 @@ def augment(images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, cro
     return x, y
 
 
-def _seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
 class ResidentTrainLoader:
     """Iterable of augmented batches; each `iter()` is one epoch of `len()` batches (last partial one dropped)."""
 
@@ -146,7 +142,7 @@ class ResidentTrainLoader:
         the device: a host-to-device copy from pageable memory would wait for the GPU's queue to drain."""
         rank, world = self._rank_world()
         labels = self.t["labels"]
-        g = torch.Generator(device=labels.device).manual_seed(_seed(self.dm.hparams.seed, epoch))
+        g = torch.Generator(device=labels.device).manual_seed(seed_of(self.dm.hparams.seed, epoch))
         perm = torch.cat([torch.randperm(len(labels), generator=g, device=labels.device)
                           for _ in range(self.dm.hparams.epoch_repeats)])
         return perm[rank::world][: len(perm) // world]
@@ -163,7 +159,7 @@ class ResidentTrainLoader:
             epoch = 0
         order, dev = self.epoch_order(epoch), t["labels"].device
         # Augmentation draws come from a generator on the device too: no copy, no sync per batch.
-        ga = torch.Generator(device=dev).manual_seed(_seed(hp.seed, epoch, rank, 1))
+        ga = torch.Generator(device=dev).manual_seed(seed_of(hp.seed, epoch, rank, 1))
 
         def rand(*shape):
             return torch.rand(*shape, generator=ga, device=dev)
