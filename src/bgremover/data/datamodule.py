@@ -35,15 +35,19 @@ class ResumableShuffle(RandomSampler):
     def __init__(self, data_source, seed: int, epoch_of: Callable[[], int | None]):
         super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
         self.seed, self.epoch_of, self._next_epoch = seed, epoch_of, 0
+        self._follow(epoch_of())  # already here: the workers' seeds are drawn before the first __iter__
 
-    def __iter__(self):
-        epoch = self.epoch_of()
+    def _follow(self, epoch: int | None) -> None:
         if epoch is not None and epoch != self._next_epoch:
             fresh = seed_of(self.seed, epoch)
             self.generator.manual_seed(fresh)
             if hasattr(self.data_source, "reseed"):
                 self.data_source.reseed(fresh)
-        self._next_epoch = (self._next_epoch if epoch is None else epoch) + 1
+            self._next_epoch = epoch
+
+    def __iter__(self):
+        self._follow(self.epoch_of())
+        self._next_epoch += 1
         return super().__iter__()
 
 
