@@ -332,3 +332,48 @@ def test_the_default_models_folder_redoes_the_examples_beside_it(trained, data, 
     assert ship.main([*args, "--models-dir", str(checkout / "models")]) == 0
     assert "redid 1 example cut-out in" in capsys.readouterr().out
     assert (checkout / "examples" / "street.nobg.png").is_file()
+
+
+def test_an_ignored_signal_stays_ignored_during_an_install(tmp_path, monkeypatch):
+    """A process started with SIGINT ignored (a background job of a script: `make ship &`) never stopped on it;
+    signals_held replaced the SIG_IGN with its collector, so a SIGINT to the process group aborted the install."""
+    names, new = old_and_new_sets(tmp_path, examples=False)
+    real, calls = os.replace, []
+
+    def signalled(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ship.os, "replace", signalled)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        try:
+            ship._install(list(zip(new, names, strict=True)))
+        except KeyboardInterrupt:
+            pytest.fail("an ignored SIGINT stopped the install")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert [p.read_text() for p in names] == [f"new {p.name}" for p in names]
+
+
+def test_both_signals_held_are_delivered(monkeypatch):
+    """A Ctrl-C and then a SIGTERM (a supervisor's) while held: the KeyboardInterrupt re-raised for the first
+    stopped the delivery loop, and the SIGTERM was dropped (the process went on unwinding as after a Ctrl-C)."""
+    from bgremover import files
+
+    got = []
+
+    def term(signum, frame):
+        got.append(signum)
+
+    before = signal.signal(signal.SIGTERM, term)
+    try:
+        with pytest.raises(KeyboardInterrupt), files.signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert got == [signal.SIGTERM]

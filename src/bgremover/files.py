@@ -76,12 +76,14 @@ def signals_held() -> Iterator[list[int]]:
         yield []
         return
     came: list[int] = []
-    kinds = (signal.SIGINT, signal.SIGTERM)
+    # an ignored signal (SIG_IGN: a background job's SIGINT) stays ignored: holding it would make it stop the caller
+    kinds = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
     before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in kinds}
     try:
         yield came
     finally:
         for s, handler in before.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        for s in dict.fromkeys(came):
+        # SIGTERM first: Ctrl-C's handler raises KeyboardInterrupt, which would end this loop and drop the SIGTERM
+        for s in sorted(set(came), key=kinds.index):
             signal.raise_signal(s)
