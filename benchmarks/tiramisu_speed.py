@@ -24,6 +24,7 @@ warmed up (or failed, or passed --cell-timeout) they measure one at a time, the 
 measured step shares the device. For the compiled cells on a GPU: FC-DenseNet103's compile took over 250 s on
 one CPU core of a 16-core host, and one device call cannot hold four of them in turn (the timings are the same
 as in turn; only the warm-ups overlap, and the memory of every waiting cell stays held, so choose K to fit).
+With --parallel, --cell-timeout bounds a cell's warm-up (from the start) and its measuring turn (from taking it).
 
 "ours" is the project net with its hand-written (fused) dense blocks; in the compiled modes off the CPU it is the
 net as ``trainer=gpu model.compile=true`` trains it (``dense_blocks=auto``: its textbook layers; see project_blocks).
@@ -212,6 +213,7 @@ def _wait_turn() -> None:
     global _TURN  # the lock is held while its file is open: a local would be closed (and the lock freed) on return
     _TURN = open(Path(folder, "measure.lock"), "w")  # noqa: SIM115 - held until exit, released by the OS
     fcntl.flock(_TURN, fcntl.LOCK_EX)
+    Path(folder, f"turn-{cell}").touch()  # the parent times its measuring from here (--cell-timeout)
 
 
 def _worker_cmd(net: str, impl: str, mode: str, size: str, args: argparse.Namespace) -> tuple[list[str], dict]:
@@ -252,13 +254,20 @@ def run_together(cells: list[tuple[str, str, str, str]], args: argparse.Namespac
                 out, err = Path(folder, f"{i}.out").open("w+"), Path(folder, f"{i}.err").open("w+")
                 print(f"  .. {' '.join(cell)}: started (with {len(batch) - 1} more)", flush=True)
                 procs.append((cell, subprocess.Popen(cmd, stdout=out, stderr=err, env=env), out, err))
-            go, ended, killed = Path(folder, "go"), {}, set()
+            go, ended, killed, turns = Path(folder, "go"), {}, set(), {}
             while any(p.poll() is None for _, p, _, _ in procs):
-                ended |= {i: time.time() for i, (_, p, _, _) in enumerate(procs) if p.poll() is not None and i not in ended}
+                now = time.time()
+                ended |= {i: now for i, (_, p, _, _) in enumerate(procs) if p.poll() is not None and i not in ended}
+                turns |= {i: now for i, (_, p, _, _) in enumerate(procs)
+                          if i not in turns and p.poll() is None and Path(folder, f"turn-{i}").exists()}
                 waiting = [i for i, (_, p, _, _) in enumerate(procs)
-                           if p.poll() is None and not Path(folder, f"ready-{i}").exists()]
-                over = args.cell_timeout is not None and time.time() - t0 > args.cell_timeout
-                for i in waiting if over else []:  # still warming up past the limit: its cell shows "-"
+                           if i not in killed and p.poll() is None and not Path(folder, f"ready-{i}").exists()]
+                over = args.cell_timeout is not None and now - t0 > args.cell_timeout
+                # still warming up past the limit, or measuring for longer than it (hung, holding the lock every
+                # other cell waits on): its cell shows "-"
+                stuck = [i for i, since in turns.items() if i not in killed and procs[i][1].poll() is None
+                         and args.cell_timeout is not None and now - since > args.cell_timeout]
+                for i in (waiting if over else []) + stuck:
                     procs[i][1].kill()
                     killed.add(i)
                     print(f"  ! {' '.join(procs[i][0])}: over --cell-timeout {args.cell_timeout:g} s, skipped",

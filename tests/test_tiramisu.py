@@ -779,3 +779,41 @@ def test_speed_benchmark_compiles_on_a_gpu_what_trainer_gpu_compiles():
     net = FCDenseNet(down_blocks=(1,), up_blocks=(1,), bottleneck_layers=1, dense_blocks="auto")
     blocks = [m for m in net.modules() if isinstance(m, DenseBlock)]
     assert blocks and all(b.uses_plain(torch.device("cuda")) and not b.uses_plain(torch.device("cpu")) for b in blocks)
+
+
+def test_speed_benchmark_parallel_stops_a_cell_that_hangs_in_its_turn(monkeypatch, tmp_path):
+    """--parallel: --cell-timeout only stopped cells still warming up. One that hung while measuring (it holds the
+    measuring lock) was never stopped: the parent polled forever and every cell after it waited on the lock."""
+    import argparse
+    import os
+    import subprocess
+    import threading
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tiramisu_speed.py"
+    spec = importlib.util.spec_from_file_location("tiramisu_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    script = (f"import importlib.util, sys, time\nspec = importlib.util.spec_from_file_location('b', {str(path)!r})\n"
+              "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)\nb._wait_turn()\n"
+              "if sys.argv[1] == 'hang':\n    time.sleep(600)\n"
+              "print('RESULT {\"img_s\": 1, \"peak_mib\": 1, \"step_s\": 1, \"first_step_s\": 1}')\n")
+    procs = []
+    real_popen = subprocess.Popen
+
+    def popen(*a, **k):
+        procs.append(real_popen(*a, **k))
+        return procs[-1]
+
+    monkeypatch.setattr(bench, "_worker_cmd", lambda net, *rest: ([sys.executable, "-c", script, net], dict(os.environ)))
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    args = argparse.Namespace(parallel=2, cell_timeout=8.0)
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(bench.run_together([("hang",) * 4, ("ok",) * 4], args)),
+                              daemon=True)
+    thread.start()
+    thread.join(60)
+    hung = thread.is_alive()
+    for p in procs:
+        p.kill()
+    assert not hung, "run_together never stopped the cell that hung while measuring"
+    assert out[("hang",) * 4] is None and out[("ok",) * 4]["img_s"] == 1
