@@ -70,3 +70,10 @@ def test_eval_logged_to_wandb_goes_offline_by_itself_as_an_eval_run_with_its_con
     assert job_type == "eval"
     assert logged["config"]["ckpt_path"] == str(ckpt) and logged["config"]["split"] == "test"
     assert logged["summary"]["test/mIoU"] is not None
+    # the config it records (W&B's and eval.json's) is the one the run ran with: job type, group, offline (it was
+    # taken before prepare_wandb set them: "train", null, false)
+    import json
+
+    recorded = json.loads((tmp_path / "eval" / "eval.json").read_text())["config"]["logger"]["wandb"]
+    for wb in (logged["config"]["logger"]["wandb"], recorded):
+        assert wb["job_type"] == "eval" and wb["offline"] is True and wb["group"] is not None, wb

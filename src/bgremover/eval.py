@@ -36,8 +36,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("test-time augmentation: %d passes per frame (scales %s, flip %s); these numbers are not the "
                  "single-pass ones a run reports", model.tta.passes, model.tta.scales, model.tta.flip)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    config_dict["model"] = {"net_name": model.hparams.net_name, "net": model.hparams.net_config}  # the checkpoint's
     if task.prepare_wandb(cfg):  # offline by itself without a key, as a training run
         from bgremover import sweep
 
@@ -45,6 +43,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             cfg.logger.wandb.job_type = "eval"
         if cfg.logger.wandb.group is None:
             cfg.logger.wandb.group = sweep.sweep_group(cfg)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)  # after the W&B settings above: as the run ran
+    config_dict["model"] = {"net_name": model.hparams.net_name, "net": model.hparams.net_config}  # the checkpoint's
     loggers = utils.instantiate_loggers(cfg.get("logger"))
     for logger in loggers:  # which checkpoint, split and data: the run said nothing of what it evaluated
         logger.log_hyperparams(config_dict)
