@@ -67,6 +67,7 @@ MODES = ("fp32", "cl", "bf16", "compiled", "compiled-fp32", "memeff", "memeff-cl
 WARMUP = 2  # eager warm-up steps (allocator, oneDNN primitive caches)
 COMPILE_WARMUP = 3  # compiled warm-up steps (compilation, then recompilation-free steady state)
 _TURN = None  # --parallel: this worker's measuring lock, once it holds it
+_PARENT = os.getppid()  # a worker's parent as it started: if it changes, the parent was killed
 SYNC_ENV = "TIRAMISU_SPEED_SYNC"  # --parallel: "<folder>:<cell id>", where a worker says it is warm and waits its turn
 IGNORE_INDEX = 11  # CamVid void label
 
@@ -209,6 +210,8 @@ def _wait_turn() -> None:
     folder, cell = sync.rsplit(":", 1)
     Path(folder, f"ready-{cell}").touch()
     while not Path(folder, "go").exists():
+        if os.getppid() != _PARENT:  # the parent was killed (this worker was handed to init): do not wait forever
+            sys.exit("tiramisu_speed --parallel: the parent process ended; stopping")
         time.sleep(0.2)
     global _TURN  # the lock is held while its file is open: a local would be closed (and the lock freed) on return
     _TURN = open(Path(folder, "measure.lock"), "w")  # noqa: SIM115 - held until exit, released by the OS

@@ -30,7 +30,9 @@ class ResumableShuffle(RandomSampler):
     draws from a seed of that epoch, the augmentations (num_workers=0) and the workers' seeds (drawn from this
     generator as they start) included. The epoch is read when iterating: Lightning builds the loader before the
     checkpoint's epoch is restored, and its workers start before it calls a sampler's set_epoch. Lightning's DDP
-    swaps a RandomSampler (this one too) for a DistributedSampler, which follows the epoch by itself."""
+    swaps a RandomSampler (this one too) for a DistributedSampler, which follows the epoch by itself. With
+    `trainer.reload_dataloaders_every_n_epochs`, each rebuilt loader draws from its epoch's seed (it drew epoch 0's
+    order again each time)."""
 
     def __init__(self, data_source, seed: int, epoch_of: Callable[[], int | None]):
         super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
@@ -54,7 +56,8 @@ class ResumableShuffle(RandomSampler):
 def current_epoch(dm: pl.LightningDataModule) -> Callable[[], int | None]:
     """The epoch of the trainer `dm` is attached to when called (None without one). A resume's loader is first
     iterated while the optimizers are set up (`estimated_stepping_batches`), after Lightning has read the checkpoint
-    and before it restores the loops (current_epoch still 0); the checkpoint it holds says the epoch then."""
+    and before it restores the loops (current_epoch still 0); the checkpoint it holds says the epoch then (a
+    private attribute of Lightning 2.6: tests/test_resume.py's resumed-batches test fails if it moves)."""
     from bgremover.checkpoint import epochs_trained
 
     def epoch() -> int | None:
