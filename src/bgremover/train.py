@@ -274,8 +274,9 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
 
 
 def _cut_validations(history: list[dict], val_split: dict) -> dict:
-    """A validation interrupted (Ctrl-C) and resumed finishes over the frames it had left: Lightning restores its
-    place, not the metric states of the frames before. Such epochs are named (`cut_epochs`), and where the best
+    """A validation interrupted (Ctrl-C) and resumed finished over the frames it had left: Lightning restores its
+    place, not the metric states of the frames before (last.ckpt now restarts it: LastCheckpoint; a checkpoint
+    written before that still resumes this way). Such epochs are named (`cut_epochs`), and where the best
     epoch is one of them the run's val numbers are PARTIAL: it was picked by a score over part of the split (a
     user audit: val/frames 8, 10, 10 and the 8-frame epoch picked, without a word)."""
     of = val_split.get("of")

@@ -85,7 +85,15 @@ class LastCheckpoint(Checkpoint):
         interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
         # one process only: a collective save while other ranks are being torn down could hang
         if interrupted and not trainer.fast_dev_run and trainer.world_size == 1 and trainer.global_step > 0:
-            self._save(trainer, link_allowed=False)
+            self._validate_again = _inside_a_validation(trainer)
+            try:
+                self._save(trainer, link_allowed=False)
+            finally:
+                self._validate_again = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if getattr(self, "_validate_again", False):
+            _restart_the_validation(checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"])
 
     def _save(self, trainer: pl.Trainer, link_allowed: bool = True) -> None:
         if trainer.global_step == self._saved_step:
@@ -116,6 +124,28 @@ class LastCheckpoint(Checkpoint):
             return None
         best = Path(cb.best_model_path)
         return best if best.is_file() and best.parent == Path(cb.dirpath) else None
+
+
+def _inside_a_validation(trainer: pl.Trainer) -> bool:
+    """Whether an interrupt came inside a fit's validation, before its last val batch was done."""
+    if trainer.state.fn != TrainerFn.FITTING or not trainer.validating or trainer.sanity_checking:
+        return False
+    done = trainer.fit_loop.epoch_loop.val_loop.batch_progress.current.completed
+    return done < sum(trainer.num_val_batches)
+
+
+def _restart_the_validation(progress: dict) -> None:
+    """An interrupted validation's saved progress, as if it had been interrupted in its first batch: the resume
+    validates the epoch again over the whole split. Lightning restores the place, not the metric states of the
+    frames before it: a Ctrl-C inside a val batch resumed over the frames left (a 2-of-4-frame score picked the
+    exported remover), one between val batches skipped the epoch's validation (the epoch missing from the history)."""
+    done = progress["current"]["completed"]
+    for part in ("total", "current"):
+        counts = progress[part]
+        kept = counts["completed"] - done
+        # started one batch past processed: Lightning's "restarted mid-evaluation", which validates on from here
+        counts.update(ready=kept + 1, started=kept + 1, processed=kept, completed=kept)
+    progress["is_last_batch"] = False
 
 
 def _ends_after_this_step(trainer: pl.Trainer, last_batch: bool) -> bool:

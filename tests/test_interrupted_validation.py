@@ -1,0 +1,36 @@
+"""Ctrl-C or SIGTERM inside a validation, then the printed resume: the resumed run validates that epoch again over
+the whole val split. Lightning restores the validation's place, not the metric states of its frames: a Ctrl-C
+inside a val batch gave a resume that finished over the frames left (a 2-of-4-frame score picked the exported
+remover), one between val batches a resume that skipped the epoch's validation (the epoch missing from the history,
+its weights never a candidate) — a `make remover` audit."""
+
+from __future__ import annotations
+
+import pytest
+from test_runs import TINY_RUN
+from test_train import compose_cfg
+
+from bgremover.lit import SegmentationModule
+from bgremover.train import RunInterrupted, train
+
+
+@pytest.mark.parametrize("hook", ["validation_step", "on_validation_batch_start"])
+def test_a_validation_interrupted_is_done_again_whole_on_resume(small_camvid, tmp_path, monkeypatch, hook):
+    real = getattr(SegmentationModule, hook)
+
+    def interrupted(self, batch, batch_idx, *args, **kwargs):  # epoch 1's second val frame (of 2)
+        if self.current_epoch == 1 and batch_idx == 1 and not self.trainer.sanity_checking:
+            raise KeyboardInterrupt
+        return real(self, batch, batch_idx, *args, **kwargs)
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=3",
+            "trainer.num_sanity_val_steps=0", "hydra.run.dir=" + str(tmp_path / "run")]
+    monkeypatch.setattr(SegmentationModule, hook, interrupted)
+    with pytest.raises(RunInterrupted) as stop:
+        train(compose_cfg(tmp_path / "run", base))
+    assert stop.value.epoch == 1
+    monkeypatch.setattr(SegmentationModule, hook, real)
+    _, objects = train(compose_cfg(tmp_path / "run", [*base, f"ckpt_path={stop.value.last_ckpt}"]))
+    history = objects["model"].history
+    assert [h["epoch"] for h in history] == [0, 1, 2], history
+    assert [h["val/frames"] for h in history] == [2, 2, 2], history
