@@ -7,7 +7,8 @@ Trains `experiments/<exp>.yaml` (default: DeepLabV3+/MobileNetV2 fine-tuned from
 progress bar show as it runs, and its config checks refuse a bad folder before training — then exports the best
 epoch to `<run>/remover.onnx`, scores it on the held-out images as `make eval-cutout` does, and prints those
 numbers and the commands that use the model. Exit status: the training's when it failed (its `error:` line says
-why), 1 when the export or the scoring failed, else 0.
+why), 1 when the export or the scoring failed, 130/143 when Ctrl-C/SIGTERM stopped them (one line: the commands
+that finish the run), else 0.
 """
 
 from __future__ import annotations
@@ -118,6 +119,15 @@ def finish_command(run: Path, data: Path, best_ckpt: str = "{best_ckpt}") -> str
             f"{score_command(run, data, run / MODEL_NAME)}")
 
 
+class Terminated(BaseException):
+    """SIGTERM after the training: it stops the export or the scoring as Ctrl-C does (a BaseException like
+    KeyboardInterrupt: the export reports an Exception as its own failure, "export failed: Terminated")."""
+
+
+def _terminated(*_) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m bgremover.train_remover", description=__doc__.splitlines()[0])
     p.add_argument("data", help="your folder: images/ + masks/, or train|val|test/{images,masks}")
@@ -164,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return rc or 130
     if rc != 0:
         return rc
+    # the training is over: passed on to it, a SIGTERM was ignored and the export and scoring went on (exit 0)
+    signal.signal(signal.SIGTERM, _terminated)
     best = None
     try:
         summary = json.loads((run / SUMMARY_NAME).read_text())
@@ -177,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         held = score_held_out(run, data, result["path"])
     except (UserError, OSError, ValueError) as e:
         return errors.report(e)
-    except KeyboardInterrupt:  # was a bare traceback, with nothing said of the finished training
-        return errors.report(f"interrupted after training finished; finish with: {finish_command(run, data, best)}"
-                             if best else "interrupted before the run's summary was read", code=130)
+    except (KeyboardInterrupt, Terminated) as e:  # was a bare traceback, with nothing said of the finished training
+        how = "interrupted by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        return errors.report(f"{how} after training finished; finish with: {finish_command(run, data, best)}"
+                             if best else f"{how} before the run's summary was read",
+                             code=143 if isinstance(e, Terminated) else 130)
     print(report(run, data, result["path"], summary, result["agreement"], held))
     return 0
 

@@ -1,0 +1,57 @@
+"""`make remover` stopped by SIGTERM after its training (a job scheduler, `kill`): as Ctrl-C, one line with the
+commands that finish the run, exit 143 — it was passed on to the finished training and ignored, so the export and
+the scoring went on and the run exited 0 (a `make remover` audit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+from test_folder import write_folder
+
+
+@pytest.mark.parametrize("stage", ["export", "score"])
+def test_sigterm_after_the_training_stops_the_export_or_the_scoring(tmp_path, monkeypatch, capsys, stage):
+    from bgremover import export, train_remover
+
+    folder, run = write_folder(tmp_path / "data"), tmp_path / "run"
+    best = run / "checkpoints" / "epoch_003.ckpt"
+
+    class Done:  # the training, finished: its run folder and summary
+        def __init__(self, *args, **kwargs):
+            best.parent.mkdir(parents=True)
+            best.write_bytes(b"")
+            (run / "summary.json").write_text(json.dumps({"status": "ok", "best_ckpt": str(best)}))
+
+        def wait(self):
+            return 0
+
+        def send_signal(self, signum):  # to a finished process: nothing happens
+            pass
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError(f"the {stage} went on after SIGTERM")
+
+    monkeypatch.setattr(subprocess, "Popen", Done)
+    if stage == "export":  # inside the real export: it reported an Exception as its failure, exit 1
+        monkeypatch.setattr(export, "load_checkpoint_net", lambda path: (torch.nn.Identity(), {}))
+        monkeypatch.setattr(export, "onnx_metadata", lambda meta: {})
+        monkeypatch.setattr(export, "_write_onnx", terminated)
+    else:
+        monkeypatch.setattr(export, "load_checkpoint_net", lambda path: (None, {}))
+        monkeypatch.setattr(export, "export_onnx", lambda *a: {"path": run / "remover.onnx", "agreement": ""})
+        monkeypatch.setattr(train_remover, "score_held_out", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert train_remover.main([str(folder), "--run-dir", str(run)]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    (line,) = capsys.readouterr().err.strip().splitlines()[1:]
+    assert line == ("error: interrupted by SIGTERM after training finished; finish with: "
+                    + train_remover.finish_command(run, folder.resolve(), str(best)))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "summary.json"]  # no remover.onnx, whole or half
