@@ -656,15 +656,10 @@ def test_ckpt_init_from_camvid_net_reinitialises_only_the_classifier(folder, tmp
     assert all(own[k].shape != ref[k].shape for k in head)
 
 
-def test_ctrl_c_while_make_remover_exports_says_how_to_finish(folder, tmp_path, monkeypatch, capsys):
-    """Ctrl-C after the training, while the model was exported or scored, was a bare traceback with no word of
-    the finished training; now one line with the commands that finish it (export, then score), exit 130."""
-    from bgremover import export, train_remover
+def finished_training(run: Path, best: Path) -> type:
+    """A stand-in for make remover's training process, finished: its run folder, best checkpoint and summary."""
 
-    run = tmp_path / "a run"
-    best = run / "checkpoints" / "epoch_003.ckpt"
-
-    class Done:  # the training, finished: its run folder and summary
+    class Done:
         def __init__(self, *args, **kwargs):
             best.parent.mkdir(parents=True)
             best.write_bytes(b"")
@@ -673,7 +668,20 @@ def test_ctrl_c_while_make_remover_exports_says_how_to_finish(folder, tmp_path, 
         def wait(self):
             return 0
 
-    monkeypatch.setattr(subprocess, "Popen", Done)
+        def send_signal(self, signum):  # to a finished process: nothing happens
+            pass
+
+    return Done
+
+
+def test_ctrl_c_while_make_remover_exports_says_how_to_finish(folder, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the training, while the model was exported or scored, was a bare traceback with no word of
+    the finished training; now one line with the commands that finish it (export, then score), exit 130."""
+    from bgremover import export, train_remover
+
+    run = tmp_path / "a run"
+    best = run / "checkpoints" / "epoch_003.ckpt"
+    monkeypatch.setattr(subprocess, "Popen", finished_training(run, best))
     monkeypatch.setattr(export, "load_checkpoint_net", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert train_remover.main([str(folder), "--run-dir", str(run)]) == 130
     (line,) = capsys.readouterr().err.strip().splitlines()[1:]

@@ -4,14 +4,13 @@ the scoring went on and the run exited 0 (a `make remover` audit)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 
 import pytest
 import torch
-from test_folder import write_folder
+from test_folder import finished_training, write_folder
 
 
 @pytest.mark.parametrize("stage", ["export", "score"])
@@ -21,23 +20,11 @@ def test_sigterm_after_the_training_stops_the_export_or_the_scoring(tmp_path, mo
     folder, run = write_folder(tmp_path / "data"), tmp_path / "run"
     best = run / "checkpoints" / "epoch_003.ckpt"
 
-    class Done:  # the training, finished: its run folder and summary
-        def __init__(self, *args, **kwargs):
-            best.parent.mkdir(parents=True)
-            best.write_bytes(b"")
-            (run / "summary.json").write_text(json.dumps({"status": "ok", "best_ckpt": str(best)}))
-
-        def wait(self):
-            return 0
-
-        def send_signal(self, signum):  # to a finished process: nothing happens
-            pass
-
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError(f"the {stage} went on after SIGTERM")
 
-    monkeypatch.setattr(subprocess, "Popen", Done)
+    monkeypatch.setattr(subprocess, "Popen", finished_training(run, best))
     if stage == "export":  # inside the real export: it reported an Exception as its failure, exit 1
         monkeypatch.setattr(export, "load_checkpoint_net", lambda path: (torch.nn.Identity(), {}))
         monkeypatch.setattr(export, "onnx_metadata", lambda meta: {})
