@@ -668,8 +668,8 @@ def finished_training(run: Path, best: Path) -> type:
         def wait(self):
             return 0
 
-        def send_signal(self, signum):  # to a finished process: nothing happens
-            pass
+        def send_signal(self, signum):
+            """To a finished process: nothing happens."""
 
     return Done
 

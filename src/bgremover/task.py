@@ -4,6 +4,7 @@ a run that did nothing removed again."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
@@ -28,11 +29,9 @@ def wandb_mode() -> str:
         return "offline" if mode == "dryrun" else ("online" if mode == "run" else mode)
     if os.environ.get("WANDB_API_KEY"):
         return "online"
-    try:
+    with contextlib.suppress(OSError, netrc.NetrcParseError):  # no ~/.netrc, or one W&B cannot read: offline
         if netrc.netrc().authenticators("api.wandb.ai"):
             return "online"
-    except (OSError, netrc.NetrcParseError):
-        pass
     return "offline"
 
 
@@ -106,9 +105,8 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
         if empty is not None:
             finish_wandb(exit_code, announce=False)  # its offline run goes with the folder: no `wandb sync` line
             _remove_run_dir(empty)
-        elif nothing and not is_multirun() and config.restore_run_record():
-            pass  # a refused resume in place: the run's own record stays as it was
-        else:
+        # a refused resume in place gets the run's own record back (restore_run_record) instead of a stub
+        elif not (nothing and not is_multirun() and config.restore_run_record()):
             write_json_atomic(out_dir / SUMMARY_NAME, summary)
         raise
     finally:
