@@ -91,8 +91,10 @@ class LastCheckpoint(Checkpoint):
             finally:
                 self._validate_again = False
 
+    _validate_again = False  # during an interrupt's save inside a validation: the saved val loop restarts it
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if getattr(self, "_validate_again", False):
+        if self._validate_again:
             _restart_the_validation(checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"])
 
     def _save(self, trainer: pl.Trainer, link_allowed: bool = True) -> None:
