@@ -2,13 +2,16 @@
 
 One pair of ranks is spawned for the whole module (spawning costs seconds, the cases themselves do not): it
 runs every case below and saves what each rank saw; the tests compare that with the same case run here in
-one process, without a process group, on the concatenated batch. The last case is Lightning's own DDP
-(evaluation on a tiny synthetic CamVid), with the ranks started outside Lightning as torchrun or SLURM would.
+one process, without a process group, on the concatenated batch. The last cases are Lightning's own DDP
+(evaluation on a tiny synthetic CamVid; the train batches each rank augments), with the ranks started outside
+Lightning as torchrun or SLURM would.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -175,6 +178,42 @@ def lightning_case(rank: int, world: int, spec: dict) -> dict:
             "test": {k: float(v) for k, v in trainer.callback_metrics.items()}}
 
 
+class _Batches(pl.LightningModule):
+    """Keeps the train batches it is given; one weight, so DDP has a gradient to reduce."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[0].clone())
+        return (self.w * batch[0]).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+AUGMENT = {"batch_size": 1, "crop_size": (32, 32), "hflip": 0.5, "scale_jitter": 0.3, "color_jitter": 0.3,
+           "persistent_workers": False, "seed": 7}
+
+
+def augmentation_case(rank: int, world: int, root: str) -> dict[int, torch.Tensor]:
+    """The first train batches this rank's loader gives in Lightning's DDP (its DistributedSampler swapped in),
+    with num_workers 0 and 1, on frames that are all one image: only the augmentation can tell them apart."""
+    from bgremover.data import CamVidDataModule
+
+    seen = {}
+    for workers in (0, 1):
+        model = _Batches()
+        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_epochs=1,
+                             limit_train_batches=2, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, datamodule=CamVidDataModule(root=root, num_workers=workers, **AUGMENT))
+        seen[workers] = torch.stack(model.seen)
+    return seen
+
+
 CASES = {
     "block": lambda r, w: block_case(r, w),
     "block_memory_efficient_channels_last": lambda r, w: block_case(r, w, memory_efficient=True, channels_last=True),
@@ -190,6 +229,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, spec: dict) -> None:
     try:
         results = {name: case(rank, world) for name, case in CASES.items()}
         results["lightning"] = lightning_case(rank, world, spec)
+        results["augmentation"] = augmentation_case(rank, world, spec["one_frame_root"])
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -223,6 +263,12 @@ def lightning_spec(tmp_path_factory) -> dict:
     torch.save(instantiate(spec["model"], _convert_="all").state_dict(), spec["weights"])
     labels = [np.asarray(Image.open(p)) for p in sorted((root / "testannot").glob("*.png"))]
     spec["test_pixels"] = int(sum((lab != VOID).sum() for lab in labels))
+    # a CamVid whose train frames are copies of one: every rank's batches differ by their augmentation only
+    one_frame = write_camvid(tmp / "OneFrame", counts={"train": 4, "val": 1, "test": 1})
+    for image in sorted((one_frame / "train").glob("*.png"))[1:]:
+        shutil.copy(one_frame / "train" / "train_000.png", image)
+        shutil.copy(one_frame / "trainannot" / "train_000.png", one_frame / "trainannot" / image.name)
+    spec["one_frame_root"] = str(one_frame)
     return spec
 
 
@@ -299,6 +345,22 @@ def test_lightning_ddp_history_is_the_one_process_history(ranks, one_process) ->
         assert history[0].keys() == one[0].keys()
         for key, value in one[0].items():
             assert history[0][key] == pytest.approx(value, rel=1e-6, abs=1e-7), f"rank {r} {key}"
+
+
+def test_ddp_ranks_augment_with_draws_of_their_own(ranks, lightning_spec) -> None:
+    """Every rank's loader had the run's seed and one generator, so each rank cropped, flipped and jittered its
+    frames with the same draws as every other (Lightning's seed_everything(workers=True) mixes the rank in; the
+    datamodule's own worker seeding had taken its place). Now rank 0 draws as one process does, the others anew."""
+    from bgremover.data import CamVidDataModule
+
+    for workers in (0, 1):
+        dm = CamVidDataModule(root=lightning_spec["one_frame_root"], num_workers=workers, **AUGMENT)
+        one = torch.stack([x for x, _ in itertools.islice(dm.train_dataloader(), 2)])
+        first, second = (r["augmentation"][workers] for r in ranks)
+        assert first.shape == second.shape == one.shape == (2, 1, 3, 32, 32)
+        assert torch.equal(first, one), f"num_workers={workers}: rank 0 no longer draws as one process"
+        for k in range(2):
+            assert not torch.equal(first[k], second[k]), f"num_workers={workers}: batch {k} drawn alike on both ranks"
 
 
 def test_eval_loaders_give_each_rank_its_frames_without_repeats(tmp_path) -> None:

@@ -209,6 +209,24 @@ def test_ddp_ranks_take_disjoint_shards(tiny_camvid):
     assert sorted(full.tolist()) == sorted(list(range(4)) * 3)
 
 
+def test_ddp_ranks_augment_with_draws_of_their_own(tmp_path):
+    """Frames that are all one image: rank 0's and rank 1's batches differ by their augmentation draws only (as
+    CamVidDataModule's under DDP, tests/test_ddp.py), and each rank's draws repeat for its epoch."""
+    import shutil
+
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 4, "val": 1, "test": 1})
+    for name in ("train_001.png", "train_002.png", "train_003.png"):
+        shutil.copy(root / "train" / "train_000.png", root / "train" / name)
+        shutil.copy(root / "trainannot" / "train_000.png", root / "trainannot" / name)
+    dm = _dm(root, hflip=0.5)
+    batches = []
+    for rank in (0, 1, 1):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=2, overfit_batches=0)
+        batches.append(next(iter(dm.train_dataloader()))[0])
+    assert not torch.equal(batches[0], batches[1])
+    assert torch.equal(batches[1], batches[2])
+
+
 def test_val_and_test_equal_the_dataloader_path(tiny_camvid):
     kw = {"root": str(tiny_camvid), "batch_size": 2, "eval_batch_size": 2, "num_workers": 0}
     resident, plain = ResidentCamVidDataModule(**kw), CamVidDataModule(**kw)

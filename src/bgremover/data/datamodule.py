@@ -16,6 +16,7 @@ from bgremover.data.camvid import (
     build_transforms,
     list_pairs,
     median_frequency_weights,
+    rank_seed,
     resolve_root,
     seed_of,
     train_splits,
@@ -32,16 +33,24 @@ class ResumableShuffle(RandomSampler):
     checkpoint's epoch is restored, and its workers start before it calls a sampler's set_epoch. Lightning's DDP
     swaps a RandomSampler (this one too) for a DistributedSampler, which follows the epoch by itself. With
     `trainer.reload_dataloaders_every_n_epochs`, each rebuilt loader draws from its epoch's seed (it drew epoch 0's
-    order again each time)."""
+    order again each time).
 
-    def __init__(self, data_source, seed: int, epoch_of: Callable[[], int | None]):
-        super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
-        self.seed, self.epoch_of, self._next_epoch = seed, epoch_of, 0
+    `rank` (DDP's global rank): the DistributedSampler gives the ranks different frames, but every rank had this
+    generator and augmentation seed, so each cropped, flipped and jittered its frames with the very draws of the
+    others (Lightning's own worker seeding, seed_everything(workers=True), mixes the rank in; the datamodules'
+    _seed_worker takes its place). A rank other than 0 draws from seeds of its own (`rank_seed`); rank 0, and so a
+    single process, draws as before."""
+
+    def __init__(self, data_source, seed: int, epoch_of: Callable[[], int | None], rank: int = 0):
+        super().__init__(data_source, generator=torch.Generator().manual_seed(rank_seed(seed, rank)))
+        self.seed, self.epoch_of, self.rank, self._next_epoch = seed, epoch_of, rank, 0
+        if rank and hasattr(data_source, "reseed"):  # num_workers=0: setup() seeded them with `seed` alone
+            data_source.reseed(rank_seed(seed, rank))
         self._follow(epoch_of())  # already here: the workers' seeds are drawn before the first __iter__
 
     def _follow(self, epoch: int | None) -> None:
         if epoch is not None and epoch != self._next_epoch:
-            fresh = seed_of(self.seed, epoch)
+            fresh = rank_seed(seed_of(self.seed, epoch), self.rank)
             self.generator.manual_seed(fresh)
             if hasattr(self.data_source, "reseed"):
                 self.data_source.reseed(fresh)
@@ -68,6 +77,11 @@ def current_epoch(dm: pl.LightningDataModule) -> Callable[[], int | None]:
         return max(trainer.current_epoch, epochs_trained(loaded) if loaded else 0)
 
     return epoch
+
+
+def global_rank(dm: pl.LightningDataModule) -> int:
+    """The DDP rank of the process `dm`'s trainer runs in: 0 in a single process, or without a trainer."""
+    return dm.trainer.global_rank if dm.trainer is not None else 0
 
 
 class CamVidDataModule(pl.LightningDataModule):
@@ -160,7 +174,8 @@ class CamVidDataModule(pl.LightningDataModule):
         hp = self.hparams
         workers = hp.num_workers
         batch = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
-        sampler = ResumableShuffle(self.datasets[split], hp.seed, current_epoch(self)) if train else self._eval_sampler(split)
+        sampler = (ResumableShuffle(self.datasets[split], hp.seed, current_epoch(self), global_rank(self)) if train
+                   else self._eval_sampler(split))
         return DataLoader(
             self.datasets[split],
             batch_size=batch,
