@@ -85,6 +85,43 @@ def test_callbacks_ema_checkpoints_the_average_and_resumes_from_the_raw_weights(
 
 
 
+def test_a_resume_without_callbacks_ema_is_refused_and_with_it_trains_on_from_the_raw_weights(small_camvid, tmp_path):
+    """An EMA checkpoint resumed without callbacks=ema trained on from the average (the state_dict Lightning loads),
+    with the raw weights' optimizer moments, and its checkpoints dropped the raw weights: silently. Now it is one
+    line naming callbacks=ema; with callbacks=ema the first step starts from the raw weights."""
+    from bgremover import config
+    from bgremover.errors import UserError
+    from bgremover.lit.module import SegmentationModule
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "a", [*base, "callbacks=ema", "callbacks.ema.decay=0.5", "trainer.max_epochs=2"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    more = [*base, "trainer.max_epochs=3", f"ckpt_path={last}"]
+    for callbacks in ("callbacks=default", "callbacks=none"):
+        with pytest.raises(UserError) as info:
+            config.validate_train(compose_cfg(tmp_path / "b", [*more, callbacks]))
+        assert str(info.value) == (f"ckpt_path {last} was trained with callbacks=ema (its weights are the moving "
+                                   "average, the raw ones kept beside them): add callbacks=ema to resume it, or start "
+                                   f"a new run from the average with ckpt_init={last}")
+    assert not (tmp_path / "b").exists()
+
+    ckpt = torch.load(last, weights_only=False)
+    raw, avg = _net_tensors(ckpt["current_model_state"]), _net_tensors(ckpt["state_dict"])
+    start: dict = {}
+    real = SegmentationModule.training_step
+
+    def first_step(self, batch, batch_idx):
+        if not start:  # the weights the first step trains from
+            start.update(_net_tensors({k: v.detach().clone() for k, v in self.state_dict().items()}))
+        return real(self, batch, batch_idx)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SegmentationModule, "training_step", first_step)
+        train(compose_cfg(tmp_path / "c", [*more, "callbacks=ema", "callbacks.ema.decay=0.5"]))
+    assert start.keys() == raw.keys() and all(torch.equal(start[k], raw[k]) for k in raw)
+    assert any(not torch.equal(raw[k], avg[k]) for k in raw)  # the two differ: the start tells them apart
+
+
 def test_last_ckpt_at_the_end_keeps_the_raw_weights_beside_the_ema_average(tmp_path):
     """every_epoch=False saved at on_train_end, after callbacks=ema had copied the average over the raw weights:
     the checkpoint's current_model_state (what a resume trains on) was the average too."""

@@ -1,9 +1,10 @@
 """What a run started from a checkpoint keeps of it (ckpt_path: a resume, or train=false / eval testing it).
 
-A resume needs the net its checkpoint saved and something left to train (epochs, steps, clocks); it goes on with
-the checkpoint's optimizer, which Lightning restores whatever the command says; and a folder run keeps the split
-its run drew. Each was a quietly wrong number before: an "ok" run that trained nothing, a recorded learning rate
-that never ran, held-out images trained on.
+A resume needs the net its checkpoint saved, the weight averaging it was trained with (callbacks=ema), and something
+left to train (epochs, steps, clocks); it goes on with the checkpoint's optimizer, which Lightning restores whatever
+the command says; and a folder run keeps the split its run drew. Each was a quietly wrong number before: an "ok"
+run that trained nothing, a run that trained on from the average and dropped the raw weights, a recorded learning
+rate that never ran, held-out images trained on.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def check(cfg: DictConfig, model) -> None:
                         f"({count(steps, 'step')}): with "
                         f"trainer.max_epochs={max_epochs} and trainer.max_steps={max_steps} nothing is left to "
                         "train; raise them to go on, or test it with train=false")
+    # callbacks=ema checkpoints the moving average as the state_dict, the raw weights beside it (current_model_state):
+    # only a weight-averaging callback puts the raw ones back, so without it the resume trained on from the average
+    # (with the raw weights' optimizer moments), and its checkpoints held the raw weights no more
+    if "current_model_state" in ckpt and not _averages_weights(cfg):
+        raise UserError(f"ckpt_path {cfg.ckpt_path} was trained with callbacks=ema (its weights are the moving "
+                        "average, the raw ones kept beside them): add callbacks=ema to resume it, or start a new run "
+                        f"from the average with ckpt_init={cfg.ckpt_path}")
     # the clocks go on across a resume (Lightning's Timer, TimeToMIoU's budget): a spent one stopped the resumed
     # run at once, which then tested and wrote an "ok" run like the case above
     states = ckpt.get("callbacks") or {}
@@ -72,6 +80,23 @@ def check(cfg: DictConfig, model) -> None:
         if limit is not None and isinstance(spent, int | float) and spent >= limit:
             raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {spent:.0f} s, and {key} allows {limit:.0f} s "
                             "in all: nothing is left to train; raise it to go on, or test it with train=false")
+
+
+def _averages_weights(cfg: DictConfig) -> bool:
+    """Whether one of the run's callbacks is a Lightning weight averaging (callbacks=ema's EMAWeights is one)."""
+    from hydra.utils import get_class
+    from pytorch_lightning.callbacks import WeightAveraging
+
+    for cb in (cfg.get("callbacks") or {}).values():
+        if not isinstance(cb, DictConfig) or not cb.get("_target_"):
+            continue
+        try:
+            cls = get_class(cb._target_)
+        except Exception:  # an unknown class: Hydra's own error names it when it is built
+            continue
+        if issubclass(cls, WeightAveraging):
+            return True
+    return False
 
 
 def adopt_optimizer(cfg: DictConfig) -> None:
