@@ -30,7 +30,7 @@ pytest.importorskip("uvicorn", reason="bgremover-serve needs uvicorn and starlet
 import uvicorn  # noqa: E402
 
 from bgremover.predict import BackgroundRemover, encode_png  # noqa: E402
-from bgremover.serve import Service, _parser, cors_origins, cpu_count, create_app, server_config  # noqa: E402
+from bgremover.serve import ApiError, Service, _parser, cors_origins, cpu_count, create_app, server_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "0001TP_008910.jpg"  # a real CamVid test frame, 480x360
@@ -142,7 +142,7 @@ def remover() -> BackgroundRemover:
 
 @pytest.fixture(scope="module")
 def server(remover):
-    service = Service(remover, workers=2, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=8)
+    service = Service(remover, workers=2, max_bytes=MAX_BYTES, queue=8)
     with live_server(service) as base:
         yield base
 
@@ -280,7 +280,7 @@ def test_a_big_file_part_without_filename_is_the_image(remover):
     Image.fromarray(noise).save(buf, "PNG")
     data = buf.getvalue()
     assert len(data) > 1024 * 1024
-    service = Service(remover, workers=1, max_bytes=4_000_000, max_pixels=MAX_PIXELS)
+    service = Service(remover, workers=1, max_bytes=4_000_000)
     with live_server(service) as base:
         status, _, got = request(base, "POST", "/remove", *multipart(data, filename=None))
     assert status == 200, got[:300]
@@ -291,7 +291,7 @@ def test_rembg_alpha_matting_parameters_are_checked_and_ignored(remover, caplog)
     """rembg's clients send af/ab/ae with `a`; they were refused (422 unknown parameter) while bgremover-predict
     takes -af/-ab/-ae and says it ignores them. Now checked as rembg checks them (integers; af, ab up to 255),
     ignored, named in each answer's X-Ignored-Parameters and logged once."""
-    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES)
     refined = encode_png(remover.remove(EXAMPLE, refine=True))
     with live_server(service) as base, caplog.at_level("WARNING", logger="bgremover.serve"):
         status, headers, body = request(base, "POST", "/api/remove?a=1&af=240&ab=10&ae=10", *multipart(JPEG))
@@ -356,7 +356,7 @@ def test_cors_is_off_unless_asked(server, remover):
     status, headers, _ = request(server, "POST", "/remove", JPEG, {"Origin": "https://app.example",
                                                                    "Content-Type": "application/octet-stream"})
     assert status == 200 and "access-control-allow-origin" not in headers
-    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES)
     with live_server(service, cors=("https://app.example",)) as base:
         status, headers, _ = request(base, "OPTIONS", "/api/remove", headers=PREFLIGHT)
         assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
@@ -404,7 +404,7 @@ BAD = [  # (id, send, data, query, status, substring of the error)
     ("over-bytes-multipart", post_file, os.urandom(MAX_BYTES), "", 413, "--max-bytes"),
     ("over-bytes-chunked", lambda b, d, q: post_raw(b, d, chunked=True), os.urandom(MAX_BYTES + 10), "", 413,
      "--max-bytes"),
-    ("over-pixels", post_file, _flat_png(1250, 801), "", 413, "1250x801 = 1,001,250 pixels, over the limit"),
+    ("over-pixels", post_file, _flat_png(1250, 801), "", 413, "1250x801 = 1,001,250 pixels exceeds the limit of 1,000,000 (raise --max-pixels"),
     ("decompression-bomb", post_raw, png_bomb(100_000, 100_000), "", 413, "pixels"),
     ("unknown-class", post_raw, JPEG, "?classes=Car,Dog", 422,
      "unknown class name(s) Dog; valid names: Sky, Building, Pole, Road, Sidewalk, Tree, SignSymbol, Fence, Car, "
@@ -452,6 +452,29 @@ def test_still_serving_after_bad_requests(server, remover):
     assert status == 200 and np.array_equal(np.asarray(png_image(body)), np.asarray(remover.remove(EXAMPLE)))
 
 
+def test_pixel_limit_is_the_predictors(remover, monkeypatch):
+    """--max-pixels decides in the server as in bgremover-predict: Pillow's own ceiling (an error past 2x
+    MAX_IMAGE_PIXELS, ~179 Mpx) answered 413 "possible decompression bomb" for images --max-pixels allowed, which
+    bgremover-predict cut out; one check (the remover's), one limit, one message."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((50, 50, 3), 90, np.uint8)).save(buf, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses past 2,000 px; 50x50 is 2,500
+    allowed = Service(BackgroundRemover(max_pixels=2500), workers=1)
+    png, _ = allowed.cutout(buf.getvalue(), {})
+    expected = np.asarray(allowed.remover.remove(io.BytesIO(buf.getvalue())))
+    with monkeypatch.context() as m:  # the test's own decoding of the answer
+        m.setattr(Image, "MAX_IMAGE_PIXELS", None)
+        assert np.array_equal(np.asarray(png_image(png)), expected)
+    assert allowed.max_pixels == 2500  # what /model reports is the limit applied
+    refused = Service(BackgroundRemover(max_pixels=2499), workers=1)
+    with pytest.raises(ApiError) as err:
+        refused.cutout(buf.getvalue(), {})
+    assert err.value.status == 413 and err.value.message == (
+        "50x50 = 2,500 pixels exceeds the limit of 2,499 (raise --max-pixels if you trust this file)")
+    for service in (allowed, refused):
+        service.pool.shutdown()
+
+
 CLOSE = {"Content-Type": "application/octet-stream", "Connection": "close"}  # what urllib sends
 
 
@@ -460,7 +483,7 @@ def test_a_big_refused_body_still_gets_its_json_error(remover):
     after it (urllib: `Connection: close`, no `Expect: 100-continue`) reads the 413 of an upload far over
     --max-bytes, declared or chunked, instead of a connection reset (seen with urllib on a 30 MB upload)."""
     big = os.urandom(100 * MAX_BYTES)  # 30 MB: far more than loopback socket buffers take in before the answer
-    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES)
     with live_server(service) as base:
         for chunked in (False, True):
             status, _, body = request(base, "POST", "/remove", big, CLOSE, chunked=chunked)
@@ -492,7 +515,7 @@ class GatedRemover:
 
 def test_queue_full_answers_503_at_once(remover):
     gated = GatedRemover(remover)
-    service = Service(gated, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=1)
+    service = Service(gated, workers=1, max_bytes=MAX_BYTES, queue=1)
     with live_server(service) as base:
         first: dict = {}
         worker = threading.Thread(target=lambda: first.update(r=post_file(base, JPEG)))
@@ -519,7 +542,7 @@ def test_a_request_in_flight_when_the_server_stops_still_gets_its_cutout(remover
     request was cancelled and its client got a 500 (a 48 MP photo takes ~8 s here). Requests in flight now get
     serve.GRACEFUL_S to finish; the server stops accepting new ones at once."""
     gated = GatedRemover(remover)
-    service = Service(gated, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=2)
+    service = Service(gated, workers=1, max_bytes=MAX_BYTES, queue=2)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -552,7 +575,7 @@ def test_a_forced_stop_answers_the_request_in_flight_with_a_json_503(remover, ca
     and the log two CancelledError tracebacks (the request's and the lifespan task's). Now a JSON 503 to retry
     on, no traceback, and the count for the server's last line."""
     gated = GatedRemover(remover)
-    service = Service(gated, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=2)
+    service = Service(gated, workers=1, max_bytes=MAX_BYTES, queue=2)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -598,7 +621,7 @@ def test_a_stalled_upload_is_refused_and_frees_its_slot(remover, monkeypatch):
     from bgremover import serve
 
     monkeypatch.setattr(serve, "BODY_IDLE_S", 1.0)
-    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=2)
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES, queue=2)
     with live_server(service) as base:
         stalled = [_stalled_upload(base) for _ in range(2)]
         try:
@@ -616,7 +639,7 @@ def test_a_stalled_upload_is_refused_and_frees_its_slot(remover, monkeypatch):
 
 def test_a_client_hanging_up_mid_upload_is_no_error(remover, caplog):
     """A client that disconnects mid-upload logged two ERROR tracebacks (ClientDisconnect fell to the catch-all)."""
-    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=2)
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES, queue=2)
     with live_server(service) as base, caplog.at_level("INFO", logger="bgremover.serve"):
         _stalled_upload(base).close()
         time.sleep(0.5)
@@ -730,7 +753,7 @@ def test_an_unexpected_failure_is_a_json_500_a_browser_app_can_read(remover, cap
     """A cut-out failing in an unforeseen way (onnxruntime's own error, out of memory) went past the route to
     Starlette's outermost handler, outside the CORS middleware: the 500 carried no Access-Control-Allow-Origin,
     so a page on an allowed origin saw only an opaque network error. Now the route answers it, logged once."""
-    service = Service(remover, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES)
 
     def broken(data, opts):
         raise RuntimeError("onnxruntime: bad allocation")

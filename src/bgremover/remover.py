@@ -97,6 +97,10 @@ class ImageError(BgRemoverError):
     """An input image cannot be used (unreadable, truncated, too large, ...)."""
 
 
+class PixelLimitError(ImageError):
+    """An image over the pixel limit (max_pixels, --max-pixels): the service answers it 413, not 400."""
+
+
 class UsageError(BgRemoverError):
     """A bad option value (unknown class, bad colour, ...)."""
 
@@ -140,7 +144,7 @@ def open_image(
         with opened:
             w, h = opened.size
             if w * h > max_pixels:
-                raise ImageError(
+                raise PixelLimitError(
                     f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
                     "(raise --max-pixels if you trust this file)"
                 )
@@ -157,7 +161,7 @@ def open_image(
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
-        raise ImageError(
+        raise PixelLimitError(
             f"{name}: too many pixels, possible decompression bomb ({_first_line(err)})"
         ) from err
     except UnidentifiedImageError as err:
@@ -272,13 +276,13 @@ def _load_any(src: ImageInput, max_pixels: int) -> tuple[np.ndarray, np.ndarray 
     """(RGB, alpha or None, the input's RGB ICC profile or None) for any supported input."""
     if isinstance(src, np.ndarray):
         if src.ndim >= 2 and src.shape[0] * src.shape[1] > max_pixels:
-            raise ImageError(
+            raise PixelLimitError(
                 f"array of {src.shape[0]}x{src.shape[1]} pixels exceeds the limit of {max_pixels:,}"
             )
         return (*to_rgba_arrays(src), None)
     if isinstance(src, Image.Image):
         if src.width * src.height > max_pixels:
-            raise ImageError(f"image of {src.width}x{src.height} pixels exceeds the limit of {max_pixels:,}")
+            raise PixelLimitError(f"image of {src.width}x{src.height} pixels exceeds the limit of {max_pixels:,}")
         try:
             return (*to_rgba_arrays(ImageOps.exif_transpose(src)), _rgb_profile(src))
         except (OSError, ValueError) as err:

@@ -34,7 +34,6 @@ import re
 import socket
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +41,6 @@ from typing import Any
 from urllib.parse import quote
 
 import uvicorn
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.datastructures import QueryParams, UploadFile
 from starlette.exceptions import HTTPException
@@ -58,6 +56,7 @@ from bgremover.remover import (
     BackgroundRemover,
     BgRemoverError,
     ImageError,
+    PixelLimitError,
     UsageError,
     encode_png,
     output_suffix,
@@ -164,19 +163,6 @@ def parse_options(query: Any, remover: BackgroundRemover) -> dict[str, Any]:
     return opts
 
 
-def check_pixels(data: bytes, max_pixels: int) -> None:
-    """413 when the header claims more than max_pixels, before anything is decoded (decompression bombs)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            w, h = img.size
-    except Image.DecompressionBombError as err:
-        raise ApiError(413, f"image has too many pixels (possible decompression bomb): {err}") from err
-    except Exception:
-        return  # not an image at all: the full decode reports exactly what is wrong
-    if w * h > max_pixels:
-        raise ApiError(413, f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
-
-
 def content_disposition(filename: str | None, opts: dict[str, Any]) -> str:
     """The answer's file name, as an ASCII `filename=` for old clients and RFC 5987's `filename*=UTF-8''...` that
     browsers prefer, so `uni ñame é.png` is saved as `uni ñame é.nobg.png`, not `uni_ame.nobg.png`. The folders a
@@ -228,14 +214,13 @@ class Service:
         remover: BackgroundRemover,
         workers: int,
         max_bytes: int = MAX_BYTES,
-        max_pixels: int = MAX_PIXELS,
         queue: int = QUEUE,
         model_file: str | None = None,
     ) -> None:
         self.remover = remover
         self.workers = workers
         self.max_bytes = max_bytes
-        self.max_pixels = max_pixels
+        self.max_pixels = remover.max_pixels  # the one limit: the remover's (bgremover-predict's) check applies it
         self.queue = queue
         self.model_file = model_file if model_file is not None else Path(remover.model_path).name
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bgremover")
@@ -247,9 +232,10 @@ class Service:
     def cutout(self, data: bytes, opts: dict[str, Any]) -> tuple[bytes, float]:
         """Decode, cut out and encode one image (runs on a worker thread): (PNG bytes, seconds)."""
         start = time.perf_counter()
-        check_pixels(data, self.max_pixels)
-        try:
+        try:  # the remover checks --max-pixels on the header, before decoding (decompression bombs)
             png = encode_png(self.remover.remove(io.BytesIO(data), **opts))
+        except PixelLimitError as err:
+            raise ApiError(413, str(err).removeprefix("<stdin>: ")) from err
         except ImageError as err:
             # The predictor names in-memory input "<stdin>"; here it is simply the upload.
             raise ApiError(400, str(err).removeprefix("<stdin>: ")) from err
@@ -351,9 +337,6 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
 def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
     """The ASGI app. Tests build it around their own (e.g. slowed) remover and run it on a real uvicorn. `cors`:
     the origins whose pages may call it from a browser (--cors; "*" = any)."""
-    # --max-pixels decides, so PIL's "possible bomb" warning is noise. Set once for the process: a
-    # catch_warnings() per request would race between the worker threads (the filter list is global).
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     remover = service.remover
 
     async def remove(request):
@@ -568,7 +551,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
         sock.close()
         return report(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}", prog)
     host, port = sock.getsockname()[:2]
-    service = Service(remover, workers, args.max_bytes, args.max_pixels, args.queue)
+    service = Service(remover, workers, args.max_bytes, args.queue)
     _log_to_stderr(prog, args.log_level)
     meta = remover.meta
     shown = f"[{host}]" if family == socket.AF_INET6 else host
