@@ -224,10 +224,6 @@ class NetStats:
     infer_ms: float | None
     paper: dict[str, float | str] | None = field(default=None)
 
-    @property
-    def best_run(self) -> Run:
-        return max(self.runs, key=lambda r: r.metric("test/mIoU") or -1.0)
-
 
 def paper_entry(net: str, net_config: dict[str, Any] | None = None) -> tuple[str, dict[str, float | str]] | None:
     """('103', paper numbers) for Tiramisu/FC-DenseNet nets of the paper's three depths, else None. `net_config`
