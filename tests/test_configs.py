@@ -186,6 +186,18 @@ def test_data_root_follows_data_dir(monkeypatch):
     assert cfg_for().data.root == "data/CamVid"
 
 
+@pytest.mark.parametrize("override", ["paths.data_dir=/elsewhere/CamVid", "paths.work_dir=/elsewhere",
+                                      "extras.ignore_warnings=true"])
+def test_no_key_is_set_for_nothing(override):
+    """Keys no code read composed and did nothing: `paths.data_dir=...` (the lightning-hydra-template's data folder;
+    here data.root is) trained on data/CamVid all the same, `extras.ignore_warnings=true` changed nothing. Hydra
+    now refuses them as it refuses any unknown key."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="Could not override"):
+        cfg_for(override)
+
+
 @pytest.mark.parametrize(("module", "override", "expected"), [
     ("bgremover.train", "model.nope=3", "Could not override 'model.nope'. To append to your config use +model.nope=3"),
     ("bgremover.train", "model=nope", "Could not find 'model/nope'; options: deeplabv3, deeplabv3plus, tiramisu103"),
