@@ -331,6 +331,23 @@ def test_missing_label_and_size_mismatch_are_errors(model, camvid, capsys):
     assert "label is 5x5 but image is 30x20" in capsys.readouterr().err
 
 
+def test_a_label_training_refuses_is_refused_here_too(model, camvid, capsys):
+    """A CamVid label is read by the training's rule (bgremover.data.camvid): a value above void (11), which `make
+    eval` and training refuse, was scored by eval-cutout as void without a word (a 255-void copy of CamVid, a damaged
+    file), and its mIoU set beside the model's test mIoU."""
+    from bgremover.data.camvid import CamVidError, read_pair
+
+    label = np.asarray(Image.open(camvid / "testannot" / "b.png")).copy()
+    label[10, 10] = 200
+    Image.fromarray(label, mode="L").save(camvid / "testannot" / "b.png")
+    with pytest.raises(CamVidError) as training:
+        read_pair(camvid / "test" / "b.png", camvid / "testannot" / "b.png")
+    assert ce.main(["--model", str(model), "--data-root", str(camvid), "--quiet"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"{ce.PROG}: error: {training.value}"]
+    assert "label values outside 0-11" in lines[0] and "contains 200" in lines[0]
+
+
 def test_imports_no_torch_lightning_or_hydra():
     code = (
         "import sys\nimport bgremover.cutout_eval\n"

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from bgremover import errors
 from bgremover.cutout_metrics import (  # noqa: F401  (re-exported: the metric functions lived here first)
@@ -178,15 +177,13 @@ def _as_trained(pairs: list, recorded: dict, split_file, root, split: str) -> li
 
 
 def load_label(path: Path) -> np.ndarray:
+    """A CamVid label, read and checked as training reads it (values above void refused, not scored as void)."""
+    from bgremover.data.camvid import CamVidError, read_label  # numpy + Pillow only, like this module
+
     try:
-        with Image.open(path) as img:
-            img.load()
-            label = np.asarray(img)
-    except Exception as err:
-        raise EvalError(f"{path}: cannot read label ({_first_line(err)})") from err
-    if label.ndim != 2:
-        raise EvalError(f"{path}: label must be single-channel class indices, got shape {label.shape}")
-    return label
+        return read_label(path)
+    except CamVidError as err:
+        raise EvalError(str(err)) from None
 
 
 class _RecordingRemover(BackgroundRemover):

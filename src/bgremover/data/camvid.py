@@ -91,18 +91,24 @@ def select(pairs: list, limit: int | None) -> list:
 def read_pair(img_path: Path, lbl_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Decode one pair to (H×W×3 uint8 RGB, H×W uint8 label), checking what a bad file would break later."""
     image = _read(img_path, "RGB")
-    label = _read(lbl_path, None)
-    if label.ndim != 2:
-        raise CamVidError(f"label is not single-channel (L mode): {lbl_path} has shape {label.shape}")
+    label = read_label(lbl_path)
     if image.shape[:2] != label.shape:
         raise CamVidError(
             f"size mismatch: {img_path} is {image.shape[1]}x{image.shape[0]} "
             f"but {lbl_path} is {label.shape[1]}x{label.shape[0]}"
         )
+    return image, label
+
+
+def read_label(path: Path) -> np.ndarray:
+    """One H×W uint8 label of class indices 0..VOID: the rule training, `make eval` and `make eval-cutout` share."""
+    label = _read(path, None)
+    if label.ndim != 2:
+        raise CamVidError(f"label is not single-channel (L mode): {path} has shape {label.shape}")
     top = int(label.max())
     if top > VOID:
-        raise CamVidError(f"label values outside 0-{VOID}: {lbl_path} contains {top}")
-    return image, label
+        raise CamVidError(f"label values outside 0-{VOID}: {path} contains {top}")
+    return label
 
 
 def _read(path: Path, mode: str | None) -> np.ndarray:
