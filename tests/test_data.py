@@ -136,6 +136,21 @@ def test_median_frequency_weights_are_cached_and_balance(tmp_path):
     assert make_dm(root).class_weights() is None
 
 
+def test_a_failed_weights_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import os
+
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 2, "val": 1, "test": 1})
+    cache = tmp_path / "cache"
+    expected = median_frequency_weights(root, cache_dir=None)
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert median_frequency_weights(root, cache_dir=cache) == expected  # the cache is optional
+    assert sorted(p.name for p in cache.iterdir()) == []
+
+
 def test_median_frequency_weights_count_every_split_the_net_trains_on(tmp_path):
     """With data.train_split=train+val the weights came from the train labels alone."""
     root = tmp_path / "CamVid"

@@ -383,6 +383,26 @@ def test_seeded_split_is_reproducible_disjoint_and_reusable(tmp_path):
     assert {s: [i.stem for i, _ in reused[s]] for s in fd.SPLITS} == stems
 
 
+def test_a_split_file_that_cannot_be_written_leaves_nothing_behind(tmp_path, monkeypatch):
+    """split.json is written through bgremover.files like every output: a failed write (a full disk) left a hidden
+    `.split.json.<pid>.tmp` in the run folder, one per attempt; the old split.json stays as it was."""
+    import os
+
+    write_folder(tmp_path / "d", n=20)
+    f = fd.scan(tmp_path / "d")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "split.json").write_text("old\n")
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        fd.write_split(run / "split.json", fd.split_document(f, fd.splits(f, seed=3), fd.DEFAULT_FRACTIONS, 3))
+    assert sorted(p.name for p in run.iterdir()) == ["split.json"] and (run / "split.json").read_text() == "old\n"
+
+
 def test_fixed_splits_are_used_as_they_are(tmp_path):
     for split, n in (("train", 4), ("val", 2), ("test", 3)):
         write_folder(tmp_path / "d", n=n, split=split)

@@ -71,6 +71,22 @@ def test_decode_split_matches_files_and_is_cached(tiny_camvid, monkeypatch):
     assert all(np.array_equal(a[k], again[k]) for k in a)
 
 
+def test_a_failed_cache_write_leaves_no_partial_file(tiny_camvid, tmp_path, monkeypatch):
+    """The cache (hundreds of MB for CamVid's train split) is written through bgremover.files: a write that fails
+    (a full disk, Ctrl-C) costs only the cache, and leaves no temporary file behind (each run left one, its own)."""
+    import os
+
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "cache"))
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    a = decode_split(tiny_camvid, "train")
+    assert a["images"].shape == (4, 48, 64, 3)  # the run goes on with what it decoded
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []
+
+
 def test_frames_of_different_sizes_are_padded_with_void(tmp_path):
     root = write_camvid(tmp_path / "CamVid", {"train": 2})
     Image.fromarray(np.full((40, 70, 3), 9, np.uint8)).save(root / "train" / "train_big.png")

@@ -7,6 +7,7 @@ another machine, so pairs are matched by file name instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -182,13 +183,11 @@ def median_frequency_weights(root: str | os.PathLike, cache_dir: str | os.PathLi
         return json.loads(cache.read_text())["weights"]
     result = median_frequency((_read(lbl, None) for _, lbl in pairs), NUM_CLASSES)
     if cache is not None:
-        try:
+        from bgremover.files import write_atomic
+
+        with contextlib.suppress(OSError):  # a read-only home only costs the recomputation next time
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"root": str(root), "weights": result}))
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only home only costs the recomputation next time
+            write_atomic(json.dumps({"root": str(root), "weights": result}).encode(), cache)
     return result
 
 

@@ -449,11 +449,11 @@ def split_document(folder: Folder, chosen: dict[str, list[tuple[Path, Path]]], f
 
 
 def write_split(path: str | os.PathLike, document: dict) -> None:
+    from bgremover.files import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic((json.dumps(document, indent=1) + "\n").encode(), path)
 
 
 def class_pixel_weights(pairs, labels: Labels) -> list[float]:

@@ -15,6 +15,7 @@ CPU path's reflection padding. The albumentations DataLoader (CamVidDataModule, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,13 +71,13 @@ def decode_split(root: str | os.PathLike, split: str, limit: int | None = None, 
         sizes[k] = img.shape[:2]
     arrays = {"images": images, "labels": labels, "sizes": sizes}
     if cache:
-        try:
+        from bgremover.files import replacing
+
+        # a read-only or full cache only costs decoding again next time; what was half-written goes (replacing)
+        with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # np.savez keeps a .npz suffix
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache only costs decoding again next time
+            with replacing(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez adds no ".npz" to it
+                np.savez(fh, **arrays)
     return arrays
 
 
