@@ -144,6 +144,18 @@ def test_a_model_trained_at_one_scale_infers_every_image_there(tmp_path):
     assert seen[-1] == (24, 16, 3)
 
 
+def test_a_model_trained_above_1024_px_infers_at_its_own_scale(tmp_path):
+    """The trained scale is the default whatever it is: a remover trained at data.image_size=1536 was inferred at
+    1024 (two thirds of the scale it learnt), while the README, --max-side's help and eval-cutout's report said
+    every image is scaled to the size the model was trained at."""
+    remover = BackgroundRemover(build_model(tmp_path / "m.onnx", metadata={"image_size": 1536}))
+    seen = []
+    real_logits = remover.logits
+    remover.logits = lambda rgb: seen.append(rgb.shape) or real_logits(rgb)
+    assert remover.remove(halves(30, 40)).size == (40, 30)
+    assert remover.max_side == 1536 and seen == [(1152, 1536, 3)]
+
+
 def test_exif_orientation_is_honoured(remover, tmp_path):
     src = Image.fromarray(halves(40, 80))  # 80 wide x 40 high, red on the left
     exif = Image.Exif()

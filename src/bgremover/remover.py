@@ -440,8 +440,9 @@ class BackgroundRemover:
         if self.session is None:
             self.session = self._open_session(self.model_path, providers, threads)
             self.meta = self._read_metadata(self.session, self.model_path)
-        # None: the scale the net was trained at (a folder-trained remover's image_size), at most MAX_SIDE
-        self.max_side = int(max_side) if max_side is not None else min(MAX_SIDE, int(self.meta.get("image_size") or MAX_SIDE))
+        # None: the scale the net was trained at (a folder-trained remover's image_size, whatever it is: capped at
+        # MAX_SIDE, one trained at 1536 saw its images at two thirds of that scale), else at most MAX_SIDE
+        self.max_side = int(max_side) if max_side is not None else int(self.meta.get("image_size") or MAX_SIDE)
         # such a net saw every image scaled to that long side, small ones up too: inferred at their own size they
         # scored 0.304 foreground IoU where the test stage said 0.760. A max_side the caller names only caps.
         self.upscale = max_side is None and bool(self.meta.get("image_size"))
