@@ -120,6 +120,25 @@ def test_wandb_offline_run_and_summary_agree(camvid_root, tmp_path):
     assert summary["epochs"] == 3 and Path(summary["best_ckpt"]).is_file()
 
 
+def test_eval_normalizes_as_the_checkpoint_was_trained(tiny_camvid, tmp_path):
+    """`make eval` normalizes frames with the checkpoint's mean/std, as export and the predictor do: it used the
+    eval config's data.mean/std (CamVid's), so a run trained with its own (`python -m bgremover.data stats` for
+    them) got other test numbers from `make eval` than from its own test stage, and attach_to_run kept them."""
+    from bgremover.eval import evaluate
+
+    norm = ["data.mean=[0.2,0.6,0.9]", "data.std=[0.05,0.5,0.1]"]
+    cfg = compose_cfg(tmp_path / "run", [*TINY_TIRAMISU, f"data.root={tiny_camvid}", *SMALL_RUN, *norm,
+                                         "trainer.max_epochs=1", "logger=csv", "data.crop_size=[32,32]"])
+    metrics, _ = train(cfg)
+    best = json.loads((tmp_path / "run" / "summary.json").read_text())["best_ckpt"]
+    ecfg = compose_cfg(tmp_path / "eval", [f"data.root={tiny_camvid}", f"ckpt_path={best}", "data.num_workers=0",
+                                           "data.eval_batch_size=1", "trainer.limit_test_batches=2",
+                                           "extras.print_config=false", "attach_to_run=false"], config_name="eval")
+    emetrics, objects = evaluate(ecfg)
+    assert list(objects["datamodule"].hparams.mean) == [0.2, 0.6, 0.9]
+    assert emetrics["test/loss"] == metrics["test/loss"] and emetrics["test/mIoU"] == metrics["test/mIoU"]
+
+
 @pytest.mark.slow
 def test_train_then_eval_reproduces_test_miou_and_resume_continues(camvid_root, tmp_path):
     from bgremover.eval import evaluate

@@ -31,6 +31,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model = checkpoint.load_module(cfg.ckpt_path)
     model.val_miou_best.reset()  # split=val reported the training's best beside this evaluation's, as its own
     _training_scale(cfg, model.hparams.get("image_size"))
+    _training_normalization(cfg, model.hparams)
     model.tta = hydra.utils.instantiate(cfg.tta) if cfg.get("tta") else None
     if model.tta:
         log.info("test-time augmentation: %d passes per frame (scales %s, flip %s); these numbers are not the "
@@ -132,6 +133,20 @@ def _training_scale(cfg: DictConfig, image_size: int | None) -> None:
     if not config.given("data.image_size") and cfg.data.image_size != image_size:
         log.info("data.image_size=%d: the scale the checkpoint was trained at", image_size)
         cfg.data.image_size = int(image_size)
+
+
+def _training_normalization(cfg: DictConfig, hparams) -> None:
+    """Frames normalized with the mean/std the checkpoint's net was trained with (what export writes for the
+    predictor), not the eval config's defaults: a run trained with its own data.mean/std scored otherwise here."""
+    for key in ("mean", "std"):
+        trained = hparams.get(key)
+        if trained is None or key not in cfg.data or list(cfg.data[key]) == list(trained):
+            continue
+        if config.given(f"data.{key}"):
+            raise UserError(f"data.{key}={list(cfg.data[key])} is not the checkpoint's {list(trained)}, which its "
+                            "net was trained with: drop it (the checkpoint's is used)")
+        log.info("data.%s=%s: the normalization the checkpoint was trained with", key, list(trained))
+        cfg.data[key] = [float(v) for v in trained]
 
 
 def main() -> None:
