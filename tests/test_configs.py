@@ -186,6 +186,24 @@ def test_data_root_follows_data_dir(monkeypatch):
     assert cfg_for().data.root == "data/CamVid"
 
 
+def test_test_frames_are_padded_as_the_exported_model_pads_them(tmp_path):
+    """Two keys said the one multiple frames are padded to: data.pad_multiple (the test stage) and
+    model.size_multiple (export: what the predictor and eval-cutout pad to). Set apart, the recorded test numbers
+    came from other inputs than the exported model's; one without the other is refused now."""
+    from conftest import compose_cfg, write_camvid
+
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    root = write_camvid(tmp_path / "CamVid")
+    for override in ("data.pad_multiple=16", "model.size_multiple=16"):
+        with pytest.raises(UserError, match=r"data.pad_multiple=(16|32) is not model.size_multiple=(32|16)"):
+            config.validate_train(compose_cfg(tmp_path / "run", [f"data.root={root}", "data.crop_size=[32,32]",
+                                                                 override]))
+    config.validate_train(compose_cfg(tmp_path / "run", [f"data.root={root}", "data.crop_size=[32,32]",
+                                                         "data.pad_multiple=16", "model.size_multiple=16"]))
+
+
 @pytest.mark.parametrize("override", ["paths.data_dir=/elsewhere/CamVid", "paths.work_dir=/elsewhere",
                                       "extras.ignore_warnings=true"])
 def test_no_key_is_set_for_nothing(override):

@@ -120,13 +120,14 @@ def test_wandb_offline_run_and_summary_agree(camvid_root, tmp_path):
     assert summary["epochs"] == 3 and Path(summary["best_ckpt"]).is_file()
 
 
-def test_eval_normalizes_as_the_checkpoint_was_trained(tiny_camvid, tmp_path):
-    """`make eval` normalizes frames with the checkpoint's mean/std, as export and the predictor do: it used the
-    eval config's data.mean/std (CamVid's), so a run trained with its own (`python -m bgremover.data stats` for
-    them) got other test numbers from `make eval` than from its own test stage, and attach_to_run kept them."""
+def test_eval_normalizes_and_pads_as_the_checkpoint_was_trained(tiny_camvid, tmp_path):
+    """`make eval` normalizes frames with the checkpoint's mean/std and pads them to its size multiple, as export
+    and the predictor do: it used the eval config's data.mean/std (CamVid's) and data.pad_multiple, so a run
+    trained with its own (`python -m bgremover.data stats` prints mean/std) got other test numbers from `make eval`
+    than from its own test stage, and attach_to_run kept them."""
     from bgremover.eval import evaluate
 
-    norm = ["data.mean=[0.2,0.6,0.9]", "data.std=[0.05,0.5,0.1]"]
+    norm = ["data.mean=[0.2,0.6,0.9]", "data.std=[0.05,0.5,0.1]", "data.pad_multiple=16", "model.size_multiple=16"]
     cfg = compose_cfg(tmp_path / "run", [*TINY_TIRAMISU, f"data.root={tiny_camvid}", *SMALL_RUN, *norm,
                                          "trainer.max_epochs=1", "logger=csv", "data.crop_size=[32,32]"])
     metrics, _ = train(cfg)
@@ -136,6 +137,7 @@ def test_eval_normalizes_as_the_checkpoint_was_trained(tiny_camvid, tmp_path):
                                            "extras.print_config=false", "attach_to_run=false"], config_name="eval")
     emetrics, objects = evaluate(ecfg)
     assert list(objects["datamodule"].hparams.mean) == [0.2, 0.6, 0.9]
+    assert objects["datamodule"].hparams.pad_multiple == 16  # 48-row frames: 48 as tested, not 64 (eval.yaml's 32)
     assert emetrics["test/loss"] == metrics["test/loss"] and emetrics["test/mIoU"] == metrics["test/mIoU"]
 
 

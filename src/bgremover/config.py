@@ -336,6 +336,10 @@ def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[st
     workers = data.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise UserError(f"data.num_workers must be 0 or more, got {workers!r}")
+    if size_multiple and "pad_multiple" in data and data.get("pad_multiple") != size_multiple:
+        # the test stage pads to the one, the exported model (predict, eval-cutout) to the other
+        raise UserError(f"data.pad_multiple={data.get('pad_multiple')} is not model.size_multiple={size_multiple}: "
+                        "the test stage would pad frames otherwise than the exported model does; set both")
     crop = data.get("crop_size")
     if crop is not None:
         if isinstance(crop, str) or not isinstance(crop, Iterable):  # 224 was "'int' object is not iterable"

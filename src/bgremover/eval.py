@@ -31,7 +31,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model = checkpoint.load_module(cfg.ckpt_path)
     model.val_miou_best.reset()  # split=val reported the training's best beside this evaluation's, as its own
     _training_scale(cfg, model.hparams.get("image_size"))
-    _training_normalization(cfg, model.hparams)
+    _trained_preprocessing(cfg, model.hparams)
     model.tta = hydra.utils.instantiate(cfg.tta) if cfg.get("tta") else None
     if model.tta:
         log.info("test-time augmentation: %d passes per frame (scales %s, flip %s); these numbers are not the "
@@ -135,18 +135,22 @@ def _training_scale(cfg: DictConfig, image_size: int | None) -> None:
         cfg.data.image_size = int(image_size)
 
 
-def _training_normalization(cfg: DictConfig, hparams) -> None:
-    """Frames normalized with the mean/std the checkpoint's net was trained with (what export writes for the
-    predictor), not the eval config's defaults: a run trained with its own data.mean/std scored otherwise here."""
-    for key in ("mean", "std"):
-        trained = hparams.get(key)
-        if trained is None or key not in cfg.data or list(cfg.data[key]) == list(trained):
+def _trained_preprocessing(cfg: DictConfig, hparams) -> None:
+    """Frames normalized with the mean/std the checkpoint's net was trained with and padded to its size multiple
+    (what export writes for the predictor), not the eval config's defaults: a run trained with its own
+    data.mean/std or multiple scored otherwise here."""
+    for key, name in (("mean", "mean"), ("std", "std"), ("pad_multiple", "size_multiple")):
+        trained = hparams.get(name)
+        if trained is None or key not in cfg.data:
+            continue
+        trained = [float(v) for v in trained] if isinstance(trained, list | tuple) else int(trained)
+        if (list(cfg.data[key]) if OmegaConf.is_list(cfg.data[key]) else cfg.data[key]) == trained:
             continue
         if config.given(f"data.{key}"):
-            raise UserError(f"data.{key}={list(cfg.data[key])} is not the checkpoint's {list(trained)}, which its "
-                            "net was trained with: drop it (the checkpoint's is used)")
-        log.info("data.%s=%s: the normalization the checkpoint was trained with", key, list(trained))
-        cfg.data[key] = [float(v) for v in trained]
+            raise UserError(f"data.{key}={cfg.data[key]} is not the checkpoint's {trained}, which its net was "
+                            "trained with: drop it (the checkpoint's is used)")
+        log.info("data.%s=%s: as the checkpoint was trained", key, trained)
+        cfg.data[key] = trained
 
 
 def main() -> None:
