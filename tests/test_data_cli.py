@@ -166,3 +166,37 @@ def test_verify_real_camvid_counts(camvid_root, capsys) -> None:
 
     assert split_counts(capsys.readouterr().out) == {"train": 367, "val": 101, "test": 233}
     assert snapshot(root) == before
+
+
+def test_every_command_reads_a_data_dir_with_a_tilde_as_training_does(tmp_path: Path, monkeypatch, capsys) -> None:
+    """DATA_DIR="~/CamVid" (quoted, or from a .env file: no shell expands it) is the home folder's CamVid for
+    training (camvid.resolve_root); `make data` looked for a literal ./~/CamVid (and would download the dataset
+    into it) and eval-cutout / quantize / ship said it was not found. One rule for all of them now."""
+    from bgremover import cutout_eval, quantize, ship
+    from bgremover.errors import UserError
+
+    home = tmp_path / "home"
+    make_tree(home / "CamVid")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("DATA_DIR", "~/CamVid")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--no-download"]) == 0
+    assert f"CamVid at {home / 'CamVid'}: OK" in capsys.readouterr().out
+    assert not (tmp_path / "~").exists()
+    # eval-cutout scores the shipped model on the tiny test split there (2 frames)
+    model = Path(__file__).resolve().parents[1] / "models" / "bgremover-camvid.onnx"
+    assert cutout_eval.main(["--model", str(model), "--quiet", "--threads", "1"]) == 0
+    assert f"on {home / 'CamVid'} test: 2 images" in capsys.readouterr().out
+    # ship and quantize hand their scoring the same folder
+    seen = []
+
+    def score(*args, **kwargs):  # stands in for the export and scoring: notes the folder, stops there
+        seen.append(args[2])
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(ship, "ship", score)
+    monkeypatch.setattr(quantize, "quantize", score)
+    (tmp_path / "models").mkdir()
+    ship.main(["--ckpt", "x.ckpt", "--models-dir", str(tmp_path / "models")])
+    quantize.main(["--model", str(model), "--out", str(tmp_path / "m.int8.onnx")])
+    assert [Path(p) for p in seen] == [home / "CamVid"] * 2

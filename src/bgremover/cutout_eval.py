@@ -54,6 +54,7 @@ from bgremover.cutout_metrics import (  # noqa: F401  (re-exported: the metric f
     dilate,
     iou_from_counts,
 )
+from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
 from bgremover.data.classes import CLASSES  # torch-free constants module
 from bgremover.remover import (
     BackgroundRemover,
@@ -67,8 +68,6 @@ from bgremover.remover import (
 )
 
 PROG = "python -m bgremover.cutout_eval"  # the command as run, in its usage line and messages (also make eval-cutout)
-DATA_ENV = "DATA_DIR"  # environment variable naming the CamVid folder, as for training
-DEFAULT_DATA_ROOT = "data/CamVid"  # relative to the working directory, like conf/data/camvid.yaml
 SPLITS = ("test", "val", "train")  # <root>/<split>/*.png with labels in <root>/<split>annot/
 FULL_RES_SIDE = 1 << 20  # predictor max_side for the evaluation: never downscale, measure at full resolution
 
@@ -378,7 +377,7 @@ def _parser() -> argparse.ArgumentParser:
         "--model", "-m", help="ONNX model (default $BGREMOVER_MODEL, else models/bgremover-camvid.int8.onnx when "
         "made from the float file beside it, else models/bgremover-camvid.onnx: what bgremover-predict uses)"
     )
-    p.add_argument("--data-root", help=f"CamVid folder (default ${DATA_ENV}, else {DEFAULT_DATA_ROOT}) or an "
+    p.add_argument("--data-root", help=f"CamVid folder (default ${ROOT_ENV}, else {DEFAULT_ROOT}) or an "
                                        "image/mask folder (data=folder's layouts)")
     p.add_argument("--split-file", help="image/mask folder: the training run's split.json (needed without fixed "
                                         "splits; with them, it keeps images added since the training out)")
@@ -416,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except errors.UserError as e:
             return fail(str(e), 2)
 
-    data_root = args.data_root or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT
+    data_root = resolve_root(args.data_root)
     if (args.split_file or args.void_value is not None) and not is_folder(data_root):
         # CamVid has fixed splits and void 11: both were ignored there without a word
         return fail(f"--split-file and --void-value are for an image/mask folder, not CamVid ({data_root})", 2)

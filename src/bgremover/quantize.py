@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from bgremover import cutout_eval, errors, model_format
+from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
 from bgremover.files import replacing, same_file
 from bgremover.remover import (
     BackgroundRemover,
@@ -233,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", "-m", help="float ONNX model (default $BGREMOVER_MODEL or models/bgremover-camvid.onnx)")
     p.add_argument("--out", "-o", help="int8 model to write (default <model>.int8.onnx beside it)")
-    p.add_argument("--data-root", help=f"CamVid folder (default ${cutout_eval.DATA_ENV}, else {cutout_eval.DEFAULT_DATA_ROOT})")
+    p.add_argument("--data-root", help=f"CamVid folder (default ${ROOT_ENV}, else {DEFAULT_ROOT})")
     p.add_argument("--calib-frames", type=int, default=CALIB_FRAMES, help=f"train frames for calibration ({CALIB_FRAMES})")
     p.add_argument("--eval-limit", type=int, help="score N evenly spaced test frames instead of all (quick trials only)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for the evaluation (default: all cores)")
@@ -247,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     model = Path(args.model) if args.model else default_model_path()
     out = Path(args.out) if args.out else int8_path(model)
-    data_root = args.data_root or os.environ.get(cutout_eval.DATA_ENV) or cutout_eval.DEFAULT_DATA_ROOT
+    data_root = resolve_root(args.data_root)
     try:
         if not model.is_file():  # remover's and cutout_eval's words
             raise ModelError(f"model {model} is a folder, not an ONNX file" if model.is_dir()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bgremover import errors, files
+from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
 from bgremover.errors import OneLineParser, UserError
 
 PROG = "python -m bgremover.ship"  # the command as run, in its usage line and messages (also make ship)
@@ -190,14 +191,13 @@ def _install(moves: list[tuple[Path, Path]]) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from bgremover import cutout_eval
     from bgremover.remover import _shipped_models
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
                                 epilog="Exit codes: 0 shipped, 1 not better or failed (nothing changed), 2 bad option value.")
     p.add_argument("--ckpt", required=True, help="the trained checkpoint (a run's best epoch)")
     p.add_argument("--models-dir", default=str(_shipped_models()), help="where the shipped set lies (default: models/)")
-    p.add_argument("--data-root", help=f"CamVid folder (default ${cutout_eval.DATA_ENV}, else {cutout_eval.DEFAULT_DATA_ROOT})")
+    p.add_argument("--data-root", help=f"CamVid folder (default ${ROOT_ENV}, else {DEFAULT_ROOT})")
     p.add_argument("--examples", help="folder whose *.jpg get new <stem>.nobg.png cut-outs once shipped "
                    "(default: examples/ of the checkout when --models-dir is the default)")
     p.add_argument("--force", action="store_true", help="ship even if it does not beat the shipped model")
@@ -209,14 +209,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bgremover import cutout_eval
-
     args = _parser().parse_args(argv)
     if (code := errors.below_minimum(args, {"eval_limit": 1, "threads": 0}, PROG)) is not None:
         return code
     from bgremover.remover import _shipped_models
 
-    data_root = Path(args.data_root or os.environ.get(cutout_eval.DATA_ENV) or cutout_eval.DEFAULT_DATA_ROOT)
+    data_root = resolve_root(args.data_root)
     models_dir = Path(args.models_dir)
     examples = Path(args.examples) if args.examples else None
     if examples is None and models_dir.resolve() == _shipped_models().resolve():

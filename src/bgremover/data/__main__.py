@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from bgremover.data import download
+from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
 from bgremover.errors import OneLineParser, UserError, one_line, report
 
 PROG = "python -m bgremover.data"  # the command as run (make data): its usage line and every error line
-ROOT_ENV = "DATA_DIR"  # environment variable naming the dataset folder when --root is not given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--root",
         type=Path,
         default=None,
-        help=f"dataset folder (default: ${ROOT_ENV}, else {download.DEFAULT_DEST})",
+        help=f"dataset folder (default: ${ROOT_ENV}, else {DEFAULT_ROOT})",
     )
     parser.add_argument(
         "--deep", action="store_true", help="open every file and check sizes and label values"
@@ -55,13 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
-
-
-def resolve_root(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    env = os.environ.get(ROOT_ENV)
-    return Path(env) if env else download.DEFAULT_DEST
 
 
 def class_table() -> str:

@@ -23,6 +23,7 @@ from bgremover.errors import UserError, count
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_ROOT = "data/CamVid"  # used when neither data.root nor $DATA_DIR is given
+ROOT_ENV = "DATA_DIR"  # the environment variable naming the dataset folder, for every command
 CACHE_DIR = Path(os.environ.get("BGREMOVER_CACHE", Path.home() / ".cache" / "bgremover"))  # class-weight cache
 
 
@@ -31,8 +32,9 @@ class CamVidError(UserError):
 
 
 def resolve_root(root: str | os.PathLike | None = None) -> Path:
-    """data.root if given, else $DATA_DIR, else data/CamVid — so `make data` and `make train` agree."""
-    return Path(root or os.environ.get("DATA_DIR") or DEFAULT_ROOT).expanduser()
+    """data.root (--data-root, --root) if given, else $DATA_DIR, else data/CamVid, `~` expanded: the one rule of
+    every command, so `make data`, `make train`, `make eval-cutout` and `make ship` read the same folder."""
+    return Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser()
 
 
 def list_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
