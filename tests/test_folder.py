@@ -344,6 +344,28 @@ def test_16bit_images_train_as_they_look(tmp_path):
         assert 60 < image.mean() < 200 and image.flags.writeable
 
 
+def test_photos_past_pils_pixel_ceiling_train_and_are_scored(tmp_path, monkeypatch):
+    """A 200 Mpx phone photo (16320x12240, past PIL's ~179 Mpx ceiling) was refused as "unreadable or truncated
+    mask", 90-179 Mpx ones warned of a "decompression bomb DOS attack"; a held-out photo over the predictor's
+    64 Mpx guard failed `make remover`'s scoring after the whole training ("raise --max-pixels", an option
+    eval-cutout has not). Both limits are lowered here below the 40x56 pairs, as Pillow's ceiling is for such files."""
+    import warnings
+
+    root = write_folder(tmp_path / "d", n=4)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2240 px: past 2x the ceiling, PIL's error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning (1x-2x the ceiling) is an error here
+        found = fd.scan(root)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 1x-2x: PIL's warning, in every worker
+        image, label = fd.read_pair(*found.pairs["all"][0], found.labels, draft_side=48)
+    assert image.shape == (40, 56, 3) and label.shape == (40, 56) and label.max() == 1
+    assert Image.MAX_IMAGE_PIXELS == 2000  # PIL's own limit is left as it was
+    remover = cutout_eval.load_remover(SHIPPED_ONNX)
+    remover.max_pixels = 1000  # the predictor's guard, below these images
+    result = cutout_eval.evaluate(remover, found.pairs["all"][:1], read_label=lambda p: fd.read_mask(p, found.labels))
+    assert result["n_images"] == 1 and 0.0 <= result["pixel_accuracy"] <= 1.0  # scored, whatever the net says
+
+
 def test_classes_txt_indexed_masks_and_foreground(tmp_path):
     write_folder(tmp_path / "d", value=2)
     (tmp_path / "d" / "classes.txt").write_text("background\ncat\ndog\n")

@@ -32,7 +32,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bgremover.errors import UserError, count
-from bgremover.remover import PREDICTED_SUFFIXES, to_rgba_arrays  # the predictor's decoding and output names
+from bgremover.remover import (  # the predictor's decoding, opening (no PIL pixel ceiling) and output names
+    PREDICTED_SUFFIXES,
+    _open_unbounded,
+    _recording,
+    _report_metadata,
+    to_rgba_arrays,
+)
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -183,10 +189,19 @@ def match(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     return [(images[s], masks[s]) for s in sorted(images)]
 
 
+def _open(path: Path) -> Image.Image:
+    """Image.open as the predictor opens a file, without PIL's decompression-bomb ceiling: the folder is the user's
+    own, and a 200 Mpx phone photo (16320x12240) was refused as "unreadable or truncated", 90-179 Mpx ones warned
+    of a "decompression bomb DOS attack" in every worker."""
+    opened, trouble = _recording(lambda: _open_unbounded(path))
+    _report_metadata(str(path), trouble)
+    return opened
+
+
 def read_image(path: Path, draft_side: int | None = None) -> np.ndarray:
     """H×W×3 uint8 RGB, EXIF orientation applied; `draft_side` lets JPEG decode at a reduced scale (fast)."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             if draft_side and im.format == "JPEG":
                 im.draft("RGB", (draft_side, draft_side))  # keeps at least this size; the caller resizes exactly
             im.load()  # a full decode: truncated files fail here, not in a DataLoader worker
@@ -200,7 +215,7 @@ def read_image(path: Path, draft_side: int | None = None) -> np.ndarray:
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) after EXIF orientation, from the header only."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -238,7 +253,7 @@ def mask_values(path: Path, labels: Labels) -> tuple[np.ndarray, bool]:
     mask holds class indices (a coloured palette) rather than gray levels."""
     indexed = False
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             im.load()
             mode = im.mode
             if mode in ("1", "L"):
