@@ -425,6 +425,26 @@ def test_a_split_file_that_cannot_be_written_leaves_nothing_behind(tmp_path, mon
     assert sorted(p.name for p in run.iterdir()) == ["split.json"] and (run / "split.json").read_text() == "old\n"
 
 
+def test_the_split_is_said_before_training(tmp_path, caplog):
+    """How many of the user's images train and how many are held out was written to split.json and said nowhere:
+    `make remover` on 8 pairs printed "1 step" per epoch and, at the end, a score of "1 image"."""
+    from bgremover.data.folder_datamodule import FolderDataModule
+
+    root = write_folder(tmp_path / "d", n=8)
+    out = tmp_path / "run" / "split.json"
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        fitted = FolderDataModule(str(root), split_out=str(out), seed=3, limit_images=4)
+        fitted.prepare_data()
+        fitted.prepare_data()  # the test stage's: said once
+        FolderDataModule(str(root), split_file=str(out)).prepare_data()
+    drawn, reused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("split of ")]
+    written = json.loads(out.read_text())
+    assert [len(written[s]) for s in fd.SPLITS] == [6, 1, 1]
+    assert drawn == (f"split of {root}: 6 train (training on 4: data.limit_images=4), 1 val, 1 test images "
+                     f"(drawn with seed 3, shares [0.8, 0.1, 0.1]), written to {out}")
+    assert reused == f"split of {root}: 6 train, 1 val, 1 test images (data.split_file={out})"
+
+
 def test_fixed_splits_are_used_as_they_are(tmp_path):
     for split, n in (("train", 4), ("val", 2), ("test", 3)):
         write_folder(tmp_path / "d", n=n, split=split)

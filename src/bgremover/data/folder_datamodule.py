@@ -81,6 +81,7 @@ class FolderDataModule(pl.LightningDataModule):
         self.classes = self.labels.classes
         self.ignore_index = self.labels.void_index
         self.datasets: dict[str, FolderDataset] = {}
+        self._split_said = False  # prepare_data runs again for the test stage
 
     def label_info(self) -> dict:
         """What the model must be built with: train.build writes these into cfg.model before instantiating it."""
@@ -92,9 +93,22 @@ class FolderDataModule(pl.LightningDataModule):
         return len(self.split_pairs[split])
 
     def prepare_data(self) -> None:  # rank zero only: the split is written once, beside the run's checkpoints
-        if self.hparams.split_out:
-            doc = fd.split_document(self.folder, self.split_pairs, self.hparams.split_fractions, self.hparams.seed)
-            fd.write_split(self.hparams.split_out, doc)
+        hp = self.hparams
+        if hp.split_out:
+            doc = fd.split_document(self.folder, self.split_pairs, hp.split_fractions, hp.seed)
+            fd.write_split(hp.split_out, doc)
+        if self._split_said:
+            return
+        self._split_said = True
+        # said once, before training: which of the user's images train and which are held out was nowhere but
+        # in split.json (the plan's "1 step" per epoch, of 6 train images, did not say it)
+        n = {s: len(self.split_pairs[s]) for s in fd.SPLITS}
+        how = ("its train/val/test folders" if self.folder.fixed else f"data.split_file={hp.split_file}"
+               if hp.split_file else f"drawn with seed {hp.seed}, shares {list(hp.split_fractions)}")
+        trained = len(select(self.split_pairs["train"], hp.limit_images))
+        log.info("split of %s: %d train%s, %d val, %d test images (%s)%s", self.root, n["train"],
+                 f" (training on {trained}: data.limit_images={hp.limit_images})" if trained < n["train"] else "",
+                 n["val"], n["test"], how, f", written to {hp.split_out}" if hp.split_out else "")
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
