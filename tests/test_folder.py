@@ -123,6 +123,20 @@ def test_cut_outs_predict_wrote_beside_the_images_are_not_pairs(tmp_path):
     assert [img.name for img, _ in fd.scan(root).pairs["all"]] == ["im0.jpg", "im1.jpg", "im2.jpg", "im3.jpg"]
 
 
+def test_files_the_system_writes_into_picture_folders_are_not_pairs(tmp_path):
+    """.DS_Store was skipped but Windows' Thumbs.db and desktop.ini stopped a run as "not a supported image
+    file"; all of them, and macOS' ._ resource forks, are left out now, and every pair still trains."""
+    root = write_folder(tmp_path / "d", n=4)
+    for sub in ("images", "masks"):
+        for name in (".DS_Store", "Thumbs.db", "desktop.ini", "._im0.jpg"):
+            (root / sub / name).write_bytes(b"\0\1junk")
+    found = fd.scan(root)
+    assert [(img.name, mask.name) for img, mask in found.pairs["all"]] == [(f"im{i}.jpg", f"im{i}.png") for i in range(4)]
+    (root / "images" / "notes.txt").write_text("a file of the user's is still refused")
+    with pytest.raises(fd.FolderDataError, match="not a supported image file: .*notes.txt"):
+        fd.scan(root)
+
+
 def test_the_zero_one_rule_is_one_for_the_whole_folder(tmp_path):
     """Per mask, 0/1/2 masks (class indices without classes.txt) lost their 1s while 0/1 masks beside them kept
     theirs: half the folder trained as all background. One rule per folder: such a folder is refused."""

@@ -47,6 +47,9 @@ BINARY_CLASSES = ("background", "foreground")
 CLASSES_FILE = "classes.txt"
 SPLIT_FILE = "split.json"  # written into the run folder
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test of a pooled folder
+# files an operating system writes into folders of pictures (Windows Explorer's thumbnail cache and folder
+# settings), skipped as dot files are (.DS_Store): "not a supported image file: images/Thumbs.db" stopped a run
+SYSTEM_FILES = ("thumbs.db", "ehthumbs.db", "desktop.ini")
 MIN_TRAIN = 2  # training pairs at least: BatchNorm cannot train on a batch of one (a 3-pair folder failed mid-run)
 
 
@@ -161,8 +164,10 @@ def layout(root: str | os.PathLike) -> dict[str, tuple[Path, Path]] | tuple[Path
 def _files(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name.endswith(PREDICTED_SUFFIXES):  # .DS_Store, swap files; cut-outs predict
-            continue  # wrote beside their images (`bgremover-predict i images/x.jpg`): "image has no mask"
+        # .DS_Store, swap files, Thumbs.db; cut-outs predict wrote beside their images (`bgremover-predict i
+        # images/x.jpg`): "image has no mask"
+        if p.name.startswith(".") or p.name.lower() in SYSTEM_FILES or p.name.endswith(PREDICTED_SUFFIXES):
+            continue
         if p.is_dir():  # skipped without a word, its pairs were left out of training (35 of 40 trained)
             raise FolderDataError(f"a folder inside {folder}: {p} ({what}s sit directly in {folder.name}/; "
                                   "sub-folders are not read: move their files up)")
