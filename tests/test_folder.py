@@ -459,6 +459,31 @@ def test_the_split_is_said_before_training(tmp_path, caplog):
     assert reused == f"split of {root}: 6 train, 1 val, 1 test images (data.split_file={out})"
 
 
+def test_a_background_only_image_is_not_the_whole_val_split(tmp_path):
+    """8 pairs, one a background-only image (a negative example) that the seeded draw made the whole val split:
+    val foreground IoU was 0.000 every epoch, so the best epoch stayed the first and make remover exported epoch
+    0's weights. The draw now gives val and test an image with foreground; a split file or fixed val/ of only
+    background-only masks is refused before training."""
+    root = write_folder(tmp_path / "d", n=8)
+    stems = [f"im{i}" for i in range(8)]
+    seed = next(s for s in range(50) if len(fd.draw_split(stems, fd.DEFAULT_FRACTIONS, s)["val"]) == 1)
+    val = fd.draw_split(stems, fd.DEFAULT_FRACTIONS, seed)["val"][0]  # the image the draw puts alone in val
+    Image.fromarray(np.zeros((40, 56), np.uint8)).save(root / "masks" / f"{val}.png")
+    found = fd.scan(root)
+    chosen = fd.splits(found, seed=seed)
+    for split in ("val", "test"):
+        assert all(fd.read_mask(mask, found.labels).any() for _, mask in chosen[split]), split
+    assert found.empty == {root.resolve() / "masks" / f"{val}.png"}
+    assert val in [img.stem for img, _ in chosen["train"]] and len(chosen["train"]) == 6
+    bad = tmp_path / "split.json"
+    bad.write_text(json.dumps({"train": [s for s in stems if s not in (val, "im7" if val != "im7" else "im6")],
+                               "val": [val], "test": ["im7" if val != "im7" else "im6"]}))
+    with pytest.raises(fd.FolderDataError, match=rf"^the val split of {bad} holds no foreground: its 1 mask "
+                                                 rf"\({val}.png\) is all background; .* first epoch would be kept"):
+        fd.check_config(OmegaConf.create({"root": str(root), "split_file": str(bad)}))
+    fd.check_config(OmegaConf.create({"root": str(root), "split_file": str(bad)}), splits_needed=("test",))
+
+
 def test_fixed_splits_are_used_as_they_are(tmp_path):
     for split, n in (("train", 4), ("val", 2), ("test", 3)):
         write_folder(tmp_path / "d", n=n, split=split)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -328,6 +328,9 @@ class Folder:
     labels: Labels
     pairs: dict[str, list[tuple[Path, Path]]]  # split → pairs (fixed layout), or {"all": pairs}
     sizes: dict[Path, tuple[int, int]]  # image path → (h, w) as stored (EXIF applied)
+    # masks without a foreground pixel (a background-only image): a val split of only these scores the foreground
+    # IoU that picks the best epoch as 0 or undefined every epoch, and the first epoch was exported
+    empty: frozenset[Path] = frozenset()
 
     @property
     def fixed(self) -> bool:
@@ -351,6 +354,8 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
         return _SCANNED[key]
     pairs = {s: match(*dirs) for s, dirs in where.items()} if isinstance(where, dict) else {"all": match(*where)}
     sizes = {}
+    # per mask: whether it has foreground (multi-class, indexed), or its (1s, values > 127) until the rule is known
+    marks: dict[Path, bool | tuple[bool, bool]] = {}
     zero_one, fg_one, fg_high, fg_indexed = True, False, False, False  # gray masks all 0/1 so far; foreground seen
     gray = False  # a gray-level mask seen (not a palette's class indices)
     first_01, first_high, first_low = None, None, None  # gray masks: max 1, max > 127, max 2-127 (top_low)
@@ -361,11 +366,13 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
             _same_size(img, image, mask, raw)
             sizes[img] = image.shape[:2]
             if not labels.binary:
-                labels.to_label(raw, mask)  # a value beyond the class list: one line naming the file
+                label = labels.to_label(raw, mask)  # a value beyond the class list: one line naming the file
+                marks[mask] = bool(((label != 0) & (label != labels.void_index)).any())
                 continue
             values = raw[raw != labels.void_value] if labels.void_value is not None else raw
             if indexed:  # class indices: their foreground is any index but 0, whatever the gray masks' rule
-                fg_indexed = fg_indexed or bool(values.any())
+                marks[mask] = bool(values.any())
+                fg_indexed = fg_indexed or marks[mask]
                 continue
             gray, top = True, int(values.max(initial=0))
             if top == 255 and _class_indices(values):  # the 0/255 rule would make its borders the foreground
@@ -376,6 +383,7 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
                 raise FolderDataError(f"data.void_value=255 is the foreground of 0/255 masks such as {mask}: mark "
                                       "unknown pixels with another value (e.g. 128)")
             zero_one = zero_one and top <= 1
+            marks[mask] = (bool((values == 1).any()), top > 127)
             fg_one = fg_one or bool((values == 1).any())
             fg_high = fg_high or top > 127
             first_01 = first_01 or (mask if top == 1 else None)
@@ -400,12 +408,15 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
         raise FolderDataError(f"no mask in {root} has foreground: binary masks mark it with values > 127 (or 1 in "
                               "0/1 masks, saved as PNG); masks holding class indices need a classes.txt beside "
                               "images/")
-    _SCANNED[key] = folder = Folder(root, labels, pairs, sizes)
+    empty = frozenset(m for m, fg in marks.items() if not (fg[not zero_one] if isinstance(fg, tuple) else fg))
+    _SCANNED[key] = folder = Folder(root, labels, pairs, sizes, empty)
     return folder
 
 
-def draw_split(stems: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
-    """A seeded split of the pool: at least one stem in val and test, the rest (≥ 1) in train."""
+def draw_split(stems: Sequence[str], fractions: Sequence[float], seed: int,
+               empty: Collection[str] = ()) -> dict[str, list[str]]:
+    """A seeded split of the pool: at least one stem in val and test, the rest (≥ 1) in train; val and test each
+    hold a stem with foreground while train keeps one too (`empty`: the stems of background-only masks)."""
     fr = [float(f) for f in fractions]
     if len(fr) != 3 or any(f < 0 for f in fr) or sum(fr) <= 0 or fr[0] <= 0:
         raise FolderDataError(f"data.split_fractions must be three non-negative train/val/test shares with train > 0, got {list(fractions)}")
@@ -420,6 +431,12 @@ def draw_split(stems: Sequence[str], fractions: Sequence[float], seed: int) -> d
         n_val, n_test = 1, 1
     order = np.random.default_rng(seed).permutation(n)
     chosen = [sorted(stems)[i] for i in order]
+    # a val set of background-only images scores the IoU that picks the best epoch as 0 (or undefined) every
+    # epoch, and the first epoch was exported: the first drawn train stem with foreground takes a place there
+    for start, size in ((0, n_val), (n_val, n_test)):
+        with_fg = [i for i in range(n_val + n_test, n) if chosen[i] not in empty]
+        if all(c in empty for c in chosen[start:start + size]) and len(with_fg) > 1:
+            chosen[start], chosen[with_fg[0]] = chosen[with_fg[0]], chosen[start]
     return {"val": sorted(chosen[:n_val]), "test": sorted(chosen[n_val:n_val + n_test]),
             "train": sorted(chosen[n_val + n_test:])}
 
@@ -453,7 +470,7 @@ def splits(folder: Folder, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed:
                 raise FolderDataError(f"{split_file} names {missing[0]!r} ({s}), which is not in "
                                       f"{folder.root}/images")
     else:
-        chosen = draw_split(list(pool), fractions, seed)
+        chosen = draw_split(list(pool), fractions, seed, {m.stem for m in folder.empty})
     out = {s: [pool[stem] for stem in chosen[s]] for s in SPLITS}
     for s in SPLITS:
         if not out[s]:
@@ -495,6 +512,13 @@ def check_config(data, splits_needed: Sequence[str] = SPLITS) -> Folder:
         raise FolderDataError(f"the train split of {data.get('split_file') or folder.root} holds "
                               f"{count(n_train, 'image/mask pair')}{f' with data.limit_images={limit}' if limit else ''}"
                               f": training needs at least {MIN_TRAIN} (BatchNorm cannot train on one image)")
+    if "train" in splits_needed and all(mask in folder.empty for _, mask in chosen["val"]):
+        names = ", ".join(mask.name for _, mask in chosen["val"][:3]) + ("..." if len(chosen["val"]) > 3 else "")
+        raise FolderDataError(f"the val split of {data.get('split_file') or folder.root} holds no foreground: its "
+                              f"{count(len(chosen['val']), 'mask')} ({names}) {'is' if len(chosen['val']) == 1 else 'are'} all "
+                              "background; the best epoch is "
+                              "picked by the val foreground IoU, 0 or undefined there, so the first epoch would be "
+                              "kept: give val an image with foreground")
     side = data.get("image_size")
     if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
         raise FolderDataError(f"data.image_size must be a long side in pixels (>= 8) or null, got {side!r}")
