@@ -137,6 +137,31 @@ def test_files_the_system_writes_into_picture_folders_are_not_pairs(tmp_path):
         fd.scan(root)
 
 
+def test_a_photo_turned_by_exif_pairs_with_its_mask_as_shown(tmp_path):
+    """A phone photo stored 40x56 with EXIF orientation 6 is shown (and trained, and cut out by predict) 56x40:
+    its mask is the shown picture's, as rembg's and labelling tools' are, and lines up with it. A mask made from
+    the stored pixels (a script's Image.open ignores EXIF) was refused as "is 56x40 but its mask is 40x56" of
+    two files every other tool calls 40x56: the error says what happened now."""
+    root = write_folder(tmp_path / "d", n=4)
+    photo = root / "images" / "im0.jpg"
+    shown = np.asarray(Image.open(photo))  # 40x56: what the photo shows, and its mask (root/masks/im0.png)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to show": stored turned the other way
+    Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90).save(photo, exif=exif, quality=95)
+    with Image.open(photo) as stored:
+        assert stored.size == (40, 56)
+    found = fd.scan(root)
+    image, label = fd.read_pair(photo, root / "masks" / "im0.png", found.labels)
+    assert image.shape == label.shape + (3,) == (40, 56, 3)  # turned back as shown
+    assert image[label == 1].mean() > image[label == 0].mean() + 100  # aligned: the bright square is the foreground
+    mask = root / "masks" / "im0.png"
+    Image.open(mask).transpose(Image.Transpose.ROTATE_90).save(mask)  # the mask of the stored pixels
+    with pytest.raises(fd.FolderDataError, match=rf"^size mismatch: {photo} is 56x40 as shown \(its EXIF orientation "
+                                                 rf"turns the stored 40x56\) but its mask {mask} is 40x56: the mask "
+                                                 "was made from the unturned pixels; make it from the image as shown"):
+        fd.scan(root)
+
+
 def test_the_zero_one_rule_is_one_for_the_whole_folder(tmp_path):
     """Per mask, 0/1/2 masks (class indices without classes.txt) lost their 1s while 0/1 masks beside them kept
     theirs: half the folder trained as all background. One rule per folder: such a folder is refused."""

@@ -287,8 +287,17 @@ def mask_values(path: Path, labels: Labels) -> tuple[np.ndarray, bool]:
 
 def _same_size(img: Path, image: np.ndarray, mask: Path, label: np.ndarray) -> None:
     if image.shape[:2] != label.shape:
-        raise FolderDataError(f"size mismatch: {img} is {image.shape[1]}x{image.shape[0]} "
-                              f"but its mask {mask} is {label.shape[1]}x{label.shape[0]}")
+        with _open(img) as im:
+            stored = im.size[::-1]  # (h, w) before the EXIF orientation turns it
+        # a mask made from the pixels as stored (a script's Image.open ignores EXIF): "x is 72x96 but its mask is
+        # 96x72" of two files that every tool but a photo viewer calls 96x72
+        turned = label.shape == stored != image.shape[:2]
+        raise FolderDataError(
+            f"size mismatch: {img} is {image.shape[1]}x{image.shape[0]}"
+            + (f" as shown (its EXIF orientation turns the stored {stored[1]}x{stored[0]})" if turned else "")
+            + f" but its mask {mask} is {label.shape[1]}x{label.shape[0]}"
+            + (": the mask was made from the unturned pixels; make it from the image as shown (as rembg does: "
+               "PIL.ImageOps.exif_transpose)" if turned else ""))
 
 
 def read_pair(img: Path, mask: Path, labels: Labels, draft_side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
