@@ -599,6 +599,18 @@ def test_bad_folder_fails_config_check_naming_the_file(tmp_path, case):
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+def test_images_without_masks_are_counted(tmp_path):
+    """A folder labelled half-way by another tool (3 of 6 images without a mask) was refused one image a run,
+    "image has no mask: im1.jpg", then im3, then im5: the line says how many there are now."""
+    root = write_folder(tmp_path / "d", n=6)
+    for i in (1, 3, 5):
+        (root / "masks" / f"im{i}.png").unlink()
+    with pytest.raises(fd.FolderDataError) as err:
+        fd.scan(root)
+    assert str(err.value) == (f"image has no mask: {root / 'images' / 'im1.jpg'} (expected {root / 'masks'}/im1.png; "
+                              f"3 such images of 6 in {root / 'images'})")
+
+
 def test_limit_images_below_two_train_pairs_is_refused_up_front(folder, tmp_path):
     """data.limit_images=1 passed the two-pair minimum (counted before the limit) and the run then failed in
     BatchNorm at its first step ("Expected more than 1 value per channel"), an own-data audit found."""

@@ -185,9 +185,10 @@ def match(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     masks = _files(masks_dir, MASK_SUFFIXES, "mask")
     if not images:
         raise FolderDataError(f"empty folder: no images in {images_dir}")
-    for stem, img in images.items():
-        if stem not in masks:
-            raise FolderDataError(f"image has no mask: {img} (expected {masks_dir}/{stem}.png)")
+    unmasked = [stem for stem in images if stem not in masks]
+    if unmasked:  # how many: a folder half-labelled by another tool was refused one image a run
+        raise FolderDataError(f"image has no mask: {images[unmasked[0]]} (expected {masks_dir}/{unmasked[0]}.png; "
+                              f"{count(len(unmasked), 'such image')} of {len(images)} in {images_dir})")
     orphans = sorted(set(masks) - set(images))
     if orphans:
         raise FolderDataError(f"mask has no image: {masks[orphans[0]]} ({count(len(orphans), 'such mask')} in {masks_dir})")
