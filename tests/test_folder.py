@@ -571,6 +571,10 @@ def _bad(tmp_path, case: str) -> tuple[Path, str]:
         (images / "sub").mkdir()
         (images / "im3.jpg").rename(images / "sub" / "im3.jpg")
         return root, f"a folder inside {images}: {images / 'sub'} (images sit directly in images/; sub-folders"
+    if case == "nested_split":  # moved up as the line said, train and val pairs lost their split
+        (images / "train").mkdir()
+        return root, (f"a folder inside {images}: {images / 'train'} (images sit directly in images/; fixed splits "
+                      f"are laid out as {root}/train/images + train/masks, and the same for val/ and test/)")
     if case == "both_layouts":  # the pooled pairs were ignored
         write_folder(root, n=1, split="train")
         return root, f"{root} holds both layouts: images/ and masks/, and train/; keep one"
@@ -587,7 +591,7 @@ def _bad(tmp_path, case: str) -> tuple[Path, str]:
 
 
 BAD_CASES = ["no_mask", "no_image", "size", "truncated", "not_image", "beyond_classes", "empty", "layout", "file",
-             "three", "one_train", "nested", "both_layouts"]
+             "three", "one_train", "nested", "nested_split", "both_layouts"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -169,8 +169,11 @@ def _files(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
         if p.name.startswith(".") or p.name.lower() in SYSTEM_FILES or p.name.endswith(PREDICTED_SUFFIXES):
             continue
         if p.is_dir():  # skipped without a word, its pairs were left out of training (35 of 40 trained)
-            raise FolderDataError(f"a folder inside {folder}: {p} ({what}s sit directly in {folder.name}/; "
-                                  "sub-folders are not read: move their files up)")
+            # images/train + images/val (many data sets' layout): moved up as told, the pairs lost their split
+            split = p.name.lower() in (*SPLITS, "training", "validation")
+            how = (f"fixed splits are laid out as {folder.parent}/train/images + train/masks, and the same for val/ "
+                   "and test/" if split else "sub-folders are not read: move their files up")
+            raise FolderDataError(f"a folder inside {folder}: {p} ({what}s sit directly in {folder.name}/; {how})")
         if p.suffix.lower() not in suffixes:
             raise FolderDataError(f"not a supported {what} file: {p} (use {', '.join(suffixes)})")
         if p.stem in out:
