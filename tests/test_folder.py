@@ -90,14 +90,24 @@ def _rewrite_masks(root: Path, how) -> list[np.ndarray]:
     return truth
 
 
-@pytest.mark.parametrize("kind", ["cutout", "black_alpha", "gray_palette_inverted", "voc_palette", "la_cutout"])
+@pytest.mark.parametrize("kind", ["cutout", "black_alpha", "gray_palette_inverted", "voc_palette", "la_cutout",
+                                  "coloured_rgb", "instance_colours"])
 def test_masks_are_read_as_they_look(tmp_path, kind):
     """A rembg cut-out as the mask gave labels from its colours (IoU 0.002 with its alpha); a palette mask whose
     index 0 is white came out inverted; a black image with the mask in its alpha was refused as having no
-    foreground. Alpha with transparency is the mask; a gray palette is read as it looks, a coloured one (VOC's)
-    as 0/1 indices."""
+    foreground; a labelling tool's coloured mask on black was read by luminance: CVAT's (250, 50, 83) (114) was
+    refused as having no foreground, and a red instance (76) beside a green one (150) trained as background. Alpha
+    with transparency is the mask; a gray palette is read as it looks, a coloured one (VOC's) as 0/1 indices; an
+    RGB mask by its brightest channel."""
     def save(rgb, mask):
         fg = mask > 127
+        if kind in ("coloured_rgb", "instance_colours"):
+            colour = np.zeros(mask.shape + (3,), np.uint8)
+            colour[fg] = (250, 50, 83)  # CVAT's colour of a label
+            if kind == "instance_colours":  # two instances: the right part of the subject green, the rest red
+                colour[fg] = (255, 0, 0)
+                colour[:, mask.shape[1] // 2:][fg[:, mask.shape[1] // 2:]] = (0, 255, 0)
+            return Image.fromarray(colour, "RGB")
         if kind == "cutout":
             return Image.fromarray(np.dstack([rgb, mask]), "RGBA")
         if kind == "black_alpha":

@@ -10,14 +10,15 @@ Layouts (pairs are matched by file stem: `images/cat.jpg` ↔ `masks/cat.png`):
                                               background / foreground, mask values > 127 foreground (or 0/1 masks)
 
 Images: JPEG, PNG or WebP of any size and kind (16-bit too), decoded as the predictor decodes them (EXIF
-orientation applied); masks: 8-bit single-channel (L or P) of the same size, or for binary data also RGB, or a
-cut-out whose alpha channel is the mask (RGBA or LA with transparency). A binary palette mask is read as it looks
-when its palette is gray (white = foreground), as class indices when it is coloured (VOC's palette: every class but
-index 0 is foreground; its 255 borders too, unless data.void_value=255). `void_value` marks "unknown" pixels,
-excluded from loss and metrics. Every fault — an image without mask, a mask of another size, an unreadable file,
-a label beyond the class list, an empty folder — is a FolderDataError whose one line names the file; `scan`
-finds them all before training starts (config.validate_train calls it). Over 400 lines on purpose: reading,
-checking and splitting a user's folder is one job, and its rules (mask kinds, the 0/1 rule, splits) sit together.
+orientation applied); masks: 8-bit single-channel (L or P) of the same size, or for binary data also RGB (by its
+brightest channel), or a cut-out whose alpha channel is the mask (RGBA or LA with transparency). A binary palette
+mask is read as it looks when its palette is gray (white = foreground), as class indices when it is coloured (VOC's
+palette: every class but index 0 is foreground; its 255 borders too, unless data.void_value=255). `void_value`
+marks "unknown" pixels, excluded from loss and metrics. Every fault — an image without mask, a mask of another
+size, an unreadable file, a label beyond the class list, an empty folder — is a FolderDataError whose one line
+names the file; `scan` finds them all before training starts (config.validate_train calls it). Over 400 lines on
+purpose: reading, checking and splitting a user's folder is one job, and its rules (mask kinds, the 0/1 rule,
+splits) sit together.
 """
 
 from __future__ import annotations
@@ -276,7 +277,13 @@ def mask_values(path: Path, labels: Labels) -> tuple[np.ndarray, bool]:
             elif labels.binary and mode in ("RGB", "RGBA", "LA"):
                 alpha = np.array(im.getchannel("A")) if mode in ("RGBA", "LA") else None
                 # a cut-out (rembg's output) is its alpha; its colours were read as the mask (IoU 0.002)
-                raw = alpha if alpha is not None and alpha.min() < 255 else np.array(im.convert("L"))
+                if alpha is not None and alpha.min() < 255:
+                    raw = alpha
+                elif mode == "LA":
+                    raw = np.array(im.convert("L"))
+                else:  # as bright as its brightest channel: by luminance a labelling tool's red on black (76) or
+                    # CVAT's (250, 50, 83) (114) was background, silently beside a green (150) instance
+                    raw = np.asarray(im.convert("RGB")).max(axis=2)
             else:
                 need = "8-bit single-channel (L or P)" + ("" if labels.binary else " class indices")
                 raise FolderDataError(f"mask is {mode}, not {need}: {path}")
