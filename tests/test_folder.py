@@ -956,6 +956,14 @@ def test_make_remover_into_a_taken_run_dir_names_its_own_option(folder, tmp_path
     run = tmp_path / "run"
     run.mkdir()
     (run / "summary.json").write_text("{}")
+    # stopped before its first checkpoint (Ctrl-C in its first seconds): it was said to resume from a last.ckpt
+    # that is not there, and doing so failed as "checkpoint not found"
+    assert train_remover.main([str(folder), "--run-dir", str(run)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: --run-dir {run} already holds a run: its config, log and results would be overwritten; "
+                    "choose a new folder (it holds no checkpoint to resume from)")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint")
     assert train_remover.main([str(folder), "--run-dir", str(run)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == (f"error: --run-dir {run} already holds a run: its config, log and results would be overwritten; "

@@ -251,9 +251,12 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
         return None
     if resumes and _resumed_in_place(given):
         return None
+    # an evaluation never resumes; nor does a run stopped before its first checkpoint (Ctrl-C in its first
+    # seconds): told to resume it with ckpt_path=.../last.ckpt, the user got "checkpoint not found"
+    can_resume = resumes and (Path(run_dir) / "checkpoints" / "last.ckpt").exists()
     return (f"hydra.run.dir={run_dir} already holds a run: its config, log and results would be overwritten; "
             "choose a new folder" + (" (or resume it in place with ckpt_path=<that run>/checkpoints/last.ckpt)"
-                                     if resumes else ""))  # an evaluation never resumes
+                                     if can_resume else " (it holds no checkpoint to resume from)" if resumes else ""))
 
 
 # A resume in place: the run's record as it was before Hydra and the run rewrote it (files: their bytes; logs:
