@@ -711,3 +711,37 @@ def test_a_camera_jpeg_with_a_second_picture_is_no_animation(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert open_image(tmp_path / "mpo.jpg").size == (20, 12)
+
+
+class _ShortWrites(io.RawIOBase):
+    """stdout as a raw file (PYTHONUNBUFFERED=1) on a disk with `room` bytes left: each write takes at most
+    `chunk` bytes and returns the count, as FileIO does; once full, writing raises ENOSPC, as the disk does."""
+
+    def __init__(self, room: int, chunk: int) -> None:
+        self.room, self.chunk, self.got = room, chunk, bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if not self.room:
+            raise OSError(28, "No space left on device")
+        n = min(len(b), self.room, self.chunk)
+        self.got += bytes(b[:n])
+        self.room -= n
+        return n
+
+
+def test_a_short_write_to_stdout_is_finished_or_a_failure(model, tmp_path, capsys, monkeypatch):
+    """`i a.jpg > cut.png` under PYTHONUNBUFFERED=1 with a full disk: stdout's raw write took 36 KiB of the PNG and
+    returned that count, the rest was dropped, and the exit status was 0 beside a truncated cut-out."""
+    src = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(src)
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(_ShortWrites(10**9, 1000)))  # room, 1000 bytes a write
+    assert main(["i", "-m", model, str(src), "-"]) == 0
+    whole = bytes(sys.stdout.buffer.got)
+    assert read_png(io.BytesIO(whole)).size == (64, 48) and len(whole) > 3000
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(_ShortWrites(3000, 10**9)))  # 3000 bytes left on the disk
+    assert main(["i", "-m", model, str(src), "-"]) == 1
+    assert bytes(sys.stdout.buffer.got) == whole[:3000]
+    assert error_lines(capsys.readouterr().err) == [f"bgremover-predict: error: {src}: [Errno 28] No space left on device"]

@@ -269,6 +269,17 @@ def _disambiguate(items: list[Path | None], dests: list[Path], suffix: str) -> l
 PROG = "bgremover-predict"
 
 
+def _write_stdout(data: bytes) -> None:
+    """All of `data` to stdout. Under PYTHONUNBUFFERED=1 (the Makefile's, and many container images') stdout's
+    buffer is the raw file, whose write() may take only part (a full disk took 36 KiB of a 276 KiB PNG) and says
+    so only in its count: the PNG was cut short and the exit status 0. Written until all is taken; the next write
+    after a short one raises the disk's error (ENOSPC), reported as this input's failure."""
+    out, view = sys.stdout.buffer, memoryview(data)
+    while view:
+        view = view[out.write(view) or 0:]  # None: a non-blocking stdout took nothing yet
+    out.flush()
+
+
 def _positionals(argv: list[str]) -> list[str]:
     """The plain form's positional arguments: option values skipped (`--out i` names a folder, not a command)."""
     takes = {o: (1 if a.nargs is None else a.nargs) for a in _parser()._actions for o in a.option_strings
@@ -453,8 +464,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
                         raise ImageError("<stdin>: no data (give an INPUT image, or pipe one in)")
                 data = encode_image(remover.remove(source, **opts), dst.suffix if dst is not None else ".png")
                 if dst is None:
-                    sys.stdout.buffer.write(data)
-                    sys.stdout.buffer.flush()
+                    _write_stdout(data)
                 else:
                     write_atomic(data, dst)
                     if not args.quiet and not several:
