@@ -226,3 +226,22 @@ def test_an_eval_limit_is_recorded_and_flagged_partial(tmp_path, data, capsys):
     assert out[3].startswith(f"wrote {int8_path(model)}") and out[3].endswith(" (2 of 3 frames, PARTIAL)")
     rec = BackgroundRemover(int8_path(model), threads=1).meta["quantization"]
     assert rec["eval"]["split"] == "test" and rec["eval"]["frames"] == 2 and rec["eval"]["of"] == 3
+
+
+def test_an_out_that_is_some_other_file_is_not_replaced(tmp_path, data, capsys):
+    """`--out models/bgremover-camvid.pt` (a slip for .onnx) or `--out notes.txt` calibrated, scored, and replaced
+    that file with the int8 model, where export refuses the same --out; an earlier ONNX model is still replaced."""
+    model = build_net(tmp_path / "net.onnx")
+    for name, content in (("weights.pt", b"PK\x03\x04 torch weights"), ("notes.txt", b"my notes\n"), ("empty.onnx", b"")):
+        other = tmp_path / name
+        other.write_bytes(content)
+        args = ["--model", str(model), "--out", str(other), "--data-root", str(data), "--calib-frames", "2", "-q"]
+        assert qz.main(args) == 1
+        assert capsys.readouterr().err == (f"python -m bgremover.quantize: error: --out {other} exists and is not an "
+                                           "ONNX model: not replacing it (move it, or give another name)\n")
+        assert other.read_bytes() == content
+    earlier = tmp_path / "earlier.int8.onnx"
+    earlier.write_bytes(model.read_bytes())
+    assert qz.main(["--model", str(model), "--out", str(earlier), "--data-root", str(data), "--calib-frames", "2",
+                    "-q"]) == 0
+    assert "quantization" in BackgroundRemover(earlier).meta

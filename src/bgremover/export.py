@@ -33,7 +33,14 @@ if TYPE_CHECKING:  # torch loads inside the functions that use it: a bad option,
 
 from bgremover.errors import OneLineParser, UserError, check_writable, report
 from bgremover.files import replacing, same_file
-from bgremover.model_format import FORMAT, FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAME  # noqa: F401  (re-exported)
+from bgremover.model_format import (  # noqa: F401
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAME,
+    is_onnx_model,
+)
 
 PROG = "python -m bgremover.export"
 OPSET = 17  # supported by every onnxruntime >= 1.14 and by the TorchScript exporter
@@ -351,16 +358,6 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def _is_onnx(path: Path) -> bool:
-    import onnx
-
-    try:
-        onnx.load(str(path), load_external_data=False)
-        return True
-    except Exception:  # onnx raises protobuf's DecodeError, ValueError, OSError... for what is not a model
-        return False
-
-
 def check_outputs(ckpt: Path, out: str | Path, torchscript: bool) -> None:
     """Before any work: the files to write can be written, neither is the checkpoint being read, --out replaces
     only an earlier ONNX model and the TorchScript file (named after --out: `--out X.onnx` writes X.pt, the name
@@ -370,7 +367,7 @@ def check_outputs(ckpt: Path, out: str | Path, torchscript: bool) -> None:
     out = Path(out)
     if same_file(out, ckpt):
         raise ExportError(f"--out {out} would overwrite the checkpoint")
-    if out.is_file() and not _is_onnx(out):
+    if out.is_file() and not is_onnx_model(out):
         raise ExportError(f"--out {out} exists and is not an ONNX model: not replacing it (move it, or give "
                           "another name)")
     if not torchscript:

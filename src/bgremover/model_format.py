@@ -68,3 +68,14 @@ def parse(raw: str | None) -> dict[str, Any]:
     if not ok:
         raise FormatError("bgremover metadata is incomplete or invalid")
     return meta
+
+
+def is_onnx_model(path) -> bool:
+    """Whether the file at `path` holds an ONNX model, i.e. one an `--out` may replace (export's and quantize's:
+    any other file of the user's is refused). A graph with nodes: protobuf reads an empty file as an empty model."""
+    import onnx
+
+    try:
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:  # onnx raises protobuf's DecodeError, ValueError, OSError... for what is not a model
+        return False

@@ -254,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ModelError(f"model {model} is a folder, not an ONNX file" if model.is_dir()
                              else f"model file not found: {model}")
         errors.check_writable(args.out or out, "--out")  # before the calibration and two scorings, not after
+        if out.is_file() and not model_format.is_onnx_model(out):  # a mistyped --out (the .pt weights, notes.txt)
+            raise QuantizeError(f"--out {out} exists and is not an ONNX model: not replacing it (move it, or give "
+                                "another name)")
         record = quantize(model, out, data_root, args.calib_frames, args.eval_limit, args.threads,
                           progress=not args.quiet)  # fmt: skip
     except KeyboardInterrupt:
