@@ -492,3 +492,46 @@ def test_a_bad_option_is_answered_before_torch_loads():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
     assert "argument --tol: expected a finite number > 0, got '-1'" in proc.stderr
+
+
+def test_sigterm_during_an_export_leaves_nothing_behind(tmp_path):
+    """`kill` (or `timeout`, a job scheduler) during `make export` ended the process outright: a 16 MiB hidden
+    .m.onnx.*.tmp stayed beside --out, in the folders the export had made. It now unwinds as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny")
+    out = tmp_path / "new" / "deeper" / "m.onnx"
+    code = ("import os, signal, sys, time\n"
+            "from bgremover import export\n"
+            "def verify(*args, **kwargs):  # the ONNX temp file is written: a SIGTERM comes\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "export._verify = verify\n"
+            f"sys.exit(export.main(['--ckpt', {str(ckpt)!r}, '--out', {str(out)!r}]))\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stderr == "python -m bgremover.export: interrupted by SIGTERM: nothing written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temp file, no folder made for it
+
+
+def test_an_ignored_sigterm_stays_ignored_while_a_command_runs():
+    """sigterm_raises (export, quantize, ship, predict) must not turn on a SIGTERM its parent chose to ignore."""
+    import os
+    import signal
+
+    from bgremover import files
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with files.sigterm_raises():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored: the block goes on
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with files.sigterm_raises():
+            assert signal.getsignal(signal.SIGTERM) is files.raise_terminated
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)

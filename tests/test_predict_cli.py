@@ -745,3 +745,26 @@ def test_a_short_write_to_stdout_is_finished_or_a_failure(model, tmp_path, capsy
     assert main(["i", "-m", model, str(src), "-"]) == 1
     assert bytes(sys.stdout.buffer.got) == whole[:3000]
     assert error_lines(capsys.readouterr().err) == [f"bgremover-predict: error: {src}: [Errno 28] No space left on device"]
+
+
+def test_sigterm_while_a_cutout_is_written_leaves_no_temp_file(model, tmp_path):
+    """`kill` of a folder run (a job scheduler's timeout) ended it outright: the cut-out being written stayed as a
+    hidden .x.nobg.png.*.tmp in the output folder. It now unwinds as Ctrl-C does, exit 143."""
+    import signal
+
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        save_png(tmp_path / "in" / name)
+    out = tmp_path / "out"
+    code = ("import os, signal, sys, time\n"
+            "from bgremover import files, predict\n"
+            "def write(data, path):  # half of the PNG is in the temp file when the SIGTERM comes\n"
+            "    with files.replacing(path) as tmp:\n"
+            "        tmp.write_bytes(data[: len(data) // 2])\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(30)\n"
+            "predict.write_atomic = write\n"
+            f"sys.exit(predict.main(['p', '-m', {model!r}, '-q', {str(tmp_path / 'in')!r}, {str(out)!r}]))\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and proc.stderr == "bgremover-predict: interrupted by SIGTERM\n", proc.stderr
+    assert list(out.iterdir()) == []

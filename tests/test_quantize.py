@@ -4,6 +4,7 @@ quantized, scored against its float self and written only when the accuracy gate
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +246,26 @@ def test_an_out_that_is_some_other_file_is_not_replaced(tmp_path, data, capsys):
     assert qz.main(["--model", str(model), "--out", str(earlier), "--data-root", str(data), "--calib-frames", "2",
                     "-q"]) == 0
     assert "quantization" in BackgroundRemover(earlier).meta
+
+
+def test_sigterm_during_quantize_removes_its_temp_folder(tmp_path, data):
+    """`kill` during the calibration ended quantize outright: its temp folder (the preprocessed model, the
+    calibration's files) stayed in $TMPDIR. It now unwinds as Ctrl-C does, exit 143, nothing written."""
+    import signal
+
+    model = build_net(tmp_path / "net.onnx")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code = ("import os, signal, sys, time\n"
+            "import onnxruntime.quantization as q\n"
+            "from bgremover import quantize\n"
+            "def calibrate(*args, **kwargs):  # the temp folder holds the preprocessed model: a SIGTERM comes\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "q.quantize_static = calibrate\n"
+            f"sys.exit(quantize.main(['--model', {str(model)!r}, '--data-root', {str(data)!r}, '-q']))\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(scratch)})
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stderr == "python -m bgremover.quantize: interrupted by SIGTERM\n"
+    assert not list(scratch.glob("bgremover-quantize-*")) and not int8_path(model).exists()

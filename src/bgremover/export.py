@@ -6,7 +6,8 @@
 The file carries everything the predictor needs (classes, normalization, size multiple, default foreground,
 provenance) as JSON under the ONNX metadata key `bgremover`. Before anything is written, the same inputs go
 through PyTorch and ONNX Runtime; the export is refused (no file left behind) when they disagree by more than
-`tol`. Exit codes: 0 written, 1 bad checkpoint / failed export or verification, 2 usage error, 130 interrupted.
+`tol`. Exit codes: 0 written, 1 bad checkpoint / failed export or verification, 2 usage error, 130 interrupted, 143
+terminated (SIGTERM).
 
 Exporter: the TorchScript-based one (`dynamo=False`): torch 2.14's default needs `onnxscript`, no dependency
 here; it ships inside torch and says "any batch, any H, any W" with `dynamic_axes`, all a fully-convolutional
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # torch loads inside the functions that use it: a bad option,
     from torch import nn  # (seconds), is then one line, not a traceback printed before main() could run
 
 from bgremover.errors import OneLineParser, UserError, check_writable, report
-from bgremover.files import replacing, same_file
+from bgremover.files import Terminated, replacing, same_file, sigterm_raises
 from bgremover.model_format import (  # noqa: F401
     FORMAT,
     FORMAT_VERSION,
@@ -398,14 +399,16 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or default_out(Path(args.ckpt), meta)
         if not args.out:  # the default, beside the run: known only from the checkpoint
             check_outputs(Path(args.ckpt), out, args.torchscript)
-        result = export_onnx(
-            net, meta, out, tol=args.tol, opset=args.opset, torchscript=args.torchscript
-        )
+        with sigterm_raises():  # `kill`, `timeout`: as Ctrl-C (it left the 17 MB temp file and its folders)
+            result = export_onnx(
+                net, meta, out, tol=args.tol, opset=args.opset, torchscript=args.torchscript
+            )
     except UserError as err:
         return report(err, PROG)  # the prefix argparse's errors carry
-    except KeyboardInterrupt:  # export_onnx removed its temp files and folders; an earlier --out is untouched
-        print(f"{PROG}: interrupted: nothing written", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:  # export_onnx removed its temp files and folders; an earlier
+        how = "interrupted by SIGTERM" if isinstance(e, Terminated) else "interrupted"  # --out is untouched
+        print(f"{PROG}: {how}: nothing written", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     md = result["metadata"]
     miou = "n/a" if md["test_mIoU"] is None else f"{md['test_mIoU']:.4f}"
     if md["test_mIoU"] is not None:

@@ -87,3 +87,31 @@ def signals_held() -> Iterator[list[int]]:
         # SIGTERM first: Ctrl-C's handler raises KeyboardInterrupt, which would end this loop and drop the SIGTERM
         for s in sorted(set(came), key=kinds.index):
             signal.raise_signal(s)
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception (`kill`, `timeout`, a job scheduler), raised where the command is, so it unwinds as
+    on Ctrl-C: `replacing` removes its temp file, an export the folders it made. SIGTERM's default ends the
+    process outright, and `kill` during an export left a 16 MiB hidden .model.onnx.*.tmp beside --out. A
+    BaseException like KeyboardInterrupt, so no `except Exception` reports it as the command's own failure."""
+
+
+def raise_terminated(*_) -> None:
+    """A SIGTERM handler: raise Terminated."""
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises Terminated (main thread only: only it may set handlers); the handler
+    before is back after it, so a command's main() called from a program leaves the program's as they were. The
+    command reports it as one line and exits 143 (128 + SIGTERM). An ignored SIGTERM (SIG_IGN, inherited from
+    the parent) stays ignored, as in signals_held."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)

@@ -13,7 +13,7 @@
     Exit codes: 0 all written (or skipped as existing); 1 some input failed (each reported on stderr, the
     good ones are still written), the model cannot be loaded, or the output folder cannot be made or written
     (checked before any image is processed); 2 usage error (bad option value, unknown class name, conflicting
-    options); 130 interrupted.
+    options); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 
 The library (BackgroundRemover, image decoding) is `bgremover.remover`, re-exported here. Like it, this module
 never imports torch: a test enforces it. Over 400 lines on purpose: the plain and the rembg command forms
@@ -34,6 +34,7 @@ from pathlib import Path
 from PIL import Image
 
 from bgremover.errors import OneLineParser, UserError, check_writable, one_line_warnings, report
+from bgremover.files import Terminated, sigterm_raises
 from bgremover.remover import (  # noqa: F401  (re-exported: the library's names, importable from here as before)
     DEFAULT_MODEL,
     IMAGE_EXTENSIONS,
@@ -317,11 +318,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command is not None:
             args = _from_rembg_form(command, args)
-        with one_line_warnings(PROG):
+        with one_line_warnings(PROG), sigterm_raises():
             return _run(args, fail_usage)
     except KeyboardInterrupt:
         print("bgremover-predict: interrupted", file=err)
         return 130
+    except Terminated:  # `kill`, `timeout`: as on Ctrl-C, no temp file of the image being written is left behind
+        print("bgremover-predict: interrupted by SIGTERM", file=err)
+        return 143
     except UsageError as e:
         return fail_usage(str(e))
     except BgRemoverError as e:

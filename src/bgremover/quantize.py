@@ -26,7 +26,7 @@ in either direction. Otherwise exit 1 and nothing is written. The copy's metadat
 `quantization`: the scheme, the calibration, both evaluations and the float file's sha256 (the predictor uses the
 shipped copy only while it matches the float file beside it).
 Exit codes: 0 written; 1 gate failed, data or model missing or unusable (an int8 copy included); 2 bad option
-values; 130 interrupted.
+values; 130 interrupted, 143 terminated (SIGTERM).
 
 Imports onnxruntime's quantization tools and onnx, never torch.
 """
@@ -48,7 +48,7 @@ import numpy as np
 
 from bgremover import cutout_eval, errors, model_format
 from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
-from bgremover.files import replacing, same_file
+from bgremover.files import Terminated, replacing, same_file, sigterm_raises
 from bgremover.remover import (
     BackgroundRemover,
     BgRemoverError,
@@ -257,11 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out.is_file() and not model_format.is_onnx_model(out):  # a mistyped --out (the .pt weights, notes.txt)
             raise QuantizeError(f"--out {out} exists and is not an ONNX model: not replacing it (move it, or give "
                                 "another name)")
-        record = quantize(model, out, data_root, args.calib_frames, args.eval_limit, args.threads,
-                          progress=not args.quiet)  # fmt: skip
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        with sigterm_raises():  # `kill`, `timeout`: as Ctrl-C, its temp folder and file removed
+            record = quantize(model, out, data_root, args.calib_frames, args.eval_limit, args.threads,
+                              progress=not args.quiet)  # fmt: skip
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"{PROG}: interrupted{' by SIGTERM' if isinstance(e, Terminated) else ''}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except errors.UserError as e:
         return errors.report(e, PROG, 1)
     except Exception as e:  # a bug or an onnxruntime failure: still one line, never a traceback

@@ -14,7 +14,8 @@ The example cut-outs (`examples/*.nobg.png` for the default models folder, or `-
 the new default (int8) model, so they show what `make predict` now makes, and installed with the models as one
 set: an error or Ctrl-C before the last rename puts every old file back. It prints the rows models/README.md needs.
 
-Exit codes: 0 shipped, 1 not better or failed (nothing changed), 2 bad option value.
+Exit codes: 0 shipped, 1 not better or failed (nothing changed), 2 bad option value, 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM): nothing changed either.
 """
 
 from __future__ import annotations
@@ -223,11 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return errors.report(f"--examples {examples}: no such folder", PROG, 2)
     try:
         errors.check_writable(models_dir, "--models-dir", folder=True)  # before the export and the scoring
-        ship(Path(args.ckpt), models_dir, data_root, force=args.force, eval_limit=args.eval_limit,
-             threads=args.threads, progress=not args.quiet, examples=examples)  # fmt: skip
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted: nothing changed", file=sys.stderr)
-        return 130
+        with files.sigterm_raises():  # `kill`, `timeout`: as Ctrl-C (it left models/.ship-PID/ with the new files)
+            ship(Path(args.ckpt), models_dir, data_root, force=args.force, eval_limit=args.eval_limit,
+                 threads=args.threads, progress=not args.quiet, examples=examples)  # fmt: skip
+    except (KeyboardInterrupt, files.Terminated) as e:
+        print(f"{PROG}: interrupted{' by SIGTERM' if isinstance(e, files.Terminated) else ''}: nothing changed",
+              file=sys.stderr)
+        return 143 if isinstance(e, files.Terminated) else 130
     except UserError as e:
         return errors.report(e, PROG, 1)
     except Exception as e:  # a bug or an onnxruntime failure: still one line, and the models are untouched

@@ -32,6 +32,7 @@ from bgremover.config import (
     taken_run_dir,
 )
 from bgremover.errors import OneLineParser, UserError, count
+from bgremover.files import Terminated, raise_terminated
 from bgremover.utils import KEEP_MEMORY_ENV
 
 # where the configs and models/ are (a checkout, or pip's share/bgremover): the recipe's ckpt_init is found from here
@@ -119,15 +120,6 @@ def finish_command(run: Path, data: Path, best_ckpt: str = "{best_ckpt}") -> str
             f"{score_command(run, data, run / MODEL_NAME)}")
 
 
-class Terminated(BaseException):
-    """SIGTERM after the training: it stops the export or the scoring as Ctrl-C does (a BaseException like
-    KeyboardInterrupt: the export reports an Exception as its own failure, "export failed: Terminated")."""
-
-
-def _terminated(*_) -> None:
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m bgremover.train_remover", description=__doc__.splitlines()[0])
     p.add_argument("data", help="your folder: images/ + masks/, or train|val|test/{images,masks}")
@@ -175,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if rc != 0:
         return rc
     # the training is over: passed on to it, a SIGTERM was ignored and the export and scoring went on (exit 0)
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, raise_terminated)  # it stops the export or the scoring as Ctrl-C does
     best = None
     try:
         summary = json.loads((run / SUMMARY_NAME).read_text())
