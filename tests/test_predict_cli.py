@@ -768,3 +768,15 @@ def test_sigterm_while_a_cutout_is_written_leaves_no_temp_file(model, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and proc.stderr == "bgremover-predict: interrupted by SIGTERM\n", proc.stderr
     assert list(out.iterdir()) == []
+
+
+def test_an_output_over_the_bg_image_is_refused(model, tmp_path, capsys):
+    """`i a.png bg.png --bg-image bg.png` (or a folder run's -o onto it) replaced the background photo by the
+    composite, exit 0: the --bg-image is an input too."""
+    src, bg = save_png(tmp_path / "a.png"), save_png(tmp_path / "bg.png", 30, 40)
+    original = bg.read_bytes()
+    for argv in (["i", str(src), str(bg)], [str(src), "-o", str(bg)]):
+        assert main([*argv, "--bg-image", str(bg), "-m", model]) == 2, argv
+        assert capsys.readouterr().err == (f"bgremover-predict: error: {bg} is an input image: its cut-out would "
+                                           "replace it; choose another output\n")
+    assert bg.read_bytes() == original and sorted(os.listdir(tmp_path)) == ["a.png", "bg.png"]

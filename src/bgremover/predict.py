@@ -404,7 +404,8 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
         # PNG under the .jpg name)
         return fail_usage(f"{jpeg}: a cut-out with transparency is a PNG; a JPEG needs an opaque background "
                           "(-bgc R G B 255, --bg-image) or --mask-only")
-    sources = {i.resolve() for i in items if i is not None}
+    # the --bg-image is read as well: `i a.jpg bg.png --bg-image bg.png` replaced the background photo
+    sources = {Path(i).resolve() for i in (*items, args.bg_image) if i is not None}
     for dst in outputs:  # a cut-out written over its own photo (`a.png -o a.png`, or through a link) destroys it
         if dst is not None and dst.resolve() in sources:
             return fail_usage(f"{dst} is an input image: its cut-out would replace it; choose another output")
