@@ -52,7 +52,7 @@ $(error TEST_JOBS must be a number of test processes (0: one process) or auto, g
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint data train eval sweep compare export predict ship eval-cutout \
+.PHONY: help install test test-fast lint data train eval sweep compare export predict ship quantize eval-cutout \
         remover example-data serve benchmark reproduce-default speedruns clean
 
 help: ## list the targets
@@ -106,6 +106,9 @@ serve: $(STAMP) ## cut-outs over HTTP + page on http://127.0.0.1:8000/: make ser
 ship: $(STAMP) ## a checkpoint becomes models/bgremover-camvid.* if it beats them: make ship CKPT=path [ARGS="--force"]
 	@test -n "$(CKPT)" || { echo "error: give a checkpoint: make ship CKPT=path/to.ckpt" >&2; exit 2; }
 	$(BIN)/python -m bgremover.ship --ckpt "$(CKPT)" $(ARGS)
+
+quantize: $(STAMP) ## int8 copy of a float model, written only if it scores like it on CamVid test: make quantize [MODEL=models/bgremover-camvid.onnx] [ARGS="--out x.int8.onnx"]
+	$(BIN)/python -m bgremover.quantize $(if $(MODEL),--model "$(MODEL)") $(ARGS)
 
 eval-cutout: $(STAMP) ## cut-out quality on CamVid test or a folder: make eval-cutout [MODEL=x.onnx] [ARGS="--limit 20" | "--data-root DIR --split-file RUN/split.json"]
 	$(BIN)/python -m bgremover.cutout_eval $(if $(MODEL),--model "$(MODEL)") $(ARGS)
