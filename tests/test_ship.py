@@ -377,3 +377,16 @@ def test_both_signals_held_are_delivered(monkeypatch):
     finally:
         signal.signal(signal.SIGTERM, before)
     assert got == [signal.SIGTERM]
+
+
+def test_a_scratch_folder_left_by_a_killed_ship_does_not_block_the_next(trained, data, tmp_path, capsys):
+    """A ship the OOM killer ended left models/.ship-<pid>; the next one in a container, under the same pid,
+    failed with "unexpected FileExistsError" and shipped nothing. The scratch folder now gets a fresh name."""
+    models = tmp_path / "models"
+    stale = models / f".ship-{os.getpid()}"
+    stale.mkdir(parents=True)
+    (stale / "bgremover-camvid.onnx").write_bytes(b"half")
+    args = ["--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data), "--threads", "1", "-q"]
+    assert ship.main(args) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in models.iterdir()) == sorted([*NAMES, stale.name])  # its own scratch removed
+    assert (stale / "bgremover-camvid.onnx").read_bytes() == b"half"  # another run's folder is not ours to touch

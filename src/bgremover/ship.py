@@ -24,6 +24,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,9 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
             f"{shipped_net} from {names['weights'].name}, so change its model.net too, then ship with --force"
         )
     models_dir.mkdir(parents=True, exist_ok=True)
-    scratch = models_dir / f".ship-{os.getpid()}"  # same filesystem: the final moves are renames
-    scratch.mkdir()
+    # same filesystem: the final moves are renames. A fresh name each time: .ship-<pid> of a run the OOM killer
+    # ended stayed behind, and a container's next `make ship`, under the same pid, failed on "File exists"
+    scratch = Path(tempfile.mkdtemp(prefix=".ship-", dir=models_dir))
     cutouts: list[tuple[Path, Path]] = []  # the example cut-outs made, with their places
     try:
         new = {kind: scratch / path.name for kind, path in names.items()}
@@ -224,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return errors.report(f"--examples {examples}: no such folder", PROG, 2)
     try:
         errors.check_writable(models_dir, "--models-dir", folder=True)  # before the export and the scoring
-        with files.sigterm_raises():  # `kill`, `timeout`: as Ctrl-C (it left models/.ship-PID/ with the new files)
+        with files.sigterm_raises():  # `kill`, `timeout`: as Ctrl-C (it left models/.ship-*/ with the new files)
             ship(Path(args.ckpt), models_dir, data_root, force=args.force, eval_limit=args.eval_limit,
                  threads=args.threads, progress=not args.quiet, examples=examples)  # fmt: skip
     except (KeyboardInterrupt, files.Terminated) as e:
