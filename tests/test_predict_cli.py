@@ -780,3 +780,18 @@ def test_an_output_over_the_bg_image_is_refused(model, tmp_path, capsys):
         assert capsys.readouterr().err == (f"bgremover-predict: error: {bg} is an input image: its cut-out would "
                                            "replace it; choose another output\n")
     assert bg.read_bytes() == original and sorted(os.listdir(tmp_path)) == ["a.png", "bg.png"]
+
+
+def test_jfif_and_avif_photos_in_a_folder_are_cut_out(model, tmp_path, capsys):
+    """A folder of browser downloads (.jfif) and phone photos (.avif) was "2 written" of 4 photos: those two kinds,
+    which Pillow reads, were passed over without a word."""
+    from PIL import features
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg", "c.JFIF", *((["d.avif"]) if features.check("avif") else [])):
+        Image.fromarray(halves(12, 20)).save(folder / name, format="AVIF" if name.endswith("avif") else None)
+    assert main(["p", "-m", model, "-q", str(folder), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(Path(n).stem + ".nobg.png" for n in os.listdir(folder))
+    assert "c.nobg.png" in written

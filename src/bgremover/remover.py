@@ -63,12 +63,19 @@ def output_suffix(mask_only: bool = False) -> str:
     """A mask and a cut-out of one photo get different names: with one name, a mask run over a folder of earlier
     cut-outs skipped every photo as done."""
     return MASK_SUFFIX if mask_only else OUTPUT_SUFFIX
+
+
+# what a folder run reads. .jfif (browsers save JPEGs so) and .avif (phones, the web; Pillow >= 11.2 decodes it)
+# were skipped without a word in a folder of photos; an .avif a Pillow without the codec cannot read fails in one
+# line, named, instead
 IMAGE_EXTENSIONS = frozenset(
     {
         ".png",
         ".jpg",
         ".jpeg",
         ".jpe",
+        ".jfif",
+        ".avif",
         ".bmp",
         ".gif",
         ".tif",
