@@ -795,3 +795,22 @@ def test_jfif_and_avif_photos_in_a_folder_are_cut_out(model, tmp_path, capsys):
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == sorted(Path(n).stem + ".nobg.png" for n in os.listdir(folder))
     assert "c.nobg.png" in written
+
+
+def test_a_closed_stdin_or_stdout_is_named_not_a_crash(model, tmp_path):
+    """From a cron job or a daemon with stdout closed (`>&-`), `i a.png` said "unexpected AttributeError: 'NoneType'
+    object has no attribute 'isatty'" and wrote nothing; so did `i` with stdin closed."""
+    src = save_png(tmp_path / "a.png")
+
+    def run(*args: str, close: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bgremover.predict", *args], stdin=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path,
+                              preexec_fn=lambda: os.close(close))  # fmt: skip
+
+    res = run("i", "-m", model, str(src), close=1)  # no redirection to write to: beside the input, as on a terminal
+    assert res.returncode == 0 and read_png(tmp_path / "a.nobg.png").mode == "RGBA", res.stderr
+    res = run("i", "-m", model, str(src), "-", close=1)
+    assert (res.returncode, res.stderr) == (2, "bgremover-predict: error: stdout is closed: name the output file\n")
+    res = run("i", "-m", model, close=0)
+    assert (res.returncode, res.stderr) == (2, "bgremover-predict: error: i needs an INPUT image (or - with an image "
+                                               "on stdin)\n")

@@ -208,6 +208,8 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool, mask
     if out == "-" or (out is None and any(i is None for i in items)):
         if several or len(items) != 1:
             raise UsageError("stdout (-) can take exactly one image")
+        if sys.stdout is None:  # closed (`>&-`): was "unexpected AttributeError"
+            raise UsageError("stdout is closed: name the output file")
         if sys.stdout.isatty():  # rembg's `cat a.jpg | rembg i` dumped 256 KB of PNG bytes onto the terminal
             raise UsageError("stdout is a terminal: redirect it (> out.png) or name the output file")
         return [None]
@@ -338,12 +340,13 @@ def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespa
     """`i`/`p`'s positional INPUT and OUTPUT as the plain form's inputs and --out (checked there)."""
     if command == "i":
         if args.input is None:
-            if sys.stdin.isatty():
+            if sys.stdin is None or sys.stdin.isatty():  # None: closed (`<&-`)
                 raise UsageError("i needs an INPUT image (or - with an image on stdin)")
             args.input = "-"
         if args.input != "-" and Path(args.input).is_dir():
             raise UsageError(f"i takes one image, {args.input} is a folder: use `p INPUT_DIR OUTPUT_DIR`")
-        if args.out is None and not sys.stdout.isatty():  # rembg's `i a.jpg > b.png`: b.png was left empty
+        if args.out is None and sys.stdout is not None and not sys.stdout.isatty():  # rembg's `i a.jpg > b.png`:
+            # b.png was left empty; a closed stdout (`>&-`, None) is no redirection: beside the input
             args.out = "-"
         elif args.out not in (None, "-") and not Path(args.out).is_dir() and not _is_folder_name(args.out):
             # OUTPUT is the file to write, as in rembg: `i a.jpg new` made a folder `new` with a.nobg.png inside
@@ -464,7 +467,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
             try:
                 source = src
                 if src is None:
-                    source = io.BytesIO(sys.stdin.buffer.read())
+                    source = io.BytesIO(sys.stdin.buffer.read() if sys.stdin is not None else b"")  # None: closed
                     if not source.getbuffer().nbytes:  # was "not a recognised image file" (`i` from a script)
                         raise ImageError("<stdin>: no data (give an INPUT image, or pipe one in)")
                 data = encode_image(remover.remove(source, **opts), dst.suffix if dst is not None else ".png")
