@@ -96,9 +96,10 @@ export: $(STAMP) ## checkpoint → self-describing ONNX: make export CKPT=path [
 	@test -n "$(CKPT)" || { echo "error: give a checkpoint: make export CKPT=path/to.ckpt [OUT=model.onnx]" >&2; exit 2; }
 	$(BIN)/python -m bgremover.export --ckpt "$(CKPT)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
+# OUT=- is stdout, the PNG itself: make's echo of the command went there too, in front of it (exit 0)
 predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [MODEL=x.onnx] [OUT=dir, default outputs/]
 	@test -n "$(IMG)" || { echo "error: give an image or folder: make predict IMG=photo.jpg" >&2; exit 2; }
-	$(BIN)/bgremover-predict "$(IMG)" $(if $(MODEL),--model "$(MODEL)") --out "$(or $(OUT),outputs)" $(ARGS)
+	$(if $(filter -,$(OUT)),@)$(BIN)/bgremover-predict "$(IMG)" $(if $(MODEL),--model "$(MODEL)") --out "$(or $(OUT),outputs)" $(ARGS)
 
 serve: $(STAMP) ## cut-outs over HTTP + page on http://127.0.0.1:8000/: make serve [MODEL=x.onnx] [ARGS="--port 9000 --threads 2"]
 	$(BIN)/bgremover-serve $(if $(MODEL),--model "$(MODEL)") $(ARGS)

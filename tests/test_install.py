@@ -136,3 +136,26 @@ def test_every_make_target_the_docs_name_exists():
     plan = subprocess.run(["make", "-n", "quantize", "MODEL=m.onnx"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout
     assert "-m bgremover.quantize --model \"m.onnx\"" in plan
+
+
+def test_make_predict_to_stdout_writes_only_the_png(tmp_path):
+    """`make predict IMG=a.jpg OUT=- > cut.png` put make's echo of the command (".venv/bin/bgremover-predict
+    "a.jpg" --out "-"") in front of the PNG: a broken file, exit 0. Any other OUT still shows the command."""
+    import shutil
+
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    cksum = subprocess.run(["cksum", "pyproject.toml"], cwd=tmp_path, capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / f".installed-{cksum}").touch()  # installed: make runs the predictor straight away
+    predictor = tmp_path / ".venv" / "bin" / "bgremover-predict"
+    predictor.write_text("#!/bin/sh\nprintf '\\211PNG-bytes'\n")  # stands in for the cut-out it writes
+    predictor.chmod(0o755)
+
+    def make(*args: str) -> bytes:
+        return subprocess.run(["make", "predict", "IMG=a.jpg", *args], cwd=tmp_path, capture_output=True,
+                              check=True).stdout
+
+    assert make("OUT=-") == b"\x89PNG-bytes"
+    assert make("OUT=cut.png").startswith(b'.venv/bin/bgremover-predict "a.jpg"  --out "cut.png"')
