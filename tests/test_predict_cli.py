@@ -814,3 +814,27 @@ def test_a_closed_stdin_or_stdout_is_named_not_a_crash(model, tmp_path):
     res = run("i", "-m", model, close=0)
     assert (res.returncode, res.stderr) == (2, "bgremover-predict: error: i needs an INPUT image (or - with an image "
                                                "on stdin)\n")
+
+
+def test_an_image_from_a_pipe_by_name_is_read(model, tmp_path, capsys):
+    """`i <(curl -s URL) out.png` (bash hands over /dev/fd/63, a pipe) and a named FIFO said "empty file": a pipe
+    has no size. It is read once, whole; a pipe that brings nothing says so."""
+    import threading
+
+    src = save_png(tmp_path / "a.png")
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    def feed(data: bytes) -> None:  # opening blocks until the reader opens the other end
+        with fifo.open("wb") as fh:
+            fh.write(data)
+
+    for data, code in ((src.read_bytes(), 0), (b"", 1)):
+        writer = threading.Thread(target=feed, args=(data,), daemon=True)  # daemon: a reader that never opens
+        writer.start()
+        assert main(["i", "-m", model, str(fifo), str(tmp_path / "cut.png")]) == code
+        writer.join(10)
+        err = capsys.readouterr().err
+        if code == 0:
+            assert read_png(tmp_path / "cut.png").size == (20, 12), err
+        else:
+            assert error_lines(err) == [f"bgremover-predict: error: {fifo}: no data"]

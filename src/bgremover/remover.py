@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import sys
 import threading
 import warnings
@@ -144,7 +145,13 @@ def open_image(
             raise ImageError(f"{name}: no such file")
         if path.is_dir():
             raise ImageError(f"{name}: is a directory")
-        if path.stat().st_size == 0:
+        if stat.S_ISFIFO(path.stat().st_mode):  # a pipe, as `i <(curl -s URL) out.png` gives one: it has no size
+            # (it was "empty file") and reads once, where Pillow seeks
+            with open(path, "rb") as fh:
+                src = io.BytesIO(fh.read())
+            if not src.getbuffer().nbytes:
+                raise ImageError(f"{name}: no data")
+        elif path.stat().st_size == 0:
             raise ImageError(f"{name}: empty file")
     try:
         opened, trouble = _recording(lambda: _open_unbounded(src))  # JPEG's EXIF is parsed here, warnings and all
