@@ -838,3 +838,25 @@ def test_an_image_from_a_pipe_by_name_is_read(model, tmp_path, capsys):
             assert read_png(tmp_path / "cut.png").size == (20, 12), err
         else:
             assert error_lines(err) == [f"bgremover-predict: error: {fifo}: no data"]
+
+
+def test_a_bg_image_from_a_pipe_is_read(model, tmp_path, capsys):
+    """`--bg-image <(curl -s URL)` said "no such file" of the pipe bash hands over; a folder was "no such file" too."""
+    import threading
+
+    src, bg = save_png(tmp_path / "a.png"), tmp_path / "bg.png"
+    Image.new("RGB", (40, 24), (0, 0, 255)).save(bg)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with fifo.open("wb") as fh:
+            fh.write(bg.read_bytes())
+
+    threading.Thread(target=feed, daemon=True).start()
+    assert main(["i", "-m", model, str(src), str(tmp_path / "cut.png"), "--bg-image", str(fifo)]) == 0
+    by_file = main(["i", "-m", model, str(src), str(tmp_path / "ref.png"), "--bg-image", str(bg)])
+    assert by_file == 0 and np.array_equal(np.asarray(read_png(tmp_path / "cut.png")), np.asarray(read_png(tmp_path / "ref.png")))
+    capsys.readouterr()
+    assert main(["i", "-m", model, str(src), str(tmp_path / "x.png"), "--bg-image", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"bgremover-predict: error: --bg-image {tmp_path}: is a folder\n"

@@ -380,8 +380,10 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
                       "a guided filter", stacklevel=2)
     given = args.bg_color if args.bg_color is not None else args.bgcolor  # --bg-color R,G,B[,A] or -bgc R G B A
     bg_color = parse_color(given) if given is not None else None
-    if args.bg_image is not None and not Path(args.bg_image).is_file():
-        return fail_usage(f"--bg-image {args.bg_image}: no such file")
+    if args.bg_image is not None and not (Path(args.bg_image).is_file() or is_stream(args.bg_image)):
+        # a pipe too (`--bg-image <(curl -s URL)`: it was "no such file"), read as the inputs are
+        what = "is a folder" if Path(args.bg_image).is_dir() else "no such file"
+        return fail_usage(f"--bg-image {args.bg_image}: {what}")
 
     failures: list[str] = []
     several = len(args.inputs) > 1 or any(Path(i).is_dir() for i in args.inputs if i != "-")
