@@ -173,3 +173,43 @@ def test_bad_file_shows_clear_error(browser, base, tmp_path):
     browser.find_element("id", "file").send_keys(str(EXAMPLE))
     wait_for(browser, "document.getElementById('error').hidden && document.getElementById('result').naturalWidth",
              "the cut-out after the error")
+
+
+def test_a_new_file_or_no_class_stops_the_cutout_in_flight(browser, remover, tmp_path):
+    """A photo still being cut out when the user picks a file over the size limit: its answer then arrived,
+    cleared the size error and showed the old photo's cut-out, offered for download under the new file's name.
+    And unticking every class while one was in flight left the spinner turning for good."""
+    gated = _ts.GatedRemover(remover)
+    service = Service(gated, workers=1, max_bytes=_ts.MAX_BYTES)
+    with live_server(service) as url:
+        try:
+            open_page(browser, url)
+            big = tmp_path / "big.jpg"
+            big.write_bytes(b"\xff" * (_ts.MAX_BYTES + 1))
+            browser.find_element("id", "file").send_keys(str(EXAMPLE))
+            assert gated.entered.wait(WAIT), "the upload never reached the model"
+            browser.find_element("id", "file").send_keys(str(big))
+            gated.gate.set()  # the first photo's cut-out finishes now
+            deadline = time.monotonic() + WAIT
+            while service.served < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert service.served == 1
+            time.sleep(0.5)  # time for the page to have handled that answer, had it still been listening
+            state = browser.execute_script(
+                "return [document.getElementById('error').hidden, document.getElementById('error').textContent,"
+                " document.getElementById('result').hidden, document.getElementById('download').getAttribute('href'),"
+                " document.getElementById('spinner').hidden]")
+            assert state[0] is False and "big.jpg" in state[1] and "accepts up to" in state[1], state
+            assert state[2] is True and state[3] is None and state[4] is True, state
+
+            gated.entered.clear()
+            gated.gate.clear()
+            browser.find_element("id", "file").send_keys(str(EXAMPLE))
+            assert gated.entered.wait(WAIT), "the second upload never reached the model"
+            browser.find_element("id", "cls-none").click()
+            wait_for(browser, "document.getElementById('error').textContent.includes('at least one class')",
+                     "the no-class message")
+            wait_for(browser, "document.getElementById('spinner').hidden"
+                     " && !document.getElementById('result-stage').classList.contains('busy')", "the spinner to stop")
+        finally:
+            gated.gate.set()  # a failed check must not leave the worker waiting 30 s

@@ -61,17 +61,26 @@ function options() {
   return { params, mode };
 }
 
+// Drops the request in flight, whose answer would otherwise land after what replaced it (a file over the size
+// limit, no class ticked), and stops its spinner: the aborted run leaves both to whoever replaced it.
+function stopRun() {
+  if (state.controller) state.controller.abort();
+  state.controller = null;
+  $("spinner").hidden = true;
+  $("result-stage").classList.remove("busy");
+}
+
 async function run() {
   if (!state.file) return;
-  if (state.controller) state.controller.abort();  // a newer option set replaces the request in flight
-  const controller = new AbortController();
-  state.controller = controller;
+  stopRun();  // a newer option set replaces the request in flight
   const { params, mode } = options();
   if (!selectedClasses().length) {
     clearResult();
     showError("Pick at least one class to keep.");
     return;
   }
+  const controller = new AbortController();
+  state.controller = controller;
   const body = new FormData();
   body.append("file", state.file, state.file.name || "image");
   $("spinner").hidden = false;
@@ -117,6 +126,8 @@ function rerunSoon() {
 
 function useFile(file) {
   if (!file) return;
+  clearTimeout(state.timer);  // an option change just before is run below with this file, or not at all
+  stopRun();
   state.file = file;
   if (state.originalUrl) URL.revokeObjectURL(state.originalUrl);
   state.originalUrl = URL.createObjectURL(file);
