@@ -749,6 +749,19 @@ def test_cli_takes_rembgs_option_spellings():
         cors_origins("null")
 
 
+def test_cli_takes_rembgs_dash_h_for_the_host(capsys):
+    """`rembg s -h 0.0.0.0 -p 7000` (click's -h/--host) printed our help and exited 0 without serving: -h with an
+    address is the host now; -h alone (or before another option) is still the help."""
+    for args in (["-h", "0.0.0.0", "-p", "7000"], ["-p", "7000", "-h0.0.0.0"], ["--host", "0.0.0.0", "-p", "7000"]):
+        parsed = _parser("bgremover-predict s").parse_args(args)
+        assert (parsed.host, parsed.port) == ("0.0.0.0", 7000)
+    assert _parser().parse_args([]).host == "127.0.0.1"
+    for args in (["-h"], ["-h", "-p", "7000"], ["--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            _parser().parse_args(args)
+        assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: bgremover-serve")
+
+
 def test_an_unexpected_failure_is_a_json_500_a_browser_app_can_read(remover, caplog):
     """A cut-out failing in an unforeseen way (onnxruntime's own error, out of memory) went past the route to
     Starlette's outermost handler, outside the CORS middleware: the 500 carried no Access-Control-Allow-Origin,

@@ -471,11 +471,26 @@ def cors_origins(value: str) -> list[str]:
     return origins
 
 
+class HelpOrHost(argparse.Action):
+    """-h alone is the help, as in any argparse command; -h ADDRESS is the host, as in `rembg s -h 0.0.0.0` (click's
+    -h/--host), which printed the help and exited 0 without serving (a container just stopped)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            parser.print_help()
+            parser.exit()
+        setattr(namespace, self.dest, values)
+
+
 def _parser(prog: str = "bgremover-serve") -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=prog,
         description="Serve background removal over HTTP (POST /remove, GET /model, GET /health, page at /).",
+        add_help=False,
     )
+    p.add_argument("-h", nargs="?", dest="host", default=argparse.SUPPRESS, action=HelpOrHost, metavar="HOST",
+                   help="alone: show this help and exit; with an address: --host, as in rembg s")
+    p.add_argument("--help", action="help", help="show this help and exit")
     p.add_argument("--model", "-m", help=f"ONNX model (default ${MODEL_ENV} or the shipped one)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind ({DEFAULT_HOST}; 0.0.0.0 = all)")
     p.add_argument("--port", "-p", type=int, default=DEFAULT_PORT, help=f"TCP port ({DEFAULT_PORT}; 0 = any free)")
