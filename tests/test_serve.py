@@ -689,6 +689,56 @@ def test_cli_serves_then_stops_on_sigint(tmp_path):
             proc.wait()
 
 
+# bgremover-serve with a 1 s grace period and a cut-out that takes 10 s: a stop always runs past the grace period
+SLOW_SERVE = """import sys, time
+from bgremover import remover, serve
+serve.GRACEFUL_S = 1
+slow = remover.BackgroundRemover.remove
+remover.BackgroundRemover.remove = lambda self, *a, **k: (time.sleep(10), slow(self, *a, **k))[1]
+sys.exit(serve.main())
+"""
+
+
+def test_sigterm_past_the_grace_period_answers_503_and_says_so():
+    """SIGTERM (systemd, docker stop) with a cut-out still running when the grace period ran out: its client's
+    connection was dropped (no answer at all) and nothing said so, where the README promises a JSON 503 to retry
+    on and one line with the count, as a second Ctrl-C gives. The process still ends by SIGTERM (a clean stop to
+    systemd, 143 in a shell)."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "--port", "0", "--threads", "1", "--log-level",
+                             "warning"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    got: dict = {}
+    try:
+        match = re.search(r"http://(127\.0\.0\.1:\d+)/", proc.stderr.readline())
+        assert match
+        base = f"http://{match.group(1)}"
+        wait_healthy(base, proc=proc)
+        def post() -> None:
+            try:
+                got["r"] = post_raw(base, JPEG)
+            except OSError as err:  # what it got: the connection dropped, no answer
+                got["r"] = (None, {}, repr(err).encode())
+
+        client = threading.Thread(target=post)
+        client.start()
+        deadline = time.monotonic() + 20
+        while json.loads(request(base, "GET", "/health")[2])["busy"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # past the upload: in the worker, inside the 10 s
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == -signal.SIGTERM
+        client.join(20)
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    status, headers, body = got["r"]
+    assert status == 503 and headers.get("retry-after") == "1", (status, body)
+    assert json.loads(body) == {"error": "the server was stopped before this cut-out finished; retry"}
+    assert "bgremover-serve: stopped with 1 cut-out in progress, answered 503" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(serve_cmd(*args), capture_output=True, text=True, timeout=60)
 

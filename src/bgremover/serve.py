@@ -31,6 +31,7 @@ import io
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -51,6 +52,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bgremover.errors import OneLineParser, count, one_line, one_line_warnings, report
+from bgremover.files import Terminated, sigterm_raises
 from bgremover.remover import (
     MODEL_ENV,
     BackgroundRemover,
@@ -579,15 +581,23 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
         flush=True,
     )
     config = server_config(create_app(service, args.cors or ()), args.log_level)
+    # uvicorn handles SIGTERM while it serves, then raises it again once stopped. With SIGTERM's default action that
+    # ended the process there, before the cut-outs the grace period's end had cancelled were answered (their clients
+    # saw the connection drop) or counted; raised as Terminated, it unwinds as Ctrl-C's KeyboardInterrupt does.
+    stopped_by = None
     try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # Ctrl-C is how a person stops the server: exit 0, no traceback (tested)
+        with sigterm_raises():
+            uvicorn.Server(config).run(sockets=[sock])
+    except (KeyboardInterrupt, Terminated) as stop:  # Ctrl-C is how a person stops the server: exit 0, no traceback
+        stopped_by = stop
         if service.cancelled:  # a second Ctrl-C, or the grace period's end, cut them short
             print(f"{prog}: stopped with {count(service.cancelled, 'cut-out')} in progress, answered 503 (a second "
                   f"Ctrl-C, or past the {GRACEFUL_S:g} s grace period)", file=sys.stderr)
     finally:
         service.pool.shutdown(wait=False, cancel_futures=True)
         sock.close()
+    if isinstance(stopped_by, Terminated):  # still ended by SIGTERM: a clean stop to systemd, 143 in a shell
+        signal.raise_signal(signal.SIGTERM)
     return 0
 
 
