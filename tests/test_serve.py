@@ -650,6 +650,46 @@ def test_a_client_hanging_up_mid_upload_is_no_error(remover, caplog):
     assert any("client disconnected" in r.getMessage() for r in caplog.records)
 
 
+def test_a_request_whose_client_left_while_queued_is_not_cut_out(remover, caplog):
+    """The page aborts its request at every option change, and a client that gave up leaves too; each one's cut-out
+    was still computed, ahead of the request that is waited for (one worker, 24 Mpx photos: after four abandoned
+    requests the next took 18.2 s, now 9.0 s; 6.6 s alone). One whose client has gone before a worker takes it is
+    skipped."""
+    calls = []
+
+    class Counting(GatedRemover):
+        def remove(self, img, **opts):
+            calls.append(opts)
+            return super().remove(img, **opts)
+
+    gated = Counting(remover)
+    service = Service(gated, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=4)
+    with live_server(service) as base, caplog.at_level("INFO", logger="bgremover.serve"):
+        first: dict = {}
+        worker = threading.Thread(target=lambda: first.update(r=post_raw(base, JPEG)))
+        worker.start()
+        try:
+            assert gated.entered.wait(30), "the first request never reached the model"
+            host, port = base.removeprefix("http://").split(":")
+            left = socket.create_connection((host, int(port)), timeout=10)  # sends all, then hangs up unanswered
+            left.sendall(b"POST /remove?mask_only=1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                         + f"Content-Length: {len(JPEG)}\r\n\r\n".encode() + JPEG)
+            deadline = time.monotonic() + 10
+            while json.loads(request(base, "GET", "/health")[2])["busy"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            left.close()
+            time.sleep(0.5)  # the server sees the connection close
+        finally:
+            gated.gate.set()
+            worker.join(60)
+        assert first["r"][0] == 200
+        status, _, body = post_raw(base, JPEG, "?threshold=0.5")  # the next one is served as usual
+        assert status == 200 and png_image(body).size == (480, 360)
+        assert json.loads(request(base, "GET", "/health")[2])["busy"] == 0
+    assert calls == [{}, {"threshold": 0.5}], calls  # not {"mask_only": True}: its client had left
+    assert any("left before its cut-out started" in r.getMessage() for r in caplog.records), caplog.text
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The bgremover-serve command itself
 
@@ -818,7 +858,7 @@ def test_an_unexpected_failure_is_a_json_500_a_browser_app_can_read(remover, cap
     so a page on an allowed origin saw only an opaque network error. Now the route answers it, logged once."""
     service = Service(remover, workers=1, max_bytes=MAX_BYTES)
 
-    def broken(data, opts):
+    def broken(data, opts, gone):
         raise RuntimeError("onnxruntime: bad allocation")
 
     service.cutout = broken

@@ -231,8 +231,11 @@ class Service:
         self.cancelled = 0  # cut-outs a stop cut short (a second Ctrl-C, or the grace period's end)
         self.matting_logged = False  # rembg's clients send af/ab/ae with every request: logged once, not each time
 
-    def cutout(self, data: bytes, opts: dict[str, Any]) -> tuple[bytes, float]:
-        """Decode, cut out and encode one image (runs on a worker thread): (PNG bytes, seconds)."""
+    def cutout(self, data: bytes, opts: dict[str, Any], gone: threading.Event | None = None) -> tuple[bytes, float]:
+        """Decode, cut out and encode one image (runs on a worker thread): (PNG bytes, seconds). ClientGone when
+        `gone` was set (its client left) while the request waited for a worker."""
+        if gone is not None and gone.is_set():
+            raise ClientGone
         start = time.perf_counter()
         try:  # the remover checks --max-pixels on the header, before decoding (decompression bombs)
             png = encode_png(self.remover.remove(io.BytesIO(data), **opts))
@@ -316,6 +319,17 @@ class Service:
             await form.close()
 
 
+class ClientGone(Exception):
+    """The client of a request still waiting for a worker has disconnected: nobody would read its cut-out."""
+
+
+async def watch_disconnect(request, gone: threading.Event) -> None:
+    """Set `gone` when the client disconnects. Run once the body is read: uvicorn's receive() then waits until the
+    connection closes (or the answer is sent, when this task is cancelled)."""
+    if (await request.receive())["type"] == "http.disconnect":
+        gone.set()
+
+
 async def drain(request, asked: bool = False, limit: int = DRAIN_BYTES) -> None:
     """Read and drop what is left of a refused request's body, at most `limit` bytes, so that the error is what
     the client reads. A client that sent `Expect: 100-continue` (curl, for large bodies) and was not yet asked for
@@ -364,12 +378,22 @@ def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
                 service.matting_logged = True
                 log.warning("%s (rembg's alpha-matting settings) ignored: `a` here refines the mask with a guided "
                             "filter (said once; each answer names them in %s)", "/".join(ignored), IGNORED_HEADER)
-            loop = asyncio.get_running_loop()
-            png, seconds = await loop.run_in_executor(service.pool, service.cutout, data, opts)
+            # A client that leaves while its request waits for a worker (the page aborts its request at every
+            # option change) is skipped: its cut-out held up the ones still waited for (a 24 Mpx photo: seconds each).
+            gone = threading.Event()
+            watcher = asyncio.create_task(watch_disconnect(request, gone))
+            try:
+                png, seconds = await asyncio.get_running_loop().run_in_executor(
+                    service.pool, service.cutout, data, opts, gone)
+            finally:
+                watcher.cancel()
         except ApiError as err:
             return json_error(err.status, err.message)
         except ClientDisconnect:  # the client hung up mid-upload: nobody to answer, nothing to log as an error
             log.info("client disconnected during the upload")
+            return Response(status_code=400)
+        except ClientGone:
+            log.info("client left before its cut-out started: skipped")
             return Response(status_code=400)
         except BgRemoverError as err:  # a model fault (e.g. wrong output shape): the server's problem
             log.error("cut-out failed: %s", err)
