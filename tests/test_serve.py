@@ -637,6 +637,35 @@ def test_a_stalled_upload_is_refused_and_frees_its_slot(remover, monkeypatch):
                 sock.close()
 
 
+def test_a_trickling_upload_is_refused_at_the_body_deadline_and_frees_its_slot(remover, monkeypatch):
+    """A client sending a byte just inside every BODY_IDLE_S never went idle, so it held its --queue slot for as
+    long as it liked (16 such clients locked out a --queue 16 server). The whole body now has BODY_TOTAL_S."""
+    from bgremover import serve
+
+    monkeypatch.setattr(serve, "BODY_IDLE_S", 1.0)
+    monkeypatch.setattr(serve, "BODY_TOTAL_S", 2.5)
+    service = Service(remover, workers=1, max_bytes=MAX_BYTES, queue=1)
+    with live_server(service) as base:
+        sock = _stalled_upload(base)
+        try:
+            start = time.monotonic()
+            sock.settimeout(0.6)
+            answer = ""
+            while not answer and time.monotonic() - start < 8:
+                try:
+                    sock.sendall(b"x")  # a byte every 0.6 s: never idle for BODY_IDLE_S
+                    answer = sock.recv(4096).decode()
+                except TimeoutError:
+                    continue
+                except OSError:  # the server closed the connection while we sent: read what it answered
+                    break
+            assert answer.startswith("HTTP/1.1 408") and "not all received in 2.5 s" in answer, answer
+            assert 2.0 < time.monotonic() - start < 4.0
+            assert post_raw(base, JPEG)[0] == 200  # the slot is free again
+        finally:
+            sock.close()
+
+
 def test_a_client_hanging_up_mid_upload_is_no_error(remover, caplog):
     """A client that disconnects mid-upload logged two ERROR tracebacks (ClientDisconnect fell to the catch-all)."""
     service = Service(remover, workers=1, max_bytes=MAX_BYTES, queue=2)
@@ -663,7 +692,7 @@ def test_a_request_whose_client_left_while_queued_is_not_cut_out(remover, caplog
             return super().remove(img, **opts)
 
     gated = Counting(remover)
-    service = Service(gated, workers=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, queue=4)
+    service = Service(gated, workers=1, max_bytes=MAX_BYTES, queue=4)
     with live_server(service) as base, caplog.at_level("INFO", logger="bgremover.serve"):
         first: dict = {}
         worker = threading.Thread(target=lambda: first.update(r=post_raw(base, JPEG)))

@@ -34,6 +34,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,9 @@ PAGES = {  # the only files served from static/ (no directory listing, no path t
 CSP = "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' blob:; object-src 'none'; base-uri 'none'"
 OPTIONS = ("classes", "threshold", "refine", "mask_only", "bg_color")
 BODY_IDLE_S = 30.0  # a request body that sends nothing for this long is refused (408): it would hold a --queue slot
+# ...and one that has not all come in this long (408): a byte every 29 s never went idle and held its slot for
+# good. 20 MiB (--max-bytes) in 5 min is ~0.6 Mbit/s, a slow mobile uplink.
+BODY_TOTAL_S = 300.0
 REMBG_NAMES = {"om": "mask_only", "a": "refine", "bgc": "bg_color"}  # rembg's server's names for the same options
 # rembg's alpha-matting settings, which its clients send along with `a`: checked as rembg checks them (integer,
 # at most this; None = no maximum) so a typo is still a 422, then ignored as bgremover-predict's -af/-ab/-ae are
@@ -256,10 +260,15 @@ class Service:
             await drain(request)
             raise ApiError(413, f"request body of {int(declared):,} bytes is over the limit of {self.max_bytes:,} (--max-bytes)")
         chunks, size, more = [], 0, True
+        deadline = time.monotonic() + BODY_TOTAL_S
         while more:  # counted as it arrives: chunked uploads have no Content-Length
+            left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(request.receive(), BODY_IDLE_S)
+                message = await asyncio.wait_for(request.receive(), max(min(BODY_IDLE_S, left), 0))
             except TimeoutError:
+                if left <= BODY_IDLE_S:
+                    raise ApiError(408, f"request body too slow: not all received in {BODY_TOTAL_S:g} s "
+                                        f"({size:,} bytes came)") from None
                 raise ApiError(408, f"request body stalled: nothing received for {BODY_IDLE_S:g} s") from None
             if message["type"] != "http.request":
                 raise ClientDisconnect()
