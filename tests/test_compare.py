@@ -413,6 +413,46 @@ def test_a_row_over_different_test_subsets_says_so() -> None:
     assert rows[0][0] == "n — test frames 4 of 233 (partial)"
 
 
+def test_a_partial_test_set_is_never_ranked_above_the_whole_split(tmp_path: Path, monkeypatch) -> None:
+    """A net tested on 4 frames (60.0) was the report's first row above one tested on all 233 (40.0), W&B's
+    compare/best_net, and an unmarked bar in class_iou.png."""
+    from matplotlib.axes import Axes
+
+    root = tmp_path / "runs"
+    for name, net, frames, miou in (("a", TIRAMISU, 4, 0.60), ("b", DEEPLAB, 233, 0.40), ("c", DEEPLAB, 233, 0.30)):
+        s = ok_summary(root / name, TIRAMISU, 1) | {"net": net, "test_split": {"frames": frames, "of": 233}}
+        s["metrics"] = s["metrics"] | {"test/mIoU": miou}
+        s["config"] = {"model": {"optimizer": {"lr": miou}}}  # b and c: two recipes of one net, two rows
+        write_summary(root / name, s)
+    untested = ok_summary(root / "d", DEEPLAB, 1) | {"config": {"model": {"optimizer": {"lr": 0.2}}}}  # test=false
+    write_summary(root / "d", untested | {"metrics": {"val/mIoU_best": 0.5}})
+    stats = compare.aggregate(compare.find_runs([root]))
+    assert [(s.runs[0].dir.name, s.miou.mean) for s in stats] == [("b", 0.40), ("c", 0.30), ("a", 0.60), ("d", None)]
+    labels: list = []
+    bar = Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda self, *a, **k: labels.append(k.get("label")) or bar(self, *a, **k))
+    logged: dict = {}
+
+    class Run:
+        id, dir, summary = "stub", "", logged
+
+        def log(self, payload):
+            pass
+
+    stub = types.SimpleNamespace(run=None, Table=lambda columns, data: data, Image=lambda path: path,
+                                 Settings=lambda **k: k, init=lambda **k: Run(), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", stub)
+    md = (compare.build_report([root], out=tmp_path / "rep", grid_images=0, use_wandb=True).path / "report.md").read_text()
+    table = md[md.index("## Nets"):md.index("## Per-class")]
+    assert table.index(f"| {DEEPLAB} (model.optimizer.lr=0.3) |") < table.index(f"| {TIRAMISU} |")
+    assert (logged["compare/best_net"], logged["compare/best_test_mIoU"]) == (f"{DEEPLAB} (model.optimizer.lr=0.4)", 0.40)
+    assert logged["compare/best_test_frames"] == "233"
+    assert f"{TIRAMISU} — test frames 4 of 233 (partial)" in labels and f"{DEEPLAB} (model.optimizer.lr=0.4)" in labels
+    # every row partial: the best one is named with its frames
+    only = compare.build_report([root / "a"], out=tmp_path / "rep2", grid_images=0, use_wandb=True)
+    assert only.stats[0].net == TIRAMISU and logged["compare/best_test_frames"] == "4 of 233 (partial)"
+
+
 def test_a_sweep_that_ran_no_job_says_so(tmp_path: Path) -> None:
     """A sweep that failed while composing (`model=deeplabv3plus,deeplabv4`) leaves only multirun.yaml; compare
     said just "no summary.json found"."""

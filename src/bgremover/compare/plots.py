@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bgremover.compare.render import partial_note
 from bgremover.compare.runs import (
     CLASSES,
     NET_COLOURS,
@@ -102,7 +103,8 @@ def plot_class_iou(stats: list[NetStats], path: Path) -> bool:
         means = [100 * (s.class_iou[c].mean or 0.0) for c in CLASSES]
         errs = [100 * (s.class_iou[c].std or 0.0) for c in CLASSES]
         pos = [x - 0.4 + width * (i + 0.5) for x in xs]
-        ax.bar(pos, means, width, yerr=errs, capsize=2, color=colours[s.net], label=s.net)
+        # a partial test set's bars stood unmarked beside whole-split ones
+        ax.bar(pos, means, width, yerr=errs, capsize=2, color=colours[s.net], label=s.net + partial_note(s.runs))
     if any(s.paper and s.paper["name"] == PAPER["103"]["name"] for s in have):
         ax.scatter(list(xs), [PAPER_CLASS_IOU_103[c] for c in CLASSES], marker="_", s=600, color="black",
                    linewidths=2, zorder=3, label=f"paper FC-DenseNet103 ({PAPER_CITE})")  # fmt: skip
@@ -114,7 +116,7 @@ def plot_class_iou(stats: list[NetStats], path: Path) -> bool:
     ax.grid(axis="y", alpha=0.3)
     # Below the axes: inside, it would hide the tall bars or the paper's markers.
     # as many columns as the longest label leaves room for (a net with several recipes has a long one)
-    longest = max(len(s.net) for s in have) + 4
+    longest = max(len(s.net + partial_note(s.runs)) for s in have) + 4
     ncol = max(1, min(4, len(have) + 1, int(fig.get_figwidth() * 13 // longest)))
     ax.legend(fontsize=9, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()

@@ -208,7 +208,8 @@ def build_report(
                     "Runs are averaged only when their configs differ in the seed alone (and where they ran and "
                     "logged); a net trained with several recipes gets a row each, named by the settings that differ.",
                     "mIoU = mean over the 11 classes of intersection over union; global acc = share of non-void "
-                    "pixels labelled right. Nets are sorted by test mIoU, best first.",
+                    "pixels labelled right. Nets are sorted by test mIoU, best first; rows tested on part of the "
+                    "test split come after all rows tested on the whole of it.",
                     f"Paper columns and rows are the published numbers of {PAPER_CITE}, not ours: they come from "
                     "the paper's much longer training, so short runs land below them.",
                     "Failed and interrupted runs are listed at the end and left out of every statistic.",

@@ -401,7 +401,8 @@ def _same_value(typed: str | None, value: Any) -> bool:
 
 
 def aggregate(runs: list[Run]) -> list[NetStats]:
-    """One NetStats per net and recipe (group_runs) over its successful runs, best test mIoU first."""
+    """One NetStats per net and recipe (group_runs): rows over the whole test split, then partial ones, each by test
+    mIoU, then rows without test numbers."""
     out = []
     for label, rs in group_runs(runs).items():
         rs.sort(key=lambda r: (str(r.seed), str(r.dir)))
@@ -421,5 +422,5 @@ def aggregate(runs: list[Run]) -> list[NetStats]:
                 paper=pe[1] if pe else None,
             )
         )
-    out.sort(key=lambda s: (-(s.miou.mean if s.miou.mean is not None else -1.0), s.net))
+    out.sort(key=lambda s: (s.miou.mean is None, any(r.partial_test for r in s.runs), -(s.miou.mean or 0.0), s.net))
     return out

@@ -93,6 +93,8 @@ def log_wandb(report: Path, stats: list[NetStats], runs: list[Run], group: str) 
         if stats:
             run.summary["compare/best_net"] = stats[0].net
             run.summary["compare/best_test_mIoU"] = stats[0].miou.mean
+            # whole-split rows rank first (aggregate): "4 of 233 (partial)" here says no row was tested on all of it
+            run.summary["compare/best_test_frames"] = frames_cell(stats[0].runs)
         where = getattr(run, "dir", "") or ""
     finally:
         if own:
