@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -188,6 +189,25 @@ def test_imagenet_weights_offline_fail_fast_with_one_line(tmp_path, tiny_camvid)
     assert len(errors) == 1 and "imagenet" in errors[0] and "encoder_weights=null" in errors[0]
     assert "Traceback" not in proc.stderr
     assert elapsed < 60  # imports included
+
+
+def test_hydra_job_chdir_reads_relative_paths_from_where_the_command_started(tmp_path, small_camvid):
+    """`hydra.job.chdir=true` (Hydra's run-in-the-output-folder switch) with a relative data.root or ckpt_path: the
+    run stopped on "dataset folder not found: CamVid", a folder that was there, looked for inside the run folder."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "WANDB_MODE": "offline"}
+    env.pop("DATA_DIR", None)
+    common = ["hydra.job.chdir=true", "data.root=CamVid", "logger=csv", "extras.print_config=false"]
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train", *TINY_TIRAMISU, *SMALL_RUN, *common,
+                           "trainer.max_epochs=1", "hydra.run.dir=run"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["test_split"]["frames"] == 2
+    proc = subprocess.run([sys.executable, "-m", "bgremover.eval", "ckpt_path=run/checkpoints/last.ckpt", *common,
+                           "data.num_workers=0", "hydra.run.dir=ev"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["frames"]["frames"] == 3
 
 
 def test_pretrained_check_itself_takes_seconds(monkeypatch, tmp_path):

@@ -158,6 +158,21 @@ PATH_KEYS = frozenset({"ckpt_path", "ckpt_init", "data.root", "data.split_file",
                        "paths.log_dir", "paths.root_dir"})
 
 
+def paths_from_launch_dir(cfg: DictConfig) -> None:
+    """With `hydra.job.chdir=true` Hydra runs the task inside its run folder, and a relative data.root (the default
+    data/CamVid, `DATA_DIR=../shared/CamVid`) or ckpt_path was looked for there: "dataset folder not found" for a
+    folder that is there. They are read from the folder the command started in, as with chdir off (Hydra's own
+    advice: hydra.utils.to_absolute_path)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or not HydraConfig.get().job.get("chdir"):
+        return
+    for key in ("data.root", "data.split_file", "ckpt_path", "ckpt_init"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            OmegaConf.update(cfg, key, str(Path(HydraConfig.get().runtime.cwd) / value), merge=False)
+
+
 def path_override(arg: str, multirun: bool = False) -> str:
     """`ckpt_path=/runs/poolé/epoch=3-step=10.ckpt`, `data.root=~/CamVid`, `ckpt_path=/runs/v1,v2/last.ckpt`: a path
     Hydra's grammar refuses (non-ASCII letters, `=` as in Lightning's checkpoint names, `~`, brackets) or splits

@@ -71,6 +71,7 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
     A single run that failed on a user error before writing any checkpoint leaves no run folder behind: it
     holds nothing but the config of a command that never ran.
     """
+    config.paths_from_launch_dir(cfg)
     start = time.time()
     out_dir = Path(cfg.paths.output_dir)
     exit_code = 0
