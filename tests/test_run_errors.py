@@ -45,6 +45,9 @@ def test_a_setting_of_another_data_choice_is_named_in_one_line(small_camvid, tmp
     ("data.crop_size=null data.scale_jitter=0.25", "data.crop_size=null (full frames) with data.scale_jitter=0.25 "
      "gives frames of different sizes, which a batch of 2 cannot stack: add data.scale_jitter=0, or keep a crop size"),
     ("+model.optimizer.lrr=0.1", "model.optimizer.lrr is not a setting of torch.optim.RMSprop (it takes: lr, alpha, eps, weight_decay, "),
+    # trained, then stopped at the first epoch without improvement: "'>=' not supported between 'int' and 'str'"
+    ("callbacks.early_stopping.patience=abc", "callbacks.early_stopping.patience must be a number, got 'abc'"),
+    ("model.optimizer.weight_decay=1e-4x", "model.optimizer.weight_decay must be a number, got '1e-4x'"),
 ])
 def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid, tmp_path, override, message):
     """Both failed after the datamodule, the net and the W&B run were built ("TypeError: 'int' object is not

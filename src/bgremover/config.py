@@ -429,19 +429,35 @@ def _check_output_dir() -> None:
                         "(a sweep: hydra.sweep.dir=<folder>)")
 
 
-def _check_settings(key: str, node) -> None:
-    """Every setting of a `_partial_` node (the optimizer, the scheduler) is an argument its class takes."""
+def _check_settings(key: str, node, names: bool = True) -> None:
+    """Every setting of a `_partial_` node (the optimizer, the scheduler) is an argument its class takes (with
+    `names`), and a setting its class types as a number is one: `callbacks.early_stopping.patience=abc` trained,
+    then stopped at the first epoch without improvement on "'>=' not supported between 'int' and 'str'"."""
     if not isinstance(node, DictConfig) or not node.get("_target_"):
         return
     import inspect
+    import types
+    import typing
 
     from hydra.utils import get_class
 
     try:
-        params = inspect.signature(get_class(node._target_)).parameters
+        cls = get_class(node._target_)
+        params = inspect.signature(cls).parameters
     except Exception:  # an unknown class: Hydra's own error names it when it is built
         return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # a hint naming a type only imported for type checkers: those that are types
+        hints = {n: p.annotation for n, p in params.items()}
+    for k in node:
+        hint = hints.get(k)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = set(typing.get_args(hint) if union else [hint]) - {type(None)}
+        # (a number as text passes: what ${oc.env:...} gives, and the time budgets take)
+        if kinds and kinds <= {int, float} and isinstance(as_number(node.get(k)), str):
+            raise UserError(f"{key}.{k} must be a number, got {node.get(k)!r}")
+    if not names or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     unknown = [k for k in node if not str(k).startswith("_") and k not in params]
     if unknown:
@@ -539,6 +555,8 @@ def validate_train(cfg: DictConfig) -> None:
         raise UserError(f"model.optimizer.lr must be a positive number, got {lr!r}")
     for key in ("optimizer", "scheduler"):  # a misspelt setting failed at fit time, after the W&B run started
         _check_settings(f"model.{key}", model.get(key))
+    for name, node in (cfg.get("callbacks") or {}).items():  # their names are checked when they are built
+        _check_settings(f"callbacks.{name}", node, names=False)
     if cfg.get("ckpt_path") and cfg.get("train", True):
         from bgremover import resume
 
