@@ -363,9 +363,10 @@ def test_a_single_validation_is_plotted_on_whole_epochs(tmp_path: Path, monkeypa
     write_summary(tmp_path / "r", s)
     seen = []
     real = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(fig.axes[0].get_xlim()) or real(fig, *a, **k))
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(
+        (fig.axes[0].get_xlim(), list(fig.axes[0].get_xticks()))) or real(fig, *a, **k))
     assert plots.plot_val_miou(compare.aggregate(compare.find_runs([tmp_path / "r"])), tmp_path / "v.png")
-    assert seen == [(-0.5, 0.5)]
+    assert seen == [((-0.5, 0.5), [0.0])]  # and its one tick: 0.6, 0.7, … read as fractions of an epoch
 
 
 def test_grid_titles_wrap_instead_of_being_cut() -> None:

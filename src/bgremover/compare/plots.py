@@ -73,6 +73,7 @@ def plot_val_miou(stats: list[NetStats], path: Path) -> bool:
     if len(epochs) == 1:  # one validation: matplotlib's ±0.05 around it gave ticks of -0.04 … 0.04
         (only,) = epochs
         ax.set_xlim(only - 0.5, only + 0.5)  # (±1 put a tick at epoch -1)
+        ax.set_xticks([only])  # MaxNLocator(integer=True) needs two whole numbers in view: it ticked 0.6, 0.7, …
     ax.set_xlabel("epoch")
     ax.set_ylabel("val mIoU (%)")
     ax.set_title("Validation mIoU per epoch — thin: single runs, bold: mean, band: min–max over seeds")
