@@ -140,6 +140,8 @@ def test_failing_optuna_trials_do_not_end_the_sweep_with_a_traceback(camvid_root
     proc = run_cpu_quick_optuna(camvid_root, tmp_path / "sweep", "hydra.sweeper.n_trials=2", "data.batch_size=0")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len([line for line in proc.stderr.splitlines() if line.startswith("[job ")]) == 2  # both trials ran
+    # nor the sweeper's two lines per failed trial, which read as the sweep stopping ("with max_failure_rate=0.0")
+    assert "max_failure_rate" not in proc.stdout + proc.stderr and "float-castable" not in proc.stdout + proc.stderr
     assert proc.stderr.rstrip().endswith(
         "error: no Optuna trial finished: every job failed (the [job] lines above say why)")
 

@@ -4,6 +4,7 @@ and test mIoU, and exit 1 if any failed), and the W&B group that makes a sweep o
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -97,6 +98,10 @@ class SweepReport(Callback):
             import optuna  # its INFO line "A new study created in memory…" broke the one line per job
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
+            # the sweeper's two lines per failed trial ("Failed experiment: Return value must be float-castable.
+            # Got 'None'", "Failed [...] times out of 1 with max_failure_rate=0.0") read as the sweep stopping, and it
+            # goes on: the job's own line says why it failed, the sweep's end lists it
+            logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl").setLevel(logging.CRITICAL)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from bgremover.compare.runs import short_number
