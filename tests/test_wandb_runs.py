@@ -59,7 +59,8 @@ def test_eval_logged_to_wandb_goes_offline_by_itself_as_an_eval_run_with_its_con
     ckpt = run / "checkpoints" / "last.ckpt"
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("WANDB_")}
     proc = subprocess.run([sys.executable, "-m", "bgremover.eval", f"ckpt_path={ckpt}", f"data.root={small_camvid}",
-                           "logger=wandb", f"hydra.run.dir={tmp_path / 'eval'}", "attach_to_run=false"],
+                           "logger=wandb", f"hydra.run.dir={tmp_path / 'eval'}", "attach_to_run=false",
+                           "data.limit_eval_images=2"],
                           capture_output=True, text=True, timeout=120, cwd=REPO, stdin=subprocess.DEVNULL,
                           env={**env, "HOME": str(tmp_path), "NETRC": str(tmp_path / "no-netrc")})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -70,6 +71,9 @@ def test_eval_logged_to_wandb_goes_offline_by_itself_as_an_eval_run_with_its_con
     assert job_type == "eval"
     assert logged["config"]["ckpt_path"] == str(ckpt) and logged["config"]["split"] == "test"
     assert logged["summary"]["test/mIoU"] is not None
+    # a partial test set says so there too, as a training run's summary does (it said test/frames=2 alone)
+    assert (logged["summary"]["test/frames"], logged["summary"].get("test/frames_of"),
+            logged["summary"].get("test/partial")) == (2, 3, True)
     # the config it records (W&B's and eval.json's) is the one the run ran with: job type, group, offline (it was
     # taken before prepare_wandb set them: "train", null, false)
     import json

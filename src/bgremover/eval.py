@@ -59,6 +59,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not metrics or not frames.get("frames"):  # exited 0 with no number and an eval.json of empty metrics
         raise UserError(f"no {cfg.split} frames were evaluated (trainer.limit_{cfg.split}_batches=0, or "
                         "data.limit_eval_images too small?): there is nothing to report")
+    task.mark_split(trainer.loggers, cfg.split, frames)  # the eval run's W&B summary said test/frames=4 alone
     eval_json = Path(cfg.paths.output_dir) / "eval.json"
     utils.write_json_atomic(
         eval_json,

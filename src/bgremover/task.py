@@ -47,6 +47,17 @@ def prepare_wandb(cfg: DictConfig) -> str | None:
     return mode
 
 
+def mark_split(loggers, split: str, info: dict) -> None:
+    """`<split>/frames_of` and `<split>/partial` beside `<split>/frames` in the W&B run's summary: the dashboard
+    showed test/frames=12 and nothing saying "of 233" (a training run's test stage, and `make eval`'s run)."""
+    if not info.get("frames"):
+        return
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger.experiment, "summary", None) is not None:
+            logger.experiment.summary.update({f"{split}/frames_of": info["of"],
+                                              f"{split}/partial": info["complete"] is False})
+
+
 def finish_wandb(exit_code: int = 0, announce: bool = True) -> None:
     """Close the W&B run; without this a Hydra multirun logs every job into the first job's run. `exit_code`: a
     failed or interrupted run's (W&B showed it "finished", a success, while summary.json said "failed"). An offline

@@ -262,12 +262,7 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
                     "limit_val_batches or data.limit_eval_images)", val_split["frames"], val_split["of"],
                     extra=utils.IN_JOB_LINE)
     val_split = _cut_validations(model.history, val_split)
-    if split.get("frames"):  # the dashboard's summary had test/frames=12 and nothing saying "of 233"
-        for logger in trainer.loggers:
-            run_summary = getattr(getattr(logger, "experiment", None), "summary", None) \
-                if type(logger).__name__ == "WandbLogger" else None
-            if run_summary is not None:
-                run_summary.update({"test/frames_of": split["of"], "test/partial": split["complete"] is False})
+    task.mark_split(trainer.loggers, "test", split)
     summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics,
                   _run_record(cfg, objects, split, val_split), measure_inference=cfg.get("measure_inference", True))
     return metrics, objects
