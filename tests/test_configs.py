@@ -357,3 +357,23 @@ def test_eval_help_lists_the_groups_eval_reads_and_their_options(tmp_path):
                for group in ("data", "logger", "trainer", "tta")}
     assert listed == on_disk
     assert "experiment:" not in out and "model:" not in out and "ckpt_path: ???" in out
+
+
+def test_train_help_lists_the_groups_train_reads_and_their_options():
+    """`python -m bgremover.train --help` listed every group of conf/, tta= (eval's) and model/recipes among them:
+    train refused both ("No match in the defaults list"), and the `+tta=flip` Hydra then suggested was accepted and
+    did nothing. Its own list must name each option conf/ has, for every group train's defaults read."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "-m", "bgremover.train", "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO).stdout
+    listed = dict(line.split(": ", 1) for line in out.split("== Groups train reads (group=option) ==\n")[1]
+                  .split("\n\n")[0].splitlines())
+    groups = ("callbacks", "data", "debug", "experiment", "extras", "hparams_search", "logger", "model", "paths",
+              "trainer")
+    on_disk = {group: ", ".join(sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))) for group in groups}
+    assert listed == on_disk
+    assert "tta:" not in out and "model/recipes:" not in out and "task_name: train" in out
