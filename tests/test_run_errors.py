@@ -440,3 +440,17 @@ def test_a_file_given_as_the_dataset_folder_is_called_a_file(small_camvid, tmp_p
     with pytest.raises(UserError) as info:
         config.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={readme}"]))
     assert str(info.value) == f"data.root {readme} is a file, not a folder: point it (or DATA_DIR) at the CamVid folder"
+
+
+@pytest.mark.parametrize("train", ["true", "false"])
+def test_a_weights_only_file_as_ckpt_path_says_to_use_ckpt_init(small_camvid, tmp_path, train):
+    """`ckpt_path=models/bgremover-camvid.pt` (the shipped weights, made for fine-tuning) resumed or tested as a
+    Lightning checkpoint: "KeyError: 'pytorch-lightning_version'" after the build, and a run folder left behind."""
+    shipped = REPO / "models" / "bgremover-camvid.pt"
+    proc = _run("bgremover.train", f"train={train}", f"ckpt_path={shipped}", f"data.root={small_camvid}",
+                "model=deeplabv3plus", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"error: ckpt_path {shipped} holds weights only (no epoch, optimizer or schedule "
+                                   f"to go on from): start a run from them with ckpt_init={shipped}, or test them "
+                                   f"with make eval CKPT={shipped}")
+    assert not (tmp_path / "train").exists() or not any((tmp_path / "train" / "runs").iterdir())

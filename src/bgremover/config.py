@@ -557,7 +557,7 @@ def validate_train(cfg: DictConfig) -> None:
         _check_settings(f"model.{key}", model.get(key))
     for name, node in (cfg.get("callbacks") or {}).items():  # their names are checked when they are built
         _check_settings(f"callbacks.{name}", node, names=False)
-    if cfg.get("ckpt_path") and cfg.get("train", True):
+    if cfg.get("ckpt_path"):
         from bgremover import resume
 
         resume.check(cfg, model)

@@ -42,10 +42,19 @@ def adopt_split(cfg: DictConfig, ckpt_path) -> None:
 def check(cfg: DictConfig, model) -> None:
     """A resume needs the net its checkpoint saved (ckpt_init is the one that adapts), and something left to train:
     a checkpoint already at trainer.max_epochs (or max_steps) trained nothing, yet wrote an "ok" run that compare
-    then averaged with the original as if it were another seed."""
+    then averaged with the original as if it were another seed. Resumed or tested (train=false), it must be a
+    Lightning checkpoint, not a weights-only copy."""
     from bgremover import checkpoint
 
     ckpt = checkpoint.read(cfg.ckpt_path)
+    # a weights-only copy (checkpoint.save_weights: models/*.pt) has no training state for Lightning to restore:
+    # resuming or testing it was "KeyError: 'pytorch-lightning_version'" after the build, with a run folder left
+    if "pytorch-lightning_version" not in ckpt:
+        raise UserError(f"ckpt_path {cfg.ckpt_path} holds weights only (no epoch, optimizer or schedule to go on "
+                        f"from): start a run from them with ckpt_init={cfg.ckpt_path}, or test them with "
+                        f"make eval CKPT={cfg.ckpt_path}")
+    if not cfg.get("train", True):  # train=false tests the checkpoint: nothing is trained on from it
+        return
     saved = checkpoint.meta(ckpt, cfg.ckpt_path).get("net_name")
     if saved and model.get("net_name") and saved != model.net_name:  # was a state_dict RuntimeError after the build
         raise UserError(f"ckpt_path {cfg.ckpt_path} holds a {saved}, and this run builds a {model.net_name}: "
