@@ -598,6 +598,9 @@ def test_progress_bar_counts_to_the_epoch_a_time_budget_reaches():
     assert epoch_label(3, 5, 1200.0, 150.0) == "Epoch 3/4 (17 min 30 s of 20 min 00 s left)"  # epochs end it first
     # resumed at epoch 10: the pace is this process's (2 epochs in 100 s), not 12 epochs in 100 s
     assert epoch_label(12, 1000, 1200.0, 100.0, first=10) == "Epoch 12/~33 (18 min 20 s of 20 min 00 s left)"
+    # resumed from an epoch-end last.ckpt: Lightning first shows the finished epoch 1 (no batches left) while the
+    # run starts at 2; its bar read "Epoch 1/~1 (4 min 54 s of 4 min 54 s left)", a pace over -1 epochs
+    assert epoch_label(1, 4, 294.0, 0.03, first=2) == "Epoch 1/3 (stops after 4 min 54 s)"
 
 
 # --- image panels -------------------------------------------------------------------------------------------------

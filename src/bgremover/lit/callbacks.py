@@ -436,7 +436,7 @@ def epoch_label(epoch: int, epochs: int | None, limit_s: float | None = None, el
     if not limit_s:
         return f"Epoch {epoch}{total}"
     left = max(0.0, limit_s - elapsed_s)
-    if epoch == first or elapsed_s <= 0:
+    if epoch <= first or elapsed_s <= 0:  # below first: the finished epoch a resume from its end shows first
         return f"Epoch {epoch}{total} (stops after {_duration(limit_s)})"
     # the epoch running when the time runs out: this one and the ones after it that start before then
     last = epoch + max(1, math.ceil(left / (elapsed_s / (epoch - first)))) - 1
