@@ -454,6 +454,31 @@ def test_a_partial_test_set_is_never_ranked_above_the_whole_split(tmp_path: Path
     assert only.stats[0].net == TIRAMISU and logged["compare/best_test_frames"] == "4 of 233 (partial)"
 
 
+def test_seeds_tested_on_different_frames_are_never_averaged(tmp_path: Path) -> None:
+    """`make eval CKPT=<sweep>/1/...` attached whole-split numbers to one seed of a sweep tested on 4 frames: its
+    row read "0.4 ± 0.5 | 4–233 of 233 (partial, mixed)", a mean of a 4-frame and a 233-frame score."""
+    root = tmp_path / "sweep"
+    for job, (net, seed) in enumerate(NUMBERS):
+        s = ok_summary(root / str(job), net, seed) | {"test_split": {"frames": 4, "of": 233, "complete": False}}
+        if (net, seed) == (DEEPLAB, 1):  # evaluated again, on the whole split
+            s |= {"test_split": {"frames": 233, "of": 233, "complete": True}}
+            s["metrics"] = s["metrics"] | {"test/mIoU": 0.30, "test/acc": 0.70}
+        write_summary(root / str(job), s)
+    report = compare.build_report([root], out=tmp_path / "rep", grid_images=0)
+    md = (report.path / "report.md").read_text()
+    whole, part = f"{DEEPLAB} (233 test frames)", f"{DEEPLAB} (4 test frames)"
+    assert [s.net for s in report.stats] == [whole, part, TIRAMISU]  # the whole split's row still ranks first
+    assert table_row(md, whole)[1:6] == ["1", "12.30", "30.0 ± —", "233", "70.0 ± —"]
+    assert table_row(md, part)[1:6] == ["1", "12.30", "66.0 ± —", "4 of 233 (partial)", "91.0 ± —"]
+    assert table_row(md, TIRAMISU)[1:5] == ["2", "9.32", "52.0 ± 2.8", "4 of 233 (partial)"]
+    assert "mixed" not in md and "48.0 ±" not in md  # no mean of 0.30 and 0.66 anywhere
+    assert f"MIXED TEST SETS: {DEEPLAB}: 233 and 4 frames." in md
+    assert table_row(md, "2")[1:4] == [whole, "1", "30.0"]  # the Runs table names each run's row
+    assert table_row(md, "3")[1:4] == [part, "2", "66.0 — test frames 4 of 233 (partial)"]
+    # one test set: one row, named as before
+    assert [s.net for s in compare.aggregate(compare.find_runs([root / "1", root / "3"]))] == [DEEPLAB, TIRAMISU]
+
+
 def test_a_sweep_that_ran_no_job_says_so(tmp_path: Path) -> None:
     """A sweep that failed while composing (`model=deeplabv3plus,deeplabv4`) leaves only multirun.yaml; compare
     said just "no summary.json found"."""

@@ -46,6 +46,7 @@ from bgremover.compare.runs import (
     Run,
     aggregate,
     find_runs,
+    mixed_test_sets,
     newest_sweep,
     search_picks,
     short_number,
@@ -187,6 +188,7 @@ def build_report(
         head, rows = main_table(stats)
         main_md = render_md([("table", head, rows)] if stats else [("p", NONE_FINISHED)])
         partial = [r for r in runs if r.ok and r.partial_test]
+        mixed = mixed_test_sets(runs)
         # the same seeds twice in a row (a rerun, a resume that trained nothing more): repeats, not seeds
         repeated = [f"{st.net} ({len(st.runs)} runs, seeds {', '.join(str(r.seed) for r in st.runs)})" for st in stats
                     if _repeats(st.runs)]
@@ -206,7 +208,8 @@ def build_report(
                     "that only some of the row's runs have the figure (a run trained with test=false has no test "
                     "numbers).",
                     "Runs are averaged only when their configs differ in the seed alone (and where they ran and "
-                    "logged); a net trained with several recipes gets a row each, named by the settings that differ.",
+                    "logged) and they were tested on the same frames; a net trained with several recipes gets a row "
+                    "each, named by the settings that differ.",
                     "mIoU = mean over the 11 classes of intersection over union; global acc = share of non-void "
                     "pixels labelled right. Nets are sorted by test mIoU, best first; rows tested on part of the "
                     "test split come after all rows tested on the whole of it.",
@@ -216,6 +219,9 @@ def build_report(
                 ] + ([f"PARTIAL TEST SET: {errors.count(len(partial), 'run')} {'was' if len(partial) == 1 else 'were'} tested on fewer frames than the split holds "
                       "(see 'Test frames'); their numbers are not comparable with full CamVid test results."]
                      if partial else [])
+                  + ([f"MIXED TEST SETS: {'; '.join(mixed)}. Runs of one recipe tested on different frames (a "
+                      "`make eval` of one seed on the whole split) get a row per test set: a mean over different "
+                      "frames would compare nothing."] if mixed else [])
                   + ([f"REPEATED SEEDS: {'; '.join(repeated)}: runs of one seed are repeats of one training, "
                       "not different seeds, so the ± over them is not a seed spread."] if repeated else []),
             ),  # fmt: skip

@@ -1,4 +1,8 @@
-"""Sweep results in memory: every run's summary.json (`Run`), and per-net statistics over seeds (`NetStats`)."""
+"""Sweep results in memory: every run's summary.json (`Run`), and per-net statistics over seeds (`NetStats`).
+
+(Past 400 lines: the runs and what makes a report row of them — net, recipe and test set, the row's label, its
+statistics — are one model, read by every other part of the report.)
+"""
 
 from __future__ import annotations
 
@@ -281,22 +285,56 @@ def run_labels(runs: list[Run]) -> dict[int, str]:
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     """The successful runs by net and recipe: only runs that differ in NOT_RECIPE alone (seeds) are averaged.
-    A net trained with several recipes gets one group each, labelled with the settings that tell them apart."""
+    A net trained with several recipes gets one group each, labelled with the settings that tell them apart; a
+    recipe whose runs were tested on different test sets, one group per set (by_test_set)."""
+    out: dict[str, list[Run]] = {}
+    for net, recipes in _by_recipe(runs).items():
+        labels = _labels(list(recipes.values())) if len(recipes) > 1 else [""]
+        for label, rs in zip(labels, recipes.values(), strict=True):
+            sets = by_test_set(rs)
+            for part in sets:
+                frames = f"{part[-1].test_frames[0]} test frames" if len(sets) > 1 else ""
+                name = f"{net} ({'; '.join(x for x in (label, frames) if x)})" if label or frames else net
+                while name in out:  # never one group over another, whatever the labels say
+                    name += "'"
+                out[name] = part
+    return out
+
+
+def _by_recipe(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
+    """The successful runs by net, then by recipe."""
     by_net: dict[str, dict[str, list[Run]]] = {}
     for r in runs:
         if r.ok:
             by_net.setdefault(r.net, {}).setdefault(json.dumps(recipe(r), sort_keys=True), []).append(r)
-    out: dict[str, list[Run]] = {}
-    for net, recipes in by_net.items():
-        if len(recipes) == 1:
-            out[net] = next(iter(recipes.values()))
-            continue
-        for label, rs in zip(_labels(list(recipes.values())), recipes.values(), strict=True):
-            name = f"{net} ({label})"
-            while name in out:  # never one group over another, whatever the labels say
-                name += "'"
-            out[name] = rs
+    return by_net
+
+
+def mixed_test_sets(runs: list[Run]) -> list[str]:
+    """'deeplab: 233 and 4 frames' for each net whose runs of one recipe were tested on different test sets (and so
+    got a row per set)."""
+    out = []
+    for net, recipes in _by_recipe(runs).items():
+        for rs in recipes.values():
+            if len(sets := by_test_set(rs)) > 1:
+                out.append(f"{net}: {' and '.join(str(part[-1].test_frames[0]) for part in sets)} frames")
     return out
+
+
+def by_test_set(runs: list[Run]) -> list[list[Run]]:
+    """One recipe's runs by the test frames their numbers cover, the whole split's first, then the most frames: a
+    mean over different test sets measures nothing (`make eval` of one seed of a 4-frame sweep on all 233 frames
+    made a row of "0.4 ± 0.5" over a 4-frame and a 233-frame score). Runs with no count (no test numbers, older
+    summaries) join the first."""
+    sets: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.test_frames[0] is not None:
+            sets.setdefault(r.test_frames, []).append(r)
+    if len(sets) < 2:
+        return [runs]
+    order = sorted(sets, key=lambda k: (k[0] != k[1], -(_num(k[0]) or 0)))
+    unknown = [r for r in runs if r.test_frames[0] is None]
+    return [unknown + sets[order[0]], *(sets[k] for k in order[1:])]
 
 
 def _is_recipe_key(key: str) -> bool:
