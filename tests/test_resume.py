@@ -302,6 +302,10 @@ def test_resume_hint_keeps_the_data_location(monkeypatch):
     monkeypatch.setattr(utils, "overrides", lambda: ["data.root=/d"])  # typed: it is in the overrides already
     assert str(RunInterrupted(signal.SIGTERM, "/r/last.ckpt", 3, 40)).endswith(
         "resume with: make train ARGS=\"data.root=/d ckpt_path=/r/last.ckpt\"")
+    monkeypatch.setattr(utils, "overrides", lambda: [])  # nothing typed: it read ARGS=" ckpt_path=..."
+    monkeypatch.delenv("DATA_DIR")
+    assert str(RunInterrupted(signal.SIGINT, "/r/last.ckpt", 3, 40)).endswith(
+        "resume with: make train ARGS=\"ckpt_path=/r/last.ckpt\"")
 
 
 

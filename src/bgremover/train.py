@@ -55,7 +55,8 @@ class RunInterrupted(Exception):
             # the data location from the environment (`DATA_DIR=... make train`) is not among the overrides
             env = "" if not os.environ.get("DATA_DIR") or any(o.startswith("data.root=") for o in typed) else \
                 f"DATA_DIR={shlex.quote(os.environ['DATA_DIR'])} "
-            resume = f"resume with: {env}make train ARGS=\"{' '.join(typed)} ckpt_path={shlex.quote(str(last_ckpt))}\""
+            args = " ".join([*typed, f"ckpt_path={shlex.quote(str(last_ckpt))}"])  # none typed: no leading space
+            resume = f"resume with: {env}make train ARGS=\"{args}\""
             if os.environ.get(config.RESUME_ENV):  # started by a wrapper (make remover): its own command resumes in place
                 resume = "resume with: " + os.environ[config.RESUME_ENV].replace("{ckpt_path}",
                                                                                    shlex.quote(str(last_ckpt)))
