@@ -530,6 +530,25 @@ def _run(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.
                           env={**os.environ, "WANDB_MODE": "offline", **(env or {})})
 
 
+def test_a_fast_dev_run_names_itself_as_what_cut_the_splits_short(small_camvid, tmp_path, caplog):
+    """`debug=fdr` tests one batch: its PARTIAL warnings blamed data.limit_eval_images or
+    trainer.limit_test_batches, which nobody had set."""
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "debug=fdr"])
+    with caplog.at_level("WARNING", logger="bgremover.train"):
+        train(cfg)
+    fdr = "trainer.fast_dev_run (debug=fdr) runs 1 batch of each split"
+    assert f"test numbers over 1 of 3 frames: PARTIAL, not the test split's score ({fdr})" in caplog.text
+    assert f"val numbers (and the best epoch they pick) over 1 of 2 frames: PARTIAL ({fdr})" in caplog.text
+    assert "limit_eval_images" not in caplog.text
+    from omegaconf import OmegaConf
+
+    from bgremover.train import _cut_by
+
+    limits = "data.limit_eval_images or trainer.limit_test_batches"  # what cuts a split when fast_dev_run is off
+    assert _cut_by(OmegaConf.create({"trainer": {"fast_dev_run": False}}), limits) == limits
+    assert _cut_by(OmegaConf.create({"trainer": {"fast_dev_run": 3}}), limits).endswith("runs 3 batches of each split")
+
+
 def test_train_plus_val_run_learns_from_both_and_says_so(small_camvid, tmp_path):
     cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
                                  "data.train_split=train+val"])

@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bgremover import config, resume, sweep, task, utils
-from bgremover.errors import UserError, report
+from bgremover.errors import UserError, count, report
 
 # torch, Lightning and the nets are imported inside the functions: a bad config is refused before paying for them
 
@@ -254,19 +254,30 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     _add_best_val(metrics, model)
     split = utils.test_split_info(metrics, datamodule)
     if split["complete"] is False:  # Lightning's table showed test/frames 4.0 and nothing else
-        log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (data.limit_eval_images "
-                    "or trainer.limit_test_batches)", split["frames"], split["of"], extra=utils.IN_JOB_LINE)
+        log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (%s)", split["frames"],
+                    split["of"], _cut_by(cfg, "data.limit_eval_images or trainer.limit_test_batches"),
+                    extra=utils.IN_JOB_LINE)
     # the best epoch is picked by val numbers: over part of the split (limit_val_batches) they said nothing of it
     val_split = utils.test_split_info(metrics, datamodule, "val")  # train=false validated nothing: all None
     if val_split["complete"] is False:
-        log.warning("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (trainer."
-                    "limit_val_batches or data.limit_eval_images)", val_split["frames"], val_split["of"],
+        log.warning("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (%s)", val_split["frames"],
+                    val_split["of"], _cut_by(cfg, "trainer.limit_val_batches or data.limit_eval_images"),
                     extra=utils.IN_JOB_LINE)
     val_split = _cut_validations(model.history, val_split)
     task.mark_split(trainer.loggers, "test", split)
     summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics,
                   _run_record(cfg, objects, split, val_split), measure_inference=cfg.get("measure_inference", True))
     return metrics, objects
+
+
+def _cut_by(cfg: DictConfig, limits: str) -> str:
+    """What cut a split short: fast_dev_run (debug=fdr) runs a batch or a few of each, whatever the limits are (its
+    warnings blamed data.limit_eval_images or trainer.limit_test_batches, set by nobody)."""
+    fast = (cfg.get("trainer") or {}).get("fast_dev_run")
+    if not fast:
+        return limits
+    batches = count(1 if fast is True else int(fast), "batch", "batches")
+    return f"trainer.fast_dev_run (debug=fdr) runs {batches} of each split"
 
 
 def _cut_validations(history: list[dict], val_split: dict) -> dict:
