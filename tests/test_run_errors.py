@@ -31,6 +31,25 @@ def test_a_setting_of_another_data_choice_is_named_in_one_line(small_camvid, tmp
 
 
 @pytest.mark.parametrize("override, message", [
+    ("model.net.encoder_name=nope", "error: model.net.encoder_name=nope is not an encoder segmentation_models_pytorch "
+     "knows: choose one of its "),
+    ("model.net.encoder_name=resnet19", "error: model.net.encoder_name=resnet19 is not an encoder "
+     "segmentation_models_pytorch knows (closest: resnet18, "),
+    ("model.net.encoder_name=tu-nope", "error: model.net.encoder_name=tu-nope: timm has no model 'nope'"),
+    ("model.net.encoder_weights=imagenet21k", "error: model.net.encoder_weights=imagenet21k is not a weight set of "
+     "encoder mobilenet_v2 (it has: imagenet; or null: random weights)"),
+])
+def test_an_unknown_deeplab_encoder_is_refused_before_a_run_folder_is_made(small_camvid, tmp_path, override, message):
+    """smp's KeyError ("Wrong encoder name `nope`, supported encoders: [76 names]") came while the net was built:
+    one line, but a failed run folder was left behind."""
+    proc = _run("bgremover.train", "model=deeplabv3plus", override, "trainer=cpu", "logger=csv",
+                f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(message), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "train").exists() or not any((tmp_path / "train" / "runs").iterdir())
+
+
+@pytest.mark.parametrize("override, message", [
     ("data.crop_size=224", "data.crop_size must be [height, width] in pixels or null, got 224"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch must be a positive integer, got 0"),
     ("trainer.max_steps=0", "trainer.max_steps must be a positive integer, got 0"),

@@ -557,6 +557,10 @@ def validate_train(cfg: DictConfig) -> None:
         _check_settings(f"model.{key}", model.get(key))
     for name, node in (cfg.get("callbacks") or {}).items():  # their names are checked when they are built
         _check_settings(f"callbacks.{name}", node, names=False)
+    if isinstance(model.get("net"), DictConfig):  # smp's KeyError came while building the net, a run folder made
+        from bgremover.nets import check_encoder
+
+        check_encoder(model.net)
     if cfg.get("ckpt_path"):
         from bgremover import resume
 

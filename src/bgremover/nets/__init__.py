@@ -64,6 +64,36 @@ def build_net(name: str, **kwargs) -> nn.Module:
     return NETS[name](**kwargs)
 
 
+def check_encoder(net_cfg: Mapping) -> None:
+    """An smp net's encoder_name (and encoder_weights) is one smp can build: an unknown one failed while the net was
+    built, after the run folder was made, and left a failed run behind (every other bad setting is refused first)."""
+    if not str(net_cfg.get("_target_", "")).startswith("segmentation_models_pytorch"):
+        return
+    name = str(net_cfg.get("encoder_name", "resnet34"))
+    weights = net_cfg.get("encoder_weights")
+    from segmentation_models_pytorch.encoders import encoders
+
+    if name.startswith("tu-"):  # smp's timm encoders: tu-<timm model>; their weights are true or null
+        import timm
+
+        if not timm.is_model(name[3:]):
+            raise UserError(f"model.net.encoder_name={name}: timm has no model {name[3:]!r} (tu-<name> builds a "
+                            "timm model as the encoder)")
+        return
+    if name not in encoders:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(encoders), n=3)
+        raise UserError(f"model.net.encoder_name={name} is not an encoder segmentation_models_pytorch knows"
+                        + (f" (closest: {', '.join(close)})" if close else "")
+                        + f": choose one of its {len(encoders)} (mobilenet_v2, resnet18, resnet34, resnet50, …: "
+                        "segmentation_models_pytorch.encoders.get_encoder_names()) or tu-<timm model>")
+    known = encoders[name].get("pretrained_settings") or {}
+    if weights and weights not in known:
+        raise UserError(f"model.net.encoder_weights={weights} is not a weight set of encoder {name} (it has: "
+                        f"{', '.join(known) or 'none'}; or null: random weights)")
+
+
 class PretrainedWeightsUnavailable(UserError):
     """Raised before smp starts a download that cannot succeed here."""
 
@@ -83,7 +113,7 @@ def ensure_pretrained_available(net_cfg: Mapping) -> None:
 
     settings = encoders.get(encoder, {}).get("pretrained_settings", {}).get(weights)
     if settings is None:
-        return  # smp itself raises a clear KeyError listing the valid choices
+        return  # a tu- (timm) encoder; unknown names and weights were refused before the build (check_encoder)
     from huggingface_hub import hf_hub_download
 
     try:
@@ -112,6 +142,7 @@ __all__ = [
     "NETS",
     "PretrainedWeightsUnavailable",
     "build_net",
+    "check_encoder",
     "count_parameters",
     "ensure_pretrained_available",
     "fcdensenet56",
