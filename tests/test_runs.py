@@ -622,6 +622,46 @@ def test_progress_bar_counts_to_the_epoch_a_time_budget_reaches():
     assert epoch_label(1, 4, 294.0, 0.03, first=2) == "Epoch 1/3 (stops after 4 min 54 s)"
 
 
+def test_the_bars_time_left_counts_down_inside_an_epoch(monkeypatch):
+    """`Epoch 1/~2 (2 min 08 s of 4 min 00 s left)` was set as an epoch started and stood still for the whole epoch
+    (minutes on a CPU): the time left now moves at each refresh, the pace (the `~2`) stays the finished epochs'."""
+    import io
+    import types
+
+    from tqdm import tqdm
+
+    from bgremover.lit import callbacks
+    from bgremover.lit.callbacks import EpochProgressBar, epoch_label
+
+    clock = [1000.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    budget = types.SimpleNamespace(budget_s=240.0, spent_before_s=0.0)  # TimeToMIoU's 4 minutes
+    trainer = types.SimpleNamespace(callbacks=[budget], max_epochs=1000, max_steps=-1, num_training_batches=4,
+                                    accumulate_grad_batches=1, current_epoch=0, progress_bar_metrics={}, loggers=[])
+    bar = EpochProgressBar()
+    bar._trainer, bar._train_progress_bar = trainer, tqdm(file=io.StringIO())
+    bar._t0, bar._first_epoch = clock[0], 0  # on_train_start's
+
+    def desc() -> str:
+        return bar.train_progress_bar.desc.removesuffix(": ")  # tqdm's separator
+
+    bar.on_train_epoch_start(trainer)
+    assert desc() == "Epoch 0/999 (stops after 4 min 00 s)"
+    clock[0] += 30.0
+    bar.on_train_batch_end(trainer, None, None, None, 0)
+    assert desc() == "Epoch 0/999 (3 min 30 s of 4 min 00 s left)"
+    clock[0] += 82.0  # epoch 0 took 112 s: 128 s left hold 2 more, epoch 2 runs when the time runs out
+    trainer.current_epoch = 1
+    bar.on_train_epoch_start(trainer)
+    assert desc() == "Epoch 1/~2 (2 min 08 s of 4 min 00 s left)"
+    for i, (step, left) in enumerate(((40.0, "1 min 28 s"), (30.0, "58 s"), (90.0, "0 s"))):
+        clock[0] += step
+        bar.on_train_batch_end(trainer, None, None, None, i)
+        assert desc() == f"Epoch 1/~2 ({left} of 4 min 00 s left)"
+        assert bar.train_progress_bar.n == i + 1  # Lightning's own update still runs
+    assert epoch_label(3, 1000, 1200.0, 150.0, now_s=200.0) == "Epoch 3/~23 (16 min 40 s of 20 min 00 s left)"
+
+
 # --- image panels -------------------------------------------------------------------------------------------------
 def test_panels_appear_when_validation_runs_every_few_epochs(small_camvid, tmp_path, monkeypatch):
     from bgremover.lit import SegmentationModule

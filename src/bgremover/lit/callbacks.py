@@ -427,22 +427,25 @@ def describe_estimate(trainer: pl.Trainer, seconds_per_step: float, start: Start
 
 
 def epoch_label(epoch: int, epochs: int | None, limit_s: float | None = None, elapsed_s: float = 0.0,
-                first: int = 0) -> str:
+                first: int = 0, now_s: float | None = None) -> str:
     """The bar's `Epoch 2/99`: Lightning's numbering (from 0, as checkpoint names, summary.json's history, W&B's
     `epoch` and every log line number epochs), over the last epoch's number. Under a time limit that ends the run
     first (the remover's 1000 epochs in 30 min), the last is the epoch the time reaches at this process's pace so
-    far (`Epoch 3/~23`, from `first`, the epoch it started or resumed at), with the time left."""
+    far (`Epoch 3/~23`, from `first`, the epoch it started or resumed at; `elapsed_s` is when this epoch started),
+    with the time left at `now_s` (inside the epoch; its start by default)."""
     total = f"/{epochs - 1}" if epochs else ""
     if not limit_s:
         return f"Epoch {epoch}{total}"
     left = max(0.0, limit_s - elapsed_s)
+    shown = f"{_duration(left if now_s is None else max(0.0, limit_s - now_s))} of {_duration(limit_s)} left"
     if epoch <= first or elapsed_s <= 0:  # below first: the finished epoch a resume from its end shows first
-        return f"Epoch {epoch}{total} (stops after {_duration(limit_s)})"
-    # the epoch running when the time runs out: this one and the ones after it that start before then
+        return f"Epoch {epoch}{total} ({shown if now_s else f'stops after {_duration(limit_s)}'})"
+    # the epoch running when the time runs out: this one and the ones after it that start before then, at the pace
+    # of the epochs done (the one running would count as done already)
     last = epoch + max(1, math.ceil(left / (elapsed_s / (epoch - first)))) - 1
     if epochs is None or last < epochs - 1:
         total = f"/~{last}"
-    return f"Epoch {epoch}{total} ({_duration(left)} of {_duration(limit_s)} left)"
+    return f"Epoch {epoch}{total} ({shown})"
 
 
 GPU_REFRESH_STEPS = 20  # a bar update reads the loss off the GPU (a host sync): not every step there
@@ -459,6 +462,7 @@ class EpochProgressBar(TQDMProgressBar):
         self._auto = refresh_rate is None
         self._t0: float | None = None  # when this process's fit started, and at which epoch (resumed runs)
         self._first_epoch: int | None = None
+        self._epoch_s = 0.0  # seconds into this process's fit when the running epoch started
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._auto and trainer.strategy.root_device.type != "cpu":
@@ -474,11 +478,23 @@ class EpochProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
+        self._epoch_s = time.perf_counter() - (self._t0 or time.perf_counter())
+        self.train_progress_bar.set_description(self._label(trainer))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # the time left, at each refresh of the bar: set at the epoch's start only, it stood still for a whole epoch
+        # (minutes on a CPU). Lightning's update below redraws the bar, so this one draws nothing
+        if self._t0 is not None and self._should_update(batch_idx + 1, self.train_progress_bar.total):
+            self.train_progress_bar.set_description(self._label(trainer, time.perf_counter() - self._t0),
+                                                    refresh=False)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _label(self, trainer: pl.Trainer, now_s: float | None = None) -> str:
         epochs, _ = planned_steps(trainer)
         limit = _time_limit(trainer)
-        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        self.train_progress_bar.set_description(
-            epoch_label(trainer.current_epoch, epochs, limit and limit[0], elapsed, self._first_epoch or 0))
+        return epoch_label(trainer.current_epoch, epochs, limit and limit[0], self._epoch_s, self._first_epoch or 0,
+                           now_s)
 
 
 class EMAWeights(EMAWeightAveraging):
