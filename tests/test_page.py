@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bgremover.predict import BackgroundRemover, encode_png
+from bgremover.images import encode_png
+from bgremover.predict import BackgroundRemover
 from bgremover.serve import Service
 
 # The live uvicorn helper lives in test_serve.py; load it by path (the pattern test_predict_cli.py uses).

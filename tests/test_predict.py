@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from bgremover import predict
+from bgremover import images, predict
 from bgremover.predict import BackgroundRemover, ImageError, ModelError, UsageError
 
 CLASSES = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
@@ -405,7 +405,7 @@ def test_rgb_colour_profile_is_kept(remover, tmp_path):
         assert remover.remove(given).info.get("icc_profile") == icc
         assert remover.remove(given, bg_color="0,0,255").info.get("icc_profile") == icc
         assert "icc_profile" not in remover.mask(given).info
-    with Image.open(io.BytesIO(predict.encode_png(remover.remove(path)))) as png:
+    with Image.open(io.BytesIO(images.encode_png(remover.remove(path)))) as png:
         assert png.info.get("icc_profile") == icc
     gray = Image.fromarray(halves(8, 16)).convert("L")
     gray.info["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # not RGB
@@ -480,7 +480,7 @@ def test_model_path_from_environment(model_path, monkeypatch):
 
 def test_png_encoding_roundtrips(remover):
     out = remover.remove(halves(9, 11))
-    back = Image.open(io.BytesIO(predict.encode_png(out)))  # in-memory: nothing to close
+    back = Image.open(io.BytesIO(images.encode_png(out)))  # in-memory: nothing to close
     assert back.mode == "RGBA"
     np.testing.assert_array_equal(np.asarray(back), np.asarray(out))
 
@@ -556,7 +556,7 @@ def test_an_animated_image_says_only_its_first_frame_is_cut_out(tmp_path):
     frames = [Image.new("RGB", (40, 30), (i * 80, 0, 0)) for i in range(3)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     with pytest.warns(UserWarning, match=r"anim.gif: 3 frames, only the first is cut out"):
-        img = predict.open_image(tmp_path / "anim.gif")
+        img = images.open_image(tmp_path / "anim.gif")
     assert img.size == (40, 30)
 
 

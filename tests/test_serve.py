@@ -29,7 +29,8 @@ from PIL import Image
 pytest.importorskip("uvicorn", reason="bgremover-serve needs uvicorn and starlette (pip install -e .)")
 import uvicorn  # noqa: E402
 
-from bgremover.predict import BackgroundRemover, encode_png  # noqa: E402
+from bgremover.images import encode_png  # noqa: E402
+from bgremover.predict import BackgroundRemover  # noqa: E402
 from bgremover.serve import ApiError, Service, _parser, cors_origins, cpu_count, create_app, server_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -56,16 +56,8 @@ from bgremover.cutout_metrics import (  # noqa: F401  (re-exported: the metric f
 )
 from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
 from bgremover.data.classes import CLASSES  # torch-free constants module
-from bgremover.remover import (
-    BackgroundRemover,
-    BgRemoverError,
-    ImageError,
-    UsageError,
-    _first_line,
-    open_image,
-    to_rgba_arrays,
-    write_atomic,
-)
+from bgremover.images import _first_line, open_image, to_rgba_arrays
+from bgremover.remover import BackgroundRemover, BgRemoverError, ImageError, UsageError, write_atomic
 
 PROG = "python -m bgremover.cutout_eval"  # the command as run, in its usage line and messages (also make eval-cutout)
 SPLITS = ("test", "val", "train")  # <root>/<split>/*.png with labels in <root>/<split>annot/

@@ -19,6 +19,27 @@ class UserError(Exception):
     """What the user gave us cannot be used; the message is one line that names the file or option at fault."""
 
 
+# the predictor's (torch-free) narrowings: which part of a cut-out failed, for the service's status codes
+class BgRemoverError(UserError):
+    """Base of the predictor's errors (bgremover.remover, bgremover.images), each reported as one line."""
+
+
+class ModelError(BgRemoverError):
+    """The model file is missing, unreadable or not a bgremover model."""
+
+
+class ImageError(BgRemoverError):
+    """An input image cannot be used (unreadable, truncated, too large, ...)."""
+
+
+class PixelLimitError(ImageError):
+    """An image over the pixel limit (max_pixels, --max-pixels): the service answers it 413, not 400."""
+
+
+class UsageError(BgRemoverError):
+    """A bad option value (unknown class, bad colour, ...)."""
+
+
 def count(n: int, noun: str, plural: str | None = None) -> str:
     """`1 epoch`, `3 epochs` (`plural` where an s is wrong): every message says a number of things this way."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"

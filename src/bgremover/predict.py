@@ -35,36 +35,34 @@ from PIL import Image
 
 from bgremover.errors import OneLineParser, UserError, check_writable, one_line_warnings, report
 from bgremover.files import Terminated, sigterm_raises
-from bgremover.remover import (  # noqa: F401  (re-exported: the library's names, importable from here as before)
-    DEFAULT_MODEL,
+from bgremover.images import (
     IMAGE_EXTENSIONS,
-    INT8_SUFFIX,
     JPEG_SUFFIXES,
     MASK_SUFFIX,
     MAX_PIXELS,
-    MAX_SIDE,
-    MODEL_ENV,
     OUTPUT_SUFFIX,
     OUTPUT_SUFFIXES,
-    PNG_COMPRESS_LEVEL,
     PREDICTED_SUFFIXES,
+    _first_line,
+    _load_any,
+    encode_image,
+    output_suffix,
+    parse_color,
+)
+from bgremover.remover import (  # noqa: F401  (re-exported: the library's names, importable from here as before)
+    DEFAULT_MODEL,
+    INT8_SUFFIX,
+    MAX_SIDE,
+    MODEL_ENV,
     BackgroundRemover,
     BgRemoverError,
     ImageError,
     ModelError,
     UsageError,
-    _first_line,
-    _load_any,
     default_model_path,
-    encode_image,
-    encode_png,
     guided_filter,
     is_stream,
-    open_image,
-    output_suffix,
-    parse_color,
     threads_problem,
-    to_rgba_arrays,
     write_atomic,
 )
 

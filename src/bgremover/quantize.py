@@ -49,6 +49,7 @@ import numpy as np
 from bgremover import cutout_eval, errors, model_format
 from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
 from bgremover.files import Terminated, replacing, same_file, sigterm_raises
+from bgremover.images import open_image, to_rgba_arrays
 from bgremover.remover import (
     BackgroundRemover,
     BgRemoverError,
@@ -56,8 +57,6 @@ from bgremover.remover import (
     default_model_path,
     file_sha256,
     int8_path,
-    open_image,
-    to_rgba_arrays,
 )
 
 PROG = "python -m bgremover.quantize"  # the command as run, in its usage line and messages

@@ -54,6 +54,7 @@ from starlette.routing import Route
 
 from bgremover.errors import OneLineParser, count, one_line, one_line_warnings, report
 from bgremover.files import Terminated, sigterm_raises
+from bgremover.images import encode_png, output_suffix, parse_color
 from bgremover.remover import (
     MODEL_ENV,
     BackgroundRemover,
@@ -61,9 +62,6 @@ from bgremover.remover import (
     ImageError,
     PixelLimitError,
     UsageError,
-    encode_png,
-    output_suffix,
-    parse_color,
     threads_problem,
 )
 

@@ -148,7 +148,8 @@ def _example_cutouts(folder: Path, model: Path, threads: int | None, made: list[
     """Into `made`, (new file, its place): <stem>.nobg.png for each example photo, made by `model` (the int8 copy: what
     `make predict` loads by default; tests/test_shipped.py checks that the shipped cut-outs are its output),
     written beside it under a hidden name until _install renames it (the same folder: a rename, never a copy)."""
-    from bgremover.remover import OUTPUT_SUFFIX, BackgroundRemover, encode_png, write_atomic
+    from bgremover.images import OUTPUT_SUFFIX, encode_png
+    from bgremover.remover import BackgroundRemover, write_atomic
 
     photos = sorted(p for p in folder.glob("*.jpg") if p.is_file())
     remover = BackgroundRemover(model, threads=threads)

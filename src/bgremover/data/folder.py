@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bgremover.errors import UserError, count
-from bgremover.remover import (  # the predictor's decoding, opening (no PIL pixel ceiling) and output names
+from bgremover.images import (  # the predictor's decoding, opening (no PIL pixel ceiling) and output names
     PREDICTED_SUFFIXES,
     _open_unbounded,
     _recording,
