@@ -482,6 +482,36 @@ def test_test_loss_does_not_depend_on_the_eval_batch_size(tmp_path):
     assert losses == pytest.approx([losses[0]] * 3, rel=1e-5), losses
 
 
+@pytest.mark.parametrize("stage", ["val", "test"])
+def test_class_weighted_loss_does_not_depend_on_the_eval_batch_size(stage):
+    """With data.class_weights=median_freq a batch's loss is the class-weighted mean (its denominator the summed
+    weights of the labelled pixels), but batches were pooled by their labelled-pixel counts: these 4 frames gave
+    test/loss 2.7120 at batch 4, 2.7132 at 2 and 2.1288 at 1 (a frame of a weight-0 class alone scored 0/0, counted as
+    0 over all its pixels). Now the loss of the split as one batch, however it is batched."""
+    from torch import nn
+
+    from bgremover.lit.module import SegmentationModule
+
+    torch.manual_seed(0)
+    weights = [0.2, 1.0, 0.3, 5.0, 1.0, 0.0, 0.7, 3.0, 1.5, 4.0, 8.0]  # 0: a class median_freq never saw
+    net = nn.Conv2d(3, 11, 1)
+    model = SegmentationModule(net=net, optimizer=None, class_weights=weights, channels_last=False,
+                               num_log_images=0)
+    x, y = torch.randn(4, 3, 6, 7), torch.randint(0, 12, (4, 6, 7))
+    y[0, :3] = 3  # frames of unlike class mixes: a heavy class in one, mostly light and void ones in another
+    y[2] = torch.randint(9, 12, (6, 7))
+    y[3] = 11  # a frame of void and the weightless class adds nothing (alone, its loss is 0/0)
+    y[3, 2:] = 5
+    with torch.no_grad():
+        whole = float(nn.CrossEntropyLoss(weight=torch.tensor(weights), ignore_index=11)(net(x), y))
+        for batch in (4, 2, 1):
+            for i in range(0, 4, batch):
+                model._step((x[i : i + batch], y[i : i + batch]), stage, i // batch)
+            metric = model.loss_mean[f"{stage}_"]
+            assert float(metric.compute()) == pytest.approx(whole, rel=1e-6), batch
+            metric.reset()
+
+
 def test_a_test_only_run_records_the_config_that_trained_its_checkpoint(small_camvid, tmp_path):
     """`train=false ckpt_path=X` recorded only its own command's config (the default lr, max_epochs, no ckpt_init),
     which compare then grouped and labelled it by. X's run's config is recorded too, and compare reads that."""

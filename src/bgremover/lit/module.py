@@ -138,9 +138,14 @@ class SegmentationModule(pl.LightningModule):
         if self.hparams.dice_weight and self.fg_index:
             loss = loss + self.hparams.dice_weight * soft_dice_loss(logits, y, self.fg_index, self.hparams.ignore_index)
         preds = logits.argmax(1)
-        # weighted by labelled pixels: the loss is their mean in this batch, so the epoch's is their mean over the
-        # split however frames are batched (frame-weighted, test/loss moved with the eval batch size)
-        labelled = (y != self.hparams.ignore_index).sum()
+        # weighted by the batch loss's own denominator: it is the mean over labelled pixels (with class weights, the
+        # mean weighted by their classes' weights), so the epoch's is that mean over the split however frames are
+        # batched (frame-weighted, or pixel-counted under class weights, test/loss moved with the eval batch size)
+        is_labelled = y != self.hparams.ignore_index
+        if self.criterion.weight is None:
+            labelled = is_labelled.sum()
+        else:
+            labelled = (self.criterion.weight[y.masked_fill(~is_labelled, 0)] * is_labelled).sum()
         # an all-void batch: a NaN loss with weight 0, which adds nothing (an `if` would sync a GPU every step)
         self.loss_mean[_key(stage)].update(torch.nan_to_num(loss.detach()), weight=labelled)
         self.miou[_key(stage)].update(preds, y)
