@@ -512,6 +512,29 @@ def test_class_weighted_loss_does_not_depend_on_the_eval_batch_size(stage):
             metric.reset()
 
 
+def test_dice_weighted_loss_does_not_depend_on_the_eval_batch_size():
+    """model.dice_weight adds a soft Dice pooled over the batch, a ratio of sums: val/loss averaged batch Dice
+    values, so these 4 frames (one without foreground) scored 3.3947 at batch 4, 3.3998 at 2 and 3.4185 at 1. Now
+    the loss of the split as one batch (its cross-entropy plus the Dice of its summed overlap), however batched."""
+    from torch import nn
+
+    from bgremover.lit.module import SegmentationModule, soft_dice_loss
+
+    torch.manual_seed(0)
+    net = nn.Conv2d(3, 11, 1)
+    model = SegmentationModule(net=net, optimizer=None, dice_weight=1.0, channels_last=False, num_log_images=0)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 12, (4, 16, 16))
+    y[1] = 0  # a frame without foreground
+    with torch.no_grad():
+        logits = net(x)
+        whole = float(nn.CrossEntropyLoss(ignore_index=11)(logits, y) + soft_dice_loss(logits, y, model.fg_index, 11))
+        for batch in (4, 2, 1):
+            for i in range(0, 4, batch):
+                model._step((x[i : i + batch], y[i : i + batch]), "val", i // batch)
+            model.log_dict = lambda values, **kw: None  # no trainer here: the epoch's numbers are what we read
+            assert model._log_epoch("val")["val/loss"] == pytest.approx(whole, rel=1e-6), batch
+
+
 def test_a_test_only_run_records_the_config_that_trained_its_checkpoint(small_camvid, tmp_path):
     """`train=false ckpt_path=X` recorded only its own command's config (the default lr, max_epochs, no ckpt_init),
     which compare then grouped and labelled it by. X's run's config is recorded too, and compare reads that."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric, SumMetric
+from torchmetrics import MaxMetric, MeanMetric, Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from bgremover.checkpoint import CHECKPOINT_KEY
@@ -36,11 +36,38 @@ def _key(stage: str) -> str:
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, fg: Sequence[int], ignore_index: int) -> torch.Tensor:
     """1 - soft Dice of P(foreground classes) against their pixels, pooled over the batch, void left out.
     Cross-entropy alone weighs every pixel alike; this term weighs the overlap a cut-out is judged by (fg IoU)."""
+    return dice_loss_of(soft_dice_sums(logits, target, fg, ignore_index))
+
+
+def soft_dice_sums(logits: torch.Tensor, target: torch.Tensor, fg: Sequence[int], ignore_index: int) -> torch.Tensor:
+    """(overlap, sum of P(foreground), foreground pixels) over the labelled pixels: the sums soft Dice is a ratio
+    of, so that a split's Dice is that of its batches' sums added (a mean of batch Dice moves with the batching)."""
     prob = logits.float().softmax(1)[:, list(fg)].sum(1)
     valid = (target != ignore_index).float()
     truth = torch.isin(target, torch.as_tensor(list(fg), device=target.device)).float() * valid
     prob = prob * valid
-    return 1 - (2 * (prob * truth).sum() + 1) / (prob.sum() + truth.sum() + 1)
+    return torch.stack([(prob * truth).sum(), prob.sum(), truth.sum()])
+
+
+def dice_loss_of(sums: torch.Tensor) -> torch.Tensor:
+    overlap, predicted, truth = sums
+    return 1 - (2 * overlap + 1) / (predicted + truth + 1)
+
+
+class SoftDiceSums(Metric):
+    """A val/test split's soft-Dice sums, added over batches and ranks; ``compute`` is its Dice loss."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("sums", default=torch.zeros(3, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, sums: torch.Tensor) -> None:
+        self.sums += sums.detach().to(self.sums.dtype)
+
+    def compute(self) -> torch.Tensor:
+        return dice_loss_of(self.sums).float()
 
 
 class SegmentationModule(pl.LightningModule):
@@ -99,6 +126,8 @@ class SegmentationModule(pl.LightningModule):
         fg = [list(class_names).index(c) for c in default_foreground if c in class_names]
         self.fg_index = fg
         self.cutout = nn.ModuleDict({_key(s): CutoutMetric(fg, ignore_index) for s in ("val", "test")}) if fg else None
+        # val/test loss with a Dice term: the split's Dice (of its summed overlap), not a mean of batch Dice
+        self.dice = nn.ModuleDict({_key(s): SoftDiceSums() for s in ("val", "test")}) if fg and dice_weight else None
         self.val_miou_best = MaxMetric()
         self.history: list[dict[str, float]] = []  # per-epoch validation metrics, kept in checkpoints
         self._panel: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -135,8 +164,14 @@ class SegmentationModule(pl.LightningModule):
         # half-precision logits to fp32 for the loss; not fp64 ones (precision=64-true): the class-weight buffer is
         # fp64 there too, and the cast failed as "expected scalar type Float but found Double"
         loss = self.criterion(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, y)
+        pooled = loss  # what loss_mean pools: the whole loss in training, the cross-entropy alone in val/test
         if self.hparams.dice_weight and self.fg_index:
-            loss = loss + self.hparams.dice_weight * soft_dice_loss(logits, y, self.fg_index, self.hparams.ignore_index)
+            sums = soft_dice_sums(logits, y, self.fg_index, self.hparams.ignore_index)
+            loss = loss + self.hparams.dice_weight * dice_loss_of(sums)
+            if stage == "train":
+                pooled = loss
+            else:
+                self.dice[_key(stage)].update(sums)
         preds = logits.argmax(1)
         # weighted by the batch loss's own denominator: it is the mean over labelled pixels (with class weights, the
         # mean weighted by their classes' weights), so the epoch's is that mean over the split however frames are
@@ -147,7 +182,7 @@ class SegmentationModule(pl.LightningModule):
         else:
             labelled = (self.criterion.weight[y.masked_fill(~is_labelled, 0)] * is_labelled).sum()
         # an all-void batch: a NaN loss with weight 0, which adds nothing (an `if` would sync a GPU every step)
-        self.loss_mean[_key(stage)].update(torch.nan_to_num(loss.detach()), weight=labelled)
+        self.loss_mean[_key(stage)].update(torch.nan_to_num(pooled.detach()), weight=labelled)
         self.miou[_key(stage)].update(preds, y)
         self.acc[_key(stage)].update(preds, y)
         self.frames[_key(stage)].update(len(x))
@@ -180,6 +215,9 @@ class SegmentationModule(pl.LightningModule):
         # val/test loss from the metric, not self.log(on_epoch=True, sync_dist=True): Lightning averages the ranks'
         # frame counts as integers, so with unequal counts per rank (unpadded val/test) its epoch mean is wrong.
         values[f"{stage}/loss_epoch" if stage == "train" else f"{stage}/loss"] = self.loss_mean[_key(stage)].compute()
+        if stage != "train" and self.dice is not None:
+            values[f"{stage}/loss"] = values[f"{stage}/loss"] + self.hparams.dice_weight * self.dice[_key(stage)].compute()
+            self.dice[_key(stage)].reset()
         if stage != "train":
             values[f"{stage}/frames"] = self.frames[_key(stage)].compute().float()
         if stage != "train" and self.cutout is not None:
