@@ -241,6 +241,26 @@ def test_transition_down_pools_before_its_bias_and_dropout(dtype: torch.dtype) -
             assert ((b.double() - a.double()).norm() / a.double().norm()).item() < 0.03
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_one_value_per_channel_in_training_is_refused_as_batchnorm_does(memory_efficient: bool) -> None:
+    """A training batch of one 32x32 crop reaches FC-DenseNet's bottleneck as 1x1: the textbook block (and any GPU run)
+    refuses it with BatchNorm's error, the fused one trained on and pulled the running variances towards 0 (0.12
+    after 20 steps), so evaluation scaled those channels by 1/sqrt(eps). Now the same error, nothing updated."""
+    fused = DenseBlock(4, 2, 3, dropout=0.0, memory_efficient=memory_efficient, plain=False).train()
+    theirs = ref.RefDenseBlock(4, 2, 3, dropout=0.0).train()
+    x = torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as want:
+        theirs(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as got:
+        fused(x)
+    assert str(got.value) == str(want.value)
+    assert all(float(layer.norm.num_batches_tracked) == 0 and torch.equal(layer.norm.running_var,
+               torch.ones_like(layer.norm.running_var)) for layer in fused.layers)
+    fused(torch.randn(2, 4, 1, 1))  # two values per channel, or one frame larger than 1x1, train as before
+    fused(torch.randn(1, 4, 1, 2))
+    fused.eval()(x)  # evaluation reads the running statistics: one frame of any size is fine
+
+
 def test_block_takes_several_inputs_like_a_concat() -> None:
     block = DenseBlock(7, 2, 3, dropout=0.0).double()
     randomise_bn(block)

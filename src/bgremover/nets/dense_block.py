@@ -760,6 +760,12 @@ class DenseBlock(nn.Module):
             flat += [bn.weight, bn.bias, layer.conv.weight, layer.conv.bias, r_mean, r_var, mask]
         eps = self.layers[0].norm.eps if len(self.layers) else 1e-5
         sync = self._stat_sync() if self.training else None
+        if self.training and sync is None and len(self.layers) and n * x0.shape[2] * x0.shape[3] == 1:
+            # nn.BatchNorm2d's own refusal, as the textbook block and a GPU run give it: one value per channel has no
+            # variance, and the fused block trained on, pulling every running variance towards 0 (eval then scaled
+            # those channels by 1/sqrt(eps))
+            raise ValueError("Expected more than 1 value per channel when training, got input size "
+                             f"{torch.Size((n, self.in_channels, *x0.shape[2:]))}")
         cfg = {
             "growth": self.growth_rate, "n_layers": len(self.layers), "eps": eps, "training": self.training,
             # without autograd nothing is kept for a backward: one scratch area serves every layer
