@@ -96,7 +96,8 @@ export: $(STAMP) ## checkpoint → self-describing ONNX: make export CKPT=path [
 	@test -n "$(CKPT)" || { echo "error: give a checkpoint: make export CKPT=path/to.ckpt [OUT=model.onnx]" >&2; exit 2; }
 	$(BIN)/python -m bgremover.export --ckpt "$(CKPT)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
-# OUT=- is stdout, the PNG itself: make's echo of the command went there too, in front of it (exit 0)
+# OUT=- is stdout, the PNG itself: make's echo of the command went there too, in front of it (exit 0). Run from
+# another make or with -C, add --no-print-directory: make's own directory lines go to stdout too
 predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [MODEL=x.onnx] [OUT=dir, default outputs/]
 	@test -n "$(IMG)" || { echo "error: give an image or folder: make predict IMG=photo.jpg" >&2; exit 2; }
 	$(if $(filter -,$(OUT)),@)$(BIN)/bgremover-predict "$(IMG)" $(if $(MODEL),--model "$(MODEL)") --out "$(or $(OUT),outputs)" $(ARGS)
