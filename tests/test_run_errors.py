@@ -49,6 +49,17 @@ def test_an_unknown_deeplab_encoder_is_refused_before_a_run_folder_is_made(small
     assert not (tmp_path / "train").exists() or not any((tmp_path / "train" / "runs").iterdir())
 
 
+def test_deeplab_with_a_batch_of_one_is_refused_before_a_run_folder_is_made(small_camvid, tmp_path):
+    """"Expected more than 1 value per channel when training" came at the first step (ASPP's image pooling before
+    a BatchNorm), after the datamodule, the net and the run folder were made."""
+    proc = _run("bgremover.train", "model=deeplabv3plus", "data.batch_size=1", "trainer=cpu", "logger=csv",
+                f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: data.batch_size=1 cannot train DeepLabV3Plus: its image-pooling branch normalises one value per "
+        "channel, which BatchNorm refuses in training; use 2 or more"), proc.stderr
+    assert not (tmp_path / "train").exists() or not any((tmp_path / "train" / "runs").iterdir())
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.crop_size=224", "data.crop_size must be [height, width] in pixels or null, got 224"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch must be a positive integer, got 0"),

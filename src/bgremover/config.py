@@ -561,6 +561,12 @@ def validate_train(cfg: DictConfig) -> None:
         from bgremover.nets import check_encoder
 
         check_encoder(model.net)
+        # DeepLabV3's image-pooling branch (ASPP) pools each image to one value per channel before a BatchNorm,
+        # which refuses that in training with a batch of one: it came at the first step, after the build
+        if "DeepLab" in str(model.net.get("_target_", "")) and cfg.get("train", True) \
+                and (cfg.get("data") or {}).get("batch_size") == 1:
+            raise UserError(f"data.batch_size=1 cannot train {model.net._target_.rsplit('.', 1)[-1]}: its image-pooling "
+                            "branch normalises one value per channel, which BatchNorm refuses in training; use 2 or more")
     if cfg.get("ckpt_path"):
         from bgremover import resume
 
