@@ -535,6 +535,30 @@ def test_dice_weighted_loss_does_not_depend_on_the_eval_batch_size():
             assert model._log_epoch("val")["val/loss"] == pytest.approx(whole, rel=1e-6), batch
 
 
+def test_a_split_without_labelled_pixels_has_no_accuracy_as_it_has_no_miou():
+    """All void: mIoU was NaN (nothing counted) and acc 0.0 (torchmetrics' micro accuracy over nothing), a number
+    that reads as every pixel wrong. Both NaN now; a split with labels keeps its accuracy."""
+    import math
+
+    from torch import nn
+
+    from bgremover.lit.module import SegmentationModule
+
+    torch.manual_seed(0)
+    model = SegmentationModule(net=nn.Conv2d(3, 11, 1), optimizer=None, channels_last=False, num_log_images=0)
+    model.log_dict = lambda values, **kw: None  # no trainer here: the epoch's numbers are what we read
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model._step((x, torch.full((2, 8, 8), 11)), "val", 0)
+        out = model._log_epoch("val")
+        assert math.isnan(out["val/mIoU"]) and math.isnan(out["val/acc"]), out
+        y = torch.randint(0, 11, (2, 8, 8))
+        model._step((x, y), "test", 0)
+        out = model._log_epoch("test")
+        right = float((model.net(x).argmax(1) == y).float().mean())
+    assert out["test/acc"] == pytest.approx(right) and not math.isnan(out["test/mIoU"])
+
+
 def test_a_test_only_run_records_the_config_that_trained_its_checkpoint(small_camvid, tmp_path):
     """`train=false ckpt_path=X` recorded only its own command's config (the default lr, max_epochs, no ckpt_init),
     which compare then grouped and labelled it by. X's run's config is recorded too, and compare reads that."""

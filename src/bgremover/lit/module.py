@@ -212,6 +212,10 @@ class SegmentationModule(pl.LightningModule):
             f"{stage}/mIoU": self.miou[_key(stage)].compute(),
             f"{stage}/acc": self.acc[_key(stage)].compute(),
         }
+        # no labelled pixel in the split (mIoU NaN: nothing counted): torchmetrics' micro accuracy says 0.0 there, a
+        # number that reads as "all wrong"; NaN as mIoU and eval-cutout say
+        if torch.isnan(values[f"{stage}/mIoU"]):
+            values[f"{stage}/acc"] = torch.full_like(values[f"{stage}/acc"], float("nan"))
         # val/test loss from the metric, not self.log(on_epoch=True, sync_dist=True): Lightning averages the ranks'
         # frame counts as integers, so with unequal counts per rank (unpadded val/test) its epoch mean is wrong.
         values[f"{stage}/loss_epoch" if stage == "train" else f"{stage}/loss"] = self.loss_mean[_key(stage)].compute()
