@@ -433,12 +433,13 @@ def test_a_partial_test_set_is_never_ranked_above_the_whole_split(tmp_path: Path
     bar = Axes.bar
     monkeypatch.setattr(Axes, "bar", lambda self, *a, **k: labels.append(k.get("label")) or bar(self, *a, **k))
     logged: dict = {}
+    payloads: list = []
 
     class Run:
         id, dir, summary = "stub", "", logged
 
-        def log(self, payload):
-            pass
+        def log(self, payload):  # what W&B would store: the nets table, in the report's order
+            payloads.append(payload)
 
     stub = types.SimpleNamespace(run=None, Table=lambda columns, data: data, Image=lambda path: path,
                                  Settings=lambda **k: k, init=lambda **k: Run(), finish=lambda: None)
@@ -448,6 +449,10 @@ def test_a_partial_test_set_is_never_ranked_above_the_whole_split(tmp_path: Path
     assert table.index(f"| {DEEPLAB} (model.optimizer.lr=0.3) |") < table.index(f"| {TIRAMISU} |")
     assert (logged["compare/best_net"], logged["compare/best_test_mIoU"]) == (f"{DEEPLAB} (model.optimizer.lr=0.4)", 0.40)
     assert logged["compare/best_test_frames"] == "233"
+    nets = payloads[0]["compare/nets"]  # the Table stub hands back its rows: net, runs, ..., test frames
+    assert [(row[0], row[7]) for row in nets] == [(f"{DEEPLAB} (model.optimizer.lr=0.4)", "233"),
+                                                  (f"{DEEPLAB} (model.optimizer.lr=0.3)", "233"),
+                                                  (TIRAMISU, "4 of 233 (partial)"), (f"{DEEPLAB} (model.optimizer.lr=0.2)", "—")]
     assert f"{TIRAMISU} — test frames 4 of 233 (partial)" in labels and f"{DEEPLAB} (model.optimizer.lr=0.4)" in labels
     # every row partial: the best one is named with its frames
     only = compare.build_report([root / "a"], out=tmp_path / "rep2", grid_images=0, use_wandb=True)
