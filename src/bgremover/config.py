@@ -167,7 +167,8 @@ def paths_from_launch_dir(cfg: DictConfig) -> None:
 
     if not HydraConfig.initialized() or not HydraConfig.get().job.get("chdir"):
         return
-    for key in ("data.root", "data.split_file", "ckpt_path", "ckpt_init"):
+    # the path settings the task reads (hydra.* and paths.* made the run folder before the chdir)
+    for key in sorted(k for k in PATH_KEYS if not k.startswith(("hydra.", "paths."))):
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             OmegaConf.update(cfg, key, str(Path(HydraConfig.get().runtime.cwd) / value), merge=False)
