@@ -744,7 +744,29 @@ def test_a_short_write_to_stdout_is_finished_or_a_failure(model, tmp_path, capsy
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(_ShortWrites(3000, 10**9)))  # 3000 bytes left on the disk
     assert main(["i", "-m", model, str(src), "-"]) == 1
     assert bytes(sys.stdout.buffer.got) == whole[:3000]
-    assert error_lines(capsys.readouterr().err) == [f"bgremover-predict: error: {src}: [Errno 28] No space left on device"]
+    assert error_lines(capsys.readouterr().err) == [f"bgremover-predict: error: {src}: cannot write <stdout>: No space "
+                                                    "left on device"]
+
+
+def test_a_full_disk_names_the_output_it_could_not_write(model, tmp_path, capsys, monkeypatch):
+    """A folder run onto a full disk said "in/x.png: [Errno 28] No space left on device" for each photo, naming the
+    input (on another, roomy disk) and not the file or folder that could not be written. Each failure now names the
+    output; nothing half-written stays behind."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("x.png", "y.png"):
+        save_png(folder / name)
+    out = tmp_path / "out"
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert main([str(folder), "-o", str(out), "-m", model, "-q"]) == 1
+    assert error_lines(capsys.readouterr().err) == [
+        f"bgremover-predict: error: {folder / n}.png: cannot write {out / n}.nobg.png: No space left on device"
+        for n in ("x", "y")]
+    assert list(out.iterdir()) == []
 
 
 def test_sigterm_while_a_cutout_is_written_leaves_no_temp_file(model, tmp_path):

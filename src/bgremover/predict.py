@@ -471,17 +471,22 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
                     if not source.getbuffer().nbytes:  # was "not a recognised image file" (`i` from a script)
                         raise ImageError("<stdin>: no data (give an INPUT image, or pipe one in)")
                 data = encode_image(remover.remove(source, **opts), dst.suffix if dst is not None else ".png")
-                if dst is None:
-                    _write_stdout(data)
-                else:
-                    write_atomic(data, dst)
-                    if not args.quiet and not several:
-                        print(f"wrote {dst}", file=sys.stderr)
-                written += 1
             except ImageError as e:
                 failures.append(str(e))
             except (OSError, MemoryError) as e:
                 failures.append(f"{src if src is not None else '<stdin>'}: {_first_line(e)}")
+            else:
+                try:
+                    if dst is None:
+                        _write_stdout(data)
+                    else:
+                        write_atomic(data, dst)
+                        if not args.quiet and not several:
+                            print(f"wrote {dst}", file=sys.stderr)
+                    written += 1
+                except OSError as e:  # the output's disk or pipe: a full disk was reported as the input's fault
+                    failures.append(f"{src if src is not None else '<stdin>'}: cannot write "
+                                    f"{dst if dst is not None else '<stdout>'}: {e.strerror or _first_line(e)}")
         if bar is not None:
             bar.update(1)
     if bar is not None:
