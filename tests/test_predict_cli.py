@@ -580,6 +580,29 @@ def test_folders_are_read_with_their_sub_folders_mirrored(model, tmp_path, capsy
     assert (only_sub / "day1" / "b.nobg.png").is_file()
 
 
+def test_one_sub_folder_that_cannot_be_made_fails_only_its_images(model, tmp_path, capsys):
+    """`p photos out` where out/2024 is a file (or any one mirrored sub-folder cannot be made): the whole run
+    stopped up front and wrote none of the other folders' photos. As in rembg's `p`, those photos fail, named,
+    exit 1, and the rest are written; a rerun once the clash is gone does only the missing ones."""
+    photos = tmp_path / "photos"
+    for sub in ("2024", "2025"):
+        (photos / sub).mkdir(parents=True)
+        save_png(photos / sub / "a.png")
+    save_png(photos / "top.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "2024").write_text("a file where the sub-folder would go\n")
+    assert main(["p", "-m", model, "-q", str(photos), str(out)]) == 1
+    assert error_lines(capsys.readouterr().err) == [
+        f"bgremover-predict: error: {photos / '2024' / 'a.png'}: not cut out: cannot create the output folder "
+        f"{out / '2024'}: File exists"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["2025/a.nobg.png", "top.nobg.png"]
+    (out / "2024").unlink()
+    assert main(["p", "-m", model, str(photos), str(out)]) == 0
+    assert "1 written, 2 skipped" in capsys.readouterr().err
+    assert (out / "2024" / "a.nobg.png").is_file()
+
+
 def test_an_output_ending_in_a_slash_is_a_folder(model, tmp_path, capsys):
     """`i a.png new/` wrote a PNG file named `new`; `-o results.v2/` was refused as a file without .png."""
     src = save_png(tmp_path / "a.png")

@@ -12,7 +12,8 @@
     (--overwrite replaces them); files named one by one are always written.
     Exit codes: 0 all written (or skipped as existing); 1 some input failed (each reported on stderr, the
     good ones are still written), the model cannot be loaded, or the output folder cannot be made or written
-    (checked before any image is processed); 2 usage error (bad option value, unknown class name, conflicting
+    (checked before any image is processed; where only some of the mirrored sub-folders cannot, their images
+    fail and the rest are written); 2 usage error (bad option value, unknown class name, conflicting
     options); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 
 The library (BackgroundRemover, image decoding) is `bgremover.remover`, re-exported here. Like it, this module
@@ -426,18 +427,24 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
             bg_image = Image.fromarray(_load_any(args.bg_image, args.max_pixels)[0])
         except ImageError as e:
             return fail_usage(f"--bg-image {e}")
+    unwritable: dict[Path, str] = {}  # output folder -> why nothing can be written in it
     if outputs and outputs[0] is not None:
         # Made and checked before any inference: a folder we cannot write would otherwise fail every image
         # after its inference, each blamed on the input and naming a hidden temp file.
-        for dest in sorted({o.parent for o in outputs if o is not None and not is_stream(o)}):
+        folders = sorted({o.parent for o in outputs if o is not None and not is_stream(o)})
+        for dest in folders:
             try:
                 dest.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                return report(f"cannot create the output folder {dest}: {e.strerror or _first_line(e)}", PROG)
-            try:  # tried with a probe file, not os.access: root passes that check, and /proc refuses files anyway
+                # tried with a probe file, not os.access: root passes that check, and /proc refuses files anyway
                 check_writable(dest, "output folder", folder=True)
+            except OSError as e:
+                unwritable[dest] = f"cannot create the output folder {dest}: {e.strerror or _first_line(e)}"
             except UserError as e:
-                return report(e, PROG)
+                unwritable[dest] = str(e)
+        if unwritable and len(unwritable) == len(folders):  # nothing can be written at all: one line, up front
+            return report(unwritable[folders[0]], PROG)
+        # Only some (one mirrored sub-folder clashes with a file, or is read-only): a folder run stopped there and
+        # wrote none of the other folders' images; as rembg's `p`, those images fail, named, and the rest are written.
 
     opts = dict(
         threshold=args.threshold,
@@ -463,6 +470,8 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
             failures.append(f"{dst} is a folder: the cut-out of {src} cannot be written there")
         elif dst is not None and dst.exists() and not args.overwrite and src is not None and src.resolve() in from_folders:
             skipped += 1
+        elif dst is not None and dst.parent in unwritable:
+            failures.append(f"{src}: not cut out: {unwritable[dst.parent]}")
         else:
             try:
                 source = src
