@@ -478,6 +478,29 @@ def test_model_path_from_environment(model_path, monkeypatch):
     assert BackgroundRemover().model_path == model_path
 
 
+def test_a_bad_model_from_the_environment_is_said_to_come_from_it(tmp_path, monkeypatch, capsys):
+    """$BGREMOVER_MODEL naming a file since moved gave "model file not found: /old/m.onnx" and nothing on where
+    that path came from (no --model was given): the variable is named now, by the library and both commands."""
+    from bgremover import serve
+
+    monkeypatch.setenv(predict.MODEL_ENV, str(tmp_path / "moved.onnx"))
+    with pytest.raises(ModelError, match=r"model file not found: .*moved\.onnx \(named by \$BGREMOVER_MODEL"):
+        BackgroundRemover()
+    src = tmp_path / "a.png"
+    Image.fromarray(halves(8, 8)).save(src)
+    assert predict.main([str(src)]) == 1
+    assert serve.main(["--port", "0"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": error: ")[1] for line in lines] == [
+        f"model file not found: {tmp_path / 'moved.onnx'} (named by $BGREMOVER_MODEL; unset it for the shipped model)"
+    ] * 2
+    assert not (tmp_path / "a.nobg.png").exists()
+    # a --model named on the command line is the user's own: nothing about the variable
+    with pytest.raises(ModelError) as err:
+        BackgroundRemover(tmp_path / "other.onnx")
+    assert "BGREMOVER_MODEL" not in str(err.value)
+
+
 def test_png_encoding_roundtrips(remover):
     out = remover.remove(halves(9, 11))
     back = Image.open(io.BytesIO(images.encode_png(out)))  # in-memory: nothing to close

@@ -168,8 +168,14 @@ class BackgroundRemover:
         if model_path is None and not os.environ.get(MODEL_ENV):  # an explicitly named file is taken as given
             self._try_int8(providers, threads)
         if self.session is None:
-            self.session = self._open_session(self.model_path, providers, threads)
-            self.meta = self._read_metadata(self.session, self.model_path)
+            try:
+                self.session = self._open_session(self.model_path, providers, threads)
+                self.meta = self._read_metadata(self.session, self.model_path)
+            except ModelError as err:
+                if model_path is None and os.environ.get(MODEL_ENV):  # often set long ago, in a shell profile: the
+                    # bare "model file not found: /old/path.onnx" left the user wondering where that path came from
+                    raise ModelError(f"{err} (named by ${MODEL_ENV}; unset it for the shipped model)") from None
+                raise
         # None: the scale the net was trained at (a folder-trained remover's image_size, whatever it is: capped at
         # MAX_SIDE, one trained at 1536 saw its images at two thirds of that scale), else at most MAX_SIDE
         self.max_side = int(max_side) if max_side is not None else int(self.meta.get("image_size") or MAX_SIDE)
