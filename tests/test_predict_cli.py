@@ -334,6 +334,30 @@ def test_the_read_only_fallback_says_where_the_files_went(model, tmp_path, monke
     assert os.listdir(work) == ["frame.nobg.png"] and os.listdir(ro) == ["frame.png"]
 
 
+def test_run_inside_a_read_only_folder_writes_nothing_there(model, tmp_path, monkeypatch, capsys):
+    """`cd CamVid/test; bgremover-predict x.png` as root: the input's folder is read-only (mode 555), so the
+    output went to "the current folder" instead, which is that same folder, and root wrote the cut-out into the
+    dataset after saying it would not. Now: one line asking for an output folder, exit 2, nothing written."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    save_png(ro / "frame.png")
+    ro.chmod(0o555)
+    monkeypatch.chdir(ro)
+    try:
+        for argv, option in ((["frame.png"], "--out"), (["i", "frame.png"], "OUTPUT"), ([str(ro)], "--out")):
+            monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # `i` without OUTPUT: not to stdout
+            assert main([*argv, "-m", model]) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [f"bgremover-predict: error: {'frame.png' if argv[-1] == 'frame.png' else ro / 'frame.png'}: "
+                           f"its folder and the current folder {ro} are read-only: name an output folder ({option} "
+                           "DIR/)"], argv
+            assert os.listdir(ro) == ["frame.png"], argv
+        assert main(["frame.png", "-m", model, "-q", "-o", str(tmp_path / "out") + "/"]) == 0
+        assert os.listdir(tmp_path / "out") == ["frame.nobg.png"]
+    finally:
+        ro.chmod(0o755)
+
+
 def test_rembg_commands_i_and_p(model, tmp_path, capsys, monkeypatch):
     """rembg's habits: `i INPUT OUTPUT`, `p IN_DIR OUT_DIR`, -om, -bgc R G B A and -a give what the plain form
     gives (before, `bgremover-predict i a.png b.png` failed on a file named "i")."""

@@ -219,8 +219,8 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool, mask
         # Beside each input; an input in a read-only folder (a shared dataset, a mounted card) writes to the
         # current directory instead (in its sub-folder there), so the default command never fails for want of
         # write access.
-        return _disambiguate(items, [_beside(i, suffix, sub.get(i.resolve(), Path())) for i in items],  # type: ignore[union-attr]
-                             suffix)
+        return _disambiguate(items, [_beside(i, suffix, sub.get(i.resolve(), Path()), option)  # type: ignore[union-attr]
+                                     for i in items], suffix)
     target, folder = Path(out), _is_folder_name(out)
     # a named file, or a device or pipe (`--out /dev/stdout`, as the rembg form takes it)
     as_file = not several and not folder and not target.is_dir() and (
@@ -239,12 +239,20 @@ def _plan_outputs(items: list[Path | None], out: str | None, several: bool, mask
     return _disambiguate(items, dests, suffix)
 
 
-def _beside(item: Path, suffix: str, sub: Path) -> Path:
-    folder = item.parent
-    # Read-only by its mode bits too: root passes os.access anyway, and wrote cut-outs into a 555 dataset folder
-    # (CI and this project's machines run as root beside ../shared/CamVid).
-    read_only = not os.access(folder, os.W_OK) or not folder.stat().st_mode & 0o222
-    return (Path.cwd() / sub if read_only else folder) / (item.stem + suffix)
+def _read_only(folder: Path) -> bool:
+    # By its mode bits too: root passes os.access anyway, and wrote cut-outs into a 555 dataset folder (CI and
+    # this project's machines run as root beside ../shared/CamVid).
+    return not os.access(folder, os.W_OK) or not folder.stat().st_mode & 0o222
+
+
+def _beside(item: Path, suffix: str, sub: Path, option: str = "--out") -> Path:
+    if not _read_only(item.parent):
+        return item.parent / (item.stem + suffix)
+    if _read_only(Path.cwd()):  # run from inside the dataset (`cd CamVid/test; bgremover-predict x.png`): the
+        # fallback was that very folder, and root wrote there after saying it would not
+        raise UsageError(f"{item}: its folder and the current folder {Path.cwd()} are read-only: name an output "
+                         f"folder ({option} DIR/)")
+    return Path.cwd() / sub / (item.stem + suffix)
 
 
 def _disambiguate(items: list[Path | None], dests: list[Path], suffix: str) -> list[Path | None]:
