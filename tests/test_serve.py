@@ -181,6 +181,9 @@ def test_health_and_model(server, remover):
         # rembg's server names: om (only mask), a (alpha matting: here the guided-filter refine), bgc R,G,B,A
         ("raw", "?om=1", {"mask_only": True}),
         ("multipart", "?bgc=0,0,255,128&a=true", {"bg_color": (0, 0, 255, 128), "refine": True}),
+        # as rembg's server (pydantic's bool) takes them: t/f and y/n were a 422 here
+        ("raw", "?om=T&a=n", {"mask_only": True}),
+        ("multipart", "?a=y&om=f", {"refine": True}),
     ],
 )
 def test_remove_equals_library(server, remover, upload, query, opts):

@@ -95,8 +95,10 @@ REMBG_NAMES = {"om": "mask_only", "a": "refine", "bgc": "bg_color"}  # rembg's s
 # (`a` here is a guided filter, which has no such settings); the answer names them in IGNORED_HEADER.
 MATTING = {"af": 255, "ab": 255, "ae": None}
 IGNORED_HEADER = "X-Ignored-Parameters"
-TRUE = frozenset({"", "1", "true", "yes", "on"})  # `?mask_only` alone means true, as a flag would
-FALSE = frozenset({"0", "false", "no", "off"})
+# what rembg's server (FastAPI, pydantic's bool) takes, t/f and y/n included; `?mask_only` alone means true, as a
+# flag would
+TRUE = frozenset({"", "1", "true", "t", "yes", "y", "on"})
+FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
 
 log = logging.getLogger("bgremover.serve")
 
@@ -156,7 +158,8 @@ def parse_options(query: Any, remover: BackgroundRemover) -> dict[str, Any]:
         if key in query:
             raw = query[key].strip().lower()
             if raw not in TRUE | FALSE:
-                raise ApiError(422, f"{key} must be one of 1/0, true/false, yes/no, on/off; got {query[key]!r}")
+                raise ApiError(422, f"{key} must be one of 1/0, true/false (t/f), yes/no (y/n), on/off; "
+                                    f"got {query[key]!r}")
             opts[key] = raw in TRUE
     if "bg_color" in query:
         try:
