@@ -447,6 +447,20 @@ def test_wrong_route_and_method_are_json(server):
     assert status == 405 and "url= is not supported" in json.loads(body)["error"]
 
 
+def test_the_docs_paths_lead_to_the_apis_usage(server):
+    """rembg's server documents its API at /api (FastAPI's /docs in older ones); here both answered a bare JSON
+    404 "not found: /docs". They now lead to the page's usage section, and any 404 names the routes."""
+    for path in ("/docs", "/api"):
+        status, headers, _ = request(server, "GET", path)
+        assert status == 307 and headers["location"] == "/#api", (path, status, headers)
+    status, _, body = request(server, "GET", "/")
+    assert status == 200 and b'id="api"' in body and b"/remove" in body
+    status, headers, body = request(server, "GET", "/openapi.json")
+    assert status == 404 and headers["content-type"] == "application/json"
+    assert json.loads(body)["error"] == ("not found: /openapi.json; the API is POST /remove (or /api/remove), "
+                                         "GET /model, GET /health; its usage is on the page at /")
+
+
 def test_still_serving_after_bad_requests(server, remover):
     for case in BAD:  # all of them again, back to back on one server
         assert case[1](server, case[2], case[3])[0] == case[4]

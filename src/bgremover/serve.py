@@ -11,6 +11,7 @@
     GET  /model    the model's metadata (classes, default foreground, net, test mIoU, ...) and the limits
     GET  /health   {"status": "ok", ...}
     GET  /         a page to drop a photo on and download its cut-out (static/, no build step)
+    GET  /docs     (and /api, where rembg's server has its API docs) redirect to the page's usage section, /#api
 
 Errors are JSON `{"error": "..."}`: 400 unusable body (empty, not an image, truncated), 408 a body that stalls
 for BODY_IDLE_S, 413 over --max-bytes or --max-pixels, 422 bad or unknown option (unknown class, threshold
@@ -49,7 +50,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from bgremover.errors import OneLineParser, count, one_line, one_line_warnings, report
@@ -460,8 +461,12 @@ def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
             content, media_type=media, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"}
         )
 
+    async def docs(request):  # a rembg user looks for the API's docs at /api (FastAPI's /docs before): a JSON 404
+        return RedirectResponse("/#api", status_code=307)
+
     async def http_error(request, exc: HTTPException):
-        messages = {404: f"not found: {request.url.path}", 405: f"method {request.method} not allowed here"
+        messages = {404: f"not found: {request.url.path}; the API is POST /remove (or /api/remove), GET /model, "
+                         "GET /health; its usage is on the page at /", 405: f"method {request.method} not allowed here"
                     + (f" ({URL_UNSUPPORTED})" if "url" in request.query_params else "")}
         return json_error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
 
@@ -475,6 +480,7 @@ def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
         Route("/model", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         *[Route(path, page, methods=["GET"]) for path in PAGES],
+        *[Route(path, docs, methods=["GET"]) for path in ("/docs", "/api")],
     ]
     # Off unless --cors names origins: the page is same-origin and the service binds loopback by default. Exposed
     # headers: a page on another origin reads only those (the download name, the ignored rembg parameters).
