@@ -214,3 +214,41 @@ def test_a_new_file_or_no_class_stops_the_cutout_in_flight(browser, remover, tmp
                      " && !document.getElementById('result-stage').classList.contains('busy')", "the spinner to stop")
         finally:
             gated.gate.set()  # a failed check must not leave the worker waiting 30 s
+
+
+def test_an_old_error_goes_when_the_next_cutout_starts_and_a_refused_file_stays_unsent(browser, remover, tmp_path):
+    """After a bad file's error, the next photo's cut-out ran under that error (for seconds on a large photo, the
+    page said "Could not cut out notes.jpg" beside the new photo's spinner). And after a file over the size limit
+    was refused, ticking an option uploaded it anyway, and the server's 413 replaced the page's own message."""
+    gated = _ts.GatedRemover(remover)
+    gated.gate.set()
+    service = Service(gated, workers=1, max_bytes=_ts.MAX_BYTES)
+    with live_server(service) as url:
+        try:
+            open_page(browser, url)
+            bad = tmp_path / "notes.jpg"
+            bad.write_text("hello, I am a text file, not a photo\n")
+            browser.find_element("id", "file").send_keys(str(bad))
+            wait_for(browser, "!document.getElementById('error').hidden", "the bad file's error")
+            gated.gate.clear()
+            gated.entered.clear()
+            browser.find_element("id", "file").send_keys(str(EXAMPLE))
+            assert gated.entered.wait(WAIT), "the upload never reached the model"
+            state = browser.execute_script("return [document.getElementById('error').hidden,"
+                                           " document.getElementById('error').textContent,"
+                                           " document.getElementById('spinner').hidden]")
+            assert state[0] is True and state[2] is False, state  # the new photo's spinner, no old error
+            gated.gate.set()
+            wait_for(browser, "document.getElementById('result').naturalWidth", "the cut-out")
+
+            big = tmp_path / "big.jpg"
+            big.write_bytes(b"\xff" * (_ts.MAX_BYTES + 1))
+            browser.find_element("id", "file").send_keys(str(big))
+            wait_for(browser, "document.getElementById('error').textContent.includes('accepts up to')", "the size error")
+            browser.find_element("id", "refine").click()
+            time.sleep(1.0)  # the re-run's 120 ms delay, and an upload's answer had one been sent
+            message = browser.execute_script("return document.getElementById('error').textContent")
+            assert "big.jpg" in message and "accepts up to" in message, message
+            assert browser.execute_script("return document.getElementById('spinner').hidden") is True
+        finally:
+            gated.gate.set()

@@ -79,6 +79,14 @@ async function run() {
     showError("Pick at least one class to keep.");
     return;
   }
+  // checked here, not only when the file is picked: an option changed after a refused file sent it anyway
+  const limit = state.model && state.model.limits && state.model.limits.max_bytes;
+  if (limit && state.file.size > limit) {
+    clearResult();
+    showError(`“${state.file.name}” is ${kb(state.file.size)}; this server accepts up to ${kb(limit)}.`);
+    return;
+  }
+  showError("");  // an earlier file's or option's error, shown beside this one's spinner, read as this one's
   const controller = new AbortController();
   state.controller = controller;
   const body = new FormData();
@@ -96,7 +104,6 @@ async function run() {
     const blob = await response.blob();
     const ms = Math.round(performance.now() - started);
     clearResult();
-    showError("");
     state.resultUrl = URL.createObjectURL(blob);
     const img = $("result");
     img.onload = () => {
@@ -139,11 +146,6 @@ function useFile(file) {
   img.onerror = () => { img.hidden = true; $("original-info").textContent = `${kb(file.size)} · no preview`; };
   img.src = state.originalUrl;
   clearResult();
-  const limit = state.model && state.model.limits && state.model.limits.max_bytes;
-  if (limit && file.size > limit) {
-    showError(`“${file.name}” is ${kb(file.size)}; this server accepts up to ${kb(limit)}.`);
-    return;
-  }
   run();
 }
 
