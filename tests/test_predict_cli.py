@@ -627,6 +627,21 @@ def test_one_sub_folder_that_cannot_be_made_fails_only_its_images(model, tmp_pat
     assert (out / "2024" / "a.nobg.png").is_file()
 
 
+def test_a_rembg_model_name_is_said_to_be_no_model_here(tmp_path, monkeypatch, capsys):
+    """`bgremover-predict i -m u2net in.jpg out.png`, a rembg command line as typed from habit, said only "model
+    file not found: u2net"; a rembg user read that as a download that failed. The line now says what -m takes."""
+    src = save_png(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    for name in ("u2net", "isnet-general-use"):
+        assert main(["i", "-m", name, str(src), "o.png"]) == 1
+        assert error_lines(capsys.readouterr().err) == [
+            f"bgremover-predict: error: model file not found: {name} (rembg's model names are no models here: give "
+            "an exported .onnx file, or leave -m out for the shipped model)"]
+    assert main(["i", "-m", "models/mine.onnx", str(src), "o.png"]) == 1  # a path: only "not found"
+    assert error_lines(capsys.readouterr().err) == ["bgremover-predict: error: model file not found: models/mine.onnx"]
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_an_output_ending_in_a_slash_is_a_folder(model, tmp_path, capsys):
     """`i a.png new/` wrote a PNG file named `new`; `-o results.v2/` was refused as a file without .png."""
     src = save_png(tmp_path / "a.png")

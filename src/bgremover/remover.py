@@ -250,8 +250,12 @@ class BackgroundRemover:
                     f"no model found at {path}: train and export one (make export CKPT=...), "
                     f"or pass --model / set {MODEL_ENV}"
                 )
-            raise ModelError(f"model {path} is a folder, not an ONNX file" if path.is_dir()
-                             else f"model file not found: {path}")
+            if path.is_dir():
+                raise ModelError(f"model {path} is a folder, not an ONNX file")
+            # `-m u2net`, `-m isnet-general-use`: rembg's model names, typed from habit, read as file names
+            hint = (" (rembg's model names are no models here: give an exported .onnx file, or leave -m out for "
+                    "the shipped model)" if not path.suffix and path.name == str(path) else "")
+            raise ModelError(f"model file not found: {path}{hint}")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
