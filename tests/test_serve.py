@@ -44,12 +44,12 @@ MAX_PIXELS = 1_000_000
 
 
 @contextlib.contextmanager
-def live_server(service: Service, cors: tuple[str, ...] = ()):
-    """uvicorn serving create_app(service, cors) on a free 127.0.0.1 port in a thread; yields the base URL."""
+def live_server(service: Service, cors: tuple[str, ...] = (), page: bool = True):
+    """uvicorn serving create_app(service, cors, page) on a free 127.0.0.1 port in a thread; yields the base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the thread starts: no race for the port
     port = sock.getsockname()[1]
-    server = uvicorn.Server(server_config(create_app(service, cors), "warning", lifespan="off"))  # as bgremover-serve
+    server = uvicorn.Server(server_config(create_app(service, cors, page), "warning", lifespan="off"))  # as bgremover-serve
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -881,6 +881,22 @@ def test_cli_takes_rembgs_option_spellings():
     # message says what works instead (it said "an origin is scheme://host[:port]" as if null were a typo)
     with pytest.raises(argparse.ArgumentTypeError, match=r"file:// pages .* --cors '\*' allows every origin"):
         cors_origins("null")
+
+
+def test_no_ui_serves_the_api_alone_as_rembgs_flag_does(remover):
+    """`rembg s --host 0.0.0.0 --port 7000 --no-ui` (its flag to leave out the UI), copied into a service file, was
+    refused here ("unrecognized arguments: --no-ui", exit 2) and the service never came up. It is taken now: the
+    API alone, no page."""
+    assert _parser("bgremover-predict s").parse_args(["--port", "7000", "--no-ui"]).no_ui is True
+    assert _parser().parse_args([]).no_ui is False
+    with live_server(Service(remover, workers=1), page=False) as base:
+        for path in ("/", "/static/page.js", "/docs"):
+            status, headers, body = request(base, "GET", path)
+            assert status == 404 and headers["content-type"] == "application/json", path
+            assert json.loads(body)["error"] == (f"not found: {path}; the API is POST /remove (or /api/remove), "
+                                                 "GET /model, GET /health")
+        status, _, body = post_file(base, JPEG)
+        assert status == 200 and body == encode_png(remover.remove(EXAMPLE))
 
 
 def test_cli_takes_rembgs_dash_h_for_the_host(capsys):

@@ -2,7 +2,8 @@
 (Past 400 lines on purpose: the routes, the request checks they share and the command line read as one unit.)
 
     bgremover-serve [--model M] [--host 127.0.0.1] [--port 8000] [--threads N] [--max-bytes B]
-                    [--max-pixels P] [--queue Q] [--cors ORIGINS]   (also: bgremover-predict s ..., as `rembg s`)
+                    [--max-pixels P] [--queue Q] [--cors ORIGINS] [--no-ui]   (also: bgremover-predict s ...,
+                    as `rembg s`)
 
     POST /remove   image as multipart field `file` or as the raw body; options `classes=Car,Road`,
                    `threshold=0.5`, `refine=1`, `mask_only=1`, `bg_color=R,G,B[,A]` in the query or as form
@@ -10,7 +11,7 @@
                    alpha-matting af, ab, ae are checked and ignored, as bgremover-predict does)
     GET  /model    the model's metadata (classes, default foreground, net, test mIoU, ...) and the limits
     GET  /health   {"status": "ok", ...}
-    GET  /         a page to drop a photo on and download its cut-out (static/, no build step)
+    GET  /         a page to drop a photo on and download its cut-out (static/, no build step; --no-ui: none)
     GET  /docs     (and /api, where rembg's server has its API docs) redirect to the page's usage section, /#api
 
 Errors are JSON `{"error": "..."}`: 400 unusable body (empty, not an image, truncated), 408 a body that stalls
@@ -362,9 +363,10 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
+def create_app(service: Service, cors: Sequence[str] = (), page: bool = True) -> Starlette:
     """The ASGI app. Tests build it around their own (e.g. slowed) remover and run it on a real uvicorn. `cors`:
-    the origins whose pages may call it from a browser (--cors; "*" = any)."""
+    the origins whose pages may call it from a browser (--cors; "*" = any); `page`: serve the page at / (off:
+    --no-ui, the API alone)."""
     remover = service.remover
 
     async def remove(request):
@@ -451,7 +453,7 @@ def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
             {"status": "ok", "model": service.model_file, "busy": service.admitted, "served": service.served}
         )
 
-    async def page(request):
+    async def page_file(request):
         name, media = PAGES[request.url.path]
         try:
             content = (STATIC / name).read_bytes()  # a few KiB from the page cache; re-read so edits show
@@ -465,9 +467,10 @@ def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
         return RedirectResponse("/#api", status_code=307)
 
     async def http_error(request, exc: HTTPException):
-        messages = {404: f"not found: {request.url.path}; the API is POST /remove (or /api/remove), GET /model, "
-                         "GET /health; its usage is on the page at /", 405: f"method {request.method} not allowed here"
-                    + (f" ({URL_UNSUPPORTED})" if "url" in request.query_params else "")}
+        routes = "POST /remove (or /api/remove), GET /model, GET /health" + ("; its usage is on the page at /" if page
+                                                                             else "")
+        messages = {404: f"not found: {request.url.path}; the API is {routes}", 405: f"method {request.method} not "
+                    "allowed here" + (f" ({URL_UNSUPPORTED})" if "url" in request.query_params else "")}
         return json_error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
 
     async def server_error(request, exc: Exception):
@@ -479,9 +482,10 @@ def create_app(service: Service, cors: Sequence[str] = ()) -> Starlette:
         Route("/api/remove", remove, methods=["POST"]),  # rembg's path
         Route("/model", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-        *[Route(path, page, methods=["GET"]) for path in PAGES],
-        *[Route(path, docs, methods=["GET"]) for path in ("/docs", "/api")],
     ]
+    if page:
+        routes += [Route(path, page_file, methods=["GET"]) for path in PAGES]
+        routes += [Route(path, docs, methods=["GET"]) for path in ("/docs", "/api")]
     # Off unless --cors names origins: the page is same-origin and the service binds loopback by default. Exposed
     # headers: a page on another origin reads only those (the download name, the ignored rembg parameters).
     exposed = ["Content-Disposition", IGNORED_HEADER]
@@ -541,6 +545,7 @@ def _parser(prog: str = "bgremover-serve") -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"request body limit ({MAX_BYTES:,})")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"decoded image limit ({MAX_PIXELS:,})")
     p.add_argument("--queue", type=int, default=QUEUE, help=f"requests at once before 503 ({QUEUE})")
+    p.add_argument("--no-ui", action="store_true", help="the API alone, no page at / (as rembg s --no-ui)")
     p.add_argument("--cors", type=cors_origins, metavar="ORIGINS",
                    help="let pages from these origins call the API from a browser (comma-separated, * = any; "
                         "default none: the page at / needs none; rembg's server allows any)")
@@ -621,7 +626,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
         file=sys.stderr,
         flush=True,
     )
-    config = server_config(create_app(service, args.cors or ()), args.log_level)
+    config = server_config(create_app(service, args.cors or (), page=not args.no_ui), args.log_level)
     # uvicorn handles SIGTERM while it serves, then raises it again once stopped. With SIGTERM's default action that
     # ended the process there, before the cut-outs the grace period's end had cancelled were answered (their clients
     # saw the connection drop) or counted; raised as Terminated, it unwinds as Ctrl-C's KeyboardInterrupt does.
