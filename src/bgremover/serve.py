@@ -323,7 +323,9 @@ class Service:
                 raise ApiError(400, f"multipart upload has no file field 'file' (fields: {fields})")
             if not data:
                 raise ApiError(400, "the uploaded file is empty")
-            fields = [(k, v) for k, v in form.multi_items() if k != "file" and isinstance(v, str)]
+            # an empty form field is no option, as in rembg's server (FastAPI gives such a field its default): a
+            # client that sends every field, `om=` among them, got a mask here (`?om` alone in a query stays true)
+            fields = [(k, v) for k, v in form.multi_items() if k != "file" and isinstance(v, str) and v != ""]
             extra_files = sorted({k for k, v in form.multi_items() if k != "file" and not isinstance(v, str)})
             if extra_files:
                 raise ApiError(422, f"unexpected file field(s) {', '.join(extra_files)}: send one image as 'file'")
