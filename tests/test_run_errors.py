@@ -74,6 +74,11 @@ def test_deeplab_with_a_batch_of_one_is_refused_before_a_run_folder_is_made(smal
     # a user audit, as the README said it: "stack expects each tensor to be equal size" at the first batch
     ("data.crop_size=null data.scale_jitter=0.25", "data.crop_size=null (full frames) with data.scale_jitter=0.25 "
      "gives frames of different sizes, which a batch of 2 cannot stack: add data.scale_jitter=0, or keep a crop size"),
+    # RandomScale drew a scale of 0 now and then: cv2.resize's "inv_scale_x > 0" stopped the run epochs in
+    ("data.scale_jitter=1.0", "data.scale_jitter must be at least 0 and below 1 (frames are scaled by 1-j..1+j), "
+     "got 1.0; data=camvid_resident takes data.scale_range=[lo,hi] for wider ranges"),
+    ("data.scale_jitter=-0.25", "data.scale_jitter must be at least 0 and below 1 (frames are scaled by 1-j..1+j), "
+     "got -0.25"),
     ("+model.optimizer.lrr=0.1", "model.optimizer.lrr is not a setting of torch.optim.RMSprop (it takes: lr, alpha, eps, weight_decay, "),
     # trained, then stopped at the first epoch without improvement: "'>=' not supported between 'int' and 'str'"
     ("callbacks.early_stopping.patience=abc", "callbacks.early_stopping.patience must be a number, got 'abc'"),

@@ -359,6 +359,14 @@ def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[st
         # the test stage pads to the one, the exported model (predict, eval-cutout) to the other
         raise UserError(f"data.pad_multiple={data.get('pad_multiple')} is not model.size_multiple={size_multiple}: "
                         "the test stage would pad frames otherwise than the exported model does; set both")
+    jitter = data.get("scale_jitter") or 0
+    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
+        # frames are scaled by 1-j..1+j: from j=1 on a scale of 0 or below is drawn now and then, and the run
+        # stopped epochs in on cv2.resize's "inv_scale_x > 0" (the resident path drew void or mirrored crops)
+        raise UserError(f"data.scale_jitter must be at least 0 and below 1 (frames are scaled by 1-j..1+j), "
+                        f"got {jitter!r}" + ("; data=camvid_resident takes data.scale_range=[lo,hi] for wider ranges"
+                                             if isinstance(jitter, int | float) and jitter >= 1
+                                             and "Folder" not in str(data.get("_target_", "")) else ""))
     crop = data.get("crop_size")
     if crop is not None:
         if isinstance(crop, str) or not isinstance(crop, Iterable):  # 224 was "'int' object is not iterable"
