@@ -112,6 +112,22 @@ def test_unscaled_crop_is_a_slice(flip):
     assert torch.equal(y[0], want_y)
 
 
+@pytest.mark.parametrize("offset", [(0.13, 0.71), (0.37, 0.05), (0.99, 0.42), (0.58, 0.9)])
+def test_unscaled_crops_at_any_drawn_offset_are_exact_windows(offset):
+    """With no scale jitter (camvid_resident.yaml's default) every crop is a window of whole pixels, as
+    albumentations' RandomCrop cuts it: a drawn offset fell between pixels, and grid_sample blended each crop's
+    image with its neighbours (a random sub-pixel blur that val/test frames never have)."""
+    img, lbl = _frame(12, 16, seed=6)
+    h, w = 6, 8
+    x, y = _one(img, lbl, (h, w), offset=offset)
+    frame = _norm(img[0])
+    found = [(oy, ox) for oy in range(12 - h + 1) for ox in range(16 - w + 1)
+             if (x[0] - frame[:, oy:oy + h, ox:ox + w]).abs().max() < 1e-4]
+    assert len(found) == 1, f"no whole-pixel window matches the crop at offset {offset}"
+    oy, ox = found[0]
+    assert torch.equal(y[0], lbl[0, oy:oy + h, ox:ox + w].long())
+
+
 def test_scale_two_is_cv2_bilinear_and_nearest_labels():
     import cv2
 

@@ -87,8 +87,9 @@ def augment(images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, cro
     """Random scale-crop + flip + brightness/contrast + normalisation of a batch, all as batched tensor ops.
 
     images B×H×W×3 uint8, labels B×H×W uint8, sizes B×2 (true H, W inside the padded H×W). Per sample: `scale`
-    resizes the frame, `offset` ∈ [0,1]² places the crop (0: top/left, 1: bottom/right; a frame smaller than
-    the crop sits inside it, void around), `flip` mirrors the crop, x ↦ clamp(alpha·x + 255·beta, 0, 255).
+    resizes the frame, `offset` ∈ [0,1]² places the crop at whole pixels of the scaled frame (0: top/left, 1:
+    bottom/right; a frame smaller than the crop sits inside it, void around), `flip` mirrors the crop,
+    x ↦ clamp(alpha·x + 255·beta, 0, 255).
     Returns x B×3×h×w float32 normalised, y B×h×w int64.
     """
     b, ht, wt = labels.shape
@@ -97,7 +98,7 @@ def augment(images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, cro
     # Output pixel j of the crop samples the scaled frame at ox + j + 0.5, i.e. the source at (ox + j + 0.5)/s.
     # In grid_sample's normalised coordinates (align_corners=False) that is affine in affine_grid's u ∈ (-1, 1).
     sh, sw = sizes[:, 0].to(scale.dtype) * scale, sizes[:, 1].to(scale.dtype) * scale
-    oy, ox = offset[:, 0] * (sh - h), offset[:, 1] * (sw - w)
+    oy, ox = _whole_pixels(offset[:, 0], sh - h), _whole_pixels(offset[:, 1], sw - w)
     theta = torch.zeros(b, 2, 3, device=dev, dtype=torch.float32)
     sign = 1.0 - 2.0 * flip.to(torch.float32)
     theta[:, 0, 0] = sign * w / (scale * wt)
@@ -121,6 +122,14 @@ def augment(images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, cro
     x = (x * alpha.view(-1, 1, 1, 1) + 255.0 * beta.view(-1, 1, 1, 1)).clamp_(0, 255)
     x = (x / 255.0 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     return x, y
+
+
+def _whole_pixels(u: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    """The crop's offset in the scaled frame, u ∈ [0, 1] of the room there is (negative: a frame smaller than the
+    crop), in whole pixels, as albumentations' RandomCrop draws it: a fractional offset made grid_sample blend
+    every pixel of an unscaled crop with its neighbours, a random blur that val/test frames never have."""
+    n = room.abs().floor()
+    return room.sign() * torch.minimum((u * (n + 1)).floor(), n)
 
 
 class ResidentTrainLoader:
