@@ -108,6 +108,23 @@ def test_full_frame_training_pads_to_multiple(tmp_path):
     assert bool((y[:, :, :13] == VOID).all()) and bool((y[:, :, 83:] == VOID).all())
 
 
+def test_val_and_test_frames_of_different_sizes_are_evaluated_one_at_a_time(tmp_path):
+    """A CamVid-layout split whose frames differ in (padded) size: the first validation stopped on
+    "stack expects each tensor to be equal size" after the net and the run folder were built. Such a split is
+    scored a frame at a time, as data=folder scores its images; frames that pad to one size still share a batch."""
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 2, "val": 2, "test": 3}, size=(32, 64))
+    Image.fromarray(np.full((70, 96, 3), 9, np.uint8)).save(root / "val" / "val_big.png")
+    Image.fromarray(np.full((70, 96), 3, np.uint8), mode="L").save(root / "valannot" / "val_big.png")
+    Image.fromarray(np.full((30, 60, 3), 9, np.uint8)).save(root / "test" / "test_odd.png")  # pads to 32×64 too
+    Image.fromarray(np.full((30, 60), 3, np.uint8), mode="L").save(root / "testannot" / "test_odd.png")
+    dm = make_dm(root, eval_batch_size=4, pad_multiple=32)
+    val = list(dm.val_dataloader())
+    assert [tuple(x.shape) for x, _ in val] == [(1, 3, 32, 64), (1, 3, 32, 64), (1, 3, 96, 96)]
+    assert bool((val[2][1][0, 13:83, :] == 3).all()) and int((val[2][1] == VOID).sum()) == 96 * 96 - 70 * 96
+    test = list(dm.test_dataloader())
+    assert [tuple(x.shape) for x, _ in test] == [(4, 3, 32, 64)]
+
+
 def test_drop_last_for_training_only(tmp_path):
     root = write_camvid(tmp_path / "CamVid", counts={"train": 3, "val": 3, "test": 3})
     dm = make_dm(root, batch_size=2, eval_batch_size=2)

@@ -265,9 +265,23 @@ class CamVidDataset:
         self.root, self.split = Path(root), split
         self.pairs = select(split_pairs(self.root, split), limit)
         self.transform = transform
+        self._sizes: list[tuple[int, int]] | None = None  # frame_sizes(), read once
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def frame_sizes(self) -> list[tuple[int, int]]:
+        """Each image's (H, W), read from the file headers (no decoding): whether whole frames can share a batch."""
+        if self._sizes is None:
+            sizes = []
+            for img, _ in self.pairs:
+                try:
+                    with Image.open(img) as im:
+                        sizes.append((im.height, im.width))
+                except (OSError, ValueError, SyntaxError) as e:
+                    raise CamVidError(f"unreadable or truncated image: {img} ({e})") from None
+            self._sizes = sizes
+        return self._sizes
 
     def __getitem__(self, index: int):
         import torch

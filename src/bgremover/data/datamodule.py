@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
@@ -22,6 +23,8 @@ from bgremover.data.camvid import (
     train_splits,
 )
 from bgremover.data.classes import CLASSES, MEAN, STD, VOID
+
+log = logging.getLogger("bgremover.train")
 
 
 class ResumableShuffle(RandomSampler):
@@ -174,6 +177,10 @@ class CamVidDataModule(pl.LightningDataModule):
         hp = self.hparams
         workers = hp.num_workers
         batch = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
+        if not train and batch > 1 and len(padded_sizes(self.datasets[split].frame_sizes(), hp.pad_multiple)) > 1:
+            # whole frames of different padded sizes cannot be stacked (as data=folder evaluates such a split)
+            log.info("%s frames differ in size: evaluated one at a time", split)
+            batch = 1
         sampler = (ResumableShuffle(self.datasets[split], hp.seed, current_epoch(self), global_rank(self)) if train
                    else self._eval_sampler(split))
         return DataLoader(
@@ -203,6 +210,12 @@ class CamVidDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", False)
+
+
+def padded_sizes(sizes, multiple: int | None) -> set[tuple[int, int]]:
+    """The distinct sizes frames of these (H, W) have once padded to `multiple` (bgremover.padding's rule)."""
+    m = max(1, multiple or 1)
+    return {(-(-h // m) * m, -(-w // m) * m) for h, w in sizes}
 
 
 def eval_sampler(trainer, dataset, split: str) -> Sampler | None:

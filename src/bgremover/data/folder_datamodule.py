@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from bgremover.data import folder as fd
 from bgremover.data.camvid import _seed_worker, build_transforms, select
 from bgremover.data.classes import MEAN, STD
-from bgremover.data.datamodule import ResumableShuffle, current_epoch, eval_sampler, global_rank
+from bgremover.data.datamodule import ResumableShuffle, current_epoch, eval_sampler, global_rank, padded_sizes
 
 log = logging.getLogger("bgremover.train")
 
@@ -140,7 +140,7 @@ class FolderDataModule(pl.LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         hp, ds = self.hparams, self.datasets[split]
         batch = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
-        if not train and batch > 1 and len({tuple(-(-s // hp.pad_multiple) for s in shape) for shape in ds.shapes}) > 1:
+        if not train and batch > 1 and len(padded_sizes(ds.shapes, hp.pad_multiple)) > 1:
             log.info("%s images differ in size: evaluated one at a time", split)  # whole images cannot be stacked
             batch = 1
         # under DDP, val/test frames each on one rank, once (CamVidDataModule's rule)

@@ -281,7 +281,7 @@ class ResidentCamVidDataModule(CamVidDataModule):
             labels.append(pad_label(a["labels"][k, :h, :w], m, VOID))
         if len({i.shape for i in images}) > 1:
             raise CamVidError(f"the {split} frames differ in size: the resident pipeline batches one size "
-                              f"(use data=camvid with eval_batch_size=1)")
+                              f"(data=camvid evaluates such frames one at a time)")
         return {"images": np.stack(images), "labels": np.stack(labels), "sizes": a["sizes"]}
 
     def prepare_data(self) -> None:
