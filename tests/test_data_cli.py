@@ -144,7 +144,15 @@ def test_stats_prints_yaml_ready_to_paste(tmp_path: Path) -> None:
     )
     assert stats["mean"] == pytest.approx(pixels.mean(0).tolist(), abs=1e-4)
     assert stats["std"] == pytest.approx(pixels.std(0).tolist(), abs=1e-4)
-    weights = stats["class_weights"]
+    # pasted as they are, the lines train: `class_weights: [0.98, ...]` stopped the run on "unknown
+    # data.class_weights '[0.98, ...]' (use null or median_freq)", the key takes a mode, not a list
+    from bgremover.data import CamVidDataModule
+
+    dm = CamVidDataModule(root=str(root), **stats)
+    weights = dm.class_weights().tolist()
+    line = next(x for x in result.stdout.splitlines() if x.startswith("class_weights:"))
+    shown = [float(v) for v in re.findall(r"\d+\.\d+", line.split("#", 1)[1])]
+    assert shown == pytest.approx(weights, abs=1e-4)
     assert len(weights) == len(CLASSES) and all(w > 0 for w in weights)
     assert sorted(weights)[len(weights) // 2] == pytest.approx(1.0, abs=1e-3)  # median class weighs 1
     assert snapshot(root) == before

@@ -104,7 +104,8 @@ def cmd_stats(args: argparse.Namespace, root: Path) -> None:
     print(f"# CamVid train-split statistics of {root} (0..1 scale), for conf/data/camvid.yaml")
     print(f"mean: [{', '.join(f'{v:.4f}' for v in mean)}]")
     print(f"std: [{', '.join(f'{v:.4f}' for v in std)}]")
-    print(f"class_weights: [{', '.join(f'{v:.4f}' for v in weights)}]")
+    # data.class_weights takes a mode, which computes (and caches) these very weights: a list there was refused
+    print(f"class_weights: median_freq  # median-frequency weights: [{', '.join(f'{v:.4f}' for v in weights)}]")
 
 
 def main(argv: list[str] | None = None) -> int:
