@@ -125,6 +125,22 @@ def test_val_and_test_frames_of_different_sizes_are_evaluated_one_at_a_time(tmp_
     assert [tuple(x.shape) for x, _ in test] == [(4, 3, 32, 64)]
 
 
+def test_full_frame_training_on_frames_of_different_sizes_is_one_line(tmp_path):
+    """data.crop_size=null stacks whole train frames: frames padding to different sizes stopped the first step on
+    "stack expects each tensor to be equal size"; the loader says why and what to set instead (a batch of 1, or
+    frames that pad to one size, still train)."""
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 3, "val": 1, "test": 1}, size=(32, 64))
+    Image.fromarray(np.full((70, 96, 3), 9, np.uint8)).save(root / "train" / "train_big.png")
+    Image.fromarray(np.full((70, 96), 3, np.uint8), mode="L").save(root / "trainannot" / "train_big.png")
+    with pytest.raises(CamVidError) as info:
+        make_dm(root, crop_size=None, batch_size=2).train_dataloader()
+    assert str(info.value) == (f"data.crop_size=null trains on whole frames, but the train frames in {root} pad "
+                               "to 2 sizes (32x64, 96x96), which a batch of 2 cannot stack: set data.crop_size=[H,W] "
+                               "or data.batch_size=1")
+    assert sorted(tuple(x.shape) for x, _ in make_dm(root, crop_size=None, batch_size=1).train_dataloader()) == \
+        [(1, 3, 32, 64)] * 3 + [(1, 3, 96, 96)]
+
+
 def test_drop_last_for_training_only(tmp_path):
     root = write_camvid(tmp_path / "CamVid", counts={"train": 3, "val": 3, "test": 3})
     dm = make_dm(root, batch_size=2, eval_batch_size=2)

@@ -177,8 +177,14 @@ class CamVidDataModule(pl.LightningDataModule):
         hp = self.hparams
         workers = hp.num_workers
         batch = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
-        if not train and batch > 1 and len(padded_sizes(self.datasets[split].frame_sizes(), hp.pad_multiple)) > 1:
-            # whole frames of different padded sizes cannot be stacked (as data=folder evaluates such a split)
+        whole = not train or not hp.crop_size  # whole frames, padded: those of different padded sizes cannot stack
+        sizes = padded_sizes(self.datasets[split].frame_sizes(), hp.pad_multiple) if whole and batch > 1 else ()
+        if len(sizes) > 1 and train:
+            listed = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
+            raise CamVidError(f"data.crop_size=null trains on whole frames, but the {hp.train_split} frames in "
+                              f"{self.root} pad to {len(sizes)} sizes ({listed}), which a batch of {batch} cannot "
+                              "stack: set data.crop_size=[H,W] or data.batch_size=1")
+        if len(sizes) > 1:  # as data=folder evaluates such a split
             log.info("%s frames differ in size: evaluated one at a time", split)
             batch = 1
         sampler = (ResumableShuffle(self.datasets[split], hp.seed, current_epoch(self), global_rank(self)) if train
