@@ -343,3 +343,17 @@ def test_scaled_labels_stay_centred_on_their_image_pixels():
     offsets = np.array(offsets)
     assert len(offsets) > 40
     assert np.abs(offsets.mean(0)).max() < 0.1, offsets.mean(0)  # was (0.46, 0.39) with INTER_NEAREST
+
+
+def test_the_weights_cache_follows_bgremover_cache_set_after_import(tmp_path, monkeypatch):
+    # The folder was fixed when camvid.py was imported: a $BGREMOVER_CACHE set later (by a test, a notebook) was
+    # ignored and the weights went to ~/.cache/bgremover, apart from the decoded arrays (read at each call).
+    from bgremover.files import cache_dir
+
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 2, "val": 1, "test": 1})
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "late"))
+    median_frequency_weights(root)
+    assert [p.name.startswith("camvid_median_freq_") for p in (tmp_path / "late").iterdir()] == [True]
+    monkeypatch.delenv("BGREMOVER_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "bgremover"  # one rule for every cache, the CPU kernels' build too

@@ -13,6 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """The one folder for what bgremover caches (class weights, decoded CamVid arrays, the CPU kernels' build):
+    $BGREMOVER_CACHE, else $XDG_CACHE_HOME/bgremover, else ~/.cache/bgremover. Read at each call, not at import,
+    so a variable set later (by a test, a notebook) is honoured."""
+    if os.environ.get("BGREMOVER_CACHE"):
+        return Path(os.environ["BGREMOVER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bgremover"
+
+
 def is_stream(path: str | os.PathLike) -> bool:
     """An existing device, pipe or socket (/dev/null, /dev/stdout, a FIFO): written to as it is, never replaced."""
     try:

@@ -24,7 +24,6 @@ SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_ROOT = "data/CamVid"  # used when neither data.root nor $DATA_DIR is given
 ROOT_ENV = "DATA_DIR"  # the environment variable naming the dataset folder, for every command
-CACHE_DIR = Path(os.environ.get("BGREMOVER_CACHE", Path.home() / ".cache" / "bgremover"))  # class-weight cache
 
 
 class CamVidError(UserError):
@@ -168,19 +167,24 @@ def median_frequency(labels, num_classes: int) -> list[float]:
     return [round(float(w), 4) for w in weights]
 
 
-def median_frequency_weights(root: str | os.PathLike, cache_dir: str | os.PathLike | None = CACHE_DIR,
+def median_frequency_weights(root: str | os.PathLike, cache_dir: str | os.PathLike | None = "",
                              split: str = "train") -> list[float]:
     """Eigen & Fergus median-frequency weights over the labels the net trains on (`split`: train or train+val),
     void excluded.
 
     freq(c) = pixels of c / pixels of the images where c appears; weight(c) = median(freq) / freq(c).
-    Cached by the list of label files and their sizes, since reading 367 PNGs costs seconds at every start.
+    Cached by the list of label files and their sizes, since reading 367 PNGs costs seconds at every start;
+    `cache_dir` "" = the project's cache folder (`files.cache_dir`), None = no cache.
     """
     pairs = split_pairs(root, split)
     key = hashlib.sha1(
         json.dumps([(p.parent.name, p.name, p.stat().st_size) for _, p in pairs]).encode()
     ).hexdigest()[:16]
-    cache = Path(cache_dir) / f"camvid_median_freq_{key}.json" if cache_dir else None
+    if cache_dir == "":
+        from bgremover.files import cache_dir as default_cache
+
+        cache_dir = default_cache()
+    cache = Path(cache_dir) / f"camvid_median_freq_{key}.json" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         return json.loads(cache.read_text())["weights"]
     result = median_frequency((_read(lbl, None) for _, lbl in pairs), NUM_CLASSES)

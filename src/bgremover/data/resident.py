@@ -21,7 +21,6 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,14 +30,10 @@ import torch.nn.functional as F
 from bgremover.data.camvid import CamVidDataset, CamVidError, read_pair, seed_of
 from bgremover.data.classes import VOID
 from bgremover.data.datamodule import CamVidDataModule
+from bgremover.files import cache_dir
 
 CACHE_VERSION = 1  # bump when the cached array layout changes
 COLOR_JITTER_P = 0.5  # albumentations RandomBrightnessContrast's default probability, kept for parity
-
-
-def cache_dir() -> Path:
-    """Read at call time (not import time) so $BGREMOVER_CACHE set later, e.g. by a test, is honoured."""
-    return Path(os.environ.get("BGREMOVER_CACHE", Path.home() / ".cache" / "bgremover"))
 
 
 def decode_split(root: str | os.PathLike, split: str, limit: int | None = None, workers: int = 4,

@@ -7,7 +7,8 @@ fast through fp32 scratch copies. The C file does each in one pass over channels
 
 Why C through ctypes and not a PyTorch C++ extension: the source compiles in 1.5 s with the system's
 ``cc`` (a C++ extension takes a minute against PyTorch's headers) and has no ABI to match. It is built with
-``-march=native`` into ``$XDG_CACHE_HOME/bgremover`` (default ``~/.cache/bgremover``) under a name that hashes the
+``-march=native`` into the project's cache folder (``files.cache_dir``: ``$BGREMOVER_CACHE``, else
+``$XDG_CACHE_HOME/bgremover``, else ``~/.cache/bgremover``) under a name that hashes the
 source, the compiler, the flags and this CPU's instruction sets, so a home directory shared by different CPUs
 keeps one build each. Without a C compiler, if the build fails (one warning), or with ``BGREMOVER_CPU_KERNELS=0``
 every function here returns None and the dense block runs its PyTorch ops instead: same maths, slower.
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bgremover.files import cache_dir
+
 ENV = "BGREMOVER_CPU_KERNELS"  # "0": never use these kernels (the dense block's PyTorch ops run instead)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
@@ -51,10 +54,6 @@ _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bgremover"
-
-
 def _build(compiler: list[str]) -> Path:
     """The shared library for this source, compiler, flags and CPU; compiled now if not built before."""
     from bgremover.utils import cpu_info
@@ -65,7 +64,7 @@ def _build(compiler: list[str]) -> Path:
     for part in (SOURCE.read_bytes(), version.encode(), " ".join(CFLAGS).encode(),
                  " ".join(sorted(cpu_info()[1])).encode()):
         key.update(part)
-    path = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    path = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed: a concurrent process never loads a half-written library.
