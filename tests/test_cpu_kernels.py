@@ -175,7 +175,7 @@ def test_env_switch_turns_the_kernels_off(monkeypatch) -> None:
 
 @needs_cc
 def test_build_is_cached_by_content_and_loaded_again(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "bgremover"))
     monkeypatch.setattr(cpu_kernels, "_state", {})
     lib = cpu_kernels.library()
     assert lib is not None and cpu_kernels.library() is lib
@@ -190,7 +190,7 @@ def test_build_is_cached_by_content_and_loaded_again(tmp_path, monkeypatch) -> N
 @needs_cc
 def test_cc_with_arguments_is_split_as_make_does(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CC", "env cc")  # a wrapper before the compiler, like "ccache gcc"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "bgremover"))
     monkeypatch.setattr(cpu_kernels, "_state", {})
     assert cpu_kernels.library() is not None
     assert list((tmp_path / "bgremover").glob("cpu_kernels-*.so"))
@@ -199,7 +199,7 @@ def test_cc_with_arguments_is_split_as_make_does(tmp_path, monkeypatch) -> None:
 @pytest.mark.parametrize("cc", ["false", "no-such-compiler-here"])
 def test_no_working_compiler_warns_once_and_falls_back(cc, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CC", cc)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "bgremover"))
     monkeypatch.setattr(cpu_kernels, "_state", {})
     x = torch.randn(1, 3, 4, 4).bfloat16().contiguous(memory_format=CL)
     with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable"):
@@ -215,7 +215,7 @@ def test_the_compilers_error_is_quoted_in_the_warning(tmp_path, monkeypatch) -> 
     broken.write_text("#!/bin/sh\necho 'cc1: error: unrecognized option' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "bgremover"))
     monkeypatch.setattr(cpu_kernels, "_state", {})
     x = torch.randn(1, 3, 4, 4).bfloat16().contiguous(memory_format=CL)
     with pytest.warns(RuntimeWarning, match="cc1: error: unrecognized option"):
@@ -227,7 +227,7 @@ def test_a_hanging_compiler_times_out_into_the_fallback(tmp_path, monkeypatch) -
     slow.write_text("#!/bin/sh\nexec sleep 30\n")  # exec: the timeout kills the sleeper itself
     slow.chmod(0o755)
     monkeypatch.setenv("CC", str(slow))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "bgremover"))
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setattr(cpu_kernels, "BUILD_TIMEOUT_S", 0.5)
     x = torch.randn(1, 3, 4, 4).bfloat16().contiguous(memory_format=CL)
@@ -236,7 +236,7 @@ def test_a_hanging_compiler_times_out_into_the_fallback(tmp_path, monkeypatch) -
 
 
 def test_work_the_kernels_cannot_take_never_builds_anything(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "bgremover"))
     monkeypatch.setattr(cpu_kernels, "_state", {})
     assert cpu_kernels.channel_stats(torch.randn(1, 3, 4, 4).double().contiguous(memory_format=CL)) is None
     assert cpu_kernels.channel_stats(torch.randn(1, 3, 4, 4).bfloat16()) is None  # NCHW

@@ -88,7 +88,7 @@ def test_installed_package_builds_its_cpu_kernels(fresh_env, tmp_path):
     """The wheel carries cpu_kernels.c (package data): the installed dense block builds and loads it."""
     code = ("import warnings; warnings.simplefilter('error'); from bgremover.nets import cpu_kernels as k; "
             "print(k.SOURCE.is_file(), k.library() is not None)")
-    proc = _run(fresh_env, "python", "-c", code, cwd=tmp_path, extra_env={"XDG_CACHE_HOME": str(tmp_path)})
+    proc = _run(fresh_env, "python", "-c", code, cwd=tmp_path, extra_env={"BGREMOVER_CACHE": str(tmp_path / "bgremover")})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "True"]
     assert list((tmp_path / "bgremover").glob("cpu_kernels-*.so"))
