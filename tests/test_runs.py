@@ -870,3 +870,28 @@ def test_a_max_time_stop_inside_an_epoch_that_does_not_validate_scores_its_weigh
     trainer, history = objects["trainer"], objects["model"].history
     assert 1 <= trainer.global_step < 5 and [h["step"] for h in history] == [trainer.global_step], history
     assert objects["summary"].best_ckpt and Path(objects["summary"].best_ckpt).is_file()
+
+
+class FirstEpochBestByForeground(pl.Callback):
+    """val/fg_iou (the remover's checkpoint metric) best at epoch 0, whatever val/mIoU does."""
+
+    def on_validation_end(self, trainer, pl_module):  # before ModelCheckpoint's (checkpoint callbacks run last)
+        if not trainer.sanity_checking:
+            trainer.callback_metrics["val/fg_iou"] = torch.tensor(1.0 if trainer.current_epoch == 0 else 0.0)
+
+
+def test_val_miou_best_is_the_runs_when_the_best_epoch_is_picked_by_another_metric(small_camvid, tmp_path):
+    """The remover picks its best epoch by val/fg_iou: testing that checkpoint loaded its val/mIoU_best so far, and
+    summary.json, the sweep line, compare and Optuna's objective said epoch 0's val/mIoU as the run's best, below
+    the history's own val/mIoU_best column."""
+    deeplab = ["~experiment", "model=deeplabv3plus", "data.num_workers=0", "data.batch_size=2", "data.crop_size=[32,32]",
+               "data.eval_batch_size=1", "extras.print_config=false", "measure_inference=false", "logger=csv",
+               "trainer.max_time=null", "trainer.check_val_every_n_epoch=1", f"data.root={small_camvid}",
+               "callbacks.model_checkpoint.monitor=val/fg_iou", "trainer.max_epochs=3",
+               "+callbacks.fg._target_=test_runs.FirstEpochBestByForeground"]
+    metrics, _ = train(compose_cfg(tmp_path / "run", deeplab))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    history = summary["history"]["val/mIoU"]
+    assert Path(summary["best_ckpt"]).name == "epoch_000.ckpt" and max(history) > history[0], history  # the case
+    assert summary["metrics"]["val/mIoU_best"] == metrics["val/mIoU_best"] == pytest.approx(max(history))
+    assert summary["history"]["val/mIoU_best"][-1] == pytest.approx(max(history))

@@ -245,13 +245,16 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
         _fit(cfg, trainer, model, datamodule)
     else:  # train=false ckpt_path=X tests X: how to finish a run that was stopped before its test stage
         summary.from_checkpoint(checkpoint.read(cfg.ckpt_path), str(Path(cfg.ckpt_path).resolve()))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    # the run's best val/mIoU, read before the test stage: testing loads the best checkpoint, whose best so far is
+    # that epoch's, not the run's where it was picked by another metric (the remover's val/fg_iou)
+    fitted_best = _add_best_val({}, model)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()} | fitted_best
     objects["fit_metrics"] = dict(metrics)  # an interrupted test stage records the run with these
     if cfg.get("test", True):  # the best epoch, not the last: the number a user would ship
         trainer.test(model=model, datamodule=datamodule, ckpt_path=summary.best_ckpt, weights_only=True,
                      verbose=not quiet)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    _add_best_val(metrics, model)
+    metrics.update(fitted_best or _add_best_val({}, model))  # train=false: the tested checkpoint's
     split = utils.test_split_info(metrics, datamodule)
     if split["complete"] is False:  # Lightning's table showed test/frames 4.0 and nothing else
         log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (%s)", split["frames"],
@@ -263,7 +266,7 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
         log.warning("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (%s)", val_split["frames"],
                     val_split["of"], _cut_by(cfg, "trainer.limit_val_batches or data.limit_eval_images"),
                     extra=utils.IN_JOB_LINE)
-    val_split = _cut_validations(model.history, val_split)
+    val_split = _cut_validations(summary.history, val_split)  # the run's (the module now holds the best epoch's)
     task.mark_split(trainer.loggers, "test", split)
     summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics,
                   _run_record(cfg, objects, split, val_split), measure_inference=cfg.get("measure_inference", True))
@@ -333,7 +336,7 @@ def _untested_record(cfg: DictConfig, objects: dict[str, Any]) -> dict[str, Any]
     val numbers, and `make compare` never counted it)."""
     try:
         model, datamodule = objects["model"], objects["datamodule"]
-        metrics = _add_best_val(dict(objects.get("fit_metrics") or {}), model)
+        metrics = {**_add_best_val({}, model), **(objects.get("fit_metrics") or {})}  # the fit's best first
         split, val_split = (utils.test_split_info(metrics, datamodule, s) for s in ("test", "val"))
         return objects["summary"].record(objects["trainer"], model, metrics, _run_record(cfg, objects, split, val_split),
                                          measure_inference=False)  # eval measures it when it attaches
