@@ -150,6 +150,33 @@ def test_a_resume_into_a_new_folder_keeps_the_earlier_best_epoch(small_camvid, t
 
 
 
+def test_a_resume_from_a_moved_run_folder_keeps_its_best_epoch(small_camvid, tmp_path, caplog):
+    """A run folder copied or moved (from the GPU machine, say), then resumed: its best file was looked for at the
+    path recorded only, so the first epoch after the resume became "best" however bad, and was tested and exported.
+    It is found beside the checkpoint resumed; a best file found nowhere is named in a warning."""
+    import shutil
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2"]))
+    s1 = json.loads((tmp_path / "a" / "summary.json").read_text())
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    checkpoints = tmp_path / "moved" / "checkpoints"
+    state = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    (key,) = [k for k in state["callbacks"] if k.startswith(("BestCheckpoint", "ModelCheckpoint"))]
+    state["callbacks"][key]["best_model_score"] = torch.tensor(2.0)  # an earlier best no epoch can beat
+    torch.save(state, checkpoints / "edited.ckpt")
+    train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=3", f"ckpt_path={checkpoints / 'edited.ckpt'}"]))
+    best = Path(json.loads((tmp_path / "b" / "summary.json").read_text())["best_ckpt"])
+    old_best = checkpoints / Path(s1["best_ckpt"]).name
+    assert best == tmp_path / "b" / "checkpoints" / old_best.name and best.read_bytes() == old_best.read_bytes()
+    # found nowhere: said, and the epochs from the resume on are ranked among themselves
+    shutil.copy(checkpoints / "edited.ckpt", tmp_path / "alone.ckpt")
+    with caplog.at_level("WARNING", logger="bgremover.train"):
+        train(compose_cfg(tmp_path / "c", [*base, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'alone.ckpt'}"]))
+    assert "resumed into a new folder without the best checkpoint so far, " in caplog.text
+    assert Path(json.loads((tmp_path / "c" / "summary.json").read_text())["best_ckpt"]).name == "epoch_002.ckpt"
+
+
 def test_a_resume_with_another_net_is_one_line_before_the_build(small_camvid, tmp_path):
     """`ckpt_path=<a DeepLab run's last.ckpt> model=tiramisu56` failed after the build as "RuntimeError: Error(s) in
     loading state_dict for SegmentationModule" and left a failed run folder; now one line naming both nets."""

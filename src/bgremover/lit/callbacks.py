@@ -199,6 +199,7 @@ class BestCheckpoint(ModelCheckpoint):
     never scored its last weights, and the best was picked among older ones. The step a run ends at validates."""
 
     _fitting = False
+    _trainer: pl.Trainer | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
@@ -216,6 +217,7 @@ class BestCheckpoint(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._fitting = stage == "fit"  # before the restore: a test-only run (train=false) copies nothing
+        self._trainer = trainer  # its ckpt_path, set by the time the restore calls load_state_dict
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Validation off: Lightning moves the save to the train epoch's end and warns every epoch that val/mIoU is
@@ -226,7 +228,19 @@ class BestCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old_dir, old_best = state_dict.get("dirpath", self.dirpath), state_dict.get("best_model_path") or ""
         score = state_dict.get("best_model_score")
-        if not self._fitting or self.dirpath == old_dir or score is None or not Path(old_best).is_file():
+        moved = self._fitting and self.dirpath != old_dir and score is not None and old_best
+        if moved and not Path(old_best).is_file():
+            # a run folder copied or moved (from the GPU machine, say) has its best file beside last.ckpt, not at the
+            # path recorded: the first epoch after the resume became best however bad, and was tested and exported
+            resumed = getattr(self._trainer, "ckpt_path", None)
+            beside = Path(str(resumed)).parent / Path(old_best).name if resumed else None
+            if beside is not None and beside.is_file():
+                old_best = str(beside)
+            else:
+                log.warning("resumed into a new folder without the best checkpoint so far, %s (%s %.4f), nor a copy "
+                            "beside %s: the best epoch is picked among the epochs from here on", old_best,
+                            self.monitor, float(score), resumed)
+        if not moved or not Path(old_best).is_file():
             super().load_state_dict(state_dict)
             return
         import shutil
