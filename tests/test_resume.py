@@ -177,6 +177,26 @@ def test_a_resume_from_a_moved_run_folder_keeps_its_best_epoch(small_camvid, tmp
     assert Path(json.loads((tmp_path / "c" / "summary.json").read_text())["best_ckpt"]).name == "epoch_002.ckpt"
 
 
+def test_a_resume_keeps_the_early_stopping_patience_it_is_given(small_camvid, tmp_path):
+    """Lightning restored the checkpoint's patience with its count: resumed with `callbacks.early_stopping.patience=5`,
+    a run stopped with patience 1 went on with 1 and stopped after one more epoch without a new best (4 epochs of
+    the 6 asked for), while summary.json recorded patience 5. The count goes on; the patience is the command's."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2", "callbacks.early_stopping.patience=1"]))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    (key,) = [k for k in state["callbacks"] if k.startswith("EarlyStopping")]
+    state["callbacks"][key].update(wait_count=1, best_score=torch.tensor(2.0))  # no epoch can beat it
+    torch.save(state, tmp_path / "waited.ckpt")
+    _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=6", "callbacks.early_stopping.patience=3",
+                                                    f"ckpt_path={tmp_path / 'waited.ckpt'}"]))
+    (stopping,) = [c for c in objects["trainer"].callbacks if isinstance(c, EarlyStopping)]
+    assert stopping.patience == 3 and stopping.wait_count == 3  # the count went on from 1: stopped after 2 more epochs
+    assert objects["trainer"].current_epoch == 4
+
+
 def test_a_resume_with_another_net_is_one_line_before_the_build(small_camvid, tmp_path):
     """`ckpt_path=<a DeepLab run's last.ckpt> model=tiramisu56` failed after the build as "RuntimeError: Error(s) in
     loading state_dict for SegmentationModule" and left a failed run folder; now one line naming both nets."""

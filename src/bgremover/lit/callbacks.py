@@ -511,6 +511,21 @@ class EpochProgressBar(TQDMProgressBar):
                            now_s)
 
 
+class EarlyStopping(pl.callbacks.EarlyStopping):
+    """Lightning's early stopping, with the patience the command sets. Lightning restores a checkpoint's patience
+    with its count: `ckpt_path=... callbacks.early_stopping.patience=200` went on with the old 100 (or a run
+    stopped with patience 1 and resumed with 5 stopped after one more epoch), while summary.json recorded 200.
+    The count of epochs without a new best goes on from the checkpoint."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        if self.patience != patience:
+            log.info("early stopping: patience %d (the checkpoint's run had %d), %s without a new best so far",
+                     patience, self.patience, count(self.wait_count, "epoch"))
+        self.patience = patience
+
+
 class EMAWeights(EMAWeightAveraging):
     """Lightning's moving average of the weights (`callbacks=ema`), scored as it is saved.
 
