@@ -431,6 +431,37 @@ def test_a_resumed_run_draws_new_batches_not_its_first_epochs_again(small_camvid
     assert len({x for _, x in seen}) == len(seen)  # no batch drawn twice
 
 
+def test_a_resident_run_resumed_inside_an_epoch_trains_the_batches_it_had_left(small_camvid, tmp_path, monkeypatch):
+    """Ctrl-C one batch into epoch 1 (of 2 batches), then the resume: the resident loader (the GPU speed-runs')
+    started that epoch over, so the resumed run trained its first batch again, crop for crop, and never its second.
+    It goes on with the batches left, with their augmentation draws: the run ends with an uninterrupted run's
+    weights (no dropout: no other randomness)."""
+    from bgremover import checkpoint
+    from bgremover.lit.module import SegmentationModule
+    from bgremover.train import RunInterrupted
+
+    seen: list[tuple[int, float]] = []
+    real = SegmentationModule.training_step
+
+    def recording(self, batch, batch_idx):
+        seen.append((self.current_epoch, round(float(batch[0].double().sum()), 3)))
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(SegmentationModule, "training_step", recording)
+    base = [*TINY_RUN, f"data.root={small_camvid}", "data=camvid_resident", "model.net.dropout=0.0", "test=false",
+            "trainer.max_epochs=3"]
+    train(compose_cfg(tmp_path / "whole", base))
+    whole = list(seen)
+    seen.clear()
+    with pytest.raises(RunInterrupted):
+        train(compose_cfg(tmp_path / "a", [*base, "+callbacks.stop._target_=test_resume.CtrlCAtStep",
+                                           "+callbacks.stop.step=3"]))
+    train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"]))
+    assert len(whole) == 6 and seen == whole, (whole, seen)  # epoch 1's first batch came twice, its second never
+    ends = [checkpoint.net_state(checkpoint.read(tmp_path / run / "checkpoints" / "last.ckpt")) for run in ("whole", "b")]
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
 def test_the_stretched_schedule_is_said_in_words(small_camvid, tmp_path, caplog):
     """The line said "planned for 1 steps" (a "%ss" plural); it counts as every other message does."""
     deeplab = ["~experiment", "model=deeplabv3plus", "data.num_workers=0", "data.batch_size=4", "data.crop_size=[32,32]",

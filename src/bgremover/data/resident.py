@@ -127,6 +127,17 @@ def _whole_pixels(u: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
     return room.sign() * torch.minimum((u * (n + 1)).floor(), n)
 
 
+def batches_done(trainer) -> int:
+    """Batches of the running epoch a fit resumed inside it (a Ctrl-C's or SIGTERM's last.ckpt) has trained already:
+    Lightning runs only the rest of the epoch, and this loader, iterated from the epoch's start, gave it the epoch's
+    first batches again (the same frames, crop for crop) and never its last ones. Read when the first batch is
+    drawn, after Lightning has set the epoch loop's progress back to the batches done; 0 in any other epoch."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None or not getattr(loop, "restarted_mid_epoch", False) or not loop.epoch_loop.restarting:
+        return 0
+    return int(loop.epoch_loop.batch_progress.current.ready)
+
+
 class ResidentTrainLoader:
     """Iterable of augmented batches; each `iter()` is one epoch of `len()` batches (last partial one dropped)."""
 
@@ -171,6 +182,7 @@ class ResidentTrainLoader:
 
         lo, hi = self.dm.scale_bounds()
         crop, bs, cj = self.dm.train_crop(), hp.batch_size, hp.color_jitter
+        done = batches_done(trainer)
         for k in range(len(self)):
             idx = order[k * bs:(k + 1) * bs]
             scale = lo + (hi - lo) * rand(bs)
@@ -179,6 +191,8 @@ class ResidentTrainLoader:
             jitter = rand(bs) < (COLOR_JITTER_P if cj > 0 else 0.0)
             alpha = torch.where(jitter, 1 + cj * (2 * rand(bs) - 1), 1.0)
             beta = torch.where(jitter, cj * (2 * rand(bs) - 1), 0.0)
+            if k < done:  # drawn all the same: the batches after them get the draws of an uninterrupted run
+                continue
             x, y = augment(t["images"][idx], t["labels"][idx], t["sizes"][idx], crop, scale, offset, flip,
                            alpha, beta, t["mean"], t["std"])
             if hp.channels_last:
