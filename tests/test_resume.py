@@ -462,6 +462,36 @@ def test_a_resident_run_resumed_inside_an_epoch_trains_the_batches_it_had_left(s
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
 
 
+@pytest.mark.parametrize("step", [1, 3])
+def test_a_run_resumed_inside_an_epoch_trains_the_frames_it_had_left(small_camvid, tmp_path, monkeypatch, step):
+    """Ctrl-C one batch into epoch 0 (or 1), then the resume: Lightning ran the rest of the epoch from a loader that
+    started over, so the epoch's first frames were trained again (at epoch 0 crop for crop) and its last ones never.
+    The checkpoint keeps the shuffle as the epoch began it: the resumed run trains the frames an uninterrupted run
+    trains, in its order (the val/test frames are read in file order; these are the train split's)."""
+    from bgremover.data.camvid import CamVidDataset
+    from bgremover.train import RunInterrupted
+
+    frames: list[int] = []
+    real = CamVidDataset.__getitem__
+
+    def recording(self, index):
+        if self.split == "train":
+            frames.append(index)
+        return real(self, index)
+
+    monkeypatch.setattr(CamVidDataset, "__getitem__", recording)
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=3"]  # 2 batches of 2 an epoch
+    train(compose_cfg(tmp_path / "whole", base))
+    whole = list(frames)
+    frames.clear()
+    with pytest.raises(RunInterrupted):
+        train(compose_cfg(tmp_path / "a", [*base, "+callbacks.stop._target_=test_resume.CtrlCAtStep",
+                                           f"+callbacks.stop.step={step}"]))
+    assert len(frames) == 2 * step
+    train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"]))
+    assert len(whole) == 12 and frames == whole, (whole, frames)
+
+
 def test_the_stretched_schedule_is_said_in_words(small_camvid, tmp_path, caplog):
     """The line said "planned for 1 steps" (a "%ss" plural); it counts as every other message does."""
     deeplab = ["~experiment", "model=deeplabv3plus", "data.num_workers=0", "data.batch_size=4", "data.crop_size=[32,32]",

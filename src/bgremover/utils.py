@@ -209,8 +209,8 @@ _NOISE = (
     "Checkpoint directory", "is deprecated", "LeafSpec", "`weights_only` was not set",
     "to estimate number of stepping batches", "is not supported by the model summary",
     "WeightAveraging doesn't support sharding",  # callbacks=ema: configure_model shards nothing here
-    # a resume from the Ctrl-C / SIGTERM checkpoint (mid-epoch, as the resume hint says): the rest of that epoch
-    # draws a fresh shuffle, which is harmless; the run plan says where it resumes
+    # a resume from the Ctrl-C / SIGTERM checkpoint (mid-epoch, as the resume hint says): the train loaders go on
+    # with the frames that epoch had left (datamodule.ShuffleState, the resident loader); the plan says where
     "resuming from a checkpoint that ended before the epoch ended",
 )
 

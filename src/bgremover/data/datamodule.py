@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -42,11 +44,20 @@ class ResumableShuffle(RandomSampler):
     generator and augmentation seed, so each cropped, flipped and jittered its frames with the very draws of the
     others (Lightning's own worker seeding, seed_everything(workers=True), mixes the rank in; the datamodules'
     _seed_worker takes its place). A rank other than 0 draws from seeds of its own (`rank_seed`); rank 0, and so a
-    single process, draws as before."""
+    single process, draws as before.
 
-    def __init__(self, data_source, seed: int, epoch_of: Callable[[], int | None], rank: int = 0):
+    Resumed inside an epoch (a Ctrl-C's or SIGTERM's last.ckpt), Lightning runs the rest of it from a loader that
+    starts over: the epoch's first batches were trained again (at epoch 0, or the first epoch after a resume, crop
+    for crop with num_workers=0) and its last frames never. `resume` (the checkpoint's ShuffleState) brings back
+    the generator as that epoch began it, and the `done_of()` batches trained are skipped: the rest of the epoch
+    is the frames it had left, in its order."""
+
+    def __init__(self, data_source, seed: int, epoch_of: Callable[[], int | None], rank: int = 0,
+                 batch_size: int = 1, resume: dict | None = None, done_of: Callable[[], int] = lambda: 0):
         super().__init__(data_source, generator=torch.Generator().manual_seed(rank_seed(seed, rank)))
         self.seed, self.epoch_of, self.rank, self._next_epoch = seed, epoch_of, rank, 0
+        self.batch_size, self._resume, self._done_of = batch_size, resume, done_of
+        self.epoch_began: tuple[int, torch.Tensor] | None = None  # the running epoch, and the generator as it began it
         if rank and hasattr(data_source, "reseed"):  # num_workers=0: setup() seeded them with `seed` alone
             data_source.reseed(rank_seed(seed, rank))
         self._follow(epoch_of())  # already here: the workers' seeds are drawn before the first __iter__
@@ -61,8 +72,58 @@ class ResumableShuffle(RandomSampler):
 
     def __iter__(self):
         self._follow(self.epoch_of())
+        resume, self._resume, skip = self._resume, None, 0
+        if resume is not None and int(resume["epoch"]) == self._next_epoch:
+            done = self._done_of() * self.batch_size
+            if 0 < done < self.num_samples:  # (all done: a validation-end checkpoint, whose epoch is over)
+                self.generator.set_state(resume["generator"])
+                skip = done
+        self.epoch_began = (self._next_epoch, self.generator.get_state())
         self._next_epoch += 1
-        return super().__iter__()
+        return itertools.islice(super().__iter__(), skip, None)
+
+
+def batches_done(trainer) -> int:
+    """Batches of its epoch a fit resumed inside it (a Ctrl-C's or SIGTERM's last.ckpt) had trained, which Lightning
+    does not run again; 0 in any other epoch or run. A loader reads it when it is iterated: while the optimizers are
+    set up (the checkpoint read, the loops not yet restored), as the fit starts (restored), or at the first batch
+    (reset for the restart: the resident data, and num_workers=0 draw their first batch only then)."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None:
+        return 0
+    if loop.restarting:
+        epochs, batches = loop.epoch_progress.current, loop.epoch_loop.batch_progress.current
+        inside = loop.restarted_mid_epoch or epochs.started == epochs.processed + 1  # after the reset, or before it
+        return int(batches.processed) if inside else 0
+    loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
+    fit = (loaded.get("loops") or {}).get("fit_loop") or {}
+    epochs, batches = ((fit.get(key) or {}).get("current") or {} for key in ("epoch_progress",
+                                                                              "epoch_loop.batch_progress"))
+    inside = bool(epochs) and epochs.get("started") == epochs.get("processed", -2) + 1
+    return int(batches.get("processed", 0)) if inside else 0
+
+
+class ShuffleState:
+    """What a datamodule whose train loader draws from ResumableShuffle keeps in a checkpoint (Lightning saves a
+    datamodule's state_dict): the running epoch and the generator as it began it, so that a resume inside that
+    epoch trains the frames it had left (CamVidDataModule, FolderDataModule)."""
+
+    _shuffle: ResumableShuffle | None = None
+    _shuffle_resume: dict | None = None
+
+    def train_shuffle(self, dataset, seed: int, batch_size: int) -> ResumableShuffle:
+        # (every loader built gets the checkpoint's state: one rebuilt in the resumed epoch, reload_dataloaders_every_
+        # n_epochs, goes on as the first would have; a later epoch's does not match it and draws as before)
+        self._shuffle = ResumableShuffle(dataset, seed, current_epoch(self), global_rank(self), batch_size,
+                                         self._shuffle_resume, lambda: batches_done(self.trainer))
+        return self._shuffle
+
+    def state_dict(self) -> dict[str, Any]:
+        began = self._shuffle.epoch_began if self._shuffle is not None else None
+        return {} if began is None else {"train_shuffle": {"epoch": began[0], "generator": began[1]}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._shuffle_resume = state_dict.get("train_shuffle")
 
 
 def current_epoch(dm: pl.LightningDataModule) -> Callable[[], int | None]:
@@ -87,7 +148,7 @@ def global_rank(dm: pl.LightningDataModule) -> int:
     return dm.trainer.global_rank if dm.trainer is not None else 0
 
 
-class CamVidDataModule(pl.LightningDataModule):
+class CamVidDataModule(ShuffleState, pl.LightningDataModule):
     classes = CLASSES
     ignore_index = VOID
 
@@ -187,8 +248,7 @@ class CamVidDataModule(pl.LightningDataModule):
         if len(sizes) > 1:  # as data=folder evaluates such a split
             log.info("%s frames differ in size: evaluated one at a time", split)
             batch = 1
-        sampler = (ResumableShuffle(self.datasets[split], hp.seed, current_epoch(self), global_rank(self)) if train
-                   else self._eval_sampler(split))
+        sampler = self.train_shuffle(self.datasets[split], hp.seed, batch) if train else self._eval_sampler(split)
         return DataLoader(
             self.datasets[split],
             batch_size=batch,

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from bgremover.data import folder as fd
 from bgremover.data.camvid import _seed_worker, build_transforms, select
 from bgremover.data.classes import MEAN, STD
-from bgremover.data.datamodule import ResumableShuffle, current_epoch, eval_sampler, global_rank, padded_sizes
+from bgremover.data.datamodule import ShuffleState, eval_sampler, padded_sizes
 
 log = logging.getLogger("bgremover.train")
 
@@ -45,7 +45,7 @@ class FolderDataset:
         self.transform.set_random_seed(seed % 2**32)  # albumentations' own RNG, out of seed_everything's reach
 
 
-class FolderDataModule(pl.LightningDataModule):
+class FolderDataModule(ShuffleState, pl.LightningDataModule):
     def __init__(
         self,
         root: str,
@@ -144,8 +144,7 @@ class FolderDataModule(pl.LightningDataModule):
             log.info("%s images differ in size: evaluated one at a time", split)  # whole images cannot be stacked
             batch = 1
         # under DDP, val/test frames each on one rank, once (CamVidDataModule's rule)
-        sampler = (ResumableShuffle(ds, hp.seed, current_epoch(self), global_rank(self)) if train
-                   else eval_sampler(self.trainer, ds, split))
+        sampler = self.train_shuffle(ds, hp.seed, batch) if train else eval_sampler(self.trainer, ds, split)
         return DataLoader(ds, batch_size=batch, sampler=sampler,
                           drop_last=train and len(ds) > hp.batch_size,
                           num_workers=hp.num_workers, pin_memory=hp.pin_memory,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from bgremover.data.camvid import CamVidDataset, CamVidError, read_pair, seed_of
 from bgremover.data.classes import VOID
-from bgremover.data.datamodule import CamVidDataModule
+from bgremover.data.datamodule import CamVidDataModule, batches_done
 from bgremover.files import cache_dir
 
 CACHE_VERSION = 1  # bump when the cached array layout changes
@@ -127,17 +127,6 @@ def _whole_pixels(u: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
     return room.sign() * torch.minimum((u * (n + 1)).floor(), n)
 
 
-def batches_done(trainer) -> int:
-    """Batches of the running epoch a fit resumed inside it (a Ctrl-C's or SIGTERM's last.ckpt) has trained already:
-    Lightning runs only the rest of the epoch, and this loader, iterated from the epoch's start, gave it the epoch's
-    first batches again (the same frames, crop for crop) and never its last ones. Read when the first batch is
-    drawn, after Lightning has set the epoch loop's progress back to the batches done; 0 in any other epoch."""
-    loop = getattr(trainer, "fit_loop", None)
-    if loop is None or not getattr(loop, "restarted_mid_epoch", False) or not loop.epoch_loop.restarting:
-        return 0
-    return int(loop.epoch_loop.batch_progress.current.ready)
-
-
 class ResidentTrainLoader:
     """Iterable of augmented batches; each `iter()` is one epoch of `len()` batches (last partial one dropped)."""
 
@@ -182,7 +171,7 @@ class ResidentTrainLoader:
 
         lo, hi = self.dm.scale_bounds()
         crop, bs, cj = self.dm.train_crop(), hp.batch_size, hp.color_jitter
-        done = batches_done(trainer)
+        done = batches_done(trainer)  # resumed inside this epoch: those batches are trained, the rest follow
         for k in range(len(self)):
             idx = order[k * bs:(k + 1) * bs]
             scale = lo + (hi - lo) * rand(bs)
