@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -76,8 +77,22 @@ def test_eval_logged_to_wandb_goes_offline_by_itself_as_an_eval_run_with_its_con
             logged["summary"].get("test/partial")) == (2, 3, True)
     # the config it records (W&B's and eval.json's) is the one the run ran with: job type, group, offline (it was
     # taken before prepare_wandb set them: "train", null, false)
-    import json
-
     recorded = json.loads((tmp_path / "eval" / "eval.json").read_text())["config"]["logger"]["wandb"]
     for wb in (logged["config"]["logger"]["wandb"], recorded):
         assert wb["job_type"] == "eval" and wb["offline"] is True and wb["group"] is not None, wb
+
+
+def test_a_ddp_run_logged_to_wandb_ends_without_an_error_on_its_other_rank(small_camvid, tmp_path):
+    """trainer.devices=2 with W&B (the default logger): after the test stage rank 1 stopped on "error:
+    AttributeError: 'function' object has no attribute 'update'" (its W&B experiment is Lightning's dummy) — a line
+    and a traceback in a finished run's log, and under torchrun the whole job failed with exit 1."""
+    run = tmp_path / "run"
+    proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "logger=wandb", "trainer.max_epochs=1",
+                "trainer.devices=2", "+trainer.strategy=ddp", "trainer.precision=32-true", f"hydra.run.dir={run}",
+                timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert "error:" not in out and "Traceback" not in (run / "train.log").read_text(), out[-2000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "ok"
+    logged = offline_run(run / "wandb")  # one W&B run (rank 0's), with the test split marked
+    assert logged["summary"]["test/frames_of"] == 3 and logged["summary"]["test/partial"] is False

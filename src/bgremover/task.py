@@ -52,6 +52,10 @@ def mark_split(loggers, split: str, info: dict) -> None:
     showed test/frames=12 and nothing saying "of 233" (a training run's test stage, and `make eval`'s run)."""
     if not info.get("frames"):
         return
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank:  # under DDP the other ranks' W&B experiment is Lightning's dummy, whose `summary` is a
+        return  # no-op function: rank 1 ended a finished run on an AttributeError (torchrun: the job failed, exit 1)
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger" and getattr(logger.experiment, "summary", None) is not None:
             logger.experiment.summary.update({f"{split}/frames_of": info["of"],
