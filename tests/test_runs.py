@@ -751,6 +751,32 @@ def test_panels_appear_when_validation_runs_every_few_epochs(small_camvid, tmp_p
     assert epochs == [1, 5]  # validations at epochs 1, 3, 5; `epoch % 4 == 0` never held there
 
 
+def test_panels_draw_void_black_and_every_class_in_a_colour_for_a_folders_own_classes():
+    """The W&B panel of a data=folder run (make remover: classes background/foreground, void 2) drew the void
+    labels (unknown mask values, the val padding) in CamVid's Pole colour, as a third class; with a classes.txt of
+    13 classes, classes 11 and 12 were drawn black, as void."""
+    from torch import nn
+
+    from bgremover.data.classes import PALETTE
+    from bgremover.lit import SegmentationModule
+
+    def panel(classes: list[str], labels: list[int]) -> list[tuple[int, ...]]:
+        module = SegmentationModule(nn.Conv2d(3, len(classes), 1), optimizer=torch.optim.SGD, class_names=classes,
+                                    ignore_index=len(classes), default_foreground=classes[1:])
+        y = torch.tensor([[labels]])
+        module._panel = (torch.zeros(1, 3, 1, len(labels)), y, y)  # input | ground truth | prediction
+        (row,) = module.panel_images()
+        truth, pred = row[0, len(labels):2 * len(labels)], row[0, 2 * len(labels):]
+        assert (truth == pred).all()
+        return [tuple(int(c) for c in px) for px in truth]
+
+    black = (0, 0, 0)
+    assert panel(["background", "foreground"], [0, 1, 2]) == [PALETTE[0], PALETTE[1], black]
+    many = panel([f"c{i}" for i in range(13)], [10, 11, 12, 13])
+    assert many[0] == PALETTE[10] and black not in many[:3] and many[1] != many[2] and many[3] == black
+    assert panel(["Sky", "Building"] + ["x"] * 9, [0, 11]) == [PALETTE[0], black]  # CamVid's: as before
+
+
 # --- weight averaging (callbacks=ema) ------------------------------------------------------------------------------
 
 

@@ -46,9 +46,14 @@ STD: tuple[float, float, float] = (0.3071, 0.3116, 0.3072)
 DEFAULT_FOREGROUND: tuple[str, ...] = ("Car", "Pedestrian", "Bicyclist")
 
 
-def colorize(label):
-    """Map an HxW label array (0..11) to an HxWx3 uint8 RGB image in CamVid colours."""
+def colorize(label, void: int = VOID):
+    """Map an HxW label array to an HxWx3 uint8 RGB image in CamVid colours, the `void` label black. A folder's own
+    class list (data=folder) has its own void index (2 for binary masks, drawn in Pole's colour as if a class), and
+    beyond 11 classes the colours repeat (class 11 and up were all drawn black, as void)."""
     import numpy as np
 
-    lut = np.asarray(PALETTE, dtype=np.uint8)
-    return lut[np.clip(np.asarray(label), 0, VOID)]
+    label = np.asarray(label)
+    colours = np.asarray(PALETTE[:VOID], dtype=np.uint8)
+    rgb = colours[label % len(colours)]
+    rgb[label == void] = PALETTE[VOID]
+    return rgb

@@ -280,7 +280,8 @@ class SegmentationModule(pl.LightningModule):
         rows = []
         for xi, yi, pi in zip(x, y, p, strict=True):
             rgb = ((xi * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-            rows.append(np.concatenate([rgb, colorize(yi.numpy()), colorize(pi.numpy())], axis=1))
+            void = self.hparams.ignore_index
+            rows.append(np.concatenate([rgb, colorize(yi.numpy(), void), colorize(pi.numpy(), void)], axis=1))
         return rows
 
     def _log_panel(self) -> None:
