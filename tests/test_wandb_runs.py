@@ -55,7 +55,7 @@ def test_eval_logged_to_wandb_goes_offline_by_itself_as_an_eval_run_with_its_con
     config (not even the checkpoint it evaluated)."""
     run = tmp_path / "run"
     train_proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
-                      f"hydra.run.dir={run}")
+                      f"hydra.run.dir={run}", "seed=3", "+experiment_name=mine")
     assert train_proc.returncode == 0, train_proc.stderr[-2000:]
     ckpt = run / "checkpoints" / "last.ckpt"
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("WANDB_")}
@@ -70,6 +70,8 @@ def test_eval_logged_to_wandb_goes_offline_by_itself_as_an_eval_run_with_its_con
     (path,) = (tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb")
     job_type = next(r.run.job_type for r in records(path) if r.WhichOneof("record_type") == "run")
     assert job_type == "eval"
+    # named and grouped as the run it evaluates: every eval was "eval-seed42" (eval's own seed) in a group "eval"
+    assert (logged["name"], logged["group"]) == ("tiramisu56-seed3", "mine")
     assert logged["config"]["ckpt_path"] == str(ckpt) and logged["config"]["split"] == "test"
     assert logged["summary"]["test/mIoU"] is not None
     # a partial test set says so there too, as a training run's summary does (it said test/frames=2 alone)

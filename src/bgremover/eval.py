@@ -38,12 +38,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                  "single-pass ones a run reports", model.tta.passes, model.tta.scales, model.tta.flip)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     if task.prepare_wandb(cfg):  # offline by itself without a key, as a training run
-        from bgremover import sweep
-
-        if not config.given("logger.wandb.job_type"):  # the logger's default, "train", mixed evals into training runs
-            cfg.logger.wandb.job_type = "eval"
-        if cfg.logger.wandb.group is None:
-            cfg.logger.wandb.group = sweep.sweep_group(cfg)
+        _name_wandb_run(cfg, model.hparams.net_name)
     config_dict = OmegaConf.to_container(cfg, resolve=True)  # after the W&B settings above: as the run ran
     config_dict["model"] = {"net_name": model.hparams.net_name, "net": model.hparams.net_config}  # the checkpoint's
     loggers = utils.instantiate_loggers(cfg.get("logger"))
@@ -73,6 +68,28 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         else:
             attach_to_run(Path(cfg.ckpt_path), metrics, datamodule, eval_json, net=model.net)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "frames": frames}
+
+
+def _name_wandb_run(cfg: DictConfig, net_name: str) -> None:
+    """The eval's W&B run: job type "eval" (the logger's default, "train", mixed evals into training runs), named
+    and grouped as the run that trained the checkpoint (its summary.json), so that it lies beside that run. Every
+    evaluation was "eval-seed42" (eval's own seed, whatever the checkpoint's) in a group "eval" of its own."""
+    from bgremover import checkpoint, sweep
+
+    if not config.given("logger.wandb.job_type"):
+        cfg.logger.wandb.job_type = "eval"
+    path = checkpoint.run_summary(cfg.ckpt_path)
+    try:
+        trained = json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        trained = {}
+    if not config.given("logger.wandb.name"):  # its W&B name (a sweep job's -jobN included), else <net>-seed<S>
+        named = (((trained.get("config") or {}).get("logger") or {}).get("wandb") or {}).get("name")
+        named = named if isinstance(named, str) and "${" not in named else None  # a failed run's is unresolved
+        seed = trained.get("seed")
+        cfg.logger.wandb.name = named or (f"{net_name}-seed{seed}" if seed is not None else net_name)
+    if cfg.logger.wandb.group is None:
+        cfg.logger.wandb.group = trained.get("group") or sweep.sweep_group(cfg)
 
 
 def attach_to_run(ckpt: Path, metrics: dict[str, float], datamodule, eval_json: Path, net=None) -> Path | None:
