@@ -517,7 +517,8 @@ def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_pa
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
     wandb_run = [*TINY_RUN[:-3], "logger=wandb", "trainer.check_val_every_n_epoch=1", "trainer.max_time=null"]
     train(compose_cfg(run1, [*wandb_run, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false",
-                             "logger.wandb.name=tiny-seed7-job3"]))  # as a sweep's job 3 names itself
+                             "logger.wandb.name=tiny-seed7-job3",  # as a sweep's job 3 names itself
+                             "logger.wandb.group=quick-2026-11-28_10-00-00"]))  # and its sweep's group
     finish_wandb()
     first = offline_run(run1 / "wandb")
     last = run1 / "checkpoints" / "last.ckpt"
@@ -534,14 +535,21 @@ def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_pa
     second = offline_run(run2 / "wandb")
     assert second["id"] != first["id"] and second["config"]["resumed_from_wandb_run"] == first["id"]
     assert second["name"] == "tiny-seed7-job3"  # was the config's "<net>-seed<S>"
+    # in the sweep's group (it went to "train", out of the sweep's group on the dashboard), as summary.json says
+    assert second["group"] == first["group"] == "quick-2026-11-28_10-00-00"
+    assert json.loads((run2 / "summary.json").read_text())["group"] == second["group"]
 
     cfg = compose_cfg(tmp_path / "online", resume)
     assert train_mod._resume_wandb(cfg, "online") == first["id"]
     assert (cfg.logger.wandb.id, cfg.logger.wandb.resume, cfg.logger.wandb.name) == (first["id"], "allow",
                                                                                      "tiny-seed7-job3")
+    assert cfg.logger.wandb.group == "quick-2026-11-28_10-00-00"
     named = compose_cfg(tmp_path / "named", [*resume, "logger.wandb.name=second-try"])
     train_mod._resume_wandb(named, "online")
     assert named.logger.wandb.name == "second-try"  # a name the command line gives is kept
+    regrouped = compose_cfg(tmp_path / "regrouped", [*resume, "logger.wandb.group=mine"])
+    train_mod._resume_wandb(regrouped, "online")
+    assert regrouped.logger.wandb.group == "mine"
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict

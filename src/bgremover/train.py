@@ -156,18 +156,21 @@ def _resume_wandb(cfg: DictConfig, mode: str) -> str | None:
     """A run resumed from a checkpoint (`ckpt_path=`) and the W&B run that checkpoint was logged to. Online it
     continues that run (same id, resume="allow": one run whose curves go on); offline it starts a new one, since
     `wandb sync` of two offline runs with one id keeps only the last (wandb/wandb#3841); the new run's config
-    names the old one (`resumed_from_wandb_run`). Either way it keeps the old run's name (a sweep job's
-    `<net>-seed1-job3` was renamed `<net>-seed1` by a resume from outside the sweep) unless the command line
-    names it or the resume is itself a sweep's job. Returns the old run's id, or None."""
+    names the old one (`resumed_from_wandb_run`). Either way it keeps the old run's name and group (a sweep job's
+    `<net>-seed1-job3` in group `<exp>-<sweep folder>` was renamed `<net>-seed1` and moved to group `<exp>` by a
+    resume from outside the sweep) unless the command line gives them or the resume is itself a sweep's job.
+    Returns the old run's id, or None."""
     if not cfg.get("ckpt_path") or cfg.logger.wandb.get("id"):
         return None
     from bgremover import checkpoint
 
     ckpt = checkpoint.read(cfg.ckpt_path)
-    previous, name = ckpt.get("wandb_run_id"), ckpt.get("wandb_run_name")
+    previous, name, group = ckpt.get("wandb_run_id"), ckpt.get("wandb_run_name"), ckpt.get("wandb_run_group")
     with open_dict(cfg):
         if name and not config.given("logger.wandb.name") and not utils.is_multirun():  # a sweep's jobs keep
             cfg.logger.wandb.name = name  # their own -jobN: several may resume one checkpoint
+        if group and not config.given("logger.wandb.group") and not utils.is_multirun():
+            cfg.logger.wandb.group = group
         if previous and mode == "online":
             cfg.logger.wandb.id, cfg.logger.wandb.resume = previous, "allow"
     return previous

@@ -378,6 +378,9 @@ class SegmentationModule(pl.LightningModule):
             name = getattr(wandb[0].experiment, "name", None)
             if isinstance(name, str) and name:  # not a rank > 0's dummy experiment
                 checkpoint["wandb_run_name"] = name
+            group = getattr(wandb[0].experiment, "group", None)  # and its group: a sweep's `<exp>-<sweep folder>`
+            if isinstance(group, str) and group:
+                checkpoint["wandb_run_group"] = group
         # Strip a torch.compile wrapper's prefix so every checkpoint has plain "net.*" keys.
         checkpoint["state_dict"] = {k.replace("._orig_mod", ""): v for k, v in checkpoint["state_dict"].items()}
 
