@@ -98,3 +98,17 @@ def test_a_ddp_run_logged_to_wandb_ends_without_an_error_on_its_other_rank(small
     assert json.loads((run / "summary.json").read_text())["status"] == "ok"
     logged = offline_run(run / "wandb")  # one W&B run (rank 0's), with the test split marked
     assert logged["summary"]["test/frames_of"] == 3 and logged["summary"]["test/partial"] is False
+
+
+def test_a_partial_val_split_is_flagged_in_the_wandb_summary(small_camvid, tmp_path):
+    """trainer.limit_val_batches: the W&B summary said val/frames=1 and nothing of the split's 2 frames (summary.json
+    flags it in val_split, the test split is flagged in W&B too), so the dashboard's val/mIoU looked whole."""
+    from bgremover.task import finish_wandb
+    from bgremover.train import train
+
+    train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "logger=wandb",
+                                 "trainer.limit_val_batches=1"]))
+    finish_wandb()
+    summary = offline_run(tmp_path / "wandb")["summary"]
+    assert (summary["val/frames"], summary.get("val/frames_of"), summary.get("val/partial")) == (1, 2, True)
+    assert (summary["test/frames"], summary["test/frames_of"], summary["test/partial"]) == (3, 3, False)

@@ -271,6 +271,7 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
                     extra=utils.IN_JOB_LINE)
     val_split = _cut_validations(summary.history, val_split)  # the run's (the module now holds the best epoch's)
     task.mark_split(trainer.loggers, "test", split)
+    task.mark_split(trainer.loggers, "val", val_split)  # the val numbers that picked the tested epoch, the same way
     summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics,
                   _run_record(cfg, objects, split, val_split), measure_inference=cfg.get("measure_inference", True))
     return metrics, objects
