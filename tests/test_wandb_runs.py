@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -112,3 +113,16 @@ def test_a_partial_val_split_is_flagged_in_the_wandb_summary(small_camvid, tmp_p
     summary = offline_run(tmp_path / "wandb")["summary"]
     assert (summary["val/frames"], summary.get("val/frames_of"), summary.get("val/partial")) == (1, 2, True)
     assert (summary["test/frames"], summary["test/frames_of"], summary["test/partial"]) == (3, 3, False)
+
+
+def test_logger_wandb_offline_true_keeps_a_run_offline_with_a_key_at_hand(tmp_path, monkeypatch):
+    """`logger.wandb.offline=true` (WandbLogger's switch) with WANDB_API_KEY set: the run went online anyway, and on
+    a machine without a network stopped after 100 s on "CommError: Failed to get resume status"."""
+    from bgremover.task import prepare_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "")  # restored after the test: prepare_wandb sets it for the run
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    cfg = compose_cfg(tmp_path, ["logger=wandb", "logger.wandb.offline=true"])
+    assert prepare_wandb(cfg) == "offline" and os.environ["WANDB_MODE"] == "offline" and cfg.logger.wandb.offline
+    monkeypatch.setenv("WANDB_MODE", "")
+    assert prepare_wandb(compose_cfg(tmp_path, ["logger=wandb"])) == "online"  # the key's default stays online

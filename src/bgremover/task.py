@@ -41,6 +41,8 @@ def prepare_wandb(cfg: DictConfig) -> str | None:
     if not ("logger" in cfg and cfg.logger and "wandb" in cfg.logger):
         return None
     mode = wandb_mode()
+    if mode == "online" and cfg.logger.wandb.get("offline"):  # WandbLogger's own switch, set by the user: a key at
+        mode = "offline"  # hand took the run online anyway (with no network: a CommError exit after 100 s)
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
     cfg.logger.wandb.offline = mode == "offline"
