@@ -88,14 +88,17 @@ def test_eval_logged_to_wandb_goes_offline_by_itself_as_an_eval_run_with_its_con
 def test_a_ddp_run_logged_to_wandb_ends_without_an_error_on_its_other_rank(small_camvid, tmp_path):
     """trainer.devices=2 with W&B (the default logger): after the test stage rank 1 stopped on "error:
     AttributeError: 'function' object has no attribute 'update'" (its W&B experiment is Lightning's dummy) — a line
-    and a traceback in a finished run's log, and under torchrun the whole job failed with exit 1."""
+    and a traceback in a finished run's log, and under torchrun the whole job failed with exit 1. Rank 1 also
+    printed the whole config a second time, into the same train.log."""
     run = tmp_path / "run"
     proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "logger=wandb", "trainer.max_epochs=1",
                 "trainer.devices=2", "+trainer.strategy=ddp", "trainer.precision=32-true", f"hydra.run.dir={run}",
-                timeout=300)
+                "extras.print_config=true", timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-2000:]
-    assert "error:" not in out and "Traceback" not in (run / "train.log").read_text(), out[-2000:]
+    log = (run / "train.log").read_text()
+    assert "error:" not in out and "Traceback" not in log, out[-2000:]
+    assert log.count("- config:\n") == 1  # rank 1 printed the whole config again, into the same log
     assert json.loads((run / "summary.json").read_text())["status"] == "ok"
     logged = offline_run(run / "wandb")  # one W&B run (rank 0's), with the test split marked
     assert logged["summary"]["test/frames_of"] == 3 and logged["summary"]["test/partial"] is False

@@ -230,15 +230,16 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     config.validate_train(cfg)
     resume.adopt_optimizer(cfg)  # what a resume trains with is what the run records
     quiet = utils.is_multirun() and not cfg.get("verbose")
-    if cfg.extras.get("print_config") and not quiet:
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if cfg.extras.get("print_config") and not quiet and not rank_zero_only.rank:  # once: DDP's other ranks
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))  # printed it again, into the same train.log
     if quiet:  # a sweep job: its one line comes at the end (print_job_line); the details are in its log file
         with open_dict(cfg):
             cfg.trainer.enable_model_summary = False
             if (cfg.get("callbacks") or {}).get("progress_bar"):  # the speed-runs set it to null
                 cfg.callbacks.progress_bar.refresh_rate = 0
-    import pytorch_lightning as pl
-
     from bgremover import checkpoint
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
