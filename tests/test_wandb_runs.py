@@ -129,3 +129,20 @@ def test_logger_wandb_offline_true_keeps_a_run_offline_with_a_key_at_hand(tmp_pa
     assert prepare_wandb(cfg) == "offline" and os.environ["WANDB_MODE"] == "offline" and cfg.logger.wandb.offline
     monkeypatch.setenv("WANDB_MODE", "")
     assert prepare_wandb(compose_cfg(tmp_path, ["logger=wandb"])) == "online"  # the key's default stays online
+
+
+def test_wandb_project_from_the_environment_is_the_runs_and_the_comparisons(small_camvid, tmp_path, monkeypatch):
+    """WANDB_PROJECT=mine: training runs still went to project "bgremover" (the config named it), while
+    `compare --wandb` logged into "mine", so the comparison was not beside the runs it compares."""
+    from bgremover.compare.runs import find_runs
+    from bgremover.compare.wandb_log import _wandb_project
+    from bgremover.task import finish_wandb
+    from bgremover.train import train
+
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "logger=wandb",
+                                 "test=false"]))
+    finish_wandb()
+    assert offline_run(tmp_path / "wandb")["project"] == "mine"
+    monkeypatch.delenv("WANDB_PROJECT")  # compare run later, from another shell: the runs' config says it
+    assert _wandb_project(find_runs([tmp_path])) == "mine"
