@@ -507,8 +507,8 @@ def test_the_stretched_schedule_is_said_in_words(small_camvid, tmp_path, caplog)
 def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_path, monkeypatch, caplog):
     """A resumed run was a new, unrelated W&B run. Now the checkpoint records its W&B run; offline (here) the
     resumed run is a new one whose config names the old (wandb sync keeps only the last of two offline runs with
-    one id), online the same run goes on (id + resume="allow"). Both keep the run's name: a sweep job's
-    "-job3" was dropped by a resume from outside the sweep (the name came from the config again)."""
+    one id), online the same run goes on (id + resume="allow") if it was logged online. Both keep the run's name:
+    a sweep job's "-job3" was dropped by a resume from outside the sweep (the name came from the config again)."""
     from wandb_records import offline_run
 
     from bgremover import train as train_mod
@@ -539,7 +539,16 @@ def test_resume_names_its_wandb_run_and_continues_it_online(small_camvid, tmp_pa
     assert second["group"] == first["group"] == "quick-2026-11-28_10-00-00"
     assert json.loads((run2 / "summary.json").read_text())["group"] == second["group"]
 
-    cfg = compose_cfg(tmp_path / "online", resume)
+    # logged offline, resumed online: a new run too (reusing the id, a later `wandb sync` of the offline first part
+    # erased the online continuation logged under it: wandb/wandb#5865)
+    cfg = compose_cfg(tmp_path / "online_after_offline", resume)
+    assert train_mod._resume_wandb(cfg, "online") == first["id"] and cfg.logger.wandb.get("id") is None
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["wandb_run_offline"] is True
+    assert (cfg.logger.wandb.name, cfg.logger.wandb.group) == ("tiny-seed7-job3", "quick-2026-11-28_10-00-00")
+    online_ckpt = tmp_path / "online.ckpt"  # the checkpoint of a run logged online goes on in that run
+    torch.save({**ckpt, "wandb_run_offline": False}, online_ckpt)
+    cfg = compose_cfg(tmp_path / "online", [*resume[:-1], f"ckpt_path={online_ckpt}"])
     assert train_mod._resume_wandb(cfg, "online") == first["id"]
     assert (cfg.logger.wandb.id, cfg.logger.wandb.resume, cfg.logger.wandb.name) == (first["id"], "allow",
                                                                                      "tiny-seed7-job3")

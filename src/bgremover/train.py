@@ -154,8 +154,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 def _resume_wandb(cfg: DictConfig, mode: str) -> str | None:
     """A run resumed from a checkpoint (`ckpt_path=`) and the W&B run that checkpoint was logged to. Online it
-    continues that run (same id, resume="allow": one run whose curves go on); offline it starts a new one, since
-    `wandb sync` of two offline runs with one id keeps only the last (wandb/wandb#3841); the new run's config
+    continues that run (same id, resume="allow": one run whose curves go on); offline, or from a run that was
+    logged offline, it starts a new one, since `wandb sync` of an offline run erases what another run with its id
+    logged (wandb/wandb#3841, #5865: the first part, or the online continuation); the new run's config
     names the old one (`resumed_from_wandb_run`). Either way it keeps the old run's name and group (a sweep job's
     `<net>-seed1-job3` in group `<exp>-<sweep folder>` was renamed `<net>-seed1` and moved to group `<exp>` by a
     resume from outside the sweep) unless the command line gives them or the resume is itself a sweep's job.
@@ -171,7 +172,7 @@ def _resume_wandb(cfg: DictConfig, mode: str) -> str | None:
             cfg.logger.wandb.name = name  # their own -jobN: several may resume one checkpoint
         if group and not config.given("logger.wandb.group") and not utils.is_multirun():
             cfg.logger.wandb.group = group
-        if previous and mode == "online":
+        if previous and mode == "online" and not ckpt.get("wandb_run_offline"):
             cfg.logger.wandb.id, cfg.logger.wandb.resume = previous, "allow"
     return previous
 

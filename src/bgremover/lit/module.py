@@ -381,6 +381,9 @@ class SegmentationModule(pl.LightningModule):
             group = getattr(wandb[0].experiment, "group", None)  # and its group: a sweep's `<exp>-<sweep folder>`
             if isinstance(group, str) and group:
                 checkpoint["wandb_run_group"] = group
+            offline = getattr(wandb[0].experiment, "offline", None)  # an offline run's id is not resumed online
+            if isinstance(offline, bool):
+                checkpoint["wandb_run_offline"] = offline
         # Strip a torch.compile wrapper's prefix so every checkpoint has plain "net.*" keys.
         checkpoint["state_dict"] = {k.replace("._orig_mod", ""): v for k, v in checkpoint["state_dict"].items()}
 
