@@ -106,6 +106,7 @@ def _offline_wandb(monkeypatch, tmp_path_factory):
     # Never talk to W&B from tests, and keep its cache/config out of the home directory.
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)  # a developer's own would move the runs' project (bgremover)
     monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
