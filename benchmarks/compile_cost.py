@@ -10,7 +10,8 @@ lowering fixes the weight's shape, which made a dynamic whole-layer graph recomp
     python benchmarks/compile_cost.py --net 103 --mode bnrelu --device cuda --size 224 --batch 32
 
 The compile depends on the graph, not on the batch: a small input keeps the measured time compile time. Run each
-mode in a fresh process (inductor caches what it compiled). Prints one line: net, mode, device, first step (s),
+mode in a fresh process (inductor caches what it compiled). Prints the device (the GPU's name, or the CPU's kind),
+then one line: net, mode, device, first step (s),
 the mean of the next steps (s), the eager step for comparison (`--mode eager`: nothing compiled) and how many
 graphs dynamo compiled.
 """
@@ -25,6 +26,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from bgremover.errors import UserError, report
+from bgremover.utils import device_kind
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,9 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.size < 32 or args.size % 32 or args.batch < 1 or args.batch * (args.size // 32) ** 2 < 2:
         p.error("--size must be a multiple of 32 and --batch >= 1, with batch x (size/32)² >= 2 (the bottleneck's "
                 "BatchNorm needs two values per channel: --size 64 at --batch 1)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
-        return 2
+    try:
+        kind = device_kind(args.device)
+    except UserError as e:
+        return report(e, code=2)
+    print(kind, flush=True)
 
     sys.path.insert(0, str(HERE))
     from reference_tiramisu import RefDenseBlock, RefDenseLayer, ref_fcdensenet

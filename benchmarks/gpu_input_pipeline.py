@@ -80,9 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cpu":
             print(f"note: no CUDA device, running on the CPU: {args.net} at batch {args.batch} can take hours here "
                   "(a dry run in seconds: --net tiny --batch 2 --crop 64 64 --steps 2 --limit 8 --workers 1)", file=sys.stderr, flush=True)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
-        return 2
+    from bgremover.errors import UserError, report
+    from bgremover.utils import device_kind
+
+    try:
+        kind = device_kind(args.device)
+    except UserError as e:
+        return report(e, code=2)
     from bgremover.data import CamVidDataModule, ResidentCamVidDataModule
     from bgremover.data.camvid import CamVidError
 
@@ -140,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ×{torch.get_num_threads()} threads"
-    print(f"\nnet={args.net} batch={args.batch} crop={h}x{w} precision={args.precision} steps={args.steps} "
-          f"(mean) warmup={args.warmup} device={name} loadavg={os.getloadavg()[0]:.2f}")
+    print(f"\n{kind}\nnet={args.net} batch={args.batch} crop={h}x{w} precision={args.precision} steps={args.steps} "
+          f"(mean) warmup={args.warmup} threads={torch.get_num_threads()} loadavg={os.getloadavg()[0]:.2f}")
     print(f"{'path':<12} {'ms/step':>9} {'img/s':>9} {'vs synthetic':>13}  how")
     base = results.get("synthetic")
     for path, med in results.items():

@@ -367,14 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         result = worker(net, impl, mode, size, args.steps, args.warmup, args.device, args.bf16_route, args.batch)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
-    if args.device.startswith("cuda"):
-        import torch
+    from bgremover.errors import UserError, report
+    from bgremover.utils import device_kind
 
-        if not torch.cuda.is_available():
-            print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
-            return 2
-
-    kind = cpu_kind()
+    try:
+        device = device_kind(args.device)
+    except UserError as e:
+        return report(e, code=2)
+    kind = cpu_kind() + (f"\n{device}" if device.startswith("gpu:") else "")  # the CPU line also says the bf16 route
     if args.bf16_route == "emulated":
         kind = kind.replace("route: native", "route: emulated (forced by --bf16-route)")
     print(kind, flush=True)

@@ -82,9 +82,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be >= 1")
-    if args.device.startswith("cuda") and not _cuda():
-        print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
-        sys.exit(2)
+    from bgremover.errors import UserError, report
+    from bgremover.utils import device_kind
+
+    try:
+        kind = device_kind(args.device)
+    except UserError as e:
+        sys.exit(report(e, code=2))
     if args.precision == "auto":
         from bgremover.utils import cpu_precision
 
@@ -93,10 +97,7 @@ def main() -> None:
         print(json.dumps(worker(*args.worker, args.steps, args.device, args.precision)))
         return
 
-    if args.device == "cpu":
-        from bgremover.utils import cpu_kind
-
-        print(f"cpu: {cpu_kind()}")
+    print(kind)
     print(f"device={args.device} precision={args.precision} channels_last steps={args.steps} "
           f"threads={os.environ.get('OMP_NUM_THREADS', os.cpu_count())}")
     print(f"{'net':<28} {'params':>8} " + " ".join(f"{s + ' img/s':>14} {s + ' MB':>12}" for s in args.sizes))

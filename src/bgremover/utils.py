@@ -39,6 +39,30 @@ def cpu_kind() -> str:
     return f"{name}, {os.cpu_count()} logical CPUs, {' '.join(isa) or 'no AVX2'}"
 
 
+def device_kind(device: str) -> str:
+    """One line for benchmark output naming what the figures are measured on: `gpu: <name>` for a CUDA device,
+    `cpu: <cpu_kind()>` for the CPU. A device torch does not know (`gpu`), or a CUDA one this machine lacks, raises
+    UserError: each benchmark checks its --device with this before any work, instead of a traceback or a table of
+    failed cells."""
+    import torch
+
+    from bgremover.errors import UserError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device}: not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} requested but no CUDA device is available")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return f"gpu: {torch.cuda.get_device_name(dev)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    if dev.type != "cpu":
+        raise UserError(f"--device {device}: the benchmarks run on cpu or cuda")
+    return f"cpu: {cpu_kind()}"
+
+
 # glibc settings for a CPU training process, read when it starts: keep freed memory in the heap for reuse instead of
 # mapping every block over 32 MiB afresh (the kernel zeroing each page) and returning it on free, every step.
 # Measured on the 2-core AVX-512-BF16 EPYC (README, "Flags to use"): DeepLabV3+/MobileNetV2 fp32 at batch 8, 224²

@@ -1,0 +1,51 @@
+"""The benchmarks/ scripts as a person runs them: tiny settings on a CPU, their exit codes and the lines they print.
+
+Their figures are never asserted (speed and memory targets live in the scripts' output, not in tests); what is
+checked is that they run, name the device they measured on, and answer bad arguments in one line. FC-DenseNet's
+speed table has its own tests in test_tiramisu.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench(name: str):
+    """A benchmarks/ script as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(module, argv: list[str], monkeypatch) -> int:
+    """A script's main() with these arguments (as sys.argv too: some parse it themselves); its exit status."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    takes_argv = bool(inspect.signature(module.main).parameters)
+    try:
+        code = module.main(argv) if takes_argv else module.main()
+    except SystemExit as e:
+        code = e.code
+    return code or 0
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("compile_cost", []),
+    ("tiramisu_speed", ["--nets", "56", "--sizes", "224", "--modes", "fp32"]),
+    ("train_throughput", ["--nets", "tiramisu56", "--sizes", "224"]),
+    ("gpu_input_pipeline", ["--net", "tiny"]),
+])
+def test_a_device_torch_does_not_know_is_one_line(name, argv, monkeypatch, capsys):
+    """`--device gpu` gave compile_cost and gpu_input_pipeline a RuntimeError traceback, and tiramisu_speed and
+    train_throughput a table of failed cells with exit status 0: now one line and exit 2, before any work."""
+    code = run_main(bench(name), [*argv, "--device", "gpu"], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == "error: --device gpu: not a device (cpu, cuda or cuda:N)"
