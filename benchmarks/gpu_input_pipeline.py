@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                                       pin_memory=device.type == "cuda", persistent_workers=True)
                 dm.setup("fit")
                 loader = dm.train_dataloader()
+                if len(loader) == 0:  # it drops a short last batch: an empty loader would make endless() spin forever
+                    raise CamVidError(f"--batch {args.batch} is larger than the {len(dm.datasets['train'])} training "
+                                      "frames (--limit)")
                 notes[path] = f"albumentations, scale 0.5-1.5, {args.workers} workers, pin_memory={device.type == 'cuda'}"
                 batches = endless(lambda loader=loader: iter(loader))
             results[path] = timed_steps(step, batches, args.steps, args.warmup, sync)
