@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bgremover import remover as lib  # noqa: E402
+from bgremover.errors import UserError, report  # noqa: E402
 from bgremover.padding import crop  # noqa: E402
 from bgremover.utils import cpu_kind  # noqa: E402
 
@@ -208,7 +209,7 @@ def stage_profile(remover: lib.BackgroundRemover, data: bytes, reps: int) -> lis
 # ----------------------------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a bgremover ONNX file (default: the shipped models/bgremover-camvid.onnx)")
@@ -218,7 +219,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for both engines")
     p.add_argument("--reps", type=int, default=15, help="timed repetitions per cell (median reported)")
     p.add_argument("--max-side", type=int, default=lib.MAX_SIDE)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.reps < 1 or args.threads < 1 or args.max_side < 32:
         p.error("--reps and --threads must be >= 1, --max-side >= 32")
     for flag, path in (("--model", args.model), ("--int8", args.int8), ("--ckpt", args.ckpt)):
@@ -230,6 +231,20 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_kind()}; load average {load_average()}")
+    try:
+        return measure(args)
+    except UserError as e:  # a file that is not a model or not a checkpoint: one line, not a traceback
+        return report(e)
+
+
+def measure(args: argparse.Namespace) -> int:
+    def make(path, session=None):
+        r = lib.BackgroundRemover(path, threads=args.threads, max_side=args.max_side,
+                                  providers=["CPUExecutionProvider"])  # fmt: skip
+        if session is not None:
+            r.session = session
+        return r
+
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         if args.ckpt or args.net:
@@ -238,9 +253,11 @@ def main() -> int:
             net, meta = load_checkpoint_net(args.ckpt) if args.ckpt else fresh_net(args.net)
             onnx_path = Path(tmp) / "model.onnx"
             diff = export_onnx(net, meta, onnx_path)["max_abs_diff"]
+            fp32 = make(onnx_path)
             how = f"{meta['net']} ({meta['params']:,} params), exported+verified"
         else:
             onnx_path = Path(args.model) if args.model else lib.DEFAULT_MODEL
+            fp32 = make(onnx_path)  # the predictor's checks first: net_from_onnx assumes a bgremover ONNX file
             net = net_from_onnx(onnx_path)
             how = f"{onnx_path} ({sum(q.numel() for q in net.parameters()):,} params), eager net rebuilt"
             diff = None
@@ -248,14 +265,7 @@ def main() -> int:
         if int8 is None and not (args.ckpt or args.net) and lib.int8_path(onnx_path).is_file():
             int8 = lib.int8_path(onnx_path)
 
-        def make(path, session=None):
-            r = lib.BackgroundRemover(path, threads=args.threads, max_side=args.max_side,
-                                      providers=["CPUExecutionProvider"])  # fmt: skip
-            if session is not None:
-                r.session = session
-            return r
-
-        removers = {"onnxruntime fp32": make(onnx_path)}
+        removers = {"onnxruntime fp32": fp32}
         if int8 is not None:
             removers["onnxruntime int8"] = make(int8)
         removers["eager PyTorch"] = make(onnx_path, TorchSession(net))

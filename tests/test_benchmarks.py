@@ -65,3 +65,16 @@ def test_input_pipeline_with_fewer_frames_than_a_batch_stops_in_one_line(tiny_ca
         pytest.fail("gpu_input_pipeline hung on a DataLoader without a batch")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: --batch 4 is larger than the 2 training frames (--limit)"
+
+
+@pytest.mark.parametrize("flag, says", [("--model", "error: cannot load ONNX model "),
+                                        ("--ckpt", "error: not a PyTorch checkpoint: ")])
+def test_predict_latency_of_a_file_that_is_no_model_is_one_line(flag, says, tmp_path, monkeypatch, capsys):
+    """A --model that is not an ONNX file ended in protobuf's DecodeError traceback, a --ckpt that is not a
+    checkpoint in ExportError's: now the predictor's and the exporter's own one-line errors, exit 1."""
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a model\n")
+    code = run_main(bench("predict_latency"), [flag, str(bad)], monkeypatch)
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert len(err.splitlines()) == 1 and err.startswith(says) and str(bad) in err
