@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -104,3 +105,113 @@ def test_finetune_vs_scratch_reports_the_numbers_make_remover_prints(tmp_path):
                      r"alpha MAE ([\d.]+), mIoU ([\d.]+)", said)
     assert held, said[-2000:]
     assert table == pytest.approx([float(v) for v in held.groups()], abs=5e-4)
+
+
+# --- smoke runs: the tiniest settings, the lines a person reads -------------------------------------------------
+def test_compile_cost_eager_names_the_cpu_and_prints_its_line(monkeypatch, capsys):
+    code = run_main(bench("compile_cost"), ["--net", "56", "--mode", "eager", "--size", "64", "--steps", "1"],
+                    monkeypatch)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0].startswith("cpu: ") and "logical CPUs" in out[0]
+    assert re.fullmatch(r"fcdensenet56 eager on cpu, batch 1 of 64²: first step \d+\.\d s, next \d+\.\d{3} s, "
+                        r"0 graph\(s\) compiled", out[1]), out
+
+
+def test_cpu_kernels_speed_prints_a_row_per_layer_shape(monkeypatch, capsys):
+    from bgremover.nets import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip("the fused CPU kernels are not built here (no C compiler)")
+    module = bench("cpu_kernels_speed")
+    assert run_main(module, ["--batch", "1", "--repeat", "1"], monkeypatch) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("cpu: ") and "threads=" in out[0]
+    assert out[1].split() == ["layer", "|", "BN-ReLU", "ms", "x", "|", "statistics", "ms", "x", "|", "backward", "ms",
+                              "x"]
+    assert len(out) == 2 + len(module.SHAPES)
+    for line in out[2:]:  # three "PyTorch vs kernel ratio" cells, the ratio the quotient of the two
+        for cell in line.split("|")[1:]:
+            slow, _, fast, ratio = cell.split()
+            assert float(ratio) == pytest.approx(float(slow) / float(fast), abs=0.06, rel=0.01)
+
+
+def test_gpu_input_pipeline_dry_run_on_a_cpu_prints_the_three_paths(tiny_camvid, monkeypatch, capsys):
+    code = run_main(bench("gpu_input_pipeline"), ["--device", "cpu", "--net", "tiny", "--batch", "2", "--crop", "32",
+                                                  "32", "--steps", "1", "--warmup", "1", "--limit", "4", "--workers",
+                                                  "0", "--root", str(tiny_camvid)], monkeypatch)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"^cpu: .*logical CPUs", out, re.M)
+    lines = out.splitlines()
+    head = lines.index(next(line for line in lines if line.startswith("path ")))
+    assert lines[head].split() == ["path", "ms/step", "img/s", "vs", "synthetic", "how"]
+    rows = {line.split()[0]: line.split() for line in lines[head + 1:head + 4]}
+    assert set(rows) == {"synthetic", "resident", "dataloader"}
+    assert rows["synthetic"][3] == "1.000x"
+    for cells in rows.values():  # ms/step and img/s describe the same step: img/s = batch / seconds per step
+        assert float(cells[2]) == pytest.approx(2 / (float(cells[1]) / 1000), rel=0.02)
+    assert re.search(r"^resident vs synthetic: \d+\.\d{3}x \(target <= 1\.10x\) (met|NOT met)$", out, re.M)
+
+
+def test_serve_load_one_request_per_setting(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--clients", "2", "--requests", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("CPU: ") and "logical CPUs" in lines[0]
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["server", "--threads"])
+    assert lines[head].split() == ["server", "--threads", "requests", "wall", "s", "req/s", "p50", "ms", "p95", "ms",
+                                   "errors"]
+    threads, n, wall, rps, p50, p95, errors = lines[head + 1].split()
+    assert (threads, n, errors) == ("1", "2", "0")
+    assert float(rps) > 0 and float(p95) >= float(p50) > 0
+
+
+@pytest.mark.slow
+def test_tiramisu_infer_prints_both_routes_side_by_side(monkeypatch, capsys):
+    code = run_main(bench("tiramisu_infer"), ["--net", "fcdensenet56", "--size", "32", "32", "--reps", "1"],
+                    monkeypatch)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0].startswith("CPU: ") and "logical CPUs" in out[0]
+    assert out[1].split() == ["precision", "textbook", "ms", "fused", "ms", "speed-up", "textbook", "MiB", "fused",
+                              "MiB"]
+    assert [line.split()[0] for line in out[2:]] == ["fp32", "bf16"]
+    for line in out[2:]:
+        _, textbook, fused, speedup, *_ = line.split()
+        assert float(speedup.rstrip("x")) == pytest.approx(float(textbook) / float(fused), rel=0.5)  # ms are rounded
+
+
+@pytest.mark.slow
+def test_train_throughput_one_net_one_size(monkeypatch, capsys):
+    code = run_main(bench("train_throughput"), ["--nets", "deeplabv3plus_mobilenet_v2", "--sizes", "224", "--steps",
+                                                "1", "--device", "cpu", "--precision", "fp32"], monkeypatch)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0].startswith("cpu: ") and "logical CPUs" in out[0]
+    assert out[1].startswith("device=cpu precision=fp32 ")
+    assert out[2].split() == ["net", "params", "224", "img/s", "224", "MB"]
+    name, params, img_s, mb = out[3].split()
+    assert (name, params) == ("deeplabv3plus_mobilenet_v2", "4.38M")
+    assert float(img_s) > 0 and float(mb) > 0
+
+
+@pytest.mark.slow
+def test_predict_latency_prints_every_engine_and_the_stages(monkeypatch, capsys):
+    code = run_main(bench("predict_latency"), ["--reps", "1", "--max-side", "64"], monkeypatch)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0].startswith("CPU: ") and "logical CPUs" in out[0]
+    head = next(i for i, line in enumerate(out) if line.split()[:3] == ["image", "infer", "at"])
+    engines = ["onnxruntime fp32", "onnxruntime int8", "eager PyTorch"]
+    assert all(e in out[head] for e in engines) and out[head].split()[-2:] == ["torch/fp32", "torch/int8"]
+    for line, at in zip(out[head + 1:head + 3], ("64x48", "64x36"), strict=True):
+        cells = line.split()
+        assert cells[1] == at  # the inference size --max-side gives
+        medians = [float(cells[i]) for i in (2, 4, 6)]
+        assert float(cells[8].rstrip("x")) == pytest.approx(medians[2] / medians[0], abs=0.01)
+    stages = ["decode PNG", "pad + normalize", "inference", "softmax -> alpha", "RGBA assembly", "PNG encode"]
+    assert all(any(line.strip().startswith(s) for line in out) for s in stages)
