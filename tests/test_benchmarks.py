@@ -52,20 +52,20 @@ def test_a_device_torch_does_not_know_is_one_line(name, argv, monkeypatch, capsy
     assert err.strip() == "error: --device gpu: not a device (cpu, cuda or cuda:N)"
 
 
-def test_input_pipeline_with_fewer_frames_than_a_batch_stops_in_one_line(tiny_camvid):
+def test_input_pipeline_with_fewer_frames_than_a_batch_stops_in_one_line(tiny_camvid, monkeypatch, capsys):
     """`--paths dataloader --limit 2 --batch 4` hung for good: the DataLoader drops a short last batch, so it had
     none, and the endless batch iterator looped over empty epochs. Now one line and exit 1, as the resident path."""
-    import subprocess
+    import threading
 
-    cmd = [sys.executable, str(BENCH / "gpu_input_pipeline.py"), "--device", "cpu", "--net", "tiny", "--paths",
-           "dataloader", "--root", str(tiny_camvid), "--limit", "2", "--batch", "4", "--crop", "32", "32",
-           "--steps", "1", "--warmup", "0", "--workers", "0"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("gpu_input_pipeline hung on a DataLoader without a batch")
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: --batch 4 is larger than the 2 training frames (--limit)"
+    argv = ["--device", "cpu", "--net", "tiny", "--paths", "dataloader", "--root", str(tiny_camvid), "--limit", "2",
+            "--batch", "4", "--crop", "32", "32", "--steps", "1", "--warmup", "0", "--workers", "0"]
+    module, codes = bench("gpu_input_pipeline"), []
+    thread = threading.Thread(target=lambda: codes.append(module.main(argv)), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "gpu_input_pipeline hung on a DataLoader without a batch"
+    assert codes == [1]
+    assert capsys.readouterr().err.strip() == "error: --batch 4 is larger than the 2 training frames (--limit)"
 
 
 @pytest.mark.parametrize("flag, says", [("--model", "error: cannot load ONNX model "),
