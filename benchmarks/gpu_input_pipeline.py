@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return report(e, code=2)
     from bgremover.data import CamVidDataModule, ResidentCamVidDataModule
-    from bgremover.data.camvid import CamVidError
+    from bgremover.data.camvid import CamVidError, list_pairs, select
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     notes: dict[str, str] = {}
     h, w = args.crop
     try:
+        if {"resident", "dataloader"} & set(args.paths):  # a bad --root said so only after the synthetic path's timing
+            frames = len(select(list_pairs(args.root, "train"), args.limit))
+            if frames < args.batch:  # the DataLoader drops a short last batch: none at all made endless() spin forever
+                raise CamVidError(f"--batch {args.batch} is larger than the {frames} training frames (--limit)")
         for path in args.paths:
             if path == "synthetic":
                 x = torch.randn(args.batch, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
@@ -136,9 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                                       pin_memory=device.type == "cuda", persistent_workers=True)
                 dm.setup("fit")
                 loader = dm.train_dataloader()
-                if len(loader) == 0:  # it drops a short last batch: an empty loader would make endless() spin forever
-                    raise CamVidError(f"--batch {args.batch} is larger than the {len(dm.datasets['train'])} training "
-                                      "frames (--limit)")
                 notes[path] = f"albumentations, scale 0.5-1.5, {args.workers} workers, pin_memory={device.type == 'cuda'}"
                 batches = endless(lambda loader=loader: iter(loader))
             results[path] = timed_steps(step, batches, args.steps, args.warmup, sync)

@@ -215,3 +215,15 @@ def test_predict_latency_prints_every_engine_and_the_stages(monkeypatch, capsys)
         assert float(cells[8].rstrip("x")) == pytest.approx(medians[2] / medians[0], abs=0.01)
     stages = ["decode PNG", "pad + normalize", "inference", "softmax -> alpha", "RGBA assembly", "PNG encode"]
     assert all(any(line.strip().startswith(s) for line in out) for s in stages)
+
+
+def test_input_pipeline_checks_its_data_before_timing_anything(tmp_path, monkeypatch, capsys):
+    """A --root without CamVid was reported only after the synthetic path had been timed (minutes at the default
+    FC-DenseNet103 batch 32 on a CPU, for nothing): now the data is checked first."""
+    code = run_main(bench("gpu_input_pipeline"), ["--device", "cpu", "--net", "tiny", "--batch", "2", "--crop", "32",
+                                                  "32", "--steps", "1", "--warmup", "0", "--root",
+                                                  str(tmp_path / "nowhere")], monkeypatch)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "synthetic" not in captured.out  # nothing was timed
+    assert captured.err.strip() == f"error: dataset folder not found: {tmp_path / 'nowhere'} (run `make data` or set DATA_DIR)"
