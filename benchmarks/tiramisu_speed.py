@@ -4,7 +4,7 @@ between them are one protocol, read together.)
 
     python benchmarks/tiramisu_speed.py                       # full table: several hours on a 2-core CPU
     python benchmarks/tiramisu_speed.py --nets 103 --sizes 224 384x480 --modes bf16 memeff --steps 3
-    python benchmarks/tiramisu_speed.py --malloc tuned ...    # glibc keeps freed memory (bgremover.utils.KEEP_MEMORY_ENV)
+    python benchmarks/tiramisu_speed.py --malloc tuned ...    # glibc keeps freed memory (KEEP_MEMORY_ENV): speeds only
     python benchmarks/tiramisu_speed.py --malloc exact ...    # peak memory = live tensors (speeds not comparable)
     python benchmarks/tiramisu_speed.py --rounds 3 ...        # ref/ours alternate 3 times: medians (loaded CPU)
     python benchmarks/tiramisu_speed.py --device cuda --modes compiled --cell-timeout 200   # a cell over 200 s: "-"
@@ -232,10 +232,12 @@ def _worker_cmd(net: str, impl: str, mode: str, size: str, args: argparse.Namesp
     return cmd, env
 
 
-def _result(cell: str, stdout: str, stderr: str, seconds: float) -> dict[str, float] | None:
+def _result(cell: str, stdout: str, stderr: str, seconds: float, malloc: str) -> dict[str, float] | None:
     for line in reversed(stdout.splitlines()):
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
+            if malloc == "tuned":  # the heap keeps what the warm-up freed, so the measured steps' RSS hardly rises
+                result["peak_mib"] = None  # (measured: 103 MiB where the same cell peaks at 484): no figure, "-"
             print(f"  .. {cell}: {seconds:.0f} s in all, first step {result['first_step_s']:.1f} s, "
                   f"then {result['step_s'] * 1000:.0f} ms per step", flush=True)
             return result
@@ -284,7 +286,7 @@ def run_together(cells: list[tuple[str, str, str, str]], args: argparse.Namespac
             for i, (cell, _, out, err) in enumerate(procs):
                 out.seek(0), err.seek(0)
                 results[cell] = None if i in killed else _result(" ".join(cell), out.read(), err.read(),
-                                                                  ended.get(i, time.time()) - t0)
+                                                                  ended.get(i, time.time()) - t0, args.malloc)
                 out.close(), err.close()
     return results
 
@@ -304,13 +306,15 @@ def run_config(
     except subprocess.TimeoutExpired:  # the child is killed; the table shows "-" for this cell
         print(f"  ! {cell}: over --cell-timeout {args.cell_timeout:g} s, skipped", file=sys.stderr, flush=True)
         return None
-    return _result(cell, proc.stdout, proc.stderr, time.time() - t0)
+    return _result(cell, proc.stdout, proc.stderr, time.time() - t0, args.malloc)
 
 
 def _median(results: list[dict[str, float] | None]) -> dict[str, float] | None:
     """Per-figure median of the rounds that ran."""
     ok = [r for r in results if r is not None]
-    return {k: statistics.median(r[k] for r in ok) for k in ok[0]} if ok else None
+    if not ok:
+        return None
+    return {k: None if any(r[k] is None for r in ok) else statistics.median(r[k] for r in ok) for k in ok[0]}
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -337,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"batch size for every size (default: {SIZES['224'][2]}/{SIZES['384x480'][2]} on CPU, "
                         f"{GPU_BATCH['224']}/{GPU_BATCH['384x480']} on CUDA for 224/384x480)")
     p.add_argument("--malloc", choices=("default", "tuned", "exact"), default="default",
-                   help="glibc allocator: default; tuned (no mmap, no trim) so freed activations are reused; exact "
+                   help="glibc allocator: default; tuned (no mmap, no trim) so freed activations are reused (no "
+                        "memory figures then: the RSS peak stays where the warm-up left it); exact "
                         "(every block >= 64 KiB mapped and unmapped) so peak RSS is the live tensors' peak, which "
                         "with the default moves by 50-90 MiB with allocation order alone (speeds: slower, and "
                         "not comparable)")

@@ -829,7 +829,7 @@ def test_speed_benchmark_parallel_stops_a_cell_that_hangs_in_its_turn(monkeypatc
 
     monkeypatch.setattr(bench, "_worker_cmd", lambda net, *rest: ([sys.executable, "-c", script, net], dict(os.environ)))
     monkeypatch.setattr(bench.subprocess, "Popen", popen)
-    args = argparse.Namespace(parallel=2, cell_timeout=8.0)
+    args = argparse.Namespace(parallel=2, cell_timeout=8.0, malloc="default")
     out = {}
     thread = threading.Thread(target=lambda: out.update(bench.run_together([("hang",) * 4, ("ok",) * 4], args)),
                               daemon=True)
