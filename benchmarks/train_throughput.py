@@ -3,8 +3,8 @@
     python benchmarks/train_throughput.py                       # every registered net, both sizes
     python benchmarks/train_throughput.py --nets tiramisu56 deeplabv3plus_mobilenet_v2 --sizes 224 --steps 4
 
-Each (net, size) runs in a fresh subprocess, so peak memory (RSS on CPU, max_memory_allocated on GPU) belongs
-to that configuration alone. A step is forward + cross-entropy + backward + optimizer step, with the flags the
+Each (net, size) runs in a fresh subprocess, so peak memory (on CPU the process' peak RSS above what it held
+before the first step; max_memory_allocated on GPU) belongs to that configuration alone. A step is forward + cross-entropy + backward + optimizer step, with the flags the
 training configs use by default: channels_last and bf16 autocast where the machine has bf16 units (a GPU, an
 AVX-512-BF16 or AMX CPU), fp32 elsewhere (`--precision` overrides).
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see Makefile: spinning Op
 # per channel at batch 1, which training refuses ("Expected more than 1 value per channel")
 SIZES = {"224": ((224, 224), 2), "384x480": ((384, 480), 2)}
 WARMUP = 1  # untimed steps (allocator and oneDNN kernel selection)
+
+
+def _kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
 
 
 def worker(net_name: str, size: str, steps: int, device: str, precision: str) -> dict:
@@ -39,7 +43,12 @@ def worker(net_name: str, size: str, steps: int, device: str, precision: str) ->
     x = torch.randn(batch, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 11, (batch, h, w), device=device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the baseline is what the process holds before the first step. Not ru_maxrss: a child starts with its parent's
+    # peak there (kept across fork and exec), so a worker started by a large process (this script's parent, pytest)
+    # reported that parent's peak as its own: 0 MB above it. VmHWM is this process' own, reset to VmRSS here.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    rss0 = _kib("VmRSS:")
 
     def step():
         with torch.autocast(device_type=device, dtype=dtype, enabled=precision == "bf16"):
@@ -61,8 +70,8 @@ def worker(net_name: str, size: str, steps: int, device: str, precision: str) ->
     seconds = time.perf_counter() - start
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:  # ru_maxrss is KiB on Linux; the baseline is what the process held before the first step
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    else:
+        peak_mb = (_kib("VmHWM:") - rss0) / 1024
     return {"net": net_name, "size": size, "params_m": count_parameters(net) / 1e6,
             "img_s": steps * batch / seconds, "peak_mb": peak_mb}
 
