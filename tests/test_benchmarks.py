@@ -126,6 +126,7 @@ def test_cpu_kernels_speed_prints_a_row_per_layer_shape(monkeypatch, capsys):
     if cpu_kernels.library() is None:
         pytest.skip("the fused CPU kernels are not built here (no C compiler)")
     module = bench("cpu_kernels_speed")
+    monkeypatch.setenv(cpu_kernels.ENV, "1")  # the script switches it per row: restored after the test
     assert run_main(module, ["--batch", "1", "--repeat", "1"], monkeypatch) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("cpu: ") and "threads=" in out[0]
