@@ -32,6 +32,7 @@ def worker(route: str, precision: str, ckpt: str | None, net_name: str, size: tu
     import torch
 
     from bgremover import checkpoint
+    from bgremover.nets import cpu_kernels
     from bgremover.nets.tiramisu import TIRAMISU_CONFIGS, DenseBlock, FCDenseNet
 
     net = checkpoint.load_net(ckpt)[0] if ckpt else FCDenseNet(num_classes=11, **TIRAMISU_CONFIGS[net_name])
@@ -52,7 +53,8 @@ def worker(route: str, precision: str, ckpt: str | None, net_name: str, size: tu
             t0 = time.perf_counter()
             net(x)
             times.append(time.perf_counter() - t0)
-    return {"ms": 1000 * statistics.median(times), "peak_mib": (_kib("VmHWM") - base) / 1024}
+    return {"ms": 1000 * statistics.median(times), "peak_mib": (_kib("VmHWM") - base) / 1024,
+            "kernels": cpu_kernels.library() is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_kind()}; "
           f"{args.ckpt or args.net}, 1x3x{args.size[0]}x{args.size[1]}, channels_last, median of {args.reps}")
     print(f"{'precision':<10}{'textbook ms':>12}{'fused ms':>10}{'speed-up':>10}{'textbook MiB':>14}{'fused MiB':>11}")
+    kernels = set()
     for precision in PRECISIONS:
         r = {}
         for route in ROUTES:
@@ -90,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             r[route] = json.loads(line[7:])
         t, f = r["textbook"], r["fused"]
+        kernels.add(f["kernels"])
         print(f"{precision:<10}{t['ms']:>12.0f}{f['ms']:>10.0f}{t['ms'] / f['ms']:>9.2f}x{t['peak_mib']:>14.0f}{f['peak_mib']:>11.0f}")
+    # the fused route without its C kernels (no compiler, a failed build: a warning the worker's stderr swallowed)
+    # is much slower; the table must say which one it timed
+    print(f"fused route's CPU kernels (bgremover.nets.cpu_kernels): {'on' if kernels == {True} else 'off'}")
     return 0
 
 

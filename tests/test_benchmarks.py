@@ -184,8 +184,10 @@ def test_tiramisu_infer_prints_both_routes_side_by_side(monkeypatch, capsys):
     assert out[0].startswith("CPU: ") and "logical CPUs" in out[0]
     assert out[1].split() == ["precision", "textbook", "ms", "fused", "ms", "speed-up", "textbook", "MiB", "fused",
                               "MiB"]
-    assert [line.split()[0] for line in out[2:]] == ["fp32", "bf16"]
-    for line in out[2:]:
+    assert [line.split()[0] for line in out[2:4]] == ["fp32", "bf16"]
+    assert out[4] in ("fused route's CPU kernels (bgremover.nets.cpu_kernels): on",
+                      "fused route's CPU kernels (bgremover.nets.cpu_kernels): off")
+    for line in out[2:4]:
         _, textbook, fused, speedup, *_ = line.split()
         assert float(speedup.rstrip("x")) == pytest.approx(float(textbook) / float(fused), rel=0.5)  # ms are rounded
 
@@ -287,3 +289,16 @@ def test_tiramisu_speed_with_malloc_tuned_prints_no_memory_figures(tmp_path, mon
             ["103", "384x480", "memeff/bf16", "1.000", "2.000", "2.00", "-", "-", "-"]]
         assert "speed, channels_last + bf16, 384x480: 2.00 (target >= 1.5) met" in targets
         assert "peak memory" not in targets
+
+
+@pytest.mark.slow
+def test_tiramisu_infer_says_when_the_fused_route_runs_without_its_kernels(tmp_path, monkeypatch, capsys):
+    """Without a C compiler (or with a failed build) the fused route runs PyTorch ops instead of its kernels, and
+    the warning saying so went to the workers' discarded stderr: the table looked like the kernels' figures."""
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no kernels built before either
+    code = run_main(bench("tiramisu_infer"), ["--net", "fcdensenet56", "--size", "32", "32", "--reps", "1"],
+                    monkeypatch)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[-1] == "fused route's CPU kernels (bgremover.nets.cpu_kernels): off"
