@@ -176,23 +176,6 @@ def test_serve_load_one_request_per_setting(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiramisu_infer_prints_both_routes_side_by_side(monkeypatch, capsys):
-    code = run_main(bench("tiramisu_infer"), ["--net", "fcdensenet56", "--size", "32", "32", "--reps", "1"],
-                    monkeypatch)
-    out = capsys.readouterr().out.splitlines()
-    assert code == 0
-    assert out[0].startswith("CPU: ") and "logical CPUs" in out[0]
-    assert out[1].split() == ["precision", "textbook", "ms", "fused", "ms", "speed-up", "textbook", "MiB", "fused",
-                              "MiB"]
-    assert [line.split()[0] for line in out[2:4]] == ["fp32", "bf16"]
-    assert out[4] in ("fused route's CPU kernels (bgremover.nets.cpu_kernels): on",
-                      "fused route's CPU kernels (bgremover.nets.cpu_kernels): off")
-    for line in out[2:4]:
-        _, textbook, fused, speedup, *_ = line.split()
-        assert float(speedup.rstrip("x")) == pytest.approx(float(textbook) / float(fused), rel=0.5)  # ms are rounded
-
-
-@pytest.mark.slow
 def test_train_throughput_one_net_one_size(monkeypatch, capsys):
     """Also: the MB column is the worker's own. It was ru_maxrss, which a child inherits from its parent (kept
     across fork and exec): started from a process whose peak is above the worker's, every cell said 0 MB."""
@@ -294,11 +277,19 @@ def test_tiramisu_speed_with_malloc_tuned_prints_no_memory_figures(tmp_path, mon
 @pytest.mark.slow
 def test_tiramisu_infer_says_when_the_fused_route_runs_without_its_kernels(tmp_path, monkeypatch, capsys):
     """Without a C compiler (or with a failed build) the fused route runs PyTorch ops instead of its kernels, and
-    the warning saying so went to the workers' discarded stderr: the table looked like the kernels' figures."""
+    the warning saying so went to the workers' discarded stderr: the table looked like the kernels' figures.
+    (Also the script's smoke run: both routes side by side at the tiniest size.)"""
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no kernels built before either
     code = run_main(bench("tiramisu_infer"), ["--net", "fcdensenet56", "--size", "32", "32", "--reps", "1"],
                     monkeypatch)
     out = capsys.readouterr().out.splitlines()
     assert code == 0
-    assert out[-1] == "fused route's CPU kernels (bgremover.nets.cpu_kernels): off"
+    assert out[0].startswith("CPU: ") and "logical CPUs" in out[0]
+    assert out[1].split() == ["precision", "textbook", "ms", "fused", "ms", "speed-up", "textbook", "MiB", "fused",
+                              "MiB"]
+    assert [line.split()[0] for line in out[2:4]] == ["fp32", "bf16"]
+    for line in out[2:4]:
+        _, textbook, fused, speedup, *_ = line.split()
+        assert float(speedup.rstrip("x")) == pytest.approx(float(textbook) / float(fused), rel=0.5)  # ms are rounded
+    assert out[4:] == ["fused route's CPU kernels (bgremover.nets.cpu_kernels): off"]
