@@ -43,6 +43,9 @@ def worker(net_name: str, size: str, steps: int, device: str, precision: str) ->
     x = torch.randn(batch, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 11, (batch, h, w), device=device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # by the device's type: `cuda:0` compared as a string skipped the clock's synchronisation (img/s too high) and
+    # reported the CPU's memory for the GPU's
+    cuda = torch.device(device).type == "cuda"
     # the baseline is what the process holds before the first step. Not ru_maxrss: a child starts with its parent's
     # peak there (kept across fork and exec), so a worker started by a large process (this script's parent, pytest)
     # reported that parent's peak as its own: 0 MB above it. VmHWM is this process' own, reset to VmRSS here.
@@ -51,7 +54,7 @@ def worker(net_name: str, size: str, steps: int, device: str, precision: str) ->
     rss0 = _kib("VmRSS:")
 
     def step():
-        with torch.autocast(device_type=device, dtype=dtype, enabled=precision == "bf16"):
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=precision == "bf16"):
             loss = torch.nn.functional.cross_entropy(net(x).float(), y, ignore_index=11)
         loss.backward()
         opt.step()
@@ -59,16 +62,16 @@ def worker(net_name: str, size: str, steps: int, device: str, precision: str) ->
 
     for _ in range(WARMUP):
         step()
-    if device == "cuda":
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    if device == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    if device == "cuda":
+    if cuda:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (_kib("VmHWM:") - rss0) / 1024
@@ -99,9 +102,12 @@ def main() -> None:
     except UserError as e:
         sys.exit(report(e, code=2))
     if args.precision == "auto":
+        import torch
+
         from bgremover.utils import cpu_precision
 
-        args.precision = "bf16" if args.device != "cpu" or cpu_precision().startswith("bf16") else "fp32"
+        gpu = torch.device(args.device).type != "cpu"  # (`cpu:0` is the CPU: it got bf16 on an AVX2-only one)
+        args.precision = "bf16" if gpu or cpu_precision().startswith("bf16") else "fp32"
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps, args.device, args.precision)))
         return

@@ -293,3 +293,27 @@ def test_tiramisu_infer_says_when_the_fused_route_runs_without_its_kernels(tmp_p
         _, textbook, fused, speedup, *_ = line.split()
         assert float(speedup.rstrip("x")) == pytest.approx(float(textbook) / float(fused), rel=0.5)  # ms are rounded
     assert out[4:] == ["fused route's CPU kernels (bgremover.nets.cpu_kernels): off"]
+
+
+def test_train_throughput_reads_the_device_by_its_type(monkeypatch, capsys):
+    """`--device cpu:0` is the CPU: its precision was chosen as a GPU's (bf16, emulated and many times slower on an
+    AVX2-only CPU), as `cuda:0` skipped the clock's synchronisation the plain `cuda` gets."""
+    import subprocess
+
+    import bgremover.utils
+
+    module = bench("train_throughput")
+    monkeypatch.setattr(bgremover.utils, "cpu_precision", lambda: "32-true (no bf16 units)")
+    workers = []
+
+    def fake_worker(cmd, **_):
+        workers.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, json.dumps({"params_m": 1.0, "img_s": 2.0, "peak_mb": 3.0}), "")
+
+    monkeypatch.setattr(module.subprocess, "run", fake_worker)
+    code = run_main(module, ["--nets", "deeplabv3plus_mobilenet_v2", "--sizes", "224", "--device", "cpu:0"],
+                    monkeypatch)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[1].startswith("device=cpu:0 precision=fp32 ")
+    assert workers[0][workers[0].index("--precision") + 1] == "fp32"
