@@ -177,6 +177,27 @@ def test_ship_refuses_another_net_without_force(trained, data, tmp_path):
     assert BackgroundRemover(models / NAMES[0], threads=1).meta["net"] == "tiny"
 
 
+
+def test_ship_refuses_another_default_foreground_without_force(trained, data, tmp_path):
+    """A candidate that cuts out Car alone was scored on its own foreground against the shipped model's Car,
+    Pedestrian and Bicyclist, won, and was installed (make predict stopped cutting out people, unannounced). It is
+    refused before anything is built; --force ships it."""
+    models = tmp_path / "models"
+    assert run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data)).returncode == 0
+    before = listing(models)
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["bgremover"]["default_foreground"] = ["Car"]
+    car_only = tmp_path / "car" / "best.ckpt"
+    car_only.parent.mkdir()
+    torch.save(ckpt, car_only)
+    proc = run_ship("--ckpt", str(car_only), "--models-dir", str(models), "--data-root", str(data))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "cuts out Car by default, the shipped model Car, Pedestrian, Bicyclist" in proc.stderr
+    assert "--force" in proc.stderr and proc.stdout == "" and listing(models) == before
+    proc = run_ship("--ckpt", str(car_only), "--models-dir", str(models), "--data-root", str(data), "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert BackgroundRemover(models / NAMES[0], threads=1).meta["default_foreground"] == ["Car"]
+
 def old_and_new_sets(tmp_path, examples: bool = True) -> tuple[list, list]:
     """An installed set (models, an example cut-out) reading "old <name>", and its replacement reading "new <name>"."""
     names = [tmp_path / "models" / n for n in NAMES] + [tmp_path / "examples" / "a.nobg.png"] * examples

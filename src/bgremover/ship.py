@@ -9,7 +9,9 @@ from. Then it scores the shipped float model on the same CamVid test frames (`cu
 `make eval-cutout`) and moves the new files over `bgremover-camvid{.onnx,.int8.onnx,.pt}` only if the candidate
 is better on test mIoU and cut-out IoU and no worse on boundary F and alpha MAE (`--force` skips that comparison,
 not the int8 gate). A checkpoint of another net than the shipped one needs `--force` too: `make remover`
-fine-tunes the shipped net from the .pt, and its recipe names that net. Otherwise nothing in the models folder changes.
+fine-tunes the shipped net from the .pt, and its recipe names that net. So does one with another default foreground:
+each model's cut-out IoU is over its own foreground classes, and `make predict` would cut out other things.
+Otherwise nothing in the models folder changes.
 The example cut-outs (`examples/*.nobg.png` for the default models folder, or `--examples DIR`) are redone with
 the new default (int8) model, so they show what `make predict` now makes, and installed with the models as one
 set: an error or Ctrl-C before the last rename puts every old file back. It prints the rows models/README.md needs.
@@ -90,13 +92,23 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
     # models/README's rows said "CamVid test, 4 frames" beside a full-split history)
     partial = len(pairs) < len(every)
     span, flag = (f"{len(pairs)} of {len(every)}", " (PARTIAL)") if partial else (str(len(pairs)), "")
-    shipped_net = export.read_metadata(float_model).get("net") if float_model.is_file() else None
+    shipped = export.read_metadata(float_model) if float_model.is_file() else {}
+    shipped_net = shipped.get("net")
     if shipped_net not in (None, meta["net"]) and not force:
         # the .pt is what `make remover` fine-tunes: its recipe names the shipped net, and a checkpoint of
         # another net would only fit it in a few tensors, silently
         raise ShipError(
             f"{ckpt} is a {meta['net']}, the shipped model a {shipped_net}: experiments/remover.yaml fine-tunes "
             f"{shipped_net} from {names['weights'].name}, so change its model.net too, then ship with --force"
+        )
+    fg, shipped_fg = ({c.lower() for c in m.get("default_foreground") or []} for m in (meta, shipped))
+    if shipped_fg and fg != shipped_fg and not force:
+        # the cut-out IoU of the gate is each model's own foreground: a Car-only candidate beat the shipped model's
+        # Car+Pedestrian+Bicyclist score and was installed, and `make predict` silently stopped cutting out people
+        raise ShipError(
+            f"{ckpt} cuts out {', '.join(meta['default_foreground'])} by default, the shipped model "
+            f"{', '.join(shipped['default_foreground'])}: their cut-out IoUs are not comparable and make predict would "
+            "cut out other things: ship with --force to change the default foreground"
         )
     models_dir.mkdir(parents=True, exist_ok=True)
     # same filesystem: the final moves are renames. A fresh name each time: .ship-<pid> of a run the OOM killer
