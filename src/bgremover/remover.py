@@ -41,6 +41,7 @@ from bgremover.images import (  # noqa: F401  (re-exported: the library's image 
     open_image,
     output_suffix,
     parse_color,
+    resize_rgb,
     to_rgba_arrays,
 )
 from bgremover.padding import crop, pad_image
@@ -329,7 +330,7 @@ class BackgroundRemover:
         small = rgb
         if scale != 1.0:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+            small = resize_rgb(rgb, size)  # as training scaled its images (data=folder's image_size)
         prob = fg_softmax(self.logits(small), fg)
         if scale != 1.0:
             # Upsampling the summed probability equals summing upsampled per-class probabilities (bilinear is

@@ -38,6 +38,7 @@ from bgremover.images import (  # the predictor's decoding, opening (no PIL pixe
     _open_unbounded,
     _recording,
     _report_metadata,
+    resize_rgb,
     to_rgba_arrays,
 )
 
@@ -332,9 +333,7 @@ def resize_pair(image: np.ndarray, label: np.ndarray, shape: tuple[int, int]) ->
     """Image (area-averaged down, bilinear up) and label (nearest) to shape (h, w)."""
     h, w = shape
     if image.shape[:2] != (h, w):
-        down = image.shape[0] > h
-        image = np.array(Image.fromarray(image).resize(
-            (w, h), Image.Resampling.BOX if down else Image.Resampling.BILINEAR))
+        image = resize_rgb(image, (w, h))  # the predictor scales images by the same rule
     if label.shape != (h, w):
         label = np.array(Image.fromarray(label).resize((w, h), Image.Resampling.NEAREST))
     return image, label
