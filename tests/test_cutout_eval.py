@@ -236,6 +236,8 @@ def test_cli_writes_json_and_prints_table(model, camvid, tmp_path):
     for text in ("mIoU", "foreground IoU", "boundary F (tol 2 px)", "MAE", "threshold 0.5", "ms/image"):
         assert text in res.stdout
     assert f"{sum([830 / 840, 180 / 210, 1.0, 0.0]) / 4:.4f}" in res.stdout
+    # the printed foreground IoU is pooled over pixels and says so (a mean of the per-image IoUs is another number)
+    assert "(foreground IoU and MAE over the pixels of all 2 images pooled, not a mean of per-image scores" in res.stdout
     data = json.loads(out.read_text())
     assert data["n_images"] == 2 and data["split"] == "test" and data["data_root"] == str(camvid)
     assert data["split_frames"] == {"frames": 2, "of": 2, "complete": True}
@@ -247,6 +249,9 @@ def test_cli_writes_json_and_prints_table(model, camvid, tmp_path):
     )  # fmt: skip
     assert res.returncode == 0 and "img/s" not in res.stderr and "it/s" not in res.stderr, res.stderr[-500:]
     assert data["cutout"]["fg_iou"] == pytest.approx(180 / 210)
+    per_image = [row["fg_iou"] for row in data["per_image"] if row["fg_iou"] is not None]
+    assert abs(np.mean(per_image) - 180 / 210) > 0.005  # so "pooled" names which of two numbers is printed
+    assert f"{'foreground IoU':<34}{180 / 210:>16.4f}" in res.stdout  # the pooled one, first column (soft)
     for key, value in data["cutout"].items():  # ~0/1 alphas: thresholding at 0.5 changes nothing
         assert data["cutout_threshold"][key] == pytest.approx(value, abs=1e-6), key
     assert [p.name for p in out.parent.iterdir()] == ["cutout.json"]  # no temp file left behind
