@@ -169,6 +169,22 @@ def test_health_and_model(server, remover):
                               "queue": 8, "workers": 2}
 
 
+
+def test_model_of_a_partly_scored_int8_copy_gives_its_own_frame_count(tmp_path):
+    """An int8 copy scored on `quantize --eval-limit 12` of 233 frames: /model gave its mIoU over those 12 as
+    test_mIoU beside the float model's test_frames 233, as if the whole split had been scored."""
+    from test_cutout_eval import build_model
+
+    path = build_model(tmp_path / "q.onnx", metadata={
+        "test_mIoU": 0.5, "test_frames": 233, "test_frames_of": 233,
+        "quantization": {"eval": {"split": "test", "frames": 12, "of": 233, "int8": {"mIoU": 0.6}}}})
+    service = Service(BackgroundRemover(path, threads=1), workers=1, max_bytes=MAX_BYTES, queue=2)
+    with live_server(service) as base:
+        status, _, body = request(base, "GET", "/model")
+    meta = json.loads(body)
+    assert status == 200 and (meta["test_mIoU"], meta["test_frames"], meta["test_frames_of"]) == (0.6, 12, 233)
+    assert (meta["test_mIoU_float"], meta["test_frames_float"], meta["test_frames_of_float"]) == (0.5, 233, 233)
+
 @pytest.mark.parametrize(
     "upload, query, opts",
     [
