@@ -86,16 +86,33 @@ class LastCheckpoint(Checkpoint):
         # one process only: a collective save while other ranks are being torn down could hang
         if interrupted and not trainer.fast_dev_run and trainer.world_size == 1 and trainer.global_step > 0:
             self._validate_again = _inside_a_validation(trainer)
+            self._validate_next = _before_its_validation(trainer, self._validated_after)
             try:
                 self._save(trainer, link_allowed=False)
             finally:
-                self._validate_again = False
+                self._validate_again = self._validate_next = False
 
     _validate_again = False  # during an interrupt's save inside a validation: the saved val loop restarts it
+    _validate_next = False  # during one between a training batch and the validation after it: the same
+    _validated_after = -1  # training batches begun (over the run) when the latest fit validation began
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._validated_after = trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if self._validate_again:
-            _restart_the_validation(checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"])
+        loops = checkpoint["loops"]["fit_loop"]
+        if self._validate_next:
+            # Ctrl-C between a training batch and its validation (SIGTERM waits for the epoch's end): Lightning
+            # takes a restart there for one saved after that validation and skipped it (the epoch missing from the
+            # history, its weights never a best-epoch candidate). Saved as at the validation's start instead:
+            for counts in loops["epoch_loop.batch_progress"]["total"], loops["epoch_loop.batch_progress"]["current"]:
+                counts["completed"] = counts["processed"]  # the batch done (its on_train_batch_end cut short)
+            # the val counts of the epoch are the previous validation's: this one has done none of its frames
+            loops["epoch_loop.val_loop.batch_progress"]["current"].update(ready=0, started=0, processed=0,
+                                                                         completed=0)
+        if self._validate_again or self._validate_next:
+            _restart_the_validation(loops["epoch_loop.val_loop.batch_progress"])
 
     def _save(self, trainer: pl.Trainer, link_allowed: bool = True) -> None:
         if trainer.global_step == self._saved_step:
@@ -134,6 +151,20 @@ def _inside_a_validation(trainer: pl.Trainer) -> bool:
         return False
     done = trainer.fit_loop.epoch_loop.val_loop.batch_progress.current.completed
     return done < sum(trainer.num_val_batches)
+
+
+def _before_its_validation(trainer: pl.Trainer, validated_after: int) -> bool:
+    """Whether an interrupt came after a fit's training batch that Lightning validates after, before that
+    validation began (trainer.validating is set a moment before the val loop resets its counts and begins)."""
+    if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    done = progress.current
+    if not trainer.enable_validation or done.ready == 0 or done.processed != done.ready:
+        return False  # no validation, or the batch's own step not done (Lightning trains it again)
+    if validated_after == progress.total.ready:
+        return False  # its validation ran: the restart Lightning assumes (an interrupt at the epoch's end hooks)
+    return _validates_here(trainer, done.ready - 1, progress.is_last_batch)
 
 
 def _restart_the_validation(progress: dict) -> None:
