@@ -921,3 +921,18 @@ def test_val_miou_best_is_the_runs_when_the_best_epoch_is_picked_by_another_metr
     assert Path(summary["best_ckpt"]).name == "epoch_000.ckpt" and max(history) > history[0], history  # the case
     assert summary["metrics"]["val/mIoU_best"] == metrics["val/mIoU_best"] == pytest.approx(max(history))
     assert summary["history"]["val/mIoU_best"][-1] == pytest.approx(max(history))
+
+
+def test_speedrun_times_over_part_of_the_val_split_say_so(small_camvid, tmp_path, caplog):
+    """trainer.limit_val_batches: the time-to-mIoU lines (a speed-run's headline numbers) quoted a score over part
+    of the val split as the split's, though summary.json's val_split says PARTIAL (an audit)."""
+    with caplog.at_level("INFO", logger="bgremover.train"):
+        train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false",
+                                     "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
+                                     "+callbacks.time_to_miou._target_=bgremover.lit.speedrun.TimeToMIoU",
+                                     "+callbacks.time_to_miou.thresholds=[0.0]"]))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("speedrun: ")]
+    assert any(" (1 of 2 frames, PARTIAL) >= 0.000 after " in line for line in lines), lines
+    took = next(line for line in lines if line.startswith("speedrun: training took"))
+    assert took.endswith(" (epoch 0) (val/mIoU (1 of 2 frames, PARTIAL))"), took
+    assert json.loads((tmp_path / "summary.json").read_text())["val_split"]["complete"] is False

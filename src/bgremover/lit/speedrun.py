@@ -76,6 +76,7 @@ class TimeToMIoU(Callback):
         self._steps = 0
         self._val_trained = False
         self._validates = True
+        self._val_partial = ""  # " (1 of 101 frames, PARTIAL)": the latest validation covered part of the split
         # the first training step's seconds, warm-up included: this process's, plus every earlier start's of a
         # resumed run (each paid it inside the budget; summary.json describes the whole run)
         self.first_step_s: float | None = None
@@ -153,13 +154,21 @@ class TimeToMIoU(Callback):
             return
         value = float(trainer.callback_metrics[self.metric])
         now = self.elapsed()
+        from bgremover.utils import frames_note, test_split_info
+
+        # trainer.limit_val_batches: the times are to a score over part of the val split, not the split's (the
+        # PARTIAL flag every other number of part of a split carries, summary.json's val_split included)
+        counted = trainer.callback_metrics.get("val/frames")
+        split = test_split_info({} if counted is None else {"val/frames": float(counted)},
+                                getattr(trainer, "datamodule", None), "val")
+        self._val_partial = frames_note(split) if split["complete"] is False else ""
         for t in self.thresholds:
             if self.key(t) not in self.reached and value >= t:
                 self.reached[self.key(t)] = {"seconds": now, "epoch": trainer.current_epoch,
                                              "step": trainer.global_step, "value": value}
                 if trainer.is_global_zero:
-                    log.info("speedrun: %s %.4f >= %.3f after %.1f s (epoch %d, step %d)", self.metric, value, t,
-                             now, trainer.current_epoch, trainer.global_step)
+                    log.info("speedrun: %s %.4f%s >= %.3f after %.1f s (epoch %d, step %d)", self.metric, value,
+                             self._val_partial, t, now, trainer.current_epoch, trainer.global_step)
         self._publish(trainer, now)
 
     def _publish(self, trainer: pl.Trainer, fit_s: float) -> None:
@@ -201,7 +210,9 @@ class TimeToMIoU(Callback):
             parts.append(f"{self.metric} >= {t:.3f}: " + (f"{r['seconds']:.1f} s (epoch {r['epoch']})" if r
                                                            else "not reached"))
         # with train+val the thresholds measure data the net trains on: say so wherever the times are quoted
-        return "; ".join(parts) + (" (val is in the training data: not a held-out score)" if self._val_trained else "")
+        partial = f" ({self.metric}{self._val_partial})" if self._val_partial else ""  # " (val/mIoU (1 of 2 …))"
+        return "; ".join(parts) + partial + (" (val is in the training data: not a held-out score)"
+                                             if self._val_trained else "")
 
     def state_dict(self) -> dict[str, Any]:
         return {"reached": dict(self.reached), "fit_s": self.elapsed(), "train_s": self.train_elapsed(),
