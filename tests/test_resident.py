@@ -436,3 +436,23 @@ def test_train_split_train_plus_val_is_resident_too(tmp_path):
         truth = np.array(Image.open(lbl))
         h, w = truth.shape
         assert np.array_equal(dm.tensors["train"]["labels"][k, :h, :w].cpu().numpy(), truth)
+
+
+def test_a_resident_eval_reads_only_the_test_split(small_camvid, tmp_path):
+    """`make eval` (train=false) with data=camvid_resident decoded train and val first (its prepare_data filled the
+    cache for training whatever the stage), so on a copy holding only the test split, which data=camvid evaluates,
+    it failed on "split folder missing: …/train" (an audit)."""
+    import shutil
+
+    from test_runs import TINY_RUN
+
+    from bgremover.train import train
+
+    base = [*TINY_RUN, "data=camvid_resident", "trainer.max_epochs=1"]
+    train(compose_cfg(tmp_path / "a", [*base, f"data.root={small_camvid}", "test=false"]))
+    test_only = tmp_path / "test_only"
+    for split in ("test", "testannot"):
+        shutil.copytree(small_camvid / split, test_only / split)
+    metrics, _ = train(compose_cfg(tmp_path / "b", [*base, f"data.root={test_only}", "train=false",
+                                                    f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"]))
+    assert metrics["test/frames"] == 3

@@ -282,16 +282,20 @@ class ResidentCamVidDataModule(CamVidDataModule):
                               f"(data=camvid evaluates such frames one at a time)")
         return {"images": np.stack(images), "labels": np.stack(labels), "sizes": a["sizes"]}
 
+    STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
     def prepare_data(self) -> None:
         super().prepare_data()
         if self.hparams.cache:  # local rank 0 fills the cache; setup() on every rank then only loads it
-            for split in ("train", "val"):
+            # the splits the trainer's stage loads: `make eval` (and a run's test stage) decoded or read train and
+            # val too, and failed on a copy that holds only the test split, which data=camvid evaluates
+            fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+            for split in self.STAGE_SPLITS.get(getattr(fn, "value", fn), ("train", "val")):
                 self._arrays(split)
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         device = self._device()
-        for split in wanted.get(stage, ("train", "val", "test")):
+        for split in self.STAGE_SPLITS.get(stage, ("train", "val", "test")):
             if split in self.tensors and self.tensors[split]["labels"].device == device:
                 continue
             a = self._arrays(split)
