@@ -264,6 +264,17 @@ def test_cli_bad_input_one_error_line(tmp_path: Path, make: str) -> None:
     assert not (target / "report").exists()
 
 
+def test_a_file_that_is_no_summary_is_refused_not_reported(tmp_path: Path, capsys) -> None:
+    """`make compare SWEEP=README.md` (a file where a sweep folder goes) exited 0 with "No run finished" and wrote
+    a report/ folder beside the file (into the repository): it is one error line now, and nothing is written."""
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    assert compare.main([str(notes)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(notes) in err and "summary.json" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.md"]
+
+
 def test_main_without_multiruns_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     assert compare.main([]) == 1

@@ -124,6 +124,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
     for root in paths:
         if not root.exists():
             raise CompareError(f"no such file or directory: {root}")
+        if root.is_file() and root.name != SUMMARY_NAME:  # README.md here was a "failed run", its report beside it
+            raise CompareError(f"{root} is neither a sweep folder nor a {SUMMARY_NAME} file")
         files = [root] if root.is_file() else sorted(root.rglob(SUMMARY_NAME))
         for f in files:
             if f.resolve() in seen:
