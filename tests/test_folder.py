@@ -1113,6 +1113,22 @@ def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, caps
                                                f"{tmp_path / 'afile' / 'sub'}: Not a directory")
 
 
+def test_make_folder_prints_a_make_remover_command_that_pastes_whole(tmp_path, capsys):
+    """`make example-data EXAMPLES="my data"` printed `make remover DATA=/…/my data/cars`: pasted, make took
+    `data/cars` for a second target. The command is quoted for the shell now, as `make remover`'s own are."""
+    import shlex
+
+    from bgremover.data.make_folder import main
+
+    label = np.zeros((96, 128), np.uint8)
+    label[30:60, 40:90] = 8
+    root = fake_camvid(tmp_path / "CamVid", {"f": (lambda: np.zeros((96, 128, 3), np.uint8), label)})
+    out = tmp_path / "my data" / "cars"
+    assert main([str(out), "--data-root", str(root), "--min-side", "16", "--size", "32"]) == 0
+    command = capsys.readouterr().out.strip().split("train a remover on it: ")[1]
+    assert shlex.split(command) == ["make", "remover", f"DATA={out}"]
+
+
 def test_make_folder_composites_subjects_onto_subject_free_windows(tmp_path, capsys):
     """--composite: each whole subject pasted per_subject times onto windows without the class, same split only."""
     import cv2

@@ -29,6 +29,7 @@ use.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(f"cannot write {args.out}: {e.strerror or e}", PROG)  # (its temp folder's name said nothing)
     kind = "composites" if args.composite else "crops"
     print(f"wrote {args.out}: " + ", ".join(f"{counts[s]} {s}" for s in SPLITS) + f" {kind} of {'/'.join(classes)}"
-          f" ({args.size}x{args.size}); train a remover on it: make remover DATA={args.out}")
+          f" ({args.size}x{args.size}); train a remover on it: make remover DATA={shlex.quote(str(args.out))}")
     return 0
 
 
