@@ -46,14 +46,42 @@ UNKNOWN_VARS := $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(o
 ifneq ($(UNKNOWN_VARS),)
 $(error unknown make variable(s) $(UNKNOWN_VARS): Hydra overrides go in ARGS, e.g. make $(or $(firstword $(MAKECMDGOALS)),train) ARGS="$(firstword $(UNKNOWN_VARS))=...")
 endif
+# what each target reads of the variables naming its inputs: one given to a goal that ignores it was dropped silently
+# (`make train CKPT=last.ckpt` trained from scratch, `make quantize OUT=x` wrote elsewhere, `make test ARGS=-x` ran
+# everything), so a non-empty one that no goal on the command line reads is refused too
+TARGET_VARS := EXP ARGS CKPT IMG MODEL OUT SWEEP DATA EXAMPLES
+reads.train := EXP ARGS
+reads.sweep := EXP ARGS
+reads.eval := CKPT ARGS
+reads.compare := SWEEP ARGS
+reads.export := CKPT OUT ARGS
+reads.predict := IMG MODEL OUT ARGS
+reads.serve := MODEL ARGS
+reads.ship := CKPT ARGS
+reads.quantize := MODEL ARGS
+reads.eval-cutout := MODEL ARGS
+reads.remover := DATA EXP ARGS
+reads.example-data := EXAMPLES
+reads.reproduce-default := ARGS
+reads.speedruns := ARGS
+TARGETS := help install test test-fast lint data train eval sweep compare export predict ship quantize eval-cutout \
+           remover example-data serve benchmark reproduce-default speedruns clean
+GOALS := $(or $(MAKECMDGOALS),help)
+# a misspelt target (`make trian EXP=x`) is make's own "No rule to make target 'trian'", not "reads no EXP"
+UNREAD_VARS := $(if $(filter-out $(TARGETS),$(GOALS)),,$(strip $(foreach v,$(TARGET_VARS),$(if $(and $(filter \
+               command line,$(origin $(v))),$($(v))),$(if $(filter $(v),$(foreach g,$(GOALS),$(reads.$(g)))),,$(v))))))
+ifneq ($(UNREAD_VARS),)
+$(error make $(GOALS) reads no $(UNREAD_VARS): it takes $(or $(foreach g,$(GOALS),$(reads.$(g))),none)$(if $(and \
+  $(filter CKPT,$(UNREAD_VARS)),$(filter train sweep remover,$(GOALS))), (a resume: ARGS="ckpt_path=...")) \
+  (make help shows how))
+endif
 # pytest-xdist printed its whole usage block for TEST_JOBS=x: one line instead (a count, or xdist's auto/logical)
 ifeq ($(shell [[ '$(TEST_JOBS)' =~ ^([0-9]+|auto|logical)$$ ]] && echo ok),)
 $(error TEST_JOBS must be a number of test processes (0: one process) or auto, got '$(TEST_JOBS)')
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint data train eval sweep compare export predict ship quantize eval-cutout \
-        remover example-data serve benchmark reproduce-default speedruns clean
+.PHONY: $(TARGETS)
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-18s %s\n", $$1, $$2}'

@@ -129,6 +129,31 @@ def test_make_refuses_a_variable_no_target_reads():
     assert "experiment=speedrun_tiramisu103 speedrun_budget_s=450" in ok.stdout
 
 
+def test_make_refuses_a_variable_its_target_does_not_read():
+    """`make train CKPT=<run>/last.ckpt` (CKPT as eval/export/ship take it) trained a new model from scratch, `make
+    quantize OUT=x.int8.onnx` wrote the default file, `make test ARGS=-x` ran the whole suite: known variables
+    the named target never reads were dropped silently. Now one line says what the target takes; nothing runs."""
+    def make(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-s", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    for args, says in ((["train", "CKPT=last.ckpt"], 'make train reads no CKPT: it takes EXP ARGS (a resume: ARGS="ckpt_path=..."'),
+                       (["quantize", "OUT=x.int8.onnx"], "make quantize reads no OUT: it takes MODEL ARGS"),
+                       (["test", "ARGS=-x"], "make test reads no ARGS: it takes none"),
+                       (["example-data", "DATA=x"], "make example-data reads no DATA: it takes EXAMPLES")):
+        proc = make(*args)
+        assert proc.returncode == 2 and proc.stdout == "", (args, proc.stdout)
+        (line,) = proc.stderr.strip().splitlines()
+        assert says in line and line.endswith("(make help shows how).  Stop."), line
+    typo = make("trian", "EXP=x")  # a misspelt target is make's own error, not "trian reads no EXP"
+    assert typo.returncode == 2 and typo.stderr.strip() == "make: *** No rule to make target 'trian'.  Stop."
+    for args, runs in ((["eval", "CKPT=a b.ckpt"], 'ckpt_path="a b.ckpt"'),  # a goal that reads it: fine
+                       (["train", "eval", "EXP=cpu_quick", "CKPT=c.ckpt"], "experiment=cpu_quick"),
+                       (["train", "CKPT="], "bgremover.train"),  # an empty one sets nothing
+                       (["predict", "IMG=a.jpg", "MODEL=m.onnx", "OUT=o", "ARGS=--refine"], '--out "o" --refine')):
+        ok = make("-n", *args)
+        assert ok.returncode == 0 and runs in ok.stdout, (args, ok.stderr)
+
+
 def test_make_test_with_a_bad_test_jobs_says_so_in_one_line():
     """`make test TEST_JOBS=x` ended in pytest-xdist's whole usage block (exit 4); now one line naming the setting."""
     proc = subprocess.run(["make", "-s", "test", "TEST_JOBS=x"], cwd=REPO, capture_output=True, text=True, timeout=60)
