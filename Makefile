@@ -43,8 +43,16 @@ TEST_JOBS ?= 2
 KNOWN_VARS := EXP ARGS CKPT IMG MODEL OUT SWEEP DATA DATA_DIR EXAMPLES TEST_JOBS PYTHON KEEP_MEMORY WANDB_SILENT \
               OMP_WAIT_POLICY
 UNKNOWN_VARS := $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(filter-out $(KNOWN_VARS),$(v)))))
+# the advice has to work for the target: `make predict img=a.jpg` is IMG misspelt, and the CLIs (predict, serve,
+# export, ...) take flags in ARGS; "ARGS="img=..."" had predict read img=a.jpg as a file name
+HYDRA_GOALS := train sweep eval remover reproduce-default speedruns
 ifneq ($(UNKNOWN_VARS),)
-$(error unknown make variable(s) $(UNKNOWN_VARS): Hydra overrides go in ARGS, e.g. make $(or $(firstword $(MAKECMDGOALS)),train) ARGS="$(firstword $(UNKNOWN_VARS))=...")
+goal := $(or $(firstword $(MAKECMDGOALS)),train)
+misspelt := $(filter $(KNOWN_VARS),$(shell echo '$(firstword $(UNKNOWN_VARS))' | tr a-z A-Z))
+$(error unknown make variable(s) $(UNKNOWN_VARS): $(if $(misspelt),did you mean $(misspelt)=...? (make's variables \
+  are upper-case),$(if $(filter $(goal),$(HYDRA_GOALS)),Hydra overrides go in ARGS$(comma) e.g. make $(goal) \
+  ARGS="$(firstword $(UNKNOWN_VARS))=...",options go in ARGS$(comma) e.g. make $(goal) ARGS="--$(subst _,-,$(firstword \
+  $(UNKNOWN_VARS))) ...")))
 endif
 # what each target reads of the variables naming its inputs: one given to a goal that ignores it was dropped silently
 # (`make train CKPT=last.ckpt` trained from scratch, `make quantize OUT=x` wrote elsewhere, `make test ARGS=-x` ran

@@ -129,6 +129,23 @@ def test_make_refuses_a_variable_no_target_reads():
     assert "experiment=speedrun_tiramisu103 speedrun_budget_s=450" in ok.stdout
 
 
+def test_an_unknown_variable_gets_advice_that_works_for_its_target():
+    """`make predict img=photo.jpg` was told `make predict ARGS="img=..."` and `make serve port=9000` `make serve
+    ARGS="port=..."`: Hydra advice for programs that take no Hydra overrides (followed, predict read img=photo.jpg
+    as a file name). A lower-cased variable is named as it is spelled; a CLI's options are flags in ARGS."""
+    def line(*args: str) -> str:
+        proc = subprocess.run(["make", "-s", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stdout == ""
+        (only,) = proc.stderr.strip().splitlines()
+        return only
+
+    assert line("predict", "img=photo.jpg").endswith("*** unknown make variable(s) img: did you mean IMG=...? "
+                                                      "(make's variables are upper-case).  Stop.")
+    assert line("serve", "port=9000").endswith('*** unknown make variable(s) port: options go in ARGS, e.g. make '
+                                               'serve ARGS="--port ...".  Stop.')
+    assert 'Hydra overrides go in ARGS, e.g. make eval ARGS="tta=..."' in line("eval", "tta=flip")
+
+
 def test_make_refuses_a_variable_its_target_does_not_read():
     """`make train CKPT=<run>/last.ckpt` (CKPT as eval/export/ship take it) trained a new model from scratch, `make
     quantize OUT=x.int8.onnx` wrote the default file, `make test ARGS=-x` ran the whole suite: known variables
