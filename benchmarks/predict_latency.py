@@ -319,4 +319,9 @@ def lib_ort_version() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C in `make benchmark` (~12 min): one line, not a traceback
+        from bgremover.errors import report
+
+        sys.exit(report("interrupted", "benchmarks/predict_latency.py", 130))

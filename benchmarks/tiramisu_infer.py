@@ -102,4 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C in `make benchmark` (~12 min): one line, not a traceback
+        from bgremover.errors import report
+
+        sys.exit(report("interrupted", "benchmarks/tiramisu_infer.py", 130))

@@ -486,4 +486,9 @@ def _threads() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C in `make benchmark` (~12 min): one line, not a traceback
+        from bgremover.errors import report
+
+        sys.exit(report("interrupted", "benchmarks/tiramisu_speed.py", 130))

@@ -145,4 +145,9 @@ def _cuda() -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C in `make benchmark` (~12 min): one line, not a traceback
+        from bgremover.errors import report
+
+        sys.exit(report("interrupted", "benchmarks/train_throughput.py", 130))

@@ -1,13 +1,18 @@
-"""tools/cutout_sheet.py, the README's cut-out pictures: a bad argument is one error line, not a traceback, and
-the picture it replaces (tracked under docs/) is written whole or not at all."""
+"""The scripts outside the package that the README and `make benchmark` run: tools/cutout_sheet.py (the README's
+cut-out pictures: a bad argument is one error line, not a traceback, and the picture it replaces, tracked under
+docs/, is written whole or not at all) and the benchmarks (Ctrl-C is one line and exit 130)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import REPO
 from PIL import Image
 
@@ -59,3 +64,21 @@ def test_cutout_sheet_bad_arguments_are_one_line_and_write_nothing(tmp_path):
         assert lines[0].startswith("python tools/cutout_sheet.py: error:")
     assert old.read_bytes() == b"the picture the docs show"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cars", "old.jpg"]
+
+
+@pytest.mark.parametrize("script", ["train_throughput", "tiramisu_speed", "tiramisu_infer", "predict_latency"])
+def test_ctrl_c_in_make_benchmark_is_one_line_and_130(script):
+    """`make benchmark` takes ~12 min; Ctrl-C in it ended in a KeyboardInterrupt traceback (from inside
+    subprocess.communicate). Each of its scripts now says it was interrupted, in one line, exit 130."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / f"{script}.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        proc.stdout.readline()  # started: its first line is out (imports done, measuring)
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"benchmarks/{script}.py: error: interrupted"
