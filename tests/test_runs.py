@@ -345,6 +345,37 @@ def test_ctrl_c_inside_the_first_imports_is_an_interrupt_not_a_failure(small_cam
         train(compose_cfg(run, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1"]))
 
 
+_EVAL_CTRL_C = """
+import sys
+from bgremover import checkpoint, eval as ev
+from bgremover.lit.module import SegmentationModule
+def ctrl_c(*a, **k):
+    raise KeyboardInterrupt
+if sys.argv[1] == "start":
+    checkpoint.load_module = ctrl_c
+else:
+    SegmentationModule.test_step = ctrl_c
+sys.argv[1:] = sys.argv[2:]
+ev.main()
+"""
+
+
+def test_ctrl_c_in_make_eval_is_one_line_and_130(small_camvid, tmp_path):
+    """`make eval` stopped by Ctrl-C while it started: a KeyboardInterrupt traceback; in its test loop: Lightning's
+    "attempting graceful shutdown" and exit 1, nothing else said. Both are one line and 130 now, no eval.json."""
+    train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1", "test=false"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    for when in ("start", "test"):
+        proc = subprocess.run([sys.executable, "-c", _EVAL_CTRL_C, when, f"ckpt_path={ckpt}",
+                               f"data.root={small_camvid}", f"paths.log_dir={tmp_path / 'logs'}", "logger=csv"],
+                              capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env={**os.environ, "WANDB_MODE": "offline"})
+        assert proc.returncode == 130, (when, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == "error: interrupted: nothing was evaluated", proc.stderr
+        assert not list((tmp_path / "logs").rglob("eval.json"))
+
+
 def test_ctrl_c_while_starting_or_testing_says_what_was_kept(small_camvid, tmp_path, monkeypatch):
     """Ctrl-C while a run started was a bare KeyboardInterrupt traceback (its half-made run folder stayed); in the
     test stage, Lightning's exit 1 with no word of the finished training. Now one RunInterrupted each: nothing was

@@ -45,10 +45,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for logger in loggers:  # which checkpoint, split and data: the run said nothing of what it evaluated
         logger.log_hyperparams(config_dict)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[], _convert_="all")
-    if cfg.split == "val":
-        results = trainer.validate(model=model, datamodule=datamodule)
-    else:
-        results = trainer.test(model=model, datamodule=datamodule)
+    try:
+        if cfg.split == "val":
+            results = trainer.validate(model=model, datamodule=datamodule)
+        else:
+            results = trainer.test(model=model, datamodule=datamodule)
+    except SystemExit:  # Lightning's answer to Ctrl-C in the loop: "attempting graceful shutdown", then exit 1
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     frames = utils.test_split_info(metrics, datamodule, cfg.split)
     if not metrics or not frames.get("frames"):  # exited 0 with no number and an eval.json of empty metrics
@@ -193,6 +198,10 @@ def _main(cfg: DictConfig) -> None:
     utils.quiet_libraries()
     try:
         metrics, objects = task.run_task(evaluate, cfg)
+    except KeyboardInterrupt:  # as it started, a bare traceback; in its loop, Lightning's exit 1 with no word
+        from bgremover.errors import report
+
+        sys.exit(report("interrupted: nothing was evaluated", code=130))
     except Exception as exc:
         utils.print_error(exc)
         sys.exit(1)
