@@ -49,6 +49,22 @@ def test_an_unknown_deeplab_encoder_is_refused_before_a_run_folder_is_made(small
     assert not (tmp_path / "train").exists() or not any((tmp_path / "train" / "runs").iterdir())
 
 
+def test_a_sweep_experiment_run_as_one_training_is_refused(small_camvid, tmp_path):
+    """`make train EXP=compare_models` (the README's `make sweep` experiment) ran one job of the base config,
+    FC-DenseNet103 for 100 epochs (hours on a CPU), its sweep of nets × seeds dropped without a word. A job of it
+    (every swept key given, as a sweep job's resume command gives them) still trains."""
+    proc = _run("bgremover.train", "experiment=compare_models", f"data.root={small_camvid}",
+                f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: experiment=compare_models is a sweep over model, seed (hydra.sweeper.params): one run would train "
+        "only its defaults; run the sweep with make sweep EXP=compare_models (-m), or pick its job: model=... "
+        "seed=..."), proc.stderr
+    assert not (tmp_path / "train").exists() or not any((tmp_path / "train" / "runs").iterdir())
+    proc = _run("bgremover.train", "experiment=compare_models", "model=tiramisu56", "seed=1", "trainer.max_epochs=0",
+                f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")  # past the sweep check, to the next one
+    assert proc.returncode == 1 and "trainer.max_epochs" in proc.stderr and "sweep" not in proc.stderr, proc.stderr
+
+
 def test_deeplab_with_a_batch_of_one_is_refused_before_a_run_folder_is_made(small_camvid, tmp_path):
     """"Expected more than 1 value per channel when training" came at the first step (ASPP's image pooling before
     a BatchNorm), after the datamodule, the net and the run folder were made."""

@@ -506,9 +506,27 @@ def _check_search_objective(cfg: DictConfig, trainer) -> None:
                         "trainer.limit_val_batches=0")
 
 
+def _check_not_a_sweep() -> None:
+    """`make train EXP=compare_models` ran one job of the base config (FC-DenseNet103 for 100 epochs, hours on a
+    CPU), the sweep's lists dropped without a word. A job of the sweep (each swept key given: what a sweep job's
+    resume command gives) is a run like any other."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) == "RunMode.MULTIRUN":
+        return
+    swept = [str(k) for k in (HydraConfig.get().sweeper.get("params") or {})]
+    if missing := [k for k in swept if not given(k)]:
+        exp = next((o.split("=", 1)[1] for o in overrides() if o.lstrip("+").startswith("experiment=")), None)
+        name, sweep = (f"experiment={exp}", f"make sweep EXP={exp}") if exp else ("this config", "make sweep")
+        raise UserError(f"{name} is a sweep over {', '.join(swept)} (hydra.sweeper.params): one run would train "
+                        f"only its defaults; run the sweep with {sweep} (-m), or pick its job: "
+                        + " ".join(f"{k}=..." for k in missing))
+
+
 def validate_train(cfg: DictConfig) -> None:
     """Everything `python -m bgremover.train` can check without building anything."""
     _check_output_dir()
+    _check_not_a_sweep()
     _check_seed(cfg)
     model = cfg.get("model") or {}
     # a time budget ends training (TimeToMIoU): 0 or less never ended it (the run went on for all its epochs)
