@@ -865,6 +865,26 @@ def test_a_double_precision_run(small_camvid, tmp_path):
     assert objects["trainer"].global_step == 1
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_a_true_precision_run_is_tested_in_fp32_as_eval_tests_it(precision, small_camvid, tmp_path):
+    """`trainer.precision=bf16-true` (16-true, 64-true) trained, then failed in its test stage: the fp32 test input
+    met the weights Lightning had cast ("Input type (torch.FloatTensor) and weight type (CPUBFloat16Type)"). The
+    test stage runs the net in fp32, so a 64-true run's test numbers are `make eval`'s of its best checkpoint."""
+    from bgremover.eval import evaluate
+
+    metrics, objects = train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}",
+                                                            f"trainer.precision={precision}", "trainer.max_epochs=1"]))
+    assert metrics["test/frames"] == 3 and 0 <= metrics["test/mIoU"] <= 1
+    assert {p.dtype for p in objects["model"].net.parameters()} == {torch.float32}
+    if precision == "64-true":  # fp64 input and weights round to fp32 exactly as the checkpoint loads in eval
+        best = json.loads((tmp_path / "run" / "summary.json").read_text())["best_ckpt"]
+        evaluated = evaluate(compose_cfg(tmp_path / "ev", [f"data.root={small_camvid}", "data.num_workers=0",
+                                                           "trainer.precision=32-true", f"ckpt_path={best}"],
+                                         config_name="eval"))[0]
+        assert metrics["test/mIoU"] == pytest.approx(evaluated["test/mIoU"], abs=1e-6)
+        assert metrics["test/loss"] == pytest.approx(evaluated["test/loss"], rel=1e-5)
+
+
 def test_without_the_projects_callbacks_no_checkpoint_passes_for_the_best(small_camvid, tmp_path):
     """`callbacks=none`: Lightning's own ModelCheckpoint keeps the newest epoch, and summary.json recorded it as
     `best_ckpt`, which test, compare and export then treat as the best (a user audit). It is the last one."""

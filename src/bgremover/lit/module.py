@@ -262,6 +262,13 @@ class SegmentationModule(pl.LightningModule):
             self._panel_epoch = self.current_epoch
             self._log_panel()
 
+    def on_test_start(self) -> None:
+        # the *-true precisions (bf16-true, 16-true, 64-true) cast the module itself, and _step's fp32 input then
+        # met bf16/fp16/fp64 weights: the run trained, then failed in its test stage. The test number is fp32's,
+        # as `make eval` and the exported model compute it (the weights widen or round exactly as they load there)
+        if any(p.dtype != torch.float32 for p in self.net.parameters()):
+            self.float()
+
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
         per_class = self.test_class_iou.compute()
