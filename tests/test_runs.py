@@ -885,6 +885,19 @@ def test_a_true_precision_run_is_tested_in_fp32_as_eval_tests_it(precision, smal
         assert metrics["test/loss"] == pytest.approx(evaluated["test/loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_a_half_precision_run_weighs_its_loss_by_the_class_weights_as_given(precision, small_camvid, tmp_path):
+    """`trainer.precision=bf16-true data.class_weights=median_freq` stopped at its first step: Lightning had cast the
+    class-weight buffer to bf16 with the module, against the loss's fp32 logits ("expected scalar type Float but
+    found BFloat16"). The loss weighs by the weights as computed, in fp32."""
+    metrics, objects = train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
+                                                    f"trainer.precision={precision}", "data.class_weights=median_freq"]))
+    model = objects["model"]
+    assert objects["trainer"].global_step == 2 and metrics["test/frames"] == 3
+    assert torch.equal(model.criterion.weight, torch.tensor(model.hparams.class_weights, dtype=torch.float32))
+    assert len(set(model.hparams.class_weights)) > 1  # weighted: the classes' weights differ
+
+
 def test_without_the_projects_callbacks_no_checkpoint_passes_for_the_best(small_camvid, tmp_path):
     """`callbacks=none`: Lightning's own ModelCheckpoint keeps the newest epoch, and summary.json recorded it as
     `best_ckpt`, which test, compare and export then treat as the best (a user audit). It is the last one."""

@@ -163,6 +163,11 @@ class SegmentationModule(pl.LightningModule):
             logits = self(x)
         # half-precision logits to fp32 for the loss; not fp64 ones (precision=64-true): the class-weight buffer is
         # fp64 there too, and the cast failed as "expected scalar type Float but found Double"
+        weight = self.criterion.weight
+        if weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
+            # bf16-true/16-true cast this buffer with the module: against the fp32 logits the loss failed at the
+            # first step ("expected scalar type Float but found BFloat16"); the weights as given, in fp32 again
+            self._class_weights_as_given()
         loss = self.criterion(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, y)
         pooled = loss  # what loss_mean pools: the whole loss in training, the cross-entropy alone in val/test
         if self.hparams.dice_weight and self.fg_index:
@@ -268,6 +273,13 @@ class SegmentationModule(pl.LightningModule):
         # as `make eval` and the exported model compute it (the weights widen or round exactly as they load there)
         if any(p.dtype != torch.float32 for p in self.net.parameters()):
             self.float()
+            if self.criterion.weight is not None:  # rounded to bf16/fp16 by the cast, were it half
+                self._class_weights_as_given()
+
+    def _class_weights_as_given(self) -> None:
+        """The loss's class weights in fp32, as computed (a cast of the module to half precision rounded them)."""
+        self.criterion.weight = torch.tensor(self.hparams.class_weights, dtype=torch.float32,
+                                             device=self.criterion.weight.device)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
