@@ -112,6 +112,34 @@ def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("override, message", [
+    # Lightning's endless training: "OverflowError: cannot convert float infinity to integer" after the build
+    ("trainer.max_epochs=-1", "model.scheduler.total_iters=null spans the run's steps, and this run sets no number "
+                              "of them (trainer.max_epochs=-1): give trainer.max_epochs or trainer.max_steps"),
+    ("~trainer.max_epochs trainer.max_time=00:00:10:00", "model.scheduler.total_iters=null spans the run's steps, and "
+     "this run sets no number of them (no trainer.max_epochs, which beside trainer.max_time Lightning takes as no limit)"),
+    # per epoch: planned for 1 epoch, at its end (lr 0) from the second on, without a word
+    ("trainer.max_epochs=-1 trainer.max_steps=40 model.scheduler_interval=epoch",
+     "model.scheduler.total_iters=null spans the run's epochs, and this run sets no number of them "
+     "(trainer.max_epochs=-1): give trainer.max_epochs, or model.scheduler.total_iters=N"),
+    ("model.scheduler_interval=batch", "model.scheduler_interval must be step or epoch, got 'batch'"),
+])
+def test_a_schedule_over_the_run_needs_a_run_length(small_camvid, tmp_path, override, message):
+    from bgremover import config
+    from bgremover.errors import UserError
+
+    base = [*(o for o in TINY_RUN if not o.startswith("model")), f"data.root={small_camvid}", "model=deeplabv3plus"]
+    with pytest.raises(UserError) as info:
+        config.validate_train(compose_cfg(tmp_path / "run", [*base, *override.split()]))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    # a step count is a length: the poly schedule spans those 3 steps (lr 0 at the last)
+    from bgremover.train import train
+
+    _, objects = train(compose_cfg(tmp_path / "ok", [*base, "trainer.max_epochs=-1", "trainer.max_steps=3"]))
+    scheduler = objects["trainer"].lr_scheduler_configs[0].scheduler
+    assert objects["trainer"].global_step == 3 and scheduler.total_iters == 3 and scheduler.get_last_lr()[0] == 0
+
+
 def test_trainer_ddp_on_a_cpu_machine_names_what_asked_for_the_gpu(small_camvid, tmp_path):
     """`trainer=ddp` was blamed on the default recipe ("cpu_quick trains on a GPU"), and the fix offered dropped DDP."""
     proc = _run("bgremover.train", "trainer=ddp", f"data.root={small_camvid}", f"paths.log_dir={tmp_path}")

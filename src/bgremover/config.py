@@ -475,6 +475,30 @@ def _check_settings(key: str, node, names: bool = True) -> None:
         raise UserError(f"{key}.{unknown[0]} is not a setting of {node._target_} (it takes: {takes})")
 
 
+def _check_schedule(model, trainer) -> None:
+    """The scheduler's interval is one Lightning takes, and a schedule over the whole run (`total_iters: null`, the
+    DeepLab and speed-run recipes) has a run length to span. `trainer.max_epochs=-1` (Lightning's endless training,
+    as is no max_epochs beside trainer.max_time) failed after the build ("cannot convert float infinity to
+    integer"); per epoch, such a schedule was planned for one epoch and sat at its end from the second on."""
+    interval = model.get("scheduler_interval", "epoch")
+    if interval not in ("step", "epoch"):  # Lightning's MisconfigurationException came after the build
+        raise UserError(f"model.scheduler_interval must be step or epoch, got {interval!r}")
+    scheduler = model.get("scheduler")
+    if not isinstance(scheduler, DictConfig) or "total_iters" not in scheduler or scheduler.total_iters is not None:
+        return
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    steps = None if steps in (None, -1) else steps
+    if epochs is None:  # Lightning's rule: 1000 epochs, unless max_steps or max_time ends the run instead
+        epochs = 1000 if steps is None and trainer.get("max_time") is None else -1
+    if epochs == -1 and (interval == "epoch" or steps is None):
+        needs = "trainer.max_epochs" if interval == "epoch" else "trainer.max_epochs or trainer.max_steps"
+        given = trainer.get("max_epochs")
+        endless = "trainer.max_epochs=-1" if given is not None else "no trainer.max_epochs, which beside " + \
+            ("trainer.max_steps" if steps else "trainer.max_time") + " Lightning takes as no limit"
+        raise UserError(f"model.scheduler.total_iters=null spans the run's {interval}s, and this run sets no number of "
+                        f"them ({endless}): give {needs}, or model.scheduler.total_iters=N")
+
+
 def _check_seed(cfg: DictConfig) -> None:
     seed = cfg.get("seed")  # Lightning's int() said "invalid literal for int() with base 10: 'abc'", naming nothing
     if seed is not None and (isinstance(seed, bool) or not isinstance(as_number(seed), int)):
@@ -582,6 +606,7 @@ def validate_train(cfg: DictConfig) -> None:
         raise UserError(f"model.optimizer.lr must be a positive number, got {lr!r}")
     for key in ("optimizer", "scheduler"):  # a misspelt setting failed at fit time, after the W&B run started
         _check_settings(f"model.{key}", model.get(key))
+    _check_schedule(model, trainer)
     for name, node in (cfg.get("callbacks") or {}).items():  # their names are checked when they are built
         _check_settings(f"callbacks.{name}", node, names=False)
     if isinstance(model.get("net"), DictConfig):  # smp's KeyError came while building the net, a run folder made
