@@ -149,6 +149,21 @@ def test_trainer_ddp_on_a_cpu_machine_names_what_asked_for_the_gpu(small_camvid,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_typed_gpu_accelerator_on_a_cpu_machine_is_named_with_a_fix_that_works(small_camvid, tmp_path):
+    """`make train ARGS="trainer.accelerator=cuda"` was answered "cpu_quick trains on a GPU (...): add
+    ARGS="trainer=cpu"": the CPU recipe blamed, and the fix offered still failed (the typed key wins over the group)."""
+    proc = _run("bgremover.train", "trainer.accelerator=cuda", f"data.root={small_camvid}", f"paths.log_dir={tmp_path}",
+                env={"MAKELEVEL": ""})  # typed to python -m bgremover.train, not make
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: trainer.accelerator=cuda asks for a GPU and this machine has none: put trainer=cpu in its place to "
+        "run it here")
+    fixed = _run("bgremover.train", "trainer=cpu", f"data.root={small_camvid}", f"paths.log_dir={tmp_path}",
+                 "data.num_workers=0", "data.crop_size=[32,32]", "data.batch_size=2", "data.class_weights=null",
+                 "trainer.max_epochs=1", "logger=csv", "measure_inference=false")
+    assert fixed.returncode == 0, fixed.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_recipe_on_a_cpu_machine_offers_the_fix_as_the_command_was_typed(small_camvid, tmp_path):
     """`python -m bgremover.train experiment=speedrun_remover` was told to `add ARGS="trainer=cpu"`: make's syntax."""
     message = "error: speedrun_remover trains on a GPU (trainer.accelerator=gpu) and this machine has none: add {} to run it here"

@@ -649,6 +649,10 @@ def _no_gpu_message(cfg: DictConfig, accelerator: str) -> str:
     cpu = 'ARGS="trainer=cpu"' if os.environ.get("MAKELEVEL") else "trainer=cpu"
     fix = ('for DDP over CPU processes add trainer.accelerator=cpu trainer.devices=2 trainer.sync_batchnorm=false'
            if chosen == "ddp" else f"add {cpu} to run it here")
+    if given("trainer.accelerator"):  # typed: it was blamed on the recipe (cpu_quick, a CPU recipe), and the
+        # `add trainer=cpu` offered left the typed override in force (a group is applied before a key's value)
+        return (f"trainer.accelerator={accelerator} asks for a GPU and this machine has none: put {cpu} in its "
+                "place to run it here")
     return f"{who} trains on a GPU (trainer.accelerator={accelerator}) and this machine has none: {fix}"
 
 
