@@ -99,6 +99,11 @@ def test_deeplab_with_a_batch_of_one_is_refused_before_a_run_folder_is_made(smal
     # trained, then stopped at the first epoch without improvement: "'>=' not supported between 'int' and 'str'"
     ("callbacks.early_stopping.patience=abc", "callbacks.early_stopping.patience must be a number, got 'abc'"),
     ("model.optimizer.weight_decay=1e-4x", "model.optimizer.weight_decay must be a number, got '1e-4x'"),
+    # "'<=' not supported between instances of 'float' and 'list'" after the build; a null gamma at the first
+    # epoch's end; centered=maybe trained centered, without a word
+    ("model.optimizer.weight_decay=[1]", "model.optimizer.weight_decay must be a number, got [1]"),
+    ("model.scheduler.gamma=null", "model.scheduler.gamma must be a number, got null"),
+    ("+model.optimizer.centered=maybe", "model.optimizer.centered must be true or false, got 'maybe'"),
 ])
 def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid, tmp_path, override, message):
     """Both failed after the datamodule, the net and the W&B run were built ("TypeError: 'int' object is not

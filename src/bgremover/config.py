@@ -463,9 +463,16 @@ def _check_settings(key: str, node, names: bool = True) -> None:
         hint = hints.get(k)
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         kinds = set(typing.get_args(hint) if union else [hint]) - {type(None)}
-        # (a number as text passes: what ${oc.env:...} gives, and the time budgets take)
-        if kinds and kinds <= {int, float} and isinstance(as_number(node.get(k)), str):
-            raise UserError(f"{key}.{k} must be a number, got {node.get(k)!r}")
+        value, optional = node.get(k), union and type(None) in typing.get_args(hint)
+        # (a number as text passes: what ${oc.env:...} gives, and the time budgets take). A list or a null where
+        # the class takes none failed after the build (`model.optimizer.weight_decay=[1]`: "'<=' not supported
+        # between 'float' and 'list'"; `model.scheduler.power=null` at the first step). total_iters: null is the
+        # run's length (SegmentationModule fills it in)
+        if kinds and kinds <= {int, float} and (
+                not isinstance(as_number(value), int | float) if value is not None else not optional and k != "total_iters"):
+            raise UserError(f"{key}.{k} must be a number, got {'null' if value is None else repr(value)}")
+        if kinds == {bool} and not isinstance(value, int) and (value is not None or not optional):  # fused=maybe: on
+            raise UserError(f"{key}.{k} must be true or false, got {'null' if value is None else repr(value)}")
     if not names or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     unknown = [k for k in node if not str(k).startswith("_") and k not in params]
