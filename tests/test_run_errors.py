@@ -169,6 +169,20 @@ def test_a_typed_gpu_accelerator_on_a_cpu_machine_is_named_with_a_fix_that_works
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_eval_on_a_gpu_trainer_without_a_gpu_is_refused_as_train_refuses_it(small_camvid, tmp_path):
+    """`make eval ARGS="trainer=gpu"` (eval --help lists it) loaded the checkpoint, then failed in Lightning's words
+    ("No supported gpu backend found!") and left a failed run folder; train refused it up front in one line."""
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"refused before it is read")
+    proc = _run("bgremover.eval", f"ckpt_path={ckpt}", "trainer=gpu", f"data.root={small_camvid}",
+                f"paths.log_dir={tmp_path}", env={"MAKELEVEL": ""})
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: trainer=gpu trains on a GPU (trainer.accelerator=gpu) and this machine has none: add trainer=cpu to "
+        "run it here")
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_recipe_on_a_cpu_machine_offers_the_fix_as_the_command_was_typed(small_camvid, tmp_path):
     """`python -m bgremover.train experiment=speedrun_remover` was told to `add ARGS="trainer=cpu"`: make's syntax."""
     message = "error: speedrun_remover trains on a GPU (trainer.accelerator=gpu) and this machine has none: add {} to run it here"

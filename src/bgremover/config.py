@@ -637,11 +637,17 @@ def validate_train(cfg: DictConfig) -> None:
     for key, what in (cfg.get("requires") or {}).items():
         if OmegaConf.select(cfg, key) is None:
             raise UserError(f"{cfg.get('experiment_name') or 'this recipe'} needs {key}=...: {what}")
+    if cfg.get("train", True):
+        _check_gpu(cfg)
+
+
+def _check_gpu(cfg: DictConfig) -> None:
+    """A GPU trainer on a machine without one: Lightning says "No supported gpu backend found!" after the build."""
     accelerator = str((cfg.get("trainer") or {}).get("accelerator"))
-    if accelerator in ("gpu", "cuda") and cfg.get("train", True):
+    if accelerator in ("gpu", "cuda"):
         import torch
 
-        if not torch.cuda.is_available():  # Lightning says "No supported gpu backend found!" after the build
+        if not torch.cuda.is_available():
             raise UserError(_no_gpu_message(cfg, accelerator))
 
 
@@ -704,3 +710,4 @@ def validate_eval(cfg: DictConfig) -> None:
     resume.adopt_split(cfg, cfg.ckpt_path)  # a folder run's own split, before its data is checked
     if "root" in cfg.data:
         _check_data(cfg.data, None, [cfg.split])
+    _check_gpu(cfg)  # `make eval ARGS="trainer=gpu"` here: Lightning's line, after the checkpoint was loaded
