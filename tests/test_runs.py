@@ -898,6 +898,24 @@ def test_a_half_precision_run_weighs_its_loss_by_the_class_weights_as_given(prec
     assert len(set(model.hparams.class_weights)) > 1  # weighted: the classes' weights differ
 
 
+@pytest.mark.parametrize("mode, monitor", [("min", "val/loss"), ("max", "val/mIoU")])
+def test_reduce_on_plateau_steps_on_each_validation(mode, monitor, small_camvid, tmp_path):
+    """ReduceLROnPlateau, the lightning-hydra-template's scheduler, failed after the build: "The lr scheduler dict
+    must include a monitor". It steps on the val metric its mode fits, once per validation (every 2nd epoch)."""
+    plateau = f"+model.scheduler={{_target_:torch.optim.lr_scheduler.ReduceLROnPlateau,_partial_:true,mode:{mode}," \
+              "patience:0,factor:0.5}"
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "~model.scheduler", plateau,
+                                 "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2", "test=false"])
+    lr = cfg.model.optimizer.lr
+    _, objects = train(cfg)
+    config = objects["trainer"].lr_scheduler_configs[0]
+    assert config.monitor == monitor and config.interval == "epoch" and config.frequency == 2
+    assert config.scheduler.last_epoch == 2  # epochs 1 and 3 validated: two steps
+    first, second = json.loads((tmp_path / "summary.json").read_text())["history"][monitor]
+    better = second < first if mode == "min" else second > first
+    assert config.scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(lr if better else lr / 2)
+
+
 def test_without_the_projects_callbacks_no_checkpoint_passes_for_the_best(small_camvid, tmp_path):
     """`callbacks=none`: Lightning's own ModelCheckpoint keeps the newest epoch, and summary.json recorded it as
     `best_ckpt`, which test, compare and export then treat as the best (a user audit). It is the last one."""

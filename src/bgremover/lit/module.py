@@ -324,6 +324,14 @@ class SegmentationModule(pl.LightningModule):
         if self._schedule_spans_the_run():
             factory = functools.partial(factory, total_iters=self._run_length())
         scheduler = factory(optimizer=optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # (the lightning-hydra-template's scheduler) Lightning refused it without the metric it steps on, after
+            # the build: val/mIoU where the scheduler's mode waits for it to grow, else val/loss; stepped after each
+            # validation, as Lightning's docs pair it with check_val_every_n_epoch (per step there is no val metric)
+            every = self.trainer.check_val_every_n_epoch or 1
+            return {"optimizer": optimizer, "lr_scheduler": {
+                "scheduler": scheduler, "interval": "epoch", "frequency": every,
+                "monitor": "val/mIoU" if scheduler.mode == "max" else "val/loss"}}
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval, "frequency": 1},
