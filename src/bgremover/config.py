@@ -508,7 +508,11 @@ def _check_schedule(model, trainer) -> None:
 
 def _check_seed(cfg: DictConfig) -> None:
     seed = cfg.get("seed")  # Lightning's int() said "invalid literal for int() with base 10: 'abc'", naming nothing
-    if seed is not None and (isinstance(seed, bool) or not isinstance(as_number(seed), int)):
+    if seed is None:  # the lightning-hydra-template's `seed: null` (unseeded), or ~seed: it failed after the build
+        # on "unsupported operand type(s) for %: 'NoneType' and 'int'" (the data draw their order and crops from it)
+        raise UserError("seed must be an integer, got null: every run here is seeded (its data order and crops are "
+                        "drawn from it); for another draw, give another integer")
+    if isinstance(seed, bool) or not isinstance(as_number(seed), int):
         raise UserError(f"seed must be an integer, got {seed!r}")
 
 
