@@ -3,6 +3,7 @@ is ever removed or overwritten."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -280,6 +281,25 @@ def test_a_group_set_to_null_is_switched_off_not_a_traceback(small_camvid, tmp_p
     assert proc.stderr.startswith("error: no checkpoint given: make eval CKPT="), proc.stderr
     assert not list(tmp_path.glob("*/runs/*"))
 
+
+
+def test_a_group_a_run_cannot_do_without_is_named_and_extras_may_be_switched_off(small_camvid, tmp_path):
+    """`_drop_group` takes `X=null` for every group: `model=null` failed after the build ("Key 'net' is not in
+    struct"), `paths=null` in Hydra's traceback, and `extras=null` (off in the lightning-hydra-template) as a
+    three-line traceback before anything ran. Groups a run needs are named in one line; extras are off."""
+    for module, override, options in (("bgremover.train", "model=null", "deeplabv3, deeplabv3plus, tiramisu103"),
+                                       ("bgremover.train", "paths=null", "default"),
+                                       ("bgremover.eval", "~trainer", "cpu, ddp, default, gpu")):
+        proc = _run(module, override, f"data.root={small_camvid}", f"paths.log_dir={tmp_path}",
+                    *(["ckpt_path=x.ckpt"] if module.endswith("eval") else []))
+        group, task = override.lstrip("~").split("=")[0], module.split(".")[1]
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: {override}: {task} cannot run without a {group} config; choose one of: {options}"
+            + ("" if group != "model" else ", tiramisu56, tiramisu67")], proc.stderr[-2000:]
+    proc = _run("bgremover.train", "extras=null", f"data.root={small_camvid}", f"paths.log_dir={tmp_path}",
+                *(o for o in TINY_RUN if o not in ("~experiment", "extras.print_config=false")), "trainer.max_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(next(tmp_path.glob("train/runs/*/summary.json")).read_text())["status"] == "ok"
 
 
 def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_camvid, tmp_path):

@@ -64,6 +64,15 @@ def hydra_command_line(resumes: bool = True, task: str = "train") -> None:
     ``HYDRA_FULL_ERROR=1`` still gives Hydra's full report."""
     require_config_dir()
     multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+    defaults = OmegaConf.load(Path(CONFIG_DIR) / f"{task}.yaml").get("defaults") or []  # eval has no model group
+    required = set(REQUIRED_GROUPS) & {next(iter(d)) if isinstance(d, DictConfig) else d for d in defaults}
+    if needed := next((a for a in sys.argv[1:] if _drop_group(a).startswith("~")
+                       and _drop_group(a).lstrip("~") in required), None):
+        from bgremover.errors import report
+
+        group = _drop_group(needed).lstrip("~")
+        options = ", ".join(sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml")))
+        sys.exit(report(f"{needed}: {task} cannot run without a {group} config; choose one of: {options}", code=2))
     sys.argv[1:] = [path_override(_drop_group(a), multirun) for a in sys.argv[1:]]
     if taken := taken_run_dir(sys.argv[1:], resumes):
         from bgremover.errors import report
@@ -141,6 +150,11 @@ def drop_unstarted_sweep() -> None:
         (folder / "multirun.yaml").unlink(missing_ok=True)
         if made:
             folder.rmdir()
+
+
+# groups a run cannot do without: switched off (`model=null`, `~trainer`) they failed after the build on a missing
+# key, or in Hydra's own traceback (`paths=null`)
+REQUIRED_GROUPS = ("data", "model", "trainer", "paths")
 
 
 def _drop_group(arg: str) -> str:

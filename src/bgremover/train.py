@@ -234,8 +234,9 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_only
 
-    if cfg.extras.get("print_config") and not quiet and not rank_zero_only.rank:  # once: DDP's other ranks
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))  # printed it again, into the same train.log
+    # once: DDP's other ranks printed it again, into the same train.log; extras=null: off, as in the template
+    if (cfg.get("extras") or {}).get("print_config") and not quiet and not rank_zero_only.rank:
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     if quiet:  # a sweep job: its one line comes at the end (print_job_line); the details are in its log file
         with open_dict(cfg):
             cfg.trainer.enable_model_summary = False
@@ -401,7 +402,7 @@ def main() -> float | None:
 def _main(cfg: DictConfig) -> float | None:
     multirun = utils.is_multirun()
     utils.quiet_libraries(verbose=bool(cfg.get("verbose")) or not multirun)
-    if cfg.extras.get("enforce_tags") and not cfg.get("tags"):
+    if (cfg.get("extras") or {}).get("enforce_tags") and not cfg.get("tags"):
         sys.exit(report("extras.enforce_tags is set but no tags were given (tags=[...])"))
     if multirun and (conflict := ddp_relaunch_conflict(cfg)):  # refused at the first job, before any rank starts
         sys.exit(report(conflict, code=2))
