@@ -129,6 +129,10 @@ def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid,
      "model.scheduler.total_iters=null spans the run's epochs, and this run sets no number of them "
      "(trainer.max_epochs=-1): give trainer.max_epochs, or model.scheduler.total_iters=N"),
     ("model.scheduler_interval=batch", "model.scheduler_interval must be step or epoch, got 'batch'"),
+    # the failure came after the first epoch, in Lightning's words
+    ("~model.scheduler +model.scheduler={_target_:torch.optim.lr_scheduler.ReduceLROnPlateau,_partial_:true} "
+     "trainer.limit_val_batches=0", "model.scheduler ReduceLROnPlateau steps on a val metric, and this run never "
+     "validates (trainer.limit_val_batches=0): drop one of the two"),
 ])
 def test_a_schedule_over_the_run_needs_a_run_length(small_camvid, tmp_path, override, message):
     from bgremover import config

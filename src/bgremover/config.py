@@ -505,6 +505,10 @@ def _check_schedule(model, trainer) -> None:
     if interval not in ("step", "epoch"):  # Lightning's MisconfigurationException came after the build
         raise UserError(f"model.scheduler_interval must be step or epoch, got {interval!r}")
     scheduler = model.get("scheduler")
+    if isinstance(scheduler, DictConfig) and str(scheduler.get("_target_")).endswith("ReduceLROnPlateau") \
+            and trainer.get("limit_val_batches") == 0:  # Lightning's "metric val/loss which is not available", after epoch 0
+        raise UserError("model.scheduler ReduceLROnPlateau steps on a val metric, and this run never validates "
+                        "(trainer.limit_val_batches=0): drop one of the two")
     if not isinstance(scheduler, DictConfig) or "total_iters" not in scheduler or scheduler.total_iters is not None:
         return
     epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps")
