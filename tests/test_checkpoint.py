@@ -107,6 +107,6 @@ def test_a_folder_given_as_a_checkpoint_is_named_as_such(tmp_path):
         checkpoint.read(tmp_path)
     with pytest.raises(UserError, match=r"^checkpoint not found: "):
         checkpoint.read(tmp_path / "nope.ckpt")
-    cfg = OmegaConf.create({"split": "test", "ckpt_path": str(tmp_path), "data": {}})
+    cfg = OmegaConf.create({"split": "test", "ckpt_path": str(tmp_path), "data": {}, "seed": 42})
     with pytest.raises(UserError, match=r"is a folder, not a checkpoint"):
         validate_eval(cfg)
