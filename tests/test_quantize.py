@@ -269,3 +269,30 @@ def test_sigterm_during_quantize_removes_its_temp_folder(tmp_path, data):
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
     assert proc.stderr == "python -m bgremover.quantize: interrupted by SIGTERM\n"
     assert not list(scratch.glob("bgremover-quantize-*")) and not int8_path(model).exists()
+
+
+def test_a_trial_does_not_replace_a_copy_scored_on_more_frames(tmp_path, data, capsys):
+    """`make quantize ARGS="--eval-limit 20"` replaced the shipped int8 copy, whose record covered all 233 test
+    frames, with one scored on 20 (its default --out): now refused before calibrating, unless --force; a copy of
+    another float model (stale) is still replaced."""
+    model = build_net(tmp_path / "net.onnx")
+    base = ["--model", str(model), "--data-root", str(data), "--calib-frames", "2", "--threads", "1", "-q"]
+    assert qz.main(base) == 0
+    full = int8_path(model).read_bytes()
+    capsys.readouterr()
+    assert qz.main([*base, "--eval-limit", "2"]) == 1
+    assert capsys.readouterr().err == (
+        f"python -m bgremover.quantize: error: --out {int8_path(model)} is this model's int8 copy scored on 3 test "
+        "frames, this trial scores 2 (2 of 3 frames, PARTIAL): not replacing it (give another --out, or --force)\n")
+    assert int8_path(model).read_bytes() == full
+    assert qz.main([*base, "--eval-limit", "2", "--force"]) == 0
+    assert BackgroundRemover(int8_path(model), threads=1).meta["quantization"]["eval"]["frames"] == 2
+    assert qz.main(base) == 0  # a full scoring replaces a partial one
+    doc = onnx.load(str(int8_path(model)))
+    props = {p.key: p for p in doc.metadata_props}
+    meta = json.loads(props["bgremover"].value)
+    meta["quantization"]["source_sha256"] = "0" * 64  # made from an earlier float model
+    props["bgremover"].value = json.dumps(meta)
+    onnx.save(doc, str(int8_path(model)))
+    assert qz.main([*base, "--eval-limit", "2"]) == 0
+    assert BackgroundRemover(int8_path(model), threads=1).meta["quantization"]["eval"]["frames"] == 2

@@ -1,7 +1,7 @@
 """`python -m bgremover.quantize`: an int8 copy of an exported model, written only if it scores like the float one.
 
     python -m bgremover.quantize [--model models/bgremover-camvid.onnx] [--out <model>.int8.onnx]
-                                 [--data-root D] [--calib-frames 50] [--eval-limit N] [--threads N]
+                                 [--data-root D] [--calib-frames 50] [--eval-limit N] [--threads N] [--force]
 
 Static int8 in ONNX's QDQ form (onnxruntime.quantization.quantize_static), which onnxruntime fuses into its
 integer kernels: about a third of the float32 inference time on this project's AVX-512-VNNI CPU
@@ -25,6 +25,9 @@ only if the test mIoU stays within 0.5 points and the cut-out (foreground) IoU w
 in either direction. Otherwise exit 1 and nothing is written. The copy's metadata is the float model's plus
 `quantization`: the scheme, the calibration, both evaluations and the float file's sha256 (the predictor uses the
 shipped copy only while it matches the float file beside it).
+An --eval-limit trial does not replace an int8 copy of the same float model scored on more test frames (the
+default --out is the shipped copy, whose record covers the whole split) unless --force: as `make ship`, which
+installs nothing scored on part of the split unless forced.
 Exit codes: 0 written; 1 gate failed, data or model missing or unusable (an int8 copy included); 2 bad option
 values; 130 interrupted, 143 terminated (SIGTERM).
 
@@ -126,6 +129,21 @@ class _PerTensorNotice(logging.Filter):
         return not ("is out-of-range for weight" in message and message.endswith("with rank 1"))
 
 
+def _copy_scored_on(out: Path, model_path: Path) -> int:
+    """How many test frames scored the int8 copy of `model_path` (the same bytes) at `out`; 0 if `out` is no such
+    copy (none, another file, or a copy of another float model: stale, so any new copy is better)."""
+    import onnx
+
+    try:
+        props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+        record = json.loads(props[model_format.METADATA_KEY])["quantization"]
+        frames = int(record["eval"]["frames"])
+        same = record["source_sha256"] == file_sha256(model_path)
+    except Exception:  # not there, not a model, no record: nothing worth keeping
+        return 0
+    return frames if same else 0
+
+
 def quantize(
     model_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -135,6 +153,7 @@ def quantize(
     threads: int | None = None,
     progress: bool = False,
     log=print,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Calibrate, quantize, evaluate both models, write `out` if the gate passes; returns the `quantization`
     record (QuantizeError, with nothing written, when the gate fails)."""
@@ -158,6 +177,12 @@ def quantize(
     every = cutout_eval.find_pairs(data_root, "test")
     test = select(every, eval_limit)  # the split's size kept: a --eval-limit score is flagged PARTIAL
     note = frames_note({"frames": len(test), "of": len(every), "complete": len(test) == len(every)})
+    kept = _copy_scored_on(out, model_path)
+    if kept > len(test) and not force:  # before the calibration and two scorings, not after
+        # `make quantize ARGS="--eval-limit 20"` replaced the shipped copy, scored on all 233 test frames, with one
+        # scored on 20: the full record was gone (as eval never lets fewer test frames replace a run's numbers)
+        raise QuantizeError(f"--out {out} is this model's int8 copy scored on {kept} test frames, this trial scores "
+                            f"{len(test)}{note}: not replacing it (give another --out, or --force)")
 
     with tempfile.TemporaryDirectory(prefix="bgremover-quantize-") as tmp:
         pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
@@ -237,6 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-frames", type=int, default=CALIB_FRAMES, help=f"train frames for calibration ({CALIB_FRAMES})")
     p.add_argument("--eval-limit", type=int, help="score N evenly spaced test frames instead of all (quick trials only)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for the evaluation (default: all cores)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it is this model's int8 copy scored on more test frames")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return p
 
@@ -258,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "another name)")
         with sigterm_raises():  # `kill`, `timeout`: as Ctrl-C, its temp folder and file removed
             record = quantize(model, out, data_root, args.calib_frames, args.eval_limit, args.threads,
-                              progress=not args.quiet)  # fmt: skip
+                              progress=not args.quiet, force=args.force)  # fmt: skip
     except (KeyboardInterrupt, Terminated) as e:
         print(f"{PROG}: interrupted{' by SIGTERM' if isinstance(e, Terminated) else ''}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
