@@ -144,6 +144,22 @@ def test_ship_replaces_a_worse_model_of_the_same_net(trained, data, tmp_path):
     assert sorted(after) == sorted(NAMES) and all(after[n] != before[n] for n in NAMES)
 
 
+def test_an_int8_copy_there_alone_is_compared_with(trained, data, tmp_path):
+    """With the float file deleted (the predictor then loads the int8 copy alone), a worse candidate was installed
+    over it with no comparison ("no shipped model"): the shipped int8 copy is now scored against the candidate's."""
+    models = tmp_path / "models"
+    assert run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data)).returncode == 0
+    (models / NAMES[0]).unlink()
+    before = listing(models)
+    barely = fit(data, tmp_path / "barely", 2)
+    proc = run_ship("--ckpt", str(barely), "--models-dir", str(models), "--data-root", str(data))
+    assert proc.returncode == 1 and "does not beat the shipped model" in proc.stderr, proc.stderr[-2000:]
+    assert "| shipped int8 | 100.00 | 100.00 |" in proc.stdout and "no shipped model" not in proc.stdout
+    assert listing(models) == before
+    proc = run_ship("--ckpt", str(barely), "--models-dir", str(models), "--data-root", str(data), "--force")
+    assert proc.returncode == 0 and sorted(p.name for p in models.iterdir()) == sorted(NAMES)
+
+
 def test_a_partial_score_ships_nothing_without_force(trained, data, tmp_path):
     """--eval-limit 2 of 3 test frames installed the candidate where none was (no --force, no word that nothing was
     compared), and its table said "CamVid test, 2 frames": a trial's score now says PARTIAL and ships nothing."""

@@ -5,7 +5,8 @@
 Builds the three files of the shipped set in a scratch folder inside the models folder: the float ONNX model
 (`bgremover.export`: the reference), its int8 copy (`bgremover.quantize`, with its accuracy gate: the
 predictor's default) and the weights-only float16 checkpoint that `ckpt_init=` and `make remover` fine-tune
-from. Then it scores the shipped float model on the same CamVid test frames (`cutout_eval`, the code of
+from. Then it scores the shipped float model (its int8 copy, against the candidate's, when that is there alone) on
+the same CamVid test frames (`cutout_eval`, the code of
 `make eval-cutout`) and moves the new files over `bgremover-camvid{.onnx,.int8.onnx,.pt}` only if the candidate
 is better on test mIoU and cut-out IoU and no worse on boundary F and alpha MAE (`--force` skips that comparison,
 not the int8 gate). A checkpoint of another net than the shipped one needs `--force` too: `make remover`
@@ -92,7 +93,11 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
     # models/README's rows said "CamVid test, 4 frames" beside a full-split history)
     partial = len(pairs) < len(every)
     span, flag = (f"{len(pairs)} of {len(every)}", " (PARTIAL)") if partial else (str(len(pairs)), "")
-    shipped = export.read_metadata(float_model) if float_model.is_file() else {}
+    # the model to beat: the float reference, else the int8 copy alone (what the predictor loads when the float file
+    # was deleted: with only it there, the candidate was installed without any comparison)
+    reference = next((names[kind] for kind in ("float", "int8") if names[kind].is_file()), None)
+    versus = "shipped int8" if reference == names["int8"] else "shipped"  # its row; scored against the like
+    shipped = export.read_metadata(reference) if reference is not None else {}
     shipped_net = shipped.get("net")
     if shipped_net not in (None, meta["net"]) and not force:
         # the .pt is what `make remover` fine-tunes: its recipe names the shipped net, and a checkpoint of
@@ -123,16 +128,16 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
         record = quantize.quantize(new["float"], new["int8"], data_root, eval_limit=eval_limit, threads=threads,
                                    progress=progress, log=log)  # fmt: skip
         scores = {"candidate": record["eval"]["float"], "candidate int8": record["eval"]["int8"]}
-        if names["float"].is_file():
-            scores["shipped"] = _score(names["float"], pairs, threads, progress)
-        if "shipped" not in scores:
+        if reference is not None:
+            scores[versus] = _score(reference, pairs, threads, progress)
+        else:
             log(f"no shipped model in {models_dir}: nothing to compare with")
         log(f"| CamVid test, {span} frames{flag} | mIoU % | cut-out IoU % | boundary F % (2 px) | alpha MAE | ms / image |")
         log("|---|---|---|---|---|---|")
         for name, s in scores.items():
             log(_row(name, s))
-        old = scores.get("shipped")
-        lost = [] if old is None else losses(scores["candidate"], old)
+        old = scores.get(versus)
+        lost = [] if old is None else losses(scores[versus.replace("shipped", "candidate")], old)
         if lost and not force:
             raise ShipError(f"{ckpt} does not beat the shipped model on {span} test frames{flag} ("
                             f"{', '.join(lost)}): nothing changed (--force ships it anyway)")
