@@ -4,6 +4,7 @@ folder keeps its old set. The candidate is a tiny FC-DenseNet trained here for a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from test_export import MEAN, STD, TINY_CONFIG, tiny_net, write_checkpoint
 from test_quantize import build_net, scene
 
 from bgremover import checkpoint, ship
+from bgremover.data.classes import CLASSES
 from bgremover.remover import BackgroundRemover, file_sha256
 
 NAMES = ("bgremover-camvid.onnx", "bgremover-camvid.int8.onnx", "bgremover-camvid.pt")
@@ -158,6 +161,37 @@ def test_an_int8_copy_there_alone_is_compared_with(trained, data, tmp_path):
     assert listing(models) == before
     proc = run_ship("--ckpt", str(barely), "--models-dir", str(models), "--data-root", str(data), "--force")
     assert proc.returncode == 0 and sorted(p.name for p in models.iterdir()) == sorted(NAMES)
+
+
+def test_models_of_other_classes_are_refused_before_anything_is_built(trained, data, tmp_path):
+    """A shipped model of other classes than CamVid's was refused only after the candidate's export and quantization,
+    as "model classes ... are not CamVid's" (which model?), even with --force. Now up front and naming it; --force
+    replaces it unscored. A candidate of other classes is refused up front, forced or not."""
+    models = tmp_path / "models"
+    assert run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data)).returncode == 0
+    other = [f"class{i}" for i in range(11)]
+    doc = onnx.load(str(models / NAMES[0]))
+    prop = next(p for p in doc.metadata_props if p.key == "bgremover")
+    prop.value = json.dumps({**json.loads(prop.value), "classes": other, "default_foreground": ["class8"]})
+    onnx.save(doc, str(models / NAMES[0]))
+    before = listing(models)
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data))
+    assert proc.returncode == 1 and proc.stdout == "" and listing(models) == before
+    assert proc.stderr.startswith(f"python -m bgremover.ship: error: the shipped model {models / NAMES[0]} is not a "
+                                  "CamVid model, so it cannot be scored against the candidate (--force replaces it "
+                                  "unscored); its classes: class0, class1") and proc.stderr.count("\n") == 1
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["bgremover"].update(classes=other, default_foreground=["class8"])
+    foreign = tmp_path / "foreign" / "best.ckpt"
+    foreign.parent.mkdir()
+    torch.save(ckpt, foreign)
+    proc = run_ship("--ckpt", str(foreign), "--models-dir", str(models), "--data-root", str(data), "--force")
+    assert proc.returncode == 1 and proc.stdout == "" and listing(models) == before
+    assert proc.stderr.startswith(f"python -m bgremover.ship: error: {foreign} is not a CamVid model: make ship")
+    proc = run_ship("--ckpt", str(trained), "--models-dir", str(models), "--data-root", str(data), "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "is not a CamVid model: nothing to compare with" in proc.stdout and "| shipped" not in proc.stdout
+    assert BackgroundRemover(models / NAMES[0], threads=1).meta["classes"] == list(CLASSES)
 
 
 def test_a_partial_score_ships_nothing_without_force(trained, data, tmp_path):

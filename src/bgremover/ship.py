@@ -12,6 +12,8 @@ is better on test mIoU and cut-out IoU and no worse on boundary F and alpha MAE 
 not the int8 gate). A checkpoint of another net than the shipped one needs `--force` too: `make remover`
 fine-tunes the shipped net from the .pt, and its recipe names that net. So does one with another default foreground:
 each model's cut-out IoU is over its own foreground classes, and `make predict` would cut out other things.
+A shipped model of other classes than CamVid's cannot be scored on CamVid test: it too is replaced only with --force
+(a candidate of other classes never: the int8 gate scores it on CamVid test). Both are checked before any build.
 Otherwise nothing in the models folder changes.
 The example cut-outs (`examples/*.nobg.png` for the default models folder, or `--examples DIR`) are redone with
 the new default (int8) model, so they show what `make predict` now makes, and installed with the models as one
@@ -34,6 +36,7 @@ from typing import Any
 
 from bgremover import errors, files
 from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
+from bgremover.data.classes import CLASSES
 from bgremover.errors import OneLineParser, UserError
 
 PROG = "python -m bgremover.ship"  # the command as run, in its usage line and messages (also make ship)
@@ -98,6 +101,16 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
     reference = next((names[kind] for kind in ("float", "int8") if names[kind].is_file()), None)
     versus = "shipped int8" if reference == names["int8"] else "shipped"  # its row; scored against the like
     shipped = export.read_metadata(reference) if reference is not None else {}
+    # both models are scored on CamVid test: classes of another dataset were refused by that scoring, in words that
+    # did not say which model ("model classes ... are not CamVid's"), and only after the export and quantization
+    camvid = [c.lower() for c in CLASSES]
+    if [c.lower() for c in meta["classes"]] != camvid:
+        raise ShipError(f"{ckpt} is not a CamVid model: make ship scores and installs CamVid models only (a folder "
+                        f"remover is used with --model); its classes: {', '.join(meta['classes'])}")
+    unscorable = bool(shipped) and [c.lower() for c in shipped.get("classes") or []] != camvid
+    if unscorable and not force:
+        raise ShipError(f"the shipped model {reference} is not a CamVid model, so it cannot be scored against the "
+                        f"candidate (--force replaces it unscored); its classes: {', '.join(shipped['classes'])}")
     shipped_net = shipped.get("net")
     if shipped_net not in (None, meta["net"]) and not force:
         # the .pt is what `make remover` fine-tunes: its recipe names the shipped net, and a checkpoint of
@@ -128,7 +141,9 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
         record = quantize.quantize(new["float"], new["int8"], data_root, eval_limit=eval_limit, threads=threads,
                                    progress=progress, log=log)  # fmt: skip
         scores = {"candidate": record["eval"]["float"], "candidate int8": record["eval"]["int8"]}
-        if reference is not None:
+        if unscorable:
+            log(f"the shipped model {reference} is not a CamVid model: nothing to compare with")
+        elif reference is not None:
             scores[versus] = _score(reference, pairs, threads, progress)
         else:
             log(f"no shipped model in {models_dir}: nothing to compare with")
