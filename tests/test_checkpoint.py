@@ -101,7 +101,7 @@ def test_a_folder_given_as_a_checkpoint_is_named_as_such(tmp_path):
     """`make eval CKPT=<a run folder>` said "checkpoint not found" of a folder that is there."""
     from omegaconf import OmegaConf
 
-    from bgremover.config import validate_eval
+    from bgremover.checks import validate_eval
 
     with pytest.raises(UserError, match=rf"^{tmp_path} is a folder, not a checkpoint: name a .ckpt or .pt file in it"):
         checkpoint.read(tmp_path)

@@ -192,15 +192,15 @@ def test_test_frames_are_padded_as_the_exported_model_pads_them(tmp_path):
     came from other inputs than the exported model's; one without the other is refused now."""
     from conftest import compose_cfg, write_camvid
 
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
 
     root = write_camvid(tmp_path / "CamVid")
     for override in ("data.pad_multiple=16", "model.size_multiple=16"):
         with pytest.raises(UserError, match=r"data.pad_multiple=(16|32) is not model.size_multiple=(32|16)"):
-            config.validate_train(compose_cfg(tmp_path / "run", [f"data.root={root}", "data.crop_size=[32,32]",
+            checks.validate_train(compose_cfg(tmp_path / "run", [f"data.root={root}", "data.crop_size=[32,32]",
                                                                  override]))
-    config.validate_train(compose_cfg(tmp_path / "run", [f"data.root={root}", "data.crop_size=[32,32]",
+    checks.validate_train(compose_cfg(tmp_path / "run", [f"data.root={root}", "data.crop_size=[32,32]",
                                                          "data.pad_multiple=16", "model.size_multiple=16"]))
 
 
@@ -261,22 +261,22 @@ def test_recipes_refuse_what_they_cannot_run_without(tmp_path, monkeypatch) -> N
     import torch
     from conftest import compose_cfg
 
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the first rule is tried here
     cfg = compose_cfg(tmp_path, ["experiment=tiramisu103_camvid_finetune", "~data.root"])
     with pytest.raises(UserError, match=r"tiramisu103_camvid_finetune needs ckpt_init=\.\.\.: stage 1's best weights"):
-        config.validate_train(cfg)
+        checks.validate_train(cfg)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = compose_cfg(tmp_path, ["experiment=tiramisu103_camvid", "~data.root"])
     monkeypatch.setenv("MAKELEVEL", "1")  # under make: the override goes in ARGS (this passed only under make test)
     with pytest.raises(UserError, match=r'tiramisu103_camvid trains on a GPU .* add ARGS="trainer=cpu" to run it'):
-        config.validate_train(cfg)
+        checks.validate_train(cfg)
     monkeypatch.delenv("MAKELEVEL")  # typed to python -m bgremover.train
     with pytest.raises(UserError, match=r"tiramisu103_camvid trains on a GPU .*: add trainer=cpu to run it here$"):
-        config.validate_train(cfg)
-    config.validate_train(compose_cfg(tmp_path, ["experiment=tiramisu103_camvid", "~data.root", "trainer=cpu"]))
+        checks.validate_train(cfg)
+    checks.validate_train(compose_cfg(tmp_path, ["experiment=tiramisu103_camvid", "~data.root", "trainer=cpu"]))
 
 
 @pytest.mark.parametrize("override", ["speedrun_budget_s=-5", "speedrun_budget_s=0", "speedrun_budget_s=abc",
@@ -287,21 +287,21 @@ def test_a_time_budget_that_never_ends_a_run_is_refused(tmp_path, override):
     TimeToMIoU's constructor. Each is one line before anything is built; null still means no budget."""
     from conftest import compose_cfg
 
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
 
     key, value = override.split("=")
     base = ["experiment=speedrun_deeplabv3plus", "~data.root", "trainer=cpu"]
     with pytest.raises(UserError) as info:
-        config.validate_train(compose_cfg(tmp_path, [*base, override]))
+        checks.validate_train(compose_cfg(tmp_path, [*base, override]))
     shown = "'abc'" if value == "abc" else value
     assert str(info.value) == f"{key} must be a positive number of seconds (or null: no time budget), got {shown}"
-    config.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s=null"]))
-    config.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s=12.5"]))
-    config.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s='90'"]))  # ${oc.env:BUDGET} is text
+    checks.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s=null"]))
+    checks.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s=12.5"]))
+    checks.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s='90'"]))  # ${oc.env:BUDGET} is text
     remover = compose_cfg(tmp_path, ["experiment=remover", "remover_budget_s=-5"])
     with pytest.raises(UserError, match=r"^remover_budget_s must be a positive number of seconds"):
-        config.validate_train(remover)
+        checks.validate_train(remover)
 
 
 def test_a_seed_that_is_not_an_integer_is_named(tmp_path):
@@ -309,15 +309,15 @@ def test_a_seed_that_is_not_an_integer_is_named(tmp_path):
     lightning-hydra-template's unseeded run) after the build, as "unsupported operand type(s) for %: 'NoneType'"."""
     from conftest import compose_cfg
 
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
 
-    for name, check in (("train", config.validate_train), ("eval", config.validate_eval)):
+    for name, check in (("train", checks.validate_train), ("eval", checks.validate_eval)):
         for value, shown in (("abc", "'abc'"), ("1.5", "1.5"), ("true", "True"), ("null", "null")):
             with pytest.raises(UserError) as info:
                 check(compose_cfg(tmp_path, [f"seed={value}", "~data.root"], config_name=name))
             assert str(info.value).startswith(f"seed must be an integer, got {shown}"), name
-        config._check_seed(compose_cfg(tmp_path, ["+job_id='7'", "seed=${job_id}"], config_name=name))  # text: fine
+        checks._check_seed(compose_cfg(tmp_path, ["+job_id='7'", "seed=${job_id}"], config_name=name))  # text: fine
 
 
 def test_the_readmes_last_checkpoint_setting_is_settable_on_the_default_callbacks():

@@ -89,7 +89,7 @@ def test_a_resume_without_callbacks_ema_is_refused_and_with_it_trains_on_from_th
     """An EMA checkpoint resumed without callbacks=ema trained on from the average (the state_dict Lightning loads),
     with the raw weights' optimizer moments, and its checkpoints dropped the raw weights: silently. Now it is one
     line naming callbacks=ema; with callbacks=ema the first step starts from the raw weights."""
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
     from bgremover.lit.module import SegmentationModule
 
@@ -99,7 +99,7 @@ def test_a_resume_without_callbacks_ema_is_refused_and_with_it_trains_on_from_th
     more = [*base, "trainer.max_epochs=3", f"ckpt_path={last}"]
     for callbacks in ("callbacks=default", "callbacks=none"):
         with pytest.raises(UserError) as info:
-            config.validate_train(compose_cfg(tmp_path / "b", [*more, callbacks]))
+            checks.validate_train(compose_cfg(tmp_path / "b", [*more, callbacks]))
         assert str(info.value) == (f"ckpt_path {last} was trained with callbacks=ema (its weights are the moving "
                                    "average, the raw ones kept beside them): add callbacks=ema to resume it, or start "
                                    f"a new run from the average with ckpt_init={last}")

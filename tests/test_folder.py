@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_train import compose_cfg
 
-from bgremover import config, cutout_eval
+from bgremover import checks, config, cutout_eval
 from bgremover.data import folder as fd
 
 SHIPPED_PT = REPO / "models" / "bgremover-camvid.pt"
@@ -431,7 +431,7 @@ def test_classes_txt_gives_the_net_its_outputs_and_foreground(tmp_path):
     write_folder(tmp_path / "d", value=2)
     (tmp_path / "d" / "classes.txt").write_text("background\ncat\ndog\n")
     cfg = compose_cfg(tmp_path / "run", ["data=folder", f"data.root={tmp_path / 'd'}", *FAST, "data.foreground=[dog]"])
-    config.validate_train(cfg)
+    checks.validate_train(cfg)
     model = build(cfg)["model"]
     assert model.net.segmentation_head[0].out_channels == 3 and model.hparams.ignore_index == 3
     assert model.hparams.default_foreground == ["dog"] and model.cutout["val_"].foreground == [2]
@@ -609,7 +609,7 @@ def test_bad_folder_fails_config_check_naming_the_file(tmp_path, case):
     root, expected = _bad(tmp_path, case)
     cfg = compose_cfg(tmp_path / "run", ["data=folder", f"data.root={root}", *FAST])
     with pytest.raises(fd.FolderDataError) as err:
-        config.validate_train(cfg)
+        checks.validate_train(cfg)
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
@@ -631,8 +631,8 @@ def test_limit_images_below_two_train_pairs_is_refused_up_front(folder, tmp_path
     cfg = compose_cfg(tmp_path / "run", ["data=folder", f"data.root={folder}", *FAST, "data.limit_images=1"])
     with pytest.raises(fd.FolderDataError, match=r"^the train split of .* holds 1 image/mask pair with "
                                                  r"data.limit_images=1: training needs at least 2 \(BatchNorm"):
-        config.validate_train(cfg)
-    config.validate_train(compose_cfg(tmp_path / "run2", ["data=folder", f"data.root={folder}", *FAST,
+        checks.validate_train(cfg)
+    checks.validate_train(compose_cfg(tmp_path / "run2", ["data=folder", f"data.root={folder}", *FAST,
                                                           "data.limit_images=2"]))
 
 
@@ -798,7 +798,7 @@ def test_ckpt_init_from_camvid_net_reinitialises_only_the_classifier(folder, tmp
     from bgremover.train import build
 
     cfg = compose_cfg(tmp_path, ["data=folder", f"data.root={folder}", *FAST, f"ckpt_init={SHIPPED_PT}"])
-    config.validate_train(cfg)
+    checks.validate_train(cfg)
     model = build(cfg)["model"]
     shipped, _, _ = checkpoint.load_net(SHIPPED_PT)
     own, ref = model.net.state_dict(), shipped.state_dict()

@@ -200,30 +200,30 @@ def test_a_resume_keeps_the_early_stopping_patience_it_is_given(small_camvid, tm
 def test_a_resume_with_another_net_is_one_line_before_the_build(small_camvid, tmp_path):
     """`ckpt_path=<a DeepLab run's last.ckpt> model=tiramisu56` failed after the build as "RuntimeError: Error(s) in
     loading state_dict for SegmentationModule" and left a failed run folder; now one line naming both nets."""
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
 
     base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=1"]
     train(compose_cfg(tmp_path / "a", base))
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     net = json.loads((tmp_path / "a" / "summary.json").read_text())["net"]
-    config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", "trainer.max_epochs=2"]))  # fine
+    checks.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", "trainer.max_epochs=2"]))  # fine
     # the same net with nothing left to train: it ran nothing, wrote an "ok" run, and compare took it for a seed
     # (the steps' case with epochs left: with trainer.max_epochs=1 still in it, the epochs alone refused it)
     for limits in (["trainer.max_epochs=1"], ["trainer.max_epochs=5", "trainer.max_steps=2"]):
         with pytest.raises(UserError) as info:
-            config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", *limits]))
+            checks.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", *limits]))
         assert str(info.value).startswith(f"ckpt_path {last} has trained 1 epoch (2 steps): with "
                                           f"trainer.max_epochs={limits[0][-1]} and trainer.max_steps=") and \
             "nothing is left to train; raise them to go on, or test it with train=false" in str(info.value)
-    config.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", "trainer.max_epochs=5",
+    checks.validate_train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={last}", "trainer.max_epochs=5",
                                                        "trainer.max_steps=3"]))  # one step left: it goes on
     deeplab = ["~experiment", "model=deeplabv3plus", "model.net.encoder_weights=null", f"data.root={small_camvid}"]
     with pytest.raises(UserError) as info:
-        config.validate_train(compose_cfg(tmp_path / "c", [*deeplab, f"ckpt_path={last}"]))
+        checks.validate_train(compose_cfg(tmp_path / "c", [*deeplab, f"ckpt_path={last}"]))
     assert str(info.value).startswith(f"ckpt_path {last} holds a {net}, and this run builds a "
                                       "deeplabv3plus_mobilenet_v2: resume with the run's own settings")
-    config.validate_train(compose_cfg(tmp_path / "d", [*deeplab, f"ckpt_init={last}"]))  # weights to start from
+    checks.validate_train(compose_cfg(tmp_path / "d", [*deeplab, f"ckpt_init={last}"]))  # weights to start from
 
 
 
@@ -231,7 +231,7 @@ def test_a_resume_whose_clock_is_spent_is_refused_up_front(small_camvid, tmp_pat
     """trainer.max_time and a callback's budget_s go on across a resume: with the clock already spent, the resumed
     run trained nothing, tested, and wrote an "ok" run. Refused up front now; a malformed max_time, which
     Lightning refused only while building the Trainer, is one line naming the setting."""
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
 
     base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=1"]
@@ -243,18 +243,18 @@ def test_a_resume_whose_clock_is_spent_is_refused_up_front(small_camvid, tmp_pat
     torch.save(state, ckpt)
     more = [*base, "trainer.max_epochs=3", f"ckpt_path={ckpt}"]
     budget = ["+callbacks.clock._target_=bgremover.lit.speedrun.TimeToMIoU"]
-    config.validate_train(compose_cfg(tmp_path / "b", [*more, "trainer.max_time=00:00:01:31"]))  # 1 s left
-    config.validate_train(compose_cfg(tmp_path / "b", [*more, *budget, "+callbacks.clock.budget_s=62"]))
+    checks.validate_train(compose_cfg(tmp_path / "b", [*more, "trainer.max_time=00:00:01:31"]))  # 1 s left
+    checks.validate_train(compose_cfg(tmp_path / "b", [*more, *budget, "+callbacks.clock.budget_s=62"]))
     for extra, key, allowed in ((["trainer.max_time=00:00:01:30"], "trainer.max_time", 90),
                                 (["trainer.max_time={minutes: 1}"], "trainer.max_time", 60),
                                 ([*budget, "+callbacks.clock.budget_s=60"], "callbacks.clock.budget_s", 60)):
         with pytest.raises(UserError) as info:
-            config.validate_train(compose_cfg(tmp_path / "b", [*more, *extra]))
+            checks.validate_train(compose_cfg(tmp_path / "b", [*more, *extra]))
         assert str(info.value).startswith(f"ckpt_path {ckpt} has trained ") and \
             f", and {key} allows {allowed} s in all: nothing is left to train" in str(info.value)
     for bad in ("10min", "00:00:00:00"):
         with pytest.raises(UserError, match=r"^trainer\.max_time must be "):
-            config.validate_train(compose_cfg(tmp_path / "c", [*base, f"trainer.max_time={bad}"]))
+            checks.validate_train(compose_cfg(tmp_path / "c", [*base, f"trainer.max_time={bad}"]))
 
 
 

@@ -109,11 +109,11 @@ def test_deeplab_with_a_batch_of_one_is_refused_before_a_run_folder_is_made(smal
 def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid, tmp_path, override, message):
     """Both failed after the datamodule, the net and the W&B run were built ("TypeError: 'int' object is not
     iterable", "ZeroDivisionError: integer modulo by zero"), leaving a failed run folder."""
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
 
     with pytest.raises(UserError) as info:
-        config.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", *override.split()]))
+        checks.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", *override.split()]))
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
@@ -135,12 +135,12 @@ def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid,
      "validates (trainer.limit_val_batches=0): drop one of the two"),
 ])
 def test_a_schedule_over_the_run_needs_a_run_length(small_camvid, tmp_path, override, message):
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
 
     base = [*(o for o in TINY_RUN if not o.startswith("model")), f"data.root={small_camvid}", "model=deeplabv3plus"]
     with pytest.raises(UserError) as info:
-        config.validate_train(compose_cfg(tmp_path / "run", [*base, *override.split()]))
+        checks.validate_train(compose_cfg(tmp_path / "run", [*base, *override.split()]))
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
     # a step count is a length: the poly schedule spans those 3 steps (lr 0 at the last)
     from bgremover.train import train
@@ -373,13 +373,13 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
 
 
 def test_cpu_ddp_with_sync_batchnorm_is_refused_before_building(small_camvid, tmp_path):
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
 
     cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer=ddp", "trainer.accelerator=cpu",
                                  "trainer.devices=2"])
     with pytest.raises(UserError, match="sync_batchnorm=false"):
-        config.validate_train(cfg)
+        checks.validate_train(cfg)
 
 
 
@@ -478,13 +478,13 @@ def test_early_errors_import_neither_torch_nor_lightning(small_camvid, tmp_path)
     code = (
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
-        "from bgremover import config\n"
+        "from bgremover import checks, config\n"
         "from bgremover.errors import UserError\n"
         f"with initialize_config_dir(config_dir={str(Path(__file__).parent.parent / 'conf')!r}, version_base='1.3'):\n"
         f"    cfg = compose('train', overrides=['data.root={small_camvid}', 'trainer.max_time=00:00:10:00',\n"
         "                                      'ckpt_path=/nonexistent/last.ckpt'])\n"
         "try:\n"
-        "    config.validate_train(cfg)\n"
+        "    checks.validate_train(cfg)\n"
         "except UserError as e:\n"
         "    print(e)\n"
         "print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))\n"
@@ -497,11 +497,11 @@ def test_early_errors_import_neither_torch_nor_lightning(small_camvid, tmp_path)
 def test_full_frames_with_scale_jitter_stay_allowed_where_the_data_crops_them_back(small_camvid, tmp_path):
     """The refusal above is for the albumentations pipelines; the resident datamodule crops every scaled frame back
     to the frame's size, and was refused too (a review)."""
-    from bgremover import config
+    from bgremover import checks
 
     cfg = compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "data=camvid_resident",
                                          "data.crop_size=null", "data.scale_jitter=0.25", "data.device=cpu"])
-    config.validate_train(cfg)
+    checks.validate_train(cfg)
     assert cfg.data.crop_size is None and cfg.data.scale_jitter == 0.25  # allowed as given, not dropped
 
 
@@ -570,12 +570,12 @@ def test_a_value_quoted_on_the_command_line_is_left_to_hydra():
 
 def test_a_file_given_as_the_dataset_folder_is_called_a_file(small_camvid, tmp_path):
     """`data.root=README.md` said "dataset folder not found: README.md" of a path that is there."""
-    from bgremover import config
+    from bgremover import checks
     from bgremover.errors import UserError
 
     readme = REPO / "README.md"
     with pytest.raises(UserError) as info:
-        config.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={readme}"]))
+        checks.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={readme}"]))
     assert str(info.value) == f"data.root {readme} is a file, not a folder: point it (or DATA_DIR) at the CamVid folder"
 
 

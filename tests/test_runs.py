@@ -332,13 +332,13 @@ def test_ctrl_c_inside_the_first_imports_is_an_interrupt_not_a_failure(small_cam
     and its folder stayed. Here the interrupted import is a module that can no longer be imported."""
     import sys
 
-    from bgremover import config
+    from bgremover import checks
     from bgremover.train import RunInterrupted
 
     def interrupted_import(cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(config, "validate_train", interrupted_import)
+    monkeypatch.setattr(checks, "validate_train", interrupted_import)
     monkeypatch.setitem(sys.modules, "pytorch_lightning.trainer.states", None)  # importing it raises
     run = tmp_path / "a"
     with pytest.raises(RunInterrupted, match=r"^interrupted by SIGINT before training started: nothing was trained$"):

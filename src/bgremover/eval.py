@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bgremover import config, task, utils
+from bgremover import checks, config, task, utils
 from bgremover.errors import UserError
 
 log = logging.getLogger("bgremover.eval")
@@ -22,7 +22,7 @@ CONFIG_DIR = config.CONFIG_DIR
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    config.validate_eval(cfg)  # before torch is imported: a missing checkpoint is one line at once
+    checks.validate_eval(cfg)  # before torch is imported: a missing checkpoint is one line at once
     import pytorch_lightning as pl
 
     from bgremover import checkpoint

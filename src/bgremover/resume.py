@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from bgremover import config
+from bgremover import checks
 from bgremover.errors import UserError, count
 
 log = logging.getLogger("bgremover.train")
@@ -80,11 +80,11 @@ def check(cfg: DictConfig, model) -> None:
     # the clocks go on across a resume (Lightning's Timer, TimeToMIoU's budget): a spent one stopped the resumed
     # run at once, which then tested and wrote an "ok" run like the case above
     states = ckpt.get("callbacks") or {}
-    clocks = [("trainer.max_time", config.max_time_s(cfg), (states.get("Timer") or {}).get("time_elapsed", {}).get("train"))]
+    clocks = [("trainer.max_time", checks.max_time_s(cfg), (states.get("Timer") or {}).get("time_elapsed", {}).get("train"))]
     for name, cb in (cfg.get("callbacks") or {}).items():
         if isinstance(cb, DictConfig) and cb.get("budget_s") is not None:
             spent = [s.get("train_s") for k, s in states.items() if k.split("{")[0] == cb._target_.rsplit(".", 1)[-1]]
-            clocks.append((f"callbacks.{name}.budget_s", float(config.as_number(cb.budget_s)), (spent or [None])[0]))
+            clocks.append((f"callbacks.{name}.budget_s", float(checks.as_number(cb.budget_s)), (spent or [None])[0]))
     for key, limit, spent in clocks:
         if limit is not None and isinstance(spent, int | float) and spent >= limit:
             raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {spent:.0f} s, and {key} allows {limit:.0f} s "

@@ -22,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bgremover import config, resume, sweep, task, utils
+from bgremover import checks, config, resume, sweep, task, utils
 from bgremover.errors import UserError, count, report
 
 # torch, Lightning and the nets are imported inside the functions: a bad config is refused before paying for them
@@ -228,7 +228,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     resume.adopt_split(cfg, cfg.get("ckpt_path"))  # a resumed (or train=false) folder run keeps its split
-    config.validate_train(cfg)
+    checks.validate_train(cfg)
     resume.adopt_optimizer(cfg)  # what a resume trains with is what the run records
     quiet = utils.is_multirun() and not cfg.get("verbose")
     import pytorch_lightning as pl

@@ -16,7 +16,7 @@ mask is read as it looks when its palette is gray (white = foreground), as class
 palette: every class but index 0 is foreground; its 255 borders too, unless data.void_value=255). `void_value`
 marks "unknown" pixels, excluded from loss and metrics. Every fault — an image without mask, a mask of another
 size, an unreadable file, a label beyond the class list, an empty folder — is a FolderDataError whose one line
-names the file; `scan` finds them all before training starts (config.validate_train calls it). Over 400 lines on
+names the file; `scan` finds them all before training starts (checks.validate_train calls it). Over 400 lines on
 purpose: reading, checking and splitting a user's folder is one job, and its rules (mask kinds, the 0/1 rule,
 splits) sit together.
 """
@@ -520,7 +520,7 @@ def class_pixel_weights(pairs, labels: Labels) -> list[float]:
 
 
 def check_config(data, splits_needed: Sequence[str] = SPLITS) -> Folder:
-    """The checks config.validate_train runs for data=folder: the whole folder, the split, the sizes."""
+    """The checks checks.validate_train runs for data=folder: the whole folder, the split, the sizes."""
     folder = scan(data.get("root") or "", data.get("void_value"))
     chosen = splits(folder, data.get("split_fractions") or DEFAULT_FRACTIONS, int(data.get("seed") or 0),
                     data.get("split_file"))

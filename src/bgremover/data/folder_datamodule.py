@@ -74,7 +74,7 @@ class FolderDataModule(ShuffleState, pl.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.folder = fd.scan(root, void_value)  # cached: config.validate_train already decoded every file
+        self.folder = fd.scan(root, void_value)  # cached: checks.validate_train already decoded every file
         self.root = self.folder.root
         self.labels = self.folder.labels
         self.split_pairs = fd.splits(self.folder, split_fractions, seed, split_file)
