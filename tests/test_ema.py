@@ -11,7 +11,7 @@ import torch
 from test_runs import TINY_RUN, _Scored
 from test_train import compose_cfg
 
-from bgremover.lit.callbacks import LastCheckpoint
+from bgremover.lit.checkpoints import LastCheckpoint
 from bgremover.train import train
 
 

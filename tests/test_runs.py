@@ -19,7 +19,8 @@ from conftest import REPO, write_camvid
 from pytorch_lightning.callbacks import Callback
 from test_train import TINY_TIRAMISU, compose_cfg
 
-from bgremover.lit.callbacks import LastCheckpoint, RunPlan, describe_estimate, describe_plan
+from bgremover.lit.callbacks import RunPlan, describe_estimate, describe_plan
+from bgremover.lit.checkpoints import LastCheckpoint
 from bgremover.train import train
 
 TINY_RUN = [
@@ -956,7 +957,7 @@ def test_a_loader_without_a_length_is_validated_at_its_end_only():
     not forced (a second validation) and a step inside it is no validation."""
     from types import SimpleNamespace
 
-    from bgremover.lit.callbacks import _validates_here
+    from bgremover.lit.checkpoints import _validates_here
 
     for every in (1, None):
         trainer = SimpleNamespace(check_val_every_n_epoch=every, current_epoch=0, should_stop=False,

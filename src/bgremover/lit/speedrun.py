@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from bgremover.lit.callbacks import validates
+from bgremover.lit.checkpoints import validates
 
 log = logging.getLogger("bgremover.train")
 

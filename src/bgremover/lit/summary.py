@@ -21,7 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from bgremover import utils
 from bgremover.checkpoint import epochs_trained
-from bgremover.lit.callbacks import LastCheckpoint, best_checkpoint_callback
+from bgremover.lit.checkpoints import LastCheckpoint, best_checkpoint_callback
 
 log = logging.getLogger("bgremover.train")
 
