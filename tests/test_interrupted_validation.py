@@ -14,6 +14,19 @@ from bgremover.lit import SegmentationModule
 from bgremover.train import RunInterrupted, train
 
 
+def _interrupted_in_epoch_1_then_resumed(monkeypatch, hook: str, interrupted, base: list[str], first, second):
+    """Train with SegmentationModule's `hook` replaced by `interrupted` (which raises Ctrl-C in epoch 1), then resume
+    from the interrupt's last.ckpt with the real hook; the resumed run's objects (train's second value)."""
+    real = getattr(SegmentationModule, hook)
+    monkeypatch.setattr(SegmentationModule, hook, interrupted)
+    with pytest.raises(RunInterrupted) as stop:
+        train(compose_cfg(first, base))
+    assert stop.value.epoch == 1
+    monkeypatch.setattr(SegmentationModule, hook, real)
+    _, objects = train(compose_cfg(second, [*base, f"ckpt_path={stop.value.last_ckpt}"]))
+    return objects
+
+
 @pytest.mark.parametrize("hook", ["validation_step", "on_validation_batch_start"])
 def test_a_validation_interrupted_is_done_again_whole_on_resume(small_camvid, tmp_path, monkeypatch, hook):
     real = getattr(SegmentationModule, hook)
@@ -25,12 +38,8 @@ def test_a_validation_interrupted_is_done_again_whole_on_resume(small_camvid, tm
 
     base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=3",
             "trainer.num_sanity_val_steps=0", "hydra.run.dir=" + str(tmp_path / "run")]
-    monkeypatch.setattr(SegmentationModule, hook, interrupted)
-    with pytest.raises(RunInterrupted) as stop:
-        train(compose_cfg(tmp_path / "run", base))
-    assert stop.value.epoch == 1
-    monkeypatch.setattr(SegmentationModule, hook, real)
-    _, objects = train(compose_cfg(tmp_path / "run", [*base, f"ckpt_path={stop.value.last_ckpt}"]))
+    objects = _interrupted_in_epoch_1_then_resumed(monkeypatch, hook, interrupted, base, tmp_path / "run",
+                                                   tmp_path / "run")
     history = objects["model"].history
     assert [h["epoch"] for h in history] == [0, 1, 2], history
     assert [h["val/frames"] for h in history] == [2, 2, 2], history
@@ -51,12 +60,8 @@ def test_a_ctrl_c_between_an_epochs_last_batch_and_its_validation_validates_it_o
 
     base = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "trainer.max_epochs=4",
             "trainer.num_sanity_val_steps=0"]
-    monkeypatch.setattr(SegmentationModule, hook, interrupted)
-    with pytest.raises(RunInterrupted) as stop:
-        train(compose_cfg(tmp_path / "a", base))
-    assert stop.value.epoch == 1
-    monkeypatch.setattr(SegmentationModule, hook, real)
-    _, objects = train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={stop.value.last_ckpt}"]))
+    objects = _interrupted_in_epoch_1_then_resumed(monkeypatch, hook, interrupted, base, tmp_path / "a",
+                                                   tmp_path / "b")
     history = objects["model"].history
     assert [h["epoch"] for h in history] == [0, 1, 2, 3], history
     assert [h["step"] for h in history] == [2, 4, 6, 8], history

@@ -403,12 +403,8 @@ def test_resuming_with_more_epochs_stretches_a_run_length_schedule(small_camvid,
 
 
 
-@pytest.mark.parametrize("data", ["data.num_workers=0", "data.num_workers=1", "data=camvid_resident"])
-def test_a_resumed_run_draws_new_batches_not_its_first_epochs_again(small_camvid, tmp_path, monkeypatch, data):
-    """The train loader's generator and the augmentations were seeded with `seed` whenever a loader was made, so a
-    resumed run (a CPU run split in two, a `make remover` resume) trained its first epochs' batches again, crop for
-    crop. A loader made at epoch k > 0 now draws from a seed of its own; a fresh run is as it was. The resident data
-    (the GPU speed-runs') followed the epoch already: checked here so it stays so."""
+def _record_batches(monkeypatch) -> list[tuple[int, float]]:
+    """(epoch, sum of the batch's pixels) of every training batch the runs after this call train on."""
     from bgremover.lit.module import SegmentationModule
 
     seen: list[tuple[int, float]] = []
@@ -419,6 +415,17 @@ def test_a_resumed_run_draws_new_batches_not_its_first_epochs_again(small_camvid
         return real(self, batch, batch_idx)
 
     monkeypatch.setattr(SegmentationModule, "training_step", recording)
+    return seen
+
+
+@pytest.mark.parametrize("data", ["data.num_workers=0", "data.num_workers=1", "data=camvid_resident"])
+def test_a_resumed_run_draws_new_batches_not_its_first_epochs_again(small_camvid, tmp_path, monkeypatch, data):
+    """The train loader's generator and the augmentations were seeded with `seed` whenever a loader was made, so a
+    resumed run (a CPU run split in two, a `make remover` resume) trained its first epochs' batches again, crop for
+    crop. A loader made at epoch k > 0 now draws from a seed of its own; a fresh run is as it was. The resident data
+    (the GPU speed-runs') followed the epoch already: checked here so it stays so."""
+
+    seen = _record_batches(monkeypatch)
     deeplab = ["~experiment", "model=deeplabv3plus", data, "data.batch_size=2",
                "data.crop_size=[32,32]", "data.eval_batch_size=1", "extras.print_config=false", "measure_inference=false",
                "logger=csv", "trainer.max_time=null", "test=false", f"data.root={small_camvid}"]
@@ -437,17 +444,9 @@ def test_a_resident_run_resumed_inside_an_epoch_trains_the_batches_it_had_left(s
     It goes on with the batches left, with their augmentation draws: the run ends with an uninterrupted run's
     weights (no dropout: no other randomness)."""
     from bgremover import checkpoint
-    from bgremover.lit.module import SegmentationModule
     from bgremover.train import RunInterrupted
 
-    seen: list[tuple[int, float]] = []
-    real = SegmentationModule.training_step
-
-    def recording(self, batch, batch_idx):
-        seen.append((self.current_epoch, round(float(batch[0].double().sum()), 3)))
-        return real(self, batch, batch_idx)
-
-    monkeypatch.setattr(SegmentationModule, "training_step", recording)
+    seen = _record_batches(monkeypatch)
     base = [*TINY_RUN, f"data.root={small_camvid}", "data=camvid_resident", "model.net.dropout=0.0", "test=false",
             "trainer.max_epochs=3"]
     train(compose_cfg(tmp_path / "whole", base))
