@@ -146,3 +146,24 @@ def test_wandb_project_from_the_environment_is_the_runs_and_the_comparisons(smal
     assert offline_run(tmp_path / "wandb")["project"] == "mine"
     monkeypatch.delenv("WANDB_PROJECT")  # compare run later, from another shell: the runs' config says it
     assert _wandb_project(find_runs([tmp_path])) == "mine"
+
+
+def test_a_test_only_run_online_is_an_eval_run_beside_the_training_run_not_its_continuation(tmp_path):
+    """`train=false ckpt_path=<last.ckpt>` online, from a run logged online, took the training run's W&B id with
+    resume="allow": the test-only config overwrote the training run's and its test row went in at step 0."""
+    import torch
+
+    from bgremover import train as train_mod
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"epoch": 3, "global_step": 40, "wandb_run_id": "abc123", "wandb_run_offline": False,
+                "wandb_run_name": "tiny-seed7", "wandb_run_group": "quick"}, ckpt)
+    cfg = compose_cfg(tmp_path / "test_only", ["logger=wandb", "train=false", f"ckpt_path={ckpt}"])
+    assert train_mod._resume_wandb(cfg, "online") == "abc123"  # the config still names the run it tested
+    assert cfg.logger.wandb.get("id") is None and cfg.logger.wandb.get("resume") is None
+    assert (cfg.logger.wandb.job_type, cfg.logger.wandb.name, cfg.logger.wandb.group) == ("eval", "tiny-seed7",
+                                                                                          "quick")
+    resumed = compose_cfg(tmp_path / "resume", ["logger=wandb", f"ckpt_path={ckpt}"])  # a resume still goes on
+    train_mod._resume_wandb(resumed, "online")
+    assert (resumed.logger.wandb.id, resumed.logger.wandb.resume, resumed.logger.wandb.job_type) == (
+        "abc123", "allow", "train")

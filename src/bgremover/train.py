@@ -160,6 +160,7 @@ def _resume_wandb(cfg: DictConfig, mode: str) -> str | None:
     names the old one (`resumed_from_wandb_run`). Either way it keeps the old run's name and group (a sweep job's
     `<net>-seed1-job3` in group `<exp>-<sweep folder>` was renamed `<net>-seed1` and moved to group `<exp>` by a
     resume from outside the sweep) unless the command line gives them or the resume is itself a sweep's job.
+    A test-only run (train=false) never continues the training run: it is a new run of job type "eval".
     Returns the old run's id, or None."""
     if not cfg.get("ckpt_path") or cfg.logger.wandb.get("id"):
         return None
@@ -172,7 +173,11 @@ def _resume_wandb(cfg: DictConfig, mode: str) -> str | None:
             cfg.logger.wandb.name = name  # their own -jobN: several may resume one checkpoint
         if group and not config.given("logger.wandb.group") and not utils.is_multirun():
             cfg.logger.wandb.group = group
-        if previous and mode == "online" and not ckpt.get("wandb_run_offline"):
+        if not cfg.get("train", True):  # train=false tests the checkpoint: an eval run beside the training run,
+            # as `make eval` makes; continuing that run overwrote its config with this one and logged at step 0
+            if not config.given("logger.wandb.job_type"):
+                cfg.logger.wandb.job_type = "eval"
+        elif previous and mode == "online" and not ckpt.get("wandb_run_offline"):
             cfg.logger.wandb.id, cfg.logger.wandb.resume = previous, "allow"
     return previous
 
