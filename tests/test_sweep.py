@@ -209,3 +209,27 @@ def test_the_speedrun_sweep_runs_and_its_job_lines_show_what_differs(camvid_root
         "[job 0] experiment=speedrun_deeplabv3plus", "[job 1] experiment=speedrun_remover"], job_lines
     nets = sorted(json.loads(p.read_text())["net"] for p in sweep.glob("*/summary.json"))
     assert nets == ["deeplabv3plus_mobilenet_v2", "deeplabv3plus_resnet18"]
+
+
+def test_an_eval_sweep_reports_its_jobs_as_evaluated_not_failed(small_camvid, tmp_path):
+    """`python -m bgremover.eval -m ckpt_path=X split=val,test`: every job wrote its eval.json, and the sweep said
+    "0 of 2 jobs ok … no summary.json (the job crashed before writing one)" and exited 1."""
+    from test_runs import TINY_RUN, _run
+
+    run = tmp_path / "run"
+    trained = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
+                   f"hydra.run.dir={run}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    sweep = tmp_path / "evals"
+    proc = _run("bgremover.eval", "-m", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"data.root={small_camvid}",
+                "attach_to_run=false", "split=val,test", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
+    evals = [json.loads((sweep / j["job"] / "eval.json").read_text()) for j in jobs]
+    assert [(j["status"], j["split"], j["net"]) for j in jobs] == [("ok", "val", "tiramisu56"),
+                                                                   ("ok", "test", "tiramisu56")]
+    assert jobs[0]["val/mIoU"] == evals[0]["metrics"]["val/mIoU"] and jobs[0]["test/mIoU"] is None
+    assert jobs[1]["test/mIoU"] == evals[1]["metrics"]["test/mIoU"]
+    assert "2 of 2 jobs ok" in proc.stderr
+    assert f"val/mIoU={evals[0]['metrics']['val/mIoU']:.4f} (2 frames)" in proc.stderr
+    assert f"test/mIoU={evals[1]['metrics']['test/mIoU']:.4f} (3 frames)" in proc.stderr

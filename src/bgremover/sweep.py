@@ -110,11 +110,7 @@ class SweepReport(Callback):
         jobs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")), key=_job_number)
         rows = []
         for job in jobs:
-            summary_path = job / SUMMARY_NAME
-            if summary_path.is_file():
-                s = json.loads(summary_path.read_text())
-            else:
-                s = {"status": "failed", "error": "no summary.json (the job crashed before writing one)"}
+            s = _job_record(job)
             metrics = s.get("metrics", {})
             rows.append(
                 {
@@ -128,6 +124,8 @@ class SweepReport(Callback):
                     "test_split": s.get("test_split"),  # frames the number covers: a partial set says so
                     "val_split": s.get("val_split"),  # and those of the val numbers that picked the tested epoch
                     "error": s.get("error"),
+                    **({"split": s["split"], f"{s['split']}/mIoU": metrics.get(f"{s['split']}/mIoU")}
+                       if s.get("split") else {}),  # an evaluation's: the split it scored
                 }
             )
         write_json_atomic(sweep_dir / SWEEP_REPORT_NAME, {"sweep_dir": str(sweep_dir), "jobs": rows})
@@ -139,6 +137,8 @@ class SweepReport(Callback):
         for r in rows:
             score = "" if r["test/mIoU"] is None else \
                 f" test/mIoU={r['test/mIoU']:.4f}" + frames_note(r["test_split"]) + val_note(r["val_split"])
+            if r.get("split") == "val" and r.get("val/mIoU") is not None:  # an evaluation of the val split
+                score = f" val/mIoU={r['val/mIoU']:.4f}" + frames_note(r["val_split"])
             what = " ".join(short_number(o) for o in r["overrides"] if o.split("=")[0] in swept) or r["job"]
             line = f"  [{r['status']}] job {r['job']} ({what}){score}" + (f": {r['error']}" if r["error"] else "")
             print(line, file=sys.stderr)
@@ -146,6 +146,22 @@ class SweepReport(Callback):
             from bgremover.errors import report
 
             sys.exit(report(f"{count(len(failed), 'sweep job')} failed (see above); the others' results are kept"))
+
+
+def _job_record(job: Path) -> dict[str, Any]:
+    """A job's record: a training run's summary.json (a failed evaluation writes one too), else an evaluation's
+    eval.json, which an eval sweep's jobs write instead (every one of them was listed as failed, "no summary.json",
+    and the sweep exited 1)."""
+    if (job / SUMMARY_NAME).is_file():
+        return json.loads((job / SUMMARY_NAME).read_text())
+    try:
+        ev = json.loads((job / "eval.json").read_text())
+    except (OSError, ValueError):
+        return {"status": "failed", "error": f"no {SUMMARY_NAME} (the job crashed before writing one)"}
+    split = ev.get("split") or "test"
+    frames = ev.get("frames")
+    return {"status": "ok", "net": ev.get("net"), "seed": (ev.get("config") or {}).get("seed"), "split": split,
+            "metrics": ev.get("metrics") or {}, f"{split}_split": frames}
 
 
 def planned_jobs(sweep_dir: Path) -> int | None:
