@@ -987,3 +987,14 @@ def test_a_killed_job_without_summary_is_listed_as_failed(sweep: Path) -> None:
     assert "6 runs found" in md and "4 ok, 2 failed" in md
     assert "5 (net ?, seed —): no summary.json: the run was killed" in md
     assert "6 (net" not in md
+
+
+def test_a_failed_evaluations_record_is_no_failed_training_run(sweep: Path) -> None:
+    """An eval that failed after its build writes a `failed` summary.json into its own folder (logs/eval/runs/<ts>):
+    a report over a folder holding it (`compare logs`) listed it as one more failed training run."""
+    evaluation = sweep / "eval" / "runs" / "2026-11-28_10-00-00"
+    (evaluation / ".hydra").mkdir(parents=True)
+    (evaluation / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: eval\n")
+    (evaluation / "summary.json").write_text(json.dumps({"status": "failed", "error": "RuntimeError: boom"}))
+    md = (compare.build_report([sweep], grid_images=0).path / "report.md").read_text()
+    assert "5 runs found" in md and "4 ok, 1 failed" in md and "boom" not in md

@@ -128,8 +128,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
             raise CompareError(f"{root} is neither a sweep folder nor a {SUMMARY_NAME} file")
         files = [root] if root.is_file() else sorted(root.rglob(SUMMARY_NAME))
         for f in files:
-            if f.resolve() in seen:
-                continue
+            if f.resolve() in seen or (root.is_dir() and _job_name(f.parent) not in (None, "train")):
+                continue  # a failed evaluation's record (`make eval`'s folder) listed as a failed training run
             seen.add(f.resolve())
             try:
                 summary = json.loads(f.read_text())
@@ -160,8 +160,6 @@ def _check_shape(summary: dict[str, Any]) -> None:
 def _unfinished(root: Path, seen: set[Path]) -> list[Run]:
     """Training runs (sweep jobs) under `root` that left no summary.json: killed (SIGKILL, the out-of-memory
     killer, a lost machine) or still running. They were missing from the report, which said "0 failed"."""
-    import yaml
-
     from bgremover.sweep import read_overrides
 
     out = []
@@ -169,17 +167,24 @@ def _unfinished(root: Path, seen: set[Path]) -> list[Run]:
         run_dir = hydra_dir.parent
         if (run_dir / SUMMARY_NAME).resolve() in seen or (run_dir / SUMMARY_NAME).exists():
             continue
-        try:
-            job = ((yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) or {}).get("hydra") or {}).get("job") or {}
-        except (OSError, yaml.YAMLError, AttributeError):
-            continue
-        if job.get("name") != "train":  # an evaluation's folder (eval.json) is no run
+        if _job_name(run_dir) != "train":  # an evaluation's folder (eval.json) is no run
             continue
         seen.add((run_dir / SUMMARY_NAME).resolve())
         out.append(Run(run_dir, {"status": "failed", "overrides": read_overrides(run_dir), "error": (
             f"no {SUMMARY_NAME}: the run was killed before it finished (SIGKILL, out of memory) or is still "
             f"running; its log: {run_dir / 'train.log'}")}))
     return out
+
+
+def _job_name(run_dir: Path) -> str | None:
+    """The Hydra job that made a run folder ("train", "eval"), from its .hydra/hydra.yaml; None if unreadable."""
+    import yaml
+
+    try:
+        job = ((yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text()) or {}).get("hydra") or {}).get("job")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return job.get("name") if isinstance(job, dict) else None
 
 
 # What marks a sweep's root folder, whatever the nesting: Hydra's basic sweeper writes multirun.yaml, the Optuna
