@@ -447,6 +447,30 @@ def test_a_user_error_never_removes_a_folder_hydra_did_not_make(tmp_path):
 
 
 
+@pytest.mark.parametrize("error", ["user", "crash"])
+def test_a_ddp_rank_failing_alone_leaves_rank_zeros_run_folder_and_record_alone(tmp_path, monkeypatch, error):
+    """Under DDP every rank runs in rank zero's run folder. A non-zero rank that failed alone (a bad frame in its
+    shard) removed that folder as an empty failed run (a user error) or wrote its `failed` summary.json over the
+    one rank zero writes."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from bgremover.errors import UserError
+    from bgremover.task import run_task
+
+    run = tmp_path / "run"
+    cfg = compose_cfg(run, [*TINY_RUN])
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")  # what Hydra wrote for rank zero's run
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+
+    def fails(_):
+        raise UserError("bad frame") if error == "user" else RuntimeError("boom")
+
+    with pytest.raises(UserError if error == "user" else RuntimeError):
+        run_task(fails, cfg)
+    assert (run / ".hydra" / "config.yaml").read_text() == "seed: 1\n" and not (run / "summary.json").exists()
+
+
 def test_unknown_model_lists_only_real_choices():
     proc = _run("bgremover.train", "model=tiramisu999")
     assert proc.returncode != 0 and "tiramisu103" in proc.stderr and "recipe" not in proc.stderr

@@ -98,6 +98,12 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
         exit_code = _exit_code(exc)
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
+        from pytorch_lightning.utilities import rank_zero_only
+
+        if rank_zero_only.rank:  # a DDP rank's folder is rank zero's: one failing alone (its shard's bad frame)
+            # removed the folder rank zero was training in, or replaced its record; rank zero writes it, as on success
+            _log_to_files("".join(traceback.format_exception(exc)))
+            raise
         interrupted = type(exc).__name__ == "RunInterrupted"
         if not interrupted:
             _log_to_files("".join(traceback.format_exception(exc)))
