@@ -98,9 +98,10 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
         exit_code = _exit_code(exc)
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
-        from pytorch_lightning.utilities import rank_zero_only
-
-        if rank_zero_only.rank:  # a DDP rank's folder is rank zero's: one failing alone (its shard's bad frame)
+        # Lightning's rank, if Lightning was imported at all (not imported: no process group, rank 0; importing it
+        # here cost every refusal before the build 4 s)
+        lightning = sys.modules.get("pytorch_lightning")
+        if lightning is not None and lightning.utilities.rank_zero_only.rank:  # a DDP rank's folder is rank zero's: one failing alone (its shard's bad frame)
             # removed the folder rank zero was training in, or replaced its record; rank zero writes it, as on success
             _log_to_files("".join(traceback.format_exception(exc)))
             raise
