@@ -15,6 +15,7 @@ from torch import nn
 
 from bgremover import export
 from bgremover.export import ExportError, export_onnx, load_checkpoint_net, main, read_metadata
+from bgremover.model_format import is_onnx_model
 
 CLASSES = ["Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
            "Bicyclist"]  # fmt: skip
@@ -324,6 +325,19 @@ def test_bad_out_and_opset_are_refused_before_anything_is_read(tmp_path, capsys)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
+
+
+def test_out_dash_is_refused_not_written_as_a_file_named_dash(tmp_path, monkeypatch, capsys):
+    """`make export CKPT=... OUT=-` exported into a file literally named "-" in the repository (exit 0), while for
+    `make predict` OUT=- means stdout: refused in one line before the checkpoint is read; ./- still names the file."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny")
+    assert main(["--ckpt", str(ckpt), "--out", "-"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m bgremover.export: error: --out - would write a file"), err
+    assert not (tmp_path / "-").exists()
+    assert main(["--ckpt", str(ckpt), "--out", "./-"]) == 0
+    assert is_onnx_model(tmp_path / "-")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -124,6 +124,9 @@ def check_writable(path, option: str, folder: bool = False) -> None:
     from pathlib import Path
 
     p = Path(path)
+    if not folder and str(path) == "-":  # `make export OUT=-` wrote a file named "-": for predict, `-` is stdout
+        raise UserError(f"{option} - would write a file named '-' (only bgremover-predict writes to stdout): give a "
+                        "file name (./- if you mean that one)")
     if not folder and str(path).endswith(("/", os.sep)):  # Path() drops the slash: `--out new/` wrote a file "new"
         raise UserError(f"{option} {path} names a folder: give a file name in it")
     if folder and p.exists() and not p.is_dir():
