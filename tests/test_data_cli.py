@@ -223,3 +223,15 @@ def test_a_label_saved_as_jpeg_is_refused_by_name(tmp_path: Path, capsys) -> Non
         assert main(["--root", str(root), "--no-download", *deep]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"label saved as JPEG: {jpg} " in err[0] and "must be lossless PNG" in err[0], err
+
+
+def test_an_existing_folder_that_is_not_camvid_is_not_sent_to_make_data(tmp_path, capsys):
+    """`make data DATA_DIR=<an existing folder of other pictures>` answered "run `make data` to download CamVid",
+    the command that had just failed: make data only reads a folder that exists. It now says what would help."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    assert main(["--root", str(tmp_path / "photos")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run `make data` to download" not in err[0], err
+    assert f"{tmp_path / 'photos'} is not a CamVid folder" in err[0] and "make data DATA_DIR=<a new folder>" in err[0]
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a.jpg"]

@@ -46,8 +46,10 @@ def list_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
     img_dir, lbl_dir = root / split, root / f"{split}annot"
     for d in (img_dir, lbl_dir):
         if not d.is_dir():
+            # not "run `make data`": it only reads an existing folder, so that was the command that just failed
             raise CamVidError(
-                f"split folder missing: {d} (run `make data` to download CamVid, or point DATA_DIR at a copy)"
+                f"split folder missing: {d} ({root} is not a CamVid folder: point DATA_DIR at a copy, or "
+                "`make data DATA_DIR=<a new folder>` downloads one there)"
             )
     images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
