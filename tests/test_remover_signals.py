@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,3 +43,16 @@ def test_sigterm_after_the_training_stops_the_export_or_the_scoring(tmp_path, mo
     assert line == ("error: interrupted by SIGTERM after training finished; finish with: "
                     + train_remover.finish_command(run, folder.resolve(), str(best)))
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "summary.json"]  # no remover.onnx, whole or half
+
+
+def test_a_camvid_experiment_on_your_folder_names_the_experiment_not_make_data(tmp_path):
+    """`make remover DATA=<your folder> EXP=cpu_quick` (a CamVid experiment) said "has no 'train' split ... run
+    `make data` to download CamVid there", advice for the wrong problem: the folder is fine, the EXP is not."""
+    data = write_folder(tmp_path / "mine")
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train_remover", str(data), "--exp", "cpu_quick",
+                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode != 0
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "has no 'train' split" in line and "run `make data` to download CamVid there" not in line, line
+    assert "data=folder" in line and "remover" in line, line

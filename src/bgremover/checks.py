@@ -83,7 +83,12 @@ def check_data_root(root, splits: Iterable[str]) -> None:
         raise UserError(f"dataset folder not found: {path} ({hint})")
     for split in splits:
         if not (path / split).is_dir() or not (path / f"{split}annot").is_dir():
-            raise UserError(f"{path} has no '{split}' split ({split}/ and {split}annot/): {hint}")
+            # an existing folder: `make data` only reads it, and `make remover DATA=<your folder> EXP=cpu_quick`
+            # met this too, where the fault is the experiment (a CamVid one), not the folder
+            raise UserError(f"{path} has no '{split}' split ({split}/ and {split}annot/): this run reads CamVid "
+                            "(its data config is CamVid's) and that is not a CamVid folder; point DATA_DIR (or data.root) at a copy "
+                            "(`make data DATA_DIR=<a new folder>` downloads one), or for your own images+masks "
+                            "use data=folder (make remover: an EXP that sets it, e.g. the default remover)")
 
 
 def _check_output_dir() -> None:
