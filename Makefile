@@ -153,7 +153,8 @@ eval-cutout: $(STAMP) ## cut-out quality on CamVid test or a folder: make eval-c
 
 remover: $(STAMP) ## your own remover from an image/mask folder: make remover DATA=path [EXP=remover] [ARGS="remover_budget_s=600"]
 	@test -n "$(DATA)" || { echo "error: give your image/mask folder: make remover DATA=path/to/folder" >&2; exit 2; }
-	$(BIN)/python -m bgremover.train_remover "$(DATA)" --exp "$(or $(EXP),remover)" $(ARGS)
+	$(KEEP_MEMORY) $(BIN)/python -m bgremover.train_remover "$(DATA)" --exp "$(or $(EXP),remover)" \
+		$(if $(strip $(KEEP_MEMORY)),,--no-keep-memory) $(ARGS)
 
 example-data: $(STAMP) ## worked-example folders for `make remover` from CamVid: data/cars-composite (pasted cars) and data/cars (cars in place) [EXAMPLES=dir]
 	@if test -e "$(EXAMPLES)/cars-composite"; then echo "$(EXAMPLES)/cars-composite exists: kept (remove it to rebuild)"; \

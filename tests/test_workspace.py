@@ -160,3 +160,36 @@ def test_make_train_and_remover_training_keep_memory(monkeypatch, tmp_path) -> N
     assert train_remover.main([str(tmp_path), "--run-dir", str(tmp_path / "run")]) == 3
     assert seen[0]["MALLOC_MMAP_MAX_"] == "7"
     assert seen[0]["MALLOC_TRIM_THRESHOLD_"] == KEEP_MEMORY_ENV["MALLOC_TRIM_THRESHOLD_"]
+
+
+def test_make_remover_keep_memory_empty_leaves_glibcs_defaults(tmp_path, monkeypatch):
+    """`make remover KEEP_MEMORY=` trained with MALLOC_MMAP_MAX_=0 all the same (train_remover added the settings
+    back), while `make train KEEP_MEMORY=` leaves glibc's defaults: now both do; the default still sets them."""
+    import subprocess
+
+    from bgremover import train_remover
+    from bgremover.utils import KEEP_MEMORY_ENV
+
+    folder, seen = tmp_path / "data", []
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()  # the layout is checked before the training starts
+
+    class Stop(Exception):
+        pass
+
+    def popen(cmd, env):
+        seen.append(env)
+        raise Stop
+
+    for key in KEEP_MEMORY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    make = {keep: subprocess.run(["make", "-n", "remover", f"DATA={folder}", *keep], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                                 text=True, timeout=60).stdout.split("train_remover", 1)[1].split()
+            for keep in ((), ("KEEP_MEMORY=",))}
+    monkeypatch.setattr(subprocess, "Popen", popen)  # after make -n, which runs through it
+    for keep, words in make.items():
+        with pytest.raises(Stop):
+            train_remover.main([w.strip('"') for w in words if w != "\\"] + ["--run-dir", str(tmp_path / "run")])
+        env = seen.pop()
+        assert all(env.get(k) == (None if keep else v) for k, v in KEEP_MEMORY_ENV.items()), (keep, words)
+        assert ("KEEP_MEMORY= " in env[train_remover.RESUME_ENV]) == bool(keep)

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("data", help="your folder: images/ + masks/, or train|val|test/{images,masks}")
     p.add_argument("--exp", default="remover", help="experiment (experiments/<exp>.yaml, default remover)")
     p.add_argument("--run-dir", help="run folder (default ./logs/remover/runs/<date>_<time>)")
+    p.add_argument("--no-keep-memory", action="store_true",
+                   help="leave glibc's malloc defaults (make remover KEEP_MEMORY=), as make train KEEP_MEMORY= does")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. remover_budget_s=600 ckpt_init=null")
     args = p.parse_intermixed_args(argv)  # options may come after the overrides
     data = Path(args.data).expanduser()
@@ -142,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "bgremover.train", f"experiment={args.exp}", f"data.root={quoted(data)}",
            f"hydra.run.dir={quoted(run)}", "task_name=remover", *args.overrides]
     # the training process keeps freed memory for reuse (utils.KEEP_MEMORY_ENV) unless the caller set those itself
-    env = {**KEEP_MEMORY_ENV, **os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
+    # or turned it off (`make remover KEEP_MEMORY=`, which added them again before --no-keep-memory)
+    env = {**({} if args.no_keep_memory else KEEP_MEMORY_ENV), **os.environ, "PROJECT_ROOT": os.environ.get("PROJECT_ROOT") or str(PROJECT_ROOT)}
     # interrupted, the training says how to go on: this command, in this run folder (then export and scores)
     kept = [shlex.quote(o) for o in args.overrides if not o.startswith("ckpt_path=")]
     env[RESUME_ENV] = (f"make remover DATA={shlex.quote(str(data))} EXP={shlex.quote(args.exp)} "
+                       f"{'KEEP_MEMORY= ' if args.no_keep_memory else ''}"
                        f"ARGS=\"--run-dir {shlex.quote(str(run))} {' '.join([*kept, 'ckpt_path={ckpt_path}'])}\"")
     env[FINISH_ENV] = finish_command(run, data)  # interrupted in its test stage: the training is done
     # said first, while the training's config checks decode the folder (a bad file is their error line)
