@@ -151,7 +151,9 @@ def test_make_refuses_a_variable_its_target_does_not_read():
     quantize OUT=x.int8.onnx` wrote the default file, `make test ARGS=-x` ran the whole suite: known variables
     the named target never reads were dropped silently. Now one line says what the target takes; nothing runs."""
     def make(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["make", "-s", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        # as a person types it: under `make test` the inherited MAKELEVEL made make print "make[1]:"
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+        return subprocess.run(["make", "-s", *args], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
 
     for args, says in ((["train", "CKPT=last.ckpt"], 'make train reads no CKPT: it takes EXP ARGS (a resume: ARGS="ckpt_path=..."'),
                        (["quantize", "OUT=x.int8.onnx"], "make quantize reads no OUT: it takes MODEL ARGS"),
