@@ -615,3 +615,21 @@ def test_a_weights_only_file_as_ckpt_path_says_to_use_ckpt_init(small_camvid, tm
                                    f"to go on from): start a run from them with ckpt_init={shipped}, or test them "
                                    f"with make eval CKPT={shipped}")
     assert not (tmp_path / "train").exists() or not any((tmp_path / "train" / "runs").iterdir())
+
+
+def test_a_key_the_command_line_adds_is_named_whole_as_the_command_lines(monkeypatch):
+    """`+trainer.foo=1` was "foo is not a setting of ...Trainer: the recipe or an override sets it for another choice
+    of that config group": the prefix dropped and the cause put on a recipe. The key typed is named, as typed."""
+    from hydra.errors import InstantiationException
+
+    from bgremover import utils
+
+    exc = InstantiationException("Error in call to target 'pytorch_lightning.trainer.trainer.Trainer':\nTypeError(...)")
+    exc.__cause__ = TypeError("Trainer.__init__() got an unexpected keyword argument 'foo'")
+    monkeypatch.setattr(utils, "overrides", lambda: ["trainer=cpu", "+trainer.foo=1"])
+    assert utils.error_summary(exc) == ("trainer.foo is not a setting of pytorch_lightning.trainer.trainer.Trainer: "
+                                        "the command line adds it (check its spelling)")
+    assert utils.is_user_error(exc)
+    monkeypatch.setattr(utils, "overrides", lambda: ["data=camvid"])  # a recipe's key: as before
+    assert utils.error_summary(exc).startswith("foo is not a setting of pytorch_lightning.trainer.trainer.Trainer: "
+                                               "the recipe or an override sets it for another choice")

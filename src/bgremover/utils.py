@@ -131,6 +131,9 @@ def error_summary(exc: BaseException) -> str:
         # Hydra wraps the real error as "Error in call to target X:\n<error>": say the error, name the target.
         target = str(exc).splitlines()[0].split("'")[1::2][:1]
         if target and (key := _unknown_setting(exc.__cause__)):  # e.g. a speed-run's data settings with data=camvid
+            typed = [k for k in (o.lstrip("+~").split("=", 1)[0] for o in overrides()) if k.endswith("." + key)]
+            if typed:  # `+trainer.foo=1`: a key the command line adds, misspelt or unknown, not another choice's
+                return f"{typed[0]} is not a setting of {target[0]}: the command line adds it (check its spelling)"
             return (f"{key} is not a setting of {target[0]}: the recipe or an override sets it for another choice "
                     "of that config group")
         inner = error_summary(exc.__cause__)
