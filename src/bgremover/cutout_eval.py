@@ -55,7 +55,7 @@ from bgremover.cutout_metrics import (  # noqa: F401  (re-exported: the metric f
     iou_from_counts,
 )
 from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
-from bgremover.data.classes import CLASSES  # torch-free constants module
+from bgremover.data.classes import CLASSES, same_classes  # torch-free constants module
 from bgremover.images import _first_line, open_image, to_rgba_arrays
 from bgremover.remover import BackgroundRemover, BgRemoverError, ImageError, UsageError, write_atomic
 
@@ -197,7 +197,7 @@ def load_remover(
     if max_side is None and not remover.upscale:  # else at the scale it was trained at, as predict runs it
         remover.max_side = FULL_RES_SIDE
     want = list(CLASSES if expected is None else expected)
-    if [c.lower() for c in remover.classes] != [c.lower() for c in want]:
+    if not same_classes(remover.classes, want):
         whose = "CamVid's" if expected is None else "the dataset's"
         raise EvalError(
             f"model classes {', '.join(remover.classes)} are not {whose} ({', '.join(want)}): "

@@ -36,7 +36,7 @@ from typing import Any
 
 from bgremover import errors, files
 from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
-from bgremover.data.classes import CLASSES
+from bgremover.data.classes import same_classes
 from bgremover.errors import OneLineParser, UserError
 
 PROG = "python -m bgremover.ship"  # the command as run, in its usage line and messages (also make ship)
@@ -103,11 +103,10 @@ def ship(ckpt: Path, models_dir: Path, data_root: Path, *, force: bool = False, 
     shipped = export.read_metadata(reference) if reference is not None else {}
     # both models are scored on CamVid test: classes of another dataset were refused by that scoring, in words that
     # did not say which model ("model classes ... are not CamVid's"), and only after the export and quantization
-    camvid = [c.lower() for c in CLASSES]
-    if [c.lower() for c in meta["classes"]] != camvid:
+    if not same_classes(meta["classes"]):
         raise ShipError(f"{ckpt} is not a CamVid model: make ship scores and installs CamVid models only (a folder "
                         f"remover is used with --model); its classes: {', '.join(meta['classes'])}")
-    unscorable = bool(shipped) and [c.lower() for c in shipped.get("classes") or []] != camvid
+    unscorable = bool(shipped) and not same_classes(shipped.get("classes") or [])
     if unscorable and not force:
         raise ShipError(f"the shipped model {reference} is not a CamVid model, so it cannot be scored against the "
                         f"candidate (--force replaces it unscored); its classes: {', '.join(shipped['classes'])}")

@@ -46,6 +46,12 @@ STD: tuple[float, float, float] = (0.3071, 0.3116, 0.3072)
 DEFAULT_FOREGROUND: tuple[str, ...] = ("Car", "Pedestrian", "Bicyclist")
 
 
+def same_classes(names, want=CLASSES) -> bool:
+    """Whether a model's class list is `want`'s (default CamVid's), in order, names compared without case: the one
+    rule that lets a model be scored against a dataset's labels (eval-cutout, quantize, ship)."""
+    return [str(c).lower() for c in names] == [str(c).lower() for c in want]
+
+
 def colorize(label, void: int = VOID):
     """Map an HxW label array to an HxWx3 uint8 RGB image in CamVid colours, the `void` label black. A folder's own
     class list (data=folder) has its own void index (2 for binary masks, drawn in Pole's colour as if a class), and
