@@ -97,6 +97,27 @@ def test_init_from_copies_what_fits_and_reports_the_rest(tmp_path):
     assert "first_conv.weight" in loaded
 
 
+@pytest.mark.parametrize("other", [{"down_blocks": [2], "up_blocks": [2]}, {"growth_rate": 6}])
+def test_init_from_another_architecture_is_refused_not_partly_loaded(tmp_path, other):
+    """FC-DenseNet56's stage-1 checkpoint given to the FC-DenseNet103 fine-tune loaded the 56 tensors whose names
+    and shapes happened to fit (the stem, some BatchNorms) and trained the other 630 from random weights: a
+    "fine-tune" from scratch, with one log line. Another net than the run's is refused, the net left untouched."""
+    from bgremover.lit import SegmentationModule
+    from bgremover.nets import FCDenseNet
+
+    source = FCDenseNet(num_classes=11, **{**TINY, **other})
+    path = _save(tmp_path / "stage1.ckpt", {"_target_": "bgremover.nets.FCDenseNet", **TINY, **other},
+                 source.state_dict())
+    target = SegmentationModule(net=FCDenseNet(num_classes=11, **TINY), optimizer=None, net_name="tiny")
+    before = {k: v.clone() for k, v in target.net.state_dict().items()}
+    with pytest.raises(UserError) as info:
+        checkpoint.init_from(target, path)
+    message = str(info.value)
+    assert message.startswith(f"ckpt_init={path} holds bgremover.nets.FCDenseNet weights, which do not fit tiny: ")
+    assert "\n" not in message
+    assert all(torch.equal(before[k], v) for k, v in target.net.state_dict().items())
+
+
 def test_a_folder_given_as_a_checkpoint_is_named_as_such(tmp_path):
     """`make eval CKPT=<a run folder>` said "checkpoint not found" of a folder that is there."""
     from omegaconf import OmegaConf

@@ -193,13 +193,28 @@ def load_module(path: str | os.PathLike):
 
 def init_from(module: nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Copy into `module.net` every weight of the checkpoint's net whose name and shape fit; returns
-    (loaded, skipped) names. A new stage (fine-tuning, another class list) starts from these weights."""
+    (loaded, skipped) names. A new stage (fine-tuning, another class list) starts from these weights.
+
+    Only the classifier may differ (a new class list: the same tensor with this module's class count as its
+    first dimension). Any other difference is another architecture, refused: FC-DenseNet56's stage 1 given to
+    the FC-DenseNet103 fine-tune fitted 56 of 686 tensors (the stem and some BatchNorms) and trained the rest
+    from random weights, with only a log line saying so."""
     ckpt = read(path)
-    meta(ckpt, path)
+    info = meta(ckpt, path)
     state = net_state(ckpt)
     own = module.net.state_dict()
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not fits:
         raise UserError(f"no weight of {path} fits this net (is it the same architecture?)")
+    n_classes = getattr(module, "num_classes", None)
+    new_classes = {k for k, v in state.items() if k in own and k not in fits and v.dim() == own[k].dim()
+                   and v.shape[1:] == own[k].shape[1:] and own[k].shape[0] == n_classes}
+    misfits = sorted((set(own) ^ set(state)) | (set(state) - set(fits) - new_classes))
+    if misfits:
+        theirs = info.get("net_name") or (info.get("net_config") or {}).get("_target_", "another net")
+        ours = module.hparams.get("net_name", "this run's net")
+        raise UserError(f"ckpt_init={path} holds {theirs} weights, which do not fit {ours}: {len(misfits)} "
+                        f"tensors are missing on one side or shaped otherwise (first: {misfits[0]}); start from a "
+                        "checkpoint of the same net, pick that checkpoint's net (model=...) or train from scratch (ckpt_init=null)")
     module.net.load_state_dict(fits, strict=False)
     return sorted(fits), sorted(set(own) - set(fits))
