@@ -378,3 +378,66 @@ def test_train_help_lists_the_groups_train_reads_and_their_options():
     on_disk = {group: ", ".join(sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))) for group in groups}
     assert listed == on_disk
     assert "tta:" not in out and "model/recipes:" not in out and "task_name: train" in out
+
+
+PAPER_STAGES = {  # experiment: (net, lr, batch, train batch H×W, early-stopping patience): Jégou et al. 2017, § 4
+    "tiramisu56_camvid": ("tiramisu56", 1e-3, 3, (224, 224), 100),
+    "tiramisu67_camvid": ("tiramisu67", 1e-3, 3, (224, 224), 100),
+    "tiramisu103_camvid": ("tiramisu103", 1e-3, 3, (224, 224), 100),
+    "tiramisu103_camvid_finetune": ("tiramisu103", 1e-4, 1, (384, 480), 50),  # 360×480 padded to 32's multiple
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER_STAGES))
+def test_paper_recipes_build_what_the_paper_says(experiment, tmp_path):
+    """What `make train EXP=<paper recipe>` builds, not what its yaml reads: the authors' RMSprop (Lasagne's:
+    square average decaying 0.9 a step, not torch's default 0.99; eps at the square root of their 1e-6), lr ×0.995
+    per epoch, weight decay 1e-4, dropout 0.2, 224² crops with flips at batch 3 and no other augmentation, then
+    whole frames at batch 1 and lr 1e-4 from every weight of stage 1."""
+    import torch
+    from conftest import compose_cfg, write_camvid
+
+    from bgremover.train import build
+
+    net_name, lr, batch, size, patience = PAPER_STAGES[experiment]
+    root = write_camvid(tmp_path / "CamVid", {"train": 3, "val": 1, "test": 1}, size=(360, 480))
+    overrides = [f"experiment={experiment}", "trainer=cpu", "logger=csv", f"data.root={root}", "data.num_workers=0",
+                 "data.pin_memory=false"]
+    stage1 = None
+    if experiment.endswith("_finetune"):
+        from bgremover.lit import SegmentationModule
+        from bgremover.nets import NETS
+
+        stage1 = NETS[net_name]()
+        for p in stage1.parameters():  # weights no fresh net has
+            torch.nn.init.normal_(p, std=0.01)
+        torch.save({"state_dict": {f"net.{k}": v for k, v in stage1.state_dict().items()},
+                    "bgremover": SegmentationModule(net=stage1, optimizer=None, net_name=net_name).export_meta()
+                    | {"net_config": {"_target_": "bgremover.nets.FCDenseNet"}}}, tmp_path / "stage1.ckpt")
+        overrides.append(f"ckpt_init={tmp_path / 'stage1.ckpt'}")
+    cfg = compose_cfg(tmp_path / "run", overrides)
+    built = build(cfg)
+    model, datamodule = built["model"], built["datamodule"]
+    assert model.hparams.net_name == net_name and cfg.data.class_weights is None
+
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]
+    assert type(opt) is torch.optim.RMSprop
+    group = opt.param_groups[0]
+    assert (group["lr"], group["alpha"], group["eps"], group["weight_decay"]) == (lr, 0.9, 1e-3, 1e-4)
+    assert (group["momentum"], group["centered"]) == (0, False)
+    assert type(sched["scheduler"]) is torch.optim.lr_scheduler.ExponentialLR
+    assert sched["scheduler"].gamma == 0.995 and sched["interval"] == "epoch"
+
+    drops = [m for m in model.net.modules() if isinstance(m, torch.nn.Dropout2d)]
+    assert drops and {m.p for m in drops} == {0.2}
+    assert model.net.first_conv.out_channels == 48
+    stopping = next(c for c in built["callbacks"] if type(c).__name__ == "EarlyStopping")
+    assert (stopping.monitor, stopping.mode, stopping.patience) == ("val/mIoU", "max", patience)
+
+    assert (cfg.data.hflip, cfg.data.scale_jitter, cfg.data.color_jitter) == (0.5, 0.0, 0.0)
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert tuple(images.shape) == (batch, 3, *size) and tuple(labels.shape) == (batch, *size)
+    if stage1 is not None:  # every tensor of stage 1, none left as initialised
+        own = model.net.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in stage1.state_dict().items())
