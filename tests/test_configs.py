@@ -384,7 +384,10 @@ PAPER_STAGES = {  # experiment: (net, lr, batch, train batch H×W, early-stoppin
     "tiramisu56_camvid": ("tiramisu56", 1e-3, 3, (224, 224), 100),
     "tiramisu67_camvid": ("tiramisu67", 1e-3, 3, (224, 224), 100),
     "tiramisu103_camvid": ("tiramisu103", 1e-3, 3, (224, 224), 100),
-    "tiramisu103_camvid_finetune": ("tiramisu103", 1e-4, 1, (384, 480), 50),  # 360×480 padded to 32's multiple
+    # stage 2 of each (the paper fine-tunes every model; its Table 2 is after it): 360×480 padded to 32's multiple
+    "tiramisu56_camvid_finetune": ("tiramisu56", 1e-4, 1, (384, 480), 50),
+    "tiramisu67_camvid_finetune": ("tiramisu67", 1e-4, 1, (384, 480), 50),
+    "tiramisu103_camvid_finetune": ("tiramisu103", 1e-4, 1, (384, 480), 50),
 }
 
 
