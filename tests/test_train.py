@@ -172,13 +172,15 @@ def test_train_then_eval_reproduces_test_miou_and_resume_continues(camvid_root, 
     assert lr == pytest.approx(1e-3 * 0.995**2)  # ExponentialLR stepped once per epoch across the resume
 
 
-def test_imagenet_weights_offline_fail_fast_with_one_line(tmp_path, tiny_camvid):
+@pytest.mark.parametrize("encoder", ["mobilenet_v2", "tu-resnet18"])
+def test_imagenet_weights_offline_fail_fast_with_one_line(tmp_path, tiny_camvid, encoder):
     """Hermetic: the hub is declared offline (HF_HUB_OFFLINE) and its cache is an empty folder, so the answer
-    does not depend on whether this machine has a network."""
+    does not depend on whether this machine has a network. A timm encoder (`tu-`, which the encoder error offers)
+    was not checked: timm's own download retried for ~45 s offline and ended in a line naming no setting."""
     start = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "bgremover.train", "model=deeplabv3plus", "model.net.encoder_weights=imagenet",
-         "logger=csv", "extras.print_config=false", f"paths.log_dir={tmp_path}", f"data.root={tiny_camvid}",
+         f"model.net.encoder_name={encoder}", "logger=csv", "extras.print_config=false", f"paths.log_dir={tmp_path}", f"data.root={tiny_camvid}",
          "data.crop_size=[32,32]"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
         env={**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_OFFLINE": "1"},
@@ -221,9 +223,10 @@ def test_pretrained_check_itself_takes_seconds(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "create_connection", no_network)  # hermetic: the probe fails as offline would
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     start = time.time()
-    with pytest.raises(PretrainedWeightsUnavailable):
-        ensure_pretrained_available({"_target_": "segmentation_models_pytorch.DeepLabV3Plus",
-                                     "encoder_name": "resnet34", "encoder_weights": "imagenet"})
+    for encoder in ("resnet34", "tu-resnet18", "tu-resnet18.a1_in1k"):
+        with pytest.raises(PretrainedWeightsUnavailable, match=f"encoder '{encoder}' .*model.net.encoder_weights=null"):
+            ensure_pretrained_available({"_target_": "segmentation_models_pytorch.DeepLabV3Plus",
+                                         "encoder_name": encoder, "encoder_weights": "imagenet"})
     assert time.time() - start < 5
     ensure_pretrained_available({"_target_": "segmentation_models_pytorch.DeepLabV3Plus", "encoder_weights": None})
 

@@ -108,19 +108,27 @@ def ensure_pretrained_available(net_cfg: Mapping) -> None:
     target = str(net_cfg.get("_target_", ""))
     if not weights or not target.startswith("segmentation_models_pytorch"):
         return
-    encoder = net_cfg.get("encoder_name", "resnet34")
-    from segmentation_models_pytorch.encoders import encoders
+    encoder = str(net_cfg.get("encoder_name", "resnet34"))
+    if encoder.startswith("tu-"):  # smp hands any non-null weights to timm, which fetches its own from the hub
+        where = _timm_weights(encoder[3:])
+        if where is None:
+            return  # no pretrained weights, or from elsewhere than the hub: timm says so itself
+        repo, revision, files = where
+    else:
+        from segmentation_models_pytorch.encoders import encoders
 
-    settings = encoders.get(encoder, {}).get("pretrained_settings", {}).get(weights)
-    if settings is None:
-        return  # a tu- (timm) encoder; unknown names and weights were refused before the build (check_encoder)
+        settings = encoders.get(encoder, {}).get("pretrained_settings", {}).get(weights)
+        if settings is None:
+            return  # unknown names and weights were refused before the build (check_encoder)
+        repo, revision, files = settings["repo_id"], settings["revision"], ("model.safetensors",)
     from huggingface_hub import hf_hub_download
 
-    try:
-        hf_hub_download(settings["repo_id"], "model.safetensors", revision=settings["revision"], local_files_only=True)
-        return
-    except Exception:
-        pass
+    for name in files:
+        try:
+            hf_hub_download(repo, name, revision=revision, local_files_only=True)
+            return
+        except Exception:
+            pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if not offline:
         try:
@@ -134,6 +142,24 @@ def ensure_pretrained_available(net_cfg: Mapping) -> None:
         f"(or copy its ~/.cache/huggingface/hub here, or point HF_HUB_CACHE at such a copy), "
         f"or train from scratch with model.net.encoder_weights=null."
     )
+
+
+def _timm_weights(model: str) -> tuple[str, str | None, tuple[str, ...]] | None:
+    """(hub repo, revision, files timm looks for) of a timm model's pretrained weights (`resnet18` or
+    `resnet18.a1_in1k`); None when it has none or takes them from elsewhere. Offline, timm's own download retried
+    for ~45 s with a warning a try and ended in a line that named neither the setting nor the cure."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model)
+    except Exception:  # an unknown tag: timm refuses it while building, in its own words
+        return None
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return None
+    repo, _, revision = hub_id.partition("@")
+    named = getattr(cfg, "hf_hub_filename", None)
+    return repo, revision or None, (named,) if named else ("model.safetensors", "pytorch_model.bin")
 
 
 __all__ = [
