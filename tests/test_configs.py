@@ -467,6 +467,18 @@ def test_the_readmes_departures_from_the_paper_are_what_the_recipes_build():
     assert counts, "the parameter counts are not listed"
     for name, said in zip(("tiramisu56", "tiramisu67", "tiramisu103"), counts.groups(), strict=True):
         assert f"{count_parameters(NETS[name]()) / 1e6:.2f}" == said, name
+    import torch
+
+    from bgremover.nets.tiramisu import TransitionUp
+
+    up, skip = TransitionUp(4), torch.zeros(1, 4, 10, 12)  # theirs: 'valid', last row and column cropped
+    valid = torch.nn.ConvTranspose2d(4, 4, 3, stride=2)
+    valid.load_state_dict(up.conv.state_dict())
+    x = torch.randn(1, 4, 5, 6)
+    with torch.no_grad():
+        theirs, ours = valid(x)[..., :10, :12], up(x, skip)
+    torch.testing.assert_close(ours[..., :-1, :-1], theirs[..., 1:, 1:])  # theirs sits one pixel right and down
+    assert "one pixel right and down of ours" in listed
     recipe = cfg_for("experiment=tiramisu103_camvid").model.optimizer
     assert f"(`alpha: {recipe.alpha}`" in listed and f"eps = {recipe.eps:.0e}".replace("e-03", "e-3") in listed
     assert f"`weight_decay: {recipe.weight_decay:.0e}`".replace("e-04", "e-4") in listed
