@@ -131,3 +131,19 @@ def test_a_folder_given_as_a_checkpoint_is_named_as_such(tmp_path):
     cfg = OmegaConf.create({"split": "test", "ckpt_path": str(tmp_path), "data": {}, "seed": 42})
     with pytest.raises(UserError, match=r"is a folder, not a checkpoint"):
         validate_eval(cfg)
+
+
+def test_a_checkpoint_missing_or_adding_net_weights_is_refused_not_half_loaded(tmp_path):
+    """The one loader loads strictly: a state_dict short of a BatchNorm's running variance (a hand-edited or
+    cut-down checkpoint) loaded non-strictly would leave that layer at its init of 1s, and eval, export and the
+    remover would all cut out with it, without a word."""
+    from bgremover.nets import FCDenseNet
+
+    state = FCDenseNet(num_classes=2, **TINY).state_dict()
+    config = {"_target_": "bgremover.nets.FCDenseNet", "num_classes": 2, **TINY}
+    short = {k: v for k, v in state.items() if k != "trans_down.0.norm.running_var"}
+    with pytest.raises(UserError, match=r"^checkpoint weights do not fit bgremover.nets.FCDenseNet: .*trans_down"):
+        checkpoint.load_net(_save(tmp_path / "short.ckpt", config, short))
+    extra = {**state, "head.weight": torch.zeros(2, 2)}
+    with pytest.raises(UserError, match=r"^checkpoint weights do not fit bgremover.nets.FCDenseNet: .*head.weight"):
+        checkpoint.load_net(_save(tmp_path / "extra.ckpt", config, extra))
