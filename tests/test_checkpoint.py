@@ -147,3 +147,34 @@ def test_a_checkpoint_missing_or_adding_net_weights_is_refused_not_half_loaded(t
     extra = {**state, "head.weight": torch.zeros(2, 2)}
     with pytest.raises(UserError, match=r"^checkpoint weights do not fit bgremover.nets.FCDenseNet: .*head.weight"):
         checkpoint.load_net(_save(tmp_path / "extra.ckpt", config, extra))
+
+
+def test_weights_only_copy_halves_matrices_and_keeps_1d_tensors_exact(tmp_path):
+    """save_weights (models/*.pt, `make ship`): conv kernels in float16, every 1-D tensor (BatchNorm statistics,
+    biases) as trained: a running variance near 0 rounded to float16 moves the logits most."""
+    from conftest import randomise_bn
+
+    from bgremover.nets import FCDenseNet
+
+    net = FCDenseNet(num_classes=2, **TINY)
+    randomise_bn(net)
+    with torch.no_grad():
+        net.final_conv.bias.copy_(torch.tensor([1e-4 + 1e-8, -3.3333333]))  # not float16 numbers
+    path = _save(tmp_path / "run.ckpt", {"_target_": "bgremover.nets.FCDenseNet", "num_classes": 2, **TINY},
+                 net.state_dict())
+    out = checkpoint.save_weights(path, tmp_path / "w.pt")
+    saved = torch.load(out, weights_only=True)["state_dict"]
+    for name, value in net.state_dict().items():
+        got = saved[f"net.{name}"]
+        if value.is_floating_point() and value.dim() > 1:
+            assert got.dtype == torch.float16 and torch.equal(got, value.half()), name
+        else:  # 1-D floats and the integer batch counters: bit for bit
+            assert got.dtype == value.dtype and torch.equal(got, value), name
+    assert saved["net.first_conv.weight"].dtype == torch.float16 and saved["net.final_conv.bias"].dtype == torch.float32
+    loaded, _, _ = checkpoint.load_net(out)
+    assert loaded.final_conv.bias.dtype == torch.float32
+    assert torch.equal(loaded.final_conv.bias, net.final_conv.bias)
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = net.eval()(x)
+        torch.testing.assert_close(loaded(x), ref, rtol=1e-2, atol=1e-2)  # float16 kernels: close, not equal
