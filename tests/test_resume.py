@@ -144,6 +144,10 @@ def test_a_resume_into_a_new_folder_keeps_the_earlier_best_epoch(small_camvid, t
         assert best.parent == tmp_path / run / "checkpoints"
         if score > 1:  # the earlier run's best, copied into this run
             assert best.name == Path(s1["best_ckpt"]).name and best.read_bytes() == Path(s1["best_ckpt"]).read_bytes()
+            # and its score kept in this run's state: a second resume into another folder ranks it again (a None
+            # score there was "no best so far", and that resume's first epoch became best however bad)
+            kept = torch.load(s2["last_ckpt"], weights_only=True)["callbacks"][key]
+            assert float(kept["best_model_score"]) == 2.0 and Path(kept["best_model_path"]) == best
         else:  # the new epoch, and the copy it replaced is gone
             assert best.name == "epoch_002.ckpt" and not (best.parent / Path(s1["best_ckpt"]).name).exists()
     assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == before
