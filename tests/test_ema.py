@@ -65,6 +65,11 @@ def test_callbacks_ema_checkpoints_the_average_and_resumes_from_the_raw_weights(
     avg, raw = _net_tensors(ckpt["state_dict"]), _net_tensors(ckpt["current_model_state"])
     assert avg.keys() == raw.keys() and len(avg) > 10
     assert sum(not torch.equal(avg[k], raw[k]) for k in avg) > len(avg) // 2  # averaged, not copied
+    # BatchNorm statistics averaged too (use_buffers): without, the average kept the fresh net's 0s and 1s and
+    # normalised every layer of the tested and exported net with them
+    stats = [k for k in avg if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.equal(avg[k], raw[k]) for k in stats)
+    assert all(not torch.equal(avg[k], torch.zeros_like(avg[k])) for k in stats if k.endswith("running_mean"))
     best = torch.load(s["best_ckpt"], weights_only=False)
     best_avg = _net_tensors(best["state_dict"])
     assert any(not torch.equal(best_avg[k], v) for k, v in _net_tensors(best["current_model_state"]).items())
