@@ -899,6 +899,18 @@ def test_a_half_precision_run_weighs_its_loss_by_the_class_weights_as_given(prec
     assert len(set(model.hparams.class_weights)) > 1  # weighted: the classes' weights differ
 
 
+def test_the_paper_recipes_learning_rate_decays_per_epoch_not_per_step(small_camvid, tmp_path):
+    """The Tiramisu recipe multiplies the lr by 0.995 per epoch (Jégou et al.): stepped per batch instead, an epoch
+    of 184 batches would cut it to 40 % (0.995**184), and it would be gone long before the recipe's last epoch."""
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=3", "test=false"])
+    assert cfg.model.scheduler_interval == "epoch" and cfg.model.scheduler.gamma == 0.995
+    _, objects = train(cfg)
+    trainer = objects["trainer"]
+    assert trainer.global_step == 6  # 4 frames in batches of 2: 2 steps an epoch
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(cfg.model.optimizer.lr * 0.995**3, rel=1e-9)  # not 0.995**6
+
+
 @pytest.mark.parametrize("mode, monitor", [("min", "val/loss"), ("max", "val/mIoU")])
 def test_reduce_on_plateau_steps_on_each_validation(mode, monitor, small_camvid, tmp_path):
     """ReduceLROnPlateau, the lightning-hydra-template's scheduler, failed after the build: "The lr scheduler dict
