@@ -866,6 +866,39 @@ def test_a_double_precision_run(small_camvid, tmp_path):
     assert objects["trainer"].global_step == 1
 
 
+def _fp32_test_numbers(ckpt: str, root: Path) -> tuple[float, float]:
+    """(test loss, test mIoU) of a checkpoint's net in fp32 over a small_camvid's test frames, from the files,
+    without the module: 32×64 frames (multiples of 32: nothing padded), no class weights."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+
+    from bgremover import checkpoint
+
+    net, info, _ = checkpoint.load_net(ckpt)
+    mean, std = torch.tensor(info["mean"]).view(3, 1, 1), torch.tensor(info["std"]).view(3, 1, 1)
+    frames = sorted((root / "test").iterdir())
+    x = torch.stack([(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) / 255 - mean) / std
+                     for f in frames])
+    y = torch.stack([torch.from_numpy(np.array(Image.open(root / "testannot" / f.name))).long() for f in frames])
+    with torch.no_grad():
+        logits = net(x)
+    loss = F.cross_entropy(logits, y, ignore_index=11)  # the mean over the split's labelled pixels
+    return float(loss), float(multiclass_jaccard_index(logits.argmax(1), y, num_classes=11, ignore_index=11))
+
+
+def test_a_mixed_precision_runs_test_numbers_are_its_best_nets_in_fp32(small_camvid, tmp_path):
+    """bf16-mixed (trainer=default's, the speed-runs') trains under Lightning's autocast; the test stage leaves it:
+    the published test/loss and test/mIoU are those of the best checkpoint's fp32 net, as the exported model and
+    the shipped remover run it, not bf16 numbers."""
+    metrics, _ = train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.precision=bf16-mixed",
+                                              "trainer.max_epochs=1", "data.class_weights=null"]))
+    loss, miou = _fp32_test_numbers(json.loads((tmp_path / "summary.json").read_text())["best_ckpt"], small_camvid)
+    assert metrics["test/frames"] == 3 and metrics["test/loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["test/mIoU"] == pytest.approx(miou, abs=1e-6)
+
+
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
 def test_a_true_precision_run_is_tested_in_fp32_as_eval_tests_it(precision, small_camvid, tmp_path):
     """`trainer.precision=bf16-true` (16-true, 64-true) trained, then failed in its test stage: the fp32 test input
