@@ -1051,6 +1051,21 @@ def test_val_miou_best_is_the_runs_when_the_best_epoch_is_picked_by_another_metr
     assert summary["history"]["val/mIoU_best"][-1] == pytest.approx(max(history))
 
 
+def test_a_runs_test_numbers_are_its_best_epochs_not_its_last(small_camvid, tmp_path):
+    """The test stage after training scores the best checkpoint (what summary.json names, compare ranks and export
+    ships), not the weights training ended with: here the best is epoch 0 of 3, and the run's test numbers are
+    that file's, computed from it without the module, not last.ckpt's."""
+    metrics, _ = train(compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=3",
+                                              "data.class_weights=null", "callbacks.model_checkpoint.monitor=val/fg_iou",
+                                              "+callbacks.fg._target_=test_runs.FirstEpochBestByForeground"]))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert Path(summary["best_ckpt"]).name == "epoch_000.ckpt"
+    best, last = (_fp32_test_numbers(summary[k], small_camvid) for k in ("best_ckpt", "last_ckpt"))
+    assert abs(best[0] - last[0]) > 1e-3 * best[0]  # the case: the last epoch's net scores otherwise
+    assert metrics["test/loss"] == pytest.approx(best[0], rel=1e-5)
+    assert metrics["test/mIoU"] == pytest.approx(best[1], abs=1e-6)
+
+
 def test_speedrun_times_over_part_of_the_val_split_say_so(small_camvid, tmp_path, caplog):
     """trainer.limit_val_batches: the time-to-mIoU lines (a speed-run's headline numbers) quoted a score over part
     of the val split as the split's, though summary.json's val_split says PARTIAL (an audit)."""
