@@ -407,6 +407,35 @@ def test_resuming_with_more_epochs_stretches_a_run_length_schedule(small_camvid,
 
 
 
+def test_resuming_a_warmup_cosine_run_with_more_epochs_stretches_it_too(small_camvid, tmp_path, monkeypatch):
+    """The speed-runs' WarmupCosineLR is stretched to a resumed run's new length like PolynomialLR: torch gives it no
+    `_get_closed_form_lr`, its own get_lr is one. Left at the first run's length, every added step trained at the
+    schedule's floor (lr 0). Each resumed step's lr is the cosine of the new length, computed here."""
+    import math
+
+    from bgremover.lit.module import SegmentationModule
+
+    cosine = [*TINY_RUN, f"data.root={small_camvid}", "test=false", "~model.scheduler.gamma",
+              "model.scheduler._target_=bgremover.lit.speedrun.WarmupCosineLR", "+model.scheduler.total_iters=null",
+              "+model.scheduler.warmup=0.25", "model.scheduler_interval=step"]
+    train(compose_cfg(tmp_path / "a", [*cosine, "trainer.max_epochs=2"]))  # 4 frames, batch 2: 4 steps
+    lrs: list[float] = []
+    real = SegmentationModule.training_step
+
+    def recording(self, batch, batch_idx):
+        lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(SegmentationModule, "training_step", recording)
+    cfg = compose_cfg(tmp_path / "b", [*cosine, "trainer.max_epochs=4",
+                                       f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"])
+    _, objects = train(cfg)
+    base = cfg.model.optimizer.lr
+    expected = [base * 0.5 * (1 + math.cos(math.pi * (step / 8 - 0.25) / 0.75)) for step in range(4, 8)]
+    assert lrs == pytest.approx(expected, rel=1e-9) and min(lrs) > 0
+    assert objects["trainer"].lr_scheduler_configs[0].scheduler.total_iters == 8
+
+
 def _record_batches(monkeypatch) -> list[tuple[int, float]]:
     """(epoch, sum of the batch's pixels) of every training batch the runs after this call train on."""
     from bgremover.lit.module import SegmentationModule
