@@ -124,6 +124,23 @@ def test_last_ckpt_links_to_the_best_file_when_they_are_the_same_state(tmp_path)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch_002.ckpt", "last.ckpt"]
 
 
+def test_last_ckpt_with_several_best_files_kept_is_the_newest_epoch(tmp_path):
+    """callbacks.model_checkpoint.save_top_k=2: ModelCheckpoint writes epoch 1 (second best) at the step, while its
+    best file is still epoch 0's; last.ckpt is the newest state (epoch 1), never a link to the older best."""
+    ckpt_dir = tmp_path / "checkpoints"
+    callbacks = [
+        pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="epoch_{epoch:03d}", monitor="score", mode="max",
+                                     save_top_k=2, auto_insert_metric_name=False),
+        LastCheckpoint(dirpath=str(ckpt_dir)),
+    ]
+    trainer = pl.Trainer(max_epochs=2, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(_Scored([0.9, 0.5]))
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch_000.ckpt", "epoch_001.ckpt", "last.ckpt"]
+    assert Path(callbacks[0].best_model_path).name == "epoch_000.ckpt"
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
 def test_last_ckpt_at_the_end_only_is_written_without_validation(tmp_path):
     """every_epoch=False (the speed-runs): no write per epoch, one at the end, and with validation off
     (limit_val_batches=0) that is the run's only checkpoint; before, such a run wrote none at all."""
