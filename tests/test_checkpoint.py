@@ -21,12 +21,13 @@ def _save(path: Path, net_config: dict, state: dict) -> Path:
     return path
 
 
-def test_registered_net_round_trips(tmp_path):
+# the class as the model configs name it, and by its module (a config may spell it so: Hydra builds either)
+@pytest.mark.parametrize("target", ["bgremover.nets.FCDenseNet", "bgremover.nets.tiramisu.FCDenseNet"])
+def test_registered_net_round_trips(tmp_path, target):
     from bgremover.nets import FCDenseNet
 
     net = FCDenseNet(num_classes=2, **TINY)
-    path = _save(tmp_path / "ok.ckpt", {"_target_": "bgremover.nets.FCDenseNet", "num_classes": 2, **TINY},
-                 net.state_dict())
+    path = _save(tmp_path / "ok.ckpt", {"_target_": target, "num_classes": 2, **TINY}, net.state_dict())
     loaded, meta, _ = checkpoint.load_net(path)
     assert isinstance(loaded, FCDenseNet) and not loaded.training and meta["classes"] == ["a", "b"]
     for (k, a), b in zip(net.state_dict().items(), loaded.state_dict().values(), strict=True):
