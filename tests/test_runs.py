@@ -250,6 +250,24 @@ def test_eval_attaches_test_numbers_to_a_run_trained_without_them(small_camvid, 
                    for r in caplog.records), caplog.text
 
 
+def test_a_paper_nets_checkpoint_describes_its_net_in_numbers_that_rebuild_it(small_camvid, tmp_path):
+    """The model configs read the Tiramisu's blocks from TIRAMISU_CONFIGS through a resolver (`${tiramisu:...}`):
+    the checkpoint's net_config must hold the resolved numbers, which eval, export and ckpt_init rebuild the net
+    from without Hydra (as strings of interpolations the rebuild fails)."""
+    from bgremover import checkpoint
+    from bgremover.nets.tiramisu import TIRAMISU_CONFIGS
+
+    run = ["~experiment", "model=tiramisu56", f"data.root={small_camvid}", "data.num_workers=0", "data.batch_size=2",
+           "data.eval_batch_size=1", "data.crop_size=[32,32]", "extras.print_config=false", "logger=csv",
+           "measure_inference=false", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.max_time=null",
+           "test=false"]
+    train(compose_cfg(tmp_path, run))
+    net, info, _ = checkpoint.load_net(json.loads((tmp_path / "summary.json").read_text())["best_ckpt"])
+    paper = TIRAMISU_CONFIGS["fcdensenet56"]
+    assert info["net_config"]["down_blocks"] == list(paper["down_blocks"]) and info["net_config"]["growth_rate"] == 12
+    assert [len(b.layers) for b in net.down_blocks] == list(paper["down_blocks"])
+
+
 def test_eval_json_names_the_checkpoints_net_and_a_partial_split(small_camvid, tmp_path, capsys):
     """eval.json said `"net": "net"` for a weights-only .pt (models/bgremover-camvid.pt) and kept eval.yaml's
     default FC-DenseNet103 under config.model for every checkpoint; a partial test set was not marked at all."""
