@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,23 @@ def test_weights_only_copy_halves_matrices_and_keeps_1d_tensors_exact(tmp_path):
     with torch.no_grad():
         ref = net.eval()(x)
         torch.testing.assert_close(loaded(x), ref, rtol=1e-2, atol=1e-2)  # float16 kernels: close, not equal
+
+
+@pytest.mark.parametrize("config, detail", [
+    ({"_target_": "bgremover.nets.FCDenseNet", **TINY, "up_blocks": [1, 1]}, "down_blocks (1,) and up_blocks (1, 1) differ"),
+    ({"_target_": "bgremover.nets.FCDenseNet", **TINY, "dense_blocks": "cat"}, "dense_blocks must be one of auto, fused"),
+    ({"_target_": "segmentation_models_pytorch.DeepLabV3Plus", "encoder_name": "resnet999"}, "Wrong encoder name `resnet999`"),
+])
+def test_a_checkpoint_whose_net_config_its_class_refuses_is_one_line(tmp_path, capsys, config, detail):
+    """A net_config the net's class refuses (a setting of another bgremover or smp version, an edited file) was a
+    ValueError or KeyError traceback from `python -m bgremover.export`, eval and ckpt_init; only a TypeError (an
+    unknown keyword) was put in words. Now every refusal is the loader's one line, naming the net and the cause."""
+    from bgremover.export import main
+
+    path = _save(tmp_path / "bad.ckpt", config, {"w": torch.zeros(1)})
+    target = config["_target_"]
+    with pytest.raises(UserError, match=rf"^cannot build {re.escape(target)} from the checkpoint's config: .*{re.escape(detail)}"):
+        checkpoint.load_net(path)
+    assert main(["--ckpt", str(path), "--out", str(tmp_path / "x.onnx")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"cannot build {target}" in err and "Traceback" not in err

@@ -122,8 +122,12 @@ def build_net(net_config: dict[str, Any]) -> nn.Module:
         cfg["encoder_weights"] = None
     try:
         return builder(**cfg)
-    except TypeError as exc:
-        raise UserError(f"cannot build {target} from the checkpoint's config: {exc}") from None
+    # a keyword the class lacks (TypeError), or a value it refuses: FCDenseNet's ValueErrors, smp's KeyError for an
+    # encoder its version lacks (a checkpoint of another version, an edited one) were tracebacks from export and eval
+    except (TypeError, ValueError, KeyError) as exc:
+        said = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # a KeyError's str() is its repr
+        detail = " ".join(str(said).split())[:300]
+        raise UserError(f"cannot build {target} from the checkpoint's config: {detail}") from None
 
 
 def net_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
