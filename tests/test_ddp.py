@@ -214,6 +214,30 @@ def augmentation_case(rank: int, world: int, root: str) -> dict[int, torch.Tenso
     return seen
 
 
+def failure_case(rank: int, world: int) -> dict:
+    """Rank 1 crashes (not a user error) and rank zero then fails on gloo's consequence, as when rank 1's exit
+    closed the connection: what each rank's run ends with (lit/ddp.py)."""
+    from types import SimpleNamespace
+
+    from bgremover.lit import ddp
+    from bgremover.train import RunInterrupted
+
+    trainer = SimpleNamespace(world_size=world, global_rank=rank, strategy=SimpleNamespace(launcher=None))
+    if rank:
+        settled = ddp.settle(trainer, ZeroDivisionError("division by zero"))
+        dist.barrier()  # handed over before rank zero fails
+    else:
+        dist.barrier()
+        settled = ddp.settle(trainer, RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer"))
+    dist.barrier()  # rank zero has read rank 1's cause
+    # then SIGTERM, which reaches every rank: each has its RunInterrupted (rank 1's handed over, as any error)
+    interrupt = RunInterrupted(15, None, 3, 3, stage="start")
+    stopped = ddp.settle(trainer, interrupt)
+    return {"type": type(settled).__name__, "message": str(settled), "code": getattr(settled, "code", None),
+            "interrupt": "same" if stopped is interrupt else type(stopped).__name__,
+            "interrupt_code": getattr(stopped, "code", None)}
+
+
 CASES = {
     "block": lambda r, w: block_case(r, w),
     "block_memory_efficient_channels_last": lambda r, w: block_case(r, w, memory_efficient=True, channels_last=True),
@@ -230,6 +254,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, spec: dict) -> None:
         results = {name: case(rank, world) for name, case in CASES.items()}
         results["lightning"] = lightning_case(rank, world, spec)
         results["augmentation"] = augmentation_case(rank, world, spec["one_frame_root"])
+        results["failure"] = failure_case(rank, world)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -363,6 +388,23 @@ def test_ddp_ranks_augment_with_draws_of_their_own(ranks, lightning_spec) -> Non
             assert not torch.equal(first[k], second[k]), f"num_workers={workers}: batch {k} drawn alike on both ranks"
 
 
+def test_a_crash_on_rank_1_is_what_rank_zero_reports_and_rank_1_stays_quiet(ranks) -> None:
+    """Rank zero's summary.json and error line said gloo's "Connection closed by peer" (its own consequence of rank
+    1's exit), and rank 1 printed its own line beside it: rank 1 now exits 1 quietly (its traceback in the log)
+    and rank zero ends the run with rank 1's cause."""
+    quiet, zero = ranks[1]["failure"], ranks[0]["failure"]
+    assert quiet["type"] == "SystemExit" and quiet["code"] == 1
+    assert zero["type"] == "RankFailed" and zero["message"] == "DDP rank 1 failed with ZeroDivisionError: division by zero"
+    # an interrupt: rank zero says its own (and records the run as interrupted), rank 1 exits 143 without a line
+    # (each said 'interrupted by SIGTERM ...; resume with', or rank zero 'RankFailed: ... RunInterrupted')
+    assert zero["interrupt"] == "same" and (quiet["interrupt"], quiet["interrupt_code"]) == ("SystemExit", 143)
+    from bgremover.lit.ddp import RankFailed
+    from bgremover.utils import error_summary, is_user_error
+
+    assert not is_user_error(RankFailed(zero["message"]))  # a crash: its summary.json kept, its type named
+    assert error_summary(RankFailed(zero["message"])) == "RankFailed: " + zero["message"]
+
+
 def test_eval_loaders_give_each_rank_its_frames_without_repeats(tmp_path) -> None:
     """The datamodule's own val/test sampler under DDP (no process group needed: the ranks are simulated)."""
     from types import SimpleNamespace
@@ -422,3 +464,33 @@ def test_sweep_with_subprocess_ddp_is_refused_in_seconds(tiny_camvid, tmp_path) 
     assert not list(tmp_path.rglob("summary.json"))  # no job ran
     assert len(list(tmp_path.glob("*/multiruns/*"))) == 1  # and no rank started a sweep of its own
     assert elapsed < 60
+
+
+CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.sync_batchnorm=false",
+           "trainer.precision=32-true"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, rank", [("ddp", 0), ("ddp", 1)])
+def test_a_bad_frame_on_one_ddp_rank_is_one_error_line_naming_it(tmp_path, strategy, rank) -> None:
+    """A truncated val frame in one rank's shard (the unpadded sampler deals val frame r to rank r). Rank 1's:
+    rank zero said and recorded gloo's "Connection closed by peer" (ddp_spawn: "ProcessRaisedException: -- Process
+    1 terminated with the following error:"), no cause. Rank zero's: it removed the run folder while rank 1 went on
+    and printed that gloo error too, with a traceback "in" a train.log that was gone. Now: the frame, once, and no
+    folder, as one process says a bad frame."""
+    from test_runs import TINY_RUN
+
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 4, "val": 2, "test": 2}, size=(32, 64))
+    bad = root / "val" / f"val_{rank:03d}.png"
+    bad.write_bytes(bad.read_bytes()[:200])
+    run = tmp_path / "logs" / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgremover.train", *TINY_RUN, *CPU_DDP, f"trainer.strategy={strategy}",
+         f"data.root={root}", f"hydra.run.dir={run}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
+    errors = [line[line.index("error:"):] for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert errors == [f"error: unreadable or truncated image: {bad} (image file is truncated)"], proc.stderr[-3000:]
+    time.sleep(2)  # a rank left running would write into the folder after rank zero removed it
+    assert not run.exists(), sorted(run.rglob("*"))
+

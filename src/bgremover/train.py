@@ -229,6 +229,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if stop.stage == "test":
             stop.record = _untested_record(cfg, objects)
         raise stop from exc
+    except Exception as exc:  # under DDP: the real cause, said once (lit/ddp.py)
+        if objects.get("trainer") is None:  # nothing launched (and torch perhaps not imported)
+            raise
+        from bgremover.lit import ddp
+
+        settled = ddp.settle(objects["trainer"], exc)
+        if settled is exc:
+            raise
+        raise settled from exc
 
 
 def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:

@@ -1,0 +1,108 @@
+"""A DDP run that fails on one rank: one error line, naming the real cause, and nothing written after it.
+
+Every rank runs in rank zero's run folder, and rank zero's failure path writes or removes it (task.run_task).
+Without this, a rank's own error was followed by its peers' consequences: rank 1 failing on a bad frame left rank
+zero to report and record gloo's "Connection closed by peer", and rank zero failing on one removed its folder while
+rank 1 went on, printed that same gloo error and pointed at a log file that was gone.
+
+So a non-zero rank that fails hands its cause to rank zero through the process group's store (hosted by rank zero:
+handed over means rank zero is alive to say it) and exits without a line of its own (1, or 128 + the signal of
+an interrupt, which rank zero says itself); rank zero, failing, ends its run with the first cause a peer handed
+over, if any, and stops the ranks it started before it touches the folder. Under `strategy=ddp_spawn` the ranks are the launcher's children: the cause comes back as torch's
+ProcessRaisedException, whose text holds the failed rank's traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+
+log = logging.getLogger("bgremover.train")
+
+_KEY = "bgremover/failed/{rank}"
+_STOP_WAIT_S = 30  # for a stopped rank to be gone before rank zero writes or removes the folder
+
+
+class RankFailed(RuntimeError):
+    """Another DDP rank's crash (not a user error), as rank zero reports it."""
+
+
+def settle(trainer, exc: BaseException) -> BaseException:
+    """The exception this process's run ends with, `exc` unless DDP has a better one (see the module's text)."""
+    from bgremover.utils import _log_to_files
+
+    store = _store(trainer)
+    if store is None:
+        return exc
+    rank = trainer.global_rank
+    if rank:
+        _log_to_files("".join(traceback.format_exception(exc)))  # the traceback stays in the run's log
+        try:
+            store.set(_KEY.format(rank=rank), json.dumps(_describe(exc)))
+        except Exception:  # rank zero is gone: this rank says its own error
+            return exc
+        # an interrupt (SIGTERM reaches every rank) exits as rank zero's does, 128 + the signal
+        return SystemExit(128 + exc.signum if _interrupted(exc) else 1)
+    if _interrupted(exc):  # rank zero's own interrupt (SIGTERM reaches every rank): its resume line, not a peer's
+        return exc
+    cause = _handed_over(store, trainer.world_size)
+    _stop_started_ranks(trainer)
+    return exc if cause is None else cause
+
+
+def _interrupted(exc: BaseException) -> bool:
+    return type(exc).__name__ == "RunInterrupted"  # train.py's, which imports this module
+
+
+def _store(trainer):
+    """The default process group's store, when this process is one of several DDP ranks."""
+    if trainer is None or trainer.world_size < 2:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+def _describe(exc: BaseException) -> dict:
+    from bgremover.utils import error_summary, is_user_error
+
+    return {"user": is_user_error(exc), "message": error_summary(exc)}
+
+
+def _handed_over(store, world: int) -> BaseException | None:
+    """The lowest rank's cause handed over to rank zero (check: never waits for a key that is not there)."""
+    from bgremover.errors import UserError
+
+    for rank in range(1, world):
+        key = _KEY.format(rank=rank)
+        try:
+            if not store.check([key]):
+                continue
+            found = json.loads(store.get(key))
+        except Exception:  # an unreadable store: rank zero's own error stands
+            return None
+        if found["user"]:
+            return UserError(found["message"])  # what one process says of it (a bad frame names its file)
+        return RankFailed(f"DDP rank {rank} failed with {found['message']}")
+    return None
+
+
+def _stop_started_ranks(trainer) -> None:
+    """Rank zero's children (strategy=ddp re-runs the command for each other rank): stopped and waited for, as
+    Lightning does on Ctrl-C, so none of them writes into a folder rank zero is about to record or remove."""
+    from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+    from pytorch_lightning.trainer.connectors.signal_connector import _get_sigkill_signal
+
+    launcher = trainer.strategy.launcher
+    if not isinstance(launcher, _SubprocessScriptLauncher):
+        return
+    launcher.kill(_get_sigkill_signal())
+    for proc in launcher.procs:
+        try:
+            proc.wait(timeout=_STOP_WAIT_S)
+        except Exception:  # still there: the failure is recorded anyway
+            log.debug("DDP rank process %s did not stop", proc.pid, exc_info=True)
+
