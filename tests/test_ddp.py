@@ -405,6 +405,33 @@ def test_a_crash_on_rank_1_is_what_rank_zero_reports_and_rank_1_stays_quiet(rank
     assert error_summary(RankFailed(zero["message"])) == "RankFailed: " + zero["message"]
 
 
+def test_a_ddp_spawn_rank_failure_ends_the_run_with_its_cause() -> None:
+    """strategy=ddp_spawn: torch's "ProcessRaisedException: -- Process 1 terminated with the following error:" was
+    the run's one line and summary.json's error; the failed rank's traceback ends with the cause."""
+    import traceback
+    from types import SimpleNamespace
+
+    from torch.multiprocessing import ProcessRaisedException
+
+    from bgremover.data.camvid import CamVidError
+    from bgremover.errors import UserError
+    from bgremover.lit import ddp
+    from bgremover.utils import error_summary
+
+    def raised_on_rank_1(error: Exception) -> ProcessRaisedException:
+        try:
+            raise error
+        except Exception:
+            trace = traceback.format_exc()
+        return ProcessRaisedException(f"\n\n-- Process 1 terminated with the following error:\n{trace}", 1, 4242)
+
+    trainer = SimpleNamespace(world_size=2, global_rank=0)
+    crash = ddp.settle(trainer, raised_on_rank_1(ZeroDivisionError("division by zero")))
+    assert error_summary(crash) == "RankFailed: DDP rank 1 failed with ZeroDivisionError: division by zero"
+    frame = ddp.settle(trainer, raised_on_rank_1(CamVidError("unreadable or truncated image: val/val_001.png")))
+    assert isinstance(frame, UserError) and error_summary(frame) == "unreadable or truncated image: val/val_001.png"
+
+
 def test_eval_loaders_give_each_rank_its_frames_without_repeats(tmp_path) -> None:
     """The datamodule's own val/test sampler under DDP (no process group needed: the ranks are simulated)."""
     from types import SimpleNamespace
@@ -471,7 +498,7 @@ CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "train
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, rank", [("ddp", 0), ("ddp", 1)])
+@pytest.mark.parametrize("strategy, rank", [("ddp", 0), ("ddp", 1), ("ddp_spawn", 1)])
 def test_a_bad_frame_on_one_ddp_rank_is_one_error_line_naming_it(tmp_path, strategy, rank) -> None:
     """A truncated val frame in one rank's shard (the unpadded sampler deals val frame r to rank r). Rank 1's:
     rank zero said and recorded gloo's "Connection closed by peer" (ddp_spawn: "ProcessRaisedException: -- Process
