@@ -693,6 +693,19 @@ def test_a_fast_dev_run_names_itself_as_what_cut_the_splits_short(small_camvid, 
     assert _cut_by(OmegaConf.create({"trainer": {"fast_dev_run": 3}}), limits).endswith("runs 3 batches of each split")
 
 
+def test_a_ddp_rank_other_than_zero_keeps_the_partial_warnings_to_itself(small_camvid, tmp_path, caplog, monkeypatch):
+    """Under DDP every rank computes the run's record: 'test numbers over 2 of 3 frames: PARTIAL' and its val twin
+    came once per rank, in the terminal and in train.log. Rank zero says them (the test above); the others not."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "debug=fdr"])
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with caplog.at_level("WARNING", logger="bgremover.train"):
+        metrics, _ = train(cfg)
+    assert metrics["test/frames"] == 1  # partial indeed
+    assert "PARTIAL" not in caplog.text
+
+
 def test_train_plus_val_run_learns_from_both_and_says_so(small_camvid, tmp_path):
     cfg = compose_cfg(tmp_path, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
                                  "data.train_split=train+val"])

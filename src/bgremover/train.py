@@ -277,13 +277,13 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     metrics.update(fitted_best or _add_best_val({}, model))  # train=false: the tested checkpoint's
     split = utils.test_split_info(metrics, datamodule)
     if split["complete"] is False:  # Lightning's table showed test/frames 4.0 and nothing else
-        log.warning("test numbers over %d of %d frames: PARTIAL, not the test split's score (%s)", split["frames"],
+        _warn("test numbers over %d of %d frames: PARTIAL, not the test split's score (%s)", split["frames"],
                     split["of"], _cut_by(cfg, "data.limit_eval_images or trainer.limit_test_batches"),
                     extra=utils.IN_JOB_LINE)
     # the best epoch is picked by val numbers: over part of the split (limit_val_batches) they said nothing of it
     val_split = utils.test_split_info(metrics, datamodule, "val")  # train=false validated nothing: all None
     if val_split["complete"] is False:
-        log.warning("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (%s)", val_split["frames"],
+        _warn("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (%s)", val_split["frames"],
                     val_split["of"], _cut_by(cfg, "trainer.limit_val_batches or data.limit_eval_images"),
                     extra=utils.IN_JOB_LINE)
     val_split = _cut_validations(summary.history, val_split)  # the run's (the module now holds the best epoch's)
@@ -292,6 +292,15 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     summary.write(Path(cfg.paths.output_dir) / utils.SUMMARY_NAME, trainer, model, metrics,
                   _run_record(cfg, objects, split, val_split), measure_inference=cfg.get("measure_inference", True))
     return metrics, objects
+
+
+def _warn(*args: Any, **kwargs: Any) -> None:
+    """A warning of the run's record, on rank zero: every DDP rank computes that record, and each rank's PARTIAL
+    warnings reached the terminal and train.log (twice with 2 processes)."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if not rank_zero_only.rank:
+        log.warning(*args, **kwargs)
 
 
 def _cut_by(cfg: DictConfig, limits: str) -> str:
@@ -319,7 +328,7 @@ def _cut_validations(history: list[dict], val_split: dict) -> dict:
     scored = [h for h in history if h.get("val/mIoU") is not None]
     best = max(scored, key=lambda h: h["val/mIoU"]) if scored else None
     picked = best is not None and any(h is best for h in cut)
-    log.warning("val of epoch%s %s covered %s of %d frames (a validation interrupted and resumed)%s",
+    _warn("val of epoch%s %s covered %s of %d frames (a validation interrupted and resumed)%s",
                 "s" if len(cut) > 1 else "", ", ".join(str(h["epoch"]) for h in cut),
                 "/".join(str(h["val/frames"]) for h in cut), of,
                 ": the best epoch is one of them, so it was picked by a PARTIAL score" if picked else "",
