@@ -357,3 +357,28 @@ def test_the_weights_cache_follows_bgremover_cache_set_after_import(tmp_path, mo
     monkeypatch.delenv("BGREMOVER_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "bgremover"  # one rule for every cache, the CPU kernels' build too
+
+
+def test_a_frames_own_seed_draws_its_flip_and_its_jitter_apart(tiny_camvid):
+    """The train loader gives each frame a seed of its own (so a resumed run draws what an uninterrupted one does).
+    Albumentations' Compose.set_random_seed seeds every transform with that same number: each transform's first
+    draw is then the same, and a frame was flipped exactly when it was brightness/contrast-jittered (96 % of the
+    time). The frame's seed starts one stream that the transforms draw from in turn."""
+    from bgremover.data.camvid import CamVidDataset, build_transforms
+
+    transform = build_transforms(True, crop_size=None, hflip=0.5, color_jitter=0.5, pad_multiple=1, mean=(0, 0, 0),
+                                 std=(1, 1, 1))
+    ds = CamVidDataset(tiny_camvid, "train", transform)
+    image = torch.from_numpy(np.asarray(Image.open(ds.pairs[0][0]).convert("RGB"))).permute(2, 0, 1) / 255.0
+    def corr(a):
+        return float(torch.corrcoef(torch.stack([a.flatten(), image.flatten()]))[0, 1])
+
+    flipped, jittered = [], []
+    for seed in range(300):
+        x, _ = ds[(0, seed)]
+        flipped.append(corr(x.flip(-1)) > corr(x))  # random pixels: the mirror image is all but uncorrelated
+        jittered.append(not any(torch.allclose(a, image, atol=1e-6) for a in (x, x.flip(-1))))
+    flipped, jittered = np.array(flipped), np.array(jittered)
+    assert 0.35 < flipped.mean() < 0.65 and 0.35 < jittered.mean() < 0.65
+    assert 0.35 < (flipped == jittered).mean() < 0.65  # independent draws: as often alike as not
+    assert torch.equal(ds[(0, 5)][0], ds[(0, 5)][0])  # and the same seed, the same draws

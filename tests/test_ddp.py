@@ -9,7 +9,6 @@ Lightning as torchrun or SLURM would.
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import socket
@@ -375,15 +374,23 @@ def test_lightning_ddp_history_is_the_one_process_history(ranks, one_process) ->
 def test_ddp_ranks_augment_with_draws_of_their_own(ranks, lightning_spec) -> None:
     """Every rank's loader had the run's seed and one generator, so each rank cropped, flipped and jittered its
     frames with the same draws as every other (Lightning's seed_everything(workers=True) mixes the rank in; the
-    datamodule's own worker seeding had taken its place). Now rank 0 draws as one process does, the others anew."""
+    datamodule's own worker seeding had taken its place). Now rank 0 draws from the run's seed, as a loader of plain
+    indices does (the DistributedSampler's; one process draws each frame from a seed of its own), the others anew."""
+    from torch.utils.data import DataLoader
+
     from bgremover.data import CamVidDataModule
+    from bgremover.data.camvid import _seed_worker
 
     for workers in (0, 1):
         dm = CamVidDataModule(root=lightning_spec["one_frame_root"], num_workers=workers, **AUGMENT)
-        one = torch.stack([x for x, _ in itertools.islice(dm.train_dataloader(), 2)])
+        dm.setup("fit")
+        plain = DataLoader(dm.datasets["train"], batch_size=1, sampler=[0, 0], num_workers=workers,
+                           worker_init_fn=_seed_worker if workers else None,
+                           generator=torch.Generator().manual_seed(AUGMENT["seed"]))
+        one = torch.stack([x for x, _ in plain])
         first, second = (r["augmentation"][workers] for r in ranks)
         assert first.shape == second.shape == one.shape == (2, 1, 3, 32, 32)
-        assert torch.equal(first, one), f"num_workers={workers}: rank 0 no longer draws as one process"
+        assert torch.equal(first, one), f"num_workers={workers}: rank 0 no longer draws from the run's seed"
         for k in range(2):
             assert not torch.equal(first[k], second[k]), f"num_workers={workers}: batch {k} drawn alike on both ranks"
 

@@ -821,3 +821,86 @@ def test_a_resumed_speedrun_counts_every_starts_warm_up(monkeypatch):
     resumed.on_train_end(trainer, None)
     assert float(trainer.callback_metrics["time/first_step_s"]) == 53.0
     assert float(trainer.callback_metrics["time/fit_s"]) == 73.0
+
+
+
+def _interrupting(hook: str, when):
+    """SegmentationModule's `hook`, raising Ctrl-C once it has run (its random draws made) when `when(module, *args)`."""
+    from bgremover.lit.module import SegmentationModule
+
+    real = getattr(SegmentationModule, hook)
+
+    def interrupted(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if when(self, *args):
+            raise KeyboardInterrupt
+        return out
+
+    return interrupted
+
+
+SPLITS = {  # how the first part of a split run ends: its overrides, or the module hook that raises Ctrl-C
+    "at_an_epoch_end": ["trainer.max_epochs=1"],
+    "ctrl_c_after_a_step": ["+callbacks.stop._target_=test_resume.CtrlCAtStep", "+callbacks.stop.step=3"],
+    "ctrl_c_inside_a_step": ("training_step", lambda m, batch, i: m.global_step == 3),  # epoch 1's last batch
+    "ctrl_c_inside_a_validation": ("validation_step", lambda m, batch, i, *_: m.current_epoch == 1 and i == 1
+                                   and not m.trainer.sanity_checking),
+}
+
+
+@pytest.mark.parametrize(("data", "split"), [
+    *(("data.num_workers=0", split) for split in SPLITS),
+    ("data.num_workers=2", "ctrl_c_after_a_step"),
+    ("data=camvid_resident", "ctrl_c_inside_a_step"),
+    ("data=camvid_resident", "at_an_epoch_end"),
+])
+def test_a_split_run_ends_with_the_weights_of_an_uninterrupted_one(small_camvid, tmp_path, monkeypatch, data, split):
+    """A run stopped and resumed trained other numbers than the run left alone: seed_everything at the resume
+    re-seeded torch, so the dropout masks (FC-DenseNet's 0.2) after it were the first steps' again, and the CPU
+    path's augmentations drew other crops, flips and jitters (with workers, other ones again). The checkpoint keeps
+    the random state between the steps it resumes between, and the data draw from seeds of their epoch and frame:
+    the two runs end bit for bit alike (the same operations on the same numbers, on one CPU)."""
+    from bgremover import checkpoint
+    from bgremover.lit.module import SegmentationModule
+    from bgremover.train import RunInterrupted
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", data, "data.scale_jitter=0.2", "data.color_jitter=0.3",
+            "test=false", "trainer.max_epochs=3"]  # the net's dropout: 0.2; 4 frames, batch 2: 2 steps an epoch
+    train(compose_cfg(tmp_path / "whole", base))
+    stop = SPLITS[split]
+    if isinstance(stop, tuple):
+        real = getattr(SegmentationModule, stop[0])
+        monkeypatch.setattr(SegmentationModule, stop[0], _interrupting(*stop))
+        with pytest.raises(RunInterrupted):
+            train(compose_cfg(tmp_path / "a", base))
+        monkeypatch.setattr(SegmentationModule, stop[0], real)
+    elif "stop" in stop[0]:
+        with pytest.raises(RunInterrupted):
+            train(compose_cfg(tmp_path / "a", [*base, *stop]))
+    else:
+        train(compose_cfg(tmp_path / "a", [*base, *stop]))
+    train(compose_cfg(tmp_path / "b", [*base, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"]))
+    whole, split_run = (checkpoint.net_state(checkpoint.read(tmp_path / r / "checkpoints" / "last.ckpt"))
+                        for r in ("whole", "b"))
+    # Ctrl-C inside a step: its forward had already moved the BatchNorm running statistics, which last.ckpt keeps and
+    # the resume's run of that step moves again (a matter of the interrupt, not of random draws): the weights only
+    kept = [k for k in whole if split != "ctrl_c_inside_a_step" or not k.endswith(("running_mean", "running_var",
+                                                                                    "num_batches_tracked"))]
+    differ = [k for k in kept if not torch.equal(whole[k], split_run[k])]
+    assert len(kept) > 50 and not differ, differ
+
+
+def test_a_checkpoint_without_random_state_resumes_and_says_so(small_camvid, tmp_path, caplog):
+    """A last.ckpt written before the random state was kept still resumes, with a line saying where its draws
+    go on from."""
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=1"]))
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["callbacks"].pop("RandomState")["torch"].dtype == torch.uint8
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with caplog.at_level("WARNING", logger="bgremover.train"):
+        _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'old.ckpt'}"]))
+    assert objects["trainer"].global_step == 4
+    said = [r.getMessage() for r in caplog.records if "random state" in r.getMessage()]
+    assert said == [f"{tmp_path / 'old.ckpt'} holds no random state (written by an older version): the dropout masks "
+                    "and other random draws after the resume go on from seed=42, not from where its run left them"]

@@ -30,27 +30,28 @@ log = logging.getLogger("bgremover.train")
 
 
 class ResumableShuffle(RandomSampler):
-    """The train loaders' shuffling: a RandomSampler drawing from `seed` and on across epochs, as before, until it is
-    iterated at an epoch other than the next one: a resume. A resumed run's loader, seeded with `seed` alone, drew
-    its first epochs' order again, and its augmentations too, crop for crop (an audit); from a resume's epoch it
-    draws from a seed of that epoch, the augmentations (num_workers=0) and the workers' seeds (drawn from this
-    generator as they start) included. The epoch is read when iterating: Lightning builds the loader before the
-    checkpoint's epoch is restored, and its workers start before it calls a sampler's set_epoch. Lightning's DDP
-    swaps a RandomSampler (this one too) for a DistributedSampler, which follows the epoch by itself. With
-    `trainer.reload_dataloaders_every_n_epochs`, each rebuilt loader draws from its epoch's seed (it drew epoch 0's
-    order again each time).
+    """The train loaders' shuffling and augmentation seeds: each epoch's order is drawn from a seed of that epoch
+    (`seed` itself at epoch 0), and each frame of it is yielded as (frame, seed) with a seed of its place in the
+    epoch, from which the dataset draws the frame's augmentations (camvid.seeded_index). Nothing carries over from
+    one epoch, or one frame, to the next, so a resumed run draws what an uninterrupted one draws: the generator and
+    the augmentations had gone on across epochs in a run, and a resume, drawing from a seed, trained other crops,
+    flips and jitters, at an epoch's end and inside one (and with num_workers > 0, whose workers each drew on from
+    a seed of their own, others again). The epoch is read when iterating: Lightning builds the loader before the
+    checkpoint's epoch is restored. Lightning's DDP swaps a RandomSampler (this one too) for a DistributedSampler,
+    which follows the epoch by itself; its plain indices draw on from the dataset's seed. With
+    `trainer.reload_dataloaders_every_n_epochs`, each rebuilt loader draws its epoch's order.
 
     `rank` (DDP's global rank): the DistributedSampler gives the ranks different frames, but every rank had this
     generator and augmentation seed, so each cropped, flipped and jittered its frames with the very draws of the
     others (Lightning's own worker seeding, seed_everything(workers=True), mixes the rank in; the datamodules'
-    _seed_worker takes its place). A rank other than 0 draws from seeds of its own (`rank_seed`); rank 0, and so a
-    single process, draws as before.
+    _seed_worker takes its place). A rank other than 0 draws from seeds of its own (`rank_seed`); rank 0 from `seed`
+    itself, as a single process does.
 
     Resumed inside an epoch (a Ctrl-C's or SIGTERM's last.ckpt), Lightning runs the rest of it from a loader that
-    starts over: the epoch's first batches were trained again (at epoch 0, or the first epoch after a resume, crop
-    for crop with num_workers=0) and its last frames never. `resume` (the checkpoint's ShuffleState) brings back
-    the generator as that epoch began it, and the `done_of()` batches trained are skipped: the rest of the epoch
-    is the frames it had left, in its order."""
+    starts over: the epoch's first batches were trained again and its last frames never. The `done_of()` batches
+    trained are skipped: the rest of the epoch is the frames it had left, in its order. `resume` (the checkpoint's
+    ShuffleState) brings back the generator as that epoch began it: a checkpoint written before the epochs were
+    seeded each drew that epoch's order on from the ones before."""
 
     def __init__(self, data_source, seed: int, epoch_of: Callable[[], int | None], rank: int = 0,
                  batch_size: int = 1, resume: dict | None = None, done_of: Callable[[], int] = lambda: 0):
@@ -58,29 +59,32 @@ class ResumableShuffle(RandomSampler):
         self.seed, self.epoch_of, self.rank, self._next_epoch = seed, epoch_of, rank, 0
         self.batch_size, self._resume, self._done_of = batch_size, resume, done_of
         self.epoch_began: tuple[int, torch.Tensor] | None = None  # the running epoch, and the generator as it began it
-        if rank and hasattr(data_source, "reseed"):  # num_workers=0: setup() seeded them with `seed` alone
+        if rank and hasattr(data_source, "reseed"):  # DDP's plain indices: setup() seeded them with `seed` alone
             data_source.reseed(rank_seed(seed, rank))
-        self._follow(epoch_of())  # already here: the workers' seeds are drawn before the first __iter__
+        self._seed_epoch(self._epoch())  # already here: the DataLoader draws its workers' base seed from it first
 
-    def _follow(self, epoch: int | None) -> None:
-        if epoch is not None and epoch != self._next_epoch:
-            fresh = rank_seed(seed_of(self.seed, epoch), self.rank)
-            self.generator.manual_seed(fresh)
-            if hasattr(self.data_source, "reseed"):
-                self.data_source.reseed(fresh)
-            self._next_epoch = epoch
+    def _epoch(self) -> int:
+        epoch = self.epoch_of()
+        return self._next_epoch if epoch is None else epoch
+
+    def _seed_epoch(self, epoch: int) -> int:
+        fresh = rank_seed(seed_of(self.seed, epoch) if epoch else self.seed, self.rank)
+        self.generator.manual_seed(fresh)
+        return fresh
 
     def __iter__(self):
-        self._follow(self.epoch_of())
+        epoch = self._epoch()
+        fresh = self._seed_epoch(epoch)
         resume, self._resume, skip = self._resume, None, 0
-        if resume is not None and int(resume["epoch"]) == self._next_epoch:
+        if resume is not None and int(resume["epoch"]) == epoch:
             done = self._done_of() * self.batch_size
             if 0 < done < self.num_samples:  # (all done: a validation-end checkpoint, whose epoch is over)
                 self.generator.set_state(resume["generator"])
                 skip = done
-        self.epoch_began = (self._next_epoch, self.generator.get_state())
-        self._next_epoch += 1
-        return itertools.islice(super().__iter__(), skip, None)
+        self.epoch_began = (epoch, self.generator.get_state())
+        self._next_epoch = epoch + 1
+        seeded = ((i, seed_of(fresh, k, 2)) for k, i in enumerate(super().__iter__()))  # 2: never a rank_seed
+        return itertools.islice(seeded, skip, None)
 
 
 def batches_done(trainer) -> int:
@@ -259,7 +263,7 @@ class CamVidDataModule(ShuffleState, pl.LightningDataModule):
             pin_memory=hp.pin_memory,
             persistent_workers=bool(hp.persistent_workers and workers > 0),
             worker_init_fn=_seed_worker if workers > 0 else None,
-            generator=sampler.generator if train else None,  # the workers' seeds: as the order, per epoch
+            generator=sampler.generator if train else eval_generator(),  # the workers' seeds: as the order, per epoch
         )
 
     def _eval_sampler(self, split: str) -> Sampler | None:
@@ -282,6 +286,13 @@ def padded_sizes(sizes, multiple: int | None) -> set[tuple[int, int]]:
     """The distinct sizes frames of these (H, W) have once padded to `multiple` (bgremover.padding's rule)."""
     m = max(1, multiple or 1)
     return {(-(-h // m) * m, -(-w // m) * m) for h, w in sizes}
+
+
+def eval_generator() -> torch.Generator:
+    """An eval loader's own generator (any datamodule's): each iterator draws its workers' base seed from the loader's
+    generator, the global one without, so every validation moved the dropout masks of the steps after it, and a
+    validation a resumed run runs again (or a stop inside an epoch adds) made it train other numbers."""
+    return torch.Generator()
 
 
 def eval_sampler(trainer, dataset, split: str) -> Sampler | None:

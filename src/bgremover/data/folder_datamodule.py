@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from bgremover.data import folder as fd
-from bgremover.data.camvid import _seed_worker, build_transforms, select
+from bgremover.data.camvid import _seed_worker, build_transforms, seed_transform, seeded_index, select
 from bgremover.data.classes import MEAN, STD
-from bgremover.data.datamodule import ShuffleState, eval_sampler, padded_sizes
+from bgremover.data.datamodule import ShuffleState, eval_generator, eval_sampler, padded_sizes
 
 log = logging.getLogger("bgremover.train")
 
@@ -34,7 +34,8 @@ class FolderDataset:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        index = seeded_index(self, index)
         img, mask = self.pairs[index]
         image, label = fd.read_pair(img, mask, self.labels, draft_side=self.long_side)
         image, label = fd.resize_pair(image, label, self.shapes[index])
@@ -42,7 +43,7 @@ class FolderDataset:
         return out["image"], out["mask"].long()
 
     def reseed(self, seed: int) -> None:
-        self.transform.set_random_seed(seed % 2**32)  # albumentations' own RNG, out of seed_everything's reach
+        seed_transform(self.transform, seed)
 
 
 class FolderDataModule(ShuffleState, pl.LightningDataModule):
@@ -150,7 +151,7 @@ class FolderDataModule(ShuffleState, pl.LightningDataModule):
                           num_workers=hp.num_workers, pin_memory=hp.pin_memory,
                           persistent_workers=bool(hp.persistent_workers and hp.num_workers > 0),
                           worker_init_fn=_seed_worker if hp.num_workers > 0 else None,
-                          generator=sampler.generator if train else None)
+                          generator=sampler.generator if train else eval_generator())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -6,17 +6,21 @@ it drops every later epoch. `LastCheckpoint` writes it at the end of every train
 interrupted (Ctrl-C, SIGTERM), saved so that a resume runs what the interrupt cut short (the rest of an epoch, a
 validation begun or due); when the epoch's state was just saved as the best checkpoint it links to that file instead
 of writing a second copy. `BestCheckpoint` keeps the best epoch by val/mIoU, also across a resume into a new folder.
+`RandomState` keeps in every checkpoint the random state a resume goes on with.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
+import torch
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -128,6 +132,87 @@ class LastCheckpoint(Checkpoint):
             return None
         best = Path(cb.best_model_path)
         return best if best.is_file() and best.parent == Path(cb.dirpath) else None
+
+
+class RandomState(Callback):
+    """The global random generators (torch's, CUDA's, numpy's, Python's) as training left them, in every checkpoint,
+    and put back when a fit resumes from it: seed_everything at the start of the resumed run seeded them anew, so the
+    dropout masks after a resume (FC-DenseNet's 0.2, DeepLab's 0.5) were the first steps' masks again, and a run
+    stopped and resumed trained other numbers than the run left alone. (The data draw from seeds of their epoch and
+    frame: datamodule.ResumableShuffle, the resident loader.)
+
+    What is saved is the state between the steps the checkpoint's loops resume between: as it is, or, written inside
+    a training step that the resume runs again (an interrupt), as that step began. A fit's validation draws nothing
+    from it (its state is put back at its end; the eval loaders draw their workers' seeds from generators of their
+    own): a validation the resume runs again, or one that a stop inside an epoch added, moves no later draw. Put back
+    as the resumed fit starts, after the sanity check (which Lightning runs with the state isolated)."""
+
+    def __init__(self) -> None:
+        self._step_began: tuple[int, dict[str, Any]] | None = None  # (batches begun, torch's state as the last began)
+        self._val_began: dict[str, Any] | None = None  # torch's state as the running fit validation began
+        self._restore: dict[str, Any] | None = None
+        self._trainer: pl.Trainer | None = None
+
+    @staticmethod
+    def _torch() -> dict[str, Any]:
+        # CUDA's only once in use: asking for it starts CUDA on a machine with a GPU a run does not use
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+
+    @staticmethod
+    def _set_torch(state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        # ~2 µs; numpy's and Python's (~50 µs each) no step draws from here: they are read as a checkpoint is written
+        self._step_began = (trainer.fit_loop.epoch_loop.batch_progress.total.ready, self._torch())
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._val_began = self._torch()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._val_began is not None:
+            state, self._val_began = self._val_began, None
+            self._set_torch(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._restore is not None:  # a resume interrupted before its fit started: its state goes on
+            return dict(self._restore)
+        state = self._val_began or self._torch()
+        if self._val_began is None and self._trainer is not None and self._step_began is not None:
+            batches = self._trainer.fit_loop.epoch_loop.batch_progress.total
+            if batches.processed < batches.ready == self._step_began[0]:  # inside a step: the resume runs it again
+                state = self._step_began[1]
+        _, key, pos, has_gauss, gauss = np.random.get_state()
+        # plain lists and tuples: Lightning reads checkpoints with weights_only=True, which refuses numpy arrays
+        return {**state, "numpy": [key.tolist(), int(pos), int(has_gauss), float(gauss)],
+                "python": random.getstate()}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer  # its loops say which steps a checkpoint resumes between
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restore = dict(state_dict)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and trainer.is_global_zero and self.state_key not in (checkpoint.get("callbacks") or {}):
+            log.warning("%s holds no random state (written by an older version): the dropout masks and other random "
+                        "draws after the resume go on from seed=%d, not from where its run left them",
+                        trainer.ckpt_path, torch.initial_seed())
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state, self._restore = self._restore, None
+        if not state:
+            return
+        self._set_torch(state)
+        key, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state(("MT19937", np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
 
 
 def _inside_a_validation(trainer: pl.Trainer) -> bool:
