@@ -634,9 +634,10 @@ class StopAtStep(pl.Callback):
             trainer.should_stop = True
 
 
-def test_run_plan_of_a_run_stopped_inside_an_epoch_counts_whole_epochs_left(small_camvid, tmp_path, caplog):
-    """Stopped one step into epoch 1 (2 steps an epoch), Lightning counts epoch 1 as done and resumes at epoch 2:
-    the plan said "2 of 4 epochs × 2 steps = 5 steps left" (the planned 8 minus step 3), and the run took 4."""
+def test_run_plan_of_a_run_stopped_inside_an_epoch_counts_the_steps_left(small_camvid, tmp_path, caplog):
+    """Stopped one step into epoch 1 (2 steps an epoch), as trainer.max_time stops it: the plan said "2 of 4 epochs
+    × 2 steps = 5 steps left" (the planned 8 minus step 3), and the run took 4 (Lightning counted epoch 1 as done).
+    The resume goes on inside epoch 1 now, and its plan counts the step that epoch had left."""
     base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
     train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=4", "+callbacks.stop._target_=test_resume.StopAtStep",
                                        "+callbacks.stop.step=3"]))
@@ -644,8 +645,8 @@ def test_run_plan_of_a_run_stopped_inside_an_epoch_counts_whole_epochs_left(smal
     with caplog.at_level("INFO", logger="bgremover.train"):
         _, objects = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=4", f"ckpt_path={last}"]))
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: "))
-    assert "resumes at epoch 2 (step 3): 2 of 4 epochs × 2 steps = 4 steps left" in plan
-    assert objects["trainer"].global_step == 3 + 4
+    assert "3 of 4 epochs × 2 steps − 1 done = 5 steps left" in plan, plan
+    assert objects["trainer"].global_step == 3 + 5
 
 
 class CtrlCAtStep(pl.Callback):
@@ -660,8 +661,8 @@ class CtrlCAtStep(pl.Callback):
 
 
 def test_run_plan_of_a_run_interrupted_inside_an_epoch_counts_the_steps_left(small_camvid, tmp_path, caplog):
-    """Ctrl-C one step into epoch 1 (2 steps an epoch): its last.ckpt resumes inside that epoch (unlike a
-    max_time stop), with one step of it left; the plan said "3 of 4 epochs × 2 steps = 6 steps left" and the run
+    """Ctrl-C one step into epoch 1 (2 steps an epoch): its last.ckpt resumes inside that epoch (as a
+    max_time stop's does), with one step of it left; the plan said "3 of 4 epochs × 2 steps = 6 steps left" and the run
     took 5 (make remover: 106 said, 105 trained)."""
     from bgremover.train import RunInterrupted
 
@@ -841,6 +842,8 @@ def _interrupting(hook: str, when):
 
 SPLITS = {  # how the first part of a split run ends: its overrides, or the module hook that raises Ctrl-C
     "at_an_epoch_end": ["trainer.max_epochs=1"],
+    "max_steps_inside_an_epoch": ["trainer.max_steps=3"],
+    "stopped_inside_an_epoch": ["+callbacks.stop._target_=test_resume.StopAtStep", "+callbacks.stop.step=3"],
     "ctrl_c_after_a_step": ["+callbacks.stop._target_=test_resume.CtrlCAtStep", "+callbacks.stop.step=3"],
     "ctrl_c_inside_a_step": ("training_step", lambda m, batch, i: m.global_step == 3),  # epoch 1's last batch
     "ctrl_c_inside_a_validation": ("validation_step", lambda m, batch, i, *_: m.current_epoch == 1 and i == 1
@@ -850,6 +853,7 @@ SPLITS = {  # how the first part of a split run ends: its overrides, or the modu
 
 @pytest.mark.parametrize(("data", "split"), [
     *(("data.num_workers=0", split) for split in SPLITS),
+    ("data=camvid_resident", "stopped_inside_an_epoch"),
     ("data.num_workers=2", "ctrl_c_after_a_step"),
     ("data=camvid_resident", "ctrl_c_inside_a_step"),
     ("data=camvid_resident", "at_an_epoch_end"),
@@ -859,7 +863,9 @@ def test_a_split_run_ends_with_the_weights_of_an_uninterrupted_one(small_camvid,
     re-seeded torch, so the dropout masks (FC-DenseNet's 0.2) after it were the first steps' again, and the CPU
     path's augmentations drew other crops, flips and jitters (with workers, other ones again). The checkpoint keeps
     the random state between the steps it resumes between, and the data draw from seeds of their epoch and frame:
-    the two runs end bit for bit alike (the same operations on the same numbers, on one CPU)."""
+    the two runs end bit for bit alike (the same operations on the same numbers, on one CPU). A run that
+    trainer.max_time or max_steps stopped inside an epoch resumed at the next one: the rest of that epoch's frames
+    were never trained, and its per-epoch lr step never taken; it resumes inside that epoch now."""
     from bgremover import checkpoint
     from bgremover.lit.module import SegmentationModule
     from bgremover.train import RunInterrupted
@@ -874,7 +880,7 @@ def test_a_split_run_ends_with_the_weights_of_an_uninterrupted_one(small_camvid,
         with pytest.raises(RunInterrupted):
             train(compose_cfg(tmp_path / "a", base))
         monkeypatch.setattr(SegmentationModule, stop[0], real)
-    elif "stop" in stop[0]:
+    elif "CtrlC" in " ".join(stop):
         with pytest.raises(RunInterrupted):
             train(compose_cfg(tmp_path / "a", [*base, *stop]))
     else:

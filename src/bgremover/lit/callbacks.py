@@ -123,7 +123,8 @@ def start_epoch(trainer: pl.Trainer) -> int:
 
 def steps_into_epoch(trainer: pl.Trainer) -> int:
     """Optimizer steps a resumed fit has already done of the epoch it goes on inside: a Ctrl-C's last.ckpt is
-    written mid-epoch and Lightning skips those batches; 0 where it starts its epoch afresh (a max_time stop)."""
+    written mid-epoch (as a max_time stop's is: LastCheckpoint) and Lightning skips those batches; 0 where it
+    starts its epoch afresh."""
     loop = trainer.fit_loop
     if not getattr(loop, "restarted_mid_epoch", False) or start_epoch(trainer) != trainer.current_epoch:
         return 0  # (a validation-end checkpoint: its epoch is done, see start_epoch)
@@ -149,9 +150,8 @@ NO_START: Start = (0, 0, 0)
 
 
 def steps_left(trainer: pl.Trainer, start: Start) -> int | None:
-    """Optimizer steps a run resumed at `start` will take: whole epochs from its start epoch, since Lightning
-    counts an epoch stopped by trainer.max_time as done and resumes at the next one (so not the planned steps minus
-    the step reached: a plan said 397 × 6 = 2387), less what a mid-epoch checkpoint (Ctrl-C) did of its epoch."""
+    """Optimizer steps a run resumed at `start` will take: whole epochs from its start epoch, less what a mid-epoch
+    checkpoint (Ctrl-C, a max_time stop) did of its epoch."""
     epochs, per_epoch = planned_steps(trainer)
     if not (epochs and per_epoch):
         return None

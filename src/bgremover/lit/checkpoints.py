@@ -102,6 +102,12 @@ class LastCheckpoint(Checkpoint):
                                                                          completed=0)
         if self._validate_again or self._validate_next:
             _restart_the_validation(loops["epoch_loop.val_loop.batch_progress"])
+        if _stopped_inside_the_epoch(trainer, loops):
+            # trainer.max_time, max_steps or a time budget stopped the fit inside an epoch, and Lightning ends the
+            # epoch there: a resume began the next one, so the rest of this epoch's frames were never trained and
+            # its per-epoch lr step never taken. Saved as an epoch begun and not ended, Lightning resumes inside it.
+            for counts in loops["epoch_progress"]["total"], loops["epoch_progress"]["current"]:
+                counts["processed"] = counts["completed"] = counts["started"] - 1
 
     def _save(self, trainer: pl.Trainer, link_allowed: bool = True) -> None:
         if trainer.global_step == self._saved_step:
@@ -213,6 +219,15 @@ class RandomState(Callback):
         np.random.set_state(("MT19937", np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
         version, internal, gauss_next = state["python"]
         random.setstate((version, tuple(internal), gauss_next))
+
+
+def _stopped_inside_the_epoch(trainer: pl.Trainer, loops: dict) -> bool:
+    """Whether this checkpoint is written after the fit's epoch loop ended (its end hooks, or the fit's) with the
+    epoch's batches not all run: a stop request or max_steps inside the epoch."""
+    epochs, batches = loops["epoch_progress"]["current"], loops["epoch_loop.batch_progress"]
+    total = trainer.num_training_batches
+    return (trainer.state.fn == TrainerFn.FITTING and epochs["processed"] == epochs["started"] > 0
+            and not batches["is_last_batch"] and isinstance(total, int) and 0 < batches["current"]["completed"] < total)
 
 
 def _inside_a_validation(trainer: pl.Trainer) -> bool:
