@@ -14,6 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,51 @@ class LastCheckpoint(Checkpoint):
                 shutil.copyfile(self.path.resolve(), tmp)
             os.replace(tmp, self.path)
         trainer.strategy.barrier()
+        self._hold_ctrl_c(trainer)
+
+    # Ctrl-C raises KeyboardInterrupt wherever training is, mostly inside a step: its forward had moved the
+    # BatchNorm running statistics (on a CPU its optimizer may have updated some weights and not others), which
+    # last.ckpt kept and the resume's run of that step moved again. The first Ctrl-C now stops the fit where a step
+    # or a validation batch ends; a second stops it at once, as before.
+    _ctrl_c_before: Any = None  # the SIGINT handler while this one holds it
+    _ctrl_c_came = False
+
+    def _hold_ctrl_c(self, trainer: pl.Trainer) -> None:
+        # one process, in the main thread (only it may set handlers), and only Python's own handler: a program's is
+        # its business, and DDP's ranks each stopping at their own step's end could wait on each other
+        if trainer.world_size != 1 or threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return
+
+        def came(signum, frame) -> None:
+            if self._ctrl_c_came:  # the second: at once
+                self._let_go_of_ctrl_c()
+                raise KeyboardInterrupt
+            self._ctrl_c_came = True
+            print("Ctrl-C: stopping where this step ends, to save it whole (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+        self._ctrl_c_before, self._ctrl_c_came = signal.signal(signal.SIGINT, came), False
+
+    def _let_go_of_ctrl_c(self) -> None:
+        if self._ctrl_c_before is not None:
+            signal.signal(signal.SIGINT, self._ctrl_c_before)
+            self._ctrl_c_before = None
+
+    def _stop_if_ctrl_c_came(self) -> None:
+        if self._ctrl_c_came:
+            self._ctrl_c_came = False
+            self._let_go_of_ctrl_c()
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        self._stop_if_ctrl_c_came()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        self._stop_if_ctrl_c_came()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._let_go_of_ctrl_c()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
@@ -65,12 +113,14 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._let_go_of_ctrl_c()
         # whatever the epoch end did not catch: the state training ended with (a stop inside an epoch). With
         # validation off (limit_val_batches=0), ModelCheckpoint, monitoring val/mIoU, writes nothing: this is it
         if not trainer.fast_dev_run and trainer.global_step > 0:
             self._save(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._let_go_of_ctrl_c()
         interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
         # one process only: a collective save while other ranks are being torn down could hang
         if interrupted and not trainer.fast_dev_run and trainer.world_size == 1 and trainer.global_step > 0:
