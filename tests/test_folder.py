@@ -876,6 +876,30 @@ def test_ctrl_c_just_after_the_training_finished_says_how_to_finish(folder, tmp_
     assert not (run / "remover.onnx").exists()
 
 
+def test_a_second_ctrl_c_while_the_training_stops_is_no_traceback(folder, tmp_path, monkeypatch, capsys):
+    """The training stops where its step ends at the first Ctrl-C, at once at a second: that second reached make
+    remover too, waiting for it, and ended it with a KeyboardInterrupt traceback. It waits on for the training's
+    exit, whose resume line is what the user reads."""
+    from bgremover import train_remover
+
+    class Stopping:
+        def __init__(self, *args, **kwargs):
+            self.waited = 0
+
+        def wait(self):
+            self.waited += 1
+            if self.waited <= 2:
+                raise KeyboardInterrupt
+            return 254
+
+    monkeypatch.setattr(subprocess, "Popen", Stopping)
+    try:
+        rc = train_remover.main([str(folder), "--run-dir", str(tmp_path / "run")])
+    except KeyboardInterrupt:
+        pytest.fail("a second Ctrl-C ended make remover with a traceback")
+    assert rc == 254 and capsys.readouterr().err.strip().splitlines()[1:] == []
+
+
 @pytest.mark.parametrize("summary", [{"status": "interrupted", "best_ckpt": "B"}, {"status": "ok", "last_ckpt": "L"},
                                      None])
 def test_ctrl_c_during_the_training_passes_on_its_exit_unless_it_finished(folder, tmp_path, monkeypatch, capsys,

@@ -158,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a job scheduler, `kill`) reaches only this process: pass it on, so the training saves last.ckpt,
     # says how to resume and ends, instead of running on as an orphan
     signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
-    interrupted = False
-    try:
-        rc = proc.wait()
-    except KeyboardInterrupt:  # the training got the Ctrl-C too: it saves last.ckpt and says how to resume
-        interrupted, rc = True, proc.wait()
+    interrupted, rc = False, None
+    while rc is None:
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:  # the training got the Ctrl-C too: it saves last.ckpt and says how to resume,
+            interrupted = True  # the first where its step ends, a second at once (a traceback here, before)
     if interrupted:  # a Ctrl-C just after the training finished: it exited (254) without a word, as did this
         if best := _finished(run):
             return errors.report(f"interrupted after training finished; finish with: "
