@@ -936,3 +936,21 @@ def test_a_ctrl_c_stops_where_the_step_ends_and_a_second_at_once(small_camvid, t
     assert stop.value.step == (3 if presses == 1 else 2)  # the step done and saved, or cut short
     assert "Ctrl-C: stopping where this step ends" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own again
+
+
+def test_a_resume_without_its_runs_seed_goes_on_with_it(small_camvid, tmp_path, caplog):
+    """A run trained with seed=7, resumed by a hand-written `ckpt_path=` alone: the epochs left drew their order
+    and crops from the default seed 42, which summary.json then recorded as the run's. The resume goes on with
+    the run's seed, says so, and ends as the run left alone does."""
+    from bgremover import checkpoint
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "whole", [*base, "seed=7", "trainer.max_epochs=2"]))
+    train(compose_cfg(tmp_path / "a", [*base, "seed=7", "trainer.max_epochs=1"]))
+    with caplog.at_level("WARNING", logger="bgremover.train"):
+        train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=2",
+                                           f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"]))
+    assert any("goes on with its run's seed=7 (not this command's 42)" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["seed"] == 7
+    whole, split = (checkpoint.net_state(checkpoint.read(tmp_path / r / "checkpoints" / "last.ckpt")) for r in ("whole", "b"))
+    assert all(torch.equal(whole[k], split[k]) for k in whole)

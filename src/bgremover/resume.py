@@ -133,3 +133,23 @@ def adopt_optimizer(cfg: DictConfig) -> None:
     with open_dict(cfg):
         for k, v in changed.items():
             cfg.model.optimizer[k] = float(v)
+
+
+def adopt_seed(cfg: DictConfig) -> None:
+    """A resume goes on with the seed its run trained with: its epochs' orders and augmentations are drawn from it,
+    and a resume typed without the run's `seed=` (a hand-written ckpt_path=) drew the rest of the run from
+    another one, recorded it, and named its W&B run by it. Say so, and train and record the run's."""
+    if not (cfg.get("ckpt_path") and cfg.get("train", True)):
+        return
+    from bgremover import checkpoint
+
+    saved = (checkpoint.read(cfg.ckpt_path).get("datamodule_hyper_parameters") or {}).get("seed")
+    given = checks.as_number(cfg.get("seed"))
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved == given:
+        return
+    log.warning("a resume goes on with its run's seed=%d (not this command's %s): the data of the epochs left are "
+                "drawn from it; for another draw start a new run from its weights with ckpt_init=%s", saved, given,
+                cfg.ckpt_path)
+    with open_dict(cfg):
+        cfg.seed = saved
+

@@ -246,6 +246,7 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     resume.adopt_split(cfg, cfg.get("ckpt_path"))  # a resumed (or train=false) folder run keeps its split
     checks.validate_train(cfg)
     resume.adopt_optimizer(cfg)  # what a resume trains with is what the run records
+    resume.adopt_seed(cfg)  # and the data it draws
     quiet = utils.is_multirun() and not cfg.get("verbose")
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_only
