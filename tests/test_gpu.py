@@ -178,7 +178,7 @@ def _fit(data: str, camvid_root: Path, out: Path):
             "trainer.accelerator=cpu"] if ON_CPU else []
     cfg = compose_cfg(out, [
         # AdamW: RMSprop's first steps (the paper recipe) overshoot, so two short epochs might not show the fall
-        "~experiment", "model=tiramisu56", "model.optimizer._target_=torch.optim.AdamW", "trainer=gpu", f"data={data}", f"data.root={camvid_root}",
+        "~experiment", "model=tiramisu56", "model.optimizer._target_=torch.optim.AdamW", "~model.optimizer.alpha", "~model.optimizer.eps", "trainer=gpu", f"data={data}", f"data.root={camvid_root}",
         "data.batch_size=16", "data.eval_batch_size=4", "data.crop_size=[224,224]", "data.num_workers=6",
         "data.limit_eval_images=16", "trainer.max_epochs=2", "logger=csv",
         "test=false", "measure_inference=false", "extras.print_config=false", "trainer.num_sanity_val_steps=0",

@@ -320,7 +320,7 @@ def test_speedrun_budget_anneals_stops_with_a_last_validation(tiny_camvid, tmp_p
     cfg = compose_cfg(tmp_path, [
         *TINY_TIRAMISU, *SMALL, f"data.root={tiny_camvid}", "trainer.max_epochs=100000",
         "trainer.check_val_every_n_epoch=1000", "trainer.num_sanity_val_steps=0", "trainer.max_time=00:00:01:00",
-        "model.optimizer._target_=torch.optim.AdamW", "~model.scheduler.gamma",
+        "model.optimizer._target_=torch.optim.AdamW", "~model.optimizer.alpha", "~model.optimizer.eps", "~model.scheduler.gamma",
         "model.scheduler._target_=bgremover.lit.speedrun.WarmupCosineLR", "+model.scheduler.total_iters=null",
         "model.scheduler_interval=step", "callbacks.early_stopping=null", "callbacks.last_checkpoint=null",
         "+callbacks.time_to_miou._target_=bgremover.lit.speedrun.TimeToMIoU",
