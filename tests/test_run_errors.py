@@ -97,6 +97,10 @@ def test_deeplab_with_a_batch_of_one_is_refused_before_a_run_folder_is_made(smal
     ("data.scale_jitter=-0.25", "data.scale_jitter must be at least 0 and below 1 (frames are scaled by 1-j..1+j), "
      "got -0.25"),
     ("+model.optimizer.lrr=0.1", "model.optimizer.lrr is not a setting of torch.optim.RMSprop (it takes: lr, alpha, eps, weight_decay, "),
+    # another optimizer over the paper recipe's RMSprop: its alpha was named, not where it came from
+    ("model.optimizer._target_=torch.optim.AdamW", "model.optimizer.alpha is not a setting of torch.optim.AdamW (it "
+     "takes: lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused); the recipe "
+     "sets it for the class it names: drop it with ~model.optimizer.alpha"),
     # trained, then stopped at the first epoch without improvement: "'>=' not supported between 'int' and 'str'"
     ("callbacks.early_stopping.patience=abc", "callbacks.early_stopping.patience must be a number, got 'abc'"),
     ("model.optimizer.weight_decay=1e-4x", "model.optimizer.weight_decay must be a number, got '1e-4x'"),

@@ -140,7 +140,11 @@ def _check_settings(key: str, node, names: bool = True) -> None:
     if unknown:
         takes = ", ".join(n for n, p in params.items() if n not in ("self", "params", "optimizer")
                           and p.kind is not inspect.Parameter.VAR_POSITIONAL)
-        raise UserError(f"{key}.{unknown[0]} is not a setting of {node._target_} (it takes: {takes})")
+        # not typed on the command line: the recipe set it for the class it names, which an override of _target_
+        # replaced (`model.optimizer._target_=torch.optim.AdamW` on the paper recipe's RMSprop alpha)
+        drop = "" if given(f"{key}.{unknown[0]}") else \
+            f"; the recipe sets it for the class it names: drop it with ~{key}.{unknown[0]}"
+        raise UserError(f"{key}.{unknown[0]} is not a setting of {node._target_} (it takes: {takes}){drop}")
 
 
 def _check_schedule(model, trainer) -> None:
