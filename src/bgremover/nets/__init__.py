@@ -127,8 +127,8 @@ def ensure_pretrained_available(net_cfg: Mapping) -> None:
         try:
             hf_hub_download(repo, name, revision=revision, local_files_only=True)
             return
-        except Exception:
-            pass
+        except Exception:  # not in the cache under this name: the next one (timm's safetensors, then its .bin)
+            continue
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if not offline:
         try:
