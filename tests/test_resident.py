@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -52,14 +51,16 @@ def _frame(h=12, w=16, seed=0, values=None):
 
 
 # --- decode + cache --------------------------------------------------------------------------------------------
-def test_decode_split_matches_files_and_is_cached(tiny_camvid, monkeypatch):
+def test_decode_split_matches_files_and_is_cached(tiny_camvid, tmp_path, monkeypatch):
+    # a cache of its own: the session's shared one also holds the resume tests' resident caches of other tiny sets
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "cache"))
     a = decode_split(tiny_camvid, "train")
     assert a["images"].shape == (4, 48, 64, 3) and a["images"].dtype == np.uint8
     assert a["labels"].shape == (4, 48, 64) and a["labels"].dtype == np.uint8
     assert a["sizes"].tolist() == [[48, 64]] * 4
     img, lbl = read_pair(tiny_camvid / "train" / "train_002.png", tiny_camvid / "trainannot" / "train_002.png")
     assert np.array_equal(a["images"][2], img) and np.array_equal(a["labels"][2], lbl)
-    cached = list(Path(__import__("os").environ["BGREMOVER_CACHE"]).glob("camvid_resident_train_*.npz"))
+    cached = list((tmp_path / "cache").glob("camvid_resident_train_*.npz"))
     assert len(cached) == 1
     assert len(decode_split(tiny_camvid, "train", limit=2, cache=False)["labels"]) == 2
 
