@@ -405,7 +405,7 @@ def test_a_crash_on_rank_1_is_what_rank_zero_reports_and_rank_1_stays_quiet(rank
     # an interrupt: rank zero says its own (and records the run as interrupted), rank 1 exits 143 without a line
     # (each said 'interrupted by SIGTERM ...; resume with', or rank zero 'RankFailed: ... RunInterrupted')
     assert zero["interrupt"] == "same" and (quiet["interrupt"], quiet["interrupt_code"]) == ("SystemExit", 143)
-    from bgremover.lit.ddp import RankFailed
+    from bgremover.errors import RankFailed
     from bgremover.utils import error_summary, is_user_error
 
     assert not is_user_error(RankFailed(zero["message"]))  # a crash: its summary.json kept, its type named

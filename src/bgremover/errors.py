@@ -40,6 +40,10 @@ class UsageError(BgRemoverError):
     """A bad option value (unknown class, bad colour, ...)."""
 
 
+class RankFailed(RuntimeError):
+    """Another DDP rank's crash (not a user error), as rank zero reports it (lit/ddp.py)."""
+
+
 def count(n: int, noun: str, plural: str | None = None) -> str:
     """`1 epoch`, `3 epochs` (`plural` where an s is wrong): every message says a number of things this way."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -18,14 +18,12 @@ import json
 import logging
 import traceback
 
+from bgremover.errors import RankFailed
+
 log = logging.getLogger("bgremover.train")
 
 _KEY = "bgremover/failed/{rank}"
 _STOP_WAIT_S = 30  # for a stopped rank to be gone before rank zero writes or removes the folder
-
-
-class RankFailed(RuntimeError):
-    """Another DDP rank's crash (not a user error), as rank zero reports it."""
 
 
 def settle(trainer, exc: BaseException) -> BaseException:
