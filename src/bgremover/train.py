@@ -281,14 +281,14 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     split = utils.test_split_info(metrics, datamodule)
     if split["complete"] is False:  # Lightning's table showed test/frames 4.0 and nothing else
         _warn("test numbers over %d of %d frames: PARTIAL, not the test split's score (%s)", split["frames"],
-                    split["of"], _cut_by(cfg, "data.limit_eval_images or trainer.limit_test_batches"),
-                    extra=utils.IN_JOB_LINE)
+              split["of"], _cut_by(cfg, "data.limit_eval_images or trainer.limit_test_batches"),
+              extra=utils.IN_JOB_LINE)
     # the best epoch is picked by val numbers: over part of the split (limit_val_batches) they said nothing of it
     val_split = utils.test_split_info(metrics, datamodule, "val")  # train=false validated nothing: all None
     if val_split["complete"] is False:
         _warn("val numbers (and the best epoch they pick) over %d of %d frames: PARTIAL (%s)", val_split["frames"],
-                    val_split["of"], _cut_by(cfg, "trainer.limit_val_batches or data.limit_eval_images"),
-                    extra=utils.IN_JOB_LINE)
+              val_split["of"], _cut_by(cfg, "trainer.limit_val_batches or data.limit_eval_images"),
+              extra=utils.IN_JOB_LINE)
     val_split = _cut_validations(summary.history, val_split)  # the run's (the module now holds the best epoch's)
     task.mark_split(trainer.loggers, "test", split)
     task.mark_split(trainer.loggers, "val", val_split)  # the val numbers that picked the tested epoch, the same way
@@ -332,10 +332,10 @@ def _cut_validations(history: list[dict], val_split: dict) -> dict:
     best = max(scored, key=lambda h: h["val/mIoU"]) if scored else None
     picked = best is not None and any(h is best for h in cut)
     _warn("val of epoch%s %s covered %s of %d frames (a validation interrupted and resumed)%s",
-                "s" if len(cut) > 1 else "", ", ".join(str(h["epoch"]) for h in cut),
-                "/".join(str(h["val/frames"]) for h in cut), of,
-                ": the best epoch is one of them, so it was picked by a PARTIAL score" if picked else "",
-                extra=utils.IN_JOB_LINE if picked else None)
+          "s" if len(cut) > 1 else "", ", ".join(str(h["epoch"]) for h in cut),
+          "/".join(str(h["val/frames"]) for h in cut), of,
+          ": the best epoch is one of them, so it was picked by a PARTIAL score" if picked else "",
+          extra=utils.IN_JOB_LINE if picked else None)
     return {**val_split, "cut_epochs": [h["epoch"] for h in cut], **({"complete": False} if picked else {})}
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import traceback
 
-from bgremover.errors import RankFailed
+from bgremover.errors import RankFailed, UserError
 
 log = logging.getLogger("bgremover.train")
 
@@ -75,8 +75,6 @@ def _describe(exc: BaseException) -> dict:
 
 def _handed_over(store, world: int) -> BaseException | None:
     """The lowest rank's cause handed over to rank zero (check: never waits for a key that is not there)."""
-    from bgremover.errors import UserError
-
     for rank in range(1, world):
         key = _KEY.format(rank=rank)
         try:
@@ -119,7 +117,6 @@ def _spawned_cause(exc: BaseException) -> BaseException | None:
     if not lines:
         return None
     kind, _, message = lines[-1].partition(": ")  # format_exception's last line: "module.Type: message"
-    from bgremover.errors import UserError
     from bgremover.utils import user_error_types
 
     found = _exception_type(kind)
