@@ -9,6 +9,7 @@ Lightning as torchrun or SLURM would.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -528,3 +529,48 @@ def test_a_bad_frame_on_one_ddp_rank_is_one_error_line_naming_it(tmp_path, strat
     time.sleep(2)  # a rank left running would write into the folder after rank zero removed it
     assert not run.exists(), sorted(run.rglob("*"))
 
+
+
+class SigtermOnRank(pl.Callback):
+    """Sends SIGTERM to this process when it is rank `rank` and training has taken `step` steps: one rank gets
+    it alone (a scheduler stopping one task, `kill` of one pid), at a point of its own in the step."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer, *_) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step(tmp_path, rank) -> None:
+    """Lightning's SIGTERM handler broadcasts from inside the handler, wherever the signal landed: its broadcast
+    paired with another collective of the other rank (the next step's, a gradient all-reduce), so one rank stopped
+    and the other waited on it (rank 1 alone: rank zero then failed on gloo's "Connection closed by peer" and named
+    rank 1's interrupt as a crash). Now every rank stops where the same step ends, and the run says its interrupt
+    and its resume line once, exit 143, as one process does."""
+    from test_runs import TINY_RUN
+
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 8, "val": 2, "test": 2}, size=(32, 64))
+    run = tmp_path / "logs" / "run"
+    env = {**os.environ, "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgremover.train", *TINY_RUN, *CPU_DDP, "trainer.max_epochs=50",
+         "callbacks.early_stopping.patience=50", "+callbacks.stop._target_=test_ddp.SigtermOnRank",
+         f"+callbacks.stop.rank={rank}", "+callbacks.stop.step=3", f"data.root={root}", f"hydra.run.dir={run}"],
+        capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    elapsed = time.monotonic() - start
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert len(errors) == 1 and "interrupted by SIGTERM at epoch" in errors[0] and "resume with" in errors[0], \
+        proc.stderr[-3000:]
+    assert "RankFailed" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["global_step"] in (3, 4), summary
+    assert elapsed < 120, f"{elapsed:.0f} s: a rank waited on a collective the other never joined"

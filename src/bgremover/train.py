@@ -110,11 +110,12 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     # Set after construction: passed as an argument, Hydra would instantiate this `_target_` dict too.
     model.hparams.net_config = OmegaConf.to_container(cfg.model.net, resolve=True)
     from bgremover.lit.checkpoints import RandomState
+    from bgremover.lit.ddp import StopTogether
     from bgremover.lit.summary import RunSummary
 
     summary = RunSummary()  # not a config node: every run writes its summary.json
-    # nor the random state: a run with callbacks=none resumes as exactly as any other
-    callbacks = [*utils.instantiate_dict(cfg.get("callbacks")), summary, RandomState()]
+    # nor the random state (a run with callbacks=none resumes as exactly as any other), nor DDP's SIGTERM
+    callbacks = [*utils.instantiate_dict(cfg.get("callbacks")), summary, RandomState(), StopTogether()]
     if cfg.trainer.get("limit_val_batches", 1.0) == 0:  # validation off: nothing for early stopping to watch
         from pytorch_lightning.callbacks import EarlyStopping
         from pytorch_lightning.utilities import rank_zero_warn

@@ -1,4 +1,5 @@
-"""A DDP run that fails on one rank: one error line, naming the real cause, and nothing written after it.
+"""A DDP run that fails on one rank: one error line, naming the real cause, and nothing written after it; and one
+SIGTERM stopping every rank at the same step (`StopTogether`, at the end).
 
 Every rank runs in rank zero's run folder, and rank zero's failure path writes or removes it (task.run_task).
 Without this, a rank's own error was followed by its peers' consequences: rank 1 failing on a bad frame left rank
@@ -17,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+
+from pytorch_lightning.callbacks import Callback
 
 from bgremover.errors import RankFailed, UserError
 
@@ -135,3 +138,72 @@ def _exception_type(name: str) -> type | None:
     except (ImportError, AttributeError, ValueError):
         return None
     return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+class StopTogether(Callback):
+    """SIGTERM under DDP: every rank stops where the same step (or evaluation batch) ends.
+
+    Lightning's handler broadcasts from rank zero inside the handler, wherever the signal landed; the broadcast
+    paired with whatever collective another rank was in (its next step's broadcast, a gradient all-reduce), so a
+    SIGTERM that reached one rank alone (a scheduler stopping one task, `kill` of one pid) stopped that rank and left
+    the others training into a collective it never joined: rank zero failed on gloo's "Connection closed by peer"
+    and named the interrupt a crash, and a SIGTERM landing in a collective could hang every rank. Here the handler
+    only notes the signal (and stops rank zero's child ranks, as Lightning's does); the ranks then agree at each
+    batch end, all of them in the same collective, and Lightning stops them all there. One process: Lightning's.
+    """
+
+    def __init__(self) -> None:
+        self._came = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._take_over(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._take_over(trainer)  # trainer.validate, and fit's sanity check (before on_train_start)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._take_over(trainer)
+
+    def _take_over(self, trainer) -> None:
+        import signal
+        import threading
+
+        from pytorch_lightning.trainer.connectors.signal_connector import _HandlersCompose
+
+        handler = signal.getsignal(signal.SIGTERM)
+        if trainer.world_size < 2 or threading.current_thread() is not threading.main_thread() \
+                or not isinstance(handler, _HandlersCompose):
+            return
+        connector = trainer._signal_connector
+        notifier = connector._sigterm_notifier_fn
+
+        def came(signum, frame) -> None:
+            log.info("rank %d: SIGTERM: stopping where this step ends, with the other ranks", trainer.global_rank)
+            if not self._came and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)  # rank zero's child ranks (strategy=ddp), as Lightning does
+            self._came = True
+
+        # Lightning's other SIGTERM handlers (SLURM's requeue, one set before the fit) stay as they were
+        handler.signal_handlers = [came if h == notifier else h for h in handler.signal_handlers]
+
+    def on_train_batch_end(self, trainer, *_) -> None:
+        self._agree(trainer)
+
+    def on_validation_batch_end(self, trainer, *_) -> None:
+        self._agree(trainer)
+
+    def on_test_batch_end(self, trainer, *_) -> None:
+        self._agree(trainer)
+
+    def _agree(self, trainer) -> None:
+        if trainer.world_size < 2 or trainer.received_sigterm:
+            return
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        came = torch.tensor([int(self._came)], device=trainer.strategy.root_device)
+        dist.all_reduce(came, op=dist.ReduceOp.MAX)  # every rank is here, after the same batch
+        if came.item():
+            trainer._signal_connector.received_sigterm = True  # Lightning's own checks stop every rank now
