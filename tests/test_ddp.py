@@ -555,7 +555,8 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step(tmp_path, rank) ->
     and its resume line once, exit 143, as one process does."""
     from test_runs import TINY_RUN
 
-    root = write_camvid(tmp_path / "CamVid", counts={"train": 8, "val": 2, "test": 2}, size=(32, 64))
+    # 3 val frames: the ranks validate 2 and 1 batches (the unpadded sampler), so a collective per val batch hangs
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 8, "val": 3, "test": 2}, size=(32, 64))
     run = tmp_path / "logs" / "run"
     env = {**os.environ, "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}

@@ -141,7 +141,7 @@ def _exception_type(name: str) -> type | None:
 
 
 class StopTogether(Callback):
-    """SIGTERM under DDP: every rank stops where the same step (or evaluation batch) ends.
+    """SIGTERM under DDP: every rank stops where the same training step (or validation) ends.
 
     Lightning's handler broadcasts from rank zero inside the handler, wherever the signal landed; the broadcast
     paired with whatever collective another rank was in (its next step's broadcast, a gradient all-reduce), so a
@@ -149,7 +149,8 @@ class StopTogether(Callback):
     the others training into a collective it never joined: rank zero failed on gloo's "Connection closed by peer"
     and named the interrupt a crash, and a SIGTERM landing in a collective could hang every rank. Here the handler
     only notes the signal (and stops rank zero's child ranks, as Lightning's does); the ranks then agree at each
-    batch end, all of them in the same collective, and Lightning stops them all there. One process: Lightning's.
+    training step's end and each validation's, all of them in the same collective, and Lightning stops them all
+    there. One process: Lightning's.
     """
 
     def __init__(self) -> None:
@@ -189,10 +190,10 @@ class StopTogether(Callback):
     def on_train_batch_end(self, trainer, *_) -> None:
         self._agree(trainer)
 
-    def on_validation_batch_end(self, trainer, *_) -> None:
-        self._agree(trainer)
-
-    def on_test_batch_end(self, trainer, *_) -> None:
+    # After a whole validation, not after each of its batches: the unpadded eval sampler gives ranks different
+    # batch counts (3 frames on 2 ranks: 2 and 1), and a per-batch collective waited for a batch never run. A test
+    # stage under way runs to its end, and the run finishes with its numbers.
+    def on_validation_end(self, trainer, pl_module) -> None:
         self._agree(trainer)
 
     def _agree(self, trainer) -> None:
@@ -204,6 +205,6 @@ class StopTogether(Callback):
         if not (dist.is_available() and dist.is_initialized()):
             return
         came = torch.tensor([int(self._came)], device=trainer.strategy.root_device)
-        dist.all_reduce(came, op=dist.ReduceOp.MAX)  # every rank is here, after the same batch
+        dist.all_reduce(came, op=dist.ReduceOp.MAX)  # every rank is here, after the same step or validation
         if came.item():
             trainer._signal_connector.received_sigterm = True  # Lightning's own checks stop every rank now
