@@ -40,6 +40,13 @@ class UsageError(BgRemoverError):
     """A bad option value (unknown class, bad colour, ...)."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a run (train.RunInterrupted says where and how to go on): not a failure, and not
+    the user's error; the run exits 128 + `signum`."""
+
+    signum: int
+
+
 class RankFailed(RuntimeError):
     """Another DDP rank's crash (not a user error), as rank zero reports it (lit/ddp.py)."""
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bgremover import config
 from bgremover.config import SUMMARY_NAME, overrides
+from bgremover.errors import Interrupted
 from bgremover.utils import _log_to_files, error_summary, is_multirun, is_user_error, write_json_atomic
 
 
@@ -105,7 +106,7 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
             # removed the folder rank zero was training in, or replaced its record; rank zero writes it, as on success
             _log_to_files("".join(traceback.format_exception(exc)))
             raise
-        interrupted = type(exc).__name__ == "RunInterrupted"
+        interrupted = isinstance(exc, Interrupted)
         if not interrupted:
             _log_to_files("".join(traceback.format_exception(exc)))
         summary = {
@@ -140,7 +141,7 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
 
 def _exit_code(exc: BaseException) -> int:
     """The exit status the command ends with: 128 + the signal for Ctrl-C / SIGTERM, else 1."""
-    if type(exc).__name__ == "RunInterrupted":
+    if isinstance(exc, Interrupted):
         return 128 + int(exc.signum)
     if isinstance(exc, KeyboardInterrupt):
         return 130

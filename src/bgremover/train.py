@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bgremover import checks, config, resume, sweep, task, utils
-from bgremover.errors import UserError, count, report
+from bgremover.errors import Interrupted, UserError, count, report
 
 # torch, Lightning and the nets are imported inside the functions: a bad config is refused before paying for them
 
@@ -32,7 +32,7 @@ log = logging.getLogger("bgremover.train")
 CONFIG_DIR = config.CONFIG_DIR
 
 
-class RunInterrupted(Exception):
+class RunInterrupted(Interrupted):
     """Ctrl-C or SIGTERM stopped the run at `stage`: "fit" (last.ckpt holds the state to resume from), "start"
     (nothing trained yet; a resume's own checkpoint still resumes it) or "test" (`best_ckpt` is left to test)."""
 

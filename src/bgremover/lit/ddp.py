@@ -21,7 +21,7 @@ import traceback
 
 from pytorch_lightning.callbacks import Callback
 
-from bgremover.errors import RankFailed, UserError
+from bgremover.errors import Interrupted, RankFailed, UserError
 
 log = logging.getLogger("bgremover.train")
 
@@ -56,7 +56,7 @@ def settle(trainer, exc: BaseException) -> BaseException:
 
 
 def _interrupted(exc: BaseException) -> bool:
-    return type(exc).__name__ == "RunInterrupted"  # train.py's, which imports this module
+    return isinstance(exc, Interrupted)
 
 
 def _store(trainer):
