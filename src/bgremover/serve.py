@@ -69,7 +69,11 @@ from bgremover.remover import (
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the service is an explicit choice (--host 0.0.0.0)
 DEFAULT_PORT = 8000
-MAX_BYTES = 20 * 1024 * 1024  # request body limit: a 20 MiB upload covers any camera JPEG
+MAX_BYTES = 20 * 1024 * 1024  # image size limit: a 20 MiB upload covers any camera JPEG
+# A multipart upload's body is its image plus part headers, boundaries and option fields: the body may exceed
+# --max-bytes by this much, and the image itself is held to the limit (the page checks the file's size against it;
+# counted on the body alone, a file a few hundred bytes under the limit got the server's 413)
+MULTIPART_ALLOWANCE = 64 * 1024
 # Decoded-pixel limit against decompression bombs (a few KiB of PNG can claim gigapixels). 25 Mpx admits a
 # 6000x4000 photo; at that size one request peaks around 0.75 GB, 2.1 GB with `a` (refine: full-size float
 # planes), measured; two workers on such photos with refine peaked at 3.9 GB RSS.
@@ -259,10 +263,13 @@ class Service:
     async def read_image(self, request) -> tuple[bytes, str | None, list[tuple[str, str]]]:
         """The uploaded bytes (multipart field `file`, or the raw body) within max_bytes, the file name, and the
         multipart upload's other fields (rembg's clients send their options as form fields)."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        limit = self.max_bytes + (MULTIPART_ALLOWANCE if ctype == "multipart/form-data" else 0)
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             await drain(request)
-            raise ApiError(413, f"request body of {int(declared):,} bytes is over the limit of {self.max_bytes:,} (--max-bytes)")
+            raise ApiError(413, f"request body of {int(declared):,} bytes is over the limit of {self.max_bytes:,} "
+                                f"(--max-bytes{', plus the upload form' if limit > self.max_bytes else ''})")
         chunks, size, more = [], 0, True
         deadline = time.monotonic() + BODY_TOTAL_S
         while more:  # counted as it arrives: chunked uploads have no Content-Length
@@ -278,13 +285,13 @@ class Service:
                 raise ClientDisconnect()
             chunk, more = message.get("body", b""), message.get("more_body", False)
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > limit:
                 if more:  # the body was asked for (a 100 Continue went out): the client is sending all of it
                     await drain(request, asked=True)
-                raise ApiError(413, f"request body is over the limit of {self.max_bytes:,} bytes (--max-bytes)")
+                raise ApiError(413, f"request body is over the limit of {self.max_bytes:,} bytes "
+                                    f"(--max-bytes{', plus the upload form' if limit > self.max_bytes else ''})")
             chunks.append(chunk)
         body = b"".join(chunks)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "multipart/form-data":  # any other type (curl --data-binary says urlencoded) is the image
             if not body:
                 if "url" in request.query_params:
@@ -323,6 +330,9 @@ class Service:
                 raise ApiError(400, f"multipart upload has no file field 'file' (fields: {fields})")
             if not data:
                 raise ApiError(400, "the uploaded file is empty")
+            if len(data) > self.max_bytes:
+                raise ApiError(413, f"image of {len(data):,} bytes is over the limit of {self.max_bytes:,} bytes "
+                                    "(--max-bytes)")
             # an empty form field is no option, as in rembg's server (FastAPI gives such a field its default): a
             # client that sends every field, `om=` among them, got a mask here (`?om` alone in a query stays true)
             fields = [(k, v) for k, v in form.multi_items() if k != "file" and isinstance(v, str) and v != ""]
@@ -547,7 +557,7 @@ def _parser(prog: str = "bgremover-serve") -> argparse.ArgumentParser:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind ({DEFAULT_HOST}; 0.0.0.0 = all)")
     p.add_argument("--port", "-p", type=int, default=DEFAULT_PORT, help=f"TCP port ({DEFAULT_PORT}; 0 = any free)")
     p.add_argument("--threads", "-t", type=int, help=f"inference worker threads (default: one per core, {cpu_count()})")
-    p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"request body limit ({MAX_BYTES:,})")
+    p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"image size limit in bytes ({MAX_BYTES:,})")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"decoded image limit ({MAX_PIXELS:,})")
     p.add_argument("--queue", type=int, default=QUEUE, help=f"requests at once before 503 ({QUEUE})")
     p.add_argument("--no-ui", action="store_true", help="the API alone, no page at / (as rembg s --no-ui)")
