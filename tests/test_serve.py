@@ -192,6 +192,7 @@ def test_model_of_a_partly_scored_int8_copy_gives_its_own_frame_count(tmp_path):
         ("raw", "?classes=Car,Road&refine=1", {"classes": ["Car", "Road"], "refine": True}),
         ("multipart", "?classes=car&classes=pedestrian&threshold=0.4", {"classes": ["car", "pedestrian"], "threshold": 0.4}),
         ("raw", "?mask_only", {"mask_only": True}),
+        ("multipart", "?om&a", {"mask_only": True, "refine": True}),
         ("multipart", "?bg_color=255,0,128&refine=false", {"bg_color": (255, 0, 128)}),
         ("multipart", "?bg_color=255,0,128,100", {"bg_color": (255, 0, 128, 100)}),
         # rembg's server names: om (only mask), a (alpha matting: here the guided-filter refine), bgc R,G,B,A
@@ -438,6 +439,10 @@ BAD = [  # (id, send, data, query, status, substring of the error)
     ("threshold-range", post_file, JPEG, "?threshold=1.5", 422, "threshold must be a number within 0..1"),
     ("threshold-nan", post_raw, JPEG, "?threshold=nan", 422, "threshold"),
     ("bool-value", post_raw, JPEG, "?refine=maybe", 422, "refine must be one of"),
+    # a template's empty value, as rembg's server (FastAPI) answers it: was a mask (`?om` alone stays true)
+    ("bool-empty", post_raw, JPEG, "?om=", 422, "mask_only must be one of 1/0, true/false (t/f), yes/no (y/n), "
+     "on/off; got ''"),
+    ("bool-empty-refine", post_file, JPEG, "?a=&om", 422, "refine must be one of"),
     ("bad-colour", post_raw, JPEG, "?bg_color=300,0,0", 422, "bad colour '300,0,0'"),
     ("mask-and-colour", post_raw, JPEG, "?mask_only=1&bg_color=0,0,0", 422, "either mask_only or bg_color"),
     ("unknown-option", post_raw, JPEG, "?treshold=0.5", 422, "unknown parameter treshold; valid: classes, threshold, refine, mask_only, bg_color (rembg's om, a, bgc for some; its af, ab, ae accepted and ignored)"),

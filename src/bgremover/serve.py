@@ -101,9 +101,8 @@ REMBG_NAMES = {"om": "mask_only", "a": "refine", "bgc": "bg_color"}  # rembg's s
 # (`a` here is a guided filter, which has no such settings); the answer names them in IGNORED_HEADER.
 MATTING = {"af": 255, "ab": 255, "ae": None}
 IGNORED_HEADER = "X-Ignored-Parameters"
-# what rembg's server (FastAPI, pydantic's bool) takes, t/f and y/n included; `?mask_only` alone means true, as a
-# flag would
-TRUE = frozenset({"", "1", "true", "t", "yes", "y", "on"})
+# what rembg's server (FastAPI, pydantic's bool) takes, t/f and y/n included
+TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
 FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
 
 log = logging.getLogger("bgremover.serve")
@@ -119,6 +118,20 @@ class ApiError(Exception):
 
 
 URL_UNSUPPORTED = "url= is not supported: this server fetches nothing; POST the image (multipart field 'file' or the raw body)"
+
+
+FLAGS = frozenset({"refine", "mask_only", *(k for k, v in REMBG_NAMES.items() if v in ("refine", "mask_only"))})
+
+
+def query_items(request) -> list[tuple[str, str]]:
+    """The query's options, a bare switch (`?mask_only`, `?om`) as true, as a flag would be. `?om=` with nothing
+    after the `=` stays empty, and so a 422 as in rembg's server (FastAPI): taken as true, a client filling in a
+    template (`?om=${maskOnly ? 1 : ''}`) got a mask where it asked for none. (Starlette reads both as "".)"""
+    from urllib.parse import unquote_plus
+
+    raw = request.scope.get("query_string", b"").decode("latin-1")
+    bare = {unquote_plus(part) for part in raw.split("&") if part and "=" not in part}
+    return [(k, "true" if v == "" and k in bare and k in FLAGS else v) for k, v in request.query_params.multi_items()]
 
 
 def parse_options(query: Any, remover: BackgroundRemover) -> dict[str, Any]:
@@ -397,7 +410,7 @@ def create_app(service: Service, cors: Sequence[str] = (), page: bool = True) ->
             data, filename, fields = await service.read_image(request)
             # Options come as query parameters or, as rembg's clients send them, as form fields: one list, so
             # an option given both ways is "given more than once" and an unknown field is refused like a query's.
-            query = QueryParams([*request.query_params.multi_items(), *fields])
+            query = QueryParams([*query_items(request), *fields])
             opts = parse_options(query, remover)
             ignored = [key for key in MATTING if key in query]
             if ignored and not service.matting_logged:
