@@ -141,6 +141,44 @@ def test_boundary_f_edge_cases():
     assert ce.boundary_f(empty, square(0), ignore=square(0)) is None
 
 
+def test_predicted_edges_on_void_still_match_for_recall():
+    """A predicted edge on void pixels costs no precision and still finds the ground-truth edge beside it (recall):
+    the one void-aware step that counts them apart."""
+    gt = np.zeros((40, 40), bool)
+    gt[10:30, 10:30] = True
+    ignore = np.zeros_like(gt)
+    ignore[:, 25:] = True  # the square's right edge (column 29) lies on void
+    # precision: the predicted edge off the void (all on the gt edge); recall: every gt edge pixel, the void's
+    # column 29 included, has a predicted edge pixel on it (on void: 5 columns from any counted one)
+    assert ce.boundary_f(gt, gt, tol=2, ignore=ignore) == (1.0, 1.0, 1.0)
+
+
+def test_labelled_box_holds_every_valid_pixel_and_no_more():
+    from bgremover.cutout_metrics import labelled_box
+
+    valid = np.zeros((5, 6), bool)
+    valid[1, 2] = valid[3, 4] = True
+    assert labelled_box(valid) == (slice(1, 4), slice(2, 5))
+    assert labelled_box(np.zeros((5, 6), bool)) is None
+
+
+def test_cutout_stats_average_boundary_figures_over_images_by_hand():
+    """summary(): the mean over images of each image's precision, recall and F (not a median, not pooled), each
+    under its own name. Two exact images (1, 1, 1) and one whose net found nothing (1, 0, 0, DAVIS's convention):
+    precision 1, recall and F 2/3; foreground IoU pooled: 2 * 400 of 3 * 400 pixels."""
+    gt = np.zeros((40, 40), bool)
+    gt[10:30, 10:30] = True
+    valid = np.ones_like(gt)
+    stats = ce.CutoutStats()
+    for alpha in (gt.astype(np.float32), gt.astype(np.float32), np.zeros((40, 40), np.float32)):
+        stats.update(alpha, gt, valid)
+    got = stats.summary()
+    assert got["boundary_images"] == 3
+    assert got["boundary_precision"] == 1.0
+    assert got["boundary_recall"] == pytest.approx(2 / 3) and got["boundary_f"] == pytest.approx(2 / 3)
+    assert got["fg_iou"] == pytest.approx(800 / 1200) and got["mae"] == pytest.approx(400 / 4800)
+
+
 def test_cutout_stats_same_on_a_void_padded_frame():
     """The test stage scores frames padded to the size multiple with void labels (bgremover.padding), eval-cutout
     the frame at its own size: the same prediction must give the same numbers. A car touching the frame's bottom
