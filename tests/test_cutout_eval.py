@@ -200,6 +200,25 @@ def test_cutout_stats_same_on_a_void_padded_frame():
     assert plain.summary()["boundary_f"] == 1.0
 
 
+def test_a_downscaled_inference_is_scored_on_bilinearly_resized_logits():
+    """--max-side: the logits come back at the label's size as the predictor resizes its alpha (bilinear, pixel
+    centres aligned): one row 0, 1 becomes 0, 0.25, 0.75, 1 (nearest: 0, 0, 1, 1, a blockier class map scored)."""
+    logits = np.array([[[0.0, 1.0]], [[1.0, 0.0]]], np.float32)  # 2 classes x 1 x 2
+    up = ce._at_size(logits, (1, 4))
+    assert up.shape == (2, 1, 4)
+    np.testing.assert_allclose(up[0, 0], [0.0, 0.25, 0.75, 1.0])
+    np.testing.assert_allclose(up[1, 0], [1.0, 0.75, 0.25, 0.0])
+    assert ce._at_size(logits, (1, 2)) is logits
+
+
+def test_ms_per_image_is_milliseconds_of_timed_inference(model, camvid, monkeypatch):
+    """Each image's inference timed once (the warm-up not counted): a clock moving 0.25 s per reading gives 250."""
+    clock = iter(np.arange(0.0, 1000.0, 0.25))
+    monkeypatch.setattr(ce.time, "perf_counter", lambda: float(next(clock)))
+    r = ce.evaluate(ce.load_remover(model, threads=1), ce.find_pairs(camvid, "test"))
+    assert r["n_images"] == 2 and r["ms_per_image"] == pytest.approx(250.0)
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def test_evaluate_by_hand(model, camvid):
     remover = ce.load_remover(model, threads=1)
