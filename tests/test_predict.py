@@ -281,6 +281,35 @@ def test_bg_image_composite(remover, tmp_path):
         remover.remove(halves(6, 10), bg_image=bg, bg_color=(1, 2, 3))
 
 
+def test_bg_image_of_another_aspect_covers_the_frame_without_distortion(remover, tmp_path):
+    """-bi: scaled to cover the frame, the overflow cropped evenly from both sides (as CSS object-fit: cover), not
+    stretched. A 30x10 background of red, green and blue thirds behind a 10x10 frame: the green middle third."""
+    bg = np.zeros((10, 30, 3), np.uint8)
+    bg[:, :10], bg[:, 10:20], bg[:, 20:] = RED, (0, 255, 0), (0, 0, 255)
+    Image.fromarray(bg).save(tmp_path / "thirds.png")
+    frame = np.full((10, 10, 3), GRAY, np.uint8)  # no foreground: the output is the background
+    out = np.asarray(remover.remove(frame, bg_image=tmp_path / "thirds.png"))
+    assert (out == (0, 255, 0)).all(), out[0]
+
+
+def test_refine_is_the_guided_filter_on_the_luma_of_the_image(remover):
+    """`refine` filters the soft alpha with He et al.'s guided filter, guided by the image's ITU-R 601 luma
+    (0.299 R + 0.587 G + 0.114 B, not BGR's order), of radius min(H, W) / 90 (at least 2): on a 360x720 image,
+    4 px, not the 8 of its long side."""
+    from bgremover.remover import guided_filter
+
+    rng = np.random.default_rng(0)
+    img = np.zeros((360, 720, 3), np.uint8)
+    img[:, :300] = RED
+    img[100:200, 400:500] = (40, 200, 220)  # a cyan patch: its luma differs under the swapped weights
+    img = np.clip(img.astype(int) + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
+    prob = remover.foreground_probability(img)
+    luma = (img[..., 0] * 0.299 + img[..., 1] * 0.587 + img[..., 2] * 0.114) / 255.0
+    want = np.clip(guided_filter(luma.astype(np.float32), prob, 4), 0, 1)
+    got = alpha_of(remover.remove(img, refine=True)).astype(int)
+    assert np.abs(got - (want * 255 + 0.5).astype(int)).max() <= 1
+
+
 def test_refine_keeps_flat_regions_and_range(remover):
     img = halves(60, 80)
     img[20:40, 10:30] = GRAY  # a background hole inside the red half
