@@ -169,6 +169,41 @@ def test_median_frequency_weights_are_cached_and_balance(tmp_path):
     assert make_dm(root).class_weights() is None
 
 
+def test_median_frequency_by_hand_leaves_void_out_of_every_count():
+    """SegNet's freq_c = pixels of c / pixels of the images holding c, void in neither: a 2x2 label [0, 0, 1, void]
+    and one all 1. freq_0 = 2/3, freq_1 = 5/7 (3 + 4 labelled pixels), median 29/42: weights 29/28 and 29/30."""
+    from bgremover.data.camvid import median_frequency
+
+    labels = [np.array([[0, 0], [1, VOID]], np.uint8), np.ones((2, 2), np.uint8)]
+    weights = median_frequency(labels, VOID)
+    assert weights[:2] == pytest.approx([29 / 28, 29 / 30], abs=1e-4) and weights[2:] == [0.0] * (VOID - 2)
+
+
+def test_train_split_mean_and_std_by_hand(tmp_path):
+    """`python -m bgremover.data stats`: per-channel mean and (population) std over every train pixel, 0..1 scale:
+    a black and a white frame of one size give 0.5 and 0.5 (root-mean-square: 0.7071)."""
+    from bgremover.data.camvid import compute_mean_std
+
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 2, "val": 1, "test": 1}, size=(8, 8))
+    for value, image in zip((0, 255), sorted((root / "train").glob("*.png")), strict=True):
+        Image.new("RGB", (8, 8), (value,) * 3).save(image)
+    assert compute_mean_std(root) == ([0.5] * 3, [0.5] * 3)
+
+
+def test_a_label_may_hold_void_and_nothing_above_it(tmp_path):
+    """Class indices 0..VOID: one above void would index past the loss's classes (a device-side assert on a GPU)."""
+    from bgremover.data.camvid import read_label
+
+    for top, ok in ((VOID, True), (VOID + 1, False)):
+        path = tmp_path / f"label_{top}.png"
+        Image.fromarray(np.full((4, 4), top, np.uint8)).save(path)
+        if ok:
+            assert int(read_label(path).max()) == VOID
+        else:
+            with pytest.raises(CamVidError, match=f"label values outside 0-{VOID}: .* contains {VOID + 1}"):
+                read_label(path)
+
+
 def test_a_failed_weights_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
     import os
 
