@@ -138,6 +138,9 @@ predict: $(STAMP) ## cut out the background: make predict IMG=photo.jpg|folder [
 	@test -n "$(IMG)" || { echo "error: give an image or folder: make predict IMG=photo.jpg" >&2; exit 2; }
 	$(if $(filter -,$(OUT)),@)$(BIN)/bgremover-predict "$(IMG)" $(if $(MODEL),--model "$(MODEL)") --out "$(or $(OUT),outputs)" $(ARGS)
 
+model-info: $(STAMP) ## what a model segments, its test score and where it came from: make model-info [MODEL=x.onnx]
+	$(BIN)/bgremover-predict --info $(if $(MODEL),--model "$(MODEL)")
+
 serve: $(STAMP) ## cut-outs over HTTP + page on http://127.0.0.1:8000/: make serve [MODEL=x.onnx] [ARGS="--port 9000 --threads 2"]
 	$(BIN)/bgremover-serve $(if $(MODEL),--model "$(MODEL)") $(ARGS)
 

@@ -549,3 +549,60 @@ def test_an_ignored_sigterm_stays_ignored_while_a_command_runs():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_an_exported_model_says_where_it_came_from_and_a_slim_copy_keeps_it(small_camvid, tmp_path, capsys):
+    """The ONNX metadata's `trained`: the checkpoint's epochs and steps, and its run's experiment, folder, seed,
+    data, training time, hardware and code commit (summary.json); save_weights' slim copy (models/*.pt) carries it
+    to a later export; `bgremover-predict --info` prints it. Files exported before it have none and still load."""
+    from test_runs import TINY_RUN
+    from test_train import compose_cfg
+
+    from bgremover import checkpoint, predict
+    from bgremover.train import train
+
+    run = tmp_path / "run"
+    train(compose_cfg(run, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=2", "seed=7",
+                            "+experiment_name=provenance_test"]))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["commit"] == __import__("bgremover.utils").utils.source_commit()
+    best = Path(summary["best_ckpt"])
+    out = tmp_path / "m.onnx"
+    export_onnx(*load_checkpoint_net(best), out)
+    trained = read_metadata(out)["trained"]
+    ckpt = torch.load(best, weights_only=True)
+    assert trained == {
+        "checkpoint": best.name, "epochs": checkpoint.epochs_trained(ckpt), "global_step": ckpt["global_step"],
+        "run": "run", "experiment": "provenance_test", "seed": 7, "data": "CamVid", "train_split": "train",
+        "run_wall_time_s": summary["wall_time_s"], "hardware": summary["hardware"],
+        **({"commit": summary["commit"]} if summary["commit"] else {})}
+    assert trained["epochs"] in (1, 2) and trained["global_step"] == trained["epochs"] * 2  # 4 frames, batch 2
+
+    (tmp_path / "elsewhere").mkdir()
+    slim = checkpoint.save_weights(best, tmp_path / "elsewhere" / "slim.pt")  # away from the run's summary.json
+    export_onnx(*load_checkpoint_net(slim), tmp_path / "slim.onnx")
+    assert read_metadata(tmp_path / "slim.onnx")["trained"] == trained
+
+    capsys.readouterr()  # the training's and export's own output
+    assert predict.main(["--info", "-m", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"model: {out} (")
+    said = next(line for line in lines if line.startswith("trained: "))
+    assert said.startswith("trained: experiment provenance_test; run run; seed 7; data CamVid (train); ")
+    assert f"{trained['epochs']} epoch" in said and f"checkpoint {best.name}" in said
+
+    import onnx
+
+    from bgremover import model_format
+
+    old = onnx.load(str(out))  # as exported before `trained` existed
+    for prop in old.metadata_props:
+        if prop.key == model_format.METADATA_KEY:
+            doc = json.loads(prop.value)
+            del doc["trained"]
+            prop.value = json.dumps(doc)
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    assert predict.main(["--info", "-m", str(tmp_path / "old.onnx")]) == 0
+    assert "trained: not recorded" in capsys.readouterr().out
+    assert predict.main(["--info", "-m", str(tmp_path / "nope.onnx")]) == 1
+    assert capsys.readouterr().err.strip() == f"bgremover-predict: error: model file not found: {tmp_path / 'nope.onnx'}"

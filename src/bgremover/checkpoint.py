@@ -43,6 +43,39 @@ def epochs_trained(ckpt: dict[str, Any]) -> int:
     return int(progress["processed"]) if progress else int(ckpt.get("epoch", -1)) + 1
 
 
+def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Where a checkpoint's weights came from, for the models made of it (nanoGPT-style self-description): its
+    epochs and steps, and from its run's summary.json, when found, the run, experiment, seed, data, training time,
+    hardware and code commit. A weights-only copy (save_weights) keeps what its source said. Unknowns are left out."""
+    import json
+
+    kept = (ckpt.get(CHECKPOINT_KEY) or {}).get("trained")
+    if isinstance(kept, dict):
+        return dict(kept)
+    trained: dict[str, Any] = {"checkpoint": Path(path).name}
+    if "global_step" in ckpt:
+        trained.update(epochs=epochs_trained(ckpt), global_step=int(ckpt["global_step"]))
+    found = run_summary(path)
+    try:
+        summary = json.loads(found.read_text()) if found is not None else {}
+    except (OSError, ValueError):
+        summary = {}
+    if not isinstance(summary, dict):
+        return trained
+    data = ((summary.get("trained_config") or summary.get("config") or {}).get("data")) or {}
+    run = {
+        "run": Path(str(summary["run_dir"])).name if summary.get("run_dir") else None,
+        "experiment": summary.get("experiment"),
+        "seed": summary.get("seed"),
+        "data": Path(str(data["root"])).name if data.get("root") else None,
+        "train_split": data.get("train_split"),
+        "run_wall_time_s": summary.get("wall_time_s"),  # the whole run's training (resumes included)
+        "hardware": summary.get("hardware"),
+        "commit": summary.get("commit"),
+    }
+    return {**trained, **{k: v for k, v in run.items() if v is not None}}
+
+
 def is_runs_best(path: str | os.PathLike, summary: dict[str, Any]) -> bool:
     """Whether checkpoint `path` is its run's best one, whose numbers the run's test stage reported (export,
     eval's attach step and compare credit them to it). The same file by name (runs move between machines), the
@@ -170,8 +203,8 @@ def save_weights(path: str | os.PathLike, out: str | os.PathLike, half: bool = T
         raise UserError(f"checkpoint {path} has no 'net.' weights in its state_dict")
     from bgremover.files import replacing
 
-    with replacing(out) as tmp:
-        torch.save({"state_dict": state, CHECKPOINT_KEY: info}, tmp)
+    with replacing(out) as tmp:  # where the weights came from travels with them (models/*.pt, exported later)
+        torch.save({"state_dict": state, CHECKPOINT_KEY: {**info, "trained": provenance(path, ckpt)}}, tmp)
     return Path(out)
 
 

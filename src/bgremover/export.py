@@ -96,7 +96,7 @@ def load_checkpoint_net(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict[s
 
     path = Path(ckpt_path)
     try:
-        net, info, _ = checkpoint.load_net(path)
+        net, info, ckpt = checkpoint.load_net(path)
     except UserError as err:
         raise ExportError(str(err)) from None
     net_config = dict(info["net_config"])
@@ -114,7 +114,7 @@ def load_checkpoint_net(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict[s
         **{"test_mIoU": None, **_read_test_result(path)},
         "ignore_index": info.get("ignore_index"),
         "net_config": net_config,
-        "checkpoint": str(path),
+        "trained": checkpoint.provenance(path, ckpt),  # where the weights came from: the checkpoint, its run
     }
     if len(meta["mean"]) != 3 or len(meta["std"]) != 3:
         raise ExportError(f"checkpoint {path}: mean/std must have 3 values (RGB)")

@@ -39,6 +39,9 @@ def document(meta: dict[str, Any], exported_at: str, version: str) -> dict[str, 
         # frames the test mIoU covers, of the split's total: a partial test set is never "CamVid test"
         "test_frames": meta.get("test_frames"),
         "test_frames_of": meta.get("test_frames_of"),
+        # where the weights came from (checkpoint.provenance): run, experiment, data, epochs, commit; optional,
+        # as files exported before it was written have none
+        **({"trained": dict(meta["trained"])} if meta.get("trained") else {}),
         "exported_at": exported_at,
         "bgremover_version": version,
         "input": INPUT_NAME,
@@ -68,6 +71,48 @@ def parse(raw: str | None) -> dict[str, Any]:
     if not ok:
         raise FormatError("bgremover metadata is incomplete or invalid")
     return meta
+
+
+def describe(meta: dict[str, Any], test: tuple[float | None, int | None, int | None]) -> list[str]:
+    """A model's description, a line each (`bgremover-predict --info`): what it segments, how its input is made,
+    its test score (`test`: mIoU, frames, of the split's: an int8 copy's own) and where its weights came from."""
+    from bgremover.errors import count
+
+    k = len(meta["classes"])
+    lines = [f"net: {meta.get('net', 'net')}, {int(meta.get('params') or 0) / 1e6:.2f} M parameters"
+             + (", int8 (quantized)" if meta.get("quantization") else ", float"),
+             f"classes ({k}): {', '.join(meta['classes'])}",
+             f"foreground by default: {', '.join(meta.get('default_foreground') or []) or 'none'}",
+             f"input: RGB/255 - mean {meta['mean']}, / std {meta['std']}, padded to a multiple of "
+             f"{meta['size_multiple']}; " + (f"images scaled to a long side of {meta['image_size']} px"
+                                             if meta.get("image_size") else "images at their own size")]
+    miou, frames, of = test
+    if miou is None:
+        lines.append("test mIoU: not recorded")
+    else:
+        partial = "" if frames is None or of is None or frames == of else " (PARTIAL: not the split's)"
+        on = f" on {frames} of {count(of, 'frame')}" if frames is not None and of is not None else ""
+        lines.append(f"test mIoU: {100 * float(miou):.1f}{on}{partial}")
+    trained = meta.get("trained") or {}
+    if trained:
+        said = [f"{key} {trained[key]}" for key in ("experiment", "run", "seed") if trained.get(key) is not None]
+        if trained.get("data"):
+            said.append(f"data {trained['data']}" + (f" ({trained['train_split']})" if trained.get("train_split")
+                                                     else ""))
+        if trained.get("epochs") is not None:
+            said.append(f"{count(int(trained['epochs']), 'epoch')}, {count(int(trained.get('global_step') or 0), 'step')}")
+        if trained.get("run_wall_time_s") is not None:
+            said.append(f"{float(trained['run_wall_time_s']):.0f} s of training"
+                        + (f" on {trained['hardware']}" if trained.get("hardware") else ""))
+        if trained.get("commit"):
+            said.append(f"code {trained['commit']}")
+        if trained.get("checkpoint"):
+            said.append(f"checkpoint {trained['checkpoint']}")
+        lines.append("trained: " + "; ".join(said))
+    else:
+        lines.append("trained: not recorded (exported before models said where they came from)")
+    lines.append(f"exported: {meta.get('exported_at', 'unknown')} by bgremover {meta.get('bgremover_version', '?')}")
+    return lines
 
 
 def is_onnx_model(path) -> bool:

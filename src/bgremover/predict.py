@@ -312,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            and not Path(a).exists()), None)
     if misplaced:  # `-q i in.jpg out.png` read i and out.png as inputs and wrote in.nobg.png
         return report(f"{misplaced} is rembg's command: put it first ({PROG} {misplaced} [options] ...)", PROG, code=2)
+    if command is None and "--info" in argv:
+        return _info(argv)
     if command == "s":
         from bgremover.serve import main as serve
 
@@ -341,6 +343,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(e, PROG)
     except Exception as e:  # a bug, not bad input: still one line, never a traceback
         return report(f"unexpected {type(e).__name__}: {_first_line(e)}", PROG)
+
+
+def _info(argv: list[str]) -> int:
+    """`--info [-m MODEL]`: the description of the model a cut-out would use (the int8 copy, when that is it)."""
+    from bgremover import model_format
+
+    p = OneLineParser(prog=f"{PROG} --info", description="Print what a model segments, its test score and where "
+                      "it came from.")
+    p.add_argument("--info", action="store_true", required=True)
+    p.add_argument("--model", "-m", help=f"ONNX model (default: the one {PROG} uses)")
+    args = p.parse_args(argv)
+    try:
+        remover = BackgroundRemover(args.model, threads=1)
+    except BgRemoverError as e:
+        return report(e, PROG)
+    path = remover.model_path
+    print(f"model: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    for line in model_format.describe(remover.meta, (remover.test_miou, *remover.test_frames)):
+        print(line)
+    return 0
 
 
 def _from_rembg_form(command: str, args: argparse.Namespace) -> argparse.Namespace:

@@ -356,6 +356,7 @@ def _run_record(cfg: DictConfig, objects: dict[str, Any], split: dict, val_split
         "group": sweep.sweep_group(cfg),
         "seed": cfg.seed,
         "params": objects["params"],
+        "commit": utils.source_commit(),  # the code that trained it (an exported model says it too)
         "test_split": split,
         "val_split": val_split,
         "overrides": utils.overrides(),

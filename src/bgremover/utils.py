@@ -102,6 +102,24 @@ def shipped_model(name: str) -> str:
     return str(_shipped_models() / name)
 
 
+def source_commit() -> str | None:
+    """The git commit of the code this process runs (`-dirty` when tracked files differ from it), for a run's record
+    and its exported model; None outside a git checkout (an installed package) or without git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("cpu_precision"):
         OmegaConf.register_new_resolver("cpu_precision", cpu_precision)
