@@ -169,14 +169,15 @@ class StopTogether(Callback):
         import signal
         import threading
 
-        from pytorch_lightning.trainer.connectors.signal_connector import _HandlersCompose
-
-        handler = signal.getsignal(signal.SIGTERM)
-        if trainer.world_size < 2 or threading.current_thread() is not threading.main_thread() \
-                or not isinstance(handler, _HandlersCompose):
+        try:  # Lightning's private handler list (2.6): another version's is left as it is
+            from pytorch_lightning.trainer.connectors.signal_connector import _HandlersCompose
+        except ImportError:
             return
-        connector = trainer._signal_connector
-        notifier = connector._sigterm_notifier_fn
+        handler = signal.getsignal(signal.SIGTERM)
+        notifier = getattr(getattr(trainer, "_signal_connector", None), "_sigterm_notifier_fn", None)
+        if trainer.world_size < 2 or threading.current_thread() is not threading.main_thread() \
+                or not isinstance(handler, _HandlersCompose) or notifier is None:
+            return
 
         def came(signum, frame) -> None:
             log.info("rank %d: SIGTERM: stopping where this step ends, with the other ranks", trainer.global_rank)
