@@ -671,9 +671,9 @@ def _stalled_upload(base: str) -> socket.socket:
 def test_a_stalled_upload_is_refused_and_frees_its_slot(remover, monkeypatch):
     """Uploads that stop sending held their --queue slots for good: two stalled sockets locked out every client
     of a --queue 2 server (503 for 70 s and counting, measured). A body idle for BODY_IDLE_S now gets 408."""
-    from bgremover import serve
+    from bgremover import serve_requests
 
-    monkeypatch.setattr(serve, "BODY_IDLE_S", 1.0)
+    monkeypatch.setattr(serve_requests, "BODY_IDLE_S", 1.0)
     service = Service(remover, workers=1, max_bytes=MAX_BYTES, queue=2)
     with live_server(service) as base:
         stalled = [_stalled_upload(base) for _ in range(2)]
@@ -693,10 +693,10 @@ def test_a_stalled_upload_is_refused_and_frees_its_slot(remover, monkeypatch):
 def test_a_trickling_upload_is_refused_at_the_body_deadline_and_frees_its_slot(remover, monkeypatch):
     """A client sending a byte just inside every BODY_IDLE_S never went idle, so it held its --queue slot for as
     long as it liked (16 such clients locked out a --queue 16 server). The whole body now has BODY_TOTAL_S."""
-    from bgremover import serve
+    from bgremover import serve_requests
 
-    monkeypatch.setattr(serve, "BODY_IDLE_S", 2.0)
-    monkeypatch.setattr(serve, "BODY_TOTAL_S", 3.0)
+    monkeypatch.setattr(serve_requests, "BODY_IDLE_S", 2.0)
+    monkeypatch.setattr(serve_requests, "BODY_TOTAL_S", 3.0)
     service = Service(remover, workers=1, max_bytes=MAX_BYTES, queue=1)
     with live_server(service) as base:
         sock = _stalled_upload(base)
