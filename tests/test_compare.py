@@ -495,6 +495,23 @@ def test_seeds_tested_on_different_frames_are_never_averaged(tmp_path: Path) -> 
     assert [s.net for s in compare.aggregate(compare.find_runs([root / "1", root / "3"]))] == [DEEPLAB, TIRAMISU]
 
 
+def test_a_diverged_seed_does_not_poison_its_nets_mean(tmp_path: Path) -> None:
+    """A run whose loss diverged records test numbers of NaN (summary.json writes them as NaN): the net's row is the
+    mean of its other seeds, over the seeds that have a number, not NaN for the whole row."""
+    root = tmp_path / "sweep"
+    for job, (net, seed) in enumerate(NUMBERS):
+        s = ok_summary(root / str(job), net, seed)
+        if (net, seed) == (DEEPLAB, 1):
+            s["metrics"] = s["metrics"] | {"test/mIoU": float("nan"), "test/acc": float("nan")}
+        write_summary(root / str(job), s)
+    diverged = root / str(list(NUMBERS).index((DEEPLAB, 1))) / "summary.json"
+    assert '"test/mIoU": NaN' in diverged.read_text()
+    stats = {s.net: s for s in compare.aggregate(compare.find_runs([root]))}
+    other = NUMBERS[(DEEPLAB, 2)]
+    assert (stats[DEEPLAB].miou.mean, stats[DEEPLAB].miou.std, stats[DEEPLAB].miou.n) == (other[0], None, 1)
+    assert stats[DEEPLAB].acc.mean == other[1] and stats[TIRAMISU].miou.n == 2
+
+
 def test_a_sweep_that_ran_no_job_says_so(tmp_path: Path) -> None:
     """A sweep that failed while composing (`model=deeplabv3plus,deeplabv4`) leaves only multirun.yaml; compare
     said just "no summary.json found"."""
