@@ -200,3 +200,29 @@ def test_a_checkpoint_whose_net_config_its_class_refuses_is_one_line(tmp_path, c
     assert main(["--ckpt", str(path), "--out", str(tmp_path / "x.onnx")]) != 0
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"cannot build {target}" in err and "Traceback" not in err
+
+
+def test_a_model_trained_on_limited_data_says_so(tmp_path):
+    """A run on data.limit_images=4 exported a model whose description said "data CamVid (train)", as if all 367
+    train frames had taught it: the limit travels with the provenance and the description names it."""
+    import json
+
+    from bgremover import model_format
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = {"global_step": 6, "epoch": 2}
+    config = {"data": {"root": "/data/CamVid", "train_split": "train", "limit_images": 4}}
+    (run / "summary.json").write_text(json.dumps({"run_dir": str(run), "experiment": "x", "seed": 1,
+                                                  "config": config}))
+    trained = checkpoint.provenance(run / "checkpoints" / "epoch_002.ckpt", ckpt)
+    assert trained["train_limit"] == 4 and trained["data"] == "CamVid" and trained["epochs"] == 3
+    meta = {"classes": ["a", "b"], "mean": [0, 0, 0], "std": [1, 1, 1], "size_multiple": 32, "trained": trained}
+    said = next(line for line in model_format.describe(meta, (None, None, None)) if line.startswith("trained:"))
+    assert "data CamVid (train, at most 4 images: data.limit_images)" in said
+
+    config["data"]["limit_images"] = None  # the whole split: nothing to say
+    (run / "summary.json").write_text(json.dumps({"run_dir": str(run), "config": config}))
+    trained = checkpoint.provenance(run / "checkpoints" / "epoch_002.ckpt", ckpt)
+    assert "train_limit" not in trained
+    assert "data CamVid (train);" in model_format.describe({**meta, "trained": trained}, (None, None, None))[-2]

@@ -69,6 +69,8 @@ def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
         "seed": summary.get("seed"),
         "data": Path(str(data["root"])).name if data.get("root") else None,
         "train_split": data.get("train_split"),
+        # a run on data.limit_images=4 said "data CamVid (train)", as if trained on the whole split
+        "train_limit": data.get("limit_images") or None,
         "run_wall_time_s": summary.get("wall_time_s"),  # the whole run's training (resumes included)
         "hardware": summary.get("hardware"),
         "commit": summary.get("commit"),
