@@ -91,8 +91,21 @@ def describe(meta: dict[str, Any], test: tuple[float | None, int | None, int | N
         lines.append("test mIoU: not recorded")
     else:
         partial = "" if frames is None or of is None or frames == of else " (PARTIAL: not the split's)"
-        on = f" on {frames} of {count(of, 'frame')}" if frames is not None and of is not None else ""
+        # an int8 copy quantized before its record kept the split's size ("of") still says how many frames it is
+        on = "" if frames is None else f" on {frames} of {count(of, 'frame')}" if of is not None else \
+            f" on {count(frames, 'frame')}"
         lines.append(f"test mIoU: {100 * float(miou):.1f}{on}{partial}")
+    quantized = meta.get("quantization")
+    if isinstance(quantized, dict):  # the file is not the export: say what quantize made it from, and how
+        calib, scored = quantized.get("calibration") or {}, quantized.get("eval") or {}
+        said = [f"int8 copy of {quantized.get('source', 'a float model')}"
+                + (f" (sha256 {str(quantized['source_sha256'])[:12]})" if quantized.get("source_sha256") else "")]
+        if calib.get("frames"):
+            said.append(f"calibrated on {count(int(calib['frames']), 'frame')} of {calib.get('split', '?')}")
+        if (scored.get("float") or {}).get("mIoU") is not None and (scored.get("int8") or {}).get("mIoU") is not None:
+            said.append(f"{scored.get('split', 'test')} mIoU {100 * scored['int8']['mIoU']:.1f} int8 vs "
+                        f"{100 * scored['float']['mIoU']:.1f} float on the same frames")
+        lines.append("quantized: " + "; ".join(said))
     trained = meta.get("trained") or {}
     if trained:
         said = [f"{key} {trained[key]}" for key in ("experiment", "run", "seed") if trained.get(key) is not None]
