@@ -226,3 +226,26 @@ def test_a_model_trained_on_limited_data_says_so(tmp_path):
     trained = checkpoint.provenance(run / "checkpoints" / "epoch_002.ckpt", ckpt)
     assert "train_limit" not in trained
     assert "data CamVid (train);" in model_format.describe({**meta, "trained": trained}, (None, None, None))[-2]
+
+
+def test_a_fine_tuned_model_names_the_weights_it_started_from(tmp_path):
+    """`make remover` fine-tunes the shipped CamVid net (ckpt_init): its model said "data mine; 20 epochs, 60 s of
+    training" as if trained from scratch. The init's file name travels with the provenance and the description."""
+    import json
+
+    from bgremover import model_format
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"ckpt_init": "/repo/models/bgremover-camvid.pt", "data": {"root": "/home/me/mine"}}
+    (run / "summary.json").write_text(json.dumps({"run_dir": str(run), "wall_time_s": 60.0, "config": config}))
+    trained = checkpoint.provenance(run / "best.ckpt", {"global_step": 40, "epoch": 19})
+    assert trained["init"] == "bgremover-camvid.pt" and trained["data"] == "mine"
+    meta = {"classes": ["a", "b"], "mean": [0, 0, 0], "std": [1, 1, 1], "size_multiple": 32, "trained": trained}
+    said = next(line for line in model_format.describe(meta, (None, None, None)) if line.startswith("trained:"))
+    assert said == ("trained: run run; data mine; fine-tuned from bgremover-camvid.pt; 20 epochs, 40 steps; "
+                    "60 s of training; checkpoint best.ckpt")
+
+    config["ckpt_init"] = None  # from scratch: nothing to say
+    (run / "summary.json").write_text(json.dumps({"run_dir": str(run), "config": config}))
+    assert "init" not in checkpoint.provenance(run / "best.ckpt", {})

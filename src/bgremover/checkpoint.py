@@ -62,7 +62,8 @@ def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
         summary = {}
     if not isinstance(summary, dict):
         return trained
-    data = ((summary.get("trained_config") or summary.get("config") or {}).get("data")) or {}
+    config = summary.get("trained_config") or summary.get("config") or {}
+    data = config.get("data") or {}
     run = {
         "run": Path(str(summary["run_dir"])).name if summary.get("run_dir") else None,
         "experiment": summary.get("experiment"),
@@ -71,6 +72,8 @@ def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
         "train_split": data.get("train_split"),
         # a run on data.limit_images=4 said "data CamVid (train)", as if trained on the whole split
         "train_limit": data.get("limit_images") or None,
+        # the weights it started from (make remover: the shipped CamVid net): "20 epochs, 60 s" was not all it had
+        "init": Path(str(config["ckpt_init"])).name if config.get("ckpt_init") else None,
         "run_wall_time_s": summary.get("wall_time_s"),  # the whole run's training (resumes included)
         "hardware": summary.get("hardware"),
         "commit": summary.get("commit"),

@@ -114,6 +114,8 @@ def describe(meta: dict[str, Any], test: tuple[float | None, int | None, int | N
             if trained.get("train_limit"):
                 split.append(f"at most {count(int(trained['train_limit']), 'image')}: data.limit_images")
             said.append(f"data {trained['data']}" + (f" ({', '.join(split)})" if split else ""))
+        if trained.get("init"):
+            said.append(f"fine-tuned from {trained['init']}")
         if trained.get("epochs") is not None:
             said.append(f"{count(int(trained['epochs']), 'epoch')}, {count(int(trained.get('global_step') or 0), 'step')}")
         if trained.get("run_wall_time_s") is not None:
