@@ -163,3 +163,27 @@ def test_make_predict_to_stdout_writes_only_the_png(tmp_path):
 
     assert make("OUT=-") == b"\x89PNG-bytes"
     assert make("OUT=cut.png").startswith(b'.venv/bin/bgremover-predict "a.jpg"  --out "cut.png"')
+
+
+def test_an_installed_package_inside_a_users_checkout_records_no_commit(tmp_path):
+    """bgremover installed (not editable) into a project's git-ignored .venv sits inside that project's checkout: a
+    run recorded the project's HEAD as the code that trained it, and its exported model said so. Only this package's
+    own checkout names a commit; the project's checkout names none."""
+    import shutil
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    subprocess.run([*git, "add", ".gitignore"], check=True)
+    subprocess.run([*git, "commit", "-qm", "the user's project"], check=True)
+    site_dir = tmp_path / ".venv" / "lib" / "site-packages"
+    shutil.copytree(REPO / "src" / "bgremover", site_dir / "bgremover", ignore=shutil.ignore_patterns("__pycache__"))
+    said = subprocess.run([sys.executable, "-c", "from bgremover import utils; print(utils.source_commit())"],
+                          env={**os.environ, "PYTHONPATH": str(site_dir)}, capture_output=True, text=True, timeout=60)
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.strip() == "None"
+    own = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if own.returncode == 0:  # this checkout's own code still names its commit
+        from bgremover import utils
+
+        assert utils.source_commit().split("-")[0] == own.stdout.strip()

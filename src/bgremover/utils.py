@@ -109,9 +109,13 @@ def source_commit() -> str | None:
 
     here = Path(__file__).resolve().parent
     try:
+        # a wheel installed in a project's (git-ignored) .venv sits inside that project's checkout: its HEAD is not
+        # this code's, and was recorded as the commit that trained the model. Only a tracked file of ours counts.
+        ours = subprocess.run(["git", "-C", str(here), "ls-files", "--error-unmatch", "--", Path(__file__).name],
+                              capture_output=True, text=True, timeout=10)
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                               text=True, timeout=10)
-        if head.returncode:
+        if ours.returncode or head.returncode:
             return None
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
                                capture_output=True, text=True, timeout=10)
