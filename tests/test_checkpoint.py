@@ -249,3 +249,24 @@ def test_a_fine_tuned_model_names_the_weights_it_started_from(tmp_path):
     config["ckpt_init"] = None  # from scratch: nothing to say
     (run / "summary.json").write_text(json.dumps({"run_dir": str(run), "config": config}))
     assert "init" not in checkpoint.provenance(run / "best.ckpt", {})
+
+
+@pytest.mark.parametrize("record", ["from my laptop", {"epochs": "many"}, ["run", 3]])
+def test_a_hand_edited_trained_record_is_shown_not_a_traceback(tmp_path, capsys, record):
+    """`make model-info` on a model whose optional `trained` record was edited by hand (or written by another tool)
+    died in a traceback; the model still loads and cuts out, so its description shows the record as it is."""
+    import json
+
+    import onnx
+
+    from bgremover import model_format, predict
+    from bgremover.remover import DEFAULT_MODEL
+
+    model = onnx.load(str(DEFAULT_MODEL))
+    for prop in model.metadata_props:
+        if prop.key == model_format.METADATA_KEY:
+            prop.value = json.dumps({**json.loads(prop.value), "trained": record})
+    onnx.save(model, str(tmp_path / "edited.onnx"))
+    assert predict.main(["--info", "-m", str(tmp_path / "edited.onnx")]) == 0
+    out = capsys.readouterr()
+    assert f"trained: unreadable record: {json.dumps(record)}" in out.out.splitlines() and out.err == ""

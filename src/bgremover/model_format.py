@@ -76,7 +76,7 @@ def parse(raw: str | None) -> dict[str, Any]:
 def describe(meta: dict[str, Any], test: tuple[float | None, int | None, int | None]) -> list[str]:
     """A model's description, a line each (`bgremover-predict --info`): what it segments, how its input is made,
     its test score (`test`: mIoU, frames, of the split's: an int8 copy's own) and where its weights came from."""
-    from bgremover.errors import count
+    from bgremover.errors import count, one_line
 
     k = len(meta["classes"])
     lines = [f"net: {meta.get('net', 'net')}, {int(meta.get('params') or 0) / 1e6:.2f} M parameters"
@@ -106,30 +106,40 @@ def describe(meta: dict[str, Any], test: tuple[float | None, int | None, int | N
             said.append(f"{scored.get('split', 'test')} mIoU {100 * scored['int8']['mIoU']:.1f} int8 vs "
                         f"{100 * scored['float']['mIoU']:.1f} float on the same frames")
         lines.append("quantized: " + "; ".join(said))
-    trained = meta.get("trained") or {}
-    if trained:
-        said = [f"{key} {trained[key]}" for key in ("experiment", "run", "seed") if trained.get(key) is not None]
-        if trained.get("data"):
-            split = [trained["train_split"]] if trained.get("train_split") else []
-            if trained.get("train_limit"):
-                split.append(f"at most {count(int(trained['train_limit']), 'image')}: data.limit_images")
-            said.append(f"data {trained['data']}" + (f" ({', '.join(split)})" if split else ""))
-        if trained.get("init"):
-            said.append(f"fine-tuned from {trained['init']}")
-        if trained.get("epochs") is not None:
-            said.append(f"{count(int(trained['epochs']), 'epoch')}, {count(int(trained.get('global_step') or 0), 'step')}")
-        if trained.get("run_wall_time_s") is not None:
-            said.append(f"{float(trained['run_wall_time_s']):.0f} s of training"
-                        + (f" on {trained['hardware']}" if trained.get("hardware") else ""))
-        if trained.get("commit"):
-            said.append(f"code {trained['commit']}")
-        if trained.get("checkpoint"):
-            said.append(f"checkpoint {trained['checkpoint']}")
-        lines.append("trained: " + "; ".join(said))
-    else:
+    trained = meta.get("trained")
+    if not trained:
         lines.append("trained: not recorded (exported before models said where they came from)")
+    else:
+        try:
+            lines.append("trained: " + _trained(trained))
+        except (AttributeError, TypeError, ValueError):  # edited by hand or another tool: shown, not a traceback
+            lines.append(f"trained: unreadable record: {one_line(json.dumps(trained, default=str), 200)}")
     lines.append(f"exported: {meta.get('exported_at', 'unknown')} by bgremover {meta.get('bgremover_version', '?')}")
     return lines
+
+
+def _trained(trained: dict[str, Any]) -> str:
+    """The `trained` record (checkpoint.provenance) as one line's text."""
+    from bgremover.errors import count
+
+    said = [f"{key} {trained[key]}" for key in ("experiment", "run", "seed") if trained.get(key) is not None]
+    if trained.get("data"):
+        split = [trained["train_split"]] if trained.get("train_split") else []
+        if trained.get("train_limit"):
+            split.append(f"at most {count(int(trained['train_limit']), 'image')}: data.limit_images")
+        said.append(f"data {trained['data']}" + (f" ({', '.join(split)})" if split else ""))
+    if trained.get("init"):
+        said.append(f"fine-tuned from {trained['init']}")
+    if trained.get("epochs") is not None:
+        said.append(f"{count(int(trained['epochs']), 'epoch')}, {count(int(trained.get('global_step') or 0), 'step')}")
+    if trained.get("run_wall_time_s") is not None:
+        said.append(f"{float(trained['run_wall_time_s']):.0f} s of training"
+                    + (f" on {trained['hardware']}" if trained.get("hardware") else ""))
+    if trained.get("commit"):
+        said.append(f"code {trained['commit']}")
+    if trained.get("checkpoint"):
+        said.append(f"checkpoint {trained['checkpoint']}")
+    return "; ".join(said)
 
 
 def is_onnx_model(path) -> bool:
