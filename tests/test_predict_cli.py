@@ -944,3 +944,19 @@ def test_a_bg_image_from_a_pipe_is_read(model, tmp_path, capsys):
     capsys.readouterr()
     assert main(["i", "-m", model, str(src), str(tmp_path / "x.png"), "--bg-image", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"bgremover-predict: error: --bg-image {tmp_path}: is a folder\n"
+
+
+def test_help_names_info_and_it_works_as_named(model, capsys):
+    """README and `make model-info` name `bgremover-predict --info`, but `bgremover-predict --help` never did: a user
+    could not find how to read a model's description from the command itself."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    helped = " ".join(capsys.readouterr().out.split())
+    assert "`--info [-m MODEL]` prints what the model segments, its test score and where it came from" in helped
+    assert main(["--info", "-m", model]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"model: {model} (") and any(line.startswith("classes (") for line in out)
+    with pytest.raises(SystemExit):
+        main(["i", "--help"])  # rembg's forms take no --info: their help does not offer it
+    assert "--info" not in capsys.readouterr().out

@@ -107,6 +107,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="bgremover-predict" + (f" {command}" if command else ""),
         description="Remove the background (everything but the chosen classes) from images.",
         epilog="rembg's commands work too: " + "; ".join(f"`{k}` {v}" for k, v in REMBG_COMMANDS.items())
+        # --info is taken before this parser (it needs no image), so only this line names it in --help
+        + (". `--info [-m MODEL]` prints what the model segments, its test score and where it came from"
+           if command is None else "")
         + ". Exit codes: 0 ok, 1 some input failed or the model cannot be loaded, 2 usage error.",
     )
     if command == "i":
