@@ -244,7 +244,7 @@ def test_a_fine_tuned_model_names_the_weights_it_started_from(tmp_path):
     meta = {"classes": ["a", "b"], "mean": [0, 0, 0], "std": [1, 1, 1], "size_multiple": 32, "trained": trained}
     said = next(line for line in model_format.describe(meta, (None, None, None)) if line.startswith("trained:"))
     assert said == ("trained: run run; data mine; fine-tuned from bgremover-camvid.pt; 20 epochs, 40 steps; "
-                    "60 s of training; checkpoint best.ckpt")
+                    "its run 60 s of training; checkpoint best.ckpt")
 
     config["ckpt_init"] = None  # from scratch: nothing to say
     (run / "summary.json").write_text(json.dumps({"run_dir": str(run), "config": config}))
@@ -270,3 +270,18 @@ def test_a_hand_edited_trained_record_is_shown_not_a_traceback(tmp_path, capsys,
     assert predict.main(["--info", "-m", str(tmp_path / "edited.onnx")]) == 0
     out = capsys.readouterr()
     assert f"trained: unreadable record: {json.dumps(record)}" in out.out.splitlines() and out.err == ""
+
+
+def test_the_runs_training_time_is_not_read_as_the_checkpoints(tmp_path):
+    """The shipped net is epoch 75 of an 87-epoch, 271 s run: its description read "75 epochs, 3300 steps; 271 s of
+    training", as if 271 s had made those 75 epochs. The time is the run's and is said with the run's epochs."""
+    import json
+
+    from bgremover import model_format
+
+    (tmp_path / "summary.json").write_text(json.dumps({"epochs": 87, "wall_time_s": 270.7, "hardware": "H100"}))
+    trained = checkpoint.provenance(tmp_path / "best.ckpt", {"global_step": 3300, "epoch": 74})
+    assert (trained["epochs"], trained["run_epochs"], trained["run_wall_time_s"]) == (75, 87, 270.7)
+    meta = {"classes": ["a", "b"], "mean": [0, 0, 0], "std": [1, 1, 1], "size_multiple": 32, "trained": trained}
+    said = next(line for line in model_format.describe(meta, (None, None, None)) if line.startswith("trained:"))
+    assert said == "trained: 75 epochs, 3300 steps; its run 87 epochs, 271 s of training on H100; checkpoint best.ckpt"

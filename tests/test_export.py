@@ -574,7 +574,7 @@ def test_an_exported_model_says_where_it_came_from_and_a_slim_copy_keeps_it(smal
     assert trained == {
         "checkpoint": best.name, "epochs": checkpoint.epochs_trained(ckpt), "global_step": ckpt["global_step"],
         "run": "run", "experiment": "provenance_test", "seed": 7, "data": "CamVid", "train_split": "train",
-        "run_wall_time_s": summary["wall_time_s"], "hardware": summary["hardware"],
+        "run_wall_time_s": summary["wall_time_s"], "run_epochs": summary["epochs"], "hardware": summary["hardware"],
         **({"commit": summary["commit"]} if summary["commit"] else {})}
     assert trained["epochs"] in (1, 2) and trained["global_step"] == trained["epochs"] * 2  # 4 frames, batch 2
 

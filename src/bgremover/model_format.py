@@ -132,8 +132,9 @@ def _trained(trained: dict[str, Any]) -> str:
         said.append(f"fine-tuned from {trained['init']}")
     if trained.get("epochs") is not None:
         said.append(f"{count(int(trained['epochs']), 'epoch')}, {count(int(trained.get('global_step') or 0), 'step')}")
-    if trained.get("run_wall_time_s") is not None:
-        said.append(f"{float(trained['run_wall_time_s']):.0f} s of training"
+    if trained.get("run_wall_time_s") is not None:  # the whole run's, which may have gone on past this checkpoint
+        run = [count(int(trained["run_epochs"]), "epoch")] if trained.get("run_epochs") is not None else []
+        said.append("its run " + ", ".join([*run, f"{float(trained['run_wall_time_s']):.0f} s of training"])
                     + (f" on {trained['hardware']}" if trained.get("hardware") else ""))
     if trained.get("commit"):
         said.append(f"code {trained['commit']}")
