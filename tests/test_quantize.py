@@ -296,3 +296,33 @@ def test_a_trial_does_not_replace_a_copy_scored_on_more_frames(tmp_path, data, c
     onnx.save(doc, str(int8_path(model)))
     assert qz.main([*base, "--eval-limit", "2"]) == 0
     assert BackgroundRemover(int8_path(model), threads=1).meta["quantization"]["eval"]["frames"] == 2
+
+
+def test_an_int8_copy_keeps_where_it_came_from_and_says_when_it_was_made(tmp_path, data, capsys):
+    """The int8 copy's document is the float model's: its `trained` record travels (quantize did not change where
+    the weights came from), and its only date was the float file's exported_at, so `make model-info` could not tell
+    a copy quantized months later (another onnxruntime) from one made the same day. The record now dates the copy."""
+    import datetime as dt
+
+    from bgremover import predict
+
+    model = build_net(tmp_path / "net.onnx")
+    m = onnx.load(str(model))
+    trained = {"checkpoint": "epoch_003.ckpt", "epochs": 4, "global_step": 8, "run": "r", "data": "CamVid"}
+    for prop in m.metadata_props:
+        if prop.key == "bgremover":
+            prop.value = json.dumps({**json.loads(prop.value), "trained": trained})
+    onnx.save(m, str(model))
+    before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    qz.quantize(model, int8_path(model), data, calib_frames=3, threads=1, log=lambda *a: None)
+    after = dt.datetime.now(dt.timezone.utc)
+    meta = BackgroundRemover(int8_path(model), threads=1).meta
+    assert meta["trained"] == trained and meta["exported_at"] == "2025-01-01T00:00:00+00:00"
+    made = meta["quantization"]["quantized_at"]
+    assert before <= dt.datetime.fromisoformat(made) <= after
+    capsys.readouterr()
+    assert predict.main(["--info", "-m", str(int8_path(model))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"quantized: int8 copy of net.onnx (sha256 {file_sha256(model)[:12]}) made {made}; calibrated on 3 frames " \
+        "of train; test mIoU" in "\n".join(lines)
+    assert "trained: run r; data CamVid; 4 epochs, 8 steps; checkpoint epoch_003.ckpt" in lines

@@ -99,7 +99,8 @@ def describe(meta: dict[str, Any], test: tuple[float | None, int | None, int | N
     if isinstance(quantized, dict):  # the file is not the export: say what quantize made it from, and how
         calib, scored = quantized.get("calibration") or {}, quantized.get("eval") or {}
         said = [f"int8 copy of {quantized.get('source', 'a float model')}"
-                + (f" (sha256 {str(quantized['source_sha256'])[:12]})" if quantized.get("source_sha256") else "")]
+                + (f" (sha256 {str(quantized['source_sha256'])[:12]})" if quantized.get("source_sha256") else "")
+                + (f" made {quantized['quantized_at']}" if quantized.get("quantized_at") else "")]
         if calib.get("frames"):
             said.append(f"calibrated on {count(int(calib['frames']), 'frame')} of {calib.get('split', '?')}")
         if (scored.get("float") or {}).get("mIoU") is not None and (scored.get("int8") or {}).get("mIoU") is not None:

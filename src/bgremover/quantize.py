@@ -23,8 +23,8 @@ Accuracy gate (the project's rule for shipping a quantised model): the float and
 `cutout_eval` on CamVid test (all 233 frames unless --eval-limit); the file is written (temp name, then rename)
 only if the test mIoU stays within 0.5 points and the cut-out (foreground) IoU within 0.01 of the float model's,
 in either direction. Otherwise exit 1 and nothing is written. The copy's metadata is the float model's plus
-`quantization`: the scheme, the calibration, both evaluations and the float file's sha256 (the predictor uses the
-shipped copy only while it matches the float file beside it).
+`quantization`: the scheme, the calibration, both evaluations, the float file's sha256 (the predictor uses the
+shipped copy only while it matches the float file beside it) and the date it was made.
 An --eval-limit trial does not replace an int8 copy of the same float model scored on more test frames (the
 default --out is the shipped copy, whose record covers the whole split) unless --force: as `make ship`, which
 installs nothing scored on part of the split unless forced.
@@ -37,6 +37,7 @@ Imports onnxruntime's quantization tools and onnx, never torch.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -235,6 +236,8 @@ def quantize(
             "calibration": {"split": "train", "frames": len(train)},
             "source": model_path.name,
             "source_sha256": file_sha256(model_path),
+            # the copy's own date: its document is the float model's, whose exported_at it keeps
+            "quantized_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "onnxruntime": onnxruntime.__version__,
             "eval": {"split": "test", "frames": len(test), "of": len(every), **scores},  # records before: no "of"
             "gate": {"max_mIoU_change": MAX_MIOU_CHANGE, "max_fg_iou_change": MAX_FG_IOU_CHANGE},
