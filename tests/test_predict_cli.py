@@ -960,3 +960,24 @@ def test_help_names_info_and_it_works_as_named(model, capsys):
     with pytest.raises(SystemExit):
         main(["i", "--help"])  # rembg's forms take no --info: their help does not offer it
     assert "--info" not in capsys.readouterr().out
+
+
+def test_a_pytorch_checkpoint_as_model_says_export_it_first(tmp_path, capsys):
+    """models/ holds the shipped weights (bgremover-camvid.pt) beside the .onnx: `-m models/bgremover-camvid.pt` (or
+    a run's .ckpt) to --info or a cut-out said "INVALID_PROTOBUF : ... Protobuf parsing failed", not what to do."""
+    import torch
+
+    weights = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"net.w": torch.zeros(2)}}, weights)
+    photo = save_png(tmp_path / "photo.png")
+    for argv in (["--info", "-m", str(weights)], [str(photo), "-m", str(weights)]):
+        assert main(argv) == 1
+        assert capsys.readouterr().err.strip() == (f"bgremover-predict: error: model {weights} is a PyTorch "
+                                                   f"checkpoint, not an ONNX model: export it first (make export "
+                                                   f"CKPT={weights})")
+    assert not (tmp_path / "photo.nobg.png").exists()
+    (tmp_path / "notes.onnx").write_text("not a model")  # any other file: onnxruntime's own reason, one line
+    assert main(["--info", "-m", str(tmp_path / "notes.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"bgremover-predict: error: cannot load ONNX model {tmp_path / 'notes.onnx'}: ")
+    assert err.count("\n") == 1
