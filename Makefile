@@ -65,6 +65,7 @@ reads.compare := SWEEP ARGS
 reads.export := CKPT OUT ARGS
 reads.predict := IMG MODEL OUT ARGS
 reads.serve := MODEL ARGS
+reads.model-info := MODEL
 reads.ship := CKPT ARGS
 reads.quantize := MODEL ARGS
 reads.eval-cutout := MODEL ARGS
@@ -73,7 +74,7 @@ reads.example-data := EXAMPLES
 reads.reproduce-default := ARGS
 reads.speedruns := ARGS
 TARGETS := help install test test-fast lint data train eval sweep compare export predict ship quantize eval-cutout \
-           remover example-data serve benchmark reproduce-default speedruns clean
+           remover example-data serve model-info benchmark reproduce-default speedruns clean
 GOALS := $(or $(MAKECMDGOALS),help)
 # a misspelt target (`make trian EXP=x`) is make's own "No rule to make target 'trian'", not "reads no EXP"
 UNREAD_VARS := $(if $(filter-out $(TARGETS),$(GOALS)),,$(strip $(foreach v,$(TARGET_VARS),$(if $(and $(filter \

@@ -158,7 +158,8 @@ def test_make_refuses_a_variable_its_target_does_not_read():
     for args, says in ((["train", "CKPT=last.ckpt"], 'make train reads no CKPT: it takes EXP ARGS (a resume: ARGS="ckpt_path=..."'),
                        (["quantize", "OUT=x.int8.onnx"], "make quantize reads no OUT: it takes MODEL ARGS"),
                        (["test", "ARGS=-x"], "make test reads no ARGS: it takes none"),
-                       (["example-data", "DATA=x"], "make example-data reads no DATA: it takes EXAMPLES")):
+                       (["example-data", "DATA=x"], "make example-data reads no DATA: it takes EXAMPLES"),
+                       (["model-info", "CKPT=x.ckpt"], "make model-info reads no CKPT: it takes MODEL")):
         proc = make(*args)
         assert proc.returncode == 2 and proc.stdout == "", (args, proc.stdout)
         (line,) = proc.stderr.strip().splitlines()
