@@ -865,6 +865,41 @@ def test_sigterm_past_the_grace_period_answers_503_and_says_so():
     assert "Traceback" not in stderr, stderr
 
 
+def test_a_stop_that_cuts_a_cutout_short_ends_the_process_at_once():
+    """Ctrl-C with a cut-out running past the grace period (or a second Ctrl-C): its client got the 503 at once,
+    but the process waited for the cut-out still running on its worker (Python joins the pool's threads at exit),
+    up to a large photo's seconds after the README's "stops it at once", and a further Ctrl-C in that wait printed
+    a threading traceback. The cut-out here takes 10 s: the process must end well before it would finish."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "--port", "0", "--threads", "1", "--log-level",
+                             "warning"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    got: dict = {}
+    try:
+        match = re.search(r"http://(127\.0\.0\.1:\d+)/", proc.stderr.readline())
+        assert match
+        base = f"http://{match.group(1)}"
+        wait_healthy(base, proc=proc)
+        client = threading.Thread(target=lambda: got.setdefault("r", post_raw(base, JPEG)))
+        client.start()
+        deadline = time.monotonic() + 20
+        while json.loads(request(base, "GET", "/health")[2])["busy"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # past the upload: in the worker, inside the 10 s
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        client.join(20)
+        assert proc.wait(20) == 0
+        took = time.monotonic() - stopped
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert got["r"][0] == 503
+    assert took < 6, f"the process took {took:.1f} s to end after the 503 (the cut-out's 10 s)"
+    assert "bgremover-serve: stopped with 1 cut-out in progress, answered 503" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(serve_cmd(*args), capture_output=True, text=True, timeout=60)
 

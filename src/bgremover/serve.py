@@ -372,6 +372,11 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
         sock.close()
     if isinstance(stopped_by, Terminated):  # still ended by SIGTERM: a clean stop to systemd, 143 in a shell
         signal.raise_signal(signal.SIGTERM)
+    if service.cancelled:  # a cut-out cut short still runs on its worker, which Python's exit would join: the
+        # terminal hung for its remaining seconds after "stops at once", and a third Ctrl-C there printed a traceback
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
