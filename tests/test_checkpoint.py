@@ -285,3 +285,25 @@ def test_the_runs_training_time_is_not_read_as_the_checkpoints(tmp_path):
     meta = {"classes": ["a", "b"], "mean": [0, 0, 0], "std": [1, 1, 1], "size_multiple": 32, "trained": trained}
     said = next(line for line in model_format.describe(meta, (None, None, None)) if line.startswith("trained:"))
     assert said == "trained: 75 epochs, 3300 steps; its run 87 epochs, 271 s of training on H100; checkpoint best.ckpt"
+
+
+def test_a_sweep_jobs_model_names_its_sweep(tmp_path):
+    """A sweep job's folder is its job number (multiruns/<sweep>/3: conf/hydra/default.yaml), and its model said
+    "run 3", a name every sweep's fourth job has: the run is named with its sweep folder."""
+    import json
+
+    from bgremover import model_format
+
+    job = tmp_path / "logs" / "train" / "multiruns" / "2026-11-28_16-24-29-413961" / "3"
+    (job / "checkpoints").mkdir(parents=True)
+    (job / "summary.json").write_text(json.dumps({"run_dir": str(job), "experiment": "lr_sweep"}))
+    trained = checkpoint.provenance(job / "checkpoints" / "epoch_004.ckpt", {"global_step": 10, "epoch": 4})
+    assert trained["run"] == "2026-11-28_16-24-29-413961/3"
+    meta = {"classes": ["a", "b"], "mean": [0, 0, 0], "std": [1, 1, 1], "size_multiple": 32, "trained": trained}
+    said = next(line for line in model_format.describe(meta, (None, None, None)) if line.startswith("trained:"))
+    assert said.startswith("trained: experiment lr_sweep; run 2026-11-28_16-24-29-413961/3; 5 epochs")
+
+    single = tmp_path / "logs" / "train" / "runs" / "2026-11-28_23-34-49-387531"  # a single run: its folder alone
+    single.mkdir(parents=True)
+    (single / "summary.json").write_text(json.dumps({"run_dir": str(single)}))
+    assert checkpoint.provenance(single / "best.ckpt", {})["run"] == "2026-11-28_23-34-49-387531"

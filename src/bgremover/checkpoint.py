@@ -65,7 +65,7 @@ def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
     config = summary.get("trained_config") or summary.get("config") or {}
     data = config.get("data") or {}
     run = {
-        "run": Path(str(summary["run_dir"])).name if summary.get("run_dir") else None,
+        "run": _run_name(Path(str(summary["run_dir"]))) if summary.get("run_dir") else None,
         "experiment": summary.get("experiment"),
         "seed": summary.get("seed"),
         "data": Path(str(data["root"])).name if data.get("root") else None,
@@ -81,6 +81,12 @@ def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
         "commit": summary.get("commit"),
     }
     return {**trained, **{k: v for k, v in run.items() if v is not None}}
+
+
+def _run_name(run_dir: Path) -> str:
+    """The run's folder name; a sweep job's with its sweep folder: the job's own is its number alone
+    (conf/hydra/default.yaml), and its model said "run 3", which every sweep has."""
+    return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() and run_dir.parent.name else run_dir.name
 
 
 def is_runs_best(path: str | os.PathLike, summary: dict[str, Any]) -> bool:
