@@ -272,6 +272,51 @@ def test_a_hand_edited_trained_record_is_shown_not_a_traceback(tmp_path, capsys,
     assert f"trained: unreadable record: {json.dumps(record)}" in out.out.splitlines() and out.err == ""
 
 
+@pytest.mark.parametrize("edit, said", [
+    ({"mean": ["a", 0, 0]}, 'mean is ["a", 0, 0], not 3 numbers (RGB)'),
+    ({"classes": ["Sky", 2]}, 'classes is ["Sky", 2], not a list of 2 or more class names'),
+    ({"test_mIoU": "56.6%"}, 'test_mIoU is "56.6%", not a number'),
+    ({"quantization": "yes"}, 'quantization is "yes", not a record'),
+    ({"quantization": {"eval": {"int8": {"mIoU": "x"}}}}, 'quantization.eval.int8.mIoU is "x", not a number'),
+])
+def test_a_model_with_a_mistyped_field_is_refused_in_one_line_naming_it(tmp_path, capsys, edit, said):
+    """A model whose metadata another tool (or a hand edit) wrote with a field of the wrong type: make model-info
+    died in a traceback (ValueError, AttributeError) and a cut-out in 'unexpected ValueError', neither naming the
+    field. Both now say which field of which file is wrong, in one line, exit 1, and write nothing."""
+    import json
+
+    import onnx
+
+    from bgremover import model_format, predict
+    from bgremover.remover import DEFAULT_MODEL
+
+    model = onnx.load(str(DEFAULT_MODEL))
+    for prop in model.metadata_props:
+        if prop.key == model_format.METADATA_KEY:
+            prop.value = json.dumps({**json.loads(prop.value), **edit})
+    edited = tmp_path / "edited.onnx"
+    onnx.save(model, str(edited))
+    line = f"bgremover-predict: error: bgremover metadata is invalid: {said}: {edited}\n"
+    assert predict.main(["--info", "-m", str(edited)]) == 1
+    assert capsys.readouterr() == ("", line)
+    image = Path(__file__).resolve().parents[1] / "examples" / "0001TP_009180.jpg"
+    assert predict.main(["-m", str(edited), str(image), "-o", str(tmp_path / "cut.png")]) == 1
+    assert capsys.readouterr().err == line and not (tmp_path / "cut.png").exists()
+
+
+def test_a_diverged_runs_model_with_a_nan_test_score_still_loads():
+    """The field checks refuse what is not a number, not a run's NaN test mIoU (a diverged seed): JSON's NaN."""
+    import json
+
+    from bgremover import model_format
+
+    doc = {"format": model_format.FORMAT, "format_version": 1, "classes": ["a", "b"], "mean": [0, 0, 0],
+           "std": [1, 1, 1], "size_multiple": 32, "test_mIoU": float("nan")}
+    assert model_format.parse(json.dumps(doc))["test_mIoU"] != 0  # NaN
+    with pytest.raises(model_format.FormatError, match=r"^bgremover metadata is invalid: mean is \[NaN, 0, 0\]"):
+        model_format.parse(json.dumps({**doc, "mean": [float("nan"), 0, 0]}))
+
+
 def test_the_runs_training_time_is_not_read_as_the_checkpoints(tmp_path):
     """The shipped net is epoch 75 of an 87-epoch, 271 s run: its description read "75 epochs, 3300 steps; 271 s of
     training", as if 271 s had made those 75 epochs. The time is the run's and is said with the run's epochs."""

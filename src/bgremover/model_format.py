@@ -7,7 +7,10 @@ it, so both sides share one definition of the format instead of two copies that 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
+
+from bgremover.errors import one_line
 
 FORMAT = "bgremover-onnx"  # value of metadata["format"]; the predictor refuses anything else
 FORMAT_VERSION = 1  # bump when the metadata or the I/O contract changes incompatibly
@@ -62,15 +65,69 @@ def parse(raw: str | None) -> dict[str, Any]:
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise FormatError(f"model uses {FORMAT} format v{meta.get('format_version')}; this version reads "
                           f"v{FORMAT_VERSION}: upgrade bgremover")
-    try:
-        ok = (len(meta["classes"]) >= 2 and len(meta["mean"]) == 3 and len(meta["std"]) == 3
-              and all(float(s) > 0 for s in meta["std"]) and int(meta["size_multiple"]) >= 1
-              and (meta.get("image_size") is None or int(meta["image_size"]) >= 1))
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise FormatError("bgremover metadata is incomplete or invalid")
+    for field, required, fits, what in _FIELDS:
+        value = _at(meta, field)
+        if value is _MISSING or value is None:
+            if required:
+                raise FormatError(f"bgremover metadata is incomplete: no {field}")
+        elif not fits(value):
+            # another tool's (or a hand edit's) metadata: mean ["a", 0, 0] ended a cut-out in "unexpected
+            # ValueError" and make model-info in a traceback, neither naming the file's field
+            raise FormatError(f"bgremover metadata is invalid: {field} is {one_line(json.dumps(value), 80)}, "
+                              f"not {what}")
     return meta
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _score(v: Any) -> bool:  # a diverged run's test numbers are NaN: its model still loads and says so
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+_MISSING = object()
+# (field, dotted inside the document; required; check; what it must be): what the predictor, `--info` and
+# eval-cutout read from a model, as numbers, names and records. `trained` is free-form: `describe` shows an
+# unreadable one as it is (the model still cuts out)
+_FIELDS = (
+    ("classes", True, lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) and c for c in v),
+     "a list of 2 or more class names"),
+    ("mean", True, lambda v: isinstance(v, list) and len(v) == 3 and all(map(_number, v)), "3 numbers (RGB)"),
+    ("std", True, lambda v: isinstance(v, list) and len(v) == 3 and all(_number(x) and x > 0 for x in v),
+     "3 numbers above 0 (RGB)"),
+    ("size_multiple", True, lambda v: _whole(v) and v >= 1, "a whole number from 1"),
+    ("image_size", False, lambda v: _whole(v) and v >= 1, "a whole number of pixels from 1"),
+    ("default_foreground", False, lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+     "a list of class names"),
+    ("params", False, _whole, "a whole number"),
+    ("test_mIoU", False, _score, "a number"),
+    ("test_frames", False, _whole, "a whole number"),
+    ("test_frames_of", False, _whole, "a whole number"),
+    ("quantization", False, lambda v: isinstance(v, dict), "a record"),
+    ("quantization.calibration", False, lambda v: isinstance(v, dict), "a record"),
+    ("quantization.calibration.frames", False, _whole, "a whole number"),
+    ("quantization.eval", False, lambda v: isinstance(v, dict), "a record"),
+    ("quantization.eval.frames", False, _whole, "a whole number"),
+    ("quantization.eval.of", False, _whole, "a whole number"),
+    *((f"quantization.eval.{kind}", False, lambda v: isinstance(v, dict), "a record") for kind in ("float", "int8")),
+    *((f"quantization.eval.{kind}.mIoU", False, _score, "a number") for kind in ("float", "int8")),
+)
+
+
+def _at(meta: dict[str, Any], field: str) -> Any:
+    """The document's value at a dotted field; _MISSING where it, or a record on the way, is not there (a record
+    that is not one was refused before its fields are looked at: _FIELDS lists it first)."""
+    value: Any = meta
+    for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
 
 
 def describe(meta: dict[str, Any], test: tuple[float | None, int | None, int | None]) -> list[str]:
