@@ -159,6 +159,24 @@ def test_default_model_prefers_a_fresh_int8_copy_and_skips_a_stale_one(tmp_path,
         assert BackgroundRemover().model_path == int8
 
 
+def test_model_info_on_a_stale_int8_copy_warns_in_one_line_and_describes_the_float_model(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """`make model-info` with an int8 copy left from an earlier float model: the warning came as Python's
+    '.../predict.py:361: UserWarning: ...' with the source line under it, where a cut-out says it in one line."""
+    from bgremover import predict
+
+    (tmp_path / "models").mkdir()
+    float_path = build_model(tmp_path / "models" / "bgremover-camvid.onnx", metadata={"net": "re-exported"})
+    _stamp_int8(float_path, lib.int8_path(float_path), "0" * 64)  # made from another float file
+    monkeypatch.setattr(lib, "DEFAULT_MODEL", float_path)
+    monkeypatch.delenv(lib.MODEL_ENV, raising=False)
+    assert predict.main(["--info"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ("bgremover-predict: warning: bgremover-camvid.int8.onnx was not made from the current "
+                   "bgremover-camvid.onnx: using the float model (re-run python -m bgremover.quantize to refresh it)\n")
+    assert out.startswith(f"model: {float_path} (") and "net: re-exported, " in out and "quantized:" not in out
+
+
 def test_default_model_missing_still_says_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.setattr(lib, "DEFAULT_MODEL", tmp_path / "models" / "bgremover-camvid.onnx")
     monkeypatch.delenv(lib.MODEL_ENV, raising=False)

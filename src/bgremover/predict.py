@@ -316,7 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if misplaced:  # `-q i in.jpg out.png` read i and out.png as inputs and wrote in.nobg.png
         return report(f"{misplaced} is rembg's command: put it first ({PROG} {misplaced} [options] ...)", PROG, code=2)
     if command is None and "--info" in argv:
-        return _info(argv)
+        # a stale int8 copy's warning printed Python's file:line header and the source line beneath it
+        with one_line_warnings(PROG):
+            return _info(argv)
     if command == "s":
         from bgremover.serve import main as serve
 
