@@ -352,3 +352,27 @@ def test_a_sweep_jobs_model_names_its_sweep(tmp_path):
     single.mkdir(parents=True)
     (single / "summary.json").write_text(json.dumps({"run_dir": str(single)}))
     assert checkpoint.provenance(single / "best.ckpt", {})["run"] == "2026-11-28_23-34-49-387531"
+
+
+def test_a_model_names_the_wandb_run_that_logged_its_training(tmp_path):
+    """A model said which run folder made it, on the machine that trained it, but not which W&B run holds its
+    curves: the checkpoint's W&B run (id, name, offline or not) and the run's project travel with the provenance."""
+    import json
+
+    from bgremover import model_format
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    config = {"logger": {"wandb": {"project": "bgremover"}}}
+    (run / "summary.json").write_text(json.dumps({"run_dir": str(run), "config": config}))
+    ckpt = {"global_step": 6, "epoch": 2, "wandb_run_id": "h0koqt26", "wandb_run_name": "tiramisu56-seed42",
+            "wandb_run_offline": True}
+    trained = checkpoint.provenance(run / "checkpoints" / "epoch_002.ckpt", ckpt)
+    assert trained["wandb"] == {"id": "h0koqt26", "name": "tiramisu56-seed42", "offline": True, "project": "bgremover"}
+    meta = {"classes": ["a", "b"], "mean": [0, 0, 0], "std": [1, 1, 1], "size_multiple": 32, "trained": trained}
+    said = next(line for line in model_format.describe(meta, (None, None, None)) if line.startswith("trained:"))
+    assert said == ("trained: run run; 3 epochs, 6 steps; W&B run tiramisu56-seed42 (bgremover/h0koqt26, logged "
+                    "offline); checkpoint epoch_002.ckpt")
+
+    del ckpt["wandb_run_id"]  # logger=csv: no W&B run to name
+    assert "wandb" not in checkpoint.provenance(run / "checkpoints" / "epoch_002.ckpt", ckpt)

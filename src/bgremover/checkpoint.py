@@ -55,6 +55,11 @@ def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
     trained: dict[str, Any] = {"checkpoint": Path(path).name}
     if "global_step" in ckpt:
         trained.update(epochs=epochs_trained(ckpt), global_step=int(ckpt["global_step"]))
+    # the W&B run its curves and panels are in (on_save_checkpoint keeps it for resumes): the model named its run
+    # folder only, which is on the machine that trained it
+    wandb = {"id": ckpt.get("wandb_run_id"), "name": ckpt.get("wandb_run_name"), "offline": ckpt.get("wandb_run_offline")}
+    if wandb["id"]:
+        trained["wandb"] = {k: v for k, v in wandb.items() if v is not None}
     found = run_summary(path)
     try:
         summary = json.loads(found.read_text()) if found is not None else {}
@@ -63,6 +68,9 @@ def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(summary, dict):
         return trained
     config = summary.get("trained_config") or summary.get("config") or {}
+    project = ((config.get("logger") or {}).get("wandb") or {}).get("project")
+    if "wandb" in trained and project:
+        trained["wandb"]["project"] = project
     data = config.get("data") or {}
     run = {
         "run": _run_name(Path(str(summary["run_dir"]))) if summary.get("run_dir") else None,

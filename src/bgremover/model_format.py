@@ -196,6 +196,10 @@ def _trained(trained: dict[str, Any]) -> str:
                     + (f" on {trained['hardware']}" if trained.get("hardware") else ""))
     if trained.get("commit"):
         said.append(f"code {trained['commit']}")
+    if trained.get("wandb"):
+        run = trained["wandb"]
+        said.append(f"W&B run {run.get('name') or run.get('id')} ({'/'.join(str(run[k]) for k in ('project', 'id') if run.get(k))}"
+                    + (", logged offline" if run.get("offline") else "") + ")")
     if trained.get("checkpoint"):
         said.append(f"checkpoint {trained['checkpoint']}")
     return "; ".join(said)
