@@ -376,3 +376,23 @@ def test_a_model_names_the_wandb_run_that_logged_its_training(tmp_path):
 
     del ckpt["wandb_run_id"]  # logger=csv: no W&B run to name
     assert "wandb" not in checkpoint.provenance(run / "checkpoints" / "epoch_002.ckpt", ckpt)
+
+
+@pytest.mark.parametrize("half, via", [(True, "w.pt (float16 weights)"), (False, "w.pt")])
+def test_a_model_from_a_weights_only_copy_says_it_came_through_it(tmp_path, half, via):
+    """`make export CKPT=models/bgremover-camvid.pt`: the model named the run's checkpoint alone, though its weights
+    are the copy's float16 rounding (and it has no test score of its own): the copy is named, with its precision."""
+    from bgremover import model_format
+    from bgremover.nets import FCDenseNet
+
+    net = FCDenseNet(num_classes=2, **TINY)
+    path = _save(tmp_path / "epoch_002.ckpt", {"_target_": "bgremover.nets.FCDenseNet", "num_classes": 2, **TINY},
+                 net.state_dict())
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "global_step": 6, "epoch": 2}, path)
+    weights = checkpoint.save_weights(path, tmp_path / "w.pt", half=half)
+    trained = checkpoint.provenance(weights, torch.load(weights, weights_only=True))
+    assert trained == {"checkpoint": "epoch_002.ckpt", "epochs": 3, "global_step": 6, "via": via}
+    meta = {"classes": ["a", "b"], "mean": [0, 0, 0], "std": [1, 1, 1], "size_multiple": 32, "trained": trained}
+    said = next(line for line in model_format.describe(meta, (None, None, None)) if line.startswith("trained:"))
+    assert said == f"trained: 3 epochs, 6 steps; checkpoint epoch_002.ckpt via {via}"

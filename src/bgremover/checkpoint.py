@@ -51,7 +51,12 @@ def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
 
     kept = (ckpt.get(CHECKPOINT_KEY) or {}).get("trained")
     if isinstance(kept, dict):
-        return dict(kept)
+        # and the copy its weights came through: a model exported from models/bgremover-camvid.pt named the run's
+        # checkpoint alone, though its weights are that file's float16 rounding (logits up to 0.04 apart) and it
+        # has no test score of its own
+        half = any(isinstance(v, torch.Tensor) and v.dtype == torch.float16
+                   for v in (ckpt.get("state_dict") or {}).values())
+        return {**kept, "via": Path(path).name + (" (float16 weights)" if half else "")}
     trained: dict[str, Any] = {"checkpoint": Path(path).name}
     if "global_step" in ckpt:
         trained.update(epochs=epochs_trained(ckpt), global_step=int(ckpt["global_step"]))

@@ -201,7 +201,7 @@ def _trained(trained: dict[str, Any]) -> str:
         said.append(f"W&B run {run.get('name') or run.get('id')} ({'/'.join(str(run[k]) for k in ('project', 'id') if run.get(k))}"
                     + (", logged offline" if run.get("offline") else "") + ")")
     if trained.get("checkpoint"):
-        said.append(f"checkpoint {trained['checkpoint']}")
+        said.append(f"checkpoint {trained['checkpoint']}" + (f" via {trained['via']}" if trained.get("via") else ""))
     return "; ".join(said)
 
 
