@@ -431,6 +431,30 @@ def test_paths_with_equals_signs(tmp_path, capsys):
     assert exc.value.code == 2 and "unrecognized arguments: epoch=3" in capsys.readouterr().err
 
 
+def test_the_torchscript_copy_given_where_a_checkpoint_or_a_model_goes_is_named(tmp_path, capsys):
+    """export --torchscript writes X.pt beside X.onnx. Given to -m / --info it was called a PyTorch checkpoint with
+    'export it first (make export CKPT=X.pt)', and that export said 'unreadable checkpoint (truncated or damaged)'
+    under torch's two-line UserWarning: both now say it is the TorchScript copy, in one line."""
+    from bgremover import predict
+
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny")
+    assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "m.onnx"), "--torchscript"]) == 0
+    ts = tmp_path / "m.pt"
+    capsys.readouterr()
+    assert main(["--ckpt", str(ts), "--out", str(tmp_path / "again.onnx")]) == 1
+    assert capsys.readouterr().err == (f"python -m bgremover.export: error: {ts} is a TorchScript model (export's "
+                                       "--torchscript copy), not a training checkpoint: give the run's .ckpt or the "
+                                       ".pt weights of make ship\n")
+    assert not (tmp_path / "again.onnx").exists()
+    for argv in (["--info", "-m", str(ts)], ["-m", str(ts), str(Path(__file__).parents[1] / "examples" /
+                                                               "0001TP_009180.jpg"), "-o", str(tmp_path / "c.png")]):
+        assert predict.main(argv) == 1
+        assert capsys.readouterr().err == (f"bgremover-predict: error: model {ts} is a TorchScript model (export's "
+                                           "--torchscript copy), not an ONNX model: give the .onnx file exported "
+                                           "with it\n")
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_outputs_never_replace_the_checkpoint_or_a_users_file(tmp_path, monkeypatch, capsys):
     """`--ckpt X/m.pt --out X/m.onnx --torchscript` wrote the TorchScript file over its own checkpoint (X.pt is
     the shipped weights' name too), and `--out` equal to `--ckpt` replaced the checkpoint with ONNX; --out replaces

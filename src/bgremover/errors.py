@@ -71,7 +71,14 @@ def checkpoint_problem(path) -> str | None:
 
     if Path(path).is_dir():  # was "checkpoint not found" of a run folder that is there
         return f"{path} is a folder, not a checkpoint: name a .ckpt or .pt file in it (e.g. its checkpoints/last.ckpt)"
-    return None if Path(path).is_file() else f"checkpoint not found: {path}"
+    if not Path(path).is_file():
+        return f"checkpoint not found: {path}"
+    from bgremover.model_format import is_torchscript
+
+    if is_torchscript(path):  # export's --torchscript copy (X.pt beside X.onnx): it read "truncated or damaged"
+        return (f"{path} is a TorchScript model (export's --torchscript copy), not a training checkpoint: give the "
+                "run's .ckpt or the .pt weights of make ship")
+    return None
 
 
 def report(error: BaseException | str, prog: str | None = None, code: int = 1) -> int:

@@ -41,6 +41,7 @@ from bgremover.model_format import (  # noqa: F401
     METADATA_KEY,
     OUTPUT_NAME,
     is_onnx_model,
+    is_torchscript,
 )
 
 PROG = "python -m bgremover.export"
@@ -348,17 +349,6 @@ def torchscript_path(out: Path) -> Path:
     return out.with_suffix(".pt")
 
 
-def _is_torchscript(path: Path) -> bool:
-    """torch.jit.save's zip holds a code/ folder; torch.save's (a checkpoint, the shipped .pt weights) does not."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
 def check_outputs(ckpt: Path, out: str | Path, torchscript: bool) -> None:
     """Before any work: the files to write can be written, neither is the checkpoint being read, --out replaces
     only an earlier ONNX model and the TorchScript file (named after --out: `--out X.onnx` writes X.pt, the name
@@ -379,7 +369,7 @@ def check_outputs(ckpt: Path, out: str | Path, torchscript: bool) -> None:
         raise ExportError(f"--torchscript writes {ts}, which would overwrite the checkpoint: give --out another name")
     if same_file(ts, out):
         raise ExportError(f"--torchscript writes {ts}, the --out file itself: give --out an .onnx name")
-    if ts.exists() and not _is_torchscript(ts):
+    if ts.exists() and not is_torchscript(ts):
         raise ExportError(f"--torchscript writes {ts}, which exists and is not a TorchScript file: not replacing it "
                           "(move it, or give --out another name)")
 

@@ -214,3 +214,27 @@ def is_onnx_model(path) -> bool:
         return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
     except Exception:  # onnx raises protobuf's DecodeError, ValueError, OSError... for what is not a model
         return False
+
+
+def is_torchscript(path) -> bool:
+    """Whether the file at `path` is a TorchScript model (export's --torchscript copy): torch.jit.save's zip holds
+    a code/ folder; torch.save's (a checkpoint, the shipped .pt weights) does not."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def torch_file_problem(path) -> str | None:
+    """What a PyTorch file given where an ONNX model goes is, and what to give instead; None for other files."""
+    import zipfile
+
+    if is_torchscript(path):  # export's --torchscript copy: "export it first" (below) could not work
+        return f"model {path} is a TorchScript model (export's --torchscript copy), not an ONNX model: give the " \
+               ".onnx file exported with it"
+    if zipfile.is_zipfile(path):  # torch.save's zip: a run's .ckpt, the shipped .pt weights
+        return f"model {path} is a PyTorch checkpoint, not an ONNX model: export it first (make export CKPT={path})"
+    return None

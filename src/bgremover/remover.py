@@ -18,7 +18,6 @@ import hashlib
 import os
 import sys
 import warnings
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -275,10 +274,9 @@ class BackgroundRemover:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:
             return ort.InferenceSession(str(path), opts, providers=list(providers))
-        except Exception as err:  # a .pt/.ckpt (torch.save's zip, never ONNX's protobuf) said "INVALID_PROTOBUF"
-            raise ModelError(f"model {path} is a PyTorch checkpoint, not an ONNX model: export it first (make export "
-                             f"CKPT={path})" if zipfile.is_zipfile(path) else
-                             f"cannot load ONNX model {path}: {_first_line(err)}") from err
+        except Exception as err:  # a .pt/.ckpt or TorchScript file (a zip, never ONNX's protobuf): "INVALID_PROTOBUF"
+            raise ModelError(model_format.torch_file_problem(path)
+                             or f"cannot load ONNX model {path}: {_first_line(err)}") from err
 
     def _read_metadata(self, session, path: Path) -> dict[str, Any]:
         try:
