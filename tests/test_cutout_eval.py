@@ -457,3 +457,55 @@ def test_an_int8_copys_own_score_comes_with_its_own_frame_count(camvid, tmp_path
                                                                         "test_frames_of": 3}), threads=1)
     assert plain.test_frames == (3, 3) and "metadata test_mIoU 0.5000 on 3 frames" in ce.format_report(
         ce.evaluate(plain, ce.find_pairs(camvid, "test")), str(camvid), "test", 1)
+
+
+# ------------------------------------------------------------------------------------------------ mutation audit
+def test_binary_counts_tell_false_positives_from_false_negatives():
+    """(tp, fp, fn) in that order: a prediction of everything has fp, no fn (IoU alone cannot tell them apart)."""
+    gt = np.array([1, 0, 0, 0], bool)
+    assert ce.binary_counts(gt, np.ones(4, bool)) == (1, 3, 0)
+    assert ce.binary_counts(np.ones(4, bool), gt) == (1, 0, 3)
+
+
+def test_boundary_precision_and_recall_are_not_swapped():
+    """A 20x20 square found exactly plus a stray 4x4 blob far from it: every GT edge pixel is matched (recall 1),
+    of the 76 + 12 predicted edge pixels 76 are (precision 76/88); the report's rows say which is which."""
+    gt = np.zeros((60, 60), bool)
+    gt[10:30, 10:30] = True
+    pred = gt.copy()
+    pred[45:49, 45:49] = True
+    p, r, f = ce.boundary_f(gt, pred, tol=2)
+    assert (p, r) == (76 / 88, 1.0)
+    assert f == pytest.approx(2 * (76 / 88) / (76 / 88 + 1))
+    stats = ce.CutoutStats()
+    stats.update(pred.astype(np.float32), gt, np.ones_like(gt))
+    got = stats.summary()
+    assert (got["boundary_precision"], got["boundary_recall"]) == (76 / 88, 1.0)
+
+
+def test_alpha_mae_pools_pixels_not_images():
+    """MAE over the set's pixels, as documented: 10 pixels all wrong in one image and 30 right in another give
+    10/40 = 0.25, not the mean of the two images' MAEs (0.5)."""
+    stats = ce.CutoutStats()
+    stats.update(np.ones((2, 5), np.float32), np.zeros((2, 5), bool), np.ones((2, 5), bool))
+    stats.update(np.zeros((5, 6), np.float32), np.zeros((5, 6), bool), np.ones((5, 6), bool))
+    assert stats.summary()["mae"] == pytest.approx(0.25)
+
+
+def test_the_reports_precision_and_recall_rows_are_the_boundary_figures(model, camvid):
+    """b.png's boundary: precision 1, recall 32/42 (see test_evaluate_by_hand); a.png's 1, 1. The summary and the
+    printed table give precision 1 and recall (1 + 32/42) / 2 = 0.8810 under their own names."""
+    r = ce.evaluate(ce.load_remover(model, threads=1), ce.find_pairs(camvid, "test"))
+    assert r["cutout"]["boundary_precision"] == 1.0
+    assert r["cutout"]["boundary_recall"] == pytest.approx((1 + 32 / 42) / 2)
+    lines = ce.format_report(r, str(camvid), "test", 1).splitlines()
+    assert next(ln for ln in lines if ln.strip().startswith("precision")).split()[-1] == "1.0000"
+    assert next(ln for ln in lines if ln.strip().startswith("recall")).split()[-1] == "0.8810"
+
+
+def test_a_downscaled_inference_is_scored_over_every_labelled_pixel(model, camvid):
+    """--max-side below the images' size: the argmax is taken on logits brought back to the label's size, so the
+    confusion matrix counts all 1140 labelled pixels of the two frames (not a downscaled map's)."""
+    r = ce.evaluate(ce.load_remover(model, threads=1, max_side=10), ce.find_pairs(camvid, "test"))
+    assert r["max_side"] == 10
+    assert int(np.asarray(r["confusion_matrix"]).sum()) == 1140
