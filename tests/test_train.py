@@ -242,3 +242,53 @@ def test_soft_dice_loss_scores_the_foreground_overlap_and_skips_void():
     assert soft_dice_loss(-sure, target, [1], ignore_index=2).item() > 0.6  # every answer wrong
     half = torch.zeros(1, 2, 2, 2)  # P = 0.5 everywhere: Dice = (2·1 + 1) / (1.5 + 2 + 1)
     assert soft_dice_loss(half, target, [1], ignore_index=2).item() == pytest.approx(1 - 3 / 4.5)
+
+
+class _FixedLogits(torch.nn.Module):
+    """A 'net' that answers with given logits, so the module's metrics can be checked on a known prediction."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # the test stage looks at the parameters' dtype
+
+    def forward(self, x):
+        return self.logits + 0 * self.anchor
+
+
+def _module_scoring(pred: torch.Tensor):
+    from bgremover.lit import SegmentationModule
+
+    logits = 5.0 * torch.nn.functional.one_hot(pred, 4).permute(0, 3, 1, 2).float()
+    return SegmentationModule(net=_FixedLogits(logits), optimizer=None, class_names=("A", "B", "C", "D"),
+                              ignore_index=4, default_foreground=("B",), channels_last=False)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # no Trainer: _log_epoch's values are returned
+def test_the_modules_test_metrics_by_hand():
+    """One 2x4 frame, class D absent, one void pixel (4) the net calls A. Over the 7 labelled pixels: A tp 1 of
+    gt 3, pred 1 -> 1/3; B tp 3, gt 3, pred 4 -> 3/4; C tp 1, gt 1, pred 2 -> 1/2; D has no IoU (NaN) and stays out
+    of mIoU = (1/3 + 3/4 + 1/2) / 3 = 19/36; accuracy 5/7. Foreground B: IoU 3/4; alpha P(B) = e^5/(e^5+3) where B
+    is predicted, 1/(e^5+3) elsewhere: MAE (3(1 - hi) + hi + 3 lo) / 7."""
+    y = torch.tensor([[[0, 0, 1, 1], [2, 4, 1, 0]]]).repeat(2, 1, 1)  # a batch of the frame twice: ratios stay
+    pred = torch.tensor([[[0, 1, 1, 1], [2, 0, 1, 2]]]).repeat(2, 1, 1)
+    module = _module_scoring(pred)
+    module._step((torch.zeros(2, 3, 2, 4), y), "test", 0)
+    got = module._log_epoch("test")
+    assert got["test/mIoU"] == pytest.approx(19 / 36)
+    assert got["test/acc"] == pytest.approx(5 / 7)
+    assert got["test/frames"] == 2
+    per_class = module.test_class_iou.compute().tolist()
+    assert per_class[:3] == pytest.approx([1 / 3, 3 / 4, 1 / 2]) and math.isnan(per_class[3])
+    hi, lo = math.exp(5) / (math.exp(5) + 3), 1 / (math.exp(5) + 3)
+    assert got["test/fg_iou"] == pytest.approx(3 / 4)
+    assert got["test/alpha_mae"] == pytest.approx((3 * (1 - hi) + hi + 3 * lo) / 7, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_an_all_void_split_reports_nan_not_zero():
+    """No labelled pixel: mIoU and accuracy are undefined (NaN), not the 0.0 that reads as 'all wrong'."""
+    module = _module_scoring(torch.zeros(1, 2, 2, dtype=torch.long))
+    module._step((torch.zeros(1, 3, 2, 2), torch.full((1, 2, 2), 4)), "val", 0)
+    got = module._log_epoch("val")
+    assert math.isnan(got["val/mIoU"]) and math.isnan(got["val/acc"])
