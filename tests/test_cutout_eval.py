@@ -509,3 +509,10 @@ def test_a_downscaled_inference_is_scored_over_every_labelled_pixel(model, camvi
     r = ce.evaluate(ce.load_remover(model, threads=1, max_side=10), ce.find_pairs(camvid, "test"))
     assert r["max_side"] == 10
     assert int(np.asarray(r["confusion_matrix"]).sum()) == 1140
+
+
+def test_pixel_accuracy_of_no_labelled_pixel_is_undefined_not_zero():
+    """A split whose labels are all void: accuracy has nothing to count (NaN, 'n/a' in the report), where 0.0 would
+    read as every pixel wrong; as mIoU, and as the training module says."""
+    assert np.isnan(ce.pixel_accuracy(np.zeros((3, 3), np.int64)))
+    assert np.isnan(ce.mean_iou(np.zeros((3, 3), np.int64))[0])
