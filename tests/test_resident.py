@@ -194,10 +194,11 @@ def test_random_draws_keep_image_and_label_aligned():
 
 def test_brightness_contrast_is_albumentations_formula():
     img, lbl = _frame(8, 8, seed=4)
-    x, _ = _one(img, lbl, (8, 8), alpha=1.2, beta=-0.1)
+    x, y = _one(img, lbl, (8, 8), alpha=1.2, beta=-0.1)
     raw = (x[0] * STD_T.view(3, 1, 1) + MEAN_T.view(3, 1, 1)) * 255
     want = (img[0].permute(2, 0, 1).float() * 1.2 - 25.5).clamp(0, 255)
     torch.testing.assert_close(raw, want, atol=1e-3, rtol=0)
+    assert torch.equal(y[0], lbl[0].long())  # colour jitter is the image's alone: class indices are no colour
 
 
 # --- the datamodule -------------------------------------------------------------------------------------------
