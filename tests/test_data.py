@@ -417,3 +417,14 @@ def test_a_frames_own_seed_draws_its_flip_and_its_jitter_apart(tiny_camvid):
     assert 0.35 < flipped.mean() < 0.65 and 0.35 < jittered.mean() < 0.65
     assert 0.35 < (flipped == jittered).mean() < 0.65  # independent draws: as often alike as not
     assert torch.equal(ds[(0, 5)][0], ds[(0, 5)][0])  # and the same seed, the same draws
+
+
+def test_limit_images_takes_frames_spread_over_the_whole_split(tmp_path):
+    """data.limit_images (and `make eval-cutout --limit`) pick evenly spaced frames, so a small subset still spans
+    every CamVid video sequence: the first N frames would all be of the first sequence."""
+    from bgremover.data.camvid import CamVidDataset
+
+    root = write_camvid(tmp_path / "cv", {"train": 8}, size=(4, 4))
+    names = [p.name for p, _ in CamVidDataset(root, "train").pairs]
+    assert [p.name for p, _ in CamVidDataset(root, "train", limit=4).pairs] == names[0::2]
+    assert [p.name for p, _ in CamVidDataset(root, "train", limit=8).pairs] == names
