@@ -157,6 +157,18 @@ def test_a_model_trained_above_1024_px_infers_at_its_own_scale(tmp_path):
 
 
 
+def test_images_are_shrunk_by_area_averaging():
+    """resize_rgb, the one scaling rule of training (data=folder's image_size) and the predictor, averages each
+    output pixel's whole block of input pixels: a bilinear shrink gives softer images than the net learnt on."""
+    from bgremover.images import resize_rgb
+
+    rgb = np.random.default_rng(1).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    blocks = rgb.astype(np.float64).reshape(2, 4, 3, 4, 3).mean(axis=(1, 3))  # 4x4 blocks -> 2x3
+    got = resize_rgb(rgb, (3, 2))
+    assert got.shape == (2, 3, 3) and got.dtype == np.uint8
+    assert np.abs(got - blocks).max() <= 1  # the block mean, to Pillow's fixed-point rounding (bilinear: 14 off)
+
+
 def test_a_model_trained_at_one_scale_sees_its_images_scaled_as_in_training(tmp_path):
     """data=folder trains on images area-averaged down to image_size (and its test stage scores them so); the
     predictor shrank them bilinearly, which is softer: on CamVid test frames halved, 2-3 % of the pixels got another
