@@ -631,3 +631,17 @@ def test_an_exported_model_says_where_it_came_from_and_a_slim_copy_keeps_it(smal
     assert "trained: not recorded" in capsys.readouterr().out
     assert predict.main(["--info", "-m", str(tmp_path / "nope.onnx")]) == 1
     assert capsys.readouterr().err.strip() == f"bgremover-predict: error: model file not found: {tmp_path / 'nope.onnx'}"
+
+
+def test_the_trained_size_multiple_travels_into_the_model(tmp_path, capsys):
+    """A net trained with model.size_multiple=16 is scored on frames padded to 16; the predictor pads to what the
+    exported model records, so the checkpoint's value (not the default 32) must be the one written."""
+    from bgremover.remover import BackgroundRemover
+
+    info = {"bgremover": {**bgremover_info(TINY_CONFIG, "tiny"), "size_multiple": 16}}
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", extra=info)
+    out = tmp_path / "m.onnx"
+    assert main([f"ckpt={ckpt}", f"out={out}"]) == 0
+    assert read_metadata(out)["size_multiple"] == 16
+    padded, box = BackgroundRemover(out).prepare(np.zeros((40, 50, 3), np.uint8))
+    assert padded.shape == (1, 3, 48, 64) and box == (4, 7, 40, 50)  # 40 -> 48 (4 + 4), 50 -> 64 (7 + 7)
