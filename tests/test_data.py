@@ -428,3 +428,17 @@ def test_limit_images_takes_frames_spread_over_the_whole_split(tmp_path):
     names = [p.name for p, _ in CamVidDataset(root, "train").pairs]
     assert [p.name for p, _ in CamVidDataset(root, "train", limit=4).pairs] == names[0::2]
     assert [p.name for p, _ in CamVidDataset(root, "train", limit=8).pairs] == names
+
+
+def test_a_flip_mirrors_the_label_with_its_image():
+    """The train pipeline's horizontal flip moves each label with its pixel: a label derived from the image's own
+    values must still match the image after the flip (an image-only flip trains the net on mirrored classes)."""
+    from bgremover.data.camvid import build_transforms
+
+    image = np.random.default_rng(3).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    label = image[..., 0] % 12  # each pixel's class follows from its own red value
+    t = build_transforms(True, crop_size=None, hflip=1.0, pad_multiple=1, mean=(0, 0, 0), std=(1, 1, 1))
+    out = t(image=image, mask=label)
+    red = (out["image"][0] * 255).round().long()
+    assert torch.equal(red, torch.from_numpy(image[:, ::-1, 0].copy()).long())  # it was flipped
+    assert torch.equal(out["mask"].long(), red % 12)
