@@ -238,6 +238,10 @@ def test_soft_alpha_and_threshold(remover):
     assert np.abs(soft.astype(int) - round(255 * p)).max() <= 1 and 130 < soft[0, 0] < 150
     assert (alpha_of(remover.remove(img, threshold=0.5)) == 255).all()
     assert (alpha_of(remover.remove(img, threshold=0.6)) == 0).all()
+    # Pure red: Car logit 50, P(Car) = 1 in float32; --threshold keeps P >= T, as its help says, so T=1 keeps it
+    assert np.float32(1) / (np.float32(1) + np.exp(np.float32(-50))) == 1.0
+    img[..., 0] = 255
+    assert (alpha_of(remover.remove(img, threshold=1.0)) == 255).all()
     with pytest.raises(UsageError):
         remover.remove(img, threshold=1.5)
 
