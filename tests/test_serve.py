@@ -825,39 +825,48 @@ sys.exit(serve.main())
 """
 
 
-def test_sigterm_past_the_grace_period_answers_503_and_says_so():
-    """SIGTERM (systemd, docker stop) with a cut-out still running when the grace period ran out: its client's
-    connection was dropped (no answer at all) and nothing said so, where the README promises a JSON 503 to retry
-    on and one line with the count, as a second Ctrl-C gives. The process still ends by SIGTERM (a clean stop to
-    systemd, 143 in a shell)."""
+@contextlib.contextmanager
+def slow_server_busy(post):
+    """SLOW_SERVE (1 s grace period, 10 s cut-outs) with one cut-out running in its worker, `post(base)` sent from
+    a thread: yields (process, client thread); the process is killed on the way out if the test left it running."""
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "--port", "0", "--threads", "1", "--log-level",
                              "warning"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    got: dict = {}
     try:
         match = re.search(r"http://(127\.0\.0\.1:\d+)/", proc.stderr.readline())
         assert match
         base = f"http://{match.group(1)}"
         wait_healthy(base, proc=proc)
-        def post() -> None:
-            try:
-                got["r"] = post_raw(base, JPEG)
-            except OSError as err:  # what it got: the connection dropped, no answer
-                got["r"] = (None, {}, repr(err).encode())
-
-        client = threading.Thread(target=post)
+        client = threading.Thread(target=post, args=(base,))
         client.start()
         deadline = time.monotonic() + 20
         while json.loads(request(base, "GET", "/health")[2])["busy"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)  # past the upload: in the worker, inside the 10 s
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == -signal.SIGTERM
-        client.join(20)
-        stderr = proc.stderr.read()
+        yield proc, client
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_past_the_grace_period_answers_503_and_says_so():
+    """SIGTERM (systemd, docker stop) with a cut-out still running when the grace period ran out: its client's
+    connection was dropped (no answer at all) and nothing said so, where the README promises a JSON 503 to retry
+    on and one line with the count, as a second Ctrl-C gives. The process still ends by SIGTERM (a clean stop to
+    systemd, 143 in a shell)."""
+    got: dict = {}
+
+    def post(base: str) -> None:
+        try:
+            got["r"] = post_raw(base, JPEG)
+        except OSError as err:  # what it got: the connection dropped, no answer
+            got["r"] = (None, {}, repr(err).encode())
+
+    with slow_server_busy(post) as (proc, client):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == -signal.SIGTERM
+        client.join(20)
+        stderr = proc.stderr.read()
     status, headers, body = got["r"]
     assert status == 503 and headers.get("retry-after") == "1", (status, body)
     assert json.loads(body) == {"error": "the server was stopped before this cut-out finished; retry"}
@@ -870,30 +879,14 @@ def test_a_stop_that_cuts_a_cutout_short_ends_the_process_at_once():
     but the process waited for the cut-out still running on its worker (Python joins the pool's threads at exit),
     up to a large photo's seconds after the README's "stops it at once", and a further Ctrl-C in that wait printed
     a threading traceback. The cut-out here takes 10 s: the process must end well before it would finish."""
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "--port", "0", "--threads", "1", "--log-level",
-                             "warning"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     got: dict = {}
-    try:
-        match = re.search(r"http://(127\.0\.0\.1:\d+)/", proc.stderr.readline())
-        assert match
-        base = f"http://{match.group(1)}"
-        wait_healthy(base, proc=proc)
-        client = threading.Thread(target=lambda: got.setdefault("r", post_raw(base, JPEG)))
-        client.start()
-        deadline = time.monotonic() + 20
-        while json.loads(request(base, "GET", "/health")[2])["busy"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # past the upload: in the worker, inside the 10 s
+    with slow_server_busy(lambda base: got.setdefault("r", post_raw(base, JPEG))) as (proc, client):
         stopped = time.monotonic()
         proc.send_signal(signal.SIGINT)
         client.join(20)
         assert proc.wait(20) == 0
         took = time.monotonic() - stopped
         stderr = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert got["r"][0] == 503
     assert took < 6, f"the process took {took:.1f} s to end after the 503 (the cut-out's 10 s)"
     assert "bgremover-serve: stopped with 1 cut-out in progress, answered 503" in stderr, stderr
