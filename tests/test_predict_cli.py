@@ -981,3 +981,15 @@ def test_a_pytorch_checkpoint_as_model_says_export_it_first(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"bgremover-predict: error: cannot load ONNX model {tmp_path / 'notes.onnx'}: ")
     assert err.count("\n") == 1
+
+
+def test_an_image_given_as_the_model_is_named_as_one(tmp_path, capsys):
+    """`bgremover-predict -m photo.jpg` (the image where the model goes, or `make model-info MODEL=photo.jpg`) said
+    onnxruntime's "INVALID_PROTOBUF : ... Protobuf parsing failed", which says nothing of the mix-up."""
+    photo = save_png(tmp_path / "photo.png")
+    for argv in (["--info", "-m", str(photo)], [str(photo), "-m", str(photo)]):
+        assert main(argv) == 1
+        assert capsys.readouterr().err.strip() == (f"bgremover-predict: error: model {photo} is an image (PNG), not "
+                                                   "an ONNX model: -m/--model names the model; give the image as an "
+                                                   "input")
+    assert not (tmp_path / "photo.nobg.png").exists()

@@ -72,6 +72,15 @@ ImageInput = Image.Image | np.ndarray | str | os.PathLike | IO[bytes] | bytes | 
 # Image decoding: any Pillow mode -> (RGB uint8 HxWx3, alpha uint8 HxW or None)
 
 
+def image_format(path) -> str | None:
+    """The image format a file's header names ("JPEG", "PNG"), None for anything else: read, never decoded."""
+    try:
+        with Image.open(path) as img:
+            return img.format
+    except Exception:  # not an image (or unreadable): the caller's own error stands
+        return None
+
+
 def _first_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text[:200] or type(err).__name__

@@ -228,13 +228,19 @@ def is_torchscript(path) -> bool:
         return False
 
 
-def torch_file_problem(path) -> str | None:
-    """What a PyTorch file given where an ONNX model goes is, and what to give instead; None for other files."""
+def not_a_model_problem(path) -> str | None:
+    """What a file onnxruntime cannot load is instead (a PyTorch file, an image), and what to give instead; None
+    for other files: onnxruntime's own "INVALID_PROTOBUF" said nothing of the mix-up."""
     import zipfile
+
+    from bgremover.images import image_format
 
     if is_torchscript(path):  # export's --torchscript copy: "export it first" (below) could not work
         return f"model {path} is a TorchScript model (export's --torchscript copy), not an ONNX model: give the " \
                ".onnx file exported with it"
     if zipfile.is_zipfile(path):  # torch.save's zip: a run's .ckpt, the shipped .pt weights
         return f"model {path} is a PyTorch checkpoint, not an ONNX model: export it first (make export CKPT={path})"
+    if kind := image_format(path):  # `-m photo.jpg`, the image where the model goes
+        return f"model {path} is an image ({kind}), not an ONNX model: -m/--model names the model; give the image " \
+               "as an input"
     return None

@@ -275,7 +275,7 @@ class BackgroundRemover:
         try:
             return ort.InferenceSession(str(path), opts, providers=list(providers))
         except Exception as err:  # a .pt/.ckpt or TorchScript file (a zip, never ONNX's protobuf): "INVALID_PROTOBUF"
-            raise ModelError(model_format.torch_file_problem(path)
+            raise ModelError(model_format.not_a_model_problem(path)
                              or f"cannot load ONNX model {path}: {_first_line(err)}") from err
 
     def _read_metadata(self, session, path: Path) -> dict[str, Any]:
