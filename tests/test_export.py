@@ -589,7 +589,16 @@ def test_an_exported_model_says_where_it_came_from_and_a_slim_copy_keeps_it(smal
     train(compose_cfg(run, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=2", "seed=7",
                             "+experiment_name=provenance_test"]))
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["commit"] == __import__("bgremover.utils").utils.source_commit()
+    import subprocess
+
+    import bgremover
+
+    # the commit the code was at (the suite runs in a checkout: CI's fresh clone, a developer's): not a vacuous
+    # None == None where source_commit found nothing
+    head = subprocess.run(["git", "-C", str(Path(bgremover.__file__).parent), "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:
+        assert summary["commit"] in (head.stdout.strip(), head.stdout.strip() + "-dirty"), summary["commit"]
     best = Path(summary["best_ckpt"])
     out = tmp_path / "m.onnx"
     export_onnx(*load_checkpoint_net(best), out)

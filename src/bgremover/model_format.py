@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from bgremover.errors import one_line
+from bgremover.errors import count, one_line
 
 FORMAT = "bgremover-onnx"  # value of metadata["format"]; the predictor refuses anything else
 FORMAT_VERSION = 1  # bump when the metadata or the I/O contract changes incompatibly
@@ -133,8 +133,6 @@ def _at(meta: dict[str, Any], field: str) -> Any:
 def describe(meta: dict[str, Any], test: tuple[float | None, int | None, int | None]) -> list[str]:
     """A model's description, a line each (`bgremover-predict --info`): what it segments, how its input is made,
     its test score (`test`: mIoU, frames, of the split's: an int8 copy's own) and where its weights came from."""
-    from bgremover.errors import count, one_line
-
     k = len(meta["classes"])
     lines = [f"net: {meta.get('net', 'net')}, {int(meta.get('params') or 0) / 1e6:.2f} M parameters"
              + (", int8 (quantized)" if meta.get("quantization") else ", float"),
@@ -178,8 +176,6 @@ def describe(meta: dict[str, Any], test: tuple[float | None, int | None, int | N
 
 def _trained(trained: dict[str, Any]) -> str:
     """The `trained` record (checkpoint.provenance) as one line's text."""
-    from bgremover.errors import count
-
     said = [f"{key} {trained[key]}" for key in ("experiment", "run", "seed") if trained.get(key) is not None]
     if trained.get("data"):
         split = [trained["train_split"]] if trained.get("train_split") else []

@@ -274,7 +274,7 @@ class BackgroundRemover:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:
             return ort.InferenceSession(str(path), opts, providers=list(providers))
-        except Exception as err:  # a .pt/.ckpt or TorchScript file (a zip, never ONNX's protobuf): "INVALID_PROTOBUF"
+        except Exception as err:  # a .pt/.ckpt, TorchScript or image file said onnxruntime's "INVALID_PROTOBUF"
             raise ModelError(model_format.not_a_model_problem(path)
                              or f"cannot load ONNX model {path}: {_first_line(err)}") from err
 
