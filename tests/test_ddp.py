@@ -199,8 +199,8 @@ AUGMENT = {"batch_size": 1, "crop_size": (32, 32), "hflip": 0.5, "scale_jitter":
 
 
 def augmentation_case(rank: int, world: int, root: str) -> dict[int, torch.Tensor]:
-    """The first train batches this rank's loader gives in Lightning's DDP (its DistributedSampler swapped in),
-    with num_workers 0 and 1, on frames that are all one image: only the augmentation can tell them apart."""
+    """The first train batches this rank's loader gives in Lightning's DDP, with num_workers 0 and 1, on frames
+    that are all one image: only the augmentation can tell them apart."""
     from bgremover.data import CamVidDataModule
 
     seen = {}
@@ -372,26 +372,21 @@ def test_lightning_ddp_history_is_the_one_process_history(ranks, one_process) ->
             assert history[0][key] == pytest.approx(value, rel=1e-6, abs=1e-7), f"rank {r} {key}"
 
 
-def test_ddp_ranks_augment_with_draws_of_their_own(ranks, lightning_spec) -> None:
-    """Every rank's loader had the run's seed and one generator, so each rank cropped, flipped and jittered its
-    frames with the same draws as every other (Lightning's seed_everything(workers=True) mixes the rank in; the
-    datamodule's own worker seeding had taken its place). Now rank 0 draws from the run's seed, as a loader of plain
-    indices does (the DistributedSampler's; one process draws each frame from a seed of its own), the others anew."""
-    from torch.utils.data import DataLoader
-
+def test_ddp_ranks_train_the_frames_and_draws_of_one_process_between_them(ranks, lightning_spec) -> None:
+    """Lightning swapped the train sampler for its DistributedSampler, whose plain indices drew each rank's crops,
+    flips and jitter on from the dataset's seed (and began a resumed epoch over). Now each rank takes its stride of
+    the epoch one process draws, frames and augmentation seeds alike: rank 0 its batches 0 and 2, rank 1 its 1 and
+    3, with num_workers 0 and 1, and no two ranks draw alike."""
     from bgremover.data import CamVidDataModule
-    from bgremover.data.camvid import _seed_worker
 
     for workers in (0, 1):
         dm = CamVidDataModule(root=lightning_spec["one_frame_root"], num_workers=workers, **AUGMENT)
         dm.setup("fit")
-        plain = DataLoader(dm.datasets["train"], batch_size=1, sampler=[0, 0], num_workers=workers,
-                           worker_init_fn=_seed_worker if workers else None,
-                           generator=torch.Generator().manual_seed(AUGMENT["seed"]))
-        one = torch.stack([x for x, _ in plain])
+        one = torch.stack([x for x, _ in dm.train_dataloader()])  # one process, no trainer: epoch 0
         first, second = (r["augmentation"][workers] for r in ranks)
-        assert first.shape == second.shape == one.shape == (2, 1, 3, 32, 32)
-        assert torch.equal(first, one), f"num_workers={workers}: rank 0 no longer draws from the run's seed"
+        assert first.shape == second.shape == (2, 1, 3, 32, 32) and one.shape == (4, 1, 3, 32, 32)
+        assert torch.equal(first, one[0::2]), f"num_workers={workers}: rank 0 did not train one process's 0 and 2"
+        assert torch.equal(second, one[1::2]), f"num_workers={workers}: rank 1 did not train one process's 1 and 3"
         for k in range(2):
             assert not torch.equal(first[k], second[k]), f"num_workers={workers}: batch {k} drawn alike on both ranks"
 
@@ -545,27 +540,39 @@ class SigtermOnRank(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _ddp_run(args: list[str], root: Path, run: Path) -> subprocess.CompletedProcess:
+    from test_runs import TINY_RUN
+
+    env = {**os.environ, "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-m", "bgremover.train", *TINY_RUN, *CPU_DDP, "trainer.max_epochs=3", "test=false",
+         f"data.root={root}", f"hydra.run.dir={run}", *args],
+        capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("rank", [0, 1])
-def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step(tmp_path, rank) -> None:
+@pytest.mark.parametrize("rank, step, data", [(0, 4, "camvid"), (1, 3, "camvid_resident")])
+def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, rank, step, data) -> None:
     """Lightning's SIGTERM handler broadcasts from inside the handler, wherever the signal landed: its broadcast
     paired with another collective of the other rank (the next step's, a gradient all-reduce), so one rank stopped
     and the other waited on it (rank 1 alone: rank zero then failed on gloo's "Connection closed by peer" and named
     rank 1's interrupt as a crash). Now every rank stops where the same step ends, and the run says its interrupt
-    and its resume line once, exit 143, as one process does."""
-    from test_runs import TINY_RUN
+    and its resume line once, exit 143, as one process does.
 
+    And its last.ckpt is the step it stopped at (it was the last epoch's end: step 2, the steps after it lost), and
+    the printed resume line trains on to the weights and val history of the run left alone, bit for bit (they
+    differed in 80 of 92 tensors: Lightning's DistributedSampler began the epoch over, with augmentations drawn on
+    from the dataset's seed). Step 4 ends an epoch, with its validation due: the ranks stop before it (2 and 1 val
+    batches, which Lightning's per-val-batch check cut short on one rank only), and the resume validates first."""
     # 3 val frames: the ranks validate 2 and 1 batches (the unpadded sampler), so a collective per val batch hangs
     root = write_camvid(tmp_path / "CamVid", counts={"train": 8, "val": 3, "test": 2}, size=(32, 64))
-    run = tmp_path / "logs" / "run"
-    env = {**os.environ, "WANDB_MODE": "offline",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    path = [f"data={data}", "data.num_workers=0", "data.batch_size=2", "data.eval_batch_size=1",
+            "data.crop_size=[32,32]"] + (["data.cache=false"] if data == "camvid_resident" else [])
+    run, alone = tmp_path / "logs" / "run", tmp_path / "logs" / "alone"
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "bgremover.train", *TINY_RUN, *CPU_DDP, "trainer.max_epochs=50",
-         "callbacks.early_stopping.patience=50", "+callbacks.stop._target_=test_ddp.SigtermOnRank",
-         f"+callbacks.stop.rank={rank}", "+callbacks.stop.step=3", f"data.root={root}", f"hydra.run.dir={run}"],
-        capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    proc = _ddp_run([*path, "+callbacks.stop._target_=test_ddp.SigtermOnRank", f"+callbacks.stop.rank={rank}",
+                     f"+callbacks.stop.step={step}"], root, run)
     elapsed = time.monotonic() - start
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 143, proc.stderr[-3000:]
@@ -573,5 +580,22 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step(tmp_path, rank) ->
         proc.stderr[-3000:]
     assert "RankFailed" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["global_step"] in (3, 4), summary
+    assert summary["status"] == "interrupted" and summary["global_step"] == step, summary
     assert elapsed < 120, f"{elapsed:.0f} s: a rank waited on a collective the other never joined"
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step
+
+    import shlex
+
+    (args,) = [w.removeprefix("ARGS=") for w in shlex.split(errors[0].split("resume with: ")[1])
+               if w.startswith("ARGS=")]
+    resumed = _ddp_run(shlex.split(args), root, run)  # the printed line (its own data and stop settings)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _ddp_run(path, root, alone).returncode == 0
+    got, want = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+                 for r in (run, alone))
+    assert got["global_step"] == want["global_step"] == 6
+    differ = [k for k, v in want["state_dict"].items() if not torch.equal(got["state_dict"][k], v)]
+    assert not differ, f"{len(differ)} of {len(want['state_dict'])} tensors differ from the run left alone"
+    history = [json.loads((r / "summary.json").read_text())["history"] for r in (run, alone)]
+    assert history[0]["val/mIoU"] == history[1]["val/mIoU"] and len(history[1]["val/mIoU"]) == 3

@@ -333,12 +333,6 @@ def seed_of(*parts: int) -> int:
     return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """`seed` for DDP rank `rank`'s augmentations and worker seeds: itself on rank 0 (a single process draws as it
-    always did), one of its own on every other rank (three parts: never an epoch's seed_of(seed, epoch))."""
-    return seed_of(seed, rank, 0) if rank else seed
-
-
 def _seed_worker(worker_id: int) -> None:
     """A DataLoader worker's start (both datamodules): its own augmentation seed, and a process group of its own.
     `timeout`, Slurm's scancel and `kill -- -PGID` signal the training's whole group: a worker killed by that

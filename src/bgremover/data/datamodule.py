@@ -10,7 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, RandomSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
 from bgremover.data.camvid import (
     CamVidDataset,
@@ -19,7 +19,6 @@ from bgremover.data.camvid import (
     build_transforms,
     list_pairs,
     median_frequency_weights,
-    rank_seed,
     resolve_root,
     seed_of,
     train_splits,
@@ -37,15 +36,14 @@ class ResumableShuffle(RandomSampler):
     the augmentations had gone on across epochs in a run, and a resume, drawing from a seed, trained other crops,
     flips and jitters, at an epoch's end and inside one (and with num_workers > 0, whose workers each drew on from
     a seed of their own, others again). The epoch is read when iterating: Lightning builds the loader before the
-    checkpoint's epoch is restored. Lightning's DDP swaps a RandomSampler (this one too) for a DistributedSampler,
-    which follows the epoch by itself; its plain indices draw on from the dataset's seed. With
-    `trainer.reload_dataloaders_every_n_epochs`, each rebuilt loader draws its epoch's order.
+    checkpoint's epoch is restored. With `trainer.reload_dataloaders_every_n_epochs`, each rebuilt loader draws its
+    epoch's order.
 
-    `rank` (DDP's global rank): the DistributedSampler gives the ranks different frames, but every rank had this
-    generator and augmentation seed, so each cropped, flipped and jittered its frames with the very draws of the
-    others (Lightning's own worker seeding, seed_everything(workers=True), mixes the rank in; the datamodules'
-    _seed_worker takes its place). A rank other than 0 draws from seeds of its own (`rank_seed`); rank 0 from `seed`
-    itself, as a single process does.
+    Under DDP (`world` ranks) every rank draws the same epoch and takes its stride of it, each rank the same number
+    of frames (RankShuffle hands it to Lightning): together they train the frames and augmentations one process
+    trains in that epoch (less the last `len % world`), so rank r's draws are its own, and the same however often
+    the run is stopped and resumed. (Lightning had swapped the sampler for its DistributedSampler, whose plain
+    indices drew augmentations on from the dataset's seed, and which began a resumed epoch over.)
 
     Resumed inside an epoch (a Ctrl-C's or SIGTERM's last.ckpt), Lightning runs the rest of it from a loader that
     starts over: the epoch's first batches were trained again and its last frames never. The `done_of()` batches
@@ -53,22 +51,23 @@ class ResumableShuffle(RandomSampler):
     ShuffleState) brings back the generator as that epoch began it: a checkpoint written before the epochs were
     seeded each drew that epoch's order on from the ones before."""
 
-    def __init__(self, data_source, seed: int, epoch_of: Callable[[], int | None], rank: int = 0,
-                 batch_size: int = 1, resume: dict | None = None, done_of: Callable[[], int] = lambda: 0):
-        super().__init__(data_source, generator=torch.Generator().manual_seed(rank_seed(seed, rank)))
-        self.seed, self.epoch_of, self.rank, self._next_epoch = seed, epoch_of, rank, 0
+    def __init__(self, data_source, seed: int, epoch_of: Callable[[], int | None], batch_size: int = 1,
+                 resume: dict | None = None, done_of: Callable[[], int] = lambda: 0, rank: int = 0, world: int = 1):
+        super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
+        self.seed, self.epoch_of, self.rank, self.world, self._next_epoch = seed, epoch_of, rank, world, 0
         self.batch_size, self._resume, self._done_of = batch_size, resume, done_of
         self.epoch_began: tuple[int, torch.Tensor] | None = None  # the running epoch, and the generator as it began it
-        if rank and hasattr(data_source, "reseed"):  # DDP's plain indices: setup() seeded them with `seed` alone
-            data_source.reseed(rank_seed(seed, rank))
         self._seed_epoch(self._epoch())  # already here: the DataLoader draws its workers' base seed from it first
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world  # this rank's frames of an epoch
 
     def _epoch(self) -> int:
         epoch = self.epoch_of()
         return self._next_epoch if epoch is None else epoch
 
     def _seed_epoch(self, epoch: int) -> int:
-        fresh = rank_seed(seed_of(self.seed, epoch) if epoch else self.seed, self.rank)
+        fresh = seed_of(self.seed, epoch) if epoch else self.seed
         self.generator.manual_seed(fresh)
         return fresh
 
@@ -78,13 +77,30 @@ class ResumableShuffle(RandomSampler):
         resume, self._resume, skip = self._resume, None, 0
         if resume is not None and int(resume["epoch"]) == epoch:
             done = self._done_of() * self.batch_size
-            if 0 < done < self.num_samples:  # (all done: a validation-end checkpoint, whose epoch is over)
+            if 0 < done < len(self):  # (all done: a validation-end checkpoint, whose epoch is over)
                 self.generator.set_state(resume["generator"])
                 skip = done
         self.epoch_began = (epoch, self.generator.get_state())
         self._next_epoch = epoch + 1
-        seeded = ((i, seed_of(fresh, k, 2)) for k, i in enumerate(super().__iter__()))  # 2: never a rank_seed
-        return itertools.islice(seeded, skip, None)
+        seeded = ((i, seed_of(fresh, k, 2)) for k, i in enumerate(super().__iter__()))  # 2: never an epoch's seed
+        mine = itertools.islice(seeded, self.rank, len(self) * self.world, self.world)
+        return itertools.islice(mine, skip, None)
+
+
+class RankShuffle(DistributedSampler):
+    """A DDP rank's train sampler: ResumableShuffle's stride for this rank. A DistributedSampler so that Lightning
+    keeps it (it swaps any other sampler for its own); the epoch is ResumableShuffle's, read from the trainer."""
+
+    def __init__(self, shuffle: ResumableShuffle) -> None:
+        super().__init__(shuffle.data_source, num_replicas=shuffle.world, rank=shuffle.rank, shuffle=False,
+                         drop_last=True)
+        self.shuffle, self.generator = shuffle, shuffle.generator
+
+    def __iter__(self):
+        return iter(self.shuffle)
+
+    def __len__(self) -> int:
+        return len(self.shuffle)
 
 
 def batches_done(trainer) -> int:
@@ -115,12 +131,13 @@ class ShuffleState:
     _shuffle: ResumableShuffle | None = None
     _shuffle_resume: dict | None = None
 
-    def train_shuffle(self, dataset, seed: int, batch_size: int) -> ResumableShuffle:
+    def train_shuffle(self, dataset, seed: int, batch_size: int) -> ResumableShuffle | RankShuffle:
         # (every loader built gets the checkpoint's state: one rebuilt in the resumed epoch, reload_dataloaders_every_
         # n_epochs, goes on as the first would have; a later epoch's does not match it and draws as before)
-        self._shuffle = ResumableShuffle(dataset, seed, current_epoch(self), global_rank(self), batch_size,
-                                         self._shuffle_resume, lambda: batches_done(self.trainer))
-        return self._shuffle
+        rank, world = rank_and_world(self)
+        self._shuffle = ResumableShuffle(dataset, seed, current_epoch(self), batch_size, self._shuffle_resume,
+                                         lambda: batches_done(self.trainer), rank, world)
+        return RankShuffle(self._shuffle) if world > 1 else self._shuffle
 
     def state_dict(self) -> dict[str, Any]:
         began = self._shuffle.epoch_began if self._shuffle is not None else None
@@ -147,9 +164,10 @@ def current_epoch(dm: pl.LightningDataModule) -> Callable[[], int | None]:
     return epoch
 
 
-def global_rank(dm: pl.LightningDataModule) -> int:
-    """The DDP rank of the process `dm`'s trainer runs in: 0 in a single process, or without a trainer."""
-    return dm.trainer.global_rank if dm.trainer is not None else 0
+def rank_and_world(dm: pl.LightningDataModule) -> tuple[int, int]:
+    """The DDP rank of the process `dm`'s trainer runs in, and the number of ranks: (0, 1) in a single process, or
+    without a trainer."""
+    return (dm.trainer.global_rank, dm.trainer.world_size) if dm.trainer is not None else (0, 1)
 
 
 class CamVidDataModule(ShuffleState, pl.LightningDataModule):

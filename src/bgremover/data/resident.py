@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from bgremover.data.camvid import CamVidDataset, CamVidError, read_pair, seed_of
 from bgremover.data.classes import VOID
-from bgremover.data.datamodule import CamVidDataModule, batches_done
+from bgremover.data.datamodule import CamVidDataModule, batches_done, rank_and_world
 from bgremover.files import cache_dir
 
 CACHE_VERSION = 1  # bump when the cached array layout changes
@@ -134,18 +134,14 @@ class ResidentTrainLoader:
         self.dm, self.t = dm, tensors
         self._epochs_started = 0  # epoch counter when no trainer is attached
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.dm.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def __len__(self) -> int:
-        _, world = self._rank_world()
+        _, world = rank_and_world(self.dm)
         return (len(self.t["labels"]) * self.dm.hparams.epoch_repeats // world) // self.dm.hparams.batch_size
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """This rank's frame indices for `epoch`: its stride of one permutation shared by every rank. Drawn on
         the device: a host-to-device copy from pageable memory would wait for the GPU's queue to drain."""
-        rank, world = self._rank_world()
+        rank, world = rank_and_world(self.dm)
         labels = self.t["labels"]
         g = torch.Generator(device=labels.device).manual_seed(seed_of(self.dm.hparams.seed, epoch))
         perm = torch.cat([torch.randperm(len(labels), generator=g, device=labels.device)
@@ -154,7 +150,7 @@ class ResidentTrainLoader:
 
     def __iter__(self):
         hp, t = self.dm.hparams, self.t
-        rank, _ = self._rank_world()
+        rank, _ = rank_and_world(self.dm)
         trainer = self.dm.trainer
         epoch = trainer.current_epoch if trainer is not None else self._epochs_started
         self._epochs_started += 1
@@ -196,8 +192,7 @@ class ResidentEvalLoader:
         self.dm, self.t = dm, tensors
 
     def _indices(self) -> torch.Tensor:
-        trainer = self.dm.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = rank_and_world(self.dm)
         return torch.arange(len(self.t["labels"]), device=self.t["labels"].device)[rank::world]
 
     def __len__(self) -> int:

@@ -122,8 +122,12 @@ class LastCheckpoint(Checkpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._let_go_of_ctrl_c()
         interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
-        # one process only: a collective save while other ranks are being torn down could hang
-        if interrupted and not trainer.fast_dev_run and trainer.world_size == 1 and trainer.global_step > 0:
+        # one process, or DDP ranks that stopped together (a SIGTERM); not DDP's Ctrl-C, which stops each rank
+        # where it is: a collective save while other ranks are being torn down could hang
+        from bgremover.lit.ddp import stopped_together
+
+        together = trainer.world_size == 1 or (isinstance(exception, SIGTERMException) and stopped_together(trainer))
+        if interrupted and not trainer.fast_dev_run and together and trainer.global_step > 0:
             self._validate_again = _inside_a_validation(trainer)
             self._validate_next = _before_its_validation(trainer, self._validated_after)
             try:

@@ -149,12 +149,14 @@ class StopTogether(Callback):
     the others training into a collective it never joined: rank zero failed on gloo's "Connection closed by peer"
     and named the interrupt a crash, and a SIGTERM landing in a collective could hang every rank. Here the handler
     only notes the signal (and stops rank zero's child ranks, as Lightning's does); the ranks then agree at each
-    training step's end and each validation's, all of them in the same collective, and Lightning stops them all
-    there. One process: Lightning's.
+    training step's end and each validation's, all of them in the same collective, and stop there together, in
+    one state, which LastCheckpoint then saves as it saves one process's interrupt (the run had stopped with no
+    checkpoint of the steps since the last epoch's end). One process: Lightning's.
     """
 
     def __init__(self) -> None:
         self._came = False
+        self.agreed = False  # every rank stopped at the same step (or validation) end
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._take_over(trainer)
@@ -189,7 +191,13 @@ class StopTogether(Callback):
         handler.signal_handlers = [came if h == notifier else h for h in handler.signal_handlers]
 
     def on_train_batch_end(self, trainer, *_) -> None:
-        self._agree(trainer)
+        if self._agree(trainer):
+            # Stopped here, where the first Ctrl-C stops one process (this callback comes after the others): not
+            # in a validation due after this batch, which the ranks run in uneven batch counts and Lightning's
+            # per-val-batch check would cut short on some of them, out of step for the checkpoint's collective
+            from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException
 
     # After a whole validation, not after each of its batches: the unpadded eval sampler gives ranks different
     # batch counts (3 frames on 2 ranks: 2 and 1), and a per-batch collective waited for a batch never run. A test
@@ -197,15 +205,24 @@ class StopTogether(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         self._agree(trainer)
 
-    def _agree(self, trainer) -> None:
+    def _agree(self, trainer) -> bool:
+        """Whether the ranks stop here (all of them: each learns it in the same collective)."""
         if trainer.world_size < 2 or trainer.received_sigterm:
-            return
+            return False
         import torch
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            return
+            return False
         came = torch.tensor([int(self._came)], device=trainer.strategy.root_device)
         dist.all_reduce(came, op=dist.ReduceOp.MAX)  # every rank is here, after the same step or validation
         if came.item():
-            trainer._signal_connector.received_sigterm = True  # Lightning's own checks stop every rank now
+            trainer._signal_connector.received_sigterm = True  # after a validation: Lightning's checks stop them
+            self.agreed = True
+        return self.agreed
+
+
+def stopped_together(trainer) -> bool:
+    """Whether StopTogether stopped this DDP run's ranks in one place: a collective (the interrupt's checkpoint)
+    finds every rank there."""
+    return any(isinstance(c, StopTogether) and c.agreed for c in trainer.callbacks)
