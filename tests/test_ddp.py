@@ -526,18 +526,22 @@ def test_a_bad_frame_on_one_ddp_rank_is_one_error_line_naming_it(tmp_path, strat
 
 
 
-class SigtermOnRank(pl.Callback):
-    """Sends SIGTERM to this process when it is rank `rank` and training has taken `step` steps: one rank gets
-    it alone (a scheduler stopping one task, `kill` of one pid), at a point of its own in the step."""
+class SignalOnRank(pl.Callback):
+    """At training step `step`: SIGTERM from rank `rank` to itself alone (a scheduler stopping one task, `kill` of
+    one pid), at a point of its own in the step; or, with `ctrl_c`, SIGINT from rank 0 to the run's process group,
+    as a terminal's Ctrl-C reaches every rank, each wherever it is."""
 
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step = rank, step
+    def __init__(self, rank: int, step: int, ctrl_c: bool = False) -> None:
+        self.rank, self.step, self.ctrl_c = rank, step, ctrl_c
 
     def on_train_batch_end(self, trainer, *_) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             import signal
 
-            os.kill(os.getpid(), signal.SIGTERM)
+            if self.ctrl_c:
+                os.killpg(os.getpgrp(), signal.SIGINT)
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _ddp_run(args: list[str], root: Path, run: Path) -> subprocess.CompletedProcess:
@@ -545,38 +549,61 @@ def _ddp_run(args: list[str], root: Path, run: Path) -> subprocess.CompletedProc
 
     env = {**os.environ, "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
+    return subprocess.run(  # a session of its own: the process group a Ctrl-C reaches is the run's
         [sys.executable, "-m", "bgremover.train", *TINY_RUN, *CPU_DDP, "trainer.max_epochs=3", "test=false",
          f"data.root={root}", f"hydra.run.dir={run}", *args],
-        capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+        capture_output=True, text=True, timeout=240, cwd=REPO, env=env, start_new_session=True)
+
+
+def _data_path(data: str) -> list[str]:
+    return [f"data={data}", "data.num_workers=0", "data.batch_size=2", "data.eval_batch_size=1",
+            "data.crop_size=[32,32]"] + (["data.cache=false"] if data == "camvid_resident" else [])
+
+
+@pytest.fixture(scope="module")
+def left_alone(tmp_path_factory):
+    """A tiny CamVid whose 3 val frames the ranks validate in 2 and 1 batches (the unpadded sampler, so a
+    collective per val batch hangs), and a 2-rank run of 3 epochs on it left alone, per data path."""
+    tmp = tmp_path_factory.mktemp("alone")
+    root = write_camvid(tmp / "CamVid", counts={"train": 8, "val": 3, "test": 2}, size=(32, 64))
+    runs: dict[str, Path] = {}
+
+    def run(data: str) -> Path:
+        if data not in runs:
+            runs[data] = tmp / data
+            proc = _ddp_run(_data_path(data), root, runs[data])
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        return runs[data]
+
+    return root, run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank, step, data", [(0, 4, "camvid"), (1, 3, "camvid_resident")])
-def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, rank, step, data) -> None:
+@pytest.mark.parametrize("sig, rank, step, data", [("SIGTERM", 0, 4, "camvid"), ("SIGTERM", 1, 3, "camvid_resident"),
+                                                   ("SIGINT", 0, 3, "camvid")])
+def test_a_signal_to_ddp_ranks_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, left_alone, sig, rank,
+                                                                              step, data) -> None:
     """Lightning's SIGTERM handler broadcasts from inside the handler, wherever the signal landed: its broadcast
     paired with another collective of the other rank (the next step's, a gradient all-reduce), so one rank stopped
     and the other waited on it (rank 1 alone: rank zero then failed on gloo's "Connection closed by peer" and named
-    rank 1's interrupt as a crash). Now every rank stops where the same step ends, and the run says its interrupt
-    and its resume line once, exit 143, as one process does.
+    rank 1's interrupt as a crash). A terminal's Ctrl-C stopped each rank wherever it was. Now every rank stops
+    where the same step ends, and the run says its interrupt and its resume line once, exit 143 (130), as one
+    process does.
 
     And its last.ckpt is the step it stopped at (it was the last epoch's end: step 2, the steps after it lost), and
     the printed resume line trains on to the weights and val history of the run left alone, bit for bit (they
     differed in 80 of 92 tensors: Lightning's DistributedSampler began the epoch over, with augmentations drawn on
     from the dataset's seed). Step 4 ends an epoch, with its validation due: the ranks stop before it (2 and 1 val
     batches, which Lightning's per-val-batch check cut short on one rank only), and the resume validates first."""
-    # 3 val frames: the ranks validate 2 and 1 batches (the unpadded sampler), so a collective per val batch hangs
-    root = write_camvid(tmp_path / "CamVid", counts={"train": 8, "val": 3, "test": 2}, size=(32, 64))
-    path = [f"data={data}", "data.num_workers=0", "data.batch_size=2", "data.eval_batch_size=1",
-            "data.crop_size=[32,32]"] + (["data.cache=false"] if data == "camvid_resident" else [])
-    run, alone = tmp_path / "logs" / "run", tmp_path / "logs" / "alone"
+    root, alone = left_alone
+    run = tmp_path / "run"
     start = time.monotonic()
-    proc = _ddp_run([*path, "+callbacks.stop._target_=test_ddp.SigtermOnRank", f"+callbacks.stop.rank={rank}",
-                     f"+callbacks.stop.step={step}"], root, run)
+    proc = _ddp_run([*_data_path(data), "+callbacks.stop._target_=test_ddp.SignalOnRank", f"+callbacks.stop.rank={rank}",
+                     f"+callbacks.stop.step={step}", f"+callbacks.stop.ctrl_c={sig == 'SIGINT'}"], root, run)
     elapsed = time.monotonic() - start
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert proc.returncode == 143, proc.stderr[-3000:]
-    assert len(errors) == 1 and "interrupted by SIGTERM at epoch" in errors[0] and "resume with" in errors[0], \
+    assert proc.returncode == {"SIGTERM": 143, "SIGINT": 130}[sig], proc.stderr[-3000:]
+    assert len(errors) == 1 and f"interrupted by {sig} at epoch" in errors[0] and "resume with" in errors[0], \
         proc.stderr[-3000:]
     assert "RankFailed" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -591,11 +618,10 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_one_step_and_resumes_exactl
                if w.startswith("ARGS=")]
     resumed = _ddp_run(shlex.split(args), root, run)  # the printed line (its own data and stop settings)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _ddp_run(path, root, alone).returncode == 0
     got, want = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-                 for r in (run, alone))
+                 for r in (run, alone(data)))
     assert got["global_step"] == want["global_step"] == 6
     differ = [k for k, v in want["state_dict"].items() if not torch.equal(got["state_dict"][k], v)]
     assert not differ, f"{len(differ)} of {len(want['state_dict'])} tensors differ from the run left alone"
-    history = [json.loads((r / "summary.json").read_text())["history"] for r in (run, alone)]
+    history = [json.loads((r / "summary.json").read_text())["history"] for r in (run, alone(data))]
     assert history[0]["val/mIoU"] == history[1]["val/mIoU"] and len(history[1]["val/mIoU"]) == 3

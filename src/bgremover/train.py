@@ -206,8 +206,10 @@ def _fit(cfg: DictConfig, trainer, model, datamodule) -> None:
     except (KeyboardInterrupt, SystemExit) as exc:
         if trainer.state.status != TrainerStatus.INTERRUPTED:
             raise
-        signum = signal.SIGTERM if trainer.received_sigterm else signal.SIGINT
+        from bgremover.lit.ddp import stopped_together
         from bgremover.lit.summary import RunSummary, last_checkpoint
+
+        signum = stopped_together(trainer) or (signal.SIGTERM if trainer.received_sigterm else signal.SIGINT)
 
         stop = RunInterrupted(signum, last_checkpoint(trainer), trainer.current_epoch, trainer.global_step)
         # the summary's wall_time_s: training time, counted as the resume will count on (not the process time)

@@ -141,7 +141,7 @@ def _exception_type(name: str) -> type | None:
 
 
 class StopTogether(Callback):
-    """SIGTERM under DDP: every rank stops where the same training step (or validation) ends.
+    """SIGTERM (or Ctrl-C, in a fit) under DDP: every rank stops where the same training step (or validation) ends.
 
     Lightning's handler broadcasts from rank zero inside the handler, wherever the signal landed; the broadcast
     paired with whatever collective another rank was in (its next step's broadcast, a gradient all-reduce), so a
@@ -152,11 +152,16 @@ class StopTogether(Callback):
     training step's end and each validation's, all of them in the same collective, and stop there together, in
     one state, which LastCheckpoint then saves as it saves one process's interrupt (the run had stopped with no
     checkpoint of the steps since the last epoch's end). One process: Lightning's.
+
+    The first Ctrl-C of a fit, which a terminal sends to every rank, stopped each where it was (a KeyboardInterrupt
+    mid-step or mid-collective), with no checkpoint: it is noted and agreed on the same way, as the first Ctrl-C
+    stops one process where its step ends (LastCheckpoint); a second stops at once.
     """
 
     def __init__(self) -> None:
-        self._came = False
-        self.agreed = False  # every rank stopped at the same step (or validation) end
+        self._came = 0  # the signal this rank got (SIGTERM or SIGINT), 0 for none
+        self.signum = 0  # the one every rank stopped for (SIGTERM if any rank got it): the run's exit says it
+        self._ctrl_c_before, self._ctrl_c_came = None, False  # the SIGINT handler while this one holds it (a fit)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._take_over(trainer)
@@ -166,6 +171,11 @@ class StopTogether(Callback):
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._take_over(trainer)
+
+    @property
+    def agreed(self) -> bool:
+        """Every rank stopped at the same step (or validation) end."""
+        return bool(self.signum)
 
     def _take_over(self, trainer) -> None:
         import signal
@@ -183,12 +193,49 @@ class StopTogether(Callback):
 
         def came(signum, frame) -> None:
             log.info("rank %d: SIGTERM: stopping where this step ends, with the other ranks", trainer.global_rank)
-            if not self._came and trainer.strategy.launcher is not None:
+            if self._came != signal.SIGTERM and trainer.strategy.launcher is not None:
                 trainer.strategy.launcher.kill(signum)  # rank zero's child ranks (strategy=ddp), as Lightning does
-            self._came = True
+            self._came = signal.SIGTERM
 
         # Lightning's other SIGTERM handlers (SLURM's requeue, one set before the fit) stay as they were
         handler.signal_handlers = [came if h == notifier else h for h in handler.signal_handlers]
+
+    def _hold_ctrl_c(self, trainer) -> None:
+        """In a fit, on every rank: only Python's own handler (a program's is its business), in the main thread."""
+        import signal
+        import sys
+        import threading
+
+        if trainer.world_size < 2 or threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return
+
+        def ctrl_c(signum, frame) -> None:
+            if self._ctrl_c_came:  # the second: at once
+                self._let_go_of_ctrl_c()
+                raise KeyboardInterrupt
+            self._ctrl_c_came, self._came = True, self._came or signal.SIGINT  # (a SIGTERM's stop stays one)
+            if trainer.is_global_zero:
+                print("Ctrl-C: stopping where this step ends, with the other ranks, to save it whole (Ctrl-C again "
+                      "to stop at once)", file=sys.stderr, flush=True)
+
+        self._ctrl_c_before = signal.signal(signal.SIGINT, ctrl_c)
+
+    def _let_go_of_ctrl_c(self) -> None:
+        import signal
+
+        if self._ctrl_c_before is not None:
+            signal.signal(signal.SIGINT, self._ctrl_c_before)
+            self._ctrl_c_before = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._hold_ctrl_c(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._let_go_of_ctrl_c()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._let_go_of_ctrl_c()
 
     def on_train_batch_end(self, trainer, *_) -> None:
         if self._agree(trainer):
@@ -217,12 +264,14 @@ class StopTogether(Callback):
         came = torch.tensor([int(self._came)], device=trainer.strategy.root_device)
         dist.all_reduce(came, op=dist.ReduceOp.MAX)  # every rank is here, after the same step or validation
         if came.item():
-            trainer._signal_connector.received_sigterm = True  # after a validation: Lightning's checks stop them
-            self.agreed = True
+            # after a validation, Lightning's own checks stop them (SIGTERM's flag, for a Ctrl-C too: `signum`)
+            trainer._signal_connector.received_sigterm = True
+            self.signum = int(came.item())
+            self._let_go_of_ctrl_c()
         return self.agreed
 
 
-def stopped_together(trainer) -> bool:
-    """Whether StopTogether stopped this DDP run's ranks in one place: a collective (the interrupt's checkpoint)
-    finds every rank there."""
-    return any(isinstance(c, StopTogether) and c.agreed for c in trainer.callbacks)
+def stopped_together(trainer) -> int:
+    """The signal StopTogether stopped this DDP run's ranks for, in one place (0: it did not): a collective (the
+    interrupt's checkpoint) finds every rank there."""
+    return next((c.signum for c in trainer.callbacks if isinstance(c, StopTogether) and c.agreed), 0)
