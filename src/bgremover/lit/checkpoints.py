@@ -30,6 +30,35 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 log = logging.getLogger("bgremover.train")
 
 
+class CtrlC:
+    """SIGINT held while a fit trains: the first Ctrl-C is noted (`came`) and `message` said, for the fit to stop
+    where its step ends; a second raises KeyboardInterrupt at once. Only Python's own handler is replaced (a
+    program's is its business), and only in the main thread (only it may set handlers)."""
+
+    def __init__(self) -> None:
+        self.came, self._before = False, None
+
+    def hold(self, message: str | None) -> None:
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return
+
+        def came(signum, frame) -> None:
+            if self.came:  # the second: at once
+                self.let_go()
+                raise KeyboardInterrupt
+            self.came = True
+            if message:
+                print(message, file=sys.stderr, flush=True)
+
+        self._before, self.came = signal.signal(signal.SIGINT, came), False
+
+    def let_go(self) -> None:
+        if self._before is not None:
+            signal.signal(signal.SIGINT, self._before)
+            self._before = None
+
+
 class LastCheckpoint(Checkpoint):
     """`<dirpath>/last.ckpt` always holds the newest training state: every epoch, and the step a run was stopped at.
 
@@ -63,36 +92,23 @@ class LastCheckpoint(Checkpoint):
     # Ctrl-C raises KeyboardInterrupt wherever training is, mostly inside a step: its forward had moved the
     # BatchNorm running statistics (on a CPU its optimizer may have updated some weights and not others), which
     # last.ckpt kept and the resume's run of that step moved again. The first Ctrl-C now stops the fit where a step
-    # or a validation batch ends; a second stops it at once, as before.
-    _ctrl_c_before: Any = None  # the SIGINT handler while this one holds it
-    _ctrl_c_came = False
+    # or a validation batch ends; a second stops it at once, as before. (DDP: lit/ddp.StopTogether's, agreed on by
+    # every rank; each rank stopping at its own step's end could wait on the others.)
+    _ctrl_c: CtrlC | None = None
 
     def _hold_ctrl_c(self, trainer: pl.Trainer) -> None:
-        # one process, in the main thread (only it may set handlers), and only Python's own handler: a program's is
-        # its business, and DDP's ranks each stopping at their own step's end could wait on each other
-        if trainer.world_size != 1 or threading.current_thread() is not threading.main_thread() \
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return
-
-        def came(signum, frame) -> None:
-            if self._ctrl_c_came:  # the second: at once
-                self._let_go_of_ctrl_c()
-                raise KeyboardInterrupt
-            self._ctrl_c_came = True
-            print("Ctrl-C: stopping where this step ends, to save it whole (Ctrl-C again to stop at once)",
-                  file=sys.stderr, flush=True)
-
-        self._ctrl_c_before, self._ctrl_c_came = signal.signal(signal.SIGINT, came), False
+        if trainer.world_size == 1:
+            self._ctrl_c = CtrlC()
+            self._ctrl_c.hold("Ctrl-C: stopping where this step ends, to save it whole (Ctrl-C again to stop at once)")
 
     def _let_go_of_ctrl_c(self) -> None:
-        if self._ctrl_c_before is not None:
-            signal.signal(signal.SIGINT, self._ctrl_c_before)
-            self._ctrl_c_before = None
+        if self._ctrl_c is not None:
+            self._ctrl_c.let_go()
 
     def _stop_if_ctrl_c_came(self) -> None:
-        if self._ctrl_c_came:
-            self._ctrl_c_came = False
-            self._let_go_of_ctrl_c()
+        if self._ctrl_c is not None and self._ctrl_c.came:
+            self._ctrl_c.let_go()
+            self._ctrl_c = None
             raise KeyboardInterrupt
 
     def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:

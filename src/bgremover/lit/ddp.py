@@ -22,6 +22,7 @@ import traceback
 from pytorch_lightning.callbacks import Callback
 
 from bgremover.errors import Interrupted, RankFailed, UserError
+from bgremover.lit.checkpoints import CtrlC
 
 log = logging.getLogger("bgremover.train")
 
@@ -159,9 +160,9 @@ class StopTogether(Callback):
     """
 
     def __init__(self) -> None:
-        self._came = 0  # the signal this rank got (SIGTERM or SIGINT), 0 for none
-        self.signum = 0  # the one every rank stopped for (SIGTERM if any rank got it): the run's exit says it
-        self._ctrl_c_before, self._ctrl_c_came = None, False  # the SIGINT handler while this one holds it (a fit)
+        self._sigterm = False  # this rank got SIGTERM
+        self._ctrl_c = CtrlC()  # or Ctrl-C, in a fit
+        self.signum = 0  # the signal every rank stopped for (SIGTERM if any rank got it): the run's exit says it
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._take_over(trainer)
@@ -193,49 +194,23 @@ class StopTogether(Callback):
 
         def came(signum, frame) -> None:
             log.info("rank %d: SIGTERM: stopping where this step ends, with the other ranks", trainer.global_rank)
-            if self._came != signal.SIGTERM and trainer.strategy.launcher is not None:
+            if not self._sigterm and trainer.strategy.launcher is not None:
                 trainer.strategy.launcher.kill(signum)  # rank zero's child ranks (strategy=ddp), as Lightning does
-            self._came = signal.SIGTERM
+            self._sigterm = True
 
         # Lightning's other SIGTERM handlers (SLURM's requeue, one set before the fit) stay as they were
         handler.signal_handlers = [came if h == notifier else h for h in handler.signal_handlers]
 
-    def _hold_ctrl_c(self, trainer) -> None:
-        """In a fit, on every rank: only Python's own handler (a program's is its business), in the main thread."""
-        import signal
-        import sys
-        import threading
-
-        if trainer.world_size < 2 or threading.current_thread() is not threading.main_thread() \
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return
-
-        def ctrl_c(signum, frame) -> None:
-            if self._ctrl_c_came:  # the second: at once
-                self._let_go_of_ctrl_c()
-                raise KeyboardInterrupt
-            self._ctrl_c_came, self._came = True, self._came or signal.SIGINT  # (a SIGTERM's stop stays one)
-            if trainer.is_global_zero:
-                print("Ctrl-C: stopping where this step ends, with the other ranks, to save it whole (Ctrl-C again "
-                      "to stop at once)", file=sys.stderr, flush=True)
-
-        self._ctrl_c_before = signal.signal(signal.SIGINT, ctrl_c)
-
-    def _let_go_of_ctrl_c(self) -> None:
-        import signal
-
-        if self._ctrl_c_before is not None:
-            signal.signal(signal.SIGINT, self._ctrl_c_before)
-            self._ctrl_c_before = None
-
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._hold_ctrl_c(trainer)
+        if trainer.world_size > 1:
+            self._ctrl_c.hold("Ctrl-C: stopping where this step ends, with the other ranks, to save it whole (Ctrl-C "
+                              "again to stop at once)" if trainer.is_global_zero else None)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._let_go_of_ctrl_c()
+        self._ctrl_c.let_go()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._let_go_of_ctrl_c()
+        self._ctrl_c.let_go()
 
     def on_train_batch_end(self, trainer, *_) -> None:
         if self._agree(trainer):
@@ -261,13 +236,16 @@ class StopTogether(Callback):
 
         if not (dist.is_available() and dist.is_initialized()):
             return False
-        came = torch.tensor([int(self._came)], device=trainer.strategy.root_device)
+        import signal
+
+        mine = signal.SIGTERM if self._sigterm else signal.SIGINT if self._ctrl_c.came else 0
+        came = torch.tensor([int(mine)], device=trainer.strategy.root_device)
         dist.all_reduce(came, op=dist.ReduceOp.MAX)  # every rank is here, after the same step or validation
         if came.item():
             # after a validation, Lightning's own checks stop them (SIGTERM's flag, for a Ctrl-C too: `signum`)
             trainer._signal_connector.received_sigterm = True
             self.signum = int(came.item())
-            self._let_go_of_ctrl_c()
+            self._ctrl_c.let_go()
         return self.agreed
 
 
