@@ -437,6 +437,14 @@ def test_rembg_output_names_and_misplaced_commands(model, tmp_path, capsys, monk
     assert "--threads must be >= 0 (0 = the default), got -1" in capsys.readouterr().err
     assert main(["i", "-m", str(tmp_path), str(src), "d.png"]) == 1  # said "model file not found" of a folder
     assert f"model {tmp_path} is a folder, not an ONNX file" in capsys.readouterr().err
+    # said "model file not found" of a path that is there, and onnxruntime's "No graph was found in the protobuf"
+    # of an empty file (a copy or download cut short)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for there, said in (("/dev/null", "model /dev/null is not a regular file, not an ONNX file"),
+                        (str(tmp_path / "empty.onnx"), f"model {tmp_path / 'empty.onnx'} is empty (0 bytes), not an "
+                                                        "ONNX model: copy or export it again")):
+        assert main(["i", "-m", there, str(src), "d.png"]) == 1 and not (tmp_path / "d.png").exists()
+        assert error_lines(capsys.readouterr().err) == [f"bgremover-predict: error: {said}"]
 
 
 def test_rembg_i_reads_stdin_and_s_is_the_server(model, tmp_path):

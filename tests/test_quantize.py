@@ -153,6 +153,7 @@ def test_gate_failure_writes_nothing(tmp_path, data, monkeypatch):
         (["--eval-limit", "0"], 2, "--eval-limit must be >= 1"),
         (["--threads", "-1"], 2, "--threads must be >= 0"),
         (["--model", "nope.onnx"], 1, "model file not found: nope.onnx"),
+        (["--model", "/dev/null"], 1, "model /dev/null is not a regular file, not an ONNX file"),  # "not found"
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, args, code, message, capsys):

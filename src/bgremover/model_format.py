@@ -224,13 +224,31 @@ def is_torchscript(path) -> bool:
         return False
 
 
+def missing_model_problem(path) -> str | None:
+    """What stands where a model file is named and is no file (absent, a folder, a device or pipe), in the
+    predictor's and quantize's words; None for a regular file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return f"model {path} is a folder, not an ONNX file"
+    if path.exists():  # /dev/null, a pipe: "not found" of a path that is there misled
+        return f"model {path} is not a regular file, not an ONNX file"
+    return f"model file not found: {path}"
+
+
 def not_a_model_problem(path) -> str | None:
     """What a file onnxruntime cannot load is instead (a PyTorch file, an image), and what to give instead; None
     for other files: onnxruntime's own "INVALID_PROTOBUF" said nothing of the mix-up."""
+    import os
     import zipfile
 
     from bgremover.images import image_format
 
+    if os.path.getsize(path) == 0:  # an interrupted copy or download: onnxruntime said "No graph was found"
+        return f"model {path} is empty (0 bytes), not an ONNX model: copy or export it again"
     if is_torchscript(path):  # export's --torchscript copy: "export it first" (below) could not work
         return f"model {path} is a TorchScript model (export's --torchscript copy), not an ONNX model: give the " \
                ".onnx file exported with it"

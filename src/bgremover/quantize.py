@@ -279,9 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else int8_path(model)
     data_root = resolve_root(args.data_root)
     try:
-        if not model.is_file():  # remover's and cutout_eval's words
-            raise ModelError(f"model {model} is a folder, not an ONNX file" if model.is_dir()
-                             else f"model file not found: {model}")
+        if problem := model_format.missing_model_problem(model):  # the predictor's words
+            raise ModelError(problem)
         errors.check_writable(args.out or out, "--out")  # before the calibration and two scorings, not after
         if out.is_file() and not model_format.is_onnx_model(out):  # a mistyped --out (the .pt weights, notes.txt)
             raise QuantizeError(f"--out {out} exists and is not an ONNX model: not replacing it (move it, or give "

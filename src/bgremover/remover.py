@@ -251,12 +251,10 @@ class BackgroundRemover:
                     f"no model found at {path}: train and export one (make export CKPT=...), "
                     f"or pass --model / set {MODEL_ENV}"
                 )
-            if path.is_dir():
-                raise ModelError(f"model {path} is a folder, not an ONNX file")
             # `-m u2net`, `-m isnet-general-use`: rembg's model names, typed from habit, read as file names
             hint = (" (rembg's model names are no models here: give an exported .onnx file, or leave -m out for "
-                    "the shipped model)" if not path.suffix and path.name == str(path) else "")
-            raise ModelError(f"model file not found: {path}{hint}")
+                    "the shipped model)" if not path.suffix and path.name == str(path) and not path.exists() else "")
+            raise ModelError(model_format.missing_model_problem(path) + hint)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
