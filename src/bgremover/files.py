@@ -1,5 +1,6 @@
 """Writing a file so that no reader ever sees half of it: the one way every output is written (models,
-checkpoints, summaries, reports, cut-outs). Standard library only: the predictor imports it without torch."""
+checkpoints, summaries, reports, cut-outs), and the signal holders that keep a write, or a training step being
+saved, whole. Standard library only: the predictor imports it without torch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 import signal
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -124,3 +126,32 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+
+
+class CtrlC:
+    """SIGINT held while a fit trains: the first Ctrl-C is noted (`came`) and `message` said, for the fit to stop
+    where its step ends; a second raises KeyboardInterrupt at once. Only Python's own handler is replaced (a
+    program's is its business), and only in the main thread (only it may set handlers)."""
+
+    def __init__(self) -> None:
+        self.came, self._before = False, None
+
+    def hold(self, message: str | None) -> None:
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return
+
+        def came(signum, frame) -> None:
+            if self.came:  # the second: at once
+                self.let_go()
+                raise KeyboardInterrupt
+            self.came = True
+            if message:
+                print(message, file=sys.stderr, flush=True)
+
+        self._before, self.came = signal.signal(signal.SIGINT, came), False
+
+    def let_go(self) -> None:
+        if self._before is not None:
+            signal.signal(signal.SIGINT, self._before)
+            self._before = None

@@ -14,9 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +24,9 @@ from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from bgremover.files import CtrlC
+
 log = logging.getLogger("bgremover.train")
-
-
-class CtrlC:
-    """SIGINT held while a fit trains: the first Ctrl-C is noted (`came`) and `message` said, for the fit to stop
-    where its step ends; a second raises KeyboardInterrupt at once. Only Python's own handler is replaced (a
-    program's is its business), and only in the main thread (only it may set handlers)."""
-
-    def __init__(self) -> None:
-        self.came, self._before = False, None
-
-    def hold(self, message: str | None) -> None:
-        if threading.current_thread() is not threading.main_thread() \
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return
-
-        def came(signum, frame) -> None:
-            if self.came:  # the second: at once
-                self.let_go()
-                raise KeyboardInterrupt
-            self.came = True
-            if message:
-                print(message, file=sys.stderr, flush=True)
-
-        self._before, self.came = signal.signal(signal.SIGINT, came), False
-
-    def let_go(self) -> None:
-        if self._before is not None:
-            signal.signal(signal.SIGINT, self._before)
-            self._before = None
 
 
 class LastCheckpoint(Checkpoint):

@@ -22,7 +22,7 @@ import traceback
 from pytorch_lightning.callbacks import Callback
 
 from bgremover.errors import Interrupted, RankFailed, UserError
-from bgremover.lit.checkpoints import CtrlC
+from bgremover.files import CtrlC
 
 log = logging.getLogger("bgremover.train")
 
