@@ -163,6 +163,55 @@ def test_an_int8_copy_there_alone_is_compared_with(trained, data, tmp_path):
     assert proc.returncode == 0 and sorted(p.name for p in models.iterdir()) == sorted(NAMES)
 
 
+def scored_ship(trained, data, models, candidate_float, candidate_int8, shipped_scores, monkeypatch, frames=None,
+                **kw) -> None:
+    """ship.ship with the scores given: the candidate's float and int8 ones (from quantize) and the shipped model's
+    (from _score, the number of frames it is given appended to `frames`); the export and the install are real."""
+    from bgremover import quantize
+
+    frames = [] if frames is None else frames
+    monkeypatch.setattr(quantize, "quantize", lambda *a, **k: {"eval": {"float": candidate_float,
+                                                                        "int8": candidate_int8}})
+    monkeypatch.setattr(ship, "_score", lambda model, pairs, *a: frames.append(len(pairs)) or shipped_scores)
+    ship.ship(trained, models, data, log=lambda *a: None, **kw)
+
+
+def _s(miou: float, fg: float = 0.7, bf: float = 0.5, mae: float = 0.02) -> dict:
+    return {"mIoU": miou, "fg_iou": fg, "boundary_f": bf, "mae": mae, "ms_per_image": 1.0}
+
+
+def test_a_shipped_int8_copy_alone_is_beaten_only_by_the_candidates_int8_copy(trained, data, tmp_path, monkeypatch):
+    """The int8 copy there alone is what the predictor loads: the like to compare with is the candidate's int8 copy
+    (the float model scores a little higher). A candidate whose float model beats it and whose int8 copy does not is
+    refused, naming the int8 numbers."""
+    from bgremover import export
+
+    models = tmp_path / "models"
+    models.mkdir()
+    net, meta = export.load_checkpoint_net(trained)
+    export.export_onnx(net, meta, models / NAMES[1])  # the shipped copy: only its metadata is read, the score is given
+    before = listing(models)
+    with pytest.raises(ship.ShipError, match=r"does not beat .*\(mIoU 49\.00 vs 50\.00\)"):
+        scored_ship(trained, data, models, _s(0.52, 0.75), _s(0.49, 0.75), _s(0.50), monkeypatch)
+    assert listing(models) == before
+
+
+def test_a_trial_on_part_of_the_test_split_scores_the_shipped_model_on_the_same_frames(trained, data, tmp_path,
+                                                                                       monkeypatch):
+    """--eval-limit 2 (of the 3 test frames): the candidate is scored on 2 frames, so the shipped model must be too,
+    or the table's two rows (and the gate) compare scores of different frames."""
+    from bgremover import export
+
+    models = tmp_path / "models"
+    models.mkdir()
+    net, meta = export.load_checkpoint_net(trained)
+    export.export_onnx(net, meta, models / NAMES[0])
+    frames = []
+    with pytest.raises(ship.ShipError, match="scored on 2 of 3 test frames"):  # a trial installs nothing
+        scored_ship(trained, data, models, _s(0.6, 0.8), _s(0.6, 0.8), _s(0.5), monkeypatch, frames, eval_limit=2)
+    assert frames == [2]
+
+
 def test_models_of_other_classes_are_refused_before_anything_is_built(trained, data, tmp_path):
     """A shipped model of other classes than CamVid's was refused only after the candidate's export and quantization,
     as "model classes ... are not CamVid's" (which model?), even with --force. Now up front and naming it; --force
