@@ -55,6 +55,25 @@ def test_multiscale_passes_are_multiples_of_the_net_size_and_come_back_at_full_s
     assert tta.describe() == {"scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True, "passes": 12}
 
 
+def test_scaled_sizes_round_to_the_nearest_multiple_and_never_below_one():
+    """32×160 at 0.25 is 8×40: 0.25 and 1.25 multiples round to 0 and 1, but the net needs at least one (32×32); at
+    0.75 it is 24×120: 0.75 and 3.75 multiples round up to 1 and 4 (32×128), not down to 0 and 3."""
+    net = _Recorder()
+    out = TTA(scales=[0.25, 0.75], flip=False)(net, torch.randn(1, 3, 32, 160), multiple=32)
+    assert net.sizes == [(32, 32), (32, 128)] and out.shape == (1, 3, 32, 160)
+
+
+def test_a_scaled_copy_is_resized_bilinearly_about_pixel_centres_both_ways():
+    """A net that returns its input: one row 0, 4, 8, 16 at scale 0.5 is 2, 12 (the mean of each pair of pixels,
+    as half-pixel-centred bilinear resizing gives), and back at full size 2, 4.5, 9.5, 12 (edge pixels clamped).
+    Nearest neighbour would give 0, 8 at half size; corner-aligned resizing 0, 16."""
+    row = torch.tensor([0.0, 4.0, 8.0, 16.0])
+    x = torch.stack([row, torch.zeros(4)]).view(1, 2, 1, 4)  # two "classes": the row's values against 0
+    got = TTA(scales=[0.5], flip=False)(lambda t: t, x, multiple=1)
+    want = torch.stack([torch.tensor([2.0, 4.5, 9.5, 12.0]), torch.zeros(4)]).view(1, 2, 1, 4).log_softmax(1)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("scales", [[], [0.0], [-1.0], [float("nan")]])
 def test_bad_scales_are_a_user_error(scales):
     with pytest.raises(UserError, match="tta.scales must be positive"):
