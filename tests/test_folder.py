@@ -287,6 +287,26 @@ def test_voc_car_only_masks_and_gray_saved_indices(tmp_path):
         fd.scan(root)
 
 
+def test_zero_one_masks_with_255_borders_are_refused_unless_255_is_void(tmp_path):
+    """0/1 masks with 255 along each object's top edge (VOC's aeroplane, index 1, saved as gray levels; or 0/1 masks
+    whose 255s mark unknown pixels) were read by the 0/255 rule: the edges alone trained as foreground, the objects
+    as background, without a word. Refused like {0, 15, 255}, naming data.void_value=255, which reads them right."""
+    root = write_folder(tmp_path / "d", n=4, value=1)
+    for path in sorted((root / "masks").iterdir()):
+        mask = np.asarray(Image.open(path)).copy()
+        ys, xs = np.nonzero(mask)
+        mask[ys.min(), xs.min():xs.max() + 1] = 255
+        Image.fromarray(mask).save(path)
+    with pytest.raises(fd.FolderDataError, match=r"im0.png holds 0, 1, 255: class indices saved as gray levels .*; a "
+                                                 r"0/1 mask whose 255s mark unknown pixels trains with data.void_value=255$"):
+        fd.scan(root)
+    folder = fd.scan(root, void_value=255)
+    raw = np.asarray(Image.open(root / "masks" / "im0.png"))
+    label = fd.read_mask(root / "masks" / "im0.png", folder.labels)
+    assert (raw == 1).sum() > 10 * (raw == 255).sum() > 0
+    assert ((label == 1) == (raw == 1)).all() and ((label == 2) == (raw == 255)).all()
+
+
 def test_void_value_255_takes_the_foreground_of_0_255_masks_and_is_refused_there(tmp_path):
     """Allowed for VOC's borders, void_value=255 would make a 0/255 mask's foreground void (its soft edges left as
     the only foreground); 0/1 masks with 255 as unknown keep it."""

@@ -251,10 +251,12 @@ def _gray_palette(im: Image.Image) -> bool:
 
 
 def _class_indices(values: np.ndarray) -> bool:
-    """Gray levels that are class indices with VOC's 255 borders ({0, 15, 255}): small values, mostly not 255."""
+    """Gray levels that are class indices with VOC's 255 borders ({0, 15, 255}): small values, mostly not 255.
+    1 counts too: {0, 1, 255} (VOC's aeroplane, or a 0/1 mask whose 255s mark unknown pixels) trained with its
+    border alone as foreground; an anti-aliased 0/255 mask's few 1s are outnumbered by its 255s."""
     counts = np.bincount(values.ravel(), minlength=256)
     present = np.flatnonzero(counts)
-    low = present[(present >= 2) & (present <= 30)]
+    low = present[(present >= 1) & (present <= 30)]
     only_small = bool(np.all((present <= 30) | (present == 255)))
     return only_small and low.size > 0 and counts[low].sum() > counts[255]
 
@@ -395,9 +397,12 @@ def scan(root: str | os.PathLike, void_value: int | None = None) -> Folder:
                 continue
             gray, top = True, int(values.max(initial=0))
             if top == 255 and _class_indices(values):  # the 0/255 rule would make its borders the foreground
-                raise FolderDataError(f"{mask} holds {', '.join(map(str, np.unique(values)[:6]))}: class indices "
+                held = np.unique(values)
+                unknown = ("; a 0/1 mask whose 255s mark unknown pixels trains with data.void_value=255"
+                           if set(held.tolist()) <= {0, 1, 255} else "")
+                raise FolderDataError(f"{mask} holds {', '.join(map(str, held[:6]))}: class indices "
                                       "saved as gray levels (foreground > 127 would be its 255s alone); save them with "
-                                      "their palette, or list the classes in a classes.txt beside images/")
+                                      f"their palette, or list the classes in a classes.txt beside images/{unknown}")
             if labels.void_value == 255 and top > 1:  # the void would take a 0/255 mask's foreground, edges left
                 raise FolderDataError(f"data.void_value=255 is the foreground of 0/255 masks such as {mask}: mark "
                                       "unknown pixels with another value (e.g. 128)")
