@@ -64,6 +64,8 @@ def test_binary_masks_255_01_antialiased_and_void(tmp_path):
     p = tmp_path / "m.png"
     assert fd.Labels(fd.BINARY_CLASSES, True).to_label(np.array([[0, 255, 200, 100]], np.uint8), p).tolist() == [[0, 1, 1, 0]]
     assert fd.Labels(fd.BINARY_CLASSES, True).to_label(np.array([[0, 1, 1, 0]], np.uint8), p).tolist() == [[0, 1, 1, 0]]
+    # "values > 127 are foreground" (README): a soft edge's 127 is background, its 128 foreground
+    assert fd.Labels(fd.BINARY_CLASSES, True).to_label(np.array([[0, 127, 128, 255]], np.uint8), p).tolist() == [[0, 0, 1, 1]]
     # a 0/1 mask with void pixels is still a 0/1 mask: the void value does not make it look like 0/255
     assert labels.to_label(np.array([[0, 1, 128, 0]], np.uint8), p).tolist() == [[0, 1, 2, 0]]
     assert labels.to_label(np.array([[0, 255, 128, 0]], np.uint8), p).tolist() == [[0, 1, 2, 0]]
@@ -91,7 +93,7 @@ def _rewrite_masks(root: Path, how) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", ["cutout", "black_alpha", "gray_palette_inverted", "voc_palette", "la_cutout",
-                                  "coloured_rgb", "instance_colours"])
+                                  "coloured_rgb", "instance_colours", "opaque_rgba"])
 def test_masks_are_read_as_they_look(tmp_path, kind):
     """A rembg cut-out as the mask gave labels from its colours (IoU 0.002 with its alpha); a palette mask whose
     index 0 is white came out inverted; a black image with the mask in its alpha was refused as having no
@@ -110,6 +112,8 @@ def test_masks_are_read_as_they_look(tmp_path, kind):
             return Image.fromarray(colour, "RGB")
         if kind == "cutout":
             return Image.fromarray(np.dstack([rgb, mask]), "RGBA")
+        if kind == "opaque_rgba":  # a black/white mask an editor saved with an alpha channel, opaque everywhere
+            return Image.fromarray(np.dstack([mask, mask, mask, np.full_like(mask, 255)]), "RGBA")
         if kind == "black_alpha":
             return Image.fromarray(np.dstack([np.zeros_like(rgb), mask]), "RGBA")
         if kind == "la_cutout":
@@ -445,6 +449,19 @@ def test_classes_txt_indexed_masks_and_foreground(tmp_path):
     assert set(np.unique(label)) == {0, 2}
 
 
+def test_a_label_one_past_the_class_list_is_refused_not_read_as_void(tmp_path):
+    """With 3 classes the void index is 3: a mask holding 3 (a fourth class the list forgot) must be refused like
+    any value beyond the list, not silently left out of loss and metrics; and data.void_value=2, the last class's
+    index, is refused as for any class."""
+    write_folder(tmp_path / "d", value=3)
+    (tmp_path / "d" / "classes.txt").write_text("background\ncat\ndog\n")
+    with pytest.raises(fd.FolderDataError, match=r"label beyond the class list: .*im0.png contains 3, but classes.txt "
+                                                 r"lists 3 classes \(0-2\)"):
+        fd.scan(tmp_path / "d")
+    with pytest.raises(fd.FolderDataError, match=r"data.void_value=2 is the index of class 'dog'"):
+        fd.read_labels(tmp_path / "d", void_value=2)
+
+
 def test_classes_txt_gives_the_net_its_outputs_and_foreground(tmp_path):
     from bgremover.train import build
 
@@ -472,6 +489,27 @@ def test_seeded_split_is_reproducible_disjoint_and_reusable(tmp_path):
     fd.write_split(path, fd.split_document(f, a, fd.DEFAULT_FRACTIONS, 3))
     reused = fd.splits(f, seed=99, split_file=path)  # the file wins over the seed
     assert {s: [i.stem for i, _ in reused[s]] for s in fd.SPLITS} == stems
+
+
+def test_split_sizes_are_the_shares_rounded_to_the_nearest_image():
+    """12 images at 0.6/0.3/0.1 are 7.2/3.6/1.2: 7 train, 4 val, 1 test. 6 at equal shares are 2/2/2 (train keeps
+    its 2); 5 at equal shares would leave train 1, so val and test take one each."""
+    stems = [f"s{i:02d}" for i in range(12)]
+    drawn = fd.draw_split(stems, (0.6, 0.3, 0.1), seed=0)
+    assert [len(drawn[s]) for s in fd.SPLITS] == [7, 4, 1]
+    assert sorted(drawn["train"] + drawn["val"] + drawn["test"]) == stems  # each image once
+    assert [len(fd.draw_split(stems[:6], (1, 1, 1), seed=0)[s]) for s in fd.SPLITS] == [2, 2, 2]
+    assert [len(fd.draw_split(stems[:5], (1, 1, 1), seed=0)[s]) for s in fd.SPLITS] == [3, 1, 1]
+
+
+def test_train_keeps_its_only_image_with_foreground():
+    """val and test are given an image with foreground from train while train keeps one: with one alone there, the
+    draw stays as it was (the val check then says so before training)."""
+    stems = ["a", "b", "c", "d"]
+    plain = fd.draw_split(stems, fd.DEFAULT_FRACTIONS, seed=0)
+    kept = plain["train"][0]
+    drawn = fd.draw_split(stems, fd.DEFAULT_FRACTIONS, seed=0, empty=set(stems) - {kept})
+    assert drawn == plain and kept in drawn["train"]
 
 
 def test_a_split_file_that_cannot_be_written_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -546,6 +584,17 @@ def test_fixed_splits_are_used_as_they_are(tmp_path):
     chosen = fd.splits(f, seed=0)
     assert f.fixed and [len(chosen[s]) for s in fd.SPLITS] == [4, 2, 3]
     assert all(img.parent.parent.name == s for s in fd.SPLITS for img, _ in chosen[s])
+
+
+def test_images_are_scaled_by_their_long_side_and_masks_by_nearest_neighbour():
+    """data.image_size=48 on a 47x100 image: the long side (100) becomes 48, the short one 47*0.48 = 22.56 -> 23
+    (portrait too); null keeps the size. A mask scaled up keeps its values (nearest): 0 beside 2 (void) never
+    becomes a 1, a class the mask did not hold."""
+    assert fd.resized_shape(47, 100, 48) == (23, 48) and fd.resized_shape(100, 47, 48) == (48, 23)
+    assert fd.resized_shape(47, 100, None) == (47, 100)
+    label = np.array([[0, 2], [2, 0]], np.uint8)
+    image, scaled = fd.resize_pair(np.zeros((2, 2, 3), np.uint8), label, (4, 4))
+    assert image.shape == (4, 4, 3) and (scaled == np.kron(label, np.ones((2, 2), np.uint8))).all()
 
 
 def test_same_file_name_in_two_splits_keeps_each_its_size(tmp_path):
@@ -1323,6 +1372,19 @@ def test_make_remover_takes_any_folder_name(tmp_path, monkeypatch, name):
     argv = [config.path_override(a) for a in seen[1][3:]]
     parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv)}
     assert parsed["ckpt_path"] == str(last)
+
+
+def test_a_split_file_without_a_split_or_naming_a_missing_image_is_one_line(tmp_path):
+    """A split.json without its "test" list, or naming an image the folder no longer holds, is a FolderDataError
+    that names the file (a KeyError traceback otherwise)."""
+    f = fd.scan(write_folder(tmp_path / "d", n=6))
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": ["im0", "im1", "im2", "im3"], "val": ["im4"]}))
+    with pytest.raises(fd.FolderDataError, match=r"not a split file \(JSON with train/val/test lists"):
+        fd.splits(f, split_file=path)
+    path.write_text(json.dumps({"train": ["im0", "im1", "im2", "im3"], "val": ["im4"], "test": ["gone"]}))
+    with pytest.raises(fd.FolderDataError, match=rf"^{path} names 'gone' \(test\), which is not in .*d/images$"):
+        fd.splits(f, split_file=path)
 
 
 def test_a_split_file_that_is_not_there_is_said_so(tmp_path):
