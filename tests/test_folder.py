@@ -597,6 +597,74 @@ def test_images_are_scaled_by_their_long_side_and_masks_by_nearest_neighbour():
     assert image.shape == (4, 4, 3) and (scaled == np.kron(label, np.ones((2, 2), np.uint8))).all()
 
 
+def _fixed_folder(root: Path, masks: dict[str, list[np.ndarray]]) -> Path:
+    """root/{split}/images + masks: one noise image per mask given, named i0, i1, ..."""
+    rng = np.random.default_rng(0)
+    for split, split_masks in masks.items():
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True)
+        for i, mask in enumerate(split_masks):
+            Image.fromarray(rng.integers(0, 256, (*mask.shape, 3), dtype=np.uint8)).save(root / split / "images" / f"i{i}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"i{i}.png")
+    return root
+
+
+def test_folder_loaders_flip_train_only_scale_val_and_trim_train_only(tmp_path):
+    """Masks whose left quarter is foreground, hflip=1 (every train image mirrored), image_size=28: a val image is
+    not mirrored, is scaled to 20x28 (40x56 by its long side) and padded to 32x32 (6 rows above, 2 columns left),
+    so its foreground is columns 2-8 of rows 6-25. limit_images=2 trims train (one batch of 2, not dropped as
+    short of batch_size 8: that left no step at all) and never val/test; limit_eval_images trims those."""
+    from bgremover.data.folder_datamodule import FolderDataModule
+
+    left = np.zeros((40, 56), np.uint8)
+    left[:, :14] = 255
+    root = _fixed_folder(tmp_path / "d", {"train": [left] * 3, "val": [left] * 3, "test": [left] * 2})
+    kw = {"batch_size": 8, "num_workers": 0, "image_size": 28, "crop_size": None, "hflip": 1.0, "split_out": None}
+    dm = FolderDataModule(str(root), limit_images=2, **kw)
+    dm.setup("fit")
+    assert [len(dm.datasets[s]) for s in ("train", "val")] == [2, 3] and len(dm.train_dataloader()) == 1
+    _, y = next(iter(dm.val_dataloader()))
+    want = torch.zeros(32, 32, dtype=torch.long)
+    want[:6], want[26:], want[:, :2], want[:, 30:] = 2, 2, 2, 2  # void padding
+    want[6:26, 2:9] = 1
+    assert torch.equal(y[0], want)
+    _, y = next(iter(dm.train_dataloader()))
+    assert (y[:, 6:26, 23:30] == 1).all() and (y[:, 6:26, 2:23] == 0).all()  # train is mirrored
+    trimmed = FolderDataModule(str(root), limit_eval_images=1, **kw)
+    trimmed.setup("fit")
+    trimmed.setup("test")
+    assert [len(trimmed.datasets[s]) for s in fd.SPLITS] == [3, 1, 1]
+
+
+def test_folder_val_images_of_different_sizes_are_evaluated_one_at_a_time(tmp_path):
+    """data.eval_batch_size=4 with val images that pad to 32x64 and 64x32: they cannot be stacked (a collate error
+    at the first validation), so they come one per batch, each whole."""
+    from bgremover.data.folder_datamodule import FolderDataModule
+
+    wide, tall = np.full((20, 50), 255, np.uint8), np.full((50, 20), 255, np.uint8)
+    root = _fixed_folder(tmp_path / "d", {"train": [wide, wide], "val": [wide, tall], "test": [wide]})
+    dm = FolderDataModule(str(root), image_size=None, eval_batch_size=4, num_workers=0, split_out=None)
+    assert sorted(tuple(y.shape) for _, y in dm.val_dataloader()) == [(1, 32, 64), (1, 64, 32)]
+
+
+def test_folder_class_weights_are_median_frequency_over_the_train_masks_void_left_out(tmp_path):
+    """data.class_weights=median_freq by hand. Train: mask a has a 4x4 foreground block and a void row (8 px) in
+    8x8, mask b is background. Background: 40 + 64 px over 56 + 64 non-void px of the images holding it = 104/120;
+    foreground 16/56. Median of two = their mean; weight = median / freq: 0.6648 and 2.0167. The val mask (all
+    foreground) is not counted."""
+    from bgremover.data.folder_datamodule import FolderDataModule
+
+    a = np.zeros((8, 8), np.uint8)
+    a[2:6, 2:6] = 255
+    a[7] = 128
+    b = np.zeros((8, 8), np.uint8)
+    root = _fixed_folder(tmp_path / "d", {"train": [a, b], "val": [np.full((8, 8), 255, np.uint8)], "test": [a]})
+    dm = FolderDataModule(str(root), void_value=128, class_weights="median_freq", num_workers=0, split_out=None)
+    bg, fg = 104 / 120, 16 / 56
+    median = (bg + fg) / 2
+    assert dm.class_weights().tolist() == pytest.approx([median / bg, median / fg], abs=1e-4)
+
+
 def test_same_file_name_in_two_splits_keeps_each_its_size(tmp_path):
     from bgremover.data.folder_datamodule import FolderDataModule
 
