@@ -1038,13 +1038,14 @@ def test_a_second_ctrl_c_while_the_training_stops_is_no_traceback(folder, tmp_pa
 
 
 @pytest.mark.parametrize("summary", [{"status": "interrupted", "best_ckpt": "B"}, {"status": "ok", "last_ckpt": "L"},
-                                     None])
+                                     {"status": "ok", "best_ckpt": "B", "last_ckpt": "L"},
+                                     {"status": "failed", "best_ckpt": "B"}, None])
 def test_ctrl_c_during_the_training_passes_on_its_exit_unless_it_finished(folder, tmp_path, monkeypatch, capsys,
                                                                            summary):
     """A Ctrl-C that stopped the training itself (summary "interrupted": it printed its own resume line) must not
-    be taken for a finished training and told to export; a finished run without a best checkpoint (validation
-    off) finishes from last_ckpt; and a training that exited 0 without any summary is still an interruption (130),
-    never make remover's success."""
+    be taken for a finished training and told to export, nor must a failed one; a finished run finishes from its
+    best checkpoint, or last_ckpt without one (validation off); and a training that exited 0 without any summary
+    is still an interruption (130), never make remover's success."""
     from bgremover import train_remover
 
     run = tmp_path / "run"
@@ -1066,13 +1067,79 @@ def test_ctrl_c_during_the_training_passes_on_its_exit_unless_it_finished(folder
     monkeypatch.setattr(subprocess, "Popen", Stopped)
     rc = train_remover.main([str(folder), "--run-dir", str(run)])
     err = capsys.readouterr().err.strip().splitlines()[1:]
-    if summary is None:
+    if summary is None or summary["status"] == "failed":
         assert rc == 130 and err == []
     elif summary["status"] == "interrupted":
         assert rc == 254 and err == []  # the training's own resume line is what the user reads
     else:
+        best = run / ("B" if "best_ckpt" in summary else "L")
         assert rc == 130 and err == [f"error: interrupted after training finished; finish with: "
-                                     f"{train_remover.finish_command(run, folder.resolve(), str(run / 'L'))}"]
+                                     f"{train_remover.finish_command(run, folder.resolve(), str(best))}"]
+
+
+def test_make_remover_exports_the_best_epoch_and_reports_its_held_out_test_scores(folder, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """After the training: the best checkpoint is exported (not the last), the images scored are the split's
+    test images (not val), and the report prints those scores (an undefined one as n/a) and the best val
+    foreground IoU of the history, skipping its NaN epochs. The training, export and scoring are stand-ins."""
+    from bgremover import export, train_remover
+
+    run, data = tmp_path / "run", folder.resolve()
+    found = fd.scan(data)
+    split = fd.splits(found, seed=0)
+    fd.write_split(run / "split.json", fd.split_document(found, split, fd.DEFAULT_FRACTIONS, 0))
+
+    class Trained:
+        def __init__(self, *args, **kwargs):
+            (run / "summary.json").write_text(json.dumps({
+                "status": "ok", "best_ckpt": str(run / "best.ckpt"), "last_ckpt": str(run / "last.ckpt"),
+                "net": "deeplabv3plus", "epochs": 4, "global_step": 8, "wall_time_s": 12,
+                "history": {"val/fg_iou": [float("nan"), 0.2, 0.6, 0.4]},
+                "config": {"model": {"class_names": ["background", "foreground"], "default_foreground": ["foreground"]}}}))
+
+        def wait(self):
+            return 0
+
+    exported, scored = [], []
+    monkeypatch.setattr(subprocess, "Popen", Trained)
+    monkeypatch.setattr(export, "load_checkpoint_net", lambda path: exported.append(Path(path)) or (None, {}))
+    monkeypatch.setattr(export, "export_onnx", lambda net, meta, out: {"path": out, "agreement": "agrees"})
+    monkeypatch.setattr(cutout_eval, "load_remover", lambda path, expected: None)
+
+    def evaluate(remover, pairs, read_label):
+        scored.extend(img.stem for img, _ in pairs)
+        return {"cutout": {"fg_iou": 0.75, "boundary_f": float("nan"), "mae": 0.125}, "n_images": len(pairs),
+                "boundary_tol": 2, "mIoU": 0.625}
+
+    monkeypatch.setattr(cutout_eval, "evaluate", evaluate)
+    assert train_remover.main([str(folder), "--run-dir", str(run)]) == 0
+    assert exported == [run / "best.ckpt"] and scored == [img.stem for img, _ in split["test"]]
+    out = capsys.readouterr().out
+    assert (f"held-out test set ({len(split['test'])} image, as `score it` below scores it): foreground IoU 0.750, "
+            "boundary F n/a (2 px), alpha MAE 0.125, mIoU 0.625") in out
+    assert "best val foreground IoU 0.600" in out
+
+
+def test_a_resumed_make_remover_says_how_to_resume_with_one_ckpt_path(folder, tmp_path, monkeypatch):
+    """make remover ... ckpt_path=<run>/checkpoints/last.ckpt, stopped again: its resume line names the checkpoint
+    the training fills in, once, not also the old one given (two ckpt_path= values in one command)."""
+    from bgremover import config, train_remover
+
+    seen = {}
+
+    class Stopped:
+        def __init__(self, cmd, env):
+            seen.update(env)
+
+        def wait(self):
+            return 254
+
+    monkeypatch.setattr(subprocess, "Popen", Stopped)
+    run = tmp_path / "run"
+    assert train_remover.main([str(folder), "--run-dir", str(run), "ckpt_path=/old/last.ckpt", "seed=3"]) == 254
+    resume = seen[config.RESUME_ENV]
+    assert resume.count("ckpt_path=") == 1 and "ckpt_path={ckpt_path}" in resume and "/old/" not in resume
+    assert "seed=3" in resume  # the other overrides stay
 
 
 def test_eval_cutout_on_a_fixed_folder_reads_the_split_file_it_is_given(tmp_path):
