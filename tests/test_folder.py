@@ -1522,6 +1522,19 @@ def test_a_split_file_without_a_split_or_naming_a_missing_image_is_one_line(tmp_
         fd.splits(f, split_file=path)
 
 
+def test_a_split_file_naming_an_image_in_two_splits_is_refused(tmp_path):
+    """A hand-edited split.json listing im1 in train and in test too was used as it was: the model trained on the
+    image it was then scored on, and the held-out numbers were quietly too good."""
+    f = fd.scan(write_folder(tmp_path / "d", n=6))
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": ["im0", "im1", "im2", "im3"], "val": ["im4"], "test": ["im5", "im1"]}))
+    with pytest.raises(fd.FolderDataError, match=rf"^{path} names 'im1' in both train and test: each image belongs "
+                                                 r"to one split"):
+        fd.splits(f, split_file=path)
+    with pytest.raises(cutout_eval.EvalError, match="names 'im1' in both train and test"):  # nor scored with it
+        cutout_eval.find_folder_pairs(tmp_path / "d", "test", None, path)
+
+
 def test_a_split_file_that_is_not_there_is_said_so(tmp_path):
     """`eval-cutout --split-file <missing>` (and a folder) said "not a split file (JSON with train/val/test
     lists ...)" of a path that does not exist (a user audit)."""

@@ -493,6 +493,13 @@ def splits(folder: Folder, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed:
             if missing:
                 raise FolderDataError(f"{split_file} names {missing[0]!r} ({s}), which is not in "
                                       f"{folder.root}/images")
+        # a hand-edited file listing an image in train and test too: its test scores were of an image trained on
+        first = {}
+        for s in SPLITS:
+            for stem in chosen[s]:
+                if first.setdefault(stem, s) != s:
+                    raise FolderDataError(f"{split_file} names {stem!r} in both {first[stem]} and {s}: each image "
+                                          "belongs to one split (held-out images must not be trained on)")
     else:
         chosen = draw_split(list(pool), fractions, seed, {m.stem for m in folder.empty})
     out = {s: [pool[stem] for stem in chosen[s]] for s in SPLITS}
