@@ -191,6 +191,20 @@ def test_the_zero_one_rule_is_one_for_the_whole_folder(tmp_path):
     assert folder.labels.zero_one and all((fd.read_mask(m, folder.labels) == 1).any() for _, m in folder.pairs["all"])
 
 
+@pytest.mark.parametrize("value", [255, 1])
+def test_a_one_bit_mask_reads_as_it_looks_beside_0_255_or_0_1_masks(tmp_path, value):
+    """A mask saved as a 1-bit image (PIL's convert("1"), a thresholding script's output) beside 0/255 masks was
+    refused as "a 0/1 mask" mixed with 0/255 ones; it is black and white, so its white is foreground beside either."""
+    root = write_folder(tmp_path / "d", n=4, value=value)
+    path = root / "masks" / "im2.png"
+    truth = np.asarray(Image.open(path)) > 0
+    Image.fromarray(truth).save(path)  # a bool array: a mode "1" PNG
+    assert Image.open(path).mode == "1"
+    folder = fd.scan(root)
+    assert folder.labels.zero_one == (value == 1) and path.resolve() not in folder.empty
+    assert ((fd.read_mask(path, folder.labels) == 1) == truth).all() and truth.any()
+
+
 def test_a_folder_mixing_zero_one_and_zero_255_masks_is_refused(tmp_path):
     """Half the masks saved as 0/1 and half as 0/255: the folder's rule (> 127) read the 0/1 masks as all
     background, and the remover trained on it without a word (held-out foreground IoU 0.105 against 0.271)."""

@@ -263,7 +263,7 @@ def _class_indices(values: np.ndarray) -> bool:
 
 def mask_values(path: Path, labels: Labels) -> tuple[np.ndarray, bool]:
     """The H×W uint8 values a mask file holds (before the binary rule or the class check), and whether a binary
-    mask holds class indices (a coloured palette) rather than gray levels."""
+    mask holds class indices (a coloured palette, or a 1-bit mask's 0/1) rather than gray levels."""
     indexed = False
     try:
         with _open(path) as im:
@@ -294,8 +294,9 @@ def mask_values(path: Path, labels: Labels) -> tuple[np.ndarray, bool]:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FolderDataError(f"unreadable or truncated mask: {path} ({type(e).__name__})") from None
-    if mode == "1":
-        raw = (raw > 0).astype(np.uint8)
+    if mode == "1":  # black or white, nothing between: white is foreground whatever the folder's 0/1 or 0/255
+        # rule (as a 0/1 mask, a 1-bit mask beside 0/255 ones was refused as "a 0/1 mask" mixed with them)
+        raw, indexed = (raw > 0).astype(np.uint8), labels.binary
     return raw, indexed
 
 
