@@ -476,6 +476,23 @@ def test_a_label_one_past_the_class_list_is_refused_not_read_as_void(tmp_path):
         fd.read_labels(tmp_path / "d", void_value=2)
 
 
+def test_class_lists_and_void_values_that_cannot_label_a_mask_are_refused(tmp_path):
+    """classes.txt: blank lines (an editor's trailing ones) are no classes; one class is no segmentation; a class
+    listed twice is refused. Binary masks: void_value 0 or 1 is a 0/1 mask's own value."""
+    (tmp_path / "classes.txt").write_text("background\ncat\ndog\n\n\n")
+    assert fd.read_labels(tmp_path).classes == ("background", "cat", "dog")
+    (tmp_path / "classes.txt").write_text("background\n")
+    with pytest.raises(fd.FolderDataError, match=r"lists 1 class\(es\): a segmentation needs at least 2"):
+        fd.read_labels(tmp_path)
+    (tmp_path / "classes.txt").write_text("background\ncat\ncat\n")
+    with pytest.raises(fd.FolderDataError, match=r"lists 'cat' twice"):
+        fd.read_labels(tmp_path)
+    (tmp_path / "classes.txt").unlink()
+    for value in (0, 1):
+        with pytest.raises(fd.FolderDataError, match=rf"data.void_value={value} is a binary mask's own value"):
+            fd.read_labels(tmp_path, void_value=value)
+
+
 def test_classes_txt_gives_the_net_its_outputs_and_foreground(tmp_path):
     from bgremover.train import build
 
@@ -659,6 +676,27 @@ def test_folder_val_images_of_different_sizes_are_evaluated_one_at_a_time(tmp_pa
     root = _fixed_folder(tmp_path / "d", {"train": [wide, wide], "val": [wide, tall], "test": [wide]})
     dm = FolderDataModule(str(root), image_size=None, eval_batch_size=4, num_workers=0, split_out=None)
     assert sorted(tuple(y.shape) for _, y in dm.val_dataloader()) == [(1, 32, 64), (1, 64, 32)]
+
+
+def test_whole_image_training_needs_one_train_size_and_val_may_hold_a_background_only_image(tmp_path):
+    """data.crop_size=null stacks whole train images, so they must share one size after data.image_size: 40x56 and
+    40x60 do not (refused before training), 40x56 and 80x112 both become 20x28 and do. A val split holding a
+    background-only image beside one with foreground is fine (only an all-background val split is refused)."""
+    def mask(h, w, fg=True):
+        m = np.zeros((h, w), np.uint8)
+        m[h // 4: h // 2, w // 4: w // 2] = 255 if fg else 0
+        return m
+
+    root = _fixed_folder(tmp_path / "d", {"train": [mask(40, 56), mask(40, 60)],
+                                          "val": [mask(40, 56), mask(40, 56, fg=False)], "test": [mask(40, 56)]})
+    whole = {"root": str(root), "crop_size": None, "image_size": 28}
+    with pytest.raises(fd.FolderDataError, match=r"data.crop_size=null trains on whole images, which then must share "
+                                                 r"one size; 2 sizes found"):
+        fd.check_config(OmegaConf.create(whole))
+    Image.fromarray(mask(80, 112)).save(root / "train" / "masks" / "i1.png")
+    Image.fromarray(np.zeros((80, 112, 3), np.uint8)).save(root / "train" / "images" / "i1.png")
+    fd.check_config(OmegaConf.create(whole))
+    fd.check_config(OmegaConf.create({**whole, "crop_size": [32, 32], "image_size": None}))
 
 
 def test_folder_class_weights_are_median_frequency_over_the_train_masks_void_left_out(tmp_path):
