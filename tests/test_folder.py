@@ -1250,6 +1250,55 @@ def test_make_remover_into_a_taken_run_dir_names_its_own_option(folder, tmp_path
                     "choose a new folder (or resume it in place with ckpt_path=<that run>/checkpoints/last.ckpt)")
 
 
+def test_make_remover_takes_hydra_run_dir_as_its_run_folder(folder, tmp_path, monkeypatch, capsys):
+    """`make remover ARGS="hydra.run.dir=X"` (as make train takes it): the training went to X (Hydra's last value
+    wins) and, its whole budget later, the export read the default folder: "No such file or directory:
+    .../logs/remover/runs/<time>/summary.json", exit 1, no remover.onnx."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from bgremover import export, train_remover
+
+    run = tmp_path / "my run"
+    seen: list[list[str]] = []
+
+    class Training:  # writes its run where Hydra would put it: the command's last hydra.run.dir
+        def __init__(self, cmd, env):
+            seen.append(cmd)
+            parsed = OverridesParser.create().parse_overrides(cmd[3:])
+            where = Path([o.value() for o in parsed if o.key_or_group == "hydra.run.dir"][-1])
+            (where / "checkpoints").mkdir(parents=True)
+            (where / "checkpoints" / "epoch_000.ckpt").write_bytes(b"")
+            (where / "summary.json").write_text(json.dumps({"status": "ok", "best_ckpt": str(
+                where / "checkpoints" / "epoch_000.ckpt")}))
+
+        def wait(self):
+            return 0
+
+        def send_signal(self, signum):
+            """To a finished process: nothing happens."""
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(subprocess, "Popen", Training)
+    monkeypatch.setattr(export, "load_checkpoint_net", lambda path: (None, {"path": path}))
+    monkeypatch.setattr(export, "export_onnx", lambda net, meta, out: {"path": out, "agreement": meta["path"]})
+    monkeypatch.setattr(train_remover, "score_held_out", lambda *a: None)
+    assert train_remover.main([str(folder), f"hydra.run.dir={run}", "remover_budget_s=60"]) == 0
+    out = capsys.readouterr().out
+    assert f"remover: {run / 'remover.onnx'} " in out and f"run folder {run}" in out, out
+    assert str(run / "checkpoints" / "epoch_000.ckpt") in out  # the checkpoint of the run that trained
+    assert not (tmp_path / "logs").exists()  # nothing went to the default folder
+    assert sum(a.startswith("hydra.run.dir=") for a in seen[0]) == 1 and "remover_budget_s=60" in seen[0]
+    # both ways at once: one line, before anything runs
+    assert train_remover.main([str(folder), "--run-dir", str(tmp_path / "a"), f"hydra.run.dir={run}"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"error: --run-dir {tmp_path / 'a'} and hydra.run.dir={run} both name the run folder: give one"
+    # a taken folder is refused in the words the command used
+    assert train_remover.main([str(folder), f"hydra.run.dir={run}"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: hydra.run.dir={run} already holds a run"), line
+    assert len(seen) == 1
+
+
 def test_experiment_remover_composes_with_budget_and_camvid_init(folder, tmp_path):
     cfg = compose_cfg(tmp_path, ["experiment=remover", f"data.root={folder}"])
     assert cfg.data._target_.endswith("FolderDataModule")

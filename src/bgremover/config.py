@@ -110,7 +110,7 @@ RUN_DIR_GIVEN = False  # hydra.run.dir on the command line (else a fresh timesta
 
 def _note_absent_folders(args: list[str], task: str) -> None:
     global RUN_DIR_GIVEN
-    given = _given(args)
+    given = given_overrides(args)
     RUN_DIR_GIVEN = "hydra.run.dir" in given
     root = Path(given.get("paths.root_dir") or os.environ.get("PROJECT_ROOT") or ".")
     runs = Path(given.get("paths.log_dir") or root / "logs") / given.get("task_name", task) / "runs"
@@ -201,8 +201,9 @@ def path_override(arg: str, multirun: bool = False) -> str:
     return f"{key}={quoted(path)}"
 
 
-def _given(args: list[str]) -> dict[str, str]:
-    """key=value overrides of a command line (`+key=value` as key), a quoted value (`quoted`) as Hydra reads it."""
+def given_overrides(args: list[str]) -> dict[str, str]:
+    """key=value overrides of a command line (`+key=value` as key), a quoted value (`quoted`) as Hydra reads it;
+    a key given twice has its last value, as in Hydra."""
     pairs = (a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("~"))
     return {key: _unquoted(value) for key, value in pairs}
 
@@ -246,7 +247,7 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     a training — an evaluation never resumes, and replaced the training's .hydra record). A sweep
     (`-m hydra.sweep.dir=X`) into a folder holding an earlier sweep's jobs: job N overwrote the earlier job N's
     results and the earlier jobs were counted into the new sweep's report."""
-    given = _given(args)
+    given = given_overrides(args)
     if any(a in ("-m", "--multirun") for a in args):
         sweep_dir = given.get("hydra.sweep.dir")
         if not sweep_dir:
@@ -291,7 +292,7 @@ _KEPT: dict[str, Any] = {}
 def keep_run_record(args: list[str]) -> None:
     """Before Hydra writes into a run folder that a command resumes in place: its summary.json and .hydra files
     as they are, and how long its logs are."""
-    run = _resumed_in_place(_given(args))
+    run = _resumed_in_place(given_overrides(args))
     if run is None or not (run / SUMMARY_NAME).is_file():
         return
     _KEPT.update(

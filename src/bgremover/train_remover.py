@@ -28,6 +28,7 @@ from bgremover.config import (
     FINISH_ENV,
     RESUME_ENV,
     SUMMARY_NAME,
+    given_overrides,
     quoted,
     taken_run_dir,
 )
@@ -137,10 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     except FolderDataError as e:
         return errors.report(e)
     data = data.resolve()
+    # `hydra.run.dir=X` among the overrides, as `make train` takes it: the training went to X (Hydra's last value
+    # wins) while the export and scoring read the default folder, so the whole budget ended in "No such file or
+    # directory: .../summary.json" and no remover.onnx. It names the run folder, as --run-dir does.
+    option = "--run-dir "
+    if named := [o for o in args.overrides if o.lstrip("+").startswith("hydra.run.dir=")]:
+        typed = given_overrides(named)["hydra.run.dir"]
+        if args.run_dir is not None:
+            return errors.report(f"--run-dir {args.run_dir} and hydra.run.dir={typed} both name the run folder: "
+                                 "give one", code=2)
+        args.run_dir, option = os.path.expanduser(typed), "hydra.run.dir="
+        args.overrides = [o for o in args.overrides if o not in named]
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     run = Path(args.run_dir or Path("logs") / "remover" / "runs" / stamp).resolve()
-    if taken := taken_run_dir([f"hydra.run.dir={run}", *args.overrides]):  # it named hydra.run.dir=, not --run-dir
-        return errors.report(taken.replace(f"hydra.run.dir={run}", f"--run-dir {run}"))
+    if taken := taken_run_dir([f"hydra.run.dir={run}", *args.overrides]):  # in the words the command used
+        return errors.report(taken.replace(f"hydra.run.dir={run}", f"{option}{run}"))
     cmd = [sys.executable, "-m", "bgremover.train", f"experiment={args.exp}", f"data.root={quoted(data)}",
            f"hydra.run.dir={quoted(run)}", "task_name=remover", *args.overrides]
     # the training process keeps freed memory for reuse (utils.KEEP_MEMORY_ENV) unless the caller set those itself
