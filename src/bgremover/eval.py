@@ -37,6 +37,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("test-time augmentation: %d passes per frame (scales %s, flip %s); these numbers are not the "
                  "single-pass ones a run reports", model.tta.passes, model.tta.scales, model.tta.flip)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    _same_classes(cfg, list(model.hparams.class_names), datamodule)
     if task.prepare_wandb(cfg):  # offline by itself without a key, as a training run
         _name_wandb_run(cfg, model.hparams.net_name)
     config_dict = OmegaConf.to_container(cfg, resolve=True)  # after the W&B settings above: as the run ran
@@ -156,6 +157,32 @@ def _training_scale(cfg: DictConfig, image_size: int | None) -> None:
     if not config.given("data.image_size") and cfg.data.image_size != image_size:
         log.info("data.image_size=%d: the scale the checkpoint was trained at", image_size)
         cfg.data.image_size = int(image_size)
+
+
+def _same_classes(cfg: DictConfig, trained: list[str], datamodule) -> None:
+    """The checkpoint's classes are the data's, as train.build gives a net its data's: `make eval CKPT=<a make
+    remover run's checkpoint>` (background, foreground) scored it against CamVid's 11 labels and failed in
+    torch's words ("IndexError: Target 11 is out of bounds"); a CamVid checkpoint on a binary folder alike."""
+    from bgremover import checkpoint
+    from bgremover.data.classes import CLASSES
+
+    data = list(datamodule.label_info()["class_names"] if hasattr(datamodule, "label_info") else CLASSES)
+    if trained == data:
+        return
+    summary = checkpoint.run_summary(cfg.ckpt_path)
+    try:  # the data its run was trained on, for the command that evaluates it there
+        own = (json.loads(summary.read_text()).get("config") or {}).get("data") or {} if summary else {}
+    except (OSError, ValueError):
+        own = {}
+    if str(own.get("_target_", "")).endswith("FolderDataModule") and own.get("root"):
+        root = config.path_override("data.root=" + str(own["root"]))
+        how = f'its own folder, ARGS="data=folder {root}"'
+    elif str(own.get("_target_", "")).endswith("CamVidDataModule"):
+        how = "CamVid, the default data (no data= override)"
+    else:
+        how = "data of those classes (ARGS=\"data=folder data.root=<folder>\")"
+    raise UserError(f"checkpoint {cfg.ckpt_path} segments {', '.join(trained)}, but the data's classes are "
+                    f"{', '.join(data)}: evaluate it on {how}")
 
 
 def _trained_preprocessing(cfg: DictConfig, hparams) -> None:
