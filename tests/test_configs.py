@@ -240,6 +240,28 @@ def test_hydra_errors_are_one_line_with_exit_status_2(module: str, override: str
     assert full.returncode == 1 and "Traceback" in full.stderr
 
 
+@pytest.mark.parametrize(("override", "meant"), [("remover_budget=600", "remover_budget_s"),
+                                                ("trainer.max_epoch=2", "trainer.max_epochs"),
+                                                ("data.scale_jiter=0.1", "data.scale_jitter")])
+def test_a_misspelt_key_is_answered_with_the_key_it_is_a_typo_of(override: str, meant: str) -> None:
+    """`make remover ARGS="remover_budget=600"` said "To append to your config use +remover_budget=600", and the
+    run that advice started trained the recipe's 30 minutes, the added key read by nothing. The key meant is named
+    instead, and Hydra's append advice kept for keys that are no typo (test_hydra_errors_are_one_line...), nor
+    near one by a shared ending alone (a folder's data.image_size on CamVid is no typo of data.batch_size)."""
+    import subprocess
+    import sys
+
+    key = override.split("=")[0]
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train", "experiment=remover", override],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"error: Could not override '{key}'. Did you mean '{meant}'? (Key "
+                           f"'{key.rsplit('.', 1)[-1]}' is not in struct)\n")
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train", "data.image_size=48"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "Did you mean" not in proc.stderr and "+data.image_size=48" in proc.stderr
+
+
 def test_eval_refuses_a_model_override_in_one_line() -> None:
     """eval.yaml's unused `model: tiramisu103` took `model=...` silently (and put FC-DenseNet103 into every
     eval.json); without it Hydra would suggest `+model=...`, ignored just the same."""

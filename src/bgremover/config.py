@@ -336,6 +336,11 @@ def _hydra_message(exc: BaseException) -> str:
         options = lines[at + 1 :]
         options = options[: next((i for i, o in enumerate(options) if o.endswith(":")), len(options))]
         lines = lines[:at]
+    near = _near_key(exc.__cause__)
+    if near:  # Hydra's advice for a misspelt key, `+remover_budget=600`, added a key nothing reads: the run then
+        # trained the recipe's 30 minutes without a word (and `+trainer.max_epoch=2` failed later, in other words)
+        lines = [line for line in lines if not line.startswith("To append to your config use")]
+        lines.append(f"Did you mean {near}?")
     text = " ".join(lines) or type(exc).__name__
     override = getattr(exc, "override", None)  # OverrideParseException: name what was typed
     if isinstance(override, str) and override and override not in text:
@@ -348,6 +353,18 @@ def _hydra_message(exc: BaseException) -> str:
     if options:
         text += f"; options: {', '.join(options)}"
     return text
+
+
+def _near_key(cause: BaseException | None) -> str | None:
+    """For OmegaConf's "Key 'remover_budget' is not in struct": the key of that node it is a typo of
+    ('remover_budget_s'), with its node's path, or None."""
+    import difflib
+
+    node, key, full = (getattr(cause, name, None) for name in ("parent_node", "key", "full_key"))
+    if not isinstance(key, str) or not isinstance(full, str) or not isinstance(node, DictConfig):
+        return None
+    close = difflib.get_close_matches(key, [k for k in node.keys() if isinstance(k, str)], n=1, cutoff=0.75)
+    return f"'{full.removesuffix(key)}{close[0]}'" if close else None
 
 
 def overrides() -> list[str]:
