@@ -891,7 +891,7 @@ def test_binary_training_logs_cutout_metrics_exports_and_predicts(folder, tmp_pa
     assert r["n_images"] == 1 and r["foreground"] == ["foreground"] and r["per_image"][0]["image"] == split["test"][0] + ".jpg"
 
 
-def test_eval_of_a_folder_checkpoint_on_camvid_names_its_own_data(folder, small_camvid, tmp_path):
+def test_a_folder_checkpoint_tested_on_camvid_names_its_own_data(folder, small_camvid, tmp_path):
     """`make eval CKPT=<a make remover run's checkpoint>` (no data= override: CamVid) scored the 2-class net
     against CamVid's labels and failed in torch's words, "error: IndexError: Target 11 is out of bounds", after
     loading the data and starting the test loop. One line now: the classes on each side and the command that
@@ -901,14 +901,16 @@ def test_eval_of_a_folder_checkpoint_on_camvid_names_its_own_data(folder, small_
     run = tmp_path / "run"
     train(compose_cfg(run, ["data=folder", f"data.root={folder}", *FAST, "trainer.max_epochs=1", "test=false"]))
     best = json.loads((run / "summary.json").read_text())["best_ckpt"]
-    proc = subprocess.run([sys.executable, "-m", "bgremover.eval", f"ckpt_path={best}", f"data.root={small_camvid}",
-                           "data.num_workers=0", f"hydra.run.dir={tmp_path / 'eval'}"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: checkpoint {best} segments background, foreground, but the data's classes are Sky, Building, Pole, "
-        "Road, Sidewalk, Tree, SignSymbol, Fence, Car, Pedestrian, Bicyclist: evaluate it on its own folder, "
-        f'ARGS="data=folder data.root={folder.resolve()}"')
+    line = (f"error: checkpoint {best} segments background, foreground, but the data's classes are Sky, Building, "
+            "Pole, Road, Sidewalk, Tree, SignSymbol, Fence, Car, Pedestrian, Bicyclist: use it on its own folder, "
+            f'ARGS="data=folder data.root={folder.resolve()}"')
+    # make eval, and train=false ckpt_path=X (which tests X; it said "RuntimeError: Error(s) in loading state_dict")
+    for module, *args in (("bgremover.eval",), ("bgremover.train", "train=false", "logger=csv", "measure_inference=false")):
+        proc = subprocess.run([sys.executable, "-m", module, *args, f"ckpt_path={best}", f"data.root={small_camvid}",
+                               "data.num_workers=0", f"hydra.run.dir={tmp_path / module}"],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == line, module
 
 
 def test_a_resumed_or_evaluated_run_keeps_its_split_when_the_folder_grew(tmp_path, caplog):

@@ -168,6 +168,30 @@ def meta(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> dict[s
     return info
 
 
+def check_classes(path: str | os.PathLike, trained: list[str], data: list[str]) -> None:
+    """A checkpoint is tested or trained on only with data of its own classes (as train.build gives a net its
+    data's); else one line with both lists and the data that fits: its run's folder (data=folder), or CamVid."""
+    if list(trained) == list(data):
+        return
+    import json
+
+    from bgremover.config import path_override
+
+    summary = run_summary(path)
+    try:  # the data its run was trained on, for the command that uses it there
+        own = (json.loads(summary.read_text()).get("config") or {}).get("data") or {} if summary else {}
+    except (OSError, ValueError):
+        own = {}
+    if str(own.get("_target_", "")).endswith("FolderDataModule") and own.get("root"):
+        how = f'its own folder, ARGS="data=folder {path_override("data.root=" + str(own["root"]))}"'
+    elif str(own.get("_target_", "")).endswith("CamVidDataModule"):
+        how = "CamVid, the default data (no data= override)"
+    else:
+        how = 'data of those classes (ARGS="data=folder data.root=<folder>")'
+    raise UserError(f"checkpoint {path} segments {', '.join(trained)}, but the data's classes are "
+                    f"{', '.join(data)}: use it on {how}")
+
+
 def build_net(net_config: dict[str, Any]) -> nn.Module:
     """A fresh net from a `model.net` config, through the registry (the `_target_` must be a known class)."""
     from bgremover.nets import BY_TARGET

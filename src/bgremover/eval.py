@@ -160,29 +160,14 @@ def _training_scale(cfg: DictConfig, image_size: int | None) -> None:
 
 
 def _same_classes(cfg: DictConfig, trained: list[str], datamodule) -> None:
-    """The checkpoint's classes are the data's, as train.build gives a net its data's: `make eval CKPT=<a make
-    remover run's checkpoint>` (background, foreground) scored it against CamVid's 11 labels and failed in
-    torch's words ("IndexError: Target 11 is out of bounds"); a CamVid checkpoint on a binary folder alike."""
+    """`make eval CKPT=<a make remover run's checkpoint>` (background, foreground) scored it against CamVid's 11
+    labels and failed in torch's words ("IndexError: Target 11 is out of bounds"); a CamVid checkpoint on a
+    binary folder alike."""
     from bgremover import checkpoint
     from bgremover.data.classes import CLASSES
 
     data = list(datamodule.label_info()["class_names"] if hasattr(datamodule, "label_info") else CLASSES)
-    if trained == data:
-        return
-    summary = checkpoint.run_summary(cfg.ckpt_path)
-    try:  # the data its run was trained on, for the command that evaluates it there
-        own = (json.loads(summary.read_text()).get("config") or {}).get("data") or {} if summary else {}
-    except (OSError, ValueError):
-        own = {}
-    if str(own.get("_target_", "")).endswith("FolderDataModule") and own.get("root"):
-        root = config.path_override("data.root=" + str(own["root"]))
-        how = f'its own folder, ARGS="data=folder {root}"'
-    elif str(own.get("_target_", "")).endswith("CamVidDataModule"):
-        how = "CamVid, the default data (no data= override)"
-    else:
-        how = "data of those classes (ARGS=\"data=folder data.root=<folder>\")"
-    raise UserError(f"checkpoint {cfg.ckpt_path} segments {', '.join(trained)}, but the data's classes are "
-                    f"{', '.join(data)}: evaluate it on {how}")
+    checkpoint.check_classes(cfg.ckpt_path, trained, data)
 
 
 def _trained_preprocessing(cfg: DictConfig, hparams) -> None:

@@ -267,6 +267,10 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     objects.update(build(cfg))  # the caller's dict: an interrupt in the test stage reads the trainer from it
     trainer, model, datamodule, summary = (objects[k] for k in ("trainer", "model", "datamodule", "summary"))
+    if cfg.get("ckpt_path"):  # tested (train=false) or resumed on data of other classes: Lightning's state_dict
+        # RuntimeError ("size mismatch for net.segmentation_head...") came instead of a word on the classes
+        checkpoint.check_classes(cfg.ckpt_path, checkpoint.meta(checkpoint.read(cfg.ckpt_path))["classes"],
+                                 list(model.hparams.class_names))
     if cfg.get("train", True):
         _fit(cfg, trainer, model, datamodule)
     else:  # train=false ckpt_path=X tests X: how to finish a run that was stopped before its test stage
