@@ -824,6 +824,98 @@ def test_a_resumed_speedrun_counts_every_starts_warm_up(monkeypatch):
     assert float(trainer.callback_metrics["time/fit_s"]) == 73.0
 
 
+def _validated(clock, trainer, miou, sanity=False):
+    trainer.sanity_checking, trainer.callback_metrics["val/mIoU"] = sanity, torch.tensor(miou)
+    clock.on_validation_end(trainer, None)
+    trainer.sanity_checking = False
+    return {k: round(r["seconds"], 6) for k, r in clock.reached.items()}
+
+
+def test_time_to_miou_is_the_first_time_on_the_fit_clock_across_a_resume(monkeypatch):
+    """A speed-run's headline numbers: the seconds since fit started (set-up and sanity check included) at which
+    val mIoU first reached each threshold. The sanity check's score (an untrained net's, on 2 batches) is none of
+    them, a later validation above it does not move it, and a resume keeps both the times and the fit clock."""
+    from bgremover.lit import speedrun
+
+    now = [1000.0]
+    monkeypatch.setattr(speedrun.time, "perf_counter", lambda: now[0])
+    clock = speedrun.TimeToMIoU(thresholds=[0.5, 0.6], budget_s=100)
+    trainer = _ClockTrainer()
+    clock.on_fit_start(trainer, None)
+    now[0] += 4.0  # the sanity check, before training starts
+    assert _validated(clock, trainer, 0.9, sanity=True) == {}
+    clock.on_train_start(trainer, None)
+    now[0] += 10.0
+    assert _validated(clock, trainer, 0.5) == {"time_to/0.500": 14.0}  # reached at exactly the threshold
+    now[0] += 10.0
+    assert _validated(clock, trainer, 0.55) == {"time_to/0.500": 14.0}  # the first time, not the latest
+    state = clock.state_dict()
+    assert (state["fit_s"], state["train_s"]) == (24.0, 20.0)
+
+    resumed = speedrun.TimeToMIoU(thresholds=[0.5, 0.6], budget_s=100)
+    resumed.load_state_dict(state)
+    now[0] = 5000.0
+    resumed.on_fit_start(trainer, None)
+    now[0] += 3.0
+    resumed.on_train_start(trainer, None)
+    now[0] += 5.0
+    assert _validated(resumed, trainer, 0.52) == {"time_to/0.500": 14.0}
+    now[0] += 2.0
+    assert _validated(resumed, trainer, 0.61) == {"time_to/0.500": 14.0, "time_to/0.600": 34.0}  # 24 + 3 + 5 + 2
+    now[0] += 6.0
+    resumed.on_train_end(trainer, None)
+    got = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("time")}
+    assert got == {"time/fit_s": 40.0, "time_to/0.500": 14.0, "time_to/0.600": 34.0}  # fit's clock, not training's
+
+
+def test_a_resume_cut_short_before_its_first_step_keeps_the_earlier_warm_up(monkeypatch):
+    """A resumed start stopped before its first step ended (a Ctrl-C inside it) wrote a checkpoint whose warm-up
+    time must still hold the earlier starts': the next resume's time/first_step_s adds to it, not to zero."""
+    from bgremover.lit import speedrun
+
+    now = [1000.0]
+    monkeypatch.setattr(speedrun.time, "perf_counter", lambda: now[0])
+    first = speedrun.TimeToMIoU(budget_s=100)
+    _first_step(first, now, 35.0)
+    cut = speedrun.TimeToMIoU(budget_s=100)
+    cut.load_state_dict(first.state_dict())
+    cut.on_fit_start(_ClockTrainer(), None)
+    cut.on_train_start(_ClockTrainer(), None)
+    now[0] += 4.0  # inside its first step
+    assert cut.state_dict()["first_steps_s"] == 35.0
+    last = speedrun.TimeToMIoU(budget_s=100)
+    last.load_state_dict(cut.state_dict())
+    trainer = _first_step(last, now, 18.0)
+    last.on_train_end(trainer, None)
+    assert float(trainer.callback_metrics["time/first_step_s"]) == 53.0
+
+
+def test_a_spent_budget_stops_the_run_with_a_validation_at_the_schedules_floor(monkeypatch):
+    """The step the budget runs out at (budget_s=100: after 100 s of training) is the last, at the floor lr of a
+    WarmupCosineLR, and is validated whatever trainer.check_val_every_n_epoch says."""
+    from bgremover.lit import speedrun
+
+    now = [1000.0]
+    monkeypatch.setattr(speedrun.time, "perf_counter", lambda: now[0])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = speedrun.WarmupCosineLR(opt, total_iters=10**6, warmup=0.0, final_ratio=0.1)
+    trainer = _ClockTrainer()
+    trainer.lr_scheduler_configs = [type("Config", (), {"scheduler": sched})()]
+    trainer.check_val_every_n_epoch = 1000
+    clock = speedrun.TimeToMIoU(budget_s=100)
+    clock.on_fit_start(trainer, None)
+    clock.on_train_start(trainer, None)
+    now[0] += 99.0
+    clock.on_train_batch_start(trainer)
+    assert not trainer.should_stop and sched.budget_progress == pytest.approx(0.99)
+    now[0] += 1.0  # 100 s: the budget's end
+    clock.on_train_batch_start(trainer)
+    assert trainer.should_stop and trainer.check_val_every_n_epoch == 1
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
 
 def _interrupting(hook: str, when):
     """SegmentationModule's `hook`, sending this process a Ctrl-C (SIGINT) once it has run (its random draws made,
