@@ -640,6 +640,46 @@ def test_a_test_only_run_records_the_config_that_trained_its_checkpoint(small_ca
     assert recipe(Run(tmp_path / "b", b))["model.optimizer.lr"] == "0.0123"
 
 
+def test_a_test_only_run_tests_and_records_the_checkpoint_it_is_given(small_camvid, tmp_path):
+    """`train=false ckpt_path=X` (what a resume with nothing left to train says to run) tests X's weights, not the
+    net it builds, and its summary.json names X and carries X's history: its numbers are `make eval`'s of X."""
+    from bgremover.eval import evaluate
+
+    base = [*TINY_RUN, f"data.root={small_camvid}"]
+    train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2", "test=false"]))
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    evaluated, _ = evaluate(compose_cfg(tmp_path / "e", [f"data.root={small_camvid}", "data.num_workers=0",
+                                                         f"ckpt_path={last}", "attach_to_run=false"],
+                                        config_name="eval"))
+    # with the run's own settings, which it has trained to the end: testing it trains nothing, so it is no refusal
+    tested, _ = train(compose_cfg(tmp_path / "b", [*base, "trainer.max_epochs=2", "train=false", f"ckpt_path={last}"]))
+    assert tested["test/mIoU"] == pytest.approx(evaluated["test/mIoU"], abs=1e-6)
+    assert tested["test/loss"] == pytest.approx(evaluated["test/loss"], rel=1e-5)
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert b["best_ckpt"] == str(last.resolve()) and b["epochs"] == 2
+    assert b["history"] == a["history"] and len(b["history"]["epoch"]) == 2
+
+
+def test_the_summary_names_last_ckpt_itself_and_the_median_inference_time(tmp_path, monkeypatch):
+    """summary.json's last_ckpt is checkpoints/last.ckpt, also when it is a link to the best epoch's file (a later
+    epoch moves it; its target may be deleted); infer_ms_480x360 is the median of the timed passes, not the worst."""
+    from types import SimpleNamespace
+
+    from bgremover.lit import summary
+
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "epoch_002.ckpt").write_bytes(b"x")
+    (ckpt_dir / "last.ckpt").symlink_to("epoch_002.ckpt")
+    trainer = SimpleNamespace(callbacks=[LastCheckpoint(dirpath=str(ckpt_dir))])
+    assert summary.last_checkpoint(trainer) == str(ckpt_dir / "last.ckpt")
+
+    clock = iter([0.0, 0.005, 1.0, 1.001, 2.0, 2.003])  # passes of 5, 1 and 3 ms (the warm-up is not timed)
+    monkeypatch.setattr(summary.time, "perf_counter", lambda: next(clock))
+    assert summary.measure_inference_ms(torch.nn.Conv2d(3, 2, 1)) == pytest.approx(3.0)
+
+
 def test_a_partial_val_split_is_flagged_like_a_partial_test_set(small_camvid, tmp_path, caplog):
     """trainer.limit_val_batches: the best val mIoU (and the epoch it picks) came from part of the val split, and
     neither the run nor compare said so ("Best val mIoU %" over 4 of 101 frames in the audit)."""
