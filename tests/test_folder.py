@@ -948,6 +948,22 @@ def test_a_resumed_or_evaluated_run_keeps_its_split_when_the_folder_grew(tmp_pat
     assert [img.stem for img, _ in objects["datamodule"].split_pairs["test"]] == first["val"]
 
 
+
+def test_a_run_on_fixed_split_folders_resumes(tmp_path):
+    """A folder laid out as train/ val/ test/ has no drawn split to keep: its run's split.json (fixed) is not
+    handed on as data.split_file, which such a folder refuses ("drop data.split_file"): it resumes and trains."""
+    from bgremover.train import train
+
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        write_folder(tmp_path / "d", n=n, split=split)
+    base = ["data=folder", f"data.root={tmp_path / 'd'}", *FAST, "test=false"]
+    train(compose_cfg(tmp_path / "run", [*base, "trainer.max_epochs=1"]))
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["fixed"] is True
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    _, objects = train(compose_cfg(tmp_path / "resumed", [*base, "trainer.max_epochs=2", f"ckpt_path={last}"]))
+    assert objects["trainer"].global_step == 4  # 4 train pairs, batch 2: two steps an epoch, two epochs
+
+
 def test_eval_cutout_folder_needs_the_split_and_matching_classes(folder, tmp_path, capsys):
     from bgremover import cutout_eval as ce
 
