@@ -116,6 +116,9 @@ def test_a_partial_val_split_is_flagged_in_the_wandb_summary(small_camvid, tmp_p
     summary = offline_run(tmp_path / "wandb")["summary"]
     assert (summary["val/frames"], summary.get("val/frames_of"), summary.get("val/partial")) == (1, 2, True)
     assert (summary["test/frames"], summary["test/frames_of"], summary["test/partial"]) == (3, 3, False)
+    # and the run's size and training time, summary.json's, beside them on the dashboard
+    run = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["params"], summary["wall_time_s"]) == (run["params"], run["wall_time_s"]) and run["wall_time_s"] > 0
 
 
 def test_logger_wandb_offline_true_keeps_a_run_offline_with_a_key_at_hand(tmp_path, monkeypatch):
