@@ -51,6 +51,18 @@ def test_resumed_run_counts_its_training_time_from_the_start(small_camvid, tmp_p
 
 
 
+def _resumed_clock(clock, state, now, trainer, set_up, trained):
+    """`clock` (a TimeToMIoU) resumed from `state` in a new process whose clock reads 5000: `set_up` seconds before
+    its first step, then `trained` seconds of training."""
+    clock.load_state_dict(state)
+    now[0] = 5000.0
+    clock.on_fit_start(trainer, None)
+    now[0] += set_up
+    clock.on_train_start(trainer, None)
+    now[0] += trained
+    return clock
+
+
 def test_speedrun_budget_and_clock_go_on_across_a_resume(monkeypatch):
     """A time-budgeted speed-run resumed from a checkpoint restarted its budget (a full new one, the lr back up
     its schedule) and its time-to-mIoU clock at zero."""
@@ -70,13 +82,7 @@ def test_speedrun_budget_and_clock_go_on_across_a_resume(monkeypatch):
     state = first.state_dict()
     assert state["fit_s"] == 65 and state["train_s"] == 60
 
-    resumed = speedrun.TimeToMIoU(budget_s=100)
-    resumed.load_state_dict(state)
-    now[0] = 5000.0
-    resumed.on_fit_start(None, None)
-    now[0] += 2
-    resumed.on_train_start(None, None)
-    now[0] += 10
+    resumed = _resumed_clock(speedrun.TimeToMIoU(budget_s=100), state, now, None, set_up=2, trained=10)
     assert resumed.elapsed() == 77 and resumed.train_elapsed() == 70
     assert resumed._progress(Trainer()) == pytest.approx(0.7)  # 30 s of the budget left, not 100
 
@@ -852,13 +858,8 @@ def test_time_to_miou_is_the_first_time_on_the_fit_clock_across_a_resume(monkeyp
     state = clock.state_dict()
     assert (state["fit_s"], state["train_s"]) == (24.0, 20.0)
 
-    resumed = speedrun.TimeToMIoU(thresholds=[0.5, 0.6], budget_s=100)
-    resumed.load_state_dict(state)
-    now[0] = 5000.0
-    resumed.on_fit_start(trainer, None)
-    now[0] += 3.0
-    resumed.on_train_start(trainer, None)
-    now[0] += 5.0
+    resumed = _resumed_clock(speedrun.TimeToMIoU(thresholds=[0.5, 0.6], budget_s=100), state, now, trainer,
+                             set_up=3.0, trained=5.0)
     assert _validated(resumed, trainer, 0.52) == {"time_to/0.500": 14.0}
     now[0] += 2.0
     assert _validated(resumed, trainer, 0.61) == {"time_to/0.500": 14.0, "time_to/0.600": 34.0}  # 24 + 3 + 5 + 2
