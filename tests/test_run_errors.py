@@ -637,3 +637,50 @@ def test_a_key_the_command_line_adds_is_named_whole_as_the_command_lines(monkeyp
     monkeypatch.setattr(utils, "overrides", lambda: ["data=camvid"])  # a recipe's key: as before
     assert utils.error_summary(exc).startswith("foo is not a setting of pytorch_lightning.trainer.trainer.Trainer: "
                                                "the recipe or an override sets it for another choice")
+
+
+_CTRL_C_AT_IMPORT = """
+import os, signal, sys
+
+class CtrlCAt:  # a Ctrl-C that lands as the command imports {module}: the first half second of every command
+    def find_spec(self, name, path=None, target=None):
+        if name == "{module}":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCAt())
+"""
+
+
+@pytest.mark.parametrize("command, module", [(["-m", "bgremover.train"], "hydra"),
+                                             (["-m", "bgremover.eval"], "hydra"),
+                                             ([".venv/bin/bgremover-predict", "x.jpg"], "PIL")])
+def test_ctrl_c_while_a_command_imports_is_one_line_and_130(tmp_path, command, module):
+    """A Ctrl-C in a command's first half second lands inside its imports (Hydra, Pillow, torch): a
+    KeyboardInterrupt traceback from inside importlib, and the process killed by SIGINT. Here it lands in the
+    import of `module` (a sitecustomize's import hook sends it), as it would from a terminal."""
+    (tmp_path / "sitecustomize.py").write_text(_CTRL_C_AT_IMPORT.replace("{module}", module))
+    argv = [str(REPO / command[0]), *command[1:]] if command[0].startswith(".venv") else [sys.executable, *command]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "error: interrupted by SIGINT while starting: nothing was done"
+
+
+def test_ctrl_c_while_hydra_composes_the_config_is_one_line_and_130(monkeypatch, capsys):
+    """Past the imports, Hydra composes the config before the run handles interrupts: a KeyboardInterrupt there
+    was a traceback from inside Hydra's yaml loading (train and eval alike: errors.starting)."""
+    from bgremover import eval as ev
+    from bgremover import train
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    for module in (train, ev):
+        monkeypatch.setattr(module, "_main", ctrl_c)
+        monkeypatch.setattr(sys, "argv", ["x"])
+        with pytest.raises(SystemExit) as stop:
+            module.main()
+        assert stop.value.code == 130
+        assert capsys.readouterr().err.strip() == "error: interrupted by SIGINT while starting: nothing was done"

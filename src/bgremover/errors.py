@@ -91,6 +91,20 @@ def report(error: BaseException | str, prog: str | None = None, code: int = 1) -
     return code
 
 
+STARTING = "interrupted by SIGINT while starting: nothing was done"
+
+
+@contextlib.contextmanager
+def starting():
+    """Around a Hydra command (train, eval): a Ctrl-C while Hydra composes its config, before the run handles
+    interrupts, was a KeyboardInterrupt traceback from inside Hydra; one line and exit 130 (the imports before it:
+    bgremover.ctrl_c_while_starting)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(report(STARTING, code=130)) from None
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with a bad option (`--port abc`) as one `prog: error: ...` line and exit 2, not its usage block
     before it: what bgremover-predict and bgremover-serve (also as `bgremover-predict s`) both print."""

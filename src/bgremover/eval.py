@@ -196,7 +196,10 @@ def main() -> None:
         from bgremover.errors import report
 
         sys.exit(report(f"{model[0]}: eval builds the net its checkpoint describes; drop the model override", code=2))
-    _main()
+    from bgremover.errors import starting
+
+    with starting():
+        _main()
 
 
 def number(value: float) -> str:

@@ -137,8 +137,10 @@ class CtrlC:
         self.came, self._before = False, None
 
     def hold(self, message: str | None) -> None:
+        from bgremover import ctrl_c_while_starting  # Python's own, once the command's main runs
+
         if threading.current_thread() is not threading.main_thread() \
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                or signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, ctrl_c_while_starting):
             return
 
         def came(signum, frame) -> None:

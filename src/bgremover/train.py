@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bgremover import checks, config, resume, sweep, task, utils
-from bgremover.errors import Interrupted, UserError, count, report
+from bgremover.errors import Interrupted, UserError, count, report, starting
 
 # torch, Lightning and the nets are imported inside the functions: a bad config is refused before paying for them
 
@@ -429,7 +429,8 @@ def ddp_relaunch_conflict(cfg: DictConfig) -> str | None:
 def main() -> float | None:
     """`bgremover-train` / `python -m bgremover.train`: Hydra's command line over conf/train.yaml."""
     config.hydra_command_line()
-    return _main()
+    with starting():
+        return _main()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
