@@ -455,7 +455,8 @@ def draw_split(stems: Sequence[str], fractions: Sequence[float], seed: int,
     if n - n_val - n_test < MIN_TRAIN:
         n_val, n_test = 1, 1
     order = np.random.default_rng(seed).permutation(n)
-    chosen = [sorted(stems)[i] for i in order]
+    ordered = sorted(stems)  # once: sorted per stem, a split of 20000 images took 2.7 s (run 2-3 times a run)
+    chosen = [ordered[i] for i in order]
     # a val set of background-only images scores the IoU that picks the best epoch as 0 (or undefined) every
     # epoch, and the first epoch was exported: the first drawn train stem with foreground takes a place there
     for start, size in ((0, n_val), (n_val, n_test)):
