@@ -28,7 +28,7 @@ def pad_image(image: np.ndarray, multiple: int) -> tuple[np.ndarray, Box]:
     box = (top, left, h, w)
     if not (top or bottom or left or right):
         return image, box
-    # numpy reflects at most the image's own width; tiny images fall back to repeating the edge
+    # a pad as wide as the image (tiny images): the edge repeated, not its few pixels reflected over and over
     mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "edge"
     widths = ((top, bottom), (left, right)) + ((0, 0),) * (image.ndim - 2)
     return np.pad(image, widths, mode=mode), box

@@ -223,17 +223,6 @@ def read_image(path: Path, draft_side: int | None = None) -> np.ndarray:
         raise FolderDataError(f"unreadable or truncated image: {path} ({type(e).__name__})") from None
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, from the header only."""
-    try:
-        with _open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise FolderDataError(f"unreadable image: {path} ({type(e).__name__})") from None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
 def read_mask(path: Path, labels: Labels) -> np.ndarray:
     """The mask file as an H×W label map (0..K-1, void K)."""
     raw, indexed = mask_values(path, labels)
