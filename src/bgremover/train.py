@@ -267,14 +267,15 @@ def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     objects.update(build(cfg))  # the caller's dict: an interrupt in the test stage reads the trainer from it
     trainer, model, datamodule, summary = (objects[k] for k in ("trainer", "model", "datamodule", "summary"))
-    if cfg.get("ckpt_path"):  # tested (train=false) or resumed on data of other classes: Lightning's state_dict
+    ckpt = checkpoint.read(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    if ckpt is not None:  # tested (train=false) or resumed on data of other classes: Lightning's state_dict
         # RuntimeError ("size mismatch for net.segmentation_head...") came instead of a word on the classes
-        checkpoint.check_classes(cfg.ckpt_path, checkpoint.meta(checkpoint.read(cfg.ckpt_path))["classes"],
-                                 list(model.hparams.class_names))
+        checkpoint.check_classes(cfg.ckpt_path, checkpoint.meta(ckpt)["classes"], list(model.hparams.class_names))
     if cfg.get("train", True):
+        del ckpt  # (Lightning reads it again: not held through the fit)
         _fit(cfg, trainer, model, datamodule)
     else:  # train=false ckpt_path=X tests X: how to finish a run that was stopped before its test stage
-        summary.from_checkpoint(checkpoint.read(cfg.ckpt_path), str(Path(cfg.ckpt_path).resolve()))
+        summary.from_checkpoint(ckpt, str(Path(cfg.ckpt_path).resolve()))
     # the run's best val/mIoU, read before the test stage: testing loads the best checkpoint, whose best so far is
     # that epoch's, not the run's where it was picked by another metric (the remover's val/fg_iou)
     fitted_best = _add_best_val({}, model)

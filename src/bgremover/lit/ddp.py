@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import traceback
 
 from pytorch_lightning.callbacks import Callback
@@ -179,7 +180,6 @@ class StopTogether(Callback):
         return bool(self.signum)
 
     def _take_over(self, trainer) -> None:
-        import signal
         import threading
 
         try:  # Lightning's private handler list (2.6): another version's is left as it is
@@ -236,8 +236,6 @@ class StopTogether(Callback):
 
         if not (dist.is_available() and dist.is_initialized()):
             return False
-        import signal
-
         mine = signal.SIGTERM if self._sigterm else signal.SIGINT if self._ctrl_c.came else 0
         came = torch.tensor([int(mine)], device=trainer.strategy.root_device)
         dist.all_reduce(came, op=dist.ReduceOp.MAX)  # every rank is here, after the same step or validation
