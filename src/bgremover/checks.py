@@ -270,6 +270,12 @@ def validate_train(cfg: DictConfig) -> None:
     # 0 was "ZeroDivisionError: integer modulo by zero" after everything was built
     _positive_int(trainer.get("check_val_every_n_epoch"), "trainer.check_val_every_n_epoch", allow_none=True)
     _check_search_objective(cfg, trainer)
+    if cfg.get("train", True) and (start := _spawned_strategy(trainer.get("strategy"))):
+        # the fit ran in the spawned ranks and its steps, history and best epoch stayed there: every such run ended
+        # "training took no step" (a resumed one recorded step 0 and no history), its interrupts said step 0
+        raise UserError(f"trainer.strategy={_strategy_name(trainer.get('strategy'))} ({start}ed ranks) cannot train here: "
+                        "the run's steps, history and best epoch stay in the ranks Lightning starts; use "
+                        "trainer=ddp (strategy ddp: this command re-run for each rank)")
     if trainer.get("sync_batchnorm") and trainer.get("accelerator") == "cpu" and "ddp" in str(trainer.get("strategy")):
         # torch's DistributedDataParallel refuses SyncBatchNorm modules on CPU, after everything was built
         raise UserError("trainer.sync_batchnorm=true needs GPUs (torch's DDP refuses SyncBatchNorm on CPU): "
@@ -312,6 +318,20 @@ def validate_train(cfg: DictConfig) -> None:
             raise UserError(f"{cfg.get('experiment_name') or 'this recipe'} needs {key}=...: {what}")
     if cfg.get("train", True):
         _check_gpu(cfg)
+
+
+def _spawned_strategy(strategy) -> str | None:
+    """'spawn' or 'fork' for a Lightning strategy whose ranks are this process's multiprocessing children (ddp_spawn,
+    ddp_fork, ddp_notebook and their *_find_unused_parameters_* forms, or a DDPStrategy node with a start_method)."""
+    if isinstance(strategy, str):
+        return next((m for m, names in (("spawn", ("spawn",)), ("fork", ("fork", "notebook")))
+                     if any(n in strategy for n in names)), None)
+    method = strategy.get("start_method") if isinstance(strategy, DictConfig) else None
+    return {"spawn": "spawn", "fork": "fork", "forkserver": "spawn"}.get(method) if method else None
+
+
+def _strategy_name(strategy) -> str:
+    return strategy if isinstance(strategy, str) else f"{strategy.get('_target_', 'strategy')}(start_method=...)"
 
 
 def _check_gpu(cfg: DictConfig) -> None:

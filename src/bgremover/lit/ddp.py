@@ -9,8 +9,8 @@ rank 1 went on, printed that same gloo error and pointed at a log file that was 
 So a non-zero rank that fails hands its cause to rank zero through the process group's store (hosted by rank zero:
 handed over means rank zero is alive to say it) and exits without a line of its own (1, or 128 + the signal of
 an interrupt, which rank zero says itself); rank zero, failing, ends its run with the first cause a peer handed
-over, if any, and stops the ranks it started before it touches the folder. Under `strategy=ddp_spawn` the ranks are the launcher's children: the cause comes back as torch's
-ProcessRaisedException, whose text holds the failed rank's traceback.
+over, if any, and stops the ranks it started before it touches the folder. (Training under `strategy=ddp_spawn`,
+whose ranks are multiprocessing children, is refused before it starts: checks.validate_train.)
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ def settle(trainer, exc: BaseException) -> BaseException:
     """The exception this process's run ends with, `exc` unless DDP has a better one (see the module's text)."""
     from bgremover.utils import _log_to_files
 
-    spawned = _spawned_cause(exc)
-    if spawned is not None:
-        return spawned
     store = _store(trainer)
     if store is None:
         return exc
@@ -109,37 +106,6 @@ def _stop_started_ranks(trainer) -> None:
             proc.wait(timeout=_STOP_WAIT_S)
         except Exception:  # still there: the failure is recorded anyway
             log.debug("DDP rank process %s did not stop", proc.pid, exc_info=True)
-
-
-def _spawned_cause(exc: BaseException) -> BaseException | None:
-    """strategy=ddp_spawn: the failed rank's own error from torch's "-- Process 1 terminated with the following
-    error:" and its traceback (the run said that first line, and no cause)."""
-    from torch.multiprocessing import ProcessRaisedException
-
-    if not isinstance(exc, ProcessRaisedException):
-        return None
-    lines = [line for line in exc.msg.splitlines() if line.strip()]
-    if not lines:
-        return None
-    kind, _, message = lines[-1].partition(": ")  # format_exception's last line: "module.Type: message"
-    from bgremover.utils import user_error_types
-
-    found = _exception_type(kind)
-    if found is not None and issubclass(found, user_error_types()):
-        return UserError(message)
-    return RankFailed(f"DDP rank {exc.error_index} failed with {kind.rsplit('.', 1)[-1]}: {message}")
-
-
-def _exception_type(name: str) -> type | None:
-    import builtins
-    import importlib
-
-    module, _, attr = name.rpartition(".")
-    try:
-        found = getattr(importlib.import_module(module) if module else builtins, attr)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    return found if isinstance(found, type) and issubclass(found, BaseException) else None
 
 
 class StopTogether(Callback):
