@@ -424,11 +424,12 @@ def test_training_with_spawned_ranks_is_refused_before_anything_starts(tmp_path)
         capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "ranks) cannot train here" in errors[0] and "use trainer=ddp" in errors[0], proc.stderr
+    assert len(errors) == 1 and "ranks) is not supported" in errors[0] and "use trainer=ddp" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and not run.exists()
 
 
-def test_only_training_with_multiprocessing_ranks_is_refused(tmp_path) -> None:
+def test_runs_and_evals_with_multiprocessing_ranks_are_refused(tmp_path) -> None:
+    """An eval under ddp_spawn counted its 2 test frames as 4 (each rank scored both) and called them PARTIAL."""
     from bgremover import checks
     from bgremover.errors import UserError
 
@@ -436,13 +437,20 @@ def test_only_training_with_multiprocessing_ranks_is_refused(tmp_path) -> None:
     base = [f"data.root={root}", "data.crop_size=[32,32]", *CPU_DDP]
     for strategy in ("ddp", "auto", "ddp_find_unused_parameters_true"):
         checks.validate_train(_trainer_cfg(tmp_path, [*base, f"trainer.strategy={strategy}"]))
-    with pytest.raises(UserError, match="train=false needs ckpt_path"):  # testing a checkpoint: not this refusal
-        checks.validate_train(_trainer_cfg(tmp_path, [*base, "trainer.strategy=ddp_spawn", "train=false"]))
     for strategy, said in [("ddp_spawn", "ddp_spawn (spawned"), ("ddp_fork", "ddp_fork (forked"),
                            ("ddp_notebook_find_unused_parameters_true", "parameters_true (forked"),
                            ("{_target_:pytorch_lightning.strategies.DDPStrategy,start_method:spawn}", "(spawned")]:
         with pytest.raises(UserError, match=re.escape(said)):
             checks.validate_train(_trainer_cfg(tmp_path, [*base, f"trainer.strategy={strategy}"]))
+    ckpt = tmp_path / "any.ckpt"
+    ckpt.write_bytes(b"x")  # the strategy is refused before the checkpoint is read
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"paths.output_dir={tmp_path}", f"ckpt_path={ckpt}",
+                                                     f"data.root={root}", *CPU_DDP, "trainer.strategy=ddp_spawn"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(UserError, match=re.escape("trainer.strategy=ddp_spawn (spawned ranks) is not supported")):
+        checks.validate_eval(cfg)
 
 
 def test_eval_loaders_give_each_rank_its_frames_without_repeats(tmp_path) -> None:

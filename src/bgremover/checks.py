@@ -270,12 +270,7 @@ def validate_train(cfg: DictConfig) -> None:
     # 0 was "ZeroDivisionError: integer modulo by zero" after everything was built
     _positive_int(trainer.get("check_val_every_n_epoch"), "trainer.check_val_every_n_epoch", allow_none=True)
     _check_search_objective(cfg, trainer)
-    if cfg.get("train", True) and (start := _spawned_strategy(trainer.get("strategy"))):
-        # the fit ran in the spawned ranks and its steps, history and best epoch stayed there: every such run ended
-        # "training took no step" (a resumed one recorded step 0 and no history), its interrupts said step 0
-        raise UserError(f"trainer.strategy={_strategy_name(trainer.get('strategy'))} ({start}ed ranks) cannot train here: "
-                        "the run's steps, history and best epoch stay in the ranks Lightning starts; use "
-                        "trainer=ddp (strategy ddp: this command re-run for each rank)")
+    _check_strategy(trainer)
     if trainer.get("sync_batchnorm") and trainer.get("accelerator") == "cpu" and "ddp" in str(trainer.get("strategy")):
         # torch's DistributedDataParallel refuses SyncBatchNorm modules on CPU, after everything was built
         raise UserError("trainer.sync_batchnorm=true needs GPUs (torch's DDP refuses SyncBatchNorm on CPU): "
@@ -318,6 +313,18 @@ def validate_train(cfg: DictConfig) -> None:
             raise UserError(f"{cfg.get('experiment_name') or 'this recipe'} needs {key}=...: {what}")
     if cfg.get("train", True):
         _check_gpu(cfg)
+
+
+def _check_strategy(trainer) -> None:
+    """Lightning's multiprocessing strategies run the fit or test in ranks this process starts, and what they keep
+    stays there: every ddp_spawn training ended "training took no step" with a failed run folder (a resumed one
+    recorded step 0 and no history, a Ctrl-C said step 0 with last.ckpt at step 50), and an eval counted its 2 test
+    frames as 4 and called its numbers PARTIAL. `ddp` re-runs the command for each rank instead."""
+    strategy = (trainer or {}).get("strategy")
+    if start := _spawned_strategy(strategy):
+        raise UserError(f"trainer.strategy={_strategy_name(strategy)} ({start}ed ranks) is not supported: what the ranks "
+                        "Lightning starts train and count stays in them; use trainer=ddp (strategy ddp: this command "
+                        "re-run for each rank)")
 
 
 def _spawned_strategy(strategy) -> str | None:
@@ -403,4 +410,5 @@ def validate_eval(cfg: DictConfig) -> None:
     resume.adopt_split(cfg, cfg.ckpt_path)  # a folder run's own split, before its data is checked
     if "root" in cfg.data:
         _check_data(cfg.data, None, [cfg.split])
+    _check_strategy(cfg.get("trainer"))
     _check_gpu(cfg)  # `make eval ARGS="trainer=gpu"` here: Lightning's line, after the checkpoint was loaded
