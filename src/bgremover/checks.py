@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from bgremover.config import given, overrides
+from bgremover.config import CONFIG_DIR, close_key, given, overrides
 from bgremover.errors import UserError, checkpoint_problem
 
 
@@ -227,9 +227,28 @@ def _check_not_a_sweep() -> None:
                         + " ".join(f"{k}=..." for k in missing))
 
 
+def _check_added_keys(cfg: DictConfig) -> None:
+    """`+remover_budget=600`, typed as Hydra's advice for the misspelt key says: the new top-level key was read by
+    nothing and the run trained the recipe's 30 minutes without a word. A key added with `+` (new by Hydra's rule)
+    that is a typo of one the config has is refused as Hydra's own typo answer is (config._hydra_message); others
+    (`+trainer.profiler=simple`, a key of the user's own) are added on purpose and kept."""
+    from pathlib import Path
+
+    for override in overrides():
+        key, _, value = override.partition("=")
+        if not key.startswith("+") or key.startswith("++"):  # ++ sets a key whether or not it is there
+            continue
+        key = key[1:]
+        if not key.isidentifier() or (Path(CONFIG_DIR) / key).is_dir():  # a nested key or a config group
+            continue
+        if near := close_key(key, cfg.keys()):
+            raise UserError(f"{override} adds a key nothing reads. Did you mean '{near}'? (give it as {near}={value})")
+
+
 def validate_train(cfg: DictConfig) -> None:
     """Everything `python -m bgremover.train` can check without building anything."""
     _check_output_dir()
+    _check_added_keys(cfg)
     _check_not_a_sweep()
     _check_seed(cfg)
     model = cfg.get("model") or {}
@@ -398,6 +417,7 @@ def max_time_s(cfg: DictConfig) -> float | None:
 def validate_eval(cfg: DictConfig) -> None:
     """Everything `python -m bgremover.eval` can check before torch is imported (seconds) and its run folder kept."""
     _check_output_dir()
+    _check_added_keys(cfg)
     _check_seed(cfg)
     if cfg.split not in ("test", "val"):
         raise UserError(f"split must be 'test' or 'val', not '{cfg.split}'")

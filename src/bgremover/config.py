@@ -358,13 +358,20 @@ def _hydra_message(exc: BaseException) -> str:
 def _near_key(cause: BaseException | None) -> str | None:
     """For OmegaConf's "Key 'remover_budget' is not in struct": the key of that node it is a typo of
     ('remover_budget_s'), with its node's path, or None."""
-    import difflib
-
     node, key, full = (getattr(cause, name, None) for name in ("parent_node", "key", "full_key"))
     if not isinstance(key, str) or not isinstance(full, str) or not isinstance(node, DictConfig):
         return None
-    close = difflib.get_close_matches(key, [k for k in node.keys() if isinstance(k, str)], n=1, cutoff=0.75)
-    return f"'{full.removesuffix(key)}{close[0]}'" if close else None
+    close = close_key(key, node.keys())
+    return f"'{full.removesuffix(key)}{close}'" if close else None
+
+
+def close_key(key: str, keys) -> str | None:
+    """The one of `keys` that `key` is a typo of, or None: the measure both typo answers use (a key Hydra refuses,
+    a key added with `+` that nothing reads)."""
+    import difflib
+
+    close = difflib.get_close_matches(key, [k for k in keys if isinstance(k, str) and k != key], n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def overrides() -> list[str]:
