@@ -1337,6 +1337,35 @@ def test_make_remover_takes_hydra_run_dir_as_its_run_folder(folder, tmp_path, mo
     assert len(seen) == 1
 
 
+def test_make_remover_refuses_a_data_root_that_is_not_its_folder(folder, tmp_path, monkeypatch, capsys):
+    """`make remover DATA=A ARGS="data.root=B"` trained on B (Hydra's last value wins) and printed the held-out
+    scores of A's images as the model's. Two folders are refused in one line before anything starts; the same
+    folder typed twice trains it, given to the training once."""
+    from bgremover import train_remover
+
+    other = write_folder(tmp_path / "other", seed=1)
+    seen: list[list[str]] = []
+
+    class Started(Exception):
+        pass
+
+    def training(cmd, env):
+        seen.append(cmd)
+        raise Started
+
+    monkeypatch.setattr(subprocess, "Popen", training)
+    run = tmp_path / "run"
+    for override in (f"data.root={other}", f"+data.root={other}"):
+        assert train_remover.main([str(folder), "--run-dir", str(run), override]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == (f"error: data.root={other} and the folder {folder.resolve()} both name the data to train "
+                        "on: give the folder once, as make remover DATA=path")
+    assert seen == [] and not run.exists()
+    with pytest.raises(Started):
+        train_remover.main([str(folder), "--run-dir", str(run), f"data.root={folder}/."])
+    assert [a for a in seen[0] if a.startswith("data.root=")] == [f"data.root={config.quoted(folder.resolve())}"]
+
+
 def test_experiment_remover_composes_with_budget_and_camvid_init(folder, tmp_path):
     cfg = compose_cfg(tmp_path, ["experiment=remover", f"data.root={folder}"])
     assert cfg.data._target_.endswith("FolderDataModule")

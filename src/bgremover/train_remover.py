@@ -149,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                                  "give one", code=2)
         args.run_dir, option = os.path.expanduser(typed), "hydra.run.dir="
         args.overrides = [o for o in args.overrides if o not in named]
+    # `data.root=B` among the overrides: the training read B (Hydra's last value wins) while the held-out scoring
+    # read DATA, so the numbers printed were of another folder's images. Both name the folder, and DATA is the one
+    # the command needs: the same folder typed twice is taken, two different ones refused
+    if roots := [o for o in args.overrides if o.lstrip("+").startswith("data.root=")]:
+        typed = given_overrides(roots)["data.root"]
+        if Path(typed).expanduser().resolve() != data:
+            return errors.report(f"data.root={typed} and the folder {data} both name the data to train on: give "
+                                 "the folder once, as make remover DATA=path", code=2)
+        args.overrides = [o for o in args.overrides if o not in roots]
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     run = Path(args.run_dir or Path("logs") / "remover" / "runs" / stamp).resolve()
     if taken := taken_run_dir([f"hydra.run.dir={run}", *args.overrides]):  # in the words the command used
