@@ -1047,3 +1047,24 @@ def test_a_resume_without_its_runs_seed_goes_on_with_it(small_camvid, tmp_path, 
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["seed"] == 7
     whole, split = (checkpoint.net_state(checkpoint.read(tmp_path / r / "checkpoints" / "last.ckpt")) for r in ("whole", "b"))
     assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def test_a_run_stopped_inside_an_epoch_counts_that_epoch_in_every_record(small_camvid, tmp_path):
+    """`trainer.max_steps` (or a time budget) ending a run inside an epoch: its summary.json counted the unfinished
+    epoch (2 epochs, 3 steps of 2 a epoch), while a test-only run of its checkpoint and the model exported from it
+    said 1 epoch, and model-info read "1 epoch, 3 steps; its run 2 epochs" as if the run had trained on past it.
+    Every record counts it now; a resume still goes on inside that epoch (finished epochs: 1)."""
+    from bgremover import checkpoint
+
+    run1 = tmp_path / "run1"
+    train(compose_cfg(run1, [*TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=5", "trainer.max_steps=3",
+                             "test=false"]))
+    s1 = json.loads((run1 / "summary.json").read_text())
+    assert (s1["epochs"], s1["global_step"]) == (2, 3)
+    ckpt = torch.load(s1["last_ckpt"], weights_only=True)
+    assert checkpoint.provenance(s1["last_ckpt"], ckpt)["epochs"] == 2
+    assert checkpoint.epochs_trained(ckpt) == 1  # what a resume goes on from: the rest of epoch 1
+    train(compose_cfg(tmp_path / "run2", [*TINY_RUN, f"data.root={small_camvid}", "train=false",
+                                          f"ckpt_path={s1['last_ckpt']}"]))
+    s2 = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert (s2["epochs"], s2["global_step"]) == (2, 3)

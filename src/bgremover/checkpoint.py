@@ -35,12 +35,19 @@ def run_file(path: str | os.PathLike, name: str) -> Path | None:
     return next((d / name for d in (ckpt.parent, ckpt.parent.parent) if (d / name).is_file()), None)
 
 
-def epochs_trained(ckpt: dict[str, Any]) -> int:
+def epochs_trained(ckpt: dict[str, Any], unfinished: bool = False) -> int:
     """Epochs a training checkpoint holds. Lightning's loop counter says it for a checkpoint written at an epoch's
     end (its "epoch" is that epoch's index) and at the end of training (its "epoch" already counts the last one)
-    alike; an older file without loop state: its "epoch" + 1."""
+    alike; an older file without loop state: its "epoch" + 1.
+
+    Finished epochs (what a resume goes on from), or with `unfinished` every epoch it trained in: one that
+    `trainer.max_steps` or a time budget stopped inside counts, as summary.json's `epochs` (Lightning's epoch count
+    at the end of fit) counts it. A run's records say the latter: a test-only run of that checkpoint and its model's
+    provenance said one epoch fewer than the run's own summary, of the same weights."""
     progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current")
-    return int(progress["processed"]) if progress else int(ckpt.get("epoch", -1)) + 1
+    if not progress:
+        return int(ckpt.get("epoch", -1)) + 1
+    return max(int(progress["processed"]), int(progress.get("started") or 0) if unfinished else 0)
 
 
 def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +66,7 @@ def provenance(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
         return {**kept, "via": Path(path).name + (" (float16 weights)" if half else "")}
     trained: dict[str, Any] = {"checkpoint": Path(path).name}
     if "global_step" in ckpt:
-        trained.update(epochs=epochs_trained(ckpt), global_step=int(ckpt["global_step"]))
+        trained.update(epochs=epochs_trained(ckpt, unfinished=True), global_step=int(ckpt["global_step"]))
     # the W&B run its curves and panels are in (on_save_checkpoint keeps it for resumes): the model named its run
     # folder only, which is on the machine that trained it
     wandb = {"id": ckpt.get("wandb_run_id"), "name": ckpt.get("wandb_run_name"), "offline": ckpt.get("wandb_run_offline")}

@@ -66,7 +66,7 @@ class RunSummary(Callback):
     def from_checkpoint(self, ckpt: dict[str, Any], path: str) -> None:
         """A test-only run (train=false ckpt_path=X) describes the training recorded in X."""
         self.history = list(ckpt.get("history", []))
-        self.epochs = epochs_trained(ckpt)
+        self.epochs = epochs_trained(ckpt, unfinished=True)  # as its run's summary counts them (on_fit_end)
         self.best_ckpt = path
         self.fit_seconds = ((ckpt.get("callbacks") or {}).get(type(self).__qualname__) or {}).get("fit_s")
         self.global_step = int(ckpt.get("global_step", 0))  # the trainer of a test-only run never stepped
