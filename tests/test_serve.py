@@ -251,6 +251,13 @@ def test_rembg_form_fields_are_options(server, remover):
     # empty fields are no options, as rembg's server (FastAPI) takes them: om= gave a mask, bgc= a 422
     status, _, body = request(server, "POST", "/api/remove", *form(om="", a="", bgc=""))
     assert status == 200 and body == encode_png(remover.remove(EXAMPLE))
+    # and an empty colour in the query is none too, as rembg's server reads `?bgc=` (it was a 422 here, while the
+    # empty form field was no option); an empty flag stays a 422 there and here
+    for query in ("?bgc=", "?bg_color=", "?bgc=&a=0"):
+        status, _, body = request(server, "POST", f"/api/remove{query}", *form())
+        assert status == 200 and body == encode_png(remover.remove(EXAMPLE)), body[:300]
+    status, _, body = request(server, "POST", "/api/remove?om=", *form())
+    assert status == 422 and "mask_only must be one of" in json.loads(body)["error"]
     status, _, body = request(server, "POST", "/api/remove", *form(model="u2net"))
     assert status == 422 and "unknown parameter model" in json.loads(body)["error"]
     status, _, body = request(server, "POST", "/api/remove?om=1", *form(om="true"))

@@ -82,7 +82,10 @@ def query_items(request) -> list[tuple[str, str]]:
 
 def parse_options(query: Any, remover: BackgroundRemover) -> dict[str, Any]:
     """Query parameters -> BackgroundRemover.remove keyword arguments; ApiError(422) on any bad value."""
-    query = QueryParams([(REMBG_NAMES.get(k, k), v) for k, v in query.multi_items()])
+    # an empty colour is none, as rembg's server takes `?bgc=` (a text it reads `if bgc`) and as an empty form field
+    # is here: it was a 422 (`?om=` stays one, as there: pydantic's bool refuses "")
+    query = QueryParams([(REMBG_NAMES.get(k, k), v) for k, v in query.multi_items()
+                         if not (REMBG_NAMES.get(k, k) == "bg_color" and v == "")])
     unknown = sorted(set(query.keys()) - set(OPTIONS) - set(MATTING))
     if "url" in unknown:  # rembg's fetch-by-URL: said as such, not as "unknown parameter" or "empty body"
         raise ApiError(422, URL_UNSUPPORTED)
