@@ -667,6 +667,33 @@ def test_folder_loaders_flip_train_only_scale_val_and_trim_train_only(tmp_path):
     assert [len(trimmed.datasets[s]) for s in fd.SPLITS] == [3, 1, 1]
 
 
+def test_a_ddp_ranks_share_smaller_than_a_batch_trains_as_one_short_batch(tmp_path):
+    """Under DDP each rank trains its share of the train split (len // world frames), but a short last batch was
+    dropped when the whole split filled a batch: 16 images on 2 ranks with data.batch_size=9 trained no step
+    ("training took no step: the train split fills no batch", of a split that fills one). Each rank's share is a
+    short batch now, as a one-process split smaller than a batch is; a share of one image (BatchNorm) is refused."""
+    from types import SimpleNamespace
+
+    from bgremover.data.folder_datamodule import FolderDataModule
+
+    root = _fixed_folder(tmp_path / "d", {"train": [np.full((20, 28), 255, np.uint8)] * 16,
+                                          "val": [np.full((20, 28), 255, np.uint8)] * 2,
+                                          "test": [np.full((20, 28), 255, np.uint8)]})
+    kw = {"batch_size": 9, "num_workers": 0, "image_size": 28, "crop_size": [16, 16], "split_out": None}
+
+    def batches(world: int, rank: int = 0, **more) -> list[int]:
+        dm = FolderDataModule(str(root), **kw, **more)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=0)  # what the loader reads
+        return [len(y) for _, y in dm.train_dataloader()]
+
+    assert batches(1) == [9]  # one process: the short last batch of 7 dropped, as before
+    assert batches(2, 0) == batches(2, 1) == [8]  # each rank's 8 frames: one batch each (none before)
+    with pytest.raises(fd.FolderDataError, match=r"^the train split holds 3 image/mask pairs: 2 DDP processes get "
+                                                 r"1 each, and BatchNorm cannot train on one image; give at least 4 "
+                                                 r"train images or fewer trainer.devices$"):
+        batches(2, limit_images=3)
+
+
 def test_folder_val_images_of_different_sizes_are_evaluated_one_at_a_time(tmp_path):
     """data.eval_batch_size=4 with val images that pad to 32x64 and 64x32: they cannot be stacked (a collate error
     at the first validation), so they come one per batch, each whole."""

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from bgremover.data import folder as fd
 from bgremover.data.camvid import _seed_worker, build_transforms, seed_transform, seeded_index, select
 from bgremover.data.classes import MEAN, STD
-from bgremover.data.datamodule import ShuffleState, eval_generator, eval_sampler, padded_sizes
+from bgremover.data.datamodule import ShuffleState, eval_generator, eval_sampler, padded_sizes, rank_and_world
+from bgremover.errors import count
 
 log = logging.getLogger("bgremover.train")
 
@@ -146,8 +147,16 @@ class FolderDataModule(ShuffleState, pl.LightningDataModule):
             batch = 1
         # under DDP, val/test frames each on one rank, once (CamVidDataModule's rule)
         sampler = self.train_shuffle(ds, hp.seed, batch) if train else eval_sampler(self.trainer, ds, split)
+        if train and len(sampler) < fd.MIN_TRAIN:  # a DDP rank's share: one process has MIN_TRAIN (check_config)
+            world = rank_and_world(self)[1]
+            raise fd.FolderDataError(f"the train split holds {count(len(ds), 'image/mask pair')}: {world} DDP "
+                                     f"processes get {len(sampler)} each, and BatchNorm cannot train on one image; "
+                                     f"give at least {fd.MIN_TRAIN * world} train images or fewer trainer.devices")
+        # a split smaller than a batch trains as one short batch (else no step at all), and so does a DDP rank's
+        # share of it: each rank draws len(sampler) frames, and against the whole split 4 images on 2 ranks with
+        # data.batch_size=3 trained no step ("training took no step", of a split that fills a batch)
         return DataLoader(ds, batch_size=batch, sampler=sampler,
-                          drop_last=train and len(ds) > hp.batch_size,
+                          drop_last=train and len(sampler) > hp.batch_size,
                           num_workers=hp.num_workers, pin_memory=hp.pin_memory,
                           persistent_workers=bool(hp.persistent_workers and hp.num_workers > 0),
                           worker_init_fn=_seed_worker if hp.num_workers > 0 else None,
