@@ -165,6 +165,39 @@ def test_make_predict_to_stdout_writes_only_the_png(tmp_path):
     assert make("OUT=cut.png").startswith(b'.venv/bin/bgremover-predict "a.jpg"  --out "cut.png"')
 
 
+def test_a_checkout_with_edited_recipes_is_recorded_dirty(tmp_path):
+    """source_commit said `-dirty` only when src/bgremover differed from its commit: a run of an edited
+    experiments/remover.yaml (or conf/) was recorded, in summary.json and its exported model, as that commit's clean
+    recipe. The checkout's configs count now, as the code does."""
+    import shutil
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    shutil.copytree(REPO / "src" / "bgremover", tmp_path / "src" / "bgremover",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("conf/train.yaml", "experiments/remover.yaml"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "a checkout"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    def commit() -> str:
+        said = subprocess.run([sys.executable, "-c", "from bgremover import utils; print(utils.source_commit())"],
+                              env={**os.environ, "PYTHONPATH": str(tmp_path / "src")}, capture_output=True,
+                              text=True, timeout=60)
+        assert said.returncode == 0, said.stderr
+        return said.stdout.strip()
+
+    assert commit() == head
+    for name in ("experiments/remover.yaml", "conf/train.yaml", "src/bgremover/train.py"):
+        original = (tmp_path / name).read_text()
+        (tmp_path / name).write_text(original + "# edited\n")
+        assert commit() == f"{head}-dirty", name
+        (tmp_path / name).write_text(original)
+    assert commit() == head
+
+
 def test_an_installed_package_inside_a_users_checkout_records_no_commit(tmp_path):
     """bgremover installed (not editable) into a project's git-ignored .venv sits inside that project's checkout: a
     run recorded the project's HEAD as the code that trained it, and its exported model said so. Only this package's

@@ -103,8 +103,10 @@ def shipped_model(name: str) -> str:
 
 
 def source_commit() -> str | None:
-    """The git commit of the code this process runs (`-dirty` when tracked files differ from it), for a run's record
-    and its exported model; None outside a git checkout (an installed package) or without git."""
+    """The git commit of the code this process runs (`-dirty` when tracked files differ from it: the package's, and
+    the checkout's conf/ and experiments/, whose recipes shape a run as much as the code does; an edited
+    experiments/remover.yaml was recorded as the commit's clean recipe), for a run's record and its exported model;
+    None outside a git checkout (an installed package) or without git."""
     import subprocess
 
     here = Path(__file__).resolve().parent
@@ -117,8 +119,8 @@ def source_commit() -> str | None:
                               text=True, timeout=10)
         if ours.returncode or head.returncode:
             return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                "../../conf", "../../experiments"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
