@@ -335,29 +335,18 @@ def validate_train(cfg: DictConfig) -> None:
 
 
 def _check_strategy(trainer) -> None:
-    """Lightning's multiprocessing strategies run the fit or test in ranks this process starts, and what they keep
-    stays there: every ddp_spawn training ended "training took no step" with a failed run folder (a resumed one
-    recorded step 0 and no history, a Ctrl-C said step 0 with last.ckpt at step 50), and an eval counted its 2 test
-    frames as 4 and called its numbers PARTIAL. `ddp` re-runs the command for each rank instead."""
+    """Lightning's multiprocessing strategies (ddp_spawn, ddp_fork, ddp_notebook and their *_find_unused_* forms, a
+    DDPStrategy node's start_method) run the fit or test in ranks this process starts, and what they keep stays
+    there: every ddp_spawn training ended "training took no step" with a failed run folder (a Ctrl-C said step 0
+    with last.ckpt at step 50), and an eval counted its 2 test frames as 4. `ddp` re-runs the command per rank."""
     strategy = (trainer or {}).get("strategy")
-    if start := _spawned_strategy(strategy):
-        raise UserError(f"trainer.strategy={_strategy_name(strategy)} ({start}ed ranks) is not supported: what the ranks "
-                        "Lightning starts train and count stays in them; use trainer=ddp (strategy ddp: this command "
-                        "re-run for each rank)")
-
-
-def _spawned_strategy(strategy) -> str | None:
-    """'spawn' or 'fork' for a Lightning strategy whose ranks are this process's multiprocessing children (ddp_spawn,
-    ddp_fork, ddp_notebook and their *_find_unused_parameters_* forms, or a DDPStrategy node with a start_method)."""
-    if isinstance(strategy, str):
-        return next((m for m, names in (("spawn", ("spawn",)), ("fork", ("fork", "notebook")))
-                     if any(n in strategy for n in names)), None)
-    method = strategy.get("start_method") if isinstance(strategy, DictConfig) else None
-    return {"spawn": "spawn", "fork": "fork", "forkserver": "spawn"}.get(method) if method else None
-
-
-def _strategy_name(strategy) -> str:
-    return strategy if isinstance(strategy, str) else f"{strategy.get('_target_', 'strategy')}(start_method=...)"
+    name, method = (strategy, None) if isinstance(strategy, str) else (
+        f"{strategy.get('_target_')}(start_method=...)", strategy.get("start_method")) if isinstance(
+        strategy, DictConfig) else (None, None)
+    if name and (method in ("spawn", "forkserver", "fork") or any(m in name for m in ("spawn", "fork", "notebook"))):
+        start = "spawn" if "spawn" in str(method or name) else "fork"
+        raise UserError(f"trainer.strategy={name} ({start}ed ranks) is not supported: what the ranks Lightning starts "
+                        "train and count stays in them; use trainer=ddp (strategy ddp: this command re-run per rank)")
 
 
 def _check_gpu(cfg: DictConfig) -> None:
