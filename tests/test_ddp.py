@@ -590,6 +590,8 @@ def left_alone(tmp_path_factory):
             runs[data] = tmp / data
             proc = _ddp_run(_data_path(data), root, runs[data])
             assert proc.returncode == 0, proc.stderr[-3000:]
+            # the plan says the batch of a step: data.batch_size is each rank's (it said "batch 2")
+            assert "batch 2 of 32×32 crops per rank × 2 ranks" in (runs[data] / "train.log").read_text()
         return runs[data]
 
     return root, run

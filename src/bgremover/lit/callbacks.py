@@ -182,7 +182,9 @@ def describe_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, start: Sta
         f"resumes at epoch {start[0]} (step {start[1]}): {f'{epochs - start[0]} of {epochs}' if epochs else '∞'} "
         f"epochs × {count(per_epoch, 'step') if per_epoch else '? steps'} " + (f"− {start[2]} done " if start[2] else "")
         + "= " + (f"{count(steps_left(trainer, start), 'step')} left{cap}" if steps else total),
-        f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames"),
+        f"batch {batch}" + (f" of {crop[0]}×{crop[1]} crops" if crop else " of full frames")
+        # data.batch_size is each DDP rank's: what a step trains (and what the lr is tuned for) is world times it
+        + (f" per rank × {trainer.world_size} ranks" if trainer.world_size > 1 else ""),
         f"validation every {count(trainer.check_val_every_n_epoch, 'epoch')}"
         + (" and at the end" if (trainer.check_val_every_n_epoch or 1) > 1 else "") if validates(trainer) else
         "no validation (trainer.limit_val_batches=0)",
