@@ -1007,3 +1007,130 @@ def test_an_unexpected_failure_is_a_json_500_a_browser_app_can_read(remover, cap
         assert request(base, "GET", "/health")[0] == 200  # still serving, nothing left admitted
         assert json.loads(request(base, "GET", "/health")[2])["busy"] == 0
     assert "onnxruntime: bad allocation" in caplog.text  # the cause, for whoever runs the server
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Answers a mutation audit found unpinned: each test fails on a plausible slip in serve.py / serve_requests.py
+
+
+def test_every_switch_word_rembgs_server_takes_and_the_threshold_ends(remover):
+    """om/a (mask_only/refine) take the words rembg's server (pydantic's bool) takes, in any case and with spaces
+    around; a word dropped from either list turned a valid request into a 422 (or a mask into none) unnoticed.
+    The threshold's ends 0 and 1 are valid and kept exactly as sent."""
+    from starlette.datastructures import QueryParams
+
+    from bgremover.serve import parse_options
+
+    for words, value in ((("1", "true", "t", "yes", "y", "on", "TRUE", " On "), True),
+                         (("0", "false", "f", "no", "n", "off", "OFF", " No "), False)):
+        for word in words:
+            assert parse_options(QueryParams([("om", word), ("refine", word)]), remover) == {
+                "mask_only": value, "refine": value}, word
+    for raw, value in (("0", 0.0), ("1", 1.0), ("0.45", 0.45), ("1e-3", 0.001)):
+        assert parse_options(QueryParams([("threshold", raw)]), remover) == {"threshold": value}, raw
+    for raw in ("-0.001", "1.0001", "inf"):
+        with pytest.raises(ApiError) as err:
+            parse_options(QueryParams([("threshold", raw)]), remover)
+        assert err.value.status == 422 and err.value.message == f"threshold must be a number within 0..1, got {raw!r}"
+
+
+def test_an_over_limit_declared_body_is_refused_before_it_is_sent(server):
+    """curl sends `Expect: 100-continue` before a large upload and waits: a Content-Length over --max-bytes is
+    answered 413 at once, so a 1 GB file is never uploaded (without the check the server asked for the body)."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /remove HTTP/1.1\r\nHost: test\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert json.loads(body) == {"error": f"request body of 1,000,000,000 bytes is over the limit of {MAX_BYTES:,} "
+                                         "(--max-bytes)"}
+
+
+class FaultyRemover:
+    """The real remover whose cut-out fails as a broken model does (BgRemoverError: wrong output shape)."""
+
+    def __init__(self, inner: BackgroundRemover) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def remove(self, img, **opts):
+        from bgremover.errors import BgRemoverError
+
+        raise BgRemoverError("model output has shape (1, 3, 8, 8), expected 11 classes")
+
+
+def test_a_model_fault_is_a_json_500_not_the_clients_error(remover, caplog):
+    """A model that fails in a known way is the server's fault: 500 with the reason (a 4xx would tell the client to
+    change a request that is fine), logged, and the slot freed."""
+    service = Service(FaultyRemover(remover), workers=1, max_bytes=MAX_BYTES)
+    with caplog.at_level("ERROR", logger="bgremover.serve"), live_server(service) as base:
+        status, headers, body = post_raw(base, JPEG)
+        assert status == 500 and headers["content-type"] == "application/json"
+        assert json.loads(body) == {"error": "internal error: model output has shape (1, 3, 8, 8), expected 11 classes"}
+        assert json.loads(request(base, "GET", "/health")[2]) == {
+            "status": "ok", "model": "bgremover-camvid.int8.onnx", "busy": 0, "served": 0}
+    assert "cut-out failed: model output has shape" in caplog.text
+
+
+def test_a_cutouts_answer_headers_and_the_health_counts(server):
+    """A cut-out is never cached (a proxy or browser replaying one photo's cut-out for another upload to the same
+    URL), says its time in Server-Timing's milliseconds, and /health counts each one served, once."""
+    before = json.loads(request(server, "GET", "/health")[2])["served"]
+    start = time.perf_counter()
+    status, headers, body = post_raw(server, JPEG)
+    took_ms = (time.perf_counter() - start) * 1000
+    assert status == 200 and headers["cache-control"] == "no-store"
+    match = re.fullmatch(r"cutout;dur=(\d+\.\d)", headers["server-timing"])
+    assert match and 5 < float(match.group(1)) <= took_ms, (headers["server-timing"], took_ms)
+    assert post_raw(server, JPEG, "?threshold=2")[0] == 422  # refused: not served
+    health = json.loads(request(server, "GET", "/health")[2])
+    assert health["served"] == before + 1 and health["busy"] == 0
+
+
+def test_the_pages_files_are_answered_with_their_types_and_policy(server):
+    """The page, its script and its style: each with its media type (a script served as text/plain is refused by
+    the browser under nosniff rules), the CSP that keeps the page from loading anything from elsewhere, and
+    no-cache, so an upgraded server's page is not mixed with an old cached script."""
+    from bgremover.serve import CSP
+
+    for path, media, name in (("/", "text/html; charset=utf-8", "index.html"),
+                              ("/static/page.css", "text/css; charset=utf-8", "page.css"),
+                              ("/static/page.js", "text/javascript; charset=utf-8", "page.js")):
+        status, headers, body = request(server, "GET", path)
+        assert status == 200 and headers["content-type"] == media, path
+        assert headers["content-security-policy"] == CSP and headers["cache-control"] == "no-cache", path
+        assert body == (REPO / "src" / "bgremover" / "static" / name).read_bytes(), path
+
+
+def test_cli_limits_reach_the_service():
+    """--max-bytes, --max-pixels and --queue are the limits the running server applies and /model reports (the
+    startup line alone said them: a value dropped on the way left the default 20 MB / 25 Mpx / 16 in force)."""
+    proc = subprocess.Popen(serve_cmd("--port", "0", "--threads", "1", "--log-level", "warning", "--max-bytes",
+                                      "123456", "--max-pixels", "65432", "--queue", "3"),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        match = re.search(r"http://(127\.0\.0\.1:\d+)/", proc.stderr.readline())
+        assert match
+        base = f"http://{match.group(1)}"
+        wait_healthy(base, proc=proc)
+        limits = json.loads(request(base, "GET", "/model")[2])["limits"]
+        assert (limits["max_bytes"], limits["max_pixels"], limits["queue"], limits["workers"]) == (123456, 65432, 3, 1)
+        status, _, body = post_raw(base, os.urandom(123457))
+        assert status == 413 and "over the limit of 123,456 (--max-bytes)" in json.loads(body)["error"]
+        status, _, body = post_raw(base, _flat_png(256, 256))
+        assert status == 413 and "256x256 = 65,536 pixels exceeds the limit of 65,432" in json.loads(body)["error"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
