@@ -1134,3 +1134,40 @@ def test_cli_limits_reach_the_service():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_rembgs_matting_bounds_and_a_bare_option_that_is_no_switch(server, remover):
+    """af and ab are rembg's 0..255, ae has no top (rembg takes any erode size): af=256 is a 422 as ab=256 is, and
+    ae=1000 is taken and ignored. A bare `?classes` or `?threshold` is an empty value (only a switch means true when
+    bare): `classes` empty is "no foreground class", not a class named 'true'."""
+    from starlette.datastructures import QueryParams
+
+    from bgremover.serve import parse_options
+
+    assert parse_options(QueryParams("af=255&ab=255&ae=1000"), remover) == {}
+    for query in ("af=256", "ab=256"):
+        with pytest.raises(ApiError) as err:
+            parse_options(QueryParams(query), remover)
+        assert err.value.status == 422 and "must be an integer within 0..255, got '256'" in err.value.message
+    for query, message in (("?classes", "classes: no foreground class given"),
+                           ("?threshold", "threshold must be a number within 0..1, got ''")):
+        status, _, body = post_raw(server, JPEG, query)
+        assert status == 422 and json.loads(body)["error"].startswith(message), (query, body)
+
+
+def test_a_file_part_without_filename_after_an_option_field_is_the_image(server, remover):
+    """`curl -F om=1 -F "file=<photo.jpg"`: the image is the part named file, not the first part of the body."""
+    body, headers = multipart(JPEG, filename=None, fields={"om": "1"})
+    status, _, got = request(server, "POST", "/api/remove", body, headers)
+    assert status == 200 and got == encode_png(remover.remove(EXAMPLE, mask_only=True)), got[:300]
+
+
+def test_a_malformed_multipart_upload_is_a_400(server):
+    """A multipart body its parser cannot read (a client's broken boundary) is an unusable body: 400 with the
+    reason, as an empty or non-image body is, not a 422 (an option to change) or a 500."""
+    headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    for body in (b"no boundary here at all", b"--xyz\r\nNoColonHeader\r\n\r\nabc\r\n--xyz--\r\n",
+                 b"--xyz\r\nContent-Type: text/plain\r\n\r\nabc\r\n--xyz--\r\n"):  # the last: a part with no name
+        status, headers_, got = request(server, "POST", "/remove", body, headers)
+        assert status == 400 and headers_["content-type"] == "application/json", (body, got)
+        assert json.loads(got)["error"].startswith("malformed multipart upload: "), got
