@@ -1171,3 +1171,18 @@ def test_a_malformed_multipart_upload_is_a_400(server):
         status, headers_, got = request(server, "POST", "/remove", body, headers)
         assert status == 400 and headers_["content-type"] == "application/json", (body, got)
         assert json.loads(got)["error"].startswith("malformed multipart upload: "), got
+
+
+def test_an_unusable_upload_is_named_as_the_upload_and_a_missing_page_file_is_a_json_404(server, monkeypatch):
+    """The remover names in-memory input "<stdin>"; a client never sent a stdin, so its error is about the upload
+    alone. A page file missing from an installation (a wheel built without static/) is a JSON 404 naming it."""
+    status, _, body = post_raw(server, b"hello, I am a text file\n" * 10)
+    assert status == 400 and json.loads(body) == {"error": "not a recognised image file"}
+    status, _, body = post_raw(server, _noise_jpeg()[:9000])
+    assert status == 400 and not json.loads(body)["error"].startswith("<stdin>"), body
+    from bgremover import serve
+
+    monkeypatch.setattr(serve, "STATIC", Path("/nonexistent/static"))
+    status, headers, body = request(server, "GET", "/static/page.js")
+    assert status == 404 and headers["content-type"] == "application/json"
+    assert json.loads(body) == {"error": "page file page.js is missing from the installation"}
