@@ -1186,3 +1186,30 @@ def test_an_unusable_upload_is_named_as_the_upload_and_a_missing_page_file_is_a_
     status, headers, body = request(server, "GET", "/static/page.js")
     assert status == 404 and headers["content-type"] == "application/json"
     assert json.loads(body) == {"error": "page file page.js is missing from the installation"}
+
+
+def test_a_second_file_field_is_refused_not_ignored(server):
+    """`curl -F file=@photo.jpg -F mask=@mask.png` (a client that expects a mask upload, as some removers take):
+    the second file would be dropped without a word and the photo cut out as if no mask were sent."""
+    body, headers = multipart(JPEG)
+    boundary = headers["Content-Type"].split("boundary=")[1]
+    extra = (f'--{boundary}\r\nContent-Disposition: form-data; name="mask"; filename="mask.png"\r\n'
+             "Content-Type: image/png\r\n\r\n").encode() + _flat_png(8, 8) + b"\r\n"
+    status, _, got = request(server, "POST", "/remove", extra + body, headers)
+    assert status == 422 and json.loads(got) == {"error": "unexpected file field(s) mask: send one image as 'file'"}
+
+
+def test_a_remover_refusal_of_an_option_is_a_422(remover):
+    """Service.cutout answers the remover's own refusal of an option (UsageError) as the client's to fix (422), as
+    it answers an unusable image (400): parse_options catches these first today, the worker must not turn one that
+    slips past it into a 400 or a 500."""
+    service = Service(remover, workers=1)
+    try:
+        with pytest.raises(ApiError) as err:
+            service.cutout(JPEG, {"threshold": 2.0})
+        assert err.value.status == 422 and err.value.message == "threshold must be within 0..1, got 2.0"
+        with pytest.raises(ApiError) as err:
+            service.cutout(JPEG, {"classes": ["Dog"]})
+        assert err.value.status == 422 and err.value.message.startswith("unknown class name(s) Dog; valid names:")
+    finally:
+        service.pool.shutdown()
