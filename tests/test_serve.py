@@ -1113,9 +1113,10 @@ def test_the_pages_files_are_answered_with_their_types_and_policy(server):
 
 def test_cli_limits_reach_the_service():
     """--max-bytes, --max-pixels and --queue are the limits the running server applies and /model reports (the
-    startup line alone said them: a value dropped on the way left the default 20 MB / 25 Mpx / 16 in force)."""
+    startup line alone said them: a value dropped on the way left the default 20 MB / 25 Mpx / 16 in force), and
+    --no-ui leaves the page out of the running server, not only out of the parsed options."""
     proc = subprocess.Popen(serve_cmd("--port", "0", "--threads", "1", "--log-level", "warning", "--max-bytes",
-                                      "123456", "--max-pixels", "65432", "--queue", "3"),
+                                      "123456", "--max-pixels", "65432", "--queue", "3", "--no-ui"),
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         match = re.search(r"http://(127\.0\.0\.1:\d+)/", proc.stderr.readline())
@@ -1128,6 +1129,8 @@ def test_cli_limits_reach_the_service():
         assert status == 413 and "over the limit of 123,456 (--max-bytes)" in json.loads(body)["error"]
         status, _, body = post_raw(base, _flat_png(256, 256))
         assert status == 413 and "256x256 = 65,536 pixels exceeds the limit of 65,432" in json.loads(body)["error"]
+        status, _, body = request(base, "GET", "/")
+        assert status == 404 and json.loads(body)["error"].startswith("not found: /; the API is POST /remove")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
     finally:
