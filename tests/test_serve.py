@@ -1216,3 +1216,24 @@ def test_a_remover_refusal_of_an_option_is_a_422(remover):
         assert err.value.status == 422 and err.value.message.startswith("unknown class name(s) Dog; valid names:")
     finally:
         service.pool.shutdown()
+
+
+class MetaFaultRemover(FaultyRemover):
+    """The real remover whose metadata cannot be read: /model fails outside any route's own error handling."""
+
+    @property
+    def meta(self):
+        raise RuntimeError("cannot read /home/someone/private/model.onnx")
+
+
+def test_an_error_outside_a_cutout_is_a_json_500_that_names_only_its_kind(remover, caplog):
+    """The last-resort handler answers JSON, as every other error here, and says the error's kind alone: the
+    message (a path on the server, here) is for the log, not for any client that asks."""
+    service = Service(MetaFaultRemover(remover), workers=1)
+    with caplog.at_level("ERROR", logger="bgremover.serve"), live_server(service) as base:
+        status, headers, body = request(base, "GET", "/model")
+        assert status == 500 and headers["content-type"] == "application/json"
+        assert json.loads(body) == {"error": "internal error: RuntimeError"}
+        assert request(base, "GET", "/health")[0] == 200
+    assert "unhandled error on /model" in caplog.text
+
