@@ -1237,3 +1237,11 @@ def test_an_error_outside_a_cutout_is_a_json_500_that_names_only_its_kind(remove
         assert request(base, "GET", "/health")[0] == 200
     assert "unhandled error on /model" in caplog.text
 
+
+def test_a_multipart_content_type_in_capitals_is_still_the_upload_form(server, remover):
+    """Media types are case-insensitive (RFC 9110): `Multipart/Form-Data` is the upload form, not a raw body (a
+    400 "not a recognised image file" for the whole form)."""
+    body, headers = multipart(JPEG)
+    headers = {"Content-Type": headers["Content-Type"].replace("multipart/form-data", "Multipart/Form-Data")}
+    status, _, got = request(server, "POST", "/remove", body, headers)
+    assert status == 200 and got == encode_png(remover.remove(EXAMPLE)), got[:300]
