@@ -21,10 +21,12 @@ from bgremover.nets.tiramisu import (
     DenseBlock,
     FCDenseNet,
     TransitionDown,
+    TransitionUp,
     count_parameters,
     fcdensenet56,
     fcdensenet67,
     fcdensenet103,
+    match_size,
 )
 
 _REF_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_tiramisu.py"
@@ -712,6 +714,22 @@ def test_odd_sizes_do_not_crash(size: tuple[int, int]) -> None:
     out = net(torch.randn(1, 3, *size))
     assert out.shape == (1, 3, *size)
     out.sum().backward()
+
+
+def test_transition_up_lines_its_maps_up_with_the_skip_from_the_top_left_at_odd_sizes() -> None:
+    """Pooled pixel i covers skip pixels 2i and 2i+1, so on an odd skip (CamVid's 360 rows reach the third transition
+    up as 45) the upsampled maps keep the top-left and the one missing row and column are zeros at the bottom and
+    right. Padding the other side shifted every upsampled map a pixel against its skip with no test failing: the
+    reference net borrows this very function, so it cannot tell; the expectation here is written out."""
+    up = TransitionUp(3).double()
+    nn.init.normal_(up.conv.bias)
+    x = torch.randn(1, 3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    out = up(x, torch.zeros(1, 5, 9, 13))
+    full = F.conv_transpose2d(x, up.conv.weight, up.conv.bias, stride=2, padding=1, output_padding=1)
+    assert full.shape[-2:] == (8, 12) and out.shape == (1, 3, 9, 13)
+    torch.testing.assert_close(out[..., :8, :12], full, atol=1e-12, rtol=1e-12)
+    assert not out[..., 8, :].any() and not out[..., :, 12].any()
+    assert torch.equal(match_size(full, (7, 11)), full[..., :7, :11])  # larger than the skip: its top-left
 
 
 def test_bad_input_rank_is_a_clear_error() -> None:
