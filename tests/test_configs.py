@@ -67,6 +67,33 @@ def test_every_model_builds_its_net(model):
         assert plain.bottleneck.plain and all(not b.memory_efficient for b in plain.up_blocks)
 
 
+# The registry by name (benchmarks, build_net): what each name must build, written out rather than read from it.
+REGISTRY = {"deeplabv3_resnet18": ("DeepLabV3", "resnet18"), "deeplabv3plus_resnet18": ("DeepLabV3Plus", "resnet18"),
+            "deeplabv3plus_mobilenet_v2": ("DeepLabV3Plus", "mobilenet_v2")}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_registry_names_build_that_smp_net_with_the_classes_asked(name):
+    """Nothing checked the smp entries of bgremover.nets.NETS: a name bound to the wrong architecture or encoder,
+    num_classes dropped for smp's default, or smp's imagenet weights fetched, went unnoticed
+    (benchmarks/train_throughput.py times nets by these names)."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    from bgremover.nets import build_net
+
+    arch, encoder = REGISTRY[name]
+    torch.manual_seed(0)
+    net = build_net(name, num_classes=3).eval()
+    torch.manual_seed(0)
+    want = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=3)  # random weights: no download
+    assert type(net) is type(want)
+    got, expected = net.state_dict(), want.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
 def test_default_run_is_the_quick_cpu_recipe():
     """`make train` / `python -m bgremover.train` with no experiment: minutes on a CPU, not the paper recipe."""
     GlobalHydra.instance().clear()
