@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import randomise_bn
 
+from bgremover.nets import dense_block
 from bgremover.nets.tiramisu import DenseBlock
 from bgremover.nets.workspace import Workspace
 
@@ -193,3 +194,27 @@ def test_make_remover_keep_memory_empty_leaves_glibcs_defaults(tmp_path, monkeyp
         env = seen.pop()
         assert all(env.get(k) == (None if keep else v) for k, v in KEEP_MEMORY_ENV.items()), (keep, words)
         assert ("KEEP_MEMORY= " in env[train_remover.RESUME_ENV]) == bool(keep)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])  # the routes of CPUs with and without bf16 units
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_a_second_training_step_takes_all_its_memory_from_the_first_steps_slots(memory_efficient: bool,
+                                                                                native_bf16: bool, monkeypatch) -> None:
+    """The point of the workspace: from the second step on, a block's buffer, saved activations and (in bf16) its
+    gradient buffer reuse the previous step's memory. Two of them sharing a name (one slot for every layer's
+    activation, or the gradient buffer in the block buffer's slot, still held) got fresh memory every step, each
+    faulted in afresh, and no test noticed: every number stays the same, only the speed is lost."""
+    monkeypatch.setattr(dense_block, "_CPU_NATIVE_BF16", native_bf16)
+    block = DenseBlock(4, 3, 2, dropout=0.0, memory_efficient=memory_efficient).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 6, 5).contiguous(memory_format=torch.channels_last)
+
+    def step() -> dict[str, int]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x)
+        out.float().sum().backward()
+        return {k: s.data_ptr() for k, s in block.workspace._slots.items()}
+
+    first = step()
+    # the gradient buffer is kept where it is 16-bit (native bf16); emulated bf16 holds it in fp32, freed each step
+    assert ("grad" in first) is native_bf16 and ("act0" in first) is not memory_efficient
+    assert step() == first and step() == first
