@@ -520,6 +520,25 @@ def test_bf16_autocast_close_to_fp32(native_bf16: bool, monkeypatch) -> None:
     assert rel < 0.05, rel
 
 
+def test_emulated_bf16_convolution_is_bf16_operands_through_fp32(monkeypatch) -> None:
+    """On a CPU without bf16 units (the emulated route, e.g. AVX2 only) a bf16-autocast convolution is the
+    bf16-rounded input, weight and bias convolved by the fp32 kernel and rounded once: what bf16 hardware computes
+    (a product of two bf16 values is exact in fp32). Convolving the fp32 operands unrounded passed every test,
+    since the results are only a little off; here they must be these numbers exactly."""
+    monkeypatch.setattr(dense_block, "_CPU_NATIVE_BF16", False)
+    conv = dense_block.Conv2d(6, 4, kernel_size=3, padding=1)
+    nn.init.normal_(conv.bias)
+    x = torch.randn(2, 6, 5, 5, generator=torch.Generator().manual_seed(9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv(x)
+
+    def r(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().bfloat16().float()
+
+    want = (F.conv2d(r(x), r(conv.weight), None, padding=1) + r(conv.bias).view(1, -1, 1, 1)).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 @pytest.fixture(params=["native", "emulated"])
 def bf16_route(request, monkeypatch) -> str:
     """Run a test on each CPU bf16 route, whatever this CPU has: native (bf16 kernels, as on CPUs with
