@@ -129,7 +129,10 @@ def test_keep_memory_env_stops_refaulting_large_tensors() -> None:
         return int(out.stdout.split()[-1])
 
     assert faults({}) > 20_000  # fewer only where huge pages back the mappings
-    assert faults(KEEP_MEMORY_ENV) < 1000
+    # a second measurement where the first saw one tensor's pages (9408 once, on a 2-core machine at load 7): the
+    # default allocator faults ~85,000 in each of them
+    kept = faults(KEEP_MEMORY_ENV)
+    assert (kept if kept < 1000 else faults(KEEP_MEMORY_ENV)) < 1000
 
 
 def test_make_train_and_remover_training_keep_memory(monkeypatch, tmp_path) -> None:
