@@ -376,6 +376,51 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
 
 
 
+def test_a_run_killed_before_its_summary_keeps_its_folder_and_last_ckpt(small_camvid, tmp_path, monkeypatch):
+    """A run killed by SIGKILL or the out-of-memory killer (or one still running) has written no summary.json,
+    only Hydra's record of its start and its checkpoints: a new run with the same `hydra.run.dir` was accepted,
+    replaced its config and log and re-pointed last.ckpt, the killed run's one way to go on, at its own epoch
+    (`epoch_000-v1.ckpt` beside the killed run's `epoch_000.ckpt`). Refused in one line; resuming it in place
+    and the other ranks of a DDP run (started into rank zero's folder) are not."""
+    from bgremover.config import taken_run_dir
+
+    killed = tmp_path / "killed"
+    (killed / ".hydra").mkdir(parents=True)
+    (killed / "checkpoints").mkdir()
+    files = {killed / ".hydra" / "hydra.yaml": "hydra:\n  job:\n    name: train\n",
+             killed / ".hydra" / "config.yaml": "seed: 1\n", killed / "train.log": "epoch 0\n",
+             killed / "checkpoints" / "epoch_000.ckpt": "weights of epoch 0"}
+    for path, text in files.items():
+        path.write_text(text)
+    (killed / "checkpoints" / "last.ckpt").symlink_to("epoch_000.ckpt")
+    proc = _run("bgremover.train", f"hydra.run.dir={killed}", f"data.root={small_camvid}", *TINY_RUN,
+                "trainer.max_epochs=1", "logger=csv")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: hydra.run.dir={killed} holds a run that wrote no summary.json (killed, or still running): its "
+        "config, log and last.ckpt would be overwritten; choose a new folder (or resume it in place with "
+        "ckpt_path=<that run>/checkpoints/last.ckpt)"]
+    assert {p: p.read_text() for p in files} == files
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    assert os.readlink(killed / "checkpoints" / "last.ckpt") == "epoch_000.ckpt"
+    assert taken_run_dir([f"hydra.run.dir={killed}", f"ckpt_path={killed}/checkpoints/last.ckpt"]) is None
+    # a run still in its first epoch (no checkpoint yet), and one whose Hydra record is gone: each mark suffices
+    started = tmp_path / "started"
+    (started / ".hydra").mkdir(parents=True)
+    (started / ".hydra" / "hydra.yaml").write_text("{}\n")
+    assert "(it holds no checkpoint to resume from)" in taken_run_dir([f"hydra.run.dir={started}"])
+    shutil.rmtree(killed / ".hydra")
+    assert taken_run_dir([f"hydra.run.dir={killed}"]).startswith(f"hydra.run.dir={killed} holds a run that wrote")
+    # Lightning's DDP launcher runs the command line again for rank 1 into rank zero's folder, begun a moment ago
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert taken_run_dir([f"hydra.run.dir={started}"]) is None
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert taken_run_dir([f"hydra.run.dir={started}"]) is not None
+    # an empty folder of the user's, or one a refused command emptied, is no run
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert taken_run_dir([f"hydra.run.dir={tmp_path / 'empty'}"]) is None
+
+
 def test_cpu_ddp_with_sync_batchnorm_is_refused_before_building(small_camvid, tmp_path):
     from bgremover import checks
     from bgremover.errors import UserError

@@ -271,16 +271,36 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
         # a single run at a sweep's root: the sweep's report then counted it among its jobs (a user audit)
         return (f"hydra.run.dir={run_dir} holds a sweep: a run there would be counted among its jobs; choose a new "
                 "folder")
-    if not run_dir or not any((Path(run_dir) / name).is_file() for name in (SUMMARY_NAME, "eval.json")):
+    if not run_dir:
+        return None
+    finished = any((Path(run_dir) / name).is_file() for name in (SUMMARY_NAME, "eval.json"))
+    if not finished and not _unfinished_run(Path(run_dir)):
         return None
     if resumes and _resumed_in_place(given):
         return None
     # an evaluation never resumes; nor does a run stopped before its first checkpoint (Ctrl-C in its first
     # seconds): told to resume it with ckpt_path=.../last.ckpt, the user got "checkpoint not found"
     can_resume = resumes and (Path(run_dir) / "checkpoints" / "last.ckpt").exists()
-    return (f"hydra.run.dir={run_dir} already holds a run: its config, log and results would be overwritten; "
+    held = ("already holds a run: its config, log and results would be overwritten" if finished else
+            f"holds a run that wrote no {SUMMARY_NAME} (killed, or still running): its config, log and last.ckpt "
+            "would be overwritten")
+    return (f"hydra.run.dir={run_dir} {held}; "
             "choose a new folder" + (" (or resume it in place with ckpt_path=<that run>/checkpoints/last.ckpt)"
                                      if can_resume else " (it holds no checkpoint to resume from)" if resumes else ""))
+
+
+# Lightning's DDP launcher runs the command line again for ranks 1..N-1, into rank zero's folder (LOCAL_RANK set);
+# torchrun and multi-node launches start every rank with these: the folder rank zero has just begun is theirs too
+_RANK_ENV = ("LOCAL_RANK", "RANK", "NODE_RANK", "GROUP_RANK")
+
+
+def _unfinished_run(folder: Path) -> bool:
+    """A run began in `folder` and wrote no summary.json: killed (SIGKILL, the out-of-memory killer) or still
+    running. Hydra's record of its start or a checkpoint marks it (a refused command leaves neither behind). A new
+    run there replaced its last.ckpt, the killed run's one way to go on, and two running runs wrote one folder."""
+    if any(os.environ.get(name, "0") != "0" for name in _RANK_ENV):
+        return False
+    return (folder / ".hydra" / "hydra.yaml").is_file() or any((folder / "checkpoints").glob("*.ckpt"))
 
 
 # A resume in place: the run's record as it was before Hydra and the run rewrote it (files: their bytes; logs:
