@@ -421,6 +421,31 @@ def test_a_run_killed_before_its_summary_keeps_its_folder_and_last_ckpt(small_ca
     assert taken_run_dir([f"hydra.run.dir={tmp_path / 'empty'}"]) is None
 
 
+def test_a_slurm_sweep_without_slurm_is_one_line_and_leaves_no_sweep_folder(small_camvid, tmp_path, monkeypatch):
+    """The README's SLURM command on a machine without SLURM: submitit's RuntimeError 'Could not detect "srun"' in a
+    traceback, after Hydra had made the sweep folder; that folder, holding only multirun.yaml, was then the newest
+    sweep, which plain `make compare` refused until it was deleted by hand."""
+    bare = tmp_path / "bin"  # a PATH without srun, whatever the machine running the tests has
+    bare.mkdir()
+    proc = _run("bgremover.train", "-m", "hydra/launcher=slurm", "seed=1,2", f"data.root={small_camvid}",
+                f"paths.log_dir={tmp_path / 'logs'}", env={"PATH": str(bare)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: hydra/launcher=slurm hands each job to SLURM, and this machine has no srun on its PATH: run the "
+        "sweep on a SLURM cluster's login node, or without hydra/launcher=slurm to run its jobs here one after another"]
+    assert not (tmp_path / "logs").exists()
+    from bgremover.config import missing_launcher
+
+    srun = bare / "srun"  # on a cluster's login node the sweep goes on to submitit
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bare))
+    assert missing_launcher(["-m", "hydra/launcher=slurm", "seed=1,2"]) is None
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert missing_launcher(["-m", "hydra/launcher=slurm", "seed=1,2"]) is not None
+    assert missing_launcher(["-m", "seed=1,2"]) is None  # the basic launcher runs the jobs here
+
+
 def test_cpu_ddp_with_sync_batchnorm_is_refused_before_building(small_camvid, tmp_path):
     from bgremover import checks
     from bgremover.errors import UserError

@@ -67,10 +67,10 @@ def hydra_command_line(resumes: bool = True, task: str = "train") -> None:
         options = ", ".join(sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml")))
         sys.exit(report(f"{needed}: {task} cannot run without a {group} config; choose one of: {options}", code=2))
     sys.argv[1:] = [path_override(_drop_group(a), multirun) for a in sys.argv[1:]]
-    if taken := taken_run_dir(sys.argv[1:], resumes):
+    if refused := taken_run_dir(sys.argv[1:], resumes) or missing_launcher(sys.argv[1:]):
         from bgremover.errors import report
 
-        sys.exit(report(taken, code=2))
+        sys.exit(report(refused, code=2))
     if resumes:
         keep_run_record(sys.argv[1:])
     _note_absent_folders(sys.argv[1:], task)
@@ -301,6 +301,19 @@ def _unfinished_run(folder: Path) -> bool:
     if any(os.environ.get(name, "0") != "0" for name in _RANK_ENV):
         return False
     return (folder / ".hydra" / "hydra.yaml").is_file() or any((folder / "checkpoints").glob("*.ckpt"))
+
+
+def missing_launcher(args: list[str]) -> str | None:
+    """A sweep through `hydra/launcher=slurm` (the README's SLURM command) where SLURM's `srun` is not at hand: submitit
+    said so in a traceback after the sweep folder was made, and that folder, holding only multirun.yaml, was then
+    the newest sweep `make compare` refused. Said before Hydra writes anything."""
+    import shutil
+
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if not multirun or given_overrides(args).get("hydra/launcher") != "slurm" or shutil.which("srun"):
+        return None
+    return ("hydra/launcher=slurm hands each job to SLURM, and this machine has no srun on its PATH: run the sweep "
+            "on a SLURM cluster's login node, or without hydra/launcher=slurm to run its jobs here one after another")
 
 
 # A resume in place: the run's record as it was before Hydra and the run rewrote it (files: their bytes; logs:
