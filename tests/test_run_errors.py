@@ -446,6 +446,30 @@ def test_a_slurm_sweep_without_slurm_is_one_line_and_leaves_no_sweep_folder(smal
     assert missing_launcher(["-m", "seed=1,2"]) is None  # the basic launcher runs the jobs here
 
 
+def test_an_optuna_search_without_dash_m_is_guarded_as_a_sweep(small_camvid, tmp_path):
+    """`hparams_search=optuna` sweeps without -m (its config sets hydra.mode=MULTIRUN), and the command line's
+    guards looked for -m alone: such a search into an earlier sweep's folder (hydra.sweep.dir=) was accepted,
+    overwrote that sweep's job 0 and counted its other jobs into the new sweep's report."""
+    from bgremover.config import taken_run_dir
+
+    earlier = tmp_path / "search"
+    (earlier / "0").mkdir(parents=True)
+    (earlier / "1").mkdir()
+    for job in ("0", "1"):
+        (earlier / job / "summary.json").write_text('{"status": "ok"}')
+    (earlier / "optimization_results.yaml").write_text("best_value: 0.5\n")
+    before = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    proc = _run("bgremover.train", "hparams_search=optuna", "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={earlier}",
+                f"data.root={small_camvid}", *TINY_RUN, "trainer.max_epochs=1", "logger=csv")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: hydra.sweep.dir={earlier} already holds a sweep or run (0/summary.json): its results would be "
+        "overwritten or counted into this one; choose a new folder"]
+    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before
+    assert taken_run_dir(["hydra.mode=MULTIRUN", f"hydra.sweep.dir={earlier}"]) is not None
+    assert taken_run_dir([f"hydra.sweep.dir={earlier}"]) is None  # one run: hydra.sweep.dir is not its folder
+
+
 def test_cpu_ddp_with_sync_batchnorm_is_refused_before_building(small_camvid, tmp_path):
     from bgremover import checks
     from bgremover.errors import UserError

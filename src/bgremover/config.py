@@ -56,7 +56,7 @@ def hydra_command_line(resumes: bool = True, task: str = "train") -> None:
     status 2, as argparse does, instead of Hydra's several lines and its HYDRA_FULL_ERROR hint.
     ``HYDRA_FULL_ERROR=1`` still gives Hydra's full report."""
     require_config_dir()
-    multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+    multirun = sweeps(sys.argv[1:])
     defaults = OmegaConf.load(Path(CONFIG_DIR) / f"{task}.yaml").get("defaults") or []  # eval has no model group
     required = set(REQUIRED_GROUPS) & {next(iter(d)) if isinstance(d, DictConfig) else d for d in defaults}
     if needed := next((a for a in sys.argv[1:] if _drop_group(a).startswith("~")
@@ -201,6 +201,15 @@ def path_override(arg: str, multirun: bool = False) -> str:
     return f"{key}={quoted(path)}"
 
 
+def sweeps(args: list[str]) -> bool:
+    """-m, or a setting that makes the command a sweep without it: hparams_search=optuna sets hydra.mode=MULTIRUN,
+    and such a sweep into an earlier sweep's folder (hydra.sweep.dir=) overwrote its job 0 and took in the rest."""
+    given = given_overrides(args)
+    search = Path(CONFIG_DIR) / "hparams_search" / f"{given.get('hparams_search')}.yaml"
+    return (any(a in ("-m", "--multirun") for a in args) or given.get("hydra.mode") == "MULTIRUN"
+            or (search.is_file() and OmegaConf.select(OmegaConf.load(search), "hydra.mode") == "MULTIRUN"))
+
+
 def given_overrides(args: list[str]) -> dict[str, str]:
     """key=value overrides of a command line (`+key=value` as key), a quoted value (`quoted`) as Hydra reads it;
     a key given twice has its last value, as in Hydra."""
@@ -248,7 +257,7 @@ def taken_run_dir(args: list[str], resumes: bool = True) -> str | None:
     (`-m hydra.sweep.dir=X`) into a folder holding an earlier sweep's jobs: job N overwrote the earlier job N's
     results and the earlier jobs were counted into the new sweep's report."""
     given = given_overrides(args)
-    if any(a in ("-m", "--multirun") for a in args):
+    if sweeps(args):
         sweep_dir = given.get("hydra.sweep.dir")
         if not sweep_dir:
             return None
@@ -309,8 +318,7 @@ def missing_launcher(args: list[str]) -> str | None:
     the newest sweep `make compare` refused. Said before Hydra writes anything."""
     import shutil
 
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    if not multirun or given_overrides(args).get("hydra/launcher") != "slurm" or shutil.which("srun"):
+    if not sweeps(args) or given_overrides(args).get("hydra/launcher") != "slurm" or shutil.which("srun"):
         return None
     return ("hydra/launcher=slurm hands each job to SLURM, and this machine has no srun on its PATH: run the sweep "
             "on a SLURM cluster's login node, or without hydra/launcher=slurm to run its jobs here one after another")
