@@ -523,6 +523,22 @@ def test_a_sweep_that_ran_no_job_says_so(tmp_path: Path) -> None:
         compare.build_report([tmp_path], out=tmp_path / "report", grid_images=0)
 
 
+def test_an_eval_sweep_is_not_called_a_sweep_that_ran_no_job(tmp_path: Path, capsys) -> None:
+    """`python -m bgremover.eval -m ckpt_path=X split=val,test` ran and reported both jobs ok; compare over its
+    folder said "the sweep there stopped before any job ran (its command's error line says why)"."""
+    sweep = tmp_path / "eval_sweep"
+    for job, split in enumerate(("val", "test")):
+        (sweep / str(job)).mkdir(parents=True)
+        (sweep / str(job) / "eval.json").write_text(json.dumps({"split": split, "metrics": {f"{split}/mIoU": 0.5}}))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / "sweep_summary.json").write_text("[]\n")
+    assert compare.main([str(sweep)]) == 1
+    assert capsys.readouterr().err == (
+        f"python -m bgremover.compare: error: no summary.json found under {sweep}: it holds evaluations (eval.json, "
+        "bgremover.eval's), and the report compares training runs; each evaluation's numbers are in its eval.json\n")
+    assert not (sweep / "report").exists()
+
+
 def test_a_folder_of_unfinished_runs_says_there_is_nothing_to_compare(tmp_path: Path) -> None:
     """Only an interrupted run: the report's Nets table was empty, headers alone, with nothing saying why."""
     write_summary(tmp_path / "s" / "0", {"status": "interrupted", "error": "interrupted by SIGTERM at epoch 1, step 4",

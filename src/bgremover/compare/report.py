@@ -146,7 +146,12 @@ def build_report(
     runs = find_runs(paths)
     if not runs:
         started = [p for p in paths if (p / "multirun.yaml").is_file()]  # Hydra wrote it, then no job ran
+        # an eval sweep's jobs (or `make eval`'s folder) write eval.json: "stopped before any job ran" of a sweep
+        # whose every job had evaluated
+        evals = [p for p in paths if p.is_dir() and next(p.rglob("eval.json"), None)]
         raise CompareError(f"no {SUMMARY_NAME} found under {', '.join(map(str, paths))}" + (
+            ": it holds evaluations (eval.json, bgremover.eval's), and the report compares training runs; each "
+            "evaluation's numbers are in its eval.json" if evals else
             ": the sweep there stopped before any job ran (its command's error line says why)" if started else ""))
     sweep = paths[0] if paths[0].is_dir() else paths[0].parent
     out = Path(out) if out else sweep / REPORT_DIRNAME
