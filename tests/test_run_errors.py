@@ -177,6 +177,26 @@ def test_a_typed_gpu_accelerator_on_a_cpu_machine_is_named_with_a_fix_that_works
     assert fixed.returncode == 0, fixed.stderr
 
 
+def test_a_test_only_run_on_a_gpu_trainer_without_a_gpu_is_refused_as_a_training_is(small_camvid, tmp_path,
+                                                                                      monkeypatch):
+    """`make train ARGS="train=false ckpt_path=<last.ckpt> trainer=gpu"` (what the README and the
+    limit_train_batches=0 refusal say to test a checkpoint with) skipped the GPU check a training gets: it read the
+    checkpoint, built the net, then failed in Lightning's words ("No supported gpu backend found!") and left a
+    failed run folder."""
+    from bgremover import checks
+    from bgremover.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("MAKELEVEL", raising=False)  # typed to python -m bgremover.train
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"pytorch-lightning_version": "2.5.0", "epoch": 0, "global_step": 2, "state_dict": {}}, ckpt)
+    with pytest.raises(UserError) as info:
+        checks.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "train=false",
+                                                             f"ckpt_path={ckpt}", "trainer=gpu"]))
+    assert str(info.value) == ("trainer=gpu trains on a GPU (trainer.accelerator=gpu) and this machine has none: add "
+                               "trainer=cpu to run it here")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_eval_on_a_gpu_trainer_without_a_gpu_is_refused_as_train_refuses_it(small_camvid, tmp_path):
     """`make eval ARGS="trainer=gpu"` (eval --help lists it) loaded the checkpoint, then failed in Lightning's words
