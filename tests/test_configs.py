@@ -354,7 +354,7 @@ def test_recipes_refuse_what_they_cannot_run_without(tmp_path, monkeypatch) -> N
 
 
 @pytest.mark.parametrize("override", ["speedrun_budget_s=-5", "speedrun_budget_s=0", "speedrun_budget_s=abc",
-                                      "callbacks.time_to_miou.budget_s=-1"])
+                                      "callbacks.time_to_miou.budget_s=-1", "speedrun_budget_s=true"])
 def test_a_time_budget_that_never_ends_a_run_is_refused(tmp_path, override):
     """`remover_budget_s=-5` (or 0) was taken: the budget never ended training, which ran all its 1000 epochs (9 h
     on the README's example folder) while the plan said "stops after 0 s"; `=abc` failed after the config dump in
@@ -368,7 +368,7 @@ def test_a_time_budget_that_never_ends_a_run_is_refused(tmp_path, override):
     base = ["experiment=speedrun_deeplabv3plus", "~data.root", "trainer=cpu"]
     with pytest.raises(UserError) as info:
         checks.validate_train(compose_cfg(tmp_path, [*base, override]))
-    shown = "'abc'" if value == "abc" else value
+    shown = {"abc": "'abc'", "true": "True"}.get(value, value)  # true was taken as a budget of 1 s
     assert str(info.value) == f"{key} must be a positive number of seconds (or null: no time budget), got {shown}"
     checks.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s=null"]))
     checks.validate_train(compose_cfg(tmp_path, [*base, "speedrun_budget_s=12.5"]))

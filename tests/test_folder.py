@@ -21,6 +21,7 @@ from test_train import compose_cfg
 
 from bgremover import checks, config, cutout_eval
 from bgremover.data import folder as fd
+from bgremover.errors import UserError
 
 SHIPPED_PT = REPO / "models" / "bgremover-camvid.pt"
 SHIPPED_ONNX = REPO / "models" / "bgremover-camvid.onnx"
@@ -839,6 +840,15 @@ def test_images_without_masks_are_counted(tmp_path):
         fd.scan(root)
     assert str(err.value) == (f"image has no mask: {root / 'images' / 'im1.jpg'} (expected {root / 'masks'}/im1.png; "
                               f"3 such images of 6 in {root / 'images'})")
+
+
+def test_folder_data_without_a_root_says_to_set_it(tmp_path):
+    """data=folder without data.root (its config's null): one line saying what to give, not a scan of the
+    folder the command was started in."""
+    for root in ([], ["data.root=''"]):
+        with pytest.raises(UserError) as err:
+            checks.validate_train(compose_cfg(tmp_path / "run", ["data=folder", *root, *FAST]))
+        assert str(err.value) == "data.root is not set: data=folder data.root=path/to/your/folder"
 
 
 def test_limit_images_below_two_train_pairs_is_refused_up_front(folder, tmp_path):

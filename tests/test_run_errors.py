@@ -109,6 +109,23 @@ def test_deeplab_with_a_batch_of_one_is_refused_before_a_run_folder_is_made(smal
     ("model.optimizer.weight_decay=[1]", "model.optimizer.weight_decay must be a number, got [1]"),
     ("model.scheduler.gamma=null", "model.scheduler.gamma must be a number, got null"),
     ("+model.optimizer.centered=maybe", "model.optimizer.centered must be true or false, got 'maybe'"),
+    # each passed the checks and failed after the build: the DataLoader's "num_workers option should be
+    # non-negative", a crop of one side or of 0 pixels in albumentations, a crop the net's skips cannot concatenate
+    ("data.num_workers=-1", "data.num_workers must be 0 or more, got -1"),
+    ("data.crop_size=[32]", "data.crop_size must be [height, width] in pixels or null, got [32]"),
+    ("data.crop_size=[0,32]", "data.crop_size must be [height, width] in pixels or null, got [0, 32]"),
+    ("data.crop_size=[48,32]", "data.crop_size [48, 32] must be multiples of 32 (the net's size multiple)"),
+    ("data.limit_images=0", "data.limit_images must be a positive integer, got 0"),
+    ("data.limit_eval_images=0", "data.limit_eval_images must be a positive integer, got 0"),
+    ("data.eval_batch_size=0", "data.eval_batch_size must be a positive integer, got 0"),
+    ("trainer.max_epochs=0", "trainer.max_epochs must be a positive integer, got 0"),
+    # taken without a word: a learning rate of 0 trains nothing, true clips as 1; `best` was "not found: best"
+    ("model.optimizer.lr=0", "model.optimizer.lr must be a positive number, got 0"),
+    ("trainer.gradient_clip_val=true", "trainer.gradient_clip_val must be a non-negative number (0 or null: no "
+                                       "clipping), got True"),
+    ("ckpt_init=best", "ckpt_init=best: give the checkpoint's path (a run's last one: <run>/checkpoints/last.ckpt)"),
+    ("trainer.max_time=00:00:00:00", "trainer.max_time must be a positive duration, got '00:00:00:00'"),
+    ("train=false", "train=false needs ckpt_path=<checkpoint> to test"),
 ])
 def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid, tmp_path, override, message):
     """Both failed after the datamodule, the net and the W&B run were built ("TypeError: 'int' object is not
@@ -234,6 +251,26 @@ def test_an_optimized_metric_no_run_logs_is_named(small_camvid, tmp_path):
     proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "trainer.max_epochs=1",
                 "trainer.limit_val_batches=0", "test=false", "logger=csv", f"hydra.run.dir={tmp_path / 'noval'}")
     assert proc.returncode == 0 and "optimized_metric" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_optuna_trial_that_would_never_validate_is_refused_in_seconds(small_camvid, tmp_path):
+    """The check test_sweep runs on the real CamVid (a whole study), on the composed config of one trial."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    from bgremover import checks
+    from bgremover.errors import UserError
+
+    cfg = compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "hparams_search=optuna",
+                                         "trainer.limit_val_batches=0"])
+    with read_write(cfg.hydra), open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN  # a trial is a job of the study's multirun
+    HydraConfig().set_config(cfg)
+    with pytest.raises(UserError) as info:
+        checks.validate_train(cfg)
+    assert str(info.value).startswith("optimized_metric=val/mIoU_best (the Optuna objective) comes from validation, "
+                                      "and this run never validates (trainer.limit_val_batches=0)")
 
 
 def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small_camvid, tmp_path):
@@ -647,6 +684,37 @@ def test_full_frames_with_scale_jitter_stay_allowed_where_the_data_crops_them_ba
     assert cfg.data.crop_size is None and cfg.data.scale_jitter == 0.25  # allowed as given, not dropped
 
 
+def test_full_frames_are_refused_only_where_frames_of_different_sizes_would_be_stacked(small_camvid, tmp_path):
+    """The refusal of full frames with scale jitter is for a batch of several differently scaled frames: full
+    frames without jitter (every CamVid frame one size), or one frame a batch, train as given."""
+    from bgremover import checks
+
+    base = [*TINY_RUN, f"data.root={small_camvid}", "data.crop_size=null"]
+    for extra in (["data.scale_jitter=0"], ["data.scale_jitter=0.25", "data.batch_size=1"]):
+        cfg = compose_cfg(tmp_path / "run", [*base, *extra])
+        checks.validate_train(cfg)
+        assert cfg.data.crop_size is None
+
+
+def test_a_dataset_folder_without_a_splits_labels_is_refused_naming_the_split(small_camvid, tmp_path):
+    """val/ there and valannot/ not (a copy stopped half-way): refused before the build, naming the split, not
+    a missing-label error once the val loader ran after the first epoch."""
+    from bgremover import checks
+    from bgremover.errors import UserError
+
+    shutil.rmtree(small_camvid / "valannot")
+    with pytest.raises(UserError) as info:  # test=false: a training still validates on val
+        checks.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "test=false"]))
+    assert str(info.value).startswith(f"{small_camvid} has no 'val' split (val/ and valannot/): ")
+    # a test-only run reads the test split alone, whatever it trained on: only its checkpoint is at fault here
+    for folder in ("val", "train", "trainannot"):
+        shutil.rmtree(small_camvid / folder)
+    with pytest.raises(UserError) as info:
+        checks.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", "train=false",
+                                                             "data.train_split=train+val", "ckpt_path=nope.ckpt"]))
+    assert str(info.value) == "ckpt_path: checkpoint not found: nope.ckpt"
+
+
 @pytest.mark.parametrize(("args", "message"), [
     ([], "error: no checkpoint given: make eval CKPT=path/to/checkpoint.ckpt (python -m bgremover.eval ckpt_path=...)"),
     (["ckpt_path=/nonexistent/last.ckpt"], "error: ckpt_path: checkpoint not found: /nonexistent/last.ckpt"),
@@ -665,6 +733,27 @@ def test_eval_without_a_checkpoint_is_one_line_before_torch_and_leaves_no_run(tm
     assert proc.returncode == 1 and proc.stderr.strip() == message, proc.stderr
     assert proc.stdout.strip() == "[]"  # nothing of torch imported before the answer
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_of_a_split_it_has_no_numbers_for_or_of_no_dataset_is_refused_before_the_checkpoint_is_read(tmp_path):
+    """eval scores the held-out splits only: split=train would score the frames the net learnt from as if they
+    were a test."""
+    from omegaconf import OmegaConf
+
+    from bgremover import checks
+    from bgremover.errors import UserError
+
+    cfg = OmegaConf.create({"split": "train", "ckpt_path": str(tmp_path / "absent.ckpt"), "data": {}, "seed": 1})
+    with pytest.raises(UserError) as info:
+        checks.validate_eval(cfg)
+    assert str(info.value) == "split must be 'test' or 'val', not 'train'"
+    # and the dataset it scores is there, before torch is imported and the checkpoint read (seconds)
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"read once the data are found")
+    with pytest.raises(UserError) as info:
+        checks.validate_eval(compose_cfg(tmp_path / "run", [f"ckpt_path={ckpt}", f"data.root={tmp_path / 'none'}"],
+                                         config_name="eval"))
+    assert str(info.value).startswith(f"dataset folder not found: {tmp_path / 'none'} (run `make data`")
 
 
 def test_a_refused_run_leaves_no_empty_folders_in_a_fresh_checkout(tmp_path):
