@@ -602,6 +602,46 @@ def test_a_user_error_never_removes_a_folder_hydra_did_not_make(tmp_path):
 
 
 
+def test_a_run_stopped_before_it_started_leaves_no_folder_and_a_crash_or_a_sweep_job_keeps_its_record(tmp_path):
+    """Ctrl-C before training started (nothing trained, no checkpoint): its run folder, which holds only what
+    Hydra wrote, goes as a refused run's does. A crash at the same point (a bug, not the user's) keeps its folder
+    with a `failed` summary.json, and so does a sweep's job refused on a user error: the sweep's report lists it
+    as failed, with its reason, instead of losing the job."""
+    import signal
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    from bgremover.errors import UserError
+    from bgremover.task import run_task
+    from bgremover.train import RunInterrupted
+
+    errors = {"ctrl-c": (RunInterrupted(signal.SIGINT, None, 0, 0, stage="start"), None),
+              "crash": (RuntimeError("boom"), "RuntimeError: boom"), "sweep job": (UserError("bad input"), "bad input")}
+    for stop, (error, said) in errors.items():
+        run = tmp_path / stop
+        cfg = compose_cfg(run, [*TINY_RUN])
+        if stop == "sweep job":
+            with read_write(cfg.hydra), open_dict(cfg):
+                cfg.hydra.mode = RunMode.MULTIRUN
+            HydraConfig().set_config(cfg)
+        (run / ".hydra").mkdir(parents=True)  # what Hydra writes before the task runs
+        (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+        (run / "train.log").write_text("")
+
+        def stops(_, error=error):
+            raise error
+
+        with pytest.raises(type(error)):
+            run_task(stops, cfg)
+        if stop == "ctrl-c":
+            assert not run.exists()
+        else:
+            summary = json.loads((run / "summary.json").read_text())
+            assert (summary["status"], summary["error"]) == ("failed", said), stop
+
+
 @pytest.mark.parametrize("error", ["user", "crash"])
 def test_a_ddp_rank_failing_alone_leaves_rank_zeros_run_folder_and_record_alone(tmp_path, monkeypatch, error):
     """Under DDP every rank runs in rank zero's run folder. A non-zero rank that failed alone (a bad frame in its

@@ -134,6 +134,21 @@ def test_logger_wandb_offline_true_keeps_a_run_offline_with_a_key_at_hand(tmp_pa
     assert prepare_wandb(compose_cfg(tmp_path, ["logger=wandb"])) == "online"  # the key's default stays online
 
 
+def test_a_key_saved_by_wandb_login_takes_runs_online_and_none_keeps_them_offline(tmp_path, monkeypatch):
+    """`wandb login` saves the key in ~/.netrc, not in WANDB_API_KEY: read there too, or a logged-in user's runs
+    stayed offline without a word (README: runs go online when a key is at hand)."""
+    from bgremover.task import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode() == "offline"
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    netrc.chmod(0o600)  # as wandb login writes it (Python refuses a password in a file others can read)
+    assert wandb_mode() == "online"
+
+
 def test_wandb_project_from_the_environment_is_the_runs_and_the_comparisons(small_camvid, tmp_path, monkeypatch):
     """WANDB_PROJECT=mine: training runs still went to project "bgremover" (the config named it), while
     `compare --wandb` logged into "mine", so the comparison was not beside the runs it compares."""
