@@ -527,6 +527,20 @@ def test_an_optuna_search_without_dash_m_is_guarded_as_a_sweep(small_camvid, tmp
     assert taken_run_dir([f"hydra.sweep.dir={earlier}"]) is None  # one run: hydra.sweep.dir is not its folder
 
 
+def test_a_folder_holding_an_evaluation_or_a_run_with_no_checkpoint_is_taken_and_never_offered_as_a_resume(tmp_path):
+    """An evaluation's folder (eval.json) is a run's record too: a training into it overwrote eval's config and
+    log. A run stopped before its first checkpoint is refused without the advice to resume it from a last.ckpt
+    that is not there (followed, it said "checkpoint not found")."""
+    from bgremover.config import taken_run_dir
+
+    for folder, record in (("evaluated", "eval.json"), ("stopped", "summary.json")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / record).write_text("{}")
+        assert taken_run_dir([f"hydra.run.dir={tmp_path / folder}"]) == (
+            f"hydra.run.dir={tmp_path / folder} already holds a run: its config, log and results would be "
+            "overwritten; choose a new folder (it holds no checkpoint to resume from)")
+
+
 def test_cpu_ddp_with_sync_batchnorm_is_refused_before_building(small_camvid, tmp_path):
     from bgremover import checks
     from bgremover.errors import UserError
