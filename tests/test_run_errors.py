@@ -138,6 +138,21 @@ def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid,
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
+def test_a_misspelt_setting_added_with_a_plus_is_not_blamed_on_the_recipe(small_camvid, tmp_path):
+    """`+model.optimizer.lrr=0.1` is the user's own key (Hydra's `+` form of a key the config lacks): the line names
+    what the class takes, without "the recipe sets it ...: drop it with ~model.optimizer.lrr", which is for keys a
+    recipe set for another class."""
+    from bgremover import checks
+    from bgremover.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        checks.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}",
+                                                             "+model.optimizer.lrr=0.1"]))
+    said = str(info.value)
+    assert said.startswith("model.optimizer.lrr is not a setting of torch.optim.RMSprop (it takes: lr, alpha, ")
+    assert said.endswith(")") and "recipe" not in said, said
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.parametrize("override, message", [
     # Lightning's endless training: "OverflowError: cannot convert float infinity to integer" after the build
