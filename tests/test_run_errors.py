@@ -716,6 +716,23 @@ def test_a_refused_resume_in_place_leaves_the_run_as_it_was(small_camvid, tmp_pa
     assert {p: p.read_bytes() for p in record} == record
 
 
+def test_a_resume_in_place_that_trained_keeps_its_new_record_when_it_fails_later(tmp_path, monkeypatch):
+    """The put-back above is for a resume refused before it trained: one that wrote checkpoints and then failed
+    on a user error keeps the record of what it trained, not the old run's summary over its new checkpoints."""
+    from bgremover import config
+
+    monkeypatch.setattr(config, "_KEPT", {})
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"epoch 1")
+    (run / "summary.json").write_text('{"status": "ok", "epochs": 1}')
+    config.keep_run_record([f"hydra.run.dir={run}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    (run / "summary.json").write_text('{"status": "failed", "epochs": 2}')  # what the resume wrote, and its epoch
+    (run / "checkpoints" / "epoch_002.ckpt").write_bytes(b"epoch 2")
+    assert config.restore_run_record() is False
+    assert (run / "summary.json").read_text() == '{"status": "failed", "epochs": 2}'
+
+
 def test_early_errors_import_neither_torch_nor_lightning(small_camvid, tmp_path):
     """"Errors arrive first" took 16 s for a missing checkpoint (a user audit): checking trainer.max_time imported
     Lightning (~10 s on 2 cores) and the optimizer's settings torch, before the checkpoint was looked at. The
