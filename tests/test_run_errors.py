@@ -386,7 +386,7 @@ def test_a_run_folder_that_holds_a_run_is_never_trained_or_evaluated_into(small_
     """`hydra.run.dir=<an earlier run>` overwrote its config, log, summary and last.ckpt (`make reproduce-default`
     used one fixed folder, so a second run clobbered the first). Refused in one line before Hydra writes anything;
     resuming that run in place (ckpt_path inside it) and a new folder are fine."""
-    from bgremover.config import taken_run_dir
+    from bgremover.run_dirs import taken_run_dir
 
     old = tmp_path / "old_run"
     (old / ".hydra").mkdir(parents=True)
@@ -454,7 +454,7 @@ def test_a_run_killed_before_its_summary_keeps_its_folder_and_last_ckpt(small_ca
     replaced its config and log and re-pointed last.ckpt, the killed run's one way to go on, at its own epoch
     (`epoch_000-v1.ckpt` beside the killed run's `epoch_000.ckpt`). Refused in one line; resuming it in place
     and the other ranks of a DDP run (started into rank zero's folder) are not."""
-    from bgremover.config import taken_run_dir
+    from bgremover.run_dirs import taken_run_dir
 
     killed = tmp_path / "killed"
     (killed / ".hydra").mkdir(parents=True)
@@ -522,7 +522,7 @@ def test_an_optuna_search_without_dash_m_is_guarded_as_a_sweep(small_camvid, tmp
     """`hparams_search=optuna` sweeps without -m (its config sets hydra.mode=MULTIRUN), and the command line's
     guards looked for -m alone: such a search into an earlier sweep's folder (hydra.sweep.dir=) was accepted,
     overwrote that sweep's job 0 and counted its other jobs into the new sweep's report."""
-    from bgremover.config import taken_run_dir
+    from bgremover.run_dirs import taken_run_dir
 
     earlier = tmp_path / "search"
     (earlier / "0").mkdir(parents=True)
@@ -546,7 +546,7 @@ def test_a_folder_holding_an_evaluation_or_a_run_with_no_checkpoint_is_taken_and
     """An evaluation's folder (eval.json) is a run's record too: a training into it overwrote eval's config and
     log. A run stopped before its first checkpoint is refused without the advice to resume it from a last.ckpt
     that is not there (followed, it said "checkpoint not found")."""
-    from bgremover.config import taken_run_dir
+    from bgremover.run_dirs import taken_run_dir
 
     for folder, record in (("evaluated", "eval.json"), ("stopped", "summary.json")):
         (tmp_path / folder).mkdir()
@@ -719,17 +719,17 @@ def test_a_refused_resume_in_place_leaves_the_run_as_it_was(small_camvid, tmp_pa
 def test_a_resume_in_place_that_trained_keeps_its_new_record_when_it_fails_later(tmp_path, monkeypatch):
     """The put-back above is for a resume refused before it trained: one that wrote checkpoints and then failed
     on a user error keeps the record of what it trained, not the old run's summary over its new checkpoints."""
-    from bgremover import config
+    from bgremover import run_dirs
 
-    monkeypatch.setattr(config, "_KEPT", {})
+    monkeypatch.setattr(run_dirs, "_KEPT", {})
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"epoch 1")
     (run / "summary.json").write_text('{"status": "ok", "epochs": 1}')
-    config.keep_run_record([f"hydra.run.dir={run}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    run_dirs.keep_run_record([f"hydra.run.dir={run}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
     (run / "summary.json").write_text('{"status": "failed", "epochs": 2}')  # what the resume wrote, and its epoch
     (run / "checkpoints" / "epoch_002.ckpt").write_bytes(b"epoch 2")
-    assert config.restore_run_record() is False
+    assert run_dirs.restore_run_record() is False
     assert (run / "summary.json").read_text() == '{"status": "failed", "epochs": 2}'
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from bgremover import config
+from bgremover import config, run_dirs
 from bgremover.config import SUMMARY_NAME, overrides
 from bgremover.errors import Interrupted
 from bgremover.utils import _log_to_files, error_summary, is_multirun, is_user_error, write_json_atomic
@@ -132,7 +132,7 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
             finish_wandb(exit_code, announce=False)  # its offline run goes with the folder: no `wandb sync` line
             _remove_run_dir(empty)
         # a refused resume in place gets the run's own record back (restore_run_record) instead of a stub
-        elif not (nothing and not is_multirun() and config.restore_run_record()):
+        elif not (nothing and not is_multirun() and run_dirs.restore_run_record()):
             write_json_atomic(out_dir / SUMMARY_NAME, summary)
         raise
     finally:

@@ -30,10 +30,10 @@ from bgremover.config import (
     SUMMARY_NAME,
     given_overrides,
     quoted,
-    taken_run_dir,
 )
 from bgremover.errors import OneLineParser, UserError, count
 from bgremover.files import Terminated, raise_terminated
+from bgremover.run_dirs import taken_run_dir
 from bgremover.utils import KEEP_MEMORY_ENV
 
 # where the configs and models/ are (a checkout, or pip's share/bgremover): the recipe's ckpt_init is found from here
