@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, write_camvid
 from omegaconf import open_dict
 from test_runs import TINY_RUN, _run
 from test_train import compose_cfg
@@ -126,6 +126,9 @@ def test_deeplab_with_a_batch_of_one_is_refused_before_a_run_folder_is_made(smal
     ("ckpt_init=best", "ckpt_init=best: give the checkpoint's path (a run's last one: <run>/checkpoints/last.ckpt)"),
     ("trainer.max_time=00:00:00:00", "trainer.max_time must be a positive duration, got '00:00:00:00'"),
     ("train=false", "train=false needs ckpt_path=<checkpoint> to test"),
+    # trained no step: Lightning's "length of the train loader is zero" warnings came first, after the build
+    ("data.limit_images=1", "training would take no step: data.limit_images=1 fills no batch of data.batch_size=2 "
+                            "(a short last batch is dropped); lower data.batch_size"),
 ])
 def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid, tmp_path, override, message):
     """Both failed after the datamodule, the net and the W&B run were built ("TypeError: 'int' object is not
@@ -136,6 +139,14 @@ def test_settings_that_failed_after_the_build_are_refused_up_front(small_camvid,
     with pytest.raises(UserError) as info:
         checks.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}", *override.split()]))
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_train_split_limited_to_one_batch_trains(small_camvid, tmp_path):
+    """The no-step refusal above counts the batch: a limit that fills one still trains."""
+    from bgremover import checks
+
+    checks.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}",
+                                                         "data.limit_images=2"]))
 
 
 def test_a_misspelt_setting_added_with_a_plus_is_not_blamed_on_the_recipe(small_camvid, tmp_path):
@@ -299,15 +310,17 @@ def test_bad_batch_size_fails_at_once_in_one_line_and_leaves_no_run_folder(small
 
 
 
-def test_a_run_that_trains_no_step_fails_instead_of_testing_an_untrained_net(small_camvid, tmp_path):
-    """data.limit_images=1 with data.batch_size=2: Lightning's "No training batches" went by as an info line, and
-    the run then tested its untrained net and ended "ok" with those numbers (global_step 0, no checkpoint)."""
-    proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "data.limit_images=1",
-                "trainer.max_epochs=1", "data.limit_eval_images=1", f"paths.log_dir={tmp_path}")
+def test_a_run_that_trains_no_step_fails_instead_of_testing_an_untrained_net(tmp_path):
+    """One train frame with data.batch_size=2 (data.limit_images=1 is refused up front now): Lightning's "No
+    training batches" went by as an info line, and the run then tested its untrained net and ended "ok" with those
+    numbers (global_step 0, no checkpoint)."""
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 1, "val": 1, "test": 1}, size=(32, 64))
+    proc = _run("bgremover.train", *TINY_RUN, f"data.root={root}", "trainer.max_epochs=1",
+                f"paths.log_dir={tmp_path}")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and errors == [
         "error: training took no step: the train split fills no batch of data.batch_size=2 (a short last batch is "
-        "dropped) with data.limit_images=1; lower data.batch_size"], proc.stderr[-2000:]
+        "dropped); lower data.batch_size"], proc.stderr[-2000:]
     assert "test/mIoU" not in proc.stdout and not list((tmp_path / "train" / "runs").glob("*"))
 
 

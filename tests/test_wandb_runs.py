@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, write_camvid
 from test_runs import TINY_RUN, _run
 from test_train import compose_cfg
 from wandb_records import offline_run, records
@@ -41,12 +41,14 @@ def test_a_failed_or_interrupted_run_is_not_marked_successful_in_wandb(small_cam
     assert _exit_code(tmp_path) == code
 
 
-def test_a_refused_run_does_not_say_to_upload_the_wandb_run_it_removed(small_camvid, tmp_path):
-    """A run that trained no step is refused and its folder removed, wandb/ included; the log still said
-    "W&B: offline run, upload it with `wandb sync <that folder>/wandb/offline-run-…`"."""
-    proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "data.limit_images=1", "logger=wandb",
-                "trainer.max_epochs=1", "data.limit_eval_images=1", f"paths.log_dir={tmp_path}")
-    assert proc.returncode == 1 and not list((tmp_path / "train" / "runs").glob("*"))
+def test_a_refused_run_does_not_say_to_upload_the_wandb_run_it_removed(tmp_path):
+    """A run that trained no step (one train frame, a batch of 2) is refused and its folder removed, wandb/
+    included; the log still said "W&B: offline run, upload it with `wandb sync <that folder>/wandb/offline-run-…`"."""
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 1, "val": 1, "test": 1}, size=(32, 64))
+    proc = _run("bgremover.train", *TINY_RUN, f"data.root={root}", "logger=wandb", "trainer.max_epochs=1",
+                f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 1 and "training took no step" in proc.stderr, proc.stderr[-2000:]
+    assert not list((tmp_path / "train" / "runs").glob("*"))
     assert "wandb sync" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
 
 

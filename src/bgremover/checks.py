@@ -61,7 +61,12 @@ def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[st
                         "data.scale_jitter=0, or keep a crop size")
     for key in ("limit_images", "limit_eval_images"):
         _positive_int(data.get(key), f"data.{key}", allow_none=True)
-    if str(data.get("_target_", "")).endswith("FolderDataModule"):  # data=folder: every file decoded and checked
+    folder = str(data.get("_target_", "")).endswith("FolderDataModule")  # (which trains a short batch instead)
+    if not folder and "train" in splits and (data.get("limit_images") or data.batch_size) < data.batch_size:
+        # said after the build, below Lightning's "length of the train loader is zero" warnings (a user audit)
+        raise UserError(f"training would take no step: data.limit_images={data.limit_images} fills no batch of "
+                        f"data.batch_size={data.batch_size} (a short last batch is dropped); lower data.batch_size")
+    if folder:  # data=folder: every file decoded and checked
         from bgremover.data.folder import check_config
 
         if not data.get("root"):
