@@ -1037,6 +1037,26 @@ def test_perfect_prediction_scores_one(tmp_path):
         {"fg_iou": 1.0, "boundary_f": 1.0, "alpha_mae": 0.0}, abs=1e-6)
 
 
+def test_cutout_metric_sums_every_foreground_class_over_every_batch():
+    """CamVid's foreground is several classes (car, pedestrian, …): alpha is their summed probability, a pixel of
+    any of them is foreground, void (ignore_index, or a label ≥ the classes) is left out, and an epoch's batches
+    add up. The test above has one foreground class and one batch. Expected numbers worked out by hand."""
+    from bgremover.lit.cutout import CutoutMetric
+
+    def batch(probs: list[list[float]], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        p = torch.tensor(probs, dtype=torch.float64)  # 3 pixels × 4 classes, as one 1×3 image
+        return p.log().T.reshape(1, 4, 1, 3), torch.tensor(labels).reshape(1, 1, 3)
+
+    metric = CutoutMetric([1, 3], ignore_index=4)
+    # alpha = P(1) + P(3): 0.6 on background (fp), 0.7 on class 1 (tp), 0.7 on class 3 (tp)
+    metric.update(*batch([[0.3, 0.3, 0.1, 0.3], [0.2, 0.5, 0.1, 0.2], [0.1, 0.1, 0.2, 0.6]], [0, 1, 3]))
+    # 0.2 on class 2 (tn); then void pixels predicted foreground: ignore_index 4 and label 7 (≥ 4 classes)
+    metric.update(*batch([[0.1, 0.1, 0.7, 0.1], [0.1, 0.4, 0.1, 0.4], [0.1, 0.4, 0.1, 0.4]], [2, 4, 7]))
+    got = {k: float(v) for k, v in metric.compute().items()}
+    assert got["fg_iou"] == pytest.approx(2 / 3)  # tp 2, fp 1, fn 0
+    assert got["alpha_mae"] == pytest.approx((0.6 + 0.3 + 0.3 + 0.2) / 4, abs=1e-6)  # the 4 labelled pixels
+
+
 # --- fine-tuning from the shipped CamVid net ----------------------------------------------------------------------
 def test_shipped_weights_match_the_onnx_model_on_a_real_frame():
     """models/bgremover-camvid.pt is what `make ship` saved from the checkpoint the ONNX file was exported from:
