@@ -233,3 +233,48 @@ def test_an_eval_sweep_reports_its_jobs_as_evaluated_not_failed(small_camvid, tm
     assert "2 of 2 jobs ok" in proc.stderr
     assert f"val/mIoU={evals[0]['metrics']['val/mIoU']:.4f} (2 frames)" in proc.stderr
     assert f"test/mIoU={evals[1]['metrics']['test/mIoU']:.4f} (3 frames)" in proc.stderr
+
+
+def test_the_sweep_report_counts_each_jobs_status_and_exits_1_when_one_failed(tmp_path, capsys):
+    """The sweep's end, without training: the sweep tests above need minutes of real jobs each. A failed job, one
+    that crashed before its summary.json, an interrupted one and ok ones: each listed as what it was, in job order (10 after 2), and
+    the sweep exits 1; a sweep whose jobs all passed exits normally."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from bgremover.sweep import SweepReport
+
+    def job(name: str, seed: int, summary: dict | None) -> None:
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=tiramisu56", f"seed={seed}"]))
+        if summary is not None:
+            (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+
+    ok = {"status": "ok", "net": "tiramisu56", "metrics": {"test/mIoU": 0.41234, "val/mIoU_best": 0.5}}
+    job("0", 1, {**ok, "seed": 1})
+    job("1", 2, {"status": "failed", "net": "tiramisu56", "seed": 2, "error": "CUDA out of memory"})
+    job("2", 3, None)  # killed before it wrote anything
+    job("3", 5, {"status": "interrupted", "net": "tiramisu56", "seed": 5, "error": "interrupted by SIGTERM"})
+    job("10", 4, {**ok, "seed": 4, "metrics": {"test/mIoU": 0.25}})
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    with pytest.raises(SystemExit) as info:
+        SweepReport().on_multirun_end(config)
+    assert info.value.code == 1
+    jobs = json.loads((tmp_path / "sweep_summary.json").read_text())["jobs"]
+    assert [(j["job"], j["status"], j["seed"], j["test/mIoU"]) for j in jobs] == [
+        ("0", "ok", 1, 0.41234), ("1", "failed", 2, None), ("2", "failed", None, None), ("3", "interrupted", 5, None),
+        ("10", "ok", 4, 0.25)]
+    err = capsys.readouterr().err.splitlines()
+    assert err[1:] == [
+        f"sweep {tmp_path}: 2 of 5 jobs ok",
+        "  [ok] job 0 (seed=1) test/mIoU=0.4123",
+        "  [failed] job 1 (seed=2): CUDA out of memory",
+        "  [failed] job 2 (seed=3): no summary.json (the job crashed before writing one)",
+        "  [interrupted] job 3 (seed=5): interrupted by SIGTERM",
+        "  [ok] job 10 (seed=4) test/mIoU=0.2500",
+        "error: 3 sweep jobs failed (see above); the others' results are kept"]
+
+    for name in ("1", "2", "3"):  # all rerun and passed: the sweep passes
+        (tmp_path / name / "summary.json").write_text(json.dumps({**ok, "seed": int(name) + 1}))
+    SweepReport().on_multirun_end(config)
+    assert "5 of 5 jobs ok" in capsys.readouterr().err
