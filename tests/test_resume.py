@@ -309,11 +309,14 @@ def test_a_resume_in_place_keeps_the_csv_logs_earlier_rows(small_camvid, tmp_pat
     train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=2", "test=false"]))
     path = tmp_path / "a" / "csv" / "metrics.csv"
     before = list(csv.DictReader(path.open()))
+    step = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert sorted({r["epoch"] for r in before if r.get("val/mIoU")}) == ["0", "1"]
     train(compose_cfg(tmp_path / "a", [*base, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"]))
     after = list(csv.DictReader(path.open()))
     assert sorted({r["epoch"] for r in after if r.get("val/mIoU")}) == ["0", "1", "2"]
     assert [{k: v for k, v in r.items() if k in before[0]} for r in after[: len(before)]] == before  # kept as written
+    # and once: the resumed run's rows come from its own steps, from the checkpoint's on
+    assert len([r for r in after if float(r["step"]) < step]) == len(before)
     assert any(r.get("test/mIoU") for r in after)  # the test stage's new column, header widened
     assert sum(line.startswith("epoch,") for line in path.read_text().splitlines()) == 1  # one header
     # rows past the checkpoint's step (an older checkpoint resumed, a hard kill after the last save) are trained
