@@ -31,6 +31,8 @@ def test_ema_decay_too_slow_for_the_run_is_called_out(tmp_path, caplog):
     assert fit(0.999) == ["callbacks.ema.decay=0.999 averages over ~1000 steps, and this run plans 6: the average "
                           "keeps much of the early weights; for this length use callbacks.ema.decay=0.1667"]
     assert fit(0.5) == []  # ~2 steps: fine for 6
+    # ~4 steps: 6 steps leave 0.75^6 ≈ 18% of the first weights in the average; called out below 3 spans (5%)
+    assert [m.split(":")[0] for m in fit(0.75)] == ["callbacks.ema.decay=0.75 averages over ~4 steps, and this run plans 6"]
 
     def fit_steps(steps: int) -> list[str]:
         caplog.clear()
