@@ -278,3 +278,19 @@ def test_the_sweep_report_counts_each_jobs_status_and_exits_1_when_one_failed(tm
         (tmp_path / name / "summary.json").write_text(json.dumps({**ok, "seed": int(name) + 1}))
     SweepReport().on_multirun_end(config)
     assert "5 of 5 jobs ok" in capsys.readouterr().err
+
+
+def test_a_sweep_jobs_line_says_its_status_score_and_time(tmp_path, capsys):
+    """The one line each job prints when it ends, without a sweep to run: also for a job that wrote no
+    summary.json (it crashed first), which must read as failed."""
+    from omegaconf import OmegaConf
+
+    from bgremover.sweep import print_job_line
+
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
+    print_job_line(cfg)
+    assert capsys.readouterr().err == "[job 0] defaults: failed — no summary.json\n"
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"status": "ok", "metrics": {"test/mIoU": 0.56789}, "wall_time_s": 61.6}))
+    print_job_line(cfg)
+    assert capsys.readouterr().err == "[job 0] defaults: ok test/mIoU=0.5679 in 62 s\n"
