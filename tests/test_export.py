@@ -186,6 +186,36 @@ def test_export_refused_on_small_numeric_drift(tmp_path, monkeypatch):
     assert export_onnx(net, _meta(net), tmp_path / "m.onnx", tol=1e-3)["max_abs_diff"] > 1e-4
 
 
+@pytest.mark.parametrize("fault", ["one logit of the last class, second image", "one NaN"])
+def test_export_refused_when_onnx_is_wrong_in_one_place(tmp_path, monkeypatch, fault):
+    """The verification compares every logit: a graph wrong in one value of one class (or NaN there, which
+    compares false with any tolerance) is refused, not written."""
+    real = export._ort_forward
+
+    def spoiled(path, x):
+        y = real(path, x).copy()
+        if y.shape[0] == 2:  # the batch-2 verification shape
+            y[1, -1, -1, -1] = np.nan if "NaN" in fault else y[1, -1, -1, -1] + 1.0
+        return y
+
+    monkeypatch.setattr(export, "_ort_forward", spoiled)
+    net = tiny_net()
+    with pytest.raises(ExportError, match="disagrees|not finite"):
+        export_onnx(net, _meta(net), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_default_foreground_outside_the_classes_is_refused_in_one_line(tmp_path, capsys):
+    """The predictor resolves default_foreground by name: a model naming a class it lacks would load nowhere."""
+    info = {"bgremover": {**bgremover_info(TINY_CONFIG, "tiny"), "default_foreground": ["Car", "Person"]}}
+    ckpt = write_checkpoint(tmp_path / "run", tiny_net(), TINY_CONFIG, "tiny", extra=info)
+    out = tmp_path / "m.onnx"
+    assert main([f"ckpt={ckpt}", f"out={out}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "default_foreground ['Person'] not among classes" in err
+    assert not out.exists()
+
+
 def test_large_logits_are_compared_relative_to_their_size(tmp_path, monkeypatch):
     """A short run's net put out logits of 1.1e7 and the export was refused over a diff of 16 (1e-6 of them,
     float32 rounding). The check allows tol × 0.1 × the largest |logit| when that is more than tol; a real
