@@ -119,6 +119,16 @@ def test_large_image_is_inferred_downscaled_and_alpha_upsampled(model_path):
     assert band.min() == 0 and band.max() == 255 and ((band > 0) & (band < 255)).any()  # soft, bilinear
 
 
+def test_the_upsampled_alpha_is_the_bilinear_ramp(model_path):
+    """Inferred at 32x64, the 300-wide image's alpha is the small step (columns 0..31 Car, 32.. Sky) upsampled
+    bilinearly with pixel centres aligned: at output column x the source position is (x + 0.5) * 64/300 - 0.5
+    and alpha falls linearly from 255 at source 31 to 0 at source 32 (no cubic overshoot, no shift)."""
+    a = alpha_of(BackgroundRemover(model_path, max_side=64).remove(halves(150, 300))).astype(float)
+    src = (np.arange(300) + 0.5) * 64 / 300 - 0.5
+    want = np.clip(32 - src, 0, 1) * 255
+    assert np.abs(a - want[None, :]).max() <= 1
+
+
 def test_a_model_trained_at_one_scale_infers_every_image_there(tmp_path):
     """A folder-trained remover saw every image scaled to its image_size, small ones up too; the predictor only
     scaled down, so a 96-px image was inferred at 96 px (held-out IoU 0.304 where the test stage said 0.760).
@@ -260,6 +270,16 @@ def test_bg_color_composite(remover):
     arr = np.asarray(out)
     assert (arr[:, :5] == RED).all() and (arr[:, 5:] == (10, 20, 30)).all()
     assert (np.asarray(remover.remove(halves(6, 10), bg_color="#0a141e")) == arr).all()
+
+
+def test_bg_color_composite_of_a_soft_edge_rounds_to_nearest(remover):
+    """Alpha ~0.55 over an opaque colour: each channel is rgb*a + bg*(1-a), rounded (truncating lost up to 1)."""
+    soft = np.zeros((4, 4, 3), np.uint8)
+    soft[..., 0] = 128
+    a = alpha_of(remover.remove(soft)).astype(np.float64)[..., None] / 255
+    want = soft * a + np.array([0.0, 201.0, 77.0]) * (1 - a)
+    got = np.asarray(remover.remove(soft, bg_color=(0, 201, 77))).astype(np.float64)
+    assert np.abs(got - want).max() <= 0.5 + 1e-3
 
 
 def test_bg_color_with_opacity(remover):
@@ -534,6 +554,13 @@ def test_model_errors(tmp_path, monkeypatch):
     garbage.write_bytes(b"\x00not onnx at all")
     with pytest.raises(ModelError, match="cannot load ONNX model"):
         BackgroundRemover(garbage)
+
+
+def test_a_model_whose_output_disagrees_with_its_class_list_is_refused(tmp_path):
+    """11 output channels but 12 classes in the metadata: the softmax would quietly run over the wrong classes."""
+    remover = BackgroundRemover(build_model(tmp_path / "m.onnx", metadata={"classes": [*CLASSES, "Extra"]}))
+    with pytest.raises(ModelError, match=r"model returned shape \(1, 11, 32, 32\), expected 1x12xHxW"):
+        remover.remove(halves(4, 6))
 
 
 def test_model_path_from_environment(model_path, monkeypatch):
