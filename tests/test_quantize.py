@@ -146,6 +146,35 @@ def test_gate_failure_writes_nothing(tmp_path, data, monkeypatch):
     assert code == 1 and not out.exists() and not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("int8_miou, int8_fg, written", [
+    (0.600, 0.700, True),  # the float model's own scores
+    (0.604, 0.692, True),  # within 0.5 mIoU points and 0.01 cut-out IoU
+    (0.590, 0.700, False),  # 1 mIoU point worse
+    (0.607, 0.700, False),  # 0.7 points better: either direction is a different model
+    (0.600, 0.680, False),  # cut-out IoU 0.02 worse, mIoU unchanged
+    (0.600, 0.712, False),  # cut-out IoU 0.012 better
+])
+def test_the_gate_compares_the_int8_models_own_scores_with_the_floats(tmp_path, data, monkeypatch, int8_miou, int8_fg,
+                                                                       written):
+    """The scores each model gets are set here (the float file's, and any other file's: the int8 copy's): the copy
+    is written exactly when |mIoU change| <= 0.005 and |cut-out IoU change| <= 0.01, as the module says."""
+    model = build_net(tmp_path / "net.onnx")
+
+    def scored(remover, pairs, progress=False):
+        mine = remover.model_path == model
+        miou, fg = (0.600, 0.700) if mine else (int8_miou, int8_fg)
+        return {"mIoU": miou, "pixel_accuracy": 0.9, "ms_per_image": 1.0,
+                "cutout": {"fg_iou": fg, "boundary_f": 0.5, "mae": 0.1}}  # fmt: skip
+
+    monkeypatch.setattr(qz.cutout_eval, "evaluate", scored)
+    out = tmp_path / "net.int8.onnx"
+    code = qz.main(["--model", str(model), "--data-root", str(data), "--calib-frames", "2", "--threads", "1", "--quiet"])
+    assert (code, out.exists()) == ((0, True) if written else (1, False))
+    if written:
+        ev = BackgroundRemover(out).meta["quantization"]["eval"]
+        assert (ev["float"]["mIoU"], ev["int8"]["mIoU"], ev["int8"]["fg_iou"]) == (0.600, int8_miou, int8_fg)
+
+
 @pytest.mark.parametrize(
     "args, code, message",
     [
