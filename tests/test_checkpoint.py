@@ -396,3 +396,41 @@ def test_a_model_from_a_weights_only_copy_says_it_came_through_it(tmp_path, half
     meta = {"classes": ["a", "b"], "mean": [0, 0, 0], "std": [1, 1, 1], "size_multiple": 32, "trained": trained}
     said = next(line for line in model_format.describe(meta, (None, None, None)) if line.startswith("trained:"))
     assert said == f"trained: 3 epochs, 6 steps; checkpoint epoch_002.ckpt via {via}"
+
+
+@pytest.mark.parametrize("edit, said", [
+    ({"classes": None}, "is incomplete: no classes"),
+    ({"size_multiple": None}, "is incomplete: no size_multiple"),
+    ({"std": [0.3, 0.0, 0.3]}, "std is [0.3, 0.0, 0.3], not 3 numbers above 0"),  # the input would be inf
+    ({"mean": [0.4, 0.4, 0.4, 0.4]}, "mean is [0.4, 0.4, 0.4, 0.4], not 3 numbers"),
+    ({"image_size": 0}, "image_size is 0, not a whole number of pixels from 1"),
+    ({"image_size": "512"}, 'image_size is "512", not a whole number of pixels from 1'),
+])
+def test_the_metadata_contract_refuses_what_inference_cannot_use(edit, said):
+    """Each of these ran as far as inference and failed there (a KeyError, a broadcast error) or cut out nothing
+    (std 0 divides by zero): parse names the field instead."""
+    import json
+
+    from bgremover import model_format
+
+    doc = {"format": model_format.FORMAT, "format_version": 1, "classes": ["a", "b"], "mean": [0, 0, 0],
+           "std": [1, 1, 1], "size_multiple": 32}
+    assert model_format.parse(json.dumps(doc)) == doc
+    edited = {k: v for k, v in {**doc, **edit}.items() if v is not None}
+    with pytest.raises(model_format.FormatError) as err:
+        model_format.parse(json.dumps(edited))
+    assert said in str(err.value)
+
+
+def test_the_document_keeps_the_trained_scale_and_its_description_flags_a_partial_test():
+    """image_size is what the predictor infers at (a folder-trained remover); a test mIoU on part of the split
+    is said to be PARTIAL, in points."""
+    from bgremover import model_format
+
+    meta = {"classes": ["background", "foreground"], "mean": [0, 0, 0], "std": [1, 1, 1], "size_multiple": 32,
+            "image_size": 512.0, "test_mIoU": 0.6543, "test_frames": 12, "test_frames_of": 233}
+    doc = model_format.document(meta, exported_at="2026-01-01T00:00:00+00:00", version="test")
+    assert doc["image_size"] == 512 and isinstance(doc["image_size"], int)
+    lines = model_format.describe(doc, (doc["test_mIoU"], 12, 233))
+    assert "test mIoU: 65.4 on 12 of 233 frames (PARTIAL: not the split's)" in lines
+    assert "test mIoU: 65.4 on 233 of 233 frames" in model_format.describe(doc, (0.6543, 233, 233))
