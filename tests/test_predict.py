@@ -346,6 +346,18 @@ def test_refine_is_the_guided_filter_on_the_luma_of_the_image(remover):
     assert np.abs(got - (want * 255 + 0.5).astype(int)).max() <= 1
 
 
+def test_refine_with_a_threshold_thresholds_the_refined_alpha(remover):
+    """--refine --threshold T: the guided filter first, then the cut at T (a threshold alone ignored the refine)."""
+    rng = np.random.default_rng(1)
+    img = np.zeros((90, 180, 3), np.uint8)
+    img[:, :75] = RED
+    img = np.clip(img.astype(int) + rng.integers(-60, 61, img.shape), 0, 255).astype(np.uint8)
+    soft = alpha_of(remover.remove(img, refine=True)).astype(int)
+    hard = alpha_of(remover.remove(img, refine=True, threshold=0.5)).astype(int)
+    np.testing.assert_array_equal(hard, np.where(soft >= 128, 255, 0))  # round(255 p) >= 128 exactly when p >= 0.5
+    assert (hard != alpha_of(remover.remove(img, threshold=0.5))).any()  # the refine did change the cut
+
+
 def test_refine_keeps_flat_regions_and_range(remover):
     img = halves(60, 80)
     img[20:40, 10:30] = GRAY  # a background hole inside the red half
