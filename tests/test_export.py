@@ -216,6 +216,21 @@ def test_a_default_foreground_outside_the_classes_is_refused_in_one_line(tmp_pat
     assert not out.exists()
 
 
+def test_the_opset_asked_for_is_the_files_and_the_torchscript_copy_carries_the_metadata(tmp_path):
+    """--opset 13 wrote an opset-17 file when the option was dropped on the way; the TorchScript copy must carry
+    the same `bgremover` document as the ONNX file (its only description of classes and normalization)."""
+    import onnx
+
+    net = tiny_net()
+    out = tmp_path / "m.onnx"
+    result = export_onnx(net, _meta(net), out, opset=13, torchscript=True)
+    opsets = {o.domain: o.version for o in onnx.load(str(out)).opset_import}
+    assert opsets.get("", opsets.get("ai.onnx")) == 13
+    files = {"bgremover.json": ""}
+    torch.jit.load(str(result["torchscript"]), _extra_files=files)
+    assert json.loads(files["bgremover.json"]) == read_metadata(out) == result["metadata"]
+
+
 def test_large_logits_are_compared_relative_to_their_size(tmp_path, monkeypatch):
     """A short run's net put out logits of 1.1e7 and the export was refused over a diff of 16 (1e-6 of them,
     float32 rounding). The check allows tol × 0.1 × the largest |logit| when that is more than tol; a real
