@@ -146,6 +146,36 @@ def test_gate_failure_writes_nothing(tmp_path, data, monkeypatch):
     assert code == 1 and not out.exists() and not (tmp_path / "q").exists()
 
 
+def test_calibration_reads_train_frames_prepared_as_the_predictor_does(tmp_path, data, monkeypatch):
+    """min/max calibration on test frames would tune the int8 copy to the frames that then score it; frames fed
+    unpadded or unnormalized would calibrate ranges the net never sees. Per-channel weights: one scale per
+    output channel of each quantized convolution."""
+    seen: list[tuple[Path, np.ndarray]] = []
+
+    class Spy(qz._CalibrationFrames):
+        def get_next(self):
+            path = self.images[self.pos] if self.pos < len(self.images) else None
+            feed = super().get_next()
+            if feed is not None:
+                seen.append((path, feed["image"]))
+            return feed
+
+    monkeypatch.setattr(qz, "_CalibrationFrames", Spy)
+    model = build_net(tmp_path / "net.onnx")
+    assert qz.main(["--model", str(model), "--data-root", str(data), "--calib-frames", "2", "--threads", "1",
+                    "--quiet"]) == 0  # fmt: skip
+    assert seen and all(path.parent == data / "train" for path, _ in seen)
+    for path, x in seen:
+        rgb = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255  # mean 0, std 1: the net's input
+        assert x.shape == (1, 3, 64, 64)  # 40x60 padded to multiples of 32, centred: rows 12.., columns 2..
+        np.testing.assert_allclose(x[0, :, 12:52, 2:62], rgb.transpose(2, 0, 1), atol=1e-6)
+    q = onnx.load(str(int8_path(model)))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    scales = [inits[n.input[1]] for n in q.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4]  # fmt: skip
+    assert sorted(s.shape for s in scales) == [(6,), (11,)]  # the depthwise conv's 6 channels, the classifier's 11
+
+
 @pytest.mark.parametrize("int8_miou, int8_fg, written", [
     (0.600, 0.700, True),  # the float model's own scores
     (0.604, 0.692, True),  # within 0.5 mIoU points and 0.01 cut-out IoU
