@@ -129,6 +129,17 @@ def test_the_upsampled_alpha_is_the_bilinear_ramp(model_path):
     assert np.abs(a - want[None, :]).max() <= 1
 
 
+def test_the_default_max_side_is_1024(model_path):
+    """As the README says: a long side of 1024 is inferred as it is, 1025 downscaled to 1024 (aspect kept)."""
+    remover = BackgroundRemover(model_path)
+    seen = []
+    real_logits = remover.logits
+    remover.logits = lambda rgb: seen.append(rgb.shape[:2]) or real_logits(rgb)
+    remover.mask(np.zeros((8, 1024, 3), np.uint8))
+    remover.mask(np.zeros((10, 1025, 3), np.uint8))
+    assert seen == [(8, 1024), (10, 1024)]
+
+
 def test_a_model_trained_at_one_scale_infers_every_image_there(tmp_path):
     """A folder-trained remover saw every image scaled to its image_size, small ones up too; the predictor only
     scaled down, so a 96-px image was inferred at 96 px (held-out IoU 0.304 where the test stage said 0.760).
