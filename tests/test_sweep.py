@@ -280,13 +280,15 @@ def test_the_sweep_report_counts_each_jobs_status_and_exits_1_when_one_failed(tm
     assert "5 of 5 jobs ok" in capsys.readouterr().err
 
 
-def test_a_sweep_jobs_line_says_its_status_score_and_time(tmp_path, capsys):
+def test_a_sweep_jobs_line_says_its_status_score_and_time(tmp_path, capsys, monkeypatch):
     """The one line each job prints when it ends, without a sweep to run: also for a job that wrote no
     summary.json (it crashed first), which must read as failed."""
+    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from bgremover.sweep import print_job_line
 
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # an earlier test's run in this process set it
     cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
     print_job_line(cfg)
     assert capsys.readouterr().err == "[job 0] defaults: failed — no summary.json\n"
