@@ -344,11 +344,12 @@ def _check_strategy(trainer) -> None:
     there: every ddp_spawn training ended "training took no step" with a failed run folder (a Ctrl-C said step 0
     with last.ckpt at step 50), and an eval counted its 2 test frames as 4. `ddp` re-runs the command per rank."""
     strategy = (trainer or {}).get("strategy")
-    name, method = (strategy, None) if isinstance(strategy, str) else (
-        f"{strategy.get('_target_')}(start_method=...)", strategy.get("start_method")) if isinstance(
-        strategy, DictConfig) else (None, None)
-    if name and (method in ("spawn", "forkserver", "fork") or any(m in name for m in ("spawn", "fork", "notebook"))):
-        start = "spawn" if "spawn" in str(method or name) else "fork"
+    if isinstance(strategy, DictConfig):  # a strategy node: its start_method says (popen: the command re-run)
+        name, method = f"{strategy.get('_target_')}(start_method=...)", str(strategy.get("start_method") or "")
+    else:  # a registered name: ddp_spawn, ddp_fork, ddp_notebook_find_unused_parameters_true, ...
+        name = method = str(strategy or "")
+    if any(m in method for m in ("spawn", "fork", "notebook")):
+        start = "spawn" if "spawn" in method else "fork"
         raise UserError(f"trainer.strategy={name} ({start}ed ranks) is not supported: what the ranks Lightning starts "
                         "train and count stays in them; use trainer=ddp (strategy ddp: this command re-run per rank)")
 
