@@ -1404,7 +1404,7 @@ def test_make_remover_refuses_a_data_root_that_is_not_its_folder(folder, tmp_pat
     seen: list[list[str]] = []
 
     class Started(Exception):
-        pass
+        """The training would have started here."""
 
     def training(cmd, env):
         seen.append(cmd)
