@@ -121,6 +121,13 @@ def finish_command(run: Path, data: Path, best_ckpt: str = "{best_ckpt}") -> str
             f"{score_command(run, data, run / MODEL_NAME)}")
 
 
+def _taken_out(overrides: list[str], key: str) -> tuple[str | None, list[str]]:
+    """The value `key=` (or `+key=`) has among the overrides (its last, as Hydra reads it), and the overrides
+    without it: the command passes what it names its own way."""
+    named = [o for o in overrides if o.lstrip("+").startswith(key + "=")]
+    return (given_overrides(named)[key] if named else None), [o for o in overrides if o not in named]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m bgremover.train_remover", description=__doc__.splitlines()[0])
     p.add_argument("data", help="your folder: images/ + masks/, or train|val|test/{images,masks}")
@@ -142,22 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     # wins) while the export and scoring read the default folder, so the whole budget ended in "No such file or
     # directory: .../summary.json" and no remover.onnx. It names the run folder, as --run-dir does.
     option = "--run-dir "
-    if named := [o for o in args.overrides if o.lstrip("+").startswith("hydra.run.dir=")]:
-        typed = given_overrides(named)["hydra.run.dir"]
+    typed, args.overrides = _taken_out(args.overrides, "hydra.run.dir")
+    if typed is not None:
         if args.run_dir is not None:
             return errors.report(f"--run-dir {args.run_dir} and hydra.run.dir={typed} both name the run folder: "
                                  "give one", code=2)
         args.run_dir, option = os.path.expanduser(typed), "hydra.run.dir="
-        args.overrides = [o for o in args.overrides if o not in named]
     # `data.root=B` among the overrides: the training read B (Hydra's last value wins) while the held-out scoring
     # read DATA, so the numbers printed were of another folder's images. Both name the folder, and DATA is the one
     # the command needs: the same folder typed twice is taken, two different ones refused
-    if roots := [o for o in args.overrides if o.lstrip("+").startswith("data.root=")]:
-        typed = given_overrides(roots)["data.root"]
-        if Path(typed).expanduser().resolve() != data:
-            return errors.report(f"data.root={typed} and the folder {data} both name the data to train on: give "
-                                 "the folder once, as make remover DATA=path", code=2)
-        args.overrides = [o for o in args.overrides if o not in roots]
+    typed, args.overrides = _taken_out(args.overrides, "data.root")
+    if typed is not None and Path(typed).expanduser().resolve() != data:
+        return errors.report(f"data.root={typed} and the folder {data} both name the data to train on: give "
+                             "the folder once, as make remover DATA=path", code=2)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     run = Path(args.run_dir or Path("logs") / "remover" / "runs" / stamp).resolve()
     if taken := taken_run_dir([f"hydra.run.dir={run}", *args.overrides]):  # in the words the command used
