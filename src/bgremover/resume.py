@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from bgremover import checks
+from bgremover.config_keys import as_number
 from bgremover.errors import UserError, count
 
 log = logging.getLogger("bgremover.train")
@@ -84,7 +85,7 @@ def check(cfg: DictConfig, model) -> None:
     for name, cb in (cfg.get("callbacks") or {}).items():
         if isinstance(cb, DictConfig) and cb.get("budget_s") is not None:
             spent = [s.get("train_s") for k, s in states.items() if k.split("{")[0] == cb._target_.rsplit(".", 1)[-1]]
-            clocks.append((f"callbacks.{name}.budget_s", float(checks.as_number(cb.budget_s)), (spent or [None])[0]))
+            clocks.append((f"callbacks.{name}.budget_s", float(as_number(cb.budget_s)), (spent or [None])[0]))
     for key, limit, spent in clocks:
         if limit is not None and isinstance(spent, int | float) and spent >= limit:
             raise UserError(f"ckpt_path {cfg.ckpt_path} has trained {spent:.0f} s, and {key} allows {limit:.0f} s "
@@ -144,7 +145,7 @@ def adopt_seed(cfg: DictConfig) -> None:
     from bgremover import checkpoint
 
     saved = (checkpoint.read(cfg.ckpt_path).get("datamodule_hyper_parameters") or {}).get("seed")
-    given = checks.as_number(cfg.get("seed"))
+    given = as_number(cfg.get("seed"))
     if not isinstance(saved, int) or isinstance(saved, bool) or saved == given:
         return
     log.warning("a resume goes on with its run's seed=%d (not this command's %s): the data of the epochs left are "
