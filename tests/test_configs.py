@@ -378,6 +378,31 @@ def test_a_time_budget_that_never_ends_a_run_is_refused(tmp_path, override):
         checks.validate_train(remover)
 
 
+def test_a_number_given_as_text_trains_as_that_number(tmp_path):
+    """`'model.optimizer.lr="1e-3"'` (a shell quoting habit, or ${oc.env:LR}) was refused while
+    `model.optimizer.weight_decay="1e-2"` passed the checks and failed at fit time in torch's optimizer ("'<=' not
+    supported between 'float' and 'str'"), after the W&B run started. Both are numbers now, as the seed and the
+    time budgets take them: the optimizer is built with them; text that is no number is still refused."""
+    import hydra
+    import torch
+    from conftest import compose_cfg
+
+    from bgremover import checks
+    from bgremover.errors import UserError
+
+    for recipe in ("~experiment", "experiment=speedrun_deeplabv3plus"):  # RMSprop + ExponentialLR; AdamW
+        cfg = compose_cfg(tmp_path, [recipe, "~data.root", "trainer=cpu", "model.optimizer.lr='1e-3'",
+                                     "model.optimizer.weight_decay=\"1e-2\"", "++model.optimizer.eps=' 1e-6'"])
+        checks.validate_train(cfg)
+        opt = cfg.model.optimizer
+        assert (opt.lr, opt.weight_decay, opt.eps) == (1e-3, 1e-2, 1e-6)
+        built = hydra.utils.instantiate(opt)([torch.nn.Parameter(torch.zeros(2))])
+        assert built.defaults["lr"] == 1e-3 and built.defaults["weight_decay"] == 1e-2, recipe
+    for bad in ("'1e-3x'", "'-1e-3'", "true"):
+        with pytest.raises(UserError, match=r"^model\.optimizer\.lr must be a positive number, got "):
+            checks.validate_train(compose_cfg(tmp_path, ["~data.root", f"model.optimizer.lr={bad}"]))
+
+
 def test_a_seed_that_is_not_an_integer_is_named(tmp_path):
     """`seed=abc` failed as "invalid literal for int() with base 10: 'abc'", naming no setting; `seed=null` (the
     lightning-hydra-template's unseeded run) after the build, as "unsupported operand type(s) for %: 'NoneType'"."""

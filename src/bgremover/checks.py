@@ -231,8 +231,8 @@ def validate_train(cfg: DictConfig) -> None:
                             "last.ckpt); Lightning's shorthands do not name a run here")
         if value and (problem := checkpoint_problem(value)):
             raise UserError(f"{key}: {problem}")
-    lr = ((model.get("optimizer") or {}).get("lr"))
-    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+    lr = ((model.get("optimizer") or {}).get("lr"))  # as text, a number (check_settings passes it on as one)
+    if lr is not None and (isinstance(lr, bool) or not (isinstance(as_number(lr), int | float) and as_number(lr) > 0)):
         raise UserError(f"model.optimizer.lr must be a positive number, got {lr!r}")
     for key in ("optimizer", "scheduler"):  # a misspelt setting failed at fit time, after the W&B run started
         check_settings(f"model.{key}", model.get(key))

@@ -6,6 +6,7 @@ config has (`check_added_keys`). The other checks of a config are `checks.py`.
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -45,18 +46,23 @@ def check_settings(key: str, node, names: bool = True) -> None:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # a hint naming a type only imported for type checkers: those that are types
         hints = {n: p.annotation for n, p in params.items()}
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # torch's lr: float | Tensor (no config gives one)
     for k in node:
         hint = hints.get(k)
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        kinds = set(typing.get_args(hint) if union else [hint]) - {type(None)}
+        kinds = set(typing.get_args(hint) if union else [hint]) - {type(None), tensor}
         value, optional = node.get(k), union and type(None) in typing.get_args(hint)
-        # (a number as text passes: what ${oc.env:...} gives, and the time budgets take). A list or a null where
-        # the class takes none failed after the build (`model.optimizer.weight_decay=[1]`: "'<=' not supported
-        # between 'float' and 'list'"; `model.scheduler.power=null` at the first step). total_iters: null is the
-        # run's length (SegmentationModule fills it in)
+        # A list or a null where the class takes none failed after the build (`model.optimizer.weight_decay=[1]`:
+        # "'<=' not supported between 'float' and 'list'"; `model.scheduler.power=null` at the first step).
+        # total_iters: null is the run's length (SegmentationModule fills it in)
         if kinds and kinds <= {int, float} and (
                 not isinstance(as_number(value), int | float) if value is not None else not optional and k != "total_iters"):
             raise UserError(f"{key}.{k} must be a number, got {'null' if value is None else repr(value)}")
+        if kinds and kinds <= {int, float} and isinstance(value, str):
+            # a number as text (`'model.optimizer.lr="1e-3"'`, what ${oc.env:...} gives) is that number, as the
+            # seed and time budgets take it and as OmegaConf's typed nodes convert it: passed on as text, torch's
+            # optimizer failed at fit time on "'<=' not supported between 'float' and 'str'"
+            node[k] = as_number(value)
         if kinds == {bool} and not isinstance(value, int) and (value is not None or not optional):  # fused=maybe: on
             raise UserError(f"{key}.{k} must be true or false, got {'null' if value is None else repr(value)}")
     if not names or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
