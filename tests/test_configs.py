@@ -314,6 +314,38 @@ def test_a_key_added_with_plus_that_is_a_typo_is_refused(tmp_path) -> None:
         checks.validate_train(compose_cfg(tmp_path, ["~data.root", added]))
 
 
+def test_a_typo_added_under_a_target_is_refused(tmp_path) -> None:
+    """A key added under a node with a `_target_` was not checked against what the target takes:
+    `+model.net.encoder_dpth=4` trained with smp ignoring it (it takes any keyword), `+trainer.max_epoch=3` and
+    `+data.scale_jiter=0.1` failed only after the data scan and the net were built. A typo of an argument the target
+    takes is refused in one line with the one meant (added with `+` where the node lacks it); arguments the target
+    takes (a Trainer's profiler, AdamW's betas, an smp encoder's depth, W&B's entity) are kept."""
+    from conftest import compose_cfg
+
+    from bgremover import checks
+    from bgremover.errors import UserError
+
+    base = ["experiment=speedrun_deeplabv3plus", "~data.root", "trainer=cpu"]
+    for added, meant, given_as in (
+            ("+trainer.max_epoch=3", "trainer.max_epochs", "trainer.max_epochs=3"),
+            ("++trainer.max_epoch=3", "trainer.max_epochs", "trainer.max_epochs=3"),
+            ("+model.optimizer.weight_decai=0.1", "model.optimizer.weight_decay", "model.optimizer.weight_decay=0.1"),
+            ("+model.optimizer.amsgrd=true", "model.optimizer.amsgrad", "+model.optimizer.amsgrad=true"),
+            ("+model.net.encoder_dpth=4", "model.net.encoder_depth", "+model.net.encoder_depth=4"),
+            ("+data.scale_rang=[1,2]", "data.scale_range", "data.scale_range=[1,2]"),  # ResidentCamVidDataModule's
+            ("+data.limit_image=4", "data.limit_images", "data.limit_images=4"),  # ...and CamVidDataModule's
+            ("+logger.wandb.projct=x", "logger.wandb.project", "logger.wandb.project=x")):
+        with pytest.raises(UserError) as info:
+            checks.validate_train(compose_cfg(tmp_path, [*base, added]))
+        assert str(info.value).split(" adds a ")[0] == added
+        assert str(info.value).endswith(f"Did you mean '{meant}'? (give it as {given_as})")
+    with pytest.raises(UserError, match=r"^\+data\.scale_jiter=0\.1 adds a setting bgremover\.data\.CamVidDataModule "):
+        checks.validate_train(compose_cfg(tmp_path, [*base, "data=camvid", "+data.scale_jiter=0.1"]))
+    for added in ("+trainer.profiler=simple", "+model.optimizer.betas=[0.9,0.99]", "+model.net.encoder_depth=4",
+                  "+logger.wandb.entity=me", "++trainer.max_epochs=3"):
+        checks.validate_train(compose_cfg(tmp_path, [*base, added]))
+
+
 def test_eval_refuses_a_model_override_in_one_line() -> None:
     """eval.yaml's unused `model: tiramisu103` took `model=...` silently (and put FC-DenseNet103 into every
     eval.json); without it Hydra would suggest `+model=...`, ignored just the same."""

@@ -96,7 +96,8 @@ def test_deeplab_with_a_batch_of_one_is_refused_before_a_run_folder_is_made(smal
      "got 1.0; data=camvid_resident takes data.scale_range=[lo,hi] for wider ranges"),
     ("data.scale_jitter=-0.25", "data.scale_jitter must be at least 0 and below 1 (frames are scaled by 1-j..1+j), "
      "got -0.25"),
-    ("+model.optimizer.lrr=0.1", "model.optimizer.lrr is not a setting of torch.optim.RMSprop (it takes: lr, alpha, eps, weight_decay, "),
+    ("+model.optimizer.lrr=0.1", "+model.optimizer.lrr=0.1 adds a setting torch.optim.RMSprop does not take. Did you "
+     "mean 'model.optimizer.lr'? (give it as model.optimizer.lr=0.1)"),
     # another optimizer over the paper recipe's RMSprop: its alpha was named, not where it came from
     ("model.optimizer._target_=torch.optim.AdamW", "model.optimizer.alpha is not a setting of torch.optim.AdamW (it "
      "takes: lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused); the recipe "
@@ -150,17 +151,18 @@ def test_a_train_split_limited_to_one_batch_trains(small_camvid, tmp_path):
 
 
 def test_a_misspelt_setting_added_with_a_plus_is_not_blamed_on_the_recipe(small_camvid, tmp_path):
-    """`+model.optimizer.lrr=0.1` is the user's own key (Hydra's `+` form of a key the config lacks): the line names
-    what the class takes, without "the recipe sets it ...: drop it with ~model.optimizer.lrr", which is for keys a
+    """`+model.optimizer.nesterov=true` is the user's own key (Hydra's `+` form of a key the config lacks; SGD's, and no
+    typo of an RMSprop one, which is answered with the one meant): the line names what the class takes, without
+    "the recipe sets it ...: drop it with ~model.optimizer.nesterov", which is for keys a
     recipe set for another class."""
     from bgremover import checks
     from bgremover.errors import UserError
 
     with pytest.raises(UserError) as info:
         checks.validate_train(compose_cfg(tmp_path / "run", [*TINY_RUN, f"data.root={small_camvid}",
-                                                             "+model.optimizer.lrr=0.1"]))
+                                                             "+model.optimizer.nesterov=true"]))
     said = str(info.value)
-    assert said.startswith("model.optimizer.lrr is not a setting of torch.optim.RMSprop (it takes: lr, alpha, ")
+    assert said.startswith("model.optimizer.nesterov is not a setting of torch.optim.RMSprop (it takes: lr, alpha, ")
     assert said.endswith(")") and "recipe" not in said, said
 
 

@@ -9,7 +9,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bgremover.config import CONFIG_DIR, close_key, given, overrides
 from bgremover.errors import UserError
@@ -81,14 +81,52 @@ def check_settings(key: str, node, names: bool = True) -> None:
 def check_added_keys(cfg: DictConfig) -> None:
     """`+remover_budget=600`, typed as Hydra's advice for the misspelt key says: the new top-level key was read by
     nothing and the run trained the recipe's 30 minutes without a word. A key added with `+` (new by Hydra's rule)
-    that is a typo of one the config has is refused as Hydra's own typo answer is (config._hydra_message); others
-    (`+trainer.profiler=simple`, a key of the user's own) are added on purpose and kept."""
+    that is a typo of one the config has is refused as Hydra's own typo answer is (config._hydra_message); so is a
+    key added under a `_target_` node that is a typo of an argument its target takes (`+trainer.max_epoch=3`,
+    `+model.net.encoder_dpth=4`: smp takes any keyword and ignored it). Others (`+trainer.profiler=simple`, a key
+    of the user's own) are added on purpose and kept."""
     for override in overrides():
         key, _, value = override.partition("=")
-        if not key.startswith("+") or key.startswith("++"):  # ++ sets a key whether or not it is there
+        if not key.startswith("+"):
             continue
-        key = key[1:]
-        if not key.isidentifier() or (Path(CONFIG_DIR) / key).is_dir():  # a nested key or a config group
+        key = key.lstrip("+")
+        parent, _, name = key.rpartition(".")
+        if parent:
+            _check_added_setting(cfg, override, parent, name, value)
+            continue
+        if not key.isidentifier() or (Path(CONFIG_DIR) / key).is_dir():  # a config group
+            continue
+        if override.startswith("++"):  # ++ sets a key whether or not it is there
             continue
         if near := close_key(key, cfg.keys()):
             raise UserError(f"{override} adds a key nothing reads. Did you mean '{near}'? (give it as {near}={value})")
+
+
+def _check_added_setting(cfg: DictConfig, override: str, parent: str, name: str, value: str) -> None:
+    """`+a.b=value` under a node with a `_target_`: refused when `b` is a typo of an argument the target takes."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    node = OmegaConf.select(cfg, parent, default=None, throw_on_resolution_failure=False) \
+        if parent.split(".")[0] != "hydra" else None
+    if not isinstance(node, DictConfig) or "_target_" not in node or name.startswith("_"):
+        return
+    try:
+        target = get_object(node._target_)
+        # a class's arguments, and its parents' where its **kwargs passes them on (data=camvid_resident's
+        # ResidentCamVidDataModule takes CamVidDataModule's)
+        calls = [c.__init__ for c in target.__mro__ if "__init__" in vars(c)] if inspect.isclass(target) else [target]
+        takes: list[str] = []
+        for call in calls:
+            params = inspect.signature(call).parameters.values()
+            takes += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+    except Exception:  # a target not importable here: Hydra's own error names it when it is built
+        return
+    if name not in takes and (near := close_key(name, set(takes) - {"self"})):
+        # a key the node lacks is added with `+` (plain `parent.near=` was Hydra's "Could not override")
+        given_as = f"{'' if near in node else '+'}{parent}.{near}"
+        raise UserError(f"{override} adds a setting {node._target_} does not take. Did you mean '{parent}.{near}'? "
+                        f"(give it as {given_as}={value})")
