@@ -346,6 +346,39 @@ def test_a_typo_added_under_a_target_is_refused(tmp_path) -> None:
         checks.validate_train(compose_cfg(tmp_path, [*base, added]))
 
 
+def test_a_typo_added_with_plus_plus_is_refused(tmp_path) -> None:
+    """`make remover ARGS="++remover_budget=5"` (`++`: add or override) trained the recipe's 30 minutes without a
+    word, as `+remover_budget=5` did before it was refused: a `++` key the config does not have that is a typo of
+    one it has is refused the same way, the run folder gone; a `++` of a key the config has is kept, also one near
+    another (`++train=false`, near `trainer`), as is a new key that is no typo."""
+    import subprocess
+    import sys
+
+    from conftest import compose_cfg
+
+    from bgremover import checks
+    from bgremover.errors import UserError
+
+    run = tmp_path / "run"
+    typo = subprocess.run([sys.executable, "-m", "bgremover.train", "experiment=remover", "++remover_budget=5",
+                           f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert typo.returncode != 0 and typo.stderr == ("error: ++remover_budget=5 adds a key nothing reads. Did you mean "
+                                                    "'remover_budget_s'? (give it as remover_budget_s=5)\n")
+    assert not run.exists()
+    # past the added keys' check to the checkpoint's: the config Hydra composed without it has `train`
+    kept = subprocess.run([sys.executable, "-m", "bgremover.train", "++train=false", "~data.root",
+                           f"ckpt_path={tmp_path}/no.ckpt", f"hydra.run.dir={run}"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert kept.returncode != 0 and kept.stderr.startswith("error: ckpt_path: checkpoint not found"), kept.stderr
+    base = ["experiment=speedrun_deeplabv3plus", "~data.root", "trainer=cpu"]
+    with pytest.raises(UserError) as info:
+        checks.validate_train(compose_cfg(tmp_path, [*base, "++speedrun_budgt_s=60"]))
+    assert str(info.value) == ("++speedrun_budgt_s=60 adds a key nothing reads. Did you mean 'speedrun_budget_s'? "
+                               "(give it as speedrun_budget_s=60)")
+    for added in ("++speedrun_budget_s=60", "++train=true", "++my_note=hello"):
+        checks.validate_train(compose_cfg(tmp_path, [*base, added]))
+
+
 def test_eval_refuses_a_model_override_in_one_line() -> None:
     """eval.yaml's unused `model: tiramisu103` took `model=...` silently (and put FC-DenseNet103 into every
     eval.json); without it Hydra would suggest `+model=...`, ignored just the same."""

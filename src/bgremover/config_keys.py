@@ -80,11 +80,11 @@ def check_settings(key: str, node, names: bool = True) -> None:
 
 def check_added_keys(cfg: DictConfig) -> None:
     """`+remover_budget=600`, typed as Hydra's advice for the misspelt key says: the new top-level key was read by
-    nothing and the run trained the recipe's 30 minutes without a word. A key added with `+` (new by Hydra's rule)
-    that is a typo of one the config has is refused as Hydra's own typo answer is (config._hydra_message); so is a
-    key added under a `_target_` node that is a typo of an argument its target takes (`+trainer.max_epoch=3`,
-    `+model.net.encoder_dpth=4`: smp takes any keyword and ignored it). Others (`+trainer.profiler=simple`, a key
-    of the user's own) are added on purpose and kept."""
+    nothing and the run trained the recipe's 30 minutes without a word. A key added with `+` (new by Hydra's rule),
+    or with `++` where the config has no such key, that is a typo of one the config has is refused as Hydra's own
+    typo answer is (config._hydra_message); so is a key added under a `_target_` node that is a typo of an argument
+    its target takes (`+trainer.max_epoch=3`, `+model.net.encoder_dpth=4`: smp takes any keyword and ignored it).
+    Others (`+trainer.profiler=simple`, `++train=false`, a key of the user's own) are added on purpose and kept."""
     for override in overrides():
         key, _, value = override.partition("=")
         if not key.startswith("+"):
@@ -96,9 +96,8 @@ def check_added_keys(cfg: DictConfig) -> None:
             continue
         if not key.isidentifier() or (Path(CONFIG_DIR) / key).is_dir():  # a config group
             continue
-        if override.startswith("++"):  # ++ sets a key whether or not it is there
-            continue
-        if near := close_key(key, cfg.keys()):
+        # ++ sets a key whether or not it is there: a key the config has (`++train=false`, near `trainer`) is kept
+        if (near := close_key(key, cfg.keys())) and (not override.startswith("++") or not _in_config_without(override, key)):
             raise UserError(f"{override} adds a key nothing reads. Did you mean '{near}'? (give it as {near}={value})")
 
 
@@ -130,3 +129,23 @@ def _check_added_setting(cfg: DictConfig, override: str, parent: str, name: str,
         given_as = f"{'' if near in node else '+'}{parent}.{near}"
         raise UserError(f"{override} adds a setting {node._target_} does not take. Did you mean '{parent}.{near}'? "
                         f"(give it as {given_as}={value})")
+
+
+def _in_config_without(override: str, key: str) -> bool:
+    """Whether `key` is in the config this command composes without `override` (a `++key=`): Hydra's composition
+    (in the Hydra the command runs in, else over CONFIG_DIR); False where it cannot be composed again."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    name = HydraConfig.get().job.config_name if HydraConfig.initialized() else None
+    if not name:
+        return False
+    ours = contextlib.nullcontext() if GlobalHydra.instance().is_initialized() else \
+        initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3")
+    try:
+        with ours:
+            config = compose(name, overrides=[o for o in overrides() if o != override])
+    except Exception:  # noqa: BLE001 — what the command composed once; a failure here says nothing of the key
+        return False
+    return key in config
