@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
+import pytorch_lightning as pl
 from conftest import REPO, write_camvid
 from test_runs import TINY_RUN, _run
 from test_train import compose_cfg
@@ -187,3 +189,41 @@ def test_a_test_only_run_online_is_an_eval_run_beside_the_training_run_not_its_c
     train_mod._resume_wandb(resumed, "online")
     assert (resumed.logger.wandb.id, resumed.logger.wandb.resume, resumed.logger.wandb.job_type) == (
         "abc123", "allow", "train")
+
+
+class CrashAtStep(pl.Callback):
+    """A bug inside training (not a user's mistake): raised after training step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *_) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"boom at step {self.step}")
+
+
+def test_a_crashed_run_logs_its_traceback_and_says_how_to_upload_its_wandb_run(small_camvid, tmp_path):
+    """What the README says of a run that ends: a bug's one `error:` line in the terminal and its whole traceback in
+    the run's train.log, and an offline W&B run's "wandb sync <folder>" line (WANDB_SILENT hides W&B's own), with
+    the folder named there holding the run, in the terminal and the log, ended well or not; neither was tested
+    on a real command, only through the logging call."""
+    run = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = _run("bgremover.train", *TINY_RUN, f"data.root={small_camvid}", "logger=wandb", "trainer.max_epochs=2",
+                "+callbacks.crash._target_=test_wandb_runs.CrashAtStep", "+callbacks.crash.step=1",
+                f"hydra.run.dir={run}", env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    # the terminal: one line, naming the log (W&B's own output, tracebacks: none)
+    assert proc.stderr.splitlines() == [f"error: RuntimeError: boom at step 1 (traceback in {run / 'train.log'})"]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    log = (run / "train.log").read_text()
+    traceback = log[log.index("Traceback (most recent call last):"):]
+    # the whole of it: from the task wrapper through Lightning's loop to the line that raised, and the error
+    assert 'in run_task' in traceback and "in on_train_batch_end" in traceback
+    assert 'raise RuntimeError(f"boom at step {self.step}")\nRuntimeError: boom at step 1\n' in traceback
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    assert list(offline.glob("run-*.wandb")), list(offline.iterdir())
+    upload = re.compile(r"W&B: offline run, upload it with `wandb sync (\S+)`")
+    assert upload.findall(proc.stdout) == upload.findall(log) == [str(offline)], proc.stdout[-2000:]
+    assert _exit_code(run) == 1
