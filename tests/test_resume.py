@@ -1071,3 +1071,39 @@ def test_a_run_stopped_inside_an_epoch_counts_that_epoch_in_every_record(small_c
                                           f"ckpt_path={s1['last_ckpt']}"]))
     s2 = json.loads((tmp_path / "run2" / "summary.json").read_text())
     assert (s2["epochs"], s2["global_step"]) == (2, 3)
+
+
+def test_a_resume_reads_its_checkpoint_once_before_the_fit(small_camvid, tmp_path, monkeypatch):
+    """A resume's set-up read its checkpoint five times over, each a full torch.load (its checks, the optimizer and
+    the seed it adopts, its W&B run, its classes; FC-DenseNet103's with its optimizer state is 110 MB): once now,
+    Lightning's own read for the fit aside. A file changed since is read again; outside a set-up nothing is kept."""
+    from bgremover import checkpoint
+    from bgremover.task import finish_wandb
+
+    base = [*TINY_RUN[:-3], "logger=wandb", "trainer.check_val_every_n_epoch=1", "trainer.max_time=null",
+            f"data.root={small_camvid}", "test=false"]
+    train(compose_cfg(tmp_path / "run1", [*base, "trainer.max_epochs=1"]))
+    finish_wandb()
+    last = (tmp_path / "run1" / "checkpoints" / "last.ckpt").resolve()
+    reads = []
+    load = torch.load
+
+    def counted(f, *args, **kwargs):  # the project's reads name the file; Lightning's pass an open one
+        if isinstance(f, str | os.PathLike) and Path(f).resolve() == last:
+            reads.append(kwargs.get("mmap"))
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    train(compose_cfg(tmp_path / "run2", [*base, "trainer.max_epochs=2", f"ckpt_path={last}"]))
+    finish_wandb()
+    assert reads == [None], reads  # one full read (an mmap'ed look at a few keys would be cheap: none here)
+    summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["epochs"] == 2
+    assert checkpoint._KEPT is None
+    other = tmp_path / "other.ckpt"
+    torch.save({"global_step": 1}, other)
+    with checkpoint.read_once():
+        assert checkpoint.read(other) is checkpoint.read(other)
+        torch.save({"global_step": 2, "epoch": 0}, other)
+        assert checkpoint.read(other) == {"global_step": 2, "epoch": 0}
+    assert checkpoint.read(other) is not checkpoint.read(other)

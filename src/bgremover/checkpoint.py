@@ -8,6 +8,7 @@ agree on what a valid checkpoint is and fail with the same one-line messages.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -132,11 +133,32 @@ def is_runs_best(path: str | os.PathLike, summary: dict[str, Any]) -> bool:
     return ids[0] is not None and ids[0] == ids[1]
 
 
+# while a command's set-up reads (read_once): the checkpoints read, by file and its state when read
+_KEPT: dict[tuple, dict[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def read_once():
+    """Within, `read` of a file read before and unchanged since gives the dict it gave then: a resume's set-up
+    read its checkpoint five times over (each a full torch.load: FC-DenseNet103's with its optimizer state is
+    110 MB). Left before a fit, so no dict is held through training; callers only read what it gives."""
+    global _KEPT
+    _KEPT = {}
+    try:
+        yield
+    finally:
+        _KEPT = None
+
+
 def read(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint as a dict, loaded on CPU with weights_only=True; UserError names the file otherwise."""
     path = Path(path)
     if problem := checkpoint_problem(path):
         raise UserError(problem)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if _KEPT is not None and key in _KEPT:
+        return _KEPT[key]
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's own text may suggest weights_only=False: never pass that on
@@ -151,6 +173,8 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{kind}: {path} ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"not a training checkpoint (holds a {type(ckpt).__name__}, not a dict): {path}")
+    if _KEPT is not None:
+        _KEPT[key] = ckpt
     return ckpt
 
 

@@ -246,31 +246,34 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def _train(cfg: DictConfig, objects: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    resume.adopt_split(cfg, cfg.get("ckpt_path"))  # a resumed (or train=false) folder run keeps its split
-    checks.validate_train(cfg)
-    resume.adopt_optimizer(cfg)  # what a resume trains with is what the run records
-    resume.adopt_seed(cfg)  # and the data it draws
-    quiet = utils.is_multirun() and not cfg.get("verbose")
-    import pytorch_lightning as pl
-    from pytorch_lightning.utilities import rank_zero_only
-
-    # once: DDP's other ranks printed it again, into the same train.log; extras=null: off, as in the template
-    if (cfg.get("extras") or {}).get("print_config") and not quiet and not rank_zero_only.rank:
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
-    if quiet:  # a sweep job: its one line comes at the end (print_job_line); the details are in its log file
-        with open_dict(cfg):
-            cfg.trainer.enable_model_summary = False
-            if (cfg.get("callbacks") or {}).get("progress_bar"):  # the speed-runs set it to null
-                cfg.callbacks.progress_bar.refresh_rate = 0
     from bgremover import checkpoint
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    objects.update(build(cfg))  # the caller's dict: an interrupt in the test stage reads the trainer from it
-    trainer, model, datamodule, summary = (objects[k] for k in ("trainer", "model", "datamodule", "summary"))
-    ckpt = checkpoint.read(cfg.ckpt_path) if cfg.get("ckpt_path") else None
-    if ckpt is not None:  # tested (train=false) or resumed on data of other classes: Lightning's state_dict
-        # RuntimeError ("size mismatch for net.segmentation_head...") came instead of a word on the classes
-        checkpoint.check_classes(cfg.ckpt_path, checkpoint.meta(ckpt)["classes"], list(model.hparams.class_names))
+    # the set-up reads a resume's checkpoint once (its checks, the optimizer and seed it adopts, its W&B run, its
+    # classes: five full reads of FC-DenseNet103's 110 MB); left before the fit, which reads it itself
+    with checkpoint.read_once():
+        resume.adopt_split(cfg, cfg.get("ckpt_path"))  # a resumed (or train=false) folder run keeps its split
+        checks.validate_train(cfg)
+        resume.adopt_optimizer(cfg)  # what a resume trains with is what the run records
+        resume.adopt_seed(cfg)  # and the data it draws
+        quiet = utils.is_multirun() and not cfg.get("verbose")
+        import pytorch_lightning as pl
+        from pytorch_lightning.utilities import rank_zero_only
+
+        # once: DDP's other ranks printed it again, into the same train.log; extras=null: off, as in the template
+        if (cfg.get("extras") or {}).get("print_config") and not quiet and not rank_zero_only.rank:
+            log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+        if quiet:  # a sweep job: its one line comes at the end (print_job_line); the details are in its log file
+            with open_dict(cfg):
+                cfg.trainer.enable_model_summary = False
+                if (cfg.get("callbacks") or {}).get("progress_bar"):  # the speed-runs set it to null
+                    cfg.callbacks.progress_bar.refresh_rate = 0
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        objects.update(build(cfg))  # the caller's dict: an interrupt in the test stage reads the trainer from it
+        trainer, model, datamodule, summary = (objects[k] for k in ("trainer", "model", "datamodule", "summary"))
+        ckpt = checkpoint.read(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+        if ckpt is not None:  # tested (train=false) or resumed on data of other classes: Lightning's state_dict
+            # RuntimeError ("size mismatch for net.segmentation_head...") came instead of a word on the classes
+            checkpoint.check_classes(cfg.ckpt_path, checkpoint.meta(ckpt)["classes"], list(model.hparams.class_names))
     if cfg.get("train", True):
         del ckpt  # (Lightning reads it again: not held through the fit)
         _fit(cfg, trainer, model, datamodule)
