@@ -346,6 +346,30 @@ def test_a_typo_added_under_a_target_is_refused(tmp_path) -> None:
         checks.validate_train(compose_cfg(tmp_path, [*base, added]))
 
 
+def test_a_callback_or_logger_node_nothing_builds_is_refused(tmp_path) -> None:
+    """`+callbacks.early_stoping.patience=3` (a typo that adds a node) was skipped by the builder, which builds only
+    nodes with a `_target_`, and the run stopped early by the recipe's patience of 100 without a word. Such a node
+    is refused in one line, train and eval, the run folder gone; every recipe's own nodes still pass."""
+    import subprocess
+    import sys
+
+    from conftest import compose_cfg
+
+    from bgremover import checks
+    from bgremover.errors import UserError
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train", "+callbacks.early_stoping.patience=3",
+                           f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0 and proc.stderr == ("error: callbacks.early_stoping has no _target_, so nothing "
+                                                    "builds it. Did you mean 'callbacks.early_stopping'?\n")
+    assert not run.exists()
+    with pytest.raises(UserError, match=r"^logger\.mine has no _target_, so nothing builds it$"):
+        checks.validate_train(compose_cfg(tmp_path, ["~data.root", "+logger.mine.project=x"]))
+    for added in ("callbacks=ema", "logger=many", "callbacks=none", "callbacks.early_stopping=null"):
+        checks.validate_train(compose_cfg(tmp_path, ["~data.root", added]))
+
+
 def test_a_typo_added_with_plus_plus_is_refused(tmp_path) -> None:
     """`make remover ARGS="++remover_budget=5"` (`++`: add or override) trained the recipe's 30 minutes without a
     word, as `+remover_budget=5` did before it was refused: a `++` key the config does not have that is a typo of

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from bgremover.config import given, overrides
-from bgremover.config_keys import as_number, check_added_keys, check_settings
+from bgremover.config_keys import as_number, check_added_keys, check_built_nodes, check_settings
 from bgremover.errors import UserError, checkpoint_problem
 
 
@@ -179,6 +179,7 @@ def validate_train(cfg: DictConfig) -> None:
     """Everything `python -m bgremover.train` can check without building anything."""
     _check_output_dir()
     check_added_keys(cfg)
+    check_built_nodes(cfg)
     _check_not_a_sweep()
     _check_seed(cfg)
     model = cfg.get("model") or {}
@@ -337,6 +338,7 @@ def validate_eval(cfg: DictConfig) -> None:
     """Everything `python -m bgremover.eval` can check before torch is imported (seconds) and its run folder kept."""
     _check_output_dir()
     check_added_keys(cfg)
+    check_built_nodes(cfg)
     _check_seed(cfg)
     if cfg.split not in ("test", "val"):
         raise UserError(f"split must be 'test' or 'val', not '{cfg.split}'")

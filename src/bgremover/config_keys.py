@@ -78,6 +78,19 @@ def check_settings(key: str, node, names: bool = True) -> None:
         raise UserError(f"{key}.{unknown[0]} is not a setting of {node._target_} (it takes: {takes}){drop}")
 
 
+def check_built_nodes(cfg: DictConfig) -> None:
+    """A node of `callbacks` or `logger` is built only when it has a `_target_` (utils.instantiate_dict skips the
+    rest, as lightning-hydra-template does): `+callbacks.early_stoping.patience=3`, a typo that adds a node, was
+    skipped without a word and the run stopped early by the recipe's patience."""
+    for group in ("callbacks", "logger"):
+        nodes = cfg.get(group)
+        for name in nodes if isinstance(nodes, DictConfig) else ():
+            if isinstance(node := nodes.get(name), DictConfig) and "_target_" not in node:
+                near = close_key(str(name), [str(k) for k in nodes if k != name])
+                raise UserError(f"{group}.{name} has no _target_, so nothing builds it"
+                                + (f". Did you mean '{group}.{near}'?" if near else ""))
+
+
 def check_added_keys(cfg: DictConfig) -> None:
     """`+remover_budget=600`, typed as Hydra's advice for the misspelt key says: the new top-level key was read by
     nothing and the run trained the recipe's 30 minutes without a word. A key added with `+` (new by Hydra's rule),
