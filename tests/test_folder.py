@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import subprocess
@@ -948,6 +949,42 @@ def test_a_folder_checkpoint_tested_on_camvid_names_its_own_data(folder, small_c
                               capture_output=True, text=True, timeout=300, cwd=REPO)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1] == line, module
+
+
+
+def test_a_folder_checkpoint_where_no_camvid_is_names_its_folder_not_the_download(tmp_path):
+    """`make eval CKPT=<a make remover run's checkpoint>` without data=folder, on a machine without CamVid (a
+    remover's user has none), said "dataset folder not found: data/CamVid (run `make data` to download CamVid there,
+    ...)": a download for a net that segments no CamVid class, where the README promises the data to give it named.
+    Its folder is named now, in the config checks (no run folder left), quoted so that a folder with a space is one
+    word; a CamVid run's checkpoint still gets the download hint."""
+    def run_with(data: dict) -> Path:
+        run = tmp_path / data["_target_"].rsplit(".", 1)[-1]
+        (run / "checkpoints").mkdir(parents=True)
+        torch.save({"state_dict": {}}, run / "checkpoints" / "epoch_000.ckpt")
+        (run / "summary.json").write_text(json.dumps({"status": "ok", "config": {"data": data}}))
+        return run / "checkpoints" / "epoch_000.ckpt"
+
+    mine = tmp_path / "my folder"
+    folder_ckpt = run_with({"_target_": "bgremover.data.FolderDataModule", "root": str(mine)})
+    camvid_ckpt = run_with({"_target_": "bgremover.data.CamVidDataModule", "root": "data/CamVid"})
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    folder_hint = (f"checkpoint {folder_ckpt} was trained on an image/mask folder: use it on its own folder, "
+                   f"ARGS=\"data=folder data.root='{mine}'\"")
+    for ckpt, hint in ((folder_ckpt, folder_hint),
+                       (camvid_ckpt, "run `make data` to download CamVid there, or point DATA_DIR (or data.root) at a "
+                                     "copy")):
+        # make eval CKPT=X, and train=false ckpt_path=X (which tests X)
+        for module, *args in (("bgremover.eval",), ("bgremover.train", "train=false")):
+            proc = subprocess.run([sys.executable, "-m", module, *args, f"ckpt_path={ckpt}", "data.root=data/CamVid"],
+                                  capture_output=True, text=True, timeout=120, cwd=cwd,
+                                  env={**os.environ, "WANDB_MODE": "offline"})
+            assert proc.returncode == 1 and proc.stderr == f"error: dataset folder not found: data/CamVid ({hint})\n", \
+                (module, proc.stderr[-2000:])
+    assert not any(cwd.iterdir())  # no run folder left behind
+    # the folder the hint names reaches Hydra as one word, its space and all
+    assert shlex.split(folder_hint.split('ARGS="', 1)[1].rstrip('"')) == ["data=folder", f"data.root={mine}"]
 
 
 def test_a_resumed_or_evaluated_run_keeps_its_split_when_the_folder_grew(tmp_path, caplog):

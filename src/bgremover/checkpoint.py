@@ -17,23 +17,10 @@ import torch
 from torch import nn
 
 from bgremover.errors import UserError, checkpoint_problem
+from bgremover.run_dirs import own_folder, run_data, run_summary
 
 CHECKPOINT_KEY = "bgremover"  # where a checkpoint keeps what inference needs (written by SegmentationModule)
 REQUIRED_META = ("net_config", "classes", "mean", "std")
-
-
-def run_summary(path: str | os.PathLike) -> Path | None:
-    """The summary.json of the run a checkpoint belongs to: beside it (a copied-out best.ckpt) or one folder up
-    (run/checkpoints/epoch_N.ckpt); None for a checkpoint outside any run."""
-    from bgremover.config import SUMMARY_NAME
-
-    return run_file(path, SUMMARY_NAME)
-
-
-def run_file(path: str | os.PathLike, name: str) -> Path | None:
-    """The file `name` (summary.json, split.json) of the run a checkpoint belongs to, found the same way."""
-    ckpt = Path(path).resolve()
-    return next((d / name for d in (ckpt.parent, ckpt.parent.parent) if (d / name).is_file()), None)
 
 
 def epochs_trained(ckpt: dict[str, Any], unfinished: bool = False) -> int:
@@ -204,18 +191,9 @@ def check_classes(path: str | os.PathLike, trained: list[str], data: list[str]) 
     data's); else one line with both lists and the data that fits: its run's folder (data=folder), or CamVid."""
     if list(trained) == list(data):
         return
-    import json
-
-    from bgremover.config import path_override
-
-    summary = run_summary(path)
-    try:  # the data its run was trained on, for the command that uses it there
-        own = (json.loads(summary.read_text()).get("config") or {}).get("data") or {} if summary else {}
-    except (OSError, ValueError):
-        own = {}
-    if str(own.get("_target_", "")).endswith("FolderDataModule") and own.get("root"):
-        how = f'its own folder, ARGS="data=folder {path_override("data.root=" + str(own["root"]))}"'
-    elif str(own.get("_target_", "")).endswith("CamVidDataModule"):
+    if folder := own_folder(path):  # the data its run was trained on, for the command that uses it there
+        how = folder
+    elif str(run_data(path).get("_target_", "")).endswith("CamVidDataModule"):
         how = "CamVid, the default data (no data= override)"
     else:
         how = 'data of those classes (ARGS="data=folder data.root=<folder>")'

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from bgremover.config import given, overrides
 from bgremover.config_keys import as_number, check_added_keys, check_built_nodes, check_settings
 from bgremover.errors import UserError, checkpoint_problem
+from bgremover.run_dirs import own_folder
 
 
 def _positive_int(value, key: str, allow_none: bool = False) -> None:
@@ -26,7 +27,7 @@ def _positive_int(value, key: str, allow_none: bool = False) -> None:
         raise UserError(f"{key} must be a positive integer, got {value!r}")
 
 
-def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[str]) -> None:
+def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[str], ckpt=None) -> None:
     _positive_int(data.get("batch_size"), "data.batch_size")
     _positive_int(data.get("eval_batch_size"), "data.eval_batch_size", allow_none=True)
     workers = data.get("num_workers", 0)
@@ -74,15 +75,16 @@ def _check_data(data: DictConfig, size_multiple: int | None, splits: Iterable[st
             raise UserError("data.root is not set: data=folder data.root=path/to/your/folder")
         check_config(data, list(splits))
         return
-    check_data_root(data.get("root"), splits)
+    check_data_root(data.get("root"), splits, ckpt)
 
 
-def check_data_root(root, splits: Iterable[str]) -> None:
+def check_data_root(root, splits: Iterable[str], ckpt=None) -> None:
     """The dataset folder and the split folders this task reads exist (contents are checked when loaded)."""
     from bgremover.data.camvid import resolve_root
 
     path = resolve_root(root)
-    hint = "run `make data` to download CamVid there, or point DATA_DIR (or data.root) at a copy"
+    hint = (f"checkpoint {ckpt} was trained on an image/mask folder: use it on {own}" if (own := own_folder(ckpt))
+            else "run `make data` to download CamVid there, or point DATA_DIR (or data.root) at a copy")
     if path.exists() and not path.is_dir():
         raise UserError(f"data.root {path} is a file, not a folder: point it (or DATA_DIR) at the CamVid folder")
     if not path.is_dir():
@@ -199,7 +201,7 @@ def validate_train(cfg: DictConfig) -> None:
 
             parts = train_splits(cfg.data.train_split)
             splits = [*parts, *(s for s in splits if s not in parts and s != "train")]
-        _check_data(cfg.data, model.get("size_multiple"), splits)
+        _check_data(cfg.data, model.get("size_multiple"), splits, cfg.get("ckpt_path"))
     trainer = cfg.get("trainer") or {}
     epochs = trainer.get("max_epochs")
     if epochs is not None and epochs != -1:
@@ -350,6 +352,6 @@ def validate_eval(cfg: DictConfig) -> None:
 
     resume.adopt_split(cfg, cfg.ckpt_path)  # a folder run's own split, before its data is checked
     if "root" in cfg.data:
-        _check_data(cfg.data, None, [cfg.split])
+        _check_data(cfg.data, None, [cfg.split], cfg.ckpt_path)
     _check_strategy(cfg.get("trainer"))
     _check_gpu(cfg)  # `make eval ARGS="trainer=gpu"` here: Lightning's line, after the checkpoint was loaded

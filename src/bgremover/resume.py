@@ -29,10 +29,10 @@ def adopt_split(cfg: DictConfig, ckpt_path) -> None:
     data = cfg.get("data") or {}
     if "split_out" not in data or data.get("split_file") or not ckpt_path or not Path(str(ckpt_path)).is_file():
         return
-    from bgremover import checkpoint
     from bgremover.data import folder as fd
+    from bgremover.run_dirs import run_file
 
-    path = checkpoint.run_file(ckpt_path, fd.SPLIT_FILE)
+    path = run_file(ckpt_path, fd.SPLIT_FILE)
     if path is None or fd.read_split(path).get("fixed"):
         return
     log.info("data.split_file=%s: the split of the checkpoint's run", path)

@@ -3,7 +3,8 @@
 `hydra.run.dir=X` (or a sweep's `hydra.sweep.dir=X`) that already holds a run, an evaluation, a sweep, or a run that
 was killed before its summary: refused in one line before Hydra writes anything (config.hydra_command_line), unless
 the command resumes that run in place. A resume in place that is refused before it trains gets the run's own
-summary, config and logs back (task.run_task).
+summary, config and logs back (task.run_task). And the run a checkpoint (or a model exported into its folder)
+belongs to: its summary.json and split.json, and the data it trained on, read without torch (the config checks).
 """
 
 from __future__ import annotations
@@ -141,3 +142,41 @@ def restore_run_record() -> bool:
         if path.is_file() and path.stat().st_size > size:
             os.truncate(path, size)  # the refusal's traceback, appended
     return True
+
+
+def run_file(path: str | os.PathLike, name: str) -> Path | None:
+    """The file `name` (summary.json, split.json) of the run a checkpoint belongs to: beside it (a copied-out
+    best.ckpt) or one folder up (run/checkpoints/epoch_N.ckpt); None for a checkpoint outside any run. Here, not in
+    bgremover.checkpoint, because the config checks look before torch is imported."""
+    ckpt = Path(path).resolve()
+    return next((d / name for d in (ckpt.parent, ckpt.parent.parent) if (d / name).is_file()), None)
+
+
+def run_summary(path: str | os.PathLike) -> Path | None:
+    """The summary.json of the run a checkpoint belongs to."""
+    return run_file(path, SUMMARY_NAME)
+
+
+def run_data(path: str | os.PathLike) -> dict[str, Any]:
+    """The data config the checkpoint's run trained on (its summary.json's), {} where nothing says."""
+    import json
+
+    summary = run_summary(path)
+    try:
+        data = (json.loads(summary.read_text()).get("config") or {}).get("data") if summary else None
+    except (OSError, ValueError, AttributeError):
+        data = None
+    return data if isinstance(data, dict) else {}
+
+
+def own_folder(path: str | os.PathLike | None) -> str | None:
+    """'its own folder, ARGS="data=folder data.root=<it>"' for a checkpoint of a run trained on an image/mask
+    folder (make remover's), else None: what a command testing it on CamVid's config is told to give instead. The
+    folder is quoted for the shell (the command quotes it for Hydra): `data.root=/x/My Photos` made `Photos` a word
+    of its own, Hydra's "Error parsing override 'Photos'"."""
+    import shlex
+
+    own = run_data(path) if path and Path(str(path)).is_file() else {}
+    if str(own.get("_target_", "")).endswith("FolderDataModule") and own.get("root"):
+        return f'its own folder, ARGS="data=folder data.root={shlex.quote(str(own["root"]))}"'
+    return None
