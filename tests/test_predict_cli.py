@@ -1001,3 +1001,26 @@ def test_an_image_given_as_the_model_is_named_as_one(tmp_path, capsys):
                                                    "an ONNX model: -m/--model names the model; give the image as an "
                                                    "input")
     assert not (tmp_path / "photo.nobg.png").exists()
+
+
+def test_every_option_of_the_predictor_and_the_service_is_in_the_readme():
+    """The README's option table of bgremover-predict left out `--quiet` (-q), which `--help` lists: each option of
+    the two commands is named in its README section (by any of its spellings, rembg's included), and each option
+    the predictor's table names is one the command takes."""
+    import re
+
+    from bgremover import predict, serve
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sections = {title: body for title, body in re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", readme, re.M | re.S)}
+    flags = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")
+    for parser, section in ((predict._parser(), "Export and the background remover"),
+                            (serve._parser(), "Cut-outs as a service")):
+        named = set(flags.findall(sections[section]))
+        unnamed = [a.option_strings for a in parser._actions
+                   if a.option_strings and "--help" not in a.option_strings and not named & set(a.option_strings)]
+        assert unnamed == [], (section, unnamed)
+    table = re.search(r"^\| option \| meaning \|\n(?:^\|.*\n)+", sections["Export and the background remover"], re.M)
+    column = "\n".join(row.split(" | ")[0] for row in table.group(0).splitlines()[2:])
+    takes = {s for a in predict._parser()._actions for s in a.option_strings}
+    assert set(flags.findall(column)) - takes == set()
