@@ -516,3 +516,29 @@ def test_pixel_accuracy_of_no_labelled_pixel_is_undefined_not_zero():
     read as every pixel wrong; as mIoU, and as the training module says."""
     assert np.isnan(ce.pixel_accuracy(np.zeros((3, 3), np.int64)))
     assert np.isnan(ce.mean_iou(np.zeros((3, 3), np.int64))[0])
+
+
+def test_a_folder_runs_model_scored_on_camvid_is_given_its_scoring_command(camvid, tmp_path, capsys, monkeypatch):
+    """`make eval-cutout MODEL=<run>/remover.onnx` without --data-root said "dataset folder not found: data/CamVid
+    (run `make data` or set DATA_DIR)" on a machine without CamVid (a remover's user has none), and "model classes
+    background, foreground are not CamVid's ...: its argmax cannot be scored" where CamVid was: the model's run
+    folder says where it trained, and the line gives the command that scores it there (what make remover prints)."""
+    folder = tmp_path / "my photos"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps(
+        {"status": "ok", "config": {"data": {"_target_": "bgremover.data.FolderDataModule", "root": str(folder)}}}))
+    (run / "split.json").write_text("{}")
+    binary = build_model(run / "remover.onnx", metadata={"classes": ["background", "foreground"],
+                                                         "default_foreground": ["foreground"]})
+    line = (f"{binary} was trained on the image/mask folder {folder}, not CamVid: score it there, make eval-cutout "
+            f"MODEL={binary} ARGS=\"--data-root '{folder}' --split-file {run / 'split.json'}\"")
+    for root in (tmp_path / "no CamVid", camvid):
+        monkeypatch.setenv("DATA_DIR", str(root))
+        assert ce.main(["--model", str(binary), "--quiet"]) == 1
+        assert capsys.readouterr().err == f"{ce.PROG}: error: {line}\n", root
+    # a model outside any run keeps the plain line
+    loose = build_model(tmp_path / "loose.onnx")
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "no CamVid"))
+    assert ce.main(["--model", str(loose), "--quiet"]) == 1
+    assert "dataset folder not found" in capsys.readouterr().err

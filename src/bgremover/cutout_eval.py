@@ -394,6 +394,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _own_folder(model: str | None, data_root: Path) -> str | None:
+    """A make remover run's model scored on CamVid (no --data-root) said "dataset folder not found: data/CamVid (run
+    `make data` ...)" where CamVid is absent, else "model classes background, foreground are not CamVid's": its run
+    folder (the model's, as make remover leaves it) says where it trained, and the line gives its scoring command."""
+    if model is None or is_folder(data_root):
+        return None
+    from bgremover.run_dirs import run_data, run_summary  # omegaconf, only on this error path
+    from bgremover.train_remover import score_command
+
+    data = run_data(model)
+    if not (str(data.get("_target_", "")).endswith("FolderDataModule") and data.get("root")):
+        return None
+    return (f"{model} was trained on the image/mask folder {data['root']}, not CamVid: score it there, "
+            f"{score_command(run_summary(model).parent, Path(data['root']), Path(model))}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # exits 2 with argparse's message on bad syntax
 
@@ -450,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except (UsageError, ImageError, BgRemoverError) as e:  # unknown class, bad model, missing data, bad file
-        return fail(str(e), 1)
+        return fail((isinstance(e, EvalError) and _own_folder(args.model, data_root)) or str(e), 1)
     except OSError as e:  # e.g. the JSON's folder is not writable
         return fail(_first_line(e), 1)
     except Exception as e:  # a bug, not bad input: still one line, never a traceback
