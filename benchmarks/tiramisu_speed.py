@@ -362,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         args.modes = list(dict.fromkeys(picked if m == "auto" else m for m in args.modes))
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         p.error("--steps, --warmup and --rounds must be >= 1")
+    if args.batch is not None and args.batch < 1:  # 0 read as "not given" (the default batch, labelled 0 nowhere)
+        p.error("--batch must be >= 1")
     if args.cell_timeout is not None and args.cell_timeout <= 0:
         p.error("--cell-timeout must be > 0 seconds")
     if args.parallel < 1 or (args.parallel > 1 and args.rounds > 1):

@@ -317,3 +317,20 @@ def test_train_throughput_reads_the_device_by_its_type(monkeypatch, capsys):
     assert code == 0
     assert out[1].startswith("device=cpu:0 precision=fp32 ")
     assert workers[0][workers[0].index("--precision") + 1] == "fp32"
+
+
+@pytest.mark.parametrize("batch", ["0", "-1"])
+def test_tiramisu_speed_batch_below_one_is_refused_before_any_cell(batch, tmp_path, monkeypatch, capsys):
+    """`--batch 0` measured the default batch (0 read as "not given"), `--batch -1` printed a row of failed cells
+    with exit status 0: now a usage error (exit 2) before any cell starts."""
+    import subprocess
+
+    module = bench("tiramisu_speed")
+    started = []
+    monkeypatch.setattr(module.subprocess, "run", lambda cmd, **k: started.append(cmd) or subprocess.CompletedProcess(
+        cmd, 1, "", "RuntimeError: Trying to create tensor with negative dimension -1"))
+    monkeypatch.setenv("BGREMOVER_CPU_KERNELS", "0")  # no kernel build through the fake subprocess.run
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code = run_main(module, ["--nets", "56", "--sizes", "224", "--modes", "fp32", "--batch", batch], monkeypatch)
+    assert (code, started) == (2, [])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: --batch must be >= 1")
