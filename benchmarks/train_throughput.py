@@ -113,7 +113,8 @@ def main() -> None:
         return
 
     print(kind)
-    print(f"device={args.device} precision={args.precision} channels_last steps={args.steps} "
+    batch = {size: SIZES[size][1] for size in args.sizes}  # img/s depends on it: the figures name it
+    print(f"device={args.device} precision={args.precision} channels_last batch={batch} steps={args.steps} "
           f"threads={os.environ.get('OMP_NUM_THREADS', os.cpu_count())}")
     print(f"{'net':<28} {'params':>8} " + " ".join(f"{s + ' img/s':>14} {s + ' MB':>12}" for s in args.sizes))
     for name in args.nets:

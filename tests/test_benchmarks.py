@@ -334,3 +334,16 @@ def test_tiramisu_speed_batch_below_one_is_refused_before_any_cell(batch, tmp_pa
     code = run_main(module, ["--nets", "56", "--sizes", "224", "--modes", "fp32", "--batch", batch], monkeypatch)
     assert (code, started) == (2, [])
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: --batch must be >= 1")
+
+
+def test_train_throughput_names_the_batch_its_img_s_is_measured_at(monkeypatch, capsys):
+    """img/s depends on the batch, and the header named none (the README quoted the table without one): it names
+    the batch each size trains at, the one the worker uses (SIZES; 2 at both sizes)."""
+    import subprocess
+
+    module = bench("train_throughput")
+    monkeypatch.setattr(module.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(
+        cmd, 0, json.dumps({"params_m": 1.0, "img_s": 2.0, "peak_mb": 3.0}), ""))
+    assert run_main(module, ["--nets", "tiramisu56", "--device", "cpu", "--precision", "fp32"], monkeypatch) == 0
+    header = capsys.readouterr().out.splitlines()[1]
+    assert " batch={'224': 2, '384x480': 2} " in header
