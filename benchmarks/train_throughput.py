@@ -115,7 +115,7 @@ def main() -> None:
     print(kind)
     batch = {size: SIZES[size][1] for size in args.sizes}  # img/s depends on it: the figures name it
     print(f"device={args.device} precision={args.precision} channels_last batch={batch} steps={args.steps} "
-          f"threads={os.environ.get('OMP_NUM_THREADS', os.cpu_count())}")
+          f"threads={_threads()}")
     print(f"{'net':<28} {'params':>8} " + " ".join(f"{s + ' img/s':>14} {s + ' MB':>12}" for s in args.sizes))
     for name in args.nets:
         cells = []
@@ -134,6 +134,14 @@ def main() -> None:
             params = r["params_m"]
             cells.append(f"{r['img_s']:>14.2f} {r['peak_mb']:>12.0f}")
         print(f"{name:<28} {(f'{params:.2f}M' if params else '?'):>8} " + " ".join(cells), flush=True)
+
+
+def _threads() -> int:
+    """The intra-op threads a worker trains with: torch's (OMP_NUM_THREADS, else the physical cores), which is not
+    os.cpu_count() on a CPU with two threads per core."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _cuda() -> bool:

@@ -347,3 +347,20 @@ def test_train_throughput_names_the_batch_its_img_s_is_measured_at(monkeypatch, 
     assert run_main(module, ["--nets", "tiramisu56", "--device", "cpu", "--precision", "fp32"], monkeypatch) == 0
     header = capsys.readouterr().out.splitlines()[1]
     assert " batch={'224': 2, '384x480': 2} " in header
+
+
+def test_train_throughput_names_the_threads_torch_trains_with(monkeypatch, capsys):
+    """The header said threads=os.cpu_count(): the logical CPUs, twice the threads torch trains with on a CPU with
+    two threads per core. It now says torch's own count, which a worker (same environment) starts with."""
+    import os
+    import subprocess
+
+    module = bench("train_throughput")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2 * torch.get_num_threads())  # logical CPUs: two per core
+    monkeypatch.setattr(module.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(
+        cmd, 0, json.dumps({"params_m": 1.0, "img_s": 2.0, "peak_mb": 3.0}), ""))
+    assert run_main(module, ["--nets", "tiramisu56", "--sizes", "224", "--device", "cpu", "--precision", "fp32"],
+                    monkeypatch) == 0
+    header = capsys.readouterr().out.splitlines()[1]
+    assert header.split()[-1] == f"threads={torch.get_num_threads()}"
