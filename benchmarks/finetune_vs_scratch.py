@@ -67,8 +67,9 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both arms")
     args = p.parse_intermixed_args()
     arms = args.arms.split(",")
-    if not arms or any(a not in ARMS for a in arms):
-        p.error(f"--arms: a comma list of {', '.join(ARMS)} (got {args.arms!r})")
+    # each arm once: a second run of one would write into the first's folder, which train_remover refuses
+    if not arms or any(a not in ARMS for a in arms) or len(set(arms)) < len(arms):
+        p.error(f"--arms: a comma list of {', '.join(ARMS)}, each at most once (got {args.arms!r})")
     # train_remover refuses a run folder that already holds a run: find out now, not after the first arm's budget
     taken = [str(args.out / a) for a in arms if (args.out / a).exists()]
     if taken:

@@ -364,3 +364,16 @@ def test_train_throughput_names_the_threads_torch_trains_with(monkeypatch, capsy
                     monkeypatch) == 0
     header = capsys.readouterr().out.splitlines()[1]
     assert header.split()[-1] == f"threads={torch.get_num_threads()}"
+
+
+def test_finetune_vs_scratch_refuses_an_arm_named_twice(tmp_path, monkeypatch, capsys):
+    """`--arms finetune,finetune` trained the first arm for its whole budget (30 min), then the second found that
+    run's folder and failed: no table, exit 1. Now a usage error (exit 2) before anything runs or is written."""
+    module = bench("finetune_vs_scratch")
+    started = []
+    monkeypatch.setattr(module.subprocess, "call", lambda cmd, **_: started.append(cmd) or 1)
+    code = run_main(module, ["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--arms", "finetune,finetune"],
+                    monkeypatch)
+    assert (code, started, (tmp_path / "out").exists()) == (2, [], False)
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --arms: a comma list of finetune, scratch, each at most once (got 'finetune,finetune')")
