@@ -5,7 +5,9 @@
                                          [--threads 2] [--reps 15]
 
 Per image: decode PNG bytes -> pad/normalize -> infer -> softmax/alpha -> encode PNG, at 480x360 (CamVid size)
-and 1920x1080 (inferred at --max-side, alpha upsampled back). Every row goes through the same predictor code and
+and 1920x1080, each inferred at the predictor's scale (alpha upsampled back): at most 1024 on the long side, or
+the long side a folder-trained remover was trained at, as bgremover-predict and bgremover-serve infer (--max-side
+caps it instead, as their --max-side does). Every row goes through the same predictor code and
 differs only in the inference call. Models:
   - default: the shipped model itself (--model, default models/bgremover-camvid.onnx), its int8 copy when it
     exists (--int8, default <model>.int8.onnx; `python -m bgremover.quantize` writes it), and eager PyTorch
@@ -218,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8", help="int8 model to time too (default with --model: <model>.int8.onnx if present)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for both engines")
     p.add_argument("--reps", type=int, default=15, help="timed repetitions per cell (median reported)")
-    p.add_argument("--max-side", type=int, default=lib.MAX_SIDE)
+    p.add_argument("--max-side", type=int, help="infer at most at this long side (default: the predictor's scale)")
     args = p.parse_args(argv)
-    if args.reps < 1 or args.threads < 1 or args.max_side < 32:
+    if args.reps < 1 or args.threads < 1 or (args.max_side is not None and args.max_side < 32):
         p.error("--reps and --threads must be >= 1, --max-side >= 32")
     for flag, path in (("--model", args.model), ("--int8", args.int8), ("--ckpt", args.ckpt)):
         if path and not Path(path).is_file():
@@ -275,7 +277,7 @@ def measure(args: argparse.Namespace) -> int:
             if diff > MAX_TORCH_DIFF:
                 raise SystemExit(f"error: rebuilt PyTorch net differs from the ONNX file by {diff:.1e} in the logits")
         print(f"model: {how} in {time.perf_counter() - t0:.1f}s, max |torch-ort| logits {diff:.1e}; "
-              f"int8: {int8 or 'none'}; threads={args.threads}, max_side={args.max_side}, torch {torch.__version__}, "
+              f"int8: {int8 or 'none'}; threads={args.threads}, max_side={fp32.max_side}{' (the training scale)' * fp32.upscale}, torch {torch.__version__}, "
               f"onnxruntime {lib_ort_version()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, median of {args.reps}")  # fmt: skip
 
         names = list(removers)
@@ -285,8 +287,7 @@ def measure(args: argparse.Namespace) -> int:
               "what the CPU gives when no other job takes it); ratios of medians\n" + head)  # fmt: skip
         for w, h in SIZES:
             data = sample_png((w, h))
-            scale = min(1.0, args.max_side / max(w, h))
-            at = f"{round(w * scale)}x{round(h * scale)}"
+            at = "x".join(map(str, fp32.inference_size(w, h)))
             fns = {n: (lambda r=r, d=data: lib.encode_png(r.remove(io.BytesIO(d)))) for n, r in removers.items()}
             times = round_robin(fns, args.reps)
             med = {n: statistics.median(t) for n, t in times.items()}

@@ -377,3 +377,40 @@ def test_finetune_vs_scratch_refuses_an_arm_named_twice(tmp_path, monkeypatch, c
     assert (code, started, (tmp_path / "out").exists()) == (2, [], False)
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "error: --arms: a comma list of finetune, scratch, each at most once (got 'finetune,finetune')")
+
+
+@pytest.mark.slow
+def test_predict_latency_times_a_folder_trained_remover_at_its_training_scale(tmp_path, monkeypatch, capsys):
+    """bgremover-predict and bgremover-serve infer a remover trained on an image folder at its data.image_size
+    (smaller images scaled up too); the benchmark forced --max-side 1024 on every model, so one trained at 64 px
+    was timed at 480x360 and 1024x576, not the 64x48 and 64x36 a user's cut-outs run at. It now takes the
+    predictor's own scale unless --max-side is given, and the "infer at" column is the size that ran."""
+    import onnx
+
+    from bgremover import model_format
+    from bgremover import remover as lib
+
+    model = onnx.load(str(BENCH.parent / "models" / "bgremover-camvid.onnx"))
+    prop = next(p for p in model.metadata_props if p.key == model_format.METADATA_KEY)
+    prop.value = json.dumps({**json.loads(prop.value), "image_size": 64})  # what make remover's export writes
+    onnx.save(model, str(tmp_path / "remover.onnx"))
+    module = bench("predict_latency")
+    shapes, ran = [], []
+    real_logits = lib.BackgroundRemover.logits
+    monkeypatch.setattr(lib.BackgroundRemover, "logits", lambda self, rgb: shapes.append(rgb.shape[:2])
+                        or real_logits(self, rgb))
+
+    def round_robin(fns, reps, warmup=1):  # each function once: the sizes it infers at, not its time
+        for fn in fns.values():
+            shapes.clear()
+            fn()
+            ran.append(shapes[:])
+        return {k: [1.0] for k in fns}
+
+    monkeypatch.setattr(module, "round_robin", round_robin)
+    assert run_main(module, ["--model", str(tmp_path / "remover.onnx"), "--reps", "1"], monkeypatch) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "max_side=64 (the training scale)" in next(line for line in out if line.startswith("model: "))
+    head = next(i for i, line in enumerate(out) if line.split()[:3] == ["image", "infer", "at"])
+    assert [line.split()[:2] for line in out[head + 1:head + 3]] == [["480x360", "64x48"], ["1920x1080", "64x36"]]
+    assert ran[:4] == [[(48, 64)]] * 2 + [[(36, 64)]] * 2  # fp32 and eager PyTorch, at each image size

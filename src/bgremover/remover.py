@@ -319,19 +319,20 @@ class BackgroundRemover:
             raise ModelError(f"model returned shape {out.shape}, expected 1x{len(self.classes)}xHxW")
         return crop(out[0], box)
 
+    def inference_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) a w x h image is inferred at: its long side scaled to max_side, down only, or up too for
+        a net trained at one size (upscale). The image's own size means no scaling (a scaled long side is max_side)."""
+        scale = self.max_side / max(h, w) if self.upscale else min(1.0, self.max_side / max(h, w))
+        return (w, h) if scale == 1.0 else (max(1, round(w * scale)), max(1, round(h * scale)))
+
     def foreground_probability(self, rgb: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray:
         """Soft alpha in 0..1 (float32 HxW at the image's full size): summed softmax of the foreground classes."""
         fg = self.foreground if classes is None else self.resolve_classes(classes)
         h, w = rgb.shape[:2]
-        scale = self.max_side / max(h, w)
-        if not self.upscale:
-            scale = min(1.0, scale)
-        small = rgb
-        if scale != 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            small = resize_rgb(rgb, size)  # as training scaled its images (data=folder's image_size)
+        size = self.inference_size(w, h)
+        small = rgb if size == (w, h) else resize_rgb(rgb, size)  # as training scaled its images (image_size)
         prob = fg_softmax(self.logits(small), fg)
-        if scale != 1.0:
+        if size != (w, h):
             # Upsampling the summed probability equals summing upsampled per-class probabilities (bilinear is
             # linear) at 1/K of the memory, which matters at tens of megapixels.
             prob = _resize_plane(prob, (w, h))
