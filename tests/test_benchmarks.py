@@ -1,8 +1,10 @@
 """The benchmarks/ scripts as a person runs them: tiny settings on a CPU, their exit codes and the lines they print.
 
-Their figures are never asserted (speed and memory targets live in the scripts' output, not in tests); what is
-checked is that they run, name the device they measured on, and answer bad arguments in one line. FC-DenseNet's
-speed table has its own tests in test_tiramisu.py.
+What a machine measures is never asserted (speed and memory targets live in the scripts' output, not in tests);
+what is checked is that they run, name the device they measured on, answer bad arguments in one line, and compute
+each printed figure as its name says: with a clock that moves only when a step runs and memory readings given, a
+script's img/s, ms, MiB and ratios are compared with values computed here (warm-up excluded, median or mean as
+the header says, numerator over the right denominator). More of FC-DenseNet's speed table is in test_tiramisu.py.
 """
 
 from __future__ import annotations
@@ -319,6 +321,304 @@ def test_train_throughput_reads_the_device_by_its_type(monkeypatch, capsys):
     assert workers[0][workers[0].index("--precision") + 1] == "fp32"
 
 
+# --- the figures themselves: each script's arithmetic against values computed here -----------------------------
+class StepClock:
+    """Time that passes only while a training step runs: each optimizer step takes the next of `durations`
+    seconds, and `log` records the steps beside whatever else a test notes, in order."""
+
+    def __init__(self, durations):
+        self.now, self.durations, self.log = 0.0, list(durations), []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def optimizer(self, base):
+        clock = self
+
+        class Timed(base):
+            def step(self, *a, **k):
+                clock.now += clock.durations.pop(0)
+                clock.log.append("step")
+                return super().step(*a, **k)
+
+        return Timed
+
+
+TINY_TIRAMISU = {"down_blocks": (1, 1), "up_blocks": (1, 1), "bottleneck_layers": 1, "growth_rate": 4,
+                 "first_conv_channels": 8}
+
+
+@pytest.mark.parametrize("impl", ["ref", "ours"])
+def test_tiramisu_speed_worker_img_s_is_the_batch_over_the_median_measured_step(impl, monkeypatch):
+    """The figures the README and docs/fast_tiramisu.md quote: img/s = batch / the median measured step (warm-up
+    steps excluded), peak MiB = VmHWM after the measured steps minus the RSS once warm (clear_refs written then)."""
+    import types
+
+    from bgremover.nets import tiramisu
+    from bgremover.nets.workspace import Workspace
+
+    module = bench("tiramisu_speed")
+    monkeypatch.setitem(tiramisu.TIRAMISU_CONFIGS, "fcdensenet56", TINY_TIRAMISU)
+    monkeypatch.setitem(module.SIZES, "224", (32, 32, 3))  # batch 3 on a CPU
+    # warm-up: 2 steps of 100 s each; measured: 0.5, 0.2, 0.9 s (median 0.5)
+    clock = StepClock([100.0, 100.0, 0.5, 0.2, 0.9])
+    monkeypatch.setattr(torch.optim, "RMSprop", clock.optimizer(torch.optim.RMSprop))
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    batches = []
+    real_ce = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda logits, y, **k: batches.append(len(logits)) or real_ce(logits, y, **k))
+
+    class Proc:  # /proc/self: RSS 1000 KiB once warm, a high-water mark 5 MiB above it after the measured steps
+        def __init__(self, path):
+            self.path = str(path)
+
+        def write_text(self, text):
+            clock.log.append(f"{self.path} {text}")
+
+    workspaces = []  # the project net's: what its blocks keep between steps must be given back before the base
+    real_init = Workspace.__init__
+    monkeypatch.setattr(Workspace, "__init__", lambda self: workspaces.append(self) or real_init(self))
+
+    def rss() -> int:
+        clock.log.append(f"rss, {sum(w.nbytes() for w in workspaces)} bytes held")
+        return 1000
+
+    monkeypatch.setattr(module, "Path", Proc)
+    monkeypatch.setattr(module, "_rss_kib", rss)
+    monkeypatch.setattr(module, "_hwm_kib", lambda: clock.log.append("hwm") or 1000 + 5 * 1024)
+    result = module.worker("56", impl, "cl", "224", steps=3, warmup=2, device="cpu")
+    assert result == {"img_s": pytest.approx(3 / 0.5), "peak_mib": pytest.approx(5.0),
+                      "step_s": pytest.approx(0.5), "first_step_s": pytest.approx(100.0)}
+    assert clock.log == ["step", "step", "/proc/self/clear_refs 5", "rss, 0 bytes held", "step", "step", "step", "hwm"]
+    assert (sum(w.nbytes() for w in workspaces) > 0) == (impl == "ours")  # (the blocks did use them)
+    assert batches == [3] * 5  # the batch img/s is computed with is the one trained on
+
+
+def test_tiramisu_speed_table_ratios_and_round_medians(tmp_path, monkeypatch, capsys):
+    """The table (rounds' medians), its ratios (ours over the reference), the per-round ratios, the best-config line
+    and the targets, from known cell results; memory figures on (default allocator)."""
+    import subprocess
+
+    module = bench("tiramisu_speed")
+    # per (impl, mode): img/s and peak MiB of rounds 1, 2, 3
+    cells = {("ref", "fp32"): ([1.0, 0.5, 2.0], [400, 420, 380]), ("ours", "fp32"): ([1.5, 1.0, 2.0], [300] * 3),
+             ("ref", "bf16"): ([2.0] * 3, [800] * 3), ("ours", "memeff"): ([5.0, 1.0, 6.0], [100, 200, 300])}
+    calls = {}
+
+    def fake_run(cmd, **kw):
+        cell = (cmd[cmd.index("--worker") + 2], cmd[cmd.index("--worker") + 3])
+        i = calls[cell] = calls.get(cell, -1) + 1
+        img_s, mib = cells[cell][0][i], cells[cell][1][i]
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(
+            {"img_s": img_s, "peak_mib": mib, "step_s": 1 / img_s, "first_step_s": 1.0}) + "\n", "")
+
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    monkeypatch.setenv("BGREMOVER_CPU_KERNELS", "0")  # no kernel build through the fake subprocess.run
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code = module.main(["--nets", "103", "--sizes", "384x480", "--modes", "fp32", "memeff", "--rounds", "3",
+                        "--steps", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and all(n == 2 for n in calls.values())
+    assert "  .. rounds' speed ratios fp32: 1.50 2.00 1.00" in out
+    assert "  .. rounds' speed ratios memeff: 2.50 0.50 3.00" in out
+    assert "  FC-DenseNet103 384x480: best project config (memeff) = 5.00x the plain fp32 reference" in out
+    table, targets = out.split("\nFC-DenseNet103 targets:\n")
+    assert [line.split() for line in table.rstrip().splitlines()[-2:]] == [
+        ["103", "384x480", "fp32", "1.000", "1.500", "1.50", "400", "300", "0.75"],
+        ["103", "384x480", "memeff/bf16", "2.000", "5.000", "2.50", "800", "200", "0.25"]]
+    assert targets.splitlines() == [
+        "  peak memory, memory-efficient, 384x480: 0.25 (target <= 0.6) met",
+        "  best project config vs plain fp32 reference, 384x480: 5.00 (target >= 5.0) met"]
+
+
+def test_train_throughput_worker_img_s_and_peak_are_the_timed_steps(monkeypatch):
+    """The README's "CPU vs GPU" table: img/s = timed steps x batch / their seconds (the warm-up step untimed), peak
+    MB = VmHWM after them minus the RSS before the first step, params in millions."""
+    import types
+
+    import bgremover.nets
+
+    module = bench("train_throughput")
+    monkeypatch.setitem(module.SIZES, "224", ((8, 8), 3))  # batch 3
+    monkeypatch.setattr(bgremover.nets, "build_net", lambda name: torch.nn.Conv2d(3, 11, 1))  # 3 x 11 + 11 params
+    clock = StepClock([100.0, 0.25, 0.75])  # the warm-up step, then the two timed ones: 1 s in all
+    monkeypatch.setattr(torch.optim, "RMSprop", clock.optimizer(torch.optim.RMSprop))
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+
+    def kib(key: str) -> int:  # 1000 KiB before the first step, a high-water mark 3 MiB above it at the end
+        clock.log.append(key)
+        return {"VmRSS:": 1000, "VmHWM:": 1000 + 3 * 1024}[key]
+
+    class Proc:  # /proc/self/clear_refs: resets VmHWM to the RSS
+        def __init__(self, path, mode):
+            self.path = path
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            clock.log.append(f"{self.path} {text}")
+
+    monkeypatch.setattr(module, "_kib", kib)
+    monkeypatch.setattr(module, "open", Proc, raising=False)
+    result = module.worker("deeplabv3plus_mobilenet_v2", "224", 2, "cpu", "fp32")
+    assert result == {"net": "deeplabv3plus_mobilenet_v2", "size": "224", "params_m": pytest.approx(44e-6),
+                      "img_s": pytest.approx(2 * 3 / 1.0), "peak_mb": pytest.approx(3.0)}
+    assert clock.log == ["/proc/self/clear_refs 5", "VmRSS:", "step", "step", "step", "VmHWM:"]
+
+
+def test_train_throughput_row_prints_each_figure_in_its_column(monkeypatch, capsys):
+    import subprocess
+
+    module = bench("train_throughput")
+
+    def fake_worker(cmd, **_):
+        size = cmd[cmd.index("--worker") + 2]
+        figures = {"224": (2.81, 313.4), "384x480": (0.52, 1222.6)}[size]
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(
+            {"params_m": 4.38, "img_s": figures[0], "peak_mb": figures[1]}), "")
+
+    monkeypatch.setattr(module.subprocess, "run", fake_worker)
+    assert run_main(module, ["--nets", "deeplabv3plus_mobilenet_v2", "--device", "cpu", "--precision", "fp32"],
+                    monkeypatch) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split() == ["net", "params", "224", "img/s", "224", "MB", "384x480", "img/s", "384x480", "MB"]
+    assert out[3].split() == ["deeplabv3plus_mobilenet_v2", "4.38M", "2.81", "313", "0.52", "1223"]
+
+
+def test_input_pipeline_step_time_is_the_mean_of_the_timed_steps(monkeypatch):
+    """ms/step is the mean over --steps after --warmup untimed steps, with the device drained before the clock
+    starts and before it stops."""
+    import types
+
+    module = bench("gpu_input_pipeline")
+    clock = StepClock([100.0, 100.0, 0.1, 0.2, 0.6])
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+
+    def step(x, y):
+        clock.now += clock.durations.pop(0)
+        clock.log.append("step")
+
+    seconds = module.timed_steps(step, iter([(None, None)] * 5), 3, 2, lambda: clock.log.append("sync"))
+    assert seconds == pytest.approx(0.3)
+    assert clock.log == ["step", "step", "sync", "step", "step", "step", "sync"]
+
+
+def test_input_pipeline_table_ratios_are_each_path_over_synthetic(tiny_camvid, monkeypatch, capsys):
+    module = bench("gpu_input_pipeline")
+    seconds = iter([0.1, 0.125, 0.2])  # synthetic, resident, dataloader (the order they run in)
+    monkeypatch.setattr(module, "timed_steps", lambda *a: next(seconds))
+    code = module.main(["--device", "cpu", "--net", "tiny", "--batch", "2", "--crop", "32", "32", "--steps", "1",
+                        "--warmup", "0", "--limit", "4", "--workers", "0", "--root", str(tiny_camvid)])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("path "))
+    rows = {line.split()[0]: line.split()[1:4] for line in lines[head + 1:head + 4]}
+    assert rows == {"synthetic": ["100.0", "20.0", "1.000x"], "resident": ["125.0", "16.0", "1.250x"],
+                    "dataloader": ["200.0", "10.0", "2.000x"]}
+    assert "\nresident vs synthetic: 1.250x (target <= 1.10x) NOT met\n" in out
+
+
+def test_predict_latency_times_each_engine_in_ms_without_its_warm_up(monkeypatch):
+    """round_robin: ms per call of each function, its own calls only, the warm-up call untimed."""
+    import types
+
+    module = bench("predict_latency")
+    clock = StepClock([])
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    seconds = {"a": iter([9.0, 0.010, 0.030, 0.020]), "b": iter([9.0, 0.005, 0.004, 0.006])}  # warm-up first
+
+    def call(name):
+        clock.now += next(seconds[name])
+
+    times = module.round_robin({"a": lambda: call("a"), "b": lambda: call("b")}, reps=3)
+    assert times == {"a": pytest.approx([10.0, 30.0, 20.0]), "b": pytest.approx([5.0, 4.0, 6.0])}
+
+
+@pytest.mark.slow
+def test_predict_latency_row_is_medians_fastest_and_ratios_of_medians(monkeypatch, capsys):
+    """The README's "int8 41.2 ms median (40.8 fastest), float32 69.8 ms, eager PyTorch 155.5 ms, i.e. 3.8x and 2.2x
+    eager": each cell the median (the fastest in brackets) of its engine's repetitions, each ratio eager's median
+    over that engine's. The repetitions are given here; the engines, stages and encoders run as the script runs them."""
+    module = bench("predict_latency")
+    given = {"onnxruntime fp32": [70.0, 60.0, 90.0], "onnxruntime int8": [41.0, 40.0, 39.0],
+             "eager PyTorch": [150.0, 160.0, 140.0]}
+
+    def round_robin(fns, reps, warmup=1):
+        for fn in fns.values():  # the work itself still runs (once), so the script's own checks do too
+            fn()
+        return {k: given.get(k, [4.0, 1.0, 2.0]) for k in fns}  # median 2, mean 2.33
+
+    monkeypatch.setattr(module, "round_robin", round_robin)
+    assert run_main(module, ["--reps", "3", "--max-side", "64"], monkeypatch) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(out) if line.split()[:3] == ["image", "infer", "at"])
+    for line, at in zip(out[head + 1:head + 3], ("64x48", "64x36"), strict=True):
+        assert line.split()[1:] == [at, "70.0", "(60.0)", "40.0", "(39.0)", "150.0", "(140.0)", "2.14x", "3.75x"]
+    stages = [line.split() for line in out if line.startswith("  ") and "(" in line]
+    assert ["decode", "PNG", "2.00", "(1.00)"] in stages
+
+
+@pytest.mark.parametrize("route", ["textbook", "fused"])
+def test_tiramisu_infer_worker_ms_is_the_median_frame_after_the_warm_up(route, monkeypatch):
+    """docs/fast_tiramisu.md's inference figures: ms = the median of --reps timed frames after one untimed one, peak
+    MiB = VmHWM after them minus the RSS once warm; the route the row names is the one that ran."""
+    import types
+
+    from bgremover.nets import tiramisu
+
+    module = bench("tiramisu_infer")
+    clock = StepClock([9.0, 0.5, 0.2, 0.9])  # the warm-up frame, then three timed ones (median 0.5 s)
+    routes, inputs = [], []
+
+    class Timed(tiramisu.FCDenseNet):
+        def forward(self, x):
+            clock.now += clock.durations.pop(0)
+            routes.append({m.plain for m in self.modules() if isinstance(m, tiramisu.DenseBlock)})
+            inputs.append(tuple(x.shape))
+            return super().forward(x)
+
+    monkeypatch.setitem(tiramisu.TIRAMISU_CONFIGS, "fcdensenet56", TINY_TIRAMISU)
+    monkeypatch.setattr(tiramisu, "FCDenseNet", Timed)
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+
+    def kib(key: str) -> int:  # 1000 KiB once warm, a high-water mark 2 MiB above it after the timed frames
+        clock.log.append(key)
+        return {"VmRSS": 1000, "VmHWM": 1000 + 2 * 1024}[key]
+
+    monkeypatch.setattr(module, "_kib", kib)
+    result = module.worker(route, "fp32", None, "fcdensenet56", (32, 32), reps=3)
+    assert (result["ms"], result["peak_mib"]) == (pytest.approx(500.0), pytest.approx(2.0))
+    assert clock.log == ["VmRSS", "VmHWM"] and not clock.durations
+    assert routes == [{route == "textbook"}] * 4
+    assert inputs == [(1, 3, 32, 32)] * 4  # one frame at a time, as the header's 1x3xHxW says
+
+
+def test_tiramisu_infer_row_puts_each_route_in_its_column(monkeypatch, capsys):
+    import subprocess
+
+    module = bench("tiramisu_infer")
+    figures = {("textbook", "fp32"): (2383.4, 780.2), ("fused", "fp32"): (1460.0, 538.0),
+               ("textbook", "bf16"): (1252.0, 398.0), ("fused", "bf16"): (818.0, 285.0)}
+
+    def fake_run(cmd, **_):
+        ms, mib = figures[tuple(cmd[cmd.index("--worker") + 1:cmd.index("--worker") + 3])]
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(
+            {"ms": ms, "peak_mib": mib, "kernels": True}) + "\n", "")
+
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    assert module.main(["--reps", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in out[2:4]] == [["fp32", "2383", "1460", "1.63x", "780", "538"],
+                                                   ["bf16", "1252", "818", "1.53x", "398", "285"]]
+    assert out[4] == "fused route's CPU kernels (bgremover.nets.cpu_kernels): on"
+
+
 @pytest.mark.parametrize("batch", ["0", "-1"])
 def test_tiramisu_speed_batch_below_one_is_refused_before_any_cell(batch, tmp_path, monkeypatch, capsys):
     """`--batch 0` measured the default batch (0 read as "not given"), `--batch -1` printed a row of failed cells
@@ -414,3 +714,129 @@ def test_predict_latency_times_a_folder_trained_remover_at_its_training_scale(tm
     head = next(i for i, line in enumerate(out) if line.split()[:3] == ["image", "infer", "at"])
     assert [line.split()[:2] for line in out[head + 1:head + 3]] == [["480x360", "64x48"], ["1920x1080", "64x36"]]
     assert ran[:4] == [[(48, 64)]] * 2 + [[(36, 64)]] * 2  # fp32 and eager PyTorch, at each image size
+
+
+def test_serve_load_req_s_and_percentiles_are_over_the_timed_requests(monkeypatch):
+    """The README's load-test table: req/s = requests / wall seconds of the concurrent phase (the 3 warm-up requests
+    neither timed nor counted), p50 / p95 the 50th / 95th percentiles of the requests' latencies (linear
+    interpolation), errors the requests that failed, by kind."""
+    import threading
+    import types
+
+    import numpy as np
+
+    module = bench("serve_load")
+    wall = iter([100.0, 110.0])  # the concurrent phase: 10 s
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: next(wall)))
+
+    class Server:
+        def terminate(self):
+            return None
+
+        def wait(self, timeout):
+            return 0
+
+    monkeypatch.setattr(module, "start_server", lambda args, threads: (Server(), 1))
+    latencies = list(np.linspace(0.1, 2.0, 20) ** 2)  # s, uneven: 4 clients x 5 requests
+    answers = [(s, True, 200) for s in latencies[:18]] + [(latencies[18], False, 503),
+                                                           (latencies[19], False, "ConnectionResetError")]
+    lock = threading.Lock()
+
+    def client(port, body, path, n, timeout, out):
+        if n == 3:  # the warm-up
+            out.extend([(99.0, True, 200)] * 3)
+            return
+        with lock:
+            out.extend(answers.pop() for _ in range(n))
+
+    monkeypatch.setattr(module, "client", client)
+    args = types.SimpleNamespace(clients=4, requests=5, timeout=60.0, query="")
+    row = module.run_load(args, 2, b"image")
+    assert row == {"threads": 2, "n": 20, "wall": pytest.approx(10.0), "rps": pytest.approx(2.0),
+                   "p50": pytest.approx(1000 * np.percentile(latencies, 50)),
+                   "p95": pytest.approx(1000 * np.percentile(latencies, 95)), "errors": 2,
+                   "kinds": ["503", "ConnectionResetError"]}
+
+
+def test_serve_load_counts_an_answer_that_is_not_a_png_as_an_error():
+    """An error is any answer but a 200 with a PNG body, or a failed connection; each request's latency is timed."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    module = bench("serve_load")
+    answers = iter([(200, b"\x89PNG\r\n\x1a\n" + b"0" * 8), (200, b'{"error": "x"}'), (404, b"not found")])
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as bgremover-serve
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status, body = next(answers)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = []
+    try:
+        module.client(server.server_address[1], b"image", "/remove", 3, 10.0, out)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(ok, status) for _, ok, status in out] == [(True, 200), (False, 200), (False, 404)]
+    assert all(seconds > 0 for seconds, _, _ in out)
+
+
+def test_cpu_kernels_speed_is_the_fastest_timed_call_in_ms_after_an_untimed_one(monkeypatch):
+    """docs/fast_tiramisu.md's per-kernel figures, "ms, min of 5": the fastest of --repeat timed calls, in ms, after
+    one untimed call."""
+    import types
+
+    module = bench("cpu_kernels_speed")
+    clock = StepClock([9.0, 0.003, 0.001, 0.002])
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+
+    def call():
+        clock.now += clock.durations.pop(0)
+
+    assert module.best_ms(call, 3) == pytest.approx(1.0)
+    assert not clock.durations
+
+
+def test_cpu_kernels_speed_times_pytorch_with_the_kernels_off_and_the_kernel_with_them_on(monkeypatch):
+    import os
+
+    from bgremover.nets import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip("the fused CPU kernels are not built here (no C compiler)")
+    module = bench("cpu_kernels_speed")
+    monkeypatch.setenv(cpu_kernels.ENV, "1")  # the script switches it per cell: restored after the test
+    seen = []
+
+    def best_ms(fn, repeat):
+        seen.append(os.environ[cpu_kernels.ENV])
+        fn()
+        return 2.0 if seen[-1] == "0" else 1.0
+
+    monkeypatch.setattr(module, "best_ms", best_ms)
+    assert module.layer_row(1, 8, 16, 8, 1) == ["    2.00 vs    1.00   2.0"] * 3
+    assert seen == ["0", "1"] * 3  # each cell: PyTorch's ops (kernels off), then the kernel
+
+
+def test_compile_cost_prints_the_first_step_and_the_mean_of_the_next(monkeypatch, capsys):
+    """gpu_measurements.md's compile costs: "first step" is the first step's seconds (the compile), "next" the mean
+    of the --steps after it."""
+    import types
+
+    module = bench("compile_cost")
+    ticks = iter([0.0, 50.0, 50.0, 50.1, 50.1, 50.6, 50.6, 50.8])  # steps of 50, then 0.1, 0.5 and 0.2 s
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    assert run_main(module, ["--net", "56", "--mode", "eager", "--size", "64", "--steps", "3"], monkeypatch) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "first step 50.0 s, next 0.267 s" in out[1]
