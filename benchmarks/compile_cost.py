@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="steps timed after the first")
     args = p.parse_args(argv)
+    if args.steps < 1:  # "next" is their mean: 0 steps timed one anyway and printed it as theirs
+        p.error("--steps must be >= 1")
     if args.size < 32 or args.size % 32 or args.batch < 1 or args.batch * (args.size // 32) ** 2 < 2:
         p.error("--size must be a multiple of 32 and --batch >= 1, with batch x (size/32)² >= 2 (the bottleneck's "
                 "BatchNorm needs two values per channel: --size 64 at --batch 1)")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = torch.autocast(args.device.split(":")[0], torch.bfloat16) if args.device.startswith("cuda") else nullcontext()
     with ctx:  # on a GPU as trainer=gpu trains (bf16 autocast)
         first = step()
-        nxt = statistics.mean(step() for _ in range(max(1, args.steps)))
+        nxt = statistics.mean(step() for _ in range(args.steps))
     graphs = counters["stats"]["unique_graphs"]
     print(f"fcdensenet{args.net} {args.mode} on {args.device}, batch {args.batch} of {args.size}²: first step "
           f"{first:.1f} s, next {nxt:.3f} s, {graphs} graph(s) compiled")

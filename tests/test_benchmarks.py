@@ -840,3 +840,13 @@ def test_compile_cost_prints_the_first_step_and_the_mean_of_the_next(monkeypatch
     assert run_main(module, ["--net", "56", "--mode", "eager", "--size", "64", "--steps", "3"], monkeypatch) == 0
     out = capsys.readouterr().out.splitlines()
     assert "first step 50.0 s, next 0.267 s" in out[1]
+
+
+@pytest.mark.parametrize("steps", ["0", "-1"])
+def test_compile_cost_refuses_steps_below_one(steps, monkeypatch, capsys):
+    """`--steps 0` timed one step anyway and printed it as the mean of the next steps: now a usage error (exit 2)
+    before any work."""
+    code = run_main(bench("compile_cost"), ["--net", "56", "--mode", "eager", "--steps", steps], monkeypatch)
+    captured = capsys.readouterr()
+    assert (code, captured.out) == (2, "")
+    assert captured.err.strip().splitlines()[-1].endswith("error: --steps must be >= 1")
