@@ -424,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(kind)
     batches = {k: args.batch or (GPU_BATCH[k] if args.device.startswith("cuda") else v[2]) for k, v in SIZES.items()}
-    print(f"device={args.device} batch={batches} threads={_threads()} steps={args.steps} (median) warmup={args.warmup} "
+    # a compiled cell warms up COMPILE_WARMUP steps whatever --warmup says (the compile, then a steady state)
+    compiled = any(MODE_FLAGS[m][2] for m in args.modes)
+    warmup = f"{args.warmup}" + (f" (compiled: {COMPILE_WARMUP})" if compiled else "")
+    print(f"device={args.device} batch={batches} threads={_threads()} steps={args.steps} (median) warmup={warmup} "
           f"rounds={args.rounds} parallel={args.parallel} malloc={args.malloc} bf16-route={args.bf16_route} loadavg before={load0[0]:.2f} after={os.getloadavg()[0]:.2f} "
           f"wall={time.time() - t_start:.0f}s")
     print(_HEADER)
