@@ -18,7 +18,6 @@ graphs dynamo compiled.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -27,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from bgremover.errors import UserError, report
+from bgremover.errors import OneLineParser, UserError, report
 from bgremover.utils import device_kind
 
 HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", choices=("56", "67", "103"), default="103")
     p.add_argument("--mode", choices=("eager", "whole", "blocks", "bnrelu"), default="whole")
     p.add_argument("--device", default="cpu")

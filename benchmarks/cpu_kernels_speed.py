@@ -12,12 +12,12 @@ backward for the sums, scaled add into the gradient buffer. The first line names
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
 
+from bgremover.errors import OneLineParser
 from bgremover.nets import cpu_kernels, dense_block
 from bgremover.utils import cpu_kind
 
@@ -49,7 +49,7 @@ def torch_backward(g, act, x, grad, scale, mean, invstd, x_dense):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()

@@ -13,7 +13,6 @@ remover.onnx on the held-out images at full resolution, through the predictor, a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from bgremover.errors import OneLineParser
 from bgremover.train_remover import MODEL_NAME, score_held_out
 from bgremover.utils import cpu_kind
 
@@ -59,7 +59,7 @@ def _f(value: float | None) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="image/mask folder (e.g. from bgremover.data.make_folder)")
     p.add_argument("--budget", type=int, default=1800, help="seconds of training per arm (default 1800, the remover recipe's)")
     p.add_argument("--out", type=Path, default=Path("logs/finetune_vs_scratch"))

@@ -14,7 +14,6 @@ is timed. The issue's target: the resident path within 10 % of the synthetic one
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -59,7 +58,9 @@ def endless(make_iter):
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from bgremover.errors import OneLineParser
+
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="default: cuda where available, else cpu (with a note)")
     p.add_argument("--net", default="tiramisu103", help="tiny, or a name from bgremover.nets.NETS")
     p.add_argument("--batch", type=int, default=32)

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bgremover import remover as lib  # noqa: E402
-from bgremover.errors import UserError, report  # noqa: E402
+from bgremover.errors import OneLineParser, UserError, report  # noqa: E402
 from bgremover.padding import crop  # noqa: E402
 from bgremover.utils import cpu_kind  # noqa: E402
 
@@ -212,7 +212,7 @@ def stage_profile(remover: lib.BackgroundRemover, data: bytes, reps: int) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a bgremover ONNX file (default: the shipped models/bgremover-camvid.onnx)")
     src.add_argument("--ckpt", help="bgremover training checkpoint, exported to a temporary ONNX file")

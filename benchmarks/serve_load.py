@@ -13,7 +13,6 @@ download). An error is any non-200 answer or a failed connection.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
@@ -24,6 +23,7 @@ import time
 from http.client import HTTPConnection
 from pathlib import Path
 
+from bgremover.errors import OneLineParser
 from bgremover.utils import cpu_kind
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def run_load(args, threads: int, body: bytes) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
     p.add_argument("--requests", type=int, default=25, help="requests per client (25)")
     p.add_argument("--threads", default="1,2", help="server --threads values to compare, comma list (1,2)")

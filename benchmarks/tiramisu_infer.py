@@ -58,7 +58,9 @@ def worker(route: str, precision: str, ckpt: str | None, net_name: str, size: tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from bgremover.errors import OneLineParser
+
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", help="a bgremover checkpoint (default: a freshly initialised net)")
     p.add_argument("--net", default="fcdensenet103", choices=("fcdensenet56", "fcdensenet67", "fcdensenet103"))
     p.add_argument("--size", type=int, nargs=2, default=(384, 480), metavar=("H", "W"))

@@ -52,6 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bgremover.errors import OneLineParser
 from bgremover.utils import KEEP_MEMORY_ENV
 
 # glibc maps every block of 64 KiB or more on its own and returns it when freed: the process' RSS follows its live
@@ -326,7 +327,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--nets", nargs="+", default=list(NETS), choices=NETS)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=[*MODES, "auto"],

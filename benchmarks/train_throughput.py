@@ -80,9 +80,10 @@ def worker(net_name: str, size: str, steps: int, device: str, precision: str) ->
 
 
 def main() -> None:
+    from bgremover.errors import OneLineParser
     from bgremover.nets import NETS
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
