@@ -695,16 +695,16 @@ def test_predict_latency_times_a_folder_trained_remover_at_its_training_scale(tm
     prop.value = json.dumps({**json.loads(prop.value), "image_size": 64})  # what make remover's export writes
     onnx.save(model, str(tmp_path / "remover.onnx"))
     module = bench("predict_latency")
-    shapes, ran = [], []
-    real_logits = lib.BackgroundRemover.logits
-    monkeypatch.setattr(lib.BackgroundRemover, "logits", lambda self, rgb: shapes.append(rgb.shape[:2])
-                        or real_logits(self, rgb))
+    shapes, ran = [], []  # the size of each image the net is given (prepare: pad + normalize, before inference)
+    real_prepare = lib.BackgroundRemover.prepare
+    monkeypatch.setattr(lib.BackgroundRemover, "prepare", lambda self, rgb: shapes.append(rgb.shape[:2])
+                        or real_prepare(self, rgb))
 
     def round_robin(fns, reps, warmup=1):  # each function once: the sizes it infers at, not its time
-        for fn in fns.values():
+        for name, fn in fns.items():
             shapes.clear()
             fn()
-            ran.append(shapes[:])
+            ran.append((name, shapes[:]))
         return {k: [1.0] for k in fns}
 
     monkeypatch.setattr(module, "round_robin", round_robin)
@@ -713,7 +713,11 @@ def test_predict_latency_times_a_folder_trained_remover_at_its_training_scale(tm
     assert "max_side=64 (the training scale)" in next(line for line in out if line.startswith("model: "))
     head = next(i for i, line in enumerate(out) if line.split()[:3] == ["image", "infer", "at"])
     assert [line.split()[:2] for line in out[head + 1:head + 3]] == [["480x360", "64x48"], ["1920x1080", "64x36"]]
-    assert ran[:4] == [[(48, 64)]] * 2 + [[(36, 64)]] * 2  # fp32 and eager PyTorch, at each image size
+    engines = [shapes for name, shapes in ran if name in ("onnxruntime fp32", "eager PyTorch")]
+    assert engines == [[(48, 64)]] * 2 + [[(36, 64)]] * 2  # both, at each image size
+    stages = dict(ran[4:])  # of one 480x360 image: scaled to the training scale, and its alpha back
+    assert list(stages)[:3] == ["decode PNG", "scale to 64x48", "pad + normalize"] and "alpha to 480x360" in stages
+    assert stages["pad + normalize"] == [(48, 64)]
 
 
 def test_serve_load_req_s_and_percentiles_are_over_the_timed_requests(monkeypatch):
