@@ -887,3 +887,23 @@ def test_a_bad_option_is_one_line(name, monkeypatch, capsys):
     assert code == 2
     assert re.fullmatch(rf"bench_{name}\.py: error: [^\n]*(unrecognized arguments: --no-such-option|required: --data)"
                         r"[^\n]* \(see --help\)\n", err), err
+
+
+def test_tiramisu_speed_on_a_gpu_names_the_gpu_batches(tmp_path, monkeypatch, capsys):
+    """The README's H100 table quotes "224², 32" and "384×480, 8": the batches `--device cuda` trains at, which the
+    summary line names (and --batch overrides for every size)."""
+    import subprocess
+
+    import bgremover.utils
+
+    module = bench("tiramisu_speed")
+    monkeypatch.setattr(bgremover.utils, "device_kind", lambda device: "gpu: a test's stand-in")
+    monkeypatch.setattr(module.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 0, "RESULT " + json.dumps({"img_s": 1.0, "peak_mib": 1.0, "step_s": 1.0, "first_step_s": 1.0}) + "\n", ""))
+    monkeypatch.setenv("BGREMOVER_CPU_KERNELS", "0")  # no kernel build through the fake subprocess.run
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for extra, says in (([], "batch={'224': 32, '384x480': 8}"), (["--batch", "4"], "batch={'224': 4, '384x480': 4}")):
+        assert module.main(["--device", "cuda", "--nets", "56", "--modes", "fp32", *extra]) == 0
+        out = capsys.readouterr().out
+        assert "gpu: a test's stand-in" in out
+        assert f"device=cuda {says} " in out
