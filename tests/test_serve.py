@@ -165,6 +165,7 @@ def test_health_and_model(server, remover):
     assert meta["test_mIoU"] == pytest.approx(remover.meta["quantization"]["eval"]["int8"]["mIoU"])
     assert meta["test_mIoU_float"] == pytest.approx(remover.meta["test_mIoU"]) != meta["test_mIoU"]
     assert meta["model_file"] == "bgremover-camvid.int8.onnx"  # the default: the shipped model's int8 copy
+    assert (meta["test_frames"], meta["test_frames_of"]) == (233, 233)  # its record predates "of": not null
     assert meta["limits"] == {"max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS, "max_side": remover.max_side,
                               "queue": 8, "workers": 2}
 
@@ -184,6 +185,24 @@ def test_model_of_a_partly_scored_int8_copy_gives_its_own_frame_count(tmp_path):
     meta = json.loads(body)
     assert status == 200 and (meta["test_mIoU"], meta["test_frames"], meta["test_frames_of"]) == (0.6, 12, 233)
     assert (meta["test_mIoU_float"], meta["test_frames_float"], meta["test_frames_of_float"]) == (0.5, 233, 233)
+
+@pytest.mark.parametrize("inherited, expected", [(233, 233), (None, "absent")])
+def test_model_of_an_int8_copy_quantized_before_its_record_kept_the_split_size(tmp_path, inherited, expected):
+    """The shipped int8 copy's record predates quantize's "of": /model said "test_frames_of": null, as if the
+    copy had not been tested. Its scoring covered the float model's test split, whose size the copy inherits;
+    where even that is missing, the key is left out rather than null."""
+    from test_cutout_eval import build_model
+
+    path = build_model(tmp_path / "q.onnx", metadata={
+        "test_mIoU": 0.5, "test_frames": 233, "test_frames_of": inherited,
+        "quantization": {"eval": {"split": "test", "frames": 233, "int8": {"mIoU": 0.6}}}})
+    service = Service(BackgroundRemover(path, threads=1), workers=1, max_bytes=MAX_BYTES, queue=2)
+    with live_server(service) as base:
+        status, _, body = request(base, "GET", "/model")
+    meta = json.loads(body)
+    assert status == 200 and (meta["test_mIoU"], meta["test_frames"]) == (0.6, 233)
+    assert meta.get("test_frames_of", "absent") == expected
+
 
 @pytest.mark.parametrize(
     "upload, query, opts",

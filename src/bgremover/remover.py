@@ -232,10 +232,16 @@ class BackgroundRemover:
     def test_frames(self) -> tuple[int | None, int | None]:
         """(frames, of the split's) behind `test_miou`: an int8 copy's scoring may have covered fewer frames than
         the float model's test stage (`quantize --eval-limit`), and was reported with the float model's count."""
-        own = self._quantization_eval()
+        own, meta = self._quantization_eval(), self.meta or {}
         if own.get("int8", {}).get("mIoU") is not None:
-            return own.get("frames"), own.get("of")
-        meta = self.meta or {}
+            of = own.get("of")
+            inherited = meta.get("test_frames_of")
+            if of is None and own.get("split", "test") == "test" and (own.get("frames") or 0) <= (inherited or -1):
+                # a record written before quantize kept the split's size (the shipped copy's): it scored the
+                # float model's test split (CamVid test, as quantize always does), whose size the copy's metadata
+                # inherits from that model; /model said "test_frames_of": null, which reads as "not tested"
+                of = inherited
+            return own.get("frames"), of
         return meta.get("test_frames"), meta.get("test_frames_of")
 
     def _quantization_eval(self) -> dict:

@@ -167,6 +167,8 @@ def create_app(service: Service, cors: Sequence[str] = (), page: bool = True) ->
             # and the frames behind it: an int8 scored on `quantize --eval-limit 12` said "on 233 frames" (the float's)
             body["test_frames_float"], body["test_frames_of_float"] = body.get("test_frames"), body.get("test_frames_of")
             body["test_frames"], body["test_frames_of"] = remover.test_frames
+            if body["test_frames_of"] is None:  # a record too old to tell (BackgroundRemover.test_frames): left out, as
+                del body["test_frames_of"]  # a null there read as "not tested"
         body["limits"] = {
             "max_bytes": service.max_bytes,
             "max_pixels": service.max_pixels,
