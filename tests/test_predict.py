@@ -328,6 +328,30 @@ def test_bg_image_composite(remover, tmp_path):
         remover.remove(halves(6, 10), bg_image=bg, bg_color=(1, 2, 3))
 
 
+def test_a_bg_image_with_transparency_keeps_it_as_alpha_composite_does(remover, tmp_path):
+    """A bg.png whose top half is red at alpha 0 came out red there (read as RGB, its hidden colour shown): the
+    composite is Pillow's Image.alpha_composite of the cut-out over the background, RGBA, its transparency kept.
+    An RGBA background with no transparent pixel stays the opaque RGB composite."""
+    bg = np.zeros((6, 10, 4), np.uint8)
+    bg[:3] = (255, 0, 0, 0)  # red, hidden
+    bg[3:, :, :3], bg[3:, :, 3] = (0, 200, 0), np.linspace(40, 255, 10).astype(np.uint8)  # green, half-seen to opaque
+    Image.fromarray(bg, "RGBA").save(tmp_path / "bg.png")
+    img = halves(6, 10)
+    out = remover.remove(img, bg_image=tmp_path / "bg.png")
+    want = np.asarray(Image.alpha_composite(Image.fromarray(bg, "RGBA"), remover.remove(img))).astype(int)
+    got = np.asarray(out).astype(int)
+    seen = want[..., 3] > 0  # under alpha 0 a colour is no colour (Pillow leaves the background's there)
+    assert out.mode == "RGBA" and np.abs(got[..., 3] - want[..., 3]).max() <= 1
+    assert np.abs(got[seen] - want[seen]).max() <= 1
+    assert (got[:3, 5:, 3] == 0).all()  # the hidden red stays hidden: fully transparent there
+    assert (got[:, :5] == (*RED, 255)).all()  # the cut-out itself over it, opaque
+    opaque = bg.copy()
+    opaque[..., 3] = 255
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+    flat = remover.remove(img, bg_image=tmp_path / "opaque.png")
+    assert flat.mode == "RGB" and (np.asarray(flat)[:3, 5:] == RED).all()
+
+
 def test_bg_image_of_another_aspect_covers_the_frame_without_distortion(remover, tmp_path):
     """-bi: scaled to cover the frame, the overflow cropped evenly from both sides (as CSS object-fit: cover), not
     stretched. A 30x10 background of red, green and blue thirds behind a 10x10 frame: the green middle third."""

@@ -932,6 +932,26 @@ def test_an_image_from_a_pipe_by_name_is_read(model, tmp_path, capsys):
             assert error_lines(err) == [f"bgremover-predict: error: {fifo}: no data"]
 
 
+def test_a_bg_image_with_transparency_gives_an_rgba_composite(model, tmp_path, capsys):
+    """`--bg-image bg.png` whose top half is red at alpha 0 wrote an RGB file, red there: the composite keeps the
+    background's transparency (RGBA PNG); a .jpg output, which cannot hold it, is refused in one line."""
+    src, bg = save_png(tmp_path / "a.png"), tmp_path / "bg.png"  # 12x20: red left half (kept), blue right
+    back = Image.new("RGBA", (100, 100), (0, 255, 0, 255))
+    back.paste((255, 0, 0, 0), (0, 0, 100, 50))
+    back.save(bg)  # scaled to cover 20x12: rows 0-5 lie in its hidden half, rows 7-11 in its green one
+    assert main(["i", "-m", model, str(src), str(tmp_path / "cut.png"), "--bg-image", str(bg)]) == 0
+    assert main(["i", "-m", model, str(src), str(tmp_path / "plain.png")]) == 0
+    cut, plain = read_png(tmp_path / "cut.png"), np.asarray(read_png(tmp_path / "plain.png"))
+    arr = np.asarray(cut)
+    assert cut.mode == "RGBA" and plain[:, 12:, 3].max() == 0  # the right side: background alone
+    assert (arr[:5, 12:] == 0).all()  # the hidden red stays hidden
+    assert (arr[8:, 12:] == (0, 255, 0, 255)).all() and (arr[:, :8] == plain[:, :8]).all()
+    capsys.readouterr()
+    assert main(["i", "-m", model, str(src), str(tmp_path / "cut.jpg"), "--bg-image", str(bg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "transparent areas" in err and not (tmp_path / "cut.jpg").exists()
+
+
 def test_a_bg_image_from_a_pipe_is_read(model, tmp_path, capsys):
     """`--bg-image <(curl -s URL)` said "no such file" of the pipe bash hands over; a folder was "no such file" too."""
     import threading

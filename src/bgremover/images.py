@@ -273,6 +273,17 @@ def _load_any(src: ImageInput, max_pixels: int) -> tuple[np.ndarray, np.ndarray 
     img = open_image(src, max_pixels)
     return (*to_rgba_arrays(img), _rgb_profile(img))
 
+
+def load_background(src: ImageInput, max_pixels: int) -> Image.Image:
+    """A background to composite over (--bg-image, bg_image): RGB when opaque (an RGBA file all opaque too), RGBA
+    when it has transparent areas, which the composite keeps. Reading it as RGB showed the colours hidden under
+    its alpha 0 (a red half of alpha 0 came out red)."""
+    rgb, alpha, _ = _load_any(src, max_pixels)
+    img = Image.fromarray(rgb)
+    if alpha is not None and bool((alpha < 255).any()):
+        img.putalpha(Image.fromarray(alpha))
+    return img
+
 def encode_png(
     img: Image.Image, compress_level: int = PNG_COMPRESS_LEVEL, compress_type: int = PNG_COMPRESS_TYPE
 ) -> bytes:

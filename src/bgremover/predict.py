@@ -32,8 +32,6 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
-
 from bgremover.errors import OneLineParser, UserError, check_writable, one_line_warnings, report
 from bgremover.files import Terminated, sigterm_raises
 from bgremover.images import (
@@ -45,8 +43,8 @@ from bgremover.images import (
     OUTPUT_SUFFIXES,
     PREDICTED_SUFFIXES,
     _first_line,
-    _load_any,
     encode_image,
+    load_background,
     output_suffix,
     parse_color,
 )
@@ -437,8 +435,18 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
     if moved and not args.quiet:  # the read-only fallback of _beside: say where the files went
         print(f"{', '.join(moved)}: read-only, so the outputs go to the current folder {Path.cwd()}",
               file=sys.stderr)
-    opaque = args.mask_only or args.bg_image is not None or (bg_color is not None and bg_color[3:] in ((), (255,)))
+    bg_image = None
+    if args.bg_image is not None:  # read once for every input; its transparency kept (the composite keeps it)
+        try:
+            bg_image = load_background(args.bg_image, args.max_pixels)
+        except ImageError as e:
+            return fail_usage(f"--bg-image {e}")
+    opaque = args.mask_only or (bg_image is not None and bg_image.mode == "RGB") or (
+        bg_color is not None and bg_color[3:] in ((), (255,)))
     jpeg = next((o for o in outputs if o is not None and o.suffix.lower() in JPEG_SUFFIXES), None)
+    if jpeg is not None and bg_image is not None and not opaque:
+        return fail_usage(f"{jpeg}: the --bg-image has transparent areas, which the composite keeps: it is a PNG "
+                          "(give a .png name, or an opaque --bg-image)")
     if jpeg is not None and not opaque:  # a JPEG has no transparency: the cut-out's would be lost (rembg wrote a
         # PNG under the .jpg name)
         return fail_usage(f"{jpeg}: a cut-out with transparency is a PNG; a JPEG needs an opaque background "
@@ -456,12 +464,6 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
         max_side=args.max_side,
         max_pixels=args.max_pixels,
     )
-    bg_image = None
-    if args.bg_image is not None:
-        try:
-            bg_image = Image.fromarray(_load_any(args.bg_image, args.max_pixels)[0])
-        except ImageError as e:
-            return fail_usage(f"--bg-image {e}")
     unwritable: dict[Path, str] = {}  # output folder -> why nothing can be written in it
     if outputs and outputs[0] is not None:
         # Made and checked before any inference: a folder we cannot write would otherwise fail every image

@@ -9,7 +9,8 @@ Stdlib, numpy, Pillow and onnxruntime only: this module must never import torch,
 module that does — it is what people install to cut out images, and a test enforces it. One BackgroundRemover
 keeps no per-call state, so threads may share it (the service does). With no model named it loads the shipped
 model's int8 copy (`python -m bgremover.quantize`) while that copy was made from the float file beside it.
-Image decoding and encoding live in bgremover.images (re-exported here, the names a user imports).
+Image decoding and encoding live in bgremover.images (re-exported here, the names a user imports). Past 400
+lines: one class, whose model loading, inference and output (cut-out, mask, composites) a user meets as one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from bgremover.images import (  # noqa: F401  (re-exported: the library's image 
     _load_any,
     encode_image,
     encode_png,
+    load_background,
     open_image,
     output_suffix,
     parse_color,
@@ -391,7 +393,8 @@ class BackgroundRemover:
         """Cut-out at the input's full size: RGBA (default), L mask (`mask_only`) or RGB over a background.
 
         `bg_color` (R, G, B) is opaque; (R, G, B, A) puts the cut-out over that colour at opacity A (RGBA out;
-        A=255 is the opaque RGB composite, A=0 the plain cut-out)."""
+        A=255 is the opaque RGB composite, A=0 the plain cut-out). A `bg_image` with transparent areas keeps them
+        (RGBA out, as Pillow's Image.alpha_composite of the cut-out over it)."""
         if sum([mask_only, bg_color is not None, bg_image is not None]) > 1:
             raise UsageError("choose at most one of mask_only, bg_color, bg_image")
         if bg_color is not None:
@@ -409,23 +412,30 @@ class BackgroundRemover:
     def _colour_output(
         self, rgb: np.ndarray, alpha: np.ndarray, bg_color: tuple[int, ...] | None, bg_image: ImageInput | None
     ) -> Image.Image:
-        """The RGBA cut-out, or RGB(A) over bg_color / bg_image (see remove)."""
+        """The RGBA cut-out, or the cut-out over bg_color / bg_image (see remove): RGB over an opaque background,
+        RGBA over one with transparency, whose transparency it keeps (Pillow's Image.alpha_composite)."""
         if bg_color is None and bg_image is None:
             cutout = Image.fromarray(rgb)  # putalpha interleaves in C: 5x cheaper than np.dstack + fromarray
             cutout.putalpha(Image.fromarray(alpha))
             return cutout
         h, w = alpha.shape
+        bg_a: np.ndarray | float | None = None  # the background's opacity, 0..1; None: opaque
         if bg_image is not None:
-            bg_rgb = _load_any(bg_image, self.max_pixels)[0]
-            # Cover the whole frame without distortion: scale to fill, centre-crop the overflow.
-            bg = np.asarray(
-                ImageOps.fit(Image.fromarray(bg_rgb), (w, h), Image.Resampling.BILINEAR), np.float32
-            )
+            # Cover the whole frame without distortion: scale to fill, centre-crop the overflow (Pillow resizes
+            # RGBA premultiplied: a transparent pixel's hidden colour does not bleed into its neighbours)
+            fitted = np.asarray(ImageOps.fit(load_background(bg_image, self.max_pixels), (w, h),
+                                             Image.Resampling.BILINEAR), np.float32)
+            bg = fitted[:, :, :3]
+            if fitted.shape[2] == 4:
+                bg_a = fitted[:, :, 3:] / 255.0
         else:
             bg = np.broadcast_to(np.asarray(bg_color[:3], np.float32), (h, w, 3))
+            if len(bg_color) == 4:
+                bg_a = bg_color[3] / 255.0
         a = alpha.astype(np.float32)[:, :, None] / 255.0
-        if bg_color is not None and len(bg_color) == 4:  # over a translucent colour: "over" with both alphas
-            b = (1.0 - a) * (bg_color[3] / 255.0)
+        if bg_a is not None:  # over a translucent background: "over" with both alphas; where neither covers, the
+            # background's hidden colour stays hidden (alpha 0), as Image.alpha_composite keeps it
+            b = (1.0 - a) * bg_a
             out_a = a + b
             out = (rgb.astype(np.float32) * a + bg * b) / np.maximum(out_a, 1e-6)
             return Image.fromarray(np.dstack([out + 0.5, out_a[:, :, 0] * 255.0 + 0.5]).astype(np.uint8), mode="RGBA")
