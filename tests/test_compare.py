@@ -1069,3 +1069,89 @@ def test_inference_time_is_the_mean_over_seeds_and_percentages_keep_a_decimal(tm
     assert rows[0][head.index("Infer ms / 480×360")] == "35.0"
     head, rows = class_table(stats)
     assert rows[0][head.index("Sky")] == "66.7"
+
+
+# ------------------------------------------------------------------------------------------ data=folder runs
+
+REMOVER_CLASSES = ["background", "foreground"]
+
+
+def folder_summary(run_dir: Path, folder: Path, seed: int, ckpt: Path | None = None) -> dict:
+    """What `make remover` writes: data=folder (FolderDataModule), the folder's own two classes."""
+    s = ok_summary(run_dir, DEEPLAB, seed, ckpt=ckpt)
+    s["metrics"] = {k: v for k, v in s["metrics"].items() if not k.startswith("test/iou_")}
+    s["metrics"] |= {"test/iou_background": 0.90 + 0.01 * seed, "test/iou_foreground": 0.70 + 0.01 * seed}
+    s["group"], s["test_split"] = "remover", {"frames": 3, "of": 3, "complete": True}
+    s["config"] = {"data": {"_target_": "bgremover.data.FolderDataModule", "root": str(folder), "image_size": 32},
+                   "model": {"class_names": REMOVER_CLASSES, "default_foreground": ["foreground"]}}
+    return s
+
+
+def fake_folder(root: Path, n: int = 3, w: int = 40, h: int = 30) -> Path:
+    """An image/mask folder as data=folder lays it out: test/images + test/masks (binary 0/255 masks)."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val", "test"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / split / "images" / f"p{i}.jpg")
+            mask = np.zeros((h, w), np.uint8)
+            mask[:, w // 2:] = 255  # right half foreground
+            Image.fromarray(mask, mode="L").save(root / split / "masks" / f"p{i}.png")
+    return root
+
+
+def test_a_folder_runs_report_speaks_of_its_own_classes_and_test_split(tmp_path: Path) -> None:
+    """`make compare` over `make remover` runs said "percentages on the CamVid test split", "mean over the 11
+    classes", showed CamVid's per-class table (all "—") and the paper's column; it speaks of the runs' own."""
+    folder = tmp_path / "photos"
+    for seed in (1, 2):
+        write_summary(tmp_path / "runs" / str(seed), folder_summary(tmp_path / "runs" / str(seed), folder, seed))
+    md = (compare.build_report([tmp_path / "runs"], out=tmp_path / "rep", grid_images=0).path / "report.md").read_text()
+    assert "CamVid" not in md and "11 classes" not in md and "Jégou" not in md
+    assert f"percentages on the test split of the image/mask folder {folder};" in md
+    assert "mean over the 2 classes (background, foreground) of intersection over union" in md
+    assert "| Net | background | foreground |" in md
+    assert table_row(md, DEEPLAB)[1:3] == ["2", "12.30"]  # the main table: both seeds in one row
+    rows = [line for line in md.splitlines() if line.startswith(f"| {DEEPLAB} |")]
+    assert rows[1] == f"| {DEEPLAB} | 91.5 | 71.5 |"  # the per-class row: mean over the two seeds
+
+
+@pytest.mark.slow
+def test_a_folder_runs_grid_reads_the_folders_test_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grid was "skipped: no test images in <folder>/test" (CamVid's layout) although <folder>/test/images was
+    full; it takes the folder's test images and masks as data=folder reads them, never $DATA_DIR's CamVid."""
+    import torch
+
+    folder = fake_folder(tmp_path / "photos")
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_text("x")
+    write_summary(tmp_path / "run", folder_summary(tmp_path / "run", folder, 1, ckpt=ckpt))
+    net = torch.nn.Conv2d(3, 2, 1)
+    with torch.no_grad():  # "foreground" everywhere
+        net.weight.zero_()
+        net.bias.copy_(torch.tensor([-10.0, 10.0]))
+    meta = META | {"classes": REMOVER_CLASSES, "default_foreground": ["foreground"], "ignore_index": 2}
+    monkeypatch.setattr(compare.grid, "_load_checkpoint", lambda p: (net, meta))
+    monkeypatch.setenv("DATA_DIR", str(fake_camvid(tmp_path / "camvid")))  # the Makefile's: not these runs' data
+    rep = compare.build_report([tmp_path / "run"], out=tmp_path / "rep", grid_images=2)
+    assert not [w for w in rep.warnings if "grid" in w], rep.warnings
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"Rows: the same test images of {folder}." in md and "(keeps foreground;" in md
+    img = np.asarray(Image.open(tmp_path / "rep" / "grid.png").convert("RGB"))
+    th = round(compare.TILE_W * 30 / 40)  # the folder's 40x30 frames set the tiles' aspect
+    assert img.shape == (compare.HEADER_H + 2 * th, 4 * compare.TILE_W, 3)
+    y = compare.HEADER_H + th // 2
+    gt = img[y - 3:y + 3, compare.TILE_W: 2 * compare.TILE_W]
+    assert (gt[:, 10:20] == PALETTE[0]).all() and (gt[:, -20:-10] == PALETTE[1]).all()  # its mask, left | right
+
+
+def test_runs_of_different_class_lists_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    """A remover run (background, foreground) beside a CamVid run: one table averaged and tabled them as one."""
+    write_summary(tmp_path / "cv", ok_summary(tmp_path / "cv", DEEPLAB, 1))
+    write_summary(tmp_path / "mine", folder_summary(tmp_path / "mine", tmp_path / "photos", 2))
+    assert compare.main([str(tmp_path), "--out", str(tmp_path / "rep"), "--grid-images", "0"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "different classes" in err and "background, foreground" in err
+    assert not (tmp_path / "rep").exists()

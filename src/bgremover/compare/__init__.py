@@ -1,6 +1,7 @@
 """`python -m bgremover.compare`: a sweep's runs → a report folder (tables, charts, a qualitative grid, W&B).
 
-One concern per module: `runs` (summaries → per-net statistics), `render` (Markdown/HTML tables), `plots`
+One concern per module: `runs` (summaries → per-net statistics), `dataset` (the runs' classes and test split:
+CamVid's or their own folder's), `render` (Markdown/HTML tables), `plots`
 (charts), `grid` (the same test frames through every net), `wandb_log` (the same, as a W&B run), `report`
 (the folder, written atomically, and the CLI).
 """

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bgremover.compare.dataset import folder_of, table_classes
 from bgremover.compare.runs import (
     CHECKER_PX,
     CHECKER_RGB,
@@ -44,9 +45,13 @@ def _load_checkpoint(path: Path):
 
 def resolve_data_root(arg: str | Path | None, runs: list[Run]) -> Path | None:
     """--data-root, else $DATA_DIR, else the data.root of a run's resolved config — the first that exists
-    (the Makefile always exports a DATA_DIR, possibly the not-yet-downloaded default)."""
+    (the Makefile always exports a DATA_DIR, possibly the not-yet-downloaded default). Runs trained on an
+    image/mask folder: their folder, never $DATA_DIR (CamVid's: its frames were no test images of theirs)."""
     if arg:
         return Path(arg)
+    folders = [f for r in runs if r.ok and (f := folder_of(r.summary))]
+    if folders:
+        return Path(folders[0])
     candidates = [os.environ.get("DATA_DIR")]
     candidates += [((r.summary.get("config") or {}).get("data") or {}).get("root") for r in runs]
     roots = [Path(c) for c in candidates if isinstance(c, str) and c]
@@ -111,6 +116,45 @@ def _font(size: int = 13):
         return ImageFont.load_default()
 
 
+def _test_frames(data_root: Path, runs: list[Run], n_images: int) -> tuple[list, list] | str:
+    """(RGB images, label maps) of n test frames as the runs' data lays them out — CamVid's test/ + testannot/, or
+    an image/mask folder's (bgremover.data.folder: test/{images,masks}, or a pooled folder's held-out images named
+    by the run's split.json), at the size they trained at — or a one-line reason why there are none."""
+    import numpy as np
+    from PIL import Image
+
+    from bgremover.cutout_eval import EvalError, find_folder_pairs, is_folder
+
+    if is_folder(data_root):
+        from bgremover.data import folder as fd
+
+        split_file = next((r.dir / fd.SPLIT_FILE for r in runs if (r.dir / fd.SPLIT_FILE).is_file()), None)
+        if split_file is None and not (data_root / "test" / "images").is_dir():  # a pooled folder: its split drawn
+            return f"grid skipped: {data_root} has no test/ folder and no run has the {fd.SPLIT_FILE} naming its test images"
+        try:
+            pairs, read_label, _ = find_folder_pairs(data_root, "test", None, split_file)
+            chosen = pick_images(pairs, n_images)
+            frames = [(fd.read_image(img), read_label(mask)) for img, mask in chosen]
+        except (EvalError, fd.FolderDataError) as err:
+            return f"grid skipped: {err}"
+        if not frames:
+            return f"grid skipped: no test images in {data_root}"
+        long_side = ((runs[0].summary.get("config") or {}).get("data") or {}).get("image_size")
+        frames = [fd.resize_pair(img, lab, fd.resized_shape(*img.shape[:2], long_side)) for img, lab in frames]
+        return [img for img, _ in frames], [lab for _, lab in frames]
+    test_dir, annot_dir = data_root / "test", data_root / "testannot"
+    files = sorted(test_dir.glob("*.png")) if test_dir.is_dir() else []
+    if not files:
+        return f"grid skipped: no test images in {test_dir}"
+    chosen = pick_images(files, n_images)
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in chosen]
+    labels = []
+    for f, img in zip(chosen, images, strict=True):
+        a = annot_dir / f.name
+        labels.append(np.asarray(Image.open(a)) if a.is_file() else np.full(img.shape[:2], 255, np.uint8))
+    return images, labels
+
+
 def make_grid(stats: list[NetStats], data_root: Path | None, n_images: int, path: Path) -> str | None:
     """Write grid.png; return None on success or a one-line reason why it was skipped."""
     if n_images <= 0:
@@ -124,22 +168,16 @@ def make_grid(stats: list[NetStats], data_root: Path | None, n_images: int, path
         return "grid skipped: no run has an existing best_ckpt"
     if data_root is None:
         return "grid skipped: no data root (use --data-root or DATA_DIR)"
-    test_dir, annot_dir = data_root / "test", data_root / "testannot"
-    files = sorted(test_dir.glob("*.png")) if test_dir.is_dir() else []
-    if not files:
-        return f"grid skipped: no test images in {test_dir}"
+    frames = _test_frames(data_root, [r for _, r in picks], n_images)
+    if isinstance(frames, str):
+        return frames
+    images, labels = frames
 
     import numpy as np
     import torch
     from PIL import Image, ImageDraw
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    chosen = pick_images(files, n_images)
-    images = [np.asarray(Image.open(f).convert("RGB")) for f in chosen]
-    labels = []
-    for f, img in zip(chosen, images, strict=True):
-        a = annot_dir / f.name
-        labels.append(np.asarray(Image.open(a)) if a.is_file() else np.full(img.shape[:2], 255, np.uint8))
 
     nets, errors = [], []
     for s, r in picks:
@@ -174,18 +212,19 @@ def make_grid(stats: list[NetStats], data_root: Path | None, n_images: int, path
     def tile(arr, resample) -> Image.Image:
         return Image.fromarray(arr).resize((TILE_W, tile_h), resample)
 
+    void = len(table_classes(stats))  # a folder's own class list has its own void index
     for row, (img, lab) in enumerate(zip(images, labels, strict=True)):
         preds, cuts = [], []
         for _, net, meta in nets:
             cls, alpha = _predict(net, meta, img, device)
-            preds.append(tile(colorize(cls), Image.Resampling.NEAREST))
+            preds.append(tile(colorize(cls, void), Image.Resampling.NEAREST))
             a = np.asarray(
                 Image.fromarray(alpha.astype(np.float32)).resize((TILE_W, tile_h), Image.Resampling.BILINEAR)
             )
             a = np.clip(a, 0.0, 1.0)[..., None]
             rgb = np.asarray(tile(img, Image.Resampling.BILINEAR), dtype=np.float32)
             cuts.append(Image.fromarray((a * rgb + (1 - a) * checker).round().astype(np.uint8)))
-        gt = colorize(lab) if lab.max() <= len(CLASSES) else np.full((*lab.shape, 3), 128, np.uint8)
+        gt = colorize(lab, void) if lab.max() <= void else np.full((*lab.shape, 3), 128, np.uint8)
         for col, im in enumerate(
             [tile(img, Image.Resampling.BILINEAR), tile(gt, Image.Resampling.NEAREST), *preds, *cuts]
         ):

@@ -6,9 +6,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bgremover.compare.dataset import table_classes
 from bgremover.compare.render import partial_note
 from bgremover.compare.runs import (
-    CLASSES,
     NET_COLOURS,
     PAPER,
     PAPER_CITE,
@@ -95,22 +95,23 @@ def plot_class_iou(stats: list[NetStats], path: Path) -> bool:
         return False
     plt = _mpl()
     colours = _colours(stats)
+    classes = table_classes(stats)  # the runs' own
     fig, ax = plt.subplots(
-        figsize=(max(10, 1.1 * len(CLASSES) + 0.4 * len(have) * len(CLASSES) / 4), 5.5), dpi=100
+        figsize=(max(10, 1.1 * len(classes) + 0.4 * len(have) * len(classes) / 4), 5.5), dpi=100
     )
     width = 0.8 / len(have)
-    xs = range(len(CLASSES))
+    xs = range(len(classes))
     for i, s in enumerate(have):
-        means = [100 * (s.class_iou[c].mean or 0.0) for c in CLASSES]
-        errs = [100 * (s.class_iou[c].std or 0.0) for c in CLASSES]
+        means = [100 * (s.class_iou[c].mean or 0.0) for c in classes]
+        errs = [100 * (s.class_iou[c].std or 0.0) for c in classes]
         pos = [x - 0.4 + width * (i + 0.5) for x in xs]
         # a partial test set's bars stood unmarked beside whole-split ones
         ax.bar(pos, means, width, yerr=errs, capsize=2, color=colours[s.net], label=s.net + partial_note(s.runs))
     if any(s.paper and s.paper["name"] == PAPER["103"]["name"] for s in have):
-        ax.scatter(list(xs), [PAPER_CLASS_IOU_103[c] for c in CLASSES], marker="_", s=600, color="black",
+        ax.scatter(list(xs), [PAPER_CLASS_IOU_103[c] for c in classes], marker="_", s=600, color="black",
                    linewidths=2, zorder=3, label=f"paper FC-DenseNet103 ({PAPER_CITE})")  # fmt: skip
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(CLASSES, rotation=30, ha="right")
+    ax.set_xticklabels(classes, rotation=30, ha="right")
     ax.set_ylabel("test IoU (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Per-class test IoU (mean over seeds; error bars: sample std)")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from bgremover.compare.dataset import table_classes
 from bgremover.compare.runs import (
-    CLASSES,
     PAPER,
     PAPER_CITE,
     PAPER_CLASS_IOU_103,
@@ -60,13 +60,15 @@ def _rel(path: Path, roots: list[Path]) -> str:
     return str(path)
 
 
-def main_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
+def main_table(stats: list[NetStats], paper: bool = True) -> tuple[list[str], list[list[str]]]:
+    """The nets' rows; `paper`: with the paper's column (CamVid runs: the paper measured CamVid, no one's folder)."""
     has_infer = any(s.infer_ms is not None for s in stats)
     head = ["Net", "Runs", "Params (M)", "Test mIoU %", "Test frames", "Global acc %", "Best val mIoU %",
             "Train time"]
     if has_infer:
         head.append("Infer ms / 480×360")
-    head.append(f"Paper ({PAPER_CITE}): mIoU / acc / params")
+    if paper:
+        head.append(f"Paper ({PAPER_CITE}): mIoU / acc / params")
     rows = []
     for s in stats:
         row = [
@@ -81,8 +83,9 @@ def main_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
         ]
         if has_infer:
             row.append(DASH if s.infer_ms is None else f"{s.infer_ms:.1f}")
-        p = s.paper
-        row.append(f"{p['name']}: {p['miou']} / {p['acc']} / {p['params_m']} M" if p else DASH)
+        if paper:
+            p = s.paper
+            row.append(f"{p['name']}: {p['miou']} / {p['acc']} / {p['params_m']} M" if p else DASH)
         rows.append(row)
     return head, rows
 
@@ -114,13 +117,14 @@ def partial_note(runs: list[Run]) -> str:
 
 
 def class_table(stats: list[NetStats]) -> tuple[list[str], list[list[str]]]:
-    head = ["Net", *CLASSES]
+    classes = table_classes(stats)  # the runs' own: a remover's background, foreground (CamVid's 11 were all "—")
+    head = ["Net", *classes]
     rows = []
     for s in stats:  # a partial test set is named here too: this table was the only one silent about it
-        rows.append([s.net + partial_note(s.runs), *(pct(s.class_iou[c].mean) for c in CLASSES)])
-        if s.paper and s.paper["name"] == PAPER["103"]["name"]:
+        rows.append([s.net + partial_note(s.runs), *(pct(s.class_iou[c].mean) for c in classes)])
+        if s.paper and s.paper["name"] == PAPER["103"]["name"]:  # CamVid runs only (aggregate)
             rows.append(
-                [f"paper: FC-DenseNet103 ({PAPER_CITE})", *(f"{PAPER_CLASS_IOU_103[c]:.1f}" for c in CLASSES)]
+                [f"paper: FC-DenseNet103 ({PAPER_CITE})", *(f"{PAPER_CLASS_IOU_103[c]:.1f}" for c in classes)]
             )
     return head, rows
 

@@ -4,7 +4,8 @@
 
 The report (`<sweep>/report/` by default) holds `report.md`, the same content as a self-contained
 `report.html`, and PNG charts: `val_miou.png` (learning curves), `class_iou.png` (per-class IoU bars) and
-`grid.png` (the same CamVid test images through every net, with the background-remover cut-outs).
+`grid.png` (the same test images through every net, with the background-remover cut-outs). The test split and the
+classes are the runs' own (CamVid's, or a data=folder run's folder's: compare/dataset).
 Failed runs are listed and left out of the statistics. The folder is built under a temporary name and
 renamed into place, so a crash never leaves a half report.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from bgremover import errors
 from bgremover.compare import grid, plots
+from bgremover.compare.dataset import folders, foreground_of, on_camvid, shared_classes, test_set
 from bgremover.compare.render import (
     DASH,
     Block,
@@ -53,7 +55,6 @@ from bgremover.compare.runs import (
 )
 from bgremover.compare.wandb_log import log_wandb
 from bgremover.config import SUMMARY_NAME
-from bgremover.data.classes import DEFAULT_FOREGROUND
 
 PROG = "python -m bgremover.compare"  # the command as run: its usage line and every error line
 
@@ -156,6 +157,8 @@ def build_report(
     sweep = paths[0] if paths[0].is_dir() else paths[0].parent
     out = Path(out) if out else sweep / REPORT_DIRNAME
     _check_out(out, runs)
+    classes = shared_classes(runs)  # before anything is written: runs of other class lists are refused
+    camvid, tested_on = on_camvid(runs), test_set(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats = aggregate(runs)
     failed = [r for r in runs if not r.ok]
@@ -190,7 +193,7 @@ def build_report(
         if skipped:
             warnings.append(skipped)
 
-        head, rows = main_table(stats)
+        head, rows = main_table(stats, paper=camvid)
         main_md = render_md([("table", head, rows)] if stats else [("p", NONE_FINISHED)])
         partial = [r for r in runs if r.ok and r.partial_test]
         mixed = mixed_test_sets(runs)
@@ -208,21 +211,23 @@ def build_report(
             (
                 "ul",
                 [
-                    "Numbers are percentages on the CamVid test split; X ± Y is the mean ± sample std (ddof=1) over "
+                    f"Numbers are percentages on {tested_on}; X ± Y is the mean ± sample std (ddof=1) over "
                     "a net's seeds. '± —' means a single run: its spread is unknown, not zero; '(1 of 2 runs)' "
                     "that only some of the row's runs have the figure (a run trained with test=false has no test "
                     "numbers).",
                     "Runs are averaged only when their configs differ in the seed alone (and where they ran and "
                     "logged) and they were tested on the same frames; a net trained with several recipes gets a row "
                     "each, named by the settings that differ.",
-                    "mIoU = mean over the 11 classes of intersection over union; global acc = share of non-void "
+                    f"mIoU = mean over the {len(classes)} classes"
+                    + ("" if camvid else f" ({', '.join(classes)})")  # a folder's own, named: CamVid's are known
+                    + " of intersection over union; global acc = share of non-void "
                     "pixels labelled right. Nets are sorted by test mIoU, best first; rows tested on part of the "
                     "test split come after all rows tested on the whole of it.",
-                    f"Paper columns and rows are the published numbers of {PAPER_CITE}, not ours: they come from "
-                    "the paper's much longer training, so short runs land below them.",
-                    "Failed and interrupted runs are listed at the end and left out of every statistic.",
-                ] + ([f"PARTIAL TEST SET: {errors.count(len(partial), 'run')} {'was' if len(partial) == 1 else 'were'} tested on fewer frames than the split holds "
-                      "(see 'Test frames'); their numbers are not comparable with full CamVid test results."]
+                ] + ([f"Paper columns and rows are the published numbers of {PAPER_CITE}, not ours: they come from "
+                      "the paper's much longer training, so short runs land below them."] if camvid else [])
+                  + ["Failed and interrupted runs are listed at the end and left out of every statistic."]
+                  + ([f"PARTIAL TEST SET: {errors.count(len(partial), 'run')} {'was' if len(partial) == 1 else 'were'} tested on fewer frames than the split holds "
+                      f"(see 'Test frames'); their numbers are not comparable with {'full CamVid test' if camvid else 'whole-split'} results."]
                      if partial else [])
                   + ([f"MIXED TEST SETS: {'; '.join(mixed)}. Runs of one recipe tested on different frames (a "
                       "`make eval` of one seed on the whole split) get a row per test set: a mean over different "
@@ -243,8 +248,9 @@ def build_report(
             blocks += [("h", 2, "Per-class IoU"), ("img", "per-class IoU", "class_iou.png")]
         blocks.append(("h", 2, "Qualitative grid"))
         if (tmp / "grid.png").is_file():
-            fg = ", ".join(DEFAULT_FOREGROUND)
-            blocks += [("p", f"Rows: the same CamVid test images. Columns: input | ground truth | each net's "
+            fg = ", ".join(dict.fromkeys(c for r in runs if r.ok for c in foreground_of(r.summary)))
+            rows_are = "CamVid test images" if camvid else f"test images of {' and '.join(folders(runs))}"
+            blocks += [("p", f"Rows: the same {rows_are}. Columns: input | ground truth | each net's "
                              f"prediction | each net's cut-out (keeps {fg}; the checkerboard is the transparent "
                              "background). Each net is shown by its best seed's best checkpoint."),
                        ("img", "qualitative grid", "grid.png")]  # fmt: skip
@@ -304,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--data-root",
         default=None,
-        help="CamVid root for the grid (default: $DATA_DIR, then the runs' data.root)",
+        help="data root for the grid (default: $DATA_DIR, then the runs' data.root; data=folder runs: their folder)",
     )
     ap.add_argument(
         "--grid-images", type=int, default=DEFAULT_GRID_IMAGES, help="test images in grid.png; 0 skips it"

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from bgremover.config import SUMMARY_NAME, SWEEP_REPORT_NAME
-from bgremover.data.classes import CLASSES
 from bgremover.errors import UserError
 
 REPORT_DIRNAME = "report"  # default report folder inside the sweep dir
@@ -448,11 +447,15 @@ def _same_value(typed: str | None, value: Any) -> bool:
 def aggregate(runs: list[Run]) -> list[NetStats]:
     """One NetStats per net and recipe (group_runs): rows over the whole test split, then partial ones, each by test
     mIoU, then rows without test numbers."""
+    from bgremover.compare.dataset import classes_of, folder_of
+
     out = []
     for label, rs in group_runs(runs).items():
         rs.sort(key=lambda r: (str(r.seed), str(r.dir)))
         config = rs[0].summary.get("trained_config") or rs[0].summary.get("config") or {}
-        pe = paper_entry(rs[0].net, (config.get("model") or {}).get("net"))
+        # the paper measured CamVid: a Tiramisu trained on one's own folder is not the row it published
+        pe = None if folder_of(rs[0].summary) else paper_entry(rs[0].net, (config.get("model") or {}).get("net"))
+        classes = classes_of(rs[0].summary)  # the run's own (make remover's: background, foreground)
         out.append(
             NetStats(
                 net=label,
@@ -461,7 +464,7 @@ def aggregate(runs: list[Run]) -> list[NetStats]:
                 miou=mean_std([r.metric("test/mIoU") for r in rs]),
                 acc=mean_std([r.metric("test/acc") for r in rs]),
                 val_best=mean_std([r.metric("val/mIoU_best") for r in rs]),
-                class_iou={c: mean_std([r.metric(f"test/iou_{c}") for r in rs]) for c in CLASSES},
+                class_iou={c: mean_std([r.metric(f"test/iou_{c}") for r in rs]) for c in classes},
                 wall_s=mean_std([_num(r.summary.get("wall_time_s")) for r in rs]).mean,
                 infer_ms=mean_std([_num(r.summary.get("infer_ms_480x360")) for r in rs]).mean,
                 paper=pe[1] if pe else None,

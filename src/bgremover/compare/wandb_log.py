@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bgremover.compare.dataset import table_classes
 from bgremover.compare.render import frames_cell
-from bgremover.compare.runs import CLASSES, DEFAULT_WANDB_PROJECT, NetStats, Run, run_labels
+from bgremover.compare.runs import DEFAULT_WANDB_PROJECT, NetStats, Run, run_labels
 
 
 def _wandb_project(runs: list[Run]) -> str:
@@ -66,12 +67,13 @@ def log_wandb(report: Path, stats: list[NetStats], runs: list[Run], group: str) 
         run = wandb.run
     try:
         # test_frames: "4 of 233 (partial)" where the numbers cover part of the split (the tables said nothing)
+        classes = table_classes(stats)  # the runs' own
         cols = ["net", "runs", "params_M", "test_mIoU_mean", "test_mIoU_std", "test_acc_mean", "test_acc_std",
-                "test_frames", *(f"iou_{c}" for c in CLASSES), "wall_time_s", "infer_ms_480x360"]  # fmt: skip
+                "test_frames", *(f"iou_{c}" for c in classes), "wall_time_s", "infer_ms_480x360"]  # fmt: skip
         data = []
         for s in stats:
             pm = None if s.params_m is None else s.params_m / 1e6
-            ious = [s.class_iou[c].mean for c in CLASSES]
+            ious = [s.class_iou[c].mean for c in classes]
             data.append([s.net, len(s.runs), pm, s.miou.mean, s.miou.std, s.acc.mean, s.acc.std,
                          frames_cell(s.runs), *ious, s.wall_s, s.infer_ms])  # fmt: skip
         run_cols = ["run_dir", "net", "seed", "status", "test_mIoU", "test_frames", "error"]
