@@ -8,6 +8,7 @@ would have been averaged and tabled as one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND
@@ -51,7 +52,9 @@ def shared_classes(runs: list) -> tuple[str, ...]:
         if r.ok:
             lists.setdefault(classes_of(r.summary), r)
     if len(lists) > 1:
-        said = "; ".join(f"{r.dir}: {len(c)} ({', '.join(c)})" for c, r in lists.items())
+        # folder names and short lists: the one error line is cut at 300 characters (errors.report)
+        said = "; ".join(f"{Path(r.dir).name}: {len(c)} ({', '.join(c) if len(c) <= 4 else f'{c[0]} … {c[-1]}'})"
+                         for c, r in lists.items())
         raise CompareError(f"the runs segment different classes ({said}): compare runs of one class list at a time")
     return next(iter(lists), CLASSES)
 
