@@ -88,6 +88,21 @@ def test_a_failed_cache_write_leaves_no_partial_file(tiny_camvid, tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "scrambled header"])
+def test_a_damaged_cache_file_is_decoded_again_and_rewritten(tiny_camvid, tmp_path, monkeypatch, damage):
+    """A cache file cut short (a copied ~/.cache, a disk fault) stopped every later run on a traceback
+    (zipfile.BadZipFile, EOFError, tokenize.TokenError) until the file was found and deleted by hand."""
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "cache"))
+    first = decode_split(tiny_camvid, "train")
+    (path,) = (tmp_path / "cache").glob("camvid_resident_train_*.npz")
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                      "scrambled header": data[:100] + b"x" * 50 + data[150:]}[damage])
+    again = decode_split(tiny_camvid, "train")
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    with np.load(path) as z:  # rewritten whole
+        assert np.array_equal(z["labels"], first["labels"])
+
 def test_frames_of_different_sizes_are_padded_with_void(tmp_path):
     root = write_camvid(tmp_path / "CamVid", {"train": 2})
     Image.fromarray(np.full((40, 70, 3), 9, np.uint8)).save(root / "train" / "train_big.png")

@@ -48,11 +48,10 @@ def decode_split(root: str | os.PathLike, split: str, limit: int | None = None, 
     key = hashlib.sha1(json.dumps([CACHE_VERSION, split, listing]).encode()).hexdigest()[:16]
     path = cache_dir() / f"camvid_resident_{split}_{key}.npz"
     if cache and path.is_file():
-        try:
-            with np.load(path) as z:
-                return {k: z[k] for k in ("images", "labels", "sizes")}
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is decoded again and rewritten
+        # a damaged file is decoded again and rewritten, as a missing one: np.load raises BadZipFile, EOFError,
+        # tokenize's TokenError, ValueError... for it, not only OSError (each was a traceback at every start)
+        with contextlib.suppress(Exception), np.load(path) as z:
+            return {k: z[k] for k in ("images", "labels", "sizes")}
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
         decoded = list(pool.map(lambda p: read_pair(*p), pairs))
     h = max(img.shape[0] for img, _ in decoded)
