@@ -1,6 +1,8 @@
 """The device-resident CamVid pipeline: decode cache, batched scale-crop/flip/colour against hand computations,
 void fill, determinism, DDP shards, full-frame val/test equal to the DataLoader path, and training through Hydra;
-plus the speed-run schedule and time-to-mIoU callback it is used with."""
+plus the speed-run schedule and time-to-mIoU callback it is used with. At the end: what the train loader draws
+(flip share, scale range, jitter share and range, crop windows, epoch orders) measured on its batches' pixels, and
+the val loader's frames against their PNGs."""
 
 from __future__ import annotations
 
@@ -473,3 +475,199 @@ def test_a_resident_eval_reads_only_the_test_split(small_camvid, tmp_path):
     metrics, _ = train(compose_cfg(tmp_path / "b", [*base, f"data.root={test_only}", "train=false",
                                                     f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"]))
     assert metrics["test/frames"] == 3
+
+
+# --- what the train batches draw, measured on their pixels ------------------------------------------------------
+def _write_frames(root, split, images, labels):
+    """A split of the given H×W×3 uint8 images and H×W uint8 labels, named in order."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
+    for k, (img, lbl) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(img).save(root / split / f"{split}_{k:03d}.png")
+        Image.fromarray(lbl, mode="L").save(root / f"{split}annot" / f"{split}_{k:03d}.png")
+    return root
+
+
+def _numbered_frames(root, n, h=24, w=32, seed=0):
+    """n random frames whose labels are all the frame's number: a batch's labels say which frame each sample is."""
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+    _write_frames(root, "train", images, [np.full((h, w), k, np.uint8) for k in range(n)])
+    _write_frames(root, "val", images[:1], [np.zeros((h, w), np.uint8)])
+    return images
+
+
+def _np_norm(img):
+    """H×W×3 uint8 → 3×H×W normalised, in numpy."""
+    return ((img.astype(np.float64) / 255.0 - np.array(MEAN)) / np.array(STD)).transpose(2, 0, 1)
+
+
+def _samples(dm, epochs=1):
+    """(x, y) of every train sample of `epochs` epochs, in numpy."""
+    loader = dm.train_dataloader()
+    return [(x.numpy(), y.numpy()) for _ in range(epochs) for xb, yb in loader for x, y in zip(xb, yb, strict=True)]
+
+
+@pytest.mark.parametrize("hflip", [0.0, 0.5, 1.0])
+def test_train_samples_are_whole_frames_mirrored_with_probability_hflip(tmp_path, hflip):
+    """Crop = frame, no scale, no jitter: each sample is its frame, or its mirror image; data.hflip says how often."""
+    images = _numbered_frames(tmp_path, 6)
+    dm = _dm(tmp_path, crop_size=(24, 32), scale_range=(1.0, 1.0), color_jitter=0.0, hflip=hflip, batch_size=3,
+             epoch_repeats=8, cache=False)
+    mirrored = []
+    for x, y in _samples(dm):
+        k = int(y[0, 0])
+        assert (y == k).all()  # the labels moved with the image (all one value: any mirror of them is the same)
+        want = _np_norm(images[k])
+        if np.abs(x - want).max() < 1e-4:
+            mirrored.append(False)
+        else:
+            np.testing.assert_allclose(x, want[:, :, ::-1], atol=1e-4)
+            mirrored.append(True)
+    assert len(mirrored) == 48
+    share = np.mean(mirrored)
+    assert share == hflip if hflip in (0.0, 1.0) else 0.3 < share < 0.7
+
+
+def _nonvoid_frames(root, n=4, h=24, w=32):
+    rng = np.random.default_rng(1)
+    _write_frames(root, "train", [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)],
+                  [np.full((h, w), 3, np.uint8)] * n)
+    _write_frames(root, "val", [np.zeros((h, w, 3), np.uint8)], [np.zeros((h, w), np.uint8)])
+
+
+@pytest.mark.parametrize(("settings", "lo", "hi"), [({"scale_range": (0.5, 1.5)}, 0.5, 1.5),
+                                                     ({"scale_range": None, "scale_jitter": 0.4}, 0.6, 1.4)])
+def test_train_samples_are_scaled_over_the_configured_range(tmp_path, settings, lo, hi):
+    """A 24×32 frame of one class in a 40×52 crop (room for ×1.5): the frame's scale is the square root of its
+    non-void share of the crop. Drawn over [lo, hi], both ends reached (data.scale_range, else scale_jitter)."""
+    _nonvoid_frames(tmp_path)
+    dm = _dm(tmp_path, crop_size=(40, 52), color_jitter=0.0, batch_size=4, epoch_repeats=16, cache=False, **settings)
+    scales = np.array([np.sqrt((y != VOID).sum() / (24 * 32)) for _, y in _samples(dm)])
+    assert len(scales) == 64
+    assert scales.min() > lo - 0.05 and scales.max() < hi + 0.05, (scales.min(), scales.max())
+    assert scales.min() < lo + 0.15 and scales.max() > hi - 0.15, (scales.min(), scales.max())
+
+
+def test_brightness_contrast_hits_half_the_samples_over_the_whole_range(tmp_path):
+    """A frame of two greys, 80 and 160, jittered by x ↦ a·x + 255·b: (a, b) are read back from the two. With
+    data.color_jitter=0.2, about half the samples are jittered (albumentations' p=0.5), a in [0.8, 1.2] and b in
+    [-0.2, 0.2] on both sides of no change; the labels never change."""
+    img = np.full((24, 32, 3), 80, np.uint8)
+    img[:, 16:] = 160
+    _write_frames(tmp_path, "train", [img] * 4, [np.full((24, 32), 5, np.uint8)] * 4)
+    _write_frames(tmp_path, "val", [img], [np.zeros((24, 32), np.uint8)])
+    dm = _dm(tmp_path, crop_size=(24, 32), scale_range=(1.0, 1.0), color_jitter=0.2, hflip=0.0, batch_size=4,
+             epoch_repeats=16, cache=False)
+    a, b = [], []
+    for x, y in _samples(dm):
+        assert (y == 5).all()
+        raw = (x * np.array(STD).reshape(3, 1, 1) + np.array(MEAN).reshape(3, 1, 1)) * 255
+        dark, light = raw[:, :, :16], raw[:, :, 16:]
+        assert np.ptp(dark) < 1e-3 and np.ptp(light) < 1e-3  # one affine map for the whole sample
+        a.append((light.mean() - dark.mean()) / 80)
+        b.append((dark.mean() - 80 * a[-1]) / 255)
+    a, b = np.array(a), np.array(b)
+    plain = (np.abs(a - 1) < 1e-5) & (np.abs(b) < 1e-5)
+    assert len(a) == 64 and 0.3 < plain.mean() < 0.7, plain.mean()
+    ja, jb = a[~plain], b[~plain]
+    assert ja.min() > 0.8 - 1e-4 and ja.max() < 1.2 + 1e-4 and jb.min() > -0.2 - 1e-4 and jb.max() < 0.2 + 1e-4
+    assert ja.min() < 0.9 and ja.max() > 1.1 and jb.min() < -0.1 and jb.max() > 0.1, (ja, jb)
+
+
+def test_the_decode_cache_holds_the_frames_asked_for(tmp_path, monkeypatch):
+    """One cache per file list: a later run with data.limit_images, or with a label file rewritten, gets the frames
+    the files hold now, not an earlier run's arrays."""
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "cache"))
+    root = write_camvid(tmp_path / "CamVid", {"train": 4})
+    assert len(decode_split(root, "train")["labels"]) == 4
+    two = decode_split(root, "train", limit=2)  # evenly spaced: frames 0 and 2
+    want = [np.array(Image.open(root / "trainannot" / f"train_{k:03d}.png")) for k in (0, 2)]
+    assert len(two["labels"]) == 2 and all(np.array_equal(two["labels"][i], want[i]) for i in range(2))
+    fixed = np.full((48, 64), 7, np.uint8)  # a label corrected in place (its PNG now another size)
+    Image.fromarray(fixed, mode="L").save(root / "trainannot" / "train_001.png")
+    assert np.array_equal(decode_split(root, "train")["labels"][1], fixed)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_val_batches_hold_every_val_frame_once(tmp_path, ranks):
+    """3 val frames, data.eval_batch_size=2 (batch_size 4, limit_images 2 trim only the train split): batches of 2
+    and 1, all 3 frames in file order, each normalised from its PNG; data.pad_multiple=16 leaves 48×64 unpadded.
+    Under DDP each frame on exactly one rank (val/mIoU counts each once)."""
+    root = write_camvid(tmp_path / "CamVid", {"train": 4, "val": 3})
+    dm = _dm(root, batch_size=4, eval_batch_size=2, limit_images=2, pad_multiple=16, cache=False)
+    seen = []
+    for rank in range(ranks):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=ranks, current_epoch=0, overfit_batches=0)
+        loader = dm.val_dataloader()
+        batches = list(loader)
+        assert len(loader) == len(batches)
+        seen += [(x.numpy(), y.numpy()) for xb, yb in batches for x, y in zip(xb, yb, strict=True)]
+        if ranks == 1:
+            assert [len(y) for _, y in batches] == [2, 1]
+    assert len(seen) == 3
+    for k in range(3):
+        img = np.array(Image.open(root / "val" / f"val_{k:03d}.png"))
+        lbl = np.array(Image.open(root / "valannot" / f"val_{k:03d}.png"))
+        x, y = seen[[0, 2, 1][k] if ranks == 2 else k]  # rank 0 holds frames 0 and 2, rank 1 frame 1
+        np.testing.assert_allclose(x, _np_norm(img), atol=1e-5)
+        assert np.array_equal(y, lbl)
+
+
+def test_full_frame_training_pads_to_pad_multiple(tmp_path):
+    """data.crop_size=null: the 48×64 frames train whole, padded to data.pad_multiple (16: not at all)."""
+    root = write_camvid(tmp_path / "CamVid", {"train": 4, "val": 1})
+    dm = _dm(root, crop_size=None, pad_multiple=16, scale_range=None, cache=False)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 48, 64) and y.shape == (2, 48, 64)
+
+
+def test_an_epoch_drops_the_short_last_batch_and_shuffles_anew(tmp_path):
+    """5 frames, batch 2: an epoch is 2 full batches of 4 different frames (the 5th waits for another epoch, as the
+    DataLoader's drop_last); each epoch, and each of data.epoch_repeats' passes, in an order of its own."""
+    _numbered_frames(tmp_path, 5)
+    dm = _dm(tmp_path, crop_size=(24, 32), scale_range=(1.0, 1.0), batch_size=2, cache=False)
+    loader = dm.train_dataloader()
+    orders = []
+    for _ in range(4):
+        batches = list(loader)
+        assert len(loader) == len(batches) == 2 and all(len(y) == 2 for _, y in batches)
+        orders.append([int(y[0, 0]) for _, yb in batches for y in yb])
+        assert len(set(orders[-1])) == 4
+    assert len({tuple(o) for o in orders}) > 1, orders
+    _numbered_frames(tmp_path / "more", 8)
+    repeats = _dm(tmp_path / "more", crop_size=(24, 32), scale_range=(1.0, 1.0), batch_size=2, epoch_repeats=2,
+                  cache=False)
+    order = [int(y[0, 0]) for _, yb in repeats.train_dataloader() for y in yb]
+    assert sorted(order[:8]) == sorted(order[8:]) == list(range(8)) and order[:8] != order[8:], order
+
+
+def test_every_crop_window_is_drawn_equally_often():
+    """A 6×8 crop of a 12×16 frame has 7×9 windows; offsets spread evenly over [0, 1] land once in each (as
+    RandomCrop draws them), the bottom-right window included (offset 1: the last row and column get trained)."""
+    img, lbl = _frame(12, 16, seed=7)
+    frame = _norm(img[0])
+
+    def window(offset):
+        x, _ = _one(img, lbl, (6, 8), offset=offset)
+        found = [(oy, ox) for oy in range(7) for ox in range(9)
+                 if (x[0] - frame[:, oy:oy + 6, ox:ox + 8]).abs().max() < 1e-4]
+        assert len(found) == 1, offset
+        return found[0]
+
+    assert [window(((i + 0.5) / 7, 0.5))[0] for i in range(7)] == list(range(7))
+    assert [window((0.5, (i + 0.5) / 9))[1] for i in range(9)] == list(range(9))
+    assert window((1.0, 1.0)) == (6, 8)
+
+
+def test_val_frames_of_different_padded_sizes_are_refused_in_one_line(tmp_path):
+    """The resident eval batches are one tensor: val frames that pad to two sizes are refused naming the split (not
+    a numpy stacking error), and what data=camvid does with them instead."""
+    from bgremover.data.camvid import CamVidError
+
+    root = write_camvid(tmp_path / "CamVid", {"train": 4, "val": 1})
+    write_camvid(tmp_path / "other", {"val": 1}, size=(40, 64))
+    for sub in ("val", "valannot"):
+        (tmp_path / "other" / sub / "val_000.png").rename(root / sub / "val_001.png")
+    with pytest.raises(CamVidError, match=r"^the val frames differ in size: .*data=camvid evaluates"):
+        _dm(root, pad_multiple=8, cache=False)
