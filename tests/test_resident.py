@@ -671,3 +671,19 @@ def test_val_frames_of_different_padded_sizes_are_refused_in_one_line(tmp_path):
         (tmp_path / "other" / sub / "val_000.png").rename(root / sub / "val_001.png")
     with pytest.raises(CamVidError, match=r"^the val frames differ in size: .*data=camvid evaluates"):
         _dm(root, pad_multiple=8, cache=False)
+
+
+def test_ddp_with_fewer_val_frames_than_ranks_is_refused_in_one_line(tmp_path):
+    """1 val frame, 2 ranks: rank 1 had nothing to validate, and the run failed at its first validation on
+    Lightning's "`ResidentEvalLoader` within local rank has zero length" (its RankFailed line). Refused in the
+    words data=camvid refuses it with."""
+    from bgremover.data.camvid import CamVidError
+
+    root = write_camvid(tmp_path / "CamVid", {"train": 4, "val": 1, "test": 2})
+    dm = _dm(root, cache=False)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, current_epoch=0, overfit_batches=0,
+                                 strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    with pytest.raises(CamVidError, match="^the val split has 1 frames, fewer than the 2 DDP processes"):
+        dm.val_dataloader()
+    assert len(dm.test_dataloader()) == 1  # 2 test frames: one each
+

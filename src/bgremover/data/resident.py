@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from bgremover.data.camvid import CamVidDataset, CamVidError, read_pair, seed_of
 from bgremover.data.classes import VOID
-from bgremover.data.datamodule import CamVidDataModule, batches_done, rank_and_world
+from bgremover.data.datamodule import CamVidDataModule, batches_done, eval_sampler, rank_and_world
 from bgremover.files import cache_dir
 
 CACHE_VERSION = 1  # bump when the cached array layout changes
@@ -187,21 +187,22 @@ class ResidentTrainLoader:
 class ResidentEvalLoader:
     """Full frames in file order, padded as CamVidDataModule pads them; each rank its stride of the frames."""
 
-    def __init__(self, dm: ResidentCamVidDataModule, tensors: dict[str, torch.Tensor]):
+    def __init__(self, dm: ResidentCamVidDataModule, tensors: dict[str, torch.Tensor], split: str):
         self.dm, self.t = dm, tensors
-
-    def _indices(self) -> torch.Tensor:
-        rank, world = rank_and_world(self.dm)
-        return torch.arange(len(self.t["labels"]), device=self.t["labels"].device)[rank::world]
+        # the DataLoader path's DDP sampler: each frame on exactly one rank, and a rank left without a frame refused
+        # in one line (it failed the run on Lightning's "`ResidentEvalLoader` within local rank has zero length")
+        n = len(tensors["labels"])
+        sampler = eval_sampler(dm.trainer, range(n), split)
+        self.idx = torch.tensor(list(sampler if sampler is not None else range(n)), dtype=torch.long,
+                                device=tensors["labels"].device)
 
     def __len__(self) -> int:
         bs = self.dm.hparams.eval_batch_size or self.dm.hparams.batch_size
-        return -(-len(self._indices()) // bs)
+        return -(-len(self.idx) // bs)
 
     def __iter__(self):
-        t = self.t
+        t, idx = self.t, self.idx
         bs = self.dm.hparams.eval_batch_size or self.dm.hparams.batch_size
-        idx = self._indices()
         for k in range(0, len(idx), bs):
             i = idx[k:k + bs]
             x = t["images"][i].permute(0, 3, 1, 2).float()
@@ -313,10 +314,10 @@ class ResidentCamVidDataModule(CamVidDataModule):
         return loader
 
     def val_dataloader(self) -> ResidentEvalLoader:
-        return ResidentEvalLoader(self, self._split("val"))
+        return ResidentEvalLoader(self, self._split("val"), "val")
 
     def test_dataloader(self) -> ResidentEvalLoader:
-        return ResidentEvalLoader(self, self._split("test"))
+        return ResidentEvalLoader(self, self._split("test"), "test")
 
     def predict_dataloader(self) -> ResidentEvalLoader:
         return self.test_dataloader()
