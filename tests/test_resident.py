@@ -687,3 +687,17 @@ def test_ddp_with_fewer_val_frames_than_ranks_is_refused_in_one_line(tmp_path):
         dm.val_dataloader()
     assert len(dm.test_dataloader()) == 1  # 2 test frames: one each
 
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"scale_range": 1.5}, "data.scale_range must be [lo, hi] with 0 < lo <= hi, not 1.5"),
+    ({"scale_range": ["a", "b"]}, "data.scale_range must be [lo, hi] with 0 < lo <= hi, not ['a', 'b']"),
+    ({"epoch_repeats": 1.5}, "data.epoch_repeats must be a whole number >= 1, not 1.5"),
+])
+def test_resident_settings_of_the_wrong_type_are_one_line_errors(tiny_camvid, setting, message):
+    """data.scale_range=1.5 was "TypeError: object of type 'float' has no len()"; data.epoch_repeats=1.5 built
+    everything, passed the sanity check and stopped on "'float' object cannot be interpreted as an integer"."""
+    from bgremover.data.camvid import CamVidError
+
+    with pytest.raises(CamVidError) as err:
+        ResidentCamVidDataModule(root=str(tiny_camvid), **setting)
+    assert str(err.value) == message

@@ -232,10 +232,15 @@ class ResidentCamVidDataModule(CamVidDataModule):
         **camvid_options: Any,  # CamVidDataModule's keys, with its defaults
     ):
         super().__init__(**camvid_options)  # save_hyperparameters there records this class's keys too
-        if scale_range is not None and not (len(scale_range) == 2 and 0 < scale_range[0] <= scale_range[1]):
+        # checked for type too: scale_range=1.5 said "TypeError: object of type 'float' has no len()", and
+        # epoch_repeats=1.5 built everything, ran the sanity check and failed on "'float' object cannot be
+        # interpreted as an integer"
+        pair = list(scale_range) if isinstance(scale_range, Sequence) and not isinstance(scale_range, str) else []
+        numbers = len(pair) == 2 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)
+        if scale_range is not None and not (numbers and 0 < pair[0] <= pair[1]):
             raise CamVidError(f"data.scale_range must be [lo, hi] with 0 < lo <= hi, not {scale_range}")
-        if epoch_repeats < 1:
-            raise CamVidError(f"data.epoch_repeats must be >= 1, not {epoch_repeats}")
+        if isinstance(epoch_repeats, bool) or not isinstance(epoch_repeats, int) or epoch_repeats < 1:
+            raise CamVidError(f"data.epoch_repeats must be a whole number >= 1, not {epoch_repeats}")
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
 
     def scale_bounds(self) -> tuple[float, float]:
