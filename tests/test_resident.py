@@ -701,3 +701,22 @@ def test_resident_settings_of_the_wrong_type_are_one_line_errors(tiny_camvid, se
     with pytest.raises(CamVidError) as err:
         ResidentCamVidDataModule(root=str(tiny_camvid), **setting)
     assert str(err.value) == message
+
+
+def test_train_crops_are_drawn_over_the_whole_frame(tmp_path):
+    """12×16 crops of 24×32 frames (no scale, flip or jitter): each is a window of its frame, found by its pixels;
+    the windows reach all four edges, and their rows and columns are drawn apart (not all top-left, not only on
+    the diagonal where the row's share of the room equals the column's)."""
+    images = _numbered_frames(tmp_path, 4)
+    dm = _dm(tmp_path, crop_size=(12, 16), scale_range=(1.0, 1.0), color_jitter=0.0, hflip=0.0, batch_size=4,
+             epoch_repeats=16, cache=False)
+    places = []
+    for x, y in _samples(dm):
+        frame = _np_norm(images[int(y[0, 0])])
+        found = [(oy, ox) for oy in range(13) for ox in range(17)
+                 if np.abs(x - frame[:, oy:oy + 12, ox:ox + 16]).max() < 1e-4]
+        assert len(found) == 1
+        places.append(found[0])
+    oy, ox = np.array(places).T
+    assert len(places) == 64 and oy.min() <= 1 and oy.max() >= 11 and ox.min() <= 1 and ox.max() >= 15, places
+    assert (np.abs(oy / 12 - ox / 16) > 0.2).sum() > 10, places
