@@ -5,6 +5,7 @@ No test touches the internet: each one serves a tiny CamVid-shaped zip from 127.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import threading
@@ -32,10 +33,11 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_zip(top: str = TOP, drop: str | None = None, extra_label: bool = False) -> bytes:
+def make_zip(top: str = TOP, drop: str | None = None, extra_label: bool = False, bad_label: str | None = None) -> bytes:
     """A CamVid-layout zip with SPLIT_SIZES pairs, plus repository files the downloader must skip.
 
-    `drop` leaves one member out (to make a broken layout); `extra_label` adds a label with no image.
+    `drop` leaves one member out (to make a broken layout); `extra_label` adds a label with no image; `bad_label`
+    (a member name) holds the value 40, which no CamVid label has (only a deep check decodes it).
     """
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
@@ -52,6 +54,8 @@ def make_zip(top: str = TOP, drop: str | None = None, extra_label: bool = False)
                 name = f"0001TP_{i:06d}.png"
                 image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
                 label = (np.arange(H * W).reshape(H, W) % 12).astype(np.uint8)  # every class plus void
+                if f"{top}/CamVid/{split}annot/{name}" == bad_label:
+                    label[0, 0] = 40
                 for member, data in (
                     (f"{top}/CamVid/{split}/{name}", _png(image)),
                     (f"{top}/CamVid/{split}annot/{name}", _png(label)),
@@ -75,6 +79,7 @@ class Server:
         self.cut_at = len(body) // 2
         self.fail_first = 0  # this many GETs answer `fail_status` before anything else
         self.fail_status = 503
+        self.range_from_zero = False  # True: answer a Range request with 206 but the whole body (a broken server)
         self.requests: list[dict[str, str | None]] = []  # path and Range header of every GET, in order
         self.bytes_sent = 0
         self._lock = threading.Lock()
@@ -106,6 +111,8 @@ class Server:
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
+                    if server.range_from_zero:
+                        start = 0
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
@@ -191,7 +198,9 @@ def test_truncated_transfer_restarts_when_server_ignores_range(serve, tmp_path: 
     state.ranges, state.cut_first = False, 1
     dest = tmp_path / "CamVid"
 
-    assert _get(url, dest, retries=1) == SPLIT_SIZES
+    # The archive is the served file, not the kept half with the whole body appended: a zip reader skips such a
+    # prefix (self-extracting archives have one), so only the size and hash tell.
+    assert _get(url, dest, retries=1, size=len(body), sha256=hashlib.sha256(body).hexdigest()) == SPLIT_SIZES
 
     assert state.requests[1]["range"] is not None  # it asked to resume...
     assert state.bytes_sent == len(body) // 2 + len(body)  # ...got a 200 and took the whole body again
@@ -216,9 +225,10 @@ def test_failed_download_keeps_partial_for_next_run_and_leaves_dest_absent(serve
     assert _leftovers(tmp_path, dest) == []
 
 
-def test_server_errors_are_retried(serve, tmp_path: Path) -> None:
+@pytest.mark.parametrize("status", [503, 429])  # 429: GitHub's "too many requests", which passes
+def test_server_errors_are_retried(serve, tmp_path: Path, status: int) -> None:
     state, url = serve(make_zip())
-    state.fail_first = 2
+    state.fail_first, state.fail_status = 2, status
     dest = tmp_path / "CamVid"
 
     assert _get(url, dest, retries=2) == SPLIT_SIZES
@@ -289,8 +299,6 @@ def test_corrupt_archive_is_rejected_and_nothing_is_left(
 
 
 def test_size_and_sha256_checks(serve, tmp_path: Path) -> None:
-    import hashlib
-
     body = make_zip()
     _, url = serve(body)
 
@@ -412,3 +420,93 @@ def test_cli_long_error_keeps_its_advice(tmp_path: Path, capsys) -> None:
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert len(line) > 300 and line.startswith("python -m bgremover.data: error: no CamVid dataset at ")
     assert line.endswith("or point --root / $DATA_DIR at an existing copy")
+
+
+def test_a_partial_file_longer_than_the_servers_file_is_restarted_not_kept_forever(serve, tmp_path: Path) -> None:
+    """The server's file changed (or a stale .part lies there): its 416 for the resume restarts from byte 0."""
+    body = make_zip()
+    state, url = serve(body)
+    dest = tmp_path / "CamVid"
+    download.partial_dir(dest).mkdir()
+    (download.partial_dir(dest) / download.PART_NAME).write_bytes(body + b"stale tail")
+
+    assert _get(url, dest, retries=1, size=len(body)) == SPLIT_SIZES
+    assert [r["range"] for r in state.requests] == [f"bytes={len(body) + 10}-", None]
+    assert _leftovers(tmp_path, dest) == []
+
+
+def test_a_resume_answered_from_byte_zero_is_restarted_not_appended(serve, tmp_path: Path) -> None:
+    """A server whose 206 holds the whole file instead of the asked-for tail: more bytes than the file has."""
+    body = make_zip()
+    state, url = serve(body)
+    state.cut_first, state.range_from_zero = 1, True
+    dest = tmp_path / "CamVid"
+
+    assert _get(url, dest, retries=2, size=len(body)) == SPLIT_SIZES
+    assert [r["range"] for r in state.requests] == [None, f"bytes={len(body) // 2}-", None]
+    assert _leftovers(tmp_path, dest) == []
+
+
+def test_a_finished_archive_is_installed_without_downloading_again(serve, tmp_path: Path) -> None:
+    """A run stopped after its download (Ctrl-C while extracting): the next one installs the kept archive."""
+    state, url = serve(make_zip())
+    dest = tmp_path / "CamVid"
+    download.partial_dir(dest).mkdir()
+    (download.partial_dir(dest) / download.ARCHIVE_NAME).write_bytes(make_zip())
+
+    assert _get(url, dest) == SPLIT_SIZES
+    assert state.requests == [] and _leftovers(tmp_path, dest) == []
+
+
+def test_deep_download_decodes_every_label_before_installing(serve, tmp_path: Path, capsys) -> None:
+    member = f"{TOP}/CamVid/valannot/0001TP_000001.png"
+    _, url = serve(make_zip(bad_label=member))
+    dest = tmp_path / "CamVid"
+
+    assert main(["--root", str(dest), "--url", url, "--quiet", "--deep"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert "failed verification: label values outside 0-11: " in line and "valannot/0001TP_000001.png contains 40" in line
+    assert not dest.exists() and _leftovers(tmp_path, dest) == ["CamVid.partial"]
+    assert _get(url, dest) == SPLIT_SIZES  # without --deep only the layout is checked: it installs
+
+
+def test_a_destination_that_appears_while_downloading_is_left_alone(serve, tmp_path: Path, monkeypatch) -> None:
+    """Another `make data` (or the user) created the folder meanwhile: even an empty one is not replaced."""
+    _, url = serve(make_zip())
+    dest = tmp_path / "CamVid"
+    real_fetch = download.fetch
+
+    def fetch_then_mkdir(*args, **kwargs):
+        real_fetch(*args, **kwargs)
+        dest.mkdir()
+
+    monkeypatch.setattr(download, "fetch", fetch_then_mkdir)
+    with pytest.raises(DownloadError, match=r"CamVid appeared while downloading; left it alone.*archive stays"):
+        _get(url, dest)
+    assert list(dest.iterdir()) == [] and _leftovers(tmp_path, dest) == ["CamVid.partial"]
+
+
+def test_dot_members_are_skipped_and_a_negative_retry_count_still_tries_once(serve, tmp_path: Path) -> None:
+    body = io.BytesIO(make_zip())
+    with zipfile.ZipFile(body, "a") as zf:
+        zf.writestr(f"{TOP}/CamVid/train/..", b"x")  # would be opened for writing as the folder above
+        zf.writestr(f"{TOP}/CamVid/test/.", b"x")
+    state, url = serve(body.getvalue())
+    dest = tmp_path / "CamVid"
+
+    assert _get(url, dest, retries=-1) == SPLIT_SIZES
+    assert len(state.requests) == 1 and _leftovers(tmp_path, dest) == []
+
+
+def test_waits_between_attempts_double_from_backoff_up_to_the_cap(serve, tmp_path: Path, monkeypatch) -> None:
+    state, url = serve(make_zip())
+    state.fail_first = 4
+    waits: list[float] = []
+    monkeypatch.setattr(download.time, "sleep", waits.append)
+
+    assert _get(url, tmp_path / "a", retries=4, backoff=1.5) == SPLIT_SIZES
+    assert waits == [1.5, 3.0, 6.0, 12.0]
+    state.requests.clear()
+    waits.clear()
+    assert _get(url, tmp_path / "b", retries=4, backoff=40.0) == SPLIT_SIZES
+    assert waits == [40.0, download.MAX_BACKOFF_S, download.MAX_BACKOFF_S, download.MAX_BACKOFF_S]
