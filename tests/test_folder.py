@@ -1660,6 +1660,128 @@ def test_make_folder_composites_subjects_onto_subject_free_windows(tmp_path, cap
     assert "--per-subject >= 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_make_folder_subjects_are_8_connected_regions_with_a_long_side_of_at_least_min_side():
+    from bgremover.data.make_folder import subjects
+
+    label = np.zeros((40, 60), np.uint8)
+    label[5:10, 5:21] = 8  # 16 wide, 5 high: its long side is exactly min_side
+    label[20:25, 30:38] = 8  # two 8x5 blocks meeting only corner to corner: one 8-connected 16x10 subject
+    label[25:30, 38:46] = 8
+    label[28, 31] = 8  # a lone pixel inside that subject's box, of another region
+    label[32:37, 0:20] = 8  # touches the left border: cut off by the frame
+    found = subjects(label, [8], 16)
+    assert [box for box, _ in found] == [(5, 5, 16, 5), (30, 20, 16, 10)]
+    region = found[1][1]
+    assert region.shape == (10, 16) and region.sum() == 80 and not region[28 - 20, 31 - 30]  # its own pixels only
+    assert (0, 32, 20, 5) in [box for box, _ in subjects(label, [8], 16, whole=False)]
+    assert subjects(label, [8], 17) == []
+
+
+def test_make_folder_square_crop_adds_the_margin_and_stays_inside_the_frame():
+    from bgremover.data.make_folder import square_crop
+
+    # box x, y, w, h = 100, 50, 40, 20; margin 0.25: side 40 * 1.5 = 60 around the centre (120, 60)
+    assert square_crop((100, 50, 40, 20), 0.25, 100, 150) == (30, 90, 60)
+    # centre (140, 85), side 40: shifted left and up to end at the frame's right (150) and bottom (100) edges
+    assert square_crop((130, 75, 20, 20), 0.5, 100, 150) == (60, 110, 40)
+    # wider than the frame is high: the side is the frame's short side, still centred on the box (x 75)
+    assert square_crop((0, 0, 150, 10), 0.0, 100, 150) == (0, 25, 100)
+
+
+def test_make_folder_masks_every_chosen_class_and_marks_void_with_void_value(tmp_path, capsys):
+    from bgremover.data.make_folder import main
+
+    label = np.zeros((96, 128), np.uint8)  # Sky
+    label[30:60, 40:70] = 8  # Car
+    label[30:60, 70:90] = 9  # Pedestrian beside it: one subject of Car+Pedestrian, box x 40-89, y 30-59
+    label[20:25, 40:90] = 11  # void above it
+    root = fake_camvid(tmp_path / "CamVid", {"f": (lambda: np.zeros((96, 128, 3), np.uint8), label)})
+    out = tmp_path / "people-and-cars"
+    assert main([str(out), "--data-root", str(root), "--classes", "Car, Pedestrian", "--min-side", "16",
+                 "--margin", "0", "--size", "50", "--void-value", "128"]) == 0
+    # side 50 around the centre (65, 45): rows 20-69, columns 40-89, written at its own size
+    want = np.zeros((50, 50), np.uint8)
+    want[10:40] = 255
+    want[0:5] = 128
+    for split in fd.SPLITS:
+        assert (np.asarray(Image.open(out / split / "masks" / "f_0.png")) == want).all()
+    capsys.readouterr()
+    for bad in (["--void-value", "256"], ["--min-side", "0"]):
+        assert main([str(tmp_path / "x"), "--data-root", str(root), *bad]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "--min-side >= 1" in line and "--void-value 0-255" in line and not (tmp_path / "x").exists()
+
+
+def test_make_folder_refuses_a_split_without_subjects_and_writes_nothing(tmp_path, capsys):
+    from bgremover.data.make_folder import main
+
+    label = np.zeros((96, 128), np.uint8)
+    label[30:60, 40:90] = 8
+    root = fake_camvid(tmp_path / "CamVid", {"f": (lambda: np.zeros((96, 128, 3), np.uint8), label)})
+    Image.fromarray(np.zeros((96, 128), np.uint8)).save(root / "valannot" / "f.png")  # no car in val
+    assert main([str(tmp_path / "cars"), "--data-root", str(root), "--min-side", "16", "--size", "32"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("error: too few subjects for a split ({'train': 1, 'val': 0, 'test': 1}): lower --min-side")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CamVid"]
+
+
+def test_make_folder_composites_are_seeded_whole_subjects_on_drawn_backgrounds(tmp_path, capsys):
+    """Same --seed, same files; another seed, others. Only whole subjects are pasted (the border-cut one is not),
+    flipped or not, onto windows drawn from the frames (or parts of frames) without a car, never the all-void one."""
+    from bgremover.data.make_folder import main
+
+    label = np.ones((96, 128), np.uint8)  # Building
+    label[10:40, 10:50] = 8  # a whole car: left half red, right half yellow in the photo
+    label[50:96, 100:128] = 8  # a car cut off by the frame's corner
+
+    def photo():
+        image = np.full((96, 128, 3), 128, np.uint8)
+        image[10:40, 10:30] = (255, 0, 0)
+        image[10:40, 30:50] = (255, 255, 0)
+        return image
+
+    plain = np.ones((96, 128), np.uint8)
+    frames = {"a": (photo, label), "blue": (lambda: np.full((96, 128, 3), (0, 0, 255), np.uint8), plain),
+              "green": (lambda: np.full((96, 128, 3), (0, 255, 0), np.uint8), plain),
+              "void": (lambda: np.full((96, 128, 3), (255, 0, 255), np.uint8), np.full((96, 128), 11, np.uint8))}
+    root = fake_camvid(tmp_path / "CamVid", frames)
+    args = ["--data-root", str(root), "--composite", "--min-side", "16", "--size", "64", "--per-subject", "8"]
+    for name, seed in (("one", "3"), ("same", "3"), ("other", "4")):
+        assert main([str(tmp_path / name), *args, "--seed", seed]) == 0
+    assert "8 train, 8 val, 8 test composites" in capsys.readouterr().out
+
+    def files(name):
+        return {p.relative_to(tmp_path / name): p.read_bytes() for p in sorted((tmp_path / name).rglob("*.*"))
+                if p.name != "SOURCE.txt"}
+
+    assert files("one") == files("same") and files("one").keys() == files("other").keys()
+    assert files("one") != files("other")
+    backgrounds, red_left = set(), set()
+    for path in sorted((tmp_path / "one" / "train" / "images").iterdir()):
+        img = np.asarray(Image.open(path)).astype(int)
+        mask = np.asarray(Image.open(tmp_path / "one" / "train" / "masks" / f"{path.stem}.png"))
+        assert path.stem.startswith("a_0_")  # the whole car only (the cut-off one would be a_1_*)
+        corner = img[0, 0] if not mask[0, 0] else img[-1, -1]  # a background pixel (the car spans < 90 %)
+        colours = {"blue": (0, 0, 255), "green": (0, 255, 0), "magenta": (255, 0, 255), "gray": (128, 128, 128)}
+        backgrounds.add(min(colours, key=lambda c: np.abs(corner - colours[c]).sum()))
+        cols = np.nonzero(mask.any(0))[0]
+        left, right = img[:, cols[0] + 2], img[:, cols[-1] - 2]  # red (G low) or yellow (G high) edge columns
+        red_left.add(bool(left[mask[:, cols[0] + 2] > 0, 1].mean() < right[mask[:, cols[-1] - 2] > 0, 1].mean()))
+    assert {"blue", "green"} <= backgrounds and "magenta" not in backgrounds and red_left == {True, False}
+
+
+def test_make_folder_composite_mask_is_where_the_subject_covers_at_least_half_a_pixel():
+    from bgremover.data.make_folder import paste
+
+    bg = Image.new("RGB", (64, 64))
+    subject, alpha = Image.new("RGB", (30, 20), (255, 255, 255)), Image.new("L", (30, 20))
+    alpha.paste(255, (5, 5, 25, 15))  # a subject smaller than its box: its outline is blended
+    image, mask = paste(bg, subject, alpha, np.random.default_rng(0))
+    coverage = np.asarray(image)[..., 0]  # white over black: the pixel's value is 255 x the subject's cover
+    assert 0 < ((coverage > 0) & (coverage < 255)).sum()  # the soft edge is there
+    assert ((mask == 255) == (coverage >= 128)).all() and set(np.unique(mask)) == {0, 255}
+
+
 def test_ddp_evaluation_counts_every_folder_frame_once(tmp_path):
     """Under DDP the test split is spread over the ranks without repeats (Lightning's default sampler pads)."""
     from types import SimpleNamespace
