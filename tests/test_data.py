@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -167,6 +168,25 @@ def test_median_frequency_weights_are_cached_and_balance(tmp_path):
     dm = make_dm(root, class_weights="median_freq")
     assert torch.allclose(dm.class_weights(), torch.tensor(median_frequency_weights(root)), atol=1e-6)
     assert make_dm(root).class_weights() is None
+
+
+def test_an_edited_label_is_not_answered_from_the_weights_cache(tmp_path):
+    """The cache is keyed by the label files: a label redrawn under its old name gives the new weights."""
+    root = write_camvid(tmp_path / "CamVid", counts={"train": 2, "val": 1, "test": 1})
+    a = np.zeros((48, 64), np.uint8)
+    a[:, 48:] = 1  # class 0 on 3/4 of each frame, class 1 on 1/4: weights 2/3 and 2
+    for lbl in (root / "trainannot").iterdir():
+        Image.fromarray(a, mode="L").save(lbl)
+    cache = tmp_path / "cache"
+    assert median_frequency_weights(root, cache_dir=cache)[:2] == pytest.approx([2 / 3, 2.0], abs=1e-3)
+    a[:, 32:] = 1  # now half and half (both weigh 1), and the same number of PNG bytes as before
+    for lbl in (root / "trainannot").iterdir():
+        size = lbl.stat().st_size
+        Image.fromarray(a, mode="L").save(lbl)
+        assert lbl.stat().st_size == size
+        later = lbl.stat().st_mtime_ns + 10**9  # an edit comes later than a coarse file-system clock's tick
+        os.utime(lbl, ns=(later, later))
+    assert median_frequency_weights(root, cache_dir=cache)[:2] == pytest.approx([1.0, 1.0], abs=1e-3)
 
 
 def test_median_frequency_by_hand_leaves_void_out_of_every_count():

@@ -179,12 +179,13 @@ def median_frequency_weights(root: str | os.PathLike, cache_dir: str | os.PathLi
     void excluded.
 
     freq(c) = pixels of c / pixels of the images where c appears; weight(c) = median(freq) / freq(c).
-    Cached by the list of label files and their sizes, since reading 367 PNGs costs seconds at every start;
-    `cache_dir` "" = the project's cache folder (`files.cache_dir`), None = no cache.
+    Cached by the list of label files, their sizes and modification times, since reading 367 PNGs costs seconds at
+    every start (sizes alone: a label redrawn under its old name often compresses to the same byte count, and its
+    old weights came back); `cache_dir` "" = the project's cache folder (`files.cache_dir`), None = no cache.
     """
     pairs = split_pairs(root, split)
     key = hashlib.sha1(
-        json.dumps([(p.parent.name, p.name, p.stat().st_size) for _, p in pairs]).encode()
+        json.dumps([(p.parent.name, p.name, p.stat().st_size, p.stat().st_mtime_ns) for _, p in pairs]).encode()
     ).hexdigest()[:16]
     if cache_dir == "":
         from bgremover.files import cache_dir as default_cache
