@@ -158,6 +158,16 @@ def test_stats_prints_yaml_ready_to_paste(tmp_path: Path) -> None:
     assert snapshot(root) == before
 
 
+def test_stats_deep_refuses_a_bad_train_label_the_plain_count_skips(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Without --deep a label value past void is left out of the weights unseen; --deep decodes and names it."""
+    monkeypatch.setenv("BGREMOVER_CACHE", str(tmp_path / "cache"))
+    root = make_tree(tmp_path / "CamVid")
+    Image.fromarray(np.full((H, W), 40, np.uint8)).save(root / "trainannot" / "0001TP_000001.png")
+    assert main(["stats", "--root", str(root), "--deep"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f"label values outside 0-11: {root / 'trainannot' / '0001TP_000001.png'} contains 40")
+
+
 def test_stats_on_missing_dataset_is_one_error_line(tmp_path: Path, capsys) -> None:
     assert main(["stats", "--root", str(tmp_path / "absent")]) == 1
     err = capsys.readouterr().err.strip().splitlines()

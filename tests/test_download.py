@@ -413,6 +413,17 @@ def test_cli_reports_download_failure_in_one_line(serve, tmp_path: Path, monkeyp
     assert not dest.exists() and len(state.requests) == 1
 
 
+def test_cli_passes_sha256_and_retries_on(serve, tmp_path: Path, capsys) -> None:
+    """--sha256 reaches the archive check and --retries the attempts (dropped, the default 5 retries wait 62 s)."""
+    state, url = serve(make_zip())
+    state.fail_first = 1
+    assert main(["--root", str(tmp_path / "a"), "--url", url, "--quiet", "--retries", "0"]) == 1
+    assert "failed after 1 attempts: HTTP 503" in capsys.readouterr().err and len(state.requests) == 1
+    assert main(["--root", str(tmp_path / "b"), "--url", url, "--quiet", "--sha256", "0" * 64]) == 1
+    assert f"expected {'0' * 64}; deleted it" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_cli_long_error_keeps_its_advice(tmp_path: Path, capsys) -> None:
     """A message past 300 characters (deep paths) is reported whole: its advice sits at the end."""
     root = tmp_path / ("deep" * 30) / ("er" * 40) / "CamVid"
