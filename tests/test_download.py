@@ -424,6 +424,23 @@ def test_cli_passes_sha256_and_retries_on(serve, tmp_path: Path, capsys) -> None
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_each_retry_is_announced_unless_quiet(tmp_path: Path, capsys) -> None:
+    """Offline, `make data` was silent for the minute its five retries waited, then failed."""
+    import socket
+
+    with socket.socket() as s:  # a port that was just free: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/camvid.zip"
+    with pytest.raises(DownloadError, match="failed after 3 attempts"):
+        download_camvid(tmp_path / "a", url, retries=2, backoff=0.01, timeout=10.0, progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"cannot reach {url}: ")
+    assert lines[0].endswith("; retry 1 of 2 in 0.01 s") and lines[1].endswith("; retry 2 of 2 in 0.02 s")
+    with pytest.raises(DownloadError):
+        download_camvid(tmp_path / "b", url, retries=2, backoff=0.01, timeout=10.0, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_long_error_keeps_its_advice(tmp_path: Path, capsys) -> None:
     """A message past 300 characters (deep paths) is reported whole: its advice sits at the end."""
     root = tmp_path / ("deep" * 30) / ("er" * 40) / "CamVid"

@@ -126,7 +126,10 @@ def fetch(
     last = "no attempt made"
     for attempt in range(retries + 1):
         if attempt:
-            time.sleep(min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_S))
+            wait = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_S)
+            if progress:  # offline, the default five retries were a minute of silence before the error
+                print(f"{last}; retry {attempt} of {retries} in {wait:g} s", file=sys.stderr, flush=True)
+            time.sleep(wait)
         try:
             _fetch_once(url, part, timeout=timeout, progress=progress)
         except _Retryable as e:
