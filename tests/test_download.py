@@ -359,6 +359,17 @@ def test_existing_destination_is_never_touched(serve, tmp_path: Path) -> None:
     assert _leftovers(tmp_path, dest) == []
 
 
+def test_a_link_to_a_missing_folder_is_refused_before_downloading(serve, tmp_path: Path) -> None:
+    """DATA_DIR a symlink to a disk not mounted: the whole archive was fetched, then '...extract-x: Not a directory'."""
+    state, url = serve(make_zip())
+    dest = tmp_path / "CamVid"
+    dest.symlink_to(tmp_path / "unmounted" / "CamVid")
+
+    with pytest.raises(DownloadError, match=r"CamVid is a link to .*unmounted/CamVid, which does not exist"):
+        _get(url, dest)
+    assert state.requests == [] and dest.is_symlink() and _leftovers(tmp_path, dest) == []
+
+
 def test_complete_partial_file_is_not_downloaded_again(serve, tmp_path: Path) -> None:
     body = make_zip()
     state, url = serve(body)

@@ -83,6 +83,9 @@ def download_camvid(
     url = url or os.environ.get(URL_ENV) or DEFAULT_URL
     if dest.exists():
         raise DownloadError(f"{dest} already exists; refusing to overwrite it (verify it or remove it first)")
+    if dest.is_symlink():  # to a folder that is not there: downloaded in full, then "...extract-x: Not a directory"
+        raise DownloadError(f"{dest} is a link to {os.readlink(dest)}, which does not exist (a disk not mounted?); "
+                            "mount it or remove the link to download there")
     part_dir = partial_dir(dest)
     try:
         part_dir.mkdir(parents=True, exist_ok=True)
