@@ -263,7 +263,9 @@ def install(archive: Path, dest: Path, *, deep: bool = False) -> dict[str, int]:
         try:
             counts = verify_root(tmp, deep=deep)
         except CamVidError as e:
-            raise DownloadError(f"downloaded data failed verification: {e}") from None
+            # Its paths were in the temporary folder, deleted by the time the user reads them: name them as in the
+            # archive's CamVid/ folder instead.
+            raise DownloadError(f"downloaded data failed verification: {str(e).replace(f'{tmp}{os.sep}', '')}") from None
         if dest.exists():
             raise DownloadError(f"{dest} appeared while downloading; left it alone")
         os.rename(tmp, dest)
