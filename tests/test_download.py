@@ -312,6 +312,15 @@ def test_size_and_sha256_checks(serve, tmp_path: Path) -> None:
     assert _get(url, tmp_path / "c", sha256=good, size=len(body)) == SPLIT_SIZES
 
 
+def test_a_malformed_sha256_is_refused_before_downloading(serve, tmp_path: Path) -> None:
+    body = make_zip()
+    state, url = serve(body)
+    pasted = f"{hashlib.sha256(body).hexdigest()}  bb68b64.zip"  # sha256sum's whole line
+    with pytest.raises(DownloadError, match=r"--sha256 takes the archive's 64 hex digits, not '[0-9a-f]{64}  bb68b64"):
+        _get(url, tmp_path / "CamVid", sha256=pasted)
+    assert state.requests == [] and list(tmp_path.iterdir()) == []
+
+
 def test_archive_without_camvid_folder_is_rejected(serve, tmp_path: Path) -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:

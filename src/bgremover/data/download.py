@@ -81,6 +81,9 @@ def download_camvid(
     """
     dest = Path(dest)
     url = url or os.environ.get(URL_ENV) or DEFAULT_URL
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        # checked after the download, a malformed one (sha256sum's "HASH  FILE", a cut paste) deleted a good archive
+        raise DownloadError(f"--sha256 takes the archive's 64 hex digits, not {sha256!r}; nothing was downloaded")
     if dest.exists():
         raise DownloadError(f"{dest} already exists; refusing to overwrite it (verify it or remove it first)")
     if dest.is_symlink():  # to a folder that is not there: downloaded in full, then "...extract-x: Not a directory"
