@@ -1706,7 +1706,7 @@ def test_make_folder_masks_every_chosen_class_and_marks_void_with_void_value(tmp
     for split in fd.SPLITS:
         assert (np.asarray(Image.open(out / split / "masks" / "f_0.png")) == want).all()
     capsys.readouterr()
-    for bad in (["--void-value", "256"], ["--min-side", "0"]):
+    for bad in (["--void-value", "256"], ["--min-side", "0"], ["--margin", "nan"], ["--margin", "inf"]):
         assert main([str(tmp_path / "x"), "--data-root", str(root), *bad]) == 1
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert "--min-side >= 1" in line and "--void-value 0-255" in line and not (tmp_path / "x").exists()

@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [c for c in classes if c not in CLASSES]
         if unknown or not classes:
             raise UserError(f"unknown class(es) {unknown}: choose from {', '.join(CLASSES)}")
-        if (args.min_side < 1 or args.size < 8 or args.margin < 0 or not 0 <= args.void_value <= 255
-                or args.per_subject < 1):
+        # `not 0 <= margin < inf`: nan and inf (which argparse's float takes) were a traceback in the crop's rounding
+        if (args.min_side < 1 or args.size < 8 or not 0 <= args.margin < float("inf")
+                or not 0 <= args.void_value <= 255 or args.per_subject < 1):
             raise UserError("--min-side >= 1, --size >= 8, --margin >= 0, --void-value 0-255 and --per-subject >= 1, please")
         if args.out.exists():
             raise UserError(f"{args.out} exists: choose a new folder (nothing was written)")
