@@ -461,6 +461,22 @@ def test_each_retry_is_announced_unless_quiet(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().err == ""
 
 
+def test_cli_ctrl_c_during_the_download_exits_130_and_keeps_the_partial_file(serve, tmp_path, monkeypatch, capsys):
+    body = make_zip()
+    _, url = serve(body)
+    dest = tmp_path / "CamVid"
+
+    def read_then_ctrl_c(url, part, **kwargs):
+        part.write_bytes(body[:1000])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download, "_fetch_once", read_then_ctrl_c)
+    assert main(["--root", str(dest), "--url", url, "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "python -m bgremover.data: error: interrupted (a partial download is kept and resumes next run)")
+    assert (download.partial_dir(dest) / download.PART_NAME).stat().st_size == 1000 and not dest.exists()
+
+
 def test_cli_long_error_keeps_its_advice(tmp_path: Path, capsys) -> None:
     """A message past 300 characters (deep paths) is reported whole: its advice sits at the end."""
     root = tmp_path / ("deep" * 30) / ("er" * 40) / "CamVid"

@@ -3,7 +3,7 @@
 verify (default): if the dataset folder exists, check it read-only and print split counts and the class table;
 if it does not, download it (unless --no-download). stats: print train mean/std and median-frequency class
 weights as YAML lines for conf/data/camvid.yaml. Every failure is one `error: ...` line on stderr, exit 1 (a bad
-option: exit 2, as every command here).
+option: exit 2, Ctrl-C: 130, as every command here).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
-        return report("interrupted (a partial download is kept and resumes next run)", PROG)
+        # 130, as every command here (make_folder, export, compare...) and the shell report a Ctrl-C; it was 1
+        return report("interrupted (a partial download is kept and resumes next run)", PROG, 130)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         return report(f"{where}{one_line(e.strerror or e)}", PROG)
