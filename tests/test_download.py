@@ -477,6 +477,32 @@ def test_cli_ctrl_c_during_the_download_exits_130_and_keeps_the_partial_file(ser
     assert (download.partial_dir(dest) / download.PART_NAME).stat().st_size == 1000 and not dest.exists()
 
 
+def test_cli_sigterm_while_extracting_leaves_only_the_archive(serve, tmp_path: Path) -> None:
+    """`kill` or `timeout` while the archive is unpacked: the extraction folder goes, the archive stays, exit 143."""
+    import subprocess
+    import sys
+
+    _, url = serve(make_zip())
+    dest = tmp_path / "CamVid"
+    code = (
+        "import os, signal, sys\n"
+        "from bgremover.data import download\n"
+        "from bgremover.data.__main__ import main\n"
+        "real = download._extract\n"
+        "def extract_then_sigterm(archive, out):\n"
+        "    real(archive, out)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "download._extract = extract_then_sigterm\n"
+        f"sys.exit(main(['--root', {str(dest)!r}, '--url', {url!r}, '--quiet']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "python -m bgremover.data: error: interrupted by SIGTERM (a partial download is kept and resumes next run)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CamVid.partial"]
+    assert [p.name for p in download.partial_dir(dest).iterdir()] == [download.ARCHIVE_NAME]
+
+
 def test_cli_long_error_keeps_its_advice(tmp_path: Path, capsys) -> None:
     """A message past 300 characters (deep paths) is reported whole: its advice sits at the end."""
     root = tmp_path / ("deep" * 30) / ("er" * 40) / "CamVid"

@@ -3,7 +3,7 @@
 verify (default): if the dataset folder exists, check it read-only and print split counts and the class table;
 if it does not, download it (unless --no-download). stats: print train mean/std and median-frequency class
 weights as YAML lines for conf/data/camvid.yaml. Every failure is one `error: ...` line on stderr, exit 1 (a bad
-option: exit 2, Ctrl-C: 130, as every command here).
+option: exit 2, Ctrl-C: 130, SIGTERM: 143, as every command here).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from bgremover.data import download
 from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
 from bgremover.errors import OneLineParser, UserError, one_line, report
+from bgremover.files import Terminated, sigterm_raises
 
 PROG = "python -m bgremover.data"  # the command as run (make data): its usage line and every error line
 
@@ -112,16 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = resolve_root(args.root)
     try:
-        (cmd_stats if args.command == "stats" else cmd_verify)(args, root)
+        # `kill`/`timeout` ended the process outright and left a hidden .CamVid.extract-* folder beside the dataset
+        with sigterm_raises():
+            (cmd_stats if args.command == "stats" else cmd_verify)(args, root)
     except UserError as e:  # whole: download errors end with what to do (delete the archive, point --root ...)
         return report(one_line(e, limit=None), PROG)
     except BrokenPipeError:
         # stdout went to a closed pipe (`| head`): nothing left to say; silence the flush at exit too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except KeyboardInterrupt:
-        # 130, as every command here (make_folder, export, compare...) and the shell report a Ctrl-C; it was 1
-        return report("interrupted (a partial download is kept and resumes next run)", PROG, 130)
+    except (KeyboardInterrupt, Terminated) as e:
+        # 130 / 143, as every command here (make_folder, export, compare...) and the shell report them; Ctrl-C was 1
+        how = "interrupted by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        return report(f"{how} (a partial download is kept and resumes next run)", PROG,
+                      143 if isinstance(e, Terminated) else 130)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         return report(f"{where}{one_line(e.strerror or e)}", PROG)
