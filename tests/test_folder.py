@@ -1603,6 +1603,27 @@ def test_make_folder_writes_whole_subject_crops_split_like_camvid(tmp_path, caps
                                                f"{tmp_path / 'afile' / 'sub'}: Not a directory")
 
 
+def test_make_folder_killed_by_sigterm_leaves_no_hidden_half_folder(tmp_path):
+    """`kill` or `timeout` while it writes: one line, exit 143, and neither OUT nor its hidden temp folder."""
+    label = np.zeros((96, 128), np.uint8)
+    label[30:60, 40:90] = 8
+    root = fake_camvid(tmp_path / "CamVid", {"f": (lambda: np.zeros((96, 128, 3), np.uint8), label)})
+    out = tmp_path / "cars"
+    code = ("import os, signal, sys\n"
+            "from bgremover.data import make_folder\n"
+            "real = make_folder.build\n"
+            "def build_then_sigterm(*a, **k):\n"
+            "    counts = real(*a, **k)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return counts\n"
+            "make_folder.build = build_then_sigterm\n"
+            f"sys.exit(make_folder.main([{str(out)!r}, '--data-root', {str(root)!r}, '--min-side', '16', '--size', '32']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip() == f"python -m bgremover.data.make_folder: error: interrupted by SIGTERM: {out} was not written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CamVid"]
+
+
 def test_make_folder_prints_a_make_remover_command_that_pastes_whole(tmp_path, capsys):
     """`make example-data EXAMPLES="my data"` printed `make remover DATA=/…/my data/cars`: pasted, make took
     `data/cars` for a second target. The command is quoted for the shell now, as `make remover`'s own are."""

@@ -40,6 +40,7 @@ from PIL import Image
 from bgremover.data.camvid import list_pairs, resolve_root
 from bgremover.data.classes import CLASSES, VOID
 from bgremover.errors import OneLineParser, UserError, count, report
+from bgremover.files import Terminated, sigterm_raises
 
 PROG = "python -m bgremover.data.make_folder"  # the command as run: its usage line and every error line
 SPLITS = ("train", "val", "test")
@@ -216,20 +217,23 @@ def main(argv: list[str] | None = None) -> int:
         root = resolve_root(args.data_root)
         tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
         try:
-            if args.composite:
-                counts = build_composites(root, tmp, classes, args.min_side, args.size, args.per_subject, args.seed)
-            else:
-                counts = build(root, tmp, classes, args.min_side, args.size, args.margin, args.void_value,
-                               whole=not args.keep_truncated)
-            if counts["train"] < 1 or counts["val"] < 1 or counts["test"] < 1:
-                raise UserError(f"too few subjects for a split ({counts}): lower --min-side")
-            os.replace(tmp, args.out)
+            # SIGTERM (kill, timeout) as an exception: its default ended the process and left the hidden tmp folder
+            with sigterm_raises():
+                if args.composite:
+                    counts = build_composites(root, tmp, classes, args.min_side, args.size, args.per_subject, args.seed)
+                else:
+                    counts = build(root, tmp, classes, args.min_side, args.size, args.margin, args.void_value,
+                                   whole=not args.keep_truncated)
+                if counts["train"] < 1 or counts["val"] < 1 or counts["test"] < 1:
+                    raise UserError(f"too few subjects for a split ({counts}): lower --min-side")
+                os.replace(tmp, args.out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except UserError as e:  # CamVidError is one
         return report(e, PROG)
-    except KeyboardInterrupt:  # was a bare traceback; the half-built folder is already gone (finally above)
-        return report(f"interrupted: {args.out} was not written", PROG, 130)
+    except (KeyboardInterrupt, Terminated) as e:  # was a bare traceback; the half-built folder is already gone
+        how = "interrupted by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        return report(f"{how}: {args.out} was not written", PROG, 143 if isinstance(e, Terminated) else 130)
     except OSError as e:  # an output under a file, a full disk, a read-only folder: was a traceback
         return report(f"cannot write {args.out}: {e.strerror or e}", PROG)  # (its temp folder's name said nothing)
     kind = "composites" if args.composite else "crops"
