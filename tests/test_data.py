@@ -323,6 +323,9 @@ def _break(root: Path, case: str) -> str:
     if case == "image without label":
         (root / "trainannot" / "train_001.png").unlink()
         return "train_001.png"
+    if case == "two images of one name":  # a.png converted to a.jpg beside it: pointed at a label that is there
+        Image.open(root / "train" / "train_001.png").convert("RGB").save(root / "train" / "train_001.jpg")
+        return "two images of one name: "
     if case == "sizes differ":
         Image.fromarray(np.zeros((10, 10), np.uint8), mode="L").save(root / "trainannot" / "train_000.png")
         return "size mismatch"
@@ -348,8 +351,8 @@ def _break(root: Path, case: str) -> str:
     raise AssertionError(case)
 
 
-CASES = ["missing root", "root is a file", "missing split", "image without label", "sizes differ", "label out of range",
-         "colour label", "truncated png", "not an image", "empty split"]
+CASES = ["missing root", "root is a file", "missing split", "image without label", "two images of one name", "sizes differ",
+         "label out of range", "colour label", "truncated png", "not an image", "empty split"]
 
 
 @pytest.mark.parametrize("case", CASES)

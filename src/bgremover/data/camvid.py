@@ -62,6 +62,9 @@ def list_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
     pairs = []
     for img in images:
         lbl = labels.pop(img.stem, None)
+        if lbl is None and (twin := next((p for p in images if p.stem == img.stem and p != img), None)):
+            # the label went to the other: "image has no label ... (expected <a label that is there>)" misled
+            raise CamVidError(f"two images of one name: {twin} and {img} (one label, {lbl_dir / img.stem}.*, for both)")
         if lbl is None:
             raise CamVidError(f"image has no label: {img} (expected {lbl_dir / img.name})")
         pairs.append((img, lbl))
