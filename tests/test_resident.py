@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -587,6 +588,14 @@ def test_the_decode_cache_holds_the_frames_asked_for(tmp_path, monkeypatch):
     fixed = np.full((48, 64), 7, np.uint8)  # a label corrected in place (its PNG now another size)
     Image.fromarray(fixed, mode="L").save(root / "trainannot" / "train_001.png")
     assert np.array_equal(decode_split(root, "train")["labels"][1], fixed)
+    # redrawn again to the same PNG size: the file's time, not only its size, says the cache is stale
+    label = root / "trainannot" / "train_001.png"
+    size, redrawn = label.stat().st_size, np.full((48, 64), 4, np.uint8)  # 98 PNG bytes, as 7
+    Image.fromarray(redrawn, mode="L").save(label)
+    assert label.stat().st_size == size
+    later = label.stat().st_mtime_ns + 10**9  # an edit comes later than a coarse file-system clock's tick
+    os.utime(label, ns=(later, later))
+    assert np.array_equal(decode_split(root, "train")["labels"][1], redrawn)
 
 
 @pytest.mark.parametrize("ranks", [1, 2])

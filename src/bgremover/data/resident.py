@@ -44,7 +44,9 @@ def decode_split(root: str | os.PathLike, split: str, limit: int | None = None, 
     real extent, so the augmentation never samples the padding as if it were image. Cached by the file list.
     """
     pairs = CamVidDataset(root, split, limit=limit).pairs  # the same frames CamVidDataModule would use
-    listing = [(i.name, i.stat().st_size, lb.name, lb.stat().st_size) for i, lb in pairs]
+    # names, sizes and times: a label redrawn in place to the same PNG size trained on the cached old labels
+    # (a copied dataset decodes once more; camvid.py's class-weight cache keys the same way)
+    listing = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for pair in pairs for f in pair]
     key = hashlib.sha1(json.dumps([CACHE_VERSION, split, listing]).encode()).hexdigest()[:16]
     path = cache_dir() / f"camvid_resident_{split}_{key}.npz"
     if cache and path.is_file():
