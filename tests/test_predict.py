@@ -105,6 +105,18 @@ def test_alpha_exact_and_full_size_at_any_size(remover, hw):
     np.testing.assert_array_equal(np.asarray(out)[:, :, :3], halves(h, w))  # colours untouched
 
 
+@pytest.mark.parametrize("hw", [(37, 45), (5, 3), (91, 33)])
+def test_alpha_exact_where_the_top_and_bottom_differ(remover, hw):
+    """The left/right halves above cannot see the frame shifted a row by the padding (an odd number of rows to
+    add, the extra one below): red on top, blue below, the alpha's edge must stay on the same row."""
+    h, w = hw
+    top_red = np.ascontiguousarray(halves(w, h).transpose(1, 0, 2))  # rows < h // 2 red
+    assert (top_red[: h // 2] == RED).all() and (top_red[h // 2 :] == BLUE).all()
+    expected = np.zeros((h, w), np.uint8)
+    expected[: h // 2] = 255
+    np.testing.assert_array_equal(alpha_of(remover.remove(top_red)), expected)
+
+
 def test_large_image_is_inferred_downscaled_and_alpha_upsampled(model_path):
     remover = BackgroundRemover(model_path, max_side=64)
     seen = []
