@@ -59,3 +59,26 @@ def test_every_command_names_itself_as_it_is_run():
             if prog.split()[0] not in scripts and prog not in (f"python -m {module}", f"python -m {package}"):
                 wrong.append(f"{path.relative_to(REPO)}: {prog}")
     assert not wrong, wrong
+
+
+def test_an_error_line_is_the_messages_first_line_squeezed_and_cut(capsys):
+    """What errors.report promises every command's `error:` line: one line, whatever the error holds (a library's
+    message over several lines, runs of blanks, a 400-character path), with the exit status the caller asked for;
+    a warning under one_line_warnings alike."""
+    import warnings
+
+    from bgremover.errors import one_line_warnings, report
+
+    assert report(OSError("cannot read x.png\n  at byte 12 of its header"), "bgremover-predict") == 1
+    assert report(ValueError("  runs \t of   blanks  "), code=2) == 2
+    assert report(KeyError()) == 1  # no message: its type
+    report(RuntimeError("z" * 300))
+    report(RuntimeError("y" * 400))
+    with one_line_warnings("bgremover-predict"), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("m.int8.onnx was not made from the current model\n  re-run make quantize", stacklevel=1)
+    assert capsys.readouterr().err.splitlines() == [
+        "bgremover-predict: error: cannot read x.png", "error: runs of blanks", "error: KeyError",
+        "error: " + "z" * 300, "error: " + "y" * 299 + "…",
+        "bgremover-predict: warning: m.int8.onnx was not made from the current model",
+    ]
