@@ -225,10 +225,12 @@ def test_exif_orientation_is_honoured(remover, tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to display": displayed 40 wide x 80 high, red on top
     path = tmp_path / "rot.jpg"
     src.save(path, quality=95, exif=exif)
-    out = remover.remove(path)
-    assert out.size == (40, 80)
-    a = alpha_of(out)
-    assert (a[:32] == 255).all() and (a[48:] == 0).all()
+    with Image.open(path) as opened:  # a PIL image (rembg's users pass Image.open(...)) is turned alike
+        outs = [remover.remove(path), remover.remove(opened)]
+    for out in outs:
+        assert out.size == (40, 80)
+        a = alpha_of(out)
+        assert (a[:32] == 255).all() and (a[48:] == 0).all()
 
 
 def test_normalization_comes_from_metadata(tmp_path):
@@ -471,6 +473,21 @@ def test_palette_inputs_with_and_without_transparency(remover, tmp_path):
     assert (a == np.array([0, 255, 0, 255])).all()
 
 
+def test_a_colour_key_transparency_is_kept_in_gray_and_rgb_pngs(model_path, tmp_path):
+    """A PNG's tRNS colour key (one gray level, or one RGB colour, fully transparent) is the input's alpha as a
+    palette's transparent entry is: never revealed by the cut-out. Sky (what gray and blue are) is the foreground
+    here, so only the input's own transparency can make a pixel transparent."""
+    sky = BackgroundRemover(model_path, classes=["Sky"])
+    gray = np.array([[0, 128, 0, 30]], np.uint8).repeat(2, axis=0)
+    Image.fromarray(gray, "L").save(tmp_path / "g.png", transparency=0)
+    colours = np.array([[GRAY, BLUE, GRAY, BLUE]], np.uint8).repeat(2, axis=0)
+    Image.fromarray(colours, "RGB").save(tmp_path / "c.png", transparency=BLUE)
+    for name, want in (("g.png", [0, 255, 0, 255]), ("c.png", [255, 0, 255, 0])):
+        with Image.open(tmp_path / name) as on_disk:
+            assert "transparency" in on_disk.info  # really a colour key, not an alpha channel
+        assert (alpha_of(sky.remove(tmp_path / name)) == np.array(want, np.uint8)).all(), name
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "1"])
 def test_gray_inputs(remover, mode):
     gray = np.array([[0, 255, 128, 30]], np.uint8).repeat(2, axis=0)
@@ -495,20 +512,40 @@ def test_cmyk_input(remover):
 
 
 def test_16bit_png_is_scaled_to_8bit(remover, tmp_path):
-    values = np.array([[0, 65535, 32896, 257]], np.uint16)
+    values = np.array([[0, 65535, 32896, 257, 255]], np.uint16)
     path = tmp_path / "g16.png"
     Image.fromarray(values).save(path)
     with Image.open(path) as on_disk:
         assert on_disk.mode.startswith("I")  # really a 16-bit image on disk
     rgb, a = _rgb_alpha(remover.remove(path))
-    assert list(rgb[0, :, 0]) == [0, 255, 128, 1] and (a == 0).all()
+    assert list(rgb[0, :, 0]) == [0, 255, 128, 1, 1] and (a == 0).all()  # 255/257 rounds to 1, not down to 0
     rgb16, _ = _rgb_alpha(remover.remove(np.stack([values * 0 + 65535, values * 0, values * 0], axis=2)))
     assert (rgb16 == RED).all()  # 16-bit RGB array: 65535 -> 255
+
+
+def test_a_dark_16bit_image_stays_dark_whatever_its_byte_order(remover, tmp_path):
+    """16-bit pixels no brighter than 255 (of 65535) are nearly black, in a big-endian TIFF (Pillow's I;16B) too,
+    not 8-bit values 0..255. An image in mode I holding 8-bit values (Pillow's convert("I")) keeps them."""
+    dark = [0, 100, 200, 255]
+    want = [round(v * 255 / 65535) for v in dark]  # [0, 0, 1, 1]
+    tiff = tmp_path / "be16.tif"
+    Image.fromarray(np.array([dark], ">u2")).save(tiff)
+    with Image.open(tiff) as on_disk:
+        assert on_disk.mode == "I;16B"
+    rgb, _ = _rgb_alpha(remover.remove(tiff))
+    assert list(rgb[0, :, 0]) == want
+    eight_bit = Image.fromarray(np.array([dark], np.uint8)).convert("I")
+    assert list(_rgb_alpha(remover.remove(eight_bit))[0][0, :, 0]) == dark
+    wide = Image.fromarray(np.array([[0, 255, 32896, 65535]], np.int32))  # mode I past 255: 16-bit, rounded
+    assert wide.mode == "I" and list(_rgb_alpha(remover.remove(wide))[0][0, :, 0]) == [0, 1, 128, 255]
 
 
 def test_float_and_file_like_inputs(remover, model_path):
     img = halves(4, 8).astype(np.float32) / 255.0
     np.testing.assert_array_equal(alpha_of(remover.remove(img)), alpha_of(remover.remove(halves(4, 8))))
+    between = np.array([[0.5, 0.25, 0.999, 0.001]], np.float32)[:, :, None].repeat(3, axis=2)
+    assert list(_rgb_alpha(remover.remove(between))[0][0, :, 0]) == [128, 64, 255, 0]  # 127.5, 63.75, ... rounded
+    assert list(_rgb_alpha(remover.remove(np.array([[True, False]])))[0][0, :, 0]) == [255, 0]  # a bool mask
     buf = io.BytesIO()
     Image.fromarray(halves(4, 8)).save(buf, format="PNG")
     buf.seek(0)
@@ -585,6 +622,11 @@ def test_pixel_limits(model_path, tmp_path, monkeypatch):
         small_limit.remove(path)
     with pytest.raises(ImageError, match="exceeds"):
         small_limit.remove(halves(50, 50))
+    # exactly the limit is allowed, one pixel over it refused: a file, an array and a PIL image alike
+    for given in (path, halves(50, 50), Image.fromarray(halves(50, 50))):
+        assert BackgroundRemover(model_path, max_pixels=2500).remove(given).size == (50, 50)
+        with pytest.raises(ImageError, match="exceeds the limit of 2,499"):
+            BackgroundRemover(model_path, max_pixels=2499).remove(given)
     # Pillow's own ceiling (an error past 2x MAX_IMAGE_PIXELS, ~179 Mpx) stopped files --max-pixels allowed
     # (`--max-pixels 300000000` on a 200 Mpx PNG: "possible decompression bomb"): ours decides, PIL's is restored.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
@@ -725,11 +767,12 @@ def test_damaged_metadata_under_an_error_filter_is_an_image_error():
 
 def test_an_animated_image_says_only_its_first_frame_is_cut_out(tmp_path):
     """An animated GIF was cut out from its first frame without a word (a user audit)."""
-    frames = [Image.new("RGB", (40, 30), (i * 80, 0, 0)) for i in range(3)]
-    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    with pytest.warns(UserWarning, match=r"anim.gif: 3 frames, only the first is cut out"):
-        img = images.open_image(tmp_path / "anim.gif")
-    assert img.size == (40, 30)
+    for n in (2, 3):
+        frames = [Image.new("RGB", (40, 30), (i * 80, 0, 0)) for i in range(n)]
+        frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+        with pytest.warns(UserWarning, match=rf"anim.gif: {n} frames, only the first is cut out"):
+            img = images.open_image(tmp_path / "anim.gif")
+        assert img.size == (40, 30)
 
 
 def test_writing_into_a_missing_folder_names_the_output_not_a_temp_file(tmp_path):
