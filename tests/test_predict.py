@@ -523,17 +523,21 @@ def test_16bit_png_is_scaled_to_8bit(remover, tmp_path):
     assert (rgb16 == RED).all()  # 16-bit RGB array: 65535 -> 255
 
 
-def test_a_dark_16bit_image_stays_dark_whatever_its_byte_order(remover, tmp_path):
-    """16-bit pixels no brighter than 255 (of 65535) are nearly black, in a big-endian TIFF (Pillow's I;16B) too,
-    not 8-bit values 0..255. An image in mode I holding 8-bit values (Pillow's convert("I")) keeps them."""
+def test_a_dark_16bit_image_stays_dark_whatever_its_byte_order_or_format(remover, tmp_path):
+    """16-bit pixels no brighter than 255 (of 65535) are nearly black, in a big-endian TIFF (Pillow's I;16B) and a
+    16-bit PGM too: the PGM (Pillow's mode I, its maxval scaled to 65535) came out as 8-bit values 0..255, 257x
+    too bright, as the whole image whenever no pixel was above 255. An image in mode I holding 8-bit values
+    (Pillow's convert("I")) keeps them."""
     dark = [0, 100, 200, 255]
     want = [round(v * 255 / 65535) for v in dark]  # [0, 0, 1, 1]
-    tiff = tmp_path / "be16.tif"
+    tiff, pgm = tmp_path / "be16.tif", tmp_path / "g16.pgm"
     Image.fromarray(np.array([dark], ">u2")).save(tiff)
-    with Image.open(tiff) as on_disk:
-        assert on_disk.mode == "I;16B"
-    rgb, _ = _rgb_alpha(remover.remove(tiff))
-    assert list(rgb[0, :, 0]) == want
+    pgm.write_bytes(b"P5\n4 1\n65535\n" + np.array(dark, ">u2").tobytes())
+    for path, mode in ((tiff, "I;16B"), (pgm, "I")):
+        with Image.open(path) as on_disk:
+            assert on_disk.mode == mode
+        for given in (path, path.read_bytes()):
+            assert list(_rgb_alpha(remover.remove(given))[0][0, :, 0]) == want, path.name
     eight_bit = Image.fromarray(np.array([dark], np.uint8)).convert("I")
     assert list(_rgb_alpha(remover.remove(eight_bit))[0][0, :, 0]) == dark
     wide = Image.fromarray(np.array([[0, 255, 32896, 65535]], np.int32))  # mode I past 255: 16-bit, rounded

@@ -134,6 +134,8 @@ def open_image(
                 warnings.warn(f"{name}: {frames} frames, only the first is cut out", stacklevel=2)
             # a decoded copy: usable after the file is closed
             img, later = _recording(lambda: ImageOps.exif_transpose(opened))
+            if img.mode == "I" and opened.format == "PPM":  # a 16-bit PGM, its maxval scaled by Pillow to 65535:
+                img = img.convert("I;16")  # 16-bit, as its kin I;16 is, even where no pixel is above 255 (dark)
         # inside the try: under an error filter (-W error) a damaged file is an ImageError, not a traceback
         _report_metadata(name, trouble + later)
     except ImageError:
