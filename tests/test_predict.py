@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -459,6 +460,11 @@ def test_rgba_input_alpha_is_kept(remover):
     np.testing.assert_array_equal(rgb, arr[:, :, :3])
     assert (a[0, :3] == 100).all() and (a[1:, :3] == 255).all() and (a[:, 3:] == 0).all()
     np.testing.assert_array_equal(_rgb_alpha(remover.remove(arr))[1], a)  # same through an ndarray
+    # premultiplied (RGBa) and gray + alpha arrays (HxWx2) keep theirs too: the first row's 100 on a red pixel
+    np.testing.assert_array_equal(_rgb_alpha(remover.remove(Image.fromarray(arr, "RGBA").convert("RGBa")))[1], a)
+    gray_alpha = np.stack([np.full((4, 6), 200, np.uint8), arr[..., 3]], axis=2)
+    sky = BackgroundRemover(remover.model_path, classes=["Sky"])  # gray is Sky: only the input's alpha is below 255
+    np.testing.assert_array_equal(_rgb_alpha(sky.remove(gray_alpha))[1], arr[..., 3])
 
 
 def test_palette_inputs_with_and_without_transparency(remover, tmp_path):
@@ -603,18 +609,18 @@ def test_bad_image_files(remover, tmp_path):
     Image.fromarray(noise).save(good, format="PNG")
     jpg = io.BytesIO()
     Image.fromarray(noise).save(jpg, format="JPEG")
-    cases = {
-        "missing.png": None,
-        "empty.jpg": b"",
-        "text.jpg": b"this is not an image\n" * 10,
-        "trunc.png": good.getvalue()[: len(good.getvalue()) // 2],
-        "trunc.jpg": jpg.getvalue()[: len(jpg.getvalue()) // 2],
+    cases = {  # what each line says of its file: the README's list of bad input
+        "missing.png": (None, "no such file"),
+        "empty.jpg": (b"", "empty file"),
+        "text.jpg": (b"this is not an image\n" * 10, "not a recognised image file"),
+        "trunc.png": (good.getvalue()[: len(good.getvalue()) // 2], r"cannot decode image \("),
+        "trunc.jpg": (jpg.getvalue()[: len(jpg.getvalue()) // 2], r"cannot decode image \("),
     }
-    for name, data in cases.items():
+    for name, (data, says) in cases.items():
         path = tmp_path / name
         if data is not None:
             path.write_bytes(data)
-        with pytest.raises(ImageError, match=name):
+        with pytest.raises(ImageError, match=rf"^{re.escape(str(tmp_path / name))}: {says}"):
             remover.remove(path)
 
 
