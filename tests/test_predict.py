@@ -622,6 +622,8 @@ def test_bad_image_files(remover, tmp_path):
             path.write_bytes(data)
         with pytest.raises(ImageError, match=rf"^{re.escape(str(tmp_path / name))}: {says}"):
             remover.remove(path)
+    with pytest.raises(ImageError, match=rf"^{re.escape(str(tmp_path))}: is a directory$"):
+        remover.remove(tmp_path)
 
 
 def test_pixel_limits(model_path, tmp_path, monkeypatch):
