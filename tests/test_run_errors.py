@@ -943,6 +943,64 @@ def test_a_key_the_command_line_adds_is_named_whole_as_the_command_lines(monkeyp
                                                "the recipe or an override sets it for another choice")
 
 
+def test_a_value_a_class_refuses_is_the_users_error_named_with_what_was_being_built():
+    """A config value a class refuses (ValueError, as FCDenseNet's dense_blocks=fast) is the user's to fix: one line
+    with the message and the target Hydra was building, no type, no traceback pointer; a bug inside it (any other
+    error) keeps its type."""
+    from hydra.errors import InstantiationException
+
+    from bgremover.utils import error_summary, is_user_error
+
+    target = "bgremover.nets.tiramisu.FCDenseNet"
+    for cause, said, users in ((ValueError("dense_blocks must be one of fused, plain, got 'fast'"),
+                                f"dense_blocks must be one of fused, plain, got 'fast' (while building {target})", True),
+                               (RuntimeError("CUDA error"), f"RuntimeError: CUDA error (while building {target})", False)):
+        exc = InstantiationException(f"Error in call to target '{target}':\n{cause!r}")
+        exc.__cause__ = cause
+        assert (error_summary(exc), is_user_error(exc)) == (said, users)
+
+
+def test_a_runs_error_line_points_at_the_log_for_a_bug_only(tmp_path, capsys):
+    """A run's closing line (utils.print_error): a user's error is its message alone, a bug adds where its
+    traceback was logged (the run's log file, Hydra's job logging)."""
+    import logging
+
+    from bgremover.errors import UserError
+    from bgremover.utils import print_error
+
+    root, handler = logging.getLogger(), logging.FileHandler(tmp_path / "train.log")
+    kept, root.handlers = root.handlers, [handler]  # the run's log file alone, as in a run
+    try:
+        print_error(UserError("data.root /nope: not found"))
+        print_error(KeyError("val/mIoU"))
+    finally:
+        root.handlers = kept
+        handler.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "error: data.root /nope: not found", f"error: KeyError: 'val/mIoU' (traceback in {tmp_path / 'train.log'})"]
+
+
+def test_an_error_in_a_dataloader_worker_is_summed_up_as_the_workers_own():
+    """torch re-raises a worker's error with "Caught X in DataLoader worker process 0." and the worker's traceback as
+    its message: the run's one line is the error's own message (a bad file: no type; a bug: its type named), not
+    that first line. The wrapped errors are built by torch's own ExceptionWrapper, as a worker's are."""
+    from torch._utils import ExceptionWrapper
+
+    from bgremover.errors import UserError
+    from bgremover.utils import error_summary
+
+    for error, said in ((UserError("unreadable or truncated image: a.png (OSError)"),
+                         "unreadable or truncated image: a.png (OSError)"),
+                        (ZeroDivisionError("division by zero"), "ZeroDivisionError: division by zero")):
+        try:
+            raise error
+        except type(error):
+            wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+        with pytest.raises(type(error)) as caught:
+            wrapped.reraise()
+        assert str(caught.value).startswith("Caught ") and error_summary(caught.value) == said
+
+
 _CTRL_C_AT_IMPORT = """
 import os, signal, sys
 
