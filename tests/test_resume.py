@@ -300,6 +300,39 @@ def test_the_resume_hint_is_not_followed_by_lightnings_mid_epoch_warning():
     assert [str(w.message) for w in seen] == ["another warning"]
 
 
+def test_a_quiet_sweep_jobs_terminal_keeps_warnings_and_its_log_file_keeps_everything(tmp_path):
+    """quiet_libraries(verbose=False), a sweep job's: on the terminal no info line from Lightning or bgremover,
+    nor a warning its job line already says (IN_JOB_LINE), but every other warning; the run's log file keeps
+    all of them; Lightning's tips are dropped on both."""
+    import io
+
+    from bgremover.utils import IN_JOB_LINE, quiet_libraries
+
+    root, term_text = logging.getLogger(), io.StringIO()
+    term, log_file = logging.StreamHandler(term_text), logging.FileHandler(tmp_path / "job.log")
+    lightning, ours = logging.getLogger("pytorch_lightning.trainer"), logging.getLogger("bgremover.train")
+    kept, root.handlers = root.handlers, [term, log_file]
+    levels = [lightning.level, ours.level]
+    try:
+        quiet_libraries(verbose=False)
+        for logger in (lightning, ours):
+            logger.setLevel(logging.INFO)
+        lightning.info("GPU available: False")
+        ours.info("plan: 1 epoch")
+        ours.warning("test numbers over 1 of 3 frames: PARTIAL", extra=IN_JOB_LINE)
+        lightning.warning("val dataloader has few workers")
+        lightning.info("💡 Tip: try litmodels")
+    finally:
+        root.handlers = kept
+        lightning.setLevel(levels[0])
+        ours.setLevel(levels[1])
+        log_file.close()
+    assert term_text.getvalue().splitlines() == ["val dataloader has few workers"]
+    assert (tmp_path / "job.log").read_text().splitlines() == [
+        "GPU available: False", "plan: 1 epoch", "test numbers over 1 of 3 frames: PARTIAL",
+        "val dataloader has few workers"]
+
+
 def test_a_resume_in_place_keeps_the_csv_logs_earlier_rows(small_camvid, tmp_path):
     """Lightning's CSV writer deleted csv/metrics.csv when it started: resumed in its own folder, a run's CSV
     history began at the resume (11 rows became 5 in the audit). The earlier rows stay; new ones are appended."""

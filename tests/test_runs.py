@@ -1192,3 +1192,17 @@ def test_speedrun_times_over_part_of_the_val_split_say_so(small_camvid, tmp_path
     took = next(line for line in lines if line.startswith("speedrun: training took"))
     assert took.endswith(" (epoch 0) (val/mIoU (1 of 2 frames, PARTIAL))"), took
     assert json.loads((tmp_path / "summary.json").read_text())["val_split"]["complete"] is False
+
+
+def test_summary_json_holds_numbers_given_as_numpy_or_torch_scalars(tmp_path):
+    """Metrics reach summary.json as torch or numpy scalars (a logged tensor, a numpy mean): they are written as
+    JSON numbers, not as the strings "tensor(0.5000)" or "0.25" a reader of the file would compare as text."""
+    import numpy as np
+
+    from bgremover.utils import write_json_atomic
+
+    path = tmp_path / "run" / "summary.json"
+    write_json_atomic(path, {"test/mIoU": torch.tensor(0.5), "val/mIoU": np.float32(0.25), "epochs": np.int64(3),
+                             "run_dir": tmp_path / "run"})
+    assert json.loads(path.read_text()) == {"test/mIoU": 0.5, "val/mIoU": 0.25, "epochs": 3,
+                                            "run_dir": str(tmp_path / "run")}
