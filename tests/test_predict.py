@@ -795,3 +795,29 @@ def test_writing_into_a_missing_folder_names_the_output_not_a_temp_file(tmp_path
     with pytest.raises(FileNotFoundError, match=r"a\.png: its folder does not exist$"):
         write_atomic(b"x", tmp_path / "missing" / "a.png")
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_new_output_gets_the_umasks_mode_and_a_rewritten_one_keeps_its_own(tmp_path):
+    """Outputs are written to a temp file (mkstemp: 0600) and renamed: a new cut-out or model must still get the
+    mode any new file gets (0644 under umask 022), or a web server or another user could not read it; a file
+    rewritten keeps the mode its owner gave it."""
+    import os
+    import stat
+
+    from bgremover.remover import write_atomic
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    before = os.umask(0o022)
+    try:
+        write_atomic(b"new", tmp_path / "a.png")
+        os.umask(0o027)
+        write_atomic(b"new", tmp_path / "b.png")
+        (tmp_path / "c.png").write_bytes(b"old")
+        (tmp_path / "c.png").chmod(0o604)
+        write_atomic(b"rewritten", tmp_path / "c.png")
+    finally:
+        os.umask(before)
+    assert [mode(tmp_path / n) for n in ("a.png", "b.png", "c.png")] == [0o644, 0o640, 0o604]
+    assert (tmp_path / "c.png").read_bytes() == b"rewritten"
