@@ -480,15 +480,16 @@ def test_palette_inputs_with_and_without_transparency(remover, tmp_path):
 
 
 def test_a_colour_key_transparency_is_kept_in_gray_and_rgb_pngs(model_path, tmp_path):
-    """A PNG's tRNS colour key (one gray level, or one RGB colour, fully transparent) is the input's alpha as a
-    palette's transparent entry is: never revealed by the cut-out. Sky (what gray and blue are) is the foreground
-    here, so only the input's own transparency can make a pixel transparent."""
+    """A PNG's tRNS colour key (one gray level, 8- or 16-bit, or one RGB colour, fully transparent) is the input's
+    alpha as a palette's transparent entry is: never revealed by the cut-out (a 16-bit gray one was). Sky (what
+    gray and blue are) is the foreground here, so only the input's own transparency can make a pixel transparent."""
     sky = BackgroundRemover(model_path, classes=["Sky"])
     gray = np.array([[0, 128, 0, 30]], np.uint8).repeat(2, axis=0)
     Image.fromarray(gray, "L").save(tmp_path / "g.png", transparency=0)
     colours = np.array([[GRAY, BLUE, GRAY, BLUE]], np.uint8).repeat(2, axis=0)
     Image.fromarray(colours, "RGB").save(tmp_path / "c.png", transparency=BLUE)
-    for name, want in (("g.png", [0, 255, 0, 255]), ("c.png", [255, 0, 255, 0])):
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "g16.png", transparency=0)  # 16-bit gray
+    for name, want in (("g.png", [0, 255, 0, 255]), ("c.png", [255, 0, 255, 0]), ("g16.png", [0, 255, 0, 255])):
         with Image.open(tmp_path / name) as on_disk:
             assert "transparency" in on_disk.info  # really a colour key, not an alpha channel
         assert (alpha_of(sky.remove(tmp_path / name)) == np.array(want, np.uint8)).all(), name

@@ -223,8 +223,10 @@ def to_rgba_arrays(img: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        gray = _to_uint8(np.asarray(img))
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)), None
+        raw = np.asarray(img)
+        gray = np.ascontiguousarray(np.repeat(_to_uint8(raw)[:, :, None], 3, axis=2))
+        key = img.info.get("transparency")  # a 16-bit gray PNG's tRNS colour key: transparent, as L's below
+        return gray, None if not isinstance(key, int) else np.where(raw == key, 0, 255).astype(np.uint8)
     has_alpha = "A" in img.getbands() or "a" in img.getbands()
     if not has_alpha and mode in ("P", "PA", "L", "LA", "RGB", "1"):
         has_alpha = "transparency" in img.info  # palette or tRNS transparency
