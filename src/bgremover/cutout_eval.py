@@ -56,7 +56,7 @@ from bgremover.cutout_metrics import (  # noqa: F401  (re-exported: the metric f
 )
 from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
 from bgremover.data.classes import CLASSES, same_classes  # torch-free constants module
-from bgremover.images import _first_line, open_image, to_rgba_arrays
+from bgremover.images import open_image, to_rgba_arrays
 from bgremover.remover import BackgroundRemover, BgRemoverError, ImageError, UsageError, write_atomic
 
 PROG = "python -m bgremover.cutout_eval"  # the command as run, in its usage line and messages (also make eval-cutout)
@@ -468,9 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ImageError, BgRemoverError) as e:  # unknown class, bad model, missing data, bad file
         return fail((isinstance(e, EvalError) and _own_folder(args.model, data_root)) or str(e), 1)
     except OSError as e:  # e.g. the JSON's folder is not writable
-        return fail(_first_line(e), 1)
+        return fail(errors.one_line(e, 200), 1)
     except Exception as e:  # a bug, not bad input: still one line, never a traceback
-        return fail(f"unexpected {type(e).__name__}: {_first_line(e)}", 1)
+        return fail(f"unexpected {type(e).__name__}: {errors.one_line(e, 200)}", 1)
     return 0
 
 

@@ -19,7 +19,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bgremover.errors import ImageError, PixelLimitError, UsageError
+from bgremover.errors import ImageError, PixelLimitError, UsageError, one_line
 
 MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs); PIL itself refuses above ~179 Mpx
 # zlib level for the output PNGs, measured with benchmarks/predict_latency.py on a CamVid photo's RGBA cut-out:
@@ -81,11 +81,6 @@ def image_format(path) -> str | None:
         return None
 
 
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:200] or type(err).__name__
-
-
 def open_image(
     src: str | os.PathLike | IO[bytes] | bytes | bytearray | memoryview, max_pixels: int = MAX_PIXELS
 ) -> Image.Image:
@@ -142,12 +137,12 @@ def open_image(
         raise
     except Image.DecompressionBombError as err:
         raise PixelLimitError(
-            f"{name}: too many pixels, possible decompression bomb ({_first_line(err)})"
+            f"{name}: too many pixels, possible decompression bomb ({one_line(err, 200)})"
         ) from err
     except UnidentifiedImageError as err:
         raise ImageError(f"{name}: not a recognised image file") from err
     except Exception as err:  # truncated data, corrupt chunks, broken EXIF...: all "cannot decode"
-        raise ImageError(f"{name}: cannot decode image ({_first_line(err)})") from err
+        raise ImageError(f"{name}: cannot decode image ({one_line(err, 200)})") from err
     return img
 
 
@@ -183,7 +178,7 @@ def _report_metadata(name: str, caught: list) -> None:
             warnings.warn(w.message, stacklevel=3)
     damaged = [w for w in caught if issubclass(w.category, UserWarning)]
     if damaged:
-        warnings.warn(f"{name}: damaged metadata ({_first_line(damaged[0].message)}): the pixels decoded fine, an "
+        warnings.warn(f"{name}: damaged metadata ({one_line(damaged[0].message, 200)}): the pixels decoded fine, an "
                       "EXIF rotation may be missing", stacklevel=3)
 
 
@@ -273,7 +268,7 @@ def _load_any(src: ImageInput, max_pixels: int) -> tuple[np.ndarray, np.ndarray 
         try:
             return (*to_rgba_arrays(ImageOps.exif_transpose(src)), _rgb_profile(src))
         except (OSError, ValueError) as err:
-            raise ImageError(f"cannot convert image: {_first_line(err)}") from err
+            raise ImageError(f"cannot convert image: {one_line(err, 200)}") from err
     img = open_image(src, max_pixels)
     return (*to_rgba_arrays(img), _rgb_profile(img))
 

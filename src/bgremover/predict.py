@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bgremover.errors import OneLineParser, UserError, check_writable, one_line_warnings, report
+from bgremover.errors import OneLineParser, UserError, check_writable, one_line, one_line_warnings, report
 from bgremover.files import Terminated, sigterm_raises
 from bgremover.images import (
     IMAGE_EXTENSIONS,
@@ -42,7 +42,6 @@ from bgremover.images import (
     OUTPUT_SUFFIX,
     OUTPUT_SUFFIXES,
     PREDICTED_SUFFIXES,
-    _first_line,
     encode_image,
     load_background,
     output_suffix,
@@ -345,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BgRemoverError as e:
         return report(e, PROG)
     except Exception as e:  # a bug, not bad input: still one line, never a traceback
-        return report(f"unexpected {type(e).__name__}: {_first_line(e)}", PROG)
+        return report(f"unexpected {type(e).__name__}: {one_line(e, 200)}", PROG)
 
 
 def _info(argv: list[str]) -> int:
@@ -475,7 +474,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
                 # tried with a probe file, not os.access: root passes that check, and /proc refuses files anyway
                 check_writable(dest, "output folder", folder=True)
             except OSError as e:
-                unwritable[dest] = f"cannot create the output folder {dest}: {e.strerror or _first_line(e)}"
+                unwritable[dest] = f"cannot create the output folder {dest}: {e.strerror or one_line(e, 200)}"
             except UserError as e:
                 unwritable[dest] = str(e)
         if unwritable and len(unwritable) == len(folders):  # nothing can be written at all: one line, up front
@@ -520,7 +519,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
             except ImageError as e:
                 failures.append(str(e))
             except (OSError, MemoryError) as e:
-                failures.append(f"{src if src is not None else '<stdin>'}: {_first_line(e)}")
+                failures.append(f"{src if src is not None else '<stdin>'}: {one_line(e, 200)}")
             else:
                 try:
                     if dst is None:
@@ -532,7 +531,7 @@ def _run(args: argparse.Namespace, fail_usage) -> int:
                     written += 1
                 except OSError as e:  # the output's disk or pipe: a full disk was reported as the input's fault
                     failures.append(f"{src if src is not None else '<stdin>'}: cannot write "
-                                    f"{dst if dst is not None else '<stdout>'}: {e.strerror or _first_line(e)}")
+                                    f"{dst if dst is not None else '<stdout>'}: {e.strerror or one_line(e, 200)}")
         if bar is not None:
             bar.update(1)
     if bar is not None:

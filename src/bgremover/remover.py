@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bgremover import model_format
-from bgremover.errors import BgRemoverError, ImageError, ModelError, PixelLimitError, UsageError  # noqa: F401
+from bgremover.errors import BgRemoverError, ImageError, ModelError, PixelLimitError, UsageError, one_line  # noqa: F401
 from bgremover.files import is_stream, write_atomic  # noqa: F401  (re-exported: predict, ship, cutout_eval)
 from bgremover.images import (  # noqa: F401  (re-exported: the library's image names since before the split)
     MAX_PIXELS,
@@ -35,7 +35,6 @@ from bgremover.images import (  # noqa: F401  (re-exported: the library's image 
     PNG_COMPRESS_LEVEL,
     PNG_COMPRESS_TYPE,
     ImageInput,
-    _first_line,
     _load_any,
     encode_image,
     encode_png,
@@ -282,7 +281,7 @@ class BackgroundRemover:
             return ort.InferenceSession(str(path), opts, providers=list(providers))
         except Exception as err:  # a .pt/.ckpt, TorchScript or image file said onnxruntime's "INVALID_PROTOBUF"
             raise ModelError(model_format.not_a_model_problem(path)
-                             or f"cannot load ONNX model {path}: {_first_line(err)}") from err
+                             or f"cannot load ONNX model {path}: {one_line(err, 200)}") from err
 
     def _read_metadata(self, session, path: Path) -> dict[str, Any]:
         try:
