@@ -319,7 +319,9 @@ def _median(results: list[dict[str, float] | None]) -> dict[str, float] | None:
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    # "-" (a failed or skipped cell) takes the figure's width, or the row's later figures slide under the wrong
+    # headers of a table that is pasted into docs
+    return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

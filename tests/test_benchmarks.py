@@ -907,3 +907,35 @@ def test_tiramisu_speed_on_a_gpu_names_the_gpu_batches(tmp_path, monkeypatch, ca
         out = capsys.readouterr().out
         assert "gpu: a test's stand-in" in out
         assert f"device=cuda {says} " in out
+
+
+def test_tiramisu_speed_a_skipped_cell_keeps_the_table_columns(tmp_path, monkeypatch, capsys):
+    """A cell over --cell-timeout printed an unpadded "-" in each of its columns, so the row's figures slid left
+    under the wrong headers (the tables are pasted into docs): each "-" now ends where its header does."""
+    import subprocess
+
+    module = bench("tiramisu_speed")
+
+    def fake_run(cmd, **kw):  # the reference measures; the project's net runs over the cell timeout
+        if "ours" in cmd:
+            raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(
+            {"img_s": 1.0, "peak_mib": 400.0, "step_s": 1.0, "first_step_s": 1.0}) + "\n", "")
+
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    monkeypatch.setenv("BGREMOVER_CPU_KERNELS", "0")  # no kernel build through the fake subprocess.run
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code = module.main(["--nets", "56", "--sizes", "224", "--modes", "fp32", "--steps", "1", "--warmup", "1",
+                        "--cell-timeout", "5"])
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert code == 0
+    header, row = lines[-2:]
+    names = ["net", "size", "mode", "ref img/s", "ours img/s", "speedup", "ref MiB", "ours MiB", "mem ratio"]
+    ends, at = [], 0
+    for name in names:  # each column is right-aligned: its header's last character is its figure's
+        at = header.index(name, at) + len(name)
+        ends.append(at)
+    cells = {name: row[:end].rsplit(" ", 1)[-1] for name, end in zip(names, ends, strict=True)}
+    assert len(row) == len(header)
+    assert cells == {"net": "56", "size": "224", "mode": "fp32", "ref img/s": "1.000", "ours img/s": "-",
+                     "speedup": "-", "ref MiB": "400", "ours MiB": "-", "mem ratio": "-"}
