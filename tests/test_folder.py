@@ -1431,6 +1431,18 @@ def test_make_remover_takes_hydra_run_dir_as_its_run_folder(folder, tmp_path, mo
     assert len(seen) == 1
 
 
+def test_train_remover_without_its_folder_names_only_the_folder(capsys):
+    """With no arguments the usage error said "required: data, overrides": argparse counts a `*` positional
+    without a default as required, though no override is needed. Only the folder is named."""
+    from bgremover import train_remover
+
+    with pytest.raises(SystemExit) as exit_:
+        train_remover.main([])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "python -m bgremover.train_remover: error: the following arguments are required: data (see --help)\n")
+
+
 def test_make_remover_refuses_a_data_root_that_is_not_its_folder(folder, tmp_path, monkeypatch, capsys):
     """`make remover DATA=A ARGS="data.root=B"` trained on B (Hydra's last value wins) and printed the held-out
     scores of A's images as the model's. Two folders are refused in one line before anything starts; the same

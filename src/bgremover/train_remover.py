@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help="run folder (default ./logs/remover/runs/<date>_<time>)")
     p.add_argument("--no-keep-memory", action="store_true",
                    help="leave glibc's malloc defaults (make remover KEEP_MEMORY=), as make train KEEP_MEMORY= does")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. remover_budget_s=600 ckpt_init=null")
+    # default=[]: argparse marks a `*` positional without one required, and named it beside `data` in the usage error
+    p.add_argument("overrides", nargs="*", default=[], help="Hydra overrides, e.g. remover_budget_s=600 ckpt_init=null")
     args = p.parse_intermixed_args(argv)  # options may come after the overrides
     data = Path(args.data).expanduser()
     from bgremover.data.folder import FolderDataError, layout
