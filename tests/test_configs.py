@@ -370,6 +370,26 @@ def test_a_callback_or_logger_node_nothing_builds_is_refused(tmp_path) -> None:
         checks.validate_train(compose_cfg(tmp_path, ["~data.root", added]))
 
 
+def test_a_recipe_callback_setting_under_callbacks_none_is_no_refusal(tmp_path) -> None:
+    """The README's `callbacks=none` with a recipe that tunes a default callback (cpu_default's early_stopping
+    patience, a speed-run's last_checkpoint; remover's model_checkpoint monitor too) left that setting a node with no
+    _target_, and every such command was refused as a typo; the node is skipped, as the builder skips it. A node
+    the command line writes into is still refused."""
+    from conftest import compose_cfg
+
+    from bgremover import checks, utils
+    from bgremover.errors import UserError
+
+    for exp in ("cpu_default", "speedrun_tiramisu103"):
+        cfg = compose_cfg(tmp_path, ["~data.root", f"experiment={exp}", "callbacks=none", "trainer=cpu"])
+        checks.validate_train(cfg)
+        built = {type(c).__name__ for c in utils.instantiate_dict(cfg.callbacks)}  # a speed-run's own timer stays
+        assert not built & {"EarlyStopping", "BestCheckpoint", "LastCheckpoint"}
+    with pytest.raises(UserError, match=r"^callbacks\.early_stopping has no _target_, so nothing builds it$"):
+        checks.validate_train(compose_cfg(tmp_path, ["~data.root", "experiment=cpu_default", "callbacks=none",
+                                                     "callbacks.early_stopping.patience=3"]))
+
+
 def test_a_typo_added_with_plus_plus_is_refused(tmp_path) -> None:
     """`make remover ARGS="++remover_budget=5"` (`++`: add or override) trained the recipe's 30 minutes without a
     word, as `+remover_budget=5` did before it was refused: a `++` key the config does not have that is a typo of

@@ -81,11 +81,15 @@ def check_settings(key: str, node, names: bool = True) -> None:
 def check_built_nodes(cfg: DictConfig) -> None:
     """A node of `callbacks` or `logger` is built only when it has a `_target_` (utils.instantiate_dict skips the
     rest, as lightning-hydra-template does): `+callbacks.early_stoping.patience=3`, a typo that adds a node, was
-    skipped without a word and the run stopped early by the recipe's patience."""
+    skipped without a word and the run stopped early by the recipe's patience. Only a node the command line writes
+    into: a recipe's setting of a callback that `callbacks=none` (the README's choice) drops, as cpu_default's
+    early_stopping patience, is skipped as the template skips it (refusing it refused every recipe's callbacks=none)."""
+    typed = [o.lstrip("+").split("=", 1)[0] for o in overrides()]
     for group in ("callbacks", "logger"):
         nodes = cfg.get(group)
         for name in nodes if isinstance(nodes, DictConfig) else ():
-            if isinstance(node := nodes.get(name), DictConfig) and "_target_" not in node:
+            if isinstance(node := nodes.get(name), DictConfig) and "_target_" not in node \
+                    and any(k == f"{group}.{name}" or k.startswith(f"{group}.{name}.") for k in typed):
                 near = close_key(str(name), [str(k) for k in nodes if k != name])
                 raise UserError(f"{group}.{name} has no _target_, so nothing builds it"
                                 + (f". Did you mean '{group}.{near}'?" if near else ""))
