@@ -234,6 +234,7 @@ def validate_train(cfg: DictConfig) -> None:
                             "last.ckpt); Lightning's shorthands do not name a run here")
         if value and (problem := checkpoint_problem(value)):
             raise UserError(f"{key}: {problem}")
+    check_added_keys(cfg, settings=True)  # here, not first: it imports the classes (before the settings' check)
     lr = ((model.get("optimizer") or {}).get("lr"))  # as text, a number (check_settings passes it on as one)
     if lr is not None and (isinstance(lr, bool) or not (isinstance(as_number(lr), int | float) and as_number(lr) > 0)):
         raise UserError(f"model.optimizer.lr must be a positive number, got {lr!r}")
@@ -348,6 +349,7 @@ def validate_eval(cfg: DictConfig) -> None:
         raise UserError("no checkpoint given: make eval CKPT=path/to/checkpoint.ckpt (python -m bgremover.eval ckpt_path=...)")
     if problem := checkpoint_problem(cfg.ckpt_path):
         raise UserError(f"ckpt_path: {problem}")
+    check_added_keys(cfg, settings=True)  # after the cheap checks: it imports the classes (check_added_keys)
     from bgremover import resume
 
     resume.adopt_split(cfg, cfg.ckpt_path)  # a folder run's own split, before its data is checked

@@ -95,21 +95,24 @@ def check_built_nodes(cfg: DictConfig) -> None:
                                 + (f". Did you mean '{group}.{near}'?" if near else ""))
 
 
-def check_added_keys(cfg: DictConfig) -> None:
+def check_added_keys(cfg: DictConfig, settings: bool = False) -> None:
     """`+remover_budget=600`, typed as Hydra's advice for the misspelt key says: the new top-level key was read by
     nothing and the run trained the recipe's 30 minutes without a word. A key added with `+` (new by Hydra's rule),
     or with `++` where the config has no such key, that is a typo of one the config has is refused as Hydra's own
     typo answer is (config._hydra_message); so is a key added under a `_target_` node that is a typo of an argument
     its target takes (`+trainer.max_epoch=3`, `+model.net.encoder_dpth=4`: smp takes any keyword and ignored it).
-    Others (`+trainer.profiler=simple`, `++train=false`, a key of the user's own) are added on purpose and kept."""
+    Others (`+trainer.profiler=simple`, `++train=false`, a key of the user's own) are added on purpose and kept.
+    Top-level keys, or with `settings` the keys under a `_target_` node: that check imports the class (Lightning's
+    Trainer: seconds on 2 cores), so the config checks run it after the cheap ones have said their line."""
     for override in overrides():
         key, _, value = override.partition("=")
         if not key.startswith("+"):
             continue
         key = key.lstrip("+")
         parent, _, name = key.rpartition(".")
-        if parent:
-            _check_added_setting(cfg, override, parent, name, value)
+        if parent or settings:
+            if parent and settings:
+                _check_added_setting(cfg, override, parent, name, value)
             continue
         if not key.isidentifier() or (Path(CONFIG_DIR) / key).is_dir():  # a config group
             continue
