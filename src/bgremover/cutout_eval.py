@@ -400,14 +400,13 @@ def _own_folder(model: str | None, data_root: Path) -> str | None:
     folder (the model's, as make remover leaves it) says where it trained, and the line gives its scoring command."""
     if model is None or is_folder(data_root):
         return None
-    from bgremover.run_dirs import run_data, run_summary  # omegaconf, only on this error path
+    from bgremover.run_dirs import folder_root, run_data, run_summary  # omegaconf, only on this error path
     from bgremover.train_remover import score_command
 
-    data = run_data(model)
-    if not (str(data.get("_target_", "")).endswith("FolderDataModule") and data.get("root")):
+    if not (root := folder_root(run_data(model))):
         return None
-    return (f"{model} was trained on the image/mask folder {data['root']}, not CamVid: score it there, "
-            f"{score_command(run_summary(model).parent, Path(data['root']), Path(model))}")
+    return (f"{model} was trained on the image/mask folder {root}, not CamVid: score it there, "
+            f"{score_command(run_summary(model).parent, Path(root), Path(model))}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

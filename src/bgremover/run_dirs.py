@@ -169,6 +169,14 @@ def run_data(path: str | os.PathLike) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def folder_root(data: dict[str, Any]) -> str | None:
+    """The image/mask folder a run's data config trained on (data=folder, make remover's), None for CamVid: the one
+    test of "a folder run" that the checks, eval-cutout and compare share."""
+    if str(data.get("_target_", "")).endswith("FolderDataModule") and data.get("root"):
+        return str(data["root"])
+    return None
+
+
 def own_folder(path: str | os.PathLike | None) -> str | None:
     """'its own folder, ARGS="data=folder data.root=<it>"' for a checkpoint of a run trained on an image/mask
     folder (make remover's), else None: what a command testing it on CamVid's config is told to give instead. The
@@ -176,7 +184,5 @@ def own_folder(path: str | os.PathLike | None) -> str | None:
     of its own, Hydra's "Error parsing override 'Photos'"."""
     import shlex
 
-    own = run_data(path) if path and Path(str(path)).is_file() else {}
-    if str(own.get("_target_", "")).endswith("FolderDataModule") and own.get("root"):
-        return f'its own folder, ARGS="data=folder data.root={shlex.quote(str(own["root"]))}"'
-    return None
+    root = folder_root(run_data(path)) if path and Path(str(path)).is_file() else None
+    return f'its own folder, ARGS="data=folder data.root={shlex.quote(root)}"' if root else None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bgremover.data.classes import CLASSES, DEFAULT_FOREGROUND
+from bgremover.run_dirs import folder_root
 
 CAMVID_TEST = "the CamVid test split"
 
@@ -36,10 +37,7 @@ def foreground_of(summary: dict[str, Any]) -> tuple[str, ...]:
 
 def folder_of(summary: dict[str, Any]) -> str | None:
     """The image/mask folder a data=folder run trained and was tested on, None for a CamVid run."""
-    data = _config(summary).get("data") or {}
-    if str(data.get("_target_", "")).endswith("FolderDataModule") and data.get("root"):
-        return str(data["root"])
-    return None
+    return folder_root(_config(summary).get("data") or {})
 
 
 def shared_classes(runs: list) -> tuple[str, ...]:
