@@ -314,6 +314,32 @@ def test_a_key_added_with_plus_that_is_a_typo_is_refused(tmp_path) -> None:
         checks.validate_train(compose_cfg(tmp_path, ["~data.root", added]))
 
 
+def test_a_typo_added_under_a_plain_node_is_refused(tmp_path) -> None:
+    """`+extras.print_confg=false` or `+paths.log_dri=x` (a typo of a key beside it, under a node no class builds)
+    was read by nothing and the run went on with the recipe's value: refused in one line, the run folder gone.
+    New keys that are no typo, and new entries among the callbacks and loggers, are kept."""
+    import subprocess
+    import sys
+
+    from conftest import compose_cfg
+
+    from bgremover import checks
+    from bgremover.errors import UserError
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "bgremover.train", "+extras.print_confg=false",
+                           f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0 and proc.stderr == ("error: +extras.print_confg=false adds a key nothing reads. Did "
+                                                    "you mean 'extras.print_config'? (give it as "
+                                                    "extras.print_config=false)\n")
+    assert not run.exists()
+    with pytest.raises(UserError, match=r"^\+paths\.log_dri=x adds a key nothing reads\. Did you mean 'paths\.log_dir'"):
+        checks.validate_train(compose_cfg(tmp_path, ["~data.root", "+paths.log_dri=x"]))
+    for added in ("+extras.my_flag=true", "+paths.cache_dir=x",
+                  "+callbacks.early_stopping2={_target_:bgremover.lit.callbacks.EarlyStopping,monitor:val/mIoU}"):
+        checks.validate_train(compose_cfg(tmp_path, ["~data.root", added]))
+
+
 def test_a_typo_added_under_a_target_is_refused(tmp_path) -> None:
     """A key added under a node with a `_target_` was not checked against what the target takes:
     `+model.net.encoder_dpth=4` trained with smp ignoring it (it takes any keyword), `+trainer.max_epoch=3` and

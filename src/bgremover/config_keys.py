@@ -113,12 +113,26 @@ def check_added_keys(cfg: DictConfig, settings: bool = False) -> None:
         if parent or settings:
             if parent and settings:
                 _check_added_setting(cfg, override, parent, name, value)
+            elif parent and not override.startswith("++"):
+                _check_added_plain_key(cfg, override, parent, name, value)
             continue
         if not key.isidentifier() or (Path(CONFIG_DIR) / key).is_dir():  # a config group
             continue
         # ++ sets a key whether or not it is there: a key the config has (`++train=false`, near `trainer`) is kept
         if (near := close_key(key, cfg.keys())) and (not override.startswith("++") or not _in_config_without(override, key)):
             raise UserError(f"{override} adds a key nothing reads. Did you mean '{near}'? (give it as {near}={value})")
+
+
+def _check_added_plain_key(cfg: DictConfig, override: str, parent: str, name: str, value: str) -> None:
+    """`+extras.print_confg=false`, `+paths.log_dri=x`: under a node built by no class (the `_target_` ones are
+    `_check_added_setting`'s), a new key that is a typo of one beside it is read by nothing. The groups of objects
+    (callbacks, logger), where a new entry beside the others is the point, and Hydra's own node are left alone."""
+    if parent.split(".")[0] in ("hydra", "callbacks", "logger"):
+        return
+    node = OmegaConf.select(cfg, parent, default=None, throw_on_resolution_failure=False)
+    if isinstance(node, DictConfig) and "_target_" not in node and (near := close_key(name, node.keys())):
+        raise UserError(f"{override} adds a key nothing reads. Did you mean '{parent}.{near}'? "
+                        f"(give it as {parent}.{near}={value})")
 
 
 def _check_added_setting(cfg: DictConfig, override: str, parent: str, name: str, value: str) -> None:
