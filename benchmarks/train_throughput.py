@@ -119,7 +119,7 @@ def main() -> None:
           f"threads={_threads()}")
     print(f"{'net':<28} {'params':>8} " + " ".join(f"{s + ' img/s':>14} {s + ' MB':>12}" for s in args.sizes))
     for name in args.nets:
-        cells = []
+        cells, failures = [], []
         params = None
         for size in args.sizes:
             proc = subprocess.run(
@@ -127,14 +127,16 @@ def main() -> None:
                  "--device", args.device, "--precision", args.precision],
                 capture_output=True, text=True,
             )
-            if proc.returncode != 0:
-                err = (proc.stderr.strip().splitlines() or ["failed"])[-1][:40]
-                cells.append(f"{'failed':>14} {err:>12}")
+            if proc.returncode != 0:  # the reason goes under the row: in a 12-wide cell it pushed the columns out
+                failures.append(f"  {name} {size}: " + (proc.stderr.strip().splitlines() or ["failed"])[-1])
+                cells.append(f"{'failed':>14} {'-':>12}")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             params = r["params_m"]
             cells.append(f"{r['img_s']:>14.2f} {r['peak_mb']:>12.0f}")
         print(f"{name:<28} {(f'{params:.2f}M' if params else '?'):>8} " + " ".join(cells), flush=True)
+        for line in failures:
+            print(line, flush=True)
 
 
 def _threads() -> int:

@@ -490,6 +490,30 @@ def test_train_throughput_row_prints_each_figure_in_its_column(monkeypatch, caps
     assert out[3].split() == ["deeplabv3plus_mobilenet_v2", "4.38M", "2.81", "313", "0.52", "1223"]
 
 
+def test_train_throughput_a_failed_cell_keeps_the_columns_and_says_why_below(monkeypatch, capsys):
+    """A failed worker's reason (its last stderr line, cut to 40 characters) sat in a 12-wide column and pushed the
+    next size's figures out from under their headers; the cell says failed and -, the reason comes under the row."""
+    import subprocess
+
+    module = bench("train_throughput")
+
+    def fake_worker(cmd, **_):
+        if cmd[cmd.index("--worker") + 2] == "224":
+            return subprocess.CompletedProcess(cmd, 1, "", "Traceback...\nRuntimeError: CUDA out of memory. Tried "
+                                                          "to allocate 2.00 GiB")
+        return subprocess.CompletedProcess(cmd, 0, json.dumps({"params_m": 4.38, "img_s": 0.52, "peak_mb": 1222.6}), "")
+
+    monkeypatch.setattr(module.subprocess, "run", fake_worker)
+    assert run_main(module, ["--nets", "deeplabv3plus_mobilenet_v2", "--device", "cpu", "--precision", "fp32"],
+                    monkeypatch) == 0
+    out = capsys.readouterr().out.splitlines()
+    header, row = out[2], out[3]
+    assert len(row) == len(header) and row.split() == ["deeplabv3plus_mobilenet_v2", "4.38M", "failed", "-", "0.52",
+                                                       "1223"]
+    assert row.index("0.52") + len("0.52") == header.index("384x480 img/s") + len("384x480 img/s")
+    assert out[4] == "  deeplabv3plus_mobilenet_v2 224: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
 def test_input_pipeline_step_time_is_the_mean_of_the_timed_steps(monkeypatch):
     """ms/step is the mean over --steps after --warmup untimed steps, with the device drained before the clock
     starts and before it stops."""
