@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # torch loads inside the functions that use it: a bad option,
     from torch import nn  # (seconds), is then one line, not a traceback printed before main() could run
 
 from bgremover.errors import OneLineParser, UserError, check_writable, report
-from bgremover.files import Terminated, replacing, same_file, sigterm_raises
+from bgremover.files import Terminated, replacing, same_file, sigterm_raises, stop_of
 from bgremover.model_format import (  # noqa: F401
     FORMAT,
     FORMAT_VERSION,
@@ -396,9 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         return report(err, PROG)  # the prefix argparse's errors carry
     except (KeyboardInterrupt, Terminated) as e:  # export_onnx removed its temp files and folders; an earlier
-        how = "interrupted by SIGTERM" if isinstance(e, Terminated) else "interrupted"  # --out is untouched
+        how, code = stop_of(e)  # --out is untouched
         print(f"{PROG}: {how}: nothing written", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return code
     md = result["metadata"]
     miou = "n/a" if md["test_mIoU"] is None else f"{md['test_mIoU']:.4f}"
     if md["test_mIoU"] is not None:

@@ -107,6 +107,12 @@ class Terminated(BaseException):
     BaseException like KeyboardInterrupt, so no `except Exception` reports it as the command's own failure."""
 
 
+def stop_of(exc: BaseException) -> tuple[str, int]:
+    """How a Ctrl-C or a SIGTERM (Terminated) stopped a command, and its exit status as the shell reports it:
+    ("interrupted", 130) or ("interrupted by SIGTERM", 143); every command says it the same way."""
+    return ("interrupted by SIGTERM", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+
+
 def raise_terminated(*_) -> None:
     """A SIGTERM handler: raise Terminated."""
     raise Terminated

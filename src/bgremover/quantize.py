@@ -52,7 +52,7 @@ import numpy as np
 
 from bgremover import cutout_eval, errors, model_format
 from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
-from bgremover.files import Terminated, replacing, same_file, sigterm_raises
+from bgremover.files import Terminated, replacing, same_file, sigterm_raises, stop_of
 from bgremover.images import open_image, to_rgba_arrays
 from bgremover.remover import (
     BackgroundRemover,
@@ -289,8 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             record = quantize(model, out, data_root, args.calib_frames, args.eval_limit, args.threads,
                               progress=not args.quiet, force=args.force)  # fmt: skip
     except (KeyboardInterrupt, Terminated) as e:
-        print(f"{PROG}: interrupted{' by SIGTERM' if isinstance(e, Terminated) else ''}", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        how, code = stop_of(e)
+        print(f"{PROG}: {how}", file=sys.stderr)
+        return code
     except errors.UserError as e:
         return errors.report(e, PROG, 1)
     except Exception as e:  # a bug or an onnxruntime failure: still one line, never a traceback

@@ -262,9 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ship(Path(args.ckpt), models_dir, data_root, force=args.force, eval_limit=args.eval_limit,
                  threads=args.threads, progress=not args.quiet, examples=examples)  # fmt: skip
     except (KeyboardInterrupt, files.Terminated) as e:
-        print(f"{PROG}: interrupted{' by SIGTERM' if isinstance(e, files.Terminated) else ''}: nothing changed",
-              file=sys.stderr)
-        return 143 if isinstance(e, files.Terminated) else 130
+        how, code = files.stop_of(e)
+        print(f"{PROG}: {how}: nothing changed", file=sys.stderr)
+        return code
     except UserError as e:
         return errors.report(e, PROG, 1)
     except Exception as e:  # a bug or an onnxruntime failure: still one line, and the models are untouched

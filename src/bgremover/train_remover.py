@@ -32,7 +32,7 @@ from bgremover.config import (
     quoted,
 )
 from bgremover.errors import OneLineParser, UserError, count
-from bgremover.files import Terminated, raise_terminated
+from bgremover.files import Terminated, raise_terminated, stop_of
 from bgremover.run_dirs import taken_run_dir
 from bgremover.utils import KEEP_MEMORY_ENV
 
@@ -213,10 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError, ValueError) as e:
         return errors.report(e)
     except (KeyboardInterrupt, Terminated) as e:  # was a bare traceback, with nothing said of the finished training
-        how = "interrupted by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        how, code = stop_of(e)
         return errors.report(f"{how} after training finished; finish with: {finish_command(run, data, best)}"
-                             if best else f"{how} before the run's summary was read",
-                             code=143 if isinstance(e, Terminated) else 130)
+                             if best else f"{how} before the run's summary was read", code=code)
     print(report(run, data, result["path"], summary, result["agreement"], held))
     return 0
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bgremover.compare.dataset import folder_of, table_classes
+from bgremover.compare.dataset import folders, table_classes
 from bgremover.compare.runs import (
     CHECKER_PX,
     CHECKER_RGB,
@@ -49,9 +49,8 @@ def resolve_data_root(arg: str | Path | None, runs: list[Run]) -> Path | None:
     image/mask folder: their folder, never $DATA_DIR (CamVid's: its frames were no test images of theirs)."""
     if arg:
         return Path(arg)
-    folders = [f for r in runs if r.ok and (f := folder_of(r.summary))]
-    if folders:
-        return Path(folders[0])
+    if own := folders(runs):
+        return Path(own[0])
     candidates = [os.environ.get("DATA_DIR")]
     candidates += [((r.summary.get("config") or {}).get("data") or {}).get("root") for r in runs]
     roots = [Path(c) for c in candidates if isinstance(c, str) and c]

@@ -16,7 +16,7 @@ from pathlib import Path
 from bgremover.data import download
 from bgremover.data.camvid import DEFAULT_ROOT, ROOT_ENV, resolve_root
 from bgremover.errors import OneLineParser, UserError, one_line, report
-from bgremover.files import Terminated, sigterm_raises
+from bgremover.files import Terminated, sigterm_raises, stop_of
 
 PROG = "python -m bgremover.data"  # the command as run (make data): its usage line and every error line
 
@@ -124,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (KeyboardInterrupt, Terminated) as e:
         # 130 / 143, as every command here (make_folder, export, compare...) and the shell report them; Ctrl-C was 1
-        how = "interrupted by SIGTERM" if isinstance(e, Terminated) else "interrupted"
-        return report(f"{how} (a partial download is kept and resumes next run)", PROG,
-                      143 if isinstance(e, Terminated) else 130)
+        how, code = stop_of(e)
+        return report(f"{how} (a partial download is kept and resumes next run)", PROG, code)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         return report(f"{where}{one_line(e.strerror or e)}", PROG)

@@ -40,7 +40,7 @@ from PIL import Image
 from bgremover.data.camvid import list_pairs, resolve_root
 from bgremover.data.classes import CLASSES, VOID
 from bgremover.errors import OneLineParser, UserError, count, report
-from bgremover.files import Terminated, sigterm_raises
+from bgremover.files import Terminated, sigterm_raises, stop_of
 
 PROG = "python -m bgremover.data.make_folder"  # the command as run: its usage line and every error line
 SPLITS = ("train", "val", "test")
@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # CamVidError is one
         return report(e, PROG)
     except (KeyboardInterrupt, Terminated) as e:  # was a bare traceback; the half-built folder is already gone
-        how = "interrupted by SIGTERM" if isinstance(e, Terminated) else "interrupted"
-        return report(f"{how}: {args.out} was not written", PROG, 143 if isinstance(e, Terminated) else 130)
+        how, code = stop_of(e)
+        return report(f"{how}: {args.out} was not written", PROG, code)
     except OSError as e:  # an output under a file, a full disk, a read-only folder: was a traceback
         return report(f"cannot write {args.out}: {e.strerror or e}", PROG)  # (its temp folder's name said nothing)
     kind = "composites" if args.composite else "crops"
